@@ -1,0 +1,7 @@
+//! The guest side of vouch: the `vouch-agent` PID 1 and the host↔guest wire protocol.
+//!
+//! What is here: the framed channel protocol (shared with the host launcher, which depends on
+//! this crate; never the reverse), kernel-command-line config, mounts, input unpacking, running
+//! the builder the way Nix does, hashing outputs, and the attesters (SEV-SNP and simulated).
+//!
+//! What is not here: anything that decides trust, or any host-side code.

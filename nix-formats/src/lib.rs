@@ -1,0 +1,11 @@
+//! Nix's data formats, computed exactly as Nix computes them.
+//!
+//! What is here: nixbase32, hashes in every Nix notation, store paths and `makeStorePath`,
+//! derivations (ATerm, `nix show-derivation` JSON, hash modulo, output paths, placeholders,
+//! resolution), NAR (streaming writer, reader and a hostile-input-safe unpacker), reference
+//! scanning, content-addressed output paths (with each Nix version's self-reference rule),
+//! realisation and narinfo records with their fingerprints, and Nix ed25519 keys.
+//!
+//! What is not here: any I/O policy (where files live, what is trusted), processes, network.
+//! Functions that read or write a directory tree take the path they are given.
+#![forbid(unsafe_code)]

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Install everything vouch's main job and test suite need on a fresh Debian 12 (bookworm) machine.
+# Idempotent: re-running it only installs what is missing. Needs root (apt).
+set -euo pipefail
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+need_apt=()
+have() { command -v "$1" >/dev/null 2>&1; }
+
+# QEMU 10.0.2 (with the sev-snp-guest object) lives in bookworm-backports; bookworm's own 7.2 would
+# remove the preinstalled qemu-utils 10.0.2.
+BPO=/etc/apt/sources.list.d/bookworm-backports.sources
+if [ ! -f "$BPO" ]; then
+  uris=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+  uris=${uris:-http://deb.debian.org/debian}
+  log "adding bookworm-backports ($uris)"
+  $SUDO tee "$BPO" >/dev/null <<SRC
+Types: deb
+URIs: $uris
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+  APT_UPDATED=""
+fi
+
+have nix-build || need_apt+=(nix-bin)
+[ -x /bin/busybox ] || need_apt+=(busybox-static)
+have cpio || need_apt+=(cpio)
+have sqlite3 || need_apt+=(sqlite3)
+have openssl || need_apt+=(openssl)
+[ -f /usr/src/linux-source-6.12.tar.xz ] || need_apt+=(linux-source-6.12)
+have flex || need_apt+=(flex)
+have bison || need_apt+=(bison)
+have bc || need_apt+=(bc)
+dpkg -s libelf-dev >/dev/null 2>&1 || need_apt+=(libelf-dev)
+have python3 || need_apt+=(python3)
+
+if [ ${#need_apt[@]} -gt 0 ]; then
+  log "apt-get install ${need_apt[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+if ! qemu-system-x86_64 --version 2>/dev/null | grep -q 'version 10\.'; then
+  log "installing qemu-system-x86 from bookworm-backports"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+    -t bookworm-backports qemu-system-x86 >/dev/null
+fi
+
+# The userspace vsock backend (no /dev/vhost-vsock on these machines).
+VOUCH_CACHE=${VOUCH_CACHE:-$HOME/.cache/vouch}
+mkdir -p "$VOUCH_CACHE/bin"
+if [ ! -x "$VOUCH_CACHE/bin/vhost-device-vsock" ]; then
+  log "cargo install vhost-device-vsock 0.3.0 (about a minute)"
+  cargo install --quiet --locked vhost-device-vsock --version 0.3.0 --root "$VOUCH_CACHE/cargo-root" \
+    || cargo install --quiet vhost-device-vsock --version 0.3.0 --root "$VOUCH_CACHE/cargo-root"
+  ln -sf "$VOUCH_CACHE/cargo-root/bin/vhost-device-vsock" "$VOUCH_CACHE/bin/vhost-device-vsock"
+fi
+
+# Nix 2.8 from Debian: make sure the store and db exist (nix-setup-systemd normally does this).
+$SUDO mkdir -p /nix/store /nix/var/nix
+log "host ready: $(nix --version 2>/dev/null | head -1); $(qemu-system-x86_64 --version | head -1)"

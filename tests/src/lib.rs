@@ -1,0 +1,1 @@
+//! Shared helpers for vouch's end-to-end tests (real Nix, real VMs). No mocks of Nix or QEMU.

@@ -1,5 +1,66 @@
 //! `vouch`: the host launcher.
-fn main() {
-    eprintln!("vouch: not wired yet");
-    std::process::exit(2);
+//!
+//! Front-ends (this CLI, the Nix protocols, HTTP) parse what they are asked into actions; the
+//! core never sees a command line or a socket. This file only parses arguments, sets up logging,
+//! dispatches, and prints an error chain once.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cli;
+
+/// Attested Nix builds in confidential VMs.
+#[derive(Debug, Parser)]
+#[command(name = "vouch", version, about, propagate_version = true)]
+struct Cli {
+    #[command(flatten)]
+    global: cli::Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Build one resolved derivation in a fresh VM.
+    Build(cli::build::Args),
+    /// Serve Nix as a remote builder (`ssh-ng://` runs `--stdio`, `ssh://` runs `--serve --write`).
+    NixBuilder(cli::nix_builder::Args),
+    /// Verify a closure's build traces under a trust policy.
+    Verify(cli::verify::Args),
+    /// Build or measure the guest image.
+    #[command(subcommand)]
+    Image(cli::image::Command),
+    /// Report what this host can do (SNP, KVM, QEMU, OVMF, vsock).
+    Doctor(cli::doctor::Args),
+    /// Check or show a raw SEV-SNP attestation report.
+    #[command(subcommand)]
+    Evidence(cli::evidence::Command),
+    /// Show stored build traces.
+    #[command(subcommand)]
+    Trace(cli::trace::Command),
+    /// Export the in-toto / SLSA provenance of an output path.
+    Provenance(cli::provenance::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    cli::init_logging(&cli.global);
+    let result = match cli.command {
+        Command::Build(args) => cli::build::run(args, &cli.global),
+        Command::NixBuilder(args) => cli::nix_builder::run(args, &cli.global),
+        Command::Verify(args) => cli::verify::run(args, &cli.global),
+        Command::Image(cmd) => cli::image::run(cmd, &cli.global),
+        Command::Doctor(args) => cli::doctor::run(args, &cli.global),
+        Command::Evidence(cmd) => cli::evidence::run(cmd, &cli.global),
+        Command::Trace(cmd) => cli::trace::run(cmd, &cli.global),
+        Command::Provenance(args) => cli::provenance::run(args, &cli.global),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            cli::print_error_chain(err.as_ref());
+            ExitCode::from(2)
+        }
+    }
 }

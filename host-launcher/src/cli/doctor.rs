@@ -1,0 +1,11 @@
+//! `vouch doctor`.
+
+use super::{CmdResult, Global, NotYet};
+
+/// Arguments of `vouch doctor`.
+#[derive(Debug, clap::Args)]
+pub struct Args {}
+
+pub fn run(_args: Args, _global: &Global) -> CmdResult {
+    Err(Box::new(NotYet("doctor")))
+}

@@ -1,0 +1,75 @@
+//! Command-line front-end: one module per subcommand. Each `run` turns its arguments into calls
+//! on the library modules and returns an exit code; errors bubble up to `main`, which prints
+//! the chain once.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+pub mod build;
+pub mod doctor;
+pub mod evidence;
+pub mod image;
+pub mod nix_builder;
+pub mod provenance;
+pub mod trace;
+pub mod verify;
+
+/// What every subcommand returns: an exit code, or an error whose chain `main` prints.
+pub type CmdResult = Result<ExitCode, Box<dyn std::error::Error + Send + Sync + 'static>>;
+
+/// Options shared by all subcommands.
+#[derive(Debug, clap::Args)]
+pub struct Global {
+    /// State directory (content store, trace store, keys, simulated SNP root).
+    #[arg(long, global = true, env = "VOUCH_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// More log output (-v info, -vv debug, -vvv trace). `RUST_LOG` overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+impl Global {
+    /// The state directory: `--state-dir`, `$VOUCH_STATE_DIR`, else `$XDG_DATA_HOME/vouch`
+    /// (`~/.local/share/vouch`), else `/var/lib/vouch`.
+    pub fn state_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.state_dir {
+            return dir.clone();
+        }
+        if let Some(data) = std::env::var_os("XDG_DATA_HOME") {
+            return PathBuf::from(data).join("vouch");
+        }
+        if let Some(home) = std::env::var_os("HOME") {
+            return PathBuf::from(home).join(".local/share/vouch");
+        }
+        PathBuf::from("/var/lib/vouch")
+    }
+}
+
+/// Logs go to stderr (stdout carries results, and for `nix-builder` the protocol itself).
+pub fn init_logging(global: &Global) {
+    let default = match global.verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// Print `error: top` followed by each cause once.
+pub fn print_error_chain(err: &(dyn std::error::Error + 'static)) {
+    eprintln!("error: {err}");
+    let mut source = err.source();
+    while let Some(cause) = source {
+        eprintln!("  caused by: {cause}");
+        source = cause.source();
+    }
+}
+
+/// The error a subcommand returns while its issue is still open. It names what is missing
+/// instead of pretending to work.
+#[derive(Debug, thiserror::Error)]
+#[error("`vouch {0}` is not available in this build yet")]
+pub struct NotYet(pub &'static str);

@@ -1,0 +1,8 @@
+//! The host side of vouch, as a library the `vouch` binary (and benchmarks) use.
+//!
+//! What is here: running VMs (QEMU in `snp`, `kvm` or `tcg` mode) and the host end of the vsock
+//! channel, the host content store and trace store, the Nix worker and serve protocols, and the
+//! build core those front-ends drive.
+//!
+//! What is not here: trust decisions about evidence (that is `build-trace`), or anything that
+//! runs inside the guest (that is `agent`).

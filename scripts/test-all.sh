@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Run every vouch test on a fresh Debian 12 machine: installs what it needs, then runs the unit,
+# property, real-Nix, real-AMD-vector and real-VM tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup-host.sh
+export VOUCH_CACHE=${VOUCH_CACHE:-$HOME/.cache/vouch}
+export PATH="$VOUCH_CACHE/bin:$PATH"
+echo "== cargo fmt --check" >&2
+cargo fmt --all -- --check
+echo "== cargo clippy" >&2
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "== cargo test" >&2
+cargo test --workspace --all-targets

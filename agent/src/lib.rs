@@ -5,3 +5,16 @@
 //! the builder the way Nix does, hashing outputs, and the attesters (SEV-SNP and simulated).
 //!
 //! What is not here: anything that decides trust, or any host-side code.
+
+pub mod config;
+pub mod proto;
+pub mod builder;
+pub mod messages;
+pub mod pid1;
+pub mod sandbox;
+pub mod sys;
+pub mod inputs;
+pub mod outputs;
+pub mod attest;
+pub mod run;
+pub mod session;

@@ -8,3 +8,22 @@
 //! What is not here: QEMU, network access, or anything that launches a VM. A verifier links
 //! this crate and nothing else of vouch's host side.
 #![forbid(unsafe_code)]
+
+pub mod canonical;
+pub mod evidence;
+pub mod job;
+pub mod jws;
+pub mod provenance;
+pub mod sign;
+pub mod statement;
+pub mod store;
+pub mod trust;
+pub mod verify;
+
+pub use job::{
+    BasicDerivation, CaRule, DrvOutput, Job, JobError, Limits, NarHash, PathInfo, StepKind,
+    HOST_DATA_TAG, JOB_VERSION,
+};
+pub use statement::{
+    Measurement, OutputInfo, Statement, StatementError, REPORT_DATA_TAG, STATEMENT_VERSION,
+};

@@ -6,3 +6,8 @@
 //!
 //! What is not here: trust decisions about evidence (that is `build-trace`), or anything that
 //! runs inside the guest (that is `agent`).
+pub mod vm;
+pub mod build;
+pub mod nixbuilder;
+pub mod nixproto;
+pub mod store;

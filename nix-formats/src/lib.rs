@@ -9,3 +9,21 @@
 //! What is not here: any I/O policy (where files live, what is trusted), processes, network.
 //! Functions that read or write a directory tree take the path they are given.
 #![forbid(unsafe_code)]
+
+pub mod base32;
+pub mod ca;
+pub mod content_address;
+pub mod derivation;
+pub mod fuzzing;
+pub mod hash;
+pub mod nar;
+pub mod narinfo;
+pub mod realisation;
+pub mod refs;
+pub mod resolve;
+pub mod signing;
+pub mod store_path;
+
+pub use derivation::{Derivation, DerivationOutput};
+pub use hash::{Hash, HashAlgo};
+pub use store_path::{make_store_path, StorePath, STORE_DIR};

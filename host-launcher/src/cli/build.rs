@@ -1,11 +1,212 @@
-//! `vouch build`.
+//! `vouch build <drv>`: build one resolved derivation whose inputs are in the local Nix store
+//! in a fresh VM, check the result, write it to the binary cache / trace store, and optionally
+//! import the outputs and realisations into the local Nix store.
 
-use super::{CmdResult, Global, NotYet};
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use build_trace::job::{CaRule, Limits};
+use host_launcher::build::local_store::{load_basic_derivation, LocalNixStore, NIX_CONFIG};
+use host_launcher::build::publish::{default_cache_dir, publish};
+use host_launcher::build::{run_step, LauncherConfig, LogSink, Progress, StepOutcome, StepRequest};
+use host_launcher::vm::Mode;
+
+use super::{CmdResult, Global};
 
 /// Arguments of `vouch build`.
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// The derivation (`/nix/store/…drv`), resolved (no input derivations).
+    pub drv: String,
+    /// Also register the outputs (and, for content-addressed steps, the realisations) in the
+    /// local Nix store, by substituting them from vouch's binary cache.
+    #[arg(long)]
+    pub import: bool,
+    /// With --import: create a GC root symlink to the output (`-<output>` suffixes for others).
+    #[arg(long, requires = "import")]
+    pub out_link: Option<PathBuf>,
+    /// VM mode (default: the best this host can: snp > kvm > tcg).
+    #[arg(long, value_enum)]
+    pub mode: Option<Mode>,
+    /// Image directory (default: $VOUCH_IMAGE_DIR, else $VOUCH_CACHE/image).
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// Binary cache / trace store directory (default: <state-dir>/cache).
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
+    /// Outputs to build (default: all).
+    #[arg(long = "output")]
+    pub outputs: Vec<String>,
+    /// Kill the builder after this many seconds (0 = no limit).
+    #[arg(long, default_value_t = 0)]
+    pub timeout: u64,
+    /// Kill the builder after this many seconds without log output (0 = no limit).
+    #[arg(long, default_value_t = 0)]
+    pub max_silent_time: u64,
+    /// Kill the builder after this many bytes of log (0 = no limit).
+    #[arg(long, default_value_t = 0)]
+    pub max_log_size: u64,
+    /// NIX_BUILD_CORES (0 = the VM's CPUs).
+    #[arg(long, default_value_t = 0)]
+    pub cores: u64,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 2048)]
+    pub memory: u32,
+    /// Guest vCPUs (kvm/tcg).
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u32,
+    /// Self-reference rule of the Nix that will use the outputs (`self-ref-positions`: Nix ≤2.16
+    /// and ≥2.35, e.g. Debian's 2.8; `self-ref-zeroed`: 2.17–2.34).
+    #[arg(long, default_value = "self-ref-positions", value_parser = parse_rule)]
+    pub ca_rule: CaRule,
+    /// This host's VCEK certificate (SNP mode).
+    #[arg(long, env = "VOUCH_SNP_VCEK")]
+    pub snp_vcek: Option<PathBuf>,
+    /// Print a JSON summary on stdout instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Copy the guest console to stderr.
+    #[arg(long)]
+    pub console: bool,
+}
 
-pub fn run(_args: Args, _global: &Global) -> CmdResult {
-    Err(Box::new(NotYet("build")))
+fn parse_rule(s: &str) -> Result<CaRule, String> {
+    serde_json::from_value(serde_json::Value::String(s.into()))
+        .map_err(|_| format!("{s:?}: expected self-ref-positions or self-ref-zeroed"))
+}
+
+struct Printer {
+    quiet_log: bool,
+}
+
+impl LogSink for Printer {
+    fn log(&mut self, data: &[u8]) {
+        if !self.quiet_log {
+            let _ = std::io::stderr().write_all(data);
+        }
+    }
+    fn progress(&mut self, event: &Progress) {
+        use agent::messages::PhaseName as P;
+        let line = match event {
+            Progress::Booting { mode, pid } => format!("booting a {mode} VM (QEMU pid {pid})"),
+            Progress::AgentReady { attester } => match attester {
+                agent::messages::AttesterKind::SevSnp => "agent ready; evidence: sev-snp".into(),
+                agent::messages::AttesterKind::Simulated => {
+                    "agent ready; evidence: SIMULATED (no SEV-SNP hardware here)".into()
+                }
+            },
+            Progress::InputsSent { paths, bytes } => format!("inputs sent: {paths} paths, {bytes} NAR bytes"),
+            Progress::Guest(P::JobAccepted) => "job accepted by the agent (HOST_DATA checked)".into(),
+            Progress::Guest(P::InputsReady) => "inputs unpacked and checked in the VM".into(),
+            Progress::Guest(P::Building) => "building".into(),
+            Progress::Guest(P::Built) => "builder finished".into(),
+            Progress::Guest(P::Hashing) => "hashing outputs".into(),
+            Progress::Guest(P::Attesting) => "attesting".into(),
+            Progress::Guest(P::Sending) => "receiving outputs".into(),
+            Progress::OutputReceived { path } => format!("received {path}"),
+            Progress::Verified => "statement, evidence and outputs checked".into(),
+        };
+        eprintln!("vouch: {line}");
+    }
+}
+
+/// Run `vouch build`.
+pub fn run(args: Args, global: &Global) -> CmdResult {
+    let drv = load_basic_derivation(&args.drv)?;
+    let state_dir = global.state_dir();
+    let mut cfg = LauncherConfig::new(args.image.clone().unwrap_or_else(vm_image::default_image_dir), state_dir.clone());
+    cfg.mode = args.mode;
+    cfg.memory_mib = args.memory;
+    cfg.vcpus = args.cpus;
+    cfg.echo_console = args.console;
+    cfg.snp_vcek = args.snp_vcek.clone();
+    let req = StepRequest {
+        drv_path: args.drv.clone(),
+        drv,
+        outputs: args.outputs.iter().cloned().collect::<BTreeSet<_>>(),
+        limits: Limits {
+            timeout_s: args.timeout,
+            max_silent_s: args.max_silent_time,
+            max_log_bytes: args.max_log_size,
+            cores: args.cores,
+            ..Limits::default()
+        },
+        ca_rule: args.ca_rule,
+        network: false,
+        job_id: None,
+    };
+    let mut printer = Printer { quiet_log: false };
+    let outcome = run_step(req, &LocalNixStore, &mut printer, &cfg)?;
+    let cache = args.cache.clone().unwrap_or_else(|| default_cache_dir(&state_dir));
+    let put = publish(&outcome, &cache, &state_dir)?;
+    if args.import {
+        import(&args, &outcome, &cache, &state_dir)?;
+    }
+    summary(&args, &outcome, &put.step_dir.join(&put.entry), &cache);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn import(args: &Args, outcome: &StepOutcome, cache: &std::path::Path, state_dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let key = host_launcher::build::publish::key_name(outcome);
+    let public = std::fs::read_to_string(state_dir.join("keys").join(format!("{key}.public")))?;
+    // Substituting from our cache makes Nix register the paths, their signatures and (for CA
+    // steps) the realisations exactly as if it had fetched them from any binary cache.
+    let mut cmd = std::process::Command::new("nix-store");
+    cmd.env("NIX_CONFIG", NIX_CONFIG)
+        .args(["--realise", &args.drv, "--max-jobs", "0"])
+        .args(["--option", "substituters", &format!("file://{}", cache.display())])
+        .args(["--option", "trusted-public-keys", public.trim()]);
+    if let Some(link) = &args.out_link {
+        cmd.arg("--add-root").arg(link).arg("--indirect");
+    }
+    let out = cmd.output()?;
+    if !out.status.success() {
+        return Err(format!(
+            "importing into the local Nix store failed: {}",
+            String::from_utf8_lossy(&out.stderr).lines().filter(|l| !l.starts_with("warning:")).collect::<Vec<_>>().join("; ")
+        )
+        .into());
+    }
+    eprintln!("vouch: imported into the local Nix store");
+    Ok(())
+}
+
+fn summary(args: &Args, o: &StepOutcome, trace: &std::path::Path, cache: &std::path::Path) {
+    let t = &o.timings;
+    let secs = |d: Duration| d.as_secs_f64();
+    if args.json {
+        let v = serde_json::json!({
+            "drv": args.drv,
+            "mode": o.mode.to_string(),
+            "evidence": o.attester.to_string(),
+            "simulated": o.verified.is_simulated(),
+            "measurement": o.verified.measurement.to_string(),
+            "outputs": o.outputs.iter().map(|(n, r)| (n.clone(), serde_json::json!({
+                "path": r.info.path, "nar_hash": r.info.nar_hash.to_string(), "nar_size": r.info.nar_size,
+                "references": r.info.references, "ca": r.info.ca,
+            }))).collect::<serde_json::Map<_, _>>(),
+            "trace": trace,
+            "cache": cache,
+            "timings": {
+                "boot_s": secs(t.boot), "input_transfer_s": secs(t.input_transfer), "build_s": secs(t.build),
+                "hashing_s": secs(t.hashing), "attestation_s": secs(t.attestation),
+                "output_transfer_s": secs(t.output_transfer), "verification_s": secs(t.verification),
+                "total_s": secs(t.total), "input_bytes": t.input_bytes, "output_bytes": t.output_bytes,
+            },
+        });
+        println!("{v}");
+        return;
+    }
+    for (name, r) in &o.outputs {
+        println!("{name} {}", r.info.path);
+    }
+    if o.verified.is_simulated() {
+        println!("evidence: simulated (this host's simulated SNP root; it proves nothing about hardware)");
+    } else {
+        println!("evidence: sev-snp ({})", o.verified.root);
+    }
+    println!("trace: {}", trace.display());
 }

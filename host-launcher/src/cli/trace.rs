@@ -1,14 +1,107 @@
-//! `vouch trace ...`.
+//! `vouch trace show <drv or output>`: print stored build traces in human terms.
 
-use super::{CmdResult, Global, NotYet};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use build_trace::provenance::classify_evidence;
+use build_trace::store::{TraceEntry, TraceSource, TraceStore};
+use host_launcher::build::publish::default_cache_dir;
+use nix_formats::StorePath;
+
+use super::{CmdResult, Global};
 
 /// Subcommands of `vouch trace`.
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
-    /// Not available yet.
-    Show,
+    /// Show the traces of a step (by its drv path: the resolved one for CA steps) or of the
+    /// step that produced an output path.
+    Show(ShowArgs),
 }
 
-pub fn run(_cmd: Command, _global: &Global) -> CmdResult {
-    Err(Box::new(NotYet("trace")))
+/// Arguments of `vouch trace show`.
+#[derive(Debug, clap::Args)]
+pub struct ShowArgs {
+    /// A drv path or an output path.
+    pub path: String,
+    /// Trace store directory (default: `<state dir>/cache`).
+    #[arg(long, value_name = "DIR")]
+    pub traces: Option<PathBuf>,
+    /// Print the statements as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Why `vouch trace show` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TraceCmdError {
+    /// Not a store path.
+    #[error("`{0}` is not a store path")]
+    NotAStorePath(String),
+}
+
+/// Find the entries for a drv path or an output path.
+pub(crate) fn lookup(
+    store: &TraceStore,
+    path: &str,
+) -> Result<Vec<TraceEntry>, Box<dyn std::error::Error + Send + Sync>> {
+    let p = StorePath::parse(path).map_err(|_| TraceCmdError::NotAStorePath(path.into()))?;
+    Ok(if p.is_derivation() { store.entries(&p.to_string())? } else { store.entries_for_output(&p.to_string())? })
+}
+
+pub fn run(cmd: Command, global: &Global) -> CmdResult {
+    let Command::Show(args) = cmd;
+    let dir = args.traces.clone().unwrap_or_else(|| default_cache_dir(&global.state_dir()));
+    let store = TraceStore::open(&dir)?;
+    let entries = lookup(&store, &args.path)?;
+    if entries.is_empty() {
+        eprintln!("no trace of {} in {}", args.path, dir.display());
+        return Ok(ExitCode::from(1));
+    }
+    let mut json = Vec::new();
+    for e in &entries {
+        let st = match e.parse_statement() {
+            Ok(st) => st,
+            Err(err) => {
+                println!("trace {} is malformed: {err}", e.location);
+                continue;
+            }
+        };
+        if args.json {
+            json.push(serde_json::to_value(&st)?);
+            continue;
+        }
+        let job = &st.job;
+        let kind = e.evidence.as_deref().map(classify_evidence).unwrap_or("none");
+        println!("step      {}", job.drv_path);
+        println!("  trace   {}", e.location);
+        println!("  kind    {:?}{}", job.kind()?, if job.network { " (networked fixed output)" } else { "" });
+        println!("  job     {} (HOST_DATA {})", job.job_id, hex::encode(st.host_data()?));
+        for (name, o) in &st.outputs {
+            println!("  output  {name}: {}", o.path);
+            println!("            NAR {} ({} bytes){}", o.nar_hash, o.nar_size, o.ca.as_ref().map(|c| format!(", ca {c}")).unwrap_or_default());
+            for r in &o.references {
+                println!("            references {r}");
+            }
+        }
+        println!(
+            "  inputs  {} direct, {} in the closure, {} content-addressed (recomputed in the guest)",
+            job.direct_inputs().len(),
+            job.closure.len(),
+            st.input_cas.len()
+        );
+        println!("  guest   measurement {}, {}", st.measurement, st.agent_version);
+        match kind {
+            "simulated" => println!("  evidence SIMULATED (no SEV-SNP hardware; proves nothing about hardware) — not verified here"),
+            "none" => println!("  evidence none"),
+            k => println!("  evidence {k} — not verified here (use `vouch verify`)"),
+        }
+        for j in &e.jws {
+            let kid = build_trace::jws::kid_of(j).unwrap_or_else(|| "<malformed>".into());
+            println!("  signed  JWS by {kid}");
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,219 @@
+//! Hashing the outputs after the builder (and everything it started) is gone.
+//!
+//! Per step kind:
+//! - **floating CA**: `nix_formats::ca::compute_ca_outputs` over the scratch outputs (references
+//!   scanned against the input closure and the sibling scratch paths, reference order, hash
+//!   modulo the own scratch hash under the job's self-reference rule, final path, final NAR
+//!   hash/size). The final NAR is streamed later by rewriting the scratch NAR again.
+//! - **input-addressed**: each output sits at its final path; one pass computes NAR hash, size
+//!   and references (candidates: the closure and the step's own outputs).
+//! - **fixed output**: the declared hash is recomputed from the contents (flat or recursive)
+//!   and must match; such outputs may not refer to anything.
+//!
+//! What is not here: sending (the session streams [`HashedOutput::nar`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use build_trace::job::{Job, NarHash, StepKind};
+use build_trace::statement::OutputInfo;
+use nix_formats::ca::{compute_ca_outputs, CaOutputSpec, RewriteReader};
+use nix_formats::content_address::{content_hash, ContentAddress, ContentAddressMethod};
+use nix_formats::derivation::CaMethod;
+use nix_formats::nar::{NarDump, NarHasher, NarLimits};
+use nix_formats::refs::RefScanner;
+use nix_formats::store_path::FileIngestionMethod;
+use nix_formats::{Hash, StorePath};
+
+use crate::inputs::self_ref_rule;
+
+/// Why outputs could not be hashed.
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    /// The builder did not create an output.
+    #[error("builder for '{drv}' failed to produce output path for output '{output}' at '{path}'")]
+    Missing {
+        /// Derivation.
+        drv: String,
+        /// Output name.
+        output: String,
+        /// Expected scratch path.
+        path: String,
+    },
+    /// The derivation's output declaration is unusable.
+    #[error("output '{0}': {1}")]
+    Declaration(String, String),
+    /// CA computation failed (invalid NAR, cycle, flat output not a file, …).
+    #[error("computing content-addressed output paths")]
+    Ca(#[from] nix_formats::ca::CaError),
+    /// Reading an output failed.
+    #[error("reading output '{0}'")]
+    Io(String, #[source] io::Error),
+    /// A fixed output's contents do not have the declared hash.
+    #[error("hash mismatch in fixed-output derivation '{drv}': specified {specified}, got {got}")]
+    FixedMismatch {
+        /// Derivation.
+        drv: String,
+        /// Declared.
+        specified: String,
+        /// Found.
+        got: String,
+    },
+    /// A fixed output refers to store paths.
+    #[error("illegal path references in fixed-output derivation '{0}'")]
+    FixedRefs(String),
+    /// Recomputing a fixed output's hash failed.
+    #[error("checking the fixed output of '{0}'")]
+    FixedCheck(String, #[source] nix_formats::content_address::VerifyError),
+}
+
+/// One hashed output, ready for the statement and for sending.
+#[derive(Debug)]
+pub struct HashedOutput {
+    /// What goes into the statement.
+    pub info: OutputInfo,
+    /// Where the bytes are in the guest (the scratch path for CA outputs).
+    pub on_disk: PathBuf,
+    /// Scratch → final rewrites (empty unless floating CA).
+    pub rewrites: Vec<([u8; 32], [u8; 32])>,
+}
+
+impl HashedOutput {
+    /// The final NAR, as hashed.
+    pub fn nar(&self) -> Box<dyn Read + Send> {
+        let dump = NarDump::new(self.on_disk.clone());
+        if self.rewrites.is_empty() {
+            Box::new(dump)
+        } else {
+            Box::new(RewriteReader::new(dump, &self.rewrites))
+        }
+    }
+}
+
+fn parse_algo(output: &str, hash_algo: &str) -> Result<(FileIngestionMethod, nix_formats::HashAlgo), OutputError> {
+    let (m, algo) =
+        CaMethod::parse_method_algo(hash_algo).map_err(|e| OutputError::Declaration(output.into(), e.to_string()))?;
+    let method = match m {
+        CaMethod::Flat => FileIngestionMethod::Flat,
+        CaMethod::Recursive => FileIngestionMethod::Recursive,
+        CaMethod::Text => return Err(OutputError::Declaration(output.into(), "text hashing is not supported".into())),
+    };
+    Ok((method, algo))
+}
+
+fn on_disk(store_dir: &Path, p: &StorePath) -> PathBuf {
+    store_dir.join(p.base_name())
+}
+
+/// Hash every wanted output of `job`, built at `scratch` (output name → path) under `store_dir`.
+pub fn hash_outputs(
+    job: &Job,
+    scratch: &BTreeMap<String, StorePath>,
+    store_dir: &Path,
+) -> Result<BTreeMap<String, HashedOutput>, OutputError> {
+    for (name, p) in scratch {
+        if std::fs::symlink_metadata(on_disk(store_dir, p)).is_err() {
+            return Err(OutputError::Missing { drv: job.drv_path.clone(), output: name.clone(), path: p.to_string() });
+        }
+    }
+    let closure: BTreeSet<StorePath> = job.closure.keys().filter_map(|p| StorePath::parse(p).ok()).collect();
+    let drv_path = StorePath::parse(&job.drv_path)
+        .map_err(|e| OutputError::Declaration("(drv)".into(), e.to_string()))?;
+    let kind = job.kind().map_err(|e| OutputError::Declaration("(drv)".into(), e.to_string()))?;
+    let limits = NarLimits::default();
+    let mut out = BTreeMap::new();
+    match kind {
+        StepKind::FloatingCa => {
+            let specs = job
+                .drv
+                .outputs
+                .iter()
+                .map(|(name, o)| {
+                    let (method, algo) = parse_algo(name, &o.hash_algo)?;
+                    Ok(CaOutputSpec { name: name.clone(), method, algo })
+                })
+                .collect::<Result<Vec<_>, OutputError>>()?;
+            let results = compute_ca_outputs(&drv_path, &specs, &closure, self_ref_rule(job.ca_rule), &limits, |o| {
+                Ok(NarDump::new(on_disk(store_dir, &scratch[o])))
+            })?;
+            for (name, r) in results {
+                if !job.outputs.contains(&name) {
+                    continue;
+                }
+                let info = OutputInfo {
+                    path: r.path.to_string(),
+                    nar_hash: NarHash(sha256_of(&r.nar_hash)),
+                    nar_size: r.nar_size,
+                    references: r.references.iter().map(|p| p.to_string()).collect(),
+                    ca: Some(r.ca.to_string()),
+                };
+                out.insert(name, HashedOutput { info, on_disk: on_disk(store_dir, &r.scratch_path), rewrites: r.rewrites });
+            }
+        }
+        StepKind::InputAddressed | StepKind::FixedOutput => {
+            let mut candidates = closure.clone();
+            candidates.extend(scratch.values().cloned());
+            for name in &job.outputs {
+                let p = &scratch[name];
+                let disk = on_disk(store_dir, p);
+                let mut scanner = RefScanner::new(candidates.iter().cloned());
+                let mut hasher = NarHasher::new();
+                let mut dump = NarDump::new(disk.clone());
+                let mut buf = vec![0u8; 256 << 10];
+                loop {
+                    let n = dump.read(&mut buf).map_err(|e| OutputError::Io(name.clone(), e))?;
+                    if n == 0 {
+                        break;
+                    }
+                    scanner.feed(&buf[..n]);
+                    hasher.update(&buf[..n]);
+                }
+                let refs = scanner.references();
+                let digest = hasher.finish();
+                let mut ca = None;
+                if kind == StepKind::FixedOutput {
+                    if !refs.is_empty() {
+                        return Err(OutputError::FixedRefs(job.drv_path.clone()));
+                    }
+                    let o = &job.drv.outputs[name];
+                    let (method, algo) = parse_algo(name, &o.hash_algo)?;
+                    let want = Hash::parse_digest(algo, &o.hash)
+                        .map_err(|e| OutputError::Declaration(name.clone(), e.to_string()))?;
+                    let got = content_hash(
+                        ContentAddressMethod::Fixed(method),
+                        algo,
+                        NarDump::new(disk.clone()),
+                        None,
+                        self_ref_rule(job.ca_rule),
+                        &limits,
+                    )
+                    .map_err(|e| OutputError::FixedCheck(job.drv_path.clone(), e))?;
+                    if got != want {
+                        return Err(OutputError::FixedMismatch {
+                            drv: job.drv_path.clone(),
+                            specified: want.to_sri(),
+                            got: got.to_sri(),
+                        });
+                    }
+                    ca = Some(ContentAddress::Fixed { method, hash: got }.to_string());
+                }
+                let info = OutputInfo {
+                    path: p.to_string(),
+                    nar_hash: NarHash(digest.sha256),
+                    nar_size: digest.size,
+                    references: refs.iter().map(|r| r.to_string()).collect(),
+                    ca,
+                };
+                out.insert(name.clone(), HashedOutput { info, on_disk: disk, rewrites: Vec::new() });
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn sha256_of(h: &Hash) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(h.digest());
+    out
+}

@@ -1,0 +1,39 @@
+//! The agent's only raw system calls that no safe wrapper covers. Every `unsafe` block of the
+//! agent lives here, with its SAFETY argument.
+//!
+//! What is here: bringing the loopback interface up (`SIOCGIFFLAGS`/`SIOCSIFFLAGS`), as Nix's
+//! sandbox does for builders (many test suites need `127.0.0.1`).
+//! What is not here: SEV ioctls (those stay inside the `sev` crate).
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+/// Set `IFF_UP` on `lo`.
+pub fn loopback_up() -> io::Result<()> {
+    // SAFETY: plain socket(2) call with constant arguments; the result is checked below.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh, valid descriptor that nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: `ifreq` is a plain C struct for which all-zero bytes are a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads the name and writes `ifru_flags` inside `req`, which lives
+    // for the whole call; the descriptor is valid.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just initialised `ifru_flags` (the union member for these ioctls).
+    unsafe {
+        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    }
+    // SAFETY: as above; SIOCSIFFLAGS only reads `req`.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

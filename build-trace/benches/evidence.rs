@@ -1,0 +1,144 @@
+//! Evidence verification throughput against OpenSSL's P-384 verify, measured in the same run.
+//!
+//! `cargo bench -p build-trace --bench evidence` runs `openssl speed -seconds 3 ecdsap384`
+//! (the baseline: OpenSSL's ECDSA P-384 verifications per second on this machine), then for
+//! ~3 s each: full verification of real AMD evidence (report + chain, the chain cached per VCEK
+//! as in steady state), the bare report signature with our precomputed-table verifier, the
+//! same with the `p384` crate's verifier, and cold verification (fresh cache: RSA chain checks
+//! and table building included). It prints each rate and its ratio to OpenSSL.
+//!
+//! Under `cargo test --all-targets` (no `--bench` argument) it runs each measurement once as a
+//! smoke test and skips OpenSSL.
+
+#[path = "../tests/evidence_support/mod.rs"]
+mod evidence_support;
+
+use std::hint::black_box;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use build_trace::evidence::fastverify::{verify_prehash, PrecomputedKey};
+use build_trace::evidence::report::{offset, SIGNED_LEN};
+use build_trace::evidence::{Expected, Verifier};
+use evidence_support::{real_cases, RealCase};
+use p384::ecdsa::signature::hazmat::PrehashVerifier;
+use sha2::{Digest, Sha384};
+
+/// Runs `f` repeatedly for about `secs` seconds; returns operations per second.
+fn rate(secs: f64, f: &mut dyn FnMut()) -> f64 {
+    let budget = Duration::from_secs_f64(secs);
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < budget {
+        for _ in 0..16 {
+            f();
+        }
+        n += 16;
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// OpenSSL's ECDSA P-384 verifications per second (`openssl speed`, "verify/s" column).
+fn openssl_p384_verify_rate() -> Result<f64, String> {
+    let out = Command::new("openssl")
+        .args(["speed", "-seconds", "3", "ecdsap384"])
+        .output()
+        .map_err(|e| format!("cannot run openssl: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains("ecdsa (nistp384)"))
+        .ok_or_else(|| format!("no nistp384 line in openssl output:\n{text}"))?;
+    line.split_whitespace()
+        .last()
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("cannot parse {line:?}"))
+}
+
+fn signature(case: &RealCase) -> ([u8; 48], [u8; 48], [u8; 48]) {
+    let r = &case.bundle.report;
+    let mut rb = [0u8; 48];
+    let mut sb = [0u8; 48];
+    for i in 0..48 {
+        rb[i] = r[offset::SIGNATURE_R + 47 - i];
+        sb[i] = r[offset::SIGNATURE_S + 47 - i];
+    }
+    (Sha384::digest(&r[..SIGNED_LEN]).into(), rb, sb)
+}
+
+/// One measurement: a name and a closure run repeatedly.
+type Measure<'a> = (String, Box<dyn FnMut() + 'a>);
+
+fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    let cases = real_cases();
+    let turin = cases.iter().find(|c| c.name.contains("Turin")).expect("Turin case");
+    let milan = cases.iter().find(|c| c.name.starts_with("virtee")).expect("Milan case");
+    let expected =
+        |c: &RealCase| Expected { host_data: Some(c.host_data), report_data: Some(c.report_data) };
+
+    let mut measures: Vec<Measure<'_>> = Vec::new();
+    for case in [milan, turin] {
+        let verifier = Verifier::new();
+        let want = expected(case);
+        verifier.verify_at(&case.bundle, &case.policy, &want, case.now).expect("real evidence verifies");
+        measures.push((
+            format!("full evidence check, chain cached ({})", case.product),
+            Box::new(move || {
+                black_box(verifier.verify_at(&case.bundle, &case.policy, &want, case.now).unwrap());
+            }),
+        ));
+    }
+    let vek: x509_cert::Certificate = x509_cert::der::Decode::from_der(&turin.bundle.vek).unwrap();
+    let sec1 = vek.tbs_certificate.subject_public_key_info.subject_public_key.raw_bytes();
+    let vk = p384::ecdsa::VerifyingKey::from_sec1_bytes(sec1).unwrap();
+    let (digest, r_be, s_be) = signature(turin);
+    let table = PrecomputedKey::from_verifying_key(&vk);
+    assert!(verify_prehash(&table, &digest, &r_be, &s_be));
+    measures.push((
+        "report signature only, precomputed tables (ours)".into(),
+        Box::new(move || assert!(black_box(verify_prehash(&table, &digest, &r_be, &s_be)))),
+    ));
+    let mut rs = [0u8; 96];
+    rs[..48].copy_from_slice(&r_be);
+    rs[48..].copy_from_slice(&s_be);
+    let sig = p384::ecdsa::Signature::from_slice(&rs).unwrap();
+    measures.push((
+        "report signature only, p384 crate verify_prehash".into(),
+        Box::new(move || assert!(black_box(vk.verify_prehash(&digest, &sig).is_ok()))),
+    ));
+    let want = expected(turin);
+    measures.push((
+        "cold: fresh cache (RSA-4096 chain, key table, report)".into(),
+        Box::new(move || {
+            let v = Verifier::new();
+            black_box(v.verify_at(&turin.bundle, &turin.policy, &want, turin.now).unwrap());
+        }),
+    ));
+
+    if !full {
+        for (name, f) in measures.iter_mut() {
+            f();
+            println!("{name:<56} ok (smoke run; `cargo bench` measures)");
+        }
+        return;
+    }
+    // Rounds alternate the OpenSSL baseline and our measurements, so that a change in machine
+    // load affects both; the summary is the median ratio over the rounds.
+    const ROUNDS: usize = 3;
+    let mut ratios = vec![Vec::new(); measures.len()];
+    for round in 1..=ROUNDS {
+        let base = openssl_p384_verify_rate().unwrap_or_else(|e| panic!("baseline required: {e}"));
+        println!("round {round}: {:<47} {base:>8.0}/s  1.00x", "OpenSSL ECDSA P-384 verify (openssl speed)");
+        for (i, (name, f)) in measures.iter_mut().enumerate() {
+            let r = rate(3.0, f);
+            ratios[i].push(r / base);
+            println!("round {round}: {name:<47} {r:>8.0}/s  {:>4.2}x", r / base);
+        }
+    }
+    println!("\nmedian ratio to OpenSSL's P-384 verify over {ROUNDS} rounds:");
+    for ((name, _), mut rs) in measures.iter().zip(ratios) {
+        rs.sort_by(f64::total_cmp);
+        println!("  {name:<56} {:>4.2}x", rs[ROUNDS / 2]);
+    }
+}

@@ -1,0 +1,274 @@
+//! Certificates of SNP evidence: loading (DER or PEM), AMD's pinned roots and built-in
+//! intermediates, the AMD VCEK/VLEK extensions, certificate signatures and validity periods.
+//!
+//! What is here: small functions over `x509_cert::Certificate`. RSA-PSS/SHA-384 signatures (AMD's
+//! ARK → ASK/ASVK → VCEK/VLEK) are checked with the `sev` crate; ECDSA P-384/SHA-384 signatures
+//! (the simulated root) with `p384`.
+//!
+//! What is not here: deciding what a chain is worth (that is [`super::verify`]). AMD VCEKs have
+//! serial number 0 and no key identifiers, so no general X.509 path builder is used: each
+//! signature is checked "by hand" over the DER of the signee's `tbsCertificate`.
+
+use std::time::SystemTime;
+
+use der::{Decode, DecodePem, Encode};
+use sev::certs::snp::Verifiable;
+use sha2::{Digest, Sha256};
+use x509_cert::Certificate;
+
+use super::error::{CertRole, EvidenceError, SignatureError};
+use super::report::Product;
+
+/// `ecdsa-with-SHA384`.
+pub const ECDSA_WITH_SHA384: der::asn1::ObjectIdentifier =
+    der::asn1::ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.3");
+/// `RSASSA-PSS`.
+pub const RSA_PSS: der::asn1::ObjectIdentifier =
+    der::asn1::ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.10");
+const COMMON_NAME: der::asn1::ObjectIdentifier = der::asn1::ObjectIdentifier::new_unwrap("2.5.4.3");
+
+/// AMD's VCEK/VLEK extensions (OID arc 1.3.6.1.4.1.3704.1, VCEK spec 57230 §3).
+pub mod oid {
+    pub const PRODUCT_NAME: &str = "1.3.6.1.4.1.3704.1.2";
+    pub const BL_SPL: &str = "1.3.6.1.4.1.3704.1.3.1";
+    pub const TEE_SPL: &str = "1.3.6.1.4.1.3704.1.3.2";
+    pub const SNP_SPL: &str = "1.3.6.1.4.1.3704.1.3.3";
+    pub const UCODE_SPL: &str = "1.3.6.1.4.1.3704.1.3.8";
+    pub const FMC_SPL: &str = "1.3.6.1.4.1.3704.1.3.9";
+    pub const HW_ID: &str = "1.3.6.1.4.1.3704.1.4";
+    pub const CSP_ID: &str = "1.3.6.1.4.1.3704.1.5";
+}
+
+/// SHA-256 of the SubjectPublicKeyInfo DER of each AMD root key (ARK), as listed in
+/// `shared/testdata/snp/README.md` (a test recomputes them from the `sev` crate's built-in ARKs).
+pub const AMD_ROOT_PINS: [(Product, &str); 3] = [
+    (Product::Milan, "9f056bee44377e29308cb5ffa895bdfb62d18881fa6bed8d6f075b0204089cb9"),
+    (Product::Genoa, "429a69c9422aa258ee4d8db5fcda9c6470ef15f8cd5a9cebd6cbc7d90b863831"),
+    (Product::Turin, "4f125410563a2ab9a50356f9243f6fe0b6f73de98603f53f90339c70e9d7ad08"),
+];
+
+/// The AMD product whose pinned ARK key has this SPKI SHA-256.
+pub fn pinned_amd_root(spki_sha256: &[u8; 32]) -> Option<Product> {
+    let hex = hex::encode(spki_sha256);
+    AMD_ROOT_PINS.iter().find(|(_, pin)| *pin == hex).map(|(p, _)| *p)
+}
+
+/// AMD's ARK of a product (DER), as compiled into the `sev` crate.
+pub fn builtin_ark(product: Product) -> Vec<u8> {
+    pem_to_der(match product {
+        Product::Milan => sev::certs::snp::builtin::milan::ARK,
+        Product::Genoa => sev::certs::snp::builtin::genoa::ARK,
+        Product::Turin => sev::certs::snp::builtin::turin::ARK,
+    })
+}
+
+/// AMD's ASK (the VCEK intermediate) of a product (DER).
+pub fn builtin_ask(product: Product) -> Vec<u8> {
+    pem_to_der(match product {
+        Product::Milan => sev::certs::snp::builtin::milan::ASK,
+        Product::Genoa => sev::certs::snp::builtin::genoa::ASK,
+        Product::Turin => sev::certs::snp::builtin::turin::ASK,
+    })
+}
+
+/// AMD's ASVK (the VLEK intermediate, "SEV-VLEK-<product>") of a product (DER), from KDS
+/// `vlek/v1/<product>/cert_chain` (copied from go-sev-guest's `verify/trust`).
+pub fn builtin_asvk(product: Product) -> Vec<u8> {
+    pem_to_der(match product {
+        Product::Milan => include_bytes!("amd/milan_asvk.pem"),
+        Product::Genoa => include_bytes!("amd/genoa_asvk.pem"),
+        Product::Turin => include_bytes!("amd/turin_asvk.pem"),
+    })
+}
+
+fn pem_to_der(pem: &[u8]) -> Vec<u8> {
+    // The built-in PEMs are fixed data; a test parses every one of them.
+    Certificate::from_pem(pem).and_then(|c| c.to_der()).unwrap_or_default()
+}
+
+/// Certificates from a file's bytes: one DER certificate, or any number of PEM certificates.
+/// Returns DER encodings in file order.
+pub fn load_certificates(bytes: &[u8]) -> Result<Vec<Vec<u8>>, der::Error> {
+    if bytes.trim_ascii_start().starts_with(b"-----BEGIN") {
+        Certificate::load_pem_chain(bytes)?.iter().map(|c| c.to_der()).collect()
+    } else {
+        Certificate::from_der(bytes)?;
+        Ok(vec![bytes.to_vec()])
+    }
+}
+
+/// A DER certificate whose issuer equals its subject (a root, such as an ARK).
+pub fn is_self_issued(der_bytes: &[u8]) -> bool {
+    Certificate::from_der(der_bytes)
+        .map(|c| c.tbs_certificate.issuer == c.tbs_certificate.subject)
+        .unwrap_or(false)
+}
+
+/// `parent`'s subject is `child`'s issuer (both DER). Picks the intermediate of a leaf from a
+/// bundle holding both an ASK and an ASVK.
+pub fn names_issuer_of(parent: &[u8], child: &[u8]) -> bool {
+    match (Certificate::from_der(parent), Certificate::from_der(child)) {
+        (Ok(p), Ok(c)) => p.tbs_certificate.subject == c.tbs_certificate.issuer,
+        _ => false,
+    }
+}
+
+/// Parse one DER certificate of the chain.
+pub fn parse(role: CertRole, der_bytes: &[u8]) -> Result<Certificate, EvidenceError> {
+    Certificate::from_der(der_bytes)
+        .map_err(|source| EvidenceError::CertificateParse { role, source })
+}
+
+/// SHA-256 of a certificate's SubjectPublicKeyInfo (DER): the key id of roots and VLEKs.
+pub fn spki_sha256(cert: &Certificate) -> [u8; 32] {
+    let spki = cert.tbs_certificate.subject_public_key_info.to_der().unwrap_or_default();
+    Sha256::digest(spki).into()
+}
+
+/// The subject's common name (CN), or the whole subject when it has none.
+pub fn subject_cn(cert: &Certificate) -> String {
+    for rdn in cert.tbs_certificate.subject.0.iter() {
+        for atv in rdn.0.iter() {
+            if atv.oid == COMMON_NAME {
+                if let Some(s) = directory_string(&atv.value) {
+                    return s;
+                }
+            }
+        }
+    }
+    cert.tbs_certificate.subject.to_string()
+}
+
+fn directory_string(value: &der::Any) -> Option<String> {
+    use der::asn1::{Ia5StringRef, PrintableStringRef, Utf8StringRef};
+    if let Ok(s) = value.decode_as::<Utf8StringRef<'_>>() {
+        return Some(s.as_str().to_string());
+    }
+    if let Ok(s) = value.decode_as::<PrintableStringRef<'_>>() {
+        return Some(s.as_str().to_string());
+    }
+    value.decode_as::<Ia5StringRef<'_>>().ok().map(|s| s.as_str().to_string())
+}
+
+/// RSA-PSS/SHA-384 signature of `signee` under `signer`'s key (AMD's chain), via `sev`.
+pub fn verify_rsa_pss(signer: &Certificate, signee: &Certificate) -> Result<(), SignatureError> {
+    let signer = sev::certs::snp::Certificate::from(signer.clone());
+    let signee = sev::certs::snp::Certificate::from(signee.clone());
+    (&signer, &signee).verify().map_err(|e| SignatureError(e.to_string()))
+}
+
+/// ECDSA P-384/SHA-384 signature of `signee` under `signer`'s key (the simulated chain).
+pub fn verify_ecdsa_p384(signer: &Certificate, signee: &Certificate) -> Result<(), SignatureError> {
+    use p384::ecdsa::signature::Verifier as _;
+    if signee.signature_algorithm.oid != ECDSA_WITH_SHA384 {
+        return Err(SignatureError(format!(
+            "signature algorithm {} is not ecdsa-with-SHA384",
+            signee.signature_algorithm.oid
+        )));
+    }
+    let key = vek_public_key(signer).map_err(SignatureError)?;
+    let tbs = signee
+        .tbs_certificate
+        .to_der()
+        .map_err(|e| SignatureError(format!("tbsCertificate does not encode: {e}")))?;
+    let sig = p384::ecdsa::Signature::from_der(signee.signature.raw_bytes())
+        .map_err(|e| SignatureError(format!("malformed ECDSA signature: {e}")))?;
+    key.verify(&tbs, &sig)
+        .map_err(|_| SignatureError("ECDSA P-384 signature does not verify".into()))
+}
+
+/// The P-384 public key of a VCEK/VLEK (or simulated ARK).
+pub fn vek_public_key(cert: &Certificate) -> Result<p384::ecdsa::VerifyingKey, String> {
+    let bits = cert.tbs_certificate.subject_public_key_info.subject_public_key.raw_bytes();
+    p384::ecdsa::VerifyingKey::from_sec1_bytes(bits)
+        .map_err(|_| "the certificate's key is not an ECDSA P-384 public key".to_string())
+}
+
+/// `(not_before, not_after)`.
+pub fn validity(cert: &Certificate) -> (SystemTime, SystemTime) {
+    let v = &cert.tbs_certificate.validity;
+    (v.not_before.to_system_time(), v.not_after.to_system_time())
+}
+
+/// The AMD extensions of a VCEK/VLEK that the verifier binds to the report.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VekExtensions {
+    pub product_name: Option<String>,
+    pub bootloader: Option<u8>,
+    pub tee: Option<u8>,
+    pub snp: Option<u8>,
+    pub microcode: Option<u8>,
+    pub fmc: Option<u8>,
+    /// hwID: 64 bytes (Milan/Genoa) or 8 bytes (Turin). VCEK only.
+    pub hw_id: Option<Vec<u8>>,
+    /// CSP ID (VLEK only), e.g. "CN=cc-us-east-2.amazonaws.com".
+    pub csp_id: Option<String>,
+}
+
+impl VekExtensions {
+    pub fn read(cert: &Certificate) -> Result<VekExtensions, EvidenceError> {
+        let mut out = VekExtensions::default();
+        let Some(exts) = &cert.tbs_certificate.extensions else { return Ok(out) };
+        for ext in exts {
+            let value = ext.extn_value.as_bytes();
+            let id = ext.extn_id.to_string();
+            let bad = |oid: &'static str, problem: &str| EvidenceError::CertificateExtension {
+                role: CertRole::Vek,
+                oid,
+                problem: problem.to_string(),
+            };
+            let spl = |oid: &'static str| -> Result<Option<u8>, EvidenceError> {
+                u8::from_der(value).map(Some).map_err(|_| bad(oid, "not a DER INTEGER in 0..=255"))
+            };
+            match id.as_str() {
+                oid::PRODUCT_NAME => {
+                    out.product_name = Some(
+                        der::asn1::Ia5StringRef::from_der(value)
+                            .map(|s| s.as_str().to_string())
+                            .map_err(|_| bad(oid::PRODUCT_NAME, "not an IA5String"))?,
+                    )
+                }
+                oid::BL_SPL => out.bootloader = spl(oid::BL_SPL)?,
+                oid::TEE_SPL => out.tee = spl(oid::TEE_SPL)?,
+                oid::SNP_SPL => out.snp = spl(oid::SNP_SPL)?,
+                oid::UCODE_SPL => out.microcode = spl(oid::UCODE_SPL)?,
+                oid::FMC_SPL => out.fmc = spl(oid::FMC_SPL)?,
+                oid::HW_ID => out.hw_id = Some(hw_id_bytes(value)),
+                oid::CSP_ID => {
+                    out.csp_id = Some(
+                        directory_string(
+                            &der::Any::from_der(value).map_err(|_| bad(oid::CSP_ID, "not DER"))?,
+                        )
+                        .unwrap_or_else(|| hex::encode(value)),
+                    )
+                }
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// AMD writes the hwID as the raw chip id (64 or 8 bytes). Some tools wrap it in a DER OCTET
+/// STRING; accept that too (the lengths make the two encodings unambiguous).
+fn hw_id_bytes(value: &[u8]) -> Vec<u8> {
+    match value {
+        [0x04, len, rest @ ..] if (*len == 64 || *len == 8) && rest.len() == *len as usize => {
+            rest.to_vec()
+        }
+        _ => value.to_vec(),
+    }
+}
+
+/// RFC 3339 form of a time (`2025-06-01T00:00:00Z`).
+pub fn fmt_time(t: SystemTime) -> String {
+    der::DateTime::from_system_time(t).map(|d| d.to_string()).unwrap_or_else(|_| format!("{t:?}"))
+}
+
+/// Parse `YYYY-MM-DD` or `YYYY-MM-DDTHH:MM:SSZ` (UTC).
+pub fn parse_time(s: &str) -> Result<SystemTime, String> {
+    let full = if s.len() == 10 { format!("{s}T00:00:00Z") } else { s.to_string() };
+    full.parse::<der::DateTime>()
+        .map(|d| d.to_system_time())
+        .map_err(|_| format!("{s:?} is not a UTC time like 2025-06-01 or 2025-06-01T12:00:00Z"))
+}

@@ -1,0 +1,247 @@
+//! Signing a step's Nix records with the launcher's ed25519 key.
+//!
+//! What is here: the launcher's key on disk ([`load_or_generate_key`]: a Nix secret-key file,
+//! mode 0600, with its public key beside it) and, for a checked statement, the signed records a
+//! plain Nix reads ([`StepRecords`]): per output a Nix ≤ 2.34 realisation (id
+//! `sha256:<hash modulo>!<out>`), a Nix ≥ 2.35 build-trace entry (resolved drv path + output),
+//! and a narinfo. The record formats and fingerprints are `nix-formats`'
+//! ([`nix_formats::realisation`], [`nix_formats::narinfo`], [`nix_formats::signing`]).
+//!
+//! Realisations are made only for content-addressed steps (floating CA, fixed output): their
+//! drv path is the resolved one, so both keys follow from the statement. An input-addressed
+//! step's Nix ≤ 2.34 id would need the unresolved derivation graph, and Nix does not look
+//! realisations up for input-addressed outputs anyway.
+//!
+//! What is not here: where the records are stored ([`crate::store`]) or the laut JWS
+//! ([`crate::jws`]).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use nix_formats::narinfo::NarInfo;
+use nix_formats::realisation::{BuildTraceEntry, LegacyRealisation};
+use nix_formats::resolve::resolve;
+use nix_formats::signing::{SecretKey, SigningError};
+use nix_formats::{Hash, StorePath};
+
+use crate::job::{NarHash, StepKind};
+use crate::statement::{Statement, StatementError};
+
+/// Why a key could not be loaded or records could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum SignError {
+    /// The key file does not parse.
+    #[error("key file {path}")]
+    Key {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: SigningError,
+    },
+    /// The key name is not usable as a Nix key name and file name.
+    #[error("key name `{0}` must be non-empty without `:`, `/` or white space")]
+    KeyName(String),
+    /// The file holds a key with another name.
+    #[error("key file {path} holds key `{found}`, not `{expected}`")]
+    WrongName {
+        /// The file.
+        path: PathBuf,
+        /// The name asked for.
+        expected: String,
+        /// The name in the file.
+        found: String,
+    },
+    /// A key file could not be read or written.
+    #[error("key file {path}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The secret key file is readable by others.
+    #[error("secret key file {0} is readable by group or others (chmod 600 it)")]
+    Permissions(PathBuf),
+    /// The statement is malformed.
+    #[error("statement")]
+    Statement(#[source] StatementError),
+    /// The records cannot be computed for the statement's derivation.
+    #[error("derivation {drv}: {problem}")]
+    Derivation {
+        /// The drv path.
+        drv: String,
+        /// What failed.
+        problem: String,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SignError + '_ {
+    move |source| SignError::Io { path: path.to_path_buf(), source }
+}
+
+/// The launcher's key `<state_dir>/keys/<name>.secret` (mode 0600; `<name>.public` beside it),
+/// generated on first use. For hosts without SEV-SNP the name comes from
+/// [`crate::evidence::nix_key_name`] (`<host>-simulated-1`). A secret key file readable by
+/// group or others is refused. Safe against concurrent first use by several processes.
+pub fn load_or_generate_key(state_dir: &Path, name: &str) -> Result<SecretKey, SignError> {
+    if name.is_empty() || name.contains([':', '/']) || name.chars().any(char::is_whitespace) {
+        return Err(SignError::KeyName(name.into()));
+    }
+    let dir = state_dir.join("keys");
+    let secret = dir.join(format!("{name}.secret"));
+    let public = dir.join(format!("{name}.public"));
+    match fs::read_to_string(&secret) {
+        Ok(text) => {
+            let mode = fs::metadata(&secret).map_err(io_err(&secret))?.permissions().mode();
+            if mode & 0o077 != 0 {
+                return Err(SignError::Permissions(secret));
+            }
+            let key =
+                SecretKey::parse(&text).map_err(|source| SignError::Key { path: secret.clone(), source })?;
+            if key.name() != name {
+                return Err(SignError::WrongName { path: secret, expected: name.into(), found: key.name().into() });
+            }
+            if !public.exists() {
+                crate::store::write_atomic(&public, key.public_key().to_string().as_bytes())
+                    .map_err(io_err(&public))?;
+            }
+            Ok(key)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+            let key = SecretKey::generate(name);
+            // Write under a temporary name, then link into place: racing processes end up with
+            // one key, and nobody reads a half-written file.
+            let tmp = dir.join(format!(".{name}.secret.{}", std::process::id()));
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(io_err(&tmp))?;
+            f.write_all(key.to_file_string().as_bytes()).and_then(|()| f.sync_all()).map_err(io_err(&tmp))?;
+            let linked = fs::hard_link(&tmp, &secret);
+            let _ = fs::remove_file(&tmp);
+            match linked {
+                Ok(()) => {
+                    crate::store::write_atomic(&public, key.public_key().to_string().as_bytes())
+                        .map_err(io_err(&public))?;
+                    Ok(key)
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => load_or_generate_key(state_dir, name),
+                Err(e) => Err(io_err(&secret)(e)),
+            }
+        }
+        Err(e) => Err(io_err(&secret)(e)),
+    }
+}
+
+/// The signed Nix records of one output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputRecords {
+    /// Nix ≤ 2.34 realisation (content-addressed steps only).
+    pub legacy: Option<LegacyRealisation>,
+    /// Nix ≥ 2.35 build-trace entry (content-addressed steps only).
+    pub build_trace: Option<BuildTraceEntry>,
+    /// The narinfo (URL and file fields to be filled in by the store writer).
+    pub narinfo: NarInfo,
+}
+
+/// The signed Nix records of a step, by output name.
+pub type StepRecords = BTreeMap<String, OutputRecords>;
+
+fn nix_hash(h: &NarHash) -> Hash {
+    Hash::sha256(h.0)
+}
+
+fn parse_path(p: &str) -> Result<StorePath, SignError> {
+    StorePath::parse(p).map_err(|e| SignError::Derivation { drv: p.into(), problem: e.to_string() })
+}
+
+/// Sign every Nix record of a step (the statement must already have been checked against its
+/// evidence by the caller).
+pub fn step_records(st: &Statement, key: &SecretKey) -> Result<StepRecords, SignError> {
+    st.validate().map_err(SignError::Statement)?;
+    let job = &st.job;
+    let kind = job.kind().map_err(|e| SignError::Statement(StatementError::Job(e)))?;
+    let drv_err = |problem: String| SignError::Derivation { drv: job.drv_path.clone(), problem };
+    let resolution = if kind == StepKind::InputAddressed {
+        None
+    } else {
+        let drv = job.drv.to_derivation().map_err(|e| drv_err(e.to_string()))?;
+        let r = resolve(&drv, &job.drv.name, &mut |_, _| None).map_err(|e| drv_err(e.to_string()))?;
+        if r.drv_path.to_string() != job.drv_path {
+            return Err(drv_err(format!("the basic derivation's path is {}", r.drv_path)));
+        }
+        Some(r)
+    };
+    let deriver = parse_path(&job.drv_path)?;
+    let mut records = BTreeMap::new();
+    for (name, out) in &st.outputs {
+        let out_path = parse_path(&out.path)?;
+        let mut legacy = None;
+        let mut build_trace = None;
+        if let Some(r) = &resolution {
+            if let Some(id) = r.legacy_id(name) {
+                let mut l = LegacyRealisation::new(id, out_path.clone());
+                l.sign(key);
+                legacy = Some(l);
+            }
+            if let Some(k) = r.key(name) {
+                let mut b = BuildTraceEntry::new(k, out_path.clone());
+                b.sign(key);
+                build_trace = Some(b);
+            }
+        }
+        let mut narinfo = NarInfo {
+            store_path: out_path,
+            url: String::new(),
+            compression: Some("none".into()),
+            file_hash: None,
+            file_size: None,
+            nar_hash: nix_hash(&out.nar_hash),
+            nar_size: out.nar_size,
+            references: out.references.iter().map(|r| parse_path(r)).collect::<Result<_, _>>()?,
+            deriver: Some(deriver.clone()),
+            system: Some(job.drv.system.clone()),
+            sigs: Vec::new(),
+            ca: out.ca.clone(),
+        };
+        narinfo.sign(key).map_err(|e| drv_err(e.to_string()))?;
+        records.insert(name.clone(), OutputRecords { legacy, build_trace, narinfo });
+    }
+    Ok(records)
+}
+
+/// The ed25519 public key of a Nix key (for the JWS `kid`).
+pub fn verifying_key(key: &nix_formats::signing::PublicKey) -> ed25519_dalek::VerifyingKey {
+    ed25519_dalek::VerifyingKey::from_bytes(&key.to_bytes()).expect("a parsed public key is a valid point")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_files_round_trip_and_are_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = load_or_generate_key(dir.path(), "host-simulated-1").unwrap();
+        let b = load_or_generate_key(dir.path(), "host-simulated-1").unwrap();
+        assert_eq!(a.to_file_string(), b.to_file_string());
+        let secret = dir.path().join("keys/host-simulated-1.secret");
+        assert_eq!(fs::metadata(&secret).unwrap().permissions().mode() & 0o777, 0o600);
+        let public = fs::read_to_string(dir.path().join("keys/host-simulated-1.public")).unwrap();
+        assert_eq!(public, a.public_key().to_string());
+        fs::set_permissions(&secret, fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(load_or_generate_key(dir.path(), "host-simulated-1"), Err(SignError::Permissions(_))));
+        assert!(matches!(load_or_generate_key(dir.path(), "bad:name"), Err(SignError::KeyName(_))));
+        fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
+        fs::rename(&secret, dir.path().join("keys/other.secret")).unwrap();
+        assert!(matches!(load_or_generate_key(dir.path(), "other"), Err(SignError::WrongName { .. })));
+    }
+}

@@ -1,0 +1,359 @@
+//! The trace store: a binary-cache directory Nix reads (`nix copy --from file://DIR`) plus
+//! vouch's own per-step files, with an atomic writer and the reader the verifier uses.
+//!
+//! Layout (`docs/trace-store.md` is the reference):
+//! ```text
+//! nix-cache-info                                  StoreDir, WantMassQuery, Priority
+//! <hash>.narinfo                                  one per output path, signed, written last
+//! nar/<filehash>.nar                              uncompressed NAR (file hash = NAR hash)
+//! realisations/sha256:<hex>!<out>.doi             Nix ≤ 2.34 realisation (CA steps)
+//! build-trace-v2/<drv base>/<out>.doi             Nix ≥ 2.35 build-trace value (CA steps)
+//! vouch/v1/steps/<drv base>/<entry>/statement.json   canonical statement
+//!                                   evidence.json    evidence bundle (if any)
+//!                                   jws/<thumb>.jws  laut JWS by key (SPKI thumbprint prefix)
+//! vouch/v1/by-output/<out hash part>/<drv base>/<entry>   empty marker: output → step
+//! ```
+//! `<drv base>` is the step's drv path base name: the resolved drv for content-addressed steps,
+//! the unresolved (input-addressed) drv otherwise. `<entry>` is the first 32 hex digits of the
+//! SHA-256 of the statement's canonical bytes, so writing the same step twice is idempotent and
+//! different builds of one derivation sit side by side.
+//!
+//! Atomicity: every file is written to a temporary name, fsynced and renamed into place; a step
+//! directory is assembled under `vouch/v1/tmp/` and renamed whole. Order: NARs, the step
+//! directory, index markers, realisations, then narinfos — a reader never sees a narinfo whose
+//! NAR, or a step whose files, are missing.
+//!
+//! What is not here: checking evidence (the launcher checks before it writes; the verifier
+//! after it reads), or the signing formats themselves ([`crate::sign`], [`crate::jws`]).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use nix_formats::StorePath;
+use sha2::{Digest, Sha256};
+
+use crate::evidence::EvidenceBundle;
+use nix_formats::narinfo::NarInfo;
+use nix_formats::signing::SecretKey;
+
+use crate::job::NarHash;
+use crate::sign;
+use crate::statement::{Statement, StatementError};
+
+mod reader;
+pub use reader::{MemoryTraces, TraceEntry, TraceSource};
+
+/// The `nix-cache-info` this store writes.
+pub const NIX_CACHE_INFO: &str = "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n";
+const VOUCH_DIR: &str = "vouch/v1";
+
+/// Why the trace store could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A file system operation failed.
+    #[error("trace store: {op} {path}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The statement is malformed.
+    #[error("statement")]
+    Statement(#[source] StatementError),
+    /// A NAR does not match the statement.
+    #[error("NAR for output `{output}`: {problem}")]
+    Nar {
+        /// The output.
+        output: String,
+        /// What differs.
+        problem: String,
+    },
+    /// A file in the store is malformed.
+    #[error("trace store file {path}: {problem}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The Nix records could not be signed.
+    #[error("signing the step's Nix records")]
+    Sign(#[source] sign::SignError),
+    /// The JWS could not be made.
+    #[error("signing the step's JWS")]
+    Jws(#[source] crate::jws::JwsError),
+}
+
+pub(crate) fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io { op, path: path.to_path_buf(), source }
+}
+
+/// Write `bytes` to `path` atomically: temporary file in the same directory, fsync, rename,
+/// fsync of the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    fs::File::open(dir)?.sync_all()
+}
+
+/// What the launcher hands the writer for one step (after it has checked statement and
+/// evidence).
+#[derive(Debug)]
+pub struct StepRecord<'a> {
+    /// The statement.
+    pub statement: &'a Statement,
+    /// The evidence bundle (absent only for key-signed steps).
+    pub evidence: Option<&'a EvidenceBundle>,
+    /// `sev-snp` or `simulated`: a label for humans in the JWS; verifiers use the root.
+    pub evidence_kind: &'a str,
+    /// For each output name, a file holding its NAR (copied and re-hashed).
+    pub nars: BTreeMap<String, PathBuf>,
+}
+
+/// Where a step went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PutResult {
+    /// The step directory.
+    pub step_dir: PathBuf,
+    /// The entry id.
+    pub entry: String,
+    /// Records that already existed with different content and were kept (divergent builds).
+    pub kept_existing: Vec<PathBuf>,
+}
+
+/// A trace store directory.
+#[derive(Debug, Clone)]
+pub struct TraceStore {
+    root: PathBuf,
+}
+
+/// The entry id of a statement: 32 hex digits of SHA-256 of its canonical bytes.
+pub fn entry_id(statement_bytes: &[u8]) -> String {
+    hex::encode(&Sha256::digest(statement_bytes)[..16])
+}
+
+fn base_of(path: &str) -> Result<String, StoreError> {
+    StorePath::parse(path)
+        .map(|p| p.base_name().to_string())
+        .map_err(|e| StoreError::Corrupt { path: path.into(), problem: e.to_string() })
+}
+
+impl TraceStore {
+    /// Open an existing store (for reading).
+    pub fn open(root: &Path) -> Result<TraceStore, StoreError> {
+        let info = root.join("nix-cache-info");
+        fs::metadata(&info).map_err(io_err("open", &info))?;
+        Ok(TraceStore { root: root.to_path_buf() })
+    }
+
+    /// Open or create a store (for writing).
+    pub fn create(root: &Path) -> Result<TraceStore, StoreError> {
+        for sub in ["nar", "realisations", "build-trace-v2", "vouch/v1/steps", "vouch/v1/by-output", "vouch/v1/tmp"] {
+            let d = root.join(sub);
+            fs::create_dir_all(&d).map_err(io_err("create", &d))?;
+        }
+        let info = root.join("nix-cache-info");
+        if !info.exists() {
+            write_atomic(&info, NIX_CACHE_INFO.as_bytes()).map_err(io_err("write", &info))?;
+        }
+        Ok(TraceStore { root: root.to_path_buf() })
+    }
+
+    /// The store's directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The directory of all entries of a step (by drv path).
+    pub fn step_dir(&self, drv_path: &str) -> Result<PathBuf, StoreError> {
+        Ok(self.root.join(VOUCH_DIR).join("steps").join(base_of(drv_path)?))
+    }
+
+    /// Write one step: NARs, statement, evidence, a JWS signed by `key`, index markers, Nix
+    /// realisations (both formats, for content-addressed steps), then the narinfos. Idempotent.
+    pub fn put_step(&self, step: &StepRecord<'_>, key: &SecretKey) -> Result<PutResult, StoreError> {
+        let st = step.statement;
+        st.validate().map_err(StoreError::Statement)?;
+        let statement_bytes = st.canonical_bytes().map_err(StoreError::Statement)?;
+        let entry = entry_id(&statement_bytes);
+        let mut kept = Vec::new();
+
+        // 1. NARs, each re-hashed while copied.
+        let mut nar_files = BTreeMap::new();
+        for (name, out) in &st.outputs {
+            let src = step.nars.get(name).ok_or_else(|| StoreError::Nar {
+                output: name.clone(),
+                problem: "no NAR file given".into(),
+            })?;
+            nar_files.insert(name.clone(), self.put_nar(name, src, &out.nar_hash, out.nar_size)?);
+        }
+
+        // 2. The step directory, assembled in tmp/ and renamed whole.
+        let records = sign::step_records(st, key).map_err(StoreError::Sign)?;
+        let step_dir = self.step_dir(&st.job.drv_path)?;
+        let final_dir = step_dir.join(&entry);
+        let evidence_bytes = step.evidence.map(EvidenceBundle::to_json);
+        let jws = crate::jws::sign(st, evidence_bytes.as_deref().map(str::as_bytes), step.evidence_kind, key)
+            .map_err(StoreError::Jws)?;
+        let thumb = &hex::encode(crate::jws::spki_thumbprint(&sign::verifying_key(&key.public_key())))[..16];
+        if final_dir.exists() {
+            let p = final_dir.join("jws").join(format!("{thumb}.jws"));
+            if !p.exists() {
+                write_atomic(&p, jws.as_bytes()).map_err(io_err("write", &p))?;
+            }
+        } else {
+            self.put_step_dir(&step_dir, &final_dir, &statement_bytes, evidence_bytes.as_deref(), thumb, &jws)?;
+        }
+
+        // 3. Index markers: output → step entry.
+        let drv_base = base_of(&st.job.drv_path)?;
+        for out in st.outputs.values() {
+            let hash_part = &base_of(&out.path)?[..32];
+            let d = self.root.join(VOUCH_DIR).join("by-output").join(hash_part).join(&drv_base);
+            fs::create_dir_all(&d).map_err(io_err("create", &d))?;
+            let marker = d.join(&entry);
+            if !marker.exists() {
+                write_atomic(&marker, b"").map_err(io_err("write", &marker))?;
+            }
+        }
+
+        // 4. Realisations (content-addressed steps), keeping divergent existing ones.
+        for (name, rec) in &records {
+            let out_base = base_of(&st.outputs[name].path)?;
+            let mut files = Vec::new();
+            if let Some(b) = &rec.build_trace {
+                files.push((self.root.join(b.cache_path()), b.value_json()));
+            }
+            if let Some(l) = &rec.legacy {
+                files.push((self.root.join("realisations").join(format!("{}.doi", l.id)), l.to_json()));
+            }
+            for (path, body) in files {
+                if let Some(dir) = path.parent() {
+                    fs::create_dir_all(dir).map_err(io_err("create", dir))?;
+                }
+                match fs::read(&path) {
+                    Ok(existing) => {
+                        let v: serde_json::Value = serde_json::from_slice(&existing).unwrap_or_default();
+                        if v.get("outPath").and_then(|p| p.as_str()) != Some(out_base.as_str()) {
+                            kept.push(path);
+                        }
+                    }
+                    Err(_) => write_atomic(&path, body.as_bytes()).map_err(io_err("write", &path))?,
+                }
+            }
+        }
+
+        // 5. narinfos, last.
+        for (name, rec) in records {
+            let (file_hash, file_size) = nar_files[&name];
+            let mut info = rec.narinfo;
+            info.url = format!("nar/{}.nar", nix_formats::base32::encode(&file_hash.0));
+            info.file_hash = Some(nix_formats::Hash::sha256(file_hash.0));
+            info.file_size = Some(file_size);
+            let path = self.root.join(format!("{}.narinfo", info.store_path.hash_part()));
+            match fs::read_to_string(&path) {
+                Ok(existing) => {
+                    let same = NarInfo::parse(&existing).is_ok_and(|e| e.nar_hash == info.nar_hash);
+                    if !same {
+                        kept.push(path);
+                    }
+                }
+                Err(_) => write_atomic(&path, info.to_text().as_bytes()).map_err(io_err("write", &path))?,
+            }
+        }
+        Ok(PutResult { step_dir: final_dir, entry, kept_existing: kept })
+    }
+
+    fn put_step_dir(
+        &self,
+        step_dir: &Path,
+        final_dir: &Path,
+        statement_bytes: &[u8],
+        evidence: Option<&str>,
+        thumb: &str,
+        jws: &str,
+    ) -> Result<(), StoreError> {
+        let tmp_root = self.root.join(VOUCH_DIR).join("tmp");
+        let tmp = tempfile::Builder::new().prefix("step-").tempdir_in(&tmp_root).map_err(io_err("create", &tmp_root))?;
+        let t = tmp.path();
+        let jws_dir = t.join("jws");
+        fs::create_dir(&jws_dir).map_err(io_err("create", &jws_dir))?;
+        write_synced(&t.join("statement.json"), statement_bytes)?;
+        if let Some(ev) = evidence {
+            write_synced(&t.join("evidence.json"), ev.as_bytes())?;
+        }
+        write_synced(&jws_dir.join(format!("{thumb}.jws")), jws.as_bytes())?;
+        sync_dir(&jws_dir)?;
+        sync_dir(t)?;
+        fs::create_dir_all(step_dir).map_err(io_err("create", step_dir))?;
+        let t = tmp.keep();
+        match fs::rename(&t, final_dir) {
+            Ok(()) => {}
+            // Another writer won the race with the same (content-addressed) entry.
+            Err(_) if final_dir.join("statement.json").exists() => {
+                let _ = fs::remove_dir_all(&t);
+            }
+            Err(e) => return Err(io_err("rename", final_dir)(e)),
+        }
+        sync_dir(step_dir)
+    }
+
+    /// Copy a NAR into `nar/`, checking its hash and size; returns (file hash, file size).
+    fn put_nar(&self, output: &str, src: &Path, want: &NarHash, size: u64) -> Result<(NarHash, u64), StoreError> {
+        let nar_dir = self.root.join("nar");
+        let dest = nar_dir.join(format!("{}.nar", nix_formats::base32::encode(&want.0)));
+        let mut input = fs::File::open(src).map_err(io_err("open", src))?;
+        if dest.exists() {
+            return Ok((*want, size));
+        }
+        let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(&nar_dir).map_err(io_err("create", &nar_dir))?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut total = 0u64;
+        loop {
+            let n = input.read(&mut buf).map_err(io_err("read", src))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            tmp.write_all(&buf[..n]).map_err(io_err("write", &nar_dir))?;
+            total += n as u64;
+        }
+        let got = NarHash(hasher.finalize().into());
+        if got != *want || total != size {
+            return Err(StoreError::Nar {
+                output: output.into(),
+                problem: format!("{} has {got} ({total} bytes), the statement says {want} ({size} bytes)", src.display()),
+            });
+        }
+        tmp.as_file().sync_all().map_err(io_err("sync", &dest))?;
+        tmp.persist(&dest).map_err(|e| io_err("rename", &dest)(e.error))?;
+        sync_dir(&nar_dir)?;
+        Ok((got, total))
+    }
+
+    /// `<root>/<hash part>.narinfo` of an output path.
+    pub fn narinfo_path(&self, out_path: &str) -> Result<PathBuf, StoreError> {
+        let p = StorePath::parse(out_path)
+            .map_err(|e| StoreError::Corrupt { path: out_path.into(), problem: e.to_string() })?;
+        Ok(self.root.join(format!("{}.narinfo", p.hash_part())))
+    }
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let mut f = fs::File::create(path).map_err(io_err("create", path))?;
+    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(io_err("write", path))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io_err("sync", dir))
+}

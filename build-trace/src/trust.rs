@@ -1,0 +1,328 @@
+//! The trust policy: which signers a closure verifier accepts for a step, and how many.
+//!
+//! What is here: the TOML format (`docs/trust-policy.md` defines it with examples), the trust
+//! model (laut's `Key` / `Threshold(k, [..])`, plus attested-builder leaves whose predicate is an
+//! SNP evidence policy), and its evaluation over the signers of one unresolved derivation.
+//!
+//! Semantics (laut's, with attested builders):
+//! - a **signer** is a Nix key (by name, checked against the public key the policy lists), or a
+//!   **chip** that produced SNP evidence passing a builder rule (CHIP_ID; for VLEK-signed reports
+//!   whose CHIP_ID is masked, the VLEK). A simulated chip is a signer only under a rule whose
+//!   evidence policy names the simulated root;
+//! - an entry covers a resolved derivation's whole output map; the signers of one output map of
+//!   an unresolved derivation are the union over all entries claiming that exact map, so each
+//!   signer counts once per unresolved derivation however many entries it signed;
+//! - `key:<name>` holds when that key is among the signers; `builder:<rule>` when at least one
+//!   chip passed the rule (`{ builder = "<rule>", at_least = n }`: n distinct chips);
+//!   `{ threshold = k, of = [..] }` when at least k of its members hold. The model is monotone.
+//!
+//! What is not here: checking signatures or evidence (the verifier does that and hands the
+//! resulting [`Signers`] to [`TrustPolicy::accepts`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::evidence::{EvidencePolicy, Measurement};
+
+/// Why a policy could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// The file could not be read.
+    #[error("cannot read trust policy {path}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML is malformed.
+    #[error("trust policy is not valid TOML for the schema")]
+    Toml(#[source] toml::de::Error),
+    /// The policy is inconsistent.
+    #[error("trust policy: {0}")]
+    Invalid(String),
+}
+
+/// A trust model term.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TrustModel {
+    /// `"key:<name>"` or `"builder:<rule>"`.
+    Leaf(String),
+    /// `{ builder = "<rule>", at_least = n }`: n distinct chips passing the rule.
+    Builder {
+        /// Rule name.
+        builder: String,
+        /// Distinct chips needed.
+        at_least: usize,
+    },
+    /// `{ threshold = k, of = [..] }`.
+    Threshold {
+        /// How many members must hold.
+        threshold: usize,
+        /// The members.
+        of: Vec<TrustModel>,
+    },
+}
+
+/// An attested-builder rule: evidence that passes `evidence` comes from a trusted builder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuilderRule {
+    /// The SNP evidence policy (products, simulated roots, VLEK, policy bits, minimum TCB,
+    /// allowed measurements); see `docs/evidence.md`.
+    #[serde(default)]
+    pub evidence: EvidencePolicy,
+    /// Image manifests (`vouch image build` output) whose expected launch measurement is
+    /// allowed, in addition to `evidence.measurements`. Resolved relative to the policy file.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_manifests: Vec<String>,
+}
+
+/// Rules for fixed-output derivations (accepted by their declared hash alone).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FixedOutputRule {
+    /// Accept md5- and sha1-declared fixed outputs (default: no).
+    pub allow_weak_hashes: bool,
+}
+
+/// A trust policy (TOML). See the module documentation and `docs/trust-policy.md`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustPolicy {
+    /// Nix public keys by name: `name = "name:<base64 ed25519 public key>"`.
+    #[serde(default)]
+    pub keys: BTreeMap<String, String>,
+    /// Attested-builder rules by name.
+    #[serde(default)]
+    pub builders: BTreeMap<String, BuilderRule>,
+    /// What every step must satisfy.
+    pub require: TrustModel,
+    /// Fixed-output derivations.
+    #[serde(default)]
+    pub fixed_output: FixedOutputRule,
+}
+
+/// The name of the builder rule in [`TrustPolicy::default`].
+pub const DEFAULT_BUILDER: &str = "amd";
+
+impl Default for TrustPolicy {
+    /// Real AMD roots only (any product, no VLEK, VMPL 0, no debug, no simulated root), one
+    /// attested chip per step. The launch measurement is not pinned: add `measurements` or
+    /// `image_manifests` to say *which* guest image you trust.
+    fn default() -> TrustPolicy {
+        TrustPolicy {
+            keys: BTreeMap::new(),
+            builders: BTreeMap::from([(
+                DEFAULT_BUILDER.to_string(),
+                BuilderRule { evidence: EvidencePolicy::default(), image_manifests: Vec::new() },
+            )]),
+            require: TrustModel::Leaf(format!("builder:{DEFAULT_BUILDER}")),
+            fixed_output: FixedOutputRule::default(),
+        }
+    }
+}
+
+/// A policy ready for the verifier: parsed keys, and each builder rule's evidence policy with
+/// the measurements of its image manifests added.
+#[derive(Debug, Clone)]
+pub struct PreparedPolicy {
+    /// The policy as written.
+    pub policy: TrustPolicy,
+    /// Its Nix public keys.
+    pub keys: Vec<nix_formats::signing::PublicKey>,
+    /// Builder rules by name, with their effective evidence policy.
+    pub rules: Vec<(String, EvidencePolicy)>,
+}
+
+impl PreparedPolicy {
+    /// Whether `signers` satisfy the policy's requirement.
+    pub fn accepts(&self, signers: &Signers) -> bool {
+        self.policy.accepts(signers)
+    }
+}
+
+/// The measurements an image manifest (`vouch image build`'s `manifest.json`) allows: its
+/// expected SEV-SNP launch measurement, and its simulated measurement when `simulated`.
+pub fn manifest_measurements(path: &Path, simulated: bool) -> Result<Vec<Measurement>, PolicyError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| PolicyError::Read { path: path.display().to_string(), source })?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| PolicyError::Invalid(format!("image manifest {}: {e}", path.display())))?;
+    let mut out = Vec::new();
+    let mut fields = vec!["/snp/expected_measurement"];
+    if simulated {
+        fields.push("/simulated_measurement");
+    }
+    for f in fields {
+        if let Some(hex) = v.pointer(f).and_then(serde_json::Value::as_str) {
+            out.push(hex.parse().map_err(|e| {
+                PolicyError::Invalid(format!("image manifest {} {f}: {e}", path.display()))
+            })?);
+        }
+    }
+    if out.is_empty() {
+        return Err(PolicyError::Invalid(format!("image manifest {} names no measurement", path.display())));
+    }
+    Ok(out)
+}
+
+/// The signers of one output map of one unresolved derivation, after the verifier checked
+/// their signatures and evidence.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Signers {
+    /// Names of policy keys with a valid signature.
+    pub keys: BTreeSet<String>,
+    /// For each builder rule, the distinct chips (their display names) whose evidence passed it.
+    pub chips: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl Signers {
+    /// Add the signers of another entry (set union: each signer counts once).
+    pub fn merge(&mut self, other: &Signers) {
+        self.keys.extend(other.keys.iter().cloned());
+        for (rule, chips) in &other.chips {
+            self.chips.entry(rule.clone()).or_default().extend(chips.iter().cloned());
+        }
+    }
+
+    /// Whether there are no signers at all.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.chips.values().all(BTreeSet::is_empty)
+    }
+}
+
+impl TrustModel {
+    /// Whether `signers` satisfy this term.
+    pub fn satisfied_by(&self, signers: &Signers) -> bool {
+        match self {
+            TrustModel::Leaf(leaf) => match leaf.split_once(':') {
+                Some(("key", name)) => signers.keys.contains(name),
+                Some(("builder", rule)) => signers.chips.get(rule).is_some_and(|c| !c.is_empty()),
+                _ => false,
+            },
+            TrustModel::Builder { builder, at_least } => {
+                signers.chips.get(builder).map_or(0, BTreeSet::len) >= *at_least
+            }
+            TrustModel::Threshold { threshold, of } => {
+                of.iter().filter(|m| m.satisfied_by(signers)).count() >= *threshold
+            }
+        }
+    }
+
+    fn check(&self, policy: &TrustPolicy) -> Result<(), PolicyError> {
+        match self {
+            TrustModel::Leaf(leaf) => match leaf.split_once(':') {
+                Some(("key", name)) if policy.keys.contains_key(name) => Ok(()),
+                Some(("builder", rule)) if policy.builders.contains_key(rule) => Ok(()),
+                Some(("key" | "builder", _)) => Err(PolicyError::Invalid(format!(
+                    "`{leaf}` names no key or builder rule in the policy"
+                ))),
+                _ => Err(PolicyError::Invalid(format!(
+                    "`{leaf}` is neither `key:<name>` nor `builder:<rule>`"
+                ))),
+            },
+            TrustModel::Builder { builder, at_least } => {
+                if !policy.builders.contains_key(builder) {
+                    return Err(PolicyError::Invalid(format!("no builder rule `{builder}`")));
+                }
+                if *at_least == 0 {
+                    return Err(PolicyError::Invalid(format!(
+                        "builder `{builder}`: at_least = 0 accepts anything"
+                    )));
+                }
+                Ok(())
+            }
+            TrustModel::Threshold { threshold, of } => {
+                if *threshold == 0 || *threshold > of.len() {
+                    return Err(PolicyError::Invalid(format!(
+                        "threshold {threshold} of {} members can never be met or is always met",
+                        of.len()
+                    )));
+                }
+                of.iter().try_for_each(|m| m.check(policy))
+            }
+        }
+    }
+}
+
+impl TrustPolicy {
+    /// Parse and check a policy; relative `image_manifests` are left as written.
+    pub fn from_toml(text: &str) -> Result<TrustPolicy, PolicyError> {
+        let policy: TrustPolicy = toml::from_str(text).map_err(PolicyError::Toml)?;
+        policy.check()?;
+        Ok(policy)
+    }
+
+    /// Read a policy file; relative image manifest paths are resolved against its directory.
+    pub fn load(path: &Path) -> Result<TrustPolicy, PolicyError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| PolicyError::Read { path: path.display().to_string(), source })?;
+        let mut policy = TrustPolicy::from_toml(&text)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for rule in policy.builders.values_mut() {
+            for m in &mut rule.image_manifests {
+                if Path::new(m).is_relative() {
+                    *m = base.join(&*m).display().to_string();
+                }
+            }
+        }
+        Ok(policy)
+    }
+
+    /// The TOML form.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_default()
+    }
+
+    /// Check that every leaf names something defined and every key parses as a Nix public key
+    /// with the name it is listed under.
+    pub fn check(&self) -> Result<(), PolicyError> {
+        for (name, key) in &self.keys {
+            let parsed = nix_formats::signing::PublicKey::parse(key)
+                .map_err(|e| PolicyError::Invalid(format!("key `{name}`: {e}")))?;
+            let key_name = parsed.name();
+            if key_name != name {
+                return Err(PolicyError::Invalid(format!(
+                    "key listed as `{name}` is named `{key_name}` in its key string"
+                )));
+            }
+        }
+        self.require.check(self)
+    }
+
+    /// Resolve image manifests and parse keys, once per verification.
+    pub fn prepare(&self) -> Result<PreparedPolicy, PolicyError> {
+        self.check()?;
+        let mut rules = Vec::new();
+        for (name, rule) in &self.builders {
+            let mut ev = rule.evidence.clone();
+            let simulated = !ev.simulated_roots.is_empty();
+            for m in &rule.image_manifests {
+                let ms = manifest_measurements(Path::new(m), simulated)?;
+                ev.measurements.get_or_insert_with(Vec::new).extend(ms);
+            }
+            rules.push((name.clone(), ev));
+        }
+        Ok(PreparedPolicy { policy: self.clone(), keys: self.public_keys(), rules })
+    }
+
+    /// The policy's Nix public keys.
+    pub fn public_keys(&self) -> Vec<nix_formats::signing::PublicKey> {
+        self.keys.values().filter_map(|k| nix_formats::signing::PublicKey::parse(k).ok()).collect()
+    }
+
+    /// Whether `signers` satisfy the policy's requirement.
+    pub fn accepts(&self, signers: &Signers) -> bool {
+        self.require.satisfied_by(signers)
+    }
+
+    /// Whether any builder rule names a simulated root.
+    pub fn trusts_simulated(&self) -> bool {
+        self.builders.values().any(|r| !r.evidence.simulated_roots.is_empty())
+    }
+}

@@ -1,0 +1,112 @@
+//! The unresolved derivation graph the verifier walks: loaded from `.drv` files in a store
+//! directory, or from `nix show-derivation -r` JSON.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use nix_formats::derivation::Derivation;
+use nix_formats::StorePath;
+
+use super::VerifyError;
+
+/// Derivations by drv path.
+#[derive(Debug, Clone, Default)]
+pub struct DrvSet {
+    drvs: BTreeMap<StorePath, Derivation>,
+}
+
+impl DrvSet {
+    /// An empty set.
+    pub fn new() -> DrvSet {
+        DrvSet::default()
+    }
+
+    /// Read `target` and, transitively, every input derivation from `dir` (a directory holding
+    /// `.drv` files by base name: `/nix/store`, or `<chroot>/nix/store`).
+    pub fn from_store_dir(dir: &Path, target: &StorePath) -> Result<DrvSet, VerifyError> {
+        let mut set = DrvSet::new();
+        let mut todo = vec![target.clone()];
+        while let Some(p) = todo.pop() {
+            if set.drvs.contains_key(&p) {
+                continue;
+            }
+            let file = dir.join(p.base_name());
+            let bytes = std::fs::read(&file)
+                .map_err(|source| VerifyError::Read { path: file.display().to_string(), source })?;
+            let drv = Derivation::from_aterm(&bytes)
+                .map_err(|source| VerifyError::Derivation { drv: p.to_string(), source })?;
+            todo.extend(drv.input_drvs.keys().filter(|d| !set.drvs.contains_key(*d)).cloned());
+            set.drvs.insert(p, drv);
+        }
+        Ok(set)
+    }
+
+    /// Parse `nix show-derivation -r` JSON (Nix 2.8's shape).
+    pub fn from_show_derivation(json: &str) -> Result<DrvSet, VerifyError> {
+        let drvs = nix_formats::derivation::json::parse_show_derivation(json)
+            .map_err(|source| VerifyError::Derivation { drv: "show-derivation JSON".into(), source })?;
+        Ok(DrvSet { drvs })
+    }
+
+    /// Add a derivation.
+    pub fn insert(&mut self, path: StorePath, drv: Derivation) {
+        self.drvs.insert(path, drv);
+    }
+
+    /// A derivation by path.
+    pub fn get(&self, path: &StorePath) -> Option<&Derivation> {
+        self.drvs.get(path)
+    }
+
+    /// All derivations.
+    pub fn iter(&self) -> impl Iterator<Item = (&StorePath, &Derivation)> {
+        self.drvs.iter()
+    }
+
+    /// How many derivations.
+    pub fn len(&self) -> usize {
+        self.drvs.len()
+    }
+
+    /// Whether empty.
+    pub fn is_empty(&self) -> bool {
+        self.drvs.is_empty()
+    }
+
+    /// The derivations `target` depends on, dependencies first, ending with `target`
+    /// (iterative; a missing input or a cycle is an error).
+    pub fn post_order(&self, target: &StorePath) -> Result<Vec<StorePath>, VerifyError> {
+        let mut order = Vec::new();
+        let mut done: BTreeSet<&StorePath> = BTreeSet::new();
+        let mut on_stack: BTreeSet<&StorePath> = BTreeSet::new();
+        let target = self.drvs.get_key_value(target).map(|(k, _)| k).ok_or_else(|| VerifyError::MissingDrv {
+            drv: target.to_string(),
+            needed_by: None,
+        })?;
+        // (node, index of the next input to visit)
+        let mut stack: Vec<(&StorePath, usize)> = vec![(target, 0)];
+        on_stack.insert(target);
+        while let Some((node, i)) = stack.pop() {
+            let drv = &self.drvs[node];
+            if let Some(input) = drv.input_drvs.keys().nth(i) {
+                stack.push((node, i + 1));
+                if done.contains(input) {
+                    continue;
+                }
+                if on_stack.contains(input) {
+                    return Err(VerifyError::Cycle(input.to_string()));
+                }
+                let input = self.drvs.get_key_value(input).map(|(k, _)| k).ok_or_else(|| {
+                    VerifyError::MissingDrv { drv: input.to_string(), needed_by: Some(node.to_string()) }
+                })?;
+                on_stack.insert(input);
+                stack.push((input, 0));
+            } else {
+                on_stack.remove(node);
+                done.insert(node);
+                order.push(node.clone());
+            }
+        }
+        Ok(order)
+    }
+}

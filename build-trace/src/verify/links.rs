@@ -1,0 +1,101 @@
+//! The link check: a step's input closure must consist of accepted outputs of its inputs
+//! (same NAR hash, size and references, not only the same path) and of content-addressed
+//! paths whose recomputed content address produces exactly their path, all reachable from the
+//! step's direct inputs.
+
+use std::collections::{BTreeSet, HashMap};
+
+use nix_formats::content_address::ContentAddress;
+use nix_formats::StorePath;
+
+use super::outcome::{BrokenLink, LinkCheck};
+use crate::job::NarHash;
+use crate::statement::Statement;
+
+/// What an accepted output is, as far as dependents are concerned.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct Facts {
+    pub nar_hash: NarHash,
+    pub nar_size: u64,
+    pub references: BTreeSet<String>,
+}
+
+/// Accepted facts per output path (several when accepted builds of one path diverge).
+pub(crate) type Known = HashMap<String, Vec<Facts>>;
+
+/// Check the statement's input closure against `direct` inputs and the accepted outputs.
+pub(crate) fn check_links(st: &Statement, direct: &BTreeSet<String>, known: &Known) -> Result<(), BrokenLink> {
+    let closure = &st.job.closure;
+    let mut reachable: BTreeSet<&str> = BTreeSet::new();
+    let mut todo: Vec<&str> = direct.iter().map(String::as_str).collect();
+    while let Some(p) = todo.pop() {
+        if !reachable.insert(p) {
+            continue;
+        }
+        let info = closure.get(p).ok_or_else(|| {
+            BrokenLink::new(LinkCheck::InputUnaccounted, format!("input {p} is missing from the input closure"))
+        })?;
+        todo.extend(info.references.iter().map(String::as_str).filter(|r| !reachable.contains(r)));
+    }
+    if let Some(extra) = closure.keys().find(|p| !reachable.contains(p.as_str())) {
+        return Err(BrokenLink::new(
+            LinkCheck::ExtraInput,
+            format!("the input closure holds {extra}, which no accepted input of the step references"),
+        )
+        .expected("only the direct inputs and what they reference", extra));
+    }
+    for p in reachable {
+        let info = &closure[p];
+        let facts =
+            Facts { nar_hash: info.nar_hash, nar_size: info.nar_size, references: info.references.clone() };
+        if let Some(accepted) = known.get(p) {
+            if accepted.contains(&facts) {
+                continue;
+            }
+            let a = &accepted[0];
+            let (what, exp, got) = if a.nar_hash != facts.nar_hash {
+                ("NAR hash", a.nar_hash.to_string(), facts.nar_hash.to_string())
+            } else if a.nar_size != facts.nar_size {
+                ("NAR size", a.nar_size.to_string(), facts.nar_size.to_string())
+            } else {
+                ("references", format!("{:?}", a.references), format!("{:?}", facts.references))
+            };
+            return Err(BrokenLink::new(
+                LinkCheck::InputNarHash,
+                format!("input {p} was built with a different {what} than the accepted output of its derivation"),
+            )
+            .expected(exp, got));
+        }
+        let Some(ca) = st.input_cas.get(p) else {
+            return Err(BrokenLink::new(
+                LinkCheck::InputUnaccounted,
+                format!("input {p} is neither an accepted output of a dependency nor content-addressed"),
+            ));
+        };
+        check_source(p, ca, &info.references)?;
+    }
+    Ok(())
+}
+
+/// A content-addressed input: its `ca` (recomputed by the guest), name and references must
+/// produce exactly its path.
+fn check_source(path: &str, ca: &str, references: &BTreeSet<String>) -> Result<(), BrokenLink> {
+    let bad = |msg: String| BrokenLink::new(LinkCheck::SourceAddress, msg);
+    let sp = StorePath::parse(path).map_err(|e| bad(format!("input {path}: {e}")))?;
+    let addr = ContentAddress::parse(ca).map_err(|e| bad(format!("input {path}: {e}")))?;
+    let self_ref = references.contains(path);
+    let refs = references
+        .iter()
+        .filter(|r| r.as_str() != path)
+        .map(|r| StorePath::parse(r))
+        .collect::<Result<BTreeSet<_>, _>>()
+        .map_err(|e| bad(format!("input {path}: {e}")))?;
+    let want = addr
+        .store_path(sp.name(), &refs, self_ref)
+        .map_err(|e| bad(format!("input {path} ({ca}): {e}")))?;
+    if want != sp {
+        return Err(bad(format!("the content address of input {path} does not produce its path"))
+            .expected(want, path));
+    }
+    Ok(())
+}

@@ -1,0 +1,443 @@
+//! The closure verifier.
+//!
+//! # Algorithm
+//!
+//! Input: the unresolved derivation graph of a target (`.drv` files or `nix show-derivation -r`
+//! JSON), trace sources, a trust policy, optionally the output paths expected of the target.
+//! The derivations are visited bottom-up (dependencies first); each gets a set of **accepted
+//! output maps** (output name → path and, where a trace gave them, NAR hash, size, references).
+//!
+//! 1. **Fixed-output** derivation: accepted by its declared hash alone — the path must be the
+//!    one the hash gives, and md5/sha1 are refused unless the policy allows them. It grounds
+//!    the closure without contributing evidence; dependents check its content address.
+//! 2. **Other** derivations: for every combination of its inputs' accepted output maps (at most
+//!    [`MAX_COMBINATIONS`]), compute the step and its key:
+//!    - floating CA (and deferred input-addressed): resolve it (`nix-formats` resolution); the
+//!      key is the resolved drv path; the statement must carry exactly the resolved derivation;
+//!    - input-addressed: its output paths must be the ones its hash modulo gives; the key is its
+//!      own drv path; the statement must carry it without input derivations, with input sources
+//!      = sources ∪ input outputs (or, as Nix's build hook sends it, the whole input closure).
+//! 3. Look the key up in every trace source. Each entry is checked in order, the first failure
+//!    ending that entry: the statement parses (canonical bytes only) and is self-consistent; it
+//!    carries the computed derivation; content-addressed outputs' paths follow from their `ca`;
+//!    **signers**: its evidence verifies under a builder rule (AMD or named simulated root,
+//!    measurement, TCB, policy bits, HOST_DATA = hash of the statement's job, REPORT_DATA =
+//!    hash of the statement) with the statement's measurement, and/or a JWS by a policy key
+//!    describes it; **links**: every path of its input closure is reachable from the direct
+//!    inputs, and is either an accepted output of the closure so far with the same NAR hash,
+//!    size and references, or content-addressed with a guest-recomputed `ca` that produces
+//!    exactly its path (sources, fixed outputs).
+//! 4. Entries that pass are grouped by output map; the signers of a map are the union over its
+//!    entries (each signer counts once per unresolved derivation). A map is accepted when its
+//!    signers satisfy the policy's trust model.
+//! 5. A derivation with no accepted map is the **first broken link**: the verifier stops and
+//!    names it, the check that failed and what it expected versus found.
+//!
+//! At the target, with expected paths, some accepted map must contain every expected path;
+//! otherwise the target's accepted outputs are reported. Work is linear in the closure size
+//! times the number of combinations; evidence chains are verified once per chain (cached).
+//!
+//! What is not here: reading the local Nix store or running Nix (the CLI does that), and the
+//! evidence checks themselves ([`crate::evidence`]).
+
+mod graph;
+mod links;
+mod outcome;
+mod step;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::SystemTime;
+
+use nix_formats::derivation::{DerivationKind, DerivationOutput, DrvGraph};
+use nix_formats::resolve::resolve_with;
+use nix_formats::{HashAlgo, StorePath};
+
+pub use graph::DrvSet;
+pub use outcome::{AcceptedStep, BrokenLink, LinkCheck, Outcome, VerifiedClosure};
+
+use links::Known;
+use step::{error_chain, Checker, EntryOk, Expectation, OutputClaim};
+
+use crate::evidence::Verifier as EvidenceVerifier;
+use crate::job::{BasicDerivation, StepKind};
+use crate::store::{StoreError, TraceSource};
+use crate::trust::{PreparedPolicy, Signers};
+
+/// The most input combinations tried for one derivation.
+pub const MAX_COMBINATIONS: usize = 256;
+
+/// Errors that stop verification before a verdict (exit code 2 in the CLI).
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// A `.drv` file could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A derivation does not parse.
+    #[error("derivation {drv}")]
+    Derivation {
+        /// Which.
+        drv: String,
+        /// The cause.
+        #[source]
+        source: nix_formats::derivation::DerivationError,
+    },
+    /// A derivation the graph needs is not there.
+    #[error("derivation {drv} is not in the derivation set{}", needed_by.as_ref().map(|n| format!(" (needed by {n})")).unwrap_or_default())]
+    MissingDrv {
+        /// Which.
+        drv: String,
+        /// Who needs it.
+        needed_by: Option<String>,
+    },
+    /// The graph has a cycle.
+    #[error("the derivation graph has a cycle through {0}")]
+    Cycle(String),
+    /// A trace source failed.
+    #[error("trace source")]
+    Source(#[source] StoreError),
+    /// The target has no such output.
+    #[error("{drv} has no output `{output}`")]
+    NoOutput {
+        /// The target.
+        drv: String,
+        /// The output.
+        output: String,
+    },
+}
+
+/// A closure verification request.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// The target derivation (unresolved drv path).
+    pub target: StorePath,
+    /// Output paths that must be what the policy accepts (empty: any accepted outputs).
+    pub expect: BTreeSet<String>,
+}
+
+/// The verifier: a policy, trace sources, an evidence verifier (with its chain cache) and the
+/// time certificates are checked at.
+#[derive(Debug)]
+pub struct ClosureVerifier<'a> {
+    /// The prepared trust policy.
+    pub policy: &'a PreparedPolicy,
+    /// Where traces come from.
+    pub sources: Vec<&'a dyn TraceSource>,
+    /// The evidence verifier (use [`EvidenceVerifier::global`] to share its cache).
+    pub evidence: &'a EvidenceVerifier,
+    /// Certificate validity is checked at this time (unless the policy fixes one).
+    pub now: SystemTime,
+}
+
+/// One accepted output map of a derivation.
+#[derive(Debug, Clone)]
+struct Accepted {
+    /// Output name → path, with facts when a trace gave them (not for fixed outputs).
+    outputs: BTreeMap<String, (String, Option<links::Facts>)>,
+    step: AcceptedStep,
+}
+
+impl ClosureVerifier<'_> {
+    /// Verify `req.target`'s closure in `drvs`. `Err` only for malformed input or a failing
+    /// trace source; a closure that does not verify is `Ok(Outcome::NotVerified(..))`.
+    pub fn verify(&self, drvs: &DrvSet, req: &Request) -> Result<Outcome, VerifyError> {
+        let order = drvs.post_order(&req.target)?;
+        let checker = Checker { policy: self.policy, evidence: self.evidence, now: self.now };
+        let mut graph = DrvGraph::new();
+        for (p, d) in drvs.iter() {
+            graph.insert(p.clone(), d.clone());
+        }
+        let mut accepted: HashMap<StorePath, Vec<Accepted>> = HashMap::new();
+        let mut known: Known = HashMap::new();
+        let mut steps = Vec::new();
+        for udrv in &order {
+            let result = self.accept_step(drvs, &mut graph, udrv, &accepted, &known, &checker)?;
+            let maps = match result {
+                Ok(maps) => maps,
+                Err(mut broken) => {
+                    broken.step = udrv.to_string();
+                    return Ok(Outcome::NotVerified(broken));
+                }
+            };
+            for m in &maps {
+                for (path, facts) in m.outputs.values() {
+                    if let Some(f) = facts {
+                        let list = known.entry(path.clone()).or_default();
+                        if !list.contains(f) {
+                            list.push(f.clone());
+                        }
+                    }
+                }
+                steps.push(m.step.clone());
+            }
+            accepted.insert(udrv.clone(), maps);
+        }
+        let target_maps = &accepted[&req.target];
+        let chosen = if req.expect.is_empty() {
+            target_maps.first()
+        } else {
+            target_maps.iter().find(|m| {
+                let paths: BTreeSet<&String> = m.outputs.values().map(|(p, _)| p).collect();
+                req.expect.iter().all(|e| paths.contains(e))
+            })
+        };
+        let Some(chosen) = chosen else {
+            let accepted_paths: Vec<Vec<&String>> =
+                target_maps.iter().map(|m| m.outputs.values().map(|(p, _)| p).collect()).collect();
+            let mut b = BrokenLink::new(
+                LinkCheck::Expected,
+                "the expected output paths are not what the policy accepts for this derivation",
+            )
+            .expected(format!("{:?}", req.expect), format!("accepted: {accepted_paths:?}"));
+            b.step = req.target.to_string();
+            return Ok(Outcome::NotVerified(b));
+        };
+        Ok(Outcome::Verified(VerifiedClosure {
+            target: req.target.to_string(),
+            outputs: chosen.outputs.iter().map(|(n, (p, _))| (n.clone(), p.clone())).collect(),
+            steps,
+        }))
+    }
+
+    /// Accept one unresolved derivation (all its dependencies already accepted).
+    fn accept_step(
+        &self,
+        drvs: &DrvSet,
+        graph: &mut DrvGraph,
+        udrv: &StorePath,
+        accepted: &HashMap<StorePath, Vec<Accepted>>,
+        known: &Known,
+        checker: &Checker<'_>,
+    ) -> Result<Result<Vec<Accepted>, BrokenLink>, VerifyError> {
+        let drv = drvs.get(udrv).expect("post_order only yields known derivations");
+        let name = match udrv.drv_name() {
+            Ok(n) => n.to_string(),
+            Err(e) => return Ok(Err(BrokenLink::new(LinkCheck::Derivation, e.to_string()))),
+        };
+        let kind = match drv.kind(&name) {
+            Ok(k) => k,
+            Err(e) => return Ok(Err(BrokenLink::new(LinkCheck::Derivation, error_chain(&e)))),
+        };
+        match kind {
+            DerivationKind::Fixed => return Ok(self.accept_fixed(udrv, drv, &name)),
+            DerivationKind::Impure => {
+                return Ok(Err(BrokenLink::new(LinkCheck::Derivation, "impure derivations cannot be verified")))
+            }
+            DerivationKind::InputAddressed => {
+                let want = graph.input_addressed_paths(drv, &name).map_err(|source| {
+                    VerifyError::Derivation { drv: udrv.to_string(), source }
+                })?;
+                let declared: Option<BTreeMap<String, StorePath>> =
+                    drv.outputs.iter().map(|(o, d)| d.path().map(|p| (o.clone(), p.clone()))).collect();
+                if want.is_some() && want != declared {
+                    return Ok(Err(BrokenLink::new(
+                        LinkCheck::Derivation,
+                        "the output paths written in the derivation are not the ones its hash modulo gives",
+                    )
+                    .expected(format!("{want:?}"), format!("{declared:?}"))));
+                }
+            }
+            DerivationKind::Floating | DerivationKind::Deferred => {}
+        }
+
+        // Every combination of the inputs' accepted output maps.
+        let mut combos: Vec<BTreeMap<(StorePath, String), StorePath>> = vec![BTreeMap::new()];
+        for (input, outs) in &drv.input_drvs {
+            let maps = &accepted[input];
+            let mut options: Vec<BTreeMap<&String, &String>> = Vec::new();
+            for m in maps {
+                let mut choice = BTreeMap::new();
+                for o in outs {
+                    match m.outputs.get(o) {
+                        Some((p, _)) => {
+                            choice.insert(o, p);
+                        }
+                        None => {
+                            return Ok(Err(BrokenLink::new(
+                                LinkCheck::Resolution,
+                                format!("input {input} has no accepted output `{o}`"),
+                            )))
+                        }
+                    }
+                }
+                if !options.contains(&choice) {
+                    options.push(choice);
+                }
+            }
+            if combos.len() * options.len() > MAX_COMBINATIONS {
+                return Ok(Err(BrokenLink::new(
+                    LinkCheck::Resolution,
+                    format!("more than {MAX_COMBINATIONS} combinations of divergent input outputs"),
+                )));
+            }
+            combos = combos
+                .into_iter()
+                .flat_map(|c| {
+                    options.iter().map(move |opt| {
+                        let mut c = c.clone();
+                        for (o, p) in opt {
+                            let sp = StorePath::parse(p).expect("accepted paths are store paths");
+                            c.insert((input.clone(), (*o).clone()), sp);
+                        }
+                        c
+                    })
+                })
+                .collect();
+        }
+
+        let mut first_failure: Option<BrokenLink> = None;
+        // Output map → (key, signers, simulated)
+        let mut groups: BTreeMap<BTreeMap<String, OutputClaim>, (String, Signers, bool)> = BTreeMap::new();
+        for combo in &combos {
+            let (key, basic, direct, step_kind) = match self.compute_step(drv, &name, udrv, kind, combo) {
+                Ok(x) => x,
+                Err(b) => {
+                    first_failure.get_or_insert(b);
+                    continue;
+                }
+            };
+            let want = Expectation { key: &key, drv: &basic, kind: step_kind, direct: &direct };
+            let mut entries = Vec::new();
+            for s in &self.sources {
+                entries.extend(s.entries(&key).map_err(VerifyError::Source)?);
+            }
+            if entries.is_empty() {
+                let mut b = BrokenLink::new(LinkCheck::NoTrace, "no trace of this step in any trace source")
+                    .expected(format!("a trace for {key}"), self.describe_sources());
+                b.key = Some(key.clone());
+                if first_failure.as_ref().is_none_or(|f| f.check == LinkCheck::NoTrace) {
+                    first_failure = Some(b);
+                }
+                continue;
+            }
+            for e in &entries {
+                match checker.check_entry(&want, e, known) {
+                    Ok(EntryOk { outputs, signers, simulated }) => {
+                        let g = groups.entry(outputs).or_insert_with(|| (key.clone(), Signers::default(), false));
+                        g.1.merge(&signers);
+                        g.2 |= simulated;
+                    }
+                    Err(mut b) => {
+                        b.key = Some(key.clone());
+                        if first_failure.as_ref().is_none_or(|f| f.check == LinkCheck::NoTrace) {
+                            first_failure = Some(b);
+                        }
+                    }
+                }
+            }
+        }
+
+        let mut maps = Vec::new();
+        let mut unsatisfied = None;
+        for (outputs, (key, signers, simulated)) in groups {
+            if !self.policy.accepts(&signers) {
+                unsatisfied.get_or_insert((key, signers));
+                continue;
+            }
+            let mut accepted_by: Vec<String> = signers.keys.iter().map(|k| format!("key {k}")).collect();
+            for (rule, chips) in &signers.chips {
+                accepted_by.extend(chips.iter().map(|c| format!("{c} (rule {rule})")));
+            }
+            maps.push(Accepted {
+                outputs: outputs.iter().map(|(n, c)| (n.clone(), (c.path.clone(), Some(c.facts.clone())))).collect(),
+                step: AcceptedStep {
+                    drv: udrv.to_string(),
+                    key,
+                    outputs: outputs.iter().map(|(n, c)| (n.clone(), c.path.clone())).collect(),
+                    accepted_by,
+                    simulated,
+                },
+            });
+        }
+        if !maps.is_empty() {
+            return Ok(Ok(maps));
+        }
+        if let Some((key, signers)) = unsatisfied {
+            let mut found: Vec<String> = signers.keys.iter().map(|k| format!("key {k}")).collect();
+            for (rule, chips) in &signers.chips {
+                found.extend(chips.iter().map(|c| format!("{c} (rule {rule})")));
+            }
+            let mut b = BrokenLink::new(LinkCheck::Policy, "the valid signers of this step do not satisfy the trust policy")
+                .expected(format!("{:?}", self.policy.policy.require), format!("{found:?}"));
+            b.key = Some(key);
+            return Ok(Err(b));
+        }
+        Ok(Err(first_failure.unwrap_or_else(|| BrokenLink::new(LinkCheck::NoTrace, "no trace found"))))
+    }
+
+    /// A fixed-output derivation, by its declared hash.
+    fn accept_fixed(
+        &self,
+        udrv: &StorePath,
+        drv: &nix_formats::derivation::Derivation,
+        name: &str,
+    ) -> Result<Vec<Accepted>, BrokenLink> {
+        if let Err(e) = drv.check_output_paths(name) {
+            return Err(BrokenLink::new(LinkCheck::Derivation, error_chain(&e)));
+        }
+        let mut outputs = BTreeMap::new();
+        let mut by = Vec::new();
+        for (o, out) in &drv.outputs {
+            if let DerivationOutput::Fixed { method, hash, path } = out {
+                if matches!(hash.algo(), HashAlgo::Md5 | HashAlgo::Sha1)
+                    && !self.policy.policy.fixed_output.allow_weak_hashes
+                {
+                    return Err(BrokenLink::new(
+                        LinkCheck::WeakHash,
+                        format!("fixed output `{o}` declares a {} hash, which the policy refuses", hash.algo()),
+                    )
+                    .expected("sha256 or sha512", hash.algo()));
+                }
+                by.push(format!("fixed-output {}{}", method.prefix(), hash));
+                outputs.insert(o.clone(), (path.to_string(), None));
+            }
+        }
+        let step = AcceptedStep {
+            drv: udrv.to_string(),
+            key: udrv.to_string(),
+            outputs: outputs.iter().map(|(n, (p, _))| (n.clone(), p.clone())).collect(),
+            accepted_by: by,
+            simulated: false,
+        };
+        Ok(vec![Accepted { outputs, step }])
+    }
+
+    /// The key, basic derivation, direct inputs and kind of a step for one input combination.
+    fn compute_step(
+        &self,
+        drv: &nix_formats::derivation::Derivation,
+        name: &str,
+        udrv: &StorePath,
+        kind: DerivationKind,
+        combo: &BTreeMap<(StorePath, String), StorePath>,
+    ) -> Result<(String, BasicDerivation, BTreeSet<String>, StepKind), BrokenLink> {
+        let res_err = |e: &dyn std::error::Error| BrokenLink::new(LinkCheck::Resolution, e.to_string());
+        let (key, basic_drv, step_kind) = if kind == DerivationKind::InputAddressed {
+            let mut basic = drv.clone();
+            basic.input_drvs.clear();
+            basic.input_srcs.extend(combo.values().cloned());
+            (udrv.to_string(), basic, StepKind::InputAddressed)
+        } else {
+            let r = resolve_with(drv, name, combo).map_err(|e| res_err(&e))?;
+            let k = if kind == DerivationKind::Deferred { StepKind::InputAddressed } else { StepKind::FloatingCa };
+            (r.drv_path.to_string(), r.drv, k)
+        };
+        let basic = BasicDerivation::from_derivation(name, &basic_drv).map_err(|e| res_err(&e))?;
+        let direct = basic.input_srcs.clone();
+        Ok((key, basic, direct, step_kind))
+    }
+
+    fn describe_sources(&self) -> String {
+        let names: Vec<String> = self.sources.iter().map(|s| s.describe()).collect();
+        if names.is_empty() {
+            "no trace sources".into()
+        } else {
+            format!("searched {}", names.join(", "))
+        }
+    }
+}

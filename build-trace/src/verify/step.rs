@@ -1,0 +1,245 @@
+//! Checking one trace entry of one step: statement, derivation, output addresses, evidence and
+//! signatures (which give the entry's signers), then the input links.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::SystemTime;
+
+use nix_formats::content_address::ContentAddress;
+use nix_formats::StorePath;
+
+use super::links::{check_links, Facts, Known};
+use super::outcome::{BrokenLink, LinkCheck};
+use crate::evidence::{EvidenceBundle, Expected, Verifier};
+use crate::job::{BasicDerivation, StepKind};
+use crate::jws;
+use crate::statement::Statement;
+use crate::store::TraceEntry;
+use crate::trust::{PreparedPolicy, Signers};
+
+/// What the verifier computed for a step, to hold each entry against.
+#[derive(Debug)]
+pub(crate) struct Expectation<'a> {
+    /// The lookup key (drv path the statement must carry).
+    pub key: &'a str,
+    /// The basic derivation the statement must carry.
+    pub drv: &'a BasicDerivation,
+    /// The step kind.
+    pub kind: StepKind,
+    /// The direct inputs (roots of the input closure).
+    pub direct: &'a BTreeSet<String>,
+}
+
+/// One output as an accepted entry describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct OutputClaim {
+    pub path: String,
+    pub facts: Facts,
+}
+
+/// An entry that passed every check.
+#[derive(Debug)]
+pub(crate) struct EntryOk {
+    pub outputs: BTreeMap<String, OutputClaim>,
+    pub signers: Signers,
+    pub simulated: bool,
+}
+
+/// Everything the entry checks need besides the entry.
+#[derive(Debug)]
+pub(crate) struct Checker<'a> {
+    pub policy: &'a PreparedPolicy,
+    pub evidence: &'a Verifier,
+    pub now: SystemTime,
+}
+
+impl Checker<'_> {
+    pub(crate) fn check_entry(
+        &self,
+        want: &Expectation<'_>,
+        entry: &TraceEntry,
+        known: &Known,
+    ) -> Result<EntryOk, BrokenLink> {
+        let located = |mut b: BrokenLink| {
+            b.entry = Some(entry.location.clone());
+            b
+        };
+        let st = entry
+            .parse_statement()
+            .map_err(|e| located(BrokenLink::new(LinkCheck::Statement, error_chain(&e))))?;
+        check_derivation(want, &st).map_err(located)?;
+        check_output_addresses(&st).map_err(located)?;
+        let (signers, simulated) = self.signers(&st, entry).map_err(located)?;
+        check_links(&st, want.direct, known).map_err(located)?;
+        let outputs = st
+            .outputs
+            .iter()
+            .map(|(n, o)| {
+                let facts =
+                    Facts { nar_hash: o.nar_hash, nar_size: o.nar_size, references: o.references.clone() };
+                (n.clone(), OutputClaim { path: o.path.clone(), facts })
+            })
+            .collect();
+        Ok(EntryOk { outputs, signers, simulated })
+    }
+
+    /// The entry's signers: chips whose evidence passes a builder rule, and policy keys with a
+    /// valid JWS describing this statement. No signer at all is an error naming why.
+    fn signers(&self, st: &Statement, entry: &TraceEntry) -> Result<(Signers, bool), BrokenLink> {
+        let mut signers = Signers::default();
+        let mut simulated = false;
+        let mut first_err: Option<BrokenLink> = None;
+        if let Some(bundle) = entry.parse_evidence() {
+            let bundle: EvidenceBundle = bundle.map_err(|e| {
+                BrokenLink::new(LinkCheck::Evidence, format!("the evidence bundle does not parse: {e}"))
+            })?;
+            let statement_err = |e: crate::statement::StatementError| {
+                BrokenLink::new(LinkCheck::Statement, error_chain(&e))
+            };
+            let expected = Expected {
+                host_data: Some(st.host_data().map_err(statement_err)?),
+                report_data: Some(st.report_data().map_err(statement_err)?),
+            };
+            for (rule, policy) in &self.policy.rules {
+                match self.evidence.verify_at(&bundle, policy, &expected, self.now) {
+                    Ok(v) if v.measurement.0 != st.measurement.0 => {
+                        first_err.get_or_insert(
+                            BrokenLink::new(
+                                LinkCheck::Measurement,
+                                "the statement claims another launch measurement than its report shows",
+                            )
+                            .expected(v.measurement, st.measurement),
+                        );
+                    }
+                    Ok(v) => {
+                        simulated |= v.is_simulated();
+                        signers.chips.entry(rule.clone()).or_default().insert(v.signer.to_string());
+                    }
+                    Err(e) => {
+                        first_err.get_or_insert(BrokenLink::new(
+                            LinkCheck::Evidence,
+                            format!("builder rule `{rule}`: {} check failed: {}", e.check(), error_chain(&e)),
+                        ));
+                    }
+                }
+            }
+        }
+        if !entry.jws.is_empty() {
+            let statement_bytes = &entry.statement;
+            for compact in &entry.jws {
+                let checked = jws::verify(compact, &self.policy.keys).and_then(|v| {
+                    v.check_statement(st, statement_bytes)?;
+                    Ok(v)
+                });
+                match checked {
+                    Ok(v) => {
+                        signers.keys.insert(v.key_name);
+                    }
+                    // A signature by a key the policy does not name is not an error: it just
+                    // does not count.
+                    Err(jws::JwsError::UnknownKey(_)) => {}
+                    Err(e) => {
+                        first_err.get_or_insert(BrokenLink::new(LinkCheck::Signature, error_chain(&e)));
+                    }
+                }
+            }
+        }
+        if signers.is_empty() {
+            return Err(first_err.unwrap_or_else(|| {
+                BrokenLink::new(
+                    LinkCheck::NoTrustedSigner,
+                    "the trace has no evidence or signature from anyone the policy names",
+                )
+            }));
+        }
+        Ok((signers, simulated))
+    }
+}
+
+/// The statement must be about exactly the step the verifier computed.
+fn check_derivation(want: &Expectation<'_>, st: &Statement) -> Result<(), BrokenLink> {
+    let mismatch = |what: &str, exp: String, got: String| {
+        BrokenLink::new(
+            LinkCheck::DerivationMismatch,
+            format!("the statement's {what} differs from the derivation the verifier computed"),
+        )
+        .expected(exp, got)
+    };
+    if st.job.drv_path != want.key {
+        return Err(mismatch("drv path", want.key.into(), st.job.drv_path.clone()));
+    }
+    let got = &st.job.drv;
+    let mut exp = want.drv.clone();
+    // An input-addressed step arrives as Nix's build hook sends it: input sources = the whole
+    // input closure. Accept that form when it is exactly the statement's closure.
+    if want.kind == StepKind::InputAddressed && got.input_srcs != exp.input_srcs {
+        let closure: BTreeSet<String> = st.job.closure.keys().cloned().collect();
+        if got.input_srcs == closure && exp.input_srcs.is_subset(&closure) {
+            exp.input_srcs = closure;
+        }
+    }
+    if *got == exp {
+        return Ok(());
+    }
+    let fmt = |v: &dyn std::fmt::Debug| format!("{v:?}");
+    Err(if got.name != exp.name {
+        mismatch("name", exp.name, got.name.clone())
+    } else if got.outputs != exp.outputs {
+        mismatch("outputs", fmt(&exp.outputs), fmt(&got.outputs))
+    } else if got.input_srcs != exp.input_srcs {
+        let missing: Vec<_> = exp.input_srcs.difference(&got.input_srcs).collect();
+        let extra: Vec<_> = got.input_srcs.difference(&exp.input_srcs).collect();
+        mismatch("input sources", format!("also {missing:?}"), format!("also {extra:?}"))
+    } else if got.system != exp.system {
+        mismatch("system", exp.system, got.system.clone())
+    } else if got.builder != exp.builder {
+        mismatch("builder", exp.builder, got.builder.clone())
+    } else if got.args != exp.args {
+        mismatch("arguments", fmt(&exp.args), fmt(&got.args))
+    } else {
+        let key = exp
+            .env
+            .iter()
+            .find(|(k, v)| got.env.get(*k) != Some(v))
+            .map(|(k, _)| k.clone())
+            .or_else(|| got.env.keys().find(|k| !exp.env.contains_key(*k)).cloned())
+            .unwrap_or_default();
+        mismatch(&format!("environment variable `{key}`"), fmt(&exp.env.get(&key)), fmt(&got.env.get(&key)))
+    })
+}
+
+/// Each content-addressed output's path must follow from its `ca`, name and references.
+fn check_output_addresses(st: &Statement) -> Result<(), BrokenLink> {
+    for (name, out) in &st.outputs {
+        let Some(ca) = &out.ca else { continue };
+        let bad = |msg: String| BrokenLink::new(LinkCheck::OutputAddress, msg);
+        let path = StorePath::parse(&out.path).map_err(|e| bad(format!("output `{name}`: {e}")))?;
+        let addr = ContentAddress::parse(ca).map_err(|e| bad(format!("output `{name}`: {e}")))?;
+        let refs = out
+            .references
+            .iter()
+            .filter(|r| **r != out.path)
+            .map(|r| StorePath::parse(r))
+            .collect::<Result<BTreeSet<_>, _>>()
+            .map_err(|e| bad(format!("output `{name}`: {e}")))?;
+        let want = addr
+            .store_path(path.name(), &refs, out.references.contains(&out.path))
+            .map_err(|e| bad(format!("output `{name}` ({ca}): {e}")))?;
+        if want != path {
+            return Err(bad(format!("output `{name}`'s content address does not produce its path"))
+                .expected(want, &out.path));
+        }
+    }
+    Ok(())
+}
+
+/// `error: cause: cause` on one line.
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}

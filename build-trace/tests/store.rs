@@ -1,0 +1,154 @@
+//! The trace store writer and reader: layout, idempotence, refusal of a NAR that does not match
+//! (nothing becomes visible), divergent builds kept side by side, concurrent writers.
+//! (Nix reading the store is tested on real Nix output in `closure.rs`.)
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use build_trace::job::{BasicDerivation, CaRule, DrvOutput, Job, Limits, NarHash, PathInfo};
+use build_trace::statement::{Measurement, OutputInfo, Statement};
+use build_trace::store::{StepRecord, StoreError, TraceSource, TraceStore};
+use nix_formats::signing::SecretKey;
+
+const SRC: &str = "/nix/store/3mj0m6kd4p0w2yzkx1yvq5fgylrbshzc-busybox";
+const OUT: &str = "/nix/store/fib9f3qwvznq3m047cv9kmy5lffsrny7-step";
+
+fn statement(job_id: &str, nar: &[u8]) -> Statement {
+    let drv = BasicDerivation {
+        name: "step".into(),
+        outputs: BTreeMap::from([(
+            "out".into(),
+            DrvOutput { path: String::new(), hash_algo: "r:sha256".into(), hash: String::new() },
+        )]),
+        input_srcs: BTreeSet::from([SRC.to_string()]),
+        system: "x86_64-linux".into(),
+        builder: format!("{SRC}/sh"),
+        args: vec!["-c".into(), "echo hi > $out".into()],
+        env: BTreeMap::from([("out".into(), "/1rz4g4znpzjwh1xymhjpm42vipw92pr73vdgl6xs1hycac8kf2n9".into())]),
+    };
+    let drv_path = drv.drv_path().unwrap();
+    let closure = BTreeMap::from([(
+        SRC.to_string(),
+        PathInfo { nar_hash: NarHash([1; 32]), nar_size: 10, references: BTreeSet::new(), ca: None },
+    )]);
+    let job = Job::new(job_id, drv_path, drv, closure, Limits::default(), CaRule::SelfRefPositions, false, BTreeSet::from(["out".to_string()]));
+    let out = OutputInfo {
+        path: OUT.into(),
+        nar_hash: NarHash::of(nar),
+        nar_size: nar.len() as u64,
+        references: BTreeSet::new(),
+        ca: Some("fixed:r:sha256:1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s".into()),
+    };
+    Statement::new(job, BTreeMap::new(), BTreeMap::from([("out".to_string(), out)]), Measurement([7; 48]), "test")
+}
+
+fn put(store: &TraceStore, st: &Statement, nar: &Path) -> Result<build_trace::store::PutResult, StoreError> {
+    let key = SecretKey::from_seed("store-test-1", [5; 32]);
+    let rec = StepRecord {
+        statement: st,
+        evidence: None,
+        evidence_kind: "none",
+        nars: BTreeMap::from([("out".to_string(), nar.to_path_buf())]),
+    };
+    store.put_step(&rec, &key)
+}
+
+fn files(root: &Path) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.insert(p.strip_prefix(root).unwrap().display().to_string());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn writes_the_documented_layout_idempotently() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = TraceStore::create(&dir.path().join("c")).unwrap();
+    let nar = dir.path().join("out.nar");
+    std::fs::write(&nar, b"nar bytes").unwrap();
+    let st = statement("job-1", b"nar bytes");
+    let first = put(&store, &st, &nar).unwrap();
+    let layout = files(store.root());
+    let second = put(&store, &st, &nar).unwrap();
+    assert_eq!(first, second);
+    assert_eq!(files(store.root()), layout, "writing twice changes nothing");
+    assert!(first.kept_existing.is_empty());
+    let drv_base = st.job.drv_path.strip_prefix("/nix/store/").unwrap();
+    let nar_file = format!("nar/{}.nar", nix_formats::base32::encode(&NarHash::of(b"nar bytes").0));
+    for f in [
+        "nix-cache-info".to_string(),
+        "fib9f3qwvznq3m047cv9kmy5lffsrny7.narinfo".to_string(),
+        nar_file.clone(),
+        format!("build-trace-v2/{drv_base}/out.doi"),
+        format!("vouch/v1/steps/{drv_base}/{}/statement.json", first.entry),
+        format!("vouch/v1/by-output/fib9f3qwvznq3m047cv9kmy5lffsrny7/{drv_base}/{}", first.entry),
+    ] {
+        assert!(layout.contains(&f), "{f} missing from {layout:#?}");
+    }
+    assert!(layout.iter().any(|f| f.starts_with("realisations/sha256:") && f.ends_with("!out.doi")));
+    assert!(!layout.iter().any(|f| f.starts_with("vouch/v1/tmp/")), "no temporary files left");
+    let narinfo = std::fs::read_to_string(store.root().join("fib9f3qwvznq3m047cv9kmy5lffsrny7.narinfo")).unwrap();
+    let info = nix_formats::narinfo::NarInfo::parse(&narinfo).unwrap();
+    assert_eq!(info.url, nar_file);
+    let key = SecretKey::from_seed("store-test-1", [5; 32]).public_key();
+    assert_eq!(info.count_valid_signatures(&[key]).unwrap(), 1);
+    let entries = store.entries(&st.job.drv_path).unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].parse_statement().unwrap(), st);
+    assert_eq!(entries[0].jws.len(), 1);
+    assert_eq!(store.entries_for_output(OUT).unwrap(), entries);
+}
+
+#[test]
+fn a_nar_that_does_not_match_leaves_nothing_visible() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = TraceStore::create(&dir.path().join("c")).unwrap();
+    let before = files(store.root());
+    let nar = dir.path().join("out.nar");
+    std::fs::write(&nar, b"other bytes").unwrap();
+    let err = put(&store, &statement("job-1", b"nar bytes"), &nar).unwrap_err();
+    assert!(matches!(err, StoreError::Nar { .. }), "{err}");
+    assert_eq!(files(store.root()), before);
+}
+
+#[test]
+fn divergent_builds_sit_side_by_side_and_first_records_are_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = TraceStore::create(&dir.path().join("c")).unwrap();
+    let (n1, n2) = (dir.path().join("1.nar"), dir.path().join("2.nar"));
+    std::fs::write(&n1, b"first").unwrap();
+    std::fs::write(&n2, b"second").unwrap();
+    let s1 = statement("job-1", b"first");
+    let s2 = statement("job-2", b"second");
+    put(&store, &s1, &n1).unwrap();
+    let r2 = put(&store, &s2, &n2).unwrap();
+    assert_eq!(r2.kept_existing, vec![store.root().join("fib9f3qwvznq3m047cv9kmy5lffsrny7.narinfo")]);
+    assert_eq!(store.entries(&s1.job.drv_path).unwrap().len(), 2);
+    assert_eq!(store.entries_for_output(OUT).unwrap().len(), 2);
+}
+
+#[test]
+fn concurrent_writers_of_one_step_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("c");
+    let nar = dir.path().join("out.nar");
+    std::fs::write(&nar, b"nar bytes").unwrap();
+    let st = statement("job-1", b"nar bytes");
+    let results: Vec<_> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| put(&TraceStore::create(&root).unwrap(), &st, &nar).map(|r| r.entry)))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(results.iter().all(|r| r.as_ref().ok() == results[0].as_ref().ok() && r.is_ok()), "{results:?}");
+    assert_eq!(TraceStore::open(&root).unwrap().entries(&st.job.drv_path).unwrap().len(), 1);
+}

@@ -1,0 +1,212 @@
+//! The host's checks of what a VM returned, before anything becomes visible.
+//!
+//! Algorithm ([`check_outcome`]), each step its own [`CheckError`]:
+//! 1. The statement bytes decode as a canonical, self-consistent statement
+//!    (`Statement::from_canonical_bytes`) whose job equals the job we launched
+//!    (`verify_against`; so its HOST_DATA is ours).
+//! 2. The evidence: SNP mode — the report with this host's VCEK and AMD's built-in ASK/ARK;
+//!    otherwise — the report under this host's simulated root (and only that root). Verified by
+//!    `build_trace`'s verifier with our own expectations: MEASUREMENT = the image manifest's
+//!    (expected SNP launch digest, or the simulated measurement), HOST_DATA = SHA-256 of our job,
+//!    REPORT_DATA = SHA-512 of the received statement. The statement's own `measurement` must
+//!    be the report's.
+//! 3. The outputs: exactly the statement's output paths arrived; each received NAR has the
+//!    statement's SHA-256 and size; a content-addressed output's `ca`, references and path are
+//!    recomputed from the bytes that arrived (`nix_formats::content_address::verify`, under the
+//!    job's self-reference rule).
+//!
+//! What is not here: the trust policy of a verifier (this is the launcher's own acceptance).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use agent::messages::Outcome;
+use base64::Engine as _;
+use build_trace::evidence::{
+    EvidenceBundle, EvidencePolicy, EvidenceError, Expected, Hex, SimulatedRoot, VerifiedEvidence,
+};
+use build_trace::job::Job;
+use build_trace::statement::{Statement, StatementError};
+use nix_formats::content_address::ContentAddress;
+use nix_formats::nar::NarLimits;
+use nix_formats::StorePath;
+use vm_image::image::Manifest;
+
+use super::host::ReceivedNar;
+use super::{LauncherConfig, ReceivedOutput};
+use crate::vm::Mode;
+
+/// An error and its causes on one line.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+/// Why a result was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// The statement is malformed or inconsistent.
+    #[error("the statement is invalid")]
+    Statement(#[source] StatementError),
+    /// The statement is about another job.
+    #[error("the statement is not for the job this VM was launched with")]
+    OtherJob(#[source] StatementError),
+    /// The report is not base64.
+    #[error("the attestation report is not base64")]
+    ReportEncoding(#[source] base64::DecodeError),
+    /// SNP mode without the host's VCEK.
+    #[error("SNP evidence needs this host's VCEK certificate (--snp-vcek / $VOUCH_SNP_VCEK): {0}")]
+    NoVcek(String),
+    /// The VCEK does not select a built-in chain.
+    #[error("choosing the AMD chain for the VCEK")]
+    Chain(#[source] build_trace::evidence::BuiltinChainError),
+    /// The manifest has no measurement for this mode.
+    #[error("the image manifest has no expected {0} measurement")]
+    NoMeasurement(&'static str),
+    /// The evidence does not verify.
+    #[error("the evidence does not verify")]
+    Evidence(#[source] EvidenceError),
+    /// The statement's measurement is not the report's.
+    #[error("the statement claims measurement {claimed}, the report has {report}")]
+    MeasurementClaim {
+        /// Statement.
+        claimed: String,
+        /// Report.
+        report: String,
+    },
+    /// An output of the statement did not arrive.
+    #[error("output {0} of the statement was not sent")]
+    MissingOutput(String),
+    /// A NAR arrived that the statement does not name.
+    #[error("the guest sent {0}, which the statement does not name")]
+    UnexpectedOutput(String),
+    /// NAR hash or size differ.
+    #[error("output {path}: the statement says {claimed}, the NAR that arrived has {got}")]
+    NarMismatch {
+        /// Path.
+        path: String,
+        /// Statement's hash/size.
+        claimed: String,
+        /// Received.
+        got: String,
+    },
+    /// A content address does not hold for the bytes that arrived.
+    #[error("output {0}: its content address does not match what arrived")]
+    Ca(String, #[source] nix_formats::content_address::VerifyError),
+    /// Something in the statement does not parse.
+    #[error("output {0}: {1}")]
+    Bad(String, String),
+    /// Reading a received NAR.
+    #[error("reading {0}")]
+    Io(String, #[source] std::io::Error),
+}
+
+/// What passed.
+#[derive(Debug)]
+pub struct Checked {
+    /// The statement.
+    pub statement: Statement,
+    /// The evidence bundle.
+    pub evidence: EvidenceBundle,
+    /// What verified it.
+    pub verified: VerifiedEvidence,
+    /// Outputs by name.
+    pub outputs: BTreeMap<String, ReceivedOutput>,
+}
+
+fn read_vcek(cfg: &LauncherConfig) -> Result<Vec<u8>, CheckError> {
+    let path = cfg
+        .snp_vcek
+        .clone()
+        .or_else(|| std::env::var_os("VOUCH_SNP_VCEK").map(Into::into))
+        .unwrap_or_else(|| cfg.state_dir.join("snp/vcek.der"));
+    let bytes = std::fs::read(&path).map_err(|e| CheckError::NoVcek(format!("{}: {e}", path.display())))?;
+    if bytes.starts_with(b"-----BEGIN") {
+        let certs = build_trace::evidence::certs::load_certificates(&bytes)
+            .map_err(|e| CheckError::NoVcek(format!("{}: {e}", path.display())))?;
+        return certs.into_iter().next().ok_or_else(|| CheckError::NoVcek(format!("{}: no certificate", path.display())));
+    }
+    Ok(bytes)
+}
+
+/// Run the checks of the module doc.
+pub fn check_outcome(
+    job: &Job,
+    outcome: &Outcome,
+    nars: &BTreeMap<String, ReceivedNar>,
+    mode: Mode,
+    manifest: &Manifest,
+    sim_root: Option<&SimulatedRoot>,
+    cfg: &LauncherConfig,
+) -> Result<Checked, CheckError> {
+    // 1. statement
+    let st = Statement::from_canonical_bytes(outcome.statement.as_bytes()).map_err(CheckError::Statement)?;
+    st.verify_against(job).map_err(CheckError::OtherJob)?;
+
+    // 2. evidence
+    let report = base64::engine::general_purpose::STANDARD.decode(&outcome.report).map_err(CheckError::ReportEncoding)?;
+    let (bundle, mut policy, expected_m) = match (mode, sim_root) {
+        (Mode::Snp, _) => {
+            let vcek = read_vcek(cfg)?;
+            let bundle = EvidenceBundle::with_builtin_chain(report, vcek).map_err(CheckError::Chain)?;
+            let m = manifest.snp.as_ref().ok_or(CheckError::NoMeasurement("SNP"))?.expected_measurement.clone();
+            (bundle, EvidencePolicy::default(), m)
+        }
+        (_, Some(root)) => {
+            let policy = root.allowed_by(EvidencePolicy { products: Vec::new(), ..EvidencePolicy::default() });
+            (root.bundle(report), policy, manifest.simulated_measurement.clone())
+        }
+        (_, None) => return Err(CheckError::NoMeasurement("simulated (no simulated root)")),
+    };
+    let m: Hex<48> = expected_m.parse().map_err(|e: String| CheckError::Bad("(manifest)".into(), e))?;
+    policy.measurements = Some(vec![m]);
+    let host_data = job.host_data().map_err(|e| CheckError::Statement(StatementError::Job(e)))?;
+    let report_data = st.report_data().map_err(CheckError::Statement)?;
+    let expected = Expected { host_data: Some(host_data), report_data: Some(report_data) };
+    let verified =
+        build_trace::evidence::Verifier::global().verify(&bundle, &policy, &expected).map_err(CheckError::Evidence)?;
+    if st.measurement.0 != verified.measurement.0 {
+        return Err(CheckError::MeasurementClaim {
+            claimed: st.measurement.to_string(),
+            report: verified.measurement.to_string(),
+        });
+    }
+
+    // 3. outputs
+    let named: BTreeSet<&String> = st.outputs.values().map(|o| &o.path).collect();
+    if let Some(extra) = nars.keys().find(|p| !named.contains(p)) {
+        return Err(CheckError::UnexpectedOutput(extra.clone()));
+    }
+    let rule = agent::inputs::self_ref_rule(job.ca_rule);
+    let mut outputs = BTreeMap::new();
+    for (name, info) in &st.outputs {
+        let nar = nars.get(&info.path).ok_or_else(|| CheckError::MissingOutput(info.path.clone()))?;
+        if nar.sha256 != info.nar_hash.0 || nar.size != info.nar_size {
+            return Err(CheckError::NarMismatch {
+                path: info.path.clone(),
+                claimed: format!("{} ({} bytes)", info.nar_hash, info.nar_size),
+                got: format!("{} ({} bytes)", build_trace::job::NarHash(nar.sha256), nar.size),
+            });
+        }
+        if let Some(ca) = &info.ca {
+            let bad = |e: String| CheckError::Bad(info.path.clone(), e);
+            let path = StorePath::parse(&info.path).map_err(|e| bad(e.to_string()))?;
+            let ca = ContentAddress::parse(ca).map_err(|e| bad(e.to_string()))?;
+            let refs: BTreeSet<StorePath> = info
+                .references
+                .iter()
+                .map(|r| StorePath::parse(r).map_err(|e| bad(e.to_string())))
+                .collect::<Result<_, _>>()?;
+            let file = std::fs::File::open(&nar.file).map_err(|e| CheckError::Io(nar.file.display().to_string(), e))?;
+            nix_formats::content_address::verify(&path, &ca, &refs, std::io::BufReader::new(file), rule, &NarLimits::default())
+                .map_err(|e| CheckError::Ca(info.path.clone(), e))?;
+        }
+        outputs.insert(name.clone(), ReceivedOutput { info: info.clone(), nar_file: nar.file.clone() });
+    }
+    Ok(Checked { statement: st, evidence: bundle, verified, outputs })
+}

@@ -1,0 +1,185 @@
+//! The local Nix store as an [`InputSource`], and reading `.drv` files for `vouch build`.
+//!
+//! Path infos come from `nix path-info --json --recursive` (one process for the whole closure;
+//! the store's own database stays untouched), NARs from our NAR writer over `/nix/store/…`
+//! (what `nix-store --dump` prints, without a process). A path whose bytes were changed after
+//! registration yields a NAR whose hash differs from its path info: the guest refuses it.
+//!
+//! What is not here: registering anything in the Nix store (`vouch build --import` does that
+//! through Nix itself).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
+use std::path::Path;
+use std::process::Command;
+
+use build_trace::job::{BasicDerivation, DrvOutput, NarHash, PathInfo};
+use nix_formats::derivation::Derivation;
+use nix_formats::nar::NarDump;
+use nix_formats::{Hash, HashAlgo, StorePath};
+
+use super::{InputSource, InputSourceError};
+
+/// `NIX_CONFIG` for every Nix command vouch runs: no substituters (no network), the features
+/// CA derivations need.
+pub const NIX_CONFIG: &str = "experimental-features = nix-command ca-derivations\nsubstituters =\n";
+
+/// The local Nix store.
+#[derive(Debug, Clone, Default)]
+pub struct LocalNixStore;
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PathInfoJson {
+    path: String,
+    #[serde(default)]
+    valid: Option<bool>,
+    nar_hash: Option<String>,
+    nar_size: Option<u64>,
+    #[serde(default)]
+    references: BTreeSet<String>,
+    #[serde(default)]
+    ca: Option<String>,
+}
+
+fn err(msg: impl Into<String>) -> InputSourceError {
+    InputSourceError(msg.into(), None)
+}
+
+fn parse_nar_hash(path: &str, s: &str) -> Result<NarHash, InputSourceError> {
+    let h = Hash::parse_any(s, Some(HashAlgo::Sha256))
+        .map_err(|e| err(format!("{path}: NAR hash {s:?}: {e}")))?;
+    let mut out = [0u8; 32];
+    if h.algo() != HashAlgo::Sha256 {
+        return Err(err(format!("{path}: NAR hash {s:?} is not SHA-256")));
+    }
+    out.copy_from_slice(h.digest());
+    Ok(NarHash(out))
+}
+
+impl LocalNixStore {
+    /// Run `nix path-info --json [--recursive] paths…`.
+    pub fn query(&self, paths: &BTreeSet<String>, recursive: bool) -> Result<BTreeMap<String, PathInfo>, InputSourceError> {
+        if paths.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let mut cmd = Command::new("nix");
+        cmd.env("NIX_CONFIG", NIX_CONFIG).args(["path-info", "--json"]);
+        if recursive {
+            cmd.arg("--recursive");
+        }
+        let out = cmd
+            .args(paths)
+            .output()
+            .map_err(|e| InputSourceError("running `nix path-info` (is Nix installed?)".into(), Some(Box::new(e))))?;
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let msg: Vec<&str> = stderr.lines().filter(|l| !l.starts_with("warning:")).collect();
+            return Err(err(format!("`nix path-info` failed: {}", msg.join("; "))));
+        }
+        let infos: Vec<PathInfoJson> = serde_json::from_slice(&out.stdout)
+            .map_err(|e| InputSourceError("parsing `nix path-info --json`".into(), Some(Box::new(e))))?;
+        let mut map = BTreeMap::new();
+        for i in infos {
+            if i.valid == Some(false) {
+                return Err(err(format!("{} is not valid in the local Nix store", i.path)));
+            }
+            let hash = i.nar_hash.as_deref().ok_or_else(|| err(format!("{}: no narHash", i.path)))?;
+            let info = PathInfo {
+                nar_hash: parse_nar_hash(&i.path, hash)?,
+                nar_size: i.nar_size.ok_or_else(|| err(format!("{}: no narSize", i.path)))?,
+                references: i.references,
+                ca: i.ca.filter(|c| !c.is_empty()),
+            };
+            map.insert(i.path, info);
+        }
+        for p in paths {
+            if !map.contains_key(p) {
+                return Err(err(format!("{p} is not valid in the local Nix store")));
+            }
+        }
+        Ok(map)
+    }
+}
+
+impl InputSource for LocalNixStore {
+    fn path_info(&self, path: &str) -> Result<PathInfo, InputSourceError> {
+        let one: BTreeSet<String> = [path.to_owned()].into();
+        self.query(&one, false)?.remove(path).ok_or_else(|| err(format!("{path}: no path info")))
+    }
+
+    fn nar(&self, path: &str) -> Result<Box<dyn Read + Send + '_>, InputSourceError> {
+        let sp = StorePath::parse(path).map_err(|e| err(format!("{path}: {e}")))?;
+        let on_disk = Path::new(nix_formats::STORE_DIR).join(sp.base_name());
+        Ok(Box::new(NarDump::new(on_disk)))
+    }
+
+    fn closure(&self, roots: &BTreeSet<String>) -> Result<BTreeMap<String, PathInfo>, InputSourceError> {
+        self.query(roots, true)
+    }
+}
+
+/// Errors reading a derivation for `vouch build`.
+#[derive(Debug, thiserror::Error)]
+pub enum DrvError {
+    /// Not a `.drv` store path.
+    #[error("{0} is not a derivation store path (/nix/store/<hash>-<name>.drv)")]
+    NotADrv(String),
+    /// Reading failed.
+    #[error("reading {0}")]
+    Io(String, #[source] std::io::Error),
+    /// Parsing failed.
+    #[error("parsing {0}")]
+    Parse(String, #[source] nix_formats::derivation::DerivationError),
+    /// It still has input derivations.
+    #[error(
+        "{drv} is not resolved: it depends on the outputs of {n} other derivation(s) (e.g. {first}).\n\
+         `vouch build` builds one resolved step whose inputs are already in the store. Build the \
+         whole graph through Nix instead, with vouch as its remote builder: \
+         `nix-build --builders 'ssh-ng://localhost?remote-program=vouch%20nix-builder x86_64-linux - 1 1 ca-derivations' --max-jobs 0 …` \
+         (Nix resolves each content-addressed step and sends it to `vouch nix-builder`)."
+    )]
+    Unresolved {
+        /// The drv.
+        drv: String,
+        /// How many input derivations.
+        n: usize,
+        /// One of them.
+        first: String,
+    },
+}
+
+/// Read and parse a `.drv` from the store; refuse unresolved ones.
+pub fn load_basic_derivation(drv_path: &str) -> Result<BasicDerivation, DrvError> {
+    let sp = StorePath::parse(drv_path).map_err(|_| DrvError::NotADrv(drv_path.into()))?;
+    if !sp.is_derivation() {
+        return Err(DrvError::NotADrv(drv_path.into()));
+    }
+    let bytes = std::fs::read(drv_path).map_err(|e| DrvError::Io(drv_path.into(), e))?;
+    let drv = Derivation::from_aterm(&bytes).map_err(|e| DrvError::Parse(drv_path.into(), e))?;
+    if let Some(first) = drv.input_drvs.keys().next() {
+        return Err(DrvError::Unresolved { drv: drv_path.into(), n: drv.input_drvs.len(), first: first.to_string() });
+    }
+    let name = sp.drv_name().map_err(|_| DrvError::NotADrv(drv_path.into()))?.to_owned();
+    Ok(basic_from(&drv, name))
+}
+
+/// A parsed derivation (without input derivations) as the job's basic derivation.
+pub fn basic_from(drv: &Derivation, name: String) -> BasicDerivation {
+    BasicDerivation {
+        name,
+        outputs: drv
+            .outputs
+            .iter()
+            .map(|(n, o)| {
+                let (path, hash_algo, hash) = o.to_triple();
+                (n.clone(), DrvOutput { path, hash_algo, hash })
+            })
+            .collect(),
+        input_srcs: drv.input_srcs.iter().map(|p| p.to_string()).collect(),
+        system: drv.platform.clone(),
+        builder: drv.builder.clone(),
+        args: drv.args.clone(),
+        env: drv.env.clone(),
+    }
+}

@@ -1,0 +1,338 @@
+//! The build core: one resolved derivation, one fresh VM, checked results.
+//!
+//! Every front-end (`vouch build`, `vouch nix-builder`, HTTP) calls [`run_step`]; none of them
+//! sees QEMU or the channel.
+//!
+//! ```text
+//! run_step(req: StepRequest, inputs: &dyn InputSource, sink: &mut dyn LogSink, cfg: &LauncherConfig)
+//!     -> Result<StepOutcome, StepError>
+//! ```
+//! - [`StepRequest`]: the drv path as Nix names it (the *resolved* path for a CA step), the basic
+//!   derivation (`build_trace::BasicDerivation`, no `inputDrvs`), the wanted outputs (empty = all),
+//!   limits, the client's CA self-reference rule, whether it is the networked fixed-output variant.
+//! - [`InputSource`]: path info (NAR hash/size, references, `ca`) and a NAR reader for every path
+//!   of the input closure; `run_step` walks the closure from `drv.input_srcs` through the
+//!   references. [`local_store::LocalNixStore`] implements it over the local Nix store;
+//!   `nix-builder` implements it over its content store.
+//! - [`LogSink`]: receives the builder's log bytes as they arrive and [`Progress`] events.
+//! - [`StepOutcome`]: the verified statement, the evidence bundle and what verified it, each
+//!   output's info and its NAR file (in `cfg.state_dir/tmp/`, removed when the outcome is
+//!   dropped unless [`StepOutcome::keep`] moved it), the phase timings, and the mode.
+//!
+//! What `run_step` guarantees: nothing is returned as a success unless the statement is for
+//! exactly the job we launched (HOST_DATA recomputed), the evidence verifies under the host's own
+//! expectations (its root — AMD or this host's simulated root —, the image's measurement,
+//! HOST_DATA, REPORT_DATA recomputed from the statement), and every output NAR that arrived has
+//! the hash, size and (for content-addressed outputs) the content address and path the
+//! statement claims. On any failure (builder error, VM killed, timeout, bad evidence) the
+//! staging directory is removed and nothing is registered anywhere.
+//!
+//! What is not here: writing the binary cache / trace store (the caller publishes a
+//! `StepOutcome`, see `crate::cli::build`), Nix protocols, QEMU argv (`crate::vm`).
+
+pub mod check;
+pub mod publish;
+pub mod host;
+pub mod local_store;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use agent::messages::{AttesterKind, FailureKind};
+use build_trace::evidence::{EvidenceBundle, VerifiedEvidence};
+use build_trace::job::{BasicDerivation, CaRule, Limits, PathInfo};
+use build_trace::statement::{OutputInfo, Statement};
+
+use crate::vm::Mode;
+
+pub use host::run_step;
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct StepRequest {
+    /// The derivation's store path as Nix names it (resolved for a CA step).
+    pub drv_path: String,
+    /// The basic derivation (no `inputDrvs`).
+    pub drv: BasicDerivation,
+    /// Outputs wanted; empty means all.
+    pub outputs: BTreeSet<String>,
+    /// Limits (0 = none / default).
+    pub limits: Limits,
+    /// The client's self-reference rule for CA output paths.
+    pub ca_rule: CaRule,
+    /// The networked fixed-output variant (issue 4); refused for anything else.
+    pub network: bool,
+    /// An id for logs and the job (default: random).
+    pub job_id: Option<String>,
+}
+
+/// Errors of an [`InputSource`].
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct InputSourceError(pub String, #[source] pub Option<Box<dyn std::error::Error + Send + Sync>>);
+
+/// Where input paths come from.
+pub trait InputSource: Sync {
+    /// Path info of `path` (full store path).
+    fn path_info(&self, path: &str) -> Result<PathInfo, InputSourceError>;
+    /// The NAR of `path`.
+    fn nar(&self, path: &str) -> Result<Box<dyn Read + Send + '_>, InputSourceError>;
+    /// Path infos of the closure of `roots`, in one go if the source can (default: one
+    /// `path_info` per path).
+    fn closure(&self, roots: &BTreeSet<String>) -> Result<BTreeMap<String, PathInfo>, InputSourceError> {
+        let mut out = BTreeMap::new();
+        let mut todo: Vec<String> = roots.iter().cloned().collect();
+        while let Some(p) = todo.pop() {
+            if out.contains_key(&p) {
+                continue;
+            }
+            let info = self.path_info(&p)?;
+            todo.extend(info.references.iter().filter(|r| !out.contains_key(*r)).cloned());
+            out.insert(p, info);
+        }
+        Ok(out)
+    }
+}
+
+/// Progress of a step, for display and benchmarks.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Progress {
+    /// QEMU started.
+    Booting {
+        /// The mode.
+        mode: Mode,
+        /// QEMU's pid.
+        pid: u32,
+    },
+    /// The agent connected and said hello.
+    AgentReady {
+        /// What it will attest with.
+        attester: AttesterKind,
+    },
+    /// All inputs were sent.
+    InputsSent {
+        /// Number of paths.
+        paths: usize,
+        /// NAR bytes.
+        bytes: u64,
+    },
+    /// A phase reported by the guest.
+    Guest(agent::messages::PhaseName),
+    /// An output NAR arrived.
+    OutputReceived {
+        /// Its store path.
+        path: String,
+    },
+    /// Everything checked.
+    Verified,
+}
+
+/// Receives the builder log and progress.
+pub trait LogSink {
+    /// Builder log bytes, as they arrive.
+    fn log(&mut self, data: &[u8]);
+    /// A progress event.
+    fn progress(&mut self, event: &Progress);
+}
+
+/// How the launcher runs VMs.
+#[derive(Debug, Clone)]
+pub struct LauncherConfig {
+    /// The image directory (`manifest.json`, kernels, initrd).
+    pub image_dir: PathBuf,
+    /// Requested mode (None = automatic).
+    pub mode: Option<Mode>,
+    /// Guest RAM in MiB.
+    pub memory_mib: u32,
+    /// vCPUs (snp: the image's measured count is used).
+    pub vcpus: u32,
+    /// State directory (simulated root, staging).
+    pub state_dir: PathBuf,
+    /// Copy the guest console to stderr.
+    pub echo_console: bool,
+    /// How long the agent may take to connect.
+    pub boot_timeout: Duration,
+    /// Extra wall-clock allowance beyond the builder timeout for transfers and hashing.
+    pub slack: Duration,
+    /// The VCEK (DER) of this host's chip, for SNP evidence.
+    pub snp_vcek: Option<PathBuf>,
+    /// QEMU binary.
+    pub qemu: PathBuf,
+}
+
+impl LauncherConfig {
+    /// Defaults for `image_dir` and `state_dir`.
+    pub fn new(image_dir: PathBuf, state_dir: PathBuf) -> Self {
+        LauncherConfig {
+            image_dir,
+            mode: None,
+            memory_mib: 2048,
+            vcpus: 1,
+            state_dir,
+            echo_console: false,
+            boot_timeout: Duration::from_secs(120),
+            slack: Duration::from_secs(600),
+            snp_vcek: None,
+            qemu: "qemu-system-x86_64".into(),
+        }
+    }
+
+    /// The simulated root's directory in the state directory.
+    pub fn simulated_root_dir(&self) -> PathBuf {
+        self.state_dir.join("simulated-snp")
+    }
+}
+
+/// Per-phase wall-clock times, measured on the host when the guest's frames arrived.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Timings {
+    /// QEMU start → agent hello.
+    pub boot: Duration,
+    /// Hello → inputs unpacked and checked in the guest.
+    pub input_transfer: Duration,
+    /// Builder start → builder exit.
+    pub build: Duration,
+    /// Hashing outputs (guest).
+    pub hashing: Duration,
+    /// Getting the report.
+    pub attestation: Duration,
+    /// Output NARs and outcome received.
+    pub output_transfer: Duration,
+    /// Host-side checks.
+    pub verification: Duration,
+    /// QEMU start → QEMU exit.
+    pub total: Duration,
+    /// NAR bytes of the inputs sent.
+    pub input_bytes: u64,
+    /// NAR bytes of the outputs received.
+    pub output_bytes: u64,
+}
+
+/// One output as received and checked.
+#[derive(Debug, Clone)]
+pub struct ReceivedOutput {
+    /// What the statement says about it.
+    pub info: OutputInfo,
+    /// Its NAR, as received.
+    pub nar_file: PathBuf,
+}
+
+/// A checked step.
+#[derive(Debug)]
+pub struct StepOutcome {
+    /// The statement (its job is exactly the one launched).
+    pub statement: Statement,
+    /// The canonical statement bytes as received.
+    pub statement_bytes: Vec<u8>,
+    /// The evidence.
+    pub evidence: EvidenceBundle,
+    /// What the evidence was verified as.
+    pub verified: VerifiedEvidence,
+    /// Who attested.
+    pub attester: AttesterKind,
+    /// Outputs by name.
+    pub outputs: BTreeMap<String, ReceivedOutput>,
+    /// Where the NAR files are (removed on drop unless kept).
+    pub staging: Option<PathBuf>,
+    /// The mode the VM ran in.
+    pub mode: Mode,
+    /// Timings.
+    pub timings: Timings,
+}
+
+impl StepOutcome {
+    /// Keep the staging directory (the caller moved or consumed the NAR files).
+    pub fn keep(&mut self) -> Option<PathBuf> {
+        self.staging.take()
+    }
+}
+
+impl Drop for StepOutcome {
+    fn drop(&mut self) {
+        if let Some(dir) = self.staging.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Why a step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    /// The request is unusable.
+    #[error("invalid build request: {0}")]
+    Request(String),
+    /// The input closure could not be read.
+    #[error("reading the input closure")]
+    Inputs(#[source] InputSourceError),
+    /// The image is missing or damaged.
+    #[error("guest image in {0}")]
+    Image(PathBuf, #[source] vm_image::image::ImageError),
+    /// No suitable mode.
+    #[error(transparent)]
+    Mode(#[from] crate::vm::ModeError),
+    /// The vsock backend.
+    #[error("setting up the guest channel")]
+    Vsock(#[from] crate::vm::vsock::VsockError),
+    /// QEMU could not be started.
+    #[error("starting QEMU ({0})")]
+    Qemu(String, #[source] std::io::Error),
+    /// QEMU exited before the agent connected.
+    #[error("the VM {status} before its agent connected; QEMU said: {qemu}; console:\n{console}")]
+    NoAgent {
+        /// How QEMU ended.
+        status: String,
+        /// QEMU's stderr.
+        qemu: String,
+        /// Last console lines.
+        console: String,
+    },
+    /// The VM died mid-step (killed, crashed).
+    #[error("the VM {status} during the step (phase: {phase}); nothing was registered; console:\n{console}")]
+    VmDied {
+        /// How QEMU ended.
+        status: String,
+        /// Last phase reached.
+        phase: String,
+        /// Last console lines.
+        console: String,
+    },
+    /// The host watchdog killed the VM.
+    #[error("the VM did not finish within {0:?} (builder timeout plus allowance); killed it; nothing was registered")]
+    Watchdog(Duration),
+    /// The channel broke or the guest violated the protocol.
+    #[error("guest channel")]
+    Channel(#[from] agent::proto::ProtoError),
+    /// The agent reported a failure.
+    #[error("build failed in the VM ({kind:?}): {message}")]
+    Guest {
+        /// Category.
+        kind: FailureKind,
+        /// The agent's message.
+        message: String,
+    },
+    /// The result did not pass the host's checks.
+    #[error("the VM's result was rejected")]
+    Rejected(#[from] check::CheckError),
+    /// Local file trouble.
+    #[error("{0}")]
+    Io(String, #[source] std::io::Error),
+}
+
+impl StepError {
+    /// The guest's failure kind, if the agent reported one.
+    pub fn guest_kind(&self) -> Option<FailureKind> {
+        match self {
+            StepError::Guest { kind, .. } => Some(*kind),
+            _ => None,
+        }
+    }
+}
+
+/// Make a staging directory for one step under `state_dir/tmp`.
+pub(crate) fn staging_dir(state_dir: &Path, job_id: &str) -> Result<PathBuf, StepError> {
+    let dir = state_dir.join("tmp").join(format!("step-{job_id}"));
+    std::fs::create_dir_all(&dir).map_err(|e| StepError::Io(format!("creating {}", dir.display()), e))?;
+    Ok(dir)
+}

@@ -1,0 +1,367 @@
+//! What a Nix client asks of a remote builder, independent of the wire: the [`Action`] enum the
+//! front-ends (`worker`, `serve`) parse requests into, the [`Reply`] the core returns, and the
+//! [`Handler`] trait the core implements. The core never sees the wire.
+//!
+//! What is here: the actions and replies, the protocol-independent records they carry
+//! ([`PathInfo`], [`BuildRequest`], [`BuildResult`] …), [`UploadSource`] (the NARs of an upload,
+//! streamed from the wire as the core consumes them) and [`LogSink`] (build logs streamed to the
+//! client as they happen).
+//!
+//! What is not here: encodings (`types`), handshakes and loops (`worker`, `serve`), the core
+//! itself (`crate::nixbuilder`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
+
+use nix_formats::StorePath;
+
+/// What a client told us (or we tell it) about one store path, as in a narinfo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathInfo {
+    /// The path.
+    pub path: StorePath,
+    /// The derivation that built it, if known.
+    pub deriver: Option<StorePath>,
+    /// SHA-256 of its NAR.
+    pub nar_hash: [u8; 32],
+    /// Size of its NAR in bytes.
+    pub nar_size: u64,
+    /// Paths it references (itself included when self-referencing).
+    pub references: BTreeSet<StorePath>,
+    /// When it was registered (seconds since the epoch; informational).
+    pub registration_time: u64,
+    /// Whether the sender built it itself (informational; we never trust it).
+    pub ultimate: bool,
+    /// Signatures `key:base64` (informational; uploads are checked by content, not by these).
+    pub sigs: BTreeSet<String>,
+    /// Its content address (`fixed:r:sha256:<nix32>`, `text:sha256:<nix32>` …), if it claims one.
+    pub ca: Option<String>,
+}
+
+/// The build options of the serve protocol (`BuildDerivation`, `BuildPaths`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BuildOptions {
+    /// Seconds without log output before the build is killed (0 = none).
+    pub max_silent_time: u64,
+    /// Wall-clock seconds before the build is killed (0 = none).
+    pub build_timeout: u64,
+    /// Most log bytes (0 = none; serve ≥ 2.2).
+    pub max_log_size: u64,
+    /// Extra rounds for determinism checks (serve ≥ 2.3; we build once).
+    pub nr_repeats: u64,
+    /// Whether to fail on non-determinism (serve ≥ 2.3).
+    pub enforce_determinism: bool,
+    /// Keep the build directory of a failed build (serve ≥ 2.7; a VM keeps nothing).
+    pub keep_failed: bool,
+}
+
+/// The settings a worker-protocol client sends with `SetOptions` (op 19).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientOptions {
+    /// `keep-failed`.
+    pub keep_failed: bool,
+    /// `keep-going`.
+    pub keep_going: bool,
+    /// `fallback`.
+    pub try_fallback: bool,
+    /// Client verbosity (0 error … 7 vomit).
+    pub verbosity: u64,
+    /// `max-jobs`.
+    pub max_build_jobs: u64,
+    /// `max-silent-time` in seconds.
+    pub max_silent_time: u64,
+    /// `print-build-logs`.
+    pub verbose_build: bool,
+    /// `cores`.
+    pub build_cores: u64,
+    /// `substitute`.
+    pub use_substitutes: bool,
+    /// Every other setting the client overrides, by name.
+    pub overrides: BTreeMap<String, String>,
+}
+
+/// Nix's build mode (worker `BuildDerivation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuildMode {
+    /// Build.
+    Normal,
+    /// Rebuild and repair.
+    Repair,
+    /// Rebuild and compare.
+    Check,
+}
+
+/// One `BuildDerivation` request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildRequest {
+    /// The derivation path the client named (resolved for content-addressed derivations).
+    pub drv_path: StorePath,
+    /// The basic derivation it sent.
+    pub drv: build_trace::BasicDerivation,
+    /// The build mode (serve: always normal).
+    pub mode: BuildMode,
+    /// Per-build options (serve protocol); `None` over the worker protocol, where the session's
+    /// `SetOptions` (if any) and vouch's defaults apply.
+    pub options: Option<BuildOptions>,
+    /// What the handshake established about the client (its realisation format and the
+    /// self-reference rule it will re-check our output paths with).
+    pub client: super::version::ClientProfile,
+}
+
+/// Nix's `BuildResult::Status` codes (same numbers in both protocols).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u64)]
+pub enum BuildStatus {
+    /// Built now.
+    Built = 0,
+    /// Substituted.
+    Substituted = 1,
+    /// Already valid.
+    AlreadyValid = 2,
+    /// The builder failed.
+    PermanentFailure = 3,
+    /// An input was rejected.
+    InputRejected = 4,
+    /// An output was rejected (e.g. a fixed-output hash mismatch).
+    OutputRejected = 5,
+    /// A failure that may go away on retry.
+    TransientFailure = 6,
+    /// A cached failure.
+    CachedFailure = 7,
+    /// The build hit a time limit.
+    TimedOut = 8,
+    /// Anything else.
+    MiscFailure = 9,
+    /// A dependency failed.
+    DependencyFailed = 10,
+    /// The log limit was hit.
+    LogLimitExceeded = 11,
+    /// Rebuilds differed.
+    NotDeterministic = 12,
+    /// Resolved to an already valid derivation.
+    ResolvesToAlreadyValid = 13,
+    /// No substituters.
+    NoSubstituters = 14,
+}
+
+impl BuildStatus {
+    /// The status for a wire code.
+    pub fn from_code(code: u64) -> Option<Self> {
+        use BuildStatus::*;
+        Some(match code {
+            0 => Built,
+            1 => Substituted,
+            2 => AlreadyValid,
+            3 => PermanentFailure,
+            4 => InputRejected,
+            5 => OutputRejected,
+            6 => TransientFailure,
+            7 => CachedFailure,
+            8 => TimedOut,
+            9 => MiscFailure,
+            10 => DependencyFailed,
+            11 => LogLimitExceeded,
+            12 => NotDeterministic,
+            13 => ResolvesToAlreadyValid,
+            14 => NoSubstituters,
+            _ => return None,
+        })
+    }
+
+    /// Whether this is a success.
+    pub fn is_success(self) -> bool {
+        matches!(
+            self,
+            BuildStatus::Built
+                | BuildStatus::Substituted
+                | BuildStatus::AlreadyValid
+                | BuildStatus::ResolvesToAlreadyValid
+        )
+    }
+}
+
+/// A realisation in the format of Nix ≤ 2.34: its id and its JSON (with signatures).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LegacyRealisation {
+    /// `sha256:<hex hash modulo>!<output>`.
+    pub id: String,
+    /// The realisation JSON as the client stores it.
+    pub json: String,
+}
+
+/// One built output as a `BuildResult` carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuiltOutput {
+    /// The output path.
+    pub out_path: StorePath,
+    /// Signatures over the Nix ≥ 2.35 fingerprint (`key:base64`).
+    pub signatures: BTreeSet<String>,
+    /// The Nix ≤ 2.34 record, for clients that read that format.
+    pub legacy: Option<LegacyRealisation>,
+}
+
+/// The answer to a build.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildResult {
+    /// Outcome.
+    pub status: BuildStatus,
+    /// Why it failed (empty on success).
+    pub error_msg: String,
+    /// How often it was built.
+    pub times_built: u64,
+    /// Whether rebuilds differed.
+    pub is_non_deterministic: bool,
+    /// Start (seconds since the epoch).
+    pub start_time: u64,
+    /// Stop (seconds since the epoch).
+    pub stop_time: u64,
+    /// User CPU time in µs (worker ≥ 1.37).
+    pub cpu_user: Option<i64>,
+    /// System CPU time in µs (worker ≥ 1.37).
+    pub cpu_system: Option<i64>,
+    /// Built outputs by output name.
+    pub built_outputs: BTreeMap<String, BuiltOutput>,
+}
+
+impl BuildResult {
+    /// A failure with a message and nothing built.
+    pub fn failure(status: BuildStatus, msg: impl Into<String>) -> Self {
+        BuildResult {
+            status,
+            error_msg: msg.into(),
+            times_built: 0,
+            is_non_deterministic: false,
+            start_time: 0,
+            stop_time: 0,
+            cpu_user: None,
+            cpu_system: None,
+            built_outputs: BTreeMap::new(),
+        }
+    }
+}
+
+/// The NARs of an upload (one path for `AddToStoreNar`, a batch for `AddMultipleToStore`),
+/// read from the wire as the core consumes them.
+pub trait UploadSource {
+    /// The next path's info, or `None` after the last. After it, [`UploadSource::nar`] yields
+    /// exactly `info.nar_size` bytes (the front-end enforces the bound).
+    fn next_path(&mut self) -> Result<Option<PathInfo>, Box<dyn std::error::Error + Send + Sync>>;
+    /// The current path's NAR bytes.
+    fn nar(&mut self) -> &mut dyn Read;
+}
+
+/// Where build logs go while a build runs (streamed to the client as they happen).
+pub trait LogSink {
+    /// A build started (the worker front-end opens a build activity).
+    fn build_started(&mut self, drv_path: &StorePath);
+    /// One line of build output (without the newline).
+    fn line(&mut self, line: &str);
+    /// The build ended (the activity closes).
+    fn build_finished(&mut self);
+}
+
+/// A log sink that drops everything (tests, and actions that log nothing).
+#[derive(Debug, Default)]
+pub struct NullLog;
+
+impl LogSink for NullLog {
+    fn build_started(&mut self, _drv_path: &StorePath) {}
+    fn line(&mut self, _line: &str) {}
+    fn build_finished(&mut self) {}
+}
+
+/// A NAR the core hands back for `NarFromPath` / `DumpStorePath`.
+pub struct NarStream {
+    /// Its size in bytes.
+    pub size: u64,
+    /// The bytes.
+    pub reader: Box<dyn Read + Send>,
+}
+
+impl std::fmt::Debug for NarStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NarStream").field("size", &self.size).finish_non_exhaustive()
+    }
+}
+
+/// One client request, parsed.
+pub enum Action<'a> {
+    /// Worker `SetOptions`.
+    SetOptions(ClientOptions),
+    /// Which of these paths are valid here (worker 31, serve 1).
+    QueryValidPaths {
+        /// The paths asked about.
+        paths: BTreeSet<StorePath>,
+        /// Whether the client allows substitution (we never substitute).
+        substitute: bool,
+    },
+    /// Info about one path (worker 26; serve 2 asks per path).
+    QueryPathInfo(StorePath),
+    /// Upload paths (worker 39/44, serve 9).
+    AddToStore {
+        /// Whether the client asked for repair.
+        repair: bool,
+        /// The paths and their NARs.
+        uploads: &'a mut dyn UploadSource,
+    },
+    /// A path's NAR (worker 38, serve 3).
+    NarFromPath(StorePath),
+    /// Build one basic derivation (worker 36, serve 8).
+    BuildDerivation(Box<BuildRequest>),
+}
+
+impl std::fmt::Debug for Action<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Action::SetOptions(o) => f.debug_tuple("SetOptions").field(o).finish(),
+            Action::QueryValidPaths { paths, substitute } => f
+                .debug_struct("QueryValidPaths")
+                .field("paths", paths)
+                .field("substitute", substitute)
+                .finish(),
+            Action::QueryPathInfo(p) => f.debug_tuple("QueryPathInfo").field(p).finish(),
+            Action::AddToStore { repair, .. } => {
+                f.debug_struct("AddToStore").field("repair", repair).finish_non_exhaustive()
+            }
+            Action::NarFromPath(p) => f.debug_tuple("NarFromPath").field(p).finish(),
+            Action::BuildDerivation(r) => f.debug_tuple("BuildDerivation").field(r).finish(),
+        }
+    }
+}
+
+/// The core's answer to an [`Action`].
+#[derive(Debug)]
+pub enum Reply {
+    /// Done, nothing to return (`SetOptions`, uploads).
+    Done,
+    /// The valid subset of the paths asked about.
+    ValidPaths(BTreeSet<StorePath>),
+    /// Path info, or `None` if the path is not valid here.
+    PathInfo(Option<Box<PathInfo>>),
+    /// A NAR.
+    Nar(NarStream),
+    /// A build result (failures included: they are answers, not errors).
+    Built(Box<BuildResult>),
+}
+
+/// An error the core reports to the client (the front-end sends the whole chain).
+pub type ActionError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// The core: executes actions.
+pub trait Handler {
+    /// Execute one action. Build failures are `Ok(Reply::Built(..))` with a failure status;
+    /// `Err` is for requests that cannot be answered (a bad upload, an unknown path).
+    fn handle(&mut self, action: Action<'_>, log: &mut dyn LogSink) -> Result<Reply, ActionError>;
+}
+
+/// `error: cause: cause …` on one line, as the front-ends send errors.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = err.to_string();
+    let mut src = err.source();
+    while let Some(e) = src {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        src = e.source();
+    }
+    s
+}

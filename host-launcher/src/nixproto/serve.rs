@@ -1,0 +1,271 @@
+//! The serve protocol, server side (`vouch nix-builder --serve --write`, what `ssh://` runs).
+//!
+//! Handshake: C→S `u64 SERVE_MAGIC_1, u64 clientVersion` (the client may send both before
+//! reading); S→C `u64 SERVE_MAGIC_2, u64 2.8`; negotiated = min. No STDERR messages: a command's
+//! answer follows directly, and logs go to the process's stderr (Nix passes `log-fd=4` for
+//! `ssh://` builders, so they land in the build log).
+//!
+//! Commands served: 1 QueryValidPaths, 2 QueryPathInfos, 3 DumpStorePath, 8 BuildDerivation,
+//! 9 AddToStoreNar. The protocol has no error message: on an unknown command or a request that
+//! fails (a bad upload), the message goes to stderr and the process exits non-zero, as
+//! `nix-store --serve` does; the client then reports the failure with our stderr text.
+//!
+//! What is not here: what the commands do (the [`Handler`]).
+
+use std::collections::BTreeSet;
+use std::io::{self, BufRead, Read, Write};
+
+use super::action::{
+    error_chain, Action, ActionError, BuildRequest, Handler, LogSink, PathInfo, Reply,
+    UploadSource,
+};
+use super::types::{self, CodecError};
+use super::version::{major, show, ClientProfile, NixVersion, Protocol, ProtoVersion};
+use super::wire::{WireError, WireRead, WireWrite};
+use super::ServerError;
+
+/// First word a client sends.
+pub const SERVE_MAGIC_1: u64 = 0x390c_9deb;
+/// First word the server answers.
+pub const SERVE_MAGIC_2: u64 = 0x5452_eecb;
+/// The version we speak: 2.8 (Nix ≥ 2.35 realisations; older clients negotiate down).
+pub const SERVER_VERSION: ProtoVersion = 0x208;
+/// The oldest client we serve: 2.5 (`AddToStoreNar`).
+pub const MIN_CLIENT_VERSION: ProtoVersion = 0x205;
+
+/// Serve command names.
+pub fn cmd_name(cmd: u64) -> &'static str {
+    match cmd {
+        1 => "QueryValidPaths",
+        2 => "QueryPathInfos",
+        3 => "DumpStorePath",
+        4 => "ImportPaths",
+        5 => "ExportPaths",
+        6 => "BuildPaths",
+        7 => "QueryClosure",
+        8 => "BuildDerivation",
+        9 => "AddToStoreNar",
+        _ => "unknown",
+    }
+}
+
+/// Options of the serve front-end.
+#[derive(Debug, Clone, Default)]
+pub struct ServeConfig {
+    /// `--write`: uploads and builds are allowed.
+    pub write: bool,
+    /// `--client-nix-version`, copied into the client profile.
+    pub declared_nix: Option<NixVersion>,
+}
+
+/// Serve one serve-protocol connection until the client hangs up. Build logs are written to
+/// `log` (the process's stderr).
+pub fn serve<R: BufRead, W: Write>(
+    mut r: R,
+    mut w: W,
+    log: &mut dyn Write,
+    cfg: &ServeConfig,
+    handler: &mut dyn Handler,
+) -> Result<(), ServerError> {
+    let magic = r.read_u64()?;
+    if magic != SERVE_MAGIC_1 {
+        return Err(ServerError::BadMagic { protocol: "serve", got: magic });
+    }
+    w.write_u64(SERVE_MAGIC_2)?;
+    w.write_u64(SERVER_VERSION)?;
+    w.flush().map_err(WireError::from)?;
+    let client_version = r.read_u64()?;
+    let version = client_version.min(SERVER_VERSION);
+    if major(client_version) != 2 || version < MIN_CLIENT_VERSION {
+        return Err(ServerError::Version { protocol: "serve", version: show(client_version) });
+    }
+    let mut profile = ClientProfile::new(Protocol::Serve, version, BTreeSet::new());
+    profile.declared_nix = cfg.declared_nix;
+    tracing::info!(version = %show(version), client = %profile.nix_range(), "serve protocol handshake done");
+
+    loop {
+        let Some(cmd) = r.read_u64_or_eof()? else {
+            tracing::debug!("client closed the connection");
+            return Ok(());
+        };
+        tracing::debug!(cmd, name = cmd_name(cmd), "command");
+        let needs_write = matches!(cmd, 8 | 9);
+        if needs_write && !cfg.write {
+            return Err(ServerError::Refused(format!(
+                "serve command {cmd} ({}) needs --write",
+                cmd_name(cmd)
+            )));
+        }
+        let mut sink = StderrLog { w: &mut *log, started: false };
+        match cmd {
+            1 => {
+                let _lock = r.read_bool()?;
+                let substitute = r.read_bool()?;
+                let paths = codec(types::read_store_path_set(&mut r, "paths"))?;
+                let reply = handler.handle(Action::QueryValidPaths { paths, substitute }, &mut sink);
+                match ok(reply, cmd)? {
+                    Reply::ValidPaths(v) => codec(types::write_store_path_set(&mut w, &v))?,
+                    other => return Err(unexpected(other)),
+                }
+            }
+            2 => {
+                let paths = codec(types::read_store_path_set(&mut r, "paths"))?;
+                for path in paths {
+                    let reply = handler.handle(Action::QueryPathInfo(path.clone()), &mut sink);
+                    match ok(reply, cmd)? {
+                        Reply::PathInfo(None) => {}
+                        Reply::PathInfo(Some(info)) => {
+                            w.write_str(&path.to_string())?;
+                            codec(types::write_serve_path_info(&mut w, &info, version))?;
+                        }
+                        other => return Err(unexpected(other)),
+                    }
+                }
+                w.write_str("")?;
+            }
+            3 => {
+                let path = codec(types::read_store_path(&mut r, "path"))?;
+                match ok(handler.handle(Action::NarFromPath(path), &mut sink), cmd)? {
+                    Reply::Nar(mut nar) => {
+                        let n = io::copy(&mut (&mut nar.reader).take(nar.size), &mut w)
+                            .map_err(WireError::from)?;
+                        if n != nar.size {
+                            return Err(ServerError::Reply(format!(
+                                "store file ended after {n} of {} NAR bytes",
+                                nar.size
+                            )));
+                        }
+                    }
+                    other => return Err(unexpected(other)),
+                }
+            }
+            8 => {
+                let drv_path = codec(types::read_store_path(&mut r, "drvPath"))?;
+                let drv = codec(types::read_basic_derivation(&mut r, &drv_path))?;
+                let options = codec(types::read_build_options(&mut r, version))?;
+                let req = BuildRequest {
+                    drv_path,
+                    drv,
+                    mode: super::action::BuildMode::Normal,
+                    options: Some(options),
+                    client: profile.clone(),
+                };
+                match ok(handler.handle(Action::BuildDerivation(Box::new(req)), &mut sink), cmd)? {
+                    Reply::Built(res) => codec(types::write_build_result(&mut w, &res, &profile))?,
+                    other => return Err(unexpected(other)),
+                }
+            }
+            9 => {
+                let info = codec(types::read_upload_info(&mut r))?;
+                let mut src = RawUpload { left: 0, info: Some(info), r: &mut r, hung_up: false };
+                let reply = handler.handle(Action::AddToStore { repair: false, uploads: &mut src }, &mut sink);
+                if src.hung_up {
+                    return Err(ServerError::PeerGone(io::ErrorKind::UnexpectedEof));
+                }
+                match ok(reply, cmd)? {
+                    Reply::Done => w.write_u64(1)?,
+                    other => return Err(unexpected(other)),
+                }
+            }
+            _ => {
+                return Err(ServerError::Refused(if cmd_name(cmd) == "unknown" {
+                    format!("unknown serve command {cmd}")
+                } else {
+                    format!(
+                        "vouch nix-builder does not support serve command {cmd} ({}); it serves \
+                         Nix's remote-build hook (build-remote) and `nix copy`",
+                        cmd_name(cmd)
+                    )
+                }));
+            }
+        }
+        w.flush().map_err(WireError::from)?;
+    }
+}
+
+fn codec<T>(r: Result<T, CodecError>) -> Result<T, ServerError> {
+    r.map_err(|e| match e {
+        CodecError::Wire(w) => ServerError::Wire(w),
+        other => ServerError::Refused(format!("bad request: {}", error_chain(&other))),
+    })
+}
+
+fn ok(reply: Result<Reply, ActionError>, cmd: u64) -> Result<Reply, ServerError> {
+    reply.map_err(|e| ServerError::Refused(format!("{}: {}", cmd_name(cmd), error_chain(e.as_ref()))))
+}
+
+fn unexpected(reply: Reply) -> ServerError {
+    ServerError::Reply(format!("the core answered {reply:?}"))
+}
+
+/// Serve `AddToStoreNar`: exactly `narSize` raw bytes follow the info.
+struct RawUpload<'r, R: Read> {
+    left: u64,
+    info: Option<PathInfo>,
+    r: &'r mut R,
+    hung_up: bool,
+}
+
+impl<R: Read> UploadSource for RawUpload<'_, R> {
+    fn next_path(&mut self) -> Result<Option<PathInfo>, ActionError> {
+        io::copy(self, &mut io::sink())?;
+        let info = self.info.take();
+        if let Some(i) = &info {
+            self.left = i.nar_size;
+        }
+        Ok(info)
+    }
+
+    fn nar(&mut self) -> &mut dyn Read {
+        self
+    }
+}
+
+impl<R: Read> Read for RawUpload<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.left == 0 || buf.is_empty() {
+            return Ok(0);
+        }
+        let want = buf.len().min(self.left.min(usize::MAX as u64) as usize);
+        match self.r.read(&mut buf[..want]) {
+            Ok(0) => {
+                self.hung_up = true;
+                Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the client hung up with {} NAR bytes still due", self.left),
+                ))
+            }
+            Ok(n) => {
+                self.left -= n as u64;
+                Ok(n)
+            }
+            Err(e) => {
+                self.hung_up = true;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Build logs as plain lines on stderr.
+struct StderrLog<'w> {
+    w: &'w mut dyn Write,
+    started: bool,
+}
+
+impl LogSink for StderrLog<'_> {
+    fn build_started(&mut self, drv_path: &nix_formats::StorePath) {
+        self.started = true;
+        let _ = writeln!(self.w, "building '{drv_path}' in a vouch VM");
+        let _ = self.w.flush();
+    }
+
+    fn line(&mut self, line: &str) {
+        let _ = writeln!(self.w, "{line}");
+        let _ = self.w.flush();
+    }
+
+    fn build_finished(&mut self) {
+        let _ = self.w.flush();
+    }
+}

@@ -1,0 +1,309 @@
+//! Protocol versions and what they say about the client's Nix.
+//!
+//! A protocol version is `(major << 8) | minor`. Both sides use the smaller of the two versions
+//! (the worker protocol ≥ 1.38 also intersects feature sets). From the negotiated version (and
+//! features) we infer the range of Nix releases the client can be ([`NixRange`]), and from that
+//! two things a remote builder must get right because the client re-checks them:
+//!
+//! * the **realisation format** of `BuildResult.builtOutputs` ([`RealisationFormat`]): the old
+//!   JSON records keyed `sha256:<hash modulo>!<out>` (Nix ≤ 2.34), or `(outPath, signatures)` per
+//!   output name with the key `drvPath + output` built by the client (Nix ≥ 2.35, worker feature
+//!   `realisation-with-path-not-hash`, serve 2.8);
+//! * the **self-reference rule** for floating content-addressed output paths
+//!   ([`build_trace::CaRule`]): positions of self-references are hashed by Nix ≤ 2.16 and ≥ 2.35,
+//!   not by 2.17–2.34.
+//!
+//! Versions by Nix release (read in NixOS/nix at each tag): worker 1.34 = 2.8–2.14, 1.35 =
+//! 2.15–2.18, 1.36 = 2.19, 1.37 = 2.20–2.23, 1.38 = 2.24–2.34, 1.38 + feature = 2.35+; serve
+//! 2.7 = 2.8–2.34, 2.8 = 2.35+. Where a range straddles a rule change (worker 1.35, serve 2.7),
+//! the builder cannot tell from the wire: `--client-nix-version` says it, else
+//! [`AMBIGUOUS_DEFAULT_RULE`] applies (documented in `docs/nix-remote-builder.md`).
+//!
+//! What is not here: the handshakes themselves (`worker`, `serve`).
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::str::FromStr;
+
+use build_trace::CaRule;
+
+/// `(major << 8) | minor`.
+pub type ProtoVersion = u64;
+
+/// The major part of a protocol version.
+pub fn major(v: ProtoVersion) -> u64 {
+    v >> 8
+}
+
+/// The minor part of a protocol version.
+pub fn minor(v: ProtoVersion) -> u64 {
+    v & 0xff
+}
+
+/// `major.minor` for messages.
+pub fn show(v: ProtoVersion) -> String {
+    format!("{}.{}", major(v), minor(v))
+}
+
+/// The worker-protocol feature of Nix ≥ 2.35: realisations keyed by drv path + output name.
+pub const FEATURE_REALISATION_WITH_PATH: &str = "realisation-with-path-not-hash";
+
+/// The rule used when the client's version straddles a rule change and no
+/// `--client-nix-version` was given: Nix 2.17–2.34 are the releases in wide use.
+pub const AMBIGUOUS_DEFAULT_RULE: CaRule = CaRule::SelfRefZeroed;
+
+/// A Nix release `major.minor`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NixVersion(pub u32, pub u32);
+
+impl fmt::Display for NixVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.0, self.1)
+    }
+}
+
+impl FromStr for NixVersion {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut it = s.split('.');
+        let (Some(a), Some(b)) = (it.next(), it.next()) else {
+            return Err(format!("`{s}` is not a Nix version like 2.8 or 2.24.3"));
+        };
+        let parse = |x: &str| x.parse::<u32>().map_err(|_| format!("`{s}` is not a Nix version"));
+        let v = NixVersion(parse(a)?, parse(b)?);
+        if let Some(patch) = it.next() {
+            parse(patch)?;
+        }
+        if it.next().is_some() {
+            return Err(format!("`{s}` is not a Nix version like 2.8 or 2.24.3"));
+        }
+        Ok(v)
+    }
+}
+
+/// An inclusive range of Nix releases; `max = None` means "and later".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NixRange {
+    /// Oldest release.
+    pub min: NixVersion,
+    /// Newest release, if bounded.
+    pub max: Option<NixVersion>,
+}
+
+impl NixRange {
+    const fn new(min: NixVersion, max: Option<NixVersion>) -> Self {
+        NixRange { min, max }
+    }
+
+    /// Whether `v` is in the range.
+    pub fn contains(&self, v: NixVersion) -> bool {
+        v >= self.min && self.max.is_none_or(|m| v <= m)
+    }
+
+    /// The one rule for the whole range, if there is one.
+    pub fn ca_rule(&self) -> Option<CaRule> {
+        let rule_of = ca_rule_for;
+        let lo = rule_of(self.min);
+        let hi = rule_of(self.max.unwrap_or(NixVersion(u32::MAX, 0)));
+        let straddles = self.contains(NixVersion(2, 16)) && self.contains(NixVersion(2, 17))
+            || self.contains(NixVersion(2, 34)) && self.contains(NixVersion(2, 35));
+        (lo == hi && !straddles).then_some(lo)
+    }
+}
+
+impl fmt::Display for NixRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.max {
+            Some(m) if m == self.min => write!(f, "Nix {m}"),
+            Some(m) => write!(f, "Nix {}–{m}", self.min),
+            None => write!(f, "Nix {} or later", self.min),
+        }
+    }
+}
+
+/// The self-reference rule of one Nix release.
+pub fn ca_rule_for(v: NixVersion) -> CaRule {
+    if v <= NixVersion(2, 16) || v >= NixVersion(2, 35) {
+        CaRule::SelfRefPositions
+    } else {
+        CaRule::SelfRefZeroed
+    }
+}
+
+/// How `BuildResult.builtOutputs` carries realisations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RealisationFormat {
+    /// The protocol has no `builtOutputs` (worker < 1.28, serve < 2.6).
+    None,
+    /// `map<"sha256:<hex>!<out>", realisation JSON>` (Nix ≤ 2.34).
+    LegacyJson,
+    /// `map<outputName, (outPath, signatures)>`, keyed by drv path on the client (Nix ≥ 2.35).
+    DrvPathKeyed,
+}
+
+/// Which protocol a client speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// The worker protocol (`ssh-ng://`, `unix://`, `nix-daemon --stdio`).
+    Worker,
+    /// The serve protocol (`ssh://`, `nix-store --serve`).
+    Serve,
+}
+
+/// What the handshake established about a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientProfile {
+    /// Which protocol.
+    pub protocol: Protocol,
+    /// The negotiated version.
+    pub version: ProtoVersion,
+    /// The negotiated features (worker ≥ 1.38).
+    pub features: BTreeSet<String>,
+    /// `--client-nix-version`, if the operator said which Nix the clients run.
+    pub declared_nix: Option<NixVersion>,
+}
+
+/// The client's declared Nix version contradicts its protocol version.
+#[derive(Debug, thiserror::Error)]
+#[error("vouch was told the client runs Nix {declared} (--client-nix-version), but it speaks {protocol} {version}, which is {range}")]
+pub struct VersionMismatch {
+    /// The declared version.
+    pub declared: NixVersion,
+    /// `worker protocol` or `serve protocol`.
+    pub protocol: &'static str,
+    /// The negotiated version.
+    pub version: String,
+    /// The range it implies.
+    pub range: NixRange,
+}
+
+impl ClientProfile {
+    /// A profile without a declared Nix version.
+    pub fn new(protocol: Protocol, version: ProtoVersion, features: BTreeSet<String>) -> Self {
+        ClientProfile { protocol, version, features, declared_nix: None }
+    }
+
+    /// Whether a feature was negotiated.
+    pub fn has_feature(&self, f: &str) -> bool {
+        self.features.contains(f)
+    }
+
+    fn protocol_name(&self) -> &'static str {
+        match self.protocol {
+            Protocol::Worker => "worker protocol",
+            Protocol::Serve => "serve protocol",
+        }
+    }
+
+    /// The Nix releases that speak this version (with these features).
+    pub fn nix_range(&self) -> NixRange {
+        let v = |a, b| NixVersion(a, b);
+        match self.protocol {
+            Protocol::Worker => match minor(self.version) {
+                0..=33 => NixRange::new(v(2, 0), Some(v(2, 7))),
+                34 => NixRange::new(v(2, 8), Some(v(2, 14))),
+                35 => NixRange::new(v(2, 15), Some(v(2, 18))),
+                36 => NixRange::new(v(2, 19), Some(v(2, 19))),
+                37 => NixRange::new(v(2, 20), Some(v(2, 23))),
+                _ if self.has_feature(FEATURE_REALISATION_WITH_PATH) => {
+                    NixRange::new(v(2, 35), None)
+                }
+                _ => NixRange::new(v(2, 24), Some(v(2, 34))),
+            },
+            Protocol::Serve => match minor(self.version) {
+                0..=6 => NixRange::new(v(2, 0), Some(v(2, 7))),
+                7 => NixRange::new(v(2, 8), Some(v(2, 34))),
+                _ => NixRange::new(v(2, 35), None),
+            },
+        }
+    }
+
+    /// The realisation format this client reads.
+    pub fn realisation_format(&self) -> RealisationFormat {
+        match self.protocol {
+            Protocol::Worker if self.has_feature(FEATURE_REALISATION_WITH_PATH) => {
+                RealisationFormat::DrvPathKeyed
+            }
+            Protocol::Worker if minor(self.version) >= 28 => RealisationFormat::LegacyJson,
+            Protocol::Serve if minor(self.version) >= 8 => RealisationFormat::DrvPathKeyed,
+            Protocol::Serve if minor(self.version) >= 6 => RealisationFormat::LegacyJson,
+            _ => RealisationFormat::None,
+        }
+    }
+
+    /// The self-reference rule the client will re-check our CA output paths with, and whether
+    /// it was inferred unambiguously (`false`: [`AMBIGUOUS_DEFAULT_RULE`] was used).
+    pub fn ca_rule(&self) -> Result<(CaRule, bool), VersionMismatch> {
+        let range = self.nix_range();
+        if let Some(declared) = self.declared_nix {
+            if !range.contains(declared) {
+                return Err(VersionMismatch {
+                    declared,
+                    protocol: self.protocol_name(),
+                    version: show(self.version),
+                    range,
+                });
+            }
+            return Ok((ca_rule_for(declared), true));
+        }
+        Ok(match range.ca_rule() {
+            Some(rule) => (rule, true),
+            None => (AMBIGUOUS_DEFAULT_RULE, false),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker(minor: u64, features: &[&str]) -> ClientProfile {
+        ClientProfile::new(
+            Protocol::Worker,
+            0x100 | minor,
+            features.iter().map(|s| s.to_string()).collect(),
+        )
+    }
+
+    #[test]
+    fn nix_2_8_is_unambiguous() {
+        let p = worker(34, &[]);
+        assert_eq!(p.nix_range().to_string(), "Nix 2.8–2.14");
+        assert_eq!(p.ca_rule().unwrap(), (CaRule::SelfRefPositions, true));
+        assert_eq!(p.realisation_format(), RealisationFormat::LegacyJson);
+    }
+
+    #[test]
+    fn rules_by_version() {
+        assert_eq!(worker(37, &[]).ca_rule().unwrap(), (CaRule::SelfRefZeroed, true));
+        assert_eq!(worker(38, &[]).ca_rule().unwrap(), (CaRule::SelfRefZeroed, true));
+        let new = worker(38, &[FEATURE_REALISATION_WITH_PATH]);
+        assert_eq!(new.ca_rule().unwrap(), (CaRule::SelfRefPositions, true));
+        assert_eq!(new.realisation_format(), RealisationFormat::DrvPathKeyed);
+        // 1.35 is Nix 2.15–2.18: straddles the 2.17 change.
+        assert_eq!(worker(35, &[]).ca_rule().unwrap(), (AMBIGUOUS_DEFAULT_RULE, false));
+    }
+
+    #[test]
+    fn serve_versions() {
+        let s27 = ClientProfile::new(Protocol::Serve, 0x207, BTreeSet::new());
+        assert_eq!(s27.realisation_format(), RealisationFormat::LegacyJson);
+        assert_eq!(s27.ca_rule().unwrap(), (AMBIGUOUS_DEFAULT_RULE, false));
+        let declared = ClientProfile { declared_nix: Some(NixVersion(2, 8)), ..s27.clone() };
+        assert_eq!(declared.ca_rule().unwrap(), (CaRule::SelfRefPositions, true));
+        let wrong = ClientProfile { declared_nix: Some(NixVersion(2, 36)), ..s27 };
+        let err = wrong.ca_rule().unwrap_err().to_string();
+        assert!(err.contains("Nix 2.36") && err.contains("serve protocol 2.7"), "{err}");
+        let s28 = ClientProfile::new(Protocol::Serve, 0x208, BTreeSet::new());
+        assert_eq!(s28.realisation_format(), RealisationFormat::DrvPathKeyed);
+        assert_eq!(s28.ca_rule().unwrap(), (CaRule::SelfRefPositions, true));
+    }
+
+    #[test]
+    fn parse_versions() {
+        assert_eq!("2.8".parse::<NixVersion>().unwrap(), NixVersion(2, 8));
+        assert_eq!("2.24.3".parse::<NixVersion>().unwrap(), NixVersion(2, 24));
+        assert!("2".parse::<NixVersion>().is_err());
+        assert!("2.x".parse::<NixVersion>().is_err());
+    }
+}

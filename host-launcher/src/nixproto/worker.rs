@@ -1,0 +1,657 @@
+//! The worker protocol, server side (`vouch nix-builder --stdio`, what `ssh-ng://` runs).
+//!
+//! Handshake (all client versions from 1.34, Nix 2.8, through 1.38 with feature negotiation):
+//!
+//! ```text
+//! C→S u64 WORKER_MAGIC_1               (clients ≥ 2.24 send their version right after it)
+//! S→C u64 WORKER_MAGIC_2, u64 1.38
+//! C→S u64 clientVersion                 v = min(client, 1.38)
+//! v ≥ 1.38: C→S strings features; S→C strings ours   (negotiated = intersection)
+//! v ≥ 1.14: C→S u64 cpuAffinity [+ u64]; v ≥ 1.11: C→S u64 reserveSpace
+//! v ≥ 1.33: S→C string version; v ≥ 1.35: S→C u64 trusted (1)
+//! S→C STDERR_LAST
+//! ```
+//!
+//! Then per operation: `u64 op` and its arguments, parsed into an [`Action`]; while it runs, log
+//! messages (`STDERR_START_ACTIVITY`/`STDERR_RESULT`/`STDERR_STOP_ACTIVITY`, a build activity
+//! with `resBuildLogLine` results, flushed as they happen); then `STDERR_LAST` and the result, or
+//! `STDERR_ERROR` with a message. An unknown or unsupported operation gets `STDERR_ERROR` naming
+//! it and the connection closes (its arguments cannot be skipped); a bad upload is drained to
+//! its end first, so the session goes on.
+//!
+//! What is not here: what the operations do (the [`Handler`]), record encodings (`types`).
+
+use std::collections::BTreeSet;
+use std::io::{self, BufRead, Read, Write};
+
+use nix_formats::StorePath;
+
+use super::action::{
+    error_chain, Action, ActionError, BuildRequest, Handler, LogSink, PathInfo, Reply,
+    UploadSource,
+};
+use super::types::{self, CodecError};
+use super::version::{minor, show, ClientProfile, Protocol, ProtoVersion, FEATURE_REALISATION_WITH_PATH};
+use super::wire::{FramedReader, WireError, WireRead, WireWrite};
+use super::ServerError;
+
+/// First word a client sends.
+pub const WORKER_MAGIC_1: u64 = 0x6e69_7863;
+/// First word the server answers.
+pub const WORKER_MAGIC_2: u64 = 0x6478_696f;
+/// The version we speak: 1.38.
+pub const SERVER_VERSION: ProtoVersion = 0x126;
+/// The oldest client we serve: 1.34 (Nix 2.8).
+pub const MIN_CLIENT_VERSION: ProtoVersion = 0x122;
+/// Features we offer.
+pub const SERVER_FEATURES: &[&str] = &[FEATURE_REALISATION_WITH_PATH];
+
+/// `STDERR_NEXT`: a log line.
+pub const STDERR_NEXT: u64 = 0x6f6c_6d67;
+/// `STDERR_READ`: the server asks for data.
+pub const STDERR_READ: u64 = 0x6461_7461;
+/// `STDERR_WRITE`: data for the client.
+pub const STDERR_WRITE: u64 = 0x6461_7416;
+/// `STDERR_LAST`: the result follows.
+pub const STDERR_LAST: u64 = 0x616c_7473;
+/// `STDERR_ERROR`: the operation failed.
+pub const STDERR_ERROR: u64 = 0x6378_7470;
+/// `STDERR_START_ACTIVITY`.
+pub const STDERR_START_ACTIVITY: u64 = 0x5354_5254;
+/// `STDERR_STOP_ACTIVITY`.
+pub const STDERR_STOP_ACTIVITY: u64 = 0x5354_4f50;
+/// `STDERR_RESULT`.
+pub const STDERR_RESULT: u64 = 0x5253_4c54;
+
+/// Activity type `actBuild`.
+pub const ACT_BUILD: u64 = 105;
+/// Result type `resBuildLogLine`.
+pub const RES_BUILD_LOG_LINE: u64 = 101;
+/// Verbosity `lvlInfo`.
+pub const LVL_INFO: u64 = 3;
+
+/// Worker operation numbers and names (Nix's `WorkerProto::Op`).
+pub fn op_name(op: u64) -> &'static str {
+    match op {
+        1 => "IsValidPath",
+        3 => "HasSubstitutes",
+        4 => "QueryPathHash",
+        5 => "QueryReferences",
+        6 => "QueryReferrers",
+        7 => "AddToStore",
+        8 => "AddTextToStore",
+        9 => "BuildPaths",
+        10 => "EnsurePath",
+        11 => "AddTempRoot",
+        12 => "AddIndirectRoot",
+        13 => "SyncWithGC",
+        14 => "FindRoots",
+        16 => "ExportPath",
+        18 => "QueryDeriver",
+        19 => "SetOptions",
+        20 => "CollectGarbage",
+        21 => "QuerySubstitutablePathInfo",
+        22 => "QueryDerivationOutputs",
+        23 => "QueryAllValidPaths",
+        24 => "QueryFailedPaths",
+        25 => "ClearFailedPaths",
+        26 => "QueryPathInfo",
+        27 => "ImportPaths",
+        28 => "QueryDerivationOutputNames",
+        29 => "QueryPathFromHashPart",
+        30 => "QuerySubstitutablePathInfos",
+        31 => "QueryValidPaths",
+        32 => "QuerySubstitutablePaths",
+        33 => "QueryValidDerivers",
+        34 => "OptimiseStore",
+        35 => "VerifyStore",
+        36 => "BuildDerivation",
+        37 => "AddSignatures",
+        38 => "NarFromPath",
+        39 => "AddToStoreNar",
+        40 => "QueryMissing",
+        41 => "QueryDerivationOutputMap",
+        42 => "RegisterDrvOutput",
+        43 => "QueryRealisation",
+        44 => "AddMultipleToStore",
+        45 => "AddBuildLog",
+        46 => "BuildPathsWithResults",
+        47 => "AddPermRoot",
+        _ => "unknown",
+    }
+}
+
+/// Options of the worker front-end.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// The version string `nix store ping` shows.
+    pub version_string: String,
+    /// `--client-nix-version`, copied into the client profile.
+    pub declared_nix: Option<super::version::NixVersion>,
+}
+
+/// Serve one worker-protocol connection until the client hangs up.
+pub fn serve<R: BufRead, W: Write>(
+    mut r: R,
+    mut w: W,
+    cfg: &WorkerConfig,
+    handler: &mut dyn Handler,
+) -> Result<(), ServerError> {
+    let profile = handshake(&mut r, &mut w, cfg)?;
+    tracing::info!(
+        version = %show(profile.version),
+        features = ?profile.features,
+        client = %profile.nix_range(),
+        "worker protocol handshake done"
+    );
+    let mut conn = Conn { w, profile, next_activity: (std::process::id() as u64) << 32 };
+    loop {
+        let Some(op) = r.read_u64_or_eof()? else {
+            tracing::debug!("client closed the connection");
+            return Ok(());
+        };
+        tracing::debug!(op, name = op_name(op), "operation");
+        match conn.op(op, &mut r, handler)? {
+            Flow::Continue => {}
+            Flow::Close => return Ok(()),
+        }
+    }
+}
+
+/// The handshake; on success the client has its `STDERR_LAST`.
+pub fn handshake<R: Read, W: Write>(
+    r: &mut R,
+    w: &mut W,
+    cfg: &WorkerConfig,
+) -> Result<ClientProfile, ServerError> {
+    let magic = r.read_u64()?;
+    if magic != WORKER_MAGIC_1 {
+        return Err(ServerError::BadMagic { protocol: "worker", got: magic });
+    }
+    w.write_u64(WORKER_MAGIC_2)?;
+    w.write_u64(SERVER_VERSION)?;
+    w.flush().map_err(WireError::from)?;
+    let client_version = r.read_u64()?;
+    if client_version >> 8 != 1 {
+        return Err(ServerError::Version { protocol: "worker", version: show(client_version) });
+    }
+    let version = client_version.min(SERVER_VERSION);
+    let mut features = BTreeSet::new();
+    if minor(version) >= 38 {
+        let theirs = r.read_string_set("client features")?;
+        let ours: Vec<String> = SERVER_FEATURES.iter().map(|s| s.to_string()).collect();
+        w.write_strings(&ours)?;
+        w.flush().map_err(WireError::from)?;
+        features = ours.into_iter().filter(|f| theirs.contains(f)).collect();
+    }
+    if minor(version) >= 14 && r.read_u64()? != 0 {
+        r.read_u64()?; // obsolete CPU affinity
+    }
+    if minor(version) >= 11 {
+        r.read_u64()?; // obsolete reserveSpace
+    }
+    if minor(version) >= 33 {
+        w.write_str(&cfg.version_string)?;
+    }
+    if minor(version) >= 35 {
+        w.write_u64(1)?; // trusted: Nix ≥ 2.16 then sends BuildDerivation for every derivation
+    }
+    if version < MIN_CLIENT_VERSION {
+        let msg = format!(
+            "vouch needs a Nix client speaking worker protocol 1.34 (Nix 2.8) or later; this one speaks {}",
+            show(version)
+        );
+        write_error(w, version, &msg)?;
+        w.flush().map_err(WireError::from)?;
+        return Err(ServerError::Version { protocol: "worker", version: show(version) });
+    }
+    w.write_u64(STDERR_LAST)?;
+    w.flush().map_err(WireError::from)?;
+    let mut profile = ClientProfile::new(Protocol::Worker, version, features);
+    profile.declared_nix = cfg.declared_nix;
+    Ok(profile)
+}
+
+/// `STDERR_ERROR` in the layout of `version`.
+pub fn write_error(w: &mut impl Write, version: ProtoVersion, msg: &str) -> Result<(), WireError> {
+    w.write_u64(STDERR_ERROR)?;
+    if minor(version) >= 26 {
+        w.write_str("Error")?;
+        w.write_u64(0)?; // lvlError
+        w.write_str("Error")?;
+        w.write_str(msg)?;
+        w.write_u64(0)?; // no position
+        w.write_u64(0)?; // no traces
+    } else {
+        w.write_str(msg)?;
+        w.write_u64(1)?; // exit status
+    }
+    Ok(())
+}
+
+enum Flow {
+    Continue,
+    Close,
+}
+
+struct Conn<W: Write> {
+    w: W,
+    profile: ClientProfile,
+    next_activity: u64,
+}
+
+impl<W: Write> Conn<W> {
+    fn flush(&mut self) -> Result<(), WireError> {
+        self.w.flush().map_err(WireError::from)
+    }
+
+    fn error(&mut self, msg: &str) -> Result<(), ServerError> {
+        tracing::warn!("{msg}");
+        write_error(&mut self.w, self.profile.version, msg)?;
+        self.flush()?;
+        Ok(())
+    }
+
+    fn op<R: BufRead>(
+        &mut self,
+        op: u64,
+        r: &mut R,
+        handler: &mut dyn Handler,
+    ) -> Result<Flow, ServerError> {
+        let version = self.profile.version;
+        let parsed: Result<Parsed<'static>, CodecError> = (|| {
+            Ok(match op {
+                1 => Parsed::IsValid(types::read_store_path(r, "path")?),
+                19 => Parsed::Action(Action::SetOptions(types::read_client_options(r, version)?)),
+                26 => Parsed::PathInfo(types::read_store_path(r, "path")?),
+                31 => {
+                    let paths = types::read_store_path_set(r, "paths")?;
+                    let substitute = minor(version) >= 27 && r.read_bool()?;
+                    Parsed::Action(Action::QueryValidPaths { paths, substitute })
+                }
+                36 => {
+                    let drv_path = types::read_store_path(r, "drvPath")?;
+                    let drv = types::read_basic_derivation(r, &drv_path)?;
+                    let mode = types::read_build_mode(r)?;
+                    Parsed::Action(Action::BuildDerivation(Box::new(BuildRequest {
+                        drv_path,
+                        drv,
+                        mode,
+                        options: None,
+                        client: self.profile.clone(),
+                    })))
+                }
+                38 => Parsed::Nar(types::read_store_path(r, "path")?),
+                39 => {
+                    let info = types::read_upload_info(r)?;
+                    let repair = r.read_bool()?;
+                    let _dont_check_sigs = r.read_bool()?; // uploads are checked by content
+                    Parsed::AddOne(Box::new(info), repair)
+                }
+                44 => {
+                    let repair = r.read_bool()?;
+                    let _dont_check_sigs = r.read_bool()?;
+                    Parsed::AddMany(repair)
+                }
+                _ => Parsed::Unsupported,
+            })
+        })();
+        let parsed = match parsed {
+            Ok(p) => p,
+            Err(CodecError::Wire(e)) => return Err(e.into()),
+            Err(e) => {
+                // The request was malformed: we cannot know where it ends.
+                self.error(&format!("bad {} request: {}", op_name(op), error_chain(&e)))?;
+                return Ok(Flow::Close);
+            }
+        };
+        match parsed {
+            Parsed::Unsupported => {
+                let msg = if op_name(op) == "unknown" {
+                    format!("vouch nix-builder: unknown worker operation {op}")
+                } else {
+                    format!(
+                        "vouch nix-builder does not support worker operation {op} ({}); it serves \
+                         Nix's remote-build hook (build-remote) and `nix copy`",
+                        op_name(op)
+                    )
+                };
+                self.error(&msg)?;
+                Ok(Flow::Close)
+            }
+            Parsed::IsValid(path) => {
+                let paths = BTreeSet::from([path.clone()]);
+                let reply = self.run(handler, Action::QueryValidPaths { paths, substitute: false });
+                self.answer(reply, |w, reply| match reply {
+                    Reply::ValidPaths(v) => Ok(w.write_bool(v.contains(&path))?),
+                    other => Err(unexpected(other)),
+                })
+            }
+            Parsed::PathInfo(path) => {
+                let reply = self.run(handler, Action::QueryPathInfo(path));
+                self.answer(reply, |w, reply| match reply {
+                    Reply::PathInfo(None) => Ok(w.write_u64(0)?),
+                    Reply::PathInfo(Some(info)) => {
+                        w.write_u64(1)?;
+                        types::write_unkeyed_path_info(w, &info, version)
+                    }
+                    other => Err(unexpected(other)),
+                })
+            }
+            Parsed::Nar(path) => {
+                let reply = self.run(handler, Action::NarFromPath(path));
+                self.answer(reply, |w, reply| match reply {
+                    Reply::Nar(mut nar) => {
+                        let n = io::copy(&mut (&mut nar.reader).take(nar.size), w)
+                            .map_err(WireError::from)?;
+                        if n != nar.size {
+                            return Err(CodecError::Field {
+                                what: "NAR",
+                                problem: format!("store file ended after {n} of {} bytes", nar.size),
+                            });
+                        }
+                        Ok(())
+                    }
+                    other => Err(unexpected(other)),
+                })
+            }
+            Parsed::AddOne(info, repair) => {
+                let mut framed = FramedReader::new(r);
+                let outcome = {
+                    let mut src = OneUpload { info: Some(*info), nar: Taken::new(&mut framed, 0) };
+                    let reply = self.run(handler, Action::AddToStore { repair, uploads: &mut src });
+                    (reply, src.nar.wire_failed)
+                };
+                self.finish_upload(outcome, &mut framed)
+            }
+            Parsed::AddMany(repair) => {
+                let mut framed = FramedReader::new(r);
+                let outcome = {
+                    let mut src =
+                        ManyUploads { left: None, nar: Taken::new(&mut framed, 0), bad: None };
+                    let reply = self.run(handler, Action::AddToStore { repair, uploads: &mut src });
+                    (reply, src.nar.wire_failed)
+                };
+                self.finish_upload(outcome, &mut framed)
+            }
+            Parsed::Action(action) => {
+                let is_build = matches!(action, Action::BuildDerivation(_));
+                let reply = self.run(handler, action);
+                let profile = self.profile.clone();
+                self.answer(reply, |w, reply| match reply {
+                    Reply::Done if !is_build => Ok(()),
+                    Reply::ValidPaths(v) => types::write_store_path_set(w, &v),
+                    Reply::Built(res) => types::write_build_result(w, &res, &profile),
+                    other => Err(unexpected(other)),
+                })
+            }
+        }
+    }
+
+    fn run(&mut self, handler: &mut dyn Handler, action: Action<'_>) -> Result<Reply, ActionError> {
+        let mut log = WorkerLog { conn: self, activity: None, failed: false };
+        let reply = handler.handle(action, &mut log);
+        if log.failed {
+            tracing::warn!("could not send log messages to the client");
+        }
+        reply
+    }
+
+    /// After an upload: drain what the core did not read, so the protocol stays in step.
+    fn finish_upload<R: Read + ?Sized>(
+        &mut self,
+        (reply, wire_failed): (Result<Reply, ActionError>, Option<io::ErrorKind>),
+        framed: &mut FramedReader<'_, R>,
+    ) -> Result<Flow, ServerError> {
+        if let Some(kind) = wire_failed {
+            // The peer hung up or the stream broke mid-upload: nothing was registered (the
+            // core commits only complete, verified uploads); there is no one to answer.
+            return Err(ServerError::PeerGone(kind));
+        }
+        let extra = framed.drain()?;
+        let reply = match reply {
+            Ok(_) if extra > 0 => Err(format!(
+                "the upload carried {extra} bytes after the last NAR; nothing was registered"
+            )
+            .into()),
+            other => other,
+        };
+        self.answer(reply, |_, reply| match reply {
+            Reply::Done => Ok(()),
+            other => Err(unexpected(other)),
+        })
+    }
+
+    fn answer(
+        &mut self,
+        reply: Result<Reply, ActionError>,
+        write: impl FnOnce(&mut W, Reply) -> Result<(), CodecError>,
+    ) -> Result<Flow, ServerError> {
+        match reply {
+            Ok(reply) => {
+                self.w.write_u64(STDERR_LAST)?;
+                match write(&mut self.w, reply) {
+                    Ok(()) => {}
+                    Err(CodecError::Wire(e)) => return Err(e.into()),
+                    // We already sent STDERR_LAST; the connection cannot carry an error now.
+                    Err(e) => return Err(ServerError::Reply(error_chain(&e))),
+                }
+                self.flush()?;
+                Ok(Flow::Continue)
+            }
+            Err(e) => {
+                self.error(&error_chain(e.as_ref()))?;
+                Ok(Flow::Continue)
+            }
+        }
+    }
+}
+
+fn unexpected(reply: Reply) -> CodecError {
+    CodecError::Field { what: "reply", problem: format!("the core answered {reply:?}") }
+}
+
+enum Parsed<'a> {
+    Action(Action<'a>),
+    IsValid(StorePath),
+    PathInfo(StorePath),
+    Nar(StorePath),
+    AddOne(Box<PathInfo>, bool),
+    AddMany(bool),
+    Unsupported,
+}
+
+/// A reader limited to `left` bytes that remembers whether the underlying stream failed.
+struct Taken<'r, R: Read + ?Sized> {
+    inner: &'r mut R,
+    left: u64,
+    wire_failed: Option<io::ErrorKind>,
+}
+
+impl<'r, R: Read + ?Sized> Taken<'r, R> {
+    fn new(inner: &'r mut R, left: u64) -> Self {
+        Taken { inner, left, wire_failed: None }
+    }
+
+    fn skip_rest(&mut self) -> io::Result<()> {
+        let mut sink = io::sink();
+        io::copy(self, &mut sink)?;
+        Ok(())
+    }
+}
+
+impl<R: Read + ?Sized> Read for Taken<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.left == 0 || buf.is_empty() {
+            return Ok(0);
+        }
+        let want = buf.len().min(self.left.min(usize::MAX as u64) as usize);
+        match self.inner.read(&mut buf[..want]) {
+            Ok(0) => {
+                self.wire_failed = Some(io::ErrorKind::UnexpectedEof);
+                Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the client hung up with {} NAR bytes still due", self.left),
+                ))
+            }
+            Ok(n) => {
+                self.left -= n as u64;
+                Ok(n)
+            }
+            Err(e) => {
+                if e.kind() != io::ErrorKind::InvalidData {
+                    self.wire_failed = Some(e.kind());
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+/// `AddToStoreNar`: one path, its NAR in the framed stream.
+struct OneUpload<'f, 'r, R: Read + ?Sized> {
+    info: Option<PathInfo>,
+    nar: Taken<'f, FramedReader<'r, R>>,
+}
+
+impl<R: Read + ?Sized> UploadSource for OneUpload<'_, '_, R> {
+    fn next_path(&mut self) -> Result<Option<PathInfo>, ActionError> {
+        self.nar.skip_rest()?;
+        let info = self.info.take();
+        if let Some(i) = &info {
+            self.nar.left = i.nar_size;
+        }
+        Ok(info)
+    }
+
+    fn nar(&mut self) -> &mut dyn Read {
+        &mut self.nar
+    }
+}
+
+/// `AddMultipleToStore`: in the framed stream, a count, then per path its info and NAR.
+struct ManyUploads<'f, 'r, R: Read + ?Sized> {
+    left: Option<u64>,
+    nar: Taken<'f, FramedReader<'r, R>>,
+    bad: Option<String>,
+}
+
+impl<R: Read + ?Sized> UploadSource for ManyUploads<'_, '_, R> {
+    fn next_path(&mut self) -> Result<Option<PathInfo>, ActionError> {
+        if let Some(bad) = &self.bad {
+            return Err(bad.clone().into());
+        }
+        self.nar.skip_rest()?;
+        let left = match self.left {
+            Some(n) => n,
+            None => match self.nar.inner.read_count("number of paths") {
+                Ok(n) => n as u64,
+                Err(e) => return Err(self.note(e)),
+            },
+        };
+        if left == 0 {
+            self.left = Some(0);
+            return Ok(None);
+        }
+        let info = match types::read_upload_info(&mut *self.nar.inner) {
+            Ok(info) => info,
+            Err(CodecError::Wire(w)) => return Err(self.note(w)),
+            Err(other) => {
+                self.bad = Some(error_chain(&other));
+                return Err(Box::new(other));
+            }
+        };
+        self.left = Some(left - 1);
+        self.nar.left = info.nar_size;
+        Ok(Some(info))
+    }
+
+    fn nar(&mut self) -> &mut dyn Read {
+        &mut self.nar
+    }
+}
+
+impl<R: Read + ?Sized> ManyUploads<'_, '_, R> {
+    fn note(&mut self, e: WireError) -> ActionError {
+        match &e {
+            WireError::Eof => self.nar.wire_failed = Some(io::ErrorKind::UnexpectedEof),
+            WireError::Io(io) if io.kind() != io::ErrorKind::InvalidData => {
+                self.nar.wire_failed = Some(io.kind())
+            }
+            _ => {}
+        }
+        Box::new(e)
+    }
+}
+
+/// Build logs as activities on the worker stream, flushed per message.
+struct WorkerLog<'c, W: Write> {
+    conn: &'c mut Conn<W>,
+    activity: Option<u64>,
+    failed: bool,
+}
+
+impl<W: Write> WorkerLog<'_, W> {
+    fn send(&mut self, f: impl FnOnce(&mut W) -> Result<(), WireError>) {
+        if self.failed {
+            return;
+        }
+        let w = &mut self.conn.w;
+        if f(w).and_then(|()| w.flush().map_err(WireError::from)).is_err() {
+            self.failed = true;
+        }
+    }
+}
+
+impl<W: Write> LogSink for WorkerLog<'_, W> {
+    fn build_started(&mut self, drv_path: &StorePath) {
+        let id = self.conn.next_activity;
+        self.conn.next_activity += 1;
+        self.activity = Some(id);
+        let text = format!("building '{drv_path}' in a vouch VM");
+        let drv = drv_path.to_string();
+        self.send(|w| {
+            w.write_u64(STDERR_START_ACTIVITY)?;
+            w.write_u64(id)?;
+            w.write_u64(LVL_INFO)?;
+            w.write_u64(ACT_BUILD)?;
+            w.write_str(&text)?;
+            w.write_u64(4)?; // fields: drvPath, machineName, curRound, nrRounds
+            w.write_u64(1)?;
+            w.write_str(&drv)?;
+            w.write_u64(1)?;
+            w.write_str("")?;
+            w.write_u64(0)?;
+            w.write_u64(1)?;
+            w.write_u64(0)?;
+            w.write_u64(1)?;
+            w.write_u64(0) // parent
+        });
+    }
+
+    fn line(&mut self, line: &str) {
+        match self.activity {
+            Some(id) => self.send(|w| {
+                w.write_u64(STDERR_RESULT)?;
+                w.write_u64(id)?;
+                w.write_u64(RES_BUILD_LOG_LINE)?;
+                w.write_u64(1)?;
+                w.write_u64(1)?;
+                w.write_str(line)
+            }),
+            None => self.send(|w| {
+                w.write_u64(STDERR_NEXT)?;
+                w.write_str(&format!("{line}\n"))
+            }),
+        }
+    }
+
+    fn build_finished(&mut self) {
+        if let Some(id) = self.activity.take() {
+            self.send(|w| {
+                w.write_u64(STDERR_STOP_ACTIVITY)?;
+                w.write_u64(id)
+            });
+        }
+    }
+}

@@ -1,0 +1,548 @@
+//! The host content store: store paths a client uploaded or a VM built, kept between builder
+//! processes (Nix starts one per derivation).
+//!
+//! Layout under `<state dir>/store/`: `index.sqlite` (see [`db`]), `nar/<hash part>-<tag>.nar`
+//! (one uncompressed NAR per valid path), `tmp/` (uploads being received, named after their
+//! process so a dead process's leftovers are recognisable).
+//!
+//! Guarantees:
+//! - **Checked before valid**: every NAR is received into `tmp/`, parsed, hashed, its content
+//!   address (if claimed) recomputed ([`ingest`]), fsynced; its references must be valid or in the
+//!   same batch. Only then, in one `BEGIN IMMEDIATE` transaction per batch, are the files renamed
+//!   into `nar/` and the rows inserted. A half-received or rejected NAR is never visible; a crash
+//!   between rename and commit leaves an orphan file that the next [`ContentStore::open`] removes.
+//! - **Concurrency**: any number of processes share the store (SQLite WAL, busy timeout, writers
+//!   serialised by immediate transactions; NAR file names are unique per writer, so a reader's
+//!   open file is never replaced under it).
+//! - **Size bound** ([`StoreConfig::max_bytes`]): before a batch commits, least recently used
+//!   paths are evicted until it fits — never a path that a live process has **pinned** (a
+//!   session pins what it uploaded, what it answered as valid, a build's input closure and
+//!   outputs), nor one that a remaining path refers to. Pins die with their process ([`owner`]).
+//!   If pinned paths leave no room, the batch is refused with an error saying so.
+//!
+//! What is not here: protocol handling (`crate::nixproto`), builds (`crate::nixbuilder`).
+
+pub mod db;
+pub mod ingest;
+pub mod owner;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use nix_formats::ca::SelfRefRule;
+use nix_formats::StorePath;
+use rusqlite::{Connection, TransactionBehavior};
+
+use crate::nixproto::{ActionError, PathInfo, UploadSource};
+use ingest::Staged;
+use owner::ProcessId;
+
+/// Default size bound: 20 GiB of NARs.
+pub const DEFAULT_MAX_BYTES: u64 = 20 << 30;
+
+/// Content store settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// Most NAR bytes kept (eviction beyond).
+    pub max_bytes: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig { max_bytes: DEFAULT_MAX_BYTES }
+    }
+}
+
+/// What was wrong with one uploaded path.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadProblem {
+    /// Declared larger than the whole store may be.
+    #[error("its NAR ({size} bytes) is larger than the content store's bound ({max} bytes)")]
+    TooLarge {
+        /// Declared size.
+        size: u64,
+        /// The bound.
+        max: u64,
+    },
+    /// Not a valid NAR within its declared size.
+    #[error("its NAR is not valid within the declared size of {declared_size} bytes (received {received})")]
+    BadNar {
+        /// Declared size.
+        declared_size: u64,
+        /// Bytes received.
+        received: u64,
+        /// The parser's complaint.
+        #[source]
+        source: nix_formats::nar::NarError,
+    },
+    /// Fewer bytes than declared.
+    #[error("its NAR has {actual} bytes, the client declared {declared}")]
+    SizeMismatch {
+        /// Declared.
+        declared: u64,
+        /// Received.
+        actual: u64,
+    },
+    /// Wrong NAR hash.
+    #[error("NAR hash mismatch: the client declared sha256:{}, the NAR it sent has sha256:{}", nix_formats::base32::encode(.declared), nix_formats::base32::encode(.actual))]
+    HashMismatch {
+        /// Declared.
+        declared: [u8; 32],
+        /// Computed.
+        actual: [u8; 32],
+    },
+    /// The `ca` field does not parse.
+    #[error("its content address does not parse")]
+    BadContentAddress(#[source] nix_formats::content_address::ContentAddressParseError),
+    /// The contents or path do not match the claimed content address.
+    #[error("it claims content address `{ca}`, which its contents do not reproduce")]
+    ContentAddress {
+        /// The claim.
+        ca: String,
+        /// Why.
+        #[source]
+        source: nix_formats::content_address::VerifyError,
+    },
+    /// A reference that is neither valid here nor in the same upload.
+    #[error("it references {reference}, which is neither in vouch's content store nor in the same upload")]
+    MissingReference {
+        /// The reference.
+        reference: StorePath,
+    },
+}
+
+/// Why a content store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The index.
+    #[error("content store index ({context})")]
+    Db {
+        /// What was being done.
+        context: &'static str,
+        /// SQLite's error.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// A file operation.
+    #[error("content store: {op} {}", path.display())]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An upload was refused (nothing of its batch was registered).
+    #[error("upload of {path} refused: {problem}; nothing of this upload was registered")]
+    Upload {
+        /// The path.
+        path: StorePath,
+        /// What was wrong.
+        #[source]
+        problem: UploadProblem,
+    },
+    /// Reading the upload from the client failed.
+    #[error("receiving the upload; nothing of it was registered")]
+    Source(#[source] ActionError),
+    /// Pinned paths leave no room.
+    #[error("the content store is full: {needed} more bytes do not fit in {max} ({used} used, {pinned} pinned by running builds and sessions); nothing was registered")]
+    Full {
+        /// Bytes wanted.
+        needed: u64,
+        /// The bound.
+        max: u64,
+        /// Bytes in use.
+        used: u64,
+        /// Bytes pinned.
+        pinned: u64,
+    },
+    /// A path that should be valid is not.
+    #[error("{path} is not in vouch's content store")]
+    Missing {
+        /// The path.
+        path: StorePath,
+    },
+}
+
+fn dbe(context: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
+    move |source| StoreError::Db { context, source }
+}
+
+/// Where a valid path came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A client uploaded it.
+    Upload,
+    /// A VM built it (after the launcher checked the statement and evidence).
+    Build,
+}
+
+impl Origin {
+    fn as_str(self) -> &'static str {
+        match self {
+            Origin::Upload => "upload",
+            Origin::Build => "build",
+        }
+    }
+}
+
+/// What eviction removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Evicted {
+    /// The paths.
+    pub paths: Vec<String>,
+    /// Their NAR bytes.
+    pub bytes: u64,
+}
+
+/// An open content store (one per process; it is `Sync`).
+#[derive(Debug)]
+pub struct ContentStore {
+    dir: PathBuf,
+    db: Mutex<Connection>,
+    me: ProcessId,
+    owner: i64,
+    cfg: StoreConfig,
+    counter: AtomicU64,
+}
+
+impl ContentStore {
+    /// Open (creating if needed) the store in `dir`, register this process as a pin owner, and
+    /// clean up after dead processes (their pins, temporary files and orphaned NAR files).
+    pub fn open(dir: &Path, cfg: StoreConfig) -> Result<ContentStore, StoreError> {
+        for sub in ["nar", "tmp"] {
+            let d = dir.join(sub);
+            fs::create_dir_all(&d).map_err(|source| StoreError::Io { op: "create", path: d, source })?;
+        }
+        let conn = db::open(&dir.join("index.sqlite")).map_err(dbe("open"))?;
+        let me = ProcessId::current();
+        let owner = db::add_owner(&conn, &me).map_err(dbe("register owner"))?;
+        let store = ContentStore { dir: dir.to_path_buf(), db: Mutex::new(conn), me, owner, cfg, counter: AtomicU64::new(0) };
+        store.clean_up()?;
+        Ok(store)
+    }
+
+    /// The store directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The settings.
+    pub fn config(&self) -> StoreConfig {
+        self.cfg
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.db.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn nar_path(&self, file: &str) -> PathBuf {
+        self.dir.join("nar").join(file)
+    }
+
+    /// Remove dead owners, their temporary files, and NAR files no row names.
+    fn clean_up(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(dbe("clean up"))?;
+        db::drop_dead_owners(&tx).map_err(dbe("drop dead owners"))?;
+        let used = db::nar_files(&tx).map_err(dbe("list NAR files"))?;
+        let nar_dir = self.dir.join("nar");
+        if let Ok(entries) = fs::read_dir(&nar_dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !used.contains(&name) {
+                    tracing::info!(file = %name, "removing an orphaned NAR file (a writer died before committing)");
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+        if let Ok(entries) = fs::read_dir(self.dir.join("tmp")) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                // `<pid>-<start ticks>-<owner>-<n>`
+                let mut parts = name.splitn(3, '-');
+                let tag = format!("{}-{}", parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+                if ProcessId::from_tag(&tag).is_none_or(|p| !p.is_alive()) {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+        tx.commit().map_err(dbe("clean up"))
+    }
+
+    /// Which of `paths` are valid; with `pin`, those are pinned for this process in the same
+    /// transaction (so they cannot be evicted before the session uses them).
+    pub fn query_valid(&self, paths: &BTreeSet<StorePath>, pin: bool) -> Result<BTreeSet<StorePath>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(dbe("query"))?;
+        let mut valid = BTreeSet::new();
+        let mut ids = Vec::new();
+        for p in paths {
+            if let Some(row) = db::get(&tx, p).map_err(dbe("query"))? {
+                if self.nar_path(&row.nar_file).is_file() {
+                    ids.push(row.id);
+                    valid.insert(p.clone());
+                    if pin {
+                        db::pin(&tx, self.owner, p).map_err(dbe("pin"))?;
+                    }
+                } else {
+                    tracing::error!(path = %p, file = %row.nar_file, "NAR file missing; treating the path as invalid");
+                }
+            }
+        }
+        db::touch(&tx, &ids).map_err(dbe("touch"))?;
+        tx.commit().map_err(dbe("query"))?;
+        Ok(valid)
+    }
+
+    /// The info of a valid path.
+    pub fn path_info(&self, path: &StorePath) -> Result<Option<PathInfo>, StoreError> {
+        Ok(db::get(&self.conn(), path).map_err(dbe("query path info"))?.map(|r| r.info))
+    }
+
+    /// A valid path's info and its NAR file, opened.
+    pub fn open_nar(&self, path: &StorePath) -> Result<Option<(PathInfo, File)>, StoreError> {
+        let Some(row) = db::get(&self.conn(), path).map_err(dbe("query path info"))? else {
+            return Ok(None);
+        };
+        let p = self.nar_path(&row.nar_file);
+        let f = File::open(&p).map_err(|source| StoreError::Io { op: "open", path: p, source })?;
+        Ok(Some((row.info, f)))
+    }
+
+    /// Pin paths for this process (they stay until it exits or [`ContentStore::unpin_all`]).
+    pub fn pin(&self, paths: &BTreeSet<StorePath>) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(dbe("pin"))?;
+        for p in paths {
+            db::pin(&tx, self.owner, p).map_err(dbe("pin"))?;
+        }
+        tx.commit().map_err(dbe("pin"))
+    }
+
+    /// Release this process's pins.
+    pub fn unpin_all(&self) -> Result<(), StoreError> {
+        self.conn()
+            .execute("DELETE FROM pins WHERE owner = ?1", [self.owner])
+            .map(drop)
+            .map_err(dbe("unpin"))
+    }
+
+    /// The closure of `roots` (every path must be valid), with infos.
+    pub fn closure(&self, roots: &BTreeSet<StorePath>) -> Result<BTreeMap<StorePath, PathInfo>, StoreError> {
+        let conn = self.conn();
+        let mut out = BTreeMap::new();
+        let mut todo: Vec<StorePath> = roots.iter().cloned().collect();
+        while let Some(p) = todo.pop() {
+            if out.contains_key(&p) {
+                continue;
+            }
+            let row = db::get(&conn, &p).map_err(dbe("closure"))?.ok_or(StoreError::Missing { path: p.clone() })?;
+            todo.extend(row.info.references.iter().filter(|r| !out.contains_key(*r)).cloned());
+            out.insert(p, row.info);
+        }
+        Ok(out)
+    }
+
+    /// NAR bytes of all valid paths.
+    pub fn used_bytes(&self) -> Result<u64, StoreError> {
+        db::total_size(&self.conn()).map_err(dbe("size"))
+    }
+
+    fn tmp_file(&self) -> PathBuf {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        self.dir.join("tmp").join(format!("{}-{}-{n}", self.me.tag(), self.owner))
+    }
+
+    /// Receive, check and register a batch (see the module docs). `rules` are the self-reference
+    /// rules a claimed content address may be checked under, preferred first. Returns the paths
+    /// the batch contained (already valid ones included); they are pinned for this process.
+    pub fn add(
+        &self,
+        uploads: &mut dyn UploadSource,
+        rules: &[SelfRefRule],
+        origin: Origin,
+    ) -> Result<Vec<StorePath>, StoreError> {
+        let mut staged: Vec<Staged> = Vec::new();
+        let mut already = Vec::new();
+        while let Some(info) = uploads.next_path().map_err(StoreError::Source)? {
+            let twice = staged.iter().any(|s| s.info.path == info.path) || already.contains(&info.path);
+            if twice || self.pin_if_valid(&info.path)? {
+                // Valid already (or twice in the batch): consume its NAR, register nothing new.
+                tracing::debug!(path = %info.path, "already valid; skipping its NAR");
+                std::io::copy(uploads.nar(), &mut std::io::sink())
+                    .map_err(|e| StoreError::Source(Box::new(e)))?;
+                already.push(info.path);
+                continue;
+            }
+            let tmp = self.tmp_file();
+            staged.push(ingest::receive(info, uploads.nar(), tmp, self.cfg.max_bytes, rules)?);
+        }
+        let mut paths: Vec<StorePath> = staged.iter().map(|s| s.info.path.clone()).collect();
+        self.commit(staged, origin)?;
+        paths.extend(already);
+        Ok(paths)
+    }
+
+    /// Pin `path` if it is valid (one transaction); whether it was.
+    fn pin_if_valid(&self, path: &StorePath) -> Result<bool, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(dbe("pin"))?;
+        let valid = db::id_of(&tx, path).map_err(dbe("query"))?.is_some();
+        if valid {
+            db::pin(&tx, self.owner, path).map_err(dbe("pin"))?;
+        }
+        tx.commit().map_err(dbe("pin"))?;
+        Ok(valid)
+    }
+
+    /// Register checked NARs in one transaction (references checked, room made by eviction).
+    fn commit(&self, mut staged: Vec<Staged>, origin: Origin) -> Result<(), StoreError> {
+        if staged.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(dbe("commit"))?;
+        let batch: BTreeSet<&StorePath> = staged.iter().map(|s| &s.info.path).collect();
+        let mut fresh = Vec::new();
+        for (i, s) in staged.iter().enumerate() {
+            // Pinned in this transaction, so eviction by others cannot take them before the
+            // session uses them.
+            db::pin(&tx, self.owner, &s.info.path).map_err(dbe("pin"))?;
+            if db::id_of(&tx, &s.info.path).map_err(dbe("commit"))?.is_some() {
+                continue; // another process registered it meanwhile
+            }
+            for r in s.info.references.iter().filter(|r| **r != s.info.path) {
+                if !batch.contains(r) && db::id_of(&tx, r).map_err(dbe("commit"))?.is_none() {
+                    return Err(StoreError::Upload {
+                        path: s.info.path.clone(),
+                        problem: UploadProblem::MissingReference { reference: r.clone() },
+                    });
+                }
+            }
+            fresh.push(i);
+        }
+        let needed: u64 = fresh.iter().map(|&i| staged[i].info.nar_size).sum();
+        let evicted = self.evict_in(&tx, needed)?;
+
+        let mut renamed: Vec<PathBuf> = Vec::new();
+        let result = (|| -> Result<(), StoreError> {
+            let mut ids = Vec::new();
+            for &i in &fresh {
+                let s = &mut staged[i];
+                let n = self.counter.fetch_add(1, Ordering::Relaxed);
+                let file = format!("{}-{}-{}-{n}.nar", s.info.path.hash_part(), self.me.tag(), self.owner);
+                let dest = self.nar_path(&file);
+                fs::rename(&s.tmp, &dest)
+                    .map_err(|source| StoreError::Io { op: "rename", path: dest.clone(), source })?;
+                s.committed = true;
+                renamed.push(dest);
+                ids.push((db::insert(&tx, &s.info, &file, origin.as_str()).map_err(dbe("insert"))?, i));
+            }
+            let nar_dir = self.dir.join("nar");
+            File::open(&nar_dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|source| StoreError::Io { op: "fsync", path: nar_dir, source })?;
+            for (id, i) in ids {
+                db::insert_refs(&tx, id, &staged[i].info).map_err(dbe("insert references"))?;
+            }
+            Ok(())
+        })();
+        let result = result.and_then(|()| tx.commit().map_err(dbe("commit")));
+        if let Err(e) = result {
+            for f in renamed {
+                let _ = fs::remove_file(f);
+            }
+            return Err(e);
+        }
+        for f in &evicted.1 {
+            let _ = fs::remove_file(f);
+        }
+        if !evicted.0.paths.is_empty() {
+            tracing::info!(count = evicted.0.paths.len(), bytes = evicted.0.bytes, "evicted paths to make room");
+        }
+        Ok(())
+    }
+
+    /// Within a write transaction: evict until `needed` more bytes fit. Returns what was removed
+    /// and the files to delete after the commit.
+    fn evict_in(&self, tx: &Connection, needed: u64) -> Result<(Evicted, Vec<PathBuf>), StoreError> {
+        let max = self.cfg.max_bytes;
+        db::drop_dead_owners(tx).map_err(dbe("drop dead owners"))?;
+        let mut used = db::total_size(tx).map_err(dbe("size"))?;
+        let mut out = Evicted::default();
+        let mut files = Vec::new();
+        while used.saturating_add(needed) > max {
+            let Some((id, path, size, file)) = db::eviction_candidate(tx).map_err(dbe("evict"))? else {
+                let pinned = db::pinned_size(tx).map_err(dbe("size"))?;
+                return Err(StoreError::Full { needed, max, used, pinned });
+            };
+            db::delete(tx, id).map_err(dbe("evict"))?;
+            used -= size;
+            out.bytes += size;
+            out.paths.push(path);
+            files.push(self.nar_path(&file));
+        }
+        Ok((out, files))
+    }
+
+    /// Evict until `needed` more bytes would fit (also what a commit does first).
+    pub fn evict(&self, needed: u64) -> Result<Evicted, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(dbe("evict"))?;
+        let (ev, files) = self.evict_in(&tx, needed)?;
+        tx.commit().map_err(dbe("evict"))?;
+        for f in files {
+            let _ = fs::remove_file(f);
+        }
+        Ok(ev)
+    }
+}
+
+impl Drop for ContentStore {
+    fn drop(&mut self) {
+        let _ = self.conn().execute("DELETE FROM owners WHERE id = ?1", [self.owner]);
+    }
+}
+
+/// Uploads from files (built outputs): each item is a path's info and the file holding its NAR.
+#[derive(Debug)]
+pub struct FileUploads {
+    items: std::vec::IntoIter<(PathInfo, PathBuf)>,
+    current: Option<std::io::BufReader<File>>,
+    empty: std::io::Empty,
+}
+
+impl FileUploads {
+    /// A batch from `(info, NAR file)` pairs.
+    pub fn new(items: Vec<(PathInfo, PathBuf)>) -> Self {
+        FileUploads { items: items.into_iter(), current: None, empty: std::io::empty() }
+    }
+}
+
+impl UploadSource for FileUploads {
+    fn next_path(&mut self) -> Result<Option<PathInfo>, ActionError> {
+        let Some((info, file)) = self.items.next() else {
+            self.current = None;
+            return Ok(None);
+        };
+        let f = File::open(&file).map_err(|e| format!("opening {}: {e}", file.display()))?;
+        self.current = Some(std::io::BufReader::new(f));
+        Ok(Some(info))
+    }
+
+    fn nar(&mut self) -> &mut dyn std::io::Read {
+        match &mut self.current {
+            Some(r) => r,
+            None => &mut self.empty,
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! Reference scanning: which candidate store paths a byte stream (a NAR) mentions.
+//!
+//! A store object refers to another when the other's 32-character hash part occurs anywhere in
+//! its NAR; this is how Nix (`RefScanSink`) finds references, and [`RefScanner`] finds the same
+//! set. It is streaming: feed chunks of any size, a hash part split across chunks is still found
+//! (the last 31 bytes carry over). It is fast the way Nix's is: a window is only examined if
+//! all of its 32 bytes are in the nix32 alphabet, checked from the window's end so that one
+//! non-nix32 byte skips the window past it; inside a long run of nix32 characters each new
+//! position costs one byte check, a 15-bit prefilter and, rarely, a binary search. Scanning
+//! stops once every candidate is found.
+//!
+//! This module also holds the crate's streaming hash-part search primitive ([`for_each_window`]),
+//! used by the rewriting in [`crate::ca`]. What is not here: deciding the candidate set (the
+//! input closure and the outputs; the caller's policy).
+
+use std::collections::BTreeSet;
+use std::io::{self, Read, Write};
+
+use crate::base32::ALPHABET;
+use crate::nar::{NarDigest, NarHasher};
+use crate::store_path::{StorePath, HASH_PART_LEN};
+
+const N: usize = HASH_PART_LEN;
+
+/// `NIX32_DIGIT[b]` is the digit value of `b` in the nix32 alphabet, or 0xff.
+pub(crate) const NIX32_DIGIT: [u8; 256] = {
+    let mut t = [0xffu8; 256];
+    let mut i = 0;
+    while i < 32 {
+        t[ALPHABET[i] as usize] = i as u8;
+        i += 1;
+    }
+    t
+};
+
+#[inline(always)]
+fn is_nix32(b: u8) -> bool {
+    NIX32_DIGIT[b as usize] != 0xff
+}
+
+/// Calls `f(i)` for every `i` such that `s[i..i + 32]` consists of nix32 characters, in
+/// ascending order, skipping ahead as soon as a non-nix32 byte rules windows out. `f` returns
+/// how many positions to advance (at least 1); it may rewrite `s[i..i + 32]` with other nix32
+/// characters or with non-nix32 bytes (the scan goes on over the rewritten bytes).
+pub fn for_each_window(s: &mut [u8], mut f: impl FnMut(&mut [u8], usize) -> usize) {
+    let len = s.len();
+    let mut i = 0;
+    // s[i..verified] is known to be nix32.
+    let mut verified = 0;
+    'outer: while i + N <= len {
+        let mut j = i + N;
+        while j > verified.max(i) {
+            j -= 1;
+            if !is_nix32(s[j]) {
+                i = j + 1;
+                verified = i;
+                continue 'outer;
+            }
+        }
+        let step = f(s, i).max(1);
+        // A callback may have replaced the window with non-nix32 bytes (zeroing).
+        verified = if is_nix32(s[i + N - 1]) && step < N { i + N } else { i + step };
+        i += step;
+    }
+}
+
+/// The candidate hash parts, sorted, with a prefilter on their first three characters.
+#[derive(Clone, Debug)]
+struct HashPartSet {
+    parts: Vec<[u8; N]>,
+    bloom: Box<[u64; 512]>,
+}
+
+impl HashPartSet {
+    fn new(mut parts: Vec<[u8; N]>) -> Self {
+        parts.sort_unstable();
+        parts.dedup();
+        let mut bloom = Box::new([0u64; 512]);
+        for p in &parts {
+            let k = key(p);
+            bloom[k >> 6] |= 1 << (k & 63);
+        }
+        Self { parts, bloom }
+    }
+
+    #[inline(always)]
+    fn find(&self, w: &[u8]) -> Option<usize> {
+        let k = key(w);
+        if self.bloom[k >> 6] & (1 << (k & 63)) == 0 {
+            return None;
+        }
+        self.parts.binary_search_by(|p| p[..].cmp(&w[..N])).ok()
+    }
+}
+
+#[inline(always)]
+fn key(w: &[u8]) -> usize {
+    let d = |b: u8| (NIX32_DIGIT[b as usize] & 31) as usize;
+    d(w[0]) << 10 | d(w[1]) << 5 | d(w[2])
+}
+
+/// Streaming scanner for the hash parts of candidate store paths; see the module docs.
+#[derive(Clone, Debug)]
+pub struct RefScanner {
+    set: HashPartSet,
+    found: Vec<bool>,
+    remaining: usize,
+    candidates: Vec<StorePath>,
+    /// The last `N - 1` bytes seen (fewer at the start), plus room for `N - 1` new ones.
+    carry: Vec<u8>,
+}
+
+impl RefScanner {
+    /// A scanner for these candidates (two paths sharing a hash part are both reported).
+    pub fn new(candidates: impl IntoIterator<Item = StorePath>) -> Self {
+        let candidates: Vec<StorePath> = candidates.into_iter().collect();
+        let parts = candidates.iter().map(hash_part_bytes).collect();
+        let set = HashPartSet::new(parts);
+        let n = set.parts.len();
+        Self {
+            set,
+            found: vec![false; n],
+            remaining: n,
+            candidates,
+            carry: Vec::with_capacity(2 * N),
+        }
+    }
+
+    /// Scans the next chunk of the stream.
+    pub fn feed(&mut self, data: &[u8]) {
+        if self.remaining == 0 || data.is_empty() {
+            return;
+        }
+        // Windows that straddle the previous chunk and this one.
+        let head = data.len().min(N - 1);
+        self.carry.extend_from_slice(&data[..head]);
+        let mut carry = std::mem::take(&mut self.carry);
+        self.scan(&mut carry);
+        // Windows inside this chunk. `scan` never writes, so scanning a copy is not needed.
+        self.scan_ro(data);
+        // Keep the last N - 1 bytes of the stream.
+        if data.len() >= N - 1 {
+            carry.clear();
+            carry.extend_from_slice(&data[data.len() - (N - 1)..]);
+        } else {
+            let keep = carry.len().min(N - 1);
+            carry.drain(..carry.len() - keep);
+        }
+        self.carry = carry;
+    }
+
+    fn scan(&mut self, s: &mut [u8]) {
+        let (set, found, remaining) = (&self.set, &mut self.found, &mut self.remaining);
+        for_each_window(s, |s, i| {
+            if let Some(k) = set.find(&s[i..]) {
+                if !found[k] {
+                    found[k] = true;
+                    *remaining -= 1;
+                }
+            }
+            1
+        });
+    }
+
+    fn scan_ro(&mut self, data: &[u8]) {
+        let len = data.len();
+        let mut i = 0;
+        let mut verified = 0;
+        'outer: while i + N <= len {
+            let mut j = i + N;
+            while j > verified.max(i) {
+                j -= 1;
+                if !is_nix32(data[j]) {
+                    i = j + 1;
+                    verified = i;
+                    continue 'outer;
+                }
+            }
+            if let Some(k) = self.set.find(&data[i..]) {
+                if !self.found[k] {
+                    self.found[k] = true;
+                    self.remaining -= 1;
+                    if self.remaining == 0 {
+                        return;
+                    }
+                }
+            }
+            verified = i + N;
+            i += 1;
+        }
+    }
+
+    /// Whether every candidate has been found (further input is not examined).
+    pub fn all_found(&self) -> bool {
+        self.remaining == 0
+    }
+
+    /// The candidates found so far.
+    pub fn references(&self) -> BTreeSet<StorePath> {
+        self.candidates
+            .iter()
+            .filter(|p| self.set.find(p.hash_part().as_bytes()).is_some_and(|k| self.found[k]))
+            .cloned()
+            .collect()
+    }
+}
+
+impl Write for RefScanner {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.feed(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The hash part of a store path as a byte array.
+pub fn hash_part_bytes(p: &StorePath) -> [u8; N] {
+    let mut a = [0u8; N];
+    a.copy_from_slice(p.hash_part().as_bytes());
+    a
+}
+
+/// Scans a whole stream (e.g. a NAR) for references to `candidates`.
+pub fn scan_references(
+    mut r: impl Read,
+    candidates: impl IntoIterator<Item = StorePath>,
+) -> io::Result<BTreeSet<StorePath>> {
+    let mut s = RefScanner::new(candidates);
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        s.feed(&buf[..n]);
+    }
+    Ok(s.references())
+}
+
+/// One pass over a NAR stream: its SHA-256 and size, and the candidates it refers to (what an
+/// input-addressed or fixed output needs: `nar_hash`, `nar_size`, `references`).
+pub fn hash_and_scan(
+    mut r: impl Read,
+    candidates: impl IntoIterator<Item = StorePath>,
+) -> io::Result<(NarDigest, BTreeSet<StorePath>)> {
+    let mut s = RefScanner::new(candidates);
+    let mut h = NarHasher::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        h.update(&buf[..n]);
+        s.feed(&buf[..n]);
+    }
+    Ok((h.finish(), s.references()))
+}
+
+#[cfg(test)]
+#[path = "refs_tests.rs"]
+mod tests;

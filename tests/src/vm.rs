@@ -1,0 +1,171 @@
+//! Helpers for the VM tests: the real `vouch` binary, the guest image, a real Nix with the
+//! busybox recipe, and checks that nothing was registered.
+//!
+//! Missing tools make tests **fail** with a message saying how to get them (never skip).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// `NIX_CONFIG` for test Nix commands: CA derivations on, no substituters, no sandbox.
+pub const NIX_CONFIG: &str =
+    "experimental-features = nix-command ca-derivations\nsubstituters =\nsandbox = false\n";
+
+/// The `vouch` binary of this build (`$VOUCH_BIN` overrides).
+pub fn vouch_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("VOUCH_BIN") {
+        return p.into();
+    }
+    // target/<profile>/deps/<test exe> → target/<profile>/vouch
+    let exe = std::env::current_exe().expect("current exe");
+    let bin = exe.parent().and_then(Path::parent).map(|d| d.join("vouch")).expect("target dir");
+    assert!(
+        bin.is_file(),
+        "{} not found: build it first (`cargo build -p host-launcher`; scripts/test-all.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// The guest image directory (`$VOUCH_IMAGE_DIR`, else `$VOUCH_CACHE/image`, else
+/// `~/.cache/vouch/image`); panics with instructions if it is not built.
+pub fn image_dir() -> PathBuf {
+    let dir = std::env::var_os("VOUCH_IMAGE_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        let cache = std::env::var_os("VOUCH_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cache/vouch"));
+        cache.join("image")
+    });
+    assert!(
+        dir.join("manifest.json").is_file(),
+        "no guest image in {}: run scripts/build-image.sh (scripts/test-all.sh does) or set VOUCH_IMAGE_DIR",
+        dir.display()
+    );
+    dir
+}
+
+/// Fail clearly if a tool is missing.
+pub fn require_tool(tool: &str, how: &str) {
+    let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map(|o| o.status.success());
+    assert!(found.unwrap_or(false), "`{tool}` is required for this test: {how}");
+}
+
+/// A scratch area for one test: Nix expressions, a state directory, a cache.
+#[derive(Debug)]
+pub struct Scratch {
+    /// Temporary directory (removed on drop).
+    pub dir: tempfile::TempDir,
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Scratch {
+    /// A new scratch area with the busybox directory (`bb/busybox`, `bb/sh` → busybox).
+    pub fn new() -> Scratch {
+        require_tool("nix-instantiate", "apt-get install nix-bin (scripts/setup-host.sh)");
+        require_tool("qemu-system-x86_64", "scripts/setup-host.sh installs QEMU 10 from bookworm-backports");
+        assert!(Path::new("/bin/busybox").is_file(), "/bin/busybox missing: apt-get install busybox-static");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bb = dir.path().join("bb");
+        std::fs::create_dir(&bb).unwrap();
+        std::fs::copy("/bin/busybox", bb.join("busybox")).unwrap();
+        std::os::unix::fs::symlink("busybox", bb.join("sh")).unwrap();
+        Scratch { dir }
+    }
+
+    /// The vouch state directory of this test.
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// The binary cache / trace store of this test.
+    pub fn cache(&self) -> PathBuf {
+        self.dir.path().join("cache")
+    }
+
+    /// Write a Nix file into the scratch area.
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    /// `nix-instantiate file -A attr` → drv path.
+    pub fn instantiate(&self, file: &Path, attr: &str) -> String {
+        let out = nix(&["nix-instantiate", file.to_str().unwrap(), "-A", attr]);
+        assert!(out.status.success(), "nix-instantiate failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    /// `vouch build <args>` with this test's state and cache.
+    pub fn vouch_build(&self, drv: &str, extra: &[&str]) -> Output {
+        let mut cmd = Command::new(vouch_bin());
+        cmd.arg("--state-dir").arg(self.state()).args(["build", drv, "--cache"]).arg(self.cache()).args(extra);
+        cmd.env("VOUCH_IMAGE_DIR", image_dir());
+        cmd.output().expect("running vouch")
+    }
+
+    /// Assert that nothing of a failed step was kept: no narinfo, no NAR, no step in the cache,
+    /// no staging directory.
+    pub fn assert_nothing_registered(&self) {
+        let cache = self.cache();
+        if cache.exists() {
+            let narinfos: Vec<_> = std::fs::read_dir(&cache)
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".narinfo"))
+                .collect();
+            assert!(narinfos.is_empty(), "narinfos registered: {narinfos:?}");
+            for sub in ["nar", "vouch/v1/steps", "realisations"] {
+                let d = cache.join(sub);
+                if d.exists() {
+                    assert_eq!(std::fs::read_dir(&d).unwrap().count(), 0, "{} is not empty", d.display());
+                }
+            }
+        }
+        let tmp = self.state().join("tmp");
+        if tmp.exists() {
+            let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().filter_map(|e| e.ok()).map(|e| e.path()).collect();
+            assert!(left.is_empty(), "staging left behind: {left:?}");
+        }
+    }
+}
+
+/// Run a Nix command with the test configuration.
+pub fn nix(argv: &[&str]) -> Output {
+    Command::new(argv[0]).args(&argv[1..]).env("NIX_CONFIG", NIX_CONFIG).output().expect("running nix")
+}
+
+/// A fresh nonce so every test run instantiates new derivations.
+pub fn nonce() -> String {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    format!("{}-{}-{}", std::process::id(), t.as_secs(), t.subsec_nanos())
+}
+
+/// A CA derivation file: `mk name script` builds with the busybox `sh` (floating CA, recursive
+/// SHA-256); `data` is a text input; `nonce` makes every run new.
+pub fn ca_nix(nonce: &str) -> String {
+    format!(
+        r#"let
+  bb = builtins.path {{ path = ./bb; name = "busybox"; }};
+  data = builtins.toFile "data-{nonce}" "input data {nonce}\n";
+  mk = name: script: derivation {{
+    inherit name; system = builtins.currentSystem; builder = "${{bb}}/sh"; args = [ "-c" script ];
+    __contentAddressed = true; outputHashMode = "recursive"; outputHashAlgo = "sha256";
+  }};
+in {{
+  inherit data;
+  top = mk "vm-top" "set -e; mkdir $out; echo {nonce} > $out/nonce; cat ${{data}} > $out/copied; echo ${{data}} > $out/ref; echo $out > $out/self; echo built";
+  timeout = mk "vm-timeout" "echo sleeping; ${{bb}}/busybox sleep 600";
+  loud = mk "vm-loud" "while :; do echo yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy; done";
+  fails = mk "vm-fails" "echo about to fail; exit 3";
+  slow = mk "vm-slow" "echo started; ${{bb}}/busybox sleep 600";
+  reads = mk "vm-reads" "mkdir $out; cat ${{data}} > $out/copied";
+}}
+"#
+    )
+}

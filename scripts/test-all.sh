@@ -10,5 +10,8 @@ echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "== cargo clippy" >&2
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "== guest image (static agent, cached kernel)" >&2
+export VOUCH_IMAGE_DIR=${VOUCH_IMAGE_DIR:-$VOUCH_CACHE/image}
+./scripts/build-image.sh
 echo "== cargo test" >&2
 cargo test --workspace --all-targets

@@ -98,12 +98,15 @@ pub fn hash_placeholder(output: &str) -> String {
     format!("/{}", nix_formats::base32::encode(&d))
 }
 
+/// Output name → scratch path, and the placeholder rewrites in application order.
+pub type Scratch = (BTreeMap<String, StorePath>, Vec<(String, String)>);
+
 /// Scratch path per output and the rewrites (placeholder → scratch path), as Nix computes them
 /// when no output is valid yet (always true in a fresh VM).
 pub fn scratch_paths(
     drv: &BasicDerivation,
     drv_path: &StorePath,
-) -> Result<(BTreeMap<String, StorePath>, Vec<(String, String)>), PrepareError> {
+) -> Result<Scratch, PrepareError> {
     let mut scratch = BTreeMap::new();
     let mut rewrites = Vec::new();
     for (name, out) in &drv.outputs {
@@ -159,9 +162,10 @@ fn sh_simple(v: &serde_json::Value) -> Option<String> {
     use serde_json::Value::*;
     match v {
         String(s) => Some(shell_escape(s)),
-        Number(n) => n.as_i64().map(|i| i.to_string()).or_else(|| {
-            n.as_f64().filter(|f| f.fract() == 0.0).map(|f| (f as i64).to_string())
-        }),
+        Number(n) => n
+            .as_i64()
+            .map(|i| i.to_string())
+            .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0).map(|f| (f as i64).to_string())),
         Null => Some("''".into()),
         Bool(b) => Some(if *b { "1".into() } else { std::string::String::new() }),
         _ => None,
@@ -215,7 +219,10 @@ fn validity_registration(paths: &BTreeSet<String>, closure: &BTreeMap<String, Pa
     s
 }
 
-fn closure_of(roots: &[String], closure: &BTreeMap<String, PathInfo>) -> Result<BTreeSet<String>, PrepareError> {
+fn closure_of(
+    roots: &[String],
+    closure: &BTreeMap<String, PathInfo>,
+) -> Result<BTreeSet<String>, PrepareError> {
     let mut seen = BTreeSet::new();
     let mut todo: Vec<String> = roots.to_vec();
     while let Some(p) = todo.pop() {
@@ -248,7 +255,8 @@ pub fn prepare(
             drv.env.get("passAsFile").map(|s| s.split_whitespace().collect()).unwrap_or_default();
         for (k, v) in &drv.env {
             if pass_as_file.contains(k.as_str()) {
-                let fname = format!(".attr-{}", nix_formats::base32::encode(&Sha256::digest(k.as_bytes())));
+                let fname =
+                    format!(".attr-{}", nix_formats::base32::encode(&Sha256::digest(k.as_bytes())));
                 files.push((fname.clone(), rewrite(v, rewrites).into_bytes()));
                 env.insert(format!("{k}Path"), format!("{build_dir}/{fname}"));
             } else {
@@ -273,7 +281,9 @@ pub fn prepare(
         let outputs: serde_json::Map<String, serde_json::Value> = drv
             .outputs
             .keys()
-            .map(|o| (o.clone(), serde_json::Value::String(rewrite(&hash_placeholder(o), rewrites))))
+            .map(|o| {
+                (o.clone(), serde_json::Value::String(rewrite(&hash_placeholder(o), rewrites)))
+            })
             .collect();
         obj.insert("outputs".into(), serde_json::Value::Object(outputs));
         if let Some(serde_json::Value::Object(graphs)) = obj.get("exportReferencesGraph").cloned() {
@@ -310,12 +320,14 @@ pub fn prepare(
         for pair in words.chunks(2) {
             if let [fname, root] = pair {
                 let paths = closure_of(&[root.to_string()], closure)?;
-                files.push((fname.to_string(), validity_registration(&paths, closure).into_bytes()));
+                files
+                    .push((fname.to_string(), validity_registration(&paths, closure).into_bytes()));
             }
         }
     }
 
-    let env = env.into_iter().map(|(k, v)| (rewrite(&k, rewrites), rewrite(&v, rewrites))).collect();
+    let env =
+        env.into_iter().map(|(k, v)| (rewrite(&k, rewrites), rewrite(&v, rewrites))).collect();
     let argv0 = Path::new(&drv.builder)
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -341,7 +353,11 @@ pub struct RunLimits {
 }
 
 /// Write the build-directory files, owned by the builder.
-pub fn write_files(build_dir: &Path, files: &[(String, Vec<u8>)], who: &Confinement) -> Result<(), BuildFailure> {
+pub fn write_files(
+    build_dir: &Path,
+    files: &[(String, Vec<u8>)],
+    who: &Confinement,
+) -> Result<(), BuildFailure> {
     for (name, data) in files {
         let p = build_dir.join(name);
         std::fs::write(&p, data).map_err(|e| BuildFailure::Files(name.clone(), e))?;
@@ -394,11 +410,15 @@ pub fn run(
     let mut eof = false;
     let status = loop {
         let now = Instant::now();
-        if limits.timeout_s > 0 && now.duration_since(started) >= Duration::from_secs(limits.timeout_s) {
+        if limits.timeout_s > 0
+            && now.duration_since(started) >= Duration::from_secs(limits.timeout_s)
+        {
             kill(&mut child);
             return Err(BuildFailure::Timeout { drv, secs: limits.timeout_s });
         }
-        if limits.max_silent_s > 0 && now.duration_since(last_output) >= Duration::from_secs(limits.max_silent_s) {
+        if limits.max_silent_s > 0
+            && now.duration_since(last_output) >= Duration::from_secs(limits.max_silent_s)
+        {
             kill(&mut child);
             return Err(BuildFailure::MaxSilent { drv, secs: limits.max_silent_s });
         }

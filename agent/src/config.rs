@@ -169,12 +169,17 @@ mod tests {
 
     #[test]
     fn errors_name_the_key() {
-        assert_eq!(parse_cmdline("vouch.prot=1"), Err(ConfigError::UnknownKey("vouch.prot".into())));
+        assert_eq!(
+            parse_cmdline("vouch.prot=1"),
+            Err(ConfigError::UnknownKey("vouch.prot".into()))
+        );
         assert_eq!(
             parse_cmdline("vouch.port=1 vouch.port=2"),
             Err(ConfigError::Repeated("vouch.port".into()))
         );
-        for bad in ["vouch.port=x", "vouch.port=0", "vouch.port=", "vouch.log=loud", "vouch.bench=1"] {
+        for bad in
+            ["vouch.port=x", "vouch.port=0", "vouch.port=", "vouch.log=loud", "vouch.bench=1"]
+        {
             assert!(matches!(parse_cmdline(bad), Err(ConfigError::BadValue { .. })), "{bad}");
         }
         // A quoted value hides nothing: the key is still checked.

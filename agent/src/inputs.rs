@@ -20,7 +20,7 @@ use nix_formats::nar::{NarDump, NarHasher, NarLimits, UnpackOptions};
 use nix_formats::StorePath;
 
 use crate::messages::NarBegin;
-use crate::proto::{into_proto, FrameReader, Kind, ProtoError};
+use crate::proto::{FrameReader, Kind, ProtoError};
 
 /// Why inputs were refused.
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +41,9 @@ pub enum InputError {
     #[error("unpacking input {0}")]
     Unpack(String, #[source] nix_formats::nar::UnpackError),
     /// The NAR hash differs from the job.
-    #[error("input {path}: NAR hash mismatch: the job says {expected}, the received NAR has {actual}")]
+    #[error(
+        "input {path}: NAR hash mismatch: the job says {expected}, the received NAR has {actual}"
+    )]
     HashMismatch {
         /// Path.
         path: String,
@@ -58,7 +60,7 @@ pub enum InputError {
         /// From the job.
         expected: u64,
         /// Received.
-        actual: u64,
+        actual: String,
     },
     /// Bytes after the end of the NAR.
     #[error("input {0}: data after the end of the NAR")]
@@ -116,39 +118,70 @@ pub fn receive<R: Read>(
         match f.kind {
             Kind::InputsDone => break,
             Kind::NarBegin => {}
-            other => return Err(ProtoError::Unexpected { expected: "an input NAR or InputsDone", got: other }.into()),
+            other => {
+                return Err(ProtoError::Unexpected {
+                    expected: "an input NAR or InputsDone",
+                    got: other,
+                }
+                .into())
+            }
         }
         let begin: NarBegin = f.json()?;
-        let info = job.closure.get(&begin.path).ok_or_else(|| InputError::NotInClosure(begin.path.clone()))?;
+        let info = job
+            .closure
+            .get(&begin.path)
+            .ok_or_else(|| InputError::NotInClosure(begin.path.clone()))?;
         if !got.insert(begin.path.clone()) {
             return Err(InputError::Twice(begin.path));
         }
-        let sp = StorePath::parse(&begin.path).map_err(|e| InputError::Bad(begin.path.clone(), e.to_string()))?;
+        let sp = StorePath::parse(&begin.path)
+            .map_err(|e| InputError::Bad(begin.path.clone(), e.to_string()))?;
         let dest = store_dir.join(sp.base_name());
         let mut hasher = NarHasher::new();
         {
             let mut stream = rd.nar_stream(&begin.path, begin.nar_size);
             let unpacked = nix_formats::nar::unpack(Tee { inner: &mut stream, hasher: &mut hasher }, &dest, &opts);
             if let Err(e) = unpacked {
-                // Prefer the channel's own error (e.g. a truncated stream) over "invalid NAR".
-                if !stream.finished() {
-                    if let Err(pe) = stream.drain() {
-                        return Err(pe.into());
-                    }
-                }
-                return Err(InputError::Unpack(begin.path, e));
+                // A channel-level problem (e.g. fewer or more bytes than announced) explains
+                // the failure better than "invalid NAR".
+                return Err(match stream.take_error() {
+                    Some(ProtoError::NarTooShort { got, .. }) => InputError::SizeMismatch {
+                        path: begin.path,
+                        expected: info.nar_size,
+                        actual: got.to_string(),
+                    },
+                    Some(ProtoError::NarTooLong { .. }) => InputError::SizeMismatch {
+                        path: begin.path,
+                        expected: info.nar_size,
+                        actual: format!("more than {}", begin.nar_size),
+                    },
+                    Some(pe) => InputError::Proto(pe),
+                    None => InputError::Unpack(begin.path, e),
+                });
             }
             let before = hasher.size();
             let mut rest = Vec::new();
-            Tee { inner: &mut stream, hasher: &mut hasher }.read_to_end(&mut rest).map_err(into_proto)?;
-            if hasher.size() != before {
-                return Err(InputError::Trailing(begin.path));
+            let trailing = Tee { inner: &mut stream, hasher: &mut hasher }.read_to_end(&mut rest);
+            if trailing.is_err() || hasher.size() != before {
+                return Err(match stream.take_error() {
+                    Some(ProtoError::NarTooShort { got, .. }) => InputError::SizeMismatch {
+                        path: begin.path,
+                        expected: info.nar_size,
+                        actual: got.to_string(),
+                    },
+                    Some(pe) => InputError::Proto(pe),
+                    None => InputError::Trailing(begin.path),
+                });
             }
         }
         let digest = hasher.finish();
         let actual = NarHash(digest.sha256);
         if digest.size != info.nar_size {
-            return Err(InputError::SizeMismatch { path: begin.path, expected: info.nar_size, actual: digest.size });
+            return Err(InputError::SizeMismatch {
+                path: begin.path,
+                expected: info.nar_size,
+                actual: digest.size.to_string(),
+            });
         }
         if actual != info.nar_hash {
             return Err(InputError::HashMismatch {
@@ -168,23 +201,145 @@ pub fn receive<R: Read>(
 
 /// Recompute the content address of every closure path that claims one; returns
 /// path → `ca` for the statement's `input_cas`.
-pub fn verify_content_addresses(job: &Job, store_dir: &Path) -> Result<BTreeMap<String, String>, InputError> {
+pub fn verify_content_addresses(
+    job: &Job,
+    store_dir: &Path,
+) -> Result<BTreeMap<String, String>, InputError> {
     let rule = self_ref_rule(job.ca_rule);
     let mut out = BTreeMap::new();
     for (path, info) in &job.closure {
         let Some(ca_str) = &info.ca else { continue };
         let bad = |e: String| InputError::Bad(path.clone(), e);
         let sp = StorePath::parse(path).map_err(|e| bad(e.to_string()))?;
-        let ca = ContentAddress::parse(ca_str).map_err(|e| bad(format!("content address {ca_str:?}: {e}")))?;
+        let ca = ContentAddress::parse(ca_str)
+            .map_err(|e| bad(format!("content address {ca_str:?}: {e}")))?;
         let refs: BTreeSet<StorePath> = info
             .references
             .iter()
             .map(|r| StorePath::parse(r).map_err(|e| bad(e.to_string())))
             .collect::<Result<_, _>>()?;
         let on_disk: PathBuf = store_dir.join(sp.base_name());
-        nix_formats::content_address::verify(&sp, &ca, &refs, NarDump::new(on_disk), rule, &NarLimits::default())
-            .map_err(|e| InputError::Ca(path.clone(), e))?;
+        nix_formats::content_address::verify(
+            &sp,
+            &ca,
+            &refs,
+            NarDump::new(on_disk),
+            rule,
+            &NarLimits::default(),
+        )
+        .map_err(|e| InputError::Ca(path.clone(), e))?;
         out.insert(path.clone(), ca_str.clone());
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::messages::NarBegin;
+    use crate::proto::FrameWriter;
+    use build_trace::job::{BasicDerivation, DrvOutput, Limits, PathInfo};
+
+    const P: &str = "/nix/store/00000000000000000000000000000000-input";
+
+    fn nar_of(contents: &[u8]) -> Vec<u8> {
+        let t = tempfile::tempdir().unwrap();
+        let f = t.path().join("f");
+        std::fs::write(&f, contents).unwrap();
+        let mut nar = Vec::new();
+        nix_formats::nar::dump_path(&f, &mut nar).unwrap();
+        nar
+    }
+
+    fn job(nar: &[u8]) -> Job {
+        let drv = BasicDerivation {
+            name: "t".into(),
+            outputs: [(
+                "out".to_owned(),
+                DrvOutput { path: String::new(), hash_algo: "r:sha256".into(), hash: String::new() },
+            )]
+            .into(),
+            input_srcs: [P.to_owned()].into(),
+            system: "x86_64-linux".into(),
+            builder: format!("{P}/sh"),
+            args: vec![],
+            env: Default::default(),
+        };
+        let info = PathInfo {
+            nar_hash: NarHash::of(nar),
+            nar_size: nar.len() as u64,
+            references: Default::default(),
+            ca: None,
+        };
+        Job::new(
+            "j",
+            "/nix/store/11111111111111111111111111111111-t.drv",
+            drv,
+            [(P.to_owned(), info)].into(),
+            Limits::default(),
+            CaRule::SelfRefPositions,
+            false,
+            ["out".to_owned()].into(),
+        )
+    }
+
+    fn frames(path: &str, announced: u64, nar: &[u8], done: bool) -> Vec<u8> {
+        let mut w = FrameWriter::new(Vec::new());
+        w.send_nar(&NarBegin { path: path.into(), nar_size: announced }, &mut &nar[..]).unwrap();
+        if done {
+            w.send(Kind::InputsDone, &[]).unwrap();
+        }
+        std::mem::take(w.get_mut())
+    }
+
+    fn run(job: &Job, wire: &[u8]) -> (Result<Vec<String>, InputError>, tempfile::TempDir) {
+        let store = tempfile::tempdir().unwrap();
+        let mut r = FrameReader::new(wire);
+        (receive(&mut r, job, store.path(), &mut |_| {}), store)
+    }
+
+    #[test]
+    fn good_input_is_unpacked_read_only() {
+        let nar = nar_of(b"hello\n");
+        let (r, store) = run(&job(&nar), &frames(P, nar.len() as u64, &nar, true));
+        assert_eq!(r.unwrap(), [P]);
+        let f = store.path().join("00000000000000000000000000000000-input");
+        assert_eq!(std::fs::read(&f).unwrap(), b"hello\n");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&f).unwrap().permissions().mode() & 0o777, 0o444);
+    }
+
+    #[test]
+    fn same_size_other_bytes_is_a_hash_mismatch() {
+        let nar = nar_of(b"hello\n");
+        let evil = nar_of(b"jello\n");
+        let (r, _s) = run(&job(&nar), &frames(P, nar.len() as u64, &evil, true));
+        let e = r.unwrap_err();
+        assert!(matches!(e, InputError::HashMismatch { .. }), "{e}");
+        assert!(e.to_string().contains("NAR hash mismatch"), "{e}");
+    }
+
+    #[test]
+    fn fewer_bytes_than_the_job_says_is_a_size_mismatch() {
+        let nar = nar_of(b"hello, world\n");
+        let short = nar_of(b"hi\n");
+        let (r, _s) = run(&job(&nar), &frames(P, nar.len() as u64, &short, true));
+        let e = r.unwrap_err();
+        assert!(matches!(e, InputError::SizeMismatch { .. }), "{e}");
+    }
+
+    #[test]
+    fn unknown_missing_and_invalid_inputs() {
+        let nar = nar_of(b"x");
+        let other = "/nix/store/22222222222222222222222222222222-other";
+        let (r, _s) = run(&job(&nar), &frames(other, nar.len() as u64, &nar, true));
+        assert!(matches!(r, Err(InputError::NotInClosure(_))));
+        let mut w = FrameWriter::new(Vec::new());
+        w.send(Kind::InputsDone, &[]).unwrap();
+        let (r, _s) = run(&job(&nar), w.get_mut());
+        assert!(matches!(r, Err(InputError::Missing(_))));
+        let garbage = b"this is not a NAR at all".to_vec();
+        let (r, _s) = run(&job(&garbage), &frames(P, garbage.len() as u64, &garbage, true));
+        assert!(matches!(r, Err(InputError::Unpack(..))), "{r:?}");
+    }
 }

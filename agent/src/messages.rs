@@ -18,7 +18,6 @@
 
 use serde::{Deserialize, Serialize};
 
-
 /// Which attester produced a report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum AttesterKind {

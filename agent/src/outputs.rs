@@ -91,13 +91,21 @@ impl HashedOutput {
     }
 }
 
-fn parse_algo(output: &str, hash_algo: &str) -> Result<(FileIngestionMethod, nix_formats::HashAlgo), OutputError> {
-    let (m, algo) =
-        CaMethod::parse_method_algo(hash_algo).map_err(|e| OutputError::Declaration(output.into(), e.to_string()))?;
+fn parse_algo(
+    output: &str,
+    hash_algo: &str,
+) -> Result<(FileIngestionMethod, nix_formats::HashAlgo), OutputError> {
+    let (m, algo) = CaMethod::parse_method_algo(hash_algo)
+        .map_err(|e| OutputError::Declaration(output.into(), e.to_string()))?;
     let method = match m {
         CaMethod::Flat => FileIngestionMethod::Flat,
         CaMethod::Recursive => FileIngestionMethod::Recursive,
-        CaMethod::Text => return Err(OutputError::Declaration(output.into(), "text hashing is not supported".into())),
+        CaMethod::Text => {
+            return Err(OutputError::Declaration(
+                output.into(),
+                "text hashing is not supported".into(),
+            ))
+        }
     };
     Ok((method, algo))
 }
@@ -114,10 +122,15 @@ pub fn hash_outputs(
 ) -> Result<BTreeMap<String, HashedOutput>, OutputError> {
     for (name, p) in scratch {
         if std::fs::symlink_metadata(on_disk(store_dir, p)).is_err() {
-            return Err(OutputError::Missing { drv: job.drv_path.clone(), output: name.clone(), path: p.to_string() });
+            return Err(OutputError::Missing {
+                drv: job.drv_path.clone(),
+                output: name.clone(),
+                path: p.to_string(),
+            });
         }
     }
-    let closure: BTreeSet<StorePath> = job.closure.keys().filter_map(|p| StorePath::parse(p).ok()).collect();
+    let closure: BTreeSet<StorePath> =
+        job.closure.keys().filter_map(|p| StorePath::parse(p).ok()).collect();
     let drv_path = StorePath::parse(&job.drv_path)
         .map_err(|e| OutputError::Declaration("(drv)".into(), e.to_string()))?;
     let kind = job.kind().map_err(|e| OutputError::Declaration("(drv)".into(), e.to_string()))?;
@@ -134,9 +147,14 @@ pub fn hash_outputs(
                     Ok(CaOutputSpec { name: name.clone(), method, algo })
                 })
                 .collect::<Result<Vec<_>, OutputError>>()?;
-            let results = compute_ca_outputs(&drv_path, &specs, &closure, self_ref_rule(job.ca_rule), &limits, |o| {
-                Ok(NarDump::new(on_disk(store_dir, &scratch[o])))
-            })?;
+            let results = compute_ca_outputs(
+                &drv_path,
+                &specs,
+                &closure,
+                self_ref_rule(job.ca_rule),
+                &limits,
+                |o| Ok(NarDump::new(on_disk(store_dir, &scratch[o]))),
+            )?;
             for (name, r) in results {
                 if !job.outputs.contains(&name) {
                     continue;
@@ -148,7 +166,14 @@ pub fn hash_outputs(
                     references: r.references.iter().map(|p| p.to_string()).collect(),
                     ca: Some(r.ca.to_string()),
                 };
-                out.insert(name, HashedOutput { info, on_disk: on_disk(store_dir, &r.scratch_path), rewrites: r.rewrites });
+                out.insert(
+                    name,
+                    HashedOutput {
+                        info,
+                        on_disk: on_disk(store_dir, &r.scratch_path),
+                        rewrites: r.rewrites,
+                    },
+                );
             }
         }
         StepKind::InputAddressed | StepKind::FixedOutput => {
@@ -205,7 +230,10 @@ pub fn hash_outputs(
                     references: refs.iter().map(|r| r.to_string()).collect(),
                     ca,
                 };
-                out.insert(name.clone(), HashedOutput { info, on_disk: disk, rewrites: Vec::new() });
+                out.insert(
+                    name.clone(),
+                    HashedOutput { info, on_disk: disk, rewrites: Vec::new() },
+                );
             }
         }
     }

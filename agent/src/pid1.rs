@@ -61,8 +61,11 @@ fn mnt(
     data: Option<&str>,
 ) -> Result<(), Pid1Error> {
     fs::create_dir_all(target).map_err(|e| Pid1Error::Io(target, e))?;
-    mount(Some(fstype), target, Some(fstype), flags, data)
-        .map_err(|source| Pid1Error::Mount { fstype, target, source })
+    mount(Some(fstype), target, Some(fstype), flags, data).map_err(|source| Pid1Error::Mount {
+        fstype,
+        target,
+        source,
+    })
 }
 
 /// Mount what the agent and the builder need. Errors name the mount.
@@ -72,7 +75,12 @@ pub fn setup_mounts() -> Result<(), Pid1Error> {
     mnt("proc", "/proc", noexec, None)?;
     mnt("sysfs", "/sys", noexec, None)?;
     mnt("devtmpfs", "/dev", MsFlags::MS_NOSUID, Some("mode=0755"))?;
-    mnt("devpts", "/dev/pts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("newinstance,ptmxmode=0666,mode=0620"))?;
+    mnt(
+        "devpts",
+        "/dev/pts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    )?;
     mnt("tmpfs", "/dev/shm", nosuid, Some("mode=1777"))?;
     // configfs carries configfs-tsm (SNP reports); without SNP it is simply empty.
     if Path::new("/sys/kernel/config").is_dir() {
@@ -81,10 +89,16 @@ pub fn setup_mounts() -> Result<(), Pid1Error> {
     // The store is group-writable by the builder's group with the sticky bit, as in a Nix
     // installation with build users: the builder may create its output paths, nothing else.
     mnt("tmpfs", "/nix/store", MsFlags::MS_NODEV, Some(&format!("mode=1775,gid={BUILDER_GID}")))?;
-    mnt("tmpfs", "/build", nosuid, Some(&format!("mode=0700,uid={BUILDER_UID},gid={BUILDER_GID}")))?;
+    mnt(
+        "tmpfs",
+        "/build",
+        nosuid,
+        Some(&format!("mode=0700,uid={BUILDER_UID},gid={BUILDER_GID}")),
+    )?;
     mnt("tmpfs", "/tmp", nosuid, Some("mode=1777"))?;
     let _ = fs::remove_file("/dev/ptmx");
-    std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx").map_err(|e| Pid1Error::Io("/dev/ptmx", e))?;
+    std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx")
+        .map_err(|e| Pid1Error::Io("/dev/ptmx", e))?;
     Ok(())
 }
 

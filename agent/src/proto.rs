@@ -186,14 +186,22 @@ impl<W: Write> FrameWriter<W> {
     }
 
     /// Write a JSON frame.
-    pub fn send_json<T: serde::Serialize>(&mut self, kind: Kind, value: &T) -> Result<(), ProtoError> {
+    pub fn send_json<T: serde::Serialize>(
+        &mut self,
+        kind: Kind,
+        value: &T,
+    ) -> Result<(), ProtoError> {
         let bytes = serde_json::to_vec(value).map_err(|e| ProtoError::Json(kind, e))?;
         self.send(kind, &bytes)
     }
 
     /// Send `nar` as `NarBegin`, chunks, `NarEnd`. `begin` is the JSON of the `NarBegin`.
     /// Returns the number of NAR bytes sent.
-    pub fn send_nar<T: serde::Serialize>(&mut self, begin: &T, nar: &mut dyn Read) -> Result<u64, ProtoError> {
+    pub fn send_nar<T: serde::Serialize>(
+        &mut self,
+        begin: &T,
+        nar: &mut dyn Read,
+    ) -> Result<u64, ProtoError> {
         self.send_json(Kind::NarBegin, begin)?;
         let mut buf = vec![0u8; CHUNK_SIZE];
         let mut total = 0u64;
@@ -282,7 +290,16 @@ impl<R: Read> FrameReader<R> {
     /// returns EOF exactly at `NarEnd`, and fails if the stream is longer or shorter than `size`
     /// or another frame kind interrupts it.
     pub fn nar_stream(&mut self, path: &str, size: u64) -> NarStream<'_, R> {
-        NarStream { reader: self, path: path.to_owned(), size, got: 0, buf: Vec::new(), pos: 0, done: false }
+        NarStream {
+            reader: self,
+            path: path.to_owned(),
+            size,
+            got: 0,
+            buf: Vec::new(),
+            pos: 0,
+            done: false,
+            first_error: None,
+        }
     }
 }
 
@@ -296,9 +313,35 @@ pub struct NarStream<'a, R: Read> {
     buf: Vec<u8>,
     pos: usize,
     done: bool,
+    first_error: Option<ProtoError>,
+}
+
+impl ProtoError {
+    /// A copy for the stream's record (I/O errors keep their kind and message).
+    fn duplicate(&self) -> ProtoError {
+        match self {
+            ProtoError::Io(e) => ProtoError::Io(io::Error::new(e.kind(), e.to_string())),
+            ProtoError::Closed(w) => ProtoError::Closed(w),
+            ProtoError::UnknownKind(k) => ProtoError::UnknownKind(*k),
+            ProtoError::Reserved => ProtoError::Reserved,
+            ProtoError::TooLong { kind, len, max } => ProtoError::TooLong { kind: *kind, len: *len, max: *max },
+            ProtoError::BadLength(k, l) => ProtoError::BadLength(*k, *l),
+            ProtoError::Unexpected { expected, got } => ProtoError::Unexpected { expected, got: *got },
+            ProtoError::Json(k, e) => ProtoError::Io(io::Error::other(format!("malformed {k:?} payload: {e}"))),
+            ProtoError::NarTooLong { path, size } => ProtoError::NarTooLong { path: path.clone(), size: *size },
+            ProtoError::NarTooShort { path, size, got } => {
+                ProtoError::NarTooShort { path: path.clone(), size: *size, got: *got }
+            }
+        }
+    }
 }
 
 impl<R: Read> NarStream<'_, R> {
+    /// The first error this stream returned, if any (the stream is unusable after it).
+    pub fn take_error(&mut self) -> Option<ProtoError> {
+        self.first_error.take()
+    }
+
     /// Bytes delivered so far.
     pub fn received(&self) -> u64 {
         self.got
@@ -337,39 +380,50 @@ fn wrap(e: ProtoError) -> io::Error {
     io::Error::other(e)
 }
 
-impl<R: Read> Read for NarStream<'_, R> {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        if out.is_empty() {
-            return Ok(0);
-        }
-        while self.pos == self.buf.len() {
-            if self.done {
-                return Ok(0);
-            }
-            let f = self.reader.expect_frame("NAR chunk or end").map_err(wrap)?;
+impl<R: Read> NarStream<'_, R> {
+    fn fill(&mut self) -> Result<(), ProtoError> {
+        while self.pos == self.buf.len() && !self.done {
+            let f = self.reader.expect_frame("NAR chunk or end")?;
             match f.kind {
                 Kind::NarChunk => {
                     self.got += f.payload.len() as u64;
                     if self.got > self.size {
-                        return Err(wrap(ProtoError::NarTooLong { path: self.path.clone(), size: self.size }));
+                        return Err(ProtoError::NarTooLong { path: self.path.clone(), size: self.size });
                     }
                     self.buf = f.payload;
                     self.pos = 0;
                 }
                 Kind::NarEnd => {
                     if self.got != self.size {
-                        return Err(wrap(ProtoError::NarTooShort {
+                        return Err(ProtoError::NarTooShort {
                             path: self.path.clone(),
                             size: self.size,
                             got: self.got,
-                        }));
+                        });
                     }
                     self.done = true;
                 }
-                other => {
-                    return Err(wrap(ProtoError::Unexpected { expected: "NAR chunk or end", got: other }))
-                }
+                other => return Err(ProtoError::Unexpected { expected: "NAR chunk or end", got: other }),
             }
+        }
+        Ok(())
+    }
+}
+
+impl<R: Read> Read for NarStream<'_, R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if out.is_empty() {
+            return Ok(0);
+        }
+        if let Some(e) = &self.first_error {
+            return Err(wrap(e.duplicate()));
+        }
+        if let Err(e) = self.fill() {
+            self.first_error = Some(e.duplicate());
+            return Err(wrap(e));
+        }
+        if self.done && self.pos == self.buf.len() {
+            return Ok(0);
         }
         let n = out.len().min(self.buf.len() - self.pos);
         out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
@@ -447,7 +501,8 @@ mod tests {
 
     fn nar_frames(data: &[u8], announced: u64) -> Vec<u8> {
         let mut w = FrameWriter::new(Vec::new());
-        let sent = w.send_nar(&serde_json::json!({"path": "/nix/store/x"}), &mut &data[..]).unwrap();
+        let sent =
+            w.send_nar(&serde_json::json!({"path": "/nix/store/x"}), &mut &data[..]).unwrap();
         assert_eq!(sent, data.len() as u64);
         let _ = announced;
         w.send(Kind::Bye, &[]).unwrap();

@@ -114,7 +114,10 @@ fn bench_sink<R: Read, W: std::io::Write>(rd: R, wr: W) -> Result<(), ProtoError
         }
         let _ = hasher.finish();
         say(&format!("bench: stream {n} of {} bytes in {:?}", begin.nar_size, t.elapsed()));
-        w.send_json(Kind::Phase, &Phase { phase: PhaseName::InputsReady, uptime_ms: (uptime() * 1000.0) as u64 })?;
+        w.send_json(
+            Kind::Phase,
+            &Phase { phase: PhaseName::InputsReady, uptime_ms: (uptime() * 1000.0) as u64 },
+        )?;
         n += 1;
     }
     w.send(Kind::Bye, &[])?;

@@ -14,9 +14,9 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 
 use base64::Engine as _;
+use build_trace::evidence::{SimulatedPlatform, TcbVersion};
 use build_trace::job::{Job, StepKind};
 use build_trace::statement::{Measurement, Statement};
-use build_trace::evidence::{SimulatedPlatform, TcbVersion};
 
 use crate::attest::{self, Attester, AttesterKind};
 use crate::builder::{self, RunLimits};
@@ -137,7 +137,12 @@ pub fn serve<R: Read, W: Write>(rd: R, wr: W, paths: &GuestPaths) -> Result<(), 
     let kind = if hw.is_some() { AttesterKind::SevSnp } else { AttesterKind::Simulated };
     w.send_json(
         Kind::Hello,
-        &Hello { protocol: PROTOCOL_VERSION, agent_version: agent_version(), attester: kind, uptime_ms: (uptime() * 1000.0) as u64 },
+        &Hello {
+            protocol: PROTOCOL_VERSION,
+            agent_version: agent_version(),
+            attester: kind,
+            uptime_ms: (uptime() * 1000.0) as u64,
+        },
     )?;
     match step(&mut r, &mut w, hw.take(), paths) {
         Ok(()) => say("step done"),
@@ -151,10 +156,15 @@ pub fn serve<R: Read, W: Write>(rd: R, wr: W, paths: &GuestPaths) -> Result<(), 
     w.flush()
 }
 
-fn simulated_attester(setup: &Setup, host_data: [u8; 32]) -> Result<(attest::Simulated, [u8; 48]), StepError> {
+fn simulated_attester(
+    setup: &Setup,
+    host_data: [u8; 32],
+) -> Result<(attest::Simulated, [u8; 48]), StepError> {
     let sim = setup.simulated.as_ref().ok_or(attest::AttestError::NoSimulatedKey)?;
     let b64 = base64::engine::general_purpose::STANDARD;
-    let key = b64.decode(&sim.vcek_key_pkcs8).map_err(|e| StepError::Setup(format!("simulated key: {e}")))?;
+    let key = b64
+        .decode(&sim.vcek_key_pkcs8)
+        .map_err(|e| StepError::Setup(format!("simulated key: {e}")))?;
     let chip: [u8; 64] = hex::decode(&sim.chip_id)
         .ok()
         .and_then(|v| v.try_into().ok())
@@ -164,7 +174,10 @@ fn simulated_attester(setup: &Setup, host_data: [u8; 32]) -> Result<(attest::Sim
         .and_then(|v| v.try_into().ok())
         .ok_or_else(|| StepError::Setup("simulated measurement is not 48 bytes of hex".into()))?;
     let [bootloader, tee, snp, microcode] = sim.tcb;
-    let platform = SimulatedPlatform { chip_id: chip, tcb: TcbVersion { fmc: None, bootloader, tee, snp, microcode } };
+    let platform = SimulatedPlatform {
+        chip_id: chip,
+        tcb: TcbVersion { fmc: None, bootloader, tee, snp, microcode },
+    };
     Ok((attest::Simulated::new(&key, platform, m, host_data)?, m))
 }
 
@@ -188,7 +201,10 @@ fn step<R: Read, W: Write>(
             let first = snp.report(&[0u8; 64])?;
             let launched = attest::report_host_data(&first);
             if launched != host_data {
-                return Err(StepError::HostData { job: hex::encode(host_data), launched: hex::encode(launched) });
+                return Err(StepError::HostData {
+                    job: hex::encode(host_data),
+                    launched: hex::encode(launched),
+                });
             }
             (Box::new(snp), attest::report_measurement(&first))
         }
@@ -197,7 +213,12 @@ fn step<R: Read, W: Write>(
             (Box::new(sim), m)
         }
     };
-    say(&format!("job {} for {} accepted (HOST_DATA {})", job.job_id, job.drv_path, hex::encode(host_data)));
+    say(&format!(
+        "job {} for {} accepted (HOST_DATA {})",
+        job.job_id,
+        job.drv_path,
+        hex::encode(host_data)
+    ));
     phase(w, PhaseName::JobAccepted)?;
 
     let received = inputs::receive(r, &job, &paths.store, &mut |_| {})?;
@@ -252,14 +273,21 @@ fn step<R: Read, W: Write>(
 
     phase(w, PhaseName::Attesting)?;
     let report = attester.report(&report_data)?;
-    say(&format!("attested by {} (REPORT_DATA {}…)", attester.kind(), &hex::encode(report_data)[..16]));
+    say(&format!(
+        "attested by {} (REPORT_DATA {}…)",
+        attester.kind(),
+        &hex::encode(report_data)[..16]
+    ));
 
     phase(w, PhaseName::Sending)?;
     for h in hashed.values() {
         let begin = NarBegin { path: h.info.path.clone(), nar_size: h.info.nar_size };
         let sent = w.send_nar(&begin, &mut h.nar())?;
         if sent != h.info.nar_size {
-            return Err(StepError::Setup(format!("output {} changed while it was sent", h.info.path)));
+            return Err(StepError::Setup(format!(
+                "output {} changed while it was sent",
+                h.info.path
+            )));
         }
     }
     let outcome = Outcome {

@@ -101,7 +101,15 @@ pub fn write_value(out: &mut Vec<u8>, value: &Value) -> Result<(), CanonicalErro
         }
         Value::Object(map) => {
             let mut members: Vec<(&String, &Value)> = map.iter().collect();
-            members.sort_by(|a, b| a.0.encode_utf16().cmp(b.0.encode_utf16()));
+            // serde_json's map iterates in byte order, which is UTF-16 order unless a key has
+            // characters above U+FFFF and U+E000..U+FFFF both; sort only when it differs.
+            let utf16_order = |a: &&String, b: &&String| a.encode_utf16().cmp(b.encode_utf16());
+            if !members
+                .windows(2)
+                .all(|w| w[0].0.is_ascii() && w[1].0.is_ascii() && w[0].0 < w[1].0)
+            {
+                members.sort_by(|a, b| utf16_order(&a.0, &b.0));
+            }
             out.push(b'{');
             for (i, (key, item)) in members.into_iter().enumerate() {
                 if i > 0 {
@@ -117,10 +125,86 @@ pub fn write_value(out: &mut Vec<u8>, value: &Value) -> Result<(), CanonicalErro
     Ok(())
 }
 
+/// The bytes of the value of top-level member `key` in a JSON object given as compact bytes
+/// (no whitespace, as canonical JSON is), without decoding anything else. `None` if the bytes
+/// are not such an object or have no such member. `key` must need no escaping.
+pub fn member<'a>(bytes: &'a [u8], key: &str) -> Option<&'a [u8]> {
+    let mut i = 0;
+    if bytes.first() != Some(&b'{') {
+        return None;
+    }
+    i += 1;
+    loop {
+        let key_start = i;
+        i = skip_value(bytes, i)?;
+        let k = bytes.get(key_start + 1..i - 1)?;
+        if bytes.get(i) != Some(&b':') {
+            return None;
+        }
+        let value_start = i + 1;
+        i = skip_value(bytes, value_start)?;
+        if k == key.as_bytes() {
+            return bytes.get(value_start..i);
+        }
+        match bytes.get(i) {
+            Some(b',') => i += 1,
+            _ => return None,
+        }
+    }
+}
+
+/// The index just after the JSON value starting at `i`.
+fn skip_value(bytes: &[u8], mut i: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    loop {
+        match *bytes.get(i)? {
+            b'"' => {
+                i += 1;
+                loop {
+                    match *bytes.get(i)? {
+                        b'\\' => i += 2,
+                        b'"' => break,
+                        _ => i += 1,
+                    }
+                }
+                i += 1;
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                i += 1;
+                continue;
+            }
+            b'}' | b']' => {
+                depth = depth.checked_sub(1)?;
+                i += 1;
+            }
+            b',' | b':' if depth > 0 => {
+                i += 1;
+                continue;
+            }
+            _ => {
+                while !matches!(*bytes.get(i)?, b',' | b'}' | b']' | b':') {
+                    i += 1;
+                }
+            }
+        }
+        if depth == 0 {
+            return Some(i);
+        }
+    }
+}
+
 fn write_string(out: &mut Vec<u8>, s: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bytes = s.as_bytes();
     out.push(b'"');
-    for &b in s.as_bytes() {
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        if b >= 0x20 && b != b'"' && b != b'\\' {
+            continue;
+        }
+        out.extend_from_slice(&bytes[start..i]);
+        start = i + 1;
         match b {
             b'"' => out.extend_from_slice(b"\\\""),
             b'\\' => out.extend_from_slice(b"\\\\"),
@@ -129,14 +213,14 @@ fn write_string(out: &mut Vec<u8>, s: &str) {
             b'\n' => out.extend_from_slice(b"\\n"),
             0x0c => out.extend_from_slice(b"\\f"),
             b'\r' => out.extend_from_slice(b"\\r"),
-            0x00..=0x1f => {
+            _ => {
                 out.extend_from_slice(b"\\u00");
                 out.push(HEX[usize::from(b >> 4)]);
                 out.push(HEX[usize::from(b & 0xf)]);
             }
-            _ => out.push(b),
         }
     }
+    out.extend_from_slice(&bytes[start..]);
     out.push(b'"');
 }
 
@@ -160,6 +244,15 @@ mod tests {
     }
 
     #[test]
+    fn sorts_keys_by_utf16_code_units_as_jcs() {
+        // U+10000 is D800 DC00 in UTF-16, so it sorts before U+E000 (unlike in UTF-8).
+        assert_eq!(
+            enc(json!({"\u{e000}": 1, "\u{10000}": 2, "a": 3})),
+            "{\"a\":3,\"\u{10000}\":2,\"\u{e000}\":1}"
+        );
+    }
+
+    #[test]
     fn escapes_exactly_as_jcs() {
         assert_eq!(
             enc(json!("a\"b\\c\n\t\u{1}\u{1f}\u{7f}/é")),
@@ -178,6 +271,17 @@ mod tests {
             Err(CanonicalError::IntegerTooLarge(_))
         ));
         assert!(write_value(&mut out, &json!(MAX_INTEGER)).is_ok());
+    }
+
+    #[test]
+    fn member_finds_top_level_values() {
+        let doc = br#"{"a":{"job":1,"x":"}\"{"},"job":{"k":[1,{"b":"]"}],"s":"x\"y"},"z":true}"#;
+        assert_eq!(member(doc, "job"), Some(&br#"{"k":[1,{"b":"]"}],"s":"x\"y"}"#[..]));
+        assert_eq!(member(doc, "z"), Some(&b"true"[..]));
+        assert_eq!(member(doc, "a"), Some(&br#"{"job":1,"x":"}\"{"}"#[..]));
+        assert_eq!(member(doc, "nope"), None);
+        assert_eq!(member(b"[1]", "a"), None);
+        assert_eq!(member(b"{\"a\":", "a"), None);
     }
 
     #[test]

@@ -11,6 +11,9 @@
 //! job.canonical_bytes() -> Result<Vec<u8>, JobError>
 //! Job::from_canonical_bytes(&[u8]) -> Result<Job, JobError>   // refuses non-canonical bytes
 //! job.host_data() -> Result<[u8; 32], JobError>   // SHA-256(HOST_DATA_TAG ‖ canonical(job))
+//! host_data_of(&canonical_job_bytes) -> [u8; 32]  // same, from bytes already canonical
+//! BasicDerivation::from_derivation(name, &nix_formats Derivation) / .to_derivation() / .drv_path()
+//! CaRule <-> nix_formats::ca::SelfRefRule (From both ways)
 //! NarHash([u8; 32])  — "sha256:<nix32>" on the wire;  NarHash::of(bytes)
 //! ```
 //! The job is serde-(de)serialisable; its canonical bytes (see [`crate::canonical`]) are what
@@ -257,6 +260,24 @@ pub enum CaRule {
     SelfRefZeroed,
 }
 
+impl From<CaRule> for nix_formats::ca::SelfRefRule {
+    fn from(rule: CaRule) -> Self {
+        match rule {
+            CaRule::SelfRefPositions => nix_formats::ca::SelfRefRule::ZeroAndPositions,
+            CaRule::SelfRefZeroed => nix_formats::ca::SelfRefRule::ZeroOnly,
+        }
+    }
+}
+
+impl From<nix_formats::ca::SelfRefRule> for CaRule {
+    fn from(rule: nix_formats::ca::SelfRefRule) -> Self {
+        match rule {
+            nix_formats::ca::SelfRefRule::ZeroAndPositions => CaRule::SelfRefPositions,
+            nix_formats::ca::SelfRefRule::ZeroOnly => CaRule::SelfRefZeroed,
+        }
+    }
+}
+
 /// What kind of step a basic derivation is, by its outputs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StepKind {
@@ -337,10 +358,7 @@ impl Job {
 
     /// `SHA-256(HOST_DATA_TAG ‖ canonical(job))`: the 32 bytes the host fixes at VM launch.
     pub fn host_data(&self) -> Result<[u8; 32], JobError> {
-        let mut h = Sha256::new();
-        h.update(HOST_DATA_TAG);
-        h.update(self.canonical_bytes()?);
-        Ok(h.finalize().into())
+        Ok(host_data_of(&self.canonical_bytes()?))
     }
 
     /// The step kind, from the derivation's outputs.
@@ -412,6 +430,14 @@ impl Job {
         }
         Ok(())
     }
+}
+
+/// HOST_DATA of a job given as canonical bytes (the caller has checked they are canonical).
+pub fn host_data_of(canonical_job: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(HOST_DATA_TAG);
+    h.update(canonical_job);
+    h.finalize().into()
 }
 
 /// The step kind of a basic derivation.

@@ -43,7 +43,12 @@ pub fn classify_evidence(bundle_json: &[u8]) -> &'static str {
         return "malformed";
     };
     match crate::evidence::certs::parse(crate::evidence::CertRole::Ark, &bundle.ark) {
-        Ok(ark) if crate::evidence::certs::pinned_amd_root(&crate::evidence::certs::spki_sha256(&ark)).is_some() => {
+        Ok(ark)
+            if crate::evidence::certs::pinned_amd_root(&crate::evidence::certs::spki_sha256(
+                &ark,
+            ))
+            .is_some() =>
+        {
             "sev-snp"
         }
         Ok(_) => "simulated",

@@ -101,10 +101,14 @@ pub fn load_or_generate_key(state_dir: &Path, name: &str) -> Result<SecretKey, S
             if mode & 0o077 != 0 {
                 return Err(SignError::Permissions(secret));
             }
-            let key =
-                SecretKey::parse(&text).map_err(|source| SignError::Key { path: secret.clone(), source })?;
+            let key = SecretKey::parse(&text)
+                .map_err(|source| SignError::Key { path: secret.clone(), source })?;
             if key.name() != name {
-                return Err(SignError::WrongName { path: secret, expected: name.into(), found: key.name().into() });
+                return Err(SignError::WrongName {
+                    path: secret,
+                    expected: name.into(),
+                    found: key.name().into(),
+                });
             }
             if !public.exists() {
                 crate::store::write_atomic(&public, key.public_key().to_string().as_bytes())
@@ -124,7 +128,9 @@ pub fn load_or_generate_key(state_dir: &Path, name: &str) -> Result<SecretKey, S
                 .mode(0o600)
                 .open(&tmp)
                 .map_err(io_err(&tmp))?;
-            f.write_all(key.to_file_string().as_bytes()).and_then(|()| f.sync_all()).map_err(io_err(&tmp))?;
+            f.write_all(key.to_file_string().as_bytes())
+                .and_then(|()| f.sync_all())
+                .map_err(io_err(&tmp))?;
             let linked = fs::hard_link(&tmp, &secret);
             let _ = fs::remove_file(&tmp);
             match linked {
@@ -133,7 +139,9 @@ pub fn load_or_generate_key(state_dir: &Path, name: &str) -> Result<SecretKey, S
                         .map_err(io_err(&public))?;
                     Ok(key)
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => load_or_generate_key(state_dir, name),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    load_or_generate_key(state_dir, name)
+                }
                 Err(e) => Err(io_err(&secret)(e)),
             }
         }
@@ -174,7 +182,8 @@ pub fn step_records(st: &Statement, key: &SecretKey) -> Result<StepRecords, Sign
         None
     } else {
         let drv = job.drv.to_derivation().map_err(|e| drv_err(e.to_string()))?;
-        let r = resolve(&drv, &job.drv.name, &mut |_, _| None).map_err(|e| drv_err(e.to_string()))?;
+        let r =
+            resolve(&drv, &job.drv.name, &mut |_, _| None).map_err(|e| drv_err(e.to_string()))?;
         if r.drv_path.to_string() != job.drv_path {
             return Err(drv_err(format!("the basic derivation's path is {}", r.drv_path)));
         }
@@ -220,7 +229,8 @@ pub fn step_records(st: &Statement, key: &SecretKey) -> Result<StepRecords, Sign
 
 /// The ed25519 public key of a Nix key (for the JWS `kid`).
 pub fn verifying_key(key: &nix_formats::signing::PublicKey) -> ed25519_dalek::VerifyingKey {
-    ed25519_dalek::VerifyingKey::from_bytes(&key.to_bytes()).expect("a parsed public key is a valid point")
+    ed25519_dalek::VerifyingKey::from_bytes(&key.to_bytes())
+        .expect("a parsed public key is a valid point")
 }
 
 #[cfg(test)]
@@ -238,10 +248,16 @@ mod tests {
         let public = fs::read_to_string(dir.path().join("keys/host-simulated-1.public")).unwrap();
         assert_eq!(public, a.public_key().to_string());
         fs::set_permissions(&secret, fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(matches!(load_or_generate_key(dir.path(), "host-simulated-1"), Err(SignError::Permissions(_))));
+        assert!(matches!(
+            load_or_generate_key(dir.path(), "host-simulated-1"),
+            Err(SignError::Permissions(_))
+        ));
         assert!(matches!(load_or_generate_key(dir.path(), "bad:name"), Err(SignError::KeyName(_))));
         fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
         fs::rename(&secret, dir.path().join("keys/other.secret")).unwrap();
-        assert!(matches!(load_or_generate_key(dir.path(), "other"), Err(SignError::WrongName { .. })));
+        assert!(matches!(
+            load_or_generate_key(dir.path(), "other"),
+            Err(SignError::WrongName { .. })
+        ));
     }
 }

@@ -12,6 +12,7 @@
 //! st.canonical_bytes() / Statement::from_canonical_bytes(&[u8])
 //! st.report_data() -> Result<[u8; 64], StatementError>  // SHA-512(REPORT_DATA_TAG ‖ canonical)
 //! st.host_data() -> Result<[u8; 32], StatementError>    // = st.job.host_data()
+//! report_data_of(&canonical_bytes) / host_data_of(&canonical_bytes)  // from stored bytes
 //! ```
 //! `input_cas` holds, for each input path whose content address the guest recomputed from its
 //! bytes, that content address (Nix's `ca` string). Every closure path the job claims a `ca`
@@ -74,6 +75,21 @@ pub enum StatementError {
 
 fn field_err(field: &'static str, problem: impl Into<String>) -> StatementError {
     StatementError::Field { field, problem: problem.into() }
+}
+
+/// REPORT_DATA of a statement given as canonical bytes (the caller has checked they are
+/// canonical, e.g. with [`Statement::from_canonical_bytes`]).
+pub fn report_data_of(canonical_statement: &[u8]) -> [u8; 64] {
+    let mut h = Sha512::new();
+    h.update(REPORT_DATA_TAG);
+    h.update(canonical_statement);
+    h.finalize().into()
+}
+
+/// HOST_DATA of the job inside a statement given as canonical bytes, without re-encoding it
+/// (its canonical bytes are a slice of the statement's).
+pub fn host_data_of(canonical_statement: &[u8]) -> Option<[u8; 32]> {
+    canonical::member(canonical_statement, "job").map(crate::job::host_data_of)
 }
 
 /// An SEV-SNP launch measurement (48 bytes). On the wire: 96 lowercase hex digits.
@@ -185,10 +201,7 @@ impl Statement {
     /// `SHA-512(REPORT_DATA_TAG ‖ canonical(statement))`: the 64 bytes the guest puts in its
     /// attestation report.
     pub fn report_data(&self) -> Result<[u8; 64], StatementError> {
-        let mut h = Sha512::new();
-        h.update(REPORT_DATA_TAG);
-        h.update(self.canonical_bytes()?);
-        Ok(h.finalize().into())
+        Ok(report_data_of(&self.canonical_bytes()?))
     }
 
     /// HOST_DATA of the statement's job.

@@ -90,7 +90,10 @@ pub enum StoreError {
     Jws(#[source] crate::jws::JwsError),
 }
 
-pub(crate) fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
+pub(crate) fn io_err<'a>(
+    op: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> StoreError + 'a {
     move |source| StoreError::Io { op, path: path.to_path_buf(), source }
 }
 
@@ -157,7 +160,14 @@ impl TraceStore {
 
     /// Open or create a store (for writing).
     pub fn create(root: &Path) -> Result<TraceStore, StoreError> {
-        for sub in ["nar", "realisations", "build-trace-v2", "vouch/v1/steps", "vouch/v1/by-output", "vouch/v1/tmp"] {
+        for sub in [
+            "nar",
+            "realisations",
+            "build-trace-v2",
+            "vouch/v1/steps",
+            "vouch/v1/by-output",
+            "vouch/v1/tmp",
+        ] {
             let d = root.join(sub);
             fs::create_dir_all(&d).map_err(io_err("create", &d))?;
         }
@@ -180,7 +190,11 @@ impl TraceStore {
 
     /// Write one step: NARs, statement, evidence, a JWS signed by `key`, index markers, Nix
     /// realisations (both formats, for content-addressed steps), then the narinfos. Idempotent.
-    pub fn put_step(&self, step: &StepRecord<'_>, key: &SecretKey) -> Result<PutResult, StoreError> {
+    pub fn put_step(
+        &self,
+        step: &StepRecord<'_>,
+        key: &SecretKey,
+    ) -> Result<PutResult, StoreError> {
         let st = step.statement;
         st.validate().map_err(StoreError::Statement)?;
         let statement_bytes = st.canonical_bytes().map_err(StoreError::Statement)?;
@@ -202,16 +216,30 @@ impl TraceStore {
         let step_dir = self.step_dir(&st.job.drv_path)?;
         let final_dir = step_dir.join(&entry);
         let evidence_bytes = step.evidence.map(EvidenceBundle::to_json);
-        let jws = crate::jws::sign(st, evidence_bytes.as_deref().map(str::as_bytes), step.evidence_kind, key)
-            .map_err(StoreError::Jws)?;
-        let thumb = &hex::encode(crate::jws::spki_thumbprint(&sign::verifying_key(&key.public_key())))[..16];
+        let jws = crate::jws::sign(
+            st,
+            evidence_bytes.as_deref().map(str::as_bytes),
+            step.evidence_kind,
+            key,
+        )
+        .map_err(StoreError::Jws)?;
+        let thumb =
+            &hex::encode(crate::jws::spki_thumbprint(&sign::verifying_key(&key.public_key())))
+                [..16];
         if final_dir.exists() {
             let p = final_dir.join("jws").join(format!("{thumb}.jws"));
             if !p.exists() {
                 write_atomic(&p, jws.as_bytes()).map_err(io_err("write", &p))?;
             }
         } else {
-            self.put_step_dir(&step_dir, &final_dir, &statement_bytes, evidence_bytes.as_deref(), thumb, &jws)?;
+            self.put_step_dir(
+                &step_dir,
+                &final_dir,
+                &statement_bytes,
+                evidence_bytes.as_deref(),
+                thumb,
+                &jws,
+            )?;
         }
 
         // 3. Index markers: output → step entry.
@@ -234,7 +262,10 @@ impl TraceStore {
                 files.push((self.root.join(b.cache_path()), b.value_json()));
             }
             if let Some(l) = &rec.legacy {
-                files.push((self.root.join("realisations").join(format!("{}.doi", l.id)), l.to_json()));
+                files.push((
+                    self.root.join("realisations").join(format!("{}.doi", l.id)),
+                    l.to_json(),
+                ));
             }
             for (path, body) in files {
                 if let Some(dir) = path.parent() {
@@ -242,12 +273,15 @@ impl TraceStore {
                 }
                 match fs::read(&path) {
                     Ok(existing) => {
-                        let v: serde_json::Value = serde_json::from_slice(&existing).unwrap_or_default();
+                        let v: serde_json::Value =
+                            serde_json::from_slice(&existing).unwrap_or_default();
                         if v.get("outPath").and_then(|p| p.as_str()) != Some(out_base.as_str()) {
                             kept.push(path);
                         }
                     }
-                    Err(_) => write_atomic(&path, body.as_bytes()).map_err(io_err("write", &path))?,
+                    Err(_) => {
+                        write_atomic(&path, body.as_bytes()).map_err(io_err("write", &path))?
+                    }
                 }
             }
         }
@@ -267,7 +301,8 @@ impl TraceStore {
                         kept.push(path);
                     }
                 }
-                Err(_) => write_atomic(&path, info.to_text().as_bytes()).map_err(io_err("write", &path))?,
+                Err(_) => write_atomic(&path, info.to_text().as_bytes())
+                    .map_err(io_err("write", &path))?,
             }
         }
         Ok(PutResult { step_dir: final_dir, entry, kept_existing: kept })
@@ -283,7 +318,10 @@ impl TraceStore {
         jws: &str,
     ) -> Result<(), StoreError> {
         let tmp_root = self.root.join(VOUCH_DIR).join("tmp");
-        let tmp = tempfile::Builder::new().prefix("step-").tempdir_in(&tmp_root).map_err(io_err("create", &tmp_root))?;
+        let tmp = tempfile::Builder::new()
+            .prefix("step-")
+            .tempdir_in(&tmp_root)
+            .map_err(io_err("create", &tmp_root))?;
         let t = tmp.path();
         let jws_dir = t.join("jws");
         fs::create_dir(&jws_dir).map_err(io_err("create", &jws_dir))?;
@@ -308,14 +346,23 @@ impl TraceStore {
     }
 
     /// Copy a NAR into `nar/`, checking its hash and size; returns (file hash, file size).
-    fn put_nar(&self, output: &str, src: &Path, want: &NarHash, size: u64) -> Result<(NarHash, u64), StoreError> {
+    fn put_nar(
+        &self,
+        output: &str,
+        src: &Path,
+        want: &NarHash,
+        size: u64,
+    ) -> Result<(NarHash, u64), StoreError> {
         let nar_dir = self.root.join("nar");
         let dest = nar_dir.join(format!("{}.nar", nix_formats::base32::encode(&want.0)));
         let mut input = fs::File::open(src).map_err(io_err("open", src))?;
         if dest.exists() {
             return Ok((*want, size));
         }
-        let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(&nar_dir).map_err(io_err("create", &nar_dir))?;
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".tmp-")
+            .tempfile_in(&nar_dir)
+            .map_err(io_err("create", &nar_dir))?;
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; 1 << 16];
         let mut total = 0u64;
@@ -332,7 +379,10 @@ impl TraceStore {
         if got != *want || total != size {
             return Err(StoreError::Nar {
                 output: output.into(),
-                problem: format!("{} has {got} ({total} bytes), the statement says {want} ({size} bytes)", src.display()),
+                problem: format!(
+                    "{} has {got} ({total} bytes), the statement says {want} ({size} bytes)",
+                    src.display()
+                ),
             });
         }
         tmp.as_file().sync_all().map_err(io_err("sync", &dest))?;

@@ -148,7 +148,10 @@ impl PreparedPolicy {
 
 /// The measurements an image manifest (`vouch image build`'s `manifest.json`) allows: its
 /// expected SEV-SNP launch measurement, and its simulated measurement when `simulated`.
-pub fn manifest_measurements(path: &Path, simulated: bool) -> Result<Vec<Measurement>, PolicyError> {
+pub fn manifest_measurements(
+    path: &Path,
+    simulated: bool,
+) -> Result<Vec<Measurement>, PolicyError> {
     let text = std::fs::read_to_string(path)
         .map_err(|source| PolicyError::Read { path: path.display().to_string(), source })?;
     let v: serde_json::Value = serde_json::from_str(&text)
@@ -166,7 +169,10 @@ pub fn manifest_measurements(path: &Path, simulated: bool) -> Result<Vec<Measure
         }
     }
     if out.is_empty() {
-        return Err(PolicyError::Invalid(format!("image manifest {} names no measurement", path.display())));
+        return Err(PolicyError::Invalid(format!(
+            "image manifest {} names no measurement",
+            path.display()
+        )));
     }
     Ok(out)
 }

@@ -27,12 +27,23 @@ fn sim() -> TrustModel {
     TrustModel::Leaf("builder:sim".into())
 }
 
-fn verify_with(fx: &Fixture, attr: &str, policy: &TrustPolicy, source: &dyn TraceSource, expect: &[&str]) -> Outcome {
+fn verify_with(
+    fx: &Fixture,
+    attr: &str,
+    policy: &TrustPolicy,
+    source: &dyn TraceSource,
+    expect: &[&str],
+) -> Outcome {
     let target = fx.drvs[attr].clone();
     let drvs = DrvSet::from_store_dir(&fx.store_dir, &target).unwrap();
     let prepared = policy.prepare().unwrap();
     let ev = EvidenceVerifier::new();
-    let v = ClosureVerifier { policy: &prepared, sources: vec![source], evidence: &ev, now: SystemTime::now() };
+    let v = ClosureVerifier {
+        policy: &prepared,
+        sources: vec![source],
+        evidence: &ev,
+        now: SystemTime::now(),
+    };
     let req = Request { target, expect: expect.iter().map(|s| s.to_string()).collect() };
     v.verify(&drvs, &req).unwrap()
 }
@@ -41,13 +52,21 @@ fn store(fx: &Fixture) -> TraceStore {
     TraceStore::open(&fx.traces).unwrap()
 }
 
-fn entry(step: &Step, st: &Statement, evidence: &build_trace::evidence::EvidenceBundle, keys: &[(&SecretKey, &str)]) -> TraceEntry {
+fn entry(
+    step: &Step,
+    st: &Statement,
+    evidence: &build_trace::evidence::EvidenceBundle,
+    keys: &[(&SecretKey, &str)],
+) -> TraceEntry {
     let ev = evidence.to_json();
     TraceEntry {
         location: format!("memory:{}", step.udrv),
         drv_path: st.job.drv_path.clone(),
         statement: st.canonical_bytes().unwrap(),
-        jws: keys.iter().map(|(k, label)| jws::sign(st, Some(ev.as_bytes()), label, k).unwrap()).collect(),
+        jws: keys
+            .iter()
+            .map(|(k, label)| jws::sign(st, Some(ev.as_bytes()), label, k).unwrap())
+            .collect(),
         evidence: Some(ev.into_bytes()),
     }
 }
@@ -83,12 +102,21 @@ fn real_closure_verifies_with_the_outputs_nix_built() {
     assert_eq!(v.steps.len(), 4, "{v}");
     assert!(v.simulated());
     // The resolved drv the verifier found equals the one Nix recorded as the output's deriver.
-    let info = run(Command::new("nix").args(["path-info", "--json", "--store"]).arg(&fx.chroot).arg(&fx.outs["c"]));
-    let deriver = serde_json::from_str::<serde_json::Value>(&info).unwrap()[0]["deriver"].as_str().unwrap().to_string();
+    let info = run(Command::new("nix")
+        .args(["path-info", "--json", "--store"])
+        .arg(&fx.chroot)
+        .arg(&fx.outs["c"]));
+    let deriver = serde_json::from_str::<serde_json::Value>(&info).unwrap()[0]["deriver"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert_eq!(v.steps.last().unwrap().key, deriver);
     assert!(v.steps.iter().any(|s| s.accepted_by.iter().any(|b| b.starts_with("fixed-output"))));
     // Expected paths: Nix's own outputs are what the policy accepts; another path is not.
-    assert!(matches!(verify_with(fx, "c", &fx.policy(sim()), &st, &[&fx.outs["c"]]), Outcome::Verified(_)));
+    assert!(matches!(
+        verify_with(fx, "c", &fx.policy(sim()), &st, &[&fx.outs["c"]]),
+        Outcome::Verified(_)
+    ));
     let b = broken(verify_with(fx, "c", &fx.policy(sim()), &st, &[&fx.outs["b"]]));
     assert_eq!(b.check, LinkCheck::Expected);
     // Input-addressed steps: keyed by their own drv path, with the derivation Nix's hook sends
@@ -97,7 +125,10 @@ fn real_closure_verifies_with_the_outputs_nix_built() {
     assert!(ia3.job.drv.input_srcs.contains(&fx.outs["ia1"]));
     let ia = verify_with(fx, "ia3", &fx.policy(sim()), &st, &[&fx.outs["ia3"]]);
     let Outcome::Verified(ia) = ia else { panic!("{ia:?}") };
-    assert_eq!(ia.steps.iter().map(|s| s.key.clone()).collect::<Vec<_>>(), ["ia1", "ia2", "ia3"].map(|a| fx.drvs[a].to_string()));
+    assert_eq!(
+        ia.steps.iter().map(|s| s.key.clone()).collect::<Vec<_>>(),
+        ["ia1", "ia2", "ia3"].map(|a| fx.drvs[a].to_string())
+    );
 }
 
 #[test]
@@ -113,7 +144,10 @@ fn keys_alone_can_satisfy_a_policy() {
     let fx = fixture();
     let policy = fx.policy(TrustModel::Leaf(format!("key:{}", fx.key.name())));
     let Outcome::Verified(v) = verify_with(fx, "c", &policy, &store(fx), &[]) else { panic!() };
-    assert!(v.steps.iter().all(|s| s.accepted_by.iter().any(|b| b.contains("key ") || b.contains("fixed-output"))));
+    assert!(v
+        .steps
+        .iter()
+        .all(|s| s.accepted_by.iter().any(|b| b.contains("key ") || b.contains("fixed-output"))));
 }
 
 #[test]
@@ -122,9 +156,23 @@ fn changed_output_hash_is_caught_by_report_data() {
     let s = fx.step("c");
     let mut st = s.statement.clone();
     st.outputs.get_mut("out").unwrap().nar_hash.0[0] ^= 1;
-    let b = broken(verify_with(fx, "c", &fx.policy(sim()), &traces_with(fx, "c", entry(s, &st, &s.evidence, &[])), &[]));
-    assert_eq!((b.check, b.step.as_str()), (LinkCheck::Evidence, fx.drvs["c"].to_string().as_str()), "{b}");
-    assert!(b.explanation.contains("REPORT_DATA") || b.explanation.to_lowercase().contains("report data"), "{b}");
+    let b = broken(verify_with(
+        fx,
+        "c",
+        &fx.policy(sim()),
+        &traces_with(fx, "c", entry(s, &st, &s.evidence, &[])),
+        &[],
+    ));
+    assert_eq!(
+        (b.check, b.step.as_str()),
+        (LinkCheck::Evidence, fx.drvs["c"].to_string().as_str()),
+        "{b}"
+    );
+    assert!(
+        b.explanation.contains("REPORT_DATA")
+            || b.explanation.to_lowercase().contains("report data"),
+        "{b}"
+    );
 }
 
 #[test]
@@ -132,7 +180,13 @@ fn swapped_report_from_another_step_is_refused() {
     let fx = fixture();
     let s = fx.step("c");
     let other = &fx.step("b").evidence;
-    let b = broken(verify_with(fx, "c", &fx.policy(sim()), &traces_with(fx, "c", entry(s, &s.statement, other, &[])), &[]));
+    let b = broken(verify_with(
+        fx,
+        "c",
+        &fx.policy(sim()),
+        &traces_with(fx, "c", entry(s, &s.statement, other, &[])),
+        &[],
+    ));
     assert_eq!(b.check, LinkCheck::Evidence, "{b}");
     assert_eq!(b.step, fx.drvs["c"].to_string());
 }
@@ -145,9 +199,18 @@ fn replayed_report_with_other_host_data_is_refused() {
     let mut other_job = s.statement.job.clone();
     other_job.job_id.push_str("-other");
     let ev = fx.attest(&s.statement, other_job.host_data().unwrap(), fx.measurement);
-    let b = broken(verify_with(fx, "c", &fx.policy(sim()), &traces_with(fx, "c", entry(s, &s.statement, &ev, &[])), &[]));
+    let b = broken(verify_with(
+        fx,
+        "c",
+        &fx.policy(sim()),
+        &traces_with(fx, "c", entry(s, &s.statement, &ev, &[])),
+        &[],
+    ));
     assert_eq!(b.check, LinkCheck::Evidence, "{b}");
-    assert!(b.explanation.contains("HOST_DATA") || b.explanation.to_lowercase().contains("host data"), "{b}");
+    assert!(
+        b.explanation.contains("HOST_DATA") || b.explanation.to_lowercase().contains("host data"),
+        "{b}"
+    );
 }
 
 #[test]
@@ -158,13 +221,33 @@ fn wrong_measurement_is_refused() {
     let mut st = s.statement.clone();
     st.measurement = Measurement([0x43; 48]);
     let ev = fx.attest(&st, st.host_data().unwrap(), [0x43; 48]);
-    let b = broken(verify_with(fx, "c", &fx.policy(sim()), &traces_with(fx, "b", entry(s, &st, &ev, &[])), &[]));
+    let b = broken(verify_with(
+        fx,
+        "c",
+        &fx.policy(sim()),
+        &traces_with(fx, "b", entry(s, &st, &ev, &[])),
+        &[],
+    ));
     assert_eq!((b.check, b.step.clone()), (LinkCheck::Evidence, fx.drvs["b"].to_string()), "{b}");
     // A statement that claims another measurement than its report shows.
     let mut policy = fx.policy(sim());
-    policy.builders.get_mut("sim").unwrap().evidence.measurements.as_mut().unwrap().push(build_trace::evidence::Hex([0x43; 48]));
+    policy
+        .builders
+        .get_mut("sim")
+        .unwrap()
+        .evidence
+        .measurements
+        .as_mut()
+        .unwrap()
+        .push(build_trace::evidence::Hex([0x43; 48]));
     let ev = fx.attest(&s.statement, s.statement.host_data().unwrap(), [0x43; 48]);
-    let b = broken(verify_with(fx, "c", &policy, &traces_with(fx, "b", entry(s, &s.statement, &ev, &[])), &[]));
+    let b = broken(verify_with(
+        fx,
+        "c",
+        &policy,
+        &traces_with(fx, "b", entry(s, &s.statement, &ev, &[])),
+        &[],
+    ));
     assert_eq!(b.check, LinkCheck::Measurement, "{b}");
 }
 
@@ -178,7 +261,13 @@ fn tampered_input_with_matching_claimed_hash_breaks_the_link() {
     let b_out = &fx.outs["b"];
     st.job.closure.get_mut(b_out).unwrap().nar_hash = NarHash::of(b"tampered bytes");
     let ev = fx.attest(&st, st.host_data().unwrap(), fx.measurement);
-    let b = broken(verify_with(fx, "c", &fx.policy(sim()), &traces_with(fx, "c", entry(s, &st, &ev, &[])), &[]));
+    let b = broken(verify_with(
+        fx,
+        "c",
+        &fx.policy(sim()),
+        &traces_with(fx, "c", entry(s, &st, &ev, &[])),
+        &[],
+    ));
     assert_eq!(b.check, LinkCheck::InputNarHash, "{b}");
     assert_eq!(b.step, fx.drvs["c"].to_string());
     assert_eq!(b.found, NarHash::of(b"tampered bytes").to_string());
@@ -193,10 +282,21 @@ fn extra_unreferenced_input_path_is_refused() {
     let info = fx.step("ia1").statement.outputs["out"].clone();
     st.job.closure.insert(
         extra.clone(),
-        PathInfo { nar_hash: info.nar_hash, nar_size: info.nar_size, references: info.references, ca: None },
+        PathInfo {
+            nar_hash: info.nar_hash,
+            nar_size: info.nar_size,
+            references: info.references,
+            ca: None,
+        },
     );
     let ev = fx.attest(&st, st.host_data().unwrap(), fx.measurement);
-    let b = broken(verify_with(fx, "c", &fx.policy(sim()), &traces_with(fx, "c", entry(s, &st, &ev, &[])), &[]));
+    let b = broken(verify_with(
+        fx,
+        "c",
+        &fx.policy(sim()),
+        &traces_with(fx, "c", entry(s, &st, &ev, &[])),
+        &[],
+    ));
     assert_eq!(b.check, LinkCheck::ExtraInput, "{b}");
     assert_eq!(b.found, *extra);
 }
@@ -207,7 +307,10 @@ fn a_signer_counts_once_per_derivation() {
     let other = SecretKey::from_seed("other-host-1", [3; 32]);
     let mut policy = fx.policy(TrustModel::Threshold {
         threshold: 2,
-        of: vec![TrustModel::Leaf(format!("key:{}", fx.key.name())), TrustModel::Leaf("key:other-host-1".into())],
+        of: vec![
+            TrustModel::Leaf(format!("key:{}", fx.key.name())),
+            TrustModel::Leaf("key:other-host-1".into()),
+        ],
     });
     policy.keys.insert("other-host-1".into(), other.public_key().to_string());
     let twice = |signers: &[(&SecretKey, &str)]| {
@@ -265,7 +368,11 @@ fn missing_trace_is_a_broken_link() {
 fn weak_fixed_output_hashes_are_refused_by_default() {
     let fx = fixture();
     let b = broken(verify_with(fx, "weak", &fx.policy(sim()), &store(fx), &[]));
-    assert_eq!((b.check, b.step.clone()), (LinkCheck::WeakHash, fx.drvs["fodmd5"].to_string()), "{b}");
+    assert_eq!(
+        (b.check, b.step.clone()),
+        (LinkCheck::WeakHash, fx.drvs["fodmd5"].to_string()),
+        "{b}"
+    );
     let mut policy = fx.policy(sim());
     policy.fixed_output.allow_weak_hashes = true;
     // Allowed, the md5 input is fine; `weak` itself was never built, so its trace is missing.
@@ -288,14 +395,22 @@ fn records_and_signatures_equal_what_nix_makes() {
     let legacy = rec.legacy.as_ref().unwrap();
     assert_eq!(nix[0]["id"].as_str().unwrap(), legacy.id.to_string());
     assert_eq!(nix[0]["outPath"].as_str().unwrap(), legacy.out_path.base_name());
-    let nix_sigs: BTreeSet<&str> = nix[0]["signatures"].as_array().unwrap().iter().map(|x| x.as_str().unwrap()).collect();
+    let nix_sigs: BTreeSet<&str> =
+        nix[0]["signatures"].as_array().unwrap().iter().map(|x| x.as_str().unwrap()).collect();
     let ours: BTreeSet<String> = legacy.signatures.iter().map(ToString::to_string).collect();
     assert!(ours.iter().all(|o| nix_sigs.contains(o.as_str())), "nix {nix_sigs:?} ours {ours:?}");
     // And the path signature (narinfo fingerprint).
-    let info = run(Command::new("nix").args(["path-info", "--json", "--sigs", "--store"]).arg(&fx.chroot).arg(&fx.outs["c"]));
+    let info = run(Command::new("nix")
+        .args(["path-info", "--json", "--sigs", "--store"])
+        .arg(&fx.chroot)
+        .arg(&fx.outs["c"]));
     let info: serde_json::Value = serde_json::from_str(&info).unwrap();
-    let nix_path_sigs: BTreeSet<&str> = info[0]["signatures"].as_array().unwrap().iter().map(|x| x.as_str().unwrap()).collect();
-    assert!(rec.narinfo.sigs.iter().all(|g| nix_path_sigs.contains(g.to_string().as_str())), "{nix_path_sigs:?}");
+    let nix_path_sigs: BTreeSet<&str> =
+        info[0]["signatures"].as_array().unwrap().iter().map(|x| x.as_str().unwrap()).collect();
+    assert!(
+        rec.narinfo.sigs.iter().all(|g| nix_path_sigs.contains(g.to_string().as_str())),
+        "{nix_path_sigs:?}"
+    );
 }
 
 #[test]
@@ -304,13 +419,15 @@ fn nix_substitutes_from_the_trace_store() {
     let dir = tempfile::tempdir().unwrap();
     let fresh = dir.path().join("store");
     let url = format!("file://{}", fx.traces.display());
-    let out = nix_env(Command::new("nix-build")
-        .arg("--store")
-        .arg(&fresh)
-        .arg(fx.dir.path().join("fixture.nix"))
-        .args(["-A", "c", "--no-out-link", "-j", "1"])
-        .args(["--option", "substituters", &url])
-        .args(["--option", "trusted-public-keys", &fx.key.public_key().to_string()]))
+    let out = nix_env(
+        Command::new("nix-build")
+            .arg("--store")
+            .arg(&fresh)
+            .arg(fx.dir.path().join("fixture.nix"))
+            .args(["-A", "c", "--no-out-link", "-j", "1"])
+            .args(["--option", "substituters", &url])
+            .args(["--option", "trusted-public-keys", &fx.key.public_key().to_string()]),
+    )
     .output()
     .unwrap();
     let log = String::from_utf8_lossy(&out.stderr);
@@ -319,7 +436,47 @@ fn nix_substitutes_from_the_trace_store() {
     // a, b and c came from our binary cache, with our signatures; only the fixed output was built.
     for attr in ["a", "b", "c"] {
         let p = &fx.outs[attr];
-        assert!(log.contains(&format!("copying path '{p}' from '{url}'")), "{attr} not substituted:\n{log}");
+        assert!(
+            log.contains(&format!("copying path '{p}' from '{url}'")),
+            "{attr} not substituted:\n{log}"
+        );
     }
-    assert!(!log.contains("building '/nix/store/") || log.matches("building '").count() == 1, "{log}");
+    assert!(
+        !log.contains("building '/nix/store/") || log.matches("building '").count() == 1,
+        "{log}"
+    );
+}
+
+#[test]
+fn a_statement_for_another_derivation_is_refused() {
+    let fx = fixture();
+    // An input-addressed step whose statement carries a different derivation (an env var the
+    // .drv does not have), honestly attested: the verifier computes the step itself.
+    let s = fx.step("ia2");
+    let mut st = s.statement.clone();
+    st.job.drv.env.insert("EXTRA".into(), "1".into());
+    let ev = fx.attest(&st, st.host_data().unwrap(), fx.measurement);
+    let b = broken(verify_with(
+        fx,
+        "ia3",
+        &fx.policy(sim()),
+        &traces_with(fx, "ia2", entry(s, &st, &ev, &[])),
+        &[],
+    ));
+    assert_eq!(
+        (b.check, b.step.clone()),
+        (LinkCheck::DerivationMismatch, fx.drvs["ia2"].to_string()),
+        "{b}"
+    );
+    assert!(b.explanation.contains("EXTRA"), "{b}");
+    // A CA step's statement for another resolution (its inputs) is looked up under another key.
+    let s = fx.step("c");
+    let mut st = s.statement.clone();
+    st.job.drv.args.push("x".into());
+    st.job.drv_path = st.job.drv.drv_path().unwrap();
+    let ev = fx.attest(&st, st.host_data().unwrap(), fx.measurement);
+    let mut e = entry(s, &st, &ev, &[]);
+    e.drv_path = s.statement.job.drv_path.clone();
+    let b = broken(verify_with(fx, "c", &fx.policy(sim()), &traces_with(fx, "c", e), &[]));
+    assert_eq!(b.check, LinkCheck::DerivationMismatch, "{b}");
 }

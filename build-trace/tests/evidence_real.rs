@@ -19,7 +19,11 @@ fn expected(c: &RealCase) -> Expected {
     Expected { host_data: Some(c.host_data), report_data: Some(c.report_data) }
 }
 
-fn verify(c: &RealCase, bundle: &EvidenceBundle, policy: &EvidencePolicy) -> Result<(), EvidenceError> {
+fn verify(
+    c: &RealCase,
+    bundle: &EvidenceBundle,
+    policy: &EvidencePolicy,
+) -> Result<(), EvidenceError> {
     Verifier::new().verify_at(bundle, policy, &expected(c), c.now).map(|_| ())
 }
 
@@ -70,7 +74,9 @@ fn signer_is_the_chip_or_the_vlek_for_masked_chips() {
                 assert_eq!(key.0, spki_sha256(&vlek));
                 assert_eq!(v.csp_id.as_deref(), Some("CN=cc-us-east-2.amazonaws.com"));
             }
-            Signer::Chip(chip) => assert_eq!(chip.0, Report::parse(&c.bundle.report).unwrap().chip_id()),
+            Signer::Chip(chip) => {
+                assert_eq!(chip.0, Report::parse(&c.bundle.report).unwrap().chip_id())
+            }
             Signer::SimulatedChip(_) => panic!("real evidence is never simulated"),
         }
     }
@@ -93,9 +99,15 @@ fn our_parser_agrees_with_the_sev_crate() {
         assert_eq!(ours.report_data(), theirs.report_data);
         assert_eq!(ours.host_data(), theirs.host_data);
         assert_eq!(ours.chip_id(), theirs.chip_id);
-        let tcb = build_trace::evidence::TcbVersion::decode(ours.reported_tcb_raw(), c.product.tcb_layout());
+        let tcb = build_trace::evidence::TcbVersion::decode(
+            ours.reported_tcb_raw(),
+            c.product.tcb_layout(),
+        );
         let t = theirs.reported_tcb;
-        assert_eq!((tcb.bootloader, tcb.tee, tcb.snp, tcb.microcode), (t.bootloader, t.tee, t.snp, t.microcode));
+        assert_eq!(
+            (tcb.bootloader, tcb.tee, tcb.snp, tcb.microcode),
+            (t.bootloader, t.tee, t.snp, t.microcode)
+        );
         assert_eq!(tcb.fmc, t.fmc);
     }
 }
@@ -114,19 +126,24 @@ fn pinned_roots_are_amds() {
         assert_eq!(hex::encode(Sha256::digest(&ark)), der_pin);
         let cert = x509_cert::Certificate::from_der(&ark).unwrap();
         assert_eq!(hex::encode(spki_sha256(&cert)), *spki_pin);
-        let from_testdata = certs(&format!("microsoft-tav/{}_ark.pem", product.name().to_lowercase()));
+        let from_testdata =
+            certs(&format!("microsoft-tav/{}_ark.pem", product.name().to_lowercase()));
         assert_eq!(from_testdata[0], ark);
         assert!(!builtin_ask(*product).is_empty());
         assert!(!certs::builtin_asvk(*product).is_empty());
     }
     let asvk = certs::builtin_asvk(Product::Milan);
-    assert_eq!(hex::encode(Sha256::digest(&asvk)), "c5e081f59b7efab1fe2f8b505e159704e72f29cab7ef7cf628a05a42439082f5");
+    assert_eq!(
+        hex::encode(Sha256::digest(&asvk)),
+        "c5e081f59b7efab1fe2f8b505e159704e72f29cab7ef7cf628a05a42439082f5"
+    );
 }
 
 #[test]
 fn builtin_chain_bundles_verify() {
     for c in real_cases() {
-        let b = EvidenceBundle::with_builtin_chain(c.bundle.report.clone(), c.bundle.vek.clone()).unwrap();
+        let b = EvidenceBundle::with_builtin_chain(c.bundle.report.clone(), c.bundle.vek.clone())
+            .unwrap();
         verify(&c, &b, &c.policy).unwrap_or_else(|e| panic!("{}: {e}", c.name));
     }
 }
@@ -176,9 +193,19 @@ fn vlek_needs_allow_vlek_and_a_time_inside_its_validity() {
 #[test]
 fn vcek_outside_validity_fails() {
     let c = case("virtee");
-    let e = Verifier::new().verify_at(&c.bundle, &c.policy, &expected(&c), at("2023-01-01")).unwrap_err();
-    assert!(matches!(e, EvidenceError::CertificateValidity { role: build_trace::evidence::CertRole::Vek, .. }), "{e}");
-    let e = Verifier::new().verify_at(&c.bundle, &c.policy, &expected(&c), at("2031-01-01")).unwrap_err();
+    let e = Verifier::new()
+        .verify_at(&c.bundle, &c.policy, &expected(&c), at("2023-01-01"))
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            EvidenceError::CertificateValidity { role: build_trace::evidence::CertRole::Vek, .. }
+        ),
+        "{e}"
+    );
+    let e = Verifier::new()
+        .verify_at(&c.bundle, &c.policy, &expected(&c), at("2031-01-01"))
+        .unwrap_err();
     assert_eq!(e.check(), Check::Validity);
 }
 
@@ -192,7 +219,8 @@ fn foreign_rsa_root_is_untrusted() {
     let key = rsa::RsaPrivateKey::new(&mut rand_core::OsRng, 2048).unwrap();
     let mut tbs = amd.tbs_certificate.clone();
     let spki = key.to_public_key().to_public_key_der().unwrap();
-    tbs.subject_public_key_info = spki::SubjectPublicKeyInfoOwned::from_der(spki.as_bytes()).unwrap();
+    tbs.subject_public_key_info =
+        spki::SubjectPublicKeyInfoOwned::from_der(spki.as_bytes()).unwrap();
     let signer = rsa::pss::SigningKey::<sha2::Sha384>::new_with_salt_len(key, 48);
     let sig = signer.sign_with_rng(&mut rand_core::OsRng, &tbs.to_der().unwrap()).to_vec();
     let foreign = x509_cert::Certificate {
@@ -205,7 +233,10 @@ fn foreign_rsa_root_is_untrusted() {
     let mut b = c.bundle.clone();
     b.ark = foreign.to_der().unwrap();
     let e = fails(verify(&c, &b, &c.policy), Check::Root);
-    assert!(matches!(&e, EvidenceError::UntrustedRoot { subject, .. } if subject == "ARK-Milan"), "{e}");
+    assert!(
+        matches!(&e, EvidenceError::UntrustedRoot { subject, .. } if subject == "ARK-Milan"),
+        "{e}"
+    );
     // An AMD intermediate is not a root either.
     let mut b = c.bundle.clone();
     b.ark = c.bundle.ask.clone().unwrap();
@@ -305,10 +336,16 @@ fn report_format_is_checked() {
     fails(verify(&c, &mutated(&c, |r| r.truncate(1000)), &c.policy), Check::ReportFormat);
     fails(verify(&c, &mutated(&c, |r| r.push(0)), &c.policy), Check::ReportFormat);
     for v in [0u32, 1, 4, 6] {
-        let e = fails(verify(&c, &mutated(&c, |r| r[0..4].copy_from_slice(&v.to_le_bytes())), &c.policy), Check::ReportFormat);
+        let e = fails(
+            verify(&c, &mutated(&c, |r| r[0..4].copy_from_slice(&v.to_le_bytes())), &c.policy),
+            Check::ReportFormat,
+        );
         assert!(e.to_string().contains("malformed"), "{e}");
     }
-    let e = fails(verify(&c, &mutated(&c, |r| r[offset::SIG_ALGO] = 2), &c.policy), Check::ReportFormat);
+    let e = fails(
+        verify(&c, &mutated(&c, |r| r[offset::SIG_ALGO] = 2), &c.policy),
+        Check::ReportFormat,
+    );
     assert!(matches!(e, EvidenceError::SignatureAlgorithm(2)));
 }
 
@@ -317,15 +354,30 @@ fn extension_binding_is_checked_on_real_vceks() {
     for c in [case("virtee"), case("trustee az-genoa"), case("microsoft-tav")] {
         // REPORTED_TCB: the snp SPL byte (Milan/Genoa byte 6, Turin byte 3) and the microcode byte.
         let snp = if c.product == Product::Turin { 3 } else { 6 };
-        let e = fails(verify(&c, &mutated(&c, |r| r[offset::REPORTED_TCB + snp] ^= 1), &c.policy), Check::TcbBinding);
+        let e = fails(
+            verify(&c, &mutated(&c, |r| r[offset::REPORTED_TCB + snp] ^= 1), &c.policy),
+            Check::TcbBinding,
+        );
         assert!(matches!(e, EvidenceError::TcbBinding { component: "snp", .. }), "{e}");
-        fails(verify(&c, &mutated(&c, |r| r[offset::REPORTED_TCB + 7] ^= 1), &c.policy), Check::TcbBinding);
+        fails(
+            verify(&c, &mutated(&c, |r| r[offset::REPORTED_TCB + 7] ^= 1), &c.policy),
+            Check::TcbBinding,
+        );
         // CHIP_ID: first byte, and a byte past Turin's 8-byte hwID.
-        fails(verify(&c, &mutated(&c, |r| r[offset::CHIP_ID] ^= 1), &c.policy), Check::ChipIdBinding);
-        fails(verify(&c, &mutated(&c, |r| r[offset::CHIP_ID + 40] ^= 1), &c.policy), Check::ChipIdBinding);
+        fails(
+            verify(&c, &mutated(&c, |r| r[offset::CHIP_ID] ^= 1), &c.policy),
+            Check::ChipIdBinding,
+        );
+        fails(
+            verify(&c, &mutated(&c, |r| r[offset::CHIP_ID + 40] ^= 1), &c.policy),
+            Check::ChipIdBinding,
+        );
     }
     let turin = case("microsoft-tav");
-    let e = fails(verify(&turin, &mutated(&turin, |r| r[offset::REPORTED_TCB] ^= 1), &turin.policy), Check::TcbBinding);
+    let e = fails(
+        verify(&turin, &mutated(&turin, |r| r[offset::REPORTED_TCB] ^= 1), &turin.policy),
+        Check::TcbBinding,
+    );
     assert!(matches!(e, EvidenceError::TcbBinding { component: "fmc", .. }), "{e}");
 }
 
@@ -333,9 +385,15 @@ fn extension_binding_is_checked_on_real_vceks() {
 fn key_info_must_match_the_certificate() {
     let c = case("virtee");
     // signing_key = 1 (VLEK) on a VCEK-signed report.
-    let e = fails(verify(&c, &mutated(&c, |r| r[offset::KEY_INFO] = 0x4), &c.policy), Check::SignerKind);
+    let e = fails(
+        verify(&c, &mutated(&c, |r| r[offset::KEY_INFO] = 0x4), &c.policy),
+        Check::SignerKind,
+    );
     assert!(matches!(e, EvidenceError::SigningKeyMismatch { .. }), "{e}");
-    let e = fails(verify(&c, &mutated(&c, |r| r[offset::KEY_INFO] = 0x2), &c.policy), Check::SignerKind);
+    let e = fails(
+        verify(&c, &mutated(&c, |r| r[offset::KEY_INFO] = 0x2), &c.policy),
+        Check::SignerKind,
+    );
     assert!(matches!(e, EvidenceError::MaskChipKey), "{e}");
     let v = case("trustee test-vlek");
     fails(verify(&v, &mutated(&v, |r| r[offset::KEY_INFO] = 0), &v.policy), Check::SignerKind);
@@ -344,14 +402,27 @@ fn key_info_must_match_the_certificate() {
 #[test]
 fn report_signature_covers_the_signed_fields() {
     for c in real_cases() {
-        for off in [offset::POLICY, offset::REPORT_DATA, offset::MEASUREMENT, offset::HOST_DATA, offset::VMPL, 0x29F] {
+        for off in [
+            offset::POLICY,
+            offset::REPORT_DATA,
+            offset::MEASUREMENT,
+            offset::HOST_DATA,
+            offset::VMPL,
+            0x29F,
+        ] {
             let b = mutated(&c, |r| r[off] ^= 1);
             let e = verify(&c, &b, &c.policy).unwrap_err();
             assert_eq!(e.check(), Check::ReportSignature, "{} offset {off:#x}: {e}", c.name);
         }
-        let e = fails(verify(&c, &mutated(&c, |r| r[offset::SIGNATURE_S + 5] ^= 1), &c.policy), Check::ReportSignature);
+        let e = fails(
+            verify(&c, &mutated(&c, |r| r[offset::SIGNATURE_S + 5] ^= 1), &c.policy),
+            Check::ReportSignature,
+        );
         assert!(matches!(e, EvidenceError::ReportSignature(_)));
-        let e = fails(verify(&c, &mutated(&c, |r| r[offset::SIGNATURE_R + 60] = 1), &c.policy), Check::ReportSignature);
+        let e = fails(
+            verify(&c, &mutated(&c, |r| r[offset::SIGNATURE_R + 60] = 1), &c.policy),
+            Check::ReportSignature,
+        );
         assert!(matches!(e, EvidenceError::SignatureEncoding(_)));
     }
 }
@@ -361,7 +432,8 @@ fn unsigned_reserved_bytes_must_be_zero() {
     // The 368 bytes after the signature are not signed: flipping them keeps the signature valid,
     // so only the reserved-bytes check can catch it.
     for c in real_cases() {
-        let e = fails(verify(&c, &mutated(&c, |r| r[0x400] = 0x5A), &c.policy), Check::ReservedBytes);
+        let e =
+            fails(verify(&c, &mutated(&c, |r| r[0x400] = 0x5A), &c.policy), Check::ReservedBytes);
         assert!(matches!(e, EvidenceError::ReservedBytes { offset: 0x400, value: 0x5A }), "{e}");
     }
 }

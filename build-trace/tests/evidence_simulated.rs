@@ -77,7 +77,9 @@ fn simulated_evidence_verifies_only_when_the_policy_names_its_root() {
 
     // Not named: rejected, default policy included.
     let e = fails(s.verify_with(&b, &EvidencePolicy::default()), Check::Root);
-    assert!(matches!(&e, EvidenceError::UntrustedRoot { spki_sha256, .. } if *spki_sha256 == s.root.key_id().to_string()));
+    assert!(
+        matches!(&e, EvidenceError::UntrustedRoot { spki_sha256, .. } if *spki_sha256 == s.root.key_id().to_string())
+    );
     // Another host's simulated root in the policy does not admit this one.
     let other = SimulatedRoot::generate().unwrap();
     let p = other.allowed_by(EvidencePolicy::default());
@@ -130,6 +132,24 @@ fn report_layout_is_amds() {
 }
 
 #[test]
+fn masked_chip_id_v2_reports_parse() {
+    // The sev crate cannot parse a v2 report with a masked CHIP_ID; our raw parser can, and the
+    // verifier then fails at the VCEK hwID binding rather than at parsing.
+    use build_trace::evidence::report::ProductHint;
+    use sev::parser::ByteParser;
+    let s = sim();
+    let b = s.resigned(|r| {
+        r[0..4].copy_from_slice(&2u32.to_le_bytes());
+        r[offset::CHIP_ID..offset::CHIP_ID + 64].fill(0);
+    });
+    let r = Report::parse(&b.report).unwrap();
+    assert!(r.chip_id_masked());
+    assert_eq!(r.product_hint(), ProductHint::Masked);
+    assert!(sev::firmware::guest::AttestationReport::from_bytes(&b.report).is_err());
+    fails(s.verify(&b), Check::ChipIdBinding);
+}
+
+#[test]
 fn report_format_mutations() {
     let s = sim();
     for v in [1u32, 4, 6] {
@@ -162,10 +182,16 @@ fn binding_mutations() {
     for (i, component) in [(0, "bootloader"), (1, "tee"), (6, "snp"), (7, "microcode")] {
         let b = s.resigned(|r| r[offset::REPORTED_TCB + i] += 1);
         let e = fails(s.verify(&b), Check::TcbBinding);
-        assert!(matches!(e, EvidenceError::TcbBinding { component: c, .. } if c == component), "{e}");
+        assert!(
+            matches!(e, EvidenceError::TcbBinding { component: c, .. } if c == component),
+            "{e}"
+        );
     }
     fails(s.verify(&s.resigned(|r| r[offset::CHIP_ID + 63] ^= 0x80)), Check::ChipIdBinding);
-    fails(s.verify(&s.resigned(|r| r[offset::CHIP_ID..offset::CHIP_ID + 64].fill(0))), Check::ChipIdBinding);
+    fails(
+        s.verify(&s.resigned(|r| r[offset::CHIP_ID..offset::CHIP_ID + 64].fill(0))),
+        Check::ChipIdBinding,
+    );
 }
 
 #[test]
@@ -186,8 +212,11 @@ fn signature_mutations() {
 #[test]
 fn guest_policy_mutations() {
     let s = sim();
-    let with_policy = |p: u64| s.resigned(|r| r[offset::POLICY..offset::POLICY + 8].copy_from_slice(&p.to_le_bytes()));
-    let cases: [(u64, fn(&EvidenceError) -> bool); 4] = [
+    let with_policy = |p: u64| {
+        s.resigned(|r| r[offset::POLICY..offset::POLICY + 8].copy_from_slice(&p.to_le_bytes()))
+    };
+    type Is = fn(&EvidenceError) -> bool;
+    let cases: [(u64, Is); 4] = [
         (0x30000 | 1 << 19, |e| matches!(e, EvidenceError::PolicyDebug { .. })),
         (0x30000 | 1 << 18, |e| matches!(e, EvidenceError::PolicyMigrationAgent { .. })),
         (0x10000, |e| matches!(e, EvidenceError::PolicyBit17 { .. })),
@@ -227,7 +256,8 @@ fn vmpl_tcb_measurement_and_data_mutations() {
     assert!(matches!(e, EvidenceError::Vmpl { got: 2, want: 0 }));
     // Minimum TCB (simulated roots have their own entry).
     let mut p = s.policy.clone();
-    p.min_tcb.simulated = Some(TcbVersion { fmc: None, bootloader: 1, tee: 1, snp: 2, microcode: 0 });
+    p.min_tcb.simulated =
+        Some(TcbVersion { fmc: None, bootloader: 1, tee: 1, snp: 2, microcode: 0 });
     let e = fails(s.verify_with(&s.bundle(), &p), Check::MinimumTcb);
     assert!(matches!(e, EvidenceError::TcbTooLow { component: "snp", .. }), "{e}");
     p.min_tcb.simulated = Some(s.root.platform().tcb);
@@ -241,9 +271,22 @@ fn vmpl_tcb_measurement_and_data_mutations() {
 #[test]
 fn signed_reserved_byte_mutations() {
     let s = sim();
-    for off in [0x4C, 0x18B, 0x19F, 0x1EB, 0x1EF, 0x208, 0x29F, offset::REPORTED_TCB + 3, offset::LAUNCH_TCB + 2] {
+    for off in [
+        0x4C,
+        0x18B,
+        0x19F,
+        0x1EB,
+        0x1EF,
+        0x208,
+        0x29F,
+        offset::REPORTED_TCB + 3,
+        offset::LAUNCH_TCB + 2,
+    ] {
         let e = fails(s.verify(&s.resigned(|r| r[off] = 1)), Check::ReservedBytes);
-        assert!(matches!(e, EvidenceError::ReservedBytes { offset, .. } if offset == off), "{off:#x}: {e}");
+        assert!(
+            matches!(e, EvidenceError::ReservedBytes { offset, .. } if offset == off),
+            "{off:#x}: {e}"
+        );
     }
     fails(s.verify(&s.resigned(|r| r[0x4A0 - 1] = 1)), Check::ReservedBytes);
 }
@@ -288,12 +331,14 @@ fn concurrent_generation_agrees_on_one_root() {
     let state = tempfile::tempdir().unwrap();
     let dir = state.path().join("sim");
     let ids: Vec<_> = std::thread::scope(|scope| {
-        let handles: Vec<_> =
-            (0..4).map(|_| scope.spawn(|| SimulatedRoot::load_or_generate(&dir).unwrap().key_id())).collect();
+        let handles: Vec<_> = (0..4)
+            .map(|_| scope.spawn(|| SimulatedRoot::load_or_generate(&dir).unwrap().key_id()))
+            .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
-    let leftovers: Vec<_> = std::fs::read_dir(state.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let leftovers: Vec<_> =
+        std::fs::read_dir(state.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(leftovers.len(), 1, "temporary directories left behind: {leftovers:?}");
 }
 

@@ -239,3 +239,15 @@ fn malformed_jobs_and_statements_are_refused_with_the_field_named() {
 const GOLDEN_HOST_DATA: &str = "5bd073af3927aca6555f151db3ebb0619674264ed7924d3e14b8975094b65cdb";
 const GOLDEN_REPORT_DATA: &str =
     "829fb39737ed104975cf8dde05c2b12e46cdeeed20f234ac82f7b5e759591be75d52019dfc6272ebef1984b7a7d9cbfe3927011d8bfdf2dba34b03115a990adf";
+
+#[test]
+fn hashes_from_canonical_bytes_equal_the_encoders() {
+    let st = golden_statement();
+    let bytes = data("statement-v1.json");
+    assert_eq!(build_trace::statement::report_data_of(&bytes), st.report_data().unwrap());
+    assert_eq!(
+        build_trace::statement::host_data_of(&bytes),
+        Some(golden_job().host_data().unwrap())
+    );
+    assert_eq!(build_trace::canonical::member(&bytes, "job"), Some(&data("job-v1.json")[..]));
+}

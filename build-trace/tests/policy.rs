@@ -7,7 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use build_trace::trust::{Signers, TrustModel, TrustPolicy};
 
 fn doc_examples() -> Vec<String> {
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/trust-policy.md")).unwrap();
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/trust-policy.md"))
+            .unwrap();
     let mut out = Vec::new();
     let mut cur: Option<String> = None;
     for line in doc.lines() {
@@ -41,7 +43,10 @@ fn the_documented_default_is_the_default() {
     let doc_default = doc_examples().into_iter().find(|e| e.contains("builder:amd")).unwrap();
     assert_eq!(TrustPolicy::from_toml(&doc_default).unwrap(), TrustPolicy::default());
     // And the default round-trips through its TOML form.
-    assert_eq!(TrustPolicy::from_toml(&TrustPolicy::default().to_toml()).unwrap(), TrustPolicy::default());
+    assert_eq!(
+        TrustPolicy::from_toml(&TrustPolicy::default().to_toml()).unwrap(),
+        TrustPolicy::default()
+    );
     assert!(!TrustPolicy::default().trusts_simulated());
 }
 
@@ -50,7 +55,9 @@ fn signers(keys: &[&str], chips: &[(&str, &[&str])]) -> Signers {
         keys: keys.iter().map(|k| k.to_string()).collect(),
         chips: chips
             .iter()
-            .map(|(r, cs)| (r.to_string(), cs.iter().map(|c| c.to_string()).collect::<BTreeSet<_>>()))
+            .map(|(r, cs)| {
+                (r.to_string(), cs.iter().map(|c| c.to_string()).collect::<BTreeSet<_>>())
+            })
             .collect::<BTreeMap<_, _>>(),
     }
 }
@@ -64,7 +71,8 @@ fn thresholds_nest_and_count_each_signer_once() {
     assert!(p.accepts(&signers(&[], &[("prod", &["chip 1", "chip 2"])])));
     assert!(p.accepts(&signers(&["self-1"], &[("prod", &["chip 1"])])));
     assert!(!p.accepts(&signers(&["self-1"], &[])));
-    let repro = examples.iter().find(|e| e.contains("cache-b-1") && e.contains("threshold = 2")).unwrap();
+    let repro =
+        examples.iter().find(|e| e.contains("cache-b-1") && e.contains("threshold = 2")).unwrap();
     let p = TrustPolicy::from_toml(repro).unwrap();
     assert!(!p.accepts(&signers(&["cache-a-1"], &[])));
     let mut merged = signers(&["cache-a-1"], &[]);
@@ -110,9 +118,11 @@ fn image_manifests_add_their_measurements() {
     let text = "require = \"builder:b\"\n[builders.b]\nimage_manifests = [\"manifest.json\"]\n";
     std::fs::write(dir.path().join("policy.toml"), text).unwrap();
     let p = TrustPolicy::load(&dir.path().join("policy.toml")).unwrap().prepare().unwrap();
-    let ms: Vec<String> = p.rules[0].1.measurements.clone().unwrap().iter().map(|m| m.to_string()).collect();
+    let ms: Vec<String> =
+        p.rules[0].1.measurements.clone().unwrap().iter().map(|m| m.to_string()).collect();
     assert_eq!(ms, vec![snp.clone()]);
-    let text = format!("{text}[builders.b.evidence]\nsimulated_roots = [\"{}\"]\n", "33".repeat(32));
+    let text =
+        format!("{text}[builders.b.evidence]\nsimulated_roots = [\"{}\"]\n", "33".repeat(32));
     std::fs::write(dir.path().join("policy.toml"), text).unwrap();
     let p = TrustPolicy::load(&dir.path().join("policy.toml")).unwrap().prepare().unwrap();
     assert_eq!(p.rules[0].1.measurements.as_ref().unwrap().len(), 2);

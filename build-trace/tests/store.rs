@@ -24,14 +24,31 @@ fn statement(job_id: &str, nar: &[u8]) -> Statement {
         system: "x86_64-linux".into(),
         builder: format!("{SRC}/sh"),
         args: vec!["-c".into(), "echo hi > $out".into()],
-        env: BTreeMap::from([("out".into(), "/1rz4g4znpzjwh1xymhjpm42vipw92pr73vdgl6xs1hycac8kf2n9".into())]),
+        env: BTreeMap::from([(
+            "out".into(),
+            "/1rz4g4znpzjwh1xymhjpm42vipw92pr73vdgl6xs1hycac8kf2n9".into(),
+        )]),
     };
     let drv_path = drv.drv_path().unwrap();
     let closure = BTreeMap::from([(
         SRC.to_string(),
-        PathInfo { nar_hash: NarHash([1; 32]), nar_size: 10, references: BTreeSet::new(), ca: None },
+        PathInfo {
+            nar_hash: NarHash([1; 32]),
+            nar_size: 10,
+            references: BTreeSet::new(),
+            ca: None,
+        },
     )]);
-    let job = Job::new(job_id, drv_path, drv, closure, Limits::default(), CaRule::SelfRefPositions, false, BTreeSet::from(["out".to_string()]));
+    let job = Job::new(
+        job_id,
+        drv_path,
+        drv,
+        closure,
+        Limits::default(),
+        CaRule::SelfRefPositions,
+        false,
+        BTreeSet::from(["out".to_string()]),
+    );
     let out = OutputInfo {
         path: OUT.into(),
         nar_hash: NarHash::of(nar),
@@ -39,10 +56,20 @@ fn statement(job_id: &str, nar: &[u8]) -> Statement {
         references: BTreeSet::new(),
         ca: Some("fixed:r:sha256:1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s".into()),
     };
-    Statement::new(job, BTreeMap::new(), BTreeMap::from([("out".to_string(), out)]), Measurement([7; 48]), "test")
+    Statement::new(
+        job,
+        BTreeMap::new(),
+        BTreeMap::from([("out".to_string(), out)]),
+        Measurement([7; 48]),
+        "test",
+    )
 }
 
-fn put(store: &TraceStore, st: &Statement, nar: &Path) -> Result<build_trace::store::PutResult, StoreError> {
+fn put(
+    store: &TraceStore,
+    st: &Statement,
+    nar: &Path,
+) -> Result<build_trace::store::PutResult, StoreError> {
     let key = SecretKey::from_seed("store-test-1", [5; 32]);
     let rec = StepRecord {
         statement: st,
@@ -94,9 +121,13 @@ fn writes_the_documented_layout_idempotently() {
     ] {
         assert!(layout.contains(&f), "{f} missing from {layout:#?}");
     }
-    assert!(layout.iter().any(|f| f.starts_with("realisations/sha256:") && f.ends_with("!out.doi")));
+    assert!(layout
+        .iter()
+        .any(|f| f.starts_with("realisations/sha256:") && f.ends_with("!out.doi")));
     assert!(!layout.iter().any(|f| f.starts_with("vouch/v1/tmp/")), "no temporary files left");
-    let narinfo = std::fs::read_to_string(store.root().join("fib9f3qwvznq3m047cv9kmy5lffsrny7.narinfo")).unwrap();
+    let narinfo =
+        std::fs::read_to_string(store.root().join("fib9f3qwvznq3m047cv9kmy5lffsrny7.narinfo"))
+            .unwrap();
     let info = nix_formats::narinfo::NarInfo::parse(&narinfo).unwrap();
     assert_eq!(info.url, nar_file);
     let key = SecretKey::from_seed("store-test-1", [5; 32]).public_key();
@@ -131,7 +162,10 @@ fn divergent_builds_sit_side_by_side_and_first_records_are_kept() {
     let s2 = statement("job-2", b"second");
     put(&store, &s1, &n1).unwrap();
     let r2 = put(&store, &s2, &n2).unwrap();
-    assert_eq!(r2.kept_existing, vec![store.root().join("fib9f3qwvznq3m047cv9kmy5lffsrny7.narinfo")]);
+    assert_eq!(
+        r2.kept_existing,
+        vec![store.root().join("fib9f3qwvznq3m047cv9kmy5lffsrny7.narinfo")]
+    );
     assert_eq!(store.entries(&s1.job.drv_path).unwrap().len(), 2);
     assert_eq!(store.entries_for_output(OUT).unwrap().len(), 2);
 }
@@ -145,10 +179,15 @@ fn concurrent_writers_of_one_step_agree() {
     let st = statement("job-1", b"nar bytes");
     let results: Vec<_> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..4)
-            .map(|_| s.spawn(|| put(&TraceStore::create(&root).unwrap(), &st, &nar).map(|r| r.entry)))
+            .map(|_| {
+                s.spawn(|| put(&TraceStore::create(&root).unwrap(), &st, &nar).map(|r| r.entry))
+            })
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    assert!(results.iter().all(|r| r.as_ref().ok() == results[0].as_ref().ok() && r.is_ok()), "{results:?}");
+    assert!(
+        results.iter().all(|r| r.as_ref().ok() == results[0].as_ref().ok() && r.is_ok()),
+        "{results:?}"
+    );
     assert_eq!(TraceStore::open(&root).unwrap().entries(&st.job.drv_path).unwrap().len(), 1);
 }

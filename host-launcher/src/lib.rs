@@ -11,3 +11,4 @@ pub mod build;
 pub mod nixbuilder;
 pub mod nixproto;
 pub mod store;
+pub mod bench;

@@ -41,6 +41,9 @@ enum Command {
     Trace(cli::trace::Command),
     /// Export the in-toto / SLSA provenance of an output path.
     Provenance(cli::provenance::Args),
+    /// Benchmarks (`vouch bench vm`: where a build step's time goes).
+    #[command(subcommand)]
+    Bench(cli::bench::Command),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +58,7 @@ fn main() -> ExitCode {
         Command::Evidence(cmd) => cli::evidence::run(cmd, &cli.global),
         Command::Trace(cmd) => cli::trace::run(cmd, &cli.global),
         Command::Provenance(args) => cli::provenance::run(args, &cli.global),
+        Command::Bench(cmd) => cli::bench::run(cmd, &cli.global),
     };
     match result {
         Ok(code) => code,

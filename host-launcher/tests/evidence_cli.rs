@@ -9,7 +9,11 @@ fn testdata() -> PathBuf {
         return PathBuf::from(dir);
     }
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/snp");
-    assert!(dir.join("README.md").exists(), "real SNP vectors not found at {} (set VOUCH_SNP_TESTDATA)", dir.display());
+    assert!(
+        dir.join("README.md").exists(),
+        "real SNP vectors not found at {} (set VOUCH_SNP_TESTDATA)",
+        dir.display()
+    );
     dir
 }
 
@@ -105,7 +109,8 @@ fn cases() -> Vec<Case> {
 }
 
 fn check_args<'a>(c: &'a Case, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec!["evidence", "check", "--report", c.report, "--cert", c.cert, "--now", c.now];
+    let mut args =
+        vec!["evidence", "check", "--report", c.report, "--cert", c.cert, "--now", c.now];
     if let Some(chain) = c.chain {
         args.extend(["--chain", chain]);
     }
@@ -120,7 +125,8 @@ fn check_passes_on_every_real_report_under_its_policy() {
         let policy = tmp.path().join(format!("policy-{i}.toml"));
         std::fs::write(&policy, c.policy).unwrap();
         let p = policy.to_str().unwrap();
-        let out = vouch(&check_args(c, &["--policy", p, "--measurement", c.measurement]), tmp.path());
+        let out =
+            vouch(&check_args(c, &["--policy", p, "--measurement", c.measurement]), tmp.path());
         assert_eq!(out.code, 0, "{}:\n{}\n{}", c.report, out.stdout, out.stderr);
         assert!(out.stdout.contains("result: PASS: AMD SEV-SNP evidence"), "{}", out.stdout);
         assert_eq!(out.stdout.matches("[ ok ]").count(), 19, "{}", out.stdout);
@@ -204,7 +210,8 @@ fn check_fails_on_expiry_wrong_product_and_foreign_certs() {
 fn bad_input_is_an_error_not_a_failure() {
     let tmp = tempfile::tempdir().unwrap();
     let c = &cases()[0];
-    let out = vouch(&["evidence", "check", "--report", "missing.bin", "--cert", c.cert], tmp.path());
+    let out =
+        vouch(&["evidence", "check", "--report", "missing.bin", "--cert", c.cert], tmp.path());
     assert_eq!(out.code, 2, "{}", out.stderr);
     assert!(out.stderr.contains("missing.bin"), "{}", out.stderr);
     let out = vouch(&check_args(c, &["--report-data", "xyz"]), tmp.path());
@@ -231,8 +238,13 @@ fn show_prints_every_real_report() {
         }
         assert!(out.stdout.contains(c.measurement), "{}", out.stdout);
     }
-    let turin = vouch(&["evidence", "show", "microsoft-tav/turin_attestation_report.bin"], tmp.path());
-    assert!(turin.stdout.contains("fmc=1 bootloader=1 tee=1 snp=4 microcode=81"), "{}", turin.stdout);
+    let turin =
+        vouch(&["evidence", "show", "microsoft-tav/turin_attestation_report.bin"], tmp.path());
+    assert!(
+        turin.stdout.contains("fmc=1 bootloader=1 tee=1 snp=4 microcode=81"),
+        "{}",
+        turin.stdout
+    );
     let debug = vouch(&["evidence", "show", "go-sev-guest/attestation.bin"], tmp.path());
     assert!(debug.stdout.contains("DEBUG allowed"), "{}", debug.stdout);
 }
@@ -243,7 +255,19 @@ fn simulated_evidence_says_simulated_and_needs_its_root_in_the_policy() {
     let out_dir = state.path().join("out");
     let o = out_dir.to_str().unwrap();
     let m = "ab".repeat(48);
-    let out = vouch(&["evidence", "simulate", "--out", o, "--measurement", &m, "--report-data", &"cd".repeat(64)], state.path());
+    let out = vouch(
+        &[
+            "evidence",
+            "simulate",
+            "--out",
+            o,
+            "--measurement",
+            &m,
+            "--report-data",
+            &"cd".repeat(64),
+        ],
+        state.path(),
+    );
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(out.stdout.contains("SIMULATED"), "{}", out.stdout);
     assert!(state.path().join("simulated-snp/vcek.key").exists());

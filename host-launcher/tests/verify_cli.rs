@@ -22,27 +22,67 @@ fn verify_trace_and_provenance_commands() {
     let fx = Fixture::new(&["c"]);
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("policy.toml");
-    std::fs::write(&policy, fx.policy(build_trace::trust::TrustModel::Leaf("builder:sim".into())).to_toml()).unwrap();
+    std::fs::write(
+        &policy,
+        fx.policy(build_trace::trust::TrustModel::Leaf("builder:sim".into())).to_toml(),
+    )
+    .unwrap();
     let traces = fx.traces.display().to_string();
     let drv_dir = fx.store_dir.display().to_string();
     let drv = fx.drvs["c"].to_string();
     let out = &fx.outs["c"];
     let p = policy.display().to_string();
 
-    let ok = vouch(&["verify", "--policy", &p, "--traces", &traces, "--drv-dir", &drv_dir, "--expect", out, &drv]);
+    let ok = vouch(&[
+        "verify",
+        "--policy",
+        &p,
+        "--traces",
+        &traces,
+        "--drv-dir",
+        &drv_dir,
+        "--expect",
+        out,
+        &drv,
+    ]);
     assert_eq!(ok.status.code(), Some(0), "{}", text(&ok));
     assert!(text(&ok).contains("VERIFIED") && text(&ok).contains("SIMULATED"), "{}", text(&ok));
 
-    let json = vouch(&["verify", "--json", "--policy", &p, "--traces", &traces, "--drv-dir", &drv_dir, &drv]);
+    let json = vouch(&[
+        "verify",
+        "--json",
+        "--policy",
+        &p,
+        "--traces",
+        &traces,
+        "--drv-dir",
+        &drv_dir,
+        &drv,
+    ]);
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(v["result"], "verified");
     assert_eq!(v["outputs"]["out"], out.as_str());
 
     let default = vouch(&["verify", "--traces", &traces, "--drv-dir", &drv_dir, &drv]);
     assert_eq!(default.status.code(), Some(1), "{}", text(&default));
-    assert!(text(&default).contains("NOT VERIFIED") && text(&default).contains("simulated root"), "{}", text(&default));
+    assert!(
+        text(&default).contains("NOT VERIFIED") && text(&default).contains("simulated root"),
+        "{}",
+        text(&default)
+    );
 
-    let wrong = vouch(&["verify", "--policy", &p, "--traces", &traces, "--drv-dir", &drv_dir, "--expect", &fx.outs["a"], &drv]);
+    let wrong = vouch(&[
+        "verify",
+        "--policy",
+        &p,
+        "--traces",
+        &traces,
+        "--drv-dir",
+        &drv_dir,
+        "--expect",
+        &fx.outs["a"],
+        &drv,
+    ]);
     assert_eq!(wrong.status.code(), Some(1), "{}", text(&wrong));
 
     let bad = vouch(&["verify", "--traces", &traces, "not-a-drv"]);
@@ -51,7 +91,11 @@ fn verify_trace_and_provenance_commands() {
 
     let show = vouch(&["trace", "show", "--traces", &traces, out]);
     assert_eq!(show.status.code(), Some(0), "{}", text(&show));
-    assert!(text(&show).contains("SIMULATED") && text(&show).contains(out.as_str()), "{}", text(&show));
+    assert!(
+        text(&show).contains("SIMULATED") && text(&show).contains(out.as_str()),
+        "{}",
+        text(&show)
+    );
 
     let prov = vouch(&["provenance", "--traces", &traces, out]);
     assert_eq!(prov.status.code(), Some(0), "{}", text(&prov));
@@ -59,5 +103,8 @@ fn verify_trace_and_provenance_commands() {
     assert_eq!(st["_type"], "https://in-toto.io/Statement/v1");
     assert_eq!(st["predicateType"], "https://slsa.dev/provenance/v1");
     assert_eq!(st["subject"][0]["name"], out.as_str());
-    assert!(st["predicate"]["runDetails"]["builder"]["id"].as_str().unwrap().contains("/simulated#measurement="));
+    assert!(st["predicate"]["runDetails"]["builder"]["id"]
+        .as_str()
+        .unwrap()
+        .contains("/simulated#measurement="));
 }

@@ -7,7 +7,7 @@
 //! all of its 32 bytes are in the nix32 alphabet, checked from the window's end so that one
 //! non-nix32 byte skips the window past it; inside a long run of nix32 characters each new
 //! position costs one byte check, a 15-bit prefilter and, rarely, a binary search. Scanning
-//! stops once every candidate is found.
+//! stops once every candidate is found. [`hash_and_scan`] hashes and scans a NAR in one pass.
 //!
 //! This module also holds the crate's streaming hash-part search primitive ([`for_each_window`]),
 //! used by the rewriting in [`crate::ca`]. What is not here: deciding the candidate set (the
@@ -165,6 +165,7 @@ impl RefScanner {
     fn scan_ro(&mut self, data: &[u8]) {
         let len = data.len();
         let mut i = 0;
+        // data[i..verified] is known to be nix32.
         let mut verified = 0;
         'outer: while i + N <= len {
             let mut j = i + N;
@@ -244,24 +245,90 @@ pub fn scan_references(
 
 /// One pass over a NAR stream: its SHA-256 and size, and the candidates it refers to (what an
 /// input-addressed or fixed output needs: `nar_hash`, `nar_size`, `references`).
+///
+/// With more than one CPU the scanning runs on a second thread, fed the same buffers (at most
+/// four of 256 KiB in flight), so that it costs next to nothing beside the hashing.
 pub fn hash_and_scan(
-    mut r: impl Read,
+    r: impl Read,
     candidates: impl IntoIterator<Item = StorePath>,
 ) -> io::Result<(NarDigest, BTreeSet<StorePath>)> {
-    let mut s = RefScanner::new(candidates);
-    let mut h = NarHasher::new();
-    let mut buf = vec![0u8; 256 * 1024];
+    let scanner = RefScanner::new(candidates);
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) > 1 {
+        hash_and_scan_threaded(r, scanner)
+    } else {
+        hash_and_scan_sequential(r, scanner)
+    }
+}
+
+const CHUNK: usize = 256 * 1024;
+
+fn read_some(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     loop {
-        let n = match r.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
+        match r.read(buf) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
+            other => return other,
+        }
+    }
+}
+
+fn hash_and_scan_sequential(
+    mut r: impl Read,
+    mut s: RefScanner,
+) -> io::Result<(NarDigest, BTreeSet<StorePath>)> {
+    let mut h = NarHasher::new();
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = read_some(&mut r, &mut buf)?;
+        if n == 0 {
+            return Ok((h.finish(), s.references()));
+        }
         h.update(&buf[..n]);
         s.feed(&buf[..n]);
     }
-    Ok((h.finish(), s.references()))
+}
+
+fn hash_and_scan_threaded(
+    mut r: impl Read,
+    mut s: RefScanner,
+) -> io::Result<(NarDigest, BTreeSet<StorePath>)> {
+    use std::sync::mpsc::{channel, sync_channel};
+    const IN_FLIGHT: usize = 4;
+    let (to_scan, scan_rx) = sync_channel::<(Vec<u8>, usize)>(IN_FLIGHT);
+    let (back_tx, back) = channel::<Vec<u8>>();
+    std::thread::scope(|scope| {
+        let scan = scope.spawn(move || {
+            for (buf, n) in scan_rx {
+                s.feed(&buf[..n]);
+                // The reader may have stopped early (error); then nobody takes buffers back.
+                let _ = back_tx.send(buf);
+            }
+            s.references()
+        });
+        let mut h = NarHasher::new();
+        let mut allocated = 0;
+        let result = loop {
+            let mut buf = match back.try_recv() {
+                Ok(b) => b,
+                Err(_) if allocated < IN_FLIGHT => {
+                    allocated += 1;
+                    vec![0u8; CHUNK]
+                }
+                Err(_) => back.recv().expect("the scanner thread returns every buffer"),
+            };
+            let n = match read_some(&mut r, &mut buf) {
+                Ok(n) => n,
+                Err(e) => break Err(e),
+            };
+            if n == 0 {
+                break Ok(h.finish());
+            }
+            h.update(&buf[..n]);
+            to_scan.send((buf, n)).expect("the scanner thread runs until the channel closes");
+        };
+        drop(to_scan);
+        let refs = scan.join().expect("the scanner thread does not panic");
+        result.map(|d| (d, refs))
+    })
 }
 
 #[cfg(test)]

@@ -128,3 +128,17 @@ fn hash_and_scan_in_one_pass() {
     assert_eq!(d, crate::nar::hash_nar(data.as_bytes()).unwrap());
     assert_eq!(refs, [sp(H1)].into());
 }
+
+#[test]
+fn threaded_and_sequential_agree() {
+    let mut data = vec![b'x'; 3 * 256 * 1024 + 77];
+    for (k, at) in [10usize, 256 * 1024 - 5, 2 * 256 * 1024 + 100].iter().enumerate() {
+        let h = if k % 2 == 0 { H1 } else { H2 };
+        data[*at..at + 32].copy_from_slice(h.as_bytes());
+    }
+    let a = hash_and_scan_threaded(&data[..], RefScanner::new([sp(H1), sp(H2)])).unwrap();
+    let b = hash_and_scan_sequential(&data[..], RefScanner::new([sp(H1), sp(H2)])).unwrap();
+    assert_eq!(a, b);
+    assert_eq!(a.1, [sp(H1), sp(H2)].into());
+    assert_eq!(a.0.size, data.len() as u64);
+}

@@ -20,7 +20,7 @@ use nix_formats::ca::{compute_ca_outputs, scratch_path, CaOutputSpec, SelfRefRul
 use nix_formats::content_address::{verify, ContentAddress, VerifyError};
 use nix_formats::hash::{Hash, HashAlgo};
 use nix_formats::nar::{dump_path, hash_path, unpack, NarDump, NarLimits, UnpackOptions};
-use nix_formats::refs::scan_references;
+use nix_formats::refs::{hash_and_scan, scan_references};
 use nix_formats::store_path::FileIngestionMethod;
 use nix_formats::StorePath;
 
@@ -151,6 +151,9 @@ fn nar_bytes_hashes_sizes_and_references_match_nix() {
         let refs =
             scan_references(NarDump::new(p.to_string()), candidates.iter().cloned()).unwrap();
         assert_eq!(refs, nix_refs(p), "references of {p}");
+        let one_pass =
+            hash_and_scan(NarDump::new(p.to_string()), candidates.iter().cloned()).unwrap();
+        assert_eq!(one_pass, (d, refs), "one-pass hash and scan of {p}");
 
         // Unpacking Nix's NAR and dumping it again gives the same bytes, canonical or not.
         for canonical in [false, true] {

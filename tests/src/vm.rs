@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 
 /// `NIX_CONFIG` for test Nix commands: CA derivations on, no substituters, no sandbox.
 pub const NIX_CONFIG: &str =
-    "experimental-features = nix-command ca-derivations\nsubstituters =\nsandbox = false\n";
+    "experimental-features = nix-command ca-derivations\nsubstituters =\nsandbox = false\nbuild-users-group =\n";
 
 /// The `vouch` binary of this build (`$VOUCH_BIN` overrides).
 pub fn vouch_bin() -> PathBuf {
@@ -30,9 +30,10 @@ pub fn vouch_bin() -> PathBuf {
 /// `~/.cache/vouch/image`); panics with instructions if it is not built.
 pub fn image_dir() -> PathBuf {
     let dir = std::env::var_os("VOUCH_IMAGE_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        let cache = std::env::var_os("VOUCH_CACHE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cache/vouch"));
+        let cache = std::env::var_os("VOUCH_CACHE").map(PathBuf::from).unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+                .join(".cache/vouch")
+        });
         cache.join("image")
     });
     assert!(
@@ -45,7 +46,11 @@ pub fn image_dir() -> PathBuf {
 
 /// Fail clearly if a tool is missing.
 pub fn require_tool(tool: &str, how: &str) {
-    let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map(|o| o.status.success());
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .map(|o| o.status.success());
     assert!(found.unwrap_or(false), "`{tool}` is required for this test: {how}");
 }
 
@@ -66,8 +71,14 @@ impl Scratch {
     /// A new scratch area with the busybox directory (`bb/busybox`, `bb/sh` → busybox).
     pub fn new() -> Scratch {
         require_tool("nix-instantiate", "apt-get install nix-bin (scripts/setup-host.sh)");
-        require_tool("qemu-system-x86_64", "scripts/setup-host.sh installs QEMU 10 from bookworm-backports");
-        assert!(Path::new("/bin/busybox").is_file(), "/bin/busybox missing: apt-get install busybox-static");
+        require_tool(
+            "qemu-system-x86_64",
+            "scripts/setup-host.sh installs QEMU 10 from bookworm-backports",
+        );
+        assert!(
+            Path::new("/bin/busybox").is_file(),
+            "/bin/busybox missing: apt-get install busybox-static"
+        );
         let dir = tempfile::tempdir().expect("tempdir");
         let bb = dir.path().join("bb");
         std::fs::create_dir(&bb).unwrap();
@@ -96,14 +107,22 @@ impl Scratch {
     /// `nix-instantiate file -A attr` → drv path.
     pub fn instantiate(&self, file: &Path, attr: &str) -> String {
         let out = nix(&["nix-instantiate", file.to_str().unwrap(), "-A", attr]);
-        assert!(out.status.success(), "nix-instantiate failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "nix-instantiate failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap().trim().to_owned()
     }
 
     /// `vouch build <args>` with this test's state and cache.
     pub fn vouch_build(&self, drv: &str, extra: &[&str]) -> Output {
         let mut cmd = Command::new(vouch_bin());
-        cmd.arg("--state-dir").arg(self.state()).args(["build", drv, "--cache"]).arg(self.cache()).args(extra);
+        cmd.arg("--state-dir")
+            .arg(self.state())
+            .args(["build", drv, "--cache"])
+            .arg(self.cache())
+            .args(extra);
         cmd.env("VOUCH_IMAGE_DIR", image_dir());
         cmd.output().expect("running vouch")
     }
@@ -122,13 +141,19 @@ impl Scratch {
             for sub in ["nar", "vouch/v1/steps", "realisations"] {
                 let d = cache.join(sub);
                 if d.exists() {
-                    assert_eq!(std::fs::read_dir(&d).unwrap().count(), 0, "{} is not empty", d.display());
+                    assert_eq!(
+                        std::fs::read_dir(&d).unwrap().count(),
+                        0,
+                        "{} is not empty",
+                        d.display()
+                    );
                 }
             }
         }
         let tmp = self.state().join("tmp");
         if tmp.exists() {
-            let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().filter_map(|e| e.ok()).map(|e| e.path()).collect();
+            let left: Vec<_> =
+                std::fs::read_dir(&tmp).unwrap().filter_map(|e| e.ok()).map(|e| e.path()).collect();
             assert!(left.is_empty(), "staging left behind: {left:?}");
         }
     }
@@ -136,7 +161,11 @@ impl Scratch {
 
 /// Run a Nix command with the test configuration.
 pub fn nix(argv: &[&str]) -> Output {
-    Command::new(argv[0]).args(&argv[1..]).env("NIX_CONFIG", NIX_CONFIG).output().expect("running nix")
+    Command::new(argv[0])
+        .args(&argv[1..])
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .output()
+        .expect("running nix")
 }
 
 /// A fresh nonce so every test run instantiates new derivations.

@@ -35,7 +35,10 @@ fn ca_derivation_matches_nix() {
 
     let out = s.vouch_build(&drv, &["--json"]);
     let v = json_of(&out);
-    assert!(stderr(&out).contains("SIMULATED") || v["evidence"] == "sev-snp", "evidence kind said plainly");
+    assert!(
+        stderr(&out).contains("SIMULATED") || v["evidence"] == "sev-snp",
+        "evidence kind said plainly"
+    );
     assert_eq!(v["simulated"], v["evidence"] == "simulated");
     let ours = &v["outputs"]["out"];
     let our_path = ours["path"].as_str().unwrap().to_owned();
@@ -47,20 +50,37 @@ fn ca_derivation_matches_nix() {
     let nix_path = String::from_utf8(nb.stdout).unwrap().trim().to_owned();
     assert_eq!(our_path, nix_path, "same content-addressed output path as Nix");
     let hash = nix(&["nix-store", "-q", "--hash", &nix_path]);
-    assert_eq!(ours["nar_hash"].as_str().unwrap(), String::from_utf8(hash.stdout).unwrap().trim(), "NAR hash");
+    assert_eq!(
+        ours["nar_hash"].as_str().unwrap(),
+        String::from_utf8(hash.stdout).unwrap().trim(),
+        "NAR hash"
+    );
     let size = nix(&["nix-store", "-q", "--size", &nix_path]);
-    assert_eq!(ours["nar_size"].as_u64().unwrap().to_string(), String::from_utf8(size.stdout).unwrap().trim());
+    assert_eq!(
+        ours["nar_size"].as_u64().unwrap().to_string(),
+        String::from_utf8(size.stdout).unwrap().trim()
+    );
     let refs = nix(&["nix-store", "-q", "--references", &nix_path]);
-    let mut nix_refs: Vec<String> = String::from_utf8(refs.stdout).unwrap().lines().map(str::to_owned).collect();
+    let mut nix_refs: Vec<String> =
+        String::from_utf8(refs.stdout).unwrap().lines().map(str::to_owned).collect();
     nix_refs.sort();
-    let our_refs: Vec<String> = ours["references"].as_array().unwrap().iter().map(|r| r.as_str().unwrap().to_owned()).collect();
+    let our_refs: Vec<String> = ours["references"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap().to_owned())
+        .collect();
     assert_eq!(our_refs, nix_refs);
     assert!(our_refs.contains(&our_path), "self-reference");
-    assert!(our_refs.iter().any(|r| r.ends_with(&format!("data-{n}"))), "reference to the input: {our_refs:?}");
+    assert!(
+        our_refs.iter().any(|r| r.ends_with(&format!("data-{n}"))),
+        "reference to the input: {our_refs:?}"
+    );
 
     // The trace: canonical statement and evidence in the binary cache.
     let trace = std::path::PathBuf::from(v["trace"].as_str().unwrap());
-    let statement = std::fs::read(trace.join("statement.json")).expect("statement.json in the trace");
+    let statement =
+        std::fs::read(trace.join("statement.json")).expect("statement.json in the trace");
     let st = build_trace::Statement::from_canonical_bytes(&statement).expect("canonical statement");
     assert_eq!(st.outputs["out"].path, nix_path);
     assert_eq!(st.job.drv_path, drv);
@@ -80,10 +100,18 @@ fn import_registers_output_and_realisation() {
     let v = json_of(&s.vouch_build(&drv, &["--json", "--import", "--out-link", &link_s]));
     let path = v["outputs"]["out"]["path"].as_str().unwrap().to_owned();
     let info = nix(&["nix", "path-info", "--json", &path]);
-    assert!(info.status.success(), "path valid in the local store: {}", String::from_utf8_lossy(&info.stderr));
+    assert!(
+        info.status.success(),
+        "path valid in the local store: {}",
+        String::from_utf8_lossy(&info.stderr)
+    );
     let real = nix(&["nix", "realisation", "info", "--json", &drv]);
     let text = String::from_utf8_lossy(&real.stdout);
-    assert!(text.contains(&path["/nix/store/".len()..]), "realisation registered: {text} {}", String::from_utf8_lossy(&real.stderr));
+    assert!(
+        text.contains(&path["/nix/store/".len()..]),
+        "realisation registered: {text} {}",
+        String::from_utf8_lossy(&real.stderr)
+    );
     assert_eq!(std::fs::read_link(&link).unwrap().to_str().unwrap(), path);
 }
 
@@ -110,7 +138,12 @@ fn builder_timeout_is_its_own_error() {
 fn huge_log_is_its_own_error() {
     let s = Scratch::new();
     let drv = s.instantiate(&s.write("ca.nix", &ca_nix(&nonce())), "loud");
-    expect_failure(&s, &drv, &["--max-log-size", "200000"], "killed after writing more than 200000 bytes of log output");
+    expect_failure(
+        &s,
+        &drv,
+        &["--max-log-size", "200000"],
+        "killed after writing more than 200000 bytes of log output",
+    );
 }
 
 #[test]
@@ -129,12 +162,15 @@ fn input_with_wrong_nar_hash_is_refused() {
     let drv = s.instantiate(&file, "reads");
     let data = nix(&["nix-instantiate", "--eval", "--json", file.to_str().unwrap(), "-A", "data"]);
     let data: String = serde_json::from_slice(&data.stdout).expect("data path");
-    // Corrupt the registered store path (it was created for this test only).
+    // Corrupt the registered store path (it was created for this test only), keeping its size:
+    // same NAR size, different NAR hash.
+    let mut bytes = std::fs::read(&data).unwrap();
+    bytes[0] ^= 0x20;
     let mut perms = std::fs::metadata(&data).unwrap().permissions();
     #[allow(clippy::permissions_set_readonly_false)]
     perms.set_readonly(false);
     std::fs::set_permissions(&data, perms).unwrap();
-    std::fs::write(&data, "tampered\n").unwrap();
+    std::fs::write(&data, bytes).unwrap();
     expect_failure(&s, &drv, &[], "NAR hash mismatch");
 }
 

@@ -122,7 +122,8 @@ pub fn write_newc(entries: &[Entry], out: &mut impl Write) -> Result<(), CpioErr
             Kind::Symlink(t) => t.as_bytes(),
             Kind::Dir | Kind::CharDev { .. } => &[],
         };
-        let size = u32::try_from(data.len()).map_err(|_| CpioError::TooLarge((*path).to_owned()))?;
+        let size =
+            u32::try_from(data.len()).map_err(|_| CpioError::TooLarge((*path).to_owned()))?;
         let (rmaj, rmin) = match entry.kind {
             Kind::CharDev { major, minor } => (major, minor),
             _ => (0, 0),

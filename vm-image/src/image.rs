@@ -226,7 +226,12 @@ pub fn build_image(spec: &ImageSpec<'_>, out: &Path) -> Result<Manifest, ImageEr
     let bzimage = FileDigest::of(out, files::BZIMAGE)?;
     let initrd = FileDigest::of(out, files::INITRD)?;
     let cmdline_sha256: [u8; 32] = Sha256::digest(CMDLINE.as_bytes()).into();
-    let simulated = measure::simulated_measurement(&vmlinux.raw(), &bzimage.raw(), &initrd.raw(), &cmdline_sha256);
+    let simulated = measure::simulated_measurement(
+        &vmlinux.raw(),
+        &bzimage.raw(),
+        &initrd.raw(),
+        &cmdline_sha256,
+    );
 
     let snp = match spec.ovmf {
         None => {
@@ -264,7 +269,8 @@ pub fn build_image(spec: &ImageSpec<'_>, out: &Path) -> Result<Manifest, ImageEr
         simulated_measurement: hex::encode(simulated),
         snp,
     };
-    let mut json = serde_json::to_vec_pretty(&manifest).map_err(|e| ImageError::BadManifest(out.join(files::MANIFEST), e))?;
+    let mut json = serde_json::to_vec_pretty(&manifest)
+        .map_err(|e| ImageError::BadManifest(out.join(files::MANIFEST), e))?;
     json.push(b'\n');
     write_atomic(&out.join(files::MANIFEST), &json)?;
     Ok(manifest)
@@ -340,7 +346,9 @@ mod tests {
     fn with_an_amdsev_ovmf_the_manifest_carries_the_expected_measurement() {
         let ovmf = std::env::var_os("VOUCH_SNP_TESTDATA")
             .map(PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/snp"))
+            .unwrap_or_else(|| {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/snp")
+            })
             .join("virtee-sev/ovmf_AmdSev_suffix.bin");
         let t = tempfile::tempdir().unwrap();
         let kernel = fake_kernel(t.path());
@@ -370,7 +378,12 @@ mod tests {
         assert_eq!(snp.expected_measurement, hex::encode(again));
         m.verify_files(&out).unwrap();
         let json = fs::read_to_string(out.join(files::MANIFEST)).unwrap();
-        for field in ["\"vcpus\": 1", "\"vcpu_type\": \"EPYC-v4\"", "\"guest_features\": 1", "\"vmm_type\": \"qemu\""] {
+        for field in [
+            "\"vcpus\": 1",
+            "\"vcpu_type\": \"EPYC-v4\"",
+            "\"guest_features\": 1",
+            "\"vmm_type\": \"qemu\"",
+        ] {
             assert!(json.contains(field), "{field} in {json}");
         }
     }

@@ -48,7 +48,9 @@ pub enum KernelError {
         tail: String,
     },
     /// A fragment option did not make it into the final `.config`.
-    #[error("kernel config fragment lines not set in the final .config (typo or unmet dependency): {0}")]
+    #[error(
+        "kernel config fragment lines not set in the final .config (typo or unmet dependency): {0}"
+    )]
     FragmentNotApplied(String),
     /// File system trouble in the cache.
     #[error("kernel cache {0}")]
@@ -119,7 +121,11 @@ pub fn kernel_key(cache: &Path, tarball: &Path) -> Result<KernelKey, KernelError
         .stderr(Stdio::null())
         .output()
     {
-        Ok(o) if o.status.success() && !o.stdout.is_empty() && tarball == Path::new(DEFAULT_SOURCE_TARBALL) => {
+        Ok(o)
+            if o.status.success()
+                && !o.stdout.is_empty()
+                && tarball == Path::new(DEFAULT_SOURCE_TARBALL) =>
+        {
             format!("{SOURCE_PACKAGE} {}", String::from_utf8_lossy(&o.stdout).trim())
         }
         _ => {
@@ -182,7 +188,8 @@ pub fn ensure_kernel(
 }
 
 fn run_step(cmd: &mut Command, step: &str, log: &Path) -> Result<(), KernelError> {
-    let mut logf = fs::OpenOptions::new().create(true).append(true).open(log).map_err(io_err(log))?;
+    let mut logf =
+        fs::OpenOptions::new().create(true).append(true).open(log).map_err(io_err(log))?;
     let _ = writeln!(logf, "== {step}");
     let errf = logf.try_clone().map_err(io_err(log))?;
     let status = cmd
@@ -209,7 +216,9 @@ fn make(src: &Path, args: &[&str]) -> Command {
         .env("KBUILD_BUILD_HOST", BUILD_IDENTITY)
         .env("KBUILD_BUILD_VERSION", "1")
         .env("SOURCE_DATE_EPOCH", "0");
-    for var in ["ARCH", "CROSS_COMPILE", "KCFLAGS", "KCPPFLAGS", "KBUILD_OUTPUT", "LOCALVERSION", "O"] {
+    for var in
+        ["ARCH", "CROSS_COMPILE", "KCFLAGS", "KCPPFLAGS", "KBUILD_OUTPUT", "LOCALVERSION", "O"]
+    {
         c.env_remove(var);
     }
     c
@@ -261,7 +270,10 @@ fn build(
     }
 
     let jobs = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
-    progress(&format!("compiling bzImage with {jobs} jobs (about 3-4 min on 2 cores; log {})", log.display()));
+    progress(&format!(
+        "compiling bzImage with {jobs} jobs (about 3-4 min on 2 cores; log {})",
+        log.display()
+    ));
     let j = format!("-j{jobs}");
     run_step(&mut make(&src, &[&j, "bzImage"]), "make bzImage", &log)?;
 
@@ -272,10 +284,13 @@ fn build(
         fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
     }
     fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-    for (from, to) in [("arch/x86/boot/bzImage", "bzImage"), ("vmlinux", "vmlinux"), (".config", "config")] {
+    for (from, to) in
+        [("arch/x86/boot/bzImage", "bzImage"), ("vmlinux", "vmlinux"), (".config", "config")]
+    {
         fs::copy(src.join(from), tmp.join(to)).map_err(io_err(&src.join(from)))?;
     }
-    let key_json = serde_json::to_vec_pretty(key).map_err(|e| KernelError::Io(tmp.clone(), e.into()))?;
+    let key_json =
+        serde_json::to_vec_pretty(key).map_err(|e| KernelError::Io(tmp.clone(), e.into()))?;
     fs::write(tmp.join("key.json"), key_json).map_err(io_err(&tmp))?;
     let dest = kdir.join(&id);
     if dest.exists() {

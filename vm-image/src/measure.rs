@@ -56,7 +56,12 @@ pub struct SnpParams {
 
 impl Default for SnpParams {
     fn default() -> Self {
-        SnpParams { vcpus: 1, vcpu_type: "EPYC-v4".into(), guest_features: 0x1, vmm_type: "qemu".into() }
+        SnpParams {
+            vcpus: 1,
+            vcpu_type: "EPYC-v4".into(),
+            guest_features: 0x1,
+            vmm_type: "qemu".into(),
+        }
     }
 }
 
@@ -87,7 +92,10 @@ pub fn ovmf_supports_kernel_hashes(ovmf: &Path) -> Result<bool, MeasureError> {
 }
 
 /// The expected SNP launch digest (48 bytes).
-pub fn snp_measurement(inputs: &SnpInputs<'_>, params: &SnpParams) -> Result<[u8; 48], MeasureError> {
+pub fn snp_measurement(
+    inputs: &SnpInputs<'_>,
+    params: &SnpParams,
+) -> Result<[u8; 48], MeasureError> {
     let vmm: VMMType =
         params.vmm_type.parse().map_err(|_| MeasureError::VmmType(params.vmm_type.clone()))?;
     if inputs.kernel.is_some() && !ovmf_supports_kernel_hashes(inputs.ovmf)? {
@@ -212,8 +220,13 @@ mod tests {
     fn every_parameter_changes_the_digest() {
         let ovmf = vectors().join("ovmf_AmdSev_suffix.bin");
         let null = Path::new("/dev/null");
-        let inputs =
-            SnpInputs { ovmf: &ovmf, kernel: Some(null), initrd: Some(null), cmdline: Some("a"), ovmf_hash: None };
+        let inputs = SnpInputs {
+            ovmf: &ovmf,
+            kernel: Some(null),
+            initrd: Some(null),
+            cmdline: Some("a"),
+            ovmf_hash: None,
+        };
         let base = snp_measurement(&inputs, &SnpParams::default()).unwrap();
         let variants = [
             SnpParams { vcpus: 2, ..SnpParams::default() },
@@ -227,7 +240,10 @@ mod tests {
         let other = SnpInputs { cmdline: Some("b"), ..inputs.clone() };
         assert_ne!(snp_measurement(&other, &SnpParams::default()).unwrap(), base);
         assert!(matches!(
-            snp_measurement(&inputs, &SnpParams { vcpu_type: "pentium".into(), ..SnpParams::default() }),
+            snp_measurement(
+                &inputs,
+                &SnpParams { vcpu_type: "pentium".into(), ..SnpParams::default() }
+            ),
             Err(MeasureError::VcpuType(_))
         ));
     }

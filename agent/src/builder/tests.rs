@@ -8,7 +8,10 @@ fn drv(env: &[(&str, &str)], outputs: &[(&str, &str)]) -> BasicDerivation {
             .iter()
             .map(|(n, p)| {
                 let (path, algo) = if p.is_empty() { ("", "r:sha256") } else { (*p, "") };
-                (n.to_string(), DrvOutput { path: path.into(), hash_algo: algo.into(), hash: String::new() })
+                (
+                    n.to_string(),
+                    DrvOutput { path: path.into(), hash_algo: algo.into(), hash: String::new() },
+                )
             })
             .collect(),
         input_srcs: BTreeSet::new(),
@@ -58,7 +61,13 @@ fn input_addressed_outputs_build_in_place() {
 fn environment_is_nixs() {
     let ph = hash_placeholder("out");
     let d = drv(
-        &[("out", &ph), ("name", "hello"), ("big", "x y"), ("passAsFile", "big"), ("ref", &format!("{ph}/bin"))],
+        &[
+            ("out", &ph),
+            ("name", "hello"),
+            ("big", "x y"),
+            ("passAsFile", "big"),
+            ("ref", &format!("{ph}/bin")),
+        ],
         &[("out", "")],
     );
     let (scratch, rewrites) = scratch_paths(&d, &StorePath::parse(DRV).unwrap()).unwrap();
@@ -136,12 +145,22 @@ fn export_references_graph() {
         references: refs.iter().map(|s| s.to_string()).collect(),
         ca: None,
     };
-    let closure: BTreeMap<String, PathInfo> = [(a.clone(), info(&[&b])), (b.clone(), info(&[]))].into();
+    let closure: BTreeMap<String, PathInfo> =
+        [(a.clone(), info(&[&b])), (b.clone(), info(&[]))].into();
     let d = drv(&[("exportReferencesGraph", &format!("graph {a}"))], &[("out", "")]);
     let p = prepare(&d, &[], &closure, false, 1, "/build").unwrap();
-    assert_eq!(p.files, vec![("graph".to_owned(), format!("{a}\n\n1\n{b}\n{b}\n\n0\n").into_bytes())]);
-    let bad = drv(&[("exportReferencesGraph", "g /nix/store/22222222222222222222222222222222-c")], &[("out", "")]);
-    assert!(matches!(prepare(&bad, &[], &closure, false, 1, "/build"), Err(PrepareError::ExportGraph(_))));
+    assert_eq!(
+        p.files,
+        vec![("graph".to_owned(), format!("{a}\n\n1\n{b}\n{b}\n\n0\n").into_bytes())]
+    );
+    let bad = drv(
+        &[("exportReferencesGraph", "g /nix/store/22222222222222222222222222222222-c")],
+        &[("out", "")],
+    );
+    assert!(matches!(
+        prepare(&bad, &[], &closure, false, 1, "/build"),
+        Err(PrepareError::ExportGraph(_))
+    ));
 }
 
 // --- running (host-side, /bin/sh, as the current user) ---
@@ -164,7 +183,9 @@ fn run_sh(script: &str, limits: RunLimits) -> (Result<(), BuildFailure>, Vec<u8>
     let dir = tempfile::tempdir().unwrap();
     let mut log = Vec::new();
     let t = Instant::now();
-    let r = run(&sh(script), "/nix/store/x-t.drv", dir.path(), limits, &me(), &mut |d| log.extend_from_slice(d));
+    let r = run(&sh(script), "/nix/store/x-t.drv", dir.path(), limits, &me(), &mut |d| {
+        log.extend_from_slice(d)
+    });
     (r, log, t.elapsed())
 }
 
@@ -192,14 +213,18 @@ fn timeout_kills_the_builder() {
 
 #[test]
 fn silence_kills_the_builder() {
-    let (r, _, took) = run_sh("echo hi; sleep 30", RunLimits { max_silent_s: 1, ..RunLimits::default() });
+    let (r, _, took) =
+        run_sh("echo hi; sleep 30", RunLimits { max_silent_s: 1, ..RunLimits::default() });
     assert!(matches!(r, Err(BuildFailure::MaxSilent { secs: 1, .. })), "{r:?}");
     assert!(took < Duration::from_secs(5));
 }
 
 #[test]
 fn log_limit_kills_the_builder() {
-    let (r, log, _) = run_sh("while :; do echo yyyyyyyyyyyyyyyyyyyy; done", RunLimits { max_log_bytes: 10_000, ..RunLimits::default() });
+    let (r, log, _) = run_sh(
+        "while :; do echo yyyyyyyyyyyyyyyyyyyy; done",
+        RunLimits { max_log_bytes: 10_000, ..RunLimits::default() },
+    );
     assert!(matches!(r, Err(BuildFailure::LogLimit { bytes: 10_000, .. })), "{r:?}");
     assert!(log.len() <= 10_000 + 64 * 1024);
 }

@@ -5,8 +5,8 @@
 //! VCEK and cached with the chain), a shared table for the generator G, and [`verify_prehash`].
 //! `p384` 0.13 computes `u1·G + u2·Q` with two generic constant-time scalar multiplications
 //! (384 doublings each, no generator table). Verification handles only public data, so it may
-//! be variable-time: with signed 5-bit windows and a table of `j·32^i·P` (j = 1..16,
-//! i = 0..77) a scalar multiplication becomes ~78 point additions and no doublings. The table
+//! be variable-time: with signed 5-bit windows and a table of `j·32^i·P` (j = 1..=16,
+//! i = 0..=77) a scalar multiplication becomes ~78 point additions and no doublings. The table
 //! stays in projective form (180 KiB per key, ~2 ms to build): `p384` 0.13 exposes no batch
 //! inversion, and one inversion per entry would cost ~50 ms per key for a ~2% faster addition.
 //!

@@ -41,6 +41,7 @@ pub mod fastverify;
 pub mod policy;
 pub mod report;
 pub mod simulated;
+pub mod verified;
 pub mod verify;
 
 pub use bundle::{BuiltinChainError, EvidenceBundle};
@@ -50,7 +51,8 @@ pub use policy::{
 };
 pub use report::{Product, Report, TcbVersion};
 pub use simulated::{
-    nix_key_name, SimulatedAttester, SIMULATED_ROOT_DIR, SimulatedError, SimulatedLaunch, SimulatedPlatform,
-    SimulatedRoot,
+    nix_key_name, SimulatedAttester, SimulatedError, SimulatedLaunch, SimulatedPlatform,
+    SimulatedRoot, SIMULATED_ROOT_DIR,
 };
-pub use verify::{Observer, Root, Signer, VekKind, VerifiedEvidence, Verifier};
+pub use verified::{Root, Signer, VekKind, VerifiedEvidence};
+pub use verify::{Observer, Verifier};

@@ -456,7 +456,8 @@ impl Report {
     /// Byte ranges that are reserved in this version (and, for TCB fields, this layout) and
     /// must be zero. The last range is the unsigned area after the signature.
     pub fn reserved_ranges(&self, layout: TcbLayout) -> Vec<std::ops::Range<usize>> {
-        let mut out = vec![0x4C..0x50];
+        let mut out = Vec::with_capacity(14);
+        out.push(0x4C..0x50);
         if self.version() >= 3 {
             out.push(0x18B..0x1A0);
         } else {

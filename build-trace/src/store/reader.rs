@@ -84,14 +84,23 @@ impl TraceStore {
             let p = jws_dir.join(name);
             jws.push(fs::read_to_string(&p).map_err(io_err("read", &p))?.trim().to_string());
         }
-        Ok(TraceEntry { location: dir.display().to_string(), drv_path: drv_path.to_string(), statement, evidence, jws })
+        Ok(TraceEntry {
+            location: dir.display().to_string(),
+            drv_path: drv_path.to_string(),
+            statement,
+            evidence,
+            jws,
+        })
     }
 }
 
 impl TraceSource for TraceStore {
     fn entries(&self, drv_path: &str) -> Result<Vec<TraceEntry>, StoreError> {
         let dir = self.step_dir(drv_path)?;
-        read_dir_sorted(&dir)?.into_iter().map(|e| self.read_entry(drv_path, &dir.join(e))).collect()
+        read_dir_sorted(&dir)?
+            .into_iter()
+            .map(|e| self.read_entry(drv_path, &dir.join(e)))
+            .collect()
     }
 
     fn entries_for_output(&self, out_path: &str) -> Result<Vec<TraceEntry>, StoreError> {
@@ -146,7 +155,9 @@ impl TraceSource for MemoryTraces {
             .by_drv
             .values()
             .flatten()
-            .filter(|e| e.parse_statement().is_ok_and(|s| s.outputs.values().any(|o| o.path == out_path)))
+            .filter(|e| {
+                e.parse_statement().is_ok_and(|s| s.outputs.values().any(|o| o.path == out_path))
+            })
             .cloned()
             .collect())
     }

@@ -43,8 +43,10 @@ impl DrvSet {
 
     /// Parse `nix show-derivation -r` JSON (Nix 2.8's shape).
     pub fn from_show_derivation(json: &str) -> Result<DrvSet, VerifyError> {
-        let drvs = nix_formats::derivation::json::parse_show_derivation(json)
-            .map_err(|source| VerifyError::Derivation { drv: "show-derivation JSON".into(), source })?;
+        let drvs =
+            nix_formats::derivation::json::parse_show_derivation(json).map_err(|source| {
+                VerifyError::Derivation { drv: "show-derivation JSON".into(), source }
+            })?;
         Ok(DrvSet { drvs })
     }
 
@@ -79,10 +81,10 @@ impl DrvSet {
         let mut order = Vec::new();
         let mut done: BTreeSet<&StorePath> = BTreeSet::new();
         let mut on_stack: BTreeSet<&StorePath> = BTreeSet::new();
-        let target = self.drvs.get_key_value(target).map(|(k, _)| k).ok_or_else(|| VerifyError::MissingDrv {
-            drv: target.to_string(),
-            needed_by: None,
-        })?;
+        let target =
+            self.drvs.get_key_value(target).map(|(k, _)| k).ok_or_else(|| {
+                VerifyError::MissingDrv { drv: target.to_string(), needed_by: None }
+            })?;
         // (node, index of the next input to visit)
         let mut stack: Vec<(&StorePath, usize)> = vec![(target, 0)];
         on_stack.insert(target);
@@ -97,7 +99,10 @@ impl DrvSet {
                     return Err(VerifyError::Cycle(input.to_string()));
                 }
                 let input = self.drvs.get_key_value(input).map(|(k, _)| k).ok_or_else(|| {
-                    VerifyError::MissingDrv { drv: input.to_string(), needed_by: Some(node.to_string()) }
+                    VerifyError::MissingDrv {
+                        drv: input.to_string(),
+                        needed_by: Some(node.to_string()),
+                    }
                 })?;
                 on_stack.insert(input);
                 stack.push((input, 0));

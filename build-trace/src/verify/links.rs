@@ -24,7 +24,11 @@ pub(crate) struct Facts {
 pub(crate) type Known = HashMap<String, Vec<Facts>>;
 
 /// Check the statement's input closure against `direct` inputs and the accepted outputs.
-pub(crate) fn check_links(st: &Statement, direct: &BTreeSet<String>, known: &Known) -> Result<(), BrokenLink> {
+pub(crate) fn check_links(
+    st: &Statement,
+    direct: &BTreeSet<String>,
+    known: &Known,
+) -> Result<(), Box<BrokenLink>> {
     let closure = &st.job.closure;
     let mut reachable: BTreeSet<&str> = BTreeSet::new();
     let mut todo: Vec<&str> = direct.iter().map(String::as_str).collect();
@@ -33,21 +37,29 @@ pub(crate) fn check_links(st: &Statement, direct: &BTreeSet<String>, known: &Kno
             continue;
         }
         let info = closure.get(p).ok_or_else(|| {
-            BrokenLink::new(LinkCheck::InputUnaccounted, format!("input {p} is missing from the input closure"))
+            BrokenLink::new(
+                LinkCheck::InputUnaccounted,
+                format!("input {p} is missing from the input closure"),
+            )
         })?;
         todo.extend(info.references.iter().map(String::as_str).filter(|r| !reachable.contains(r)));
     }
     if let Some(extra) = closure.keys().find(|p| !reachable.contains(p.as_str())) {
         return Err(BrokenLink::new(
             LinkCheck::ExtraInput,
-            format!("the input closure holds {extra}, which no accepted input of the step references"),
+            format!(
+                "the input closure holds {extra}, which no accepted input of the step references"
+            ),
         )
         .expected("only the direct inputs and what they reference", extra));
     }
     for p in reachable {
         let info = &closure[p];
-        let facts =
-            Facts { nar_hash: info.nar_hash, nar_size: info.nar_size, references: info.references.clone() };
+        let facts = Facts {
+            nar_hash: info.nar_hash,
+            nar_size: info.nar_size,
+            references: info.references.clone(),
+        };
         if let Some(accepted) = known.get(p) {
             if accepted.contains(&facts) {
                 continue;
@@ -69,7 +81,9 @@ pub(crate) fn check_links(st: &Statement, direct: &BTreeSet<String>, known: &Kno
         let Some(ca) = st.input_cas.get(p) else {
             return Err(BrokenLink::new(
                 LinkCheck::InputUnaccounted,
-                format!("input {p} is neither an accepted output of a dependency nor content-addressed"),
+                format!(
+                    "input {p} is neither an accepted output of a dependency nor content-addressed"
+                ),
             ));
         };
         check_source(p, ca, &info.references)?;
@@ -79,7 +93,11 @@ pub(crate) fn check_links(st: &Statement, direct: &BTreeSet<String>, known: &Kno
 
 /// A content-addressed input: its `ca` (recomputed by the guest), name and references must
 /// produce exactly its path.
-fn check_source(path: &str, ca: &str, references: &BTreeSet<String>) -> Result<(), BrokenLink> {
+fn check_source(
+    path: &str,
+    ca: &str,
+    references: &BTreeSet<String>,
+) -> Result<(), Box<BrokenLink>> {
     let bad = |msg: String| BrokenLink::new(LinkCheck::SourceAddress, msg);
     let sp = StorePath::parse(path).map_err(|e| bad(format!("input {path}: {e}")))?;
     let addr = ContentAddress::parse(ca).map_err(|e| bad(format!("input {path}: {e}")))?;

@@ -161,7 +161,7 @@ impl ClosureVerifier<'_> {
                 Ok(maps) => maps,
                 Err(mut broken) => {
                     broken.step = udrv.to_string();
-                    return Ok(Outcome::NotVerified(broken));
+                    return Ok(Outcome::NotVerified(*broken));
                 }
             };
             for m in &maps {
@@ -195,7 +195,7 @@ impl ClosureVerifier<'_> {
             )
             .expected(format!("{:?}", req.expect), format!("accepted: {accepted_paths:?}"));
             b.step = req.target.to_string();
-            return Ok(Outcome::NotVerified(b));
+            return Ok(Outcome::NotVerified(*b));
         };
         Ok(Outcome::Verified(VerifiedClosure {
             target: req.target.to_string(),
@@ -213,7 +213,7 @@ impl ClosureVerifier<'_> {
         accepted: &HashMap<StorePath, Vec<Accepted>>,
         known: &Known,
         checker: &Checker<'_>,
-    ) -> Result<Result<Vec<Accepted>, BrokenLink>, VerifyError> {
+    ) -> Result<Result<Vec<Accepted>, Box<BrokenLink>>, VerifyError> {
         let drv = drvs.get(udrv).expect("post_order only yields known derivations");
         let name = match udrv.drv_name() {
             Ok(n) => n.to_string(),
@@ -226,14 +226,20 @@ impl ClosureVerifier<'_> {
         match kind {
             DerivationKind::Fixed => return Ok(self.accept_fixed(udrv, drv, &name)),
             DerivationKind::Impure => {
-                return Ok(Err(BrokenLink::new(LinkCheck::Derivation, "impure derivations cannot be verified")))
+                return Ok(Err(BrokenLink::new(
+                    LinkCheck::Derivation,
+                    "impure derivations cannot be verified",
+                )))
             }
             DerivationKind::InputAddressed => {
-                let want = graph.input_addressed_paths(drv, &name).map_err(|source| {
-                    VerifyError::Derivation { drv: udrv.to_string(), source }
-                })?;
-                let declared: Option<BTreeMap<String, StorePath>> =
-                    drv.outputs.iter().map(|(o, d)| d.path().map(|p| (o.clone(), p.clone()))).collect();
+                let want = graph
+                    .input_addressed_paths(drv, &name)
+                    .map_err(|source| VerifyError::Derivation { drv: udrv.to_string(), source })?;
+                let declared: Option<BTreeMap<String, StorePath>> = drv
+                    .outputs
+                    .iter()
+                    .map(|(o, d)| d.path().map(|p| (o.clone(), p.clone())))
+                    .collect();
                 if want.is_some() && want != declared {
                     return Ok(Err(BrokenLink::new(
                         LinkCheck::Derivation,
@@ -290,25 +296,30 @@ impl ClosureVerifier<'_> {
                 .collect();
         }
 
-        let mut first_failure: Option<BrokenLink> = None;
+        let mut first_failure: Option<Box<BrokenLink>> = None;
         // Output map → (key, signers, simulated)
-        let mut groups: BTreeMap<BTreeMap<String, OutputClaim>, (String, Signers, bool)> = BTreeMap::new();
+        let mut groups: BTreeMap<BTreeMap<String, OutputClaim>, (String, Signers, bool)> =
+            BTreeMap::new();
         for combo in &combos {
-            let (key, basic, direct, step_kind) = match self.compute_step(drv, &name, udrv, kind, combo) {
-                Ok(x) => x,
-                Err(b) => {
-                    first_failure.get_or_insert(b);
-                    continue;
-                }
-            };
+            let (key, basic, direct, step_kind) =
+                match self.compute_step(drv, &name, udrv, kind, combo) {
+                    Ok(x) => x,
+                    Err(b) => {
+                        first_failure.get_or_insert(b);
+                        continue;
+                    }
+                };
             let want = Expectation { key: &key, drv: &basic, kind: step_kind, direct: &direct };
             let mut entries = Vec::new();
             for s in &self.sources {
                 entries.extend(s.entries(&key).map_err(VerifyError::Source)?);
             }
             if entries.is_empty() {
-                let mut b = BrokenLink::new(LinkCheck::NoTrace, "no trace of this step in any trace source")
-                    .expected(format!("a trace for {key}"), self.describe_sources());
+                let mut b = BrokenLink::new(
+                    LinkCheck::NoTrace,
+                    "no trace of this step in any trace source",
+                )
+                .expected(format!("a trace for {key}"), self.describe_sources());
                 b.key = Some(key.clone());
                 if first_failure.as_ref().is_none_or(|f| f.check == LinkCheck::NoTrace) {
                     first_failure = Some(b);
@@ -318,7 +329,9 @@ impl ClosureVerifier<'_> {
             for e in &entries {
                 match checker.check_entry(&want, e, known) {
                     Ok(EntryOk { outputs, signers, simulated }) => {
-                        let g = groups.entry(outputs).or_insert_with(|| (key.clone(), Signers::default(), false));
+                        let g = groups
+                            .entry(outputs)
+                            .or_insert_with(|| (key.clone(), Signers::default(), false));
                         g.1.merge(&signers);
                         g.2 |= simulated;
                     }
@@ -339,12 +352,16 @@ impl ClosureVerifier<'_> {
                 unsatisfied.get_or_insert((key, signers));
                 continue;
             }
-            let mut accepted_by: Vec<String> = signers.keys.iter().map(|k| format!("key {k}")).collect();
+            let mut accepted_by: Vec<String> =
+                signers.keys.iter().map(|k| format!("key {k}")).collect();
             for (rule, chips) in &signers.chips {
                 accepted_by.extend(chips.iter().map(|c| format!("{c} (rule {rule})")));
             }
             maps.push(Accepted {
-                outputs: outputs.iter().map(|(n, c)| (n.clone(), (c.path.clone(), Some(c.facts.clone())))).collect(),
+                outputs: outputs
+                    .iter()
+                    .map(|(n, c)| (n.clone(), (c.path.clone(), Some(c.facts.clone()))))
+                    .collect(),
                 step: AcceptedStep {
                     drv: udrv.to_string(),
                     key,
@@ -362,12 +379,17 @@ impl ClosureVerifier<'_> {
             for (rule, chips) in &signers.chips {
                 found.extend(chips.iter().map(|c| format!("{c} (rule {rule})")));
             }
-            let mut b = BrokenLink::new(LinkCheck::Policy, "the valid signers of this step do not satisfy the trust policy")
-                .expected(format!("{:?}", self.policy.policy.require), format!("{found:?}"));
+            let mut b = BrokenLink::new(
+                LinkCheck::Policy,
+                "the valid signers of this step do not satisfy the trust policy",
+            )
+            .expected(format!("{:?}", self.policy.policy.require), format!("{found:?}"));
             b.key = Some(key);
             return Ok(Err(b));
         }
-        Ok(Err(first_failure.unwrap_or_else(|| BrokenLink::new(LinkCheck::NoTrace, "no trace found"))))
+        Ok(Err(
+            first_failure.unwrap_or_else(|| BrokenLink::new(LinkCheck::NoTrace, "no trace found"))
+        ))
     }
 
     /// A fixed-output derivation, by its declared hash.
@@ -376,7 +398,7 @@ impl ClosureVerifier<'_> {
         udrv: &StorePath,
         drv: &nix_formats::derivation::Derivation,
         name: &str,
-    ) -> Result<Vec<Accepted>, BrokenLink> {
+    ) -> Result<Vec<Accepted>, Box<BrokenLink>> {
         if let Err(e) = drv.check_output_paths(name) {
             return Err(BrokenLink::new(LinkCheck::Derivation, error_chain(&e)));
         }
@@ -389,7 +411,10 @@ impl ClosureVerifier<'_> {
                 {
                     return Err(BrokenLink::new(
                         LinkCheck::WeakHash,
-                        format!("fixed output `{o}` declares a {} hash, which the policy refuses", hash.algo()),
+                        format!(
+                            "fixed output `{o}` declares a {} hash, which the policy refuses",
+                            hash.algo()
+                        ),
                     )
                     .expected("sha256 or sha512", hash.algo()));
                 }
@@ -415,8 +440,9 @@ impl ClosureVerifier<'_> {
         udrv: &StorePath,
         kind: DerivationKind,
         combo: &BTreeMap<(StorePath, String), StorePath>,
-    ) -> Result<(String, BasicDerivation, BTreeSet<String>, StepKind), BrokenLink> {
-        let res_err = |e: &dyn std::error::Error| BrokenLink::new(LinkCheck::Resolution, e.to_string());
+    ) -> Result<(String, BasicDerivation, BTreeSet<String>, StepKind), Box<BrokenLink>> {
+        let res_err =
+            |e: &dyn std::error::Error| BrokenLink::new(LinkCheck::Resolution, e.to_string());
         let (key, basic_drv, step_kind) = if kind == DerivationKind::InputAddressed {
             let mut basic = drv.clone();
             basic.input_drvs.clear();
@@ -424,7 +450,11 @@ impl ClosureVerifier<'_> {
             (udrv.to_string(), basic, StepKind::InputAddressed)
         } else {
             let r = resolve_with(drv, name, combo).map_err(|e| res_err(&e))?;
-            let k = if kind == DerivationKind::Deferred { StepKind::InputAddressed } else { StepKind::FloatingCa };
+            let k = if kind == DerivationKind::Deferred {
+                StepKind::InputAddressed
+            } else {
+                StepKind::FloatingCa
+            };
             (r.drv_path.to_string(), r.drv, k)
         };
         let basic = BasicDerivation::from_derivation(name, &basic_drv).map_err(|e| res_err(&e))?;

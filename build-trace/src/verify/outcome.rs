@@ -90,8 +90,8 @@ pub struct BrokenLink {
 }
 
 impl BrokenLink {
-    pub(crate) fn new(check: LinkCheck, explanation: impl Into<String>) -> BrokenLink {
-        BrokenLink {
+    pub(crate) fn new(check: LinkCheck, explanation: impl Into<String>) -> Box<BrokenLink> {
+        Box::new(BrokenLink {
             step: String::new(),
             key: None,
             entry: None,
@@ -99,10 +99,14 @@ impl BrokenLink {
             expected: String::new(),
             found: String::new(),
             explanation: explanation.into(),
-        }
+        })
     }
 
-    pub(crate) fn expected(mut self, expected: impl fmt::Display, found: impl fmt::Display) -> BrokenLink {
+    pub(crate) fn expected(
+        mut self: Box<Self>,
+        expected: impl fmt::Display,
+        found: impl fmt::Display,
+    ) -> Box<BrokenLink> {
         self.expected = expected.to_string();
         self.found = found.to_string();
         self
@@ -170,7 +174,11 @@ impl fmt::Display for VerifiedClosure {
             writeln!(f, "  {name}: {path}")?;
         }
         for s in &self.steps {
-            let sim = if s.simulated { " [SIMULATED evidence: proves nothing about hardware]" } else { "" };
+            let sim = if s.simulated {
+                " [SIMULATED evidence: proves nothing about hardware]"
+            } else {
+                ""
+            };
             writeln!(f, "  step {}{sim}", s.drv)?;
             if s.key != s.drv {
                 writeln!(f, "    resolved: {}", s.key)?;

@@ -58,8 +58,8 @@ impl Checker<'_> {
         want: &Expectation<'_>,
         entry: &TraceEntry,
         known: &Known,
-    ) -> Result<EntryOk, BrokenLink> {
-        let located = |mut b: BrokenLink| {
+    ) -> Result<EntryOk, Box<BrokenLink>> {
+        let located = |mut b: Box<BrokenLink>| {
             b.entry = Some(entry.location.clone());
             b
         };
@@ -74,8 +74,11 @@ impl Checker<'_> {
             .outputs
             .iter()
             .map(|(n, o)| {
-                let facts =
-                    Facts { nar_hash: o.nar_hash, nar_size: o.nar_size, references: o.references.clone() };
+                let facts = Facts {
+                    nar_hash: o.nar_hash,
+                    nar_size: o.nar_size,
+                    references: o.references.clone(),
+                };
                 (n.clone(), OutputClaim { path: o.path.clone(), facts })
             })
             .collect();
@@ -84,20 +87,28 @@ impl Checker<'_> {
 
     /// The entry's signers: chips whose evidence passes a builder rule, and policy keys with a
     /// valid JWS describing this statement. No signer at all is an error naming why.
-    fn signers(&self, st: &Statement, entry: &TraceEntry) -> Result<(Signers, bool), BrokenLink> {
+    fn signers(
+        &self,
+        st: &Statement,
+        entry: &TraceEntry,
+    ) -> Result<(Signers, bool), Box<BrokenLink>> {
         let mut signers = Signers::default();
         let mut simulated = false;
-        let mut first_err: Option<BrokenLink> = None;
+        let mut first_err: Option<Box<BrokenLink>> = None;
         if let Some(bundle) = entry.parse_evidence() {
             let bundle: EvidenceBundle = bundle.map_err(|e| {
-                BrokenLink::new(LinkCheck::Evidence, format!("the evidence bundle does not parse: {e}"))
+                BrokenLink::new(
+                    LinkCheck::Evidence,
+                    format!("the evidence bundle does not parse: {e}"),
+                )
             })?;
-            let statement_err = |e: crate::statement::StatementError| {
-                BrokenLink::new(LinkCheck::Statement, error_chain(&e))
-            };
+            // The entry's bytes were checked to be canonical when the statement was parsed.
+            let host_data = crate::statement::host_data_of(&entry.statement).ok_or_else(|| {
+                BrokenLink::new(LinkCheck::Statement, "the statement has no job member")
+            })?;
             let expected = Expected {
-                host_data: Some(st.host_data().map_err(statement_err)?),
-                report_data: Some(st.report_data().map_err(statement_err)?),
+                host_data: Some(host_data),
+                report_data: Some(crate::statement::report_data_of(&entry.statement)),
             };
             for (rule, policy) in &self.policy.rules {
                 match self.evidence.verify_at(&bundle, policy, &expected, self.now) {
@@ -117,7 +128,11 @@ impl Checker<'_> {
                     Err(e) => {
                         first_err.get_or_insert(BrokenLink::new(
                             LinkCheck::Evidence,
-                            format!("builder rule `{rule}`: {} check failed: {}", e.check(), error_chain(&e)),
+                            format!(
+                                "builder rule `{rule}`: {} check failed: {}",
+                                e.check(),
+                                error_chain(&e)
+                            ),
                         ));
                     }
                 }
@@ -138,7 +153,8 @@ impl Checker<'_> {
                     // does not count.
                     Err(jws::JwsError::UnknownKey(_)) => {}
                     Err(e) => {
-                        first_err.get_or_insert(BrokenLink::new(LinkCheck::Signature, error_chain(&e)));
+                        first_err
+                            .get_or_insert(BrokenLink::new(LinkCheck::Signature, error_chain(&e)));
                     }
                 }
             }
@@ -156,7 +172,7 @@ impl Checker<'_> {
 }
 
 /// The statement must be about exactly the step the verifier computed.
-fn check_derivation(want: &Expectation<'_>, st: &Statement) -> Result<(), BrokenLink> {
+fn check_derivation(want: &Expectation<'_>, st: &Statement) -> Result<(), Box<BrokenLink>> {
     let mismatch = |what: &str, exp: String, got: String| {
         BrokenLink::new(
             LinkCheck::DerivationMismatch,
@@ -203,12 +219,16 @@ fn check_derivation(want: &Expectation<'_>, st: &Statement) -> Result<(), Broken
             .map(|(k, _)| k.clone())
             .or_else(|| got.env.keys().find(|k| !exp.env.contains_key(*k)).cloned())
             .unwrap_or_default();
-        mismatch(&format!("environment variable `{key}`"), fmt(&exp.env.get(&key)), fmt(&got.env.get(&key)))
+        mismatch(
+            &format!("environment variable `{key}`"),
+            fmt(&exp.env.get(&key)),
+            fmt(&got.env.get(&key)),
+        )
     })
 }
 
 /// Each content-addressed output's path must follow from its `ca`, name and references.
-fn check_output_addresses(st: &Statement) -> Result<(), BrokenLink> {
+fn check_output_addresses(st: &Statement) -> Result<(), Box<BrokenLink>> {
     for (name, out) in &st.outputs {
         let Some(ca) = &out.ca else { continue };
         let bad = |msg: String| BrokenLink::new(LinkCheck::OutputAddress, msg);
@@ -225,8 +245,10 @@ fn check_output_addresses(st: &Statement) -> Result<(), BrokenLink> {
             .store_path(path.name(), &refs, out.references.contains(&out.path))
             .map_err(|e| bad(format!("output `{name}` ({ca}): {e}")))?;
         if want != path {
-            return Err(bad(format!("output `{name}`'s content address does not produce its path"))
-                .expected(want, &out.path));
+            return Err(bad(format!(
+                "output `{name}`'s content address does not produce its path"
+            ))
+            .expected(want, &out.path));
         }
     }
     Ok(())

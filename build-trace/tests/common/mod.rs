@@ -118,7 +118,12 @@ pub fn path_infos(chroot: &Path, paths: &[String], recursive: bool) -> BTreeMap<
             let info = PathInfo {
                 nar_hash: NarHash(h.sha256_bytes().unwrap()),
                 nar_size: e["narSize"].as_u64().unwrap(),
-                references: e["references"].as_array().unwrap().iter().map(|r| r.as_str().unwrap().to_string()).collect(),
+                references: e["references"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.as_str().unwrap().to_string())
+                    .collect(),
                 ca: e.get("ca").and_then(|c| c.as_str()).map(str::to_string),
             };
             (e["path"].as_str().unwrap().to_string(), info)
@@ -127,11 +132,20 @@ pub fn path_infos(chroot: &Path, paths: &[String], recursive: bool) -> BTreeMap<
 }
 
 /// Output paths Nix registered for a derivation (realisations for CA, the drv for others).
-fn nix_outputs(chroot: &Path, drv: &StorePath, d: &nix_formats::derivation::Derivation) -> BTreeMap<String, String> {
-    if let Some(paths) = d.outputs.iter().map(|(o, x)| x.path().map(|p| (o.clone(), p.to_string()))).collect() {
+fn nix_outputs(
+    chroot: &Path,
+    drv: &StorePath,
+    d: &nix_formats::derivation::Derivation,
+) -> BTreeMap<String, String> {
+    if let Some(paths) =
+        d.outputs.iter().map(|(o, x)| x.path().map(|p| (o.clone(), p.to_string()))).collect()
+    {
         return paths;
     }
-    let text = run(Command::new("nix").args(["realisation", "info", "--json", "--store"]).arg(chroot).arg(drv.to_string()));
+    let text = run(Command::new("nix")
+        .args(["realisation", "info", "--json", "--store"])
+        .arg(chroot)
+        .arg(drv.to_string()));
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     v.as_array()
         .unwrap()
@@ -158,7 +172,11 @@ impl Fixture {
         let chroot = t.join("store");
         let mut drvs = BTreeMap::new();
         for a in ["fod", "fodmd5", "a", "b", "c", "weak", "ia1", "ia2", "ia3"] {
-            let p = run(Command::new("nix-instantiate").arg("--store").arg(&chroot).arg(t.join("fixture.nix")).args(["-A", a]));
+            let p = run(Command::new("nix-instantiate")
+                .arg("--store")
+                .arg(&chroot)
+                .arg(t.join("fixture.nix"))
+                .args(["-A", a]));
             drvs.insert(a.to_string(), StorePath::parse(p.trim()).unwrap());
         }
         let key = SecretKey::from_seed("fixture-host-simulated-1", [9; 32]);
@@ -207,12 +225,15 @@ impl Fixture {
                         let mut basic = d.clone();
                         basic.input_drvs.clear();
                         basic.input_srcs.extend(d.input_drvs.iter().flat_map(|(i, os)| {
-                            os.iter().map(|o| chosen[&(i.clone(), o.clone())].clone()).collect::<Vec<_>>()
+                            os.iter()
+                                .map(|o| chosen[&(i.clone(), o.clone())].clone())
+                                .collect::<Vec<_>>()
                         }));
                         let mut basic = BasicDerivation::from_derivation(&name, &basic).unwrap();
                         // As Nix's build hook sends it: input sources = the whole input closure.
                         let direct: Vec<String> = basic.input_srcs.iter().cloned().collect();
-                        basic.input_srcs = path_infos(&fx.chroot, &direct, true).into_keys().collect();
+                        basic.input_srcs =
+                            path_infos(&fx.chroot, &direct, true).into_keys().collect();
                         let step = fx.launch(&udrv, udrv.to_string(), basic, &outs);
                         fx.steps.push(step);
                     }
@@ -232,18 +253,38 @@ impl Fixture {
         }
         let store = TraceStore::create(&fx.traces).unwrap();
         for s in &fx.steps {
-            let rec = StepRecord { statement: &s.statement, evidence: Some(&s.evidence), evidence_kind: "simulated", nars: s.nars.clone() };
+            let rec = StepRecord {
+                statement: &s.statement,
+                evidence: Some(&s.evidence),
+                evidence_kind: "simulated",
+                nars: s.nars.clone(),
+            };
             store.put_step(&rec, &fx.key).unwrap();
         }
         fx
     }
 
     /// What the launcher and an honest agent produce for one step.
-    fn launch(&self, udrv: &StorePath, key: String, drv: BasicDerivation, outs: &BTreeMap<String, String>) -> Step {
+    fn launch(
+        &self,
+        udrv: &StorePath,
+        key: String,
+        drv: BasicDerivation,
+        outs: &BTreeMap<String, String>,
+    ) -> Step {
         let direct: Vec<String> = drv.input_srcs.iter().cloned().collect();
         let closure = path_infos(&self.chroot, &direct, true);
         let wanted: BTreeSet<String> = outs.keys().cloned().collect();
-        let job = Job::new(format!("job-{}", udrv.hash_part()), key, drv, closure, Limits::default(), CaRule::SelfRefPositions, false, wanted);
+        let job = Job::new(
+            format!("job-{}", udrv.hash_part()),
+            key,
+            drv,
+            closure,
+            Limits::default(),
+            CaRule::SelfRefPositions,
+            false,
+            wanted,
+        );
         job.validate().unwrap();
         let out_paths: Vec<String> = outs.values().cloned().collect();
         let infos = path_infos(&self.chroot, &out_paths, false);
@@ -251,23 +292,52 @@ impl Fixture {
         let mut nars = BTreeMap::new();
         for (o, p) in outs {
             let i = &infos[p];
-            outputs.insert(o.clone(), OutputInfo { path: p.clone(), nar_hash: i.nar_hash, nar_size: i.nar_size, references: i.references.clone(), ca: i.ca.clone() });
-            let file = self.dir.path().join(format!("{}.nar", StorePath::parse(p).unwrap().hash_part()));
-            let out = nix_env(Command::new("nix").args(["store", "dump-path", "--store"]).arg(&self.chroot).arg(p)).output().unwrap();
+            outputs.insert(
+                o.clone(),
+                OutputInfo {
+                    path: p.clone(),
+                    nar_hash: i.nar_hash,
+                    nar_size: i.nar_size,
+                    references: i.references.clone(),
+                    ca: i.ca.clone(),
+                },
+            );
+            let file =
+                self.dir.path().join(format!("{}.nar", StorePath::parse(p).unwrap().hash_part()));
+            let out = nix_env(
+                Command::new("nix")
+                    .args(["store", "dump-path", "--store"])
+                    .arg(&self.chroot)
+                    .arg(p),
+            )
+            .output()
+            .unwrap();
             assert!(out.status.success(), "nix store dump-path {p}");
             let bytes = out.stdout;
             std::fs::write(&file, bytes).unwrap();
             nars.insert(o.clone(), file);
         }
-        let input_cas = job.closure.iter().filter_map(|(p, i)| Some((p.clone(), i.ca.clone()?))).collect();
-        let statement = Statement::new(job, input_cas, outputs, Measurement(self.measurement), "vouch-agent test");
+        let input_cas =
+            job.closure.iter().filter_map(|(p, i)| Some((p.clone(), i.ca.clone()?))).collect();
+        let statement = Statement::new(
+            job,
+            input_cas,
+            outputs,
+            Measurement(self.measurement),
+            "vouch-agent test",
+        );
         statement.validate().unwrap();
         let evidence = self.attest(&statement, statement.host_data().unwrap(), self.measurement);
         Step { udrv: udrv.clone(), statement, evidence, nars }
     }
 
     /// Simulated evidence for a statement, with the given HOST_DATA and measurement.
-    pub fn attest(&self, st: &Statement, host_data: [u8; 32], measurement: [u8; 48]) -> EvidenceBundle {
+    pub fn attest(
+        &self,
+        st: &Statement,
+        host_data: [u8; 32],
+        measurement: [u8; 48],
+    ) -> EvidenceBundle {
         let att = self.root.attester(SimulatedLaunch::new(measurement, host_data));
         self.root.bundle(att.report(&st.report_data().unwrap()))
     }
@@ -281,8 +351,14 @@ impl Fixture {
             ..EvidencePolicy::default()
         };
         TrustPolicy {
-            keys: BTreeMap::from([(self.key.name().to_string(), self.key.public_key().to_string())]),
-            builders: BTreeMap::from([("sim".to_string(), BuilderRule { evidence, image_manifests: Vec::new() })]),
+            keys: BTreeMap::from([(
+                self.key.name().to_string(),
+                self.key.public_key().to_string(),
+            )]),
+            builders: BTreeMap::from([(
+                "sim".to_string(),
+                BuilderRule { evidence, image_manifests: Vec::new() },
+            )]),
             require,
             fixed_output: Default::default(),
         }

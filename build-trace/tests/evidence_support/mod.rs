@@ -59,7 +59,13 @@ pub struct RealCase {
 }
 
 fn bundle(report: &str, vek: Vec<u8>, ask: Vec<u8>, ark: Vec<u8>) -> EvidenceBundle {
-    EvidenceBundle { report: read(report), vek, ask: Some(ask), ark, provider: Some("sev_guest".into()) }
+    EvidenceBundle {
+        report: read(report),
+        vek,
+        ask: Some(ask),
+        ark,
+        provider: Some("sev_guest".into()),
+    }
 }
 
 fn policy_toml(text: &str) -> EvidencePolicy {
@@ -78,7 +84,7 @@ pub fn real_cases() -> Vec<RealCase> {
         b[0xC0..0xE0].try_into().unwrap()
     };
     let milan_chain = certs("virtee-sev/cert_chain_milan"); // ASK, ARK
-    // 1. virtee: Milan v2.
+                                                            // 1. virtee: Milan v2.
     let r = "virtee-sev/report_milan.bin";
     let m = "7a1e5c266c0108dbc9bb94fa926951320940915d0aafb42464bd88b579ea158d3e1a0dc39b2c60bd95b9c480cd81841f";
     cases.push(RealCase {

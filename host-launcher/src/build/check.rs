@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use agent::messages::Outcome;
 use base64::Engine as _;
 use build_trace::evidence::{
-    EvidenceBundle, EvidencePolicy, EvidenceError, Expected, Hex, SimulatedRoot, VerifiedEvidence,
+    EvidenceBundle, EvidenceError, EvidencePolicy, Expected, Hex, SimulatedRoot, VerifiedEvidence,
 };
 use build_trace::job::Job;
 use build_trace::statement::{Statement, StatementError};
@@ -125,11 +125,15 @@ fn read_vcek(cfg: &LauncherConfig) -> Result<Vec<u8>, CheckError> {
         .clone()
         .or_else(|| std::env::var_os("VOUCH_SNP_VCEK").map(Into::into))
         .unwrap_or_else(|| cfg.state_dir.join("snp/vcek.der"));
-    let bytes = std::fs::read(&path).map_err(|e| CheckError::NoVcek(format!("{}: {e}", path.display())))?;
+    let bytes =
+        std::fs::read(&path).map_err(|e| CheckError::NoVcek(format!("{}: {e}", path.display())))?;
     if bytes.starts_with(b"-----BEGIN") {
         let certs = build_trace::evidence::certs::load_certificates(&bytes)
             .map_err(|e| CheckError::NoVcek(format!("{}: {e}", path.display())))?;
-        return certs.into_iter().next().ok_or_else(|| CheckError::NoVcek(format!("{}: no certificate", path.display())));
+        return certs
+            .into_iter()
+            .next()
+            .ok_or_else(|| CheckError::NoVcek(format!("{}: no certificate", path.display())));
     }
     Ok(bytes)
 }
@@ -145,31 +149,43 @@ pub fn check_outcome(
     cfg: &LauncherConfig,
 ) -> Result<Checked, CheckError> {
     // 1. statement
-    let st = Statement::from_canonical_bytes(outcome.statement.as_bytes()).map_err(CheckError::Statement)?;
+    let st = Statement::from_canonical_bytes(outcome.statement.as_bytes())
+        .map_err(CheckError::Statement)?;
     st.verify_against(job).map_err(CheckError::OtherJob)?;
 
     // 2. evidence
-    let report = base64::engine::general_purpose::STANDARD.decode(&outcome.report).map_err(CheckError::ReportEncoding)?;
+    let report = base64::engine::general_purpose::STANDARD
+        .decode(&outcome.report)
+        .map_err(CheckError::ReportEncoding)?;
     let (bundle, mut policy, expected_m) = match (mode, sim_root) {
         (Mode::Snp, _) => {
             let vcek = read_vcek(cfg)?;
-            let bundle = EvidenceBundle::with_builtin_chain(report, vcek).map_err(CheckError::Chain)?;
-            let m = manifest.snp.as_ref().ok_or(CheckError::NoMeasurement("SNP"))?.expected_measurement.clone();
+            let bundle =
+                EvidenceBundle::with_builtin_chain(report, vcek).map_err(CheckError::Chain)?;
+            let m = manifest
+                .snp
+                .as_ref()
+                .ok_or(CheckError::NoMeasurement("SNP"))?
+                .expected_measurement
+                .clone();
             (bundle, EvidencePolicy::default(), m)
         }
         (_, Some(root)) => {
-            let policy = root.allowed_by(EvidencePolicy { products: Vec::new(), ..EvidencePolicy::default() });
+            let policy = root
+                .allowed_by(EvidencePolicy { products: Vec::new(), ..EvidencePolicy::default() });
             (root.bundle(report), policy, manifest.simulated_measurement.clone())
         }
         (_, None) => return Err(CheckError::NoMeasurement("simulated (no simulated root)")),
     };
-    let m: Hex<48> = expected_m.parse().map_err(|e: String| CheckError::Bad("(manifest)".into(), e))?;
+    let m: Hex<48> =
+        expected_m.parse().map_err(|e: String| CheckError::Bad("(manifest)".into(), e))?;
     policy.measurements = Some(vec![m]);
     let host_data = job.host_data().map_err(|e| CheckError::Statement(StatementError::Job(e)))?;
     let report_data = st.report_data().map_err(CheckError::Statement)?;
     let expected = Expected { host_data: Some(host_data), report_data: Some(report_data) };
-    let verified =
-        build_trace::evidence::Verifier::global().verify(&bundle, &policy, &expected).map_err(CheckError::Evidence)?;
+    let verified = build_trace::evidence::Verifier::global()
+        .verify(&bundle, &policy, &expected)
+        .map_err(CheckError::Evidence)?;
     if st.measurement.0 != verified.measurement.0 {
         return Err(CheckError::MeasurementClaim {
             claimed: st.measurement.to_string(),
@@ -185,7 +201,8 @@ pub fn check_outcome(
     let rule = agent::inputs::self_ref_rule(job.ca_rule);
     let mut outputs = BTreeMap::new();
     for (name, info) in &st.outputs {
-        let nar = nars.get(&info.path).ok_or_else(|| CheckError::MissingOutput(info.path.clone()))?;
+        let nar =
+            nars.get(&info.path).ok_or_else(|| CheckError::MissingOutput(info.path.clone()))?;
         if nar.sha256 != info.nar_hash.0 || nar.size != info.nar_size {
             return Err(CheckError::NarMismatch {
                 path: info.path.clone(),
@@ -202,11 +219,22 @@ pub fn check_outcome(
                 .iter()
                 .map(|r| StorePath::parse(r).map_err(|e| bad(e.to_string())))
                 .collect::<Result<_, _>>()?;
-            let file = std::fs::File::open(&nar.file).map_err(|e| CheckError::Io(nar.file.display().to_string(), e))?;
-            nix_formats::content_address::verify(&path, &ca, &refs, std::io::BufReader::new(file), rule, &NarLimits::default())
-                .map_err(|e| CheckError::Ca(info.path.clone(), e))?;
+            let file = std::fs::File::open(&nar.file)
+                .map_err(|e| CheckError::Io(nar.file.display().to_string(), e))?;
+            nix_formats::content_address::verify(
+                &path,
+                &ca,
+                &refs,
+                std::io::BufReader::new(file),
+                rule,
+                &NarLimits::default(),
+            )
+            .map_err(|e| CheckError::Ca(info.path.clone(), e))?;
         }
-        outputs.insert(name.clone(), ReceivedOutput { info: info.clone(), nar_file: nar.file.clone() });
+        outputs.insert(
+            name.clone(),
+            ReceivedOutput { info: info.clone(), nar_file: nar.file.clone() },
+        );
     }
     Ok(Checked { statement: st, evidence: bundle, verified, outputs })
 }

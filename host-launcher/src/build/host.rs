@@ -28,7 +28,9 @@ use super::{
 };
 use crate::vm::runner::{describe_exit, Vm};
 use crate::vm::vsock::{detect_backend, Channel, Stream};
-use crate::vm::{choose_mode, host_cbitpos, qemu_argv, HostCaps, Mode, QemuSpec, SnpLaunch, SNP_POLICY};
+use crate::vm::{
+    choose_mode, host_cbitpos, qemu_argv, HostCaps, Mode, QemuSpec, SnpLaunch, SNP_POLICY,
+};
 
 /// One received NAR.
 #[derive(Debug, Clone)]
@@ -41,7 +43,7 @@ pub struct ReceivedNar {
 
 /// What the conversation produced.
 #[derive(Debug, Default)]
-struct Conversation {
+pub(crate) struct Conversation {
     outcome: Option<Outcome>,
     failure: Option<Failure>,
     nars: BTreeMap<String, ReceivedNar>,
@@ -59,9 +61,9 @@ fn random_id() -> String {
 }
 
 fn simulated_setup(root: &SimulatedRoot, manifest: &Manifest) -> Result<Setup, StepError> {
-    let key = root
-        .vcek_key_pkcs8()
-        .map_err(|e| StepError::Io("simulated VCEK key".into(), std::io::Error::other(e.to_string())))?;
+    let key = root.vcek_key_pkcs8().map_err(|e| {
+        StepError::Io("simulated VCEK key".into(), std::io::Error::other(e.to_string()))
+    })?;
     let p = root.platform();
     Ok(Setup {
         simulated: Some(SimulatedSetup {
@@ -80,18 +82,36 @@ pub fn run_step(
     sink: &mut dyn LogSink,
     cfg: &LauncherConfig,
 ) -> Result<StepOutcome, StepError> {
-    let manifest = Manifest::load(&cfg.image_dir).map_err(|e| StepError::Image(cfg.image_dir.clone(), e))?;
-    manifest.verify_files(&cfg.image_dir).map_err(|e| StepError::Image(cfg.image_dir.clone(), e))?;
+    let manifest =
+        Manifest::load(&cfg.image_dir).map_err(|e| StepError::Image(cfg.image_dir.clone(), e))?;
+    manifest
+        .verify_files(&cfg.image_dir)
+        .map_err(|e| StepError::Image(cfg.image_dir.clone(), e))?;
     let caps = HostCaps::probe();
     let mode = choose_mode(cfg.mode, &caps, manifest.snp.is_some())?;
     if req.network {
-        return Err(StepError::Request("the networked fixed-output variant is not available yet (issue 4)".into()));
+        return Err(StepError::Request(
+            "the networked fixed-output variant is not available yet (issue 4)".into(),
+        ));
     }
 
     let closure = inputs.closure(&req.drv.input_srcs).map_err(StepError::Inputs)?;
-    let outputs = if req.outputs.is_empty() { req.drv.outputs.keys().cloned().collect() } else { req.outputs.clone() };
+    let outputs = if req.outputs.is_empty() {
+        req.drv.outputs.keys().cloned().collect()
+    } else {
+        req.outputs.clone()
+    };
     let job_id = req.job_id.clone().unwrap_or_else(random_id);
-    let job = Job::new(job_id.clone(), req.drv_path.clone(), req.drv.clone(), closure, req.limits, req.ca_rule, req.network, outputs);
+    let job = Job::new(
+        job_id.clone(),
+        req.drv_path.clone(),
+        req.drv.clone(),
+        closure,
+        req.limits,
+        req.ca_rule,
+        req.network,
+        outputs,
+    );
     job.validate().map_err(|e| StepError::Request(super::check::chain(&e)))?;
     let job_bytes = job.canonical_bytes().map_err(|e| StepError::Request(e.to_string()))?;
     let host_data = job.host_data().map_err(|e| StepError::Request(e.to_string()))?;
@@ -99,8 +119,12 @@ pub fn run_step(
     let (setup, sim_root) = if mode == Mode::Snp {
         (Setup::default(), None)
     } else {
-        let root = SimulatedRoot::load_or_generate(&cfg.simulated_root_dir())
-            .map_err(|e| StepError::Io("simulated SNP root".into(), std::io::Error::other(super::check::chain(&e))))?;
+        let root = SimulatedRoot::load_or_generate(&cfg.simulated_root_dir()).map_err(|e| {
+            StepError::Io(
+                "simulated SNP root".into(),
+                std::io::Error::other(super::check::chain(&e)),
+            )
+        })?;
         (simulated_setup(&root, &manifest)?, Some(root))
     };
 
@@ -109,7 +133,9 @@ pub fn run_step(
         .prefix("vouch-vm-")
         .tempdir()
         .map_err(|e| StepError::Io("creating the VM run directory".into(), e))?;
-    let port = agent::config::parse_cmdline(&manifest.cmdline).map(|c| c.port).unwrap_or(agent::config::DEFAULT_PORT);
+    let port = agent::config::parse_cmdline(&manifest.cmdline)
+        .map(|c| c.port)
+        .unwrap_or(agent::config::DEFAULT_PORT);
     let backend = detect_backend(caps.vhost_vsock)?;
     let mut chan = Channel::prepare(&backend, run_dir.path(), port)?;
     let img = |f: &str| cfg.image_dir.join(f);
@@ -119,7 +145,11 @@ pub fn run_step(
         initrd: img(files::INITRD),
         cmdline: manifest.cmdline.clone(),
         memory_mib: cfg.memory_mib,
-        vcpus: manifest.snp.as_ref().filter(|_| mode == Mode::Snp).map_or(cfg.vcpus, |s| s.params.vcpus),
+        vcpus: manifest
+            .snp
+            .as_ref()
+            .filter(|_| mode == Mode::Snp)
+            .map_or(cfg.vcpus, |s| s.params.vcpus),
         vsock: chan.device().clone(),
         snp: (mode == Mode::Snp).then(|| SnpLaunch {
             ovmf: img(files::OVMF),
@@ -127,7 +157,10 @@ pub fn run_step(
             policy: SNP_POLICY,
             cbitpos: host_cbitpos(),
             reduced_phys_bits: 1,
-            cpu_model: manifest.snp.as_ref().map_or("EPYC-v4".into(), |s| s.params.vcpu_type.clone()),
+            cpu_model: manifest
+                .snp
+                .as_ref()
+                .map_or("EPYC-v4".into(), |s| s.params.vcpu_type.clone()),
         }),
         network: req.network,
     };
@@ -160,7 +193,8 @@ pub fn run_step(
     }
     let watchdog_fired = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicBool::new(false));
-    let limit = (req.limits.timeout_s > 0).then(|| Duration::from_secs(req.limits.timeout_s) + cfg.slack + cfg.boot_timeout);
+    let limit = (req.limits.timeout_s > 0)
+        .then(|| Duration::from_secs(req.limits.timeout_s) + cfg.slack + cfg.boot_timeout);
     if let Some(limit) = limit {
         let (fired, done) = (watchdog_fired.clone(), done.clone());
         let pid = vm.pid();
@@ -174,16 +208,35 @@ pub fn run_step(
             }
             if !done.load(Ordering::Relaxed) {
                 fired.store(true, Ordering::Relaxed);
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
         });
     }
 
     let staging = staging_dir(&cfg.state_dir, &job_id)?;
-    let conv = converse(stream, mode, setup, &job_bytes, &job, inputs, &staging, sink);
+    let mut conv = Conversation::default();
+    let result =
+        converse(stream, mode, setup, &job_bytes, &job, inputs, &staging, sink, &mut conv);
     done.store(true, Ordering::Relaxed);
-    // The agent powers off after `Bye`; anything else is stopped here.
-    let exit = vm.wait_timeout(Duration::from_secs(30)).or_else(|| vm.kill());
+    // Did the VM end on its own (killed, crashed)? A broken channel usually means it did: give
+    // QEMU a moment to be reaped before deciding.
+    let ended_by_itself = match &result {
+        Err(StepError::Channel(ProtoError::Io(_) | ProtoError::Closed(_))) => {
+            vm.wait_timeout(Duration::from_secs(3))
+        }
+        _ => vm.exited(),
+    };
+    // After `Bye` the agent powers off by itself; otherwise the VM is stopped now.
+    if conv.bye {
+        if vm.wait_timeout(Duration::from_secs(30)).is_none() {
+            vm.kill();
+        }
+    } else {
+        vm.kill();
+    }
     let exited_at = vm.exited_at().unwrap_or_else(Instant::now);
     drop(chan);
 
@@ -191,16 +244,16 @@ pub fn run_step(
         let _ = std::fs::remove_dir_all(&staging);
         Err(e)
     };
-    let (conv, input_bytes) = match conv {
-        Ok(c) => c,
+    let input_bytes = match result {
+        Ok(b) => b,
         Err(e) => {
             if watchdog_fired.load(Ordering::Relaxed) {
                 return fail(StepError::Watchdog(limit.unwrap_or_default()));
             }
-            if let Some(st) = exit.filter(|_| !matches!(e, StepError::Channel(ProtoError::Unexpected { .. }))) {
+            if let Some(st) = ended_by_itself {
                 return fail(StepError::VmDied {
                     status: describe_exit(&st),
-                    phase: partial_phase(&e),
+                    phase: conv.last_phase.map_or("booted".into(), |p| phase_key(p).to_owned()),
                     console: vm.console_tail(),
                 });
             }
@@ -214,7 +267,15 @@ pub fn run_step(
         return fail(StepError::Channel(ProtoError::Closed("an outcome before Bye")));
     };
     let t_check = Instant::now();
-    let checked = match check::check_outcome(&job, &outcome, &conv.nars, mode, &manifest, sim_root.as_ref(), cfg) {
+    let checked = match check::check_outcome(
+        &job,
+        &outcome,
+        &conv.nars,
+        mode,
+        &manifest,
+        sim_root.as_ref(),
+        cfg,
+    ) {
         Ok(c) => c,
         Err(e) => return fail(e.into()),
     };
@@ -234,13 +295,6 @@ pub fn run_step(
         mode,
         timings,
     })
-}
-
-fn partial_phase(e: &StepError) -> String {
-    match e {
-        StepError::Channel(p) => format!("channel: {p}"),
-        other => other.to_string(),
-    }
 }
 
 fn timings(started: Instant, marks: &BTreeMap<&'static str, Instant>, exited: Instant) -> Timings {
@@ -285,7 +339,8 @@ fn send_all(
     let mut total = 0;
     for (path, info) in closure {
         let mut nar = inputs.nar(path).map_err(StepError::Inputs)?;
-        let sent = w.send_nar(&NarBegin { path: path.clone(), nar_size: info.nar_size }, &mut nar)?;
+        let sent =
+            w.send_nar(&NarBegin { path: path.clone(), nar_size: info.nar_size }, &mut nar)?;
         // A source that changed underneath us: the guest sees a size mismatch and says so.
         total += sent;
     }
@@ -304,11 +359,11 @@ fn converse(
     inputs: &dyn InputSource,
     staging: &Path,
     sink: &mut dyn LogSink,
-) -> Result<(Conversation, u64), StepError> {
+    conv: &mut Conversation,
+) -> Result<u64, StepError> {
     let writer = stream.try_clone().map_err(|e| StepError::Io("cloning the channel".into(), e))?;
     let closer = stream.try_clone().map_err(|e| StepError::Io("cloning the channel".into(), e))?;
     let mut r = FrameReader::new(stream);
-    let mut conv = Conversation::default();
     let hello: Hello = r.expect(Kind::Hello, "the agent's Hello")?.json()?;
     conv.marks.insert("hello", Instant::now());
     if hello.protocol != PROTOCOL_VERSION {
@@ -319,28 +374,35 @@ fn converse(
     }
     match (mode, hello.attester) {
         (Mode::Snp, AttesterKind::Simulated) => {
-            return Err(StepError::Request("an SNP VM whose agent found no SEV-SNP interface".into()))
+            return Err(StepError::Request(
+                "an SNP VM whose agent found no SEV-SNP interface".into(),
+            ))
         }
         (Mode::Kvm | Mode::Tcg, AttesterKind::SevSnp) => {
-            return Err(StepError::Request(format!("a {mode} VM whose agent claims SEV-SNP hardware")))
+            return Err(StepError::Request(format!(
+                "a {mode} VM whose agent claims SEV-SNP hardware"
+            )))
         }
         _ => {}
     }
     sink.progress(&Progress::AgentReady { attester: hello.attester });
     let max_outputs = job.outputs.len();
     std::thread::scope(|scope| {
-        let sender = scope.spawn(|| send_all(FrameWriter::new(writer), &setup, job_bytes, &job.closure, inputs));
-        let received = receive_all(&mut r, &mut conv, staging, max_outputs, sink);
+        let sender = scope
+            .spawn(|| send_all(FrameWriter::new(writer), &setup, job_bytes, &job.closure, inputs));
+        let received = receive_all(&mut r, conv, staging, max_outputs, sink);
         // Whatever happened, the channel is finished now: unblock the sender.
         closer.shutdown();
-        let sent = sender.join().unwrap_or_else(|_| Err(StepError::Request("input sender panicked".into())));
+        let sent = sender
+            .join()
+            .unwrap_or_else(|_| Err(StepError::Request("input sender panicked".into())));
         match (received, sent) {
             (Ok(()), Ok(bytes)) => {
                 sink.progress(&Progress::InputsSent { paths: job.closure.len(), bytes });
-                Ok((std::mem::take(&mut conv), bytes))
+                Ok(bytes)
             }
             // The guest reported a failure; the sender's broken pipe is a consequence.
-            (Ok(()), Err(_)) if conv.failure.is_some() => Ok((std::mem::take(&mut conv), 0)),
+            (Ok(()), Err(_)) if conv.failure.is_some() => Ok(0),
             (Err(e), _) => Err(e),
             (Ok(()), Err(e)) => Err(e),
         }
@@ -367,10 +429,16 @@ fn receive_all(
             Kind::NarBegin if conv.outcome.is_none() && conv.failure.is_none() => {
                 let begin: NarBegin = f.json()?;
                 if conv.nars.len() >= max_outputs || conv.nars.contains_key(&begin.path) {
-                    return Err(StepError::Request(format!("the guest sent an unexpected output NAR for {}", begin.path)));
+                    return Err(StepError::Request(format!(
+                        "the guest sent an unexpected output NAR for {}",
+                        begin.path
+                    )));
                 }
-                let sp = nix_formats::StorePath::parse(&begin.path)
-                    .map_err(|e| StepError::Request(format!("the guest sent an output NAR for an invalid path: {e}")))?;
+                let sp = nix_formats::StorePath::parse(&begin.path).map_err(|e| {
+                    StepError::Request(format!(
+                        "the guest sent an output NAR for an invalid path: {e}"
+                    ))
+                })?;
                 let file = staging.join(format!("{}.nar", sp.base_name()));
                 let nar = receive_nar(r, &begin, &file)?;
                 conv.output_bytes += nar.size;
@@ -388,14 +456,25 @@ fn receive_all(
                 conv.bye = true;
                 return Ok(());
             }
-            other => return Err(ProtoError::Unexpected { expected: "log, phase, output, outcome or Bye", got: other }.into()),
+            other => {
+                return Err(ProtoError::Unexpected {
+                    expected: "log, phase, output, outcome or Bye",
+                    got: other,
+                }
+                .into())
+            }
         }
     }
 }
 
-fn receive_nar(r: &mut FrameReader<Stream>, begin: &NarBegin, file: &Path) -> Result<ReceivedNar, StepError> {
+fn receive_nar(
+    r: &mut FrameReader<Stream>,
+    begin: &NarBegin,
+    file: &Path,
+) -> Result<ReceivedNar, StepError> {
     use std::io::Read;
-    let mut out = std::fs::File::create(file).map_err(|e| StepError::Io(format!("creating {}", file.display()), e))?;
+    let mut out = std::fs::File::create(file)
+        .map_err(|e| StepError::Io(format!("creating {}", file.display()), e))?;
     let mut sha = Sha256::new();
     let mut stream = r.nar_stream(&begin.path, begin.nar_size);
     let mut buf = vec![0u8; 256 << 10];
@@ -406,7 +485,8 @@ fn receive_nar(r: &mut FrameReader<Stream>, begin: &NarBegin, file: &Path) -> Re
             break;
         }
         sha.update(&buf[..n]);
-        out.write_all(&buf[..n]).map_err(|e| StepError::Io(format!("writing {}", file.display()), e))?;
+        out.write_all(&buf[..n])
+            .map_err(|e| StepError::Io(format!("writing {}", file.display()), e))?;
         size += n as u64;
     }
     out.sync_all().map_err(|e| StepError::Io(format!("syncing {}", file.display()), e))?;

@@ -59,7 +59,11 @@ fn parse_nar_hash(path: &str, s: &str) -> Result<NarHash, InputSourceError> {
 
 impl LocalNixStore {
     /// Run `nix path-info --json [--recursive] paths…`.
-    pub fn query(&self, paths: &BTreeSet<String>, recursive: bool) -> Result<BTreeMap<String, PathInfo>, InputSourceError> {
+    pub fn query(
+        &self,
+        paths: &BTreeSet<String>,
+        recursive: bool,
+    ) -> Result<BTreeMap<String, PathInfo>, InputSourceError> {
         if paths.is_empty() {
             return Ok(BTreeMap::new());
         }
@@ -68,23 +72,27 @@ impl LocalNixStore {
         if recursive {
             cmd.arg("--recursive");
         }
-        let out = cmd
-            .args(paths)
-            .output()
-            .map_err(|e| InputSourceError("running `nix path-info` (is Nix installed?)".into(), Some(Box::new(e))))?;
+        let out = cmd.args(paths).output().map_err(|e| {
+            InputSourceError(
+                "running `nix path-info` (is Nix installed?)".into(),
+                Some(Box::new(e)),
+            )
+        })?;
         if !out.status.success() {
             let stderr = String::from_utf8_lossy(&out.stderr);
             let msg: Vec<&str> = stderr.lines().filter(|l| !l.starts_with("warning:")).collect();
             return Err(err(format!("`nix path-info` failed: {}", msg.join("; "))));
         }
-        let infos: Vec<PathInfoJson> = serde_json::from_slice(&out.stdout)
-            .map_err(|e| InputSourceError("parsing `nix path-info --json`".into(), Some(Box::new(e))))?;
+        let infos: Vec<PathInfoJson> = serde_json::from_slice(&out.stdout).map_err(|e| {
+            InputSourceError("parsing `nix path-info --json`".into(), Some(Box::new(e)))
+        })?;
         let mut map = BTreeMap::new();
         for i in infos {
             if i.valid == Some(false) {
                 return Err(err(format!("{} is not valid in the local Nix store", i.path)));
             }
-            let hash = i.nar_hash.as_deref().ok_or_else(|| err(format!("{}: no narHash", i.path)))?;
+            let hash =
+                i.nar_hash.as_deref().ok_or_else(|| err(format!("{}: no narHash", i.path)))?;
             let info = PathInfo {
                 nar_hash: parse_nar_hash(&i.path, hash)?,
                 nar_size: i.nar_size.ok_or_else(|| err(format!("{}: no narSize", i.path)))?,
@@ -114,7 +122,10 @@ impl InputSource for LocalNixStore {
         Ok(Box::new(NarDump::new(on_disk)))
     }
 
-    fn closure(&self, roots: &BTreeSet<String>) -> Result<BTreeMap<String, PathInfo>, InputSourceError> {
+    fn closure(
+        &self,
+        roots: &BTreeSet<String>,
+    ) -> Result<BTreeMap<String, PathInfo>, InputSourceError> {
         self.query(roots, true)
     }
 }
@@ -158,7 +169,11 @@ pub fn load_basic_derivation(drv_path: &str) -> Result<BasicDerivation, DrvError
     let bytes = std::fs::read(drv_path).map_err(|e| DrvError::Io(drv_path.into(), e))?;
     let drv = Derivation::from_aterm(&bytes).map_err(|e| DrvError::Parse(drv_path.into(), e))?;
     if let Some(first) = drv.input_drvs.keys().next() {
-        return Err(DrvError::Unresolved { drv: drv_path.into(), n: drv.input_drvs.len(), first: first.to_string() });
+        return Err(DrvError::Unresolved {
+            drv: drv_path.into(),
+            n: drv.input_drvs.len(),
+            first: first.to_string(),
+        });
     }
     let name = sp.drv_name().map_err(|_| DrvError::NotADrv(drv_path.into()))?.to_owned();
     Ok(basic_from(&drv, name))

@@ -31,9 +31,9 @@
 //! `StepOutcome`, see `crate::cli::build`), Nix protocols, QEMU argv (`crate::vm`).
 
 pub mod check;
-pub mod publish;
 pub mod host;
 pub mod local_store;
+pub mod publish;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
@@ -71,7 +71,10 @@ pub struct StepRequest {
 /// Errors of an [`InputSource`].
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct InputSourceError(pub String, #[source] pub Option<Box<dyn std::error::Error + Send + Sync>>);
+pub struct InputSourceError(
+    pub String,
+    #[source] pub Option<Box<dyn std::error::Error + Send + Sync>>,
+);
 
 /// Where input paths come from.
 pub trait InputSource: Sync {
@@ -81,7 +84,10 @@ pub trait InputSource: Sync {
     fn nar(&self, path: &str) -> Result<Box<dyn Read + Send + '_>, InputSourceError>;
     /// Path infos of the closure of `roots`, in one go if the source can (default: one
     /// `path_info` per path).
-    fn closure(&self, roots: &BTreeSet<String>) -> Result<BTreeMap<String, PathInfo>, InputSourceError> {
+    fn closure(
+        &self,
+        roots: &BTreeSet<String>,
+    ) -> Result<BTreeMap<String, PathInfo>, InputSourceError> {
         let mut out = BTreeMap::new();
         let mut todo: Vec<String> = roots.iter().cloned().collect();
         while let Some(p) = todo.pop() {
@@ -333,6 +339,7 @@ impl StepError {
 /// Make a staging directory for one step under `state_dir/tmp`.
 pub(crate) fn staging_dir(state_dir: &Path, job_id: &str) -> Result<PathBuf, StepError> {
     let dir = state_dir.join("tmp").join(format!("step-{job_id}"));
-    std::fs::create_dir_all(&dir).map_err(|e| StepError::Io(format!("creating {}", dir.display()), e))?;
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| StepError::Io(format!("creating {}", dir.display()), e))?;
     Ok(dir)
 }

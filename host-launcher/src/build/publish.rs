@@ -43,8 +43,13 @@ pub fn key_name(outcome: &StepOutcome) -> String {
 }
 
 /// Write `outcome` into the trace store at `cache_dir`.
-pub fn publish(outcome: &StepOutcome, cache_dir: &Path, state_dir: &Path) -> Result<PutResult, PublishError> {
-    let key = build_trace::sign::load_or_generate_key(state_dir, &key_name(outcome)).map_err(PublishError::Key)?;
+pub fn publish(
+    outcome: &StepOutcome,
+    cache_dir: &Path,
+    state_dir: &Path,
+) -> Result<PutResult, PublishError> {
+    let key = build_trace::sign::load_or_generate_key(state_dir, &key_name(outcome))
+        .map_err(PublishError::Key)?;
     let store = TraceStore::create(cache_dir).map_err(PublishError::Store)?;
     let kind = outcome.attester.to_string();
     let record = StepRecord {

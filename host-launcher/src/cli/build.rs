@@ -98,9 +98,10 @@ impl LogSink for Printer {
                     "agent ready; evidence: SIMULATED (no SEV-SNP hardware here)".into()
                 }
             },
-            Progress::InputsSent { paths, bytes } => format!("inputs sent: {paths} paths, {bytes} NAR bytes"),
-            Progress::Guest(P::JobAccepted) => "job accepted by the agent (HOST_DATA checked)".into(),
-            Progress::Guest(P::InputsReady) => "inputs unpacked and checked in the VM".into(),
+            // Reported when the conversation ends; the guest's phase below says it first.
+            Progress::InputsSent { .. } => return,
+            Progress::Guest(P::JobAccepted) => "job accepted by the agent".into(),
+            Progress::Guest(P::InputsReady) => "inputs sent, unpacked and checked in the VM".into(),
             Progress::Guest(P::Building) => "building".into(),
             Progress::Guest(P::Built) => "builder finished".into(),
             Progress::Guest(P::Hashing) => "hashing outputs".into(),
@@ -117,7 +118,10 @@ impl LogSink for Printer {
 pub fn run(args: Args, global: &Global) -> CmdResult {
     let drv = load_basic_derivation(&args.drv)?;
     let state_dir = global.state_dir();
-    let mut cfg = LauncherConfig::new(args.image.clone().unwrap_or_else(vm_image::default_image_dir), state_dir.clone());
+    let mut cfg = LauncherConfig::new(
+        args.image.clone().unwrap_or_else(vm_image::default_image_dir),
+        state_dir.clone(),
+    );
     cfg.mode = args.mode;
     cfg.memory_mib = args.memory;
     cfg.vcpus = args.cpus;
@@ -145,11 +149,16 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     if args.import {
         import(&args, &outcome, &cache, &state_dir)?;
     }
-    summary(&args, &outcome, &put.step_dir.join(&put.entry), &cache);
+    summary(&args, &outcome, &put.step_dir, &cache);
     Ok(ExitCode::SUCCESS)
 }
 
-fn import(args: &Args, outcome: &StepOutcome, cache: &std::path::Path, state_dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+fn import(
+    args: &Args,
+    outcome: &StepOutcome,
+    cache: &std::path::Path,
+    state_dir: &std::path::Path,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let key = host_launcher::build::publish::key_name(outcome);
     let public = std::fs::read_to_string(state_dir.join("keys").join(format!("{key}.public")))?;
     // Substituting from our cache makes Nix register the paths, their signatures and (for CA
@@ -166,7 +175,11 @@ fn import(args: &Args, outcome: &StepOutcome, cache: &std::path::Path, state_dir
     if !out.status.success() {
         return Err(format!(
             "importing into the local Nix store failed: {}",
-            String::from_utf8_lossy(&out.stderr).lines().filter(|l| !l.starts_with("warning:")).collect::<Vec<_>>().join("; ")
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .filter(|l| !l.starts_with("warning:"))
+                .collect::<Vec<_>>()
+                .join("; ")
         )
         .into());
     }

@@ -36,7 +36,11 @@ fn yes(b: bool) -> &'static str {
     }
 }
 
-const OVMF_CANDIDATES: &[&str] = &["/usr/share/ovmf/OVMF.amdsev.fd", "/usr/share/OVMF/OVMF.amdsev.fd", "/usr/share/edk2/ovmf/OVMF.amdsev.fd"];
+const OVMF_CANDIDATES: &[&str] = &[
+    "/usr/share/ovmf/OVMF.amdsev.fd",
+    "/usr/share/OVMF/OVMF.amdsev.fd",
+    "/usr/share/edk2/ovmf/OVMF.amdsev.fd",
+];
 
 /// Run `vouch doctor`.
 pub fn run(args: Args, _global: &Global) -> CmdResult {
@@ -48,18 +52,27 @@ pub fn run(args: Args, _global: &Global) -> CmdResult {
             "/dev/kvm writable: {}; svm/vmx in /proc/cpuinfo: {}{}",
             yes(caps.kvm_dev),
             yes(caps.hw_virt),
-            if caps.kvm_dev && !caps.hw_virt { " (a paravirtual /dev/kvm that cannot run normal guests: TCG only)" } else { "" }
+            if caps.kvm_dev && !caps.hw_virt {
+                " (a paravirtual /dev/kvm that cannot run normal guests: TCG only)"
+            } else {
+                ""
+            }
         ),
     );
-    let snp_param = std::fs::read_to_string("/sys/module/kvm_amd/parameters/sev_snp").map(|s| s.trim().to_owned());
+    let snp_param = std::fs::read_to_string("/sys/module/kvm_amd/parameters/sev_snp")
+        .map(|s| s.trim().to_owned());
     line(
         caps.kvm_snp,
         "snp-in-kvm",
-        &format!("/sys/module/kvm_amd/parameters/sev_snp: {}", snp_param.as_deref().unwrap_or("missing")),
+        &format!(
+            "/sys/module/kvm_amd/parameters/sev_snp: {}",
+            snp_param.as_deref().unwrap_or("missing")
+        ),
     );
     line(caps.dev_sev, "/dev/sev", if caps.dev_sev { "present" } else { "missing" });
 
-    let qemu_version = Command::new(&args.qemu).arg("--version").output().ok().filter(|o| o.status.success());
+    let qemu_version =
+        Command::new(&args.qemu).arg("--version").output().ok().filter(|o| o.status.success());
     let qemu_ok = qemu_version.is_some();
     let version = qemu_version
         .as_ref()
@@ -67,15 +80,28 @@ pub fn run(args: Args, _global: &Global) -> CmdResult {
         .unwrap_or_else(|| format!("{} not found", args.qemu.display()));
     line(qemu_ok, "qemu", &version);
     let objects = Command::new(&args.qemu).args(["-object", "help"]).output().ok();
-    let has_snp_object = objects.is_some_and(|o| String::from_utf8_lossy(&o.stdout).contains("sev-snp-guest"));
-    line(has_snp_object, "sev-snp-guest", &format!("QEMU object available: {}", yes(has_snp_object)));
+    let has_snp_object =
+        objects.is_some_and(|o| String::from_utf8_lossy(&o.stdout).contains("sev-snp-guest"));
+    line(
+        has_snp_object,
+        "sev-snp-guest",
+        &format!("QEMU object available: {}", yes(has_snp_object)),
+    );
 
     let image_dir = args.image.clone().unwrap_or_else(vm_image::default_image_dir);
     let manifest = Manifest::load(&image_dir);
     let image_ok = match &manifest {
         Ok(m) => match m.verify_files(&image_dir) {
             Ok(()) => {
-                line(true, "image", &format!("{} ({}, files match the manifest)", image_dir.display(), m.agent_version));
+                line(
+                    true,
+                    "image",
+                    &format!(
+                        "{} ({}, files match the manifest)",
+                        image_dir.display(),
+                        m.agent_version
+                    ),
+                );
                 true
             }
             Err(e) => {
@@ -84,7 +110,11 @@ pub fn run(args: Args, _global: &Global) -> CmdResult {
             }
         },
         Err(e) => {
-            line(false, "image", &format!("{}: {e} (run scripts/build-image.sh)", image_dir.display()));
+            line(
+                false,
+                "image",
+                &format!("{}: {e} (run scripts/build-image.sh)", image_dir.display()),
+            );
             false
         }
     };
@@ -104,8 +134,13 @@ pub fn run(args: Args, _global: &Global) -> CmdResult {
     let vsock_ok = caps.vhost_vsock || daemon.is_some();
     let detail = match (&caps.vhost_vsock, &daemon) {
         (true, _) => "kernel vhost-vsock (/dev/vhost-vsock)".to_owned(),
-        (false, Some(d)) => format!("/dev/vhost-vsock missing; userspace vhost-device-vsock at {}", d.display()),
-        (false, None) => "/dev/vhost-vsock missing and no vhost-device-vsock (run scripts/setup-host.sh)".to_owned(),
+        (false, Some(d)) => {
+            format!("/dev/vhost-vsock missing; userspace vhost-device-vsock at {}", d.display())
+        }
+        (false, None) => {
+            "/dev/vhost-vsock missing and no vhost-device-vsock (run scripts/setup-host.sh)"
+                .to_owned()
+        }
     };
     line(vsock_ok, "vsock", &detail);
 

@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::SystemTime;
 
-use build_trace::evidence::certs::{is_self_issued, load_certificates, names_issuer_of, parse_time};
+use build_trace::evidence::certs::{
+    is_self_issued, load_certificates, names_issuer_of, parse_time,
+};
 use build_trace::evidence::report::TcbLayout;
 use build_trace::evidence::{
     Check, CheckTime, EvidenceBundle, EvidencePolicy, Expected, Hex, Report, SimulatedLaunch,
@@ -141,7 +143,10 @@ fn read_certs(path: &Path) -> Result<Vec<Vec<u8>>, EvidenceCliError> {
 }
 
 fn hex_arg<const N: usize>(flag: &'static str, value: &str) -> Result<[u8; N], EvidenceCliError> {
-    value.parse::<Hex<N>>().map(|h| h.0).map_err(|reason| EvidenceCliError::Argument { flag, reason })
+    value
+        .parse::<Hex<N>>()
+        .map(|h| h.0)
+        .map_err(|reason| EvidenceCliError::Argument { flag, reason })
 }
 
 fn opt_hex<const N: usize>(
@@ -211,7 +216,8 @@ fn check(args: CheckArgs) -> CmdResult {
         None => EvidencePolicy::default(),
     };
     if let Some(now) = &args.now {
-        let t = parse_time(now).map_err(|reason| EvidenceCliError::Argument { flag: "now", reason })?;
+        let t =
+            parse_time(now).map_err(|reason| EvidenceCliError::Argument { flag: "now", reason })?;
         policy.check_time = Some(CheckTime(t));
     }
     if let Some(m) = &args.measurement {
@@ -232,8 +238,13 @@ fn check(args: CheckArgs) -> CmdResult {
         println!("  [ ok ] {:<24} {detail}", check.name());
         passed.push(check);
     };
-    let result =
-        Verifier::new().inspect(&bundle, &policy, &expected, SystemTime::now(), Some(&mut observer));
+    let result = Verifier::new().inspect(
+        &bundle,
+        &policy,
+        &expected,
+        SystemTime::now(),
+        Some(&mut observer),
+    );
     if let Err(e) = &result {
         println!("  [FAIL] {:<24} {e}", e.check().name());
         let failed = e.check();
@@ -248,7 +259,10 @@ fn check(args: CheckArgs) -> CmdResult {
     }
     match result {
         Ok(v) if v.is_simulated() => {
-            println!("result: PASS: SIMULATED evidence ({}); it proves nothing about hardware", v.root);
+            println!(
+                "result: PASS: SIMULATED evidence ({}); it proves nothing about hardware",
+                v.root
+            );
             Ok(ExitCode::SUCCESS)
         }
         Ok(v) => {

@@ -103,7 +103,11 @@ fn agent_version(agent: &Path) -> Result<String, Box<dyn std::error::Error + Sen
         .map_err(|e| format!("running {} --version: {e}", agent.display()))?;
     let v = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     if !out.status.success() || !v.starts_with("vouch-agent ") {
-        return Err(format!("{} is not a vouch-agent binary (--version said {v:?})", agent.display()).into());
+        return Err(format!(
+            "{} is not a vouch-agent binary (--version said {v:?})",
+            agent.display()
+        )
+        .into());
     }
     Ok(v)
 }
@@ -115,7 +119,9 @@ pub fn run(cmd: Command, _global: &Global) -> CmdResult {
             let out = out.unwrap_or_else(vm_image::default_image_dir);
             let cache = vm_image::cache_dir();
             let version = agent_version(&agent)?;
-            let kernel = vm_image::ensure_kernel(&cache, &kernel_source, &mut |line| eprintln!("vouch: kernel: {line}"))?;
+            let kernel = vm_image::ensure_kernel(&cache, &kernel_source, &mut |line| {
+                eprintln!("vouch: kernel: {line}")
+            })?;
             let spec = ImageSpec {
                 agent: &agent,
                 agent_version: version,
@@ -134,7 +140,13 @@ pub fn run(cmd: Command, _global: &Global) -> CmdResult {
                     let m = Manifest::load(&dir)?;
                     let base = m.snp.as_ref().map(|s| s.params.clone()).unwrap_or_default();
                     let ovmf = ovmf.or_else(|| m.snp.as_ref().map(|_| dir.join(files::OVMF)));
-                    (snp.params(base), Some(dir.join(files::BZIMAGE)), Some(dir.join(files::INITRD)), Some(m.cmdline), ovmf)
+                    (
+                        snp.params(base),
+                        Some(dir.join(files::BZIMAGE)),
+                        Some(dir.join(files::INITRD)),
+                        Some(m.cmdline),
+                        ovmf,
+                    )
                 }
                 None => (snp.params(SnpParams::default()), kernel, initrd, append, ovmf),
             };
@@ -149,8 +161,14 @@ pub fn run(cmd: Command, _global: &Global) -> CmdResult {
             let digest = measure::snp_measurement(&inputs, &params)?;
             println!("measurement: {}", hex::encode(digest));
             println!("ovmf: {}", ovmf.display());
-            println!("kernel: {}", kernel.as_ref().map_or("(none)".into(), |p| p.display().to_string()));
-            println!("initrd: {}", initrd.as_ref().map_or("(none)".into(), |p| p.display().to_string()));
+            println!(
+                "kernel: {}",
+                kernel.as_ref().map_or("(none)".into(), |p| p.display().to_string())
+            );
+            println!(
+                "initrd: {}",
+                initrd.as_ref().map_or("(none)".into(), |p| p.display().to_string())
+            );
             println!("append: {}", append.as_deref().unwrap_or("(none)"));
             println!(
                 "vcpus: {} vcpu-type: {} guest-features: {:#x} vmm-type: {}",
@@ -180,8 +198,15 @@ fn print_manifest(m: &Manifest) {
     match &m.snp {
         Some(s) => println!(
             "SNP measurement: {} (OVMF sha256 {}, {} vCPU {}, guest features {:#x}, {})",
-            s.expected_measurement, s.ovmf.sha256, s.params.vcpus, s.params.vcpu_type, s.params.guest_features, s.params.vmm_type
+            s.expected_measurement,
+            s.ovmf.sha256,
+            s.params.vcpus,
+            s.params.vcpu_type,
+            s.params.guest_features,
+            s.params.vmm_type
         ),
-        None => println!("SNP measurement: none (built without an AmdSev OVMF; snp mode unavailable)"),
+        None => {
+            println!("SNP measurement: none (built without an AmdSev OVMF; snp mode unavailable)")
+        }
     }
 }

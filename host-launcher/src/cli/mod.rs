@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+pub mod bench;
 pub mod build;
 pub mod doctor;
 pub mod evidence;
@@ -67,9 +68,3 @@ pub fn print_error_chain(err: &(dyn std::error::Error + 'static)) {
         source = cause.source();
     }
 }
-
-/// The error a subcommand returns while its issue is still open. It names what is missing
-/// instead of pretending to work.
-#[derive(Debug, thiserror::Error)]
-#[error("`vouch {0}` is not available in this build yet")]
-pub struct NotYet(pub &'static str);

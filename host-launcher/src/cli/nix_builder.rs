@@ -113,7 +113,10 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     }
     let max_bytes = size_bytes(&args.store_max_size)?;
     let store = ContentStore::open(&state_dir.join("store"), StoreConfig { max_bytes })?;
-    let mut launcher = LauncherConfig::new(args.image.clone().unwrap_or_else(vm_image::default_image_dir), state_dir.clone());
+    let mut launcher = LauncherConfig::new(
+        args.image.clone().unwrap_or_else(vm_image::default_image_dir),
+        state_dir.clone(),
+    );
     launcher.mode = args.mode;
     launcher.memory_mib = args.memory;
     launcher.vcpus = args.cpus;

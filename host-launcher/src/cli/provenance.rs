@@ -51,15 +51,24 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     let mut statements = Vec::new();
     for e in &entries {
         let st = e.parse_statement()?;
-        let Some((name, _)) = st.outputs.iter().find(|(_, o)| o.path == path.to_string()) else { continue };
+        let Some((name, _)) = st.outputs.iter().find(|(_, o)| o.path == path.to_string()) else {
+            continue;
+        };
         let kind = e.evidence.as_deref().map(classify_evidence).unwrap_or("unattested");
         statements.push(in_toto(&st, name, &e.statement, e.evidence.as_deref(), kind)?);
     }
     if statements.is_empty() {
-        return Err(Box::new(ProvenanceError::NoTrace { dir: dir.display().to_string(), path: path.to_string() }));
+        return Err(Box::new(ProvenanceError::NoTrace {
+            dir: dir.display().to_string(),
+            path: path.to_string(),
+        }));
     }
     // One statement per trace (a path built twice has two); JSON Lines when several.
-    let text = statements.iter().map(|s| serde_json::to_string(s).expect("JSON value")).collect::<Vec<_>>().join("\n");
+    let text = statements
+        .iter()
+        .map(|s| serde_json::to_string(s).expect("JSON value"))
+        .collect::<Vec<_>>()
+        .join("\n");
     match &args.out {
         Some(f) => std::fs::write(f, format!("{text}\n"))?,
         None => println!("{text}"),

@@ -45,7 +45,11 @@ pub(crate) fn lookup(
     path: &str,
 ) -> Result<Vec<TraceEntry>, Box<dyn std::error::Error + Send + Sync>> {
     let p = StorePath::parse(path).map_err(|_| TraceCmdError::NotAStorePath(path.into()))?;
-    Ok(if p.is_derivation() { store.entries(&p.to_string())? } else { store.entries_for_output(&p.to_string())? })
+    Ok(if p.is_derivation() {
+        store.entries(&p.to_string())?
+    } else {
+        store.entries_for_output(&p.to_string())?
+    })
 }
 
 pub fn run(cmd: Command, global: &Global) -> CmdResult {
@@ -74,11 +78,20 @@ pub fn run(cmd: Command, global: &Global) -> CmdResult {
         let kind = e.evidence.as_deref().map(classify_evidence).unwrap_or("none");
         println!("step      {}", job.drv_path);
         println!("  trace   {}", e.location);
-        println!("  kind    {:?}{}", job.kind()?, if job.network { " (networked fixed output)" } else { "" });
+        println!(
+            "  kind    {:?}{}",
+            job.kind()?,
+            if job.network { " (networked fixed output)" } else { "" }
+        );
         println!("  job     {} (HOST_DATA {})", job.job_id, hex::encode(st.host_data()?));
         for (name, o) in &st.outputs {
             println!("  output  {name}: {}", o.path);
-            println!("            NAR {} ({} bytes){}", o.nar_hash, o.nar_size, o.ca.as_ref().map(|c| format!(", ca {c}")).unwrap_or_default());
+            println!(
+                "            NAR {} ({} bytes){}",
+                o.nar_hash,
+                o.nar_size,
+                o.ca.as_ref().map(|c| format!(", ca {c}")).unwrap_or_default()
+            );
             for r in &o.references {
                 println!("            references {r}");
             }

@@ -82,7 +82,11 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         Some(p) => DrvSet::from_show_derivation(&read_input(p)?)?,
         None => DrvSet::from_store_dir(&args.drv_dir, &target)?,
     };
-    let dirs = if args.traces.is_empty() { vec![default_cache_dir(&global.state_dir())] } else { args.traces.clone() };
+    let dirs = if args.traces.is_empty() {
+        vec![default_cache_dir(&global.state_dir())]
+    } else {
+        args.traces.clone()
+    };
     let stores = dirs.iter().map(|d| TraceStore::open(d)).collect::<Result<Vec<_>, _>>()?;
     let mut expect: BTreeSet<String> = args.expect.iter().cloned().collect();
     if args.expect_local {
@@ -137,15 +141,21 @@ fn local_outputs(drvs: &DrvSet, target: &StorePath) -> Result<BTreeSet<String>, 
     }
     if floating {
         let res = Command::new("nix")
-            .args(["--extra-experimental-features", "nix-command ca-derivations", "realisation", "info", "--json"])
+            .args([
+                "--extra-experimental-features",
+                "nix-command ca-derivations",
+                "realisation",
+                "info",
+                "--json",
+            ])
             .arg(target.to_string())
             .output()
             .map_err(|e| err(format!("cannot run nix: {e}")))?;
         if !res.status.success() {
             return Err(err(String::from_utf8_lossy(&res.stderr).trim().to_string()));
         }
-        let v: serde_json::Value =
-            serde_json::from_slice(&res.stdout).map_err(|e| err(format!("nix printed no JSON: {e}")))?;
+        let v: serde_json::Value = serde_json::from_slice(&res.stdout)
+            .map_err(|e| err(format!("nix printed no JSON: {e}")))?;
         for r in v.as_array().into_iter().flatten() {
             if let Some(p) = r.get("outPath").and_then(|p| p.as_str()) {
                 out.insert(format!("{}/{p}", nix_formats::STORE_DIR));

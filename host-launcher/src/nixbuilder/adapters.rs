@@ -51,7 +51,10 @@ impl InputSource for StoreInputs<'_> {
         }
     }
 
-    fn closure(&self, roots: &BTreeSet<String>) -> Result<BTreeMap<String, JobPathInfo>, InputSourceError> {
+    fn closure(
+        &self,
+        roots: &BTreeSet<String>,
+    ) -> Result<BTreeMap<String, JobPathInfo>, InputSourceError> {
         let roots = roots.iter().map(|r| parse(r)).collect::<Result<BTreeSet<_>, _>>()?;
         Ok(self
             .0
@@ -72,7 +75,9 @@ pub struct LinesToClient<'a> {
 
 impl std::fmt::Debug for LinesToClient<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LinesToClient").field("partial", &self.partial.len()).finish_non_exhaustive()
+        f.debug_struct("LinesToClient")
+            .field("partial", &self.partial.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -109,14 +114,21 @@ impl LogSink for LinesToClient<'_> {
     fn progress(&mut self, event: &Progress) {
         use agent::messages::PhaseName as P;
         let text = match event {
-            Progress::Booting { mode, .. } => format!("vouch: booting a fresh {mode} VM"),
+            Progress::Booting { mode, pid } => {
+                format!("vouch: booting a fresh {mode} VM (QEMU pid {pid})")
+            }
             Progress::AgentReady { attester } => match attester {
-                agent::messages::AttesterKind::SevSnp => "vouch: agent ready; evidence: sev-snp".into(),
+                agent::messages::AttesterKind::SevSnp => {
+                    "vouch: agent ready; evidence: sev-snp".into()
+                }
                 agent::messages::AttesterKind::Simulated => {
-                    "vouch: agent ready; evidence: SIMULATED (no SEV-SNP hardware on this host)".into()
+                    "vouch: agent ready; evidence: SIMULATED (no SEV-SNP hardware on this host)"
+                        .into()
                 }
             },
-            Progress::InputsSent { paths, bytes } => format!("vouch: sent {paths} input paths ({bytes} NAR bytes)"),
+            Progress::InputsSent { paths, bytes } => {
+                format!("vouch: sent {paths} input paths ({bytes} NAR bytes)")
+            }
             Progress::Guest(P::Building) => "vouch: building".into(),
             Progress::Guest(P::Attesting) => "vouch: attesting".into(),
             Progress::Verified => "vouch: statement, evidence and outputs checked".into(),

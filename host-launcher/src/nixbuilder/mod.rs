@@ -6,7 +6,7 @@
 //!   session, so they survive until this session's build uses them.
 //! - Uploads go through the content store's checks; what a session uploaded stays pinned until
 //!   it ends.
-//! - `QueryPathInfo`/`NarFromPath` serve valid paths only.
+//! - `QueryPathInfo`/`NarFromPath` serve valid paths only (a path asked about is pinned).
 //! - `BuildDerivation` runs one step in a fresh VM ([`step`]): it answers with a `BuildResult`
 //!   whose realisations are signed only after `run_step` checked the statement and evidence.
 //!
@@ -97,8 +97,17 @@ impl Handler for BuilderCore {
                 self.options = Some(o);
                 Ok(Reply::Done)
             }
-            Action::QueryValidPaths { paths, .. } => Ok(Reply::ValidPaths(self.store.query_valid(&paths, true)?)),
-            Action::QueryPathInfo(p) => Ok(Reply::PathInfo(self.store.path_info(&p)?.map(Box::new))),
+            Action::QueryValidPaths { paths, .. } => {
+                Ok(Reply::ValidPaths(self.store.query_valid(&paths, true)?))
+            }
+            Action::QueryPathInfo(p) => {
+                let info = self.store.path_info(&p)?;
+                if info.is_some() {
+                    // Pinned: the NAR the client asks for next must not be evicted meanwhile.
+                    self.store.pin(&std::iter::once(p).collect())?;
+                }
+                Ok(Reply::PathInfo(info.map(Box::new)))
+            }
             Action::AddToStore { uploads, .. } => {
                 let added = self.store.add(uploads, UPLOAD_RULES, Origin::Upload)?;
                 tracing::info!(count = added.len(), "upload registered");
@@ -111,7 +120,15 @@ impl Handler for BuilderCore {
                 })),
                 None => Err(format!("{p} is not in vouch's content store").into()),
             },
-            Action::BuildDerivation(req) => Ok(Reply::Built(Box::new(step::build(self, *req, log)))),
+            Action::QueryClosure(roots) => {
+                let closure = self.store.closure(&roots)?;
+                let all = closure.into_keys().collect();
+                self.store.pin(&all)?;
+                Ok(Reply::ValidPaths(all))
+            }
+            Action::BuildDerivation(req) => {
+                Ok(Reply::Built(Box::new(step::build(self, *req, log))))
+            }
         }
     }
 }

@@ -36,8 +36,8 @@ use crate::build::{run_step, StepError, StepOutcome, StepRequest};
 use crate::nixproto::action::error_chain;
 use crate::nixproto::version::show;
 use crate::nixproto::{
-    BuildMode, BuildOptions, BuildRequest, BuildResult, BuildStatus, BuiltOutput, LegacyRealisation,
-    LogSink, PathInfo,
+    BuildMode, BuildOptions, BuildRequest, BuildResult, BuildStatus, BuiltOutput,
+    LegacyRealisation, LogSink, PathInfo,
 };
 use crate::store::{FileUploads, Origin};
 
@@ -79,7 +79,8 @@ pub fn merge_limits(
     if let Some(o) = session {
         set(&mut l.max_silent_s, o.max_silent_time);
         set(&mut l.cores, o.build_cores);
-        let num = |k: &str| o.overrides.get(k).and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(0);
+        let num =
+            |k: &str| o.overrides.get(k).and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(0);
         set(&mut l.timeout_s, num("timeout"));
         set(&mut l.max_silent_s, num("max-silent-time"));
         set(&mut l.max_log_bytes, num("max-build-log-size"));
@@ -111,11 +112,22 @@ pub fn build(core: &mut BuilderCore, req: BuildRequest, log: &mut dyn LogSink) -
     let start = now();
     let drv_path = req.drv_path.clone();
     if req.mode != BuildMode::Normal {
-        return fail(BuildStatus::MiscFailure, format!("vouch builds in normal mode only; {drv_path} was asked in {:?} mode", req.mode));
+        return fail(
+            BuildStatus::MiscFailure,
+            format!(
+                "vouch builds in normal mode only; {drv_path} was asked in {:?} mode",
+                req.mode
+            ),
+        );
     }
     let kind = match step_kind(&req.drv) {
         Ok(k) => k,
-        Err(e) => return fail(BuildStatus::MiscFailure, format!("vouch cannot build {drv_path}: {}", error_chain(&e))),
+        Err(e) => {
+            return fail(
+                BuildStatus::MiscFailure,
+                format!("vouch cannot build {drv_path}: {}", error_chain(&e)),
+            )
+        }
     };
     let (ca_rule, sure) = match req.client.ca_rule() {
         Ok(r) => r,
@@ -144,12 +156,18 @@ pub fn build(core: &mut BuilderCore, req: BuildRequest, log: &mut dyn LogSink) -
         Err(e) => {
             return fail(
                 BuildStatus::MiscFailure,
-                format!("vouch cannot build {drv_path}: {} (the client uploads inputs before building)", error_chain(&e)),
+                format!(
+                    "vouch cannot build {drv_path}: {} (the client uploads inputs before building)",
+                    error_chain(&e)
+                ),
             )
         }
     };
     if let Err(e) = core.store.pin(&closure.keys().cloned().collect()) {
-        return fail(BuildStatus::MiscFailure, format!("pinning the inputs of {drv_path}: {}", error_chain(&e)));
+        return fail(
+            BuildStatus::MiscFailure,
+            format!("pinning the inputs of {drv_path}: {}", error_chain(&e)),
+        );
     }
 
     let limits = merge_limits(core.cfg.limits, req.options.as_ref(), core.options.as_ref());
@@ -198,8 +216,9 @@ fn finish(
     let cfg = &core.cfg;
     let key = build_trace::sign::load_or_generate_key(&cfg.state_dir, &key_name(outcome))
         .map_err(|e| format!("vouch: the signing key: {}", error_chain(&e)))?;
-    let put = publish(outcome, &cfg.cache_dir, &cfg.state_dir)
-        .map_err(|e| format!("vouch: publishing the step to the trace store: {}", error_chain(&e)))?;
+    let put = publish(outcome, &cfg.cache_dir, &cfg.state_dir).map_err(|e| {
+        format!("vouch: publishing the step to the trace store: {}", error_chain(&e))
+    })?;
     tracing::info!(step = %put.step_dir.display(), "step published");
     let records = build_trace::sign::step_records(st, &key)
         .map_err(|e| format!("vouch: signing the step's records: {}", error_chain(&e)))?;
@@ -208,7 +227,8 @@ fn finish(
     let mut items = Vec::new();
     for (name, out) in &outcome.outputs {
         let i = &out.info;
-        let parse = |p: &str| StorePath::parse(p).map_err(|e| format!("vouch: output `{name}`: {e}"));
+        let parse =
+            |p: &str| StorePath::parse(p).map_err(|e| format!("vouch: output `{name}`: {e}"));
         let info = PathInfo {
             path: parse(&i.path)?,
             deriver: deriver.clone(),
@@ -231,7 +251,8 @@ fn finish(
 
     let mut built = BTreeMap::new();
     for (name, out) in &st.outputs {
-        let out_path = StorePath::parse(&out.path).map_err(|e| format!("vouch: output `{name}`: {e}"))?;
+        let out_path =
+            StorePath::parse(&out.path).map_err(|e| format!("vouch: output `{name}`: {e}"))?;
         let rec = records.get(name);
         built.insert(
             name.clone(),
@@ -259,13 +280,21 @@ mod tests {
     fn client_limits_override_defaults_only_when_set() {
         let base = super::super::default_limits();
         assert_eq!(merge_limits(base, None, None), base);
-        let serve = BuildOptions { build_timeout: 60, max_silent_time: 0, max_log_size: 10, ..Default::default() };
+        let serve = BuildOptions {
+            build_timeout: 60,
+            max_silent_time: 0,
+            max_log_size: 10,
+            ..Default::default()
+        };
         let l = merge_limits(base, Some(&serve), None);
         assert_eq!((l.timeout_s, l.max_silent_s, l.max_log_bytes), (60, base.max_silent_s, 10));
         let mut o = ClientOptions { max_silent_time: 5, build_cores: 2, ..Default::default() };
         o.overrides.insert("timeout".into(), "7".into());
         o.overrides.insert("max-build-log-size".into(), "junk".into());
         let l = merge_limits(base, None, Some(&o));
-        assert_eq!((l.timeout_s, l.max_silent_s, l.max_log_bytes, l.cores), (7, 5, base.max_log_bytes, 2));
+        assert_eq!(
+            (l.timeout_s, l.max_silent_s, l.max_log_bytes, l.cores),
+            (7, 5, base.max_log_bytes, 2)
+        );
     }
 }

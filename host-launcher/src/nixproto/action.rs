@@ -306,6 +306,8 @@ pub enum Action<'a> {
     },
     /// A path's NAR (worker 38, serve 3).
     NarFromPath(StorePath),
+    /// The closure of valid paths (serve 7): `Reply::ValidPaths` with every path of it.
+    QueryClosure(BTreeSet<StorePath>),
     /// Build one basic derivation (worker 36, serve 8).
     BuildDerivation(Box<BuildRequest>),
 }
@@ -324,6 +326,7 @@ impl std::fmt::Debug for Action<'_> {
                 f.debug_struct("AddToStore").field("repair", repair).finish_non_exhaustive()
             }
             Action::NarFromPath(p) => f.debug_tuple("NarFromPath").field(p).finish(),
+            Action::QueryClosure(p) => f.debug_tuple("QueryClosure").field(p).finish(),
             Action::BuildDerivation(r) => f.debug_tuple("BuildDerivation").field(r).finish(),
         }
     }

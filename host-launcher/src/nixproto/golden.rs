@@ -86,10 +86,32 @@ fn worker_string_set_vector() {
 fn worker_valid_path_info_1_16() {
     // valid-path-info-1.16.bin: three ValidPathInfos.
     let bin = B::default()
-        .s(BAR).s("").s(NAR_HEX).ss(&[]).n(23423).n(34878).n(1).ss(&[]).s("")
-        .s(BAR).s(BAR_DRV).s(NAR_HEX).ss(&[BAR, FOO2]).n(23423).n(34878).n(0)
-        .ss(&["fake-sig-1", "fake-sig-2"]).s("")
-        .s(CA_FOO).s("").s(NAR_HEX).ss(&[BAR, CA_FOO]).n(23423).n(34878).n(0).ss(&[])
+        .s(BAR)
+        .s("")
+        .s(NAR_HEX)
+        .ss(&[])
+        .n(23423)
+        .n(34878)
+        .n(1)
+        .ss(&[])
+        .s("")
+        .s(BAR)
+        .s(BAR_DRV)
+        .s(NAR_HEX)
+        .ss(&[BAR, FOO2])
+        .n(23423)
+        .n(34878)
+        .n(0)
+        .ss(&["fake-sig-1", "fake-sig-2"])
+        .s("")
+        .s(CA_FOO)
+        .s("")
+        .s(NAR_HEX)
+        .ss(&[BAR, CA_FOO])
+        .n(23423)
+        .n(34878)
+        .n(0)
+        .ss(&[])
         .s("fixed:r:sha256:1lr187v6dck1rjh2j6svpikcfz53wyl3qrlcbb405zlh13x0khhh");
     let mut r = &bin.0[..];
     let infos: Vec<_> = (0..3).map(|_| types::read_upload_info(&mut r).unwrap()).collect();
@@ -306,6 +328,46 @@ fn outputs_without_legacy_record_are_left_out_for_old_clients() {
     assert_eq!(out, want);
     // A Nix ≥ 2.35 client gets the output path (it keys it by drv path itself).
     let mut out = Vec::new();
-    types::write_build_result(&mut out, &res, &worker(38, &[FEATURE_REALISATION_WITH_PATH])).unwrap();
-    assert_eq!(out, B::default().n(0).s("").n(0).n(0).n(0).n(0).n(0).n(0).n(1).s("out").s(FOO).ss(&[]).0);
+    types::write_build_result(&mut out, &res, &worker(38, &[FEATURE_REALISATION_WITH_PATH]))
+        .unwrap();
+    assert_eq!(
+        out,
+        B::default().n(0).s("").n(0).n(0).n(0).n(0).n(0).n(0).n(1).s("out").s(FOO).ss(&[]).0
+    );
+}
+
+/// The server side of the worker handshake, byte for byte, for Nix 2.8 (1.34) and for a
+/// 1.38 client with features (the layout of `handshake-to-client.bin` extended by the
+/// post-handshake `ClientHandshakeInfo` of `client-handshake-info_1_35`).
+#[test]
+fn worker_server_handshake_bytes() {
+    use super::worker::{handshake, WorkerConfig, STDERR_LAST, WORKER_MAGIC_1, WORKER_MAGIC_2};
+    let cfg = WorkerConfig { version_string: "vouch test".into(), declared_nix: None };
+    let client = B::default().n(WORKER_MAGIC_1).n(0x122).n(0).n(0).0;
+    let mut out = Vec::new();
+    let p = handshake(&mut &client[..], &mut out, &cfg).unwrap();
+    assert_eq!(out, B::default().n(WORKER_MAGIC_2).n(0x126).s("vouch test").n(STDERR_LAST).0);
+    assert_eq!((p.version, p.features.len()), (0x122, 0));
+
+    let client = B::default()
+        .n(WORKER_MAGIC_1)
+        .n(0x126)
+        .ss(&["delete-dead-specific-referrers", FEATURE_REALISATION_WITH_PATH])
+        .n(1)
+        .n(7) // an obsolete CPU affinity value follows a nonzero flag
+        .n(0)
+        .0;
+    let mut out = Vec::new();
+    let p = handshake(&mut &client[..], &mut out, &cfg).unwrap();
+    let want = B::default()
+        .n(WORKER_MAGIC_2)
+        .n(0x126)
+        .ss(&[FEATURE_REALISATION_WITH_PATH])
+        .s("vouch test")
+        .n(1) // trusted
+        .n(STDERR_LAST)
+        .0;
+    assert_eq!(out, want);
+    assert!(p.has_feature(FEATURE_REALISATION_WITH_PATH));
+    assert_eq!(p.features.len(), 1);
 }

@@ -22,8 +22,8 @@ mod golden;
 
 pub use action::{
     Action, ActionError, BuildMode, BuildOptions, BuildRequest, BuildResult, BuildStatus,
-    BuiltOutput, ClientOptions, Handler, LegacyRealisation, LogSink, NarStream, NullLog,
-    PathInfo, Reply, UploadSource,
+    BuiltOutput, ClientOptions, Handler, LegacyRealisation, LogSink, NarStream, NullLog, PathInfo,
+    Reply, UploadSource,
 };
 pub use version::{ClientProfile, NixVersion, Protocol, RealisationFormat};
 pub use wire::WireError;
@@ -51,7 +51,9 @@ pub enum ServerError {
         version: String,
     },
     /// The peer hung up in the middle of an upload (nothing of it was registered).
-    #[error("the client went away in the middle of an upload ({0:?}); nothing of it was registered")]
+    #[error(
+        "the client went away in the middle of an upload ({0:?}); nothing of it was registered"
+    )]
     PeerGone(std::io::ErrorKind),
     /// A request we refuse and, in the serve protocol, cannot answer with an error message.
     #[error("{0}")]

@@ -16,11 +16,10 @@ use std::collections::BTreeSet;
 use std::io::{self, BufRead, Read, Write};
 
 use super::action::{
-    error_chain, Action, ActionError, BuildRequest, Handler, LogSink, PathInfo, Reply,
-    UploadSource,
+    error_chain, Action, ActionError, BuildRequest, Handler, LogSink, PathInfo, Reply, UploadSource,
 };
 use super::types::{self, CodecError};
-use super::version::{major, show, ClientProfile, NixVersion, Protocol, ProtoVersion};
+use super::version::{major, show, ClientProfile, NixVersion, ProtoVersion, Protocol};
 use super::wire::{WireError, WireRead, WireWrite};
 use super::ServerError;
 
@@ -102,7 +101,8 @@ pub fn serve<R: BufRead, W: Write>(
                 let _lock = r.read_bool()?;
                 let substitute = r.read_bool()?;
                 let paths = codec(types::read_store_path_set(&mut r, "paths"))?;
-                let reply = handler.handle(Action::QueryValidPaths { paths, substitute }, &mut sink);
+                let reply =
+                    handler.handle(Action::QueryValidPaths { paths, substitute }, &mut sink);
                 match ok(reply, cmd)? {
                     Reply::ValidPaths(v) => codec(types::write_store_path_set(&mut w, &v))?,
                     other => return Err(unexpected(other)),
@@ -122,6 +122,19 @@ pub fn serve<R: BufRead, W: Write>(
                     }
                 }
                 w.write_str("")?;
+            }
+            7 => {
+                let include_outputs = r.read_bool()?;
+                let paths = codec(types::read_store_path_set(&mut r, "paths"))?;
+                if include_outputs {
+                    tracing::debug!(
+                        "QueryClosure: includeOutputs is ignored (vouch keeps no derivations)"
+                    );
+                }
+                match ok(handler.handle(Action::QueryClosure(paths), &mut sink), cmd)? {
+                    Reply::ValidPaths(v) => codec(types::write_store_path_set(&mut w, &v))?,
+                    other => return Err(unexpected(other)),
+                }
             }
             3 => {
                 let path = codec(types::read_store_path(&mut r, "path"))?;
@@ -158,7 +171,8 @@ pub fn serve<R: BufRead, W: Write>(
             9 => {
                 let info = codec(types::read_upload_info(&mut r))?;
                 let mut src = RawUpload { left: 0, info: Some(info), r: &mut r, hung_up: false };
-                let reply = handler.handle(Action::AddToStore { repair: false, uploads: &mut src }, &mut sink);
+                let reply = handler
+                    .handle(Action::AddToStore { repair: false, uploads: &mut src }, &mut sink);
                 if src.hung_up {
                     return Err(ServerError::PeerGone(io::ErrorKind::UnexpectedEof));
                 }
@@ -191,7 +205,9 @@ fn codec<T>(r: Result<T, CodecError>) -> Result<T, ServerError> {
 }
 
 fn ok(reply: Result<Reply, ActionError>, cmd: u64) -> Result<Reply, ServerError> {
-    reply.map_err(|e| ServerError::Refused(format!("{}: {}", cmd_name(cmd), error_chain(e.as_ref()))))
+    reply.map_err(|e| {
+        ServerError::Refused(format!("{}: {}", cmd_name(cmd), error_chain(e.as_ref())))
+    })
 }
 
 fn unexpected(reply: Reply) -> ServerError {

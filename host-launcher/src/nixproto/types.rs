@@ -18,7 +18,7 @@ use super::action::{
     BuildMode, BuildOptions, BuildResult, BuildStatus, BuiltOutput, ClientOptions,
     LegacyRealisation, PathInfo,
 };
-use super::version::{minor, ClientProfile, Protocol, ProtoVersion, RealisationFormat};
+use super::version::{minor, ClientProfile, ProtoVersion, Protocol, RealisationFormat};
 use super::wire::{WireError, WireRead, WireWrite};
 
 /// Why a record could not be decoded or encoded.
@@ -140,7 +140,17 @@ pub fn read_unkeyed_path_info(
         sigs = r.read_string_set("sigs")?;
         ca = opt_string(r.read_string("ca")?);
     }
-    Ok(PathInfo { path, deriver, nar_hash, nar_size, references, registration_time, ultimate, sigs, ca })
+    Ok(PathInfo {
+        path,
+        deriver,
+        nar_hash,
+        nar_size,
+        references,
+        registration_time,
+        ultimate,
+        sigs,
+        ca,
+    })
 }
 
 /// Write the worker's `UnkeyedValidPathInfo`.
@@ -294,8 +304,11 @@ pub fn write_build_mode(w: &mut impl Write, m: BuildMode) -> CResult<()> {
 
 /// The serve protocol's build options.
 pub fn read_build_options(r: &mut impl Read, version: ProtoVersion) -> CResult<BuildOptions> {
-    let mut o =
-        BuildOptions { max_silent_time: r.read_u64()?, build_timeout: r.read_u64()?, ..Default::default() };
+    let mut o = BuildOptions {
+        max_silent_time: r.read_u64()?,
+        build_timeout: r.read_u64()?,
+        ..Default::default()
+    };
     if minor(version) >= 2 {
         o.max_log_size = r.read_u64()?;
     }

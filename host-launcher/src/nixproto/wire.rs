@@ -278,18 +278,17 @@ impl<R: Read + ?Sized> Read for FramedReader<'_, R> {
                 return Ok(0);
             }
             if len > MAX_FRAME {
-                return Err(wire_to_io(WireError::TooLarge {
-                    what: "frame",
-                    len,
-                    max: MAX_FRAME,
-                }));
+                return Err(wire_to_io(WireError::TooLarge { what: "frame", len, max: MAX_FRAME }));
             }
             self.left_in_frame = len;
         }
         let want = buf.len().min(self.left_in_frame as usize);
         let n = self.inner.read(&mut buf[..want])?;
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "stream ended inside a frame"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "stream ended inside a frame",
+            ));
         }
         self.left_in_frame -= n as u64;
         Ok(n)
@@ -334,7 +333,9 @@ impl<W: Write + ?Sized> Write for FramedWriter<'_, W> {
 /// Wrap a wire error as an `io::Error` (for `Read` impls), keeping EOF recognisable.
 pub fn wire_to_io(e: WireError) -> io::Error {
     match e {
-        WireError::Eof => io::Error::new(io::ErrorKind::UnexpectedEof, "the peer closed the connection"),
+        WireError::Eof => {
+            io::Error::new(io::ErrorKind::UnexpectedEof, "the peer closed the connection")
+        }
         WireError::Io(e) => e,
         other => io::Error::new(io::ErrorKind::InvalidData, other),
     }

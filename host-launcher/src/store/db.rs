@@ -142,7 +142,11 @@ pub fn get(conn: &Connection, path: &StorePath) -> rusqlite::Result<Option<Row>>
         references.insert(path.clone());
     }
     let nar_hash: [u8; 32] = hash.try_into().map_err(|_| {
-        rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Blob, "nar_hash is not 32 bytes".into())
+        rusqlite::Error::FromSqlConversionFailure(
+            2,
+            rusqlite::types::Type::Blob,
+            "nar_hash is not 32 bytes".into(),
+        )
     })?;
     let info = PathInfo {
         path: path.clone(),
@@ -266,7 +270,9 @@ pub fn total_size(conn: &Connection) -> rusqlite::Result<u64> {
 }
 
 /// The least recently used path that is neither pinned nor referenced by another valid path.
-pub fn eviction_candidate(conn: &Connection) -> rusqlite::Result<Option<(i64, String, u64, String)>> {
+pub fn eviction_candidate(
+    conn: &Connection,
+) -> rusqlite::Result<Option<(i64, String, u64, String)>> {
     conn.query_row(
         "SELECT id, path, nar_size, nar_file FROM paths p
          WHERE NOT EXISTS (SELECT 1 FROM pins WHERE pins.path = p.path)

@@ -69,7 +69,7 @@ impl<R: Read + ?Sized> Read for Tee<'_, R> {
 }
 
 fn problem(info: &PathInfo, problem: UploadProblem) -> StoreError {
-    StoreError::Upload { path: info.path.clone(), problem }
+    StoreError::Upload { path: info.path.clone(), problem: Box::new(problem) }
 }
 
 /// Receive `info`'s NAR from `nar` (at most `info.nar_size` bytes are read) into `tmp` and check
@@ -82,7 +82,10 @@ pub fn receive(
     rules: &[SelfRefRule],
 ) -> Result<Staged, StoreError> {
     if info.nar_size > max_bytes {
-        return Err(problem(&info, UploadProblem::TooLarge { size: info.nar_size, max: max_bytes }));
+        return Err(problem(
+            &info,
+            UploadProblem::TooLarge { size: info.nar_size, max: max_bytes },
+        ));
     }
     let file = File::options()
         .write(true)
@@ -108,7 +111,11 @@ pub fn receive(
     }
     let received = tee.n;
     let actual: [u8; 32] = tee.hasher.clone().finalize().into();
-    tee.out.flush().map_err(|source| StoreError::Io { op: "write", path: staged.tmp.clone(), source })?;
+    tee.out.flush().map_err(|source| StoreError::Io {
+        op: "write",
+        path: staged.tmp.clone(),
+        source,
+    })?;
     drop(tee);
     if let Err(e) = parsed {
         return Err(problem(
@@ -117,12 +124,19 @@ pub fn receive(
         ));
     }
     if received != info.nar_size {
-        return Err(problem(info, UploadProblem::SizeMismatch { declared: info.nar_size, actual: received }));
+        return Err(problem(
+            info,
+            UploadProblem::SizeMismatch { declared: info.nar_size, actual: received },
+        ));
     }
     if actual != info.nar_hash {
         return Err(problem(info, UploadProblem::HashMismatch { declared: info.nar_hash, actual }));
     }
-    file.sync_all().map_err(|source| StoreError::Io { op: "fsync", path: staged.tmp.clone(), source })?;
+    file.sync_all().map_err(|source| StoreError::Io {
+        op: "fsync",
+        path: staged.tmp.clone(),
+        source,
+    })?;
 
     if let Some(ca) = &info.ca {
         check_ca(info, ca, &staged.tmp, rules)?;
@@ -137,11 +151,15 @@ fn check_ca(
     file: &std::path::Path,
     rules: &[SelfRefRule],
 ) -> Result<(), StoreError> {
-    let parsed = ContentAddress::parse(ca).map_err(|e| problem(info, UploadProblem::BadContentAddress(e)))?;
+    let parsed = ContentAddress::parse(ca)
+        .map_err(|e| problem(info, UploadProblem::BadContentAddress(e)))?;
     let mut first_err = None;
     for rule in rules {
-        let f = File::open(file)
-            .map_err(|source| StoreError::Io { op: "open", path: file.to_path_buf(), source })?;
+        let f = File::open(file).map_err(|source| StoreError::Io {
+            op: "open",
+            path: file.to_path_buf(),
+            source,
+        })?;
         match content_address::verify(
             &info.path,
             &parsed,

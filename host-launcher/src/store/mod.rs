@@ -147,7 +147,7 @@ pub enum StoreError {
         path: StorePath,
         /// What was wrong.
         #[source]
-        problem: UploadProblem,
+        problem: Box<UploadProblem>,
     },
     /// Reading the upload from the client failed.
     #[error("receiving the upload; nothing of it was registered")]
@@ -220,12 +220,23 @@ impl ContentStore {
     pub fn open(dir: &Path, cfg: StoreConfig) -> Result<ContentStore, StoreError> {
         for sub in ["nar", "tmp"] {
             let d = dir.join(sub);
-            fs::create_dir_all(&d).map_err(|source| StoreError::Io { op: "create", path: d, source })?;
+            fs::create_dir_all(&d).map_err(|source| StoreError::Io {
+                op: "create",
+                path: d,
+                source,
+            })?;
         }
         let conn = db::open(&dir.join("index.sqlite")).map_err(dbe("open"))?;
         let me = ProcessId::current();
         let owner = db::add_owner(&conn, &me).map_err(dbe("register owner"))?;
-        let store = ContentStore { dir: dir.to_path_buf(), db: Mutex::new(conn), me, owner, cfg, counter: AtomicU64::new(0) };
+        let store = ContentStore {
+            dir: dir.to_path_buf(),
+            db: Mutex::new(conn),
+            me,
+            owner,
+            cfg,
+            counter: AtomicU64::new(0),
+        };
         store.clean_up()?;
         Ok(store)
     }
@@ -251,7 +262,9 @@ impl ContentStore {
     /// Remove dead owners, their temporary files, and NAR files no row names.
     fn clean_up(&self) -> Result<(), StoreError> {
         let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(dbe("clean up"))?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(dbe("clean up"))?;
         db::drop_dead_owners(&tx).map_err(dbe("drop dead owners"))?;
         let used = db::nar_files(&tx).map_err(dbe("list NAR files"))?;
         let nar_dir = self.dir.join("nar");
@@ -280,9 +293,14 @@ impl ContentStore {
 
     /// Which of `paths` are valid; with `pin`, those are pinned for this process in the same
     /// transaction (so they cannot be evicted before the session uses them).
-    pub fn query_valid(&self, paths: &BTreeSet<StorePath>, pin: bool) -> Result<BTreeSet<StorePath>, StoreError> {
+    pub fn query_valid(
+        &self,
+        paths: &BTreeSet<StorePath>,
+        pin: bool,
+    ) -> Result<BTreeSet<StorePath>, StoreError> {
         let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(dbe("query"))?;
+        let tx =
+            conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(dbe("query"))?;
         let mut valid = BTreeSet::new();
         let mut ids = Vec::new();
         for p in paths {
@@ -321,7 +339,8 @@ impl ContentStore {
     /// Pin paths for this process (they stay until it exits or [`ContentStore::unpin_all`]).
     pub fn pin(&self, paths: &BTreeSet<StorePath>) -> Result<(), StoreError> {
         let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(dbe("pin"))?;
+        let tx =
+            conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(dbe("pin"))?;
         for p in paths {
             db::pin(&tx, self.owner, p).map_err(dbe("pin"))?;
         }
@@ -337,7 +356,10 @@ impl ContentStore {
     }
 
     /// The closure of `roots` (every path must be valid), with infos.
-    pub fn closure(&self, roots: &BTreeSet<StorePath>) -> Result<BTreeMap<StorePath, PathInfo>, StoreError> {
+    pub fn closure(
+        &self,
+        roots: &BTreeSet<StorePath>,
+    ) -> Result<BTreeMap<StorePath, PathInfo>, StoreError> {
         let conn = self.conn();
         let mut out = BTreeMap::new();
         let mut todo: Vec<StorePath> = roots.iter().cloned().collect();
@@ -345,7 +367,9 @@ impl ContentStore {
             if out.contains_key(&p) {
                 continue;
             }
-            let row = db::get(&conn, &p).map_err(dbe("closure"))?.ok_or(StoreError::Missing { path: p.clone() })?;
+            let row = db::get(&conn, &p)
+                .map_err(dbe("closure"))?
+                .ok_or(StoreError::Missing { path: p.clone() })?;
             todo.extend(row.info.references.iter().filter(|r| !out.contains_key(*r)).cloned());
             out.insert(p, row.info);
         }
@@ -374,7 +398,8 @@ impl ContentStore {
         let mut staged: Vec<Staged> = Vec::new();
         let mut already = Vec::new();
         while let Some(info) = uploads.next_path().map_err(StoreError::Source)? {
-            let twice = staged.iter().any(|s| s.info.path == info.path) || already.contains(&info.path);
+            let twice =
+                staged.iter().any(|s| s.info.path == info.path) || already.contains(&info.path);
             if twice || self.pin_if_valid(&info.path)? {
                 // Valid already (or twice in the batch): consume its NAR, register nothing new.
                 tracing::debug!(path = %info.path, "already valid; skipping its NAR");
@@ -395,7 +420,8 @@ impl ContentStore {
     /// Pin `path` if it is valid (one transaction); whether it was.
     fn pin_if_valid(&self, path: &StorePath) -> Result<bool, StoreError> {
         let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(dbe("pin"))?;
+        let tx =
+            conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(dbe("pin"))?;
         let valid = db::id_of(&tx, path).map_err(dbe("query"))?.is_some();
         if valid {
             db::pin(&tx, self.owner, path).map_err(dbe("pin"))?;
@@ -410,7 +436,9 @@ impl ContentStore {
             return Ok(());
         }
         let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(dbe("commit"))?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(dbe("commit"))?;
         let batch: BTreeSet<&StorePath> = staged.iter().map(|s| &s.info.path).collect();
         let mut fresh = Vec::new();
         for (i, s) in staged.iter().enumerate() {
@@ -424,7 +452,7 @@ impl ContentStore {
                 if !batch.contains(r) && db::id_of(&tx, r).map_err(dbe("commit"))?.is_none() {
                     return Err(StoreError::Upload {
                         path: s.info.path.clone(),
-                        problem: UploadProblem::MissingReference { reference: r.clone() },
+                        problem: Box::new(UploadProblem::MissingReference { reference: r.clone() }),
                     });
                 }
             }
@@ -439,18 +467,27 @@ impl ContentStore {
             for &i in &fresh {
                 let s = &mut staged[i];
                 let n = self.counter.fetch_add(1, Ordering::Relaxed);
-                let file = format!("{}-{}-{}-{n}.nar", s.info.path.hash_part(), self.me.tag(), self.owner);
+                let file =
+                    format!("{}-{}-{}-{n}.nar", s.info.path.hash_part(), self.me.tag(), self.owner);
                 let dest = self.nar_path(&file);
-                fs::rename(&s.tmp, &dest)
-                    .map_err(|source| StoreError::Io { op: "rename", path: dest.clone(), source })?;
+                fs::rename(&s.tmp, &dest).map_err(|source| StoreError::Io {
+                    op: "rename",
+                    path: dest.clone(),
+                    source,
+                })?;
                 s.committed = true;
                 renamed.push(dest);
-                ids.push((db::insert(&tx, &s.info, &file, origin.as_str()).map_err(dbe("insert"))?, i));
+                ids.push((
+                    db::insert(&tx, &s.info, &file, origin.as_str()).map_err(dbe("insert"))?,
+                    i,
+                ));
             }
             let nar_dir = self.dir.join("nar");
-            File::open(&nar_dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|source| StoreError::Io { op: "fsync", path: nar_dir, source })?;
+            File::open(&nar_dir).and_then(|d| d.sync_all()).map_err(|source| StoreError::Io {
+                op: "fsync",
+                path: nar_dir,
+                source,
+            })?;
             for (id, i) in ids {
                 db::insert_refs(&tx, id, &staged[i].info).map_err(dbe("insert references"))?;
             }
@@ -467,21 +504,30 @@ impl ContentStore {
             let _ = fs::remove_file(f);
         }
         if !evicted.0.paths.is_empty() {
-            tracing::info!(count = evicted.0.paths.len(), bytes = evicted.0.bytes, "evicted paths to make room");
+            tracing::info!(
+                count = evicted.0.paths.len(),
+                bytes = evicted.0.bytes,
+                "evicted paths to make room"
+            );
         }
         Ok(())
     }
 
     /// Within a write transaction: evict until `needed` more bytes fit. Returns what was removed
     /// and the files to delete after the commit.
-    fn evict_in(&self, tx: &Connection, needed: u64) -> Result<(Evicted, Vec<PathBuf>), StoreError> {
+    fn evict_in(
+        &self,
+        tx: &Connection,
+        needed: u64,
+    ) -> Result<(Evicted, Vec<PathBuf>), StoreError> {
         let max = self.cfg.max_bytes;
         db::drop_dead_owners(tx).map_err(dbe("drop dead owners"))?;
         let mut used = db::total_size(tx).map_err(dbe("size"))?;
         let mut out = Evicted::default();
         let mut files = Vec::new();
         while used.saturating_add(needed) > max {
-            let Some((id, path, size, file)) = db::eviction_candidate(tx).map_err(dbe("evict"))? else {
+            let Some((id, path, size, file)) = db::eviction_candidate(tx).map_err(dbe("evict"))?
+            else {
                 let pinned = db::pinned_size(tx).map_err(dbe("size"))?;
                 return Err(StoreError::Full { needed, max, used, pinned });
             };
@@ -497,7 +543,8 @@ impl ContentStore {
     /// Evict until `needed` more bytes would fit (also what a commit does first).
     pub fn evict(&self, needed: u64) -> Result<Evicted, StoreError> {
         let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(dbe("evict"))?;
+        let tx =
+            conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(dbe("evict"))?;
         let (ev, files) = self.evict_in(&tx, needed)?;
         tx.commit().map_err(dbe("evict"))?;
         for f in files {

@@ -21,7 +21,9 @@ pub struct ProcessId {
 }
 
 fn boot_id() -> String {
-    fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_owned()).unwrap_or_default()
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
 }
 
 /// The start time of `pid`, if it exists.
@@ -53,7 +55,11 @@ impl ProcessId {
     /// Parse a tag made by [`ProcessId::tag`] (the boot id is the current one).
     pub fn from_tag(tag: &str) -> Option<ProcessId> {
         let (pid, ticks) = tag.split_once('-')?;
-        Some(ProcessId { boot_id: boot_id(), pid: pid.parse().ok()?, start_ticks: ticks.parse().ok()? })
+        Some(ProcessId {
+            boot_id: boot_id(),
+            pid: pid.parse().ok()?,
+            start_ticks: ticks.parse().ok()?,
+        })
     }
 }
 

@@ -22,7 +22,9 @@ use std::path::{Path, PathBuf};
 use base64::Engine as _;
 
 /// How the VM runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// SEV-SNP confidential VM under KVM: real attestation.
@@ -114,7 +116,11 @@ pub enum ModeError {
 
 /// The mode to run in: `requested` if given and possible, else the best the host and image
 /// allow (snp > kvm > tcg). `image_has_snp`: the image carries an AmdSev OVMF + measurement.
-pub fn choose_mode(requested: Option<Mode>, caps: &HostCaps, image_has_snp: bool) -> Result<Mode, ModeError> {
+pub fn choose_mode(
+    requested: Option<Mode>,
+    caps: &HostCaps,
+    image_has_snp: bool,
+) -> Result<Mode, ModeError> {
     match requested {
         Some(Mode::Snp) => {
             if !caps.snp_usable() {
@@ -128,7 +134,9 @@ pub fn choose_mode(requested: Option<Mode>, caps: &HostCaps, image_has_snp: bool
                 return Err(ModeError::NoSnp(why));
             }
             if !image_has_snp {
-                return Err(ModeError::NoSnp("the image was built without an AmdSev OVMF (vouch image build --ovmf)"));
+                return Err(ModeError::NoSnp(
+                    "the image was built without an AmdSev OVMF (vouch image build --ovmf)",
+                ));
             }
             Ok(Mode::Snp)
         }
@@ -231,7 +239,10 @@ pub fn qemu_argv(spec: &QemuSpec) -> Result<Vec<String>, ArgvError> {
             }
             let host_data = base64::engine::general_purpose::STANDARD.encode(snp.host_data);
             push(&["-accel", "kvm", "-cpu", &snp.cpu_model]);
-            push(&["-machine", "q35,confidential-guest-support=sev0,memory-backend=mem,vmport=off"]);
+            push(&[
+                "-machine",
+                "q35,confidential-guest-support=sev0,memory-backend=mem,vmport=off",
+            ]);
             push(&[
                 "-object",
                 &format!(
@@ -242,7 +253,9 @@ pub fn qemu_argv(spec: &QemuSpec) -> Result<Vec<String>, ArgvError> {
             push(&["-bios", &snp.ovmf.to_string_lossy()]);
         }
         Mode::Kvm => push(&["-accel", "kvm", "-cpu", "host", "-machine", "q35,memory-backend=mem"]),
-        Mode::Tcg => push(&["-accel", "tcg", "-machine", "q35,memory-backend=mem"]),
+        // RDRAND lets the guest kernel seed its RNG at once (without it getrandom() blocks for
+        // about a second under TCG); otherwise QEMU's default model, the fastest one under TCG.
+        Mode::Tcg => push(&["-accel", "tcg", "-cpu", "qemu64,+rdrand", "-machine", "q35,memory-backend=mem"]),
     }
     push(&["-smp", &spec.vcpus.to_string(), "-m", &mem]);
     push(&["-object", &format!("memory-backend-memfd,id=mem,size={mem},share=on")]);
@@ -262,7 +275,12 @@ pub fn qemu_argv(spec: &QemuSpec) -> Result<Vec<String>, ArgvError> {
     }
     if spec.network {
         // The fixed-output variant (issue 4): user-mode networking and nothing else changed.
-        push(&["-netdev", "user,id=net0", "-device", &format!("virtio-net-pci,netdev=net0{virtio_extra}")]);
+        push(&[
+            "-netdev",
+            "user,id=net0",
+            "-device",
+            &format!("virtio-net-pci,netdev=net0{virtio_extra}"),
+        ]);
     } else {
         push(&["-nic", "none"]);
     }

@@ -33,6 +33,7 @@ pub struct Vm {
     child: Arc<Mutex<Child>>,
     exit: Arc<(Mutex<ExitState>, Condvar)>,
     console: Arc<Mutex<VecDeque<String>>>,
+    marks: Arc<Mutex<Vec<(String, Instant)>>>,
     qemu_err: Arc<Mutex<Vec<u8>>>,
     threads: Vec<JoinHandle<()>>,
     pid: u32,
@@ -61,7 +62,12 @@ pub fn describe_exit(status: &ExitStatus) -> String {
 impl Vm {
     /// Start `qemu` with `argv`. Console lines are appended to `console_log` and, with `echo`,
     /// copied to stderr.
-    pub fn spawn(qemu: &Path, argv: &[String], console_log: &Path, echo: bool) -> std::io::Result<Vm> {
+    pub fn spawn(
+        qemu: &Path,
+        argv: &[String],
+        console_log: &Path,
+        echo: bool,
+    ) -> std::io::Result<Vm> {
         let mut child = Command::new(qemu)
             .args(argv)
             .stdin(Stdio::null())
@@ -73,11 +79,13 @@ impl Vm {
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
         let console = Arc::new(Mutex::new(VecDeque::new()));
+        let marks: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
         let qemu_err = Arc::new(Mutex::new(Vec::new()));
         let mut log = File::create(console_log)?;
         let mut threads = Vec::new();
         {
             let console = console.clone();
+            let marks = marks.clone();
             threads.push(std::thread::spawn(move || {
                 let mut r = BufReader::new(stdout);
                 let mut line = Vec::new();
@@ -90,6 +98,12 @@ impl Vm {
                         let _ = std::io::stderr().write_all(&line);
                     }
                     let text = String::from_utf8_lossy(&line).trim_end().to_owned();
+                    if text.contains("vouch-agent: ") {
+                        marks
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push((text.clone(), Instant::now()));
+                    }
                     let mut c = console.lock().unwrap_or_else(|e| e.into_inner());
                     if c.len() == TAIL_LINES {
                         c.pop_front();
@@ -133,7 +147,7 @@ impl Vm {
                 }
             }));
         }
-        Ok(Vm { child, exit, console, qemu_err, threads, pid, started })
+        Ok(Vm { child, exit, console, marks, qemu_err, threads, pid, started })
     }
 
     /// QEMU's process id.
@@ -193,9 +207,17 @@ impl Vm {
         c.iter().cloned().collect::<Vec<_>>().join("\n")
     }
 
+    /// When the first agent console line containing `needle` arrived (for benchmarks).
+    pub fn agent_line_at(&self, needle: &str) -> Option<Instant> {
+        let m = self.marks.lock().unwrap_or_else(|e| e.into_inner());
+        m.iter().find(|(l, _)| l.contains(needle)).map(|(_, t)| *t)
+    }
+
     /// What QEMU itself printed on stderr (complete only after it exited).
     pub fn qemu_stderr(&self) -> String {
-        String::from_utf8_lossy(&self.qemu_err.lock().unwrap_or_else(|e| e.into_inner())).trim().to_owned()
+        String::from_utf8_lossy(&self.qemu_err.lock().unwrap_or_else(|e| e.into_inner()))
+            .trim()
+            .to_owned()
     }
 }
 

@@ -30,16 +30,39 @@ fn tcg_argv_with_vhost_user_vsock() {
     let s = spec(Mode::Tcg, VsockDevice::User { socket: "/run/vm,1/vhost.sock".into() });
     let argv = qemu_argv(&s).unwrap();
     let want = [
-        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-accel", "tcg", "-machine", "q35,memory-backend=mem",
-        "-smp", "1", "-m", "1024M",
-        "-object", "memory-backend-memfd,id=mem,size=1024M,share=on",
-        "-kernel", "/img/vmlinux", "-initrd", "/img/initrd.cpio",
-        "-append", "console=ttyS0 quiet panic=-1 vouch.port=1024",
-        "-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con",
-        "-chardev", "socket,id=vsock,path=/run/vm,,1/vhost.sock",
-        "-device", "vhost-user-vsock-pci,chardev=vsock",
-        "-nic", "none",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-accel",
+        "tcg",
+        "-cpu",
+        "qemu64,+rdrand",
+        "-machine",
+        "q35,memory-backend=mem",
+        "-smp",
+        "1",
+        "-m",
+        "1024M",
+        "-object",
+        "memory-backend-memfd,id=mem,size=1024M,share=on",
+        "-kernel",
+        "/img/vmlinux",
+        "-initrd",
+        "/img/initrd.cpio",
+        "-append",
+        "console=ttyS0 quiet panic=-1 vouch.port=1024",
+        "-chardev",
+        "stdio,id=con,signal=off",
+        "-serial",
+        "chardev:con",
+        "-chardev",
+        "socket,id=vsock,path=/run/vm,,1/vhost.sock",
+        "-device",
+        "vhost-user-vsock-pci,chardev=vsock",
+        "-nic",
+        "none",
     ];
     assert_eq!(argv, want);
 }
@@ -47,7 +70,10 @@ fn tcg_argv_with_vhost_user_vsock() {
 #[test]
 fn kvm_argv_with_kernel_vsock() {
     let argv = qemu_argv(&spec(Mode::Kvm, VsockDevice::Kernel { cid: 77 })).unwrap();
-    assert_eq!(&argv[5..11], ["-accel", "kvm", "-cpu", "host", "-machine", "q35,memory-backend=mem"]);
+    assert_eq!(
+        &argv[5..11],
+        ["-accel", "kvm", "-cpu", "host", "-machine", "q35,memory-backend=mem"]
+    );
     assert!(argv.windows(2).any(|w| w == ["-device", "vhost-vsock-pci,guest-cid=77"]));
     assert_eq!(argv.last().unwrap(), "none");
 }

@@ -214,9 +214,12 @@ impl Channel {
                 let f = std::fs::File::create(&lock_path)
                     .map_err(|e| VsockError::Listen(lock_path.display().to_string(), e))?;
                 let lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
-                    .map_err(|(_, e)| VsockError::Listen(lock_path.display().to_string(), e.into()))?;
-                let listener = vsock::VsockListener::bind_with_cid_port(vsock::VMADDR_CID_ANY, port)
-                    .map_err(|e| VsockError::Listen(format!("vsock port {port}"), e))?;
+                    .map_err(|(_, e)| {
+                        VsockError::Listen(lock_path.display().to_string(), e.into())
+                    })?;
+                let listener =
+                    vsock::VsockListener::bind_with_cid_port(vsock::VMADDR_CID_ANY, port)
+                        .map_err(|e| VsockError::Listen(format!("vsock port {port}"), e))?;
                 let cid = fresh_cid();
                 Ok(Channel {
                     listener: Listener::Vsock(listener, cid, lock),
@@ -251,7 +254,10 @@ impl Channel {
             Listener::Vsock(l, cid, _) => {
                 let (s, addr) = l.accept()?;
                 if addr.cid() != *cid {
-                    tracing::warn!(peer_cid = addr.cid(), "refused a vsock connection from another VM");
+                    tracing::warn!(
+                        peer_cid = addr.cid(),
+                        "refused a vsock connection from another VM"
+                    );
                     return Ok(None);
                 }
                 Ok(Some(Stream::Vsock(s)))
@@ -313,8 +319,14 @@ impl Channel {
             while !done.load(Ordering::Relaxed) {
                 match l.accept() {
                     Ok((s, addr)) => {
-                        tracing::warn!(peer_cid = addr.cid(), "refused a second channel connection");
-                        eprintln!("vouch: refused a second channel connection (CID {})", addr.cid());
+                        tracing::warn!(
+                            peer_cid = addr.cid(),
+                            "refused a second channel connection"
+                        );
+                        eprintln!(
+                            "vouch: refused a second channel connection (CID {})",
+                            addr.cid()
+                        );
                         drop(s);
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(20)),

@@ -160,7 +160,8 @@ pub fn scratch_path(drv_path: &StorePath, output: &str) -> Result<StorePath, Sto
 ///
 /// `candidates` are the store paths the outputs may refer to (the input closure); the scratch
 /// paths are added. `open(name)` must return a fresh reader of output `name`'s scratch NAR each
-/// time (it is called three times per output). Results are keyed by output name.
+/// time (it is called three times per output; twice when there is only one output). Results are
+/// keyed by output name.
 pub fn compute_ca_outputs<R: Read>(
     drv_path: &StorePath,
     outputs: &[CaOutputSpec],
@@ -186,14 +187,31 @@ pub fn compute_ca_outputs<R: Read>(
     let mut all_candidates = candidates.clone();
     all_candidates.extend(scratch.values().cloned());
 
-    // Pass 1: references of every scratch output (and the NAR checked).
+    // Pass 1: references of every scratch output (and the NAR checked). With a single output
+    // there is no sibling to rewrite first, so its CA hash is computed in the same pass.
+    let single = specs.len() == 1;
     let mut refs: BTreeMap<String, BTreeSet<StorePath>> = BTreeMap::new();
+    let mut ca_hashes: BTreeMap<String, Hash> = BTreeMap::new();
     for (name, spec) in &specs {
         let mut scanner = RefScanner::new(all_candidates.iter().cloned());
+        let mut modulo =
+            single.then(|| HashModuloSink::new(spec.algo, hash_part_bytes(&scratch[name]), rule));
         let r = open(name).map_err(|source| CaError::Io { output: name.clone(), source })?;
-        let root = walk_nar(name, Tee { inner: r, sink: &mut scanner }, limits, |_| {})?;
+        let root = match (&mut modulo, spec.method) {
+            (Some(m), FileIngestionMethod::Recursive) => {
+                let mut both = Both(&mut scanner, m);
+                walk_nar(name, Tee { inner: r, sink: &mut both }, limits, |_| {})?
+            }
+            (Some(m), FileIngestionMethod::Flat) => {
+                walk_nar(name, Tee { inner: r, sink: &mut scanner }, limits, |d| m.update(d))?
+            }
+            (None, _) => walk_nar(name, Tee { inner: r, sink: &mut scanner }, limits, |_| {})?,
+        };
         check_flat(name, spec, &root)?;
         refs.insert(name.clone(), scanner.references());
+        if let Some(m) = modulo {
+            ca_hashes.insert(name.clone(), m.finish().0);
+        }
     }
 
     let order = reference_order(&scratch, &refs)?;
@@ -208,18 +226,24 @@ pub fn compute_ca_outputs<R: Read>(
         let chain: Vec<_> = rewrites.iter().map(|(f, t)| (*f, *t)).collect();
 
         // Pass 2: the CA hash, over the sibling-rewritten NAR (or file contents).
-        let mut sink = HashModuloSink::new(spec.algo, own_hash, rule);
-        let r = open(&name).map_err(|source| CaError::Io { output: name.clone(), source })?;
-        let rewritten = RewriteReader::new(r, &chain);
-        match spec.method {
-            FileIngestionMethod::Recursive => {
-                walk_nar(&name, Tee { inner: rewritten, sink: &mut sink }, limits, |_| {})?;
+        let ca_hash = match ca_hashes.remove(&name) {
+            Some(h) => h,
+            None => {
+                let mut sink = HashModuloSink::new(spec.algo, own_hash, rule);
+                let r =
+                    open(&name).map_err(|source| CaError::Io { output: name.clone(), source })?;
+                let rewritten = RewriteReader::new(r, &chain);
+                match spec.method {
+                    FileIngestionMethod::Recursive => {
+                        walk_nar(&name, Tee { inner: rewritten, sink: &mut sink }, limits, |_| {})?;
+                    }
+                    FileIngestionMethod::Flat => {
+                        walk_nar(&name, rewritten, limits, |data| sink.update(data))?;
+                    }
+                }
+                sink.finish().0
             }
-            FileIngestionMethod::Flat => {
-                walk_nar(&name, rewritten, limits, |data| sink.update(data))?;
-            }
-        }
-        let (ca_hash, _, _) = sink.finish();
+        };
 
         // References mapped to final paths; the self-reference becomes a flag.
         let mut self_ref = false;
@@ -368,6 +392,21 @@ fn walk_nar(
     };
     reader.validate_to_end().map_err(nar_err)?;
     Ok(root)
+}
+
+/// A sink feeding two sinks.
+struct Both<'a>(&'a mut RefScanner, &'a mut HashModuloSink);
+
+impl io::Write for Both<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.feed(buf);
+        self.1.update(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A reader that copies what it reads into a sink.

@@ -189,7 +189,8 @@ impl<R: Read> Read for RewriteReader<R> {
 }
 
 /// Nix's `HashModuloSink`: the hash of a stream with `modulus` replaced by NUL bytes and, under
-/// [`SelfRefRule::ZeroAndPositions`], `|<offset>` (decimal) appended per occurrence.
+/// [`SelfRefRule::ZeroAndPositions`], `|<offset>` (decimal) appended per occurrence. The offsets
+/// are kept until the end (8 bytes per occurrence of the self hash part).
 #[derive(Debug)]
 pub struct HashModuloSink {
     rw: Rewriter,

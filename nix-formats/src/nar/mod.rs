@@ -6,8 +6,9 @@
 //!   `impl Read`) and [`dump_path`] (`nix-store --dump`);
 //! * [`reader`]: a strict, streaming, event-based parser ([`NarReader`]) that checks names, order,
 //!   padding, trailing data and [`NarLimits`], each violation with its own [`NarError`] variant;
-//! * [`unpack`]: writes a NAR into a new path without ever leaving it ([`unpack`](unpack::unpack));
-//! * [`hash`]: the NAR hashing sink ([`NarHasher`]: SHA-256 + size while streaming).
+//! * [`mod@unpack`]: writes a NAR into a new path without ever leaving it ([`unpack()`]);
+//! * [`hash`]: the NAR hashing sink ([`NarHasher`]: SHA-256 + size while streaming);
+//! * [`fuzzing`]: the invariant of the `nar_unpack` fuzz target, as a plain function.
 //!
 //! What is not here: compression, the export/import framing, where trees live. The grammar
 //! (from Nix's `archive.cc`; all strings are a little-endian u64 length, the bytes, zero padding

@@ -30,7 +30,8 @@ use super::reader::{NarError, NarEvent, NarLimits, NarReader};
 pub struct UnpackOptions {
     /// Limits applied while parsing.
     pub limits: NarLimits,
-    /// Give the tree Nix's canonical store metadata (read-only modes, mtime 1).
+    /// Give the tree Nix's canonical store metadata (read-only modes, mtime 1). Directories
+    /// then are `0555`: make them writable again before deleting the tree.
     pub canonical: bool,
 }
 

@@ -9,6 +9,9 @@
 //!
 //! If Nix or busybox is missing, every test using this panics with a message saying so: these
 //! tests must not pass silently. Install them with `scripts/setup-host.sh`.
+//!
+//! The temporary directory is kept after the run (for inspecting `build.log`); directories of
+//! runs older than six hours are removed when a new corpus is made.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
 use std::collections::BTreeMap;
@@ -208,6 +211,25 @@ fn make_corpus() -> Corpus {
         resolved,
         secret_key: sk,
         public_key: pk,
+    }
+}
+
+/// The corpus directory outlives its test binary (statics are never dropped); remove those
+/// left by runs more than six hours old so that repeated runs do not fill the temp directory.
+fn remove_stale_corpora() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let stale = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age.as_secs() > 6 * 3600);
+        if stale && e.file_name().to_string_lossy().starts_with("nix-formats-corpus-") {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
     }
 }
 

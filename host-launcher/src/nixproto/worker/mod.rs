@@ -27,13 +27,21 @@ use std::io::{self, BufRead, Read, Write};
 use nix_formats::StorePath;
 
 use super::action::{
-    error_chain, Action, ActionError, BuildRequest, Handler, LogSink, PathInfo, Reply,
-    UploadSource,
+    error_chain, Action, ActionError, BuildRequest, BuildResult, BuildStatus, Handler, PathInfo,
+    Reply,
 };
 use super::types::{self, CodecError};
-use super::version::{minor, show, ClientProfile, Protocol, ProtoVersion, FEATURE_REALISATION_WITH_PATH};
+use super::version::{
+    minor, show, ClientProfile, ProtoVersion, Protocol, FEATURE_REALISATION_WITH_PATH,
+};
 use super::wire::{FramedReader, WireError, WireRead, WireWrite};
 use super::ServerError;
+
+mod log;
+mod uploads;
+
+use log::WorkerLog;
+use uploads::{ManyUploads, OneUpload, Taken};
 
 /// First word a client sends.
 pub const WORKER_MAGIC_1: u64 = 0x6e69_7863;
@@ -262,6 +270,14 @@ impl<W: Write> Conn<W> {
         let parsed: Result<Parsed<'static>, CodecError> = (|| {
             Ok(match op {
                 1 => Parsed::IsValid(types::read_store_path(r, "path")?),
+                9 | 46 => {
+                    let wanted = r.read_string_list("derived paths")?;
+                    let _mode =
+                        if minor(version) >= 15 { Some(types::read_build_mode(r)?) } else { None };
+                    Parsed::Ensure { op, wanted }
+                }
+                11 => Parsed::TempRoot(types::read_store_path(r, "path")?),
+                40 => Parsed::Missing(r.read_string_list("derived paths")?),
                 19 => Parsed::Action(Action::SetOptions(types::read_client_options(r, version)?)),
                 26 => Parsed::PathInfo(types::read_store_path(r, "path")?),
                 31 => {
@@ -327,6 +343,37 @@ impl<W: Write> Conn<W> {
                     other => Err(unexpected(other)),
                 })
             }
+            Parsed::Ensure { op, wanted } => self.ensure(handler, op, wanted),
+            Parsed::Missing(wanted) => {
+                // Nothing is substituted or built here on request: every path that is not valid
+                // is "unknown" (derivation outputs included).
+                let opaque: BTreeSet<StorePath> =
+                    wanted.iter().filter_map(|w| StorePath::parse(w).ok()).collect();
+                let reply =
+                    self.run(handler, Action::QueryValidPaths { paths: opaque, substitute: false });
+                self.answer(reply, |w, reply| match reply {
+                    Reply::ValidPaths(valid) => {
+                        let unknown: BTreeSet<String> = wanted
+                            .iter()
+                            .filter(|x| StorePath::parse(x).map_or(true, |p| !valid.contains(&p)))
+                            .cloned()
+                            .collect();
+                        w.write_u64(0)?; // willBuild
+                        w.write_u64(0)?; // willSubstitute
+                        w.write_strings(&unknown)?;
+                        w.write_u64(0)?; // downloadSize
+                        w.write_u64(0)?; // narSize
+                        Ok(())
+                    }
+                    other => Err(unexpected(other)),
+                })
+            }
+            Parsed::TempRoot(path) => {
+                // A temporary GC root: pin the path for the session.
+                let paths = BTreeSet::from([path]);
+                let reply = self.run(handler, Action::QueryValidPaths { paths, substitute: false });
+                self.answer(reply, |w, _| Ok(w.write_u64(1)?))
+            }
             Parsed::PathInfo(path) => {
                 let reply = self.run(handler, Action::QueryPathInfo(path));
                 self.answer(reply, |w, reply| match reply {
@@ -347,7 +394,10 @@ impl<W: Write> Conn<W> {
                         if n != nar.size {
                             return Err(CodecError::Field {
                                 what: "NAR",
-                                problem: format!("store file ended after {n} of {} bytes", nar.size),
+                                problem: format!(
+                                    "store file ended after {n} of {} bytes",
+                                    nar.size
+                                ),
                             });
                         }
                         Ok(())
@@ -388,8 +438,63 @@ impl<W: Write> Conn<W> {
         }
     }
 
+    /// `BuildPaths` (9) and `BuildPathsWithResults` (46), as `nix copy --from` sends them to make
+    /// sure the paths exist: already valid opaque paths succeed; vouch builds nothing by path
+    /// (builds arrive as `BuildDerivation` from Nix's build hook).
+    fn ensure(
+        &mut self,
+        handler: &mut dyn Handler,
+        op: u64,
+        wanted: Vec<String>,
+    ) -> Result<Flow, ServerError> {
+        let opaque: BTreeSet<StorePath> = wanted
+            .iter()
+            .filter(|w| !w.contains('!'))
+            .filter_map(|w| StorePath::parse(w).ok())
+            .collect();
+        let reply = self.run(handler, Action::QueryValidPaths { paths: opaque, substitute: false });
+        let valid = match reply {
+            Ok(Reply::ValidPaths(v)) => v,
+            Ok(other) => return Err(ServerError::Reply(format!("the core answered {other:?}"))),
+            Err(e) => return self.answer(Err(e), |_, _| Ok(())),
+        };
+        let result_of = |w: &String| {
+            match StorePath::parse(w) {
+            Ok(p) if valid.contains(&p) => BuildResult::failure(BuildStatus::AlreadyValid, ""),
+            Ok(p) => BuildResult::failure(
+                BuildStatus::MiscFailure,
+                format!("{p} is not in vouch's content store, and vouch builds only what Nix's build hook sends (BuildDerivation)"),
+            ),
+            Err(_) => BuildResult::failure(
+                BuildStatus::MiscFailure,
+                format!("vouch does not build `{w}` by path; use it as a remote builder (`builders = …`)"),
+            ),
+        }
+        };
+        if op == 9 {
+            if let Some(bad) = wanted.iter().map(result_of).find(|r| !r.status.is_success()) {
+                return self.answer(Err(bad.error_msg.into()), |_, _| Ok(()));
+            }
+            return self.answer(Ok(Reply::Done), |w, _| Ok(w.write_u64(1)?));
+        }
+        let profile = self.profile.clone();
+        self.answer(Ok(Reply::Done), |w, _| {
+            w.write_u64(wanted.len() as u64)?;
+            for item in &wanted {
+                w.write_str(item)?;
+                types::write_build_result(w, &result_of(item), &profile)?;
+            }
+            Ok(())
+        })
+    }
+
     fn run(&mut self, handler: &mut dyn Handler, action: Action<'_>) -> Result<Reply, ActionError> {
-        let mut log = WorkerLog { conn: self, activity: None, failed: false };
+        let mut log = WorkerLog {
+            w: &mut self.w,
+            next_activity: &mut self.next_activity,
+            activity: None,
+            failed: false,
+        };
         let reply = handler.handle(action, &mut log);
         if log.failed {
             tracing::warn!("could not send log messages to the client");
@@ -458,200 +563,13 @@ enum Parsed<'a> {
     Nar(StorePath),
     AddOne(Box<PathInfo>, bool),
     AddMany(bool),
+    /// `BuildPaths`/`BuildPathsWithResults`: only already valid opaque paths succeed.
+    Ensure {
+        op: u64,
+        wanted: Vec<String>,
+    },
+    TempRoot(StorePath),
+    /// `QueryMissing`: what would have to be built or fetched.
+    Missing(Vec<String>),
     Unsupported,
-}
-
-/// A reader limited to `left` bytes that remembers whether the underlying stream failed.
-struct Taken<'r, R: Read + ?Sized> {
-    inner: &'r mut R,
-    left: u64,
-    wire_failed: Option<io::ErrorKind>,
-}
-
-impl<'r, R: Read + ?Sized> Taken<'r, R> {
-    fn new(inner: &'r mut R, left: u64) -> Self {
-        Taken { inner, left, wire_failed: None }
-    }
-
-    fn skip_rest(&mut self) -> io::Result<()> {
-        let mut sink = io::sink();
-        io::copy(self, &mut sink)?;
-        Ok(())
-    }
-}
-
-impl<R: Read + ?Sized> Read for Taken<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.left == 0 || buf.is_empty() {
-            return Ok(0);
-        }
-        let want = buf.len().min(self.left.min(usize::MAX as u64) as usize);
-        match self.inner.read(&mut buf[..want]) {
-            Ok(0) => {
-                self.wire_failed = Some(io::ErrorKind::UnexpectedEof);
-                Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("the client hung up with {} NAR bytes still due", self.left),
-                ))
-            }
-            Ok(n) => {
-                self.left -= n as u64;
-                Ok(n)
-            }
-            Err(e) => {
-                if e.kind() != io::ErrorKind::InvalidData {
-                    self.wire_failed = Some(e.kind());
-                }
-                Err(e)
-            }
-        }
-    }
-}
-
-/// `AddToStoreNar`: one path, its NAR in the framed stream.
-struct OneUpload<'f, 'r, R: Read + ?Sized> {
-    info: Option<PathInfo>,
-    nar: Taken<'f, FramedReader<'r, R>>,
-}
-
-impl<R: Read + ?Sized> UploadSource for OneUpload<'_, '_, R> {
-    fn next_path(&mut self) -> Result<Option<PathInfo>, ActionError> {
-        self.nar.skip_rest()?;
-        let info = self.info.take();
-        if let Some(i) = &info {
-            self.nar.left = i.nar_size;
-        }
-        Ok(info)
-    }
-
-    fn nar(&mut self) -> &mut dyn Read {
-        &mut self.nar
-    }
-}
-
-/// `AddMultipleToStore`: in the framed stream, a count, then per path its info and NAR.
-struct ManyUploads<'f, 'r, R: Read + ?Sized> {
-    left: Option<u64>,
-    nar: Taken<'f, FramedReader<'r, R>>,
-    bad: Option<String>,
-}
-
-impl<R: Read + ?Sized> UploadSource for ManyUploads<'_, '_, R> {
-    fn next_path(&mut self) -> Result<Option<PathInfo>, ActionError> {
-        if let Some(bad) = &self.bad {
-            return Err(bad.clone().into());
-        }
-        self.nar.skip_rest()?;
-        let left = match self.left {
-            Some(n) => n,
-            None => match self.nar.inner.read_count("number of paths") {
-                Ok(n) => n as u64,
-                Err(e) => return Err(self.note(e)),
-            },
-        };
-        if left == 0 {
-            self.left = Some(0);
-            return Ok(None);
-        }
-        let info = match types::read_upload_info(&mut *self.nar.inner) {
-            Ok(info) => info,
-            Err(CodecError::Wire(w)) => return Err(self.note(w)),
-            Err(other) => {
-                self.bad = Some(error_chain(&other));
-                return Err(Box::new(other));
-            }
-        };
-        self.left = Some(left - 1);
-        self.nar.left = info.nar_size;
-        Ok(Some(info))
-    }
-
-    fn nar(&mut self) -> &mut dyn Read {
-        &mut self.nar
-    }
-}
-
-impl<R: Read + ?Sized> ManyUploads<'_, '_, R> {
-    fn note(&mut self, e: WireError) -> ActionError {
-        match &e {
-            WireError::Eof => self.nar.wire_failed = Some(io::ErrorKind::UnexpectedEof),
-            WireError::Io(io) if io.kind() != io::ErrorKind::InvalidData => {
-                self.nar.wire_failed = Some(io.kind())
-            }
-            _ => {}
-        }
-        Box::new(e)
-    }
-}
-
-/// Build logs as activities on the worker stream, flushed per message.
-struct WorkerLog<'c, W: Write> {
-    conn: &'c mut Conn<W>,
-    activity: Option<u64>,
-    failed: bool,
-}
-
-impl<W: Write> WorkerLog<'_, W> {
-    fn send(&mut self, f: impl FnOnce(&mut W) -> Result<(), WireError>) {
-        if self.failed {
-            return;
-        }
-        let w = &mut self.conn.w;
-        if f(w).and_then(|()| w.flush().map_err(WireError::from)).is_err() {
-            self.failed = true;
-        }
-    }
-}
-
-impl<W: Write> LogSink for WorkerLog<'_, W> {
-    fn build_started(&mut self, drv_path: &StorePath) {
-        let id = self.conn.next_activity;
-        self.conn.next_activity += 1;
-        self.activity = Some(id);
-        let text = format!("building '{drv_path}' in a vouch VM");
-        let drv = drv_path.to_string();
-        self.send(|w| {
-            w.write_u64(STDERR_START_ACTIVITY)?;
-            w.write_u64(id)?;
-            w.write_u64(LVL_INFO)?;
-            w.write_u64(ACT_BUILD)?;
-            w.write_str(&text)?;
-            w.write_u64(4)?; // fields: drvPath, machineName, curRound, nrRounds
-            w.write_u64(1)?;
-            w.write_str(&drv)?;
-            w.write_u64(1)?;
-            w.write_str("")?;
-            w.write_u64(0)?;
-            w.write_u64(1)?;
-            w.write_u64(0)?;
-            w.write_u64(1)?;
-            w.write_u64(0) // parent
-        });
-    }
-
-    fn line(&mut self, line: &str) {
-        match self.activity {
-            Some(id) => self.send(|w| {
-                w.write_u64(STDERR_RESULT)?;
-                w.write_u64(id)?;
-                w.write_u64(RES_BUILD_LOG_LINE)?;
-                w.write_u64(1)?;
-                w.write_u64(1)?;
-                w.write_str(line)
-            }),
-            None => self.send(|w| {
-                w.write_u64(STDERR_NEXT)?;
-                w.write_str(&format!("{line}\n"))
-            }),
-        }
-    }
-
-    fn build_finished(&mut self) {
-        if let Some(id) = self.activity.take() {
-            self.send(|w| {
-                w.write_u64(STDERR_STOP_ACTIVITY)?;
-                w.write_u64(id)
-            });
-        }
-    }
 }

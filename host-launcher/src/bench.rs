@@ -1,0 +1,317 @@
+//! `vouch bench vm`: where the time of one build step goes, against baselines run in the same
+//! command (results go to `docs/benchmarks.md`).
+//!
+//! Measured, each as the median of `runs`:
+//! 1. **bare VM**: the same image and QEMU argv, with `vouch.bench=poweroff` appended to the
+//!    command line: the agent powers off right after mounting. Boot-to-init = QEMU start → the
+//!    agent's first console line; plus QEMU start → exit.
+//! 2. **step**: `run_step` on a trivial floating-CA derivation (new nonce each run), split into
+//!    boot (→ agent hello), input transfer, build, hashing, attestation, output transfer, host
+//!    checks, total.
+//! 3. **nix-build** of an equivalent derivation with `--option sandbox true` (falls back to
+//!    `sandbox = false`, and says so, where the Debian Nix sandbox cannot run).
+//! 4. **raw channel**: a VM with `vouch.bench=sink` receives `mib` MiB through the same vsock
+//!    backend and discards them (raw throughput), then the same bytes again hashed with the
+//!    agent's SHA-256 code (in-guest hashing rate).
+//! 5. **host hashing**: the same SHA-256 code over the same bytes on the host.
+//!
+//! What is not here: pass/fail thresholds (benchmarks are not tests).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use agent::messages::NarBegin;
+use agent::proto::{FrameReader, FrameWriter, Kind};
+use vm_image::image::{files, Manifest};
+
+use crate::build::local_store::{load_basic_derivation, LocalNixStore};
+use crate::build::{run_step, LauncherConfig, LogSink, Progress, StepRequest, Timings};
+use crate::vm::runner::Vm;
+use crate::vm::vsock::{detect_backend, Channel};
+use crate::vm::{choose_mode, qemu_argv, HostCaps, Mode, QemuSpec};
+
+/// Errors of the benchmark.
+#[derive(Debug, thiserror::Error)]
+#[error("benchmark: {0}")]
+pub struct BenchError(pub String);
+
+fn e<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> BenchError + '_ {
+    move |err| BenchError(format!("{what}: {err}"))
+}
+
+/// Results (seconds unless named otherwise).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct BenchReport {
+    /// The mode the VMs ran in.
+    pub mode: String,
+    /// Runs per measurement.
+    pub runs: usize,
+    /// Bare VM: QEMU start → first agent console line.
+    pub bare_boot_to_init_s: f64,
+    /// Bare VM: QEMU start → QEMU exit.
+    pub bare_total_s: f64,
+    /// Step: QEMU start → agent hello (boot to ready).
+    pub step_boot_s: f64,
+    /// Step phases.
+    pub step_input_transfer_s: f64,
+    /// Builder run.
+    pub step_build_s: f64,
+    /// Output hashing in the guest.
+    pub step_hashing_s: f64,
+    /// Attestation.
+    pub step_attestation_s: f64,
+    /// Output transfer.
+    pub step_output_transfer_s: f64,
+    /// Host checks.
+    pub step_verification_s: f64,
+    /// Whole step (QEMU start → exit).
+    pub step_total_s: f64,
+    /// `vouch build`-equivalent wall time including input closure query and publish.
+    pub step_input_bytes: u64,
+    /// nix-build wall time.
+    pub nix_build_s: f64,
+    /// Which sandbox setting nix-build ran with.
+    pub nix_sandbox: String,
+    /// Raw channel throughput, MiB/s.
+    pub raw_channel_mib_s: f64,
+    /// In-guest SHA-256 over the channel, MiB/s.
+    pub guest_hash_mib_s: f64,
+    /// Host SHA-256 over the same bytes, MiB/s.
+    pub host_hash_mib_s: f64,
+    /// Bytes used for the channel and hashing measurements, MiB.
+    pub mib: u64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v[v.len() / 2]
+}
+
+struct Quiet;
+impl LogSink for Quiet {
+    fn log(&mut self, _: &[u8]) {}
+    fn progress(&mut self, _: &Progress) {}
+}
+
+/// A VM of the image with `extra` appended to its command line (benchmarks only).
+fn launch(
+    cfg: &LauncherConfig,
+    mode: Mode,
+    extra: &str,
+    run_dir: &Path,
+) -> Result<(Vm, Channel), BenchError> {
+    let manifest = Manifest::load(&cfg.image_dir).map_err(e("image"))?;
+    let caps = HostCaps::probe();
+    let backend = detect_backend(caps.vhost_vsock).map_err(e("vsock"))?;
+    let chan =
+        Channel::prepare(&backend, run_dir, agent::config::DEFAULT_PORT).map_err(e("vsock"))?;
+    let spec = QemuSpec {
+        mode,
+        kernel: cfg.image_dir.join(files::VMLINUX),
+        initrd: cfg.image_dir.join(files::INITRD),
+        cmdline: format!("{} {extra}", manifest.cmdline),
+        memory_mib: cfg.memory_mib,
+        vcpus: cfg.vcpus,
+        vsock: chan.device().clone(),
+        snp: None,
+        network: false,
+    };
+    let argv = qemu_argv(&spec).map_err(e("argv"))?;
+    let vm = Vm::spawn(&cfg.qemu, &argv, &run_dir.join("console.log"), false).map_err(e("qemu"))?;
+    Ok((vm, chan))
+}
+
+fn bare(cfg: &LauncherConfig, mode: Mode) -> Result<(f64, f64), BenchError> {
+    let dir = tempfile::Builder::new().prefix("vouch-bench-").tempdir().map_err(e("tempdir"))?;
+    let (vm, _chan) = launch(cfg, mode, "vouch.bench=poweroff", dir.path())?;
+    vm.wait_timeout(Duration::from_secs(120))
+        .ok_or_else(|| BenchError("bare VM did not power off".into()))?;
+    let start = vm.started();
+    let init = vm
+        .agent_line_at("starting")
+        .ok_or_else(|| BenchError(format!("no agent line; console:\n{}", vm.console_tail())))?;
+    let exit = vm.exited_at().unwrap_or_else(Instant::now);
+    Ok(((init - start).as_secs_f64(), (exit - start).as_secs_f64()))
+}
+
+fn sink(cfg: &LauncherConfig, mode: Mode, bytes: &[u8]) -> Result<(f64, f64), BenchError> {
+    let dir = tempfile::Builder::new().prefix("vouch-bench-").tempdir().map_err(e("tempdir"))?;
+    let (vm, mut chan) = launch(cfg, mode, "vouch.bench=sink", dir.path())?;
+    let stream =
+        chan.accept(Duration::from_secs(120), &|| vm.exited().is_none()).map_err(e("accept"))?;
+    let mut w = FrameWriter::new(stream.try_clone().map_err(e("clone"))?);
+    let mut r = FrameReader::new(stream);
+    r.expect(Kind::Hello, "hello").map_err(e("hello"))?;
+    let mut rates = Vec::new();
+    for i in 0..2 {
+        let t = Instant::now();
+        let begin = NarBegin {
+            path: format!("/nix/store/00000000000000000000000000000000-bench{i}"),
+            nar_size: bytes.len() as u64,
+        };
+        w.send_nar(&begin, &mut &bytes[..]).map_err(e("send"))?;
+        r.expect(Kind::Phase, "the guest's receipt").map_err(e("receipt"))?;
+        rates.push(bytes.len() as f64 / (1 << 20) as f64 / t.elapsed().as_secs_f64());
+    }
+    w.send(Kind::InputsDone, &[]).map_err(e("send"))?;
+    let _ = r.expect(Kind::Bye, "bye");
+    let _ = vm.wait_timeout(Duration::from_secs(30));
+    Ok((rates[0], rates[1]))
+}
+
+fn nix_env() -> Vec<(&'static str, String)> {
+    vec![("NIX_CONFIG", crate::build::local_store::NIX_CONFIG.to_owned())]
+}
+
+fn write_bench_nix(dir: &Path, nonce: &str) -> Result<PathBuf, BenchError> {
+    let bb = dir.join("bb");
+    if !bb.exists() {
+        std::fs::create_dir(&bb).map_err(e("mkdir"))?;
+        std::fs::copy("/bin/busybox", bb.join("busybox"))
+            .map_err(e("busybox-static is required (/bin/busybox)"))?;
+        std::os::unix::fs::symlink("busybox", bb.join("sh")).map_err(e("symlink"))?;
+    }
+    let file = dir.join("bench.nix");
+    std::fs::write(
+        &file,
+        format!(
+            r#"let bb = builtins.path {{ path = ./bb; name = "busybox"; }}; in
+derivation {{ name = "bench-trivial"; system = builtins.currentSystem; builder = "${{bb}}/sh";
+  args = [ "-c" "mkdir $out; echo {nonce} > $out/x" ];
+  __contentAddressed = true; outputHashMode = "recursive"; outputHashAlgo = "sha256"; }}
+"#
+        ),
+    )
+    .map_err(e("write"))?;
+    Ok(file)
+}
+
+fn instantiate(file: &Path) -> Result<String, BenchError> {
+    let out = Command::new("nix-instantiate")
+        .envs(nix_env())
+        .arg(file)
+        .output()
+        .map_err(e("nix-instantiate"))?;
+    if !out.status.success() {
+        return Err(BenchError(format!(
+            "nix-instantiate: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn nix_build(drv: &str, sandbox: bool) -> Option<f64> {
+    let t = Instant::now();
+    let out = Command::new("nix-build")
+        .envs(nix_env())
+        .args(["--no-out-link", drv, "--option", "sandbox", if sandbox { "true" } else { "false" }])
+        .output()
+        .ok()?;
+    out.status.success().then(|| t.elapsed().as_secs_f64())
+}
+
+/// Run the whole benchmark.
+pub fn run(
+    cfg: &LauncherConfig,
+    runs: usize,
+    mib: u64,
+    progress: &mut dyn FnMut(&str),
+) -> Result<BenchReport, BenchError> {
+    let manifest = Manifest::load(&cfg.image_dir).map_err(e("image"))?;
+    let mode =
+        choose_mode(cfg.mode, &HostCaps::probe(), manifest.snp.is_some()).map_err(e("mode"))?;
+    let mode = if mode == Mode::Snp { Mode::Kvm } else { mode };
+    let mut rep = BenchReport { mode: mode.to_string(), runs, mib, ..BenchReport::default() };
+
+    progress("bare VM boots");
+    let mut b_init = Vec::new();
+    let mut b_total = Vec::new();
+    for _ in 0..runs {
+        let (i, t) = bare(cfg, mode)?;
+        b_init.push(i);
+        b_total.push(t);
+    }
+    rep.bare_boot_to_init_s = median(b_init);
+    rep.bare_total_s = median(b_total);
+
+    progress("build steps");
+    let work = tempfile::tempdir().map_err(e("tempdir"))?;
+    let mut steps: Vec<Timings> = Vec::new();
+    let mut step_cfg = cfg.clone();
+    step_cfg.mode = Some(mode);
+    let mut nix_times = Vec::new();
+    let mut sandbox = "true".to_owned();
+    for i in 0..runs {
+        let nonce = format!("{}-{i}-{:?}", std::process::id(), Instant::now());
+        let file = write_bench_nix(work.path(), &nonce)?;
+        let drv_path = instantiate(&file)?;
+        let drv = load_basic_derivation(&drv_path).map_err(e("drv"))?;
+        let req = StepRequest {
+            drv_path: drv_path.clone(),
+            drv,
+            outputs: BTreeSet::new(),
+            limits: Default::default(),
+            ca_rule: build_trace::job::CaRule::SelfRefPositions,
+            network: false,
+            job_id: None,
+        };
+        let outcome = run_step(req, &LocalNixStore, &mut Quiet, &step_cfg)
+            .map_err(|err| BenchError(crate::build::check::chain(&err)))?;
+        steps.push(outcome.timings.clone());
+        // Nix's own build of the same derivation (it is not built yet in the local store).
+        let t = match nix_build(&drv_path, sandbox == "true") {
+            Some(t) => Some(t),
+            None if sandbox == "true" => {
+                sandbox = "false (the sandboxed nix-build failed on this host)".into();
+                nix_build(&drv_path, false)
+            }
+            None => None,
+        };
+        if let Some(t) = t {
+            nix_times.push(t);
+        }
+    }
+    let pick =
+        |f: fn(&Timings) -> Duration| median(steps.iter().map(|t| f(t).as_secs_f64()).collect());
+    rep.step_boot_s = pick(|t| t.boot);
+    rep.step_input_transfer_s = pick(|t| t.input_transfer);
+    rep.step_build_s = pick(|t| t.build);
+    rep.step_hashing_s = pick(|t| t.hashing);
+    rep.step_attestation_s = pick(|t| t.attestation);
+    rep.step_output_transfer_s = pick(|t| t.output_transfer);
+    rep.step_verification_s = pick(|t| t.verification);
+    rep.step_total_s = pick(|t| t.total);
+    rep.step_input_bytes = steps.first().map_or(0, |t| t.input_bytes);
+    rep.nix_build_s = median(nix_times);
+    rep.nix_sandbox = sandbox;
+
+    progress("raw channel and hashing");
+    let bytes: Vec<u8> = (0..(mib << 20)).map(|i| (i * 2654435761u64 >> 13) as u8).collect();
+    let mut raw = Vec::new();
+    let mut guest = Vec::new();
+    for _ in 0..runs {
+        let (r, g) = sink(cfg, mode, &bytes)?;
+        raw.push(r);
+        guest.push(g);
+    }
+    rep.raw_channel_mib_s = median(raw);
+    rep.guest_hash_mib_s = median(guest);
+    let mut host = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let mut h = nix_formats::nar::NarHasher::new();
+        for c in bytes.chunks(256 << 10) {
+            h.update(c);
+        }
+        let _ = h.finish();
+        host.push(mib as f64 / t.elapsed().as_secs_f64());
+    }
+    rep.host_hash_mib_s = median(host);
+    Ok(rep)
+}

@@ -1,0 +1,74 @@
+//! `vouch bench vm`: the per-step time split and its baselines (see `host_launcher::bench`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use host_launcher::build::LauncherConfig;
+use host_launcher::vm::Mode;
+
+use super::{CmdResult, Global};
+
+/// Subcommands of `vouch bench`.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Boot, transfer, build, hash, attest: a trivial step against its baselines.
+    Vm {
+        /// Runs per measurement (medians are reported).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// MiB sent through the channel for the throughput and hashing measurements.
+        #[arg(long, default_value_t = 32)]
+        mib: u64,
+        /// VM mode (default: automatic; snp is measured as kvm).
+        #[arg(long, value_enum)]
+        mode: Option<Mode>,
+        /// Image directory.
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Run `vouch bench …`.
+pub fn run(cmd: Command, global: &Global) -> CmdResult {
+    let Command::Vm { runs, mib, mode, image, json } = cmd;
+    let mut cfg =
+        LauncherConfig::new(image.unwrap_or_else(vm_image::default_image_dir), global.state_dir());
+    cfg.mode = mode;
+    let r = host_launcher::bench::run(&cfg, runs.max(1), mib.max(1), &mut |s| {
+        eprintln!("vouch bench: {s}")
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let label = if r.mode == "tcg" { " (TCG: emulated CPU)" } else { "" };
+    println!("mode: {}{label}; {} runs each, medians", r.mode, r.runs);
+    println!(
+        "bare VM: boot to /init {:.3} s, start to exit {:.3} s",
+        r.bare_boot_to_init_s, r.bare_total_s
+    );
+    println!(
+        "step: boot to agent ready {:.3} s ({:+.0} % vs bare boot to /init)",
+        r.step_boot_s,
+        (r.step_boot_s / r.bare_boot_to_init_s - 1.0) * 100.0
+    );
+    println!(
+        "      input transfer {:.3} s ({} bytes), build {:.3} s, hashing {:.3} s, attestation {:.3} s, output transfer {:.3} s, host checks {:.3} s, total {:.3} s",
+        r.step_input_transfer_s, r.step_input_bytes, r.step_build_s, r.step_hashing_s, r.step_attestation_s,
+        r.step_output_transfer_s, r.step_verification_s, r.step_total_s
+    );
+    println!(
+        "nix-build (sandbox {}): {:.3} s; vouch step / nix-build = {:.1}x",
+        r.nix_sandbox,
+        r.nix_build_s,
+        r.step_total_s / r.nix_build_s
+    );
+    println!(
+        "channel: raw {:.1} MiB/s; in-guest SHA-256 {:.1} MiB/s; host SHA-256 {:.1} MiB/s (guest/host {:.3}x)",
+        r.raw_channel_mib_s, r.guest_hash_mib_s, r.host_hash_mib_s, r.guest_hash_mib_s / r.host_hash_mib_s
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,134 @@
+//! The NAR streams of worker-protocol uploads, as [`UploadSource`]s for the core: one path of
+//! `AddToStoreNar` (op 39) or the batch of `AddMultipleToStore` (op 44), both inside a framed
+//! stream. Each NAR is bounded by its declared size; a broken stream is remembered, so the
+//! front-end can tell a client that hung up (nothing to answer) from a bad upload (answered with
+//! an error after the rest of the frames are drained).
+
+use std::io::{self, Read};
+
+use super::super::action::{error_chain, ActionError, PathInfo, UploadSource};
+use super::super::types::{self, CodecError};
+use super::super::wire::{FramedReader, WireError, WireRead};
+
+/// A reader limited to `left` bytes that remembers whether the underlying stream failed.
+pub(super) struct Taken<'r, R: Read + ?Sized> {
+    pub(super) inner: &'r mut R,
+    pub(super) left: u64,
+    pub(super) wire_failed: Option<io::ErrorKind>,
+}
+
+impl<'r, R: Read + ?Sized> Taken<'r, R> {
+    pub(super) fn new(inner: &'r mut R, left: u64) -> Self {
+        Taken { inner, left, wire_failed: None }
+    }
+
+    fn skip_rest(&mut self) -> io::Result<()> {
+        let mut sink = io::sink();
+        io::copy(self, &mut sink)?;
+        Ok(())
+    }
+}
+
+impl<R: Read + ?Sized> Read for Taken<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.left == 0 || buf.is_empty() {
+            return Ok(0);
+        }
+        let want = buf.len().min(self.left.min(usize::MAX as u64) as usize);
+        match self.inner.read(&mut buf[..want]) {
+            Ok(0) => {
+                self.wire_failed = Some(io::ErrorKind::UnexpectedEof);
+                Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the client hung up with {} NAR bytes still due", self.left),
+                ))
+            }
+            Ok(n) => {
+                self.left -= n as u64;
+                Ok(n)
+            }
+            Err(e) => {
+                if e.kind() != io::ErrorKind::InvalidData {
+                    self.wire_failed = Some(e.kind());
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+/// `AddToStoreNar`: one path, its NAR in the framed stream.
+pub(super) struct OneUpload<'f, 'r, R: Read + ?Sized> {
+    pub(super) info: Option<PathInfo>,
+    pub(super) nar: Taken<'f, FramedReader<'r, R>>,
+}
+
+impl<R: Read + ?Sized> UploadSource for OneUpload<'_, '_, R> {
+    fn next_path(&mut self) -> Result<Option<PathInfo>, ActionError> {
+        self.nar.skip_rest()?;
+        let info = self.info.take();
+        if let Some(i) = &info {
+            self.nar.left = i.nar_size;
+        }
+        Ok(info)
+    }
+
+    fn nar(&mut self) -> &mut dyn Read {
+        &mut self.nar
+    }
+}
+
+/// `AddMultipleToStore`: in the framed stream, a count, then per path its info and NAR.
+pub(super) struct ManyUploads<'f, 'r, R: Read + ?Sized> {
+    pub(super) left: Option<u64>,
+    pub(super) nar: Taken<'f, FramedReader<'r, R>>,
+    pub(super) bad: Option<String>,
+}
+
+impl<R: Read + ?Sized> UploadSource for ManyUploads<'_, '_, R> {
+    fn next_path(&mut self) -> Result<Option<PathInfo>, ActionError> {
+        if let Some(bad) = &self.bad {
+            return Err(bad.clone().into());
+        }
+        self.nar.skip_rest()?;
+        let left = match self.left {
+            Some(n) => n,
+            None => match self.nar.inner.read_count("number of paths") {
+                Ok(n) => n as u64,
+                Err(e) => return Err(self.note(e)),
+            },
+        };
+        if left == 0 {
+            self.left = Some(0);
+            return Ok(None);
+        }
+        let info = match types::read_upload_info(&mut *self.nar.inner) {
+            Ok(info) => info,
+            Err(CodecError::Wire(w)) => return Err(self.note(w)),
+            Err(other) => {
+                self.bad = Some(error_chain(&other));
+                return Err(Box::new(other));
+            }
+        };
+        self.left = Some(left - 1);
+        self.nar.left = info.nar_size;
+        Ok(Some(info))
+    }
+
+    fn nar(&mut self) -> &mut dyn Read {
+        &mut self.nar
+    }
+}
+
+impl<R: Read + ?Sized> ManyUploads<'_, '_, R> {
+    fn note(&mut self, e: WireError) -> ActionError {
+        match &e {
+            WireError::Eof => self.nar.wire_failed = Some(io::ErrorKind::UnexpectedEof),
+            WireError::Io(io) if io.kind() != io::ErrorKind::InvalidData => {
+                self.nar.wire_failed = Some(io.kind())
+            }
+            _ => {}
+        }
+        Box::new(e)
+    }
+}

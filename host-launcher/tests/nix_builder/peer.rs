@@ -1,0 +1,277 @@
+//! Test helpers: the real `vouch nix-builder` process with a scripted protocol peer on its
+//! stdin/stdout, a watchdog so a hang fails the test instead of stalling it, wrapper scripts
+//! for a real Nix, and NAR/path fixtures.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeSet;
+use std::io::{BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use host_launcher::nixproto::wire::{WireRead, WireWrite};
+use host_launcher::nixproto::worker::{STDERR_ERROR, STDERR_LAST, WORKER_MAGIC_1, WORKER_MAGIC_2};
+use host_launcher::nixproto::PathInfo;
+use nix_formats::nar::NarWriter;
+use nix_formats::StorePath;
+use sha2::{Digest, Sha256};
+
+/// `NIX_CONFIG` for the real Nix client in these tests.
+pub const NIX_CONFIG: &str = "experimental-features = nix-command ca-derivations\nsubstituters =\nbuild-users-group =\nsandbox = false\n";
+
+/// The `vouch` binary.
+pub fn vouch() -> &'static str {
+    env!("CARGO_BIN_EXE_vouch")
+}
+
+/// Fail (not skip) when Nix is missing.
+pub fn require_nix() {
+    let ok =
+        Command::new("nix").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+    assert!(
+        ok,
+        "`nix` is required for this test: apt-get install nix-bin (scripts/setup-host.sh does)"
+    );
+}
+
+/// A wrapper script that runs `vouch --state-dir STATE nix-builder ARGS… "$@"` (what
+/// `remote-program=` points at: Nix 2.8 runs `bash -c "PROG --stdio"` for `localhost`).
+pub fn wrapper(dir: &Path, name: &str, state: &Path, extra: &[&str]) -> PathBuf {
+    let p = dir.join(name);
+    let log = dir.join(format!("{name}.log"));
+    let script = format!(
+        "#!/bin/sh\nexec '{}' --state-dir '{}' -v nix-builder {} \"$@\" 2>>'{}'\n",
+        vouch(),
+        state.display(),
+        extra.join(" "),
+        log.display()
+    );
+    std::fs::write(&p, script).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+/// Run a real Nix command.
+pub fn nix(args: &[&str]) -> Output {
+    Command::new(args[0])
+        .args(&args[1..])
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .output()
+        .expect("running nix")
+}
+
+/// Combined output text.
+pub fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// A unique string per test run.
+pub fn nonce() -> String {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    format!("{}-{}", std::process::id(), t.as_nanos())
+}
+
+/// A NAR of one regular file.
+pub fn nar_of(contents: &[u8]) -> Vec<u8> {
+    let mut w = NarWriter::new(Vec::new()).unwrap();
+    w.regular(false, contents).unwrap();
+    w.into_inner()
+}
+
+/// A fake store path.
+pub fn fake_path(name: &str, seed: u8) -> StorePath {
+    StorePath::from_parts([seed; 20], name).unwrap()
+}
+
+/// Upload info for `nar` at `path`.
+pub fn info_for(path: &StorePath, nar: &[u8], refs: &[&StorePath]) -> PathInfo {
+    PathInfo {
+        path: path.clone(),
+        deriver: None,
+        nar_hash: Sha256::digest(nar).into(),
+        nar_size: nar.len() as u64,
+        references: refs.iter().map(|r| (*r).clone()).collect(),
+        registration_time: 0,
+        ultimate: false,
+        sigs: BTreeSet::new(),
+        ca: None,
+    }
+}
+
+/// A running `vouch nix-builder` with a scripted peer.
+pub struct Peer {
+    pub child: Child,
+    pub to: Option<ChildStdin>,
+    pub from: BufReader<ChildStdout>,
+    pub stderr_file: PathBuf,
+    done: Arc<AtomicBool>,
+}
+
+impl Peer {
+    /// Start `vouch --state-dir STATE nix-builder ARGS…`; it is killed after `limit`.
+    pub fn spawn(state: &Path, args: &[&str], limit: Duration) -> Peer {
+        let stderr_file = state.with_extension(format!("stderr-{}", nonce()));
+        let err = std::fs::File::create(&stderr_file).unwrap();
+        let mut child = Command::new(vouch())
+            .arg("--state-dir")
+            .arg(state)
+            .arg("-v")
+            .arg("nix-builder")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(err)
+            .spawn()
+            .unwrap();
+        let to = child.stdin.take().unwrap();
+        let from = BufReader::new(child.stdout.take().unwrap());
+        let done = Arc::new(AtomicBool::new(false));
+        let pid = child.id() as i32;
+        let flag = done.clone();
+        std::thread::spawn(move || {
+            let t0 = Instant::now();
+            while t0.elapsed() < limit {
+                if flag.load(Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if !flag.load(Ordering::Relaxed) {
+                eprintln!("watchdog: the builder process hung; killing it");
+                let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            }
+        });
+        Peer { child, to: Some(to), from, stderr_file, done }
+    }
+
+    /// The pipe to the server's stdin.
+    pub fn w(&mut self) -> &mut ChildStdin {
+        self.to.as_mut().expect("stdin still open")
+    }
+
+    /// Close the server's stdin (the client hangs up).
+    pub fn hang_up(&mut self) {
+        self.to = None;
+    }
+
+    /// Worker handshake as a Nix client of `version` with `features` (≥ 1.38); returns the
+    /// server's version string, trusted flag (if any) and features.
+    pub fn worker_handshake(
+        &mut self,
+        version: u64,
+        features: &[&str],
+    ) -> (String, Option<u64>, Vec<String>) {
+        self.w().write_u64(WORKER_MAGIC_1).unwrap();
+        self.w().write_u64(version).unwrap();
+        self.w().flush().unwrap();
+        assert_eq!(self.from.read_u64().unwrap(), WORKER_MAGIC_2);
+        let server = self.from.read_u64().unwrap();
+        assert_eq!(server, 0x126, "server speaks 1.38");
+        let v = version.min(server) & 0xff;
+        let mut feats = Vec::new();
+        if v >= 38 {
+            let f: Vec<String> = features.iter().map(|s| s.to_string()).collect();
+            self.w().write_strings(&f).unwrap();
+            self.w().flush().unwrap();
+            feats = self.from.read_string_list("features").unwrap();
+        }
+        self.w().write_u64(0).unwrap(); // cpu affinity
+        self.w().write_u64(0).unwrap(); // reserve space
+        self.w().flush().unwrap();
+        let ver = self.from.read_string("version").unwrap();
+        let trusted = if v >= 35 { Some(self.from.read_u64().unwrap()) } else { None };
+        self.expect_last();
+        (ver, trusted, feats)
+    }
+
+    /// Read STDERR messages up to `STDERR_LAST` (log messages skipped) or an error.
+    pub fn stderr_loop(&mut self) -> Result<(), String> {
+        loop {
+            match self.from.read_u64().unwrap() {
+                STDERR_LAST => return Ok(()),
+                STDERR_ERROR => {
+                    let _ty = self.from.read_string("type").unwrap();
+                    let _lvl = self.from.read_u64().unwrap();
+                    let _name = self.from.read_string("name").unwrap();
+                    let msg = self.from.read_string("msg").unwrap();
+                    let _pos = self.from.read_u64().unwrap();
+                    let n = self.from.read_u64().unwrap();
+                    for _ in 0..n {
+                        self.from.read_u64().unwrap();
+                        self.from.read_string("trace").unwrap();
+                    }
+                    return Err(msg);
+                }
+                0x6f6c6d67 => {
+                    self.from.read_string("next").unwrap();
+                }
+                0x53545254 => {
+                    for _ in 0..3 {
+                        self.from.read_u64().unwrap();
+                    }
+                    self.from.read_string("text").unwrap();
+                    self.skip_fields();
+                    self.from.read_u64().unwrap();
+                }
+                0x53544f50 => {
+                    self.from.read_u64().unwrap();
+                }
+                0x52534c54 => {
+                    self.from.read_u64().unwrap();
+                    self.from.read_u64().unwrap();
+                    self.skip_fields();
+                }
+                other => panic!("unexpected STDERR message {other:#x}"),
+            }
+        }
+    }
+
+    fn skip_fields(&mut self) {
+        let n = self.from.read_u64().unwrap();
+        for _ in 0..n {
+            match self.from.read_u64().unwrap() {
+                0 => {
+                    self.from.read_u64().unwrap();
+                }
+                _ => {
+                    self.from.read_string("field").unwrap();
+                }
+            }
+        }
+    }
+
+    /// Expect `STDERR_LAST`.
+    pub fn expect_last(&mut self) {
+        if let Err(e) = self.stderr_loop() {
+            panic!("unexpected error from the builder: {e}");
+        }
+    }
+
+    /// Close stdin and wait for the process; returns (exit status, stderr text).
+    pub fn finish(mut self) -> (std::process::ExitStatus, String) {
+        self.to = None;
+        let mut rest = Vec::new();
+        let _ = self.from.read_to_end(&mut rest);
+        let status = self.child.wait().unwrap();
+        self.done.store(true, Ordering::Relaxed);
+        (status, std::fs::read_to_string(&self.stderr_file).unwrap_or_default())
+    }
+
+    /// Whether the server closed its end (EOF on stdout).
+    pub fn at_eof(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.from.read(&mut b), Ok(0))
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::Relaxed);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,399 @@
+//! The real Debian Nix 2.8 building through `vouch nix-builder` as a remote builder, every
+//! derivation in a fresh VM (KVM where usable, else TCG; evidence simulated here):
+//! `ssh-ng://` and `ssh://` builders, a 3-level floating-CA chain with self- and cross
+//! references, an input-addressed and a multi-output derivation, a fixed-output derivation,
+//! signed realisations (`nix realisation info`), `vouch verify` under an explicit and the
+//! default policy, two builders sharing a closure, and failures (a failing builder, a VM killed
+//! mid-build) that leave nothing registered.
+//!
+//! The tests take a lock so their VMs do not compete for the CPUs; data is kept tiny.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tests::vm::{image_dir, nix, nonce, vouch_bin, Scratch, NIX_CONFIG};
+
+static VMS: Mutex<()> = Mutex::new(());
+
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    VMS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// A builder wrapper (`remote-program`): `vouch --state-dir STATE nix-builder EXTRA… "$@"`.
+fn wrapper(s: &Scratch, name: &str, state: &Path, extra: &str) -> PathBuf {
+    let p = s.dir.path().join(name);
+    let script = format!(
+        "#!/bin/sh\nVOUCH_IMAGE_DIR='{}' exec '{}' --state-dir '{}' nix-builder {extra} \"$@\"\n",
+        image_dir().display(),
+        vouch_bin().display(),
+        state.display()
+    );
+    std::fs::write(&p, script).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+fn machine(proto: &str, wrapper: &Path, features: &str) -> String {
+    format!(
+        "{proto}://localhost?remote-program={} x86_64-linux - 1 1 {features}",
+        wrapper.display()
+    )
+}
+
+/// `nix-build --max-jobs 0 --builders MACHINES FILE -A attr…` (everything goes to the builders).
+fn remote_build(file: &Path, attrs: &[&str], machines: &str, extra: &[&str]) -> Output {
+    let mut cmd = Command::new("nix-build");
+    cmd.env("NIX_CONFIG", NIX_CONFIG)
+        .arg(file)
+        .args(["--no-out-link", "--max-jobs", "0", "--builders", machines])
+        .args(extra);
+    for a in attrs {
+        cmd.args(["-A", a]);
+    }
+    cmd.output().expect("running nix-build")
+}
+
+/// The test derivations. `c1` → `c2` → `c3`: floating CA, self-references (`echo $out`) and
+/// references across levels; `multi`: two CA outputs, `out` refers to `dev`, `dev` to `c1`;
+/// `ia`: input-addressed; `fod`: fixed-output (flat SHA-256 of `fixed-<nonce>`).
+fn closure_nix(n: &str) -> String {
+    let fod_hash = {
+        use std::io::Write;
+        let mut c =
+            Command::new("sha256sum").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+        c.stdin.take().unwrap().write_all(format!("fixed-{n}").as_bytes()).unwrap();
+        let out = c.wait_with_output().unwrap();
+        String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_owned()
+    };
+    format!(
+        r#"let
+  bb = builtins.path {{ path = ./bb; name = "busybox"; }};
+  sys = builtins.currentSystem;
+  ca = name: attrs: script: derivation ({{
+    inherit name; system = sys; builder = "${{bb}}/sh"; args = [ "-c" script ];
+    __contentAddressed = true; outputHashMode = "recursive"; outputHashAlgo = "sha256";
+  }} // attrs);
+in rec {{
+  c1 = ca "nb-c1" {{}} "set -e; mkdir $out; echo {n} > $out/n; echo $out > $out/self; echo built c1";
+  c2 = ca "nb-c2" {{}} "set -e; mkdir $out; cat ${{c1}}/n > $out/n; echo ${{c1}} > $out/up; echo $out > $out/self";
+  c3 = ca "nb-c3" {{}} "set -e; mkdir $out; echo ${{c2}} ${{c1}} > $out/refs";
+  multi = ca "nb-multi" {{ outputs = [ "out" "dev" ]; }} "set -e; mkdir $out $dev; echo ${{c1}} > $dev/c1; echo $dev > $out/dev";
+  ia = derivation {{
+    name = "nb-ia"; system = sys; builder = "${{bb}}/sh";
+    args = [ "-c" "set -e; mkdir $out; echo {n} > $out/n; echo ${{bb}} > $out/bb" ];
+  }};
+  fod = derivation {{
+    name = "nb-fod-{n}"; system = sys; builder = "${{bb}}/sh";
+    args = [ "-c" "printf fixed-{n} > $out" ];
+    outputHashMode = "flat"; outputHashAlgo = "sha256"; outputHash = "{fod_hash}";
+  }};
+  left = ca "nb-left" {{ requiredSystemFeatures = [ "vouch-a" ]; }} "mkdir $out; echo left {n} > $out/x";
+  right = ca "nb-right" {{ requiredSystemFeatures = [ "vouch-b" ]; }} "mkdir $out; echo right {n} > $out/x";
+  joined = ca "nb-joined" {{ requiredSystemFeatures = [ "vouch-a" ]; }} "mkdir $out; echo ${{left}} ${{right}} > $out/both";
+  fails = ca "nb-fails" {{}} "echo about to fail; exit 3";
+  slow = ca "nb-slow" {{}} "echo started {n}; ${{bb}}/busybox sleep 600";
+}}
+"#
+    )
+}
+
+fn instantiate(file: &Path, attr: &str) -> String {
+    let out = nix(&["nix-instantiate", file.to_str().unwrap(), "-A", attr]);
+    assert!(out.status.success(), "nix-instantiate: {}", text(&out));
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// The step directories (drv base names) in a builder's trace store.
+fn steps(state: &Path) -> Vec<String> {
+    let d = state.join("cache/vouch/v1/steps");
+    let mut v: Vec<String> = std::fs::read_dir(&d)
+        .map(|r| {
+            r.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// A policy accepting the simulated roots of `states` (and, with `key_of`, requiring that
+/// builder's Nix key too).
+fn policy(s: &Scratch, states: &[&Path], key_of: Option<&Path>) -> PathBuf {
+    let mut roots = Vec::new();
+    for st in states {
+        let root = build_trace::evidence::SimulatedRoot::load(&st.join("simulated-snp"))
+            .expect("the builder's simulated root");
+        roots.push(format!("\"{}\"", root.key_id()));
+    }
+    let manifest = image_dir().join("manifest.json");
+    let mut text = String::new();
+    let mut keys = String::new();
+    match key_of {
+        Some(st) => {
+            let pubfile = std::fs::read_dir(st.join("keys"))
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .find(|p| p.to_string_lossy().ends_with("-simulated-1.public"))
+                .expect("the builder's public key");
+            let public = std::fs::read_to_string(pubfile).unwrap().trim().to_owned();
+            let name = public.split(':').next().unwrap().to_owned();
+            text.push_str(&format!(
+                "require = {{ threshold = 2, of = [\"builder:dev\", \"key:{name}\"] }}\n"
+            ));
+            keys = format!("[keys]\n\"{name}\" = \"{public}\"\n");
+        }
+        None => text.push_str("require = \"builder:dev\"\n"),
+    }
+    text.push_str(&keys);
+    text.push_str(&format!(
+        "[builders.dev]\nimage_manifests = [\"{}\"]\n[builders.dev.evidence]\nsimulated_roots = [{}]\n",
+        manifest.display(),
+        roots.join(", ")
+    ));
+    let p = s.dir.path().join(format!("policy-{}.toml", nonce()));
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn verify(policy: Option<&Path>, traces: &[&Path], drv: &str) -> Output {
+    let mut cmd = Command::new(vouch_bin());
+    cmd.arg("verify");
+    if let Some(p) = policy {
+        cmd.arg("--policy").arg(p);
+    }
+    for t in traces {
+        cmd.arg("--traces").arg(t.join("cache"));
+    }
+    cmd.arg(drv).output().unwrap()
+}
+
+/// Resolved derivations built for CA steps carry vouch's signature in the client's store (Nix
+/// registers unsigned realisations of its own for input-addressed ones, which vouch does not
+/// sign: their output paths are static).
+fn assert_signed_realisations(state: &Path) -> usize {
+    let mut n = 0;
+    for base in steps(state) {
+        let drv = format!("/nix/store/{base}");
+        let info = nix(&["nix", "realisation", "info", "--json", &drv]);
+        let t = String::from_utf8_lossy(&info.stdout).into_owned();
+        if base.ends_with("-nb-ia.drv") {
+            assert!(
+                !t.contains("-simulated-1:"),
+                "no vouch realisation for an input-addressed step: {t}"
+            );
+            continue;
+        }
+        assert!(
+            info.status.success() && t.contains("-simulated-1:"),
+            "vouch's signature on the realisation of {drv}: {t}"
+        );
+        n += 1;
+    }
+    n
+}
+
+fn check_outputs(out: &Output, state: &Path) -> Vec<String> {
+    assert!(out.status.success(), "remote build failed:\n{}", text(out));
+    let paths: Vec<String> =
+        String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect();
+    for p in &paths {
+        let v = nix(&["nix-store", "--verify-path", p]);
+        assert!(v.status.success(), "{p}: {}", text(&v));
+        // The builder's content store has it too (a new builder process serves it).
+        assert!(state.join("store/index.sqlite").is_file());
+    }
+    paths
+}
+
+#[test]
+fn ssh_ng_builds_ca_chain_ia_and_multi_output_and_the_closure_verifies() {
+    let _g = lock();
+    let s = Scratch::new();
+    let n = nonce();
+    let file = s.write("closure.nix", &closure_nix(&n));
+    let state = s.state();
+    let w = wrapper(&s, "builder", &state, "");
+    let out = remote_build(
+        &file,
+        &["c3", "multi.out", "multi.dev", "ia"],
+        &machine("ssh-ng", &w, "ca-derivations"),
+        &[],
+    );
+    let paths = check_outputs(&out, &state);
+    assert_eq!(paths.len(), 4, "{paths:?}");
+    let log = text(&out);
+    assert!(log.contains("built c1"), "the builder log reached the client: {log}");
+    assert!(log.contains("in a vouch VM"), "{log}");
+    // c3 refers to c2 and c1; c2 to itself and c1.
+    let c3 = paths.iter().find(|p| p.ends_with("-nb-c3")).expect("c3 built");
+    let refs = String::from_utf8(nix(&["nix-store", "-qR", c3]).stdout).unwrap();
+    assert!(
+        refs.lines().any(|l| l.ends_with("-nb-c2")) && refs.lines().any(|l| l.ends_with("-nb-c1")),
+        "{refs}"
+    );
+    // Steps: c1, c2, c3, multi, ia; four of them content-addressed with signed realisations.
+    assert_eq!(steps(&state).len(), 5, "{:?}", steps(&state));
+    assert_eq!(assert_signed_realisations(&state), 4);
+
+    // vouch verify: accepted under a policy naming the simulated root and vouch's key,
+    // rejected under the default policy (simulated evidence).
+    let p = policy(&s, &[&state], Some(&state));
+    for attr in ["c3", "multi", "ia"] {
+        let drv = instantiate(&file, attr);
+        let v = verify(Some(&p), &[&state], &drv);
+        assert_eq!(v.status.code(), Some(0), "verify {attr}: {}", text(&v));
+    }
+    let v = verify(None, &[&state], &instantiate(&file, "c3"));
+    assert_eq!(v.status.code(), Some(1), "default policy: {}", text(&v));
+    assert!(text(&v).to_lowercase().contains("simulated"), "{}", text(&v));
+}
+
+#[test]
+fn ssh_serve_builds_the_same() {
+    let _g = lock();
+    let s = Scratch::new();
+    let n = nonce();
+    let file = s.write("closure.nix", &closure_nix(&n));
+    let state = s.state();
+    // The serve protocol does not tell the client's Nix release (2.8–2.34): say it.
+    let w = wrapper(&s, "builder", &state, "--client-nix-version 2.8");
+    let out = remote_build(
+        &file,
+        &["c3", "multi.out", "multi.dev", "ia"],
+        &machine("ssh", &w, "ca-derivations"),
+        &[],
+    );
+    let paths = check_outputs(&out, &state);
+    assert_eq!(paths.len(), 4);
+    assert_eq!(assert_signed_realisations(&state), 4);
+    let p = policy(&s, &[&state], Some(&state));
+    let v = verify(Some(&p), &[&state], &instantiate(&file, "c3"));
+    assert_eq!(v.status.code(), Some(0), "{}", text(&v));
+}
+
+#[test]
+fn fixed_output_derivation_runs_networked_or_says_why_not() {
+    let _g = lock();
+    let s = Scratch::new();
+    let n = nonce();
+    let file = s.write("closure.nix", &closure_nix(&n));
+    let state = s.state();
+    let w = wrapper(&s, "builder", &state, "");
+    let out = remote_build(&file, &["fod"], &machine("ssh-ng", &w, "ca-derivations"), &[]);
+    if out.status.success() {
+        let p = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert_eq!(
+            std::fs::read_to_string(&p).unwrap(),
+            format!("fixed-{n}"),
+            "accepted by its declared hash"
+        );
+    } else {
+        let t = text(&out);
+        assert!(
+            t.contains("networked fixed-output variant is not available"),
+            "an honest reason: {t}"
+        );
+        assert!(steps(&state).is_empty());
+    }
+}
+
+#[test]
+fn two_builders_share_a_closure_and_it_verifies() {
+    let _g = lock();
+    let s = Scratch::new();
+    let n = nonce();
+    let file = s.write("closure.nix", &closure_nix(&n));
+    let (sa, sb) = (s.dir.path().join("state-a"), s.dir.path().join("state-b"));
+    let (wa, wb) = (wrapper(&s, "builder-a", &sa, ""), wrapper(&s, "builder-b", &sb, ""));
+    let machines = format!(
+        "{} ; {}",
+        machine("ssh-ng", &wa, "ca-derivations,vouch-a vouch-a"),
+        machine("ssh-ng", &wb, "ca-derivations,vouch-b vouch-b")
+    );
+    let out = remote_build(&file, &["joined"], &machines, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let (a, b) = (steps(&sa), steps(&sb));
+    assert_eq!(a.len(), 2, "left and joined on builder a: {a:?}");
+    assert_eq!(b.len(), 1, "right on builder b: {b:?}");
+    assert!(b[0].ends_with("nb-right.drv"));
+    let p = policy(&s, &[&sa, &sb], None);
+    let v = verify(Some(&p), &[&sa, &sb], &instantiate(&file, "joined"));
+    assert_eq!(v.status.code(), Some(0), "{}", text(&v));
+    // One builder's traces alone do not cover the closure.
+    let v = verify(Some(&p), &[&sa], &instantiate(&file, "joined"));
+    assert_eq!(v.status.code(), Some(1), "{}", text(&v));
+}
+
+/// Valid paths in a builder's content store whose name ends with `suffix`.
+fn stored(state: &Path, suffix: &str) -> usize {
+    let out = Command::new("sqlite3")
+        .arg(state.join("store/index.sqlite"))
+        .arg(format!("SELECT count(*) FROM paths WHERE path LIKE '%{suffix}'"))
+        .output()
+        .expect("sqlite3 (scripts/setup-host.sh installs it)");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+#[test]
+fn failures_are_reported_and_register_nothing() {
+    let _g = lock();
+    let s = Scratch::new();
+    let n = nonce();
+    let file = s.write("closure.nix", &closure_nix(&n));
+    let state = s.state();
+    let w = wrapper(&s, "builder", &state, "");
+    let m = machine("ssh-ng", &w, "ca-derivations");
+
+    // A builder that fails.
+    let out = remote_build(&file, &["fails"], &m, &[]);
+    assert!(!out.status.success());
+    let t = text(&out);
+    assert!(t.contains("failed: vouch:") && t.contains("about to fail"), "{t}");
+    assert_eq!(stored(&state, "-nb-fails"), 0);
+    assert!(steps(&state).is_empty());
+
+    // A VM killed mid-build: the QEMU pid is in the streamed log.
+    let mut child = Command::new("nix-build")
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .arg(&file)
+        .args(["--no-out-link", "--max-jobs", "0", "--builders", &m, "-A", "slow"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = BufReader::new(child.stderr.take().unwrap());
+    let t0 = Instant::now();
+    let mut qemu = None;
+    let mut seen = String::new();
+    for line in err.lines() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if let Some(i) = line.find("QEMU pid ") {
+            qemu = line[i + 9..].trim_end_matches(')').parse::<u32>().ok();
+        }
+        if line.contains(&format!("started {n}")) {
+            let pid = qemu.expect("QEMU pid announced before the builder started");
+            assert!(Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status()
+                .unwrap()
+                .success());
+        }
+        assert!(t0.elapsed() < Duration::from_secs(300), "took too long: {seen}");
+    }
+    let status = child.wait().unwrap();
+    assert!(!status.success());
+    assert!(qemu.is_some(), "{seen}");
+    assert!(seen.contains("failed: vouch:") && seen.contains("nothing was registered"), "{seen}");
+    assert_eq!(stored(&state, "-nb-slow"), 0);
+    assert!(steps(&state).is_empty());
+}

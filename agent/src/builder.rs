@@ -90,6 +90,14 @@ pub enum BuildFailure {
     /// The log pipe failed.
     #[error("reading the builder's log")]
     Log(#[source] std::io::Error),
+    /// A resource limit of the sandbox was hit (memory, processes, tmpfs).
+    #[error("builder for '{drv}' stopped: {hit}")]
+    Limit {
+        /// Derivation.
+        drv: String,
+        /// Which limit.
+        hit: crate::sandbox::LimitHit,
+    },
 }
 
 /// `hashPlaceholder(output)`: `/` + nix32(sha256("nix-output:" + output)).
@@ -449,6 +457,11 @@ pub fn run(
         if eof {
             std::thread::sleep(Duration::from_millis(5));
         }
+        // A memory or process limit hit fails the build at once (a fork bomb never exits).
+        if let Some(hit) = confine.limit_hit(false) {
+            kill(&mut child);
+            return Err(BuildFailure::Limit { drv, hit });
+        }
         // The builder may exit while something it started still holds the log pipe, or close
         // the pipe and keep running: its own exit decides.
         match child.try_wait() {
@@ -464,6 +477,9 @@ pub fn run(
     confine.kill_all(pid);
     drain_nonblocking(&mut pipe, &mut |d| log(d));
     let st = status;
+    if let Some(hit) = confine.limit_hit(!st.success()) {
+        return Err(BuildFailure::Limit { drv, hit });
+    }
     if st.success() {
         return Ok(());
     }

@@ -17,7 +17,9 @@ use build_trace::job::{CaRule, Job, NarHash};
 use nix_formats::ca::SelfRefRule;
 use nix_formats::content_address::ContentAddress;
 use nix_formats::nar::{NarDump, NarHasher, NarLimits, UnpackOptions};
-use nix_formats::StorePath;
+use nix_formats::refs::RefScanner;
+use nix_formats::store_path::FileIngestionMethod;
+use nix_formats::{HashAlgo, StorePath};
 
 use crate::messages::NarBegin;
 use crate::proto::{FrameReader, Kind, ProtoError};
@@ -91,14 +93,25 @@ pub fn self_ref_rule(rule: CaRule) -> SelfRefRule {
 struct Tee<'a, R: Read> {
     inner: R,
     hasher: &'a mut NarHasher,
+    own: &'a mut RefScanner,
 }
 
 impl<R: Read> Read for Tee<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.hasher.update(&buf[..n]);
+        self.own.feed(&buf[..n]);
         Ok(n)
     }
+}
+
+/// What [`receive`] established.
+#[derive(Debug, Default)]
+pub struct Received {
+    /// Paths in arrival order.
+    pub order: Vec<String>,
+    /// Paths whose NAR contains their own hash part (self-references).
+    pub self_referencing: BTreeSet<String>,
 }
 
 /// Receive `NarBegin`/chunks/`NarEnd` per path until `InputsDone`, unpacking under `store_dir`
@@ -109,9 +122,9 @@ pub fn receive<R: Read>(
     job: &Job,
     store_dir: &Path,
     progress: &mut dyn FnMut(&str),
-) -> Result<Vec<String>, InputError> {
+) -> Result<Received, InputError> {
     let mut got = BTreeSet::new();
-    let mut order = Vec::new();
+    let mut out = Received::default();
     let opts = UnpackOptions { limits: NarLimits::default(), canonical: true };
     loop {
         let f = rd.expect_frame("an input NAR or InputsDone")?;
@@ -138,9 +151,10 @@ pub fn receive<R: Read>(
             .map_err(|e| InputError::Bad(begin.path.clone(), e.to_string()))?;
         let dest = store_dir.join(sp.base_name());
         let mut hasher = NarHasher::new();
+        let mut own = RefScanner::new([sp.clone()]);
         {
             let mut stream = rd.nar_stream(&begin.path, begin.nar_size);
-            let unpacked = nix_formats::nar::unpack(Tee { inner: &mut stream, hasher: &mut hasher }, &dest, &opts);
+            let unpacked = nix_formats::nar::unpack(Tee { inner: &mut stream, hasher: &mut hasher, own: &mut own }, &dest, &opts);
             if let Err(e) = unpacked {
                 // A channel-level problem (e.g. fewer or more bytes than announced) explains
                 // the failure better than "invalid NAR".
@@ -161,7 +175,7 @@ pub fn receive<R: Read>(
             }
             let before = hasher.size();
             let mut rest = Vec::new();
-            let trailing = Tee { inner: &mut stream, hasher: &mut hasher }.read_to_end(&mut rest);
+            let trailing = Tee { inner: &mut stream, hasher: &mut hasher, own: &mut own }.read_to_end(&mut rest);
             if trailing.is_err() || hasher.size() != before {
                 return Err(match stream.take_error() {
                     Some(ProtoError::NarTooShort { got, .. }) => InputError::SizeMismatch {
@@ -191,19 +205,28 @@ pub fn receive<R: Read>(
             });
         }
         progress(&begin.path);
-        order.push(begin.path);
+        if !own.references().is_empty() {
+            out.self_referencing.insert(begin.path.clone());
+        }
+        out.order.push(begin.path);
     }
     if let Some(missing) = job.closure.keys().find(|p| !got.contains(*p)) {
         return Err(InputError::Missing(missing.clone()));
     }
-    Ok(order)
+    Ok(out)
 }
 
 /// Recompute the content address of every closure path that claims one; returns
 /// path → `ca` for the statement's `input_cas`.
+///
+/// A recursive SHA-256 address of a path whose NAR does not contain its own hash part is the
+/// NAR hash itself (nothing to zero, no positions to append, under either self-reference
+/// rule), and the NAR hash was just checked against the bytes: such paths are not re-read.
+/// Every other claim is recomputed from the unpacked tree.
 pub fn verify_content_addresses(
     job: &Job,
     store_dir: &Path,
+    received: &Received,
 ) -> Result<BTreeMap<String, String>, InputError> {
     let rule = self_ref_rule(job.ca_rule);
     let mut out = BTreeMap::new();
@@ -213,21 +236,38 @@ pub fn verify_content_addresses(
         let sp = StorePath::parse(path).map_err(|e| bad(e.to_string()))?;
         let ca = ContentAddress::parse(ca_str)
             .map_err(|e| bad(format!("content address {ca_str:?}: {e}")))?;
-        let refs: BTreeSet<StorePath> = info
+        let mut refs: BTreeSet<StorePath> = info
             .references
             .iter()
             .map(|r| StorePath::parse(r).map_err(|e| bad(e.to_string())))
             .collect::<Result<_, _>>()?;
-        let on_disk: PathBuf = store_dir.join(sp.base_name());
-        nix_formats::content_address::verify(
-            &sp,
-            &ca,
-            &refs,
-            NarDump::new(on_disk),
-            rule,
-            &NarLimits::default(),
-        )
-        .map_err(|e| InputError::Ca(path.clone(), e))?;
+        let fast = matches!(&ca, ContentAddress::Fixed { method: FileIngestionMethod::Recursive, hash }
+            if hash.algo() == HashAlgo::Sha256 && hash.digest() == info.nar_hash.0)
+            && !received.self_referencing.contains(path)
+            && !refs.contains(&sp);
+        if fast {
+            let self_ref = refs.remove(&sp);
+            let computed = ca
+                .store_path(sp.name(), &refs, self_ref)
+                .map_err(|e| InputError::Ca(path.clone(), e.into()))?;
+            if computed != sp {
+                return Err(InputError::Ca(
+                    path.clone(),
+                    nix_formats::content_address::VerifyError::PathMismatch { claimed: sp, computed },
+                ));
+            }
+        } else {
+            let on_disk: PathBuf = store_dir.join(sp.base_name());
+            nix_formats::content_address::verify(
+                &sp,
+                &ca,
+                &refs,
+                NarDump::new(on_disk),
+                rule,
+                &NarLimits::default(),
+            )
+            .map_err(|e| InputError::Ca(path.clone(), e))?;
+        }
         out.insert(path.clone(), ca_str.clone());
     }
     Ok(out)
@@ -252,6 +292,10 @@ mod tests {
     }
 
     fn job(nar: &[u8]) -> Job {
+        job_at(P, nar, None)
+    }
+
+    fn job_at(p: &str, nar: &[u8], ca: Option<String>) -> Job {
         let drv = BasicDerivation {
             name: "t".into(),
             outputs: [(
@@ -259,9 +303,9 @@ mod tests {
                 DrvOutput { path: String::new(), hash_algo: "r:sha256".into(), hash: String::new() },
             )]
             .into(),
-            input_srcs: [P.to_owned()].into(),
+            input_srcs: [p.to_owned()].into(),
             system: "x86_64-linux".into(),
-            builder: format!("{P}/sh"),
+            builder: format!("{p}/sh"),
             args: vec![],
             env: Default::default(),
         };
@@ -269,13 +313,13 @@ mod tests {
             nar_hash: NarHash::of(nar),
             nar_size: nar.len() as u64,
             references: Default::default(),
-            ca: None,
+            ca,
         };
         Job::new(
             "j",
             "/nix/store/11111111111111111111111111111111-t.drv",
             drv,
-            [(P.to_owned(), info)].into(),
+            [(p.to_owned(), info)].into(),
             Limits::default(),
             CaRule::SelfRefPositions,
             false,
@@ -292,7 +336,7 @@ mod tests {
         std::mem::take(w.get_mut())
     }
 
-    fn run(job: &Job, wire: &[u8]) -> (Result<Vec<String>, InputError>, tempfile::TempDir) {
+    fn run(job: &Job, wire: &[u8]) -> (Result<Received, InputError>, tempfile::TempDir) {
         let store = tempfile::tempdir().unwrap();
         let mut r = FrameReader::new(wire);
         (receive(&mut r, job, store.path(), &mut |_| {}), store)
@@ -302,7 +346,7 @@ mod tests {
     fn good_input_is_unpacked_read_only() {
         let nar = nar_of(b"hello\n");
         let (r, store) = run(&job(&nar), &frames(P, nar.len() as u64, &nar, true));
-        assert_eq!(r.unwrap(), [P]);
+        assert_eq!(r.unwrap().order, [P]);
         let f = store.path().join("00000000000000000000000000000000-input");
         assert_eq!(std::fs::read(&f).unwrap(), b"hello\n");
         use std::os::unix::fs::PermissionsExt;
@@ -341,5 +385,43 @@ mod tests {
         let garbage = b"this is not a NAR at all".to_vec();
         let (r, _s) = run(&job(&garbage), &frames(P, garbage.len() as u64, &garbage, true));
         assert!(matches!(r, Err(InputError::Unpack(..))), "{r:?}");
+    }
+
+    #[test]
+    fn content_addressed_inputs_are_recomputed() {
+        use nix_formats::content_address::ContentAddress;
+        let nar = nar_of(b"source file\n");
+        let hash = nix_formats::Hash::sha256(NarHash::of(&nar).0);
+        let path = nix_formats::store_path::make_fixed_output_path(
+            "src",
+            FileIngestionMethod::Recursive,
+            &hash,
+            &BTreeSet::new(),
+            false,
+        )
+        .unwrap()
+        .to_string();
+        let ca = ContentAddress::Fixed { method: FileIngestionMethod::Recursive, hash }.to_string();
+        let good = job_at(&path, &nar, Some(ca.clone()));
+        let (r, store) = run(&good, &frames(&path, nar.len() as u64, &nar, true));
+        let received = r.unwrap();
+        let cas = verify_content_addresses(&good, store.path(), &received).unwrap();
+        assert_eq!(cas[&path], ca);
+
+        // The same contents claimed under another path name: the address does not give it.
+        let other = path.replace("-src", "-not-src");
+        let bad = job_at(&other, &nar, Some(ca));
+        let (r, store) = run(&bad, &frames(&other, nar.len() as u64, &nar, true));
+        let e = verify_content_addresses(&bad, store.path(), &r.unwrap()).unwrap_err();
+        assert!(e.is_ca(), "{e}");
+
+        // A flat claim is recomputed from the file (slow path) and must match too.
+        let flat = ContentAddress::Fixed {
+            method: FileIngestionMethod::Flat,
+            hash: nix_formats::HashAlgo::Sha256.digest(b"other bytes"),
+        };
+        let wrong = job_at(&path, &nar, Some(flat.to_string()));
+        let (r, store) = run(&wrong, &frames(&path, nar.len() as u64, &nar, true));
+        assert!(verify_content_addresses(&wrong, store.path(), &r.unwrap()).unwrap_err().is_ca());
     }
 }

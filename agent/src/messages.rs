@@ -145,6 +145,8 @@ pub enum FailureKind {
     MaxSilent,
     /// The builder logged more than allowed.
     LogLimit,
+    /// The build hit a resource limit of its sandbox (memory, processes, tmpfs).
+    ResourceLimit,
     /// The builder exited unsuccessfully.
     BuilderFailed,
     /// An output is missing or unusable.

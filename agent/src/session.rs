@@ -25,7 +25,7 @@ use crate::messages::{Failure, FailureKind, Hello, NarBegin, Outcome, Phase, Pha
 use crate::outputs::{self, OutputError};
 use crate::pid1::{say, uptime};
 use crate::proto::{FrameReader, FrameWriter, Kind, ProtoError, PROTOCOL_VERSION};
-use crate::sandbox::Confinement;
+use crate::sandbox::{Confinement, SandboxSpec};
 
 /// The agent's version string (goes into the statement and the image manifest).
 pub fn agent_version() -> String {
@@ -67,6 +67,9 @@ pub enum StepError {
     /// Attestation.
     #[error("attestation")]
     Attest(#[from] attest::AttestError),
+    /// Confining the builder (cgroup, root, network) failed.
+    #[error("confining the builder")]
+    Sandbox(#[from] crate::sandbox::SandboxError),
     /// Bad setup from the host.
     #[error("setup from the host: {0}")]
     Setup(String),
@@ -85,6 +88,8 @@ impl StepError {
             StepError::Build(B::Timeout { .. }) => FailureKind::Timeout,
             StepError::Build(B::MaxSilent { .. }) => FailureKind::MaxSilent,
             StepError::Build(B::LogLimit { .. }) => FailureKind::LogLimit,
+            StepError::Build(B::Limit { .. }) => FailureKind::ResourceLimit,
+            StepError::Sandbox(_) => FailureKind::Internal,
             StepError::Build(_) | StepError::Prepare(_) => FailureKind::BuilderFailed,
             StepError::Outputs(_) | StepError::Statement(_) => FailureKind::Output,
             StepError::Attest(_) => FailureKind::Attestation,
@@ -222,8 +227,8 @@ fn step<R: Read, W: Write>(
     phase(w, PhaseName::JobAccepted)?;
 
     let received = inputs::receive(r, &job, &paths.store, &mut |_| {})?;
-    let input_cas = inputs::verify_content_addresses(&job, &paths.store)?;
-    say(&format!("{} inputs unpacked and checked", received.len()));
+    let input_cas = inputs::verify_content_addresses(&job, &paths.store, &received)?;
+    say(&format!("{} inputs unpacked and checked", received.order.len()));
     phase(w, PhaseName::InputsReady)?;
 
     let drv_path = nix_formats::StorePath::parse(&job.drv_path)
@@ -236,7 +241,7 @@ fn step<R: Read, W: Write>(
     };
     let build_dir = paths.build.to_string_lossy().into_owned();
     let prepared = builder::prepare(&job.drv, &rewrites, &job.closure, fixed, cores, &build_dir)?;
-    let confine = Confinement::builder();
+    let confine = Confinement::prepare(&SandboxSpec::for_job(&job, &paths.store, &paths.build))?;
     builder::write_files(&paths.build, &prepared.files, &confine)?;
     let limits = RunLimits {
         timeout_s: job.limits.timeout_s,

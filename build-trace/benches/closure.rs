@@ -220,8 +220,13 @@ fn verify(b: &Built, policy: &TrustPolicy) -> (Duration, Duration) {
 }
 
 fn main() {
-    let n: usize =
-        std::env::var("VOUCH_BENCH_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(10_000);
+    // `cargo bench` passes `--bench`; under `cargo test --all-targets` this runs as a quick
+    // smoke test of a small closure (same code path, same assertions).
+    let bench = std::env::args().any(|a| a == "--bench");
+    let n: usize = std::env::var("VOUCH_BENCH_STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(if bench { 10_000 } else { 40 });
     let root = SimulatedRoot::generate().unwrap();
     let key = SecretKey::from_seed("bench-1", [1; 32]);
     let t = Instant::now();

@@ -480,3 +480,26 @@ fn a_statement_for_another_derivation_is_refused() {
     let b = broken(verify_with(fx, "c", &fx.policy(sim()), &traces_with(fx, "c", e), &[]));
     assert_eq!(b.check, LinkCheck::DerivationMismatch, "{b}");
 }
+
+#[test]
+fn show_derivation_json_gives_the_same_verdict() {
+    let fx = fixture();
+    let json = run(Command::new("nix")
+        .args(["show-derivation", "-r", "--store"])
+        .arg(&fx.chroot)
+        .arg(fx.drvs["c"].to_string()));
+    let drvs = DrvSet::from_show_derivation(&json).unwrap();
+    let from_files = DrvSet::from_store_dir(&fx.store_dir, &fx.drvs["c"]).unwrap();
+    assert_eq!(drvs.len(), from_files.len());
+    let prepared = fx.policy(sim()).prepare().unwrap();
+    let ev = EvidenceVerifier::new();
+    let st = store(fx);
+    let v = ClosureVerifier {
+        policy: &prepared,
+        sources: vec![&st],
+        evidence: &ev,
+        now: SystemTime::now(),
+    };
+    let req = Request { target: fx.drvs["c"].clone(), expect: [fx.outs["c"].clone()].into() };
+    assert!(matches!(v.verify(&drvs, &req).unwrap(), Outcome::Verified(_)));
+}

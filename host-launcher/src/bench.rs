@@ -165,7 +165,8 @@ fn sink(cfg: &LauncherConfig, mode: Mode, bytes: &[u8]) -> Result<(f64, f64), Be
 }
 
 fn nix_env() -> Vec<(&'static str, String)> {
-    vec![("NIX_CONFIG", crate::build::local_store::NIX_CONFIG.to_owned())]
+    // Root without Debian's nixbld group: no build users (the sandbox uses a user namespace).
+    vec![("NIX_CONFIG", format!("{}build-users-group =\n", crate::build::local_store::NIX_CONFIG))]
 }
 
 fn write_bench_nix(dir: &Path, nonce: &str) -> Result<PathBuf, BenchError> {
@@ -292,7 +293,7 @@ pub fn run(
     rep.nix_sandbox = sandbox;
 
     progress("raw channel and hashing");
-    let bytes: Vec<u8> = (0..(mib << 20)).map(|i| (i * 2654435761u64 >> 13) as u8).collect();
+    let bytes: Vec<u8> = (0..(mib << 20)).map(|i| ((i * 2654435761u64) >> 13) as u8).collect();
     let mut raw = Vec::new();
     let mut guest = Vec::new();
     for _ in 0..runs {

@@ -349,6 +349,12 @@ fn corrupted_uploads_are_rejected_with_clear_errors() {
     add_to_store_nar(&mut p, &info_for(&a, &nar, &[&fake_path("absent", 9)]), &nar, None);
     let err = p.stderr_loop().unwrap_err();
     assert!(err.contains("absent") && err.contains("neither in vouch's content store"), "{err}");
+    // More bytes than the declared NAR size: refused before anything is committed.
+    let mut longer = nar.clone();
+    longer.extend_from_slice(&[0u8; 16]);
+    add_to_store_nar(&mut p, &info_for(&a, &nar, &[]), &longer, None);
+    let err = p.stderr_loop().unwrap_err();
+    assert!(err.contains("after its last NAR"), "{err}");
     // The session goes on: a good upload after the bad ones works.
     add_to_store_nar(&mut p, &info_for(&a, &nar, &[]), &nar, None);
     p.expect_last();

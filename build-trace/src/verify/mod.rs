@@ -148,10 +148,8 @@ impl ClosureVerifier<'_> {
     pub fn verify(&self, drvs: &DrvSet, req: &Request) -> Result<Outcome, VerifyError> {
         let order = drvs.post_order(&req.target)?;
         let checker = Checker { policy: self.policy, evidence: self.evidence, now: self.now };
-        let mut graph = DrvGraph::new();
-        for (p, d) in drvs.iter() {
-            graph.insert(p.clone(), d.clone());
-        }
+        // Hash modulo of input-addressed derivations needs the graph; built on first use.
+        let mut graph: Option<DrvGraph> = None;
         let mut accepted: HashMap<StorePath, Vec<Accepted>> = HashMap::new();
         let mut known: Known = HashMap::new();
         let mut steps = Vec::new();
@@ -208,7 +206,7 @@ impl ClosureVerifier<'_> {
     fn accept_step(
         &self,
         drvs: &DrvSet,
-        graph: &mut DrvGraph,
+        graph: &mut Option<DrvGraph>,
         udrv: &StorePath,
         accepted: &HashMap<StorePath, Vec<Accepted>>,
         known: &Known,
@@ -232,6 +230,13 @@ impl ClosureVerifier<'_> {
                 )))
             }
             DerivationKind::InputAddressed => {
+                let graph = graph.get_or_insert_with(|| {
+                    let mut g = DrvGraph::new();
+                    for (p, d) in drvs.iter() {
+                        g.insert(p.clone(), d.clone());
+                    }
+                    g
+                });
                 let want = graph
                     .input_addressed_paths(drv, &name)
                     .map_err(|source| VerifyError::Derivation { drv: udrv.to_string(), source })?;

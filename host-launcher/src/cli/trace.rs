@@ -58,7 +58,12 @@ pub fn run(cmd: Command, global: &Global) -> CmdResult {
     let store = TraceStore::open(&dir)?;
     let entries = lookup(&store, &args.path)?;
     if entries.is_empty() {
-        eprintln!("no trace of {} in {}", args.path, dir.display());
+        eprintln!(
+            "no trace of {} in {} (content-addressed steps are stored under their resolved drv \
+             path: give that, or an output path)",
+            args.path,
+            dir.display()
+        );
         return Ok(ExitCode::from(1));
     }
     let mut json = Vec::new();

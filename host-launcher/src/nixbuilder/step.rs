@@ -136,10 +136,14 @@ pub fn build(core: &mut BuilderCore, req: BuildRequest, log: &mut dyn LogSink) -
     if !sure && kind == StepKind::FloatingCa {
         log.line(&format!(
             "vouch: {} {} is spoken by {}, which straddles a change of the CA self-reference rule; \
-             using {ca_rule:?} (set --client-nix-version on the builder to choose)",
+             using {} (set --client-nix-version on the builder to choose)",
             if req.client.protocol == crate::nixproto::Protocol::Worker { "worker protocol" } else { "serve protocol" },
             show(req.client.version),
-            req.client.nix_range()
+            req.client.nix_range(),
+            match ca_rule {
+                CaRule::SelfRefPositions => "the rule of Nix ≤ 2.16 and ≥ 2.35 (self-reference positions hashed)",
+                CaRule::SelfRefZeroed => "the rule of Nix 2.17–2.34 (self-reference positions not hashed)",
+            }
         ));
     }
 

@@ -345,3 +345,48 @@ impl Drop for Channel {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The user backend end to end without QEMU: the daemon starts and creates its control
+    /// socket; we connect to `<uds>_<port>` as the daemon does for a guest connection; the first
+    /// connection is the channel, a second one is closed at once.
+    #[test]
+    fn exactly_one_connection_is_accepted() {
+        let daemon = find_daemon()
+            .expect("vhost-device-vsock is required: scripts/setup-host.sh installs it into $VOUCH_CACHE/bin");
+        let dir = tempfile::Builder::new().prefix("vouch-vsock-").tempdir().unwrap();
+        let mut chan = Channel::prepare(&Backend::User(daemon), dir.path(), 1024).unwrap();
+        assert!(matches!(chan.device(), VsockDevice::User { socket } if socket.exists()));
+        let listen = dir.path().join("vsock_1024");
+        let mut first = UnixStream::connect(&listen).unwrap();
+        let mut stream = chan.accept(Duration::from_secs(5), &|| true).unwrap();
+        first.write_all(b"ping").unwrap();
+        let mut buf = [0u8; 4];
+        stream.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ping");
+
+        let mut second = UnixStream::connect(&listen).unwrap();
+        second.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut b = [0u8; 1];
+        // EOF (accepted and closed by us), not a timeout (left pending in the backlog).
+        assert!(matches!(second.read(&mut b), Ok(0)), "the second connection is closed");
+        // The first one still works.
+        stream.write_all(b"pong").unwrap();
+        first.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"pong");
+    }
+
+    #[test]
+    fn accept_gives_up_when_the_vm_is_gone() {
+        let daemon = find_daemon().expect("vhost-device-vsock is required (scripts/setup-host.sh)");
+        let dir = tempfile::Builder::new().prefix("vouch-vsock-").tempdir().unwrap();
+        let mut chan = Channel::prepare(&Backend::User(daemon), dir.path(), 1024).unwrap();
+        assert!(matches!(chan.accept(Duration::from_secs(5), &|| false), Err(VsockError::VmGone)));
+        let t = Instant::now();
+        assert!(matches!(chan.accept(Duration::from_millis(200), &|| true), Err(VsockError::Timeout(_))));
+        assert!(t.elapsed() < Duration::from_secs(2));
+    }
+}

@@ -67,8 +67,9 @@ impl<R: Read + ?Sized> UploadSource for OneUpload<'_, '_, R> {
     fn next_path(&mut self) -> Result<Option<PathInfo>, ActionError> {
         self.nar.skip_rest()?;
         let info = self.info.take();
-        if let Some(i) = &info {
-            self.nar.left = i.nar_size;
+        match &info {
+            Some(i) => self.nar.left = i.nar_size,
+            None => check_end(&mut self.nar)?,
         }
         Ok(info)
     }
@@ -100,6 +101,7 @@ impl<R: Read + ?Sized> UploadSource for ManyUploads<'_, '_, R> {
         };
         if left == 0 {
             self.left = Some(0);
+            check_end(&mut self.nar)?;
             return Ok(None);
         }
         let info = match types::read_upload_info(&mut *self.nar.inner) {
@@ -130,5 +132,27 @@ impl<R: Read + ?Sized> ManyUploads<'_, '_, R> {
             _ => {}
         }
         Box::new(e)
+    }
+}
+
+/// After the last NAR the framed stream must end: bytes beyond it mean the declared sizes were
+/// wrong, and the upload is refused before anything is committed.
+fn check_end<R: Read + ?Sized>(
+    nar: &mut Taken<'_, FramedReader<'_, R>>,
+) -> Result<(), ActionError> {
+    match nar.inner.drain() {
+        Ok(0) => Ok(()),
+        Ok(extra) => Err(format!(
+            "the upload carried {extra} bytes after its last NAR (a declared narSize is wrong)"
+        )
+        .into()),
+        Err(e) => {
+            if matches!(e, WireError::Eof)
+                || matches!(&e, WireError::Io(io) if io.kind() != io::ErrorKind::InvalidData)
+            {
+                nar.wire_failed = Some(io::ErrorKind::UnexpectedEof);
+            }
+            Err(Box::new(e))
+        }
     }
 }

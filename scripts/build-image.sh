@@ -13,9 +13,9 @@ TARGET=${CARGO_TARGET_DIR:-$PWD/target}
 AGENT_TARGET="$TARGET/agent-static"
 echo "[image] building the static vouch-agent" >&2
 RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR="$AGENT_TARGET" \
-  cargo build --quiet --locked --profile agent --target x86_64-unknown-linux-gnu -p agent --bin vouch-agent
+  cargo build --quiet --profile agent --target x86_64-unknown-linux-gnu -p agent --bin vouch-agent
 AGENT="$AGENT_TARGET/x86_64-unknown-linux-gnu/agent/vouch-agent"
 echo "[image] building vouch" >&2
-CARGO_TARGET_DIR="$TARGET" cargo build --quiet --locked -p host-launcher --bin vouch
+CARGO_TARGET_DIR="$TARGET" cargo build --quiet -p host-launcher --bin vouch
 echo "[image] assembling the image (the kernel build takes ~4-6 min the first time, then it is cached)" >&2
 "$TARGET/debug/vouch" image build --agent "$AGENT" --out "$VOUCH_IMAGE_DIR" ${VOUCH_OVMF:+--ovmf "$VOUCH_OVMF"}

@@ -111,10 +111,7 @@ pub type Scratch = (BTreeMap<String, StorePath>, Vec<(String, String)>);
 
 /// Scratch path per output and the rewrites (placeholder → scratch path), as Nix computes them
 /// when no output is valid yet (always true in a fresh VM).
-pub fn scratch_paths(
-    drv: &BasicDerivation,
-    drv_path: &StorePath,
-) -> Result<Scratch, PrepareError> {
+pub fn scratch_paths(drv: &BasicDerivation, drv_path: &StorePath) -> Result<Scratch, PrepareError> {
     let mut scratch = BTreeMap::new();
     let mut rewrites = Vec::new();
     for (name, out) in &drv.outputs {

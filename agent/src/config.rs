@@ -1,7 +1,8 @@
 //! The agent's configuration, read from the kernel command line by a pure function.
 //!
 //! The command line is part of the launch measurement, so it is fixed per image and never
-//! carries anything job-specific: only the channel port, a log level and a benchmark switch.
+//! carries anything job-specific: only the channel port, a log level and a benchmark/test
+//! switch (which the image's own command line never has).
 //! Parameters the agent does not know (`console=`, `quiet`, …) are the kernel's and are ignored;
 //! an unknown or repeated `vouch.*` key is an error, so a typo cannot silently change behaviour.
 //!
@@ -49,6 +50,8 @@ pub enum Bench {
     /// Connect, report readiness, then sink a stream of NAR chunks and power off: raw channel
     /// throughput.
     Sink,
+    /// Panic right after mounting: proves that a panicking agent still powers the VM off.
+    Panic,
 }
 
 /// The agent's boot-time configuration.
@@ -128,7 +131,8 @@ pub fn parse_cmdline(cmdline: &str) -> Result<Config, ConfigError> {
                 cfg.bench = Some(match value {
                     "poweroff" => Bench::Poweroff,
                     "sink" => Bench::Sink,
-                    _ => return Err(bad("expected poweroff or sink")),
+                    "panic" => Bench::Panic,
+                    _ => return Err(bad("expected poweroff, sink or panic")),
                 })
             }
             _ => return Err(ConfigError::UnknownKey(full)),

@@ -154,7 +154,11 @@ pub fn receive<R: Read>(
         let mut own = RefScanner::new([sp.clone()]);
         {
             let mut stream = rd.nar_stream(&begin.path, begin.nar_size);
-            let unpacked = nix_formats::nar::unpack(Tee { inner: &mut stream, hasher: &mut hasher, own: &mut own }, &dest, &opts);
+            let unpacked = nix_formats::nar::unpack(
+                Tee { inner: &mut stream, hasher: &mut hasher, own: &mut own },
+                &dest,
+                &opts,
+            );
             if let Err(e) = unpacked {
                 // A channel-level problem (e.g. fewer or more bytes than announced) explains
                 // the failure better than "invalid NAR".
@@ -175,7 +179,8 @@ pub fn receive<R: Read>(
             }
             let before = hasher.size();
             let mut rest = Vec::new();
-            let trailing = Tee { inner: &mut stream, hasher: &mut hasher, own: &mut own }.read_to_end(&mut rest);
+            let trailing = Tee { inner: &mut stream, hasher: &mut hasher, own: &mut own }
+                .read_to_end(&mut rest);
             if trailing.is_err() || hasher.size() != before {
                 return Err(match stream.take_error() {
                     Some(ProtoError::NarTooShort { got, .. }) => InputError::SizeMismatch {
@@ -253,7 +258,10 @@ pub fn verify_content_addresses(
             if computed != sp {
                 return Err(InputError::Ca(
                     path.clone(),
-                    nix_formats::content_address::VerifyError::PathMismatch { claimed: sp, computed },
+                    nix_formats::content_address::VerifyError::PathMismatch {
+                        claimed: sp,
+                        computed,
+                    },
                 ));
             }
         } else {
@@ -300,7 +308,11 @@ mod tests {
             name: "t".into(),
             outputs: [(
                 "out".to_owned(),
-                DrvOutput { path: String::new(), hash_algo: "r:sha256".into(), hash: String::new() },
+                DrvOutput {
+                    path: String::new(),
+                    hash_algo: "r:sha256".into(),
+                    hash: String::new(),
+                },
             )]
             .into(),
             input_srcs: [p.to_owned()].into(),

@@ -6,15 +6,15 @@
 //!
 //! What is not here: anything that decides trust, or any host-side code.
 
-pub mod config;
-pub mod proto;
-pub mod builder;
-pub mod messages;
-pub mod pid1;
-pub mod sandbox;
-pub mod sys;
-pub mod inputs;
-pub mod outputs;
 pub mod attest;
+pub mod builder;
+pub mod config;
+pub mod inputs;
+pub mod messages;
+pub mod outputs;
+pub mod pid1;
+pub mod proto;
 pub mod run;
+pub mod sandbox;
 pub mod session;
+pub mod sys;

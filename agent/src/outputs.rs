@@ -60,6 +60,14 @@ pub enum OutputError {
         /// Found.
         got: String,
     },
+    /// Outputs refer to each other in a cycle.
+    #[error("cycle detected in the references of output '{output}' from output '{parent}'")]
+    Cycle {
+        /// The output reached again.
+        output: String,
+        /// The output referring to it.
+        parent: String,
+    },
     /// A fixed output refers to store paths.
     #[error("illegal path references in fixed-output derivation '{0}'")]
     FixedRefs(String),
@@ -179,7 +187,9 @@ pub fn hash_outputs(
         StepKind::InputAddressed | StepKind::FixedOutput => {
             let mut candidates = closure.clone();
             candidates.extend(scratch.values().cloned());
-            for name in &job.outputs {
+            // Every output is hashed (Nix registers them all); only wanted ones are returned.
+            let mut refs_by_output = BTreeMap::new();
+            for name in job.drv.outputs.keys() {
                 let p = &scratch[name];
                 let disk = on_disk(store_dir, p);
                 let mut scanner = RefScanner::new(candidates.iter().cloned());
@@ -230,18 +240,91 @@ pub fn hash_outputs(
                     references: refs.iter().map(|r| r.to_string()).collect(),
                     ca,
                 };
-                out.insert(
-                    name.clone(),
-                    HashedOutput { info, on_disk: disk, rewrites: Vec::new() },
-                );
+                refs_by_output.insert(name.clone(), refs.clone());
+                if job.outputs.contains(name) {
+                    out.insert(
+                        name.clone(),
+                        HashedOutput { info, on_disk: disk, rewrites: Vec::new() },
+                    );
+                }
             }
+            check_output_cycles(scratch, &refs_by_output)?;
         }
     }
     Ok(out)
+}
+
+/// Nix refuses outputs that refer to each other in a cycle (`registerOutputs`' topological
+/// sort): depth-first in name order, the first output reached again is named, with the output
+/// that referred to it.
+fn check_output_cycles(
+    scratch: &BTreeMap<String, StorePath>,
+    refs: &BTreeMap<String, BTreeSet<StorePath>>,
+) -> Result<(), OutputError> {
+    fn visit(
+        name: &str,
+        parent: &str,
+        scratch: &BTreeMap<String, StorePath>,
+        refs: &BTreeMap<String, BTreeSet<StorePath>>,
+        done: &mut BTreeSet<String>,
+        stack: &mut Vec<String>,
+    ) -> Result<(), OutputError> {
+        if stack.iter().any(|s| s == name) {
+            return Err(OutputError::Cycle { output: name.into(), parent: parent.into() });
+        }
+        if !done.insert(name.to_owned()) {
+            return Ok(());
+        }
+        stack.push(name.to_owned());
+        for (child, path) in scratch {
+            if child != name && refs.get(name).is_some_and(|r| r.contains(path)) {
+                visit(child, name, scratch, refs, done, stack)?;
+            }
+        }
+        stack.pop();
+        Ok(())
+    }
+    let (mut done, mut stack) = (BTreeSet::new(), Vec::new());
+    for name in scratch.keys() {
+        visit(name, "", scratch, refs, &mut done, &mut stack)?;
+    }
+    Ok(())
 }
 
 fn sha256_of(h: &Hash) -> [u8; 32] {
     let mut out = [0u8; 32];
     out.copy_from_slice(h.digest());
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sp(n: &str) -> StorePath {
+        StorePath::parse(&format!(
+            "/nix/store/{}-{n}",
+            n.repeat(32)[..32].replace(['o', 'u', 't', 'e', 'v'], "a")
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn output_cycles_are_named_like_nix() {
+        let scratch: BTreeMap<String, StorePath> =
+            [("dev".to_owned(), sp("dev")), ("out".to_owned(), sp("out"))].into();
+        let both: BTreeMap<String, BTreeSet<StorePath>> = [
+            ("dev".to_owned(), [sp("out"), sp("dev")].into()),
+            ("out".to_owned(), [sp("dev")].into()),
+        ]
+        .into();
+        let e = check_output_cycles(&scratch, &both).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "cycle detected in the references of output 'dev' from output 'out'"
+        );
+        let one_way: BTreeMap<String, BTreeSet<StorePath>> =
+            [("dev".to_owned(), [sp("out")].into()), ("out".to_owned(), [sp("out")].into())].into();
+        check_output_cycles(&scratch, &one_way).unwrap();
+    }
 }

@@ -324,11 +324,19 @@ impl ProtoError {
             ProtoError::Closed(w) => ProtoError::Closed(w),
             ProtoError::UnknownKind(k) => ProtoError::UnknownKind(*k),
             ProtoError::Reserved => ProtoError::Reserved,
-            ProtoError::TooLong { kind, len, max } => ProtoError::TooLong { kind: *kind, len: *len, max: *max },
+            ProtoError::TooLong { kind, len, max } => {
+                ProtoError::TooLong { kind: *kind, len: *len, max: *max }
+            }
             ProtoError::BadLength(k, l) => ProtoError::BadLength(*k, *l),
-            ProtoError::Unexpected { expected, got } => ProtoError::Unexpected { expected, got: *got },
-            ProtoError::Json(k, e) => ProtoError::Io(io::Error::other(format!("malformed {k:?} payload: {e}"))),
-            ProtoError::NarTooLong { path, size } => ProtoError::NarTooLong { path: path.clone(), size: *size },
+            ProtoError::Unexpected { expected, got } => {
+                ProtoError::Unexpected { expected, got: *got }
+            }
+            ProtoError::Json(k, e) => {
+                ProtoError::Io(io::Error::other(format!("malformed {k:?} payload: {e}")))
+            }
+            ProtoError::NarTooLong { path, size } => {
+                ProtoError::NarTooLong { path: path.clone(), size: *size }
+            }
             ProtoError::NarTooShort { path, size, got } => {
                 ProtoError::NarTooShort { path: path.clone(), size: *size, got: *got }
             }
@@ -388,7 +396,10 @@ impl<R: Read> NarStream<'_, R> {
                 Kind::NarChunk => {
                     self.got += f.payload.len() as u64;
                     if self.got > self.size {
-                        return Err(ProtoError::NarTooLong { path: self.path.clone(), size: self.size });
+                        return Err(ProtoError::NarTooLong {
+                            path: self.path.clone(),
+                            size: self.size,
+                        });
                     }
                     self.buf = f.payload;
                     self.pos = 0;
@@ -403,7 +414,9 @@ impl<R: Read> NarStream<'_, R> {
                     }
                     self.done = true;
                 }
-                other => return Err(ProtoError::Unexpected { expected: "NAR chunk or end", got: other }),
+                other => {
+                    return Err(ProtoError::Unexpected { expected: "NAR chunk or end", got: other })
+                }
             }
         }
         Ok(())

@@ -2,9 +2,9 @@
 //! off — whatever happens (errors are reported to the host when the channel is up and always
 //! printed on the console; panics power off through the hook in `crate::pid1`).
 //!
-//! Also the two benchmark modes selected by `vouch.bench=` (never in a real image's command
-//! line): `poweroff` (the bare-VM baseline) and `sink` (raw channel throughput, then the same
-//! bytes hashed in the guest).
+//! Also the benchmark/test modes selected by `vouch.bench=` (never in a real image's command
+//! line): `poweroff` (the bare-VM baseline), `sink` (raw channel throughput, then the same
+//! bytes hashed in the guest) and `panic` (the agent panics: the VM must still power off).
 
 use std::io::Read;
 use std::time::{Duration, Instant};
@@ -45,6 +45,9 @@ pub fn pid1_main() -> ! {
             power_off();
         }
     };
+    if cfg.bench == Some(Bench::Panic) {
+        panic!("vouch.bench=panic: a deliberate panic to test that the VM still powers off");
+    }
     if cfg.bench == Some(Bench::Poweroff) {
         say("bench: bare boot, powering off");
         power_off();

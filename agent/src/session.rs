@@ -226,9 +226,16 @@ fn step<R: Read, W: Write>(
     ));
     phase(w, PhaseName::JobAccepted)?;
 
+    let t = std::time::Instant::now();
     let received = inputs::receive(r, &job, &paths.store, &mut |_| {})?;
+    let t_recv = t.elapsed();
     let input_cas = inputs::verify_content_addresses(&job, &paths.store, &received)?;
-    say(&format!("{} inputs unpacked and checked", received.order.len()));
+    say(&format!(
+        "{} inputs unpacked and checked (received and hashed in {:.3} s, content addresses in {:.3} s)",
+        received.order.len(),
+        t_recv.as_secs_f64(),
+        (t.elapsed() - t_recv).as_secs_f64()
+    ));
     phase(w, PhaseName::InputsReady)?;
 
     let drv_path = nix_formats::StorePath::parse(&job.drv_path)

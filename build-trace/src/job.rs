@@ -241,11 +241,13 @@ pub struct Limits {
     pub max_log_bytes: u64,
     /// `NIX_BUILD_CORES` and the VM's vCPU count.
     pub cores: u64,
-    /// Guest memory in bytes.
+    /// The builder's memory limit in bytes (cgroup `memory.max` in the guest, which has no
+    /// swap; the VM gets this plus a reserve).
     pub memory_bytes: u64,
-    /// Most processes the builder may have at once.
+    /// Most processes and threads the builder may have at once (cgroup `pids.max`).
     pub max_processes: u64,
-    /// Size of the guest tmpfs holding `/build` and the outputs, in bytes.
+    /// Size limit of each guest tmpfs the builder writes to (`/build`, the new store paths,
+    /// `/tmp` with `/dev/shm`), in bytes.
     pub tmpfs_bytes: u64,
 }
 

@@ -3,8 +3,9 @@
 //!
 //! Measured, each as the median of `runs`:
 //! 1. **bare VM**: the same image and QEMU argv, with `vouch.bench=poweroff` appended to the
-//!    command line: the agent powers off right after mounting. Boot-to-init = QEMU start → the
-//!    agent's first console line; plus QEMU start → exit.
+//!    command line: the agent powers off right after mounting. Boot-to-init = the guest's uptime
+//!    then (compared with the guest's uptime at the agent's hello in a real step, so the serial
+//!    console's latency does not count); also QEMU start → first console line and → exit.
 //! 2. **step**: `run_step` on a trivial floating-CA derivation (new nonce each run), split into
 //!    boot (→ agent hello), input transfer, build, hashing, attestation, output transfer, host
 //!    checks, total.
@@ -48,11 +49,16 @@ pub struct BenchReport {
     pub mode: String,
     /// Runs per measurement.
     pub runs: usize,
-    /// Bare VM: QEMU start → first agent console line.
+    /// Bare VM: guest uptime when /init runs (right after mounting /proc).
+    pub bare_init_uptime_s: f64,
+    /// Bare VM: QEMU start → first agent console line (host clock; serial console latency
+    /// included).
     pub bare_boot_to_init_s: f64,
     /// Bare VM: QEMU start → QEMU exit.
     pub bare_total_s: f64,
-    /// Step: QEMU start → agent hello (boot to ready).
+    /// Step: guest uptime at the agent's hello (boot to ready, the guest's clock).
+    pub step_ready_uptime_s: f64,
+    /// Step: QEMU start → agent hello (host clock).
     pub step_boot_s: f64,
     /// Step phases.
     pub step_input_transfer_s: f64,
@@ -119,24 +125,31 @@ fn launch(
         vcpus: cfg.vcpus,
         vsock: chan.device().clone(),
         snp: None,
-        network: false,
+        network: None,
     };
     let argv = qemu_argv(&spec).map_err(e("argv"))?;
     let vm = Vm::spawn(&cfg.qemu, &argv, &run_dir.join("console.log"), false).map_err(e("qemu"))?;
     Ok((vm, chan))
 }
 
-fn bare(cfg: &LauncherConfig, mode: Mode) -> Result<(f64, f64), BenchError> {
+/// Guest uptime printed in an agent console line (`[   1.234] vouch-agent: …`).
+fn line_uptime(line: &str) -> Option<f64> {
+    line.trim_start().strip_prefix('[')?.split(']').next()?.trim().parse().ok()
+}
+
+/// (guest uptime at /init after mounting /proc, QEMU start → first agent line, start → exit).
+fn bare(cfg: &LauncherConfig, mode: Mode) -> Result<(f64, f64, f64), BenchError> {
     let dir = tempfile::Builder::new().prefix("vouch-bench-").tempdir().map_err(e("tempdir"))?;
     let (vm, _chan) = launch(cfg, mode, "vouch.bench=poweroff", dir.path())?;
     vm.wait_timeout(Duration::from_secs(120))
         .ok_or_else(|| BenchError("bare VM did not power off".into()))?;
     let start = vm.started();
-    let init = vm
-        .agent_line_at("starting")
-        .ok_or_else(|| BenchError(format!("no agent line; console:\n{}", vm.console_tail())))?;
+    let no_line = || BenchError(format!("no agent line; console:\n{}", vm.console_tail()));
+    let (_, first) = vm.agent_line("starting").ok_or_else(no_line)?;
+    let (line, _) = vm.agent_line("bare boot").ok_or_else(no_line)?;
+    let uptime = line_uptime(&line).ok_or_else(no_line)?;
     let exit = vm.exited_at().unwrap_or_else(Instant::now);
-    Ok(((init - start).as_secs_f64(), (exit - start).as_secs_f64()))
+    Ok((uptime, (first - start).as_secs_f64(), (exit - start).as_secs_f64()))
 }
 
 fn sink(cfg: &LauncherConfig, mode: Mode, bytes: &[u8]) -> Result<(f64, f64), BenchError> {
@@ -231,13 +244,16 @@ pub fn run(
     let mut rep = BenchReport { mode: mode.to_string(), runs, mib, ..BenchReport::default() };
 
     progress("bare VM boots");
+    let mut b_up = Vec::new();
     let mut b_init = Vec::new();
     let mut b_total = Vec::new();
     for _ in 0..runs {
-        let (i, t) = bare(cfg, mode)?;
+        let (u, i, t) = bare(cfg, mode)?;
+        b_up.push(u);
         b_init.push(i);
         b_total.push(t);
     }
+    rep.bare_init_uptime_s = median(b_up);
     rep.bare_boot_to_init_s = median(b_init);
     rep.bare_total_s = median(b_total);
 
@@ -281,6 +297,7 @@ pub fn run(
     let pick =
         |f: fn(&Timings) -> Duration| median(steps.iter().map(|t| f(t).as_secs_f64()).collect());
     rep.step_boot_s = pick(|t| t.boot);
+    rep.step_ready_uptime_s = pick(|t| t.guest_ready_uptime);
     rep.step_input_transfer_s = pick(|t| t.input_transfer);
     rep.step_build_s = pick(|t| t.build);
     rep.step_hashing_s = pick(|t| t.hashing);
@@ -315,4 +332,44 @@ pub fn run(
     }
     rep.host_hash_mib_s = median(host);
     Ok(rep)
+}
+
+/// What [`boot`] saw.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BootReport {
+    /// How QEMU ended.
+    pub status: String,
+    /// Whether it ended by itself (false: killed at the timeout).
+    pub ended_by_itself: bool,
+    /// QEMU start → exit, seconds.
+    pub seconds: f64,
+    /// The last console lines.
+    pub console: String,
+}
+
+/// Boot the image with `append` added to its command line (e.g. `vouch.bench=panic`) and
+/// report how the VM ended; it is killed after `timeout`. For tests of the agent's PID 1
+/// behaviour and for boot measurements; never used by a build.
+pub fn boot(
+    cfg: &LauncherConfig,
+    append: &str,
+    timeout: Duration,
+) -> Result<BootReport, BenchError> {
+    let manifest = Manifest::load(&cfg.image_dir).map_err(e("image"))?;
+    let mode =
+        choose_mode(cfg.mode, &HostCaps::probe(), manifest.snp.is_some()).map_err(e("mode"))?;
+    let mode = if mode == Mode::Snp { Mode::Kvm } else { mode };
+    let dir = tempfile::Builder::new().prefix("vouch-bench-").tempdir().map_err(e("tempdir"))?;
+    let (vm, _chan) = launch(cfg, mode, append, dir.path())?;
+    let ended = vm.wait_timeout(timeout);
+    let status = ended.or_else(|| vm.kill());
+    // Let the console reader catch up with the last lines.
+    std::thread::sleep(Duration::from_millis(50));
+    let seconds = (vm.exited_at().unwrap_or_else(Instant::now) - vm.started()).as_secs_f64();
+    Ok(BootReport {
+        status: status.as_ref().map_or("ended".into(), crate::vm::runner::describe_exit),
+        ended_by_itself: ended.is_some(),
+        seconds,
+        console: vm.console_tail(),
+    })
 }

@@ -6,9 +6,10 @@
 //!
 //! What is not here: trust decisions about evidence (that is `build-trace`), or anything that
 //! runs inside the guest (that is `agent`).
-pub mod vm;
+
+pub mod bench;
 pub mod build;
 pub mod nixbuilder;
 pub mod nixproto;
 pub mod store;
-pub mod bench;
+pub mod vm;

@@ -182,11 +182,12 @@ pub fn ca_nix(nonce: &str) -> String {
         r#"let
   bb = builtins.path {{ path = ./bb; name = "busybox"; }};
   data = builtins.toFile "data-{nonce}" "input data {nonce}\n";
-  mk = name: script: derivation {{
+  mkWith = extra: name: script: derivation ({{
     inherit name; system = builtins.currentSystem; builder = "${{bb}}/sh"; args = [ "-c" script ];
     __contentAddressed = true; outputHashMode = "recursive"; outputHashAlgo = "sha256";
-  }};
-in {{
+  }} // extra);
+  mk = mkWith {{ }};
+in rec {{
   inherit data;
   top = mk "vm-top" "set -e; mkdir $out; echo {nonce} > $out/nonce; cat ${{data}} > $out/copied; echo ${{data}} > $out/ref; echo $out > $out/self; echo built";
   timeout = mk "vm-timeout" "echo sleeping; ${{bb}}/busybox sleep 600";
@@ -194,6 +195,9 @@ in {{
   fails = mk "vm-fails" "echo about to fail; exit 3";
   slow = mk "vm-slow" "echo started; ${{bb}}/busybox sleep 600";
   reads = mk "vm-reads" "mkdir $out; cat ${{data}} > $out/copied";
+  chained = mk "vm-chained" "mkdir $out; cat ${{top}}/nonce > $out/n";
+  multi = mkWith {{ outputs = [ "out" "dev" ]; }} "vm-multi"
+    "mkdir $out $dev; echo {nonce} > $out/n; echo $out > $out/self; echo $out > $dev/out; echo $dev > $dev/self";
 }}
 "#
     )

@@ -213,3 +213,55 @@ fn killed_vm_registers_nothing() {
     assert!(text.contains("nothing was registered"), "{text}");
     s.assert_nothing_registered();
 }
+
+/// A derivation that still depends on other derivations is refused before any VM starts, with
+/// a pointer to the remote-builder path (where Nix resolves each step).
+#[test]
+fn unresolved_derivation_points_at_nix_builder() {
+    let s = Scratch::new();
+    let drv = s.instantiate(&s.write("ca.nix", &ca_nix(&nonce())), "chained");
+    let out = s.vouch_build(&drv, &[]);
+    let err = stderr(&out);
+    assert!(!out.status.success());
+    assert!(err.contains("is not resolved"), "{err}");
+    assert!(err.contains("vouch%20nix-builder"), "{err}");
+    assert!(!err.contains("booting"), "no VM was started: {err}");
+    s.assert_nothing_registered();
+}
+
+/// A floating-CA derivation with two outputs, one referring to the other and each to itself:
+/// both output paths and NAR hashes equal Nix's own build.
+#[test]
+fn multi_output_ca_derivation_matches_nix() {
+    let s = Scratch::new();
+    let drv = s.instantiate(&s.write("ca.nix", &ca_nix(&nonce())), "multi");
+    let v = json_of(&s.vouch_build(&drv, &["--json"]));
+    let nb = nix(&["nix-build", "--no-out-link", &drv]);
+    assert!(nb.status.success(), "nix-build failed: {}", String::from_utf8_lossy(&nb.stderr));
+    let real = nix(&["nix", "realisation", "info", "--json", &drv]);
+    let infos: serde_json::Value = serde_json::from_slice(&real.stdout).expect("realisation JSON");
+    for out in ["out", "dev"] {
+        let ours = &v["outputs"][out];
+        let path = ours["path"].as_str().unwrap();
+        let nix_path = infos
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"].as_str().unwrap().ends_with(&format!("!{out}")))
+            .map(|r| format!("/nix/store/{}", r["outPath"].as_str().unwrap()))
+            .expect("Nix realised the output");
+        assert_eq!(path, nix_path, "output {out}");
+        let hash = nix(&["nix-store", "-q", "--hash", path]);
+        assert_eq!(
+            ours["nar_hash"].as_str().unwrap(),
+            String::from_utf8(hash.stdout).unwrap().trim()
+        );
+    }
+    let dev_refs: Vec<&str> = v["outputs"]["dev"]["references"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    assert!(dev_refs.contains(&v["outputs"]["out"]["path"].as_str().unwrap()), "dev refers to out");
+}

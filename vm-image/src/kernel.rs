@@ -161,8 +161,8 @@ pub fn cached_kernel(cache: &Path, key: &KernelKey) -> Option<Kernel> {
 }
 
 /// Return the cached kernel for the current toolchain and source, building it first if needed
-/// (about 3–4 minutes on 2 cores). `progress` gets one line per step. Concurrent callers are
-/// serialised by a lock file; the cache entry appears atomically.
+/// (about 5–6 minutes on an idle 2-core machine). `progress` gets one line per step.
+/// Concurrent callers are serialised by a lock file; the cache entry appears atomically.
 pub fn ensure_kernel(
     cache: &Path,
     tarball: &Path,
@@ -271,7 +271,7 @@ fn build(
 
     let jobs = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     progress(&format!(
-        "compiling bzImage with {jobs} jobs (about 3-4 min on 2 cores; log {})",
+        "compiling bzImage with {jobs} jobs (about 5-6 min on an idle 2-core machine; log {})",
         log.display()
     ));
     let j = format!("-j{jobs}");

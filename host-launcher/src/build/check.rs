@@ -3,7 +3,8 @@
 //! Algorithm ([`check_outcome`]), each step its own [`CheckError`]:
 //! 1. The statement bytes decode as a canonical, self-consistent statement
 //!    (`Statement::from_canonical_bytes`) whose job equals the job we launched
-//!    (`verify_against`; so its HOST_DATA is ours).
+//!    (`verify_against`; so its HOST_DATA is ours); a fixed output's `ca` is exactly its declared
+//!    hash (`super::policy::check_fixed_output_result`).
 //! 2. The evidence: SNP mode — the report with this host's VCEK and AMD's built-in ASK/ARK;
 //!    otherwise — the report under this host's simulated root (and only that root). Verified by
 //!    `build_trace`'s verifier with our own expectations: MEASUREMENT = the image manifest's
@@ -104,6 +105,9 @@ pub enum CheckError {
     /// Reading a received NAR.
     #[error("reading {0}")]
     Io(String, #[source] std::io::Error),
+    /// A fixed output whose content address is not the declared one.
+    #[error(transparent)]
+    FixedOutput(#[from] super::policy::FixedOutputError),
 }
 
 /// What passed.
@@ -152,6 +156,9 @@ pub fn check_outcome(
     let st = Statement::from_canonical_bytes(outcome.statement.as_bytes())
         .map_err(CheckError::Statement)?;
     st.verify_against(job).map_err(CheckError::OtherJob)?;
+    // A fixed output is accepted by its declared hash only (its bytes are checked against that
+    // address in step 3).
+    super::policy::check_fixed_output_result(job, &st.outputs)?;
 
     // 2. evidence
     let report = base64::engine::general_purpose::STANDARD

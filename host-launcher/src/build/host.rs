@@ -26,6 +26,7 @@ use super::{
     check, staging_dir, InputSource, LauncherConfig, LogSink, Progress, StepError, StepOutcome,
     StepRequest, Timings,
 };
+use crate::vm::network::NetworkGrant;
 use crate::vm::runner::{describe_exit, Vm};
 use crate::vm::vsock::{detect_backend, Channel, Stream};
 use crate::vm::{
@@ -48,6 +49,7 @@ pub(crate) struct Conversation {
     failure: Option<Failure>,
     nars: BTreeMap<String, ReceivedNar>,
     bye: bool,
+    hello_uptime_ms: u64,
     last_phase: Option<PhaseName>,
     marks: BTreeMap<&'static str, Instant>,
     output_bytes: u64,
@@ -89,11 +91,9 @@ pub fn run_step(
         .map_err(|e| StepError::Image(cfg.image_dir.clone(), e))?;
     let caps = HostCaps::probe();
     let mode = choose_mode(cfg.mode, &caps, manifest.snp.is_some())?;
-    if req.network {
-        return Err(StepError::Request(
-            "the networked fixed-output variant is not available yet (issue 4)".into(),
-        ));
-    }
+    super::policy::check_fixed_output_request(&req.drv, cfg.allow_weak_fixed_hashes)
+        .map_err(|e| StepError::Request(e.to_string()))?;
+    let limits = super::policy::effective_limits(req.limits, &cfg.default_limits, cfg.memory_mib);
 
     let closure = inputs.closure(&req.drv.input_srcs).map_err(StepError::Inputs)?;
     let outputs = if req.outputs.is_empty() {
@@ -107,12 +107,14 @@ pub fn run_step(
         req.drv_path.clone(),
         req.drv.clone(),
         closure,
-        req.limits,
+        limits,
         req.ca_rule,
         req.network,
         outputs,
     );
     job.validate().map_err(|e| StepError::Request(super::check::chain(&e)))?;
+    // The only way to a NIC: a grant, which only a fixed-output job gets.
+    let network = NetworkGrant::for_job(&job).map_err(|e| StepError::Request(e.to_string()))?;
     let job_bytes = job.canonical_bytes().map_err(|e| StepError::Request(e.to_string()))?;
     let host_data = job.host_data().map_err(|e| StepError::Request(e.to_string()))?;
 
@@ -144,7 +146,7 @@ pub fn run_step(
         kernel: if mode == Mode::Snp { img(files::BZIMAGE) } else { img(files::VMLINUX) },
         initrd: img(files::INITRD),
         cmdline: manifest.cmdline.clone(),
-        memory_mib: cfg.memory_mib,
+        memory_mib: super::policy::guest_memory_mib(cfg.memory_mib, &limits),
         vcpus: manifest
             .snp
             .as_ref()
@@ -162,7 +164,7 @@ pub fn run_step(
                 .as_ref()
                 .map_or("EPYC-v4".into(), |s| s.params.vcpu_type.clone()),
         }),
-        network: req.network,
+        network,
     };
     let argv = qemu_argv(&spec).map_err(|e| StepError::Request(e.to_string()))?;
     tracing::debug!(?argv, "starting QEMU");
@@ -218,8 +220,7 @@ pub fn run_step(
 
     let staging = staging_dir(&cfg.state_dir, &job_id)?;
     let mut conv = Conversation::default();
-    let result =
-        converse(stream, mode, setup, &job_bytes, &job, inputs, &staging, sink, &mut conv);
+    let result = converse(stream, mode, setup, &job_bytes, &job, inputs, &staging, sink, &mut conv);
     done.store(true, Ordering::Relaxed);
     // Did the VM end on its own (killed, crashed)? A broken channel usually means it did: give
     // QEMU a moment to be reaped before deciding.
@@ -283,6 +284,7 @@ pub fn run_step(
     timings.verification = t_check.elapsed();
     timings.input_bytes = input_bytes;
     timings.output_bytes = conv.output_bytes;
+    timings.guest_ready_uptime = Duration::from_millis(conv.hello_uptime_ms);
     sink.progress(&Progress::Verified);
     Ok(StepOutcome {
         statement: checked.statement,
@@ -366,6 +368,7 @@ fn converse(
     let mut r = FrameReader::new(stream);
     let hello: Hello = r.expect(Kind::Hello, "the agent's Hello")?.json()?;
     conv.marks.insert("hello", Instant::now());
+    conv.hello_uptime_ms = hello.uptime_ms;
     if hello.protocol != PROTOCOL_VERSION {
         return Err(StepError::Request(format!(
             "the image's agent speaks channel protocol {}, this launcher {PROTOCOL_VERSION}: rebuild the image",

@@ -148,7 +148,7 @@ pub enum DrvError {
          `vouch build` builds one resolved step whose inputs are already in the store. Build the \
          whole graph through Nix instead, with vouch as its remote builder: \
          `nix-build --builders 'ssh-ng://localhost?remote-program=vouch%20nix-builder x86_64-linux - 1 1 ca-derivations' --max-jobs 0 …` \
-         (Nix resolves each content-addressed step and sends it to `vouch nix-builder`)."
+         (Nix resolves each content-addressed step and sends it to `vouch nix-builder`; see docs/nix-remote-builder.md)."
     )]
     Unresolved {
         /// The drv.

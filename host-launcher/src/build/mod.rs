@@ -33,6 +33,7 @@
 pub mod check;
 pub mod host;
 pub mod local_store;
+pub mod policy;
 pub mod publish;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -166,6 +167,11 @@ pub struct LauncherConfig {
     pub snp_vcek: Option<PathBuf>,
     /// QEMU binary.
     pub qemu: PathBuf,
+    /// Sandbox limits for requests that leave them at 0 (`memory_bytes`, `max_processes`,
+    /// `tmpfs_bytes`; zeros here fall back to [`policy::effective_limits`]'s guest-size rules).
+    pub default_limits: Limits,
+    /// Build fixed-output derivations that declare md5 or sha1 hashes (refused by default).
+    pub allow_weak_fixed_hashes: bool,
 }
 
 impl LauncherConfig {
@@ -182,6 +188,8 @@ impl LauncherConfig {
             slack: Duration::from_secs(600),
             snp_vcek: None,
             qemu: "qemu-system-x86_64".into(),
+            default_limits: Limits::default(),
+            allow_weak_fixed_hashes: false,
         }
     }
 
@@ -214,6 +222,8 @@ pub struct Timings {
     pub input_bytes: u64,
     /// NAR bytes of the outputs received.
     pub output_bytes: u64,
+    /// Guest uptime when the agent said hello (the guest's own clock: boot to ready).
+    pub guest_ready_uptime: Duration,
 }
 
 /// One output as received and checked.

@@ -52,9 +52,22 @@ pub struct Args {
     /// NIX_BUILD_CORES (0 = the VM's CPUs).
     #[arg(long, default_value_t = 0)]
     pub cores: u64,
-    /// Guest RAM in MiB.
+    /// Guest RAM in MiB (raised if --max-memory needs more).
     #[arg(long, default_value_t = 2048)]
     pub memory: u32,
+    /// The builder's memory limit in MiB (cgroup memory.max; 0 = guest RAM minus 256 MiB).
+    #[arg(long, default_value_t = 0)]
+    pub max_memory: u64,
+    /// Most processes and threads the builder may have at once (0 = 4096).
+    #[arg(long, default_value_t = 0)]
+    pub max_processes: u64,
+    /// Size of each tmpfs the builder writes to (/build, new store paths, /tmp) in MiB
+    /// (0 = half the guest RAM).
+    #[arg(long, default_value_t = 0)]
+    pub tmpfs_size: u64,
+    /// Build fixed-output derivations that declare md5 or sha1 hashes (refused by default).
+    #[arg(long)]
+    pub allow_weak_hashes: bool,
     /// Guest vCPUs (kvm/tcg).
     #[arg(long, default_value_t = 1)]
     pub cpus: u32,
@@ -117,6 +130,7 @@ impl LogSink for Printer {
 /// Run `vouch build`.
 pub fn run(args: Args, global: &Global) -> CmdResult {
     let drv = load_basic_derivation(&args.drv)?;
+    let network = build_trace::job::step_kind(&drv)? == build_trace::job::StepKind::FixedOutput;
     let state_dir = global.state_dir();
     let mut cfg = LauncherConfig::new(
         args.image.clone().unwrap_or_else(vm_image::default_image_dir),
@@ -124,6 +138,7 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     );
     cfg.mode = args.mode;
     cfg.memory_mib = args.memory;
+    cfg.allow_weak_fixed_hashes = args.allow_weak_hashes;
     cfg.vcpus = args.cpus;
     cfg.echo_console = args.console;
     cfg.snp_vcek = args.snp_vcek.clone();
@@ -136,10 +151,14 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
             max_silent_s: args.max_silent_time,
             max_log_bytes: args.max_log_size,
             cores: args.cores,
-            ..Limits::default()
+            memory_bytes: args.max_memory << 20,
+            max_processes: args.max_processes,
+            tmpfs_bytes: args.tmpfs_size << 20,
         },
         ca_rule: args.ca_rule,
-        network: false,
+        // Fixed-output derivations (fetchers) run in the networked variant, as in Nix's sandbox;
+        // nothing else ever gets a network device.
+        network,
         job_id: None,
     };
     let mut printer = Printer { quiet_log: false };

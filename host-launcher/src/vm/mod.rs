@@ -13,6 +13,7 @@
 //!
 //! What is not here: the channel protocol (see `crate::build`).
 
+pub mod network;
 pub mod runner;
 pub mod vsock;
 
@@ -204,8 +205,9 @@ pub struct QemuSpec {
     pub vsock: VsockDevice,
     /// SNP settings; required in snp mode, ignored otherwise.
     pub snp: Option<SnpLaunch>,
-    /// User-mode networking (only the fixed-output variant; never otherwise).
-    pub network: bool,
+    /// User-mode networking: only with a grant, which only a fixed-output job gets
+    /// ([`network::NetworkGrant::for_job`]); `None` gives `-nic none`.
+    pub network: Option<network::NetworkGrant>,
 }
 
 /// Errors building the command line.
@@ -255,7 +257,9 @@ pub fn qemu_argv(spec: &QemuSpec) -> Result<Vec<String>, ArgvError> {
         Mode::Kvm => push(&["-accel", "kvm", "-cpu", "host", "-machine", "q35,memory-backend=mem"]),
         // RDRAND lets the guest kernel seed its RNG at once (without it getrandom() blocks for
         // about a second under TCG); otherwise QEMU's default model, the fastest one under TCG.
-        Mode::Tcg => push(&["-accel", "tcg", "-cpu", "qemu64,+rdrand", "-machine", "q35,memory-backend=mem"]),
+        Mode::Tcg => {
+            push(&["-accel", "tcg", "-cpu", "qemu64,+rdrand", "-machine", "q35,memory-backend=mem"])
+        }
     }
     push(&["-smp", &spec.vcpus.to_string(), "-m", &mem]);
     push(&["-object", &format!("memory-backend-memfd,id=mem,size={mem},share=on")]);
@@ -273,11 +277,11 @@ pub fn qemu_argv(spec: &QemuSpec) -> Result<Vec<String>, ArgvError> {
             push(&["-device", &format!("vhost-user-vsock-pci,chardev=vsock{virtio_extra}")]);
         }
     }
-    if spec.network {
-        // The fixed-output variant (issue 4): user-mode networking and nothing else changed.
+    if spec.network.is_some() {
+        // The fixed-output variant: user-mode networking and nothing else changed.
         push(&[
             "-netdev",
-            "user,id=net0",
+            network::USER_NETDEV,
             "-device",
             &format!("virtio-net-pci,netdev=net0{virtio_extra}"),
         ]);

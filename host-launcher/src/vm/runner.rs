@@ -207,10 +207,10 @@ impl Vm {
         c.iter().cloned().collect::<Vec<_>>().join("\n")
     }
 
-    /// When the first agent console line containing `needle` arrived (for benchmarks).
-    pub fn agent_line_at(&self, needle: &str) -> Option<Instant> {
+    /// The first agent console line containing `needle`, and when it arrived (benchmarks).
+    pub fn agent_line(&self, needle: &str) -> Option<(String, Instant)> {
         let m = self.marks.lock().unwrap_or_else(|e| e.into_inner());
-        m.iter().find(|(l, _)| l.contains(needle)).map(|(_, t)| *t)
+        m.iter().find(|(l, _)| l.contains(needle)).cloned()
     }
 
     /// What QEMU itself printed on stderr (complete only after it exited).

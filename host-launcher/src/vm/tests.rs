@@ -10,7 +10,7 @@ fn spec(mode: Mode, vsock: VsockDevice) -> QemuSpec {
         vcpus: 1,
         vsock,
         snp: None,
-        network: false,
+        network: None,
     }
 }
 
@@ -116,10 +116,20 @@ fn snp_refuses_debug_policy_and_missing_settings() {
 fn network_only_when_asked() {
     let mut s = spec(Mode::Tcg, VsockDevice::Kernel { cid: 3 });
     assert!(!qemu_argv(&s).unwrap().iter().any(|a| a.contains("netdev")));
-    s.network = true;
+    assert!(qemu_argv(&s).unwrap().windows(2).any(|w| w == ["-nic", "none"]));
+    s.network = Some(network::grant_for_tests());
     let argv = qemu_argv(&s).unwrap();
-    assert!(argv.iter().any(|a| a == "user,id=net0"));
+    assert!(argv.iter().any(|a| a == network::USER_NETDEV));
+    assert!(argv.iter().any(|a| a == "virtio-net-pci,netdev=net0"));
     assert!(!argv.iter().any(|a| a == "-nic"));
+    // In SNP mode the NIC is an iommu_platform device like every other virtio device.
+    let mut s = spec(Mode::Snp, VsockDevice::Kernel { cid: 3 });
+    s.snp = Some(snp_launch());
+    s.network = Some(network::grant_for_tests());
+    let argv = qemu_argv(&s).unwrap();
+    assert!(argv
+        .iter()
+        .any(|a| a == "virtio-net-pci,netdev=net0,iommu_platform=on,disable-legacy=on"));
 }
 
 #[test]

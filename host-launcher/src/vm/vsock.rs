@@ -386,7 +386,10 @@ mod tests {
         let mut chan = Channel::prepare(&Backend::User(daemon), dir.path(), 1024).unwrap();
         assert!(matches!(chan.accept(Duration::from_secs(5), &|| false), Err(VsockError::VmGone)));
         let t = Instant::now();
-        assert!(matches!(chan.accept(Duration::from_millis(200), &|| true), Err(VsockError::Timeout(_))));
+        assert!(matches!(
+            chan.accept(Duration::from_millis(200), &|| true),
+            Err(VsockError::Timeout(_))
+        ));
         assert!(t.elapsed() < Duration::from_secs(2));
     }
 }

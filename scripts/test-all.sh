@@ -14,4 +14,4 @@ echo "== guest image (static agent, cached kernel)" >&2
 export VOUCH_IMAGE_DIR=${VOUCH_IMAGE_DIR:-$VOUCH_CACHE/image}
 ./scripts/build-image.sh
 echo "== cargo test" >&2
-cargo test --workspace --all-targets
+cargo test --workspace --all-targets --no-fail-fast

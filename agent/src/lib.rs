@@ -10,6 +10,7 @@ pub mod attest;
 pub mod builder;
 pub mod config;
 pub mod inputs;
+pub mod liveness;
 pub mod messages;
 pub mod outputs;
 pub mod pid1;

@@ -14,6 +14,8 @@
 //!   or Failure ────────────────────────▶
 //!   Bye ───────────────────────────────▶ then sync + power off
 //! ```
+//! Between `Hello` and `Bye` the guest also sends a `Heartbeat` every few seconds, between any
+//! two frames (`crate::liveness`).
 //! What is not here: the framing ([`crate::proto`]).
 
 use serde::{Deserialize, Serialize};
@@ -111,6 +113,16 @@ pub enum PhaseName {
 pub struct Phase {
     /// Which point.
     pub phase: PhaseName,
+    /// Guest uptime, milliseconds.
+    pub uptime_ms: u64,
+}
+
+/// The guest is alive (link-level; see `crate::liveness`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    /// 1, 2, 3, … per session.
+    pub seq: u64,
     /// Guest uptime, milliseconds.
     pub uptime_ms: u64,
 }

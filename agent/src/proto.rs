@@ -7,20 +7,44 @@
 //! [`Kind::NarBegin`] and an explicit [`Kind::NarEnd`]. Control payloads are JSON (see
 //! `messages`); the job travels as its canonical bytes, because HOST_DATA is their hash.
 //!
-//! What is here: [`Kind`], [`Frame`], [`FrameReader`]/[`FrameWriter`] with limits, and adapters
-//! that send a `Read` as a NAR stream and expose a received NAR stream as a `Read`.
-//! What is not here: what the messages mean (see `messages`) or any socket setup.
+//! [`Kind::Heartbeat`] frames are link-level: the guest sends one every few seconds from its own
+//! thread, they may come between any two frames (also inside a NAR stream), and a
+//! [`FrameReader`] consumes them itself, recording the arrival of every frame in a shared
+//! [`Liveness`] that a watchdog reads (`crate::liveness`).
+//!
+//! What is here: [`Kind`], [`Frame`], [`FrameReader`]/[`FrameWriter`] with limits (including the
+//! guest's per-write size limit, [`GUEST_MAX_WRITE`]), and adapters that send a `Read` as a NAR
+//! stream and expose a received NAR stream as a `Read`.
+//! What is not here: what the messages mean (see `messages`), the heartbeat thread and the
+//! shared writer (`crate::liveness`), or any socket setup.
 
 use std::io::{self, Read, Write};
+use std::sync::Arc;
 
-/// Wire protocol version, sent in the guest's hello.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub use crate::liveness::Liveness;
+
+/// Wire protocol version, sent in the guest's hello. 2: the guest heartbeats (a host of version
+/// 2 fails a channel that stays silent, so it must not run an agent that never heartbeats).
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest payload of any frame (control messages and chunks alike).
 pub const MAX_PAYLOAD: u32 = 16 << 20;
 /// Payload size the senders use for NAR chunks.
 pub const CHUNK_SIZE: usize = 256 << 10;
 /// Size of a frame header.
 pub const HEADER_LEN: usize = 8;
+/// Largest payload of a [`Kind::Heartbeat`].
+pub const MAX_HEARTBEAT_PAYLOAD: u32 = 4096;
+/// Most bytes the guest hands to one `write(2)` on the channel.
+///
+/// The guest kernel (6.12.117, which has the backport of Linux commit 6693731487a8 "vsock/virtio:
+/// Allocate nonlinear SKBs for handling large transmit buffers") puts a vsock packet whose payload
+/// exceeds about 32 KiB into page fragments, i.e. several data descriptors. `vhost-device-vsock`
+/// 0.3.0 (virtio-vsock 0.10) expects a packet's data in one descriptor: it drops such a packet
+/// (`DescriptorLengthTooSmall`, logged at debug level only) without returning its descriptor or
+/// its credit, and the guest→host direction stalls for good. A packet is never larger than the
+/// `write` that produced it, so capping every write at 16 KiB keeps every packet linear (one data
+/// descriptor) whatever the backend's credit window. Measured in `docs/channel.md`.
+pub const GUEST_MAX_WRITE: usize = 16 << 10;
 
 /// Frame kinds. Direction: g→h guest to host, h→g host to guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +74,9 @@ pub enum Kind {
     Failure = 0x0b,
     /// g→h, empty: the agent is done and powers off.
     Bye = 0x0c,
+    /// g→h, JSON `Heartbeat`: the guest is alive. Link-level: allowed between any two frames and
+    /// consumed by [`FrameReader`] itself.
+    Heartbeat = 0x0d,
 }
 
 impl Kind {
@@ -69,12 +96,21 @@ impl Kind {
             0x0a => Outcome,
             0x0b => Failure,
             0x0c => Bye,
+            0x0d => Heartbeat,
             _ => return None,
         })
     }
 
     fn must_be_empty(self) -> bool {
         matches!(self, Kind::NarEnd | Kind::InputsDone | Kind::Bye)
+    }
+
+    /// Largest payload a frame of this kind may have.
+    pub fn max_len(self) -> u32 {
+        match self {
+            Kind::Heartbeat => MAX_HEARTBEAT_PAYLOAD,
+            _ => MAX_PAYLOAD,
+        }
     }
 }
 
@@ -157,12 +193,19 @@ impl Frame {
 #[derive(Debug)]
 pub struct FrameWriter<W: Write> {
     inner: W,
+    max_write: usize,
 }
 
 impl<W: Write> FrameWriter<W> {
     /// Wrap a transport.
     pub fn new(inner: W) -> Self {
-        FrameWriter { inner }
+        FrameWriter { inner, max_write: usize::MAX }
+    }
+
+    /// Wrap a transport, handing it at most `max_write` bytes per `write` call (the guest uses
+    /// [`GUEST_MAX_WRITE`]).
+    pub fn with_max_write(inner: W, max_write: usize) -> Self {
+        FrameWriter { inner, max_write: max_write.max(1) }
     }
 
     /// The transport.
@@ -170,18 +213,21 @@ impl<W: Write> FrameWriter<W> {
         &mut self.inner
     }
 
-    /// Write one frame (header and payload in one write).
+    /// Write one frame (header and payload together, in pieces of at most the write limit).
     pub fn send(&mut self, kind: Kind, payload: &[u8]) -> Result<(), ProtoError> {
+        let max = kind.max_len();
         let len = u32::try_from(payload.len())
             .ok()
-            .filter(|l| *l <= MAX_PAYLOAD)
-            .ok_or(ProtoError::TooLong { kind, len: u32::MAX, max: MAX_PAYLOAD })?;
+            .filter(|l| *l <= max)
+            .ok_or(ProtoError::TooLong { kind, len: u32::MAX, max })?;
         let mut buf = Vec::with_capacity(HEADER_LEN + payload.len());
         buf.push(kind as u8);
         buf.extend_from_slice(&[0, 0, 0]);
         buf.extend_from_slice(&len.to_le_bytes());
         buf.extend_from_slice(payload);
-        self.inner.write_all(&buf)?;
+        for piece in buf.chunks(self.max_write) {
+            self.inner.write_all(piece)?;
+        }
         Ok(())
     }
 
@@ -202,21 +248,7 @@ impl<W: Write> FrameWriter<W> {
         begin: &T,
         nar: &mut dyn Read,
     ) -> Result<u64, ProtoError> {
-        self.send_json(Kind::NarBegin, begin)?;
-        let mut buf = vec![0u8; CHUNK_SIZE];
-        let mut total = 0u64;
-        loop {
-            let n = match nar.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e.into()),
-            };
-            self.send(Kind::NarChunk, &buf[..n])?;
-            total += n as u64;
-        }
-        self.send(Kind::NarEnd, &[])?;
-        Ok(total)
+        send_nar_frames(&mut |k, p| self.send(k, p), begin, nar)
     }
 
     /// Flush the transport.
@@ -226,16 +258,52 @@ impl<W: Write> FrameWriter<W> {
     }
 }
 
-/// Reads frames, checking the header of each.
+/// Sends one frame.
+pub(crate) type SendFrame<'a> = dyn FnMut(Kind, &[u8]) -> Result<(), ProtoError> + 'a;
+
+/// Send `nar` as `NarBegin`, chunks, `NarEnd` through `send` (one call per frame); returns the
+/// number of NAR bytes sent.
+pub(crate) fn send_nar_frames<T: serde::Serialize>(
+    send: &mut SendFrame<'_>,
+    begin: &T,
+    nar: &mut dyn Read,
+) -> Result<u64, ProtoError> {
+    let begin = serde_json::to_vec(begin).map_err(|e| ProtoError::Json(Kind::NarBegin, e))?;
+    send(Kind::NarBegin, &begin)?;
+    let mut buf = vec![0u8; CHUNK_SIZE];
+    let mut total = 0u64;
+    loop {
+        let n = match nar.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        };
+        send(Kind::NarChunk, &buf[..n])?;
+        total += n as u64;
+    }
+    send(Kind::NarEnd, &[])?;
+    Ok(total)
+}
+
+/// Reads frames, checking the header of each. Heartbeats are consumed here: they are counted,
+/// stamped into the [`Liveness`] (as every frame is), and never returned.
 #[derive(Debug)]
 pub struct FrameReader<R: Read> {
     inner: R,
+    liveness: Option<Arc<Liveness>>,
+    heartbeats: u64,
 }
 
 impl<R: Read> FrameReader<R> {
     /// Wrap a transport.
     pub fn new(inner: R) -> Self {
-        FrameReader { inner }
+        FrameReader { inner, liveness: None, heartbeats: 0 }
+    }
+
+    /// Wrap a transport, recording the arrival of every complete frame in `liveness`.
+    pub fn with_liveness(inner: R, liveness: Arc<Liveness>) -> Self {
+        FrameReader { inner, liveness: Some(liveness), heartbeats: 0 }
     }
 
     /// The transport.
@@ -243,8 +311,27 @@ impl<R: Read> FrameReader<R> {
         &mut self.inner
     }
 
-    /// Read the next frame; `Ok(None)` on a clean EOF before any header byte.
+    /// Heartbeat frames consumed so far.
+    pub fn heartbeats(&self) -> u64 {
+        self.heartbeats
+    }
+
+    /// Read the next frame other than a heartbeat; `Ok(None)` on a clean EOF before any header
+    /// byte.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, ProtoError> {
+        loop {
+            let Some(frame) = self.next_any_frame()? else { return Ok(None) };
+            if let Some(l) = &self.liveness {
+                l.beat();
+            }
+            if frame.kind != Kind::Heartbeat {
+                return Ok(Some(frame));
+            }
+            self.heartbeats += 1;
+        }
+    }
+
+    fn next_any_frame(&mut self) -> Result<Option<Frame>, ProtoError> {
         let mut hdr = [0u8; HEADER_LEN];
         let mut got = 0;
         while got < HEADER_LEN {
@@ -261,8 +348,8 @@ impl<R: Read> FrameReader<R> {
             return Err(ProtoError::Reserved);
         }
         let len = u32::from_le_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
-        if len > MAX_PAYLOAD {
-            return Err(ProtoError::TooLong { kind, len, max: MAX_PAYLOAD });
+        if len > kind.max_len() {
+            return Err(ProtoError::TooLong { kind, len, max: kind.max_len() });
         }
         if (kind.must_be_empty() && len != 0) || (kind == Kind::NarChunk && len == 0) {
             return Err(ProtoError::BadLength(kind, len));
@@ -446,115 +533,4 @@ impl<R: Read> Read for NarStream<'_, R> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn frames(bytes: &[u8]) -> Vec<Result<Frame, String>> {
-        let mut r = FrameReader::new(bytes);
-        let mut out = Vec::new();
-        loop {
-            match r.next_frame() {
-                Ok(Some(f)) => out.push(Ok(f)),
-                Ok(None) => return out,
-                Err(e) => {
-                    out.push(Err(e.to_string()));
-                    return out;
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn round_trip_of_every_kind() {
-        let mut w = FrameWriter::new(Vec::new());
-        for b in 0u8..=255 {
-            if let Some(k) = Kind::from_u8(b) {
-                assert_eq!(k as u8, b);
-                let payload: &[u8] = if k.must_be_empty() { b"" } else { b"xy" };
-                w.send(k, payload).unwrap();
-            }
-        }
-        let got = frames(w.get_mut());
-        assert_eq!(got.len(), 12);
-        assert!(got.iter().all(|f| f.is_ok()));
-    }
-
-    #[test]
-    fn header_layout() {
-        let mut w = FrameWriter::new(Vec::new());
-        w.send(Kind::Log, b"abc").unwrap();
-        assert_eq!(w.get_mut().as_slice(), b"\x08\0\0\0\x03\0\0\0abc");
-    }
-
-    #[test]
-    fn malformed_frames_are_rejected() {
-        let cases: &[(&[u8], &str)] = &[
-            (b"\x7f\0\0\0\0\0\0\0", "unknown kind 0x7f"),
-            (b"\x08\x01\0\0\0\0\0\0", "reserved"),
-            (b"\x08\0\0\0\xff\xff\xff\xff", "exceeds"),
-            (b"\x06\0\0\0\x01\0\0\0x", "NarEnd with a payload"),
-            (b"\x05\0\0\0\0\0\0\0", "NarChunk with a payload of 0"),
-            (b"\x08\0\0\0\x05\0\0\0ab", "channel I/O"),
-            (b"\x08\0\0", "channel I/O"),
-        ];
-        for (bytes, want) in cases {
-            let got = frames(bytes);
-            let last = got.last().unwrap().as_ref().unwrap_err();
-            assert!(last.contains(want), "{bytes:?}: {last}");
-        }
-        assert!(frames(b"").is_empty(), "clean EOF");
-    }
-
-    #[test]
-    fn json_payload_errors_name_the_kind() {
-        let f = Frame { kind: Kind::Hello, payload: b"{".to_vec() };
-        let e = f.json::<serde_json::Value>().unwrap_err();
-        assert!(e.to_string().contains("Hello"), "{e}");
-    }
-
-    fn nar_frames(data: &[u8], announced: u64) -> Vec<u8> {
-        let mut w = FrameWriter::new(Vec::new());
-        let sent =
-            w.send_nar(&serde_json::json!({"path": "/nix/store/x"}), &mut &data[..]).unwrap();
-        assert_eq!(sent, data.len() as u64);
-        let _ = announced;
-        w.send(Kind::Bye, &[]).unwrap();
-        std::mem::take(w.get_mut())
-    }
-
-    #[test]
-    fn nar_stream_round_trip_and_stops_at_end() {
-        let data: Vec<u8> = (0..(CHUNK_SIZE * 2 + 17)).map(|i| (i % 251) as u8).collect();
-        let bytes = nar_frames(&data, data.len() as u64);
-        let mut r = FrameReader::new(&bytes[..]);
-        assert_eq!(r.expect(Kind::NarBegin, "begin").unwrap().kind, Kind::NarBegin);
-        let mut got = Vec::new();
-        let mut s = r.nar_stream("/nix/store/x", data.len() as u64);
-        s.read_to_end(&mut got).unwrap();
-        assert!(s.finished());
-        assert_eq!(got, data);
-        assert_eq!(r.expect(Kind::Bye, "bye").unwrap().kind, Kind::Bye);
-    }
-
-    #[test]
-    fn nar_stream_size_mismatch_and_interruption() {
-        let data = vec![1u8; 100];
-        let bytes = nar_frames(&data, 100);
-        for (size, want) in [(99u64, "exceeds its announced size"), (101, "ended at 100 of 101")] {
-            let mut r = FrameReader::new(&bytes[..]);
-            r.next_frame().unwrap();
-            let mut s = r.nar_stream("/nix/store/x", size);
-            let e = into_proto(s.read_to_end(&mut Vec::new()).unwrap_err());
-            assert!(e.to_string().contains(want), "{e}");
-        }
-        let mut w = FrameWriter::new(Vec::new());
-        w.send(Kind::NarChunk, b"ab").unwrap();
-        w.send(Kind::Log, b"zz").unwrap();
-        let mut r = FrameReader::new(&w.get_mut()[..]);
-        let e = into_proto(r.nar_stream("p", 10).read_to_end(&mut Vec::new()).unwrap_err());
-        assert!(matches!(e, ProtoError::Unexpected { got: Kind::Log, .. }), "{e}");
-        let mut r = FrameReader::new(&b"\x05\0\0\0\x02\0\0\0ab"[..]);
-        let e = into_proto(r.nar_stream("p", 2).read_to_end(&mut Vec::new()).unwrap_err());
-        assert!(matches!(e, ProtoError::Closed(_)), "{e}");
-    }
-}
+mod tests;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use crate::config::{parse_cmdline, Bench};
 use crate::messages::{AttesterKind, Hello, NarBegin, Phase, PhaseName};
 use crate::pid1::{power_off, say, setup_mounts, uptime, write_etc};
-use crate::proto::{FrameReader, FrameWriter, Kind, ProtoError, PROTOCOL_VERSION};
+use crate::proto::{FrameReader, FrameWriter, Kind, ProtoError, GUEST_MAX_WRITE, PROTOCOL_VERSION};
 use crate::session::{agent_version, chain, serve, GuestPaths};
 
 /// The host's CID.
@@ -85,7 +85,7 @@ pub fn pid1_main() -> ! {
 /// guest-side time of each as a `Phase` (uptime at the end), until `InputsDone`.
 fn bench_sink<R: Read, W: std::io::Write>(rd: R, wr: W) -> Result<(), ProtoError> {
     let mut r = FrameReader::new(rd);
-    let mut w = FrameWriter::new(wr);
+    let mut w = FrameWriter::with_max_write(wr, GUEST_MAX_WRITE);
     w.send_json(
         Kind::Hello,
         &Hello {

@@ -6,7 +6,9 @@
 //! host sent, said loudly); receive and check the inputs; recompute claimed content addresses;
 //! run the builder (log streamed); hash the outputs; build the statement; attest its
 //! REPORT_DATA; stream the outputs; send `Outcome`. Any error becomes one `Failure` frame with
-//! its kind and message. `Bye` always ends the session.
+//! its kind and message. `Bye` always ends the session. From `Hello` until just before `Bye` a
+//! heartbeat thread ([`crate::liveness::Heartbeat`]) shares the writer, so the host can tell a
+//! silent builder from a stalled channel; every write is at most [`GUEST_MAX_WRITE`] bytes.
 //!
 //! What is not here: mounting, connecting and powering off (`crate::pid1`, `main`).
 
@@ -21,10 +23,11 @@ use build_trace::statement::{Measurement, Statement};
 use crate::attest::{self, Attester, AttesterKind};
 use crate::builder::{self, RunLimits};
 use crate::inputs::{self, InputError};
+use crate::liveness::{Heartbeat, SharedFrameWriter, HEARTBEAT_INTERVAL};
 use crate::messages::{Failure, FailureKind, Hello, NarBegin, Outcome, Phase, PhaseName, Setup};
 use crate::outputs::{self, OutputError};
 use crate::pid1::{say, uptime};
-use crate::proto::{FrameReader, FrameWriter, Kind, ProtoError, PROTOCOL_VERSION};
+use crate::proto::{FrameReader, FrameWriter, Kind, ProtoError, GUEST_MAX_WRITE, PROTOCOL_VERSION};
 use crate::sandbox::{Confinement, SandboxSpec};
 
 /// The agent's version string (goes into the statement and the image manifest).
@@ -124,15 +127,23 @@ impl Default for GuestPaths {
     }
 }
 
-fn phase<W: Write>(w: &mut FrameWriter<W>, p: PhaseName) -> Result<(), ProtoError> {
-    w.send_json(Kind::Phase, &Phase { phase: p, uptime_ms: (uptime() * 1000.0) as u64 })
+fn phase<W: Write>(w: &SharedFrameWriter<W>, p: PhaseName) -> Result<(), ProtoError> {
+    w.send_json(Kind::Phase, &Phase { phase: p, uptime_ms: uptime_ms() })
+}
+
+fn uptime_ms() -> u64 {
+    (uptime() * 1000.0) as u64
 }
 
 /// Run the session on a connected channel. Errors of the step are reported to the host;
 /// only channel failures that prevent even that are returned.
-pub fn serve<R: Read, W: Write>(rd: R, wr: W, paths: &GuestPaths) -> Result<(), ProtoError> {
+pub fn serve<R: Read, W: Write + Send + 'static>(
+    rd: R,
+    wr: W,
+    paths: &GuestPaths,
+) -> Result<(), ProtoError> {
     let mut r = FrameReader::new(rd);
-    let mut w = FrameWriter::new(wr);
+    let w = SharedFrameWriter::new(FrameWriter::with_max_write(wr, GUEST_MAX_WRITE));
     let mut hw = attest::detect();
     if hw.is_some() {
         say("attester: sev-snp (AMD secure processor)");
@@ -146,17 +157,25 @@ pub fn serve<R: Read, W: Write>(rd: R, wr: W, paths: &GuestPaths) -> Result<(), 
             protocol: PROTOCOL_VERSION,
             agent_version: agent_version(),
             attester: kind,
-            uptime_ms: (uptime() * 1000.0) as u64,
+            uptime_ms: uptime_ms(),
         },
     )?;
-    match step(&mut r, &mut w, hw.take(), paths) {
-        Ok(()) => say("step done"),
+    let heartbeat = Heartbeat::start(w.clone(), HEARTBEAT_INTERVAL, uptime_ms);
+    let result = match step(&mut r, &w, hw.take(), paths) {
+        Ok(()) => {
+            say("step done");
+            Ok(())
+        }
         Err(e) => {
             let message = chain(&e);
             say(&format!("step failed: {message}"));
-            w.send_json(Kind::Failure, &Failure { kind: e.kind(), message })?;
+            w.send_json(Kind::Failure, &Failure { kind: e.kind(), message })
         }
-    }
+    };
+    // Nothing follows `Bye`, not even a heartbeat.
+    let beats = heartbeat.stop();
+    say(&format!("{beats} heartbeats sent"));
+    result?;
     w.send(Kind::Bye, &[])?;
     w.flush()
 }
@@ -188,7 +207,7 @@ fn simulated_attester(
 
 fn step<R: Read, W: Write>(
     r: &mut FrameReader<R>,
-    w: &mut FrameWriter<W>,
+    w: &SharedFrameWriter<W>,
     hw: Option<attest::SevSnp>,
     paths: &GuestPaths,
 ) -> Result<(), StepError> {

@@ -31,7 +31,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::str::FromStr;
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use nix_formats::base32;
@@ -105,18 +105,7 @@ impl FromStr for NarHash {
     }
 }
 
-impl Serialize for NarHash {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for NarHash {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<NarHash, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
+crate::serde_str::string_form!(NarHash);
 
 /// One output of a basic derivation, with exactly the three strings of its ATerm form.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -14,6 +14,7 @@ pub mod evidence;
 pub mod job;
 pub mod jws;
 pub mod provenance;
+mod serde_str;
 pub mod sign;
 pub mod statement;
 pub mod store;

@@ -7,10 +7,16 @@
 //! and a narinfo. The record formats and fingerprints are `nix-formats`'
 //! ([`nix_formats::realisation`], [`nix_formats::narinfo`], [`nix_formats::signing`]).
 //!
-//! Realisations are made only for content-addressed steps (floating CA, fixed output): their
-//! drv path is the resolved one, so both keys follow from the statement. An input-addressed
-//! step's Nix ≤ 2.34 id would need the unresolved derivation graph, and Nix does not look
-//! realisations up for input-addressed outputs anyway.
+//! Realisations are made only for content-addressed steps (floating CA, fixed output) and only
+//! with keys that follow from the statement: the Nix ≤ 2.34 id from the basic derivation's hash
+//! modulo, the Nix ≥ 2.35 key from the drv path once it is checked to be the basic derivation's
+//! own path. A fixed-output derivation that Nix sends **unresolved** over the build hook (its
+//! input sources replaced by the whole input closure, so its drv path is not the basic
+//! derivation's) still gets the Nix ≤ 2.34 realisation — a fixed output's hash modulo depends
+//! only on its declared hash — but no Nix ≥ 2.35 entry, since nothing here can check which
+//! derivation its drv path names (and Nix looks up neither for outputs whose paths it knows). An
+//! input-addressed step's Nix ≤ 2.34 id would need the unresolved derivation graph, and Nix
+//! does not look realisations up for input-addressed outputs anyway.
 //!
 //! What is not here: where the records are stored ([`crate::store`]) or the laut JWS
 //! ([`crate::jws`]).
@@ -178,16 +184,20 @@ pub fn step_records(st: &Statement, key: &SecretKey) -> Result<StepRecords, Sign
     let job = &st.job;
     let kind = job.kind().map_err(|e| SignError::Statement(StatementError::Job(e)))?;
     let drv_err = |problem: String| SignError::Derivation { drv: job.drv_path.clone(), problem };
+    // The basic derivation's resolution, and whether the job's drv path is its own path.
     let resolution = if kind == StepKind::InputAddressed {
         None
     } else {
         let drv = job.drv.to_derivation().map_err(|e| drv_err(e.to_string()))?;
         let r =
             resolve(&drv, &job.drv.name, &mut |_, _| None).map_err(|e| drv_err(e.to_string()))?;
-        if r.drv_path.to_string() != job.drv_path {
+        let own_path = r.drv_path.to_string() == job.drv_path;
+        // A floating-CA job's drv path is checked by `Job::validate`; a fixed-output one may
+        // be the unresolved drv Nix gave (see the module documentation).
+        if !own_path && kind == StepKind::FloatingCa {
             return Err(drv_err(format!("the basic derivation's path is {}", r.drv_path)));
         }
-        Some(r)
+        Some((r, own_path))
     };
     let deriver = parse_path(&job.drv_path)?;
     let mut records = BTreeMap::new();
@@ -195,13 +205,13 @@ pub fn step_records(st: &Statement, key: &SecretKey) -> Result<StepRecords, Sign
         let out_path = parse_path(&out.path)?;
         let mut legacy = None;
         let mut build_trace = None;
-        if let Some(r) = &resolution {
+        if let Some((r, own_path)) = &resolution {
             if let Some(id) = r.legacy_id(name) {
                 let mut l = LegacyRealisation::new(id, out_path.clone());
                 l.sign(key);
                 legacy = Some(l);
             }
-            if let Some(k) = r.key(name) {
+            if let Some(k) = r.key(name).filter(|_| *own_path) {
                 let mut b = BuildTraceEntry::new(k, out_path.clone());
                 b.sign(key);
                 build_trace = Some(b);
@@ -236,6 +246,110 @@ pub fn verifying_key(key: &nix_formats::signing::PublicKey) -> ed25519_dalek::Ve
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::job::{BasicDerivation, CaRule, DrvOutput, Job, Limits, PathInfo};
+    use crate::statement::{Measurement, OutputInfo};
+    use nix_formats::content_address::ContentAddress;
+    use nix_formats::store_path::FileIngestionMethod;
+    use std::collections::BTreeSet;
+
+    const TOOL: &str = "/nix/store/0c8mj2k3yp0jx1ksc1b9nclkh3fav40k-fetch-tool";
+    const LIB: &str = "/nix/store/1d9nk3l4zq1ky2lsd2c0pdmli4gbw51l-libfetch";
+
+    /// A fixed-output step as Nix's build hook sends it for a fetcher with an input derivation
+    /// (`TOOL`, which references `LIB`): input sources = the whole input closure, and `drv_path`
+    /// the unresolved drv, unless `resolved`.
+    fn fod_statement(resolved: bool) -> Statement {
+        let hash = Hash::sha256(nix_formats::hash::sha256(b"fetched bytes"));
+        let ca = ContentAddress::Fixed { method: FileIngestionMethod::Flat, hash: hash.clone() };
+        let out = ca.store_path("src.tar", &BTreeSet::new(), false).unwrap().to_string();
+        let info = |refs: &[&str]| PathInfo {
+            nar_hash: NarHash::of(b"nar"),
+            nar_size: 64,
+            references: refs.iter().map(|r| r.to_string()).collect(),
+            ca: None,
+        };
+        let drv = BasicDerivation {
+            name: "src.tar".into(),
+            outputs: [(
+                "out".to_string(),
+                DrvOutput { path: out.clone(), hash_algo: "sha256".into(), hash: hash.to_base16() },
+            )]
+            .into(),
+            input_srcs: [TOOL.to_string(), LIB.to_string()].into(),
+            system: "x86_64-linux".into(),
+            builder: format!("{TOOL}/bin/fetch"),
+            args: vec![],
+            env: [("out".to_string(), out.clone())].into(),
+        };
+        let drv_path = if resolved {
+            drv.drv_path().unwrap()
+        } else {
+            "/nix/store/2f0pl4m5ar2lz3mzf3d1qfnmj5hcx62m-src.tar.drv".to_string()
+        };
+        let closure = [(TOOL.to_string(), info(&[LIB])), (LIB.to_string(), info(&[]))].into();
+        let job = Job::new(
+            "job-fod",
+            drv_path,
+            drv,
+            closure,
+            Limits::default(),
+            CaRule::SelfRefPositions,
+            true,
+            ["out".to_string()].into(),
+        );
+        let output = OutputInfo {
+            path: out,
+            nar_hash: NarHash::of(b"fetched nar"),
+            nar_size: 128,
+            references: BTreeSet::new(),
+            ca: Some(ca.to_string()),
+        };
+        Statement::new(
+            job,
+            BTreeMap::new(),
+            [("out".to_string(), output)].into(),
+            Measurement([7; 48]),
+            "test",
+        )
+    }
+
+    #[test]
+    fn fixed_output_steps_sent_unresolved_get_records_keyed_only_by_what_they_prove() {
+        let key = SecretKey::from_seed("host-simulated-1", [3; 32]);
+        for resolved in [false, true] {
+            let st = fod_statement(resolved);
+            let records = step_records(&st, &key)
+                .unwrap_or_else(|e| panic!("{resolved}: {e}: {:?}", std::error::Error::source(&e)));
+            let out = &records["out"];
+            let out_path = &st.outputs["out"].path;
+            // The Nix ≤ 2.34 id of a fixed output follows from its declared hash alone.
+            let fixed = format!("fixed:out:sha256:{}:{out_path}", st.job.drv.outputs["out"].hash);
+            let legacy = out.legacy.as_ref().expect("a legacy realisation");
+            assert_eq!(legacy.id.drv_hash, nix_formats::hash::sha256(fixed));
+            assert_eq!(legacy.count_valid_signatures(&[key.public_key()]), 1);
+            // The Nix ≥ 2.35 key is a drv path: only when it is the basic derivation's own.
+            match &out.build_trace {
+                Some(b) => {
+                    assert!(resolved);
+                    assert_eq!(b.key.drv_path.to_string(), st.job.drv_path);
+                }
+                None => assert!(!resolved, "the resolved step gets its build-trace entry"),
+            }
+            assert_eq!(out.narinfo.deriver.as_ref().unwrap().to_string(), st.job.drv_path);
+            assert_eq!(out.narinfo.sigs.len(), 1);
+        }
+    }
+
+    #[test]
+    fn a_floating_ca_step_must_carry_its_own_drv_path() {
+        let key = SecretKey::from_seed("host-simulated-1", [3; 32]);
+        let mut st = fod_statement(true);
+        let o = st.job.drv.outputs.get_mut("out").unwrap();
+        (o.path, o.hash_algo, o.hash) = (String::new(), "r:sha256".into(), String::new());
+        st.job.network = false;
+        st.job.drv_path = "/nix/store/2f0pl4m5ar2lz3mzf3d1qfnmj5hcx62m-src.tar.drv".into();
+        assert!(step_records(&st, &key).is_err());
+    }
 
     #[test]
     fn key_files_round_trip_and_are_private() {

@@ -28,7 +28,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use nix_formats::StorePath;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha512};
 
 use crate::canonical::{self, CanonicalError};
@@ -120,17 +120,7 @@ impl FromStr for Measurement {
     }
 }
 
-impl Serialize for Measurement {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for Measurement {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Measurement, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
-    }
-}
+crate::serde_str::string_form!(Measurement);
 
 /// What the guest established about one output.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

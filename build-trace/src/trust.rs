@@ -14,7 +14,10 @@
 //!   signer counts once per unresolved derivation however many entries it signed;
 //! - `key:<name>` holds when that key is among the signers; `builder:<rule>` when at least one
 //!   chip passed the rule (`{ builder = "<rule>", at_least = n }`: n distinct chips);
-//!   `{ threshold = k, of = [..] }` when at least k of its members hold. The model is monotone.
+//!   `{ threshold = k, of = [..] }` when at least k of its members hold. The model is monotone;
+//! - within one model, too, a signer counts once: the leaves that make it hold must be lit by
+//!   distinct signers, so a key named in two leaves, or a chip that passes two builder rules,
+//!   lights only one of them ([`TrustModel::satisfied_by`]).
 //!
 //! What is not here: checking signatures or evidence (the verifier does that and hands the
 //! resulting [`Signers`] to [`TrustPolicy::accepts`]).
@@ -202,22 +205,129 @@ impl Signers {
     }
 }
 
+/// The most leaves that can compete for one signer (builder leaves, and key leaves naming a key
+/// named by another leaf too): [`TrustModel::satisfied_by`] tries their subsets.
+pub const MAX_COMPETING_LEAVES: usize = 16;
+
+/// A signer as a trust model leaf sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum SignerId<'a> {
+    Key(&'a str),
+    Chip(&'a str),
+}
+
+/// What one leaf needs: `need` distinct signers out of `candidates`.
+#[derive(Debug)]
+struct Demand<'a> {
+    candidates: Vec<SignerId<'a>>,
+    need: usize,
+}
+
 impl TrustModel {
-    /// Whether `signers` satisfy this term.
+    /// Whether `signers` satisfy this term, **each signer counting once**: some set of leaves
+    /// that makes the term hold must be lit by pairwise distinct signers (a key named by two
+    /// leaves, or a chip that passed two builder rules, lights only one of them). Laut gets
+    /// this by allowing each key in one leaf only; builder rules may overlap, so this is a
+    /// small bipartite matching over the leaves that compete for a signer.
     pub fn satisfied_by(&self, signers: &Signers) -> bool {
+        let mut leaves = Vec::new();
+        self.demands(signers, &mut leaves);
+        let possible: Vec<bool> = leaves.iter().map(|l| l.candidates.len() >= l.need).collect();
+        if !self.holds(&possible, &mut 0) {
+            return false;
+        }
+        let competing: Vec<usize> = (0..leaves.len())
+            .filter(|&i| {
+                possible[i]
+                    && (0..leaves.len()).any(|j| {
+                        j != i
+                            && possible[j]
+                            && leaves[i].candidates.iter().any(|c| leaves[j].candidates.contains(c))
+                    })
+            })
+            .collect();
+        if competing.is_empty() {
+            return true;
+        }
+        // Leaves that compete with none are always lit; try the competing ones' subsets.
+        let n = competing.len().min(MAX_COMPETING_LEAVES);
+        (0..1u32 << n).rev().any(|mask| {
+            let chosen: Vec<usize> = competing
+                .iter()
+                .enumerate()
+                .filter(|&(b, _)| b < n && mask & (1 << b) != 0)
+                .map(|(_, &i)| i)
+                .collect();
+            let mut lit = possible.clone();
+            for &i in &competing {
+                lit[i] = chosen.contains(&i);
+            }
+            self.holds(&lit, &mut 0) && distinct_signers(&leaves, &chosen)
+        })
+    }
+
+    /// Each leaf's demand, in depth-first order.
+    fn demands<'a>(&self, signers: &'a Signers, out: &mut Vec<Demand<'a>>) {
+        let chips = |rule: &str| -> Vec<SignerId<'a>> {
+            signers
+                .chips
+                .get(rule)
+                .map(|c| c.iter().map(|c| SignerId::Chip(c.as_str())).collect())
+                .unwrap_or_default()
+        };
         match self {
-            TrustModel::Leaf(leaf) => match leaf.split_once(':') {
-                Some(("key", name)) => signers.keys.contains(name),
-                Some(("builder", rule)) => signers.chips.get(rule).is_some_and(|c| !c.is_empty()),
-                _ => false,
-            },
+            TrustModel::Leaf(leaf) => {
+                let candidates = match leaf.split_once(':') {
+                    Some(("key", name)) => signers
+                        .keys
+                        .get(name)
+                        .map(|k| vec![SignerId::Key(k.as_str())])
+                        .unwrap_or_default(),
+                    Some(("builder", rule)) => chips(rule),
+                    _ => Vec::new(),
+                };
+                out.push(Demand { candidates, need: 1 });
+            }
             TrustModel::Builder { builder, at_least } => {
-                signers.chips.get(builder).map_or(0, BTreeSet::len) >= *at_least
+                out.push(Demand { candidates: chips(builder), need: *at_least });
+            }
+            TrustModel::Threshold { of, .. } => of.iter().for_each(|m| m.demands(signers, out)),
+        }
+    }
+
+    /// Whether the term holds when exactly the leaves marked in `lit` (depth-first order, from
+    /// index `*next`) hold.
+    fn holds(&self, lit: &[bool], next: &mut usize) -> bool {
+        match self {
+            TrustModel::Leaf(_) | TrustModel::Builder { .. } => {
+                *next += 1;
+                lit[*next - 1]
             }
             TrustModel::Threshold { threshold, of } => {
-                of.iter().filter(|m| m.satisfied_by(signers)).count() >= *threshold
+                // Every member is visited, so that leaf indices stay in step.
+                let held = of.iter().map(|m| m.holds(lit, next)).filter(|&h| h).count();
+                held >= *threshold
             }
         }
+    }
+
+    /// The leaves whose signers may compete: builder leaves, and key leaves whose key another
+    /// leaf names too.
+    fn competing_leaves(&self) -> usize {
+        let mut keys: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut builders = 0;
+        let mut stack = vec![self];
+        while let Some(m) = stack.pop() {
+            match m {
+                TrustModel::Leaf(leaf) => match leaf.split_once(':') {
+                    Some(("key", name)) => *keys.entry(name).or_default() += 1,
+                    _ => builders += 1,
+                },
+                TrustModel::Builder { .. } => builders += 1,
+                TrustModel::Threshold { of, .. } => stack.extend(of),
+            }
+        }
+        builders + keys.values().filter(|&&n| n > 1).sum::<usize>()
     }
 
     fn check(&self, policy: &TrustPolicy) -> Result<(), PolicyError> {
@@ -254,6 +364,37 @@ impl TrustModel {
             }
         }
     }
+}
+
+/// Whether every leaf in `chosen` can get its own distinct signers (Kuhn's augmenting paths,
+/// one slot per needed signer).
+fn distinct_signers(leaves: &[Demand<'_>], chosen: &[usize]) -> bool {
+    fn augment<'a>(
+        slot: usize,
+        slots: &[usize],
+        leaves: &[Demand<'a>],
+        owner: &mut BTreeMap<SignerId<'a>, usize>,
+        seen: &mut BTreeSet<SignerId<'a>>,
+    ) -> bool {
+        for &c in &leaves[slots[slot]].candidates {
+            if !seen.insert(c) {
+                continue;
+            }
+            let free = match owner.get(&c) {
+                None => true,
+                Some(&other) => augment(other, slots, leaves, owner, seen),
+            };
+            if free {
+                owner.insert(c, slot);
+                return true;
+            }
+        }
+        false
+    }
+    let slots: Vec<usize> =
+        chosen.iter().flat_map(|&i| std::iter::repeat_n(i, leaves[i].need)).collect();
+    let mut owner = BTreeMap::new();
+    (0..slots.len()).all(|s| augment(s, &slots, leaves, &mut owner, &mut BTreeSet::new()))
 }
 
 impl TrustPolicy {
@@ -297,6 +438,12 @@ impl TrustPolicy {
                     "key listed as `{name}` is named `{key_name}` in its key string"
                 )));
             }
+        }
+        let competing = self.require.competing_leaves();
+        if competing > MAX_COMPETING_LEAVES {
+            return Err(PolicyError::Invalid(format!(
+                "{competing} builder leaves or repeated key leaves; at most {MAX_COMPETING_LEAVES}"
+            )));
         }
         self.require.check(self)
     }

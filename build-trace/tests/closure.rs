@@ -15,8 +15,9 @@ use build_trace::store::{MemoryTraces, TraceEntry, TraceSource, TraceStore};
 use build_trace::trust::{TrustModel, TrustPolicy};
 use build_trace::verify::{ClosureVerifier, DrvSet, LinkCheck, Outcome, Request};
 use build_trace::{NarHash, PathInfo};
-use common::{nix_env, run, Fixture, Step};
+use common::{nix, run, Fixture, Step};
 use nix_formats::signing::SecretKey;
+use nix_formats::StorePath;
 
 fn fixture() -> &'static Fixture {
     static FX: OnceLock<Fixture> = OnceLock::new();
@@ -27,15 +28,14 @@ fn sim() -> TrustModel {
     TrustModel::Leaf("builder:sim".into())
 }
 
-fn verify_with(
-    fx: &Fixture,
-    attr: &str,
+/// Verify `target` (expecting `expect`) over the derivation graph `drvs`, with one trace source.
+fn verify_graph(
+    drvs: &DrvSet,
+    target: &StorePath,
+    expect: &[&str],
     policy: &TrustPolicy,
     source: &dyn TraceSource,
-    expect: &[&str],
 ) -> Outcome {
-    let target = fx.drvs[attr].clone();
-    let drvs = DrvSet::from_store_dir(&fx.store_dir, &target).unwrap();
     let prepared = policy.prepare().unwrap();
     let ev = EvidenceVerifier::new();
     let v = ClosureVerifier {
@@ -44,8 +44,22 @@ fn verify_with(
         evidence: &ev,
         now: SystemTime::now(),
     };
-    let req = Request { target, expect: expect.iter().map(|s| s.to_string()).collect() };
-    v.verify(&drvs, &req).unwrap()
+    let req =
+        Request { target: target.clone(), expect: expect.iter().map(|s| s.to_string()).collect() };
+    v.verify(drvs, &req).unwrap()
+}
+
+/// Verify the fixture's `attr` with its `.drv` files.
+fn verify_with(
+    fx: &Fixture,
+    attr: &str,
+    policy: &TrustPolicy,
+    source: &dyn TraceSource,
+    expect: &[&str],
+) -> Outcome {
+    let target = &fx.drvs[attr];
+    let drvs = DrvSet::from_store_dir(&fx.store_dir, target).unwrap();
+    verify_graph(&drvs, target, expect, policy, source)
 }
 
 fn store(fx: &Fixture) -> TraceStore {
@@ -89,6 +103,17 @@ fn broken(outcome: Outcome) -> build_trace::verify::BrokenLink {
         Outcome::NotVerified(b) => b,
         Outcome::Verified(v) => panic!("unexpectedly verified:\n{v}"),
     }
+}
+
+/// The broken link of verifying `target` when `attr`'s trace is `replacement`.
+fn broken_replacing(
+    fx: &Fixture,
+    target: &str,
+    policy: &TrustPolicy,
+    attr: &str,
+    replacement: TraceEntry,
+) -> build_trace::verify::BrokenLink {
+    broken(verify_with(fx, target, policy, &traces_with(fx, attr, replacement), &[]))
 }
 
 #[test]
@@ -156,13 +181,7 @@ fn changed_output_hash_is_caught_by_report_data() {
     let s = fx.step("c");
     let mut st = s.statement.clone();
     st.outputs.get_mut("out").unwrap().nar_hash.0[0] ^= 1;
-    let b = broken(verify_with(
-        fx,
-        "c",
-        &fx.policy(sim()),
-        &traces_with(fx, "c", entry(s, &st, &s.evidence, &[])),
-        &[],
-    ));
+    let b = broken_replacing(fx, "c", &fx.policy(sim()), "c", entry(s, &st, &s.evidence, &[]));
     assert_eq!(
         (b.check, b.step.as_str()),
         (LinkCheck::Evidence, fx.drvs["c"].to_string().as_str()),
@@ -180,13 +199,7 @@ fn swapped_report_from_another_step_is_refused() {
     let fx = fixture();
     let s = fx.step("c");
     let other = &fx.step("b").evidence;
-    let b = broken(verify_with(
-        fx,
-        "c",
-        &fx.policy(sim()),
-        &traces_with(fx, "c", entry(s, &s.statement, other, &[])),
-        &[],
-    ));
+    let b = broken_replacing(fx, "c", &fx.policy(sim()), "c", entry(s, &s.statement, other, &[]));
     assert_eq!(b.check, LinkCheck::Evidence, "{b}");
     assert_eq!(b.step, fx.drvs["c"].to_string());
 }
@@ -199,13 +212,7 @@ fn replayed_report_with_other_host_data_is_refused() {
     let mut other_job = s.statement.job.clone();
     other_job.job_id.push_str("-other");
     let ev = fx.attest(&s.statement, other_job.host_data().unwrap(), fx.measurement);
-    let b = broken(verify_with(
-        fx,
-        "c",
-        &fx.policy(sim()),
-        &traces_with(fx, "c", entry(s, &s.statement, &ev, &[])),
-        &[],
-    ));
+    let b = broken_replacing(fx, "c", &fx.policy(sim()), "c", entry(s, &s.statement, &ev, &[]));
     assert_eq!(b.check, LinkCheck::Evidence, "{b}");
     assert!(
         b.explanation.contains("HOST_DATA") || b.explanation.to_lowercase().contains("host data"),
@@ -221,13 +228,7 @@ fn wrong_measurement_is_refused() {
     let mut st = s.statement.clone();
     st.measurement = Measurement([0x43; 48]);
     let ev = fx.attest(&st, st.host_data().unwrap(), [0x43; 48]);
-    let b = broken(verify_with(
-        fx,
-        "c",
-        &fx.policy(sim()),
-        &traces_with(fx, "b", entry(s, &st, &ev, &[])),
-        &[],
-    ));
+    let b = broken_replacing(fx, "c", &fx.policy(sim()), "b", entry(s, &st, &ev, &[]));
     assert_eq!((b.check, b.step.clone()), (LinkCheck::Evidence, fx.drvs["b"].to_string()), "{b}");
     // A statement that claims another measurement than its report shows.
     let mut policy = fx.policy(sim());
@@ -241,13 +242,7 @@ fn wrong_measurement_is_refused() {
         .unwrap()
         .push(build_trace::evidence::Hex([0x43; 48]));
     let ev = fx.attest(&s.statement, s.statement.host_data().unwrap(), [0x43; 48]);
-    let b = broken(verify_with(
-        fx,
-        "c",
-        &policy,
-        &traces_with(fx, "b", entry(s, &s.statement, &ev, &[])),
-        &[],
-    ));
+    let b = broken_replacing(fx, "c", &policy, "b", entry(s, &s.statement, &ev, &[]));
     assert_eq!(b.check, LinkCheck::Measurement, "{b}");
 }
 
@@ -260,14 +255,8 @@ fn tampered_input_with_matching_claimed_hash_breaks_the_link() {
     // honestly attests what it got.
     let b_out = &fx.outs["b"];
     st.job.closure.get_mut(b_out).unwrap().nar_hash = NarHash::of(b"tampered bytes");
-    let ev = fx.attest(&st, st.host_data().unwrap(), fx.measurement);
-    let b = broken(verify_with(
-        fx,
-        "c",
-        &fx.policy(sim()),
-        &traces_with(fx, "c", entry(s, &st, &ev, &[])),
-        &[],
-    ));
+    let ev = fx.attest_honestly(&st);
+    let b = broken_replacing(fx, "c", &fx.policy(sim()), "c", entry(s, &st, &ev, &[]));
     assert_eq!(b.check, LinkCheck::InputNarHash, "{b}");
     assert_eq!(b.step, fx.drvs["c"].to_string());
     assert_eq!(b.found, NarHash::of(b"tampered bytes").to_string());
@@ -289,14 +278,8 @@ fn extra_unreferenced_input_path_is_refused() {
             ca: None,
         },
     );
-    let ev = fx.attest(&st, st.host_data().unwrap(), fx.measurement);
-    let b = broken(verify_with(
-        fx,
-        "c",
-        &fx.policy(sim()),
-        &traces_with(fx, "c", entry(s, &st, &ev, &[])),
-        &[],
-    ));
+    let ev = fx.attest_honestly(&st);
+    let b = broken_replacing(fx, "c", &fx.policy(sim()), "c", entry(s, &st, &ev, &[]));
     assert_eq!(b.check, LinkCheck::ExtraInput, "{b}");
     assert_eq!(b.found, *extra);
 }
@@ -419,7 +402,7 @@ fn nix_substitutes_from_the_trace_store() {
     let dir = tempfile::tempdir().unwrap();
     let fresh = dir.path().join("store");
     let url = format!("file://{}", fx.traces.display());
-    let out = nix_env(
+    let out = nix::output(
         Command::new("nix-build")
             .arg("--store")
             .arg(&fresh)
@@ -427,9 +410,7 @@ fn nix_substitutes_from_the_trace_store() {
             .args(["-A", "c", "--no-out-link", "-j", "1"])
             .args(["--option", "substituters", &url])
             .args(["--option", "trusted-public-keys", &fx.key.public_key().to_string()]),
-    )
-    .output()
-    .unwrap();
+    );
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{log}");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), fx.outs["c"]);
@@ -455,14 +436,8 @@ fn a_statement_for_another_derivation_is_refused() {
     let s = fx.step("ia2");
     let mut st = s.statement.clone();
     st.job.drv.env.insert("EXTRA".into(), "1".into());
-    let ev = fx.attest(&st, st.host_data().unwrap(), fx.measurement);
-    let b = broken(verify_with(
-        fx,
-        "ia3",
-        &fx.policy(sim()),
-        &traces_with(fx, "ia2", entry(s, &st, &ev, &[])),
-        &[],
-    ));
+    let ev = fx.attest_honestly(&st);
+    let b = broken_replacing(fx, "ia3", &fx.policy(sim()), "ia2", entry(s, &st, &ev, &[]));
     assert_eq!(
         (b.check, b.step.clone()),
         (LinkCheck::DerivationMismatch, fx.drvs["ia2"].to_string()),
@@ -474,10 +449,10 @@ fn a_statement_for_another_derivation_is_refused() {
     let mut st = s.statement.clone();
     st.job.drv.args.push("x".into());
     st.job.drv_path = st.job.drv.drv_path().unwrap();
-    let ev = fx.attest(&st, st.host_data().unwrap(), fx.measurement);
+    let ev = fx.attest_honestly(&st);
     let mut e = entry(s, &st, &ev, &[]);
     e.drv_path = s.statement.job.drv_path.clone();
-    let b = broken(verify_with(fx, "c", &fx.policy(sim()), &traces_with(fx, "c", e), &[]));
+    let b = broken_replacing(fx, "c", &fx.policy(sim()), "c", e);
     assert_eq!(b.check, LinkCheck::DerivationMismatch, "{b}");
 }
 
@@ -491,15 +466,36 @@ fn show_derivation_json_gives_the_same_verdict() {
     let drvs = DrvSet::from_show_derivation(&json).unwrap();
     let from_files = DrvSet::from_store_dir(&fx.store_dir, &fx.drvs["c"]).unwrap();
     assert_eq!(drvs.len(), from_files.len());
-    let prepared = fx.policy(sim()).prepare().unwrap();
-    let ev = EvidenceVerifier::new();
-    let st = store(fx);
-    let v = ClosureVerifier {
-        policy: &prepared,
-        sources: vec![&st],
-        evidence: &ev,
-        now: SystemTime::now(),
-    };
-    let req = Request { target: fx.drvs["c"].clone(), expect: [fx.outs["c"].clone()].into() };
-    assert!(matches!(v.verify(&drvs, &req).unwrap(), Outcome::Verified(_)));
+    let out = verify_graph(&drvs, &fx.drvs["c"], &[&fx.outs["c"]], &fx.policy(sim()), &store(fx));
+    assert!(matches!(out, Outcome::Verified(_)), "{out:?}");
+}
+
+#[test]
+fn a_derivation_graph_whose_contents_do_not_match_its_paths_is_refused() {
+    let fx = fixture();
+    // Someone built (honestly attested) a variant of `c` with an extra environment variable,
+    // and hands the verifier a graph that has the variant's contents under `c`'s real path.
+    // Without checking that each ATerm hashes to its path, this "verifies" c as the variant.
+    let real = DrvSet::from_store_dir(&fx.store_dir, &fx.drvs["c"]).unwrap();
+    let mut evil = real.get(&fx.drvs["c"]).unwrap().clone();
+    evil.env.insert("EXTRA".into(), "1".into());
+    let mut swapped = DrvSet::new();
+    for (p, d) in real.iter() {
+        swapped.insert(p.clone(), if *p == fx.drvs["c"] { evil.clone() } else { d.clone() });
+    }
+    let s = fx.step("c");
+    let mut st = s.statement.clone();
+    st.job.drv.env.insert("EXTRA".into(), "1".into());
+    st.job.drv_path = st.job.drv.drv_path().unwrap();
+    let ev = fx.attest_honestly(&st);
+    let mut traces = traces_with(fx, "c", entry(s, &s.statement, &s.evidence, &[]));
+    traces.insert(entry(s, &st, &ev, &[]));
+    let policy = fx.policy(sim());
+    let b = broken(verify_graph(&swapped, &fx.drvs["c"], &[], &policy, &traces));
+    assert_eq!((b.check, b.step.clone()), (LinkCheck::Derivation, fx.drvs["c"].to_string()), "{b}");
+    assert_eq!(b.expected, fx.drvs["c"].to_string(), "{b}");
+    assert!(matches!(
+        verify_graph(&real, &fx.drvs["c"], &[], &policy, &traces),
+        Outcome::Verified(_)
+    ));
 }

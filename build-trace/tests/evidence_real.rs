@@ -27,18 +27,6 @@ fn verify(
     Verifier::new().verify_at(bundle, policy, &expected(c), c.now).map(|_| ())
 }
 
-/// Assert `result` failed with the given check, and return the error for closer looks.
-#[track_caller]
-fn fails(result: Result<(), EvidenceError>, check: Check) -> EvidenceError {
-    match result {
-        Ok(()) => panic!("expected failure at {check}, but verification passed"),
-        Err(e) => {
-            assert_eq!(e.check(), check, "wrong check failed: {e}");
-            e
-        }
-    }
-}
-
 #[test]
 fn every_real_report_verifies_under_its_policy() {
     let cases = real_cases();

@@ -1,6 +1,8 @@
 //! Simulated evidence: the per-host root, the attester, and — because simulated reports can be
 //! re-signed — one mutation per checked report field, each failing with that field's error.
 
+mod evidence_support;
+
 use std::os::unix::fs::PermissionsExt;
 
 use build_trace::evidence::report::offset;
@@ -8,6 +10,7 @@ use build_trace::evidence::{
     nix_key_name, Check, EvidenceBundle, EvidenceError, EvidencePolicy, Expected, Hex, Report,
     Root, Signer, SimulatedAttester, SimulatedLaunch, SimulatedRoot, TcbVersion, Verifier,
 };
+use evidence_support::fails;
 
 const MEASUREMENT: [u8; 48] = [0x11; 48];
 const HOST_DATA: [u8; 32] = [0x22; 32];
@@ -47,17 +50,6 @@ impl Sim {
     }
     fn verify_with(&self, b: &EvidenceBundle, p: &EvidencePolicy) -> Result<(), EvidenceError> {
         Verifier::new().verify(b, p, &expected()).map(|_| ())
-    }
-}
-
-#[track_caller]
-fn fails(result: Result<(), EvidenceError>, check: Check) -> EvidenceError {
-    match result {
-        Ok(()) => panic!("expected failure at {check}, but verification passed"),
-        Err(e) => {
-            assert_eq!(e.check(), check, "wrong check failed: {e}");
-            e
-        }
     }
 }
 

@@ -109,16 +109,20 @@ fn data(name: &str) -> Vec<u8> {
     std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
+/// `bytes` are exactly the vector `name` (compared as text, for a readable difference).
+#[track_caller]
+fn assert_golden(bytes: &[u8], name: &str) {
+    let text = |b: Vec<u8>| String::from_utf8(b).unwrap();
+    assert_eq!(text(bytes.to_vec()), text(data(name)), "{name}");
+}
+
 #[test]
 fn job_encodes_to_the_golden_bytes_and_host_data() {
     let job = golden_job();
     job.validate().unwrap();
     assert_eq!(job.kind().unwrap(), StepKind::FloatingCa);
     let bytes = job.canonical_bytes().unwrap();
-    assert_eq!(
-        String::from_utf8(bytes.clone()).unwrap(),
-        String::from_utf8(data("job-v1.json")).unwrap()
-    );
+    assert_golden(&bytes, "job-v1.json");
     assert_eq!(hex::encode(job.host_data().unwrap()), GOLDEN_HOST_DATA);
     assert_eq!(Job::from_canonical_bytes(&bytes).unwrap(), job);
 }
@@ -128,10 +132,7 @@ fn statement_encodes_to_the_golden_bytes_and_report_data() {
     let st = golden_statement();
     st.verify_against(&golden_job()).unwrap();
     let bytes = st.canonical_bytes().unwrap();
-    assert_eq!(
-        String::from_utf8(bytes.clone()).unwrap(),
-        String::from_utf8(data("statement-v1.json")).unwrap()
-    );
+    assert_golden(&bytes, "statement-v1.json");
     assert_eq!(hex::encode(st.report_data().unwrap()), GOLDEN_REPORT_DATA);
     assert_eq!(Statement::from_canonical_bytes(&bytes).unwrap(), st);
 }

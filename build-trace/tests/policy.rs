@@ -82,6 +82,46 @@ fn thresholds_nest_and_count_each_signer_once() {
     assert!(p.accepts(&merged));
 }
 
+/// Within one model a signer counts once, too: a key named by two leaves, or a chip that passes
+/// two builder rules, lights one leaf, and `at_least` chips must be distinct from the chips
+/// lighting other leaves.
+#[test]
+fn one_signer_never_lights_two_leaves_of_a_threshold() {
+    let keys =
+        "[keys]\n\"cache-a-1\" = \"cache-a-1:VUYbT40EiqxQ8DDKsJ/c9NK0yyRRy+wb6+5kY20F++g=\"\n\
+                \"cache-b-1\" = \"cache-b-1:udPDPw1YI0fpOJ7PVK3RRukjsban9jSncnRyYOY45vo=\"\n";
+    let twice = format!(
+        "require = {{ threshold = 2, of = [\"key:cache-a-1\", \"key:cache-a-1\"] }}\n{keys}"
+    );
+    let p = TrustPolicy::from_toml(&twice).unwrap();
+    assert!(!p.accepts(&signers(&["cache-a-1"], &[])), "one key, two leaves");
+    assert!(!p.accepts(&signers(&["cache-a-1", "cache-b-1"], &[])));
+
+    let rules = "[builders.genoa.evidence]\nproducts = [\"Genoa\"]\n[builders.amd.evidence]\n";
+    let p = TrustPolicy::from_toml(&format!(
+        "require = {{ threshold = 2, of = [\"builder:genoa\", \"builder:amd\"] }}\n{rules}"
+    ))
+    .unwrap();
+    let same_chip = signers(&[], &[("genoa", &["chip 1"]), ("amd", &["chip 1"])]);
+    assert!(!p.accepts(&same_chip), "one chip passing two rules is one signer");
+    assert!(p.accepts(&signers(&[], &[("genoa", &["chip 1"]), ("amd", &["chip 1", "chip 2"])])));
+    // The assignment is searched for: chip 2 passes both rules, chip 1 only `genoa`.
+    assert!(p.accepts(&signers(&[], &[("genoa", &["chip 1", "chip 2"]), ("amd", &["chip 2"])])));
+
+    let p = TrustPolicy::from_toml(&format!(
+        "require = {{ threshold = 2, of = [{{ builder = \"amd\", at_least = 2 }}, \"builder:genoa\"] }}\n{rules}"
+    ))
+    .unwrap();
+    let three = |amd: &[&str]| signers(&[], &[("genoa", &["chip 1"]), ("amd", amd)]);
+    assert!(!p.accepts(&three(&["chip 1", "chip 2"])), "needs three distinct chips");
+    assert!(p.accepts(&three(&["chip 1", "chip 2", "chip 3"])));
+    // Alternatives (OR) may name the same rule: they never combine.
+    let examples = doc_examples();
+    let attested = examples.iter().find(|e| e.contains("at_least = 2")).unwrap();
+    let p = TrustPolicy::from_toml(attested).unwrap();
+    assert!(p.accepts(&signers(&["self-1"], &[("prod", &["chip 1"])])));
+}
+
 #[test]
 fn inconsistent_policies_are_refused_with_the_reason() {
     let cases = [
@@ -97,6 +137,13 @@ fn inconsistent_policies_are_refused_with_the_reason() {
         ),
         ("require = \"key:a\"\n[keys]\na = \"a:notbase64\"\n", "key `a`"),
         ("require = \"builder:b\"\nsurprise = 1\n[builders.b]\n", "surprise"),
+        (
+            &format!(
+                "require = {{ threshold = 1, of = [{}] }}\n[builders.b]\n",
+                vec!["\"builder:b\""; 17].join(", ")
+            ),
+            "at most 16",
+        ),
     ];
     for (text, want) in cases {
         let err = TrustPolicy::from_toml(text).unwrap_err();

@@ -1,21 +1,14 @@
 //! `vouch evidence check|show|simulate` run as the built binary over every real AMD report in
 //! `shared/testdata/snp` (and simulated evidence from a temporary state directory).
 
-use std::path::{Path, PathBuf};
+#[allow(dead_code)]
+#[path = "../../tests/src/snp.rs"]
+mod snp;
+
+use std::path::Path;
 use std::process::Command;
 
-fn testdata() -> PathBuf {
-    if let Some(dir) = std::env::var_os("VOUCH_SNP_TESTDATA") {
-        return PathBuf::from(dir);
-    }
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/snp");
-    assert!(
-        dir.join("README.md").exists(),
-        "real SNP vectors not found at {} (set VOUCH_SNP_TESTDATA)",
-        dir.display()
-    );
-    dir
-}
+use snp::testdata;
 
 struct Out {
     code: i32,

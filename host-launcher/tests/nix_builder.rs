@@ -104,33 +104,21 @@ fn nix_store_ping_both_protocols() {
     require_nix();
     let d = tempfile::tempdir().unwrap();
     let w = wrapper(d.path(), "builder", &d.path().join("state"), &[]);
-    let ng = nix(&[
-        "nix",
-        "store",
-        "ping",
-        "--store",
-        &format!("ssh-ng://localhost?remote-program={}", w.display()),
-    ]);
-    assert!(ng.status.success(), "{}", text(&ng));
-    assert!(text(&ng).contains("Version: vouch"), "{}", text(&ng));
-    let ssh = nix(&[
-        "nix",
-        "store",
-        "ping",
-        "--store",
-        &format!("ssh://localhost?remote-program={}", w.display()),
-    ]);
-    assert!(ssh.status.success(), "{}", text(&ssh));
+    for proto in ["ssh-ng", "ssh"] {
+        let store = format!("{proto}://localhost?remote-program={}", w.display());
+        let out = nix(&["nix", "store", "ping", "--store", &store]);
+        assert!(out.status.success(), "{proto}: {}", text(&out));
+        // Only the worker protocol tells the client a version.
+        if proto == "ssh-ng" {
+            assert!(text(&out).contains("Version: vouch"), "{}", text(&out));
+        }
+    }
 }
 
 /// A closure built by the local Nix: busybox (a content-addressed `builtins.path` source), `dep`
 /// and `top` (input-addressed, `top` refers to `dep`). Returns (top, all three paths).
 fn local_closure(d: &Path, tag: &str) -> (String, Vec<String>) {
-    let bb = d.join("bb");
-    std::fs::create_dir_all(&bb).unwrap();
-    std::fs::copy("/bin/busybox", bb.join("busybox"))
-        .expect("/bin/busybox (apt-get install busybox-static)");
-    let _ = std::os::unix::fs::symlink("busybox", bb.join("sh"));
+    busybox_dir(&d.join("bb"));
     let file = d.join(format!("closure-{tag}.nix"));
     std::fs::write(
         &file,
@@ -325,19 +313,7 @@ fn corrupted_uploads_are_rejected_with_clear_errors() {
     let err = p.stderr_loop().unwrap_err();
     assert!(err.contains("NAR hash mismatch") && err.contains(&a.to_string()), "{err}");
     // A content address the contents do not reproduce.
-    let h = nix_formats::Hash::sha256(
-        sha2::Digest::finalize(sha2::Digest::chain_update(sha2::Sha256::default(), &other)).into(),
-    );
-    let ca_path = nix_formats::store_path::make_fixed_output_path(
-        "claims-ca",
-        nix_formats::store_path::FileIngestionMethod::Recursive,
-        &h,
-        &BTreeSet::new(),
-        false,
-    )
-    .unwrap();
-    let mut lie = info_for(&ca_path, &nar, &[]);
-    lie.ca = Some(format!("fixed:r:{h}"));
+    let lie = recursive_ca_info("claims-ca", &other, &nar);
     add_to_store_nar(&mut p, &lie, &nar, None);
     let err = p.stderr_loop().unwrap_err();
     assert!(
@@ -360,7 +336,7 @@ fn corrupted_uploads_are_rejected_with_clear_errors() {
     p.expect_last();
     let (st, _) = p.finish();
     assert!(st.success());
-    assert_eq!(valid_in(&state, &[&a, &ca_path]), BTreeSet::from([a.to_string()]));
+    assert_eq!(valid_in(&state, &[&a, &lie.path]), BTreeSet::from([a.to_string()]));
 
     // Serve protocol: no error channel; the message goes to stderr and the process exits.
     let b = fake_path("corrupt-serve", 3);
@@ -516,11 +492,7 @@ fn build_with_missing_inputs_fails_cleanly_in_both_formats() {
 fn nix_build_hook_reports_a_step_that_cannot_run() {
     require_nix();
     let d = tempfile::tempdir().unwrap();
-    let bb = d.path().join("bb");
-    std::fs::create_dir_all(&bb).unwrap();
-    std::fs::copy("/bin/busybox", bb.join("busybox"))
-        .expect("/bin/busybox (apt-get install busybox-static)");
-    std::os::unix::fs::symlink("busybox", bb.join("sh")).unwrap();
+    busybox_dir(&d.path().join("bb"));
     let n = nonce();
     let file = d.path().join("ca.nix");
     std::fs::write(

@@ -14,7 +14,7 @@ mod peer;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use build_trace::{BasicDerivation, DrvOutput};
@@ -26,48 +26,16 @@ use nix_formats::content_address::{verify, ContentAddress};
 use nix_formats::nar::NarLimits;
 use nix_formats::realisation::{BuildTraceEntry, DrvOutputKey, LegacyRealisation};
 use nix_formats::signing::PublicKey;
-use nix_formats::store_path::{make_fixed_output_path, FileIngestionMethod};
-use nix_formats::{Hash, StorePath};
+use nix_formats::StorePath;
 use peer::*;
 use sha2::{Digest, Sha256};
 
-fn image_dir() -> PathBuf {
-    let dir = std::env::var_os("VOUCH_IMAGE_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        let cache = std::env::var_os("VOUCH_CACHE").map(PathBuf::from).unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
-                .join(".cache/vouch")
-        });
-        cache.join("image")
-    });
-    assert!(
-        dir.join("manifest.json").is_file(),
-        "no guest image in {}: run scripts/build-image.sh (scripts/test-all.sh does) or set VOUCH_IMAGE_DIR",
-        dir.display()
-    );
-    dir
-}
-
 /// The busybox directory as a content-addressed store path: (info, NAR).
 fn busybox(dir: &Path) -> (PathInfo, Vec<u8>) {
-    let bb = dir.join("busybox");
-    std::fs::create_dir_all(&bb).unwrap();
-    std::fs::copy("/bin/busybox", bb.join("busybox"))
-        .expect("/bin/busybox (apt-get install busybox-static)");
-    std::os::unix::fs::symlink("busybox", bb.join("sh")).unwrap();
+    let bb = busybox_dir(&dir.join("busybox"));
     let mut nar = Vec::new();
     nix_formats::nar::dump_path(&bb, &mut nar).unwrap();
-    let h = Hash::sha256(Sha256::digest(&nar).into());
-    let path = make_fixed_output_path(
-        "busybox",
-        FileIngestionMethod::Recursive,
-        &h,
-        &BTreeSet::new(),
-        false,
-    )
-    .unwrap();
-    let mut info = info_for(&path, &nar, &[]);
-    info.ca = Some(format!("fixed:r:{h}"));
-    (info, nar)
+    (recursive_ca_info("busybox", &nar, &nar), nar)
 }
 
 /// A resolved floating-CA derivation whose output refers to itself.

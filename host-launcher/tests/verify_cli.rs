@@ -7,14 +7,11 @@ mod common;
 
 use std::process::{Command, Output};
 
+use common::nix::text;
 use common::Fixture;
 
 fn vouch(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_vouch")).args(args).output().unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
 #[test]
@@ -32,33 +29,18 @@ fn verify_trace_and_provenance_commands() {
     let drv = fx.drvs["c"].to_string();
     let out = &fx.outs["c"];
     let p = policy.display().to_string();
+    // `vouch verify` under the fixture's policy, with its traces and `.drv` files.
+    let verify = |args: &[&str]| {
+        let mut all = vec!["verify", "--policy", &p, "--traces", &traces, "--drv-dir", &drv_dir];
+        all.extend(args);
+        vouch(&all)
+    };
 
-    let ok = vouch(&[
-        "verify",
-        "--policy",
-        &p,
-        "--traces",
-        &traces,
-        "--drv-dir",
-        &drv_dir,
-        "--expect",
-        out,
-        &drv,
-    ]);
+    let ok = verify(&["--expect", out, &drv]);
     assert_eq!(ok.status.code(), Some(0), "{}", text(&ok));
     assert!(text(&ok).contains("VERIFIED") && text(&ok).contains("SIMULATED"), "{}", text(&ok));
 
-    let json = vouch(&[
-        "verify",
-        "--json",
-        "--policy",
-        &p,
-        "--traces",
-        &traces,
-        "--drv-dir",
-        &drv_dir,
-        &drv,
-    ]);
+    let json = verify(&["--json", &drv]);
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(v["result"], "verified");
     assert_eq!(v["outputs"]["out"], out.as_str());
@@ -71,18 +53,7 @@ fn verify_trace_and_provenance_commands() {
         text(&default)
     );
 
-    let wrong = vouch(&[
-        "verify",
-        "--policy",
-        &p,
-        "--traces",
-        &traces,
-        "--drv-dir",
-        &drv_dir,
-        "--expect",
-        &fx.outs["a"],
-        &drv,
-    ]);
+    let wrong = verify(&["--expect", &fx.outs["a"], &drv]);
     assert_eq!(wrong.status.code(), Some(1), "{}", text(&wrong));
 
     let bad = vouch(&["verify", "--traces", &traces, "not-a-drv"]);

@@ -179,6 +179,19 @@ fn count_files(p: &Path) -> u64 {
 }
 
 /// Child process: run one contender, print `<hash> <elapsed ns> <max RSS KiB> <refs>`.
+/// Stream the NAR of `dir` through `f` in 256 KiB chunks.
+fn each_nar_chunk(dir: &Path, mut f: impl FnMut(&[u8])) {
+    let mut dump = NarDump::new(dir);
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = dump.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        f(&buf[..n]);
+    }
+}
+
 fn child(mode: &str, dir: &Path) {
     let start = Instant::now();
     let (hash, refs) = match mode {
@@ -204,16 +217,8 @@ fn child(mode: &str, dir: &Path) {
             (h, 0)
         }
         "nar" => {
-            let mut dump = NarDump::new(dir);
             let mut hasher = NarHasher::new();
-            let mut buf = vec![0u8; 256 * 1024];
-            loop {
-                let n = dump.read(&mut buf).unwrap();
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
-            }
+            each_nar_chunk(dir, |chunk| hasher.update(chunk));
             (Hash::sha256(hasher.finish().sha256), 0)
         }
         "scan" => {
@@ -222,17 +227,11 @@ fn child(mode: &str, dir: &Path) {
         }
         "scan1" => {
             // The same work on one thread (what a one-vCPU guest gets).
-            let mut dump = NarDump::new(dir);
             let (mut hasher, mut scanner) = (NarHasher::new(), RefScanner::new(candidates()));
-            let mut buf = vec![0u8; 256 * 1024];
-            loop {
-                let n = dump.read(&mut buf).unwrap();
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
-                scanner.feed(&buf[..n]);
-            }
+            each_nar_chunk(dir, |chunk| {
+                hasher.update(chunk);
+                scanner.feed(chunk);
+            });
             (Hash::sha256(hasher.finish().sha256), scanner.references().len())
         }
         _ => panic!("unknown child mode {mode}"),

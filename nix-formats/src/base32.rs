@@ -64,8 +64,22 @@ pub fn encode(bytes: &[u8]) -> String {
     out
 }
 
+/// Digit value of every byte, `0xff` for bytes outside the alphabet.
+pub(crate) const DIGITS: [u8; 256] = {
+    let mut t = [0xff; 256];
+    let mut i = 0;
+    while i < ALPHABET.len() {
+        t[ALPHABET[i] as usize] = i as u8;
+        i += 1;
+    }
+    t
+};
+
 fn digit(c: u8) -> Option<u8> {
-    ALPHABET.iter().position(|&a| a == c).map(|p| p as u8)
+    match DIGITS[usize::from(c)] {
+        0xff => None,
+        d => Some(d),
+    }
 }
 
 /// Decodes a nix32 string (strictly; see the module docs).
@@ -80,6 +94,12 @@ pub fn decode_bytes(s: &[u8]) -> Result<Vec<u8>, Base32Error> {
         return Err(Base32Error::InvalidLength(s.len()));
     }
     let mut out = vec![0u8; size];
+    decode_into(s, &mut out)?;
+    Ok(out)
+}
+
+/// Decodes `s` into `out`, whose length is the decoded length of `s` (checked by the callers).
+fn decode_into(s: &[u8], out: &mut [u8]) -> Result<(), Base32Error> {
     for (n, &c) in s.iter().rev().enumerate() {
         let pos = s.len() - 1 - n;
         let d = digit(c).ok_or(Base32Error::InvalidChar { found: char::from(c), pos })?;
@@ -94,7 +114,7 @@ pub fn decode_bytes(s: &[u8]) -> Result<Vec<u8>, Base32Error> {
             None => {}
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Decodes a nix32 string into exactly `N` bytes.
@@ -102,9 +122,8 @@ pub fn decode_fixed<const N: usize>(s: &str) -> Result<[u8; N], Base32Error> {
     if s.len() != encoded_len(N) {
         return Err(Base32Error::InvalidLength(s.len()));
     }
-    let v = decode(s)?;
     let mut out = [0u8; N];
-    out.copy_from_slice(&v);
+    decode_into(s.as_bytes(), &mut out)?;
     Ok(out)
 }
 
@@ -127,6 +146,14 @@ mod tests {
         assert_eq!(encode(&[]), "");
         assert_eq!(encode(&[0x1f]), "0z");
         assert_eq!(decode("0z").unwrap(), vec![0x1f]);
+    }
+
+    #[test]
+    fn digit_table_is_the_alphabet() {
+        for c in 0..=255u8 {
+            let want = ALPHABET.iter().position(|&a| a == c).map(|p| p as u8);
+            assert_eq!(digit(c), want, "byte {c:#04x}");
+        }
     }
 
     #[test]

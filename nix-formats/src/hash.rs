@@ -1,6 +1,6 @@
 //! Hashes as Nix names, parses and prints them.
 //!
-//! A [`Hash`] is an algorithm ([`HashAlgo`]: md5, sha1, sha256, sha512) plus its digest. Nix
+//! A [`Hash`](struct@Hash) is an algorithm ([`HashAlgo`]: md5, sha1, sha256, sha512) plus its digest. Nix
 //! prints digests in four encodings ([`Encoding`]): base16 (lowercase hex), nix32 (see
 //! [`crate::base32`]), base64 (standard alphabet, padded) and SRI (`sha256-<base64>`).
 //! When parsing `algo:digest`, the **length** of the digest decides the encoding, as in Nix.

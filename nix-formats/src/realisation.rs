@@ -157,10 +157,9 @@ impl LegacyRealisation {
 
     /// Parses the JSON (any key order, whitespace allowed).
     pub fn from_json(s: &str) -> Result<Self, RealisationError> {
-        let v: Value =
-            serde_json::from_str(s).map_err(|e| RealisationError::Json(e.to_string()))?;
-        let o = obj(&v, "realisation")?;
-        only_keys(o, &["dependentRealisations", "id", "outPath", "signatures"])?;
+        let v = parse_json(s)?;
+        let o =
+            object(&v, "realisation", &["dependentRealisations", "id", "outPath", "signatures"])?;
         let mut r = Self::new(
             get_str(o, "id")?.parse()?,
             StorePath::from_base_name(get_str(o, "outPath")?)?,
@@ -170,7 +169,9 @@ impl LegacyRealisation {
             r.signatures.insert(s.parse()?);
         }
         if let Some(d) = o.get("dependentRealisations") {
-            for (k, p) in obj(d, "dependentRealisations")? {
+            let deps =
+                d.as_object().ok_or_else(|| json_err("dependentRealisations must be an object"))?;
+            for (k, p) in deps {
                 let p = p
                     .as_str()
                     .ok_or_else(|| json_err("dependentRealisations values must be strings"))?;
@@ -257,14 +258,11 @@ impl BuildTraceEntry {
 
     /// Parses the JSON; signatures may be objects or `name:sig` strings.
     pub fn from_json(s: &str) -> Result<Self, RealisationError> {
-        let v: Value =
-            serde_json::from_str(s).map_err(|e| RealisationError::Json(e.to_string()))?;
-        let o = obj(&v, "build trace entry")?;
-        only_keys(o, &["key", "value"])?;
-        let k = obj(o.get("key").ok_or_else(|| json_err("missing key \"key\""))?, "key")?;
-        only_keys(k, &["drvPath", "outputName"])?;
-        let val = obj(o.get("value").ok_or_else(|| json_err("missing key \"value\""))?, "value")?;
-        only_keys(val, &["outPath", "signatures"])?;
+        let v = parse_json(s)?;
+        let o = object(&v, "build trace entry", &["key", "value"])?;
+        let member = |k: &str| o.get(k).ok_or_else(|| json_err(&format!("missing key {k:?}")));
+        let k = object(member("key")?, "key", &["drvPath", "outputName"])?;
+        let val = object(member("value")?, "value", &["outPath", "signatures"])?;
         let key = DrvOutputKey {
             drv_path: StorePath::from_base_name(get_str(k, "drvPath")?)?,
             output: get_str(k, "outputName")?.to_owned(),
@@ -273,8 +271,8 @@ impl BuildTraceEntry {
         for s in get_array(val, "signatures")? {
             let sig = match s {
                 Value::String(s) => s.parse()?,
-                Value::Object(m) => {
-                    only_keys(m, &["keyName", "sig"])?;
+                Value::Object(_) => {
+                    let m = object(s, "a signature", &["keyName", "sig"])?;
                     Signature::from_parts(get_str(m, "keyName")?, get_str(m, "sig")?)?
                 }
                 _ => return Err(json_err("signatures must be strings or {keyName, sig} objects")),
@@ -289,17 +287,20 @@ fn json_err(m: &str) -> RealisationError {
     RealisationError::Json(m.to_owned())
 }
 
-fn obj<'a>(
-    v: &'a Value,
-    what: &str,
-) -> Result<&'a serde_json::Map<String, Value>, RealisationError> {
-    v.as_object().ok_or_else(|| json_err(&format!("{what} must be an object")))
+fn parse_json(s: &str) -> Result<Value, RealisationError> {
+    serde_json::from_str(s).map_err(|e| RealisationError::Json(e.to_string()))
 }
 
-fn only_keys(o: &serde_json::Map<String, Value>, keys: &[&str]) -> Result<(), RealisationError> {
+/// `v` as an object (`what`, for the error) with no keys but `keys`.
+fn object<'a>(
+    v: &'a Value,
+    what: &str,
+    keys: &[&str],
+) -> Result<&'a serde_json::Map<String, Value>, RealisationError> {
+    let o = v.as_object().ok_or_else(|| json_err(&format!("{what} must be an object")))?;
     match o.keys().find(|k| !keys.contains(&k.as_str())) {
         Some(k) => Err(json_err(&format!("unknown key {k:?}"))),
-        None => Ok(()),
+        None => Ok(o),
     }
 }
 

@@ -16,22 +16,11 @@
 use std::collections::BTreeSet;
 use std::io::{self, Read, Write};
 
-use crate::base32::ALPHABET;
+use crate::base32::DIGITS as NIX32_DIGIT;
 use crate::nar::{NarDigest, NarHasher};
 use crate::store_path::{StorePath, HASH_PART_LEN};
 
 const N: usize = HASH_PART_LEN;
-
-/// `NIX32_DIGIT[b]` is the digit value of `b` in the nix32 alphabet, or 0xff.
-pub(crate) const NIX32_DIGIT: [u8; 256] = {
-    let mut t = [0xffu8; 256];
-    let mut i = 0;
-    while i < 32 {
-        t[ALPHABET[i] as usize] = i as u8;
-        i += 1;
-    }
-    t
-};
 
 #[inline(always)]
 fn is_nix32(b: u8) -> bool {
@@ -43,7 +32,17 @@ fn is_nix32(b: u8) -> bool {
 /// how many positions to advance (at least 1); it may rewrite `s[i..i + 32]` with other nix32
 /// characters or with non-nix32 bytes (the scan goes on over the rewritten bytes).
 pub fn for_each_window(s: &mut [u8], mut f: impl FnMut(&mut [u8], usize) -> usize) {
-    let len = s.len();
+    scan_windows(s, |s, i| Some(f(s, i)));
+}
+
+/// The window search of [`for_each_window`] over a buffer held as `B` (`[u8]` to let `f`
+/// rewrite it, `&[u8]` to only read it); `f` returning `None` stops the scan.
+#[inline(always)]
+fn scan_windows<B: AsRef<[u8]> + ?Sized>(
+    s: &mut B,
+    mut f: impl FnMut(&mut B, usize) -> Option<usize>,
+) {
+    let len = s.as_ref().len();
     let mut i = 0;
     // s[i..verified] is known to be nix32.
     let mut verified = 0;
@@ -51,15 +50,16 @@ pub fn for_each_window(s: &mut [u8], mut f: impl FnMut(&mut [u8], usize) -> usiz
         let mut j = i + N;
         while j > verified.max(i) {
             j -= 1;
-            if !is_nix32(s[j]) {
+            if !is_nix32(s.as_ref()[j]) {
                 i = j + 1;
                 verified = i;
                 continue 'outer;
             }
         }
-        let step = f(s, i).max(1);
+        let Some(step) = f(s, i) else { return };
+        let step = step.max(1);
         // A callback may have replaced the window with non-nix32 bytes (zeroing).
-        verified = if is_nix32(s[i + N - 1]) && step < N { i + N } else { i + step };
+        verified = if is_nix32(s.as_ref()[i + N - 1]) && step < N { i + N } else { i + step };
         i += step;
     }
 }
@@ -135,9 +135,9 @@ impl RefScanner {
         let head = data.len().min(N - 1);
         self.carry.extend_from_slice(&data[..head]);
         let mut carry = std::mem::take(&mut self.carry);
-        self.scan(&mut carry);
-        // Windows inside this chunk. `scan` never writes, so scanning a copy is not needed.
-        self.scan_ro(data);
+        self.scan(&carry);
+        // Windows inside this chunk.
+        self.scan(data);
         // Keep the last N - 1 bytes of the stream.
         if data.len() >= N - 1 {
             carry.clear();
@@ -149,46 +149,21 @@ impl RefScanner {
         self.carry = carry;
     }
 
-    fn scan(&mut self, s: &mut [u8]) {
+    /// Mark the candidates whose hash part occurs in `data`; stop once all are found.
+    fn scan(&mut self, mut data: &[u8]) {
         let (set, found, remaining) = (&self.set, &mut self.found, &mut self.remaining);
-        for_each_window(s, |s, i| {
-            if let Some(k) = set.find(&s[i..]) {
+        scan_windows(&mut data, |data, i| {
+            if let Some(k) = set.find(&data[i..]) {
                 if !found[k] {
                     found[k] = true;
                     *remaining -= 1;
-                }
-            }
-            1
-        });
-    }
-
-    fn scan_ro(&mut self, data: &[u8]) {
-        let len = data.len();
-        let mut i = 0;
-        // data[i..verified] is known to be nix32.
-        let mut verified = 0;
-        'outer: while i + N <= len {
-            let mut j = i + N;
-            while j > verified.max(i) {
-                j -= 1;
-                if !is_nix32(data[j]) {
-                    i = j + 1;
-                    verified = i;
-                    continue 'outer;
-                }
-            }
-            if let Some(k) = self.set.find(&data[i..]) {
-                if !self.found[k] {
-                    self.found[k] = true;
-                    self.remaining -= 1;
-                    if self.remaining == 0 {
-                        return;
+                    if *remaining == 0 {
+                        return None;
                     }
                 }
             }
-            verified = i + N;
-            i += 1;
-        }
+            Some(1)
+        });
     }
 
     /// Whether every candidate has been found (further input is not examined).

@@ -2,6 +2,7 @@
 //! test against a naive scan) and the window primitive.
 
 use super::*;
+use crate::base32::ALPHABET;
 use proptest::prelude::*;
 
 fn sp(hash: &str) -> StorePath {

@@ -15,7 +15,7 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use common::{nix, output_maps, parse_resolved, run_nix};
+use common::{kept_dir, nix, output_maps, parse_resolved, parsed, run_nix};
 use nix_formats::ca::{compute_ca_outputs, scratch_path, CaOutputSpec, SelfRefRule};
 use nix_formats::content_address::{verify, ContentAddress, VerifyError};
 use nix_formats::hash::{Hash, HashAlgo};
@@ -50,22 +50,12 @@ fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
         let nix_version = nix("nix", &["--version"]).trim().to_owned();
-        assert!(
-            std::path::Path::new("/bin/busybox").exists(),
-            "/bin/busybox is missing: run scripts/setup-host.sh"
-        );
-        let dir = tempfile::Builder::new().prefix("nix-formats-nar-ca-").tempdir().unwrap().keep();
-        std::fs::create_dir(dir.join("bb")).unwrap();
-        std::fs::copy("/bin/busybox", dir.join("bb/busybox")).unwrap();
-        std::os::unix::fs::symlink("busybox", dir.join("bb/sh")).unwrap();
+        let dir = kept_dir("nix-formats-nar-ca-");
         let file = dir.join("nar_ca.nix");
         std::fs::write(&file, include_str!("nar_ca.nix")).unwrap();
         let cap = dir.join("capture");
         std::fs::create_dir(&cap).unwrap();
-        let tag = format!(
-            "{:x}",
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
-        );
+        let tag = common::nix::nonce();
         let (file_s, cap_s) = (file.to_str().unwrap(), cap.to_str().unwrap());
         let import = format!("(import {file_s} {{ tag = \"{tag}\"; cap = \"{cap_s}\"; }})");
         let eval = |e: &str| -> serde_json::Value {
@@ -292,12 +282,7 @@ fn content_addresses_check_out_against_nix() {
         let ca_s = info["ca"].as_str().unwrap_or_else(|| panic!("{p} has no ca"));
         let ca = ContentAddress::parse(ca_s).unwrap();
         assert_eq!(ca.to_string(), ca_s);
-        let refs: BTreeSet<StorePath> = info["references"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r.as_str().unwrap().parse().unwrap())
-            .collect();
+        let refs: BTreeSet<StorePath> = parsed(&info["references"]);
         let nar = dump_bytes(p);
         verify(p, &ca, &refs, &nar[..], rule, &lim).unwrap_or_else(|e| panic!("{p}: {e}"));
         *checked.entry(ca_s.split(':').take(2).collect::<Vec<_>>().join(":")).or_insert(0) += 1;

@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use common::{corpus, nix, read_store_file};
+use common::{corpus, nix, parsed, read_store_file};
 use nix_formats::derivation::json::{parse_show_derivation, to_show_derivation_json};
 use nix_formats::derivation::{
     hash_placeholder, Derivation, DerivationKind, DerivationOutput, DrvGraph,
@@ -246,19 +246,9 @@ fn path_info_fingerprints_signatures_and_content_addresses() {
     for info in &v {
         let path: StorePath = info["path"].as_str().unwrap().parse().unwrap();
         let nar_hash: Hash = info["narHash"].as_str().unwrap().parse().unwrap();
-        let refs: BTreeSet<StorePath> = info["references"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r.as_str().unwrap().parse().unwrap())
-            .collect();
+        let refs: BTreeSet<StorePath> = parsed(&info["references"]);
         let fp = fingerprint(&path, &nar_hash, info["narSize"].as_u64().unwrap(), &refs);
-        let sigs: Vec<Signature> = info["signatures"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s.as_str().unwrap().parse().unwrap())
-            .collect();
+        let sigs: Vec<Signature> = parsed(&info["signatures"]);
         assert!(sigs.iter().any(|s| pk.verify(fp.as_bytes(), s)), "Nix's signature on {path}");
         assert!(sigs.contains(&key.sign(fp.as_bytes())), "our signature of {path} equals Nix's");
         // Content-addressed outputs: the `ca` field reproduces the path.
@@ -332,12 +322,7 @@ fn generated_keys_work_with_nix() {
     let v: Vec<serde_json::Value> =
         serde_json::from_str(&nix("nix", &["path-info", "--json", "--sigs", &path])).unwrap();
     let info = &v[0];
-    let refs: BTreeSet<StorePath> = info["references"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r.as_str().unwrap().parse().unwrap())
-        .collect();
+    let refs: BTreeSet<StorePath> = parsed(&info["references"]);
     let fp = fingerprint(
         &path.parse().unwrap(),
         &info["narHash"].as_str().unwrap().parse().unwrap(),
@@ -350,16 +335,16 @@ fn generated_keys_work_with_nix() {
     assert!(sigs.contains(&ours.as_str()), "Nix's signature with our key: {sigs:?}");
     // Nix accepts our public key text as a trusted key and finds the signature valid.
     let trusted = format!("trusted-public-keys = {}", key.public_key());
-    let out = common::nix_command("nix")
-        .env("NIX_CONFIG", format!("{}{trusted}\n", common::NIX_CONFIG))
+    let out = common::nix::command("nix")
+        .env("NIX_CONFIG", format!("{}{trusted}\n", common::nix::NIX_CONFIG))
         .args(["store", "verify", "--no-contents", "--sigs-needed", "1", &path])
         .output()
         .unwrap();
     assert!(out.status.success(), "nix store verify: {}", String::from_utf8_lossy(&out.stderr));
     // And with an unrelated trusted key, the same check fails (the test can fail).
     let other = SecretKey::generate("other").public_key();
-    let out = common::nix_command("nix")
-        .env("NIX_CONFIG", format!("{}trusted-public-keys = {other}\n", common::NIX_CONFIG))
+    let out = common::nix::command("nix")
+        .env("NIX_CONFIG", format!("{}trusted-public-keys = {other}\n", common::nix::NIX_CONFIG))
         .args(["store", "verify", "--no-contents", "--sigs-needed", "1", &path])
         .output()
         .unwrap();

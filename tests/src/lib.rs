@@ -1,2 +1,16 @@
-//! Shared helpers for vouch's end-to-end tests (real Nix, real VMs). No mocks of Nix or QEMU.
+//! Shared support for vouch's tests: this crate's end-to-end tests (real Nix, real VMs) and the
+//! real-Nix and real-vector tests of the other crates.
+//!
+//! What is here: [`nix`] (running the real Nix with the test configuration, the busybox
+//! directory test derivations build with, unique names), [`snp`] (the real AMD SEV-SNP test
+//! vectors), [`vm`] (the `vouch` binary, the guest image, scratch areas for VM tests).
+//!
+//! The three modules use only `std` and `tempfile`, and refer to each other as `super::…`: the
+//! other crates' tests include them by path (`#[path = "../../tests/src/nix.rs"] mod nix;`), so
+//! every crate shares this one copy without depending on this crate, which depends on vouch's
+//! own crates.
+//!
+//! What is not here: mocks of Nix, QEMU or AMD (there are none), or the tests themselves.
+pub mod nix;
+pub mod snp;
 pub mod vm;

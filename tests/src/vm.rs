@@ -1,14 +1,16 @@
-//! Helpers for the VM tests: the real `vouch` binary, the guest image, a real Nix with the
-//! busybox recipe, and checks that nothing was registered.
+//! Helpers for the VM tests: the real `vouch` binary, the guest image, a scratch area with the
+//! busybox directory for a real Nix (`super::nix`), a CA derivation file, and checks that
+//! nothing was registered.
 //!
 //! Missing tools make tests **fail** with a message saying how to get them (never skip).
+//! What is not here: starting VMs (the `vouch` binary does) or Nix configuration.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// `NIX_CONFIG` for test Nix commands: CA derivations on, no substituters, no sandbox.
-pub const NIX_CONFIG: &str =
-    "experimental-features = nix-command ca-derivations\nsubstituters =\nsandbox = false\nbuild-users-group =\n";
+use super::nix::busybox_dir;
+// The Nix helpers the VM tests import from here.
+pub use super::nix::{nix, nonce, require_tool, NIX_CONFIG};
 
 /// The `vouch` binary of this build (`$VOUCH_BIN` overrides).
 pub fn vouch_bin() -> PathBuf {
@@ -44,16 +46,6 @@ pub fn image_dir() -> PathBuf {
     dir
 }
 
-/// Fail clearly if a tool is missing.
-pub fn require_tool(tool: &str, how: &str) {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .output()
-        .map(|o| o.status.success());
-    assert!(found.unwrap_or(false), "`{tool}` is required for this test: {how}");
-}
-
 /// A scratch area for one test: Nix expressions, a state directory, a cache.
 #[derive(Debug)]
 pub struct Scratch {
@@ -75,15 +67,8 @@ impl Scratch {
             "qemu-system-x86_64",
             "scripts/setup-host.sh installs QEMU 10 from bookworm-backports",
         );
-        assert!(
-            Path::new("/bin/busybox").is_file(),
-            "/bin/busybox missing: apt-get install busybox-static"
-        );
         let dir = tempfile::tempdir().expect("tempdir");
-        let bb = dir.path().join("bb");
-        std::fs::create_dir(&bb).unwrap();
-        std::fs::copy("/bin/busybox", bb.join("busybox")).unwrap();
-        std::os::unix::fs::symlink("busybox", bb.join("sh")).unwrap();
+        busybox_dir(&dir.path().join("bb"));
         Scratch { dir }
     }
 
@@ -157,22 +142,6 @@ impl Scratch {
             assert!(left.is_empty(), "staging left behind: {left:?}");
         }
     }
-}
-
-/// Run a Nix command with the test configuration.
-pub fn nix(argv: &[&str]) -> Output {
-    Command::new(argv[0])
-        .args(&argv[1..])
-        .env("NIX_CONFIG", NIX_CONFIG)
-        .output()
-        .expect("running nix")
-}
-
-/// A fresh nonce so every test run instantiates new derivations.
-pub fn nonce() -> String {
-    use std::time::{SystemTime, UNIX_EPOCH};
-    let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
-    format!("{}-{}-{}", std::process::id(), t.as_secs(), t.subsec_nanos())
 }
 
 /// A CA derivation file: `mk name script` builds with the busybox `sh` (floating CA, recursive

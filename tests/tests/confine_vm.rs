@@ -3,8 +3,9 @@
 //!
 //! Each builder **records what it managed to do** into its output (or fails with a limit error),
 //! so the tests check effects, with positive controls (loopback networking, ordinary sockets,
-//! `/tmp`) that show the probes can succeed. Five VMs in all: one probe build (escapes, leftover
-//! processes, no network for a non-fixed-output build), the fork bomb, the memory hog, and a
+//! `/tmp`) that show the probes can succeed. Six VMs in all: one probe build (escapes, leftover
+//! processes, no network for a non-fixed-output build), the fork bomb, the memory hog, the tmpfs
+//! filler (which also proves that a quiet build is not taken for a stalled channel), and a
 //! fixed-output fetch over user-mode networking with the right and with a wrong declared hash.
 
 use std::collections::BTreeMap;
@@ -117,6 +118,7 @@ in {{
   probes = mk "confine-probes" ./probes.sh {{ inherit probe; }};
   forkbomb = mk "confine-forkbomb" ./forkbomb.sh {{ }};
   memhog = mk "confine-memhog" ./memhog.sh {{ }};
+  tmpfsfill = mk "confine-tmpfs" ./tmpfsfill.sh {{ }};
   fetched = fetch "fetched-{n}" "{good_sha256}";
   misdeclared = fetch "misdeclared-{n}" "{bad_sha256}";
 }}
@@ -195,6 +197,11 @@ fn setup(s: &Scratch, port: u16, good: &str, bad: &str) -> PathBuf {
     s.write(
         "memhog.sh",
         "b=$bb/busybox\necho hogging\n$b awk 'BEGIN { s = \"x\"; while (1) s = s s }'\n$b mkdir $out\n",
+    );
+    // Silent for longer than the stall window of its test, then fills its tmpfs.
+    s.write(
+        "tmpfsfill.sh",
+        "b=$bb/busybox\necho filling after a quiet while\n$b sleep 12\n$b dd if=/dev/zero of=$TMPDIR/fill bs=1048576 count=64 2>&1 || exit 1\n$b mkdir $out\n",
     );
     s.write("confine.nix", &confine_nix(&nonce(), port, good, bad))
 }
@@ -337,6 +344,39 @@ fn memory_hog_fails_with_the_memory_limit() {
         &["--max-memory", "64", "--timeout", "300"],
         "memory limit exceeded: the build reached its memory limit (memory.max = 67108864 bytes",
     );
+}
+
+/// A builder that fills its tmpfs fails with the disk-space limit error. It is first silent for
+/// 12 s, more than twice the stall window it runs under (5 s): the agent's heartbeats keep the
+/// channel alive, so a quiet build is not mistaken for a stalled channel.
+#[test]
+fn tmpfs_filler_fails_with_the_disk_limit_and_a_quiet_build_is_not_a_stall() {
+    let s = Scratch::new();
+    let file = setup(&s, 9, &"00".repeat(32), &"11".repeat(32));
+    let drv = s.instantiate(&file, "tmpfsfill");
+    let out = s.vouch_build(
+        &drv,
+        &["--tmpfs-size", "16", "--timeout", "300", "--stall-timeout", "5", "--console"],
+    );
+    let err = stderr(&out);
+    assert!(!out.status.success(), "the build should fail:\n{err}");
+    assert!(err.contains("build failed in the VM (ResourceLimit)"), "{err}");
+    assert!(err.contains("disk space limit exceeded: /build is full"), "{err}");
+    assert!(!err.contains("channel stalled") && !err.contains("retrying"), "{err}");
+    // The agent heartbeated through the quiet part (it says how often on its console).
+    let beats: u64 = err
+        .lines()
+        .find_map(|l| {
+            l.trim_end()
+                .split("vouch-agent: ")
+                .nth(1)?
+                .strip_suffix(" heartbeats sent")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no heartbeat count on the console:\n{err}"));
+    assert!(beats >= 5, "{beats} heartbeats in a build with 12 s of silence");
+    s.assert_nothing_registered();
 }
 
 /// A fixed-output derivation fetches from the host over user-mode networking and is accepted by

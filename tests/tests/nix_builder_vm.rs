@@ -123,9 +123,21 @@ fn steps(state: &Path) -> Vec<String> {
     v
 }
 
-/// A policy accepting the simulated roots of `states` (and, with `key_of`, requiring that
-/// builder's Nix key too).
-fn policy(s: &Scratch, states: &[&Path], key_of: Option<&Path>) -> PathBuf {
+/// The name and public key (`name:base64`) of the one Nix key in a builder's state directory.
+fn builder_key(state: &Path) -> (String, String) {
+    let pubfile = std::fs::read_dir(state.join("keys"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with("-simulated-1.public"))
+        .expect("the builder's public key");
+    let public = std::fs::read_to_string(pubfile).unwrap().trim().to_owned();
+    (public.split(':').next().unwrap().to_owned(), public)
+}
+
+/// A policy accepting the simulated roots of `states`, and requiring besides that a signature
+/// by the Nix key of one of `keys_of` (none: evidence alone).
+fn policy(s: &Scratch, states: &[&Path], keys_of: &[&Path]) -> PathBuf {
     let mut roots = Vec::new();
     for st in states {
         let root = build_trace::evidence::SimulatedRoot::load(&st.join("simulated-snp"))
@@ -133,26 +145,22 @@ fn policy(s: &Scratch, states: &[&Path], key_of: Option<&Path>) -> PathBuf {
         roots.push(format!("\"{}\"", root.key_id()));
     }
     let manifest = image_dir().join("manifest.json");
-    let mut text = String::new();
-    let mut keys = String::new();
-    match key_of {
-        Some(st) => {
-            let pubfile = std::fs::read_dir(st.join("keys"))
-                .unwrap()
-                .filter_map(|e| e.ok())
-                .map(|e| e.path())
-                .find(|p| p.to_string_lossy().ends_with("-simulated-1.public"))
-                .expect("the builder's public key");
-            let public = std::fs::read_to_string(pubfile).unwrap().trim().to_owned();
-            let name = public.split(':').next().unwrap().to_owned();
-            text.push_str(&format!(
-                "require = {{ threshold = 2, of = [\"builder:dev\", \"key:{name}\"] }}\n"
-            ));
-            keys = format!("[keys]\n\"{name}\" = \"{public}\"\n");
+    let keys: Vec<(String, String)> = keys_of.iter().map(|st| builder_key(st)).collect();
+    let key_terms: Vec<String> = keys.iter().map(|(n, _)| format!("\"key:{n}\"")).collect();
+    let mut text = match key_terms.len() {
+        0 => "require = \"builder:dev\"\n".to_owned(),
+        1 => format!("require = {{ threshold = 2, of = [\"builder:dev\", {}] }}\n", key_terms[0]),
+        _ => format!(
+            "require = {{ threshold = 2, of = [\"builder:dev\", {{ threshold = 1, of = [{}] }}] }}\n",
+            key_terms.join(", ")
+        ),
+    };
+    if !keys.is_empty() {
+        text.push_str("[keys]\n");
+        for (name, public) in &keys {
+            text.push_str(&format!("\"{name}\" = \"{public}\"\n"));
         }
-        None => text.push_str("require = \"builder:dev\"\n"),
     }
-    text.push_str(&keys);
     text.push_str(&format!(
         "[builders.dev]\nimage_manifests = [\"{}\"]\n[builders.dev.evidence]\nsimulated_roots = [{}]\n",
         manifest.display(),
@@ -245,7 +253,7 @@ fn ssh_ng_builds_ca_chain_ia_and_multi_output_and_the_closure_verifies() {
 
     // vouch verify: accepted under a policy naming the simulated root and vouch's key,
     // rejected under the default policy (simulated evidence).
-    let p = policy(&s, &[&state], Some(&state));
+    let p = policy(&s, &[&state], &[&state]);
     for attr in ["c3", "multi", "ia"] {
         let drv = instantiate(&file, attr);
         let v = verify(Some(&p), &[&state], &drv);
@@ -263,8 +271,14 @@ fn ssh_serve_builds_the_same() {
     let n = nonce();
     let file = s.write("closure.nix", &closure_nix(&n));
     let state = s.state();
-    // The serve protocol does not tell the client's Nix release (2.8–2.34): say it.
-    let w = wrapper(&s, "builder", &state, "--client-nix-version 2.8");
+    // The serve protocol does not tell the client's Nix release (2.8–2.34): say it. The sandbox
+    // limits are the operator's defaults (Nix sends none of them).
+    let w = wrapper(
+        &s,
+        "builder",
+        &state,
+        "--client-nix-version 2.8 --max-memory 700 --max-processes 1234 --tmpfs-size 300",
+    );
     let out = remote_build(
         &file,
         &["c3", "multi.out", "multi.dev", "ia"],
@@ -274,9 +288,19 @@ fn ssh_serve_builds_the_same() {
     let paths = check_outputs(&out, &state);
     assert_eq!(paths.len(), 4);
     assert_eq!(assert_signed_realisations(&state), 4);
-    let p = policy(&s, &[&state], Some(&state));
+    let p = policy(&s, &[&state], &[&state]);
     let v = verify(Some(&p), &[&state], &instantiate(&file, "c3"));
     assert_eq!(v.status.code(), Some(0), "{}", text(&v));
+    // Every step ran under the configured limits (the job, hence HOST_DATA, records them); Nix
+    // sends 0 for its own limits, so vouch's defaults apply.
+    for step in steps(&state) {
+        let dir = state.join("cache/vouch/v1/steps").join(&step);
+        let entry = std::fs::read_dir(&dir).unwrap().next().unwrap().unwrap().path();
+        let bytes = std::fs::read(entry.join("statement.json")).unwrap();
+        let l = build_trace::Statement::from_canonical_bytes(&bytes).unwrap().job.limits;
+        assert_eq!((l.memory_bytes, l.max_processes, l.tmpfs_bytes), (700 << 20, 1234, 300 << 20));
+        assert_eq!((l.timeout_s, l.max_silent_s, l.max_log_bytes), (10800, 3600, 64 << 20));
+    }
 }
 
 #[test]
@@ -312,7 +336,12 @@ fn two_builders_share_a_closure_and_it_verifies() {
     let n = nonce();
     let file = s.write("closure.nix", &closure_nix(&n));
     let (sa, sb) = (s.dir.path().join("state-a"), s.dir.path().join("state-b"));
-    let (wa, wb) = (wrapper(&s, "builder-a", &sa, ""), wrapper(&s, "builder-b", &sb, ""));
+    // Two vouch hosts on one machine need two key names, or a policy cannot tell their keys
+    // apart: one named by flag, one by its state directory's setting.
+    let wa = wrapper(&s, "builder-a", &sa, "--key-name builder-a-simulated-1");
+    std::fs::create_dir_all(&sb).unwrap();
+    std::fs::write(sb.join("key-name"), "builder-b-simulated-1\n").unwrap();
+    let wb = wrapper(&s, "builder-b", &sb, "");
     let machines = format!(
         "{} ; {}",
         machine("ssh-ng", &wa, "ca-derivations,vouch-a vouch-a"),
@@ -324,12 +353,25 @@ fn two_builders_share_a_closure_and_it_verifies() {
     assert_eq!(a.len(), 2, "left and joined on builder a: {a:?}");
     assert_eq!(b.len(), 1, "right on builder b: {b:?}");
     assert!(b[0].ends_with("nb-right.drv"));
-    let p = policy(&s, &[&sa, &sb], None);
-    let v = verify(Some(&p), &[&sa, &sb], &instantiate(&file, "joined"));
+    assert_eq!(builder_key(&sa).0, "builder-a-simulated-1");
+    assert_eq!(builder_key(&sb).0, "builder-b-simulated-1");
+    // Every step: simulated evidence of either builder and the key of either builder.
+    let p = policy(&s, &[&sa, &sb], &[&sa, &sb]);
+    let joined = instantiate(&file, "joined");
+    let v = verify(Some(&p), &[&sa, &sb], &joined);
     assert_eq!(v.status.code(), Some(0), "{}", text(&v));
     // One builder's traces alone do not cover the closure.
-    let v = verify(Some(&p), &[&sa], &instantiate(&file, "joined"));
+    let v = verify(Some(&p), &[&sa], &joined);
     assert_eq!(v.status.code(), Some(1), "{}", text(&v));
+    // Only builder a's key: the step built on b is not accepted (the keys are told apart).
+    let only_a = policy(&s, &[&sa, &sb], &[&sa]);
+    let v = verify(Some(&only_a), &[&sa, &sb], &joined);
+    assert_eq!(v.status.code(), Some(1), "{}", text(&v));
+    assert!(
+        text(&v).contains("nb-right"),
+        "the step from builder b is the one refused: {}",
+        text(&v)
+    );
 }
 
 /// Valid paths in a builder's content store whose name ends with `suffix`.

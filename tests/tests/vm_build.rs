@@ -265,3 +265,72 @@ fn multi_output_ca_derivation_matches_nix() {
         .collect();
     assert!(dev_refs.contains(&v["outputs"]["out"]["path"].as_str().unwrap()), "dev refers to out");
 }
+
+/// A VM killed before its agent accepted the job is an infrastructure failure: the step is
+/// retried once in a fresh VM with a fresh job, and that attempt's result is the one published
+/// (nothing of the abandoned job is kept). The derivation also writes a 64 KiB log burst and a
+/// 320 KiB output: guest writes that large once stalled the userspace vsock backend for good
+/// (`agent::proto::GUEST_MAX_WRITE`).
+#[test]
+fn vm_killed_at_boot_is_retried_in_a_fresh_vm() {
+    let s = Scratch::new();
+    let n = nonce();
+    let file = s.write(
+        "retried.nix",
+        &format!(
+            r#"let bb = builtins.path {{ path = ./bb; name = "busybox"; }}; in derivation {{
+  name = "vm-retried"; system = builtins.currentSystem; builder = "${{bb}}/sh"; nonce = "{n}";
+  __contentAddressed = true; outputHashMode = "recursive"; outputHashAlgo = "sha256";
+  args = [ "-c" "set -e; b=${{bb}}/busybox; $b head -c 65536 /dev/zero | $b tr '\\0' L > $TMPDIR/l; $b dd if=$TMPDIR/l bs=65536 count=1 2>/dev/null; echo; mkdir $out; $b dd if=/dev/urandom of=$out/blob bs=65536 count=5 2>/dev/null; echo $out > $out/self" ];
+}}"#
+        ),
+    );
+    let drv = s.instantiate(&file, "");
+    let mut child = Command::new(vouch_bin())
+        .arg("--state-dir")
+        .arg(s.state())
+        .args(["build", &drv, "--json", "--cache"])
+        .arg(s.cache())
+        .env("VOUCH_IMAGE_DIR", image_dir())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut seen = Vec::new();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if seen.iter().all(|l: &String| !l.contains("QEMU pid ")) {
+            if let Some(rest) = line.split("QEMU pid ").nth(1) {
+                let pid = rest.trim_end_matches(')');
+                assert!(Command::new("kill").args(["-9", pid]).status().unwrap().success());
+            }
+        }
+        seen.push(line);
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = seen.join("\n");
+    assert!(out.status.success(), "the retry should succeed:\n{text}");
+    assert_eq!(text.matches("QEMU pid ").count(), 2, "{text}");
+    let retry = seen
+        .iter()
+        .find(|l| l.contains("retrying step in a fresh VM after: the VM was killed by signal 9"))
+        .unwrap_or_else(|| panic!("no retry announced:\n{text}"));
+    let abandoned = retry.split("(job ").nth(1).and_then(|r| r.split(' ').next()).unwrap();
+    let job = retry.split("new job ").nth(1).unwrap().trim_end_matches(')');
+    assert_ne!(abandoned, job);
+    assert!(text.contains(&"L".repeat(65536)), "the 64 KiB log burst arrived whole");
+
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON summary");
+    assert!(v["outputs"]["out"]["nar_size"].as_u64().unwrap() > 5 * 65536, "{v}");
+    let trace = std::path::PathBuf::from(v["trace"].as_str().unwrap());
+    let st = build_trace::Statement::from_canonical_bytes(
+        &std::fs::read(trace.join("statement.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(st.job.job_id, job, "the statement is the retry's");
+    // Nothing of the abandoned attempt anywhere: no staging, no mention in the cache.
+    let tmp = s.state().join("tmp");
+    assert!(!tmp.exists() || std::fs::read_dir(&tmp).unwrap().next().is_none(), "staging left");
+    let grep = Command::new("grep").args(["-r", "-l", abandoned]).arg(s.cache()).output().unwrap();
+    assert!(grep.stdout.is_empty(), "{}", String::from_utf8_lossy(&grep.stdout));
+}

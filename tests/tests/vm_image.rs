@@ -6,12 +6,7 @@ use std::process::Command;
 use tests::vm::{image_dir, vouch_bin};
 
 fn snp_vectors() -> PathBuf {
-    let base = std::env::var_os("VOUCH_SNP_TESTDATA").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/snp")
-    });
-    let dir = base.join("virtee-sev");
-    assert!(dir.is_dir(), "SNP test vectors missing at {}", dir.display());
-    dir
+    tests::snp::testdata().join("virtee-sev")
 }
 
 fn vouch(args: &[&str]) -> (bool, String, String) {

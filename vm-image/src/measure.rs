@@ -140,18 +140,31 @@ pub fn simulated_measurement(
 mod tests {
     use super::*;
 
-    /// `../shared/testdata/snp/virtee-sev` (override with `VOUCH_SNP_TESTDATA`).
+    /// `shared/testdata/snp/virtee-sev`.
     fn vectors() -> PathBuf {
-        let base = std::env::var_os("VOUCH_SNP_TESTDATA").map(PathBuf::from).unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/snp")
-        });
-        let dir = base.join("virtee-sev");
-        assert!(dir.is_dir(), "SNP test vectors missing at {}", dir.display());
-        dir
+        crate::snp_vectors::testdata().join("virtee-sev")
     }
 
     fn epyc_v4(features: u64) -> SnpParams {
         SnpParams { guest_features: features, ..SnpParams::default() }
+    }
+
+    /// The virtee vectors' inputs: `/dev/null` as kernel and initrd.
+    fn null_kernel<'a>(
+        ovmf: &'a Path,
+        cmdline: Option<&'a str>,
+        ovmf_hash: Option<&'a str>,
+    ) -> SnpInputs<'a> {
+        let null = Path::new("/dev/null");
+        SnpInputs { ovmf, kernel: Some(null), initrd: Some(null), cmdline, ovmf_hash }
+    }
+
+    /// `inputs` measure to `want` on EPYC-v4 with guest features 0x1 and 0x21.
+    fn assert_epyc_v4_digests(inputs: &SnpInputs<'_>, want: [&str; 2]) {
+        for (features, want) in [0x1, 0x21].into_iter().zip(want) {
+            let got = hex::encode(snp_measurement(inputs, &epyc_v4(features)).unwrap());
+            assert_eq!(got, want, "guest features {features:#x}");
+        }
     }
 
     // Expected digests: shared/testdata/snp/README.md (virtee/sev tests, cross-checked with
@@ -159,43 +172,27 @@ mod tests {
     #[test]
     fn virtee_vectors_with_kernel_initrd_and_cmdline() {
         let ovmf = vectors().join("ovmf_AmdSev_suffix.bin");
-        let null = Path::new("/dev/null");
-        let inputs = SnpInputs {
-            ovmf: &ovmf,
-            kernel: Some(null),
-            initrd: Some(null),
-            cmdline: Some("console=ttyS0 loglevel=7"),
-            ovmf_hash: None,
-        };
-        assert_eq!(
-            hex::encode(snp_measurement(&inputs, &epyc_v4(0x1)).unwrap()),
-            "6d287813eb5222d770f75005c664e34c204f385ce832cc2ce7d0d6f354454362f390ef83a92046c042e706363b4b08fa"
-        );
-        assert_eq!(
-            hex::encode(snp_measurement(&inputs, &epyc_v4(0x21)).unwrap()),
-            "803f691094946e42068aaa3a8f9e26a5c89f36f7b73ecfb28c653360fe4b3aba7e534442e7e1e17895dfe778d0228977"
+        let inputs = null_kernel(&ovmf, Some("console=ttyS0 loglevel=7"), None);
+        assert_epyc_v4_digests(
+            &inputs,
+            [
+                "6d287813eb5222d770f75005c664e34c204f385ce832cc2ce7d0d6f354454362f390ef83a92046c042e706363b4b08fa",
+                "803f691094946e42068aaa3a8f9e26a5c89f36f7b73ecfb28c653360fe4b3aba7e534442e7e1e17895dfe778d0228977",
+            ],
         );
     }
 
     #[test]
     fn virtee_vectors_with_ovmf_hash_and_no_cmdline() {
         let ovmf = vectors().join("ovmf_AmdSev_suffix.bin");
-        let null = Path::new("/dev/null");
         let hash = "086e2e9149ebf45abdc3445fba5b2da8270bdbb04094d7a2c37faaa4b24af3aa16aff8c374c2a55c467a50da6d466b74";
-        let inputs = SnpInputs {
-            ovmf: &ovmf,
-            kernel: Some(null),
-            initrd: Some(null),
-            cmdline: None,
-            ovmf_hash: Some(hash),
-        };
-        assert_eq!(
-            hex::encode(snp_measurement(&inputs, &epyc_v4(0x1)).unwrap()),
-            "ddc5224521617a536ee7ce9dd6224d1b58a8d4fda1c741f3ac99fc4bfa04ba6e9fc98646d4a07a9079397fa3852819b5"
-        );
-        assert_eq!(
-            hex::encode(snp_measurement(&inputs, &epyc_v4(0x21)).unwrap()),
-            "329c8ce0972ae52343b64d34a434a86f245dfd74f5ed7aae15d22efc78fb9683632b9b50e4e1d7fa41179ef98a7ef198"
+        let inputs = null_kernel(&ovmf, None, Some(hash));
+        assert_epyc_v4_digests(
+            &inputs,
+            [
+                "ddc5224521617a536ee7ce9dd6224d1b58a8d4fda1c741f3ac99fc4bfa04ba6e9fc98646d4a07a9079397fa3852819b5",
+                "329c8ce0972ae52343b64d34a434a86f245dfd74f5ed7aae15d22efc78fb9683632b9b50e4e1d7fa41179ef98a7ef198",
+            ],
         );
     }
 
@@ -219,14 +216,7 @@ mod tests {
     #[test]
     fn every_parameter_changes_the_digest() {
         let ovmf = vectors().join("ovmf_AmdSev_suffix.bin");
-        let null = Path::new("/dev/null");
-        let inputs = SnpInputs {
-            ovmf: &ovmf,
-            kernel: Some(null),
-            initrd: Some(null),
-            cmdline: Some("a"),
-            ovmf_hash: None,
-        };
+        let inputs = null_kernel(&ovmf, Some("a"), None);
         let base = snp_measurement(&inputs, &SnpParams::default()).unwrap();
         let variants = [
             SnpParams { vcpus: 2, ..SnpParams::default() },

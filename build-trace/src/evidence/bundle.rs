@@ -52,7 +52,7 @@ pub enum BuiltinChainError {
 
 impl EvidenceBundle {
     /// A bundle with AMD's built-in ARK and ASK (or ASVK, when the certificate's issuer is
-    /// "SEV-VLEK-<product>") for the product the report and certificate name. The verifier
+    /// `SEV-VLEK-<product>`) for the product the report and certificate name. The verifier
     /// still checks everything; this only saves shipping the two well-known certificates.
     pub fn with_builtin_chain(
         report: Vec<u8>,
@@ -104,10 +104,9 @@ mod b64 {
         s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes))
     }
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        let s = String::deserialize(d)?;
-        base64::engine::general_purpose::STANDARD
-            .decode(s.as_bytes())
-            .map_err(serde::de::Error::custom)
+        crate::serde_str::with_str(d, |s| {
+            base64::engine::general_purpose::STANDARD.decode(s).map_err(|e| e.to_string())
+        })
     }
 }
 

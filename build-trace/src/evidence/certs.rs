@@ -71,7 +71,7 @@ pub fn builtin_ask(product: Product) -> Vec<u8> {
     })
 }
 
-/// AMD's ASVK (the VLEK intermediate, "SEV-VLEK-<product>") of a product (DER), from KDS
+/// AMD's ASVK (the VLEK intermediate, `SEV-VLEK-<product>`) of a product (DER), from KDS
 /// `vlek/v1/<product>/cert_chain` (copied from go-sev-guest's `verify/trust`).
 pub fn builtin_asvk(product: Product) -> Vec<u8> {
     pem_to_der(match product {

@@ -1,5 +1,6 @@
 //! Errors of evidence verification: one variant per check, each naming what was wrong, and
 //! [`Check`], the list of checks in the order the verifier runs them (the CLI prints it).
+//! Not here: the checks themselves (`verify.rs`) or how a caller reports the error chain.
 
 use std::fmt;
 

@@ -53,8 +53,7 @@ impl<const N: usize> Serialize for Hex<N> {
 }
 impl<'de, const N: usize> Deserialize<'de> for Hex<N> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
+        crate::serde_str::from_str_form(d)
     }
 }
 
@@ -70,8 +69,9 @@ impl Serialize for CheckTime {
 }
 impl<'de> Deserialize<'de> for CheckTime {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        super::certs::parse_time(&s).map(CheckTime).map_err(serde::de::Error::custom)
+        crate::serde_str::with_str(d, |s| {
+            super::certs::parse_time(s).map(CheckTime).map_err(|e| e.to_string())
+        })
     }
 }
 

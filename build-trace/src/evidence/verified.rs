@@ -1,6 +1,8 @@
 //! What verified evidence establishes: the root that verified it, the signer a verifier counts,
 //! and the report fields a trust policy or closure verifier looks at. Every `Display` of
 //! simulated evidence says "SIMULATED".
+//! Not here: how evidence is verified (`verify.rs`) or which signers a trust policy accepts
+//! ([`crate::trust`]).
 
 use std::fmt;
 use std::time::SystemTime;
@@ -12,7 +14,7 @@ use super::report::{describe_policy, Product, TcbVersion};
 /// decides what the evidence is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Root {
-    /// One of AMD's ARKs (pinned by SPKI SHA-256 in [`certs::AMD_ROOT_PINS`]).
+    /// One of AMD's ARKs (pinned by SPKI SHA-256 in [`AMD_ROOT_PINS`](super::certs::AMD_ROOT_PINS)).
     Amd { product: Product },
     /// A simulated root named by the policy: proves nothing about hardware.
     Simulated { key_id: KeyId },

@@ -1,5 +1,6 @@
 //! The unresolved derivation graph the verifier walks: loaded from `.drv` files in a store
-//! directory, or from `nix show-derivation -r` JSON.
+//! directory, or from `nix show-derivation -r` JSON, and walked dependencies first.
+//! Not here: whether a derivation matches its path or can be accepted (the verifier checks).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;

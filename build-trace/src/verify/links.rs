@@ -2,6 +2,7 @@
 //! (same NAR hash, size and references, not only the same path) and of content-addressed
 //! paths whose recomputed content address produces exactly their path, all reachable from the
 //! step's direct inputs.
+//! Not here: which outputs were accepted (the parent module builds [`Known`] step by step).
 
 use std::collections::{BTreeSet, HashMap};
 

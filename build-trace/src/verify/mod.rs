@@ -6,6 +6,7 @@
 //! JSON), trace sources, a trust policy, optionally the output paths expected of the target.
 //! The derivations are visited bottom-up (dependencies first); each gets a set of **accepted
 //! output maps** (output name → path and, where a trace gave them, NAR hash, size, references).
+//! Each derivation's ATerm must hash to its own `.drv` path (the graph may come from elsewhere).
 //!
 //! 1. **Fixed-output** derivation: accepted by its declared hash alone — the path must be the
 //!    one the hash gives, and md5/sha1 are refused unless the policy allows them. It grounds
@@ -217,6 +218,19 @@ impl ClosureVerifier<'_> {
             Ok(n) => n.to_string(),
             Err(e) => return Ok(Err(BrokenLink::new(LinkCheck::Derivation, e.to_string()))),
         };
+        // The derivation must be the one its path names: a `.drv` path is the hash of its
+        // ATerm, and the graph may come from elsewhere (`--show-derivation`, a copied store).
+        match drv.drv_path(&name) {
+            Ok(p) if p == *udrv => {}
+            Ok(p) => {
+                return Ok(Err(BrokenLink::new(
+                    LinkCheck::Derivation,
+                    "the derivation's contents are not the ones its path names",
+                )
+                .expected(udrv, p)))
+            }
+            Err(e) => return Ok(Err(BrokenLink::new(LinkCheck::Derivation, error_chain(&e)))),
+        }
         let kind = match drv.kind(&name) {
             Ok(k) => k,
             Err(e) => return Ok(Err(BrokenLink::new(LinkCheck::Derivation, error_chain(&e)))),

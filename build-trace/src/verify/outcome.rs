@@ -1,4 +1,5 @@
-//! What the closure verifier returns: the verified closure, or the first broken link.
+//! What the closure verifier returns: the verified closure, or the first broken link, and how
+//! both print. Not here: how the verdict is reached (the parent module).
 
 use std::collections::BTreeMap;
 use std::fmt;

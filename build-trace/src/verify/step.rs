@@ -1,5 +1,7 @@
 //! Checking one trace entry of one step: statement, derivation, output addresses, evidence and
 //! signatures (which give the entry's signers), then the input links.
+//! Not here: computing the step from the derivation graph, or pooling signers across entries
+//! and applying the trust model (both in the parent module).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::SystemTime;

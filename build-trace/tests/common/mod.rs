@@ -11,6 +11,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+#[path = "../../../tests/src/nix.rs"]
+pub mod nix;
+
 use build_trace::evidence::{EvidenceBundle, EvidencePolicy, SimulatedLaunch, SimulatedRoot};
 use build_trace::job::{BasicDerivation, CaRule, Job, Limits, NarHash, PathInfo};
 use build_trace::statement::{Measurement, OutputInfo, Statement};
@@ -77,25 +80,9 @@ pub struct Fixture {
     pub traces: PathBuf,
 }
 
-pub fn nix_env(cmd: &mut Command) -> &mut Command {
-    cmd.env("NIX_CONFIG", "experimental-features = nix-command ca-derivations\nsubstituters =\nbuild-users-group =\nsandbox = false\n")
-}
-
+/// Run a Nix command with the test configuration; its stdout (panics unless it succeeds).
 pub fn run(cmd: &mut Command) -> String {
-    let out = nix_env(cmd).output().unwrap_or_else(|e| {
-        panic!("cannot run {cmd:?}: {e} — the Nix tests need nix-bin and busybox-static (scripts/setup-host.sh installs them)")
-    });
-    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn busybox() -> PathBuf {
-    for p in ["/bin/busybox", "/usr/bin/busybox"] {
-        if Path::new(p).exists() {
-            return p.into();
-        }
-    }
-    panic!("busybox is missing: install busybox-static (scripts/setup-host.sh does)");
+    nix::stdout(cmd)
 }
 
 /// Path infos from `nix path-info --json` (optionally `-r`).
@@ -165,9 +152,7 @@ impl Fixture {
     pub fn new(attrs: &[&str]) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let t = dir.path();
-        std::fs::create_dir(t.join("bb")).unwrap();
-        std::fs::copy(busybox(), t.join("bb/busybox")).unwrap();
-        std::os::unix::fs::symlink("busybox", t.join("bb/sh")).unwrap();
+        nix::busybox_dir(&t.join("bb"));
         std::fs::write(t.join("fixture.nix"), NIX_EXPR).unwrap();
         let chroot = t.join("store");
         let mut drvs = BTreeMap::new();
@@ -304,17 +289,13 @@ impl Fixture {
             );
             let file =
                 self.dir.path().join(format!("{}.nar", StorePath::parse(p).unwrap().hash_part()));
-            let out = nix_env(
+            let out = nix::run(
                 Command::new("nix")
                     .args(["store", "dump-path", "--store"])
                     .arg(&self.chroot)
                     .arg(p),
-            )
-            .output()
-            .unwrap();
-            assert!(out.status.success(), "nix store dump-path {p}");
-            let bytes = out.stdout;
-            std::fs::write(&file, bytes).unwrap();
+            );
+            std::fs::write(&file, out.stdout).unwrap();
             nars.insert(o.clone(), file);
         }
         let input_cas =
@@ -327,7 +308,7 @@ impl Fixture {
             "vouch-agent test",
         );
         statement.validate().unwrap();
-        let evidence = self.attest(&statement, statement.host_data().unwrap(), self.measurement);
+        let evidence = self.attest_honestly(&statement);
         Step { udrv: udrv.clone(), statement, evidence, nars }
     }
 
@@ -340,6 +321,12 @@ impl Fixture {
     ) -> EvidenceBundle {
         let att = self.root.attester(SimulatedLaunch::new(measurement, host_data));
         self.root.bundle(att.report(&st.report_data().unwrap()))
+    }
+
+    /// The simulated evidence an honest guest gives for `st`: its job's HOST_DATA, the fixture's
+    /// measurement.
+    pub fn attest_honestly(&self, st: &Statement) -> EvidenceBundle {
+        self.attest(st, st.host_data().unwrap(), self.measurement)
     }
 
     /// A policy: the fixture's simulated root and measurement as builder rule `sim`, the

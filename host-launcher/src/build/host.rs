@@ -1,59 +1,50 @@
-//! [`run_step`]: launch the VM, talk to the agent, hand the result to [`super::check`].
+//! [`run_step`]: launch the VM, talk to the agent, hand the result to [`super::check`] — and
+//! never hang doing it.
 //!
-//! Threads: the main thread reads the guest's frames (hello, phases, log, output NARs, outcome
-//! or failure, bye); a scoped sender thread writes setup, job and input NARs, so an early
-//! failure report from the guest is read while inputs are still being sent. When QEMU exits the
-//! channel is shut down (unblocking both), and a watchdog kills QEMU at the step's deadline.
+//! Every wait has a deadline: the vsock daemon's socket (10 s), the agent's connection and its
+//! `Hello` (the boot timeout from QEMU's start), every frame after that (the stall window; the
+//! guest heartbeats every 2 s, see [`super::watch`]), every write to the guest (the same window),
+//! the whole step when it has a builder timeout (builder timeout + allowance), QEMU's power-off
+//! after `Bye` (30 s, then SIGKILL) and QEMU's exit after SIGKILL (10 s). Whatever ends an
+//! attempt, QEMU and the vsock daemon are killed and the staging directory is removed.
+//!
+//! **One automatic retry, for infrastructure failures only** ([`retryable`]): a stalled channel,
+//! a VM that died or a channel that broke before the agent accepted the job, an agent that never
+//! connected or said hello, a vsock daemon that did not start. The retry is a fresh VM with a
+//! fresh job id (so a fresh HOST_DATA and statement; nothing of the failed attempt is kept or
+//! returned), announced loudly ([`super::Progress::Retrying`] and a warning). Builder failures,
+//! limits, timeouts, a VM that died after accepting the job (the builder may have caused it)
+//! and rejected results are never retried.
+//!
+//! Threads of an attempt: the conversation ([`super::conversation`]), QEMU's exit watcher (it
+//! shuts the channel down when QEMU ends), and the wall-clock watchdog.
 
-use std::collections::BTreeMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agent::messages::{
-    AttesterKind, Failure, Hello, NarBegin, Outcome, Phase, PhaseName, Setup, SimulatedSetup,
-};
-use agent::proto::{FrameReader, FrameWriter, Kind, ProtoError, PROTOCOL_VERSION};
+use agent::messages::{Setup, SimulatedSetup};
+use agent::proto::ProtoError;
 use base64::Engine as _;
 use build_trace::evidence::SimulatedRoot;
-use build_trace::job::{Job, PathInfo};
-use sha2::{Digest, Sha256};
+use build_trace::job::{Job, Limits, PathInfo};
 use vm_image::image::{files, Manifest};
 
+use super::conversation::{converse, phase_key, timings, Conversation};
+use super::watch::ChannelWatch;
 use super::{
     check, staging_dir, InputSource, LauncherConfig, LogSink, Progress, StepError, StepOutcome,
-    StepRequest, Timings,
+    StepRequest,
 };
 use crate::vm::network::NetworkGrant;
 use crate::vm::runner::{describe_exit, Vm};
-use crate::vm::vsock::{detect_backend, Channel, Stream};
+use crate::vm::vsock::{detect_backend, Backend, Channel, VsockError};
 use crate::vm::{
     choose_mode, host_cbitpos, qemu_argv, HostCaps, Mode, QemuSpec, SnpLaunch, SNP_POLICY,
 };
 
-/// One received NAR.
-#[derive(Debug, Clone)]
-pub struct ReceivedNar {
-    /// The NAR file.
-    pub file: PathBuf,
-    pub sha256: [u8; 32],
-    pub size: u64,
-}
-
-/// What the conversation produced.
-#[derive(Debug, Default)]
-pub(crate) struct Conversation {
-    outcome: Option<Outcome>,
-    failure: Option<Failure>,
-    nars: BTreeMap<String, ReceivedNar>,
-    bye: bool,
-    hello_uptime_ms: u64,
-    last_phase: Option<PhaseName>,
-    marks: BTreeMap<&'static str, Instant>,
-    output_bytes: u64,
-}
+pub use super::conversation::ReceivedNar;
 
 fn random_id() -> String {
     use rand_core::RngCore;
@@ -77,13 +68,23 @@ fn simulated_setup(root: &SimulatedRoot, manifest: &Manifest) -> Result<Setup, S
     })
 }
 
-/// Build one step in a fresh VM (see the module docs of [`super`]).
-pub fn run_step(
-    req: StepRequest,
+/// What every attempt of one step shares.
+struct Prepared {
+    manifest: Manifest,
+    mode: Mode,
+    limits: Limits,
+    closure: BTreeMap<String, PathInfo>,
+    outputs: BTreeSet<String>,
+    setup: Setup,
+    sim_root: Option<SimulatedRoot>,
+    backend: Backend,
+}
+
+fn prepare(
+    req: &StepRequest,
     inputs: &dyn InputSource,
-    sink: &mut dyn LogSink,
     cfg: &LauncherConfig,
-) -> Result<StepOutcome, StepError> {
+) -> Result<Prepared, StepError> {
     let manifest =
         Manifest::load(&cfg.image_dir).map_err(|e| StepError::Image(cfg.image_dir.clone(), e))?;
     manifest
@@ -94,41 +95,127 @@ pub fn run_step(
     super::policy::check_fixed_output_request(&req.drv, cfg.allow_weak_fixed_hashes)
         .map_err(|e| StepError::Request(e.to_string()))?;
     let limits = super::policy::effective_limits(req.limits, &cfg.default_limits, cfg.memory_mib);
-
     let closure = inputs.closure(&req.drv.input_srcs).map_err(StepError::Inputs)?;
     let outputs = if req.outputs.is_empty() {
         req.drv.outputs.keys().cloned().collect()
     } else {
         req.outputs.clone()
     };
-    let job_id = req.job_id.clone().unwrap_or_else(random_id);
-    let job = Job::new(
-        job_id.clone(),
-        req.drv_path.clone(),
-        req.drv.clone(),
-        closure,
-        limits,
-        req.ca_rule,
-        req.network,
-        outputs,
-    );
-    job.validate().map_err(|e| StepError::Request(super::check::chain(&e)))?;
-    // The only way to a NIC: a grant, which only a fixed-output job gets.
-    let network = NetworkGrant::for_job(&job).map_err(|e| StepError::Request(e.to_string()))?;
-    let job_bytes = job.canonical_bytes().map_err(|e| StepError::Request(e.to_string()))?;
-    let host_data = job.host_data().map_err(|e| StepError::Request(e.to_string()))?;
-
     let (setup, sim_root) = if mode == Mode::Snp {
         (Setup::default(), None)
     } else {
         let root = SimulatedRoot::load_or_generate(&cfg.simulated_root_dir()).map_err(|e| {
-            StepError::Io(
-                "simulated SNP root".into(),
-                std::io::Error::other(super::check::chain(&e)),
-            )
+            StepError::Io("simulated SNP root".into(), std::io::Error::other(check::chain(&e)))
         })?;
         (simulated_setup(&root, &manifest)?, Some(root))
     };
+    let backend = detect_backend(caps.vhost_vsock)?;
+    Ok(Prepared { manifest, mode, limits, closure, outputs, setup, sim_root, backend })
+}
+
+/// A failed attempt, and whether the agent had accepted its job.
+struct AttemptError {
+    error: Box<StepError>,
+    job_accepted: bool,
+}
+
+impl From<StepError> for AttemptError {
+    fn from(error: StepError) -> Self {
+        AttemptError { error: Box::new(error), job_accepted: false }
+    }
+}
+
+impl From<VsockError> for AttemptError {
+    fn from(e: VsockError) -> Self {
+        StepError::Vsock(e).into()
+    }
+}
+
+/// Whether a failed attempt is an infrastructure failure worth one retry in a fresh VM (see the
+/// module docs). `job_accepted`: the agent had reported accepting the job.
+pub fn retryable(e: &StepError, job_accepted: bool) -> bool {
+    match e {
+        StepError::Stalled { .. } | StepError::NoAgent { .. } => true,
+        StepError::Vsock(v) => matches!(
+            v,
+            VsockError::Daemon(..)
+                | VsockError::DaemonSocket(_)
+                | VsockError::Timeout(_)
+                | VsockError::VmGone
+                | VsockError::Accept(_)
+        ),
+        StepError::VmDied { .. } => !job_accepted,
+        StepError::Channel(ProtoError::Io(_) | ProtoError::Closed(_)) => !job_accepted,
+        _ => false,
+    }
+}
+
+/// Build one step in a fresh VM (see the module docs of [`super`] and of this module).
+pub fn run_step(
+    req: StepRequest,
+    inputs: &dyn InputSource,
+    sink: &mut dyn LogSink,
+    cfg: &LauncherConfig,
+) -> Result<StepOutcome, StepError> {
+    let p = prepare(&req, inputs, cfg)?;
+    let mut job_id = req.job_id.clone().unwrap_or_else(random_id);
+    let mut attempt = 1u32;
+    loop {
+        match attempt_step(&req, &p, &job_id, inputs, sink, cfg) {
+            Ok(outcome) => return Ok(outcome),
+            Err(f) if attempt <= cfg.infra_retries && retryable(&f.error, f.job_accepted) => {
+                attempt += 1;
+                let next = match &req.job_id {
+                    Some(id) => format!("{id}-attempt-{attempt}"),
+                    None => random_id(),
+                };
+                // The first line: the console tail that some errors carry is for the final error.
+                let chain = check::chain(&f.error);
+                let reason =
+                    chain.lines().next().unwrap_or_default().trim_end_matches("; console:");
+                let reason = reason.to_owned();
+                // The front-end says it loudly (`Progress::Retrying`); this is for server logs.
+                tracing::info!(
+                    drv = %req.drv_path, abandoned_job = %job_id, job = %next,
+                    "retrying step in a fresh VM after: {reason}"
+                );
+                sink.progress(&Progress::Retrying {
+                    reason,
+                    abandoned_job: job_id,
+                    job: next.clone(),
+                });
+                job_id = next;
+            }
+            Err(f) => return Err(*f.error),
+        }
+    }
+}
+
+/// One attempt: one job id, one VM, one channel.
+fn attempt_step(
+    req: &StepRequest,
+    p: &Prepared,
+    job_id: &str,
+    inputs: &dyn InputSource,
+    sink: &mut dyn LogSink,
+    cfg: &LauncherConfig,
+) -> Result<StepOutcome, AttemptError> {
+    let (mode, manifest) = (p.mode, &p.manifest);
+    let job = Job::new(
+        job_id.to_owned(),
+        req.drv_path.clone(),
+        req.drv.clone(),
+        p.closure.clone(),
+        p.limits,
+        req.ca_rule,
+        req.network,
+        p.outputs.clone(),
+    );
+    job.validate().map_err(|e| StepError::Request(check::chain(&e)))?;
+    // The only way to a NIC: a grant, which only a fixed-output job gets.
+    let network = NetworkGrant::for_job(&job).map_err(|e| StepError::Request(e.to_string()))?;
+    let job_bytes = job.canonical_bytes().map_err(|e| StepError::Request(e.to_string()))?;
+    let host_data = job.host_data().map_err(|e| StepError::Request(e.to_string()))?;
 
     // Unix socket paths must stay short: a private directory under $TMPDIR.
     let run_dir = tempfile::Builder::new()
@@ -138,15 +225,14 @@ pub fn run_step(
     let port = agent::config::parse_cmdline(&manifest.cmdline)
         .map(|c| c.port)
         .unwrap_or(agent::config::DEFAULT_PORT);
-    let backend = detect_backend(caps.vhost_vsock)?;
-    let mut chan = Channel::prepare(&backend, run_dir.path(), port)?;
+    let mut chan = Channel::prepare(&p.backend, run_dir.path(), port)?;
     let img = |f: &str| cfg.image_dir.join(f);
     let spec = QemuSpec {
         mode,
         kernel: if mode == Mode::Snp { img(files::BZIMAGE) } else { img(files::VMLINUX) },
         initrd: img(files::INITRD),
         cmdline: manifest.cmdline.clone(),
-        memory_mib: super::policy::guest_memory_mib(cfg.memory_mib, &limits),
+        memory_mib: super::policy::guest_memory_mib(cfg.memory_mib, &p.limits),
         vcpus: manifest
             .snp
             .as_ref()
@@ -167,27 +253,31 @@ pub fn run_step(
         network,
     };
     let argv = qemu_argv(&spec).map_err(|e| StepError::Request(e.to_string()))?;
-    tracing::debug!(?argv, "starting QEMU");
+    tracing::debug!(?argv, job = %job_id, "starting QEMU");
     let console_log = run_dir.path().join("console.log");
     let vm = Vm::spawn(&cfg.qemu, &argv, &console_log, cfg.echo_console)
         .map_err(|e| StepError::Qemu(cfg.qemu.display().to_string(), e))?;
     let started = vm.started();
     sink.progress(&Progress::Booting { mode, pid: vm.pid() });
 
-    let stream = match chan.accept(cfg.boot_timeout, &|| vm.exited().is_none()) {
+    // Boot watchdog, part one: the connection (part two, the hello, is the channel watch's).
+    let connect_within = cfg.boot_timeout.saturating_sub(started.elapsed());
+    let stream = match chan.accept(connect_within, &|| vm.exited().is_none()) {
         Ok(s) => s,
         Err(e) => {
             let status = vm.exited().or_else(|| vm.kill());
             // Give the stderr reader a moment to collect QEMU's last words.
             std::thread::sleep(Duration::from_millis(50));
             return Err(match e {
-                crate::vm::vsock::VsockError::VmGone => StepError::NoAgent {
+                VsockError::VmGone => StepError::NoAgent {
                     status: status.as_ref().map_or("ended".into(), describe_exit),
                     qemu: vm.qemu_stderr(),
                     console: vm.console_tail(),
                 },
-                other => other.into(),
-            });
+                VsockError::Timeout(_) => StepError::Vsock(VsockError::Timeout(cfg.boot_timeout)),
+                other => StepError::Vsock(other),
+            }
+            .into());
         }
     };
     if let Ok(s2) = stream.try_clone() {
@@ -218,14 +308,18 @@ pub fn run_step(
         });
     }
 
-    let staging = staging_dir(&cfg.state_dir, &job_id)?;
+    let watch = ChannelWatch::new(started, cfg.boot_timeout, cfg.stall_timeout);
+    let staging = staging_dir(&cfg.state_dir, job_id)?;
     let mut conv = Conversation::default();
-    let result = converse(stream, mode, setup, &job_bytes, &job, inputs, &staging, sink, &mut conv);
+    let result = converse(
+        stream, &watch, mode, &p.setup, &job_bytes, &job, inputs, &staging, sink, &mut conv,
+    );
     done.store(true, Ordering::Relaxed);
+    let tripped = watch.tripped();
     // Did the VM end on its own (killed, crashed)? A broken channel usually means it did: give
     // QEMU a moment to be reaped before deciding.
     let ended_by_itself = match &result {
-        Err(StepError::Channel(ProtoError::Io(_) | ProtoError::Closed(_))) => {
+        Err(StepError::Channel(ProtoError::Io(_) | ProtoError::Closed(_))) if tripped.is_none() => {
             vm.wait_timeout(Duration::from_secs(3))
         }
         _ => vm.exited(),
@@ -239,11 +333,14 @@ pub fn run_step(
         vm.kill();
     }
     let exited_at = vm.exited_at().unwrap_or_else(Instant::now);
+    // The vsock daemon goes with the VM.
     drop(chan);
 
-    let fail = |e: StepError| {
+    let job_accepted = conv.job_accepted();
+    let phase = conv.last_phase.map_or("booted".into(), |p| phase_key(p).to_owned());
+    let fail = |error: StepError| {
         let _ = std::fs::remove_dir_all(&staging);
-        Err(e)
+        Err(AttemptError { error: Box::new(error), job_accepted })
     };
     let input_bytes = match result {
         Ok(b) => b,
@@ -251,10 +348,13 @@ pub fn run_step(
             if watchdog_fired.load(Ordering::Relaxed) {
                 return fail(StepError::Watchdog(limit.unwrap_or_default()));
             }
+            if let Some(trip) = tripped {
+                return fail(StepError::Stalled { trip, phase, console: vm.console_tail() });
+            }
             if let Some(st) = ended_by_itself {
                 return fail(StepError::VmDied {
                     status: describe_exit(&st),
-                    phase: conv.last_phase.map_or("booted".into(), |p| phase_key(p).to_owned()),
+                    phase,
                     console: vm.console_tail(),
                 });
             }
@@ -273,8 +373,8 @@ pub fn run_step(
         &outcome,
         &conv.nars,
         mode,
-        &manifest,
-        sim_root.as_ref(),
+        manifest,
+        p.sim_root.as_ref(),
         cfg,
     ) {
         Ok(c) => c,
@@ -299,199 +399,57 @@ pub fn run_step(
     })
 }
 
-fn timings(started: Instant, marks: &BTreeMap<&'static str, Instant>, exited: Instant) -> Timings {
-    let d = |a: &str, b: &str| match (marks.get(a), marks.get(b)) {
-        (Some(x), Some(y)) if y >= x => *y - *x,
-        _ => Duration::ZERO,
-    };
-    Timings {
-        boot: marks.get("hello").map_or(Duration::ZERO, |h| *h - started),
-        input_transfer: d("hello", "inputs-ready"),
-        build: d("building", "built"),
-        hashing: d("hashing", "attesting"),
-        attestation: d("attesting", "sending"),
-        output_transfer: d("sending", "outcome"),
-        total: exited.saturating_duration_since(started),
-        ..Timings::default()
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::watch::Trip;
+    use agent::messages::FailureKind;
 
-fn phase_key(p: PhaseName) -> &'static str {
-    match p {
-        PhaseName::JobAccepted => "job-accepted",
-        PhaseName::InputsReady => "inputs-ready",
-        PhaseName::Building => "building",
-        PhaseName::Built => "built",
-        PhaseName::Hashing => "hashing",
-        PhaseName::Attesting => "attesting",
-        PhaseName::Sending => "sending",
-    }
-}
-
-/// Send setup, job and inputs (sender thread).
-fn send_all(
-    mut w: FrameWriter<Stream>,
-    setup: &Setup,
-    job_bytes: &[u8],
-    closure: &BTreeMap<String, PathInfo>,
-    inputs: &dyn InputSource,
-) -> Result<u64, StepError> {
-    w.send_json(Kind::Setup, setup)?;
-    w.send(Kind::Job, job_bytes)?;
-    let mut total = 0;
-    for (path, info) in closure {
-        let mut nar = inputs.nar(path).map_err(StepError::Inputs)?;
-        let sent =
-            w.send_nar(&NarBegin { path: path.clone(), nar_size: info.nar_size }, &mut nar)?;
-        // A source that changed underneath us: the guest sees a size mismatch and says so.
-        total += sent;
-    }
-    w.send(Kind::InputsDone, &[])?;
-    w.flush()?;
-    Ok(total)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn converse(
-    stream: Stream,
-    mode: Mode,
-    setup: Setup,
-    job_bytes: &[u8],
-    job: &Job,
-    inputs: &dyn InputSource,
-    staging: &Path,
-    sink: &mut dyn LogSink,
-    conv: &mut Conversation,
-) -> Result<u64, StepError> {
-    let writer = stream.try_clone().map_err(|e| StepError::Io("cloning the channel".into(), e))?;
-    let closer = stream.try_clone().map_err(|e| StepError::Io("cloning the channel".into(), e))?;
-    let mut r = FrameReader::new(stream);
-    let hello: Hello = r.expect(Kind::Hello, "the agent's Hello")?.json()?;
-    conv.marks.insert("hello", Instant::now());
-    conv.hello_uptime_ms = hello.uptime_ms;
-    if hello.protocol != PROTOCOL_VERSION {
-        return Err(StepError::Request(format!(
-            "the image's agent speaks channel protocol {}, this launcher {PROTOCOL_VERSION}: rebuild the image",
-            hello.protocol
-        )));
-    }
-    match (mode, hello.attester) {
-        (Mode::Snp, AttesterKind::Simulated) => {
-            return Err(StepError::Request(
-                "an SNP VM whose agent found no SEV-SNP interface".into(),
-            ))
-        }
-        (Mode::Kvm | Mode::Tcg, AttesterKind::SevSnp) => {
-            return Err(StepError::Request(format!(
-                "a {mode} VM whose agent claims SEV-SNP hardware"
-            )))
-        }
-        _ => {}
-    }
-    sink.progress(&Progress::AgentReady { attester: hello.attester });
-    let max_outputs = job.outputs.len();
-    std::thread::scope(|scope| {
-        let sender = scope
-            .spawn(|| send_all(FrameWriter::new(writer), &setup, job_bytes, &job.closure, inputs));
-        let received = receive_all(&mut r, conv, staging, max_outputs, sink);
-        // Whatever happened, the channel is finished now: unblock the sender.
-        closer.shutdown();
-        let sent = sender
-            .join()
-            .unwrap_or_else(|_| Err(StepError::Request("input sender panicked".into())));
-        match (received, sent) {
-            (Ok(()), Ok(bytes)) => {
-                sink.progress(&Progress::InputsSent { paths: job.closure.len(), bytes });
-                Ok(bytes)
-            }
-            // The guest reported a failure; the sender's broken pipe is a consequence.
-            (Ok(()), Err(_)) if conv.failure.is_some() => Ok(0),
-            (Err(e), _) => Err(e),
-            (Ok(()), Err(e)) => Err(e),
-        }
-    })
-}
-
-fn receive_all(
-    r: &mut FrameReader<Stream>,
-    conv: &mut Conversation,
-    staging: &Path,
-    max_outputs: usize,
-    sink: &mut dyn LogSink,
-) -> Result<(), StepError> {
-    loop {
-        let f = r.expect_frame("a frame before the agent's Bye")?;
-        match f.kind {
-            Kind::Log => sink.log(&f.payload),
-            Kind::Phase => {
-                let p: Phase = f.json()?;
-                conv.marks.insert(phase_key(p.phase), Instant::now());
-                conv.last_phase = Some(p.phase);
-                sink.progress(&Progress::Guest(p.phase));
-            }
-            Kind::NarBegin if conv.outcome.is_none() && conv.failure.is_none() => {
-                let begin: NarBegin = f.json()?;
-                if conv.nars.len() >= max_outputs || conv.nars.contains_key(&begin.path) {
-                    return Err(StepError::Request(format!(
-                        "the guest sent an unexpected output NAR for {}",
-                        begin.path
-                    )));
-                }
-                let sp = nix_formats::StorePath::parse(&begin.path).map_err(|e| {
-                    StepError::Request(format!(
-                        "the guest sent an output NAR for an invalid path: {e}"
-                    ))
-                })?;
-                let file = staging.join(format!("{}.nar", sp.base_name()));
-                let nar = receive_nar(r, &begin, &file)?;
-                conv.output_bytes += nar.size;
-                sink.progress(&Progress::OutputReceived { path: begin.path.clone() });
-                conv.nars.insert(begin.path, nar);
-            }
-            Kind::Outcome if conv.outcome.is_none() && conv.failure.is_none() => {
-                conv.marks.insert("outcome", Instant::now());
-                conv.outcome = Some(f.json()?);
-            }
-            Kind::Failure if conv.outcome.is_none() && conv.failure.is_none() => {
-                conv.failure = Some(f.json()?);
-            }
-            Kind::Bye => {
-                conv.bye = true;
-                return Ok(());
-            }
-            other => {
-                return Err(ProtoError::Unexpected {
-                    expected: "log, phase, output, outcome or Bye",
-                    got: other,
-                }
-                .into())
-            }
+    #[test]
+    fn only_infrastructure_failures_are_retried() {
+        let s =
+            |t| StepError::Stalled { trip: t, phase: "building".into(), console: String::new() };
+        let died = || StepError::VmDied {
+            status: "was killed by signal 9 (SIGKILL)".into(),
+            phase: "building".into(),
+            console: String::new(),
+        };
+        let d = Duration::from_secs(60);
+        for (e, accepted, want) in [
+            (s(Trip::Silent(d)), true, true),
+            (s(Trip::NotReading(d)), false, true),
+            (s(Trip::NoHello(d)), false, true),
+            (
+                StepError::NoAgent {
+                    status: "ended".into(),
+                    qemu: String::new(),
+                    console: String::new(),
+                },
+                false,
+                true,
+            ),
+            (
+                StepError::Vsock(VsockError::Daemon("x".into(), std::io::Error::other("y"))),
+                false,
+                true,
+            ),
+            (StepError::Vsock(VsockError::Timeout(d)), false, true),
+            (StepError::Vsock(VsockError::NoBackend), false, false),
+            (died(), false, true),
+            (died(), true, false),
+            (StepError::Channel(ProtoError::Closed("a frame")), false, true),
+            (StepError::Channel(ProtoError::Closed("a frame")), true, false),
+            (StepError::Channel(ProtoError::Reserved), false, false),
+            (
+                StepError::Guest { kind: FailureKind::BuilderFailed, message: "x".into() },
+                true,
+                false,
+            ),
+            (StepError::Guest { kind: FailureKind::Protocol, message: "x".into() }, false, false),
+            (StepError::Watchdog(d), true, false),
+            (StepError::Request("bad".into()), false, false),
+        ] {
+            assert_eq!(retryable(&e, accepted), want, "{e:?} (accepted: {accepted})");
         }
     }
-}
-
-fn receive_nar(
-    r: &mut FrameReader<Stream>,
-    begin: &NarBegin,
-    file: &Path,
-) -> Result<ReceivedNar, StepError> {
-    use std::io::Read;
-    let mut out = std::fs::File::create(file)
-        .map_err(|e| StepError::Io(format!("creating {}", file.display()), e))?;
-    let mut sha = Sha256::new();
-    let mut stream = r.nar_stream(&begin.path, begin.nar_size);
-    let mut buf = vec![0u8; 256 << 10];
-    let mut size = 0u64;
-    loop {
-        let n = stream.read(&mut buf).map_err(agent::proto::into_proto)?;
-        if n == 0 {
-            break;
-        }
-        sha.update(&buf[..n]);
-        out.write_all(&buf[..n])
-            .map_err(|e| StepError::Io(format!("writing {}", file.display()), e))?;
-        size += n as u64;
-    }
-    out.sync_all().map_err(|e| StepError::Io(format!("syncing {}", file.display()), e))?;
-    Ok(ReceivedNar { file: file.to_owned(), sha256: sha.finalize().into(), size })
 }

@@ -31,10 +31,12 @@
 //! `StepOutcome`, see `crate::cli::build`), Nix protocols, QEMU argv (`crate::vm`).
 
 pub mod check;
+pub mod conversation;
 pub mod host;
 pub mod local_store;
 pub mod policy;
 pub mod publish;
+pub mod watch;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
@@ -134,6 +136,16 @@ pub enum Progress {
     },
     /// Everything checked.
     Verified,
+    /// An attempt failed for a reason of the infrastructure (not the build); the step starts
+    /// again in a fresh VM with a fresh job.
+    Retrying {
+        /// Why the attempt failed (error chain).
+        reason: String,
+        /// The failed attempt's job id (nothing of it is kept).
+        abandoned_job: String,
+        /// The new attempt's job id.
+        job: String,
+    },
 }
 
 /// Receives the builder log and progress.
@@ -159,8 +171,13 @@ pub struct LauncherConfig {
     pub state_dir: PathBuf,
     /// Copy the guest console to stderr.
     pub echo_console: bool,
-    /// How long the agent may take to connect.
+    /// How long the agent may take from QEMU's start to its `Hello` (boot watchdog).
     pub boot_timeout: Duration,
+    /// How long the guest may send no frame (it heartbeats every 2 s) or take no input before
+    /// the step fails as a stalled channel ([`watch`]).
+    pub stall_timeout: Duration,
+    /// Automatic retries in a fresh VM after an infrastructure failure (`host::retryable`).
+    pub infra_retries: u32,
     /// Extra wall-clock allowance beyond the builder timeout for transfers and hashing.
     pub slack: Duration,
     /// The VCEK (DER) of this host's chip, for SNP evidence.
@@ -185,6 +202,8 @@ impl LauncherConfig {
             state_dir,
             echo_console: false,
             boot_timeout: Duration::from_secs(120),
+            stall_timeout: watch::DEFAULT_STALL_TIMEOUT,
+            infra_retries: 1,
             slack: Duration::from_secs(600),
             snp_vcek: None,
             qemu: "qemu-system-x86_64".into(),
@@ -295,7 +314,7 @@ pub enum StepError {
     #[error("starting QEMU ({0})")]
     Qemu(String, #[source] std::io::Error),
     /// QEMU exited before the agent connected.
-    #[error("the VM {status} before its agent connected; QEMU said: {qemu}; console:\n{console}")]
+    #[error("the VM {status} before its agent connected; nothing was registered; QEMU said: {qemu}; console:\n{console}")]
     NoAgent {
         /// How QEMU ended.
         status: String,
@@ -309,6 +328,17 @@ pub enum StepError {
     VmDied {
         /// How QEMU ended.
         status: String,
+        /// Last phase reached.
+        phase: String,
+        /// Last console lines.
+        console: String,
+    },
+    /// The channel went silent (or the guest stopped taking input, or never said hello): the
+    /// VM was killed.
+    #[error("{trip} (phase: {phase}); killed the VM; nothing was registered; console:\n{console}")]
+    Stalled {
+        /// What the channel watch saw.
+        trip: watch::Trip,
         /// Last phase reached.
         phase: String,
         /// Last console lines.

@@ -2,6 +2,12 @@
 //! with the launcher's Nix key (`<host>-1`, or `<host>-simulated-1` when the evidence is
 //! simulated, so a plain Nix user sees the difference).
 //!
+//! Several vouch hosts on one machine (separate state directories) need different key names, or
+//! a trust policy — which maps key names to keys — cannot name both: [`KeyNaming`] takes a name
+//! from `--key-name` or the state directory's `key-name` file. A name that signs simulated
+//! evidence must say `simulated` (as a word of the name, e.g. `ci-a-simulated-1`); any other is
+//! refused.
+//!
 //! What is not here: the checks (they happened in [`super::run_step`]; only a [`StepOutcome`]
 //! can be published) and the layout (`build_trace::store`, `docs/trace-store.md`).
 
@@ -9,8 +15,91 @@ use std::path::{Path, PathBuf};
 
 use build_trace::evidence::nix_key_name;
 use build_trace::store::{PutResult, StepRecord, TraceStore};
+use vm_image::image::Manifest;
 
-use super::StepOutcome;
+use super::{LauncherConfig, StepOutcome};
+use crate::vm::{choose_mode, HostCaps, Mode};
+
+/// The state directory's key-name setting: one line, the name.
+pub const KEY_NAME_FILE: &str = "key-name";
+
+/// Why a key name is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyNameError {
+    /// Not a name Nix accepts.
+    #[error("invalid key name {0:?}: it must be non-empty, without `:`, `/` or whitespace")]
+    Invalid(String),
+    /// A name without the simulated marker for simulated evidence.
+    #[error("key name {name:?} does not say `simulated`, but this host's evidence is simulated (no SEV-SNP): a name like {suggestion:?} keeps the difference visible to Nix users and trust policies")]
+    NotMarkedSimulated {
+        /// The configured name.
+        name: String,
+        /// A name that would do.
+        suggestion: String,
+    },
+    /// The state directory's setting could not be read.
+    #[error("reading the key name from {0}")]
+    Io(PathBuf, #[source] std::io::Error),
+}
+
+/// Whether `name` says `simulated` as one of its words (split at anything not alphanumeric).
+pub fn says_simulated(name: &str) -> bool {
+    name.split(|c: char| !c.is_ascii_alphanumeric()).any(|w| w.eq_ignore_ascii_case("simulated"))
+}
+
+/// How this host names its Nix signing key (see the module docs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyNaming {
+    configured: Option<String>,
+}
+
+impl KeyNaming {
+    /// The default: `<hostname>-1`, or `<hostname>-simulated-1` for simulated evidence.
+    pub fn host_default() -> Self {
+        KeyNaming { configured: None }
+    }
+
+    /// Always `name` (checked against the evidence kind by [`Self::name`]).
+    pub fn named(name: &str) -> Result<Self, KeyNameError> {
+        let name = name.trim();
+        if name.is_empty() || name.contains([':', '/']) || name.chars().any(char::is_whitespace) {
+            return Err(KeyNameError::Invalid(name.to_owned()));
+        }
+        Ok(KeyNaming { configured: Some(name.to_owned()) })
+    }
+
+    /// The name in `<state_dir>/key-name` if that file exists, else the default.
+    pub fn from_state_dir(state_dir: &Path) -> Result<Self, KeyNameError> {
+        let file = state_dir.join(KEY_NAME_FILE);
+        match std::fs::read_to_string(&file) {
+            Ok(text) => Self::named(text.trim()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::host_default()),
+            Err(e) => Err(KeyNameError::Io(file, e)),
+        }
+    }
+
+    /// The name to sign evidence of this kind with.
+    pub fn name(&self, simulated: bool) -> Result<String, KeyNameError> {
+        match &self.configured {
+            None => Ok(nix_key_name(&host_name(), simulated)),
+            Some(n) if simulated && !says_simulated(n) => Err(KeyNameError::NotMarkedSimulated {
+                name: n.clone(),
+                suggestion: format!("{}-simulated-1", n.trim_end_matches("-1")),
+            }),
+            Some(n) => Ok(n.clone()),
+        }
+    }
+
+    /// Check the name against the evidence kind the launcher `cfg` will produce (the mode it
+    /// would choose), before any VM runs.
+    pub fn check_for(&self, cfg: &LauncherConfig) -> Result<String, KeyNameError> {
+        let image_snp = Manifest::load(&cfg.image_dir).map(|m| m.snp.is_some()).unwrap_or(false);
+        let simulated = choose_mode(cfg.mode, &HostCaps::probe(), image_snp)
+            .map(|m| m != Mode::Snp)
+            .unwrap_or(true);
+        self.name(simulated)
+    }
+}
 
 /// Why publishing failed (nothing half-written: the store writes atomically).
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +107,9 @@ pub enum PublishError {
     /// The signing key.
     #[error("the launcher's signing key")]
     Key(#[source] build_trace::sign::SignError),
+    /// The signing key's name.
+    #[error(transparent)]
+    KeyName(#[from] KeyNameError),
     /// The store.
     #[error("writing the trace store")]
     Store(#[source] build_trace::store::StoreError),
@@ -37,18 +129,19 @@ pub fn host_name() -> String {
         .unwrap_or_else(|| "vouch".into())
 }
 
-/// The key name this host signs with for `outcome`.
-pub fn key_name(outcome: &StepOutcome) -> String {
-    nix_key_name(&host_name(), outcome.verified.is_simulated())
+/// The key name this host signs `outcome` with.
+pub fn key_name(outcome: &StepOutcome, naming: &KeyNaming) -> Result<String, KeyNameError> {
+    naming.name(outcome.verified.is_simulated())
 }
 
-/// Write `outcome` into the trace store at `cache_dir`.
+/// Write `outcome` into the trace store at `cache_dir`, signed with the key `naming` names.
 pub fn publish(
     outcome: &StepOutcome,
     cache_dir: &Path,
     state_dir: &Path,
+    naming: &KeyNaming,
 ) -> Result<PutResult, PublishError> {
-    let key = build_trace::sign::load_or_generate_key(state_dir, &key_name(outcome))
+    let key = build_trace::sign::load_or_generate_key(state_dir, &key_name(outcome, naming)?)
         .map_err(PublishError::Key)?;
     let store = TraceStore::create(cache_dir).map_err(PublishError::Store)?;
     let kind = outcome.attester.to_string();
@@ -59,4 +152,46 @@ pub fn publish(
         nars: outcome.outputs.iter().map(|(n, o)| (n.clone(), o.nar_file.clone())).collect(),
     };
     store.put_step(&record, &key).map_err(PublishError::Store)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configured_names_keep_the_simulated_marker() {
+        let d = KeyNaming::host_default();
+        assert_eq!(d.name(true).unwrap(), nix_key_name(&host_name(), true));
+        assert_eq!(d.name(false).unwrap(), nix_key_name(&host_name(), false));
+
+        let a = KeyNaming::named("ci-a-simulated-1").unwrap();
+        assert_eq!(a.name(true).unwrap(), "ci-a-simulated-1");
+        assert_eq!(a.name(false).unwrap(), "ci-a-simulated-1", "conservative on SNP: allowed");
+        let plain = KeyNaming::named("ci-a-1").unwrap();
+        assert_eq!(plain.name(false).unwrap(), "ci-a-1");
+        let e = plain.name(true).unwrap_err().to_string();
+        assert!(e.contains("does not say `simulated`") && e.contains("ci-a-simulated-1"), "{e}");
+        for sneaky in ["unsimulated-1", "ci-simulatedx-1", "sim-1"] {
+            assert!(KeyNaming::named(sneaky).unwrap().name(true).is_err(), "{sneaky}");
+        }
+        for ok in ["simulated", "a.simulated.b", "SIMULATED-builder"] {
+            assert!(KeyNaming::named(ok).unwrap().name(true).is_ok(), "{ok}");
+        }
+        for bad in ["", "a:b", "a/b", "a b"] {
+            assert!(matches!(KeyNaming::named(bad), Err(KeyNameError::Invalid(_))), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_state_directory_can_name_the_key() {
+        let t = tempfile::tempdir().unwrap();
+        assert_eq!(KeyNaming::from_state_dir(t.path()).unwrap(), KeyNaming::host_default());
+        std::fs::write(t.path().join(KEY_NAME_FILE), "b-simulated-1\n").unwrap();
+        assert_eq!(
+            KeyNaming::from_state_dir(t.path()).unwrap().name(true).unwrap(),
+            "b-simulated-1"
+        );
+        std::fs::write(t.path().join(KEY_NAME_FILE), "two words\n").unwrap();
+        assert!(KeyNaming::from_state_dir(t.path()).is_err());
+    }
 }

@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use build_trace::job::{CaRule, Limits};
 use host_launcher::build::local_store::{load_basic_derivation, LocalNixStore, NIX_CONFIG};
-use host_launcher::build::publish::{default_cache_dir, publish};
-use host_launcher::build::{run_step, LauncherConfig, LogSink, Progress, StepOutcome, StepRequest};
-use host_launcher::vm::Mode;
+use host_launcher::build::publish::{default_cache_dir, publish, KeyNaming};
+use host_launcher::build::{run_step, LogSink, Progress, StepOutcome, StepRequest};
 
+use super::common::{KeyArgs, LimitArgs, VmArgs};
 use super::{CmdResult, Global};
 
 /// Arguments of `vouch build`.
@@ -28,56 +28,25 @@ pub struct Args {
     /// With --import: create a GC root symlink to the output (`-<output>` suffixes for others).
     #[arg(long, requires = "import")]
     pub out_link: Option<PathBuf>,
-    /// VM mode (default: the best this host can: snp > kvm > tcg).
-    #[arg(long, value_enum)]
-    pub mode: Option<Mode>,
-    /// Image directory (default: $VOUCH_IMAGE_DIR, else $VOUCH_CACHE/image).
-    #[arg(long)]
-    pub image: Option<PathBuf>,
     /// Binary cache / trace store directory (default: <state-dir>/cache).
     #[arg(long)]
     pub cache: Option<PathBuf>,
     /// Outputs to build (default: all).
     #[arg(long = "output")]
     pub outputs: Vec<String>,
-    /// Kill the builder after this many seconds (0 = no limit).
-    #[arg(long, default_value_t = 0)]
-    pub timeout: u64,
-    /// Kill the builder after this many seconds without log output (0 = no limit).
-    #[arg(long, default_value_t = 0)]
-    pub max_silent_time: u64,
-    /// Kill the builder after this many bytes of log (0 = no limit).
-    #[arg(long, default_value_t = 0)]
-    pub max_log_size: u64,
-    /// NIX_BUILD_CORES (0 = the VM's CPUs).
-    #[arg(long, default_value_t = 0)]
-    pub cores: u64,
-    /// Guest RAM in MiB (raised if --max-memory needs more).
-    #[arg(long, default_value_t = 2048)]
-    pub memory: u32,
-    /// The builder's memory limit in MiB (cgroup memory.max; 0 = guest RAM minus 256 MiB).
-    #[arg(long, default_value_t = 0)]
-    pub max_memory: u64,
-    /// Most processes and threads the builder may have at once (0 = 4096).
-    #[arg(long, default_value_t = 0)]
-    pub max_processes: u64,
-    /// Size of each tmpfs the builder writes to (/build, new store paths, /tmp) in MiB
-    /// (0 = half the guest RAM).
-    #[arg(long, default_value_t = 0)]
-    pub tmpfs_size: u64,
-    /// Build fixed-output derivations that declare md5 or sha1 hashes (refused by default).
-    #[arg(long)]
-    pub allow_weak_hashes: bool,
-    /// Guest vCPUs (kvm/tcg).
-    #[arg(long, default_value_t = 1)]
-    pub cpus: u32,
+    /// Build limits.
+    #[command(flatten)]
+    pub limits: LimitArgs,
+    /// VM settings.
+    #[command(flatten)]
+    pub vm: VmArgs,
+    /// Signing key.
+    #[command(flatten)]
+    pub key: KeyArgs,
     /// Self-reference rule of the Nix that will use the outputs (`self-ref-positions`: Nix ≤2.16
     /// and ≥2.35, e.g. Debian's 2.8; `self-ref-zeroed`: 2.17–2.34).
     #[arg(long, default_value = "self-ref-positions", value_parser = parse_rule)]
     pub ca_rule: CaRule,
-    /// This host's VCEK certificate (SNP mode).
-    #[arg(long, env = "VOUCH_SNP_VCEK")]
-    pub snp_vcek: Option<PathBuf>,
     /// Print a JSON summary on stdout instead of text.
     #[arg(long)]
     pub json: bool,
@@ -122,6 +91,9 @@ impl LogSink for Printer {
             Progress::Guest(P::Sending) => "receiving outputs".into(),
             Progress::OutputReceived { path } => format!("received {path}"),
             Progress::Verified => "statement, evidence and outputs checked".into(),
+            Progress::Retrying { reason, abandoned_job, job } => format!(
+                "retrying step in a fresh VM after: {reason} (job {abandoned_job} abandoned, nothing of it kept; new job {job})"
+            ),
         };
         eprintln!("vouch: {line}");
     }
@@ -132,29 +104,17 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     let drv = load_basic_derivation(&args.drv)?;
     let network = build_trace::job::step_kind(&drv)? == build_trace::job::StepKind::FixedOutput;
     let state_dir = global.state_dir();
-    let mut cfg = LauncherConfig::new(
-        args.image.clone().unwrap_or_else(vm_image::default_image_dir),
-        state_dir.clone(),
-    );
-    cfg.mode = args.mode;
-    cfg.memory_mib = args.memory;
-    cfg.allow_weak_fixed_hashes = args.allow_weak_hashes;
-    cfg.vcpus = args.cpus;
+    let mut cfg = args.vm.launcher(&state_dir, &args.limits);
     cfg.echo_console = args.console;
-    cfg.snp_vcek = args.snp_vcek.clone();
+    // A key name that cannot sign this host's evidence is refused before any VM runs.
+    let naming = args.key.naming(&state_dir)?;
+    naming.check_for(&cfg)?;
     let req = StepRequest {
         drv_path: args.drv.clone(),
         drv,
         outputs: args.outputs.iter().cloned().collect::<BTreeSet<_>>(),
-        limits: Limits {
-            timeout_s: args.timeout,
-            max_silent_s: args.max_silent_time,
-            max_log_bytes: args.max_log_size,
-            cores: args.cores,
-            memory_bytes: args.max_memory << 20,
-            max_processes: args.max_processes,
-            tmpfs_bytes: args.tmpfs_size << 20,
-        },
+        // `vouch build` has no default limits: 0 = none.
+        limits: args.limits.limits(&Limits::default()),
         ca_rule: args.ca_rule,
         // Fixed-output derivations (fetchers) run in the networked variant, as in Nix's sandbox;
         // nothing else ever gets a network device.
@@ -164,9 +124,9 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     let mut printer = Printer { quiet_log: false };
     let outcome = run_step(req, &LocalNixStore, &mut printer, &cfg)?;
     let cache = args.cache.clone().unwrap_or_else(|| default_cache_dir(&state_dir));
-    let put = publish(&outcome, &cache, &state_dir)?;
+    let put = publish(&outcome, &cache, &state_dir, &naming)?;
     if args.import {
-        import(&args, &outcome, &cache, &state_dir)?;
+        import(&args, &outcome, &cache, &state_dir, &naming)?;
     }
     summary(&args, &outcome, &put.step_dir, &cache);
     Ok(ExitCode::SUCCESS)
@@ -177,8 +137,9 @@ fn import(
     outcome: &StepOutcome,
     cache: &std::path::Path,
     state_dir: &std::path::Path,
+    naming: &KeyNaming,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let key = host_launcher::build::publish::key_name(outcome);
+    let key = host_launcher::build::publish::key_name(outcome, naming)?;
     let public = std::fs::read_to_string(state_dir.join("keys").join(format!("{key}.public")))?;
     // Substituting from our cache makes Nix register the paths, their signatures and (for CA
     // steps) the realisations exactly as if it had fetched them from any binary cache.

@@ -11,14 +11,12 @@ use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use build_trace::job::Limits;
 use host_launcher::build::publish::default_cache_dir;
-use host_launcher::build::LauncherConfig;
 use host_launcher::nixbuilder::{self, BuilderConfig, BuilderCore};
 use host_launcher::nixproto::{serve, worker, NixVersion, ServerError};
 use host_launcher::store::{ContentStore, StoreConfig, DEFAULT_MAX_BYTES};
-use host_launcher::vm::Mode;
 
+use super::common::{KeyArgs, LimitArgs, VmArgs};
 use super::{CmdResult, Global};
 
 /// Arguments of `vouch nix-builder`.
@@ -42,30 +40,15 @@ pub struct Args {
     /// that no running session pins are evicted beyond it.
     #[arg(long, default_value_t = DEFAULT_MAX_BYTES.to_string(), value_parser = parse_size, value_name = "BYTES")]
     pub store_max_size: String,
-    /// Default wall-clock limit of a build in seconds, where the client sets none.
-    #[arg(long, default_value_t = nixbuilder::DEFAULT_TIMEOUT_S)]
-    pub timeout: u64,
-    /// Default limit on seconds without log output, where the client sets none.
-    #[arg(long, default_value_t = nixbuilder::DEFAULT_MAX_SILENT_S)]
-    pub max_silent_time: u64,
-    /// Default limit on build log bytes, where the client sets none.
-    #[arg(long, default_value_t = nixbuilder::DEFAULT_MAX_LOG_BYTES)]
-    pub max_log_size: u64,
-    /// NIX_BUILD_CORES in the VM (0 = its vCPUs), where the client sets none.
-    #[arg(long, default_value_t = 0)]
-    pub cores: u64,
-    /// Guest RAM in MiB.
-    #[arg(long, default_value_t = 2048)]
-    pub memory: u32,
-    /// Guest vCPUs (kvm/tcg).
-    #[arg(long, default_value_t = 1)]
-    pub cpus: u32,
-    /// VM mode (default: the best this host can: snp > kvm > tcg).
-    #[arg(long, value_enum)]
-    pub mode: Option<Mode>,
-    /// Image directory (default: $VOUCH_IMAGE_DIR, else $VOUCH_CACHE/image).
-    #[arg(long)]
-    pub image: Option<PathBuf>,
+    /// Build limits: vouch's defaults where the client sends none (always over `ssh-ng://`).
+    #[command(flatten)]
+    pub limits: LimitArgs,
+    /// VM settings.
+    #[command(flatten)]
+    pub vm: VmArgs,
+    /// Signing key.
+    #[command(flatten)]
+    pub key: KeyArgs,
     /// Trace store / binary cache directory (default: <state-dir>/cache).
     #[arg(long)]
     pub cache: Option<PathBuf>,
@@ -74,9 +57,6 @@ pub struct Args {
     /// self-reference rule of content-addressed output paths.
     #[arg(long, value_name = "X.Y")]
     pub client_nix_version: Option<NixVersion>,
-    /// This host's VCEK certificate (SNP mode).
-    #[arg(long, env = "VOUCH_SNP_VCEK")]
-    pub snp_vcek: Option<PathBuf>,
 }
 
 /// `123`, `10K`, `512M`, `20G`, `1T` (powers of 1024).
@@ -112,26 +92,17 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         tracing::debug!(store = %s, "ignoring --store: vouch keeps its own content store");
     }
     let max_bytes = size_bytes(&args.store_max_size)?;
+    let launcher = args.vm.launcher(&state_dir, &args.limits);
+    // A key name that cannot sign this host's evidence is refused before serving anything.
+    let key_naming = args.key.naming(&state_dir)?;
+    key_naming.check_for(&launcher)?;
     let store = ContentStore::open(&state_dir.join("store"), StoreConfig { max_bytes })?;
-    let mut launcher = LauncherConfig::new(
-        args.image.clone().unwrap_or_else(vm_image::default_image_dir),
-        state_dir.clone(),
-    );
-    launcher.mode = args.mode;
-    launcher.memory_mib = args.memory;
-    launcher.vcpus = args.cpus;
-    launcher.snp_vcek = args.snp_vcek.clone();
     let cfg = BuilderConfig {
         cache_dir: args.cache.clone().unwrap_or_else(|| default_cache_dir(&state_dir)),
         state_dir,
-        limits: Limits {
-            timeout_s: args.timeout,
-            max_silent_s: args.max_silent_time,
-            max_log_bytes: args.max_log_size,
-            cores: args.cores,
-            ..Limits::default()
-        },
+        limits: args.limits.limits(&nixbuilder::default_limits()),
         launcher,
+        key_naming,
     };
     let mut core = BuilderCore::new(cfg, store);
 

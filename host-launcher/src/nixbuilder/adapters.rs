@@ -132,6 +132,9 @@ impl LogSink for LinesToClient<'_> {
             Progress::Guest(P::Building) => "vouch: building".into(),
             Progress::Guest(P::Attesting) => "vouch: attesting".into(),
             Progress::Verified => "vouch: statement, evidence and outputs checked".into(),
+            Progress::Retrying { reason, abandoned_job, job } => format!(
+                "vouch: retrying step in a fresh VM after: {reason} (job {abandoned_job} abandoned, nothing of it kept; new job {job})"
+            ),
             _ => return,
         };
         self.finish();

@@ -53,6 +53,8 @@ pub struct BuilderConfig {
     pub limits: Limits,
     /// How VMs are launched.
     pub launcher: LauncherConfig,
+    /// How the signing key is named.
+    pub key_naming: crate::build::publish::KeyNaming,
 }
 
 /// The core of one builder session (one client connection).

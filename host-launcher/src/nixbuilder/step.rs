@@ -218,9 +218,11 @@ fn finish(
 ) -> Result<BTreeMap<String, BuiltOutput>, String> {
     let st = &outcome.statement;
     let cfg = &core.cfg;
-    let key = build_trace::sign::load_or_generate_key(&cfg.state_dir, &key_name(outcome))
+    let name = key_name(outcome, &cfg.key_naming)
         .map_err(|e| format!("vouch: the signing key: {}", error_chain(&e)))?;
-    let put = publish(outcome, &cfg.cache_dir, &cfg.state_dir).map_err(|e| {
+    let key = build_trace::sign::load_or_generate_key(&cfg.state_dir, &name)
+        .map_err(|e| format!("vouch: the signing key: {}", error_chain(&e)))?;
+    let put = publish(outcome, &cfg.cache_dir, &cfg.state_dir, &cfg.key_naming).map_err(|e| {
         format!("vouch: publishing the step to the trace store: {}", error_chain(&e))
     })?;
     tracing::info!(step = %put.step_dir.display(), "step published");

@@ -167,6 +167,31 @@ fn times(b: B, i: usize) -> B {
     }
 }
 
+/// Times plus the CPU times of protocol 1.37 (user 0.5 s, system 0.604 s on the third result).
+fn times_with_cpu(b: B, i: usize) -> B {
+    let b = times(b, i);
+    if i == 2 {
+        b.n(1).n(500_000_000).n(1).n(604_000_000)
+    } else {
+        b.n(0).n(0)
+    }
+}
+
+/// builtOutputs keyed by `<drv hash>!<output>` with realisation JSON (before the
+/// realisation-with-path-not-hash feature).
+fn legacy_outputs(b: B) -> B {
+    b.n(2)
+        .s(&format!("{DRV_HASH}!bar"))
+        .s(&legacy_json("bar", "bar"))
+        .s(&format!("{DRV_HASH}!foo"))
+        .s(&legacy_json("foo", "foo"))
+}
+
+/// builtOutputs keyed by output name: `{outPath, signatures}`.
+fn keyed_outputs(b: B) -> B {
+    b.n(2).s("bar").s(BAR).ss(&[]).s("foo").s(FOO).ss(&[])
+}
+
 fn check_three(bin: &[u8], profile: &ClientProfile) -> Vec<BuildResult> {
     let mut r = bin;
     let res: Vec<_> = (0..3).map(|_| types::read_build_result(&mut r, profile).unwrap()).collect();
@@ -188,36 +213,14 @@ fn check_three(bin: &[u8], profile: &ClientProfile) -> Vec<BuildResult> {
 
 #[test]
 fn worker_build_result_1_29() {
-    let legacy = |b: B| {
-        b.n(2)
-            .s(&format!("{DRV_HASH}!bar"))
-            .s(&legacy_json("bar", "bar"))
-            .s(&format!("{DRV_HASH}!foo"))
-            .s(&legacy_json("foo", "foo"))
-    };
-    let bin = three_results(times, legacy);
+    let bin = three_results(times, legacy_outputs);
     let res = check_three(&bin, &worker(29, &[]));
     assert_eq!(res[2].built_outputs["foo"].legacy.as_ref().unwrap().id, format!("{DRV_HASH}!foo"));
 }
 
 #[test]
 fn worker_build_result_1_37_cpu_times() {
-    let head = |b: B, i| {
-        let b = times(b, i);
-        if i == 2 {
-            b.n(1).n(500_000_000).n(1).n(604_000_000)
-        } else {
-            b.n(0).n(0)
-        }
-    };
-    let legacy = |b: B| {
-        b.n(2)
-            .s(&format!("{DRV_HASH}!bar"))
-            .s(&legacy_json("bar", "bar"))
-            .s(&format!("{DRV_HASH}!foo"))
-            .s(&legacy_json("foo", "foo"))
-    };
-    let bin = three_results(head, legacy);
+    let bin = three_results(times_with_cpu, legacy_outputs);
     let res = check_three(&bin, &worker(37, &[]));
     assert_eq!(res[2].cpu_user, Some(500_000_000));
     assert_eq!(res[2].cpu_system, Some(604_000_000));
@@ -227,33 +230,16 @@ fn worker_build_result_1_37_cpu_times() {
 fn worker_build_result_realisation_with_path_not_hash() {
     // build-result-realisation-with-path-not-hash: 1.38 + the feature; builtOutputs is
     // map<outputName, UnkeyedRealisation{outPath, signatures}>.
-    let head = |b: B, i| {
-        let b = times(b, i);
-        if i == 2 {
-            b.n(1).n(500_000_000).n(1).n(604_000_000)
-        } else {
-            b.n(0).n(0)
-        }
-    };
-    let new = |b: B| b.n(2).s("bar").s(BAR).ss(&[]).s("foo").s(FOO).ss(&[]);
-    let bin = three_results(head, new);
+    let bin = three_results(times_with_cpu, keyed_outputs);
     let res = check_three(&bin, &worker(38, &[FEATURE_REALISATION_WITH_PATH]));
     assert!(res[2].built_outputs["foo"].legacy.is_none());
 }
 
 #[test]
 fn serve_build_result_2_6_and_2_8() {
-    let legacy = |b: B| {
-        b.n(2)
-            .s(&format!("{DRV_HASH}!bar"))
-            .s(&legacy_json("bar", "bar"))
-            .s(&format!("{DRV_HASH}!foo"))
-            .s(&legacy_json("foo", "foo"))
-    };
-    check_three(&three_results(times, legacy), &serve(6));
+    check_three(&three_results(times, legacy_outputs), &serve(6));
     // build-result-2.8.bin: status, "no idea why", …, then `foo` → `/nix/store/g1w…-foo`.
-    let new = |b: B| b.n(2).s("bar").s(BAR).ss(&[]).s("foo").s(FOO).ss(&[]);
-    check_three(&three_results(times, new), &serve(8));
+    check_three(&three_results(times, keyed_outputs), &serve(8));
 }
 
 #[test]

@@ -20,7 +20,7 @@ use super::action::{
 };
 use super::types::{self, CodecError};
 use super::version::{major, show, ClientProfile, NixVersion, ProtoVersion, Protocol};
-use super::wire::{WireError, WireRead, WireWrite};
+use super::wire::{Taken, WireError, WireRead, WireWrite};
 use super::ServerError;
 
 /// First word a client sends.
@@ -170,10 +170,10 @@ pub fn serve<R: BufRead, W: Write>(
             }
             9 => {
                 let info = codec(types::read_upload_info(&mut r))?;
-                let mut src = RawUpload { left: 0, info: Some(info), r: &mut r, hung_up: false };
+                let mut src = RawUpload { info: Some(info), nar: Taken::new(&mut r, 0) };
                 let reply = handler
                     .handle(Action::AddToStore { repair: false, uploads: &mut src }, &mut sink);
-                if src.hung_up {
+                if src.nar.wire_failed.is_some() {
                     return Err(ServerError::PeerGone(io::ErrorKind::UnexpectedEof));
                 }
                 match ok(reply, cmd)? {
@@ -216,50 +216,22 @@ fn unexpected(reply: Reply) -> ServerError {
 
 /// Serve `AddToStoreNar`: exactly `narSize` raw bytes follow the info.
 struct RawUpload<'r, R: Read> {
-    left: u64,
     info: Option<PathInfo>,
-    r: &'r mut R,
-    hung_up: bool,
+    nar: Taken<'r, R>,
 }
 
 impl<R: Read> UploadSource for RawUpload<'_, R> {
     fn next_path(&mut self) -> Result<Option<PathInfo>, ActionError> {
-        io::copy(self, &mut io::sink())?;
+        self.nar.skip_rest()?;
         let info = self.info.take();
         if let Some(i) = &info {
-            self.left = i.nar_size;
+            self.nar.left = i.nar_size;
         }
         Ok(info)
     }
 
     fn nar(&mut self) -> &mut dyn Read {
-        self
-    }
-}
-
-impl<R: Read> Read for RawUpload<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.left == 0 || buf.is_empty() {
-            return Ok(0);
-        }
-        let want = buf.len().min(self.left.min(usize::MAX as u64) as usize);
-        match self.r.read(&mut buf[..want]) {
-            Ok(0) => {
-                self.hung_up = true;
-                Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("the client hung up with {} NAR bytes still due", self.left),
-                ))
-            }
-            Ok(n) => {
-                self.left -= n as u64;
-                Ok(n)
-            }
-            Err(e) => {
-                self.hung_up = true;
-                Err(e)
-            }
-        }
+        &mut self.nar
     }
 }
 

@@ -3,8 +3,9 @@
 //! What is here: little-endian u64 integers (every integer, bool and enum tag on the wire is one),
 //! strings (u64 length, bytes, zero padding to a multiple of 8), string lists/sets and maps,
 //! with limits on lengths and counts so a hostile peer cannot make us allocate without bound;
-//! and framed streams (repeated `u64 len` + `len` raw bytes, terminated by `u64 0`, no padding)
-//! as the worker protocol uses for `AddMultipleToStore` and `AddToStoreNar` (≥ 1.23).
+//! framed streams (repeated `u64 len` + `len` raw bytes, terminated by `u64 0`, no padding)
+//! as the worker protocol uses for `AddMultipleToStore` and `AddToStoreNar` (≥ 1.23); and the
+//! bounded reader both protocols read a NAR upload through.
 //!
 //! What is not here: any message layout (see `worker`, `serve`, `types`).
 
@@ -292,6 +293,57 @@ impl<R: Read + ?Sized> Read for FramedReader<'_, R> {
         }
         self.left_in_frame -= n as u64;
         Ok(n)
+    }
+}
+
+/// A NAR upload's bytes: a reader limited to `left` bytes (the declared NAR size) that
+/// remembers whether the stream under it failed, so a front-end can tell a client that hung up
+/// (nothing to answer) from a bad upload (an `InvalidData` error, answered). Both protocols read
+/// uploads through it: the serve protocol from the raw stream, the worker's from frames.
+#[derive(Debug)]
+pub(crate) struct Taken<'r, R: Read + ?Sized> {
+    pub(crate) inner: &'r mut R,
+    pub(crate) left: u64,
+    pub(crate) wire_failed: Option<io::ErrorKind>,
+}
+
+impl<'r, R: Read + ?Sized> Taken<'r, R> {
+    pub(crate) fn new(inner: &'r mut R, left: u64) -> Self {
+        Taken { inner, left, wire_failed: None }
+    }
+
+    /// Read and discard what is left.
+    pub(crate) fn skip_rest(&mut self) -> io::Result<()> {
+        io::copy(self, &mut io::sink())?;
+        Ok(())
+    }
+}
+
+impl<R: Read + ?Sized> Read for Taken<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.left == 0 || buf.is_empty() {
+            return Ok(0);
+        }
+        let want = buf.len().min(self.left.min(usize::MAX as u64) as usize);
+        match self.inner.read(&mut buf[..want]) {
+            Ok(0) => {
+                self.wire_failed = Some(io::ErrorKind::UnexpectedEof);
+                Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the client hung up with {} NAR bytes still due", self.left),
+                ))
+            }
+            Ok(n) => {
+                self.left -= n as u64;
+                Ok(n)
+            }
+            Err(e) => {
+                if e.kind() != io::ErrorKind::InvalidData {
+                    self.wire_failed = Some(e.kind());
+                }
+                Err(e)
+            }
+        }
     }
 }
 

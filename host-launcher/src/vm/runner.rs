@@ -224,8 +224,18 @@ impl Vm {
 impl Drop for Vm {
     fn drop(&mut self) {
         self.kill();
+        // The reader threads end when QEMU's pipes close, the watcher when it is reaped; a QEMU
+        // stuck in the kernel must not hang us too: wait a bounded time, then leave them.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         for t in self.threads.drain(..) {
-            let _ = t.join();
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                tracing::warn!(pid = self.pid, "QEMU's threads did not finish; leaving them");
+            }
         }
     }
 }

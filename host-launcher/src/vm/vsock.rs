@@ -98,6 +98,21 @@ impl Stream {
         })
     }
 
+    /// Set `SO_RCVTIMEO` and `SO_SNDTIMEO` (shared by every clone of this connection): a read
+    /// or write that waits this long fails with `WouldBlock`, so its caller can check a deadline.
+    pub fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+            Stream::Vsock(s) => {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)
+            }
+        }
+    }
+
     /// Shut the connection down (unblocks a reader in another thread).
     pub fn shutdown(&self) {
         let _ = match self {
@@ -341,7 +356,11 @@ impl Drop for Channel {
         self.done.store(true, Ordering::Relaxed);
         if let Some(mut d) = self.daemon.take() {
             let _ = d.kill();
-            let _ = d.wait();
+            // Reap it, but never wait forever on a process stuck in the kernel.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(d.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
+            }
         }
     }
 }

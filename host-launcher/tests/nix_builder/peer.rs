@@ -1,13 +1,14 @@
 //! Test helpers: the real `vouch nix-builder` process with a scripted protocol peer on its
 //! stdin/stdout, a watchdog so a hang fails the test instead of stalling it, wrapper scripts
-//! for a real Nix, and NAR/path fixtures.
+//! for a real Nix, and NAR/path fixtures. Running Nix, busybox and the guest image come from the
+//! workspace's shared test modules (`tests/src/{nix,vm}.rs`, included here).
 
 #![allow(dead_code)]
 
 use std::collections::BTreeSet;
 use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,25 +17,26 @@ use host_launcher::nixproto::wire::{WireRead, WireWrite};
 use host_launcher::nixproto::worker::{STDERR_ERROR, STDERR_LAST, WORKER_MAGIC_1, WORKER_MAGIC_2};
 use host_launcher::nixproto::PathInfo;
 use nix_formats::nar::NarWriter;
+use nix_formats::store_path::{make_fixed_output_path, FileIngestionMethod};
 use nix_formats::StorePath;
 use sha2::{Digest, Sha256};
 
-/// `NIX_CONFIG` for the real Nix client in these tests.
-pub const NIX_CONFIG: &str = "experimental-features = nix-command ca-derivations\nsubstituters =\nbuild-users-group =\nsandbox = false\n";
+#[path = "../../../tests/src/nix.rs"]
+pub mod nix;
+#[allow(unused_imports)]
+#[path = "../../../tests/src/vm.rs"]
+pub mod vm;
+
+// Each test binary that includes this file uses a part of it.
+#[allow(unused_imports)]
+pub use self::{
+    nix::{busybox_dir, nix, nonce, require_nix, text, NIX_CONFIG},
+    vm::image_dir,
+};
 
 /// The `vouch` binary.
 pub fn vouch() -> &'static str {
     env!("CARGO_BIN_EXE_vouch")
-}
-
-/// Fail (not skip) when Nix is missing.
-pub fn require_nix() {
-    let ok =
-        Command::new("nix").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
-    assert!(
-        ok,
-        "`nix` is required for this test: apt-get install nix-bin (scripts/setup-host.sh does)"
-    );
 }
 
 /// A wrapper script that runs `vouch --state-dir STATE nix-builder ARGS… "$@"` (what
@@ -53,26 +55,6 @@ pub fn wrapper(dir: &Path, name: &str, state: &Path, extra: &[&str]) -> PathBuf 
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
     p
-}
-
-/// Run a real Nix command.
-pub fn nix(args: &[&str]) -> Output {
-    Command::new(args[0])
-        .args(&args[1..])
-        .env("NIX_CONFIG", NIX_CONFIG)
-        .output()
-        .expect("running nix")
-}
-
-/// Combined output text.
-pub fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-}
-
-/// A unique string per test run.
-pub fn nonce() -> String {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
-    format!("{}-{}", std::process::id(), t.as_nanos())
 }
 
 /// A NAR of one regular file.
@@ -100,6 +82,18 @@ pub fn info_for(path: &StorePath, nar: &[u8], refs: &[&StorePath]) -> PathInfo {
         sigs: BTreeSet::new(),
         ca: None,
     }
+}
+
+/// Upload info for `nar` at the path of `name` with the content address `fixed:r:sha256` of
+/// `claimed` (the NAR itself for an honest claim, other bytes for a lie).
+pub fn recursive_ca_info(name: &str, claimed: &[u8], nar: &[u8]) -> PathInfo {
+    let h = nix_formats::Hash::sha256(Sha256::digest(claimed).into());
+    let path =
+        make_fixed_output_path(name, FileIngestionMethod::Recursive, &h, &BTreeSet::new(), false)
+            .unwrap();
+    let mut info = info_for(&path, nar, &[]);
+    info.ca = Some(format!("fixed:r:{h}"));
+    info
 }
 
 /// A running `vouch nix-builder` with a scripted peer.

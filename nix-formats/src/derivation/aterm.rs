@@ -13,7 +13,8 @@
 //! leniently, but never writes them.
 //!
 //! Printing variants used for hashing (masked outputs, input derivations replaced by their hash
-//! modulo) are here too; [`super::modulo`] decides when to use them.
+//! modulo) are here too; [`super::modulo`] decides when to use them. Not here: the meaning of
+//! outputs and kinds (the parent module) or reading `.drv` files from a store.
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -11,7 +11,8 @@
 //! `\"`, `\\`, `\n`, `\r`, `\t` escaped and other control characters as `\u00XX`.
 //!
 //! Parsing is strict about the shape (unknown keys are errors, naming the key) so that JSON
-//! from a newer Nix, whose shape differs, is rejected rather than misread.
+//! from a newer Nix, whose shape differs, is rejected rather than misread. Not here: the JSON
+//! of Nix ≥ 2.15's `nix derivation show` (another shape) or running Nix.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;

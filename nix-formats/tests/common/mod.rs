@@ -4,8 +4,8 @@
 //! temporary directory, instantiates every attribute with `nix-instantiate`, and builds the roots
 //! with `nix-build` under a throw-away signing key and a random `tag`, so that Nix really builds
 //! every run. The results (drv paths per attribute, the build log with Nix's "resolved
-//! derivation" lines, output paths, key files) are in [`Corpus`]. [`nix`] runs any Nix command
-//! with the same configuration.
+//! derivation" lines, output paths, key files) are in [`Corpus`]. [`nix()`] runs any Nix command
+//! with the same configuration (the workspace's shared [`nix`] test module, `tests/src/nix.rs`).
 //!
 //! If Nix or busybox is missing, every test using this panics with a message saying so: these
 //! tests must not pass silently. Install them with `scripts/setup-host.sh`.
@@ -15,18 +15,14 @@
 #![allow(dead_code)] // each test binary uses a different part of this module
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use nix_formats::StorePath;
 
-/// The Nix configuration every command gets (through `NIX_CONFIG`).
-pub const NIX_CONFIG: &str = "experimental-features = nix-command ca-derivations impure-derivations
-substituters =
-sandbox = false
-build-users-group =
-";
+#[path = "../../../tests/src/nix.rs"]
+pub mod nix;
 
 /// The name of the throw-away signing key.
 pub const KEY_NAME: &str = "nix-formats-test-1";
@@ -80,69 +76,33 @@ pub fn corpus() -> &'static Corpus {
     C.get_or_init(make_corpus)
 }
 
-/// A `Command` for a Nix program with [`NIX_CONFIG`].
-pub fn nix_command(program: &str) -> Command {
-    let mut c = Command::new(program);
-    c.env("NIX_CONFIG", NIX_CONFIG);
-    c
-}
-
-/// Runs a Nix program, panics (with its stderr) unless it succeeds, returns its output.
+/// Runs a Nix program with the test configuration, panics (with its stderr) unless it
+/// succeeds, returns its output.
 pub fn run_nix(program: &str, args: &[&str]) -> Output {
-    let out = nix_command(program).args(args).output().unwrap_or_else(|e| missing(program, &e));
-    if !out.status.success() {
-        panic!(
-            "{program} {} failed ({}):\n{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    out
+    nix::run(Command::new(program).args(args))
 }
 
 /// Runs a Nix program and returns its stdout as text (see [`run_nix`]).
 pub fn nix(program: &str, args: &[&str]) -> String {
-    String::from_utf8(run_nix(program, args).stdout).expect("Nix printed non-UTF-8")
+    nix::stdout(Command::new(program).args(args))
 }
 
-fn missing(program: &str, e: &std::io::Error) -> ! {
-    panic!(
-        "cannot run {program:?} ({e}): these tests compare against the real Nix 2.8.0; \
-         install it with scripts/setup-host.sh (apt-get install nix-bin busybox-static)"
-    )
-}
-
-fn random_tag() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos(),
-    );
-    h.write_u32(std::process::id());
-    format!("t{:016x}", h.finish())
+/// A directory for one test binary's Nix files, kept after the run (see the module docs), with
+/// the busybox directory `bb/` in it.
+pub fn kept_dir(prefix: &str) -> PathBuf {
+    remove_stale(prefix);
+    let dir = tempfile::Builder::new().prefix(prefix).tempdir().expect("temp dir").keep();
+    nix::busybox_dir(&dir.join("bb"));
+    dir
 }
 
 fn make_corpus() -> Corpus {
     let nix_version = nix("nix", &["--version"]).trim().to_owned();
-    let busybox = Path::new("/bin/busybox");
-    assert!(
-        busybox.exists(),
-        "/bin/busybox is missing: install busybox-static (scripts/setup-host.sh)"
-    );
-    let dir =
-        tempfile::Builder::new().prefix("nix-formats-corpus-").tempdir().expect("temp dir").keep();
-    let bb = dir.join("bb");
-    std::fs::create_dir(&bb).unwrap();
-    std::fs::copy(busybox, bb.join("busybox")).unwrap();
-    std::os::unix::fs::symlink("busybox", bb.join("sh")).unwrap();
+    let dir = kept_dir("nix-formats-corpus-");
     std::fs::write(dir.join("corpus.nix"), include_str!("corpus.nix")).unwrap();
 
     // Fixed outputs hold "hello <tag>" (flat) or a directory with that file `hello` (recursive).
-    let tag = random_tag();
+    let tag = format!("t{}", nix::nonce());
     let content = format!("hello {tag}");
     let flat_hash = nix_formats::hash::HashAlgo::Sha256.digest(&content).to_base16();
     let tree = dir.join("rec-tree");
@@ -214,9 +174,10 @@ fn make_corpus() -> Corpus {
     }
 }
 
-/// The corpus directory outlives its test binary (statics are never dropped); remove those
-/// left by runs more than six hours old so that repeated runs do not fill the temp directory.
-fn remove_stale_corpora() {
+/// Kept directories outlive their test binary (statics are never dropped); remove those named
+/// `<prefix>…` left by runs more than six hours old so that repeated runs do not fill the temp
+/// directory.
+fn remove_stale(prefix: &str) {
     let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
         return;
     };
@@ -227,7 +188,7 @@ fn remove_stale_corpora() {
             .ok()
             .and_then(|t| t.elapsed().ok())
             .is_some_and(|age| age.as_secs() > 6 * 3600);
-        if stale && e.file_name().to_string_lossy().starts_with("nix-formats-corpus-") {
+        if stale && e.file_name().to_string_lossy().starts_with(prefix) {
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
@@ -266,6 +227,18 @@ pub fn parse_resolved(log: &str) -> BTreeMap<StorePath, StorePath> {
         }
     }
     m
+}
+
+/// The strings of a JSON array (as `nix path-info --json` prints references and signatures),
+/// each parsed; panics on anything else.
+pub fn parsed<T, C>(v: &serde_json::Value) -> C
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Debug,
+    C: FromIterator<T>,
+{
+    let items = v.as_array().unwrap_or_else(|| panic!("not a JSON array: {v}"));
+    items.iter().map(|s| s.as_str().expect("a JSON string").parse().unwrap()).collect()
 }
 
 /// The bytes of a store file.

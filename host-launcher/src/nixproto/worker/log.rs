@@ -1,6 +1,7 @@
 //! Build logs on the worker stream: a build activity (`actBuild`) with one `resBuildLogLine`
 //! result per line, each message flushed as it happens; plain `STDERR_NEXT` lines outside a
 //! build. A client that stopped reading only stops the log, never the build.
+//! Not here: an operation's `STDERR_LAST`/`STDERR_ERROR` ending (the worker loop writes it).
 
 use std::io::Write;
 

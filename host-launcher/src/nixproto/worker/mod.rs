@@ -34,14 +34,14 @@ use super::types::{self, CodecError};
 use super::version::{
     minor, show, ClientProfile, ProtoVersion, Protocol, FEATURE_REALISATION_WITH_PATH,
 };
-use super::wire::{FramedReader, WireError, WireRead, WireWrite};
+use super::wire::{FramedReader, Taken, WireError, WireRead, WireWrite};
 use super::ServerError;
 
 mod log;
 mod uploads;
 
 use log::WorkerLog;
-use uploads::{ManyUploads, OneUpload, Taken};
+use uploads::{ManyUploads, OneUpload};
 
 /// First word a client sends.
 pub const WORKER_MAGIC_1: u64 = 0x6e69_7863;

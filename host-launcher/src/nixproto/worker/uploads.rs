@@ -8,54 +8,7 @@ use std::io::{self, Read};
 
 use super::super::action::{error_chain, ActionError, PathInfo, UploadSource};
 use super::super::types::{self, CodecError};
-use super::super::wire::{FramedReader, WireError, WireRead};
-
-/// A reader limited to `left` bytes that remembers whether the underlying stream failed.
-pub(super) struct Taken<'r, R: Read + ?Sized> {
-    pub(super) inner: &'r mut R,
-    pub(super) left: u64,
-    pub(super) wire_failed: Option<io::ErrorKind>,
-}
-
-impl<'r, R: Read + ?Sized> Taken<'r, R> {
-    pub(super) fn new(inner: &'r mut R, left: u64) -> Self {
-        Taken { inner, left, wire_failed: None }
-    }
-
-    fn skip_rest(&mut self) -> io::Result<()> {
-        let mut sink = io::sink();
-        io::copy(self, &mut sink)?;
-        Ok(())
-    }
-}
-
-impl<R: Read + ?Sized> Read for Taken<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.left == 0 || buf.is_empty() {
-            return Ok(0);
-        }
-        let want = buf.len().min(self.left.min(usize::MAX as u64) as usize);
-        match self.inner.read(&mut buf[..want]) {
-            Ok(0) => {
-                self.wire_failed = Some(io::ErrorKind::UnexpectedEof);
-                Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("the client hung up with {} NAR bytes still due", self.left),
-                ))
-            }
-            Ok(n) => {
-                self.left -= n as u64;
-                Ok(n)
-            }
-            Err(e) => {
-                if e.kind() != io::ErrorKind::InvalidData {
-                    self.wire_failed = Some(e.kind());
-                }
-                Err(e)
-            }
-        }
-    }
-}
+use super::super::wire::{FramedReader, Taken, WireError, WireRead};
 
 /// `AddToStoreNar`: one path, its NAR in the framed stream.
 pub(super) struct OneUpload<'f, 'r, R: Read + ?Sized> {

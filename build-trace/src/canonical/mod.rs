@@ -1,7 +1,9 @@
 //! Canonical JSON: the one byte encoding of jobs and statements that gets hashed.
 //!
-//! What is here: an encoder from any `serde::Serialize` value to canonical bytes, and a decoder
-//! that accepts only bytes that are already canonical (it decodes, re-encodes and compares).
+//! What is here: an encoder from any `serde::Serialize` value to canonical bytes (a serializer
+//! that writes them directly, in `writer.rs`; object keys in `key.rs`), a decoder that accepts
+//! only bytes that are already canonical (it decodes, re-encodes and compares), and
+//! [`member`], which finds a top-level member's bytes without decoding.
 //!
 //! The rules (a strict subset of RFC 8785, the JSON Canonicalization Scheme, so any JCS
 //! implementation reproduces our bytes):
@@ -18,6 +20,9 @@
 //!
 //! What is not here: the schemas themselves (see `job.rs`, `statement.rs` and
 //! `docs/job-and-statement.md`), or any hashing.
+
+mod key;
+mod writer;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -38,6 +43,9 @@ pub enum CanonicalError {
     /// The value contains `null` (optional fields must be left out instead).
     #[error("canonical JSON has no null (leave optional fields out)")]
     Null,
+    /// An object has two members with the same key.
+    #[error("duplicate object key `{0}`")]
+    DuplicateKey(String),
     /// serde could not turn the value into JSON or the JSON into the type.
     #[error("JSON does not match the expected schema")]
     Schema(#[source] serde_json::Error),
@@ -51,9 +59,8 @@ pub enum CanonicalError {
 
 /// Encode `value` canonically.
 pub fn to_vec<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CanonicalError> {
-    let value = serde_json::to_value(value).map_err(CanonicalError::Schema)?;
-    let mut out = Vec::with_capacity(256);
-    write_value(&mut out, &value)?;
+    let mut out = Vec::with_capacity(1024);
+    value.serialize(&mut writer::Writer { out: &mut out })?;
     Ok(out)
 }
 
@@ -61,7 +68,8 @@ pub fn to_vec<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CanonicalErro
 /// the decoded value (so two different byte strings never decode to the same value).
 pub fn from_slice<T: Serialize + DeserializeOwned>(bytes: &[u8]) -> Result<T, CanonicalError> {
     let value: T = serde_json::from_slice(bytes).map_err(CanonicalError::Schema)?;
-    let again = to_vec(&value)?;
+    let mut again = Vec::with_capacity(bytes.len());
+    value.serialize(&mut writer::Writer { out: &mut again })?;
     if again != bytes {
         let offset = again
             .iter()
@@ -75,54 +83,7 @@ pub fn from_slice<T: Serialize + DeserializeOwned>(bytes: &[u8]) -> Result<T, Ca
 
 /// Append the canonical encoding of a JSON value.
 pub fn write_value(out: &mut Vec<u8>, value: &Value) -> Result<(), CanonicalError> {
-    match value {
-        Value::Null => return Err(CanonicalError::Null),
-        Value::Bool(true) => out.extend_from_slice(b"true"),
-        Value::Bool(false) => out.extend_from_slice(b"false"),
-        Value::Number(n) => {
-            let Some(n_u64) = n.as_u64() else {
-                return Err(CanonicalError::NotAnInteger(n.to_string()));
-            };
-            if n_u64 > MAX_INTEGER {
-                return Err(CanonicalError::IntegerTooLarge(n_u64));
-            }
-            out.extend_from_slice(n_u64.to_string().as_bytes());
-        }
-        Value::String(s) => write_string(out, s),
-        Value::Array(items) => {
-            out.push(b'[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_value(out, item)?;
-            }
-            out.push(b']');
-        }
-        Value::Object(map) => {
-            let mut members: Vec<(&String, &Value)> = map.iter().collect();
-            // serde_json's map iterates in byte order, which is UTF-16 order unless a key has
-            // characters above U+FFFF and U+E000..U+FFFF both; sort only when it differs.
-            let utf16_order = |a: &&String, b: &&String| a.encode_utf16().cmp(b.encode_utf16());
-            if !members
-                .windows(2)
-                .all(|w| w[0].0.is_ascii() && w[1].0.is_ascii() && w[0].0 < w[1].0)
-            {
-                members.sort_by(|a, b| utf16_order(&a.0, &b.0));
-            }
-            out.push(b'{');
-            for (i, (key, item)) in members.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_string(out, key);
-                out.push(b':');
-                write_value(out, item)?;
-            }
-            out.push(b'}');
-        }
-    }
-    Ok(())
+    value.serialize(&mut writer::Writer { out })
 }
 
 /// The bytes of the value of top-level member `key` in a JSON object given as compact bytes
@@ -194,36 +155,6 @@ fn skip_value(bytes: &[u8], mut i: usize) -> Option<usize> {
     }
 }
 
-fn write_string(out: &mut Vec<u8>, s: &str) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let bytes = s.as_bytes();
-    out.push(b'"');
-    let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        if b >= 0x20 && b != b'"' && b != b'\\' {
-            continue;
-        }
-        out.extend_from_slice(&bytes[start..i]);
-        start = i + 1;
-        match b {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            0x08 => out.extend_from_slice(b"\\b"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            0x0c => out.extend_from_slice(b"\\f"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            _ => {
-                out.extend_from_slice(b"\\u00");
-                out.push(HEX[usize::from(b >> 4)]);
-                out.push(HEX[usize::from(b & 0xf)]);
-            }
-        }
-    }
-    out.extend_from_slice(&bytes[start..]);
-    out.push(b'"');
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,6 +213,132 @@ mod tests {
         assert_eq!(member(doc, "nope"), None);
         assert_eq!(member(b"[1]", "a"), None);
         assert_eq!(member(b"{\"a\":", "a"), None);
+    }
+
+    /// The encoding as first specified: through `serde_json::Value`, members sorted by UTF-16
+    /// code units. The direct writer must produce exactly these bytes.
+    fn reference(value: &Value, out: &mut Vec<u8>) {
+        match value {
+            Value::Null => panic!("null"),
+            Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+            Value::Number(n) => out.extend_from_slice(n.as_u64().unwrap().to_string().as_bytes()),
+            Value::String(s) => writer::write_string(out, s),
+            Value::Array(items) => {
+                out.push(b'[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    reference(item, out);
+                }
+                out.push(b']');
+            }
+            Value::Object(map) => {
+                let mut members: Vec<(&String, &Value)> = map.iter().collect();
+                members.sort_by(|a, b| a.0.encode_utf16().cmp(b.0.encode_utf16()));
+                out.push(b'{');
+                for (i, (key, item)) in members.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    writer::write_string(out, key);
+                    out.push(b':');
+                    reference(item, out);
+                }
+                out.push(b'}');
+            }
+        }
+    }
+
+    fn json_value() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let key = prop_oneof![
+            "[a-z_]{0,6}",
+            "\\PC{0,4}",
+            Just("\u{e000}".to_string()),
+            Just("\u{10000}".to_string())
+        ];
+        let leaf = prop_oneof![
+            any::<bool>().prop_map(Value::Bool),
+            (0..=MAX_INTEGER).prop_map(Value::from),
+            "\\PC{0,8}".prop_map(Value::String),
+            "[\\x00-\\x20\"\\\\/\u{7f}é]{0,6}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 48, 6, move |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                proptest::collection::vec((key.clone(), inner), 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn direct_writer_matches_the_value_encoding(v in json_value()) {
+            let mut want = Vec::new();
+            reference(&v, &mut want);
+            proptest::prop_assert_eq!(to_vec(&v).unwrap(), want.clone());
+            let back: Value = from_slice(&want).unwrap();
+            proptest::prop_assert_eq!(back, v);
+        }
+    }
+
+    /// Struct fields in any declaration order, maps, options and enums encode as their
+    /// `serde_json::Value` does, sorted.
+    #[test]
+    fn structs_are_sorted_and_match_the_value_encoding() {
+        #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+        enum E {
+            Unit,
+            New(u64),
+            Tuple(u64, String),
+            Struct { z: u64, a: bool },
+        }
+        #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+        struct S {
+            zeta: u64,
+            alpha: Vec<E>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            gone: Option<String>,
+            mid: std::collections::BTreeMap<String, (u8, char)>,
+            #[serde(rename = "Mid")]
+            upper: Option<i32>,
+        }
+        let s = S {
+            zeta: 7,
+            alpha: vec![E::Unit, E::New(1), E::Tuple(2, "t".into()), E::Struct { z: 3, a: true }],
+            gone: None,
+            mid: [("b".to_string(), (1, 'x')), ("a".to_string(), (2, 'é'))].into(),
+            upper: Some(4),
+        };
+        let bytes = to_vec(&s).unwrap();
+        let mut want = Vec::new();
+        reference(&serde_json::to_value(&s).unwrap(), &mut want);
+        assert_eq!(String::from_utf8(bytes.clone()).unwrap(), String::from_utf8(want).unwrap());
+        assert_eq!(
+            String::from_utf8(bytes.clone()).unwrap(),
+            r#"{"Mid":4,"alpha":["Unit",{"New":1},{"Tuple":[2,"t"]},{"Struct":{"a":true,"z":3}}],"mid":{"a":[2,"é"],"b":[1,"x"]},"zeta":7}"#
+        );
+        assert_eq!(from_slice::<S>(&bytes).unwrap(), s);
+        let neg = S { upper: Some(-1), ..s };
+        assert!(matches!(to_vec(&neg), Err(CanonicalError::NotAnInteger(_))));
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused() {
+        struct Dup;
+        impl serde::Serialize for Dup {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                use serde::ser::SerializeMap;
+                let mut m = s.serialize_map(None)?;
+                m.serialize_entry("b", &1)?;
+                m.serialize_entry("a", &2)?;
+                m.serialize_entry("b", &3)?;
+                m.end()
+            }
+        }
+        assert!(matches!(to_vec(&Dup), Err(CanonicalError::DuplicateKey(k)) if k == "b"));
     }
 
     #[test]

@@ -1,0 +1,261 @@
+//! The conversation with one guest over its channel: hello, then setup, job and inputs from a
+//! sender thread while the main thread reads the guest's frames (phases, log, output NARs,
+//! outcome or failure, `Bye`), so an early failure report is read while inputs are still being
+//! sent. Both ends go through the channel watchdog ([`super::watch`]): heartbeats keep a healthy
+//! channel alive, and silence fails the conversation instead of hanging it.
+//!
+//! What is not here: launching and stopping the VM, retries, checks (`super::host`,
+//! `super::check`).
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agent::messages::{AttesterKind, Failure, Hello, NarBegin, Outcome, Phase, PhaseName, Setup};
+use agent::proto::{FrameReader, FrameWriter, Kind, ProtoError, PROTOCOL_VERSION};
+use build_trace::job::{Job, PathInfo};
+use sha2::{Digest, Sha256};
+
+use super::watch::ChannelWatch;
+use super::{InputSource, LogSink, Progress, StepError, Timings};
+use crate::vm::vsock::Stream;
+use crate::vm::Mode;
+
+/// One received NAR.
+#[derive(Debug, Clone)]
+pub struct ReceivedNar {
+    /// The NAR file.
+    pub file: PathBuf,
+    /// Its SHA-256.
+    pub sha256: [u8; 32],
+    /// Its size.
+    pub size: u64,
+}
+
+/// What the conversation produced.
+#[derive(Debug, Default)]
+pub(crate) struct Conversation {
+    pub(crate) outcome: Option<Outcome>,
+    pub(crate) failure: Option<Failure>,
+    pub(crate) nars: BTreeMap<String, ReceivedNar>,
+    pub(crate) bye: bool,
+    pub(crate) hello_uptime_ms: u64,
+    pub(crate) last_phase: Option<PhaseName>,
+    pub(crate) marks: BTreeMap<&'static str, Instant>,
+    pub(crate) output_bytes: u64,
+}
+
+impl Conversation {
+    /// The agent accepted the job (its first phase). Before that, nothing the builder does can
+    /// have happened.
+    pub(crate) fn job_accepted(&self) -> bool {
+        self.last_phase.is_some()
+    }
+}
+
+pub(crate) fn timings(
+    started: Instant,
+    marks: &BTreeMap<&'static str, Instant>,
+    exited: Instant,
+) -> Timings {
+    let d = |a: &str, b: &str| match (marks.get(a), marks.get(b)) {
+        (Some(x), Some(y)) if y >= x => *y - *x,
+        _ => Duration::ZERO,
+    };
+    Timings {
+        boot: marks.get("hello").map_or(Duration::ZERO, |h| *h - started),
+        input_transfer: d("hello", "inputs-ready"),
+        build: d("building", "built"),
+        hashing: d("hashing", "attesting"),
+        attestation: d("attesting", "sending"),
+        output_transfer: d("sending", "outcome"),
+        total: exited.saturating_duration_since(started),
+        ..Timings::default()
+    }
+}
+
+pub(crate) fn phase_key(p: PhaseName) -> &'static str {
+    match p {
+        PhaseName::JobAccepted => "job-accepted",
+        PhaseName::InputsReady => "inputs-ready",
+        PhaseName::Building => "building",
+        PhaseName::Built => "built",
+        PhaseName::Hashing => "hashing",
+        PhaseName::Attesting => "attesting",
+        PhaseName::Sending => "sending",
+    }
+}
+
+/// Send setup, job and inputs (sender thread).
+fn send_all<W: Write>(
+    mut w: FrameWriter<W>,
+    setup: &Setup,
+    job_bytes: &[u8],
+    closure: &BTreeMap<String, PathInfo>,
+    inputs: &dyn InputSource,
+) -> Result<u64, StepError> {
+    w.send_json(Kind::Setup, setup)?;
+    w.send(Kind::Job, job_bytes)?;
+    let mut total = 0;
+    for (path, info) in closure {
+        let mut nar = inputs.nar(path).map_err(StepError::Inputs)?;
+        let sent =
+            w.send_nar(&NarBegin { path: path.clone(), nar_size: info.nar_size }, &mut nar)?;
+        // A source that changed underneath us: the guest sees a size mismatch and says so.
+        total += sent;
+    }
+    w.send(Kind::InputsDone, &[])?;
+    w.flush()?;
+    Ok(total)
+}
+
+/// Talk to the guest on `stream` until its `Bye` (or an error); returns the input bytes sent.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn converse(
+    stream: Stream,
+    watch: &Arc<ChannelWatch>,
+    mode: Mode,
+    setup: &Setup,
+    job_bytes: &[u8],
+    job: &Job,
+    inputs: &dyn InputSource,
+    staging: &Path,
+    sink: &mut dyn LogSink,
+    conv: &mut Conversation,
+) -> Result<u64, StepError> {
+    let clone = || stream.try_clone().map_err(|e| StepError::Io("cloning the channel".into(), e));
+    let (reader, writer) = watch
+        .guard(clone()?, clone()?)
+        .map_err(|e| StepError::Io("setting the channel's timeouts".into(), e))?;
+    let closer = stream;
+    let mut r = FrameReader::with_liveness(reader, watch.liveness());
+    let hello: Hello = r.expect(Kind::Hello, "the agent's Hello")?.json()?;
+    conv.marks.insert("hello", Instant::now());
+    conv.hello_uptime_ms = hello.uptime_ms;
+    if hello.protocol != PROTOCOL_VERSION {
+        return Err(StepError::Request(format!(
+            "the image's agent speaks channel protocol {}, this launcher {PROTOCOL_VERSION}: rebuild the image",
+            hello.protocol
+        )));
+    }
+    match (mode, hello.attester) {
+        (Mode::Snp, AttesterKind::Simulated) => {
+            return Err(StepError::Request(
+                "an SNP VM whose agent found no SEV-SNP interface".into(),
+            ))
+        }
+        (Mode::Kvm | Mode::Tcg, AttesterKind::SevSnp) => {
+            return Err(StepError::Request(format!(
+                "a {mode} VM whose agent claims SEV-SNP hardware"
+            )))
+        }
+        _ => {}
+    }
+    sink.progress(&Progress::AgentReady { attester: hello.attester });
+    let max_outputs = job.outputs.len();
+    std::thread::scope(|scope| {
+        let sender = scope
+            .spawn(|| send_all(FrameWriter::new(writer), setup, job_bytes, &job.closure, inputs));
+        let received = receive_all(&mut r, conv, staging, max_outputs, sink);
+        // Whatever happened, the channel is finished now: unblock the sender.
+        closer.shutdown();
+        let sent = sender
+            .join()
+            .unwrap_or_else(|_| Err(StepError::Request("input sender panicked".into())));
+        match (received, sent) {
+            (Ok(()), Ok(bytes)) => {
+                sink.progress(&Progress::InputsSent { paths: job.closure.len(), bytes });
+                Ok(bytes)
+            }
+            // The guest reported a failure; the sender's broken pipe is a consequence.
+            (Ok(()), Err(_)) if conv.failure.is_some() => Ok(0),
+            (Err(e), _) => Err(e),
+            (Ok(()), Err(e)) => Err(e),
+        }
+    })
+}
+
+fn receive_all<R: Read>(
+    r: &mut FrameReader<R>,
+    conv: &mut Conversation,
+    staging: &Path,
+    max_outputs: usize,
+    sink: &mut dyn LogSink,
+) -> Result<(), StepError> {
+    loop {
+        let f = r.expect_frame("a frame before the agent's Bye")?;
+        match f.kind {
+            Kind::Log => sink.log(&f.payload),
+            Kind::Phase => {
+                let p: Phase = f.json()?;
+                conv.marks.insert(phase_key(p.phase), Instant::now());
+                conv.last_phase = Some(p.phase);
+                sink.progress(&Progress::Guest(p.phase));
+            }
+            Kind::NarBegin if conv.outcome.is_none() && conv.failure.is_none() => {
+                let begin: NarBegin = f.json()?;
+                if conv.nars.len() >= max_outputs || conv.nars.contains_key(&begin.path) {
+                    return Err(StepError::Request(format!(
+                        "the guest sent an unexpected output NAR for {}",
+                        begin.path
+                    )));
+                }
+                let sp = nix_formats::StorePath::parse(&begin.path).map_err(|e| {
+                    StepError::Request(format!(
+                        "the guest sent an output NAR for an invalid path: {e}"
+                    ))
+                })?;
+                let file = staging.join(format!("{}.nar", sp.base_name()));
+                let nar = receive_nar(r, &begin, &file)?;
+                conv.output_bytes += nar.size;
+                sink.progress(&Progress::OutputReceived { path: begin.path.clone() });
+                conv.nars.insert(begin.path, nar);
+            }
+            Kind::Outcome if conv.outcome.is_none() && conv.failure.is_none() => {
+                conv.marks.insert("outcome", Instant::now());
+                conv.outcome = Some(f.json()?);
+            }
+            Kind::Failure if conv.outcome.is_none() && conv.failure.is_none() => {
+                conv.failure = Some(f.json()?);
+            }
+            Kind::Bye => {
+                conv.bye = true;
+                return Ok(());
+            }
+            other => {
+                return Err(ProtoError::Unexpected {
+                    expected: "log, phase, output, outcome or Bye",
+                    got: other,
+                }
+                .into())
+            }
+        }
+    }
+}
+
+fn receive_nar<R: Read>(
+    r: &mut FrameReader<R>,
+    begin: &NarBegin,
+    file: &Path,
+) -> Result<ReceivedNar, StepError> {
+    let mut out = std::fs::File::create(file)
+        .map_err(|e| StepError::Io(format!("creating {}", file.display()), e))?;
+    let mut sha = Sha256::new();
+    let mut stream = r.nar_stream(&begin.path, begin.nar_size);
+    let mut buf = vec![0u8; 256 << 10];
+    let mut size = 0u64;
+    loop {
+        let n = stream.read(&mut buf).map_err(agent::proto::into_proto)?;
+        if n == 0 {
+            break;
+        }
+        sha.update(&buf[..n]);
+        out.write_all(&buf[..n])
+            .map_err(|e| StepError::Io(format!("writing {}", file.display()), e))?;
+        size += n as u64;
+    }
+    out.sync_all().map_err(|e| StepError::Io(format!("syncing {}", file.display()), e))?;
+    Ok(ReceivedNar { file: file.to_owned(), sha256: sha.finalize().into(), size })
+}

@@ -1,0 +1,214 @@
+//! Options that `vouch build` and `vouch nix-builder` share: the build limits
+//! ([`LimitArgs`]), how VMs are launched ([`VmArgs`]) and the signing key's name
+//! ([`KeyArgs`]). One definition, so both commands accept the same flags with the same meaning;
+//! only the defaults of the three Nix limits differ (a remote builder never runs unbounded, see
+//! `docs/nix-remote-builder.md`).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use build_trace::job::Limits;
+use host_launcher::build::publish::KeyNaming;
+use host_launcher::build::LauncherConfig;
+use host_launcher::vm::Mode;
+
+/// Build limits. Unset flags take the command's defaults ([`LimitArgs::limits`]).
+#[derive(Debug, Clone, clap::Args)]
+pub struct LimitArgs {
+    /// Kill the builder after this many seconds (0 = no limit) [default: vouch build: 0;
+    /// nix-builder: 10800, where the client sets none].
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
+    /// Kill the builder after this many seconds without log output (0 = no limit) [default:
+    /// vouch build: 0; nix-builder: 3600, where the client sets none].
+    #[arg(long, value_name = "SECS")]
+    pub max_silent_time: Option<u64>,
+    /// Kill the builder after this many bytes of log (0 = no limit) [default: vouch build: 0;
+    /// nix-builder: 67108864, where the client sets none].
+    #[arg(long, value_name = "BYTES")]
+    pub max_log_size: Option<u64>,
+    /// NIX_BUILD_CORES in the VM (0 = the VM's vCPUs).
+    #[arg(long, default_value_t = 0)]
+    pub cores: u64,
+    /// The builder's memory limit in MiB (cgroup memory.max; 0 = guest RAM minus 256 MiB). The
+    /// guest's RAM is raised if the limit needs more.
+    #[arg(long, default_value_t = 0, value_name = "MIB")]
+    pub max_memory: u64,
+    /// Most processes and threads the builder may have at once (0 = 4096).
+    #[arg(long, default_value_t = 0)]
+    pub max_processes: u64,
+    /// Size of each tmpfs the builder writes to (/build, new store paths, /tmp) in MiB
+    /// (0 = half the guest RAM).
+    #[arg(long, default_value_t = 0, value_name = "MIB")]
+    pub tmpfs_size: u64,
+    /// Build fixed-output derivations that declare md5 or sha1 hashes (refused by default).
+    #[arg(long)]
+    pub allow_weak_hashes: bool,
+}
+
+impl LimitArgs {
+    /// The limits, with `defaults` for the timeout, silence and log limits not given.
+    pub fn limits(&self, defaults: &Limits) -> Limits {
+        Limits {
+            timeout_s: self.timeout.unwrap_or(defaults.timeout_s),
+            max_silent_s: self.max_silent_time.unwrap_or(defaults.max_silent_s),
+            max_log_bytes: self.max_log_size.unwrap_or(defaults.max_log_bytes),
+            cores: self.cores,
+            memory_bytes: self.max_memory << 20,
+            max_processes: self.max_processes,
+            tmpfs_bytes: self.tmpfs_size << 20,
+        }
+    }
+}
+
+/// How the build VMs are launched.
+#[derive(Debug, Clone, clap::Args)]
+pub struct VmArgs {
+    /// VM mode (default: the best this host can: snp > kvm > tcg).
+    #[arg(long, value_enum)]
+    pub mode: Option<Mode>,
+    /// Image directory (default: $VOUCH_IMAGE_DIR, else $VOUCH_CACHE/image).
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// Guest RAM in MiB (raised if --max-memory needs more).
+    #[arg(long, default_value_t = 2048, value_name = "MIB")]
+    pub memory: u32,
+    /// Guest vCPUs (kvm/tcg; SNP uses the image's measured count).
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u32,
+    /// The QEMU binary.
+    #[arg(long, env = "VOUCH_QEMU", default_value = "qemu-system-x86_64")]
+    pub qemu: PathBuf,
+    /// Fail a step whose guest sends nothing (it heartbeats every 2 s) or takes no input for
+    /// this many seconds; the VM is killed and the step retried once in a fresh VM.
+    #[arg(long, default_value_t = 60, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub stall_timeout: u64,
+    /// Fail a step whose agent has not said hello this many seconds after QEMU started.
+    #[arg(long, default_value_t = 120, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub boot_timeout: u64,
+    /// This host's VCEK certificate (SNP mode).
+    #[arg(long, env = "VOUCH_SNP_VCEK")]
+    pub snp_vcek: Option<PathBuf>,
+}
+
+impl VmArgs {
+    /// The launcher configuration (`limits`: the sandbox limits' allow-weak-hashes flag).
+    pub fn launcher(&self, state_dir: &Path, limits: &LimitArgs) -> LauncherConfig {
+        let mut cfg = LauncherConfig::new(
+            self.image.clone().unwrap_or_else(vm_image::default_image_dir),
+            state_dir.to_owned(),
+        );
+        cfg.mode = self.mode;
+        cfg.memory_mib = self.memory;
+        cfg.vcpus = self.cpus;
+        cfg.qemu = self.qemu.clone();
+        cfg.stall_timeout = Duration::from_secs(self.stall_timeout);
+        cfg.boot_timeout = Duration::from_secs(self.boot_timeout);
+        cfg.snp_vcek = self.snp_vcek.clone();
+        cfg.allow_weak_fixed_hashes = limits.allow_weak_hashes;
+        cfg
+    }
+}
+
+/// The name of the Nix key steps are signed with.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KeyArgs {
+    /// Name of this host's signing key (default: the state directory's `key-name` file, else
+    /// `<hostname>-1`, or `<hostname>-simulated-1` for simulated evidence). Several vouch hosts
+    /// on one machine need different names. A key that signs simulated evidence must say
+    /// `simulated` in its name.
+    #[arg(long, env = "VOUCH_KEY_NAME", value_name = "NAME")]
+    pub key_name: Option<String>,
+}
+
+impl KeyArgs {
+    /// The naming rule: this flag, else the state directory's setting.
+    pub fn naming(
+        &self,
+        state_dir: &Path,
+    ) -> Result<KeyNaming, host_launcher::build::publish::KeyNameError> {
+        match &self.key_name {
+            Some(n) => KeyNaming::named(n),
+            None => KeyNaming::from_state_dir(state_dir),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        limits: LimitArgs,
+        #[command(flatten)]
+        vm: VmArgs,
+        #[command(flatten)]
+        key: KeyArgs,
+    }
+
+    fn parse(args: &[&str]) -> Cmd {
+        Cmd::try_parse_from(std::iter::once("cmd").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn limits_take_the_commands_defaults_only_where_not_given() {
+        let builder = host_launcher::nixbuilder::default_limits();
+        let c = parse(&["--max-memory", "64", "--max-processes", "32", "--tmpfs-size", "16"]);
+        let l = c.limits.limits(&builder);
+        assert_eq!((l.memory_bytes, l.max_processes, l.tmpfs_bytes), (64 << 20, 32, 16 << 20));
+        assert_eq!((l.timeout_s, l.max_silent_s, l.max_log_bytes), (10800, 3600, 64 << 20));
+        assert_eq!(c.limits.limits(&Limits::default()).timeout_s, 0, "vouch build: none");
+        let c = parse(&["--timeout", "0", "--max-log-size", "5", "--allow-weak-hashes"]);
+        let l = c.limits.limits(&builder);
+        assert_eq!((l.timeout_s, l.max_silent_s, l.max_log_bytes), (0, 3600, 5));
+        let cfg = c.vm.launcher(Path::new("/state"), &c.limits);
+        assert!(cfg.allow_weak_fixed_hashes);
+        assert_eq!(cfg.stall_timeout, Duration::from_secs(60));
+        assert_eq!(cfg.boot_timeout, Duration::from_secs(120));
+        assert_eq!(cfg.infra_retries, 1);
+    }
+
+    #[test]
+    fn vm_flags_reach_the_launcher() {
+        let c = parse(&[
+            "--stall-timeout",
+            "5",
+            "--boot-timeout",
+            "7",
+            "--qemu",
+            "/opt/q",
+            "--cpus",
+            "2",
+            "--memory",
+            "512",
+            "--mode",
+            "tcg",
+        ]);
+        let cfg = c.vm.launcher(Path::new("/state"), &c.limits);
+        assert_eq!(
+            (cfg.stall_timeout, cfg.boot_timeout),
+            (Duration::from_secs(5), Duration::from_secs(7))
+        );
+        assert_eq!(cfg.qemu, Path::new("/opt/q"));
+        assert_eq!((cfg.vcpus, cfg.memory_mib, cfg.mode), (2, 512, Some(Mode::Tcg)));
+        assert!(
+            Cmd::try_parse_from(["cmd", "--stall-timeout", "0"]).is_err(),
+            "0 would never wait"
+        );
+    }
+
+    #[test]
+    fn key_name_flag_wins_over_the_state_directory() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::write(t.path().join("key-name"), "from-file-simulated-1\n").unwrap();
+        let c = parse(&["--key-name", "flag-simulated-1"]);
+        assert_eq!(c.key.naming(t.path()).unwrap().name(true).unwrap(), "flag-simulated-1");
+        let c = parse(&[]);
+        assert_eq!(c.key.naming(t.path()).unwrap().name(true).unwrap(), "from-file-simulated-1");
+        let c = parse(&["--key-name", "plain-1"]);
+        assert!(c.key.naming(t.path()).unwrap().name(true).is_err());
+    }
+}

@@ -21,6 +21,19 @@ pub mod store;
 pub mod trust;
 pub mod verify;
 
+/// `error: cause: cause …` on one line: how vouch's components report an error with its
+/// `source()` chain where one line is all there is room for (broken links, protocol errors).
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = err.to_string();
+    let mut src = err.source();
+    while let Some(e) = src {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        src = e.source();
+    }
+    s
+}
+
 pub use job::{
     BasicDerivation, CaRule, DrvOutput, Job, JobError, Limits, NarHash, PathInfo, StepKind,
     HOST_DATA_TAG, JOB_VERSION,

@@ -157,8 +157,17 @@ fn sink(cfg: &LauncherConfig, mode: Mode, bytes: &[u8]) -> Result<(f64, f64), Be
     let (vm, mut chan) = launch(cfg, mode, "vouch.bench=sink", dir.path())?;
     let stream =
         chan.accept(Duration::from_secs(120), &|| vm.exited().is_none()).map_err(e("accept"))?;
-    let mut w = FrameWriter::new(stream.try_clone().map_err(e("clone"))?);
-    let mut r = FrameReader::new(stream);
+    // No wait without a deadline here either (the sink agent reports each stream in seconds).
+    let watch = crate::build::watch::ChannelWatch::new(
+        vm.started(),
+        Duration::from_secs(120),
+        crate::build::watch::DEFAULT_STALL_TIMEOUT,
+    );
+    let (rd, wr) = watch
+        .guard(stream.try_clone().map_err(e("clone"))?, stream.try_clone().map_err(e("clone"))?)
+        .map_err(e("timeouts"))?;
+    let mut w = FrameWriter::new(wr);
+    let mut r = FrameReader::with_liveness(rd, watch.liveness());
     r.expect(Kind::Hello, "hello").map_err(e("hello"))?;
     let mut rates = Vec::new();
     for i in 0..2 {

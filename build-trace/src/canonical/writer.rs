@@ -424,36 +424,28 @@ impl ser::SerializeMap for Object<'_, '_> {
     }
 }
 
-impl ser::SerializeStruct for Object<'_, '_> {
-    type Ok = ();
-    type Error = CanonicalError;
-    fn serialize_field<T: Serialize + ?Sized>(
-        &mut self,
-        key: &'static str,
-        value: &T,
-    ) -> Result<(), CanonicalError> {
-        self.key(Cow::Borrowed(key));
-        value.serialize(&mut *self.w)
-    }
-    fn end(self) -> Result<(), CanonicalError> {
-        self.close()
-    }
+/// Struct fields, of a plain struct or of an enum's struct variant, are members keyed by name.
+macro_rules! struct_impl {
+    ($trait:ident) => {
+        impl ser::$trait for Object<'_, '_> {
+            type Ok = ();
+            type Error = CanonicalError;
+            fn serialize_field<T: Serialize + ?Sized>(
+                &mut self,
+                key: &'static str,
+                value: &T,
+            ) -> Result<(), CanonicalError> {
+                self.key(Cow::Borrowed(key));
+                value.serialize(&mut *self.w)
+            }
+            fn end(self) -> Result<(), CanonicalError> {
+                self.close()
+            }
+        }
+    };
 }
-
-impl ser::SerializeStructVariant for Object<'_, '_> {
-    type Ok = ();
-    type Error = CanonicalError;
-    fn serialize_field<T: Serialize + ?Sized>(
-        &mut self,
-        key: &'static str,
-        value: &T,
-    ) -> Result<(), CanonicalError> {
-        ser::SerializeStruct::serialize_field(self, key, value)
-    }
-    fn end(self) -> Result<(), CanonicalError> {
-        self.close()
-    }
-}
+struct_impl!(SerializeStruct);
+struct_impl!(SerializeStructVariant);
 
 #[cfg(test)]
 mod tests {

@@ -57,8 +57,9 @@ pub use graph::DrvSet;
 pub use outcome::{AcceptedStep, BrokenLink, LinkCheck, Outcome, VerifiedClosure};
 
 use links::Known;
-use step::{error_chain, Checker, EntryOk, Expectation, OutputClaim};
+use step::{Checker, EntryOk, Expectation, OutputClaim};
 
+use crate::error_chain;
 use crate::evidence::Verifier as EvidenceVerifier;
 use crate::job::{BasicDerivation, StepKind};
 use crate::store::{StoreError, TraceSource};

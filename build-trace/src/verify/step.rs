@@ -11,6 +11,7 @@ use nix_formats::StorePath;
 
 use super::links::{check_links, Facts, Known};
 use super::outcome::{BrokenLink, LinkCheck};
+use crate::error_chain;
 use crate::evidence::{EvidenceBundle, Expected, Verifier};
 use crate::job::{BasicDerivation, StepKind};
 use crate::jws;
@@ -254,16 +255,4 @@ fn check_output_addresses(st: &Statement) -> Result<(), Box<BrokenLink>> {
         }
     }
     Ok(())
-}
-
-/// `error: cause: cause` on one line.
-pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }

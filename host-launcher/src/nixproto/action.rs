@@ -358,13 +358,4 @@ pub trait Handler {
 }
 
 /// `error: cause: cause …` on one line, as the front-ends send errors.
-pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = err.to_string();
-    let mut src = err.source();
-    while let Some(e) = src {
-        s.push_str(": ");
-        s.push_str(&e.to_string());
-        src = e.source();
-    }
-    s
-}
+pub use build_trace::error_chain;

@@ -13,7 +13,8 @@ use crate::config::{parse_cmdline, Bench};
 use crate::messages::{AttesterKind, Hello, NarBegin, Phase, PhaseName};
 use crate::pid1::{power_off, say, setup_mounts, uptime, write_etc};
 use crate::proto::{FrameReader, FrameWriter, Kind, ProtoError, GUEST_MAX_WRITE, PROTOCOL_VERSION};
-use crate::session::{agent_version, chain, serve, GuestPaths};
+use crate::session::{agent_version, serve, GuestPaths};
+use build_trace::error_chain;
 
 /// The host's CID.
 pub const HOST_CID: u32 = 2;
@@ -34,7 +35,7 @@ fn connect(port: u32) -> std::io::Result<vsock::VsockStream> {
 pub fn pid1_main() -> ! {
     say(&format!("{} starting", agent_version()));
     if let Err(e) = setup_mounts() {
-        say(&format!("FATAL: {}", chain(&e)));
+        say(&format!("FATAL: {}", error_chain(&e)));
         power_off();
     }
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
@@ -53,7 +54,7 @@ pub fn pid1_main() -> ! {
         power_off();
     }
     if let Err(e) = write_etc() {
-        say(&format!("FATAL: {}", chain(&e)));
+        say(&format!("FATAL: {}", error_chain(&e)));
         power_off();
     }
     if let Err(e) = crate::sys::loopback_up() {
@@ -75,7 +76,7 @@ pub fn pid1_main() -> ! {
         Err(e) => Err(ProtoError::Io(e)),
     };
     if let Err(e) = result {
-        say(&format!("channel failed: {}", chain(&e)));
+        say(&format!("channel failed: {}", error_chain(&e)));
     }
     say("powering off");
     power_off();

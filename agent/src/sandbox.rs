@@ -243,9 +243,9 @@ impl Confinement {
         Ok(Confinement { uid, gid, sandbox: Some(Arc::new(sandbox)) })
     }
 
-    /// Prepare `cmd` (before spawning). Sandboxed: the `pre_exec` hook of [`sys`] (cgroup,
-    /// namespaces, root, ids, `no_new_privs`, seccomp). Unconfined: the ids (when they differ
-    /// from ours) and a fresh process group.
+    /// Prepare `cmd` (before spawning). Sandboxed: the `pre_exec` hook of the private `sys`
+    /// module (cgroup, namespaces, root, ids, `no_new_privs`, seccomp). Unconfined: the ids (when
+    /// they differ from ours) and a fresh process group.
     pub fn apply(&self, cmd: &mut Command) {
         cmd.process_group(0);
         match &self.sandbox {

@@ -100,18 +100,6 @@ impl StepError {
     }
 }
 
-/// An error and its causes on one line.
-pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
-}
-
 /// Where the guest keeps things (fixed in the VM; tests may point elsewhere).
 #[derive(Debug, Clone)]
 pub struct GuestPaths {
@@ -167,7 +155,7 @@ pub fn serve<R: Read, W: Write + Send + 'static>(
             Ok(())
         }
         Err(e) => {
-            let message = chain(&e);
+            let message = build_trace::error_chain(&e);
             say(&format!("step failed: {message}"));
             w.send_json(Kind::Failure, &Failure { kind: e.kind(), message })
         }

@@ -288,7 +288,7 @@ pub fn run(
             job_id: None,
         };
         let outcome = run_step(req, &LocalNixStore, &mut Quiet, &step_cfg)
-            .map_err(|err| BenchError(crate::build::check::chain(&err)))?;
+            .map_err(|err| BenchError(build_trace::error_chain(&err)))?;
         steps.push(outcome.timings.clone());
         // Nix's own build of the same derivation (it is not built yet in the local store).
         let t = match nix_build(&drv_path, sandbox == "true") {

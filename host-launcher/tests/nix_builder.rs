@@ -115,96 +115,18 @@ fn nix_store_ping_both_protocols() {
     }
 }
 
-/// A closure built by the local Nix: busybox (a content-addressed `builtins.path` source), `dep`
-/// and `top` (input-addressed, `top` refers to `dep`). Returns (top, all three paths).
-fn local_closure(d: &Path, tag: &str) -> (String, Vec<String>) {
-    busybox_dir(&d.join("bb"));
-    let file = d.join(format!("closure-{tag}.nix"));
-    std::fs::write(
-        &file,
-        format!(
-            r#"let
-  bb = builtins.path {{ path = ./bb; name = "busybox"; }};
-  mk = name: script: derivation {{ inherit name; system = builtins.currentSystem; builder = "${{bb}}/sh"; args = [ "-c" script ]; }};
-in rec {{
-  dep = mk "up-dep" "mkdir $out; echo {n} > $out/data";
-  top-{tag} = mk "up-top-{tag}" "mkdir $out; echo ${{dep}} ${{bb}} > $out/ref; echo {tag} > $out/tag";
-}}"#,
-            n = nonce_shared(d)
-        ),
-    )
-    .unwrap();
-    let out =
-        nix(&["nix-build", "--no-out-link", file.to_str().unwrap(), "-A", &format!("top-{tag}")]);
-    assert!(out.status.success(), "local nix-build: {}", text(&out));
-    let top = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    let req = nix(&["nix-store", "-qR", &top]);
-    let all: Vec<String> =
-        String::from_utf8(req.stdout).unwrap().lines().map(str::to_owned).collect();
-    assert_eq!(all.len(), 3, "{all:?}");
-    (top, all)
-}
-
-/// One nonce per scratch directory (so two closures in one test share `dep`).
-fn nonce_shared(d: &Path) -> String {
-    let f = d.join("nonce");
-    if let Ok(n) = std::fs::read_to_string(&f) {
-        return n;
-    }
-    let n = nonce();
-    std::fs::write(&f, &n).unwrap();
-    n
-}
-
-fn path_infos(store: &str, paths: &[String]) -> serde_json::Value {
-    let mut args = vec!["nix", "path-info", "--json"];
-    if !store.is_empty() {
-        args.extend(["--store", store]);
-    }
-    args.extend(paths.iter().map(String::as_str));
-    let out = nix(&args);
-    assert!(out.status.success(), "nix path-info {store}: {}", text(&out));
-    let mut v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    for e in v.as_array_mut().unwrap() {
-        let o = e.as_object_mut().unwrap();
-        o.remove("registrationTime");
-        o.remove("deriver");
-        o.remove("signatures");
-        o.remove("ultimate");
-    }
-    v
-}
-
 #[test]
 fn nix_copy_uploads_are_verified_and_kept_between_processes() {
     require_nix();
     let d = tempfile::tempdir().unwrap();
     let (top, all) = local_closure(d.path(), "a");
-    let local = path_infos("", &all);
     for (proto, name) in [("ssh-ng", "ng"), ("ssh", "legacy")] {
         let state = d.path().join(format!("state-{name}"));
         let w = wrapper(d.path(), name, &state, &[]);
         let url = format!("{proto}://localhost?remote-program={}", w.display());
-        let out = nix(&["nix", "copy", "--to", &url, &top]);
-        assert!(out.status.success(), "nix copy --to {proto}: {}", text(&out));
-        // A new builder process (new connection) serves what the first received, with the
-        // client's NAR hashes, sizes, references and content addresses.
-        assert_eq!(path_infos(&url, &all), local, "{proto}");
-        // And back: Nix re-checks NAR hashes (and CA) on import into a fresh store.
-        let back = d.path().join(format!("back-{name}"));
-        let out = nix(&[
-            "nix",
-            "copy",
-            "--no-check-sigs",
-            "--from",
-            &url,
-            "--to",
-            back.to_str().unwrap(),
-            &top,
-        ]);
-        assert!(out.status.success(), "nix copy --from {proto}: {}", text(&out));
-        let out = nix(&["nix-store", "--store", back.to_str().unwrap(), "--verify-path", &top]);
-        assert!(out.status.success(), "{}", text(&out));
+        // Each `nix` command is a new builder process (a new connection): what the first
+        // received, the next serve.
+        copy_round_trip(&url, &top, &all, &d.path().join(format!("back-{name}")));
         assert_eq!(files(&state, "tmp"), 0);
         assert_eq!(files(&state, "nar"), 3);
     }

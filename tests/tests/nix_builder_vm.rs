@@ -1,29 +1,44 @@
 //! The real Debian Nix 2.8 building through `vouch nix-builder` as a remote builder, every
 //! derivation in a fresh VM (KVM where usable, else TCG; evidence simulated here):
-//! `ssh-ng://` and `ssh://` builders, a 3-level floating-CA chain with self- and cross
+//! `ssh-ng://`, `ssh://` and `unix://` builders, a 3-level floating-CA chain with self- and cross
 //! references, an input-addressed and a multi-output derivation, a fixed-output derivation,
 //! signed realisations (`nix realisation info`), `vouch verify` under an explicit and the
-//! default policy, two builders sharing a closure, and failures (a failing builder, a VM killed
-//! mid-build) that leave nothing registered.
+//! default policy, two builders sharing a closure, the limits a `unix://` client sets
+//! (`SetOptions`) in the step's statement, and failures (a failing builder, a VM killed
+//! mid-build, a socket server stopped mid-build) that leave nothing registered.
 //!
 //! The tests take a lock so their VMs do not compete for the CPUs; data is kept tiny.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::Mutex;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use build_trace::job::Limits;
+use tests::nix::text;
+use tests::server::SocketServer;
 use tests::vm::{image_dir, nix, nonce, vouch_bin, Scratch, NIX_CONFIG};
 
 static VMS: Mutex<()> = Mutex::new(());
 
-fn lock() -> std::sync::MutexGuard<'static, ()> {
-    VMS.lock().unwrap_or_else(|e| e.into_inner())
+/// What every test here starts from: the VM lock, a scratch area with the test closure under a
+/// fresh nonce, and a builder state directory.
+struct Env {
+    _vms: MutexGuard<'static, ()>,
+    s: Scratch,
+    n: String,
+    file: PathBuf,
+    state: PathBuf,
 }
 
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+fn setup() -> Env {
+    let vms = VMS.lock().unwrap_or_else(|e| e.into_inner());
+    let s = Scratch::new();
+    let n = nonce();
+    let file = s.write("closure.nix", &closure_nix(&n));
+    let state = s.state();
+    Env { _vms: vms, s, n, file, state }
 }
 
 /// A builder wrapper (`remote-program`): `vouch --state-dir STATE nix-builder EXTRA… "$@"`.
@@ -49,7 +64,7 @@ fn machine(proto: &str, wrapper: &Path, features: &str) -> String {
 }
 
 /// `nix-build --max-jobs 0 --builders MACHINES FILE -A attr…` (everything goes to the builders).
-fn remote_build(file: &Path, attrs: &[&str], machines: &str, extra: &[&str]) -> Output {
+fn nix_build(file: &Path, attrs: &[&str], machines: &str, extra: &[&str]) -> Command {
     let mut cmd = Command::new("nix-build");
     cmd.env("NIX_CONFIG", NIX_CONFIG)
         .arg(file)
@@ -58,7 +73,49 @@ fn remote_build(file: &Path, attrs: &[&str], machines: &str, extra: &[&str]) -> 
     for a in attrs {
         cmd.args(["-A", a]);
     }
-    cmd.output().expect("running nix-build")
+    cmd
+}
+
+/// [`nix_build`], run to its end.
+fn remote_build(file: &Path, attrs: &[&str], machines: &str, extra: &[&str]) -> Output {
+    nix_build(file, attrs, machines, extra).output().expect("running nix-build")
+}
+
+/// [`nix_build`] of `attr` in the background: its streamed log is read until `marker` appears,
+/// then `act` gets the pid of the build's QEMU (announced in the log before); the rest of the
+/// log is read to the end. Returns nix-build's exit status and its whole log.
+fn interrupt_build(
+    file: &Path,
+    attr: &str,
+    machines: &str,
+    marker: &str,
+    act: impl FnOnce(u32),
+) -> (std::process::ExitStatus, String) {
+    let mut child: Child = nix_build(file, &[attr], machines, &[])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running nix-build");
+    let err = BufReader::new(child.stderr.take().unwrap());
+    let t0 = Instant::now();
+    let (mut qemu, mut act, mut seen) = (None, Some(act), String::new());
+    for line in err.lines() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if let Some(i) = line.find("QEMU pid ") {
+            qemu = line[i + 9..].trim_end_matches(')').parse::<u32>().ok();
+        }
+        if line.contains(marker) {
+            let pid = qemu.expect("QEMU pid announced before the builder started");
+            if let Some(act) = act.take() {
+                act(pid);
+            }
+        }
+        assert!(t0.elapsed() < Duration::from_secs(300), "took too long: {seen}");
+    }
+    assert!(act.is_none(), "`{marker}` never appeared: {seen}");
+    (child.wait().unwrap(), seen)
 }
 
 /// The test derivations. `c1` → `c2` → `c3`: floating CA, self-references (`echo $out`) and
@@ -105,12 +162,6 @@ in rec {{
     )
 }
 
-fn instantiate(file: &Path, attr: &str) -> String {
-    let out = nix(&["nix-instantiate", file.to_str().unwrap(), "-A", attr]);
-    assert!(out.status.success(), "nix-instantiate: {}", text(&out));
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
 /// The step directories (drv base names) in a builder's trace store.
 fn steps(state: &Path) -> Vec<String> {
     let d = state.join("cache/vouch/v1/steps");
@@ -121,6 +172,19 @@ fn steps(state: &Path) -> Vec<String> {
         .unwrap_or_default();
     v.sort();
     v
+}
+
+/// The limits in the statements of a builder's steps (the job, hence HOST_DATA, records them).
+fn step_limits(state: &Path) -> Vec<Limits> {
+    steps(state)
+        .iter()
+        .map(|step| {
+            let dir = state.join("cache/vouch/v1/steps").join(step);
+            let entry = std::fs::read_dir(&dir).unwrap().next().unwrap().unwrap().path();
+            let bytes = std::fs::read(entry.join("statement.json")).unwrap();
+            build_trace::Statement::from_canonical_bytes(&bytes).unwrap().job.limits
+        })
+        .collect()
 }
 
 /// The name and public key (`name:base64`) of the one Nix key in a builder's state directory.
@@ -221,23 +285,38 @@ fn check_outputs(out: &Output, state: &Path) -> Vec<String> {
     paths
 }
 
+/// Build `attrs` with the builder `machines`, check the outputs arrived, that the CA steps carry
+/// vouch's signed realisations (`signed` of them), and that `vouch verify` accepts `verify_attr`
+/// under a policy naming the builder's simulated root and key. Returns the output paths and the
+/// client's log.
+fn build_and_verify(
+    e: &Env,
+    attrs: &[&str],
+    machines: &str,
+    extra: &[&str],
+    signed: usize,
+    verify_attr: &str,
+) -> (Vec<String>, String) {
+    let out = remote_build(&e.file, attrs, machines, extra);
+    let paths = check_outputs(&out, &e.state);
+    assert_eq!(paths.len(), attrs.len(), "{paths:?}");
+    assert_eq!(assert_signed_realisations(&e.state), signed);
+    let p = policy(&e.s, &[&e.state], &[&e.state]);
+    let v = verify(Some(&p), &[&e.state], &e.s.instantiate(&e.file, verify_attr));
+    assert_eq!(v.status.code(), Some(0), "verify {verify_attr}: {}", text(&v));
+    (paths, text(&out))
+}
+
+const CHAIN: &[&str] = &["c3", "multi.out", "multi.dev", "ia"];
+
 #[test]
 fn ssh_ng_builds_ca_chain_ia_and_multi_output_and_the_closure_verifies() {
-    let _g = lock();
-    let s = Scratch::new();
-    let n = nonce();
-    let file = s.write("closure.nix", &closure_nix(&n));
-    let state = s.state();
-    let w = wrapper(&s, "builder", &state, "");
-    let out = remote_build(
-        &file,
-        &["c3", "multi.out", "multi.dev", "ia"],
-        &machine("ssh-ng", &w, "ca-derivations"),
-        &[],
-    );
-    let paths = check_outputs(&out, &state);
-    assert_eq!(paths.len(), 4, "{paths:?}");
-    let log = text(&out);
+    let e = setup();
+    let w = wrapper(&e.s, "builder", &e.state, "");
+    let m = machine("ssh-ng", &w, "ca-derivations");
+    // Steps: c1, c2, c3, multi, ia; four of them content-addressed with signed realisations.
+    let (paths, log) = build_and_verify(&e, CHAIN, &m, &[], 4, "c3");
+    assert_eq!(steps(&e.state).len(), 5, "{:?}", steps(&e.state));
     assert!(log.contains("built c1"), "the builder log reached the client: {log}");
     assert!(log.contains("in a vouch VM"), "{log}");
     // c3 refers to c2 and c1; c2 to itself and c1.
@@ -247,76 +326,90 @@ fn ssh_ng_builds_ca_chain_ia_and_multi_output_and_the_closure_verifies() {
         refs.lines().any(|l| l.ends_with("-nb-c2")) && refs.lines().any(|l| l.ends_with("-nb-c1")),
         "{refs}"
     );
-    // Steps: c1, c2, c3, multi, ia; four of them content-addressed with signed realisations.
-    assert_eq!(steps(&state).len(), 5, "{:?}", steps(&state));
-    assert_eq!(assert_signed_realisations(&state), 4);
 
     // vouch verify: accepted under a policy naming the simulated root and vouch's key,
     // rejected under the default policy (simulated evidence).
-    let p = policy(&s, &[&state], &[&state]);
-    for attr in ["c3", "multi", "ia"] {
-        let drv = instantiate(&file, attr);
-        let v = verify(Some(&p), &[&state], &drv);
+    let p = policy(&e.s, &[&e.state], &[&e.state]);
+    for attr in ["multi", "ia"] {
+        let v = verify(Some(&p), &[&e.state], &e.s.instantiate(&e.file, attr));
         assert_eq!(v.status.code(), Some(0), "verify {attr}: {}", text(&v));
     }
-    let v = verify(None, &[&state], &instantiate(&file, "c3"));
+    let v = verify(None, &[&e.state], &e.s.instantiate(&e.file, "c3"));
     assert_eq!(v.status.code(), Some(1), "default policy: {}", text(&v));
     assert!(text(&v).to_lowercase().contains("simulated"), "{}", text(&v));
 }
 
 #[test]
 fn ssh_serve_builds_the_same() {
-    let _g = lock();
-    let s = Scratch::new();
-    let n = nonce();
-    let file = s.write("closure.nix", &closure_nix(&n));
-    let state = s.state();
+    let e = setup();
     // The serve protocol does not tell the client's Nix release (2.8–2.34): say it. The sandbox
     // limits are the operator's defaults (Nix sends none of them).
     let w = wrapper(
-        &s,
+        &e.s,
         "builder",
-        &state,
+        &e.state,
         "--client-nix-version 2.8 --max-memory 700 --max-processes 1234 --tmpfs-size 300",
     );
-    let out = remote_build(
-        &file,
-        &["c3", "multi.out", "multi.dev", "ia"],
-        &machine("ssh", &w, "ca-derivations"),
-        &[],
-    );
-    let paths = check_outputs(&out, &state);
-    assert_eq!(paths.len(), 4);
-    assert_eq!(assert_signed_realisations(&state), 4);
-    let p = policy(&s, &[&state], &[&state]);
-    let v = verify(Some(&p), &[&state], &instantiate(&file, "c3"));
-    assert_eq!(v.status.code(), Some(0), "{}", text(&v));
-    // Every step ran under the configured limits (the job, hence HOST_DATA, records them); Nix
-    // sends 0 for its own limits, so vouch's defaults apply.
-    for step in steps(&state) {
-        let dir = state.join("cache/vouch/v1/steps").join(&step);
-        let entry = std::fs::read_dir(&dir).unwrap().next().unwrap().unwrap().path();
-        let bytes = std::fs::read(entry.join("statement.json")).unwrap();
-        let l = build_trace::Statement::from_canonical_bytes(&bytes).unwrap().job.limits;
+    build_and_verify(&e, CHAIN, &machine("ssh", &w, "ca-derivations"), &[], 4, "c3");
+    // Every step ran under the configured limits; Nix sends 0 for its own limits, so vouch's
+    // defaults apply.
+    for l in step_limits(&e.state) {
         assert_eq!((l.memory_bytes, l.max_processes, l.tmpfs_bytes), (700 << 20, 1234, 300 << 20));
         assert_eq!((l.timeout_s, l.max_silent_s, l.max_log_bytes), (10800, 3600, 64 << 20));
     }
 }
 
 #[test]
+fn unix_socket_builder_applies_the_clients_limits_and_stops_cleanly() {
+    let e = setup();
+    let server = SocketServer::start(
+        &vouch_bin(),
+        &e.state,
+        &e.s.dir.path().join("b.sock"),
+        &[],
+        &[("VOUCH_IMAGE_DIR", image_dir().as_os_str())],
+    );
+    let m = server.machine("ca-derivations");
+    // Over `unix://` Nix sends SetOptions with its settings: `max-silent-time` (here as
+    // `--option`, as nix.conf would set it) and `timeout` (`--timeout`) become the step's limits.
+    let limits = ["--option", "max-silent-time", "1234", "--timeout", "4321"];
+    let (_, log) = build_and_verify(&e, &["c1"], &m, &limits, 1, "c1");
+    assert!(log.contains("built c1"), "the builder log reached the client: {log}");
+    let l = step_limits(&e.state);
+    assert_eq!(l.len(), 1);
+    assert_eq!((l[0].timeout_s, l[0].max_silent_s), (4321, 1234), "{l:?}");
+    // The client's max-build-log-size is 0 (none): vouch's default; its `cores` (this machine's
+    // CPUs) is capped at the VM's one vCPU.
+    assert_eq!((l[0].max_log_bytes, l[0].cores), (64 << 20, 1), "{l:?}");
+    assert!(server.log_text().contains("timeout_s=4321 max_silent_s=1234"));
+
+    // SIGTERM mid-build: the VM is killed, the client told why, nothing registered, the socket
+    // removed.
+    let socket = server.socket.clone();
+    let mut stopped = None;
+    let (status, log) = interrupt_build(&e.file, "slow", &m, &format!("started {}", e.n), |qemu| {
+        stopped = Some((server.stop("TERM"), qemu));
+    });
+    let ((st, server_log), qemu) = stopped.unwrap();
+    assert!(st.success(), "{st}: {server_log}");
+    assert!(!status.success());
+    assert!(log.contains("the builder is shutting down"), "{log}");
+    assert!(!Path::new(&format!("/proc/{qemu}")).exists(), "QEMU {qemu} outlived the server");
+    assert!(!socket.exists(), "{server_log}");
+    assert_eq!(stored(&e.state, "-nb-slow"), 0);
+    assert_eq!(steps(&e.state).len(), 1, "only c1");
+}
+
+#[test]
 fn fixed_output_derivation_runs_networked_or_says_why_not() {
-    let _g = lock();
-    let s = Scratch::new();
-    let n = nonce();
-    let file = s.write("closure.nix", &closure_nix(&n));
-    let state = s.state();
-    let w = wrapper(&s, "builder", &state, "");
-    let out = remote_build(&file, &["fod"], &machine("ssh-ng", &w, "ca-derivations"), &[]);
+    let e = setup();
+    let w = wrapper(&e.s, "builder", &e.state, "");
+    let out = remote_build(&e.file, &["fod"], &machine("ssh-ng", &w, "ca-derivations"), &[]);
     if out.status.success() {
         let p = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         assert_eq!(
             std::fs::read_to_string(&p).unwrap(),
-            format!("fixed-{n}"),
+            format!("fixed-{}", e.n),
             "accepted by its declared hash"
         );
     } else {
@@ -325,29 +418,26 @@ fn fixed_output_derivation_runs_networked_or_says_why_not() {
             t.contains("networked fixed-output variant is not available"),
             "an honest reason: {t}"
         );
-        assert!(steps(&state).is_empty());
+        assert!(steps(&e.state).is_empty());
     }
 }
 
 #[test]
 fn two_builders_share_a_closure_and_it_verifies() {
-    let _g = lock();
-    let s = Scratch::new();
-    let n = nonce();
-    let file = s.write("closure.nix", &closure_nix(&n));
-    let (sa, sb) = (s.dir.path().join("state-a"), s.dir.path().join("state-b"));
+    let e = setup();
+    let (sa, sb) = (e.s.dir.path().join("state-a"), e.s.dir.path().join("state-b"));
     // Two vouch hosts on one machine need two key names, or a policy cannot tell their keys
     // apart: one named by flag, one by its state directory's setting.
-    let wa = wrapper(&s, "builder-a", &sa, "--key-name builder-a-simulated-1");
+    let wa = wrapper(&e.s, "builder-a", &sa, "--key-name builder-a-simulated-1");
     std::fs::create_dir_all(&sb).unwrap();
     std::fs::write(sb.join("key-name"), "builder-b-simulated-1\n").unwrap();
-    let wb = wrapper(&s, "builder-b", &sb, "");
+    let wb = wrapper(&e.s, "builder-b", &sb, "");
     let machines = format!(
         "{} ; {}",
         machine("ssh-ng", &wa, "ca-derivations,vouch-a vouch-a"),
         machine("ssh-ng", &wb, "ca-derivations,vouch-b vouch-b")
     );
-    let out = remote_build(&file, &["joined"], &machines, &[]);
+    let out = remote_build(&e.file, &["joined"], &machines, &[]);
     assert!(out.status.success(), "{}", text(&out));
     let (a, b) = (steps(&sa), steps(&sb));
     assert_eq!(a.len(), 2, "left and joined on builder a: {a:?}");
@@ -356,15 +446,15 @@ fn two_builders_share_a_closure_and_it_verifies() {
     assert_eq!(builder_key(&sa).0, "builder-a-simulated-1");
     assert_eq!(builder_key(&sb).0, "builder-b-simulated-1");
     // Every step: simulated evidence of either builder and the key of either builder.
-    let p = policy(&s, &[&sa, &sb], &[&sa, &sb]);
-    let joined = instantiate(&file, "joined");
+    let p = policy(&e.s, &[&sa, &sb], &[&sa, &sb]);
+    let joined = e.s.instantiate(&e.file, "joined");
     let v = verify(Some(&p), &[&sa, &sb], &joined);
     assert_eq!(v.status.code(), Some(0), "{}", text(&v));
     // One builder's traces alone do not cover the closure.
     let v = verify(Some(&p), &[&sa], &joined);
     assert_eq!(v.status.code(), Some(1), "{}", text(&v));
     // Only builder a's key: the step built on b is not accepted (the keys are told apart).
-    let only_a = policy(&s, &[&sa, &sb], &[&sa]);
+    let only_a = policy(&e.s, &[&sa, &sb], &[&sa]);
     let v = verify(Some(&only_a), &[&sa, &sb], &joined);
     assert_eq!(v.status.code(), Some(1), "{}", text(&v));
     assert!(
@@ -386,56 +476,24 @@ fn stored(state: &Path, suffix: &str) -> usize {
 
 #[test]
 fn failures_are_reported_and_register_nothing() {
-    let _g = lock();
-    let s = Scratch::new();
-    let n = nonce();
-    let file = s.write("closure.nix", &closure_nix(&n));
-    let state = s.state();
-    let w = wrapper(&s, "builder", &state, "");
+    let e = setup();
+    let w = wrapper(&e.s, "builder", &e.state, "");
     let m = machine("ssh-ng", &w, "ca-derivations");
 
     // A builder that fails.
-    let out = remote_build(&file, &["fails"], &m, &[]);
+    let out = remote_build(&e.file, &["fails"], &m, &[]);
     assert!(!out.status.success());
     let t = text(&out);
     assert!(t.contains("failed: vouch:") && t.contains("about to fail"), "{t}");
-    assert_eq!(stored(&state, "-nb-fails"), 0);
-    assert!(steps(&state).is_empty());
+    assert_eq!(stored(&e.state, "-nb-fails"), 0);
+    assert!(steps(&e.state).is_empty());
 
     // A VM killed mid-build: the QEMU pid is in the streamed log.
-    let mut child = Command::new("nix-build")
-        .env("NIX_CONFIG", NIX_CONFIG)
-        .arg(&file)
-        .args(["--no-out-link", "--max-jobs", "0", "--builders", &m, "-A", "slow"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let err = BufReader::new(child.stderr.take().unwrap());
-    let t0 = Instant::now();
-    let mut qemu = None;
-    let mut seen = String::new();
-    for line in err.lines() {
-        let line = line.unwrap();
-        seen.push_str(&line);
-        seen.push('\n');
-        if let Some(i) = line.find("QEMU pid ") {
-            qemu = line[i + 9..].trim_end_matches(')').parse::<u32>().ok();
-        }
-        if line.contains(&format!("started {n}")) {
-            let pid = qemu.expect("QEMU pid announced before the builder started");
-            assert!(Command::new("kill")
-                .args(["-9", &pid.to_string()])
-                .status()
-                .unwrap()
-                .success());
-        }
-        assert!(t0.elapsed() < Duration::from_secs(300), "took too long: {seen}");
-    }
-    let status = child.wait().unwrap();
+    let (status, seen) = interrupt_build(&e.file, "slow", &m, &format!("started {}", e.n), |pid| {
+        assert!(Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap().success());
+    });
     assert!(!status.success());
-    assert!(qemu.is_some(), "{seen}");
     assert!(seen.contains("failed: vouch:") && seen.contains("nothing was registered"), "{seen}");
-    assert_eq!(stored(&state, "-nb-slow"), 0);
-    assert!(steps(&state).is_empty());
+    assert_eq!(stored(&e.state, "-nb-slow"), 0);
+    assert!(steps(&e.state).is_empty());
 }

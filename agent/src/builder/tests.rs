@@ -1,3 +1,10 @@
+//! Tests of the builder module: the environment and output paths Nix would give a builder
+//! (placeholders, floating-CA fallback paths, structured attributes, `exportReferencesGraph`),
+//! and running real `sh` builders unconfined: log streaming, exit status, and the timeout,
+//! silence and log-size limits killing the builder and its background processes.
+//!
+//! What is not here: the confined sandbox (`crate::sandbox`), or builds inside a VM (`tests/`).
+
 use super::*;
 use build_trace::job::{DrvOutput, NarHash};
 

@@ -175,7 +175,7 @@ impl Cgroup {
         let mut warned = false;
         loop {
             if let Err(e) = self.write("cgroup.kill", "1") {
-                crate::pid1::say(&format!("warning: {}", crate::session::chain(&e)));
+                crate::pid1::say(&format!("warning: {}", build_trace::error_chain(&e)));
             }
             match self.procs() {
                 Ok(p) if p.is_empty() => return before,

@@ -36,18 +36,6 @@ use super::host::ReceivedNar;
 use super::{LauncherConfig, ReceivedOutput};
 use crate::vm::Mode;
 
-/// An error and its causes on one line.
-pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
-}
-
 /// Why a result was rejected.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {

@@ -17,7 +17,10 @@
 //! and rejected results are never retried.
 //!
 //! Threads of an attempt: the conversation ([`super::conversation`]), QEMU's exit watcher (it
-//! shuts the channel down when QEMU ends), and the wall-clock watchdog.
+//! shuts the channel down when QEMU ends), and the watchdog, which kills QEMU past the
+//! wall-clock limit or as soon as the launcher is cancelled ([`super::Cancel`]: a server
+//! shutting down); a cancelled step is never retried and fails with
+//! [`StepError::Cancelled`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -105,12 +108,61 @@ fn prepare(
         (Setup::default(), None)
     } else {
         let root = SimulatedRoot::load_or_generate(&cfg.simulated_root_dir()).map_err(|e| {
-            StepError::Io("simulated SNP root".into(), std::io::Error::other(check::chain(&e)))
+            StepError::Io(
+                "simulated SNP root".into(),
+                std::io::Error::other(build_trace::error_chain(&e)),
+            )
         })?;
         (simulated_setup(&root, &manifest)?, Some(root))
     };
     let backend = detect_backend(caps.vhost_vsock)?;
     Ok(Prepared { manifest, mode, limits, closure, outputs, setup, sim_root, backend })
+}
+
+/// The wall-clock watchdog of one attempt: a thread that SIGKILLs QEMU once `deadline` passes or
+/// the launcher is cancelled, until [`Watchdog::stop`] (or drop) ends it.
+struct Watchdog {
+    done: Arc<AtomicBool>,
+    timed_out: Arc<AtomicBool>,
+}
+
+impl Watchdog {
+    fn start(pid: u32, deadline: Option<Instant>, cancel: super::Cancel) -> Watchdog {
+        let done = Arc::new(AtomicBool::new(false));
+        let timed_out = Arc::new(AtomicBool::new(false));
+        let (d, t) = (done.clone(), timed_out.clone());
+        std::thread::spawn(move || {
+            while !d.load(Ordering::SeqCst) {
+                let late = deadline.is_some_and(|end| Instant::now() >= end);
+                if late || cancel.is_cancelled() {
+                    t.store(late, Ordering::SeqCst);
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        Watchdog { done, timed_out }
+    }
+
+    /// The conversation is over: the VM is no longer the watchdog's to kill.
+    fn stop(&self) {
+        self.done.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the deadline (not a cancellation) killed the VM.
+    fn timed_out(&self) -> bool {
+        self.timed_out.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 /// A failed attempt, and whether the agent had accepted its job.
@@ -157,12 +209,17 @@ pub fn run_step(
     sink: &mut dyn LogSink,
     cfg: &LauncherConfig,
 ) -> Result<StepOutcome, StepError> {
+    if cfg.cancel.is_cancelled() {
+        return Err(StepError::Cancelled);
+    }
     let p = prepare(&req, inputs, cfg)?;
     let mut job_id = req.job_id.clone().unwrap_or_else(random_id);
     let mut attempt = 1u32;
     loop {
         match attempt_step(&req, &p, &job_id, inputs, sink, cfg) {
             Ok(outcome) => return Ok(outcome),
+            // Whatever the attempt died of, a cancelled launcher killed it (or would have).
+            Err(_) if cfg.cancel.is_cancelled() => return Err(StepError::Cancelled),
             Err(f) if attempt <= cfg.infra_retries && retryable(&f.error, f.job_accepted) => {
                 attempt += 1;
                 let next = match &req.job_id {
@@ -170,7 +227,7 @@ pub fn run_step(
                     None => random_id(),
                 };
                 // The first line: the console tail that some errors carry is for the final error.
-                let chain = check::chain(&f.error);
+                let chain = build_trace::error_chain(&f.error);
                 let reason =
                     chain.lines().next().unwrap_or_default().trim_end_matches("; console:");
                 let reason = reason.to_owned();
@@ -211,7 +268,7 @@ fn attempt_step(
         req.network,
         p.outputs.clone(),
     );
-    job.validate().map_err(|e| StepError::Request(check::chain(&e)))?;
+    job.validate().map_err(|e| StepError::Request(build_trace::error_chain(&e)))?;
     // The only way to a NIC: a grant, which only a fixed-output job gets.
     let network = NetworkGrant::for_job(&job).map_err(|e| StepError::Request(e.to_string()))?;
     let job_bytes = job.canonical_bytes().map_err(|e| StepError::Request(e.to_string()))?;
@@ -258,6 +315,10 @@ fn attempt_step(
     let vm = Vm::spawn(&cfg.qemu, &argv, &console_log, cfg.echo_console)
         .map_err(|e| StepError::Qemu(cfg.qemu.display().to_string(), e))?;
     let started = vm.started();
+    // From here on the VM is killed past the wall-clock limit or when the launcher is cancelled.
+    let limit = (req.limits.timeout_s > 0)
+        .then(|| Duration::from_secs(req.limits.timeout_s) + cfg.slack + cfg.boot_timeout);
+    let watchdog = Watchdog::start(vm.pid(), limit.map(|l| started + l), cfg.cancel.clone());
     sink.progress(&Progress::Booting { mode, pid: vm.pid() });
 
     // Boot watchdog, part one: the connection (part two, the hello, is the channel watch's).
@@ -283,30 +344,6 @@ fn attempt_step(
     if let Ok(s2) = stream.try_clone() {
         vm.on_exit(move || s2.shutdown());
     }
-    let watchdog_fired = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicBool::new(false));
-    let limit = (req.limits.timeout_s > 0)
-        .then(|| Duration::from_secs(req.limits.timeout_s) + cfg.slack + cfg.boot_timeout);
-    if let Some(limit) = limit {
-        let (fired, done) = (watchdog_fired.clone(), done.clone());
-        let pid = vm.pid();
-        std::thread::spawn(move || {
-            let end = Instant::now() + limit;
-            while Instant::now() < end {
-                if done.load(Ordering::Relaxed) {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            if !done.load(Ordering::Relaxed) {
-                fired.store(true, Ordering::Relaxed);
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        });
-    }
 
     let watch = ChannelWatch::new(started, cfg.boot_timeout, cfg.stall_timeout);
     let staging = staging_dir(&cfg.state_dir, job_id)?;
@@ -314,7 +351,7 @@ fn attempt_step(
     let result = converse(
         stream, &watch, mode, &p.setup, &job_bytes, &job, inputs, &staging, sink, &mut conv,
     );
-    done.store(true, Ordering::Relaxed);
+    watchdog.stop();
     let tripped = watch.tripped();
     // Did the VM end on its own (killed, crashed)? A broken channel usually means it did: give
     // QEMU a moment to be reaped before deciding.
@@ -345,7 +382,7 @@ fn attempt_step(
     let input_bytes = match result {
         Ok(b) => b,
         Err(e) => {
-            if watchdog_fired.load(Ordering::Relaxed) {
+            if watchdog.timed_out() {
                 return fail(StepError::Watchdog(limit.unwrap_or_default()));
             }
             if let Some(trip) = tripped {

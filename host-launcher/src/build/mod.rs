@@ -189,6 +189,27 @@ pub struct LauncherConfig {
     pub default_limits: Limits,
     /// Build fixed-output derivations that declare md5 or sha1 hashes (refused by default).
     pub allow_weak_fixed_hashes: bool,
+    /// Stops the steps of this launcher (a server shutting down); clones share it.
+    pub cancel: Cancel,
+}
+
+/// A shared stop switch for running steps: once [`Cancel::cancel`] is called, every step whose
+/// [`LauncherConfig`] holds a clone of it has its VM killed within a tenth of a second, is not
+/// retried, and fails with [`StepError::Cancelled`]; no new step starts. Nothing of a cancelled
+/// step is kept.
+#[derive(Debug, Clone, Default)]
+pub struct Cancel(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Cancel {
+    /// Stop every step that shares this switch.
+    pub fn cancel(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether [`Cancel::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 impl LauncherConfig {
@@ -209,6 +230,7 @@ impl LauncherConfig {
             qemu: "qemu-system-x86_64".into(),
             default_limits: Limits::default(),
             allow_weak_fixed_hashes: false,
+            cancel: Cancel::default(),
         }
     }
 
@@ -364,6 +386,9 @@ pub enum StepError {
     /// Local file trouble.
     #[error("{0}")]
     Io(String, #[source] std::io::Error),
+    /// The launcher was stopped ([`Cancel`]) while the step ran or before it started.
+    #[error("the builder is shutting down: the step was stopped and its VM killed; nothing was registered")]
+    Cancelled,
 }
 
 impl StepError {

@@ -222,7 +222,7 @@ mod tests {
         assert!(t.elapsed() >= Duration::from_millis(900), "{:?}", t.elapsed());
         assert!(t.elapsed() < Duration::from_secs(10));
         assert_eq!(watch.tripped(), Some(Trip::Silent(Duration::from_secs(1))));
-        let chain = agent::session::chain(&e);
+        let chain = build_trace::error_chain(&e);
         assert!(chain.contains("channel stalled: no frame from the guest for 1 s"), "{chain}");
         assert_eq!(fr.heartbeats(), 15);
         drop(guest);
@@ -238,7 +238,7 @@ mod tests {
         assert_eq!(watch.tripped(), Some(Trip::NoHello(Duration::from_millis(200))));
         assert!(
             e.to_string().contains("channel")
-                || agent::session::chain(&e).contains("boot watchdog")
+                || build_trace::error_chain(&e).contains("boot watchdog")
         );
 
         // Half a frame, then nothing: a stall inside a frame is a stall.
@@ -272,7 +272,7 @@ mod tests {
         };
         assert!(sent >= 1, "the socket buffer took something first");
         assert_eq!(watch.tripped(), Some(Trip::NotReading(Duration::from_millis(300))));
-        assert!(agent::session::chain(&err).contains("the guest accepted no data"), "{err}");
+        assert!(build_trace::error_chain(&err).contains("the guest accepted no data"), "{err}");
         drop(guest);
     }
 }

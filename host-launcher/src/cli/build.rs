@@ -28,7 +28,7 @@ pub struct Args {
     /// With --import: create a GC root symlink to the output (`-<output>` suffixes for others).
     #[arg(long, requires = "import")]
     pub out_link: Option<PathBuf>,
-    /// Binary cache / trace store directory (default: <state-dir>/cache).
+    /// Binary cache / trace store directory (default: `<state-dir>/cache`).
     #[arg(long)]
     pub cache: Option<PathBuf>,
     /// Outputs to build (default: all).

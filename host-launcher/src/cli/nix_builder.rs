@@ -1,19 +1,26 @@
-//! `vouch nix-builder`: serve Nix as a remote builder on stdin/stdout.
+//! `vouch nix-builder`: serve Nix as a remote builder on stdin/stdout or on a Unix socket.
 //!
 //! `--stdio` speaks the worker protocol (what `ssh-ng://HOST?remote-program=…` runs), `--serve
-//! --write` the serve protocol (what `ssh://…` runs). `--store X` (which Nix appends for
-//! `remote-store=X`) is accepted and ignored: vouch keeps its own content store in the state
-//! directory. stdout carries the protocol only; logs go to stderr and, for builds, to the client.
-//! See `docs/nix-remote-builder.md` for the Nix side.
+//! --write` the serve protocol (what `ssh://…` runs), `--listen PATH` the worker protocol on a
+//! Unix socket (what `unix://PATH` reaches), one session per connection until SIGINT or SIGTERM.
+//! `--store X` (which Nix appends for `remote-store=X`) is accepted and ignored: vouch keeps its
+//! own content store in the state directory. On stdin/stdout, stdout carries the protocol only;
+//! logs go to stderr and, for builds, to the client. See `docs/nix-remote-builder.md` for the
+//! Nix side.
 
 use std::io::{BufReader, BufWriter};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use host_launcher::build::publish::default_cache_dir;
+use host_launcher::nixbuilder::real_store::RealStore;
 use host_launcher::nixbuilder::{self, BuilderConfig, BuilderCore};
-use host_launcher::nixproto::{serve, worker, NixVersion, ServerError};
+use host_launcher::nixproto::listen::{
+    self, ListenConfig, SessionFactory, Signals, SocketListener,
+};
+use host_launcher::nixproto::{serve, worker, Handler, NixVersion, ServerError};
 use host_launcher::store::{ContentStore, StoreConfig, DEFAULT_MAX_BYTES};
 
 use super::common::{KeyArgs, LimitArgs, VmArgs};
@@ -21,11 +28,22 @@ use super::{CmdResult, Global};
 
 /// Arguments of `vouch nix-builder`.
 #[derive(Debug, clap::Args)]
-#[command(group(clap::ArgGroup::new("protocol").required(true).args(["stdio", "serve"])))]
+#[command(group(clap::ArgGroup::new("protocol").required(true).args(["stdio", "serve", "listen"])))]
 pub struct Args {
     /// Speak Nix's worker protocol on stdin/stdout (`ssh-ng://` builders).
     #[arg(long)]
     pub stdio: bool,
+    /// Speak Nix's worker protocol on a Unix socket at PATH (`unix://PATH` builders): one
+    /// session per connection, with the limits its client sends in `SetOptions`. SIGINT or
+    /// SIGTERM stop running builds and remove the socket. A live socket at PATH is refused, a
+    /// stale one replaced.
+    #[arg(long, value_name = "PATH")]
+    pub listen: Option<PathBuf>,
+    /// With --listen: the directory where the paths clients copy from this server are unpacked
+    /// for them to read (clients name it: `unix://PATH?real=DIR`); emptied at start, so one
+    /// server's own [default: PATH.store].
+    #[arg(long, value_name = "DIR", requires = "listen")]
+    pub real_store: Option<PathBuf>,
     /// Speak Nix's serve protocol on stdin/stdout (`ssh://` builders).
     #[arg(long)]
     pub serve: bool,
@@ -49,7 +67,7 @@ pub struct Args {
     /// Signing key.
     #[command(flatten)]
     pub key: KeyArgs,
-    /// Trace store / binary cache directory (default: <state-dir>/cache).
+    /// Trace store / binary cache directory (default: `<state-dir>/cache`).
     #[arg(long)]
     pub cache: Option<PathBuf>,
     /// The Nix release the clients run (e.g. 2.8), where the protocol version leaves it open
@@ -87,6 +105,10 @@ fn size_bytes(s: &str) -> Result<u64, String> {
 
 /// Run `vouch nix-builder`.
 pub fn run(args: Args, global: &Global) -> CmdResult {
+    // Before any thread starts: they inherit the mask that routes SIGINT/SIGTERM to a descriptor.
+    let signals = args.listen.as_ref().map(|_| Signals::new()).transpose()?;
+    // Refuse a live socket before touching anything; on any later error the socket goes again.
+    let listener = args.listen.as_deref().map(SocketListener::bind).transpose()?;
     let state_dir = global.state_dir();
     if let Some(s) = &args.store {
         tracing::debug!(store = %s, "ignoring --store: vouch keeps its own content store");
@@ -96,7 +118,9 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     // A key name that cannot sign this host's evidence is refused before serving anything.
     let key_naming = args.key.naming(&state_dir)?;
     key_naming.check_for(&launcher)?;
-    let store = ContentStore::open(&state_dir.join("store"), StoreConfig { max_bytes })?;
+    let store_dir = state_dir.join("store");
+    let store_cfg = StoreConfig { max_bytes };
+    let store = ContentStore::open(&store_dir, store_cfg)?;
     let cfg = BuilderConfig {
         cache_dir: args.cache.clone().unwrap_or_else(|| default_cache_dir(&state_dir)),
         state_dir,
@@ -104,6 +128,35 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         launcher,
         key_naming,
     };
+    let worker_cfg = worker::WorkerConfig {
+        version_string: format!("vouch {}", env!("CARGO_PKG_VERSION")),
+        declared_nix: args.client_nix_version,
+    };
+    if let (Some(listener), Some(mut signals)) = (listener, signals) {
+        drop(store); // each session opens its own (its own pins)
+        let real_dir = args.real_store.clone().unwrap_or_else(|| {
+            let mut p = listener.path().as_os_str().to_owned();
+            p.push(".store");
+            p.into()
+        });
+        let real = Arc::new(RealStore::open(&real_dir)?);
+        tracing::info!(
+            "clients: unix://{}?real={}",
+            listener.path().display(),
+            real.dir().display()
+        );
+        let cancel = cfg.launcher.cancel.clone();
+        let new_session: Arc<SessionFactory> = Arc::new(move |_n| {
+            let store = ContentStore::open(&store_dir, store_cfg)?;
+            let core = BuilderCore::new(cfg.clone(), store).with_real_store(real.clone());
+            Ok(Box::new(core) as Box<dyn Handler + Send>)
+        });
+        let lcfg = ListenConfig { worker: worker_cfg, grace: listen::DEFAULT_GRACE };
+        let summary =
+            listen::serve_socket(listener, &mut signals, &lcfg, new_session, &|| cancel.cancel())?;
+        tracing::info!(?summary, "stopped");
+        return Ok(ExitCode::SUCCESS);
+    }
     let mut core = BuilderCore::new(cfg, store);
 
     // The protocol owns stdin/stdout; buffered copies of the descriptors avoid stdout's line
@@ -113,11 +166,7 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     let r = BufReader::with_capacity(1 << 16, input);
     let w = BufWriter::with_capacity(1 << 16, output);
     let result = if args.stdio {
-        let cfg = worker::WorkerConfig {
-            version_string: format!("vouch {}", env!("CARGO_PKG_VERSION")),
-            declared_nix: args.client_nix_version,
-        };
-        worker::serve(r, w, &cfg, &mut core)
+        worker::serve(r, w, &worker_cfg, &mut core)
     } else {
         let cfg = serve::ServeConfig { write: args.write, declared_nix: args.client_nix_version };
         serve::serve(r, w, &mut std::io::stderr(), &cfg, &mut core)

@@ -1,22 +1,26 @@
 //! The remote builder's core: executes the [`Action`]s the Nix protocol front-ends parse, against
 //! the content store ([`crate::store`]) and the build core ([`crate::build::run_step`]).
 //!
-//! - `SetOptions` is remembered for the session (its limits apply to later builds).
+//! - `SetOptions` is remembered for the session: its limits ([`step::SESSION_SETTINGS`]) apply
+//!   to the session's later builds; everything else in it is ignored.
 //! - `QueryValidPaths` answers from the content store and **pins** the valid ones for the
 //!   session, so they survive until this session's build uses them.
 //! - Uploads go through the content store's checks; what a session uploaded stays pinned until
 //!   it ends.
-//! - `QueryPathInfo`/`NarFromPath` serve valid paths only (a path asked about is pinned).
+//! - `QueryPathInfo`/`NarFromPath` serve valid paths only (a path asked about is pinned, and for
+//!   a `unix://` client unpacked where it reads it: [`real_store`]).
 //! - `BuildDerivation` runs one step in a fresh VM ([`step`]): it answers with a `BuildResult`
 //!   whose realisations are signed only after `run_step` checked the statement and evidence.
 //!
 //! What is not here: wire formats (`crate::nixproto`), VMs (`crate::build`, `crate::vm`).
 
 pub mod adapters;
+pub mod real_store;
 pub mod step;
 
 use std::io::BufReader;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use build_trace::job::Limits;
 use nix_formats::ca::SelfRefRule;
@@ -63,6 +67,7 @@ pub struct BuilderCore {
     cfg: BuilderConfig,
     store: ContentStore,
     options: Option<ClientOptions>,
+    real: Option<real_store::RealStoreSession>,
 }
 
 /// Both self-reference rules, the one of current Nix releases first: an uploaded path may come
@@ -72,7 +77,14 @@ pub const UPLOAD_RULES: &[SelfRefRule] = &[SelfRefRule::ZeroOnly, SelfRefRule::Z
 impl BuilderCore {
     /// A session over an open content store.
     pub fn new(cfg: BuilderConfig, store: ContentStore) -> Self {
-        BuilderCore { cfg, store, options: None }
+        BuilderCore { cfg, store, options: None, real: None }
+    }
+
+    /// A session whose client reads paths from its file system (`unix://`): every path it asks
+    /// about is unpacked into `real` until the session ends ([`real_store`]).
+    pub fn with_real_store(mut self, real: Arc<real_store::RealStore>) -> Self {
+        self.real = Some(real_store::RealStoreSession::new(real));
+        self
     }
 
     /// The content store.
@@ -96,6 +108,19 @@ impl Handler for BuilderCore {
         match action {
             Action::SetOptions(o) => {
                 tracing::debug!(?o, "client options");
+                let l = step::merge_limits(
+                    self.cfg.limits,
+                    None,
+                    Some(&o),
+                    self.cfg.launcher.vcpus.into(),
+                );
+                tracing::info!(
+                    timeout_s = l.timeout_s,
+                    max_silent_s = l.max_silent_s,
+                    max_log_bytes = l.max_log_bytes,
+                    cores = l.cores,
+                    "SetOptions: the limits of this session's builds"
+                );
                 self.options = Some(o);
                 Ok(Reply::Done)
             }
@@ -106,7 +131,11 @@ impl Handler for BuilderCore {
                 let info = self.store.path_info(&p)?;
                 if info.is_some() {
                     // Pinned: the NAR the client asks for next must not be evicted meanwhile.
-                    self.store.pin(&std::iter::once(p).collect())?;
+                    self.store.pin(&std::iter::once(p.clone()).collect())?;
+                    if let Some(real) = &mut self.real {
+                        // A `unix://` client reads the path from its file system next.
+                        real.provide(&self.store, &p)?;
+                    }
                 }
                 Ok(Reply::PathInfo(info.map(Box::new)))
             }

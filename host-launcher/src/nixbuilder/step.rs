@@ -5,7 +5,7 @@
 //! 2. The input closure must be in the content store (the client uploads what
 //!    `QueryValidPaths` said was missing); it is pinned for the session.
 //! 3. Limits: vouch's defaults, overridden by the client's non-zero values (serve build options,
-//!    or `SetOptions` over a socket).
+//!    or the session's `SetOptions` over a socket: [`SESSION_SETTINGS`]).
 //! 4. [`crate::build::run_step`] builds in a fresh VM and returns only a checked outcome (statement
 //!    for exactly this job, evidence verified, output NARs matching the statement). Fixed-output
 //!    derivations go to the networked variant (`network: true`), accepted only by their declared
@@ -59,11 +59,21 @@ pub fn self_ref_rule(rule: CaRule) -> SelfRefRule {
     }
 }
 
-/// The limits of one build: `base`, with the client's non-zero values.
+/// The settings of a worker-protocol `SetOptions` (what a `unix://` client sends first) that
+/// vouch applies to the session's builds, by their `nix.conf` names: `max-silent-time` and
+/// `cores` (also fixed fields of the message), `timeout` and `max-build-log-size` (overrides).
+/// Every other field and setting is ignored (`docs/nix-remote-builder.md` lists them).
+pub const SESSION_SETTINGS: &[&str] =
+    &["max-silent-time", "timeout", "max-build-log-size", "cores"];
+
+/// The limits of one build: `base` (vouch's configured defaults), with the client's non-zero
+/// values: the serve protocol's per-build options, then the session's `SetOptions`
+/// ([`SESSION_SETTINGS`]). A client's `cores` is capped at the VM's `vcpus`.
 pub fn merge_limits(
     base: Limits,
     serve: Option<&BuildOptions>,
     session: Option<&crate::nixproto::ClientOptions>,
+    vcpus: u64,
 ) -> Limits {
     let mut l = base;
     let set = |slot: &mut u64, v: u64| {
@@ -77,14 +87,19 @@ pub fn merge_limits(
         set(&mut l.max_log_bytes, o.max_log_size);
     }
     if let Some(o) = session {
-        set(&mut l.max_silent_s, o.max_silent_time);
-        set(&mut l.cores, o.build_cores);
-        let num =
-            |k: &str| o.overrides.get(k).and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(0);
-        set(&mut l.timeout_s, num("timeout"));
-        set(&mut l.max_silent_s, num("max-silent-time"));
-        set(&mut l.max_log_bytes, num("max-build-log-size"));
-        set(&mut l.cores, num("cores"));
+        let num = |k: &str| {
+            let v = o.overrides.get(k)?;
+            let n = v.trim().parse::<u64>().ok();
+            if n.is_none() {
+                tracing::warn!(setting = k, value = %v, "ignoring a client setting that is not a number");
+            }
+            n
+        };
+        set(&mut l.max_silent_s, num("max-silent-time").unwrap_or(o.max_silent_time));
+        set(&mut l.timeout_s, num("timeout").unwrap_or(0));
+        set(&mut l.max_log_bytes, num("max-build-log-size").unwrap_or(0));
+        let cores = num("cores").unwrap_or(o.build_cores);
+        set(&mut l.cores, cores.min(vcpus.max(1)));
     }
     l
 }
@@ -102,6 +117,7 @@ fn step_failure(e: &StepError) -> BuildResult {
         },
         StepError::Watchdog(_) => BuildStatus::TimedOut,
         StepError::Rejected(_) => BuildStatus::OutputRejected,
+        StepError::Cancelled => BuildStatus::TransientFailure,
         _ => BuildStatus::MiscFailure,
     };
     fail(status, format!("vouch: {}", error_chain(e)))
@@ -174,7 +190,12 @@ pub fn build(core: &mut BuilderCore, req: BuildRequest, log: &mut dyn LogSink) -
         );
     }
 
-    let limits = merge_limits(core.cfg.limits, req.options.as_ref(), core.options.as_ref());
+    let limits = merge_limits(
+        core.cfg.limits,
+        req.options.as_ref(),
+        core.options.as_ref(),
+        core.cfg.launcher.vcpus.into(),
+    );
     let step = StepRequest {
         drv_path: drv_path.to_string(),
         drv: req.drv,
@@ -285,22 +306,34 @@ mod tests {
     #[test]
     fn client_limits_override_defaults_only_when_set() {
         let base = super::super::default_limits();
-        assert_eq!(merge_limits(base, None, None), base);
+        assert_eq!(merge_limits(base, None, None, 1), base);
         let serve = BuildOptions {
             build_timeout: 60,
             max_silent_time: 0,
             max_log_size: 10,
             ..Default::default()
         };
-        let l = merge_limits(base, Some(&serve), None);
+        let l = merge_limits(base, Some(&serve), None, 1);
         assert_eq!((l.timeout_s, l.max_silent_s, l.max_log_bytes), (60, base.max_silent_s, 10));
+        // What Nix 2.8 sends over `unix://`: the fixed fields, and every setting as an override
+        // (`max-silent-time` and `cores` only as fields); 0 means "no limit" to Nix, vouch's
+        // default here.
         let mut o = ClientOptions { max_silent_time: 5, build_cores: 2, ..Default::default() };
-        o.overrides.insert("timeout".into(), "7".into());
-        o.overrides.insert("max-build-log-size".into(), "junk".into());
-        let l = merge_limits(base, None, Some(&o));
+        for (k, v) in [("timeout", "7"), ("max-build-log-size", "0"), ("sandbox", "true")] {
+            o.overrides.insert(k.into(), v.into());
+        }
+        let l = merge_limits(base, None, Some(&o), 4);
         assert_eq!(
             (l.timeout_s, l.max_silent_s, l.max_log_bytes, l.cores),
             (7, 5, base.max_log_bytes, 2)
         );
+        assert_eq!((l.memory_bytes, l.max_processes, l.tmpfs_bytes), (0, 0, 0), "not the client's");
+        // Cores never exceed the VM's vCPUs; an override by name wins over the field; a value
+        // that is not a number is ignored.
+        assert_eq!(merge_limits(base, None, Some(&o), 1).cores, 1);
+        o.overrides.insert("max-silent-time".into(), "9".into());
+        o.overrides.insert("max-build-log-size".into(), "junk".into());
+        let l = merge_limits(base, None, Some(&o), 4);
+        assert_eq!((l.max_silent_s, l.max_log_bytes), (9, base.max_log_bytes));
     }
 }

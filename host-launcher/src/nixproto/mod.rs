@@ -1,7 +1,8 @@
 //! Nix's worker and serve protocols, server side: how Nix reaches vouch as a remote builder.
 //!
-//! Layout (Firecracker style): the front-ends [`worker`] (`ssh-ng://`, `--stdio`) and [`serve`]
-//! (`ssh://`, `--serve --write`) parse each request into one [`Action`]; the core (a
+//! Layout (Firecracker style): the front-ends [`worker`] (`ssh-ng://`, `--stdio`; on a Unix
+//! socket for `unix://` through [`listen`], `--listen`) and [`serve`] (`ssh://`, `--serve
+//! --write`) parse each request into one [`Action`]; the core (a
 //! [`Handler`], `crate::nixbuilder`) executes it and returns a [`Reply`], which the front-end
 //! encodes for the client's version. The core never sees the wire. Shared pieces: [`wire`]
 //! (integers, strings, framed streams), [`types`] (records per protocol version), [`version`]
@@ -11,6 +12,7 @@
 //! The wire layouts are written down in `docs/nix-remote-builder.md` and in each module.
 
 pub mod action;
+pub mod listen;
 pub mod serve;
 pub mod types;
 pub mod version;

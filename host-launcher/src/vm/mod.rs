@@ -175,7 +175,7 @@ pub struct SnpLaunch {
     pub host_data: [u8; 32],
     /// Guest policy; never with the DEBUG bit (19).
     pub policy: u64,
-    /// C-bit position (host CPUID 0x8000001F EBX[5:0]).
+    /// C-bit position (host CPUID 0x8000001F EBX\[5:0\]).
     pub cbitpos: u32,
     /// Reduced physical address bits.
     pub reduced_phys_bits: u32,
@@ -291,7 +291,7 @@ pub fn qemu_argv(spec: &QemuSpec) -> Result<Vec<String>, ArgvError> {
     Ok(a)
 }
 
-/// The host's C-bit position from CPUID 0x8000001F EBX[5:0], or 51 (Milan/Genoa/Turin).
+/// The host's C-bit position from CPUID 0x8000001F EBX\[5:0\], or 51 (Milan/Genoa/Turin).
 pub fn host_cbitpos() -> u32 {
     #[cfg(target_arch = "x86_64")]
     {

@@ -1,3 +1,10 @@
+//! Tests of the QEMU command line: the argv per mode (TCG with vhost-user vsock, KVM with
+//! kernel vsock, SNP exactly), refusals (debug policy, missing SNP settings), the NIC only
+//! where asked, mode choice and `/proc/cpuinfo` flags, and the real QEMU 10 parsing our SNP
+//! argv.
+//!
+//! What is not here: booting a guest (`tests/tests/vm_*.rs`).
+
 use super::*;
 
 fn spec(mode: Mode, vsock: VsockDevice) -> QemuSpec {

@@ -7,8 +7,9 @@
 
 use std::collections::BTreeSet;
 use std::io::{BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,6 +24,8 @@ use sha2::{Digest, Sha256};
 
 #[path = "../../../tests/src/nix.rs"]
 pub mod nix;
+#[path = "../../../tests/src/server.rs"]
+pub mod server;
 #[allow(unused_imports)]
 #[path = "../../../tests/src/vm.rs"]
 pub mod vm;
@@ -96,12 +99,15 @@ pub fn recursive_ca_info(name: &str, claimed: &[u8], nar: &[u8]) -> PathInfo {
     info
 }
 
-/// A running `vouch nix-builder` with a scripted peer.
+/// A scripted peer of `vouch nix-builder`: a process it started (`--stdio`, `--serve`) or a
+/// connection to a `--listen` socket.
 pub struct Peer {
-    pub child: Child,
-    pub to: Option<ChildStdin>,
-    pub from: BufReader<ChildStdout>,
+    pub child: Option<Child>,
+    pub to: Option<Box<dyn Write + Send>>,
+    pub from: BufReader<Box<dyn Read + Send>>,
     pub stderr_file: PathBuf,
+    /// The connection, for a socket peer (to shut it down).
+    sock: Option<UnixStream>,
     done: Arc<AtomicBool>,
 }
 
@@ -121,8 +127,9 @@ impl Peer {
             .stderr(err)
             .spawn()
             .unwrap();
-        let to = child.stdin.take().unwrap();
-        let from = BufReader::new(child.stdout.take().unwrap());
+        let to: Box<dyn Write + Send> = Box::new(child.stdin.take().unwrap());
+        let from: Box<dyn Read + Send> = Box::new(child.stdout.take().unwrap());
+        let from = BufReader::new(from);
         let done = Arc::new(AtomicBool::new(false));
         let pid = child.id() as i32;
         let flag = done.clone();
@@ -139,17 +146,37 @@ impl Peer {
                 let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
             }
         });
-        Peer { child, to: Some(to), from, stderr_file, done }
+        Peer { child: Some(child), to: Some(to), from, stderr_file, sock: None, done }
     }
 
-    /// The pipe to the server's stdin.
-    pub fn w(&mut self) -> &mut ChildStdin {
-        self.to.as_mut().expect("stdin still open")
+    /// Connect to a `vouch nix-builder --listen` socket (reads time out after `limit`).
+    pub fn connect(socket: &Path, limit: Duration) -> Peer {
+        let s = UnixStream::connect(socket).unwrap();
+        s.set_read_timeout(Some(limit)).unwrap();
+        let from: Box<dyn Read + Send> = Box::new(s.try_clone().unwrap());
+        Peer {
+            child: None,
+            to: Some(Box::new(s.try_clone().unwrap())),
+            from: BufReader::new(from),
+            stderr_file: PathBuf::new(),
+            sock: Some(s.try_clone().unwrap()),
+            done: Arc::new(AtomicBool::new(true)),
+        }
     }
 
-    /// Close the server's stdin (the client hangs up).
+    /// The server's input.
+    pub fn w(&mut self) -> &mut Box<dyn Write + Send> {
+        self.to.as_mut().expect("the connection is still open")
+    }
+
+    /// Close our sending side (the client hangs up).
     pub fn hang_up(&mut self) {
-        self.to = None;
+        if let Some(mut w) = self.to.take() {
+            let _ = w.flush();
+        }
+        if let Some(s) = &self.sock {
+            let _ = s.shutdown(std::net::Shutdown::Write);
+        }
     }
 
     /// Worker handshake as a Nix client of `version` with `features` (≥ 1.38); returns the
@@ -250,7 +277,7 @@ impl Peer {
         self.to = None;
         let mut rest = Vec::new();
         let _ = self.from.read_to_end(&mut rest);
-        let status = self.child.wait().unwrap();
+        let status = self.child.as_mut().expect("a builder process").wait().unwrap();
         self.done.store(true, Ordering::Relaxed);
         (status, std::fs::read_to_string(&self.stderr_file).unwrap_or_default())
     }
@@ -265,7 +292,83 @@ impl Peer {
 impl Drop for Peer {
     fn drop(&mut self) {
         self.done.store(true, Ordering::Relaxed);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
+}
+
+/// A closure built by the local Nix: busybox (a content-addressed `builtins.path` source), `dep`
+/// and `top` (input-addressed, `top` refers to `dep`). Returns (top, all three paths).
+pub fn local_closure(d: &Path, tag: &str) -> (String, Vec<String>) {
+    busybox_dir(&d.join("bb"));
+    let file = d.join(format!("closure-{tag}.nix"));
+    std::fs::write(
+        &file,
+        format!(
+            r#"let
+  bb = builtins.path {{ path = ./bb; name = "busybox"; }};
+  mk = name: script: derivation {{ inherit name; system = builtins.currentSystem; builder = "${{bb}}/sh"; args = [ "-c" script ]; }};
+in rec {{
+  dep = mk "up-dep" "mkdir $out; echo {n} > $out/data";
+  top-{tag} = mk "up-top-{tag}" "mkdir $out; echo ${{dep}} ${{bb}} > $out/ref; echo {tag} > $out/tag";
+}}"#,
+            n = nonce_shared(d)
+        ),
+    )
+    .unwrap();
+    let out =
+        nix(&["nix-build", "--no-out-link", file.to_str().unwrap(), "-A", &format!("top-{tag}")]);
+    assert!(out.status.success(), "local nix-build: {}", text(&out));
+    let top = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let req = nix(&["nix-store", "-qR", &top]);
+    let all: Vec<String> =
+        String::from_utf8(req.stdout).unwrap().lines().map(str::to_owned).collect();
+    assert_eq!(all.len(), 3, "{all:?}");
+    (top, all)
+}
+
+/// One nonce per scratch directory (so two closures in one test share `dep`).
+pub fn nonce_shared(d: &Path) -> String {
+    let f = d.join("nonce");
+    if let Ok(n) = std::fs::read_to_string(&f) {
+        return n;
+    }
+    let n = nonce();
+    std::fs::write(&f, &n).unwrap();
+    n
+}
+
+pub fn path_infos(store: &str, paths: &[String]) -> serde_json::Value {
+    let mut args = vec!["nix", "path-info", "--json"];
+    if !store.is_empty() {
+        args.extend(["--store", store]);
+    }
+    args.extend(paths.iter().map(String::as_str));
+    let out = nix(&args);
+    assert!(out.status.success(), "nix path-info {store}: {}", text(&out));
+    let mut v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for e in v.as_array_mut().unwrap() {
+        let o = e.as_object_mut().unwrap();
+        o.remove("registrationTime");
+        o.remove("deriver");
+        o.remove("signatures");
+        o.remove("ultimate");
+    }
+    v
+}
+
+/// `nix copy` the closure of `top` (the paths `all`) to the store `url` and back into the fresh
+/// store `back`: the builder answers with the client's NAR hashes, sizes, references and
+/// content addresses, and Nix re-checks NAR hashes (and content addresses) on import.
+pub fn copy_round_trip(url: &str, top: &str, all: &[String], back: &Path) {
+    let out = nix(&["nix", "copy", "--to", url, top]);
+    assert!(out.status.success(), "nix copy --to {url}: {}", text(&out));
+    assert_eq!(path_infos(url, all), path_infos("", all), "{url}");
+    let back = back.to_str().unwrap();
+    let out = nix(&["nix", "copy", "--no-check-sigs", "--from", url, "--to", back, top]);
+    assert!(out.status.success(), "nix copy --from {url}: {}", text(&out));
+    let out = nix(&["nix-store", "--store", back, "--verify-path", top]);
+    assert!(out.status.success(), "{}", text(&out));
 }

@@ -152,7 +152,7 @@ pub fn serve<R: BufRead, W: Write>(
         client = %profile.nix_range(),
         "worker protocol handshake done"
     );
-    let mut conn = Conn { w, profile, next_activity: (std::process::id() as u64) << 32 };
+    let mut conn = Conn { w, profile, next_activity: first_activity_id() };
     loop {
         let Some(op) = r.read_u64_or_eof()? else {
             tracing::debug!("client closed the connection");
@@ -164,6 +164,16 @@ pub fn serve<R: BufRead, W: Write>(
             Flow::Close => return Ok(()),
         }
     }
+}
+
+/// The first activity id of a connection: the process id in the high half (one process per
+/// connection over `ssh-ng://`), and the connection's number in this process above the low 24
+/// bits (many connections per process with `--listen`), so that the activities of concurrent
+/// builds never share an id in a client's log.
+fn first_activity_id() -> u64 {
+    static CONNECTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = CONNECTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) & 0xff;
+    (u64::from(std::process::id()) << 32) | (n << 24)
 }
 
 /// The handshake; on success the client has its `STDERR_LAST`.

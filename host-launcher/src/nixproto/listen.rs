@@ -1,0 +1,339 @@
+//! The worker protocol on a Unix socket (`vouch nix-builder --listen PATH`): what a Nix client
+//! reaches with the store URI or builder `unix://PATH`.
+//!
+//! One thread per connection, each its own session: a fresh [`Handler`] made for it (so its own
+//! `SetOptions` and its own pins in the content store), driven by the same worker front-end as
+//! `--stdio` ([`super::worker::serve`]). Nix opens one connection per build, as it starts one
+//! process per build over `ssh-ng://`.
+//!
+//! - **Binding** ([`SocketListener::bind`]): a path that does not exist is bound; a socket that
+//!   answers a connection is live and refused (another server owns it); a socket that refuses
+//!   connections is stale (its server died) and replaced; anything else is refused. The socket
+//!   is removed when the listener is dropped, if it is still the one we bound.
+//! - **Shutdown** ([`serve_socket`]): when the stop source fires (the CLI's [`Signals`]: SIGINT or
+//!   SIGTERM), the socket is closed and removed at once, `on_stop` runs (the CLI cancels running
+//!   builds, killing their VMs: each client gets a failed build with the reason), the reading
+//!   side of every open connection is shut down (a session waiting for its client's next
+//!   operation ends; one that is answering finishes its answer first), and the sessions get
+//!   `grace` to end. A second signal stops the wait.
+//!
+//! Who may connect is decided by the socket's file permissions (and its directory's): anyone who
+//! can connect can upload paths and start builds.
+//!
+//! What is not here: the protocol ([`super::worker`]), what sessions do (the [`Handler`],
+//! `crate::nixbuilder`).
+
+use std::io::{BufReader, BufWriter};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+
+use super::action::{error_chain, ActionError, Handler};
+use super::worker::{self, WorkerConfig};
+use super::{ServerError, WireError};
+
+/// How long sessions get to end after a shutdown began, by default.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
+
+/// Why the socket server could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    /// A server is already listening there.
+    #[error("{0} is a live socket (another server answers on it); not starting a second one")]
+    InUse(PathBuf),
+    /// The path is taken by something that is not a socket.
+    #[error("{0} exists and is not a socket; not replacing it")]
+    NotASocket(PathBuf),
+    /// Looking at, probing, removing or binding the path failed.
+    #[error("{what} {path}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The socket path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Waiting for connections or signals failed.
+    #[error("waiting for connections")]
+    Poll(#[source] nix::Error),
+    /// Setting up signal delivery failed.
+    #[error("setting up SIGINT/SIGTERM handling")]
+    Signals(#[source] nix::Error),
+}
+
+fn io_err<'p>(
+    what: &'static str,
+    path: &'p Path,
+) -> impl FnOnce(std::io::Error) -> ListenError + 'p {
+    move |source| ListenError::Io { what, path: path.to_owned(), source }
+}
+
+/// A bound, listening Unix socket; the socket file is removed on drop if it is still ours.
+#[derive(Debug)]
+pub struct SocketListener {
+    listener: UnixListener,
+    path: PathBuf,
+    /// Device and inode of the socket file we created.
+    file: (u64, u64),
+}
+
+impl SocketListener {
+    /// Bind `path` (see the module docs for live, stale and foreign files).
+    pub fn bind(path: &Path) -> Result<SocketListener, ListenError> {
+        match std::fs::symlink_metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("looking at", path)(e)),
+            Ok(m) if !m.file_type().is_socket() => {
+                return Err(ListenError::NotASocket(path.to_owned()))
+            }
+            Ok(_) => match UnixStream::connect(path) {
+                Ok(_) => return Err(ListenError::InUse(path.to_owned())),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    tracing::info!(path = %path.display(), "replacing a stale socket (its server is gone)");
+                    std::fs::remove_file(path)
+                        .map_err(io_err("removing the stale socket", path))?;
+                }
+                Err(e) => return Err(io_err("probing the existing socket", path)(e)),
+            },
+        }
+        let listener = UnixListener::bind(path).map_err(io_err("binding", path))?;
+        listener.set_nonblocking(true).map_err(io_err("setting up", path))?;
+        let m = std::fs::symlink_metadata(path).map_err(io_err("looking at", path))?;
+        Ok(SocketListener { listener, path: path.to_owned(), file: (m.dev(), m.ino()) })
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for SocketListener {
+    fn drop(&mut self) {
+        let ours = std::fs::symlink_metadata(&self.path)
+            .map(|m| (m.dev(), m.ino()) == self.file)
+            .unwrap_or(false);
+        if ours {
+            match std::fs::remove_file(&self.path) {
+                Ok(()) => tracing::info!(path = %self.path.display(), "socket removed"),
+                Err(e) => tracing::warn!(path = %self.path.display(), "removing the socket: {e}"),
+            }
+        }
+    }
+}
+
+/// What ends [`serve_socket`]: a descriptor that becomes readable, and a way to consume that.
+pub trait StopSource {
+    /// Readable when the server should stop.
+    fn fd(&self) -> BorrowedFd<'_>;
+    /// Consume the event (after `fd` was readable); names it, for logs.
+    fn take(&mut self) -> String;
+}
+
+/// SIGINT and SIGTERM as a [`StopSource`] (a signalfd). [`Signals::new`] blocks both signals in
+/// the calling thread, so it must run before the process starts any other thread (threads
+/// inherit the mask; child processes started through `std::process` get a clean mask).
+#[derive(Debug)]
+pub struct Signals(SignalFd);
+
+impl Signals {
+    /// Block SIGINT and SIGTERM and receive them on a descriptor instead.
+    pub fn new() -> Result<Signals, ListenError> {
+        let mut mask = SigSet::empty();
+        mask.add(Signal::SIGINT);
+        mask.add(Signal::SIGTERM);
+        mask.thread_block().map_err(ListenError::Signals)?;
+        let fd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+            .map_err(ListenError::Signals)?;
+        Ok(Signals(fd))
+    }
+}
+
+impl StopSource for Signals {
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+
+    fn take(&mut self) -> String {
+        match self.0.read_signal() {
+            Ok(Some(info)) => Signal::try_from(info.ssi_signo as i32)
+                .map(|s| s.as_str().to_owned())
+                .unwrap_or_else(|_| format!("signal {}", info.ssi_signo)),
+            Ok(None) => "a signal".into(),
+            Err(e) => format!("a signal (reading it failed: {e})"),
+        }
+    }
+}
+
+/// Makes the handler of one session; its argument numbers the connection (from 1).
+pub type SessionFactory = dyn Fn(u64) -> Result<Box<dyn Handler + Send>, ActionError> + Send + Sync;
+
+/// How [`serve_socket`] runs.
+#[derive(Debug, Clone)]
+pub struct ListenConfig {
+    /// The worker front-end's settings (shared by every session).
+    pub worker: WorkerConfig,
+    /// How long sessions get to end after a shutdown began.
+    pub grace: Duration,
+}
+
+/// What a server run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServeSummary {
+    /// Connections accepted.
+    pub sessions: u64,
+    /// What stopped the server.
+    pub stopped_by: String,
+    /// Sessions still running when the grace period ended (or a second signal came).
+    pub abandoned: usize,
+}
+
+struct Session {
+    stream: UnixStream,
+    thread: JoinHandle<()>,
+}
+
+/// Shuts a connection down (both directions, every handle) when dropped.
+struct CloseOnDrop(UnixStream);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// Accept connections on `listener` until `stop` fires, one session thread each (see the module
+/// docs); then shut down as described there and return. The socket file is removed before
+/// `on_stop` runs.
+pub fn serve_socket(
+    listener: SocketListener,
+    stop: &mut dyn StopSource,
+    cfg: &ListenConfig,
+    new_session: Arc<SessionFactory>,
+    on_stop: &dyn Fn(),
+) -> Result<ServeSummary, ListenError> {
+    tracing::info!(path = %listener.path().display(), "listening for Nix clients (worker protocol)");
+    let mut sessions: Vec<Session> = Vec::new();
+    let mut n = 0u64;
+    let stopped_by = loop {
+        let (conn, stopping) = {
+            let mut fds = [
+                PollFd::new(listener.listener.as_fd(), PollFlags::POLLIN),
+                PollFd::new(stop.fd(), PollFlags::POLLIN),
+            ];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Err(nix::Error::EINTR) => continue,
+                Err(e) => return Err(ListenError::Poll(e)),
+                Ok(_) => {}
+            }
+            let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+            (ready(&fds[0]), ready(&fds[1]))
+        };
+        if stopping {
+            break stop.take();
+        }
+        if !conn {
+            continue;
+        }
+        let stream = match listener.listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => {
+                // A failed accept (e.g. out of descriptors) ends that connection, not the server.
+                tracing::warn!("accepting a connection: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        n += 1;
+        sessions.retain(|s| !s.thread.is_finished());
+        match spawn_session(n, stream, cfg.worker.clone(), new_session.clone()) {
+            Ok(s) => sessions.push(s),
+            Err(e) => tracing::warn!(session = n, "starting the session: {e}"),
+        }
+    };
+
+    tracing::info!(signal = %stopped_by, open = sessions.len(), "shutting down");
+    drop(listener);
+    on_stop();
+    for s in &sessions {
+        let _ = s.stream.shutdown(std::net::Shutdown::Read);
+    }
+    let deadline = Instant::now() + cfg.grace;
+    loop {
+        sessions.retain(|s| !s.thread.is_finished());
+        if sessions.is_empty() {
+            break;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            tracing::warn!(open = sessions.len(), "sessions did not end within {:?}", cfg.grace);
+            break;
+        }
+        let mut fds = [PollFd::new(stop.fd(), PollFlags::POLLIN)];
+        let wait =
+            PollTimeout::try_from(left.min(Duration::from_millis(50))).unwrap_or(PollTimeout::ZERO);
+        if matches!(poll(&mut fds, wait), Ok(k) if k > 0) {
+            let second = stop.take();
+            tracing::warn!(signal = %second, open = sessions.len(), "not waiting for the sessions");
+            break;
+        }
+    }
+    Ok(ServeSummary { sessions: n, stopped_by, abandoned: sessions.len() })
+}
+
+fn spawn_session(
+    n: u64,
+    stream: UnixStream,
+    cfg: WorkerConfig,
+    new_session: Arc<SessionFactory>,
+) -> std::io::Result<Session> {
+    let peer = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+        .map(|c| format!("pid {} uid {}", c.pid(), c.uid()))
+        .unwrap_or_else(|_| "unknown peer".into());
+    let reader = stream.try_clone()?;
+    let writer = stream.try_clone()?;
+    let closer = CloseOnDrop(stream.try_clone()?);
+    let thread = std::thread::Builder::new().name(format!("session-{n}")).spawn(move || {
+        // However the session ends, the client sees the connection close (the server keeps a
+        // handle of its own to shut it down).
+        let _closer = closer;
+        let span = tracing::info_span!("session", n, peer = %peer);
+        let _entered = span.enter();
+        tracing::info!("connected");
+        let mut handler = match new_session(n) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::error!("cannot open a session: {}", error_chain(e.as_ref()));
+                return;
+            }
+        };
+        let r = BufReader::with_capacity(1 << 16, reader);
+        let w = BufWriter::with_capacity(1 << 16, writer);
+        match worker::serve(r, w, &cfg, handler.as_mut()) {
+            Ok(()) => tracing::info!("session ended"),
+            Err(ServerError::Wire(WireError::Eof)) => tracing::info!("the client went away"),
+            Err(ServerError::PeerGone(kind)) => {
+                tracing::warn!(
+                    ?kind,
+                    "the client went away mid-upload; nothing of it was registered"
+                )
+            }
+            Err(e) => tracing::warn!("session failed: {}", error_chain(&e)),
+        }
+    })?;
+    Ok(Session { stream, thread })
+}
+
+#[cfg(test)]
+mod tests;

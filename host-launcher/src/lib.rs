@@ -11,5 +11,6 @@ pub mod bench;
 pub mod build;
 pub mod nixbuilder;
 pub mod nixproto;
+pub mod serve;
 pub mod store;
 pub mod vm;

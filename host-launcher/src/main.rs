@@ -24,8 +24,11 @@ struct Cli {
 enum Command {
     /// Build one resolved derivation in a fresh VM.
     Build(cli::build::Args),
-    /// Serve Nix as a remote builder (`ssh-ng://` runs `--stdio`, `ssh://` runs `--serve --write`).
+    /// Serve Nix as a remote builder (`ssh-ng://` runs `--stdio`, `ssh://` runs `--serve --write`,
+    /// `unix://PATH` reaches `--listen PATH`).
     NixBuilder(cli::nix_builder::Args),
+    /// The hosted CI service: HTTP build API and Nix binary cache (`docs/ci-service.md`).
+    Serve(cli::serve::Args),
     /// Verify a closure's build traces under a trust policy.
     Verify(cli::verify::Args),
     /// Build or measure the guest image.
@@ -52,6 +55,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Build(args) => cli::build::run(args, &cli.global),
         Command::NixBuilder(args) => cli::nix_builder::run(args, &cli.global),
+        Command::Serve(args) => cli::serve::run(args, &cli.global),
         Command::Verify(args) => cli::verify::run(args, &cli.global),
         Command::Image(cmd) => cli::image::run(cmd, &cli.global),
         Command::Doctor(args) => cli::doctor::run(args, &cli.global),

@@ -4,7 +4,8 @@
 //! What is here: [`nix`] (running the real Nix with the test configuration, the busybox
 //! directory test derivations build with, unique names), [`snp`] (the real AMD SEV-SNP test
 //! vectors), [`vm`] (the `vouch` binary, the guest image, scratch areas for VM tests),
-//! [`server`] (a `vouch nix-builder --listen` process on a Unix socket).
+//! [`server`] (a `vouch nix-builder --listen` process on a Unix socket), [`http_service`] (a
+//! `vouch serve` process and a tiny HTTP client).
 //!
 //! The modules use only `std` and `tempfile`, and refer to each other as `super::…`: the
 //! other crates' tests include them by path (`#[path = "../../tests/src/nix.rs"] mod nix;`), so
@@ -12,6 +13,7 @@
 //! own crates.
 //!
 //! What is not here: mocks of Nix, QEMU or AMD (there are none), or the tests themselves.
+pub mod http_service;
 pub mod nix;
 pub mod server;
 pub mod snp;

@@ -87,24 +87,31 @@ impl SocketServer {
     /// Send `signal` (`TERM`, `INT`, `KILL`) and wait up to 60 s for the exit; returns the exit
     /// status and the log.
     pub fn stop(mut self, signal: &str) -> (ExitStatus, String) {
-        let ok = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "kill -{signal} failed");
-        let t0 = Instant::now();
-        loop {
-            if let Some(st) = self.child.try_wait().expect("waiting for the server") {
-                return (st, self.log_text());
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(60),
-                "the server did not stop after SIG{signal}:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
+        stop_child(&mut self.child, signal, "the server", &self.log)
+    }
+}
+
+/// Send `signal` (`TERM`, `INT`, `KILL`) to `child` (named `what` in failures) and wait up to
+/// 60 s for its exit; returns the exit status and its log (the file `log`).
+pub fn stop_child(child: &mut Child, signal: &str, what: &str, log: &Path) -> (ExitStatus, String) {
+    let log_text = || std::fs::read_to_string(log).unwrap_or_default();
+    let ok = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(child.id().to_string())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill -{signal} failed");
+    let t0 = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap_or_else(|e| panic!("waiting for {what}: {e}")) {
+            return (st, log_text());
         }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "{what} did not stop after SIG{signal}:\n{}",
+            log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -1,15 +1,19 @@
-//! Options that `vouch build` and `vouch nix-builder` share: the build limits
-//! ([`LimitArgs`]), how VMs are launched ([`VmArgs`]) and the signing key's name
-//! ([`KeyArgs`]). One definition, so both commands accept the same flags with the same meaning;
-//! only the defaults of the three Nix limits differ (a remote builder never runs unbounded, see
-//! `docs/nix-remote-builder.md`).
+//! Options that `vouch build`, `vouch nix-builder` and `vouch serve` share: the build limits
+//! ([`LimitArgs`]), how VMs are launched ([`VmArgs`]), the signing key's name ([`KeyArgs`]),
+//! and for the two long-running builders their content store, trace store and client Nix
+//! release ([`BuilderArgs`]). One definition, so the commands accept the same flags with the
+//! same meaning; only the defaults of the three Nix limits differ (a remote builder never runs
+//! unbounded, see `docs/nix-remote-builder.md`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use build_trace::job::Limits;
-use host_launcher::build::publish::KeyNaming;
+use host_launcher::build::publish::{default_cache_dir, KeyNaming};
 use host_launcher::build::LauncherConfig;
+use host_launcher::nixbuilder::{self, BuilderConfig};
+use host_launcher::nixproto::NixVersion;
+use host_launcher::store::{StoreConfig, DEFAULT_MAX_BYTES};
 use host_launcher::vm::Mode;
 
 /// Build limits. Unset flags take the command's defaults ([`LimitArgs::limits`]).
@@ -134,6 +138,82 @@ impl KeyArgs {
     }
 }
 
+/// What the long-running builders (`vouch nix-builder`, `vouch serve`) share: the content store's
+/// bound, the trace store, the client's Nix release, and the limits, VM and key flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BuilderArgs {
+    /// Most NAR bytes the content store keeps (suffixes K, M, G, T); least recently used paths
+    /// that no running session or build pins are evicted beyond it.
+    #[arg(long, default_value_t = DEFAULT_MAX_BYTES.to_string(), value_parser = parse_size, value_name = "BYTES")]
+    pub store_max_size: String,
+    /// Trace store / binary cache directory (default: `<state-dir>/cache`).
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
+    /// The Nix release the clients run (e.g. 2.8), where neither the protocol version (serve
+    /// protocol 2.7 = Nix 2.8–2.34, worker 1.35 = 2.15–2.18) nor the request says: it decides
+    /// the self-reference rule of content-addressed output paths.
+    #[arg(long, value_name = "X.Y")]
+    pub client_nix_version: Option<NixVersion>,
+    /// Build limits: vouch's defaults where the client sets none (always over `ssh-ng://`).
+    #[command(flatten)]
+    pub limits: LimitArgs,
+    /// VM settings.
+    #[command(flatten)]
+    pub vm: VmArgs,
+    /// Signing key.
+    #[command(flatten)]
+    pub key: KeyArgs,
+}
+
+impl BuilderArgs {
+    /// The builder core's configuration and the content store's settings. A key name that
+    /// cannot sign this host's evidence is refused here, before anything is served.
+    pub fn config(
+        &self,
+        state_dir: &Path,
+    ) -> Result<(BuilderConfig, StoreConfig), super::CmdError> {
+        let max_bytes = size_bytes(&self.store_max_size)?;
+        let launcher = self.vm.launcher(state_dir, &self.limits);
+        let key_naming = self.key.naming(state_dir)?;
+        key_naming.check_for(&launcher)?;
+        let cfg = BuilderConfig {
+            cache_dir: self.cache.clone().unwrap_or_else(|| default_cache_dir(state_dir)),
+            state_dir: state_dir.to_owned(),
+            limits: self.limits.limits(&nixbuilder::default_limits()),
+            launcher,
+            key_naming,
+        };
+        Ok((cfg, StoreConfig { max_bytes }))
+    }
+}
+
+/// `123`, `10K`, `512M`, `20G`, `1T` (powers of 1024).
+fn parse_size(s: &str) -> Result<String, String> {
+    size_bytes(s).map(|n| n.to_string())
+}
+
+/// The bytes of a size like `20G` (see [`parse_size`]).
+fn size_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("{s:?}: unknown size suffix (use K, M, G or T)")),
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{s:?} is not a size like 20G"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,5 +290,14 @@ mod tests {
         assert_eq!(c.key.naming(t.path()).unwrap().name(true).unwrap(), "from-file-simulated-1");
         let c = parse(&["--key-name", "plain-1"]);
         assert!(c.key.naming(t.path()).unwrap().name(true).is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(size_bytes("123").unwrap(), 123);
+        assert_eq!(size_bytes("10K").unwrap(), 10 << 10);
+        assert_eq!(size_bytes("20g").unwrap(), 20 << 30);
+        assert!(size_bytes("12X").is_err());
+        assert!(size_bytes("G").is_err());
     }
 }

@@ -13,11 +13,15 @@ pub mod evidence;
 pub mod image;
 pub mod nix_builder;
 pub mod provenance;
+pub mod serve;
 pub mod trace;
 pub mod verify;
 
 /// What every subcommand returns: an exit code, or an error whose chain `main` prints.
-pub type CmdResult = Result<ExitCode, Box<dyn std::error::Error + Send + Sync + 'static>>;
+pub type CmdResult = Result<ExitCode, CmdError>;
+
+/// A command's error, printed once with its chain by `main`.
+pub type CmdError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Options shared by all subcommands.
 #[derive(Debug, clap::Args)]

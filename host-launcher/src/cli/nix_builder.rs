@@ -14,16 +14,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use host_launcher::build::publish::default_cache_dir;
 use host_launcher::nixbuilder::real_store::RealStore;
-use host_launcher::nixbuilder::{self, BuilderConfig, BuilderCore};
+use host_launcher::nixbuilder::BuilderCore;
 use host_launcher::nixproto::listen::{
     self, ListenConfig, SessionFactory, Signals, SocketListener,
 };
-use host_launcher::nixproto::{serve, worker, Handler, NixVersion, ServerError};
-use host_launcher::store::{ContentStore, StoreConfig, DEFAULT_MAX_BYTES};
+use host_launcher::nixproto::{serve, worker, Handler, ServerError};
+use host_launcher::store::ContentStore;
 
-use super::common::{KeyArgs, LimitArgs, VmArgs};
+use super::common::BuilderArgs;
 use super::{CmdResult, Global};
 
 /// Arguments of `vouch nix-builder`.
@@ -54,53 +53,9 @@ pub struct Args {
     /// its own content store in the state directory.
     #[arg(long, value_name = "URI")]
     pub store: Option<String>,
-    /// Most NAR bytes the content store keeps (suffixes K, M, G, T); least recently used paths
-    /// that no running session pins are evicted beyond it.
-    #[arg(long, default_value_t = DEFAULT_MAX_BYTES.to_string(), value_parser = parse_size, value_name = "BYTES")]
-    pub store_max_size: String,
-    /// Build limits: vouch's defaults where the client sends none (always over `ssh-ng://`).
+    /// Content store, trace store, client release, limits, VM and key.
     #[command(flatten)]
-    pub limits: LimitArgs,
-    /// VM settings.
-    #[command(flatten)]
-    pub vm: VmArgs,
-    /// Signing key.
-    #[command(flatten)]
-    pub key: KeyArgs,
-    /// Trace store / binary cache directory (default: `<state-dir>/cache`).
-    #[arg(long)]
-    pub cache: Option<PathBuf>,
-    /// The Nix release the clients run (e.g. 2.8), where the protocol version leaves it open
-    /// (serve protocol 2.7 = Nix 2.8–2.34, worker 1.35 = 2.15–2.18): it decides the
-    /// self-reference rule of content-addressed output paths.
-    #[arg(long, value_name = "X.Y")]
-    pub client_nix_version: Option<NixVersion>,
-}
-
-/// `123`, `10K`, `512M`, `20G`, `1T` (powers of 1024).
-fn parse_size(s: &str) -> Result<String, String> {
-    size_bytes(s).map(|n| n.to_string())
-}
-
-fn size_bytes(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (num, mult) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m = match c.to_ascii_uppercase() {
-                'K' => 1u64 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                _ => return Err(format!("{s:?}: unknown size suffix (use K, M, G or T)")),
-            };
-            (&t[..i], m)
-        }
-        _ => (t, 1),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("{s:?} is not a size like 20G"))
+    pub builder: BuilderArgs,
 }
 
 /// Run `vouch nix-builder`.
@@ -113,24 +68,12 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     if let Some(s) = &args.store {
         tracing::debug!(store = %s, "ignoring --store: vouch keeps its own content store");
     }
-    let max_bytes = size_bytes(&args.store_max_size)?;
-    let launcher = args.vm.launcher(&state_dir, &args.limits);
-    // A key name that cannot sign this host's evidence is refused before serving anything.
-    let key_naming = args.key.naming(&state_dir)?;
-    key_naming.check_for(&launcher)?;
+    let (cfg, store_cfg) = args.builder.config(&state_dir)?;
     let store_dir = state_dir.join("store");
-    let store_cfg = StoreConfig { max_bytes };
     let store = ContentStore::open(&store_dir, store_cfg)?;
-    let cfg = BuilderConfig {
-        cache_dir: args.cache.clone().unwrap_or_else(|| default_cache_dir(&state_dir)),
-        state_dir,
-        limits: args.limits.limits(&nixbuilder::default_limits()),
-        launcher,
-        key_naming,
-    };
     let worker_cfg = worker::WorkerConfig {
         version_string: format!("vouch {}", env!("CARGO_PKG_VERSION")),
-        declared_nix: args.client_nix_version,
+        declared_nix: args.builder.client_nix_version,
     };
     if let (Some(listener), Some(mut signals)) = (listener, signals) {
         drop(store); // each session opens its own (its own pins)
@@ -168,7 +111,8 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     let result = if args.stdio {
         worker::serve(r, w, &worker_cfg, &mut core)
     } else {
-        let cfg = serve::ServeConfig { write: args.write, declared_nix: args.client_nix_version };
+        let cfg =
+            serve::ServeConfig { write: args.write, declared_nix: args.builder.client_nix_version };
         serve::serve(r, w, &mut std::io::stderr(), &cfg, &mut core)
     };
     match result {
@@ -178,19 +122,5 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
             Ok(ExitCode::from(1))
         }
         Err(e) => Err(Box::new(e)),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::size_bytes;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(size_bytes("123").unwrap(), 123);
-        assert_eq!(size_bytes("10K").unwrap(), 10 << 10);
-        assert_eq!(size_bytes("20g").unwrap(), 20 << 30);
-        assert!(size_bytes("12X").is_err());
-        assert!(size_bytes("G").is_err());
     }
 }

@@ -1,0 +1,70 @@
+//! `vouch serve`: the hosted CI service, an HTTP API and Nix binary cache (`docs/ci-service.md`).
+//!
+//! Serves on `--listen ADDR:PORT` (port 0 picks a free one; the first line on stderr says which:
+//! `vouch serve: listening on http://ADDR:PORT`): the trace store read-only as a binary cache,
+//! uploads of inputs from `nix copy --to 'http://…?compression=none'` into the content store,
+//! and the build API (`POST /v1/builds`), with `--jobs` builds at once. Builds use the same
+//! limits, VM and key flags as `vouch nix-builder`. SIGINT or SIGTERM stop it: queued builds
+//! fail, running ones are cancelled (their VMs killed).
+//!
+//! There is no authentication: anyone who reaches the port can upload inputs and start builds.
+//! Bind to localhost, or put the service behind an authenticating proxy.
+//!
+//! What is not here: the service itself (`host_launcher::serve`).
+
+use std::net::TcpListener;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use host_launcher::nixproto::listen::Signals;
+use host_launcher::serve::{server, Service, ServiceConfig};
+
+use super::common::BuilderArgs;
+use super::{CmdResult, Global};
+
+/// Arguments of `vouch serve`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Address and port to listen on (port 0: any free port, printed on stderr). There is no
+    /// authentication: keep it on localhost or behind an authenticating proxy.
+    #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR:PORT")]
+    pub listen: String,
+    /// Builds at once (each in its own VM); more wait in a queue.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub jobs: u64,
+    /// Content store, trace store (served read-only as the binary cache), client release,
+    /// limits (the defaults where a request sets none), VM and key.
+    #[command(flatten)]
+    pub builder: BuilderArgs,
+}
+
+/// Run `vouch serve`.
+pub fn run(args: Args, global: &Global) -> CmdResult {
+    // Before any thread starts: they inherit the mask that routes SIGINT/SIGTERM to a descriptor.
+    let mut signals = Signals::new()?;
+    let state_dir = global.state_dir();
+    let (builder, store_cfg) = args.builder.config(&state_dir)?;
+    std::fs::create_dir_all(&builder.cache_dir).map_err(|e| {
+        format!("creating the cache directory {}: {e}", builder.cache_dir.display())
+    })?;
+    let cancel = builder.launcher.cancel.clone();
+    let cfg = ServiceConfig {
+        builder,
+        store_dir: state_dir.join("store"),
+        store_cfg,
+        jobs: args.jobs as usize,
+        declared_nix: args.builder.client_nix_version,
+    };
+    let listener = TcpListener::bind(&args.listen)
+        .map_err(|e| format!("listening on {}: {e}", args.listen))?;
+    let service = Arc::new(Service::open(cfg)?);
+    let addr = listener.local_addr()?;
+    eprintln!("vouch serve: listening on http://{addr}");
+    tracing::info!(
+        cache = %service.cache_dir().display(),
+        jobs = args.jobs,
+        "binary cache, uploads (nix copy --to 'http://{addr}?compression=none') and build API"
+    );
+    server::serve_http(listener, &mut signals, service, args.jobs as usize, &|| cancel.cancel())?;
+    Ok(ExitCode::SUCCESS)
+}

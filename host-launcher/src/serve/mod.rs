@@ -1,0 +1,431 @@
+//! The hosted CI service (`vouch serve`): an HTTP API and binary cache over the same content
+//! store, builder core and trace store as `vouch nix-builder`.
+//!
+//! Layout (Firecracker style): the front-end ([`server`] on top of [`http`]) parses each request
+//! into an [`api::ApiAction`] ([`api::route`] decides which from the request line); the
+//! [`Service`] executes it; it never sees HTTP. Builds go through the Nix protocol's own core:
+//! uploads are `Action::AddToStore`, builds `Action::BuildDerivation` on
+//! [`crate::nixbuilder::BuilderCore`].
+//!
+//! - **Binary cache, read-only** ([`Service::cache_file`]): `nix-cache-info`, `<hash>.narinfo`,
+//!   `nar/…`, `realisations/…`, `build-trace-v2/…`, `vouch/v1/…` from the trace store
+//!   directory, which is a Nix binary cache whose narinfos the launcher key signed.
+//! - **Uploads** ([`upload`]): the requests of `nix copy --to 'http://…?compression=none'`;
+//!   uploaded paths go into the content store, checked, never into the trace store.
+//! - **narinfo of uploaded paths**: `nix copy --to` asks for `<hash>.narinfo` (GET) to decide
+//!   what to upload, and HEAD again before each upload. So that a second copy skips what is
+//!   already here, a path that is in the content store but not in the trace store is answered
+//!   with an **unsigned** narinfo (no `Sig`; its NAR is not served). No Nix that requires
+//!   signatures (the default) substitutes it; the signed entries of the trace store always win.
+//! - **Builds** ([`builds`]): `POST /v1/builds` checks the submission first (the derivation and
+//!   its input closure in the content store, resolved, buildable) and only then queues it.
+//!
+//! What is not here: authentication (none: bind to localhost or put the service behind an
+//! authenticating proxy, `docs/ci-service.md`), VMs and checks (`crate::build`).
+
+pub mod api;
+pub mod builds;
+pub mod http;
+pub mod server;
+pub mod upload;
+
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use nix_formats::derivation::Derivation;
+use nix_formats::nar::{NarEvent, NarLimits, NarReader};
+use nix_formats::narinfo::NarInfo;
+use nix_formats::StorePath;
+
+use crate::nixbuilder::{BuilderConfig, BuilderCore};
+use crate::nixproto::action::error_chain;
+use crate::nixproto::{
+    Action, BuildMode, BuildOptions, BuildRequest, ClientProfile, Handler, NixVersion, NullLog,
+    Protocol,
+};
+use crate::store::{ContentStore, FileUploads, StoreConfig, StoreError};
+use api::{ApiAction, BuildSubmission};
+
+/// The largest `.drv` file the build API reads.
+pub const MAX_DRV_BYTES: u64 = 16 << 20;
+/// What `nix-cache-info` says when the trace store has none yet.
+pub const CACHE_INFO: &str = "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n";
+/// The serve protocol version whose Nix releases include `declared` (2.7: Nix 2.8–2.34, also
+/// when undeclared): the client profile builds are made for, which decides the self-reference
+/// rule of CA outputs. Both realisation formats are returned either way.
+fn profile_version(declared: Option<NixVersion>) -> u64 {
+    match declared {
+        Some(v) if v < NixVersion(2, 8) => 0x206,
+        Some(v) if v >= NixVersion(2, 35) => 0x208,
+        _ => 0x207,
+    }
+}
+
+/// A request the service refuses or cannot answer: an HTTP status and a message naming what
+/// was wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{msg}")]
+pub struct ApiError {
+    /// The status.
+    pub status: u16,
+    /// The message.
+    pub msg: String,
+}
+
+impl ApiError {
+    /// An error with a status.
+    pub fn new(status: u16, msg: impl Into<String>) -> Self {
+        ApiError { status, msg: msg.into() }
+    }
+}
+
+/// The service's answer to an action.
+#[derive(Debug)]
+pub enum ApiReply {
+    /// Text or bytes with a content type.
+    Bytes(&'static str, Vec<u8>),
+    /// A file of `len` bytes with a content type.
+    File(&'static str, std::fs::File, u64),
+    /// JSON with a status (200, 202).
+    Json(u16, serde_json::Value),
+}
+
+/// How the service runs.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// The builder core's configuration (state dir, trace store, limits, launcher, key).
+    pub builder: BuilderConfig,
+    /// The content store directory.
+    pub store_dir: PathBuf,
+    /// Its settings.
+    pub store_cfg: StoreConfig,
+    /// Builds at once.
+    pub jobs: usize,
+    /// The Nix release clients run, where a submission does not say.
+    pub declared_nix: Option<NixVersion>,
+}
+
+/// The service core.
+#[derive(Debug)]
+pub struct Service {
+    cfg: ServiceConfig,
+    store: ContentStore,
+    index: Mutex<rusqlite::Connection>,
+    staging: upload::Staging,
+    builds: Arc<builds::Builds>,
+}
+
+fn store_error(e: StoreError) -> ApiError {
+    let status = match &e {
+        StoreError::Upload { .. } | StoreError::Missing { .. } | StoreError::Source(_) => 400,
+        StoreError::Full { .. } => 507,
+        _ => 500,
+    };
+    ApiError::new(status, error_chain(&e))
+}
+
+fn content_type(rel: &str) -> &'static str {
+    match rel.rsplit('.').next() {
+        Some("narinfo") => "text/x-nix-narinfo",
+        Some("nar") => "application/x-nix-nar",
+        Some("doi" | "json") => "application/json",
+        Some("jws") => "application/jose",
+        _ => "application/octet-stream",
+    }
+}
+
+impl Service {
+    /// Open the content store and the staging area (emptied) under the state directory.
+    pub fn open(cfg: ServiceConfig) -> Result<Service, Box<dyn std::error::Error + Send + Sync>> {
+        let store = ContentStore::open(&cfg.store_dir, cfg.store_cfg)?;
+        let index = crate::store::db::open(&cfg.store_dir.join("index.sqlite"))?;
+        let staging = upload::Staging::open(&cfg.builder.state_dir.join("serve/staging"))?;
+        let builds =
+            Arc::new(builds::Builds::new(cfg.builder.clone(), &cfg.store_dir, cfg.store_cfg));
+        Ok(Service { cfg, store, index: Mutex::new(index), staging, builds })
+    }
+
+    /// The build queue (the caller starts and stops its workers).
+    pub fn builds(&self) -> &Arc<builds::Builds> {
+        &self.builds
+    }
+
+    /// The trace store directory served as the binary cache.
+    pub fn cache_dir(&self) -> &Path {
+        &self.cfg.builder.cache_dir
+    }
+
+    /// Execute one action.
+    pub fn handle(&self, action: ApiAction<'_>) -> Result<ApiReply, ApiError> {
+        match action {
+            ApiAction::Health => Ok(ApiReply::Json(200, serde_json::json!({"status": "ok"}))),
+            ApiAction::CacheInfo => match self.cache_file("nix-cache-info") {
+                Err(e) if e.status == 404 => {
+                    Ok(ApiReply::Bytes("text/x-nix-cache-info", CACHE_INFO.into()))
+                }
+                other => other,
+            },
+            ApiAction::NarInfo(hash) => self.narinfo(&hash),
+            ApiAction::CacheFile(rel) => self.cache_file(&rel),
+            ApiAction::PutNar { name, body, len } => {
+                self.staging.put_nar(&name, body, len, self.cfg.store_cfg.max_bytes)?;
+                tracing::info!(nar = %name, bytes = len, "NAR staged; waiting for its narinfo");
+                Ok(ApiReply::Bytes("text/plain", b"staged\n".to_vec()))
+            }
+            ApiAction::PutNarInfo { hash, info } => self.register(&hash, &info),
+            ApiAction::SubmitBuild(s) => {
+                let req = self.check_submission(&s)?;
+                let id = self.builds.submit(req).map_err(|e| ApiError::new(503, e))?;
+                tracing::info!(id, drv = %s.drv, "build queued");
+                Ok(ApiReply::Json(
+                    202,
+                    serde_json::json!({"id": id, "status": format!("/v1/builds/{id}"),
+                                       "log": format!("/v1/builds/{id}/log")}),
+                ))
+            }
+            ApiAction::BuildStatus(id) => {
+                let job = self.job(id)?;
+                let mut v = serde_json::json!({"id": id, "drv": job.drv.to_string()});
+                let (state, extra) = match job.state() {
+                    builds::JobState::Queued => ("queued", None),
+                    builds::JobState::Running => ("running", None),
+                    builds::JobState::Succeeded { outputs, evidence } => {
+                        v["evidence"] = evidence.into();
+                        ("succeeded", Some(("outputs", outputs)))
+                    }
+                    builds::JobState::Failed { status, error } => {
+                        v["status"] = status.into();
+                        ("failed", Some(("error", error.into())))
+                    }
+                };
+                v["state"] = state.into();
+                if let Some((k, val)) = extra {
+                    v[k] = val;
+                }
+                Ok(ApiReply::Json(200, v))
+            }
+            ApiAction::BuildLog(id) => {
+                Ok(ApiReply::Bytes("text/plain; charset=utf-8", self.job(id)?.log().into_bytes()))
+            }
+        }
+    }
+
+    fn job(&self, id: u64) -> Result<Arc<builds::Job>, ApiError> {
+        self.builds.get(id).ok_or_else(|| ApiError::new(404, format!("no build with id {id}")))
+    }
+
+    /// A read-only file of the trace store directory (`rel` is already checked by the router).
+    pub fn cache_file(&self, rel: &str) -> Result<ApiReply, ApiError> {
+        let p = self.cache_dir().join(rel);
+        let missing = || ApiError::new(404, format!("{rel} is not in this binary cache"));
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.is_file() => {
+                let f = std::fs::File::open(&p).map_err(|_| missing())?;
+                Ok(ApiReply::File(content_type(rel), f, m.len()))
+            }
+            _ => Err(missing()),
+        }
+    }
+
+    /// The signed narinfo of the trace store, else an unsigned one for a content-store path
+    /// (see the module docs), else 404.
+    fn narinfo(&self, hash: &str) -> Result<ApiReply, ApiError> {
+        let rel = format!("{hash}.narinfo");
+        match self.cache_file(&rel) {
+            Err(e) if e.status == 404 => {}
+            other => return other,
+        }
+        let found: Option<String> = {
+            let db = self.index.lock().unwrap_or_else(|e| e.into_inner());
+            let lo = format!("{}/{hash}-", nix_formats::STORE_DIR);
+            let hi = format!("{}/{hash}.", nix_formats::STORE_DIR);
+            rusqlite::OptionalExtension::optional(db.query_row(
+                "SELECT path FROM paths WHERE path > ?1 AND path < ?2 LIMIT 1",
+                [&lo, &hi],
+                |r| r.get(0),
+            ))
+            .map_err(|e| ApiError::new(500, format!("content store index: {e}")))?
+        };
+        let info = match found.as_deref().map(StorePath::parse) {
+            Some(Ok(p)) => self.store.path_info(&p).map_err(store_error)?,
+            _ => None,
+        };
+        let Some(i) = info else {
+            return Err(ApiError::new(404, format!("{rel} is not in this binary cache")));
+        };
+        let h = nix_formats::hash::Hash::sha256(i.nar_hash);
+        let text = NarInfo {
+            store_path: i.path,
+            url: format!("nar/{}.nar", h.to_nix32()),
+            compression: Some("none".into()),
+            file_hash: Some(h.clone()),
+            file_size: Some(i.nar_size),
+            nar_hash: h,
+            nar_size: i.nar_size,
+            references: i.references,
+            deriver: i.deriver,
+            system: None,
+            sigs: Vec::new(),
+            ca: i.ca,
+        }
+        .to_text();
+        Ok(ApiReply::Bytes("text/x-nix-narinfo", text.into_bytes()))
+    }
+
+    /// A narinfo upload: its staged NAR goes into the content store through the builder
+    /// core's `AddToStore`, checked like a Nix-protocol upload.
+    fn register(&self, hash: &str, info: &NarInfo) -> Result<ApiReply, ApiError> {
+        let (pi, file, owned) = self.staging.take(hash, info, &self.cache_dir().join("nar"))?;
+        let path = pi.path.clone();
+        let result = (|| {
+            let store =
+                ContentStore::open(&self.cfg.store_dir, self.cfg.store_cfg).map_err(store_error)?;
+            let mut core = BuilderCore::new(self.cfg.builder.clone(), store);
+            let mut uploads = FileUploads::new(vec![(pi, file.clone())]);
+            let action = Action::AddToStore { repair: false, uploads: &mut uploads };
+            core.handle(action, &mut NullLog).map_err(|e| match e.downcast::<StoreError>() {
+                Ok(se) => store_error(*se),
+                Err(e) => ApiError::new(400, error_chain(&*e)),
+            })
+        })();
+        if owned {
+            let _ = std::fs::remove_file(&file);
+        }
+        result?;
+        tracing::info!(%path, "upload registered in the content store");
+        Ok(ApiReply::Bytes("text/plain", b"registered\n".to_vec()))
+    }
+
+    /// Check a submission and make its build request; nothing is queued on error.
+    fn check_submission(&self, s: &BuildSubmission) -> Result<BuildRequest, ApiError> {
+        let bad = |status, msg: String| ApiError::new(status, msg);
+        let drv_path = StorePath::parse(&s.drv)
+            .map_err(|e| bad(400, format!("\"drv\": {:?} is not a store path: {e}", s.drv)))?;
+        if !drv_path.is_derivation() {
+            return Err(bad(400, format!("\"drv\": {drv_path} is not a derivation (.drv)")));
+        }
+        let how = format!(
+            "upload it and its inputs first: nix copy --to 'http://HOST:PORT?compression=none' --derivation {drv_path}"
+        );
+        let (info, file) =
+            self.store.open_nar(&drv_path).map_err(store_error)?.ok_or_else(|| {
+                bad(422, format!("{drv_path} is not in vouch's content store: {how}"))
+            })?;
+        if !info.ca.as_deref().is_some_and(|c| c.starts_with("text:")) {
+            return Err(bad(
+                422,
+                format!(
+                    "{drv_path} was uploaded without its content address (text:sha256:…), so \
+                     nothing ties its contents to its path; upload it with nix copy"
+                ),
+            ));
+        }
+        let bytes = drv_contents(file)
+            .map_err(|e| bad(422, format!("{drv_path}: its NAR is not one .drv file: {e}")))?;
+        let drv = Derivation::from_aterm(&bytes)
+            .map_err(|e| bad(422, format!("parsing {drv_path}: {}", error_chain(&e))))?;
+        if let Some(first) = drv.input_drvs.keys().next() {
+            return Err(bad(
+                422,
+                format!(
+                    "{drv_path} is not resolved: it depends on the outputs of {} other \
+                     derivation(s) (e.g. {first}). The build API builds one step whose inputs \
+                     are store paths: send the resolved derivation (input derivations replaced by \
+                     their outputs, as Nix does for content-addressed derivations) or the \
+                     dependencies' builds first, or use vouch nix-builder as Nix's remote builder \
+                     for whole graphs (docs/nix-remote-builder.md)",
+                    drv.input_drvs.len()
+                ),
+            ));
+        }
+        let name = drv_path.drv_name().map_err(|e| bad(400, e.to_string()))?.to_owned();
+        let basic = crate::build::local_store::basic_from(&drv, name);
+        build_trace::job::step_kind(&basic)
+            .map_err(|e| bad(422, format!("vouch cannot build {drv_path}: {}", error_chain(&e))))?;
+        let mut roots = BTreeSet::new();
+        for p in &basic.input_srcs {
+            roots.insert(StorePath::parse(p).map_err(|e| bad(422, format!("input `{p}`: {e}")))?);
+        }
+        self.store.closure(&roots).map_err(|e| match e {
+            StoreError::Missing { path } => bad(
+                422,
+                format!("input {path} of {drv_path} is not in vouch's content store: {how}"),
+            ),
+            other => store_error(other),
+        })?;
+        let declared = match &s.nix_version {
+            Some(v) => Some(
+                v.parse::<NixVersion>()
+                    .map_err(|e| bad(400, format!("\"nix_version\": {v:?}: {e}")))?,
+            ),
+            None => self.cfg.declared_nix,
+        };
+        let mut client =
+            ClientProfile::new(Protocol::Serve, profile_version(declared), BTreeSet::new());
+        client.declared_nix = declared;
+        client.ca_rule().map_err(|e| bad(422, format!("\"nix_version\": {e}")))?;
+        Ok(BuildRequest {
+            drv_path,
+            drv: basic,
+            mode: BuildMode::Normal,
+            options: Some(BuildOptions {
+                build_timeout: s.timeout,
+                max_silent_time: s.max_silent_time,
+                max_log_size: s.max_log_size,
+                ..BuildOptions::default()
+            }),
+            client,
+        })
+    }
+}
+
+/// The contents of a NAR that is one regular file (how a `.drv` is stored), at most
+/// [`MAX_DRV_BYTES`].
+fn drv_contents(file: std::fs::File) -> Result<Vec<u8>, String> {
+    let limits = NarLimits { max_file_size: MAX_DRV_BYTES, ..NarLimits::default() };
+    let mut r = NarReader::new(std::io::BufReader::new(file), limits);
+    match r.next_event().map_err(|e| e.to_string())? {
+        Some(NarEvent::Regular { size, .. }) => {
+            let mut out = vec![0u8; size as usize];
+            let mut got = 0;
+            while got < out.len() {
+                let n = r.read_contents(&mut out[got..]).map_err(|e| e.to_string())?;
+                if n == 0 {
+                    return Err("the file ended early".into());
+                }
+                got += n;
+            }
+            Ok(out)
+        }
+        other => Err(format!("expected a regular file, found {other:?}")),
+    }
+}
+
+/// Read at most `max` bytes of `r` (a request body already bounded by its length).
+pub fn read_small(r: &mut dyn Read, max: u64) -> std::io::Result<Vec<u8>> {
+    let mut v = Vec::new();
+    r.take(max).read_to_end(&mut v)?;
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_declared_nix_release_has_a_profile() {
+        for (v, rule_positions) in
+            [((2, 3), true), ((2, 8), true), ((2, 20), false), ((2, 36), true)]
+        {
+            let v = NixVersion(v.0, v.1);
+            let mut c =
+                ClientProfile::new(Protocol::Serve, profile_version(Some(v)), BTreeSet::new());
+            c.declared_nix = Some(v);
+            let (rule, sure) = c.ca_rule().unwrap_or_else(|e| panic!("{v}: {e}"));
+            assert!(sure, "{v}");
+            assert_eq!(rule == build_trace::job::CaRule::SelfRefPositions, rule_positions, "{v}");
+        }
+    }
+}

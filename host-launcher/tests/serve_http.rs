@@ -1,0 +1,287 @@
+//! `vouch serve` without VMs: the real binary on a TCP port behind the real Nix 2.8.
+//!
+//! - `nix copy --to 'http://…?compression=none'` uploads a derivation's closure into the content
+//!   store (not the trace store), a second copy uploads nothing, a compressed copy is refused
+//!   naming the fix;
+//! - hand-made uploads with a wrong hash, a wrong compression or no staged NAR are refused and
+//!   register nothing;
+//! - the binary cache serves the trace store read-only with exact lengths and refuses `..`;
+//! - the build API refuses what it cannot build before queueing anything; SIGTERM stops it.
+//!
+//! The real-VM build through the API is in `tests/tests/serve_vm.rs`.
+
+#[path = "../../tests/src/http_service.rs"]
+mod http_service;
+#[allow(dead_code)]
+#[path = "../../tests/src/nix.rs"]
+mod nix;
+#[allow(dead_code)]
+#[path = "../../tests/src/server.rs"]
+mod server;
+
+use std::path::Path;
+use std::process::Command;
+
+use http_service::HttpService;
+use nix_formats::nar::NarWriter;
+use nix_formats::StorePath;
+use sha2::{Digest, Sha256};
+
+fn start(dir: &Path) -> HttpService {
+    HttpService::start(
+        Path::new(env!("CARGO_BIN_EXE_vouch")),
+        &dir.join("state"),
+        &dir.join("serve.log"),
+        &[],
+    )
+}
+
+/// The origin (`upload`, `build`) of `path` in the content store of `state`, if valid there.
+fn registered(state: &Path, path: &str) -> Option<String> {
+    let db = rusqlite::Connection::open(state.join("store/index.sqlite")).unwrap();
+    db.query_row("SELECT origin FROM paths WHERE path = ?1", [path], |r| r.get(0)).ok()
+}
+
+/// `nix copy --to URL ARGS…` with its own narinfo disk cache (`xdg`), so it asks the server.
+fn nix_copy(xdg: &Path, args: &[&str]) -> std::process::Output {
+    nix::output(Command::new("nix").arg("copy").args(args).env("XDG_CACHE_HOME", xdg))
+}
+
+/// Uploads the server accepted (NARs staged, narinfos registered), from its log.
+fn puts(log: &str) -> usize {
+    log.lines().filter(|l| l.contains("NAR staged") || l.contains("upload registered in")).count()
+}
+
+fn nar_of(contents: &[u8]) -> Vec<u8> {
+    let mut w = NarWriter::new(Vec::new()).unwrap();
+    w.regular(false, contents).unwrap();
+    w.into_inner()
+}
+
+fn nix32(digest: &[u8]) -> String {
+    nix_formats::base32::encode(digest)
+}
+
+fn narinfo(path: &StorePath, url: &str, compression: &str, nar_hash: &[u8], size: usize) -> String {
+    format!(
+        "StorePath: {path}\nURL: {url}\nCompression: {compression}\nNarHash: sha256:{}\nNarSize: {size}\nReferences: \n",
+        nix32(nar_hash)
+    )
+}
+
+/// A derivation whose closure is itself and the busybox directory, instantiated by the real Nix.
+fn instantiate(dir: &Path, body: &str, attr: &str) -> String {
+    nix::busybox_dir(&dir.join("bb"));
+    let file = dir.join("drv.nix");
+    std::fs::write(&file, body).unwrap();
+    let out = nix::nix(&["nix-instantiate", file.to_str().unwrap(), "-A", attr]);
+    assert!(out.status.success(), "nix-instantiate: {}", nix::text(&out));
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+fn simple_nix(nonce: &str) -> String {
+    format!(
+        r#"let bb = builtins.path {{ path = ./bb; name = "busybox"; }}; in rec {{
+  a = derivation {{ name = "serve-a-{nonce}"; system = "x86_64-linux"; builder = "${{bb}}/busybox";
+                    args = [ "sh" "-c" "echo a > $out" ]; }};
+  b = derivation {{ name = "serve-b-{nonce}"; system = "x86_64-linux"; builder = "${{bb}}/busybox";
+                    args = [ "sh" "-c" "cat ${{a}} > $out" ];
+                    __contentAddressed = true; outputHashMode = "recursive"; outputHashAlgo = "sha256"; }};
+}}"#
+    )
+}
+
+#[test]
+fn nix_copy_uploads_into_the_content_store_and_a_second_copy_skips() {
+    nix::require_nix();
+    let t = tempfile::tempdir().unwrap();
+    let s = start(t.path());
+    let state = t.path().join("state");
+    let drv = instantiate(t.path(), &simple_nix(&nix::nonce()), "a");
+    let to = format!("{}?compression=none", s.url());
+
+    let out = nix_copy(&t.path().join("xdg1"), &["--to", &to, "--derivation", &drv]);
+    assert!(out.status.success(), "nix copy: {}\n{}", nix::text(&out), s.log_text());
+    assert_eq!(registered(&state, &drv).as_deref(), Some("upload"), "{}", s.log_text());
+    let refs = nix::nix(&["nix-store", "-q", "--references", &drv]);
+    let bb = String::from_utf8(refs.stdout).unwrap().trim().to_owned();
+    assert!(bb.contains("-busybox"), "{bb}");
+    assert_eq!(registered(&state, &bb).as_deref(), Some("upload"), "the closure came too");
+
+    // Uploaded paths are inputs: never in the trace store, answered unsigned, NAR not served.
+    let sp = StorePath::parse(&drv).unwrap();
+    let cache = state.join("cache");
+    assert!(!cache.join(format!("{}.narinfo", sp.hash_part())).exists());
+    let r = s.request("GET", &format!("/{}.narinfo", sp.hash_part()), b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains(&format!("StorePath: {drv}")) && !r.text().contains("Sig:"));
+    assert!(r.text().contains("CA: text:sha256:"), "{}", r.text());
+    let url = r.text().lines().find_map(|l| l.strip_prefix("URL: ")).unwrap().to_owned();
+    assert_eq!(s.request("GET", &format!("/{url}"), b"").status, 404);
+
+    // A second copy (a fresh client cache, so it asks the server) uploads nothing.
+    let before = puts(&s.log_text());
+    assert!(before >= 4, "two NARs and two narinfos: {}", s.log_text());
+    let out = nix_copy(&t.path().join("xdg2"), &["--to", &to, "--derivation", &drv]);
+    assert!(out.status.success(), "second nix copy: {}", nix::text(&out));
+    assert_eq!(puts(&s.log_text()), before, "nothing re-uploaded:\n{}", s.log_text());
+
+    // Nix's default compression is refused, naming the fix.
+    let file = t.path().join("other.txt");
+    std::fs::write(&file, nix::nonce()).unwrap();
+    let add = nix::nix(&["nix-store", "--add", file.to_str().unwrap()]);
+    let other = String::from_utf8(add.stdout).unwrap().trim().to_owned();
+    let out = nix_copy(&t.path().join("xdg3"), &["--to", &s.url(), &other]);
+    assert!(!out.status.success());
+    let err = nix::text(&out);
+    assert!(err.contains("uncompressed NARs only") && err.contains("compression=none"), "{err}");
+    assert_eq!(registered(&state, &other), None);
+}
+
+#[test]
+fn bad_uploads_are_refused_and_nothing_is_registered() {
+    let t = tempfile::tempdir().unwrap();
+    let s = start(t.path());
+    let state = t.path().join("state");
+    let nar = nar_of(nix::nonce().as_bytes());
+    let hash: [u8; 32] = Sha256::digest(&nar).into();
+    let url = format!("nar/{}.nar", nix32(&hash));
+    let path = StorePath::from_parts([7; 20], "serve-bad").unwrap();
+    let hp = path.hash_part().to_owned();
+    let put_narinfo = |text: String| s.request("PUT", &format!("/{hp}.narinfo"), text.as_bytes());
+
+    // A NAR whose bytes do not match its name is not even staged.
+    let r = s.request("PUT", &format!("/nar/{}.nar", nix32(&[1; 32])), &nar);
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("SHA-256"), "{}", r.text());
+    // A narinfo without its NAR.
+    let r = put_narinfo(narinfo(&path, &url, "none", &hash, nar.len()));
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(r.text().contains("PUT the NAR first"), "{}", r.text());
+
+    // A wrong NarHash: refused by the content store's check; the staged NAR is consumed.
+    assert_eq!(s.request("PUT", &format!("/{url}"), &nar).status, 200);
+    let r = put_narinfo(narinfo(&path, &url, "none", &[9; 32], nar.len()));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains(&format!("upload of {path} refused")), "{}", r.text());
+    assert_eq!(registered(&state, &path.to_string()), None);
+    assert_eq!(put_narinfo(narinfo(&path, &url, "none", &hash, nar.len())).status, 409);
+
+    // Compression other than none, and a narinfo for another path.
+    assert_eq!(s.request("PUT", &format!("/{url}"), &nar).status, 200);
+    let r = put_narinfo(narinfo(&path, &url, "xz", &hash, nar.len()));
+    assert_eq!(r.status, 415, "{}", r.text());
+    assert!(r.text().contains("Compression xz"), "{}", r.text());
+    let r = s.request(
+        "PUT",
+        &format!("/{}.narinfo", StorePath::from_parts([8; 20], "x").unwrap().hash_part()),
+        narinfo(&path, &url, "none", &hash, nar.len()).as_bytes(),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    let r = s.request("PUT", "/nar/x.nar.zst", &nar);
+    assert_eq!(r.status, 415, "{}", r.text());
+    assert_eq!(registered(&state, &path.to_string()), None);
+
+    // The right narinfo registers it, unsigned and not in the trace store.
+    let r = put_narinfo(narinfo(&path, &url, "none", &hash, nar.len()));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(registered(&state, &path.to_string()).as_deref(), Some("upload"));
+    let r = s.request("GET", &format!("/{hp}.narinfo"), b"");
+    assert!(r.status == 200 && !r.text().contains("Sig:"), "{}", r.text());
+    assert_eq!(s.request("GET", &format!("/{url}"), b"").status, 404);
+    assert!(!state.join("cache").join(format!("{hp}.narinfo")).exists());
+}
+
+#[test]
+fn the_cache_is_served_read_only_with_exact_lengths() {
+    let t = tempfile::tempdir().unwrap();
+    let s = start(t.path());
+    let cache = t.path().join("state/cache");
+    let r = s.request("GET", "/nix-cache-info", b"");
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("StoreDir: /nix/store"), "{}", r.text());
+    std::fs::create_dir_all(cache.join("nar")).unwrap();
+    let bytes: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(cache.join("nar/abc.nar"), &bytes).unwrap();
+    let r = s.request("GET", "/nar/abc.nar", b"");
+    assert_eq!((r.status, r.header("content-length")), (200, Some("100000")));
+    assert_eq!(r.body, bytes);
+    let r = s.request("HEAD", "/nar/abc.nar", b"");
+    assert_eq!((r.status, r.header("content-length")), (200, Some("100000")));
+    std::fs::create_dir_all(cache.join("vouch/v1/tmp")).unwrap();
+    std::fs::write(cache.join("vouch/v1/tmp/x"), b"work area").unwrap();
+    std::fs::write(t.path().join("state/secret"), b"secret").unwrap();
+    for (path, status) in [
+        ("/nar/../../secret", 400),
+        ("/nar/%2e%2e/%2e%2e/secret", 400),
+        ("/nar/.abc.nar", 400),
+        ("//secret", 400),
+        ("/vouch/v1/tmp/x", 404),
+        ("/secret", 404),
+        ("/nar/missing.nar", 404),
+        ("/store/index.sqlite", 404),
+    ] {
+        let r = s.request("GET", path, b"");
+        assert_eq!(r.status, status, "{path}: {}", r.text());
+        assert!(!r.text().contains("secret\n") && !r.text().contains("work area"), "{path}");
+    }
+    assert_eq!(s.request("PUT", "/realisations/sha256:ab!out.doi", b"{}").status, 403);
+    assert_eq!(s.request("DELETE", "/nar/abc.nar", b"").status, 405);
+    assert_eq!(s.request("GET", "/healthz", b"").status, 200);
+}
+
+#[test]
+fn the_build_api_refuses_what_it_cannot_build_and_sigterm_stops_it() {
+    nix::require_nix();
+    let t = tempfile::tempdir().unwrap();
+    let s = start(t.path());
+    let post = |body: &str| s.request("POST", "/v1/builds", body.as_bytes());
+    let missing = format!("/nix/store/{}-missing.drv", "a".repeat(32));
+    let r = post(&format!(r#"{{"drv": "{missing}"}}"#));
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert!(r.text().contains(&missing) && r.text().contains("nix copy"), "{}", r.text());
+    let r = post(r#"{"drv": "/nix/store/x"}"#);
+    assert_eq!(r.status, 400, "{}", r.text());
+    let r = post(r#"{"drv": "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-x.drv", "timout": 1}"#);
+    assert!(r.status == 400 && r.text().contains("timout"), "{}", r.text());
+    assert_eq!(post("not json").status, 400);
+
+    // A derivation with input derivations (a CA one, as Nix instantiates it) is not resolved.
+    let drv = instantiate(t.path(), &simple_nix(&nix::nonce()), "b");
+    let to = format!("{}?compression=none", s.url());
+    let out = nix_copy(&t.path().join("xdg"), &["--to", &to, "--derivation", &drv]);
+    assert!(out.status.success(), "nix copy: {}", nix::text(&out));
+    let r = post(&format!(r#"{{"drv": "{drv}"}}"#));
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert!(r.text().contains("is not resolved") && r.text().contains("resolved derivation"));
+    let r = s.request("GET", "/v1/builds/1", b"");
+    assert_eq!(r.status, 404, "nothing was queued: {}", r.text());
+    assert!(!s.log_text().contains("booting"), "no VM was started");
+
+    // A derivation whose input is not in the content store (its text names an input it does not
+    // declare as a reference, so the upload itself passes): refused naming the input.
+    let input = format!("/nix/store/{}-serve-input", "b".repeat(32));
+    let out = format!("/nix/store/{}-serve-x", "c".repeat(32));
+    let aterm = format!(
+        "Derive([(\"out\",\"{out}\",\"\",\"\")],[],[\"{input}\"],\"x86_64-linux\",\"{input}/sh\",[],[(\"out\",\"{out}\")])"
+    );
+    let nar = nar_of(aterm.as_bytes());
+    let nar_hash: [u8; 32] = Sha256::digest(&nar).into();
+    let text_hash = nix_formats::hash::Hash::sha256(Sha256::digest(aterm.as_bytes()).into());
+    let drv =
+        nix_formats::store_path::make_text_path("serve-x.drv", &text_hash, &Default::default())
+            .unwrap();
+    let url = format!("nar/{}.nar", nix32(&nar_hash));
+    assert_eq!(s.request("PUT", &format!("/{url}"), &nar).status, 200);
+    let info =
+        format!("{}CA: text:{}\n", narinfo(&drv, &url, "none", &nar_hash, nar.len()), text_hash);
+    let r = s.request("PUT", &format!("/{}.narinfo", drv.hash_part()), info.as_bytes());
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = post(&format!(r#"{{"drv": "{drv}"}}"#));
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert!(r.text().contains(&format!("input {input} of {drv} is not in")), "{}", r.text());
+
+    let (status, log) = s.stop("TERM");
+    assert!(status.success(), "{status}: {log}");
+    assert!(log.contains("stopping on SIGTERM"), "{log}");
+}

@@ -1,0 +1,239 @@
+//! The CI service end to end, with the real Debian Nix 2.8 and real VMs (TCG here; evidence
+//! simulated): a client uploads two small derivations' closures with `nix copy --to
+//! 'http://…?compression=none' --derivation`, submits both builds to `POST /v1/builds` (one
+//! input-addressed, one floating-CA; `--jobs 1` queues the second), polls them to success,
+//! reads the log (simulated evidence labelled), copies the outputs back with `nix copy --from
+//! http://…` into a fresh chroot store trusting only the service's key (an untrusted key is
+//! refused; an uploaded input is not served), and `vouch verify` accepts both under a policy
+//! naming the service's simulated root (and rejects them under the default policy).
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tests::http_service::HttpService;
+use tests::nix::text;
+use tests::vm::{image_dir, nix, nonce, vouch_bin, Scratch, NIX_CONFIG};
+
+/// The tests take it so their VMs do not compete for the CPUs.
+static VMS: Mutex<()> = Mutex::new(());
+
+fn closure_nix(n: &str) -> String {
+    format!(
+        r#"let bb = builtins.path {{ path = ./bb; name = "busybox"; }}; in {{
+  ia = derivation {{ name = "serve-ia"; system = builtins.currentSystem; builder = "${{bb}}/sh";
+                     args = [ "-c" "echo ia {n}; mkdir $out; echo {n} > $out/n" ]; }};
+  ca = derivation {{ name = "serve-ca"; system = builtins.currentSystem; builder = "${{bb}}/sh";
+                     args = [ "-c" "echo ca {n}; mkdir $out; echo $out > $out/self" ];
+                     __contentAddressed = true; outputHashMode = "recursive"; outputHashAlgo = "sha256"; }};
+  slow = derivation {{ name = "serve-slow"; system = builtins.currentSystem; builder = "${{bb}}/sh";
+                       args = [ "-c" "echo started {n}; ${{bb}}/busybox sleep 600" ]; }};
+}}
+"#
+    )
+}
+
+/// `nix copy ARGS…` with the test configuration and its own narinfo disk cache.
+fn nix_copy(xdg: &Path, args: &[&str]) -> std::process::Output {
+    Command::new("nix")
+        .arg("copy")
+        .args(args)
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .env("XDG_CACHE_HOME", xdg)
+        .output()
+        .expect("running nix copy")
+}
+
+fn json(r: &tests::http_service::HttpResponse) -> serde_json::Value {
+    serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("{e}: {}", r.text()))
+}
+
+/// Poll a build until it ends (5 minutes at most); its final status JSON.
+fn wait(s: &HttpService, id: u64) -> serde_json::Value {
+    let t0 = Instant::now();
+    loop {
+        let v = json(&s.request("GET", &format!("/v1/builds/{id}"), b""));
+        match v["state"].as_str() {
+            Some("succeeded" | "failed") => return v,
+            Some("queued" | "running") => {}
+            other => panic!("unknown state {other:?}: {v}"),
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "build {id} took too long:\n{}",
+            s.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A policy accepting the service's simulated root and requiring its Nix key too.
+fn policy(dir: &Path, state: &Path, key: &str) -> std::path::PathBuf {
+    let root = build_trace::evidence::SimulatedRoot::load(&state.join("simulated-snp"))
+        .expect("the service's simulated root");
+    let name = key.split(':').next().unwrap();
+    let text = format!(
+        "require = {{ threshold = 2, of = [\"builder:dev\", \"key:{name}\"] }}\n[keys]\n\"{name}\" = \"{key}\"\n\
+         [builders.dev]\nimage_manifests = [\"{}\"]\n[builders.dev.evidence]\nsimulated_roots = [\"{}\"]\n",
+        image_dir().join("manifest.json").display(),
+        root.key_id()
+    );
+    let p = dir.join("policy.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn upload_build_substitute_and_verify_through_the_http_api() {
+    let _vms = VMS.lock().unwrap_or_else(|e| e.into_inner());
+    let s = Scratch::new();
+    let n = nonce();
+    let file = s.write("serve.nix", &closure_nix(&n));
+    let ia = s.instantiate(&file, "ia");
+    let ca = s.instantiate(&file, "ca");
+    let state = s.state();
+    let image = image_dir();
+    let svc = HttpService::start(
+        &vouch_bin(),
+        &state,
+        &s.dir.path().join("serve.log"),
+        &["--image", image.to_str().unwrap(), "--jobs", "1"],
+    );
+    let to = format!("{}?compression=none", svc.url());
+    let out = nix_copy(&s.dir.path().join("xdg-up"), &["--to", &to, "--derivation", &ia, &ca]);
+    assert!(out.status.success(), "upload: {}\n{}", text(&out), svc.log_text());
+
+    let mut ids = Vec::new();
+    for drv in [&ia, &ca] {
+        let body = format!(r#"{{"drv": "{drv}", "nix_version": "2.8", "timeout": 600}}"#);
+        let r = svc.request("POST", "/v1/builds", body.as_bytes());
+        assert_eq!(r.status, 202, "{}", r.text());
+        ids.push(json(&r)["id"].as_u64().expect("an id"));
+    }
+    let mut outs = Vec::new();
+    for (id, drv) in ids.iter().zip([&ia, &ca]) {
+        let v = wait(&svc, *id);
+        assert_eq!(v["state"], "succeeded", "{v}\n{}", svc.log_text());
+        assert_eq!(v["drv"].as_str(), Some(drv.as_str()));
+        assert_eq!(v["evidence"], "simulated", "{v}");
+        assert!(v["outputs"]["out"]["narinfo_signatures"].to_string().contains("-simulated-1:"));
+        let o = &v["outputs"]["out"];
+        let path = o["path"].as_str().expect("the output path").to_owned();
+        assert!(o["nar_hash"].as_str().is_some_and(|h| h.starts_with("sha256:")), "{v}");
+        let log = svc.request("GET", &format!("/v1/builds/{id}/log"), b"").text();
+        assert!(log.contains(&format!(" {n}")) && log.contains("SIMULATED"), "{log}");
+        outs.push((path, v));
+    }
+    // The input-addressed output is where Nix says; the CA one comes with a signed realisation.
+    let want = nix(&["nix-store", "-q", "--outputs", &ia]);
+    assert_eq!(String::from_utf8_lossy(&want.stdout).trim(), outs[0].0);
+    let real = &outs[1].1["outputs"]["out"]["realisation"];
+    assert!(real["id"].as_str().is_some_and(|i| i.ends_with("!out")), "{real}");
+    assert!(real["signatures"].to_string().contains("-simulated-1:"), "{real}");
+
+    // Substitute the outputs into a fresh store, trusting only the service's key.
+    let key_file = std::fs::read_dir(state.join("keys"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with(".public"))
+        .expect("the service's public key");
+    let key = std::fs::read_to_string(key_file).unwrap().trim().to_owned();
+    let root = s.dir.path().join("fresh");
+    let url = svc.url();
+    let from = |xdg: &str, keys: &str, paths: &[&str]| {
+        let mut args = vec!["--from", &url, "--to", root.to_str().unwrap()];
+        args.extend(["--option", "trusted-public-keys", keys]);
+        args.extend(paths);
+        nix_copy(&s.dir.path().join(xdg), &args)
+    };
+    let wrong = "other-1:8dRo8rBbfe1GIRjE0Ghtb3cXj6/u7GvkR0YQCOgw1kM=";
+    let out = from("xdg-wrong", wrong, &[&outs[0].0]);
+    assert!(!out.status.success(), "an untrusted key must not do: {}", text(&out));
+    assert!(text(&out).contains("lacks a valid signature"), "{}", text(&out));
+    let out = from("xdg-down", &key, &[&outs[0].0, &outs[1].0]);
+    assert!(out.status.success(), "nix copy --from: {}\n{}", text(&out), svc.log_text());
+    let copied = root.join(outs[0].0.trim_start_matches('/')).join("n");
+    assert_eq!(std::fs::read_to_string(&copied).unwrap().trim(), n);
+    // Uploaded inputs are never served as signed entries.
+    let bb = String::from_utf8(nix(&["nix-store", "-q", "--references", &ia]).stdout).unwrap();
+    let bb = bb.lines().find(|l| l.ends_with("-busybox")).expect("busybox input").to_owned();
+    let out = from("xdg-bb", &key, &[&bb]);
+    assert!(!out.status.success(), "an uploaded input must not substitute: {}", text(&out));
+    // Its narinfo is unsigned and its NAR is not served.
+    assert!(text(&out).contains("does not exist in binary cache"), "{}", text(&out));
+
+    // Both closures verify from the service's trace store under a policy naming its root.
+    let p = policy(s.dir.path(), &state, &key);
+    for drv in [&ia, &ca] {
+        let v = Command::new(vouch_bin())
+            .arg("verify")
+            .arg("--policy")
+            .arg(&p)
+            .arg("--traces")
+            .arg(state.join("cache"))
+            .arg(drv)
+            .output()
+            .unwrap();
+        assert_eq!(v.status.code(), Some(0), "verify {drv}: {}", text(&v));
+    }
+    let v = Command::new(vouch_bin())
+        .arg("verify")
+        .arg("--traces")
+        .arg(state.join("cache"))
+        .arg(&ia)
+        .output()
+        .unwrap();
+    assert_eq!(v.status.code(), Some(1), "default policy: {}", text(&v));
+    assert!(text(&v).to_lowercase().contains("simulated"), "{}", text(&v));
+    let (st, log) = svc.stop("INT");
+    assert!(st.success(), "{st}: {log}");
+}
+
+/// SIGTERM while a build runs: the queued build fails without starting, the running one is
+/// cancelled (its VM killed), the service exits 0, and nothing of either is published.
+#[test]
+fn sigterm_cancels_the_running_build_and_publishes_nothing() {
+    let _vms = VMS.lock().unwrap_or_else(|e| e.into_inner());
+    let s = Scratch::new();
+    let n = nonce();
+    let slow = s.instantiate(&s.write("serve.nix", &closure_nix(&n)), "slow");
+    let image = image_dir();
+    let svc = HttpService::start(
+        &vouch_bin(),
+        &s.state(),
+        &s.dir.path().join("serve.log"),
+        &["--image", image.to_str().unwrap(), "--cache", s.cache().to_str().unwrap()],
+    );
+    let to = format!("{}?compression=none", svc.url());
+    let out = nix_copy(&s.dir.path().join("xdg"), &["--to", &to, "--derivation", &slow]);
+    assert!(out.status.success(), "upload: {}", text(&out));
+    let body = format!(r#"{{"drv": "{slow}"}}"#);
+    let ids: Vec<u64> = (0..2)
+        .map(|_| {
+            let r = svc.request("POST", "/v1/builds", body.as_bytes());
+            assert_eq!(r.status, 202, "{}", r.text());
+            json(&r)["id"].as_u64().unwrap()
+        })
+        .collect();
+    let t0 = Instant::now();
+    while !svc.request("GET", &format!("/v1/builds/{}/log", ids[0]), b"").text().contains("started")
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "the builder never started:\n{}",
+            svc.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let v = json(&svc.request("GET", &format!("/v1/builds/{}", ids[0]), b""));
+    assert_eq!(v["state"], "running", "{v}");
+    let v = json(&svc.request("GET", &format!("/v1/builds/{}", ids[1]), b""));
+    assert_eq!(v["state"], "queued", "--jobs 1: {v}");
+    let (st, log) = svc.stop("TERM");
+    assert!(st.success(), "{st}: {log}");
+    assert!(log.contains("stopping on SIGTERM"), "{log}");
+    assert!(log.contains("build failed"), "the running build ends as failed: {log}");
+    s.assert_nothing_registered();
+}

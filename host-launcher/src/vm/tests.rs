@@ -45,7 +45,7 @@ fn tcg_argv_with_vhost_user_vsock() {
         "-accel",
         "tcg",
         "-cpu",
-        "qemu64,+rdrand",
+        "qemu64,+rdrand,+ssse3,+sse4.1,+sha-ni",
         "-machine",
         "q35,memory-backend=mem",
         "-smp",

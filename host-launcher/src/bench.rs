@@ -7,8 +7,8 @@
 //!    then (compared with the guest's uptime at the agent's hello in a real step, so the serial
 //!    console's latency does not count); also QEMU start → first console line and → exit.
 //! 2. **step**: `run_step` on a trivial floating-CA derivation (new nonce each run), split into
-//!    boot (→ agent hello), input transfer, build, hashing, attestation, output transfer, host
-//!    checks, total.
+//!    boot (→ agent hello), job setup (→ job accepted), input transfer (→ inputs unpacked and
+//!    checked), build, hashing, attestation, output transfer, host checks, total.
 //! 3. **nix-build** of an equivalent derivation with `--option sandbox true` (falls back to
 //!    `sandbox = false`, and says so, where the Debian Nix sandbox cannot run).
 //! 4. **raw channel**: a VM with `vouch.bench=sink` receives `mib` MiB through the same vsock
@@ -60,7 +60,9 @@ pub struct BenchReport {
     pub step_ready_uptime_s: f64,
     /// Step: QEMU start → agent hello (host clock).
     pub step_boot_s: f64,
-    /// Step phases.
+    /// Step phases: hello → job accepted.
+    pub step_job_setup_s: f64,
+    /// Job accepted → inputs unpacked and checked.
     pub step_input_transfer_s: f64,
     /// Builder run.
     pub step_build_s: f64,
@@ -307,6 +309,7 @@ pub fn run(
         |f: fn(&Timings) -> Duration| median(steps.iter().map(|t| f(t).as_secs_f64()).collect());
     rep.step_boot_s = pick(|t| t.boot);
     rep.step_ready_uptime_s = pick(|t| t.guest_ready_uptime);
+    rep.step_job_setup_s = pick(|t| t.job_setup);
     rep.step_input_transfer_s = pick(|t| t.input_transfer);
     rep.step_build_s = pick(|t| t.build);
     rep.step_hashing_s = pick(|t| t.hashing);

@@ -66,7 +66,8 @@ pub(crate) fn timings(
     };
     Timings {
         boot: marks.get("hello").map_or(Duration::ZERO, |h| *h - started),
-        input_transfer: d("hello", "inputs-ready"),
+        job_setup: d("hello", "job-accepted"),
+        input_transfer: d("job-accepted", "inputs-ready"),
         build: d("building", "built"),
         hashing: d("hashing", "attesting"),
         attestation: d("attesting", "sending"),

@@ -245,7 +245,10 @@ impl LauncherConfig {
 pub struct Timings {
     /// QEMU start → agent hello.
     pub boot: Duration,
-    /// Hello → inputs unpacked and checked in the guest.
+    /// Hello → job accepted: the setup and job received, parsed and checked against HOST_DATA,
+    /// the attester ready (for simulated evidence, its key loaded).
+    pub job_setup: Duration,
+    /// Job accepted → inputs received, unpacked and checked in the guest.
     pub input_transfer: Duration,
     /// Builder start → builder exit.
     pub build: Duration,

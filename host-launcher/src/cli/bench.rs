@@ -88,8 +88,8 @@ pub fn run(cmd: Command, global: &Global) -> CmdResult {
         r.step_boot_s
     );
     println!(
-        "      input transfer {:.3} s ({} bytes), build {:.3} s, hashing {:.3} s, attestation {:.3} s, output transfer {:.3} s, host checks {:.3} s, total {:.3} s",
-        r.step_input_transfer_s, r.step_input_bytes, r.step_build_s, r.step_hashing_s, r.step_attestation_s,
+        "      job setup {:.3} s, input transfer {:.3} s ({} bytes), build {:.3} s, hashing {:.3} s, attestation {:.3} s, output transfer {:.3} s, host checks {:.3} s, total {:.3} s",
+        r.step_job_setup_s, r.step_input_transfer_s, r.step_input_bytes, r.step_build_s, r.step_hashing_s, r.step_attestation_s,
         r.step_output_transfer_s, r.step_verification_s, r.step_total_s
     );
     println!(

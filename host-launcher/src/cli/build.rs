@@ -184,7 +184,7 @@ fn summary(args: &Args, o: &StepOutcome, trace: &std::path::Path, cache: &std::p
             "trace": trace,
             "cache": cache,
             "timings": {
-                "boot_s": secs(t.boot), "input_transfer_s": secs(t.input_transfer), "build_s": secs(t.build),
+                "boot_s": secs(t.boot), "job_setup_s": secs(t.job_setup), "input_transfer_s": secs(t.input_transfer), "build_s": secs(t.build),
                 "hashing_s": secs(t.hashing), "attestation_s": secs(t.attestation),
                 "output_transfer_s": secs(t.output_transfer), "verification_s": secs(t.verification),
                 "total_s": secs(t.total), "input_bytes": t.input_bytes, "output_bytes": t.output_bytes,

@@ -52,6 +52,9 @@ pub enum Pid1Error {
     /// Creating a directory or file failed.
     #[error("preparing {0}")]
     Io(&'static str, #[source] std::io::Error),
+    /// Writing a file of `/etc`.
+    #[error("writing /etc/{0}")]
+    Etc(&'static str, #[source] std::io::Error),
 }
 
 fn mnt(
@@ -102,23 +105,12 @@ pub fn setup_mounts() -> Result<(), Pid1Error> {
     Ok(())
 }
 
-/// `/etc/passwd`, `/etc/group` and `/etc/hosts` as Nix's sandbox writes them.
+/// `/etc/passwd`, `/etc/group` and `/etc/hosts` as Nix's sandbox writes them (the same files
+/// as the builder's root: [`crate::sandbox::root::etc_files`]).
 pub fn write_etc() -> Result<(), Pid1Error> {
-    let files: [(&'static str, String); 3] = [
-        (
-            "/etc/passwd",
-            format!(
-                "root:x:0:0:Nix build user:/build:/noshell\n\
-                 nixbld:x:{BUILDER_UID}:{BUILDER_GID}:Nix build user:/build:/noshell\n\
-                 nobody:x:65534:65534:Nobody:/:/noshell\n"
-            ),
-        ),
-        ("/etc/group", format!("root:x:0:\nnixbld:!:{BUILDER_GID}:\nnogroup:x:65534:\n")),
-        ("/etc/hosts", "127.0.0.1 localhost\n::1 localhost\n".to_owned()),
-    ];
     fs::create_dir_all("/etc").map_err(|e| Pid1Error::Io("/etc", e))?;
-    for (path, text) in files {
-        fs::write(path, text).map_err(|e| Pid1Error::Io(path, e))?;
+    for (name, text) in crate::sandbox::root::etc_files(BUILDER_UID, BUILDER_GID, false) {
+        fs::write(Path::new("/etc").join(name), text).map_err(|e| Pid1Error::Etc(name, e))?;
     }
     let _ = nix::sys::stat::umask(Mode::from_bits_truncate(0o022));
     Ok(())

@@ -73,13 +73,7 @@ fn derivation(bb: &StorePath, n: &str) -> (StorePath, BasicDerivation) {
 }
 
 fn public_key(state: &Path) -> PublicKey {
-    let file = std::fs::read_dir(state.join("keys"))
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .find(|p| p.to_string_lossy().ends_with(".public"))
-        .expect("the builder's public key");
-    PublicKey::parse(std::fs::read_to_string(file).unwrap().trim()).unwrap()
+    PublicKey::parse(&vm::public_key_of(state)).unwrap()
 }
 
 /// The build hook's flow as a client of `version`/`features`; returns the output path, its info

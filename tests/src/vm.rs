@@ -28,6 +28,18 @@ pub fn vouch_bin() -> PathBuf {
     bin
 }
 
+/// The public key (`name:base64`) of the one Nix signing key in the vouch state directory
+/// `state` (`<state>/keys/<name>.public`).
+pub fn public_key_of(state: &Path) -> String {
+    let file = std::fs::read_dir(state.join("keys"))
+        .expect("the state directory's keys")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with(".public"))
+        .unwrap_or_else(|| panic!("no public key in {}/keys", state.display()));
+    std::fs::read_to_string(file).unwrap().trim().to_owned()
+}
+
 /// The guest image directory (`$VOUCH_IMAGE_DIR`, else `$VOUCH_CACHE/image`, else
 /// `~/.cache/vouch/image`); panics with instructions if it is not built.
 pub fn image_dir() -> PathBuf {

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use build_trace::job::Limits;
 use tests::nix::text;
 use tests::server::SocketServer;
-use tests::vm::{image_dir, nix, nonce, vouch_bin, Scratch, NIX_CONFIG};
+use tests::vm::{image_dir, nix, nonce, public_key_of, vouch_bin, Scratch, NIX_CONFIG};
 
 static VMS: Mutex<()> = Mutex::new(());
 
@@ -189,14 +189,10 @@ fn step_limits(state: &Path) -> Vec<Limits> {
 
 /// The name and public key (`name:base64`) of the one Nix key in a builder's state directory.
 fn builder_key(state: &Path) -> (String, String) {
-    let pubfile = std::fs::read_dir(state.join("keys"))
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .find(|p| p.to_string_lossy().ends_with("-simulated-1.public"))
-        .expect("the builder's public key");
-    let public = std::fs::read_to_string(pubfile).unwrap().trim().to_owned();
-    (public.split(':').next().unwrap().to_owned(), public)
+    let public = public_key_of(state);
+    let name = public.split(':').next().unwrap().to_owned();
+    assert!(name.ends_with("-simulated-1"), "a simulated builder's key: {name}");
+    (name, public)
 }
 
 /// A policy accepting the simulated roots of `states`, and requiring besides that a signature

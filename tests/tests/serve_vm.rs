@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use tests::http_service::HttpService;
 use tests::nix::text;
-use tests::vm::{image_dir, nix, nonce, vouch_bin, Scratch, NIX_CONFIG};
+use tests::vm::{image_dir, nix, nonce, public_key_of, vouch_bin, Scratch, NIX_CONFIG};
 
 /// The tests take it so their VMs do not compete for the CPUs.
 static VMS: Mutex<()> = Mutex::new(());
@@ -133,13 +133,7 @@ fn upload_build_substitute_and_verify_through_the_http_api() {
     assert!(real["signatures"].to_string().contains("-simulated-1:"), "{real}");
 
     // Substitute the outputs into a fresh store, trusting only the service's key.
-    let key_file = std::fs::read_dir(state.join("keys"))
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .find(|p| p.to_string_lossy().ends_with(".public"))
-        .expect("the service's public key");
-    let key = std::fs::read_to_string(key_file).unwrap().trim().to_owned();
+    let key = public_key_of(&state);
     let root = s.dir.path().join("fresh");
     let url = svc.url();
     let from = |xdg: &str, keys: &str, paths: &[&str]| {

@@ -3,9 +3,9 @@
 //!
 //! Layout (Firecracker style): the front-end ([`server`] on top of [`http`]) parses each request
 //! into an [`api::ApiAction`] ([`api::route`] decides which from the request line); the
-//! [`Service`] executes it; it never sees HTTP. Builds go through the Nix protocol's own core:
-//! uploads are `Action::AddToStore`, builds `Action::BuildDerivation` on
-//! [`crate::nixbuilder::BuilderCore`].
+//! [`Service`] executes it; it never sees HTTP. Uploads are checked by the content store exactly
+//! as the Nix protocol's `AddToStore` checks them (`ContentStore::add`, the builder core's
+//! upload rules); builds are `Action::BuildDerivation` on [`crate::nixbuilder::BuilderCore`].
 //!
 //! - **Binary cache, read-only** ([`Service::cache_file`]): `nix-cache-info`, `<hash>.narinfo`,
 //!   `nar/…`, `realisations/…`, `build-trace-v2/…`, `vouch/v1/…` from the trace store
@@ -39,13 +39,10 @@ use nix_formats::nar::{NarEvent, NarLimits, NarReader};
 use nix_formats::narinfo::NarInfo;
 use nix_formats::StorePath;
 
-use crate::nixbuilder::{BuilderConfig, BuilderCore};
+use crate::nixbuilder::{BuilderConfig, UPLOAD_RULES};
 use crate::nixproto::action::error_chain;
-use crate::nixproto::{
-    Action, BuildMode, BuildOptions, BuildRequest, ClientProfile, Handler, NixVersion, NullLog,
-    Protocol,
-};
-use crate::store::{ContentStore, FileUploads, StoreConfig, StoreError};
+use crate::nixproto::{BuildMode, BuildOptions, BuildRequest, ClientProfile, NixVersion, Protocol};
+use crate::store::{ContentStore, FileUploads, Origin, StoreConfig, StoreError};
 use api::{ApiAction, BuildSubmission};
 
 /// The largest `.drv` file the build API reads.
@@ -274,26 +271,22 @@ impl Service {
         Ok(ApiReply::Bytes("text/x-nix-narinfo", text.into_bytes()))
     }
 
-    /// A narinfo upload: its staged NAR goes into the content store through the builder
-    /// core's `AddToStore`, checked like a Nix-protocol upload.
+    /// A narinfo upload: its staged NAR goes into the service's content store, checked exactly
+    /// as a Nix-protocol upload is (`ContentStore::add` with the builder core's
+    /// [`UPLOAD_RULES`], whatever the client's signatures say). Uploads run in parallel; SQLite
+    /// serialises only their commits.
     fn register(&self, hash: &str, info: &NarInfo) -> Result<ApiReply, ApiError> {
         let (pi, file, owned) = self.staging.take(hash, info, &self.cache_dir().join("nar"))?;
         let path = pi.path.clone();
-        let result = (|| {
-            let store =
-                ContentStore::open(&self.cfg.store_dir, self.cfg.store_cfg).map_err(store_error)?;
-            let mut core = BuilderCore::new(self.cfg.builder.clone(), store);
-            let mut uploads = FileUploads::new(vec![(pi, file.clone())]);
-            let action = Action::AddToStore { repair: false, uploads: &mut uploads };
-            core.handle(action, &mut NullLog).map_err(|e| match e.downcast::<StoreError>() {
-                Ok(se) => store_error(*se),
-                Err(e) => ApiError::new(400, error_chain(&*e)),
-            })
-        })();
+        let mut uploads = FileUploads::new(vec![(pi, file.clone())]);
+        let result = self.store.add(&mut uploads, UPLOAD_RULES, Origin::Upload);
+        // `add` pins what it registered for this process; once registered an upload is not in
+        // use (a build pins its closure in its own session), so it may be evicted again.
+        let _ = self.store.unpin_all();
         if owned {
             let _ = std::fs::remove_file(&file);
         }
-        result?;
+        result.map_err(store_error)?;
         tracing::info!(%path, "upload registered in the content store");
         Ok(ApiReply::Bytes("text/plain", b"registered\n".to_vec()))
     }

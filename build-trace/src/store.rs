@@ -12,6 +12,7 @@
 //!                                   evidence.json    evidence bundle (if any)
 //!                                   jws/<thumb>.jws  laut JWS by key (SPKI thumbprint prefix)
 //! vouch/v1/by-output/<out hash part>/<drv base>/<entry>   empty marker: output → step
+//! traces/<drv hash part>                          laut's index: {"signatures":[every JWS of the step]}
 //! ```
 //! `<drv base>` is the step's drv path base name: the resolved drv for content-addressed steps,
 //! the unresolved (input-addressed) drv otherwise. `<entry>` is the first 32 hex digits of the
@@ -20,7 +21,7 @@
 //!
 //! Atomicity: every file is written to a temporary name, fsynced and renamed into place; a step
 //! directory is assembled under `vouch/v1/tmp/` and renamed whole. Order: NARs, the step
-//! directory, index markers, realisations, then narinfos — a reader never sees a narinfo whose
+//! directory, index markers and laut's index, realisations, then narinfos — a reader never sees a narinfo whose
 //! NAR, or a step whose files, are missing.
 //!
 //! What is not here: checking evidence (the launcher checks before it writes; the verifier
@@ -42,6 +43,7 @@ use crate::job::NarHash;
 use crate::sign;
 use crate::statement::{Statement, StatementError};
 
+mod laut_index;
 mod reader;
 pub use reader::{MemoryTraces, TraceEntry, TraceSource};
 
@@ -164,6 +166,7 @@ impl TraceStore {
             "nar",
             "realisations",
             "build-trace-v2",
+            laut_index::DIR,
             "vouch/v1/steps",
             "vouch/v1/by-output",
             "vouch/v1/tmp",
@@ -242,7 +245,7 @@ impl TraceStore {
             )?;
         }
 
-        // 3. Index markers: output → step entry.
+        // 3. Index markers (output → step entry) and laut's signature index of the step.
         let drv_base = base_of(&st.job.drv_path)?;
         for out in st.outputs.values() {
             let hash_part = &base_of(&out.path)?[..32];
@@ -253,6 +256,7 @@ impl TraceStore {
                 write_atomic(&marker, b"").map_err(io_err("write", &marker))?;
             }
         }
+        laut_index::refresh(&self.root, &step_dir, &drv_base[..32])?;
 
         // 4. Realisations (content-addressed steps), keeping divergent existing ones.
         for (name, rec) in &records {

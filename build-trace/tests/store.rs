@@ -1,5 +1,6 @@
 //! The trace store writer and reader: layout, idempotence, refusal of a NAR that does not match
-//! (nothing becomes visible), divergent builds kept side by side, concurrent writers.
+//! (nothing becomes visible), divergent builds kept side by side, concurrent writers, and laut's
+//! signature index read the way laut's verifier reads it.
 //! (Nix reading the store is tested on real Nix output in `closure.rs`.)
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -70,14 +71,22 @@ fn put(
     st: &Statement,
     nar: &Path,
 ) -> Result<build_trace::store::PutResult, StoreError> {
-    let key = SecretKey::from_seed("store-test-1", [5; 32]);
+    put_by(store, st, nar, &SecretKey::from_seed("store-test-1", [5; 32]))
+}
+
+fn put_by(
+    store: &TraceStore,
+    st: &Statement,
+    nar: &Path,
+    key: &SecretKey,
+) -> Result<build_trace::store::PutResult, StoreError> {
     let rec = StepRecord {
         statement: st,
         evidence: None,
         evidence_kind: "none",
         nars: BTreeMap::from([("out".to_string(), nar.to_path_buf())]),
     };
-    store.put_step(&rec, &key)
+    store.put_step(&rec, key)
 }
 
 fn files(root: &Path) -> BTreeSet<String> {
@@ -190,4 +199,92 @@ fn concurrent_writers_of_one_step_agree() {
         "{results:?}"
     );
     assert_eq!(TraceStore::open(&root).unwrap().entries(&st.job.drv_path).unwrap().len(), 1);
+}
+
+/// What laut's verifier does with `traces/<input hash>` (its `signature_verify` step), written
+/// out independently of `build_trace::jws`: the kid's head must be the first 16 hex digits of
+/// SHA-256 of the key's SPKI DER, the Ed25519 signature must verify strictly over
+/// `header.payload`, `in.rdrv_aterm_ca` must be the input hash and `out.nix` an object whose
+/// outputs carry a `path`. Returns (kid, output paths) of the signatures `key` made.
+fn laut_accepts(index: &[u8], input_hash: &str, key: &SecretKey) -> Vec<(String, Vec<String>)> {
+    use base64::Engine;
+    use sha2::Digest;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let public: [u8; 32] = key.public_key().to_bytes();
+    let mut spki = vec![0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00];
+    spki.extend_from_slice(&public);
+    let head = hex::encode(sha2::Sha256::digest(&spki))[..16].to_string();
+    let vk = ed25519_dalek::VerifyingKey::from_bytes(&public).unwrap();
+    let body: serde_json::Value = serde_json::from_slice(index).unwrap();
+    let mut accepted = Vec::new();
+    for sig in body["signatures"].as_array().unwrap() {
+        let parts: Vec<&str> = sig.as_str().unwrap().split('.').collect();
+        let [h, p, s] = parts[..] else { panic!("not a compact JWS: {sig}") };
+        let header: serde_json::Value = serde_json::from_slice(&b64.decode(h).unwrap()).unwrap();
+        let kid = header["kid"].as_str().unwrap().to_string();
+        if kid.split_once(':').map(|(_, t)| t) != Some(head.as_str()) {
+            continue;
+        }
+        let sig = ed25519_dalek::Signature::from_slice(&b64.decode(s).unwrap()).unwrap();
+        vk.verify_strict(format!("{h}.{p}").as_bytes(), &sig).expect("signature verifies");
+        let payload: serde_json::Value = serde_json::from_slice(&b64.decode(p).unwrap()).unwrap();
+        assert_eq!(payload["in"]["rdrv_aterm_ca"], input_hash);
+        let outs = payload["out"]["nix"].as_object().expect("out.nix is an object");
+        let paths = outs.values().map(|o| o["path"].as_str().unwrap().to_string()).collect();
+        accepted.push((kid, paths));
+    }
+    accepted
+}
+
+#[test]
+fn laut_index_lists_every_signature_of_the_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = TraceStore::create(&dir.path().join("c")).unwrap();
+    let (n1, n2) = (dir.path().join("1.nar"), dir.path().join("2.nar"));
+    std::fs::write(&n1, b"first").unwrap();
+    std::fs::write(&n2, b"second").unwrap();
+    let (k1, k2) =
+        (SecretKey::from_seed("store-test-1", [5; 32]), SecretKey::from_seed("other-1", [6; 32]));
+    let s1 = statement("job-1", b"first");
+    let hash = &s1.job.drv_path["/nix/store/".len()..][..32];
+    let index = store.root().join("traces").join(hash);
+    put_by(&store, &s1, &n1, &k1).unwrap();
+    let one = std::fs::read(&index).unwrap();
+    assert_eq!(laut_accepts(&one, hash, &k1).len(), 1);
+    put_by(&store, &s1, &n1, &k1).unwrap();
+    assert_eq!(std::fs::read(&index).unwrap(), one, "writing again changes nothing");
+    // A second key signs the same entry; a divergent build is a second entry.
+    put_by(&store, &s1, &n1, &k2).unwrap();
+    put_by(&store, &statement("job-2", b"second"), &n2, &k1).unwrap();
+    let all = std::fs::read(&index).unwrap();
+    let by_k1 = laut_accepts(&all, hash, &k1);
+    let by_k2 = laut_accepts(&all, hash, &k2);
+    assert_eq!((by_k1.len(), by_k2.len()), (2, 1), "{}", String::from_utf8_lossy(&all));
+    assert!(by_k1.iter().chain(&by_k2).all(|(_, paths)| paths == &[OUT.to_string()]));
+    assert!(by_k2[0].0.starts_with("other-1:"));
+    // Another step's hash finds nothing of these.
+    assert!(laut_accepts(&all, hash, &SecretKey::from_seed("x-1", [9; 32])).is_empty());
+}
+
+#[test]
+fn concurrent_writers_of_different_builds_all_reach_the_laut_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("c");
+    let jobs: Vec<_> = (0..8)
+        .map(|i| {
+            let nar = dir.path().join(format!("{i}.nar"));
+            std::fs::write(&nar, format!("build {i}")).unwrap();
+            (statement(&format!("job-{i}"), format!("build {i}").as_bytes()), nar)
+        })
+        .collect();
+    std::thread::scope(|s| {
+        for (st, nar) in &jobs {
+            let root = &root;
+            s.spawn(move || put(&TraceStore::create(root).unwrap(), st, nar).unwrap());
+        }
+    });
+    let hash = &jobs[0].0.job.drv_path["/nix/store/".len()..][..32];
+    let index = std::fs::read(root.join("traces").join(hash)).unwrap();
+    let key = SecretKey::from_seed("store-test-1", [5; 32]);
+    assert_eq!(laut_accepts(&index, hash, &key).len(), jobs.len());
 }

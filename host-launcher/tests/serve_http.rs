@@ -226,6 +226,14 @@ fn the_cache_is_served_read_only_with_exact_lengths() {
         assert!(!r.text().contains("secret\n") && !r.text().contains("work area"), "{path}");
     }
     assert_eq!(s.request("PUT", "/realisations/sha256:ab!out.doi", b"{}").status, 403);
+    // laut's signature index is served as JSON and, like realisations, never taken from clients.
+    let laut = "/traces/0123456789abcdfghijklmnpqrsvwxyz";
+    std::fs::create_dir_all(cache.join("traces")).unwrap();
+    std::fs::write(cache.join(&laut[1..]), br#"{"signatures":[]}"#).unwrap();
+    let r = s.request("GET", laut, b"");
+    assert_eq!((r.status, r.header("content-type")), (200, Some("application/json")));
+    assert_eq!(r.text(), r#"{"signatures":[]}"#);
+    assert_eq!(s.request("PUT", laut, br#"{"signatures":["a.b.c"]}"#).status, 403);
     assert_eq!(s.request("DELETE", "/nar/abc.nar", b"").status, 405);
     assert_eq!(s.request("GET", "/healthz", b"").status, 200);
 }

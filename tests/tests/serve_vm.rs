@@ -5,7 +5,8 @@
 //! reads the log (simulated evidence labelled), copies the outputs back with `nix copy --from
 //! http://…` into a fresh chroot store trusting only the service's key (an untrusted key is
 //! refused; an uploaded input is not served), and `vouch verify` accepts both under a policy
-//! naming the service's simulated root (and rejects them under the default policy).
+//! naming the service's simulated root (and rejects them under the default policy). Each step's
+//! laut signature index (`/traces/<drv hash>`) is served and verifies.
 
 use std::path::Path;
 use std::process::Command;
@@ -134,6 +135,20 @@ fn upload_build_substitute_and_verify_through_the_http_api() {
 
     // Substitute the outputs into a fresh store, trusting only the service's key.
     let key = public_key_of(&state);
+    // laut's verifier finds each step's signed trace under traces/<drv hash> (neither step has
+    // input derivations, so each is its own resolved derivation).
+    let public = nix_formats::signing::PublicKey::parse(&key).unwrap();
+    for (drv, (path, _)) in [&ia, &ca].into_iter().zip(&outs) {
+        let hash = &drv["/nix/store/".len()..][..32];
+        let r = svc.request("GET", &format!("/traces/{hash}"), b"");
+        assert_eq!(r.status, 200, "{}", r.text());
+        let sigs = json(&r)["signatures"].as_array().cloned().unwrap_or_default();
+        assert_eq!(sigs.len(), 1, "{}", r.text());
+        let v = build_trace::jws::verify(sigs[0].as_str().unwrap(), std::slice::from_ref(&public))
+            .unwrap();
+        assert_eq!(v.payload["in"]["rdrv_aterm_ca"], hash, "{}", v.payload);
+        assert_eq!(v.payload["out"]["nix"]["out"]["path"], path.as_str(), "{}", v.payload);
+    }
     let root = s.dir.path().join("fresh");
     let url = svc.url();
     let from = |xdg: &str, keys: &str, paths: &[&str]| {

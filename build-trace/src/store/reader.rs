@@ -49,7 +49,7 @@ pub trait TraceSource: std::fmt::Debug + Sync {
     fn describe(&self) -> String;
 }
 
-fn read_dir_sorted(dir: &Path) -> Result<Vec<String>, StoreError> {
+pub(super) fn read_dir_sorted(dir: &Path) -> Result<Vec<String>, StoreError> {
     let mut names = Vec::new();
     match fs::read_dir(dir) {
         Ok(it) => {

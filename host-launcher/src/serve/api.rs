@@ -10,7 +10,7 @@
 //! | GET | `/healthz` | [`ApiAction::Health`] |
 //! | GET, HEAD | `/nix-cache-info` | [`ApiAction::CacheInfo`] |
 //! | GET, HEAD | `/<hash>.narinfo` | [`ApiAction::NarInfo`] |
-//! | GET, HEAD | `/nar/…`, `/realisations/…`, `/build-trace-v2/…`, `/vouch/v1/…` | [`ApiAction::CacheFile`] |
+//! | GET, HEAD | `/nar/…`, `/realisations/…`, `/build-trace-v2/…`, `/traces/…`, `/vouch/v1/…` | [`ApiAction::CacheFile`] |
 //! | PUT | `/nar/<nix32 file hash>.nar[.<ext>]` | [`ApiAction::PutNar`] |
 //! | PUT | `/<hash>.narinfo` | [`ApiAction::PutNarInfo`] |
 //! | POST | `/v1/builds` | [`ApiAction::SubmitBuild`] |
@@ -161,7 +161,9 @@ fn clean_path(raw: &str) -> Result<String, HttpError> {
 
 /// Which cache directories are served read-only (`vouch/v1/tmp/` is the writer's work area).
 fn is_cache_file(rel: &str) -> bool {
-    ["nar/", "realisations/", "build-trace-v2/", "vouch/v1/"].iter().any(|p| rel.starts_with(p))
+    ["nar/", "realisations/", "build-trace-v2/", "traces/", "vouch/v1/"]
+        .iter()
+        .any(|p| rel.starts_with(p))
         && !rel.starts_with("vouch/v1/tmp/")
 }
 
@@ -211,12 +213,13 @@ pub fn route(method: &str, raw_path: &str) -> Result<Route, HttpError> {
     if is_cache_file(&rel) {
         return if read {
             Ok(Route::CacheFile(rel))
-        } else if rel.starts_with("realisations/") || rel.starts_with("build-trace-v2/") {
+        } else if ["realisations/", "build-trace-v2/", "traces/"].iter().any(|p| rel.starts_with(p))
+        {
             Err(HttpError::new(
                 403,
                 format!(
-                    "/{rel}: realisations are not accepted from clients; vouch signs the ones of \
-                     the steps it built itself"
+                    "/{rel}: build traces and their signatures are not accepted from clients; vouch \
+                     signs the ones of the steps it built itself"
                 ),
             ))
         } else {
@@ -260,6 +263,10 @@ mod tests {
             route("GET", "/realisations/sha256:ab%21out.doi").unwrap(),
             Route::CacheFile("realisations/sha256:ab!out.doi".into())
         );
+        assert_eq!(
+            route("GET", &format!("/traces/{H}")).unwrap(),
+            Route::CacheFile(format!("traces/{H}"))
+        );
         assert_eq!(route("POST", "/v1/builds").unwrap(), Route::SubmitBuild);
         assert_eq!(route("GET", "/v1/builds/7").unwrap(), Route::BuildStatus(7));
         assert_eq!(route("GET", "/v1/builds/7/log").unwrap(), Route::BuildLog(7));
@@ -285,6 +292,7 @@ mod tests {
         assert_eq!(route("GET", "/short.narinfo").unwrap_err().status, 400);
         assert_eq!(route("DELETE", "/nix-cache-info").unwrap_err().status, 405);
         assert_eq!(route("PUT", "/realisations/x.doi").unwrap_err().status, 403);
+        assert_eq!(route("PUT", &format!("/traces/{H}")).unwrap_err().status, 403);
         assert_eq!(route("POST", "/v1/builds/1").unwrap_err().status, 405);
         assert_eq!(route("GET", "/v1/builds/x").unwrap_err().status, 404);
     }

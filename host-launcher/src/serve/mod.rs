@@ -124,6 +124,9 @@ fn store_error(e: StoreError) -> ApiError {
 }
 
 fn content_type(rel: &str) -> &'static str {
+    if rel.starts_with("traces/") {
+        return "application/json";
+    }
     match rel.rsplit('.').next() {
         Some("narinfo") => "text/x-nix-narinfo",
         Some("nar") => "application/x-nix-nar",

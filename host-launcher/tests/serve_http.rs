@@ -6,7 +6,9 @@
 //! - hand-made uploads with a wrong hash, a wrong compression or no staged NAR are refused and
 //!   register nothing;
 //! - the binary cache serves the trace store read-only with exact lengths and refuses `..`;
-//! - the build API refuses what it cannot build before queueing anything; SIGTERM stops it.
+//! - the build API refuses what it cannot build before queueing anything; SIGTERM stops it;
+//! - with `--token-file`, uploads and the build API need the token (Nix sends it from a netrc
+//!   entry) while the binary cache stays public.
 //!
 //! The real-VM build through the API is in `tests/tests/serve_vm.rs`.
 
@@ -136,6 +138,53 @@ fn nix_copy_uploads_into_the_content_store_and_a_second_copy_skips() {
     let err = nix::text(&out);
     assert!(err.contains("uncompressed NARs only") && err.contains("compression=none"), "{err}");
     assert_eq!(registered(&state, &other), None);
+}
+
+#[test]
+fn with_a_token_uploads_and_builds_need_it_and_the_cache_stays_public() {
+    nix::require_nix();
+    let t = tempfile::tempdir().unwrap();
+    let token = "s3cr3t-0123456789abcdef";
+    let token_file = t.path().join("token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let s = HttpService::start(
+        Path::new(env!("CARGO_BIN_EXE_vouch")),
+        &t.path().join("state"),
+        &t.path().join("serve.log"),
+        &["--token-file", token_file.to_str().unwrap()],
+    );
+    let state = t.path().join("state");
+    assert_eq!(s.request("GET", "/nix-cache-info", b"").status, 200);
+    assert_eq!(s.request("GET", "/healthz", b"").status, 200);
+
+    // The build API and uploads answer 401 with a challenge, before reading the body.
+    let submit = br#"{"drv": "/nix/store/00000000000000000000000000000000-x.drv"}"#;
+    let r = s.request("POST", "/v1/builds", submit);
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert_eq!(r.header("www-authenticate"), Some("Basic realm=\"vouch\""));
+    assert!(r.text().contains("access token"), "{}", r.text());
+    let wrong = ["Authorization: Bearer s3cr3t-0123456789abcdeX"];
+    assert_eq!(s.request_with("POST", "/v1/builds", &wrong, submit).status, 401);
+    assert_eq!(s.request_with("GET", "/v1/builds/1", &wrong, b"").status, 401);
+    let bearer = format!("Authorization: Bearer {token}");
+    let r = s.request_with("POST", "/v1/builds", &[&bearer], submit);
+    assert_eq!(r.status, 422, "past the token, the submission itself is judged: {}", r.text());
+    assert_eq!(s.request_with("GET", "/v1/builds/1", &[&bearer], b"").status, 404);
+
+    // Nix without credentials cannot upload; with a netrc entry it can.
+    let drv = instantiate(t.path(), &simple_nix(&nix::nonce()), "a");
+    let to = format!("{}?compression=none", s.url());
+    let out = nix_copy(&t.path().join("xdg1"), &["--to", &to, "--derivation", &drv]);
+    assert!(!out.status.success(), "an upload without the token must fail");
+    assert!(nix::text(&out).contains("401"), "{}", nix::text(&out));
+    assert_eq!(registered(&state, &drv), None);
+    let netrc = t.path().join("netrc");
+    std::fs::write(&netrc, format!("machine 127.0.0.1 login ci password {token}\n")).unwrap();
+    let netrc = netrc.to_str().unwrap();
+    let args = ["--option", "netrc-file", netrc, "--to", &to, "--derivation", &drv];
+    let out = nix_copy(&t.path().join("xdg2"), &args);
+    assert!(out.status.success(), "nix copy with netrc: {}\n{}", nix::text(&out), s.log_text());
+    assert_eq!(registered(&state, &drv).as_deref(), Some("upload"));
 }
 
 #[test]

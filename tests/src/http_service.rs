@@ -87,11 +87,23 @@ impl HttpService {
 
     /// One request on a fresh connection (`Connection: close`); `raw_path` is sent as is.
     pub fn request(&self, method: &str, raw_path: &str, body: &[u8]) -> HttpResponse {
+        self.request_with(method, raw_path, &[], body)
+    }
+
+    /// [`Self::request`] with extra header lines (`Name: value`).
+    pub fn request_with(
+        &self,
+        method: &str,
+        raw_path: &str,
+        headers: &[&str],
+        body: &[u8],
+    ) -> HttpResponse {
         let mut c = TcpStream::connect(&self.addr).expect("connecting to vouch serve");
         c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
         write!(
             c,
-            "{method} {raw_path} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            "{method} {raw_path} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n",
             self.addr,
             body.len()
         )

@@ -7,8 +7,11 @@
 //! limits, VM and key flags as `vouch nix-builder`. SIGINT or SIGTERM stop it: queued builds
 //! fail, running ones are cancelled (their VMs killed).
 //!
-//! There is no authentication: anyone who reaches the port can upload inputs and start builds.
-//! Bind to localhost, or put the service behind an authenticating proxy.
+//! With `--token-file`, uploads and the build API need that token (`Authorization: Bearer`, or
+//! HTTP Basic with the token as password, as Nix sends it from a netrc entry); the binary cache
+//! stays public. Without it anyone who reaches the port can upload inputs and start builds, and
+//! the service says so when it listens on more than loopback. There is no TLS: put a
+//! TLS-terminating proxy in front when the token crosses a network.
 //!
 //! What is not here: the service itself (`host_launcher::serve`).
 
@@ -17,6 +20,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use host_launcher::nixproto::listen::Signals;
+use host_launcher::serve::auth::AccessToken;
 use host_launcher::serve::{server, Service, ServiceConfig};
 
 use super::common::BuilderArgs;
@@ -25,10 +29,15 @@ use super::{CmdResult, Global};
 /// Arguments of `vouch serve`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Address and port to listen on (port 0: any free port, printed on stderr). There is no
-    /// authentication: keep it on localhost or behind an authenticating proxy.
+    /// Address and port to listen on (port 0: any free port, printed on stderr). Without
+    /// `--token-file`, keep it on localhost or behind an authenticating proxy.
     #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR:PORT")]
     pub listen: String,
+    /// File whose first line is the access token that uploads and the build API require
+    /// (`Authorization: Bearer TOKEN`, or HTTP Basic with TOKEN as password, e.g. from Nix's
+    /// `netrc-file`); at least 16 characters. The binary cache stays public.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<std::path::PathBuf>,
     /// Builds at once (each in its own VM); more wait in a queue.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
     pub jobs: u64,
@@ -43,6 +52,7 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     // Before any thread starts: they inherit the mask that routes SIGINT/SIGTERM to a descriptor.
     let mut signals = Signals::new()?;
     let state_dir = global.state_dir();
+    let access = args.token_file.as_deref().map(AccessToken::from_file).transpose()?;
     let (builder, store_cfg) = args.builder.config(&state_dir)?;
     std::fs::create_dir_all(&builder.cache_dir).map_err(|e| {
         format!("creating the cache directory {}: {e}", builder.cache_dir.display())
@@ -54,12 +64,18 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         store_cfg,
         jobs: args.jobs as usize,
         declared_nix: args.builder.client_nix_version,
+        access,
     };
     let listener = TcpListener::bind(&args.listen)
         .map_err(|e| format!("listening on {}: {e}", args.listen))?;
     let service = Arc::new(Service::open(cfg)?);
     let addr = listener.local_addr()?;
     eprintln!("vouch serve: listening on http://{addr}");
+    if args.token_file.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(
+            "no --token-file: anyone who reaches {addr} can upload inputs and start builds"
+        );
+    }
     tracing::info!(
         cache = %service.cache_dir().display(),
         jobs = args.jobs,

@@ -48,6 +48,22 @@ pub enum Route {
     BuildLog(u64),
 }
 
+impl Route {
+    /// Whether the route changes what the service holds or shows what clients submitted
+    /// (uploads, the build API): those need the access token when one is configured. The
+    /// binary cache and `/healthz` are public.
+    pub fn needs_access(&self) -> bool {
+        match self {
+            Route::Health | Route::CacheInfo | Route::NarInfo(_) | Route::CacheFile(_) => false,
+            Route::PutNar(_)
+            | Route::PutNarInfo(_)
+            | Route::SubmitBuild
+            | Route::BuildStatus(_)
+            | Route::BuildLog(_) => true,
+        }
+    }
+}
+
 /// What a client sends to start a build (`POST /v1/builds`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -270,6 +286,20 @@ mod tests {
         assert_eq!(route("POST", "/v1/builds").unwrap(), Route::SubmitBuild);
         assert_eq!(route("GET", "/v1/builds/7").unwrap(), Route::BuildStatus(7));
         assert_eq!(route("GET", "/v1/builds/7/log").unwrap(), Route::BuildLog(7));
+        // Reading the cache is public; uploads and the build API need the token.
+        for (method, path, needs) in [
+            ("GET", "/healthz", false),
+            ("GET", "/nix-cache-info", false),
+            ("GET", &format!("/{H}.narinfo"), false),
+            ("GET", "/nar/abc.nar", false),
+            ("PUT", "/nar/abc.nar", true),
+            ("PUT", &format!("/{H}.narinfo"), true),
+            ("POST", "/v1/builds", true),
+            ("GET", "/v1/builds/7", true),
+            ("GET", "/v1/builds/7/log", true),
+        ] {
+            assert_eq!(route(method, path).unwrap().needs_access(), needs, "{method} {path}");
+        }
     }
 
     #[test]

@@ -266,6 +266,7 @@ pub fn reason(status: u16) -> &'static str {
         201 => "Created",
         202 => "Accepted",
         400 => "Bad Request",
+        401 => "Unauthorized",
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
@@ -291,9 +292,12 @@ pub fn write_response(
     keep_alive: bool,
 ) -> io::Result<()> {
     let len = resp.len();
+    // A 401 says how to authenticate (`super::auth`).
+    let challenge =
+        if resp.status == 401 { "WWW-Authenticate: Basic realm=\"vouch\"\r\n" } else { "" };
     write!(
         w,
-        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {len}\r\nConnection: {}\r\n\r\n",
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {len}\r\n{challenge}Connection: {}\r\n\r\n",
         resp.status,
         reason(resp.status),
         resp.content_type,

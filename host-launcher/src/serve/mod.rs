@@ -8,7 +8,7 @@
 //! upload rules); builds are `Action::BuildDerivation` on [`crate::nixbuilder::BuilderCore`].
 //!
 //! - **Binary cache, read-only** ([`Service::cache_file`]): `nix-cache-info`, `<hash>.narinfo`,
-//!   `nar/…`, `realisations/…`, `build-trace-v2/…`, `vouch/v1/…` from the trace store
+//!   `nar/…`, `realisations/…`, `build-trace-v2/…`, `traces/…`, `vouch/v1/…` from the trace store
 //!   directory, which is a Nix binary cache whose narinfos the launcher key signed.
 //! - **Uploads** ([`upload`]): the requests of `nix copy --to 'http://…?compression=none'`;
 //!   uploaded paths go into the content store, checked, never into the trace store.
@@ -20,10 +20,14 @@
 //! - **Builds** ([`builds`]): `POST /v1/builds` checks the submission first (the derivation and
 //!   its input closure in the content store, resolved, buildable) and only then queues it.
 //!
-//! What is not here: authentication (none: bind to localhost or put the service behind an
-//! authenticating proxy, `docs/ci-service.md`), VMs and checks (`crate::build`).
+//! - **Access** ([`auth`]): with an access token configured, uploads and the build API need it
+//!   (the front-end checks it before it reads a body); the binary cache stays public.
+//!
+//! What is not here: TLS (a TLS-terminating proxy's job, `docs/ci-service.md`), VMs and checks
+//! (`crate::build`).
 
 pub mod api;
+pub mod auth;
 pub mod builds;
 pub mod http;
 pub mod server;
@@ -102,6 +106,8 @@ pub struct ServiceConfig {
     pub jobs: usize,
     /// The Nix release clients run, where a submission does not say.
     pub declared_nix: Option<NixVersion>,
+    /// The token uploads and the build API require; `None`: anyone who reaches the port.
+    pub access: Option<auth::AccessToken>,
 }
 
 /// The service core.
@@ -150,6 +156,15 @@ impl Service {
     /// The build queue (the caller starts and stops its workers).
     pub fn builds(&self) -> &Arc<builds::Builds> {
         &self.builds
+    }
+
+    /// Whether a request on `route` presenting `authorization` may proceed: always for the
+    /// public routes ([`api::Route::needs_access`]) or when no token is configured.
+    pub fn admits(&self, route: &api::Route, authorization: Option<&str>) -> bool {
+        match &self.cfg.access {
+            Some(token) if route.needs_access() => token.admits(authorization),
+            _ => true,
+        }
     }
 
     /// The trace store directory served as the binary cache.

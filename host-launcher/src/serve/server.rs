@@ -76,6 +76,14 @@ fn exchange(
         Ok(r) => r,
         Err(e) => return (error_response(&req.path, e.status, &e.msg), req.content_length),
     };
+    if !service.admits(&route, req.header("authorization")) {
+        let msg = format!(
+            "{} {} needs the service's access token (Authorization: Bearer TOKEN, or HTTP Basic \
+             with the token as password, e.g. from a netrc entry)",
+            req.method, req.path
+        );
+        return (error_response(&req.path, 401, &msg), req.content_length);
+    }
     let mut remaining = req.content_length;
     let result = (|| {
         let action = match route {

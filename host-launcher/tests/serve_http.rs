@@ -7,6 +7,7 @@
 //!   register nothing;
 //! - the binary cache serves the trace store read-only with exact lengths and refuses `..`;
 //! - the build API refuses what it cannot build before queueing anything; SIGTERM stops it;
+//!   build ids, outcomes and logs survive a restart;
 //! - with `--token-file`, uploads and the build API need the token (Nix sends it from a netrc
 //!   entry) while the binary cache stays public.
 //!
@@ -185,6 +186,47 @@ fn with_a_token_uploads_and_builds_need_it_and_the_cache_stays_public() {
     let out = nix_copy(&t.path().join("xdg2"), &args);
     assert!(out.status.success(), "nix copy with netrc: {}\n{}", nix::text(&out), s.log_text());
     assert_eq!(registered(&state, &drv).as_deref(), Some("upload"));
+}
+
+#[test]
+fn build_ids_outcomes_and_logs_survive_a_restart() {
+    nix::require_nix();
+    let t = tempfile::tempdir().unwrap();
+    let no_image = t.path().join("no-image");
+    let args = ["--image", no_image.to_str().unwrap()];
+    let (state, vouch) = (t.path().join("state"), Path::new(env!("CARGO_BIN_EXE_vouch")));
+    let s = HttpService::start(vouch, &state, &t.path().join("serve1.log"), &args);
+    let drv = instantiate(t.path(), &simple_nix(&nix::nonce()), "a");
+    let to = format!("{}?compression=none", s.url());
+    let out = nix_copy(&t.path().join("xdg"), &["--to", &to, "--derivation", &drv]);
+    assert!(out.status.success(), "nix copy: {}", nix::text(&out));
+    let submit = format!(r#"{{"drv": "{drv}"}}"#);
+    let r = s.request("POST", "/v1/builds", submit.as_bytes());
+    assert_eq!(r.status, 202, "{}", r.text());
+    // Without a guest image the build fails at once, naming the image.
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        let r = s.request("GET", "/v1/builds/1", b"");
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        if v["state"] == "failed" {
+            break v;
+        }
+        assert!(t0.elapsed().as_secs() < 60, "the build did not fail: {v}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(status["error"].to_string().contains("no-image"), "{status}");
+    let log = s.request("GET", "/v1/builds/1/log", b"").text();
+    let (st, _) = s.stop("TERM");
+    assert!(st.success());
+
+    let s = HttpService::start(vouch, &state, &t.path().join("serve2.log"), &args);
+    let r = s.request("GET", "/v1/builds/1", b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&r.body).unwrap(), status);
+    assert_eq!(s.request("GET", "/v1/builds/1/log", b"").text(), log);
+    let r = s.request("POST", "/v1/builds", submit.as_bytes());
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert!(r.text().contains(r#""id":2"#), "a new id after the restart: {}", r.text());
 }
 
 #[test]

@@ -4,8 +4,9 @@
 //! `vouch serve: listening on http://ADDR:PORT`): the trace store read-only as a binary cache,
 //! uploads of inputs from `nix copy --to 'http://…?compression=none'` into the content store,
 //! and the build API (`POST /v1/builds`), with `--jobs` builds at once. Builds use the same
-//! limits, VM and key flags as `vouch nix-builder`. SIGINT or SIGTERM stop it: queued builds
-//! fail, running ones are cancelled (their VMs killed).
+//! limits, VM and key flags as `vouch nix-builder`; builds are recorded under
+//! `<state dir>/serve/` and outlive a restart. SIGINT or SIGTERM stop it: queued builds fail,
+//! running ones are cancelled (their VMs killed).
 //!
 //! With `--token-file`, uploads and the build API need that token (`Authorization: Bearer`, or
 //! HTTP Basic with the token as password, as Nix sends it from a netrc entry); the binary cache

@@ -4,10 +4,11 @@
 //! [`crate::nixbuilder::BuilderCore`], which builds in a fresh VM, checks the statement and
 //! evidence, and publishes the step into the trace store before anything is answered.
 //!
-//! Builds live in memory: a restarted service forgets their ids (their published steps stay in
-//! the trace store). Logs are kept up to [`MAX_LOG_KEPT`] bytes per build; at most
-//! [`MAX_QUEUED`] builds wait (more are refused with 503), and the newest [`MAX_FINISHED_KEPT`]
-//! finished builds are remembered (older ids answer 404), so memory stays bounded.
+//! Every build is also written to the service's record ([`super::records`]): ids, outcomes and
+//! logs survive a restart, and older finished builds are read back from it. Logs are kept up to
+//! [`MAX_LOG_KEPT`] bytes per build; at most [`MAX_QUEUED`] builds wait (more are refused with
+//! 503), and the newest [`MAX_FINISHED_KEPT`] finished builds stay in memory, so memory stays
+//! bounded.
 //!
 //! What is not here: checking a submission before it is queued ([`super::Service`]), the build
 //! itself (`crate::nixbuilder::step`).
@@ -18,6 +19,7 @@ use std::thread::JoinHandle;
 
 use nix_formats::StorePath;
 
+use super::records::Records;
 use crate::nixbuilder::{BuilderConfig, BuilderCore};
 use crate::nixproto::{Action, BuildRequest, BuildResult, Handler, LogSink, Reply};
 use crate::store::{ContentStore, StoreConfig};
@@ -26,7 +28,7 @@ use crate::store::{ContentStore, StoreConfig};
 pub const MAX_LOG_KEPT: usize = 8 << 20;
 /// Most builds waiting for a worker.
 pub const MAX_QUEUED: usize = 1024;
-/// Most finished builds remembered (with their logs).
+/// Most finished builds kept in memory (with their logs); older ones are read from the record.
 pub const MAX_FINISHED_KEPT: usize = 256;
 
 /// Where a build is.
@@ -82,6 +84,16 @@ impl Job {
     fn set(&self, s: JobState) {
         *lock(&self.state) = s;
     }
+
+    fn new(id: u64, drv: StorePath, request: Option<BuildRequest>, state: JobState) -> Job {
+        Job {
+            id,
+            drv,
+            request: Mutex::new(request),
+            state: Mutex::new(state),
+            log: Mutex::new(String::new()),
+        }
+    }
 }
 
 struct JobLog<'a>(&'a Job);
@@ -120,21 +132,33 @@ pub struct Builds {
     builder: BuilderConfig,
     store_dir: std::path::PathBuf,
     store_cfg: StoreConfig,
+    records: Records,
 }
 
 impl Builds {
-    /// A queue whose builds run with `builder` over the content store in `store_dir`.
+    /// A queue whose builds run with `builder` over the content store in `store_dir`, recorded
+    /// in `records` (ids continue after the highest recorded one).
     pub fn new(
         builder: BuilderConfig,
         store_dir: &std::path::Path,
         store_cfg: StoreConfig,
+        records: Records,
     ) -> Self {
         Builds {
-            inner: Mutex::new(Inner { next: 1, ..Inner::default() }),
+            inner: Mutex::new(Inner { next: records.next_id(), ..Inner::default() }),
             wake: Condvar::new(),
             builder,
             store_dir: store_dir.to_owned(),
             store_cfg,
+            records,
+        }
+    }
+
+    /// Record how a build ended (a failure to record is logged: the build's published outputs
+    /// stand either way).
+    fn record_finished(&self, job: &Job, state: &JobState) {
+        if let Err(e) = self.records.finished(job.id, state, &job.log()) {
+            tracing::warn!(id = job.id, "{}", crate::nixproto::action::error_chain(&e));
         }
     }
 
@@ -161,14 +185,11 @@ impl Builds {
             return Err(format!("the build queue is full ({MAX_QUEUED} builds waiting)"));
         }
         let id = inner.next;
+        self.records.queued(id, &req.drv_path).map_err(|e| {
+            format!("recording the build: {}", crate::nixproto::action::error_chain(&e))
+        })?;
         inner.next += 1;
-        let job = Arc::new(Job {
-            id,
-            drv: req.drv_path.clone(),
-            request: Mutex::new(Some(req)),
-            state: Mutex::new(JobState::Queued),
-            log: Mutex::new(String::new()),
-        });
+        let job = Arc::new(Job::new(id, req.drv_path.clone(), Some(req), JobState::Queued));
         inner.jobs.insert(id, job.clone());
         inner.queue.push_back(job);
         drop(inner);
@@ -176,9 +197,16 @@ impl Builds {
         Ok(id)
     }
 
-    /// A build by id.
-    pub fn get(&self, id: u64) -> Option<Arc<Job>> {
-        lock(&self.inner).jobs.get(&id).cloned()
+    /// A build by id: in memory, else as recorded.
+    pub fn get(&self, id: u64) -> Result<Option<Arc<Job>>, super::records::RecordError> {
+        if let Some(job) = lock(&self.inner).jobs.get(&id).cloned() {
+            return Ok(Some(job));
+        }
+        Ok(self.records.load(id)?.map(|r| {
+            let job = Job::new(id, r.drv, None, r.state);
+            *lock(&job.log) = r.log;
+            Arc::new(job)
+        }))
     }
 
     /// Stop: queued builds fail without starting, workers end after their current build (the
@@ -187,10 +215,12 @@ impl Builds {
         let mut inner = lock(&self.inner);
         inner.stopping = true;
         for job in inner.queue.drain(..) {
-            job.set(JobState::Failed {
+            let state = JobState::Failed {
                 status: "MiscFailure".into(),
                 error: "the service stopped before this build started".into(),
-            });
+            };
+            self.record_finished(&job, &state);
+            job.set(state);
         }
         drop(inner);
         self.wake.notify_all();
@@ -212,6 +242,9 @@ impl Builds {
             };
             let Some(req) = lock(&job.request).take() else { continue };
             job.set(JobState::Running);
+            if let Err(e) = self.records.running(job.id) {
+                tracing::warn!(id = job.id, "{}", crate::nixproto::action::error_chain(&e));
+            }
             tracing::info!(id = job.id, drv = %job.drv, "build started");
             let state = self.run(&job, req);
             if let JobState::Failed { error, .. } = &state {
@@ -219,6 +252,7 @@ impl Builds {
             } else {
                 tracing::info!(id = job.id, drv = %job.drv, "build succeeded");
             }
+            self.record_finished(&job, &state);
             job.set(state);
             let mut inner = lock(&self.inner);
             inner.finished.push_back(job.id);
@@ -339,7 +373,12 @@ mod tests {
             launcher,
             key_naming: crate::build::publish::KeyNaming::host_default(),
         };
-        Builds::new(builder, &dir.join("store"), StoreConfig { max_bytes: 1 << 30 })
+        let records = Records::open(&dir.join("state/serve")).unwrap();
+        Builds::new(builder, &dir.join("store"), StoreConfig { max_bytes: 1 << 30 }, records)
+    }
+
+    fn state(b: &Builds, id: u64) -> JobState {
+        b.get(id).unwrap().expect("a known build").state()
     }
 
     #[test]
@@ -349,15 +388,21 @@ mod tests {
         let ids: Vec<u64> = (0..MAX_QUEUED).map(|n| b.submit(request(n)).unwrap()).collect();
         let e = b.submit(request(MAX_QUEUED)).unwrap_err();
         assert!(e.contains("queue is full"), "{e}");
-        assert!(matches!(b.get(ids[0]).unwrap().state(), JobState::Queued));
+        assert!(matches!(state(&b, ids[0]), JobState::Queued));
         b.stop();
-        let JobState::Failed { error, .. } = b.get(ids[0]).unwrap().state() else { panic!() };
+        let JobState::Failed { error, .. } = state(&b, ids[0]) else { panic!() };
         assert!(error.contains("stopped before this build started"), "{error}");
         assert!(b.submit(request(0)).unwrap_err().contains("shutting down"));
+        // A restarted service knows them (failed) and gives new builds new ids.
+        drop(b);
+        let b = builds(t.path());
+        let JobState::Failed { error, .. } = state(&b, ids[0]) else { panic!() };
+        assert!(error.contains("stopped before this build started"), "{error}");
+        assert_eq!(b.submit(request(0)).unwrap(), ids.last().unwrap() + 1);
     }
 
     #[test]
-    fn only_the_newest_finished_builds_are_remembered() {
+    fn older_finished_builds_are_read_back_from_the_record() {
         let t = tempfile::tempdir().unwrap();
         let b = Arc::new(builds(t.path()));
         let n = MAX_FINISHED_KEPT + 3;
@@ -366,14 +411,18 @@ mod tests {
         let workers = b.start_workers(1);
         let last = *ids.last().unwrap();
         let t0 = std::time::Instant::now();
-        while b.get(last).is_some_and(|j| !matches!(j.state(), JobState::Failed { .. })) {
+        while !matches!(state(&b, last), JobState::Failed { .. }) {
             assert!(t0.elapsed() < std::time::Duration::from_secs(60), "builds did not finish");
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         b.stop();
         workers.into_iter().for_each(|w| w.join().unwrap());
-        assert!(b.get(ids[0]).is_none() && b.get(ids[2]).is_none(), "the oldest are forgotten");
-        assert!(b.get(ids[3]).is_some() && b.get(last).is_some());
+        assert!(!lock(&b.inner).jobs.contains_key(&ids[0]), "the oldest left memory");
+        assert!(lock(&b.inner).jobs.contains_key(&ids[3]));
+        let old = b.get(ids[0]).unwrap().expect("recorded");
+        let JobState::Failed { error, .. } = old.state() else { panic!() };
+        assert!(error.contains("no outputs"), "the recorded outcome: {error}");
+        assert!(b.get(last + 1).unwrap().is_none());
     }
 
     #[test]

@@ -30,6 +30,7 @@ pub mod api;
 pub mod auth;
 pub mod builds;
 pub mod http;
+pub mod records;
 pub mod server;
 pub mod upload;
 
@@ -148,8 +149,13 @@ impl Service {
         let store = ContentStore::open(&cfg.store_dir, cfg.store_cfg)?;
         let index = crate::store::db::open(&cfg.store_dir.join("index.sqlite"))?;
         let staging = upload::Staging::open(&cfg.builder.state_dir.join("serve/staging"))?;
-        let builds =
-            Arc::new(builds::Builds::new(cfg.builder.clone(), &cfg.store_dir, cfg.store_cfg));
+        let records = records::Records::open(&cfg.builder.state_dir.join("serve"))?;
+        let builds = Arc::new(builds::Builds::new(
+            cfg.builder.clone(),
+            &cfg.store_dir,
+            cfg.store_cfg,
+            records,
+        ));
         Ok(Service { cfg, store, index: Mutex::new(index), staging, builds })
     }
 
@@ -228,7 +234,10 @@ impl Service {
     }
 
     fn job(&self, id: u64) -> Result<Arc<builds::Job>, ApiError> {
-        self.builds.get(id).ok_or_else(|| ApiError::new(404, format!("no build with id {id}")))
+        self.builds
+            .get(id)
+            .map_err(|e| ApiError::new(500, crate::nixproto::action::error_chain(&e)))?
+            .ok_or_else(|| ApiError::new(404, format!("no build with id {id}")))
     }
 
     /// A read-only file of the trace store directory (`rel` is already checked by the router).

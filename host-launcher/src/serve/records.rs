@@ -1,0 +1,321 @@
+//! The CI service's record of its builds, so that ids, outcomes and logs outlive the process:
+//! `<state>/serve/builds.sqlite` (one row per build) and `<state>/serve/logs/<id>.log` (the log
+//! of a finished build, written and synced before its row says it finished).
+//!
+//! - A build is recorded when it is accepted (`queued`), when it starts (`running`) and when it
+//!   ends, with its outcome (Nix status and error, or the outputs JSON and evidence label).
+//! - On open, builds still recorded as queued or running were cut off by a stop or a crash: they
+//!   are marked failed ("the service stopped before this build finished"). Ids continue after
+//!   the highest recorded one, so an id never names two builds.
+//! - The newest [`MAX_RECORDS`] finished builds are kept; older rows and logs are pruned.
+//!
+//! What is not here: the queue and the builds themselves ([`super::builds`]).
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use nix_formats::StorePath;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::builds::JobState;
+
+/// Most finished builds kept on disk (with their logs).
+pub const MAX_RECORDS: u64 = 10_000;
+
+/// What the service says of a build cut off by a stop or a crash.
+pub const CUT_OFF: &str = "the service stopped before this build finished";
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS builds (
+    id        INTEGER PRIMARY KEY,
+    drv       TEXT NOT NULL,
+    state     TEXT NOT NULL CHECK (state IN ('queued', 'running', 'succeeded', 'failed')),
+    status    TEXT,
+    error     TEXT,
+    outputs   TEXT,
+    evidence  TEXT,
+    submitted INTEGER NOT NULL,
+    finished  INTEGER
+);";
+
+/// Why the build record could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// The database.
+    #[error("build record database {0}")]
+    Db(PathBuf, #[source] rusqlite::Error),
+    /// A log file.
+    #[error("build log {0}")]
+    Log(PathBuf, #[source] std::io::Error),
+    /// A row that does not make sense (edited by hand, or another version).
+    #[error("build {0} in the record: {1}")]
+    Corrupt(u64, String),
+}
+
+/// A finished build read back from the record.
+#[derive(Debug)]
+pub struct Recorded {
+    /// The derivation.
+    pub drv: StorePath,
+    /// Its outcome (or `Queued`/`Running` while it is not finished).
+    pub state: JobState,
+    /// Its log (empty until it finished).
+    pub log: String,
+}
+
+/// The record (thread-safe).
+#[derive(Debug)]
+pub struct Records {
+    db: Mutex<Connection>,
+    db_path: PathBuf,
+    logs: PathBuf,
+    next: u64,
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+impl Records {
+    /// Open (or create) the record in `dir`, marking cut-off builds failed.
+    pub fn open(dir: &Path) -> Result<Records, RecordError> {
+        let logs = dir.join("logs");
+        std::fs::create_dir_all(&logs).map_err(|e| RecordError::Log(logs.clone(), e))?;
+        let db_path = dir.join("builds.sqlite");
+        let err = |e| RecordError::Db(db_path.clone(), e);
+        let db = Connection::open(&db_path).map_err(err)?;
+        db.busy_timeout(std::time::Duration::from_secs(60)).map_err(err)?;
+        db.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
+        db.pragma_update(None, "synchronous", "FULL").map_err(err)?;
+        db.execute_batch(SCHEMA).map_err(err)?;
+        let cut = db
+            .execute(
+                "UPDATE builds SET state = 'failed', status = 'MiscFailure', error = ?1,
+                        finished = ?2 WHERE state IN ('queued', 'running')",
+                params![CUT_OFF, now()],
+            )
+            .map_err(err)?;
+        if cut > 0 {
+            tracing::warn!(builds = cut, "builds cut off by the last stop are recorded as failed");
+        }
+        let max: Option<i64> =
+            db.query_row("SELECT MAX(id) FROM builds", [], |r| r.get(0)).map_err(err)?;
+        let next = max.map_or(1, |m| m as u64 + 1);
+        Ok(Records { db: Mutex::new(db), db_path, logs, next })
+    }
+
+    /// The first id not yet recorded.
+    pub fn next_id(&self) -> u64 {
+        self.next
+    }
+
+    fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.db.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn err(&self) -> impl Fn(rusqlite::Error) -> RecordError + '_ {
+        |e| RecordError::Db(self.db_path.clone(), e)
+    }
+
+    fn log_path(&self, id: u64) -> PathBuf {
+        self.logs.join(format!("{id}.log"))
+    }
+
+    /// Record an accepted build.
+    pub fn queued(&self, id: u64, drv: &StorePath) -> Result<(), RecordError> {
+        self.db()
+            .execute(
+                "INSERT INTO builds (id, drv, state, submitted) VALUES (?1, ?2, 'queued', ?3)",
+                params![id as i64, drv.to_string(), now()],
+            )
+            .map(drop)
+            .map_err(self.err())
+    }
+
+    /// Record that a build started.
+    pub fn running(&self, id: u64) -> Result<(), RecordError> {
+        self.db()
+            .execute("UPDATE builds SET state = 'running' WHERE id = ?1", [id as i64])
+            .map(drop)
+            .map_err(self.err())
+    }
+
+    /// Record how a build ended: its log first (synced), then its row; then prune.
+    pub fn finished(&self, id: u64, state: &JobState, log: &str) -> Result<(), RecordError> {
+        let path = self.log_path(id);
+        build_trace::store::write_atomic(&path, log.as_bytes())
+            .map_err(|e| RecordError::Log(path.clone(), e))?;
+        let (name, status, error, outputs, evidence) = match state {
+            JobState::Succeeded { outputs, evidence } => {
+                ("succeeded", None, None, Some(outputs.to_string()), Some(*evidence))
+            }
+            JobState::Failed { status, error } => {
+                ("failed", Some(status.as_str()), Some(error.as_str()), None, None)
+            }
+            JobState::Queued | JobState::Running => {
+                return Err(RecordError::Corrupt(id, "finished without an outcome".into()))
+            }
+        };
+        let db = self.db();
+        db.execute(
+            "UPDATE builds SET state = ?2, status = ?3, error = ?4, outputs = ?5, evidence = ?6,
+                    finished = ?7 WHERE id = ?1",
+            params![id as i64, name, status, error, outputs, evidence, now()],
+        )
+        .map_err(self.err())?;
+        self.prune(&db, MAX_RECORDS)
+    }
+
+    /// Drop the rows and logs of finished builds older than the newest `keep`.
+    fn prune(&self, db: &Connection, keep: u64) -> Result<(), RecordError> {
+        let old: Vec<i64> = db
+            .prepare(
+                "SELECT id FROM builds WHERE state IN ('succeeded', 'failed') ORDER BY id DESC
+                 LIMIT -1 OFFSET ?1",
+            )
+            .and_then(|mut s| s.query_map([keep as i64], |r| r.get(0))?.collect())
+            .map_err(self.err())?;
+        for id in old {
+            let path = self.log_path(id as u64);
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(RecordError::Log(path, e))
+                }
+                _ => {}
+            }
+            db.execute("DELETE FROM builds WHERE id = ?1", [id]).map_err(self.err())?;
+        }
+        Ok(())
+    }
+
+    /// A build as recorded, if it is.
+    pub fn load(&self, id: u64) -> Result<Option<Recorded>, RecordError> {
+        type Row = (String, String, Option<String>, Option<String>, Option<String>, Option<String>);
+        let row: Option<Row> = self
+            .db()
+            .query_row(
+                "SELECT drv, state, status, error, outputs, evidence FROM builds WHERE id = ?1",
+                [id as i64],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+            )
+            .optional()
+            .map_err(self.err())?;
+        let Some((drv, state, status, error, outputs, evidence)) = row else {
+            return Ok(None);
+        };
+        let corrupt = |what: String| RecordError::Corrupt(id, what);
+        let drv = StorePath::parse(&drv).map_err(|e| corrupt(format!("drv {drv:?}: {e}")))?;
+        let state = match state.as_str() {
+            "queued" => JobState::Queued,
+            "running" => JobState::Running,
+            "succeeded" => JobState::Succeeded {
+                outputs: serde_json::from_str(outputs.as_deref().unwrap_or_default())
+                    .map_err(|e| corrupt(format!("outputs: {e}")))?,
+                // Anything but the hardware label reads as simulated: never upgrade a claim.
+                evidence: if evidence.as_deref() == Some("sev-snp") {
+                    "sev-snp"
+                } else {
+                    "simulated"
+                },
+            },
+            _ => JobState::Failed {
+                status: status.unwrap_or_else(|| "MiscFailure".into()),
+                error: error.unwrap_or_default(),
+            },
+        };
+        let path = self.log_path(id);
+        let log = match std::fs::read(&path) {
+            Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(RecordError::Log(path, e)),
+        };
+        Ok(Some(Recorded { drv, state, log }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drv(n: u8) -> StorePath {
+        StorePath::from_parts([n; 20], "x.drv").unwrap()
+    }
+
+    #[test]
+    fn outcomes_and_logs_outlive_a_restart_and_cut_off_builds_fail() {
+        let t = tempfile::tempdir().unwrap();
+        let r = Records::open(t.path()).unwrap();
+        assert_eq!(r.next_id(), 1);
+        for id in 1..=4 {
+            r.queued(id, &drv(id as u8)).unwrap();
+        }
+        let outputs = serde_json::json!({"out": {"path": "/nix/store/x"}});
+        r.running(1).unwrap();
+        r.finished(
+            1,
+            &JobState::Succeeded { outputs: outputs.clone(), evidence: "sev-snp" },
+            "a\n",
+        )
+        .unwrap();
+        let failed = JobState::Failed { status: "TimedOut".into(), error: "too slow".into() };
+        r.finished(2, &failed, "b\n").unwrap();
+        r.running(3).unwrap();
+        drop(r);
+
+        let r = Records::open(t.path()).unwrap();
+        assert_eq!(r.next_id(), 5, "ids are never reused");
+        let one = r.load(1).unwrap().unwrap();
+        assert_eq!((one.drv, one.log.as_str()), (drv(1), "a\n"));
+        assert!(
+            matches!(one.state, JobState::Succeeded { outputs: o, evidence: "sev-snp" } if o == outputs)
+        );
+        let two = r.load(2).unwrap().unwrap();
+        assert!(
+            matches!(two.state, JobState::Failed { status, error } if status == "TimedOut" && error == "too slow")
+        );
+        for id in [3, 4] {
+            let JobState::Failed { error, .. } = r.load(id).unwrap().unwrap().state else {
+                panic!("build {id} was cut off")
+            };
+            assert_eq!(error, CUT_OFF);
+        }
+        assert!(r.load(5).unwrap().is_none());
+        assert!(r.finished(4, &JobState::Running, "").is_err(), "an outcome is required");
+    }
+
+    #[test]
+    fn only_the_newest_finished_builds_are_kept() {
+        let t = tempfile::tempdir().unwrap();
+        let r = Records::open(t.path()).unwrap();
+        let failed = JobState::Failed { status: "MiscFailure".into(), error: "no".into() };
+        for id in 1..=5 {
+            r.queued(id, &drv(id as u8)).unwrap();
+            r.finished(id, &failed, "log\n").unwrap();
+        }
+        r.queued(6, &drv(6)).unwrap();
+        r.prune(&r.db(), 2).unwrap();
+        for id in 1..=3 {
+            assert!(r.load(id).unwrap().is_none(), "build {id} pruned");
+            assert!(!r.log_path(id).exists(), "log {id} pruned");
+        }
+        assert!(r.load(4).unwrap().is_some() && r.load(5).unwrap().is_some());
+        assert!(r.load(6).unwrap().is_some(), "an unfinished build is never pruned");
+    }
+
+    #[test]
+    fn an_edited_row_is_reported_not_trusted() {
+        let t = tempfile::tempdir().unwrap();
+        let r = Records::open(t.path()).unwrap();
+        r.queued(1, &drv(1)).unwrap();
+        let ok = JobState::Succeeded { outputs: serde_json::json!({}), evidence: "simulated" };
+        r.finished(1, &ok, "").unwrap();
+        r.db().execute("UPDATE builds SET evidence = 'SEV-SNP!' WHERE id = 1", []).unwrap();
+        let loaded = r.load(1).unwrap().unwrap();
+        assert!(matches!(loaded.state, JobState::Succeeded { evidence: "simulated", .. }));
+        r.db().execute("UPDATE builds SET outputs = 'not json' WHERE id = 1", []).unwrap();
+        let e = r.load(1).unwrap_err();
+        assert!(e.to_string().contains("build 1"), "{e}");
+    }
+}

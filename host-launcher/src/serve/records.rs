@@ -18,6 +18,7 @@ use nix_formats::StorePath;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::builds::JobState;
+use crate::store::db::now;
 
 /// Most finished builds kept on disk (with their logs).
 pub const MAX_RECORDS: u64 = 10_000;
@@ -72,12 +73,6 @@ pub struct Records {
     next: u64,
 }
 
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
-
 impl Records {
     /// Open (or create) the record in `dir`, marking cut-off builds failed.
     pub fn open(dir: &Path) -> Result<Records, RecordError> {
@@ -85,11 +80,7 @@ impl Records {
         std::fs::create_dir_all(&logs).map_err(|e| RecordError::Log(logs.clone(), e))?;
         let db_path = dir.join("builds.sqlite");
         let err = |e| RecordError::Db(db_path.clone(), e);
-        let db = Connection::open(&db_path).map_err(err)?;
-        db.busy_timeout(std::time::Duration::from_secs(60)).map_err(err)?;
-        db.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
-        db.pragma_update(None, "synchronous", "FULL").map_err(err)?;
-        db.execute_batch(SCHEMA).map_err(err)?;
+        let db = crate::store::db::open_with(&db_path, SCHEMA).map_err(err)?;
         let cut = db
             .execute(
                 "UPDATE builds SET state = 'failed', status = 'MiscFailure', error = ?1,

@@ -71,15 +71,49 @@ pub fn now() -> i64 {
         .unwrap_or(0)
 }
 
+/// How long an open or a statement waits for other processes' locks.
+const BUSY_WAIT: Duration = Duration::from_secs(120);
+
 /// Open (and create) the index with the settings the module docs describe.
 pub fn open(path: &std::path::Path) -> rusqlite::Result<Connection> {
-    let conn = Connection::open(path)?;
-    conn.busy_timeout(Duration::from_secs(120))?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.pragma_update(None, "foreign_keys", "ON")?;
-    conn.execute_batch(&format!("BEGIN IMMEDIATE; {SCHEMA} COMMIT;"))?;
-    Ok(conn)
+    open_with(path, SCHEMA)
+}
+
+/// Open (and create) a database the way the module docs describe — WAL, `synchronous=FULL`,
+/// foreign keys, a busy timeout — and create `schema` in one `BEGIN IMMEDIATE` transaction.
+///
+/// Several processes may open the same file at once (Nix starts one builder per derivation).
+/// Switching a new file to WAL takes an exclusive lock, and SQLite answers `SQLITE_BUSY` at
+/// once, without waiting, where waiting could deadlock (a reader upgrading its lock). So the
+/// whole sequence is retried on a fresh connection until it succeeds or [`BUSY_WAIT`] passes.
+pub fn open_with(path: &std::path::Path, schema: &str) -> rusqlite::Result<Connection> {
+    let start = std::time::Instant::now();
+    let mut attempt = 0u32;
+    loop {
+        let opened = (|| {
+            let conn = Connection::open(path)?;
+            conn.busy_timeout(BUSY_WAIT)?;
+            conn.pragma_update(None, "journal_mode", "WAL")?;
+            conn.pragma_update(None, "synchronous", "FULL")?;
+            conn.pragma_update(None, "foreign_keys", "ON")?;
+            conn.execute_batch(&format!("BEGIN IMMEDIATE; {schema} COMMIT;"))?;
+            Ok(conn)
+        })();
+        match opened {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if matches!(
+                    e.code,
+                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                ) && start.elapsed() < BUSY_WAIT =>
+            {
+                attempt += 1;
+                // 1, 2, 4 … 64 ms, offset by the process id so contenders spread out.
+                let ms = (1u64 << attempt.min(6)) + u64::from(std::process::id() % 7);
+                std::thread::sleep(Duration::from_millis(ms));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// A valid path's row.

@@ -305,3 +305,21 @@ fn concurrent_sessions_upload_the_same_paths() {
     assert_eq!(files_in(d.path(), "nar"), 20, "no duplicate NAR files");
     assert_eq!(s.used_bytes().unwrap(), nars.iter().map(|(_, n)| n.len() as u64).sum::<u64>());
 }
+
+#[test]
+fn many_processes_opening_a_new_index_at_once_all_succeed() {
+    // Nix starts one builder per derivation: their first opens race to switch the file to WAL.
+    for round in 0..10 {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("index.sqlite");
+        let start = std::sync::Barrier::new(8);
+        std::thread::scope(|scope| {
+            for _ in 0..8 {
+                scope.spawn(|| {
+                    start.wait();
+                    db::open(&file).unwrap_or_else(|e| panic!("round {round}: {e}"));
+                });
+            }
+        });
+    }
+}

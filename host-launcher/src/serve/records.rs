@@ -20,8 +20,9 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::builds::JobState;
 use crate::store::db::now;
 
-/// Most finished builds kept on disk (with their logs).
-pub const MAX_RECORDS: u64 = 10_000;
+/// Most finished builds kept on disk (with their logs, each at most
+/// [`super::builds::MAX_LOG_KEPT`] bytes).
+pub const MAX_RECORDS: u64 = 2_000;
 
 /// What the service says of a build cut off by a stop or a crash.
 pub const CUT_OFF: &str = "the service stopped before this build finished";

@@ -85,7 +85,7 @@ pub fn open(path: &std::path::Path) -> rusqlite::Result<Connection> {
 /// Several processes may open the same file at once (Nix starts one builder per derivation).
 /// Switching a new file to WAL takes an exclusive lock, and SQLite answers `SQLITE_BUSY` at
 /// once, without waiting, where waiting could deadlock (a reader upgrading its lock). So the
-/// whole sequence is retried on a fresh connection until it succeeds or [`BUSY_WAIT`] passes.
+/// whole sequence is retried on a fresh connection until it succeeds or two minutes pass.
 pub fn open_with(path: &std::path::Path, schema: &str) -> rusqlite::Result<Connection> {
     let start = std::time::Instant::now();
     let mut attempt = 0u32;

@@ -340,9 +340,14 @@ impl TraceStore {
         let t = tmp.keep();
         match fs::rename(&t, final_dir) {
             Ok(()) => {}
-            // Another writer won the race with the same (content-addressed) entry.
+            // Another writer won the race with the same (content-addressed) entry: add this
+            // key's JWS to it if that writer signed with another key.
             Err(_) if final_dir.join("statement.json").exists() => {
                 let _ = fs::remove_dir_all(&t);
+                let p = final_dir.join("jws").join(format!("{thumb}.jws"));
+                if !p.exists() {
+                    write_atomic(&p, jws.as_bytes()).map_err(io_err("write", &p))?;
+                }
             }
             Err(e) => return Err(io_err("rename", final_dir)(e)),
         }

@@ -186,10 +186,17 @@ fn concurrent_writers_of_one_step_agree() {
     let nar = dir.path().join("out.nar");
     std::fs::write(&nar, b"nar bytes").unwrap();
     let st = statement("job-1", b"nar bytes");
+    // Each writer signs with its own key: one entry, carrying every writer's JWS.
+    let keys: Vec<SecretKey> =
+        (0..4u8).map(|i| SecretKey::from_seed(&format!("writer{i}-1"), [i + 1; 32])).collect();
     let results: Vec<_> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..4)
-            .map(|_| {
-                s.spawn(|| put(&TraceStore::create(&root).unwrap(), &st, &nar).map(|r| r.entry))
+        let hs: Vec<_> = keys
+            .iter()
+            .map(|key| {
+                let (root, st, nar) = (&root, &st, &nar);
+                s.spawn(move || {
+                    put_by(&TraceStore::create(root).unwrap(), st, nar, key).map(|r| r.entry)
+                })
             })
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
@@ -198,7 +205,14 @@ fn concurrent_writers_of_one_step_agree() {
         results.iter().all(|r| r.as_ref().ok() == results[0].as_ref().ok() && r.is_ok()),
         "{results:?}"
     );
-    assert_eq!(TraceStore::open(&root).unwrap().entries(&st.job.drv_path).unwrap().len(), 1);
+    let entries = TraceStore::open(&root).unwrap().entries(&st.job.drv_path).unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].jws.len(), keys.len(), "no writer's signature is lost");
+    let hash = &st.job.drv_path["/nix/store/".len()..][..32];
+    let index = std::fs::read(root.join("traces").join(hash)).unwrap();
+    for key in &keys {
+        assert_eq!(laut_accepts(&index, hash, key).len(), 1, "{}", key.name());
+    }
 }
 
 /// What laut's verifier does with `traces/<input hash>` (its `signature_verify` step), written

@@ -8,8 +8,8 @@
 //! - the binary cache serves the trace store read-only with exact lengths and refuses `..`;
 //! - the build API refuses what it cannot build before queueing anything; SIGTERM stops it;
 //!   build ids, outcomes and logs survive a restart;
-//! - with `--token-file`, uploads and the build API need the token (Nix sends it from a netrc
-//!   entry) while the binary cache stays public.
+//! - with `--token-file`, uploads, the build API and uploaded paths' narinfos need the token
+//!   (Nix sends it from a netrc entry) while the signed binary cache stays public.
 //!
 //! The real-VM build through the API is in `tests/tests/serve_vm.rs`.
 
@@ -186,6 +186,16 @@ fn with_a_token_uploads_and_builds_need_it_and_the_cache_stays_public() {
     let out = nix_copy(&t.path().join("xdg2"), &args);
     assert!(out.status.success(), "nix copy with netrc: {}\n{}", nix::text(&out), s.log_text());
     assert_eq!(registered(&state, &drv).as_deref(), Some("upload"));
+    // Which inputs were uploaded is not public: their unsigned narinfo needs the token.
+    let narinfo = format!("/{}.narinfo", StorePath::parse(&drv).unwrap().hash_part());
+    assert_eq!(s.request("GET", &narinfo, b"").status, 404);
+    let r = s.request_with("GET", &narinfo, &[&bearer], b"");
+    assert!(r.status == 200 && r.text().contains(&drv), "{}", r.text());
+    // So a second copy with the netrc entry still sees them and uploads nothing.
+    let before = puts(&s.log_text());
+    let out = nix_copy(&t.path().join("xdg3"), &args);
+    assert!(out.status.success(), "second nix copy: {}", nix::text(&out));
+    assert_eq!(puts(&s.log_text()), before, "nothing re-uploaded:\n{}", s.log_text());
 }
 
 #[test]

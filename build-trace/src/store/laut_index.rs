@@ -7,7 +7,8 @@
 //! edited in place. Without a lock: a writer lists the step's JWS, writes the index atomically,
 //! then lists again and writes again if the listing changed meanwhile. The last index written
 //! therefore lists every JWS whose entry was in place before that writer's final listing — and
-//! an entry landing after it is followed by its own writer's (later) index write.
+//! an entry landing after it is listed by its own writer afterwards, which then writes the index
+//! unless it already lists that entry.
 //!
 //! What is not here: judging the signatures (readers verify them; an entry's JWS is already
 //! checked against its statement by the verifier).
@@ -21,16 +22,30 @@ use super::{io_err, write_atomic, StoreError};
 /// The index's directory under the store root.
 pub const DIR: &str = "traces";
 
-/// Every JWS of every entry in `step_dir`, in entry then file order, without repeats.
+/// Every JWS of every entry in `step_dir`, in entry then file order, without repeats. An entry
+/// or file that cannot be read (damaged, not ours) is left out with a warning, so it cannot keep
+/// the step's other signatures from being published; readers judge what is listed anyway.
 fn signatures(step_dir: &Path) -> Result<Vec<String>, StoreError> {
     let mut out: Vec<String> = Vec::new();
     for entry in read_dir_sorted(step_dir)? {
         let jws_dir = step_dir.join(entry).join("jws");
-        for name in read_dir_sorted(&jws_dir)? {
+        let names = match read_dir_sorted(&jws_dir) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!("laut index: skipping {}: {e}", jws_dir.display());
+                continue;
+            }
+        };
+        for name in names {
             let p = jws_dir.join(name);
-            let jws = fs::read_to_string(&p).map_err(io_err("read", &p))?.trim().to_string();
-            if !out.contains(&jws) {
-                out.push(jws);
+            match fs::read_to_string(&p) {
+                Ok(text) => {
+                    let jws = text.trim().to_string();
+                    if !out.contains(&jws) {
+                        out.push(jws);
+                    }
+                }
+                Err(e) => tracing::warn!("laut index: skipping {}: {e}", p.display()),
             }
         }
     }
@@ -68,8 +83,10 @@ mod tests {
             fs::create_dir_all(step.join(entry).join("jws")).unwrap();
             fs::write(step.join(entry).join("jws").join("k.jws"), format!("{sig}\n")).unwrap();
         }
-        // The same JWS under two entries is listed once.
+        // The same JWS under two entries is listed once; what cannot be read is left out.
         fs::write(step.join("b").join("jws").join("j.jws"), "h.p.s1").unwrap();
+        fs::write(step.join("b").join("jws").join("x.jws"), [0xff, 0xfe]).unwrap();
+        fs::write(step.join("stray-file"), "not an entry").unwrap();
         let index = dir.path().join(DIR).join("hash");
         let want = r#"{"signatures":["h.p.s1","h.p.s2"]}"#;
         for stale in ["", r#"{"signatures":["h.p.s1"]}"#, "not json"] {

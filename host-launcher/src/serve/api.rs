@@ -51,7 +51,8 @@ pub enum Route {
 impl Route {
     /// Whether the route changes what the service holds or shows what clients submitted
     /// (uploads, the build API): those need the access token when one is configured. The
-    /// binary cache and `/healthz` are public.
+    /// binary cache and `/healthz` are public (a narinfo request without the token is answered
+    /// from the signed cache only, see [`ApiAction::NarInfo`]).
     pub fn needs_access(&self) -> bool {
         match self {
             Route::Health | Route::CacheInfo | Route::NarInfo(_) | Route::CacheFile(_) => false,
@@ -92,7 +93,14 @@ pub enum ApiAction<'a> {
     /// The cache's `nix-cache-info`.
     CacheInfo,
     /// A narinfo by hash part.
-    NarInfo(String),
+    NarInfo {
+        /// The hash part.
+        hash: String,
+        /// Whether the client may learn which paths were uploaded (it presented the access
+        /// token, or none is configured): only then is an uploaded path's unsigned narinfo
+        /// answered.
+        uploads_visible: bool,
+    },
     /// A read-only cache file.
     CacheFile(String),
     /// An uploaded NAR: its file name under `nar/` and its body of `len` bytes.
@@ -124,7 +132,11 @@ impl std::fmt::Debug for ApiAction<'_> {
         match self {
             ApiAction::Health => f.write_str("Health"),
             ApiAction::CacheInfo => f.write_str("CacheInfo"),
-            ApiAction::NarInfo(h) => f.debug_tuple("NarInfo").field(h).finish(),
+            ApiAction::NarInfo { hash, uploads_visible } => f
+                .debug_struct("NarInfo")
+                .field("hash", hash)
+                .field("uploads_visible", uploads_visible)
+                .finish(),
             ApiAction::CacheFile(p) => f.debug_tuple("CacheFile").field(p).finish(),
             ApiAction::PutNar { name, len, .. } => {
                 f.debug_struct("PutNar").field("name", name).field("len", len).finish()

@@ -154,11 +154,16 @@ impl Builds {
         }
     }
 
-    /// Record how a build ended (a failure to record is logged: the build's published outputs
-    /// stand either way).
-    fn record_finished(&self, job: &Job, state: &JobState) {
-        if let Err(e) = self.records.finished(job.id, state, &job.log()) {
-            tracing::warn!(id = job.id, "{}", crate::nixproto::action::error_chain(&e));
+    /// Record how a build ended; whether that worked. A failure is logged (the build's
+    /// published outputs stand either way) and the caller keeps the build in memory, so its
+    /// outcome is still answered while this process runs.
+    fn record_finished(&self, job: &Job, state: &JobState) -> bool {
+        match self.records.finished(job.id, state, &job.log()) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(id = job.id, "{}", crate::nixproto::action::error_chain(&e));
+                false
+            }
         }
     }
 
@@ -212,18 +217,24 @@ impl Builds {
     /// Stop: queued builds fail without starting, workers end after their current build (the
     /// caller cancels those through the launcher's `Cancel`).
     pub fn stop(&self) {
-        let mut inner = lock(&self.inner);
-        inner.stopping = true;
-        for job in inner.queue.drain(..) {
-            let state = JobState::Failed {
-                status: "MiscFailure".into(),
-                error: "the service stopped before this build started".into(),
-            };
-            self.record_finished(&job, &state);
-            job.set(state);
-        }
-        drop(inner);
+        let waiting: Vec<Arc<Job>> = {
+            let mut inner = lock(&self.inner);
+            inner.stopping = true;
+            inner.queue.drain(..).collect()
+        };
         self.wake.notify_all();
+        let state = JobState::Failed {
+            status: "MiscFailure".into(),
+            error: "the service stopped before this build started".into(),
+        };
+        for job in &waiting {
+            job.set(state.clone());
+        }
+        // One transaction for all of them (no logs: they never ran), so stopping stays quick.
+        let ids: Vec<u64> = waiting.iter().map(|j| j.id).collect();
+        if let Err(e) = self.records.never_started(&ids, &state) {
+            tracing::warn!("{}", crate::nixproto::action::error_chain(&e));
+        }
     }
 
     fn work(&self) {
@@ -252,10 +263,12 @@ impl Builds {
             } else {
                 tracing::info!(id = job.id, drv = %job.drv, "build succeeded");
             }
-            self.record_finished(&job, &state);
+            let recorded = self.record_finished(&job, &state);
             job.set(state);
             let mut inner = lock(&self.inner);
-            inner.finished.push_back(job.id);
+            if recorded {
+                inner.finished.push_back(job.id);
+            }
             while inner.finished.len() > MAX_FINISHED_KEPT {
                 if let Some(old) = inner.finished.pop_front() {
                     inner.jobs.remove(&old);

@@ -185,9 +185,13 @@ pub fn read_request(r: &mut impl BufRead) -> Result<Option<Request>, HttpError> 
     match lengths.as_slice() {
         [] => {}
         [one] => {
-            req.content_length = one
-                .parse()
-                .map_err(|_| HttpError::new(400, format!("malformed Content-Length {one:?}")))?;
+            // Digits only (`u64::from_str` would also take `+5`, which a proxy in front may
+            // read differently).
+            let malformed = || HttpError::new(400, format!("malformed Content-Length {one:?}"));
+            if one.is_empty() || !one.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(malformed());
+            }
+            req.content_length = one.parse().map_err(|_| malformed())?;
         }
         _ => return Err(HttpError::new(400, "more than one Content-Length header")),
     }
@@ -360,7 +364,10 @@ mod tests {
         assert_eq!(status("GET /x HTTP/1.1\r\nbad\r\n\r\n"), 400);
         assert_eq!(status("GET /x HTTP/1.1\r\nHost: h\r\n"), 400);
         assert_eq!(status("PUT /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"), 411);
-        assert_eq!(status("PUT /x HTTP/1.1\r\nContent-Length: -1\r\n\r\n"), 400);
+        for bad in ["-1", "+5", " ", "5 5", "0x5"] {
+            let head = format!("PUT /x HTTP/1.1\r\nContent-Length: {bad}\r\n\r\n");
+            assert_eq!(status(&head), 400, "{bad:?}");
+        }
         assert_eq!(
             status("PUT /x HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"),
             400

@@ -17,11 +17,12 @@
 //!   already here, a path that is in the content store but not in the trace store is answered
 //!   with an **unsigned** narinfo (no `Sig`; its NAR is not served). No Nix that requires
 //!   signatures (the default) substitutes it; the signed entries of the trace store always win.
+//!   With an access token configured, only clients presenting it get these narinfos: which
+//!   inputs were uploaded is not public.
 //! - **Builds** ([`builds`]): `POST /v1/builds` checks the submission first (the derivation and
 //!   its input closure in the content store, resolved, buildable) and only then queues it.
-//!
 //! - **Access** ([`auth`]): with an access token configured, uploads and the build API need it
-//!   (the front-end checks it before it reads a body); the binary cache stays public.
+//!   (the front-end checks it before it reads a body); the signed binary cache stays public.
 //!
 //! What is not here: TLS (a TLS-terminating proxy's job, `docs/ci-service.md`), VMs and checks
 //! (`crate::build`).
@@ -144,12 +145,15 @@ fn content_type(rel: &str) -> &'static str {
 }
 
 impl Service {
-    /// Open the content store and the staging area (emptied) under the state directory.
+    /// Open the build record (locking the state directory), the content store and the staging
+    /// area (emptied) under the state directory.
     pub fn open(cfg: ServiceConfig) -> Result<Service, Box<dyn std::error::Error + Send + Sync>> {
+        // First, so that a second service on this state directory stops before it touches
+        // anything (the record holds the directory's lock).
+        let records = records::Records::open(&cfg.builder.state_dir.join("serve"))?;
         let store = ContentStore::open(&cfg.store_dir, cfg.store_cfg)?;
         let index = crate::store::db::open(&cfg.store_dir.join("index.sqlite"))?;
         let staging = upload::Staging::open(&cfg.builder.state_dir.join("serve/staging"))?;
-        let records = records::Records::open(&cfg.builder.state_dir.join("serve"))?;
         let builds = Arc::new(builds::Builds::new(
             cfg.builder.clone(),
             &cfg.store_dir,
@@ -164,13 +168,16 @@ impl Service {
         &self.builds
     }
 
+    /// Whether a request presenting `authorization` has access: it carries the token, or no
+    /// token is configured.
+    pub fn has_access(&self, authorization: Option<&str>) -> bool {
+        self.cfg.access.as_ref().is_none_or(|token| token.admits(authorization))
+    }
+
     /// Whether a request on `route` presenting `authorization` may proceed: always for the
-    /// public routes ([`api::Route::needs_access`]) or when no token is configured.
+    /// public routes ([`api::Route::needs_access`]), else if it has access.
     pub fn admits(&self, route: &api::Route, authorization: Option<&str>) -> bool {
-        match &self.cfg.access {
-            Some(token) if route.needs_access() => token.admits(authorization),
-            _ => true,
-        }
+        !route.needs_access() || self.has_access(authorization)
     }
 
     /// The trace store directory served as the binary cache.
@@ -188,7 +195,7 @@ impl Service {
                 }
                 other => other,
             },
-            ApiAction::NarInfo(hash) => self.narinfo(&hash),
+            ApiAction::NarInfo { hash, uploads_visible } => self.narinfo(&hash, uploads_visible),
             ApiAction::CacheFile(rel) => self.cache_file(&rel),
             ApiAction::PutNar { name, body, len } => {
                 self.staging.put_nar(&name, body, len, self.cfg.store_cfg.max_bytes)?;
@@ -242,23 +249,29 @@ impl Service {
 
     /// A read-only file of the trace store directory (`rel` is already checked by the router).
     pub fn cache_file(&self, rel: &str) -> Result<ApiReply, ApiError> {
+        use std::os::unix::fs::OpenOptionsExt;
         let p = self.cache_dir().join(rel);
         let missing = || ApiError::new(404, format!("{rel} is not in this binary cache"));
-        match std::fs::symlink_metadata(&p) {
-            Ok(m) if m.is_file() => {
-                let f = std::fs::File::open(&p).map_err(|_| missing())?;
-                Ok(ApiReply::File(content_type(rel), f, m.len()))
-            }
+        // Open first, then ask the open file: a file renamed over this name meanwhile (the
+        // `traces/` index is rewritten that way) is served whole, with its own length. No
+        // symlinks: the cache holds none, so one is not ours to follow.
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&p)
+            .map_err(|_| missing())?;
+        match f.metadata() {
+            Ok(m) if m.is_file() => Ok(ApiReply::File(content_type(rel), f, m.len())),
             _ => Err(missing()),
         }
     }
 
-    /// The signed narinfo of the trace store, else an unsigned one for a content-store path
-    /// (see the module docs), else 404.
-    fn narinfo(&self, hash: &str) -> Result<ApiReply, ApiError> {
+    /// The signed narinfo of the trace store, else (for a client that may see uploads) an
+    /// unsigned one for a content-store path (see the module docs), else 404.
+    fn narinfo(&self, hash: &str, uploads_visible: bool) -> Result<ApiReply, ApiError> {
         let rel = format!("{hash}.narinfo");
         match self.cache_file(&rel) {
-            Err(e) if e.status == 404 => {}
+            Err(e) if e.status == 404 && uploads_visible => {}
             other => return other,
         }
         let found: Option<String> = {

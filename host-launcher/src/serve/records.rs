@@ -4,10 +4,14 @@
 //!
 //! - A build is recorded when it is accepted (`queued`), when it starts (`running`) and when it
 //!   ends, with its outcome (Nix status and error, or the outputs JSON and evidence label).
-//! - On open, builds still recorded as queued or running were cut off by a stop or a crash: they
-//!   are marked failed ("the service stopped before this build finished"). Ids continue after
+//! - On open, builds still recorded as queued or running were cut off (a crash, or a stop that
+//!   could not record them): they are marked failed ("the service stopped before this build
+//!   finished"). Ids continue after
 //!   the highest recorded one, so an id never names two builds.
 //! - The newest [`MAX_RECORDS`] finished builds are kept; older rows and logs are pruned.
+//! - One service per state directory: the record holds an exclusive lock on `serve/lock`, so a
+//!   second `vouch serve` on the same state directory stops with an error instead of marking
+//!   the first one's builds as cut off.
 //!
 //! What is not here: the queue and the builds themselves ([`super::builds`]).
 
@@ -49,6 +53,12 @@ pub enum RecordError {
     /// A log file.
     #[error("build log {0}")]
     Log(PathBuf, #[source] std::io::Error),
+    /// Another service holds the state directory.
+    #[error("another vouch serve is using this state directory (it holds {0})")]
+    InUse(PathBuf),
+    /// The lock file could not be opened or locked.
+    #[error("locking {0}")]
+    Lock(PathBuf, #[source] std::io::Error),
     /// A row that does not make sense (edited by hand, or another version).
     #[error("build {0} in the record: {1}")]
     Corrupt(u64, String),
@@ -68,6 +78,7 @@ pub struct Recorded {
 /// The record (thread-safe).
 #[derive(Debug)]
 pub struct Records {
+    _lock: nix::fcntl::Flock<std::fs::File>,
     db: Mutex<Connection>,
     db_path: PathBuf,
     logs: PathBuf,
@@ -79,6 +90,18 @@ impl Records {
     pub fn open(dir: &Path) -> Result<Records, RecordError> {
         let logs = dir.join("logs");
         std::fs::create_dir_all(&logs).map_err(|e| RecordError::Log(logs.clone(), e))?;
+        let lock_path = dir.join("lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| RecordError::Lock(lock_path.clone(), e))?;
+        let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, errno)| match errno {
+                nix::errno::Errno::EWOULDBLOCK => RecordError::InUse(lock_path.clone()),
+                e => RecordError::Lock(lock_path.clone(), e.into()),
+            })?;
         let db_path = dir.join("builds.sqlite");
         let err = |e| RecordError::Db(db_path.clone(), e);
         let db = crate::store::db::open_with(&db_path, SCHEMA).map_err(err)?;
@@ -95,7 +118,7 @@ impl Records {
         let max: Option<i64> =
             db.query_row("SELECT MAX(id) FROM builds", [], |r| r.get(0)).map_err(err)?;
         let next = max.map_or(1, |m| m as u64 + 1);
-        Ok(Records { db: Mutex::new(db), db_path, logs, next })
+        Ok(Records { _lock: lock, db: Mutex::new(db), db_path, logs, next })
     }
 
     /// The first id not yet recorded.
@@ -158,6 +181,28 @@ impl Records {
         )
         .map_err(self.err())?;
         self.prune(&db, MAX_RECORDS)
+    }
+
+    /// Record builds that failed without running (the service stopped first), in one
+    /// transaction and without logs.
+    pub fn never_started(&self, ids: &[u64], state: &JobState) -> Result<(), RecordError> {
+        let JobState::Failed { status, error } = state else {
+            return Err(RecordError::Corrupt(
+                ids.first().copied().unwrap_or(0),
+                "not a failure".into(),
+            ));
+        };
+        let mut db = self.db();
+        let tx = db.transaction().map_err(self.err())?;
+        for &id in ids {
+            tx.execute(
+                "UPDATE builds SET state = 'failed', status = ?2, error = ?3, finished = ?4
+                 WHERE id = ?1",
+                params![id as i64, status, error, now()],
+            )
+            .map_err(self.err())?;
+        }
+        tx.commit().map_err(self.err())
     }
 
     /// Drop the rows and logs of finished builds older than the newest `keep`.
@@ -275,6 +320,18 @@ mod tests {
         }
         assert!(r.load(5).unwrap().is_none());
         assert!(r.finished(4, &JobState::Running, "").is_err(), "an outcome is required");
+    }
+
+    #[test]
+    fn one_service_per_state_directory() {
+        let t = tempfile::tempdir().unwrap();
+        let first = Records::open(t.path()).unwrap();
+        first.queued(1, &drv(1)).unwrap();
+        let e = Records::open(t.path()).unwrap_err();
+        assert!(matches!(e, RecordError::InUse(_)), "{e}");
+        assert!(matches!(first.load(1).unwrap().unwrap().state, JobState::Queued), "untouched");
+        drop(first);
+        Records::open(t.path()).unwrap();
     }
 
     #[test]

@@ -89,7 +89,10 @@ fn exchange(
         let action = match route {
             Route::Health => ApiAction::Health,
             Route::CacheInfo => ApiAction::CacheInfo,
-            Route::NarInfo(h) => ApiAction::NarInfo(h),
+            Route::NarInfo(hash) => ApiAction::NarInfo {
+                hash,
+                uploads_visible: service.has_access(req.header("authorization")),
+            },
             Route::CacheFile(p) => ApiAction::CacheFile(p),
             Route::BuildStatus(id) => ApiAction::BuildStatus(id),
             Route::BuildLog(id) => ApiAction::BuildLog(id),

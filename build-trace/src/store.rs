@@ -400,6 +400,11 @@ impl TraceStore {
         Ok((got, total))
     }
 
+    /// Rebuild laut's signature index (`traces/`) of every step; how many steps it lists.
+    pub fn reindex_laut(&self) -> Result<usize, StoreError> {
+        laut_index::rebuild_all(&self.root, &self.root.join(VOUCH_DIR).join("steps"))
+    }
+
     /// `<root>/<hash part>.narinfo` of an output path.
     pub fn narinfo_path(&self, out_path: &str) -> Result<PathBuf, StoreError> {
         let p = StorePath::parse(out_path)

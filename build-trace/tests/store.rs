@@ -278,6 +278,11 @@ fn laut_index_lists_every_signature_of_the_step() {
     assert!(by_k2[0].0.starts_with("other-1:"));
     // Another step's hash finds nothing of these.
     assert!(laut_accepts(&all, hash, &SecretKey::from_seed("x-1", [9; 32])).is_empty());
+    // A lost index (a store from before it existed) is rebuilt the same from the steps.
+    std::fs::remove_dir_all(store.root().join("traces")).unwrap();
+    std::fs::create_dir_all(store.root().join("vouch/v1/steps/not-a-step")).unwrap();
+    assert_eq!(store.reindex_laut().unwrap(), 1);
+    assert_eq!(std::fs::read(&index).unwrap(), all);
 }
 
 #[test]

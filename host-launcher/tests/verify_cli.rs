@@ -1,4 +1,5 @@
-//! `vouch verify`, `vouch trace show` and `vouch provenance` on a closure built by the real
+//! `vouch verify`, `vouch trace show`, `vouch trace reindex` and `vouch provenance` on a closure
+//! built by the real
 //! Debian Nix with simulated-evidence traces (the build-trace fixture): exit codes 0/1/2,
 //! `--json`, the default policy rejecting simulated evidence.
 
@@ -78,4 +79,16 @@ fn verify_trace_and_provenance_commands() {
         .as_str()
         .unwrap()
         .contains("/simulated#measurement="));
+
+    // laut's index: `trace reindex` rebuilds exactly what writing the steps wrote.
+    let index = fx.traces.join("traces");
+    let written: Vec<_> = std::fs::read_dir(&index).unwrap().map(|e| e.unwrap().path()).collect();
+    assert!(!written.is_empty());
+    let before: Vec<Vec<u8>> = written.iter().map(|p| std::fs::read(p).unwrap()).collect();
+    std::fs::remove_dir_all(&index).unwrap();
+    let re = vouch(&["trace", "reindex", "--traces", &traces]);
+    assert_eq!(re.status.code(), Some(0), "{}", text(&re));
+    assert!(text(&re).contains(&format!("{} steps", written.len())), "{}", text(&re));
+    let after: Vec<Vec<u8>> = written.iter().map(|p| std::fs::read(p).unwrap()).collect();
+    assert_eq!(after, before);
 }

@@ -71,6 +71,24 @@ pub(super) fn refresh(root: &Path, step_dir: &Path, hash_part: &str) -> Result<(
     }
 }
 
+/// Rebuild the index of every step in the store (`vouch trace reindex`: stores written before
+/// the index existed, or a write that failed after its step directory landed); how many steps.
+pub(super) fn rebuild_all(root: &Path, steps: &Path) -> Result<usize, StoreError> {
+    let mut n = 0;
+    for base in read_dir_sorted(steps)? {
+        // Only step directories named after a drv path (`<32 nix32 chars>-<name>.drv`).
+        let drv = format!("{}/{base}", nix_formats::STORE_DIR);
+        match nix_formats::StorePath::parse(&drv) {
+            Ok(p) if p.is_derivation() => {
+                refresh(root, &steps.join(&base), p.hash_part())?;
+                n += 1;
+            }
+            _ => tracing::warn!("laut index: skipping {}: not a step", steps.join(&base).display()),
+        }
+    }
+    Ok(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,4 +1,5 @@
 //! `vouch trace show <drv or output>`: print stored build traces in human terms.
+//! `vouch trace reindex`: rebuild laut's signature index (`traces/`) of a trace store.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,6 +17,17 @@ pub enum Command {
     /// Show the traces of a step (by its drv path: the resolved one for CA steps) or of the
     /// step that produced an output path.
     Show(ShowArgs),
+    /// Rebuild laut's signature index (`traces/<drv hash>`) of every step, e.g. for a store
+    /// written before vouch wrote it. Writing a step keeps it current by itself.
+    Reindex(ReindexArgs),
+}
+
+/// Arguments of `vouch trace reindex`.
+#[derive(Debug, clap::Args)]
+pub struct ReindexArgs {
+    /// Trace store directory (default: `<state dir>/cache`).
+    #[arg(long, value_name = "DIR")]
+    pub traces: Option<PathBuf>,
 }
 
 /// Arguments of `vouch trace show`.
@@ -53,7 +65,15 @@ pub(crate) fn lookup(
 }
 
 pub fn run(cmd: Command, global: &Global) -> CmdResult {
-    let Command::Show(args) = cmd;
+    let args = match cmd {
+        Command::Show(args) => args,
+        Command::Reindex(args) => {
+            let dir = args.traces.unwrap_or_else(|| default_cache_dir(&global.state_dir()));
+            let n = TraceStore::open(&dir)?.reindex_laut()?;
+            println!("laut index: {n} steps listed under {}", dir.join("traces").display());
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
     let dir = args.traces.clone().unwrap_or_else(|| default_cache_dir(&global.state_dir()));
     let store = TraceStore::open(&dir)?;
     let entries = lookup(&store, &args.path)?;

@@ -4,7 +4,7 @@
 //! (Nix reading the store is tested on real Nix output in `closure.rs`.)
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use build_trace::job::{BasicDerivation, CaRule, DrvOutput, Job, Limits, NarHash, PathInfo};
 use build_trace::statement::{Measurement, OutputInfo, Statement};
@@ -89,6 +89,16 @@ fn put_by(
     store.put_step(&rec, key)
 }
 
+/// A fresh store and two NAR files of one step's two divergent builds (`first`, `second`).
+fn two_builds() -> (tempfile::TempDir, TraceStore, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = TraceStore::create(&dir.path().join("c")).unwrap();
+    let (n1, n2) = (dir.path().join("1.nar"), dir.path().join("2.nar"));
+    std::fs::write(&n1, b"first").unwrap();
+    std::fs::write(&n2, b"second").unwrap();
+    (dir, store, n1, n2)
+}
+
 fn files(root: &Path) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     let mut todo = vec![root.to_path_buf()];
@@ -162,11 +172,7 @@ fn a_nar_that_does_not_match_leaves_nothing_visible() {
 
 #[test]
 fn divergent_builds_sit_side_by_side_and_first_records_are_kept() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = TraceStore::create(&dir.path().join("c")).unwrap();
-    let (n1, n2) = (dir.path().join("1.nar"), dir.path().join("2.nar"));
-    std::fs::write(&n1, b"first").unwrap();
-    std::fs::write(&n2, b"second").unwrap();
+    let (_dir, store, n1, n2) = two_builds();
     let s1 = statement("job-1", b"first");
     let s2 = statement("job-2", b"second");
     put(&store, &s1, &n1).unwrap();
@@ -252,11 +258,7 @@ fn laut_accepts(index: &[u8], input_hash: &str, key: &SecretKey) -> Vec<(String,
 
 #[test]
 fn laut_index_lists_every_signature_of_the_step() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = TraceStore::create(&dir.path().join("c")).unwrap();
-    let (n1, n2) = (dir.path().join("1.nar"), dir.path().join("2.nar"));
-    std::fs::write(&n1, b"first").unwrap();
-    std::fs::write(&n2, b"second").unwrap();
+    let (_dir, store, n1, n2) = two_builds();
     let (k1, k2) =
         (SecretKey::from_seed("store-test-1", [5; 32]), SecretKey::from_seed("other-1", [6; 32]));
     let s1 = statement("job-1", b"first");

@@ -13,6 +13,7 @@ pub mod canonical;
 pub mod evidence;
 pub mod job;
 pub mod jws;
+pub mod ownership;
 pub mod provenance;
 mod serde_str;
 pub mod sign;

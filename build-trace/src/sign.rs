@@ -180,6 +180,24 @@ fn parse_path(p: &str) -> Result<StorePath, SignError> {
 /// Sign every Nix record of a step (the statement must already have been checked against its
 /// evidence by the caller).
 pub fn step_records(st: &Statement, key: &SecretKey) -> Result<StepRecords, SignError> {
+    let mut records = unsigned_step_records(st)?;
+    for r in records.values_mut() {
+        if let Some(l) = &mut r.legacy {
+            l.sign(key);
+        }
+        if let Some(b) = &mut r.build_trace {
+            b.sign(key);
+        }
+        let drv = r.narinfo.deriver.as_ref().map(ToString::to_string).unwrap_or_default();
+        r.narinfo.sign(key).map_err(|e| SignError::Derivation { drv, problem: e.to_string() })?;
+    }
+    Ok(records)
+}
+
+/// The Nix records of a step as [`step_records`] makes them, without signatures: which
+/// narinfos, realisation ids and build-trace keys a statement produces (the store audit
+/// compares a store's records with them).
+pub fn unsigned_step_records(st: &Statement) -> Result<StepRecords, SignError> {
     st.validate().map_err(SignError::Statement)?;
     let job = &st.job;
     let kind = job.kind().map_err(|e| SignError::Statement(StatementError::Job(e)))?;
@@ -207,17 +225,13 @@ pub fn step_records(st: &Statement, key: &SecretKey) -> Result<StepRecords, Sign
         let mut build_trace = None;
         if let Some((r, own_path)) = &resolution {
             if let Some(id) = r.legacy_id(name) {
-                let mut l = LegacyRealisation::new(id, out_path.clone());
-                l.sign(key);
-                legacy = Some(l);
+                legacy = Some(LegacyRealisation::new(id, out_path.clone()));
             }
             if let Some(k) = r.key(name).filter(|_| *own_path) {
-                let mut b = BuildTraceEntry::new(k, out_path.clone());
-                b.sign(key);
-                build_trace = Some(b);
+                build_trace = Some(BuildTraceEntry::new(k, out_path.clone()));
             }
         }
-        let mut narinfo = NarInfo {
+        let narinfo = NarInfo {
             store_path: out_path,
             url: String::new(),
             compression: Some("none".into()),
@@ -231,7 +245,6 @@ pub fn step_records(st: &Statement, key: &SecretKey) -> Result<StepRecords, Sign
             sigs: Vec::new(),
             ca: out.ca.clone(),
         };
-        narinfo.sign(key).map_err(|e| drv_err(e.to_string()))?;
         records.insert(name.clone(), OutputRecords { legacy, build_trace, narinfo });
     }
     Ok(records)

@@ -43,8 +43,10 @@ use crate::job::NarHash;
 use crate::sign;
 use crate::statement::{Statement, StatementError};
 
+mod audit;
 mod laut_index;
 mod reader;
+pub use audit::{AuditOptions, AuditReport, Finding, Problem};
 pub use reader::{MemoryTraces, TraceEntry, TraceSource};
 
 /// The `nix-cache-info` this store writes.

@@ -39,6 +39,9 @@ enum Command {
     /// Check or show a raw SEV-SNP attestation report.
     #[command(subcommand)]
     Evidence(cli::evidence::Command),
+    /// Check a trace store's signed records against its statements (`audit`).
+    #[command(subcommand)]
+    Cache(cli::cache::Command),
     /// Show stored build traces.
     #[command(subcommand)]
     Trace(cli::trace::Command),
@@ -60,6 +63,7 @@ fn main() -> ExitCode {
         Command::Image(cmd) => cli::image::run(cmd, &cli.global),
         Command::Doctor(args) => cli::doctor::run(args, &cli.global),
         Command::Evidence(cmd) => cli::evidence::run(cmd, &cli.global),
+        Command::Cache(cmd) => cli::cache::run(cmd, &cli.global),
         Command::Trace(cmd) => cli::trace::run(cmd, &cli.global),
         Command::Provenance(args) => cli::provenance::run(args, &cli.global),
         Command::Bench(cmd) => cli::bench::run(cmd, &cli.global),

@@ -26,7 +26,10 @@ use std::path::Path;
 use std::process::Command;
 
 use http_service::HttpService;
+use nix_formats::derivation::Derivation;
 use nix_formats::nar::NarWriter;
+use nix_formats::narinfo::NarInfo;
+use nix_formats::signing::SecretKey;
 use nix_formats::StorePath;
 use sha2::{Digest, Sha256};
 
@@ -90,6 +93,10 @@ fn simple_nix(nonce: &str) -> String {
   b = derivation {{ name = "serve-b-{nonce}"; system = "x86_64-linux"; builder = "${{bb}}/busybox";
                     args = [ "sh" "-c" "cat ${{a}} > $out" ];
                     __contentAddressed = true; outputHashMode = "recursive"; outputHashAlgo = "sha256"; }};
+  f = derivation {{ name = "serve-f-{nonce}"; system = "x86_64-linux"; builder = "${{bb}}/busybox";
+                    args = [ "sh" "-c" "echo -n hello > $out" ]; outputHashMode = "flat";
+                    outputHashAlgo = "sha256";
+                    outputHash = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"; }};
 }}"#
     )
 }
@@ -203,15 +210,18 @@ fn build_ids_outcomes_and_logs_survive_a_restart() {
     nix::require_nix();
     let t = tempfile::tempdir().unwrap();
     let no_image = t.path().join("no-image");
-    let args = ["--image", no_image.to_str().unwrap()];
+    let trusted = trusted_token_file(t.path());
+    let args = ["--image", no_image.to_str().unwrap(), "--trusted-token-file", &trusted];
     let (state, vouch) = (t.path().join("state"), Path::new(env!("CARGO_BIN_EXE_vouch")));
     let s = HttpService::start(vouch, &state, &t.path().join("serve1.log"), &args);
+    let post =
+        |s: &HttpService, body: &[u8]| s.request_with("POST", "/v1/builds", &[TRUSTED], body);
     let drv = instantiate(t.path(), &simple_nix(&nix::nonce()), "a");
     let to = format!("{}?compression=none", s.url());
     let out = nix_copy(&t.path().join("xdg"), &["--to", &to, "--derivation", &drv]);
     assert!(out.status.success(), "nix copy: {}", nix::text(&out));
     let submit = format!(r#"{{"drv": "{drv}"}}"#);
-    let r = s.request("POST", "/v1/builds", submit.as_bytes());
+    let r = post(&s, submit.as_bytes());
     assert_eq!(r.status, 202, "{}", r.text());
     // Without a guest image the build fails at once, naming the image.
     let t0 = std::time::Instant::now();
@@ -234,15 +244,26 @@ fn build_ids_outcomes_and_logs_survive_a_restart() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&r.body).unwrap(), status);
     assert_eq!(s.request("GET", "/v1/builds/1/log", b"").text(), log);
-    let r = s.request("POST", "/v1/builds", submit.as_bytes());
+    let r = post(&s, submit.as_bytes());
     assert_eq!(r.status, 202, "{}", r.text());
     assert!(r.text().contains(r#""id":2"#), "a new id after the restart: {}", r.text());
+}
+
+/// The key of an uploader the service trusts (`--trusted-public-key`).
+fn uploader_key() -> SecretKey {
+    SecretKey::from_seed("uploader-1", [1; 32])
 }
 
 #[test]
 fn bad_uploads_are_refused_and_nothing_is_registered() {
     let t = tempfile::tempdir().unwrap();
-    let s = start(t.path());
+    let trusted = uploader_key().public_key().to_string();
+    let s = HttpService::start(
+        Path::new(env!("CARGO_BIN_EXE_vouch")),
+        &t.path().join("state"),
+        &t.path().join("serve.log"),
+        &["--trusted-public-key", &trusted],
+    );
     let state = t.path().join("state");
     let nar = nar_of(nix::nonce().as_bytes());
     let hash: [u8; 32] = Sha256::digest(&nar).into();
@@ -250,41 +271,64 @@ fn bad_uploads_are_refused_and_nothing_is_registered() {
     let path = StorePath::from_parts([7; 20], "serve-bad").unwrap();
     let hp = path.hash_part().to_owned();
     let put_narinfo = |text: String| s.request("PUT", &format!("/{hp}.narinfo"), text.as_bytes());
+    // Signed by the trusted uploader, so that each refusal below is about what it names.
+    let by_uploader = |text: String| {
+        let mut info = NarInfo::parse(&text).unwrap();
+        info.sign(&uploader_key()).unwrap();
+        info.to_text()
+    };
 
     // A NAR whose bytes do not match its name is not even staged.
     let r = s.request("PUT", &format!("/nar/{}.nar", nix32(&[1; 32])), &nar);
     assert_eq!(r.status, 400, "{}", r.text());
     assert!(r.text().contains("SHA-256"), "{}", r.text());
     // A narinfo without its NAR.
-    let r = put_narinfo(narinfo(&path, &url, "none", &hash, nar.len()));
+    let r = put_narinfo(by_uploader(narinfo(&path, &url, "none", &hash, nar.len())));
     assert_eq!(r.status, 409, "{}", r.text());
     assert!(r.text().contains("PUT the NAR first"), "{}", r.text());
 
     // A wrong NarHash: refused by the content store's check; the staged NAR is consumed.
     assert_eq!(s.request("PUT", &format!("/{url}"), &nar).status, 200);
-    let r = put_narinfo(narinfo(&path, &url, "none", &[9; 32], nar.len()));
+    let r = put_narinfo(by_uploader(narinfo(&path, &url, "none", &[9; 32], nar.len())));
     assert_eq!(r.status, 400, "{}", r.text());
     assert!(r.text().contains(&format!("upload of {path} refused")), "{}", r.text());
     assert_eq!(registered(&state, &path.to_string()), None);
-    assert_eq!(put_narinfo(narinfo(&path, &url, "none", &hash, nar.len())).status, 409);
+    assert_eq!(
+        put_narinfo(by_uploader(narinfo(&path, &url, "none", &hash, nar.len()))).status,
+        409
+    );
 
     // Compression other than none, and a narinfo for another path.
     assert_eq!(s.request("PUT", &format!("/{url}"), &nar).status, 200);
-    let r = put_narinfo(narinfo(&path, &url, "xz", &hash, nar.len()));
+    let r = put_narinfo(by_uploader(narinfo(&path, &url, "xz", &hash, nar.len())));
     assert_eq!(r.status, 415, "{}", r.text());
     assert!(r.text().contains("Compression xz"), "{}", r.text());
     let r = s.request(
         "PUT",
         &format!("/{}.narinfo", StorePath::from_parts([8; 20], "x").unwrap().hash_part()),
-        narinfo(&path, &url, "none", &hash, nar.len()).as_bytes(),
+        by_uploader(narinfo(&path, &url, "none", &hash, nar.len())).as_bytes(),
     );
     assert_eq!(r.status, 400, "{}", r.text());
     let r = s.request("PUT", "/nar/x.nar.zst", &nar);
     assert_eq!(r.status, 415, "{}", r.text());
     assert_eq!(registered(&state, &path.to_string()), None);
 
-    // The right narinfo registers it, unsigned and not in the trace store.
+    // The right narinfo, but with neither a content address nor a trusted signature: anyone
+    // could have sent any bytes under this name, so it is refused, naming the rule.
     let r = put_narinfo(narinfo(&path, &url, "none", &hash, nar.len()));
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(r.text().contains("no content address and no signature"), "{}", r.text());
+    assert_eq!(registered(&state, &path.to_string()), None);
+    // Signed by a key nobody configured: refused too. By the trusted key: registered, and not
+    // in the trace store (an input, never a signed cache entry).
+    let signed = |key: &SecretKey| {
+        let mut info = NarInfo::parse(&narinfo(&path, &url, "none", &hash, nar.len())).unwrap();
+        info.sign(key).unwrap();
+        info.to_text()
+    };
+    let r = put_narinfo(signed(&SecretKey::from_seed("stranger-1", [2; 32])));
+    assert_eq!(r.status, 403, "{}", r.text());
+    let r = put_narinfo(signed(&uploader_key()));
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(registered(&state, &path.to_string()).as_deref(), Some("upload"));
     let r = s.request("GET", &format!("/{hp}.narinfo"), b"");
@@ -367,12 +411,13 @@ fn the_build_api_refuses_what_it_cannot_build_and_sigterm_stops_it() {
     assert_eq!(r.status, 404, "nothing was queued: {}", r.text());
     assert!(!s.log_text().contains("booting"), "no VM was started");
 
-    // A derivation whose input is not in the content store (its text names an input it does not
-    // declare as a reference, so the upload itself passes): refused naming the input.
+    // A (floating-CA) derivation whose input is not in the content store (its text names an
+    // input it does not declare as a reference, so the upload itself passes): refused naming
+    // the input.
     let input = format!("/nix/store/{}-serve-input", "b".repeat(32));
-    let out = format!("/nix/store/{}-serve-x", "c".repeat(32));
+    let out = "/1rz4g4znpzjwh1xymhjpm42vipw92pr73vdgl6xs1hycac8kf2n9";
     let aterm = format!(
-        "Derive([(\"out\",\"{out}\",\"\",\"\")],[],[\"{input}\"],\"x86_64-linux\",\"{input}/sh\",[],[(\"out\",\"{out}\")])"
+        "Derive([(\"out\",\"\",\"r:sha256\",\"\")],[],[\"{input}\"],\"x86_64-linux\",\"{input}/sh\",[],[(\"out\",\"{out}\")])"
     );
     let nar = nar_of(aterm.as_bytes());
     let nar_hash: [u8; 32] = Sha256::digest(&nar).into();
@@ -393,4 +438,91 @@ fn the_build_api_refuses_what_it_cannot_build_and_sigterm_stops_it() {
     let (status, log) = s.stop("TERM");
     assert!(status.success(), "{status}: {log}");
     assert!(log.contains("stopping on SIGTERM"), "{log}");
+}
+
+/// The trusted callers' token, as a header, and a file holding it.
+const TRUSTED: &str = "Authorization: Bearer trusted-0123456789abcdef";
+fn trusted_token_file(dir: &Path) -> String {
+    let p = dir.join("trusted-token");
+    std::fs::write(&p, "trusted-0123456789abcdef\n").unwrap();
+    p.to_str().unwrap().to_owned()
+}
+
+/// Upload `drv` (a derivation, as its ATerm) by hand, as a client that is not Nix would: its
+/// NAR, then a narinfo with its text content address. The drv path.
+fn upload_drv(s: &HttpService, name: &str, drv: &Derivation) -> StorePath {
+    let aterm = drv.to_aterm();
+    let nar = nar_of(&aterm);
+    let nar_hash: [u8; 32] = Sha256::digest(&nar).into();
+    let text_hash = nix_formats::hash::Hash::sha256(Sha256::digest(&aterm).into());
+    let path =
+        nix_formats::store_path::make_text_path(name, &text_hash, &drv.references()).unwrap();
+    let url = format!("nar/{}.nar", nix32(&nar_hash));
+    assert_eq!(s.request("PUT", &format!("/{url}"), &nar).status, 200);
+    let refs: Vec<String> = drv.references().iter().map(|r| r.base_name().to_string()).collect();
+    let info = narinfo(&path, &url, "none", &nar_hash, nar.len()).replace(
+        "References: \n",
+        &format!("References: {}\nCA: text:{text_hash}\n", refs.join(" ")),
+    );
+    let r = s.request("PUT", &format!("/{}.narinfo", path.hash_part()), info.as_bytes());
+    assert_eq!(r.status, 200, "{}", r.text());
+    path
+}
+
+/// The attack: a client uploads an input-addressed derivation whose declared output path is
+/// another derivation's (Nix itself refuses to register such a `.drv`) and asks the service to
+/// build it, so that the service signs the attacker's bytes for the victim's path. Refused
+/// before anything is queued unless the caller holds the trusted token; fixed-output builds
+/// (network access) need a token, and this service has none.
+#[test]
+fn an_untrusted_caller_cannot_get_another_derivations_output_path_signed() {
+    nix::require_nix();
+    let t = tempfile::tempdir().unwrap();
+    let trusted = trusted_token_file(t.path());
+    let no_image = t.path().join("no-image");
+    let s = HttpService::start(
+        Path::new(env!("CARGO_BIN_EXE_vouch")),
+        &t.path().join("state"),
+        &t.path().join("serve.log"),
+        &["--trusted-token-file", &trusted, "--image", no_image.to_str().unwrap()],
+    );
+    let nonce = nix::nonce();
+    let victim = instantiate(t.path(), &simple_nix(&nonce), "a");
+    let to = format!("{}?compression=none", s.url());
+    let out = nix_copy(&t.path().join("xdg"), &["--to", &to, "--derivation", &victim]);
+    assert!(out.status.success(), "nix copy: {}", nix::text(&out));
+    // The forged derivation: the victim's output path, the attacker's builder script.
+    let mut forged = Derivation::from_aterm(&std::fs::read(&victim).unwrap()).unwrap();
+    forged.args = vec!["sh".into(), "-c".into(), "echo evil > $out".into()];
+    let name = StorePath::parse(&victim).unwrap().name().to_owned();
+    let forged_path = upload_drv(&s, &name, &forged);
+    assert_ne!(forged_path.to_string(), victim);
+
+    let submit = format!(r#"{{"drv": "{forged_path}"}}"#);
+    let r = s.request("POST", "/v1/builds", submit.as_bytes());
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(r.text().contains("input-addressed") && r.text().contains("trusted"), "{}", r.text());
+    // Neither does an anonymous caller with a genuine input-addressed derivation get it built.
+    let genuine = format!(r#"{{"drv": "{victim}"}}"#);
+    assert_eq!(s.request("POST", "/v1/builds", genuine.as_bytes()).status, 403);
+    assert_eq!(s.request("GET", "/v1/builds/1", b"").status, 404, "nothing was queued");
+    // The trusted caller may (the operator vouches for what it sends, as Nix's trusted-users).
+    let r = s.request_with("POST", "/v1/builds", &[TRUSTED], genuine.as_bytes());
+    assert_eq!(r.status, 202, "{}", r.text());
+
+    // A fixed-output derivation builds with network access: refused without a token, even for
+    // content the client cannot choose.
+    let fod = instantiate(t.path(), &simple_nix(&nonce), "f");
+    let out = nix_copy(&t.path().join("xdg2"), &["--to", &to, "--derivation", &fod]);
+    assert!(out.status.success(), "nix copy: {}", nix::text(&out));
+    let r = s.request("POST", "/v1/builds", format!(r#"{{"drv": "{fod}"}}"#).as_bytes());
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(r.text().contains("fixed-output") && r.text().contains("--token-file"), "{}", r.text());
+    let r = s.request_with(
+        "POST",
+        "/v1/builds",
+        &[TRUSTED],
+        format!(r#"{{"drv": "{fod}"}}"#).as_bytes(),
+    );
+    assert_eq!(r.status, 202, "a token holder may: {}", r.text());
 }

@@ -20,6 +20,16 @@ use tests::vm::{image_dir, nix, nonce, public_key_of, vouch_bin, Scratch, NIX_CO
 /// The tests take it so their VMs do not compete for the CPUs.
 static VMS: Mutex<()> = Mutex::new(());
 
+/// The trusted callers' token (input-addressed builds need it), as a header.
+const TRUSTED: &str = "Authorization: Bearer trusted-0123456789abcdef";
+
+/// `--trusted-token-file FILE` for a service in `s`.
+fn trusted_args(s: &Scratch) -> [String; 2] {
+    let p = s.dir.path().join("trusted-token");
+    std::fs::write(&p, "trusted-0123456789abcdef\n").unwrap();
+    ["--trusted-token-file".into(), p.to_str().unwrap().into()]
+}
+
 fn closure_nix(n: &str) -> String {
     format!(
         r#"let bb = builtins.path {{ path = ./bb; name = "busybox"; }}; in {{
@@ -95,11 +105,12 @@ fn upload_build_substitute_and_verify_through_the_http_api() {
     let ca = s.instantiate(&file, "ca");
     let state = s.state();
     let image = image_dir();
+    let [flag, file] = trusted_args(&s);
     let svc = HttpService::start(
         &vouch_bin(),
         &state,
         &s.dir.path().join("serve.log"),
-        &["--image", image.to_str().unwrap(), "--jobs", "1"],
+        &["--image", image.to_str().unwrap(), "--jobs", "1", &flag, &file],
     );
     let to = format!("{}?compression=none", svc.url());
     let out = nix_copy(&s.dir.path().join("xdg-up"), &["--to", &to, "--derivation", &ia, &ca]);
@@ -108,7 +119,7 @@ fn upload_build_substitute_and_verify_through_the_http_api() {
     let mut ids = Vec::new();
     for drv in [&ia, &ca] {
         let body = format!(r#"{{"drv": "{drv}", "nix_version": "2.8", "timeout": 600}}"#);
-        let r = svc.request("POST", "/v1/builds", body.as_bytes());
+        let r = svc.request_with("POST", "/v1/builds", &[TRUSTED], body.as_bytes());
         assert_eq!(r.status, 202, "{}", r.text());
         ids.push(json(&r)["id"].as_u64().expect("an id"));
     }
@@ -209,11 +220,12 @@ fn sigterm_cancels_the_running_build_and_publishes_nothing() {
     let n = nonce();
     let slow = s.instantiate(&s.write("serve.nix", &closure_nix(&n)), "slow");
     let image = image_dir();
+    let [flag, file] = trusted_args(&s);
     let svc = HttpService::start(
         &vouch_bin(),
         &s.state(),
         &s.dir.path().join("serve.log"),
-        &["--image", image.to_str().unwrap(), "--cache", s.cache().to_str().unwrap()],
+        &["--image", image.to_str().unwrap(), "--cache", s.cache().to_str().unwrap(), &flag, &file],
     );
     let to = format!("{}?compression=none", svc.url());
     let out = nix_copy(&s.dir.path().join("xdg"), &["--to", &to, "--derivation", &slow]);
@@ -221,7 +233,7 @@ fn sigterm_cancels_the_running_build_and_publishes_nothing() {
     let body = format!(r#"{{"drv": "{slow}"}}"#);
     let ids: Vec<u64> = (0..2)
         .map(|_| {
-            let r = svc.request("POST", "/v1/builds", body.as_bytes());
+            let r = svc.request_with("POST", "/v1/builds", &[TRUSTED], body.as_bytes());
             assert_eq!(r.status, 202, "{}", r.text());
             json(&r)["id"].as_u64().unwrap()
         })

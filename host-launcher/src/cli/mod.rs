@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 pub mod bench;
 pub mod build;
+pub mod cache;
 pub mod common;
 pub mod doctor;
 pub mod evidence;

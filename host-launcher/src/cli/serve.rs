@@ -23,6 +23,7 @@ use std::sync::Arc;
 use host_launcher::nixproto::listen::Signals;
 use host_launcher::serve::auth::AccessToken;
 use host_launcher::serve::{server, Service, ServiceConfig};
+use nix_formats::signing::PublicKey;
 
 use super::common::BuilderArgs;
 use super::{CmdResult, Global};
@@ -39,6 +40,16 @@ pub struct Args {
     /// `netrc-file`); at least 16 characters. The binary cache stays public.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<std::path::PathBuf>,
+    /// File whose first line is the token of the callers you trust as Nix trusts its
+    /// `trusted-users`: only they may build input-addressed derivations and upload paths that
+    /// have neither a content address nor a signature by a `--trusted-public-key`. Holding it
+    /// also gives access. Without it, nobody may.
+    #[arg(long, value_name = "FILE")]
+    pub trusted_token_file: Option<std::path::PathBuf>,
+    /// A Nix public key (`name:base64`) whose signature on an uploaded path's narinfo makes the
+    /// upload acceptable without a content address (repeatable).
+    #[arg(long = "trusted-public-key", value_name = "NAME:KEY")]
+    pub trusted_public_keys: Vec<String>,
     /// Builds at once (each in its own VM); more wait in a queue.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
     pub jobs: u64,
@@ -54,6 +65,12 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     let mut signals = Signals::new()?;
     let state_dir = global.state_dir();
     let access = args.token_file.as_deref().map(AccessToken::from_file).transpose()?;
+    let trusted = args.trusted_token_file.as_deref().map(AccessToken::from_file).transpose()?;
+    let trusted_keys = args
+        .trusted_public_keys
+        .iter()
+        .map(|k| PublicKey::parse(k).map_err(|e| format!("--trusted-public-key {k:?}: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
     let (builder, store_cfg) = args.builder.config(&state_dir)?;
     std::fs::create_dir_all(&builder.cache_dir).map_err(|e| {
         format!("creating the cache directory {}: {e}", builder.cache_dir.display())
@@ -66,6 +83,8 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         jobs: args.jobs as usize,
         declared_nix: args.builder.client_nix_version,
         access,
+        trusted,
+        trusted_keys,
     };
     let listener = TcpListener::bind(&args.listen)
         .map_err(|e| format!("listening on {}: {e}", args.listen))?;

@@ -23,6 +23,7 @@ use std::io::Read;
 
 use nix_formats::narinfo::NarInfo;
 
+use super::auth::Caller;
 use super::http::HttpError;
 
 /// A request line, understood (the body not read yet).
@@ -118,9 +119,16 @@ pub enum ApiAction<'a> {
         hash: String,
         /// The narinfo.
         info: Box<NarInfo>,
+        /// Who uploads it.
+        caller: Caller,
     },
     /// Start a build.
-    SubmitBuild(BuildSubmission),
+    SubmitBuild {
+        /// What to build.
+        submission: BuildSubmission,
+        /// Who asks.
+        caller: Caller,
+    },
     /// A build's state.
     BuildStatus(u64),
     /// A build's log so far.
@@ -141,8 +149,14 @@ impl std::fmt::Debug for ApiAction<'_> {
             ApiAction::PutNar { name, len, .. } => {
                 f.debug_struct("PutNar").field("name", name).field("len", len).finish()
             }
-            ApiAction::PutNarInfo { hash, .. } => f.debug_tuple("PutNarInfo").field(hash).finish(),
-            ApiAction::SubmitBuild(s) => f.debug_tuple("SubmitBuild").field(s).finish(),
+            ApiAction::PutNarInfo { hash, caller, .. } => {
+                f.debug_struct("PutNarInfo").field("hash", hash).field("caller", caller).finish()
+            }
+            ApiAction::SubmitBuild { submission, caller } => f
+                .debug_struct("SubmitBuild")
+                .field("submission", submission)
+                .field("caller", caller)
+                .finish(),
             ApiAction::BuildStatus(i) => f.debug_tuple("BuildStatus").field(i).finish(),
             ApiAction::BuildLog(i) => f.debug_tuple("BuildLog").field(i).finish(),
         }
@@ -187,12 +201,14 @@ fn clean_path(raw: &str) -> Result<String, HttpError> {
     Ok(rel.to_owned())
 }
 
-/// Which cache directories are served read-only (`vouch/v1/tmp/` is the writer's work area).
+/// Which cache directories are served read-only (`vouch/v1/tmp/` is the writer's work area,
+/// `vouch/v1/withdrawn/` what an audit took out of the cache).
 fn is_cache_file(rel: &str) -> bool {
     ["nar/", "realisations/", "build-trace-v2/", "traces/", "vouch/v1/"]
         .iter()
         .any(|p| rel.starts_with(p))
         && !rel.starts_with("vouch/v1/tmp/")
+        && !rel.starts_with("vouch/v1/withdrawn/")
 }
 
 fn narinfo_hash(rel: &str) -> Option<&str> {
@@ -331,6 +347,7 @@ mod tests {
         }
         assert_eq!(route("GET", "/etc/passwd").unwrap_err().status, 404);
         assert_eq!(route("GET", "/vouch/v1/tmp/x").unwrap_err().status, 404);
+        assert_eq!(route("GET", "/vouch/v1/withdrawn/1-2/x.narinfo").unwrap_err().status, 404);
         assert_eq!(route("GET", "/short.narinfo").unwrap_err().status, 400);
         assert_eq!(route("DELETE", "/nix-cache-info").unwrap_err().status, 405);
         assert_eq!(route("PUT", "/realisations/x.doi").unwrap_err().status, 403);

@@ -2,6 +2,11 @@
 //! one) for uploads and the build API. The binary cache and `/healthz` stay public — the cache is
 //! signed and verifiers and substituters need it.
 //!
+//! A second token marks the callers the operator **trusts**, as Nix's `trusted-users`: only they
+//! may build input-addressed derivations (whose output paths vouch signs as written) and upload
+//! paths with neither a content address nor a signature by a key the service trusts. A caller is
+//! described by a [`Caller`].
+//!
 //! A request presents the token either as `Authorization: Bearer TOKEN` or as HTTP Basic with
 //! any user name and the token as the password, which is what Nix sends, unasked, from a netrc
 //! entry (`machine HOST login ci password TOKEN`, `netrc-file = …`). Only a SHA-256 digest of the
@@ -80,6 +85,35 @@ impl AccessToken {
     }
 }
 
+/// What a request's credentials allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Caller {
+    /// It may upload and use the build API (it presented a token, or none is configured).
+    pub access: bool,
+    /// It presented a token the operator configured (not merely an open service).
+    pub authenticated: bool,
+    /// It presented the trusted callers' token.
+    pub trusted: bool,
+}
+
+impl Caller {
+    /// Who presents `authorization` to a service with the access token `access` and the trusted
+    /// callers' token `trusted` (either may be unset).
+    pub fn of(
+        authorization: Option<&str>,
+        access: Option<&AccessToken>,
+        trusted: Option<&AccessToken>,
+    ) -> Caller {
+        let trusted = trusted.is_some_and(|t| t.admits(authorization));
+        let holds_access = access.is_some_and(|t| t.admits(authorization));
+        Caller {
+            access: trusted || holds_access || access.is_none(),
+            authenticated: trusted || holds_access,
+            trusted,
+        }
+    }
+}
+
 /// The token an `Authorization` value carries: `Bearer TOKEN`, or `Basic base64(user:TOKEN)`.
 fn presented_token(value: &str) -> Option<Vec<u8>> {
     let (scheme, rest) = value.trim().split_once(' ')?;
@@ -133,6 +167,28 @@ mod tests {
             assert!(!t.admits(bad.as_deref()), "{bad:?}");
         }
         assert_eq!(format!("{t:?}"), "AccessToken(<redacted>)");
+    }
+
+    #[test]
+    fn callers_are_trusted_only_with_the_trusted_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let access =
+            AccessToken::from_file(&token_file(dir.path(), "access-token-0123\n")).unwrap();
+        let p = dir.path().join("trusted");
+        std::fs::write(&p, "trusted-token-0123\n").unwrap();
+        let trusted = AccessToken::from_file(&p).unwrap();
+        let (a, t) = (Some("Bearer access-token-0123"), Some("Bearer trusted-token-0123"));
+        let c = |auth, access, trusted| Caller::of(auth, access, trusted);
+        let open = Caller { access: true, authenticated: false, trusted: false };
+        assert_eq!(c(None, None, None), open, "an open service trusts nobody");
+        assert_eq!(c(a, None, None), open);
+        assert_eq!(c(None, Some(&access), None), Caller::default());
+        let holder = Caller { access: true, authenticated: true, trusted: false };
+        assert_eq!(c(a, Some(&access), Some(&trusted)), holder);
+        let all = Caller { access: true, authenticated: true, trusted: true };
+        assert_eq!(c(t, Some(&access), Some(&trusted)), all);
+        assert_eq!(c(t, None, Some(&trusted)), all);
+        assert_eq!(c(a, None, Some(&trusted)), open);
     }
 
     #[test]

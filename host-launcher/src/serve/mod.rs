@@ -43,6 +43,7 @@ use std::sync::{Arc, Mutex};
 use nix_formats::derivation::Derivation;
 use nix_formats::nar::{NarEvent, NarLimits, NarReader};
 use nix_formats::narinfo::NarInfo;
+use nix_formats::signing::PublicKey;
 use nix_formats::StorePath;
 
 use crate::nixbuilder::{BuilderConfig, UPLOAD_RULES};
@@ -50,6 +51,7 @@ use crate::nixproto::action::error_chain;
 use crate::nixproto::{BuildMode, BuildOptions, BuildRequest, ClientProfile, NixVersion, Protocol};
 use crate::store::{ContentStore, FileUploads, Origin, StoreConfig, StoreError};
 use api::{ApiAction, BuildSubmission};
+use build_trace::job::StepKind;
 
 /// The largest `.drv` file the build API reads.
 pub const MAX_DRV_BYTES: u64 = 16 << 20;
@@ -110,6 +112,10 @@ pub struct ServiceConfig {
     pub declared_nix: Option<NixVersion>,
     /// The token uploads and the build API require; `None`: anyone who reaches the port.
     pub access: Option<auth::AccessToken>,
+    /// The token of the callers the operator trusts ([`auth::Caller::trusted`]).
+    pub trusted: Option<auth::AccessToken>,
+    /// Keys whose signature makes an upload without a content address acceptable.
+    pub trusted_keys: Vec<PublicKey>,
 }
 
 /// The service core.
@@ -168,16 +174,10 @@ impl Service {
         &self.builds
     }
 
-    /// Whether a request presenting `authorization` has access: it carries the token, or no
-    /// token is configured.
-    pub fn has_access(&self, authorization: Option<&str>) -> bool {
-        self.cfg.access.as_ref().is_none_or(|token| token.admits(authorization))
-    }
-
-    /// Whether a request on `route` presenting `authorization` may proceed: always for the
-    /// public routes ([`api::Route::needs_access`]), else if it has access.
-    pub fn admits(&self, route: &api::Route, authorization: Option<&str>) -> bool {
-        !route.needs_access() || self.has_access(authorization)
+    /// Who presents `authorization` ([`auth::Caller`]); a request on a route that
+    /// [`api::Route::needs_access`] proceeds only if the caller has access.
+    pub fn caller(&self, authorization: Option<&str>) -> auth::Caller {
+        auth::Caller::of(authorization, self.cfg.access.as_ref(), self.cfg.trusted.as_ref())
     }
 
     /// The trace store directory served as the binary cache.
@@ -202,9 +202,9 @@ impl Service {
                 tracing::info!(nar = %name, bytes = len, "NAR staged; waiting for its narinfo");
                 Ok(ApiReply::Bytes("text/plain", b"staged\n".to_vec()))
             }
-            ApiAction::PutNarInfo { hash, info } => self.register(&hash, &info),
-            ApiAction::SubmitBuild(s) => {
-                let req = self.check_submission(&s)?;
+            ApiAction::PutNarInfo { hash, info, caller } => self.register(&hash, &info, caller),
+            ApiAction::SubmitBuild { submission: s, caller } => {
+                let req = self.check_submission(&s, caller)?;
                 let id = self.builds.submit(req).map_err(|e| ApiError::new(503, e))?;
                 tracing::info!(id, drv = %s.drv, "build queued");
                 Ok(ApiReply::Json(
@@ -315,7 +315,33 @@ impl Service {
     /// as a Nix-protocol upload is (`ContentStore::add` with the builder core's
     /// [`UPLOAD_RULES`], whatever the client's signatures say). Uploads run in parallel; SQLite
     /// serialises only their commits.
-    fn register(&self, hash: &str, info: &NarInfo) -> Result<ApiReply, ApiError> {
+    ///
+    /// What the upload may be: content-addressed (the content store recomputes the address),
+    /// signed by a key the operator trusts (`--trusted-public-key`), or from a trusted caller.
+    /// Anything else could be any bytes under any path name, in the store every client's builds
+    /// read, so it is refused (403) before its NAR is touched.
+    fn register(
+        &self,
+        hash: &str,
+        info: &NarInfo,
+        caller: auth::Caller,
+    ) -> Result<ApiReply, ApiError> {
+        if info.ca.is_none() && !caller.trusted {
+            let signed = info.count_valid_signatures(&self.cfg.trusted_keys).unwrap_or(0) > 0;
+            if !signed {
+                return Err(ApiError::new(
+                    403,
+                    format!(
+                        "{hash}.narinfo: {} has no content address and no signature by a key this \
+                         service trusts (--trusted-public-key); uploads from callers without the \
+                         trusted token (--trusted-token-file) must be content-addressed or signed, \
+                         so that no client can place other bytes under a path another client's \
+                         build uses",
+                        info.store_path
+                    ),
+                ));
+            }
+        }
         let (pi, file, owned) = self.staging.take(hash, info, &self.cache_dir().join("nar"))?;
         let path = pi.path.clone();
         let mut uploads = FileUploads::new(vec![(pi, file.clone())]);
@@ -332,7 +358,16 @@ impl Service {
     }
 
     /// Check a submission and make its build request; nothing is queued on error.
-    fn check_submission(&self, s: &BuildSubmission) -> Result<BuildRequest, ApiError> {
+    ///
+    /// Who may build what: an input-addressed derivation names its output paths itself, and
+    /// the service would sign whatever it built under them, so only trusted callers may submit
+    /// one; a fixed-output derivation builds with network access, so it needs a caller who
+    /// presented a token, and none can while the service has none.
+    fn check_submission(
+        &self,
+        s: &BuildSubmission,
+        caller: auth::Caller,
+    ) -> Result<BuildRequest, ApiError> {
         let bad = |status, msg: String| ApiError::new(status, msg);
         let drv_path = StorePath::parse(&s.drv)
             .map_err(|e| bad(400, format!("\"drv\": {:?} is not a store path: {e}", s.drv)))?;
@@ -375,8 +410,32 @@ impl Service {
         }
         let name = drv_path.drv_name().map_err(|e| bad(400, e.to_string()))?.to_owned();
         let basic = crate::build::local_store::basic_from(&drv, name);
-        build_trace::job::step_kind(&basic)
+        let kind = build_trace::job::step_kind(&basic)
             .map_err(|e| bad(422, format!("vouch cannot build {drv_path}: {}", error_chain(&e))))?;
+        match kind {
+            StepKind::InputAddressed if !caller.trusted => {
+                return Err(bad(
+                    403,
+                    format!(
+                        "{drv_path} is input-addressed: its output paths are written in it, and \
+                         this service would sign what it builds under them; only callers with \
+                         the trusted token (--trusted-token-file) may build input-addressed \
+                         derivations"
+                    ),
+                ))
+            }
+            StepKind::FixedOutput if !caller.authenticated => {
+                return Err(bad(
+                    403,
+                    format!(
+                        "{drv_path} is a fixed-output derivation, which builds with network \
+                         access; this service refuses those from callers without a token, and \
+                         it has none configured (--token-file)"
+                    ),
+                ))
+            }
+            _ => {}
+        }
         let mut roots = BTreeSet::new();
         for p in &basic.input_srcs {
             roots.insert(StorePath::parse(p).map_err(|e| bad(422, format!("input `{p}`: {e}")))?);
@@ -416,7 +475,7 @@ impl Service {
 
 /// The contents of a NAR that is one regular file (how a `.drv` is stored), at most
 /// [`MAX_DRV_BYTES`].
-fn drv_contents(file: std::fs::File) -> Result<Vec<u8>, String> {
+pub fn drv_contents(file: std::fs::File) -> Result<Vec<u8>, String> {
     let limits = NarLimits { max_file_size: MAX_DRV_BYTES, ..NarLimits::default() };
     let mut r = NarReader::new(std::io::BufReader::new(file), limits);
     match r.next_event().map_err(|e| e.to_string())? {

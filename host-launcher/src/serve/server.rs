@@ -76,7 +76,8 @@ fn exchange(
         Ok(r) => r,
         Err(e) => return (error_response(&req.path, e.status, &e.msg), req.content_length),
     };
-    if !service.admits(&route, req.header("authorization")) {
+    let caller = service.caller(req.header("authorization"));
+    if route.needs_access() && !caller.access {
         let msg = format!(
             "{} {} needs the service's access token (Authorization: Bearer TOKEN, or HTTP Basic \
              with the token as password, e.g. from a netrc entry)",
@@ -89,10 +90,7 @@ fn exchange(
         let action = match route {
             Route::Health => ApiAction::Health,
             Route::CacheInfo => ApiAction::CacheInfo,
-            Route::NarInfo(hash) => ApiAction::NarInfo {
-                hash,
-                uploads_visible: service.has_access(req.header("authorization")),
-            },
+            Route::NarInfo(hash) => ApiAction::NarInfo { hash, uploads_visible: caller.access },
             Route::CacheFile(p) => ApiAction::CacheFile(p),
             Route::BuildStatus(id) => ApiAction::BuildStatus(id),
             Route::BuildLog(id) => ApiAction::BuildLog(id),
@@ -117,14 +115,14 @@ fn exchange(
                         format!("{hash}.narinfo: {}", crate::nixproto::action::error_chain(&e)),
                     )
                 })?;
-                ApiAction::PutNarInfo { hash, info: Box::new(info) }
+                ApiAction::PutNarInfo { hash, info: Box::new(info), caller }
             }
             Route::SubmitBuild => {
                 let body = small_body(req, conn, out, MAX_SUBMISSION, &mut remaining)?;
                 let s = serde_json::from_slice(&body).map_err(|e| {
                     ApiError::new(400, format!("the build request is not valid JSON of the form {{\"drv\": \"/nix/store/…drv\"}}: {e}"))
                 })?;
-                ApiAction::SubmitBuild(s)
+                ApiAction::SubmitBuild { submission: s, caller }
             }
         };
         service.handle(action)

@@ -1,4 +1,4 @@
-//! Evidence verification on every real AMD-signed report in `shared/testdata/snp` (positive,
+//! Evidence verification on every real AMD-signed report in `test-support/data/snp` (positive,
 //! each under a policy written for it), and the checks that real data can exercise without
 //! re-signing: chain, certificate extensions, signature, validity, product, root, reserved
 //! bytes after the signature, and the DEBUG-policy report.
@@ -102,7 +102,7 @@ fn our_parser_agrees_with_the_sev_crate() {
 
 #[test]
 fn pinned_roots_are_amds() {
-    // SPKI and DER SHA-256 as listed in shared/testdata/snp/README.md.
+    // SPKI and DER SHA-256 as listed in test-support/data/snp/README.md.
     let der_pins = [
         (Product::Milan, "69d063b45344d26a2e94e1f4210de49ef555308287d4c174445c95639a540bcd"),
         (Product::Genoa, "4c6598d19c18719c5dfd4a7d335f674e5bfe1d8f800cea2cf270c10d103db2f1"),

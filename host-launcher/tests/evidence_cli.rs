@@ -1,14 +1,10 @@
 //! `vouch evidence check|show|simulate` run as the built binary over every real AMD report in
-//! `shared/testdata/snp` (and simulated evidence from a temporary state directory).
-
-#[allow(dead_code)]
-#[path = "../../tests/src/snp.rs"]
-mod snp;
+//! `test-support/data/snp` (and simulated evidence from a temporary state directory).
 
 use std::path::Path;
 use std::process::Command;
 
-use snp::testdata;
+use test_support::snp::testdata;
 
 struct Out {
     code: i32,

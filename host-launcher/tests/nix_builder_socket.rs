@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use host_launcher::nixproto::types;
 use host_launcher::nixproto::wire::{WireRead, WireWrite};
 use nix_formats::StorePath;
-use peer::server::{is_socket, SocketServer};
 use peer::*;
+use test_support::server::{is_socket, SocketServer};
 
 const LIMIT: Duration = Duration::from_secs(120);
 

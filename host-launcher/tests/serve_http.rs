@@ -13,25 +13,17 @@
 //!
 //! The real-VM build through the API is in `tests/tests/serve_vm.rs`.
 
-#[path = "../../tests/src/http_service.rs"]
-mod http_service;
-#[allow(dead_code)]
-#[path = "../../tests/src/nix.rs"]
-mod nix;
-#[allow(dead_code)]
-#[path = "../../tests/src/server.rs"]
-mod server;
-
 use std::path::Path;
 use std::process::Command;
 
-use http_service::HttpService;
 use nix_formats::derivation::Derivation;
 use nix_formats::nar::NarWriter;
 use nix_formats::narinfo::NarInfo;
 use nix_formats::signing::SecretKey;
 use nix_formats::StorePath;
 use sha2::{Digest, Sha256};
+use test_support::http_service::HttpService;
+use test_support::nix;
 
 fn start(dir: &Path) -> HttpService {
     HttpService::start(

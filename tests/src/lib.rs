@@ -1,20 +1,19 @@
-//! Shared support for vouch's tests: this crate's end-to-end tests (real Nix, real VMs) and the
-//! real-Nix and real-vector tests of the other crates.
+//! vouch's end-to-end tests: real Nix, real QEMU VMs, real AMD vectors, across vouch's crates.
 //!
-//! What is here: [`nix`] (running the real Nix with the test configuration, the busybox
-//! directory test derivations build with, unique names), [`snp`] (the real AMD SEV-SNP test
-//! vectors), [`vm`] (the `vouch` binary, the guest image, scratch areas for VM tests),
-//! [`server`] (a `vouch nix-builder --listen` process on a Unix socket), [`http_service`] (a
-//! `vouch serve` process and a tiny HTTP client).
+//! The tests are in `tests/tests/`: the VM tests (the `vouch` binary booting the real guest
+//! image), and the real-Nix closure tests (`closure.rs`: the closure verifier; `verify_cli.rs`:
+//! `vouch verify`, `vouch trace`, `vouch provenance`). The programs in `src/bin/` are test
+//! doubles run *by* those tests: a fake QEMU for the channel watchdog and a probe that runs inside
+//! the guest.
 //!
-//! The modules use only `std` and `tempfile`, and refer to each other as `super::…`: the
-//! other crates' tests include them by path (`#[path = "../../tests/src/nix.rs"] mod nix;`), so
-//! every crate shares this one copy without depending on this crate, which depends on vouch's
-//! own crates.
+//! What is here, in the library: [`fixture`], the real-Nix closure fixture (Nix builds a small
+//! closure; each step gets a statement, simulated evidence and signed records as vouch would
+//! store them). It needs build-trace and nix-formats, so it cannot live in `test-support` (which
+//! every vouch crate dev-depends on and which therefore depends on none of them); the tests that
+//! use it live here for the same reason.
 //!
-//! What is not here: mocks of Nix, QEMU or AMD (there are none), or the tests themselves.
-pub mod http_service;
-pub mod nix;
-pub mod server;
-pub mod snp;
-pub mod vm;
+//! What is not here: the helpers every crate's tests share (running Nix, the AMD vectors, the
+//! guest image, `vouch` processes: the `test-support` crate), or mocks of Nix, QEMU or AMD.
+#![forbid(unsafe_code)]
+
+pub mod fixture;

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use tests::vm::{ca_nix, image_dir, nonce, vouch_bin, Scratch};
+use test_support::vm::{ca_nix, image_dir, nonce, vouch_bin, Scratch};
 
 struct Run {
     out: Output,

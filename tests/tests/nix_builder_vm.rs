@@ -16,9 +16,9 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use build_trace::job::Limits;
-use tests::nix::text;
-use tests::server::SocketServer;
-use tests::vm::{image_dir, nix, nonce, public_key_of, vouch_bin, Scratch, NIX_CONFIG};
+use test_support::nix::text;
+use test_support::server::SocketServer;
+use test_support::vm::{image_dir, nix, nonce, public_key_of, vouch_bin, Scratch, NIX_CONFIG};
 
 static VMS: Mutex<()> = Mutex::new(());
 

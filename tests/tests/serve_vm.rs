@@ -13,9 +13,9 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use tests::http_service::HttpService;
-use tests::nix::text;
-use tests::vm::{image_dir, nix, nonce, public_key_of, vouch_bin, Scratch, NIX_CONFIG};
+use test_support::http_service::HttpService;
+use test_support::nix::text;
+use test_support::vm::{image_dir, nix, nonce, public_key_of, vouch_bin, Scratch, NIX_CONFIG};
 
 /// The tests take it so their VMs do not compete for the CPUs.
 static VMS: Mutex<()> = Mutex::new(());
@@ -56,7 +56,7 @@ fn nix_copy(xdg: &Path, args: &[&str]) -> std::process::Output {
         .expect("running nix copy")
 }
 
-fn json(r: &tests::http_service::HttpResponse) -> serde_json::Value {
+fn json(r: &test_support::http_service::HttpResponse) -> serde_json::Value {
     serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("{e}: {}", r.text()))
 }
 

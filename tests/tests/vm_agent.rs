@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use tests::vm::{image_dir, vouch_bin};
+use test_support::vm::{image_dir, vouch_bin};
 
 fn boot(append: &str) -> (bool, String) {
     let out = Command::new(vouch_bin())

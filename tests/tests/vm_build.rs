@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tests::vm::{ca_nix, image_dir, nix, nonce, vouch_bin, Scratch};
+use test_support::vm::{ca_nix, image_dir, nix, nonce, vouch_bin, Scratch};
 
 fn json_of(out: &std::process::Output) -> serde_json::Value {
     assert!(

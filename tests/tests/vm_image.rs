@@ -3,10 +3,10 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use tests::vm::{image_dir, vouch_bin};
+use test_support::vm::{image_dir, vouch_bin};
 
 fn snp_vectors() -> PathBuf {
-    tests::snp::testdata().join("virtee-sev")
+    test_support::snp::testdata().join("virtee-sev")
 }
 
 fn vouch(args: &[&str]) -> (bool, String, String) {
@@ -19,7 +19,7 @@ fn vouch(args: &[&str]) -> (bool, String, String) {
 }
 
 /// `vouch image measure` reproduces the virtee/sev launch-digest vectors (README in
-/// shared/testdata/snp; cross-checked there with sev-snp-measure).
+/// test-support/data/snp; cross-checked there with sev-snp-measure).
 #[test]
 fn image_measure_reproduces_the_virtee_vectors() {
     let ovmf = snp_vectors().join("ovmf_AmdSev_suffix.bin");

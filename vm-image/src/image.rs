@@ -344,7 +344,7 @@ mod tests {
 
     #[test]
     fn with_an_amdsev_ovmf_the_manifest_carries_the_expected_measurement() {
-        let ovmf = crate::snp_vectors::testdata().join("virtee-sev/ovmf_AmdSev_suffix.bin");
+        let ovmf = test_support::snp::testdata().join("virtee-sev/ovmf_AmdSev_suffix.bin");
         let t = tempfile::tempdir().unwrap();
         let kernel = fake_kernel(t.path());
         let agent = t.path().join("agent");

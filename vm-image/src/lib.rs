@@ -13,12 +13,6 @@ pub mod image;
 pub mod kernel;
 pub mod measure;
 
-/// The real SNP test vectors, for the unit tests (the workspace's shared `tests/src/snp.rs`).
-#[cfg(test)]
-#[allow(dead_code)]
-#[path = "../../tests/src/snp.rs"]
-mod snp_vectors;
-
 pub use image::{build_image, ImageSpec, Manifest, CMDLINE};
 pub use kernel::{ensure_kernel, Kernel, KernelKey};
 pub use measure::{simulated_measurement, snp_measurement, SnpInputs, SnpParams};

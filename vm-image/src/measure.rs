@@ -140,9 +140,9 @@ pub fn simulated_measurement(
 mod tests {
     use super::*;
 
-    /// `shared/testdata/snp/virtee-sev`.
+    /// `test-support/data/snp/virtee-sev`.
     fn vectors() -> PathBuf {
-        crate::snp_vectors::testdata().join("virtee-sev")
+        test_support::snp::testdata().join("virtee-sev")
     }
 
     fn epyc_v4(features: u64) -> SnpParams {
@@ -167,7 +167,7 @@ mod tests {
         }
     }
 
-    // Expected digests: shared/testdata/snp/README.md (virtee/sev tests, cross-checked with
+    // Expected digests: test-support/data/snp/README.md (virtee/sev tests, cross-checked with
     // sev-snp-measure 0.0.13).
     #[test]
     fn virtee_vectors_with_kernel_initrd_and_cmdline() {

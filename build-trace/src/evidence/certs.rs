@@ -39,8 +39,9 @@ pub mod oid {
     pub const CSP_ID: &str = "1.3.6.1.4.1.3704.1.5";
 }
 
-/// SHA-256 of the SubjectPublicKeyInfo DER of each AMD root key (ARK), as listed in
-/// `shared/testdata/snp/README.md` (a test recomputes them from the `sev` crate's built-in ARKs).
+/// SHA-256 of the SubjectPublicKeyInfo DER of each AMD root key (ARK), as listed in the test
+/// vectors' `test-support/data/snp/README.md` (a test recomputes them from the `sev` crate's
+/// built-in ARKs).
 pub const AMD_ROOT_PINS: [(Product, &str); 3] = [
     (Product::Milan, "9f056bee44377e29308cb5ffa895bdfb62d18881fa6bed8d6f075b0204089cb9"),
     (Product::Genoa, "429a69c9422aa258ee4d8db5fcda9c6470ef15f8cd5a9cebd6cbc7d90b863831"),

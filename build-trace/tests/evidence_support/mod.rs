@@ -1,5 +1,5 @@
-//! Shared helpers for the evidence tests: the real AMD vectors in `shared/testdata/snp` (through
-//! the workspace's shared `tests/src/snp.rs`), one policy written for each real report, and
+//! Shared helpers for the evidence tests: the real AMD vectors (through `test_support::snp`, the
+//! copy in `test-support/data/snp`), one policy written for each real report, and
 //! the assertion that a verification failed at a given check.
 #![allow(dead_code)]
 
@@ -8,9 +8,7 @@ use std::time::SystemTime;
 use build_trace::evidence::certs::{builtin_ark, builtin_ask, load_certificates, parse_time};
 use build_trace::evidence::{Check, EvidenceBundle, EvidenceError, EvidencePolicy, Product};
 
-#[path = "../../../tests/src/snp.rs"]
-mod snp;
-pub use snp::read;
+pub use test_support::snp::read;
 
 /// All certificates (DER) of a file, in file order.
 pub fn certs(rel: &str) -> Vec<Vec<u8>> {

@@ -1,7 +1,7 @@
 //! Test helpers: the real `vouch nix-builder` process with a scripted protocol peer on its
 //! stdin/stdout, a watchdog so a hang fails the test instead of stalling it, wrapper scripts
 //! for a real Nix, and NAR/path fixtures. Running Nix, busybox and the guest image come from the
-//! workspace's shared test modules (`tests/src/{nix,vm}.rs`, included here).
+//! workspace's `test-support` crate (`test_support::{nix, vm}`).
 
 #![allow(dead_code)]
 
@@ -22,19 +22,11 @@ use nix_formats::store_path::{make_fixed_output_path, FileIngestionMethod};
 use nix_formats::StorePath;
 use sha2::{Digest, Sha256};
 
-#[path = "../../../tests/src/nix.rs"]
-pub mod nix;
-#[path = "../../../tests/src/server.rs"]
-pub mod server;
+// Each test binary that includes this file uses a part of these.
 #[allow(unused_imports)]
-#[path = "../../../tests/src/vm.rs"]
-pub mod vm;
-
-// Each test binary that includes this file uses a part of it.
-#[allow(unused_imports)]
-pub use self::{
-    nix::{busybox_dir, nix, nonce, require_nix, text, NIX_CONFIG},
-    vm::image_dir,
+pub use test_support::{
+    nix::{self, busybox_dir, nix, nonce, require_nix, text, NIX_CONFIG},
+    vm::{self, image_dir},
 };
 
 /// The `vouch` binary.

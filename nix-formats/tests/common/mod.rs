@@ -5,7 +5,7 @@
 //! with `nix-build` under a throw-away signing key and a random `tag`, so that Nix really builds
 //! every run. The results (drv paths per attribute, the build log with Nix's "resolved
 //! derivation" lines, output paths, key files) are in [`Corpus`]. [`nix()`] runs any Nix command
-//! with the same configuration (the workspace's shared [`nix`] test module, `tests/src/nix.rs`).
+//! with the same configuration ([`nix`], from the workspace's `test-support` crate).
 //!
 //! If Nix or busybox is missing, every test using this panics with a message saying so: these
 //! tests must not pass silently. Install them with `scripts/setup-host.sh`.
@@ -21,8 +21,7 @@ use std::sync::OnceLock;
 
 use nix_formats::StorePath;
 
-#[path = "../../../tests/src/nix.rs"]
-pub mod nix;
+pub use test_support::nix;
 
 /// The name of the throw-away signing key.
 pub const KEY_NAME: &str = "nix-formats-test-1";

@@ -1,5 +1,5 @@
 //! Helpers for the VM tests: the real `vouch` binary, the guest image, a scratch area with the
-//! busybox directory for a real Nix (`super::nix`), a CA derivation file, and checks that
+//! busybox directory for a real Nix ([`crate::nix`]), a CA derivation file, and checks that
 //! nothing was registered.
 //!
 //! Missing tools make tests **fail** with a message saying how to get them (never skip).
@@ -8,9 +8,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use super::nix::busybox_dir;
+use crate::nix::busybox_dir;
 // The Nix helpers the VM tests import from here.
-pub use super::nix::{nix, nonce, require_tool, NIX_CONFIG};
+pub use crate::nix::{nix, nonce, require_tool, NIX_CONFIG};
 
 /// The `vouch` binary of this build (`$VOUCH_BIN` overrides).
 pub fn vouch_bin() -> PathBuf {

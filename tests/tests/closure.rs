@@ -1,8 +1,6 @@
 //! The closure verifier on real Nix derivations (Debian Nix 2.8 in a chroot store), simulated
 //! SNP evidence, real signatures; and every tamper case of the build-trace issue.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::process::Command;
 use std::sync::OnceLock;
@@ -15,9 +13,10 @@ use build_trace::store::{MemoryTraces, TraceEntry, TraceSource, TraceStore};
 use build_trace::trust::{TrustModel, TrustPolicy};
 use build_trace::verify::{ClosureVerifier, DrvSet, LinkCheck, Outcome, Request};
 use build_trace::{NarHash, PathInfo};
-use common::{nix, run, Fixture, Step};
 use nix_formats::signing::SecretKey;
 use nix_formats::StorePath;
+use test_support::nix;
+use tests::fixture::{run, Fixture, Step};
 
 fn fixture() -> &'static Fixture {
     static FX: OnceLock<Fixture> = OnceLock::new();

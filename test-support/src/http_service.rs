@@ -2,8 +2,8 @@
 //! log, talk HTTP/1.1 to it with a tiny `std`-only client (so tests can send what `curl` and Nix
 //! never would: `..` segments, wrong hashes), stop it with a signal.
 //!
-//! Uses `std` only (other crates' tests include this file by path, with `server.rs`, whose
-//! `stop_child` it uses). What is not here: Nix or VM set-up (`super::nix`, `super::vm`).
+//! Uses `std` only, and [`crate::server`]'s `stop_child`. What is not here: Nix or VM set-up
+//! ([`crate::nix`], [`crate::vm`]).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -137,7 +137,7 @@ impl HttpService {
 
     /// Send `signal` (`TERM`, `INT`) and wait up to 60 s for the exit; the status and the log.
     pub fn stop(mut self, signal: &str) -> (ExitStatus, String) {
-        super::server::stop_child(&mut self.child, signal, "vouch serve", &self.log)
+        crate::server::stop_child(&mut self.child, signal, "vouch serve", &self.log)
     }
 }
 

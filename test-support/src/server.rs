@@ -1,8 +1,8 @@
 //! A real `vouch nix-builder --listen` server process for tests: start it on a Unix socket, wait
 //! until the socket is there, give Nix its store URI and machine line, stop it with a signal.
 //!
-//! Uses `std` only (other crates' tests include this file by path, like `nix.rs`); signals are
-//! sent with the `kill` program. What is not here: Nix or VM set-up (`super::nix`, `super::vm`).
+//! Uses `std` only; signals are sent with the `kill` program. What is not here: Nix or VM set-up
+//! ([`crate::nix`], [`crate::vm`]).
 
 use std::ffi::OsStr;
 use std::os::unix::fs::FileTypeExt;

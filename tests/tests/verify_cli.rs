@@ -1,18 +1,16 @@
-//! `vouch verify`, `vouch trace show`, `vouch trace reindex` and `vouch provenance` on a closure
-//! built by the real
-//! Debian Nix with simulated-evidence traces (the build-trace fixture): exit codes 0/1/2,
-//! `--json`, the default policy rejecting simulated evidence.
-
-#[path = "../../build-trace/tests/common/mod.rs"]
-mod common;
+//! `vouch verify`, `vouch trace show`, `vouch trace reindex` and `vouch provenance` (the built
+//! binary) on a closure built by the real Debian Nix with simulated-evidence traces
+//! ([`tests::fixture`]): exit codes 0/1/2, `--json`, the default policy rejecting simulated
+//! evidence.
 
 use std::process::{Command, Output};
 
-use common::nix::text;
-use common::Fixture;
+use test_support::nix::text;
+use test_support::vm::vouch_bin;
+use tests::fixture::Fixture;
 
 fn vouch(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vouch")).args(args).output().unwrap()
+    Command::new(vouch_bin()).args(args).output().unwrap()
 }
 
 #[test]

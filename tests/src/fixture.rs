@@ -5,14 +5,14 @@
 //! the input closure, statement from what Nix built, simulated SNP evidence bound to both, a
 //! JWS and signed Nix records in a trace store — from Nix's real `.drv` files, path infos and
 //! NARs.
-#![allow(dead_code)]
+//!
+//! It lives in this crate's library, not in `test-support`, because it uses build-trace and
+//! nix-formats (which dev-depend on `test-support`); the tests that use it are this crate's
+//! (`tests/tests/closure.rs`, `tests/tests/verify_cli.rs`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-#[path = "../../../tests/src/nix.rs"]
-pub mod nix;
 
 use build_trace::evidence::{EvidenceBundle, EvidencePolicy, SimulatedLaunch, SimulatedRoot};
 use build_trace::job::{BasicDerivation, CaRule, Job, Limits, NarHash, PathInfo};
@@ -24,6 +24,7 @@ use nix_formats::derivation::DerivationKind;
 use nix_formats::resolve::resolve_with;
 use nix_formats::signing::SecretKey;
 use nix_formats::{Hash, StorePath};
+use test_support::nix;
 
 pub const NIX_EXPR: &str = r#"
 { tag ? "1" }:
@@ -64,6 +65,7 @@ pub struct Step {
     pub nars: BTreeMap<String, PathBuf>,
 }
 
+#[derive(Debug)]
 pub struct Fixture {
     pub dir: tempfile::TempDir,
     /// `<chroot>/nix/store`: the `.drv` files.

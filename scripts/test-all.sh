@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Run every vouch test on a fresh Debian 12 machine: installs what it needs, then runs the unit,
-# property, real-Nix, real-AMD-vector and real-VM tests.
+# property, real-Nix, real-AMD-vector and real-VM tests, and then the tests that read test data
+# once more in a fresh copy of the checkout with nothing beside it (scripts/check-self-contained.sh:
+# everything a test reads is in the repository).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export VOUCH_CACHE=${VOUCH_CACHE:-$HOME/.cache/vouch}
@@ -38,3 +40,5 @@ export VOUCH_IMAGE_DIR=${VOUCH_IMAGE_DIR:-$VOUCH_CACHE/image}
 ./scripts/build-image.sh
 echo "== cargo test" >&2
 cargo test --workspace --all-targets --no-fail-fast
+echo "== self-contained: the data-reading tests in a fresh copy with nothing beside it" >&2
+./scripts/check-self-contained.sh

@@ -6,14 +6,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export VOUCH_CACHE=${VOUCH_CACHE:-$HOME/.cache/vouch}
-# Disk, checked before anything is installed: the debug target takes about 1.5 GiB, and a first
-# run also builds the guest kernel (about 1.5 GiB while it builds, under $VOUCH_CACHE). Say so up
+# Disk, checked before anything is installed: the debug target takes about 1.5 GiB (plus 0.7 GiB
+# for the self-contained run's own target, $target_dir/self-contained), and a first run also
+# builds the guest kernel (about 1.5 GiB while it builds, under $VOUCH_CACHE). Say so up
 # front instead of failing mid-build with ENOSPC.
 target_dir=${CARGO_TARGET_DIR:-target}
 mkdir -p "$target_dir" "$VOUCH_CACHE"
 mount_of() { df -P "$1" | awk 'NR==2 {print $6}'; }
 free_mib() { df -Pm "$1" | awk 'NR==2 {print $4}'; }
-need_target=2048
+need_target=2816
 need_cache=0
 ls "$VOUCH_CACHE"/kernel/*/bzImage >/dev/null 2>&1 || need_cache=1536
 if [ "$(mount_of "$target_dir")" = "$(mount_of "$VOUCH_CACHE")" ]; then

@@ -1,7 +1,7 @@
 //! The trace store writer and reader: layout, idempotence, refusal of a NAR that does not match
 //! (nothing becomes visible), divergent builds kept side by side, concurrent writers, and laut's
 //! signature index read the way laut's verifier reads it.
-//! (Nix reading the store is tested on real Nix output in `closure.rs`.)
+//! (Nix reading the store is tested on real Nix output in `tests/tests/closure.rs`.)
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

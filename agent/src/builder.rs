@@ -115,15 +115,14 @@ pub fn scratch_paths(drv: &BasicDerivation, drv_path: &StorePath) -> Result<Scra
     let mut scratch = BTreeMap::new();
     let mut rewrites = Vec::new();
     for (name, out) in &drv.outputs {
-        let p = if out.path.is_empty() {
-            make_store_path(
+        let p = match &out.path {
+            Some(p) => p.clone(),
+            None => make_store_path(
                 &format!("rewrite:{}:name:{name}", drv_path.base_name()),
                 &Hash::sha256([0; 32]),
                 &output_path_name(&drv.name, name),
             )
-            .map_err(|e| PrepareError::Path(name.clone(), e))?
-        } else {
-            StorePath::parse(&out.path).map_err(|e| PrepareError::Path(name.clone(), e))?
+            .map_err(|e| PrepareError::Path(name.clone(), e))?,
         };
         rewrites.push((hash_placeholder(name), p.to_string()));
         scratch.insert(name.clone(), p);
@@ -212,7 +211,10 @@ pub fn structured_attrs_shell(json: &serde_json::Map<String, serde_json::Value>)
 }
 
 /// Nix's `makeValidityRegistration(paths, false, false)` for `exportReferencesGraph`.
-fn validity_registration(paths: &BTreeSet<String>, closure: &BTreeMap<String, PathInfo>) -> String {
+fn validity_registration(
+    paths: &BTreeSet<StorePath>,
+    closure: &BTreeMap<StorePath, PathInfo>,
+) -> String {
     let mut s = String::new();
     for p in paths {
         let refs = closure.get(p).map(|i| &i.references);
@@ -224,16 +226,26 @@ fn validity_registration(paths: &BTreeSet<String>, closure: &BTreeMap<String, Pa
     s
 }
 
+/// The closure of `roots` (store paths as the derivation's environment names them).
 fn closure_of(
     roots: &[String],
-    closure: &BTreeMap<String, PathInfo>,
-) -> Result<BTreeSet<String>, PrepareError> {
+    closure: &BTreeMap<StorePath, PathInfo>,
+) -> Result<BTreeSet<StorePath>, PrepareError> {
     let mut seen = BTreeSet::new();
-    let mut todo: Vec<String> = roots.to_vec();
+    let mut todo: Vec<&StorePath> = roots
+        .iter()
+        .map(|r| {
+            match StorePath::parse(r) {
+                Ok(p) => closure.get_key_value(&p).map(|(k, _)| k),
+                Err(_) => None,
+            }
+            .ok_or_else(|| PrepareError::ExportGraph(r.clone()))
+        })
+        .collect::<Result<_, _>>()?;
     while let Some(p) = todo.pop() {
-        let info = closure.get(&p).ok_or_else(|| PrepareError::ExportGraph(p.clone()))?;
+        let info = closure.get(p).ok_or_else(|| PrepareError::ExportGraph(p.to_string()))?;
         if seen.insert(p.clone()) {
-            todo.extend(info.references.iter().cloned());
+            todo.extend(&info.references);
         }
     }
     Ok(seen)
@@ -243,7 +255,7 @@ fn closure_of(
 pub fn prepare(
     drv: &BasicDerivation,
     rewrites: &[(String, String)],
-    closure: &BTreeMap<String, PathInfo>,
+    closure: &BTreeMap<StorePath, PathInfo>,
     fixed_output: bool,
     cores: u64,
     build_dir: &str,

@@ -13,8 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use build_trace::job::{CaRule, Job, NarHash};
-use nix_formats::ca::SelfRefRule;
+use build_trace::job::{Job, NarHash};
 use nix_formats::content_address::ContentAddress;
 use nix_formats::nar::{NarDump, NarHasher, NarLimits, UnpackOptions};
 use nix_formats::refs::RefScanner;
@@ -32,23 +31,23 @@ pub enum InputError {
     Proto(#[from] ProtoError),
     /// A path that is not in the job's closure.
     #[error("the host sent {0}, which is not in the job's input closure")]
-    NotInClosure(String),
+    NotInClosure(StorePath),
     /// The same path twice.
     #[error("the host sent {0} twice")]
-    Twice(String),
+    Twice(StorePath),
     /// A closure path never arrived.
     #[error("input {0} of the job's closure was not sent")]
-    Missing(String),
+    Missing(StorePath),
     /// Unpacking failed (invalid NAR, or file system).
     #[error("unpacking input {0}")]
-    Unpack(String, #[source] nix_formats::nar::UnpackError),
+    Unpack(StorePath, #[source] nix_formats::nar::UnpackError),
     /// The NAR hash differs from the job.
     #[error(
         "input {path}: NAR hash mismatch: the job says {expected}, the received NAR has {actual}"
     )]
     HashMismatch {
         /// Path.
-        path: String,
+        path: StorePath,
         /// From the job.
         expected: String,
         /// Received.
@@ -58,7 +57,7 @@ pub enum InputError {
     #[error("input {path}: NAR size mismatch: the job says {expected} bytes, received {actual}")]
     SizeMismatch {
         /// Path.
-        path: String,
+        path: StorePath,
         /// From the job.
         expected: u64,
         /// Received.
@@ -66,27 +65,19 @@ pub enum InputError {
     },
     /// Bytes after the end of the NAR.
     #[error("input {0}: data after the end of the NAR")]
-    Trailing(String),
+    Trailing(StorePath),
     /// A claimed content address does not hold.
     #[error("input {0}: its content address does not match its contents")]
     Ca(String, #[source] nix_formats::content_address::VerifyError),
-    /// A claimed content address does not parse, or the path does not.
+    /// A claimed content address does not parse.
     #[error("input {0}: {1}")]
-    Bad(String, String),
+    Bad(StorePath, String),
 }
 
 impl InputError {
     /// Whether this is a content-address failure (vs. a NAR hash/size/protocol one).
     pub fn is_ca(&self) -> bool {
         matches!(self, InputError::Ca(..) | InputError::Bad(..))
-    }
-}
-
-/// The job's self-reference rule as `nix-formats` names it.
-pub fn self_ref_rule(rule: CaRule) -> SelfRefRule {
-    match rule {
-        CaRule::SelfRefPositions => SelfRefRule::ZeroAndPositions,
-        CaRule::SelfRefZeroed => SelfRefRule::ZeroOnly,
     }
 }
 
@@ -109,9 +100,9 @@ impl<R: Read> Read for Tee<'_, R> {
 #[derive(Debug, Default)]
 pub struct Received {
     /// Paths in arrival order.
-    pub order: Vec<String>,
+    pub order: Vec<StorePath>,
     /// Paths whose NAR contains their own hash part (self-references).
-    pub self_referencing: BTreeSet<String>,
+    pub self_referencing: BTreeSet<StorePath>,
 }
 
 /// Receive `NarBegin`/chunks/`NarEnd` per path until `InputsDone`, unpacking under `store_dir`
@@ -121,7 +112,7 @@ pub fn receive<R: Read>(
     rd: &mut FrameReader<R>,
     job: &Job,
     store_dir: &Path,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut dyn FnMut(&StorePath),
 ) -> Result<Received, InputError> {
     let mut got = BTreeSet::new();
     let mut out = Received::default();
@@ -147,13 +138,11 @@ pub fn receive<R: Read>(
         if !got.insert(begin.path.clone()) {
             return Err(InputError::Twice(begin.path));
         }
-        let sp = StorePath::parse(&begin.path)
-            .map_err(|e| InputError::Bad(begin.path.clone(), e.to_string()))?;
-        let dest = store_dir.join(sp.base_name());
+        let dest = store_dir.join(begin.path.base_name());
         let mut hasher = NarHasher::new();
-        let mut own = RefScanner::new([sp.clone()]);
+        let mut own = RefScanner::new([begin.path.clone()]);
         {
-            let mut stream = rd.nar_stream(&begin.path, begin.nar_size);
+            let mut stream = rd.nar_stream(&begin.path.to_string(), begin.nar_size);
             let unpacked = nix_formats::nar::unpack(
                 Tee { inner: &mut stream, hasher: &mut hasher, own: &mut own },
                 &dest,
@@ -232,49 +221,42 @@ pub fn verify_content_addresses(
     job: &Job,
     store_dir: &Path,
     received: &Received,
-) -> Result<BTreeMap<String, String>, InputError> {
-    let rule = self_ref_rule(job.ca_rule);
+) -> Result<BTreeMap<StorePath, String>, InputError> {
+    let rule = job.ca_rule.into();
     let mut out = BTreeMap::new();
     for (path, info) in &job.closure {
         let Some(ca_str) = &info.ca else { continue };
-        let bad = |e: String| InputError::Bad(path.clone(), e);
-        let sp = StorePath::parse(path).map_err(|e| bad(e.to_string()))?;
-        let ca = ContentAddress::parse(ca_str)
-            .map_err(|e| bad(format!("content address {ca_str:?}: {e}")))?;
-        let mut refs: BTreeSet<StorePath> = info
-            .references
-            .iter()
-            .map(|r| StorePath::parse(r).map_err(|e| bad(e.to_string())))
-            .collect::<Result<_, _>>()?;
+        let ca = ContentAddress::parse(ca_str).map_err(|e| {
+            InputError::Bad(path.clone(), format!("content address {ca_str:?}: {e}"))
+        })?;
         let fast = matches!(&ca, ContentAddress::Fixed { method: FileIngestionMethod::Recursive, hash }
             if hash.algo() == HashAlgo::Sha256 && hash.digest() == info.nar_hash.0)
             && !received.self_referencing.contains(path)
-            && !refs.contains(&sp);
+            && !info.references.contains(path);
         if fast {
-            let self_ref = refs.remove(&sp);
             let computed = ca
-                .store_path(sp.name(), &refs, self_ref)
-                .map_err(|e| InputError::Ca(path.clone(), e.into()))?;
-            if computed != sp {
+                .store_path(path.name(), &info.references, false)
+                .map_err(|e| InputError::Ca(path.to_string(), e.into()))?;
+            if computed != *path {
                 return Err(InputError::Ca(
-                    path.clone(),
+                    path.to_string(),
                     nix_formats::content_address::VerifyError::PathMismatch {
-                        claimed: sp,
+                        claimed: path.clone(),
                         computed,
                     },
                 ));
             }
         } else {
-            let on_disk: PathBuf = store_dir.join(sp.base_name());
+            let on_disk: PathBuf = store_dir.join(path.base_name());
             nix_formats::content_address::verify(
-                &sp,
+                path,
                 &ca,
-                &refs,
+                &info.references,
                 NarDump::new(on_disk),
                 rule,
                 &NarLimits::default(),
             )
-            .map_err(|e| InputError::Ca(path.clone(), e))?;
+            .map_err(|e| InputError::Ca(path.to_string(), e))?;
         }
         out.insert(path.clone(), ca_str.clone());
     }
@@ -286,9 +268,13 @@ mod tests {
     use super::*;
     use crate::messages::NarBegin;
     use crate::proto::FrameWriter;
-    use build_trace::job::{BasicDerivation, DrvOutput, Limits, PathInfo};
+    use build_trace::job::{BasicDerivation, CaRule, DrvOutput, Limits, PathInfo};
 
     const P: &str = "/nix/store/00000000000000000000000000000000-input";
+
+    fn sp(p: &str) -> StorePath {
+        StorePath::parse(p).unwrap()
+    }
 
     fn nar_of(contents: &[u8]) -> Vec<u8> {
         let t = tempfile::tempdir().unwrap();
@@ -308,14 +294,10 @@ mod tests {
             name: "t".into(),
             outputs: [(
                 "out".to_owned(),
-                DrvOutput {
-                    path: String::new(),
-                    hash_algo: "r:sha256".into(),
-                    hash: String::new(),
-                },
+                DrvOutput { path: None, hash_algo: "r:sha256".into(), hash: String::new() },
             )]
             .into(),
-            input_srcs: [p.to_owned()].into(),
+            input_srcs: [sp(p)].into(),
             system: "x86_64-linux".into(),
             builder: format!("{p}/sh"),
             args: vec![],
@@ -329,9 +311,9 @@ mod tests {
         };
         Job::new(
             "j",
-            "/nix/store/11111111111111111111111111111111-t.drv",
+            sp("/nix/store/11111111111111111111111111111111-t.drv"),
             drv,
-            [(p.to_owned(), info)].into(),
+            [(sp(p), info)].into(),
             Limits::default(),
             CaRule::SelfRefPositions,
             false,
@@ -341,7 +323,7 @@ mod tests {
 
     fn frames(path: &str, announced: u64, nar: &[u8], done: bool) -> Vec<u8> {
         let mut w = FrameWriter::new(Vec::new());
-        w.send_nar(&NarBegin { path: path.into(), nar_size: announced }, &mut &nar[..]).unwrap();
+        w.send_nar(&NarBegin { path: sp(path), nar_size: announced }, &mut &nar[..]).unwrap();
         if done {
             w.send(Kind::InputsDone, &[]).unwrap();
         }
@@ -358,7 +340,7 @@ mod tests {
     fn good_input_is_unpacked_read_only() {
         let nar = nar_of(b"hello\n");
         let (r, store) = run(&job(&nar), &frames(P, nar.len() as u64, &nar, true));
-        assert_eq!(r.unwrap().order, [P]);
+        assert_eq!(r.unwrap().order, [sp(P)]);
         let f = store.path().join("00000000000000000000000000000000-input");
         assert_eq!(std::fs::read(&f).unwrap(), b"hello\n");
         use std::os::unix::fs::PermissionsExt;
@@ -418,7 +400,7 @@ mod tests {
         let (r, store) = run(&good, &frames(&path, nar.len() as u64, &nar, true));
         let received = r.unwrap();
         let cas = verify_content_addresses(&good, store.path(), &received).unwrap();
-        assert_eq!(cas[&path], ca);
+        assert_eq!(cas[&sp(&path)], ca);
 
         // The same contents claimed under another path name: the address does not give it.
         let other = path.replace("-src", "-not-src");

@@ -82,7 +82,7 @@ pub struct Setup {
 #[serde(deny_unknown_fields)]
 pub struct NarBegin {
     /// The store path.
-    pub path: String,
+    pub path: nix_formats::StorePath,
     /// The NAR size that will follow.
     pub nar_size: u64,
 }

@@ -26,8 +26,6 @@ use nix_formats::refs::RefScanner;
 use nix_formats::store_path::FileIngestionMethod;
 use nix_formats::{Hash, StorePath};
 
-use crate::inputs::self_ref_rule;
-
 /// Why outputs could not be hashed.
 #[derive(Debug, thiserror::Error)]
 pub enum OutputError {
@@ -35,7 +33,7 @@ pub enum OutputError {
     #[error("builder for '{drv}' failed to produce output path for output '{output}' at '{path}'")]
     Missing {
         /// Derivation.
-        drv: String,
+        drv: StorePath,
         /// Output name.
         output: String,
         /// Expected scratch path.
@@ -54,7 +52,7 @@ pub enum OutputError {
     #[error("hash mismatch in fixed-output derivation '{drv}': specified {specified}, got {got}")]
     FixedMismatch {
         /// Derivation.
-        drv: String,
+        drv: StorePath,
         /// Declared.
         specified: String,
         /// Found.
@@ -70,7 +68,7 @@ pub enum OutputError {
     },
     /// A fixed output refers to store paths.
     #[error("illegal path references in fixed-output derivation '{0}'")]
-    FixedRefs(String),
+    FixedRefs(StorePath),
     /// Recomputing a fixed output's hash failed.
     #[error("checking the fixed output of '{0}'")]
     FixedCheck(String, #[source] nix_formats::content_address::VerifyError),
@@ -137,10 +135,7 @@ pub fn hash_outputs(
             });
         }
     }
-    let closure: BTreeSet<StorePath> =
-        job.closure.keys().filter_map(|p| StorePath::parse(p).ok()).collect();
-    let drv_path = StorePath::parse(&job.drv_path)
-        .map_err(|e| OutputError::Declaration("(drv)".into(), e.to_string()))?;
+    let closure: BTreeSet<StorePath> = job.closure.keys().cloned().collect();
     let kind = job.kind().map_err(|e| OutputError::Declaration("(drv)".into(), e.to_string()))?;
     let limits = NarLimits::default();
     let mut out = BTreeMap::new();
@@ -156,10 +151,10 @@ pub fn hash_outputs(
                 })
                 .collect::<Result<Vec<_>, OutputError>>()?;
             let results = compute_ca_outputs(
-                &drv_path,
+                &job.drv_path,
                 &specs,
                 &closure,
-                self_ref_rule(job.ca_rule),
+                job.ca_rule.into(),
                 &limits,
                 |o| Ok(NarDump::new(on_disk(store_dir, &scratch[o]))),
             )?;
@@ -168,10 +163,10 @@ pub fn hash_outputs(
                     continue;
                 }
                 let info = OutputInfo {
-                    path: r.path.to_string(),
+                    path: r.path.clone(),
                     nar_hash: NarHash(sha256_of(&r.nar_hash)),
                     nar_size: r.nar_size,
-                    references: r.references.iter().map(|p| p.to_string()).collect(),
+                    references: r.references.clone(),
                     ca: Some(r.ca.to_string()),
                 };
                 out.insert(
@@ -220,10 +215,10 @@ pub fn hash_outputs(
                         algo,
                         NarDump::new(disk.clone()),
                         None,
-                        self_ref_rule(job.ca_rule),
+                        job.ca_rule.into(),
                         &limits,
                     )
-                    .map_err(|e| OutputError::FixedCheck(job.drv_path.clone(), e))?;
+                    .map_err(|e| OutputError::FixedCheck(job.drv_path.to_string(), e))?;
                     if got != want {
                         return Err(OutputError::FixedMismatch {
                             drv: job.drv_path.clone(),
@@ -234,10 +229,10 @@ pub fn hash_outputs(
                     ca = Some(ContentAddress::Fixed { method, hash: got }.to_string());
                 }
                 let info = OutputInfo {
-                    path: p.to_string(),
+                    path: p.clone(),
                     nar_hash: NarHash(digest.sha256),
                     nar_size: digest.size,
-                    references: refs.iter().map(|r| r.to_string()).collect(),
+                    references: refs.clone(),
                     ca,
                 };
                 refs_by_output.insert(name.clone(), refs.clone());

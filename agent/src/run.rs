@@ -104,7 +104,7 @@ fn bench_sink<R: Read, W: std::io::Write>(rd: R, wr: W) -> Result<(), ProtoError
         }
         let begin: NarBegin = f.json()?;
         let t = Instant::now();
-        let mut stream = r.nar_stream(&begin.path, begin.nar_size);
+        let mut stream = r.nar_stream(&begin.path.to_string(), begin.nar_size);
         let mut buf = vec![0u8; 256 << 10];
         let mut hasher = nix_formats::nar::NarHasher::new();
         loop {

@@ -245,9 +245,7 @@ fn step<R: Read, W: Write>(
     ));
     phase(w, PhaseName::InputsReady)?;
 
-    let drv_path = nix_formats::StorePath::parse(&job.drv_path)
-        .map_err(|e| StepError::Setup(format!("drv path: {e}")))?;
-    let (scratch, rewrites) = builder::scratch_paths(&job.drv, &drv_path)?;
+    let (scratch, rewrites) = builder::scratch_paths(&job.drv, &job.drv_path)?;
     let fixed = job.kind().map_err(StepError::Job)? == StepKind::FixedOutput;
     let cores = match job.limits.cores {
         0 => std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1),
@@ -265,7 +263,7 @@ fn step<R: Read, W: Write>(
     phase(w, PhaseName::Building)?;
     say(&format!("building {}", job.drv_path));
     let mut log_err = None;
-    builder::run(&prepared, &job.drv_path, &paths.build, limits, &confine, &mut |d| {
+    builder::run(&prepared, &job.drv_path.to_string(), &paths.build, limits, &confine, &mut |d| {
         if log_err.is_none() {
             if let Err(e) = w.send(Kind::Log, d) {
                 log_err = Some(e);

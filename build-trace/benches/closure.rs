@@ -38,13 +38,13 @@ struct Built {
     entries: Vec<TraceEntry>,
 }
 
-fn ca_path(name: &str, seed: &[u8], refs: &BTreeSet<StorePath>) -> (String, String) {
+fn ca_path(name: &str, seed: &[u8], refs: &BTreeSet<StorePath>) -> (StorePath, String) {
     let ca = ContentAddress::Fixed {
         method: FileIngestionMethod::Recursive,
         hash: Hash::sha256(nix_formats::hash::sha256(seed)),
     };
     let path = ca.store_path(name, refs, false).unwrap();
-    (path.to_string(), ca.to_string())
+    (path, ca.to_string())
 }
 
 fn build(n: usize, root: &SimulatedRoot, key: &SecretKey) -> Built {
@@ -55,12 +55,11 @@ fn build(n: usize, root: &SimulatedRoot, key: &SecretKey) -> Built {
         references: BTreeSet::new(),
         ca: Some(src_ca.clone()),
     };
-    let src_path = StorePath::parse(&src).unwrap();
     let mut drvs = DrvSet::new();
     let mut traces = MemoryTraces::default();
     let mut entries = Vec::with_capacity(n);
     let mut drv_paths: Vec<StorePath> = Vec::with_capacity(n);
-    let mut outs: Vec<(String, PathInfo)> = Vec::with_capacity(n);
+    let mut outs: Vec<(StorePath, PathInfo)> = Vec::with_capacity(n);
     let mut chosen = BTreeMap::new();
     for i in 0..n {
         let name = format!("step-{i}");
@@ -80,7 +79,7 @@ fn build(n: usize, root: &SimulatedRoot, key: &SecretKey) -> Built {
         );
         d.env.insert("out".into(), hash_placeholder("out"));
         d.env.insert("name".into(), name.clone());
-        d.input_srcs.insert(src_path.clone());
+        d.input_srcs.insert(src.clone());
         for &j in &deps {
             d.input_drvs.insert(drv_paths[j].clone(), BTreeSet::from(["out".to_string()]));
         }
@@ -89,7 +88,7 @@ fn build(n: usize, root: &SimulatedRoot, key: &SecretKey) -> Built {
         let basic = BasicDerivation::from_derivation(&name, &r.drv).unwrap();
         // Input closure: the direct inputs and what they reference.
         let mut closure = BTreeMap::new();
-        let mut todo: Vec<String> = basic.input_srcs.iter().cloned().collect();
+        let mut todo: Vec<StorePath> = basic.input_srcs.iter().cloned().collect();
         while let Some(p) = todo.pop() {
             if closure.contains_key(&p) {
                 continue;
@@ -104,7 +103,7 @@ fn build(n: usize, root: &SimulatedRoot, key: &SecretKey) -> Built {
         }
         let job = Job::new(
             format!("bench-{i}"),
-            r.drv_path.to_string(),
+            r.drv_path,
             basic,
             closure,
             Limits::default(),
@@ -113,7 +112,7 @@ fn build(n: usize, root: &SimulatedRoot, key: &SecretKey) -> Built {
             BTreeSet::from(["out".into()]),
         );
         let refs: BTreeSet<StorePath> = if i > 0 && i % 10 != 0 {
-            BTreeSet::from([StorePath::parse(&outs[i - 1].0).unwrap()])
+            BTreeSet::from([outs[i - 1].0.clone()])
         } else {
             BTreeSet::new()
         };
@@ -121,7 +120,7 @@ fn build(n: usize, root: &SimulatedRoot, key: &SecretKey) -> Built {
         let out_info = PathInfo {
             nar_hash: NarHash::of(format!("nar of {i}").as_bytes()),
             nar_size: 4096,
-            references: refs.iter().map(ToString::to_string).collect(),
+            references: refs,
             ca: Some(out_ca.clone()),
         };
         let input_cas =
@@ -154,7 +153,7 @@ fn build(n: usize, root: &SimulatedRoot, key: &SecretKey) -> Built {
         };
         traces.insert(entry.clone());
         entries.push(entry);
-        chosen.insert((drv_path.clone(), "out".to_string()), StorePath::parse(&out).unwrap());
+        chosen.insert((drv_path.clone(), "out".to_string()), out.clone());
         drvs.insert(drv_path.clone(), d);
         drv_paths.push(drv_path);
         outs.push((out, out_info));

@@ -2,22 +2,29 @@
 //!
 //! # API (for the launcher and the agent)
 //! ```text
-//! Job { v, job_id, drv_path, drv: BasicDerivation, closure: BTreeMap<path, PathInfo>,
-//!       limits: Limits, ca_rule: CaRule, network, outputs: BTreeSet<String> }
+//! Job { v, job_id, drv_path: StorePath, drv: BasicDerivation,
+//!       closure: BTreeMap<StorePath, PathInfo>, limits: Limits, ca_rule: CaRule, network,
+//!       outputs: BTreeSet<String> }
 //! Job::new(job_id, drv_path, drv, closure, limits, ca_rule, network, outputs) -> Job   // v = 1
-//! job.validate() -> Result<(), JobError>          // structure: paths, closure closed, outputs
+//! job.validate() -> Result<(), JobError>          // structure: names, closure closed, outputs
 //! job.kind() -> Result<StepKind, JobError>        // floating CA, fixed output, input addressed
-//! job.direct_inputs() -> &BTreeSet<String>        // = drv.input_srcs
+//! job.direct_inputs() -> &BTreeSet<StorePath>     // = drv.input_srcs
 //! job.canonical_bytes() -> Result<Vec<u8>, JobError>
 //! Job::from_canonical_bytes(&[u8]) -> Result<Job, JobError>   // refuses non-canonical bytes
 //! job.host_data() -> Result<[u8; 32], JobError>   // SHA-256(HOST_DATA_TAG ‖ canonical(job))
 //! host_data_of(&canonical_job_bytes) -> [u8; 32]  // same, from bytes already canonical
+//! BasicDerivation { name, outputs: BTreeMap<String, DrvOutput>, input_srcs: BTreeSet<StorePath>,
+//!                   system, builder, args, env }
 //! BasicDerivation::from_derivation(name, &nix_formats Derivation) / .to_derivation() / .drv_path()
-//! CaRule <-> nix_formats::ca::SelfRefRule (From both ways)
+//! DrvOutput { path: Option<StorePath>, hash_algo, hash }  // the ATerm triple; None is ""
+//! PathInfo { nar_hash: NarHash, nar_size, references: BTreeSet<StorePath>, ca: Option<String> }
+//! CaRule <-> nix_formats::ca::SelfRefRule (From both ways; the only conversion)
 //! NarHash([u8; 32])  — "sha256:<nix32>" on the wire;  NarHash::of(bytes)
 //! ```
 //! The job is serde-(de)serialisable; its canonical bytes (see [`crate::canonical`]) are what
-//! gets hashed and what goes over the wire. `docs/job-and-statement.md` defines every field.
+//! gets hashed and what goes over the wire. Store paths are [`StorePath`]s, on the wire their
+//! absolute path as a string; they are parsed once, while deserialising, and a malformed one is
+//! refused there with the member named. `docs/job-and-statement.md` defines every field.
 //!
 //! The derivation is the **basic** derivation the step builds (no `inputDrvs`): for a
 //! content-addressed step the resolved derivation, and `drv_path` its (resolved) store path;
@@ -107,12 +114,14 @@ impl FromStr for NarHash {
 
 crate::serde_str::string_form!(NarHash);
 
-/// One output of a basic derivation, with exactly the three strings of its ATerm form.
+/// One output of a basic derivation: the three strings of its ATerm form, the path parsed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DrvOutput {
-    /// The output path: set for input-addressed and fixed outputs, `""` for floating CA.
-    pub path: String,
+    /// The output path: set for input-addressed and fixed outputs, `None` (`""` on the wire, as
+    /// in the ATerm) for floating CA.
+    #[serde(with = "empty_is_none")]
+    pub path: Option<StorePath>,
     /// `""` (input-addressed), or `[r:|text:]<algo>` (content-addressed).
     pub hash_algo: String,
     /// The fixed output hash in hex, `""` unless fixed-output.
@@ -127,8 +136,8 @@ pub struct BasicDerivation {
     pub name: String,
     /// Outputs by name.
     pub outputs: BTreeMap<String, DrvOutput>,
-    /// Input store paths (full paths).
-    pub input_srcs: BTreeSet<String>,
+    /// Input store paths.
+    pub input_srcs: BTreeSet<StorePath>,
     /// `system`, e.g. `x86_64-linux`.
     pub system: String,
     /// The builder program.
@@ -153,14 +162,14 @@ impl BasicDerivation {
             .outputs
             .iter()
             .map(|(n, o)| {
-                let (path, hash_algo, hash) = o.to_triple();
-                (n.clone(), DrvOutput { path, hash_algo, hash })
+                let (hash_algo, hash) = o.algo_and_hash();
+                (n.clone(), DrvOutput { path: o.path().cloned(), hash_algo, hash })
             })
             .collect();
         Ok(BasicDerivation {
             name: name.to_string(),
             outputs,
-            input_srcs: drv.input_srcs.iter().map(ToString::to_string).collect(),
+            input_srcs: drv.input_srcs.clone(),
             system: drv.platform.clone(),
             builder: drv.builder.clone(),
             args: drv.args.clone(),
@@ -174,20 +183,15 @@ impl BasicDerivation {
             .outputs
             .iter()
             .map(|(n, o)| {
-                DerivationOutput::from_triple(n, &o.path, &o.hash_algo, &o.hash)
+                DerivationOutput::from_parts(n, o.path.clone(), &o.hash_algo, &o.hash)
                     .map(|d| (n.clone(), d))
                     .map_err(|e| field_err("drv.outputs", e.to_string()))
             })
             .collect::<Result<_, _>>()?;
-        let input_srcs = self
-            .input_srcs
-            .iter()
-            .map(|p| StorePath::parse(p).map_err(|e| field_err("drv.input_srcs", e.to_string())))
-            .collect::<Result<_, _>>()?;
         Ok(Derivation {
             outputs,
             input_drvs: BTreeMap::new(),
-            input_srcs,
+            input_srcs: self.input_srcs.clone(),
             platform: self.system.clone(),
             builder: self.builder.clone(),
             args: self.args.clone(),
@@ -197,13 +201,37 @@ impl BasicDerivation {
 
     /// The store path this basic derivation has as a `.drv` file (`<name>.drv`, a text path of
     /// its ATerm). For a content-addressed step this must equal the job's `drv_path`.
-    pub fn drv_path(&self) -> Result<String, JobError> {
+    pub fn drv_path(&self) -> Result<StorePath, JobError> {
         let drv = self.to_derivation()?;
-        drv.drv_path(&self.name).map(|p| p.to_string()).map_err(|e| field_err("drv", e.to_string()))
+        drv.drv_path(&self.name).map_err(|e| field_err("drv", e.to_string()))
     }
 }
 
-/// What the host says about one path of the input closure (as in its narinfo).
+/// serde for [`DrvOutput::path`]: `""` is `None`, anything else must be a store path.
+mod empty_is_none {
+    use nix_formats::StorePath;
+    use serde::{Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(p: &Option<StorePath>, s: S) -> Result<S::Ok, S::Error> {
+        match p {
+            Some(p) => s.collect_str(p),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<StorePath>, D::Error> {
+        crate::serde_str::with_str(d, |s| match s {
+            "" => Ok(None),
+            p => StorePath::parse(p).map(Some).map_err(|e| e.to_string()),
+        })
+    }
+}
+
+/// What is known about one store path's contents, as in its narinfo: a job's closure entry, and
+/// the part of the launcher's `ValidPathInfo` (which adds the path, deriver, signatures …) that
+/// describes the contents.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PathInfo {
@@ -211,8 +239,8 @@ pub struct PathInfo {
     pub nar_hash: NarHash,
     /// Size of the NAR in bytes.
     pub nar_size: u64,
-    /// Store paths it references (full paths; itself included when self-referencing).
-    pub references: BTreeSet<String>,
+    /// Store paths it references (itself included when self-referencing).
+    pub references: BTreeSet<StorePath>,
     /// Its content address (Nix's `ca` string, e.g. `fixed:r:sha256:<nix32>`), if it claims one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca: Option<String>,
@@ -289,11 +317,11 @@ pub struct Job {
     /// The host's id for this job (opaque; unique per launch).
     pub job_id: String,
     /// The store path of the derivation (see the module documentation).
-    pub drv_path: String,
+    pub drv_path: StorePath,
     /// The basic derivation to build.
     pub drv: BasicDerivation,
-    /// The whole input closure, by full store path.
-    pub closure: BTreeMap<String, PathInfo>,
+    /// The whole input closure, by store path.
+    pub closure: BTreeMap<StorePath, PathInfo>,
     /// Build limits.
     pub limits: Limits,
     /// The self-reference rule for floating-CA output paths.
@@ -309,9 +337,9 @@ impl Job {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         job_id: impl Into<String>,
-        drv_path: impl Into<String>,
+        drv_path: StorePath,
         drv: BasicDerivation,
-        closure: BTreeMap<String, PathInfo>,
+        closure: BTreeMap<StorePath, PathInfo>,
         limits: Limits,
         ca_rule: CaRule,
         network: bool,
@@ -320,7 +348,7 @@ impl Job {
         Job {
             v: JOB_VERSION,
             job_id: job_id.into(),
-            drv_path: drv_path.into(),
+            drv_path,
             drv,
             closure,
             limits,
@@ -331,7 +359,7 @@ impl Job {
     }
 
     /// The roots of the input closure (the derivation's `input_srcs`).
-    pub fn direct_inputs(&self) -> &BTreeSet<String> {
+    pub fn direct_inputs(&self) -> &BTreeSet<StorePath> {
         &self.drv.input_srcs
     }
 
@@ -357,8 +385,9 @@ impl Job {
         step_kind(&self.drv)
     }
 
-    /// Check the job's structure: version, store paths, a closed input closure that contains
-    /// the derivation's inputs, wanted outputs that exist, network only for fixed outputs.
+    /// Check the job's structure: version, the derivation's path and name, a closed input
+    /// closure that contains the derivation's inputs, wanted outputs that exist, network only
+    /// for fixed outputs. (Store paths were checked when they were parsed.)
     pub fn validate(&self) -> Result<(), JobError> {
         if self.v != JOB_VERSION {
             return Err(JobError::Version(self.v));
@@ -366,9 +395,7 @@ impl Job {
         if self.job_id.is_empty() {
             return Err(field_err("job_id", "is empty"));
         }
-        let drv_path =
-            StorePath::parse(&self.drv_path).map_err(|e| field_err("drv_path", e.to_string()))?;
-        if drv_path.name().strip_suffix(".drv") != Some(self.drv.name.as_str()) {
+        if self.drv_path.name().strip_suffix(".drv") != Some(self.drv.name.as_str()) {
             return Err(field_err(
                 "drv_path",
                 format!("`{}` does not name derivation `{}`", self.drv_path, self.drv.name),
@@ -385,12 +412,6 @@ impl Job {
                         self.drv_path
                     ),
                 ));
-            }
-        }
-        for (name, out) in &self.drv.outputs {
-            if !out.path.is_empty() {
-                StorePath::parse(&out.path)
-                    .map_err(|e| field_err("drv.outputs", format!("output `{name}`: {e}")))?;
             }
         }
         if self.outputs.is_empty() {
@@ -411,7 +432,6 @@ impl Job {
             }
         }
         for (p, info) in &self.closure {
-            StorePath::parse(p).map_err(|e| field_err("closure", e.to_string()))?;
             if let Some(r) = info.references.iter().find(|r| !self.closure.contains_key(*r)) {
                 return Err(field_err(
                     "closure",
@@ -434,7 +454,7 @@ pub fn host_data_of(canonical_job: &[u8]) -> [u8; 32] {
 /// The step kind of a basic derivation.
 pub fn step_kind(drv: &BasicDerivation) -> Result<StepKind, JobError> {
     let mut kinds = drv.outputs.iter().map(|(name, o)| {
-        match (o.path.is_empty(), o.hash_algo.is_empty(), o.hash.is_empty()) {
+        match (o.path.is_none(), o.hash_algo.is_empty(), o.hash.is_empty()) {
             (false, true, true) => Ok(StepKind::InputAddressed),
             (true, false, true) => Ok(StepKind::FloatingCa),
             (false, false, false) if name == "out" => Ok(StepKind::FixedOutput),

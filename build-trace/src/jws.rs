@@ -105,10 +105,7 @@ pub fn payload(
     evidence_kind: &str,
 ) -> Result<Value, JwsError> {
     let job = &statement.job;
-    let hash_part = nix_formats::StorePath::parse(&job.drv_path)
-        .map_err(|e| JwsError::Mismatch(e.to_string()))?
-        .hash_part()
-        .to_string();
+    let hash_part = job.drv_path.hash_part().to_string();
     let mut nix = Map::new();
     for (name, out) in &statement.outputs {
         let mut entry = output_method(&job.drv.outputs[name]);
@@ -222,8 +219,7 @@ impl VerifiedJws {
     ) -> Result<(), JwsError> {
         let p = &self.payload;
         let key = p.pointer("/in/rdrv_aterm_ca").and_then(Value::as_str);
-        let want = nix_formats::StorePath::parse(&statement.job.drv_path).ok();
-        if key.is_none() || key != want.as_ref().map(|s| s.hash_part()) {
+        if key != Some(statement.job.drv_path.hash_part()) {
             return Err(JwsError::Mismatch(format!(
                 "in.rdrv_aterm_ca is {key:?}, the step is {}",
                 statement.job.drv_path
@@ -246,7 +242,9 @@ impl VerifiedJws {
                 .ok_or_else(|| JwsError::Mismatch(format!("output `{name}` not signed")))?;
             let path = entry.get("path").and_then(Value::as_str);
             let hash = entry.get("hash").and_then(Value::as_str);
-            if path != Some(out.path.as_str()) || hash != Some(out.nar_hash.to_string().as_str()) {
+            if path != Some(out.path.to_string().as_str())
+                || hash != Some(out.nar_hash.to_string().as_str())
+            {
                 return Err(JwsError::Mismatch(format!(
                     "output `{name}`: signed {path:?} {hash:?}, the statement has {} {}",
                     out.path, out.nar_hash

@@ -37,9 +37,9 @@ pub enum OwnershipError {
         /// The output.
         output: String,
         /// The path computed.
-        expected: String,
+        expected: StorePath,
         /// The path claimed.
-        claimed: String,
+        claimed: StorePath,
     },
     /// A content address or path that does not parse.
     #[error("output `{output}`: {problem}")]
@@ -54,7 +54,7 @@ pub enum OwnershipError {
         "derivation {0} is needed to compute the input-addressed output paths (give the \
          directory holding its .drv files)"
     )]
-    NeedsDerivation(String),
+    NeedsDerivation(StorePath),
     /// The derivation is malformed or does not hash.
     #[error("derivation {drv}")]
     Derivation {
@@ -68,7 +68,7 @@ pub enum OwnershipError {
     #[error("derivation {drv}: {problem}")]
     Mismatch {
         /// Which.
-        drv: String,
+        drv: StorePath,
         /// What differs.
         problem: String,
     },
@@ -96,10 +96,10 @@ pub fn check_outputs(
     let want = input_addressed_paths(st, drvs)?;
     for (name, out) in &st.outputs {
         let expected = want.get(name).ok_or_else(|| malformed(name, "not in the derivation"))?;
-        if expected.to_string() != out.path {
+        if *expected != out.path {
             return Err(OwnershipError::NotOwned {
                 output: name.clone(),
-                expected: expected.to_string(),
+                expected: expected.clone(),
                 claimed: out.path.clone(),
             });
         }
@@ -107,29 +107,36 @@ pub fn check_outputs(
     Ok(())
 }
 
+/// The path content address `ca` gives an object named as `path` is, with `references` (`path`
+/// among them for a self-reference); the error says what is malformed.
+pub fn content_addressed_path(
+    path: &StorePath,
+    ca: &str,
+    references: &BTreeSet<StorePath>,
+) -> Result<StorePath, String> {
+    let addr = ContentAddress::parse(ca).map_err(|e| e.to_string())?;
+    let self_ref = references.contains(path);
+    let refs = if self_ref {
+        references.iter().filter(|r| *r != path).cloned().collect()
+    } else {
+        references.clone()
+    };
+    addr.store_path(path.name(), &refs, self_ref).map_err(|e| format!("{ca}: {e}"))
+}
+
 /// A content-addressed output's path must follow from its `ca`, name and references.
 pub fn check_content_address(
     output: &str,
-    path: &str,
+    path: &StorePath,
     ca: &str,
-    references: &BTreeSet<String>,
+    references: &BTreeSet<StorePath>,
 ) -> Result<(), OwnershipError> {
-    let sp = StorePath::parse(path).map_err(|e| malformed(output, e))?;
-    let addr = ContentAddress::parse(ca).map_err(|e| malformed(output, e))?;
-    let refs = references
-        .iter()
-        .filter(|r| *r != path)
-        .map(|r| StorePath::parse(r))
-        .collect::<Result<BTreeSet<_>, _>>()
-        .map_err(|e| malformed(output, e))?;
-    let want = addr
-        .store_path(sp.name(), &refs, references.contains(path))
-        .map_err(|e| malformed(output, format!("{ca}: {e}")))?;
-    if want != sp {
+    let want = content_addressed_path(path, ca, references).map_err(|e| malformed(output, e))?;
+    if want != *path {
         return Err(OwnershipError::NotOwned {
             output: output.into(),
-            expected: want.to_string(),
-            claimed: path.into(),
+            expected: want,
+            claimed: path.clone(),
         });
     }
     Ok(())
@@ -142,20 +149,20 @@ fn input_addressed_paths(
 ) -> Result<BTreeMap<String, StorePath>, OwnershipError> {
     let job = &st.job;
     let name = job.drv.name.as_str();
-    let drv_err = |drv: &str| {
-        let drv = drv.to_owned();
+    let drv_err = |drv: &StorePath| {
+        let drv = drv.to_string();
         move |source| OwnershipError::Derivation { drv, source }
     };
     let basic = job.drv.to_derivation().map_err(|e| malformed("*", e))?;
-    let drv_path = StorePath::parse(&job.drv_path).map_err(|e| malformed("*", e))?;
+    let drv_path = &job.drv_path;
     let mut graph = DrvGraph::new();
     let own = basic.drv_path(name).map_err(drv_err(&job.drv_path))?;
-    let (drv, deferred_msg) = if own == drv_path {
+    let (drv, deferred_msg) = if own == *drv_path {
         (basic, "")
     } else {
-        let unresolved = load_graph(&drv_path, drvs, &mut graph)?;
+        let unresolved = load_graph(drv_path, drvs, &mut graph)?;
         let hashed = unresolved.drv_path(name).map_err(drv_err(&job.drv_path))?;
-        if hashed != drv_path {
+        if hashed != *drv_path {
             return Err(OwnershipError::Mismatch {
                 drv: job.drv_path.clone(),
                 problem: format!("its contents hash to {hashed}"),
@@ -184,7 +191,7 @@ fn load_graph(
         if !seen.insert(p.clone()) {
             continue;
         }
-        let d = drvs(&p).ok_or_else(|| OwnershipError::NeedsDerivation(p.to_string()))?;
+        let d = drvs(&p).ok_or_else(|| OwnershipError::NeedsDerivation(p.clone()))?;
         todo.extend(d.input_drvs.keys().cloned());
         graph.insert(p, d);
     }

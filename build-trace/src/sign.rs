@@ -31,7 +31,7 @@ use nix_formats::narinfo::NarInfo;
 use nix_formats::realisation::{BuildTraceEntry, LegacyRealisation};
 use nix_formats::resolve::resolve;
 use nix_formats::signing::{SecretKey, SigningError};
-use nix_formats::{Hash, StorePath};
+use nix_formats::Hash;
 
 use crate::job::{NarHash, StepKind};
 use crate::statement::{Statement, StatementError};
@@ -173,10 +173,6 @@ fn nix_hash(h: &NarHash) -> Hash {
     Hash::sha256(h.0)
 }
 
-fn parse_path(p: &str) -> Result<StorePath, SignError> {
-    StorePath::parse(p).map_err(|e| SignError::Derivation { drv: p.into(), problem: e.to_string() })
-}
-
 /// Sign every Nix record of a step (the statement must already have been checked against its
 /// evidence by the caller).
 pub fn step_records(st: &Statement, key: &SecretKey) -> Result<StepRecords, SignError> {
@@ -201,7 +197,8 @@ pub fn unsigned_step_records(st: &Statement) -> Result<StepRecords, SignError> {
     st.validate().map_err(SignError::Statement)?;
     let job = &st.job;
     let kind = job.kind().map_err(|e| SignError::Statement(StatementError::Job(e)))?;
-    let drv_err = |problem: String| SignError::Derivation { drv: job.drv_path.clone(), problem };
+    let drv_err =
+        |problem: String| SignError::Derivation { drv: job.drv_path.to_string(), problem };
     // The basic derivation's resolution, and whether the job's drv path is its own path.
     let resolution = if kind == StepKind::InputAddressed {
         None
@@ -209,7 +206,7 @@ pub fn unsigned_step_records(st: &Statement) -> Result<StepRecords, SignError> {
         let drv = job.drv.to_derivation().map_err(|e| drv_err(e.to_string()))?;
         let r =
             resolve(&drv, &job.drv.name, &mut |_, _| None).map_err(|e| drv_err(e.to_string()))?;
-        let own_path = r.drv_path.to_string() == job.drv_path;
+        let own_path = r.drv_path == job.drv_path;
         // A floating-CA job's drv path is checked by `Job::validate`; a fixed-output one may
         // be the unresolved drv Nix gave (see the module documentation).
         if !own_path && kind == StepKind::FloatingCa {
@@ -217,10 +214,9 @@ pub fn unsigned_step_records(st: &Statement) -> Result<StepRecords, SignError> {
         }
         Some((r, own_path))
     };
-    let deriver = parse_path(&job.drv_path)?;
     let mut records = BTreeMap::new();
     for (name, out) in &st.outputs {
-        let out_path = parse_path(&out.path)?;
+        let out_path = out.path.clone();
         let mut legacy = None;
         let mut build_trace = None;
         if let Some((r, own_path)) = &resolution {
@@ -239,8 +235,8 @@ pub fn unsigned_step_records(st: &Statement) -> Result<StepRecords, SignError> {
             file_size: None,
             nar_hash: nix_hash(&out.nar_hash),
             nar_size: out.nar_size,
-            references: out.references.iter().map(|r| parse_path(r)).collect::<Result<_, _>>()?,
-            deriver: Some(deriver.clone()),
+            references: out.references.clone(),
+            deriver: Some(job.drv_path.clone()),
             system: Some(job.drv.system.clone()),
             sigs: Vec::new(),
             ca: out.ca.clone(),
@@ -263,10 +259,16 @@ mod tests {
     use crate::statement::{Measurement, OutputInfo};
     use nix_formats::content_address::ContentAddress;
     use nix_formats::store_path::FileIngestionMethod;
+    use nix_formats::StorePath;
     use std::collections::BTreeSet;
 
     const TOOL: &str = "/nix/store/0c8mj2k3yp0jx1ksc1b9nclkh3fav40k-fetch-tool";
     const LIB: &str = "/nix/store/1d9nk3l4zq1ky2lsd2c0pdmli4gbw51l-libfetch";
+    const UNRESOLVED: &str = "/nix/store/2f0pl4m5ar2lz3mzf3d1qfnmj5hcx62m-src.tar.drv";
+
+    fn sp(p: &str) -> StorePath {
+        StorePath::parse(p).unwrap()
+    }
 
     /// A fixed-output step as Nix's build hook sends it for a fetcher with an input derivation
     /// (`TOOL`, which references `LIB`): input sources = the whole input closure, and `drv_path`
@@ -274,32 +276,32 @@ mod tests {
     fn fod_statement(resolved: bool) -> Statement {
         let hash = Hash::sha256(nix_formats::hash::sha256(b"fetched bytes"));
         let ca = ContentAddress::Fixed { method: FileIngestionMethod::Flat, hash: hash.clone() };
-        let out = ca.store_path("src.tar", &BTreeSet::new(), false).unwrap().to_string();
+        let out = ca.store_path("src.tar", &BTreeSet::new(), false).unwrap();
         let info = |refs: &[&str]| PathInfo {
             nar_hash: NarHash::of(b"nar"),
             nar_size: 64,
-            references: refs.iter().map(|r| r.to_string()).collect(),
+            references: refs.iter().map(|r| sp(r)).collect(),
             ca: None,
         };
         let drv = BasicDerivation {
             name: "src.tar".into(),
             outputs: [(
                 "out".to_string(),
-                DrvOutput { path: out.clone(), hash_algo: "sha256".into(), hash: hash.to_base16() },
+                DrvOutput {
+                    path: Some(out.clone()),
+                    hash_algo: "sha256".into(),
+                    hash: hash.to_base16(),
+                },
             )]
             .into(),
-            input_srcs: [TOOL.to_string(), LIB.to_string()].into(),
+            input_srcs: [sp(TOOL), sp(LIB)].into(),
             system: "x86_64-linux".into(),
             builder: format!("{TOOL}/bin/fetch"),
             args: vec![],
-            env: [("out".to_string(), out.clone())].into(),
+            env: [("out".to_string(), out.to_string())].into(),
         };
-        let drv_path = if resolved {
-            drv.drv_path().unwrap()
-        } else {
-            "/nix/store/2f0pl4m5ar2lz3mzf3d1qfnmj5hcx62m-src.tar.drv".to_string()
-        };
-        let closure = [(TOOL.to_string(), info(&[LIB])), (LIB.to_string(), info(&[]))].into();
+        let drv_path = if resolved { drv.drv_path().unwrap() } else { sp(UNRESOLVED) };
+        let closure = [(sp(TOOL), info(&[LIB])), (sp(LIB), info(&[]))].into();
         let job = Job::new(
             "job-fod",
             drv_path,
@@ -344,11 +346,11 @@ mod tests {
             match &out.build_trace {
                 Some(b) => {
                     assert!(resolved);
-                    assert_eq!(b.key.drv_path.to_string(), st.job.drv_path);
+                    assert_eq!(b.key.drv_path, st.job.drv_path);
                 }
                 None => assert!(!resolved, "the resolved step gets its build-trace entry"),
             }
-            assert_eq!(out.narinfo.deriver.as_ref().unwrap().to_string(), st.job.drv_path);
+            assert_eq!(out.narinfo.deriver.as_ref(), Some(&st.job.drv_path));
             assert_eq!(out.narinfo.sigs.len(), 1);
         }
     }
@@ -358,9 +360,9 @@ mod tests {
         let key = SecretKey::from_seed("host-simulated-1", [3; 32]);
         let mut st = fod_statement(true);
         let o = st.job.drv.outputs.get_mut("out").unwrap();
-        (o.path, o.hash_algo, o.hash) = (String::new(), "r:sha256".into(), String::new());
+        (o.path, o.hash_algo, o.hash) = (None, "r:sha256".into(), String::new());
         st.job.network = false;
-        st.job.drv_path = "/nix/store/2f0pl4m5ar2lz3mzf3d1qfnmj5hcx62m-src.tar.drv".into();
+        st.job.drv_path = sp(UNRESOLVED);
         assert!(step_records(&st, &key).is_err());
     }
 

@@ -2,10 +2,11 @@
 //!
 //! # API (for the agent, the launcher and the verifier)
 //! ```text
-//! Statement { v, job: Job, input_cas: BTreeMap<path, ca>, outputs: BTreeMap<name, OutputInfo>,
-//!             measurement: Measurement, agent_version }
+//! Statement { v, job: Job, input_cas: BTreeMap<StorePath, ca>,
+//!             outputs: BTreeMap<name, OutputInfo>, measurement: Measurement, agent_version }
 //! Statement::new(job, input_cas, outputs, measurement, agent_version) -> Statement   // v = 1
-//! OutputInfo { path, nar_hash: NarHash, nar_size, references: BTreeSet<path>, ca: Option<String> }
+//! OutputInfo { path: StorePath, nar_hash: NarHash, nar_size, references: BTreeSet<StorePath>,
+//!              ca: Option<String> }
 //! Measurement([u8; 48])  — 96 lowercase hex digits on the wire
 //! st.validate() -> Result<(), StatementError>      // self-consistency (see below)
 //! st.verify_against(&job) -> Result<(), StatementError>   // = validate + same job
@@ -18,7 +19,8 @@
 //! bytes, that content address (Nix's `ca` string). Every closure path the job claims a `ca`
 //! for must be there with the same value (the agent refuses the job otherwise). `outputs` has
 //! exactly the wanted outputs. `measurement` is the guest's launch measurement as its first
-//! report showed it.
+//! report showed it. Store paths are parsed while deserialising (see [`crate::job`]), so a
+//! statement from anyone with a malformed path is refused there, the member named.
 //!
 //! What is not here: evidence (`crate::evidence`), content-address path computation
 //! (`nix-formats`; the verifier checks it), or trust decisions (`crate::verify`).
@@ -127,13 +129,13 @@ crate::serde_str::string_form!(Measurement);
 #[serde(deny_unknown_fields)]
 pub struct OutputInfo {
     /// The output's store path (for floating CA: the content-addressed path).
-    pub path: String,
+    pub path: StorePath,
     /// SHA-256 of the output's NAR (the final one, with the final path in it).
     pub nar_hash: NarHash,
     /// NAR size in bytes.
     pub nar_size: u64,
     /// Store paths the output references (itself included when self-referencing).
-    pub references: BTreeSet<String>,
+    pub references: BTreeSet<StorePath>,
     /// The content address (`fixed:r:sha256:…` etc.) for content-addressed outputs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca: Option<String>,
@@ -147,8 +149,8 @@ pub struct Statement {
     pub v: u64,
     /// The job, exactly as received (its hash is HOST_DATA).
     pub job: Job,
-    /// Content addresses the guest recomputed for input paths, by full path.
-    pub input_cas: BTreeMap<String, String>,
+    /// Content addresses the guest recomputed for input paths, by store path.
+    pub input_cas: BTreeMap<StorePath, String>,
     /// The wanted outputs, by output name.
     pub outputs: BTreeMap<String, OutputInfo>,
     /// The guest's launch measurement, from its first report.
@@ -161,7 +163,7 @@ impl Statement {
     /// A version-1 statement.
     pub fn new(
         job: Job,
-        input_cas: BTreeMap<String, String>,
+        input_cas: BTreeMap<StorePath, String>,
         outputs: BTreeMap<String, OutputInfo>,
         measurement: Measurement,
         agent_version: impl Into<String>,
@@ -226,36 +228,33 @@ impl Statement {
         if wanted != have {
             return Err(field_err("outputs", format!("has {have:?}, the job wants {wanted:?}")));
         }
-        let own_paths: BTreeSet<&str> = self.outputs.values().map(|o| o.path.as_str()).collect();
+        let own_paths: BTreeSet<&StorePath> = self.outputs.values().map(|o| &o.path).collect();
         for (name, out) in &self.outputs {
             let expected_name = if name == "out" {
                 job.drv.name.clone()
             } else {
                 format!("{}-{name}", job.drv.name)
             };
-            if StorePath::parse(&out.path).ok().as_ref().map(StorePath::name)
-                != Some(expected_name.as_str())
-            {
+            if out.path.name() != expected_name {
                 return Err(field_err(
                     "outputs",
-                    format!(
-                        "output `{name}`: `{}` is not a store path named `{expected_name}`",
-                        out.path
-                    ),
+                    format!("output `{name}`: `{}` is not named `{expected_name}`", out.path),
                 ));
             }
             let declared = &job.drv.outputs[name];
-            match kind {
-                StepKind::InputAddressed | StepKind::FixedOutput if out.path != declared.path => {
+            match (kind, &declared.path) {
+                (StepKind::InputAddressed | StepKind::FixedOutput, Some(fixed))
+                    if out.path != *fixed =>
+                {
                     return Err(field_err(
                         "outputs",
                         format!(
-                            "output `{name}` is `{}`, the derivation fixes `{}`",
-                            out.path, declared.path
+                            "output `{name}` is `{}`, the derivation fixes `{fixed}`",
+                            out.path
                         ),
                     ));
                 }
-                StepKind::FloatingCa | StepKind::FixedOutput if out.ca.is_none() => {
+                (StepKind::FloatingCa | StepKind::FixedOutput, _) if out.ca.is_none() => {
                     return Err(field_err(
                         "outputs",
                         format!("content-addressed output `{name}` has no `ca`"),
@@ -266,7 +265,7 @@ impl Statement {
             if let Some(r) = out
                 .references
                 .iter()
-                .find(|r| !job.closure.contains_key(*r) && !own_paths.contains(r.as_str()))
+                .find(|r| !job.closure.contains_key(*r) && !own_paths.contains(r))
             {
                 return Err(field_err(
                     "outputs",

@@ -148,12 +148,6 @@ pub fn entry_id(statement_bytes: &[u8]) -> String {
     hex::encode(&Sha256::digest(statement_bytes)[..16])
 }
 
-fn base_of(path: &str) -> Result<String, StoreError> {
-    StorePath::parse(path)
-        .map(|p| p.base_name().to_string())
-        .map_err(|e| StoreError::Corrupt { path: path.into(), problem: e.to_string() })
-}
-
 impl TraceStore {
     /// Open an existing store (for reading).
     pub fn open(root: &Path) -> Result<TraceStore, StoreError> {
@@ -189,8 +183,8 @@ impl TraceStore {
     }
 
     /// The directory of all entries of a step (by drv path).
-    pub fn step_dir(&self, drv_path: &str) -> Result<PathBuf, StoreError> {
-        Ok(self.root.join(VOUCH_DIR).join("steps").join(base_of(drv_path)?))
+    pub fn step_dir(&self, drv_path: &StorePath) -> PathBuf {
+        self.root.join(VOUCH_DIR).join("steps").join(drv_path.base_name())
     }
 
     /// Write one step: NARs, statement, evidence, a JWS signed by `key`, index markers, Nix
@@ -218,7 +212,7 @@ impl TraceStore {
 
         // 2. The step directory, assembled in tmp/ and renamed whole.
         let records = sign::step_records(st, key).map_err(StoreError::Sign)?;
-        let step_dir = self.step_dir(&st.job.drv_path)?;
+        let step_dir = self.step_dir(&st.job.drv_path);
         let final_dir = step_dir.join(&entry);
         let evidence_bytes = step.evidence.map(EvidenceBundle::to_json);
         let jws = crate::jws::sign(
@@ -248,21 +242,21 @@ impl TraceStore {
         }
 
         // 3. Index markers (output → step entry) and laut's signature index of the step.
-        let drv_base = base_of(&st.job.drv_path)?;
+        let drv_base = st.job.drv_path.base_name();
         for out in st.outputs.values() {
-            let hash_part = &base_of(&out.path)?[..32];
-            let d = self.root.join(VOUCH_DIR).join("by-output").join(hash_part).join(&drv_base);
+            let hash_part = out.path.hash_part();
+            let d = self.root.join(VOUCH_DIR).join("by-output").join(hash_part).join(drv_base);
             fs::create_dir_all(&d).map_err(io_err("create", &d))?;
             let marker = d.join(&entry);
             if !marker.exists() {
                 write_atomic(&marker, b"").map_err(io_err("write", &marker))?;
             }
         }
-        laut_index::refresh(&self.root, &step_dir, &drv_base[..32])?;
+        laut_index::refresh(&self.root, &step_dir, st.job.drv_path.hash_part())?;
 
         // 4. Realisations (content-addressed steps), keeping divergent existing ones.
         for (name, rec) in &records {
-            let out_base = base_of(&st.outputs[name].path)?;
+            let out_base = st.outputs[name].path.base_name();
             let mut files = Vec::new();
             if let Some(b) = &rec.build_trace {
                 files.push((self.root.join(b.cache_path()), b.value_json()));
@@ -281,7 +275,7 @@ impl TraceStore {
                     Ok(existing) => {
                         let v: serde_json::Value =
                             serde_json::from_slice(&existing).unwrap_or_default();
-                        if v.get("outPath").and_then(|p| p.as_str()) != Some(out_base.as_str()) {
+                        if v.get("outPath").and_then(|p| p.as_str()) != Some(out_base) {
                             kept.push(path);
                         }
                     }
@@ -408,10 +402,8 @@ impl TraceStore {
     }
 
     /// `<root>/<hash part>.narinfo` of an output path.
-    pub fn narinfo_path(&self, out_path: &str) -> Result<PathBuf, StoreError> {
-        let p = StorePath::parse(out_path)
-            .map_err(|e| StoreError::Corrupt { path: out_path.into(), problem: e.to_string() })?;
-        Ok(self.root.join(format!("{}.narinfo", p.hash_part())))
+    pub fn narinfo_path(&self, out_path: &StorePath) -> PathBuf {
+        self.root.join(format!("{}.narinfo", out_path.hash_part()))
     }
 }
 

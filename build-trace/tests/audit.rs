@@ -63,14 +63,14 @@ fn statement(drv_path: &StorePath, drv: &Derivation, extra: &[&str], nar: &[u8])
     let basic = BasicDerivation::from_derivation("victim", &basic).unwrap();
     let info =
         |refs| PathInfo { nar_hash: NarHash([1; 32]), nar_size: 1, references: refs, ca: None };
-    let mut closure = BTreeMap::from([(SRC.to_string(), info(BTreeSet::new()))]);
+    let mut closure = BTreeMap::from([(StorePath::parse(SRC).unwrap(), info(BTreeSet::new()))]);
     for e in extra {
-        closure.insert(e.to_string(), info(BTreeSet::new()));
+        closure.insert(StorePath::parse(e).unwrap(), info(BTreeSet::new()));
     }
-    let out_path = drv.outputs["out"].path().unwrap().to_string();
+    let out_path = drv.outputs["out"].path().unwrap().clone();
     let job = Job::new(
         "job",
-        drv_path.to_string(),
+        drv_path.clone(),
         basic,
         closure,
         Limits::default(),
@@ -101,8 +101,8 @@ fn publish(store: &TraceStore, dir: &Path, st: &Statement, nar: &[u8]) {
     store.put_step(&rec, &SecretKey::from_seed("audit-test-1", [3; 32])).unwrap();
 }
 
-fn narinfo_nar_hash(store: &TraceStore, out: &str) -> Option<String> {
-    let text = std::fs::read_to_string(store.narinfo_path(out).unwrap()).ok()?;
+fn narinfo_nar_hash(store: &TraceStore, out: &StorePath) -> Option<String> {
+    let text = std::fs::read_to_string(store.narinfo_path(out)).ok()?;
     text.lines().find_map(|l| l.strip_prefix("NarHash: ")).map(str::to_owned)
 }
 
@@ -122,7 +122,7 @@ fn a_forged_output_path_is_found_and_withdrawn_and_the_genuine_step_stays() {
     publish(&store, t.path(), &evil, b"evil bytes");
     let good = statement(&genuine_path, &genuine, &[], b"genuine bytes");
     publish(&store, t.path(), &good, b"genuine bytes");
-    let poisoned = narinfo_nar_hash(&store, &victim.to_string()).unwrap();
+    let poisoned = narinfo_nar_hash(&store, &victim).unwrap();
     assert_eq!(poisoned, NarHash::of(b"evil bytes").to_string(), "the store is poisoned");
 
     let mut none = |_: &StorePath| None;
@@ -143,7 +143,7 @@ fn a_forged_output_path_is_found_and_withdrawn_and_the_genuine_step_stays() {
     assert!(forged_entry.path.contains(forged_path.base_name()), "{forged_entry:?}");
     assert!(forged_entry.detail.contains(&victim.to_string()), "{}", forged_entry.detail);
     assert!(report.withdrawn_to.is_none(), "nothing moved without fix");
-    assert!(store.narinfo_path(&victim.to_string()).unwrap().exists());
+    assert!(store.narinfo_path(&victim).exists());
 
     // Fix: withdrawn (kept in the withdrawn area), and a second audit is clean.
     let fix = AuditOptions { fix: true, strict: false };
@@ -151,15 +151,14 @@ fn a_forged_output_path_is_found_and_withdrawn_and_the_genuine_step_stays() {
     assert!(report.findings.iter().all(|f| f.withdrawn), "{report:#?}");
     let area = report.withdrawn_to.clone().unwrap();
     assert!(area.join(&narinfo).is_file(), "moved, not deleted");
-    assert!(!store.narinfo_path(&victim.to_string()).unwrap().exists());
+    assert!(!store.narinfo_path(&victim).exists());
     let again = store.audit(AuditOptions::default(), &mut none).unwrap();
     assert!(again.findings.is_empty(), "{again:#?}");
     assert_eq!((again.entries, again.accepted), (1, 1));
     // The genuine step is still found by its output; the forged one is not.
-    let by_output =
-        build_trace::store::TraceSource::entries_for_output(&store, &victim.to_string()).unwrap();
+    let by_output = build_trace::store::TraceSource::entries_for_output(&store, &victim).unwrap();
     assert_eq!(by_output.len(), 1);
-    assert_eq!(by_output[0].drv_path, genuine_path.to_string());
+    assert_eq!(by_output[0].drv_path, genuine_path);
     // laut's index of the forged step no longer lists its signature.
     let index =
         std::fs::read_to_string(store.root().join("traces").join(forged_path.hash_part())).unwrap();
@@ -204,7 +203,7 @@ fn steps_with_input_derivations_need_their_graph_and_are_unverifiable_without_it
     // Strict: unverifiable counts as not accepted and is withdrawn.
     let r = store.audit(AuditOptions { fix: true, strict: true }, &mut none).unwrap();
     assert!(!r.findings.is_empty() && r.findings.iter().all(|f| f.withdrawn), "{r:#?}");
-    assert!(!store.narinfo_path(&top.outputs["out"].path().unwrap().to_string()).unwrap().exists());
+    assert!(!store.narinfo_path(top.outputs["out"].path().unwrap()).exists());
 }
 
 #[test]

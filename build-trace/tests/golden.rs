@@ -9,13 +9,18 @@ use build_trace::{
     BasicDerivation, CaRule, DrvOutput, Job, Limits, Measurement, NarHash, OutputInfo, PathInfo,
     Statement, StepKind,
 };
+use nix_formats::StorePath;
 
 const BB: &str = "/nix/store/3mj0m6kd4p0w2yzkx1yvq5fgylrbshzc-busybox";
 const DEP: &str = "/nix/store/n9vq2iwi1y2jz7p4bf8gwwkm6l0kdcx4-ca-dep";
 const OUT: &str = "/nix/store/fib9f3qwvznq3m047cv9kmy5lffsrny7-ca-top";
 
-fn set(items: &[&str]) -> BTreeSet<String> {
-    items.iter().map(|s| s.to_string()).collect()
+fn sp(p: &str) -> StorePath {
+    StorePath::parse(p).unwrap()
+}
+
+fn set(items: &[&str]) -> BTreeSet<StorePath> {
+    items.iter().map(|s| sp(s)).collect()
 }
 
 fn golden_job() -> Job {
@@ -23,7 +28,7 @@ fn golden_job() -> Job {
         name: "ca-top".into(),
         outputs: BTreeMap::from([(
             "out".into(),
-            DrvOutput { path: String::new(), hash_algo: "r:sha256".into(), hash: String::new() },
+            DrvOutput { path: None, hash_algo: "r:sha256".into(), hash: String::new() },
         )]),
         input_srcs: set(&[BB, DEP]),
         system: "x86_64-linux".into(),
@@ -44,7 +49,7 @@ fn golden_job() -> Job {
     };
     let closure = BTreeMap::from([
         (
-            BB.to_string(),
+            sp(BB),
             PathInfo {
                 nar_hash: NarHash([0x11; 32]),
                 nar_size: 1_234_568,
@@ -55,7 +60,7 @@ fn golden_job() -> Job {
             },
         ),
         (
-            DEP.to_string(),
+            sp(DEP),
             PathInfo {
                 nar_hash: NarHash::of(b"dep nar"),
                 nar_size: 424,
@@ -77,13 +82,13 @@ fn golden_job() -> Job {
     };
     Job::new(
         "job-0001",
-        "/nix/store/l8g4zxyralcvw9yx2idk5qpv7a8k4cjg-ca-top.drv",
+        sp("/nix/store/l8g4zxyralcvw9yx2idk5qpv7a8k4cjg-ca-top.drv"),
         drv,
         closure,
         limits,
         CaRule::SelfRefPositions,
         false,
-        set(&["out"]),
+        BTreeSet::from(["out".to_string()]),
     )
 }
 
@@ -94,7 +99,7 @@ fn golden_statement() -> Statement {
     let outputs = BTreeMap::from([(
         "out".to_string(),
         OutputInfo {
-            path: OUT.into(),
+            path: sp(OUT),
             nar_hash: NarHash::of(b"top nar"),
             nar_size: 512,
             references: set(&[DEP]),
@@ -183,7 +188,7 @@ fn any_change_changes_host_data_and_report_data() {
     j.limits.max_processes += 1;
     assert_ne!(j.host_data().unwrap(), base);
     let mut j = golden_job();
-    j.closure.get_mut(DEP).unwrap().nar_hash.0[0] ^= 1;
+    j.closure.get_mut(&sp(DEP)).unwrap().nar_hash.0[0] ^= 1;
     assert_ne!(j.host_data().unwrap(), base);
     let st = golden_statement().report_data().unwrap();
     let mut s = golden_statement();
@@ -198,10 +203,10 @@ fn any_change_changes_host_data_and_report_data() {
 fn malformed_jobs_and_statements_are_refused_with_the_field_named() {
     let mut j = golden_job();
     j.closure
-        .get_mut(DEP)
+        .get_mut(&sp(DEP))
         .unwrap()
         .references
-        .insert("/nix/store/00000000000000000000000000000000-x".into());
+        .insert(sp("/nix/store/00000000000000000000000000000000-x"));
     assert!(j.validate().unwrap_err().to_string().contains("closure"));
     let mut j = golden_job();
     j.network = true;
@@ -210,21 +215,21 @@ fn malformed_jobs_and_statements_are_refused_with_the_field_named() {
     j.outputs.insert("dev".into());
     assert!(j.validate().unwrap_err().to_string().contains("outputs"));
     let mut j = golden_job();
-    j.drv_path = j.drv_path.replace("-ca-top.drv", "-other.drv");
+    j.drv_path = StorePath::from_parts(*j.drv_path.digest(), "other.drv").unwrap();
     assert!(j.validate().unwrap_err().to_string().contains("drv_path"));
     let mut j = golden_job();
     j.drv.env.insert("extra".into(), "1".into());
     assert!(j.validate().unwrap_err().to_string().contains("hashes to"));
 
     let mut s = golden_statement();
-    s.input_cas.remove(DEP);
+    s.input_cas.remove(&sp(DEP));
     assert!(s.validate().unwrap_err().to_string().contains("input_cas"));
     let mut s = golden_statement();
     s.outputs
         .get_mut("out")
         .unwrap()
         .references
-        .insert("/nix/store/00000000000000000000000000000000-x".into());
+        .insert(sp("/nix/store/00000000000000000000000000000000-x"));
     assert!(s.validate().unwrap_err().to_string().contains("neither an input"));
     let mut s = golden_statement();
     s.outputs.get_mut("out").unwrap().ca = None;
@@ -235,6 +240,39 @@ fn malformed_jobs_and_statements_are_refused_with_the_field_named() {
         golden_statement().verify_against(&other),
         Err(build_trace::StatementError::OtherJob { .. })
     ));
+}
+
+#[test]
+fn malformed_store_paths_are_refused_while_parsing_with_the_member_named() {
+    let job = String::from_utf8(data("job-v1.json")).unwrap();
+    let st = String::from_utf8(data("statement-v1.json")).unwrap();
+    let dep_base = &DEP["/nix/store/".len()..];
+    let no_dash = dep_base.replacen('-', "_", 1);
+    let cases = [
+        (Job::from_canonical_bytes(job.replace(dep_base, &no_dash).as_bytes()).err(), "closure"),
+        (
+            Job::from_canonical_bytes(job.replace("/nix/store/l8g4", "/nix/stor/l8g4").as_bytes())
+                .err(),
+            "drv_path",
+        ),
+        (
+            Job::from_canonical_bytes(
+                job.replace("\"path\":\"\"", "\"path\":\"/nix/store/x\"").as_bytes(),
+            )
+            .err(),
+            "drv.outputs.out.path",
+        ),
+    ];
+    for (err, member) in cases {
+        let chain = build_trace::error_chain(&err.expect("refused"));
+        assert!(chain.contains(&format!("member `{member}")), "{member}: {chain}");
+        assert!(chain.contains("store path") || chain.contains("Nix store"), "{chain}");
+    }
+    let bad_out = st.replace(OUT, "/nix/store/fib9f3qwvznq3m047cv9kmy5lffsrny7-.ca-top");
+    let chain =
+        build_trace::error_chain(&Statement::from_canonical_bytes(bad_out.as_bytes()).unwrap_err());
+    assert!(chain.contains("member `outputs.out.path`"), "{chain}");
+    assert!(chain.contains("illegal character '.'"), "{chain}");
 }
 
 const GOLDEN_HOST_DATA: &str = "5bd073af3927aca6555f151db3ebb0619674264ed7924d3e14b8975094b65cdb";

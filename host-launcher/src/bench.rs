@@ -175,7 +175,8 @@ fn sink(cfg: &LauncherConfig, mode: Mode, bytes: &[u8]) -> Result<(f64, f64), Be
     for i in 0..2 {
         let t = Instant::now();
         let begin = NarBegin {
-            path: format!("/nix/store/00000000000000000000000000000000-bench{i}"),
+            path: nix_formats::StorePath::from_parts([0; 20], &format!("bench{i}"))
+                .expect("a valid name"),
             nar_size: bytes.len() as u64,
         };
         w.send_nar(&begin, &mut &bytes[..]).map_err(e("send"))?;
@@ -279,9 +280,9 @@ pub fn run(
         let nonce = format!("{}-{i}-{:?}", std::process::id(), Instant::now());
         let file = write_bench_nix(work.path(), &nonce)?;
         let drv_path = instantiate(&file)?;
-        let drv = load_basic_derivation(&drv_path).map_err(e("drv"))?;
+        let (drv_sp, drv) = load_basic_derivation(&drv_path).map_err(e("drv"))?;
         let req = StepRequest {
-            drv_path: drv_path.clone(),
+            drv_path: drv_sp,
             drv,
             outputs: BTreeSet::new(),
             limits: Default::default(),

@@ -39,7 +39,7 @@ fn publish(store: &TraceStore, tmp: &Path, (path, drv): &(StorePath, Derivation)
     let outs = BTreeSet::from(["out".to_string()]);
     let job = Job::new(
         "j",
-        path.to_string(),
+        path.clone(),
         basic,
         BTreeMap::new(),
         Limits::default(),
@@ -48,7 +48,7 @@ fn publish(store: &TraceStore, tmp: &Path, (path, drv): &(StorePath, Derivation)
         outs,
     );
     let out = OutputInfo {
-        path: drv.outputs["out"].path().unwrap().to_string(),
+        path: drv.outputs["out"].path().unwrap().clone(),
         nar_hash: NarHash::of(nar),
         nar_size: nar.len() as u64,
         references: BTreeSet::new(),

@@ -16,7 +16,7 @@ use std::time::Duration;
 use host_launcher::nixproto::serve::{SERVE_MAGIC_1, SERVE_MAGIC_2};
 use host_launcher::nixproto::version::{ClientProfile, Protocol, FEATURE_REALISATION_WITH_PATH};
 use host_launcher::nixproto::wire::{FramedWriter, WireRead, WireWrite};
-use host_launcher::nixproto::{types, BuildStatus, PathInfo};
+use host_launcher::nixproto::{types, BuildStatus, ValidPathInfo};
 use nix_formats::StorePath;
 use peer::*;
 
@@ -43,7 +43,7 @@ fn files(state: &Path, sub: &str) -> usize {
 }
 
 /// Send `AddToStoreNar` (op 39) with a framed NAR, optionally only its first `cut` bytes.
-fn add_to_store_nar(p: &mut Peer, info: &PathInfo, nar: &[u8], cut: Option<usize>) {
+fn add_to_store_nar(p: &mut Peer, info: &ValidPathInfo, nar: &[u8], cut: Option<usize>) {
     p.w().write_u64(39).unwrap();
     types::write_upload_info(p.w(), info).unwrap();
     p.w().write_u64(0).unwrap(); // repair
@@ -230,7 +230,7 @@ fn corrupted_uploads_are_rejected_with_clear_errors() {
     p.worker_handshake(0x122, &[]);
     // Wrong NAR hash.
     let mut wrong = info_for(&a, &nar, &[]);
-    wrong.nar_hash = info_for(&a, &other, &[]).nar_hash;
+    wrong.info.nar_hash = info_for(&a, &other, &[]).info.nar_hash;
     add_to_store_nar(&mut p, &wrong, &nar, None);
     let err = p.stderr_loop().unwrap_err();
     assert!(err.contains("NAR hash mismatch") && err.contains(&a.to_string()), "{err}");
@@ -269,7 +269,7 @@ fn corrupted_uploads_are_rejected_with_clear_errors() {
     p.from.read_u64().unwrap();
     p.from.read_u64().unwrap();
     let mut wrong = info_for(&b, &nar, &[]);
-    wrong.nar_hash[0] ^= 0xff;
+    wrong.info.nar_hash.0[0] ^= 0xff;
     p.w().write_u64(9).unwrap();
     types::write_upload_info(p.w(), &wrong).unwrap();
     p.w().write_all(&nar).unwrap();
@@ -377,13 +377,13 @@ fn build_with_missing_inputs_fails_cleanly_in_both_formats() {
         outputs: [(
             "out".to_string(),
             build_trace::DrvOutput {
-                path: String::new(),
+                path: None,
                 hash_algo: "r:sha256".into(),
                 hash: String::new(),
             },
         )]
         .into(),
-        input_srcs: [fake_path("not-uploaded", 5).to_string()].into(),
+        input_srcs: [fake_path("not-uploaded", 5)].into(),
         system: "x86_64-linux".into(),
         builder: "/bin/sh".into(),
         args: vec![],

@@ -20,7 +20,7 @@ use std::time::Duration;
 use build_trace::{BasicDerivation, DrvOutput};
 use host_launcher::nixproto::version::{ClientProfile, Protocol, FEATURE_REALISATION_WITH_PATH};
 use host_launcher::nixproto::wire::{FramedWriter, WireRead, WireWrite};
-use host_launcher::nixproto::{types, BuildStatus, PathInfo};
+use host_launcher::nixproto::{types, BuildStatus, ValidPathInfo};
 use nix_formats::ca::SelfRefRule;
 use nix_formats::content_address::{verify, ContentAddress};
 use nix_formats::nar::NarLimits;
@@ -31,7 +31,7 @@ use peer::*;
 use sha2::{Digest, Sha256};
 
 /// The busybox directory as a content-addressed store path: (info, NAR).
-fn busybox(dir: &Path) -> (PathInfo, Vec<u8>) {
+fn busybox(dir: &Path) -> (ValidPathInfo, Vec<u8>) {
     let bb = busybox_dir(&dir.join("busybox"));
     let mut nar = Vec::new();
     nix_formats::nar::dump_path(&bb, &mut nar).unwrap();
@@ -59,10 +59,10 @@ fn derivation(bb: &StorePath, n: &str) -> (StorePath, BasicDerivation) {
         name: name.clone(),
         outputs: [(
             "out".to_string(),
-            DrvOutput { path: String::new(), hash_algo: "r:sha256".into(), hash: String::new() },
+            DrvOutput { path: None, hash_algo: "r:sha256".into(), hash: String::new() },
         )]
         .into(),
-        input_srcs: [bb.to_string()].into(),
+        input_srcs: [bb.clone()].into(),
         system: "x86_64-linux".into(),
         builder,
         args: vec!["-c".into(), format!("mkdir $out; echo {n} > $out/n; echo $out > $out/self")],
@@ -82,10 +82,10 @@ fn hook_flow(
     state: &Path,
     version: u64,
     features: &[&str],
-    bb: &(PathInfo, Vec<u8>),
+    bb: &(ValidPathInfo, Vec<u8>),
     drv_path: &StorePath,
     drv: &BasicDerivation,
-) -> (host_launcher::nixproto::BuildResult, PathInfo, Vec<u8>) {
+) -> (host_launcher::nixproto::BuildResult, ValidPathInfo, Vec<u8>) {
     let img = image_dir();
     let mut p = Peer::spawn(
         state,
@@ -137,25 +137,25 @@ fn hook_flow(
     p.w().write_str(&out.to_string()).unwrap();
     p.w().flush().unwrap();
     p.expect_last();
-    let mut nar = vec![0u8; info.nar_size as usize];
+    let mut nar = vec![0u8; info.info.nar_size as usize];
     p.from.read_exact(&mut nar).unwrap();
-    assert_eq!(<[u8; 32]>::from(Sha256::digest(&nar)), info.nar_hash);
+    assert_eq!(<[u8; 32]>::from(Sha256::digest(&nar)), info.info.nar_hash.0);
     let (st, err) = p.finish();
     assert!(st.success(), "{err}");
     (res, info, nar)
 }
 
 /// The output's content address holds under `rule` and not under the other one.
-fn check_rule(info: &PathInfo, nar: &[u8], rule: SelfRefRule) {
-    assert!(info.references.contains(&info.path), "the output refers to itself");
-    let ca = ContentAddress::parse(info.ca.as_deref().unwrap()).unwrap();
-    verify(&info.path, &ca, &info.references, nar, rule, &NarLimits::default()).unwrap();
+fn check_rule(info: &ValidPathInfo, nar: &[u8], rule: SelfRefRule) {
+    assert!(info.info.references.contains(&info.path), "the output refers to itself");
+    let ca = ContentAddress::parse(info.info.ca.as_deref().unwrap()).unwrap();
+    verify(&info.path, &ca, &info.info.references, nar, rule, &NarLimits::default()).unwrap();
     let other = match rule {
         SelfRefRule::ZeroAndPositions => SelfRefRule::ZeroOnly,
         SelfRefRule::ZeroOnly => SelfRefRule::ZeroAndPositions,
     };
     assert!(
-        verify(&info.path, &ca, &info.references, nar, other, &NarLimits::default()).is_err(),
+        verify(&info.path, &ca, &info.info.references, nar, other, &NarLimits::default()).is_err(),
         "a self-referencing output differs between the rules"
     );
 }

@@ -2,7 +2,8 @@
 //!
 //! A [`StorePath`] is `/nix/store/<32 nix32 chars>-<name>`: a 20-byte hash plus a name of at most
 //! 211 characters from `[A-Za-z0-9+\-._?=]`, not starting with `.`. Store paths order as Nix
-//! orders them: by their base name as bytes (not by the decoded hash).
+//! orders them: by their base name as bytes (not by the decoded hash). With serde a store path
+//! is its absolute path as a string; deserialising parses it (a malformed path is an error).
 //!
 //! Only the default store directory [`STORE_DIR`] (`/nix/store`) is supported: every path
 //! computed here hashes that directory into the path, so a store elsewhere would yield other paths.
@@ -220,6 +221,30 @@ impl FromStr for StorePath {
     }
 }
 
+/// serde: the absolute path as a string (`/nix/store/<hash>-<name>`), read in place and parsed,
+/// so malformed paths are refused while deserialising.
+impl serde::Serialize for StorePath {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for StorePath {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Parse;
+        impl serde::de::Visitor<'_> for Parse {
+            type Value = StorePath;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a store path /nix/store/<hash>-<name>")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<StorePath, E> {
+                StorePath::parse(s).map_err(E::custom)
+            }
+        }
+        d.deserialize_str(Parse)
+    }
+}
+
 /// XOR-folds `hash` into `N` bytes (Nix's `compressHash`).
 pub fn compress_hash<const N: usize>(hash: &[u8]) -> [u8; N] {
     let mut out = [0u8; N];
@@ -381,6 +406,17 @@ mod tests {
             assert!(ok(&e), "{s}: {e}");
         }
         assert!(StorePath::parse(&format!("/nix/store/{h}-{}", "a".repeat(211))).is_ok());
+    }
+
+    #[test]
+    fn serde_is_the_string_form_and_refuses_bad_paths() {
+        let s = "/nix/store/fib9f3qwvznq3m047cv9kmy5lffsrny7-ca-hello";
+        let p = StorePath::parse(s).unwrap();
+        assert_eq!(serde_json::to_string(&p).unwrap(), format!("\"{s}\""));
+        assert_eq!(serde_json::from_str::<StorePath>(&format!("\"{s}\"")).unwrap(), p);
+        let e = serde_json::from_str::<StorePath>("\"/nix/store/abc\"").unwrap_err();
+        assert!(e.to_string().contains("too short"), "{e}");
+        assert!(serde_json::from_str::<StorePath>("1").is_err());
     }
 
     #[test]

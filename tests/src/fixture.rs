@@ -74,7 +74,7 @@ pub struct Fixture {
     /// attribute → drv path
     pub drvs: BTreeMap<String, StorePath>,
     /// attribute → output path (as Nix built it)
-    pub outs: BTreeMap<String, String>,
+    pub outs: BTreeMap<String, StorePath>,
     pub steps: Vec<Step>,
     pub root: SimulatedRoot,
     pub key: SecretKey,
@@ -88,7 +88,11 @@ pub fn run(cmd: &mut Command) -> String {
 }
 
 /// Path infos from `nix path-info --json` (optionally `-r`).
-pub fn path_infos(chroot: &Path, paths: &[String], recursive: bool) -> BTreeMap<String, PathInfo> {
+pub fn path_infos(
+    chroot: &Path,
+    paths: &[StorePath],
+    recursive: bool,
+) -> BTreeMap<StorePath, PathInfo> {
     if paths.is_empty() {
         return BTreeMap::new();
     }
@@ -97,7 +101,7 @@ pub fn path_infos(chroot: &Path, paths: &[String], recursive: bool) -> BTreeMap<
     if recursive {
         cmd.arg("-r");
     }
-    cmd.args(paths);
+    cmd.args(paths.iter().map(ToString::to_string));
     let v: serde_json::Value = serde_json::from_str(&run(&mut cmd)).unwrap();
     v.as_array()
         .unwrap()
@@ -107,15 +111,10 @@ pub fn path_infos(chroot: &Path, paths: &[String], recursive: bool) -> BTreeMap<
             let info = PathInfo {
                 nar_hash: NarHash(h.sha256_bytes().unwrap()),
                 nar_size: e["narSize"].as_u64().unwrap(),
-                references: e["references"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|r| r.as_str().unwrap().to_string())
-                    .collect(),
+                references: serde_json::from_value(e["references"].clone()).unwrap(),
                 ca: e.get("ca").and_then(|c| c.as_str()).map(str::to_string),
             };
-            (e["path"].as_str().unwrap().to_string(), info)
+            (serde_json::from_value(e["path"].clone()).unwrap(), info)
         })
         .collect()
 }
@@ -125,9 +124,9 @@ fn nix_outputs(
     chroot: &Path,
     drv: &StorePath,
     d: &nix_formats::derivation::Derivation,
-) -> BTreeMap<String, String> {
+) -> BTreeMap<String, StorePath> {
     if let Some(paths) =
-        d.outputs.iter().map(|(o, x)| x.path().map(|p| (o.clone(), p.to_string()))).collect()
+        d.outputs.iter().map(|(o, x)| x.path().map(|p| (o.clone(), p.clone()))).collect()
     {
         return paths;
     }
@@ -142,7 +141,7 @@ fn nix_outputs(
         .map(|r| {
             let id = r["id"].as_str().unwrap();
             let out = id.rsplit_once('!').unwrap().1.to_string();
-            (out, format!("/nix/store/{}", r["outPath"].as_str().unwrap()))
+            (out, StorePath::from_base_name(r["outPath"].as_str().unwrap()).unwrap())
         })
         .collect()
 }
@@ -203,7 +202,7 @@ impl Fixture {
                 let d = set.get(&udrv).unwrap().clone();
                 let outs = nix_outputs(&fx.chroot, &udrv, &d);
                 for (o, p) in &outs {
-                    chosen.insert((udrv.clone(), o.clone()), StorePath::parse(p).unwrap());
+                    chosen.insert((udrv.clone(), o.clone()), p.clone());
                 }
                 let name = udrv.drv_name().unwrap().to_string();
                 match d.kind(&name).unwrap() {
@@ -218,16 +217,16 @@ impl Fixture {
                         }));
                         let mut basic = BasicDerivation::from_derivation(&name, &basic).unwrap();
                         // As Nix's build hook sends it: input sources = the whole input closure.
-                        let direct: Vec<String> = basic.input_srcs.iter().cloned().collect();
+                        let direct: Vec<StorePath> = basic.input_srcs.iter().cloned().collect();
                         basic.input_srcs =
                             path_infos(&fx.chroot, &direct, true).into_keys().collect();
-                        let step = fx.launch(&udrv, udrv.to_string(), basic, &outs);
+                        let step = fx.launch(&udrv, udrv.clone(), basic, &outs);
                         fx.steps.push(step);
                     }
                     _ => {
                         let r = resolve_with(&d, &name, &chosen).unwrap();
                         let basic = BasicDerivation::from_derivation(&name, &r.drv).unwrap();
-                        let step = fx.launch(&udrv, r.drv_path.to_string(), basic, &outs);
+                        let step = fx.launch(&udrv, r.drv_path, basic, &outs);
                         fx.steps.push(step);
                     }
                 }
@@ -235,7 +234,7 @@ impl Fixture {
         }
         for (attr, d) in &fx.drvs {
             if let Some(p) = chosen.get(&(d.clone(), "out".to_string())) {
-                fx.outs.insert(attr.clone(), p.to_string());
+                fx.outs.insert(attr.clone(), p.clone());
             }
         }
         let store = TraceStore::create(&fx.traces).unwrap();
@@ -255,11 +254,11 @@ impl Fixture {
     fn launch(
         &self,
         udrv: &StorePath,
-        key: String,
+        key: StorePath,
         drv: BasicDerivation,
-        outs: &BTreeMap<String, String>,
+        outs: &BTreeMap<String, StorePath>,
     ) -> Step {
-        let direct: Vec<String> = drv.input_srcs.iter().cloned().collect();
+        let direct: Vec<StorePath> = drv.input_srcs.iter().cloned().collect();
         let closure = path_infos(&self.chroot, &direct, true);
         let wanted: BTreeSet<String> = outs.keys().cloned().collect();
         let job = Job::new(
@@ -273,7 +272,7 @@ impl Fixture {
             wanted,
         );
         job.validate().unwrap();
-        let out_paths: Vec<String> = outs.values().cloned().collect();
+        let out_paths: Vec<StorePath> = outs.values().cloned().collect();
         let infos = path_infos(&self.chroot, &out_paths, false);
         let mut outputs = BTreeMap::new();
         let mut nars = BTreeMap::new();
@@ -289,13 +288,12 @@ impl Fixture {
                     ca: i.ca.clone(),
                 },
             );
-            let file =
-                self.dir.path().join(format!("{}.nar", StorePath::parse(p).unwrap().hash_part()));
+            let file = self.dir.path().join(format!("{}.nar", p.hash_part()));
             let out = nix::run(
                 Command::new("nix")
                     .args(["store", "dump-path", "--store"])
                     .arg(&self.chroot)
-                    .arg(p),
+                    .arg(p.to_string()),
             );
             std::fs::write(&file, out.stdout).unwrap();
             nars.insert(o.clone(), file);

@@ -31,7 +31,7 @@ fn sim() -> TrustModel {
 fn verify_graph(
     drvs: &DrvSet,
     target: &StorePath,
-    expect: &[&str],
+    expect: &[&StorePath],
     policy: &TrustPolicy,
     source: &dyn TraceSource,
 ) -> Outcome {
@@ -44,7 +44,7 @@ fn verify_graph(
         now: SystemTime::now(),
     };
     let req =
-        Request { target: target.clone(), expect: expect.iter().map(|s| s.to_string()).collect() };
+        Request { target: target.clone(), expect: expect.iter().map(|s| (*s).clone()).collect() };
     v.verify(drvs, &req).unwrap()
 }
 
@@ -54,7 +54,7 @@ fn verify_with(
     attr: &str,
     policy: &TrustPolicy,
     source: &dyn TraceSource,
-    expect: &[&str],
+    expect: &[&StorePath],
 ) -> Outcome {
     let target = &fx.drvs[attr];
     let drvs = DrvSet::from_store_dir(&fx.store_dir, target).unwrap();
@@ -121,7 +121,7 @@ fn real_closure_verifies_with_the_outputs_nix_built() {
     let st = store(fx);
     let out = verify_with(fx, "c", &fx.policy(sim()), &st, &[]);
     let Outcome::Verified(v) = out else { panic!("{out:?}") };
-    assert_eq!(v.outputs["out"], fx.outs["c"]);
+    assert_eq!(v.outputs["out"], fx.outs["c"].to_string());
     // fod, a, b, c
     assert_eq!(v.steps.len(), 4, "{v}");
     assert!(v.simulated());
@@ -129,7 +129,7 @@ fn real_closure_verifies_with_the_outputs_nix_built() {
     let info = run(Command::new("nix")
         .args(["path-info", "--json", "--store"])
         .arg(&fx.chroot)
-        .arg(&fx.outs["c"]));
+        .arg(fx.outs["c"].to_string()));
     let deriver = serde_json::from_str::<serde_json::Value>(&info).unwrap()[0]["deriver"]
         .as_str()
         .unwrap()
@@ -280,7 +280,7 @@ fn extra_unreferenced_input_path_is_refused() {
     let ev = fx.attest_honestly(&st);
     let b = broken_replacing(fx, "c", &fx.policy(sim()), "c", entry(s, &st, &ev, &[]));
     assert_eq!(b.check, LinkCheck::ExtraInput, "{b}");
-    assert_eq!(b.found, *extra);
+    assert_eq!(b.found, extra.to_string());
 }
 
 #[test]
@@ -343,7 +343,7 @@ fn missing_trace_is_a_broken_link() {
     }
     let b = broken(verify_with(fx, "c", &fx.policy(sim()), &m, &[]));
     assert_eq!((b.check, b.step.clone()), (LinkCheck::NoTrace, fx.drvs["b"].to_string()));
-    assert_eq!(b.key.as_deref(), Some(fx.step("b").statement.job.drv_path.as_str()));
+    assert_eq!(b.key.as_deref(), Some(fx.step("b").statement.job.drv_path.to_string().as_str()));
 }
 
 #[test]
@@ -372,7 +372,7 @@ fn records_and_signatures_equal_what_nix_makes() {
     let text = run(Command::new("nix")
         .args(["realisation", "info", "--json", "--store"])
         .arg(&fx.chroot)
-        .arg(&s.statement.job.drv_path));
+        .arg(s.statement.job.drv_path.to_string()));
     let nix: serde_json::Value = serde_json::from_str(&text).unwrap();
     let legacy = rec.legacy.as_ref().unwrap();
     assert_eq!(nix[0]["id"].as_str().unwrap(), legacy.id.to_string());
@@ -385,7 +385,7 @@ fn records_and_signatures_equal_what_nix_makes() {
     let info = run(Command::new("nix")
         .args(["path-info", "--json", "--sigs", "--store"])
         .arg(&fx.chroot)
-        .arg(&fx.outs["c"]));
+        .arg(fx.outs["c"].to_string()));
     let info: serde_json::Value = serde_json::from_str(&info).unwrap();
     let nix_path_sigs: BTreeSet<&str> =
         info[0]["signatures"].as_array().unwrap().iter().map(|x| x.as_str().unwrap()).collect();
@@ -412,7 +412,7 @@ fn nix_substitutes_from_the_trace_store() {
     );
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{log}");
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), fx.outs["c"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), fx.outs["c"].to_string());
     // a, b and c came from our binary cache, with our signatures; only the fixed output was built.
     for attr in ["a", "b", "c"] {
         let p = &fx.outs[attr];

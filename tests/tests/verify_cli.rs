@@ -26,7 +26,7 @@ fn verify_trace_and_provenance_commands() {
     let traces = fx.traces.display().to_string();
     let drv_dir = fx.store_dir.display().to_string();
     let drv = fx.drvs["c"].to_string();
-    let out = &fx.outs["c"];
+    let out = &fx.outs["c"].to_string();
     let p = policy.display().to_string();
     // `vouch verify` under the fixture's policy, with its traces and `.drv` files.
     let verify = |args: &[&str]| {
@@ -52,7 +52,7 @@ fn verify_trace_and_provenance_commands() {
         text(&default)
     );
 
-    let wrong = verify(&["--expect", &fx.outs["a"], &drv]);
+    let wrong = verify(&["--expect", &fx.outs["a"].to_string(), &drv]);
     assert_eq!(wrong.status.code(), Some(1), "{}", text(&wrong));
 
     let bad = vouch(&["verify", "--traces", &traces, "not-a-drv"]);

@@ -82,8 +82,8 @@ fn ca_derivation_matches_nix() {
     let statement =
         std::fs::read(trace.join("statement.json")).expect("statement.json in the trace");
     let st = build_trace::Statement::from_canonical_bytes(&statement).expect("canonical statement");
-    assert_eq!(st.outputs["out"].path, nix_path);
-    assert_eq!(st.job.drv_path, drv);
+    assert_eq!(st.outputs["out"].path.to_string(), nix_path);
+    assert_eq!(st.job.drv_path.to_string(), drv);
     assert!(trace.join("evidence.json").is_file());
     let narinfo = s.cache().join(format!("{}.narinfo", &nix_path["/nix/store/".len()..][..32]));
     assert!(narinfo.is_file(), "narinfo written");

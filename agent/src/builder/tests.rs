@@ -14,11 +14,11 @@ fn drv(env: &[(&str, &str)], outputs: &[(&str, &str)]) -> BasicDerivation {
         outputs: outputs
             .iter()
             .map(|(n, p)| {
-                let (path, algo) = if p.is_empty() { ("", "r:sha256") } else { (*p, "") };
-                (
-                    n.to_string(),
-                    DrvOutput { path: path.into(), hash_algo: algo.into(), hash: String::new() },
-                )
+                let (path, algo) = match *p {
+                    "" => (None, "r:sha256"),
+                    p => (Some(StorePath::parse(p).unwrap()), ""),
+                };
+                (n.to_string(), DrvOutput { path, hash_algo: algo.into(), hash: String::new() })
             })
             .collect(),
         input_srcs: BTreeSet::new(),
@@ -144,15 +144,15 @@ fn structured_attrs_files() {
 
 #[test]
 fn export_references_graph() {
-    let a = "/nix/store/00000000000000000000000000000000-a".to_owned();
-    let b = "/nix/store/11111111111111111111111111111111-b".to_owned();
-    let info = |refs: &[&String]| PathInfo {
+    let a = StorePath::parse("/nix/store/00000000000000000000000000000000-a").unwrap();
+    let b = StorePath::parse("/nix/store/11111111111111111111111111111111-b").unwrap();
+    let info = |refs: &[&StorePath]| PathInfo {
         nar_hash: NarHash([0; 32]),
         nar_size: 8,
-        references: refs.iter().map(|s| s.to_string()).collect(),
+        references: refs.iter().map(|s| (*s).clone()).collect(),
         ca: None,
     };
-    let closure: BTreeMap<String, PathInfo> =
+    let closure: BTreeMap<StorePath, PathInfo> =
         [(a.clone(), info(&[&b])), (b.clone(), info(&[]))].into();
     let d = drv(&[("exportReferencesGraph", &format!("graph {a}"))], &[("out", "")]);
     let p = prepare(&d, &[], &closure, false, 1, "/build").unwrap();

@@ -49,6 +49,15 @@ pub enum CanonicalError {
     /// serde could not turn the value into JSON or the JSON into the type.
     #[error("JSON does not match the expected schema")]
     Schema(#[source] serde_json::Error),
+    /// A member's value does not fit the type (e.g. a malformed store path).
+    #[error("JSON member `{at}` does not match the expected schema")]
+    Member {
+        /// Where, as serde names it: `job.closure`, `outputs.out.path` …
+        at: String,
+        /// What is wrong with it.
+        #[source]
+        source: serde_json::Error,
+    },
     /// The bytes decode, but are not the canonical encoding of what they decode to.
     #[error("JSON is not in canonical form (first difference at byte {offset})")]
     NotCanonical {
@@ -67,7 +76,7 @@ pub fn to_vec<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CanonicalErro
 /// Decode `bytes` as a `T`, accepting them only if they are exactly the canonical encoding of
 /// the decoded value (so two different byte strings never decode to the same value).
 pub fn from_slice<T: Serialize + DeserializeOwned>(bytes: &[u8]) -> Result<T, CanonicalError> {
-    let value: T = serde_json::from_slice(bytes).map_err(CanonicalError::Schema)?;
+    let value: T = serde_json::from_slice(bytes).map_err(|e| schema_error::<T>(bytes, e))?;
     let mut again = Vec::with_capacity(bytes.len());
     value.serialize(&mut writer::Writer { out: &mut again })?;
     if again != bytes {
@@ -79,6 +88,18 @@ pub fn from_slice<T: Serialize + DeserializeOwned>(bytes: &[u8]) -> Result<T, Ca
         return Err(CanonicalError::NotCanonical { offset });
     }
     Ok(value)
+}
+
+/// The error for bytes that do not decode as a `T`, naming the member at fault where there is
+/// one. Decoding again with the path tracked costs only on this error path.
+fn schema_error<T: DeserializeOwned>(bytes: &[u8], error: serde_json::Error) -> CanonicalError {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    match serde_path_to_error::deserialize::<_, T>(&mut de) {
+        Err(e) if e.path().iter().next().is_some() => {
+            CanonicalError::Member { at: e.path().to_string(), source: e.into_inner() }
+        }
+        _ => CanonicalError::Schema(error),
+    }
 }
 
 /// Append the canonical encoding of a JSON value.

@@ -123,7 +123,7 @@ impl Produced {
         let records = crate::sign::unsigned_step_records(st).map_err(|e| crate::error_chain(&e))?;
         for (name, rec) in records {
             let out = &st.outputs[&name];
-            let base = out.path.rsplit('/').next().unwrap_or_default().to_owned();
+            let base = out.path.base_name().to_owned();
             let hash = rec.narinfo.store_path.hash_part().to_owned();
             self.narinfos
                 .entry(format!("{hash}.narinfo"))
@@ -227,7 +227,7 @@ impl TraceStore {
         if entry_id(&bytes) != entry {
             return Err(format!("its statement's entry id is {}", entry_id(&bytes)));
         }
-        if st.job.drv_path.rsplit('/').next() != Some(drv_base) {
+        if st.job.drv_path.base_name() != drv_base {
             return Err(format!("its statement is about {}", st.job.drv_path));
         }
         Ok(st)
@@ -368,11 +368,7 @@ fn finding(path: &str, problem: Problem, detail: String) -> Finding {
 }
 
 fn out_hash_parts(st: &Statement) -> Vec<String> {
-    st.outputs
-        .values()
-        .filter_map(|o| StorePath::parse(&o.path).ok())
-        .map(|p| p.hash_part().to_owned())
-        .collect()
+    st.outputs.values().map(|o| o.path.hash_part().to_owned()).collect()
 }
 
 /// Best-effort fsync of the withdrawn area's directories (the renames are what matter).

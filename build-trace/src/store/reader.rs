@@ -8,7 +8,9 @@ use std::collections::HashMap;
 use std::fs;
 use std::path::Path;
 
-use super::{base_of, io_err, StoreError, TraceStore, VOUCH_DIR};
+use nix_formats::StorePath;
+
+use super::{io_err, StoreError, TraceStore, VOUCH_DIR};
 use crate::evidence::EvidenceBundle;
 use crate::statement::{Statement, StatementError};
 
@@ -18,7 +20,7 @@ pub struct TraceEntry {
     /// Where it came from (for messages).
     pub location: String,
     /// The step's drv path (the lookup key).
-    pub drv_path: String,
+    pub drv_path: StorePath,
     /// The statement's canonical bytes.
     pub statement: Vec<u8>,
     /// The evidence bundle JSON, if any.
@@ -42,9 +44,9 @@ impl TraceEntry {
 /// Where the verifier finds traces.
 pub trait TraceSource: std::fmt::Debug + Sync {
     /// Every stored trace of the step with this drv path (resolved drv for CA steps).
-    fn entries(&self, drv_path: &str) -> Result<Vec<TraceEntry>, StoreError>;
+    fn entries(&self, drv_path: &StorePath) -> Result<Vec<TraceEntry>, StoreError>;
     /// Every stored trace that produced this output path.
-    fn entries_for_output(&self, out_path: &str) -> Result<Vec<TraceEntry>, StoreError>;
+    fn entries_for_output(&self, out_path: &StorePath) -> Result<Vec<TraceEntry>, StoreError>;
     /// A short name for messages.
     fn describe(&self) -> String;
 }
@@ -69,7 +71,7 @@ pub(super) fn read_dir_sorted(dir: &Path) -> Result<Vec<String>, StoreError> {
 }
 
 impl TraceStore {
-    fn read_entry(&self, drv_path: &str, dir: &Path) -> Result<TraceEntry, StoreError> {
+    fn read_entry(&self, drv_path: &StorePath, dir: &Path) -> Result<TraceEntry, StoreError> {
         let st = dir.join("statement.json");
         let statement = fs::read(&st).map_err(io_err("read", &st))?;
         let ev = dir.join("evidence.json");
@@ -86,7 +88,7 @@ impl TraceStore {
         }
         Ok(TraceEntry {
             location: dir.display().to_string(),
-            drv_path: drv_path.to_string(),
+            drv_path: drv_path.clone(),
             statement,
             evidence,
             jws,
@@ -95,29 +97,29 @@ impl TraceStore {
 }
 
 impl TraceSource for TraceStore {
-    fn entries(&self, drv_path: &str) -> Result<Vec<TraceEntry>, StoreError> {
-        let dir = self.step_dir(drv_path)?;
+    fn entries(&self, drv_path: &StorePath) -> Result<Vec<TraceEntry>, StoreError> {
+        let dir = self.step_dir(drv_path);
         read_dir_sorted(&dir)?
             .into_iter()
             .map(|e| self.read_entry(drv_path, &dir.join(e)))
             .collect()
     }
 
-    fn entries_for_output(&self, out_path: &str) -> Result<Vec<TraceEntry>, StoreError> {
-        let p = nix_formats::StorePath::parse(out_path)
-            .map_err(|e| StoreError::Corrupt { path: out_path.into(), problem: e.to_string() })?;
-        let index = self.root.join(VOUCH_DIR).join("by-output").join(p.hash_part());
+    fn entries_for_output(&self, out_path: &StorePath) -> Result<Vec<TraceEntry>, StoreError> {
+        let index = self.root.join(VOUCH_DIR).join("by-output").join(out_path.hash_part());
         let mut out = Vec::new();
         for drv_base in read_dir_sorted(&index)? {
-            let drv_path = format!("{}/{drv_base}", nix_formats::STORE_DIR);
-            base_of(&drv_path)?;
+            // A directory name: text from the filesystem, parsed here.
+            let drv_path = StorePath::from_base_name(&drv_base).map_err(|e| {
+                StoreError::Corrupt { path: index.join(&drv_base), problem: e.to_string() }
+            })?;
             for entry in read_dir_sorted(&index.join(&drv_base))? {
-                let dir = self.step_dir(&drv_path)?.join(entry);
+                let dir = self.step_dir(&drv_path).join(entry);
                 let e = self.read_entry(&drv_path, &dir)?;
                 // The marker is only an index: keep entries whose statement really has the path.
                 let produced = e
                     .parse_statement()
-                    .map(|s| s.outputs.values().any(|o| o.path == out_path))
+                    .map(|s| s.outputs.values().any(|o| o.path == *out_path))
                     .unwrap_or(true);
                 if produced {
                     out.push(e);
@@ -135,7 +137,7 @@ impl TraceSource for TraceStore {
 /// Traces held in memory, keyed by drv path (benchmarks and verifier tests).
 #[derive(Debug, Default, Clone)]
 pub struct MemoryTraces {
-    by_drv: HashMap<String, Vec<TraceEntry>>,
+    by_drv: HashMap<StorePath, Vec<TraceEntry>>,
 }
 
 impl MemoryTraces {
@@ -146,17 +148,17 @@ impl MemoryTraces {
 }
 
 impl TraceSource for MemoryTraces {
-    fn entries(&self, drv_path: &str) -> Result<Vec<TraceEntry>, StoreError> {
+    fn entries(&self, drv_path: &StorePath) -> Result<Vec<TraceEntry>, StoreError> {
         Ok(self.by_drv.get(drv_path).cloned().unwrap_or_default())
     }
 
-    fn entries_for_output(&self, out_path: &str) -> Result<Vec<TraceEntry>, StoreError> {
+    fn entries_for_output(&self, out_path: &StorePath) -> Result<Vec<TraceEntry>, StoreError> {
         Ok(self
             .by_drv
             .values()
             .flatten()
             .filter(|e| {
-                e.parse_statement().is_ok_and(|s| s.outputs.values().any(|o| o.path == out_path))
+                e.parse_statement().is_ok_and(|s| s.outputs.values().any(|o| o.path == *out_path))
             })
             .cloned()
             .collect())

@@ -6,7 +6,6 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use nix_formats::content_address::ContentAddress;
 use nix_formats::StorePath;
 
 use super::outcome::{BrokenLink, LinkCheck};
@@ -18,21 +17,21 @@ use crate::statement::Statement;
 pub(crate) struct Facts {
     pub nar_hash: NarHash,
     pub nar_size: u64,
-    pub references: BTreeSet<String>,
+    pub references: BTreeSet<StorePath>,
 }
 
 /// Accepted facts per output path (several when accepted builds of one path diverge).
-pub(crate) type Known = HashMap<String, Vec<Facts>>;
+pub(crate) type Known = HashMap<StorePath, Vec<Facts>>;
 
 /// Check the statement's input closure against `direct` inputs and the accepted outputs.
 pub(crate) fn check_links(
     st: &Statement,
-    direct: &BTreeSet<String>,
+    direct: &BTreeSet<StorePath>,
     known: &Known,
 ) -> Result<(), Box<BrokenLink>> {
     let closure = &st.job.closure;
-    let mut reachable: BTreeSet<&str> = BTreeSet::new();
-    let mut todo: Vec<&str> = direct.iter().map(String::as_str).collect();
+    let mut reachable: BTreeSet<&StorePath> = BTreeSet::new();
+    let mut todo: Vec<&StorePath> = direct.iter().collect();
     while let Some(p) = todo.pop() {
         if !reachable.insert(p) {
             continue;
@@ -43,9 +42,9 @@ pub(crate) fn check_links(
                 format!("input {p} is missing from the input closure"),
             )
         })?;
-        todo.extend(info.references.iter().map(String::as_str).filter(|r| !reachable.contains(r)));
+        todo.extend(info.references.iter().filter(|r| !reachable.contains(r)));
     }
-    if let Some(extra) = closure.keys().find(|p| !reachable.contains(p.as_str())) {
+    if let Some(extra) = closure.keys().find(|p| !reachable.contains(p)) {
         return Err(BrokenLink::new(
             LinkCheck::ExtraInput,
             format!(
@@ -95,24 +94,14 @@ pub(crate) fn check_links(
 /// A content-addressed input: its `ca` (recomputed by the guest), name and references must
 /// produce exactly its path.
 fn check_source(
-    path: &str,
+    path: &StorePath,
     ca: &str,
-    references: &BTreeSet<String>,
+    references: &BTreeSet<StorePath>,
 ) -> Result<(), Box<BrokenLink>> {
     let bad = |msg: String| BrokenLink::new(LinkCheck::SourceAddress, msg);
-    let sp = StorePath::parse(path).map_err(|e| bad(format!("input {path}: {e}")))?;
-    let addr = ContentAddress::parse(ca).map_err(|e| bad(format!("input {path}: {e}")))?;
-    let self_ref = references.contains(path);
-    let refs = references
-        .iter()
-        .filter(|r| r.as_str() != path)
-        .map(|r| StorePath::parse(r))
-        .collect::<Result<BTreeSet<_>, _>>()
+    let want = crate::ownership::content_addressed_path(path, ca, references)
         .map_err(|e| bad(format!("input {path}: {e}")))?;
-    let want = addr
-        .store_path(sp.name(), &refs, self_ref)
-        .map_err(|e| bad(format!("input {path} ({ca}): {e}")))?;
-    if want != sp {
+    if want != *path {
         return Err(bad(format!("the content address of input {path} does not produce its path"))
             .expected(want, path));
     }

@@ -119,7 +119,7 @@ pub struct Request {
     /// The target derivation (unresolved drv path).
     pub target: StorePath,
     /// Output paths that must be what the policy accepts (empty: any accepted outputs).
-    pub expect: BTreeSet<String>,
+    pub expect: BTreeSet<StorePath>,
 }
 
 /// The verifier: a policy, trace sources, an evidence verifier (with its chain cache) and the
@@ -140,7 +140,7 @@ pub struct ClosureVerifier<'a> {
 #[derive(Debug, Clone)]
 struct Accepted {
     /// Output name → path, with facts when a trace gave them (not for fixed outputs).
-    outputs: BTreeMap<String, (String, Option<links::Facts>)>,
+    outputs: BTreeMap<String, (StorePath, Option<links::Facts>)>,
     step: AcceptedStep,
 }
 
@@ -182,12 +182,12 @@ impl ClosureVerifier<'_> {
             target_maps.first()
         } else {
             target_maps.iter().find(|m| {
-                let paths: BTreeSet<&String> = m.outputs.values().map(|(p, _)| p).collect();
+                let paths: BTreeSet<&StorePath> = m.outputs.values().map(|(p, _)| p).collect();
                 req.expect.iter().all(|e| paths.contains(e))
             })
         };
         let Some(chosen) = chosen else {
-            let accepted_paths: Vec<Vec<&String>> =
+            let accepted_paths: Vec<Vec<&StorePath>> =
                 target_maps.iter().map(|m| m.outputs.values().map(|(p, _)| p).collect()).collect();
             let mut b = BrokenLink::new(
                 LinkCheck::Expected,
@@ -199,7 +199,7 @@ impl ClosureVerifier<'_> {
         };
         Ok(Outcome::Verified(VerifiedClosure {
             target: req.target.to_string(),
-            outputs: chosen.outputs.iter().map(|(n, (p, _))| (n.clone(), p.clone())).collect(),
+            outputs: chosen.outputs.iter().map(|(n, (p, _))| (n.clone(), p.to_string())).collect(),
             steps,
         }))
     }
@@ -275,7 +275,7 @@ impl ClosureVerifier<'_> {
         let mut combos: Vec<BTreeMap<(StorePath, String), StorePath>> = vec![BTreeMap::new()];
         for (input, outs) in &drv.input_drvs {
             let maps = &accepted[input];
-            let mut options: Vec<BTreeMap<&String, &String>> = Vec::new();
+            let mut options: Vec<BTreeMap<&String, &StorePath>> = Vec::new();
             for m in maps {
                 let mut choice = BTreeMap::new();
                 for o in outs {
@@ -307,8 +307,7 @@ impl ClosureVerifier<'_> {
                     options.iter().map(move |opt| {
                         let mut c = c.clone();
                         for (o, p) in opt {
-                            let sp = StorePath::parse(p).expect("accepted paths are store paths");
-                            c.insert((input.clone(), (*o).clone()), sp);
+                            c.insert((input.clone(), (*o).clone()), (*p).clone());
                         }
                         c
                     })
@@ -318,7 +317,7 @@ impl ClosureVerifier<'_> {
 
         let mut first_failure: Option<Box<BrokenLink>> = None;
         // Output map → (key, signers, simulated)
-        let mut groups: BTreeMap<BTreeMap<String, OutputClaim>, (String, Signers, bool)> =
+        let mut groups: BTreeMap<BTreeMap<String, OutputClaim>, (StorePath, Signers, bool)> =
             BTreeMap::new();
         for combo in &combos {
             let (key, basic, direct, step_kind) =
@@ -340,7 +339,7 @@ impl ClosureVerifier<'_> {
                     "no trace of this step in any trace source",
                 )
                 .expected(format!("a trace for {key}"), self.describe_sources());
-                b.key = Some(key.clone());
+                b.key = Some(key.to_string());
                 if first_failure.as_ref().is_none_or(|f| f.check == LinkCheck::NoTrace) {
                     first_failure = Some(b);
                 }
@@ -356,7 +355,7 @@ impl ClosureVerifier<'_> {
                         g.2 |= simulated;
                     }
                     Err(mut b) => {
-                        b.key = Some(key.clone());
+                        b.key = Some(key.to_string());
                         if first_failure.as_ref().is_none_or(|f| f.check == LinkCheck::NoTrace) {
                             first_failure = Some(b);
                         }
@@ -384,8 +383,8 @@ impl ClosureVerifier<'_> {
                     .collect(),
                 step: AcceptedStep {
                     drv: udrv.to_string(),
-                    key,
-                    outputs: outputs.iter().map(|(n, c)| (n.clone(), c.path.clone())).collect(),
+                    key: key.to_string(),
+                    outputs: outputs.iter().map(|(n, c)| (n.clone(), c.path.to_string())).collect(),
                     accepted_by,
                     simulated,
                 },
@@ -404,7 +403,7 @@ impl ClosureVerifier<'_> {
                 "the valid signers of this step do not satisfy the trust policy",
             )
             .expected(format!("{:?}", self.policy.policy.require), format!("{found:?}"));
-            b.key = Some(key);
+            b.key = Some(key.to_string());
             return Ok(Err(b));
         }
         Ok(Err(
@@ -439,13 +438,13 @@ impl ClosureVerifier<'_> {
                     .expected("sha256 or sha512", hash.algo()));
                 }
                 by.push(format!("fixed-output {}{}", method.prefix(), hash));
-                outputs.insert(o.clone(), (path.to_string(), None));
+                outputs.insert(o.clone(), (path.clone(), None));
             }
         }
         let step = AcceptedStep {
             drv: udrv.to_string(),
             key: udrv.to_string(),
-            outputs: outputs.iter().map(|(n, (p, _))| (n.clone(), p.clone())).collect(),
+            outputs: outputs.iter().map(|(n, (p, _))| (n.clone(), p.to_string())).collect(),
             accepted_by: by,
             simulated: false,
         };
@@ -460,14 +459,14 @@ impl ClosureVerifier<'_> {
         udrv: &StorePath,
         kind: DerivationKind,
         combo: &BTreeMap<(StorePath, String), StorePath>,
-    ) -> Result<(String, BasicDerivation, BTreeSet<String>, StepKind), Box<BrokenLink>> {
+    ) -> Result<(StorePath, BasicDerivation, BTreeSet<StorePath>, StepKind), Box<BrokenLink>> {
         let res_err =
             |e: &dyn std::error::Error| BrokenLink::new(LinkCheck::Resolution, e.to_string());
         let (key, basic_drv, step_kind) = if kind == DerivationKind::InputAddressed {
             let mut basic = drv.clone();
             basic.input_drvs.clear();
             basic.input_srcs.extend(combo.values().cloned());
-            (udrv.to_string(), basic, StepKind::InputAddressed)
+            (udrv.clone(), basic, StepKind::InputAddressed)
         } else {
             let r = resolve_with(drv, name, combo).map_err(|e| res_err(&e))?;
             let k = if kind == DerivationKind::Deferred {
@@ -475,7 +474,7 @@ impl ClosureVerifier<'_> {
             } else {
                 StepKind::FloatingCa
             };
-            (r.drv_path.to_string(), r.drv, k)
+            (r.drv_path, r.drv, k)
         };
         let basic = BasicDerivation::from_derivation(name, &basic_drv).map_err(|e| res_err(&e))?;
         let direct = basic.input_srcs.clone();

@@ -6,7 +6,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::SystemTime;
 
-use nix_formats::content_address::ContentAddress;
 use nix_formats::StorePath;
 
 use super::links::{check_links, Facts, Known};
@@ -23,19 +22,19 @@ use crate::trust::{PreparedPolicy, Signers};
 #[derive(Debug)]
 pub(crate) struct Expectation<'a> {
     /// The lookup key (drv path the statement must carry).
-    pub key: &'a str,
+    pub key: &'a StorePath,
     /// The basic derivation the statement must carry.
     pub drv: &'a BasicDerivation,
     /// The step kind.
     pub kind: StepKind,
     /// The direct inputs (roots of the input closure).
-    pub direct: &'a BTreeSet<String>,
+    pub direct: &'a BTreeSet<StorePath>,
 }
 
 /// One output as an accepted entry describes it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) struct OutputClaim {
-    pub path: String,
+    pub path: StorePath,
     pub facts: Facts,
 }
 
@@ -183,15 +182,15 @@ fn check_derivation(want: &Expectation<'_>, st: &Statement) -> Result<(), Box<Br
         )
         .expected(exp, got)
     };
-    if st.job.drv_path != want.key {
-        return Err(mismatch("drv path", want.key.into(), st.job.drv_path.clone()));
+    if st.job.drv_path != *want.key {
+        return Err(mismatch("drv path", want.key.to_string(), st.job.drv_path.to_string()));
     }
     let got = &st.job.drv;
     let mut exp = want.drv.clone();
     // An input-addressed step arrives as Nix's build hook sends it: input sources = the whole
     // input closure. Accept that form when it is exactly the statement's closure.
     if want.kind == StepKind::InputAddressed && got.input_srcs != exp.input_srcs {
-        let closure: BTreeSet<String> = st.job.closure.keys().cloned().collect();
+        let closure: BTreeSet<StorePath> = st.job.closure.keys().cloned().collect();
         if got.input_srcs == closure && exp.input_srcs.is_subset(&closure) {
             exp.input_srcs = closure;
         }
@@ -235,19 +234,9 @@ fn check_output_addresses(st: &Statement) -> Result<(), Box<BrokenLink>> {
     for (name, out) in &st.outputs {
         let Some(ca) = &out.ca else { continue };
         let bad = |msg: String| BrokenLink::new(LinkCheck::OutputAddress, msg);
-        let path = StorePath::parse(&out.path).map_err(|e| bad(format!("output `{name}`: {e}")))?;
-        let addr = ContentAddress::parse(ca).map_err(|e| bad(format!("output `{name}`: {e}")))?;
-        let refs = out
-            .references
-            .iter()
-            .filter(|r| **r != out.path)
-            .map(|r| StorePath::parse(r))
-            .collect::<Result<BTreeSet<_>, _>>()
+        let want = crate::ownership::content_addressed_path(&out.path, ca, &out.references)
             .map_err(|e| bad(format!("output `{name}`: {e}")))?;
-        let want = addr
-            .store_path(path.name(), &refs, out.references.contains(&out.path))
-            .map_err(|e| bad(format!("output `{name}` ({ca}): {e}")))?;
-        if want != path {
+        if want != out.path {
             return Err(bad(format!(
                 "output `{name}`'s content address does not produce its path"
             ))

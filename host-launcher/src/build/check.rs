@@ -70,15 +70,15 @@ pub enum CheckError {
     },
     /// An output of the statement did not arrive.
     #[error("output {0} of the statement was not sent")]
-    MissingOutput(String),
+    MissingOutput(StorePath),
     /// A NAR arrived that the statement does not name.
     #[error("the guest sent {0}, which the statement does not name")]
-    UnexpectedOutput(String),
+    UnexpectedOutput(StorePath),
     /// NAR hash or size differ.
     #[error("output {path}: the statement says {claimed}, the NAR that arrived has {got}")]
     NarMismatch {
         /// Path.
-        path: String,
+        path: StorePath,
         /// Statement's hash/size.
         claimed: String,
         /// Received.
@@ -134,7 +134,7 @@ fn read_vcek(cfg: &LauncherConfig) -> Result<Vec<u8>, CheckError> {
 pub fn check_outcome(
     job: &Job,
     outcome: &Outcome,
-    nars: &BTreeMap<String, ReceivedNar>,
+    nars: &BTreeMap<StorePath, ReceivedNar>,
     mode: Mode,
     manifest: &Manifest,
     sim_root: Option<&SimulatedRoot>,
@@ -189,11 +189,11 @@ pub fn check_outcome(
     }
 
     // 3. outputs
-    let named: BTreeSet<&String> = st.outputs.values().map(|o| &o.path).collect();
+    let named: BTreeSet<&StorePath> = st.outputs.values().map(|o| &o.path).collect();
     if let Some(extra) = nars.keys().find(|p| !named.contains(p)) {
         return Err(CheckError::UnexpectedOutput(extra.clone()));
     }
-    let rule = agent::inputs::self_ref_rule(job.ca_rule);
+    let rule = job.ca_rule.into();
     let mut outputs = BTreeMap::new();
     for (name, info) in &st.outputs {
         let nar =
@@ -206,25 +206,19 @@ pub fn check_outcome(
             });
         }
         if let Some(ca) = &info.ca {
-            let bad = |e: String| CheckError::Bad(info.path.clone(), e);
-            let path = StorePath::parse(&info.path).map_err(|e| bad(e.to_string()))?;
-            let ca = ContentAddress::parse(ca).map_err(|e| bad(e.to_string()))?;
-            let refs: BTreeSet<StorePath> = info
-                .references
-                .iter()
-                .map(|r| StorePath::parse(r).map_err(|e| bad(e.to_string())))
-                .collect::<Result<_, _>>()?;
+            let ca = ContentAddress::parse(ca)
+                .map_err(|e| CheckError::Bad(info.path.to_string(), e.to_string()))?;
             let file = std::fs::File::open(&nar.file)
                 .map_err(|e| CheckError::Io(nar.file.display().to_string(), e))?;
             nix_formats::content_address::verify(
-                &path,
+                &info.path,
                 &ca,
-                &refs,
+                &info.references,
                 std::io::BufReader::new(file),
                 rule,
                 &NarLimits::default(),
             )
-            .map_err(|e| CheckError::Ca(info.path.clone(), e))?;
+            .map_err(|e| CheckError::Ca(info.path.to_string(), e))?;
         }
         outputs.insert(
             name.clone(),

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use agent::messages::{AttesterKind, Failure, Hello, NarBegin, Outcome, Phase, PhaseName, Setup};
 use agent::proto::{FrameReader, FrameWriter, Kind, ProtoError, PROTOCOL_VERSION};
 use build_trace::job::{Job, PathInfo};
+use nix_formats::StorePath;
 use sha2::{Digest, Sha256};
 
 use super::watch::ChannelWatch;
@@ -39,7 +40,7 @@ pub struct ReceivedNar {
 pub(crate) struct Conversation {
     pub(crate) outcome: Option<Outcome>,
     pub(crate) failure: Option<Failure>,
-    pub(crate) nars: BTreeMap<String, ReceivedNar>,
+    pub(crate) nars: BTreeMap<StorePath, ReceivedNar>,
     pub(crate) bye: bool,
     pub(crate) hello_uptime_ms: u64,
     pub(crate) last_phase: Option<PhaseName>,
@@ -94,7 +95,7 @@ fn send_all<W: Write>(
     mut w: FrameWriter<W>,
     setup: &Setup,
     job_bytes: &[u8],
-    closure: &BTreeMap<String, PathInfo>,
+    closure: &BTreeMap<StorePath, PathInfo>,
     inputs: &dyn InputSource,
 ) -> Result<u64, StepError> {
     w.send_json(Kind::Setup, setup)?;
@@ -203,12 +204,7 @@ fn receive_all<R: Read>(
                         begin.path
                     )));
                 }
-                let sp = nix_formats::StorePath::parse(&begin.path).map_err(|e| {
-                    StepError::Request(format!(
-                        "the guest sent an output NAR for an invalid path: {e}"
-                    ))
-                })?;
-                let file = staging.join(format!("{}.nar", sp.base_name()));
+                let file = staging.join(format!("{}.nar", begin.path.base_name()));
                 let nar = receive_nar(r, &begin, &file)?;
                 conv.output_bytes += nar.size;
                 sink.progress(&Progress::OutputReceived { path: begin.path.clone() });
@@ -244,7 +240,7 @@ fn receive_nar<R: Read>(
     let mut out = std::fs::File::create(file)
         .map_err(|e| StepError::Io(format!("creating {}", file.display()), e))?;
     let mut sha = Sha256::new();
-    let mut stream = r.nar_stream(&begin.path, begin.nar_size);
+    let mut stream = r.nar_stream(&begin.path.to_string(), begin.nar_size);
     let mut buf = vec![0u8; 256 << 10];
     let mut size = 0u64;
     loop {

@@ -32,6 +32,7 @@ use agent::proto::ProtoError;
 use base64::Engine as _;
 use build_trace::evidence::SimulatedRoot;
 use build_trace::job::{Job, Limits, PathInfo};
+use nix_formats::StorePath;
 use vm_image::image::{files, Manifest};
 
 use super::conversation::{converse, phase_key, timings, Conversation};
@@ -76,7 +77,7 @@ struct Prepared {
     manifest: Manifest,
     mode: Mode,
     limits: Limits,
-    closure: BTreeMap<String, PathInfo>,
+    closure: BTreeMap<StorePath, PathInfo>,
     outputs: BTreeSet<String>,
     setup: Setup,
     sim_root: Option<SimulatedRoot>,

@@ -13,7 +13,7 @@ use std::io::Read;
 use std::path::Path;
 use std::process::Command;
 
-use build_trace::job::{BasicDerivation, DrvOutput, NarHash, PathInfo};
+use build_trace::job::{BasicDerivation, NarHash, PathInfo};
 use nix_formats::derivation::Derivation;
 use nix_formats::nar::NarDump;
 use nix_formats::{Hash, HashAlgo, StorePath};
@@ -31,13 +31,13 @@ pub struct LocalNixStore;
 #[derive(serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct PathInfoJson {
-    path: String,
+    path: StorePath,
     #[serde(default)]
     valid: Option<bool>,
     nar_hash: Option<String>,
     nar_size: Option<u64>,
     #[serde(default)]
-    references: BTreeSet<String>,
+    references: BTreeSet<StorePath>,
     #[serde(default)]
     ca: Option<String>,
 }
@@ -46,7 +46,7 @@ fn err(msg: impl Into<String>) -> InputSourceError {
     InputSourceError(msg.into(), None)
 }
 
-fn parse_nar_hash(path: &str, s: &str) -> Result<NarHash, InputSourceError> {
+fn parse_nar_hash(path: &StorePath, s: &str) -> Result<NarHash, InputSourceError> {
     let h = Hash::parse_any(s, Some(HashAlgo::Sha256))
         .map_err(|e| err(format!("{path}: NAR hash {s:?}: {e}")))?;
     let mut out = [0u8; 32];
@@ -61,9 +61,9 @@ impl LocalNixStore {
     /// Run `nix path-info --json [--recursive] paths…`.
     pub fn query(
         &self,
-        paths: &BTreeSet<String>,
+        paths: &BTreeSet<StorePath>,
         recursive: bool,
-    ) -> Result<BTreeMap<String, PathInfo>, InputSourceError> {
+    ) -> Result<BTreeMap<StorePath, PathInfo>, InputSourceError> {
         if paths.is_empty() {
             return Ok(BTreeMap::new());
         }
@@ -72,7 +72,7 @@ impl LocalNixStore {
         if recursive {
             cmd.arg("--recursive");
         }
-        let out = cmd.args(paths).output().map_err(|e| {
+        let out = cmd.args(paths.iter().map(ToString::to_string)).output().map_err(|e| {
             InputSourceError(
                 "running `nix path-info` (is Nix installed?)".into(),
                 Some(Box::new(e)),
@@ -111,21 +111,20 @@ impl LocalNixStore {
 }
 
 impl InputSource for LocalNixStore {
-    fn path_info(&self, path: &str) -> Result<PathInfo, InputSourceError> {
-        let one: BTreeSet<String> = [path.to_owned()].into();
+    fn path_info(&self, path: &StorePath) -> Result<PathInfo, InputSourceError> {
+        let one: BTreeSet<StorePath> = [path.clone()].into();
         self.query(&one, false)?.remove(path).ok_or_else(|| err(format!("{path}: no path info")))
     }
 
-    fn nar(&self, path: &str) -> Result<Box<dyn Read + Send + '_>, InputSourceError> {
-        let sp = StorePath::parse(path).map_err(|e| err(format!("{path}: {e}")))?;
-        let on_disk = Path::new(nix_formats::STORE_DIR).join(sp.base_name());
+    fn nar(&self, path: &StorePath) -> Result<Box<dyn Read + Send + '_>, InputSourceError> {
+        let on_disk = Path::new(nix_formats::STORE_DIR).join(path.base_name());
         Ok(Box::new(NarDump::new(on_disk)))
     }
 
     fn closure(
         &self,
-        roots: &BTreeSet<String>,
-    ) -> Result<BTreeMap<String, PathInfo>, InputSourceError> {
+        roots: &BTreeSet<StorePath>,
+    ) -> Result<BTreeMap<StorePath, PathInfo>, InputSourceError> {
         self.query(roots, true)
     }
 }
@@ -160,8 +159,9 @@ pub enum DrvError {
     },
 }
 
-/// Read and parse a `.drv` from the store; refuse unresolved ones.
-pub fn load_basic_derivation(drv_path: &str) -> Result<BasicDerivation, DrvError> {
+/// Read and parse a `.drv` from the store (its path as the user gave it); refuse unresolved
+/// ones. Returns the path, parsed, and the basic derivation.
+pub fn load_basic_derivation(drv_path: &str) -> Result<(StorePath, BasicDerivation), DrvError> {
     let sp = StorePath::parse(drv_path).map_err(|_| DrvError::NotADrv(drv_path.into()))?;
     if !sp.is_derivation() {
         return Err(DrvError::NotADrv(drv_path.into()));
@@ -175,26 +175,8 @@ pub fn load_basic_derivation(drv_path: &str) -> Result<BasicDerivation, DrvError
             first: first.to_string(),
         });
     }
-    let name = sp.drv_name().map_err(|_| DrvError::NotADrv(drv_path.into()))?.to_owned();
-    Ok(basic_from(&drv, name))
-}
-
-/// A parsed derivation (without input derivations) as the job's basic derivation.
-pub fn basic_from(drv: &Derivation, name: String) -> BasicDerivation {
-    BasicDerivation {
-        name,
-        outputs: drv
-            .outputs
-            .iter()
-            .map(|(n, o)| {
-                let (path, hash_algo, hash) = o.to_triple();
-                (n.clone(), DrvOutput { path, hash_algo, hash })
-            })
-            .collect(),
-        input_srcs: drv.input_srcs.iter().map(|p| p.to_string()).collect(),
-        system: drv.platform.clone(),
-        builder: drv.builder.clone(),
-        args: drv.args.clone(),
-        env: drv.env.clone(),
-    }
+    let name = sp.drv_name().map_err(|_| DrvError::NotADrv(drv_path.into()))?;
+    let basic = BasicDerivation::from_derivation(name, &drv)
+        .expect("a derivation without input derivations is a basic derivation");
+    Ok((sp, basic))
 }

@@ -47,6 +47,7 @@ use agent::messages::{AttesterKind, FailureKind};
 use build_trace::evidence::{EvidenceBundle, VerifiedEvidence};
 use build_trace::job::{BasicDerivation, CaRule, Limits, PathInfo};
 use build_trace::statement::{OutputInfo, Statement};
+use nix_formats::StorePath;
 
 use crate::vm::Mode;
 
@@ -56,7 +57,7 @@ pub use host::run_step;
 #[derive(Debug, Clone)]
 pub struct StepRequest {
     /// The derivation's store path as Nix names it (resolved for a CA step).
-    pub drv_path: String,
+    pub drv_path: StorePath,
     /// The basic derivation (no `inputDrvs`).
     pub drv: BasicDerivation,
     /// Outputs wanted; empty means all.
@@ -81,18 +82,18 @@ pub struct InputSourceError(
 
 /// Where input paths come from.
 pub trait InputSource: Sync {
-    /// Path info of `path` (full store path).
-    fn path_info(&self, path: &str) -> Result<PathInfo, InputSourceError>;
+    /// Path info of `path`.
+    fn path_info(&self, path: &StorePath) -> Result<PathInfo, InputSourceError>;
     /// The NAR of `path`.
-    fn nar(&self, path: &str) -> Result<Box<dyn Read + Send + '_>, InputSourceError>;
+    fn nar(&self, path: &StorePath) -> Result<Box<dyn Read + Send + '_>, InputSourceError>;
     /// Path infos of the closure of `roots`, in one go if the source can (default: one
     /// `path_info` per path).
     fn closure(
         &self,
-        roots: &BTreeSet<String>,
-    ) -> Result<BTreeMap<String, PathInfo>, InputSourceError> {
+        roots: &BTreeSet<StorePath>,
+    ) -> Result<BTreeMap<StorePath, PathInfo>, InputSourceError> {
         let mut out = BTreeMap::new();
-        let mut todo: Vec<String> = roots.iter().cloned().collect();
+        let mut todo: Vec<StorePath> = roots.iter().cloned().collect();
         while let Some(p) = todo.pop() {
             if out.contains_key(&p) {
                 continue;
@@ -132,7 +133,7 @@ pub enum Progress {
     /// An output NAR arrived.
     OutputReceived {
         /// Its store path.
-        path: String,
+        path: StorePath,
     },
     /// Everything checked.
     Verified,

@@ -154,17 +154,20 @@ pub fn check_fixed_output_result(
 mod tests {
     use super::*;
     use build_trace::job::DrvOutput;
+    use nix_formats::StorePath;
+
+    const SRC: &str = "/nix/store/11111111111111111111111111111111-src";
+
+    fn sp(p: &str) -> StorePath {
+        StorePath::parse(p).unwrap()
+    }
 
     fn fod(algo: &str, hash: &str) -> BasicDerivation {
         BasicDerivation {
             name: "src".into(),
             outputs: [(
                 "out".to_owned(),
-                DrvOutput {
-                    path: "/nix/store/11111111111111111111111111111111-src".into(),
-                    hash_algo: algo.into(),
-                    hash: hash.into(),
-                },
+                DrvOutput { path: Some(sp(SRC)), hash_algo: algo.into(), hash: hash.into() },
             )]
             .into(),
             input_srcs: Default::default(),
@@ -224,7 +227,7 @@ mod tests {
         let drv = fod("sha256", &hex);
         let job = Job::new(
             "j",
-            "/nix/store/00000000000000000000000000000000-src.drv",
+            sp("/nix/store/00000000000000000000000000000000-src.drv"),
             drv,
             Default::default(),
             Limits::default(),
@@ -237,7 +240,7 @@ mod tests {
             hash: Hash::parse_digest(HashAlgo::Sha256, &hex).unwrap(),
         };
         let info = |ca: Option<String>| OutputInfo {
-            path: "/nix/store/11111111111111111111111111111111-src".into(),
+            path: sp(SRC),
             nar_hash: build_trace::job::NarHash([0; 32]),
             nar_size: 0,
             references: Default::default(),

@@ -101,7 +101,7 @@ impl LogSink for Printer {
 
 /// Run `vouch build`.
 pub fn run(args: Args, global: &Global) -> CmdResult {
-    let drv = load_basic_derivation(&args.drv)?;
+    let (drv_path, drv) = load_basic_derivation(&args.drv)?;
     let network = build_trace::job::step_kind(&drv)? == build_trace::job::StepKind::FixedOutput;
     let state_dir = global.state_dir();
     let mut cfg = args.vm.launcher(&state_dir, &args.limits);
@@ -110,7 +110,7 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     let naming = args.key.naming(&state_dir)?;
     naming.check_for(&cfg)?;
     let req = StepRequest {
-        drv_path: args.drv.clone(),
+        drv_path,
         drv,
         outputs: args.outputs.iter().cloned().collect::<BTreeSet<_>>(),
         // `vouch build` has no default limits: 0 = none.

@@ -47,11 +47,11 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         .ok_or_else(|| ProvenanceError::NotAnOutput(args.output.clone()))?;
     let dir = args.traces.clone().unwrap_or_else(|| default_cache_dir(&global.state_dir()));
     let store = TraceStore::open(&dir)?;
-    let entries = super::trace::lookup(&store, &path.to_string())?;
+    let entries = super::trace::lookup(&store, &path)?;
     let mut statements = Vec::new();
     for e in &entries {
         let st = e.parse_statement()?;
-        let Some((name, _)) = st.outputs.iter().find(|(_, o)| o.path == path.to_string()) else {
+        let Some((name, _)) = st.outputs.iter().find(|(_, o)| o.path == path) else {
             continue;
         };
         let kind = e.evidence.as_deref().map(classify_evidence).unwrap_or("unattested");

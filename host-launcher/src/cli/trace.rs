@@ -54,14 +54,9 @@ pub enum TraceCmdError {
 /// Find the entries for a drv path or an output path.
 pub(crate) fn lookup(
     store: &TraceStore,
-    path: &str,
+    p: &StorePath,
 ) -> Result<Vec<TraceEntry>, Box<dyn std::error::Error + Send + Sync>> {
-    let p = StorePath::parse(path).map_err(|_| TraceCmdError::NotAStorePath(path.into()))?;
-    Ok(if p.is_derivation() {
-        store.entries(&p.to_string())?
-    } else {
-        store.entries_for_output(&p.to_string())?
-    })
+    Ok(if p.is_derivation() { store.entries(p)? } else { store.entries_for_output(p)? })
 }
 
 pub fn run(cmd: Command, global: &Global) -> CmdResult {
@@ -76,7 +71,9 @@ pub fn run(cmd: Command, global: &Global) -> CmdResult {
     };
     let dir = args.traces.clone().unwrap_or_else(|| default_cache_dir(&global.state_dir()));
     let store = TraceStore::open(&dir)?;
-    let entries = lookup(&store, &args.path)?;
+    let path = StorePath::parse(&args.path)
+        .map_err(|_| TraceCmdError::NotAStorePath(args.path.clone()))?;
+    let entries = lookup(&store, &path)?;
     if entries.is_empty() {
         eprintln!(
             "no trace of {} in {} (content-addressed steps are stored under their resolved drv \

@@ -39,7 +39,7 @@ pub struct Args {
     pub show_derivation: Option<PathBuf>,
     /// Output paths that must be exactly what the policy accepts (repeatable).
     #[arg(long = "expect", value_name = "PATH")]
-    pub expect: Vec<String>,
+    pub expect: Vec<StorePath>,
     /// Expect the target's outputs registered in the local Nix store (`nix realisation info`
     /// for content-addressed outputs, the derivation's own paths otherwise).
     #[arg(long, conflicts_with = "expect")]
@@ -88,7 +88,7 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         args.traces.clone()
     };
     let stores = dirs.iter().map(|d| TraceStore::open(d)).collect::<Result<Vec<_>, _>>()?;
-    let mut expect: BTreeSet<String> = args.expect.iter().cloned().collect();
+    let mut expect: BTreeSet<StorePath> = args.expect.iter().cloned().collect();
     if args.expect_local {
         expect = local_outputs(&drvs, &target)?;
     }
@@ -126,7 +126,7 @@ fn read_input(p: &Path) -> Result<String, VerifyCmdError> {
 }
 
 /// The target's outputs as the local Nix store has them.
-fn local_outputs(drvs: &DrvSet, target: &StorePath) -> Result<BTreeSet<String>, VerifyCmdError> {
+fn local_outputs(drvs: &DrvSet, target: &StorePath) -> Result<BTreeSet<StorePath>, VerifyCmdError> {
     let err = |problem: String| VerifyCmdError::Local { drv: target.to_string(), problem };
     let drv = drvs.get(target).ok_or_else(|| err("not in the derivation set".into()))?;
     let mut out = BTreeSet::new();
@@ -134,7 +134,7 @@ fn local_outputs(drvs: &DrvSet, target: &StorePath) -> Result<BTreeSet<String>, 
     for o in drv.outputs.values() {
         match o.path() {
             Some(p) => {
-                out.insert(p.to_string());
+                out.insert(p.clone());
             }
             None => floating = true,
         }
@@ -158,7 +158,8 @@ fn local_outputs(drvs: &DrvSet, target: &StorePath) -> Result<BTreeSet<String>, 
             .map_err(|e| err(format!("nix printed no JSON: {e}")))?;
         for r in v.as_array().into_iter().flatten() {
             if let Some(p) = r.get("outPath").and_then(|p| p.as_str()) {
-                out.insert(format!("{}/{p}", nix_formats::STORE_DIR));
+                let p = StorePath::from_base_name(p).map_err(|e| err(format!("outPath: {e}")))?;
+                out.insert(p);
             }
         }
     }

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufReader, Read};
 
-use build_trace::job::{NarHash, PathInfo as JobPathInfo};
+use build_trace::job::PathInfo;
 use nix_formats::StorePath;
 
 use crate::build::{InputSource, InputSourceError, LogSink, Progress};
@@ -17,35 +17,20 @@ use crate::store::ContentStore;
 #[derive(Debug)]
 pub struct StoreInputs<'a>(pub &'a ContentStore);
 
-fn parse(path: &str) -> Result<StorePath, InputSourceError> {
-    StorePath::parse(path).map_err(|e| InputSourceError(format!("`{path}`"), Some(Box::new(e))))
-}
-
-fn job_info(info: nixproto::PathInfo) -> JobPathInfo {
-    JobPathInfo {
-        nar_hash: NarHash(info.nar_hash),
-        nar_size: info.nar_size,
-        references: info.references.iter().map(|r| r.to_string()).collect(),
-        ca: info.ca,
-    }
-}
-
 fn store_err(e: crate::store::StoreError) -> InputSourceError {
     InputSourceError("vouch's content store".into(), Some(Box::new(e)))
 }
 
 impl InputSource for StoreInputs<'_> {
-    fn path_info(&self, path: &str) -> Result<JobPathInfo, InputSourceError> {
-        let p = parse(path)?;
-        match self.0.path_info(&p).map_err(store_err)? {
-            Some(info) => Ok(job_info(info)),
+    fn path_info(&self, path: &StorePath) -> Result<PathInfo, InputSourceError> {
+        match self.0.path_info(path).map_err(store_err)? {
+            Some(valid) => Ok(valid.info),
             None => Err(InputSourceError(format!("{path} is not in vouch's content store"), None)),
         }
     }
 
-    fn nar(&self, path: &str) -> Result<Box<dyn Read + Send + '_>, InputSourceError> {
-        let p = parse(path)?;
-        match self.0.open_nar(&p).map_err(store_err)? {
+    fn nar(&self, path: &StorePath) -> Result<Box<dyn Read + Send + '_>, InputSourceError> {
+        match self.0.open_nar(path).map_err(store_err)? {
             Some((_, f)) => Ok(Box::new(BufReader::with_capacity(1 << 16, f))),
             None => Err(InputSourceError(format!("{path} is not in vouch's content store"), None)),
         }
@@ -53,15 +38,14 @@ impl InputSource for StoreInputs<'_> {
 
     fn closure(
         &self,
-        roots: &BTreeSet<String>,
-    ) -> Result<BTreeMap<String, JobPathInfo>, InputSourceError> {
-        let roots = roots.iter().map(|r| parse(r)).collect::<Result<BTreeSet<_>, _>>()?;
+        roots: &BTreeSet<StorePath>,
+    ) -> Result<BTreeMap<StorePath, PathInfo>, InputSourceError> {
         Ok(self
             .0
-            .closure(&roots)
+            .closure(roots)
             .map_err(store_err)?
             .into_iter()
-            .map(|(p, i)| (p.to_string(), job_info(i)))
+            .map(|(p, v)| (p, v.info))
             .collect())
     }
 }

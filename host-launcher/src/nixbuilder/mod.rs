@@ -146,7 +146,7 @@ impl Handler for BuilderCore {
             }
             Action::NarFromPath(p) => match self.store.open_nar(&p)? {
                 Some((info, f)) => Ok(Reply::Nar(NarStream {
-                    size: info.nar_size,
+                    size: info.info.nar_size,
                     reader: Box::new(BufReader::with_capacity(1 << 16, f)),
                 })),
                 None => Err(format!("{p} is not in vouch's content store").into()),

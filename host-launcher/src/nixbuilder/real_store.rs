@@ -186,10 +186,9 @@ mod tests {
     use std::collections::BTreeSet;
 
     use nix_formats::nar::NarWriter;
-    use sha2::{Digest, Sha256};
 
     use super::*;
-    use crate::nixproto::PathInfo;
+    use crate::nixproto::ValidPathInfo;
     use crate::store::{FileUploads, Origin, StoreConfig};
 
     /// A content store holding one path: a directory with an executable file and a symlink.
@@ -207,16 +206,18 @@ mod tests {
         let path = StorePath::from_parts([7; 20], "tree").unwrap();
         let file = dir.join("tree.nar");
         std::fs::write(&file, &nar).unwrap();
-        let info = PathInfo {
+        let info = ValidPathInfo {
             path: path.clone(),
+            info: build_trace::PathInfo {
+                nar_hash: build_trace::NarHash::of(&nar),
+                nar_size: nar.len() as u64,
+                references: BTreeSet::new(),
+                ca: None,
+            },
             deriver: None,
-            nar_hash: Sha256::digest(&nar).into(),
-            nar_size: nar.len() as u64,
-            references: BTreeSet::new(),
             registration_time: 0,
             ultimate: false,
             sigs: BTreeSet::new(),
-            ca: None,
         };
         let store = ContentStore::open(&dir.join("store"), StoreConfig::default()).unwrap();
         let rules = crate::nixbuilder::UPLOAD_RULES;

@@ -25,9 +25,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use agent::messages::FailureKind;
-use build_trace::job::{step_kind, CaRule, Limits, StepKind};
-use nix_formats::ca::SelfRefRule;
-use nix_formats::StorePath;
+use build_trace::job::{step_kind, CaRule, Limits, PathInfo, StepKind};
 
 use super::adapters::{LinesToClient, StoreInputs};
 use super::BuilderCore;
@@ -37,7 +35,7 @@ use crate::nixproto::action::error_chain;
 use crate::nixproto::version::show;
 use crate::nixproto::{
     BuildMode, BuildOptions, BuildRequest, BuildResult, BuildStatus, BuiltOutput,
-    LegacyRealisation, LogSink, PathInfo,
+    LegacyRealisation, LogSink, ValidPathInfo,
 };
 use crate::store::{FileUploads, Origin};
 
@@ -49,14 +47,6 @@ fn fail(status: BuildStatus, msg: impl Into<String>) -> BuildResult {
     let msg = msg.into();
     tracing::warn!(?status, "build failed: {msg}");
     BuildResult::failure(status, msg)
-}
-
-/// The self-reference rule of the store checks for a job's rule.
-pub fn self_ref_rule(rule: CaRule) -> SelfRefRule {
-    match rule {
-        CaRule::SelfRefPositions => SelfRefRule::ZeroAndPositions,
-        CaRule::SelfRefZeroed => SelfRefRule::ZeroOnly,
-    }
 }
 
 /// The settings of a worker-protocol `SetOptions` (what a `unix://` client sends first) that
@@ -164,14 +154,7 @@ pub fn build(core: &mut BuilderCore, req: BuildRequest, log: &mut dyn LogSink) -
     }
 
     // The input closure, from the content store, pinned for this session.
-    let mut roots = BTreeSet::new();
-    for p in &req.drv.input_srcs {
-        match StorePath::parse(p) {
-            Ok(sp) => roots.insert(sp),
-            Err(e) => return fail(BuildStatus::MiscFailure, format!("input `{p}`: {e}")),
-        };
-    }
-    let closure = match core.store.closure(&roots) {
+    let closure = match core.store.closure(&req.drv.input_srcs) {
         Ok(c) => c,
         Err(e) => {
             return fail(
@@ -197,7 +180,7 @@ pub fn build(core: &mut BuilderCore, req: BuildRequest, log: &mut dyn LogSink) -
         core.cfg.launcher.vcpus.into(),
     );
     let step = StepRequest {
-        drv_path: drv_path.to_string(),
+        drv_path: drv_path.clone(),
         drv: req.drv,
         outputs: BTreeSet::new(),
         limits,
@@ -250,36 +233,34 @@ fn finish(
     let records = build_trace::sign::step_records(st, &key)
         .map_err(|e| format!("vouch: signing the step's records: {}", error_chain(&e)))?;
 
-    let deriver = StorePath::parse(&st.job.drv_path).ok();
     let mut items = Vec::new();
     for (name, out) in &outcome.outputs {
         let i = &out.info;
-        let parse =
-            |p: &str| StorePath::parse(p).map_err(|e| format!("vouch: output `{name}`: {e}"));
-        let info = PathInfo {
-            path: parse(&i.path)?,
-            deriver: deriver.clone(),
-            nar_hash: i.nar_hash.0,
-            nar_size: i.nar_size,
-            references: i.references.iter().map(|r| parse(r)).collect::<Result<_, _>>()?,
+        let info = ValidPathInfo {
+            path: i.path.clone(),
+            info: PathInfo {
+                nar_hash: i.nar_hash,
+                nar_size: i.nar_size,
+                references: i.references.clone(),
+                ca: i.ca.clone(),
+            },
+            deriver: Some(st.job.drv_path.clone()),
             registration_time: now(),
             ultimate: true,
             sigs: records
                 .get(name)
                 .map(|r| r.narinfo.sigs.iter().map(|s| s.to_string()).collect())
                 .unwrap_or_default(),
-            ca: i.ca.clone(),
         };
         items.push((info, out.nar_file.clone()));
     }
     core.store
-        .add(&mut FileUploads::new(items), &[self_ref_rule(ca_rule)], Origin::Build)
+        .add(&mut FileUploads::new(items), &[ca_rule.into()], Origin::Build)
         .map_err(|e| format!("vouch: registering the outputs: {}", error_chain(&e)))?;
 
     let mut built = BTreeMap::new();
     for (name, out) in &st.outputs {
-        let out_path =
-            StorePath::parse(&out.path).map_err(|e| format!("vouch: output `{name}`: {e}"))?;
+        let out_path = out.path.clone();
         let rec = records.get(name);
         built.insert(
             name.clone(),

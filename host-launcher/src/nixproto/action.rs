@@ -3,7 +3,7 @@
 //! [`Handler`] trait the core implements. The core never sees the wire.
 //!
 //! What is here: the actions and replies, the protocol-independent records they carry
-//! ([`PathInfo`], [`BuildRequest`], [`BuildResult`] …), [`UploadSource`] (the NARs of an upload,
+//! ([`ValidPathInfo`], [`BuildRequest`], [`BuildResult`] …), [`UploadSource`] (the NARs of an upload,
 //! streamed from the wire as the core consumes them) and [`LogSink`] (build logs streamed to the
 //! client as they happen).
 //!
@@ -15,27 +15,24 @@ use std::io::Read;
 
 use nix_formats::StorePath;
 
-/// What a client told us (or we tell it) about one store path, as in a narinfo.
+/// What a client told us (or we tell it) about one store path: Nix's `ValidPathInfo`. What it
+/// says about the contents (NAR hash and size, references, content address) is a
+/// [`build_trace::PathInfo`], the same record a job's input closure holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PathInfo {
+pub struct ValidPathInfo {
     /// The path.
     pub path: StorePath,
+    /// Its contents: NAR hash and size, references (itself included when self-referencing),
+    /// and the content address it claims, if any.
+    pub info: build_trace::PathInfo,
     /// The derivation that built it, if known.
     pub deriver: Option<StorePath>,
-    /// SHA-256 of its NAR.
-    pub nar_hash: [u8; 32],
-    /// Size of its NAR in bytes.
-    pub nar_size: u64,
-    /// Paths it references (itself included when self-referencing).
-    pub references: BTreeSet<StorePath>,
     /// When it was registered (seconds since the epoch; informational).
     pub registration_time: u64,
     /// Whether the sender built it itself (informational; we never trust it).
     pub ultimate: bool,
     /// Signatures `key:base64` (informational; uploads are checked by content, not by these).
     pub sigs: BTreeSet<String>,
-    /// Its content address (`fixed:r:sha256:<nix32>`, `text:sha256:<nix32>` …), if it claims one.
-    pub ca: Option<String>,
 }
 
 /// The build options of the serve protocol (`BuildDerivation`, `BuildPaths`).
@@ -245,7 +242,9 @@ impl BuildResult {
 pub trait UploadSource {
     /// The next path's info, or `None` after the last. After it, [`UploadSource::nar`] yields
     /// exactly `info.nar_size` bytes (the front-end enforces the bound).
-    fn next_path(&mut self) -> Result<Option<PathInfo>, Box<dyn std::error::Error + Send + Sync>>;
+    fn next_path(
+        &mut self,
+    ) -> Result<Option<ValidPathInfo>, Box<dyn std::error::Error + Send + Sync>>;
     /// The current path's NAR bytes.
     fn nar(&mut self) -> &mut dyn Read;
 }
@@ -340,7 +339,7 @@ pub enum Reply {
     /// The valid subset of the paths asked about.
     ValidPaths(BTreeSet<StorePath>),
     /// Path info, or `None` if the path is not valid here.
-    PathInfo(Option<Box<PathInfo>>),
+    PathInfo(Option<Box<ValidPathInfo>>),
     /// A NAR.
     Nar(NarStream),
     /// A build result (failures included: they are answers, not errors).

@@ -116,11 +116,11 @@ fn worker_valid_path_info_1_16() {
     let mut r = &bin.0[..];
     let infos: Vec<_> = (0..3).map(|_| types::read_upload_info(&mut r).unwrap()).collect();
     assert!(r.is_empty());
-    assert_eq!(hex::encode(infos[0].nar_hash), NAR_HEX);
+    assert_eq!(hex::encode(infos[0].info.nar_hash.0), NAR_HEX);
     assert!(infos[0].ultimate && infos[0].deriver.is_none());
     assert_eq!(infos[1].deriver.as_ref().unwrap().to_string(), BAR_DRV);
     assert_eq!(infos[1].sigs.len(), 2);
-    assert_eq!(infos[2].references.len(), 2);
+    assert_eq!(infos[2].info.references.len(), 2);
     let mut out = Vec::new();
     for i in &infos {
         types::write_upload_info(&mut out, i).unwrap();
@@ -130,7 +130,7 @@ fn worker_valid_path_info_1_16() {
     // The third is `makeFromCA("foo", NixArchive sha256("(...)"), refs {bar}, self)`: its
     // content address must reproduce its path.
     let ca_hash = Hash::sha256(nix_formats::hash::sha256("(...)"));
-    assert_eq!(infos[2].ca.as_deref().unwrap(), format!("fixed:r:{ca_hash}"));
+    assert_eq!(infos[2].info.ca.as_deref().unwrap(), format!("fixed:r:{ca_hash}"));
     let refs = BTreeSet::from([StorePath::parse(BAR).unwrap()]);
     let p = make_fixed_output_path("foo", FileIngestionMethod::Recursive, &ca_hash, &refs, true);
     assert_eq!(p.unwrap().to_string(), CA_FOO);
@@ -281,7 +281,7 @@ fn serve_unkeyed_valid_path_info_2_4() {
         .0;
     let path = StorePath::parse(BAR).unwrap();
     let info = types::read_serve_path_info(&mut &bin[..], path, 0x204).unwrap();
-    assert_eq!(hex::encode(info.nar_hash), NAR_HEX);
+    assert_eq!(hex::encode(info.info.nar_hash.0), NAR_HEX);
     let mut out = Vec::new();
     types::write_serve_path_info(&mut out, &info, 0x204).unwrap();
     assert_eq!(out, bin);

@@ -24,8 +24,8 @@ mod golden;
 
 pub use action::{
     Action, ActionError, BuildMode, BuildOptions, BuildRequest, BuildResult, BuildStatus,
-    BuiltOutput, ClientOptions, Handler, LegacyRealisation, LogSink, NarStream, NullLog, PathInfo,
-    Reply, UploadSource,
+    BuiltOutput, ClientOptions, Handler, LegacyRealisation, LogSink, NarStream, NullLog, Reply,
+    UploadSource, ValidPathInfo,
 };
 pub use version::{ClientProfile, NixVersion, Protocol, RealisationFormat};
 pub use wire::WireError;

@@ -16,7 +16,8 @@ use std::collections::BTreeSet;
 use std::io::{self, BufRead, Read, Write};
 
 use super::action::{
-    error_chain, Action, ActionError, BuildRequest, Handler, LogSink, PathInfo, Reply, UploadSource,
+    error_chain, Action, ActionError, BuildRequest, Handler, LogSink, Reply, UploadSource,
+    ValidPathInfo,
 };
 use super::types::{self, CodecError};
 use super::version::{major, show, ClientProfile, NixVersion, ProtoVersion, Protocol};
@@ -216,16 +217,16 @@ fn unexpected(reply: Reply) -> ServerError {
 
 /// Serve `AddToStoreNar`: exactly `narSize` raw bytes follow the info.
 struct RawUpload<'r, R: Read> {
-    info: Option<PathInfo>,
+    info: Option<ValidPathInfo>,
     nar: Taken<'r, R>,
 }
 
 impl<R: Read> UploadSource for RawUpload<'_, R> {
-    fn next_path(&mut self) -> Result<Option<PathInfo>, ActionError> {
+    fn next_path(&mut self) -> Result<Option<ValidPathInfo>, ActionError> {
         self.nar.skip_rest()?;
         let info = self.info.take();
         if let Some(i) = &info {
-            self.nar.left = i.nar_size;
+            self.nar.left = i.info.nar_size;
         }
         Ok(info)
     }

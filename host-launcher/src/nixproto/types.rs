@@ -10,13 +10,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 
+use build_trace::{NarHash, PathInfo};
 use nix_formats::hash::{Hash, HashAlgo, HashError};
 use nix_formats::store_path::StorePathError;
 use nix_formats::StorePath;
 
 use super::action::{
     BuildMode, BuildOptions, BuildResult, BuildStatus, BuiltOutput, ClientOptions,
-    LegacyRealisation, PathInfo,
+    LegacyRealisation, ValidPathInfo,
 };
 use super::version::{minor, ClientProfile, ProtoVersion, Protocol, RealisationFormat};
 use super::wire::{WireError, WireRead, WireWrite};
@@ -99,10 +100,10 @@ pub fn write_store_path_set<'a>(
     Ok(())
 }
 
-fn parse_nar_hash(s: &str, what: &'static str) -> CResult<[u8; 32]> {
+fn parse_nar_hash(s: &str, what: &'static str) -> CResult<NarHash> {
     let h = Hash::parse_any(s, Some(HashAlgo::Sha256))
         .map_err(|source| CodecError::Hash { what, source })?;
-    h.sha256_bytes().map_err(|source| CodecError::Hash { what, source })
+    h.sha256_bytes().map(NarHash).map_err(|source| CodecError::Hash { what, source })
 }
 
 fn opt_string(s: String) -> Option<String> {
@@ -112,13 +113,13 @@ fn opt_string(s: String) -> Option<String> {
 /// `ValidPathInfo` as uploads carry it (worker `AddMultipleToStore`/`AddToStoreNar`, serve
 /// `AddToStoreNar`): path, deriver, narHash (base16, no prefix), references, registrationTime,
 /// narSize, ultimate, sigs, ca — the worker layout at ≥ 1.16.
-pub fn read_upload_info(r: &mut impl Read) -> CResult<PathInfo> {
+pub fn read_upload_info(r: &mut impl Read) -> CResult<ValidPathInfo> {
     let path = read_store_path(r, "path")?;
     read_unkeyed_path_info(r, path, 0x110)
 }
 
 /// Write what [`read_upload_info`] reads.
-pub fn write_upload_info(w: &mut impl Write, info: &PathInfo) -> CResult<()> {
+pub fn write_upload_info(w: &mut impl Write, info: &ValidPathInfo) -> CResult<()> {
     w.write_str(&info.path.to_string())?;
     write_unkeyed_path_info(w, info, 0x110)
 }
@@ -128,7 +129,7 @@ pub fn read_unkeyed_path_info(
     r: &mut impl Read,
     path: StorePath,
     version: ProtoVersion,
-) -> CResult<PathInfo> {
+) -> CResult<ValidPathInfo> {
     let deriver = read_opt_store_path(r, "deriver")?;
     let nar_hash = parse_nar_hash(&r.read_string("narHash")?, "narHash")?;
     let references = read_store_path_set(r, "references")?;
@@ -140,34 +141,31 @@ pub fn read_unkeyed_path_info(
         sigs = r.read_string_set("sigs")?;
         ca = opt_string(r.read_string("ca")?);
     }
-    Ok(PathInfo {
+    Ok(ValidPathInfo {
         path,
+        info: PathInfo { nar_hash, nar_size, references, ca },
         deriver,
-        nar_hash,
-        nar_size,
-        references,
         registration_time,
         ultimate,
         sigs,
-        ca,
     })
 }
 
 /// Write the worker's `UnkeyedValidPathInfo`.
 pub fn write_unkeyed_path_info(
     w: &mut impl Write,
-    info: &PathInfo,
+    info: &ValidPathInfo,
     version: ProtoVersion,
 ) -> CResult<()> {
     w.write_str(&info.deriver.as_ref().map(|d| d.to_string()).unwrap_or_default())?;
-    w.write_str(&hex::encode(info.nar_hash))?;
-    write_store_path_set(w, &info.references)?;
+    w.write_str(&hex::encode(info.info.nar_hash.0))?;
+    write_store_path_set(w, &info.info.references)?;
     w.write_u64(info.registration_time)?;
-    w.write_u64(info.nar_size)?;
+    w.write_u64(info.info.nar_size)?;
     if minor(version) >= 16 {
         w.write_bool(info.ultimate)?;
         w.write_strings(&info.sigs)?;
-        w.write_str(info.ca.as_deref().unwrap_or(""))?;
+        w.write_str(info.info.ca.as_deref().unwrap_or(""))?;
     }
     Ok(())
 }
@@ -175,16 +173,16 @@ pub fn write_unkeyed_path_info(
 /// The serve protocol's `UnkeyedValidPathInfo` (`QueryPathInfos` answers, after the path).
 pub fn write_serve_path_info(
     w: &mut impl Write,
-    info: &PathInfo,
+    info: &ValidPathInfo,
     version: ProtoVersion,
 ) -> CResult<()> {
     w.write_str(&info.deriver.as_ref().map(|d| d.to_string()).unwrap_or_default())?;
-    write_store_path_set(w, &info.references)?;
-    w.write_u64(info.nar_size)?; // download size: uncompressed
-    w.write_u64(info.nar_size)?;
+    write_store_path_set(w, &info.info.references)?;
+    w.write_u64(info.info.nar_size)?; // download size: uncompressed
+    w.write_u64(info.info.nar_size)?;
     if minor(version) >= 4 {
-        w.write_str(&Hash::sha256(info.nar_hash).to_string())?;
-        w.write_str(info.ca.as_deref().unwrap_or(""))?;
+        w.write_str(&Hash::sha256(info.info.nar_hash.0).to_string())?;
+        w.write_str(info.info.ca.as_deref().unwrap_or(""))?;
         w.write_strings(&info.sigs)?;
     }
     Ok(())
@@ -195,12 +193,12 @@ pub fn read_serve_path_info(
     r: &mut impl Read,
     path: StorePath,
     version: ProtoVersion,
-) -> CResult<PathInfo> {
+) -> CResult<ValidPathInfo> {
     let deriver = read_opt_store_path(r, "deriver")?;
     let references = read_store_path_set(r, "references")?;
     let _download_size = r.read_u64()?;
     let nar_size = r.read_u64()?;
-    let (mut nar_hash, mut ca, mut sigs) = ([0u8; 32], None, BTreeSet::new());
+    let (mut nar_hash, mut ca, mut sigs) = (NarHash([0; 32]), None, BTreeSet::new());
     if minor(version) >= 4 {
         let h = r.read_string("narHash")?;
         if !h.is_empty() {
@@ -209,16 +207,13 @@ pub fn read_serve_path_info(
         ca = opt_string(r.read_string("ca")?);
         sigs = r.read_string_set("sigs")?;
     }
-    Ok(PathInfo {
+    Ok(ValidPathInfo {
         path,
+        info: PathInfo { nar_hash, nar_size, references, ca },
         deriver,
-        nar_hash,
-        nar_size,
-        references,
         registration_time: 0,
         ultimate: false,
         sigs,
-        ca,
     })
 }
 
@@ -235,11 +230,7 @@ pub fn read_basic_derivation(
     let mut outputs = BTreeMap::new();
     for _ in 0..n {
         let out_name = r.read_string("output name")?;
-        let path = r.read_string("output path")?;
-        if !path.is_empty() {
-            StorePath::parse(&path)
-                .map_err(|source| CodecError::StorePath { what: "output path", source })?;
-        }
+        let path = read_opt_store_path(r, "output path")?;
         let hash_algo = r.read_string("output hash algorithm")?;
         let hash = r.read_string("output hash")?;
         if outputs
@@ -249,7 +240,7 @@ pub fn read_basic_derivation(
             return Err(field("outputs", format!("output `{out_name}` appears twice")));
         }
     }
-    let input_srcs = read_store_path_set(r, "inputSrcs")?.iter().map(|p| p.to_string()).collect();
+    let input_srcs = read_store_path_set(r, "inputSrcs")?;
     let system = r.read_string("platform")?;
     let builder = r.read_string("builder")?;
     let args = r.read_string_list("args")?;
@@ -271,11 +262,11 @@ pub fn write_basic_derivation(
     w.write_u64(drv.outputs.len() as u64)?;
     for (name, o) in &drv.outputs {
         w.write_str(name)?;
-        w.write_str(&o.path)?;
+        w.write_str(&o.path.as_ref().map(ToString::to_string).unwrap_or_default())?;
         w.write_str(&o.hash_algo)?;
         w.write_str(&o.hash)?;
     }
-    w.write_strings(&drv.input_srcs)?;
+    write_store_path_set(w, &drv.input_srcs)?;
     w.write_str(&drv.system)?;
     w.write_str(&drv.builder)?;
     w.write_strings(&drv.args)?;

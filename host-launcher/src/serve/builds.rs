@@ -341,8 +341,8 @@ fn outputs_json(core: &BuilderCore, res: &BuildResult) -> (serde_json::Value, &'
             name.clone(),
             serde_json::json!({
                 "path": o.out_path.to_string(),
-                "nar_hash": info.as_ref().map(|i| format!("sha256:{}", nix_formats::base32::encode(&i.nar_hash))),
-                "nar_size": info.as_ref().map(|i| i.nar_size),
+                "nar_hash": info.as_ref().map(|i| i.info.nar_hash.to_string()),
+                "nar_size": info.as_ref().map(|i| i.info.nar_size),
                 "narinfo_signatures": sigs,
                 "signatures": o.signatures,
                 "realisation": realisation,

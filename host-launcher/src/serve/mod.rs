@@ -51,7 +51,7 @@ use crate::nixproto::action::error_chain;
 use crate::nixproto::{BuildMode, BuildOptions, BuildRequest, ClientProfile, NixVersion, Protocol};
 use crate::store::{ContentStore, FileUploads, Origin, StoreConfig, StoreError};
 use api::{ApiAction, BuildSubmission};
-use build_trace::job::StepKind;
+use build_trace::job::{BasicDerivation, StepKind};
 
 /// The largest `.drv` file the build API reads.
 pub const MAX_DRV_BYTES: u64 = 16 << 20;
@@ -292,20 +292,20 @@ impl Service {
         let Some(i) = info else {
             return Err(ApiError::new(404, format!("{rel} is not in this binary cache")));
         };
-        let h = nix_formats::hash::Hash::sha256(i.nar_hash);
+        let h = nix_formats::hash::Hash::sha256(i.info.nar_hash.0);
         let text = NarInfo {
             store_path: i.path,
             url: format!("nar/{}.nar", h.to_nix32()),
             compression: Some("none".into()),
             file_hash: Some(h.clone()),
-            file_size: Some(i.nar_size),
+            file_size: Some(i.info.nar_size),
             nar_hash: h,
-            nar_size: i.nar_size,
-            references: i.references,
+            nar_size: i.info.nar_size,
+            references: i.info.references,
             deriver: i.deriver,
             system: None,
             sigs: Vec::new(),
-            ca: i.ca,
+            ca: i.info.ca,
         }
         .to_text();
         Ok(ApiReply::Bytes("text/x-nix-narinfo", text.into_bytes()))
@@ -381,7 +381,7 @@ impl Service {
             self.store.open_nar(&drv_path).map_err(store_error)?.ok_or_else(|| {
                 bad(422, format!("{drv_path} is not in vouch's content store: {how}"))
             })?;
-        if !info.ca.as_deref().is_some_and(|c| c.starts_with("text:")) {
+        if !info.info.ca.as_deref().is_some_and(|c| c.starts_with("text:")) {
             return Err(bad(
                 422,
                 format!(
@@ -409,7 +409,8 @@ impl Service {
             ));
         }
         let name = drv_path.drv_name().map_err(|e| bad(400, e.to_string()))?.to_owned();
-        let basic = crate::build::local_store::basic_from(&drv, name);
+        let basic = BasicDerivation::from_derivation(&name, &drv)
+            .map_err(|e| bad(422, format!("{drv_path}: {}", error_chain(&e))))?;
         let kind = build_trace::job::step_kind(&basic)
             .map_err(|e| bad(422, format!("vouch cannot build {drv_path}: {}", error_chain(&e))))?;
         match kind {
@@ -436,11 +437,7 @@ impl Service {
             }
             _ => {}
         }
-        let mut roots = BTreeSet::new();
-        for p in &basic.input_srcs {
-            roots.insert(StorePath::parse(p).map_err(|e| bad(422, format!("input `{p}`: {e}")))?);
-        }
-        self.store.closure(&roots).map_err(|e| match e {
+        self.store.closure(&basic.input_srcs).map_err(|e| match e {
             StoreError::Missing { path } => bad(
                 422,
                 format!("input {path} of {drv_path} is not in vouch's content store: {how}"),

@@ -26,7 +26,7 @@ use nix_formats::hash::HashAlgo;
 use nix_formats::narinfo::NarInfo;
 use sha2::{Digest, Sha256};
 
-use crate::nixproto::PathInfo;
+use crate::nixproto::ValidPathInfo;
 
 use super::ApiError;
 
@@ -163,7 +163,7 @@ impl Staging {
         hash: &str,
         info: &NarInfo,
         cache_nar_dir: &Path,
-    ) -> Result<(PathInfo, PathBuf, bool), ApiError> {
+    ) -> Result<(ValidPathInfo, PathBuf, bool), ApiError> {
         let path = &info.store_path;
         if path.hash_part() != hash {
             return Err(ApiError::new(
@@ -208,7 +208,7 @@ impl Staging {
                 ),
             ));
         }
-        let nar_hash = info.nar_hash.sha256_bytes().map_err(|e| {
+        let nar_hash = info.nar_hash.sha256_bytes().map(build_trace::NarHash).map_err(|e| {
             ApiError::new(400, format!("{hash}.narinfo: NarHash is not SHA-256 ({e})"))
         })?;
         if info.file_hash.as_ref().is_some_and(|f| *f != info.nar_hash)
@@ -232,16 +232,18 @@ impl Staging {
         } else {
             staged
         };
-        let pi = PathInfo {
+        let pi = ValidPathInfo {
             path: path.clone(),
+            info: build_trace::PathInfo {
+                nar_hash,
+                nar_size: info.nar_size,
+                references: info.references.clone(),
+                ca: info.ca.clone(),
+            },
             deriver: info.deriver.clone(),
-            nar_hash,
-            nar_size: info.nar_size,
-            references: info.references.clone(),
             registration_time: crate::store::db::now().max(0) as u64,
             ultimate: false,
             sigs: info.sigs.iter().map(|s| s.to_string()).collect(),
-            ca: info.ca.clone(),
         };
         Ok((pi, taken, owned))
     }
@@ -295,7 +297,7 @@ mod tests {
         let cache_nar = t.path().join("cache/nar");
         let (pi, file, owned) = st.take(&hp, &i, &cache_nar).unwrap();
         assert!(owned && file.starts_with(t.path().join("staging")));
-        assert_eq!((pi.nar_hash, pi.nar_size), (h, len));
+        assert_eq!((pi.info.nar_hash.0, pi.info.nar_size), (h, len));
         // Taken: a second narinfo finds nothing, unless the cache has the NAR (Nix skipped the
         // upload after `HEAD nar/…` found it there).
         assert_eq!(st.take(&hp, &i, &cache_nar).unwrap_err().status, 409);

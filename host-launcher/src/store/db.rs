@@ -23,7 +23,7 @@ use nix_formats::StorePath;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::owner::ProcessId;
-use crate::nixproto::PathInfo;
+use crate::nixproto::ValidPathInfo;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -122,7 +122,7 @@ pub struct Row {
     /// Row id.
     pub id: i64,
     /// Path info (references include the path itself when self-referencing).
-    pub info: PathInfo,
+    pub info: ValidPathInfo,
     /// NAR file name (in the store's `nar/` directory).
     pub nar_file: String,
     /// `upload` or `build`.
@@ -175,23 +175,20 @@ pub fn get(conn: &Connection, path: &StorePath) -> rusqlite::Result<Option<Row>>
     if self_ref {
         references.insert(path.clone());
     }
-    let nar_hash: [u8; 32] = hash.try_into().map_err(|_| {
+    let nar_hash = hash.try_into().map(build_trace::NarHash).map_err(|_| {
         rusqlite::Error::FromSqlConversionFailure(
             2,
             rusqlite::types::Type::Blob,
             "nar_hash is not 32 bytes".into(),
         )
     })?;
-    let info = PathInfo {
+    let info = ValidPathInfo {
         path: path.clone(),
+        info: build_trace::PathInfo { nar_hash, nar_size: size as u64, references, ca },
         deriver: deriver.as_deref().map(parse_path).transpose()?,
-        nar_hash,
-        nar_size: size as u64,
-        references,
         registration_time: registered as u64,
         ultimate: origin == "build",
         sigs: serde_json::from_str(&sigs).unwrap_or_default(),
-        ca,
     };
     Ok(Some(Row { id, info, nar_file, origin }))
 }
@@ -205,7 +202,7 @@ pub fn id_of(conn: &Connection, path: &StorePath) -> rusqlite::Result<Option<i64
 /// Insert a valid path (its references, other than itself, must already have rows).
 pub fn insert(
     conn: &Connection,
-    info: &PathInfo,
+    info: &ValidPathInfo,
     nar_file: &str,
     origin: &str,
 ) -> rusqlite::Result<i64> {
@@ -217,12 +214,12 @@ pub fn insert(
         params![
             info.path.to_string(),
             nar_file,
-            &info.nar_hash[..],
-            info.nar_size as i64,
+            &info.info.nar_hash.0[..],
+            info.info.nar_size as i64,
             info.deriver.as_ref().map(|d| d.to_string()),
-            info.ca,
+            info.info.ca,
             serde_json::to_string(&info.sigs).unwrap_or_else(|_| "[]".into()),
-            info.references.contains(&info.path),
+            info.info.references.contains(&info.path),
             t,
             origin,
         ],
@@ -231,11 +228,11 @@ pub fn insert(
 }
 
 /// Insert the reference rows of `referrer` (self-references excluded; they are a flag).
-pub fn insert_refs(conn: &Connection, referrer: i64, info: &PathInfo) -> rusqlite::Result<()> {
+pub fn insert_refs(conn: &Connection, referrer: i64, info: &ValidPathInfo) -> rusqlite::Result<()> {
     let mut stmt = conn.prepare_cached(
         "INSERT OR IGNORE INTO refs (referrer, reference) SELECT ?1, id FROM paths WHERE path = ?2",
     )?;
-    for r in info.references.iter().filter(|r| **r != info.path) {
+    for r in info.info.references.iter().filter(|r| **r != info.path) {
         if stmt.execute(params![referrer, r.to_string()])? != 1 {
             return Err(rusqlite::Error::QueryReturnedNoRows);
         }

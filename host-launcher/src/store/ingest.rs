@@ -20,19 +20,20 @@ use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
 use std::path::PathBuf;
 
+use build_trace::NarHash;
 use nix_formats::ca::SelfRefRule;
 use nix_formats::content_address::{self, ContentAddress};
 use nix_formats::nar::{NarLimits, NarReader};
 use sha2::{Digest, Sha256};
 
 use super::{StoreError, UploadProblem};
-use crate::nixproto::PathInfo;
+use crate::nixproto::ValidPathInfo;
 
 /// A received, checked NAR in a temporary file (removed on drop unless committed).
 #[derive(Debug)]
 pub struct Staged {
     /// What it is.
-    pub info: PathInfo,
+    pub info: ValidPathInfo,
     /// The temporary file.
     pub tmp: PathBuf,
     /// Set once the file was renamed into the store.
@@ -68,23 +69,23 @@ impl<R: Read + ?Sized> Read for Tee<'_, R> {
     }
 }
 
-fn problem(info: &PathInfo, problem: UploadProblem) -> StoreError {
+fn problem(info: &ValidPathInfo, problem: UploadProblem) -> StoreError {
     StoreError::Upload { path: info.path.clone(), problem: Box::new(problem) }
 }
 
-/// Receive `info`'s NAR from `nar` (at most `info.nar_size` bytes are read) into `tmp` and check
+/// Receive `info`'s NAR from `nar` (at most `info.info.nar_size` bytes are read) into `tmp` and check
 /// it (see the module docs).
 pub fn receive(
-    info: PathInfo,
+    info: ValidPathInfo,
     nar: &mut dyn Read,
     tmp: PathBuf,
     max_bytes: u64,
     rules: &[SelfRefRule],
 ) -> Result<Staged, StoreError> {
-    if info.nar_size > max_bytes {
+    if info.info.nar_size > max_bytes {
         return Err(problem(
             &info,
-            UploadProblem::TooLarge { size: info.nar_size, max: max_bytes },
+            UploadProblem::TooLarge { size: info.info.nar_size, max: max_bytes },
         ));
     }
     let file = File::options()
@@ -96,7 +97,7 @@ pub fn receive(
     let staged = Staged { info, tmp, committed: false };
     let info = &staged.info;
 
-    let mut limited = nar.take(info.nar_size);
+    let mut limited = nar.take(info.info.nar_size);
     let mut tee = Tee {
         inner: &mut limited,
         out: BufWriter::with_capacity(1 << 16, &file),
@@ -104,13 +105,13 @@ pub fn receive(
         n: 0,
         write_err: None,
     };
-    let limits = NarLimits { max_total_size: info.nar_size, ..NarLimits::default() };
+    let limits = NarLimits { max_total_size: info.info.nar_size, ..NarLimits::default() };
     let parsed = NarReader::new(&mut tee, limits).validate_to_end();
     if let Some(e) = tee.write_err.take() {
         return Err(StoreError::Io { op: "write", path: staged.tmp.clone(), source: e });
     }
     let received = tee.n;
-    let actual: [u8; 32] = tee.hasher.clone().finalize().into();
+    let actual = NarHash(tee.hasher.clone().finalize().into());
     tee.out.flush().map_err(|source| StoreError::Io {
         op: "write",
         path: staged.tmp.clone(),
@@ -120,17 +121,20 @@ pub fn receive(
     if let Err(e) = parsed {
         return Err(problem(
             info,
-            UploadProblem::BadNar { declared_size: info.nar_size, received, source: e },
+            UploadProblem::BadNar { declared_size: info.info.nar_size, received, source: e },
         ));
     }
-    if received != info.nar_size {
+    if received != info.info.nar_size {
         return Err(problem(
             info,
-            UploadProblem::SizeMismatch { declared: info.nar_size, actual: received },
+            UploadProblem::SizeMismatch { declared: info.info.nar_size, actual: received },
         ));
     }
-    if actual != info.nar_hash {
-        return Err(problem(info, UploadProblem::HashMismatch { declared: info.nar_hash, actual }));
+    if actual != info.info.nar_hash {
+        return Err(problem(
+            info,
+            UploadProblem::HashMismatch { declared: info.info.nar_hash, actual },
+        ));
     }
     file.sync_all().map_err(|source| StoreError::Io {
         op: "fsync",
@@ -138,7 +142,7 @@ pub fn receive(
         source,
     })?;
 
-    if let Some(ca) = &info.ca {
+    if let Some(ca) = &info.info.ca {
         check_ca(info, ca, &staged.tmp, rules)?;
     }
     Ok(staged)
@@ -146,7 +150,7 @@ pub fn receive(
 
 /// Check a claimed content address against the NAR in `file`.
 fn check_ca(
-    info: &PathInfo,
+    info: &ValidPathInfo,
     ca: &str,
     file: &std::path::Path,
     rules: &[SelfRefRule],
@@ -163,7 +167,7 @@ fn check_ca(
         match content_address::verify(
             &info.path,
             &parsed,
-            &info.references,
+            &info.info.references,
             io::BufReader::with_capacity(1 << 16, f),
             *rule,
             &NarLimits::default(),

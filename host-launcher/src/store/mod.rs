@@ -35,11 +35,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
+use build_trace::NarHash;
 use nix_formats::ca::SelfRefRule;
 use nix_formats::StorePath;
 use rusqlite::{Connection, TransactionBehavior};
 
-use crate::nixproto::{ActionError, PathInfo, UploadSource};
+use crate::nixproto::{ActionError, UploadSource, ValidPathInfo};
 use ingest::Staged;
 use owner::ProcessId;
 
@@ -90,12 +91,12 @@ pub enum UploadProblem {
         actual: u64,
     },
     /// Wrong NAR hash.
-    #[error("NAR hash mismatch: the client declared sha256:{}, the NAR it sent has sha256:{}", nix_formats::base32::encode(.declared), nix_formats::base32::encode(.actual))]
+    #[error("NAR hash mismatch: the client declared {declared}, the NAR it sent has {actual}")]
     HashMismatch {
         /// Declared.
-        declared: [u8; 32],
+        declared: NarHash,
         /// Computed.
-        actual: [u8; 32],
+        actual: NarHash,
     },
     /// The `ca` field does not parse.
     #[error("its content address does not parse")]
@@ -322,12 +323,12 @@ impl ContentStore {
     }
 
     /// The info of a valid path.
-    pub fn path_info(&self, path: &StorePath) -> Result<Option<PathInfo>, StoreError> {
+    pub fn path_info(&self, path: &StorePath) -> Result<Option<ValidPathInfo>, StoreError> {
         Ok(db::get(&self.conn(), path).map_err(dbe("query path info"))?.map(|r| r.info))
     }
 
     /// A valid path's info and its NAR file, opened.
-    pub fn open_nar(&self, path: &StorePath) -> Result<Option<(PathInfo, File)>, StoreError> {
+    pub fn open_nar(&self, path: &StorePath) -> Result<Option<(ValidPathInfo, File)>, StoreError> {
         let Some(row) = db::get(&self.conn(), path).map_err(dbe("query path info"))? else {
             return Ok(None);
         };
@@ -359,7 +360,7 @@ impl ContentStore {
     pub fn closure(
         &self,
         roots: &BTreeSet<StorePath>,
-    ) -> Result<BTreeMap<StorePath, PathInfo>, StoreError> {
+    ) -> Result<BTreeMap<StorePath, ValidPathInfo>, StoreError> {
         let conn = self.conn();
         let mut out = BTreeMap::new();
         let mut todo: Vec<StorePath> = roots.iter().cloned().collect();
@@ -370,7 +371,7 @@ impl ContentStore {
             let row = db::get(&conn, &p)
                 .map_err(dbe("closure"))?
                 .ok_or(StoreError::Missing { path: p.clone() })?;
-            todo.extend(row.info.references.iter().filter(|r| !out.contains_key(*r)).cloned());
+            todo.extend(row.info.info.references.iter().filter(|r| !out.contains_key(*r)).cloned());
             out.insert(p, row.info);
         }
         Ok(out)
@@ -448,7 +449,7 @@ impl ContentStore {
             if db::id_of(&tx, &s.info.path).map_err(dbe("commit"))?.is_some() {
                 continue; // another process registered it meanwhile
             }
-            for r in s.info.references.iter().filter(|r| **r != s.info.path) {
+            for r in s.info.info.references.iter().filter(|r| **r != s.info.path) {
                 if !batch.contains(r) && db::id_of(&tx, r).map_err(dbe("commit"))?.is_none() {
                     return Err(StoreError::Upload {
                         path: s.info.path.clone(),
@@ -458,7 +459,7 @@ impl ContentStore {
             }
             fresh.push(i);
         }
-        let needed: u64 = fresh.iter().map(|&i| staged[i].info.nar_size).sum();
+        let needed: u64 = fresh.iter().map(|&i| staged[i].info.info.nar_size).sum();
         let evicted = self.evict_in(&tx, needed)?;
 
         let mut renamed: Vec<PathBuf> = Vec::new();
@@ -563,20 +564,20 @@ impl Drop for ContentStore {
 /// Uploads from files (built outputs): each item is a path's info and the file holding its NAR.
 #[derive(Debug)]
 pub struct FileUploads {
-    items: std::vec::IntoIter<(PathInfo, PathBuf)>,
+    items: std::vec::IntoIter<(ValidPathInfo, PathBuf)>,
     current: Option<std::io::BufReader<File>>,
     empty: std::io::Empty,
 }
 
 impl FileUploads {
     /// A batch from `(info, NAR file)` pairs.
-    pub fn new(items: Vec<(PathInfo, PathBuf)>) -> Self {
+    pub fn new(items: Vec<(ValidPathInfo, PathBuf)>) -> Self {
         FileUploads { items: items.into_iter(), current: None, empty: std::io::empty() }
     }
 }
 
 impl UploadSource for FileUploads {
-    fn next_path(&mut self) -> Result<Option<PathInfo>, ActionError> {
+    fn next_path(&mut self) -> Result<Option<ValidPathInfo>, ActionError> {
         let Some((info, file)) = self.items.next() else {
             self.current = None;
             return Ok(None);

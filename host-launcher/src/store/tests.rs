@@ -11,7 +11,7 @@ use nix_formats::{Hash, StorePath};
 use sha2::{Digest, Sha256};
 
 use super::*;
-use crate::nixproto::{ActionError, PathInfo, UploadSource};
+use crate::nixproto::{ActionError, UploadSource, ValidPathInfo};
 
 const RULES: &[SelfRefRule] = &[SelfRefRule::ZeroAndPositions, SelfRefRule::ZeroOnly];
 
@@ -25,28 +25,30 @@ fn path(name: &str, seed: u8) -> StorePath {
     StorePath::from_parts([seed; 20], name).unwrap()
 }
 
-fn info(p: &StorePath, nar: &[u8], refs: &[&StorePath]) -> PathInfo {
-    PathInfo {
+fn info(p: &StorePath, nar: &[u8], refs: &[&StorePath]) -> ValidPathInfo {
+    ValidPathInfo {
         path: p.clone(),
+        info: build_trace::PathInfo {
+            nar_hash: NarHash::of(nar),
+            nar_size: nar.len() as u64,
+            references: refs.iter().map(|r| (*r).clone()).collect(),
+            ca: None,
+        },
         deriver: None,
-        nar_hash: Sha256::digest(nar).into(),
-        nar_size: nar.len() as u64,
-        references: refs.iter().map(|r| (*r).clone()).collect(),
         registration_time: 0,
         ultimate: false,
         sigs: BTreeSet::from(["somekey:bogus".to_string()]),
-        ca: None,
     }
 }
 
 /// An in-memory batch.
 struct Mem {
-    items: Vec<(PathInfo, Vec<u8>)>,
+    items: Vec<(ValidPathInfo, Vec<u8>)>,
     cur: Option<std::io::Cursor<Vec<u8>>>,
 }
 
 impl Mem {
-    fn new(items: Vec<(PathInfo, Vec<u8>)>) -> Self {
+    fn new(items: Vec<(ValidPathInfo, Vec<u8>)>) -> Self {
         let mut items = items;
         items.reverse();
         Mem { items, cur: None }
@@ -54,7 +56,7 @@ impl Mem {
 }
 
 impl UploadSource for Mem {
-    fn next_path(&mut self) -> Result<Option<PathInfo>, ActionError> {
+    fn next_path(&mut self) -> Result<Option<ValidPathInfo>, ActionError> {
         Ok(self.items.pop().map(|(i, nar)| {
             self.cur = Some(std::io::Cursor::new(nar));
             i
@@ -91,7 +93,7 @@ fn upload_is_checked_then_served() {
     let mut back = Vec::new();
     f.read_to_end(&mut back).unwrap();
     assert_eq!(back, nar);
-    assert_eq!(i.nar_size, nar.len() as u64);
+    assert_eq!(i.info.nar_size, nar.len() as u64);
     assert_eq!(i.sigs.len(), 1);
     // A second store instance (another session) sees it.
     let s2 = open(d.path(), 1 << 30);
@@ -109,7 +111,7 @@ fn bad_uploads_register_nothing() {
 
     // Wrong NAR hash (the other path of the batch is fine: nothing of the batch is registered).
     let mut wrong = info(&a, &nar, &[]);
-    wrong.nar_hash[0] ^= 1;
+    wrong.info.nar_hash.0[0] ^= 1;
     let err = s
         .add(&mut Mem::new(vec![good_b.clone(), (wrong, nar.clone())]), RULES, Origin::Upload)
         .unwrap_err();
@@ -121,7 +123,7 @@ fn bad_uploads_register_nothing() {
 
     // Declared size larger than the NAR.
     let mut long = info(&a, &nar, &[]);
-    long.nar_size += 8;
+    long.info.nar_size += 8;
     let mut padded = nar.clone();
     padded.extend_from_slice(&[0; 8]);
     let err = s.add(&mut Mem::new(vec![(long, padded)]), RULES, Origin::Upload).unwrap_err();
@@ -160,7 +162,7 @@ fn bad_uploads_register_nothing() {
     let batch = vec![(info(&a, &nar, &[&b, &a]), nar.clone()), good_b];
     s.add(&mut Mem::new(batch), RULES, Origin::Upload).unwrap();
     let ia = s.path_info(&a).unwrap().unwrap();
-    assert_eq!(ia.references, BTreeSet::from([a.clone(), b.clone()]), "self-reference kept");
+    assert_eq!(ia.info.references, BTreeSet::from([a.clone(), b.clone()]), "self-reference kept");
 }
 
 #[test]
@@ -173,17 +175,17 @@ fn content_addresses_are_recomputed() {
         make_fixed_output_path("ca", FileIngestionMethod::Recursive, &h, &BTreeSet::new(), false)
             .unwrap();
     let mut good = info(&p, &nar, &[]);
-    good.ca = Some(format!("fixed:r:{h}"));
+    good.info.ca = Some(format!("fixed:r:{h}"));
     // The same claim for different contents (a correct NAR hash of other bytes).
     let other = nar_of(b"something else");
     let mut lie = info(&p, &other, &[]);
-    lie.ca = good.ca.clone();
+    lie.info.ca = good.info.ca.clone();
     let err = s.add(&mut Mem::new(vec![(lie, other)]), RULES, Origin::Upload).unwrap_err();
     let msg = crate::nixproto::action::error_chain(&err);
     assert!(msg.contains("claims content address") && msg.contains(&p.to_string()), "{msg}");
     // A claim that does not parse.
     let mut bad = good.clone();
-    bad.ca = Some("fixed:nonsense".into());
+    bad.info.ca = Some("fixed:nonsense".into());
     let err = s.add(&mut Mem::new(vec![(bad, nar.clone())]), RULES, Origin::Upload).unwrap_err();
     assert!(
         matches!(err, StoreError::Upload { ref problem, .. } if matches!(**problem, UploadProblem::BadContentAddress(_)))
@@ -198,7 +200,7 @@ fn content_addresses_are_recomputed() {
     );
     assert!(s.path_info(&p).unwrap().is_none());
     s.add(&mut Mem::new(vec![(good, nar)]), RULES, Origin::Upload).unwrap();
-    assert!(s.path_info(&p).unwrap().unwrap().ca.is_some());
+    assert!(s.path_info(&p).unwrap().unwrap().info.ca.is_some());
 }
 
 #[test]

@@ -12,6 +12,7 @@
 //! (`crate::build::policy`).
 
 use build_trace::job::{Job, StepKind};
+use nix_formats::StorePath;
 
 /// QEMU's `-netdev` for the fixed-output variant: user-mode networking with slirp's default
 /// addresses written out, so that a QEMU default change cannot silently break the guest's
@@ -21,7 +22,7 @@ pub const USER_NETDEV: &str = "user,id=net0,net=10.0.2.0/24,host=10.0.2.2,dns=10
 /// Permission to give one VM a NIC. See the module documentation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetworkGrant {
-    drv_path: String,
+    drv_path: StorePath,
 }
 
 /// Why a job cannot have network.
@@ -31,10 +32,10 @@ pub enum NetworkError {
     #[error(
         "refusing network for {0}: only fixed-output derivations are built with a network device"
     )]
-    NotFixedOutput(String),
+    NotFixedOutput(StorePath),
     /// The job does not parse as a known kind.
     #[error("refusing network for {0}: {1}")]
-    Job(String, String),
+    Job(StorePath, String),
 }
 
 impl NetworkGrant {
@@ -52,14 +53,15 @@ impl NetworkGrant {
     }
 
     /// The fixed-output derivation this grant is for.
-    pub fn drv_path(&self) -> &str {
+    pub fn drv_path(&self) -> &StorePath {
         &self.drv_path
     }
 }
 
 #[cfg(test)]
 pub(crate) fn grant_for_tests() -> NetworkGrant {
-    NetworkGrant { drv_path: "/nix/store/00000000000000000000000000000000-fod.drv".into() }
+    let drv_path = StorePath::parse("/nix/store/00000000000000000000000000000000-fod.drv");
+    NetworkGrant { drv_path: drv_path.expect("a store path") }
 }
 
 #[cfg(test)]
@@ -79,7 +81,7 @@ mod tests {
         };
         Job::new(
             "j",
-            "/nix/store/00000000000000000000000000000000-x.drv",
+            sp("/nix/store/00000000000000000000000000000000-x.drv"),
             drv,
             Default::default(),
             Limits::default(),
@@ -91,22 +93,25 @@ mod tests {
 
     const OUT: &str = "/nix/store/11111111111111111111111111111111-x";
 
+    fn sp(p: &str) -> StorePath {
+        StorePath::parse(p).unwrap()
+    }
+
     fn fixed() -> DrvOutput {
-        DrvOutput { path: OUT.into(), hash_algo: "sha256".into(), hash: "ab".repeat(32) }
+        DrvOutput { path: Some(sp(OUT)), hash_algo: "sha256".into(), hash: "ab".repeat(32) }
     }
 
     #[test]
     fn only_a_fixed_output_job_asking_for_network_gets_a_grant() {
         assert!(NetworkGrant::for_job(&job(fixed(), true)).unwrap().is_some());
         assert_eq!(NetworkGrant::for_job(&job(fixed(), false)), Ok(None));
-        let ia = DrvOutput { path: OUT.into(), hash_algo: String::new(), hash: String::new() };
+        let ia = DrvOutput { path: Some(sp(OUT)), hash_algo: String::new(), hash: String::new() };
         assert!(matches!(
             NetworkGrant::for_job(&job(ia.clone(), true)),
             Err(NetworkError::NotFixedOutput(_))
         ));
         assert_eq!(NetworkGrant::for_job(&job(ia, false)), Ok(None));
-        let ca =
-            DrvOutput { path: String::new(), hash_algo: "r:sha256".into(), hash: String::new() };
+        let ca = DrvOutput { path: None, hash_algo: "r:sha256".into(), hash: String::new() };
         assert!(matches!(
             NetworkGrant::for_job(&job(ca, true)),
             Err(NetworkError::NotFixedOutput(_))

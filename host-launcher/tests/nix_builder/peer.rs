@@ -14,9 +14,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use build_trace::{NarHash, PathInfo};
 use host_launcher::nixproto::wire::{WireRead, WireWrite};
 use host_launcher::nixproto::worker::{STDERR_ERROR, STDERR_LAST, WORKER_MAGIC_1, WORKER_MAGIC_2};
-use host_launcher::nixproto::PathInfo;
+use host_launcher::nixproto::ValidPathInfo;
 use nix_formats::nar::NarWriter;
 use nix_formats::store_path::{make_fixed_output_path, FileIngestionMethod};
 use nix_formats::StorePath;
@@ -65,29 +66,31 @@ pub fn fake_path(name: &str, seed: u8) -> StorePath {
 }
 
 /// Upload info for `nar` at `path`.
-pub fn info_for(path: &StorePath, nar: &[u8], refs: &[&StorePath]) -> PathInfo {
-    PathInfo {
+pub fn info_for(path: &StorePath, nar: &[u8], refs: &[&StorePath]) -> ValidPathInfo {
+    ValidPathInfo {
         path: path.clone(),
+        info: PathInfo {
+            nar_hash: NarHash::of(nar),
+            nar_size: nar.len() as u64,
+            references: refs.iter().map(|r| (*r).clone()).collect(),
+            ca: None,
+        },
         deriver: None,
-        nar_hash: Sha256::digest(nar).into(),
-        nar_size: nar.len() as u64,
-        references: refs.iter().map(|r| (*r).clone()).collect(),
         registration_time: 0,
         ultimate: false,
         sigs: BTreeSet::new(),
-        ca: None,
     }
 }
 
 /// Upload info for `nar` at the path of `name` with the content address `fixed:r:sha256` of
 /// `claimed` (the NAR itself for an honest claim, other bytes for a lie).
-pub fn recursive_ca_info(name: &str, claimed: &[u8], nar: &[u8]) -> PathInfo {
+pub fn recursive_ca_info(name: &str, claimed: &[u8], nar: &[u8]) -> ValidPathInfo {
     let h = nix_formats::Hash::sha256(Sha256::digest(claimed).into());
     let path =
         make_fixed_output_path(name, FileIngestionMethod::Recursive, &h, &BTreeSet::new(), false)
             .unwrap();
     let mut info = info_for(&path, nar, &[]);
-    info.ca = Some(format!("fixed:r:{h}"));
+    info.info.ca = Some(format!("fixed:r:{h}"));
     info
 }
 

@@ -187,18 +187,18 @@ pub enum DerivationOutput {
 impl DerivationOutput {
     /// The `(path, hashAlgo, hash)` triple of the ATerm and of the wire `BasicDerivation`.
     pub fn to_triple(&self) -> (String, String, String) {
+        let (algo, hash) = self.algo_and_hash();
+        (self.path().map_or_else(String::new, ToString::to_string), algo, hash)
+    }
+
+    /// The `(hashAlgo, hash)` of the triple: `("", "")` for input-addressed and deferred
+    /// outputs, `hash` `""` for floating and `"impure"` for impure ones.
+    pub fn algo_and_hash(&self) -> (String, String) {
         match self {
-            Self::InputAddressed(p) => (p.to_string(), String::new(), String::new()),
-            Self::Fixed { method, hash, path } => {
-                (path.to_string(), method.method_algo(hash.algo()), hash.to_base16())
-            }
-            Self::Floating { method, algo } => {
-                (String::new(), method.method_algo(*algo), String::new())
-            }
-            Self::Deferred => Default::default(),
-            Self::Impure { method, algo } => {
-                (String::new(), method.method_algo(*algo), "impure".into())
-            }
+            Self::InputAddressed(_) | Self::Deferred => Default::default(),
+            Self::Fixed { method, hash, .. } => (method.method_algo(hash.algo()), hash.to_base16()),
+            Self::Floating { method, algo } => (method.method_algo(*algo), String::new()),
+            Self::Impure { method, algo } => (method.method_algo(*algo), "impure".into()),
         }
     }
 
@@ -209,30 +209,37 @@ impl DerivationOutput {
         algo: &str,
         hash: &str,
     ) -> Result<Self, DerivationError> {
+        let path = match path {
+            "" => None,
+            p => Some(StorePath::parse(p).map_err(|source| DerivationError::StorePath {
+                what: format!("output {name:?}"),
+                source,
+            })?),
+        };
+        Self::from_parts(name, path, algo, hash)
+    }
+
+    /// [`from_triple`](Self::from_triple) with the path already parsed (`None` for `""`).
+    pub fn from_parts(
+        name: &str,
+        path: Option<StorePath>,
+        algo: &str,
+        hash: &str,
+    ) -> Result<Self, DerivationError> {
         let bad = |reason: &str| DerivationError::BadOutput {
             name: name.to_owned(),
             reason: reason.to_owned(),
-        };
-        let parse_path = |p: &str| {
-            StorePath::parse(p).map_err(|source| DerivationError::StorePath {
-                what: format!("output {name:?}"),
-                source,
-            })
         };
         if algo.is_empty() {
             if !hash.is_empty() {
                 return Err(bad("a hash without a hash algorithm"));
             }
-            return Ok(if path.is_empty() {
-                Self::Deferred
-            } else {
-                Self::InputAddressed(parse_path(path)?)
-            });
+            return Ok(path.map_or(Self::Deferred, Self::InputAddressed));
         }
         let hash_err = |source| DerivationError::Hash { name: name.to_owned(), source };
         let (method, algo) = CaMethod::parse_method_algo(algo).map_err(hash_err)?;
         match hash {
-            "impure" | "" if !path.is_empty() => {
+            "impure" | "" if path.is_some() => {
                 Err(bad("an impure or floating output must not have a path"))
             }
             "impure" => Ok(Self::Impure { method, algo }),
@@ -242,10 +249,8 @@ impl DerivationOutput {
                 if h.to_base16() != hash {
                     return Err(bad("a fixed-output hash must be lowercase base16"));
                 }
-                if path.is_empty() {
-                    return Err(bad("a fixed output must have a path"));
-                }
-                Ok(Self::Fixed { method, hash: h, path: parse_path(path)? })
+                let path = path.ok_or_else(|| bad("a fixed output must have a path"))?;
+                Ok(Self::Fixed { method, hash: h, path })
             }
         }
     }

@@ -111,7 +111,7 @@ fn main() {
             Kind::InputsDone => break,
             Kind::NarBegin => {
                 let begin: agent::messages::NarBegin = f.json().unwrap();
-                let mut s = r.nar_stream(&begin.path, begin.nar_size);
+                let mut s = r.nar_stream(&begin.path.to_string(), begin.nar_size);
                 std::io::copy(&mut s, &mut std::io::sink()).unwrap();
             }
             other => panic!("unexpected {other:?}"),

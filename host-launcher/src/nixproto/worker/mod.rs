@@ -27,8 +27,8 @@ use std::io::{self, BufRead, Read, Write};
 use nix_formats::StorePath;
 
 use super::action::{
-    error_chain, Action, ActionError, BuildRequest, BuildResult, BuildStatus, Handler, PathInfo,
-    Reply,
+    error_chain, Action, ActionError, BuildRequest, BuildResult, BuildStatus, Handler, Reply,
+    ValidPathInfo,
 };
 use super::types::{self, CodecError};
 use super::version::{
@@ -357,20 +357,20 @@ impl<W: Write> Conn<W> {
             Parsed::Missing(wanted) => {
                 // Nothing is substituted or built here on request: every path that is not valid
                 // is "unknown" (derivation outputs included).
-                let opaque: BTreeSet<StorePath> =
-                    wanted.iter().filter_map(|w| StorePath::parse(w).ok()).collect();
+                let parsed = parse_wanted(wanted);
+                let opaque = parsed.iter().filter_map(|(_, p)| p.clone()).collect();
                 let reply =
                     self.run(handler, Action::QueryValidPaths { paths: opaque, substitute: false });
                 self.answer(reply, |w, reply| match reply {
                     Reply::ValidPaths(valid) => {
-                        let unknown: BTreeSet<String> = wanted
+                        let unknown: BTreeSet<&String> = parsed
                             .iter()
-                            .filter(|x| StorePath::parse(x).map_or(true, |p| !valid.contains(&p)))
-                            .cloned()
+                            .filter(|(_, p)| p.as_ref().is_none_or(|p| !valid.contains(p)))
+                            .map(|(x, _)| x)
                             .collect();
                         w.write_u64(0)?; // willBuild
                         w.write_u64(0)?; // willSubstitute
-                        w.write_strings(&unknown)?;
+                        w.write_strings(unknown)?;
                         w.write_u64(0)?; // downloadSize
                         w.write_u64(0)?; // narSize
                         Ok(())
@@ -457,25 +457,22 @@ impl<W: Write> Conn<W> {
         op: u64,
         wanted: Vec<String>,
     ) -> Result<Flow, ServerError> {
-        let opaque: BTreeSet<StorePath> = wanted
-            .iter()
-            .filter(|w| !w.contains('!'))
-            .filter_map(|w| StorePath::parse(w).ok())
-            .collect();
+        let wanted = parse_wanted(wanted);
+        let opaque = wanted.iter().filter_map(|(_, p)| p.clone()).collect();
         let reply = self.run(handler, Action::QueryValidPaths { paths: opaque, substitute: false });
         let valid = match reply {
             Ok(Reply::ValidPaths(v)) => v,
             Ok(other) => return Err(ServerError::Reply(format!("the core answered {other:?}"))),
             Err(e) => return self.answer(Err(e), |_, _| Ok(())),
         };
-        let result_of = |w: &String| {
-            match StorePath::parse(w) {
-            Ok(p) if valid.contains(&p) => BuildResult::failure(BuildStatus::AlreadyValid, ""),
-            Ok(p) => BuildResult::failure(
+        let result_of = |(w, p): &(String, Option<StorePath>)| {
+            match p {
+            Some(p) if valid.contains(p) => BuildResult::failure(BuildStatus::AlreadyValid, ""),
+            Some(p) => BuildResult::failure(
                 BuildStatus::MiscFailure,
                 format!("{p} is not in vouch's content store, and vouch builds only what Nix's build hook sends (BuildDerivation)"),
             ),
-            Err(_) => BuildResult::failure(
+            None => BuildResult::failure(
                 BuildStatus::MiscFailure,
                 format!("vouch does not build `{w}` by path; use it as a remote builder (`builders = …`)"),
             ),
@@ -491,7 +488,7 @@ impl<W: Write> Conn<W> {
         self.answer(Ok(Reply::Done), |w, _| {
             w.write_u64(wanted.len() as u64)?;
             for item in &wanted {
-                w.write_str(item)?;
+                w.write_str(&item.0)?;
                 types::write_build_result(w, &result_of(item), &profile)?;
             }
             Ok(())
@@ -571,7 +568,7 @@ enum Parsed<'a> {
     IsValid(StorePath),
     PathInfo(StorePath),
     Nar(StorePath),
-    AddOne(Box<PathInfo>, bool),
+    AddOne(Box<ValidPathInfo>, bool),
     AddMany(bool),
     /// `BuildPaths`/`BuildPathsWithResults`: only already valid opaque paths succeed.
     Ensure {
@@ -582,4 +579,16 @@ enum Parsed<'a> {
     /// `QueryMissing`: what would have to be built or fetched.
     Missing(Vec<String>),
     Unsupported,
+}
+
+/// Paths a client names (`QueryMissing`, `BuildPaths`): each with its store path when it is
+/// an opaque one (`drv!out` derived paths and malformed ones have none).
+fn parse_wanted(wanted: Vec<String>) -> Vec<(String, Option<StorePath>)> {
+    wanted
+        .into_iter()
+        .map(|w| {
+            let p = StorePath::parse(&w).ok();
+            (w, p)
+        })
+        .collect()
 }

@@ -6,22 +6,22 @@
 
 use std::io::{self, Read};
 
-use super::super::action::{error_chain, ActionError, PathInfo, UploadSource};
+use super::super::action::{error_chain, ActionError, UploadSource, ValidPathInfo};
 use super::super::types::{self, CodecError};
 use super::super::wire::{FramedReader, Taken, WireError, WireRead};
 
 /// `AddToStoreNar`: one path, its NAR in the framed stream.
 pub(super) struct OneUpload<'f, 'r, R: Read + ?Sized> {
-    pub(super) info: Option<PathInfo>,
+    pub(super) info: Option<ValidPathInfo>,
     pub(super) nar: Taken<'f, FramedReader<'r, R>>,
 }
 
 impl<R: Read + ?Sized> UploadSource for OneUpload<'_, '_, R> {
-    fn next_path(&mut self) -> Result<Option<PathInfo>, ActionError> {
+    fn next_path(&mut self) -> Result<Option<ValidPathInfo>, ActionError> {
         self.nar.skip_rest()?;
         let info = self.info.take();
         match &info {
-            Some(i) => self.nar.left = i.nar_size,
+            Some(i) => self.nar.left = i.info.nar_size,
             None => check_end(&mut self.nar)?,
         }
         Ok(info)
@@ -40,7 +40,7 @@ pub(super) struct ManyUploads<'f, 'r, R: Read + ?Sized> {
 }
 
 impl<R: Read + ?Sized> UploadSource for ManyUploads<'_, '_, R> {
-    fn next_path(&mut self) -> Result<Option<PathInfo>, ActionError> {
+    fn next_path(&mut self) -> Result<Option<ValidPathInfo>, ActionError> {
         if let Some(bad) = &self.bad {
             return Err(bad.clone().into());
         }
@@ -66,7 +66,7 @@ impl<R: Read + ?Sized> UploadSource for ManyUploads<'_, '_, R> {
             }
         };
         self.left = Some(left - 1);
-        self.nar.left = info.nar_size;
+        self.nar.left = info.info.nar_size;
         Ok(Some(info))
     }
 

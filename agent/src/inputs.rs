@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use build_trace::job::{CaRule, Job, NarHash};
+use build_trace::job::{Job, NarHash};
 use nix_formats::ca::SelfRefRule;
 use nix_formats::content_address::ContentAddress;
 use nix_formats::nar::{NarDump, NarHasher, NarLimits, UnpackOptions};
@@ -21,8 +21,8 @@ use nix_formats::refs::RefScanner;
 use nix_formats::store_path::FileIngestionMethod;
 use nix_formats::{HashAlgo, StorePath};
 
-use crate::messages::NarBegin;
-use crate::proto::{FrameReader, Kind, ProtoError};
+use channel::messages::NarBegin;
+use channel::proto::{FrameReader, Kind, ProtoError};
 
 /// Why inputs were refused.
 #[derive(Debug, thiserror::Error)]
@@ -79,14 +79,6 @@ impl InputError {
     /// Whether this is a content-address failure (vs. a NAR hash/size/protocol one).
     pub fn is_ca(&self) -> bool {
         matches!(self, InputError::Ca(..) | InputError::Bad(..))
-    }
-}
-
-/// The job's self-reference rule as `nix-formats` names it.
-pub fn self_ref_rule(rule: CaRule) -> SelfRefRule {
-    match rule {
-        CaRule::SelfRefPositions => SelfRefRule::ZeroAndPositions,
-        CaRule::SelfRefZeroed => SelfRefRule::ZeroOnly,
     }
 }
 
@@ -233,7 +225,7 @@ pub fn verify_content_addresses(
     store_dir: &Path,
     received: &Received,
 ) -> Result<BTreeMap<String, String>, InputError> {
-    let rule = self_ref_rule(job.ca_rule);
+    let rule = SelfRefRule::from(job.ca_rule);
     let mut out = BTreeMap::new();
     for (path, info) in &job.closure {
         let Some(ca_str) = &info.ca else { continue };
@@ -284,9 +276,9 @@ pub fn verify_content_addresses(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::messages::NarBegin;
-    use crate::proto::FrameWriter;
-    use build_trace::job::{BasicDerivation, DrvOutput, Limits, PathInfo};
+    use build_trace::job::{BasicDerivation, CaRule, DrvOutput, Limits, PathInfo};
+    use channel::messages::NarBegin;
+    use channel::proto::FrameWriter;
 
     const P: &str = "/nix/store/00000000000000000000000000000000-input";
 

@@ -18,15 +18,13 @@ use std::path::{Path, PathBuf};
 
 use build_trace::job::{Job, NarHash, StepKind};
 use build_trace::statement::OutputInfo;
-use nix_formats::ca::{compute_ca_outputs, CaOutputSpec, RewriteReader};
+use nix_formats::ca::{compute_ca_outputs, CaOutputSpec, RewriteReader, SelfRefRule};
 use nix_formats::content_address::{content_hash, ContentAddress, ContentAddressMethod};
 use nix_formats::derivation::CaMethod;
 use nix_formats::nar::{NarDump, NarHasher, NarLimits};
 use nix_formats::refs::RefScanner;
 use nix_formats::store_path::FileIngestionMethod;
 use nix_formats::{Hash, StorePath};
-
-use crate::inputs::self_ref_rule;
 
 /// Why outputs could not be hashed.
 #[derive(Debug, thiserror::Error)]
@@ -159,7 +157,7 @@ pub fn hash_outputs(
                 &drv_path,
                 &specs,
                 &closure,
-                self_ref_rule(job.ca_rule),
+                SelfRefRule::from(job.ca_rule),
                 &limits,
                 |o| Ok(NarDump::new(on_disk(store_dir, &scratch[o]))),
             )?;
@@ -220,7 +218,7 @@ pub fn hash_outputs(
                         algo,
                         NarDump::new(disk.clone()),
                         None,
-                        self_ref_rule(job.ca_rule),
+                        SelfRefRule::from(job.ca_rule),
                         &limits,
                     )
                     .map_err(|e| OutputError::FixedCheck(job.drv_path.clone(), e))?;

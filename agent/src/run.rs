@@ -9,12 +9,14 @@
 use std::io::Read;
 use std::time::{Duration, Instant};
 
-use crate::config::{parse_cmdline, Bench};
-use crate::messages::{AttesterKind, Hello, NarBegin, Phase, PhaseName};
 use crate::pid1::{power_off, say, setup_mounts, uptime, write_etc};
-use crate::proto::{FrameReader, FrameWriter, Kind, ProtoError, GUEST_MAX_WRITE, PROTOCOL_VERSION};
 use crate::session::{agent_version, serve, GuestPaths};
 use build_trace::error_chain;
+use channel::config::{parse_cmdline, Bench};
+use channel::messages::{AttesterKind, Hello, NarBegin, Phase, PhaseName};
+use channel::proto::{
+    FrameReader, FrameWriter, Kind, ProtoError, GUEST_MAX_WRITE, PROTOCOL_VERSION,
+};
 
 /// The host's CID.
 pub const HOST_CID: u32 = 2;
@@ -108,7 +110,7 @@ fn bench_sink<R: Read, W: std::io::Write>(rd: R, wr: W) -> Result<(), ProtoError
         let mut buf = vec![0u8; 256 << 10];
         let mut hasher = nix_formats::nar::NarHasher::new();
         loop {
-            let k = stream.read(&mut buf).map_err(crate::proto::into_proto)?;
+            let k = stream.read(&mut buf).map_err(channel::proto::into_proto)?;
             if k == 0 {
                 break;
             }

@@ -23,8 +23,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use agent::messages::NarBegin;
-use agent::proto::{FrameReader, FrameWriter, Kind};
+use channel::messages::NarBegin;
+use channel::proto::{FrameReader, FrameWriter, Kind};
 use vm_image::image::{files, Manifest};
 
 use crate::build::local_store::{load_basic_derivation, LocalNixStore};
@@ -117,7 +117,7 @@ fn launch(
     let caps = HostCaps::probe();
     let backend = detect_backend(caps.vhost_vsock).map_err(e("vsock"))?;
     let chan =
-        Channel::prepare(&backend, run_dir, agent::config::DEFAULT_PORT).map_err(e("vsock"))?;
+        Channel::prepare(&backend, run_dir, channel::config::DEFAULT_PORT).map_err(e("vsock"))?;
     let spec = QemuSpec {
         mode,
         kernel: cfg.image_dir.join(files::VMLINUX),

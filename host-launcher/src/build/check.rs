@@ -20,13 +20,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use agent::messages::Outcome;
 use base64::Engine as _;
 use build_trace::evidence::{
     EvidenceBundle, EvidenceError, EvidencePolicy, Expected, Hex, SimulatedRoot, VerifiedEvidence,
 };
 use build_trace::job::Job;
 use build_trace::statement::{Statement, StatementError};
+use channel::messages::Outcome;
 use nix_formats::content_address::ContentAddress;
 use nix_formats::nar::NarLimits;
 use nix_formats::StorePath;
@@ -193,7 +193,7 @@ pub fn check_outcome(
     if let Some(extra) = nars.keys().find(|p| !named.contains(p)) {
         return Err(CheckError::UnexpectedOutput(extra.clone()));
     }
-    let rule = agent::inputs::self_ref_rule(job.ca_rule);
+    let rule = nix_formats::ca::SelfRefRule::from(job.ca_rule);
     let mut outputs = BTreeMap::new();
     for (name, info) in &st.outputs {
         let nar =

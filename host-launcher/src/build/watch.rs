@@ -19,7 +19,7 @@ use std::io::{self, Read, Write};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use agent::proto::Liveness;
+use channel::proto::Liveness;
 
 use crate::vm::vsock::Stream;
 
@@ -184,7 +184,7 @@ impl Write for GuardedWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use agent::proto::{FrameReader, FrameWriter, Kind};
+    use channel::proto::{FrameReader, FrameWriter, Kind};
     use std::os::unix::net::UnixStream;
 
     fn pair(watch: &Arc<ChannelWatch>) -> (GuardedReader, GuardedWriter, UnixStream) {

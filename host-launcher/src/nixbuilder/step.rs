@@ -24,8 +24,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use agent::messages::FailureKind;
 use build_trace::job::{step_kind, CaRule, Limits, StepKind};
+use channel::messages::FailureKind;
 use nix_formats::ca::SelfRefRule;
 use nix_formats::StorePath;
 
@@ -49,14 +49,6 @@ fn fail(status: BuildStatus, msg: impl Into<String>) -> BuildResult {
     let msg = msg.into();
     tracing::warn!(?status, "build failed: {msg}");
     BuildResult::failure(status, msg)
-}
-
-/// The self-reference rule of the store checks for a job's rule.
-pub fn self_ref_rule(rule: CaRule) -> SelfRefRule {
-    match rule {
-        CaRule::SelfRefPositions => SelfRefRule::ZeroAndPositions,
-        CaRule::SelfRefZeroed => SelfRefRule::ZeroOnly,
-    }
 }
 
 /// The settings of a worker-protocol `SetOptions` (what a `unix://` client sends first) that
@@ -273,7 +265,7 @@ fn finish(
         items.push((info, out.nar_file.clone()));
     }
     core.store
-        .add(&mut FileUploads::new(items), &[self_ref_rule(ca_rule)], Origin::Build)
+        .add(&mut FileUploads::new(items), &[SelfRefRule::from(ca_rule)], Origin::Build)
         .map_err(|e| format!("vouch: registering the outputs: {}", error_chain(&e)))?;
 
     let mut built = BTreeMap::new();

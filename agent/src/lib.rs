@@ -3,6 +3,8 @@
 //! What is here: mounts, input unpacking, running the builder the way Nix does, hashing outputs,
 //! and the attesters (SEV-SNP and simulated). The channel it speaks (framing, messages,
 //! heartbeat, its kernel-command-line config) is the `channel` crate, shared with the host.
+//! With the `bench` feature (the bench image only): the benchmark/test modes of `vouch.bench=`
+//! (`bench`).
 //!
 //! What is not here: anything that decides trust, or any host-side code.
 //!
@@ -13,6 +15,8 @@
 #![deny(unsafe_code)]
 
 pub mod attest;
+#[cfg(feature = "bench")]
+pub mod bench;
 pub mod builder;
 pub mod inputs;
 pub mod outputs;

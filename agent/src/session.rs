@@ -32,9 +32,11 @@ use channel::proto::{
     FrameReader, FrameWriter, Kind, ProtoError, GUEST_MAX_WRITE, PROTOCOL_VERSION,
 };
 
-/// The agent's version string (goes into the statement and the image manifest).
+/// The agent's version string (goes into the statement and the image manifest); the bench
+/// image's agent says so ([`channel::config::BENCH_VERSION_SUFFIX`]).
 pub fn agent_version() -> String {
-    format!("vouch-agent {}", env!("CARGO_PKG_VERSION"))
+    let bench = if cfg!(feature = "bench") { channel::config::BENCH_VERSION_SUFFIX } else { "" };
+    format!("vouch-agent {}{bench}", env!("CARGO_PKG_VERSION"))
 }
 
 /// Why a step failed inside the guest.

@@ -16,6 +16,9 @@
 //!    agent's SHA-256 code (in-guest hashing rate).
 //! 5. **host hashing**: the same SHA-256 code over the same bytes on the host.
 //!
+//! The modes of `vouch.bench=` exist only in the bench image's agent (built with its `bench`
+//! feature, `scripts/build-image.sh --bench`); [`run`] refuses any other image.
+//!
 //! What is not here: pass/fail thresholds (benchmarks are not tests).
 
 use std::collections::BTreeSet;
@@ -249,6 +252,14 @@ pub fn run(
     progress: &mut dyn FnMut(&str),
 ) -> Result<BenchReport, BenchError> {
     let manifest = Manifest::load(&cfg.image_dir).map_err(e("image"))?;
+    if !manifest.agent_version.ends_with(channel::config::BENCH_VERSION_SUFFIX) {
+        return Err(BenchError(format!(
+            "{} is not a bench image: its agent ({}) has no benchmark modes; build one with \
+             scripts/build-image.sh --bench and pass --image",
+            cfg.image_dir.display(),
+            manifest.agent_version
+        )));
+    }
     let mode =
         choose_mode(cfg.mode, &HostCaps::probe(), manifest.snp.is_some()).map_err(e("mode"))?;
     let mode = if mode == Mode::Snp { Mode::Kvm } else { mode };

@@ -58,6 +58,40 @@ pub fn image_dir() -> PathBuf {
     dir
 }
 
+/// The bench image (its agent built with the `bench` feature): `$VOUCH_BENCH_IMAGE_DIR`, else
+/// `<cache>/bench-image`. Only tests of the agent's `vouch.bench=` modes use it.
+pub fn bench_image_dir() -> PathBuf {
+    let dir = std::env::var_os("VOUCH_BENCH_IMAGE_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        let cache = std::env::var_os("VOUCH_CACHE").map(PathBuf::from).unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+                .join(".cache/vouch")
+        });
+        cache.join("bench-image")
+    });
+    assert!(
+        dir.join("manifest.json").is_file(),
+        "no bench image in {}: run scripts/build-image.sh --bench (scripts/test-all.sh does) or \
+         set VOUCH_BENCH_IMAGE_DIR",
+        dir.display()
+    );
+    dir
+}
+
+/// [`vouch_bin`], checked to have `vouch bench` (the `bench` feature; `cargo test --workspace`
+/// and `scripts/build-image.sh --bench` build it so).
+pub fn bench_vouch_bin() -> PathBuf {
+    let bin = vouch_bin();
+    let ok =
+        Command::new(&bin).args(["bench", "--help"]).output().is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "{} has no `vouch bench`: build it with `cargo build -p host-launcher --features bench` \
+         (scripts/build-image.sh --bench does)",
+        bin.display()
+    );
+    bin
+}
+
 /// A scratch area for one test: Nix expressions, a state directory, a cache.
 #[derive(Debug)]
 pub struct Scratch {

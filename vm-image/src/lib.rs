@@ -35,6 +35,15 @@ pub fn cache_dir() -> std::path::PathBuf {
     std::path::PathBuf::from(home).join(".cache/vouch")
 }
 
+/// The default bench image directory (the agent built with its `bench` feature, for `vouch
+/// bench`): `$VOUCH_BENCH_IMAGE_DIR`, else `<cache>/bench-image`.
+pub fn default_bench_image_dir() -> std::path::PathBuf {
+    match std::env::var_os("VOUCH_BENCH_IMAGE_DIR") {
+        Some(d) => d.into(),
+        None => cache_dir().join("bench-image"),
+    }
+}
+
 /// The default image directory: `$VOUCH_IMAGE_DIR`, else `<cache>/image`.
 pub fn default_image_dir() -> std::path::PathBuf {
     match std::env::var_os("VOUCH_IMAGE_DIR") {

@@ -13,6 +13,7 @@
 //! own crates.
 //!
 //! What is not here: mocks of Nix, QEMU or AMD (there are none), or the tests themselves.
+#![forbid(unsafe_code)]
 pub mod http_service;
 pub mod nix;
 pub mod server;

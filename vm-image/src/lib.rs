@@ -7,6 +7,7 @@
 //! launch measurement plus the simulated measurement used without SNP hardware ([`measure`]).
 //!
 //! What is not here: launching VMs, or anything job-specific (that would change the measurement).
+#![forbid(unsafe_code)]
 
 pub mod cpio;
 pub mod image;

@@ -19,6 +19,7 @@
 //!
 //! Each launch writes `$VOUCH_FAKE_GUEST_DIR/launch-<n>.json`: its pid, the vhost-user socket
 //! path, and, once received, the job id and HOST_DATA. Test-only: never part of an image.
+#![forbid(unsafe_code)]
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;

@@ -36,9 +36,14 @@ echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "== cargo clippy" >&2
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "== crate and feature boundaries (verifier without key generation, agent without verifier)" >&2
+./scripts/check-features.sh
 echo "== guest image (static agent, cached kernel)" >&2
 export VOUCH_IMAGE_DIR=${VOUCH_IMAGE_DIR:-$VOUCH_CACHE/image}
 ./scripts/build-image.sh
+echo "== bench image (the agent with its vouch.bench= modes, for vm_agent and vouch bench)" >&2
+export VOUCH_BENCH_IMAGE_DIR=${VOUCH_BENCH_IMAGE_DIR:-$VOUCH_CACHE/bench-image}
+./scripts/build-image.sh --bench
 echo "== cargo test" >&2
 cargo test --workspace --all-targets --no-fail-fast
 echo "== self-contained: the data-reading tests in a fresh copy with nothing beside it" >&2

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use build_trace::evidence::report::offset;
 use build_trace::evidence::{SimulatedAttester, SimulatedLaunch, SimulatedPlatform};
 
-pub use crate::messages::AttesterKind;
+pub use channel::messages::AttesterKind;
 
 /// Errors getting a report.
 #[derive(Debug, thiserror::Error)]

@@ -20,8 +20,8 @@ use nix_formats::refs::RefScanner;
 use nix_formats::store_path::FileIngestionMethod;
 use nix_formats::{HashAlgo, StorePath};
 
-use crate::messages::NarBegin;
-use crate::proto::{FrameReader, Kind, ProtoError};
+use channel::messages::NarBegin;
+use channel::proto::{FrameReader, Kind, ProtoError};
 
 /// Why inputs were refused.
 #[derive(Debug, thiserror::Error)]
@@ -266,9 +266,9 @@ pub fn verify_content_addresses(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::messages::NarBegin;
-    use crate::proto::FrameWriter;
     use build_trace::job::{BasicDerivation, CaRule, DrvOutput, Limits, PathInfo};
+    use channel::messages::NarBegin;
+    use channel::proto::FrameWriter;
 
     const P: &str = "/nix/store/00000000000000000000000000000000-input";
 

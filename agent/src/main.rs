@@ -1,5 +1,6 @@
 //! `vouch-agent`: PID 1 of a vouch build VM (see the crate docs). `--version` prints the version
 //! (the image build records it); anything else requires running as PID 1.
+#![forbid(unsafe_code)]
 
 fn main() {
     if std::env::args().nth(1).as_deref() == Some("--version") {

@@ -35,6 +35,7 @@
 pub mod cgroup;
 pub mod root;
 pub mod seccomp;
+#[allow(unsafe_code)]
 mod sys;
 
 use std::ffi::CString;

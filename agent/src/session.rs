@@ -1,13 +1,13 @@
 //! One build step, guest side: the agent's whole job between connecting and powering off.
 //!
-//! Order (see `crate::messages` for the frames): send `Hello`; read `Setup` and the job;
+//! Order (see `channel::messages` for the frames): send `Hello`; read `Setup` and the job;
 //! choose the attester (SNP hardware if present — its first report gives the HOST_DATA the VM was
 //! launched with, and a job that does not hash to it is refused — else the simulated signer the
 //! host sent, said loudly); receive and check the inputs; recompute claimed content addresses;
 //! run the builder (log streamed); hash the outputs; build the statement; attest its
 //! REPORT_DATA; stream the outputs; send `Outcome`. Any error becomes one `Failure` frame with
 //! its kind and message. `Bye` always ends the session. From `Hello` until just before `Bye` a
-//! heartbeat thread ([`crate::liveness::Heartbeat`]) shares the writer, so the host can tell a
+//! heartbeat thread ([`channel::liveness::Heartbeat`]) shares the writer, so the host can tell a
 //! silent builder from a stalled channel; every write is at most [`GUEST_MAX_WRITE`] bytes.
 //!
 //! What is not here: mounting, connecting and powering off (`crate::pid1`, `main`).
@@ -23,16 +23,20 @@ use build_trace::statement::{Measurement, Statement};
 use crate::attest::{self, Attester, AttesterKind};
 use crate::builder::{self, RunLimits};
 use crate::inputs::{self, InputError};
-use crate::liveness::{Heartbeat, SharedFrameWriter, HEARTBEAT_INTERVAL};
-use crate::messages::{Failure, FailureKind, Hello, NarBegin, Outcome, Phase, PhaseName, Setup};
 use crate::outputs::{self, OutputError};
 use crate::pid1::{say, uptime};
-use crate::proto::{FrameReader, FrameWriter, Kind, ProtoError, GUEST_MAX_WRITE, PROTOCOL_VERSION};
 use crate::sandbox::{Confinement, SandboxSpec};
+use channel::liveness::{Heartbeat, SharedFrameWriter, HEARTBEAT_INTERVAL};
+use channel::messages::{Failure, FailureKind, Hello, NarBegin, Outcome, Phase, PhaseName, Setup};
+use channel::proto::{
+    FrameReader, FrameWriter, Kind, ProtoError, GUEST_MAX_WRITE, PROTOCOL_VERSION,
+};
 
-/// The agent's version string (goes into the statement and the image manifest).
+/// The agent's version string (goes into the statement and the image manifest); the bench
+/// image's agent says so ([`channel::config::BENCH_VERSION_SUFFIX`]).
 pub fn agent_version() -> String {
-    format!("vouch-agent {}", env!("CARGO_PKG_VERSION"))
+    let bench = if cfg!(feature = "bench") { channel::config::BENCH_VERSION_SUFFIX } else { "" };
+    format!("vouch-agent {}{bench}", env!("CARGO_PKG_VERSION"))
 }
 
 /// Why a step failed inside the guest.

@@ -1,5 +1,6 @@
-//! The agent's only raw system calls that no safe wrapper covers. Every `unsafe` block of the
-//! agent lives here, with its SAFETY argument.
+//! Raw system calls of PID 1 that no safe wrapper covers, each `unsafe` block with its SAFETY
+//! argument. With `sandbox::sys` (the builder sandbox's), the only module of the agent allowed
+//! `unsafe` (the crate root denies it elsewhere).
 //!
 //! What is here: bringing the loopback interface up (`SIOCGIFFLAGS`/`SIOCSIFFLAGS`), as Nix's
 //! sandbox does for builders (many test suites need `127.0.0.1`).

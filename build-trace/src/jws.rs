@@ -22,12 +22,16 @@
 //! signer does. `rebuild_id` is the first four bytes of REPORT_DATA, so signing is deterministic.
 //! `evidence_kind` is a label for humans; verifiers classify evidence by the root that verifies it.
 //!
+//! Signing ([`sign`]) only with the `producer` feature.
+//!
 //! What is not here: trust decisions (the verifier asks the policy which keys count).
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use base64::Engine;
 use ed25519_dalek::{Signature, VerifyingKey};
-use nix_formats::signing::{PublicKey, SecretKey};
+use nix_formats::signing::PublicKey;
+#[cfg(feature = "producer")]
+use nix_formats::signing::SecretKey;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
@@ -55,6 +59,11 @@ pub enum JwsError {
     /// The payload does not describe the statement it travels with.
     #[error("JWS payload does not match the statement: {0}")]
     Mismatch(String),
+}
+
+/// The ed25519 public key of a Nix key (for the JWS `kid`).
+pub fn verifying_key(key: &PublicKey) -> VerifyingKey {
+    VerifyingKey::from_bytes(&key.to_bytes()).expect("a parsed public key is a valid point")
 }
 
 /// SHA-256 of the key's SubjectPublicKeyInfo DER (`302a300506032b6570032100 ‖ key`).
@@ -138,6 +147,7 @@ pub fn payload(
     }))
 }
 
+#[cfg(feature = "producer")]
 /// Sign a step's trace: the compact JWS.
 pub fn sign(
     statement: &Statement,
@@ -149,7 +159,7 @@ pub fn sign(
     let payload = payload(statement, &statement_bytes, evidence_bytes, evidence_kind)?;
     let header = json!({
         "type": "laut", "alg": "EdDSA", "crv": "Ed25519", "v": "2",
-        "kid": kid(key.name(), &crate::sign::verifying_key(&key.public_key())),
+        "kid": kid(key.name(), &verifying_key(&key.public_key())),
     });
     let input = format!(
         "{}.{}",
@@ -195,7 +205,7 @@ pub fn verify(compact: &str, keys: &[PublicKey]) -> Result<VerifiedJws, JwsError
     let key = keys
         .iter()
         .filter(|k| k.name() == name)
-        .map(crate::sign::verifying_key)
+        .map(verifying_key)
         .find(|k| kid(name, k) == kid_str)
         .ok_or_else(|| JwsError::UnknownKey(kid_str.to_string()))?;
     let sig_bytes: [u8; 64] = decode("signature", s64)?

@@ -1,9 +1,19 @@
 //! Build traces for vouch and everything needed to check them.
 //!
-//! What is here: the job and statement with their canonical encodings (HOST_DATA and
-//! REPORT_DATA), SNP evidence (parsing and verifying real AMD reports and certificate chains,
-//! and the clearly labelled simulated stand-in), the trust policy, the closure verifier, laut
-//! JWS and in-toto/SLSA export.
+//! What is here, by cargo feature (`docs/architecture.md`):
+//! - always (the model): the job and statement with their canonical encodings (HOST_DATA and
+//!   REPORT_DATA) and the SNP report layout ([`evidence::report`]);
+//! - `verifier`: SNP evidence verification (real AMD reports and certificate chains, and the
+//!   clearly labelled simulated stand-in), the trust policy, the closure verifier, the trace
+//!   store's reader, laut JWS verification, output ownership, in-toto/SLSA export;
+//! - `simulated-attester`: signing simulated reports with a key the guest is given
+//!   (`evidence::SimulatedAttester`);
+//! - `producer` (default; includes both): the launcher's key on disk (`sign`), the trace store's
+//!   writer and audit, JWS and Nix record signing, generating simulated roots.
+//!
+//! A verifier-only build (`--no-default-features --features verifier`) has no key generation;
+//! the guest agent builds with `simulated-attester` alone, so it links no verifier
+//! (`scripts/check-features.sh` checks both).
 //!
 //! What is not here: QEMU, network access, or anything that launches a VM. A verifier links
 //! this crate and nothing else of vouch's host side.
@@ -12,14 +22,21 @@
 pub mod canonical;
 pub mod evidence;
 pub mod job;
+#[cfg(feature = "verifier")]
 pub mod jws;
+#[cfg(feature = "verifier")]
 pub mod ownership;
+#[cfg(feature = "verifier")]
 pub mod provenance;
 mod serde_str;
+#[cfg(feature = "producer")]
 pub mod sign;
 pub mod statement;
+#[cfg(feature = "verifier")]
 pub mod store;
+#[cfg(feature = "verifier")]
 pub mod trust;
+#[cfg(feature = "verifier")]
 pub mod verify;
 
 /// `error: cause: cause …` on one line: how vouch's components report an error with its

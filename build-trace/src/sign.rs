@@ -18,6 +18,8 @@
 //! input-addressed step's Nix ≤ 2.34 id would need the unresolved derivation graph, and Nix
 //! does not look realisations up for input-addressed outputs anyway.
 //!
+//! Only with the `producer` feature (a verifier makes no keys and signs nothing).
+//!
 //! What is not here: where the records are stored ([`crate::store`]) or the laut JWS
 //! ([`crate::jws`]).
 
@@ -244,12 +246,6 @@ pub fn unsigned_step_records(st: &Statement) -> Result<StepRecords, SignError> {
         records.insert(name.clone(), OutputRecords { legacy, build_trace, narinfo });
     }
     Ok(records)
-}
-
-/// The ed25519 public key of a Nix key (for the JWS `kid`).
-pub fn verifying_key(key: &nix_formats::signing::PublicKey) -> ed25519_dalek::VerifyingKey {
-    ed25519_dalek::VerifyingKey::from_bytes(&key.to_bytes())
-        .expect("a parsed public key is a valid point")
 }
 
 #[cfg(test)]

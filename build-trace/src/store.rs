@@ -24,28 +24,44 @@
 //! directory, index markers and laut's index, realisations, then narinfos — a reader never sees a narinfo whose
 //! NAR, or a step whose files, are missing.
 //!
+//! By feature: opening a store and reading it ([`TraceSource`]) with `verifier`; creating one,
+//! writing steps, laut's index and the audit with `producer`.
+//!
 //! What is not here: checking evidence (the launcher checks before it writes; the verifier
-//! after it reads), or the signing formats themselves ([`crate::sign`], [`crate::jws`]).
+//! after it reads), or the signing formats themselves (`crate::sign`, [`crate::jws`]).
 
+#[cfg(feature = "producer")]
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io;
+#[cfg(feature = "producer")]
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use nix_formats::StorePath;
 use sha2::{Digest, Sha256};
 
+#[cfg(feature = "producer")]
 use crate::evidence::EvidenceBundle;
+#[cfg(feature = "producer")]
 use nix_formats::narinfo::NarInfo;
+#[cfg(feature = "producer")]
 use nix_formats::signing::SecretKey;
 
+#[cfg(feature = "producer")]
 use crate::job::NarHash;
+#[cfg(feature = "producer")]
 use crate::sign;
-use crate::statement::{Statement, StatementError};
+#[cfg(feature = "producer")]
+use crate::statement::Statement;
+use crate::statement::StatementError;
 
+#[cfg(feature = "producer")]
 mod audit;
+#[cfg(feature = "producer")]
 mod laut_index;
 mod reader;
+#[cfg(feature = "producer")]
 pub use audit::{AuditOptions, AuditReport, Finding, Problem};
 pub use reader::{MemoryTraces, TraceEntry, TraceSource};
 
@@ -87,6 +103,7 @@ pub enum StoreError {
         problem: String,
     },
     /// The Nix records could not be signed.
+    #[cfg(feature = "producer")]
     #[error("signing the step's Nix records")]
     Sign(#[source] sign::SignError),
     /// The JWS could not be made.
@@ -101,6 +118,7 @@ pub(crate) fn io_err<'a>(
     move |source| StoreError::Io { op, path: path.to_path_buf(), source }
 }
 
+#[cfg(feature = "producer")]
 /// Write `bytes` to `path` atomically: temporary file in the same directory, fsync, rename,
 /// fsync of the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
@@ -112,6 +130,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     fs::File::open(dir)?.sync_all()
 }
 
+#[cfg(feature = "producer")]
 /// What the launcher hands the writer for one step (after it has checked statement and
 /// evidence).
 #[derive(Debug)]
@@ -126,6 +145,7 @@ pub struct StepRecord<'a> {
     pub nars: BTreeMap<String, PathBuf>,
 }
 
+#[cfg(feature = "producer")]
 /// Where a step went.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PutResult {
@@ -157,6 +177,7 @@ impl TraceStore {
     }
 
     /// Open or create a store (for writing).
+    #[cfg(feature = "producer")]
     pub fn create(root: &Path) -> Result<TraceStore, StoreError> {
         for sub in [
             "nar",
@@ -187,6 +208,7 @@ impl TraceStore {
         self.root.join(VOUCH_DIR).join("steps").join(drv_path.base_name())
     }
 
+    #[cfg(feature = "producer")]
     /// Write one step: NARs, statement, evidence, a JWS signed by `key`, index markers, Nix
     /// realisations (both formats, for content-addressed steps), then the narinfos. Idempotent.
     pub fn put_step(
@@ -222,9 +244,9 @@ impl TraceStore {
             key,
         )
         .map_err(StoreError::Jws)?;
-        let thumb =
-            &hex::encode(crate::jws::spki_thumbprint(&sign::verifying_key(&key.public_key())))
-                [..16];
+        let thumb = &hex::encode(crate::jws::spki_thumbprint(&crate::jws::verifying_key(
+            &key.public_key(),
+        )))[..16];
         if final_dir.exists() {
             let p = final_dir.join("jws").join(format!("{thumb}.jws"));
             if !p.exists() {
@@ -308,6 +330,7 @@ impl TraceStore {
         Ok(PutResult { step_dir: final_dir, entry, kept_existing: kept })
     }
 
+    #[cfg(feature = "producer")]
     fn put_step_dir(
         &self,
         step_dir: &Path,
@@ -350,6 +373,7 @@ impl TraceStore {
         sync_dir(step_dir)
     }
 
+    #[cfg(feature = "producer")]
     /// Copy a NAR into `nar/`, checking its hash and size; returns (file hash, file size).
     fn put_nar(
         &self,
@@ -396,6 +420,7 @@ impl TraceStore {
         Ok((got, total))
     }
 
+    #[cfg(feature = "producer")]
     /// Rebuild laut's signature index (`traces/`) of every step; how many steps it lists.
     pub fn reindex_laut(&self) -> Result<usize, StoreError> {
         laut_index::rebuild_all(&self.root, &self.root.join(VOUCH_DIR).join("steps"))
@@ -407,11 +432,13 @@ impl TraceStore {
     }
 }
 
+#[cfg(feature = "producer")]
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let mut f = fs::File::create(path).map_err(io_err("create", path))?;
     f.write_all(bytes).and_then(|()| f.sync_all()).map_err(io_err("write", path))
 }
 
+#[cfg(feature = "producer")]
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io_err("sync", dir))
 }

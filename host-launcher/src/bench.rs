@@ -16,6 +16,9 @@
 //!    agent's SHA-256 code (in-guest hashing rate).
 //! 5. **host hashing**: the same SHA-256 code over the same bytes on the host.
 //!
+//! The modes of `vouch.bench=` exist only in the bench image's agent (built with its `bench`
+//! feature, `scripts/build-image.sh --bench`); [`run`] refuses any other image.
+//!
 //! What is not here: pass/fail thresholds (benchmarks are not tests).
 
 use std::collections::BTreeSet;
@@ -23,8 +26,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use agent::messages::NarBegin;
-use agent::proto::{FrameReader, FrameWriter, Kind};
+use channel::messages::NarBegin;
+use channel::proto::{FrameReader, FrameWriter, Kind};
 use vm_image::image::{files, Manifest};
 
 use crate::build::local_store::{load_basic_derivation, LocalNixStore};
@@ -117,7 +120,7 @@ fn launch(
     let caps = HostCaps::probe();
     let backend = detect_backend(caps.vhost_vsock).map_err(e("vsock"))?;
     let chan =
-        Channel::prepare(&backend, run_dir, agent::config::DEFAULT_PORT).map_err(e("vsock"))?;
+        Channel::prepare(&backend, run_dir, channel::config::DEFAULT_PORT).map_err(e("vsock"))?;
     let spec = QemuSpec {
         mode,
         kernel: cfg.image_dir.join(files::VMLINUX),
@@ -250,6 +253,14 @@ pub fn run(
     progress: &mut dyn FnMut(&str),
 ) -> Result<BenchReport, BenchError> {
     let manifest = Manifest::load(&cfg.image_dir).map_err(e("image"))?;
+    if !manifest.agent_version.ends_with(channel::config::BENCH_VERSION_SUFFIX) {
+        return Err(BenchError(format!(
+            "{} is not a bench image: its agent ({}) has no benchmark modes; build one with \
+             scripts/build-image.sh --bench and pass --image",
+            cfg.image_dir.display(),
+            manifest.agent_version
+        )));
+    }
     let mode =
         choose_mode(cfg.mode, &HostCaps::probe(), manifest.snp.is_some()).map_err(e("mode"))?;
     let mode = if mode == Mode::Snp { Mode::Kvm } else { mode };

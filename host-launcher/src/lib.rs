@@ -4,9 +4,15 @@
 //! channel, the host content store and trace store, the Nix worker and serve protocols, and the
 //! build core those front-ends drive.
 //!
-//! What is not here: trust decisions about evidence (that is `build-trace`), or anything that
-//! runs inside the guest (that is `agent`).
+//! With the `bench` feature (never in the shipped `vouch`): `vouch bench`, which needs the bench
+//! image (`scripts/build-image.sh --bench`).
+//!
+//! What is not here: trust decisions about evidence (that is `build-trace`), the host↔guest
+//! channel's protocol (that is `channel`), or anything that runs inside the guest (that is
+//! `agent`, which this crate does not link).
+#![forbid(unsafe_code)]
 
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod build;
 pub mod nixbuilder;

@@ -3,6 +3,7 @@
 //! Front-ends (this CLI, the Nix protocols, HTTP) parse what they are asked into actions; the
 //! core never sees a command line or a socket. This file only parses arguments, sets up logging,
 //! dispatches, and prints an error chain once.
+#![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 
@@ -47,7 +48,9 @@ enum Command {
     Trace(cli::trace::Command),
     /// Export the in-toto / SLSA provenance of an output path.
     Provenance(cli::provenance::Args),
-    /// Benchmarks (`vouch bench vm`: where a build step's time goes).
+    /// Benchmarks (`vouch bench vm`: where a build step's time goes). Only in a `vouch` built
+    /// with the `bench` feature; needs the bench image.
+    #[cfg(feature = "bench")]
     #[command(subcommand)]
     Bench(cli::bench::Command),
 }
@@ -66,6 +69,7 @@ fn main() -> ExitCode {
         Command::Cache(cmd) => cli::cache::run(cmd, &cli.global),
         Command::Trace(cmd) => cli::trace::run(cmd, &cli.global),
         Command::Provenance(args) => cli::provenance::run(args, &cli.global),
+        #[cfg(feature = "bench")]
         Command::Bench(cmd) => cli::bench::run(cmd, &cli.global),
     };
     match result {

@@ -99,6 +99,8 @@ impl fmt::Debug for SecretKey {
 
 impl SecretKey {
     /// A fresh key from the OS random generator (like `nix-store --generate-binary-cache-key`).
+    /// Only with the `keygen` feature.
+    #[cfg(feature = "keygen")]
     pub fn generate(name: &str) -> Self {
         Self { name: name.to_owned(), key: SigningKey::generate(&mut rand_core::OsRng) }
     }

@@ -43,19 +43,45 @@ pub fn public_key_of(state: &Path) -> String {
 /// The guest image directory (`$VOUCH_IMAGE_DIR`, else `$VOUCH_CACHE/image`, else
 /// `~/.cache/vouch/image`); panics with instructions if it is not built.
 pub fn image_dir() -> PathBuf {
-    let dir = std::env::var_os("VOUCH_IMAGE_DIR").map(PathBuf::from).unwrap_or_else(|| {
+    built_image("VOUCH_IMAGE_DIR", "image", "scripts/build-image.sh")
+}
+
+/// The bench image (its agent built with the `bench` feature): `$VOUCH_BENCH_IMAGE_DIR`, else
+/// `<cache>/bench-image`. Only tests of the agent's `vouch.bench=` modes use it.
+pub fn bench_image_dir() -> PathBuf {
+    built_image("VOUCH_BENCH_IMAGE_DIR", "bench-image", "scripts/build-image.sh --bench")
+}
+
+/// `$<var>`, else `<cache>/<name>`; panics naming `how` to build it if it holds no image.
+fn built_image(var: &str, name: &str, how: &str) -> PathBuf {
+    let dir = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
         let cache = std::env::var_os("VOUCH_CACHE").map(PathBuf::from).unwrap_or_else(|| {
             PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
                 .join(".cache/vouch")
         });
-        cache.join("image")
+        cache.join(name)
     });
     assert!(
         dir.join("manifest.json").is_file(),
-        "no guest image in {}: run scripts/build-image.sh (scripts/test-all.sh does) or set VOUCH_IMAGE_DIR",
+        "no image in {}: run {how} (scripts/test-all.sh does) or set {var}",
         dir.display()
     );
     dir
+}
+
+/// [`vouch_bin`], checked to have `vouch bench` (the `bench` feature; `cargo test --workspace`
+/// and `scripts/build-image.sh --bench` build it so).
+pub fn bench_vouch_bin() -> PathBuf {
+    let bin = vouch_bin();
+    let ok =
+        Command::new(&bin).args(["bench", "--help"]).output().is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "{} has no `vouch bench`: build it with `cargo build -p host-launcher --features bench` \
+         (scripts/build-image.sh --bench does)",
+        bin.display()
+    );
+    bin
 }
 
 /// A scratch area for one test: Nix expressions, a state directory, a cache.

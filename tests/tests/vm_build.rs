@@ -270,7 +270,7 @@ fn multi_output_ca_derivation_matches_nix() {
 /// retried once in a fresh VM with a fresh job, and that attempt's result is the one published
 /// (nothing of the abandoned job is kept). The derivation also writes a 64 KiB log burst and a
 /// 320 KiB output: guest writes that large once stalled the userspace vsock backend for good
-/// (`agent::proto::GUEST_MAX_WRITE`).
+/// (`channel::proto::GUEST_MAX_WRITE`).
 #[test]
 fn vm_killed_at_boot_is_retried_in_a_fresh_vm() {
     let s = Scratch::new();

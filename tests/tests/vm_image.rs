@@ -73,7 +73,9 @@ fn built_image_matches_its_manifest() {
     let m: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(m["format"], "vouch-image-manifest-v1");
-    assert!(m["agent_version"].as_str().unwrap().starts_with("vouch-agent "));
+    let agent = m["agent_version"].as_str().unwrap();
+    assert!(agent.starts_with("vouch-agent "), "{agent}");
+    assert!(!agent.ends_with("+bench"), "the real image's agent has no benchmark modes: {agent}");
     assert_eq!(m["simulated_measurement"].as_str().unwrap().len(), 96);
     assert!(m["kernel_key"]["source"].as_str().unwrap().contains("6.12"));
     assert!(

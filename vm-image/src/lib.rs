@@ -7,6 +7,7 @@
 //! launch measurement plus the simulated measurement used without SNP hardware ([`measure`]).
 //!
 //! What is not here: launching VMs, or anything job-specific (that would change the measurement).
+#![forbid(unsafe_code)]
 
 pub mod cpio;
 pub mod image;
@@ -27,6 +28,15 @@ pub fn cache_dir() -> std::path::PathBuf {
     }
     let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
     std::path::PathBuf::from(home).join(".cache/vouch")
+}
+
+/// The default bench image directory (the agent built with its `bench` feature, for `vouch
+/// bench`): `$VOUCH_BENCH_IMAGE_DIR`, else `<cache>/bench-image`.
+pub fn default_bench_image_dir() -> std::path::PathBuf {
+    match std::env::var_os("VOUCH_BENCH_IMAGE_DIR") {
+        Some(d) => d.into(),
+        None => cache_dir().join("bench-image"),
+    }
 }
 
 /// The default image directory: `$VOUCH_IMAGE_DIR`, else `<cache>/image`.

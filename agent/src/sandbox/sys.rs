@@ -1,4 +1,5 @@
-//! Every `unsafe` block of the builder sandbox, each with its SAFETY argument.
+//! Every `unsafe` block of the builder sandbox, each with its SAFETY argument (with `crate::sys`,
+//! the only module of the agent allowed `unsafe`).
 //!
 //! What is here:
 //! - [`attach`]: the `pre_exec` hook that turns the spawned child into the sandbox. It runs

@@ -33,26 +33,43 @@
 //!
 //! What is not here: fetching certificates (no network: the builder ships the VCEK), CRLs, the
 //! ID block, or which builders a closure trusts (the trust policy embeds [`EvidencePolicy`]).
+//!
+//! By feature: [`report`] (the layout) always; verification (`bundle`, `certs`, `error`,
+//! `fastverify`, `policy`, `verified`, `verify`) with `verifier`; `simulated` with
+//! `simulated-attester` (the attester) and `producer` (generating and keeping roots).
 
+#[cfg(feature = "verifier")]
 pub mod bundle;
+#[cfg(feature = "verifier")]
 pub mod certs;
+#[cfg(feature = "verifier")]
 pub mod error;
+#[cfg(feature = "verifier")]
 pub mod fastverify;
+#[cfg(feature = "verifier")]
 pub mod policy;
 pub mod report;
+#[cfg(feature = "simulated-attester")]
 pub mod simulated;
+#[cfg(feature = "verifier")]
 pub mod verified;
+#[cfg(feature = "verifier")]
 pub mod verify;
 
+#[cfg(feature = "verifier")]
 pub use bundle::{BuiltinChainError, EvidenceBundle};
+#[cfg(feature = "verifier")]
 pub use error::{CertRole, Check, EvidenceError};
+#[cfg(feature = "verifier")]
 pub use policy::{
     CheckTime, EvidencePolicy, Expected, GuestPolicyRule, Hex, KeyId, Measurement, MinTcb,
 };
 pub use report::{Product, Report, TcbVersion};
-pub use simulated::{
-    nix_key_name, SimulatedAttester, SimulatedError, SimulatedLaunch, SimulatedPlatform,
-    SimulatedRoot, SIMULATED_ROOT_DIR,
-};
+#[cfg(feature = "producer")]
+pub use simulated::{nix_key_name, SimulatedRoot, SIMULATED_ROOT_DIR};
+#[cfg(feature = "simulated-attester")]
+pub use simulated::{SimulatedAttester, SimulatedError, SimulatedLaunch, SimulatedPlatform};
+#[cfg(feature = "verifier")]
 pub use verified::{Root, Signer, VekKind, VerifiedEvidence};
+#[cfg(feature = "verifier")]
 pub use verify::{Observer, Verifier};

@@ -14,50 +14,81 @@
 //! PLATFORM_INFO 0, firmware version 0.0.0, REPORT_ID random per attester, REPORT_ID_MA all
 //! 0xFF (no migration agent), mitigation vectors 0, reserved bytes zero.
 //!
+//! By feature: the attester ([`SimulatedAttester`], what the guest needs) with
+//! `simulated-attester`; generating, keeping and loading roots ([`SimulatedRoot`]) with `producer`.
+//!
 //! What is not here: the guest-side transport of the key (agent) or the decision to use
 //! simulated evidence (launcher).
 
+#[cfg(feature = "producer")]
 use std::fs;
+#[cfg(feature = "producer")]
 use std::io::Write as _;
+#[cfg(feature = "producer")]
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+#[cfg(feature = "producer")]
+use std::path::Path;
+use std::path::PathBuf;
+#[cfg(feature = "producer")]
 use std::time::{Duration, SystemTime};
 
+#[cfg(feature = "producer")]
 use der::asn1::{BitString, Ia5StringRef, ObjectIdentifier, OctetString};
+#[cfg(feature = "producer")]
 use der::{Decode, Encode};
 use p384::ecdsa::signature::hazmat::PrehashSigner;
+#[cfg(feature = "producer")]
 use p384::ecdsa::signature::Signer as _;
-use p384::pkcs8::{DecodePrivateKey, EncodePrivateKey, EncodePublicKey};
+use p384::pkcs8::DecodePrivateKey;
+#[cfg(feature = "producer")]
+use p384::pkcs8::{EncodePrivateKey, EncodePublicKey};
 use rand_core::{OsRng, RngCore};
 use sha2::{Digest, Sha384};
+#[cfg(feature = "producer")]
 use x509_cert::ext::Extension;
+#[cfg(feature = "producer")]
 use x509_cert::name::Name;
+#[cfg(feature = "producer")]
 use x509_cert::serial_number::SerialNumber;
+#[cfg(feature = "producer")]
 use x509_cert::spki::{AlgorithmIdentifierOwned, SubjectPublicKeyInfoOwned};
+#[cfg(feature = "producer")]
 use x509_cert::time::{Time, Validity};
+#[cfg(feature = "producer")]
 use x509_cert::{Certificate, TbsCertificate, Version};
 
+#[cfg(feature = "producer")]
 use super::bundle::EvidenceBundle;
+#[cfg(feature = "producer")]
 use super::certs::{self, oid, VekExtensions};
+#[cfg(feature = "producer")]
 use super::policy::{EvidencePolicy, Hex, KeyId};
 use super::report::{offset, TcbLayout, TcbVersion, REPORT_LEN, SIGNED_LEN};
 
+#[cfg(feature = "producer")]
 /// The directory, under a host's state directory, that holds its simulated root.
 pub const SIMULATED_ROOT_DIR: &str = "simulated-snp";
+#[cfg(feature = "producer")]
 /// Subject CN of every simulated ARK.
 pub const SIMULATED_ARK_CN: &str = "vouch SIMULATED ARK (no SEV-SNP hardware)";
+#[cfg(feature = "producer")]
 /// productName extension of every simulated VCEK.
 pub const SIMULATED_PRODUCT: &str = "vouch-simulated";
+#[cfg(feature = "producer")]
 /// The TCB simulated roots are generated with.
 pub const SIMULATED_TCB: TcbVersion =
     TcbVersion { fmc: None, bootloader: 1, tee: 1, snp: 1, microcode: 1 };
 /// Guest policy of simulated launches unless the launcher says otherwise: SMT allowed, bit 17.
 pub const DEFAULT_GUEST_POLICY: u64 = 0x30000;
 
+#[cfg(feature = "producer")]
 const ARK_FILE: &str = "ark.der";
+#[cfg(feature = "producer")]
 const VCEK_FILE: &str = "vcek.der";
+#[cfg(feature = "producer")]
 const VCEK_KEY_FILE: &str = "vcek.key";
 
+#[cfg(feature = "producer")]
 /// The name a host signs Nix records under: `<host>-1` with SEV-SNP, `<host>-simulated-1`
 /// without, so a plain Nix user sees the difference in `trusted-public-keys`. Characters Nix
 /// does not allow in key names (`:` and whitespace) become `-`.
@@ -84,6 +115,7 @@ pub enum SimulatedError {
     Corrupt { path: PathBuf, reason: String },
     #[error("simulated VCEK key is not a PKCS#8 P-384 key")]
     Key(#[source] p384::pkcs8::Error),
+    #[cfg(feature = "producer")]
     #[error("building a simulated certificate failed")]
     Certificate(#[source] der::Error),
 }
@@ -95,6 +127,7 @@ pub struct SimulatedPlatform {
     pub tcb: TcbVersion,
 }
 
+#[cfg(feature = "producer")]
 /// A host's simulated root: ARK certificate, VCEK certificate and the VCEK's secret key.
 pub struct SimulatedRoot {
     key_id: KeyId,
@@ -104,12 +137,14 @@ pub struct SimulatedRoot {
     platform: SimulatedPlatform,
 }
 
+#[cfg(feature = "producer")]
 impl std::fmt::Debug for SimulatedRoot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SimulatedRoot").field("key_id", &self.key_id()).finish_non_exhaustive()
     }
 }
 
+#[cfg(feature = "producer")]
 impl SimulatedRoot {
     /// A fresh root in memory with a random CHIP_ID and [`SIMULATED_TCB`].
     pub fn generate() -> Result<SimulatedRoot, SimulatedError> {
@@ -389,6 +424,7 @@ impl SimulatedAttester {
     }
 }
 
+#[cfg(feature = "producer")]
 fn vcek_extensions(platform: &SimulatedPlatform) -> Result<Vec<Extension>, SimulatedError> {
     let ext = |id: &str, value: Vec<u8>| -> Result<Extension, SimulatedError> {
         Ok(Extension {
@@ -412,6 +448,7 @@ fn vcek_extensions(platform: &SimulatedPlatform) -> Result<Vec<Extension>, Simul
     ])
 }
 
+#[cfg(feature = "producer")]
 /// An X.509 v3 certificate signed with ECDSA P-384/SHA-384.
 fn issue(
     issuer_key: &p384::ecdsa::SigningKey,

@@ -20,13 +20,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use agent::messages::Outcome;
 use base64::Engine as _;
 use build_trace::evidence::{
     EvidenceBundle, EvidenceError, EvidencePolicy, Expected, Hex, SimulatedRoot, VerifiedEvidence,
 };
 use build_trace::job::Job;
 use build_trace::statement::{Statement, StatementError};
+use channel::messages::Outcome;
 use nix_formats::content_address::ContentAddress;
 use nix_formats::nar::NarLimits;
 use nix_formats::StorePath;

@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agent::messages::{AttesterKind, Failure, Hello, NarBegin, Outcome, Phase, PhaseName, Setup};
-use agent::proto::{FrameReader, FrameWriter, Kind, ProtoError, PROTOCOL_VERSION};
 use build_trace::job::{Job, PathInfo};
+use channel::messages::{AttesterKind, Failure, Hello, NarBegin, Outcome, Phase, PhaseName, Setup};
+use channel::proto::{FrameReader, FrameWriter, Kind, ProtoError, PROTOCOL_VERSION};
 use nix_formats::StorePath;
 use sha2::{Digest, Sha256};
 
@@ -244,7 +244,7 @@ fn receive_nar<R: Read>(
     let mut buf = vec![0u8; 256 << 10];
     let mut size = 0u64;
     loop {
-        let n = stream.read(&mut buf).map_err(agent::proto::into_proto)?;
+        let n = stream.read(&mut buf).map_err(channel::proto::into_proto)?;
         if n == 0 {
             break;
         }

@@ -27,11 +27,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agent::messages::{Setup, SimulatedSetup};
-use agent::proto::ProtoError;
 use base64::Engine as _;
 use build_trace::evidence::SimulatedRoot;
 use build_trace::job::{Job, Limits, PathInfo};
+use channel::messages::{Setup, SimulatedSetup};
+use channel::proto::ProtoError;
 use nix_formats::StorePath;
 use vm_image::image::{files, Manifest};
 
@@ -280,9 +280,9 @@ fn attempt_step(
         .prefix("vouch-vm-")
         .tempdir()
         .map_err(|e| StepError::Io("creating the VM run directory".into(), e))?;
-    let port = agent::config::parse_cmdline(&manifest.cmdline)
+    let port = channel::config::parse_cmdline(&manifest.cmdline)
         .map(|c| c.port)
-        .unwrap_or(agent::config::DEFAULT_PORT);
+        .unwrap_or(channel::config::DEFAULT_PORT);
     let mut chan = Channel::prepare(&p.backend, run_dir.path(), port)?;
     let img = |f: &str| cfg.image_dir.join(f);
     let spec = QemuSpec {
@@ -441,7 +441,7 @@ fn attempt_step(
 mod tests {
     use super::*;
     use crate::build::watch::Trip;
-    use agent::messages::FailureKind;
+    use channel::messages::FailureKind;
 
     #[test]
     fn only_infrastructure_failures_are_retried() {

@@ -43,10 +43,10 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use agent::messages::{AttesterKind, FailureKind};
 use build_trace::evidence::{EvidenceBundle, VerifiedEvidence};
 use build_trace::job::{BasicDerivation, CaRule, Limits, PathInfo};
 use build_trace::statement::{OutputInfo, Statement};
+use channel::messages::{AttesterKind, FailureKind};
 use nix_formats::StorePath;
 
 use crate::vm::Mode;
@@ -129,7 +129,7 @@ pub enum Progress {
         bytes: u64,
     },
     /// A phase reported by the guest.
-    Guest(agent::messages::PhaseName),
+    Guest(channel::messages::PhaseName),
     /// An output NAR arrived.
     OutputReceived {
         /// Its store path.
@@ -375,7 +375,7 @@ pub enum StepError {
     Watchdog(Duration),
     /// The channel broke or the guest violated the protocol.
     #[error("guest channel")]
-    Channel(#[from] agent::proto::ProtoError),
+    Channel(#[from] channel::proto::ProtoError),
     /// The agent reported a failure.
     #[error("build failed in the VM ({kind:?}): {message}")]
     Guest {

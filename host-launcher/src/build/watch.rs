@@ -1,6 +1,6 @@
 //! The host's channel watchdog: no read or write on a guest channel waits forever.
 //!
-//! The guest sends a heartbeat every couple of seconds (`agent::liveness`), so a healthy channel
+//! The guest sends a heartbeat every couple of seconds (`channel::liveness`), so a healthy channel
 //! never goes quiet, whatever the builder does. [`ChannelWatch`] turns silence into an error:
 //! - **boot**: no frame at all (not even `Hello`) by QEMU start + the boot timeout;
 //! - **read stall**: after the first frame, no complete frame (heartbeat or data) for the stall
@@ -13,13 +13,13 @@
 //! The first trip is recorded ([`ChannelWatch::tripped`]), so the caller can report it precisely
 //! whatever error chain it travelled through, kill the VM and register nothing.
 //!
-//! What is not here: the frames (`agent::proto`), killing QEMU (`super::host`).
+//! What is not here: the frames (`channel::proto`), killing QEMU (`super::host`).
 
 use std::io::{self, Read, Write};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use agent::proto::Liveness;
+use channel::proto::Liveness;
 
 use crate::vm::vsock::Stream;
 
@@ -184,7 +184,7 @@ impl Write for GuardedWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use agent::proto::{FrameReader, FrameWriter, Kind};
+    use channel::proto::{FrameReader, FrameWriter, Kind};
     use std::os::unix::net::UnixStream;
 
     fn pair(watch: &Arc<ChannelWatch>) -> (GuardedReader, GuardedWriter, UnixStream) {

@@ -1,4 +1,6 @@
-//! `vouch bench vm`: the per-step time split and its baselines (see `host_launcher::bench`).
+//! `vouch bench vm`: the per-step time split and its baselines (see `host_launcher::bench`), and
+//! `vouch bench boot`. Only with the `bench` feature; both default to the bench image
+//! (`vm_image::default_bench_image_dir`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,7 +22,8 @@ pub enum Command {
         /// Kill the VM after this many seconds.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
-        /// Image directory.
+        /// Image directory (default: the bench image; the real image's agent refuses
+        /// `vouch.bench=`).
         #[arg(long)]
         image: Option<PathBuf>,
     },
@@ -35,7 +38,8 @@ pub enum Command {
         /// VM mode (default: automatic; snp is measured as kvm).
         #[arg(long, value_enum)]
         mode: Option<Mode>,
-        /// Image directory.
+        /// Bench image directory (its agent built with the `bench` feature:
+        /// `scripts/build-image.sh --bench`).
         #[arg(long)]
         image: Option<PathBuf>,
         /// Print JSON instead of a table.
@@ -50,7 +54,7 @@ pub fn run(cmd: Command, global: &Global) -> CmdResult {
         Command::Vm { runs, mib, mode, image, json } => (runs, mib, mode, image, json),
         Command::Boot { append, timeout, image } => {
             let cfg = LauncherConfig::new(
-                image.unwrap_or_else(vm_image::default_image_dir),
+                image.unwrap_or_else(vm_image::default_bench_image_dir),
                 global.state_dir(),
             );
             let r =
@@ -65,8 +69,10 @@ pub fn run(cmd: Command, global: &Global) -> CmdResult {
             return Ok(if r.ended_by_itself { ExitCode::SUCCESS } else { ExitCode::from(1) });
         }
     };
-    let mut cfg =
-        LauncherConfig::new(image.unwrap_or_else(vm_image::default_image_dir), global.state_dir());
+    let mut cfg = LauncherConfig::new(
+        image.unwrap_or_else(vm_image::default_bench_image_dir),
+        global.state_dir(),
+    );
     cfg.mode = mode;
     let r = host_launcher::bench::run(&cfg, runs.max(1), mib.max(1), &mut |s| {
         eprintln!("vouch bench: {s}")

@@ -71,12 +71,12 @@ impl LogSink for Printer {
         }
     }
     fn progress(&mut self, event: &Progress) {
-        use agent::messages::PhaseName as P;
+        use channel::messages::PhaseName as P;
         let line = match event {
             Progress::Booting { mode, pid } => format!("booting a {mode} VM (QEMU pid {pid})"),
             Progress::AgentReady { attester } => match attester {
-                agent::messages::AttesterKind::SevSnp => "agent ready; evidence: sev-snp".into(),
-                agent::messages::AttesterKind::Simulated => {
+                channel::messages::AttesterKind::SevSnp => "agent ready; evidence: sev-snp".into(),
+                channel::messages::AttesterKind::Simulated => {
                     "agent ready; evidence: SIMULATED (no SEV-SNP hardware here)".into()
                 }
             },

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod build;
 pub mod cache;

@@ -96,16 +96,16 @@ impl LogSink for LinesToClient<'_> {
     }
 
     fn progress(&mut self, event: &Progress) {
-        use agent::messages::PhaseName as P;
+        use channel::messages::PhaseName as P;
         let text = match event {
             Progress::Booting { mode, pid } => {
                 format!("vouch: booting a fresh {mode} VM (QEMU pid {pid})")
             }
             Progress::AgentReady { attester } => match attester {
-                agent::messages::AttesterKind::SevSnp => {
+                channel::messages::AttesterKind::SevSnp => {
                     "vouch: agent ready; evidence: sev-snp".into()
                 }
-                agent::messages::AttesterKind::Simulated => {
+                channel::messages::AttesterKind::Simulated => {
                     "vouch: agent ready; evidence: SIMULATED (no SEV-SNP hardware on this host)"
                         .into()
                 }

@@ -24,8 +24,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use agent::messages::FailureKind;
 use build_trace::job::{step_kind, CaRule, Limits, PathInfo, StepKind};
+use channel::messages::FailureKind;
 
 use super::adapters::{LinesToClient, StoreInputs};
 use super::BuilderCore;

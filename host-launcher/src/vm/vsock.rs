@@ -13,7 +13,7 @@
 //! Exactly one channel connection per VM is accepted: [`Channel::accept`] returns the first, and a
 //! background thread refuses (closes and logs) any further one until the VM is gone.
 //!
-//! What is not here: framing (`agent::proto`) or the job protocol (`crate::build`).
+//! What is not here: framing (`channel::proto`) or the job protocol (`crate::build`).
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;

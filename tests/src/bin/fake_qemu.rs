@@ -6,7 +6,7 @@
 //! path (`-chardev socket,id=vsock,path=DIR/vhost-user.sock`) and the port (`vouch.port=` in
 //! `-append`) and connects to `DIR/vsock_<port>` — the real Unix socket on which the host
 //! listens, where `vhost-device-vsock` would deliver the agent's connection. Then it speaks the
-//! real framing (`agent::proto`) as the script says.
+//! real framing (`channel::proto`) as the script says.
 //!
 //! `$VOUCH_FAKE_GUEST` is a comma-separated script, one behaviour per launch (the last repeats):
 //! - `exit`: exit with status 1 before connecting (a VM that dies at boot);
@@ -19,14 +19,15 @@
 //!
 //! Each launch writes `$VOUCH_FAKE_GUEST_DIR/launch-<n>.json`: its pid, the vhost-user socket
 //! path, and, once received, the job id and HOST_DATA. Test-only: never part of an image.
+#![forbid(unsafe_code)]
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use agent::messages::{AttesterKind, Failure, FailureKind, Heartbeat, Hello, Phase, PhaseName};
-use agent::proto::{FrameReader, FrameWriter, Kind, PROTOCOL_VERSION};
+use channel::messages::{AttesterKind, Failure, FailureKind, Heartbeat, Hello, Phase, PhaseName};
+use channel::proto::{FrameReader, FrameWriter, Kind, PROTOCOL_VERSION};
 
 fn arg_after(argv: &[String], flag: &str, prefix: &str) -> Option<String> {
     argv.windows(2)
@@ -65,7 +66,7 @@ fn main() {
     let control =
         arg_after(&argv, "-chardev", "socket,id=vsock,path=").expect("a vhost-user vsock chardev");
     let cmdline = arg_after(&argv, "-append", "").expect("-append");
-    let port = agent::config::parse_cmdline(&cmdline).expect("the image's command line").port;
+    let port = channel::config::parse_cmdline(&cmdline).expect("the image's command line").port;
     let mut rec = serde_json::json!({
         "pid": std::process::id(), "control": control, "behaviour": behaviour,
     });
@@ -110,7 +111,7 @@ fn main() {
         match f.kind {
             Kind::InputsDone => break,
             Kind::NarBegin => {
-                let begin: agent::messages::NarBegin = f.json().unwrap();
+                let begin: channel::messages::NarBegin = f.json().unwrap();
                 let mut s = r.nar_stream(&begin.path.to_string(), begin.nar_size);
                 std::io::copy(&mut s, &mut std::io::sink()).unwrap();
             }

@@ -6,6 +6,7 @@
 //! 0, so the builder records what happened instead of failing. The tests compile this file
 //! statically with `rustc -C target-feature=+crt-static` and put it in the derivation's inputs.
 //! Only `std` and a few libc functions declared here: no crate is needed inside the guest.
+//! Its `unsafe` is those libc calls, all in `main`, each with its SAFETY comment.
 //!
 //! Usage: `vouch_probe <host vsock port>`.
 

@@ -1,8 +1,10 @@
-//! The agent's configuration, read from the kernel command line by a pure function.
+//! The agent's configuration, read from the kernel command line by a pure function (the host
+//! reads the channel port of an image's command line with it too).
 //!
 //! The command line is part of the launch measurement, so it is fixed per image and never
-//! carries anything job-specific: only the channel port, a log level and a benchmark/test
-//! switch (which the image's own command line never has).
+//! carries anything job-specific: only the channel port, a log level and, with the `bench`
+//! feature (the bench image's agent only), a benchmark/test switch that the image's own command
+//! line never has. Without the feature `vouch.bench` is an unknown key.
 //! Parameters the agent does not know (`console=`, `quiet`, …) are the kernel's and are ignored;
 //! an unknown or repeated `vouch.*` key is an error, so a typo cannot silently change behaviour.
 //!
@@ -10,6 +12,11 @@
 
 /// Default vsock port of the host channel.
 pub const DEFAULT_PORT: u32 = 1024;
+
+/// How the agent's version (`vouch-agent <version>`, recorded in the image manifest and each
+/// statement) ends when it was built with its `bench` feature, i.e. has the benchmark modes: the
+/// bench image is labelled as such, and `vouch bench vm` refuses an image without them.
+pub const BENCH_VERSION_SUFFIX: &str = "+bench";
 
 /// Errors in the `vouch.*` command-line keys.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -42,7 +49,8 @@ pub enum LogLevel {
     Debug,
 }
 
-/// Benchmark modes (never used by a real build).
+/// Benchmark modes (never used by a real build; only with the `bench` feature).
+#[cfg(feature = "bench")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bench {
     /// Power off right after mounting: the "bare VM" baseline.
@@ -62,12 +70,18 @@ pub struct Config {
     /// Console verbosity.
     pub log: LogLevel,
     /// A benchmark mode, if any.
+    #[cfg(feature = "bench")]
     pub bench: Option<Bench>,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { port: DEFAULT_PORT, log: LogLevel::Info, bench: None }
+        Config {
+            port: DEFAULT_PORT,
+            log: LogLevel::Info,
+            #[cfg(feature = "bench")]
+            bench: None,
+        }
     }
 }
 
@@ -127,6 +141,7 @@ pub fn parse_cmdline(cmdline: &str) -> Result<Config, ConfigError> {
                     _ => return Err(bad("expected info or debug")),
                 }
             }
+            #[cfg(feature = "bench")]
             "bench" => {
                 cfg.bench = Some(match value {
                     "poweroff" => Bench::Poweroff,
@@ -148,7 +163,7 @@ mod tests {
     #[test]
     fn the_image_command_line_parses() {
         let c = parse_cmdline("console=ttyS0 quiet panic=-1 vouch.port=1024\n").unwrap();
-        assert_eq!(c, Config { port: 1024, log: LogLevel::Info, bench: None });
+        assert_eq!(c, Config { port: 1024, ..Config::default() });
     }
 
     #[test]
@@ -158,7 +173,14 @@ mod tests {
     }
 
     #[test]
-    fn all_keys() {
+    fn port_and_log() {
+        let c = parse_cmdline("vouch.port=5000 vouch.log=debug").unwrap();
+        assert_eq!((c.port, c.log), (5000, LogLevel::Debug));
+    }
+
+    #[cfg(feature = "bench")]
+    #[test]
+    fn bench_keys() {
         let c = parse_cmdline("vouch.port=5000 vouch.log=debug vouch.bench=sink").unwrap();
         assert_eq!(c, Config { port: 5000, log: LogLevel::Debug, bench: Some(Bench::Sink) });
         let c = parse_cmdline("x=\"a b\" vouch.bench=poweroff").unwrap();
@@ -181,12 +203,22 @@ mod tests {
             parse_cmdline("vouch.port=1 vouch.port=2"),
             Err(ConfigError::Repeated("vouch.port".into()))
         );
-        for bad in
-            ["vouch.port=x", "vouch.port=0", "vouch.port=", "vouch.log=loud", "vouch.bench=1"]
-        {
+        for bad in ["vouch.port=x", "vouch.port=0", "vouch.port=", "vouch.log=loud"] {
             assert!(matches!(parse_cmdline(bad), Err(ConfigError::BadValue { .. })), "{bad}");
         }
+        #[cfg(feature = "bench")]
+        assert!(matches!(parse_cmdline("vouch.bench=1"), Err(ConfigError::BadValue { .. })));
         // A quoted value hides nothing: the key is still checked.
         assert!(parse_cmdline("\"vouch.evil=1\"").is_err());
+    }
+
+    /// Without the feature (every real image) the benchmark switch does not exist.
+    #[cfg(not(feature = "bench"))]
+    #[test]
+    fn no_bench_key_without_the_feature() {
+        assert_eq!(
+            parse_cmdline("vouch.bench=panic"),
+            Err(ConfigError::UnknownKey("vouch.bench".into()))
+        );
     }
 }

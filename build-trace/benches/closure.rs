@@ -176,6 +176,7 @@ fn policy(root: &SimulatedRoot, key: &SecretKey, require: &str) -> TrustPolicy {
         )]),
         require: TrustModel::Leaf(require.into()),
         fixed_output: Default::default(),
+        log: None,
     }
 }
 

@@ -19,6 +19,7 @@ mod serde_str;
 pub mod sign;
 pub mod statement;
 pub mod store;
+pub mod tlog;
 pub mod trust;
 pub mod verify;
 

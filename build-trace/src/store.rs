@@ -13,6 +13,7 @@
 //!                                   jws/<thumb>.jws  laut JWS by key (SPKI thumbprint prefix)
 //! vouch/v1/by-output/<out hash part>/<drv base>/<entry>   empty marker: output → step
 //! traces/<drv hash part>                          laut's index: {"signatures":[every JWS of the step]}
+//! log/checkpoint, log/tile/…, log/index/<entry>   the transparency log (`crate::tlog`), if attached
 //! ```
 //! `<drv base>` is the step's drv path base name: the resolved drv for content-addressed steps,
 //! the unresolved (input-addressed) drv otherwise. `<entry>` is the first 32 hex digits of the
@@ -22,7 +23,8 @@
 //! Atomicity: every file is written to a temporary name, fsynced and renamed into place; a step
 //! directory is assembled under `vouch/v1/tmp/` and renamed whole. Order: NARs, the step
 //! directory, index markers and laut's index, realisations, then narinfos — a reader never sees a narinfo whose
-//! NAR, or a step whose files, are missing.
+//! NAR, or a step whose files, are missing. With a log attached ([`TraceStore::with_log`]) the
+//! step's entry is appended to it last, once per entry id (re-publishing appends nothing).
 //!
 //! What is not here: checking evidence (the launcher checks before it writes; the verifier
 //! after it reads), or the signing formats themselves ([`crate::sign`], [`crate::jws`]).
@@ -45,6 +47,7 @@ use crate::statement::{Statement, StatementError};
 
 mod audit;
 mod laut_index;
+mod log_sync;
 mod reader;
 pub use audit::{AuditOptions, AuditReport, Finding, Problem};
 pub use reader::{MemoryTraces, TraceEntry, TraceSource};
@@ -92,6 +95,9 @@ pub enum StoreError {
     /// The JWS could not be made.
     #[error("signing the step's JWS")]
     Jws(#[source] crate::jws::JwsError),
+    /// The step could not be appended to the transparency log.
+    #[error("appending the step to the transparency log")]
+    Log(#[source] crate::tlog::TlogError),
 }
 
 pub(crate) fn io_err<'a>(
@@ -135,12 +141,15 @@ pub struct PutResult {
     pub entry: String,
     /// Records that already existed with different content and were kept (divergent builds).
     pub kept_existing: Vec<PathBuf>,
+    /// Where the step's entry is in the transparency log, if one is attached.
+    pub log: Option<crate::tlog::AppendResult>,
 }
 
 /// A trace store directory.
 #[derive(Debug, Clone)]
 pub struct TraceStore {
     root: PathBuf,
+    log: Option<crate::tlog::LogWriter>,
 }
 
 /// The entry id of a statement: 32 hex digits of SHA-256 of its canonical bytes.
@@ -159,7 +168,7 @@ impl TraceStore {
     pub fn open(root: &Path) -> Result<TraceStore, StoreError> {
         let info = root.join("nix-cache-info");
         fs::metadata(&info).map_err(io_err("open", &info))?;
-        Ok(TraceStore { root: root.to_path_buf() })
+        Ok(TraceStore { root: root.to_path_buf(), log: None })
     }
 
     /// Open or create a store (for writing).
@@ -180,7 +189,20 @@ impl TraceStore {
         if !info.exists() {
             write_atomic(&info, NIX_CACHE_INFO.as_bytes()).map_err(io_err("write", &info))?;
         }
-        Ok(TraceStore { root: root.to_path_buf() })
+        Ok(TraceStore { root: root.to_path_buf(), log: None })
+    }
+
+    /// Append every step this store writes to the transparency log in `<root>/log`, signed by
+    /// `key` (`docs/transparency-log.md`).
+    pub fn with_log(mut self, key: crate::tlog::LogKey) -> Result<TraceStore, StoreError> {
+        let dir = self.root.join(crate::tlog::LOG_DIR);
+        self.log = Some(crate::tlog::LogWriter::open(&dir, key).map_err(StoreError::Log)?);
+        Ok(self)
+    }
+
+    /// The attached log.
+    pub fn log(&self) -> Option<&crate::tlog::LogWriter> {
+        self.log.as_ref()
     }
 
     /// The store's directory.
@@ -311,7 +333,22 @@ impl TraceStore {
                     .map_err(io_err("write", &path))?,
             }
         }
-        Ok(PutResult { step_dir: final_dir, entry, kept_existing: kept })
+        // 6. The transparency log, once the step is readable.
+        let log = match &self.log {
+            Some(w) => {
+                // The evidence as stored: an earlier writer's, if the entry existed.
+                let stored = fs::read(final_dir.join("evidence.json")).ok();
+                let e = crate::tlog::LogEntry::for_step(
+                    st,
+                    &statement_bytes,
+                    stored.as_deref(),
+                    Some(&jws),
+                );
+                w.append(&[e]).map_err(StoreError::Log)?.pop()
+            }
+            None => None,
+        };
+        Ok(PutResult { step_dir: final_dir, entry, kept_existing: kept, log })
     }
 
     fn put_step_dir(

@@ -235,6 +235,25 @@ impl LogWriter {
             .collect())
     }
 
+    /// Add witnesses' cosignature lines to the checkpoint, if it is still the one of `size` and
+    /// `root` (a newer checkpoint needs its own cosignatures); whether it was.
+    pub fn add_cosignatures(
+        &self,
+        size: u64,
+        root: &[u8; 32],
+        lines: &str,
+    ) -> Result<bool, TlogError> {
+        self.locked(|| {
+            let Some(cp) = self.checkpoint()? else { return Ok(false) };
+            if cp.size != size || cp.root != *root {
+                return Ok(false);
+            }
+            let note = super::note::add_signatures(&cp.note, lines)?;
+            self.write(CHECKPOINT, &note)?;
+            Ok(true)
+        })
+    }
+
     /// An entry whose index file names leaf `i`: that leaf must be an entry of the same
     /// statement.
     fn check_logged(

@@ -311,3 +311,29 @@ fn a_monitor_reports_new_entries_and_two_outputs_for_one_derivation() {
     let e = monitor.follow(&src, &trust(&[], 0)).unwrap_err();
     assert!(matches!(e, TlogError::Inconsistent { .. }), "{e}");
 }
+
+#[test]
+fn log_policies_name_real_keys_and_a_reachable_quorum() {
+    use build_trace::trust::TrustPolicy;
+    let w = CosignerKey::from_seed("w.example/witness", [9; 32]).unwrap();
+    let policy = |keys: &str, witnesses: &str, quorum: usize| {
+        TrustPolicy::from_toml(&format!(
+            "require = \"key:k-1\"\n[keys]\n\"k-1\" = \"k-1:VUYbT40EiqxQ8DDKsJ/c9NK0yyRRy+wb6+5kY20F++g=\"\n\
+             [log]\nkeys = [{keys}]\nwitnesses = [{witnesses}]\nquorum = {quorum}\n"
+        ))
+    };
+    let (lk, wk) = (format!("{:?}", key().vkey()), format!("{:?}", w.vkey()));
+    let p = policy(&lk, &wk, 1).unwrap();
+    let trust = p.log.unwrap().trust().unwrap();
+    assert_eq!((trust.logs.len(), trust.witnesses.len(), trust.quorum), (1, 1, 1));
+    for (k, ws, q, why) in [
+        (lk.as_str(), wk.as_str(), 2, "quorum 2 of 1 distinct witnesses"),
+        (wk.as_str(), "", 0, "is not a log (Ed25519 note) key"),
+        (lk.as_str(), lk.as_str(), 1, "is not a witness (cosignature/v1) key"),
+        ("", "", 0, "names no log key"),
+        ("\"x+00000000+AQ==\"", "", 0, "[log]"),
+    ] {
+        let e = policy(k, ws, q).unwrap_err().to_string();
+        assert!(e.contains(why), "{k} {ws} {q}: {e}");
+    }
+}

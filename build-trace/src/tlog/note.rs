@@ -116,7 +116,15 @@ impl LogKey {
                 let mut seed = [0u8; 32];
                 rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut seed);
                 let key = LogKey::from_seed(origin, seed)?;
-                write_secret(&dir, &secret, key.skey.as_bytes())?;
+                match write_secret(&dir, &secret, key.skey.as_bytes()) {
+                    // Another publisher made it first: use theirs.
+                    Err(TlogError::Io { source, .. })
+                        if source.kind() == std::io::ErrorKind::AlreadyExists =>
+                    {
+                        return LogKey::load_or_generate(state_dir, Some(origin));
+                    }
+                    r => r?,
+                }
                 key
             }
             Err(e) => return Err(io_err("read", &secret)(e)),
@@ -153,26 +161,19 @@ pub fn checkpoint_text(origin: &str, size: u64, root: &Hash) -> String {
     format!("{origin}\n{size}\n{root}\n")
 }
 
+/// Write a secret key file (mode 0600) whole, or fail with `AlreadyExists` if there is one: a
+/// temporary file, synced, then hard-linked to its name (no reader sees it half-written).
 fn write_secret(dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), TlogError> {
     use std::io::Write;
     std::fs::create_dir_all(dir).map_err(io_err("create", dir))?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode_0600()
-        .open(path)
-        .map_err(io_err("create", path))?;
-    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(io_err("write", path))
-}
-
-trait Mode0600 {
-    fn mode_0600(&mut self) -> &mut Self;
-}
-
-impl Mode0600 for std::fs::OpenOptions {
-    fn mode_0600(&mut self) -> &mut Self {
-        std::os::unix::fs::OpenOptionsExt::mode(self, 0o600)
-    }
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".tmp-key-")
+        .permissions(std::fs::Permissions::from_mode(0o600))
+        .tempfile_in(dir)
+        .map_err(io_err("create", dir))?;
+    tmp.write_all(bytes).and_then(|()| tmp.as_file().sync_all()).map_err(io_err("write", path))?;
+    std::fs::hard_link(tmp.path(), path).map_err(io_err("create", path))?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("sync", dir))
 }
 
 /// A witness's cosigning key (`cosignature/v1`).
@@ -504,5 +505,14 @@ mod tests {
         assert!(LogKey::load_or_generate(t.path(), Some("b.example/log")).is_err());
         let mode = std::fs::metadata(t.path().join("keys").join(LOG_KEY_FILE)).unwrap();
         assert_eq!(mode.permissions().mode() & 0o777, 0o600);
+        // Publishers racing to make the first key all end with the same one.
+        let t = tempfile::tempdir().unwrap();
+        let keys: Vec<String> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| LogKey::load_or_generate(t.path(), Some("c.example/log"))))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap().unwrap().vkey().to_owned()).collect()
+        });
+        assert!(keys.iter().all(|k| *k == keys[0]), "{keys:?}");
     }
 }

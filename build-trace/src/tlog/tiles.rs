@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tlog_tiles::{Hash, HashReader, Tile, HASH_SIZE};
 
@@ -142,19 +142,20 @@ impl TileSource for DirTiles {
 pub struct TreeHashes<'a> {
     src: &'a dyn TileSource,
     size: u64,
-    cache: Mutex<HashMap<String, Vec<u8>>>,
+    cache: Mutex<HashMap<String, Arc<[u8]>>>,
+    hashes: Mutex<HashMap<u64, Hash>>,
 }
 
 impl<'a> TreeHashes<'a> {
     /// Hashes of the tree of `size` entries in `src`.
     pub fn new(src: &'a dyn TileSource, size: u64) -> TreeHashes<'a> {
-        TreeHashes { src, size, cache: Mutex::default() }
+        TreeHashes { src, size, cache: Mutex::default(), hashes: Mutex::default() }
     }
 
-    fn tile_data(&self, t: &Tile) -> Result<Vec<u8>, tlog_tiles::Error> {
+    fn tile_data(&self, t: &Tile) -> Result<Arc<[u8]>, tlog_tiles::Error> {
         let path = path_of(t);
         if let Some(d) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(&path) {
-            return Ok(d.clone());
+            return Ok(Arc::clone(d));
         }
         let get = |p: &str| {
             self.src.get(p).map_err(|e| tlog_tiles::Error::InvalidInput(crate::error_chain(&e)))
@@ -186,7 +187,8 @@ impl<'a> TreeHashes<'a> {
                 t.width() as usize * HASH_SIZE
             )));
         }
-        self.cache.lock().unwrap_or_else(|e| e.into_inner()).insert(path, data.clone());
+        let data: Arc<[u8]> = data.into();
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).insert(path, Arc::clone(&data));
         Ok(data)
     }
 }
@@ -196,10 +198,17 @@ impl HashReader for TreeHashes<'_> {
         indexes
             .iter()
             .map(|&x| {
+                // Hashes inside a tile are recomputed from its leaves: remember them, as proofs
+                // of neighbouring leaves share most of theirs.
+                if let Some(h) = self.hashes.lock().unwrap_or_else(|e| e.into_inner()).get(&x) {
+                    return Ok(*h);
+                }
                 let t = Tile::from_index(TILE_HEIGHT, x)
                     .parent(0, self.size)
                     .ok_or(tlog_tiles::Error::IndexesNotInTree)?;
-                t.hash_at_index(&self.tile_data(&t)?, x)
+                let h = t.hash_at_index(&self.tile_data(&t)?, x)?;
+                self.hashes.lock().unwrap_or_else(|e| e.into_inner()).insert(x, h);
+                Ok(h)
             })
             .collect()
     }

@@ -5,6 +5,10 @@
 //! counts only below the checkpoint's size and is checked against the leaf) and `.lock` (the
 //! writers' lock, never served). Several processes may append to one log: the lock makes each
 //! append, from reading the checkpoint to renaming the new one into place, exclusive.
+//!
+//! Durability: tiles, bundles and index files are renamed into place unsynced, then one
+//! `syncfs` makes them durable, then the checkpoint is written (fsynced, renamed, directory
+//! fsynced). A crash before that leaves files no checkpoint refers to.
 
 use std::collections::HashMap;
 use std::fs;
@@ -211,12 +215,17 @@ impl LogWriter {
         if !new.is_empty() {
             let leaves: Vec<Vec<u8>> = new.iter().map(|(_, b)| b.clone()).collect();
             let (resources, new_root) = grow(&src, size, &root, &leaves)?;
+            // Nothing below refers to these files until the checkpoint does: write them all,
+            // then make them durable with one syncfs before the checkpoint's rename.
             for (path, bytes) in &resources {
-                self.write(path, bytes)?;
+                self.write_unsynced(path, bytes)?;
             }
             for (k, (id, _)) in new.iter().enumerate() {
-                self.write(&format!("index/{id}"), format!("{}\n", size + k as u64).as_bytes())?;
+                let index = format!("{}\n", size + k as u64);
+                self.write_unsynced(&format!("index/{id}"), index.as_bytes())?;
             }
+            let d = fs::File::open(&self.dir).map_err(io_err("open", &self.dir))?;
+            nix::unistd::syncfs(&d).map_err(|e| io_err("sync", &self.dir)(e.into()))?;
             let note = self.key.sign_checkpoint(new_size, &new_root)?;
             self.write(CHECKPOINT, &note)?;
             self.prune_partials(size, new_size);
@@ -280,6 +289,22 @@ impl LogWriter {
             fs::create_dir_all(parent).map_err(io_err("create", parent))?;
         }
         crate::store::write_atomic(&path, bytes).map_err(io_err("write", &path))
+    }
+
+    /// Write a file by renaming a temporary one into place, without syncing it (the caller
+    /// syncs the file system before anything refers to it).
+    fn write_unsynced(&self, rel: &str, bytes: &[u8]) -> Result<(), TlogError> {
+        use std::io::Write;
+        let path = self.dir.join(rel);
+        let parent = path.parent().unwrap_or(&self.dir);
+        fs::create_dir_all(parent).map_err(io_err("create", parent))?;
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".tmp-")
+            .tempfile_in(parent)
+            .map_err(io_err("create", parent))?;
+        tmp.write_all(bytes).map_err(io_err("write", &path))?;
+        tmp.persist(&path).map_err(|e| io_err("rename", &path)(e.error))?;
+        Ok(())
     }
 
     /// Partial tiles and bundles of tiles that became full are no longer needed (C2SP allows

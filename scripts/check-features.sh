@@ -6,7 +6,7 @@
 # 1. host-launcher does not link the PID-1 crate (`agent`); `channel` links neither side.
 # 2. A verifier-only build-trace (`--no-default-features --features verifier`) has no key
 #    generation: no `producer`/`simulated-attester`, no nix-formats `keygen` (SecretKey::generate),
-#    no ed25519-dalek `rand_core` (SigningKey::generate), no rand_core of its own, no tempfile
+#    no rand_core of its own, no tempfile
 #    (the trace-store writer). getrandom itself stays in the graph: RustCrypto's `std` features
 #    (p384 and rsa under `sev`'s chain verification) turn on rand_core/getrandom; nothing of vouch
 #    that generates a key is compiled.
@@ -45,7 +45,6 @@ prod=$(graph -p build-trace)
 has "$ver" '^build-trace v[^ ]+ \([^)]*\) \[verifier\]$' || fail "build-trace features: $(grep '^build-trace ' <<<"$ver")"
 for check in \
   '^nix-formats .*\bkeygen\b@@nix-formats keygen (SecretKey::generate)' \
-  '^ed25519-dalek .*\brand_core\b@@ed25519-dalek rand_core (SigningKey::generate)' \
   '^tempfile @@tempfile (the trace-store writer)' \
   '^build-trace .*\b(producer|simulated-attester)\b@@build-trace producer side'; do
   must_not "$ver" "${check%%@@*}" "verifier-only build has ${check#*@@}"

@@ -38,6 +38,10 @@ have bison || need_apt+=(bison)
 have bc || need_apt+=(bc)
 dpkg -s libelf-dev >/dev/null 2>&1 || need_apt+=(libelf-dev)
 have python3 || need_apt+=(python3)
+# Go's sumdb tlog/note (x/mod 0.7.0), the independent implementation the transparency log's
+# interoperation test builds offline (build-trace/tests/tlog_go.rs).
+have go || need_apt+=(golang-go)
+[ -d /usr/share/gocode/src/golang.org/x/mod/sumdb/tlog ] || need_apt+=(golang-golang-x-mod-dev)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "apt-get install ${need_apt[*]}"

@@ -29,6 +29,10 @@ use nix_formats::signing::SecretKey;
 use nix_formats::store_path::FileIngestionMethod;
 use nix_formats::{Hash, HashAlgo, StorePath};
 
+mod support;
+
+use support::timed;
+
 const MEASUREMENT: [u8; 48] = [0x5a; 48];
 
 struct Built {
@@ -175,24 +179,8 @@ fn policy(root: &SimulatedRoot, key: &SecretKey, require: &str) -> TrustPolicy {
         )]),
         require: TrustModel::Leaf(require.into()),
         fixed_output: Default::default(),
+        log: None,
     }
-}
-
-/// CPU time this thread has run (`/proc/thread-self/schedstat`): the machine may be shared, and
-/// the goal is about one core's work.
-fn cpu() -> Duration {
-    std::fs::read_to_string("/proc/thread-self/schedstat")
-        .ok()
-        .and_then(|t| t.split_whitespace().next()?.parse().ok())
-        .map(Duration::from_nanos)
-        .unwrap_or_default()
-}
-
-/// (wall, CPU) of `f`.
-fn timed(f: impl FnOnce()) -> (Duration, Duration) {
-    let (w, c) = (Instant::now(), cpu());
-    f();
-    (w.elapsed(), cpu() - c)
 }
 
 fn verify(b: &Built, policy: &TrustPolicy) -> (Duration, Duration) {

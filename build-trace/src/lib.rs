@@ -35,6 +35,8 @@ pub mod statement;
 #[cfg(feature = "verifier")]
 pub mod store;
 #[cfg(feature = "verifier")]
+pub mod tlog;
+#[cfg(feature = "verifier")]
 pub mod trust;
 #[cfg(feature = "verifier")]
 pub mod verify;

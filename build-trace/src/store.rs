@@ -13,6 +13,7 @@
 //!                                   jws/<thumb>.jws  laut JWS by key (SPKI thumbprint prefix)
 //! vouch/v1/by-output/<out hash part>/<drv base>/<entry>   empty marker: output → step
 //! traces/<drv hash part>                          laut's index: {"signatures":[every JWS of the step]}
+//! log/checkpoint, log/tile/…, log/index/<entry>   the transparency log (`crate::tlog`), if attached
 //! ```
 //! `<drv base>` is the step's drv path base name: the resolved drv for content-addressed steps,
 //! the unresolved (input-addressed) drv otherwise. `<entry>` is the first 32 hex digits of the
@@ -22,7 +23,8 @@
 //! Atomicity: every file is written to a temporary name, fsynced and renamed into place; a step
 //! directory is assembled under `vouch/v1/tmp/` and renamed whole. Order: NARs, the step
 //! directory, index markers and laut's index, realisations, then narinfos — a reader never sees a narinfo whose
-//! NAR, or a step whose files, are missing.
+//! NAR, or a step whose files, are missing. With a log attached ([`TraceStore::with_log`]) the
+//! step's entry is appended to it last, once per entry id (re-publishing appends nothing).
 //!
 //! By feature: opening a store and reading it ([`TraceSource`]) with `verifier`; creating one,
 //! writing steps, laut's index and the audit with `producer`.
@@ -35,7 +37,8 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 #[cfg(feature = "producer")]
-use std::io::{Read, Write};
+use std::io::Read;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use nix_formats::StorePath;
@@ -60,6 +63,8 @@ use crate::statement::StatementError;
 mod audit;
 #[cfg(feature = "producer")]
 mod laut_index;
+#[cfg(feature = "producer")]
+mod log_sync;
 mod reader;
 #[cfg(feature = "producer")]
 pub use audit::{AuditOptions, AuditReport, Finding, Problem};
@@ -109,6 +114,9 @@ pub enum StoreError {
     /// The JWS could not be made.
     #[error("signing the step's JWS")]
     Jws(#[source] crate::jws::JwsError),
+    /// The step could not be appended to the transparency log.
+    #[error("appending the step to the transparency log")]
+    Log(#[source] crate::tlog::TlogError),
 }
 
 pub(crate) fn io_err<'a>(
@@ -118,15 +126,24 @@ pub(crate) fn io_err<'a>(
     move |source| StoreError::Io { op, path: path.to_path_buf(), source }
 }
 
-#[cfg(feature = "producer")]
-/// Write `bytes` to `path` atomically: temporary file in the same directory, fsync, rename,
-/// fsync of the directory.
+/// Write `bytes` to `path` atomically: a temporary file in the same directory (created
+/// exclusively, named after this process and a counter), fsync, rename, fsync of the directory.
+/// (`std` only, so verifier-only builds, which persist their accepted log checkpoints, have it.)
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".tmp-{}-{n}", std::process::id()));
+    let written = (|| {
+        let mut f = fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written?;
     fs::File::open(dir)?.sync_all()
 }
 
@@ -155,12 +172,16 @@ pub struct PutResult {
     pub entry: String,
     /// Records that already existed with different content and were kept (divergent builds).
     pub kept_existing: Vec<PathBuf>,
+    /// Where the step's entry is in the transparency log, if one is attached.
+    pub log: Option<crate::tlog::AppendResult>,
 }
 
 /// A trace store directory.
 #[derive(Debug, Clone)]
 pub struct TraceStore {
     root: PathBuf,
+    #[cfg(feature = "producer")]
+    log: Option<crate::tlog::LogWriter>,
 }
 
 /// The entry id of a statement: 32 hex digits of SHA-256 of its canonical bytes.
@@ -173,7 +194,11 @@ impl TraceStore {
     pub fn open(root: &Path) -> Result<TraceStore, StoreError> {
         let info = root.join("nix-cache-info");
         fs::metadata(&info).map_err(io_err("open", &info))?;
-        Ok(TraceStore { root: root.to_path_buf() })
+        Ok(TraceStore {
+            root: root.to_path_buf(),
+            #[cfg(feature = "producer")]
+            log: None,
+        })
     }
 
     /// Open or create a store (for writing).
@@ -195,7 +220,22 @@ impl TraceStore {
         if !info.exists() {
             write_atomic(&info, NIX_CACHE_INFO.as_bytes()).map_err(io_err("write", &info))?;
         }
-        Ok(TraceStore { root: root.to_path_buf() })
+        Ok(TraceStore { root: root.to_path_buf(), log: None })
+    }
+
+    /// Append every step this store writes to the transparency log in `<root>/log`, signed by
+    /// `key` (`docs/transparency-log.md`).
+    #[cfg(feature = "producer")]
+    pub fn with_log(mut self, key: crate::tlog::LogKey) -> Result<TraceStore, StoreError> {
+        let dir = self.root.join(crate::tlog::LOG_DIR);
+        self.log = Some(crate::tlog::LogWriter::open(&dir, key).map_err(StoreError::Log)?);
+        Ok(self)
+    }
+
+    /// The attached log.
+    #[cfg(feature = "producer")]
+    pub fn log(&self) -> Option<&crate::tlog::LogWriter> {
+        self.log.as_ref()
     }
 
     /// The store's directory.
@@ -327,7 +367,22 @@ impl TraceStore {
                     .map_err(io_err("write", &path))?,
             }
         }
-        Ok(PutResult { step_dir: final_dir, entry, kept_existing: kept })
+        // 6. The transparency log, once the step is readable.
+        let log = match &self.log {
+            Some(w) => {
+                // The evidence as stored: an earlier writer's, if the entry existed.
+                let stored = fs::read(final_dir.join("evidence.json")).ok();
+                let e = crate::tlog::LogEntry::for_step(
+                    st,
+                    &statement_bytes,
+                    stored.as_deref(),
+                    Some(&jws),
+                );
+                w.append(&[e]).map_err(StoreError::Log)?.pop()
+            }
+            None => None,
+        };
+        Ok(PutResult { step_dir: final_dir, entry, kept_existing: kept, log })
     }
 
     #[cfg(feature = "producer")]

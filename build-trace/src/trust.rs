@@ -108,6 +108,55 @@ pub struct TrustPolicy {
     /// Fixed-output derivations.
     #[serde(default)]
     pub fixed_output: FixedOutputRule,
+    /// The transparency logs every accepted step must be in, and their witnesses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<LogPolicy>,
+}
+
+/// `[log]`: every step the verifier accepts must be included in one of these transparency logs
+/// (`docs/transparency-log.md`), through a checkpoint cosigned by `quorum` of the witnesses.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogPolicy {
+    /// Log verifier keys, `<origin>+<key id>+<base64 key>` (the log's `log.note-vkey`).
+    pub keys: Vec<String>,
+    /// Witness cosigning keys (`cosignature/v1` vkeys, `vouch log witness` prints its own).
+    #[serde(default)]
+    pub witnesses: Vec<String>,
+    /// How many distinct witnesses must have cosigned the checkpoint used.
+    #[serde(default)]
+    pub quorum: usize,
+}
+
+impl LogPolicy {
+    /// The parsed keys.
+    pub fn trust(&self) -> Result<crate::tlog::proof::LogTrust, PolicyError> {
+        let parse = |k: &String, cosigner: bool| {
+            let key = crate::tlog::NoteVerifierKey::parse(k)
+                .map_err(|e| PolicyError::Invalid(format!("[log]: {e}")))?;
+            if key.cosigner != cosigner {
+                let want =
+                    if cosigner { "a witness (cosignature/v1)" } else { "a log (Ed25519 note)" };
+                return Err(PolicyError::Invalid(format!("[log]: {k} is not {want} key")));
+            }
+            Ok(key)
+        };
+        let logs = self.keys.iter().map(|k| parse(k, false)).collect::<Result<Vec<_>, _>>()?;
+        let witnesses =
+            self.witnesses.iter().map(|k| parse(k, true)).collect::<Result<Vec<_>, _>>()?;
+        if logs.is_empty() {
+            return Err(PolicyError::Invalid("[log] names no log key".into()));
+        }
+        let distinct: BTreeSet<&str> = witnesses.iter().map(|w| w.name.as_str()).collect();
+        if self.quorum > distinct.len() {
+            return Err(PolicyError::Invalid(format!(
+                "[log] quorum {} of {} distinct witnesses can never be met",
+                self.quorum,
+                distinct.len()
+            )));
+        }
+        Ok(crate::tlog::proof::LogTrust { logs, witnesses, quorum: self.quorum })
+    }
 }
 
 /// The name of the builder rule in [`TrustPolicy::default`].
@@ -126,6 +175,7 @@ impl Default for TrustPolicy {
             )]),
             require: TrustModel::Leaf(format!("builder:{DEFAULT_BUILDER}")),
             fixed_output: FixedOutputRule::default(),
+            log: None,
         }
     }
 }
@@ -438,6 +488,9 @@ impl TrustPolicy {
                     "key listed as `{name}` is named `{key_name}` in its key string"
                 )));
             }
+        }
+        if let Some(log) = &self.log {
+            log.trust()?;
         }
         let competing = self.require.competing_leaves();
         if competing > MAX_COMPETING_LEAVES {

@@ -314,3 +314,49 @@ fn concurrent_writers_of_different_builds_all_reach_the_laut_index() {
     let key = SecretKey::from_seed("store-test-1", [5; 32]);
     assert_eq!(laut_accepts(&index, hash, &key).len(), jobs.len());
 }
+
+#[test]
+fn an_attached_log_gets_each_entry_once_and_the_verifier_sees_only_logged_entries() {
+    use build_trace::tlog::proof::LogTrust;
+    use build_trace::tlog::source::LoggedTraces;
+    use build_trace::tlog::{DirTiles, LogKey, LogView, NoteVerifierKey};
+    let dir = tempfile::tempdir().unwrap();
+    let log_key = LogKey::from_seed("test.example/log", [8; 32]).unwrap();
+    let trust = LogTrust {
+        logs: vec![NoteVerifierKey::parse(log_key.vkey()).unwrap()],
+        ..LogTrust::default()
+    };
+    let nar = dir.path().join("out.nar");
+    std::fs::write(&nar, b"first").unwrap();
+    // A step written before the store had a log, then the log attached and brought up to date.
+    let root = dir.path().join("c");
+    let st0 = statement("job-0", b"first");
+    put(&TraceStore::create(&root).unwrap(), &st0, &nar).unwrap();
+    let store = TraceStore::create(&root).unwrap().with_log(log_key.clone()).unwrap();
+    assert_eq!(store.log_missing().unwrap(), 1);
+    assert_eq!(store.log_missing().unwrap(), 0);
+    // A new step is appended by put_step itself, once.
+    let st1 = statement("job-1", b"first");
+    let r = put(&store, &st1, &nar).unwrap();
+    let logged = r.log.unwrap();
+    assert_eq!((logged.index, logged.size, logged.appended), (1, 2, true));
+    let again = put(&store, &st1, &nar).unwrap().log.unwrap();
+    assert_eq!((again.index, again.size, again.appended), (1, 2, false));
+
+    let src = DirTiles::new(&root.join("log"));
+    let view = LogView::open(&src, &trust).unwrap();
+    let logged = LoggedTraces::new(&store, view);
+    let drv = &st1.job.drv_path;
+    assert_eq!(logged.entries(drv).unwrap().len(), 2);
+    assert!(logged.left_out().is_empty());
+    // An entry the log does not have is left out, with the reason.
+    let st2 = statement("job-2", b"first");
+    put(&TraceStore::create(&root).unwrap(), &st2, &nar).unwrap();
+    assert_eq!(logged.entries(drv).unwrap().len(), 2);
+    let left = logged.left_out();
+    assert!(
+        left.len() == 1 && left[0].contains("not in log test.example/log at size 2"),
+        "{left:?}"
+    );
+    assert!(logged.describe().contains("entries left out"), "{}", logged.describe());
+}

@@ -19,4 +19,5 @@ pub mod nixbuilder;
 pub mod nixproto;
 pub mod serve;
 pub mod store;
+pub mod transparency;
 pub mod vm;

@@ -43,6 +43,9 @@ enum Command {
     /// Check a trace store's signed records against its statements (`audit`).
     #[command(subcommand)]
     Cache(cli::cache::Command),
+    /// The transparency log: its key, witnesses, cosigning and monitoring.
+    #[command(subcommand)]
+    Log(cli::log::Command),
     /// Show stored build traces.
     #[command(subcommand)]
     Trace(cli::trace::Command),
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
         Command::Evidence(cmd) => cli::evidence::run(cmd, &cli.global),
         Command::Cache(cmd) => cli::cache::run(cmd, &cli.global),
         Command::Trace(cmd) => cli::trace::run(cmd, &cli.global),
+        Command::Log(cmd) => cli::log::run(cmd, &cli.global),
         Command::Provenance(args) => cli::provenance::run(args, &cli.global),
         #[cfg(feature = "bench")]
         Command::Bench(cmd) => cli::bench::run(cmd, &cli.global),

@@ -518,3 +518,64 @@ fn an_untrusted_caller_cannot_get_another_derivations_output_path_signed() {
     );
     assert_eq!(r.status, 202, "a token holder may: {}", r.text());
 }
+
+#[test]
+fn the_transparency_log_is_served_as_static_files_and_a_monitor_follows_it() {
+    use build_trace::tlog::entry::LoggedOutput;
+    use build_trace::tlog::{LogEntry, LogKey, LogWriter};
+    let t = tempfile::tempdir().unwrap();
+    let s = start(t.path());
+    let dir = t.path().join("state/cache/log");
+    let key = LogKey::from_seed("serve.test/log", [3; 32]).unwrap();
+    let entries: Vec<LogEntry> = (0..300u32)
+        .map(|i| {
+            let mut statement = [0u8; 32];
+            statement[..4].copy_from_slice(&i.to_be_bytes());
+            let out = LoggedOutput {
+                path: StorePath::parse(&format!("/nix/store/{}-out", "x".repeat(32))).unwrap(),
+                nar_hash: build_trace::job::NarHash([i as u8; 32]),
+                nar_size: u64::from(i),
+            };
+            LogEntry {
+                drv: StorePath::parse(&format!(
+                    "/nix/store/{:a>32}-step.drv",
+                    i.to_string().replace('0', "z")
+                ))
+                .unwrap(),
+                statement,
+                evidence: None,
+                jws: None,
+                outputs: [("out".to_string(), out)].into(),
+            }
+        })
+        .collect();
+    LogWriter::open(&dir, key.clone()).unwrap().append(&entries).unwrap();
+    let r = s.request("GET", "/log/checkpoint", b"");
+    assert_eq!((r.status, r.header("content-type")), (200, Some("text/plain; charset=utf-8")));
+    assert!(r.text().starts_with("serve.test/log\n300\n"), "{}", r.text());
+    for p in [
+        "tile/0/000",
+        "tile/0/001.p/44",
+        "tile/1/000.p/1",
+        "tile/entries/001.p/44",
+        "index/00000000000000000000000000000000",
+    ] {
+        let file = std::fs::read(dir.join(p)).unwrap_or_default();
+        let r = s.request("GET", &format!("/log/{p}"), b"");
+        assert_eq!((r.status, r.body.len()), (200, file.len()), "{p}");
+        assert_eq!(r.body, file, "{p}");
+    }
+    assert_eq!(s.request("GET", "/log/.lock", b"").status, 400);
+    assert_eq!(s.request("PUT", "/log/checkpoint", b"x").status, 405);
+    assert_eq!(s.request("GET", "/log/tile/0/002", b"").status, 404);
+    // `vouch log monitor` over HTTP reads the same log and reports every entry.
+    let out = Command::new(env!("CARGO_BIN_EXE_vouch"))
+        .arg("--state-dir")
+        .arg(t.path().join("monitor"))
+        .args(["log", "monitor", &format!("http://{}/log", s.addr), "--log-key", key.vkey()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(text.lines().filter(|l| l.starts_with("entry ")).count(), 300, "{text}");
+}

@@ -348,6 +348,7 @@ impl Fixture {
             )]),
             require,
             fixed_output: Default::default(),
+            log: None,
         }
     }
 

@@ -87,6 +87,17 @@ fn ca_derivation_matches_nix() {
     assert!(trace.join("evidence.json").is_file());
     let narinfo = s.cache().join(format!("{}.narinfo", &nix_path["/nix/store/".len()..][..32]));
     assert!(narinfo.is_file(), "narinfo written");
+    // And the step is an entry of the cache's transparency log, signed by the state's log key.
+    let vkey = std::fs::read_to_string(s.state().join("keys/log.note-vkey")).unwrap();
+    let m = Command::new(vouch_bin())
+        .arg("--state-dir")
+        .arg(s.state().join("monitor"))
+        .args(["log", "monitor", s.cache().to_str().unwrap(), "--log-key", vkey.trim()])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&m.stdout);
+    assert!(m.status.success(), "{listed}{}", stderr(&m));
+    assert!(listed.starts_with(&format!("entry 0 {drv} out={nix_path} ")), "{listed}");
 }
 
 /// `--import` registers the output and the realisation in the local Nix store.

@@ -8,6 +8,10 @@
 //! evidence must say `simulated` (as a word of the name, e.g. `ci-a-simulated-1`); any other is
 //! refused.
 //!
+//! Each step is also appended to the store's transparency log (`<cache>/log`), whose
+//! checkpoints the log key in `<state dir>/keys/log.note-key` signs (made on first publish, for
+//! the origin in `<state dir>/log-origin`, else `<hostname>/vouch`).
+//!
 //! What is not here: the checks (they happened in [`super::run_step`]; only a [`StepOutcome`]
 //! can be published) and the layout (`build_trace::store`, `docs/trace-store.md`).
 
@@ -110,6 +114,9 @@ pub enum PublishError {
     /// The signing key's name.
     #[error(transparent)]
     KeyName(#[from] KeyNameError),
+    /// The transparency log's key.
+    #[error("the transparency log's key")]
+    LogKey(#[source] build_trace::tlog::TlogError),
     /// The store.
     #[error("writing the trace store")]
     Store(#[source] build_trace::store::StoreError),
@@ -143,7 +150,11 @@ pub fn publish(
 ) -> Result<PutResult, PublishError> {
     let key = build_trace::sign::load_or_generate_key(state_dir, &key_name(outcome, naming)?)
         .map_err(PublishError::Key)?;
-    let store = TraceStore::create(cache_dir).map_err(PublishError::Store)?;
+    // Every published step goes into the store's transparency log, signed by the log key.
+    let log_key = crate::transparency::log_key(state_dir, None).map_err(PublishError::LogKey)?;
+    let store = TraceStore::create(cache_dir)
+        .and_then(|s| s.with_log(log_key))
+        .map_err(PublishError::Store)?;
     let kind = outcome.attester.to_string();
     let record = StepRecord {
         statement: &outcome.statement,

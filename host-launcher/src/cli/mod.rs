@@ -13,6 +13,7 @@ pub mod common;
 pub mod doctor;
 pub mod evidence;
 pub mod image;
+pub mod log;
 pub mod nix_builder;
 pub mod provenance;
 pub mod serve;

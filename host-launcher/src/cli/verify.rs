@@ -1,7 +1,10 @@
 //! `vouch verify`: verify a derivation's closure against trace stores under a trust policy.
 //!
 //! Exit codes: 0 verified, 1 not verified (the first broken link is printed), 2 error (bad
-//! arguments, unreadable files). The algorithm is `build_trace::verify`'s.
+//! arguments, unreadable files). The algorithm is `build_trace::verify`'s. With a `[log]`
+//! policy, a store's entries count only when its transparency log includes them, through a
+//! checkpoint with the witness quorum that is consistent with the ones seen before
+//! (`<state dir>/tlog/`); an inconsistent one is "not verified".
 
 use std::collections::BTreeSet;
 use std::io::Read;
@@ -11,6 +14,9 @@ use std::time::SystemTime;
 
 use build_trace::evidence::Verifier as EvidenceVerifier;
 use build_trace::store::{TraceSource, TraceStore};
+use build_trace::tlog::proof::CheckpointHistory;
+use build_trace::tlog::source::LoggedTraces;
+use build_trace::tlog::{DirTiles, LogView, TlogError, LOG_DIR};
 use build_trace::trust::TrustPolicy;
 use build_trace::verify::{ClosureVerifier, DrvSet, Outcome, Request};
 use host_launcher::build::publish::default_cache_dir;
@@ -88,6 +94,28 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         args.traces.clone()
     };
     let stores = dirs.iter().map(|d| TraceStore::open(d)).collect::<Result<Vec<_>, _>>()?;
+    // With a `[log]` policy, each store counts only through its transparency log.
+    let log_srcs: Vec<DirTiles> = dirs.iter().map(|d| DirTiles::new(&d.join(LOG_DIR))).collect();
+    let mut logged = Vec::new();
+    if let Some(log) = &policy.log {
+        let trust = log.trust()?;
+        let history = CheckpointHistory::new(&global.state_dir().join("tlog"));
+        for (store, src) in stores.iter().zip(&log_srcs) {
+            let checked =
+                LogView::open(src, &trust).and_then(|v| history.accept(&v, &trust).map(|()| v));
+            let view = match checked {
+                Ok(v) => v,
+                Err(e @ (TlogError::Inconsistent { .. } | TlogError::Checkpoint(_))) => {
+                    println!("not verified: {}", build_trace::error_chain(&e));
+                    return Ok(ExitCode::from(1));
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let cp = view.checkpoint();
+            tracing::info!(origin = %cp.origin, size = cp.size, witnesses = ?cp.cosigned_by.keys(), "log checkpoint");
+            logged.push(LoggedTraces::new(store, view));
+        }
+    }
     let mut expect: BTreeSet<StorePath> = args.expect.iter().cloned().collect();
     if args.expect_local {
         expect = local_outputs(&drvs, &target)?;
@@ -95,7 +123,11 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     let evidence = EvidenceVerifier::global();
     let verifier = ClosureVerifier {
         policy: &prepared,
-        sources: stores.iter().map(|s| s as &dyn TraceSource).collect(),
+        sources: if policy.log.is_some() {
+            logged.iter().map(|s| s as &dyn TraceSource).collect()
+        } else {
+            stores.iter().map(|s| s as &dyn TraceSource).collect()
+        },
         evidence,
         now: SystemTime::now(),
     };

@@ -11,6 +11,7 @@
 //! | GET, HEAD | `/nix-cache-info` | [`ApiAction::CacheInfo`] |
 //! | GET, HEAD | `/<hash>.narinfo` | [`ApiAction::NarInfo`] |
 //! | GET, HEAD | `/nar/…`, `/realisations/…`, `/build-trace-v2/…`, `/traces/…`, `/vouch/v1/…` | [`ApiAction::CacheFile`] |
+//! | GET, HEAD | `/log/checkpoint`, `/log/tile/…`, `/log/index/…` (the transparency log) | [`ApiAction::CacheFile`] |
 //! | PUT | `/nar/<nix32 file hash>.nar[.<ext>]` | [`ApiAction::PutNar`] |
 //! | PUT | `/<hash>.narinfo` | [`ApiAction::PutNarInfo`] |
 //! | POST | `/v1/builds` | [`ApiAction::SubmitBuild`] |
@@ -202,13 +203,22 @@ fn clean_path(raw: &str) -> Result<String, HttpError> {
 }
 
 /// Which cache directories are served read-only (`vouch/v1/tmp/` is the writer's work area,
-/// `vouch/v1/withdrawn/` what an audit took out of the cache).
+/// `vouch/v1/withdrawn/` what an audit took out of the cache; of the transparency log, its
+/// C2SP resources and entry index, not the writers' lock).
 fn is_cache_file(rel: &str) -> bool {
+    if is_log_file(rel) {
+        return true;
+    }
     ["nar/", "realisations/", "build-trace-v2/", "traces/", "vouch/v1/"]
         .iter()
         .any(|p| rel.starts_with(p))
         && !rel.starts_with("vouch/v1/tmp/")
         && !rel.starts_with("vouch/v1/withdrawn/")
+}
+
+/// The transparency log's static files (`build_trace::tlog`, `docs/transparency-log.md`).
+fn is_log_file(rel: &str) -> bool {
+    rel == "log/checkpoint" || rel.starts_with("log/tile/") || rel.starts_with("log/index/")
 }
 
 fn narinfo_hash(rel: &str) -> Option<&str> {
@@ -353,6 +363,18 @@ mod tests {
         assert_eq!(route("PUT", "/realisations/x.doi").unwrap_err().status, 403);
         assert_eq!(route("PUT", &format!("/traces/{H}")).unwrap_err().status, 403);
         assert_eq!(route("POST", "/v1/builds/1").unwrap_err().status, 405);
+        // The transparency log is read-only and only its resources are served.
+        assert_eq!(
+            route("GET", "/log/tile/0/x001/002.p/7").unwrap(),
+            Route::CacheFile("log/tile/0/x001/002.p/7".into())
+        );
+        assert_eq!(
+            route("GET", "/log/checkpoint").unwrap(),
+            Route::CacheFile("log/checkpoint".into())
+        );
+        assert_eq!(route("PUT", "/log/checkpoint").unwrap_err().status, 405);
+        assert_eq!(route("GET", "/log/.lock").unwrap_err().status, 400);
+        assert_eq!(route("GET", "/log/other").unwrap_err().status, 404);
         assert_eq!(route("GET", "/v1/builds/x").unwrap_err().status, 404);
     }
 

@@ -9,7 +9,8 @@
 //!
 //! - **Binary cache, read-only** ([`Service::cache_file`]): `nix-cache-info`, `<hash>.narinfo`,
 //!   `nar/…`, `realisations/…`, `build-trace-v2/…`, `traces/…`, `vouch/v1/…` from the trace store
-//!   directory, which is a Nix binary cache whose narinfos the launcher key signed.
+//!   directory, which is a Nix binary cache whose narinfos the launcher key signed; and its
+//!   transparency log, `log/checkpoint`, `log/tile/…`, `log/index/…` (C2SP tlog-tiles).
 //! - **Uploads** ([`upload`]): the requests of `nix copy --to 'http://…?compression=none'`;
 //!   uploaded paths go into the content store, checked, never into the trace store.
 //! - **narinfo of uploaded paths**: `nix copy --to` asks for `<hash>.narinfo` (GET) to decide
@@ -140,6 +141,9 @@ fn store_error(e: StoreError) -> ApiError {
 fn content_type(rel: &str) -> &'static str {
     if rel.starts_with("traces/") {
         return "application/json";
+    }
+    if rel == "log/checkpoint" || rel.starts_with("log/index/") {
+        return "text/plain; charset=utf-8";
     }
     match rel.rsplit('.').next() {
         Some("narinfo") => "text/x-nix-narinfo",

@@ -239,32 +239,6 @@ impl tlog_tiles::TileReader for AuthTiles<'_> {
     fn save_tiles(&self, _tiles: &[Tile], _data: &[Vec<u8>]) {}
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn paths_follow_c2sp() {
-        assert_eq!(tile_path(0, 0, 256), "tile/0/000");
-        assert_eq!(tile_path(1, 1234067, 256), "tile/1/x001/x234/067");
-        assert_eq!(tile_path(2, 5, 17), "tile/2/005.p/17");
-        assert_eq!(bundle_path(1000, 3), "tile/entries/x001/000.p/3");
-        assert_eq!(
-            (width_in(0, 70_000), width_in(273, 70_000), width_in(274, 70_000)),
-            (256, 112, 0)
-        );
-    }
-
-    #[test]
-    fn bundles_round_trip_and_refuse_truncation() {
-        let b = encode_bundle([b"ab".as_slice(), b"", b"xyz"]);
-        assert_eq!(b, b"\x00\x02ab\x00\x00\x00\x03xyz");
-        assert_eq!(decode_bundle("b", &b).unwrap(), vec![b"ab".to_vec(), vec![], b"xyz".to_vec()]);
-        assert!(decode_bundle("b", &b[..b.len() - 1]).is_err());
-        assert!(decode_bundle("b", &[0]).is_err());
-    }
-}
-
 /// The entries of bundle `n` of the tree of `size` entries (its partial bundle, or the prefix
 /// of the full one when the partial one was deleted).
 pub fn read_bundle(src: &dyn TileSource, n: u64, size: u64) -> Result<Vec<Vec<u8>>, TlogError> {
@@ -302,5 +276,31 @@ pub fn indexed(src: &dyn TileSource, entry_id: &str) -> Result<Option<u64>, Tlog
             })?;
             Ok(Some(i))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_follow_c2sp() {
+        assert_eq!(tile_path(0, 0, 256), "tile/0/000");
+        assert_eq!(tile_path(1, 1234067, 256), "tile/1/x001/x234/067");
+        assert_eq!(tile_path(2, 5, 17), "tile/2/005.p/17");
+        assert_eq!(bundle_path(1000, 3), "tile/entries/x001/000.p/3");
+        assert_eq!(
+            (width_in(0, 70_000), width_in(273, 70_000), width_in(274, 70_000)),
+            (256, 112, 0)
+        );
+    }
+
+    #[test]
+    fn bundles_round_trip_and_refuse_truncation() {
+        let b = encode_bundle([b"ab".as_slice(), b"", b"xyz"]);
+        assert_eq!(b, b"\x00\x02ab\x00\x00\x00\x03xyz");
+        assert_eq!(decode_bundle("b", &b).unwrap(), vec![b"ab".to_vec(), vec![], b"xyz".to_vec()]);
+        assert!(decode_bundle("b", &b[..b.len() - 1]).is_err());
+        assert!(decode_bundle("b", &[0]).is_err());
     }
 }

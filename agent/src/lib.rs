@@ -18,4 +18,5 @@ pub mod proto;
 pub mod run;
 pub mod sandbox;
 pub mod session;
+pub mod sev_guest;
 pub mod sys;

@@ -35,6 +35,7 @@
 //! ID block, or which builders a closure trusts (the trust policy embeds [`EvidencePolicy`]).
 
 pub mod bundle;
+pub mod cert_table;
 pub mod certs;
 pub mod error;
 pub mod fastverify;

@@ -14,7 +14,9 @@ pub mod evidence;
 pub mod image;
 pub mod nix_builder;
 pub mod provenance;
+pub mod selftest;
 pub mod serve;
+pub mod snp;
 pub mod trace;
 pub mod verify;
 

@@ -86,6 +86,14 @@ pub enum SevSnp {
 
 /// The configfs-tsm report directory.
 pub const TSM_REPORT_DIR: &str = "/sys/kernel/config/tsm/report";
+/// The attributes of a configfs-tsm report entry the agent uses: REPORT_DATA in, the report
+/// out, the host's certificate table (Documentation/ABI/testing/configfs-tsm; the ABI test
+/// checks them against it).
+pub const TSM_INBLOB: &str = "inblob";
+/// See [`TSM_INBLOB`].
+pub const TSM_OUTBLOB: &str = "outblob";
+/// See [`TSM_INBLOB`].
+pub const TSM_AUXBLOB: &str = "auxblob";
 
 /// SNP hardware if present. `/dev/sev-guest` appears only in a running SNP guest (the
 /// `sev-guest` platform device is registered only then), whereas the configfs-tsm directory
@@ -109,9 +117,9 @@ fn open_dev() -> io::Result<fs::File> {
 /// `outblob` and `auxblob` (absent or empty when the host supplied no certificate table) of a
 /// configfs-tsm entry whose `inblob` was written.
 fn tsm_read(entry: &Path) -> Result<(Vec<u8>, Vec<u8>), AttestError> {
-    let outblob = entry.join("outblob");
+    let outblob = entry.join(TSM_OUTBLOB);
     let raw = fs::read(&outblob).map_err(|e| AttestError::Tsm(outblob, e))?;
-    let auxblob = entry.join("auxblob");
+    let auxblob = entry.join(TSM_AUXBLOB);
     let certs = match fs::read(&auxblob) {
         Ok(c) => c,
         Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
@@ -129,7 +137,7 @@ fn tsm_report(base: &Path, report_data: &[u8; 64]) -> Result<(Vec<u8>, Vec<u8>),
     };
     fs::create_dir(&entry).map_err(err(&entry))?;
     let result = (|| {
-        let inblob = entry.join("inblob");
+        let inblob = entry.join(TSM_INBLOB);
         fs::write(&inblob, report_data).map_err(err(&inblob))?;
         tsm_read(&entry)
     })();

@@ -34,6 +34,13 @@ pub struct Args {
     pub json: bool,
 }
 
+/// Where distributions put an AmdSev OVMF (Debian sid's and Ubuntu's `ovmf-amdsev`, Fedora).
+const OVMF_CANDIDATES: &[&str] = &[
+    "/usr/share/ovmf/OVMF.amdsev.fd",
+    "/usr/share/OVMF/OVMF.amdsev.fd",
+    "/usr/share/edk2/ovmf/OVMF.amdsev.fd",
+];
+
 fn mark(s: Status) -> &'static str {
     match s {
         Status::Ok => "[ok]  ",
@@ -52,7 +59,11 @@ fn ovmf_file_check(path: &std::path::Path) -> Check {
             path.display(),
             if ok { "yes" } else { "no" }
         ),
-        fix: (!ok).then(|| "use an OvmfPkg/AmdSev build (scripts/build-ovmf-amdsev.sh)".into()),
+        fix: Some(if ok {
+            format!("build the image with it: `vouch image build --ovmf {}`", path.display())
+        } else {
+            "use an OvmfPkg/AmdSev build (scripts/build-ovmf-amdsev.sh)".into()
+        }),
         needed: Needed::Snp,
     }
 }
@@ -69,10 +80,16 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         manifest: None,
     });
     let mut checks = evaluate(&facts);
-    if let Some(ovmf) = &args.ovmf {
+    let image_snp = facts.image.1.as_ref().is_ok_and(|m| m.snp.is_some());
+    // An AmdSev OVMF to build the image with: the one given, else one at the usual paths.
+    let candidate = args.ovmf.clone().or_else(|| {
+        (!image_snp)
+            .then(|| OVMF_CANDIDATES.iter().map(PathBuf::from).find(|p| p.exists()))
+            .flatten()
+    });
+    if let Some(ovmf) = &candidate {
         checks.push(ovmf_file_check(ovmf));
     }
-    let image_snp = facts.image.1.as_ref().is_ok_and(|m| m.snp.is_some());
     let snp_ok = checks.iter().all(|c| c.status != Status::Fail);
     let mode = match choose_mode(None, &facts.caps, image_snp).unwrap_or(Mode::Tcg) {
         // The launcher would refuse SNP while a check fails (its preflight).

@@ -97,8 +97,6 @@ rc=$?
 set -eu
 [ "$rc" -eq 0 ] || { cat "$WORK/edksetup.log"; die "edksetup.sh failed"; }
 build -q -a X64 -t GCC5 -b RELEASE -n "$JOBS" -p OvmfPkg/AmdSev/AmdSevX64.dsc \
-  --pcd 'PcdFirmwareVendor=L"vouch build of Debian edk2\0"' \
-  --pcd "PcdFirmwareVersionString=L\"$EDK2_VERSION\\0\"" \
   >"$WORK/build.log" 2>&1 || { tail -40 "$WORK/build.log"; die "edk2 build failed ($WORK/build.log)"; }
 
 # 5. Publish with its hash.

@@ -1,9 +1,10 @@
-//! The agent's only raw system calls that no safe wrapper covers. Every `unsafe` block of the
-//! agent lives here, with its SAFETY argument.
+//! Raw system calls of the agent that no safe wrapper covers, each `unsafe` block with its
+//! SAFETY argument (the sandbox's are in `crate::sandbox::sys`, the SNP guest device's in
+//! `crate::sev_guest`).
 //!
 //! What is here: bringing the loopback interface up (`SIOCGIFFLAGS`/`SIOCSIFFLAGS`), as Nix's
 //! sandbox does for builders (many test suites need `127.0.0.1`).
-//! What is not here: SEV ioctls (those stay inside the `sev` crate).
+//! What is not here: the SEV guest ioctls (`crate::sev_guest`).
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};

@@ -273,3 +273,26 @@ pub fn check_outcome(
     }
     Ok(Checked { statement: st, evidence: bundle, verified, outputs })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use build_trace::evidence::cert_table::{encode, CertEntry, CertKind};
+
+    /// The launcher takes the VCEK (else the VLEK) from the guest's certificate table.
+    #[test]
+    fn the_vcek_of_a_certificate_table() {
+        let vcek = include_bytes!("../../tests/data/snp/vcek_milan.der").to_vec();
+        let table = encode(&[
+            CertEntry { kind: CertKind::Ark, data: vec![1; 8] },
+            CertEntry { kind: CertKind::Vcek, data: vcek.clone() },
+        ]);
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&table);
+        assert_eq!(table_vek(&b64), Some(vcek));
+        let vlek_only = encode(&[CertEntry { kind: CertKind::Vlek, data: vec![2; 4] }]);
+        let b64 = base64::engine::general_purpose::STANDARD.encode(vlek_only);
+        assert_eq!(table_vek(&b64), Some(vec![2; 4]));
+        assert_eq!(table_vek("not base64!"), None);
+        assert_eq!(table_vek(""), None, "an empty table has no key");
+    }
+}

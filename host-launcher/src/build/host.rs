@@ -97,11 +97,13 @@ fn prepare(
     let mode = choose_mode(cfg.mode, &caps, manifest.snp.is_some())?;
     if mode == Mode::Snp {
         // Fail within a second, naming the fix, rather than after a whole build in the VM.
+        let vcek =
+            cfg.snp_vcek.clone().or_else(|| std::env::var_os("VOUCH_SNP_VCEK").map(Into::into));
         crate::snp::checks::preflight(&crate::snp::checks::ProbeConfig {
             qemu: &cfg.qemu,
             image_dir: &cfg.image_dir,
             state_dir: &cfg.state_dir,
-            vcek: cfg.snp_vcek.as_deref(),
+            vcek: vcek.as_deref(),
             manifest: Some(&manifest),
         })?;
     }

@@ -1,7 +1,7 @@
 //! `vouch selftest`: one tiny build in a VM on this host, verified under the default
 //! genuine-AMD policy with this image's measurement, and a report to attach to a bug
 //! (`host_launcher::snp::selftest`). Without SEV-SNP the same flow runs with simulated
-//! evidence, and the report says so on its first line.
+//! evidence, and the report says so at its top.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

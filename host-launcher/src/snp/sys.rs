@@ -6,7 +6,8 @@
 //! every size, offset and command number with [`LAYOUT`]. The bit fields of
 //! `struct sev_user_data_snp_status` are decoded from its raw bytes by
 //! [`super::platform::PlatformStatus::decode`]. Every `unsafe` block of the host's SNP code is
-//! here. Neither command needs write access or changes the platform.
+//! here. Neither command needs write access or changes the platform; `SNP_PLATFORM_STATUS` works
+//! in any SNP state (Linux 6.12 `sev_ioctl_do_snp_platform_status`).
 
 use std::fs::File;
 use std::io;
@@ -132,13 +133,20 @@ pub fn snp_platform_status(dev: &File) -> Result<[u8; SNP_STATUS_LEN], SevCmdErr
 }
 
 /// `SEV_GET_ID2`: the chip's unique ID (64 bytes per socket; the first 64 are socket 0, the
-/// processor that signs reports).
+/// processor that signs reports). The firmware names the length when asked with none (the
+/// kernel: "the length of the ID shouldn't be assumed by software").
 pub fn get_id(dev: &File) -> Result<Vec<u8>, SevCmdError> {
-    let mut buf = vec![0u8; 128];
-    let mut req = GetId2 { address: buf.as_mut_ptr() as u64, length: buf.len() as u32 };
+    let mut req = GetId2 { address: 0, length: 0 };
+    // Fails with the length written back; a real failure shows in the second call.
+    let _ = issue(dev, "SEV_GET_ID2", SEV_GET_ID2, &mut req as *mut GetId2 as u64);
+    let len = match req.length {
+        0 => 128,
+        n => (n as usize).min(4096),
+    };
+    let mut buf = vec![0u8; len];
+    let mut req = GetId2 { address: buf.as_mut_ptr() as u64, length: len as u32 };
     issue(dev, "SEV_GET_ID2", SEV_GET_ID2, &mut req as *mut GetId2 as u64)?;
-    let len = req.length as usize;
-    buf.truncate(len.min(128));
+    buf.truncate((req.length as usize).min(len));
     Ok(buf)
 }
 

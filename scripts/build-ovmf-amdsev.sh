@@ -11,9 +11,12 @@
 # (the ones Debian's signed Sources index lists). Debian's patches are applied from its
 # debian/patches/series. Set EDK2_SOURCE_DIR to a directory holding the two tarballs to build
 # offline. Needs gcc, make, python3, nasm, iasl (acpica-tools), uuid-dev; about 15 CPU-minutes.
+# The build tree is removed afterwards (its logs stay in the work directory); KEEP_BUILD=1 keeps it.
 #
-# Reproducibility: fixed build path under the output's work directory, SOURCE_DATE_EPOCH from
-# debian/changelog, RELEASE build with the GCC5 toolchain tag (as Debian builds), no network.
+# Reproducibility: fixed build path ($VOUCH_CACHE/ovmf-build), SOURCE_DATE_EPOCH from
+# debian/changelog, RELEASE build with the GCC5 toolchain tag (as Debian builds), no network. Two
+# builds from fresh unpacks on Debian bookworm gave the same file, sha256
+# 9148ea6f0af13a29c2298e0245fd132fe27f56682445e60302df5e340d2d5770 (see docs/snp-host.md).
 # The firmware's SHA-256 goes to OUT_DIR/OVMF.amdsev.fd.sha256 and OUT_DIR/provenance.txt; the
 # measurement of every image built with it depends on every byte, so pin that hash.
 #
@@ -113,6 +116,8 @@ platform: OvmfPkg/AmdSev/AmdSevX64.dsc, RELEASE, GCC5, $(gcc --version | head -1
 grub.efi: empty placeholder (direct kernel boot)
 SOURCE_DATE_EPOCH: $SOURCE_DATE_EPOCH
 EOF
+# The build tree is ~650 MiB; keep only the logs unless asked.
+[ -n "${KEEP_BUILD:-}" ] || rm -rf "$E"
 log "OVMF.amdsev.fd sha256 $sha"
 echo "$OUT/OVMF.amdsev.fd"
 log "next: vouch image build --ovmf $OUT/OVMF.amdsev.fd"

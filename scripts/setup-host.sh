@@ -66,6 +66,28 @@ if [ ! -x "$VOUCH_CACHE/bin/vhost-device-vsock" ]; then
   ln -sf "$VOUCH_CACHE/cargo-root/bin/vhost-device-vsock" "$VOUCH_CACHE/bin/vhost-device-vsock"
 fi
 
+# Linux 6.12 UAPI headers for the SEV ABI test (host-launcher/tests/snp_abi.rs): bookworm's own
+# linux-libc-dev is 6.1, which lacks SNP_PLATFORM_STATUS; bookworm-backports has 6.12. Unpacked
+# into the cache (apt-get download + dpkg -x), not installed: the system's headers stay 6.1.
+UAPI=$VOUCH_CACHE/linux-uapi-6.12
+if ! grep -qs SNP_PLATFORM_STATUS "$UAPI/usr/include/linux/psp-sev.h"; then
+  log "unpacking linux-libc-dev 6.12 (bookworm-backports) into $UAPI"
+  tmp=$(mktemp -d)
+  (cd "$tmp" && apt-get download -qq "linux-libc-dev/bookworm-backports" 2>/dev/null \
+    || { $SUDO apt-get update -qq && apt-get download -qq "linux-libc-dev/bookworm-backports"; })
+  mkdir -p "$UAPI"
+  dpkg -x "$tmp"/linux-libc-dev_*.deb "$UAPI"
+  rm -rf "$tmp"
+fi
+# The configfs-tsm ABI document and the kernel-internal sizes the guest interface depends on,
+# from the 6.12 source the guest kernel is built from (same test).
+if [ ! -f "$UAPI/abi/Documentation/ABI/testing/configfs-tsm" ]; then
+  log "extracting the configfs-tsm ABI document from linux-source-6.12"
+  mkdir -p "$UAPI/abi"
+  tar -xJf /usr/src/linux-source-6.12.tar.xz -C "$UAPI/abi" --strip-components=1 --wildcards \
+    '*/Documentation/ABI/testing/configfs-tsm' '*/include/linux/tsm.h' '*/include/linux/psp-sev.h'
+fi
+
 # Nix 2.8 from Debian: make sure the store and db exist (nix-setup-systemd normally does this).
 $SUDO mkdir -p /nix/store /nix/var/nix
 log "host ready: $(nix --version 2>/dev/null | head -1); $(qemu-system-x86_64 --version | head -1)"

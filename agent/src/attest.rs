@@ -2,8 +2,10 @@
 //!
 //! - [`SevSnp`]: the AMD secure processor. First through configfs-tsm
 //!   (`/sys/kernel/config/tsm/report`: mkdir a fresh entry, write the 64-byte `inblob`, read
-//!   `outblob`, rmdir), else `/dev/sev-guest` through `sev::firmware::guest::Firmware` (its ioctl
-//!   structs stay inside `sev`; no `unsafe` here).
+//!   `outblob` and, when the host supplied a certificate table, `auxblob`; rmdir), else
+//!   `/dev/sev-guest`'s `SNP_GET_EXT_REPORT` ([`crate::sev_guest`], which holds the ioctl
+//!   structs; no `unsafe` here). The certificate table is passed on to the host untouched
+//!   ([`Attester::report_with_certs`]).
 //! - [`Simulated`]: machines without SNP. The host sends a simulated VCEK key and platform fields
 //!   over the channel (only in this mode), and the report is signed with `build-trace`'s
 //!   simulated signer in the exact AMD layout. Everything about it says "simulated".
@@ -30,7 +32,7 @@ pub enum AttestError {
     #[error("configfs-tsm returned {0} bytes, not a 1184-byte report")]
     TsmLength(usize),
     /// `/dev/sev-guest` failed.
-    #[error("/dev/sev-guest SNP_GET_REPORT failed: {0}")]
+    #[error("/dev/sev-guest SNP_GET_EXT_REPORT failed: {0}")]
     SevGuest(String),
     /// Simulated mode without the host's simulated key.
     #[error("no SEV-SNP hardware and the host sent no simulated signing key")]
@@ -46,6 +48,14 @@ pub trait Attester {
     fn kind(&self) -> AttesterKind;
     /// A report whose REPORT_DATA is `report_data`.
     fn report(&mut self, report_data: &[u8; 64]) -> Result<Vec<u8>, AttestError>;
+    /// A report and the host's certificate table (GHCB format; empty when the host supplies
+    /// none, which upstream KVM never does).
+    fn report_with_certs(
+        &mut self,
+        report_data: &[u8; 64],
+    ) -> Result<(Vec<u8>, Vec<u8>), AttestError> {
+        Ok((self.report(report_data)?, Vec::new()))
+    }
 }
 
 /// Length of an SNP attestation report.
@@ -71,11 +81,19 @@ pub enum SevSnp {
     /// configfs-tsm report directory (`/sys/kernel/config/tsm/report`).
     Tsm(PathBuf),
     /// `/dev/sev-guest`.
-    Dev(sev::firmware::guest::Firmware),
+    Dev(fs::File),
 }
 
 /// The configfs-tsm report directory.
 pub const TSM_REPORT_DIR: &str = "/sys/kernel/config/tsm/report";
+/// The attributes of a configfs-tsm report entry the agent uses: REPORT_DATA in, the report
+/// out, the host's certificate table (Documentation/ABI/testing/configfs-tsm; the ABI test
+/// checks them against it).
+pub const TSM_INBLOB: &str = "inblob";
+/// See [`TSM_INBLOB`].
+pub const TSM_OUTBLOB: &str = "outblob";
+/// See [`TSM_INBLOB`].
+pub const TSM_AUXBLOB: &str = "auxblob";
 
 /// SNP hardware if present. `/dev/sev-guest` appears only in a running SNP guest (the
 /// `sev-guest` platform device is registered only then), whereas the configfs-tsm directory
@@ -89,11 +107,29 @@ pub fn detect() -> Option<SevSnp> {
     if tsm.is_dir() {
         return Some(SevSnp::Tsm(tsm.to_owned()));
     }
-    sev::firmware::guest::Firmware::open().ok().map(SevSnp::Dev)
+    open_dev().ok().map(SevSnp::Dev)
+}
+
+fn open_dev() -> io::Result<fs::File> {
+    fs::OpenOptions::new().read(true).open("/dev/sev-guest")
+}
+
+/// `outblob` and `auxblob` (absent or empty when the host supplied no certificate table) of a
+/// configfs-tsm entry whose `inblob` was written.
+fn tsm_read(entry: &Path) -> Result<(Vec<u8>, Vec<u8>), AttestError> {
+    let outblob = entry.join(TSM_OUTBLOB);
+    let raw = fs::read(&outblob).map_err(|e| AttestError::Tsm(outblob, e))?;
+    let auxblob = entry.join(TSM_AUXBLOB);
+    let certs = match fs::read(&auxblob) {
+        Ok(c) => c,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(AttestError::Tsm(auxblob, e)),
+    };
+    Ok((raw, certs))
 }
 
 /// One configfs-tsm request in its own entry directory (`generation` races cannot happen).
-fn tsm_report(base: &Path, report_data: &[u8; 64]) -> Result<Vec<u8>, AttestError> {
+fn tsm_report(base: &Path, report_data: &[u8; 64]) -> Result<(Vec<u8>, Vec<u8>), AttestError> {
     let entry = base.join(format!("vouch-{}", std::process::id()));
     let err = |p: &Path| {
         let p = p.to_owned();
@@ -101,17 +137,16 @@ fn tsm_report(base: &Path, report_data: &[u8; 64]) -> Result<Vec<u8>, AttestErro
     };
     fs::create_dir(&entry).map_err(err(&entry))?;
     let result = (|| {
-        let inblob = entry.join("inblob");
+        let inblob = entry.join(TSM_INBLOB);
         fs::write(&inblob, report_data).map_err(err(&inblob))?;
-        let outblob = entry.join("outblob");
-        fs::read(&outblob).map_err(err(&outblob))
+        tsm_read(&entry)
     })();
     let _ = fs::remove_dir(&entry);
-    let raw = result?;
+    let (raw, certs) = result?;
     if raw.len() != REPORT_LEN {
         return Err(AttestError::TsmLength(raw.len()));
     }
-    Ok(raw)
+    Ok((raw, certs))
 }
 
 impl Attester for SevSnp {
@@ -120,30 +155,27 @@ impl Attester for SevSnp {
     }
 
     fn report(&mut self, report_data: &[u8; 64]) -> Result<Vec<u8>, AttestError> {
+        self.report_with_certs(report_data).map(|(r, _)| r)
+    }
+
+    fn report_with_certs(
+        &mut self,
+        report_data: &[u8; 64],
+    ) -> Result<(Vec<u8>, Vec<u8>), AttestError> {
         match self {
             SevSnp::Tsm(base) => match tsm_report(base, report_data) {
                 Ok(r) => Ok(r),
                 // configfs-tsm without a registered provider: fall back to the ioctl.
-                Err(e) => match sev::firmware::guest::Firmware::open() {
+                Err(e) => match open_dev() {
                     Ok(fw) => {
                         *self = SevSnp::Dev(fw);
-                        self.report(report_data)
+                        self.report_with_certs(report_data)
                     }
                     Err(_) => Err(e),
                 },
             },
-            SevSnp::Dev(fw) => {
-                let raw = fw
-                    .get_report(None, Some(*report_data), Some(0))
-                    .map_err(|e| AttestError::SevGuest(e.to_string()))?;
-                if raw.len() != REPORT_LEN {
-                    return Err(AttestError::SevGuest(format!(
-                        "{} bytes, not {REPORT_LEN}",
-                        raw.len()
-                    )));
-                }
-                Ok(raw)
-            }
+            SevSnp::Dev(dev) => crate::sev_guest::get_ext_report(dev, report_data, 0)
+                .map_err(|e| AttestError::SevGuest(build_trace::error_chain(&e))),
         }
     }
 }
@@ -195,6 +227,19 @@ mod tests {
         assert!(matches!(e, AttestError::Tsm(ref p, _) if p.ends_with("outblob")), "{e}");
         let entry = t.path().join(format!("vouch-{}", std::process::id()));
         assert_eq!(fs::read(entry.join("inblob")).unwrap(), vec![7u8; 64]);
+    }
+
+    /// `outblob` and `auxblob` of an entry: the report and the certificate table come back;
+    /// without `auxblob` (a host that supplies none) the table is empty.
+    #[test]
+    fn tsm_reads_the_certificate_table_when_present() {
+        let t = tempfile::tempdir().unwrap();
+        fs::write(t.path().join("outblob"), vec![1u8; REPORT_LEN]).unwrap();
+        let (raw, certs) = tsm_read(t.path()).unwrap();
+        assert_eq!(raw.len(), REPORT_LEN);
+        assert!(certs.is_empty());
+        fs::write(t.path().join("auxblob"), b"table").unwrap();
+        assert_eq!(tsm_read(t.path()).unwrap().1, b"table");
     }
 
     #[test]

@@ -8,9 +8,9 @@
 //!
 //! What is not here: anything that decides trust, or any host-side code.
 //!
-//! `unsafe`: only raw system calls no safe wrapper covers, in two modules: [`sys`] (the loopback
-//! interface) and `sandbox::sys` (the builder sandbox: namespaces, mounts, seccomp,
-//! credentials). The crate denies `unsafe_code` everywhere else, so the compiler keeps this true;
+//! `unsafe`: only raw system calls no safe wrapper covers, in three modules: [`sys`] (the loopback
+//! interface), [`sev_guest`] (the SNP guest device's ioctls) and `sandbox::sys` (the builder
+//! sandbox: namespaces, mounts, seccomp, credentials). The crate denies `unsafe_code` everywhere else, so the compiler keeps this true;
 //! each block has its SAFETY argument.
 #![deny(unsafe_code)]
 
@@ -24,5 +24,7 @@ pub mod pid1;
 pub mod run;
 pub mod sandbox;
 pub mod session;
+#[allow(unsafe_code)]
+pub mod sev_guest;
 #[allow(unsafe_code)]
 pub mod sys;

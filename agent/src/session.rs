@@ -293,7 +293,7 @@ fn step<R: Read, W: Write>(
     let report_data = statement.report_data().map_err(StepError::Statement)?;
 
     phase(w, PhaseName::Attesting)?;
-    let report = attester.report(&report_data)?;
+    let (report, certs) = attester.report_with_certs(&report_data)?;
     say(&format!(
         "attested by {} (REPORT_DATA {}…)",
         attester.kind(),
@@ -315,6 +315,8 @@ fn step<R: Read, W: Write>(
         statement: String::from_utf8(canonical).map_err(|e| StepError::Setup(e.to_string()))?,
         report: base64::engine::general_purpose::STANDARD.encode(report),
         attester: attester.kind(),
+        certs: (!certs.iter().all(|b| *b == 0))
+            .then(|| base64::engine::general_purpose::STANDARD.encode(&certs)),
     };
     w.send_json(Kind::Outcome, &outcome)?;
     Ok(())

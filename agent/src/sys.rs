@@ -1,10 +1,10 @@
 //! Raw system calls of PID 1 that no safe wrapper covers, each `unsafe` block with its SAFETY
-//! argument. With `sandbox::sys` (the builder sandbox's), the only module of the agent allowed
-//! `unsafe` (the crate root denies it elsewhere).
+//! argument. With `sandbox::sys` (the builder sandbox's) and `sev_guest` (the SNP guest device's
+//! ioctls), the only modules of the agent allowed `unsafe` (the crate root denies it elsewhere).
 //!
 //! What is here: bringing the loopback interface up (`SIOCGIFFLAGS`/`SIOCSIFFLAGS`), as Nix's
 //! sandbox does for builders (many test suites need `127.0.0.1`).
-//! What is not here: SEV ioctls (those stay inside the `sev` crate).
+//! What is not here: the SEV guest ioctls (`crate::sev_guest`).
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};

@@ -137,6 +137,11 @@ pub struct Outcome {
     pub report: String,
     /// Who signed it.
     pub attester: AttesterKind,
+    /// The certificate table the host attached to the report (GHCB format, base64), when it
+    /// supplied one (`auxblob` / `SNP_GET_EXT_REPORT`); untrusted, like everything the host
+    /// hands the guest. Absent on the wire otherwise, so older hosts read the message unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certs: Option<String>,
 }
 
 /// Why a step failed.

@@ -35,8 +35,14 @@ enum Command {
     /// Build or measure the guest image.
     #[command(subcommand)]
     Image(cli::image::Command),
-    /// Report what this host can do (SNP, KVM, QEMU, OVMF, vsock).
+    /// Report what this host can do (SNP, KVM, QEMU, OVMF, vsock), one line per check with its
+    /// fix.
     Doctor(cli::doctor::Args),
+    /// SEV-SNP host setup (`vouch snp certs fetch`: this host's AMD certificates).
+    #[command(subcommand)]
+    Snp(cli::snp::Command),
+    /// Build a tiny derivation in a VM and verify it as a third party would; prints a report.
+    Selftest(cli::selftest::Args),
     /// Check or show a raw SEV-SNP attestation report.
     #[command(subcommand)]
     Evidence(cli::evidence::Command),
@@ -68,6 +74,8 @@ fn main() -> ExitCode {
         Command::Verify(args) => cli::verify::run(args, &cli.global),
         Command::Image(cmd) => cli::image::run(cmd, &cli.global),
         Command::Doctor(args) => cli::doctor::run(args, &cli.global),
+        Command::Snp(cmd) => cli::snp::run(cmd, &cli.global),
+        Command::Selftest(args) => cli::selftest::run(args, &cli.global),
         Command::Evidence(cmd) => cli::evidence::run(cmd, &cli.global),
         Command::Cache(cmd) => cli::cache::run(cmd, &cli.global),
         Command::Trace(cmd) => cli::trace::run(cmd, &cli.global),

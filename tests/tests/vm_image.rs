@@ -94,19 +94,43 @@ fn built_image_matches_its_manifest() {
     assert!(names.lines().any(|l| l == "dev/console"), "{names}");
 }
 
-/// `vouch doctor` says, one line per check, what this host can do, and names the mode.
+/// `vouch doctor` says, one line per check, what this host can do, with the fix of each failing
+/// check, and names the mode; `--json` says the same.
 #[test]
 fn doctor_reports_each_check() {
     let dir = image_dir();
     let (ok, out, err) = vouch(&["doctor", "--image", dir.to_str().unwrap()]);
     assert!(ok, "doctor failed on a host that can build:\n{out}\n{err}");
-    for check in
-        ["kvm", "snp-in-kvm", "/dev/sev", "qemu", "sev-snp-guest", "ovmf", "vsock", "image", "mode"]
-    {
+    let checks = [
+        "kvm",
+        "kvm_amd-sev_snp",
+        "/dev/sev",
+        "snp-firmware",
+        "vcek",
+        "qemu",
+        "sev-snp-guest",
+        "image",
+        "ovmf",
+        "vsock",
+        "mode",
+    ];
+    for check in checks {
         assert!(
             out.lines().any(|l| l.split_whitespace().nth(1) == Some(check)),
             "no {check} line:\n{out}"
         );
+    }
+    for line in out.lines().filter(|l| l.starts_with("[no]")) {
+        assert!(line.contains("; fix: "), "a failing check without its fix: {line}");
+    }
+    let (_, json, _) = vouch(&["doctor", "--json", "--image", dir.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["checks"].as_array().unwrap().len() + 1, out.lines().count(), "{json}");
+    assert_eq!(v["can_build"], true);
+    // This machine has no /dev/sev: `--snp` must fail.
+    if !std::path::Path::new("/dev/sev").exists() {
+        let (snp_ok, _, _) = vouch(&["doctor", "--snp", "--image", dir.to_str().unwrap()]);
+        assert!(!snp_ok, "doctor --snp passed without SEV-SNP");
     }
     // On a host without svm/vmx the answer must be TCG, never KVM.
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap();

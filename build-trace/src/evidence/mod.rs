@@ -40,6 +40,7 @@
 
 #[cfg(feature = "verifier")]
 pub mod bundle;
+pub mod cert_table;
 #[cfg(feature = "verifier")]
 pub mod certs;
 #[cfg(feature = "verifier")]

@@ -5,7 +5,9 @@
 //!    (`Statement::from_canonical_bytes`) whose job equals the job we launched
 //!    (`verify_against`; so its HOST_DATA is ours); a fixed output's `ca` is exactly its declared
 //!    hash (`super::policy::check_fixed_output_result`).
-//! 2. The evidence: SNP mode — the report with this host's VCEK and AMD's built-in ASK/ARK;
+//! 2. The evidence: SNP mode — the report with this host's VCEK (`read_vcek`: configured, else
+//!    cached for the report's chip and TCB, else from the host's certificate table) and AMD's
+//!    built-in ASK/ARK;
 //!    otherwise — the report under this host's simulated root (and only that root). Verified by
 //!    `build_trace`'s verifier with our own expectations: MEASUREMENT = the image manifest's
 //!    (expected SNP launch digest, or the simulated measurement), HOST_DATA = SHA-256 of our job,
@@ -49,7 +51,7 @@ pub enum CheckError {
     #[error("the attestation report is not base64")]
     ReportEncoding(#[source] base64::DecodeError),
     /// SNP mode without the host's VCEK.
-    #[error("SNP evidence needs this host's VCEK certificate (--snp-vcek / $VOUCH_SNP_VCEK): {0}")]
+    #[error("SNP evidence needs this host's VCEK certificate (`vouch snp certs fetch`, or --snp-vcek / $VOUCH_SNP_VCEK): {0}")]
     NoVcek(String),
     /// The VCEK does not select a built-in chain.
     #[error("choosing the AMD chain for the VCEK")]
@@ -111,12 +113,43 @@ pub struct Checked {
     pub outputs: BTreeMap<String, ReceivedOutput>,
 }
 
-fn read_vcek(cfg: &LauncherConfig) -> Result<Vec<u8>, CheckError> {
-    let path = cfg
-        .snp_vcek
-        .clone()
-        .or_else(|| std::env::var_os("VOUCH_SNP_VCEK").map(Into::into))
-        .unwrap_or_else(|| cfg.state_dir.join("snp/vcek.der"));
+/// This host's VCEK for `report`: `--snp-vcek` / `$VOUCH_SNP_VCEK` if set, else the certificate
+/// cache entry for the report's chip and REPORTED_TCB (`vouch snp certs fetch`), else the
+/// endorsement key of the certificate table the host attached to the report, else the legacy
+/// `<state>/snp/vcek.der`. Whichever it is, the evidence verifier checks it against AMD's
+/// pinned roots and binds it to the report.
+fn read_vcek(
+    cfg: &LauncherConfig,
+    report: &[u8],
+    certs: Option<&str>,
+) -> Result<Vec<u8>, CheckError> {
+    let configured =
+        cfg.snp_vcek.clone().or_else(|| std::env::var_os("VOUCH_SNP_VCEK").map(Into::into));
+    let cache = crate::snp::certs::CertCache::new(&cfg.state_dir);
+    let identity = crate::snp::platform::HostIdentity::from_report(
+        report,
+        crate::snp::platform::host_product(),
+    );
+    let path = match (configured, &identity) {
+        (Some(p), _) => p,
+        (None, Ok(id)) if cache.lookup(id).is_some() => cache.vcek_file(id),
+        (None, _) => {
+            if let Some(vek) = certs.and_then(table_vek) {
+                return Ok(vek);
+            }
+            let legacy = cfg.state_dir.join("snp/vcek.der");
+            if !legacy.is_file() {
+                let wanted = match &identity {
+                    Ok(id) => cache.vcek_file(id).display().to_string(),
+                    Err(e) => e.clone(),
+                };
+                return Err(CheckError::NoVcek(format!(
+                    "none cached for this report ({wanted}); run `vouch snp certs fetch`"
+                )));
+            }
+            legacy
+        }
+    };
     let bytes =
         std::fs::read(&path).map_err(|e| CheckError::NoVcek(format!("{}: {e}", path.display())))?;
     if bytes.starts_with(b"-----BEGIN") {
@@ -128,6 +161,13 @@ fn read_vcek(cfg: &LauncherConfig) -> Result<Vec<u8>, CheckError> {
             .ok_or_else(|| CheckError::NoVcek(format!("{}: no certificate", path.display())));
     }
     Ok(bytes)
+}
+
+/// The VCEK (else VLEK) of a base64 GHCB certificate table from the guest.
+fn table_vek(b64: &str) -> Option<Vec<u8>> {
+    let table = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+    let entries = build_trace::evidence::cert_table::parse(&table).ok()?;
+    build_trace::evidence::cert_table::endorsement_key(&entries).map(|e| e.data.clone())
 }
 
 /// Run the checks of the module doc.
@@ -154,7 +194,7 @@ pub fn check_outcome(
         .map_err(CheckError::ReportEncoding)?;
     let (bundle, mut policy, expected_m) = match (mode, sim_root) {
         (Mode::Snp, _) => {
-            let vcek = read_vcek(cfg)?;
+            let vcek = read_vcek(cfg, &report, outcome.certs.as_deref())?;
             let bundle =
                 EvidenceBundle::with_builtin_chain(report, vcek).map_err(CheckError::Chain)?;
             let m = manifest
@@ -226,4 +266,27 @@ pub fn check_outcome(
         );
     }
     Ok(Checked { statement: st, evidence: bundle, verified, outputs })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use build_trace::evidence::cert_table::{encode, CertEntry, CertKind};
+
+    /// The launcher takes the VCEK (else the VLEK) from the guest's certificate table.
+    #[test]
+    fn the_vcek_of_a_certificate_table() {
+        let vcek = include_bytes!("../../tests/data/snp/vcek_milan.der").to_vec();
+        let table = encode(&[
+            CertEntry { kind: CertKind::Ark, data: vec![1; 8] },
+            CertEntry { kind: CertKind::Vcek, data: vcek.clone() },
+        ]);
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&table);
+        assert_eq!(table_vek(&b64), Some(vcek));
+        let vlek_only = encode(&[CertEntry { kind: CertKind::Vlek, data: vec![2; 4] }]);
+        let b64 = base64::engine::general_purpose::STANDARD.encode(vlek_only);
+        assert_eq!(table_vek(&b64), Some(vec![2; 4]));
+        assert_eq!(table_vek("not base64!"), None);
+        assert_eq!(table_vek(""), None, "an empty table has no key");
+    }
 }

@@ -96,6 +96,18 @@ fn prepare(
         .map_err(|e| StepError::Image(cfg.image_dir.clone(), e))?;
     let caps = HostCaps::probe();
     let mode = choose_mode(cfg.mode, &caps, manifest.snp.is_some())?;
+    if mode == Mode::Snp {
+        // Fail within a second, naming the fix, rather than after a whole build in the VM.
+        let vcek =
+            cfg.snp_vcek.clone().or_else(|| std::env::var_os("VOUCH_SNP_VCEK").map(Into::into));
+        crate::snp::checks::preflight(&crate::snp::checks::ProbeConfig {
+            qemu: &cfg.qemu,
+            image_dir: &cfg.image_dir,
+            state_dir: &cfg.state_dir,
+            vcek: vcek.as_deref(),
+            manifest: Some(&manifest),
+        })?;
+    }
     super::policy::check_fixed_output_request(&req.drv, cfg.allow_weak_fixed_hashes)
         .map_err(|e| StepError::Request(e.to_string()))?;
     let limits = super::policy::effective_limits(req.limits, &cfg.default_limits, cfg.memory_mib);

@@ -333,6 +333,9 @@ pub enum StepError {
     /// No suitable mode.
     #[error(transparent)]
     Mode(#[from] crate::vm::ModeError),
+    /// SNP mode, but a host check fails (`crate::snp::checks::preflight`): no VM was started.
+    #[error(transparent)]
+    Preflight(#[from] crate::snp::checks::PreflightError),
     /// The vsock backend.
     #[error("setting up the guest channel")]
     Vsock(#[from] crate::vm::vsock::VsockError),

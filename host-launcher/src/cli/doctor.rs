@@ -1,12 +1,13 @@
-//! `vouch doctor`: what this host can do, one line per check, and the mode `vouch build` would
-//! pick. Exit 0 when builds can run at all (QEMU, a vsock backend and an image), 1 otherwise.
+//! `vouch doctor`: what this host can do, one line per check with the fix for each failing one
+//! (`host_launcher::snp::checks`), and the mode `vouch build` would pick; `--json` prints the
+//! same as one JSON object. Exit 0 when builds can run at all (QEMU, a vsock backend and an
+//! image; with `--snp`: every SEV-SNP check too), 1 otherwise.
 
 use std::path::PathBuf;
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 
-use host_launcher::vm::vsock::find_daemon;
-use host_launcher::vm::{choose_mode, HostCaps, Mode};
-use vm_image::image::Manifest;
+use host_launcher::snp::checks::{evaluate, Check, Facts, Needed, ProbeConfig, Status};
+use host_launcher::vm::{choose_mode, Mode};
 
 use super::{CmdResult, Global};
 
@@ -20,133 +21,103 @@ pub struct Args {
     #[arg(long)]
     pub ovmf: Option<PathBuf>,
     /// QEMU binary.
-    #[arg(long, default_value = "qemu-system-x86_64")]
+    #[arg(long, env = "VOUCH_QEMU", default_value = "qemu-system-x86_64")]
     pub qemu: PathBuf,
+    /// This host's VCEK certificate, when not in the certificate cache.
+    #[arg(long, env = "VOUCH_SNP_VCEK")]
+    pub snp_vcek: Option<PathBuf>,
+    /// Exit 1 unless every SEV-SNP check passes too.
+    #[arg(long)]
+    pub snp: bool,
+    /// Print one JSON object instead of lines.
+    #[arg(long)]
+    pub json: bool,
 }
 
-fn line(ok: bool, what: &str, detail: &str) {
-    println!("{} {what:<14} {detail}", if ok { "[ok]  " } else { "[no]  " });
-}
-
-fn yes(b: bool) -> &'static str {
-    if b {
-        "yes"
-    } else {
-        "no"
-    }
-}
-
+/// Where distributions put an AmdSev OVMF (Debian sid's and Ubuntu's `ovmf-amdsev`, Fedora).
 const OVMF_CANDIDATES: &[&str] = &[
     "/usr/share/ovmf/OVMF.amdsev.fd",
     "/usr/share/OVMF/OVMF.amdsev.fd",
     "/usr/share/edk2/ovmf/OVMF.amdsev.fd",
 ];
 
-/// Run `vouch doctor`.
-pub fn run(args: Args, _global: &Global) -> CmdResult {
-    let caps = HostCaps::probe();
-    line(
-        caps.kvm_usable(),
-        "kvm",
-        &format!(
-            "/dev/kvm writable: {}; svm/vmx in /proc/cpuinfo: {}{}",
-            yes(caps.kvm_dev),
-            yes(caps.hw_virt),
-            if caps.kvm_dev && !caps.hw_virt {
-                " (a paravirtual /dev/kvm that cannot run normal guests: TCG only)"
-            } else {
-                ""
-            }
-        ),
-    );
-    let snp_param = std::fs::read_to_string("/sys/module/kvm_amd/parameters/sev_snp")
-        .map(|s| s.trim().to_owned());
-    line(
-        caps.kvm_snp,
-        "snp-in-kvm",
-        &format!(
-            "/sys/module/kvm_amd/parameters/sev_snp: {}",
-            snp_param.as_deref().unwrap_or("missing")
-        ),
-    );
-    line(caps.dev_sev, "/dev/sev", if caps.dev_sev { "present" } else { "missing" });
-
-    let qemu_version =
-        Command::new(&args.qemu).arg("--version").output().ok().filter(|o| o.status.success());
-    let qemu_ok = qemu_version.is_some();
-    let version = qemu_version
-        .as_ref()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).lines().next().map(str::to_owned))
-        .unwrap_or_else(|| format!("{} not found", args.qemu.display()));
-    line(qemu_ok, "qemu", &version);
-    let objects = Command::new(&args.qemu).args(["-object", "help"]).output().ok();
-    let has_snp_object =
-        objects.is_some_and(|o| String::from_utf8_lossy(&o.stdout).contains("sev-snp-guest"));
-    line(
-        has_snp_object,
-        "sev-snp-guest",
-        &format!("QEMU object available: {}", yes(has_snp_object)),
-    );
-
-    let image_dir = args.image.clone().unwrap_or_else(vm_image::default_image_dir);
-    let manifest = Manifest::load(&image_dir);
-    let image_ok = match &manifest {
-        Ok(m) => match m.verify_files(&image_dir) {
-            Ok(()) => {
-                line(
-                    true,
-                    "image",
-                    &format!(
-                        "{} ({}, files match the manifest)",
-                        image_dir.display(),
-                        m.agent_version
-                    ),
-                );
-                true
-            }
-            Err(e) => {
-                line(false, "image", &format!("{}: {e}", image_dir.display()));
-                false
-            }
-        },
-        Err(e) => {
-            line(
-                false,
-                "image",
-                &format!("{}: {e} (run scripts/build-image.sh)", image_dir.display()),
-            );
-            false
-        }
-    };
-    let image_snp = manifest.as_ref().ok().and_then(|m| m.snp.as_ref());
-    let mut ovmf_files: Vec<PathBuf> = args.ovmf.iter().cloned().collect();
-    ovmf_files.extend(OVMF_CANDIDATES.iter().map(PathBuf::from).filter(|p| p.exists()));
-    match (image_snp, ovmf_files.first()) {
-        (Some(s), _) => line(true, "ovmf", &format!("image carries an AmdSev OVMF (sha256 {}), expected measurement {}", s.ovmf.sha256, s.expected_measurement)),
-        (None, Some(f)) => {
-            let ok = vm_image::measure::ovmf_supports_kernel_hashes(f).unwrap_or(false);
-            line(ok, "ovmf", &format!("{}: kernel-hashes section: {} (image built without it: rebuild with VOUCH_OVMF={})", f.display(), yes(ok), f.display()));
-        }
-        (None, None) => line(false, "ovmf", "no AmdSev OVMF found (Debian bookworm ships none; measured direct boot needs OvmfPkg/AmdSev)"),
+fn mark(s: Status) -> &'static str {
+    match s {
+        Status::Ok => "[ok]  ",
+        Status::Warn => "[warn]",
+        Status::Fail => "[no]  ",
     }
+}
 
-    let daemon = find_daemon();
-    let vsock_ok = caps.vhost_vsock || daemon.is_some();
-    let detail = match (&caps.vhost_vsock, &daemon) {
-        (true, _) => "kernel vhost-vsock (/dev/vhost-vsock)".to_owned(),
-        (false, Some(d)) => {
-            format!("/dev/vhost-vsock missing; userspace vhost-device-vsock at {}", d.display())
-        }
-        (false, None) => {
-            "/dev/vhost-vsock missing and no vhost-device-vsock (run scripts/setup-host.sh)"
-                .to_owned()
-        }
+fn ovmf_file_check(path: &std::path::Path) -> Check {
+    let ok = vm_image::measure::ovmf_supports_kernel_hashes(path).unwrap_or(false);
+    Check {
+        name: "ovmf-file",
+        status: if ok { Status::Ok } else { Status::Fail },
+        detail: format!(
+            "{}: SNP kernel-hashes section: {}",
+            path.display(),
+            if ok { "yes" } else { "no" }
+        ),
+        fix: Some(if ok {
+            format!("build the image with it: `vouch image build --ovmf {}`", path.display())
+        } else {
+            "use an OvmfPkg/AmdSev build (scripts/build-ovmf-amdsev.sh)".into()
+        }),
+        needed: Needed::Snp,
+    }
+}
+
+/// Run `vouch doctor`.
+pub fn run(args: Args, global: &Global) -> CmdResult {
+    let image_dir = args.image.clone().unwrap_or_else(vm_image::default_image_dir);
+    let state_dir = global.state_dir();
+    let facts = Facts::probe(&ProbeConfig {
+        qemu: &args.qemu,
+        image_dir: &image_dir,
+        state_dir: &state_dir,
+        vcek: args.snp_vcek.as_deref(),
+        manifest: None,
+    });
+    let mut checks = evaluate(&facts);
+    let image_snp = facts.image.1.as_ref().is_ok_and(|m| m.snp.is_some());
+    // An AmdSev OVMF to build the image with: the one given, else one at the usual paths.
+    let candidate = args.ovmf.clone().or_else(|| {
+        (!image_snp)
+            .then(|| OVMF_CANDIDATES.iter().map(PathBuf::from).find(|p| p.exists()))
+            .flatten()
+    });
+    if let Some(ovmf) = &candidate {
+        checks.push(ovmf_file_check(ovmf));
+    }
+    let snp_ok = checks.iter().all(|c| c.status != Status::Fail);
+    let mode = match choose_mode(None, &facts.caps, image_snp).unwrap_or(Mode::Tcg) {
+        // The launcher would refuse SNP while a check fails (its preflight).
+        Mode::Snp if !snp_ok => "snp, refused by the preflight until the failing checks pass",
+        Mode::Snp => "snp; evidence: sev-snp",
+        Mode::Kvm => "kvm; evidence: simulated (no SEV-SNP here)",
+        Mode::Tcg => "tcg; evidence: simulated (no SEV-SNP here)",
     };
-    line(vsock_ok, "vsock", &detail);
-
-    let mode = choose_mode(None, &caps, image_snp.is_some()).unwrap_or(Mode::Tcg);
-    let evidence = if mode == Mode::Snp { "sev-snp" } else { "simulated (no SEV-SNP here)" };
-    let can_build = qemu_ok && vsock_ok && image_ok;
-    line(can_build, "mode", &format!("`vouch build` would run {mode}; evidence: {evidence}"));
-    Ok(if can_build { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    let can_build = checks.iter().all(|c| c.needed != Needed::Build || c.status != Status::Fail);
+    let ok = can_build && (!args.snp || snp_ok);
+    if args.json {
+        let v = serde_json::json!({
+            "checks": checks,
+            "mode": mode,
+            "can_build": can_build,
+            "snp_ready": snp_ok,
+        });
+        println!("{v}");
+    } else {
+        for c in &checks {
+            let fix = c.fix.as_deref().map(|f| format!("; fix: {f}")).unwrap_or_default();
+            println!("{} {:<16} {}{fix}", mark(c.status), c.name, c.detail);
+        }
+        println!(
+            "{} {:<16} `vouch build` would run {mode}",
+            mark(if can_build { Status::Ok } else { Status::Fail }),
+            "mode"
+        );
+    }
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }

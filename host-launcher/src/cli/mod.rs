@@ -16,7 +16,9 @@ pub mod image;
 pub mod log;
 pub mod nix_builder;
 pub mod provenance;
+pub mod selftest;
 pub mod serve;
+pub mod snp;
 pub mod trace;
 pub mod verify;
 

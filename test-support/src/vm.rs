@@ -28,6 +28,22 @@ pub fn vouch_bin() -> PathBuf {
     bin
 }
 
+/// A builder wrapper at `dir/name` (what a `remote-program` or a forced command runs):
+/// `VOUCH_IMAGE_DIR=… vouch --state-dir STATE nix-builder EXTRA… "$@"`. Returns its path.
+pub fn builder_wrapper(dir: &Path, name: &str, state: &Path, extra: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join(name);
+    let script = format!(
+        "#!/bin/sh\nVOUCH_IMAGE_DIR='{}' exec '{}' --state-dir '{}' nix-builder {extra} \"$@\"\n",
+        image_dir().display(),
+        vouch_bin().display(),
+        state.display()
+    );
+    std::fs::write(&p, script).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
 /// The public key (`name:base64`) of the one Nix signing key in the vouch state directory
 /// `state` (`<state>/keys/<name>.public`).
 pub fn public_key_of(state: &Path) -> String {
@@ -40,16 +56,20 @@ pub fn public_key_of(state: &Path) -> String {
     std::fs::read_to_string(file).unwrap().trim().to_owned()
 }
 
+/// vouch's cache outside the checkout: `$VOUCH_CACHE`, else `~/.cache/vouch` (the guest
+/// kernel and image, the Nix 2.26 chroot).
+pub fn vouch_cache() -> PathBuf {
+    std::env::var_os("VOUCH_CACHE").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cache/vouch")
+    })
+}
+
 /// The guest image directory (`$VOUCH_IMAGE_DIR`, else `$VOUCH_CACHE/image`, else
 /// `~/.cache/vouch/image`); panics with instructions if it is not built.
 pub fn image_dir() -> PathBuf {
-    let dir = std::env::var_os("VOUCH_IMAGE_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        let cache = std::env::var_os("VOUCH_CACHE").map(PathBuf::from).unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
-                .join(".cache/vouch")
-        });
-        cache.join("image")
-    });
+    let dir = std::env::var_os("VOUCH_IMAGE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| vouch_cache().join("image"));
     assert!(
         dir.join("manifest.json").is_file(),
         "no guest image in {}: run scripts/build-image.sh (scripts/test-all.sh does) or set VOUCH_IMAGE_DIR",

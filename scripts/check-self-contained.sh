@@ -11,7 +11,8 @@
 # vouch's own crates from it: every test binary is built from the copy, so a path compiled in
 # (env!("CARGO_MANIFEST_DIR")) points into the copy and nowhere else.
 #
-# Tests run: test-support (the text guard, the vectors' licences), build-trace's evidence tests
+# Tests run: test-support (the text guard, the vectors' licences), nix-formats' derivation JSON
+# of the real Nix 2.8 and 2.26 (tests/data/derivation-json), build-trace's evidence tests
 # and its evidence bench in test mode, vm-image's unit tests (launch-digest vectors), `vouch
 # evidence` through the CLI, and `vouch image measure` on the vectors (tests/tests/vm_image.rs,
 # which also needs the guest image: VOUCH_IMAGE_DIR, as scripts/test-all.sh sets it).
@@ -51,6 +52,7 @@ run() {
   cargo test --locked --quiet "$@"
 }
 run -p test-support
+run -p nix-formats --test derivation_json_vectors
 run -p build-trace --test evidence_real --test evidence_simulated --bench evidence
 run -p vm-image --lib
 run -p host-launcher --test evidence_cli

@@ -8,8 +8,9 @@ cd "$(dirname "$0")/.."
 export VOUCH_CACHE=${VOUCH_CACHE:-$HOME/.cache/vouch}
 # Disk, checked before anything is installed: the debug target takes about 1.5 GiB (plus 0.7 GiB
 # for the self-contained run's own target, $target_dir/self-contained), and a first run also
-# builds the guest kernel (about 1.5 GiB while it builds, under $VOUCH_CACHE). Say so up
-# front instead of failing mid-build with ENOSPC.
+# builds the guest kernel (about 1.5 GiB while it builds, under $VOUCH_CACHE) and the Nix 2.26
+# chroot (about 230 MiB there, scripts/nix-chroot.sh). Say so up front instead of failing
+# mid-build with ENOSPC.
 target_dir=${CARGO_TARGET_DIR:-target}
 mkdir -p "$target_dir" "$VOUCH_CACHE"
 mount_of() { df -P "$1" | awk 'NR==2 {print $6}'; }
@@ -17,6 +18,7 @@ free_mib() { df -Pm "$1" | awk 'NR==2 {print $4}'; }
 need_target=2816
 need_cache=0
 ls "$VOUCH_CACHE"/kernel/*/bzImage >/dev/null 2>&1 || need_cache=1536
+[ -f "$VOUCH_CACHE/nix-2.26-chroot/.vouch-stamp" ] || need_cache=$((need_cache + 256))
 if [ "$(mount_of "$target_dir")" = "$(mount_of "$VOUCH_CACHE")" ]; then
   need_target=$((need_target + need_cache))
   need_cache=0

@@ -2,7 +2,9 @@
 //! host-launcher and vm-image, and a dependency of the end-to-end `tests` crate.
 //!
 //! What is here: [`nix`] (running the real Nix with the test configuration, the busybox
-//! directory test derivations build with, unique names), [`snp`] (the real AMD SEV-SNP test
+//! directory test derivations build with, unique names, local reference builds), [`chroot`]
+//! (a second real Nix, Debian trixie's 2.26, in a cached chroot with a store per test),
+//! [`bridge`] (what sshd does for a remote builder, on a Unix socket), [`snp`] (the real AMD SEV-SNP test
 //! vectors, kept in this crate's `data/snp/` with their provenance and licences), [`vm`] (the
 //! `vouch` binary, the guest image, scratch areas for VM tests), [`server`] (a
 //! `vouch nix-builder --listen` process on a Unix socket), [`http_service`] (a `vouch serve`
@@ -19,6 +21,8 @@
 //! What is not here: mocks of Nix, QEMU or AMD (there are none), or the tests themselves.
 #![forbid(unsafe_code)]
 
+pub mod bridge;
+pub mod chroot;
 pub mod http_service;
 pub mod nix;
 pub mod server;

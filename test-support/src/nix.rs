@@ -93,6 +93,44 @@ pub fn busybox_dir(dir: &Path) -> PathBuf {
     dir.to_path_buf()
 }
 
+/// Build `attrs` of the Nix file `file` with the host's Nix, locally, in a store of its own
+/// (`--store DIR`, a chroot store: Nix builds in its sandbox there); the output paths, one per
+/// attribute output, as `nix-build` prints them. What a remote builder's outputs must equal.
+pub fn local_build(file: &Path, attrs: &[&str], store: &Path) -> Vec<String> {
+    let mut cmd = Command::new("nix-build");
+    cmd.arg("--store").arg(store).arg(file).arg("--no-out-link");
+    for a in attrs {
+        cmd.args(["-A", a]);
+    }
+    stdout(&mut cmd).lines().map(str::to_owned).collect()
+}
+
+/// The `let` bindings test expressions start with: `bb` (the busybox directory of
+/// [`busybox_dir`], at `./bb`), `sys`, and `ca name attrs script`, a floating content-addressed
+/// derivation (recursive SHA-256) built by busybox `sh -c script`, with extra `attrs`.
+pub const CA_PRELUDE: &str = r#"  bb = builtins.path { path = ./bb; name = "busybox"; };
+  sys = builtins.currentSystem;
+  ca = name: attrs: script: derivation ({
+    inherit name; system = sys; builder = "${bb}/sh"; args = [ "-c" script ];
+    __contentAddressed = true; outputHashMode = "recursive"; outputHashAlgo = "sha256";
+  } // attrs);
+"#;
+
+/// The SHA-256 of `data` in base16 (with `sha256sum`, as a fixed-output derivation declares it).
+pub fn sha256_hex(data: &[u8]) -> String {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut c = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("running sha256sum");
+    c.stdin.take().expect("its stdin").write_all(data).expect("writing to sha256sum");
+    let out = c.wait_with_output().expect("sha256sum");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace().next().expect("sha256sum printed a hash").to_owned()
+}
+
 /// A string unique to this process and moment (process id, seconds, nanoseconds), so every run
 /// instantiates new derivations. Valid in store path names.
 pub fn nonce() -> String {

@@ -28,6 +28,22 @@ pub fn vouch_bin() -> PathBuf {
     bin
 }
 
+/// A builder wrapper at `dir/name` (what a `remote-program` or a forced command runs):
+/// `VOUCH_IMAGE_DIR=… vouch --state-dir STATE nix-builder EXTRA… "$@"`. Returns its path.
+pub fn builder_wrapper(dir: &Path, name: &str, state: &Path, extra: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join(name);
+    let script = format!(
+        "#!/bin/sh\nVOUCH_IMAGE_DIR='{}' exec '{}' --state-dir '{}' nix-builder {extra} \"$@\"\n",
+        image_dir().display(),
+        vouch_bin().display(),
+        state.display()
+    );
+    std::fs::write(&p, script).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
 /// The public key (`name:base64`) of the one Nix signing key in the vouch state directory
 /// `state` (`<state>/keys/<name>.public`).
 pub fn public_key_of(state: &Path) -> String {
@@ -38,6 +54,14 @@ pub fn public_key_of(state: &Path) -> String {
         .find(|p| p.to_string_lossy().ends_with(".public"))
         .unwrap_or_else(|| panic!("no public key in {}/keys", state.display()));
     std::fs::read_to_string(file).unwrap().trim().to_owned()
+}
+
+/// vouch's cache outside the checkout: `$VOUCH_CACHE`, else `~/.cache/vouch` (the guest
+/// kernel and image, the Nix 2.26 chroot).
+pub fn vouch_cache() -> PathBuf {
+    std::env::var_os("VOUCH_CACHE").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cache/vouch")
+    })
 }
 
 /// The guest image directory (`$VOUCH_IMAGE_DIR`, else `$VOUCH_CACHE/image`, else
@@ -54,13 +78,7 @@ pub fn bench_image_dir() -> PathBuf {
 
 /// `$<var>`, else `<cache>/<name>`; panics naming `how` to build it if it holds no image.
 fn built_image(var: &str, name: &str, how: &str) -> PathBuf {
-    let dir = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
-        let cache = std::env::var_os("VOUCH_CACHE").map(PathBuf::from).unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
-                .join(".cache/vouch")
-        });
-        cache.join(name)
-    });
+    let dir = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| vouch_cache().join(name));
     assert!(
         dir.join("manifest.json").is_file(),
         "no image in {}: run {how} (scripts/test-all.sh does) or set {var}",

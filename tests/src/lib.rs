@@ -10,10 +10,14 @@
 //! closure; each step gets a statement, simulated evidence and signed records as vouch would
 //! store them). It needs build-trace and nix-formats, so it cannot live in `test-support` (which
 //! every vouch crate dev-depends on and which therefore depends on none of them); the tests that
-//! use it live here for the same reason.
+//! use it live here for the same reason. Also [`policy`]: trust policies naming a builder's
+//! simulated root and Nix key, for the remote-builder VM tests; [`service`]: JSON and waiting
+//! for builds of a `vouch serve`.
 //!
 //! What is not here: the helpers every crate's tests share (running Nix, the AMD vectors, the
 //! guest image, `vouch` processes: the `test-support` crate), or mocks of Nix, QEMU or AMD.
 #![forbid(unsafe_code)]
 
 pub mod fixture;
+pub mod policy;
+pub mod service;

@@ -16,9 +16,10 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use build_trace::job::Limits;
-use test_support::nix::text;
+use test_support::nix::{local_build, sha256_hex, text, CA_PRELUDE};
 use test_support::server::SocketServer;
-use test_support::vm::{image_dir, nix, nonce, public_key_of, vouch_bin, Scratch, NIX_CONFIG};
+use test_support::vm::{builder_wrapper, image_dir, nix, nonce, vouch_bin, Scratch, NIX_CONFIG};
+use tests::policy::builder_key;
 
 static VMS: Mutex<()> = Mutex::new(());
 
@@ -43,17 +44,7 @@ fn setup() -> Env {
 
 /// A builder wrapper (`remote-program`): `vouch --state-dir STATE nix-builder EXTRA… "$@"`.
 fn wrapper(s: &Scratch, name: &str, state: &Path, extra: &str) -> PathBuf {
-    let p = s.dir.path().join(name);
-    let script = format!(
-        "#!/bin/sh\nVOUCH_IMAGE_DIR='{}' exec '{}' --state-dir '{}' nix-builder {extra} \"$@\"\n",
-        image_dir().display(),
-        vouch_bin().display(),
-        state.display()
-    );
-    std::fs::write(&p, script).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-    p
+    builder_wrapper(s.dir.path(), name, state, extra)
 }
 
 fn machine(proto: &str, wrapper: &Path, features: &str) -> String {
@@ -122,23 +113,10 @@ fn interrupt_build(
 /// references across levels; `multi`: two CA outputs, `out` refers to `dev`, `dev` to `c1`;
 /// `ia`: input-addressed; `fod`: fixed-output (flat SHA-256 of `fixed-<nonce>`).
 fn closure_nix(n: &str) -> String {
-    let fod_hash = {
-        use std::io::Write;
-        let mut c =
-            Command::new("sha256sum").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
-        c.stdin.take().unwrap().write_all(format!("fixed-{n}").as_bytes()).unwrap();
-        let out = c.wait_with_output().unwrap();
-        String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_owned()
-    };
+    let fod_hash = sha256_hex(format!("fixed-{n}").as_bytes());
     format!(
         r#"let
-  bb = builtins.path {{ path = ./bb; name = "busybox"; }};
-  sys = builtins.currentSystem;
-  ca = name: attrs: script: derivation ({{
-    inherit name; system = sys; builder = "${{bb}}/sh"; args = [ "-c" script ];
-    __contentAddressed = true; outputHashMode = "recursive"; outputHashAlgo = "sha256";
-  }} // attrs);
-in rec {{
+{CA_PRELUDE}in rec {{
   c1 = ca "nb-c1" {{}} "set -e; mkdir $out; echo {n} > $out/n; echo $out > $out/self; echo built c1";
   c2 = ca "nb-c2" {{}} "set -e; mkdir $out; cat ${{c1}}/n > $out/n; echo ${{c1}} > $out/up; echo $out > $out/self";
   c3 = ca "nb-c3" {{}} "set -e; mkdir $out; echo ${{c2}} ${{c1}} > $out/refs";
@@ -187,48 +165,10 @@ fn step_limits(state: &Path) -> Vec<Limits> {
         .collect()
 }
 
-/// The name and public key (`name:base64`) of the one Nix key in a builder's state directory.
-fn builder_key(state: &Path) -> (String, String) {
-    let public = public_key_of(state);
-    let name = public.split(':').next().unwrap().to_owned();
-    assert!(name.ends_with("-simulated-1"), "a simulated builder's key: {name}");
-    (name, public)
-}
-
 /// A policy accepting the simulated roots of `states`, and requiring besides that a signature
 /// by the Nix key of one of `keys_of` (none: evidence alone).
 fn policy(s: &Scratch, states: &[&Path], keys_of: &[&Path]) -> PathBuf {
-    let mut roots = Vec::new();
-    for st in states {
-        let root = build_trace::evidence::SimulatedRoot::load(&st.join("simulated-snp"))
-            .expect("the builder's simulated root");
-        roots.push(format!("\"{}\"", root.key_id()));
-    }
-    let manifest = image_dir().join("manifest.json");
-    let keys: Vec<(String, String)> = keys_of.iter().map(|st| builder_key(st)).collect();
-    let key_terms: Vec<String> = keys.iter().map(|(n, _)| format!("\"key:{n}\"")).collect();
-    let mut text = match key_terms.len() {
-        0 => "require = \"builder:dev\"\n".to_owned(),
-        1 => format!("require = {{ threshold = 2, of = [\"builder:dev\", {}] }}\n", key_terms[0]),
-        _ => format!(
-            "require = {{ threshold = 2, of = [\"builder:dev\", {{ threshold = 1, of = [{}] }}] }}\n",
-            key_terms.join(", ")
-        ),
-    };
-    if !keys.is_empty() {
-        text.push_str("[keys]\n");
-        for (name, public) in &keys {
-            text.push_str(&format!("\"{name}\" = \"{public}\"\n"));
-        }
-    }
-    text.push_str(&format!(
-        "[builders.dev]\nimage_manifests = [\"{}\"]\n[builders.dev.evidence]\nsimulated_roots = [{}]\n",
-        manifest.display(),
-        roots.join(", ")
-    ));
-    let p = s.dir.path().join(format!("policy-{}.toml", nonce()));
-    std::fs::write(&p, text).unwrap();
-    p
+    tests::policy::simulated(s.dir.path(), states, keys_of, &image_dir().join("manifest.json"))
 }
 
 fn verify(policy: Option<&Path>, traces: &[&Path], drv: &str) -> Output {
@@ -281,10 +221,10 @@ fn check_outputs(out: &Output, state: &Path) -> Vec<String> {
     paths
 }
 
-/// Build `attrs` with the builder `machines`, check the outputs arrived, that the CA steps carry
-/// vouch's signed realisations (`signed` of them), and that `vouch verify` accepts `verify_attr`
-/// under a policy naming the builder's simulated root and key. Returns the output paths and the
-/// client's log.
+/// Build `attrs` with the builder `machines`, check the outputs arrived, that they are those of
+/// a local build by the same Nix, that the CA steps carry vouch's signed realisations (`signed`
+/// of them), and that `vouch verify` accepts `verify_attr` under a policy naming the builder's
+/// simulated root and key. Returns the output paths and the client's log.
 fn build_and_verify(
     e: &Env,
     attrs: &[&str],
@@ -296,6 +236,8 @@ fn build_and_verify(
     let out = remote_build(&e.file, attrs, machines, extra);
     let paths = check_outputs(&out, &e.state);
     assert_eq!(paths.len(), attrs.len(), "{paths:?}");
+    let local = local_build(&e.file, attrs, &e.s.dir.path().join("local-store"));
+    assert_eq!(paths, local, "the builder's outputs are a local Nix build's");
     assert_eq!(assert_signed_realisations(&e.state), signed);
     let p = policy(&e.s, &[&e.state], &[&e.state]);
     let v = verify(Some(&p), &[&e.state], &e.s.instantiate(&e.file, verify_attr));
@@ -338,13 +280,15 @@ fn ssh_ng_builds_ca_chain_ia_and_multi_output_and_the_closure_verifies() {
 #[test]
 fn ssh_serve_builds_the_same() {
     let e = setup();
-    // The serve protocol does not tell the client's Nix release (2.8–2.34): say it. The sandbox
-    // limits are the operator's defaults (Nix sends none of them).
+    // No --client-nix-version: the serve protocol's version says Nix 2.8–2.34, and the build
+    // options Nix 2.8 sends (enforce-determinism true) say ≤ 2.12, so the CA self-reference
+    // rule of 2.8 (c1 and c2 refer to themselves). The sandbox limits are the operator's
+    // defaults (Nix sends none of them).
     let w = wrapper(
         &e.s,
         "builder",
         &e.state,
-        "--client-nix-version 2.8 --max-memory 700 --max-processes 1234 --tmpfs-size 300",
+        "--max-memory 700 --max-processes 1234 --tmpfs-size 300",
     );
     build_and_verify(&e, CHAIN, &machine("ssh", &w, "ca-derivations"), &[], 4, "c3");
     // Every step ran under the configured limits; Nix sends 0 for its own limits, so vouch's

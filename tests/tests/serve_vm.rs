@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use test_support::http_service::HttpService;
 use test_support::nix::text;
 use test_support::vm::{image_dir, nix, nonce, public_key_of, vouch_bin, Scratch, NIX_CONFIG};
+use tests::service::{closure_nix, json, wait};
 
 /// The tests take it so their VMs do not compete for the CPUs.
 static VMS: Mutex<()> = Mutex::new(());
@@ -30,21 +31,6 @@ fn trusted_args(s: &Scratch) -> [String; 2] {
     ["--trusted-token-file".into(), p.to_str().unwrap().into()]
 }
 
-fn closure_nix(n: &str) -> String {
-    format!(
-        r#"let bb = builtins.path {{ path = ./bb; name = "busybox"; }}; in {{
-  ia = derivation {{ name = "serve-ia"; system = builtins.currentSystem; builder = "${{bb}}/sh";
-                     args = [ "-c" "echo ia {n}; mkdir $out; echo {n} > $out/n" ]; }};
-  ca = derivation {{ name = "serve-ca"; system = builtins.currentSystem; builder = "${{bb}}/sh";
-                     args = [ "-c" "echo ca {n}; mkdir $out; echo $out > $out/self" ];
-                     __contentAddressed = true; outputHashMode = "recursive"; outputHashAlgo = "sha256"; }};
-  slow = derivation {{ name = "serve-slow"; system = builtins.currentSystem; builder = "${{bb}}/sh";
-                       args = [ "-c" "echo started {n}; ${{bb}}/busybox sleep 600" ]; }};
-}}
-"#
-    )
-}
-
 /// `nix copy ARGS…` with the test configuration and its own narinfo disk cache.
 fn nix_copy(xdg: &Path, args: &[&str]) -> std::process::Output {
     Command::new("nix")
@@ -54,29 +40,6 @@ fn nix_copy(xdg: &Path, args: &[&str]) -> std::process::Output {
         .env("XDG_CACHE_HOME", xdg)
         .output()
         .expect("running nix copy")
-}
-
-fn json(r: &test_support::http_service::HttpResponse) -> serde_json::Value {
-    serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("{e}: {}", r.text()))
-}
-
-/// Poll a build until it ends (5 minutes at most); its final status JSON.
-fn wait(s: &HttpService, id: u64) -> serde_json::Value {
-    let t0 = Instant::now();
-    loop {
-        let v = json(&s.request("GET", &format!("/v1/builds/{id}"), b""));
-        match v["state"].as_str() {
-            Some("succeeded" | "failed") => return v,
-            Some("queued" | "running") => {}
-            other => panic!("unknown state {other:?}: {v}"),
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(300),
-            "build {id} took too long:\n{}",
-            s.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// A policy accepting the service's simulated root and requiring its Nix key too.

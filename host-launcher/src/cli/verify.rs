@@ -47,7 +47,7 @@ pub struct Args {
     #[arg(long = "expect", value_name = "PATH")]
     pub expect: Vec<StorePath>,
     /// Expect the target's outputs registered in the local Nix store (`nix realisation info`
-    /// for content-addressed outputs, the derivation's own paths otherwise).
+    /// for content-addressed outputs, the derivation's own paths otherwise; Nix 2.8 and later).
     #[arg(long, conflicts_with = "expect")]
     pub expect_local: bool,
     /// Print the result as JSON.
@@ -172,25 +172,18 @@ fn local_outputs(drvs: &DrvSet, target: &StorePath) -> Result<BTreeSet<StorePath
         }
     }
     if floating {
-        let res = Command::new("nix")
-            .args([
-                "--extra-experimental-features",
-                "nix-command ca-derivations",
-                "realisation",
-                "info",
-                "--json",
-            ])
-            .arg(target.to_string())
-            .output()
-            .map_err(|e| err(format!("cannot run nix: {e}")))?;
-        if !res.status.success() {
-            return Err(err(String::from_utf8_lossy(&res.stderr).trim().to_string()));
+        // Nix ≤ 2.12 answers for the derivation's outputs; Nix ≥ 2.13 takes a bare drv path as
+        // the `.drv` file itself (`{"opaquePath": …}`) and wants `DRV^*` (which 2.8 refuses).
+        let mut v = realisation_info(&target.to_string()).map_err(err)?;
+        if v.iter().all(|r| r.get("outPath").is_none()) {
+            v = realisation_info(&format!("{target}^*")).map_err(err)?;
         }
-        let v: serde_json::Value = serde_json::from_slice(&res.stdout)
-            .map_err(|e| err(format!("nix printed no JSON: {e}")))?;
-        for r in v.as_array().into_iter().flatten() {
+        for r in v {
             if let Some(p) = r.get("outPath").and_then(|p| p.as_str()) {
-                let p = StorePath::from_base_name(p).map_err(|e| err(format!("outPath: {e}")))?;
+                // A base name (Nix 2.8–2.34); a whole path (later releases) is taken as it is.
+                let base = p.strip_prefix(&format!("{}/", nix_formats::STORE_DIR)).unwrap_or(p);
+                let p =
+                    StorePath::from_base_name(base).map_err(|e| err(format!("outPath: {e}")))?;
                 out.insert(p);
             }
         }
@@ -199,4 +192,21 @@ fn local_outputs(drvs: &DrvSet, target: &StorePath) -> Result<BTreeSet<StorePath
         return Err(err("the local store has no outputs for it (build it first)".into()));
     }
     Ok(out)
+}
+
+/// `nix realisation info --json INSTALLABLE`: its records.
+fn realisation_info(installable: &str) -> Result<Vec<serde_json::Value>, String> {
+    let res = Command::new("nix")
+        .args(["--extra-experimental-features", "nix-command ca-derivations"])
+        .args(["realisation", "info", "--json", installable])
+        .output()
+        .map_err(|e| format!("cannot run nix: {e}"))?;
+    if !res.status.success() {
+        return Err(String::from_utf8_lossy(&res.stderr).trim().to_string());
+    }
+    match serde_json::from_slice(&res.stdout) {
+        Ok(serde_json::Value::Array(v)) => Ok(v),
+        Ok(other) => Err(format!("nix printed {other}, not a list of realisations")),
+        Err(e) => Err(format!("nix printed no JSON: {e}")),
+    }
 }

@@ -20,7 +20,9 @@ use super::action::{
     ValidPathInfo,
 };
 use super::types::{self, CodecError};
-use super::version::{major, show, ClientProfile, NixVersion, ProtoVersion, Protocol};
+use super::version::{
+    major, serve_build_options_range, show, ClientProfile, NixVersion, ProtoVersion, Protocol,
+};
 use super::wire::{Taken, WireError, WireRead, WireWrite};
 use super::ServerError;
 
@@ -157,15 +159,21 @@ pub fn serve<R: BufRead, W: Write>(
                 let drv_path = codec(types::read_store_path(&mut r, "drvPath"))?;
                 let drv = codec(types::read_basic_derivation(&mut r, &drv_path))?;
                 let options = codec(types::read_build_options(&mut r, version))?;
+                let mut client = profile.clone();
+                client.observed =
+                    serve_build_options_range(options.nr_repeats, options.enforce_determinism);
+                if client.observed.is_some() {
+                    tracing::info!(client = %client.nix_range(), "build options tell the client's Nix");
+                }
                 let req = BuildRequest {
                     drv_path,
                     drv,
                     mode: super::action::BuildMode::Normal,
                     options: Some(options),
-                    client: profile.clone(),
+                    client: client.clone(),
                 };
                 match ok(handler.handle(Action::BuildDerivation(Box::new(req)), &mut sink), cmd)? {
-                    Reply::Built(res) => codec(types::write_build_result(&mut w, &res, &profile))?,
+                    Reply::Built(res) => codec(types::write_build_result(&mut w, &res, &client))?,
                     other => return Err(unexpected(other)),
                 }
             }

@@ -15,9 +15,12 @@
 //!
 //! Versions by Nix release (read in NixOS/nix at each tag): worker 1.34 = 2.8–2.14, 1.35 =
 //! 2.15–2.18, 1.36 = 2.19, 1.37 = 2.20–2.23, 1.38 = 2.24–2.34, 1.38 + feature = 2.35+; serve
-//! 2.7 = 2.8–2.34, 2.8 = 2.35+. Where a range straddles a rule change (worker 1.35, serve 2.7),
-//! the builder cannot tell from the wire: `--client-nix-version` says it, else
-//! [`AMBIGUOUS_DEFAULT_RULE`] applies (documented in `docs/nix-remote-builder.md`).
+//! 2.7 = 2.8–2.34, 2.8 = 2.35+. Within serve 2.7 the build options of `BuildDerivation` narrow
+//! it further ([`serve_build_options_range`]): Nix 2.8–2.12 send their `repeat` and
+//! `enforce-determinism` settings (by default 0 and true), Nix 2.13–2.34 always 0 and false. Where
+//! the range still straddles a rule change (worker 1.35; serve 2.7 with 0 and false), the builder
+//! cannot tell from the wire: `--client-nix-version` says it, else [`AMBIGUOUS_DEFAULT_RULE`]
+//! applies (documented in `docs/nix-remote-builder.md`).
 //!
 //! What is not here: the handshakes themselves (`worker`, `serve`).
 
@@ -161,6 +164,19 @@ pub struct ClientProfile {
     pub features: BTreeSet<String>,
     /// `--client-nix-version`, if the operator said which Nix the clients run.
     pub declared_nix: Option<NixVersion>,
+    /// What the client's requests (not the handshake) showed about its release: the serve
+    /// protocol's build options ([`serve_build_options_range`]).
+    pub observed: Option<NixRange>,
+}
+
+/// The Nix releases that send these serve-protocol build options (`BuildDerivation`, serve
+/// ≥ 2.3), if they say more than the protocol version: a non-zero `repeat` or a true
+/// `enforce-determinism` comes only from Nix ≤ 2.12, which sent its own settings (by default 0
+/// and true); Nix 2.13 and later send 0 and false whatever their settings. 0 and false says
+/// nothing: Nix 2.13–2.34, or an older Nix with `enforce-determinism = false`.
+pub fn serve_build_options_range(nr_repeats: u64, enforce_determinism: bool) -> Option<NixRange> {
+    (nr_repeats != 0 || enforce_determinism)
+        .then_some(NixRange::new(NixVersion(2, 0), Some(NixVersion(2, 12))))
 }
 
 /// The client's declared Nix version contradicts its protocol version.
@@ -180,7 +196,7 @@ pub struct VersionMismatch {
 impl ClientProfile {
     /// A profile without a declared Nix version.
     pub fn new(protocol: Protocol, version: ProtoVersion, features: BTreeSet<String>) -> Self {
-        ClientProfile { protocol, version, features, declared_nix: None }
+        ClientProfile { protocol, version, features, declared_nix: None, observed: None }
     }
 
     /// Whether a feature was negotiated.
@@ -195,8 +211,27 @@ impl ClientProfile {
         }
     }
 
-    /// The Nix releases that speak this version (with these features).
+    /// The Nix releases that speak this version (with these features) and sent what was
+    /// [`observed`](Self::observed).
     pub fn nix_range(&self) -> NixRange {
+        let wire = self.protocol_range();
+        let Some(seen) = self.observed else {
+            return wire;
+        };
+        let min = wire.min.max(seen.min);
+        let max = match (wire.max, seen.max) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        // An observation that contradicts the protocol version is not believed.
+        if max.is_some_and(|m| m < min) {
+            return wire;
+        }
+        NixRange::new(min, max)
+    }
+
+    /// The Nix releases that speak this protocol version (with these features).
+    fn protocol_range(&self) -> NixRange {
         let v = |a, b| NixVersion(a, b);
         match self.protocol {
             Protocol::Worker => match minor(self.version) {
@@ -291,10 +326,29 @@ mod tests {
         assert_eq!(s27.ca_rule().unwrap(), (AMBIGUOUS_DEFAULT_RULE, false));
         let declared = ClientProfile { declared_nix: Some(NixVersion(2, 8)), ..s27.clone() };
         assert_eq!(declared.ca_rule().unwrap(), (CaRule::SelfRefPositions, true));
-        let wrong = ClientProfile { declared_nix: Some(NixVersion(2, 36)), ..s27 };
+        let wrong = ClientProfile { declared_nix: Some(NixVersion(2, 36)), ..s27.clone() };
         let err = wrong.ca_rule().unwrap_err().to_string();
         assert!(err.contains("Nix 2.36") && err.contains("serve protocol 2.7"), "{err}");
+        // Nix 2.8–2.12's build options (enforce-determinism true by default) tell it apart.
+        let mut old = s27.clone();
+        old.observed = serve_build_options_range(0, true);
+        assert_eq!(old.nix_range().to_string(), "Nix 2.8–2.12");
+        assert_eq!(old.ca_rule().unwrap(), (CaRule::SelfRefPositions, true));
+        old.observed = serve_build_options_range(2, false);
+        assert_eq!(old.ca_rule().unwrap(), (CaRule::SelfRefPositions, true));
+        // Nix 2.13–2.34 send 0 and false: still ambiguous.
+        assert_eq!(serve_build_options_range(0, false), None);
+        // A declared 2.26 contradicts options only Nix ≤ 2.12 sends.
+        let declared = ClientProfile {
+            declared_nix: Some(NixVersion(2, 26)),
+            observed: serve_build_options_range(0, true),
+            ..s27.clone()
+        };
+        assert!(declared.ca_rule().unwrap_err().to_string().contains("Nix 2.8–2.12"));
         let s28 = ClientProfile::new(Protocol::Serve, 0x208, BTreeSet::new());
+        // An observation that contradicts the protocol version is ignored.
+        let odd = ClientProfile { observed: serve_build_options_range(0, true), ..s28.clone() };
+        assert_eq!(odd.nix_range().to_string(), "Nix 2.35 or later");
         assert_eq!(s28.realisation_format(), RealisationFormat::DrvPathKeyed);
         assert_eq!(s28.ca_rule().unwrap(), (CaRule::SelfRefPositions, true));
     }

@@ -1,18 +1,30 @@
-//! The JSON of `nix show-derivation` in Nix 2.8's shape: print byte-exact, and parse.
+//! The JSON of `nix show-derivation` / `nix derivation show`: print in Nix 2.8's shape
+//! (byte-exact), parse the shapes of Nix 2.8–2.29.
 //!
+//! Nix 2.8–2.14 (`nix show-derivation`):
 //! ```text
 //! { "/nix/store/…-x.drv": { "outputs": { "out": { "path": …, "hashAlgo": …, "hash": … } },
 //!   "inputSrcs": [ … ], "inputDrvs": { "/nix/store/…-y.drv": [ "out" ] }, "system": …,
 //!   "builder": …, "args": [ … ], "env": { … } } }
 //! ```
 //! Output objects carry only the fields that apply: `path` (input-addressed, fixed), `hashAlgo`
-//! (fixed, floating, impure), `hash` (fixed, base16), `"impure": true`; deferred outputs are `{}`.
+//! (fixed, floating, impure; with the method as a prefix: `r:sha256`, `text:sha256`), `hash`
+//! (fixed, base16), `"impure": true`; deferred outputs are `{}`.
 //! Printing follows Nix 2.8's own JSON writer: keys in the order above, two-space indentation,
 //! `\"`, `\\`, `\n`, `\r`, `\t` escaped and other control characters as `\u00XX`.
 //!
-//! Parsing is strict about the shape (unknown keys are errors, naming the key) so that JSON
-//! from a newer Nix, whose shape differs, is rejected rather than misread. Not here: the JSON
-//! of Nix ≥ 2.15's `nix derivation show` (another shape) or running Nix.
+//! Later releases changed the shape in three steps (read in NixOS/nix at each tag, and checked
+//! against the real Nix 2.26.3 in `tests/tests/nix_versions_vm.rs`):
+//! * 2.15: a `"name"` key (the derivation's name; it must match the drv path's);
+//! * 2.18: `inputDrvs` values are objects `{"outputs": [ … ], "dynamicOutputs": { … }}`
+//!   (dynamic derivations, which vouch does not build: a non-empty `dynamicOutputs` is refused);
+//! * 2.24: outputs say the method apart, `"method": "nar" | "flat" | "text" | "git"`, and
+//!   `hashAlgo` is the bare algorithm (`sha256`).
+//!
+//! Parsing accepts these (each derivation object in either shape) and is strict otherwise:
+//! unknown keys are errors naming the key, so JSON from a newer Nix is rejected rather than
+//! misread. Nix 2.30 added `structuredAttrs` and 2.32 a `version` key and other changes; they are
+//! refused by name. Not here: running Nix.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
@@ -176,65 +188,132 @@ impl Derivation {
         to_show_derivation_json([(drv_path, self)])
     }
 
-    /// Parses one derivation object (the value under a drv path in `nix show-derivation`).
+    /// Parses one derivation object (the value under a drv path in `nix show-derivation` or
+    /// `nix derivation show`, Nix 2.8–2.29), and its `name` if it has one (Nix ≥ 2.15).
     pub fn from_json_value(v: &Value) -> Result<Self, DerivationError> {
-        let obj = object(v, "derivation")?;
-        known_keys(
-            obj,
-            &["outputs", "inputSrcs", "inputDrvs", "system", "builder", "args", "env"],
-            "derivation",
-        )?;
-        let mut d = Derivation::default();
-        for (name, o) in object(field(obj, "outputs")?, "outputs")? {
-            let oo = object(o, "output")?;
-            known_keys(oo, &["path", "hashAlgo", "hash", "impure"], "output")?;
-            let get = |k: &str| -> Result<&str, DerivationError> {
-                oo.get(k).map_or(Ok(""), |v| string(v, k))
-            };
-            let impure = match oo.get("impure") {
-                None => false,
-                Some(Value::Bool(true)) => true,
-                Some(_) => return Err(bad("\"impure\" must be true when present")),
-            };
-            if impure && oo.contains_key("hash") {
-                return Err(bad("an impure output must not have \"hash\""));
-            }
-            let hash = if impure { "impure" } else { get("hash")? };
-            let out = DerivationOutput::from_triple(name, get("path")?, get("hashAlgo")?, hash)?;
-            d.outputs.insert(name.clone(), out);
-        }
-        for s in array(field(obj, "inputSrcs")?, "inputSrcs")? {
-            d.input_srcs.insert(path(string(s, "inputSrcs")?, "input source")?);
-        }
-        for (p, outs) in object(field(obj, "inputDrvs")?, "inputDrvs")? {
-            let outs = array(outs, "inputDrvs outputs")?
-                .iter()
-                .map(|o| string(o, "inputDrvs output").map(str::to_owned))
-                .collect::<Result<BTreeSet<_>, _>>()?;
-            d.input_drvs.insert(path(p, "input derivation")?, outs);
-        }
-        d.platform = string(field(obj, "system")?, "system")?.to_owned();
-        d.builder = string(field(obj, "builder")?, "builder")?.to_owned();
-        d.args = array(field(obj, "args")?, "args")?
-            .iter()
-            .map(|a| string(a, "args").map(str::to_owned))
-            .collect::<Result<_, _>>()?;
-        for (k, v) in object(field(obj, "env")?, "env")? {
-            d.env.insert(k.clone(), string(v, "env value")?.to_owned());
-        }
-        Ok(d)
+        Ok(parse_object(v)?.0)
     }
 }
 
-/// Parses the whole output of `nix show-derivation` (drv path → derivation).
+/// A derivation object and its `name` key (Nix ≥ 2.15).
+fn parse_object(v: &Value) -> Result<(Derivation, Option<&str>), DerivationError> {
+    let obj = object(v, "derivation")?;
+    for (k, since) in [("structuredAttrs", "2.30"), ("version", "2.32")] {
+        if obj.contains_key(k) {
+            return Err(bad(&format!(
+                "key {k:?}: the derivation JSON of Nix {since} or later, which vouch does not read \
+                 yet (give the .drv files instead: --drv-dir)"
+            )));
+        }
+    }
+    known_keys(
+        obj,
+        &["name", "outputs", "inputSrcs", "inputDrvs", "system", "builder", "args", "env"],
+        "derivation",
+    )?;
+    let name = obj.get("name").map(|n| string(n, "name")).transpose()?;
+    let mut d = Derivation::default();
+    for (name, o) in object(field(obj, "outputs")?, "outputs")? {
+        d.outputs.insert(name.clone(), parse_output(name, o)?);
+    }
+    for s in array(field(obj, "inputSrcs")?, "inputSrcs")? {
+        d.input_srcs.insert(path(string(s, "inputSrcs")?, "input source")?);
+    }
+    for (p, outs) in object(field(obj, "inputDrvs")?, "inputDrvs")? {
+        // Nix ≥ 2.18: {"outputs": [...], "dynamicOutputs": {...}}; before: the list.
+        let list = match outs {
+            Value::Object(o) => {
+                known_keys(o, &["outputs", "dynamicOutputs"], "inputDrvs entry")?;
+                if let Some(dy) = o.get("dynamicOutputs") {
+                    if !object(dy, "dynamicOutputs")?.is_empty() {
+                        return Err(bad(&format!(
+                            "input derivation {p} has dynamicOutputs (dynamic derivations are \
+                             not supported)"
+                        )));
+                    }
+                }
+                field(o, "outputs")?
+            }
+            other => other,
+        };
+        let outs = array(list, "inputDrvs outputs")?
+            .iter()
+            .map(|o| string(o, "inputDrvs output").map(str::to_owned))
+            .collect::<Result<BTreeSet<_>, _>>()?;
+        d.input_drvs.insert(path(p, "input derivation")?, outs);
+    }
+    d.platform = string(field(obj, "system")?, "system")?.to_owned();
+    d.builder = string(field(obj, "builder")?, "builder")?.to_owned();
+    d.args = array(field(obj, "args")?, "args")?
+        .iter()
+        .map(|a| string(a, "args").map(str::to_owned))
+        .collect::<Result<_, _>>()?;
+    for (k, v) in object(field(obj, "env")?, "env")? {
+        d.env.insert(k.clone(), string(v, "env value")?.to_owned());
+    }
+    Ok((d, name))
+}
+
+/// One output object: `hashAlgo` with the method as a prefix (Nix < 2.24), or `method` and the
+/// bare `hashAlgo` (Nix ≥ 2.24).
+fn parse_output(name: &str, o: &Value) -> Result<DerivationOutput, DerivationError> {
+    let oo = object(o, "output")?;
+    known_keys(oo, &["path", "method", "hashAlgo", "hash", "impure"], "output")?;
+    let get =
+        |k: &str| -> Result<&str, DerivationError> { oo.get(k).map_or(Ok(""), |v| string(v, k)) };
+    let impure = match oo.get("impure") {
+        None => false,
+        Some(Value::Bool(true)) => true,
+        Some(_) => return Err(bad("\"impure\" must be true when present")),
+    };
+    if impure && oo.contains_key("hash") {
+        return Err(bad("an impure output must not have \"hash\""));
+    }
+    let hash = if impure { "impure" } else { get("hash")? };
+    let algo = match oo.get("method") {
+        None => get("hashAlgo")?.to_owned(),
+        Some(m) => {
+            let prefix = match string(m, "method")? {
+                "nar" => "r:",
+                "flat" => "",
+                "text" => "text:",
+                "git" => "git:",
+                other => return Err(bad(&format!("output {name:?}: unknown method {other:?}"))),
+            };
+            let algo = get("hashAlgo")?;
+            if algo.is_empty() || algo.contains(':') {
+                return Err(bad(&format!(
+                    "output {name:?}: with \"method\", \"hashAlgo\" must be a bare algorithm"
+                )));
+            }
+            format!("{prefix}{algo}")
+        }
+    };
+    DerivationOutput::from_triple(name, get("path")?, &algo, hash)
+}
+
+/// Parses the whole output of `nix show-derivation` (Nix 2.8–2.14) or `nix derivation show`
+/// (2.15–2.29): drv path → derivation.
 pub fn parse_show_derivation(
     json: &str,
 ) -> Result<BTreeMap<StorePath, Derivation>, DerivationError> {
     let v: Value = serde_json::from_str(json).map_err(|e| DerivationError::Json(e.to_string()))?;
-    object(&v, "top level")?
-        .iter()
-        .map(|(p, d)| Ok((path(p, "derivation key")?, Derivation::from_json_value(d)?)))
-        .collect()
+    let mut all = BTreeMap::new();
+    for (p, v) in object(&v, "top level")? {
+        let drv_path = path(p, "derivation key")?;
+        let (d, name) = parse_object(v)?;
+        if let Some(name) = name {
+            let want = drv_path.drv_name().map_err(|source| DerivationError::StorePath {
+                what: "derivation key".to_owned(),
+                source,
+            })?;
+            if name != want {
+                return Err(bad(&format!("{p} has \"name\": {name:?}, not {want:?}")));
+            }
+        }
+        all.insert(drv_path, d);
+    }
+    Ok(all)
 }
 
 fn bad(msg: &str) -> DerivationError {
@@ -251,7 +330,9 @@ fn known_keys(
     what: &str,
 ) -> Result<(), DerivationError> {
     match o.keys().find(|k| !keys.contains(&k.as_str())) {
-        Some(k) => Err(bad(&format!("unknown key {k:?} in {what} (not Nix 2.8's shape)"))),
+        Some(k) => {
+            Err(bad(&format!("unknown key {k:?} in {what} (not the shape of Nix 2.8–2.29)")))
+        }
         None => Ok(()),
     }
 }
@@ -313,11 +394,11 @@ mod tests {
     #[test]
     fn rejects_other_shapes() {
         let e = parse_show_derivation(
-            r#"{"/nix/store/zl1pm2zkl0gp86khvga02i33h03fqn4m-imp.drv": {"name": "x"}}"#,
+            r#"{"/nix/store/zl1pm2zkl0gp86khvga02i33h03fqn4m-imp.drv": {"nom": "x"}}"#,
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("unknown key \"name\""), "{e}");
+        assert!(e.contains("unknown key \"nom\""), "{e}");
         assert!(parse_show_derivation("[]").is_err());
     }
 }

@@ -1,0 +1,47 @@
+//! Talking to a `vouch serve` in the VM tests: the derivations its tests upload, JSON bodies,
+//! and waiting for a build's end.
+
+use std::time::{Duration, Instant};
+
+use test_support::http_service::{HttpResponse, HttpService};
+
+/// A response's body as JSON (panics with the body if it is not).
+pub fn json(r: &HttpResponse) -> serde_json::Value {
+    serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("{e}: {}", r.text()))
+}
+
+/// Poll build `id` until it ends (5 minutes at most); its final status JSON.
+pub fn wait(s: &HttpService, id: u64) -> serde_json::Value {
+    let t0 = Instant::now();
+    loop {
+        let v = json(&s.request("GET", &format!("/v1/builds/{id}"), b""));
+        match v["state"].as_str() {
+            Some("succeeded" | "failed") => return v,
+            Some("queued" | "running") => {}
+            other => panic!("unknown state {other:?}: {v}"),
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "build {id} took too long:\n{}",
+            s.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The derivations the service tests build, new for every nonce `n`: `ia` (input-addressed),
+/// `ca` (floating CA, with a self-reference), `slow` (sleeps).
+pub fn closure_nix(n: &str) -> String {
+    format!(
+        r#"let bb = builtins.path {{ path = ./bb; name = "busybox"; }}; in {{
+  ia = derivation {{ name = "serve-ia"; system = builtins.currentSystem; builder = "${{bb}}/sh";
+                     args = [ "-c" "echo ia {n}; mkdir $out; echo {n} > $out/n" ]; }};
+  ca = derivation {{ name = "serve-ca"; system = builtins.currentSystem; builder = "${{bb}}/sh";
+                     args = [ "-c" "echo ca {n}; mkdir $out; echo $out > $out/self" ];
+                     __contentAddressed = true; outputHashMode = "recursive"; outputHashAlgo = "sha256"; }};
+  slow = derivation {{ name = "serve-slow"; system = builtins.currentSystem; builder = "${{bb}}/sh";
+                       args = [ "-c" "echo started {n}; ${{bb}}/busybox sleep 600" ]; }};
+}}
+"#
+    )
+}

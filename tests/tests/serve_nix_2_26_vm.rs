@@ -1,0 +1,121 @@
+//! The CI service with Debian trixie's Nix 2.26.3 as its client (in a chroot,
+//! `test_support::chroot`; the chroot shares the host's network, so it reaches `vouch serve` on
+//! 127.0.0.1), with real VMs (TCG here; evidence simulated): 2.26 uploads a floating-CA
+//! derivation (with a self-reference) and an input-addressed one with
+//! `nix copy --to 'http://…?compression=none' --derivation`, the service builds both, and a
+//! fresh 2.26 store substitutes the outputs from the service (`--max-jobs 0`: nothing may be
+//! built locally), the CA one through its signed realisation, with the same paths as 2.26
+//! building them itself.
+//!
+//! Not here yet (`#[ignore]`d, waiting for issue 13): uploads with Nix's default compression (xz;
+//! refused with HTTP 415 today) and `nix log --store http://…`.
+
+use std::sync::Mutex;
+
+use test_support::chroot::ChrootNix;
+use test_support::http_service::HttpService;
+use test_support::nix::text;
+use test_support::vm::{image_dir, nonce, public_key_of, vouch_bin};
+use tests::service::{closure_nix, json, wait};
+
+/// The tests take it so their VMs do not compete for the CPUs.
+static VMS: Mutex<()> = Mutex::new(());
+
+const TOKEN: &str = "trusted-0123456789abcdef";
+
+/// A service on 127.0.0.1 for a client in `c` (state in `/srv/state`), with the trusted
+/// callers' token.
+fn service(c: &ChrootNix) -> HttpService {
+    let token = c.write("token", &format!("{TOKEN}\n"), false);
+    let image = image_dir();
+    HttpService::start(
+        &vouch_bin(),
+        &c.srv().join("state"),
+        &c.dir.path().join("serve.log"),
+        &[
+            "--image",
+            image.to_str().unwrap(),
+            "--jobs",
+            "1",
+            "--trusted-token-file",
+            token.to_str().unwrap(),
+        ],
+    )
+}
+
+/// Nix 2.26 uploads, the service builds, a fresh 2.26 store substitutes.
+#[test]
+fn nix_2_26_uploads_and_substitutes() {
+    let _vms = VMS.lock().unwrap_or_else(|e| e.into_inner());
+    let c = ChrootNix::new();
+    let n = nonce();
+    c.write("serve.nix", &closure_nix(&n), false);
+    let (ia, ca) = (c.instantiate("/srv/serve.nix", "ia"), c.instantiate("/srv/serve.nix", "ca"));
+    let svc = service(&c);
+    let to = format!("{}?compression=none", svc.url());
+    for drv in [&ia, &ca] {
+        upload_and_build(&c, &svc, &to, drv);
+    }
+
+    // A fresh 2.26 store, the service as its only substituter and its key the only one trusted.
+    let key = public_key_of(&c.srv().join("state"));
+    let conf = format!(
+        "{}substituters = {}\ntrusted-public-keys = {key}\n",
+        test_support::nix::NIX_CONFIG.replace("substituters =\n", ""),
+        svc.url()
+    );
+    let build =
+        ["nix-build", "/srv/serve.nix", "--no-out-link", "--max-jobs", "0", "-A", "ia", "-A", "ca"];
+    let got = c.command_in("nix-sub", &[("NIX_CONFIG", &conf)], &build).output().unwrap();
+    assert!(got.status.success(), "substitution: {}\n{}", text(&got), svc.log_text());
+    let mut local = c.command_in("nix-local", &[], &build[..3]);
+    local.args(["-A", "ia", "-A", "ca"]);
+    let local = test_support::nix::stdout(&mut local);
+    assert_eq!(String::from_utf8_lossy(&got.stdout), local, "2.26's own paths");
+    let ca_out = local.lines().nth(1).unwrap();
+    let self_file =
+        c.dir.path().join("nix-sub").join(ca_out.trim_start_matches("/nix/")).join("self");
+    assert_eq!(std::fs::read_to_string(self_file).unwrap().trim(), ca_out);
+    let (st, log) = svc.stop("INT");
+    assert!(st.success(), "{st}: {log}");
+}
+
+/// Upload `drv`'s closure from 2.26 to `to` and build it through the API (`--derivation`
+/// closures with input derivations wait for issue 13: `drv` is a leaf).
+fn upload_and_build(c: &ChrootNix, svc: &HttpService, to: &str, drv: &str) {
+    let up = c.output(&["nix", "copy", "--to", to, "--derivation", drv]);
+    assert!(up.status.success(), "upload: {}\n{}", text(&up), svc.log_text());
+    let body = format!(r#"{{"drv": "{drv}", "nix_version": "2.26"}}"#);
+    let auth = format!("Authorization: Bearer {TOKEN}");
+    let r = svc.request_with("POST", "/v1/builds", &[&auth], body.as_bytes());
+    assert_eq!(r.status, 202, "{}", r.text());
+    let v = wait(svc, json(&r)["id"].as_u64().expect("an id"));
+    assert_eq!(v["state"], "succeeded", "{v}\n{}", svc.log_text());
+}
+
+/// Issue 13: an upload with Nix 2.26's default compression (xz).
+#[test]
+#[ignore = "waits for issue 13: compressed uploads (today: HTTP 415 for .nar.xz)"]
+fn nix_2_26_uploads_with_default_compression() {
+    let _vms = VMS.lock().unwrap_or_else(|e| e.into_inner());
+    let c = ChrootNix::new();
+    c.write("serve.nix", &closure_nix(&nonce()), false);
+    let ia = c.instantiate("/srv/serve.nix", "ia");
+    let svc = service(&c);
+    upload_and_build(&c, &svc, &svc.url(), &ia);
+}
+
+/// Issue 13: `nix log --store http://…` shows a step's log to Nix 2.26.
+#[test]
+#[ignore = "waits for issue 13: `nix log` from the service"]
+fn nix_2_26_reads_the_log_with_nix_log() {
+    let _vms = VMS.lock().unwrap_or_else(|e| e.into_inner());
+    let c = ChrootNix::new();
+    let n = nonce();
+    c.write("serve.nix", &closure_nix(&n), false);
+    let ia = c.instantiate("/srv/serve.nix", "ia");
+    let svc = service(&c);
+    upload_and_build(&c, &svc, &format!("{}?compression=none", svc.url()), &ia);
+    let log = text(&c.output(&["nix", "log", "--store", &svc.url(), &ia]));
+    assert!(log.contains(&format!("ia {n}")), "{log}");
+}

@@ -41,6 +41,7 @@ use super::{
     check, staging_dir, InputSource, LauncherConfig, LogSink, Progress, StepError, StepOutcome,
     StepRequest,
 };
+use crate::vm::egress::{self, Egress};
 use crate::vm::network::NetworkGrant;
 use crate::vm::runner::{describe_exit, Vm};
 use crate::vm::vsock::{detect_backend, Backend, Channel, VsockError};
@@ -82,6 +83,8 @@ struct Prepared {
     setup: Setup,
     sim_root: Option<SimulatedRoot>,
     backend: Backend,
+    /// For a networked step: the tools of its filtered namespace (`None`: unfiltered, unsafe).
+    egress: Option<egress::Tools>,
 }
 
 fn prepare(
@@ -129,7 +132,19 @@ fn prepare(
         (simulated_setup(&root, &manifest)?, Some(root))
     };
     let backend = detect_backend(caps.vhost_vsock)?;
-    Ok(Prepared { manifest, mode, limits, closure, outputs, setup, sim_root, backend })
+    let egress = match (req.network, cfg.egress.unfiltered()) {
+        (false, _) => None,
+        (true, false) => Some(egress::check_host()?),
+        (true, true) => {
+            tracing::warn!(
+                drv = %req.drv_path,
+                "UNSAFE: --unfiltered-network: this fixed-output builder gets QEMU's user networking \
+                 in the host's namespace and reaches the host's loopback and private networks"
+            );
+            None
+        }
+    };
+    Ok(Prepared { manifest, mode, limits, closure, outputs, setup, sim_root, backend, egress })
 }
 
 /// The wall-clock watchdog of one attempt: a thread that SIGKILLs QEMU once `deadline` passes or
@@ -323,9 +338,21 @@ fn attempt_step(
         network,
     };
     let argv = qemu_argv(&spec).map_err(|e| StepError::Request(e.to_string()))?;
-    tracing::debug!(?argv, job = %job_id, "starting QEMU");
+    // A networked VM's QEMU runs in its own filtered namespace, removed after QEMU is killed
+    // (declared before `vm`, so dropped after it on every path).
+    let egress = match (&spec.network, &p.egress) {
+        (Some(_), Some(tools)) => {
+            Some(Egress::create(tools, &cfg.egress).map_err(StepError::from)?)
+        }
+        _ => None,
+    };
+    let (program, argv) = match &egress {
+        Some(e) => e.command(&cfg.qemu, &argv),
+        None => (cfg.qemu.clone(), argv),
+    };
+    tracing::debug!(?program, ?argv, job = %job_id, "starting QEMU");
     let console_log = run_dir.path().join("console.log");
-    let vm = Vm::spawn(&cfg.qemu, &argv, &console_log, cfg.echo_console)
+    let vm = Vm::spawn(&program, &argv, &console_log, cfg.echo_console)
         .map_err(|e| StepError::Qemu(cfg.qemu.display().to_string(), e))?;
     let started = vm.started();
     // From here on the VM is killed past the wall-clock limit or when the launcher is cancelled.

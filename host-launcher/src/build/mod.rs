@@ -190,6 +190,8 @@ pub struct LauncherConfig {
     pub default_limits: Limits,
     /// Build fixed-output derivations that declare md5 or sha1 hashes (refused by default).
     pub allow_weak_fixed_hashes: bool,
+    /// Where networked (fixed-output) VMs may connect ([`crate::vm::egress`]).
+    pub egress: crate::vm::egress::EgressPolicy,
     /// Stops the steps of this launcher (a server shutting down); clones share it.
     pub cancel: Cancel,
 }
@@ -231,6 +233,7 @@ impl LauncherConfig {
             qemu: "qemu-system-x86_64".into(),
             default_limits: Limits::default(),
             allow_weak_fixed_hashes: false,
+            egress: Default::default(),
             cancel: Cancel::default(),
         }
     }
@@ -339,6 +342,9 @@ pub enum StepError {
     /// The vsock backend.
     #[error("setting up the guest channel")]
     Vsock(#[from] crate::vm::vsock::VsockError),
+    /// The networked VM's namespace could not be set up (or this host cannot).
+    #[error(transparent)]
+    Egress(#[from] crate::vm::egress::EgressError),
     /// QEMU could not be started.
     #[error("starting QEMU ({0})")]
     Qemu(String, #[source] std::io::Error),

@@ -14,7 +14,7 @@ use host_launcher::build::LauncherConfig;
 use host_launcher::nixbuilder::{self, BuilderConfig};
 use host_launcher::nixproto::NixVersion;
 use host_launcher::store::{StoreConfig, DEFAULT_MAX_BYTES};
-use host_launcher::vm::Mode;
+use host_launcher::vm::{egress, Mode};
 
 /// Build limits. Unset flags take the command's defaults ([`LimitArgs::limits`]).
 #[derive(Debug, Clone, clap::Args)]
@@ -93,6 +93,17 @@ pub struct VmArgs {
     /// This host's VCEK certificate (SNP mode).
     #[arg(long, env = "VOUCH_SNP_VCEK")]
     pub snp_vcek: Option<PathBuf>,
+    /// Let fixed-output builders reach this IPv4 address or CIDR although it is in a range they
+    /// are denied (loopback, link-local, RFC 1918, CGNAT, multicast, this host's addresses);
+    /// repeatable. See docs/threat-model.md.
+    #[arg(long, value_name = "CIDR", value_parser = egress::parse_allowed)]
+    pub allow_egress: Vec<ipnet::Ipv4Net>,
+    /// UNSAFE: run fixed-output builders' VMs with QEMU's unfiltered user networking in this
+    /// host's network namespace, where they reach its loopback services (10.0.2.2), its private
+    /// networks and cloud metadata. Only for hosts that cannot give each such VM a filtered
+    /// namespace (no root, no nftables), and only for derivations you trust.
+    #[arg(long)]
+    pub unfiltered_network: bool,
 }
 
 impl VmArgs {
@@ -110,6 +121,7 @@ impl VmArgs {
         cfg.boot_timeout = Duration::from_secs(self.boot_timeout);
         cfg.snp_vcek = self.snp_vcek.clone();
         cfg.allow_weak_fixed_hashes = limits.allow_weak_hashes;
+        cfg.egress = egress::EgressPolicy::new(self.allow_egress.clone(), self.unfiltered_network);
         cfg
     }
 }
@@ -274,6 +286,16 @@ mod tests {
         );
         assert_eq!(cfg.qemu, Path::new("/opt/q"));
         assert_eq!((cfg.vcpus, cfg.memory_mib, cfg.mode), (2, 512, Some(Mode::Tcg)));
+        assert!(cfg.egress.allowed().is_empty() && !cfg.egress.unfiltered(), "filtered by default");
+        let c = parse(&["--allow-egress", "10.1.0.0/16", "--allow-egress", "10.1.2.3"]);
+        let cfg = c.vm.launcher(Path::new("/state"), &c.limits);
+        assert_eq!(cfg.egress.allowed(), ["10.1.0.0/16".parse::<ipnet::Ipv4Net>().unwrap()]);
+        assert!(parse(&["--unfiltered-network"])
+            .vm
+            .launcher(Path::new("/s"), &c.limits)
+            .egress
+            .unfiltered());
+        assert!(Cmd::try_parse_from(["cmd", "--allow-egress", "fd00::/8"]).is_err());
         assert!(
             Cmd::try_parse_from(["cmd", "--stall-timeout", "0"]).is_err(),
             "0 would never wait"

@@ -23,7 +23,7 @@ use super::types::{self, CodecError};
 use super::version::{
     major, serve_build_options_range, show, ClientProfile, NixVersion, ProtoVersion, Protocol,
 };
-use super::wire::{Taken, WireError, WireRead, WireWrite};
+use super::wire::{MessageBudget, Taken, WireError, WireRead, WireWrite};
 use super::ServerError;
 
 /// First word a client sends.
@@ -91,6 +91,9 @@ pub fn serve<R: BufRead, W: Write>(
             return Ok(());
         };
         tracing::debug!(cmd, name = cmd_name(cmd), "command");
+        // One command is one message: what it decodes is bounded in all (its NAR, streamed to
+        // disk, is not counted).
+        let _budget = MessageBudget::start();
         let needs_write = matches!(cmd, 8 | 9);
         if needs_write && !cfg.write {
             return Err(ServerError::Refused(format!(

@@ -201,12 +201,14 @@ impl Service {
             },
             ApiAction::NarInfo { hash, uploads_visible } => self.narinfo(&hash, uploads_visible),
             ApiAction::CacheFile(rel) => self.cache_file(&rel),
-            ApiAction::PutNar { name, body, len } => {
-                self.staging.put_nar(&name, body, len, self.cfg.store_cfg.max_bytes)?;
+            ApiAction::PutNar { name, uploader, body, len } => {
+                self.staging.put_nar(&uploader, &name, body, len, self.cfg.store_cfg.max_bytes)?;
                 tracing::info!(nar = %name, bytes = len, "NAR staged; waiting for its narinfo");
                 Ok(ApiReply::Bytes("text/plain", b"staged\n".to_vec()))
             }
-            ApiAction::PutNarInfo { hash, info, caller } => self.register(&hash, &info, caller),
+            ApiAction::PutNarInfo { hash, info, caller, uploader } => {
+                self.register(&hash, &info, caller, &uploader)
+            }
             ApiAction::SubmitBuild { submission: s, caller } => {
                 let req = self.check_submission(&s, caller)?;
                 let id = self.builds.submit(req).map_err(|e| ApiError::new(503, e))?;
@@ -329,6 +331,7 @@ impl Service {
         hash: &str,
         info: &NarInfo,
         caller: auth::Caller,
+        uploader: &upload::Uploader,
     ) -> Result<ApiReply, ApiError> {
         if info.ca.is_none() && !caller.trusted {
             let signed = info.count_valid_signatures(&self.cfg.trusted_keys).unwrap_or(0) > 0;
@@ -346,7 +349,8 @@ impl Service {
                 ));
             }
         }
-        let (pi, file, owned) = self.staging.take(hash, info, &self.cache_dir().join("nar"))?;
+        let (pi, file, owned) =
+            self.staging.take(uploader, hash, info, &self.cache_dir().join("nar"))?;
         let path = pi.path.clone();
         let mut uploads = FileUploads::new(vec![(pi, file.clone())]);
         let result = self.store.add(&mut uploads, UPLOAD_RULES, Origin::Upload);

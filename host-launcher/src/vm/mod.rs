@@ -9,10 +9,12 @@
 //! (our CI's `/dev/kvm` is a paravirtual nested backend that opens but cannot run a normal
 //! guest); SNP only when KVM is usable, `kvm_amd`'s `sev_snp` is `Y`, `/dev/sev` exists and the
 //! image was built with an AmdSev OVMF. Always `-nic none` unless the step is the networked
-//! fixed-output variant; machine `q35` (microvm hangs under TCG, SNP needs q35).
+//! fixed-output variant, whose QEMU runs in a filtered network namespace of its own
+//! ([`egress`]); machine `q35` (microvm hangs under TCG, SNP needs q35).
 //!
 //! What is not here: the channel protocol (see `crate::build`).
 
+pub mod egress;
 pub mod network;
 pub mod runner;
 pub mod vsock;

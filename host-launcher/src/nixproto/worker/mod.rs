@@ -34,7 +34,7 @@ use super::types::{self, CodecError};
 use super::version::{
     minor, show, ClientProfile, ProtoVersion, Protocol, FEATURE_REALISATION_WITH_PATH,
 };
-use super::wire::{FramedReader, Taken, WireError, WireRead, WireWrite};
+use super::wire::{FramedReader, MessageBudget, Taken, WireError, WireRead, WireWrite};
 use super::ServerError;
 
 mod log;
@@ -195,6 +195,7 @@ pub fn handshake<R: Read, W: Write>(
     }
     let version = client_version.min(SERVER_VERSION);
     let mut features = BTreeSet::new();
+    let _budget = MessageBudget::start();
     if minor(version) >= 38 {
         let theirs = r.read_string_set("client features")?;
         let ours: Vec<String> = SERVER_FEATURES.iter().map(|s| s.to_string()).collect();
@@ -278,6 +279,7 @@ impl<W: Write> Conn<W> {
     ) -> Result<Flow, ServerError> {
         let version = self.profile.version;
         let parsed: Result<Parsed<'static>, CodecError> = (|| {
+            let _budget = MessageBudget::start();
             Ok(match op {
                 1 => Parsed::IsValid(types::read_store_path(r, "path")?),
                 9 | 46 => {
@@ -324,9 +326,9 @@ impl<W: Write> Conn<W> {
         })();
         let parsed = match parsed {
             Ok(p) => p,
-            Err(CodecError::Wire(e)) => return Err(e.into()),
+            Err(CodecError::Wire(e)) if !e.is_limit() => return Err(e.into()),
             Err(e) => {
-                // The request was malformed: we cannot know where it ends.
+                // The request was malformed or over a limit: we cannot know where it ends.
                 self.error(&format!("bad {} request: {}", op_name(op), error_chain(&e)))?;
                 return Ok(Flow::Close);
             }

@@ -8,7 +8,7 @@ use std::io::{self, Read};
 
 use super::super::action::{error_chain, ActionError, UploadSource, ValidPathInfo};
 use super::super::types::{self, CodecError};
-use super::super::wire::{FramedReader, Taken, WireError, WireRead};
+use super::super::wire::{FramedReader, MessageBudget, Taken, WireError, WireRead};
 
 /// `AddToStoreNar`: one path, its NAR in the framed stream.
 pub(super) struct OneUpload<'f, 'r, R: Read + ?Sized> {
@@ -45,6 +45,8 @@ impl<R: Read + ?Sized> UploadSource for ManyUploads<'_, '_, R> {
             return Err(bad.clone().into());
         }
         self.nar.skip_rest()?;
+        // Each path's info is a message of its own (the NARs between them are not counted).
+        let _budget = MessageBudget::start();
         let left = match self.left {
             Some(n) => n,
             None => match self.nar.inner.read_count("number of paths") {

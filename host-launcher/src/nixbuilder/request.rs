@@ -1,52 +1,46 @@
-//! `BuildDerivation`: one step in a fresh VM, answered with a `BuildResult`.
+//! A Nix client's `BuildDerivation` as the core's [`BuildRequest`]:
 //!
-//! 1. Refuse what cannot be built honestly (check/repair mode, outputs of mixed kinds, a client
-//!    whose declared Nix version contradicts its protocol).
-//! 2. The input closure must be in the content store (the client uploads what
-//!    `QueryValidPaths` said was missing); it is pinned for the session.
-//! 3. Limits: vouch's defaults, overridden by the client's non-zero values (serve build options,
-//!    or the session's `SetOptions` over a socket: [`SESSION_SETTINGS`]).
-//! 4. [`crate::build::run_step`] builds in a fresh VM and returns only a checked outcome (statement
-//!    for exactly this job, evidence verified, output NARs matching the statement). Fixed-output
-//!    derivations go to the networked variant (`network: true`), accepted only by their declared
-//!    hash; where that variant does not exist yet the build fails saying so.
-//! 5. Only then: the step is published to the trace store (statement, evidence, signed records)
-//!    so `vouch verify` finds it; the outputs are registered in the content store (re-verified);
-//!    the realisations signed for the step are returned in the client's format (Nix ≤ 2.34:
-//!    `sha256:<hash modulo>!<out>` + JSON; ≥ 2.35: output path + signatures over the
-//!    drv-path-keyed fingerprint), with CA paths made under the client's self-reference rule.
+//! 1. Refuse what vouch cannot build honestly: check or repair mode; a client whose declared
+//!    Nix version contradicts its protocol.
+//! 2. The CA self-reference rule: the one of the client's Nix release, from its profile
+//!    (protocol version, features, the serve protocol's build options, `--client-nix-version`);
+//!    where the profile straddles a rule change, a guess the engine says in the build log.
+//! 3. Limits: the client's non-zero values (serve build options, or the session's
+//!    `SetOptions` over a socket: [`SESSION_SETTINGS`]) override the engine's defaults.
+//! 4. A Nix client of `vouch nix-builder` is the operator's: trusted.
 //!
-//! Any failure is a `BuildResult` with a failure status and a message naming the cause; nothing
-//! of a failed step is registered or served.
-//!
-//! What is not here: the VM conversation and its checks (`crate::build`).
+//! What is not here: the build itself (`crate::core::engine`).
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::time::{SystemTime, UNIX_EPOCH};
+use build_trace::job::Limits;
 
-use build_trace::job::{step_kind, CaRule, Limits, PathInfo, StepKind};
-use channel::messages::FailureKind;
+use crate::core::{BuildRequest, BuildResult, FailureStatus};
+use crate::nixproto::{BuildDerivation, BuildMode, BuildOptions, ClientOptions};
 
-use super::adapters::{LinesToClient, StoreInputs};
-use super::BuilderCore;
-use crate::build::publish::{key_name, publish};
-use crate::build::{run_step, StepError, StepOutcome, StepRequest};
-use crate::nixproto::action::error_chain;
-use crate::nixproto::version::show;
-use crate::nixproto::{
-    BuildMode, BuildOptions, BuildRequest, BuildResult, BuildStatus, BuiltOutput,
-    LegacyRealisation, LogSink, ValidPathInfo,
-};
-use crate::store::{FileUploads, Origin};
-
-fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
-fn fail(status: BuildStatus, msg: impl Into<String>) -> BuildResult {
-    let msg = msg.into();
-    tracing::warn!(?status, "build failed: {msg}");
-    BuildResult::failure(status, msg)
+/// The core's request for a client's `BuildDerivation`, or the failure it is answered with.
+pub fn core_request(
+    d: BuildDerivation,
+    session: Option<&ClientOptions>,
+    vcpus: u64,
+) -> Result<BuildRequest, BuildResult> {
+    let refuse = |msg: String| {
+        tracing::warn!("build refused: {msg}");
+        BuildResult::failed(FailureStatus::MiscFailure, msg)
+    };
+    if d.mode != BuildMode::Normal {
+        return Err(refuse(format!(
+            "vouch builds in normal mode only; {} was asked in {:?} mode",
+            d.drv_path, d.mode
+        )));
+    }
+    let ca_rule = d.client.ca_rule().map_err(|e| refuse(e.to_string()))?;
+    Ok(BuildRequest {
+        limits: client_limits(d.options.as_ref(), session, vcpus),
+        drv_path: d.drv_path,
+        drv: d.drv,
+        outputs: Default::default(),
+        ca_rule,
+        trusted: true,
+    })
 }
 
 /// The settings of a worker-protocol `SetOptions` (what a `unix://` client sends first) that
@@ -56,16 +50,16 @@ fn fail(status: BuildStatus, msg: impl Into<String>) -> BuildResult {
 pub const SESSION_SETTINGS: &[&str] =
     &["max-silent-time", "timeout", "max-build-log-size", "cores"];
 
-/// The limits of one build: `base` (vouch's configured defaults), with the client's non-zero
-/// values: the serve protocol's per-build options, then the session's `SetOptions`
-/// ([`SESSION_SETTINGS`]). A client's `cores` is capped at the VM's `vcpus`.
-pub fn merge_limits(
-    base: Limits,
+/// The limits a Nix client set for one build (zero where it set none, for the engine's
+/// defaults): its non-zero values from the serve protocol's per-build options, then from the
+/// session's `SetOptions` ([`SESSION_SETTINGS`]). A client's `cores` is capped at the VM's
+/// `vcpus`.
+pub fn client_limits(
     serve: Option<&BuildOptions>,
-    session: Option<&crate::nixproto::ClientOptions>,
+    session: Option<&ClientOptions>,
     vcpus: u64,
 ) -> Limits {
-    let mut l = base;
+    let mut l = Limits::default();
     let set = |slot: &mut u64, v: u64| {
         if v > 0 {
             *slot = v;
@@ -94,199 +88,23 @@ pub fn merge_limits(
     l
 }
 
-/// Map a failed step to a status and message.
-fn step_failure(e: &StepError) -> BuildResult {
-    let status = match e {
-        StepError::Guest { kind, .. } => match kind {
-            FailureKind::BuilderFailed => BuildStatus::PermanentFailure,
-            FailureKind::Timeout | FailureKind::MaxSilent => BuildStatus::TimedOut,
-            FailureKind::LogLimit => BuildStatus::LogLimitExceeded,
-            FailureKind::InputHash | FailureKind::InputCa => BuildStatus::InputRejected,
-            FailureKind::Output => BuildStatus::OutputRejected,
-            _ => BuildStatus::MiscFailure,
-        },
-        StepError::Watchdog(_) => BuildStatus::TimedOut,
-        StepError::Rejected(_) => BuildStatus::OutputRejected,
-        StepError::Cancelled => BuildStatus::TransientFailure,
-        _ => BuildStatus::MiscFailure,
-    };
-    fail(status, format!("vouch: {}", error_chain(e)))
-}
-
-/// Build one derivation (see the module docs).
-pub fn build(core: &mut BuilderCore, req: BuildRequest, log: &mut dyn LogSink) -> BuildResult {
-    let start = now();
-    let drv_path = req.drv_path.clone();
-    if req.mode != BuildMode::Normal {
-        return fail(
-            BuildStatus::MiscFailure,
-            format!(
-                "vouch builds in normal mode only; {drv_path} was asked in {:?} mode",
-                req.mode
-            ),
-        );
-    }
-    let kind = match step_kind(&req.drv) {
-        Ok(k) => k,
-        Err(e) => {
-            return fail(
-                BuildStatus::MiscFailure,
-                format!("vouch cannot build {drv_path}: {}", error_chain(&e)),
-            )
-        }
-    };
-    let (ca_rule, sure) = match req.client.ca_rule() {
-        Ok(r) => r,
-        Err(e) => return fail(BuildStatus::MiscFailure, e.to_string()),
-    };
-    if !sure && kind == StepKind::FloatingCa {
-        log.line(&format!(
-            "vouch: {} {} is spoken by {}, which straddles a change of the CA self-reference rule; \
-             using {} (set --client-nix-version on the builder to choose)",
-            if req.client.protocol == crate::nixproto::Protocol::Worker { "worker protocol" } else { "serve protocol" },
-            show(req.client.version),
-            req.client.nix_range(),
-            match ca_rule {
-                CaRule::SelfRefPositions => "the rule of Nix ≤ 2.16 and ≥ 2.35 (self-reference positions hashed)",
-                CaRule::SelfRefZeroed => "the rule of Nix 2.17–2.34 (self-reference positions not hashed)",
-            }
-        ));
-    }
-
-    // The input closure, from the content store, pinned for this session.
-    let closure = match core.store.closure(&req.drv.input_srcs) {
-        Ok(c) => c,
-        Err(e) => {
-            return fail(
-                BuildStatus::MiscFailure,
-                format!(
-                    "vouch cannot build {drv_path}: {} (the client uploads inputs before building)",
-                    error_chain(&e)
-                ),
-            )
-        }
-    };
-    if let Err(e) = core.store.pin(&closure.keys().cloned().collect()) {
-        return fail(
-            BuildStatus::MiscFailure,
-            format!("pinning the inputs of {drv_path}: {}", error_chain(&e)),
-        );
-    }
-
-    let limits = merge_limits(
-        core.cfg.limits,
-        req.options.as_ref(),
-        core.options.as_ref(),
-        core.cfg.launcher.vcpus.into(),
-    );
-    let step = StepRequest {
-        drv_path: drv_path.clone(),
-        drv: req.drv,
-        outputs: BTreeSet::new(),
-        limits,
-        ca_rule,
-        network: kind == StepKind::FixedOutput,
-        job_id: None,
-    };
-    tracing::info!(drv = %drv_path, ?kind, ?ca_rule, ?limits, inputs = closure.len(), "building in a fresh VM");
-    log.build_started(&drv_path);
-    let result = {
-        let mut sink = LinesToClient::new(&mut *log);
-        let r = run_step(step, &StoreInputs(&core.store), &mut sink, &core.cfg.launcher);
-        sink.finish();
-        r
-    };
-    log.build_finished();
-    let outcome = match result {
-        Ok(o) => o,
-        Err(e) => return step_failure(&e),
-    };
-    match finish(core, &outcome, ca_rule) {
-        Ok(built_outputs) => {
-            let mut res = BuildResult::failure(BuildStatus::Built, "");
-            res.times_built = 1;
-            res.start_time = start;
-            res.stop_time = now();
-            res.built_outputs = built_outputs;
-            res
-        }
-        Err(msg) => fail(BuildStatus::MiscFailure, msg),
-    }
-}
-
-/// Publish a checked step, register its outputs, and make the realisations.
-fn finish(
-    core: &BuilderCore,
-    outcome: &StepOutcome,
-    ca_rule: CaRule,
-) -> Result<BTreeMap<String, BuiltOutput>, String> {
-    let st = &outcome.statement;
-    let cfg = &core.cfg;
-    let name = key_name(outcome, &cfg.key_naming)
-        .map_err(|e| format!("vouch: the signing key: {}", error_chain(&e)))?;
-    let key = build_trace::sign::load_or_generate_key(&cfg.state_dir, &name)
-        .map_err(|e| format!("vouch: the signing key: {}", error_chain(&e)))?;
-    let put = publish(outcome, &cfg.cache_dir, &cfg.state_dir, &cfg.key_naming).map_err(|e| {
-        format!("vouch: publishing the step to the trace store: {}", error_chain(&e))
-    })?;
-    tracing::info!(step = %put.step_dir.display(), "step published");
-    let records = build_trace::sign::step_records(st, &key)
-        .map_err(|e| format!("vouch: signing the step's records: {}", error_chain(&e)))?;
-
-    let mut items = Vec::new();
-    for (name, out) in &outcome.outputs {
-        let i = &out.info;
-        let info = ValidPathInfo {
-            path: i.path.clone(),
-            info: PathInfo {
-                nar_hash: i.nar_hash,
-                nar_size: i.nar_size,
-                references: i.references.clone(),
-                ca: i.ca.clone(),
-            },
-            deriver: Some(st.job.drv_path.clone()),
-            registration_time: now(),
-            ultimate: true,
-            sigs: records
-                .get(name)
-                .map(|r| r.narinfo.sigs.iter().map(|s| s.to_string()).collect())
-                .unwrap_or_default(),
-        };
-        items.push((info, out.nar_file.clone()));
-    }
-    core.store
-        .add(&mut FileUploads::new(items), &[ca_rule.into()], Origin::Build)
-        .map_err(|e| format!("vouch: registering the outputs: {}", error_chain(&e)))?;
-
-    let mut built = BTreeMap::new();
-    for (name, out) in &st.outputs {
-        let out_path = out.path.clone();
-        let rec = records.get(name);
-        built.insert(
-            name.clone(),
-            BuiltOutput {
-                out_path,
-                signatures: rec
-                    .and_then(|r| r.build_trace.as_ref())
-                    .map(|b| b.signatures.iter().map(|s| s.to_string()).collect())
-                    .unwrap_or_default(),
-                legacy: rec
-                    .and_then(|r| r.legacy.as_ref())
-                    .map(|l| LegacyRealisation { id: l.id.to_string(), json: l.to_json() }),
-            },
-        );
-    }
-    Ok(built)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nixproto::ClientOptions;
+    use crate::core::request::{builder_limits, with_overrides};
+
+    fn merge_limits(
+        base: Limits,
+        serve: Option<&BuildOptions>,
+        session: Option<&ClientOptions>,
+        vcpus: u64,
+    ) -> Limits {
+        with_overrides(base, &client_limits(serve, session, vcpus))
+    }
 
     #[test]
     fn client_limits_override_defaults_only_when_set() {
-        let base = super::super::default_limits();
+        let base = builder_limits();
         assert_eq!(merge_limits(base, None, None, 1), base);
         let serve = BuildOptions {
             build_timeout: 60,
@@ -316,5 +134,53 @@ mod tests {
         o.overrides.insert("max-build-log-size".into(), "junk".into());
         let l = merge_limits(base, None, Some(&o), 4);
         assert_eq!((l.max_silent_s, l.max_log_bytes), (9, base.max_log_bytes));
+    }
+
+    fn derivation(mode: BuildMode, client: crate::nixproto::ClientProfile) -> BuildDerivation {
+        BuildDerivation {
+            drv_path: nix_formats::StorePath::from_parts([7; 20], "b.drv").unwrap(),
+            drv: build_trace::BasicDerivation {
+                name: "b".into(),
+                outputs: Default::default(),
+                input_srcs: Default::default(),
+                system: "x86_64-linux".into(),
+                builder: "/bin/sh".into(),
+                args: vec![],
+                env: Default::default(),
+            },
+            mode,
+            options: Some(BuildOptions { build_timeout: 60, ..Default::default() }),
+            client,
+        }
+    }
+
+    #[test]
+    fn a_build_derivation_becomes_the_core_request() {
+        use crate::core::CaRuleChoice;
+        use crate::nixproto::{ClientProfile, Protocol};
+        use build_trace::CaRule;
+        // Serve 2.7 with Nix 2.8–2.12's build options: the rule of Nix ≤ 2.16, known.
+        let mut old = ClientProfile::new(Protocol::Serve, 0x207, Default::default());
+        old.observed = crate::nixproto::version::serve_build_options_range(0, true);
+        let req = core_request(derivation(BuildMode::Normal, old), None, 1).unwrap();
+        assert_eq!(req.ca_rule, CaRuleChoice::Known(CaRule::SelfRefPositions));
+        assert_eq!(req.limits, Limits { timeout_s: 60, ..Limits::default() });
+        assert!(req.trusted && req.outputs.is_empty());
+        // Plain serve 2.7 straddles the 2.17 change: a guess, with a note that says how to choose.
+        let plain = ClientProfile::new(Protocol::Serve, 0x207, Default::default());
+        let req = core_request(derivation(BuildMode::Normal, plain.clone()), None, 1).unwrap();
+        let CaRuleChoice::Guessed { note, .. } = req.ca_rule else { panic!("{:?}", req.ca_rule) };
+        assert!(note.contains("--client-nix-version"), "{note}");
+        // Check mode and a declared release the protocol contradicts are refused, as failures.
+        let refused = |d| match core_request(d, None, 1) {
+            Err(BuildResult::Failed(f)) => f,
+            other => panic!("{other:?}"),
+        };
+        let f = refused(derivation(BuildMode::Check, plain.clone()));
+        assert!(f.message.contains("normal mode only"), "{}", f.message);
+        let lying = ClientProfile { declared_nix: Some(crate::core::NixVersion(2, 36)), ..plain };
+        let f = refused(derivation(BuildMode::Normal, lying));
+        assert_eq!(f.status, FailureStatus::MiscFailure);
+        assert!(f.message.contains("--client-nix-version"), "{}", f.message);
     }
 }

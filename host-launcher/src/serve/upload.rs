@@ -26,7 +26,7 @@ use nix_formats::hash::HashAlgo;
 use nix_formats::narinfo::NarInfo;
 use sha2::{Digest, Sha256};
 
-use crate::nixproto::ValidPathInfo;
+use crate::core::ValidPathInfo;
 
 use super::ApiError;
 

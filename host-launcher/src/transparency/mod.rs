@@ -1,5 +1,6 @@
 //! The transparency log's host side (`docs/transparency-log.md`): the launcher's log key and
-//! origin, reading a log over HTTP, the witness's HTTP endpoint, and asking witnesses to cosign.
+//! origin (and this host's name, which names them), reading a log over HTTP, the witness's HTTP
+//! endpoint, and asking witnesses to cosign.
 //!
 //! What is here: plain HTTP/1.1 over TCP (`http://` only: put TLS in front, as for `vouch
 //! serve`). What is not: the log's format and rules (`build_trace::tlog`).
@@ -21,7 +22,17 @@ pub fn default_origin(state_dir: &Path) -> String {
         .ok()
         .map(|s| s.trim().to_owned())
         .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| format!("{}/vouch", crate::build::publish::host_name()))
+        .unwrap_or_else(|| format!("{}/vouch", host_name()))
+}
+
+/// This host's name (`/proc/sys/kernel/hostname`, else `vouch`): the default of log origins,
+/// witness names and signing-key names.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "vouch".into())
 }
 
 /// The launcher's log key in `<state dir>/keys/log.note-key`, made on first use for `origin`

@@ -26,9 +26,10 @@ use std::io::{self, BufRead, Read, Write};
 
 use nix_formats::StorePath;
 
+use crate::core::ValidPathInfo;
+
 use super::action::{
-    error_chain, Action, ActionError, BuildRequest, BuildResult, BuildStatus, Handler, Reply,
-    ValidPathInfo,
+    error_chain, Action, ActionError, BuildDerivation, BuildResult, BuildStatus, Handler, Reply,
 };
 use super::types::{self, CodecError};
 use super::version::{
@@ -135,7 +136,7 @@ pub struct WorkerConfig {
     /// The version string `nix store ping` shows.
     pub version_string: String,
     /// `--client-nix-version`, copied into the client profile.
-    pub declared_nix: Option<super::version::NixVersion>,
+    pub declared_nix: Option<crate::core::NixVersion>,
 }
 
 /// Serve one worker-protocol connection until the client hangs up.
@@ -299,7 +300,7 @@ impl<W: Write> Conn<W> {
                     let drv_path = types::read_store_path(r, "drvPath")?;
                     let drv = types::read_basic_derivation(r, &drv_path)?;
                     let mode = types::read_build_mode(r)?;
-                    Parsed::Action(Action::BuildDerivation(Box::new(BuildRequest {
+                    Parsed::Action(Action::BuildDerivation(Box::new(BuildDerivation {
                         drv_path,
                         drv,
                         mode,
@@ -441,7 +442,7 @@ impl<W: Write> Conn<W> {
                 self.answer(reply, |w, reply| match reply {
                     Reply::Done if !is_build => Ok(()),
                     Reply::ValidPaths(v) => types::write_store_path_set(w, &v),
-                    Reply::Built(res) => types::write_build_result(w, &res, &profile),
+                    Reply::Built(res) => types::write_build_result(w, &(&*res).into(), &profile),
                     other => Err(unexpected(other)),
                 })
             }
@@ -500,6 +501,7 @@ impl<W: Write> Conn<W> {
             w: &mut self.w,
             next_activity: &mut self.next_activity,
             activity: None,
+            lines: Default::default(),
             failed: false,
         };
         let reply = handler.handle(action, &mut log);

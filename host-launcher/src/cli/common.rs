@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use build_trace::job::Limits;
 use host_launcher::build::LauncherConfig;
-use host_launcher::core::publish::{default_trace_store, KeyNameError};
+use host_launcher::core::keys::KeyNameError;
+use host_launcher::core::publish::default_trace_store;
 use host_launcher::core::{Engine, KeyNaming, NixVersion, PublishConfig};
 use host_launcher::store::{StoreConfig, DEFAULT_MAX_BYTES};
 use host_launcher::vm::Mode;

@@ -18,10 +18,10 @@ use build_trace::tlog::monitor::{Monitor, MonitorEvent, MonitorReport};
 use build_trace::tlog::proof::LogTrust;
 use build_trace::tlog::witness::Witness;
 use build_trace::tlog::{CosignerKey, DirTiles, NoteVerifierKey, TileSource, TlogError, LOG_DIR};
+use host_launcher::core::keys::{host_name, log_key};
 use host_launcher::core::publish::default_trace_store;
 use host_launcher::transparency::client::HttpTiles;
 use host_launcher::transparency::witness::{cosign, serve, CosignOutcome};
-use host_launcher::transparency::{host_name, log_key};
 
 use super::{CmdResult, Global};
 

@@ -218,3 +218,108 @@ impl InputSource for StoreInputs<'_> {
             .collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::keys::KeyNaming;
+    use crate::core::request::CaRuleChoice;
+    use crate::store::StoreConfig;
+    use build_trace::job::{BasicDerivation, DrvOutput};
+
+    /// What a build told its log, in order.
+    #[derive(Default)]
+    struct Recorded(Vec<String>);
+
+    impl BuildLog for Recorded {
+        fn started(&mut self, drv: &StorePath) {
+            self.0.push(format!("started {drv}"));
+        }
+        fn output(&mut self, data: &[u8]) {
+            self.0.push(String::from_utf8_lossy(data).into_owned());
+        }
+        fn progress(&mut self, event: &Progress) {
+            self.0.push(event.text());
+        }
+        fn finished(&mut self) {
+            self.0.push("finished".into());
+        }
+    }
+
+    fn engine(dir: &std::path::Path) -> Engine {
+        Engine {
+            launcher: LauncherConfig::new(dir.join("no-image"), dir.join("state")),
+            limits: Limits::default(),
+            publish: PublishConfig {
+                state_dir: dir.join("state"),
+                trace_store: dir.join("traces"),
+                key_naming: KeyNaming::host_default(),
+            },
+        }
+    }
+
+    fn request(hash_algo: &str, inputs: &[&StorePath]) -> BuildRequest {
+        let out = DrvOutput { path: None, hash_algo: hash_algo.into(), hash: String::new() };
+        BuildRequest {
+            drv_path: StorePath::from_parts([7; 20], "x.drv").unwrap(),
+            drv: BasicDerivation {
+                name: "x".into(),
+                outputs: [("out".to_string(), out)].into(),
+                input_srcs: inputs.iter().map(|p| (*p).clone()).collect(),
+                system: "x86_64-linux".into(),
+                builder: "/bin/sh".into(),
+                args: vec![],
+                env: Default::default(),
+            },
+            outputs: Default::default(),
+            limits: Limits::default(),
+            ca_rule: CaRuleChoice::guessed("nothing says", "say it"),
+            trusted: false,
+        }
+    }
+
+    fn failure(r: BuildResult) -> super::super::Failure {
+        match r {
+            BuildResult::Failed(f) => f,
+            BuildResult::Built(_) => panic!("built without a VM"),
+        }
+    }
+
+    #[test]
+    fn what_cannot_be_built_fails_before_any_vm_and_publishes_nothing() {
+        let t = tempfile::tempdir().unwrap();
+        let e = engine(t.path());
+        let store = ContentStore::open(&t.path().join("store"), StoreConfig::default()).unwrap();
+        // Not a derivation vouch can build (no outputs): refused before the log sees a build.
+        let mut log = Recorded::default();
+        let mut nothing = request("r:sha256", &[]);
+        nothing.drv.outputs.clear();
+        let f = failure(e.build(nothing, Inputs::NixStore, &mut log));
+        assert_eq!(f.status, FailureStatus::MiscFailure);
+        assert!(f.message.starts_with("vouch cannot build"), "{}", f.message);
+        assert!(log.0.is_empty(), "{:?}", log.0);
+        // An input the client did not upload.
+        let missing = StorePath::from_parts([8; 20], "input").unwrap();
+        let req = request("r:sha256", &[&missing]);
+        let f = failure(e.build(req, Inputs::ContentStore(&store), &mut log));
+        assert!(f.message.contains("the client uploads inputs before building"), "{}", f.message);
+        assert!(f.message.contains(&missing.to_string()), "{}", f.message);
+        assert!(!t.path().join("traces").exists(), "nothing published");
+    }
+
+    #[test]
+    fn a_failed_step_is_logged_whole_and_publishes_nothing() {
+        let t = tempfile::tempdir().unwrap();
+        let e = engine(t.path());
+        let mut log = Recorded::default();
+        // A floating CA step under a guessed rule: the note, then the build, which fails (no
+        // guest image here) and still finishes its log.
+        let f = failure(e.build(request("r:sha256", &[]), Inputs::NixStore, &mut log));
+        assert_eq!(f.status, FailureStatus::MiscFailure);
+        assert!(f.message.starts_with("vouch: "), "{}", f.message);
+        assert!(log.0[0].starts_with("nothing says; using"), "{:?}", log.0);
+        assert!(log.0[1].starts_with("started /nix/store/"), "{:?}", log.0);
+        assert_eq!(log.0.last().unwrap(), "finished");
+        assert!(!t.path().join("traces").exists(), "nothing published");
+    }
+}

@@ -18,6 +18,7 @@
 //! receives) and the one log trait of a build, [`BuildLog`].
 
 pub mod engine;
+pub mod keys;
 pub mod log;
 pub mod path_info;
 pub mod publish;
@@ -25,8 +26,9 @@ pub mod request;
 pub mod result;
 
 pub use engine::{Engine, Inputs};
+pub use keys::KeyNaming;
 pub use log::{BuildLog, NullLog, Progress};
 pub use path_info::{UploadError, UploadSource, ValidPathInfo};
-pub use publish::{KeyNaming, PublishConfig};
+pub use publish::PublishConfig;
 pub use request::{BuildRequest, CaRuleChoice, NixVersion};
 pub use result::{BuildResult, Built, Failure, FailureStatus, LegacyRealisation, PublishedOutput};

@@ -122,7 +122,8 @@ impl Engine {
         };
         let limits = with_overrides(self.limits, &req.limits);
         let ca_rule = req.ca_rule.rule();
-        tracing::info!(drv = %drv_path, ?kind, ?ca_rule, ?limits, trusted = req.trusted, "building in a fresh VM");
+        let trusted = req.trusted;
+        tracing::info!(drv = %drv_path, ?kind, ?ca_rule, ?limits, trusted, "building in a fresh VM");
         let step = StepRequest {
             drv_path: drv_path.clone(),
             drv: req.drv,

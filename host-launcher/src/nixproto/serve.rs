@@ -221,7 +221,7 @@ fn ok(reply: Result<Reply, ActionError>, cmd: u64) -> Result<Reply, ServerError>
 }
 
 fn unexpected(reply: Reply) -> ServerError {
-    ServerError::Reply(format!("the core answered {reply:?}"))
+    ServerError::Reply(format!("the session answered {reply:?}"))
 }
 
 /// Serve `AddToStoreNar`: exactly `narSize` raw bytes follow the info.

@@ -20,8 +20,8 @@
 //!   outputs), nor one that a remaining path refers to. Pins die with their process ([`owner`]).
 //!   If pinned paths leave no room, the batch is refused with an error saying so.
 //!
-//! What is not here: the records it keeps (`crate::core::path_info`), protocols (`crate::nixproto`,
-//! `crate::serve`), builds (`crate::core::engine`).
+//! What is not here: the records it keeps (`crate::core::path_info`), protocols
+//! (`crate::nixproto`, `crate::serve`), builds (`crate::core::engine`).
 
 pub mod db;
 pub mod files;

@@ -463,7 +463,7 @@ impl<W: Write> Conn<W> {
         let reply = self.run(handler, Action::QueryValidPaths { paths: opaque, substitute: false });
         let valid = match reply {
             Ok(Reply::ValidPaths(v)) => v,
-            Ok(other) => return Err(ServerError::Reply(format!("the core answered {other:?}"))),
+            Ok(other) => return Err(ServerError::Reply(format!("the session answered {other:?}"))),
             Err(e) => return self.answer(Err(e), |_, _| Ok(())),
         };
         let result_of = |(w, p): &(String, Option<StorePath>)| {
@@ -511,7 +511,7 @@ impl<W: Write> Conn<W> {
         reply
     }
 
-    /// After an upload: drain what the core did not read, so the protocol stays in step.
+    /// After an upload: drain what the session did not read, so the protocol stays in step.
     fn finish_upload<R: Read + ?Sized>(
         &mut self,
         (reply, wire_failed): (Result<Reply, ActionError>, Option<io::ErrorKind>),
@@ -519,7 +519,7 @@ impl<W: Write> Conn<W> {
     ) -> Result<Flow, ServerError> {
         if let Some(kind) = wire_failed {
             // The peer hung up or the stream broke mid-upload: nothing was registered (the
-            // core commits only complete, verified uploads); there is no one to answer.
+            // content store commits only complete, verified uploads); there is no one to answer.
             return Err(ServerError::PeerGone(kind));
         }
         let extra = framed.drain()?;
@@ -562,7 +562,7 @@ impl<W: Write> Conn<W> {
 }
 
 fn unexpected(reply: Reply) -> CodecError {
-    CodecError::Field { what: "reply", problem: format!("the core answered {reply:?}") }
+    CodecError::Field { what: "reply", problem: format!("the session answered {reply:?}") }
 }
 
 enum Parsed<'a> {

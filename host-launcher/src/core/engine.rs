@@ -224,9 +224,9 @@ impl InputSource for StoreInputs<'_> {
 mod tests {
     use super::*;
     use crate::core::keys::KeyNaming;
-    use crate::core::request::CaRuleChoice;
+    use crate::core::request::{test_derivation, CaRuleChoice};
     use crate::store::StoreConfig;
-    use build_trace::job::{BasicDerivation, DrvOutput};
+    use build_trace::job::DrvOutput;
 
     /// What a build told its log, in order.
     #[derive(Default)]
@@ -261,17 +261,12 @@ mod tests {
 
     fn request(hash_algo: &str, inputs: &[&StorePath]) -> BuildRequest {
         let out = DrvOutput { path: None, hash_algo: hash_algo.into(), hash: String::new() };
+        let mut drv = test_derivation("x");
+        drv.outputs.insert("out".into(), out);
+        drv.input_srcs = inputs.iter().map(|p| (*p).clone()).collect();
         BuildRequest {
             drv_path: StorePath::from_parts([7; 20], "x.drv").unwrap(),
-            drv: BasicDerivation {
-                name: "x".into(),
-                outputs: [("out".to_string(), out)].into(),
-                input_srcs: inputs.iter().map(|p| (*p).clone()).collect(),
-                system: "x86_64-linux".into(),
-                builder: "/bin/sh".into(),
-                args: vec![],
-                env: Default::default(),
-            },
+            drv,
             outputs: Default::default(),
             limits: Limits::default(),
             ca_rule: CaRuleChoice::guessed("nothing says", "say it"),

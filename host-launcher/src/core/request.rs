@@ -150,6 +150,20 @@ pub fn with_overrides(base: Limits, overrides: &Limits) -> Limits {
     }
 }
 
+/// A basic derivation `name` without outputs or inputs, for tests to fill in.
+#[cfg(test)]
+pub(crate) fn test_derivation(name: &str) -> BasicDerivation {
+    BasicDerivation {
+        name: name.into(),
+        outputs: Default::default(),
+        input_srcs: Default::default(),
+        system: "x86_64-linux".into(),
+        builder: "/bin/sh".into(),
+        args: vec![],
+        env: Default::default(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

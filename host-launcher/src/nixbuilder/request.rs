@@ -139,15 +139,7 @@ mod tests {
     fn derivation(mode: BuildMode, client: crate::nixproto::ClientProfile) -> BuildDerivation {
         BuildDerivation {
             drv_path: nix_formats::StorePath::from_parts([7; 20], "b.drv").unwrap(),
-            drv: build_trace::BasicDerivation {
-                name: "b".into(),
-                outputs: Default::default(),
-                input_srcs: Default::default(),
-                system: "x86_64-linux".into(),
-                builder: "/bin/sh".into(),
-                args: vec![],
-                env: Default::default(),
-            },
+            drv: crate::core::request::test_derivation("b"),
             mode,
             options: Some(BuildOptions { build_timeout: 60, ..Default::default() }),
             client,

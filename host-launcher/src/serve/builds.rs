@@ -341,15 +341,7 @@ mod tests {
         let name = format!("b{n}");
         BuildRequest {
             drv_path: StorePath::from_parts([7; 20], &format!("{name}.drv")).unwrap(),
-            drv: build_trace::BasicDerivation {
-                name,
-                outputs: Default::default(),
-                input_srcs: Default::default(),
-                system: "x86_64-linux".into(),
-                builder: "/bin/sh".into(),
-                args: vec![],
-                env: Default::default(),
-            },
+            drv: crate::core::request::test_derivation(&name),
             outputs: Default::default(),
             limits: Default::default(),
             ca_rule: crate::core::CaRuleChoice::Known(build_trace::CaRule::SelfRefZeroed),

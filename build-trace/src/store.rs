@@ -174,6 +174,10 @@ pub struct PutResult {
     pub kept_existing: Vec<PathBuf>,
     /// Where the step's entry is in the transparency log, if one is attached.
     pub log: Option<crate::tlog::AppendResult>,
+    /// The Nix records signed for this step (one signing per step: the writer's, whose
+    /// narinfos, realisations and build-trace entries are the ones written here; a narinfo's
+    /// URL and file fields are the store's).
+    pub records: sign::StepRecords,
 }
 
 /// A trace store directory.
@@ -349,9 +353,9 @@ impl TraceStore {
         }
 
         // 5. narinfos, last.
-        for (name, rec) in records {
-            let (file_hash, file_size) = nar_files[&name];
-            let mut info = rec.narinfo;
+        for (name, rec) in &records {
+            let (file_hash, file_size) = nar_files[name];
+            let mut info = rec.narinfo.clone();
             info.url = format!("nar/{}.nar", nix_formats::base32::encode(&file_hash.0));
             info.file_hash = Some(nix_formats::Hash::sha256(file_hash.0));
             info.file_size = Some(file_size);
@@ -382,7 +386,7 @@ impl TraceStore {
             }
             None => None,
         };
-        Ok(PutResult { step_dir: final_dir, entry, kept_existing: kept, log })
+        Ok(PutResult { step_dir: final_dir, entry, kept_existing: kept, log, records })
     }
 
     #[cfg(feature = "producer")]

@@ -156,6 +156,14 @@ fn writes_the_documented_layout_idempotently() {
     assert_eq!(info.url, nar_file);
     let key = SecretKey::from_seed("store-test-1", [5; 32]).public_key();
     assert_eq!(info.count_valid_signatures(&[key]).unwrap(), 1);
+    // The records it returns are the ones it wrote: the same signatures, so a caller answers
+    // its client with them instead of signing again.
+    let returned = &first.records["out"];
+    assert_eq!(returned.narinfo.sigs, info.sigs);
+    let written =
+        std::fs::read_to_string(store.root().join(format!("build-trace-v2/{drv_base}/out.doi")))
+            .unwrap();
+    assert_eq!(returned.build_trace.as_ref().unwrap().value_json(), written);
     let entries = store.entries(&st.job.drv_path).unwrap();
     assert_eq!(entries.len(), 1);
     assert_eq!(entries[0].parse_statement().unwrap(), st);

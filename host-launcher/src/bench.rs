@@ -30,8 +30,9 @@ use channel::messages::NarBegin;
 use channel::proto::{FrameReader, FrameWriter, Kind};
 use vm_image::image::{files, Manifest};
 
-use crate::build::local_store::{load_basic_derivation, LocalNixStore};
-use crate::build::{run_step, LauncherConfig, LogSink, Progress, StepRequest, Timings};
+use crate::build::nix_store::{load_basic_derivation, LocalNixStore};
+use crate::build::{run_step, LauncherConfig, StepRequest, Timings};
+use crate::core::log::NullLog;
 use crate::vm::runner::Vm;
 use crate::vm::vsock::{detect_backend, Channel};
 use crate::vm::{choose_mode, qemu_argv, HostCaps, Mode, QemuSpec};
@@ -101,12 +102,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
     v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     v[v.len() / 2]
-}
-
-struct Quiet;
-impl LogSink for Quiet {
-    fn log(&mut self, _: &[u8]) {}
-    fn progress(&mut self, _: &Progress) {}
 }
 
 /// A VM of the image with `extra` appended to its command line (benchmarks only).
@@ -194,7 +189,7 @@ fn sink(cfg: &LauncherConfig, mode: Mode, bytes: &[u8]) -> Result<(f64, f64), Be
 
 fn nix_env() -> Vec<(&'static str, String)> {
     // Root without Debian's nixbld group: no build users (the sandbox uses a user namespace).
-    vec![("NIX_CONFIG", format!("{}build-users-group =\n", crate::build::local_store::NIX_CONFIG))]
+    vec![("NIX_CONFIG", format!("{}build-users-group =\n", crate::build::nix_store::NIX_CONFIG))]
 }
 
 fn write_bench_nix(dir: &Path, nonce: &str) -> Result<PathBuf, BenchError> {
@@ -301,7 +296,7 @@ pub fn run(
             network: false,
             job_id: None,
         };
-        let outcome = run_step(req, &LocalNixStore, &mut Quiet, &step_cfg)
+        let outcome = run_step(req, &LocalNixStore, &mut NullLog, &step_cfg)
             .map_err(|err| BenchError(build_trace::error_chain(&err)))?;
         steps.push(outcome.timings.clone());
         // Nix's own build of the same derivation (it is not built yet in the local store).

@@ -12,7 +12,7 @@
 //! a VM that died or a channel that broke before the agent accepted the job, an agent that never
 //! connected or said hello, a vsock daemon that did not start. The retry is a fresh VM with a
 //! fresh job id (so a fresh HOST_DATA and statement; nothing of the failed attempt is kept or
-//! returned), announced loudly ([`super::Progress::Retrying`] and a warning). Builder failures,
+//! returned), announced loudly ([`Progress::Retrying`] and a warning). Builder failures,
 //! limits, timeouts, a VM that died after accepting the job (the builder may have caused it)
 //! and rejected results are never retried.
 //!
@@ -37,10 +37,8 @@ use vm_image::image::{files, Manifest};
 
 use super::conversation::{converse, phase_key, timings, Conversation};
 use super::watch::ChannelWatch;
-use super::{
-    check, staging_dir, InputSource, LauncherConfig, LogSink, Progress, StepError, StepOutcome,
-    StepRequest,
-};
+use super::{check, staging_dir, InputSource, LauncherConfig, StepError, StepOutcome, StepRequest};
+use crate::core::log::{BuildLog, Progress};
 use crate::vm::egress::{self, Egress};
 use crate::vm::network::NetworkGrant;
 use crate::vm::runner::{describe_exit, Vm};
@@ -234,7 +232,7 @@ pub fn retryable(e: &StepError, job_accepted: bool) -> bool {
 pub fn run_step(
     req: StepRequest,
     inputs: &dyn InputSource,
-    sink: &mut dyn LogSink,
+    sink: &mut dyn BuildLog,
     cfg: &LauncherConfig,
 ) -> Result<StepOutcome, StepError> {
     if cfg.cancel.is_cancelled() {
@@ -282,7 +280,7 @@ fn attempt_step(
     p: &Prepared,
     job_id: &str,
     inputs: &dyn InputSource,
-    sink: &mut dyn LogSink,
+    sink: &mut dyn BuildLog,
     cfg: &LauncherConfig,
 ) -> Result<StepOutcome, AttemptError> {
     let (mode, manifest) = (p.mode, &p.manifest);
@@ -468,7 +466,6 @@ fn attempt_step(
         statement_bytes: outcome.statement.into_bytes(),
         evidence: checked.evidence,
         verified: checked.verified,
-        attester: outcome.attester,
         outputs: checked.outputs,
         staging: Some(staging),
         mode,

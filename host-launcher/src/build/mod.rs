@@ -1,10 +1,10 @@
-//! The build core: one resolved derivation, one fresh VM, checked results.
+//! One build step: one resolved derivation, one fresh VM, checked results.
 //!
-//! Every front-end (`vouch build`, `vouch nix-builder`, HTTP) calls [`run_step`]; none of them
-//! sees QEMU or the channel.
+//! The engine (`crate::core::Engine`) calls [`run_step`] for every front-end's build; nothing
+//! here sees a front-end, QEMU argv or the channel's framing.
 //!
 //! ```text
-//! run_step(req: StepRequest, inputs: &dyn InputSource, sink: &mut dyn LogSink, cfg: &LauncherConfig)
+//! run_step(req: StepRequest, inputs: &dyn InputSource, log: &mut dyn BuildLog, cfg: &LauncherConfig)
 //!     -> Result<StepOutcome, StepError>
 //! ```
 //! - [`StepRequest`]: the drv path as Nix names it (the *resolved* path for a CA step), the basic
@@ -12,12 +12,14 @@
 //!   limits, the client's CA self-reference rule, whether it is the networked fixed-output variant.
 //! - [`InputSource`]: path info (NAR hash/size, references, `ca`) and a NAR reader for every path
 //!   of the input closure; `run_step` walks the closure from `drv.input_srcs` through the
-//!   references. [`local_store::LocalNixStore`] implements it over the local Nix store;
-//!   `nix-builder` implements it over its content store.
-//! - [`LogSink`]: receives the builder's log bytes as they arrive and [`Progress`] events.
-//! - [`StepOutcome`]: the verified statement, the evidence bundle and what verified it, each
-//!   output's info and its NAR file (in `cfg.state_dir/tmp/`, removed when the outcome is
-//!   dropped unless [`StepOutcome::keep`] moved it), the phase timings, and the mode.
+//!   references. [`nix_store::LocalNixStore`] implements it over the local Nix store; the engine
+//!   implements it over the content store.
+//! - `BuildLog` (`crate::core::log`): receives the builder's log bytes as they arrive and
+//!   `Progress` events.
+//! - [`StepOutcome`]: the verified statement, the evidence bundle and what verified it (hence
+//!   who attested, [`StepOutcome::attester`]), each output's info and its NAR file (in
+//!   `cfg.state_dir/tmp/`, removed when the outcome is dropped unless [`StepOutcome::keep`] moved
+//!   it), the phase timings, and the mode.
 //!
 //! What `run_step` guarantees: nothing is returned as a success unless the statement is for
 //! exactly the job we launched (HOST_DATA recomputed), the evidence verifies under the host's own
@@ -27,15 +29,14 @@
 //! statement claims. On any failure (builder error, VM killed, timeout, bad evidence) the
 //! staging directory is removed and nothing is registered anywhere.
 //!
-//! What is not here: writing the binary cache / trace store (the caller publishes a
-//! `StepOutcome`, see `crate::cli::build`), Nix protocols, QEMU argv (`crate::vm`).
+//! What is not here: publishing a checked step (the one publish step, `crate::core::publish`,
+//! which only a [`StepOutcome`] can go through), front-ends, QEMU argv (`crate::vm`).
 
 pub mod check;
 pub mod conversation;
 pub mod host;
-pub mod local_store;
+pub mod nix_store;
 pub mod policy;
-pub mod publish;
 pub mod watch;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -104,57 +105,6 @@ pub trait InputSource: Sync {
         }
         Ok(out)
     }
-}
-
-/// Progress of a step, for display and benchmarks.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Progress {
-    /// QEMU started.
-    Booting {
-        /// The mode.
-        mode: Mode,
-        /// QEMU's pid.
-        pid: u32,
-    },
-    /// The agent connected and said hello.
-    AgentReady {
-        /// What it will attest with.
-        attester: AttesterKind,
-    },
-    /// All inputs were sent.
-    InputsSent {
-        /// Number of paths.
-        paths: usize,
-        /// NAR bytes.
-        bytes: u64,
-    },
-    /// A phase reported by the guest.
-    Guest(channel::messages::PhaseName),
-    /// An output NAR arrived.
-    OutputReceived {
-        /// Its store path.
-        path: StorePath,
-    },
-    /// Everything checked.
-    Verified,
-    /// An attempt failed for a reason of the infrastructure (not the build); the step starts
-    /// again in a fresh VM with a fresh job.
-    Retrying {
-        /// Why the attempt failed (error chain).
-        reason: String,
-        /// The failed attempt's job id (nothing of it is kept).
-        abandoned_job: String,
-        /// The new attempt's job id.
-        job: String,
-    },
-}
-
-/// Receives the builder log and progress.
-pub trait LogSink {
-    /// Builder log bytes, as they arrive.
-    fn log(&mut self, data: &[u8]);
-    /// A progress event.
-    fn progress(&mut self, event: &Progress);
 }
 
 /// How the launcher runs VMs.
@@ -294,8 +244,6 @@ pub struct StepOutcome {
     pub evidence: EvidenceBundle,
     /// What the evidence was verified as.
     pub verified: VerifiedEvidence,
-    /// Who attested.
-    pub attester: AttesterKind,
     /// Outputs by name.
     pub outputs: BTreeMap<String, ReceivedOutput>,
     /// Where the NAR files are (removed on drop unless kept).
@@ -307,6 +255,16 @@ pub struct StepOutcome {
 }
 
 impl StepOutcome {
+    /// Who attested, as the checked evidence says: simulated when this host's simulated root
+    /// verified it, SEV-SNP when AMD's did.
+    pub fn attester(&self) -> AttesterKind {
+        if self.verified.is_simulated() {
+            AttesterKind::Simulated
+        } else {
+            AttesterKind::SevSnp
+        }
+    }
+
     /// Keep the staging directory (the caller moved or consumed the NAR files).
     pub fn keep(&mut self) -> Option<PathBuf> {
         self.staging.take()

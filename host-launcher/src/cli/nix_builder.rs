@@ -15,11 +15,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use host_launcher::nixbuilder::real_store::RealStore;
-use host_launcher::nixbuilder::BuilderCore;
-use host_launcher::nixproto::listen::{
-    self, ListenConfig, SessionFactory, Signals, SocketListener,
-};
+use host_launcher::nixbuilder::Session;
+use host_launcher::nixproto::listen::{self, ListenConfig, SessionFactory, SocketListener};
 use host_launcher::nixproto::{serve, worker, Handler, ServerError};
+use host_launcher::signals::Signals;
 use host_launcher::store::ContentStore;
 
 use super::common::BuilderArgs;
@@ -53,7 +52,7 @@ pub struct Args {
     /// its own content store in the state directory.
     #[arg(long, value_name = "URI")]
     pub store: Option<String>,
-    /// Content store, trace store, client release, limits, VM and key.
+    /// Content store, client release, trace store, limits, VM and key.
     #[command(flatten)]
     pub builder: BuilderArgs,
 }
@@ -68,7 +67,7 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     if let Some(s) = &args.store {
         tracing::debug!(store = %s, "ignoring --store: vouch keeps its own content store");
     }
-    let (cfg, store_cfg) = args.builder.config(&state_dir)?;
+    let (engine, store_cfg) = args.builder.config(&state_dir)?;
     let store_dir = state_dir.join("store");
     let store = ContentStore::open(&store_dir, store_cfg)?;
     let worker_cfg = worker::WorkerConfig {
@@ -88,11 +87,11 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
             listener.path().display(),
             real.dir().display()
         );
-        let cancel = cfg.launcher.cancel.clone();
+        let cancel = engine.launcher.cancel.clone();
         let new_session: Arc<SessionFactory> = Arc::new(move |_n| {
             let store = ContentStore::open(&store_dir, store_cfg)?;
-            let core = BuilderCore::new(cfg.clone(), store).with_real_store(real.clone());
-            Ok(Box::new(core) as Box<dyn Handler + Send>)
+            let session = Session::new(engine.clone(), store).with_real_store(real.clone());
+            Ok(Box::new(session) as Box<dyn Handler + Send>)
         });
         let lcfg = ListenConfig { worker: worker_cfg, grace: listen::DEFAULT_GRACE };
         let summary =
@@ -100,7 +99,7 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         tracing::info!(?summary, "stopped");
         return Ok(ExitCode::SUCCESS);
     }
-    let mut core = BuilderCore::new(cfg, store);
+    let mut session = Session::new(engine, store);
 
     // The protocol owns stdin/stdout; buffered copies of the descriptors avoid stdout's line
     // buffering on binary data.
@@ -109,11 +108,11 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     let r = BufReader::with_capacity(1 << 16, input);
     let w = BufWriter::with_capacity(1 << 16, output);
     let result = if args.stdio {
-        worker::serve(r, w, &worker_cfg, &mut core)
+        worker::serve(r, w, &worker_cfg, &mut session)
     } else {
         let cfg =
             serve::ServeConfig { write: args.write, declared_nix: args.builder.client_nix_version };
-        serve::serve(r, w, &mut std::io::stderr(), &cfg, &mut core)
+        serve::serve(r, w, &mut std::io::stderr(), &cfg, &mut session)
     };
     match result {
         Ok(()) => Ok(ExitCode::SUCCESS),

@@ -20,9 +20,9 @@ use std::net::TcpListener;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use host_launcher::nixproto::listen::Signals;
 use host_launcher::serve::auth::AccessToken;
 use host_launcher::serve::{server, Service, ServiceConfig};
+use host_launcher::signals::Signals;
 use nix_formats::signing::PublicKey;
 
 use super::common::BuilderArgs;
@@ -71,13 +71,13 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         .iter()
         .map(|k| PublicKey::parse(k).map_err(|e| format!("--trusted-public-key {k:?}: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
-    let (builder, store_cfg) = args.builder.config(&state_dir)?;
-    std::fs::create_dir_all(&builder.cache_dir).map_err(|e| {
-        format!("creating the cache directory {}: {e}", builder.cache_dir.display())
-    })?;
-    let cancel = builder.launcher.cancel.clone();
+    let (engine, store_cfg) = args.builder.config(&state_dir)?;
+    let traces = &engine.publish.trace_store;
+    std::fs::create_dir_all(traces)
+        .map_err(|e| format!("creating the trace store directory {}: {e}", traces.display()))?;
+    let cancel = engine.launcher.cancel.clone();
     let cfg = ServiceConfig {
-        builder,
+        engine,
         store_dir: state_dir.join("store"),
         store_cfg,
         jobs: args.jobs as usize,
@@ -97,7 +97,7 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         );
     }
     tracing::info!(
-        cache = %service.cache_dir().display(),
+        traces = %service.trace_store().display(),
         jobs = args.jobs,
         "binary cache, uploads (nix copy --to 'http://{addr}?compression=none') and build API"
     );

@@ -19,7 +19,7 @@ use build_trace::tlog::source::LoggedTraces;
 use build_trace::tlog::{DirTiles, LogView, TlogError, LOG_DIR};
 use build_trace::trust::TrustPolicy;
 use build_trace::verify::{ClosureVerifier, DrvSet, Outcome, Request};
-use host_launcher::build::publish::default_cache_dir;
+use host_launcher::core::publish::default_trace_store;
 use nix_formats::StorePath;
 
 use super::{CmdResult, Global};
@@ -89,7 +89,7 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         None => DrvSet::from_store_dir(&args.drv_dir, &target)?,
     };
     let dirs = if args.traces.is_empty() {
-        vec![default_cache_dir(&global.state_dir())]
+        vec![default_trace_store(&global.state_dir())]
     } else {
         args.traces.clone()
     };

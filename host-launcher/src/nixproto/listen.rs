@@ -10,7 +10,7 @@
 //!   answers a connection is live and refused (another server owns it); a socket that refuses
 //!   connections is stale (its server died) and replaced; anything else is refused. The socket
 //!   is removed when the listener is dropped, if it is still the one we bound.
-//! - **Shutdown** ([`serve_socket`]): when the stop source fires (the CLI's [`Signals`]: SIGINT or
+//! - **Shutdown** ([`serve_socket`]): when the stop source fires (the CLI's `Signals`: SIGINT or
 //!   SIGTERM), the socket is closed and removed at once, `on_stop` runs (the CLI cancels running
 //!   builds, killing their VMs: each client gets a failed build with the reason), the reading
 //!   side of every open connection is shut down (a session waiting for its client's next
@@ -21,10 +21,10 @@
 //! can connect can upload paths and start builds.
 //!
 //! What is not here: the protocol ([`super::worker`]), what sessions do (the [`Handler`],
-//! `crate::nixbuilder`).
+//! `crate::nixbuilder`), signal handling (`crate::signals`).
 
 use std::io::{BufReader, BufWriter};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -33,12 +33,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::signal::{SigSet, Signal};
-use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use super::action::{error_chain, ActionError, Handler};
 use super::worker::{self, WorkerConfig};
 use super::{ServerError, WireError};
+use crate::signals::StopSource;
 
 /// How long sessions get to end after a shutdown began, by default.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
@@ -66,9 +65,6 @@ pub enum ListenError {
     /// Waiting for connections or signals failed.
     #[error("waiting for connections")]
     Poll(#[source] nix::Error),
-    /// Setting up signal delivery failed.
-    #[error("setting up SIGINT/SIGTERM handling")]
-    Signals(#[source] nix::Error),
 }
 
 fn io_err<'p>(
@@ -128,49 +124,6 @@ impl Drop for SocketListener {
                 Ok(()) => tracing::info!(path = %self.path.display(), "socket removed"),
                 Err(e) => tracing::warn!(path = %self.path.display(), "removing the socket: {e}"),
             }
-        }
-    }
-}
-
-/// What ends [`serve_socket`]: a descriptor that becomes readable, and a way to consume that.
-pub trait StopSource {
-    /// Readable when the server should stop.
-    fn fd(&self) -> BorrowedFd<'_>;
-    /// Consume the event (after `fd` was readable); names it, for logs.
-    fn take(&mut self) -> String;
-}
-
-/// SIGINT and SIGTERM as a [`StopSource`] (a signalfd). [`Signals::new`] blocks both signals in
-/// the calling thread, so it must run before the process starts any other thread (threads
-/// inherit the mask; child processes started through `std::process` get a clean mask).
-#[derive(Debug)]
-pub struct Signals(SignalFd);
-
-impl Signals {
-    /// Block SIGINT and SIGTERM and receive them on a descriptor instead.
-    pub fn new() -> Result<Signals, ListenError> {
-        let mut mask = SigSet::empty();
-        mask.add(Signal::SIGINT);
-        mask.add(Signal::SIGTERM);
-        mask.thread_block().map_err(ListenError::Signals)?;
-        let fd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
-            .map_err(ListenError::Signals)?;
-        Ok(Signals(fd))
-    }
-}
-
-impl StopSource for Signals {
-    fn fd(&self) -> BorrowedFd<'_> {
-        self.0.as_fd()
-    }
-
-    fn take(&mut self) -> String {
-        match self.0.read_signal() {
-            Ok(Some(info)) => Signal::try_from(info.ssi_signo as i32)
-                .map(|s| s.as_str().to_owned())
-                .unwrap_or_else(|_| format!("signal {}", info.ssi_signo)),
-            Ok(None) => "a signal".into(),
-            Err(e) => format!("a signal (reading it failed: {e})"),
         }
     }
 }

@@ -24,7 +24,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use super::api::{self, ApiAction, Route};
 use super::http::{self, HttpError, Request, Response};
 use super::{ApiError, ApiReply, Service};
-use crate::nixproto::listen::StopSource;
+use crate::signals::StopSource;
 
 /// Most bytes of a narinfo upload.
 pub const MAX_NARINFO: u64 = 1 << 20;
@@ -113,10 +113,7 @@ fn exchange(
                 let text = String::from_utf8(text)
                     .map_err(|_| ApiError::new(400, format!("{hash}.narinfo is not UTF-8")))?;
                 let info = nix_formats::narinfo::NarInfo::parse(&text).map_err(|e| {
-                    ApiError::new(
-                        400,
-                        format!("{hash}.narinfo: {}", crate::nixproto::action::error_chain(&e)),
-                    )
+                    ApiError::new(400, format!("{hash}.narinfo: {}", build_trace::error_chain(&e)))
                 })?;
                 ApiAction::PutNarInfo { hash, info: Box::new(info), caller, uploader }
             }

@@ -22,9 +22,9 @@
 //! - Its narinfo makes it an upload ([`Staging::take`]): `Compression: none` (anything else is
 //!   refused, naming it), a `URL` naming a NAR as above, `FileHash`/`FileSize` equal to
 //!   `NarHash`/`NarSize`. The path then goes through the same checked path as a Nix-protocol
-//!   upload: `ContentStore::add` with the builder core's upload rules (NAR parsed, NAR hash and size, claimed
-//!   content address recomputed, references valid), and is consumed from staging whatever the
-//!   outcome.
+//!   upload: `ContentStore::add` with the store's upload rules (NAR parsed, NAR hash and size,
+//!   claimed content address recomputed, references valid), and is consumed from staging
+//!   whatever the outcome.
 //! - Uploaded paths go to the **content store** only, never to the trace store: they are inputs,
 //!   not attested outputs, and are never served as signed cache entries.
 //!
@@ -42,7 +42,7 @@ use nix_formats::hash::HashAlgo;
 use nix_formats::narinfo::NarInfo;
 use sha2::{Digest, Sha256};
 
-use crate::nixproto::ValidPathInfo;
+use crate::core::ValidPathInfo;
 
 use super::auth::Caller;
 use super::ApiError;

@@ -20,9 +20,11 @@
 //!   outputs), nor one that a remaining path refers to. Pins die with their process ([`owner`]).
 //!   If pinned paths leave no room, the batch is refused with an error saying so.
 //!
-//! What is not here: protocol handling (`crate::nixproto`), builds (`crate::nixbuilder`).
+//! What is not here: the records it keeps (`crate::core::path_info`), protocols
+//! (`crate::nixproto`, `crate::serve`), builds (`crate::core::engine`).
 
 pub mod db;
+pub mod files;
 pub mod ingest;
 pub mod owner;
 
@@ -40,9 +42,15 @@ use nix_formats::ca::SelfRefRule;
 use nix_formats::StorePath;
 use rusqlite::{Connection, TransactionBehavior};
 
-use crate::nixproto::{ActionError, UploadSource, ValidPathInfo};
+use crate::core::{UploadError, UploadSource, ValidPathInfo};
+pub use files::{drv_contents, FileUploads, MAX_DRV_BYTES};
 use ingest::Staged;
 use owner::ProcessId;
+
+/// The self-reference rules an uploaded path's content address may be checked under, the one of
+/// current Nix releases first: an upload may come from any Nix release, and each rule is Nix's
+/// own for some releases.
+pub const UPLOAD_RULES: &[SelfRefRule] = &[SelfRefRule::ZeroOnly, SelfRefRule::ZeroAndPositions];
 
 /// Default size bound: 20 GiB of NARs.
 pub const DEFAULT_MAX_BYTES: u64 = 20 << 30;
@@ -152,7 +160,7 @@ pub enum StoreError {
     },
     /// Reading the upload from the client failed.
     #[error("receiving the upload; nothing of it was registered")]
-    Source(#[source] ActionError),
+    Source(#[source] UploadError),
     /// Pinned paths leave no room.
     #[error("the content store is full: {needed} more bytes do not fit in {max} ({used} used, {pinned} pinned by running builds and sessions); nothing was registered")]
     Full {
@@ -558,39 +566,5 @@ impl ContentStore {
 impl Drop for ContentStore {
     fn drop(&mut self) {
         let _ = self.conn().execute("DELETE FROM owners WHERE id = ?1", [self.owner]);
-    }
-}
-
-/// Uploads from files (built outputs): each item is a path's info and the file holding its NAR.
-#[derive(Debug)]
-pub struct FileUploads {
-    items: std::vec::IntoIter<(ValidPathInfo, PathBuf)>,
-    current: Option<std::io::BufReader<File>>,
-    empty: std::io::Empty,
-}
-
-impl FileUploads {
-    /// A batch from `(info, NAR file)` pairs.
-    pub fn new(items: Vec<(ValidPathInfo, PathBuf)>) -> Self {
-        FileUploads { items: items.into_iter(), current: None, empty: std::io::empty() }
-    }
-}
-
-impl UploadSource for FileUploads {
-    fn next_path(&mut self) -> Result<Option<ValidPathInfo>, ActionError> {
-        let Some((info, file)) = self.items.next() else {
-            self.current = None;
-            return Ok(None);
-        };
-        let f = File::open(&file).map_err(|e| format!("opening {}: {e}", file.display()))?;
-        self.current = Some(std::io::BufReader::new(f));
-        Ok(Some(info))
-    }
-
-    fn nar(&mut self) -> &mut dyn std::io::Read {
-        match &mut self.current {
-            Some(r) => r,
-            None => &mut self.empty,
-        }
     }
 }

@@ -7,11 +7,12 @@
 //! tested behind this same front-end by `host-launcher/tests/nix_builder_socket.rs`).
 
 use std::io::{BufReader, Read, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::Mutex;
 
 use super::*;
-use crate::nixproto::action::{Action, LogSink, Reply};
+use crate::core::BuildLog;
+use crate::nixproto::action::{Action, Reply};
 use crate::nixproto::types::write_client_options;
 use crate::nixproto::wire::{WireRead, WireWrite};
 use crate::nixproto::worker::{STDERR_ERROR, STDERR_LAST, WORKER_MAGIC_1, WORKER_MAGIC_2};
@@ -62,7 +63,11 @@ struct Recorder {
 }
 
 impl Handler for Recorder {
-    fn handle(&mut self, action: Action<'_>, _log: &mut dyn LogSink) -> Result<Reply, ActionError> {
+    fn handle(
+        &mut self,
+        action: Action<'_>,
+        _log: &mut dyn BuildLog,
+    ) -> Result<Reply, ActionError> {
         match action {
             Action::SetOptions(o) => {
                 self.shared.seen.lock().unwrap().push((self.n, o.max_silent_time));

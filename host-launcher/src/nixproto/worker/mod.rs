@@ -26,9 +26,10 @@ use std::io::{self, BufRead, Read, Write};
 
 use nix_formats::StorePath;
 
+use crate::core::ValidPathInfo;
+
 use super::action::{
-    error_chain, Action, ActionError, BuildRequest, BuildResult, BuildStatus, Handler, Reply,
-    ValidPathInfo,
+    error_chain, Action, ActionError, BuildDerivation, BuildResult, BuildStatus, Handler, Reply,
 };
 use super::types::{self, CodecError};
 use super::version::{
@@ -135,7 +136,7 @@ pub struct WorkerConfig {
     /// The version string `nix store ping` shows.
     pub version_string: String,
     /// `--client-nix-version`, copied into the client profile.
-    pub declared_nix: Option<super::version::NixVersion>,
+    pub declared_nix: Option<crate::core::NixVersion>,
 }
 
 /// Serve one worker-protocol connection until the client hangs up.
@@ -301,7 +302,7 @@ impl<W: Write> Conn<W> {
                     let drv_path = types::read_store_path(r, "drvPath")?;
                     let drv = types::read_basic_derivation(r, &drv_path)?;
                     let mode = types::read_build_mode(r)?;
-                    Parsed::Action(Action::BuildDerivation(Box::new(BuildRequest {
+                    Parsed::Action(Action::BuildDerivation(Box::new(BuildDerivation {
                         drv_path,
                         drv,
                         mode,
@@ -443,7 +444,7 @@ impl<W: Write> Conn<W> {
                 self.answer(reply, |w, reply| match reply {
                     Reply::Done if !is_build => Ok(()),
                     Reply::ValidPaths(v) => types::write_store_path_set(w, &v),
-                    Reply::Built(res) => types::write_build_result(w, &res, &profile),
+                    Reply::Built(res) => types::write_build_result(w, &(&*res).into(), &profile),
                     other => Err(unexpected(other)),
                 })
             }
@@ -464,7 +465,7 @@ impl<W: Write> Conn<W> {
         let reply = self.run(handler, Action::QueryValidPaths { paths: opaque, substitute: false });
         let valid = match reply {
             Ok(Reply::ValidPaths(v)) => v,
-            Ok(other) => return Err(ServerError::Reply(format!("the core answered {other:?}"))),
+            Ok(other) => return Err(ServerError::Reply(format!("the session answered {other:?}"))),
             Err(e) => return self.answer(Err(e), |_, _| Ok(())),
         };
         let result_of = |(w, p): &(String, Option<StorePath>)| {
@@ -502,6 +503,7 @@ impl<W: Write> Conn<W> {
             w: &mut self.w,
             next_activity: &mut self.next_activity,
             activity: None,
+            lines: Default::default(),
             failed: false,
         };
         let reply = handler.handle(action, &mut log);
@@ -511,7 +513,7 @@ impl<W: Write> Conn<W> {
         reply
     }
 
-    /// After an upload: drain what the core did not read, so the protocol stays in step.
+    /// After an upload: drain what the session did not read, so the protocol stays in step.
     fn finish_upload<R: Read + ?Sized>(
         &mut self,
         (reply, wire_failed): (Result<Reply, ActionError>, Option<io::ErrorKind>),
@@ -519,7 +521,7 @@ impl<W: Write> Conn<W> {
     ) -> Result<Flow, ServerError> {
         if let Some(kind) = wire_failed {
             // The peer hung up or the stream broke mid-upload: nothing was registered (the
-            // core commits only complete, verified uploads); there is no one to answer.
+            // content store commits only complete, verified uploads); there is no one to answer.
             return Err(ServerError::PeerGone(kind));
         }
         let extra = framed.drain()?;
@@ -562,7 +564,7 @@ impl<W: Write> Conn<W> {
 }
 
 fn unexpected(reply: Reply) -> CodecError {
-    CodecError::Field { what: "reply", problem: format!("the core answered {reply:?}") }
+    CodecError::Field { what: "reply", problem: format!("the session answered {reply:?}") }
 }
 
 enum Parsed<'a> {

@@ -86,7 +86,8 @@ fn statement(drv_path: &StorePath, drv: &Derivation, extra: &[&str], nar: &[u8])
         ca: None,
     };
     let outputs = BTreeMap::from([("out".to_string(), out)]);
-    Statement::new(job, BTreeMap::new(), outputs, Measurement([7; 48]), "test")
+    let launch = build_trace::Launch::new(job.digest().unwrap(), 1, 2048, job.network);
+    Statement::new(launch, job, BTreeMap::new(), outputs, Measurement([7; 48]), "test")
 }
 
 fn publish(store: &TraceStore, dir: &Path, st: &Statement, nar: &[u8]) {

@@ -22,8 +22,9 @@
 //!    ending that entry: the statement parses (canonical bytes only) and is self-consistent; it
 //!    carries the computed derivation; content-addressed outputs' paths follow from their `ca`;
 //!    **signers**: its evidence verifies under a builder rule (AMD or named simulated root,
-//!    measurement, TCB, policy bits, HOST_DATA = hash of the statement's job, REPORT_DATA =
-//!    hash of the statement) with the statement's measurement, and/or a JWS by a policy key
+//!    measurement, TCB, policy bits, HOST_DATA = hash of the statement's launch — of its job for
+//!    version-1 statements —, REPORT_DATA = hash of the statement) with the statement's
+//!    measurement, and/or a JWS by a policy key
 //!    describes it; **links**: every path of its input closure is reachable from the direct
 //!    inputs, and is either an accepted output of the closure so far with the same NAR hash,
 //!    size and references, or content-addressed with a guest-recomputed `ca` that produces
@@ -34,6 +35,9 @@
 //! 5. A derivation with no accepted map is the **first broken link**: the verifier stops and
 //!    names it, the check that failed and what it expected versus found.
 //!
+//! 6. **One launch per step** (`launches`): no two different statements that count towards
+//!    accepted steps may carry the same launch nonce; a repeat is a broken link at the later step.
+//!
 //! At the target, with expected paths, some accepted map must contain every expected path;
 //! otherwise the target's accepted outputs are reported. Work is linear in the closure size
 //! times the number of combinations; evidence chains are verified once per chain (cached).
@@ -42,6 +46,7 @@
 //! evidence checks themselves ([`crate::evidence`]).
 
 mod graph;
+mod launches;
 mod links;
 mod outcome;
 mod step;
@@ -56,6 +61,7 @@ use nix_formats::{HashAlgo, StorePath};
 pub use graph::DrvSet;
 pub use outcome::{AcceptedStep, BrokenLink, LinkCheck, Outcome, VerifiedClosure};
 
+use launches::{LaunchSeen, Launches};
 use links::Known;
 use step::{Checker, EntryOk, Expectation, OutputClaim};
 
@@ -142,6 +148,8 @@ struct Accepted {
     /// Output name → path, with facts when a trace gave them (not for fixed outputs).
     outputs: BTreeMap<String, (StorePath, Option<links::Facts>)>,
     step: AcceptedStep,
+    /// The launches of the statements that made it (none for fixed outputs, version 1).
+    launches: Vec<LaunchSeen>,
 }
 
 impl ClosureVerifier<'_> {
@@ -154,6 +162,7 @@ impl ClosureVerifier<'_> {
         let mut graph: Option<DrvGraph> = None;
         let mut accepted: HashMap<StorePath, Vec<Accepted>> = HashMap::new();
         let mut known: Known = HashMap::new();
+        let mut launches = Launches::default();
         let mut steps = Vec::new();
         for udrv in &order {
             let result = self.accept_step(drvs, &mut graph, udrv, &accepted, &known, &checker)?;
@@ -165,6 +174,13 @@ impl ClosureVerifier<'_> {
                 }
             };
             for m in &maps {
+                for seen in &m.launches {
+                    if let Err(mut broken) = launches.record(seen, &m.step.drv) {
+                        broken.step = udrv.to_string();
+                        broken.key = Some(m.step.key.clone());
+                        return Ok(Outcome::NotVerified(*broken));
+                    }
+                }
                 for (path, facts) in m.outputs.values() {
                     if let Some(f) = facts {
                         let list = known.entry(path.clone()).or_default();
@@ -316,9 +332,9 @@ impl ClosureVerifier<'_> {
         }
 
         let mut first_failure: Option<Box<BrokenLink>> = None;
-        // Output map → (key, signers, simulated)
-        let mut groups: BTreeMap<BTreeMap<String, OutputClaim>, (StorePath, Signers, bool)> =
-            BTreeMap::new();
+        // Output map → (key, signers, simulated, launches)
+        type Group = (StorePath, Signers, bool, Vec<LaunchSeen>);
+        let mut groups: BTreeMap<BTreeMap<String, OutputClaim>, Group> = BTreeMap::new();
         for combo in &combos {
             let (key, basic, direct, step_kind) =
                 match self.compute_step(drv, &name, udrv, kind, combo) {
@@ -347,12 +363,13 @@ impl ClosureVerifier<'_> {
             }
             for e in &entries {
                 match checker.check_entry(&want, e, known) {
-                    Ok(EntryOk { outputs, signers, simulated }) => {
-                        let g = groups
-                            .entry(outputs)
-                            .or_insert_with(|| (key.clone(), Signers::default(), false));
+                    Ok(EntryOk { outputs, signers, simulated, launch }) => {
+                        let g = groups.entry(outputs).or_insert_with(|| {
+                            (key.clone(), Signers::default(), false, Vec::new())
+                        });
                         g.1.merge(&signers);
                         g.2 |= simulated;
+                        g.3.extend(launch);
                     }
                     Err(mut b) => {
                         b.key = Some(key.to_string());
@@ -366,7 +383,7 @@ impl ClosureVerifier<'_> {
 
         let mut maps = Vec::new();
         let mut unsatisfied = None;
-        for (outputs, (key, signers, simulated)) in groups {
+        for (outputs, (key, signers, simulated, launches)) in groups {
             if !self.policy.accepts(&signers) {
                 unsatisfied.get_or_insert((key, signers));
                 continue;
@@ -388,6 +405,7 @@ impl ClosureVerifier<'_> {
                     accepted_by,
                     simulated,
                 },
+                launches,
             });
         }
         if !maps.is_empty() {
@@ -448,7 +466,7 @@ impl ClosureVerifier<'_> {
             accepted_by: by,
             simulated: false,
         };
-        Ok(vec![Accepted { outputs, step }])
+        Ok(vec![Accepted { outputs, step, launches: Vec::new() }])
     }
 
     /// The key, basic derivation, direct inputs and kind of a step for one input combination.

@@ -67,7 +67,7 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     if let Some(s) = &args.store {
         tracing::debug!(store = %s, "ignoring --store: vouch keeps its own content store");
     }
-    let (engine, store_cfg) = args.builder.config(&state_dir)?;
+    let (mut engine, store_cfg) = args.builder.config(&state_dir)?;
     let store_dir = state_dir.join("store");
     let store = ContentStore::open(&store_dir, store_cfg)?;
     let worker_cfg = worker::WorkerConfig {
@@ -87,6 +87,7 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
             listener.path().display(),
             real.dir().display()
         );
+        let pool = args.builder.start_pool(&mut engine);
         let cancel = engine.launcher.cancel.clone();
         let new_session: Arc<SessionFactory> = Arc::new(move |_n| {
             let store = ContentStore::open(&store_dir, store_cfg)?;
@@ -95,8 +96,10 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         });
         let lcfg = ListenConfig { worker: worker_cfg, grace: listen::DEFAULT_GRACE };
         let summary =
-            listen::serve_socket(listener, &mut signals, &lcfg, new_session, &|| cancel.cancel())?;
+            listen::serve_socket(listener, &mut signals, &lcfg, new_session, &|| cancel.cancel());
+        drop(pool);
         tracing::info!(?summary, "stopped");
+        summary?;
         return Ok(ExitCode::SUCCESS);
     }
     let mut session = Session::new(engine, store);

@@ -14,12 +14,12 @@
 //! for one job. [`Pool::take`] hands out the oldest ready VM (and the
 //! manager boots a replacement); the step owns it from then on, and its agent runs that one job
 //! and powers off: **no VM is ever given back or reused**. A manager thread, every
-//! [`TICK`]: drops ready VMs whose QEMU has ended (a crashed VM, replaced), stops those ready
+//! [`TICK`], drops ready VMs whose QEMU has ended (a crashed VM, replaced) and stops those ready
 //! for longer than `idle` (recycled: replaced by a fresh boot, so no launch outlives the idle
-//! timeout, nor an image or firmware update for long), and starts boots, at most
-//! `boot_parallel` at a time, while ready + booting < `size`. A failed boot is logged and
-//! retried after a backoff (1 s, doubling to 60 s); meanwhile `take` returns `None` at once
-//! rather than wait, so steps boot on demand and report their own errors. A step waits in
+//! timeout, nor an image or firmware update for long). `boot_parallel` booter threads, which
+//! live as long as the pool, each boot one VM whenever ready + booting < `size`. A failed boot
+//! is logged and retried after a backoff (1 s, doubling to 60 s); meanwhile `take` returns
+//! `None` at once rather than wait, so steps boot on demand and report their own errors. A step waits in
 //! `take` for a booting VM (never longer than the boot timeout) rather than boot one more.
 //!
 //! Stopping: [`Pool::shutdown`], or the launcher's `Cancel` (SIGINT/SIGTERM of a server),
@@ -119,7 +119,8 @@ pub struct Pool {
     pcfg: PoolConfig,
     state: Mutex<State>,
     changed: Condvar,
-    manager: Mutex<Option<JoinHandle<()>>>,
+    /// The manager and the booters.
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Pool {
@@ -139,14 +140,20 @@ impl Pool {
             pcfg,
             state: Mutex::default(),
             changed: Condvar::new(),
-            manager: Mutex::new(None),
+            threads: Mutex::default(),
         });
-        let p = pool.clone();
-        let handle = std::thread::Builder::new()
-            .name("vouch-pool".into())
-            .spawn(move || p.manage())
-            .map_err(|e| StepError::Io("starting the VM pool".into(), e))?;
-        *pool.manager.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+        let spawn = |name: &str, f: fn(Arc<Pool>)| {
+            let p = pool.clone();
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || f(p))
+                .map_err(|e| StepError::Io("starting the VM pool".into(), e))
+        };
+        let mut threads = vec![spawn("vouch-pool", Pool::manage)?];
+        for _ in 0..pool.pcfg.boot_parallel.max(1) {
+            threads.push(spawn("vouch-pool-boot", Pool::boot_loop)?);
+        }
+        *pool.threads.lock().unwrap_or_else(|e| e.into_inner()) = threads;
         tracing::info!(
             size = pool.pcfg.size,
             vcpus = pool.vcpus,
@@ -167,8 +174,8 @@ impl Pool {
     }
 
     /// A ready VM for a job that needs `memory_mib` of guest memory, or `None` (boot one on
-    /// demand): the job does not fit, the pool is stopped, or nothing is ready or booting. Waits
-    /// for a booting VM, at most the boot timeout.
+    /// demand): the job does not fit, the pool is stopped, or its boots are backing off after
+    /// failures. Otherwise waits for the next VM to be ready, at most the boot timeout.
     pub fn take(&self, memory_mib: u32) -> Option<BootedVm> {
         if memory_mib > self.memory_mib || self.pcfg.size == 0 {
             return None;
@@ -187,7 +194,9 @@ impl Pool {
                 tracing::warn!(pid = vm.vm.pid(), "a pool VM had ended while ready; replacing it");
             }
             let now = Instant::now();
-            if s.stopped || s.booting == 0 || now >= deadline {
+            // A VM is on its way unless boots are backing off after failures.
+            let coming = s.booting > 0 || s.retry_at.is_none_or(|t| now >= t);
+            if s.stopped || !coming || now >= deadline {
                 return None;
             }
             s = self.changed.wait_timeout(s, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
@@ -205,33 +214,30 @@ impl Pool {
         self.lock().ready.iter().map(|v| v.vm.pid()).collect()
     }
 
-    /// Stop: kill every ready and booting pool VM, wait for the boots and the manager.
+    /// Stop: kill every ready and booting pool VM, wait for the booters and the manager.
     pub fn shutdown(&self) {
         self.cfg.cancel.cancel();
         self.lock().stopped = true;
         self.changed.notify_all();
-        let handle = self.manager.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(h) = handle {
-            let _ = h.join();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in threads {
+            let _ = t.join();
         }
     }
 
-    /// The manager thread (see the module documentation).
+    /// The manager thread: stops the pool on a cancel, drops crashed and idle ready VMs.
     fn manage(self: Arc<Self>) {
         loop {
             let mut s = self.lock();
             if s.stopped || self.outer.is_cancelled() {
                 s.stopped = true;
+                // Boots under way are killed by their watchdogs; the booters then end.
                 self.cfg.cancel.cancel();
                 let ready: Vec<BootedVm> = s.ready.drain(..).collect();
                 drop(s);
                 self.changed.notify_all();
                 drop(ready); // each killed, its daemon and directory removed
-                let mut s = self.lock();
-                while s.booting > 0 {
-                    s = self.changed.wait_timeout(s, TICK).unwrap_or_else(|e| e.into_inner()).0;
-                }
-                tracing::info!(stats = ?s.stats, "warm VM pool stopped");
+                tracing::info!(stats = ?self.stats(), "warm VM pool stopped");
                 return;
             }
             let mut gone = Vec::new();
@@ -251,21 +257,8 @@ impl Pool {
                 }
                 gone.extend(s.ready.remove(i));
             }
-            let due = s.retry_at.is_none_or(|t| Instant::now() >= t);
-            while due
-                && s.ready.len() + s.booting < self.pcfg.size
-                && s.booting < self.pcfg.boot_parallel.max(1)
-            {
-                s.booting += 1;
-                let p = self.clone();
-                if std::thread::Builder::new()
-                    .name("vouch-pool-boot".into())
-                    .spawn(move || p.boot_one())
-                    .is_err()
-                {
-                    s.booting -= 1;
-                    break;
-                }
+            if !gone.is_empty() {
+                self.changed.notify_all();
             }
             let s = self.changed.wait_timeout(s, TICK).unwrap_or_else(|e| e.into_inner()).0;
             drop(s);
@@ -273,40 +266,57 @@ impl Pool {
         }
     }
 
-    /// One boot (its own thread).
-    fn boot_one(self: Arc<Self>) {
-        let req = LaunchRequest {
-            launch: new_launch(self.vcpus, self.memory_mib, false),
-            network: None,
-            egress: None,
-            background: true,
-        };
-        let result = boot(&self.ctx, req, &self.cfg, &mut |_| {});
-        let mut s = self.lock();
-        s.booting -= 1;
-        match result {
-            Ok(vm) if !s.stopped => {
-                s.stats.booted += 1;
-                s.failures = 0;
-                s.retry_at = None;
-                s.ready.push_back(vm);
+    /// A booter thread: boots one VM whenever the pool has room, until the pool stops. The
+    /// booters live as long as the pool, so the VMs they start never outlive the thread that
+    /// started them while the pool runs (a parent-death signal would act on thread exit).
+    fn boot_loop(self: Arc<Self>) {
+        loop {
+            let mut s = self.lock();
+            loop {
+                if s.stopped || self.outer.is_cancelled() {
+                    return;
+                }
+                let due = s.retry_at.is_none_or(|t| Instant::now() >= t);
+                if due && s.ready.len() + s.booting < self.pcfg.size {
+                    s.booting += 1;
+                    break;
+                }
+                s = self.changed.wait_timeout(s, TICK).unwrap_or_else(|e| e.into_inner()).0;
             }
-            Ok(vm) => drop(vm),
-            Err(e) if !s.stopped => {
-                s.stats.failed += 1;
-                s.failures += 1;
-                let backoff = Duration::from_secs(1u64 << s.failures.min(6)).min(MAX_BACKOFF);
-                s.retry_at = Some(Instant::now() + backoff);
-                tracing::warn!(
-                    retry_in_s = backoff.as_secs(),
-                    "a pool VM did not boot: {}",
-                    build_trace::error_chain(&e)
-                );
+            drop(s);
+            let req = LaunchRequest {
+                launch: new_launch(self.vcpus, self.memory_mib, false),
+                network: None,
+                egress: None,
+                background: true,
+            };
+            let result = boot(&self.ctx, req, &self.cfg, &mut |_| {});
+            let mut s = self.lock();
+            s.booting -= 1;
+            match result {
+                Ok(vm) if !s.stopped => {
+                    s.stats.booted += 1;
+                    s.failures = 0;
+                    s.retry_at = None;
+                    s.ready.push_back(vm);
+                }
+                Ok(vm) => drop(vm),
+                Err(e) if !s.stopped => {
+                    s.stats.failed += 1;
+                    s.failures += 1;
+                    let backoff = Duration::from_secs(1u64 << s.failures.min(6)).min(MAX_BACKOFF);
+                    s.retry_at = Some(Instant::now() + backoff);
+                    tracing::warn!(
+                        retry_in_s = backoff.as_secs(),
+                        "a pool VM did not boot: {}",
+                        build_trace::error_chain(&e)
+                    );
+                }
+                Err(_) => {}
             }
-            Err(_) => {}
+            drop(s);
+            self.changed.notify_all();
         }
-        drop(s);
-        self.changed.notify_all();
     }
 }
 

@@ -3,7 +3,7 @@
 //! What is here: running VMs (QEMU in `snp`, `kvm` or `tcg` mode) and the host end of the vsock
 //! channel, the host content store and trace store, the Nix worker and serve protocols, the
 //! build core those front-ends drive, and the host side of SEV-SNP (platform status, AMD
-//! certificates, preflight checks).
+//! certificates, preflight checks), and the start-up recovery after a crash (`recovery`).
 //!
 //! With the `bench` feature (never in the shipped `vouch`): `vouch bench`, which needs the bench
 //! image (`scripts/build-image.sh --bench`).
@@ -20,6 +20,7 @@ pub mod bench;
 pub mod build;
 pub mod nixbuilder;
 pub mod nixproto;
+pub mod recovery;
 pub mod serve;
 pub mod snp;
 pub mod store;

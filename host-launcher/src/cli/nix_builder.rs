@@ -20,6 +20,7 @@ use host_launcher::nixproto::listen::{
     self, ListenConfig, SessionFactory, Signals, SocketListener,
 };
 use host_launcher::nixproto::{serve, worker, Handler, ServerError};
+use host_launcher::recovery;
 use host_launcher::store::ContentStore;
 
 use super::common::BuilderArgs;
@@ -71,6 +72,12 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     let (cfg, store_cfg) = args.builder.config(&state_dir)?;
     let store_dir = state_dir.join("store");
     let store = ContentStore::open(&store_dir, store_cfg)?;
+    if let Some(listener) = &listener {
+        // A long-running server: clean up after a crashed predecessor (`recovery`).
+        let scope = recovery::Scope::new(&state_dir, Some(&cfg.cache_dir), false);
+        let report = recovery::recover(&scope, store.cleaned());
+        recovery::Report { stale_socket: listener.replaced_stale(), ..report }.log();
+    }
     let worker_cfg = worker::WorkerConfig {
         version_string: format!("vouch {}", env!("CARGO_PKG_VERSION")),
         declared_nix: args.builder.client_nix_version,
@@ -89,9 +96,12 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
             real.dir().display()
         );
         let cancel = cfg.launcher.cancel.clone();
-        let new_session: Arc<SessionFactory> = Arc::new(move |_n| {
+        let new_session: Arc<SessionFactory> = Arc::new(move |_n, hangup| {
             let store = ContentStore::open(&store_dir, store_cfg)?;
-            let core = BuilderCore::new(cfg.clone(), store).with_real_store(real.clone());
+            // The session's builds stop at shutdown and when its client hangs up.
+            let mut cfg = cfg.clone();
+            cfg.launcher.cancel = cfg.launcher.cancel.joined(hangup);
+            let core = BuilderCore::new(cfg, store).with_real_store(real.clone());
             Ok(Box::new(core) as Box<dyn Handler + Send>)
         });
         let lcfg = ListenConfig { worker: worker_cfg, grace: listen::DEFAULT_GRACE };
@@ -100,6 +110,12 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         tracing::info!(?summary, "stopped");
         return Ok(ExitCode::SUCCESS);
     }
+    // Nix gone (its ssh connection closed) while a build runs: stop the build.
+    let hangup = host_launcher::build::Cancel::default();
+    let over = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    listen::watch_hangup(std::io::stdin().as_fd().try_clone_to_owned()?, hangup.clone(), over, 0)?;
+    let mut cfg = cfg;
+    cfg.launcher.cancel = cfg.launcher.cancel.joined(&hangup);
     let mut core = BuilderCore::new(cfg, store);
 
     // The protocol owns stdin/stdout; buffered copies of the descriptors avoid stdout's line

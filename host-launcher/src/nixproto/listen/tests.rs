@@ -51,6 +51,8 @@ struct Shared {
     seen: Seen,
     gate: Arc<Mutex<()>>,
     held: Arc<std::sync::atomic::AtomicBool>,
+    /// Each session's hang-up switch, by connection number.
+    hangups: Arc<Mutex<Vec<(u64, Cancel)>>>,
 }
 
 /// Records `(connection, max_silent_time)` for every `SetOptions`; the session's own options are
@@ -95,7 +97,8 @@ fn cfg(grace: Duration) -> ListenConfig {
 
 fn factory(shared: &Shared) -> Arc<SessionFactory> {
     let shared = shared.clone();
-    Arc::new(move |n| {
+    Arc::new(move |n, hangup| {
+        shared.hangups.lock().unwrap().push((n, hangup.clone()));
         Ok(Box::new(Recorder { n, shared: shared.clone(), options: None })
             as Box<dyn Handler + Send>)
     })
@@ -275,4 +278,47 @@ fn a_second_stop_cuts_the_grace_period_short() {
     assert_eq!(busy.r.read_u64().unwrap(), STDERR_LAST);
     assert_eq!(busy.r.read_u64().unwrap(), 0);
     assert!(busy.at_eof());
+}
+
+#[test]
+fn a_client_that_hangs_up_mid_request_trips_its_sessions_switch_only() {
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("s.sock");
+    let shared = Shared::default();
+    let (mut poke, _stopped, server) = start(&path, Duration::from_secs(20), &shared);
+    let gate = shared.gate.lock().unwrap();
+    let mut idle = Client::connect(&path);
+    idle.set_options(1);
+    let mut busy = Client::connect(&path);
+    busy.set_options(999);
+    // The busy session is "building" (held in its handler) when its client goes away.
+    busy.send_query();
+    let t0 = Instant::now();
+    while !shared.held.load(std::sync::atomic::Ordering::SeqCst) {
+        assert!(t0.elapsed() < Duration::from_secs(20), "the session never got the query");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(busy);
+    let tripped =
+        |n: u64| shared.hangups.lock().unwrap().iter().any(|(k, c)| *k == n && c.is_cancelled());
+    let t0 = Instant::now();
+    while !tripped(2) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the hang-up was not noticed: {:?}",
+            shared
+                .hangups
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(k, c)| (*k, c.is_cancelled()))
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!tripped(1), "the other client is still there");
+    assert!(idle.query().is_err(), "and still served");
+    drop(gate);
+    poke.write_all(&[1]).unwrap();
+    assert_eq!(server.join().unwrap().abandoned, 0);
 }

@@ -411,8 +411,9 @@ pub enum StepError {
     /// Local file trouble.
     #[error("{0}")]
     Io(String, #[source] std::io::Error),
-    /// The launcher was stopped ([`Cancel`]) while the step ran or before it started.
-    #[error("the builder is shutting down: the step was stopped and its VM killed; nothing was registered")]
+    /// The launcher was stopped ([`Cancel`]: a server shutting down, a client that hung up)
+    /// while the step ran or before it started.
+    #[error("the builder is shutting down (or the client went away): the step was stopped and its VM killed; nothing was registered")]
     Cancelled,
 }
 

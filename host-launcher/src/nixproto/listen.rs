@@ -332,7 +332,7 @@ fn spawn_session(
         // However the session ends, the client sees the connection close (the server keeps a
         // handle of its own to shut it down).
         let _closer = closer;
-        let _over = SetOnDrop(session_over);
+        let over = SetOnDrop(session_over);
         let span = tracing::info_span!("session", n, peer = %peer);
         let _entered = span.enter();
         tracing::info!("connected");
@@ -345,7 +345,9 @@ fn spawn_session(
         };
         let r = BufReader::with_capacity(1 << 16, reader);
         let w = BufWriter::with_capacity(1 << 16, writer);
-        match worker::serve(r, w, &cfg, handler.as_mut()) {
+        let served = worker::serve(r, w, &cfg, handler.as_mut());
+        drop(over);
+        match served {
             Ok(()) => tracing::info!("session ended"),
             Err(ServerError::Wire(WireError::Eof)) => tracing::info!("the client went away"),
             Err(ServerError::PeerGone(kind)) => {
@@ -369,6 +371,9 @@ impl Drop for SetOnDrop {
     }
 }
 
+/// How long a session may take to end by itself after its client hung up.
+const HANGUP_GRACE: Duration = Duration::from_millis(200);
+
 /// Trip `hangup` when the peer of `conn` hangs up (closes its end, or is killed), until `over`
 /// is set; a thread named after session `n` watches. A Nix client never half-closes a session
 /// it still wants: it waits for every answer, a build's included. So a hang-up while its build
@@ -389,6 +394,9 @@ pub fn watch_hangup(
             let mut fds = [PollFd::new(conn.as_fd(), rdhup)];
             match poll(&mut fds, PollTimeout::from(200u16)) {
                 Ok(k) if k > 0 => {
+                    // A session that was only waiting for its client ends by itself now; one
+                    // that is still busy a moment later is working for nobody.
+                    std::thread::sleep(HANGUP_GRACE);
                     if !over.load(Ordering::SeqCst) {
                         tracing::info!(session = n, "the client hung up: stopping its builds");
                         hangup.cancel();

@@ -238,3 +238,50 @@ impl Drop for HeldLock {
         let _ = self.child.wait();
     }
 }
+
+/// What a process holds at one moment (the soak samples the launcher with it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcSample {
+    /// Resident set size (`VmRSS`), KiB.
+    pub rss_kib: u64,
+    /// Open file descriptors.
+    pub fds: usize,
+    /// Threads.
+    pub threads: u64,
+}
+
+impl ProcSample {
+    /// Sample process `pid`.
+    pub fn of(pid: u32) -> ProcSample {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+        ProcSample { rss_kib: field("VmRSS:"), fds, threads: field("Threads:") }
+    }
+}
+
+/// Bytes and entries (files and directories, recursively) under `paths`.
+pub fn usage(paths: &[PathBuf]) -> (u64, usize) {
+    let (mut bytes, mut entries) = (0, 0);
+    for p in paths {
+        let Ok(m) = std::fs::symlink_metadata(p) else { continue };
+        entries += 1;
+        if m.is_dir() {
+            let children: Vec<PathBuf> =
+                std::fs::read_dir(p).into_iter().flatten().flatten().map(|e| e.path()).collect();
+            let (b, n) = usage(&children);
+            bytes += b;
+            entries += n;
+        } else {
+            bytes += m.len();
+        }
+    }
+    (bytes, entries)
+}

@@ -252,14 +252,9 @@ fn each_connection_is_its_own_session_and_stop_closes_them() {
     assert!(UnixStream::connect(&path).is_err());
 }
 
-#[test]
-fn a_second_stop_cuts_the_grace_period_short() {
-    let d = tempfile::tempdir().unwrap();
-    let path = d.path().join("s.sock");
-    let shared = Shared::default();
-    let (mut poke, _stopped, server) = start(&path, Duration::from_secs(600), &shared);
-    let gate = shared.gate.lock().unwrap();
-    let mut busy = Client::connect(&path);
+/// A client whose query is held in its handler (the test holds `shared.gate`): a long build.
+fn held_session(path: &Path, shared: &Shared) -> Client {
+    let mut busy = Client::connect(path);
     busy.set_options(999);
     busy.send_query();
     let t0 = Instant::now();
@@ -267,6 +262,18 @@ fn a_second_stop_cuts_the_grace_period_short() {
         assert!(t0.elapsed() < Duration::from_secs(20), "the session never got the query");
         std::thread::sleep(Duration::from_millis(10));
     }
+    busy
+}
+
+#[test]
+fn a_second_stop_cuts_the_grace_period_short() {
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("s.sock");
+    let shared = Shared::default();
+    let (mut poke, _stopped, server) = start(&path, Duration::from_secs(600), &shared);
+    let gate = shared.gate.lock().unwrap();
+    let busy = held_session(&path, &shared);
+    let t0 = Instant::now();
     // Two stops: the first starts the shutdown, the second ends the wait for the held session.
     poke.write_all(&[1, 2]).unwrap();
     let summary = server.join().unwrap();
@@ -275,6 +282,7 @@ fn a_second_stop_cuts_the_grace_period_short() {
     assert!(!path.exists());
     // The held session still answers once released, then its connection closes.
     drop(gate);
+    let mut busy = busy;
     assert_eq!(busy.r.read_u64().unwrap(), STDERR_LAST);
     assert_eq!(busy.r.read_u64().unwrap(), 0);
     assert!(busy.at_eof());
@@ -289,15 +297,8 @@ fn a_client_that_hangs_up_mid_request_trips_its_sessions_switch_only() {
     let gate = shared.gate.lock().unwrap();
     let mut idle = Client::connect(&path);
     idle.set_options(1);
-    let mut busy = Client::connect(&path);
-    busy.set_options(999);
     // The busy session is "building" (held in its handler) when its client goes away.
-    busy.send_query();
-    let t0 = Instant::now();
-    while !shared.held.load(std::sync::atomic::Ordering::SeqCst) {
-        assert!(t0.elapsed() < Duration::from_secs(20), "the session never got the query");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let busy = held_session(&path, &shared);
     drop(busy);
     let tripped =
         |n: u64| shared.hangups.lock().unwrap().iter().any(|(k, c)| *k == n && c.is_cancelled());

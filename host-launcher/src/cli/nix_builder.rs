@@ -113,7 +113,8 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     // Nix gone (its ssh connection closed) while a build runs: stop the build.
     let hangup = host_launcher::build::Cancel::default();
     let over = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    listen::watch_hangup(std::io::stdin().as_fd().try_clone_to_owned()?, hangup.clone(), over, 0)?;
+    let stdin = std::io::stdin().as_fd().try_clone_to_owned()?;
+    listen::watch_hangup(stdin, hangup.clone(), over.clone(), 0)?;
     let mut cfg = cfg;
     cfg.launcher.cancel = cfg.launcher.cancel.joined(&hangup);
     let mut core = BuilderCore::new(cfg, store);
@@ -131,6 +132,7 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
             serve::ServeConfig { write: args.write, declared_nix: args.builder.client_nix_version };
         serve::serve(r, w, &mut std::io::stderr(), &cfg, &mut core)
     };
+    over.store(true, std::sync::atomic::Ordering::SeqCst);
     match result {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(ServerError::PeerGone(kind)) => {

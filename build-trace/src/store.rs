@@ -25,6 +25,9 @@
 //! directory, index markers and laut's index, realisations, then narinfos — a reader never sees a narinfo whose
 //! NAR, or a step whose files, are missing. With a log attached ([`TraceStore::with_log`]) the
 //! step's entry is appended to it last, once per entry id (re-publishing appends nothing).
+//! Temporary names carry the writer's pid ([`tmp_prefix`], [`tmp_owner`]): a writer that dies
+//! mid-step leaves only such names (never a narinfo), which the launcher's start-up recovery
+//! removes once that pid is gone (`host_launcher::recovery`).
 //!
 //! By feature: opening a store and reading it ([`TraceSource`]) with `verifier`; creating one,
 //! writing steps, laut's index and the audit with `producer`.
@@ -126,14 +129,29 @@ pub(crate) fn io_err<'a>(
     move |source| StoreError::Io { op, path: path.to_path_buf(), source }
 }
 
+/// The name prefix of every temporary file the writers of a trace store (and of its log) make:
+/// `.tmp-<pid>-`, so that a process cleaning up after a crash can tell a dead writer's leftovers
+/// ([`tmp_owner`]) from a live writer's work.
+pub fn tmp_prefix() -> String {
+    format!(".tmp-{}-", std::process::id())
+}
+
+/// The pid of the writer that made the temporary file or step directory named `name`
+/// (`.tmp-<pid>-…`, or `step-<pid>-…` under `vouch/v1/tmp/`); `None` if `name` is not one.
+pub fn tmp_owner(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix(".tmp-").or_else(|| name.strip_prefix("step-"))?;
+    rest.split('-').next()?.parse().ok()
+}
+
 /// Write `bytes` to `path` atomically: a temporary file in the same directory (created
-/// exclusively, named after this process and a counter), fsync, rename, fsync of the directory.
-/// (`std` only, so verifier-only builds, which persist their accepted log checkpoints, have it.)
+/// exclusively, named after this process and a counter: [`tmp_prefix`]), fsync, rename, fsync of
+/// the directory. (`std` only, so verifier-only builds, which persist their accepted log
+/// checkpoints, have it.)
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let dir = path.parent().unwrap_or(Path::new("."));
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = dir.join(format!(".tmp-{}-{n}", std::process::id()));
+    let tmp = dir.join(format!("{}{n}", tmp_prefix()));
     let written = (|| {
         let mut f = fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
         f.write_all(bytes)?;
@@ -401,7 +419,7 @@ impl TraceStore {
     ) -> Result<(), StoreError> {
         let tmp_root = self.root.join(VOUCH_DIR).join("tmp");
         let tmp = tempfile::Builder::new()
-            .prefix("step-")
+            .prefix(&format!("step-{}-", std::process::id()))
             .tempdir_in(&tmp_root)
             .map_err(io_err("create", &tmp_root))?;
         let t = tmp.path();
@@ -448,7 +466,7 @@ impl TraceStore {
             return Ok((*want, size));
         }
         let mut tmp = tempfile::Builder::new()
-            .prefix(".tmp-")
+            .prefix(&tmp_prefix())
             .tempfile_in(&nar_dir)
             .map_err(io_err("create", &nar_dir))?;
         let mut hasher = Sha256::new();
@@ -500,4 +518,20 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
 #[cfg(feature = "producer")]
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io_err("sync", dir))
+}
+
+#[cfg(test)]
+mod tmp_names {
+    use super::*;
+
+    #[test]
+    fn temporary_names_carry_their_writers_pid() {
+        let me = std::process::id();
+        assert_eq!(tmp_owner(&format!("{}0", tmp_prefix())), Some(me));
+        assert_eq!(tmp_owner(".tmp-123-Ab9x"), Some(123));
+        assert_eq!(tmp_owner("step-55-q1w2"), Some(55));
+        for other in ["abc.narinfo", ".tmp-key-xyz", "step-", ".tmp-", "nar"] {
+            assert_eq!(tmp_owner(other), None, "{other}");
+        }
+    }
 }

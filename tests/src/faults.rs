@@ -79,14 +79,20 @@ pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
 
 /// Assert that nothing of launcher `launcher`'s VMs is running (waiting up to 10 s for the
 /// kernel to deliver the death signals) and, unless `dirs_may_stay`, that no run directory is
-/// left.
+/// left (waiting up to 10 s more for the launcher to remove them).
 pub fn assert_no_vm_left(launcher: u32, dirs_may_stay: bool) {
     wait_until("no VM process is left", Duration::from_secs(10), || {
         vm_processes(launcher).is_empty()
     });
     if !dirs_may_stay {
+        // The launcher removes a run directory after it has reaped the VM's processes: give it
+        // the moment between the two before calling the directory left.
+        let t0 = Instant::now();
+        while !vm_dirs(launcher).is_empty() && t0.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let dirs = vm_dirs(launcher);
-        assert!(dirs.is_empty(), "VM run directories left: {dirs:?}");
+        assert!(dirs.is_empty(), "VM run directories left after 10 s: {dirs:?}");
     }
 }
 

@@ -28,7 +28,9 @@ fn sim() -> TrustModel {
     TrustModel::Leaf("builder:sim".into())
 }
 
-/// Verify `target` (expecting `expect`) over the derivation graph `drvs`, with one trace source.
+/// Verify `target` (expecting `expect`) over the derivation graph `drvs`, with one trace source,
+/// on one thread and on two and three: the outcomes (the first broken link included) must be
+/// identical.
 fn verify_graph(
     drvs: &DrvSet,
     target: &StorePath,
@@ -38,15 +40,25 @@ fn verify_graph(
 ) -> Outcome {
     let prepared = policy.prepare().unwrap();
     let ev = EvidenceVerifier::new();
-    let v = ClosureVerifier {
-        policy: &prepared,
-        sources: vec![source],
-        evidence: &ev,
-        now: SystemTime::now(),
-    };
+    let now = SystemTime::now();
     let req =
         Request { target: target.clone(), expect: expect.iter().map(|s| s.to_string()).collect() };
-    v.verify(drvs, &req).unwrap()
+    let outcomes: Vec<Outcome> = [1, 2, 3]
+        .into_iter()
+        .map(|threads| {
+            let v = ClosureVerifier {
+                policy: &prepared,
+                sources: vec![source],
+                evidence: &ev,
+                now,
+                threads,
+            };
+            v.verify(drvs, &req).unwrap()
+        })
+        .collect();
+    assert_eq!(outcomes[0], outcomes[1], "one thread vs two");
+    assert_eq!(outcomes[0], outcomes[2], "one thread vs three");
+    outcomes.into_iter().next().unwrap()
 }
 
 /// Verify the fixture's `attr` with its `.drv` files.

@@ -2,18 +2,17 @@
 //! SNP evidence, real signatures; and every tamper case of the build-trace issue.
 
 mod common;
+mod synthetic;
 
 use std::collections::BTreeSet;
 use std::process::Command;
 use std::sync::OnceLock;
-use std::time::SystemTime;
 
-use build_trace::evidence::Verifier as EvidenceVerifier;
 use build_trace::jws;
 use build_trace::statement::{Measurement, Statement};
 use build_trace::store::{MemoryTraces, TraceEntry, TraceSource, TraceStore};
 use build_trace::trust::{TrustModel, TrustPolicy};
-use build_trace::verify::{ClosureVerifier, DrvSet, LinkCheck, Outcome, Request};
+use build_trace::verify::{DrvSet, LinkCheck, Outcome, Request};
 use build_trace::{NarHash, PathInfo};
 use common::{nix, run, Fixture, Step};
 use nix_formats::signing::SecretKey;
@@ -38,27 +37,9 @@ fn verify_graph(
     policy: &TrustPolicy,
     source: &dyn TraceSource,
 ) -> Outcome {
-    let prepared = policy.prepare().unwrap();
-    let ev = EvidenceVerifier::new();
-    let now = SystemTime::now();
     let req =
         Request { target: target.clone(), expect: expect.iter().map(|s| s.to_string()).collect() };
-    let outcomes: Vec<Outcome> = [1, 2, 3]
-        .into_iter()
-        .map(|threads| {
-            let v = ClosureVerifier {
-                policy: &prepared,
-                sources: vec![source],
-                evidence: &ev,
-                now,
-                threads,
-            };
-            v.verify(drvs, &req).unwrap()
-        })
-        .collect();
-    assert_eq!(outcomes[0], outcomes[1], "one thread vs two");
-    assert_eq!(outcomes[0], outcomes[2], "one thread vs three");
-    outcomes.into_iter().next().unwrap()
+    synthetic::verify_on_threads(drvs, &req, policy, source, &[1, 2, 3])
 }
 
 /// Verify the fixture's `attr` with its `.drv` files.

@@ -5,15 +5,14 @@
 mod synthetic;
 
 use std::collections::BTreeSet;
-use std::time::SystemTime;
 
-use build_trace::evidence::{SimulatedRoot, Verifier};
+use build_trace::evidence::SimulatedRoot;
 use build_trace::statement::Statement;
 use build_trace::store::{MemoryTraces, TraceEntry};
 use build_trace::trust::TrustPolicy;
-use build_trace::verify::{BrokenLink, ClosureVerifier, LinkCheck, Outcome, Request};
+use build_trace::verify::{BrokenLink, LinkCheck, Outcome, Request};
 use nix_formats::signing::SecretKey;
-use synthetic::{build, policy, signed_entry, Built};
+use synthetic::{build, policy, signed_entry, verify_on_threads, Built};
 
 const STEPS: usize = 120;
 
@@ -32,26 +31,8 @@ fn setup() -> Setup {
 
 /// Verify with 1, 2, 3 and 8 threads; all outcomes must be equal. Returns it.
 fn verify(s: &Setup, traces: &MemoryTraces, policy: &TrustPolicy) -> Outcome {
-    let prepared = policy.prepare().unwrap();
-    let now = SystemTime::now();
     let req = Request { target: s.built.target.clone(), expect: BTreeSet::new() };
-    let run = |threads: usize| {
-        // A fresh evidence verifier each time: no chain cached by an earlier run.
-        let ev = Verifier::new();
-        let v = ClosureVerifier {
-            policy: &prepared,
-            sources: vec![traces],
-            evidence: &ev,
-            now,
-            threads,
-        };
-        v.verify(&s.built.drvs, &req).unwrap()
-    };
-    let sequential = run(1);
-    for threads in [2, 3, 8] {
-        assert_eq!(run(threads), sequential, "{threads} threads");
-    }
-    sequential
+    verify_on_threads(&s.built.drvs, &req, policy, traces, &[1, 2, 3, 8])
 }
 
 /// The entries of every step, with `change` applied to the list of step `i`'s entries.

@@ -185,7 +185,7 @@ impl Checker<'_> {
         if !entry.jws.is_empty() {
             let statement_bytes = &entry.statement;
             for compact in &entry.jws {
-                let checked = jws::verify(compact, &self.policy.keys).and_then(|v| {
+                let checked = jws::verify_with(compact, &self.policy.jws_keys).and_then(|v| {
                     v.check_statement(st, statement_bytes)?;
                     Ok(v)
                 });

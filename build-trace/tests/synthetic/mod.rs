@@ -2,17 +2,21 @@
 //! floating-CA steps, step i depending on steps i−1, i/2 and i−7 (when they exist) and on one
 //! content-addressed source, its output referencing the output of i−1 except every tenth step
 //! (input closures stay tens of paths deep, as in real build graphs); every step with a real
-//! statement, simulated SNP evidence from one shared root and a laut JWS.
+//! statement, simulated SNP evidence from one shared root and a laut JWS. Also the check that
+//! the closure verifier gives one outcome on any number of threads.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::SystemTime;
 
+use build_trace::evidence::Verifier;
 use build_trace::evidence::{EvidencePolicy, Hex, SimulatedLaunch, SimulatedRoot};
 use build_trace::job::{BasicDerivation, CaRule, Job, Limits, NarHash, PathInfo};
 use build_trace::statement::{Measurement, OutputInfo, Statement};
+use build_trace::store::TraceSource;
 use build_trace::store::{MemoryTraces, TraceEntry};
 use build_trace::trust::{BuilderRule, TrustModel, TrustPolicy};
-use build_trace::verify::DrvSet;
+use build_trace::verify::{ClosureVerifier, DrvSet, Outcome, Request};
 use nix_formats::content_address::ContentAddress;
 use nix_formats::derivation::{hash_placeholder, CaMethod, Derivation, DerivationOutput};
 use nix_formats::resolve::resolve_with;
@@ -181,4 +185,34 @@ pub fn signed_entry(
         evidence: Some(evidence.into_bytes()),
         jws: vec![jws],
     }
+}
+
+/// Verify `req` over `drvs` with one trace source on each of `threads` (a fresh evidence
+/// verifier each time: no run profits from another's chain cache). Every outcome, the first
+/// broken link included, must equal the first; it is returned.
+pub fn verify_on_threads(
+    drvs: &DrvSet,
+    req: &Request,
+    policy: &TrustPolicy,
+    source: &dyn TraceSource,
+    threads: &[usize],
+) -> Outcome {
+    let prepared = policy.prepare().unwrap();
+    let now = SystemTime::now();
+    let run = |threads: usize| {
+        let ev = Verifier::new();
+        let v = ClosureVerifier {
+            policy: &prepared,
+            sources: vec![source],
+            evidence: &ev,
+            now,
+            threads,
+        };
+        v.verify(drvs, req).unwrap()
+    };
+    let first = run(threads[0]);
+    for &t in &threads[1..] {
+        assert_eq!(run(t), first, "{t} threads vs {}", threads[0]);
+    }
+    first
 }

@@ -23,7 +23,8 @@
 //! step and the prechecks are pure functions of the derivation, the combination, the entry,
 //! the policy and the time), so the outcome, including the first broken link, is identical. A
 //! wrong guess costs only wasted work: the ordered pass then computes what it needs itself.
-//! Memory stays bounded by the window: the ordered pass takes each result out of the queue.
+//! Memory stays bounded by the window: the ordered pass takes each result out of the queue,
+//! and hands what a worker made back to the workers to free (the allocating thread frees).
 //!
 //! Not here: the checks themselves ([`super::step`]) or the trust decisions ([`super`]).
 
@@ -42,6 +43,8 @@ use crate::verify::outcome::BrokenLink;
 
 /// Derivations the planner runs ahead of the ordered pass, per thread.
 const WINDOW_PER_THREAD: usize = 64;
+/// More threads than this are not started.
+const MAX_THREADS: usize = 256;
 
 /// A step computed for one input combination, or why it could not be.
 type Computed = Result<ComputedStep, Box<BrokenLink>>;
@@ -49,8 +52,8 @@ type Computed = Result<ComputedStep, Box<BrokenLink>>;
 /// A derivation's guessed output maps (output name → path).
 type Guesses = Vec<BTreeMap<String, String>>;
 
-/// Verify the closure in `order` with `v.threads` threads; the same result as the sequential
-/// walk in [`ClosureVerifier::verify`].
+/// Verify the closure in `order` with `v.threads` threads (at most [`MAX_THREADS`]); the
+/// same result as the sequential walk in [`ClosureVerifier::verify`].
 pub(super) fn walk(
     v: &ClosureVerifier<'_>,
     drvs: &DrvSet,
@@ -58,12 +61,13 @@ pub(super) fn walk(
     checker: &Checker<'_>,
 ) -> Result<Result<Walk, Box<BrokenLink>>, VerifyError> {
     let queue = Queue::default();
-    let window = WINDOW_PER_THREAD * v.threads;
+    let threads = v.threads.min(MAX_THREADS);
+    let window = WINDOW_PER_THREAD * threads;
     std::thread::scope(|scope| {
         // Stops the workers however this closure ends (the scope joins them before returning
         // or unwinding).
         let _stop = StopOnDrop(&queue);
-        for _ in 1..v.threads {
+        for _ in 1..threads {
             scope.spawn(|| queue.work(checker));
         }
         let mut planner = Planner {
@@ -74,6 +78,7 @@ pub(super) fn walk(
             guesses: HashMap::new(),
             steps: HashMap::new(),
             lookups: HashMap::new(),
+            made_by_workers: Vec::new(),
         };
         let walked = (|| {
             let mut walk = Walk::default();
@@ -82,9 +87,9 @@ pub(super) fn walk(
                     planner.plan_until(i + window, &queue);
                 }
                 let mut ahead = Ahead { planner: &mut planner, queue: &queue, checker };
-                if let Some(broken) =
-                    v.walk_step(&mut walk, drvs, udrv, checker, Some(&mut ahead))?
-                {
+                let broken = v.walk_step(&mut walk, drvs, udrv, checker, Some(&mut ahead))?;
+                queue.discard(std::mem::take(&mut planner.made_by_workers));
+                if let Some(broken) = broken {
                     return Ok(Err(broken));
                 }
             }
@@ -124,7 +129,10 @@ impl Ahead<'_, '_> {
         Some(
             jobs.into_iter()
                 .map(|job| {
-                    let (entry, pre) = self.queue.take(job, self.checker);
+                    let (entry, pre, by_worker) = self.queue.take(job, self.checker);
+                    if by_worker {
+                        self.planner.made_by_workers.push(pre.clone());
+                    }
                     (entry, Some(pre))
                 })
                 .collect(),
@@ -145,6 +153,8 @@ struct Planner<'a> {
     steps: HashMap<StorePath, Vec<(Combo, Computed)>>,
     /// Queued jobs per lookup key, until the ordered pass takes them.
     lookups: HashMap<String, Vec<usize>>,
+    /// Worker-made prechecks the ordered pass took during the current step.
+    made_by_workers: Vec<Arc<Prechecked>>,
 }
 
 impl Planner<'_> {
@@ -231,7 +241,8 @@ impl Planner<'_> {
 enum Job {
     Queued(Arc<TraceEntry>),
     Running,
-    Done(Arc<TraceEntry>, Arc<Prechecked>),
+    /// With whether a worker (not the calling thread) ran it.
+    Done(Arc<TraceEntry>, Arc<Prechecked>, bool),
     Taken,
 }
 
@@ -240,6 +251,9 @@ struct QueueState {
     jobs: Vec<Job>,
     /// Every job before this one has left `Queued`.
     first_queued: usize,
+    /// Worker-made prechecks the ordered pass is done with, for a worker to drop: memory is
+    /// freed by the thread that allocated it (glibc frees into another thread's arena slowly).
+    garbage: Vec<Arc<Prechecked>>,
     stop: bool,
 }
 
@@ -289,10 +303,11 @@ impl Queue {
         job: usize,
         entry: Arc<TraceEntry>,
         checker: &Checker<'_>,
+        by_worker: bool,
     ) -> Result<(), Box<dyn std::any::Any + Send>> {
         let pre = panic::catch_unwind(AssertUnwindSafe(|| checker.precheck(&entry)));
         let (slot, result) = match pre {
-            Ok(pre) => (Job::Done(entry, Arc::new(pre)), Ok(())),
+            Ok(pre) => (Job::Done(entry, Arc::new(pre), by_worker), Ok(())),
             Err(panicked) => (Job::Queued(entry), Err(panicked)),
         };
         self.lock().jobs[job] = slot;
@@ -313,31 +328,41 @@ impl Queue {
                     None => s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner()),
                 }
             };
+            let garbage = std::mem::take(&mut s.garbage);
             drop(s);
-            if self.run(claimed.0, claimed.1, checker).is_err() {
+            drop(garbage);
+            if self.run(claimed.0, claimed.1, checker, true).is_err() {
                 return;
             }
         }
     }
 
-    /// Job `job`'s entry and prechecks, taken out of the queue: run here if still queued;
-    /// while a worker runs it, run later queued jobs instead of waiting.
-    fn take(&self, job: usize, checker: &Checker<'_>) -> (Arc<TraceEntry>, Arc<Prechecked>) {
+    /// Hand worker-made prechecks back for a worker to drop.
+    fn discard(&self, done: Vec<Arc<Prechecked>>) {
+        if !done.is_empty() {
+            self.lock().garbage.extend(done);
+        }
+    }
+
+    /// Job `job`'s entry and prechecks, taken out of the queue, and whether a worker made them:
+    /// run here if still queued; while a worker runs it, run later queued jobs instead of
+    /// waiting.
+    fn take(&self, job: usize, checker: &Checker<'_>) -> (Arc<TraceEntry>, Arc<Prechecked>, bool) {
         let mut s = self.lock();
         loop {
             match std::mem::replace(&mut s.jobs[job], Job::Taken) {
-                Job::Done(e, pre) => return (e, pre),
+                Job::Done(e, pre, by_worker) => return (e, pre, by_worker),
                 Job::Queued(e) => {
                     drop(s);
                     let pre = Arc::new(checker.precheck(&e));
-                    return (e, pre);
+                    return (e, pre, false);
                 }
                 Job::Running => {
                     s.jobs[job] = Job::Running;
                     match Queue::claim(&mut s, job + 1) {
                         Some((other, e)) => {
                             drop(s);
-                            if let Err(panicked) = self.run(other, e, checker) {
+                            if let Err(panicked) = self.run(other, e, checker, false) {
                                 panic::resume_unwind(panicked);
                             }
                             s = self.lock();

@@ -228,6 +228,9 @@ fn check_derivation(want: &Expectation<'_>, st: &Statement) -> Result<(), Box<Br
         return Err(mismatch("drv path", want.key.into(), st.job.drv_path.clone()));
     }
     let got = &st.job.drv;
+    if got == want.drv {
+        return Ok(());
+    }
     let mut exp = want.drv.clone();
     // An input-addressed step arrives as Nix's build hook sends it: input sources = the whole
     // input closure. Accept that form when it is exactly the statement's closure.

@@ -8,8 +8,8 @@
 //! from canonical bytes and hashing it into REPORT_DATA and HOST_DATA, and (B) verifying every
 //! evidence bundle alone (same cached chain) — and the attested-builder verification with
 //! `threads = 2` against the one-thread run. The one- and two-thread runs alternate for three
-//! rounds and the fastest of each is kept. Goals: one thread ≤ 4.5 s of CPU time for 10 000
-//! steps; two threads ≤ 0.6× the one-thread wall time.
+//! rounds (`VOUCH_BENCH_ROUNDS`) and the fastest of each is kept. Goals: one thread ≤ 4.5 s of
+//! CPU time for 10 000 steps; two threads ≤ 0.6× the one-thread wall time.
 //!
 //! Shape: `tests/synthetic/mod.rs`.
 
@@ -128,7 +128,11 @@ fn main() {
 
     // One thread and two, alternating; the faster run of each is kept.
     let attested = policy(&root, &key, "builder:sim");
-    let rounds = if bench { 3 } else { 1 };
+    let rounds: usize = std::env::var("VOUCH_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(if bench { 3 } else { 1 })
+        .max(1);
     let fastest = |runs: Vec<(Duration, Duration)>| runs.into_iter().min().unwrap();
     let (mut one, mut two) = (Vec::new(), Vec::new());
     for _ in 0..rounds {

@@ -125,7 +125,7 @@ impl Ahead<'_, '_> {
     /// The entries the planner found for `key`, prechecked (taken out: a second lookup of the
     /// same key goes to the trace sources again).
     pub(super) fn entries(&mut self, key: &str) -> Option<Entries> {
-        let jobs = self.planner.lookups.remove(key)?;
+        let (jobs, _) = self.planner.lookups.remove(key)?;
         Some(
             jobs.into_iter()
                 .map(|job| {
@@ -151,8 +151,9 @@ struct Planner<'a> {
     guesses: HashMap<StorePath, Guesses>,
     /// Steps computed per derivation and input combination, until the ordered pass takes them.
     steps: HashMap<StorePath, Vec<(Combo, Computed)>>,
-    /// Queued jobs per lookup key, until the ordered pass takes them.
-    lookups: HashMap<String, Vec<usize>>,
+    /// Queued jobs per lookup key, with the output maps their entries claim, until the ordered
+    /// pass takes them.
+    lookups: HashMap<String, (Vec<usize>, Guesses)>,
     /// Worker-made prechecks the ordered pass took during the current step.
     made_by_workers: Vec<Arc<Prechecked>>,
 }
@@ -208,11 +209,11 @@ impl Planner<'_> {
     }
 
     /// Look `key` up in the trace sources, queue its entries and return the output maps they
-    /// claim (those whose paths are store paths). A failing source queues nothing: the ordered
-    /// pass meets the failure itself.
+    /// claim (those whose paths are store paths); a key still queued is not queued twice. A
+    /// failing source queues nothing: the ordered pass meets the failure itself.
     fn lookup(&mut self, key: &str, queue: &Queue) -> Guesses {
-        if self.lookups.contains_key(key) {
-            return Guesses::new();
+        if let Some((_, guesses)) = self.lookups.get(key) {
+            return guesses.clone();
         }
         let mut entries = Vec::new();
         for s in &self.v.sources {
@@ -231,7 +232,7 @@ impl Planner<'_> {
             }
             jobs.push(queue.push(e));
         }
-        self.lookups.insert(key.to_string(), jobs);
+        self.lookups.insert(key.to_string(), (jobs, guesses.clone()));
         guesses
     }
 }

@@ -38,6 +38,10 @@
 //! otherwise the target's accepted outputs are reported. Work is linear in the closure size
 //! times the number of combinations; evidence chains are verified once per chain (cached).
 //!
+//! With [`ClosureVerifier::threads`] > 1, the checks of step 3 that depend only on the entry
+//! (statement, output addresses, signers) run on worker threads ahead of this walk, which
+//! takes their results ([`ahead`]); the outcome is the same for every thread count.
+//!
 //! What is not here: reading the local Nix store or running Nix (the CLI does that), and the
 //! evidence checks themselves ([`crate::evidence`]).
 

@@ -40,7 +40,7 @@
 //!
 //! With [`ClosureVerifier::threads`] > 1, the checks of step 3 that depend only on the entry
 //! (statement, output addresses, signers) run on worker threads ahead of this walk, which
-//! takes their results ([`ahead`]); the outcome is the same for every thread count.
+//! takes their results (`verify/ahead.rs`); the outcome is the same for every thread count.
 //!
 //! What is not here: reading the local Nix store or running Nix (the CLI does that), and the
 //! evidence checks themselves ([`crate::evidence`]).

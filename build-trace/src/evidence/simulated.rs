@@ -287,8 +287,8 @@ impl SimulatedRoot {
             .map_err(|e| corrupt(VCEK_FILE, format!("not signed by ark.der: {}", e.0)))?;
         let vcek_key = p384::ecdsa::SigningKey::from_pkcs8_der(&key_der)
             .map_err(|e| corrupt(VCEK_KEY_FILE, e.to_string()))?;
-        let cert_key = certs::vek_public_key(&vcek).map_err(|e| corrupt(VCEK_FILE, e))?;
-        if cert_key != *vcek_key.verifying_key() {
+        certs::vek_public_key(&vcek).map_err(|e| corrupt(VCEK_FILE, e))?;
+        if certs::spki_bits(&vcek) != vcek_key.verifying_key().to_encoded_point(false).as_bytes() {
             return Err(corrupt(VCEK_KEY_FILE, "does not match vcek.der".into()));
         }
         let exts = VekExtensions::read(&vcek).map_err(|e| corrupt(VCEK_FILE, e.to_string()))?;

@@ -1,9 +1,7 @@
 //! PID 1's main line: mount, read the command line, connect to the host, serve one launch and
-//! one job, power off — whatever happens (errors are reported to the host when the channel is up
-//! and always printed on the console; panics power off through the hook in `crate::pid1`).
-//! Between `Bye` and the power-off the agent waits, at most [`LINGER`], for the host to close the
-//! channel, so that everything it sent has left the VM: a userspace vsock backend drops the
-//! packets it has not yet forwarded when QEMU exits. Whatever arrives meanwhile is discarded.
+//! its one job, wait for the host to close the channel, power off — whatever happens (errors are reported to the
+//! host when the channel is up and always printed on the console; panics power off through the
+//! hook in `crate::pid1`).
 //!
 //! With the `bench` feature (the bench image only) the modes of `vouch.bench=` branch off here
 //! (`crate::bench`); without it the key is unknown and the agent refuses to start.
@@ -19,33 +17,6 @@ use channel::proto::ProtoError;
 /// The host's CID.
 pub const HOST_CID: u32 = 2;
 
-/// Longest wait after `Bye` for the host to close the channel.
-pub const LINGER: Duration = Duration::from_secs(5);
-
-/// After the session: wait until the host closes the channel (or [`LINGER`] passes), reading
-/// and discarding — never acting on — anything it still sends.
-fn linger(stream: &vsock::VsockStream) {
-    use std::io::Read;
-    let deadline = std::time::Instant::now() + LINGER;
-    let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
-    let mut buf = [0u8; 4096];
-    let mut r = stream;
-    while std::time::Instant::now() < deadline {
-        match r.read(&mut buf) {
-            Ok(0) => return,
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock
-                        | std::io::ErrorKind::TimedOut
-                        | std::io::ErrorKind::Interrupted
-                ) => {}
-            Err(_) => return,
-        }
-    }
-}
-
 fn connect(port: u32) -> std::io::Result<vsock::VsockStream> {
     let mut last = None;
     for _ in 0..100 {
@@ -56,6 +27,28 @@ fn connect(port: u32) -> std::io::Result<vsock::VsockStream> {
         std::thread::sleep(Duration::from_millis(20));
     }
     Err(last.unwrap_or_else(|| std::io::Error::other("no attempt")))
+}
+
+/// How long the agent waits for the host to close the channel before it powers off anyway.
+const LINGER: Duration = Duration::from_secs(30);
+
+/// Wait (at most [`LINGER`]) until the host closes the channel, discarding whatever it still
+/// sends. The host closes only after it has read the agent's last frame (`Bye`); powering off
+/// earlier could end the VM while those frames are still on their way (in the guest kernel, in
+/// the vsock backend, or in the host's socket buffer behind a slow reader) and the host would see
+/// a VM that exited in the middle of sending its outputs.
+fn linger(mut stream: vsock::VsockStream) {
+    use std::io::Read;
+    let deadline = std::time::Instant::now() + LINGER;
+    let _ = stream.set_read_timeout(Some(LINGER));
+    let mut buf = [0u8; 4096];
+    while std::time::Instant::now() < deadline {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+    say("the host did not close the channel; powering off anyway");
 }
 
 /// Everything PID 1 does. Never returns.
@@ -97,13 +90,11 @@ pub fn pid1_main() -> ! {
         Ok(wr) => serve(stream, wr, &GuestPaths::default()),
         Err(e) => Err(ProtoError::Io(e)),
     };
-    match result {
-        Err(e) => say(&format!("channel failed: {}", error_chain(&e))),
-        Ok(()) => {
-            if let Ok(s) = &lingering {
-                linger(s);
-            }
-        }
+    if let Err(e) = result {
+        say(&format!("channel failed: {}", error_chain(&e)));
+    }
+    if let Ok(s) = lingering {
+        linger(s);
     }
     say("powering off");
     power_off();

@@ -27,7 +27,9 @@ fn sim() -> TrustModel {
     TrustModel::Leaf("builder:sim".into())
 }
 
-/// Verify `target` (expecting `expect`) over the derivation graph `drvs`, with one trace source.
+/// Verify `target` (expecting `expect`) over the derivation graph `drvs`, with one trace source,
+/// on one thread and on two and three (a fresh evidence verifier each time: no run profits from
+/// another's chain cache): the outcomes, the first broken link included, must be identical.
 fn verify_graph(
     drvs: &DrvSet,
     target: &StorePath,
@@ -36,16 +38,25 @@ fn verify_graph(
     source: &dyn TraceSource,
 ) -> Outcome {
     let prepared = policy.prepare().unwrap();
-    let ev = EvidenceVerifier::new();
-    let v = ClosureVerifier {
-        policy: &prepared,
-        sources: vec![source],
-        evidence: &ev,
-        now: SystemTime::now(),
-    };
+    let now = SystemTime::now();
     let req =
         Request { target: target.clone(), expect: expect.iter().map(|s| (*s).clone()).collect() };
-    v.verify(drvs, &req).unwrap()
+    let run = |threads: usize| {
+        let ev = EvidenceVerifier::new();
+        let v = ClosureVerifier {
+            policy: &prepared,
+            sources: vec![source],
+            evidence: &ev,
+            now,
+            threads,
+        };
+        v.verify(drvs, &req).unwrap()
+    };
+    let first = run(1);
+    for threads in [2, 3] {
+        assert_eq!(run(threads), first, "{threads} threads vs 1");
+    }
+    first
 }
 
 /// Verify the fixture's `attr` with its `.drv` files.
@@ -280,6 +291,7 @@ fn a_launch_nonce_carried_by_two_steps_is_refused() {
         sources: source_twice.to_vec(),
         evidence: &ev,
         now: SystemTime::now(),
+        threads: 2,
     };
     let req = Request { target: fx.drvs["c"].clone(), expect: BTreeSet::new() };
     let drvs = DrvSet::from_store_dir(&fx.store_dir, &fx.drvs["c"]).unwrap();

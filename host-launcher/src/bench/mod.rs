@@ -213,7 +213,7 @@ fn sink(cfg: &LauncherConfig, mode: Mode, bytes: &[u8]) -> Result<(f64, f64), Be
     }
     w.send(Kind::InputsDone, &[]).map_err(e("send"))?;
     let _ = r.expect(Kind::Bye, "bye");
-    // Closing the channel lets the agent power off at once (it waits for that after `Bye`).
+    // The agent powers off once the host closes the channel (it waits for that).
     stream.shutdown();
     let _ = vm.wait_timeout(Duration::from_secs(30));
     Ok((rates[0], rates[1]))

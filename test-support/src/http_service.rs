@@ -64,8 +64,11 @@ impl HttpService {
         let t0 = Instant::now();
         loop {
             let text = s.log_text();
-            if let Some(rest) = text.split("listening on http://").nth(1) {
-                s.addr = rest.split_whitespace().next().unwrap_or_default().to_owned();
+            // Only a whole line: stderr is unbuffered, so the address may arrive in pieces.
+            if let Some((addr, _)) =
+                text.split("listening on http://").nth(1).and_then(|rest| rest.split_once('\n'))
+            {
+                s.addr = addr.trim().to_owned();
                 return s;
             }
             if let Ok(Some(st)) = s.child.try_wait() {

@@ -104,6 +104,8 @@ pub struct BenchReport {
     pub warm_latency_s: f64,
     /// Warm step: the launch check (hello → ready), done before the job existed.
     pub warm_launch_s: f64,
+    /// Warm step: `run_step` called → job sent (the input closure queried, the VM taken).
+    pub warm_prepare_s: f64,
     /// Warm step: job sent → job accepted.
     pub warm_job_setup_s: f64,
     /// Warm step: job accepted → inputs unpacked and checked.
@@ -393,6 +395,7 @@ pub fn run(
         |f: fn(&Timings) -> Duration| median(warm.iter().map(|t| f(t).as_secs_f64()).collect());
     rep.warm_latency_s = pick(|t| t.latency);
     rep.warm_launch_s = pick(|t| t.launch);
+    rep.warm_prepare_s = pick(|t| t.vm_wait);
     rep.warm_job_setup_s = pick(|t| t.job_setup);
     rep.warm_input_transfer_s = pick(|t| t.input_transfer);
     rep.warm_build_s = pick(|t| t.build);

@@ -111,8 +111,8 @@ pub fn run(cmd: Command, global: &Global) -> CmdResult {
         r.step_output_transfer_s, r.step_verification_s, r.step_total_s, r.step_latency_s
     );
     println!(
-        "warm step (pool VM): latency {:.3} s: job setup {:.3} s, input transfer {:.3} s, build {:.3} s, outputs (hash, attest, send) {:.3} s, host checks {:.3} s, then power-off {:.3} s (launch check {:.3} s before the job)",
-        r.warm_latency_s, r.warm_job_setup_s, r.warm_input_transfer_s, r.warm_build_s, r.warm_outputs_s,
+        "warm step (pool VM): latency {:.3} s: input closure query + VM taken {:.3} s, job setup {:.3} s, input transfer {:.3} s, build {:.3} s, outputs (hash, attest, send) {:.3} s, host checks {:.3} s, power-off until QEMU exited {:.3} s (launch check {:.3} s before the job)",
+        r.warm_latency_s, r.warm_prepare_s, r.warm_job_setup_s, r.warm_input_transfer_s, r.warm_build_s, r.warm_outputs_s,
         r.warm_verification_s, r.warm_power_off_s, r.warm_launch_s
     );
     println!(

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-/// A running `vouch --state-dir STATE -v serve --listen 127.0.0.1:0 …`, killed on drop.
+/// A running `vouch --state-dir STATE -v serve --listen 127.0.0.1:0 …`, ended on drop
+/// (SIGTERM, then SIGKILL).
 #[derive(Debug)]
 pub struct HttpService {
     child: Child,
@@ -146,7 +147,6 @@ impl HttpService {
 
 impl Drop for HttpService {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        crate::server::end_child(&mut self.child);
     }
 }

@@ -73,12 +73,15 @@ fn worker_handshake_old_and_new_clients() {
     assert!(ver.starts_with("vouch "), "{ver}");
     assert_eq!((trusted, feats.len()), (None, 0));
     assert!(p.finish().0.success());
-    // Nix 2.20: 1.37, trusted.
+    // Nix 2.20: 1.37, not trusted (2) unless the operator says so (1).
     let mut p = Peer::spawn(&state, &["--stdio"], LIMIT);
+    assert_eq!(p.worker_handshake(0x125, &[]).1, Some(2));
+    p.finish();
+    let mut p = Peer::spawn(&state, &["--trusted", "--stdio"], LIMIT);
     assert_eq!(p.worker_handshake(0x125, &[]).1, Some(1));
     p.finish();
     // Nix ≥ 2.35: 1.38 with features; the intersection is negotiated.
-    let mut p = Peer::spawn(&state, &["--stdio"], LIMIT);
+    let mut p = Peer::spawn(&state, &["--trusted", "--stdio"], LIMIT);
     let (_, trusted, feats) =
         p.worker_handshake(0x127, &[FEATURE_REALISATION_WITH_PATH, "something-else"]);
     assert_eq!(trusted, Some(1));
@@ -121,9 +124,12 @@ fn nix_copy_uploads_are_verified_and_kept_between_processes() {
     require_nix();
     let d = tempfile::tempdir().unwrap();
     let (top, all) = local_closure(d.path(), "a");
+    // Signed by a key the builders trust: certified, so they go to the shared store.
+    sign_locally(d.path(), &all);
+    let key = key_arg();
     for (proto, name) in [("ssh-ng", "ng"), ("ssh", "legacy")] {
         let state = d.path().join(format!("state-{name}"));
-        let w = wrapper(d.path(), name, &state, &[]);
+        let w = wrapper(d.path(), name, &state, &[&key]);
         let url = format!("{proto}://localhost?remote-program={}", w.display());
         // Each `nix` command is a new builder process (a new connection): what the first
         // received, the next serve.
@@ -139,8 +145,9 @@ fn two_processes_upload_at_once() {
     let d = tempfile::tempdir().unwrap();
     let (top_a, all_a) = local_closure(d.path(), "a");
     let (top_b, all_b) = local_closure(d.path(), "b");
+    sign_locally(d.path(), &[all_a.clone(), all_b.clone()].concat());
     let state = d.path().join("state");
-    let w = wrapper(d.path(), "builder", &state, &[]);
+    let w = wrapper(d.path(), "builder", &state, &[&key_arg()]);
     let url = format!("ssh-ng://localhost?remote-program={}", w.display());
     let spawn = |top: &str| {
         Command::new("nix")
@@ -169,9 +176,12 @@ fn hang_up_mid_nar_registers_nothing() {
     let a = fake_path("half", 1);
     let b = fake_path("whole", 2);
     let nar = nar_of(&[42u8; 100_000]);
+    // Signed by a key the builder trusts: paths any client may upload to the shared store.
+    let key = key_arg();
+    let info_for = |p: &StorePath, nar: &[u8], refs: &[&StorePath]| signed(info_for(p, nar, refs));
 
     // AddToStoreNar: the client hangs up after half the NAR.
-    let mut p = Peer::spawn(&state, &["--stdio"], LIMIT);
+    let mut p = Peer::spawn(&state, &["--stdio", &key], LIMIT);
     p.worker_handshake(0x122, &[]);
     add_to_store_nar(&mut p, &info_for(&a, &nar, &[]), &nar, Some(nar.len() / 2));
     p.hang_up();
@@ -179,7 +189,7 @@ fn hang_up_mid_nar_registers_nothing() {
     assert!(!st.success() && err.contains("nothing of it was registered"), "{st}: {err}");
 
     // AddMultipleToStore: a complete first path, then the hang-up inside the second NAR.
-    let mut p = Peer::spawn(&state, &["--stdio"], LIMIT);
+    let mut p = Peer::spawn(&state, &["--stdio", &key], LIMIT);
     p.worker_handshake(0x122, &[]);
     p.w().write_u64(44).unwrap();
     p.w().write_u64(0).unwrap();
@@ -198,7 +208,7 @@ fn hang_up_mid_nar_registers_nothing() {
     assert!(!st.success());
 
     // Serve protocol AddToStoreNar (raw NAR): the same.
-    let mut p = Peer::spawn(&state, &["--serve", "--write"], LIMIT);
+    let mut p = Peer::spawn(&state, &["--serve", "--write", &key], LIMIT);
     p.w().write_u64(SERVE_MAGIC_1).unwrap();
     p.w().write_u64(0x207).unwrap();
     p.w().flush().unwrap();
@@ -226,12 +236,16 @@ fn corrupted_uploads_are_rejected_with_clear_errors() {
     let nar = nar_of(b"the real contents");
     let other = nar_of(b"other contents");
     let a = fake_path("corrupt", 1);
+    // Signed by a key the builder trusts (so the content checks are what refuses them).
+    let key = key_arg();
+    let info_for = |p: &StorePath, nar: &[u8], refs: &[&StorePath]| signed(info_for(p, nar, refs));
 
-    let mut p = Peer::spawn(&state, &["--stdio"], LIMIT);
+    let mut p = Peer::spawn(&state, &["--stdio", &key], LIMIT);
     p.worker_handshake(0x122, &[]);
-    // Wrong NAR hash.
+    // Wrong NAR hash (signed as declared).
     let mut wrong = info_for(&a, &nar, &[]);
     wrong.info.nar_hash = info_for(&a, &other, &[]).info.nar_hash;
+    let wrong = signed(wrong);
     add_to_store_nar(&mut p, &wrong, &nar, None);
     let err = p.stderr_loop().unwrap_err();
     assert!(err.contains("NAR hash mismatch") && err.contains(&a.to_string()), "{err}");
@@ -263,7 +277,7 @@ fn corrupted_uploads_are_rejected_with_clear_errors() {
 
     // Serve protocol: no error channel; the message goes to stderr and the process exits.
     let b = fake_path("corrupt-serve", 3);
-    let mut p = Peer::spawn(&state, &["--serve", "--write"], LIMIT);
+    let mut p = Peer::spawn(&state, &["--serve", "--write", &key], LIMIT);
     p.w().write_u64(SERVE_MAGIC_1).unwrap();
     p.w().write_u64(0x207).unwrap();
     p.w().flush().unwrap();
@@ -271,6 +285,7 @@ fn corrupted_uploads_are_rejected_with_clear_errors() {
     p.from.read_u64().unwrap();
     let mut wrong = info_for(&b, &nar, &[]);
     wrong.info.nar_hash.0[0] ^= 0xff;
+    let wrong = signed(wrong);
     p.w().write_u64(9).unwrap();
     types::write_upload_info(p.w(), &wrong).unwrap();
     p.w().write_all(&nar).unwrap();
@@ -324,9 +339,10 @@ fn eviction_never_removes_pinned_paths() {
     let nar = nar_of(&[1u8; 2000]);
     let big = nar_of(&[2u8; 4000]);
     let max = "5000";
-    let args = ["--stdio", "--store-max-size", max];
+    let key = key_arg();
+    let args = ["--stdio", "--store-max-size", max, &key];
     let upload = |p: &mut Peer, path: &StorePath, nar: &[u8]| {
-        add_to_store_nar(p, &info_for(path, nar, &[]), nar, None);
+        add_to_store_nar(p, &signed(info_for(path, nar, &[])), nar, None);
         p.stderr_loop()
     };
     let (pinned, x, y, z) =

@@ -12,7 +12,8 @@
 //!    and into the store's transparency log, whose checkpoints the log key signs
 //!    ([`super::keys::log_key`]);
 //! 3. where the build had a content store (the long-running builders), the outputs are
-//!    registered there (re-verified, with the narinfo signatures of step 2);
+//!    registered there (re-verified, with the narinfo signatures of step 2): in the shared
+//!    store, or in the session's overlay when the engine's view says so;
 //! 4. it returns what it published, with the records it signed: the front-ends answer with
 //!    those.
 //!
@@ -31,7 +32,7 @@ use super::keys::{log_key, KeyNameError, KeyNaming};
 use super::path_info::ValidPathInfo;
 use super::result::{LegacyRealisation, Published, PublishedOutput};
 use crate::build::StepOutcome;
-use crate::store::{ContentStore, FileUploads, Origin};
+use crate::store::{FileUploads, StoreView};
 
 /// Where steps are published and who signs them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,7 +85,7 @@ fn now() -> u64 {
 pub fn publish(
     outcome: &StepOutcome,
     cfg: &PublishConfig,
-    content_store: Option<&ContentStore>,
+    content_store: Option<StoreView<'_>>,
 ) -> Result<Published, PublishError> {
     let key_name = cfg
         .key_naming
@@ -154,7 +155,7 @@ pub fn publish(
             })
             .collect();
         content
-            .add(&mut FileUploads::new(items), &[st.job.ca_rule.into()], Origin::Build)
+            .register_outputs(&mut FileUploads::new(items), &[st.job.ca_rule.into()])
             .map_err(PublishError::ContentStore)?;
     }
     Ok(Published { key_name, step_dir: put.step_dir, kept_existing: put.kept_existing, outputs })

@@ -296,7 +296,7 @@ impl Builds {
             }
         };
         let mut log = LogOf { build, lines: LineSplitter::default() };
-        state_of(&self.engine.build(req, Inputs::ContentStore(&store), &mut log))
+        state_of(&self.engine.build(req, Inputs::ContentStore((&store).into()), &mut log))
     }
 }
 

@@ -53,6 +53,40 @@ pub fn wrapper(dir: &Path, name: &str, state: &Path, extra: &[&str]) -> PathBuf 
     p
 }
 
+/// The Nix signing key the tests' builders trust (`--trusted-public-key`, [`key_arg`]): paths
+/// it signed are certified, so any client may upload them to the shared store.
+pub fn test_key() -> nix_formats::signing::SecretKey {
+    nix_formats::signing::SecretKey::from_seed("vouch-test-1", [7; 32])
+}
+
+/// `--trusted-public-key=…` of [`test_key`].
+pub fn key_arg() -> String {
+    format!("--trusted-public-key={}", test_key().public_key())
+}
+
+/// `info` with [`test_key`]'s signature over its fingerprint.
+pub fn signed(mut info: ValidPathInfo) -> ValidPathInfo {
+    let fp = nix_formats::narinfo::fingerprint(
+        &info.path,
+        &nix_formats::Hash::sha256(info.info.nar_hash.0),
+        info.info.nar_size,
+        &info.info.references,
+    );
+    info.sigs.insert(test_key().sign(fp.as_bytes()).to_string());
+    info
+}
+
+/// Sign `paths` in the local Nix store with [`test_key`] (`nix store sign`), so that `nix
+/// copy` sends them with its signature.
+pub fn sign_locally(dir: &Path, paths: &[String]) {
+    let key = dir.join("test-key.sec");
+    std::fs::write(&key, test_key().to_file_string()).unwrap();
+    let mut args = vec!["nix", "store", "sign", "--key-file", key.to_str().unwrap()];
+    args.extend(paths.iter().map(String::as_str));
+    let out = nix(&args);
+    assert!(out.status.success(), "nix store sign: {}", text(&out));
+}
+
 /// A NAR of one regular file.
 pub fn nar_of(contents: &[u8]) -> Vec<u8> {
     let mut w = NarWriter::new(Vec::new()).unwrap();

@@ -63,6 +63,10 @@ struct Recorder {
 }
 
 impl Handler for Recorder {
+    fn trusted(&self) -> bool {
+        false
+    }
+
     fn handle(
         &mut self,
         action: Action<'_>,
@@ -100,8 +104,8 @@ fn cfg(grace: Duration) -> ListenConfig {
 
 fn factory(shared: &Shared) -> Arc<SessionFactory> {
     let shared = shared.clone();
-    Arc::new(move |n| {
-        Ok(Box::new(Recorder { n, shared: shared.clone(), options: None })
+    Arc::new(move |peer| {
+        Ok(Box::new(Recorder { n: peer.n, shared: shared.clone(), options: None })
             as Box<dyn Handler + Send>)
     })
 }

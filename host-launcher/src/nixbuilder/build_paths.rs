@@ -1,0 +1,566 @@
+//! `BuildPaths` and `BuildPathsWithResults`: derived paths made valid from the `.drv` closure in
+//! the content store, with every output path computed by vouch. This is how a client vouch does
+//! not trust builds input-addressed derivations (Nix ≥ 2.16 sends them this way to a builder
+//! that says it does not trust it), and it is safe for any client.
+//!
+//! For an opaque path: valid in the session's view, or a failure (vouch substitutes nothing).
+//!
+//! For `DRV!OUTPUTS`, the algorithm:
+//! 1. **Load** the `.drv` closure from the session's view: every `.drv` must be there (the
+//!    client uploads it first; a `.drv` is a `text:` content-addressed path, so any client may)
+//!    and its contents must hash to its path.
+//! 2. **Order** it, input derivations first (a depth-first post-order).
+//! 3. For each derivation, its **output paths**, chosen from its inputs' outputs as Nix chooses
+//!    them:
+//!    - input-addressed: `makeOutputPath` of its hash modulo over the graph
+//!      (`DrvGraph::input_addressed_paths`, as Nix's `checkDerivationOutputs`); a `.drv` that
+//!      declares other paths is refused, naming both;
+//!    - fixed-output: the declared path, which must follow from the declared hash;
+//!    - deferred (input-addressed with a floating content-addressed input): resolved against
+//!      its inputs' outputs (`nix_formats::resolve`), then `makeOutputPath` of the resolved
+//!      derivation;
+//!    - floating content-addressed: resolved, then found in the trace store (a step vouch
+//!      built and signed for the resolved derivation whose outputs are valid in the view), else
+//!      known only once built.
+//! 4. A derivation whose needed outputs are valid in the view is **skipped**; any other is
+//!    **built** through the engine (`crate::core::Engine::build`), input-addressed and
+//!    fixed-output ones with their input derivations replaced by the chosen input paths (as
+//!    Nix's build hook sends them), content-addressed and deferred ones resolved. A failed
+//!    dependency fails the request (`DependencyFailed`), naming it.
+//! 5. The answer is the root's result in Nix's `BuildResult` (built now, or already valid).
+//!
+//! One client's request, its own closure, in order: this is not a scheduler. Every failure is
+//! also said in the client's log (Nix's build hook does not report `BuildPathsWithResults`
+//! failures itself).
+//!
+//! What is not here: the wire (`crate::nixproto::worker`), the build (`crate::core`).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use build_trace::job::{BasicDerivation, Limits};
+use build_trace::store::{TraceSource, TraceStore};
+use nix_formats::derivation::{Derivation, DerivationKind, DrvGraph};
+use nix_formats::StorePath;
+
+use crate::core::{BuildLog, BuildRequest, CaRuleChoice, Engine, Inputs, Progress};
+use crate::nixproto::{BuildResult, BuildStatus, BuiltOutput, DerivedPath};
+use crate::store::{drv_contents, StoreView};
+
+/// What every build of one request shares.
+#[derive(Debug)]
+pub struct Request<'a> {
+    /// The engine.
+    pub engine: &'a Engine,
+    /// The session's view of the content store.
+    pub view: StoreView<'a>,
+    /// The client's CA self-reference rule.
+    pub ca_rule: CaRuleChoice,
+    /// The client's limits.
+    pub limits: Limits,
+    /// Whether the client is trusted (carried in the core's request).
+    pub trusted: bool,
+}
+
+/// The result of each derived path, in order (see the module docs).
+pub fn build_paths(
+    req: &Request<'_>,
+    wanted: &[DerivedPath],
+    log: &mut dyn BuildLog,
+) -> Vec<BuildResult> {
+    wanted
+        .iter()
+        .map(|w| {
+            let result = match w {
+                DerivedPath::Opaque(p) => opaque(req.view, p),
+                DerivedPath::Built { drv, outputs } => realise(req, drv, outputs.as_ref(), log),
+            };
+            if !result.status.is_success() {
+                tracing::warn!(status = ?result.status, "{}", result.error_msg);
+                log.progress(&Progress::Note(result.error_msg.clone()));
+            }
+            result
+        })
+        .collect()
+}
+
+fn failure(status: BuildStatus, msg: impl Into<String>) -> BuildResult {
+    BuildResult::failure(status, msg)
+}
+
+fn opaque(view: StoreView<'_>, p: &StorePath) -> BuildResult {
+    match view.query_valid(&BTreeSet::from([p.clone()]), true) {
+        Ok(v) if v.contains(p) => failure(BuildStatus::AlreadyValid, ""),
+        Ok(_) => failure(
+            BuildStatus::MiscFailure,
+            format!(
+                "{p} is not in vouch's content store; vouch substitutes nothing and builds \
+                 derivations from their .drv closure (`DRV!OUTPUTS`)"
+            ),
+        ),
+        Err(e) => failure(BuildStatus::MiscFailure, build_trace::error_chain(&e)),
+    }
+}
+
+/// The `.drv` closure of a root, each checked to hash to its path, inputs first.
+struct Closure {
+    graph: DrvGraph,
+    order: Vec<StorePath>,
+}
+
+fn read_drv(view: StoreView<'_>, p: &StorePath) -> Result<Derivation, String> {
+    let name = p.drv_name().map_err(|e| format!("{p}: {e}"))?;
+    let file = match view.open_nar(p).map_err(|e| build_trace::error_chain(&e))? {
+        Some((_, f)) => f,
+        None => {
+            return Err(format!(
+                "derivation {p} is not in vouch's content store: upload the .drv closure first \
+                 (Nix's build hook does)"
+            ))
+        }
+    };
+    let bytes = drv_contents(file).map_err(|e| format!("derivation {p}: {e}"))?;
+    let drv = Derivation::from_aterm(&bytes).map_err(|e| format!("derivation {p}: {e}"))?;
+    let hashed = drv.drv_path(name).map_err(|e| format!("derivation {p}: {e}"))?;
+    if hashed != *p {
+        return Err(format!("derivation {p}: its contents hash to {hashed}"));
+    }
+    Ok(drv)
+}
+
+fn load(view: StoreView<'_>, root: &StorePath) -> Result<Closure, String> {
+    let mut graph = DrvGraph::new();
+    let mut order = Vec::new();
+    let mut seen = BTreeSet::new();
+    let mut stack = vec![(root.clone(), false)];
+    while let Some((p, inputs_done)) = stack.pop() {
+        if inputs_done {
+            order.push(p);
+            continue;
+        }
+        if !seen.insert(p.clone()) {
+            continue;
+        }
+        let drv = read_drv(view, &p)?;
+        stack.push((p.clone(), true));
+        stack.extend(
+            drv.input_drvs.keys().filter(|i| !seen.contains(*i)).map(|i| (i.clone(), false)),
+        );
+        graph.insert(p, drv);
+    }
+    Ok(Closure { graph, order })
+}
+
+/// The chosen output paths so far, by (derivation, output).
+type Chosen = BTreeMap<(StorePath, String), StorePath>;
+
+/// One derivation as vouch builds it: the drv path and basic derivation of the step, and its
+/// output paths where they are known before the build.
+struct Step {
+    drv_path: StorePath,
+    basic: BasicDerivation,
+    known: Option<BTreeMap<String, StorePath>>,
+}
+
+/// `drv` with its input derivations replaced by the chosen paths of the outputs it uses.
+fn without_input_drvs(
+    name: &str,
+    drv: &Derivation,
+    chosen: &Chosen,
+) -> Result<BasicDerivation, String> {
+    let mut d = drv.clone();
+    for (input, outs) in &drv.input_drvs {
+        for o in outs {
+            let p = chosen
+                .get(&(input.clone(), o.clone()))
+                .ok_or_else(|| format!("no path for output `{o}` of {input}"))?;
+            d.input_srcs.insert(p.clone());
+        }
+    }
+    d.input_drvs.clear();
+    BasicDerivation::from_derivation(name, &d).map_err(|e| e.to_string())
+}
+
+/// The output paths a derivation declares (input-addressed and fixed ones).
+fn declared(d: &Derivation) -> BTreeMap<String, StorePath> {
+    d.outputs.iter().filter_map(|(o, out)| out.path().map(|x| (o.clone(), x.clone()))).collect()
+}
+
+/// The output paths of `p` that follow from the graph alone (input-addressed: computed, and
+/// equal to the declared ones; fixed: declared, following from the hash); `None` for the
+/// kinds whose paths need their inputs' outputs.
+fn paths_from_graph(
+    graph: &mut DrvGraph,
+    p: &StorePath,
+    drv: &Derivation,
+) -> Result<Option<BTreeMap<String, StorePath>>, String> {
+    let name = p.drv_name().map_err(|e| e.to_string())?;
+    let err = |e: &dyn std::fmt::Display| format!("derivation {p}: {e}");
+    match drv.kind(name).map_err(|e| err(&e))? {
+        DerivationKind::InputAddressed => {
+            let computed = graph
+                .input_addressed_paths(drv, name)
+                .map_err(|e| err(&e))?
+                .ok_or_else(|| err(&"its output paths are deferred"))?;
+            for (o, path) in declared(drv) {
+                if computed.get(&o) != Some(&path) {
+                    return Err(format!(
+                        "derivation {p} declares output `{o}` at {path}, but its derivation gives \
+                         {}: vouch builds input-addressed outputs only at the paths it computes",
+                        computed.get(&o).map(ToString::to_string).unwrap_or_default()
+                    ));
+                }
+            }
+            Ok(Some(computed))
+        }
+        DerivationKind::Fixed => {
+            drv.check_output_paths(name).map_err(|e| err(&e))?;
+            Ok(Some(declared(drv)))
+        }
+        DerivationKind::Floating | DerivationKind::Deferred => Ok(None),
+        DerivationKind::Impure => Err(err(&"vouch does not build impure derivations")),
+    }
+}
+
+fn step_of(closure: &mut Closure, p: &StorePath, chosen: &Chosen) -> Result<Step, String> {
+    let name = p.drv_name().map_err(|e| e.to_string())?;
+    let drv = closure.graph.get(p).cloned().ok_or_else(|| format!("{p} was not loaded"))?;
+    if let Some(known) = paths_from_graph(&mut closure.graph, p, &drv)? {
+        let basic = without_input_drvs(name, &drv, chosen)?;
+        return Ok(Step { drv_path: p.clone(), basic, known: Some(known) });
+    }
+    let err = |e: &dyn std::fmt::Display| format!("derivation {p}: {e}");
+    let res = nix_formats::resolve::resolve_with(&drv, name, chosen).map_err(|e| err(&e))?;
+    let basic = BasicDerivation::from_derivation(name, &res.drv).map_err(|e| err(&e))?;
+    let deferred = drv.kind(name).map_err(|e| err(&e))? == DerivationKind::Deferred;
+    Ok(Step { drv_path: res.drv_path, basic, known: deferred.then(|| declared(&res.drv)) })
+}
+
+/// The outputs of an earlier build of `step` (a floating CA step) in the trace store whose
+/// paths are all valid in the view.
+fn traced_outputs(req: &Request<'_>, step: &Step) -> Option<BTreeMap<String, StorePath>> {
+    let traces = TraceStore::open(&req.engine.publish.trace_store).ok()?;
+    traces.entries(&step.drv_path).ok()?.into_iter().find_map(|e| {
+        let st = e.parse_statement().ok()?;
+        let outs: BTreeMap<String, StorePath> =
+            st.outputs.iter().map(|(n, o)| (n.clone(), o.path.clone())).collect();
+        let all = step.basic.outputs.keys().all(|n| outs.contains_key(n));
+        let paths: BTreeSet<StorePath> = outs.values().cloned().collect();
+        let valid = req.view.query_valid(&paths, true).ok()? == paths;
+        (all && valid).then_some(outs)
+    })
+}
+
+fn realise(
+    req: &Request<'_>,
+    root: &StorePath,
+    wanted: Option<&BTreeSet<String>>,
+    log: &mut dyn BuildLog,
+) -> BuildResult {
+    let mut closure = match load(req.view, root) {
+        Ok(c) => c,
+        Err(e) => return failure(BuildStatus::MiscFailure, e),
+    };
+    let order = std::mem::take(&mut closure.order);
+    // Every path that follows from the graph is checked before anything is built.
+    for p in &order {
+        let Some(drv) = closure.graph.get(p).cloned() else { continue };
+        if let Err(e) = paths_from_graph(&mut closure.graph, p, &drv) {
+            let status =
+                if p == root { BuildStatus::MiscFailure } else { BuildStatus::DependencyFailed };
+            return failure(status, e);
+        }
+    }
+    let mut chosen = Chosen::new();
+    for p in &order {
+        let step = match step_of(&mut closure, p, &chosen) {
+            Ok(s) => s,
+            Err(e) if p == root => return failure(BuildStatus::MiscFailure, e),
+            Err(e) => return failure(BuildStatus::DependencyFailed, e),
+        };
+        let outputs: BTreeSet<String> = match wanted {
+            Some(w) if p == root => w.clone(),
+            _ => step.basic.outputs.keys().cloned().collect(),
+        };
+        let valid_outputs = match &step.known {
+            Some(known) => {
+                let paths: BTreeSet<StorePath> =
+                    outputs.iter().filter_map(|o| known.get(o)).cloned().collect();
+                let valid = req.view.query_valid(&paths, true).unwrap_or_default();
+                (paths.len() == outputs.len() && valid == paths).then(|| known.clone())
+            }
+            None => traced_outputs(req, &step),
+        };
+        if let Some(outs) = valid_outputs {
+            tracing::info!(drv = %p, "already valid");
+            chosen.extend(outs.iter().map(|(o, path)| ((p.clone(), o.clone()), path.clone())));
+            if p == root {
+                return already_valid(&outs, &outputs);
+            }
+            continue;
+        }
+        let request = BuildRequest {
+            drv_path: step.drv_path,
+            drv: step.basic,
+            outputs: if p == root { outputs } else { BTreeSet::new() },
+            limits: req.limits,
+            ca_rule: req.ca_rule.clone(),
+            trusted: req.trusted,
+        };
+        let result = req.engine.build(request, Inputs::ContentStore(req.view), log);
+        match &result {
+            crate::core::BuildResult::Built(b) => {
+                chosen.extend(
+                    b.published
+                        .outputs
+                        .iter()
+                        .map(|(o, out)| ((p.clone(), o.clone()), out.path.clone())),
+                );
+                if p == root {
+                    return (&result).into();
+                }
+            }
+            crate::core::BuildResult::Failed(_) if p == root => return (&result).into(),
+            crate::core::BuildResult::Failed(f) => {
+                return failure(
+                    BuildStatus::DependencyFailed,
+                    format!("dependency {p} of {root} failed: {}", f.message),
+                )
+            }
+        }
+    }
+    failure(BuildStatus::MiscFailure, format!("{root} was not built (empty closure)"))
+}
+
+fn already_valid(outs: &BTreeMap<String, StorePath>, wanted: &BTreeSet<String>) -> BuildResult {
+    let mut r = failure(BuildStatus::AlreadyValid, "");
+    r.built_outputs = outs
+        .iter()
+        .filter(|(o, _)| wanted.contains(*o))
+        .map(|(o, p)| {
+            let out =
+                BuiltOutput { out_path: p.clone(), signatures: BTreeSet::new(), legacy: None };
+            (o.clone(), out)
+        })
+        .collect();
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use build_trace::job::Limits;
+    use nix_formats::derivation::DerivationOutput;
+    use nix_formats::nar::NarWriter;
+    use nix_formats::store_path::make_output_path;
+    use nix_formats::Hash;
+
+    use super::*;
+    use crate::build::LauncherConfig;
+    use crate::core::{KeyNaming, PublishConfig, ValidPathInfo};
+    use crate::store::{ClientTrust, ContentStore, SessionStore, StoreConfig, UPLOAD_RULES};
+
+    fn nar_of(contents: &[u8]) -> Vec<u8> {
+        let mut w = NarWriter::new(Vec::new()).unwrap();
+        w.regular(false, contents).unwrap();
+        w.into_inner()
+    }
+
+    /// An input-addressed derivation `name` with `inputs` (drv → outputs), its output path
+    /// computed as Nix computes it, and its `.drv` path.
+    fn ia(name: &str, graph: &mut DrvGraph, inputs: &[&StorePath]) -> (StorePath, Derivation) {
+        let mut d = Derivation {
+            outputs: BTreeMap::from([("out".to_string(), DerivationOutput::Deferred)]),
+            input_drvs: inputs
+                .iter()
+                .map(|i| ((*i).clone(), BTreeSet::from(["out".into()])))
+                .collect(),
+            platform: "x86_64-linux".into(),
+            builder: "/bin/sh".into(),
+            args: vec!["-c".into(), format!("echo {name} > $out")],
+            env: BTreeMap::from([("out".to_string(), String::new())]),
+            ..Derivation::default()
+        };
+        let h = graph.hash_modulo(&d, name, true).unwrap();
+        let out = make_output_path("out", &Hash::sha256(*h.get("out").unwrap()), name).unwrap();
+        d.outputs.insert("out".into(), DerivationOutput::InputAddressed(out.clone()));
+        d.env.insert("out".into(), out.to_string());
+        let p = d.drv_path(name).unwrap();
+        graph.insert(p.clone(), d.clone());
+        (p, d)
+    }
+
+    /// A `.drv` as a client uploads it: a text content-addressed path.
+    fn drv_upload(p: &StorePath, d: &Derivation) -> (ValidPathInfo, Vec<u8>) {
+        let aterm = d.to_aterm();
+        let nar = nar_of(&aterm);
+        let ca = nix_formats::content_address::ContentAddress::from_parts(
+            nix_formats::content_address::ContentAddressMethod::Text,
+            Hash::sha256(nix_formats::hash::sha256(&aterm)),
+        );
+        let info = ValidPathInfo {
+            path: p.clone(),
+            info: build_trace::PathInfo {
+                nar_hash: build_trace::NarHash::of(&nar),
+                nar_size: nar.len() as u64,
+                references: d.references(),
+                ca: Some(ca.to_string()),
+            },
+            deriver: None,
+            registration_time: 0,
+            ultimate: false,
+            sigs: BTreeSet::new(),
+        };
+        (info, nar)
+    }
+
+    /// Uploads from memory.
+    struct Mem(Vec<(ValidPathInfo, Vec<u8>)>, std::io::Cursor<Vec<u8>>);
+
+    impl crate::core::UploadSource for Mem {
+        fn next_path(&mut self) -> Result<Option<ValidPathInfo>, crate::core::UploadError> {
+            if self.0.is_empty() {
+                return Ok(None);
+            }
+            let (i, nar) = self.0.remove(0);
+            self.1 = std::io::Cursor::new(nar);
+            Ok(Some(i))
+        }
+        fn nar(&mut self) -> &mut dyn std::io::Read {
+            &mut self.1
+        }
+    }
+
+    /// The derivations the engine was asked to build, in order.
+    #[derive(Default)]
+    struct Started(Vec<StorePath>, Vec<String>);
+
+    impl BuildLog for Started {
+        fn started(&mut self, drv: &StorePath) {
+            self.0.push(drv.clone());
+        }
+        fn output(&mut self, _: &[u8]) {}
+        fn progress(&mut self, p: &Progress) {
+            self.1.push(p.text());
+        }
+    }
+
+    fn run(dir: &std::path::Path, store: &SessionStore, w: DerivedPath) -> (BuildResult, Started) {
+        let engine = Engine {
+            launcher: LauncherConfig::new(dir.join("no-image"), dir.join("state")),
+            limits: Limits::default(),
+            publish: PublishConfig {
+                state_dir: dir.join("state"),
+                trace_store: dir.join("traces"),
+                key_naming: KeyNaming::host_default(),
+            },
+        };
+        let req = Request {
+            engine: &engine,
+            view: store.view(),
+            ca_rule: CaRuleChoice::guessed("test", "none"),
+            limits: Limits::default(),
+            trusted: false,
+        };
+        let mut log = Started::default();
+        let mut r = build_paths(&req, &[w], &mut log);
+        (r.remove(0), log)
+    }
+
+    #[test]
+    fn an_input_addressed_closure_is_built_in_order_at_the_paths_vouch_computes() {
+        let d = tempfile::tempdir().unwrap();
+        let untrusted = || {
+            let shared = ContentStore::open(&d.path().join("store"), StoreConfig::default());
+            SessionStore::new(shared.unwrap(), ClientTrust::default()).unwrap()
+        };
+        let mut graph = DrvGraph::new();
+        let (dep, dep_drv) = ia("dep", &mut graph, &[]);
+        let (top, top_drv) = ia("top", &mut graph, &[&dep]);
+        let built = |p: &StorePath| DerivedPath::Built { drv: p.clone(), outputs: None };
+
+        // Without the .drv closure: refused, naming the missing derivation.
+        let s = untrusted();
+        let (r, _) = run(d.path(), &s, built(&top));
+        assert!(r.error_msg.contains("upload the .drv closure first"), "{}", r.error_msg);
+        // An untrusted client may upload .drv files (text content addresses); then the
+        // dependency is built first, the top never (the engine has no VM image here).
+        let uploads = vec![drv_upload(&dep, &dep_drv), drv_upload(&top, &top_drv)];
+        s.add(&mut Mem(uploads, Default::default()), UPLOAD_RULES).unwrap();
+        let (r, log) = run(d.path(), &s, built(&top));
+        assert_eq!(r.status, BuildStatus::DependencyFailed, "{}", r.error_msg);
+        assert!(r.error_msg.contains(&format!("dependency {dep}")), "{}", r.error_msg);
+        assert_eq!(log.0, vec![dep.clone()]);
+        assert!(log.1.iter().any(|l| l.contains("DependencyFailed") || l.contains("failed")));
+
+        // A .drv that declares another output path than its derivation gives is refused before
+        // any build, naming both paths.
+        let mut lying = top_drv.clone();
+        let wrong = StorePath::from_parts([3; 20], "top").unwrap();
+        lying.outputs.insert("out".into(), DerivationOutput::InputAddressed(wrong.clone()));
+        let lying_path = lying.drv_path("top").unwrap();
+        s.add(&mut Mem(vec![drv_upload(&lying_path, &lying)], Default::default()), UPLOAD_RULES)
+            .unwrap();
+        let (r, log) = run(d.path(), &s, built(&lying_path));
+        assert_eq!(r.status, BuildStatus::MiscFailure);
+        let want = graph.input_addressed_paths(&top_drv, "top").unwrap().unwrap()["out"].clone();
+        assert!(
+            r.error_msg.contains(&wrong.to_string()) && r.error_msg.contains(&want.to_string())
+        );
+        assert!(log.0.is_empty(), "{:?}", log.0);
+
+        // With dep's output valid (signed by a key the operator trusts), top is built next,
+        // under its own .drv path, at the path vouch computed.
+        let key = nix_formats::signing::SecretKey::from_seed("op-1", [4; 32]);
+        let dep_out = graph.input_addressed_paths(&dep_drv, "dep").unwrap().unwrap()["out"].clone();
+        let nar = nar_of(b"dep");
+        let mut info = drv_upload(&dep, &dep_drv).0;
+        info.path = dep_out.clone();
+        info.info = build_trace::PathInfo {
+            nar_hash: build_trace::NarHash::of(&nar),
+            nar_size: nar.len() as u64,
+            references: BTreeSet::new(),
+            ca: None,
+        };
+        let fp = nix_formats::narinfo::fingerprint(
+            &dep_out,
+            &Hash::sha256(info.info.nar_hash.0),
+            info.info.nar_size,
+            &BTreeSet::new(),
+        );
+        info.sigs.insert(key.sign(fp.as_bytes()).to_string());
+        let trust = ClientTrust { trusted: false, keys: vec![key.public_key()] };
+        let shared = ContentStore::open(&d.path().join("store"), StoreConfig::default()).unwrap();
+        let s = SessionStore::new(shared, trust).unwrap();
+        s.add(&mut Mem(vec![(info, nar)], Default::default()), UPLOAD_RULES).unwrap();
+        let (r, log) = run(d.path(), &s, built(&top));
+        assert_eq!(log.0, vec![top.clone()], "{}", r.error_msg);
+        assert!(r.error_msg.starts_with("vouch: "), "the engine's failure: {}", r.error_msg);
+        // An opaque path is valid or not; dep's .drv output spec `dep!out` is already valid.
+        let (r, log) = run(d.path(), &s, DerivedPath::Opaque(dep_out.clone()));
+        assert_eq!(r.status, BuildStatus::AlreadyValid);
+        let only_out = Some(BTreeSet::from(["out".to_string()]));
+        let (r, _) = run(d.path(), &s, DerivedPath::Built { drv: dep.clone(), outputs: only_out });
+        assert_eq!(r.status, BuildStatus::AlreadyValid);
+        assert_eq!(r.built_outputs["out"].out_path, dep_out);
+        assert!(log.0.is_empty());
+    }
+
+    #[test]
+    fn derived_paths_parse_as_every_nix_writes_them() {
+        let drv = "/nix/store/g1w7hy3qg1w7hy3qg1w7hy3qg1w7hy3q-top.drv";
+        let p = StorePath::parse(drv).unwrap();
+        let all = DerivedPath::Built { drv: p.clone(), outputs: None };
+        assert_eq!(DerivedPath::parse(&format!("{drv}!*")).unwrap(), all);
+        assert_eq!(DerivedPath::parse(&format!("{drv}^*")).unwrap(), all);
+        let two = Some(BTreeSet::from(["dev".to_string(), "out".to_string()]));
+        assert_eq!(
+            DerivedPath::parse(&format!("{drv}^out,dev")).unwrap(),
+            DerivedPath::Built { drv: p.clone(), outputs: two }
+        );
+        assert_eq!(DerivedPath::parse(drv).unwrap(), DerivedPath::Opaque(p));
+        let not_drv = "/nix/store/g1w7hy3qg1w7hy3qg1w7hy3qg1w7hy3q-top!out";
+        assert!(DerivedPath::parse(not_drv).unwrap_err().contains("not a derivation"));
+        assert!(DerivedPath::parse(&format!("{drv}!")).is_err());
+    }
+}

@@ -53,6 +53,11 @@ fn only_the_publish_step_writes_the_trace_store_or_signs_records() {
     let mut found = Vec::new();
     for f in &files {
         let rel = f.strip_prefix(&src).unwrap().to_string_lossy().into_owned();
+        if rel.ends_with("tests.rs") {
+            // Test modules (`#[cfg(test)]`, never shipped) may sign as a client does, e.g. an
+            // upload signed by a key the operator trusts; they publish nothing.
+            continue;
+        }
         let text = std::fs::read_to_string(f).unwrap();
         let here = offences(&rel, &text);
         if rel == PUBLISH_STEP {

@@ -509,9 +509,8 @@ mod tests {
         );
         assert!(log.0.is_empty(), "{:?}", log.0);
 
-        // With dep's output valid (signed by a key the operator trusts), top is built next,
-        // under its own .drv path, at the path vouch computed.
-        let key = nix_formats::signing::SecretKey::from_seed("op-1", [4; 32]);
+        // With dep's output valid (built by vouch before: registered in the shared store), top
+        // is built next, under its own .drv path, at the path vouch computed.
         let dep_out = graph.input_addressed_paths(&dep_drv, "dep").unwrap().unwrap()["out"].clone();
         let nar = nar_of(b"dep");
         let mut info = drv_upload(&dep, &dep_drv).0;
@@ -522,17 +521,10 @@ mod tests {
             references: BTreeSet::new(),
             ca: None,
         };
-        let fp = nix_formats::narinfo::fingerprint(
-            &dep_out,
-            &Hash::sha256(info.info.nar_hash.0),
-            info.info.nar_size,
-            &BTreeSet::new(),
-        );
-        info.sigs.insert(key.sign(fp.as_bytes()).to_string());
-        let trust = ClientTrust { trusted: false, keys: vec![key.public_key()] };
         let shared = ContentStore::open(&d.path().join("store"), StoreConfig::default()).unwrap();
-        let s = SessionStore::new(shared, trust).unwrap();
-        s.add(&mut Mem(vec![(info, nar)], Default::default()), UPLOAD_RULES).unwrap();
+        let built_before = Mem(vec![(info, nar)], Default::default());
+        shared.add(&mut { built_before }, UPLOAD_RULES, crate::store::Origin::Build).unwrap();
+        let s = untrusted();
         let (r, log) = run(d.path(), &s, built(&top));
         assert_eq!(log.0, vec![top.clone()], "{}", r.error_msg);
         assert!(r.error_msg.starts_with("vouch: "), "the engine's failure: {}", r.error_msg);

@@ -13,8 +13,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use host_launcher::core::ValidPathInfo;
-use host_launcher::nixproto::serve::{SERVE_MAGIC_1, SERVE_MAGIC_2};
+use host_launcher::nixproto::serve::SERVE_MAGIC_1;
 use host_launcher::nixproto::version::{ClientProfile, Protocol, FEATURE_REALISATION_WITH_PATH};
 use host_launcher::nixproto::wire::{FramedWriter, WireRead, WireWrite};
 use host_launcher::nixproto::{types, BuildStatus};
@@ -23,44 +22,8 @@ use peer::*;
 
 const LIMIT: Duration = Duration::from_secs(120);
 
-/// Which of `paths` a fresh builder process reports valid.
-fn valid_in(state: &Path, paths: &[&StorePath]) -> BTreeSet<String> {
-    let mut p = Peer::spawn(state, &["--stdio"], LIMIT);
-    p.worker_handshake(0x122, &[]);
-    p.w().write_u64(31).unwrap();
-    let set: BTreeSet<StorePath> = paths.iter().map(|p| (*p).clone()).collect();
-    types::write_store_path_set(p.w(), &set).unwrap();
-    p.w().write_u64(0).unwrap();
-    p.w().flush().unwrap();
-    p.expect_last();
-    let v = p.from.read_string_set("valid").unwrap();
-    let (st, err) = p.finish();
-    assert!(st.success(), "{err}");
-    v
-}
-
 fn files(state: &Path, sub: &str) -> usize {
     std::fs::read_dir(state.join("store").join(sub)).map(|d| d.count()).unwrap_or(0)
-}
-
-/// Send `AddToStoreNar` (op 39) with a framed NAR, optionally only its first `cut` bytes.
-fn add_to_store_nar(p: &mut Peer, info: &ValidPathInfo, nar: &[u8], cut: Option<usize>) {
-    p.w().write_u64(39).unwrap();
-    types::write_upload_info(p.w(), info).unwrap();
-    p.w().write_u64(0).unwrap(); // repair
-    p.w().write_u64(1).unwrap(); // dontCheckSigs: vouch checks anyway
-    let mut fw = FramedWriter::new(p.w());
-    match cut {
-        Some(n) => {
-            fw.write_all(&nar[..n]).unwrap();
-            fw.flush().unwrap();
-        }
-        None => {
-            fw.write_all(nar).unwrap();
-            fw.finish().unwrap();
-        }
-    }
-    p.w().flush().unwrap();
 }
 
 #[test]
@@ -183,7 +146,7 @@ fn hang_up_mid_nar_registers_nothing() {
     // AddToStoreNar: the client hangs up after half the NAR.
     let mut p = Peer::spawn(&state, &["--stdio", &key], LIMIT);
     p.worker_handshake(0x122, &[]);
-    add_to_store_nar(&mut p, &info_for(&a, &nar, &[]), &nar, Some(nar.len() / 2));
+    p.add_to_store_nar(&info_for(&a, &nar, &[]), &nar, Some(nar.len() / 2));
     p.hang_up();
     let (st, err) = p.finish();
     assert!(!st.success() && err.contains("nothing of it was registered"), "{st}: {err}");
@@ -209,11 +172,7 @@ fn hang_up_mid_nar_registers_nothing() {
 
     // Serve protocol AddToStoreNar (raw NAR): the same.
     let mut p = Peer::spawn(&state, &["--serve", "--write", &key], LIMIT);
-    p.w().write_u64(SERVE_MAGIC_1).unwrap();
-    p.w().write_u64(0x207).unwrap();
-    p.w().flush().unwrap();
-    assert_eq!(p.from.read_u64().unwrap(), SERVE_MAGIC_2);
-    p.from.read_u64().unwrap();
+    p.serve_handshake(0x207);
     p.w().write_u64(9).unwrap();
     types::write_upload_info(p.w(), &info_for(&a, &nar, &[])).unwrap();
     p.w().write_all(&nar[..5000]).unwrap();
@@ -246,12 +205,12 @@ fn corrupted_uploads_are_rejected_with_clear_errors() {
     let mut wrong = info_for(&a, &nar, &[]);
     wrong.info.nar_hash = info_for(&a, &other, &[]).info.nar_hash;
     let wrong = signed(wrong);
-    add_to_store_nar(&mut p, &wrong, &nar, None);
+    p.add_to_store_nar(&wrong, &nar, None);
     let err = p.stderr_loop().unwrap_err();
     assert!(err.contains("NAR hash mismatch") && err.contains(&a.to_string()), "{err}");
     // A content address the contents do not reproduce.
     let lie = recursive_ca_info("claims-ca", &other, &nar);
-    add_to_store_nar(&mut p, &lie, &nar, None);
+    p.add_to_store_nar(&lie, &nar, None);
     let err = p.stderr_loop().unwrap_err();
     assert!(
         err.contains("claims content address")
@@ -259,17 +218,17 @@ fn corrupted_uploads_are_rejected_with_clear_errors() {
         "{err}"
     );
     // A reference to a path that is nowhere.
-    add_to_store_nar(&mut p, &info_for(&a, &nar, &[&fake_path("absent", 9)]), &nar, None);
+    p.add_to_store_nar(&info_for(&a, &nar, &[&fake_path("absent", 9)]), &nar, None);
     let err = p.stderr_loop().unwrap_err();
     assert!(err.contains("absent") && err.contains("neither in vouch's content store"), "{err}");
     // More bytes than the declared NAR size: refused before anything is committed.
     let mut longer = nar.clone();
     longer.extend_from_slice(&[0u8; 16]);
-    add_to_store_nar(&mut p, &info_for(&a, &nar, &[]), &longer, None);
+    p.add_to_store_nar(&info_for(&a, &nar, &[]), &longer, None);
     let err = p.stderr_loop().unwrap_err();
     assert!(err.contains("after its last NAR"), "{err}");
     // The session goes on: a good upload after the bad ones works.
-    add_to_store_nar(&mut p, &info_for(&a, &nar, &[]), &nar, None);
+    p.add_to_store_nar(&info_for(&a, &nar, &[]), &nar, None);
     p.expect_last();
     let (st, _) = p.finish();
     assert!(st.success());
@@ -278,11 +237,7 @@ fn corrupted_uploads_are_rejected_with_clear_errors() {
     // Serve protocol: no error channel; the message goes to stderr and the process exits.
     let b = fake_path("corrupt-serve", 3);
     let mut p = Peer::spawn(&state, &["--serve", "--write", &key], LIMIT);
-    p.w().write_u64(SERVE_MAGIC_1).unwrap();
-    p.w().write_u64(0x207).unwrap();
-    p.w().flush().unwrap();
-    p.from.read_u64().unwrap();
-    p.from.read_u64().unwrap();
+    p.serve_handshake(0x207);
     let mut wrong = info_for(&b, &nar, &[]);
     wrong.info.nar_hash.0[0] ^= 0xff;
     let wrong = signed(wrong);
@@ -342,7 +297,7 @@ fn eviction_never_removes_pinned_paths() {
     let key = key_arg();
     let args = ["--stdio", "--store-max-size", max, &key];
     let upload = |p: &mut Peer, path: &StorePath, nar: &[u8]| {
-        add_to_store_nar(p, &signed(info_for(path, nar, &[])), nar, None);
+        p.add_to_store_nar(&signed(info_for(path, nar, &[])), nar, None);
         p.stderr_loop()
     };
     let (pinned, x, y, z) =

@@ -21,11 +21,9 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
-use host_launcher::nixproto::serve::{SERVE_MAGIC_1, SERVE_MAGIC_2};
 use host_launcher::nixproto::version::{ClientProfile, Protocol};
 use host_launcher::nixproto::wire::{FramedWriter, WireRead, WireWrite};
 use host_launcher::nixproto::{types, BuildStatus};
-use nix_formats::StorePath;
 use peer::*;
 use test_support::server::SocketServer;
 
@@ -36,41 +34,14 @@ const UPLOAD_RULE: &str =
 /// Part of the message that names the build rule.
 const BUILD_RULE: &str = "only from its .drv closure (BuildPaths)";
 
-/// `QueryValidPaths` (31) on an open worker connection.
-fn query_valid(p: &mut Peer, paths: &[&StorePath]) -> BTreeSet<String> {
-    p.w().write_u64(31).unwrap();
-    let set: BTreeSet<StorePath> = paths.iter().map(|p| (*p).clone()).collect();
-    types::write_store_path_set(p.w(), &set).unwrap();
-    p.w().write_u64(0).unwrap();
-    p.w().flush().unwrap();
-    p.expect_last();
-    p.from.read_string_set("valid").unwrap()
-}
-
 /// `AddToStoreNar` (39) of `nar` at `info`; the server's answer.
 fn upload(
     p: &mut Peer,
     info: &host_launcher::core::ValidPathInfo,
     nar: &[u8],
 ) -> Result<(), String> {
-    p.w().write_u64(39).unwrap();
-    types::write_upload_info(p.w(), info).unwrap();
-    p.w().write_u64(0).unwrap(); // repair
-    p.w().write_u64(1).unwrap(); // dontCheckSigs: vouch checks anyway
-    let mut fw = FramedWriter::new(p.w());
-    fw.write_all(nar).unwrap();
-    fw.finish().unwrap();
-    p.w().flush().unwrap();
+    p.add_to_store_nar(info, nar, None);
     p.stderr_loop()
-}
-
-/// Which of `paths` a fresh, untrusted builder process reports valid.
-fn valid_in(state: &Path, paths: &[&StorePath]) -> BTreeSet<String> {
-    let mut p = Peer::spawn(state, &["--stdio"], LIMIT);
-    p.worker_handshake(0x122, &[]);
-    let v = query_valid(&mut p, paths);
-    assert!(p.finish().0.success());
-    v
 }
 
 fn socket_server(dir: &Path, name: &str, extra: &[&str]) -> SocketServer {
@@ -171,11 +142,7 @@ fn an_untrusted_client_cannot_upload_what_vouch_cannot_certify() {
 
     // Serve protocol: no error channel; the rule goes to stderr and the process exits.
     let mut p = Peer::spawn(&state, &["--serve", "--write"], LIMIT);
-    p.w().write_u64(SERVE_MAGIC_1).unwrap();
-    p.w().write_u64(0x207).unwrap();
-    p.w().flush().unwrap();
-    assert_eq!(p.from.read_u64().unwrap(), SERVE_MAGIC_2);
-    p.from.read_u64().unwrap();
+    p.serve_handshake(0x207);
     p.w().write_u64(9).unwrap();
     types::write_upload_info(p.w(), &info_for(&victim, &evil, &[])).unwrap();
     p.w().write_all(&evil).unwrap();
@@ -216,8 +183,8 @@ fn a_trusted_clients_unsigned_upload_stays_in_its_session() {
         assert_eq!(p.worker_handshake(0x125, &[]).1, Some(1));
     }
     upload(&mut a, &info_for(&x, &mine, &[]), &mine).unwrap();
-    assert_eq!(query_valid(&mut a, &[&x]).len(), 1);
-    assert!(query_valid(&mut b, &[&x]).is_empty(), "another session does not see a's upload");
+    assert_eq!(a.query_valid(&[&x]).len(), 1);
+    assert!(b.query_valid(&[&x]).is_empty(), "another session does not see a's upload");
     upload(&mut b, &info_for(&x, &theirs, &[]), &theirs).unwrap();
     for (p, nar) in [(&mut a, &mine), (&mut b, &theirs)] {
         p.w().write_u64(38).unwrap(); // NarFromPath
@@ -261,7 +228,7 @@ fn a_trusted_clients_unsigned_upload_stays_in_its_session() {
     let mut p = Peer::spawn(&state, &["--trusted", "--stdio"], LIMIT);
     p.worker_handshake(0x125, &[]);
     upload(&mut p, &info_for(&x, &mine, &[]), &mine).unwrap();
-    assert_eq!(query_valid(&mut p, &[&x]).len(), 1);
+    assert_eq!(p.query_valid(&[&x]).len(), 1);
     assert!(valid_in(&state, &[&x]).is_empty());
     assert!(p.finish().0.success());
 }
@@ -312,16 +279,13 @@ fn an_untrusted_clients_input_addressed_build_derivation_is_refused_naming_the_r
         args.extend(trust);
         args.extend(image);
         let mut p = Peer::spawn(&state, &args, LIMIT);
-        p.w().write_u64(SERVE_MAGIC_1).unwrap();
-        p.w().write_u64(0x207).unwrap();
+        p.serve_handshake(0x207);
         p.w().write_u64(8).unwrap();
         p.w().write_str(&drv_path.to_string()).unwrap();
         types::write_basic_derivation(p.w(), &drv).unwrap();
         let options = host_launcher::nixproto::BuildOptions::default();
         types::write_build_options(p.w(), &options, 0x207).unwrap();
         p.w().flush().unwrap();
-        p.from.read_u64().unwrap();
-        p.from.read_u64().unwrap();
         let profile = ClientProfile::new(Protocol::Serve, 0x207, BTreeSet::new());
         let res = types::read_build_result(&mut p.from, &profile).unwrap();
         assert!(res.error_msg.contains(want), "serve {trust:?}: {}", res.error_msg);

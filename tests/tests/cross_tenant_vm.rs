@@ -8,9 +8,10 @@
 //! built from A's bytes and signed. Now A's upload is refused naming the rule, B's build reads
 //! B's own `dep`, and what B uploaded (and what was built from it) stays in B's session. 1 VM.
 
-use std::io::{Read, Write};
+use std::collections::BTreeSet;
+use std::io::{BufReader, Read, Write};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
 use host_launcher::core::ValidPathInfo;
 use host_launcher::nixproto::types;
@@ -32,109 +33,106 @@ fn dir_nar(data: &[u8]) -> Vec<u8> {
     w.into_inner()
 }
 
-/// A worker-protocol session with `vouch nix-builder ARGS…` (state `state`) as Nix 2.20 (1.37):
-/// `AddToStoreNar` of `nar` at `path`, unsigned, without a content address. Returns what the
-/// builder answered (`Err` with its message) and the trusted flag of its handshake.
-fn upload_as_client(
-    state: &Path,
-    args: &[&str],
-    path: &StorePath,
-    nar: &[u8],
-) -> (Result<(), String>, u64) {
-    let mut child = Command::new(vouch_bin())
-        .arg("--state-dir")
-        .arg(state)
-        .arg("nix-builder")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut w = child.stdin.take().unwrap();
-    let mut r = std::io::BufReader::new(child.stdout.take().unwrap());
-    for word in [WORKER_MAGIC_1, 0x125, 0, 0] {
-        w.write_u64(word).unwrap();
-    }
-    w.flush().unwrap();
-    assert_eq!(r.read_u64().unwrap(), WORKER_MAGIC_2);
-    r.read_u64().unwrap();
-    r.read_string("version").unwrap();
-    let trusted = r.read_u64().unwrap();
-    assert_eq!(r.read_u64().unwrap(), STDERR_LAST);
-    let info = ValidPathInfo {
-        path: path.clone(),
-        info: build_trace::PathInfo {
-            nar_hash: build_trace::NarHash::of(nar),
-            nar_size: nar.len() as u64,
-            references: Default::default(),
-            ca: None,
-        },
-        deriver: None,
-        registration_time: 0,
-        ultimate: false,
-        sigs: Default::default(),
-    };
-    w.write_u64(39).unwrap(); // AddToStoreNar
-    types::write_upload_info(&mut w, &info).unwrap();
-    w.write_u64(0).unwrap(); // repair
-    w.write_u64(1).unwrap(); // dontCheckSigs, as Nix's hook sends it
-    let mut fw = FramedWriter::new(&mut w);
-    fw.write_all(nar).unwrap();
-    fw.finish().unwrap();
-    w.flush().unwrap();
-    let answer = match r.read_u64().unwrap() {
-        STDERR_LAST => Ok(()),
-        STDERR_ERROR => {
-            for what in ["type", "level", "name"] {
-                if what == "level" {
-                    r.read_u64().unwrap();
-                } else {
-                    r.read_string(what).unwrap();
-                }
-            }
-            Err(r.read_string("message").unwrap())
+/// A worker-protocol client (as Nix 2.20, protocol 1.37) of `vouch nix-builder ARGS…` on the
+/// state directory `state`, after its handshake.
+struct Client {
+    child: Child,
+    w: ChildStdin,
+    r: BufReader<ChildStdout>,
+    /// The handshake's trusted flag.
+    trusted: u64,
+}
+
+impl Client {
+    fn start(state: &Path, args: &[&str]) -> Client {
+        let mut child = Command::new(vouch_bin())
+            .arg("--state-dir")
+            .arg(state)
+            .arg("nix-builder")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut w = child.stdin.take().unwrap();
+        let mut r = BufReader::new(child.stdout.take().unwrap());
+        for word in [WORKER_MAGIC_1, 0x125, 0, 0] {
+            w.write_u64(word).unwrap();
         }
-        other => panic!("unexpected answer {other:#x}"),
-    };
-    drop(w);
-    let mut rest = Vec::new();
-    let _ = r.read_to_end(&mut rest);
-    child.wait().unwrap();
-    (answer, trusted)
+        w.flush().unwrap();
+        assert_eq!(r.read_u64().unwrap(), WORKER_MAGIC_2);
+        r.read_u64().unwrap();
+        r.read_string("version").unwrap();
+        let trusted = r.read_u64().unwrap();
+        assert_eq!(r.read_u64().unwrap(), STDERR_LAST);
+        Client { child, w, r, trusted }
+    }
+
+    /// `STDERR_LAST`, or the message of `STDERR_ERROR`.
+    fn answer(&mut self) -> Result<(), String> {
+        match self.r.read_u64().unwrap() {
+            STDERR_LAST => Ok(()),
+            STDERR_ERROR => {
+                self.r.read_string("type").unwrap();
+                self.r.read_u64().unwrap();
+                self.r.read_string("name").unwrap();
+                Err(self.r.read_string("message").unwrap())
+            }
+            other => panic!("unexpected answer {other:#x}"),
+        }
+    }
+
+    /// `AddToStoreNar` of `nar` at `path`, unsigned, without a content address.
+    fn upload(&mut self, path: &StorePath, nar: &[u8]) -> Result<(), String> {
+        let info = ValidPathInfo {
+            path: path.clone(),
+            info: build_trace::PathInfo {
+                nar_hash: build_trace::NarHash::of(nar),
+                nar_size: nar.len() as u64,
+                references: Default::default(),
+                ca: None,
+            },
+            deriver: None,
+            registration_time: 0,
+            ultimate: false,
+            sigs: Default::default(),
+        };
+        self.w.write_u64(39).unwrap(); // AddToStoreNar
+        types::write_upload_info(&mut self.w, &info).unwrap();
+        self.w.write_u64(0).unwrap(); // repair
+        self.w.write_u64(1).unwrap(); // dontCheckSigs, as Nix's hook sends it
+        let mut fw = FramedWriter::new(&mut self.w);
+        fw.write_all(nar).unwrap();
+        fw.finish().unwrap();
+        self.w.flush().unwrap();
+        self.answer()
+    }
+
+    /// `QueryValidPaths`.
+    fn valid(&mut self, paths: &[&str]) -> Vec<String> {
+        self.w.write_u64(31).unwrap();
+        let set: BTreeSet<StorePath> = paths.iter().map(|p| StorePath::parse(p).unwrap()).collect();
+        types::write_store_path_set(&mut self.w, &set).unwrap();
+        self.w.write_u64(0).unwrap();
+        self.w.flush().unwrap();
+        self.answer().unwrap();
+        self.r.read_string_list("valid").unwrap()
+    }
+
+    fn finish(mut self) {
+        drop(self.w);
+        let mut rest = Vec::new();
+        let _ = self.r.read_to_end(&mut rest);
+        self.child.wait().unwrap();
+    }
 }
 
 /// Which of `paths` a new, untrusted builder process (another session) reports valid.
 fn shared_valid(state: &Path, paths: &[&str]) -> Vec<String> {
-    let mut child = Command::new(vouch_bin())
-        .arg("--state-dir")
-        .arg(state)
-        .args(["nix-builder", "--stdio"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut w = child.stdin.take().unwrap();
-    let mut r = std::io::BufReader::new(child.stdout.take().unwrap());
-    for word in [WORKER_MAGIC_1, 0x122, 0, 0] {
-        w.write_u64(word).unwrap();
-    }
-    w.flush().unwrap();
-    r.read_u64().unwrap();
-    r.read_u64().unwrap();
-    r.read_string("version").unwrap();
-    assert_eq!(r.read_u64().unwrap(), STDERR_LAST);
-    w.write_u64(31).unwrap();
-    let set: std::collections::BTreeSet<StorePath> =
-        paths.iter().map(|p| StorePath::parse(p).unwrap()).collect();
-    types::write_store_path_set(&mut w, &set).unwrap();
-    w.write_u64(0).unwrap();
-    w.flush().unwrap();
-    assert_eq!(r.read_u64().unwrap(), STDERR_LAST);
-    let valid = r.read_string_list("valid").unwrap();
-    drop(w);
-    child.wait().unwrap();
+    let mut c = Client::start(state, &["--stdio"]);
+    let valid = c.valid(paths);
+    c.finish();
     valid
 }
 
@@ -165,9 +163,11 @@ in rec {{
 
     // A, not trusted: its upload of other bytes under that name is refused, naming the rule.
     let poison = dir_nar(b"poisoned by a\n");
-    let (answer, trusted) = upload_as_client(&state, &["--stdio"], &dep_path, &poison);
-    assert_eq!(trusted, 2, "A is told it is not trusted");
-    let err = answer.expect_err("an unsigned upload without a content address from A");
+    let mut a = Client::start(&state, &["--stdio"]);
+    assert_eq!(a.trusted, 2, "A is told it is not trusted");
+    let err =
+        a.upload(&dep_path, &poison).expect_err("an unsigned upload without a content address");
+    a.finish();
     assert!(
         err.contains("neither a content address nor a signature by a key this builder trusts"),
         "{err}"

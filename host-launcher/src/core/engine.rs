@@ -230,7 +230,7 @@ impl InputSource for StoreInputs<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::core::keys::KeyNaming;
     use crate::core::request::{test_derivation, CaRuleChoice};
@@ -256,7 +256,9 @@ mod tests {
         }
     }
 
-    fn engine(dir: &std::path::Path) -> Engine {
+    /// An engine whose state and trace store are under `dir`, without a guest image (every
+    /// build fails at the VM, after the checks before it).
+    pub(crate) fn engine(dir: &std::path::Path) -> Engine {
         Engine {
             launcher: LauncherConfig::new(dir.join("no-image"), dir.join("state")),
             limits: Limits::default(),

@@ -356,8 +356,7 @@ mod tests {
     use nix_formats::Hash;
 
     use super::*;
-    use crate::build::LauncherConfig;
-    use crate::core::{KeyNaming, PublishConfig, ValidPathInfo};
+    use crate::core::ValidPathInfo;
     use crate::store::{ClientTrust, ContentStore, SessionStore, StoreConfig, UPLOAD_RULES};
 
     fn nar_of(contents: &[u8]) -> Vec<u8> {
@@ -446,15 +445,7 @@ mod tests {
     }
 
     fn run(dir: &std::path::Path, store: &SessionStore, w: DerivedPath) -> (BuildResult, Started) {
-        let engine = Engine {
-            launcher: LauncherConfig::new(dir.join("no-image"), dir.join("state")),
-            limits: Limits::default(),
-            publish: PublishConfig {
-                state_dir: dir.join("state"),
-                trace_store: dir.join("traces"),
-                key_naming: KeyNaming::host_default(),
-            },
-        };
+        let engine = crate::core::engine::tests::engine(dir);
         let req = Request {
             engine: &engine,
             view: store.view(),

@@ -425,20 +425,7 @@ impl ContentStore {
         &self,
         roots: &BTreeSet<StorePath>,
     ) -> Result<BTreeMap<StorePath, ValidPathInfo>, StoreError> {
-        let conn = self.conn();
-        let mut out = BTreeMap::new();
-        let mut todo: Vec<StorePath> = roots.iter().cloned().collect();
-        while let Some(p) = todo.pop() {
-            if out.contains_key(&p) {
-                continue;
-            }
-            let row = db::get(&conn, &p)
-                .map_err(dbe("closure"))?
-                .ok_or(StoreError::Missing { path: p.clone() })?;
-            todo.extend(row.info.info.references.iter().filter(|r| !out.contains_key(*r)).cloned());
-            out.insert(p, row.info);
-        }
-        Ok(out)
+        StoreView::from(self).closure(roots)
     }
 
     /// NAR bytes of all valid paths.
@@ -517,12 +504,7 @@ impl ContentStore {
                 let file =
                     format!("{}-{}-{}-{n}.nar", s.info.path.hash_part(), self.me.tag(), self.owner);
                 let dest = self.nar_path(&file);
-                fs::rename(&s.tmp, &dest).map_err(|source| StoreError::Io {
-                    op: "rename",
-                    path: dest.clone(),
-                    source,
-                })?;
-                s.committed = true;
+                s.commit_to(&dest)?;
                 renamed.push(dest);
                 ids.push((
                     db::insert(&tx, &s.info, &file, origin.as_str()).map_err(dbe("insert"))?,

@@ -102,12 +102,7 @@ impl Overlay {
         for mut s in fresh {
             let n = self.counter.fetch_add(1, Ordering::Relaxed);
             let dest = self.dir.join(format!("{}-{n}.nar", s.info.path.hash_part()));
-            fs::rename(&s.tmp, &dest).map_err(|source| StoreError::Io {
-                op: "rename",
-                path: dest.clone(),
-                source,
-            })?;
-            s.committed = true;
+            s.commit_to(&dest)?;
             paths.insert(s.info.path.clone(), (s.info.clone(), dest));
         }
         Ok(())

@@ -6,7 +6,8 @@
 //! and the build API (`POST /v1/builds`), with `--jobs` builds at once. Builds use the same
 //! limits, VM and key flags as `vouch nix-builder`; builds are recorded under
 //! `<state dir>/serve/` and outlive a restart. SIGINT or SIGTERM stop it: queued builds fail,
-//! running ones are cancelled (their VMs killed).
+//! running ones are cancelled (their VMs killed). At start it removes what a crashed
+//! predecessor left (`host_launcher::recovery`).
 //!
 //! With `--token-file`, uploads and the build API need that token (`Authorization: Bearer`, or
 //! HTTP Basic with the token as password, as Nix sends it from a netrc entry); the binary cache
@@ -20,6 +21,7 @@ use std::net::TcpListener;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use host_launcher::recovery;
 use host_launcher::serve::auth::AccessToken;
 use host_launcher::serve::{server, Service, ServiceConfig};
 use host_launcher::signals::Signals;
@@ -88,6 +90,11 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     };
     let listener = TcpListener::bind(&args.listen)
         .map_err(|e| format!("listening on {}: {e}", args.listen))?;
+    // Clean up after a crashed predecessor (`recovery`), then open (and lock) the service.
+    let store = host_launcher::store::ContentStore::open(&cfg.store_dir, cfg.store_cfg)?;
+    let scope = recovery::Scope::new(&state_dir, Some(&cfg.engine.publish.trace_store), true);
+    recovery::recover(&scope, store.cleaned()).log();
+    drop(store);
     let service = Arc::new(Service::open(cfg)?);
     let addr = listener.local_addr()?;
     eprintln!("vouch serve: listening on http://{addr}");

@@ -6,42 +6,40 @@
 //! For an opaque path: valid in the session's view, or a failure (vouch substitutes nothing).
 //!
 //! For `DRV!OUTPUTS`, the algorithm:
-//! 1. **Load** the `.drv` closure from the session's view: every `.drv` must be there (the
-//!    client uploads it first; a `.drv` is a `text:` content-addressed path, so any client may)
-//!    and its contents must hash to its path.
-//! 2. **Order** it, input derivations first (a depth-first post-order).
-//! 3. For each derivation, its **output paths**, chosen from its inputs' outputs as Nix chooses
-//!    them:
-//!    - input-addressed: `makeOutputPath` of its hash modulo over the graph
-//!      (`DrvGraph::input_addressed_paths`, as Nix's `checkDerivationOutputs`); a `.drv` that
-//!      declares other paths is refused, naming both;
-//!    - fixed-output: the declared path, which must follow from the declared hash;
-//!    - deferred (input-addressed with a floating content-addressed input): resolved against
-//!      its inputs' outputs (`nix_formats::resolve`), then `makeOutputPath` of the resolved
-//!      derivation;
-//!    - floating content-addressed: resolved, then found in the trace store (a step vouch
-//!      built and signed for the resolved derivation whose outputs are valid in the view), else
-//!      known only once built.
-//! 4. A derivation whose needed outputs are valid in the view is **skipped**; any other is
-//!    **built** through the engine (`crate::core::Engine::build`), input-addressed and
-//!    fixed-output ones with their input derivations replaced by the chosen input paths (as
-//!    Nix's build hook sends them), content-addressed and deferred ones resolved. A failed
-//!    dependency fails the request (`DependencyFailed`), naming it.
-//! 5. The answer is the root's result in Nix's `BuildResult` (built now, or already valid).
+//! 1. **Load** the `.drv` closure from the session's view into the core's
+//!    [`Derivations`]: every `.drv` must be there (the client uploads it first; a `.drv` is a
+//!    `text:` content-addressed path, so any client may) and its contents must hash to its path.
+//! 2. **Check** it before anything is built: every derivation's step is established as the core
+//!    establishes it (`crate::core::ownership`, item 1 of issue 12: input-addressed paths from
+//!    the hash modulo over the graph, fixed ones from their hash, deferred ones after resolution
+//!    against the outputs this host accepted); a `.drv` that declares other paths is refused,
+//!    naming both. Only a missing accepted output of a floating content-addressed input is
+//!    left for later (it is built below, first).
+//! 3. In dependency order (inputs first), each derivation's **step** is established again (its
+//!    floating inputs now built and accepted): a step whose needed outputs are valid in the
+//!    view is **skipped** (input-addressed, fixed and deferred steps by their computed paths,
+//!    floating ones by the output this host accepted); any other is **built** through the engine
+//!    (`crate::core::Engine::build`) as the step, with the graph in the request, so the engine
+//!    checks it again exactly as for every other front-end. A failed dependency fails the request
+//!    (`DependencyFailed`), naming it.
+//! 4. The answer is the root's result in Nix's `BuildResult` (built now, or already valid).
 //!
 //! One client's request, its own closure, in order: this is not a scheduler. Every failure is
 //! also said in the client's log (Nix's build hook does not report `BuildPathsWithResults`
 //! failures itself).
 //!
-//! What is not here: the wire (`crate::nixproto::worker`), the build (`crate::core`).
+//! What is not here: the wire (`crate::nixproto::worker`), the build and the path computation
+//! (`crate::core`).
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use build_trace::error_chain;
 use build_trace::job::{BasicDerivation, Limits};
-use build_trace::store::{TraceSource, TraceStore};
-use nix_formats::derivation::{Derivation, DerivationKind, DrvGraph};
+use build_trace::ownership::OwnershipError;
+use nix_formats::derivation::Derivation;
 use nix_formats::StorePath;
 
+use crate::core::ownership::{accepted_outputs, Derivations, Refusal};
 use crate::core::{BuildLog, BuildRequest, CaRuleChoice, Engine, Inputs, Progress};
 use crate::nixproto::{BuildResult, BuildStatus, BuiltOutput, DerivedPath};
 use crate::store::{drv_contents, StoreView};
@@ -97,19 +95,13 @@ fn opaque(view: StoreView<'_>, p: &StorePath) -> BuildResult {
                  derivations from their .drv closure (`DRV!OUTPUTS`)"
             ),
         ),
-        Err(e) => failure(BuildStatus::MiscFailure, build_trace::error_chain(&e)),
+        Err(e) => failure(BuildStatus::MiscFailure, error_chain(&e)),
     }
 }
 
-/// The `.drv` closure of a root, each checked to hash to its path, inputs first.
-struct Closure {
-    graph: DrvGraph,
-    order: Vec<StorePath>,
-}
-
+/// The derivation at `p` in the view (its hash is checked by the core's loader).
 fn read_drv(view: StoreView<'_>, p: &StorePath) -> Result<Derivation, String> {
-    let name = p.drv_name().map_err(|e| format!("{p}: {e}"))?;
-    let file = match view.open_nar(p).map_err(|e| build_trace::error_chain(&e))? {
+    let file = match view.open_nar(p).map_err(|e| error_chain(&e))? {
         Some((_, f)) => f,
         None => {
             return Err(format!(
@@ -119,135 +111,25 @@ fn read_drv(view: StoreView<'_>, p: &StorePath) -> Result<Derivation, String> {
         }
     };
     let bytes = drv_contents(file).map_err(|e| format!("derivation {p}: {e}"))?;
-    let drv = Derivation::from_aterm(&bytes).map_err(|e| format!("derivation {p}: {e}"))?;
-    let hashed = drv.drv_path(name).map_err(|e| format!("derivation {p}: {e}"))?;
-    if hashed != *p {
-        return Err(format!("derivation {p}: its contents hash to {hashed}"));
-    }
-    Ok(drv)
+    Derivation::from_aterm(&bytes).map_err(|e| format!("derivation {p}: {e}"))
 }
 
-fn load(view: StoreView<'_>, root: &StorePath) -> Result<Closure, String> {
-    let mut graph = DrvGraph::new();
-    let mut order = Vec::new();
-    let mut seen = BTreeSet::new();
-    let mut stack = vec![(root.clone(), false)];
-    while let Some((p, inputs_done)) = stack.pop() {
-        if inputs_done {
-            order.push(p);
-            continue;
+/// The `.drv` closure of `root` from the view, as the core's graph.
+fn load(view: StoreView<'_>, root: &StorePath) -> Result<Derivations, String> {
+    let mut unreadable = None;
+    let loaded = Derivations::load(root, &mut |p| match read_drv(view, p) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            unreadable.get_or_insert(e);
+            None
         }
-        if !seen.insert(p.clone()) {
-            continue;
-        }
-        let drv = read_drv(view, &p)?;
-        stack.push((p.clone(), true));
-        stack.extend(
-            drv.input_drvs.keys().filter(|i| !seen.contains(*i)).map(|i| (i.clone(), false)),
-        );
-        graph.insert(p, drv);
-    }
-    Ok(Closure { graph, order })
+    });
+    loaded.map_err(|e| unreadable.unwrap_or_else(|| error_chain(&e)))
 }
 
-/// The chosen output paths so far, by (derivation, output).
-type Chosen = BTreeMap<(StorePath, String), StorePath>;
-
-/// One derivation as vouch builds it: the drv path and basic derivation of the step, and its
-/// output paths where they are known before the build.
-struct Step {
-    drv_path: StorePath,
-    basic: BasicDerivation,
-    known: Option<BTreeMap<String, StorePath>>,
-}
-
-/// `drv` with its input derivations replaced by the chosen paths of the outputs it uses.
-fn without_input_drvs(
-    name: &str,
-    drv: &Derivation,
-    chosen: &Chosen,
-) -> Result<BasicDerivation, String> {
-    let mut d = drv.clone();
-    for (input, outs) in &drv.input_drvs {
-        for o in outs {
-            let p = chosen
-                .get(&(input.clone(), o.clone()))
-                .ok_or_else(|| format!("no path for output `{o}` of {input}"))?;
-            d.input_srcs.insert(p.clone());
-        }
-    }
-    d.input_drvs.clear();
-    BasicDerivation::from_derivation(name, &d).map_err(|e| e.to_string())
-}
-
-/// The output paths a derivation declares (input-addressed and fixed ones).
-fn declared(d: &Derivation) -> BTreeMap<String, StorePath> {
-    d.outputs.iter().filter_map(|(o, out)| out.path().map(|x| (o.clone(), x.clone()))).collect()
-}
-
-/// The output paths of `p` that follow from the graph alone (input-addressed: computed, and
-/// equal to the declared ones; fixed: declared, following from the hash); `None` for the
-/// kinds whose paths need their inputs' outputs.
-fn paths_from_graph(
-    graph: &mut DrvGraph,
-    p: &StorePath,
-    drv: &Derivation,
-) -> Result<Option<BTreeMap<String, StorePath>>, String> {
-    let name = p.drv_name().map_err(|e| e.to_string())?;
-    let err = |e: &dyn std::fmt::Display| format!("derivation {p}: {e}");
-    match drv.kind(name).map_err(|e| err(&e))? {
-        DerivationKind::InputAddressed => {
-            let computed = graph
-                .input_addressed_paths(drv, name)
-                .map_err(|e| err(&e))?
-                .ok_or_else(|| err(&"its output paths are deferred"))?;
-            for (o, path) in declared(drv) {
-                if computed.get(&o) != Some(&path) {
-                    return Err(format!(
-                        "derivation {p} declares output `{o}` at {path}, but its derivation gives \
-                         {}: vouch builds input-addressed outputs only at the paths it computes",
-                        computed.get(&o).map(ToString::to_string).unwrap_or_default()
-                    ));
-                }
-            }
-            Ok(Some(computed))
-        }
-        DerivationKind::Fixed => {
-            drv.check_output_paths(name).map_err(|e| err(&e))?;
-            Ok(Some(declared(drv)))
-        }
-        DerivationKind::Floating | DerivationKind::Deferred => Ok(None),
-        DerivationKind::Impure => Err(err(&"vouch does not build impure derivations")),
-    }
-}
-
-fn step_of(closure: &mut Closure, p: &StorePath, chosen: &Chosen) -> Result<Step, String> {
-    let name = p.drv_name().map_err(|e| e.to_string())?;
-    let drv = closure.graph.get(p).cloned().ok_or_else(|| format!("{p} was not loaded"))?;
-    if let Some(known) = paths_from_graph(&mut closure.graph, p, &drv)? {
-        let basic = without_input_drvs(name, &drv, chosen)?;
-        return Ok(Step { drv_path: p.clone(), basic, known: Some(known) });
-    }
-    let err = |e: &dyn std::fmt::Display| format!("derivation {p}: {e}");
-    let res = nix_formats::resolve::resolve_with(&drv, name, chosen).map_err(|e| err(&e))?;
-    let basic = BasicDerivation::from_derivation(name, &res.drv).map_err(|e| err(&e))?;
-    let deferred = drv.kind(name).map_err(|e| err(&e))? == DerivationKind::Deferred;
-    Ok(Step { drv_path: res.drv_path, basic, known: deferred.then(|| declared(&res.drv)) })
-}
-
-/// The outputs of an earlier build of `step` (a floating CA step) in the trace store whose
-/// paths are all valid in the view.
-fn traced_outputs(req: &Request<'_>, step: &Step) -> Option<BTreeMap<String, StorePath>> {
-    let traces = TraceStore::open(&req.engine.publish.trace_store).ok()?;
-    traces.entries(&step.drv_path).ok()?.into_iter().find_map(|e| {
-        let st = e.parse_statement().ok()?;
-        let outs: BTreeMap<String, StorePath> =
-            st.outputs.iter().map(|(n, o)| (n.clone(), o.path.clone())).collect();
-        let all = step.basic.outputs.keys().all(|n| outs.contains_key(n));
-        let paths: BTreeSet<StorePath> = outs.values().cloned().collect();
-        let valid = req.view.query_valid(&paths, true).ok()? == paths;
-        (all && valid).then_some(outs)
-    })
+/// Whether the core refused only because a floating content-addressed input is not built yet.
+fn not_built_yet(r: &Refusal) -> bool {
+    matches!(r, Refusal::Graph { source, .. } if matches!(**source, OwnershipError::NotAccepted { .. }))
 }
 
 fn realise(
@@ -256,69 +138,77 @@ fn realise(
     wanted: Option<&BTreeSet<String>>,
     log: &mut dyn BuildLog,
 ) -> BuildResult {
-    let mut closure = match load(req.view, root) {
+    let all = match load(req.view, root) {
         Ok(c) => c,
         Err(e) => return failure(BuildStatus::MiscFailure, e),
     };
-    let order = std::mem::take(&mut closure.order);
+    let status_of = |p: &StorePath| {
+        if p == root {
+            BuildStatus::MiscFailure
+        } else {
+            BuildStatus::DependencyFailed
+        }
+    };
+    let order = all.post_order();
+    let mut accepted = accepted_outputs(&req.engine.publish.trace_store);
     // Every path that follows from the graph is checked before anything is built.
     for p in &order {
-        let Some(drv) = closure.graph.get(p).cloned() else { continue };
-        if let Err(e) = paths_from_graph(&mut closure.graph, p, &drv) {
-            let status =
-                if p == root { BuildStatus::MiscFailure } else { BuildStatus::DependencyFailed };
-            return failure(status, e);
+        let Some(d) = all.rooted_at(p) else { continue };
+        match d.step(&mut accepted) {
+            Err(e) if !not_built_yet(&e) => return failure(status_of(p), error_chain(&e)),
+            _ => {}
         }
     }
-    let mut chosen = Chosen::new();
     for p in &order {
-        let step = match step_of(&mut closure, p, &chosen) {
+        let Some(d) = all.rooted_at(p) else { continue };
+        // Opened again for each step: the steps built before it are accepted now.
+        let mut accepted = accepted_outputs(&req.engine.publish.trace_store);
+        let step = match d.step(&mut accepted) {
             Ok(s) => s,
-            Err(e) if p == root => return failure(BuildStatus::MiscFailure, e),
-            Err(e) => return failure(BuildStatus::DependencyFailed, e),
+            Err(e) => return failure(status_of(p), error_chain(&e)),
         };
         let outputs: BTreeSet<String> = match wanted {
             Some(w) if p == root => w.clone(),
-            _ => step.basic.outputs.keys().cloned().collect(),
+            _ => step.drv.outputs.keys().cloned().collect(),
         };
-        let valid_outputs = match &step.known {
-            Some(known) => {
-                let paths: BTreeSet<StorePath> =
-                    outputs.iter().filter_map(|o| known.get(o)).cloned().collect();
-                let valid = req.view.query_valid(&paths, true).unwrap_or_default();
-                (paths.len() == outputs.len() && valid == paths).then(|| known.clone())
-            }
-            None => traced_outputs(req, &step),
-        };
-        if let Some(outs) = valid_outputs {
+        // The step's output paths where they are known before the build: computed, fixed, or
+        // (floating content-addressed) accepted here before.
+        let known: BTreeMap<String, StorePath> = step
+            .drv
+            .outputs
+            .iter()
+            .filter_map(|(o, x)| {
+                Some((o.clone(), x.path().cloned().or_else(|| accepted(&step.drv_path, o))?))
+            })
+            .collect();
+        let paths: BTreeSet<StorePath> =
+            outputs.iter().filter_map(|o| known.get(o)).cloned().collect();
+        let valid = req.view.query_valid(&paths, true).unwrap_or_default();
+        if paths.len() == outputs.len() && valid == paths {
             tracing::info!(drv = %p, "already valid");
-            chosen.extend(outs.iter().map(|(o, path)| ((p.clone(), o.clone()), path.clone())));
             if p == root {
-                return already_valid(&outs, &outputs);
+                return already_valid(&known, &outputs);
             }
             continue;
         }
+        let name = p.drv_name().map(str::to_owned).unwrap_or_default();
+        let basic = match BasicDerivation::from_derivation(&name, &step.drv) {
+            Ok(b) => b,
+            Err(e) => return failure(status_of(p), format!("derivation {p}: {e}")),
+        };
         let request = BuildRequest {
             drv_path: step.drv_path,
-            drv: step.basic,
+            drv: basic,
             outputs: if p == root { outputs } else { BTreeSet::new() },
             limits: req.limits,
             ca_rule: req.ca_rule.clone(),
+            derivations: Some(d),
             trusted: req.trusted,
         };
         let result = req.engine.build(request, Inputs::ContentStore(req.view), log);
         match &result {
-            crate::core::BuildResult::Built(b) => {
-                chosen.extend(
-                    b.published
-                        .outputs
-                        .iter()
-                        .map(|(o, out)| ((p.clone(), o.clone()), out.path.clone())),
-                );
-                if p == root {
-                    return (&result).into();
-                }
-            }
+            crate::core::BuildResult::Built(_) if p == root => return (&result).into(),
+            crate::core::BuildResult::Built(_) => {}
             crate::core::BuildResult::Failed(_) if p == root => return (&result).into(),
             crate::core::BuildResult::Failed(f) => {
                 return failure(
@@ -350,7 +240,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use build_trace::job::Limits;
-    use nix_formats::derivation::DerivationOutput;
+    use nix_formats::derivation::{DerivationOutput, DrvGraph};
     use nix_formats::nar::NarWriter;
     use nix_formats::store_path::make_output_path;
     use nix_formats::Hash;

@@ -14,18 +14,17 @@
 //!      (`super::build_paths`), where vouch computes the paths;
 //!    - a trusted client's is built, and its outputs stay in the session's overlay unless
 //!      vouch computed its paths (a derivation without input derivations, whose basic
-//!      derivation is the whole `.drv`);
+//!      derivation is the whole `.drv`: [`leaf_graph`], checked by `crate::core::ownership`
+//!      like any graph, so a leaf declaring other paths is refused from anyone);
 //!    - content-addressed and fixed-output derivations are built for anyone: their output
 //!      paths follow from their contents.
 //!
 //! What is not here: the build itself (`crate::core::engine`).
 
-use std::collections::BTreeMap;
-
 use build_trace::job::{step_kind, BasicDerivation, Limits, StepKind};
-use nix_formats::derivation::DrvGraph;
 use nix_formats::StorePath;
 
+use crate::core::ownership::Derivations;
 use crate::core::{BuildRequest, BuildResult, FailureStatus};
 use crate::nixproto::{BuildDerivation, BuildMode, BuildOptions, ClientOptions};
 
@@ -69,28 +68,30 @@ pub fn core_request(
     if input_addressed && !trusted {
         return Err(refuse(format!("{}: {UNTRUSTED_INPUT_ADDRESSED}", d.drv_path)));
     }
-    let private_outputs = input_addressed && !computes_own_paths(&d.drv_path, &d.drv);
+    // A leaf derivation's graph is its basic derivation: its paths are computed and checked
+    // by the core like any graph's. Any other input-addressed one is a trusted client's, built
+    // as given, with its outputs kept in the session's overlay.
+    let derivations = leaf_graph(&d.drv_path, &d.drv).filter(|_| input_addressed);
+    let private_outputs = input_addressed && derivations.is_none();
     let request = BuildRequest {
         limits: client_limits(d.options.as_ref(), session, vcpus),
         drv_path: d.drv_path,
         drv: d.drv,
         outputs: Default::default(),
         ca_rule,
+        derivations,
         trusted,
     };
     Ok(Admitted { request, private_outputs })
 }
 
-/// Whether `basic` is the whole derivation at `drv_path` (it had no input derivations) and
-/// declares the input-addressed output paths its hash modulo gives.
-pub fn computes_own_paths(drv_path: &StorePath, basic: &BasicDerivation) -> bool {
-    let Ok(drv) = basic.to_derivation() else { return false };
-    if drv.drv_path(&basic.name).ok().as_ref() != Some(drv_path) {
-        return false;
-    }
-    let declared: BTreeMap<String, StorePath> =
-        basic.outputs.iter().filter_map(|(n, o)| Some((n.clone(), o.path.clone()?))).collect();
-    DrvGraph::new().input_addressed_paths(&drv, &basic.name).ok().flatten() == Some(declared)
+/// The derivation graph of a `BuildDerivation` whose basic derivation is the whole `.drv` at
+/// `drv_path` (it had no input derivations, and its input sources are the `.drv`'s): then
+/// vouch computes its output paths (`crate::core::ownership`), as for any graph. `None` for
+/// any other basic derivation: its input derivations are gone.
+pub fn leaf_graph(drv_path: &StorePath, basic: &BasicDerivation) -> Option<Derivations> {
+    let drv = basic.to_derivation().ok()?;
+    Derivations::load(drv_path, &mut |p| (p == drv_path).then(|| drv.clone())).ok()
 }
 
 /// The settings of a worker-protocol `SetOptions` (what a `unix://` client sends first) that
@@ -268,26 +269,35 @@ mod trust_tests {
     #[test]
     fn input_addressed_builds_follow_the_trust_rule() {
         let (drv_path, basic) = leaf();
-        assert!(computes_own_paths(&drv_path, &basic));
+        assert!(leaf_graph(&drv_path, &basic).is_some());
         // Untrusted: refused, naming the rule, whatever the paths.
         let Err(BuildResult::Failed(f)) = build(drv_path.clone(), basic.clone(), false) else {
             panic!("an untrusted input-addressed BuildDerivation was admitted")
         };
         assert!(f.message.contains("only from its .drv closure (BuildPaths)"), "{}", f.message);
         assert!(f.message.contains(&drv_path.to_string()), "{}", f.message);
-        // Trusted: a leaf whose paths vouch computes may share its outputs…
+        // Trusted: a leaf whose paths vouch computes may share its outputs, and the core
+        // checks them from its graph…
         let a = build(drv_path.clone(), basic.clone(), true).unwrap();
         assert!(!a.private_outputs && a.request.trusted);
-        // …one named by another drv path (a non-leaf, as the build hook sends it) or declaring
-        // another output path keeps them private.
+        let kind = StepKind::InputAddressed;
+        assert!(a.request.derivations.is_some());
+        crate::core::ownership::check(&a.request, kind, &mut |_, _| None).unwrap();
+        // …one named by another drv path (a non-leaf, as the build hook sends it) keeps them
+        // private, built as given…
         let other = StorePath::from_parts([9; 20], "leaf.drv").unwrap();
-        assert!(build(other, basic.clone(), true).unwrap().private_outputs);
+        let a = build(other, basic.clone(), true).unwrap();
+        assert!(a.private_outputs && a.request.derivations.is_none());
+        // …and a leaf declaring another output path than its derivation gives is refused by
+        // the core, even from a trusted client (item 1: it names both paths).
         let mut lying = basic.clone();
-        lying.outputs.get_mut("out").unwrap().path =
-            Some(StorePath::from_parts([3; 20], "leaf").unwrap());
+        let wrong = StorePath::from_parts([3; 20], "leaf").unwrap();
+        lying.outputs.get_mut("out").unwrap().path = Some(wrong.clone());
         let lying_path = lying.drv_path().unwrap();
-        assert!(!computes_own_paths(&lying_path, &lying));
-        assert!(build(lying_path, lying, true).unwrap().private_outputs);
+        let a = build(lying_path, lying, true).unwrap();
+        let refusal = crate::core::ownership::check(&a.request, kind, &mut |_, _| None);
+        let msg = build_trace::error_chain(&refusal.unwrap_err());
+        assert!(msg.contains(&wrong.to_string()), "{msg}");
     }
 
     #[test]

@@ -36,7 +36,7 @@ use nix_formats::derivation::{Derivation, DrvGraph};
 use nix_formats::StorePath;
 
 use super::request::BuildRequest;
-use crate::store::{drv_contents, ContentStore};
+use crate::store::{drv_contents, StoreView};
 
 /// An unresolved derivation and every input derivation it needs, each checked to hash to its
 /// path.
@@ -64,9 +64,9 @@ impl Derivations {
         Ok(Derivations { drv_path: drv_path.clone(), graph })
     }
 
-    /// `drv_path` and its input derivations from the content store (where clients upload them
-    /// with `nix copy --derivation`).
-    pub fn from_store(store: &ContentStore, drv_path: &StorePath) -> Result<Derivations, Refusal> {
+    /// `drv_path` and its input derivations from a view of the content store (where clients
+    /// upload them with `nix copy --derivation`).
+    pub fn from_store(store: StoreView<'_>, drv_path: &StorePath) -> Result<Derivations, Refusal> {
         Self::load(drv_path, &mut |p| {
             let (_, file) = store.open_nar(p).ok()??;
             Derivation::from_aterm(&drv_contents(file).ok()?).ok()

@@ -36,13 +36,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use build_trace::error_chain;
 use build_trace::job::{BasicDerivation, Limits};
 use build_trace::ownership::OwnershipError;
-use nix_formats::derivation::Derivation;
 use nix_formats::StorePath;
 
 use crate::core::ownership::{accepted_outputs, Derivations, Refusal};
 use crate::core::{BuildLog, BuildRequest, CaRuleChoice, Engine, Inputs, Progress};
 use crate::nixproto::{BuildResult, BuildStatus, BuiltOutput, DerivedPath};
-use crate::store::{drv_contents, StoreView};
+use crate::store::StoreView;
 
 /// What every build of one request shares.
 #[derive(Debug)]
@@ -99,32 +98,18 @@ fn opaque(view: StoreView<'_>, p: &StorePath) -> BuildResult {
     }
 }
 
-/// The derivation at `p` in the view (its hash is checked by the core's loader).
-fn read_drv(view: StoreView<'_>, p: &StorePath) -> Result<Derivation, String> {
-    let file = match view.open_nar(p).map_err(|e| error_chain(&e))? {
-        Some((_, f)) => f,
-        None => {
-            return Err(format!(
-                "derivation {p} is not in vouch's content store: upload the .drv closure first \
-                 (Nix's build hook does)"
-            ))
-        }
-    };
-    let bytes = drv_contents(file).map_err(|e| format!("derivation {p}: {e}"))?;
-    Derivation::from_aterm(&bytes).map_err(|e| format!("derivation {p}: {e}"))
-}
-
 /// The `.drv` closure of `root` from the view, as the core's graph.
 fn load(view: StoreView<'_>, root: &StorePath) -> Result<Derivations, String> {
-    let mut unreadable = None;
-    let loaded = Derivations::load(root, &mut |p| match read_drv(view, p) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            unreadable.get_or_insert(e);
-            None
-        }
-    });
-    loaded.map_err(|e| unreadable.unwrap_or_else(|| error_chain(&e)))
+    Derivations::from_store(view, root).map_err(|e| match &e {
+        Refusal::Graph { source, .. } => match &**source {
+            OwnershipError::NeedsDerivation(p) => format!(
+                "derivation {p} is not in vouch's content store (or is not a derivation): \
+                 upload the .drv closure first (Nix's build hook does)"
+            ),
+            _ => error_chain(&e),
+        },
+        _ => error_chain(&e),
+    })
 }
 
 /// Whether the core refused only because a floating content-addressed input is not built yet.
@@ -240,7 +225,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use build_trace::job::Limits;
-    use nix_formats::derivation::{DerivationOutput, DrvGraph};
+    use nix_formats::derivation::{Derivation, DerivationOutput, DrvGraph};
     use nix_formats::nar::NarWriter;
     use nix_formats::store_path::make_output_path;
     use nix_formats::Hash;

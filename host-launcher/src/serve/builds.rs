@@ -26,7 +26,7 @@ use build_trace::error_chain;
 use super::records::{BuildState, Records};
 use crate::core::log::{BuildLog, LineSplitter, Progress};
 use crate::core::{BuildRequest, BuildResult, Built, Engine, Inputs};
-use crate::store::{ContentStore, StoreConfig};
+use crate::store::{ContentStore, SessionStore, StoreConfig, StoreView};
 
 /// Most log bytes kept per build (later lines are dropped, with a note).
 pub const MAX_LOG_KEPT: usize = 8 << 20;
@@ -141,6 +141,7 @@ pub struct Builds {
     store_dir: std::path::PathBuf,
     store_cfg: StoreConfig,
     records: Records,
+    trusted_uploads: Option<Arc<SessionStore>>,
 }
 
 impl Builds {
@@ -159,7 +160,16 @@ impl Builds {
             store_dir: store_dir.to_owned(),
             store_cfg,
             records,
+            trusted_uploads: None,
         }
+    }
+
+    /// This queue, with the trusted callers' private uploads (`super::Service`): a trusted
+    /// caller's build reads them, and registers outputs built from them there too; nobody
+    /// else's build sees them.
+    pub fn with_trusted_uploads(mut self, uploads: Option<Arc<SessionStore>>) -> Self {
+        self.trusted_uploads = uploads;
+        self
     }
 
     /// Record how a build ended; whether that worked. A failure is logged (the build's
@@ -296,7 +306,9 @@ impl Builds {
             }
         };
         let mut log = LogOf { build, lines: LineSplitter::default() };
-        state_of(&self.engine.build(req, Inputs::ContentStore((&store).into()), &mut log))
+        let overlay = self.trusted_uploads.as_deref().filter(|_| req.trusted);
+        let view = StoreView::new(&store, overlay.and_then(SessionStore::overlay));
+        state_of(&self.engine.build(req, Inputs::ContentStore(view), &mut log))
     }
 }
 

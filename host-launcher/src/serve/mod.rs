@@ -13,7 +13,11 @@
 //!   directory, which is a Nix binary cache whose narinfos the launcher key signed; and its
 //!   transparency log, `log/checkpoint`, `log/tile/…`, `log/index/…` (C2SP tlog-tiles).
 //! - **Uploads** ([`upload`]): the requests of `nix copy --to 'http://…?compression=none'`;
-//!   uploaded paths go into the content store, checked, never into the trace store.
+//!   uploaded paths go into the content store, checked, never into the trace store. Into the
+//!   shared store only what vouch can certify (a content address it recomputes, a signature by
+//!   a `--trusted-public-key`); the trusted callers' other uploads go to their overlay
+//!   (`crate::store::session`), which only their builds read, for the service's life; anyone
+//!   else's are refused (403).
 //! - **narinfo of uploaded paths**: `nix copy --to` asks for `<hash>.narinfo` (GET) to decide
 //!   what to upload, and HEAD again before each upload. So that a second copy skips what is
 //!   already here, a path that is in the content store but not in the trace store is answered
@@ -49,7 +53,10 @@ use nix_formats::signing::PublicKey;
 use nix_formats::StorePath;
 
 use crate::core::{Engine, NixVersion};
-use crate::store::{ContentStore, FileUploads, Origin, StoreConfig, StoreError, UPLOAD_RULES};
+use crate::store::{
+    ClientTrust, ContentStore, FileUploads, Origin, SessionStore, StoreConfig, StoreError,
+    StoreView, UPLOAD_RULES,
+};
 use api::ApiAction;
 use records::BuildState;
 
@@ -111,6 +118,8 @@ pub struct ServiceConfig {
 pub struct Service {
     cfg: ServiceConfig,
     store: ContentStore,
+    /// The trusted callers' session store (with an access token for them only).
+    trusted_uploads: Option<Arc<SessionStore>>,
     index: Mutex<rusqlite::Connection>,
     staging: upload::Staging,
     builds: Arc<builds::Builds>,
@@ -152,13 +161,30 @@ impl Service {
         let store = ContentStore::open(&cfg.store_dir, cfg.store_cfg)?;
         let index = crate::store::db::open(&cfg.store_dir.join("index.sqlite"))?;
         let staging = upload::Staging::open(&state_dir.join("serve/staging"))?;
-        let builds = Arc::new(builds::Builds::new(
-            cfg.engine.clone(),
-            &cfg.store_dir,
-            cfg.store_cfg,
-            records,
-        ));
-        Ok(Service { cfg, store, index: Mutex::new(index), staging, builds })
+        // The trusted callers' uploads that vouch cannot certify: their overlay, for this
+        // process's life (the HTTP API has no sessions; the trusted token is one client).
+        let trusted_uploads = match cfg.trusted {
+            Some(_) => {
+                let trust = ClientTrust { trusted: true, keys: cfg.trusted_keys.clone() };
+                let shared = ContentStore::open(&cfg.store_dir, cfg.store_cfg)?;
+                Some(Arc::new(SessionStore::new(shared, trust)?))
+            }
+            None => None,
+        };
+        let builds =
+            builds::Builds::new(cfg.engine.clone(), &cfg.store_dir, cfg.store_cfg, records)
+                .with_trusted_uploads(trusted_uploads.clone());
+        let builds = Arc::new(builds);
+        Ok(Service { cfg, store, trusted_uploads, index: Mutex::new(index), staging, builds })
+    }
+
+    /// The content store as `caller`'s builds read it: the shared store, and for a trusted
+    /// caller the trusted callers' overlay over it.
+    pub(super) fn view_of(&self, caller: auth::Caller) -> StoreView<'_> {
+        match self.trusted_uploads.as_deref().filter(|_| caller.trusted) {
+            Some(t) => t.view(),
+            None => (&self.store).into(),
+        }
     }
 
     /// The build queue (the caller starts and stops its workers).
@@ -341,15 +367,22 @@ impl Service {
             self.staging.take(uploader, hash, info, &self.trace_store().join("nar"))?;
         let path = pi.path.clone();
         let mut uploads = FileUploads::new(vec![(pi, file.clone())]);
-        let result = self.store.add(&mut uploads, UPLOAD_RULES, Origin::Upload);
+        let result = match self.trusted_uploads.as_deref().filter(|_| caller.trusted) {
+            // A trusted caller's: shared if certified, else in the trusted callers' overlay,
+            // which only their builds read (`crate::store::session`).
+            Some(t) => t.add(&mut uploads, UPLOAD_RULES).map(|_| ()),
+            None => self.store.add(&mut uploads, UPLOAD_RULES, Origin::Upload).map(|_| ()),
+        };
         // `add` pins what it registered for this process; once registered an upload is not in
-        // use (a build pins its closure in its own session), so it may be evicted again.
+        // use (a build pins its closure in its own session), so it may be evicted again. (The
+        // trusted callers' store keeps the pins of its overlay's shared references.)
         let _ = self.store.unpin_all();
         if owned {
             let _ = std::fs::remove_file(&file);
         }
         result.map_err(store_error)?;
-        tracing::info!(%path, "upload registered in the content store");
+        let private = self.trusted_uploads.as_ref().is_some_and(|t| t.view().is_private(&path));
+        tracing::info!(%path, private, "upload registered in the content store");
         Ok(ApiReply::Bytes("text/plain", b"registered\n".to_vec()))
     }
 }

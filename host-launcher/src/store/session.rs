@@ -65,6 +65,11 @@ impl SessionStore {
         StoreView::new(&self.shared, self.overlay.as_ref())
     }
 
+    /// The session's overlay (a trusted client's).
+    pub fn overlay(&self) -> Option<&Overlay> {
+        self.overlay.as_ref()
+    }
+
     /// Whether the operator trusts this session's client.
     pub fn trusted(&self) -> bool {
         self.trust.trusted

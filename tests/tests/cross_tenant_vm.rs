@@ -6,7 +6,8 @@
 //! compute the name from B's expression). Before the fix vouch registered A's upload in the
 //! shared store, B's `nix copy` of the inputs skipped `dep` as already valid, and B's `top` was
 //! built from A's bytes and signed. Now A's upload is refused naming the rule, B's build reads
-//! B's own `dep`, and what B uploaded (and what was built from it) stays in B's session. 1 VM.
+//! B's own `dep`, and what B uploaded (and what was built from it) stays in B's session; the
+//! trace store keeps `top`'s step but no cache entry for it. 1 VM.
 
 use std::collections::BTreeSet;
 use std::io::{BufReader, Read, Write};
@@ -198,4 +199,8 @@ in rec {{
     let names: Vec<String> =
         steps.map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
     assert!(names.iter().any(|n| n.ends_with("-tenant-top.drv")), "{names:?}");
+    // …but `top` read B's private `dep`, so the cache vouches for it to nobody else: no narinfo
+    // (a client substituting from the cache would get bytes only B's upload vouched for).
+    let top_hash = StorePath::parse(&top).unwrap().hash_part().to_owned();
+    assert!(!state.join(format!("cache/{top_hash}.narinfo")).exists());
 }

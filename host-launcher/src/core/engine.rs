@@ -9,7 +9,9 @@
 //!    the client uploaded the input closure first; it is pinned for the session), or the local
 //!    Nix store (`vouch build`). A session's view may include its private overlay
 //!    (`crate::store::session`): a build that reads any path of it, or whose view says its
-//!    outputs are private, registers its outputs there, never in the shared store.
+//!    outputs are private, registers its outputs there, never in the shared store; one that
+//!    reads any path of it is published without cache entries
+//!    ([`super::publish::Publication::StepOnly`]).
 //! 3. Limits: the engine's defaults, with the request's non-zero values in their place.
 //! 4. [`crate::build::run_step`] builds in a fresh VM and returns only a checked outcome.
 //!    Fixed-output derivations go to the networked variant, accepted only by their declared
@@ -34,7 +36,7 @@ use nix_formats::StorePath;
 
 use super::log::{BuildLog, Progress};
 use super::ownership::{self, accepted_outputs};
-use super::publish::{publish, PublishConfig};
+use super::publish::{publish, Publication, PublishConfig};
 use super::request::{with_overrides, BuildRequest, CaRuleChoice};
 use super::result::{BuildResult, Built, FailureStatus};
 use crate::build::nix_store::LocalNixStore;
@@ -123,13 +125,17 @@ impl Engine {
         if let (CaRuleChoice::Guessed { note, .. }, StepKind::FloatingCa) = (&req.ca_rule, kind) {
             log.progress(&Progress::Note(note.clone()));
         }
-        let content_store = match inputs {
+        let (content_store, read_private) = match inputs {
             Inputs::ContentStore(store) => match pin_closure(store, &req) {
-                Ok(private) => Some(store.with_private_outputs(store.private_outputs() || private)),
+                Ok(private) => {
+                    (Some(store.with_private_outputs(store.private_outputs() || private)), private)
+                }
                 Err(failure) => return failure,
             },
-            Inputs::NixStore => None,
+            Inputs::NixStore => (None, false),
         };
+        // What one client's private inputs made is published to nobody else (`publish`).
+        let publication = if read_private { Publication::StepOnly } else { Publication::Cache };
         let limits = with_overrides(self.limits, &req.limits);
         let ca_rule = req.ca_rule.rule();
         let trusted = req.trusted;
@@ -158,7 +164,7 @@ impl Engine {
             Ok(o) => o,
             Err(e) => return step_failure(&e),
         };
-        match publish(&outcome, &self.publish, content_store) {
+        match publish(&outcome, &self.publish, content_store, publication) {
             Ok(published) => BuildResult::Built(Box::new(Built {
                 start_time: start,
                 stop_time: now(),

@@ -10,7 +10,11 @@
 //! 2. the step goes into the trace store (`build_trace::store`, `docs/trace-store.md`): NARs,
 //!    statement, evidence, a laut JWS, realisations and narinfos, signed with that key, once;
 //!    and into the store's transparency log, whose checkpoints the log key signs
-//!    ([`super::keys::log_key`]);
+//!    ([`super::keys::log_key`]). A build that read a session's private inputs
+//!    ([`Publication::StepOnly`]) gets its step and its signed records, but no narinfo or
+//!    realisation in the cache: those tell every client of the cache (and the resolution of
+//!    later derivations) that these bytes belong under these paths, and only one client's
+//!    unsigned uploads said so (issue 12, item 2);
 //! 3. where the build had a content store (the long-running builders), the outputs are
 //!    registered there (re-verified, with the narinfo signatures of step 2): in the shared
 //!    store, or in the session's overlay when the engine's view says so;
@@ -30,6 +34,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+pub use build_trace::store::Publication;
 use build_trace::store::{StepRecord, TraceStore};
 use channel::messages::AttesterKind;
 use nix_formats::signing::Signature;
@@ -92,6 +97,7 @@ pub fn publish(
     outcome: &StepOutcome,
     cfg: &PublishConfig,
     content_store: Option<StoreView<'_>>,
+    publication: Publication,
 ) -> Result<Published, PublishError> {
     let key_name = cfg
         .key_naming
@@ -111,7 +117,7 @@ pub fn publish(
         evidence_kind: &kind,
         nars: outcome.outputs.iter().map(|(n, o)| (n.clone(), o.nar_file.clone())).collect(),
     };
-    let put = store.put_step(&record, &key).map_err(PublishError::TraceStore)?;
+    let put = store.put_step_as(&record, &key, publication).map_err(PublishError::TraceStore)?;
     tracing::info!(step = %put.step_dir.display(), key = %key_name, "step published");
     for (name, d) in &put.diverged {
         tracing::warn!(

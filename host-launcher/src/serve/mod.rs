@@ -15,9 +15,9 @@
 //! - **Uploads** ([`upload`]): the requests of `nix copy --to 'http://…?compression=none'`;
 //!   uploaded paths go into the content store, checked, never into the trace store. Into the
 //!   shared store only what vouch can certify (a content address it recomputes, a signature by
-//!   a `--trusted-public-key`); the trusted callers' other uploads go to their overlay
-//!   (`crate::store::session`), which only their builds read, for the service's life; anyone
-//!   else's are refused (403).
+//!   a `--trusted-public-key`); a trusted client's other uploads go to its overlay
+//!   (`crate::store::session`; one per `--trusted-token-file`), which only its builds read, for
+//!   the service's life; anyone else's are refused (403).
 //! - **narinfo of uploaded paths**: `nix copy --to` asks for `<hash>.narinfo` (GET) to decide
 //!   what to upload, and HEAD again before each upload. So that a second copy skips what is
 //!   already here, a path that is in the content store but not in the trace store is answered
@@ -107,8 +107,9 @@ pub struct ServiceConfig {
     pub declared_nix: Option<NixVersion>,
     /// The token uploads and the build API require; `None`: anyone who reaches the port.
     pub access: Option<auth::AccessToken>,
-    /// The token of the callers the operator trusts ([`auth::Caller::trusted`]).
-    pub trusted: Option<auth::AccessToken>,
+    /// The tokens of the clients the operator trusts ([`auth::Caller::trusted`]), one per
+    /// client.
+    pub trusted: Vec<auth::AccessToken>,
     /// Keys whose signature makes an upload without a content address acceptable.
     pub trusted_keys: Vec<PublicKey>,
 }
@@ -118,8 +119,8 @@ pub struct ServiceConfig {
 pub struct Service {
     cfg: ServiceConfig,
     store: ContentStore,
-    /// The trusted callers' session store (with an access token for them only).
-    trusted_uploads: Option<Arc<SessionStore>>,
+    /// Each trusted client's session store (its overlay), by its token's index.
+    trusted_uploads: Vec<Arc<SessionStore>>,
     index: Mutex<rusqlite::Connection>,
     staging: upload::Staging,
     builds: Arc<builds::Builds>,
@@ -161,16 +162,17 @@ impl Service {
         let store = ContentStore::open(&cfg.store_dir, cfg.store_cfg)?;
         let index = crate::store::db::open(&cfg.store_dir.join("index.sqlite"))?;
         let staging = upload::Staging::open(&state_dir.join("serve/staging"))?;
-        // The trusted callers' uploads that vouch cannot certify: their overlay, for this
-        // process's life (the HTTP API has no sessions; the trusted token is one client).
-        let trusted_uploads = match cfg.trusted {
-            Some(_) => {
+        // Each trusted client's uploads that vouch cannot certify: its overlay, for this
+        // process's life (the HTTP API has no sessions; one trusted token is one client).
+        let trusted_uploads = cfg
+            .trusted
+            .iter()
+            .map(|_| {
                 let trust = ClientTrust { trusted: true, keys: cfg.trusted_keys.clone() };
                 let shared = ContentStore::open(&cfg.store_dir, cfg.store_cfg)?;
-                Some(Arc::new(SessionStore::new(shared, trust)?))
-            }
-            None => None,
-        };
+                Ok(Arc::new(SessionStore::new(shared, trust)?))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
         let builds =
             builds::Builds::new(cfg.engine.clone(), &cfg.store_dir, cfg.store_cfg, records)
                 .with_trusted_uploads(trusted_uploads.clone());
@@ -179,9 +181,9 @@ impl Service {
     }
 
     /// The content store as `caller`'s builds read it: the shared store, and for a trusted
-    /// caller the trusted callers' overlay over it.
+    /// client its overlay over it.
     pub(super) fn view_of(&self, caller: auth::Caller) -> StoreView<'_> {
-        match self.trusted_uploads.as_deref().filter(|_| caller.trusted) {
+        match caller.client.and_then(|i| self.trusted_uploads.get(i)) {
             Some(t) => t.view(),
             None => (&self.store).into(),
         }
@@ -195,7 +197,7 @@ impl Service {
     /// Who presents `authorization` ([`auth::Caller`]); a request on a route that
     /// [`api::Route::needs_access`] proceeds only if the caller has access.
     pub fn caller(&self, authorization: Option<&str>) -> auth::Caller {
-        auth::Caller::of(authorization, self.cfg.access.as_ref(), self.cfg.trusted.as_ref())
+        auth::Caller::of(authorization, self.cfg.access.as_ref(), &self.cfg.trusted)
     }
 
     /// The trace store directory, served as the binary cache.
@@ -225,7 +227,8 @@ impl Service {
             }
             ApiAction::SubmitBuild { submission: s, caller } => {
                 let req = self.check_submission(&s, caller)?;
-                let id = self.builds.submit(req).map_err(|e| ApiError::new(503, e))?;
+                let id =
+                    self.builds.submit_as(req, caller.client).map_err(|e| ApiError::new(503, e))?;
                 tracing::info!(id, drv = %s.drv, "build queued");
                 Ok(ApiReply::Json(
                     202,
@@ -367,7 +370,7 @@ impl Service {
             self.staging.take(uploader, hash, info, &self.trace_store().join("nar"))?;
         let path = pi.path.clone();
         let mut uploads = FileUploads::new(vec![(pi, file.clone())]);
-        let result = match self.trusted_uploads.as_deref().filter(|_| caller.trusted) {
+        let result = match caller.client.and_then(|i| self.trusted_uploads.get(i)) {
             // A trusted caller's: shared if certified, else in the trusted callers' overlay,
             // which only their builds read (`crate::store::session`).
             Some(t) => t.add(&mut uploads, UPLOAD_RULES).map(|_| ()),
@@ -381,7 +384,7 @@ impl Service {
             let _ = std::fs::remove_file(&file);
         }
         result.map_err(store_error)?;
-        let private = self.trusted_uploads.as_ref().is_some_and(|t| t.view().is_private(&path));
+        let private = self.view_of(caller).is_private(&path);
         tracing::info!(%path, private, "upload registered in the content store");
         Ok(ApiReply::Bytes("text/plain", b"registered\n".to_vec()))
     }

@@ -2,8 +2,9 @@
 //! that vouch cannot verify go (unsigned uploads without a content address, outputs of builds
 //! that used them or whose input-addressed paths vouch did not compute).
 //!
-//! - **Private**: one [`Overlay`] belongs to one session (one client connection); nothing else
-//!   reads it. Another session, and the shared store, never see its paths.
+//! - **Private**: one [`Overlay`] belongs to one session (one client connection; for `vouch
+//!   serve`, one trusted client's token, for the service's life); nothing else reads it.
+//!   Another session, and the shared store, never see its paths.
 //! - **Checked as the shared store checks**: a path enters only after `super::ingest` received
 //!   and checked its NAR (size, canonical NAR, NAR hash, a claimed content address); its
 //!   references must be in the overlay, in the shared store (where the session pins them), or in

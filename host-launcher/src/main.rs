@@ -8,7 +8,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 mod cli;
 
@@ -66,7 +66,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    cli::exit::quiet_broken_pipe();
+    let cli = cli::exit::parse_with_state_dir_help::<Cli>(Cli::command());
     cli::init_logging(&cli.global);
     let result = match cli.command {
         Command::Build(args) => cli::build::run(args, &cli.global),
@@ -89,7 +90,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             cli::print_error_chain(err.as_ref());
-            ExitCode::from(2)
+            ExitCode::from(cli::exit::USAGE)
         }
     }
 }

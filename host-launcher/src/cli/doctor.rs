@@ -110,9 +110,12 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     }
     checks.push(network_check());
     let snp_ok = checks.iter().all(|c| c.status != Status::Fail);
-    let mode = match choose_mode(None, &facts.caps, image_snp).unwrap_or(Mode::Tcg) {
-        // The launcher would refuse SNP while a check fails (its preflight).
-        Mode::Snp if !snp_ok => "snp, refused by the preflight until the failing checks pass",
+    let chosen = choose_mode(None, &facts.caps, image_snp).unwrap_or(Mode::Tcg);
+    // The launcher would refuse SNP while a check fails (its preflight).
+    let refused = chosen == Mode::Snp && !snp_ok;
+    let evidence = if chosen == Mode::Snp { "sev-snp" } else { "simulated" };
+    let mode = match chosen {
+        Mode::Snp if refused => "snp, refused by the preflight until the failing checks pass",
         Mode::Snp => "snp; evidence: sev-snp",
         Mode::Kvm => "kvm; evidence: simulated (no SEV-SNP here)",
         Mode::Tcg => "tcg; evidence: simulated (no SEV-SNP here)",
@@ -122,7 +125,9 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     if args.json {
         let v = serde_json::json!({
             "checks": checks,
-            "mode": mode,
+            "mode": chosen.to_string(),
+            "evidence": evidence,
+            "mode_refused": refused,
             "can_build": can_build,
             "snp_ready": snp_ok,
         });

@@ -56,6 +56,12 @@ enum Command {
     /// Show stored build traces.
     #[command(subcommand)]
     Trace(cli::trace::Command),
+    /// Write (`init`) or validate and explain (`check`) a trust policy.
+    #[command(subcommand)]
+    Policy(cli::policy::Command),
+    /// This host's public keys for trust policies (`show`).
+    #[command(subcommand)]
+    Key(cli::key::Command),
     /// Export the in-toto / SLSA provenance of an output path.
     Provenance(cli::provenance::Args),
     /// Benchmarks (`vouch bench vm`: where a build step's time goes). Only in a `vouch` built
@@ -82,6 +88,8 @@ fn main() -> ExitCode {
         Command::Cache(cmd) => cli::cache::run(cmd, &cli.global),
         Command::Trace(cmd) => cli::trace::run(cmd, &cli.global),
         Command::Log(cmd) => cli::log::run(cmd, &cli.global),
+        Command::Policy(cmd) => cli::policy::run(cmd, &cli.global),
+        Command::Key(cmd) => cli::key::run(cmd, &cli.global),
         Command::Provenance(args) => cli::provenance::run(args, &cli.global),
         #[cfg(feature = "bench")]
         Command::Bench(cmd) => cli::bench::run(cmd, &cli.global),

@@ -12,6 +12,7 @@ pub mod cache;
 pub mod common;
 pub mod doctor;
 pub mod evidence;
+mod evidence_report;
 pub mod exit;
 pub mod image;
 pub mod key;

@@ -229,10 +229,13 @@ const ALL_CHECKS: [Check; 19] = [
     Check::ReservedBytes,
 ];
 
+/// The statement stored beside a bundle, and the HOST_DATA and REPORT_DATA it demands.
+type FromStatement = Option<(PathBuf, Expected)>;
+
 /// The bundle to check and what it is called, and the expectations its statement sets.
 fn evidence_of(
     args: &CheckArgs,
-) -> Result<(EvidenceBundle, String, Option<(PathBuf, Expected)>), EvidenceCliError> {
+) -> Result<(EvidenceBundle, String, FromStatement), EvidenceCliError> {
     let (Some(path), None) = (&args.bundle, &args.report) else {
         let (report, cert) = (args.report.as_deref(), args.cert.as_deref());
         let (report, cert) = report.zip(cert).ok_or(EvidenceCliError::Argument {

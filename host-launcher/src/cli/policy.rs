@@ -157,6 +157,11 @@ fn write_new(path: &Path, text: &str) -> Result<(), PolicyCmdError> {
         .map_err(|source| PolicyCmdError::Write { path: path.to_owned(), source })
 }
 
+/// A path as a TOML string literal.
+fn toml_string(path: &Path) -> String {
+    toml::Value::String(path.display().to_string()).to_string()
+}
+
 const FOOTER: &str = "\n[fixed_output]\n# md5 and sha1 fixed-output derivations are refused; set true to accept them.\nallow_weak_hashes = false\n";
 
 fn genuine_policy(manifest: &Path, measurement: &str, products: &[String]) -> String {
@@ -175,7 +180,7 @@ fn genuine_policy(manifest: &Path, measurement: &str, products: &[String]) -> St
          # The image's manifest: its SEV-SNP launch measurement\n\
          # {measurement}\n\
          # is allowed (rebuilding the image changes it: run `vouch policy init` again).\n\
-         image_manifests = [{manifest:?}]\n\
+         image_manifests = [{}]\n\
          \n\
          [builders.image.evidence]\n\
          # AMD roots that may vouch. Milan: see the Milan caveat in docs/evidence.md; for high\n\
@@ -191,6 +196,7 @@ fn genuine_policy(manifest: &Path, measurement: &str, products: &[String]) -> St
          # tee = 0\n\
          # snp = 21\n\
          # microcode = 72\n",
+        toml_string(manifest),
         quoted.join(", ")
     );
     s.push_str(FOOTER);
@@ -213,7 +219,7 @@ fn simulated_policy(manifest: &Path, m: &Manifest, root_dir: &Path, key_id: &str
          # The image's manifest: its simulated measurement\n\
          # {}\n\
          # is allowed, because the rule names a simulated root.\n\
-         image_manifests = [{manifest:?}]\n\
+         image_manifests = [{}]\n\
          \n\
          [builders.dev-simulated.evidence]\n\
          # The simulated root of {} (`vouch key show` prints its id).\n\
@@ -222,6 +228,7 @@ fn simulated_policy(manifest: &Path, m: &Manifest, root_dir: &Path, key_id: &str
          products = []\n\
          vmpl = 0\n",
         m.simulated_measurement,
+        toml_string(manifest),
         root_dir.display()
     );
     s.push_str(FOOTER);

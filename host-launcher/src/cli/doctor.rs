@@ -1,6 +1,8 @@
 //! `vouch doctor`: what this host can do, one line per check with the fix for each failing one
 //! (`host_launcher::snp::checks`), and the mode `vouch build` would pick; `--json` prints the
-//! same as one JSON object. Exit 0 when builds can run at all (QEMU, a vsock backend and an
+//! same as one JSON object (`checks` with `name`, `status` ok|warn|fail, `detail`, `fix`,
+//! `needed`; `mode` snp|kvm|tcg, `evidence` sev-snp|simulated, `mode_refused`, `can_build`,
+//! `snp_ready`). Exit 0 when builds can run at all (QEMU, a vsock backend and an
 //! image; with `--snp`: every SEV-SNP check too), 1 otherwise.
 
 use std::path::PathBuf;

@@ -218,3 +218,41 @@ fn key_show_prints_the_nix_public_key_line() {
     assert_eq!(v["signing_name"]["simulated"], "ci-a-simulated-1");
     assert!(!text(&json).contains("secret"), "{}", text(&json));
 }
+
+#[test]
+fn each_kind_of_policy_given_for_the_other_is_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let evidence = d.join("evidence.toml");
+    std::fs::write(&evidence, "products = [\"Genoa\"]\nallow_vlek = false\n").unwrap();
+    let drv = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-x.drv";
+    let out = vouch(&["verify", "--policy", evidence.to_str().unwrap(), drv], d);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("this is an evidence policy"), "{err}");
+    assert!(err.contains("[builders.NAME.evidence]"), "{err}");
+    assert!(err.contains("unknown field `allow_vlek`"), "the schema's own error too: {err}");
+
+    let trust = d.join("trust.toml");
+    std::fs::write(
+        &trust,
+        "require = \"builder:b\"\n[builders.b.evidence]\nproducts = [\"Milan\"]\n",
+    )
+    .unwrap();
+    let snp = test_support::snp::testdata();
+    let args = [
+        "evidence",
+        "check",
+        "--report",
+        &snp.join("trustee/test-report.bin").display().to_string(),
+        "--cert",
+        &snp.join("trustee/test-vcek.der").display().to_string(),
+        "--policy",
+        trust.to_str().unwrap(),
+    ]
+    .map(|s| s.to_string());
+    let out = Command::new(env!("CARGO_BIN_EXE_vouch")).args(&args).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("this is a trust policy"), "{err}");
+}

@@ -268,8 +268,13 @@ fn check(args: CheckArgs) -> CmdResult {
     let mut policy = match &args.policy {
         Some(path) => {
             let text = String::from_utf8_lossy(&read(path)?).into_owned();
-            EvidencePolicy::from_toml(&text)
-                .map_err(|e| EvidenceCliError::Policy { path: path.clone(), source: e.into() })?
+            EvidencePolicy::from_toml(&text).map_err(|e| {
+                let source = match trust_policy_hint(&text) {
+                    Some(hint) => format!("{hint}: {e}").into(),
+                    None => e.into(),
+                };
+                EvidenceCliError::Policy { path: path.clone(), source }
+            })?
         }
         None => EvidencePolicy::default(),
     };
@@ -312,6 +317,15 @@ fn check(args: CheckArgs) -> CmdResult {
         answer.print();
     }
     Ok(ExitCode::from(if result.is_ok() { exit::OK } else { exit::REJECTED }))
+}
+
+/// The reverse trap: a trust policy (docs/trust-policy.md) where an evidence policy is expected.
+fn trust_policy_hint(text: &str) -> Option<&'static str> {
+    let doc = text.parse::<toml::Table>().ok()?;
+    ["require", "builders", "keys"].iter().any(|k| doc.contains_key(*k)).then_some(
+        "this is a trust policy (docs/trust-policy.md); `vouch evidence check --policy` takes an \
+         evidence policy (docs/evidence.md): the contents of one [builders.NAME.evidence] table",
+    )
 }
 
 fn show(path: &Path) -> CmdResult {

@@ -88,6 +88,30 @@ pub enum PolicyCmdError {
     Product(String),
     #[error("the written policy does not check (a bug in `vouch policy init`)")]
     Written(#[source] build_trace::trust::PolicyError),
+    #[error("{path}: {problems}")]
+    Misplaced {
+        path: PathBuf,
+        problems: String,
+        #[source]
+        source: build_trace::trust::PolicyError,
+    },
+}
+
+/// Load a trust policy (as `vouch verify --policy` does); when it does not load, the error says
+/// where each misplaced key belongs (an evidence policy given here is recognised).
+pub fn load(path: &Path) -> Result<TrustPolicy, super::CmdError> {
+    let err = match TrustPolicy::load(path) {
+        Ok(p) => return Ok(p),
+        Err(e) => e,
+    };
+    let doc = std::fs::read_to_string(path).ok().and_then(|t| t.parse::<toml::Table>().ok());
+    let problems = doc.map(|d| policy_explain::diagnose(&d)).unwrap_or_default();
+    if problems.is_empty() {
+        return Err(err.into());
+    }
+    let problems =
+        problems.iter().map(|p| format!("{}: {}", p.at, p.message)).collect::<Vec<_>>().join("; ");
+    Err(PolicyCmdError::Misplaced { path: path.to_owned(), problems, source: err }.into())
 }
 
 pub fn run(cmd: Command, global: &Global) -> CmdResult {

@@ -91,7 +91,7 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         .filter(StorePath::is_derivation)
         .ok_or_else(|| VerifyCmdError::Target(args.drv.clone()))?;
     let policy = match &args.policy {
-        Some(p) => TrustPolicy::load(p)?,
+        Some(p) => super::policy::load(p)?,
         None => TrustPolicy::default(),
     };
     let prepared = policy.prepare()?;

@@ -93,7 +93,7 @@ pub enum PolicyCmdError {
         path: PathBuf,
         problems: String,
         #[source]
-        source: build_trace::trust::PolicyError,
+        source: Box<build_trace::trust::PolicyError>,
     },
 }
 
@@ -111,7 +111,7 @@ pub fn load(path: &Path) -> Result<TrustPolicy, super::CmdError> {
     }
     let problems =
         problems.iter().map(|p| format!("{}: {}", p.at, p.message)).collect::<Vec<_>>().join("; ");
-    Err(PolicyCmdError::Misplaced { path: path.to_owned(), problems, source: err }.into())
+    Err(PolicyCmdError::Misplaced { path: path.to_owned(), problems, source: Box::new(err) }.into())
 }
 
 pub fn run(cmd: Command, global: &Global) -> CmdResult {

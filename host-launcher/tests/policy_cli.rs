@@ -93,7 +93,7 @@ fn init_simulated_writes_a_policy_that_accepts_this_hosts_evidence() {
     let v = Verifier::new().verify(&bundle, rule, &Expected::default()).unwrap();
     assert!(v.is_simulated());
     let mut other = rule.clone();
-    other.measurements = Some(vec![SNP_M.parse().unwrap()]);
+    other.measurements = Some(vec![SNP_M.parse().unwrap()].into());
     assert!(Verifier::new().verify(&bundle, &other, &Expected::default()).is_err());
 
     let check = vouch(&["policy", "check", p], s);
@@ -108,14 +108,14 @@ fn init_from_an_image_manifest_pins_its_snp_measurement() {
     let s = state.path();
     let m = manifest(&s.join("image"), &"cd".repeat(48), true);
     let mf = m.to_str().unwrap();
-    let out = vouch(&["policy", "init", "--manifest", mf, "--products", "Genoa,Turin"], s);
+    let out = vouch(&["policy", "init", "--manifest", mf], s);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let written = String::from_utf8(out.stdout).unwrap();
     assert!(written.contains("products = [\"Genoa\", \"Turin\"]"), "{written}");
     assert!(written.contains(SNP_M), "{written}");
     let policy = TrustPolicy::from_toml(&written).unwrap().prepare().unwrap();
     let ev = &policy.rules[0].1;
-    assert_eq!(ev.measurements, Some(vec![SNP_M.parse().unwrap()]));
+    assert_eq!(serde_json::to_value(&ev.measurements).unwrap(), serde_json::json!([SNP_M]));
     assert!(ev.simulated_roots.is_empty());
     let path = s.join("prod.toml");
     std::fs::write(&path, &written).unwrap();
@@ -126,6 +126,9 @@ fn init_from_an_image_manifest_pins_its_snp_measurement() {
     assert_eq!(v["builders"]["image"]["measurements"], 1);
     assert_eq!(v["builders"]["image"]["roots"], serde_json::json!(["AMD Genoa", "AMD Turin"]));
 
+    let milan = vouch(&["policy", "init", "--manifest", mf, "--products", "Milan,Genoa"], s);
+    assert_eq!(milan.status.code(), Some(0), "{}", text(&milan));
+    assert!(text(&milan).contains("products = [\"Milan\", \"Genoa\"]"), "{}", text(&milan));
     let bad = vouch(&["policy", "init", "--manifest", mf, "--products", "Naples"], s);
     assert_eq!(bad.status.code(), Some(2), "{}", text(&bad));
     // An image without an SNP measurement cannot be matched by genuine evidence.
@@ -181,7 +184,7 @@ fn check_explains_which_signers_could_satisfy_a_policy() {
          [keys]\n\"cache-a-1\" = \"cache-a-1:VUYbT40EiqxQ8DDKsJ/c9NK0yyRRy+wb6+5kY20F++g=\"\n\
          \"cache-b-1\" = \"cache-b-1:udPDPw1YI0fpOJ7PVK3RRukjsban9jSncnRyYOY45vo=\"\n\
          \"spare-1\" = \"spare-1:udPDPw1YI0fpOJ7PVK3RRukjsban9jSncnRyYOY45vo=\"\n\
-         [builders.prod.evidence]\nproducts = [\"Genoa\"]\n",
+         [builders.prod.evidence]\nproducts = [\"Genoa\"]\nmeasurements = [\"377d0e1eebe8cf07dbc412054bd98c1022ce1694c2253a5e2c7e1d5180d182ea2019c5e023c469fe4c2544845832dd4c\"]\n",
     );
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("  - Nix key `cache-a-1` + Nix key `cache-b-1`\n"), "{out}");
@@ -189,7 +192,8 @@ fn check_explains_which_signers_could_satisfy_a_policy() {
         out.contains("  - Nix key `cache-b-1` + 2 distinct chips passing builder rule `prod`\n"),
         "{out}"
     );
-    assert!(out.contains("pins no launch measurement"), "{out}");
+    assert!(out.contains("VLEK refused, VMPL 0, 1 launch measurement(s) allowed"), "{out}");
+    assert!(!out.contains("Milan"), "{out}");
     assert!(out.contains("key:spare-1 is defined but the requirement never names it"), "{out}");
 }
 

@@ -39,8 +39,9 @@ pub struct InitArgs {
     /// simulated measurement, instead of genuine AMD evidence.
     #[arg(long)]
     pub simulated: bool,
-    /// AMD products whose evidence counts (genuine evidence only).
-    #[arg(long, value_delimiter = ',', default_value = "Milan,Genoa,Turin")]
+    /// AMD products whose evidence counts (genuine evidence only). Milan is left out by
+    /// default: see the Milan caveat in docs/evidence.md.
+    #[arg(long, value_delimiter = ',', default_value = "Genoa,Turin")]
     pub products: Vec<String>,
     /// Write the policy here instead of stdout (refuses to replace a file).
     #[arg(long, short, value_name = "FILE")]
@@ -207,8 +208,8 @@ fn genuine_policy(manifest: &Path, measurement: &str, products: &[String]) -> St
          image_manifests = [{}]\n\
          \n\
          [builders.image.evidence]\n\
-         # AMD roots that may vouch. Milan: see the Milan caveat in docs/evidence.md; for high\n\
-         # assurance keep only \"Genoa\" and \"Turin\" (`--products Genoa,Turin`).\n\
+         # AMD roots that may vouch. Milan: see the Milan caveat in docs/evidence.md before adding\n\
+         # it (`--products Milan,Genoa,Turin`).\n\
          products = [{}]\n\
          # Reports signed by a VLEK (a cloud provider's key, not the chip's) are refused.\n\
          allow_vlek = false\n\
@@ -327,7 +328,7 @@ fn explain(prepared: &PreparedPolicy, v: &mut Verdict) {
         let mut summary = policy_explain::summarise(rule);
         // With the manifests' measurements.
         if let Some((_, ev)) = prepared.rules.iter().find(|(n, _)| n == name) {
-            summary.measurements = ev.measurements.as_ref().map_or(0, Vec::len);
+            summary.measurements = policy_explain::pinned(ev);
         }
         v.builders.insert(name.clone(), summary);
     }
@@ -368,7 +369,7 @@ fn print_verdict(v: &Verdict) {
     for (name, r) in &v.builders {
         println!("builder rule {name}: evidence rooted in {}", r.roots.join(", "));
         println!(
-            "  VLEK {}, VMPL {}, {} launch measurement(s) allowed, image manifests: {}",
+            "  VLEK {}, VMPL {}, {}, image manifests: {}",
             if r.allow_vlek { "accepted" } else { "refused" },
             r.vmpl,
             r.measurements,

@@ -212,6 +212,34 @@ pub fn requirement_words(term: &TrustModel) -> String {
     }
 }
 
+/// How many launch measurements an evidence policy allows: a count, or `"any"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum Pinned {
+    /// This many (0: none pinned).
+    Count(usize),
+    /// `measurements = "any"`.
+    Any(&'static str),
+}
+
+impl std::fmt::Display for Pinned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Pinned::Count(n) => write!(f, "{n} launch measurement(s) allowed"),
+            Pinned::Any(_) => f.write_str("ANY launch measurement allowed"),
+        }
+    }
+}
+
+/// The measurements `ev` pins, read through their TOML/JSON form (a list, or `"any"`).
+pub fn pinned(ev: &EvidencePolicy) -> Pinned {
+    match serde_json::to_value(&ev.measurements) {
+        Ok(serde_json::Value::Array(list)) => Pinned::Count(list.len()),
+        Ok(serde_json::Value::String(w)) if w == "any" => Pinned::Any("any"),
+        _ => Pinned::Count(0),
+    }
+}
+
 /// What a builder rule accepts, and warnings about it.
 #[derive(Debug, Clone, Serialize)]
 pub struct RuleSummary {
@@ -224,7 +252,7 @@ pub struct RuleSummary {
     /// The VMPL reports must come from.
     pub vmpl: u32,
     /// Launch measurements allowed (the policy's and its image manifests').
-    pub measurements: usize,
+    pub measurements: Pinned,
     /// Image manifests whose measurements are allowed.
     pub image_manifests: Vec<String>,
     /// Things a reviewer should know.
@@ -236,7 +264,7 @@ pub fn summarise(rule: &BuilderRule) -> RuleSummary {
     let ev: &EvidencePolicy = &rule.evidence;
     let mut roots: Vec<String> = ev.products.iter().map(|p| format!("AMD {p}")).collect();
     roots.extend(ev.simulated_roots.iter().map(|r| format!("SIMULATED root {r}")));
-    let measurements = ev.measurements.as_ref().map_or(0, Vec::len);
+    let measurements = pinned(ev);
     let mut warnings = Vec::new();
     if !ev.simulated_roots.is_empty() {
         warnings
@@ -249,7 +277,11 @@ pub fn summarise(rule: &BuilderRule) -> RuleSummary {
                 .to_owned(),
         );
     }
-    if measurements == 0 && rule.image_manifests.is_empty() {
+    if measurements == Pinned::Any("any") {
+        warnings
+            .push("accepts any launch measurement (measurements = \"any\"): ANY GUEST".to_owned());
+    }
+    if measurements == Pinned::Count(0) && rule.image_manifests.is_empty() {
         warnings.push(
             "pins no launch measurement: any guest image counts (add image_manifests or \
              measurements)"

@@ -93,7 +93,8 @@ fn init_simulated_writes_a_policy_that_accepts_this_hosts_evidence() {
     let v = Verifier::new().verify(&bundle, rule, &Expected::default()).unwrap();
     assert!(v.is_simulated());
     let mut other = rule.clone();
-    other.measurements = Some(vec![SNP_M.parse().unwrap()].into());
+    // Through the TOML/JSON form: a list, whatever the Rust type holding it.
+    other.measurements = serde_json::from_value(serde_json::json!([SNP_M])).unwrap();
     assert!(Verifier::new().verify(&bundle, &other, &Expected::default()).is_err());
 
     let check = vouch(&["policy", "check", p], s);

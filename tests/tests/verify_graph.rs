@@ -69,8 +69,19 @@ fn graphs_of_a_verified_and_a_broken_closure() {
     let body = std::fs::read_to_string(&svg).unwrap();
     assert!(body.contains("<svg") && body.contains("ca&#45;b.drv"), "{body}");
 
-    // The default policy refuses simulated evidence: the first step with a trace breaks.
-    let out = verify(&["--graph", "dot"]);
+    // A policy for genuine Genoa evidence of another image refuses the simulated evidence: the
+    // first step with a trace breaks.
+    let genuine = dir.path().join("genuine.toml");
+    std::fs::write(
+        &genuine,
+        format!(
+            "require = \"builder:prod\"\n[builders.prod.evidence]\nproducts = [\"Genoa\"]\n\
+             measurements = [\"{}\"]\n",
+            "ab".repeat(48)
+        ),
+    )
+    .unwrap();
+    let out = verify(&["--policy", genuine.to_str().unwrap(), "--graph", "dot"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let dot = String::from_utf8(out.stdout).unwrap();
     assert!(dot.contains("NOT VERIFIED ca-c.drv"), "{dot}");

@@ -202,7 +202,8 @@ impl PreparedPolicy {
 }
 
 /// The measurements an image manifest (`vouch image build`'s `manifest.json`) allows: its
-/// expected SEV-SNP launch measurement, and its simulated measurement when `simulated`.
+/// expected SEV-SNP launch measurements (the default launch's and one per measured vCPU count
+/// and model), and its simulated measurement when `simulated`.
 pub fn manifest_measurements(
     path: &Path,
     simulated: bool,
@@ -212,15 +213,23 @@ pub fn manifest_measurements(
     let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| PolicyError::Invalid(format!("image manifest {}: {e}", path.display())))?;
     let mut out = Vec::new();
-    let mut fields = vec!["/snp/expected_measurement"];
+    let mut fields = vec!["/snp/expected_measurement".to_owned()];
+    // One per vCPU count and model the image was measured for (each vCPU's VMSA is measured).
+    let shapes = v.pointer("/snp/measurements").and_then(serde_json::Value::as_array);
+    let shape_fields =
+        (0..shapes.map_or(0, Vec::len)).map(|i| format!("/snp/measurements/{i}/measurement"));
+    fields.extend(shape_fields);
     if simulated {
-        fields.push("/simulated_measurement");
+        fields.push("/simulated_measurement".to_owned());
     }
-    for f in fields {
+    for f in &fields {
         if let Some(hex) = v.pointer(f).and_then(serde_json::Value::as_str) {
-            out.push(hex.parse().map_err(|e| {
+            let m = hex.parse().map_err(|e| {
                 PolicyError::Invalid(format!("image manifest {} {f}: {e}", path.display()))
-            })?);
+            })?;
+            if !out.contains(&m) {
+                out.push(m);
+            }
         }
     }
     if out.is_empty() {

@@ -62,7 +62,9 @@ fn statement(job_id: &str, nar: &[u8]) -> Statement {
         references: BTreeSet::new(),
         ca: Some("fixed:r:sha256:1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s".into()),
     };
+    let launch = build_trace::Launch::new(job.digest().unwrap(), 1, 2048, job.network);
     Statement::new(
+        launch,
         job,
         BTreeMap::new(),
         BTreeMap::from([("out".to_string(), out)]),

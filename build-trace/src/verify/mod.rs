@@ -22,8 +22,9 @@
 //!    ending that entry: the statement parses (canonical bytes only) and is self-consistent; it
 //!    carries the computed derivation; content-addressed outputs' paths follow from their `ca`;
 //!    **signers**: its evidence verifies under a builder rule (AMD or named simulated root,
-//!    measurement, TCB, policy bits, HOST_DATA = hash of the statement's job, REPORT_DATA =
-//!    hash of the statement) with the statement's measurement, and/or a JWS by a policy key
+//!    measurement, TCB, policy bits, HOST_DATA = hash of the statement's launch — of its job for
+//!    version-1 statements —, REPORT_DATA = hash of the statement) with the statement's
+//!    measurement, and/or a JWS by a policy key
 //!    describes it; **links**: every path of its input closure is reachable from the direct
 //!    inputs, and is either an accepted output of the closure so far with the same NAR hash,
 //!    size and references, or content-addressed with a guest-recomputed `ca` that produces
@@ -33,6 +34,9 @@
 //!    signers satisfy the policy's trust model.
 //! 5. A derivation with no accepted map is the **first broken link**: the verifier stops and
 //!    names it, the check that failed and what it expected versus found.
+//!
+//! 6. **One launch per step** (`launches`): no two different statements that count towards
+//!    accepted steps may carry the same launch nonce; a repeat is a broken link at the later step.
 //!
 //! At the target, with expected paths, some accepted map must contain every expected path;
 //! otherwise the target's accepted outputs are reported. Work is linear in the closure size
@@ -47,6 +51,7 @@
 
 mod ahead;
 mod graph;
+mod launches;
 mod links;
 mod outcome;
 mod step;
@@ -62,6 +67,7 @@ use nix_formats::{HashAlgo, StorePath};
 pub use graph::DrvSet;
 pub use outcome::{AcceptedStep, BrokenLink, LinkCheck, Outcome, VerifiedClosure};
 
+use launches::{LaunchSeen, Launches};
 use links::Known;
 use step::{Checker, EntryOk, Expectation, OutputClaim, Prechecked};
 
@@ -152,6 +158,8 @@ struct Accepted {
     /// Output name → path, with facts when a trace gave them (not for fixed outputs).
     outputs: BTreeMap<String, (StorePath, Option<links::Facts>)>,
     step: AcceptedStep,
+    /// The launches of the statements that made it (none for fixed outputs, version 1).
+    launches: Vec<LaunchSeen>,
 }
 
 /// What the ordered pass has accepted so far.
@@ -161,6 +169,8 @@ struct Walk {
     graph: Option<DrvGraph>,
     accepted: HashMap<StorePath, Vec<Accepted>>,
     known: Known,
+    /// The launch nonces of the accepted steps (one launch, one step).
+    launches: Launches,
     steps: Vec<AcceptedStep>,
 }
 
@@ -247,6 +257,13 @@ impl ClosureVerifier<'_> {
             }
         };
         for m in &maps {
+            for seen in &m.launches {
+                if let Err(mut broken) = walk.launches.record(seen, &m.step.drv) {
+                    broken.step = udrv.to_string();
+                    broken.key = Some(m.step.key.clone());
+                    return Ok(Some(broken));
+                }
+            }
             for (path, facts) in m.outputs.values() {
                 if let Some(f) = facts {
                     let list = walk.known.entry(path.clone()).or_default();
@@ -337,7 +354,7 @@ impl ClosureVerifier<'_> {
             Err(b) => return Ok(Err(b)),
         };
         let mut first_failure: Option<Box<BrokenLink>> = None;
-        // Output map → (key, signers, simulated)
+        // Output map → (key, signers, simulated, launches)
         let mut groups: Groups = BTreeMap::new();
         for combo in &combos {
             let computed = ahead.as_deref_mut().and_then(|a| a.computed(udrv, combo));
@@ -398,12 +415,13 @@ impl ClosureVerifier<'_> {
         }
         for (e, pre) in entries {
             match checker.check_entry(&want, e, known, pre.as_deref()) {
-                Ok(EntryOk { outputs, signers, simulated }) => {
+                Ok(EntryOk { outputs, signers, simulated, launch }) => {
                     let g = groups
                         .entry(outputs)
-                        .or_insert_with(|| (key.clone(), Signers::default(), false));
+                        .or_insert_with(|| (key.clone(), Signers::default(), false, Vec::new()));
                     g.1.merge(&signers);
                     g.2 |= simulated;
+                    g.3.extend(launch);
                 }
                 Err(mut b) => {
                     b.key = Some(key.to_string());
@@ -424,7 +442,7 @@ impl ClosureVerifier<'_> {
     ) -> Result<Vec<Accepted>, Box<BrokenLink>> {
         let mut maps = Vec::new();
         let mut unsatisfied = None;
-        for (outputs, (key, signers, simulated)) in groups {
+        for (outputs, (key, signers, simulated, launches)) in groups {
             if !self.policy.accepts(&signers) {
                 unsatisfied.get_or_insert((key, signers));
                 continue;
@@ -446,6 +464,7 @@ impl ClosureVerifier<'_> {
                     accepted_by,
                     simulated,
                 },
+                launches,
             });
         }
         if !maps.is_empty() {
@@ -504,7 +523,7 @@ impl ClosureVerifier<'_> {
             accepted_by: by,
             simulated: false,
         };
-        Ok(vec![Accepted { outputs, step }])
+        Ok(vec![Accepted { outputs, step, launches: Vec::new() }])
     }
 
     /// The key, basic derivation, direct inputs and kind of a step for one input combination.
@@ -548,7 +567,11 @@ impl ClosureVerifier<'_> {
 }
 
 /// Output maps by output name, keyed by the map's own (name, path) pairs.
-type Groups = BTreeMap<BTreeMap<String, OutputClaim>, (StorePath, Signers, bool)>;
+type Groups = BTreeMap<BTreeMap<String, OutputClaim>, Group>;
+
+/// The step key, pooled signers, whether any evidence was simulated, and the launches of the
+/// entries that agree on one output map.
+type Group = (StorePath, Signers, bool, Vec<LaunchSeen>);
 
 /// Every combination of the input derivations' output maps (`maps_of(input)`: each map as
 /// output name → path), at most [`MAX_COMBINATIONS`].

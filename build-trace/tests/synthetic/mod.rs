@@ -129,7 +129,9 @@ pub fn build(n: usize, root: &SimulatedRoot, key: &SecretKey) -> Built {
             references: out_info.references.clone(),
             ca: Some(out_ca),
         };
+        let launch = build_trace::Launch::new(job.digest().unwrap(), 1, 2048, false);
         let st = Statement::new(
+            launch,
             job,
             input_cas,
             BTreeMap::from([("out".into(), output)]),

@@ -68,7 +68,7 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     if let Some(s) = &args.store {
         tracing::debug!(store = %s, "ignoring --store: vouch keeps its own content store");
     }
-    let (engine, store_cfg) = args.builder.config(&state_dir)?;
+    let (mut engine, store_cfg) = args.builder.config(&state_dir)?;
     let store_dir = state_dir.join("store");
     let store = ContentStore::open(&store_dir, store_cfg)?;
     if let Some(listener) = &listener {
@@ -94,6 +94,7 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
             listener.path().display(),
             real.dir().display()
         );
+        let pool = args.builder.start_pool(&mut engine);
         let cancel = engine.launcher.cancel.clone();
         let new_session: Arc<SessionFactory> = Arc::new(move |_n, hangup| {
             let store = ContentStore::open(&store_dir, store_cfg)?;
@@ -105,8 +106,10 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         });
         let lcfg = ListenConfig { worker: worker_cfg, grace: listen::DEFAULT_GRACE };
         let summary =
-            listen::serve_socket(listener, &mut signals, &lcfg, new_session, &|| cancel.cancel())?;
+            listen::serve_socket(listener, &mut signals, &lcfg, new_session, &|| cancel.cancel());
+        drop(pool);
         tracing::info!(?summary, "stopped");
+        summary?;
         return Ok(ExitCode::SUCCESS);
     }
     // Nix gone (its ssh connection closed) while a build runs: stop the build.

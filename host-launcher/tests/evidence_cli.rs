@@ -315,12 +315,10 @@ fn entry(dir: &Path, bundle: &build_trace::evidence::EvidenceBundle, statement: 
     }
 }
 
-fn golden_statement() -> Vec<u8> {
-    std::fs::read(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../build-trace/tests/data/golden/statement-v1.json"
-    ))
-    .unwrap()
+/// A golden statement of `build-trace/tests/data/golden/` (`statement-v1.json`, `-v2.json`).
+fn golden_statement(version: u8) -> Vec<u8> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../build-trace/tests/data/golden");
+    std::fs::read(format!("{dir}/statement-v{version}.json")).unwrap()
 }
 
 #[test]
@@ -367,7 +365,7 @@ fn check_reads_the_bundle_vouch_stores_and_marks_what_it_did_not_check() {
     assert!(v["caveats"][0].as_str().unwrap().contains("Milan"), "{v}");
 
     // Beside a statement it does not attest: HOST_DATA and REPORT_DATA are now demanded.
-    entry(&dir, &bundle, Some(&golden_statement()));
+    entry(&dir, &bundle, Some(&golden_statement(2)));
     let out = vouch(&["evidence", "check", "--bundle", d, "--now", "2026-06-01"], tmp.path());
     assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
     assert!(out.stdout.contains("expected from"), "{}", out.stdout);
@@ -387,14 +385,20 @@ fn check_reads_the_bundle_vouch_stores_and_marks_what_it_did_not_check() {
 
 #[test]
 fn a_stored_bundle_is_checked_against_its_statement() {
+    for version in [1, 2] {
+        stored_bundle_against(&golden_statement(version));
+    }
+}
+
+/// A simulated report of `st`'s HOST_DATA and REPORT_DATA passes beside it, and only with them.
+fn stored_bundle_against(st: &[u8]) {
     use build_trace::evidence::EvidenceBundle;
     use build_trace::statement::{host_data_of, report_data_of};
     let state = tempfile::tempdir().unwrap();
-    let st = golden_statement();
     let out_dir = state.path().join("sim");
     let o = out_dir.to_str().unwrap();
-    let rd = hex::encode(report_data_of(&st));
-    let hd = hex::encode(host_data_of(&st).unwrap());
+    let rd = hex::encode(report_data_of(st));
+    let hd = hex::encode(host_data_of(st).unwrap());
     let made = vouch(
         &["evidence", "simulate", "--out", o, "--report-data", &rd, "--host-data", &hd],
         state.path(),
@@ -409,7 +413,7 @@ fn a_stored_bundle_is_checked_against_its_statement() {
         provider: Some("simulated".into()),
     };
     let dir = state.path().join("entry");
-    entry(&dir, &bundle, Some(&st));
+    entry(&dir, &bundle, Some(st));
     let d = dir.to_str().unwrap();
     let policy = out_dir.join("policy.toml");
     let args = ["evidence", "check", "--bundle", d, "--policy", policy.to_str().unwrap()];

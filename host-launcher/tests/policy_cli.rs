@@ -23,6 +23,9 @@ fn text(o: &Output) -> String {
 
 const SNP_M: &str = "377d0e1eebe8cf07dbc412054bd98c1022ce1694c2253a5e2c7e1d5180d182ea2019c5e023c469fe4c2544845832dd4c";
 
+/// The image's 2-vCPU launch.
+const SNP_M2: &str = "11d0e1eebe8cf07dbc412054bd98c1022ce1694c2253a5e2c7e1d5180d182ea2019c5e023c469fe4c2544845832dd4c3";
+
 /// An image manifest (only what a policy reads has to be right), with or without SNP.
 fn manifest(dir: &Path, sim: &str, snp: bool) -> std::path::PathBuf {
     let d = serde_json::json!({ "file": "f", "sha256": "00".repeat(32), "size": 1 });
@@ -30,6 +33,10 @@ fn manifest(dir: &Path, sim: &str, snp: bool) -> std::path::PathBuf {
         serde_json::json!({
             "ovmf": d, "vcpus": 1, "vcpu_type": "EPYC-v4", "guest_features": 1, "vmm_type": "qemu",
             "expected_measurement": SNP_M,
+            "measurements": [
+                { "vcpus": 1, "vcpu_type": "EPYC-v4", "measurement": SNP_M },
+                { "vcpus": 2, "vcpu_type": "EPYC-v4", "measurement": SNP_M2 },
+            ],
         })
     });
     let m = serde_json::json!({
@@ -113,10 +120,12 @@ fn init_from_an_image_manifest_pins_its_snp_measurement() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let written = String::from_utf8(out.stdout).unwrap();
     assert!(written.contains("products = [\"Genoa\", \"Turin\"]"), "{written}");
-    assert!(written.contains(SNP_M), "{written}");
+    assert!(written.contains(&format!("#   1 vCPU EPYC-v4 (default): {SNP_M}\n")), "{written}");
+    assert!(written.contains(&format!("#   2 vCPU EPYC-v4: {SNP_M2}\n")), "{written}");
     let policy = TrustPolicy::from_toml(&written).unwrap().prepare().unwrap();
     let ev = &policy.rules[0].1;
-    assert_eq!(serde_json::to_value(&ev.measurements).unwrap(), serde_json::json!([SNP_M]));
+    let pinned = serde_json::json!([SNP_M, SNP_M2]);
+    assert_eq!(serde_json::to_value(&ev.measurements).unwrap(), pinned);
     assert!(ev.simulated_roots.is_empty());
     let path = s.join("prod.toml");
     std::fs::write(&path, &written).unwrap();
@@ -124,7 +133,7 @@ fn init_from_an_image_manifest_pins_its_snp_measurement() {
     assert_eq!(check.status.code(), Some(0), "{}", text(&check));
     let v: serde_json::Value = serde_json::from_slice(&check.stdout).unwrap();
     assert_eq!(v["valid"], true);
-    assert_eq!(v["builders"]["image"]["measurements"], 1);
+    assert_eq!(v["builders"]["image"]["measurements"], 2);
     assert_eq!(v["builders"]["image"]["roots"], serde_json::json!(["AMD Genoa", "AMD Turin"]));
 
     let milan = vouch(&["policy", "init", "--manifest", mf, "--products", "Milan,Genoa"], s);

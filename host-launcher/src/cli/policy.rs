@@ -149,7 +149,7 @@ fn init(args: InitArgs, global: &Global) -> CmdResult {
                 return Err(PolicyCmdError::Product(p.clone()).into());
             }
         }
-        genuine_policy(&manifest_path, &snp.expected_measurement, &args.products)
+        genuine_policy(&manifest_path, &launch_lines(snp), &args.products)
     };
     // Ready means: it parses, checks, and its manifest gives measurements.
     TrustPolicy::from_toml(&text).and_then(|p| p.prepare()).map_err(PolicyCmdError::Written)?;
@@ -189,7 +189,26 @@ fn toml_string(path: &Path) -> String {
 
 const FOOTER: &str = "\n[fixed_output]\n# md5 and sha1 fixed-output derivations are refused; set true to accept them.\nallow_weak_hashes = false\n";
 
-fn genuine_policy(manifest: &Path, measurement: &str, products: &[String]) -> String {
+/// One comment line per launch measurement of an image: the default launch's, then each other
+/// VM shape (vCPU count and model) it was measured for.
+fn launch_lines(snp: &vm_image::image::SnpLaunch) -> String {
+    let p = &snp.params;
+    let mut lines = vec![format!(
+        "#   {} vCPU {} (default): {}",
+        p.vcpus, p.vcpu_type, snp.expected_measurement
+    )];
+    for shape in &snp.measurements {
+        if shape.measurement != snp.expected_measurement {
+            lines.push(format!(
+                "#   {} vCPU {}: {}",
+                shape.vcpus, shape.vcpu_type, shape.measurement
+            ));
+        }
+    }
+    lines.join("\n")
+}
+
+fn genuine_policy(manifest: &Path, launches: &str, products: &[String]) -> String {
     let mut s = String::new();
     let quoted: Vec<String> = products.iter().map(|p| format!("\"{p}\"")).collect();
     let _ = write!(
@@ -202,9 +221,10 @@ fn genuine_policy(manifest: &Path, measurement: &str, products: &[String]) -> St
          require = \"builder:image\"\n\
          \n\
          [builders.image]\n\
-         # The image's manifest: its SEV-SNP launch measurement\n\
-         # {measurement}\n\
-         # is allowed (rebuilding the image changes it: run `vouch policy init` again).\n\
+         # The image's manifest: its SEV-SNP launch measurements, one per VM shape it was\n\
+         # measured for, are allowed (rebuilding the image changes them: run `vouch policy init`\n\
+         # again):\n\
+         {launches}\n\
          image_manifests = [{}]\n\
          \n\
          [builders.image.evidence]\n\

@@ -398,6 +398,19 @@ fn worker_client(socket: &Path) -> UnixStream {
 }
 
 /// `AddToStoreNar` of `nar` as `path`, cut after `cut` bytes of the NAR if given.
+/// The content address of `nar` as a recursive fixed output: an upload any client may make.
+fn ca_of(nar: &[u8]) -> String {
+    format!("fixed:r:{}", build_trace::NarHash::of(nar))
+}
+
+/// The content-addressed path named `name` of `nar`.
+fn ca_path(name: &str, nar: &[u8]) -> StorePath {
+    let any = StorePath::from_parts([0; 20], name).unwrap();
+    build_trace::ownership::content_addressed_path(&any, &ca_of(nar), &BTreeSet::new()).unwrap()
+}
+
+/// `AddToStoreNar` of `nar` at its content-addressed `path` (the builder trusts no client here,
+/// so an upload must be certified: issue 12, item 2).
 fn add_to_store_nar(s: &mut UnixStream, path: &StorePath, nar: &[u8], cut: Option<usize>) {
     let info = ValidPathInfo {
         path: path.clone(),
@@ -405,7 +418,7 @@ fn add_to_store_nar(s: &mut UnixStream, path: &StorePath, nar: &[u8], cut: Optio
             nar_hash: build_trace::NarHash::of(nar),
             nar_size: nar.len() as u64,
             references: BTreeSet::new(),
-            ca: None,
+            ca: Some(ca_of(nar)),
         },
         deriver: None,
         registration_time: 0,
@@ -431,8 +444,8 @@ fn a_client_gone_mid_upload_or_a_locked_database_registers_nothing_half() {
     let mut w = nix_formats::nar::NarWriter::new(Vec::new()).unwrap();
     w.regular(false, &[7u8; 200_000]).unwrap();
     let nar = w.into_inner();
-    let half = StorePath::from_parts([1; 20], "f-half-upload").unwrap();
-    let whole = StorePath::from_parts([2; 20], "f-whole-upload").unwrap();
+    let half = ca_path("f-half-upload", &nar);
+    let whole = ca_path("f-whole-upload", &nar);
 
     // Mid-upload: half the NAR, then the connection is gone.
     let mut c = worker_client(&s.socket);

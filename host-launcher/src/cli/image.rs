@@ -92,11 +92,14 @@ pub enum Command {
         #[command(flatten)]
         snp: SnpArgs,
     },
-    /// Print an image's manifest.
+    /// Print an image's manifest (after checking its files against it).
     Show {
         /// Image directory (default: $VOUCH_IMAGE_DIR, else $VOUCH_CACHE/image).
         #[arg(long)]
         image: Option<PathBuf>,
+        /// Print `{"image": DIR, "manifest": {…}}` (the manifest as `manifest.json` has it).
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -181,10 +184,15 @@ pub fn run(cmd: Command, _global: &Global) -> CmdResult {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Show { image } => {
+        Command::Show { image, json } => {
             let dir = image.unwrap_or_else(vm_image::default_image_dir);
             let m = Manifest::load(&dir)?;
             m.verify_files(&dir)?;
+            if json {
+                let v = serde_json::json!({ "image": dir, "files_match": true, "manifest": m });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(ExitCode::SUCCESS);
+            }
             println!("image: {} (files match the manifest)", dir.display());
             print_manifest(&m);
             Ok(ExitCode::SUCCESS)

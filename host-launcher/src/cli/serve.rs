@@ -43,12 +43,13 @@ pub struct Args {
     /// `netrc-file`); at least 16 characters. The binary cache stays public.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<std::path::PathBuf>,
-    /// File whose first line is the token of the callers you trust as Nix trusts its
-    /// `trusted-users`: only they may build input-addressed derivations and upload paths that
-    /// have neither a content address nor a signature by a `--trusted-public-key`. Holding it
-    /// also gives access. Without it, nobody may.
-    #[arg(long, value_name = "FILE")]
-    pub trusted_token_file: Option<std::path::PathBuf>,
+    /// File whose first line is the token of a client you trust as Nix trusts its
+    /// `trusted-users` (repeatable: one file per client): only they may upload paths that have
+    /// neither a content address nor a signature by a `--trusted-public-key`, each into an
+    /// overlay of its own that only its builds read. Holding one also gives access. Without
+    /// any, nobody may.
+    #[arg(long = "trusted-token-file", value_name = "FILE")]
+    pub trusted_token_files: Vec<std::path::PathBuf>,
     /// A Nix public key (`name:base64`) whose signature on an uploaded path's narinfo makes the
     /// upload acceptable without a content address (repeatable).
     #[arg(long = "trusted-public-key", value_name = "NAME:KEY")]
@@ -68,7 +69,11 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     let mut signals = Signals::new()?;
     let state_dir = global.state_dir();
     let access = args.token_file.as_deref().map(AccessToken::from_file).transpose()?;
-    let trusted = args.trusted_token_file.as_deref().map(AccessToken::from_file).transpose()?;
+    let trusted = args
+        .trusted_token_files
+        .iter()
+        .map(|f| AccessToken::from_file(f))
+        .collect::<Result<Vec<_>, _>>()?;
     let trusted_keys = args
         .trusted_public_keys
         .iter()

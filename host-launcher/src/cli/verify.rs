@@ -57,6 +57,13 @@ pub struct Args {
     /// Default: the available parallelism. The verdict does not depend on it.
     #[arg(long, short = 'j', value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub jobs: Option<u16>,
+    /// Write the checked closure as a graph (`dot`, or `svg` through Graphviz): steps, resolved
+    /// derivations, evidence kind, the broken link in red.
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub graph: Option<super::verify_graph::Format>,
+    /// Where to write the graph (default: stdout, in place of the verdict's text).
+    #[arg(long, value_name = "FILE", requires = "graph")]
+    pub graph_out: Option<PathBuf>,
 }
 
 /// Why `vouch verify` could not reach a verdict.
@@ -84,7 +91,7 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         .filter(StorePath::is_derivation)
         .ok_or_else(|| VerifyCmdError::Target(args.drv.clone()))?;
     let policy = match &args.policy {
-        Some(p) => TrustPolicy::load(p)?,
+        Some(p) => super::policy::load(p)?,
         None => TrustPolicy::default(),
     };
     let prepared = policy.prepare()?;
@@ -139,8 +146,13 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
             .map(usize::from)
             .unwrap_or_else(|| std::thread::available_parallelism().map(usize::from).unwrap_or(1)),
     };
-    let outcome = verifier.verify(&drvs, &Request { target, expect })?;
-    if args.json {
+    let outcome = verifier.verify(&drvs, &Request { target: target.clone(), expect })?;
+    if let Some(format) = args.graph {
+        super::verify_graph::write(format, args.graph_out.as_ref(), &drvs, &target, &outcome)?;
+    }
+    if args.graph.is_some() && args.graph_out.is_none() {
+        // The graph took stdout; the verdict is the exit code.
+    } else if args.json {
         println!("{}", serde_json::to_string_pretty(&outcome)?);
     } else {
         match &outcome {

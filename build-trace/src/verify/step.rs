@@ -8,7 +8,7 @@ use std::time::SystemTime;
 
 use nix_formats::StorePath;
 
-use super::links::{check_links, Facts, Known};
+use super::links::{check_links, Admitted, Facts};
 use super::outcome::{BrokenLink, LinkCheck};
 use crate::error_chain;
 use crate::evidence::{EvidenceBundle, Expected, Verifier};
@@ -84,7 +84,7 @@ impl Checker<'_> {
         &self,
         want: &Expectation<'_>,
         entry: &TraceEntry,
-        known: &Known,
+        known: &Admitted<'_>,
         pre: Option<&Prechecked>,
     ) -> Result<EntryOk, Box<BrokenLink>> {
         let located = |mut b: Box<BrokenLink>| {

@@ -240,6 +240,11 @@ pub struct Signers {
     pub keys: BTreeSet<String>,
     /// For each builder rule, the distinct chips (their display names) whose evidence passed it.
     pub chips: BTreeMap<String, BTreeSet<String>>,
+    /// The names in `chips` that stand for VLEK-signed reports. A VLEK identifies no chip (the
+    /// host chooses MASK_CHIP_ID, and one VLEK serves many chips, one chip many VLEKs), so such
+    /// a signer lights at most one builder leaf that needs a single chip, and nothing else
+    /// counting chips may be lit with it.
+    pub vleks: BTreeSet<String>,
 }
 
 impl Signers {
@@ -249,6 +254,20 @@ impl Signers {
         for (rule, chips) in &other.chips {
             self.chips.entry(rule.clone()).or_default().extend(chips.iter().cloned());
         }
+        self.vleks.extend(other.vleks.iter().cloned());
+    }
+
+    /// Count evidence `v` that passed builder rule `rule`: a chip by CHIP_ID, or, signed by a
+    /// VLEK, a signer that identifies no chip (see [`Signers::vleks`]).
+    pub fn add_evidence(&mut self, rule: &str, v: &crate::evidence::VerifiedEvidence) {
+        let mut name = v.signer.to_string();
+        if v.vek_kind == crate::evidence::VekKind::Vlek {
+            if !matches!(v.signer, crate::evidence::Signer::Vlek(_)) {
+                name = format!("{name} (VLEK-signed)");
+            }
+            self.vleks.insert(name.clone());
+        }
+        self.chips.entry(rule.to_owned()).or_default().insert(name);
     }
 
     /// Whether there are no signers at all.
@@ -266,13 +285,16 @@ pub const MAX_COMPETING_LEAVES: usize = 16;
 enum SignerId<'a> {
     Key(&'a str),
     Chip(&'a str),
+    Vlek(&'a str),
 }
 
 /// What one leaf needs: `need` distinct signers out of `candidates`.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Demand<'a> {
     candidates: Vec<SignerId<'a>>,
     need: usize,
+    /// A builder leaf (its signers are chips).
+    builder: bool,
 }
 
 impl TrustModel {
@@ -281,9 +303,45 @@ impl TrustModel {
     /// leaves, or a chip that passed two builder rules, lights only one of them). Laut gets
     /// this by allowing each key in one leaf only; builder rules may overlap, so this is a
     /// small bipartite matching over the leaves that compete for a signer.
+    ///
+    /// A VLEK-signed report identifies no chip: it may light one builder leaf that needs one
+    /// chip, and then no other builder leaf is lit (it could be the same machine); otherwise
+    /// only chips count.
     pub fn satisfied_by(&self, signers: &Signers) -> bool {
         let mut leaves = Vec::new();
         self.demands(signers, &mut leaves);
+        let is_vlek = |c: &SignerId<'_>| matches!(c, SignerId::Vlek(_));
+        let chips_only: Vec<Demand<'_>> = leaves
+            .iter()
+            .map(|l| Demand {
+                candidates: l.candidates.iter().copied().filter(|c| !is_vlek(c)).collect(),
+                ..l.clone()
+            })
+            .collect();
+        if self.satisfiable(&chips_only) {
+            return true;
+        }
+        (0..leaves.len()).filter(|&i| leaves[i].need == 1).any(|i| {
+            let vleks: Vec<SignerId<'_>> =
+                leaves[i].candidates.iter().copied().filter(is_vlek).collect();
+            if vleks.is_empty() {
+                return false;
+            }
+            let alone: Vec<Demand<'_>> = leaves
+                .iter()
+                .enumerate()
+                .map(|(j, l)| match (j == i, l.builder) {
+                    (true, _) => Demand { candidates: vleks.clone(), ..l.clone() },
+                    (false, true) => Demand { candidates: Vec::new(), ..l.clone() },
+                    (false, false) => l.clone(),
+                })
+                .collect();
+            self.satisfiable(&alone)
+        })
+    }
+
+    /// Whether the term holds with some set of leaves lit by pairwise distinct signers.
+    fn satisfiable(&self, leaves: &[Demand<'_>]) -> bool {
         let possible: Vec<bool> = leaves.iter().map(|l| l.candidates.len() >= l.need).collect();
         if !self.holds(&possible, &mut 0) {
             return false;
@@ -314,7 +372,7 @@ impl TrustModel {
             for &i in &competing {
                 lit[i] = chosen.contains(&i);
             }
-            self.holds(&lit, &mut 0) && distinct_signers(&leaves, &chosen)
+            self.holds(&lit, &mut 0) && distinct_signers(leaves, &chosen)
         })
     }
 
@@ -324,24 +382,34 @@ impl TrustModel {
             signers
                 .chips
                 .get(rule)
-                .map(|c| c.iter().map(|c| SignerId::Chip(c.as_str())).collect())
+                .map(|c| {
+                    c.iter()
+                        .map(|c| match signers.vleks.contains(c) {
+                            true => SignerId::Vlek(c.as_str()),
+                            false => SignerId::Chip(c.as_str()),
+                        })
+                        .collect()
+                })
                 .unwrap_or_default()
         };
         match self {
             TrustModel::Leaf(leaf) => {
-                let candidates = match leaf.split_once(':') {
-                    Some(("key", name)) => signers
-                        .keys
-                        .get(name)
-                        .map(|k| vec![SignerId::Key(k.as_str())])
-                        .unwrap_or_default(),
-                    Some(("builder", rule)) => chips(rule),
-                    _ => Vec::new(),
+                let (candidates, builder) = match leaf.split_once(':') {
+                    Some(("key", name)) => (
+                        signers
+                            .keys
+                            .get(name)
+                            .map(|k| vec![SignerId::Key(k.as_str())])
+                            .unwrap_or_default(),
+                        false,
+                    ),
+                    Some(("builder", rule)) => (chips(rule), true),
+                    _ => (Vec::new(), false),
                 };
-                out.push(Demand { candidates, need: 1 });
+                out.push(Demand { candidates, need: 1, builder });
             }
             TrustModel::Builder { builder, at_least } => {
-                out.push(Demand { candidates: chips(builder), need: *at_least });
+                out.push(Demand { candidates: chips(builder), need: *at_least, builder: true });
             }
             TrustModel::Threshold { of, .. } => of.iter().for_each(|m| m.demands(signers, out)),
         }
@@ -481,6 +549,7 @@ impl TrustPolicy {
     /// Check that every leaf names something defined and every key parses as a Nix public key
     /// with the name it is listed under.
     pub fn check(&self) -> Result<(), PolicyError> {
+        let mut seen: BTreeMap<Vec<u8>, &str> = BTreeMap::new();
         for (name, key) in &self.keys {
             let parsed = nix_formats::signing::PublicKey::parse(key)
                 .map_err(|e| PolicyError::Invalid(format!("key `{name}`: {e}")))?;
@@ -488,6 +557,12 @@ impl TrustPolicy {
             if key_name != name {
                 return Err(PolicyError::Invalid(format!(
                     "key listed as `{name}` is named `{key_name}` in its key string"
+                )));
+            }
+            // One signer under two names would count twice.
+            if let Some(other) = seen.insert(parsed.to_bytes().to_vec(), name) {
+                return Err(PolicyError::Invalid(format!(
+                    "keys `{other}` and `{name}` are the same public key (one signer would count twice)"
                 )));
             }
         }

@@ -59,6 +59,7 @@ fn signers(keys: &[&str], chips: &[(&str, &[&str])]) -> Signers {
                 (r.to_string(), cs.iter().map(|c| c.to_string()).collect::<BTreeSet<_>>())
             })
             .collect::<BTreeMap<_, _>>(),
+        vleks: BTreeSet::new(),
     }
 }
 

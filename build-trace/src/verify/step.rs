@@ -166,7 +166,7 @@ impl Checker<'_> {
                     }
                     Ok(v) => {
                         simulated |= v.is_simulated();
-                        signers.chips.entry(rule.clone()).or_default().insert(v.signer.to_string());
+                        signers.add_evidence(rule, &v);
                     }
                     Err(e) => {
                         first_err.get_or_insert(BrokenLink::new(

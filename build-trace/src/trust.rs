@@ -27,7 +27,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::evidence::{EvidencePolicy, Measurement};
+use crate::evidence::{EvidencePolicy, Measurement, Measurements};
 
 /// Why a policy could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -159,24 +159,48 @@ impl LogPolicy {
     }
 }
 
-/// The name of the builder rule in [`TrustPolicy::default`].
+/// The name of the builder rule of the default policy ([`TrustPolicy::default_for`]).
 pub const DEFAULT_BUILDER: &str = "amd";
 
-impl Default for TrustPolicy {
-    /// Real AMD roots only (any product, no VLEK, VMPL 0, no debug, no simulated root), one
-    /// attested chip per step. The launch measurement is not pinned: add `measurements` or
-    /// `image_manifests` to say *which* guest image you trust.
-    fn default() -> TrustPolicy {
-        TrustPolicy {
+/// The minimum TCB per product of the default policy, each value citing the AMD security
+/// bulletin it comes from (`build-trace/data/min-tcb.toml`).
+pub const DEFAULT_MIN_TCB: &str = include_str!("../data/min-tcb.toml");
+
+/// What to do when the default policy has no measurement to pin.
+pub const NO_MANIFEST_FIX: &str = "pass --image-manifest FILE (the manifest.json of the guest \
+     image you trust, built by `vouch image build` with an AmdSev OVMF), put it in the default \
+     image directory, or write a policy (--policy) that pins `measurements` — or says \
+     `measurements = \"any\"` to accept any SEV-SNP guest";
+
+impl TrustPolicy {
+    /// The default policy (`vouch verify` without `--policy`): genuine AMD SEV-SNP evidence of
+    /// Genoa or Turin (Milan is off: see `docs/evidence.md`), each at least at the minimum TCB
+    /// of [`DEFAULT_MIN_TCB`], no VLEK, VMPL 0, no debug or migration agent, no simulated root,
+    /// one chip per step, and the launch measurements of `manifests` (image manifests). Without
+    /// a manifest there is nothing to pin, and it is refused, naming the fix.
+    pub fn default_for(manifests: &[String]) -> Result<TrustPolicy, PolicyError> {
+        if manifests.is_empty() {
+            return Err(PolicyError::Invalid(format!(
+                "the default policy pins the launch measurement of a guest image, and none was \
+                 given: {NO_MANIFEST_FIX}"
+            )));
+        }
+        let min_tcb = toml::from_str(DEFAULT_MIN_TCB).map_err(PolicyError::Toml)?;
+        let evidence = EvidencePolicy {
+            products: vec![crate::evidence::Product::Genoa, crate::evidence::Product::Turin],
+            min_tcb,
+            ..EvidencePolicy::default()
+        };
+        Ok(TrustPolicy {
             keys: BTreeMap::new(),
             builders: BTreeMap::from([(
                 DEFAULT_BUILDER.to_string(),
-                BuilderRule { evidence: EvidencePolicy::default(), image_manifests: Vec::new() },
+                BuilderRule { evidence, image_manifests: manifests.to_vec() },
             )]),
             require: TrustModel::Leaf(format!("builder:{DEFAULT_BUILDER}")),
             fixed_output: FixedOutputRule::default(),
             log: None,
-        }
+        })
     }
 }
 
@@ -195,6 +219,29 @@ pub struct PreparedPolicy {
 }
 
 impl PreparedPolicy {
+    /// The builder rules that accept any launch measurement (`measurements = "any"`): every
+    /// result under such a policy must say ANY GUEST first.
+    pub fn any_guest_rules(&self) -> Vec<&str> {
+        self.rules
+            .iter()
+            .filter(|(_, ev)| ev.measurements == Some(Measurements::Any))
+            .map(|(n, _)| n.as_str())
+            .collect()
+    }
+
+    /// The line every result starts with when [`Self::any_guest_rules`] is not empty.
+    pub fn any_guest_banner(&self) -> Option<String> {
+        let rules = self.any_guest_rules();
+        (!rules.is_empty()).then(|| {
+            format!(
+                "ANY GUEST: builder rule(s) {} accept any launch measurement (measurements = \
+                 \"any\"): a statement they vouch for may come from any SEV-SNP guest, \
+                 including one its host wrote",
+                rules.join(", ")
+            )
+        })
+    }
+
     /// Whether `signers` satisfy the policy's requirement.
     pub fn accepts(&self, signers: &Signers) -> bool {
         self.policy.accepts(signers)
@@ -212,21 +259,33 @@ pub fn manifest_measurements(
     let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| PolicyError::Invalid(format!("image manifest {}: {e}", path.display())))?;
     let mut out = Vec::new();
-    let mut fields = vec!["/snp/expected_measurement"];
-    if simulated {
-        fields.push("/simulated_measurement");
+    let mut hexes: Vec<(String, &str)> = Vec::new();
+    if let Some(h) = v.pointer("/snp/expected_measurement").and_then(serde_json::Value::as_str) {
+        hexes.push(("snp.expected_measurement".into(), h));
     }
-    for f in fields {
-        if let Some(hex) = v.pointer(f).and_then(serde_json::Value::as_str) {
-            out.push(hex.parse().map_err(|e| {
-                PolicyError::Invalid(format!("image manifest {} {f}: {e}", path.display()))
-            })?);
+    // One launch per vCPU count and CPU model: `snp.launches[i].measurement`.
+    let launches = v.pointer("/snp/launches").and_then(serde_json::Value::as_array);
+    for (i, l) in launches.into_iter().flatten().enumerate() {
+        if let Some(h) = l.get("measurement").and_then(serde_json::Value::as_str) {
+            hexes.push((format!("snp.launches[{i}].measurement"), h));
         }
+    }
+    if simulated {
+        if let Some(h) = v.pointer("/simulated_measurement").and_then(serde_json::Value::as_str) {
+            hexes.push(("simulated_measurement".into(), h));
+        }
+    }
+    for (f, hex) in hexes {
+        out.push(hex.parse().map_err(|e| {
+            PolicyError::Invalid(format!("image manifest {} {f}: {e}", path.display()))
+        })?);
     }
     if out.is_empty() {
         return Err(PolicyError::Invalid(format!(
-            "image manifest {} names no measurement",
-            path.display()
+            "image manifest {} names no {}measurement (an image built without an AmdSev OVMF \
+             has none): {NO_MANIFEST_FIX}",
+            path.display(),
+            if simulated { "" } else { "SEV-SNP launch " }
         )));
     }
     Ok(out)
@@ -575,7 +634,26 @@ impl TrustPolicy {
                 "{competing} builder leaves or repeated key leaves; at most {MAX_COMPETING_LEAVES}"
             )));
         }
-        self.require.check(self)
+        self.require.check(self)?;
+        for (name, rule) in &self.builders {
+            match (&rule.evidence.measurements, rule.image_manifests.is_empty()) {
+                (None, true) => {
+                    return Err(PolicyError::Invalid(format!(
+                        "builder rule `{name}` pins no launch measurement, so any guest would \
+                         pass: add `measurements` or `image_manifests`, or say \
+                         `measurements = \"any\"` if that is what you want"
+                    )))
+                }
+                (Some(Measurements::Any), false) => {
+                    return Err(PolicyError::Invalid(format!(
+                        "builder rule `{name}` says `measurements = \"any\"` and names image \
+                         manifests: choose one"
+                    )))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// Resolve image manifests and parse keys, once per verification.
@@ -587,7 +665,14 @@ impl TrustPolicy {
             let simulated = !ev.simulated_roots.is_empty();
             for m in &rule.image_manifests {
                 let ms = manifest_measurements(Path::new(m), simulated)?;
-                ev.measurements.get_or_insert_with(Vec::new).extend(ms);
+                let list = match ev.measurements.take() {
+                    Some(Measurements::Only(mut l)) => {
+                        l.extend(ms);
+                        l
+                    }
+                    _ => ms,
+                };
+                ev.measurements = Some(Measurements::Only(list));
             }
             rules.push((name.clone(), ev));
         }

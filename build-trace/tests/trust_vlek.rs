@@ -33,7 +33,7 @@ fn policy(require: &str) -> TrustPolicy {
     let key = SecretKey::from_seed("self-1", [9; 32]).public_key();
     TrustPolicy::from_toml(&format!(
         "require = {require}\n[keys]\n\"self-1\" = \"{key}\"\n\
-         [builders.r.evidence]\n[builders.s.evidence]\n"
+         [builders.r.evidence]\nmeasurements = \"any\"\n[builders.s.evidence]\nmeasurements = \"any\"\n"
     ))
     .unwrap()
 }

@@ -9,6 +9,10 @@ use test_support::nix::text;
 use test_support::vm::vouch_bin;
 use tests::fixture::Fixture;
 
+fn a_out_of(fx: &Fixture) -> String {
+    fx.outs["a"].to_string()
+}
+
 fn vouch(args: &[&str]) -> Output {
     Command::new(vouch_bin()).args(args).output().unwrap()
 }
@@ -44,13 +48,53 @@ fn verify_trace_and_provenance_commands() {
     assert_eq!(v["result"], "verified");
     assert_eq!(v["outputs"]["out"], out.as_str());
 
-    let default = vouch(&["verify", "--traces", &traces, "--drv-dir", &drv_dir, &drv]);
+    // The default policy pins the measurement of the manifest it is given (here the
+    // fixture's own, as an SNP measurement): simulated evidence is still refused.
+    let manifest = dir.path().join("manifest.json");
+    let m = hex::encode(fx.measurement);
+    std::fs::write(&manifest, format!(r#"{{"snp": {{"expected_measurement": "{m}"}}}}"#)).unwrap();
+    let mf = manifest.display().to_string();
+    let default = vouch(&[
+        "verify",
+        "--image-manifest",
+        &mf,
+        "--traces",
+        &traces,
+        "--drv-dir",
+        &drv_dir,
+        &drv,
+    ]);
     assert_eq!(default.status.code(), Some(1), "{}", text(&default));
     assert!(
         text(&default).contains("NOT VERIFIED") && text(&default).contains("simulated root"),
         "{}",
         text(&default)
     );
+    // Without any manifest (an empty default image directory) it refuses, naming the fix.
+    let empty = tempfile::tempdir().unwrap();
+    let none = Command::new(vouch_bin())
+        .env("VOUCH_IMAGE_DIR", empty.path())
+        .args(["verify", "--traces", &traces, "--drv-dir", &drv_dir, &drv])
+        .output()
+        .unwrap();
+    assert_eq!(none.status.code(), Some(2), "{}", text(&none));
+    assert!(text(&none).contains("--image-manifest"), "{}", text(&none));
+    // A policy that accepts any guest says so on the first line of every result.
+    let any = dir.path().join("any.toml");
+    let mut any_policy = fx.policy(build_trace::trust::TrustModel::Leaf("builder:sim".into()));
+    any_policy.builders.get_mut("sim").unwrap().evidence.measurements =
+        Some(build_trace::evidence::Measurements::Any);
+    std::fs::write(&any, any_policy.to_toml()).unwrap();
+    let a = any.display().to_string();
+    for args in [&[&drv][..], &["--expect", &a_out_of(&fx), &drv][..]] {
+        let r = vouch(
+            &[&["verify", "--policy", &a, "--traces", &traces, "--drv-dir", &drv_dir][..], args]
+                .concat(),
+        );
+        let first =
+            String::from_utf8_lossy(&r.stdout).lines().next().unwrap_or_default().to_owned();
+        assert!(first.starts_with("ANY GUEST"), "{}", text(&r));
+    }
 
     let a_out = fx.outs["a"].to_string();
     let wrong = verify(&["--expect", &a_out, &drv]);

@@ -151,7 +151,7 @@ pub fn build(n: usize, root: &SimulatedRoot, key: &SecretKey) -> Built {
 pub fn policy(root: &SimulatedRoot, key: &SecretKey, require: &str) -> TrustPolicy {
     let evidence = EvidencePolicy {
         simulated_roots: vec![root.key_id()],
-        measurements: Some(vec![Hex(MEASUREMENT)]),
+        measurements: Some(vec![Hex(MEASUREMENT)].into()),
         ..EvidencePolicy::default()
     };
     TrustPolicy {

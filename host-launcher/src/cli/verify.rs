@@ -30,9 +30,15 @@ pub struct Args {
     /// The target derivation (`/nix/store/…-name.drv`, unresolved).
     pub drv: String,
     /// Trust policy (TOML, see docs/trust-policy.md). Default: genuine AMD SEV-SNP evidence
-    /// only (simulated evidence is rejected).
+    /// of Genoa or Turin at the minimum TCB AMD's bulletins require, launched with a guest
+    /// image of `--image-manifest` (simulated evidence is rejected).
     #[arg(long)]
     pub policy: Option<PathBuf>,
+    /// Image manifest (`manifest.json` of `vouch image build`) whose launch measurements the
+    /// default policy pins (repeatable). Default: the one in the default image directory
+    /// ($VOUCH_IMAGE_DIR, else $VOUCH_CACHE/image); without any, the default policy refuses.
+    #[arg(long = "image-manifest", value_name = "FILE", conflicts_with = "policy")]
+    pub image_manifests: Vec<PathBuf>,
     /// Trace store directory to look traces up in (repeatable). Default: `<state dir>/cache`.
     #[arg(long = "traces", value_name = "DIR")]
     pub traces: Vec<PathBuf>,
@@ -85,9 +91,18 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         .ok_or_else(|| VerifyCmdError::Target(args.drv.clone()))?;
     let policy = match &args.policy {
         Some(p) => TrustPolicy::load(p)?,
-        None => TrustPolicy::default(),
+        None => TrustPolicy::default_for(&default_manifests(&args.image_manifests))?,
     };
     let prepared = policy.prepare()?;
+    // A policy that accepts any guest says so before anything else.
+    let banner = prepared.any_guest_banner();
+    if let Some(b) = &banner {
+        if args.json {
+            eprintln!("{b}");
+        } else {
+            println!("{b}");
+        }
+    }
     let drvs = match &args.show_derivation {
         Some(p) => DrvSet::from_show_derivation(&read_input(p)?)?,
         None => DrvSet::from_store_dir(&args.drv_dir, &target)?,
@@ -141,7 +156,11 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     };
     let outcome = verifier.verify(&drvs, &Request { target, expect })?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&outcome)?);
+        let mut v = serde_json::to_value(&outcome)?;
+        if let (Some(b), Some(map)) = (&banner, v.as_object_mut()) {
+            map.insert("any_guest".into(), serde_json::Value::String(b.clone()));
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         match &outcome {
             Outcome::Verified(v) => print!("{v}"),
@@ -152,6 +171,19 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         Outcome::Verified(_) => ExitCode::SUCCESS,
         Outcome::NotVerified(_) => ExitCode::from(1),
     })
+}
+
+/// The manifests the default policy pins: those given, else the default image directory's.
+fn default_manifests(given: &[PathBuf]) -> Vec<String> {
+    if !given.is_empty() {
+        return given.iter().map(|p| p.display().to_string()).collect();
+    }
+    let default = vm_image::default_image_dir().join("manifest.json");
+    if default.is_file() {
+        vec![default.display().to_string()]
+    } else {
+        Vec::new()
+    }
 }
 
 fn read_input(p: &Path) -> Result<String, VerifyCmdError> {

@@ -55,7 +55,12 @@ fn info(nar: &str, ca: Option<String>) -> PathInfo {
 
 impl Lab {
     fn new() -> Lab {
-        let src_ca = ca("busybox");
+        Lab::with_source(&ca("busybox"))
+    }
+
+    /// A lab whose one source (every derivation's builder) has content address `src_ca`.
+    fn with_source(src_ca: &str) -> Lab {
+        let src_ca = src_ca.to_owned();
         let src = ca_path("busybox", &src_ca);
         let infos = BTreeMap::from([(src.clone(), info("busybox nar", Some(src_ca)))]);
         Lab {
@@ -178,8 +183,13 @@ impl Lab {
     }
 
     fn verify(&self, target: &StorePath) -> Outcome {
+        self.verify_weak(target, false)
+    }
+
+    fn verify_weak(&self, target: &StorePath, allow_weak_hashes: bool) -> Outcome {
         let req = Request { target: target.clone(), expect: BTreeSet::new() };
-        let p = policy(&self.root, &self.key, "builder:sim");
+        let mut p = policy(&self.root, &self.key, "builder:sim");
+        p.fixed_output.allow_weak_hashes = allow_weak_hashes;
         verify_on_threads(&self.drvs, &req, &p, &self.traces, &[1, 3])
     }
 }
@@ -309,4 +319,26 @@ fn only_a_steps_own_dependencies_can_vouch_for_its_inputs() {
     let Outcome::NotVerified(b) = lab.verify(&top) else { panic!("the swapped input verified") };
     assert_eq!(b.step, app.to_string(), "{b}");
     assert_eq!(b.check, LinkCheck::InputNarHash, "{b}");
+}
+
+/// A content-addressed input named by a SHA-1 (or MD5) address: a collision gives two contents
+/// one path, so it is refused unless the policy allows weak hashes, as for fixed outputs
+/// (issue 12, item 9).
+#[test]
+fn weak_content_addresses_of_inputs_are_refused_by_default() {
+    for algo in ["sha1", "md5"] {
+        let digest = match algo {
+            "sha1" => Hash::new(HashAlgo::Sha1, &[0x5a; 20]).unwrap(),
+            _ => Hash::new(HashAlgo::Md5, &[0x5a; 16]).unwrap(),
+        };
+        let weak = ContentAddress::Fixed { method: FileIngestionMethod::Recursive, hash: digest }
+            .to_string();
+        let mut lab = Lab::with_source(&weak);
+        let d = lab.drv("app", "make app", &[], floating());
+        let (app, _) = lab.add("app", d, &BTreeMap::new(), "app nar", &none());
+        let Outcome::NotVerified(b) = lab.verify(&app) else { panic!("a {algo} input verified") };
+        assert_eq!(b.check, LinkCheck::WeakHash, "{b}");
+        assert!(b.to_string().contains(algo), "{b}");
+        assert!(matches!(lab.verify_weak(&app, true), Outcome::Verified(_)), "allowed: {algo}");
+    }
 }

@@ -86,7 +86,8 @@ fn verify_trace_and_provenance_commands() {
         Some(build_trace::evidence::Measurements::Any);
     std::fs::write(&any, any_policy.to_toml()).unwrap();
     let a = any.display().to_string();
-    for args in [&[&drv][..], &["--expect", &a_out_of(&fx), &drv][..]] {
+    let a_out = a_out_of(&fx);
+    for args in [&[drv.as_str()][..], &["--expect", a_out.as_str(), drv.as_str()][..]] {
         let r = vouch(
             &[&["verify", "--policy", &a, "--traces", &traces, "--drv-dir", &drv_dir][..], args]
                 .concat(),
@@ -96,7 +97,6 @@ fn verify_trace_and_provenance_commands() {
         assert!(first.starts_with("ANY GUEST"), "{}", text(&r));
     }
 
-    let a_out = fx.outs["a"].to_string();
     let wrong = verify(&["--expect", &a_out, &drv]);
     assert_eq!(wrong.status.code(), Some(1), "{}", text(&wrong));
 

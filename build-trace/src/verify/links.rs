@@ -66,6 +66,7 @@ pub(crate) fn check_links(
     st: &Statement,
     direct: &BTreeSet<StorePath>,
     known: &Admitted<'_>,
+    allow_weak_hashes: bool,
 ) -> Result<(), Box<BrokenLink>> {
     let closure = &st.job.closure;
     let mut reachable: BTreeSet<&StorePath> = BTreeSet::new();
@@ -124,6 +125,9 @@ pub(crate) fn check_links(
                 ),
             ));
         };
+        if !allow_weak_hashes {
+            refuse_weak(&format!("input {p}"), ca)?;
+        }
         check_source(p, ca, &info.references)?;
     }
     Ok(())
@@ -142,6 +146,26 @@ fn check_source(
     if want != *path {
         return Err(bad(format!("the content address of input {path} does not produce its path"))
             .expected(want, path));
+    }
+    Ok(())
+}
+
+/// A content address by MD5 or SHA-1 names contents a collision can replace: refused unless the
+/// policy allows weak hashes (`fixed_output.allow_weak_hashes`), for inputs as for fixed
+/// outputs.
+pub(crate) fn refuse_weak(what: &str, ca: &str) -> Result<(), Box<BrokenLink>> {
+    let algo = match nix_formats::content_address::ContentAddress::parse(ca) {
+        Ok(nix_formats::content_address::ContentAddress::Fixed { hash, .. }) => hash.algo(),
+        Ok(nix_formats::content_address::ContentAddress::Text { hash }) => hash.algo(),
+        // A malformed address fails the path check that follows, with its reason.
+        Err(_) => return Ok(()),
+    };
+    if matches!(algo, nix_formats::HashAlgo::Md5 | nix_formats::HashAlgo::Sha1) {
+        return Err(BrokenLink::new(
+            LinkCheck::WeakHash,
+            format!("{what} is content-addressed by a {algo} hash, which the policy refuses"),
+        )
+        .expected("sha256 or sha512", algo));
     }
     Ok(())
 }

@@ -51,7 +51,7 @@ impl LinkCheck {
     pub fn name(self) -> &'static str {
         match self {
             LinkCheck::Derivation => "derivation",
-            LinkCheck::WeakHash => "fixed-output hash algorithm",
+            LinkCheck::WeakHash => "hash algorithm",
             LinkCheck::Resolution => "resolution",
             LinkCheck::NoTrace => "trace lookup",
             LinkCheck::Statement => "statement",

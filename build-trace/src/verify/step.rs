@@ -112,7 +112,8 @@ impl Checker<'_> {
             None => self.signers(st, entry),
         }
         .map_err(located)?;
-        check_links(st, want.direct, known).map_err(located)?;
+        check_links(st, want.direct, known, self.policy.policy.fixed_output.allow_weak_hashes)
+            .map_err(located)?;
         let outputs = st
             .outputs
             .iter()

@@ -121,7 +121,12 @@ fn verify_trace_and_provenance_commands() {
         text(&show)
     );
 
-    let prov = vouch(&["provenance", "--traces", &traces, out]);
+    // Provenance exports a trace only after it passes a policy: the default one refuses the
+    // simulated evidence, the fixture's exports it.
+    let refused = vouch(&["provenance", "--image-manifest", &mf, "--traces", &traces, out]);
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused));
+    assert!(text(&refused).contains("passes the trust policy"), "{}", text(&refused));
+    let prov = vouch(&["provenance", "--policy", &p, "--traces", &traces, out]);
     assert_eq!(prov.status.code(), Some(0), "{}", text(&prov));
     let st: serde_json::Value = serde_json::from_slice(&prov.stdout).unwrap();
     assert_eq!(st["_type"], "https://in-toto.io/Statement/v1");

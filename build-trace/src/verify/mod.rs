@@ -63,6 +63,7 @@ use nix_formats::{HashAlgo, StorePath};
 
 pub use graph::DrvSet;
 pub use outcome::{AcceptedStep, BrokenLink, LinkCheck, Outcome, VerifiedClosure};
+pub use step::{check_entry_alone, EntryVerdict};
 
 use links::{Admitted, Known};
 use step::{Checker, EntryOk, Expectation, OutputClaim, Prechecked};

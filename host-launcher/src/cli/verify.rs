@@ -89,10 +89,7 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         .ok()
         .filter(StorePath::is_derivation)
         .ok_or_else(|| VerifyCmdError::Target(args.drv.clone()))?;
-    let policy = match &args.policy {
-        Some(p) => TrustPolicy::load(p)?,
-        None => TrustPolicy::default_for(&default_manifests(&args.image_manifests))?,
-    };
+    let policy = load_policy(args.policy.as_deref(), &args.image_manifests)?;
     let prepared = policy.prepare()?;
     // A policy that accepts any guest says so before anything else.
     let banner = prepared.any_guest_banner();
@@ -171,6 +168,18 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         Outcome::Verified(_) => ExitCode::SUCCESS,
         Outcome::NotVerified(_) => ExitCode::from(1),
     })
+}
+
+/// The policy of `--policy`, else the default one pinning `manifests` (else the default image
+/// directory's manifest).
+pub(super) fn load_policy(
+    policy: Option<&Path>,
+    manifests: &[PathBuf],
+) -> Result<TrustPolicy, build_trace::trust::PolicyError> {
+    match policy {
+        Some(p) => TrustPolicy::load(p),
+        None => TrustPolicy::default_for(&default_manifests(manifests)),
+    }
 }
 
 /// The manifests the default policy pins: those given, else the default image directory's.

@@ -9,6 +9,24 @@ use test_support::nix::text;
 use test_support::vm::vouch_bin;
 use tests::fixture::Fixture;
 
+/// Change the bytes of the store object at `p` (a file, or the first file in a directory).
+fn substitute(p: &std::path::Path) {
+    let mut file = p.to_path_buf();
+    while file.is_dir() {
+        let mut entries: Vec<_> =
+            std::fs::read_dir(&file).unwrap().map(|e| e.unwrap().path()).collect();
+        entries.sort();
+        file = entries.into_iter().find(|e| !e.is_symlink()).expect("a file in the output");
+    }
+    let mut perms = std::fs::metadata(&file).unwrap().permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    std::fs::set_permissions(&file, perms).unwrap();
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes.extend_from_slice(b"attacker\n");
+    std::fs::write(&file, bytes).unwrap();
+}
+
 fn a_out_of(fx: &Fixture) -> String {
     fx.outs["a"].to_string()
 }
@@ -42,6 +60,43 @@ fn verify_trace_and_provenance_commands() {
     let ok = verify(&["--expect", out, &drv]);
     assert_eq!(ok.status.code(), Some(0), "{}", text(&ok));
     assert!(text(&ok).contains("VERIFIED") && text(&ok).contains("SIMULATED"), "{}", text(&ok));
+
+    // Paths are not bytes: the NAR hashes of the output in a store directory, and of what a
+    // cache serves, must be the accepted ones.
+    let store_dir = fx.store_dir.display().to_string();
+    let local = verify(&["--check-local", "--store-dir", &store_dir, &drv]);
+    assert_eq!(local.status.code(), Some(0), "{}", text(&local));
+    let cache = format!("file://{traces}");
+    let served = verify(&["--check-cache", &cache, &drv]);
+    assert_eq!(served.status.code(), Some(0), "{}", text(&served));
+    // The attack: other bytes under the right path, in a store and in a cache.
+    let base = fx.outs["c"].base_name().to_string();
+    let fake_store = dir.path().join("store");
+    std::fs::create_dir(&fake_store).unwrap();
+    let fake_out = fake_store.join(&base);
+    let st = Command::new("cp").arg("-a").arg(fx.store_dir.join(&base)).arg(&fake_out).status();
+    assert!(st.unwrap().success());
+    substitute(&fake_out);
+    let fs = fake_store.display().to_string();
+    let swapped = verify(&["--check-local", "--store-dir", &fs, &drv]);
+    assert_eq!(swapped.status.code(), Some(1), "{}", text(&swapped));
+    assert!(text(&swapped).contains("output bytes") && text(&swapped).contains("NAR hash"));
+    let fake_cache = dir.path().join("cache");
+    let st = Command::new("cp").arg("-a").arg(&fx.traces).arg(&fake_cache).status();
+    assert!(st.unwrap().success());
+    let info =
+        std::fs::read_to_string(fake_cache.join(format!("{}.narinfo", fx.outs["c"].hash_part())))
+            .unwrap();
+    let url = info.lines().find_map(|l| l.strip_prefix("URL: ")).unwrap().to_owned();
+    let nar = fake_cache.join(&url);
+    let mut bytes = std::fs::read(&nar).unwrap();
+    let last = bytes.iter().rposition(|b| b.is_ascii_alphanumeric()).unwrap();
+    bytes[last] ^= 0x01;
+    std::fs::write(&nar, bytes).unwrap();
+    let fc = format!("file://{}", fake_cache.display());
+    let served = verify(&["--check-cache", &fc, &drv]);
+    assert_eq!(served.status.code(), Some(1), "{}", text(&served));
+    assert!(text(&served).contains("NAR hash"), "{}", text(&served));
 
     let json = verify(&["--json", &drv]);
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();

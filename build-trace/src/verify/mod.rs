@@ -224,10 +224,24 @@ impl ClosureVerifier<'_> {
             b.step = req.target.to_string();
             return Ok(Outcome::NotVerified(*b));
         };
+        let mut nar_hashes: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (path, _) in chosen.outputs.values() {
+            for m in target_maps {
+                for (p, facts) in m.outputs.values() {
+                    if let (true, Some(f)) = (p == path, facts) {
+                        let list = nar_hashes.entry(p.to_string()).or_default();
+                        if !list.contains(&f.nar_hash.to_string()) {
+                            list.push(f.nar_hash.to_string());
+                        }
+                    }
+                }
+            }
+        }
         Ok(Outcome::Verified(VerifiedClosure {
             target: req.target.to_string(),
             outputs: chosen.outputs.iter().map(|(n, (p, _))| (n.clone(), p.to_string())).collect(),
             steps: walk.steps,
+            nar_hashes,
         }))
     }
 

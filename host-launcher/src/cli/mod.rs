@@ -21,6 +21,7 @@ pub mod serve;
 pub mod snp;
 pub mod trace;
 pub mod verify;
+pub mod verify_bytes;
 
 /// What every subcommand returns: an exit code, or an error whose chain `main` prints.
 pub type CmdResult = Result<ExitCode, CmdError>;

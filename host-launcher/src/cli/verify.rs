@@ -18,7 +18,7 @@ use build_trace::tlog::proof::CheckpointHistory;
 use build_trace::tlog::source::LoggedTraces;
 use build_trace::tlog::{DirTiles, LogView, TlogError, LOG_DIR};
 use build_trace::trust::TrustPolicy;
-use build_trace::verify::{ClosureVerifier, DrvSet, Outcome, Request};
+use build_trace::verify::{BrokenLink, ClosureVerifier, DrvSet, Outcome, Request};
 use host_launcher::core::publish::default_trace_store;
 use nix_formats::StorePath;
 
@@ -56,6 +56,17 @@ pub struct Args {
     /// for content-addressed outputs, the derivation's own paths otherwise; Nix 2.8 and later).
     #[arg(long, conflicts_with = "expect")]
     pub expect_local: bool,
+    /// Also check the bytes: the NAR hash of each target output in the local store directory
+    /// (`--store-dir`) must be one the policy accepted (implied by --expect-local).
+    #[arg(long)]
+    pub check_local: bool,
+    /// The store directory `--check-local` reads.
+    #[arg(long, value_name = "DIR", default_value = "/nix/store")]
+    pub store_dir: PathBuf,
+    /// Also check the bytes this binary cache (`http(s)://` or `file://`) serves for each target
+    /// output: their NAR hash must be one the policy accepted (repeatable).
+    #[arg(long = "check-cache", value_name = "URL")]
+    pub check_caches: Vec<String>,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
@@ -151,7 +162,20 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
             .map(usize::from)
             .unwrap_or_else(|| std::thread::available_parallelism().map(usize::from).unwrap_or(1)),
     };
-    let outcome = verifier.verify(&drvs, &Request { target, expect })?;
+    let mut outcome = verifier.verify(&drvs, &Request { target: target.clone(), expect })?;
+    // Paths are not bytes: check what the user has, where asked.
+    if let Outcome::Verified(v) = &outcome {
+        let mut bad = Vec::new();
+        if args.check_local || args.expect_local {
+            bad.extend(super::verify_bytes::check_local(v, &args.store_dir)?);
+        }
+        for cache in &args.check_caches {
+            bad.extend(super::verify_bytes::check_cache(v, cache)?);
+        }
+        if !bad.is_empty() {
+            outcome = Outcome::NotVerified(BrokenLink::bytes(&target, bad.join("; ")));
+        }
+    }
     if args.json {
         let mut v = serde_json::to_value(&outcome)?;
         if let (Some(b), Some(map)) = (&banner, v.as_object_mut()) {

@@ -108,6 +108,21 @@ pub struct SnpLaunch {
     pub params: SnpParams,
     /// Hex of the 48-byte expected MEASUREMENT for bzImage + initrd + cmdline with kernel hashes.
     pub expected_measurement: String,
+    /// One measurement per vCPU count and CPU model the image is launched with (the first is
+    /// `params`' own); a verifier's default policy pins all of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub launches: Vec<LaunchMeasurement>,
+}
+
+/// The measurement of one launch configuration.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LaunchMeasurement {
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// QEMU CPU model.
+    pub vcpu_type: String,
+    /// Hex of the 48-byte MEASUREMENT.
+    pub measurement: String,
 }
 
 /// `manifest.json` of an image directory.
@@ -183,6 +198,8 @@ pub struct ImageSpec<'a> {
     pub ovmf: Option<&'a Path>,
     /// SNP launch parameters for the measurement.
     pub snp: SnpParams,
+    /// Further (vCPU count, CPU model) launches to measure, the other parameters as `snp`.
+    pub extra_launches: Vec<(u32, String)>,
 }
 
 /// The initramfs members: the agent as `/init`, a console node and the mount points it uses.
@@ -250,10 +267,29 @@ pub fn build_image(spec: &ImageSpec<'_>, out: &Path) -> Result<Manifest, ImageEr
                 ovmf_hash: None,
             };
             let m = measure::snp_measurement(&inputs, &spec.snp)?;
+            let mut launches = vec![LaunchMeasurement {
+                vcpus: spec.snp.vcpus,
+                vcpu_type: spec.snp.vcpu_type.clone(),
+                measurement: hex::encode(m),
+            }];
+            for (vcpus, vcpu_type) in &spec.extra_launches {
+                let params =
+                    SnpParams { vcpus: *vcpus, vcpu_type: vcpu_type.clone(), ..spec.snp.clone() };
+                if launches.iter().any(|l| l.vcpus == *vcpus && l.vcpu_type == *vcpu_type) {
+                    continue;
+                }
+                let m = measure::snp_measurement(&inputs, &params)?;
+                launches.push(LaunchMeasurement {
+                    vcpus: *vcpus,
+                    vcpu_type: vcpu_type.clone(),
+                    measurement: hex::encode(m),
+                });
+            }
             Some(SnpLaunch {
                 ovmf: FileDigest::of(out, files::OVMF)?,
                 params: spec.snp.clone(),
                 expected_measurement: hex::encode(m),
+                launches,
             })
         }
     };
@@ -322,6 +358,7 @@ mod tests {
             kernel: &kernel,
             ovmf: None,
             snp: SnpParams::default(),
+            extra_launches: Vec::new(),
         };
         let (a, b) = (t.path().join("a"), t.path().join("b"));
         let ma = build_image(&spec, &a).unwrap();
@@ -357,6 +394,7 @@ mod tests {
             kernel: &kernel,
             ovmf: Some(&ovmf),
             snp: SnpParams::default(),
+            extra_launches: vec![(4, "EPYC-Genoa".into()), (1, "EPYC-v4".into())],
         };
         let out = t.path().join("img");
         let m = build_image(&spec, &out).unwrap();
@@ -373,6 +411,23 @@ mod tests {
         )
         .unwrap();
         assert_eq!(snp.expected_measurement, hex::encode(again));
+        // One measurement per launch (the default's first, a repeat of it not listed twice).
+        assert_eq!(snp.launches.len(), 2);
+        assert_eq!(snp.launches[0].measurement, snp.expected_measurement);
+        let four = SnpParams { vcpus: 4, vcpu_type: "EPYC-Genoa".into(), ..SnpParams::default() };
+        let inputs = SnpInputs {
+            ovmf: &ovmf,
+            kernel: Some(&out.join(files::BZIMAGE)),
+            initrd: Some(&out.join(files::INITRD)),
+            cmdline: Some(CMDLINE),
+            ovmf_hash: None,
+        };
+        let m4 = measure::snp_measurement(&inputs, &four).unwrap();
+        assert_eq!(
+            (snp.launches[1].vcpus, snp.launches[1].measurement.clone()),
+            (4, hex::encode(m4))
+        );
+        assert_ne!(snp.launches[1].measurement, snp.expected_measurement);
         m.verify_files(&out).unwrap();
         let json = fs::read_to_string(out.join(files::MANIFEST)).unwrap();
         for field in [

@@ -24,6 +24,20 @@ pub struct SnpArgs {
     /// VMM type: qemu, ec2 or krun.
     #[arg(long)]
     pub vmm_type: Option<String>,
+    /// A further launch to measure, `VCPUS:MODEL` (e.g. `4:EPYC-Genoa`), the other parameters
+    /// as above (repeatable): the manifest lists one measurement per launch (`vouch image
+    /// build` only).
+    #[arg(long = "also-launch", value_name = "VCPUS:MODEL", value_parser = parse_launch)]
+    pub also_launch: Vec<(u32, String)>,
+}
+
+fn parse_launch(s: &str) -> Result<(u32, String), String> {
+    let (n, model) = s.split_once(':').ok_or_else(|| format!("{s:?} is not VCPUS:MODEL"))?;
+    let n: u32 = n.parse().map_err(|e| format!("{s:?}: vCPU count: {e}"))?;
+    if n == 0 || model.is_empty() {
+        return Err(format!("{s:?}: need a vCPU count above 0 and a CPU model"));
+    }
+    Ok((n, model.to_owned()))
 }
 
 impl SnpArgs {
@@ -128,6 +142,7 @@ pub fn run(cmd: Command, _global: &Global) -> CmdResult {
                 kernel: &kernel,
                 ovmf: ovmf.as_deref(),
                 snp: snp.params(SnpParams::default()),
+                extra_launches: snp.also_launch.clone(),
             };
             let m = vm_image::build_image(&spec, &out)?;
             println!("image: {}", out.display());
@@ -208,5 +223,8 @@ fn print_manifest(m: &Manifest) {
         None => {
             println!("SNP measurement: none (built without an AmdSev OVMF; snp mode unavailable)")
         }
+    }
+    for l in m.snp.iter().flat_map(|s| &s.launches) {
+        println!("SNP launch: {} vCPU {}: {}", l.vcpus, l.vcpu_type, l.measurement);
     }
 }

@@ -10,7 +10,6 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use build_trace::evidence::SimulatedRoot;
 use build_trace::job::{BasicDerivation, CaRule, Job, Limits, NarHash, PathInfo};
-use build_trace::statement::{Measurement, OutputInfo, Statement};
 use build_trace::store::MemoryTraces;
 use build_trace::verify::{DrvSet, LinkCheck, Outcome, Request};
 use nix_formats::content_address::ContentAddress;
@@ -19,7 +18,7 @@ use nix_formats::resolve::resolve_with;
 use nix_formats::signing::SecretKey;
 use nix_formats::store_path::FileIngestionMethod;
 use nix_formats::{Hash, HashAlgo, StorePath};
-use synthetic::{policy, signed_entry, verify_on_threads, MEASUREMENT};
+use synthetic::{policy, signed_entry, statement, verify_on_threads};
 
 struct Lab {
     root: SimulatedRoot,
@@ -160,23 +159,8 @@ impl Lab {
             false,
             BTreeSet::from(["out".into()]),
         );
-        let input_cas =
-            job.closure.iter().filter_map(|(p, i)| Some((p.clone(), i.ca.clone()?))).collect();
-        let out_info = info(nar, out_ca.clone());
-        let output = OutputInfo {
-            path: out_path.clone(),
-            nar_hash: out_info.nar_hash,
-            nar_size: out_info.nar_size,
-            references: BTreeSet::new(),
-            ca: out_ca,
-        };
-        let st = Statement::new(
-            job,
-            input_cas,
-            BTreeMap::from([("out".into(), output)]),
-            Measurement(MEASUREMENT),
-            "links",
-        );
+        let out_info = info(nar, out_ca);
+        let st = statement(job, &out_path, &out_info);
         self.traces.insert(signed_entry(&st, &self.root, &self.key, format!("lab:{name}")));
         self.infos.entry(out_path.clone()).or_insert(out_info);
         (drv_path, out_path)
@@ -280,23 +264,8 @@ fn only_a_steps_own_dependencies_can_vouch_for_its_inputs() {
         false,
         BTreeSet::from(["out".into()]),
     );
-    let input_cas =
-        job.closure.iter().filter_map(|(p, i)| Some((p.clone(), i.ca.clone()?))).collect();
-    let bad = info("other bytes", Some(c.clone()));
-    let output = OutputInfo {
-        path: lib_out.clone(),
-        nar_hash: bad.nar_hash,
-        nar_size: bad.nar_size,
-        references: BTreeSet::new(),
-        ca: Some(c),
-    };
-    let st = Statement::new(
-        job,
-        input_cas,
-        BTreeMap::from([("out".into(), output)]),
-        Measurement(MEASUREMENT),
-        "links",
-    );
+    let bad = info("other bytes", Some(c));
+    let st = statement(job, &lib_out, &bad);
     lab.traces.insert(signed_entry(&st, &lab.root, &lab.key, "lab:other".into()));
     // `app` consumes the genuine `lib`, its closure swapped to the other's facts.
     let mut app_drv = None;

@@ -120,22 +120,7 @@ pub fn build(n: usize, root: &SimulatedRoot, key: &SecretKey) -> Built {
             references: refs,
             ca: Some(out_ca.clone()),
         };
-        let input_cas =
-            job.closure.iter().filter_map(|(p, i)| Some((p.clone(), i.ca.clone()?))).collect();
-        let output = OutputInfo {
-            path: out.clone(),
-            nar_hash: out_info.nar_hash,
-            nar_size: out_info.nar_size,
-            references: out_info.references.clone(),
-            ca: Some(out_ca),
-        };
-        let st = Statement::new(
-            job,
-            input_cas,
-            BTreeMap::from([("out".into(), output)]),
-            Measurement(MEASUREMENT),
-            "bench",
-        );
+        let st = statement(job, &out, &out_info);
         let entry = signed_entry(&st, root, key, format!("bench:{i}"));
         traces.insert(entry.clone());
         entries.push(entry);
@@ -145,6 +130,27 @@ pub fn build(n: usize, root: &SimulatedRoot, key: &SecretKey) -> Built {
         outs.push((out, out_info));
     }
     Built { drvs, target: drv_paths.last().unwrap().clone(), traces, entries }
+}
+
+/// The statement of `job` with its one output `out` (`path`, with these facts and `ca`), the
+/// closure's content addresses as the guest recomputed them, in the synthetic guest.
+pub fn statement(job: Job, path: &StorePath, out: &PathInfo) -> Statement {
+    let input_cas =
+        job.closure.iter().filter_map(|(p, i)| Some((p.clone(), i.ca.clone()?))).collect();
+    let output = OutputInfo {
+        path: path.clone(),
+        nar_hash: out.nar_hash,
+        nar_size: out.nar_size,
+        references: out.references.clone(),
+        ca: out.ca.clone(),
+    };
+    Statement::new(
+        job,
+        input_cas,
+        BTreeMap::from([("out".into(), output)]),
+        Measurement(MEASUREMENT),
+        "bench",
+    )
 }
 
 /// A policy naming the simulated root (rule `sim`) and the key, requiring `require`.

@@ -121,6 +121,19 @@ impl Lab {
         nar: &str,
         swap: &BTreeMap<StorePath, PathInfo>,
     ) -> (StorePath, StorePath) {
+        self.add_claiming(name, d, chosen, nar, swap, None)
+    }
+
+    /// [`Lab::add`], the trace claiming output `claim` (path and facts) if given.
+    fn add_claiming(
+        &mut self,
+        name: &str,
+        d: Derivation,
+        chosen: &BTreeMap<(StorePath, String), StorePath>,
+        nar: &str,
+        swap: &BTreeMap<StorePath, PathInfo>,
+        claim: Option<(StorePath, PathInfo)>,
+    ) -> (StorePath, StorePath) {
         let drv_path = d.drv_path(name).unwrap();
         self.graph.insert(drv_path.clone(), d.clone());
         self.drvs.insert(drv_path.clone(), d.clone());
@@ -159,7 +172,7 @@ impl Lab {
             false,
             BTreeSet::from(["out".into()]),
         );
-        let out_info = info(nar, out_ca);
+        let (out_path, out_info) = claim.unwrap_or((out_path, info(nar, out_ca)));
         let st = statement(job, &out_path, &out_info);
         self.traces.insert(signed_entry(&st, &self.root, &self.key, format!("lab:{name}")));
         self.infos.entry(out_path.clone()).or_insert(out_info);
@@ -186,16 +199,19 @@ fn none() -> BTreeMap<StorePath, PathInfo> {
     BTreeMap::new()
 }
 
-/// `app` with a script `seed` such that its drv path sorts after `after`, so that the
-/// verifier's post-order visits `after` first (it walks input derivations in path order).
-fn app_after(lab: &mut Lab, after: &StorePath, inputs: &[&StorePath]) -> Derivation {
-    for seed in 0.. {
-        let d = lab.honest_ia("app", &format!("link lib {seed}"), inputs);
-        if d.drv_path("app").unwrap() > *after {
-            return d;
-        }
-    }
-    unreachable!()
+/// The first of `make(script)` (scripts `link 0`, `link 1`, …) whose drv path sorts after
+/// `after`, so that the verifier's post-order visits `after` first (it walks input derivations
+/// in path order).
+fn after(after: &StorePath, mut make: impl FnMut(String) -> Derivation) -> Derivation {
+    (0..)
+        .map(|seed| make(format!("link {seed}")))
+        .find(|d| d.drv_path(d.env["name"].as_str()).unwrap() > *after)
+        .unwrap()
+}
+
+/// The chosen `out` of each input derivation.
+fn outs(pairs: &[(&StorePath, &StorePath)]) -> BTreeMap<(StorePath, String), StorePath> {
+    pairs.iter().map(|(d, p)| (((*d).clone(), "out".to_string()), (*p).clone())).collect()
 }
 
 /// A deferred input-addressed derivation (its input is floating CA) that declares the output
@@ -218,17 +234,13 @@ fn a_deferred_derivation_declaring_a_foreign_path_cannot_feed_another_step() {
     let evil_chosen = BTreeMap::from([((float.clone(), "out".into()), float_out)]);
     let (evil, _) = lab.add("lib", evil_drv, &evil_chosen, "attacker nar", &none());
     // `app` links `lib` — with the attacker's facts.
-    let app_drv = app_after(&mut lab, &evil, &[&lib]);
-    let app_chosen = BTreeMap::from([((lib.clone(), "out".into()), lib_out.clone())]);
+    let app_drv = after(&evil, |seed| lab.honest_ia("app", &seed, &[&lib]));
     let swap = BTreeMap::from([(lib_out.clone(), info("attacker nar", None))]);
-    let (app, app_out) = lab.add("app", app_drv, &app_chosen, "app nar", &swap);
+    let (app, app_out) = lab.add("app", app_drv, &outs(&[(&lib, &lib_out)]), "app nar", &swap);
     // The target depends on `evil`, then `app` (as the attacker arranges it); it is deferred
     // too (an input is), so its outputs are empty as Nix writes them.
     let both = lab.drv("both", "both", &[&evil, &app], DerivationOutput::Deferred);
-    let chosen = BTreeMap::from([
-        ((evil.clone(), "out".into()), lib_out.clone()),
-        ((app.clone(), "out".into()), app_out),
-    ]);
+    let chosen = outs(&[(&evil, &lib_out), (&app, &app_out)]);
     let (both, _) = lab.add("both", both, &chosen, "both nar", &none());
     let Outcome::NotVerified(b) = lab.verify(&both) else { panic!("the swapped input verified") };
     assert_eq!(b.step, evil.to_string(), "{b}");
@@ -248,42 +260,15 @@ fn only_a_steps_own_dependencies_can_vouch_for_its_inputs() {
     let (lib, lib_out) = lab.add("lib", genuine, &none_chosen, "shared lib", &none());
     // Another `lib` (another builder) whose trace says it made the same path with other bytes.
     let other = lab.drv("lib", "make other lib", &[], floating());
-    let other_path = other.drv_path("lib").unwrap();
-    lab.graph.insert(other_path.clone(), other.clone());
-    lab.drvs.insert(other_path.clone(), other.clone());
-    let r = resolve_with(&other, "lib", &none_chosen).unwrap();
-    let basic = BasicDerivation::from_derivation("lib", &r.drv).unwrap();
-    let closure = BTreeMap::from([(lab.src.clone(), lab.infos[&lab.src].clone())]);
-    let job = Job::new(
-        "links-other".to_string(),
-        r.drv_path,
-        basic,
-        closure,
-        Limits::default(),
-        CaRule::SelfRefPositions,
-        false,
-        BTreeSet::from(["out".into()]),
-    );
     let bad = info("other bytes", Some(c));
-    let st = statement(job, &lib_out, &bad);
-    lab.traces.insert(signed_entry(&st, &lab.root, &lab.key, "lab:other".into()));
+    let claim = Some((lib_out.clone(), bad.clone()));
+    let (other_path, _) = lab.add_claiming("lib", other, &none_chosen, "", &none(), claim);
     // `app` consumes the genuine `lib`, its closure swapped to the other's facts.
-    let mut app_drv = None;
-    for seed in 0.. {
-        let d = lab.drv("app", &format!("link {seed}"), &[&lib], floating());
-        if d.drv_path("app").unwrap() > other_path {
-            app_drv = Some(d);
-            break;
-        }
-    }
-    let chosen = BTreeMap::from([((lib.clone(), "out".into()), lib_out.clone())]);
+    let app_drv = after(&other_path, |seed| lab.drv("app", &seed, &[&lib], floating()));
     let swap = BTreeMap::from([(lib_out.clone(), bad)]);
-    let (app, app_out) = lab.add("app", app_drv.unwrap(), &chosen, "app nar", &swap);
+    let (app, app_out) = lab.add("app", app_drv, &outs(&[(&lib, &lib_out)]), "app nar", &swap);
     let top = lab.drv("top", "top", &[&other_path, &app], floating());
-    let chosen = BTreeMap::from([
-        ((other_path.clone(), "out".into()), lib_out.clone()),
-        ((app.clone(), "out".into()), app_out),
-    ]);
+    let chosen = outs(&[(&other_path, &lib_out), (&app, &app_out)]);
     let (top, _) = lab.add("top", top, &chosen, "top nar", &none());
     let Outcome::NotVerified(b) = lab.verify(&top) else { panic!("the swapped input verified") };
     assert_eq!(b.step, app.to_string(), "{b}");

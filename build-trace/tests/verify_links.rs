@@ -9,7 +9,7 @@ mod synthetic;
 use std::collections::{BTreeMap, BTreeSet};
 
 use build_trace::evidence::SimulatedRoot;
-use build_trace::job::{BasicDerivation, CaRule, Job, Limits, NarHash, PathInfo};
+use build_trace::job::{BasicDerivation, NarHash, PathInfo};
 use build_trace::store::MemoryTraces;
 use build_trace::verify::{DrvSet, LinkCheck, Outcome, Request};
 use nix_formats::content_address::ContentAddress;
@@ -18,7 +18,7 @@ use nix_formats::resolve::resolve_with;
 use nix_formats::signing::SecretKey;
 use nix_formats::store_path::FileIngestionMethod;
 use nix_formats::{Hash, HashAlgo, StorePath};
-use synthetic::{policy, signed_entry, statement, verify_on_threads};
+use synthetic::{job, policy, signed_entry, statement, verify_on_threads};
 
 struct Lab {
     root: SimulatedRoot,
@@ -111,21 +111,10 @@ impl Lab {
     }
 
     /// Add `d`, with one trace of its step: resolved against `chosen`, its `out` produced with
-    /// `nar` (content-addressed by `out_ca` for a floating output), its input closure's facts
-    /// from `infos` with `swap` applied. Returns (drv path, output path).
+    /// `nar` (content-addressed for a floating output) or, if given, the output `claim` (path
+    /// and facts), its input closure's facts from `infos` with `swap` applied. Returns (drv
+    /// path, output path).
     fn add(
-        &mut self,
-        name: &str,
-        d: Derivation,
-        chosen: &BTreeMap<(StorePath, String), StorePath>,
-        nar: &str,
-        swap: &BTreeMap<StorePath, PathInfo>,
-    ) -> (StorePath, StorePath) {
-        self.add_claiming(name, d, chosen, nar, swap, None)
-    }
-
-    /// [`Lab::add`], the trace claiming output `claim` (path and facts) if given.
-    fn add_claiming(
         &mut self,
         name: &str,
         d: Derivation,
@@ -162,16 +151,7 @@ impl Lab {
                 (ca_path(name, &c), Some(c))
             }
         };
-        let job = Job::new(
-            format!("links-{name}"),
-            key,
-            basic,
-            closure,
-            Limits::default(),
-            CaRule::SelfRefPositions,
-            false,
-            BTreeSet::from(["out".into()]),
-        );
+        let job = job(format!("links-{name}"), key, basic, closure);
         let (out_path, out_info) = claim.unwrap_or((out_path, info(nar, out_ca)));
         let st = statement(job, &out_path, &out_info);
         self.traces.insert(signed_entry(&st, &self.root, &self.key, format!("lab:{name}")));
@@ -223,25 +203,26 @@ fn a_deferred_derivation_declaring_a_foreign_path_cannot_feed_another_step() {
     let mut lab = Lab::new();
     let none_chosen = BTreeMap::new();
     let lib_drv = lab.honest_ia("lib", "make lib", &[]);
-    let (lib, lib_out) = lab.add("lib", lib_drv, &none_chosen, "genuine lib nar", &none());
+    let (lib, lib_out) = lab.add("lib", lib_drv, &none_chosen, "genuine lib nar", &none(), None);
     let float_drv = lab.drv("float", "make float", &[], floating());
-    let (float, float_out) = lab.add("float", float_drv, &none_chosen, "float nar", &none());
+    let (float, float_out) = lab.add("float", float_drv, &none_chosen, "float nar", &none(), None);
     // `evil` has a floating-CA input, so its hash modulo is deferred: Nix leaves its path
     // empty. It declares `lib`'s path instead and makes the attacker's bytes there.
     // (named `lib` too: an output path carries its derivation's name).
     let evil_drv =
         lab.drv("lib", "make evil", &[&float], DerivationOutput::InputAddressed(lib_out.clone()));
     let evil_chosen = BTreeMap::from([((float.clone(), "out".into()), float_out)]);
-    let (evil, _) = lab.add("lib", evil_drv, &evil_chosen, "attacker nar", &none());
+    let (evil, _) = lab.add("lib", evil_drv, &evil_chosen, "attacker nar", &none(), None);
     // `app` links `lib` — with the attacker's facts.
     let app_drv = after(&evil, |seed| lab.honest_ia("app", &seed, &[&lib]));
     let swap = BTreeMap::from([(lib_out.clone(), info("attacker nar", None))]);
-    let (app, app_out) = lab.add("app", app_drv, &outs(&[(&lib, &lib_out)]), "app nar", &swap);
+    let (app, app_out) =
+        lab.add("app", app_drv, &outs(&[(&lib, &lib_out)]), "app nar", &swap, None);
     // The target depends on `evil`, then `app` (as the attacker arranges it); it is deferred
     // too (an input is), so its outputs are empty as Nix writes them.
     let both = lab.drv("both", "both", &[&evil, &app], DerivationOutput::Deferred);
     let chosen = outs(&[(&evil, &lib_out), (&app, &app_out)]);
-    let (both, _) = lab.add("both", both, &chosen, "both nar", &none());
+    let (both, _) = lab.add("both", both, &chosen, "both nar", &none(), None);
     let Outcome::NotVerified(b) = lab.verify(&both) else { panic!("the swapped input verified") };
     assert_eq!(b.step, evil.to_string(), "{b}");
     assert_eq!(b.check, LinkCheck::Derivation, "{b}");
@@ -257,19 +238,20 @@ fn only_a_steps_own_dependencies_can_vouch_for_its_inputs() {
     let none_chosen = BTreeMap::new();
     let c = ca("shared lib");
     let genuine = lab.drv("lib", "make lib", &[], floating());
-    let (lib, lib_out) = lab.add("lib", genuine, &none_chosen, "shared lib", &none());
+    let (lib, lib_out) = lab.add("lib", genuine, &none_chosen, "shared lib", &none(), None);
     // Another `lib` (another builder) whose trace says it made the same path with other bytes.
     let other = lab.drv("lib", "make other lib", &[], floating());
     let bad = info("other bytes", Some(c));
     let claim = Some((lib_out.clone(), bad.clone()));
-    let (other_path, _) = lab.add_claiming("lib", other, &none_chosen, "", &none(), claim);
+    let (other_path, _) = lab.add("lib", other, &none_chosen, "", &none(), claim);
     // `app` consumes the genuine `lib`, its closure swapped to the other's facts.
     let app_drv = after(&other_path, |seed| lab.drv("app", &seed, &[&lib], floating()));
     let swap = BTreeMap::from([(lib_out.clone(), bad)]);
-    let (app, app_out) = lab.add("app", app_drv, &outs(&[(&lib, &lib_out)]), "app nar", &swap);
+    let (app, app_out) =
+        lab.add("app", app_drv, &outs(&[(&lib, &lib_out)]), "app nar", &swap, None);
     let top = lab.drv("top", "top", &[&other_path, &app], floating());
     let chosen = outs(&[(&other_path, &lib_out), (&app, &app_out)]);
-    let (top, _) = lab.add("top", top, &chosen, "top nar", &none());
+    let (top, _) = lab.add("top", top, &chosen, "top nar", &none(), None);
     let Outcome::NotVerified(b) = lab.verify(&top) else { panic!("the swapped input verified") };
     assert_eq!(b.step, app.to_string(), "{b}");
     assert_eq!(b.check, LinkCheck::InputNarHash, "{b}");
@@ -289,7 +271,7 @@ fn weak_content_addresses_of_inputs_are_refused_by_default() {
             .to_string();
         let mut lab = Lab::with_source(&weak);
         let d = lab.drv("app", "make app", &[], floating());
-        let (app, _) = lab.add("app", d, &BTreeMap::new(), "app nar", &none());
+        let (app, _) = lab.add("app", d, &BTreeMap::new(), "app nar", &none(), None);
         let Outcome::NotVerified(b) = lab.verify(&app) else { panic!("a {algo} input verified") };
         assert_eq!(b.check, LinkCheck::WeakHash, "{b}");
         assert!(b.to_string().contains(algo), "{b}");

@@ -98,16 +98,7 @@ pub fn build(n: usize, root: &SimulatedRoot, key: &SecretKey) -> Built {
             todo.extend(info.references.iter().cloned());
             closure.insert(p, info);
         }
-        let job = Job::new(
-            format!("bench-{i}"),
-            r.drv_path,
-            basic,
-            closure,
-            Limits::default(),
-            CaRule::SelfRefPositions,
-            false,
-            BTreeSet::from(["out".into()]),
-        );
+        let job = job(format!("bench-{i}"), r.drv_path, basic, closure);
         let refs: BTreeSet<StorePath> = if i > 0 && i % 10 != 0 {
             BTreeSet::from([outs[i - 1].0.clone()])
         } else {
@@ -130,6 +121,26 @@ pub fn build(n: usize, root: &SimulatedRoot, key: &SecretKey) -> Built {
         outs.push((out, out_info));
     }
     Built { drvs, target: drv_paths.last().unwrap().clone(), traces, entries }
+}
+
+/// The job of a step with one output `out`, default limits, not networked.
+pub fn job(
+    id: String,
+    drv_path: StorePath,
+    drv: BasicDerivation,
+    closure: BTreeMap<StorePath, PathInfo>,
+) -> Job {
+    let outputs = BTreeSet::from(["out".into()]);
+    Job::new(
+        id,
+        drv_path,
+        drv,
+        closure,
+        Limits::default(),
+        CaRule::SelfRefPositions,
+        false,
+        outputs,
+    )
 }
 
 /// The statement of `job` with its one output `out` (`path`, with these facts and `ca`), the

@@ -53,7 +53,7 @@ mod links;
 mod outcome;
 mod step;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -380,7 +380,7 @@ impl ClosureVerifier<'_> {
             self.check_entries(
                 &step,
                 &entries,
-                &walk.known.admitted(dependencies(drvs, udrv)),
+                &walk.known.admitted(drvs.dependencies(udrv)),
                 checker,
                 &mut groups,
                 &mut first_failure,
@@ -561,22 +561,6 @@ impl ClosureVerifier<'_> {
             format!("searched {}", names.join(", "))
         }
     }
-}
-
-/// Every input derivation `udrv` depends on, transitively: whose accepted facts its input
-/// closure may link to.
-fn dependencies<'a>(drvs: &'a DrvSet, udrv: &StorePath) -> HashSet<&'a StorePath> {
-    let mut deps = HashSet::new();
-    let mut todo: Vec<&StorePath> =
-        drvs.get(udrv).map(|d| d.input_drvs.keys().collect()).unwrap_or_default();
-    while let Some(p) = todo.pop() {
-        if deps.insert(p) {
-            if let Some(d) = drvs.get(p) {
-                todo.extend(d.input_drvs.keys().filter(|i| !deps.contains(i)));
-            }
-        }
-    }
-    deps
 }
 
 /// Output maps by output name, keyed by the map's own (name, path) pairs.

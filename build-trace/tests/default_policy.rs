@@ -73,7 +73,7 @@ fn a_manifest_lists_one_measurement_per_launch() {
     std::fs::write(
         &manifest,
         format!(
-            r#"{{"snp": {{"expected_measurement": "{one}", "launches": [
+            r#"{{"snp": {{"expected_measurement": "{one}", "measurements": [
                 {{"vcpus": 1, "vcpu_type": "EPYC-v4", "measurement": "{one}"}},
                 {{"vcpus": 4, "vcpu_type": "EPYC-Genoa", "measurement": "{four}"}}]}}}}"#
         ),

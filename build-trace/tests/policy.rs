@@ -213,30 +213,27 @@ fn inconsistent_policies_are_refused_with_the_reason() {
 fn image_manifests_add_their_measurements() {
     let dir = tempfile::tempdir().unwrap();
     let snp = "11".repeat(48);
+    let snp2 = "44".repeat(48);
     let sim = "22".repeat(48);
+    let shapes = format!(
+        r#"[{{"vcpus":1,"vcpu_type":"EPYC-v4","measurement":"{snp}"}},{{"vcpus":2,"vcpu_type":"EPYC-v4","measurement":"{snp2}"}}]"#
+    );
     std::fs::write(
         dir.path().join("manifest.json"),
-        format!(r#"{{"format":"x","snp":{{"expected_measurement":"{snp}"}},"simulated_measurement":"{sim}"}}"#),
+        format!(r#"{{"format":"x","snp":{{"expected_measurement":"{snp}","measurements":{shapes}}},"simulated_measurement":"{sim}"}}"#),
     )
     .unwrap();
     let text = "require = \"builder:b\"\n[builders.b]\nimage_manifests = [\"manifest.json\"]\n";
     std::fs::write(dir.path().join("policy.toml"), text).unwrap();
     let p = TrustPolicy::load(&dir.path().join("policy.toml")).unwrap().prepare().unwrap();
-    let ms: Vec<String> = p.rules[0]
-        .1
-        .measurements
-        .clone()
-        .unwrap()
-        .list()
-        .unwrap()
-        .iter()
-        .map(|m| m.to_string())
-        .collect();
-    assert_eq!(ms, vec![snp.clone()]);
+    let ms: Vec<String> =
+        p.rules[0].1.measurements.clone().unwrap().list().unwrap().iter().map(|m| m.to_string()).collect();
+    // The default launch's and one per measured vCPU count, each once.
+    assert_eq!(ms, vec![snp.clone(), snp2.clone()]);
     let text =
         format!("{text}[builders.b.evidence]\nsimulated_roots = [\"{}\"]\n", "33".repeat(32));
     std::fs::write(dir.path().join("policy.toml"), text).unwrap();
     let p = TrustPolicy::load(&dir.path().join("policy.toml")).unwrap().prepare().unwrap();
-    assert_eq!(p.rules[0].1.measurements.as_ref().unwrap().list().unwrap().len(), 2);
+    assert_eq!(p.rules[0].1.measurements.as_ref().unwrap().list().unwrap().len(), 3);
     assert!(matches!(p.policy.require, TrustModel::Leaf(_)));
 }

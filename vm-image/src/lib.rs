@@ -14,7 +14,7 @@ pub mod image;
 pub mod kernel;
 pub mod measure;
 
-pub use image::{build_image, ImageSpec, LaunchMeasurement, Manifest, CMDLINE};
+pub use image::{build_image, ImageSpec, Manifest, CMDLINE};
 pub use kernel::{ensure_kernel, Kernel, KernelKey};
 pub use measure::{simulated_measurement, snp_measurement, SnpInputs, SnpParams};
 

@@ -69,11 +69,12 @@ pub fn manifest_measurements(
     if let Some(h) = v.pointer("/snp/expected_measurement").and_then(serde_json::Value::as_str) {
         hexes.push(("snp.expected_measurement".into(), h));
     }
-    // One launch per vCPU count and CPU model: `snp.launches[i].measurement`.
-    let launches = v.pointer("/snp/launches").and_then(serde_json::Value::as_array);
-    for (i, l) in launches.into_iter().flatten().enumerate() {
+    // One per vCPU count and CPU model the image was measured for (each vCPU's VMSA is
+    // measured): `snp.measurements[i].measurement`.
+    let shapes = v.pointer("/snp/measurements").and_then(serde_json::Value::as_array);
+    for (i, l) in shapes.into_iter().flatten().enumerate() {
         if let Some(h) = l.get("measurement").and_then(serde_json::Value::as_str) {
-            hexes.push((format!("snp.launches[{i}].measurement"), h));
+            hexes.push((format!("snp.measurements[{i}].measurement"), h));
         }
     }
     if simulated {
@@ -82,9 +83,12 @@ pub fn manifest_measurements(
         }
     }
     for (f, hex) in hexes {
-        out.push(hex.parse().map_err(|e| {
+        let m = hex.parse().map_err(|e| {
             PolicyError::Invalid(format!("image manifest {} {f}: {e}", path.display()))
-        })?);
+        })?;
+        if !out.contains(&m) {
+            out.push(m);
+        }
     }
     if out.is_empty() {
         return Err(PolicyError::Invalid(format!(

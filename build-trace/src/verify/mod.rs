@@ -23,8 +23,9 @@
 //!    ending that entry: the statement parses (canonical bytes only) and is self-consistent; it
 //!    carries the computed derivation; content-addressed outputs' paths follow from their `ca`;
 //!    **signers**: its evidence verifies under a builder rule (AMD or named simulated root,
-//!    measurement, TCB, policy bits, HOST_DATA = hash of the statement's job, REPORT_DATA =
-//!    hash of the statement) with the statement's measurement, and/or a JWS by a policy key
+//!    measurement, TCB, policy bits, HOST_DATA = hash of the statement's launch — of its job for
+//!    version-1 statements —, REPORT_DATA = hash of the statement) with the statement's
+//!    measurement, and/or a JWS by a policy key
 //!    describes it; **links**: every path of its input closure is reachable from the direct
 //!    inputs, and is either an accepted output of one of the step's own (transitive) input
 //!    derivations (facts are kept by producing derivation) with the same NAR hash,
@@ -35,6 +36,9 @@
 //!    signers satisfy the policy's trust model.
 //! 5. A derivation with no accepted map is the **first broken link**: the verifier stops and
 //!    names it, the check that failed and what it expected versus found.
+//!
+//! 6. **One launch per step** (`launches`): no two different statements that count towards
+//!    accepted steps may carry the same launch nonce; a repeat is a broken link at the later step.
 //!
 //! At the target, with expected paths, some accepted map must contain every expected path;
 //! otherwise the target's accepted outputs are reported. Work is linear in the closure size
@@ -49,6 +53,7 @@
 
 mod ahead;
 mod graph;
+mod launches;
 mod links;
 mod outcome;
 mod step;
@@ -65,6 +70,7 @@ pub use graph::DrvSet;
 pub use outcome::{AcceptedStep, BrokenLink, LinkCheck, Outcome, VerifiedClosure};
 pub use step::{check_entry_alone, EntryVerdict};
 
+use launches::{LaunchSeen, Launches};
 use links::{Admitted, Known};
 use step::{Checker, EntryOk, Expectation, OutputClaim, Prechecked};
 
@@ -155,6 +161,8 @@ struct Accepted {
     /// Output name → path, with facts when a trace gave them (not for fixed outputs).
     outputs: BTreeMap<String, (StorePath, Option<links::Facts>)>,
     step: AcceptedStep,
+    /// The launches of the statements that made it (none for fixed outputs, version 1).
+    launches: Vec<LaunchSeen>,
 }
 
 /// What the ordered pass has accepted so far.
@@ -164,6 +172,8 @@ struct Walk {
     graph: Option<DrvGraph>,
     accepted: HashMap<StorePath, Vec<Accepted>>,
     known: Known,
+    /// The launch nonces of the accepted steps (one launch, one step).
+    launches: Launches,
     steps: Vec<AcceptedStep>,
 }
 
@@ -264,6 +274,13 @@ impl ClosureVerifier<'_> {
             }
         };
         for m in &maps {
+            for seen in &m.launches {
+                if let Err(mut broken) = walk.launches.record(seen, &m.step.drv) {
+                    broken.step = udrv.to_string();
+                    broken.key = Some(m.step.key.clone());
+                    return Ok(Some(broken));
+                }
+            }
             for (path, facts) in m.outputs.values() {
                 if let Some(f) = facts {
                     walk.known.insert(path, udrv, f);
@@ -353,7 +370,7 @@ impl ClosureVerifier<'_> {
             Err(b) => return Ok(Err(b)),
         };
         let mut first_failure: Option<Box<BrokenLink>> = None;
-        // Output map → (key, signers, simulated)
+        // Output map → (key, signers, simulated, launches)
         let mut groups: Groups = BTreeMap::new();
         for combo in &combos {
             let computed = ahead.as_deref_mut().and_then(|a| a.computed(udrv, combo));
@@ -414,12 +431,13 @@ impl ClosureVerifier<'_> {
         }
         for (e, pre) in entries {
             match checker.check_entry(&want, e, known, pre.as_deref()) {
-                Ok(EntryOk { outputs, signers, simulated }) => {
+                Ok(EntryOk { outputs, signers, simulated, launch }) => {
                     let g = groups
                         .entry(outputs)
-                        .or_insert_with(|| (key.clone(), Signers::default(), false));
+                        .or_insert_with(|| (key.clone(), Signers::default(), false, Vec::new()));
                     g.1.merge(&signers);
                     g.2 |= simulated;
+                    g.3.extend(launch);
                 }
                 Err(mut b) => {
                     b.key = Some(key.to_string());
@@ -440,7 +458,7 @@ impl ClosureVerifier<'_> {
     ) -> Result<Vec<Accepted>, Box<BrokenLink>> {
         let mut maps = Vec::new();
         let mut unsatisfied = None;
-        for (outputs, (key, signers, simulated)) in groups {
+        for (outputs, (key, signers, simulated, launches)) in groups {
             if !self.policy.accepts(&signers) {
                 unsatisfied.get_or_insert((key, signers));
                 continue;
@@ -462,6 +480,7 @@ impl ClosureVerifier<'_> {
                     accepted_by,
                     simulated,
                 },
+                launches,
             });
         }
         if !maps.is_empty() {
@@ -520,7 +539,7 @@ impl ClosureVerifier<'_> {
             accepted_by: by,
             simulated: false,
         };
-        Ok(vec![Accepted { outputs, step }])
+        Ok(vec![Accepted { outputs, step, launches: Vec::new() }])
     }
 
     /// The key, basic derivation, direct inputs and kind of a step for one input combination.
@@ -564,7 +583,11 @@ impl ClosureVerifier<'_> {
 }
 
 /// Output maps by output name, keyed by the map's own (name, path) pairs.
-type Groups = BTreeMap<BTreeMap<String, OutputClaim>, (StorePath, Signers, bool)>;
+type Groups = BTreeMap<BTreeMap<String, OutputClaim>, Group>;
+
+/// The step key, pooled signers, whether any evidence was simulated, and the launches of the
+/// entries that agree on one output map.
+type Group = (StorePath, Signers, bool, Vec<LaunchSeen>);
 
 /// Every combination of the input derivations' output maps (`maps_of(input)`: each map as
 /// output name → path), at most [`MAX_COMBINATIONS`].

@@ -46,6 +46,8 @@ pub enum LinkCheck {
     ExtraInput,
     /// An expected output path is not what the policy accepts.
     Expected,
+    /// Two different steps carry the same launch nonce (one VM ran two jobs).
+    LaunchReused,
 }
 
 impl LinkCheck {
@@ -70,6 +72,7 @@ impl LinkCheck {
             LinkCheck::SourceAddress => "source content address",
             LinkCheck::ExtraInput => "input closure",
             LinkCheck::Expected => "expected output",
+            LinkCheck::LaunchReused => "one launch per step",
         }
     }
 }

@@ -8,6 +8,7 @@ use std::time::SystemTime;
 
 use nix_formats::StorePath;
 
+use super::launches::LaunchSeen;
 use super::links::{check_links, Admitted, Facts};
 use super::outcome::{BrokenLink, LinkCheck};
 use crate::error_chain;
@@ -44,6 +45,8 @@ pub(crate) struct EntryOk {
     pub outputs: BTreeMap<String, OutputClaim>,
     pub signers: Signers,
     pub simulated: bool,
+    /// The statement's launch (version 2 on).
+    pub launch: Option<LaunchSeen>,
 }
 
 /// Everything the entry checks need besides the entry.
@@ -126,7 +129,11 @@ impl Checker<'_> {
                 (n.clone(), OutputClaim { path: o.path.clone(), facts })
             })
             .collect();
-        Ok(EntryOk { outputs, signers, simulated })
+        let launch = st.launch_nonce().map(|nonce| LaunchSeen {
+            nonce,
+            report_data: crate::statement::report_data_of(&entry.statement),
+        });
+        Ok(EntryOk { outputs, signers, simulated, launch })
     }
 
     /// The entry's signers: chips whose evidence passes a builder rule, and policy keys with a
@@ -146,9 +153,10 @@ impl Checker<'_> {
                     format!("the evidence bundle does not parse: {e}"),
                 )
             })?;
-            // The entry's bytes were checked to be canonical when the statement was parsed.
+            // The entry's bytes were checked to be canonical when the statement was parsed;
+            // HOST_DATA is its launch's hash (version 1: its job's digest).
             let host_data = crate::statement::host_data_of(&entry.statement).ok_or_else(|| {
-                BrokenLink::new(LinkCheck::Statement, "the statement has no job member")
+                BrokenLink::new(LinkCheck::Statement, "the statement has no launch member")
             })?;
             let expected = Expected {
                 host_data: Some(host_data),

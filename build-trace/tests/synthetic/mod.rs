@@ -155,7 +155,9 @@ pub fn statement(job: Job, path: &StorePath, out: &PathInfo) -> Statement {
         references: out.references.clone(),
         ca: out.ca.clone(),
     };
+    let launch = build_trace::Launch::new(job.digest().unwrap(), 1, 2048, false);
     Statement::new(
+        launch,
         job,
         input_cas,
         BTreeMap::from([("out".into(), output)]),

@@ -5,9 +5,10 @@
 //! uploads of inputs from `nix copy --to 'http://…?compression=none'` into the content store,
 //! and the build API (`POST /v1/builds`), with `--jobs` builds at once. Builds use the same
 //! limits, VM and key flags as `vouch nix-builder`; builds are recorded under
-//! `<state dir>/serve/` and outlive a restart. SIGINT or SIGTERM stop it: queued builds fail,
-//! running ones are cancelled (their VMs killed). At start it removes what a crashed
-//! predecessor left (`host_launcher::recovery`).
+//! `<state dir>/serve/` and outlive a restart. A warm pool of VMs (`--pool`) takes the boot out
+//! of a build's latency. SIGINT or SIGTERM stop it: queued builds fail, running ones are
+//! cancelled (their VMs killed), and the pool's VMs are killed. At start it removes what a
+//! crashed predecessor left (`host_launcher::recovery`).
 //!
 //! With `--token-file`, uploads and the build API need that token (`Authorization: Bearer`, or
 //! HTTP Basic with the token as password, as Nix sends it from a netrc entry); the binary cache
@@ -42,12 +43,13 @@ pub struct Args {
     /// `netrc-file`); at least 16 characters. The binary cache stays public.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<std::path::PathBuf>,
-    /// File whose first line is the token of the callers you trust as Nix trusts its
-    /// `trusted-users`: only they may build input-addressed derivations and upload paths that
-    /// have neither a content address nor a signature by a `--trusted-public-key`. Holding it
-    /// also gives access. Without it, nobody may.
-    #[arg(long, value_name = "FILE")]
-    pub trusted_token_file: Option<std::path::PathBuf>,
+    /// File whose first line is the token of a client you trust as Nix trusts its
+    /// `trusted-users` (repeatable: one file per client): only they may upload paths that have
+    /// neither a content address nor a signature by a `--trusted-public-key`, each into an
+    /// overlay of its own that only its builds read. Holding one also gives access. Without
+    /// any, nobody may.
+    #[arg(long = "trusted-token-file", value_name = "FILE")]
+    pub trusted_token_files: Vec<std::path::PathBuf>,
     /// A Nix public key (`name:base64`) whose signature on an uploaded path's narinfo makes the
     /// upload acceptable without a content address (repeatable).
     #[arg(long = "trusted-public-key", value_name = "NAME:KEY")]
@@ -67,16 +69,21 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     let mut signals = Signals::new()?;
     let state_dir = global.state_dir();
     let access = args.token_file.as_deref().map(AccessToken::from_file).transpose()?;
-    let trusted = args.trusted_token_file.as_deref().map(AccessToken::from_file).transpose()?;
+    let trusted = args
+        .trusted_token_files
+        .iter()
+        .map(|f| AccessToken::from_file(f))
+        .collect::<Result<Vec<_>, _>>()?;
     let trusted_keys = args
         .trusted_public_keys
         .iter()
         .map(|k| PublicKey::parse(k).map_err(|e| format!("--trusted-public-key {k:?}: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
-    let (engine, store_cfg) = args.builder.config(&state_dir)?;
+    let (mut engine, store_cfg) = args.builder.config(&state_dir)?;
     let traces = &engine.publish.trace_store;
     std::fs::create_dir_all(traces)
         .map_err(|e| format!("creating the trace store directory {}: {e}", traces.display()))?;
+    let pool = args.builder.start_pool(&mut engine);
     let cancel = engine.launcher.cancel.clone();
     let cfg = ServiceConfig {
         engine,
@@ -108,6 +115,11 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         jobs = args.jobs,
         "binary cache, uploads (nix copy --to 'http://{addr}?compression=none') and build API"
     );
-    server::serve_http(listener, &mut signals, service, args.jobs as usize, &|| cancel.cancel())?;
+    let served = server::serve_http(listener, &mut signals, service, args.jobs as usize, &|| {
+        cancel.cancel()
+    });
+    // SIGINT/SIGTERM cancelled the launcher: the pool's VMs are killed; wait for that.
+    drop(pool);
+    served?;
     Ok(ExitCode::SUCCESS)
 }

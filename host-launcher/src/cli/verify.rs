@@ -74,6 +74,13 @@ pub struct Args {
     /// Default: the available parallelism. The verdict does not depend on it.
     #[arg(long, short = 'j', value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub jobs: Option<u16>,
+    /// Write the checked closure as a graph (`dot`, or `svg` through Graphviz): steps, resolved
+    /// derivations, evidence kind, the broken link in red.
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub graph: Option<super::verify_graph::Format>,
+    /// Where to write the graph (default: stdout, in place of the verdict's text).
+    #[arg(long, value_name = "FILE", requires = "graph")]
+    pub graph_out: Option<PathBuf>,
 }
 
 /// Why `vouch verify` could not reach a verdict.
@@ -176,7 +183,12 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
             outcome = Outcome::NotVerified(BrokenLink::bytes(&target, bad.join("; ")));
         }
     }
-    if args.json {
+    if let Some(format) = args.graph {
+        super::verify_graph::write(format, args.graph_out.as_ref(), &drvs, &target, &outcome)?;
+    }
+    if args.graph.is_some() && args.graph_out.is_none() {
+        // The graph took stdout; the verdict is the exit code.
+    } else if args.json {
         let mut v = serde_json::to_value(&outcome)?;
         if let (Some(b), Some(map)) = (&banner, v.as_object_mut()) {
             map.insert("any_guest".into(), serde_json::Value::String(b.clone()));
@@ -199,10 +211,10 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
 pub(super) fn load_policy(
     policy: Option<&Path>,
     manifests: &[PathBuf],
-) -> Result<TrustPolicy, build_trace::trust::PolicyError> {
+) -> Result<TrustPolicy, super::CmdError> {
     match policy {
-        Some(p) => TrustPolicy::load(p),
-        None => TrustPolicy::default_for(&default_manifests(manifests)),
+        Some(p) => super::policy::load(p),
+        None => Ok(TrustPolicy::default_for(&default_manifests(manifests))?),
     }
 }
 

@@ -2,9 +2,9 @@
 //! one) for uploads and the build API. The binary cache and `/healthz` stay public — the cache is
 //! signed and verifiers and substituters need it.
 //!
-//! A second token marks the callers the operator **trusts**, as Nix's `trusted-users`: only they
-//! may build input-addressed derivations (whose output paths vouch signs as written) and upload
-//! paths with neither a content address nor a signature by a key the service trusts. A caller is
+//! Further tokens (the operator's list) mark the clients the operator **trusts**, as Nix's
+//! `trusted-users`: only they may upload paths with neither a content address nor a signature by
+//! a key the service trusts, each into an overlay of its own (`super::Service`). A caller is
 //! described by a [`Caller`].
 //!
 //! A request presents the token either as `Authorization: Bearer TOKEN` or as HTTP Basic with
@@ -92,24 +92,29 @@ pub struct Caller {
     pub access: bool,
     /// It presented a token the operator configured (not merely an open service).
     pub authenticated: bool,
-    /// It presented the trusted callers' token.
+    /// It presented one of the trusted callers' tokens.
     pub trusted: bool,
+    /// Which (its index in the operator's list): each trusted token is one client, with its own
+    /// overlay for the uploads vouch cannot certify.
+    pub client: Option<usize>,
 }
 
 impl Caller {
-    /// Who presents `authorization` to a service with the access token `access` and the trusted
-    /// callers' token `trusted` (either may be unset).
+    /// Who presents `authorization` to a service with the access token `access` (may be unset)
+    /// and the trusted callers' tokens `trusted` (may be none).
     pub fn of(
         authorization: Option<&str>,
         access: Option<&AccessToken>,
-        trusted: Option<&AccessToken>,
+        trusted: &[AccessToken],
     ) -> Caller {
-        let trusted = trusted.is_some_and(|t| t.admits(authorization));
+        let client = trusted.iter().position(|t| t.admits(authorization));
+        let trusted = client.is_some();
         let holds_access = access.is_some_and(|t| t.admits(authorization));
         Caller {
             access: trusted || holds_access || access.is_none(),
             authenticated: trusted || holds_access,
             trusted,
+            client,
         }
     }
 }
@@ -178,17 +183,28 @@ mod tests {
         std::fs::write(&p, "trusted-token-0123\n").unwrap();
         let trusted = AccessToken::from_file(&p).unwrap();
         let (a, t) = (Some("Bearer access-token-0123"), Some("Bearer trusted-token-0123"));
-        let c = |auth, access, trusted| Caller::of(auth, access, trusted);
-        let open = Caller { access: true, authenticated: false, trusted: false };
+        let p2 = dir.path().join("trusted-2");
+        std::fs::write(&p2, "trusted-token-4567\n").unwrap();
+        let second = AccessToken::from_file(&p2).unwrap();
+        let both = [trusted.clone(), second];
+        let t2 = Some("Bearer trusted-token-4567");
+        let c = |auth, access, trusted: Option<&AccessToken>| {
+            Caller::of(auth, access, trusted.map(std::slice::from_ref).unwrap_or_default())
+        };
+        let open = Caller { access: true, authenticated: false, ..Caller::default() };
         assert_eq!(c(None, None, None), open, "an open service trusts nobody");
         assert_eq!(c(a, None, None), open);
         assert_eq!(c(None, Some(&access), None), Caller::default());
-        let holder = Caller { access: true, authenticated: true, trusted: false };
+        let holder = Caller { access: true, authenticated: true, ..Caller::default() };
         assert_eq!(c(a, Some(&access), Some(&trusted)), holder);
-        let all = Caller { access: true, authenticated: true, trusted: true };
+        let all = Caller { access: true, authenticated: true, trusted: true, client: Some(0) };
         assert_eq!(c(t, Some(&access), Some(&trusted)), all);
         assert_eq!(c(t, None, Some(&trusted)), all);
         assert_eq!(c(a, None, Some(&trusted)), open);
+        // Each token of the operator's list is one client.
+        assert_eq!(Caller::of(t, None, &both).client, Some(0));
+        assert_eq!(Caller::of(t2, None, &both).client, Some(1));
+        assert_eq!(Caller::of(a, None, &both), open);
     }
 
     #[test]

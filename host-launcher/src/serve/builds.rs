@@ -26,7 +26,7 @@ use build_trace::error_chain;
 use super::records::{BuildState, Records};
 use crate::core::log::{BuildLog, LineSplitter, Progress};
 use crate::core::{BuildRequest, BuildResult, Built, Engine, Inputs};
-use crate::store::{ContentStore, StoreConfig};
+use crate::store::{ContentStore, SessionStore, StoreConfig, StoreView};
 
 /// Most log bytes kept per build (later lines are dropped, with a note).
 pub const MAX_LOG_KEPT: usize = 8 << 20;
@@ -43,6 +43,8 @@ pub struct Build {
     /// The derivation.
     pub drv: StorePath,
     request: Mutex<Option<BuildRequest>>,
+    /// The trusted client whose overlay it reads (`Builds::with_trusted_uploads`).
+    client: Option<usize>,
     state: Mutex<BuildState>,
     log: Mutex<String>,
 }
@@ -71,6 +73,7 @@ impl Build {
             id,
             drv,
             request: Mutex::new(request),
+            client: None,
             state: Mutex::new(state),
             log: Mutex::new(String::new()),
         }
@@ -141,6 +144,7 @@ pub struct Builds {
     store_dir: std::path::PathBuf,
     store_cfg: StoreConfig,
     records: Records,
+    trusted_uploads: Vec<Arc<SessionStore>>,
 }
 
 impl Builds {
@@ -159,7 +163,16 @@ impl Builds {
             store_dir: store_dir.to_owned(),
             store_cfg,
             records,
+            trusted_uploads: Vec::new(),
         }
+    }
+
+    /// This queue, with each trusted client's private uploads (`super::Service`), by client:
+    /// that client's builds read them, and register outputs built from them there too; nobody
+    /// else's build sees them.
+    pub fn with_trusted_uploads(mut self, uploads: Vec<Arc<SessionStore>>) -> Self {
+        self.trusted_uploads = uploads;
+        self
     }
 
     /// Record how a build ended; whether that worked. A failure is logged (the build's
@@ -190,6 +203,11 @@ impl Builds {
 
     /// Queue a checked request; its id.
     pub fn submit(&self, req: BuildRequest) -> Result<u64, String> {
+        self.submit_as(req, None)
+    }
+
+    /// Queue a checked request of trusted client `client` (its builds read its overlay); its id.
+    pub fn submit_as(&self, req: BuildRequest, client: Option<usize>) -> Result<u64, String> {
         let mut inner = lock(&self.inner);
         if inner.stopping {
             return Err("the service is shutting down".into());
@@ -202,7 +220,9 @@ impl Builds {
             .queued(id, &req.drv_path)
             .map_err(|e| format!("recording the build: {}", error_chain(&e)))?;
         inner.next += 1;
-        let build = Arc::new(Build::new(id, req.drv_path.clone(), Some(req), BuildState::Queued));
+        let mut build = Build::new(id, req.drv_path.clone(), Some(req), BuildState::Queued);
+        build.client = client;
+        let build = Arc::new(build);
         inner.builds.insert(id, build.clone());
         inner.queue.push_back(build);
         drop(inner);
@@ -296,7 +316,9 @@ impl Builds {
             }
         };
         let mut log = LogOf { build, lines: LineSplitter::default() };
-        state_of(&self.engine.build(req, Inputs::ContentStore(&store), &mut log))
+        let overlay = build.client.and_then(|i| self.trusted_uploads.get(i));
+        let view = StoreView::new(&store, overlay.and_then(|s| s.overlay()));
+        state_of(&self.engine.build(req, Inputs::ContentStore(view), &mut log))
     }
 }
 

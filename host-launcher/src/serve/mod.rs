@@ -13,7 +13,11 @@
 //!   directory, which is a Nix binary cache whose narinfos the launcher key signed; and its
 //!   transparency log, `log/checkpoint`, `log/tile/…`, `log/index/…` (C2SP tlog-tiles).
 //! - **Uploads** ([`upload`]): the requests of `nix copy --to 'http://…?compression=none'`;
-//!   uploaded paths go into the content store, checked, never into the trace store.
+//!   uploaded paths go into the content store, checked, never into the trace store. Into the
+//!   shared store only what vouch can certify (a content address it recomputes, a signature by
+//!   a `--trusted-public-key`); a trusted client's other uploads go to its overlay
+//!   (`crate::store::session`; one per `--trusted-token-file`), which only its builds read, for
+//!   the service's life; anyone else's are refused (403).
 //! - **narinfo of uploaded paths**: `nix copy --to` asks for `<hash>.narinfo` (GET) to decide
 //!   what to upload, and HEAD again before each upload. So that a second copy skips what is
 //!   already here, a path that is in the content store but not in the trace store is answered
@@ -49,7 +53,10 @@ use nix_formats::signing::PublicKey;
 use nix_formats::StorePath;
 
 use crate::core::{Engine, NixVersion};
-use crate::store::{ContentStore, FileUploads, Origin, StoreConfig, StoreError, UPLOAD_RULES};
+use crate::store::{
+    ClientTrust, ContentStore, FileUploads, Origin, SessionStore, StoreConfig, StoreError,
+    StoreView, UPLOAD_RULES,
+};
 use api::ApiAction;
 use records::BuildState;
 
@@ -100,8 +107,9 @@ pub struct ServiceConfig {
     pub declared_nix: Option<NixVersion>,
     /// The token uploads and the build API require; `None`: anyone who reaches the port.
     pub access: Option<auth::AccessToken>,
-    /// The token of the callers the operator trusts ([`auth::Caller::trusted`]).
-    pub trusted: Option<auth::AccessToken>,
+    /// The tokens of the clients the operator trusts ([`auth::Caller::trusted`]), one per
+    /// client.
+    pub trusted: Vec<auth::AccessToken>,
     /// Keys whose signature makes an upload without a content address acceptable.
     pub trusted_keys: Vec<PublicKey>,
 }
@@ -111,6 +119,8 @@ pub struct ServiceConfig {
 pub struct Service {
     cfg: ServiceConfig,
     store: ContentStore,
+    /// Each trusted client's session store (its overlay), by its token's index.
+    trusted_uploads: Vec<Arc<SessionStore>>,
     index: Mutex<rusqlite::Connection>,
     staging: upload::Staging,
     builds: Arc<builds::Builds>,
@@ -152,13 +162,31 @@ impl Service {
         let store = ContentStore::open(&cfg.store_dir, cfg.store_cfg)?;
         let index = crate::store::db::open(&cfg.store_dir.join("index.sqlite"))?;
         let staging = upload::Staging::open(&state_dir.join("serve/staging"))?;
-        let builds = Arc::new(builds::Builds::new(
-            cfg.engine.clone(),
-            &cfg.store_dir,
-            cfg.store_cfg,
-            records,
-        ));
-        Ok(Service { cfg, store, index: Mutex::new(index), staging, builds })
+        // Each trusted client's uploads that vouch cannot certify: its overlay, for this
+        // process's life (the HTTP API has no sessions; one trusted token is one client).
+        let trusted_uploads = cfg
+            .trusted
+            .iter()
+            .map(|_| {
+                let trust = ClientTrust { trusted: true, keys: cfg.trusted_keys.clone() };
+                let shared = ContentStore::open(&cfg.store_dir, cfg.store_cfg)?;
+                Ok(Arc::new(SessionStore::new(shared, trust)?))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let builds =
+            builds::Builds::new(cfg.engine.clone(), &cfg.store_dir, cfg.store_cfg, records)
+                .with_trusted_uploads(trusted_uploads.clone());
+        let builds = Arc::new(builds);
+        Ok(Service { cfg, store, trusted_uploads, index: Mutex::new(index), staging, builds })
+    }
+
+    /// The content store as `caller`'s builds read it: the shared store, and for a trusted
+    /// client its overlay over it.
+    pub(super) fn view_of(&self, caller: auth::Caller) -> StoreView<'_> {
+        match caller.client.and_then(|i| self.trusted_uploads.get(i)) {
+            Some(t) => t.view(),
+            None => (&self.store).into(),
+        }
     }
 
     /// The build queue (the caller starts and stops its workers).
@@ -169,7 +197,7 @@ impl Service {
     /// Who presents `authorization` ([`auth::Caller`]); a request on a route that
     /// [`api::Route::needs_access`] proceeds only if the caller has access.
     pub fn caller(&self, authorization: Option<&str>) -> auth::Caller {
-        auth::Caller::of(authorization, self.cfg.access.as_ref(), self.cfg.trusted.as_ref())
+        auth::Caller::of(authorization, self.cfg.access.as_ref(), &self.cfg.trusted)
     }
 
     /// The trace store directory, served as the binary cache.
@@ -199,7 +227,8 @@ impl Service {
             }
             ApiAction::SubmitBuild { submission: s, caller } => {
                 let req = self.check_submission(&s, caller)?;
-                let id = self.builds.submit(req).map_err(|e| ApiError::new(503, e))?;
+                let id =
+                    self.builds.submit_as(req, caller.client).map_err(|e| ApiError::new(503, e))?;
                 tracing::info!(id, drv = %s.drv, "build queued");
                 Ok(ApiReply::Json(
                     202,
@@ -341,15 +370,22 @@ impl Service {
             self.staging.take(uploader, hash, info, &self.trace_store().join("nar"))?;
         let path = pi.path.clone();
         let mut uploads = FileUploads::new(vec![(pi, file.clone())]);
-        let result = self.store.add(&mut uploads, UPLOAD_RULES, Origin::Upload);
+        let result = match caller.client.and_then(|i| self.trusted_uploads.get(i)) {
+            // A trusted caller's: shared if certified, else in the trusted callers' overlay,
+            // which only their builds read (`crate::store::session`).
+            Some(t) => t.add(&mut uploads, UPLOAD_RULES).map(|_| ()),
+            None => self.store.add(&mut uploads, UPLOAD_RULES, Origin::Upload).map(|_| ()),
+        };
         // `add` pins what it registered for this process; once registered an upload is not in
-        // use (a build pins its closure in its own session), so it may be evicted again.
+        // use (a build pins its closure in its own session), so it may be evicted again. (The
+        // trusted callers' store keeps the pins of its overlay's shared references.)
         let _ = self.store.unpin_all();
         if owned {
             let _ = std::fs::remove_file(&file);
         }
         result.map_err(store_error)?;
-        tracing::info!(%path, "upload registered in the content store");
+        let private = self.view_of(caller).is_private(&path);
+        tracing::info!(%path, private, "upload registered in the content store");
         Ok(ApiReply::Bytes("text/plain", b"registered\n".to_vec()))
     }
 }

@@ -68,12 +68,10 @@ pub struct Uploader(String);
 impl Uploader {
     /// The uploader `caller` connecting from `peer`.
     pub fn new(caller: &Caller, peer: IpAddr) -> Uploader {
-        let class = if caller.trusted {
-            "trusted"
-        } else if caller.authenticated {
-            "token"
-        } else {
-            "open"
+        let class = match caller.client {
+            Some(i) => format!("trusted-{i}"),
+            None if caller.authenticated => "token".into(),
+            None => "open".into(),
         };
         let digest = Sha256::digest(format!("{class} {peer}").as_bytes());
         Uploader(format!("u-{}", hex::encode(&digest[..8])))
@@ -407,7 +405,7 @@ mod tests {
         let len = nar.len() as u64;
         let (a, b) = (uploader("192.0.2.1"), uploader("192.0.2.2"));
         let trusted_a = Uploader::new(
-            &Caller { access: true, authenticated: true, trusted: true },
+            &Caller { access: true, authenticated: true, trusted: true, client: Some(0) },
             "192.0.2.1".parse().unwrap(),
         );
         assert!(a != b && a != trusted_a, "address and credential both count");

@@ -226,8 +226,16 @@ fn image_manifests_add_their_measurements() {
     let text = "require = \"builder:b\"\n[builders.b]\nimage_manifests = [\"manifest.json\"]\n";
     std::fs::write(dir.path().join("policy.toml"), text).unwrap();
     let p = TrustPolicy::load(&dir.path().join("policy.toml")).unwrap().prepare().unwrap();
-    let ms: Vec<String> =
-        p.rules[0].1.measurements.clone().unwrap().list().unwrap().iter().map(|m| m.to_string()).collect();
+    let ms: Vec<String> = p.rules[0]
+        .1
+        .measurements
+        .clone()
+        .unwrap()
+        .list()
+        .unwrap()
+        .iter()
+        .map(|m| m.to_string())
+        .collect();
     // The default launch's and one per measured vCPU count, each once.
     assert_eq!(ms, vec![snp.clone(), snp2.clone()]);
     let text =

@@ -70,6 +70,11 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     let store = TraceStore::open(&dir)?;
     let policy = super::verify::load_policy(args.policy.as_deref(), &args.image_manifests)?;
     let prepared = policy.prepare()?;
+    // The statements are JSON on stdout; a policy that accepts any guest says so first, on
+    // stderr.
+    if let Some(b) = prepared.any_guest_banner() {
+        eprintln!("{b}");
+    }
     let entries = super::trace::lookup(&store, &path)?;
     let mut statements = Vec::new();
     let mut refused = Vec::new();

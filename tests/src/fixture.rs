@@ -337,7 +337,7 @@ impl Fixture {
     pub fn policy(&self, require: TrustModel) -> TrustPolicy {
         let evidence = EvidencePolicy {
             simulated_roots: vec![self.root.key_id()],
-            measurements: Some(vec![build_trace::evidence::Hex(self.measurement)]),
+            measurements: Some(vec![build_trace::evidence::Hex(self.measurement)].into()),
             ..EvidencePolicy::default()
         };
         TrustPolicy {

@@ -169,7 +169,14 @@ fn real_closure_verifies_with_the_outputs_nix_built() {
 #[test]
 fn default_policy_rejects_simulated_evidence() {
     let fx = fixture();
-    let b = broken(verify_with(fx, "c", &TrustPolicy::default(), &store(fx), &[]));
+    // The default policy with a manifest pinning the fixture's own measurement (its SNP one):
+    // simulated evidence is still refused.
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("manifest.json");
+    let m = hex::encode(fx.measurement);
+    std::fs::write(&manifest, format!(r#"{{"snp": {{"expected_measurement": "{m}"}}}}"#)).unwrap();
+    let default = TrustPolicy::default_for(&[manifest.display().to_string()]).unwrap();
+    let b = broken(verify_with(fx, "c", &default, &store(fx), &[]));
     assert_eq!(b.check, LinkCheck::Evidence, "{b}");
     assert_eq!(b.step, fx.drvs["a"].to_string(), "the first step bottom-up is named");
 }
@@ -328,15 +335,10 @@ fn wrong_measurement_is_refused() {
     assert_eq!((b.check, b.step.clone()), (LinkCheck::Evidence, fx.drvs["b"].to_string()), "{b}");
     // A statement that claims another measurement than its report shows.
     let mut policy = fx.policy(sim());
-    policy
-        .builders
-        .get_mut("sim")
-        .unwrap()
-        .evidence
-        .measurements
-        .as_mut()
-        .unwrap()
-        .push(build_trace::evidence::Hex([0x43; 48]));
+    policy.builders.get_mut("sim").unwrap().evidence.measurements = Some(
+        vec![build_trace::evidence::Hex(fx.measurement), build_trace::evidence::Hex([0x43; 48])]
+            .into(),
+    );
     let ev = fx.attest(&s.statement, s.statement.host_data().unwrap(), [0x43; 48]);
     let b = broken_replacing(fx, "c", &policy, "b", entry(s, &s.statement, &ev, &[]));
     assert_eq!(b.check, LinkCheck::Measurement, "{b}");

@@ -15,7 +15,8 @@
 //!    [`MAX_COMBINATIONS`]), compute the step and its key:
 //!    - floating CA (and deferred input-addressed): resolve it (`nix-formats` resolution); the
 //!      key is the resolved drv path; the statement must carry exactly the resolved derivation;
-//!    - input-addressed: its output paths must be the ones its hash modulo gives; the key is its
+//!    - input-addressed: its output paths must be the ones its hash modulo gives, and a deferred
+//!      one may not declare any (`ownership::owned_paths`, the host's rule too); the key is its
 //!      own drv path; the statement must carry it without input derivations, with input sources
 //!      = sources ∪ input outputs (or, as Nix's build hook sends it, the whole input closure).
 //! 3. Look the key up in every trace source. Each entry is checked in order, the first failure
@@ -26,7 +27,8 @@
 //!    version-1 statements —, REPORT_DATA = hash of the statement) with the statement's
 //!    measurement, and/or a JWS by a policy key
 //!    describes it; **links**: every path of its input closure is reachable from the direct
-//!    inputs, and is either an accepted output of the closure so far with the same NAR hash,
+//!    inputs, and is either an accepted output of one of the step's own (transitive) input
+//!    derivations (facts are kept by producing derivation) with the same NAR hash,
 //!    size and references, or content-addressed with a guest-recomputed `ca` that produces
 //!    exactly its path (sources, fixed outputs).
 //! 4. Entries that pass are grouped by output map; the signers of a map are the union over its
@@ -66,9 +68,10 @@ use nix_formats::{HashAlgo, StorePath};
 
 pub use graph::DrvSet;
 pub use outcome::{AcceptedStep, BrokenLink, LinkCheck, Outcome, VerifiedClosure};
+pub use step::{check_entry_alone, EntryVerdict};
 
 use launches::{LaunchSeen, Launches};
-use links::Known;
+use links::{Admitted, Known};
 use step::{Checker, EntryOk, Expectation, OutputClaim, Prechecked};
 
 use crate::error_chain;
@@ -231,10 +234,24 @@ impl ClosureVerifier<'_> {
             b.step = req.target.to_string();
             return Ok(Outcome::NotVerified(*b));
         };
+        let mut nar_hashes: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (path, _) in chosen.outputs.values() {
+            for m in target_maps {
+                for (p, facts) in m.outputs.values() {
+                    if let (true, Some(f)) = (p == path, facts) {
+                        let list = nar_hashes.entry(p.to_string()).or_default();
+                        if !list.contains(&f.nar_hash.to_string()) {
+                            list.push(f.nar_hash.to_string());
+                        }
+                    }
+                }
+            }
+        }
         Ok(Outcome::Verified(VerifiedClosure {
             target: req.target.to_string(),
             outputs: chosen.outputs.iter().map(|(n, (p, _))| (n.clone(), p.to_string())).collect(),
             steps: walk.steps,
+            nar_hashes,
         }))
     }
 
@@ -266,10 +283,7 @@ impl ClosureVerifier<'_> {
             }
             for (path, facts) in m.outputs.values() {
                 if let Some(f) = facts {
-                    let list = walk.known.entry(path.clone()).or_default();
-                    if !list.contains(f) {
-                        list.push(f.clone());
-                    }
+                    walk.known.insert(path, udrv, f);
                 }
             }
             walk.steps.push(m.step.clone());
@@ -325,20 +339,22 @@ impl ClosureVerifier<'_> {
                     }
                     g
                 });
-                let want = graph
-                    .input_addressed_paths(drv, &name)
-                    .map_err(|source| VerifyError::Derivation { drv: udrv.to_string(), source })?;
-                let declared: Option<BTreeMap<String, StorePath>> = drv
-                    .outputs
-                    .iter()
-                    .map(|(o, d)| d.path().map(|p| (o.clone(), p.clone())))
-                    .collect();
-                if want.is_some() && want != declared {
-                    return Ok(Err(BrokenLink::new(
-                        LinkCheck::Derivation,
-                        "the output paths written in the derivation are not the ones its hash modulo gives",
-                    )
-                    .expected(format!("{want:?}"), format!("{declared:?}"))));
+                // Its paths must be the ones its hash modulo gives; a deferred one (an input
+                // is floating CA) must leave them empty and is resolved below.
+                match crate::ownership::owned_paths(udrv, drv, &name, graph) {
+                    Ok(_) => {}
+                    Err(crate::ownership::OwnershipError::Derivation { source, .. }) => {
+                        return Err(VerifyError::Derivation { drv: udrv.to_string(), source })
+                    }
+                    Err(e) => {
+                        return Ok(Err(BrokenLink::new(
+                            LinkCheck::Derivation,
+                            format!(
+                                "the output paths written in the derivation are not the ones it \
+                                 owns: {e}"
+                            ),
+                        )))
+                    }
                 }
             }
             DerivationKind::Floating | DerivationKind::Deferred => {}
@@ -381,7 +397,7 @@ impl ClosureVerifier<'_> {
             self.check_entries(
                 &step,
                 &entries,
-                &walk.known,
+                &walk.known.admitted(drvs.dependencies(udrv)),
                 checker,
                 &mut groups,
                 &mut first_failure,
@@ -396,7 +412,7 @@ impl ClosureVerifier<'_> {
         &self,
         step: &ComputedStep,
         entries: &[(Arc<TraceEntry>, Option<Arc<Prechecked>>)],
-        known: &Known,
+        known: &Admitted<'_>,
         checker: &Checker<'_>,
         groups: &mut Groups,
         first_failure: &mut Option<Box<BrokenLink>>,

@@ -219,7 +219,7 @@ pub fn check_outcome(
     };
     let m: Hex<48> =
         expected_m.parse().map_err(|e: String| CheckError::Bad("(manifest)".into(), e))?;
-    policy.measurements = Some(vec![m]);
+    policy.measurements = Some(vec![m].into());
     let host_data =
         launch.host_data().map_err(|e| CheckError::Statement(StatementError::Launch(e)))?;
     let report_data = st.report_data().map_err(CheckError::Statement)?;

@@ -284,7 +284,7 @@ fn check(args: CheckArgs) -> CmdResult {
         policy.check_time = Some(CheckTime(t));
     }
     if let Some(m) = &args.measurement {
-        policy.measurements = Some(vec![Hex(hex_arg::<48>("measurement", m)?)]);
+        policy.measurements = Some(vec![Hex(hex_arg::<48>("measurement", m)?)].into());
     }
     let (bundle, name, from_statement) = evidence_of(&args)?;
     let (statement, from_statement) = match from_statement {
@@ -354,7 +354,7 @@ fn simulate(args: SimulateArgs, global: &Global) -> CmdResult {
     let report_data = opt_hex("report-data", &args.report_data)?.unwrap_or([0; 64]);
     let report = root.attester(launch).report(&report_data);
     let mut policy = root.allowed_by(EvidencePolicy::default());
-    policy.measurements = Some(vec![Hex(launch.measurement)]);
+    policy.measurements = Some(vec![Hex(launch.measurement)].into());
     fs::create_dir_all(&args.out)
         .map_err(|source| EvidenceCliError::Write { path: args.out.clone(), source })?;
     let policy_text = format!(

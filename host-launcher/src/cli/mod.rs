@@ -26,6 +26,7 @@ pub mod serve;
 pub mod snp;
 pub mod trace;
 pub mod verify;
+pub mod verify_bytes;
 mod verify_graph;
 
 /// What every subcommand returns: an exit code, or an error whose chain `main` prints.

@@ -24,6 +24,7 @@ pub mod provenance;
 pub mod selftest;
 pub mod serve;
 pub mod snp;
+pub mod target;
 pub mod trace;
 pub mod verify;
 pub mod verify_bytes;

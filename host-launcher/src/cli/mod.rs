@@ -21,6 +21,7 @@ pub mod nix_builder;
 pub mod policy;
 mod policy_explain;
 pub mod provenance;
+mod provenance_verify;
 pub mod selftest;
 pub mod serve;
 pub mod snp;

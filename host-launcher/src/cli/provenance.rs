@@ -2,7 +2,8 @@
 //! an output from the trace store (`build_trace::provenance`). Each trace is first verified
 //! under a trust policy (`build_trace::verify::check_entry_alone`: statement, output addresses,
 //! evidence and signatures; not its closure, which is `vouch verify`'s work); only traces that
-//! pass are exported, labelled by the root their evidence verified under.
+//! pass are exported, their `builder.id` naming the policy rule that accepted them. With
+//! `--sign`, each as a DSSE envelope signed by the launcher key (`vouch provenance verify`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,17 +13,29 @@ use std::time::SystemTime;
 use super::target::Lookup;
 use super::{CmdResult, Global};
 use build_trace::evidence::Verifier;
-use build_trace::provenance::in_toto;
+use build_trace::provenance::{in_toto, sign_envelope, Acceptance};
 use build_trace::store::TraceStore;
 use build_trace::verify::check_entry_alone;
 use host_launcher::core::publish::default_trace_store;
 
 /// Arguments of `vouch provenance`.
 #[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct Args {
+    /// `vouch provenance verify ENVELOPE`.
+    #[command(subcommand)]
+    pub command: Option<super::provenance_verify::Command>,
     /// An output path, `./result` or any symlink into the store, or a derivation (unresolved
     /// or resolved: every output it is known to have).
-    pub output: String,
+    #[arg(required = true)]
+    pub output: Option<String>,
+    /// Sign each statement as a DSSE envelope with this host's launcher key (the state
+    /// directory's Nix signing key; `vouch provenance verify` checks it).
+    #[arg(long)]
+    pub sign: bool,
+    /// The key `--sign` uses, by name (default: the state directory's only key).
+    #[arg(long, value_name = "NAME", requires = "sign")]
+    pub key_name: Option<String>,
     /// Directory holding `.drv` files.
     #[arg(long, value_name = "DIR", default_value = "/nix/store")]
     pub drv_dir: PathBuf,
@@ -68,11 +81,19 @@ pub enum ProvenanceError {
 }
 
 pub fn run(args: Args, global: &Global) -> CmdResult {
+    if let Some(cmd) = args.command {
+        return super::provenance_verify::run(cmd, global);
+    }
+    let arg = args.output.clone().unwrap_or_default();
+    let key = match args.sign {
+        true => Some(super::provenance_verify::launcher_key(global, args.key_name.as_deref())?),
+        false => None,
+    };
     let dir = args.traces.clone().unwrap_or_else(|| default_trace_store(&global.state_dir()));
     let stores = [TraceStore::open(&dir)?];
     let at =
         Lookup { drv_dir: &args.drv_dir, nix_store: args.nix_store.as_deref(), traces: &stores };
-    let target = super::target::resolve(&args.output, &at)?;
+    let target = super::target::resolve(&arg, &at)?;
     if target.outputs.is_empty() {
         return Err(Box::new(ProvenanceError::NoOutputs(target.path.to_string())));
     }
@@ -103,7 +124,13 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
             let Some((name, _)) = st.outputs.iter().find(|(_, o)| &o.path == path) else {
                 continue;
             };
-            statements.push(in_toto(st, name, &e.statement, e.evidence.as_deref(), verdict.kind)?);
+            let accepted =
+                Acceptance { kind: verdict.kind, rules: &verdict.rules, keys: &verdict.keys };
+            let st = in_toto(st, name, &e.statement, e.evidence.as_deref(), &accepted)?;
+            statements.push(match &key {
+                Some(k) => sign_envelope(&st, k),
+                None => st,
+            });
         }
     }
     if statements.is_empty() && !refused.is_empty() {

@@ -191,13 +191,14 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         }
     }
     let (target, drvs, outcome) = chosen.expect("at least one candidate");
-    if !args.json && !(args.graph.is_some() && args.graph_out.is_none()) {
+    let graph_on_stdout = args.graph.is_some() && args.graph_out.is_none();
+    if !args.json && !graph_on_stdout {
         println!("derivation {target} ({})", named.found_by);
     }
     if let Some(format) = args.graph {
         super::verify_graph::write(format, args.graph_out.as_ref(), &drvs, &target, &outcome)?;
     }
-    if args.graph.is_some() && args.graph_out.is_none() {
+    if graph_on_stdout {
         // The graph took stdout; the verdict is the exit code.
     } else if args.json {
         let mut v = serde_json::to_value(&outcome)?;

@@ -187,10 +187,11 @@ fn verify_trace_and_provenance_commands() {
     assert_eq!(st["_type"], "https://in-toto.io/Statement/v1");
     assert_eq!(st["predicateType"], "https://slsa.dev/provenance/v1");
     assert_eq!(st["subject"][0]["name"], out.as_str());
-    assert!(st["predicate"]["runDetails"]["builder"]["id"]
-        .as_str()
-        .unwrap()
-        .contains("/simulated#measurement="));
+    // The builder is the policy rule that accepted the step.
+    assert_eq!(
+        st["predicate"]["runDetails"]["builder"]["id"],
+        "urn:vouch:builder:simulated:rule:sim"
+    );
 
     // laut's index: `trace reindex` rebuilds exactly what writing the steps wrote.
     let index = fx.traces.join("traces");

@@ -161,7 +161,7 @@ pub fn resolve(arg: &str, at: &Lookup<'_>) -> Result<Target, TargetError> {
             drv.as_ref().is_some_and(|d| d.input_drvs.is_empty() && is_floating(d, &path));
         let mut found = (vec![path.clone()], FoundBy::Given);
         if floating_leaf && !target.outputs.is_empty() {
-            let (c, by) = unresolved_of(&path, &target.outputs, at);
+            let (c, by) = unresolved_of(&path, &target.outputs, at, FoundBy::TraceIndex);
             if c.first().is_some_and(|u| *u != path) {
                 found = (c, by);
             }
@@ -207,7 +207,7 @@ fn unresolved_for_step(
     match read_drv(at.drv_dir, step) {
         None => (Vec::new(), by),
         Some(d) if !is_floating(&d, step) => (vec![step.clone()], by),
-        Some(_) => unresolved_of(step, outputs, at),
+        Some(_) => unresolved_of(step, outputs, at, by),
     }
 }
 
@@ -239,11 +239,12 @@ const MAX_CANDIDATES: usize = 16;
 /// Step 4: the unresolved derivations named like `step` that may have produced `outputs`: the
 /// one whose realisation the local Nix database registered, else (the trace store's
 /// realisations are the resolved step's, which cannot name it) every same-named derivation
-/// with input derivations, else `step` itself.
+/// with input derivations (found by the trace store's index), else `step` itself (found `by`).
 fn unresolved_of(
     step: &StorePath,
     outputs: &BTreeSet<StorePath>,
     at: &Lookup<'_>,
+    by: FoundBy,
 ) -> (Vec<StorePath>, FoundBy) {
     let mut candidates: Vec<StorePath> = step
         .drv_name()
@@ -267,7 +268,7 @@ fn unresolved_of(
         }
     }
     if candidates.is_empty() {
-        candidates.push(step.clone());
+        return (vec![step.clone()], by);
     }
     candidates.truncate(MAX_CANDIDATES);
     (candidates, FoundBy::TraceIndex)

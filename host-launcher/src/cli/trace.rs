@@ -88,8 +88,8 @@ pub fn run(cmd: Command, global: &Global) -> CmdResult {
     }
     if entries.is_empty() {
         eprintln!(
-            "no trace of {} in {} (content-addressed steps are stored under their resolved drv \
-             path: give that, or an output path)",
+            "no trace of {} in {} (an unresolved content-addressed derivation is found through \
+             its outputs: build it first, or give its resolved drv or an output path)",
             args.path,
             dir.display()
         );

@@ -19,12 +19,7 @@ fn vouch(state: &std::path::Path, args: &[&str]) -> Output {
 fn provenance_is_signed_and_by_the_spec() {
     let fx = Fixture::new(&["c"]);
     let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.toml");
-    std::fs::write(
-        &policy,
-        fx.policy(build_trace::trust::TrustModel::Leaf("builder:sim".into())).to_toml(),
-    )
-    .unwrap();
+    let policy = fx.write_sim_policy(dir.path());
     // The launcher's key, where the launcher keeps it.
     let state = dir.path().join("state");
     let keys = state.join("keys");

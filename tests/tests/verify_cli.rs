@@ -39,12 +39,7 @@ fn vouch(args: &[&str]) -> Output {
 fn verify_trace_and_provenance_commands() {
     let fx = Fixture::new(&["c"]);
     let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.toml");
-    std::fs::write(
-        &policy,
-        fx.policy(build_trace::trust::TrustModel::Leaf("builder:sim".into())).to_toml(),
-    )
-    .unwrap();
+    let policy = fx.write_sim_policy(dir.path());
     let traces = fx.traces.display().to_string();
     let drv_dir = fx.store_dir.display().to_string();
     let drv = fx.drvs["c"].to_string();
@@ -214,12 +209,7 @@ fn verify_trace_and_provenance_commands() {
 fn every_command_takes_any_argument() {
     let fx = Fixture::new(&["c", "ia2"]);
     let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.toml");
-    std::fs::write(
-        &policy,
-        fx.policy(build_trace::trust::TrustModel::Leaf("builder:sim".into())).to_toml(),
-    )
-    .unwrap();
+    let policy = fx.write_sim_policy(dir.path());
     let p = policy.display().to_string();
     let traces = fx.traces.display().to_string();
     let drv_dir = fx.store_dir.display().to_string();

@@ -30,8 +30,11 @@
 //! [`PAYLOAD_TYPE`]) signed with the launcher's Ed25519 Nix key over DSSE's pre-authentication
 //! encoding; `keyid` is the key's name.
 //!
-//! What is not here: `startedOn`/`finishedOn` (no time is attested: the statement carries none,
-//! and the host's clock is not evidence), or the policy check itself.
+//! `runDetails.metadata.startedOn`/`finishedOn` ([`set_times`]) are the launcher's clock, from
+//! the step's [`TIMES_FILE`] where the launcher wrote one: a claim of the host that ran the
+//! step (signed by it with `--sign`), not evidence — the statement and the report carry no time.
+//!
+//! What is not here: the policy check itself.
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -48,6 +51,42 @@ pub const BUILD_TYPE: &str = "urn:vouch:build-type:nix-basic-derivation:v1";
 pub const BUILDER_ID_BASE: &str = "urn:vouch:builder";
 /// DSSE payload type of an in-toto statement.
 pub const PAYLOAD_TYPE: &str = "application/vnd.in-toto+json";
+
+/// The file beside a trace entry's `statement.json` where the launcher records when it ran the
+/// step: `{"started_unix": S, "finished_unix": F}` (seconds since the epoch, its clock).
+pub const TIMES_FILE: &str = "times.json";
+
+/// `startedOn`/`finishedOn` of `statement` from a [`TIMES_FILE`]'s bytes (nothing when they do
+/// not parse, or finish before start).
+pub fn set_times(statement: &mut Value, times_json: &[u8]) {
+    let Ok(t) = serde_json::from_slice::<Value>(times_json) else { return };
+    let (Some(s), Some(f)) = (t["started_unix"].as_u64(), t["finished_unix"].as_u64()) else {
+        return;
+    };
+    if f < s {
+        return;
+    }
+    let meta = &mut statement["predicate"]["runDetails"]["metadata"];
+    meta["startedOn"] = rfc3339(s).into();
+    meta["finishedOn"] = rfc3339(f).into();
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` of seconds since the epoch (proleptic Gregorian, UTC).
+pub fn rfc3339(unix: u64) -> String {
+    let (days, secs) = (unix / 86_400, unix % 86_400);
+    // Days since 1970-01-01 → civil date (the era-based algorithm of H. Hinnant's
+    // `civil_from_days`, for non-negative days).
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + u64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs % 3600 / 60, secs % 60)
+}
 
 /// Why a provenance envelope does not check out.
 #[derive(Debug, thiserror::Error)]
@@ -279,4 +318,41 @@ pub fn in_toto(
             },
         },
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(rfc3339(4_102_444_799), "2099-12-31T23:59:59Z");
+    }
+
+    #[test]
+    fn times_only_when_they_make_sense() {
+        let mut st = json!({ "predicate": { "runDetails": { "metadata": {} } } });
+        set_times(&mut st, br#"{"started_unix": 10, "finished_unix": 5}"#);
+        set_times(&mut st, b"not json");
+        assert_eq!(st["predicate"]["runDetails"]["metadata"], json!({}));
+        set_times(&mut st, br#"{"started_unix": 0, "finished_unix": 61}"#);
+        let m = &st["predicate"]["runDetails"]["metadata"];
+        assert_eq!(
+            (m["startedOn"].as_str(), m["finishedOn"].as_str()),
+            (Some("1970-01-01T00:00:00Z"), Some("1970-01-01T00:01:01Z"))
+        );
+    }
+
+    #[test]
+    fn builder_ids_name_the_rule_or_the_keys() {
+        let rules = ["amd genoa".to_string(), "b".to_string()];
+        let a = Acceptance { kind: "sev-snp", rules: &rules, keys: &[] };
+        assert_eq!(builder_id(&a), "urn:vouch:builder:sev-snp:rule:amd%20genoa+b");
+        let keys = ["ci:1".to_string()];
+        let a = Acceptance { kind: "unattested", rules: &[], keys: &keys };
+        assert_eq!(builder_id(&a), "urn:vouch:builder:unattested:key:ci%3A1");
+    }
 }

@@ -32,12 +32,26 @@ fn provenance_is_signed_and_by_the_spec() {
     let out = fx.outs["c"].to_string();
     let base = ["provenance", "--policy", &p, "--traces", &traces];
 
+    // When the launcher ran the step, as it records it beside the statement.
+    let st_c = fx.steps.iter().find(|s| s.udrv == fx.drvs["c"]).unwrap();
+    let step_dir = build_trace::store::TraceStore::open(&fx.traces)
+        .unwrap()
+        .step_dir(&st_c.statement.job.drv_path);
+    for entry in std::fs::read_dir(&step_dir).unwrap() {
+        std::fs::write(
+            entry.unwrap().path().join(build_trace::provenance::TIMES_FILE),
+            r#"{"started_unix": 1700000000, "finished_unix": 1700000061}"#,
+        )
+        .unwrap();
+    }
     let plain = vouch(&state, &[&base[..], &[&out]].concat());
     assert_eq!(plain.status.code(), Some(0), "{}", text(&plain));
     let st: serde_json::Value = serde_json::from_slice(&plain.stdout).unwrap();
     let pred = &st["predicate"];
     assert_eq!(pred["buildDefinition"]["buildType"], build_trace::provenance::BUILD_TYPE);
     assert_eq!(pred["runDetails"]["builder"]["id"], "urn:vouch:builder:simulated:rule:sim");
+    assert_eq!(pred["runDetails"]["metadata"]["startedOn"], "2023-11-14T22:13:20Z");
+    assert_eq!(pred["runDetails"]["metadata"]["finishedOn"], "2023-11-14T22:14:21Z");
     let byproducts = pred["runDetails"]["byproducts"].as_array().unwrap();
     let report_data = byproducts.iter().find(|b| b["name"] == "REPORT_DATA").unwrap();
     let bytes = base64::engine::general_purpose::STANDARD

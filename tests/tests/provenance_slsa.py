@@ -29,4 +29,7 @@ for line in open(sys.argv[1]):
             assert len(b.content) == SIZES[b.name], (b.name, len(b.content))
     assert prov.build_definition.build_type, "buildType"
     assert prov.run_details.builder.id, "builder.id"
+    meta = prov.run_details.metadata
+    assert meta.HasField("started_on") and meta.HasField("finished_on"), "startedOn, finishedOn"
+    assert meta.started_on.seconds <= meta.finished_on.seconds
     print("ok", doc["subject"][0]["name"], prov.run_details.builder.id)

@@ -13,7 +13,7 @@ use std::time::SystemTime;
 use super::target::Lookup;
 use super::{CmdResult, Global};
 use build_trace::evidence::Verifier;
-use build_trace::provenance::{in_toto, sign_envelope, Acceptance};
+use build_trace::provenance::{in_toto, set_times, sign_envelope, Acceptance, TIMES_FILE};
 use build_trace::store::TraceStore;
 use build_trace::verify::check_entry_alone;
 use host_launcher::core::publish::default_trace_store;
@@ -126,7 +126,10 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
             };
             let accepted =
                 Acceptance { kind: verdict.kind, rules: &verdict.rules, keys: &verdict.keys };
-            let st = in_toto(st, name, &e.statement, e.evidence.as_deref(), &accepted)?;
+            let mut st = in_toto(st, name, &e.statement, e.evidence.as_deref(), &accepted)?;
+            if let Ok(t) = std::fs::read(std::path::Path::new(&e.location).join(TIMES_FILE)) {
+                set_times(&mut st, &t);
+            }
             statements.push(match &key {
                 Some(k) => sign_envelope(&st, k),
                 None => st,

@@ -85,6 +85,8 @@ fn provenance_is_signed_and_by_the_spec() {
     assert!(!py.status.success(), "hex accepted: {}", text(&py));
 
     // Signed: a DSSE envelope by the launcher key, checked by `vouch provenance verify`.
+    let other_key =
+        nix_formats::signing::SecretKey::from_seed(&name, [1; 32]).public_key().to_string();
     let signed = vouch(&state, &[&base[..], &["--sign", &out]].concat());
     assert_eq!(signed.status.code(), Some(0), "{}", text(&signed));
     let env: serde_json::Value = serde_json::from_slice(&signed.stdout).unwrap();
@@ -96,13 +98,20 @@ fn provenance_is_signed_and_by_the_spec() {
     let envelope = dir.path().join("envelope.json");
     std::fs::write(&envelope, &signed.stdout).unwrap();
     let e = envelope.display().to_string();
+    // The envelope checked by an independent DSSE implementation (Python, `cryptography`).
+    let py = Command::new("python3").arg(&script).args(["--dsse", &e, &public]).output().unwrap();
+    assert!(py.status.success(), "{}", text(&py));
+    assert!(text(&py).contains(&format!("ok {out}")), "{}", text(&py));
+    let py =
+        Command::new("python3").arg(&script).args(["--dsse", &e, &other_key]).output().unwrap();
+    assert!(!py.status.success(), "another key accepted: {}", text(&py));
     let ok = vouch(&state, &["provenance", "verify", &e]);
     assert_eq!(ok.status.code(), Some(0), "{}", text(&ok));
     assert!(text(&ok).contains(&format!("ok {out}")), "{}", text(&ok));
     let ok = vouch(dir.path(), &["provenance", "verify", "--key", &public, &e]);
     assert_eq!(ok.status.code(), Some(0), "explicit key: {}", text(&ok));
     // Another key: not verified.
-    let other = nix_formats::signing::SecretKey::from_seed(&name, [1; 32]).public_key().to_string();
+    let other = other_key.clone();
     let no = vouch(&state, &["provenance", "verify", "--key", &other, &e]);
     assert_eq!(no.status.code(), Some(1), "{}", text(&no));
     assert!(text(&no).contains("NOT VERIFIED"), "{}", text(&no));

@@ -1,8 +1,12 @@
 """Validate vouch's provenance with an independent implementation: in-toto's own Python
 bindings (PyPI `in-toto-attestation`, protobuf). Strict protobuf JSON parsing refuses unknown
 fields, a `content` that is not base64 and malformed timestamps; the Statement and every
-ResourceDescriptor are then validated by the package. Usage: provenance_slsa.py FILE (JSON Lines).
+ResourceDescriptor are then validated by the package. Usage: provenance_slsa.py FILE (JSON Lines
+of statements), or provenance_slsa.py --dsse FILE NAME:KEY (JSON Lines of DSSE envelopes: each
+signature by the Nix key NAME:KEY is checked over DSSE's pre-authentication encoding with
+`cryptography`'s Ed25519, then the payload validated as above).
 """
+import base64
 import json
 import sys
 
@@ -14,10 +18,34 @@ from in_toto_attestation.v1.statement import Statement
 
 SIZES = {"REPORT_DATA": 64, "HOST_DATA": 32}
 
-for line in open(sys.argv[1]):
-    if not line.strip():
-        continue
-    doc = json.loads(line)
+
+
+def docs():
+    """The statements of the file, each envelope's signature checked first with --dsse."""
+    if sys.argv[1] != "--dsse":
+        for line in open(sys.argv[1]):
+            if line.strip():
+                yield json.loads(line)
+        return
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    name, key = sys.argv[3].split(":", 1)
+    public = Ed25519PublicKey.from_public_bytes(base64.b64decode(key))
+    for line in open(sys.argv[2]):
+        if not line.strip():
+            continue
+        env = json.loads(line)
+        ptype = env["payloadType"].encode()
+        body = base64.b64decode(env["payload"])
+        pae = b"DSSEv1 %d %s %d %s" % (len(ptype), ptype, len(body), body)
+        sigs = [s for s in env["signatures"] if s["keyid"] == name]
+        assert sigs, "no signature by " + name
+        for s in sigs:
+            public.verify(base64.b64decode(s["sig"]), pae)  # raises InvalidSignature
+        yield json.loads(body)
+
+
+for doc in docs():
     Statement.copy_from_pb(json_format.ParseDict(doc, statement_pb2.Statement())).validate()
     assert doc["predicateType"] == "https://slsa.dev/provenance/v1", doc["predicateType"]
     prov = json_format.ParseDict(doc["predicate"], provenance_pb2.Provenance())

@@ -263,6 +263,25 @@ fn every_command_takes_any_argument() {
             assert_eq!(st["subject"][0]["name"], out.as_str(), "{arg}");
         }
     }
+    // Two same-named derivations, only one of which built the output: where only the trace
+    // store's index knows the output, the verifier tells which one it is.
+    let other = test_support::nix::stdout(
+        Command::new("nix-instantiate")
+            .arg("--store")
+            .arg(&fx.chroot)
+            .arg(fx.dir.path().join("fixture.nix"))
+            .args(["-A", "c", "--argstr", "tag", "2"]),
+    );
+    let other = other.trim().to_owned();
+    assert_ne!(other, fx.drvs["c"].to_string());
+    let c_out = fx.outs["c"].to_string();
+    let common = ["--policy", &p, "--traces", &traces, "--drv-dir", &drv_dir];
+    let o = vouch(&[&["verify"][..], &common, &["--nix-store", &empty, &c_out]].concat());
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains(&format!("derivation {} (found in the trace", fx.drvs["c"])));
+    let o = vouch(&[&["verify"][..], &common, &[&other]].concat());
+    assert_eq!(o.status.code(), Some(1), "the other one does not verify: {}", text(&o));
+
     // The derivation found for an output is only a hint: verification expects the output. A
     // derivation given with another's output expected is not verified.
     let a_out = fx.outs["a"].to_string();

@@ -179,7 +179,15 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     for cand in &named.candidates {
         let drvs = match &shown {
             Some(set) => set.clone(),
-            None => DrvSet::from_store_dir(&args.drv_dir, cand)?,
+            None => match DrvSet::from_store_dir(&args.drv_dir, cand) {
+                Ok(d) => d,
+                // A same-named candidate whose graph is incomplete here is not the one.
+                Err(e) if named.candidates.len() > 1 => {
+                    tracing::info!(candidate = %cand, "skipped: {}", build_trace::error_chain(&e));
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            },
         };
         let outcome = verify_one(&args, &verifier, &drvs, cand, &named)?;
         let ok = matches!(outcome, Outcome::Verified(_));
@@ -190,7 +198,9 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
             break;
         }
     }
-    let (target, drvs, outcome) = chosen.expect("at least one candidate");
+    let Some((target, drvs, outcome)) = chosen else {
+        return Err(VerifyCmdError::NoDerivation(named.path.to_string()).into());
+    };
     let graph_on_stdout = args.graph.is_some() && args.graph_out.is_none();
     if !args.json && !graph_on_stdout {
         println!("derivation {target} ({})", named.found_by);

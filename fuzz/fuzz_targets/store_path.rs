@@ -1,4 +1,6 @@
-//! Fuzz target: store paths, hashes, nix32 and signatures (body: `nix_formats::fuzzing::store_path`).
+//! Store paths, hashes, nix32 and signatures (body: `nix_formats::fuzzing::store_path`).
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| nix_formats::fuzzing::store_path(data));
+use nix_formats::fuzzing::{store_path, TEXT_BOUND};
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| vouch_fuzz::run("store_path", data, TEXT_BOUND, store_path));

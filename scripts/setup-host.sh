@@ -43,6 +43,11 @@ have python3 || need_apt+=(python3)
 have go || need_apt+=(golang-go)
 [ -d /usr/share/gocode/src/golang.org/x/mod/sumdb/tlog ] || need_apt+=(golang-golang-x-mod-dev)
 have debootstrap || need_apt+=(debootstrap)
+# A networked (fixed-output) VM's QEMU runs in a network namespace of its own behind nftables
+# rules (host-launcher/src/vm/egress): `ip` and `nft`, which live in /usr/sbin.
+have_sbin() { have "$1" || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
+have_sbin ip || need_apt+=(iproute2)
+have_sbin nft || need_apt+=(nftables)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "apt-get install ${need_apt[*]}"
@@ -94,4 +99,10 @@ $SUDO mkdir -p /nix/store /nix/var/nix
 # The second real Nix the tests use: Debian 13's Nix 2.26 in a chroot, made once and cached
 # (about 2.5 min and 230 MiB; scripts/nix-chroot.sh).
 $SUDO env VOUCH_CACHE="$VOUCH_CACHE" "$(dirname "$0")/nix-chroot.sh"
+# The host routes the networked VMs' namespaces out; vouch refuses networked builds, naming this,
+# while it is off. Turning a host into a router is the operator's call, so it is only reported.
+if [ "$(cat /proc/sys/net/ipv4/ip_forward 2>/dev/null)" != 1 ]; then
+  log "note: net.ipv4.ip_forward is 0: fixed-output builds are refused until you enable it"
+  log "      (sysctl -w net.ipv4.ip_forward=1, or a file in /etc/sysctl.d); see docs/vm.md"
+fi
 log "host ready: $(nix --version 2>/dev/null | head -1); $(qemu-system-x86_64 --version | head -1)"

@@ -30,8 +30,9 @@ use channel::messages::NarBegin;
 use channel::proto::{FrameReader, FrameWriter, Kind};
 use vm_image::image::{files, Manifest};
 
-use crate::build::local_store::{load_basic_derivation, LocalNixStore};
-use crate::build::{run_step, LauncherConfig, LogSink, Progress, StepRequest, Timings};
+use crate::build::nix_store::{load_basic_derivation, LocalNixStore};
+use crate::build::{run_step, LauncherConfig, StepRequest, Timings};
+use crate::core::log::NullLog;
 use crate::vm::runner::Vm;
 use crate::vm::vsock::{detect_backend, Channel};
 use crate::vm::{choose_mode, qemu_argv, HostCaps, Mode, QemuSpec};
@@ -101,12 +102,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
     v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     v[v.len() / 2]
-}
-
-struct Quiet;
-impl LogSink for Quiet {
-    fn log(&mut self, _: &[u8]) {}
-    fn progress(&mut self, _: &Progress) {}
 }
 
 /// A VM of the image with `extra` appended to its command line (benchmarks only).
@@ -188,13 +183,15 @@ fn sink(cfg: &LauncherConfig, mode: Mode, bytes: &[u8]) -> Result<(f64, f64), Be
     }
     w.send(Kind::InputsDone, &[]).map_err(e("send"))?;
     let _ = r.expect(Kind::Bye, "bye");
+    // The agent powers off once the host closes the channel (it waits for that).
+    stream.shutdown();
     let _ = vm.wait_timeout(Duration::from_secs(30));
     Ok((rates[0], rates[1]))
 }
 
 fn nix_env() -> Vec<(&'static str, String)> {
     // Root without Debian's nixbld group: no build users (the sandbox uses a user namespace).
-    vec![("NIX_CONFIG", format!("{}build-users-group =\n", crate::build::local_store::NIX_CONFIG))]
+    vec![("NIX_CONFIG", format!("{}build-users-group =\n", crate::build::nix_store::NIX_CONFIG))]
 }
 
 fn write_bench_nix(dir: &Path, nonce: &str) -> Result<PathBuf, BenchError> {
@@ -301,7 +298,7 @@ pub fn run(
             network: false,
             job_id: None,
         };
-        let outcome = run_step(req, &LocalNixStore, &mut Quiet, &step_cfg)
+        let outcome = run_step(req, &LocalNixStore, &mut NullLog, &step_cfg)
             .map_err(|err| BenchError(build_trace::error_chain(&err)))?;
         steps.push(outcome.timings.clone());
         // Nix's own build of the same derivation (it is not built yet in the local store).

@@ -1,8 +1,9 @@
 //! `vouch`: the host launcher.
 //!
-//! Front-ends (this CLI, the Nix protocols, HTTP) parse what they are asked into actions; the
-//! core never sees a command line or a socket. This file only parses arguments, sets up logging,
-//! dispatches, and prints an error chain once.
+//! The CLI is one of three peer front-ends (with the Nix protocols and HTTP): each parses what
+//! it is asked into the core's request (`host_launcher::core::BuildRequest`) and answers from
+//! its result; the core never sees a command line or a socket. This file only parses arguments,
+//! sets up logging, dispatches, and prints an error chain once.
 #![forbid(unsafe_code)]
 
 use std::process::ExitCode;

@@ -13,10 +13,11 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use host_launcher::core::ValidPathInfo;
 use host_launcher::nixproto::serve::{SERVE_MAGIC_1, SERVE_MAGIC_2};
 use host_launcher::nixproto::version::{ClientProfile, Protocol, FEATURE_REALISATION_WITH_PATH};
 use host_launcher::nixproto::wire::{FramedWriter, WireRead, WireWrite};
-use host_launcher::nixproto::{types, BuildStatus, ValidPathInfo};
+use host_launcher::nixproto::{types, BuildStatus};
 use nix_formats::StorePath;
 use peer::*;
 

@@ -18,9 +18,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use build_trace::{BasicDerivation, DrvOutput};
+use host_launcher::core::ValidPathInfo;
 use host_launcher::nixproto::version::{ClientProfile, Protocol, FEATURE_REALISATION_WITH_PATH};
 use host_launcher::nixproto::wire::{FramedWriter, WireRead, WireWrite};
-use host_launcher::nixproto::{types, BuildStatus, ValidPathInfo};
+use host_launcher::nixproto::{types, BuildStatus};
 use nix_formats::ca::SelfRefRule;
 use nix_formats::content_address::{verify, ContentAddress};
 use nix_formats::nar::NarLimits;

@@ -158,14 +158,30 @@ impl Scratch {
 
     /// `vouch build <args>` with this test's state and cache.
     pub fn vouch_build(&self, drv: &str, extra: &[&str]) -> Output {
-        let mut cmd = Command::new(vouch_bin());
+        self.vouch_build_under(&[], drv, extra).1
+    }
+
+    /// [`Self::vouch_build`] run by `wrapper` (e.g. `ip netns exec NS`, which `exec`s vouch):
+    /// the process id and the output.
+    pub fn vouch_build_under(&self, wrapper: &[&str], drv: &str, extra: &[&str]) -> (u32, Output) {
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(vouch_bin());
+                c
+            }
+            None => Command::new(vouch_bin()),
+        };
         cmd.arg("--state-dir")
             .arg(self.state())
             .args(["build", drv, "--cache"])
             .arg(self.cache())
             .args(extra);
         cmd.env("VOUCH_IMAGE_DIR", image_dir());
-        cmd.output().expect("running vouch")
+        cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        let child = cmd.spawn().expect("running vouch");
+        let pid = child.id();
+        (pid, child.wait_with_output().expect("running vouch"))
     }
 
     /// Assert that nothing of a failed step was kept: no narinfo, no NAR, no step in the cache,

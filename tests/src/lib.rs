@@ -10,14 +10,18 @@
 //! closure; each step gets a statement, simulated evidence and signed records as vouch would
 //! store them). It needs build-trace and nix-formats, so it cannot live in `test-support` (which
 //! every vouch crate dev-depends on and which therefore depends on none of them); the tests that
-//! use it live here for the same reason. Also [`policy`]: trust policies naming a builder's
+//! use it live here for the same reason. Also [`netlab`]: network namespaces standing in for the
+//! host's networks and the internet, for the networked-VM tests; [`policy`]: trust policies naming a builder's
 //! simulated root and Nix key, for the remote-builder VM tests; [`service`]: JSON and waiting
-//! for builds of a `vouch serve`.
+//! for builds of a `vouch serve`; [`faults`]: injecting faults and finding what they leave
+//! behind (`tests/tests/faults.rs`).
 //!
 //! What is not here: the helpers every crate's tests share (running Nix, the AMD vectors, the
 //! guest image, `vouch` processes: the `test-support` crate), or mocks of Nix, QEMU or AMD.
 #![forbid(unsafe_code)]
 
+pub mod faults;
 pub mod fixture;
+pub mod netlab;
 pub mod policy;
 pub mod service;

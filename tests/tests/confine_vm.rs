@@ -6,17 +6,18 @@
 //! `/tmp`) that show the probes can succeed. Six VMs in all: one probe build (escapes, leftover
 //! processes, no network for a non-fixed-output build), the fork bomb, the memory hog, the tmpfs
 //! filler (which also proves that a quiet build is not taken for a stalled channel), and a
-//! fixed-output fetch over user-mode networking with the right and with a wrong declared hash.
+//! fixed-output fetch over user-mode networking with the right and with a wrong declared hash,
+//! from a public address of the test's own network namespaces (`tests::netlab`), where `vouch`
+//! runs too: a networked VM reaches no private address (`egress_vm.rs`).
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 
 use test_support::vm::{nix, nonce, Scratch};
+use tests::netlab::{self, HttpServer, Lab};
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -25,44 +26,6 @@ fn stderr(out: &Output) -> String {
 fn json_of(out: &Output) -> serde_json::Value {
     assert!(out.status.success(), "vouch build failed ({}):\n{}", out.status, stderr(out));
     serde_json::from_slice(&out.stdout).expect("vouch build --json prints JSON")
-}
-
-/// A one-file HTTP server on the host's loopback (what the guest reaches as 10.0.2.2 through
-/// user-mode networking), counting the requests it answers.
-struct Server {
-    port: u16,
-    hits: Arc<AtomicUsize>,
-}
-
-impl Server {
-    fn start(body: &str) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("binding the test HTTP server");
-        let port = listener.local_addr().unwrap().port();
-        let hits = Arc::new(AtomicUsize::new(0));
-        let (h, body) = (hits.clone(), body.to_owned());
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(mut conn) = conn else { continue };
-                let mut reader = BufReader::new(conn.try_clone().unwrap());
-                let mut line = String::new();
-                // Read the request head.
-                while reader.read_line(&mut line).map(|n| n > 2).unwrap_or(false) {
-                    line.clear();
-                }
-                h.fetch_add(1, Ordering::SeqCst);
-                let _ = write!(
-                    conn,
-                    "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
-                    body.len()
-                );
-            }
-        });
-        Server { port, hits }
-    }
-
-    fn hits(&self) -> usize {
-        self.hits.load(Ordering::SeqCst)
-    }
 }
 
 /// The probe program (`tests/src/bin/vouch_probe.rs`), compiled static for the guest into
@@ -98,7 +61,7 @@ fn build_probe(s: &Scratch) -> PathBuf {
 
 /// The Nix file: `bb` (busybox), `mk` (floating-CA derivation running a script file with
 /// busybox sh), the probe build, the limit builds and the fetchers.
-fn confine_nix(n: &str, port: u16, good_sha256: &str, bad_sha256: &str) -> String {
+fn confine_nix(n: &str, port: u16, fetch: &str, good_sha256: &str, bad_sha256: &str) -> String {
     format!(
         r#"let
   bb = builtins.path {{ path = ./bb; name = "busybox"; }};
@@ -110,9 +73,9 @@ fn confine_nix(n: &str, port: u16, good_sha256: &str, bad_sha256: &str) -> Strin
   }} // attrs);
   fetch = name: hash: derivation {{
     inherit name bb; system = builtins.currentSystem; builder = "${{bb}}/sh";
-    args = [ "-c" "$bb/busybox wget -q -O $out http://10.0.2.2:$port/file" ];
+    args = [ "-c" "$bb/busybox wget -q -O $out http://$fetch/file" ];
     outputHashMode = "flat"; outputHashAlgo = "sha256"; outputHash = hash;
-    port = "{port}";
+    fetch = "{fetch}";
   }};
 in {{
   probes = mk "confine-probes" ./probes.sh {{ inherit probe; }};
@@ -188,6 +151,11 @@ fn parse_probes(text: &str) -> BTreeMap<String, String> {
 }
 
 fn setup(s: &Scratch, port: u16, good: &str, bad: &str) -> PathBuf {
+    setup_fetching(s, port, "unused:9", good, bad)
+}
+
+/// [`setup`], the fetchers fetching from `fetch` (`address:port`).
+fn setup_fetching(s: &Scratch, port: u16, fetch: &str, good: &str, bad: &str) -> PathBuf {
     build_probe(s);
     s.write("probes.sh", PROBES_SH);
     s.write(
@@ -203,7 +171,7 @@ fn setup(s: &Scratch, port: u16, good: &str, bad: &str) -> PathBuf {
         "tmpfsfill.sh",
         "b=$bb/busybox\necho filling after a quiet while\n$b sleep 12\n$b dd if=/dev/zero of=$TMPDIR/fill bs=1048576 count=64 2>&1 || exit 1\n$b mkdir $out\n",
     );
-    s.write("confine.nix", &confine_nix(&nonce(), port, good, bad))
+    s.write("confine.nix", &confine_nix(&nonce(), port, fetch, good, bad))
 }
 
 fn sha256_hex(data: &[u8]) -> String {
@@ -224,8 +192,11 @@ fn sha256_hex(data: &[u8]) -> String {
 #[test]
 fn builder_cannot_escape_and_leaves_nothing_running() {
     let s = Scratch::new();
-    let server = Server::start("not for you\n");
-    let file = setup(&s, server.port, &"00".repeat(32), &"11".repeat(32));
+    // A server on the host's loopback: what a guest with user networking would reach as
+    // 10.0.2.2 (this one has no NIC).
+    let listener = TcpListener::bind("127.0.0.1:0").expect("binding the test HTTP server");
+    let server = HttpServer::start(listener, "not for you\n");
+    let file = setup(&s, server.addr.port(), &"00".repeat(32), &"11".repeat(32));
     let drv = s.instantiate(&file, "probes");
     let link = s.dir.path().join("result");
     let out = s.vouch_build(
@@ -379,24 +350,30 @@ fn tmpfs_filler_fails_with_the_disk_limit_and_a_quiet_build_is_not_a_stall() {
     s.assert_nothing_registered();
 }
 
-/// A fixed-output derivation fetches from the host over user-mode networking and is accepted by
-/// its declared hash; the same fetch with a wrong declared hash is rejected (and nothing kept).
+/// A fixed-output derivation fetches over user-mode networking, from a public address of the
+/// test's own namespaces, and is accepted by its declared hash; the same fetch with a wrong
+/// declared hash is rejected (and nothing kept).
 #[test]
 fn fixed_output_fetches_over_user_networking_and_needs_its_declared_hash() {
+    let lab = Lab::new();
     let s = Scratch::new();
     let body = format!("fetched over user-mode networking {}\n", nonce());
-    let server = Server::start(&body);
+    let server = lab.serve(&lab.world, SocketAddr::new(netlab::PUBLIC.parse().unwrap(), 80), &body);
+    let fetch = format!("{}:80", netlab::PUBLIC);
     let good = sha256_hex(body.as_bytes());
     let bad = sha256_hex(b"something else");
-    let file = setup(&s, server.port, &good, &bad);
+    let file = setup_fetching(&s, 9, &fetch, &good, &bad);
+    let on_lab_host = ["ip", "netns", "exec", lab.host.as_str()];
 
     let drv = s.instantiate(&file, "fetched");
     let link = s.dir.path().join("fetched");
-    let v = json_of(&s.vouch_build(
+    let (_, out) = s.vouch_build_under(
+        &on_lab_host,
         &drv,
         &["--json", "--timeout", "300", "--import", "--out-link", link.to_str().unwrap()],
-    ));
-    assert_eq!(server.hits(), 1, "the guest fetched from the host");
+    );
+    let v = json_of(&out);
+    assert_eq!(server.hits(), 1, "the guest fetched from the public address");
     let out = &v["outputs"]["out"];
     let path = out["path"].as_str().unwrap();
     let declared = nix(&["nix-store", "-q", "--outputs", &drv]);
@@ -414,9 +391,9 @@ fn fixed_output_fetches_over_user_networking_and_needs_its_declared_hash() {
     assert!(st.job.network, "the statement says the VM had network");
 
     let s2 = Scratch::new();
-    let file = setup(&s2, server.port, &good, &bad);
+    let file = setup_fetching(&s2, 9, &fetch, &good, &bad);
     let drv = s2.instantiate(&file, "misdeclared");
-    let out = s2.vouch_build(&drv, &["--timeout", "300"]);
+    let (_, out) = s2.vouch_build_under(&on_lab_host, &drv, &["--timeout", "300"]);
     let err = stderr(&out);
     assert!(!out.status.success(), "{err}");
     assert_eq!(server.hits(), 2, "it did fetch");

@@ -112,6 +112,7 @@ fn doctor_reports_each_check() {
         "image",
         "ovmf",
         "vsock",
+        "network",
         "mode",
     ];
     for check in checks {

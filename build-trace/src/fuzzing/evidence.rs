@@ -6,8 +6,8 @@
 //! the sample, the rest is the fuzzed part. Invariants:
 //! - [`snp_report`]: the report parser's accessors, descriptions and reserved ranges stay within
 //!   the 1184 bytes; a TCB field decodes and re-encodes to itself with its reserved bytes
-//!   cleared; the precomputed-table ECDSA verifier ([`verify_prehash`]) agrees with `p384`'s on
-//!   the report's signature and signed bytes; and a report the verifier accepts under the
+//!   cleared; aws-lc-rs's ECDSA verdict (the one the verifier uses) agrees with RustCrypto
+//!   `p384`'s on the report's signature and signed bytes; and a report the verifier accepts under the
 //!   sample's chain has exactly the sample's signed bytes (only the signature encoding may
 //!   differ: ECDSA is malleable) and reports its fields as the bytes say.
 //! - [`vek_cert`]: certificate loading, extension reading and chain helpers return errors, not
@@ -18,12 +18,12 @@
 use std::time::SystemTime;
 
 use der::{Decode, Encode};
+use aws_lc_rs::signature::ParsedPublicKey;
 use p384::ecdsa::signature::hazmat::PrehashVerifier;
 use sha2::{Digest, Sha384};
 use x509_cert::Certificate;
 
 use crate::evidence::certs::{self, VekExtensions};
-use crate::evidence::fastverify::{verify_prehash, PrecomputedKey};
 use crate::evidence::report::{offset, Report, TcbLayout, TcbVersion, REPORT_LEN, SIGNED_LEN};
 use crate::evidence::{CertRole, EvidenceBundle, EvidencePolicy, Expected, Verifier};
 
@@ -40,8 +40,8 @@ pub struct SnpSample {
     pub now: SystemTime,
 }
 
-/// A sample with its VEK's public key and precomputed table.
-type Sample = (SnpSample, p384::ecdsa::VerifyingKey, PrecomputedKey);
+/// A sample with its VEK's public key, parsed by aws-lc-rs and by `p384`.
+type Sample = (SnpSample, ParsedPublicKey, p384::ecdsa::VerifyingKey);
 
 /// The samples, with a verifier whose chain cache and key tables are already built (so that
 /// the bodies' heap use is their own).
@@ -65,9 +65,10 @@ impl SnpSamples {
                     panic!("SNP sample {} does not verify: {e}", s.name);
                 }
                 let cert = Certificate::from_der(&s.bundle.vek).expect("a verified VEK parses");
-                let key = certs::vek_public_key(&cert).expect("a verified VEK has a P-384 key");
-                let table = PrecomputedKey::from_verifying_key(&key);
-                (s, key, table)
+                let aws = certs::vek_public_key(&cert).expect("a verified VEK has a P-384 key");
+                let rc = p384::ecdsa::VerifyingKey::from_sec1_bytes(certs::spki_bits(&cert))
+                    .expect("a verified VEK's key is a P-384 point");
+                (s, aws, rc)
             })
             .collect();
         SnpSamples { samples, verifier }
@@ -81,10 +82,10 @@ impl SnpSamples {
 
 /// Fuzz body: a report (after the sample selector byte); see the module docs.
 pub fn snp_report(data: &[u8], samples: &SnpSamples) {
-    let Some(((sample, key, table), bytes)) = samples.pick(data) else { return };
+    let Some(((sample, aws, rc), bytes)) = samples.pick(data) else { return };
     if let Ok(report) = Report::parse(bytes) {
         parsed_report(&report);
-        signature_agrees(&report, key, table);
+        signature_agrees(&report, aws, rc);
     }
     let bundle = EvidenceBundle { report: bytes.to_vec(), ..sample.bundle.clone() };
     let Ok(v) =
@@ -124,8 +125,8 @@ fn parsed_report(report: &Report) {
     }
 }
 
-/// The report's signature over its signed bytes, checked by both ECDSA verifiers.
-fn signature_agrees(report: &Report, key: &p384::ecdsa::VerifyingKey, table: &PrecomputedKey) {
+/// The report's signature over its signed bytes, checked by both ECDSA implementations.
+fn signature_agrees(report: &Report, aws: &ParsedPublicKey, rc: &p384::ecdsa::VerifyingKey) {
     let (r_le, s_le) = report.signature_le();
     if r_le[48..].iter().chain(&s_le[48..]).any(|&b| b != 0) {
         return; // not a 48-byte value: the verifier refuses it before any ECDSA
@@ -136,15 +137,15 @@ fn signature_agrees(report: &Report, key: &p384::ecdsa::VerifyingKey, table: &Pr
         b
     };
     let (r, s) = (be(&r_le), be(&s_le));
-    let digest: [u8; 48] = Sha384::digest(report.signed_bytes()).into();
-    let ours = verify_prehash(table, &digest, &r, &s);
     let mut rs = [0u8; 96];
     rs[..48].copy_from_slice(&r);
     rs[48..].copy_from_slice(&s);
+    let ours = aws.verify_sig(report.signed_bytes(), &rs).is_ok();
+    let digest: [u8; 48] = Sha384::digest(report.signed_bytes()).into();
     let theirs = p384::ecdsa::Signature::from_slice(&rs)
-        .map(|sig| key.verify_prehash(&digest, &sig).is_ok())
+        .map(|sig| rc.verify_prehash(&digest, &sig).is_ok())
         .unwrap_or(false);
-    assert_eq!(ours, theirs, "precomputed-table ECDSA disagrees with p384");
+    assert_eq!(ours, theirs, "aws-lc-rs ECDSA disagrees with p384");
 }
 
 /// Fuzz body: a VCEK/VLEK certificate (after the sample selector byte); see the module docs.

@@ -20,7 +20,8 @@ use nix_formats::StorePath;
 use sha2::{Digest, Sha256};
 
 use super::watch::ChannelWatch;
-use super::{InputSource, LogSink, Progress, StepError, Timings};
+use super::{InputSource, StepError, Timings};
+use crate::core::log::{BuildLog, Progress};
 use crate::vm::vsock::Stream;
 use crate::vm::Mode;
 
@@ -124,7 +125,7 @@ pub(crate) fn converse(
     job: &Job,
     inputs: &dyn InputSource,
     staging: &Path,
-    sink: &mut dyn LogSink,
+    sink: &mut dyn BuildLog,
     conv: &mut Conversation,
 ) -> Result<u64, StepError> {
     let clone = || stream.try_clone().map_err(|e| StepError::Io("cloning the channel".into(), e));
@@ -184,12 +185,12 @@ fn receive_all<R: Read>(
     conv: &mut Conversation,
     staging: &Path,
     max_outputs: usize,
-    sink: &mut dyn LogSink,
+    sink: &mut dyn BuildLog,
 ) -> Result<(), StepError> {
     loop {
         let f = r.expect_frame("a frame before the agent's Bye")?;
         match f.kind {
-            Kind::Log => sink.log(&f.payload),
+            Kind::Log => sink.output(&f.payload),
             Kind::Phase => {
                 let p: Phase = f.json()?;
                 conv.marks.insert(phase_key(p.phase), Instant::now());

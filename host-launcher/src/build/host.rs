@@ -12,7 +12,7 @@
 //! a VM that died or a channel that broke before the agent accepted the job, an agent that never
 //! connected or said hello, a vsock daemon that did not start. The retry is a fresh VM with a
 //! fresh job id (so a fresh HOST_DATA and statement; nothing of the failed attempt is kept or
-//! returned), announced loudly ([`super::Progress::Retrying`] and a warning). Builder failures,
+//! returned), announced loudly ([`Progress::Retrying`] and a warning). Builder failures,
 //! limits, timeouts, a VM that died after accepting the job (the builder may have caused it)
 //! and rejected results are never retried.
 //!
@@ -37,10 +37,9 @@ use vm_image::image::{files, Manifest};
 
 use super::conversation::{converse, phase_key, timings, Conversation};
 use super::watch::ChannelWatch;
-use super::{
-    check, staging_dir, InputSource, LauncherConfig, LogSink, Progress, StepError, StepOutcome,
-    StepRequest,
-};
+use super::{check, staging_dir, InputSource, LauncherConfig, StepError, StepOutcome, StepRequest};
+use crate::core::log::{BuildLog, Progress};
+use crate::vm::egress::{self, Egress};
 use crate::vm::network::NetworkGrant;
 use crate::vm::runner::{describe_exit, Vm};
 use crate::vm::vsock::{detect_backend, Backend, Channel, VsockError};
@@ -82,6 +81,8 @@ struct Prepared {
     setup: Setup,
     sim_root: Option<SimulatedRoot>,
     backend: Backend,
+    /// For a networked step: the tools of its filtered namespace (`None`: unfiltered, unsafe).
+    egress: Option<egress::Tools>,
 }
 
 fn prepare(
@@ -129,7 +130,19 @@ fn prepare(
         (simulated_setup(&root, &manifest)?, Some(root))
     };
     let backend = detect_backend(caps.vhost_vsock)?;
-    Ok(Prepared { manifest, mode, limits, closure, outputs, setup, sim_root, backend })
+    let egress = match (req.network, cfg.egress.unfiltered()) {
+        (false, _) => None,
+        (true, false) => Some(egress::check_host()?),
+        (true, true) => {
+            tracing::warn!(
+                drv = %req.drv_path,
+                "UNSAFE: --unfiltered-network: this fixed-output builder gets QEMU's user networking \
+                 in the host's namespace and reaches the host's loopback and private networks"
+            );
+            None
+        }
+    };
+    Ok(Prepared { manifest, mode, limits, closure, outputs, setup, sim_root, backend, egress })
 }
 
 /// The wall-clock watchdog of one attempt: a thread that SIGKILLs QEMU once `deadline` passes or
@@ -219,7 +232,7 @@ pub fn retryable(e: &StepError, job_accepted: bool) -> bool {
 pub fn run_step(
     req: StepRequest,
     inputs: &dyn InputSource,
-    sink: &mut dyn LogSink,
+    sink: &mut dyn BuildLog,
     cfg: &LauncherConfig,
 ) -> Result<StepOutcome, StepError> {
     if cfg.cancel.is_cancelled() {
@@ -267,7 +280,7 @@ fn attempt_step(
     p: &Prepared,
     job_id: &str,
     inputs: &dyn InputSource,
-    sink: &mut dyn LogSink,
+    sink: &mut dyn BuildLog,
     cfg: &LauncherConfig,
 ) -> Result<StepOutcome, AttemptError> {
     let (mode, manifest) = (p.mode, &p.manifest);
@@ -287,9 +300,10 @@ fn attempt_step(
     let job_bytes = job.canonical_bytes().map_err(|e| StepError::Request(e.to_string()))?;
     let host_data = job.host_data().map_err(|e| StepError::Request(e.to_string()))?;
 
-    // Unix socket paths must stay short: a private directory under $TMPDIR.
+    // Unix socket paths must stay short: a private directory under $TMPDIR, named after this
+    // process so that the next launcher removes it if this one is killed (`crate::recovery`).
     let run_dir = tempfile::Builder::new()
-        .prefix("vouch-vm-")
+        .prefix(&crate::vm::child::run_dir_prefix())
         .tempdir()
         .map_err(|e| StepError::Io("creating the VM run directory".into(), e))?;
     let port = channel::config::parse_cmdline(&manifest.cmdline)
@@ -323,9 +337,21 @@ fn attempt_step(
         network,
     };
     let argv = qemu_argv(&spec).map_err(|e| StepError::Request(e.to_string()))?;
-    tracing::debug!(?argv, job = %job_id, "starting QEMU");
+    // A networked VM's QEMU runs in its own filtered namespace, removed after QEMU is killed
+    // (declared before `vm`, so dropped after it on every path).
+    let egress = match (&spec.network, &p.egress) {
+        (Some(_), Some(tools)) => {
+            Some(Egress::create(tools, &cfg.egress).map_err(StepError::from)?)
+        }
+        _ => None,
+    };
+    let (program, argv) = match &egress {
+        Some(e) => e.command(&cfg.qemu, &argv),
+        None => (cfg.qemu.clone(), argv),
+    };
+    tracing::debug!(?program, ?argv, job = %job_id, "starting QEMU");
     let console_log = run_dir.path().join("console.log");
-    let vm = Vm::spawn(&cfg.qemu, &argv, &console_log, cfg.echo_console)
+    let vm = Vm::spawn(&program, &argv, &console_log, cfg.echo_console)
         .map_err(|e| StepError::Qemu(cfg.qemu.display().to_string(), e))?;
     let started = vm.started();
     // From here on the VM is killed past the wall-clock limit or when the launcher is cancelled.
@@ -354,6 +380,10 @@ fn attempt_step(
             .into());
         }
     };
+    // QEMU's exit ends the conversation at once. The agent powers off only after we closed the
+    // channel (having read its `Bye`; `agent::run`'s linger), so an exit before that is a VM that
+    // did not finish: frames of a guest that powered off before our reader caught up were lost
+    // with QEMU (the vsock backend drops what it holds; reproduced with a delayed reader).
     if let Ok(s2) = stream.try_clone() {
         vm.on_exit(move || s2.shutdown());
     }
@@ -441,7 +471,6 @@ fn attempt_step(
         statement_bytes: outcome.statement.into_bytes(),
         evidence: checked.evidence,
         verified: checked.verified,
-        attester: outcome.attester,
         outputs: checked.outputs,
         staging: Some(staging),
         mode,

@@ -1,10 +1,10 @@
-//! The build core: one resolved derivation, one fresh VM, checked results.
+//! One build step: one resolved derivation, one fresh VM, checked results.
 //!
-//! Every front-end (`vouch build`, `vouch nix-builder`, HTTP) calls [`run_step`]; none of them
-//! sees QEMU or the channel.
+//! The engine (`crate::core::Engine`) calls [`run_step`] for every front-end's build; nothing
+//! here sees a front-end, QEMU argv or the channel's framing.
 //!
 //! ```text
-//! run_step(req: StepRequest, inputs: &dyn InputSource, sink: &mut dyn LogSink, cfg: &LauncherConfig)
+//! run_step(req: StepRequest, inputs: &dyn InputSource, log: &mut dyn BuildLog, cfg: &LauncherConfig)
 //!     -> Result<StepOutcome, StepError>
 //! ```
 //! - [`StepRequest`]: the drv path as Nix names it (the *resolved* path for a CA step), the basic
@@ -12,12 +12,14 @@
 //!   limits, the client's CA self-reference rule, whether it is the networked fixed-output variant.
 //! - [`InputSource`]: path info (NAR hash/size, references, `ca`) and a NAR reader for every path
 //!   of the input closure; `run_step` walks the closure from `drv.input_srcs` through the
-//!   references. [`local_store::LocalNixStore`] implements it over the local Nix store;
-//!   `nix-builder` implements it over its content store.
-//! - [`LogSink`]: receives the builder's log bytes as they arrive and [`Progress`] events.
-//! - [`StepOutcome`]: the verified statement, the evidence bundle and what verified it, each
-//!   output's info and its NAR file (in `cfg.state_dir/tmp/`, removed when the outcome is
-//!   dropped unless [`StepOutcome::keep`] moved it), the phase timings, and the mode.
+//!   references. [`nix_store::LocalNixStore`] implements it over the local Nix store; the engine
+//!   implements it over the content store.
+//! - `BuildLog` (`crate::core::log`): receives the builder's log bytes as they arrive and
+//!   `Progress` events.
+//! - [`StepOutcome`]: the verified statement, the evidence bundle and what verified it (hence
+//!   who attested, [`StepOutcome::attester`]), each output's info and its NAR file (in
+//!   `cfg.state_dir/tmp/`, removed when the outcome is dropped unless [`StepOutcome::keep`] moved
+//!   it), the phase timings, and the mode.
 //!
 //! What `run_step` guarantees: nothing is returned as a success unless the statement is for
 //! exactly the job we launched (HOST_DATA recomputed), the evidence verifies under the host's own
@@ -27,15 +29,14 @@
 //! statement claims. On any failure (builder error, VM killed, timeout, bad evidence) the
 //! staging directory is removed and nothing is registered anywhere.
 //!
-//! What is not here: writing the binary cache / trace store (the caller publishes a
-//! `StepOutcome`, see `crate::cli::build`), Nix protocols, QEMU argv (`crate::vm`).
+//! What is not here: publishing a checked step (the one publish step, `crate::core::publish`,
+//! which only a [`StepOutcome`] can go through), front-ends, QEMU argv (`crate::vm`).
 
 pub mod check;
 pub mod conversation;
 pub mod host;
-pub mod local_store;
+pub mod nix_store;
 pub mod policy;
-pub mod publish;
 pub mod watch;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -52,6 +53,9 @@ use nix_formats::StorePath;
 use crate::vm::Mode;
 
 pub use host::run_step;
+
+/// What the name of a step's staging directory in `<state dir>/tmp/` starts with.
+pub const STAGING_PREFIX: &str = "step-";
 
 /// What to build.
 #[derive(Debug, Clone)]
@@ -106,57 +110,6 @@ pub trait InputSource: Sync {
     }
 }
 
-/// Progress of a step, for display and benchmarks.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Progress {
-    /// QEMU started.
-    Booting {
-        /// The mode.
-        mode: Mode,
-        /// QEMU's pid.
-        pid: u32,
-    },
-    /// The agent connected and said hello.
-    AgentReady {
-        /// What it will attest with.
-        attester: AttesterKind,
-    },
-    /// All inputs were sent.
-    InputsSent {
-        /// Number of paths.
-        paths: usize,
-        /// NAR bytes.
-        bytes: u64,
-    },
-    /// A phase reported by the guest.
-    Guest(channel::messages::PhaseName),
-    /// An output NAR arrived.
-    OutputReceived {
-        /// Its store path.
-        path: StorePath,
-    },
-    /// Everything checked.
-    Verified,
-    /// An attempt failed for a reason of the infrastructure (not the build); the step starts
-    /// again in a fresh VM with a fresh job.
-    Retrying {
-        /// Why the attempt failed (error chain).
-        reason: String,
-        /// The failed attempt's job id (nothing of it is kept).
-        abandoned_job: String,
-        /// The new attempt's job id.
-        job: String,
-    },
-}
-
-/// Receives the builder log and progress.
-pub trait LogSink {
-    /// Builder log bytes, as they arrive.
-    fn log(&mut self, data: &[u8]);
-    /// A progress event.
-    fn progress(&mut self, event: &Progress);
-}
-
 /// How the launcher runs VMs.
 #[derive(Debug, Clone)]
 pub struct LauncherConfig {
@@ -190,6 +143,8 @@ pub struct LauncherConfig {
     pub default_limits: Limits,
     /// Build fixed-output derivations that declare md5 or sha1 hashes (refused by default).
     pub allow_weak_fixed_hashes: bool,
+    /// Where networked (fixed-output) VMs may connect ([`crate::vm::egress`]).
+    pub egress: crate::vm::egress::EgressPolicy,
     /// Stops the steps of this launcher (a server shutting down); clones share it.
     pub cancel: Cancel,
 }
@@ -197,19 +152,34 @@ pub struct LauncherConfig {
 /// A shared stop switch for running steps: once [`Cancel::cancel`] is called, every step whose
 /// [`LauncherConfig`] holds a clone of it has its VM killed within a tenth of a second, is not
 /// retried, and fails with [`StepError::Cancelled`]; no new step starts. Nothing of a cancelled
-/// step is kept.
+/// step is kept. [`Cancel::joined`] makes a switch that also follows others (a session's steps
+/// stop when the server shuts down or when their client hangs up).
 #[derive(Debug, Clone, Default)]
-pub struct Cancel(std::sync::Arc<std::sync::atomic::AtomicBool>);
+pub struct Cancel {
+    flag: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The flags of the switches this one follows.
+    follows: std::sync::Arc<[std::sync::Arc<std::sync::atomic::AtomicBool>]>,
+}
 
 impl Cancel {
-    /// Stop every step that shares this switch.
+    /// Stop every step that shares this switch (or a switch joined with it).
     pub fn cancel(&self) {
-        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.flag.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
-    /// Whether [`Cancel::cancel`] was called.
+    /// Whether [`Cancel::cancel`] was called on this switch or one it follows.
     pub fn is_cancelled(&self) -> bool {
-        self.0.load(std::sync::atomic::Ordering::SeqCst)
+        std::iter::once(&self.flag)
+            .chain(self.follows.iter())
+            .any(|f| f.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    /// A new switch, cancelled when it is cancelled itself or when `self` or `other` is.
+    /// Cancelling it stops neither `self` nor `other`.
+    pub fn joined(&self, other: &Cancel) -> Cancel {
+        let mut follows = vec![self.flag.clone(), other.flag.clone()];
+        follows.extend(self.follows.iter().chain(other.follows.iter()).cloned());
+        Cancel { flag: Default::default(), follows: follows.into() }
     }
 }
 
@@ -231,6 +201,7 @@ impl LauncherConfig {
             qemu: "qemu-system-x86_64".into(),
             default_limits: Limits::default(),
             allow_weak_fixed_hashes: false,
+            egress: Default::default(),
             cancel: Cancel::default(),
         }
     }
@@ -291,8 +262,6 @@ pub struct StepOutcome {
     pub evidence: EvidenceBundle,
     /// What the evidence was verified as.
     pub verified: VerifiedEvidence,
-    /// Who attested.
-    pub attester: AttesterKind,
     /// Outputs by name.
     pub outputs: BTreeMap<String, ReceivedOutput>,
     /// Where the NAR files are (removed on drop unless kept).
@@ -304,6 +273,16 @@ pub struct StepOutcome {
 }
 
 impl StepOutcome {
+    /// Who attested, as the checked evidence says: simulated when this host's simulated root
+    /// verified it, SEV-SNP when AMD's did.
+    pub fn attester(&self) -> AttesterKind {
+        if self.verified.is_simulated() {
+            AttesterKind::Simulated
+        } else {
+            AttesterKind::SevSnp
+        }
+    }
+
     /// Keep the staging directory (the caller moved or consumed the NAR files).
     pub fn keep(&mut self) -> Option<PathBuf> {
         self.staging.take()
@@ -339,6 +318,9 @@ pub enum StepError {
     /// The vsock backend.
     #[error("setting up the guest channel")]
     Vsock(#[from] crate::vm::vsock::VsockError),
+    /// The networked VM's namespace could not be set up (or this host cannot).
+    #[error(transparent)]
+    Egress(#[from] crate::vm::egress::EgressError),
     /// QEMU could not be started.
     #[error("starting QEMU ({0})")]
     Qemu(String, #[source] std::io::Error),
@@ -393,8 +375,9 @@ pub enum StepError {
     /// Local file trouble.
     #[error("{0}")]
     Io(String, #[source] std::io::Error),
-    /// The launcher was stopped ([`Cancel`]) while the step ran or before it started.
-    #[error("the builder is shutting down: the step was stopped and its VM killed; nothing was registered")]
+    /// The launcher was stopped ([`Cancel`]: a server shutting down, a client that hung up)
+    /// while the step ran or before it started.
+    #[error("the builder is shutting down (or the client went away): the step was stopped and its VM killed; nothing was registered")]
     Cancelled,
 }
 
@@ -408,9 +391,12 @@ impl StepError {
     }
 }
 
-/// Make a staging directory for one step under `state_dir/tmp`.
+/// Make a staging directory for one step under `state_dir/tmp`: `step-<pid>-<start ticks>-<job
+/// id>`, named after this process so that start-up recovery removes it once the process is gone
+/// (`crate::recovery`).
 pub(crate) fn staging_dir(state_dir: &Path, job_id: &str) -> Result<PathBuf, StepError> {
-    let dir = state_dir.join("tmp").join(format!("step-{job_id}"));
+    let owner = crate::store::owner::ProcessId::current().tag();
+    let dir = state_dir.join("tmp").join(format!("{STAGING_PREFIX}{owner}-{job_id}"));
     std::fs::create_dir_all(&dir)
         .map_err(|e| StepError::Io(format!("creating {}", dir.display()), e))?;
     Ok(dir)

@@ -1,19 +1,19 @@
-//! `vouch build <drv>`: build one resolved derivation whose inputs are in the local Nix store
-//! in a fresh VM, check the result, write it to the binary cache / trace store, and optionally
-//! import the outputs and realisations into the local Nix store.
+//! `vouch build <drv>`: the CLI front-end of the engine. The derivation (resolved; its inputs
+//! in the local Nix store) becomes the core's request, with the CA rule `--ca-rule` names; the
+//! engine builds it in a fresh VM, checks it and publishes it to the trace store, as for every
+//! front-end; this command prints the result, and with `--import` registers the outputs and
+//! realisations in the local Nix store by substituting them from the trace store.
 
-use std::collections::BTreeSet;
-use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use build_trace::job::{CaRule, Limits};
-use host_launcher::build::local_store::{load_basic_derivation, LocalNixStore, NIX_CONFIG};
-use host_launcher::build::publish::{default_cache_dir, publish, KeyNaming};
-use host_launcher::build::{run_step, LogSink, Progress, StepOutcome, StepRequest};
+use host_launcher::build::nix_store::{load_basic_derivation, NIX_CONFIG};
+use host_launcher::core::log::TextLog;
+use host_launcher::core::{BuildRequest, BuildResult, Built, CaRuleChoice, Inputs};
 
-use super::common::{KeyArgs, LimitArgs, VmArgs};
+use super::common::EngineArgs;
 use super::{CmdResult, Global};
 
 /// Arguments of `vouch build`.
@@ -28,21 +28,12 @@ pub struct Args {
     /// With --import: create a GC root symlink to the output (`-<output>` suffixes for others).
     #[arg(long, requires = "import")]
     pub out_link: Option<PathBuf>,
-    /// Binary cache / trace store directory (default: `<state-dir>/cache`).
-    #[arg(long)]
-    pub cache: Option<PathBuf>,
     /// Outputs to build (default: all).
     #[arg(long = "output")]
     pub outputs: Vec<String>,
-    /// Build limits.
+    /// Trace store, limits (0 = none), VM and key.
     #[command(flatten)]
-    pub limits: LimitArgs,
-    /// VM settings.
-    #[command(flatten)]
-    pub vm: VmArgs,
-    /// Signing key.
-    #[command(flatten)]
-    pub key: KeyArgs,
+    pub engine: EngineArgs,
     /// Self-reference rule of the Nix that will use the outputs (`self-ref-positions`: Nix ≤2.16
     /// and ≥2.35, e.g. Debian's 2.8; `self-ref-zeroed`: 2.17–2.34).
     #[arg(long, default_value = "self-ref-positions", value_parser = parse_rule)]
@@ -60,93 +51,50 @@ fn parse_rule(s: &str) -> Result<CaRule, String> {
         .map_err(|_| format!("{s:?}: expected self-ref-positions or self-ref-zeroed"))
 }
 
-struct Printer {
-    quiet_log: bool,
-}
-
-impl LogSink for Printer {
-    fn log(&mut self, data: &[u8]) {
-        if !self.quiet_log {
-            let _ = std::io::stderr().write_all(data);
-        }
-    }
-    fn progress(&mut self, event: &Progress) {
-        use channel::messages::PhaseName as P;
-        let line = match event {
-            Progress::Booting { mode, pid } => format!("booting a {mode} VM (QEMU pid {pid})"),
-            Progress::AgentReady { attester } => match attester {
-                channel::messages::AttesterKind::SevSnp => "agent ready; evidence: sev-snp".into(),
-                channel::messages::AttesterKind::Simulated => {
-                    "agent ready; evidence: SIMULATED (no SEV-SNP hardware here)".into()
-                }
-            },
-            // Reported when the conversation ends; the guest's phase below says it first.
-            Progress::InputsSent { .. } => return,
-            Progress::Guest(P::JobAccepted) => "job accepted by the agent".into(),
-            Progress::Guest(P::InputsReady) => "inputs sent, unpacked and checked in the VM".into(),
-            Progress::Guest(P::Building) => "building".into(),
-            Progress::Guest(P::Built) => "builder finished".into(),
-            Progress::Guest(P::Hashing) => "hashing outputs".into(),
-            Progress::Guest(P::Attesting) => "attesting".into(),
-            Progress::Guest(P::Sending) => "receiving outputs".into(),
-            Progress::OutputReceived { path } => format!("received {path}"),
-            Progress::Verified => "statement, evidence and outputs checked".into(),
-            Progress::Retrying { reason, abandoned_job, job } => format!(
-                "retrying step in a fresh VM after: {reason} (job {abandoned_job} abandoned, nothing of it kept; new job {job})"
-            ),
-        };
-        eprintln!("vouch: {line}");
-    }
-}
-
 /// Run `vouch build`.
 pub fn run(args: Args, global: &Global) -> CmdResult {
     let (drv_path, drv) = load_basic_derivation(&args.drv)?;
-    let network = build_trace::job::step_kind(&drv)? == build_trace::job::StepKind::FixedOutput;
     let state_dir = global.state_dir();
-    let mut cfg = args.vm.launcher(&state_dir, &args.limits);
-    cfg.echo_console = args.console;
-    // A key name that cannot sign this host's evidence is refused before any VM runs.
-    let naming = args.key.naming(&state_dir)?;
-    naming.check_for(&cfg)?;
-    let req = StepRequest {
+    // `vouch build` has no default limits: 0 = none.
+    let mut engine = args.engine.engine(&state_dir, &Limits::default())?;
+    engine.launcher.echo_console = args.console;
+    let req = BuildRequest {
         drv_path,
         drv,
-        outputs: args.outputs.iter().cloned().collect::<BTreeSet<_>>(),
-        // `vouch build` has no default limits: 0 = none.
-        limits: args.limits.limits(&Limits::default()),
-        ca_rule: args.ca_rule,
-        // Fixed-output derivations (fetchers) run in the networked variant, as in Nix's sandbox;
-        // nothing else ever gets a network device.
-        network,
-        job_id: None,
+        outputs: args.outputs.iter().cloned().collect(),
+        limits: Limits::default(),
+        ca_rule: CaRuleChoice::Known(args.ca_rule),
+        derivations: None,
+        // The operator at this host's command line.
+        trusted: true,
     };
-    let mut printer = Printer { quiet_log: false };
-    let outcome = run_step(req, &LocalNixStore, &mut printer, &cfg)?;
-    let cache = args.cache.clone().unwrap_or_else(|| default_cache_dir(&state_dir));
-    let put = publish(&outcome, &cache, &state_dir, &naming)?;
+    let built = match engine.build(req, Inputs::NixStore, &mut TextLog(std::io::stderr())) {
+        BuildResult::Built(b) => b,
+        BuildResult::Failed(f) => return Err(Box::new(f)),
+    };
+    let traces = &engine.publish.trace_store;
     if args.import {
-        import(&args, &outcome, &cache, &state_dir, &naming)?;
+        import(&args, &built, traces, &state_dir)?;
     }
-    summary(&args, &outcome, &put.step_dir, &cache);
+    summary(&args, &built, traces);
     Ok(ExitCode::SUCCESS)
 }
 
 fn import(
     args: &Args,
-    outcome: &StepOutcome,
-    cache: &std::path::Path,
-    state_dir: &std::path::Path,
-    naming: &KeyNaming,
+    built: &Built,
+    traces: &Path,
+    state_dir: &Path,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let key = host_launcher::build::publish::key_name(outcome, naming)?;
+    let key = &built.published.key_name;
     let public = std::fs::read_to_string(state_dir.join("keys").join(format!("{key}.public")))?;
-    // Substituting from our cache makes Nix register the paths, their signatures and (for CA
-    // steps) the realisations exactly as if it had fetched them from any binary cache.
+    // Substituting from the trace store (a binary cache) makes Nix register the paths, their
+    // signatures and (for CA steps) the realisations exactly as if it had fetched them from any
+    // binary cache.
     let mut cmd = std::process::Command::new("nix-store");
     cmd.env("NIX_CONFIG", NIX_CONFIG)
         .args(["--realise", &args.drv, "--max-jobs", "0"])
-        .args(["--option", "substituters", &format!("file://{}", cache.display())])
+        .args(["--option", "substituters", &format!("file://{}", traces.display())])
         .args(["--option", "trusted-public-keys", public.trim()]);
     if let Some(link) = &args.out_link {
         cmd.arg("--add-root").arg(link).arg("--indirect");
@@ -167,22 +115,24 @@ fn import(
     Ok(())
 }
 
-fn summary(args: &Args, o: &StepOutcome, trace: &std::path::Path, cache: &std::path::Path) {
-    let t = &o.timings;
+fn summary(args: &Args, b: &Built, traces: &Path) {
+    let t = &b.timings;
+    let trace = &b.published.step_dir;
     let secs = |d: Duration| d.as_secs_f64();
+    let simulated = b.attester == channel::messages::AttesterKind::Simulated;
     if args.json {
         let v = serde_json::json!({
             "drv": args.drv,
-            "mode": o.mode.to_string(),
-            "evidence": o.attester.to_string(),
-            "simulated": o.verified.is_simulated(),
-            "measurement": o.verified.measurement.to_string(),
-            "outputs": o.outputs.iter().map(|(n, r)| (n.clone(), serde_json::json!({
-                "path": r.info.path, "nar_hash": r.info.nar_hash.to_string(), "nar_size": r.info.nar_size,
-                "references": r.info.references, "ca": r.info.ca,
+            "mode": b.mode.to_string(),
+            "evidence": b.attester.to_string(),
+            "simulated": simulated,
+            "measurement": b.measurement,
+            "outputs": b.published.outputs.iter().map(|(n, o)| (n.clone(), serde_json::json!({
+                "path": o.path, "nar_hash": o.info.nar_hash.to_string(), "nar_size": o.info.nar_size,
+                "references": o.info.references, "ca": o.info.ca,
             }))).collect::<serde_json::Map<_, _>>(),
             "trace": trace,
-            "cache": cache,
+            "traces": traces,
             "timings": {
                 "boot_s": secs(t.boot), "job_setup_s": secs(t.job_setup), "input_transfer_s": secs(t.input_transfer), "build_s": secs(t.build),
                 "hashing_s": secs(t.hashing), "attestation_s": secs(t.attestation),
@@ -193,13 +143,13 @@ fn summary(args: &Args, o: &StepOutcome, trace: &std::path::Path, cache: &std::p
         println!("{v}");
         return;
     }
-    for (name, r) in &o.outputs {
-        println!("{name} {}", r.info.path);
+    for (name, o) in &b.published.outputs {
+        println!("{name} {}", o.path);
     }
-    if o.verified.is_simulated() {
+    if simulated {
         println!("evidence: simulated (this host's simulated SNP root; it proves nothing about hardware)");
     } else {
-        println!("evidence: sev-snp ({})", o.verified.root);
+        println!("evidence: sev-snp ({})", b.evidence_root);
     }
     println!("trace: {}", trace.display());
 }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use build_trace::store::{AuditOptions, AuditReport, TraceStore};
-use host_launcher::build::publish::default_cache_dir;
+use host_launcher::core::publish::default_trace_store;
 use host_launcher::store::{ContentStore, StoreConfig};
 use nix_formats::derivation::Derivation;
 use nix_formats::StorePath;
@@ -54,7 +54,7 @@ pub struct AuditArgs {
 pub fn run(cmd: Command, global: &Global) -> CmdResult {
     let Command::Audit(args) = cmd;
     let state = global.state_dir();
-    let dir = args.traces.clone().unwrap_or_else(|| default_cache_dir(&state));
+    let dir = args.traces.clone().unwrap_or_else(|| default_trace_store(&state));
     let store = TraceStore::open(&dir)?;
     let dirs =
         if args.drv_dirs.is_empty() { vec![PathBuf::from("/nix/store")] } else { args.drv_dirs };
@@ -108,6 +108,6 @@ fn load_drv(p: &StorePath, dirs: &[PathBuf], content: Option<&ContentStore>) -> 
         }
     }
     let (_, file) = content?.open_nar(p).ok()??;
-    let bytes = host_launcher::serve::drv_contents(file).ok()?;
+    let bytes = host_launcher::store::drv_contents(file).ok()?;
     Derivation::from_aterm(&bytes).ok()
 }

@@ -1,20 +1,20 @@
-//! Options that `vouch build`, `vouch nix-builder` and `vouch serve` share: the build limits
-//! ([`LimitArgs`]), how VMs are launched ([`VmArgs`]), the signing key's name ([`KeyArgs`]),
-//! and for the two long-running builders their content store, trace store and client Nix
-//! release ([`BuilderArgs`]). One definition, so the commands accept the same flags with the
-//! same meaning; only the defaults of the three Nix limits differ (a remote builder never runs
-//! unbounded, see `docs/nix-remote-builder.md`).
+//! Options that `vouch build`, `vouch nix-builder` and `vouch serve` share, and the engine they
+//! make ([`EngineArgs`]: the trace store, the build limits ([`LimitArgs`]), how VMs are
+//! launched ([`VmArgs`]), the signing key's name ([`KeyArgs`])); for the two long-running
+//! builders also their content store and client Nix release ([`BuilderArgs`]). One definition,
+//! so the commands accept the same flags with the same meaning; only the defaults of the three
+//! Nix limits differ (a remote builder never runs unbounded, see `docs/nix-remote-builder.md`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use build_trace::job::Limits;
-use host_launcher::build::publish::{default_cache_dir, KeyNaming};
 use host_launcher::build::LauncherConfig;
-use host_launcher::nixbuilder::{self, BuilderConfig};
-use host_launcher::nixproto::NixVersion;
+use host_launcher::core::keys::KeyNameError;
+use host_launcher::core::publish::default_trace_store;
+use host_launcher::core::{Engine, KeyNaming, NixVersion, PublishConfig};
 use host_launcher::store::{StoreConfig, DEFAULT_MAX_BYTES};
-use host_launcher::vm::Mode;
+use host_launcher::vm::{egress, Mode};
 
 /// Build limits. Unset flags take the command's defaults ([`LimitArgs::limits`]).
 #[derive(Debug, Clone, clap::Args)]
@@ -93,6 +93,17 @@ pub struct VmArgs {
     /// This host's VCEK certificate (SNP mode).
     #[arg(long, env = "VOUCH_SNP_VCEK")]
     pub snp_vcek: Option<PathBuf>,
+    /// Let fixed-output builders reach this IPv4 address or CIDR although it is in a range they
+    /// are denied (loopback, link-local, RFC 1918, CGNAT, multicast, this host's addresses);
+    /// repeatable. See docs/threat-model.md.
+    #[arg(long, value_name = "CIDR", value_parser = egress::parse_allowed)]
+    pub allow_egress: Vec<ipnet::Ipv4Net>,
+    /// UNSAFE: run fixed-output builders' VMs with QEMU's unfiltered user networking in this
+    /// host's network namespace, where they reach its loopback services (10.0.2.2), its private
+    /// networks and cloud metadata. Only for hosts that cannot give each such VM a filtered
+    /// namespace (no root, no nftables), and only for derivations you trust.
+    #[arg(long)]
+    pub unfiltered_network: bool,
 }
 
 impl VmArgs {
@@ -110,6 +121,7 @@ impl VmArgs {
         cfg.boot_timeout = Duration::from_secs(self.boot_timeout);
         cfg.snp_vcek = self.snp_vcek.clone();
         cfg.allow_weak_fixed_hashes = limits.allow_weak_hashes;
+        cfg.egress = egress::EgressPolicy::new(self.allow_egress.clone(), self.unfiltered_network);
         cfg
     }
 }
@@ -127,10 +139,7 @@ pub struct KeyArgs {
 
 impl KeyArgs {
     /// The naming rule: this flag, else the state directory's setting.
-    pub fn naming(
-        &self,
-        state_dir: &Path,
-    ) -> Result<KeyNaming, host_launcher::build::publish::KeyNameError> {
+    pub fn naming(&self, state_dir: &Path) -> Result<KeyNaming, KeyNameError> {
         match &self.key_name {
             Some(n) => KeyNaming::named(n),
             None => KeyNaming::from_state_dir(state_dir),
@@ -138,23 +147,15 @@ impl KeyArgs {
     }
 }
 
-/// What the long-running builders (`vouch nix-builder`, `vouch serve`) share: the content store's
-/// bound, the trace store, the client's Nix release, and the limits, VM and key flags.
+/// What makes the engine of every builder: where steps are published, the limits, the VMs and
+/// the signing key.
 #[derive(Debug, Clone, clap::Args)]
-pub struct BuilderArgs {
-    /// Most NAR bytes the content store keeps (suffixes K, M, G, T); least recently used paths
-    /// that no running session or build pins are evicted beyond it.
-    #[arg(long, default_value_t = DEFAULT_MAX_BYTES.to_string(), value_parser = parse_size, value_name = "BYTES")]
-    pub store_max_size: String,
-    /// Trace store / binary cache directory (default: `<state-dir>/cache`).
-    #[arg(long)]
-    pub cache: Option<PathBuf>,
-    /// The Nix release the clients run (e.g. 2.8), where neither the protocol version (serve
-    /// protocol 2.7 = Nix 2.8–2.34, worker 1.35 = 2.15–2.18) nor the request says: it decides
-    /// the self-reference rule of content-addressed output paths.
-    #[arg(long, value_name = "X.Y")]
-    pub client_nix_version: Option<NixVersion>,
-    /// Build limits: vouch's defaults where the client sets none (always over `ssh-ng://`).
+pub struct EngineArgs {
+    /// Trace store directory: where built steps are published, a Nix binary cache (default:
+    /// `<state-dir>/cache`). `--cache` is an old name for it.
+    #[arg(long = "traces", alias = "cache", value_name = "DIR")]
+    pub traces: Option<PathBuf>,
+    /// Build limits.
     #[command(flatten)]
     pub limits: LimitArgs,
     /// VM settings.
@@ -165,25 +166,49 @@ pub struct BuilderArgs {
     pub key: KeyArgs,
 }
 
-impl BuilderArgs {
-    /// The builder core's configuration and the content store's settings. A key name that
-    /// cannot sign this host's evidence is refused here, before anything is served.
-    pub fn config(
-        &self,
-        state_dir: &Path,
-    ) -> Result<(BuilderConfig, StoreConfig), super::CmdError> {
-        let max_bytes = size_bytes(&self.store_max_size)?;
+impl EngineArgs {
+    /// The engine, with `defaults` for the limits not given. A key name that cannot sign this
+    /// host's evidence is refused here, before any VM runs or anything is served.
+    pub fn engine(&self, state_dir: &Path, defaults: &Limits) -> Result<Engine, super::CmdError> {
         let launcher = self.vm.launcher(state_dir, &self.limits);
         let key_naming = self.key.naming(state_dir)?;
         key_naming.check_for(&launcher)?;
-        let cfg = BuilderConfig {
-            cache_dir: self.cache.clone().unwrap_or_else(|| default_cache_dir(state_dir)),
-            state_dir: state_dir.to_owned(),
-            limits: self.limits.limits(&nixbuilder::default_limits()),
+        let trace_store = self.traces.clone().unwrap_or_else(|| default_trace_store(state_dir));
+        Ok(Engine {
             launcher,
-            key_naming,
-        };
-        Ok((cfg, StoreConfig { max_bytes }))
+            limits: self.limits.limits(defaults),
+            publish: PublishConfig { state_dir: state_dir.to_owned(), trace_store, key_naming },
+        })
+    }
+}
+
+/// What the long-running builders (`vouch nix-builder`, `vouch serve`) share: the content store's
+/// bound, the client's Nix release, and the engine's flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BuilderArgs {
+    /// Most NAR bytes the content store keeps (suffixes K, M, G, T); least recently used paths
+    /// that no running session or build pins are evicted beyond it.
+    #[arg(long, default_value_t = DEFAULT_MAX_BYTES.to_string(), value_parser = parse_size, value_name = "BYTES")]
+    pub store_max_size: String,
+    /// The Nix release the clients run (e.g. 2.8), where neither the protocol version (serve
+    /// protocol 2.7 = Nix 2.8–2.34, worker 1.35 = 2.15–2.18) nor the request says: it decides
+    /// the self-reference rule of content-addressed output paths.
+    #[arg(long, value_name = "X.Y")]
+    pub client_nix_version: Option<NixVersion>,
+    /// Trace store, limits (vouch's defaults where the client sets none: always over
+    /// `ssh-ng://`), VM and key.
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+impl BuilderArgs {
+    /// The engine (limits: [`host_launcher::core::request::builder_limits`] where the flags
+    /// set none) and the content store's settings.
+    pub fn config(&self, state_dir: &Path) -> Result<(Engine, StoreConfig), super::CmdError> {
+        let max_bytes = size_bytes(&self.store_max_size)?;
+        let engine =
+            self.engine.engine(state_dir, &host_launcher::core::request::builder_limits())?;
+        Ok((engine, StoreConfig { max_bytes }))
     }
 }
 
@@ -235,7 +260,7 @@ mod tests {
 
     #[test]
     fn limits_take_the_commands_defaults_only_where_not_given() {
-        let builder = host_launcher::nixbuilder::default_limits();
+        let builder = host_launcher::core::request::builder_limits();
         let c = parse(&["--max-memory", "64", "--max-processes", "32", "--tmpfs-size", "16"]);
         let l = c.limits.limits(&builder);
         assert_eq!((l.memory_bytes, l.max_processes, l.tmpfs_bytes), (64 << 20, 32, 16 << 20));
@@ -274,6 +299,16 @@ mod tests {
         );
         assert_eq!(cfg.qemu, Path::new("/opt/q"));
         assert_eq!((cfg.vcpus, cfg.memory_mib, cfg.mode), (2, 512, Some(Mode::Tcg)));
+        assert!(cfg.egress.allowed().is_empty() && !cfg.egress.unfiltered(), "filtered by default");
+        let c = parse(&["--allow-egress", "10.1.0.0/16", "--allow-egress", "10.1.2.3"]);
+        let cfg = c.vm.launcher(Path::new("/state"), &c.limits);
+        assert_eq!(cfg.egress.allowed(), ["10.1.0.0/16".parse::<ipnet::Ipv4Net>().unwrap()]);
+        assert!(parse(&["--unfiltered-network"])
+            .vm
+            .launcher(Path::new("/s"), &c.limits)
+            .egress
+            .unfiltered());
+        assert!(Cmd::try_parse_from(["cmd", "--allow-egress", "fd00::/8"]).is_err());
         assert!(
             Cmd::try_parse_from(["cmd", "--stall-timeout", "0"]).is_err(),
             "0 would never wait"
@@ -290,6 +325,25 @@ mod tests {
         assert_eq!(c.key.naming(t.path()).unwrap().name(true).unwrap(), "from-file-simulated-1");
         let c = parse(&["--key-name", "plain-1"]);
         assert!(c.key.naming(t.path()).unwrap().name(true).is_err());
+    }
+
+    #[test]
+    fn the_trace_store_flag_keeps_its_old_name() {
+        #[derive(Debug, Parser)]
+        struct Cmd {
+            #[command(flatten)]
+            engine: EngineArgs,
+        }
+        let t = tempfile::tempdir().unwrap();
+        for flag in ["--traces", "--cache"] {
+            let c =
+                Cmd::try_parse_from(["cmd", flag, "/t", "--key-name", "k-simulated-1"]).unwrap();
+            let engine = c.engine.engine(t.path(), &Limits::default()).unwrap();
+            assert_eq!(engine.publish.trace_store, Path::new("/t"), "{flag}");
+        }
+        let c = Cmd::try_parse_from(["cmd", "--key-name", "k-simulated-1"]).unwrap();
+        let engine = c.engine.engine(t.path(), &Limits::default()).unwrap();
+        assert_eq!(engine.publish.trace_store, t.path().join("cache"));
     }
 
     #[test]

@@ -68,6 +68,24 @@ fn ovmf_file_check(path: &std::path::Path) -> Check {
     }
 }
 
+/// Whether fixed-output builds can run in their filtered network namespace
+/// (`host_launcher::vm::egress`); a warning only, since other builds do not need it.
+fn network_check() -> Check {
+    use host_launcher::vm::egress::{check_host, EgressError};
+    let (status, detail, fix) = match check_host() {
+        Ok(_) => {
+            (Status::Ok, "fixed-output builds run in a filtered network namespace".into(), None)
+        }
+        Err(EgressError::Unavailable(why)) => (
+            Status::Warn,
+            format!("fixed-output builds are refused: {why}"),
+            Some("see docs/vm.md (networked VMs); --unfiltered-network is unsafe".into()),
+        ),
+        Err(e) => (Status::Warn, e.to_string(), None),
+    };
+    Check { name: "network", status, detail, fix, needed: Needed::Build }
+}
+
 /// Run `vouch doctor`.
 pub fn run(args: Args, global: &Global) -> CmdResult {
     let image_dir = args.image.clone().unwrap_or_else(vm_image::default_image_dir);
@@ -90,6 +108,7 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     if let Some(ovmf) = &candidate {
         checks.push(ovmf_file_check(ovmf));
     }
+    checks.push(network_check());
     let snp_ok = checks.iter().all(|c| c.status != Status::Fail);
     let mode = match choose_mode(None, &facts.caps, image_snp).unwrap_or(Mode::Tcg) {
         // The launcher would refuse SNP while a check fails (its preflight).

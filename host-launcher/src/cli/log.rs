@@ -18,9 +18,9 @@ use build_trace::tlog::monitor::{Monitor, MonitorEvent, MonitorReport};
 use build_trace::tlog::proof::LogTrust;
 use build_trace::tlog::witness::Witness;
 use build_trace::tlog::{CosignerKey, DirTiles, NoteVerifierKey, TileSource, TlogError, LOG_DIR};
-use host_launcher::build::publish::{default_cache_dir, host_name};
+use host_launcher::core::keys::{host_name, log_key};
+use host_launcher::core::publish::default_trace_store;
 use host_launcher::transparency::client::HttpTiles;
-use host_launcher::transparency::log_key;
 use host_launcher::transparency::witness::{cosign, serve, CosignOutcome};
 
 use super::{CmdResult, Global};
@@ -111,7 +111,7 @@ fn keys(list: &[String], cosigner: bool) -> Result<Vec<NoteVerifierKey>, TlogErr
 
 pub fn run(cmd: Command, global: &Global) -> CmdResult {
     let state = global.state_dir();
-    let store_dir = |t: Option<PathBuf>| t.unwrap_or_else(|| default_cache_dir(&state));
+    let store_dir = |t: Option<PathBuf>| t.unwrap_or_else(|| default_trace_store(&state));
     match cmd {
         Command::Key { origin } => {
             println!("{}", log_key(&state, origin.as_deref())?.vkey());

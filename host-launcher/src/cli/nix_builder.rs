@@ -15,11 +15,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use host_launcher::nixbuilder::real_store::RealStore;
-use host_launcher::nixbuilder::BuilderCore;
-use host_launcher::nixproto::listen::{
-    self, ListenConfig, SessionFactory, Signals, SocketListener,
-};
+use host_launcher::nixbuilder::Session;
+use host_launcher::nixproto::listen::{self, ListenConfig, SessionFactory, SocketListener};
 use host_launcher::nixproto::{serve, worker, Handler, ServerError};
+use host_launcher::recovery;
+use host_launcher::signals::Signals;
 use host_launcher::store::ContentStore;
 
 use super::common::BuilderArgs;
@@ -53,7 +53,7 @@ pub struct Args {
     /// its own content store in the state directory.
     #[arg(long, value_name = "URI")]
     pub store: Option<String>,
-    /// Content store, trace store, client release, limits, VM and key.
+    /// Content store, client release, trace store, limits, VM and key.
     #[command(flatten)]
     pub builder: BuilderArgs,
 }
@@ -68,9 +68,15 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     if let Some(s) = &args.store {
         tracing::debug!(store = %s, "ignoring --store: vouch keeps its own content store");
     }
-    let (cfg, store_cfg) = args.builder.config(&state_dir)?;
+    let (engine, store_cfg) = args.builder.config(&state_dir)?;
     let store_dir = state_dir.join("store");
     let store = ContentStore::open(&store_dir, store_cfg)?;
+    if let Some(listener) = &listener {
+        // A long-running server: clean up after a crashed predecessor (`recovery`).
+        let scope = recovery::Scope::new(&state_dir, Some(&engine.publish.trace_store), false);
+        let report = recovery::recover(&scope, store.cleaned());
+        recovery::Report { stale_socket: listener.replaced_stale(), ..report }.log();
+    }
     let worker_cfg = worker::WorkerConfig {
         version_string: format!("vouch {}", env!("CARGO_PKG_VERSION")),
         declared_nix: args.builder.client_nix_version,
@@ -88,11 +94,14 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
             listener.path().display(),
             real.dir().display()
         );
-        let cancel = cfg.launcher.cancel.clone();
-        let new_session: Arc<SessionFactory> = Arc::new(move |_n| {
+        let cancel = engine.launcher.cancel.clone();
+        let new_session: Arc<SessionFactory> = Arc::new(move |_n, hangup| {
             let store = ContentStore::open(&store_dir, store_cfg)?;
-            let core = BuilderCore::new(cfg.clone(), store).with_real_store(real.clone());
-            Ok(Box::new(core) as Box<dyn Handler + Send>)
+            // The session's builds stop at shutdown and when its client hangs up.
+            let mut engine = engine.clone();
+            engine.launcher.cancel = engine.launcher.cancel.joined(hangup);
+            let session = Session::new(engine, store).with_real_store(real.clone());
+            Ok(Box::new(session) as Box<dyn Handler + Send>)
         });
         let lcfg = ListenConfig { worker: worker_cfg, grace: listen::DEFAULT_GRACE };
         let summary =
@@ -100,7 +109,14 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         tracing::info!(?summary, "stopped");
         return Ok(ExitCode::SUCCESS);
     }
-    let mut core = BuilderCore::new(cfg, store);
+    // Nix gone (its ssh connection closed) while a build runs: stop the build.
+    let hangup = host_launcher::build::Cancel::default();
+    let over = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stdin = std::io::stdin().as_fd().try_clone_to_owned()?;
+    listen::watch_hangup(stdin, hangup.clone(), over.clone(), 0)?;
+    let mut engine = engine;
+    engine.launcher.cancel = engine.launcher.cancel.joined(&hangup);
+    let mut session = Session::new(engine, store);
 
     // The protocol owns stdin/stdout; buffered copies of the descriptors avoid stdout's line
     // buffering on binary data.
@@ -109,12 +125,13 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     let r = BufReader::with_capacity(1 << 16, input);
     let w = BufWriter::with_capacity(1 << 16, output);
     let result = if args.stdio {
-        worker::serve(r, w, &worker_cfg, &mut core)
+        worker::serve(r, w, &worker_cfg, &mut session)
     } else {
         let cfg =
             serve::ServeConfig { write: args.write, declared_nix: args.builder.client_nix_version };
-        serve::serve(r, w, &mut std::io::stderr(), &cfg, &mut core)
+        serve::serve(r, w, &mut std::io::stderr(), &cfg, &mut session)
     };
+    over.store(true, std::sync::atomic::Ordering::SeqCst);
     match result {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(ServerError::PeerGone(kind)) => {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use build_trace::provenance::{classify_evidence, in_toto};
 use build_trace::store::TraceStore;
-use host_launcher::build::publish::default_cache_dir;
+use host_launcher::core::publish::default_trace_store;
 use nix_formats::StorePath;
 
 use super::{CmdResult, Global};
@@ -45,7 +45,7 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         .ok()
         .filter(|p| !p.is_derivation())
         .ok_or_else(|| ProvenanceError::NotAnOutput(args.output.clone()))?;
-    let dir = args.traces.clone().unwrap_or_else(|| default_cache_dir(&global.state_dir()));
+    let dir = args.traces.clone().unwrap_or_else(|| default_trace_store(&global.state_dir()));
     let store = TraceStore::open(&dir)?;
     let entries = super::trace::lookup(&store, &path)?;
     let mut statements = Vec::new();

@@ -6,7 +6,8 @@
 //! and the build API (`POST /v1/builds`), with `--jobs` builds at once. Builds use the same
 //! limits, VM and key flags as `vouch nix-builder`; builds are recorded under
 //! `<state dir>/serve/` and outlive a restart. SIGINT or SIGTERM stop it: queued builds fail,
-//! running ones are cancelled (their VMs killed).
+//! running ones are cancelled (their VMs killed). At start it removes what a crashed
+//! predecessor left (`host_launcher::recovery`).
 //!
 //! With `--token-file`, uploads and the build API need that token (`Authorization: Bearer`, or
 //! HTTP Basic with the token as password, as Nix sends it from a netrc entry); the binary cache
@@ -20,9 +21,10 @@ use std::net::TcpListener;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use host_launcher::nixproto::listen::Signals;
+use host_launcher::recovery;
 use host_launcher::serve::auth::AccessToken;
 use host_launcher::serve::{server, Service, ServiceConfig};
+use host_launcher::signals::Signals;
 use nix_formats::signing::PublicKey;
 
 use super::common::BuilderArgs;
@@ -71,13 +73,13 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         .iter()
         .map(|k| PublicKey::parse(k).map_err(|e| format!("--trusted-public-key {k:?}: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
-    let (builder, store_cfg) = args.builder.config(&state_dir)?;
-    std::fs::create_dir_all(&builder.cache_dir).map_err(|e| {
-        format!("creating the cache directory {}: {e}", builder.cache_dir.display())
-    })?;
-    let cancel = builder.launcher.cancel.clone();
+    let (engine, store_cfg) = args.builder.config(&state_dir)?;
+    let traces = &engine.publish.trace_store;
+    std::fs::create_dir_all(traces)
+        .map_err(|e| format!("creating the trace store directory {}: {e}", traces.display()))?;
+    let cancel = engine.launcher.cancel.clone();
     let cfg = ServiceConfig {
-        builder,
+        engine,
         store_dir: state_dir.join("store"),
         store_cfg,
         jobs: args.jobs as usize,
@@ -88,6 +90,11 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     };
     let listener = TcpListener::bind(&args.listen)
         .map_err(|e| format!("listening on {}: {e}", args.listen))?;
+    // Clean up after a crashed predecessor (`recovery`), then open (and lock) the service.
+    let store = host_launcher::store::ContentStore::open(&cfg.store_dir, cfg.store_cfg)?;
+    let scope = recovery::Scope::new(&state_dir, Some(&cfg.engine.publish.trace_store), true);
+    recovery::recover(&scope, store.cleaned()).log();
+    drop(store);
     let service = Arc::new(Service::open(cfg)?);
     let addr = listener.local_addr()?;
     eprintln!("vouch serve: listening on http://{addr}");
@@ -97,7 +104,7 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         );
     }
     tracing::info!(
-        cache = %service.cache_dir().display(),
+        traces = %service.trace_store().display(),
         jobs = args.jobs,
         "binary cache, uploads (nix copy --to 'http://{addr}?compression=none') and build API"
     );

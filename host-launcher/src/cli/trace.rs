@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use build_trace::provenance::classify_evidence;
 use build_trace::store::{TraceEntry, TraceSource, TraceStore};
-use host_launcher::build::publish::default_cache_dir;
+use host_launcher::core::publish::default_trace_store;
 use nix_formats::StorePath;
 
 use super::{CmdResult, Global};
@@ -63,13 +63,13 @@ pub fn run(cmd: Command, global: &Global) -> CmdResult {
     let args = match cmd {
         Command::Show(args) => args,
         Command::Reindex(args) => {
-            let dir = args.traces.unwrap_or_else(|| default_cache_dir(&global.state_dir()));
+            let dir = args.traces.unwrap_or_else(|| default_trace_store(&global.state_dir()));
             let n = TraceStore::open(&dir)?.reindex_laut()?;
             println!("laut index: {n} steps listed under {}", dir.join("traces").display());
             return Ok(ExitCode::SUCCESS);
         }
     };
-    let dir = args.traces.clone().unwrap_or_else(|| default_cache_dir(&global.state_dir()));
+    let dir = args.traces.clone().unwrap_or_else(|| default_trace_store(&global.state_dir()));
     let store = TraceStore::open(&dir)?;
     let path = StorePath::parse(&args.path)
         .map_err(|_| TraceCmdError::NotAStorePath(args.path.clone()))?;

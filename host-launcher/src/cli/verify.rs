@@ -19,7 +19,7 @@ use build_trace::tlog::source::LoggedTraces;
 use build_trace::tlog::{DirTiles, LogView, TlogError, LOG_DIR};
 use build_trace::trust::TrustPolicy;
 use build_trace::verify::{ClosureVerifier, DrvSet, Outcome, Request};
-use host_launcher::build::publish::default_cache_dir;
+use host_launcher::core::publish::default_trace_store;
 use nix_formats::StorePath;
 
 use super::{CmdResult, Global};
@@ -53,6 +53,10 @@ pub struct Args {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Threads that check trace entries (statements, evidence, signatures) in parallel.
+    /// Default: the available parallelism. The verdict does not depend on it.
+    #[arg(long, short = 'j', value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub jobs: Option<u16>,
 }
 
 /// Why `vouch verify` could not reach a verdict.
@@ -89,7 +93,7 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         None => DrvSet::from_store_dir(&args.drv_dir, &target)?,
     };
     let dirs = if args.traces.is_empty() {
-        vec![default_cache_dir(&global.state_dir())]
+        vec![default_trace_store(&global.state_dir())]
     } else {
         args.traces.clone()
     };
@@ -130,6 +134,10 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         },
         evidence,
         now: SystemTime::now(),
+        threads: args
+            .jobs
+            .map(usize::from)
+            .unwrap_or_else(|| std::thread::available_parallelism().map(usize::from).unwrap_or(1)),
     };
     let outcome = verifier.verify(&drvs, &Request { target, expect })?;
     if args.json {

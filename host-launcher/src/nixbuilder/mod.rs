@@ -1,83 +1,46 @@
-//! The remote builder's core: executes the [`Action`]s the Nix protocol front-ends parse, against
-//! the content store ([`crate::store`]) and the build core ([`crate::build::run_step`]).
+//! The Nix session: one client connection's state, executing the [`Action`]s the Nix protocol
+//! front-ends parse against the content store ([`crate::store`]) and the engine
+//! ([`crate::core::Engine`]). A thin adapter: the decisions are the core's.
 //!
-//! - `SetOptions` is remembered for the session: its limits ([`step::SESSION_SETTINGS`]) apply
-//!   to the session's later builds; everything else in it is ignored.
+//! - `SetOptions` is remembered for the session: its limits ([`request::SESSION_SETTINGS`])
+//!   apply to the session's later builds; everything else in it is ignored.
 //! - `QueryValidPaths` answers from the content store and **pins** the valid ones for the
 //!   session, so they survive until this session's build uses them.
 //! - Uploads go through the content store's checks; what a session uploaded stays pinned until
 //!   it ends.
 //! - `QueryPathInfo`/`NarFromPath` serve valid paths only (a path asked about is pinned, and for
 //!   a `unix://` client unpacked where it reads it: [`real_store`]).
-//! - `BuildDerivation` runs one step in a fresh VM ([`step`]): it answers with a `BuildResult`
-//!   whose realisations are signed only after `run_step` checked the statement and evidence.
+//! - `BuildDerivation` becomes the core's request ([`request`]: normal mode only, the CA rule
+//!   from the client profile, the limits the client sent) and the engine builds and publishes
+//!   it; the reply carries the core's result, which the front-end encodes for the client.
 //!
-//! What is not here: wire formats (`crate::nixproto`), VMs (`crate::build`, `crate::vm`).
+//! What is not here: wire formats (`crate::nixproto`), builds and publishing (`crate::core`).
 
-pub mod adapters;
 pub mod real_store;
-pub mod step;
+pub mod request;
 
 use std::io::BufReader;
-use std::path::PathBuf;
 use std::sync::Arc;
 
-use build_trace::job::Limits;
-use nix_formats::ca::SelfRefRule;
+use crate::core::log::BuildLog;
+use crate::core::request::with_overrides;
+use crate::core::{Engine, Inputs};
+use crate::nixproto::{Action, ActionError, ClientOptions, Handler, NarStream, Reply};
+use crate::store::{ContentStore, Origin, UPLOAD_RULES};
 
-use crate::build::LauncherConfig;
-use crate::nixproto::{Action, ActionError, ClientOptions, Handler, LogSink, NarStream, Reply};
-use crate::store::{ContentStore, Origin};
-
-/// Default wall-clock limit of a build when the client sets none: 3 hours.
-pub const DEFAULT_TIMEOUT_S: u64 = 3 * 3600;
-/// Default limit on silence when the client sets none: 1 hour.
-pub const DEFAULT_MAX_SILENT_S: u64 = 3600;
-/// Default log limit when the client sets none: 64 MiB.
-pub const DEFAULT_MAX_LOG_BYTES: u64 = 64 << 20;
-
-/// vouch's default build limits (used where the client sends none: always over `ssh-ng://`).
-pub fn default_limits() -> Limits {
-    Limits {
-        timeout_s: DEFAULT_TIMEOUT_S,
-        max_silent_s: DEFAULT_MAX_SILENT_S,
-        max_log_bytes: DEFAULT_MAX_LOG_BYTES,
-        ..Limits::default()
-    }
-}
-
-/// How the remote builder runs.
-#[derive(Debug, Clone)]
-pub struct BuilderConfig {
-    /// State directory (keys, simulated root, staging).
-    pub state_dir: PathBuf,
-    /// The trace store / binary cache the steps are published to.
-    pub cache_dir: PathBuf,
-    /// Limits applied where the client sets none (a client's non-zero values win).
-    pub limits: Limits,
-    /// How VMs are launched.
-    pub launcher: LauncherConfig,
-    /// How the signing key is named.
-    pub key_naming: crate::build::publish::KeyNaming,
-}
-
-/// The core of one builder session (one client connection).
+/// One session (one client connection).
 #[derive(Debug)]
-pub struct BuilderCore {
-    cfg: BuilderConfig,
+pub struct Session {
+    engine: Engine,
     store: ContentStore,
     options: Option<ClientOptions>,
     real: Option<real_store::RealStoreSession>,
 }
 
-/// Both self-reference rules, the one of current Nix releases first: an uploaded path may come
-/// from any Nix release; each rule is Nix's own for some releases.
-pub const UPLOAD_RULES: &[SelfRefRule] = &[SelfRefRule::ZeroOnly, SelfRefRule::ZeroAndPositions];
-
-impl BuilderCore {
-    /// A session over an open content store.
-    pub fn new(cfg: BuilderConfig, store: ContentStore) -> Self {
-        BuilderCore { cfg, store, options: None, real: None }
+impl Session {
+    /// A session over an open content store (its own: its pins are the session's).
+    pub fn new(engine: Engine, store: ContentStore) -> Self {
+        Session { engine, store, options: None, real: None }
     }
 
     /// A session whose client reads paths from its file system (`unix://`): every path it asks
@@ -87,33 +50,18 @@ impl BuilderCore {
         self
     }
 
-    /// The content store.
-    pub fn store(&self) -> &ContentStore {
-        &self.store
-    }
-
-    /// The configuration.
-    pub fn config(&self) -> &BuilderConfig {
-        &self.cfg
-    }
-
-    /// The session's `SetOptions`, if the client sent any.
-    pub fn client_options(&self) -> Option<&ClientOptions> {
-        self.options.as_ref()
+    fn vcpus(&self) -> u64 {
+        self.engine.launcher.vcpus.into()
     }
 }
 
-impl Handler for BuilderCore {
-    fn handle(&mut self, action: Action<'_>, log: &mut dyn LogSink) -> Result<Reply, ActionError> {
+impl Handler for Session {
+    fn handle(&mut self, action: Action<'_>, log: &mut dyn BuildLog) -> Result<Reply, ActionError> {
         match action {
             Action::SetOptions(o) => {
                 tracing::debug!(?o, "client options");
-                let l = step::merge_limits(
-                    self.cfg.limits,
-                    None,
-                    Some(&o),
-                    self.cfg.launcher.vcpus.into(),
-                );
+                let client = request::client_limits(None, Some(&o), self.vcpus());
+                let l = with_overrides(self.engine.limits, &client);
                 tracing::info!(
                     timeout_s = l.timeout_s,
                     max_silent_s = l.max_silent_s,
@@ -157,8 +105,12 @@ impl Handler for BuilderCore {
                 self.store.pin(&all)?;
                 Ok(Reply::ValidPaths(all))
             }
-            Action::BuildDerivation(req) => {
-                Ok(Reply::Built(Box::new(step::build(self, *req, log))))
+            Action::BuildDerivation(d) => {
+                let result = match request::core_request(*d, self.options.as_ref(), self.vcpus()) {
+                    Ok(req) => self.engine.build(req, Inputs::ContentStore(&self.store), log),
+                    Err(refused) => refused,
+                };
+                Ok(Reply::Built(Box::new(result)))
             }
         }
     }

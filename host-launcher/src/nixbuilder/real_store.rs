@@ -123,7 +123,7 @@ impl RealStore {
         if *n == 0 {
             held.remove(path);
             if let Err(e) = remove_tree(&self.location(path)) {
-                tracing::warn!("{}", crate::nixproto::action::error_chain(&e));
+                tracing::warn!("{}", build_trace::error_chain(&e));
             }
         }
     }
@@ -188,7 +188,7 @@ mod tests {
     use nix_formats::nar::NarWriter;
 
     use super::*;
-    use crate::nixproto::ValidPathInfo;
+    use crate::core::ValidPathInfo;
     use crate::store::{FileUploads, Origin, StoreConfig};
 
     /// A content store holding one path: a directory with an executable file and a symlink.
@@ -220,7 +220,7 @@ mod tests {
             sigs: BTreeSet::new(),
         };
         let store = ContentStore::open(&dir.join("store"), StoreConfig::default()).unwrap();
-        let rules = crate::nixbuilder::UPLOAD_RULES;
+        let rules = crate::store::UPLOAD_RULES;
         store.add(&mut FileUploads::new(vec![(info, file)]), rules, Origin::Upload).unwrap();
         (store, path, nar)
     }

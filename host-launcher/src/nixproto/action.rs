@@ -1,13 +1,14 @@
 //! What a Nix client asks of a remote builder, independent of the wire: the [`Action`] enum the
-//! front-ends (`worker`, `serve`) parse requests into, the [`Reply`] the core returns, and the
-//! [`Handler`] trait the core implements. The core never sees the wire.
+//! front-ends (`worker`, `serve`) parse requests into, the [`Reply`] the session returns, and the
+//! [`Handler`] trait the session (`crate::nixbuilder`) implements. The session never sees the
+//! wire.
 //!
-//! What is here: the actions and replies, the protocol-independent records they carry
-//! ([`ValidPathInfo`], [`BuildRequest`], [`BuildResult`] …), [`UploadSource`] (the NARs of an upload,
-//! streamed from the wire as the core consumes them) and [`LogSink`] (build logs streamed to the
-//! client as they happen).
+//! What is here: the actions and replies and the Nix records only the protocols have
+//! ([`BuildDerivation`], [`BuildOptions`], [`ClientOptions`], the wire [`BuildResult`] and the
+//! conversion of the core's result into it). The host's own records (path infos, uploads, build
+//! requests and results, the build log) are `crate::core`'s.
 //!
-//! What is not here: encodings (`types`), handshakes and loops (`worker`, `serve`), the core
+//! What is not here: encodings (`types`), handshakes and loops (`worker`, `serve`), the session
 //! itself (`crate::nixbuilder`).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -15,25 +16,8 @@ use std::io::Read;
 
 use nix_formats::StorePath;
 
-/// What a client told us (or we tell it) about one store path: Nix's `ValidPathInfo`. What it
-/// says about the contents (NAR hash and size, references, content address) is a
-/// [`build_trace::PathInfo`], the same record a job's input closure holds.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ValidPathInfo {
-    /// The path.
-    pub path: StorePath,
-    /// Its contents: NAR hash and size, references (itself included when self-referencing),
-    /// and the content address it claims, if any.
-    pub info: build_trace::PathInfo,
-    /// The derivation that built it, if known.
-    pub deriver: Option<StorePath>,
-    /// When it was registered (seconds since the epoch; informational).
-    pub registration_time: u64,
-    /// Whether the sender built it itself (informational; we never trust it).
-    pub ultimate: bool,
-    /// Signatures `key:base64` (informational; uploads are checked by content, not by these).
-    pub sigs: BTreeSet<String>,
-}
+use super::version::ClientProfile;
+use crate::core::{self, BuildLog, LegacyRealisation, UploadSource, ValidPathInfo};
 
 /// The build options of the serve protocol (`BuildDerivation`, `BuildPaths`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -88,9 +72,10 @@ pub enum BuildMode {
     Check,
 }
 
-/// One `BuildDerivation` request.
+/// The arguments of `BuildDerivation` (worker 36, serve 8), and what the handshake established
+/// about the client that sent them.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BuildRequest {
+pub struct BuildDerivation {
     /// The derivation path the client named (resolved for content-addressed derivations).
     pub drv_path: StorePath,
     /// The basic derivation it sent.
@@ -102,7 +87,7 @@ pub struct BuildRequest {
     pub options: Option<BuildOptions>,
     /// What the handshake established about the client (its realisation format and the
     /// self-reference rule it will re-check our output paths with).
-    pub client: super::version::ClientProfile,
+    pub client: ClientProfile,
 }
 
 /// Nix's `BuildResult::Status` codes (same numbers in both protocols).
@@ -177,15 +162,6 @@ impl BuildStatus {
     }
 }
 
-/// A realisation in the format of Nix ≤ 2.34: its id and its JSON (with signatures).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LegacyRealisation {
-    /// `sha256:<hex hash modulo>!<output>`.
-    pub id: String,
-    /// The realisation JSON as the client stores it.
-    pub json: String,
-}
-
 /// One built output as a `BuildResult` carries it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuiltOutput {
@@ -220,6 +196,55 @@ pub struct BuildResult {
     pub built_outputs: BTreeMap<String, BuiltOutput>,
 }
 
+impl From<core::FailureStatus> for BuildStatus {
+    fn from(s: core::FailureStatus) -> Self {
+        use core::FailureStatus as F;
+        match s {
+            F::PermanentFailure => BuildStatus::PermanentFailure,
+            F::InputRejected => BuildStatus::InputRejected,
+            F::OutputRejected => BuildStatus::OutputRejected,
+            F::TransientFailure => BuildStatus::TransientFailure,
+            F::TimedOut => BuildStatus::TimedOut,
+            F::MiscFailure => BuildStatus::MiscFailure,
+            F::LogLimitExceeded => BuildStatus::LogLimitExceeded,
+        }
+    }
+}
+
+/// The wire result of a core result: built once, by the time the step took, with each output's
+/// signed records (both realisation formats; the encoder picks the client's).
+impl From<&core::BuildResult> for BuildResult {
+    fn from(r: &core::BuildResult) -> Self {
+        match r {
+            core::BuildResult::Failed(f) => BuildResult::failure(f.status.into(), &f.message),
+            core::BuildResult::Built(b) => BuildResult {
+                status: BuildStatus::Built,
+                error_msg: String::new(),
+                times_built: 1,
+                // An output differs from the entry already published for its path.
+                is_non_deterministic: b.published.outputs.values().any(|o| o.diverged.is_some()),
+                start_time: b.start_time,
+                stop_time: b.stop_time,
+                cpu_user: None,
+                cpu_system: None,
+                built_outputs: b
+                    .published
+                    .outputs
+                    .iter()
+                    .map(|(name, o)| {
+                        let out = BuiltOutput {
+                            out_path: o.path.clone(),
+                            signatures: o.signatures.clone(),
+                            legacy: o.legacy.clone(),
+                        };
+                        (name.clone(), out)
+                    })
+                    .collect(),
+            },
+        }
+    }
+}
+
 impl BuildResult {
     /// A failure with a message and nothing built.
     pub fn failure(status: BuildStatus, msg: impl Into<String>) -> Self {
@@ -237,39 +262,7 @@ impl BuildResult {
     }
 }
 
-/// The NARs of an upload (one path for `AddToStoreNar`, a batch for `AddMultipleToStore`),
-/// read from the wire as the core consumes them.
-pub trait UploadSource {
-    /// The next path's info, or `None` after the last. After it, [`UploadSource::nar`] yields
-    /// exactly `info.nar_size` bytes (the front-end enforces the bound).
-    fn next_path(
-        &mut self,
-    ) -> Result<Option<ValidPathInfo>, Box<dyn std::error::Error + Send + Sync>>;
-    /// The current path's NAR bytes.
-    fn nar(&mut self) -> &mut dyn Read;
-}
-
-/// Where build logs go while a build runs (streamed to the client as they happen).
-pub trait LogSink {
-    /// A build started (the worker front-end opens a build activity).
-    fn build_started(&mut self, drv_path: &StorePath);
-    /// One line of build output (without the newline).
-    fn line(&mut self, line: &str);
-    /// The build ended (the activity closes).
-    fn build_finished(&mut self);
-}
-
-/// A log sink that drops everything (tests, and actions that log nothing).
-#[derive(Debug, Default)]
-pub struct NullLog;
-
-impl LogSink for NullLog {
-    fn build_started(&mut self, _drv_path: &StorePath) {}
-    fn line(&mut self, _line: &str) {}
-    fn build_finished(&mut self) {}
-}
-
-/// A NAR the core hands back for `NarFromPath` / `DumpStorePath`.
+/// A NAR the session hands back for `NarFromPath` / `DumpStorePath`.
 pub struct NarStream {
     /// Its size in bytes.
     pub size: u64,
@@ -308,7 +301,7 @@ pub enum Action<'a> {
     /// The closure of valid paths (serve 7): `Reply::ValidPaths` with every path of it.
     QueryClosure(BTreeSet<StorePath>),
     /// Build one basic derivation (worker 36, serve 8).
-    BuildDerivation(Box<BuildRequest>),
+    BuildDerivation(Box<BuildDerivation>),
 }
 
 impl std::fmt::Debug for Action<'_> {
@@ -331,7 +324,7 @@ impl std::fmt::Debug for Action<'_> {
     }
 }
 
-/// The core's answer to an [`Action`].
+/// The session's answer to an [`Action`].
 #[derive(Debug)]
 pub enum Reply {
     /// Done, nothing to return (`SetOptions`, uploads).
@@ -342,19 +335,20 @@ pub enum Reply {
     PathInfo(Option<Box<ValidPathInfo>>),
     /// A NAR.
     Nar(NarStream),
-    /// A build result (failures included: they are answers, not errors).
-    Built(Box<BuildResult>),
+    /// A build result (failures included: they are answers, not errors), encoded by the
+    /// front-end for the client's version.
+    Built(Box<core::BuildResult>),
 }
 
-/// An error the core reports to the client (the front-end sends the whole chain).
+/// An error the session reports to the client (the front-end sends the whole chain).
 pub type ActionError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
-/// The core: executes actions.
+/// A session: executes actions.
 pub trait Handler {
     /// Execute one action. Build failures are `Ok(Reply::Built(..))` with a failure status;
     /// `Err` is for requests that cannot be answered (a bad upload, an unknown path).
-    fn handle(&mut self, action: Action<'_>, log: &mut dyn LogSink) -> Result<Reply, ActionError>;
+    fn handle(&mut self, action: Action<'_>, log: &mut dyn BuildLog) -> Result<Reply, ActionError>;
 }
 
 /// `error: cause: cause …` on one line, as the front-ends send errors.
-pub use build_trace::error_chain;
+pub(super) use build_trace::error_chain;

@@ -2,16 +2,18 @@
 //!
 //! Layout (Firecracker style): the front-ends [`worker`] (`ssh-ng://`, `--stdio`; on a Unix
 //! socket for `unix://` through [`listen`], `--listen`) and [`serve`] (`ssh://`, `--serve
-//! --write`) parse each request into one [`Action`]; the core (a
-//! [`Handler`], `crate::nixbuilder`) executes it and returns a [`Reply`], which the front-end
-//! encodes for the client's version. The core never sees the wire. Shared pieces: [`wire`]
-//! (integers, strings, framed streams), [`types`] (records per protocol version), [`version`]
-//! (protocol version → Nix release range → realisation format and CA self-reference rule).
+//! --write`) parse each request into one [`Action`]; the session (a [`Handler`],
+//! `crate::nixbuilder`) executes it on the host's core and returns a [`Reply`], which the
+//! front-end encodes for the client's version (a core build result becomes the wire
+//! [`BuildResult`]). The session never sees the wire. Shared pieces: [`wire`] (integers,
+//! strings, framed streams), [`types`] (records per protocol version), [`version`] (protocol
+//! version → Nix release range → realisation format and CA self-reference rule).
 //!
 //! `fuzzing` (hidden) holds the bodies of the protocol fuzz targets.
 //!
-//! What is not here: the content store, builds, signing (`crate::store`, `crate::nixbuilder`).
-//! The wire layouts are written down in `docs/nix-remote-builder.md` and in each module.
+//! What is not here: the host's records, the content store, builds, publishing
+//! (`crate::core`, `crate::store`, `crate::nixbuilder`). The wire layouts are written down in
+//! `docs/nix-remote-builder.md` and in each module.
 
 pub mod action;
 #[doc(hidden)]
@@ -27,11 +29,10 @@ pub mod worker;
 mod golden;
 
 pub use action::{
-    Action, ActionError, BuildMode, BuildOptions, BuildRequest, BuildResult, BuildStatus,
-    BuiltOutput, ClientOptions, Handler, LegacyRealisation, LogSink, NarStream, NullLog, Reply,
-    UploadSource, ValidPathInfo,
+    Action, ActionError, BuildDerivation, BuildMode, BuildOptions, BuildResult, BuildStatus,
+    BuiltOutput, ClientOptions, Handler, NarStream, Reply,
 };
-pub use version::{ClientProfile, NixVersion, Protocol, RealisationFormat};
+pub use version::{ClientProfile, Protocol, RealisationFormat};
 pub use wire::WireError;
 
 /// Why a protocol session ended abnormally.
@@ -64,7 +65,7 @@ pub enum ServerError {
     /// A request we refuse and, in the serve protocol, cannot answer with an error message.
     #[error("{0}")]
     Refused(String),
-    /// The core's reply could not be encoded after `STDERR_LAST` was sent.
+    /// The session's reply could not be encoded after `STDERR_LAST` was sent.
     #[error("could not send the reply: {0}")]
     Reply(String),
 }

@@ -15,16 +15,15 @@
 use std::collections::BTreeSet;
 use std::io::{self, BufRead, Read, Write};
 
-use super::action::{
-    error_chain, Action, ActionError, BuildRequest, Handler, LogSink, Reply, UploadSource,
-    ValidPathInfo,
-};
+use super::action::{error_chain, Action, ActionError, BuildDerivation, Handler, Reply};
 use super::types::{self, CodecError};
 use super::version::{
-    major, serve_build_options_range, show, ClientProfile, NixVersion, ProtoVersion, Protocol,
+    major, serve_build_options_range, show, ClientProfile, ProtoVersion, Protocol,
 };
-use super::wire::{Taken, WireError, WireRead, WireWrite};
+use super::wire::{MessageBudget, Taken, WireError, WireRead, WireWrite};
 use super::ServerError;
+use crate::core::log::TextLog;
+use crate::core::{NixVersion, UploadError, UploadSource, ValidPathInfo};
 
 /// First word a client sends.
 pub const SERVE_MAGIC_1: u64 = 0x390c_9deb;
@@ -91,6 +90,9 @@ pub fn serve<R: BufRead, W: Write>(
             return Ok(());
         };
         tracing::debug!(cmd, name = cmd_name(cmd), "command");
+        // One command is one message: what it decodes is bounded in all (its NAR, streamed to
+        // disk, is not counted).
+        let _budget = MessageBudget::start();
         let needs_write = matches!(cmd, 8 | 9);
         if needs_write && !cfg.write {
             return Err(ServerError::Refused(format!(
@@ -98,7 +100,7 @@ pub fn serve<R: BufRead, W: Write>(
                 cmd_name(cmd)
             )));
         }
-        let mut sink = StderrLog { w: &mut *log, started: false };
+        let mut sink = TextLog(&mut *log);
         match cmd {
             1 => {
                 let _lock = r.read_bool()?;
@@ -165,7 +167,7 @@ pub fn serve<R: BufRead, W: Write>(
                 if client.observed.is_some() {
                     tracing::info!(client = %client.nix_range(), "build options tell the client's Nix");
                 }
-                let req = BuildRequest {
+                let req = BuildDerivation {
                     drv_path,
                     drv,
                     mode: super::action::BuildMode::Normal,
@@ -173,7 +175,9 @@ pub fn serve<R: BufRead, W: Write>(
                     client: client.clone(),
                 };
                 match ok(handler.handle(Action::BuildDerivation(Box::new(req)), &mut sink), cmd)? {
-                    Reply::Built(res) => codec(types::write_build_result(&mut w, &res, &client))?,
+                    Reply::Built(res) => {
+                        codec(types::write_build_result(&mut w, &(&*res).into(), &client))?
+                    }
                     other => return Err(unexpected(other)),
                 }
             }
@@ -220,7 +224,7 @@ fn ok(reply: Result<Reply, ActionError>, cmd: u64) -> Result<Reply, ServerError>
 }
 
 fn unexpected(reply: Reply) -> ServerError {
-    ServerError::Reply(format!("the core answered {reply:?}"))
+    ServerError::Reply(format!("the session answered {reply:?}"))
 }
 
 /// Serve `AddToStoreNar`: exactly `narSize` raw bytes follow the info.
@@ -230,7 +234,7 @@ struct RawUpload<'r, R: Read> {
 }
 
 impl<R: Read> UploadSource for RawUpload<'_, R> {
-    fn next_path(&mut self) -> Result<Option<ValidPathInfo>, ActionError> {
+    fn next_path(&mut self) -> Result<Option<ValidPathInfo>, UploadError> {
         self.nar.skip_rest()?;
         let info = self.info.take();
         if let Some(i) = &info {
@@ -241,28 +245,5 @@ impl<R: Read> UploadSource for RawUpload<'_, R> {
 
     fn nar(&mut self) -> &mut dyn Read {
         &mut self.nar
-    }
-}
-
-/// Build logs as plain lines on stderr.
-struct StderrLog<'w> {
-    w: &'w mut dyn Write,
-    started: bool,
-}
-
-impl LogSink for StderrLog<'_> {
-    fn build_started(&mut self, drv_path: &nix_formats::StorePath) {
-        self.started = true;
-        let _ = writeln!(self.w, "building '{drv_path}' in a vouch VM");
-        let _ = self.w.flush();
-    }
-
-    fn line(&mut self, line: &str) {
-        let _ = writeln!(self.w, "{line}");
-        let _ = self.w.flush();
-    }
-
-    fn build_finished(&mut self) {
-        let _ = self.w.flush();
     }
 }

@@ -17,10 +17,10 @@ use nix_formats::StorePath;
 
 use super::action::{
     BuildMode, BuildOptions, BuildResult, BuildStatus, BuiltOutput, ClientOptions,
-    LegacyRealisation, ValidPathInfo,
 };
 use super::version::{minor, ClientProfile, ProtoVersion, Protocol, RealisationFormat};
 use super::wire::{WireError, WireRead, WireWrite};
+use crate::core::{LegacyRealisation, ValidPathInfo};
 
 /// Why a record could not be decoded or encoded.
 #[derive(Debug, thiserror::Error)]

@@ -19,16 +19,17 @@
 //! it further ([`serve_build_options_range`]): Nix 2.8–2.12 send their `repeat` and
 //! `enforce-determinism` settings (by default 0 and true), Nix 2.13–2.34 always 0 and false. Where
 //! the range still straddles a rule change (worker 1.35; serve 2.7 with 0 and false), the builder
-//! cannot tell from the wire: `--client-nix-version` says it, else [`AMBIGUOUS_DEFAULT_RULE`]
-//! applies (documented in `docs/nix-remote-builder.md`).
+//! cannot tell from the wire: `--client-nix-version` says it, else the core's default rule
+//! applies, said in the build log (documented in `docs/nix-remote-builder.md`).
 //!
 //! What is not here: the handshakes themselves (`worker`, `serve`).
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::str::FromStr;
 
 use build_trace::CaRule;
+
+use crate::core::request::{ca_rule_for, CaRuleChoice, NixVersion};
 
 /// `(major << 8) | minor`.
 pub type ProtoVersion = u64;
@@ -50,39 +51,6 @@ pub fn show(v: ProtoVersion) -> String {
 
 /// The worker-protocol feature of Nix ≥ 2.35: realisations keyed by drv path + output name.
 pub const FEATURE_REALISATION_WITH_PATH: &str = "realisation-with-path-not-hash";
-
-/// The rule used when the client's version straddles a rule change and no
-/// `--client-nix-version` was given: Nix 2.17–2.34 are the releases in wide use.
-pub const AMBIGUOUS_DEFAULT_RULE: CaRule = CaRule::SelfRefZeroed;
-
-/// A Nix release `major.minor`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct NixVersion(pub u32, pub u32);
-
-impl fmt::Display for NixVersion {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.0, self.1)
-    }
-}
-
-impl FromStr for NixVersion {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let mut it = s.split('.');
-        let (Some(a), Some(b)) = (it.next(), it.next()) else {
-            return Err(format!("`{s}` is not a Nix version like 2.8 or 2.24.3"));
-        };
-        let parse = |x: &str| x.parse::<u32>().map_err(|_| format!("`{s}` is not a Nix version"));
-        let v = NixVersion(parse(a)?, parse(b)?);
-        if let Some(patch) = it.next() {
-            parse(patch)?;
-        }
-        if it.next().is_some() {
-            return Err(format!("`{s}` is not a Nix version like 2.8 or 2.24.3"));
-        }
-        Ok(v)
-    }
-}
 
 /// An inclusive range of Nix releases; `max = None` means "and later".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,15 +89,6 @@ impl fmt::Display for NixRange {
             Some(m) => write!(f, "Nix {}–{m}", self.min),
             None => write!(f, "Nix {} or later", self.min),
         }
-    }
-}
-
-/// The self-reference rule of one Nix release.
-pub fn ca_rule_for(v: NixVersion) -> CaRule {
-    if v <= NixVersion(2, 16) || v >= NixVersion(2, 35) {
-        CaRule::SelfRefPositions
-    } else {
-        CaRule::SelfRefZeroed
     }
 }
 
@@ -266,9 +225,9 @@ impl ClientProfile {
         }
     }
 
-    /// The self-reference rule the client will re-check our CA output paths with, and whether
-    /// it was inferred unambiguously (`false`: [`AMBIGUOUS_DEFAULT_RULE`] was used).
-    pub fn ca_rule(&self) -> Result<(CaRule, bool), VersionMismatch> {
+    /// The self-reference rule the client will re-check our CA output paths with: known from
+    /// `--client-nix-version` or the Nix releases that speak this protocol, else guessed.
+    pub fn ca_rule(&self) -> Result<CaRuleChoice, VersionMismatch> {
         let range = self.nix_range();
         if let Some(declared) = self.declared_nix {
             if !range.contains(declared) {
@@ -279,11 +238,19 @@ impl ClientProfile {
                     range,
                 });
             }
-            return Ok((ca_rule_for(declared), true));
+            return Ok(CaRuleChoice::Known(ca_rule_for(declared)));
         }
         Ok(match range.ca_rule() {
-            Some(rule) => (rule, true),
-            None => (AMBIGUOUS_DEFAULT_RULE, false),
+            Some(rule) => CaRuleChoice::Known(rule),
+            None => CaRuleChoice::guessed(
+                &format!(
+                    "{} {} is spoken by {range}, which straddles a change of the CA \
+                     self-reference rule",
+                    self.protocol_name(),
+                    show(self.version)
+                ),
+                "set --client-nix-version on the builder to choose",
+            ),
         })
     }
 }
@@ -291,6 +258,15 @@ impl ClientProfile {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::request::DEFAULT_CA_RULE;
+
+    fn known(rule: CaRule) -> CaRuleChoice {
+        CaRuleChoice::Known(rule)
+    }
+
+    fn guessed(p: &ClientProfile) -> bool {
+        matches!(p.ca_rule().unwrap(), CaRuleChoice::Guessed { rule: DEFAULT_CA_RULE, .. })
+    }
 
     fn worker(minor: u64, features: &[&str]) -> ClientProfile {
         ClientProfile::new(
@@ -304,28 +280,30 @@ mod tests {
     fn nix_2_8_is_unambiguous() {
         let p = worker(34, &[]);
         assert_eq!(p.nix_range().to_string(), "Nix 2.8–2.14");
-        assert_eq!(p.ca_rule().unwrap(), (CaRule::SelfRefPositions, true));
+        assert_eq!(p.ca_rule().unwrap(), known(CaRule::SelfRefPositions));
         assert_eq!(p.realisation_format(), RealisationFormat::LegacyJson);
     }
 
     #[test]
     fn rules_by_version() {
-        assert_eq!(worker(37, &[]).ca_rule().unwrap(), (CaRule::SelfRefZeroed, true));
-        assert_eq!(worker(38, &[]).ca_rule().unwrap(), (CaRule::SelfRefZeroed, true));
+        assert_eq!(worker(37, &[]).ca_rule().unwrap(), known(CaRule::SelfRefZeroed));
+        assert_eq!(worker(38, &[]).ca_rule().unwrap(), known(CaRule::SelfRefZeroed));
         let new = worker(38, &[FEATURE_REALISATION_WITH_PATH]);
-        assert_eq!(new.ca_rule().unwrap(), (CaRule::SelfRefPositions, true));
+        assert_eq!(new.ca_rule().unwrap(), known(CaRule::SelfRefPositions));
         assert_eq!(new.realisation_format(), RealisationFormat::DrvPathKeyed);
         // 1.35 is Nix 2.15–2.18: straddles the 2.17 change.
-        assert_eq!(worker(35, &[]).ca_rule().unwrap(), (AMBIGUOUS_DEFAULT_RULE, false));
+        assert!(guessed(&worker(35, &[])));
     }
 
     #[test]
     fn serve_versions() {
         let s27 = ClientProfile::new(Protocol::Serve, 0x207, BTreeSet::new());
         assert_eq!(s27.realisation_format(), RealisationFormat::LegacyJson);
-        assert_eq!(s27.ca_rule().unwrap(), (AMBIGUOUS_DEFAULT_RULE, false));
+        assert!(guessed(&s27));
+        let CaRuleChoice::Guessed { note, .. } = s27.ca_rule().unwrap() else { panic!() };
+        assert!(note.starts_with("serve protocol 2.7 is spoken by Nix 2.8–2.34"), "{note}");
         let declared = ClientProfile { declared_nix: Some(NixVersion(2, 8)), ..s27.clone() };
-        assert_eq!(declared.ca_rule().unwrap(), (CaRule::SelfRefPositions, true));
+        assert_eq!(declared.ca_rule().unwrap(), known(CaRule::SelfRefPositions));
         let wrong = ClientProfile { declared_nix: Some(NixVersion(2, 36)), ..s27.clone() };
         let err = wrong.ca_rule().unwrap_err().to_string();
         assert!(err.contains("Nix 2.36") && err.contains("serve protocol 2.7"), "{err}");
@@ -333,9 +311,9 @@ mod tests {
         let mut old = s27.clone();
         old.observed = serve_build_options_range(0, true);
         assert_eq!(old.nix_range().to_string(), "Nix 2.8–2.12");
-        assert_eq!(old.ca_rule().unwrap(), (CaRule::SelfRefPositions, true));
+        assert_eq!(old.ca_rule().unwrap(), known(CaRule::SelfRefPositions));
         old.observed = serve_build_options_range(2, false);
-        assert_eq!(old.ca_rule().unwrap(), (CaRule::SelfRefPositions, true));
+        assert_eq!(old.ca_rule().unwrap(), known(CaRule::SelfRefPositions));
         // Nix 2.13–2.34 send 0 and false: still ambiguous.
         assert_eq!(serve_build_options_range(0, false), None);
         // A declared 2.26 contradicts options only Nix ≤ 2.12 sends.
@@ -350,14 +328,6 @@ mod tests {
         let odd = ClientProfile { observed: serve_build_options_range(0, true), ..s28.clone() };
         assert_eq!(odd.nix_range().to_string(), "Nix 2.35 or later");
         assert_eq!(s28.realisation_format(), RealisationFormat::DrvPathKeyed);
-        assert_eq!(s28.ca_rule().unwrap(), (CaRule::SelfRefPositions, true));
-    }
-
-    #[test]
-    fn parse_versions() {
-        assert_eq!("2.8".parse::<NixVersion>().unwrap(), NixVersion(2, 8));
-        assert_eq!("2.24.3".parse::<NixVersion>().unwrap(), NixVersion(2, 24));
-        assert!("2".parse::<NixVersion>().is_err());
-        assert!("2.x".parse::<NixVersion>().is_err());
+        assert_eq!(s28.ca_rule().unwrap(), known(CaRule::SelfRefPositions));
     }
 }

@@ -3,6 +3,14 @@
 //! What is here: little-endian u64 integers (every integer, bool and enum tag on the wire is one),
 //! strings (u64 length, bytes, zero padding to a multiple of 8), string lists/sets and maps,
 //! with limits on lengths and counts so a hostile peer cannot make us allocate without bound;
+//! the **message budget** ([`MessageBudget`]): what one message may cost in all, so that many
+//! strings each under its own limit cannot add up (a 25 MB map of tiny environment variables
+//! used to take 147 MB). Every string decoded while a budget is active is charged its length
+//! plus [`ITEM_COST`] (its `String`, the allocator's and the collection's overhead) before its
+//! bytes are allocated; past [`MAX_MESSAGE`] decoding stops with [`WireError::MessageTooLarge`].
+//! The budget is per thread (a connection is decoded on one thread), opened by the front-ends
+//! around each message (`worker`, `serve`); a list or map read with none open gets one of its
+//! own;
 //! framed streams (repeated `u64 len` + `len` raw bytes, terminated by `u64 0`, no padding)
 //! as the worker protocol uses for `AddMultipleToStore` and `AddToStoreNar` (≥ 1.23); and the
 //! bounded reader both protocols read a NAR upload through.
@@ -19,6 +27,59 @@ pub const MAX_STRING: u64 = 64 << 20;
 pub const MAX_ITEMS: u64 = 1 << 20;
 /// Largest frame of a framed stream (Nix writes at most 32 KiB; we allow more).
 pub const MAX_FRAME: u64 = 16 << 20;
+/// Most one message may cost (see [`MessageBudget`]); NAR bytes, which stream to disk, are not
+/// counted. Large enough for any derivation Nix sends in practice (environments of a few MB).
+pub const MAX_MESSAGE: u64 = 64 << 20;
+/// What each decoded string costs beyond its bytes, and each map entry beyond its strings.
+pub const ITEM_COST: u64 = 128;
+
+thread_local! {
+    /// The message budget of this thread: (what is left, the limit).
+    static BUDGET: std::cell::Cell<Option<(u64, u64)>> = const { std::cell::Cell::new(None) };
+}
+
+/// The budget of the message being decoded on this thread, from [`MessageBudget::start`] until
+/// drop (which restores the enclosing one, if any).
+#[derive(Debug)]
+#[must_use = "the budget ends when this is dropped"]
+pub struct MessageBudget {
+    previous: Option<(u64, u64)>,
+}
+
+impl MessageBudget {
+    /// A budget of [`MAX_MESSAGE`].
+    pub fn start() -> MessageBudget {
+        MessageBudget::with_limit(MAX_MESSAGE)
+    }
+
+    /// A budget of `limit`.
+    pub fn with_limit(limit: u64) -> MessageBudget {
+        MessageBudget { previous: BUDGET.replace(Some((limit, limit))) }
+    }
+
+    /// [`MessageBudget::start`] unless a budget is already open (then this changes nothing).
+    fn unless_open() -> Option<MessageBudget> {
+        BUDGET.get().is_none().then(MessageBudget::start)
+    }
+}
+
+impl Drop for MessageBudget {
+    fn drop(&mut self) {
+        BUDGET.set(self.previous);
+    }
+}
+
+/// Charge `n` to the open budget, if any.
+fn charge(what: &'static str, n: u64) -> WireResult<()> {
+    match BUDGET.get() {
+        Some((left, max)) if n > left => Err(WireError::MessageTooLarge { what, max }),
+        Some((left, max)) => {
+            BUDGET.set(Some((left - n, max)));
+            Ok(())
+        }
+        None => Ok(()),
+    }
+}
 
 /// Why reading or writing the protocol stream failed.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +100,17 @@ pub enum WireError {
         /// Our limit.
         max: u64,
     },
+    /// One message costs more than its budget.
+    #[error(
+        "message too large: reading {what} took it past {max} bytes, the limit on one message \
+         (strings counted with {ITEM_COST} bytes of overhead each)"
+    )]
+    MessageTooLarge {
+        /// What was being read.
+        what: &'static str,
+        /// The limit.
+        max: u64,
+    },
     /// A string that must be text is not UTF-8.
     #[error("{what} is not valid UTF-8")]
     NotUtf8 {
@@ -56,6 +128,14 @@ pub enum WireError {
         /// The value.
         value: u64,
     },
+}
+
+impl WireError {
+    /// Whether this is a length, count or message-size limit (the stream itself is fine: the
+    /// peer can still be told why).
+    pub fn is_limit(&self) -> bool {
+        matches!(self, WireError::TooLarge { .. } | WireError::MessageTooLarge { .. })
+    }
 }
 
 impl From<io::Error> for WireError {
@@ -121,6 +201,7 @@ pub trait WireRead: Read {
         if len > max {
             return Err(WireError::TooLarge { what, len, max });
         }
+        charge(what, len + ITEM_COST)?;
         let mut buf = Vec::new();
         self.take(len).read_to_end(&mut buf)?;
         if buf.len() as u64 != len {
@@ -147,6 +228,7 @@ pub trait WireRead: Read {
 
     /// A list of strings, in wire order.
     fn read_string_list(&mut self, what: &'static str) -> WireResult<Vec<String>> {
+        let _budget = MessageBudget::unless_open();
         let n = self.read_count(what)?;
         let mut v = Vec::with_capacity(n.min(1024));
         for _ in 0..n {
@@ -162,9 +244,11 @@ pub trait WireRead: Read {
 
     /// A map of strings to strings.
     fn read_string_map(&mut self, what: &'static str) -> WireResult<BTreeMap<String, String>> {
+        let _budget = MessageBudget::unless_open();
         let n = self.read_count(what)?;
         let mut m = BTreeMap::new();
         for _ in 0..n {
+            charge(what, ITEM_COST)?;
             let k = self.read_string(what)?;
             let v = self.read_string(what)?;
             m.insert(k, v);
@@ -420,6 +504,46 @@ mod tests {
         assert!(matches!((&big[..]).read_string("s"), Err(WireError::TooLarge { .. })));
         let short = 16u64.to_le_bytes().iter().chain(b"abc").copied().collect::<Vec<_>>();
         assert!(matches!((&short[..]).read_string("s"), Err(WireError::Eof)));
+    }
+
+    /// Many strings each under its own limit cannot add up past the message's: the budget
+    /// stops a map of tiny entries, and a long string before its bytes are allocated.
+    #[test]
+    fn a_message_is_bounded_in_all() {
+        let mut wire = Vec::new();
+        wire.write_u64(1000).unwrap();
+        for i in 0..1000u32 {
+            wire.write_str(&i.to_string()).unwrap();
+            wire.write_str("").unwrap();
+        }
+        // 1000 entries cost 1000 * (3 * 128) + the keys' bytes: under 400 KB, over 200 KB.
+        let _b = MessageBudget::with_limit(200_000);
+        let e = (&wire[..]).read_string_map("env").unwrap_err();
+        assert!(matches!(e, WireError::MessageTooLarge { what: "env", max: 200_000 }), "{e}");
+        assert!(e.to_string().contains("past 200000 bytes, the limit on one message"), "{e}");
+        drop(_b);
+        let _b = MessageBudget::with_limit(400_000);
+        assert_eq!((&wire[..]).read_string_map("env").unwrap().len(), 1000);
+        drop(_b);
+        // A budget spans reads: two strings of 600 in a budget of 1400 fail on the second,
+        // which claims 600 bytes that are not even on the wire.
+        let mut two = Vec::new();
+        two.write_bytes(&[1; 600]).unwrap();
+        two.write_u64(600).unwrap();
+        let mut r = &two[..];
+        let _b = MessageBudget::with_limit(1400);
+        r.read_bytes("a").unwrap();
+        assert!(matches!(r.read_bytes("b"), Err(WireError::MessageTooLarge { what: "b", .. })));
+        drop(_b);
+        // Nested budgets restore the outer one.
+        let outer = MessageBudget::with_limit(10);
+        {
+            let _inner = MessageBudget::start();
+            assert!(charge("x", 1000).is_ok());
+        }
+        assert!(charge("x", 11).is_err());
+        drop(outer);
+        assert!(charge("x", u64::MAX).is_ok(), "no budget open");
     }
 
     #[test]

@@ -26,6 +26,7 @@ use nix_formats::narinfo::NarInfo;
 
 use super::auth::Caller;
 use super::http::HttpError;
+use super::upload::Uploader;
 
 /// A request line, understood (the body not read yet).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,6 +110,8 @@ pub enum ApiAction<'a> {
     PutNar {
         /// File name (`<nix32>.nar`, or with a compression extension, which is refused).
         name: String,
+        /// Who sends it (its staged NAR is bound to it).
+        uploader: Uploader,
         /// The body.
         body: &'a mut dyn Read,
         /// Its length.
@@ -122,6 +125,8 @@ pub enum ApiAction<'a> {
         info: Box<NarInfo>,
         /// Who uploads it.
         caller: Caller,
+        /// Whose staged NARs it may name.
+        uploader: Uploader,
     },
     /// Start a build.
     SubmitBuild {

@@ -1,11 +1,12 @@
 //! The hosted CI service (`vouch serve`): an HTTP API and binary cache over the same content
-//! store, builder core and trace store as `vouch nix-builder`.
+//! store, engine and trace store as `vouch nix-builder`, a peer front-end of the host's core.
 //!
 //! Layout (Firecracker style): the front-end ([`server`] on top of [`http`]) parses each request
 //! into an [`api::ApiAction`] ([`api::route`] decides which from the request line); the
 //! [`Service`] executes it; it never sees HTTP. Uploads are checked by the content store exactly
-//! as the Nix protocol's `AddToStore` checks them (`ContentStore::add`, the builder core's
-//! upload rules); builds are `Action::BuildDerivation` on [`crate::nixbuilder::BuilderCore`].
+//! as the Nix protocol's uploads are (`ContentStore::add` with the store's upload rules); a
+//! build submission is parsed into the core's request ([`submission`]) and queued
+//! ([`builds`]), and the engine builds and publishes it (`crate::core::Engine`).
 //!
 //! - **Binary cache, read-only** ([`Service::cache_file`]): `nix-cache-info`, `<hash>.narinfo`,
 //!   `nar/…`, `realisations/…`, `build-trace-v2/…`, `traces/…`, `vouch/v1/…` from the trace store
@@ -20,13 +21,14 @@
 //!   signatures (the default) substitutes it; the signed entries of the trace store always win.
 //!   With an access token configured, only clients presenting it get these narinfos: which
 //!   inputs were uploaded is not public.
-//! - **Builds** ([`builds`]): `POST /v1/builds` checks the submission first (the derivation and
-//!   its input closure in the content store, resolved, buildable) and only then queues it.
+//! - **Builds** ([`submission`], [`builds`]): `POST /v1/builds` checks the submission first (the
+//!   derivation and its input closure in the content store, resolved, buildable, allowed to
+//!   this caller) and only then queues it; its state and log answer from the queue and record.
 //! - **Access** ([`auth`]): with an access token configured, uploads and the build API need it
 //!   (the front-end checks it before it reads a body); the signed binary cache stays public.
 //!
-//! What is not here: TLS (a TLS-terminating proxy's job, `docs/ci-service.md`), VMs and checks
-//! (`crate::build`).
+//! What is not here: TLS (a TLS-terminating proxy's job, `docs/ci-service.md`), builds and
+//! publishing (`crate::core`).
 
 pub mod api;
 pub mod auth;
@@ -34,41 +36,25 @@ pub mod builds;
 pub mod http;
 pub mod records;
 pub mod server;
+pub mod submission;
 pub mod upload;
 
-use std::collections::BTreeSet;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use nix_formats::derivation::Derivation;
-use nix_formats::nar::{NarEvent, NarLimits, NarReader};
+use build_trace::error_chain;
 use nix_formats::narinfo::NarInfo;
 use nix_formats::signing::PublicKey;
 use nix_formats::StorePath;
 
-use crate::nixbuilder::{BuilderConfig, UPLOAD_RULES};
-use crate::nixproto::action::error_chain;
-use crate::nixproto::{BuildMode, BuildOptions, BuildRequest, ClientProfile, NixVersion, Protocol};
-use crate::store::{ContentStore, FileUploads, Origin, StoreConfig, StoreError};
-use api::{ApiAction, BuildSubmission};
-use build_trace::job::{BasicDerivation, StepKind};
+use crate::core::{Engine, NixVersion};
+use crate::store::{ContentStore, FileUploads, Origin, StoreConfig, StoreError, UPLOAD_RULES};
+use api::ApiAction;
+use records::BuildState;
 
-/// The largest `.drv` file the build API reads.
-pub const MAX_DRV_BYTES: u64 = 16 << 20;
 /// What `nix-cache-info` says when the trace store has none yet.
 pub const CACHE_INFO: &str = "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n";
-/// The serve protocol version whose Nix releases include `declared` (2.7: Nix 2.8–2.34, also
-/// when undeclared): the client profile builds are made for, which decides the self-reference
-/// rule of CA outputs. Both realisation formats are returned either way.
-fn profile_version(declared: Option<NixVersion>) -> u64 {
-    match declared {
-        Some(v) if v < NixVersion(2, 8) => 0x206,
-        Some(v) if v >= NixVersion(2, 35) => 0x208,
-        _ => 0x207,
-    }
-}
-
 /// A request the service refuses or cannot answer: an HTTP status and a message naming what
 /// was wrong.
 #[derive(Debug, thiserror::Error)]
@@ -101,8 +87,9 @@ pub enum ApiReply {
 /// How the service runs.
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
-    /// The builder core's configuration (state dir, trace store, limits, launcher, key).
-    pub builder: BuilderConfig,
+    /// How builds run and are published (launcher, default limits, state dir, trace store,
+    /// key).
+    pub engine: Engine,
     /// The content store directory.
     pub store_dir: PathBuf,
     /// Its settings.
@@ -160,12 +147,13 @@ impl Service {
     pub fn open(cfg: ServiceConfig) -> Result<Service, Box<dyn std::error::Error + Send + Sync>> {
         // First, so that a second service on this state directory stops before it touches
         // anything (the record holds the directory's lock).
-        let records = records::Records::open(&cfg.builder.state_dir.join("serve"))?;
+        let state_dir = &cfg.engine.publish.state_dir;
+        let records = records::Records::open(&state_dir.join("serve"))?;
         let store = ContentStore::open(&cfg.store_dir, cfg.store_cfg)?;
         let index = crate::store::db::open(&cfg.store_dir.join("index.sqlite"))?;
-        let staging = upload::Staging::open(&cfg.builder.state_dir.join("serve/staging"))?;
+        let staging = upload::Staging::open(&state_dir.join("serve/staging"))?;
         let builds = Arc::new(builds::Builds::new(
-            cfg.builder.clone(),
+            cfg.engine.clone(),
             &cfg.store_dir,
             cfg.store_cfg,
             records,
@@ -184,9 +172,9 @@ impl Service {
         auth::Caller::of(authorization, self.cfg.access.as_ref(), self.cfg.trusted.as_ref())
     }
 
-    /// The trace store directory served as the binary cache.
-    pub fn cache_dir(&self) -> &Path {
-        &self.cfg.builder.cache_dir
+    /// The trace store directory, served as the binary cache.
+    pub fn trace_store(&self) -> &Path {
+        &self.cfg.engine.publish.trace_store
     }
 
     /// Execute one action.
@@ -201,12 +189,14 @@ impl Service {
             },
             ApiAction::NarInfo { hash, uploads_visible } => self.narinfo(&hash, uploads_visible),
             ApiAction::CacheFile(rel) => self.cache_file(&rel),
-            ApiAction::PutNar { name, body, len } => {
-                self.staging.put_nar(&name, body, len, self.cfg.store_cfg.max_bytes)?;
+            ApiAction::PutNar { name, uploader, body, len } => {
+                self.staging.put_nar(&uploader, &name, body, len, self.cfg.store_cfg.max_bytes)?;
                 tracing::info!(nar = %name, bytes = len, "NAR staged; waiting for its narinfo");
                 Ok(ApiReply::Bytes("text/plain", b"staged\n".to_vec()))
             }
-            ApiAction::PutNarInfo { hash, info, caller } => self.register(&hash, &info, caller),
+            ApiAction::PutNarInfo { hash, info, caller, uploader } => {
+                self.register(&hash, &info, caller, &uploader)
+            }
             ApiAction::SubmitBuild { submission: s, caller } => {
                 let req = self.check_submission(&s, caller)?;
                 let id = self.builds.submit(req).map_err(|e| ApiError::new(503, e))?;
@@ -218,16 +208,16 @@ impl Service {
                 ))
             }
             ApiAction::BuildStatus(id) => {
-                let job = self.job(id)?;
-                let mut v = serde_json::json!({"id": id, "drv": job.drv.to_string()});
-                let (state, extra) = match job.state() {
-                    builds::JobState::Queued => ("queued", None),
-                    builds::JobState::Running => ("running", None),
-                    builds::JobState::Succeeded { outputs, evidence } => {
-                        v["evidence"] = evidence.into();
+                let build = self.build(id)?;
+                let mut v = serde_json::json!({"id": id, "drv": build.drv.to_string()});
+                let (state, extra) = match build.state() {
+                    BuildState::Queued => ("queued", None),
+                    BuildState::Running => ("running", None),
+                    BuildState::Succeeded { outputs, attester } => {
+                        v["evidence"] = attester.to_string().into();
                         ("succeeded", Some(("outputs", outputs)))
                     }
-                    builds::JobState::Failed { status, error } => {
+                    BuildState::Failed { status, error } => {
                         v["status"] = status.into();
                         ("failed", Some(("error", error.into())))
                     }
@@ -239,22 +229,22 @@ impl Service {
                 Ok(ApiReply::Json(200, v))
             }
             ApiAction::BuildLog(id) => {
-                Ok(ApiReply::Bytes("text/plain; charset=utf-8", self.job(id)?.log().into_bytes()))
+                Ok(ApiReply::Bytes("text/plain; charset=utf-8", self.build(id)?.log().into_bytes()))
             }
         }
     }
 
-    fn job(&self, id: u64) -> Result<Arc<builds::Job>, ApiError> {
+    fn build(&self, id: u64) -> Result<Arc<builds::Build>, ApiError> {
         self.builds
             .get(id)
-            .map_err(|e| ApiError::new(500, crate::nixproto::action::error_chain(&e)))?
+            .map_err(|e| ApiError::new(500, error_chain(&e)))?
             .ok_or_else(|| ApiError::new(404, format!("no build with id {id}")))
     }
 
     /// A read-only file of the trace store directory (`rel` is already checked by the router).
     pub fn cache_file(&self, rel: &str) -> Result<ApiReply, ApiError> {
         use std::os::unix::fs::OpenOptionsExt;
-        let p = self.cache_dir().join(rel);
+        let p = self.trace_store().join(rel);
         let missing = || ApiError::new(404, format!("{rel} is not in this binary cache"));
         // Open first, then ask the open file: a file renamed over this name meanwhile (the
         // `traces/` index is rewritten that way) is served whole, with its own length. No
@@ -316,8 +306,8 @@ impl Service {
     }
 
     /// A narinfo upload: its staged NAR goes into the service's content store, checked exactly
-    /// as a Nix-protocol upload is (`ContentStore::add` with the builder core's
-    /// [`UPLOAD_RULES`], whatever the client's signatures say). Uploads run in parallel; SQLite
+    /// as a Nix-protocol upload is (`ContentStore::add` with the store's [`UPLOAD_RULES`],
+    /// whatever the client's signatures say). Uploads run in parallel; SQLite
     /// serialises only their commits.
     ///
     /// What the upload may be: content-addressed (the content store recomputes the address),
@@ -329,6 +319,7 @@ impl Service {
         hash: &str,
         info: &NarInfo,
         caller: auth::Caller,
+        uploader: &upload::Uploader,
     ) -> Result<ApiReply, ApiError> {
         if info.ca.is_none() && !caller.trusted {
             let signed = info.count_valid_signatures(&self.cfg.trusted_keys).unwrap_or(0) > 0;
@@ -346,7 +337,8 @@ impl Service {
                 ));
             }
         }
-        let (pi, file, owned) = self.staging.take(hash, info, &self.cache_dir().join("nar"))?;
+        let (pi, file, owned) =
+            self.staging.take(uploader, hash, info, &self.trace_store().join("nar"))?;
         let path = pi.path.clone();
         let mut uploads = FileUploads::new(vec![(pi, file.clone())]);
         let result = self.store.add(&mut uploads, UPLOAD_RULES, Origin::Upload);
@@ -360,140 +352,6 @@ impl Service {
         tracing::info!(%path, "upload registered in the content store");
         Ok(ApiReply::Bytes("text/plain", b"registered\n".to_vec()))
     }
-
-    /// Check a submission and make its build request; nothing is queued on error.
-    ///
-    /// Who may build what: an input-addressed derivation names its output paths itself, and
-    /// the service would sign whatever it built under them, so only trusted callers may submit
-    /// one; a fixed-output derivation builds with network access, so it needs a caller who
-    /// presented a token, and none can while the service has none.
-    fn check_submission(
-        &self,
-        s: &BuildSubmission,
-        caller: auth::Caller,
-    ) -> Result<BuildRequest, ApiError> {
-        let bad = |status, msg: String| ApiError::new(status, msg);
-        let drv_path = StorePath::parse(&s.drv)
-            .map_err(|e| bad(400, format!("\"drv\": {:?} is not a store path: {e}", s.drv)))?;
-        if !drv_path.is_derivation() {
-            return Err(bad(400, format!("\"drv\": {drv_path} is not a derivation (.drv)")));
-        }
-        let how = format!(
-            "upload it and its inputs first: nix copy --to 'http://HOST:PORT?compression=none' --derivation {drv_path}"
-        );
-        let (info, file) =
-            self.store.open_nar(&drv_path).map_err(store_error)?.ok_or_else(|| {
-                bad(422, format!("{drv_path} is not in vouch's content store: {how}"))
-            })?;
-        if !info.info.ca.as_deref().is_some_and(|c| c.starts_with("text:")) {
-            return Err(bad(
-                422,
-                format!(
-                    "{drv_path} was uploaded without its content address (text:sha256:…), so \
-                     nothing ties its contents to its path; upload it with nix copy"
-                ),
-            ));
-        }
-        let bytes = drv_contents(file)
-            .map_err(|e| bad(422, format!("{drv_path}: its NAR is not one .drv file: {e}")))?;
-        let drv = Derivation::from_aterm(&bytes)
-            .map_err(|e| bad(422, format!("parsing {drv_path}: {}", error_chain(&e))))?;
-        if let Some(first) = drv.input_drvs.keys().next() {
-            return Err(bad(
-                422,
-                format!(
-                    "{drv_path} is not resolved: it depends on the outputs of {} other \
-                     derivation(s) (e.g. {first}). The build API builds one step whose inputs \
-                     are store paths: send the resolved derivation (input derivations replaced by \
-                     their outputs, as Nix does for content-addressed derivations) or the \
-                     dependencies' builds first, or use vouch nix-builder as Nix's remote builder \
-                     for whole graphs (docs/nix-remote-builder.md)",
-                    drv.input_drvs.len()
-                ),
-            ));
-        }
-        let name = drv_path.drv_name().map_err(|e| bad(400, e.to_string()))?.to_owned();
-        let basic = BasicDerivation::from_derivation(&name, &drv)
-            .map_err(|e| bad(422, format!("{drv_path}: {}", error_chain(&e))))?;
-        let kind = build_trace::job::step_kind(&basic)
-            .map_err(|e| bad(422, format!("vouch cannot build {drv_path}: {}", error_chain(&e))))?;
-        match kind {
-            StepKind::InputAddressed if !caller.trusted => {
-                return Err(bad(
-                    403,
-                    format!(
-                        "{drv_path} is input-addressed: its output paths are written in it, and \
-                         this service would sign what it builds under them; only callers with \
-                         the trusted token (--trusted-token-file) may build input-addressed \
-                         derivations"
-                    ),
-                ))
-            }
-            StepKind::FixedOutput if !caller.authenticated => {
-                return Err(bad(
-                    403,
-                    format!(
-                        "{drv_path} is a fixed-output derivation, which builds with network \
-                         access; this service refuses those from callers without a token, and \
-                         it has none configured (--token-file)"
-                    ),
-                ))
-            }
-            _ => {}
-        }
-        self.store.closure(&basic.input_srcs).map_err(|e| match e {
-            StoreError::Missing { path } => bad(
-                422,
-                format!("input {path} of {drv_path} is not in vouch's content store: {how}"),
-            ),
-            other => store_error(other),
-        })?;
-        let declared = match &s.nix_version {
-            Some(v) => Some(
-                v.parse::<NixVersion>()
-                    .map_err(|e| bad(400, format!("\"nix_version\": {v:?}: {e}")))?,
-            ),
-            None => self.cfg.declared_nix,
-        };
-        let mut client =
-            ClientProfile::new(Protocol::Serve, profile_version(declared), BTreeSet::new());
-        client.declared_nix = declared;
-        client.ca_rule().map_err(|e| bad(422, format!("\"nix_version\": {e}")))?;
-        Ok(BuildRequest {
-            drv_path,
-            drv: basic,
-            mode: BuildMode::Normal,
-            options: Some(BuildOptions {
-                build_timeout: s.timeout,
-                max_silent_time: s.max_silent_time,
-                max_log_size: s.max_log_size,
-                ..BuildOptions::default()
-            }),
-            client,
-        })
-    }
-}
-
-/// The contents of a NAR that is one regular file (how a `.drv` is stored), at most
-/// [`MAX_DRV_BYTES`].
-pub fn drv_contents(file: std::fs::File) -> Result<Vec<u8>, String> {
-    let limits = NarLimits { max_file_size: MAX_DRV_BYTES, ..NarLimits::default() };
-    let mut r = NarReader::new(std::io::BufReader::new(file), limits);
-    match r.next_event().map_err(|e| e.to_string())? {
-        Some(NarEvent::Regular { size, .. }) => {
-            let mut out = vec![0u8; size as usize];
-            let mut got = 0;
-            while got < out.len() {
-                let n = r.read_contents(&mut out[got..]).map_err(|e| e.to_string())?;
-                if n == 0 {
-                    return Err("the file ended early".into());
-                }
-                got += n;
-            }
-            Ok(out)
-        }
-        other => Err(format!("expected a regular file, found {other:?}")),
-    }
 }
 
 /// Read at most `max` bytes of `r` (a request body already bounded by its length).
@@ -501,24 +359,4 @@ pub fn read_small(r: &mut dyn Read, max: u64) -> std::io::Result<Vec<u8>> {
     let mut v = Vec::new();
     r.take(max).read_to_end(&mut v)?;
     Ok(v)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_declared_nix_release_has_a_profile() {
-        for (v, rule_positions) in
-            [((2, 3), true), ((2, 8), true), ((2, 20), false), ((2, 36), true)]
-        {
-            let v = NixVersion(v.0, v.1);
-            let mut c =
-                ClientProfile::new(Protocol::Serve, profile_version(Some(v)), BTreeSet::new());
-            c.declared_nix = Some(v);
-            let (rule, sure) = c.ca_rule().unwrap_or_else(|e| panic!("{v}: {e}"));
-            assert!(sure, "{v}");
-            assert_eq!(rule == build_trace::job::CaRule::SelfRefPositions, rule_positions, "{v}");
-        }
-    }
 }

@@ -3,7 +3,7 @@
 //! of a finished build, written and synced before its row says it finished).
 //!
 //! - A build is recorded when it is accepted (`queued`), when it starts (`running`) and when it
-//!   ends, with its outcome (Nix status and error, or the outputs JSON and evidence label).
+//!   ends, with its outcome (Nix status and error, or the outputs JSON and attester kind).
 //! - On open, builds still recorded as queued or running were cut off (a crash, or a stop that
 //!   could not record them): they are marked failed ("the service stopped before this build
 //!   finished"). Ids continue after
@@ -21,8 +21,32 @@ use std::sync::Mutex;
 use nix_formats::StorePath;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::builds::JobState;
+use channel::messages::AttesterKind;
+
 use crate::store::db::now;
+
+/// Where a build is.
+#[derive(Debug, Clone)]
+pub enum BuildState {
+    /// Waiting for a worker.
+    Queued,
+    /// Building.
+    Running,
+    /// Built, checked and published.
+    Succeeded {
+        /// The outputs as JSON (path, NAR hash and size, signatures, realisation).
+        outputs: serde_json::Value,
+        /// Who attested, as the engine's result says (the checked evidence).
+        attester: AttesterKind,
+    },
+    /// Failed: Nix's status name and the reason.
+    Failed {
+        /// `PermanentFailure`, `TimedOut` …
+        status: String,
+        /// Why.
+        error: String,
+    },
+}
 
 /// Most finished builds kept on disk (with their logs, each at most
 /// [`super::builds::MAX_LOG_KEPT`] bytes).
@@ -70,7 +94,7 @@ pub struct Recorded {
     /// The derivation.
     pub drv: StorePath,
     /// Its outcome (or `Queued`/`Running` while it is not finished).
-    pub state: JobState,
+    pub state: BuildState,
     /// Its log (empty until it finished).
     pub log: String,
 }
@@ -158,18 +182,18 @@ impl Records {
     }
 
     /// Record how a build ended: its log first (synced), then its row; then prune.
-    pub fn finished(&self, id: u64, state: &JobState, log: &str) -> Result<(), RecordError> {
+    pub fn finished(&self, id: u64, state: &BuildState, log: &str) -> Result<(), RecordError> {
         let path = self.log_path(id);
         build_trace::store::write_atomic(&path, log.as_bytes())
             .map_err(|e| RecordError::Log(path.clone(), e))?;
         let (name, status, error, outputs, evidence) = match state {
-            JobState::Succeeded { outputs, evidence } => {
-                ("succeeded", None, None, Some(outputs.to_string()), Some(*evidence))
+            BuildState::Succeeded { outputs, attester } => {
+                ("succeeded", None, None, Some(outputs.to_string()), Some(attester.to_string()))
             }
-            JobState::Failed { status, error } => {
+            BuildState::Failed { status, error } => {
                 ("failed", Some(status.as_str()), Some(error.as_str()), None, None)
             }
-            JobState::Queued | JobState::Running => {
+            BuildState::Queued | BuildState::Running => {
                 return Err(RecordError::Corrupt(id, "finished without an outcome".into()))
             }
         };
@@ -185,8 +209,8 @@ impl Records {
 
     /// Record builds that failed without running (the service stopped first), in one
     /// transaction and without logs.
-    pub fn never_started(&self, ids: &[u64], state: &JobState) -> Result<(), RecordError> {
-        let JobState::Failed { status, error } = state else {
+    pub fn never_started(&self, ids: &[u64], state: &BuildState) -> Result<(), RecordError> {
+        let BuildState::Failed { status, error } = state else {
             return Err(RecordError::Corrupt(
                 ids.first().copied().unwrap_or(0),
                 "not a failure".into(),
@@ -245,19 +269,19 @@ impl Records {
         let corrupt = |what: String| RecordError::Corrupt(id, what);
         let drv = StorePath::parse(&drv).map_err(|e| corrupt(format!("drv {drv:?}: {e}")))?;
         let state = match state.as_str() {
-            "queued" => JobState::Queued,
-            "running" => JobState::Running,
-            "succeeded" => JobState::Succeeded {
+            "queued" => BuildState::Queued,
+            "running" => BuildState::Running,
+            "succeeded" => BuildState::Succeeded {
                 outputs: serde_json::from_str(outputs.as_deref().unwrap_or_default())
                     .map_err(|e| corrupt(format!("outputs: {e}")))?,
                 // Anything but the hardware label reads as simulated: never upgrade a claim.
-                evidence: if evidence.as_deref() == Some("sev-snp") {
-                    "sev-snp"
+                attester: if evidence.as_deref() == Some("sev-snp") {
+                    AttesterKind::SevSnp
                 } else {
-                    "simulated"
+                    AttesterKind::Simulated
                 },
             },
-            _ => JobState::Failed {
+            _ => BuildState::Failed {
                 status: status.unwrap_or_else(|| "MiscFailure".into()),
                 error: error.unwrap_or_default(),
             },
@@ -292,11 +316,11 @@ mod tests {
         r.running(1).unwrap();
         r.finished(
             1,
-            &JobState::Succeeded { outputs: outputs.clone(), evidence: "sev-snp" },
+            &BuildState::Succeeded { outputs: outputs.clone(), attester: AttesterKind::SevSnp },
             "a\n",
         )
         .unwrap();
-        let failed = JobState::Failed { status: "TimedOut".into(), error: "too slow".into() };
+        let failed = BuildState::Failed { status: "TimedOut".into(), error: "too slow".into() };
         r.finished(2, &failed, "b\n").unwrap();
         r.running(3).unwrap();
         drop(r);
@@ -306,20 +330,20 @@ mod tests {
         let one = r.load(1).unwrap().unwrap();
         assert_eq!((one.drv, one.log.as_str()), (drv(1), "a\n"));
         assert!(
-            matches!(one.state, JobState::Succeeded { outputs: o, evidence: "sev-snp" } if o == outputs)
+            matches!(one.state, BuildState::Succeeded { outputs: o, attester: AttesterKind::SevSnp } if o == outputs)
         );
         let two = r.load(2).unwrap().unwrap();
         assert!(
-            matches!(two.state, JobState::Failed { status, error } if status == "TimedOut" && error == "too slow")
+            matches!(two.state, BuildState::Failed { status, error } if status == "TimedOut" && error == "too slow")
         );
         for id in [3, 4] {
-            let JobState::Failed { error, .. } = r.load(id).unwrap().unwrap().state else {
+            let BuildState::Failed { error, .. } = r.load(id).unwrap().unwrap().state else {
                 panic!("build {id} was cut off")
             };
             assert_eq!(error, CUT_OFF);
         }
         assert!(r.load(5).unwrap().is_none());
-        assert!(r.finished(4, &JobState::Running, "").is_err(), "an outcome is required");
+        assert!(r.finished(4, &BuildState::Running, "").is_err(), "an outcome is required");
     }
 
     #[test]
@@ -329,7 +353,7 @@ mod tests {
         first.queued(1, &drv(1)).unwrap();
         let e = Records::open(t.path()).unwrap_err();
         assert!(matches!(e, RecordError::InUse(_)), "{e}");
-        assert!(matches!(first.load(1).unwrap().unwrap().state, JobState::Queued), "untouched");
+        assert!(matches!(first.load(1).unwrap().unwrap().state, BuildState::Queued), "untouched");
         drop(first);
         Records::open(t.path()).unwrap();
     }
@@ -338,7 +362,7 @@ mod tests {
     fn only_the_newest_finished_builds_are_kept() {
         let t = tempfile::tempdir().unwrap();
         let r = Records::open(t.path()).unwrap();
-        let failed = JobState::Failed { status: "MiscFailure".into(), error: "no".into() };
+        let failed = BuildState::Failed { status: "MiscFailure".into(), error: "no".into() };
         for id in 1..=5 {
             r.queued(id, &drv(id as u8)).unwrap();
             r.finished(id, &failed, "log\n").unwrap();
@@ -358,11 +382,17 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let r = Records::open(t.path()).unwrap();
         r.queued(1, &drv(1)).unwrap();
-        let ok = JobState::Succeeded { outputs: serde_json::json!({}), evidence: "simulated" };
+        let ok = BuildState::Succeeded {
+            outputs: serde_json::json!({}),
+            attester: AttesterKind::Simulated,
+        };
         r.finished(1, &ok, "").unwrap();
         r.db().execute("UPDATE builds SET evidence = 'SEV-SNP!' WHERE id = 1", []).unwrap();
         let loaded = r.load(1).unwrap().unwrap();
-        assert!(matches!(loaded.state, JobState::Succeeded { evidence: "simulated", .. }));
+        assert!(matches!(
+            loaded.state,
+            BuildState::Succeeded { attester: AttesterKind::Simulated, .. }
+        ));
         r.db().execute("UPDATE builds SET outputs = 'not json' WHERE id = 1", []).unwrap();
         let e = r.load(1).unwrap_err();
         assert!(e.to_string().contains("build 1"), "{e}");

@@ -24,7 +24,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use super::api::{self, ApiAction, Route};
 use super::http::{self, HttpError, Request, Response};
 use super::{ApiError, ApiReply, Service};
-use crate::nixproto::listen::StopSource;
+use crate::signals::StopSource;
 
 /// Most bytes of a narinfo upload.
 pub const MAX_NARINFO: u64 = 1 << 20;
@@ -71,6 +71,7 @@ fn exchange(
     conn: &mut BufReader<TcpStream>,
     out: &mut BufWriter<TcpStream>,
     service: &Service,
+    peer: std::net::IpAddr,
 ) -> (Response, u64) {
     let route = match api::route(&req.method, &req.path) {
         Ok(r) => r,
@@ -85,6 +86,7 @@ fn exchange(
         );
         return (error_response(&req.path, 401, &msg), req.content_length);
     }
+    let uploader = super::upload::Uploader::new(&caller, peer);
     let mut remaining = req.content_length;
     let result = (|| {
         let action = match route {
@@ -99,6 +101,7 @@ fn exchange(
                 let mut body = req.body(conn, out, max).map_err(from_http)?;
                 let r = service.handle(ApiAction::PutNar {
                     name,
+                    uploader,
                     body: &mut body,
                     len: req.content_length,
                 });
@@ -110,12 +113,9 @@ fn exchange(
                 let text = String::from_utf8(text)
                     .map_err(|_| ApiError::new(400, format!("{hash}.narinfo is not UTF-8")))?;
                 let info = nix_formats::narinfo::NarInfo::parse(&text).map_err(|e| {
-                    ApiError::new(
-                        400,
-                        format!("{hash}.narinfo: {}", crate::nixproto::action::error_chain(&e)),
-                    )
+                    ApiError::new(400, format!("{hash}.narinfo: {}", build_trace::error_chain(&e)))
                 })?;
-                ApiAction::PutNarInfo { hash, info: Box::new(info), caller }
+                ApiAction::PutNarInfo { hash, info: Box::new(info), caller, uploader }
             }
             Route::SubmitBuild => {
                 let body = small_body(req, conn, out, MAX_SUBMISSION, &mut remaining)?;
@@ -152,7 +152,9 @@ fn small_body(
 
 /// Serve one connection until the client closes it or an exchange cannot continue.
 pub fn connection(stream: TcpStream, service: &Service) {
-    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
+    let peer_addr = stream.peer_addr().ok();
+    let peer_ip = peer_addr.map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |a| a.ip());
+    let peer = peer_addr.map_or_else(|| "?".into(), |a| a.to_string());
     let _ = stream.set_read_timeout(Some(IDLE_TIMEOUT));
     let _ = stream.set_write_timeout(Some(IDLE_TIMEOUT));
     let Ok(read_half) = stream.try_clone() else { return };
@@ -169,7 +171,7 @@ pub fn connection(stream: TcpStream, service: &Service) {
                 return;
             }
         };
-        let (resp, mut remaining) = exchange(&req, &mut conn, &mut out, service);
+        let (resp, mut remaining) = exchange(&req, &mut conn, &mut out, service, peer_ip);
         // A refused request's unread body is read and dropped when it is small and on its way
         // (closing on unread data would reset the connection before the client reads why).
         let waiting = req.expect_continue && remaining == req.content_length;

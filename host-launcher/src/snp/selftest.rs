@@ -26,8 +26,9 @@ use serde::Serialize;
 use vm_image::image::Manifest;
 
 use super::checks::{evaluate, Check, Facts, ProbeConfig, Status};
-use crate::build::local_store::{load_basic_derivation, LocalNixStore, NIX_CONFIG};
-use crate::build::{run_step, LauncherConfig, LogSink, Progress, StepRequest};
+use crate::build::nix_store::{load_basic_derivation, LocalNixStore, NIX_CONFIG};
+use crate::build::{run_step, LauncherConfig, StepRequest};
+use crate::core::log::{BuildLog, Progress};
 
 /// Why the self-test could not run or failed.
 #[derive(Debug, thiserror::Error)]
@@ -74,8 +75,8 @@ pub struct SelftestReport {
 
 struct Quiet;
 
-impl LogSink for Quiet {
-    fn log(&mut self, _data: &[u8]) {}
+impl BuildLog for Quiet {
+    fn output(&mut self, _data: &[u8]) {}
     fn progress(&mut self, event: &Progress) {
         tracing::info!("selftest: {event:?}");
     }

@@ -23,7 +23,7 @@ use nix_formats::StorePath;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::owner::ProcessId;
-use crate::nixproto::ValidPathInfo;
+use crate::core::ValidPathInfo;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

@@ -27,7 +27,7 @@ use nix_formats::nar::{NarLimits, NarReader};
 use sha2::{Digest, Sha256};
 
 use super::{StoreError, UploadProblem};
-use crate::nixproto::ValidPathInfo;
+use crate::core::ValidPathInfo;
 
 /// A received, checked NAR in a temporary file (removed on drop unless committed).
 #[derive(Debug)]

@@ -20,9 +20,11 @@
 //!   outputs), nor one that a remaining path refers to. Pins die with their process ([`owner`]).
 //!   If pinned paths leave no room, the batch is refused with an error saying so.
 //!
-//! What is not here: protocol handling (`crate::nixproto`), builds (`crate::nixbuilder`).
+//! What is not here: the records it keeps (`crate::core::path_info`), protocols
+//! (`crate::nixproto`, `crate::serve`), builds (`crate::core::engine`).
 
 pub mod db;
+pub mod files;
 pub mod ingest;
 pub mod owner;
 
@@ -40,9 +42,15 @@ use nix_formats::ca::SelfRefRule;
 use nix_formats::StorePath;
 use rusqlite::{Connection, TransactionBehavior};
 
-use crate::nixproto::{ActionError, UploadSource, ValidPathInfo};
+use crate::core::{UploadError, UploadSource, ValidPathInfo};
+pub use files::{drv_contents, FileUploads, MAX_DRV_BYTES};
 use ingest::Staged;
 use owner::ProcessId;
+
+/// The self-reference rules an uploaded path's content address may be checked under, the one of
+/// current Nix releases first: an upload may come from any Nix release, and each rule is Nix's
+/// own for some releases.
+pub const UPLOAD_RULES: &[SelfRefRule] = &[SelfRefRule::ZeroOnly, SelfRefRule::ZeroAndPositions];
 
 /// Default size bound: 20 GiB of NARs.
 pub const DEFAULT_MAX_BYTES: u64 = 20 << 30;
@@ -152,7 +160,7 @@ pub enum StoreError {
     },
     /// Reading the upload from the client failed.
     #[error("receiving the upload; nothing of it was registered")]
-    Source(#[source] ActionError),
+    Source(#[source] UploadError),
     /// Pinned paths leave no room.
     #[error("the content store is full: {needed} more bytes do not fit in {max} ({used} used, {pinned} pinned by running builds and sessions); nothing was registered")]
     Full {
@@ -204,6 +212,17 @@ pub struct Evicted {
     pub bytes: u64,
 }
 
+/// What [`ContentStore::open`] removed of dead processes (see [`ContentStore::cleaned`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cleanup {
+    /// Pin owners (processes) that are gone, with their pins.
+    pub dead_owners: usize,
+    /// Half-received uploads in `tmp/` of processes that are gone.
+    pub tmp_files: usize,
+    /// NAR files in `nar/` that no row names (a writer died between rename and commit).
+    pub orphaned_nars: usize,
+}
+
 /// An open content store (one per process; it is `Sync`).
 #[derive(Debug)]
 pub struct ContentStore {
@@ -213,6 +232,7 @@ pub struct ContentStore {
     owner: i64,
     cfg: StoreConfig,
     counter: AtomicU64,
+    cleaned: Cleanup,
 }
 
 impl ContentStore {
@@ -230,16 +250,22 @@ impl ContentStore {
         let conn = db::open(&dir.join("index.sqlite")).map_err(dbe("open"))?;
         let me = ProcessId::current();
         let owner = db::add_owner(&conn, &me).map_err(dbe("register owner"))?;
-        let store = ContentStore {
+        let mut store = ContentStore {
             dir: dir.to_path_buf(),
             db: Mutex::new(conn),
             me,
             owner,
             cfg,
             counter: AtomicU64::new(0),
+            cleaned: Cleanup::default(),
         };
-        store.clean_up()?;
+        store.cleaned = store.clean_up()?;
         Ok(store)
+    }
+
+    /// What opening removed of dead processes.
+    pub fn cleaned(&self) -> Cleanup {
+        self.cleaned
     }
 
     /// The store directory.
@@ -261,20 +287,23 @@ impl ContentStore {
     }
 
     /// Remove dead owners, their temporary files, and NAR files no row names.
-    fn clean_up(&self) -> Result<(), StoreError> {
+    fn clean_up(&self) -> Result<Cleanup, StoreError> {
         let mut conn = self.conn();
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(dbe("clean up"))?;
-        db::drop_dead_owners(&tx).map_err(dbe("drop dead owners"))?;
+        let mut cleaned = Cleanup {
+            dead_owners: db::drop_dead_owners(&tx).map_err(dbe("drop dead owners"))?,
+            ..Cleanup::default()
+        };
         let used = db::nar_files(&tx).map_err(dbe("list NAR files"))?;
         let nar_dir = self.dir.join("nar");
         if let Ok(entries) = fs::read_dir(&nar_dir) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if !used.contains(&name) {
-                    tracing::info!(file = %name, "removing an orphaned NAR file (a writer died before committing)");
-                    let _ = fs::remove_file(e.path());
+                if !used.contains(&name) && fs::remove_file(e.path()).is_ok() {
+                    tracing::debug!(file = %name, "removed an orphaned NAR file (a writer died before committing)");
+                    cleaned.orphaned_nars += 1;
                 }
             }
         }
@@ -284,12 +313,15 @@ impl ContentStore {
                 // `<pid>-<start ticks>-<owner>-<n>`
                 let mut parts = name.splitn(3, '-');
                 let tag = format!("{}-{}", parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-                if ProcessId::from_tag(&tag).is_none_or(|p| !p.is_alive()) {
-                    let _ = fs::remove_file(e.path());
+                if ProcessId::from_tag(&tag).is_none_or(|p| !p.is_alive())
+                    && fs::remove_file(e.path()).is_ok()
+                {
+                    cleaned.tmp_files += 1;
                 }
             }
         }
-        tx.commit().map_err(dbe("clean up"))
+        tx.commit().map_err(dbe("clean up"))?;
+        Ok(cleaned)
     }
 
     /// Which of `paths` are valid; with `pin`, those are pinned for this process in the same
@@ -558,39 +590,5 @@ impl ContentStore {
 impl Drop for ContentStore {
     fn drop(&mut self) {
         let _ = self.conn().execute("DELETE FROM owners WHERE id = ?1", [self.owner]);
-    }
-}
-
-/// Uploads from files (built outputs): each item is a path's info and the file holding its NAR.
-#[derive(Debug)]
-pub struct FileUploads {
-    items: std::vec::IntoIter<(ValidPathInfo, PathBuf)>,
-    current: Option<std::io::BufReader<File>>,
-    empty: std::io::Empty,
-}
-
-impl FileUploads {
-    /// A batch from `(info, NAR file)` pairs.
-    pub fn new(items: Vec<(ValidPathInfo, PathBuf)>) -> Self {
-        FileUploads { items: items.into_iter(), current: None, empty: std::io::empty() }
-    }
-}
-
-impl UploadSource for FileUploads {
-    fn next_path(&mut self) -> Result<Option<ValidPathInfo>, ActionError> {
-        let Some((info, file)) = self.items.next() else {
-            self.current = None;
-            return Ok(None);
-        };
-        let f = File::open(&file).map_err(|e| format!("opening {}: {e}", file.display()))?;
-        self.current = Some(std::io::BufReader::new(f));
-        Ok(Some(info))
-    }
-
-    fn nar(&mut self) -> &mut dyn std::io::Read {
-        match &mut self.current {
-            Some(r) => r,
-            None => &mut self.empty,
-        }
     }
 }

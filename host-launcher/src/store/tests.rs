@@ -11,7 +11,7 @@ use nix_formats::{Hash, StorePath};
 use sha2::{Digest, Sha256};
 
 use super::*;
-use crate::nixproto::{ActionError, UploadSource, ValidPathInfo};
+use crate::core::{UploadError, UploadSource, ValidPathInfo};
 
 const RULES: &[SelfRefRule] = &[SelfRefRule::ZeroAndPositions, SelfRefRule::ZeroOnly];
 
@@ -56,7 +56,7 @@ impl Mem {
 }
 
 impl UploadSource for Mem {
-    fn next_path(&mut self) -> Result<Option<ValidPathInfo>, ActionError> {
+    fn next_path(&mut self) -> Result<Option<ValidPathInfo>, UploadError> {
         Ok(self.items.pop().map(|(i, nar)| {
             self.cur = Some(std::io::Cursor::new(nar));
             i
@@ -115,7 +115,7 @@ fn bad_uploads_register_nothing() {
     let err = s
         .add(&mut Mem::new(vec![good_b.clone(), (wrong, nar.clone())]), RULES, Origin::Upload)
         .unwrap_err();
-    let msg = crate::nixproto::action::error_chain(&err);
+    let msg = build_trace::error_chain(&err);
     assert!(
         msg.contains("NAR hash mismatch") && msg.contains("nothing of this upload was registered"),
         "{msg}"
@@ -181,7 +181,7 @@ fn content_addresses_are_recomputed() {
     let mut lie = info(&p, &other, &[]);
     lie.info.ca = good.info.ca.clone();
     let err = s.add(&mut Mem::new(vec![(lie, other)]), RULES, Origin::Upload).unwrap_err();
-    let msg = crate::nixproto::action::error_chain(&err);
+    let msg = build_trace::error_chain(&err);
     assert!(msg.contains("claims content address") && msg.contains(&p.to_string()), "{msg}");
     // A claim that does not parse.
     let mut bad = good.clone();

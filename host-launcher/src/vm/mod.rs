@@ -3,16 +3,20 @@
 //! What is here: the three [`Mode`]s (`snp`, `kvm`, `tcg`), what this host can do
 //! ([`HostCaps::probe`]) and the automatic choice ([`choose_mode`]); the QEMU command line as a
 //! pure function of a [`QemuSpec`] ([`qemu_argv`], unit-tested per mode); the process runner
-//! ([`runner`]) and the vsock host side ([`vsock`]).
+//! ([`runner`]), the vsock host side ([`vsock`]), and how both die with the launcher
+//! ([`child`]).
 //!
 //! Rules: KVM only when `/dev/kvm` is writable **and** `/proc/cpuinfo` shows `svm` or `vmx`
 //! (our CI's `/dev/kvm` is a paravirtual nested backend that opens but cannot run a normal
 //! guest); SNP only when KVM is usable, `kvm_amd`'s `sev_snp` is `Y`, `/dev/sev` exists and the
 //! image was built with an AmdSev OVMF. Always `-nic none` unless the step is the networked
-//! fixed-output variant; machine `q35` (microvm hangs under TCG, SNP needs q35).
+//! fixed-output variant, whose QEMU runs in a filtered network namespace of its own
+//! ([`egress`]); machine `q35` (microvm hangs under TCG, SNP needs q35).
 //!
 //! What is not here: the channel protocol (see `crate::build`).
 
+pub mod child;
+pub mod egress;
 pub mod network;
 pub mod runner;
 pub mod vsock;

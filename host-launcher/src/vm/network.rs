@@ -6,7 +6,7 @@
 //! can get a NIC, whatever a caller puts in its request; and the job (hence HOST_DATA and the
 //! statement) records that the VM was networked. The NIC is QEMU user-mode networking pinned to
 //! slirp's usual addresses, which the agent configures statically (guest 10.0.2.15/24, host
-//! 10.0.2.2, DNS 10.0.2.3).
+//! 10.0.2.2, DNS 10.0.2.3); where those packets may go is [`super::egress`]'s.
 //!
 //! What is not here: the acceptance of a fixed output by its declared hash
 //! (`crate::build::policy`).

@@ -15,9 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use build_trace::{NarHash, PathInfo};
+use host_launcher::core::ValidPathInfo;
 use host_launcher::nixproto::wire::{WireRead, WireWrite};
 use host_launcher::nixproto::worker::{STDERR_ERROR, STDERR_LAST, WORKER_MAGIC_1, WORKER_MAGIC_2};
-use host_launcher::nixproto::ValidPathInfo;
 use nix_formats::nar::NarWriter;
 use nix_formats::store_path::{make_fixed_output_path, FileIngestionMethod};
 use nix_formats::StorePath;

@@ -7,18 +7,19 @@ use std::io::Write;
 
 use nix_formats::StorePath;
 
-use super::super::action::LogSink;
 use super::super::wire::{WireError, WireWrite};
 use super::{
     ACT_BUILD, LVL_INFO, RES_BUILD_LOG_LINE, STDERR_NEXT, STDERR_RESULT, STDERR_START_ACTIVITY,
     STDERR_STOP_ACTIVITY,
 };
+use crate::core::log::{BuildLog, LineSplitter, Progress};
 
 /// Build logs as activities on the worker stream, flushed per message.
 pub(super) struct WorkerLog<'c, W: Write> {
     pub(super) w: &'c mut W,
     pub(super) next_activity: &'c mut u64,
     pub(super) activity: Option<u64>,
+    pub(super) lines: LineSplitter,
     pub(super) failed: bool,
 }
 
@@ -32,10 +33,28 @@ impl<W: Write> WorkerLog<'_, W> {
             self.failed = true;
         }
     }
+
+    /// One line: a `resBuildLogLine` of the build activity, else a plain message.
+    fn line(&mut self, line: &str) {
+        match self.activity {
+            Some(id) => self.send(|w| {
+                w.write_u64(STDERR_RESULT)?;
+                w.write_u64(id)?;
+                w.write_u64(RES_BUILD_LOG_LINE)?;
+                w.write_u64(1)?;
+                w.write_u64(1)?;
+                w.write_str(line)
+            }),
+            None => self.send(|w| {
+                w.write_u64(STDERR_NEXT)?;
+                w.write_str(&format!("{line}\n"))
+            }),
+        }
+    }
 }
 
-impl<W: Write> LogSink for WorkerLog<'_, W> {
-    fn build_started(&mut self, drv_path: &StorePath) {
+impl<W: Write> BuildLog for WorkerLog<'_, W> {
+    fn started(&mut self, drv_path: &StorePath) {
         let id = *self.next_activity;
         *self.next_activity += 1;
         self.activity = Some(id);
@@ -60,24 +79,23 @@ impl<W: Write> LogSink for WorkerLog<'_, W> {
         });
     }
 
-    fn line(&mut self, line: &str) {
-        match self.activity {
-            Some(id) => self.send(|w| {
-                w.write_u64(STDERR_RESULT)?;
-                w.write_u64(id)?;
-                w.write_u64(RES_BUILD_LOG_LINE)?;
-                w.write_u64(1)?;
-                w.write_u64(1)?;
-                w.write_str(line)
-            }),
-            None => self.send(|w| {
-                w.write_u64(STDERR_NEXT)?;
-                w.write_str(&format!("{line}\n"))
-            }),
+    fn output(&mut self, data: &[u8]) {
+        for line in self.lines.push(data) {
+            self.line(&line);
         }
     }
 
-    fn build_finished(&mut self) {
+    fn progress(&mut self, event: &Progress) {
+        if let Some(rest) = self.lines.flush() {
+            self.line(&rest);
+        }
+        self.line(&format!("vouch: {}", event.text()));
+    }
+
+    fn finished(&mut self) {
+        if let Some(rest) = self.lines.flush() {
+            self.line(&rest);
+        }
         if let Some(id) = self.activity.take() {
             self.send(|w| {
                 w.write_u64(STDERR_STOP_ACTIVITY)?;

@@ -26,15 +26,16 @@ use std::io::{self, BufRead, Read, Write};
 
 use nix_formats::StorePath;
 
+use crate::core::ValidPathInfo;
+
 use super::action::{
-    error_chain, Action, ActionError, BuildRequest, BuildResult, BuildStatus, Handler, Reply,
-    ValidPathInfo,
+    error_chain, Action, ActionError, BuildDerivation, BuildResult, BuildStatus, Handler, Reply,
 };
 use super::types::{self, CodecError};
 use super::version::{
     minor, show, ClientProfile, ProtoVersion, Protocol, FEATURE_REALISATION_WITH_PATH,
 };
-use super::wire::{FramedReader, Taken, WireError, WireRead, WireWrite};
+use super::wire::{FramedReader, MessageBudget, Taken, WireError, WireRead, WireWrite};
 use super::ServerError;
 
 mod log;
@@ -135,7 +136,7 @@ pub struct WorkerConfig {
     /// The version string `nix store ping` shows.
     pub version_string: String,
     /// `--client-nix-version`, copied into the client profile.
-    pub declared_nix: Option<super::version::NixVersion>,
+    pub declared_nix: Option<crate::core::NixVersion>,
 }
 
 /// Serve one worker-protocol connection until the client hangs up.
@@ -195,6 +196,7 @@ pub fn handshake<R: Read, W: Write>(
     }
     let version = client_version.min(SERVER_VERSION);
     let mut features = BTreeSet::new();
+    let _budget = MessageBudget::start();
     if minor(version) >= 38 {
         let theirs = r.read_string_set("client features")?;
         let ours: Vec<String> = SERVER_FEATURES.iter().map(|s| s.to_string()).collect();
@@ -278,6 +280,7 @@ impl<W: Write> Conn<W> {
     ) -> Result<Flow, ServerError> {
         let version = self.profile.version;
         let parsed: Result<Parsed<'static>, CodecError> = (|| {
+            let _budget = MessageBudget::start();
             Ok(match op {
                 1 => Parsed::IsValid(types::read_store_path(r, "path")?),
                 9 | 46 => {
@@ -299,7 +302,7 @@ impl<W: Write> Conn<W> {
                     let drv_path = types::read_store_path(r, "drvPath")?;
                     let drv = types::read_basic_derivation(r, &drv_path)?;
                     let mode = types::read_build_mode(r)?;
-                    Parsed::Action(Action::BuildDerivation(Box::new(BuildRequest {
+                    Parsed::Action(Action::BuildDerivation(Box::new(BuildDerivation {
                         drv_path,
                         drv,
                         mode,
@@ -324,9 +327,9 @@ impl<W: Write> Conn<W> {
         })();
         let parsed = match parsed {
             Ok(p) => p,
-            Err(CodecError::Wire(e)) => return Err(e.into()),
+            Err(CodecError::Wire(e)) if !e.is_limit() => return Err(e.into()),
             Err(e) => {
-                // The request was malformed: we cannot know where it ends.
+                // The request was malformed or over a limit: we cannot know where it ends.
                 self.error(&format!("bad {} request: {}", op_name(op), error_chain(&e)))?;
                 return Ok(Flow::Close);
             }
@@ -441,7 +444,7 @@ impl<W: Write> Conn<W> {
                 self.answer(reply, |w, reply| match reply {
                     Reply::Done if !is_build => Ok(()),
                     Reply::ValidPaths(v) => types::write_store_path_set(w, &v),
-                    Reply::Built(res) => types::write_build_result(w, &res, &profile),
+                    Reply::Built(res) => types::write_build_result(w, &(&*res).into(), &profile),
                     other => Err(unexpected(other)),
                 })
             }
@@ -462,7 +465,7 @@ impl<W: Write> Conn<W> {
         let reply = self.run(handler, Action::QueryValidPaths { paths: opaque, substitute: false });
         let valid = match reply {
             Ok(Reply::ValidPaths(v)) => v,
-            Ok(other) => return Err(ServerError::Reply(format!("the core answered {other:?}"))),
+            Ok(other) => return Err(ServerError::Reply(format!("the session answered {other:?}"))),
             Err(e) => return self.answer(Err(e), |_, _| Ok(())),
         };
         let result_of = |(w, p): &(String, Option<StorePath>)| {
@@ -500,6 +503,7 @@ impl<W: Write> Conn<W> {
             w: &mut self.w,
             next_activity: &mut self.next_activity,
             activity: None,
+            lines: Default::default(),
             failed: false,
         };
         let reply = handler.handle(action, &mut log);
@@ -509,7 +513,7 @@ impl<W: Write> Conn<W> {
         reply
     }
 
-    /// After an upload: drain what the core did not read, so the protocol stays in step.
+    /// After an upload: drain what the session did not read, so the protocol stays in step.
     fn finish_upload<R: Read + ?Sized>(
         &mut self,
         (reply, wire_failed): (Result<Reply, ActionError>, Option<io::ErrorKind>),
@@ -517,7 +521,7 @@ impl<W: Write> Conn<W> {
     ) -> Result<Flow, ServerError> {
         if let Some(kind) = wire_failed {
             // The peer hung up or the stream broke mid-upload: nothing was registered (the
-            // core commits only complete, verified uploads); there is no one to answer.
+            // content store commits only complete, verified uploads); there is no one to answer.
             return Err(ServerError::PeerGone(kind));
         }
         let extra = framed.drain()?;
@@ -560,7 +564,7 @@ impl<W: Write> Conn<W> {
 }
 
 fn unexpected(reply: Reply) -> CodecError {
-    CodecError::Field { what: "reply", problem: format!("the core answered {reply:?}") }
+    CodecError::Field { what: "reply", problem: format!("the session answered {reply:?}") }
 }
 
 enum Parsed<'a> {

@@ -1,4 +1,4 @@
-//! The NAR streams of worker-protocol uploads, as [`UploadSource`]s for the core: one path of
+//! The NAR streams of worker-protocol uploads, as [`UploadSource`]s for the content store: one path of
 //! `AddToStoreNar` (op 39) or the batch of `AddMultipleToStore` (op 44), both inside a framed
 //! stream. Each NAR is bounded by its declared size; a broken stream is remembered, so the
 //! front-end can tell a client that hung up (nothing to answer) from a bad upload (answered with
@@ -6,9 +6,10 @@
 
 use std::io::{self, Read};
 
-use super::super::action::{error_chain, ActionError, UploadSource, ValidPathInfo};
+use super::super::action::error_chain;
 use super::super::types::{self, CodecError};
-use super::super::wire::{FramedReader, Taken, WireError, WireRead};
+use super::super::wire::{FramedReader, MessageBudget, Taken, WireError, WireRead};
+use crate::core::{UploadError, UploadSource, ValidPathInfo};
 
 /// `AddToStoreNar`: one path, its NAR in the framed stream.
 pub(super) struct OneUpload<'f, 'r, R: Read + ?Sized> {
@@ -17,7 +18,7 @@ pub(super) struct OneUpload<'f, 'r, R: Read + ?Sized> {
 }
 
 impl<R: Read + ?Sized> UploadSource for OneUpload<'_, '_, R> {
-    fn next_path(&mut self) -> Result<Option<ValidPathInfo>, ActionError> {
+    fn next_path(&mut self) -> Result<Option<ValidPathInfo>, UploadError> {
         self.nar.skip_rest()?;
         let info = self.info.take();
         match &info {
@@ -40,11 +41,13 @@ pub(super) struct ManyUploads<'f, 'r, R: Read + ?Sized> {
 }
 
 impl<R: Read + ?Sized> UploadSource for ManyUploads<'_, '_, R> {
-    fn next_path(&mut self) -> Result<Option<ValidPathInfo>, ActionError> {
+    fn next_path(&mut self) -> Result<Option<ValidPathInfo>, UploadError> {
         if let Some(bad) = &self.bad {
             return Err(bad.clone().into());
         }
         self.nar.skip_rest()?;
+        // Each path's info is a message of its own (the NARs between them are not counted).
+        let _budget = MessageBudget::start();
         let left = match self.left {
             Some(n) => n,
             None => match self.nar.inner.read_count("number of paths") {
@@ -76,7 +79,7 @@ impl<R: Read + ?Sized> UploadSource for ManyUploads<'_, '_, R> {
 }
 
 impl<R: Read + ?Sized> ManyUploads<'_, '_, R> {
-    fn note(&mut self, e: WireError) -> ActionError {
+    fn note(&mut self, e: WireError) -> UploadError {
         match &e {
             WireError::Eof => self.nar.wire_failed = Some(io::ErrorKind::UnexpectedEof),
             WireError::Io(io) if io.kind() != io::ErrorKind::InvalidData => {
@@ -92,7 +95,7 @@ impl<R: Read + ?Sized> ManyUploads<'_, '_, R> {
 /// wrong, and the upload is refused before anything is committed.
 fn check_end<R: Read + ?Sized>(
     nar: &mut Taken<'_, FramedReader<'_, R>>,
-) -> Result<(), ActionError> {
+) -> Result<(), UploadError> {
     match nar.inner.drain() {
         Ok(0) => Ok(()),
         Ok(extra) => Err(format!(

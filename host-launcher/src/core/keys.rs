@@ -1,28 +1,37 @@
-//! Publishing a checked step into the trace store / binary cache (`build_trace::store`), signed
-//! with the launcher's Nix key (`<host>-1`, or `<host>-simulated-1` when the evidence is
-//! simulated, so a plain Nix user sees the difference).
+//! The host's keys and their names: the Nix signing key's name ([`KeyNaming`]), the
+//! transparency log's key and origin ([`log_key`]), and this host's name, their default.
 //!
-//! Several vouch hosts on one machine (separate state directories) need different key names, or
-//! a trust policy — which maps key names to keys — cannot name both: [`KeyNaming`] takes a name
-//! from `--key-name` or the state directory's `key-name` file. A name that signs simulated
-//! evidence must say `simulated` (as a word of the name, e.g. `ci-a-simulated-1`); any other is
-//! refused.
+//! Signing-key names: `<host>-1`, or `<host>-simulated-1` when the evidence is simulated, so a
+//! plain Nix user sees the difference. Several vouch hosts on one machine (separate state
+//! directories) need different key names, or a trust policy — which maps key names to keys —
+//! cannot name both: [`KeyNaming`] takes a name from `--key-name` or the state directory's
+//! `key-name` file. A name that signs simulated evidence must say `simulated` (as a word of the
+//! name, e.g. `ci-a-simulated-1`); any other is refused.
 //!
-//! Each step is also appended to the store's transparency log (`<cache>/log`), whose
-//! checkpoints the log key in `<state dir>/keys/log.note-key` signs (made on first publish, for
-//! the origin in `<state dir>/log-origin`, else `<hostname>/vouch`).
+//! The log key is `<state dir>/keys/log.note-key`, made on first use for the origin in
+//! `<state dir>/log-origin`, else `<hostname>/vouch`.
 //!
-//! What is not here: the checks (they happened in [`super::run_step`]; only a [`StepOutcome`]
-//! can be published) and the layout (`build_trace::store`, `docs/trace-store.md`).
+//! What is not here: using them ([`super::publish`]), key files themselves
+//! (`build_trace::sign`, `build_trace::tlog`).
 
 use std::path::{Path, PathBuf};
 
 use build_trace::evidence::nix_key_name;
-use build_trace::store::{PutResult, StepRecord, TraceStore};
+use build_trace::tlog::{LogKey, TlogError};
 use vm_image::image::Manifest;
 
-use super::{LauncherConfig, StepOutcome};
+use crate::build::LauncherConfig;
 use crate::vm::{choose_mode, HostCaps, Mode};
+
+/// This host's name (`/proc/sys/kernel/hostname`, else `vouch`): the default of signing-key
+/// names, log origins and witness names.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "vouch".into())
+}
 
 /// The state directory's key-name setting: one line, the name.
 pub const KEY_NAME_FILE: &str = "key-name";
@@ -105,64 +114,29 @@ impl KeyNaming {
     }
 }
 
-/// Why publishing failed (nothing half-written: the store writes atomically).
-#[derive(Debug, thiserror::Error)]
-pub enum PublishError {
-    /// The signing key.
-    #[error("the launcher's signing key")]
-    Key(#[source] build_trace::sign::SignError),
-    /// The signing key's name.
-    #[error(transparent)]
-    KeyName(#[from] KeyNameError),
-    /// The transparency log's key.
-    #[error("the transparency log's key")]
-    LogKey(#[source] build_trace::tlog::TlogError),
-    /// The store.
-    #[error("writing the trace store")]
-    Store(#[source] build_trace::store::StoreError),
-}
+/// The state directory's origin setting: one line, the log's origin (used when its key is
+/// made; default `<hostname>/vouch`).
+pub const LOG_ORIGIN_FILE: &str = "log-origin";
 
-/// The default binary cache / trace store directory: `<state_dir>/cache`.
-pub fn default_cache_dir(state_dir: &Path) -> PathBuf {
-    state_dir.join("cache")
-}
-
-/// This host's name for key names.
-pub fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
+/// The origin a new log key gets: `<state dir>/log-origin`, else `<hostname>/vouch`.
+pub fn default_origin(state_dir: &Path) -> String {
+    std::fs::read_to_string(state_dir.join(LOG_ORIGIN_FILE))
         .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "vouch".into())
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| format!("{}/vouch", host_name()))
 }
 
-/// The key name this host signs `outcome` with.
-pub fn key_name(outcome: &StepOutcome, naming: &KeyNaming) -> Result<String, KeyNameError> {
-    naming.name(outcome.verified.is_simulated())
-}
-
-/// Write `outcome` into the trace store at `cache_dir`, signed with the key `naming` names.
-pub fn publish(
-    outcome: &StepOutcome,
-    cache_dir: &Path,
-    state_dir: &Path,
-    naming: &KeyNaming,
-) -> Result<PutResult, PublishError> {
-    let key = build_trace::sign::load_or_generate_key(state_dir, &key_name(outcome, naming)?)
-        .map_err(PublishError::Key)?;
-    // Every published step goes into the store's transparency log, signed by the log key.
-    let log_key = crate::transparency::log_key(state_dir, None).map_err(PublishError::LogKey)?;
-    let store = TraceStore::create(cache_dir)
-        .and_then(|s| s.with_log(log_key))
-        .map_err(PublishError::Store)?;
-    let kind = outcome.attester.to_string();
-    let record = StepRecord {
-        statement: &outcome.statement,
-        evidence: Some(&outcome.evidence),
-        evidence_kind: &kind,
-        nars: outcome.outputs.iter().map(|(n, o)| (n.clone(), o.nar_file.clone())).collect(),
+/// The launcher's log key in `<state dir>/keys/log.note-key`, made on first use for `origin`
+/// (else the default origin).
+pub fn log_key(state_dir: &Path, origin: Option<&str>) -> Result<LogKey, TlogError> {
+    let have = state_dir.join("keys").join(build_trace::tlog::note::LOG_KEY_FILE).exists();
+    let origin = match origin {
+        Some(o) => Some(o.to_owned()),
+        None if have => None,
+        None => Some(default_origin(state_dir)),
     };
-    store.put_step(&record, &key).map_err(PublishError::Store)
+    LogKey::load_or_generate(state_dir, origin.as_deref())
 }
 
 #[cfg(test)]

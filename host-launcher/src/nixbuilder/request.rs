@@ -1,0 +1,180 @@
+//! A Nix client's `BuildDerivation` as the core's [`BuildRequest`]:
+//!
+//! 1. Refuse what vouch cannot build honestly: check or repair mode; a client whose declared
+//!    Nix version contradicts its protocol.
+//! 2. The CA self-reference rule: the one of the client's Nix release, from its profile
+//!    (protocol version, features, the serve protocol's build options, `--client-nix-version`);
+//!    where the profile straddles a rule change, a guess the engine says in the build log.
+//! 3. Limits: the client's non-zero values (serve build options, or the session's
+//!    `SetOptions` over a socket: [`SESSION_SETTINGS`]) override the engine's defaults.
+//! 4. A Nix client of `vouch nix-builder` is the operator's: trusted.
+//!
+//! What is not here: the build itself (`crate::core::engine`).
+
+use build_trace::job::Limits;
+
+use crate::core::{BuildRequest, BuildResult, FailureStatus};
+use crate::nixproto::{BuildDerivation, BuildMode, BuildOptions, ClientOptions};
+
+/// The core's request for a client's `BuildDerivation`, or the failure it is answered with.
+pub fn core_request(
+    d: BuildDerivation,
+    session: Option<&ClientOptions>,
+    vcpus: u64,
+) -> Result<BuildRequest, BuildResult> {
+    let refuse = |msg: String| {
+        tracing::warn!("build refused: {msg}");
+        BuildResult::failed(FailureStatus::MiscFailure, msg)
+    };
+    if d.mode != BuildMode::Normal {
+        return Err(refuse(format!(
+            "vouch builds in normal mode only; {} was asked in {:?} mode",
+            d.drv_path, d.mode
+        )));
+    }
+    let ca_rule = d.client.ca_rule().map_err(|e| refuse(e.to_string()))?;
+    Ok(BuildRequest {
+        limits: client_limits(d.options.as_ref(), session, vcpus),
+        drv_path: d.drv_path,
+        drv: d.drv,
+        outputs: Default::default(),
+        ca_rule,
+        // BuildDerivation carries the basic derivation only.
+        derivations: None,
+        trusted: true,
+    })
+}
+
+/// The settings of a worker-protocol `SetOptions` (what a `unix://` client sends first) that
+/// vouch applies to the session's builds, by their `nix.conf` names: `max-silent-time` and
+/// `cores` (also fixed fields of the message), `timeout` and `max-build-log-size` (overrides).
+/// Every other field and setting is ignored (`docs/nix-remote-builder.md` lists them).
+pub const SESSION_SETTINGS: &[&str] =
+    &["max-silent-time", "timeout", "max-build-log-size", "cores"];
+
+/// The limits a Nix client set for one build (zero where it set none, for the engine's
+/// defaults): its non-zero values from the serve protocol's per-build options, then from the
+/// session's `SetOptions` ([`SESSION_SETTINGS`]). A client's `cores` is capped at the VM's
+/// `vcpus`.
+pub fn client_limits(
+    serve: Option<&BuildOptions>,
+    session: Option<&ClientOptions>,
+    vcpus: u64,
+) -> Limits {
+    let mut l = Limits::default();
+    let set = |slot: &mut u64, v: u64| {
+        if v > 0 {
+            *slot = v;
+        }
+    };
+    if let Some(o) = serve {
+        set(&mut l.timeout_s, o.build_timeout);
+        set(&mut l.max_silent_s, o.max_silent_time);
+        set(&mut l.max_log_bytes, o.max_log_size);
+    }
+    if let Some(o) = session {
+        let num = |k: &str| {
+            let v = o.overrides.get(k)?;
+            let n = v.trim().parse::<u64>().ok();
+            if n.is_none() {
+                tracing::warn!(setting = k, value = %v, "ignoring a client setting that is not a number");
+            }
+            n
+        };
+        set(&mut l.max_silent_s, num("max-silent-time").unwrap_or(o.max_silent_time));
+        set(&mut l.timeout_s, num("timeout").unwrap_or(0));
+        set(&mut l.max_log_bytes, num("max-build-log-size").unwrap_or(0));
+        let cores = num("cores").unwrap_or(o.build_cores);
+        set(&mut l.cores, cores.min(vcpus.max(1)));
+    }
+    l
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::request::{builder_limits, with_overrides};
+
+    fn merge_limits(
+        base: Limits,
+        serve: Option<&BuildOptions>,
+        session: Option<&ClientOptions>,
+        vcpus: u64,
+    ) -> Limits {
+        with_overrides(base, &client_limits(serve, session, vcpus))
+    }
+
+    #[test]
+    fn client_limits_override_defaults_only_when_set() {
+        let base = builder_limits();
+        assert_eq!(merge_limits(base, None, None, 1), base);
+        let serve = BuildOptions {
+            build_timeout: 60,
+            max_silent_time: 0,
+            max_log_size: 10,
+            ..Default::default()
+        };
+        let l = merge_limits(base, Some(&serve), None, 1);
+        assert_eq!((l.timeout_s, l.max_silent_s, l.max_log_bytes), (60, base.max_silent_s, 10));
+        // What Nix 2.8 sends over `unix://`: the fixed fields, and every setting as an override
+        // (`max-silent-time` and `cores` only as fields); 0 means "no limit" to Nix, vouch's
+        // default here.
+        let mut o = ClientOptions { max_silent_time: 5, build_cores: 2, ..Default::default() };
+        for (k, v) in [("timeout", "7"), ("max-build-log-size", "0"), ("sandbox", "true")] {
+            o.overrides.insert(k.into(), v.into());
+        }
+        let l = merge_limits(base, None, Some(&o), 4);
+        assert_eq!(
+            (l.timeout_s, l.max_silent_s, l.max_log_bytes, l.cores),
+            (7, 5, base.max_log_bytes, 2)
+        );
+        assert_eq!((l.memory_bytes, l.max_processes, l.tmpfs_bytes), (0, 0, 0), "not the client's");
+        // Cores never exceed the VM's vCPUs; an override by name wins over the field; a value
+        // that is not a number is ignored.
+        assert_eq!(merge_limits(base, None, Some(&o), 1).cores, 1);
+        o.overrides.insert("max-silent-time".into(), "9".into());
+        o.overrides.insert("max-build-log-size".into(), "junk".into());
+        let l = merge_limits(base, None, Some(&o), 4);
+        assert_eq!((l.max_silent_s, l.max_log_bytes), (9, base.max_log_bytes));
+    }
+
+    fn derivation(mode: BuildMode, client: crate::nixproto::ClientProfile) -> BuildDerivation {
+        BuildDerivation {
+            drv_path: nix_formats::StorePath::from_parts([7; 20], "b.drv").unwrap(),
+            drv: crate::core::request::test_derivation("b"),
+            mode,
+            options: Some(BuildOptions { build_timeout: 60, ..Default::default() }),
+            client,
+        }
+    }
+
+    #[test]
+    fn a_build_derivation_becomes_the_core_request() {
+        use crate::core::CaRuleChoice;
+        use crate::nixproto::{ClientProfile, Protocol};
+        use build_trace::CaRule;
+        // Serve 2.7 with Nix 2.8–2.12's build options: the rule of Nix ≤ 2.16, known.
+        let mut old = ClientProfile::new(Protocol::Serve, 0x207, Default::default());
+        old.observed = crate::nixproto::version::serve_build_options_range(0, true);
+        let req = core_request(derivation(BuildMode::Normal, old), None, 1).unwrap();
+        assert_eq!(req.ca_rule, CaRuleChoice::Known(CaRule::SelfRefPositions));
+        assert_eq!(req.limits, Limits { timeout_s: 60, ..Limits::default() });
+        assert!(req.trusted && req.outputs.is_empty());
+        // Plain serve 2.7 straddles the 2.17 change: a guess, with a note that says how to choose.
+        let plain = ClientProfile::new(Protocol::Serve, 0x207, Default::default());
+        let req = core_request(derivation(BuildMode::Normal, plain.clone()), None, 1).unwrap();
+        let CaRuleChoice::Guessed { note, .. } = req.ca_rule else { panic!("{:?}", req.ca_rule) };
+        assert!(note.contains("--client-nix-version"), "{note}");
+        // Check mode and a declared release the protocol contradicts are refused, as failures.
+        let refused = |d| match core_request(d, None, 1) {
+            Err(BuildResult::Failed(f)) => f,
+            other => panic!("{other:?}"),
+        };
+        let f = refused(derivation(BuildMode::Check, plain.clone()));
+        assert!(f.message.contains("normal mode only"), "{}", f.message);
+        let lying = ClientProfile { declared_nix: Some(crate::core::NixVersion(2, 36)), ..plain };
+        let f = refused(derivation(BuildMode::Normal, lying));
+        assert_eq!(f.status, FailureStatus::MiscFailure);
+        assert!(f.message.contains("--client-nix-version"), "{}", f.message);
+    }
+}

@@ -1,0 +1,171 @@
+//! A build submission (`POST /v1/builds`), checked and parsed into the core's
+//! [`BuildRequest`] before anything is queued:
+//!
+//! 1. the derivation is a store path of a `.drv` in the content store, uploaded with its
+//!    content address (so its contents are tied to its path), with its input derivations
+//!    (`nix copy --derivation` uploads the `.drv` closure);
+//! 2. the core establishes what it builds as ([`Derivations::step`]): input-addressed output
+//!    paths computed from the derivation graph, a derivation Nix resolves (floating CA, or
+//!    deferred input-addressed) resolved against the outputs this service accepted. One that
+//!    declares other input-addressed paths is refused (403, naming the computed path) whoever
+//!    the caller: the core's rule (`crate::core::ownership`), answered here with a status;
+//! 3. fixed-output derivations (network access) only for callers with a token;
+//! 4. its input closure is in the content store;
+//! 5. the CA self-reference rule is that of the Nix release the submission names
+//!    (`nix_version`), else the service's `--client-nix-version`, else a guess said in the
+//!    build log;
+//! 6. its limits override the service's defaults where non-zero; the graph and the caller's
+//!    trust go with it, and the engine checks the request again before any VM.
+//!
+//! What is not here: the HTTP request (`super::api`), the queue (`super::builds`).
+
+use std::collections::BTreeSet;
+
+use build_trace::error_chain;
+use build_trace::job::{BasicDerivation, Limits, StepKind};
+use build_trace::ownership::OwnershipError;
+use nix_formats::StorePath;
+
+use super::api::BuildSubmission;
+use super::{auth, store_error, ApiError, Service};
+use crate::core::ownership::accepted_outputs;
+use crate::core::request::ca_rule_for;
+use crate::core::{BuildRequest, CaRuleChoice, Derivations, NixVersion, Refusal};
+use crate::store::StoreError;
+
+/// The rule of the Nix release `declared` (the submission's `nix_version`, else the service's
+/// `--client-nix-version`), else a guess.
+pub fn ca_rule(declared: Option<NixVersion>) -> CaRuleChoice {
+    match declared {
+        Some(v) => CaRuleChoice::Known(ca_rule_for(v)),
+        None => CaRuleChoice::guessed(
+            "the submission names no \"nix_version\" and the service has no --client-nix-version",
+            "send \"nix_version\" to choose",
+        ),
+    }
+}
+
+impl Service {
+    /// Check a submission and make its build request; nothing is queued on error.
+    ///
+    /// Who may build what: anyone may build a derivation whose output paths the core computes
+    /// (content-addressed ones from their bytes, input-addressed ones from the derivation
+    /// graph); a derivation that declares other input-addressed paths is refused, even for a
+    /// trusted caller; a fixed-output derivation builds with network access, so it needs a
+    /// caller who presented a token, and none can while the service has none.
+    pub(super) fn check_submission(
+        &self,
+        s: &BuildSubmission,
+        caller: auth::Caller,
+    ) -> Result<BuildRequest, ApiError> {
+        let bad = |status, msg: String| ApiError::new(status, msg);
+        let drv_path = StorePath::parse(&s.drv)
+            .map_err(|e| bad(400, format!("\"drv\": {:?} is not a store path: {e}", s.drv)))?;
+        if !drv_path.is_derivation() {
+            return Err(bad(400, format!("\"drv\": {drv_path} is not a derivation (.drv)")));
+        }
+        let how = format!(
+            "upload it and its inputs first: nix copy --to 'http://HOST:PORT?compression=none' --derivation {drv_path}"
+        );
+        let info = self.store.path_info(&drv_path).map_err(store_error)?.ok_or_else(|| {
+            bad(422, format!("{drv_path} is not in vouch's content store: {how}"))
+        })?;
+        if !info.info.ca.as_deref().is_some_and(|c| c.starts_with("text:")) {
+            return Err(bad(
+                422,
+                format!(
+                    "{drv_path} was uploaded without its content address (text:sha256:…), so \
+                     nothing ties its contents to its path; upload it with nix copy"
+                ),
+            ));
+        }
+        let derivations = Derivations::from_store(&self.store, &drv_path)
+            .map_err(|e| ownership_error(&drv_path, &e, &how))?;
+        let mut accepted = accepted_outputs(&self.cfg.engine.publish.trace_store);
+        let step =
+            derivations.step(&mut accepted).map_err(|e| ownership_error(&drv_path, &e, &how))?;
+        let name = drv_path.drv_name().map_err(|e| bad(400, e.to_string()))?.to_owned();
+        let basic = BasicDerivation::from_derivation(&name, &step.drv)
+            .map_err(|e| bad(422, format!("{drv_path}: {}", error_chain(&e))))?;
+        let kind = build_trace::job::step_kind(&basic)
+            .map_err(|e| bad(422, format!("vouch cannot build {drv_path}: {}", error_chain(&e))))?;
+        if kind == StepKind::FixedOutput && !caller.authenticated {
+            return Err(bad(
+                403,
+                format!(
+                    "{drv_path} is a fixed-output derivation, which builds with network \
+                     access; this service refuses those from callers without a token, and \
+                     it has none configured (--token-file)"
+                ),
+            ));
+        }
+        let step_path = step.drv_path;
+        self.store.closure(&basic.input_srcs).map_err(|e| match e {
+            StoreError::Missing { path } => bad(
+                422,
+                format!("input {path} of {step_path} is not in vouch's content store: {how}"),
+            ),
+            other => store_error(other),
+        })?;
+        let declared = match &s.nix_version {
+            Some(v) => Some(
+                v.parse::<NixVersion>()
+                    .map_err(|e| bad(400, format!("\"nix_version\": {v:?}: {e}")))?,
+            ),
+            None => self.cfg.declared_nix,
+        };
+        Ok(BuildRequest {
+            drv_path: step_path,
+            drv: basic,
+            outputs: BTreeSet::new(),
+            limits: Limits {
+                timeout_s: s.timeout,
+                max_silent_s: s.max_silent_time,
+                max_log_bytes: s.max_log_size,
+                ..Limits::default()
+            },
+            ca_rule: ca_rule(declared),
+            derivations: Some(derivations),
+            trusted: caller.trusted,
+        })
+    }
+}
+
+/// A derivation graph that does not give a step: 403 for paths the derivation does not own,
+/// 422 for what is missing or malformed.
+fn ownership_error(drv: &StorePath, r: &Refusal, how: &str) -> ApiError {
+    let Refusal::Graph { source: e, .. } = r else {
+        return ApiError::new(403, error_chain(r));
+    };
+    match &**e {
+        OwnershipError::NotOwned { .. } | OwnershipError::Deferred { .. } => ApiError::new(
+            403,
+            format!(
+                "vouch refuses to build {drv}: {}. Input-addressed output paths are computed \
+                 from the derivation graph (as Nix's checkDerivationOutputs does); a .drv that \
+                 declares others is refused, whoever sends it",
+                error_chain(&**e)
+            ),
+        ),
+        OwnershipError::NeedsDerivation(p) => {
+            ApiError::new(422, format!("{p} is not in vouch's content store as a .drv file: {how}"))
+        }
+        _ => ApiError::new(422, format!("vouch cannot build {drv}: {}", error_chain(&**e))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use build_trace::CaRule;
+
+    #[test]
+    fn the_ca_rule_is_the_declared_releases_else_a_guess() {
+        let known = |a, b| ca_rule(Some(NixVersion(a, b)));
+        assert_eq!(known(2, 8), CaRuleChoice::Known(CaRule::SelfRefPositions));
+        assert_eq!(known(2, 26), CaRuleChoice::Known(CaRule::SelfRefZeroed));
+        let CaRuleChoice::Guessed { rule, note } = ca_rule(None) else { panic!() };
+        assert_eq!(rule, crate::core::request::DEFAULT_CA_RULE);
+        assert!(note.contains("nix_version"), "{note}");
+    }
+}

@@ -15,19 +15,27 @@
 //! Heap use is held to [`BOUND`] by the harness: nothing may allocate on the word of a length or
 //! count field before the data arrived.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use channel::messages::AttesterKind;
 
 use nix_formats::fuzzing::AllocBound;
 use nix_formats::StorePath;
 
 use super::action::{
-    Action, ActionError, BuildResult, BuildStatus, BuiltOutput, Handler, LegacyRealisation,
-    LogSink, NarStream, Reply, ValidPathInfo,
+    Action, ActionError, BuildDerivation, Handler, NarStream, Reply,
 };
 use super::serve::ServeConfig;
 use super::types::{self, CodecError};
 use super::version::{ClientProfile, Protocol, FEATURE_REALISATION_WITH_PATH};
 use super::worker::WorkerConfig;
+use crate::build::Timings;
+use crate::core::result::Published;
+use crate::core::{
+    self, BuildLog, Built, LegacyRealisation, PublishedOutput, UploadSource, ValidPathInfo,
+};
+use crate::vm::Mode;
 
 /// The heap bound of the protocol bodies: decoded records (store-path sets, string maps) are a
 /// few times their wire size; a fixed-size read buffer or two on top.
@@ -56,7 +64,7 @@ impl FuzzCore {
 
     fn upload(
         &mut self,
-        uploads: &mut dyn super::action::UploadSource,
+        uploads: &mut dyn UploadSource,
     ) -> Result<Reply, ActionError> {
         while let Some(info) = uploads.next_path()? {
             let mut got = 0u64;
@@ -73,29 +81,49 @@ impl FuzzCore {
         Ok(Reply::Done)
     }
 
-    fn build(&mut self, req: &super::action::BuildRequest, log: &mut dyn LogSink) -> Reply {
-        log.build_started(&req.drv_path);
-        log.line("fuzz build");
-        log.build_finished();
-        let mut res = BuildResult::failure(BuildStatus::Built, "");
+    fn build(&mut self, req: &BuildDerivation, log: &mut dyn BuildLog) -> Reply {
+        log.started(&req.drv_path);
+        log.output(b"fuzz build\n");
+        log.finished();
+        let mut outputs = BTreeMap::new();
         for (name, out) in &req.drv.outputs {
             let Some(path) = &out.path else { continue };
             let json = format!("{{\"outPath\":\"{}\"}}", path.base_name());
-            res.built_outputs.insert(
-                name.clone(),
-                BuiltOutput {
-                    out_path: path.clone(),
-                    signatures: BTreeSet::from(["fuzz-1:AAAA".to_string()]),
-                    legacy: Some(LegacyRealisation { id: format!("sha256:00!{name}"), json }),
-                },
-            );
+            let published = PublishedOutput {
+                path: path.clone(),
+                info: nar_info(),
+                narinfo_sigs: BTreeSet::new(),
+                signatures: BTreeSet::from(["fuzz-1:AAAA".to_string()]),
+                legacy: Some(LegacyRealisation { id: format!("sha256:00!{name}"), json }),
+                diverged: None,
+            };
+            outputs.insert(name.clone(), published);
         }
-        Reply::Built(Box::new(res))
+        Reply::Built(Box::new(core::BuildResult::Built(Box::new(Built {
+            start_time: 0,
+            stop_time: 0,
+            attester: AttesterKind::Simulated,
+            evidence_root: "fuzz (simulated)".into(),
+            measurement: String::new(),
+            mode: Mode::Tcg,
+            timings: Timings::default(),
+            published: Published { key_name: "fuzz-1".into(), step_dir: PathBuf::new(), outputs },
+        }))))
+    }
+}
+
+/// The path info of [`NAR`].
+fn nar_info() -> build_trace::PathInfo {
+    build_trace::PathInfo {
+        nar_hash: build_trace::NarHash::of(NAR),
+        nar_size: NAR.len() as u64,
+        references: BTreeSet::new(),
+        ca: None,
     }
 }
 
 impl Handler for FuzzCore {
-    fn handle(&mut self, action: Action<'_>, log: &mut dyn LogSink) -> Result<Reply, ActionError> {
+    fn handle(&mut self, action: Action<'_>, log: &mut dyn BuildLog) -> Result<Reply, ActionError> {
         Ok(match action {
             Action::SetOptions(_) => Reply::Done,
             Action::QueryValidPaths { paths, .. } | Action::QueryClosure(paths) => {
@@ -104,12 +132,7 @@ impl Handler for FuzzCore {
             Action::QueryPathInfo(p) if self.valid(&p) => {
                 Reply::PathInfo(Some(Box::new(ValidPathInfo {
                     path: p,
-                    info: build_trace::PathInfo {
-                        nar_hash: build_trace::NarHash::of(NAR),
-                        nar_size: NAR.len() as u64,
-                        references: BTreeSet::new(),
-                        ca: None,
-                    },
+                    info: nar_info(),
                     deriver: None,
                     registration_time: 0,
                     ultimate: false,

@@ -3,4 +3,9 @@
 
 use host_launcher::nixproto::fuzzing::{records, BOUND};
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| vouch_fuzz::run("nixproto_records", data, BOUND, records));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| vouch_fuzz::run(
+    "nixproto_records",
+    data,
+    BOUND,
+    records
+));

@@ -3,4 +3,9 @@
 
 use nix_formats::fuzzing::{store_path, TEXT_BOUND};
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| vouch_fuzz::run("store_path", data, TEXT_BOUND, store_path));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| vouch_fuzz::run(
+    "store_path",
+    data,
+    TEXT_BOUND,
+    store_path
+));

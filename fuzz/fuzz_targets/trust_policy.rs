@@ -4,4 +4,9 @@
 use build_trace::fuzzing::tlog::trust_policy;
 use build_trace::fuzzing::BOUND;
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| vouch_fuzz::run("trust_policy", data, BOUND, trust_policy));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| vouch_fuzz::run(
+    "trust_policy",
+    data,
+    BOUND,
+    trust_policy
+));

@@ -36,8 +36,8 @@ fn nixproto_records_seeds() {
 #[test]
 #[ignore = "regenerates fuzz/seeds/nixproto_records"]
 fn write_record_seeds() {
-    use host_launcher::nixproto::action::{BuildOptions, BuiltOutput, ClientOptions};
     use host_launcher::core::ValidPathInfo;
+    use host_launcher::nixproto::action::{BuildOptions, BuiltOutput, ClientOptions};
     use host_launcher::nixproto::{types, BuildResult, BuildStatus};
     let dir =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/nixproto_records");

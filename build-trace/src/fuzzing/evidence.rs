@@ -17,8 +17,8 @@
 
 use std::time::SystemTime;
 
-use der::{Decode, Encode};
 use aws_lc_rs::signature::ParsedPublicKey;
+use der::{Decode, Encode};
 use p384::ecdsa::signature::hazmat::PrehashVerifier;
 use sha2::{Digest, Sha384};
 use x509_cert::Certificate;

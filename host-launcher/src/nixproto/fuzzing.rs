@@ -23,9 +23,7 @@ use channel::messages::AttesterKind;
 use nix_formats::fuzzing::AllocBound;
 use nix_formats::StorePath;
 
-use super::action::{
-    Action, ActionError, BuildDerivation, Handler, NarStream, Reply,
-};
+use super::action::{Action, ActionError, BuildDerivation, Handler, NarStream, Reply};
 use super::serve::ServeConfig;
 use super::types::{self, CodecError};
 use super::version::{ClientProfile, Protocol, FEATURE_REALISATION_WITH_PATH};
@@ -62,10 +60,7 @@ impl FuzzCore {
         p.digest()[0] % 2 == 0 || self.uploaded.contains(p)
     }
 
-    fn upload(
-        &mut self,
-        uploads: &mut dyn UploadSource,
-    ) -> Result<Reply, ActionError> {
+    fn upload(&mut self, uploads: &mut dyn UploadSource) -> Result<Reply, ActionError> {
         while let Some(info) = uploads.next_path()? {
             let mut got = 0u64;
             let mut buf = [0u8; 4096];

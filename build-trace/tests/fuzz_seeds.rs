@@ -76,6 +76,42 @@ fn vek_cert_seeds() {
     replay::replay("vek_cert", 11, BOUND, vek_cert_body);
 }
 
+/// Found by `vek_cert` (`fuzz/seeds/vek_cert/regress-der-length-alloc`): `der` 0.7 allocated
+/// an owned value's declared length before reading it, 8 MiB for a 1.4 KiB certificate. A
+/// certificate whose inner length claims 128 MiB is refused, as DER or PEM, without a large heap.
+#[test]
+fn a_der_length_past_its_parent_allocates_nothing() {
+    use build_trace::evidence::certs;
+    let real = certs::load_certificates(&test_support::snp::read("virtee-sev/vcek_milan.der"))
+        .expect("the real VCEK loads")
+        .remove(0);
+    // The first primitive inside the tbsCertificate (its version INTEGER's bytes are replaced
+    // by a BIT STRING claiming 128 MiB where the certificate has a few hundred).
+    let mut der = real.clone();
+    let at = 8; // SEQUENCE(4) SEQUENCE(4): the tbsCertificate's first member
+    der.splice(at.., [&[0x03, 0x84, 0x08, 0x00, 0x00, 0x00][..], &real[at..]].concat());
+    let pem =
+        format!("-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n", base64_lines(&der));
+    for input in [der.clone(), pem.into_bytes()] {
+        let (r, heap) = alloc::measure(|| certs::load_certificates(&input));
+        let e = r.expect_err("a length past its parent");
+        let msg = e.to_string().to_lowercase();
+        assert!(msg.contains("incomplete") || msg.contains("length"), "{e}");
+        assert!(heap < 64 << 10, "{heap} bytes of heap for a {}-byte input", input.len());
+    }
+    assert!(certs::check_der_lengths(&real).is_ok());
+}
+
+fn base64_lines(der: &[u8]) -> String {
+    use base64::Engine;
+    let text = base64::engine::general_purpose::STANDARD.encode(der);
+    text.as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 #[test]
 fn tlog_seeds() {
     replay::replay("tlog", 3, BOUND, fuzzing::tlog::tlog);

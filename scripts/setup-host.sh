@@ -64,6 +64,16 @@ if ! qemu-system-x86_64 --version 2>/dev/null | grep -q 'version 10\.'; then
     -t bookworm-backports qemu-system-x86 >/dev/null
 fi
 
+# in-toto's own Python bindings, the independent implementation the provenance test validates
+# vouch's SLSA provenance with (tests/tests/provenance_cli.rs, tests/tests/provenance_slsa.py).
+# The DSSE signature is checked with `cryptography`'s Ed25519.
+if ! python3 -c 'import in_toto_attestation, google.protobuf, cryptography' 2>/dev/null; then
+  log "pip install in-toto-attestation 0.9.3, protobuf, cryptography"
+  pkgs=(in-toto-attestation==0.9.3 protobuf cryptography)
+  python3 -m pip install --quiet --user "${pkgs[@]}" \
+    || python3 -m pip install --quiet --user --break-system-packages "${pkgs[@]}"
+fi
+
 # The userspace vsock backend (no /dev/vhost-vsock on these machines).
 VOUCH_CACHE=${VOUCH_CACHE:-$HOME/.cache/vouch}
 mkdir -p "$VOUCH_CACHE/bin"

@@ -38,6 +38,8 @@ have bison || need_apt+=(bison)
 have bc || need_apt+=(bc)
 dpkg -s libelf-dev >/dev/null 2>&1 || need_apt+=(libelf-dev)
 have python3 || need_apt+=(python3)
+# pip for the provenance test's in-toto bindings (below); a pyenv Python brings its own.
+python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 # Go's sumdb tlog/note (x/mod 0.7.0), the independent implementation the transparency log's
 # interoperation test builds offline (build-trace/tests/tlog_go.rs).
 have go || need_apt+=(golang-go)

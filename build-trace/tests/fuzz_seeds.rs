@@ -3,12 +3,7 @@
 //! stable `cargo test`; the regression tests of what the fuzzers found; and the generators of
 //! the corpora that are not copied from elsewhere (`--ignored`).
 
-#[path = "../../fuzz/src/alloc.rs"]
-mod alloc;
-#[path = "../../fuzz/src/replay.rs"]
-mod replay;
-#[path = "../../fuzz/src/snp_samples.rs"]
-mod snp_samples;
+use test_support::fuzz::{alloc, replay};
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -25,7 +20,7 @@ static HEAP: alloc::Counting = alloc::Counting;
 
 fn samples() -> &'static SnpSamples {
     static S: OnceLock<SnpSamples> = OnceLock::new();
-    S.get_or_init(snp_samples::snp_samples)
+    S.get_or_init(|| build_trace::fuzzing::samples::real_samples(&test_support::snp::read))
 }
 
 fn snp_report_body(data: &[u8]) {
@@ -38,7 +33,7 @@ fn vek_cert_body(data: &[u8]) {
 
 #[test]
 fn canonical_seeds() {
-    replay::replay("canonical", 5, BOUND, fuzzing::canonical);
+    replay::replay("canonical", 5, |n| BOUND.limit(n), fuzzing::canonical);
 }
 
 #[test]
@@ -47,7 +42,7 @@ fn job_seeds() {
         build_trace::Job::from_canonical_bytes(&bytes)
             .unwrap_or_else(|e| panic!("seed {} must be accepted: {e}", p.display()));
     }
-    replay::replay("job", 3, BOUND, fuzzing::job);
+    replay::replay("job", 3, |n| BOUND.limit(n), fuzzing::job);
 }
 
 #[test]
@@ -56,24 +51,24 @@ fn statement_seeds() {
         build_trace::Statement::from_canonical_bytes(&bytes)
             .unwrap_or_else(|e| panic!("seed {} must be accepted: {e}", p.display()));
     }
-    replay::replay("statement", 3, BOUND, fuzzing::statement);
+    replay::replay("statement", 3, |n| BOUND.limit(n), fuzzing::statement);
 }
 
 #[test]
 fn cert_table_seeds() {
-    replay::replay("cert_table", 5, BOUND, fuzzing::cert_table);
+    replay::replay("cert_table", 5, |n| BOUND.limit(n), fuzzing::cert_table);
 }
 
 #[test]
 fn snp_report_seeds() {
     let _ = samples();
-    replay::replay("snp_report", 53, BOUND, snp_report_body);
+    replay::replay("snp_report", 53, |n| BOUND.limit(n), snp_report_body);
 }
 
 #[test]
 fn vek_cert_seeds() {
     let _ = samples();
-    replay::replay("vek_cert", 11, BOUND, vek_cert_body);
+    replay::replay("vek_cert", 11, |n| BOUND.limit(n), vek_cert_body);
 }
 
 /// Found by `vek_cert` (`fuzz/seeds/vek_cert/regress-der-length-alloc`): `der` 0.7 allocated
@@ -114,12 +109,12 @@ fn base64_lines(der: &[u8]) -> String {
 
 #[test]
 fn tlog_seeds() {
-    replay::replay("tlog", 3, BOUND, fuzzing::tlog::tlog);
+    replay::replay("tlog", 3, |n| BOUND.limit(n), fuzzing::tlog::tlog);
 }
 
 #[test]
 fn trust_policy_seeds() {
-    replay::replay("trust_policy", 3, BOUND, fuzzing::tlog::trust_policy);
+    replay::replay("trust_policy", 3, |n| BOUND.limit(n), fuzzing::tlog::trust_policy);
 }
 
 fn seed_dir(target: &str) -> PathBuf {

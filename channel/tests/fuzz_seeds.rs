@@ -2,10 +2,7 @@
 //! (`channel::fuzzing::frames`) under its heap bound, with single-byte mutations, on every
 //! stable `cargo test`; and writes that corpus (`--ignored`).
 
-#[path = "../../fuzz/src/alloc.rs"]
-mod alloc;
-#[path = "../../fuzz/src/replay.rs"]
-mod replay;
+use test_support::fuzz::{alloc, replay};
 
 use channel::messages::{
     AttesterKind, Failure, FailureKind, Heartbeat, Hello, NarBegin, Outcome, Phase, PhaseName,
@@ -18,7 +15,12 @@ static HEAP: alloc::Counting = alloc::Counting;
 
 #[test]
 fn channel_seeds() {
-    let n = replay::replay("channel", 3, channel::fuzzing::BOUND, channel::fuzzing::frames);
+    let n = replay::replay(
+        "channel",
+        3,
+        |n| channel::fuzzing::BOUND.limit(n),
+        channel::fuzzing::frames,
+    );
     assert!(n >= 4);
 }
 

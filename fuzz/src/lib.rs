@@ -5,9 +5,7 @@
 //! `tests/fuzz_seeds.rs` replays the seed corpora in `seeds/` with the same code and bound.
 //! See `docs/fuzzing.md`.
 
-pub mod alloc;
-pub mod replay;
-pub mod snp_samples;
+pub use test_support::fuzz::{alloc, replay};
 
 use std::sync::OnceLock;
 
@@ -19,11 +17,11 @@ static HEAP: alloc::Counting = alloc::Counting;
 
 /// Runs `body` on `data` and panics (a libFuzzer crash) if it broke its heap bound.
 pub fn run(target: &str, data: &[u8], bound: AllocBound, body: fn(&[u8])) {
-    replay::run_bounded(target, data, bound, body);
+    replay::run_bounded(target, data, |n| bound.limit(n), body);
 }
 
 /// The SNP samples, built (and their chains verified and cached) once per process.
 pub fn snp() -> &'static SnpSamples {
     static S: OnceLock<SnpSamples> = OnceLock::new();
-    S.get_or_init(snp_samples::snp_samples)
+    S.get_or_init(|| build_trace::fuzzing::samples::real_samples(&test_support::snp::read))
 }

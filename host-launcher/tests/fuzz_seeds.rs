@@ -4,10 +4,7 @@
 //! (`host_launcher::nixproto::fuzzing`) under their heap bound, with single-byte mutations, on
 //! every stable `cargo test`.
 
-#[path = "../../fuzz/src/alloc.rs"]
-mod alloc;
-#[path = "../../fuzz/src/replay.rs"]
-mod replay;
+use test_support::fuzz::{alloc, replay};
 
 use host_launcher::nixproto::fuzzing::{self, BOUND};
 
@@ -16,17 +13,17 @@ static HEAP: alloc::Counting = alloc::Counting;
 
 #[test]
 fn worker_seeds() {
-    assert!(replay::replay("worker", 5, BOUND, fuzzing::worker_session) >= 3);
+    assert!(replay::replay("worker", 5, |n| BOUND.limit(n), fuzzing::worker_session) >= 3);
 }
 
 #[test]
 fn serve_seeds() {
-    assert!(replay::replay("serve", 5, BOUND, fuzzing::serve_session) >= 2);
+    assert!(replay::replay("serve", 5, |n| BOUND.limit(n), fuzzing::serve_session) >= 2);
 }
 
 #[test]
 fn nixproto_records_seeds() {
-    replay::replay("nixproto_records", 3, BOUND, fuzzing::records);
+    replay::replay("nixproto_records", 3, |n| BOUND.limit(n), fuzzing::records);
 }
 
 /// Writes the `nixproto_records` seeds (run with `--ignored`): the records of the real jobs in

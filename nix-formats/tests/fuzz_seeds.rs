@@ -3,10 +3,7 @@
 //! so that the fuzz logic is exercised by every stable `cargo test` (cargo-fuzz itself needs
 //! nightly).
 
-#[path = "../../fuzz/src/alloc.rs"]
-mod alloc;
-#[path = "../../fuzz/src/replay.rs"]
-mod replay;
+use test_support::fuzz::{alloc, replay};
 
 use nix_formats::fuzzing::{self, TEXT_BOUND};
 
@@ -25,12 +22,12 @@ fn aterm_seeds() {
         parsed += 1;
     }
     assert!(parsed >= 5);
-    replay::replay("aterm", 7, TEXT_BOUND, fuzzing::aterm);
+    replay::replay("aterm", 7, |n| TEXT_BOUND.limit(n), fuzzing::aterm);
 }
 
 #[test]
 fn store_path_seeds() {
-    replay::replay("store_path", 7, TEXT_BOUND, fuzzing::store_path);
+    replay::replay("store_path", 7, |n| TEXT_BOUND.limit(n), fuzzing::store_path);
 }
 
 #[test]
@@ -44,5 +41,5 @@ fn narinfo_seeds() {
         }
     }
     assert!(parsed >= 3);
-    replay::replay("narinfo", 5, TEXT_BOUND, fuzzing::narinfo);
+    replay::replay("narinfo", 5, |n| TEXT_BOUND.limit(n), fuzzing::narinfo);
 }

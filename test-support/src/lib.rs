@@ -8,7 +8,7 @@
 //! vectors, kept in this crate's `data/snp/` with their provenance and licences), [`vm`] (the
 //! `vouch` binary, the guest image, scratch areas for VM tests), [`server`] (a
 //! `vouch nix-builder --listen` process on a Unix socket), [`http_service`] (a `vouch serve`
-//! process and a tiny HTTP client).
+//! process and a tiny HTTP client), [`fuzz`] (the fuzz targets' allocator and seed replay).
 //!
 //! It depends on `std` and `tempfile` only, never on vouch's own crates, so that any of them can
 //! dev-depend on it without a cycle. Test support that needs vouch's crates lives next to the
@@ -19,10 +19,11 @@
 //! `self_contained` test fails if any file of the repository refers to a directory beside it.
 //!
 //! What is not here: mocks of Nix, QEMU or AMD (there are none), or the tests themselves.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)] // `fuzz::alloc` alone implements `GlobalAlloc`
 
 pub mod bridge;
 pub mod chroot;
+pub mod fuzz;
 pub mod http_service;
 pub mod nix;
 pub mod server;

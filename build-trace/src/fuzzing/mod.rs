@@ -16,8 +16,8 @@
 //!   [`tlog`] (log entries, entry bundles, signed checkpoints, verifier keys) and the trust policy.
 //!
 //! The harness also holds each body to a heap bound ([`BOUND`], [`nix_formats::fuzzing::AllocBound`]).
-//! Not here: libFuzzer glue, the allocator that measures, the real AMD vectors (the harness
-//! passes them in).
+//! Not here: libFuzzer glue, the allocator that measures (test-support's `fuzz`), the real AMD
+//! vectors (the harness passes their reader to [`samples::real_samples`]).
 
 use nix_formats::fuzzing::AllocBound;
 use serde_json::Value;
@@ -29,6 +29,8 @@ use crate::statement::{self, Statement};
 
 #[cfg(feature = "verifier")]
 pub mod evidence;
+#[cfg(feature = "verifier")]
+pub mod samples;
 #[cfg(feature = "verifier")]
 pub mod tlog;
 

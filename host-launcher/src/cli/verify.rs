@@ -109,6 +109,9 @@ pub enum VerifyCmdError {
 }
 
 pub fn run(args: Args, global: &Global) -> CmdResult {
+    // The policy first: a wrong one is the user's to fix whatever the argument names.
+    let policy = load_policy(args.policy.as_deref(), &args.image_manifests)?;
+    let prepared = policy.prepare()?;
     let dirs = if args.traces.is_empty() {
         vec![default_trace_store(&global.state_dir())]
     } else {
@@ -121,8 +124,6 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     if named.candidates.is_empty() {
         return Err(VerifyCmdError::NoDerivation(named.path.to_string()).into());
     }
-    let policy = load_policy(args.policy.as_deref(), &args.image_manifests)?;
-    let prepared = policy.prepare()?;
     // A policy that accepts any guest says so before anything else.
     let banner = prepared.any_guest_banner();
     if let Some(b) = &banner {

@@ -3,8 +3,8 @@
 //! the bytes live and the peak since [`measure`] started.
 //!
 //! One file, used by the cargo-fuzz binaries (`fuzz/src/lib.rs`) and by each crate's stable
-//! seed-replay test (`<crate>/tests/fuzz_seeds.rs`, through `#[path]`), so both check the same
-//! bound ([`nix_formats::fuzzing::AllocBound`]). Counters are thread-local (const-initialised
+//! seed-replay test (`<crate>/tests/fuzz_seeds.rs`), so both check the same bound (the fuzzed
+//! crate's `AllocBound`). Counters are thread-local (const-initialised
 //! `Cell`s: no allocation, no destructor), so test threads running in parallel do not see each
 //! other's allocations. Memory freed on another thread than the one that allocated it is not
 //! tracked precisely; the targets run on one thread.

@@ -1,11 +1,10 @@
 //! Replaying a fuzz target's checked-in seed corpus (`fuzz/seeds/<target>/`) with the stable
 //! toolchain: every seed, plus single-byte deletions and flips of it, through the target's body
-//! under its heap bound. Included by each crate's `tests/fuzz_seeds.rs` through `#[path]`
-//! (next to `alloc.rs`, whose allocator the test installs).
+//! under its heap bound (the most bytes live at once for an input of a given length, as the
+//! fuzzed crate's `AllocBound::limit` states it). The caller installs
+//! [`super::alloc::Counting`] as its global allocator.
 
 use std::path::PathBuf;
-
-use nix_formats::fuzzing::AllocBound;
 
 /// The seed files of `target`, sorted by name, with their bytes.
 pub fn seeds(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
@@ -37,10 +36,10 @@ pub fn with_mutations(seed: &[u8], step: usize) -> Vec<Vec<u8>> {
     out
 }
 
-/// Runs `body` on `data` and fails if it had more heap live at once than `bound` allows.
-pub fn run_bounded(target: &str, data: &[u8], bound: AllocBound, body: fn(&[u8])) {
+/// Runs `body` on `data` and fails if it had more heap live at once than `bound(data.len())`.
+pub fn run_bounded(target: &str, data: &[u8], bound: impl Fn(usize) -> usize, body: fn(&[u8])) {
     let ((), peak) = super::alloc::measure(|| body(data));
-    let limit = bound.limit(data.len());
+    let limit = bound(data.len());
     assert!(
         peak <= limit,
         "{target}: {peak} bytes of heap live at once for a {}-byte input (bound {limit})",
@@ -50,11 +49,11 @@ pub fn run_bounded(target: &str, data: &[u8], bound: AllocBound, body: fn(&[u8])
 
 /// Every seed of `target` and its mutations (a position in every `step`) through `body`.
 /// Returns the number of seeds.
-pub fn replay(target: &str, step: usize, bound: AllocBound, body: fn(&[u8])) -> usize {
+pub fn replay(target: &str, step: usize, bound: impl Fn(usize) -> usize, body: fn(&[u8])) -> usize {
     let seeds = seeds(target);
     for (_, bytes) in &seeds {
         for m in with_mutations(bytes, step) {
-            run_bounded(target, &m, bound, body);
+            run_bounded(target, &m, &bound, body);
         }
     }
     seeds.len()

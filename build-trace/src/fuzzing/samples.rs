@@ -1,36 +1,31 @@
 //! The real AMD SEV-SNP samples the `snp_report` and `vek_cert` fuzz targets verify against:
-//! one report per product and signer kind from `test-support/data/snp` (see its README for
-//! provenance), each with its chain, a policy it passes and a time inside its certificates'
-//! validity. Included by the fuzz crate and by `build-trace/tests/fuzz_seeds.rs` through
-//! `#[path]`. The first byte of a fuzz input picks the sample (modulo their number), in this
-//! order.
+//! one report per product and signer kind from the test vectors (`test-support/data/snp`, see
+//! its README for provenance; the harness passes their reader in, as this crate cannot depend
+//! on test-support), each with its chain, a policy it passes and a time inside its
+//! certificates' validity. The first byte of a fuzz input picks the sample (modulo their
+//! number), in this order.
 
-use build_trace::evidence::certs::{load_certificates, parse_time};
-use build_trace::evidence::{EvidenceBundle, EvidencePolicy};
-use build_trace::fuzzing::evidence::{SnpSample, SnpSamples};
-use test_support::snp::read;
+use super::evidence::{SnpSample, SnpSamples};
+use crate::evidence::certs::{load_certificates, parse_time};
+use crate::evidence::{EvidenceBundle, EvidencePolicy};
 
-fn certs(rel: &str) -> Vec<Vec<u8>> {
-    load_certificates(&read(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
-}
-
-fn sample(
-    name: &str,
-    report: &str,
-    [vek, ask, ark]: [Vec<u8>; 3],
-    policy: &str,
-    now: &str,
-) -> SnpSample {
-    SnpSample {
-        name: name.into(),
-        bundle: EvidenceBundle { report: read(report), vek, ask: Some(ask), ark, provider: None },
-        policy: EvidencePolicy::from_toml(policy).unwrap_or_else(|e| panic!("{name}: {e}")),
-        now: parse_time(now).expect("a time"),
-    }
-}
-
-/// Milan v2 (VCEK), Milan v3 (VLEK, VMPL 1), Genoa v3, Turin v5.
-pub fn snp_samples() -> SnpSamples {
+/// Milan v2 (VCEK), Milan v3 (VLEK, VMPL 1), Genoa v3, Turin v5, read with `read` (a path
+/// relative to the vectors' directory → its bytes).
+pub fn real_samples(read: &dyn Fn(&str) -> Vec<u8>) -> SnpSamples {
+    let certs = |rel: &str| load_certificates(&read(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"));
+    let sample =
+        |name: &str, report: &str, [vek, ask, ark]: [Vec<u8>; 3], policy: &str, now| SnpSample {
+            name: name.into(),
+            bundle: EvidenceBundle {
+                report: read(report),
+                vek,
+                ask: Some(ask),
+                ark,
+                provider: None,
+            },
+            policy: EvidencePolicy::from_toml(policy).unwrap_or_else(|e| panic!("{name}: {e}")),
+            now: parse_time(now).expect("a time"),
+        };
     let milan = certs("virtee-sev/cert_chain_milan");
     let vlek = certs("go-sev-guest/milanvlek.testcer");
     let genoa = certs("go-sev-guest/ask_ark_genoa.pem");

@@ -63,8 +63,10 @@ impl HttpService {
         let t0 = Instant::now();
         loop {
             let text = s.log_text();
-            if let Some(rest) = text.split("listening on http://").nth(1) {
-                s.addr = rest.split_whitespace().next().unwrap_or_default().to_owned();
+            if let Some(rest) = text.split("listening on ").nth(1) {
+                let url = rest.split_whitespace().next().unwrap_or_default();
+                let addr = url.trim_start_matches("http://").trim_start_matches("https://");
+                s.addr = addr.to_owned();
                 return s;
             }
             if let Ok(Some(st)) = s.child.try_wait() {

@@ -12,7 +12,8 @@
 //!   step signed, and the attester kind of the checked evidence.
 //! - **Cancel** ([`Builds::cancel`]): a queued build leaves the queue; a running one has its
 //!   VM killed through its own launcher switch (`crate::build::Cancel`, one per build); either
-//!   way it ends `cancelled`. Stopping the service cancels every running build the same way.
+//!   way it ends `cancelled`. Stopping the service kills every running build's VM the same way
+//!   (they fail, saying so) and leaves queued builds queued for the next start.
 //! - **Logs** are kept per step, up to [`MAX_LOG_KEPT`] bytes; readers follow them by byte
 //!   offset and are woken on every change ([`Build::subscribe`]), so a page can stream them.
 //! - Every build is also written to the service's record ([`super::records`]): ids, outcomes,
@@ -45,6 +46,10 @@ pub const MAX_LOG_KEPT: usize = 8 << 20;
 pub const MAX_QUEUED: usize = 1024;
 /// Most finished builds kept in memory (with their logs); older ones are read from the record.
 pub const MAX_FINISHED_KEPT: usize = 256;
+
+/// What a build that the service's stop cut off says.
+pub const STOPPED_WHILE_RUNNING: &str =
+    "the service stopped while this build ran; its VM was killed";
 
 /// A build and its steps, as the API shows them.
 #[derive(Debug, Clone, PartialEq)]
@@ -367,32 +372,22 @@ impl Builds {
         }
     }
 
-    /// Stop: queued builds fail without starting, running ones are cancelled (their VMs
-    /// killed); workers end after their current build.
+    /// Stop: no build starts any more; queued builds stay queued in the record, to resume on
+    /// the next start; running ones are cancelled (their VMs killed) and fail, saying so;
+    /// workers end after their current build.
     pub fn stop(&self) {
-        let waiting: Vec<Arc<Build>> = {
-            let mut inner = lock(&self.inner);
-            inner.stopping = true;
-            for b in inner.builds.values() {
-                if b.state() == BuildState::Running {
-                    b.cancel.cancel();
-                }
+        let mut inner = lock(&self.inner);
+        inner.stopping = true;
+        for b in inner.builds.values() {
+            if b.state() == BuildState::Running {
+                b.cancel.cancel();
             }
-            inner.queue.drain(..).collect()
-        };
+        }
+        let waiting = inner.queue.len();
+        drop(inner);
         self.wake.notify_all();
-        let state = BuildState::Failed {
-            status: "MiscFailure".into(),
-            error: "the service stopped before this build started".into(),
-        };
-        // One transaction for all of them (no logs: they never ran), so stopping stays quick.
-        let ids: Vec<u64> = waiting.iter().map(|j| j.id).collect();
-        let t = self.records.never_started(&ids, &state).unwrap_or_else(|e| {
-            tracing::warn!("{}", error_chain(&e));
-            now()
-        });
-        for build in &waiting {
-            self.finish(build, state.clone(), t);
+        if waiting > 0 {
+            tracing::info!(builds = waiting, "queued builds stay queued for the next start");
         }
     }
 
@@ -401,12 +396,12 @@ impl Builds {
             let build = {
                 let mut inner = lock(&self.inner);
                 loop {
+                    if inner.stopping {
+                        return;
+                    }
                     if let Some(j) = inner.queue.pop_front() {
                         inner.running += 1;
                         break j;
-                    }
-                    if inner.stopping {
-                        return;
                     }
                     inner = self.wake.wait(inner).unwrap_or_else(|e| e.into_inner());
                 }
@@ -436,7 +431,14 @@ impl Builds {
         let (mut state, detail) = self.run(build, req);
         self.metrics.step_seconds.observe(t0.elapsed().as_secs_f64());
         if build.cancel.is_cancelled() && matches!(state, BuildState::Failed { .. }) {
-            state = BuildState::Cancelled;
+            state = if lock(&self.inner).stopping {
+                BuildState::Failed {
+                    status: "MiscFailure".into(),
+                    error: STOPPED_WHILE_RUNNING.into(),
+                }
+            } else {
+                BuildState::Cancelled
+            };
         }
         match &state {
             BuildState::Failed { error, .. } => tracing::warn!(id, "build failed: {error}"),

@@ -51,7 +51,7 @@ const SMALL_FILE: u64 = 64 << 10;
 const MAX_DRAIN: usize = 1 << 20;
 
 /// What a connection tells its requests ([`super::server`] sets it).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     /// The client.
     pub peer: SocketAddr,
@@ -59,6 +59,8 @@ pub struct ConnInfo {
     pub reserved: bool,
     /// Over TLS.
     pub tls: bool,
+    /// Where to say that the peer presented a token.
+    pub holders: Arc<super::server::Holders>,
 }
 
 /// The router: every request goes to [`dispatch`], NAR uploads without the body limit and
@@ -109,7 +111,7 @@ fn header_str<'a>(h: &'a HeaderMap, name: header::HeaderName) -> Option<&'a str>
 pub async fn dispatch(State(service): State<Arc<Service>>, req: Request) -> Response {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
-    let conn = req.extensions().get::<ConnInfo>().copied();
+    let conn = req.extensions().get::<ConnInfo>().cloned();
     let response = match handle(&service, req, conn).await {
         Ok(r) => r,
         Err((e, body)) => {
@@ -145,7 +147,10 @@ async fn handle(
     let route =
         api::route(parts.method.as_str(), parts.uri.path()).map_err(|e| refuse(e, &mut body))?;
     let caller = service.caller(header_str(&parts.headers, header::AUTHORIZATION));
-    if conn.is_some_and(|c| c.reserved) && !caller.authenticated {
+    if let Some(c) = conn.as_ref().filter(|_| caller.authenticated) {
+        c.holders.saw(c.peer.ip());
+    }
+    if conn.as_ref().is_some_and(|c| c.reserved) && !caller.authenticated {
         let e = ApiError::new(
             503,
             "the service is at its connection limit; the capacity left is reserved for token holders",
@@ -164,7 +169,7 @@ async fn handle(
     }
     let body = body.take().unwrap_or_default();
     let query = parts.uri.query().unwrap_or_default();
-    let peer = conn.map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |c| c.peer);
+    let peer = conn.as_ref().map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |c| c.peer);
     let head = parts.method == Method::HEAD;
     let uploader = super::upload::Uploader::new(&caller, peer.ip());
     let action: Blocking = match route {
@@ -174,7 +179,7 @@ async fn handle(
                 .map_err(|e| (e, None))
         }
         Route::IndexPage | Route::BuildPage(_) => {
-            let tls = conn.is_some_and(|c| c.tls);
+            let tls = conn.as_ref().is_some_and(|c| c.tls);
             return super::web::page(service.clone(), route, query, &parts.headers, caller, tls)
                 .await
                 .map_err(|e| (e, None));

@@ -2,17 +2,19 @@
 //! and hyper's HTTP/1.1 on each connection, serving the axum router of [`super::http`].
 //!
 //! - **Strict parsing** is hyper's: no bare CR or NUL in a head, header names are tokens, one
-//!   `Content-Length`, heads of at most [`MAX_HEAD_BUF`] bytes and [`MAX_HEADERS`] lines.
+//!   `Content-Length`, heads of at most [`MAX_HEAD`] bytes and [`MAX_HEADERS`] lines.
 //! - **A deadline for the whole request head** ([`ConnLimits::head_timeout`], hyper's header
 //!   read timeout): it runs from when a connection waits for a request (the first, or the next
 //!   on a kept-alive connection) until the head is complete, however the bytes trickle in; the
 //!   TLS handshake has the same deadline. A client that sends one byte a second is closed.
 //! - **Connection limits**: at most [`ConnLimits::per_peer`] connections from one IP address;
-//!   at most [`ConnLimits::max`] in all, of which a quarter is **reserved for token holders**: a
-//!   connection accepted into the reserved part may only carry requests that present a
-//!   configured token (others are answered 503 and the connection closed). So anonymous
-//!   clients, however many addresses they use, cannot lock a token holder out, and one address
-//!   cannot lock out the others. Over the limits, a connection is answered 503 and closed.
+//!   at most [`ConnLimits::max`] in all, of which a quarter is **reserved for token holders**:
+//!   only an address that presented a configured token in the last [`HOLDER_MEMORY`] may open a
+//!   connection in the reserved part ([`Holders`]), and such a connection may only carry
+//!   requests that present a token (others are answered 503 and the connection closed). So
+//!   anonymous clients, however many addresses they use, cannot lock a token holder out, and
+//!   one address cannot lock out the others. Over the limits, a connection is answered 503 and
+//!   closed.
 //! - The service's synchronous core (the engine, content store, SQLite) never runs on the
 //!   executor: requests run it through `spawn_blocking` ([`super::http`]), builds on their own
 //!   worker threads ([`super::builds`]).
@@ -25,7 +27,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -35,10 +37,43 @@ use super::http::ConnInfo;
 use super::Service;
 use crate::signals::StopSource;
 
-/// Most bytes hyper buffers for a request head.
+/// Most bytes hyper buffers for a request (its head, a piece of its body).
 pub const MAX_HEAD_BUF: usize = 64 << 10;
+/// Most bytes of a request head.
+pub const MAX_HEAD: usize = 16 << 10;
 /// Most header lines.
 pub const MAX_HEADERS: usize = 100;
+/// How long an address that presented a token counts as a token holder's.
+pub const HOLDER_MEMORY: Duration = Duration::from_secs(3600);
+/// Most addresses remembered as token holders' (the oldest are forgotten first).
+pub const MAX_HOLDERS: usize = 4096;
+
+/// The addresses that recently presented a configured token: the only ones admitted into the
+/// reserved capacity.
+#[derive(Debug, Default)]
+pub struct Holders(Mutex<HashMap<IpAddr, Instant>>);
+
+impl Holders {
+    /// `ip` presented a configured token now.
+    pub fn saw(&self, ip: IpAddr) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if m.len() >= MAX_HOLDERS && !m.contains_key(&ip) {
+            m.retain(|_, t| now.duration_since(*t) < HOLDER_MEMORY);
+            if m.len() >= MAX_HOLDERS {
+                if let Some(oldest) = m.iter().min_by_key(|(_, t)| **t).map(|(ip, _)| *ip) {
+                    m.remove(&oldest);
+                }
+            }
+        }
+        m.insert(ip, now);
+    }
+
+    fn holds(&self, ip: IpAddr) -> bool {
+        let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(&ip).is_some_and(|t| t.elapsed() < HOLDER_MEMORY)
+    }
+}
 
 /// Limits on connections (see the module docs).
 #[derive(Debug, Clone, Copy)]
@@ -97,6 +132,7 @@ struct Acceptor {
     peers: Arc<Peers>,
     open: Arc<Semaphore>,
     reserved: Arc<Semaphore>,
+    holders: Arc<Holders>,
 }
 
 impl Acceptor {
@@ -108,9 +144,13 @@ impl Acceptor {
         if let Ok(p) = self.open.clone().try_acquire_owned() {
             return Ok((slot, p, false));
         }
+        let full = || format!("more than {} connections; try again", self.limits.max);
+        if !self.holders.holds(peer) {
+            return Err(full());
+        }
         match self.reserved.clone().try_acquire_owned() {
             Ok(p) => Ok((slot, p, true)),
-            Err(_) => Err(format!("more than {} connections; try again", self.limits.max)),
+            Err(_) => Err(full()),
         }
     }
 
@@ -132,15 +172,19 @@ impl Acceptor {
                     let handshake =
                         tokio::time::timeout(me.limits.head_timeout, acceptor.accept(tcp)).await;
                     match handshake {
-                        Ok(Ok(s)) => me.serve(s, ConnInfo { peer, reserved, tls: true }).await,
+                        Ok(Ok(s)) => me.serve(s, me.info(peer, reserved, true)).await,
                         Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake: {e}"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake: past the head deadline"),
                     }
                 }
-                None => me.serve(tcp, ConnInfo { peer, reserved, tls: false }).await,
+                None => me.serve(tcp, me.info(peer, reserved, false)).await,
             }
             drop((slot, permit));
         });
+    }
+
+    fn info(&self, peer: SocketAddr, reserved: bool, tls: bool) -> ConnInfo {
+        ConnInfo { peer, reserved, tls, holders: self.holders.clone() }
     }
 
     async fn serve<I>(&self, io: I, info: ConnInfo)
@@ -150,16 +194,17 @@ impl Acceptor {
         let router = self.router.clone();
         let svc =
             hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(info);
+                req.extensions_mut().insert(info.clone());
                 tower::ServiceExt::oneshot(router.clone(), req.map(axum::body::Body::new))
             });
         let mut b = hyper::server::conn::http1::Builder::new();
         b.timer(TokioTimer::new())
             .header_read_timeout(self.limits.head_timeout)
             .max_buf_size(MAX_HEAD_BUF)
+            .max_header_size(MAX_HEAD)
             .max_headers(MAX_HEADERS);
         if let Err(e) = b.serve_connection(TokioIo::new(io), svc).await {
-            tracing::debug!(peer = %info.peer, "connection: {e}");
+            tracing::debug!("connection: {e}");
         }
     }
 }
@@ -223,6 +268,7 @@ pub fn serve_http(
         peers: Arc::default(),
         open: Arc::new(Semaphore::new(limits.max.saturating_sub(reserved).max(1))),
         reserved: Arc::new(Semaphore::new(reserved)),
+        holders: Arc::default(),
     });
     let reason = rt.block_on(async {
         listener.set_nonblocking(true)?;

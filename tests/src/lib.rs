@@ -13,7 +13,7 @@
 //! use it live here for the same reason. Also [`netlab`]: network namespaces standing in for the
 //! host's networks and the internet, for the networked-VM tests; [`policy`]: trust policies naming a builder's
 //! simulated root and Nix key, for the remote-builder VM tests; [`service`]: JSON and waiting
-//! for builds of a `vouch serve`.
+//! for builds of a `vouch serve`; [`webdriver`]: a headless Chromium for its web page.
 //!
 //! What is not here: the helpers every crate's tests share (running Nix, the AMD vectors, the
 //! guest image, `vouch` processes: the `test-support` crate), or mocks of Nix, QEMU or AMD.
@@ -23,3 +23,4 @@ pub mod fixture;
 pub mod netlab;
 pub mod policy;
 pub mod service;
+pub mod webdriver;

@@ -16,7 +16,7 @@ pub fn wait(s: &HttpService, id: u64) -> serde_json::Value {
     loop {
         let v = json(&s.request("GET", &format!("/v1/builds/{id}"), b""));
         match v["state"].as_str() {
-            Some("succeeded" | "failed") => return v,
+            Some("succeeded" | "failed" | "cancelled") => return v,
             Some("queued" | "running") => {}
             other => panic!("unknown state {other:?}: {v}"),
         }
@@ -30,7 +30,8 @@ pub fn wait(s: &HttpService, id: u64) -> serde_json::Value {
 }
 
 /// The derivations the service tests build, new for every nonce `n`: `ia` (input-addressed),
-/// `ca` (floating CA, with a self-reference), `slow` (sleeps).
+/// `ca` (floating CA, with a self-reference), `slow` (sleeps), `ticker` (a line a second for 20
+/// seconds, then done).
 pub fn closure_nix(n: &str) -> String {
     format!(
         r#"let bb = builtins.path {{ path = ./bb; name = "busybox"; }}; in {{
@@ -41,6 +42,8 @@ pub fn closure_nix(n: &str) -> String {
                      __contentAddressed = true; outputHashMode = "recursive"; outputHashAlgo = "sha256"; }};
   slow = derivation {{ name = "serve-slow"; system = builtins.currentSystem; builder = "${{bb}}/sh";
                        args = [ "-c" "echo started {n}; ${{bb}}/busybox sleep 600" ]; }};
+  ticker = derivation {{ name = "serve-ticker"; system = builtins.currentSystem; builder = "${{bb}}/sh";
+                         args = [ "-c" "for i in $(${{bb}}/busybox seq 1 20); do echo tick $i {n}; ${{bb}}/busybox sleep 1; done; ${{bb}}/busybox mkdir $out" ]; }};
 }}
 "#
     )

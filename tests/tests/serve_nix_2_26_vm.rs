@@ -6,9 +6,8 @@
 //! fresh 2.26 store substitutes the outputs from the service (`--max-jobs 0`: nothing may be
 //! built locally), the CA one through its signed realisation, with the same paths as 2.26
 //! building them itself.
-//!
-//! Not here yet (`#[ignore]`d, waiting for issue 13): uploads with Nix's default compression (xz;
-//! refused with HTTP 415 today) and `nix log --store http://…`.
+//! Also: 2.26 uploads with its default compression (xz), and `nix log --store http://…` shows
+//! a step's log to 2.26.
 
 use std::sync::Mutex;
 
@@ -93,9 +92,8 @@ fn upload_and_build(c: &ChrootNix, svc: &HttpService, to: &str, drv: &str) {
     assert_eq!(v["state"], "succeeded", "{v}\n{}", svc.log_text());
 }
 
-/// Issue 13: an upload with Nix 2.26's default compression (xz).
+/// An upload with Nix 2.26's default compression (xz).
 #[test]
-#[ignore = "waits for issue 13: compressed uploads (today: HTTP 415 for .nar.xz)"]
 fn nix_2_26_uploads_with_default_compression() {
     let _vms = VMS.lock().unwrap_or_else(|e| e.into_inner());
     let c = ChrootNix::new();
@@ -105,9 +103,8 @@ fn nix_2_26_uploads_with_default_compression() {
     upload_and_build(&c, &svc, &svc.url(), &ia);
 }
 
-/// Issue 13: `nix log --store http://…` shows a step's log to Nix 2.26.
+/// `nix log --store http://…` shows a step's log to Nix 2.26.
 #[test]
-#[ignore = "waits for issue 13: `nix log` from the service"]
 fn nix_2_26_reads_the_log_with_nix_log() {
     let _vms = VMS.lock().unwrap_or_else(|e| e.into_inner());
     let c = ChrootNix::new();

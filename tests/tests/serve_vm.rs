@@ -174,24 +174,23 @@ fn upload_build_substitute_and_verify_through_the_http_api() {
     assert!(st.success(), "{st}: {log}");
 }
 
-/// SIGTERM while a build runs: the queued build fails without starting, the running one is
-/// cancelled (its VM killed), the service exits 0, and nothing of either is published.
+/// SIGTERM while a build runs: the running one is cancelled (its VM killed) and fails saying
+/// so, the queued one stays queued, the service exits 0, and nothing of either is published.
+/// After a restart the queued build resumes (it runs), and `DELETE` cancels it, killing its VM.
 #[test]
-fn sigterm_cancels_the_running_build_and_publishes_nothing() {
+fn sigterm_cancels_the_running_build_and_a_restart_resumes_the_queued_one() {
     let _vms = VMS.lock().unwrap_or_else(|e| e.into_inner());
     let s = Scratch::new();
     let n = nonce();
     let slow = s.instantiate(&s.write("serve.nix", &closure_nix(&n)), "slow");
     let image = image_dir();
     let [flag, file] = trusted_args(&s);
-    let svc = HttpService::start(
-        &vouch_bin(),
-        &s.state(),
-        &s.dir.path().join("serve.log"),
-        &["--image", image.to_str().unwrap(), "--cache", s.cache().to_str().unwrap(), &flag, &file],
-    );
-    let to = format!("{}?compression=none", svc.url());
-    let out = nix_copy(&s.dir.path().join("xdg"), &["--to", &to, "--derivation", &slow]);
+    let cache = s.cache();
+    let args =
+        ["--image", image.to_str().unwrap(), "--cache", cache.to_str().unwrap(), &flag, &file];
+    let svc = HttpService::start(&vouch_bin(), &s.state(), &s.dir.path().join("serve.log"), &args);
+    // Nix's default compression (xz).
+    let out = nix_copy(&s.dir.path().join("xdg"), &["--to", &svc.url(), "--derivation", &slow]);
     assert!(out.status.success(), "upload: {}", text(&out));
     let body = format!(r#"{{"drv": "{slow}"}}"#);
     let ids: Vec<u64> = (0..2)
@@ -201,16 +200,7 @@ fn sigterm_cancels_the_running_build_and_publishes_nothing() {
             json(&r)["id"].as_u64().unwrap()
         })
         .collect();
-    let t0 = Instant::now();
-    while !svc.request("GET", &format!("/v1/builds/{}/log", ids[0]), b"").text().contains("started")
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(300),
-            "the builder never started:\n{}",
-            svc.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_started(&svc, ids[0]);
     let v = json(&svc.request("GET", &format!("/v1/builds/{}", ids[0]), b""));
     assert_eq!(v["state"], "running", "{v}");
     let v = json(&svc.request("GET", &format!("/v1/builds/{}", ids[1]), b""));
@@ -219,5 +209,31 @@ fn sigterm_cancels_the_running_build_and_publishes_nothing() {
     assert!(st.success(), "{st}: {log}");
     assert!(log.contains("stopping on SIGTERM"), "{log}");
     assert!(log.contains("build failed"), "the running build ends as failed: {log}");
+    assert!(log.contains("queued builds stay queued"), "{log}");
     s.assert_nothing_registered();
+
+    let svc = HttpService::start(&vouch_bin(), &s.state(), &s.dir.path().join("serve2.log"), &args);
+    let v = json(&svc.request("GET", &format!("/v1/builds/{}", ids[0]), b""));
+    assert_eq!(v["state"], "failed", "{v}");
+    assert!(v["error"].as_str().unwrap().contains("stopped while this build ran"), "{v}");
+    wait_started(&svc, ids[1]);
+    let r = svc.request("DELETE", &format!("/v1/builds/{}", ids[1]), b"");
+    assert_eq!(r.status, 202, "{}", r.text());
+    let v = wait(&svc, ids[1]);
+    assert_eq!(v["state"], "cancelled", "{v}");
+    assert!(svc.log_text().contains("running build cancelled"), "{}", svc.log_text());
+    s.assert_nothing_registered();
+}
+
+/// Wait until build `id`'s log says its builder started.
+fn wait_started(svc: &HttpService, id: u64) {
+    let t0 = Instant::now();
+    while !svc.request("GET", &format!("/v1/builds/{id}/log"), b"").text().contains("started") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "the builder never started:\n{}",
+            svc.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

@@ -101,6 +101,7 @@ table{border-collapse:collapse;width:100%}td,th{padding:.3em .6em;border-bottom:
 .failed{background:#fcc}.cancelled{background:#fe9}
 .simulated{background:#b00;color:#fff;font-weight:bold;padding:.1em .4em;border-radius:.3em}
 .banner{background:#b00;color:#fff;padding:.6em 1em;font-weight:bold;margin:1em 0}
+.banner code{background:#700;color:#fff;word-break:break-all}
 pre{background:#111;color:#ddd;padding:.6em;max-height:30em;overflow:auto;white-space:pre-wrap}
 code{background:#f3f3f3;padding:.1em .3em}.tree li{margin:.4em 0}nav a{margin-right:1em}";
 
@@ -224,10 +225,9 @@ fn statement(step: &StepInfo) -> String {
     } else {
         let _ = write!(
             h,
-            "<p class=banner>Evidence: SIMULATED. No AMD secure processor signed this; a key on \
-             this host did ({root}). It proves nothing about hardware; a verifier rejects it \
-             unless its policy names this host's simulated root. Measurement \
-             <code>{measurement}</code>.</p>"
+            "<p class=banner>Evidence: SIMULATED. No AMD secure processor signed this statement; \
+             this host's simulated root did ({root}). A verifier rejects it unless its policy \
+             names that root. Measurement <code>{measurement}</code>.</p>"
         );
     }
     h

@@ -108,6 +108,16 @@ fn instantiate(dir: &Path, nonce: &str) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
+/// `nix copy --to TO --derivation DRV` with its own narinfo cache.
+fn upload(t: &Path, to: &str, drv: &str) {
+    let out = nix::output(
+        Command::new("nix")
+            .args(["copy", "--to", to, "--derivation", drv])
+            .env("XDG_CACHE_HOME", t.join("xdg")),
+    );
+    assert!(out.status.success(), "nix copy: {}", nix::text(&out));
+}
+
 fn wait_failed(s: &HttpService, id: u64) -> Value {
     let t0 = Instant::now();
     loop {
@@ -141,12 +151,7 @@ fn the_build_api_pages_filters_and_answers_as_its_openapi_description_says() {
     let s = serve(t.path(), "serve.log");
     let drv = instantiate(t.path(), &nix::nonce());
     // Nix's default compression.
-    let out = nix::output(
-        Command::new("nix")
-            .args(["copy", "--to", &s.url(), "--derivation", &drv])
-            .env("XDG_CACHE_HOME", t.path().join("xdg")),
-    );
-    assert!(out.status.success(), "nix copy: {}\n{}", nix::text(&out), s.log_text());
+    upload(t.path(), &s.url(), &drv);
     let post = || {
         let r = s.request_with(
             "POST",
@@ -240,12 +245,7 @@ fn nix_log_reads_a_steps_log_from_the_service() {
     let s = serve(t.path(), "serve.log");
     let drv = instantiate(t.path(), &nix::nonce());
     let to = format!("{}?compression=zstd", s.url());
-    let out = nix::output(
-        Command::new("nix")
-            .args(["copy", "--to", &to, "--derivation", &drv])
-            .env("XDG_CACHE_HOME", t.path().join("xdg")),
-    );
-    assert!(out.status.success(), "nix copy: {}", nix::text(&out));
+    upload(t.path(), &to, &drv);
     let hash = &drv["/nix/store/".len()..][..32];
     // Before any step built it, the .drv is an uploaded input: its NAR is not served.
     let r = s.request("GET", &format!("/{hash}.narinfo"), b"");
@@ -290,12 +290,7 @@ fn a_restart_resumes_queued_builds_and_fails_those_that_no_longer_check() {
     let s = serve(t.path(), "serve1.log");
     let drv = instantiate(t.path(), &nix::nonce());
     let to = format!("{}?compression=none", s.url());
-    let out = nix::output(
-        Command::new("nix")
-            .args(["copy", "--to", &to, "--derivation", &drv])
-            .env("XDG_CACHE_HOME", t.path().join("xdg")),
-    );
-    assert!(out.status.success(), "nix copy: {}", nix::text(&out));
+    upload(t.path(), &to, &drv);
     let (st, _) = s.stop("TERM");
     assert!(st.success());
     // Two builds queued when the service went away (as a crash leaves them): one still checks,

@@ -3,7 +3,20 @@
 
 use std::time::{Duration, Instant};
 
+use std::path::Path;
+
 use test_support::http_service::{HttpResponse, HttpService};
+use test_support::vm::{image_dir, vouch_bin};
+
+/// A `vouch serve` on the guest image with state `state`, log `log`, one build at a time and
+/// the trusted callers' token in `token`.
+pub fn start_trusted(state: &Path, log: &Path, token: &Path) -> HttpService {
+    let image = image_dir();
+    let args = ["--image", image.to_str().unwrap(), "--jobs", "1", "--trusted-token-file"];
+    let mut args: Vec<&str> = args.to_vec();
+    args.push(token.to_str().unwrap());
+    HttpService::start(&vouch_bin(), state, log, &args)
+}
 
 /// A response's body as JSON (panics with the body if it is not).
 pub fn json(r: &HttpResponse) -> serde_json::Value {

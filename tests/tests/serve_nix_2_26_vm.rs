@@ -14,8 +14,8 @@ use std::sync::Mutex;
 use test_support::chroot::ChrootNix;
 use test_support::http_service::HttpService;
 use test_support::nix::text;
-use test_support::vm::{image_dir, nonce, public_key_of, vouch_bin};
-use tests::service::{closure_nix, json, wait};
+use test_support::vm::{nonce, public_key_of};
+use tests::service::{closure_nix, json, start_trusted, wait};
 
 /// The tests take it so their VMs do not compete for the CPUs.
 static VMS: Mutex<()> = Mutex::new(());
@@ -26,20 +26,7 @@ const TOKEN: &str = "trusted-0123456789abcdef";
 /// callers' token.
 fn service(c: &ChrootNix) -> HttpService {
     let token = c.write("token", &format!("{TOKEN}\n"), false);
-    let image = image_dir();
-    HttpService::start(
-        &vouch_bin(),
-        &c.srv().join("state"),
-        &c.dir.path().join("serve.log"),
-        &[
-            "--image",
-            image.to_str().unwrap(),
-            "--jobs",
-            "1",
-            "--trusted-token-file",
-            token.to_str().unwrap(),
-        ],
-    )
+    start_trusted(&c.srv().join("state"), &c.dir.path().join("serve.log"), &token)
 }
 
 /// Nix 2.26 uploads, the service builds, a fresh 2.26 store substitutes.

@@ -16,10 +16,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use test_support::http_service::HttpService;
 use test_support::nix::text;
-use test_support::vm::{image_dir, nonce, vouch_bin, Scratch, NIX_CONFIG};
-use tests::service::{closure_nix, json, wait};
+use test_support::vm::{nonce, Scratch, NIX_CONFIG};
+use tests::service::{closure_nix, json, start_trusted, wait};
 use tests::webdriver::Browser;
 
 const TRUSTED: &str = "Authorization: Bearer trusted-0123456789abcdef";
@@ -56,20 +55,7 @@ fn the_page_follows_a_build_live_and_cancels_one() {
     let (ticker, slow) = (s.instantiate(&file, "ticker"), s.instantiate(&file, "slow"));
     let token = s.dir.path().join("trusted-token");
     std::fs::write(&token, "trusted-0123456789abcdef\n").unwrap();
-    let image = image_dir();
-    let svc = HttpService::start(
-        &vouch_bin(),
-        &s.state(),
-        &s.dir.path().join("serve.log"),
-        &[
-            "--image",
-            image.to_str().unwrap(),
-            "--jobs",
-            "1",
-            "--trusted-token-file",
-            token.to_str().unwrap(),
-        ],
-    );
+    let svc = start_trusted(&s.state(), &s.dir.path().join("serve.log"), &token);
     let up = Command::new("nix")
         .args(["copy", "--to", &svc.url(), "--derivation", &ticker, &slow])
         .env("NIX_CONFIG", NIX_CONFIG)

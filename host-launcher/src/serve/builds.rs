@@ -378,8 +378,10 @@ impl Builds {
     pub fn stop(&self) {
         let mut inner = lock(&self.inner);
         inner.stopping = true;
+        // Every build a worker holds: running, or taken from the queue and about to start.
+        let queued: std::collections::HashSet<u64> = inner.queue.iter().map(|b| b.id).collect();
         for b in inner.builds.values() {
-            if b.state() == BuildState::Running {
+            if !queued.contains(&b.id) && !b.state().is_finished() {
                 b.cancel.cancel();
             }
         }

@@ -181,5 +181,4 @@ fn compressed_nars_are_decompressed_only_up_to_their_nar_size() {
     i.nar_size = 4096;
     let e = st.take(&a, &hp, &i, &none).unwrap_err();
     assert!(e.msg.contains("more than"), "{e}");
-    assert_eq!(fs::metadata(t.path().join("staging")).is_ok(), true);
 }

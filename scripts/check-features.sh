@@ -10,9 +10,10 @@
 #    (the trace-store writer). getrandom itself stays in the graph: RustCrypto's `std` features
 #    (p384 and rsa under `sev`'s chain verification) turn on rand_core/getrandom; nothing of vouch
 #    that generates a key is compiled.
-# 3. The measured agent links no verifier: build-trace with `simulated-attester` only, no RSA, no
-#    X.509 chains (`x509-cert`, `sev/crypto_nossl`), no TOML trust policy, no tempfile, no
-#    `keygen`; and, without `--features bench`, no benchmark modes (`channel/bench`).
+# 3. The measured agent links no verifier: build-trace with `simulated-attester` only, no
+#    aws-lc-rs (the verifier's signature checks), no RSA, no X.509 chains (`x509-cert`,
+#    `sev/crypto_nossl`), no TOML trust policy, no tempfile, no `keygen`; and, without
+#    `--features bench`, no benchmark modes (`channel/bench`).
 # 4. The shipped `vouch` (`-p host-launcher`) has no `bench` feature.
 # Each check has a positive control (the same pattern matches where the thing is present), so
 # a check that cannot fail fails the script.
@@ -58,6 +59,7 @@ echo "== the measured agent: no verifier, no bench modes" >&2
 agent=$(graph -p agent)
 has "$agent" '^build-trace v[^ ]+ \([^)]*\) \[simulated-attester\]$' || fail "agent's build-trace features: $(grep '^build-trace ' <<<"$agent")"
 for check in \
+  '^aws-lc-rs @@aws-lc-rs (every signature verification)' \
   '^rsa @@rsa (AMD chain signatures)' \
   '^x509-cert @@x509-cert (certificate chains)' \
   '^sev .*\bcrypto_nossl\b@@sev crypto_nossl (chain verification)' \

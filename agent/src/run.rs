@@ -1,6 +1,7 @@
-//! PID 1's main line: mount, read the command line, connect to the host, serve one step, power
-//! off — whatever happens (errors are reported to the host when the channel is up and always
-//! printed on the console; panics power off through the hook in `crate::pid1`).
+//! PID 1's main line: mount, read the command line, connect to the host, serve one step, wait
+//! for the host to close the channel, power off — whatever happens (errors are reported to the
+//! host when the channel is up and always printed on the console; panics power off through the
+//! hook in `crate::pid1`).
 //!
 //! With the `bench` feature (the bench image only) the modes of `vouch.bench=` branch off here
 //! (`crate::bench`); without it the key is unknown and the agent refuses to start.
@@ -26,6 +27,28 @@ fn connect(port: u32) -> std::io::Result<vsock::VsockStream> {
         std::thread::sleep(Duration::from_millis(20));
     }
     Err(last.unwrap_or_else(|| std::io::Error::other("no attempt")))
+}
+
+/// How long the agent waits for the host to close the channel before it powers off anyway.
+const LINGER: Duration = Duration::from_secs(30);
+
+/// Wait (at most [`LINGER`]) until the host closes the channel, discarding whatever it still
+/// sends. The host closes only after it has read the agent's last frame (`Bye`); powering off
+/// earlier could end the VM while those frames are still on their way (in the guest kernel, in
+/// the vsock backend, or in the host's socket buffer behind a slow reader) and the host would see
+/// a VM that exited in the middle of sending its outputs.
+fn linger(mut stream: vsock::VsockStream) {
+    use std::io::Read;
+    let deadline = std::time::Instant::now() + LINGER;
+    let _ = stream.set_read_timeout(Some(LINGER));
+    let mut buf = [0u8; 4096];
+    while std::time::Instant::now() < deadline {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+    say("the host did not close the channel; powering off anyway");
 }
 
 /// Everything PID 1 does. Never returns.
@@ -60,6 +83,7 @@ pub fn pid1_main() -> ! {
         }
     };
     say(&format!("connected to the host on vsock port {}", cfg.port));
+    let lingering = stream.try_clone();
     let result = match stream.try_clone() {
         #[cfg(feature = "bench")]
         Ok(wr) if cfg.bench == Some(channel::config::Bench::Sink) => crate::bench::sink(stream, wr),
@@ -68,6 +92,9 @@ pub fn pid1_main() -> ! {
     };
     if let Err(e) = result {
         say(&format!("channel failed: {}", error_chain(&e)));
+    }
+    if let Ok(s) = lingering {
+        linger(s);
     }
     say("powering off");
     power_off();

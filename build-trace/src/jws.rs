@@ -179,9 +179,32 @@ pub struct VerifiedJws {
     pub payload: Value,
 }
 
+/// Public keys ready to verify JWS: each key's name, its Ed25519 point (decompressed once, not
+/// once per signature) and its `kid`.
+#[derive(Debug, Clone)]
+pub struct JwsKeys(Vec<(String, VerifyingKey, String)>);
+
+impl JwsKeys {
+    pub fn new(keys: &[PublicKey]) -> JwsKeys {
+        JwsKeys(
+            keys.iter()
+                .map(|k| {
+                    let vk = verifying_key(k);
+                    (k.name().to_string(), vk, kid(k.name(), &vk))
+                })
+                .collect(),
+        )
+    }
+}
+
 /// Verify a compact JWS against the keys given: the `kid` must name one of them with a matching
 /// thumbprint, and the Ed25519 signature must verify (strictly).
 pub fn verify(compact: &str, keys: &[PublicKey]) -> Result<VerifiedJws, JwsError> {
+    verify_with(compact, &JwsKeys::new(keys))
+}
+
+/// [`verify`] with prepared keys.
+pub fn verify_with(compact: &str, keys: &JwsKeys) -> Result<VerifiedJws, JwsError> {
     let parts: Vec<&str> = compact.trim().split('.').collect();
     let [h64, p64, s64] = parts[..] else {
         return Err(JwsError::Malformed(format!("{} parts, not 3", parts.len())));
@@ -202,11 +225,10 @@ pub fn verify(compact: &str, keys: &[PublicKey]) -> Result<VerifiedJws, JwsError
         .ok_or_else(|| JwsError::Header("no `kid`".into()))?;
     let (name, _) =
         kid_str.rsplit_once(':').ok_or_else(|| JwsError::Header(format!("kid `{kid_str}`")))?;
-    let key = keys
+    let (_, key, _) = keys
+        .0
         .iter()
-        .filter(|k| k.name() == name)
-        .map(verifying_key)
-        .find(|k| kid(name, k) == kid_str)
+        .find(|(n, _, kid)| n == name && kid == kid_str)
         .ok_or_else(|| JwsError::UnknownKey(kid_str.to_string()))?;
     let sig_bytes: [u8; 64] = decode("signature", s64)?
         .try_into()

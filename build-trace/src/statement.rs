@@ -94,6 +94,20 @@ pub fn host_data_of(canonical_statement: &[u8]) -> Option<[u8; 32]> {
     canonical::member(canonical_statement, "job").map(crate::job::host_data_of)
 }
 
+/// The output paths, by output name, that a statement's bytes claim, read without checking
+/// anything else (`None` when they are not there or one is not a store path). A hint only: the
+/// closure verifier's look-ahead guesses the next steps with it, and every claim is checked
+/// later.
+pub fn peek_output_paths(statement: &[u8]) -> Option<BTreeMap<String, StorePath>> {
+    #[derive(Deserialize)]
+    struct Claim {
+        path: StorePath,
+    }
+    let outputs = canonical::member(statement, "outputs")?;
+    let claims: BTreeMap<String, Claim> = serde_json::from_slice(outputs).ok()?;
+    Some(claims.into_iter().map(|(name, c)| (name, c.path)).collect())
+}
+
 /// An SEV-SNP launch measurement (48 bytes). On the wire: 96 lowercase hex digits.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Measurement(pub [u8; 48]);

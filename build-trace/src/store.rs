@@ -25,6 +25,9 @@
 //! directory, index markers and laut's index, realisations, then narinfos — a reader never sees a narinfo whose
 //! NAR, or a step whose files, are missing. With a log attached ([`TraceStore::with_log`]) the
 //! step's entry is appended to it last, once per entry id (re-publishing appends nothing).
+//! Temporary names carry the writer's pid ([`tmp_prefix`], [`tmp_owner`]): a writer that dies
+//! mid-step leaves only such names (never a narinfo), which the launcher's start-up recovery
+//! removes once that pid is gone (`host_launcher::recovery`).
 //!
 //! By feature: opening a store and reading it ([`TraceSource`]) with `verifier`; creating one,
 //! writing steps, laut's index and the audit with `producer`.
@@ -126,14 +129,29 @@ pub(crate) fn io_err<'a>(
     move |source| StoreError::Io { op, path: path.to_path_buf(), source }
 }
 
+/// The name prefix of every temporary file the writers of a trace store (and of its log) make:
+/// `.tmp-<pid>-`, so that a process cleaning up after a crash can tell a dead writer's leftovers
+/// ([`tmp_owner`]) from a live writer's work.
+pub fn tmp_prefix() -> String {
+    format!(".tmp-{}-", std::process::id())
+}
+
+/// The pid of the writer that made the temporary file or step directory named `name`
+/// (`.tmp-<pid>-…`, or `step-<pid>-…` under `vouch/v1/tmp/`); `None` if `name` is not one.
+pub fn tmp_owner(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix(".tmp-").or_else(|| name.strip_prefix("step-"))?;
+    rest.split('-').next()?.parse().ok()
+}
+
 /// Write `bytes` to `path` atomically: a temporary file in the same directory (created
-/// exclusively, named after this process and a counter), fsync, rename, fsync of the directory.
-/// (`std` only, so verifier-only builds, which persist their accepted log checkpoints, have it.)
+/// exclusively, named after this process and a counter: [`tmp_prefix`]), fsync, rename, fsync of
+/// the directory. (`std` only, so verifier-only builds, which persist their accepted log
+/// checkpoints, have it.)
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let dir = path.parent().unwrap_or(Path::new("."));
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = dir.join(format!(".tmp-{}-{n}", std::process::id()));
+    let tmp = dir.join(format!("{}{n}", tmp_prefix()));
     let written = (|| {
         let mut f = fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
         f.write_all(bytes)?;
@@ -170,14 +188,30 @@ pub struct PutResult {
     pub step_dir: PathBuf,
     /// The entry id.
     pub entry: String,
-    /// Records that already existed with different content and were kept (divergent builds).
-    pub kept_existing: Vec<PathBuf>,
+    /// By output name: the outputs whose published records an earlier, different build of the
+    /// step wrote and which were kept (a divergent build; its entry records this in
+    /// `divergent.json`).
+    pub diverged: BTreeMap<String, Divergence>,
     /// Where the step's entry is in the transparency log, if one is attached.
     pub log: Option<crate::tlog::AppendResult>,
     /// The Nix records signed for this step (one signing per step: the writer's, whose
     /// narinfos, realisations and build-trace entries are the ones written here; a narinfo's
     /// URL and file fields are the store's).
     pub records: sign::StepRecords,
+}
+
+#[cfg(feature = "producer")]
+/// One output of a divergent build: what the store kept instead of this build's records.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Divergence {
+    /// This build's NAR hash (its own: never the kept one).
+    pub nar_hash: NarHash,
+    /// The records kept (narinfo, realisation, build-trace entry), relative to the store root.
+    pub kept: Vec<String>,
+    /// The NAR hash the kept narinfo names, when the narinfo was kept.
+    pub published_nar_hash: Option<NarHash>,
+    /// The output path the kept realisation or build-trace entry names, when one was kept.
+    pub published_path: Option<StorePath>,
 }
 
 /// A trace store directory.
@@ -264,7 +298,6 @@ impl TraceStore {
         st.validate().map_err(StoreError::Statement)?;
         let statement_bytes = st.canonical_bytes().map_err(StoreError::Statement)?;
         let entry = entry_id(&statement_bytes);
-        let mut kept = Vec::new();
 
         // 1. NARs, each re-hashed while copied.
         let mut nar_files = BTreeMap::new();
@@ -321,6 +354,7 @@ impl TraceStore {
         laut_index::refresh(&self.root, &step_dir, st.job.drv_path.hash_part())?;
 
         // 4. Realisations (content-addressed steps), keeping divergent existing ones.
+        let mut diverged: BTreeMap<String, Divergence> = BTreeMap::new();
         for (name, rec) in &records {
             let out_base = st.outputs[name].path.base_name();
             let mut files = Vec::new();
@@ -337,17 +371,16 @@ impl TraceStore {
                 if let Some(dir) = path.parent() {
                     fs::create_dir_all(dir).map_err(io_err("create", dir))?;
                 }
-                match fs::read(&path) {
-                    Ok(existing) => {
-                        let v: serde_json::Value =
-                            serde_json::from_slice(&existing).unwrap_or_default();
-                        if v.get("outPath").and_then(|p| p.as_str()) != Some(out_base) {
-                            kept.push(path);
-                        }
-                    }
-                    Err(_) => {
-                        write_atomic(&path, body.as_bytes()).map_err(io_err("write", &path))?
-                    }
+                if write_new(&path, body.as_bytes()).map_err(io_err("write", &path))? {
+                    continue;
+                }
+                let existing = fs::read(&path).map_err(io_err("read", &path))?;
+                let v: serde_json::Value = serde_json::from_slice(&existing).unwrap_or_default();
+                let kept_out = v.get("outPath").and_then(|p| p.as_str());
+                if kept_out != Some(out_base) {
+                    let d = divergence(&mut diverged, name, st.outputs[name].nar_hash);
+                    d.published_path = kept_out.and_then(|b| StorePath::from_base_name(b).ok());
+                    d.kept.push(self.relative(&path));
                 }
             }
         }
@@ -360,16 +393,22 @@ impl TraceStore {
             info.file_hash = Some(nix_formats::Hash::sha256(file_hash.0));
             info.file_size = Some(file_size);
             let path = self.root.join(format!("{}.narinfo", info.store_path.hash_part()));
-            match fs::read_to_string(&path) {
-                Ok(existing) => {
-                    let same = NarInfo::parse(&existing).is_ok_and(|e| e.nar_hash == info.nar_hash);
-                    if !same {
-                        kept.push(path);
-                    }
-                }
-                Err(_) => write_atomic(&path, info.to_text().as_bytes())
-                    .map_err(io_err("write", &path))?,
+            if write_new(&path, info.to_text().as_bytes()).map_err(io_err("write", &path))? {
+                continue;
             }
+            let existing = fs::read_to_string(&path).map_err(io_err("read", &path))?;
+            let kept_hash = NarInfo::parse(&existing).ok().map(|e| e.nar_hash);
+            if kept_hash.as_ref() != Some(&info.nar_hash) {
+                let d = divergence(&mut diverged, name, st.outputs[name].nar_hash);
+                d.published_nar_hash = kept_hash.and_then(|h| h.sha256_bytes().ok()).map(NarHash);
+                d.kept.push(self.relative(&path));
+            }
+        }
+        if !diverged.is_empty() {
+            let p = final_dir.join("divergent.json");
+            let body = serde_json::to_string_pretty(&serde_json::json!({ "outputs": &diverged }))
+                .expect("divergences serialise");
+            write_atomic(&p, body.as_bytes()).map_err(io_err("write", &p))?;
         }
         // 6. The transparency log, once the step is readable.
         let log = match &self.log {
@@ -386,7 +425,7 @@ impl TraceStore {
             }
             None => None,
         };
-        Ok(PutResult { step_dir: final_dir, entry, kept_existing: kept, log, records })
+        Ok(PutResult { step_dir: final_dir, entry, diverged, log, records })
     }
 
     #[cfg(feature = "producer")]
@@ -401,7 +440,7 @@ impl TraceStore {
     ) -> Result<(), StoreError> {
         let tmp_root = self.root.join(VOUCH_DIR).join("tmp");
         let tmp = tempfile::Builder::new()
-            .prefix("step-")
+            .prefix(&format!("step-{}-", std::process::id()))
             .tempdir_in(&tmp_root)
             .map_err(io_err("create", &tmp_root))?;
         let t = tmp.path();
@@ -448,7 +487,7 @@ impl TraceStore {
             return Ok((*want, size));
         }
         let mut tmp = tempfile::Builder::new()
-            .prefix(".tmp-")
+            .prefix(&tmp_prefix())
             .tempfile_in(&nar_dir)
             .map_err(io_err("create", &nar_dir))?;
         let mut hasher = Sha256::new();
@@ -485,9 +524,67 @@ impl TraceStore {
         laut_index::rebuild_all(&self.root, &self.root.join(VOUCH_DIR).join("steps"))
     }
 
+    /// `path` (under the root) relative to the root.
+    #[cfg(feature = "producer")]
+    fn relative(&self, path: &Path) -> String {
+        path.strip_prefix(&self.root).unwrap_or(path).display().to_string()
+    }
+
     /// `<root>/<hash part>.narinfo` of an output path.
     pub fn narinfo_path(&self, out_path: &StorePath) -> PathBuf {
         self.root.join(format!("{}.narinfo", out_path.hash_part()))
+    }
+
+    /// The output this store accepted for `output` of the resolved derivation `drv_path`: the
+    /// `outPath` of its published build-trace entry (`build-trace-v2/<drv>/<output>.doi`, which
+    /// only a checked floating content-addressed step writes, first build first), if any.
+    pub fn published_output(&self, drv_path: &StorePath, output: &str) -> Option<StorePath> {
+        if output.is_empty() || output.starts_with('.') || output.contains('/') {
+            return None;
+        }
+        let p = self.root.join("build-trace-v2").join(drv_path.base_name());
+        let bytes = fs::read(p.join(format!("{output}.doi"))).ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+        StorePath::from_base_name(v.get("outPath")?.as_str()?).ok()
+    }
+}
+
+#[cfg(feature = "producer")]
+/// The divergence of output `name` (whose own NAR hash is `nar_hash`), made on first use.
+fn divergence<'a>(
+    map: &'a mut BTreeMap<String, Divergence>,
+    name: &str,
+    nar_hash: NarHash,
+) -> &'a mut Divergence {
+    map.entry(name.to_owned()).or_insert_with(|| Divergence {
+        nar_hash,
+        kept: Vec::new(),
+        published_nar_hash: None,
+        published_path: None,
+    })
+}
+
+#[cfg(feature = "producer")]
+/// Write `bytes` to `path` only if nothing is there, atomically (a temporary file, fsynced, then
+/// hard-linked into place, which never replaces a file, so two writers racing for one name
+/// cannot swap what a reader saw); whether this call wrote it.
+fn write_new(path: &Path, bytes: &[u8]) -> io::Result<bool> {
+    if path.exists() {
+        return Ok(false);
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    let linked = fs::hard_link(tmp.path(), path);
+    drop(tmp);
+    match linked {
+        Ok(()) => {
+            fs::File::open(dir)?.sync_all()?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
@@ -500,4 +597,20 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
 #[cfg(feature = "producer")]
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io_err("sync", dir))
+}
+
+#[cfg(test)]
+mod tmp_names {
+    use super::*;
+
+    #[test]
+    fn temporary_names_carry_their_writers_pid() {
+        let me = std::process::id();
+        assert_eq!(tmp_owner(&format!("{}0", tmp_prefix())), Some(me));
+        assert_eq!(tmp_owner(".tmp-123-Ab9x"), Some(123));
+        assert_eq!(tmp_owner("step-55-q1w2"), Some(55));
+        for other in ["abc.narinfo", ".tmp-key-xyz", "step-", ".tmp-", "nar"] {
+            assert_eq!(tmp_owner(other), None, "{other}");
+        }
+    }
 }

@@ -188,6 +188,8 @@ pub struct PreparedPolicy {
     pub policy: TrustPolicy,
     /// Its Nix public keys.
     pub keys: Vec<nix_formats::signing::PublicKey>,
+    /// The same keys, ready to verify JWS.
+    pub jws_keys: crate::jws::JwsKeys,
     /// Builder rules by name, with their effective evidence policy.
     pub rules: Vec<(String, EvidencePolicy)>,
 }
@@ -514,7 +516,9 @@ impl TrustPolicy {
             }
             rules.push((name.clone(), ev));
         }
-        Ok(PreparedPolicy { policy: self.clone(), keys: self.public_keys(), rules })
+        let keys = self.public_keys();
+        let jws_keys = crate::jws::JwsKeys::new(&keys);
+        Ok(PreparedPolicy { policy: self.clone(), keys, jws_keys, rules })
     }
 
     /// The policy's Nix public keys.

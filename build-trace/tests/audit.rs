@@ -3,7 +3,9 @@
 //! build is published first, and the genuine build that follows keeps the forged narinfo. The
 //! audit finds the entry and the narinfo, `fix` withdraws them (moved, not deleted) and leaves
 //! the genuine step; an input-addressed step whose unresolved derivation is not available is
-//! unverifiable (withdrawn only when strict); a realisation pointing elsewhere is unproduced.
+//! unverifiable (withdrawn only when strict); a realisation pointing elsewhere is unproduced; a
+//! deferred input-addressed step named by its unresolved derivation is resolved against the
+//! store's accepted outputs and checked (it used to be refused outright).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -61,23 +63,8 @@ fn statement(drv_path: &StorePath, drv: &Derivation, extra: &[&str], nar: &[u8])
     basic.input_drvs.clear();
     basic.input_srcs.extend(extra.iter().map(|p| StorePath::parse(p).unwrap()));
     let basic = BasicDerivation::from_derivation("victim", &basic).unwrap();
-    let info =
-        |refs| PathInfo { nar_hash: NarHash([1; 32]), nar_size: 1, references: refs, ca: None };
-    let mut closure = BTreeMap::from([(StorePath::parse(SRC).unwrap(), info(BTreeSet::new()))]);
-    for e in extra {
-        closure.insert(StorePath::parse(e).unwrap(), info(BTreeSet::new()));
-    }
     let out_path = drv.outputs["out"].path().unwrap().clone();
-    let job = Job::new(
-        "job",
-        drv_path.clone(),
-        basic,
-        closure,
-        Limits::default(),
-        CaRule::SelfRefPositions,
-        false,
-        BTreeSet::from(["out".to_string()]),
-    );
+    let job = job(drv_path, basic, extra);
     let out = OutputInfo {
         path: out_path,
         nar_hash: NarHash::of(nar),
@@ -87,6 +74,26 @@ fn statement(drv_path: &StorePath, drv: &Derivation, extra: &[&str], nar: &[u8])
     };
     let outputs = BTreeMap::from([("out".to_string(), out)]);
     Statement::new(job, BTreeMap::new(), outputs, Measurement([7; 48]), "test")
+}
+
+/// The job of building `basic` (at `drv_path`), its closure the busybox source and `extra`.
+fn job(drv_path: &StorePath, basic: BasicDerivation, extra: &[&str]) -> Job {
+    let info =
+        PathInfo { nar_hash: NarHash([1; 32]), nar_size: 1, references: BTreeSet::new(), ca: None };
+    let closure = std::iter::once(SRC)
+        .chain(extra.iter().copied())
+        .map(|p| (StorePath::parse(p).unwrap(), info.clone()))
+        .collect();
+    Job::new(
+        "job",
+        drv_path.clone(),
+        basic,
+        closure,
+        Limits::default(),
+        CaRule::SelfRefPositions,
+        false,
+        BTreeSet::from(["out".to_string()]),
+    )
 }
 
 fn publish(store: &TraceStore, dir: &Path, st: &Statement, nar: &[u8]) {
@@ -229,4 +236,100 @@ fn a_realisation_pointing_elsewhere_is_unproduced() {
         ]),
         "{r:#?}"
     );
+}
+
+/// A floating-CA leaf derivation `ca` and the statement of building it to `nar` (its output
+/// path from the NAR's content address, no references).
+fn ca_step(nar: &[u8]) -> (StorePath, Derivation, Statement) {
+    use nix_formats::derivation::CaMethod;
+    let floating = DerivationOutput::Floating {
+        method: CaMethod::Recursive,
+        algo: nix_formats::hash::HashAlgo::Sha256,
+    };
+    let d = Derivation {
+        outputs: BTreeMap::from([("out".to_string(), floating)]),
+        input_srcs: BTreeSet::from([StorePath::parse(SRC).unwrap()]),
+        platform: "x86_64-linux".into(),
+        builder: format!("{SRC}/sh"),
+        args: vec!["-c".into(), "echo ca > $out".into()],
+        env: BTreeMap::from([(
+            "out".to_string(),
+            nix_formats::derivation::hash_placeholder("out"),
+        )]),
+        ..Default::default()
+    };
+    let path = d.drv_path("ca").unwrap();
+    let job = job(&path, BasicDerivation::from_derivation("ca", &d).unwrap(), &[]);
+    let ca = format!("fixed:r:sha256:{}", nix_formats::base32::encode(&NarHash::of(nar).0));
+    let named = StorePath::from_parts([0; 20], "ca").unwrap();
+    let out_path =
+        build_trace::ownership::content_addressed_path(&named, &ca, &BTreeSet::new()).unwrap();
+    let out = OutputInfo {
+        path: out_path,
+        nar_hash: NarHash::of(nar),
+        nar_size: nar.len() as u64,
+        references: BTreeSet::new(),
+        ca: Some(ca),
+    };
+    let outputs = BTreeMap::from([("out".to_string(), out)]);
+    (path, d, Statement::new(job, BTreeMap::new(), outputs, Measurement([7; 48]), "test"))
+}
+
+#[test]
+fn a_deferred_step_is_resolved_against_the_stores_accepted_outputs() {
+    let t = tempfile::tempdir().unwrap();
+    let store = TraceStore::create(&t.path().join("cache")).unwrap();
+    // The floating-CA input, built and accepted here first.
+    let (ca_path, ca, ca_st) = ca_step(b"ca bytes");
+    publish(&store, t.path(), &ca_st, b"ca bytes");
+    let ca_out = ca_st.outputs["out"].path.clone();
+    // The deferred derivation (its input by placeholder, its output empty, as Nix writes it).
+    let ph = nix_formats::derivation::downstream_placeholder(&ca_path, "out").unwrap();
+    let mut deferred = ca.clone();
+    deferred.outputs = BTreeMap::from([("out".to_string(), DerivationOutput::Deferred)]);
+    deferred.input_drvs = BTreeMap::from([(ca_path.clone(), BTreeSet::from(["out".into()]))]);
+    deferred.args = vec!["-c".into(), format!("cat {ph} > $out")];
+    deferred.env = BTreeMap::from([("out".to_string(), String::new())]);
+    let d_path = deferred.drv_path("victim").unwrap();
+    let resolved = nix_formats::resolve::resolve_with(
+        &deferred,
+        "victim",
+        &[((ca_path.clone(), "out".to_string()), ca_out.clone())].into(),
+    )
+    .unwrap();
+    // An honest step named by the unresolved derivation, and a forged one claiming another
+    // path for the same derivation.
+    let ca_str = ca_out.to_string();
+    let honest = statement(&d_path, &resolved.drv, &[&ca_str], b"honest");
+    publish(&store, t.path(), &honest, b"honest");
+    let victim = StorePath::from_parts([4; 20], "victim").unwrap();
+    let mut forged_drv = resolved.drv.clone();
+    forged_drv.outputs.insert("out".into(), DerivationOutput::InputAddressed(victim.clone()));
+    forged_drv.env.insert("out".into(), victim.to_string());
+    publish(&store, t.path(), &statement(&d_path, &forged_drv, &[&ca_str], b"evil"), b"evil");
+
+    let drvs = BTreeMap::from([(d_path.clone(), deferred), (ca_path.clone(), ca)]);
+    let mut some = |p: &StorePath| drvs.get(p).cloned();
+    let r = store.audit(AuditOptions::default(), &mut some).unwrap();
+    // The CA step and the honest deferred step are accepted; the forged one is not owned,
+    // with the path the resolution gives named; its narinfo is unproduced.
+    assert_eq!((r.entries, r.accepted), (3, 2), "{r:#?}");
+    let computed = resolved.drv.outputs["out"].path().unwrap().to_string();
+    let not_owned: Vec<_> = r.findings.iter().filter(|f| f.problem == Problem::NotOwned).collect();
+    assert_eq!(not_owned.len(), 1, "{r:#?}");
+    assert!(not_owned[0].detail.contains(&computed), "{}", not_owned[0].detail);
+    let narinfo = format!("{}.narinfo", victim.hash_part());
+    assert!(r.findings.iter().any(|f| f.problem == Problem::Unproduced && f.path == narinfo));
+    assert_eq!(r.findings.len(), 2, "nothing else: {r:#?}");
+
+    // Without the accepted output of its input (the CA step withdrawn), the deferred steps are
+    // unverifiable, not accepted.
+    std::fs::remove_dir_all(store.root().join("build-trace-v2")).unwrap();
+    let r = store.audit(AuditOptions::default(), &mut some).unwrap();
+    let unverifiable = r
+        .findings
+        .iter()
+        .filter(|f| f.problem == Problem::Unverifiable && f.detail.contains("build it first"))
+        .count();
+    assert_eq!(unverifiable, 2, "{r:#?}");
 }

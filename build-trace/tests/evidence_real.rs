@@ -199,18 +199,18 @@ fn vcek_outside_validity_fails() {
 
 #[test]
 fn foreign_rsa_root_is_untrusted() {
-    use rsa::pkcs8::EncodePublicKey;
-    use rsa::signature::{RandomizedSigner, SignatureEncoding};
+    use aws_lc_rs::encoding::AsDer;
+    use aws_lc_rs::signature::{KeyPair, RsaKeyPair, RSA_PSS_SHA384};
     let c = case("virtee");
     // A self-made RSA "ARK-Milan": same subject and PSS parameters as AMD's, own key.
     let amd = x509_cert::Certificate::from_der(&c.bundle.ark).unwrap();
-    let key = rsa::RsaPrivateKey::new(&mut rand_core::OsRng, 2048).unwrap();
+    let key = RsaKeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
     let mut tbs = amd.tbs_certificate.clone();
-    let spki = key.to_public_key().to_public_key_der().unwrap();
-    tbs.subject_public_key_info =
-        spki::SubjectPublicKeyInfoOwned::from_der(spki.as_bytes()).unwrap();
-    let signer = rsa::pss::SigningKey::<sha2::Sha384>::new_with_salt_len(key, 48);
-    let sig = signer.sign_with_rng(&mut rand_core::OsRng, &tbs.to_der().unwrap()).to_vec();
+    let spki = key.public_key().as_der().unwrap();
+    tbs.subject_public_key_info = spki::SubjectPublicKeyInfoOwned::from_der(spki.as_ref()).unwrap();
+    let mut sig = vec![0u8; key.public_modulus_len()];
+    let rng = aws_lc_rs::rand::SystemRandom::new();
+    key.sign(&RSA_PSS_SHA384, &rng, &tbs.to_der().unwrap(), &mut sig).unwrap();
     let foreign = x509_cert::Certificate {
         tbs_certificate: tbs,
         signature_algorithm: amd.signature_algorithm.clone(),

@@ -374,3 +374,31 @@ microcode = 81
     assert!(EvidencePolicy::from_toml("measurements = [\"abcd\"]").is_err());
     assert!(EvidencePolicy::from_toml("check_time = \"yesterday\"").is_err());
 }
+
+/// A root whose certificates are valid only in a window that excludes now (an expired one, and
+/// one not yet valid: a host clock outside the validity) is refused at the validity check; the
+/// same root verifies at a time inside its window. `save` writes what `load` reads back.
+#[test]
+fn a_clock_outside_the_certificates_validity_is_refused() {
+    use std::time::{Duration, SystemTime};
+    let day = Duration::from_secs(86_400);
+    let now = SystemTime::now();
+    let platform = SimulatedRoot::generate().unwrap().platform();
+    for (from, to) in [(now - 30 * day, now - day), (now + day, now + 30 * day)] {
+        let root = SimulatedRoot::generate_valid(platform, from, to).unwrap();
+        let attester = root.attester(SimulatedLaunch::new(MEASUREMENT, HOST_DATA));
+        let mut policy = root.allowed_by(EvidencePolicy::default());
+        policy.measurements = Some(vec![Hex(MEASUREMENT)]);
+        let b = root.bundle(attester.report(&REPORT_DATA));
+        let e = fails(Verifier::new().verify(&b, &policy, &expected()).map(drop), Check::Validity);
+        assert!(matches!(e, EvidenceError::CertificateValidity { .. }), "{e}");
+        assert!(e.to_string().contains("certificate is not valid at"), "{e}");
+        Verifier::new().verify_at(&b, &policy, &expected(), from + day).unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let kept = dir.path().join("simulated-snp");
+        root.save(&kept).unwrap();
+        assert_eq!(SimulatedRoot::load(&kept).unwrap().key_id(), root.key_id());
+        assert!(root.save(&kept).is_err(), "an existing root is never overwritten");
+    }
+}

@@ -132,7 +132,7 @@ fn writes_the_documented_layout_idempotently() {
     let second = put(&store, &st, &nar).unwrap();
     assert_eq!(first, second);
     assert_eq!(files(store.root()), layout, "writing twice changes nothing");
-    assert!(first.kept_existing.is_empty());
+    assert!(first.diverged.is_empty());
     let drv_base = st.job.drv_path.base_name();
     let nar_file = format!("nar/{}.nar", nix_formats::base32::encode(&NarHash::of(b"nar bytes").0));
     for f in [
@@ -188,12 +188,23 @@ fn divergent_builds_sit_side_by_side_and_first_records_are_kept() {
     let (_dir, store, n1, n2) = two_builds();
     let s1 = statement("job-1", b"first");
     let s2 = statement("job-2", b"second");
-    put(&store, &s1, &n1).unwrap();
+    let r1 = put(&store, &s1, &n1).unwrap();
+    let narinfo = store.root().join("fib9f3qwvznq3m047cv9kmy5lffsrny7.narinfo");
+    let first_narinfo = std::fs::read(&narinfo).unwrap();
     let r2 = put(&store, &s2, &n2).unwrap();
-    assert_eq!(
-        r2.kept_existing,
-        vec![store.root().join("fib9f3qwvznq3m047cv9kmy5lffsrny7.narinfo")]
-    );
+    // Per output: this build's own NAR hash, the kept narinfo and the hash it names.
+    let d = &r2.diverged["out"];
+    assert_eq!(d.nar_hash, NarHash::of(b"second"), "the build's own hash");
+    assert_eq!(d.published_nar_hash, Some(NarHash::of(b"first")), "the kept narinfo's");
+    assert_eq!(d.kept, vec!["fib9f3qwvznq3m047cv9kmy5lffsrny7.narinfo".to_string()]);
+    assert_eq!(std::fs::read(&narinfo).unwrap(), first_narinfo, "the narinfo stays the first");
+    // The new trace is recorded, as divergent; the first is not.
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(r2.step_dir.join("divergent.json")).unwrap())
+            .unwrap();
+    assert_eq!(rec["outputs"]["out"]["nar_hash"], NarHash::of(b"second").to_string());
+    assert_eq!(rec["outputs"]["out"]["published_nar_hash"], NarHash::of(b"first").to_string());
+    assert!(!r1.step_dir.join("divergent.json").exists());
     assert_eq!(store.entries(&s1.job.drv_path).unwrap().len(), 2);
     assert_eq!(store.entries_for_output(&sp(OUT)).unwrap().len(), 2);
 }

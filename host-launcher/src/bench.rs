@@ -183,6 +183,8 @@ fn sink(cfg: &LauncherConfig, mode: Mode, bytes: &[u8]) -> Result<(f64, f64), Be
     }
     w.send(Kind::InputsDone, &[]).map_err(e("send"))?;
     let _ = r.expect(Kind::Bye, "bye");
+    // The agent powers off once the host closes the channel (it waits for that).
+    stream.shutdown();
     let _ = vm.wait_timeout(Duration::from_secs(30));
     Ok((rates[0], rates[1]))
 }

@@ -7,7 +7,7 @@
 //! info, build log, the engine and the one publish step); one build step in a fresh VM
 //! (`build`, on `vm`: QEMU and the host end of the vsock channel); the content store (`store`);
 //! the host side of SEV-SNP (`snp`: platform status, AMD certificates, preflight checks) and of
-//! the transparency log (`transparency`). `docs/architecture.md` draws the map.
+//! the transparency log (`transparency`); the start-up recovery after a crash (`recovery`). `docs/architecture.md` draws the map.
 //!
 //! With the `bench` feature (never in the shipped `vouch`): `vouch bench`, which needs the bench
 //! image (`scripts/build-image.sh --bench`).
@@ -25,6 +25,7 @@ pub mod build;
 pub mod core;
 pub mod nixbuilder;
 pub mod nixproto;
+pub mod recovery;
 pub mod serve;
 pub mod signals;
 pub mod snp;

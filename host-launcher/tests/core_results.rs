@@ -11,7 +11,9 @@ use build_trace::NarHash;
 use channel::messages::AttesterKind;
 use host_launcher::build::Timings;
 use host_launcher::core::result::Published;
-use host_launcher::core::{BuildResult, Built, FailureStatus, LegacyRealisation, PublishedOutput};
+use host_launcher::core::{
+    BuildResult, Built, Diverged, FailureStatus, LegacyRealisation, PublishedOutput,
+};
 use host_launcher::nixproto::version::FEATURE_REALISATION_WITH_PATH;
 use host_launcher::nixproto::{self, types, BuildStatus, ClientProfile, Protocol};
 use host_launcher::serve::builds::state_of;
@@ -39,6 +41,7 @@ fn built() -> BuildResult {
         narinfo_sigs: BTreeSet::from(["h-simulated-1:bmFyaW5mbw==".to_string()]),
         signatures: BTreeSet::from(["h-simulated-1:dHJhY2U=".to_string()]),
         legacy: Some(LegacyRealisation { id: ID.into(), json }),
+        diverged: None,
     };
     BuildResult::Built(Box::new(Built {
         start_time: 100,
@@ -51,7 +54,6 @@ fn built() -> BuildResult {
         published: Published {
             key_name: "h-simulated-1".into(),
             step_dir: PathBuf::from("/traces/vouch/v1/steps/x/1"),
-            kept_existing: Vec::new(),
             outputs: BTreeMap::from([("out".to_string(), out)]),
         },
     }))
@@ -135,4 +137,30 @@ fn a_failure_is_the_same_failure_everywhere() {
         let BuildState::Failed { status: name, error } = state_of(&core) else { panic!() };
         assert_eq!((name.as_str(), error.as_str()), (status.name(), "vouch: too slow"));
     }
+}
+
+#[test]
+fn a_divergent_build_reports_its_own_hash_and_what_the_cache_kept() {
+    let mut core = built();
+    let BuildResult::Built(b) = &mut core else { unreachable!() };
+    let kept = NarHash::of(b"the first build");
+    b.published.outputs.get_mut("out").unwrap().diverged =
+        Some(Diverged { published_nar_hash: Some(kept), published_path: None });
+
+    // The CI service: its own hash as `nar_hash`, the kept one only under `published`.
+    let BuildState::Succeeded { outputs, .. } = state_of(&core) else { panic!() };
+    let o = &outputs["out"];
+    assert_eq!(o["diverged"], true);
+    assert_eq!(o["nar_hash"], NarHash::of(b"nar").to_string(), "the build's own hash");
+    assert_eq!(o["published"]["nar_hash"], kept.to_string());
+    // Nix: built, flagged non-deterministic (the path's bytes are the ones registered first).
+    let wire = nixproto::BuildResult::from(&core);
+    assert_eq!(wire.status, BuildStatus::Built);
+    assert!(wire.is_non_deterministic);
+    assert_eq!(wire.built_outputs["out"].out_path.to_string(), OUT);
+    // An output that did not diverge says so.
+    let BuildState::Succeeded { outputs, .. } = state_of(&built()) else { panic!() };
+    assert_eq!(outputs["out"]["diverged"], false);
+    assert!(outputs["out"].get("published").is_none());
+    assert!(!nixproto::BuildResult::from(&built()).is_non_deterministic);
 }

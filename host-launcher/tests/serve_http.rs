@@ -85,6 +85,8 @@ fn simple_nix(nonce: &str) -> String {
   b = derivation {{ name = "serve-b-{nonce}"; system = "x86_64-linux"; builder = "${{bb}}/busybox";
                     args = [ "sh" "-c" "cat ${{a}} > $out" ];
                     __contentAddressed = true; outputHashMode = "recursive"; outputHashAlgo = "sha256"; }};
+  g = derivation {{ name = "serve-g-{nonce}"; system = "x86_64-linux"; builder = "${{bb}}/busybox";
+                    args = [ "sh" "-c" "cat ${{b}} > $out" ]; }};
   f = derivation {{ name = "serve-f-{nonce}"; system = "x86_64-linux"; builder = "${{bb}}/busybox";
                     args = [ "sh" "-c" "echo -n hello > $out" ]; outputHashMode = "flat";
                     outputHashAlgo = "sha256";
@@ -395,21 +397,23 @@ fn the_build_api_refuses_what_it_cannot_build_and_sigterm_stops_it() {
     assert!(r.status == 400 && r.text().contains("timout"), "{}", r.text());
     assert_eq!(post("not json").status, 400);
 
-    // A derivation with input derivations (a CA one, as Nix instantiates it) is not resolved.
+    // A derivation with input derivations (a CA one, as Nix instantiates it) is resolved by
+    // vouch against its input's output, which must be in the content store (built first).
     let drv = instantiate(t.path(), &simple_nix(&nix::nonce()), "b");
     let to = format!("{}?compression=none", s.url());
     let out = nix_copy(&t.path().join("xdg"), &["--to", &to, "--derivation", &drv]);
     assert!(out.status.success(), "nix copy: {}", nix::text(&out));
     let r = post(&format!(r#"{{"drv": "{drv}"}}"#));
     assert_eq!(r.status, 422, "{}", r.text());
-    assert!(r.text().contains("is not resolved") && r.text().contains("resolved derivation"));
+    assert!(r.text().contains("-serve-a-") && r.text().contains("is not in vouch's content store"));
     let r = s.request("GET", "/v1/builds/1", b"");
     assert_eq!(r.status, 404, "nothing was queued: {}", r.text());
     assert!(!s.log_text().contains("booting"), "no VM was started");
 
-    // A (floating-CA) derivation whose input is not in the content store (its text names an
-    // input it does not declare as a reference, so the upload itself passes): refused naming
-    // the input.
+    // A (floating-CA) derivation whose text names an input it does not declare as a reference
+    // (so the upload itself passes, and the input is not in the content store): its path is
+    // not the one its contents give, as Nix computes a .drv's path, so it is refused naming
+    // that path.
     let input = format!("/nix/store/{}-serve-input", "b".repeat(32));
     let out = "/1rz4g4znpzjwh1xymhjpm42vipw92pr73vdgl6xs1hycac8kf2n9";
     let aterm = format!(
@@ -429,7 +433,7 @@ fn the_build_api_refuses_what_it_cannot_build_and_sigterm_stops_it() {
     assert_eq!(r.status, 200, "{}", r.text());
     let r = post(&format!(r#"{{"drv": "{drv}"}}"#));
     assert_eq!(r.status, 422, "{}", r.text());
-    assert!(r.text().contains(&format!("input {input} of {drv} is not in")), "{}", r.text());
+    assert!(r.text().contains("its contents hash to"), "{}", r.text());
 
     let (status, log) = s.stop("TERM");
     assert!(status.success(), "{status}: {log}");
@@ -466,10 +470,11 @@ fn upload_drv(s: &HttpService, name: &str, drv: &Derivation) -> StorePath {
 }
 
 /// The attack: a client uploads an input-addressed derivation whose declared output path is
-/// another derivation's (Nix itself refuses to register such a `.drv`) and asks the service to
-/// build it, so that the service signs the attacker's bytes for the victim's path. Refused
-/// before anything is queued unless the caller holds the trusted token; fixed-output builds
-/// (network access) need a token, and this service has none.
+/// another derivation's (the victim's), with its own builder script, and asks for a build. vouch
+/// computes input-addressed output paths from the derivation graph, as Nix does: the forgery is
+/// refused, naming the computed path, from anyone — the trusted caller too —, while any caller
+/// may build the genuine derivation. A deferred derivation (its input is floating CA) that
+/// declares a path is refused likewise; an honest one waits for its input's build.
 #[test]
 fn an_untrusted_caller_cannot_get_another_derivations_output_path_signed() {
     nix::require_nix();
@@ -488,23 +493,54 @@ fn an_untrusted_caller_cannot_get_another_derivations_output_path_signed() {
     let out = nix_copy(&t.path().join("xdg"), &["--to", &to, "--derivation", &victim]);
     assert!(out.status.success(), "nix copy: {}", nix::text(&out));
     // The forged derivation: the victim's output path, the attacker's builder script.
-    let mut forged = Derivation::from_aterm(&std::fs::read(&victim).unwrap()).unwrap();
+    let genuine = Derivation::from_aterm(&std::fs::read(&victim).unwrap()).unwrap();
+    let victim_out = genuine.outputs["out"].path().unwrap().clone();
+    let mut forged = genuine.clone();
     forged.args = vec!["sh".into(), "-c".into(), "echo evil > $out".into()];
     let name = StorePath::parse(&victim).unwrap().name().to_owned();
     let forged_path = upload_drv(&s, &name, &forged);
     assert_ne!(forged_path.to_string(), victim);
+    let computed = nix_formats::derivation::DrvGraph::new()
+        .input_addressed_paths(&forged, forged_path.drv_name().unwrap())
+        .unwrap()
+        .unwrap()["out"]
+        .clone();
 
     let submit = format!(r#"{{"drv": "{forged_path}"}}"#);
-    let r = s.request("POST", "/v1/builds", submit.as_bytes());
-    assert_eq!(r.status, 403, "{}", r.text());
-    assert!(r.text().contains("input-addressed") && r.text().contains("trusted"), "{}", r.text());
-    // Neither does an anonymous caller with a genuine input-addressed derivation get it built.
-    let genuine = format!(r#"{{"drv": "{victim}"}}"#);
-    assert_eq!(s.request("POST", "/v1/builds", genuine.as_bytes()).status, 403);
+    for (who, headers) in [("an anonymous caller", &[][..]), ("the trusted caller", &[TRUSTED][..])]
+    {
+        let r = s.request_with("POST", "/v1/builds", headers, submit.as_bytes());
+        assert_eq!(r.status, 403, "{who}: {}", r.text());
+        assert!(
+            r.text().contains(&computed.to_string()) && r.text().contains(&victim_out.to_string()),
+            "{who}: the message names the computed and the claimed path: {}",
+            r.text()
+        );
+    }
     assert_eq!(s.request("GET", "/v1/builds/1", b"").status, 404, "nothing was queued");
-    // The trusted caller may (the operator vouches for what it sends, as Nix's trusted-users).
-    let r = s.request_with("POST", "/v1/builds", &[TRUSTED], genuine.as_bytes());
+    // Any caller may build the genuine derivation: its paths are the ones vouch computes.
+    let r = s.request("POST", "/v1/builds", format!(r#"{{"drv": "{victim}"}}"#).as_bytes());
     assert_eq!(r.status, 202, "{}", r.text());
+
+    // A deferred derivation (its input is floating CA): its path exists only after resolution,
+    // against an output of the input that vouch accepted. Before the input is built, it waits.
+    let deferred = instantiate(t.path(), &simple_nix(&nonce), "g");
+    let out = nix_copy(&t.path().join("xdg3"), &["--to", &to, "--derivation", &deferred]);
+    assert!(out.status.success(), "nix copy: {}", nix::text(&out));
+    let r = s.request("POST", "/v1/builds", format!(r#"{{"drv": "{deferred}"}}"#).as_bytes());
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert!(r.text().contains("no build of it was accepted here (build it first)"), "{}", r.text());
+    // Declaring the victim's path in it (where Nix leaves it empty) is a forgery: refused.
+    let mut forged = Derivation::from_aterm(&std::fs::read(&deferred).unwrap()).unwrap();
+    let out = nix_formats::derivation::DerivationOutput::InputAddressed(victim_out.clone());
+    forged.outputs.insert("out".into(), out);
+    forged.env.insert("out".into(), victim_out.to_string());
+    let name = StorePath::parse(&deferred).unwrap().name().to_owned();
+    let forged_path = upload_drv(&s, &name, &forged);
+    let submit = format!(r#"{{"drv": "{forged_path}"}}"#);
+    let r = s.request_with("POST", "/v1/builds", &[TRUSTED], submit.as_bytes());
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(r.text().contains("known only after resolution"), "{}", r.text());
 
     // A fixed-output derivation builds with network access: refused without a token, even for
     // content the client cannot choose.

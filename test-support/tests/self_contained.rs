@@ -1,6 +1,7 @@
 //! The repository's tests are self-contained: a fresh clone, with nothing beside it, runs them.
 //!
-//! Two checks over every file of the checkout (cargo target directories and `.git` aside):
+//! Two checks over every file of the repository (what `git ls-files` lists; in a copy without
+//! `.git`, every file but cargo target directories):
 //! - no file names a directory beside the checkout or the machine this was written on (the AMD
 //!   vectors used to be read from a `shared/` directory next to it; they are in
 //!   `test-support/data/snp/` now);
@@ -38,9 +39,28 @@ fn files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
+/// The files a clone has: in a git checkout the tracked ones (with uncommitted edits, as on
+/// disk; whatever a CI runner or a test leaves in the work tree is no part of the repository),
+/// in a copy without `.git` (scripts/check-self-contained.sh) every file of it.
 fn all_files() -> Vec<PathBuf> {
+    let root = repo_root();
+    let tracked = std::process::Command::new("git")
+        .args(["ls-files", "-z", "--cached"])
+        .current_dir(&root)
+        .output()
+        .ok()
+        .filter(|o| o.status.success() && root.join(".git").exists());
     let mut out = Vec::new();
-    files(&repo_root(), &mut out);
+    match tracked {
+        Some(o) => out.extend(
+            o.stdout
+                .split(|b| *b == 0)
+                .filter(|p| !p.is_empty())
+                .map(|p| root.join(String::from_utf8_lossy(p).as_ref()))
+                .filter(|p| p.is_file()),
+        ),
+        None => files(&root, &mut out),
+    }
     assert!(out.len() > 100, "only {} files found under {}", out.len(), repo_root().display());
     out
 }

@@ -1,12 +1,33 @@
-//! Talking to a `vouch serve` in the VM tests: the derivations its tests upload, JSON bodies,
-//! and waiting for a build's end.
-
-use std::time::{Duration, Instant};
+//! Talking to a `vouch serve` in the VM tests: the derivations its tests upload, uploading
+//! them with `nix copy`, the trusted callers' token, JSON bodies, and waiting for a build's end.
 
 use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 use test_support::http_service::{HttpResponse, HttpService};
-use test_support::vm::{image_dir, vouch_bin};
+use test_support::vm::{image_dir, vouch_bin, Scratch, NIX_CONFIG};
+
+/// The trusted callers' token of the service tests, as a header.
+pub const TRUSTED: &str = "Authorization: Bearer trusted-0123456789abcdef";
+
+/// `--trusted-token-file FILE` (holding [`TRUSTED`]'s token) for a service in `s`.
+pub fn trusted_args(s: &Scratch) -> [String; 2] {
+    let p = s.dir.path().join("trusted-token");
+    std::fs::write(&p, "trusted-0123456789abcdef\n").unwrap();
+    ["--trusted-token-file".into(), p.to_str().unwrap().into()]
+}
+
+/// `nix copy ARGS…` with the test configuration and its own narinfo disk cache (`xdg`).
+pub fn nix_copy(xdg: &Path, args: &[&str]) -> Output {
+    Command::new("nix")
+        .arg("copy")
+        .args(args)
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .env("XDG_CACHE_HOME", xdg)
+        .output()
+        .expect("running nix copy")
+}
 
 /// A `vouch serve` on the guest image with state `state`, log `log`, one build at a time and
 /// the trusted callers' token in `token`.

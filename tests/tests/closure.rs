@@ -27,7 +27,9 @@ fn sim() -> TrustModel {
     TrustModel::Leaf("builder:sim".into())
 }
 
-/// Verify `target` (expecting `expect`) over the derivation graph `drvs`, with one trace source.
+/// Verify `target` (expecting `expect`) over the derivation graph `drvs`, with one trace source,
+/// on one thread and on two and three (a fresh evidence verifier each time: no run profits from
+/// another's chain cache): the outcomes, the first broken link included, must be identical.
 fn verify_graph(
     drvs: &DrvSet,
     target: &StorePath,
@@ -36,16 +38,25 @@ fn verify_graph(
     source: &dyn TraceSource,
 ) -> Outcome {
     let prepared = policy.prepare().unwrap();
-    let ev = EvidenceVerifier::new();
-    let v = ClosureVerifier {
-        policy: &prepared,
-        sources: vec![source],
-        evidence: &ev,
-        now: SystemTime::now(),
-    };
+    let now = SystemTime::now();
     let req =
         Request { target: target.clone(), expect: expect.iter().map(|s| (*s).clone()).collect() };
-    v.verify(drvs, &req).unwrap()
+    let run = |threads: usize| {
+        let ev = EvidenceVerifier::new();
+        let v = ClosureVerifier {
+            policy: &prepared,
+            sources: vec![source],
+            evidence: &ev,
+            now,
+            threads,
+        };
+        v.verify(drvs, &req).unwrap()
+    };
+    let first = run(1);
+    for threads in [2, 3] {
+        assert_eq!(run(threads), first, "{threads} threads vs 1");
+    }
+    first
 }
 
 /// Verify the fixture's `attr` with its `.drv` files.

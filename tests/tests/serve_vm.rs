@@ -15,32 +15,11 @@ use std::time::{Duration, Instant};
 
 use test_support::http_service::HttpService;
 use test_support::nix::text;
-use test_support::vm::{image_dir, nix, nonce, public_key_of, vouch_bin, Scratch, NIX_CONFIG};
-use tests::service::{closure_nix, json, wait};
+use test_support::vm::{image_dir, nix, nonce, public_key_of, vouch_bin, Scratch};
+use tests::service::{closure_nix, json, nix_copy, trusted_args, wait, TRUSTED};
 
 /// The tests take it so their VMs do not compete for the CPUs.
 static VMS: Mutex<()> = Mutex::new(());
-
-/// The trusted callers' token (input-addressed builds need it), as a header.
-const TRUSTED: &str = "Authorization: Bearer trusted-0123456789abcdef";
-
-/// `--trusted-token-file FILE` for a service in `s`.
-fn trusted_args(s: &Scratch) -> [String; 2] {
-    let p = s.dir.path().join("trusted-token");
-    std::fs::write(&p, "trusted-0123456789abcdef\n").unwrap();
-    ["--trusted-token-file".into(), p.to_str().unwrap().into()]
-}
-
-/// `nix copy ARGS…` with the test configuration and its own narinfo disk cache.
-fn nix_copy(xdg: &Path, args: &[&str]) -> std::process::Output {
-    Command::new("nix")
-        .arg("copy")
-        .args(args)
-        .env("NIX_CONFIG", NIX_CONFIG)
-        .env("XDG_CACHE_HOME", xdg)
-        .output()
-        .expect("running nix copy")
-}
 
 /// A policy accepting the service's simulated root and requiring its Nix key too.
 fn policy(dir: &Path, state: &Path, key: &str) -> std::path::PathBuf {

@@ -52,8 +52,18 @@ fn verify_trace_and_provenance_commands() {
         text(&default)
     );
 
-    let wrong = verify(&["--expect", &fx.outs["a"].to_string(), &drv]);
+    let a_out = fx.outs["a"].to_string();
+    let wrong = verify(&["--expect", &a_out, &drv]);
     assert_eq!(wrong.status.code(), Some(1), "{}", text(&wrong));
+
+    // `--jobs`: the same verdicts, word for word, on one thread and on several.
+    for args in [&["--json", &drv][..], &["--expect", &a_out, &drv][..]] {
+        let one = verify(&[&["--jobs", "1"][..], args].concat());
+        let four = verify(&[&["-j", "4"][..], args].concat());
+        assert_eq!((one.status.code(), &one.stdout), (four.status.code(), &four.stdout));
+    }
+    let zero = verify(&["--jobs", "0", &drv]);
+    assert_eq!(zero.status.code(), Some(2), "{}", text(&zero));
 
     let bad = vouch(&["verify", "--traces", &traces, "not-a-drv"]);
     assert_eq!(bad.status.code(), Some(2), "{}", text(&bad));

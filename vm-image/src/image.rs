@@ -77,12 +77,14 @@ pub struct FileDigest {
 impl FileDigest {
     fn of(dir: &Path, name: &str) -> Result<Self, ImageError> {
         let p = dir.join(name);
-        let bytes = fs::read(&p).map_err(io(&p))?;
-        Ok(FileDigest {
-            file: name.to_owned(),
-            sha256: hex::encode(Sha256::digest(&bytes)),
-            size: bytes.len() as u64,
-        })
+        // Streamed: the launcher checks the image before every step, and a whole-file buffer
+        // (the 26 MB vmlinux) per step stayed in the allocator's per-thread arenas of a
+        // long-running server (`docs/benchmarks.md`, soak).
+        let mut hasher = Sha256::new();
+        let size = fs::File::open(&p)
+            .and_then(|mut f| std::io::copy(&mut f, &mut hasher))
+            .map_err(io(&p))?;
+        Ok(FileDigest { file: name.to_owned(), sha256: hex::encode(hasher.finalize()), size })
     }
 
     fn raw(&self) -> [u8; 32] {

@@ -11,8 +11,8 @@
 
 use std::time::SystemTime;
 
+use aws_lc_rs::signature;
 use der::{Decode, DecodePem, Encode};
-use sev::certs::snp::Verifiable;
 use sha2::{Digest, Sha256};
 use x509_cert::Certificate;
 
@@ -25,6 +25,12 @@ pub const ECDSA_WITH_SHA384: der::asn1::ObjectIdentifier =
 /// `RSASSA-PSS`.
 pub const RSA_PSS: der::asn1::ObjectIdentifier =
     der::asn1::ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.10");
+/// `id-ecPublicKey`.
+const EC_PUBLIC_KEY: der::asn1::ObjectIdentifier =
+    der::asn1::ObjectIdentifier::new_unwrap("1.2.840.10045.2.1");
+/// `secp384r1` (NIST P-384).
+const SECP384R1: der::asn1::ObjectIdentifier =
+    der::asn1::ObjectIdentifier::new_unwrap("1.3.132.0.34");
 const COMMON_NAME: der::asn1::ObjectIdentifier = der::asn1::ObjectIdentifier::new_unwrap("2.5.4.3");
 
 /// AMD's VCEK/VLEK extensions (OID arc 1.3.6.1.4.1.3704.1, VCEK spec 57230 §3).
@@ -151,38 +157,80 @@ fn directory_string(value: &der::Any) -> Option<String> {
     value.decode_as::<Ia5StringRef<'_>>().ok().map(|s| s.as_str().to_string())
 }
 
-/// RSA-PSS/SHA-384 signature of `signee` under `signer`'s key (AMD's chain), via `sev`.
+/// RSA-PSS/SHA-384 signature of `signee` under `signer`'s key (AMD's chain: RSA-4096, MGF1
+/// SHA-384, salt length 48), with aws-lc-rs.
 pub fn verify_rsa_pss(signer: &Certificate, signee: &Certificate) -> Result<(), SignatureError> {
-    let signer = sev::certs::snp::Certificate::from(signer.clone());
-    let signee = sev::certs::snp::Certificate::from(signee.clone());
-    (&signer, &signee).verify().map_err(|e| SignatureError(e.to_string()))
+    if signee.signature_algorithm.oid != RSA_PSS {
+        return Err(SignatureError(format!(
+            "signature algorithm {} is not RSASSA-PSS",
+            signee.signature_algorithm.oid
+        )));
+    }
+    // The subjectPublicKey BIT STRING of an RSA key holds its PKCS#1 RSAPublicKey, whichever
+    // algorithm identifier (rsaEncryption or RSASSA-PSS) the SubjectPublicKeyInfo names.
+    let key =
+        signature::ParsedPublicKey::new(&signature::RSA_PSS_2048_8192_SHA384, spki_bits(signer))
+            .map_err(|e| {
+                SignatureError(format!("the issuer's key is not a usable RSA key: {e}"))
+            })?;
+    verify_tbs(&key, signee, "RSA-PSS")
 }
 
 /// ECDSA P-384/SHA-384 signature of `signee` under `signer`'s key (the simulated chain).
 pub fn verify_ecdsa_p384(signer: &Certificate, signee: &Certificate) -> Result<(), SignatureError> {
-    use p384::ecdsa::signature::Verifier as _;
     if signee.signature_algorithm.oid != ECDSA_WITH_SHA384 {
         return Err(SignatureError(format!(
             "signature algorithm {} is not ecdsa-with-SHA384",
             signee.signature_algorithm.oid
         )));
     }
-    let key = vek_public_key(signer).map_err(SignatureError)?;
+    let key = p384_key(signer, &signature::ECDSA_P384_SHA384_ASN1).map_err(SignatureError)?;
+    verify_tbs(&key, signee, "ECDSA P-384")
+}
+
+/// `signee`'s signature over the DER of its `tbsCertificate`.
+fn verify_tbs(
+    key: &signature::ParsedPublicKey,
+    signee: &Certificate,
+    what: &str,
+) -> Result<(), SignatureError> {
     let tbs = signee
         .tbs_certificate
         .to_der()
         .map_err(|e| SignatureError(format!("tbsCertificate does not encode: {e}")))?;
-    let sig = p384::ecdsa::Signature::from_der(signee.signature.raw_bytes())
-        .map_err(|e| SignatureError(format!("malformed ECDSA signature: {e}")))?;
-    key.verify(&tbs, &sig)
-        .map_err(|_| SignatureError("ECDSA P-384 signature does not verify".into()))
+    key.verify_sig(&tbs, signee.signature.raw_bytes())
+        .map_err(|_| SignatureError(format!("{what} signature does not verify")))
 }
 
-/// The P-384 public key of a VCEK/VLEK (or simulated ARK).
-pub fn vek_public_key(cert: &Certificate) -> Result<p384::ecdsa::VerifyingKey, String> {
-    let bits = cert.tbs_certificate.subject_public_key_info.subject_public_key.raw_bytes();
-    p384::ecdsa::VerifyingKey::from_sec1_bytes(bits)
-        .map_err(|_| "the certificate's key is not an ECDSA P-384 public key".to_string())
+/// The P-384 public key of a VCEK/VLEK (or simulated ARK), parsed once for verifying report
+/// signatures: ECDSA P-384/SHA-384 with r and s as fixed-width big-endian integers (`r || s`).
+pub fn vek_public_key(cert: &Certificate) -> Result<signature::ParsedPublicKey, String> {
+    p384_key(cert, &signature::ECDSA_P384_SHA384_FIXED)
+}
+
+/// A certificate's key as an uncompressed SEC1 point on P-384 (aws-lc checks the point is on
+/// the curve and not the identity).
+fn p384_key(
+    cert: &Certificate,
+    alg: &'static signature::EcdsaVerificationAlgorithm,
+) -> Result<signature::ParsedPublicKey, String> {
+    let spki = &cert.tbs_certificate.subject_public_key_info;
+    let curve = spki.algorithm.parameters.as_ref().and_then(|p| p.decode_as().ok());
+    let bits = spki_bits(cert);
+    if spki.algorithm.oid != EC_PUBLIC_KEY
+        || curve != Some(SECP384R1)
+        || bits.len() != 97
+        || bits[0] != 0x04
+    {
+        return Err("the certificate's key is not an uncompressed ECDSA P-384 public key".into());
+    }
+    signature::ParsedPublicKey::new(alg, bits)
+        .map_err(|e| format!("the certificate's key is not a point on P-384: {e}"))
+}
+
+/// The subjectPublicKey bits of a certificate.
+pub fn spki_bits(cert: &Certificate) -> &[u8] {
+    cert.tbs_certificate.subject_public_key_info.subject_public_key.raw_bytes()
 }
 
 /// `(not_before, not_after)`.

@@ -6,8 +6,8 @@
 //!
 //! Each step is one [`Check`]; the first that fails ends verification with its own
 //! [`EvidenceError`] variant. Steps 2–5 depend only on the certificates and are cached per
-//! chain (with a precomputed table of the VCEK key), so the steady state per report is one
-//! ECDSA P-384 verification plus field checks.
+//! chain (with the VCEK's parsed key), so the steady state per report is one ECDSA P-384
+//! verification plus field checks. All signatures are checked with aws-lc-rs (AWS-LC).
 //!
 //! 1. **Report format**: exactly 1184 bytes, version 2, 3 or 5, SIGNATURE_ALGO 1.
 //! 2. **Certificates** parse (DER). **Root**: the ARK's SubjectPublicKeyInfo SHA-256 is one of
@@ -15,8 +15,8 @@
 //!    is listed in `policy.simulated_roots`. Nothing else is trusted, and the root alone
 //!    decides whether evidence is AMD or simulated (a label in the bundle never does).
 //! 3. **Chain signatures**: ARK self-signature, ARK → ASK/ASVK, ASK/ASVK → VCEK/VLEK
-//!    (RSA-PSS/SHA-384 via the `sev` crate; ECDSA P-384 for a simulated root, whose ARK signs
-//!    the VCEK directly). An AMD intermediate named `SEV-VLEK-*` makes the leaf a VLEK.
+//!    (RSA-PSS/SHA-384, salt 48; ECDSA P-384 for a simulated root, whose ARK signs the VCEK
+//!    directly). An AMD intermediate named `SEV-VLEK-*` makes the leaf a VLEK.
 //! 4. **Product**: the report's CPUID (v3+) or CHIP_ID shape (v2) and the VCEK/VLEK
 //!    `productName` extension name the root's product. The TCB encoding follows the product.
 //! 5. **Validity** of every certificate at the check time: `policy.check_time` if set
@@ -26,7 +26,7 @@
 //! 7. **Binding**: the VCEK/VLEK TCB extensions (blSPL, teeSPL, snpSPL, ucodeSPL, Turin fmcSPL)
 //!    equal REPORTED_TCB; a VCEK's hwID equals CHIP_ID (Turin: 8 bytes, the rest zero).
 //! 8. **Report signature**: ECDSA P-384 over SHA-384 of the raw bytes 0x000..0x2A0 (never a
-//!    re-encoding), r and s little-endian with their top 24 bytes zero.
+//!    re-encoding), r and s little-endian with their top 24 bytes zero, each in `1..n`.
 //! 9. **Guest policy** bits, **VMPL**, **minimum TCB** of the product, **MEASUREMENT** in the
 //!    allowed set, **HOST_DATA** and **REPORT_DATA** equal the expected values.
 //! 10. **Reserved bytes** are zero, including the 368 unsigned bytes after the signature.
@@ -34,8 +34,8 @@
 //! What is not here: fetching certificates (no network: the builder ships the VCEK), CRLs, the
 //! ID block, or which builders a closure trusts (the trust policy embeds [`EvidencePolicy`]).
 //!
-//! By feature: [`report`] (the layout) always; verification (`bundle`, `certs`, `error`,
-//! `fastverify`, `policy`, `verified`, `verify`) with `verifier`; `simulated` with
+//! By feature: [`report`] and [`cert_table`] (layouts) always; verification (`bundle`, `certs`,
+//! `error`, `policy`, `verified`, `verify`; signatures by aws-lc-rs) with `verifier`; `simulated` with
 //! `simulated-attester` (the attester) and `producer` (generating and keeping roots).
 
 #[cfg(feature = "verifier")]
@@ -45,8 +45,6 @@ pub mod cert_table;
 pub mod certs;
 #[cfg(feature = "verifier")]
 pub mod error;
-#[cfg(feature = "verifier")]
-pub mod fastverify;
 #[cfg(feature = "verifier")]
 pub mod policy;
 pub mod report;

@@ -153,9 +153,27 @@ impl SimulatedRoot {
         SimulatedRoot::generate_for(SimulatedPlatform { chip_id, tcb: SIMULATED_TCB })
     }
 
-    /// A fresh root in memory certifying `platform`. The ARK's secret key is dropped once it
-    /// has signed the VCEK.
+    /// A fresh root in memory certifying `platform`, its certificates valid from a day ago to
+    /// 9999. The ARK's secret key is dropped once it has signed the VCEK.
     pub fn generate_for(platform: SimulatedPlatform) -> Result<SimulatedRoot, SimulatedError> {
+        let now = SystemTime::now();
+        let not_before = now.checked_sub(Duration::from_secs(86_400)).unwrap_or(now);
+        let not_after = der::DateTime::new(9999, 12, 31, 23, 59, 59)
+            .map_err(SimulatedError::Certificate)?
+            .to_system_time();
+        SimulatedRoot::generate_valid(platform, not_before, not_after)
+    }
+
+    /// [`SimulatedRoot::generate_for`] with both certificates valid only from `not_before` to
+    /// `not_after`: a root that a host with a wrong clock, or one whose certificates expired,
+    /// would have (the fault tests make one).
+    pub fn generate_valid(
+        platform: SimulatedPlatform,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<SimulatedRoot, SimulatedError> {
+        let validity =
+            Validity { not_before: x509_time(not_before)?, not_after: x509_time(not_after)? };
         let ark_key = p384::ecdsa::SigningKey::random(&mut OsRng);
         let vcek_key = p384::ecdsa::SigningKey::random(&mut OsRng);
         let ark_name: Name = format!("CN={SIMULATED_ARK_CN},O=vouch simulated evidence")
@@ -172,7 +190,14 @@ impl SimulatedRoot {
             extn_value: OctetString::new(vec![0x30, 0x03, 0x01, 0x01, 0xFF])
                 .map_err(SimulatedError::Certificate)?,
         };
-        let ark = issue(&ark_key, &ark_name, &ark_name, ark_key.verifying_key(), vec![basic_ca])?;
+        let ark = issue(
+            &ark_key,
+            &ark_name,
+            &ark_name,
+            ark_key.verifying_key(),
+            vec![basic_ca],
+            validity,
+        )?;
         let ark_der = ark.to_der().map_err(SimulatedError::Certificate)?;
         let vcek = issue(
             &ark_key,
@@ -180,6 +205,7 @@ impl SimulatedRoot {
             &vcek_name,
             vcek_key.verifying_key(),
             vcek_extensions(&platform)?,
+            validity,
         )?;
         let vcek_der = vcek.to_der().map_err(SimulatedError::Certificate)?;
         let key_id = Hex(certs::spki_sha256(&ark));
@@ -196,6 +222,18 @@ impl SimulatedRoot {
             return SimulatedRoot::load(dir);
         }
         let root = SimulatedRoot::generate()?;
+        match root.save(dir) {
+            Ok(()) => Ok(root),
+            // Another process created it first: use theirs.
+            Err(_) if dir.join(VCEK_KEY_FILE).exists() => SimulatedRoot::load(dir),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Write this root to `dir`, which must not exist yet (or be empty): directory mode 0700,
+    /// files 0600, created under a temporary name and renamed whole.
+    pub fn save(&self, dir: &Path) -> Result<(), SimulatedError> {
+        let root = self;
         let parent = dir.parent().unwrap_or(Path::new("."));
         let io = |path: &Path| {
             let path = path.to_path_buf();
@@ -224,18 +262,10 @@ impl SimulatedRoot {
                 .map_err(io(&path))?;
             f.write_all(bytes).and_then(|_| f.sync_all()).map_err(io(&path))?;
         }
-        match fs::rename(&tmp, dir) {
-            Ok(()) => Ok(root),
-            Err(_) if dir.join(VCEK_KEY_FILE).exists() => {
-                // Another process created it first: use theirs.
-                let _ = fs::remove_dir_all(&tmp);
-                SimulatedRoot::load(dir)
-            }
-            Err(source) => {
-                let _ = fs::remove_dir_all(&tmp);
-                Err(SimulatedError::Io { path: dir.to_path_buf(), source })
-            }
-        }
+        fs::rename(&tmp, dir).map_err(|source| {
+            let _ = fs::remove_dir_all(&tmp);
+            SimulatedError::Io { path: dir.to_path_buf(), source }
+        })
     }
 
     /// Load an existing root and check that its files belong together.
@@ -257,8 +287,8 @@ impl SimulatedRoot {
             .map_err(|e| corrupt(VCEK_FILE, format!("not signed by ark.der: {}", e.0)))?;
         let vcek_key = p384::ecdsa::SigningKey::from_pkcs8_der(&key_der)
             .map_err(|e| corrupt(VCEK_KEY_FILE, e.to_string()))?;
-        let cert_key = certs::vek_public_key(&vcek).map_err(|e| corrupt(VCEK_FILE, e))?;
-        if cert_key != *vcek_key.verifying_key() {
+        certs::vek_public_key(&vcek).map_err(|e| corrupt(VCEK_FILE, e))?;
+        if certs::spki_bits(&vcek) != vcek_key.verifying_key().to_encoded_point(false).as_bytes() {
             return Err(corrupt(VCEK_KEY_FILE, "does not match vcek.der".into()));
         }
         let exts = VekExtensions::read(&vcek).map_err(|e| corrupt(VCEK_FILE, e.to_string()))?;
@@ -449,6 +479,17 @@ fn vcek_extensions(platform: &SimulatedPlatform) -> Result<Vec<Extension>, Simul
 }
 
 #[cfg(feature = "producer")]
+/// An X.509 time: UTCTime before 2050, GeneralizedTime from then on (RFC 5280, 4.1.2.5).
+fn x509_time(t: SystemTime) -> Result<Time, SimulatedError> {
+    let dt = der::DateTime::from_system_time(t).map_err(SimulatedError::Certificate)?;
+    Ok(if dt.year() < 2050 {
+        Time::UtcTime(der::asn1::UtcTime::from_date_time(dt).map_err(SimulatedError::Certificate)?)
+    } else {
+        Time::GeneralTime(der::asn1::GeneralizedTime::from_date_time(dt))
+    })
+}
+
+#[cfg(feature = "producer")]
 /// An X.509 v3 certificate signed with ECDSA P-384/SHA-384.
 fn issue(
     issuer_key: &p384::ecdsa::SigningKey,
@@ -456,6 +497,7 @@ fn issue(
     subject: &Name,
     subject_key: &p384::ecdsa::VerifyingKey,
     extensions: Vec<Extension>,
+    validity: Validity,
 ) -> Result<Certificate, SimulatedError> {
     let algorithm = AlgorithmIdentifierOwned { oid: certs::ECDSA_WITH_SHA384, parameters: None };
     let spki_der = subject_key.to_public_key_der().map_err(|e| SimulatedError::Key(e.into()))?;
@@ -465,22 +507,12 @@ fn issue(
     OsRng.fill_bytes(&mut serial);
     serial[0] &= 0x7F;
     serial[0] |= 0x01;
-    let now = SystemTime::now();
-    let not_before = now.checked_sub(Duration::from_secs(86_400)).unwrap_or(now);
-    let not_after =
-        der::DateTime::new(9999, 12, 31, 23, 59, 59).map_err(SimulatedError::Certificate)?;
     let tbs = TbsCertificate {
         version: Version::V3,
         serial_number: SerialNumber::new(&serial).map_err(SimulatedError::Certificate)?,
         signature: algorithm.clone(),
         issuer: issuer.clone(),
-        validity: Validity {
-            not_before: Time::UtcTime(
-                der::asn1::UtcTime::from_system_time(not_before)
-                    .map_err(SimulatedError::Certificate)?,
-            ),
-            not_after: Time::GeneralTime(der::asn1::GeneralizedTime::from_date_time(not_after)),
-        },
+        validity,
         subject: subject.clone(),
         subject_public_key_info: spki,
         issuer_unique_id: None,

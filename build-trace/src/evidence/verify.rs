@@ -1,18 +1,18 @@
 //! The evidence verifier: runs every check of [`super`]'s algorithm in order, fails on the
 //! first one that does not hold, and caches the policy-independent part of each certificate
-//! chain (parsing, chain signatures, the VCEK's precomputed key table) per chain.
+//! chain (parsing, chain signatures, the VCEK's parsed public key) per chain.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
 
-use sha2::{Digest, Sha256, Sha384};
+use aws_lc_rs::signature::ParsedPublicKey;
+use sha2::{Digest, Sha256};
 use x509_cert::Certificate;
 
 use super::bundle::EvidenceBundle;
 use super::certs::{self, VekExtensions};
 use super::error::{CertRole, Check, EvidenceError};
-use super::fastverify::{verify_prehash, PrecomputedKey};
 use super::policy::{EvidencePolicy, Expected, Hex, KeyId};
 use super::report::{
     describe_policy, Product, Report, SigningKey, TcbLayout, TcbVersion, SIG_ALGO_ECDSA_P384_SHA384,
@@ -35,12 +35,13 @@ struct ChainInfo {
     kind: VekKind,
     exts: VekExtensions,
     vek_key_id: KeyId,
-    key: PrecomputedKey,
+    /// The VCEK/VLEK key, parsed once (ECDSA P-384/SHA-384, fixed-width r || s).
+    key: ParsedPublicKey,
     validity: Vec<(CertRole, SystemTime, SystemTime)>,
     names: String,
 }
 
-/// Chains kept (each holds a ~180 KiB key table); the cache is emptied when full.
+/// Chains kept; the cache is emptied when full.
 const CACHE_LIMIT: usize = 64;
 
 /// Verifies SNP evidence. Cheap to share (`&self` methods; the chain cache is behind a mutex).
@@ -449,7 +450,7 @@ fn build_chain(
         kind,
         exts,
         vek_key_id: Hex(certs::spki_sha256(&vek)),
-        key: PrecomputedKey::from_verifying_key(&key),
+        key,
         validity,
         names,
     })
@@ -525,26 +526,22 @@ fn check_chip_binding(
 }
 
 /// ECDSA P-384/SHA-384 over the raw bytes 0x000..0x2A0; r and s are stored little-endian in
-/// 72-byte fields whose top 24 bytes must be zero.
+/// 72-byte fields whose top 24 bytes must be zero. aws-lc-rs takes them as big-endian `r || s`
+/// and rejects r or s outside `1..n`.
 fn verify_report_signature(
     report: &Report,
-    key: &PrecomputedKey,
+    key: &ParsedPublicKey,
     kind: VekKind,
 ) -> Result<(), EvidenceError> {
     let (r_le, s_le) = report.signature_le();
     if r_le[48..].iter().chain(&s_le[48..]).any(|&b| b != 0) {
         return Err(EvidenceError::SignatureEncoding("r or s has non-zero bytes above 48"));
     }
-    let mut r = [0u8; 48];
-    let mut s = [0u8; 48];
+    let mut sig = [0u8; 96];
     for i in 0..48 {
-        r[i] = r_le[47 - i];
-        s[i] = s_le[47 - i];
+        sig[i] = r_le[47 - i];
+        sig[48 + i] = s_le[47 - i];
     }
-    let digest: [u8; 48] = Sha384::digest(report.signed_bytes()).into();
-    if verify_prehash(key, &digest, &r, &s) {
-        Ok(())
-    } else {
-        Err(EvidenceError::ReportSignature(kind.name()))
-    }
+    key.verify_sig(report.signed_bytes(), &sig)
+        .map_err(|_| EvidenceError::ReportSignature(kind.name()))
 }

@@ -7,8 +7,12 @@
 //! 1. Every entry `vouch/v1/steps/<drv>/<entry>/statement.json` is read. It is **accepted** when
 //!    its bytes are a canonical, self-consistent statement, its entry id is their hash, it is
 //!    filed under its own drv path, and it owns the output paths it claims
-//!    ([`crate::ownership`]). It is **unverifiable** when ownership needs an unresolved
-//!    derivation the caller cannot supply; otherwise it is **not owned** or **corrupt**.
+//!    ([`crate::ownership`]; a deferred input-addressed step named by its unresolved
+//!    derivation is resolved against the outputs this store accepted: its published
+//!    build-trace entries, [`TraceStore::published_output`]). It is **unverifiable** when
+//!    ownership needs an unresolved derivation the caller cannot supply, or an accepted output
+//!    of a content-addressed input this store has none of; otherwise it is **not owned** or
+//!    **corrupt**.
 //! 2. Every record is held against the records the accepted statements produce
 //!    ([`crate::sign::unsigned_step_records`]):
 //!    - `<hash>.narinfo`: the same `StorePath`, `NarHash`, `NarSize`, `References` and `CA`;
@@ -187,7 +191,8 @@ impl TraceStore {
                 let (problem, detail, outs) = match judged {
                     Ok(st) => {
                         let outs = out_hash_parts(&st);
-                        match check_outputs(&st, drvs) {
+                        let mut accepted = |d: &StorePath, o: &str| self.published_output(d, o);
+                        match check_outputs(&st, drvs, &mut accepted) {
                             Ok(()) => {
                                 report.accepted += 1;
                                 if let Err(e) = produced.add(&st, Standing::Accepted) {
@@ -195,7 +200,10 @@ impl TraceStore {
                                 }
                                 continue;
                             }
-                            Err(e @ OwnershipError::NeedsDerivation(_)) => {
+                            Err(
+                                e @ (OwnershipError::NeedsDerivation(_)
+                                | OwnershipError::NotAccepted { .. }),
+                            ) => {
                                 let _ = produced.add(&st, Standing::Unverifiable);
                                 (Problem::Unverifiable, crate::error_chain(&e), outs)
                             }

@@ -259,7 +259,7 @@ impl LogWriter {
         let parent = path.parent().unwrap_or(&self.dir);
         fs::create_dir_all(parent).map_err(io_err("create", parent))?;
         let mut tmp = tempfile::Builder::new()
-            .prefix(".tmp-")
+            .prefix(&crate::store::tmp_prefix())
             .tempfile_in(parent)
             .map_err(io_err("create", parent))?;
         tmp.write_all(bytes).map_err(io_err("write", &path))?;

@@ -38,15 +38,21 @@
 //! otherwise the target's accepted outputs are reported. Work is linear in the closure size
 //! times the number of combinations; evidence chains are verified once per chain (cached).
 //!
+//! With [`ClosureVerifier::threads`] > 1, the checks of step 3 that depend only on the entry
+//! (statement, output addresses, signers) run on worker threads ahead of this walk, which
+//! takes their results (`verify/ahead.rs`); the outcome is the same for every thread count.
+//!
 //! What is not here: reading the local Nix store or running Nix (the CLI does that), and the
 //! evidence checks themselves ([`crate::evidence`]).
 
+mod ahead;
 mod graph;
 mod links;
 mod outcome;
 mod step;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use nix_formats::derivation::{DerivationKind, DerivationOutput, DrvGraph};
@@ -57,12 +63,12 @@ pub use graph::DrvSet;
 pub use outcome::{AcceptedStep, BrokenLink, LinkCheck, Outcome, VerifiedClosure};
 
 use links::Known;
-use step::{Checker, EntryOk, Expectation, OutputClaim};
+use step::{Checker, EntryOk, Expectation, OutputClaim, Prechecked};
 
 use crate::error_chain;
 use crate::evidence::Verifier as EvidenceVerifier;
 use crate::job::{BasicDerivation, StepKind};
-use crate::store::{StoreError, TraceSource};
+use crate::store::{StoreError, TraceEntry, TraceSource};
 use crate::trust::{PreparedPolicy, Signers};
 
 /// The most input combinations tried for one derivation.
@@ -134,6 +140,10 @@ pub struct ClosureVerifier<'a> {
     pub evidence: &'a EvidenceVerifier,
     /// Certificate validity is checked at this time (unless the policy fixes one).
     pub now: SystemTime,
+    /// Threads that check trace entries (statement, output addresses, evidence, signatures)
+    /// ahead of the ordered pass; 0 or 1: everything on the calling thread. The outcome is the
+    /// same for every value.
+    pub threads: usize,
 }
 
 /// One accepted output map of a derivation.
@@ -144,40 +154,54 @@ struct Accepted {
     step: AcceptedStep,
 }
 
+/// What the ordered pass has accepted so far.
+#[derive(Debug, Default)]
+struct Walk {
+    /// Hash modulo of input-addressed derivations needs the graph; built on first use.
+    graph: Option<DrvGraph>,
+    accepted: HashMap<StorePath, Vec<Accepted>>,
+    known: Known,
+    steps: Vec<AcceptedStep>,
+}
+
+/// One input combination of a derivation: (input drv, output name) → the accepted path.
+pub(crate) type Combo = BTreeMap<(StorePath, String), StorePath>;
+
+/// A step computed for one input combination.
+#[derive(Debug)]
+pub(crate) struct ComputedStep {
+    /// The lookup key (resolved drv path, or the drv path of an input-addressed step).
+    key: StorePath,
+    drv: BasicDerivation,
+    /// The direct inputs (roots of the input closure).
+    direct: BTreeSet<StorePath>,
+    kind: StepKind,
+}
+
 impl ClosureVerifier<'_> {
     /// Verify `req.target`'s closure in `drvs`. `Err` only for malformed input or a failing
     /// trace source; a closure that does not verify is `Ok(Outcome::NotVerified(..))`.
     pub fn verify(&self, drvs: &DrvSet, req: &Request) -> Result<Outcome, VerifyError> {
         let order = drvs.post_order(&req.target)?;
         let checker = Checker { policy: self.policy, evidence: self.evidence, now: self.now };
-        // Hash modulo of input-addressed derivations needs the graph; built on first use.
-        let mut graph: Option<DrvGraph> = None;
-        let mut accepted: HashMap<StorePath, Vec<Accepted>> = HashMap::new();
-        let mut known: Known = HashMap::new();
-        let mut steps = Vec::new();
-        for udrv in &order {
-            let result = self.accept_step(drvs, &mut graph, udrv, &accepted, &known, &checker)?;
-            let maps = match result {
-                Ok(maps) => maps,
-                Err(mut broken) => {
-                    broken.step = udrv.to_string();
-                    return Ok(Outcome::NotVerified(*broken));
+        let walked = if self.threads > 1 {
+            ahead::walk(self, drvs, &order, &checker)?
+        } else {
+            let mut walk = Walk::default();
+            let mut broken = None;
+            for udrv in &order {
+                broken = self.walk_step(&mut walk, drvs, udrv, &checker, None)?;
+                if broken.is_some() {
+                    break;
                 }
-            };
-            for m in &maps {
-                for (path, facts) in m.outputs.values() {
-                    if let Some(f) = facts {
-                        let list = known.entry(path.clone()).or_default();
-                        if !list.contains(f) {
-                            list.push(f.clone());
-                        }
-                    }
-                }
-                steps.push(m.step.clone());
             }
-            accepted.insert(udrv.clone(), maps);
-        }
-        let target_maps = &accepted[&req.target];
+            broken.map_or(Ok(walk), Err)
+        };
+        let walk = match walked {
+            Ok(walk) => walk,
+            Err(broken) => return Ok(Outcome::NotVerified(*broken)),
+        };
+        let target_maps = &walk.accepted[&req.target];
         let chosen = if req.expect.is_empty() {
             target_maps.first()
         } else {
@@ -200,19 +224,51 @@ impl ClosureVerifier<'_> {
         Ok(Outcome::Verified(VerifiedClosure {
             target: req.target.to_string(),
             outputs: chosen.outputs.iter().map(|(n, (p, _))| (n.clone(), p.to_string())).collect(),
-            steps,
+            steps: walk.steps,
         }))
+    }
+
+    /// Accept `udrv` (its dependencies already accepted) into `walk`, or name the broken link
+    /// that ends verification.
+    fn walk_step(
+        &self,
+        walk: &mut Walk,
+        drvs: &DrvSet,
+        udrv: &StorePath,
+        checker: &Checker<'_>,
+        ahead: Option<&mut ahead::Ahead<'_, '_>>,
+    ) -> Result<Option<Box<BrokenLink>>, VerifyError> {
+        let result = self.accept_step(drvs, walk, udrv, checker, ahead)?;
+        let maps = match result {
+            Ok(maps) => maps,
+            Err(mut broken) => {
+                broken.step = udrv.to_string();
+                return Ok(Some(broken));
+            }
+        };
+        for m in &maps {
+            for (path, facts) in m.outputs.values() {
+                if let Some(f) = facts {
+                    let list = walk.known.entry(path.clone()).or_default();
+                    if !list.contains(f) {
+                        list.push(f.clone());
+                    }
+                }
+            }
+            walk.steps.push(m.step.clone());
+        }
+        walk.accepted.insert(udrv.clone(), maps);
+        Ok(None)
     }
 
     /// Accept one unresolved derivation (all its dependencies already accepted).
     fn accept_step(
         &self,
         drvs: &DrvSet,
-        graph: &mut Option<DrvGraph>,
+        walk: &mut Walk,
         udrv: &StorePath,
-        accepted: &HashMap<StorePath, Vec<Accepted>>,
-        known: &Known,
         checker: &Checker<'_>,
+        mut ahead: Option<&mut ahead::Ahead<'_, '_>>,
     ) -> Result<Result<Vec<Accepted>, Box<BrokenLink>>, VerifyError> {
         let drv = drvs.get(udrv).expect("post_order only yields known derivations");
         let name = match udrv.drv_name() {
@@ -245,7 +301,7 @@ impl ClosureVerifier<'_> {
                 )))
             }
             DerivationKind::InputAddressed => {
-                let graph = graph.get_or_insert_with(|| {
+                let graph = walk.graph.get_or_insert_with(|| {
                     let mut g = DrvGraph::new();
                     for (p, d) in drvs.iter() {
                         g.insert(p.clone(), d.clone());
@@ -271,99 +327,101 @@ impl ClosureVerifier<'_> {
             DerivationKind::Floating | DerivationKind::Deferred => {}
         }
 
-        // Every combination of the inputs' accepted output maps.
-        let mut combos: Vec<BTreeMap<(StorePath, String), StorePath>> = vec![BTreeMap::new()];
-        for (input, outs) in &drv.input_drvs {
-            let maps = &accepted[input];
-            let mut options: Vec<BTreeMap<&String, &StorePath>> = Vec::new();
-            for m in maps {
-                let mut choice = BTreeMap::new();
-                for o in outs {
-                    match m.outputs.get(o) {
-                        Some((p, _)) => {
-                            choice.insert(o, p);
-                        }
-                        None => {
-                            return Ok(Err(BrokenLink::new(
-                                LinkCheck::Resolution,
-                                format!("input {input} has no accepted output `{o}`"),
-                            )))
-                        }
-                    }
-                }
-                if !options.contains(&choice) {
-                    options.push(choice);
-                }
-            }
-            if combos.len() * options.len() > MAX_COMBINATIONS {
-                return Ok(Err(BrokenLink::new(
-                    LinkCheck::Resolution,
-                    format!("more than {MAX_COMBINATIONS} combinations of divergent input outputs"),
-                )));
-            }
-            combos = combos
-                .into_iter()
-                .flat_map(|c| {
-                    options.iter().map(move |opt| {
-                        let mut c = c.clone();
-                        for (o, p) in opt {
-                            c.insert((input.clone(), (*o).clone()), (*p).clone());
-                        }
-                        c
-                    })
-                })
-                .collect();
-        }
-
+        let combos = match combinations(drv, |input| {
+            walk.accepted[input]
+                .iter()
+                .map(|m| m.outputs.iter().map(|(o, (p, _))| (o.clone(), p.clone())).collect())
+                .collect()
+        }) {
+            Ok(c) => c,
+            Err(b) => return Ok(Err(b)),
+        };
         let mut first_failure: Option<Box<BrokenLink>> = None;
         // Output map → (key, signers, simulated)
-        let mut groups: BTreeMap<BTreeMap<String, OutputClaim>, (StorePath, Signers, bool)> =
-            BTreeMap::new();
+        let mut groups: Groups = BTreeMap::new();
         for combo in &combos {
-            let (key, basic, direct, step_kind) =
-                match self.compute_step(drv, &name, udrv, kind, combo) {
-                    Ok(x) => x,
-                    Err(b) => {
-                        first_failure.get_or_insert(b);
-                        continue;
-                    }
-                };
-            let want = Expectation { key: &key, drv: &basic, kind: step_kind, direct: &direct };
-            let mut entries = Vec::new();
-            for s in &self.sources {
-                entries.extend(s.entries(&key).map_err(VerifyError::Source)?);
-            }
-            if entries.is_empty() {
-                let mut b = BrokenLink::new(
-                    LinkCheck::NoTrace,
-                    "no trace of this step in any trace source",
-                )
-                .expected(format!("a trace for {key}"), self.describe_sources());
-                b.key = Some(key.to_string());
-                if first_failure.as_ref().is_none_or(|f| f.check == LinkCheck::NoTrace) {
-                    first_failure = Some(b);
+            let computed = ahead.as_deref_mut().and_then(|a| a.computed(udrv, combo));
+            let step = match computed
+                .unwrap_or_else(|| self.compute_step(drv, &name, udrv, kind, combo))
+            {
+                Ok(x) => x,
+                Err(b) => {
+                    first_failure.get_or_insert(b);
+                    continue;
                 }
-                continue;
-            }
-            for e in &entries {
-                match checker.check_entry(&want, e, known) {
-                    Ok(EntryOk { outputs, signers, simulated }) => {
-                        let g = groups
-                            .entry(outputs)
-                            .or_insert_with(|| (key.clone(), Signers::default(), false));
-                        g.1.merge(&signers);
-                        g.2 |= simulated;
+            };
+            let entries = match ahead.as_deref_mut().and_then(|a| a.entries(&step.key)) {
+                Some(prechecked) => prechecked,
+                None => {
+                    let mut entries = Vec::new();
+                    for s in &self.sources {
+                        let found = s.entries(&step.key).map_err(VerifyError::Source)?;
+                        entries.extend(found.into_iter().map(|e| (Arc::new(e), None)));
                     }
-                    Err(mut b) => {
-                        b.key = Some(key.to_string());
-                        if first_failure.as_ref().is_none_or(|f| f.check == LinkCheck::NoTrace) {
-                            first_failure = Some(b);
-                        }
+                    entries
+                }
+            };
+            self.check_entries(
+                &step,
+                &entries,
+                &walk.known,
+                checker,
+                &mut groups,
+                &mut first_failure,
+            );
+        }
+        Ok(self.accepted_maps(udrv, groups, first_failure))
+    }
+
+    /// Check the trace entries of one computed step, pooling the signers of those that pass by
+    /// output map; the first failure is kept (a missing trace only until something else fails).
+    fn check_entries(
+        &self,
+        step: &ComputedStep,
+        entries: &[(Arc<TraceEntry>, Option<Arc<Prechecked>>)],
+        known: &Known,
+        checker: &Checker<'_>,
+        groups: &mut Groups,
+        first_failure: &mut Option<Box<BrokenLink>>,
+    ) {
+        let key = &step.key;
+        let want = Expectation { key, drv: &step.drv, kind: step.kind, direct: &step.direct };
+        if entries.is_empty() {
+            let mut b =
+                BrokenLink::new(LinkCheck::NoTrace, "no trace of this step in any trace source")
+                    .expected(format!("a trace for {key}"), self.describe_sources());
+            b.key = Some(key.to_string());
+            if first_failure.as_ref().is_none_or(|f| f.check == LinkCheck::NoTrace) {
+                *first_failure = Some(b);
+            }
+            return;
+        }
+        for (e, pre) in entries {
+            match checker.check_entry(&want, e, known, pre.as_deref()) {
+                Ok(EntryOk { outputs, signers, simulated }) => {
+                    let g = groups
+                        .entry(outputs)
+                        .or_insert_with(|| (key.clone(), Signers::default(), false));
+                    g.1.merge(&signers);
+                    g.2 |= simulated;
+                }
+                Err(mut b) => {
+                    b.key = Some(key.to_string());
+                    if first_failure.as_ref().is_none_or(|f| f.check == LinkCheck::NoTrace) {
+                        *first_failure = Some(b);
                     }
                 }
             }
         }
+    }
 
+    /// The output maps whose pooled signers satisfy the policy, else the broken link.
+    fn accepted_maps(
+        &self,
+        udrv: &StorePath,
+        groups: Groups,
+        first_failure: Option<Box<BrokenLink>>,
+    ) -> Result<Vec<Accepted>, Box<BrokenLink>> {
         let mut maps = Vec::new();
         let mut unsatisfied = None;
         for (outputs, (key, signers, simulated)) in groups {
@@ -391,7 +449,7 @@ impl ClosureVerifier<'_> {
             });
         }
         if !maps.is_empty() {
-            return Ok(Ok(maps));
+            return Ok(maps);
         }
         if let Some((key, signers)) = unsatisfied {
             let mut found: Vec<String> = signers.keys.iter().map(|k| format!("key {k}")).collect();
@@ -404,11 +462,9 @@ impl ClosureVerifier<'_> {
             )
             .expected(format!("{:?}", self.policy.policy.require), format!("{found:?}"));
             b.key = Some(key.to_string());
-            return Ok(Err(b));
+            return Err(b);
         }
-        Ok(Err(
-            first_failure.unwrap_or_else(|| BrokenLink::new(LinkCheck::NoTrace, "no trace found"))
-        ))
+        Err(first_failure.unwrap_or_else(|| BrokenLink::new(LinkCheck::NoTrace, "no trace found")))
     }
 
     /// A fixed-output derivation, by its declared hash.
@@ -458,8 +514,8 @@ impl ClosureVerifier<'_> {
         name: &str,
         udrv: &StorePath,
         kind: DerivationKind,
-        combo: &BTreeMap<(StorePath, String), StorePath>,
-    ) -> Result<(StorePath, BasicDerivation, BTreeSet<StorePath>, StepKind), Box<BrokenLink>> {
+        combo: &Combo,
+    ) -> Result<ComputedStep, Box<BrokenLink>> {
         let res_err =
             |e: &dyn std::error::Error| BrokenLink::new(LinkCheck::Resolution, e.to_string());
         let (key, basic_drv, step_kind) = if kind == DerivationKind::InputAddressed {
@@ -478,7 +534,7 @@ impl ClosureVerifier<'_> {
         };
         let basic = BasicDerivation::from_derivation(name, &basic_drv).map_err(|e| res_err(&e))?;
         let direct = basic.input_srcs.clone();
-        Ok((key, basic, direct, step_kind))
+        Ok(ComputedStep { key, drv: basic, direct, kind: step_kind })
     }
 
     fn describe_sources(&self) -> String {
@@ -489,4 +545,57 @@ impl ClosureVerifier<'_> {
             format!("searched {}", names.join(", "))
         }
     }
+}
+
+/// Output maps by output name, keyed by the map's own (name, path) pairs.
+type Groups = BTreeMap<BTreeMap<String, OutputClaim>, (StorePath, Signers, bool)>;
+
+/// Every combination of the input derivations' output maps (`maps_of(input)`: each map as
+/// output name → path), at most [`MAX_COMBINATIONS`].
+pub(crate) fn combinations(
+    drv: &nix_formats::derivation::Derivation,
+    maps_of: impl Fn(&StorePath) -> Vec<BTreeMap<String, StorePath>>,
+) -> Result<Vec<Combo>, Box<BrokenLink>> {
+    let mut combos: Vec<Combo> = vec![BTreeMap::new()];
+    for (input, outs) in &drv.input_drvs {
+        let mut options: Vec<BTreeMap<&String, StorePath>> = Vec::new();
+        for m in maps_of(input) {
+            let mut choice = BTreeMap::new();
+            for o in outs {
+                match m.get(o) {
+                    Some(p) => {
+                        choice.insert(o, p.clone());
+                    }
+                    None => {
+                        return Err(BrokenLink::new(
+                            LinkCheck::Resolution,
+                            format!("input {input} has no accepted output `{o}`"),
+                        ))
+                    }
+                }
+            }
+            if !options.contains(&choice) {
+                options.push(choice);
+            }
+        }
+        if combos.len() * options.len() > MAX_COMBINATIONS {
+            return Err(BrokenLink::new(
+                LinkCheck::Resolution,
+                format!("more than {MAX_COMBINATIONS} combinations of divergent input outputs"),
+            ));
+        }
+        combos = combos
+            .into_iter()
+            .flat_map(|c| {
+                options.iter().map(move |opt| {
+                    let mut c = c.clone();
+                    for (o, p) in opt {
+                        c.insert((input.clone(), (*o).clone()), p.clone());
+                    }
+                    c
+                })
+            })
+            .collect();
+    }
+    Ok(combos)
 }

@@ -300,9 +300,10 @@ fn attempt_step(
     let job_bytes = job.canonical_bytes().map_err(|e| StepError::Request(e.to_string()))?;
     let host_data = job.host_data().map_err(|e| StepError::Request(e.to_string()))?;
 
-    // Unix socket paths must stay short: a private directory under $TMPDIR.
+    // Unix socket paths must stay short: a private directory under $TMPDIR, named after this
+    // process so that the next launcher removes it if this one is killed (`crate::recovery`).
     let run_dir = tempfile::Builder::new()
-        .prefix("vouch-vm-")
+        .prefix(&crate::vm::child::run_dir_prefix())
         .tempdir()
         .map_err(|e| StepError::Io("creating the VM run directory".into(), e))?;
     let port = channel::config::parse_cmdline(&manifest.cmdline)
@@ -379,6 +380,10 @@ fn attempt_step(
             .into());
         }
     };
+    // QEMU's exit ends the conversation at once. The agent powers off only after we closed the
+    // channel (having read its `Bye`; `agent::run`'s linger), so an exit before that is a VM that
+    // did not finish: frames of a guest that powered off before our reader caught up were lost
+    // with QEMU (the vsock backend drops what it holds; reproduced with a delayed reader).
     if let Ok(s2) = stream.try_clone() {
         vm.on_exit(move || s2.shutdown());
     }

@@ -54,6 +54,9 @@ use crate::vm::Mode;
 
 pub use host::run_step;
 
+/// What the name of a step's staging directory in `<state dir>/tmp/` starts with.
+pub const STAGING_PREFIX: &str = "step-";
+
 /// What to build.
 #[derive(Debug, Clone)]
 pub struct StepRequest {
@@ -149,19 +152,34 @@ pub struct LauncherConfig {
 /// A shared stop switch for running steps: once [`Cancel::cancel`] is called, every step whose
 /// [`LauncherConfig`] holds a clone of it has its VM killed within a tenth of a second, is not
 /// retried, and fails with [`StepError::Cancelled`]; no new step starts. Nothing of a cancelled
-/// step is kept.
+/// step is kept. [`Cancel::joined`] makes a switch that also follows others (a session's steps
+/// stop when the server shuts down or when their client hangs up).
 #[derive(Debug, Clone, Default)]
-pub struct Cancel(std::sync::Arc<std::sync::atomic::AtomicBool>);
+pub struct Cancel {
+    flag: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The flags of the switches this one follows.
+    follows: std::sync::Arc<[std::sync::Arc<std::sync::atomic::AtomicBool>]>,
+}
 
 impl Cancel {
-    /// Stop every step that shares this switch.
+    /// Stop every step that shares this switch (or a switch joined with it).
     pub fn cancel(&self) {
-        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.flag.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
-    /// Whether [`Cancel::cancel`] was called.
+    /// Whether [`Cancel::cancel`] was called on this switch or one it follows.
     pub fn is_cancelled(&self) -> bool {
-        self.0.load(std::sync::atomic::Ordering::SeqCst)
+        std::iter::once(&self.flag)
+            .chain(self.follows.iter())
+            .any(|f| f.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    /// A new switch, cancelled when it is cancelled itself or when `self` or `other` is.
+    /// Cancelling it stops neither `self` nor `other`.
+    pub fn joined(&self, other: &Cancel) -> Cancel {
+        let mut follows = vec![self.flag.clone(), other.flag.clone()];
+        follows.extend(self.follows.iter().chain(other.follows.iter()).cloned());
+        Cancel { flag: Default::default(), follows: follows.into() }
     }
 }
 
@@ -357,8 +375,9 @@ pub enum StepError {
     /// Local file trouble.
     #[error("{0}")]
     Io(String, #[source] std::io::Error),
-    /// The launcher was stopped ([`Cancel`]) while the step ran or before it started.
-    #[error("the builder is shutting down: the step was stopped and its VM killed; nothing was registered")]
+    /// The launcher was stopped ([`Cancel`]: a server shutting down, a client that hung up)
+    /// while the step ran or before it started.
+    #[error("the builder is shutting down (or the client went away): the step was stopped and its VM killed; nothing was registered")]
     Cancelled,
 }
 
@@ -372,9 +391,12 @@ impl StepError {
     }
 }
 
-/// Make a staging directory for one step under `state_dir/tmp`.
+/// Make a staging directory for one step under `state_dir/tmp`: `step-<pid>-<start ticks>-<job
+/// id>`, named after this process so that start-up recovery removes it once the process is gone
+/// (`crate::recovery`).
 pub(crate) fn staging_dir(state_dir: &Path, job_id: &str) -> Result<PathBuf, StepError> {
-    let dir = state_dir.join("tmp").join(format!("step-{job_id}"));
+    let owner = crate::store::owner::ProcessId::current().tag();
+    let dir = state_dir.join("tmp").join(format!("{STAGING_PREFIX}{owner}-{job_id}"));
     std::fs::create_dir_all(&dir)
         .map_err(|e| StepError::Io(format!("creating {}", dir.display()), e))?;
     Ok(dir)

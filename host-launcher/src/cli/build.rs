@@ -64,6 +64,7 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         outputs: args.outputs.iter().cloned().collect(),
         limits: Limits::default(),
         ca_rule: CaRuleChoice::Known(args.ca_rule),
+        derivations: None,
         // The operator at this host's command line.
         trusted: true,
     };

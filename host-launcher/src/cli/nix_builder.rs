@@ -18,6 +18,7 @@ use host_launcher::nixbuilder::real_store::RealStore;
 use host_launcher::nixbuilder::Session;
 use host_launcher::nixproto::listen::{self, ListenConfig, SessionFactory, SocketListener};
 use host_launcher::nixproto::{serve, worker, Handler, ServerError};
+use host_launcher::recovery;
 use host_launcher::signals::Signals;
 use host_launcher::store::ContentStore;
 
@@ -70,6 +71,12 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     let (engine, store_cfg) = args.builder.config(&state_dir)?;
     let store_dir = state_dir.join("store");
     let store = ContentStore::open(&store_dir, store_cfg)?;
+    if let Some(listener) = &listener {
+        // A long-running server: clean up after a crashed predecessor (`recovery`).
+        let scope = recovery::Scope::new(&state_dir, Some(&engine.publish.trace_store), false);
+        let report = recovery::recover(&scope, store.cleaned());
+        recovery::Report { stale_socket: listener.replaced_stale(), ..report }.log();
+    }
     let worker_cfg = worker::WorkerConfig {
         version_string: format!("vouch {}", env!("CARGO_PKG_VERSION")),
         declared_nix: args.builder.client_nix_version,
@@ -88,9 +95,12 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
             real.dir().display()
         );
         let cancel = engine.launcher.cancel.clone();
-        let new_session: Arc<SessionFactory> = Arc::new(move |_n| {
+        let new_session: Arc<SessionFactory> = Arc::new(move |_n, hangup| {
             let store = ContentStore::open(&store_dir, store_cfg)?;
-            let session = Session::new(engine.clone(), store).with_real_store(real.clone());
+            // The session's builds stop at shutdown and when its client hangs up.
+            let mut engine = engine.clone();
+            engine.launcher.cancel = engine.launcher.cancel.joined(hangup);
+            let session = Session::new(engine, store).with_real_store(real.clone());
             Ok(Box::new(session) as Box<dyn Handler + Send>)
         });
         let lcfg = ListenConfig { worker: worker_cfg, grace: listen::DEFAULT_GRACE };
@@ -99,6 +109,13 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         tracing::info!(?summary, "stopped");
         return Ok(ExitCode::SUCCESS);
     }
+    // Nix gone (its ssh connection closed) while a build runs: stop the build.
+    let hangup = host_launcher::build::Cancel::default();
+    let over = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stdin = std::io::stdin().as_fd().try_clone_to_owned()?;
+    listen::watch_hangup(stdin, hangup.clone(), over.clone(), 0)?;
+    let mut engine = engine;
+    engine.launcher.cancel = engine.launcher.cancel.joined(&hangup);
     let mut session = Session::new(engine, store);
 
     // The protocol owns stdin/stdout; buffered copies of the descriptors avoid stdout's line
@@ -114,6 +131,7 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
             serve::ServeConfig { write: args.write, declared_nix: args.builder.client_nix_version };
         serve::serve(r, w, &mut std::io::stderr(), &cfg, &mut session)
     };
+    over.store(true, std::sync::atomic::Ordering::SeqCst);
     match result {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(ServerError::PeerGone(kind)) => {

@@ -7,7 +7,8 @@
 //! into the content store, the build API (`/v1/builds`) and its web page (`/`), with `--jobs`
 //! builds at once. Builds use the same limits, VM and key flags as `vouch nix-builder`; builds
 //! are recorded under `<state dir>/serve/` and outlive a restart (queued ones resume). SIGINT or
-//! SIGTERM stop it: queued builds fail, running ones are cancelled (their VMs killed).
+//! SIGTERM stop it: queued builds fail, running ones are cancelled (their VMs killed). At start it removes what a crashed
+//! predecessor left (`host_launcher::recovery`).
 //!
 //! Access is by scoped tokens (`--tokens FILE`, or the older `--token-file` and
 //! `--trusted-token-file`; `host_launcher::serve::auth`). Without any, anyone who reaches the
@@ -20,6 +21,7 @@ use std::net::TcpListener;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use host_launcher::recovery;
 use host_launcher::serve::auth::Access;
 use host_launcher::serve::server::{self, ConnLimits};
 use host_launcher::serve::{tls, Service, ServiceConfig};
@@ -120,6 +122,11 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     };
     let listener = TcpListener::bind(&args.listen)
         .map_err(|e| format!("listening on {}: {e}", args.listen))?;
+    // Clean up after a crashed predecessor (`recovery`), then open (and lock) the service.
+    let store = host_launcher::store::ContentStore::open(&cfg.store_dir, cfg.store_cfg)?;
+    let scope = recovery::Scope::new(&state_dir, Some(&cfg.engine.publish.trace_store), true);
+    recovery::recover(&scope, store.cleaned()).log();
+    drop(store);
     let service = Arc::new(Service::open(cfg)?);
     let addr = listener.local_addr()?;
     let scheme = if tls.is_some() { "https" } else { "http" };

@@ -53,6 +53,10 @@ pub struct Args {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Threads that check trace entries (statements, evidence, signatures) in parallel.
+    /// Default: the available parallelism. The verdict does not depend on it.
+    #[arg(long, short = 'j', value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub jobs: Option<u16>,
 }
 
 /// Why `vouch verify` could not reach a verdict.
@@ -130,6 +134,10 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         },
         evidence,
         now: SystemTime::now(),
+        threads: args
+            .jobs
+            .map(usize::from)
+            .unwrap_or_else(|| std::thread::available_parallelism().map(usize::from).unwrap_or(1)),
     };
     let outcome = verifier.verify(&drvs, &Request { target, expect })?;
     if args.json {

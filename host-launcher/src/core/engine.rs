@@ -1,7 +1,10 @@
 //! The engine: every front-end's build, from a checked [`BuildRequest`] to a [`BuildResult`].
 //!
 //! [`Engine::build`]:
-//! 1. Refuse what cannot be built honestly (outputs of mixed kinds, no outputs) before any VM.
+//! 1. Refuse what cannot be built honestly before any VM: outputs of mixed kinds, no outputs,
+//!    and output paths the request may not have signed ([`ownership::check`]: input-addressed
+//!    paths that its derivation graph does not give, or that an untrusted caller sends without
+//!    a graph).
 //! 2. Where the inputs come from ([`Inputs`]): the content store (the long-running builders:
 //!    the client uploaded the input closure first; it is pinned for the session), or the local
 //!    Nix store (`vouch build`).
@@ -28,6 +31,7 @@ use channel::messages::FailureKind;
 use nix_formats::StorePath;
 
 use super::log::{BuildLog, Progress};
+use super::ownership::{self, accepted_outputs};
 use super::publish::{publish, PublishConfig};
 use super::request::{with_overrides, BuildRequest, CaRuleChoice};
 use super::result::{BuildResult, Built, FailureStatus};
@@ -110,6 +114,10 @@ impl Engine {
                 )
             }
         };
+        let mut accepted = accepted_outputs(&self.publish.trace_store);
+        if let Err(refusal) = ownership::check(&req, kind, &mut accepted) {
+            return fail(FailureStatus::MiscFailure, format!("vouch: {}", error_chain(&refusal)));
+        }
         if let (CaRuleChoice::Guessed { note, .. }, StepKind::FloatingCa) = (&req.ca_rule, kind) {
             log.progress(&Progress::Note(note.clone()));
         }
@@ -270,6 +278,7 @@ mod tests {
             outputs: Default::default(),
             limits: Limits::default(),
             ca_rule: CaRuleChoice::guessed("nothing says", "say it"),
+            derivations: None,
             trusted: false,
         }
     }
@@ -300,6 +309,15 @@ mod tests {
         let f = failure(e.build(req, Inputs::ContentStore(&store), &mut log));
         assert!(f.message.contains("the client uploads inputs before building"), "{}", f.message);
         assert!(f.message.contains(&missing.to_string()), "{}", f.message);
+        // An input-addressed derivation from an untrusted caller without its graph: refused
+        // with the rule named, before the log sees a build.
+        let mut ia = request("", &[]);
+        let out = StorePath::from_parts([9; 20], "x").unwrap();
+        ia.drv.outputs.get_mut("out").unwrap().path = Some(out);
+        let mut log = Recorded::default();
+        let f = failure(e.build(ia, Inputs::NixStore, &mut log));
+        assert!(f.message.contains("only callers the operator trusts"), "{}", f.message);
+        assert!(log.0.is_empty(), "{:?}", log.0);
         assert!(!t.path().join("traces").exists(), "nothing published");
     }
 

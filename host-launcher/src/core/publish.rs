@@ -13,6 +13,12 @@
 //!    ([`super::keys::log_key`]);
 //! 3. where the build had a content store (the long-running builders), the outputs are
 //!    registered there (re-verified, with the narinfo signatures of step 2);
+//!
+//!    a **divergent** build (an output whose path already has a published entry with other
+//!    bytes: input-addressed builds are not always reproducible) changes neither the trace
+//!    store's narinfo and realisations nor the content store's bytes: the first stay; this
+//!    build's step entry is added and records the divergence (`divergent.json`), and the output
+//!    is reported [`Diverged`] with this build's own NAR hash — never the kept entry's;
 //! 4. it returns what it published, with the records it signed: the front-ends answer with
 //!    those.
 //!
@@ -29,7 +35,7 @@ use nix_formats::signing::Signature;
 
 use super::keys::{log_key, KeyNameError, KeyNaming};
 use super::path_info::ValidPathInfo;
-use super::result::{LegacyRealisation, Published, PublishedOutput};
+use super::result::{Diverged, LegacyRealisation, Published, PublishedOutput};
 use crate::build::StepOutcome;
 use crate::store::{ContentStore, FileUploads, Origin};
 
@@ -106,10 +112,13 @@ pub fn publish(
     };
     let put = store.put_step(&record, &key).map_err(PublishError::TraceStore)?;
     tracing::info!(step = %put.step_dir.display(), key = %key_name, "step published");
-    if !put.kept_existing.is_empty() {
+    for (name, d) in &put.diverged {
         tracing::warn!(
-            kept = ?put.kept_existing,
-            "records of an earlier, different build of this step were kept (divergent builds)"
+            output = %name,
+            nar_hash = %d.nar_hash,
+            kept = ?d.kept,
+            "this build differs from the entry already published; that entry stays (divergent \
+             build, recorded in the step's divergent.json)"
         );
     }
 
@@ -134,6 +143,10 @@ pub fn publish(
                 legacy: rec
                     .and_then(|r| r.legacy.as_ref())
                     .map(|l| LegacyRealisation { id: l.id.to_string(), json: l.to_json() }),
+                diverged: put.diverged.get(name).map(|d| Diverged {
+                    published_nar_hash: d.published_nar_hash,
+                    published_path: d.published_path.clone(),
+                }),
             },
         );
     }
@@ -156,6 +169,27 @@ pub fn publish(
         content
             .add(&mut FileUploads::new(items), &[st.job.ca_rule.into()], Origin::Build)
             .map_err(PublishError::ContentStore)?;
+        for o in outputs.values_mut() {
+            held_elsewhere(content, o)?;
+        }
     }
-    Ok(Published { key_name, step_dir: put.step_dir, kept_existing: put.kept_existing, outputs })
+    Ok(Published { key_name, step_dir: put.step_dir, outputs })
+}
+
+/// The content store never swaps the bytes it registered: where it already held the output's
+/// path with other bytes, they stay, and the output is reported diverged with their hash.
+fn held_elsewhere(content: &ContentStore, o: &mut PublishedOutput) -> Result<(), PublishError> {
+    let held = content.path_info(&o.path).map_err(PublishError::ContentStore)?;
+    let Some(held) = held.filter(|h| h.info.nar_hash != o.info.nar_hash) else {
+        return Ok(());
+    };
+    tracing::warn!(
+        path = %o.path,
+        nar_hash = %o.info.nar_hash,
+        held = %held.info.nar_hash,
+        "the content store already holds other bytes for this path; they stay (divergent build)"
+    );
+    let d = o.diverged.get_or_insert(Diverged { published_nar_hash: None, published_path: None });
+    d.published_nar_hash.get_or_insert(held.info.nar_hash);
+    Ok(())
 }

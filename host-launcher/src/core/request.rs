@@ -1,7 +1,7 @@
-//! What a front-end asks the engine to build ([`BuildRequest`]), with the two decisions only a
-//! front-end can make: the CA self-reference rule of the Nix that will use the outputs
-//! ([`CaRuleChoice`], from what the front-end knows of its client) and whether the caller is
-//! trusted. Also the Nix releases' rules ([`NixVersion`], [`ca_rule_for`]) and the limits a
+//! What a front-end asks the engine to build ([`BuildRequest`]), with what only a front-end
+//! can know: the CA self-reference rule of the Nix that will use the outputs
+//! ([`CaRuleChoice`], from what the front-end knows of its client), the unresolved derivation
+//! graph where it has one, and whether the caller is trusted. Also the Nix releases' rules ([`NixVersion`], [`ca_rule_for`]) and the limits a
 //! request may override ([`with_overrides`]).
 //!
 //! What is not here: how a front-end learns these (the Nix protocols' client profile in
@@ -13,6 +13,8 @@ use std::str::FromStr;
 
 use build_trace::job::{BasicDerivation, CaRule, Limits};
 use nix_formats::StorePath;
+
+use super::ownership::Derivations;
 
 /// One build, as every front-end parses it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,9 +30,14 @@ pub struct BuildRequest {
     pub limits: Limits,
     /// The self-reference rule of content-addressed output paths.
     pub ca_rule: CaRuleChoice,
+    /// The unresolved derivation graph the request came from, where the front-end has it (the
+    /// CI service's uploaded `.drv` closure; a Nix `BuildPaths` of a `.drv`): the engine
+    /// computes the step's input-addressed output paths from it and refuses a request whose
+    /// derivation declares others, whoever the caller ([`super::ownership`]).
+    pub derivations: Option<Derivations>,
     /// Whether the caller is trusted as Nix trusts its `trusted-users` (the operator's Nix, the
-    /// operator's CLI, a CI caller with the trusted token). Carried for the engine's rules; the
-    /// front-ends enforce today's (the CI service refuses input-addressed builds from others).
+    /// operator's CLI, a CI caller with the trusted token): only such a caller may build an
+    /// input-addressed derivation without [`Self::derivations`], as given.
     pub trusted: bool,
 }
 

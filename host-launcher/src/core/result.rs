@@ -63,10 +63,7 @@ pub struct Published {
     pub key_name: String,
     /// The step's entry directory in the trace store.
     pub step_dir: PathBuf,
-    /// Records that already existed with other content and were kept (a divergent build of
-    /// the same step); the outputs below are still this build's.
-    pub kept_existing: Vec<PathBuf>,
-    /// The outputs by name.
+    /// The outputs by name (each this build's own, diverged or not).
     pub outputs: BTreeMap<String, PublishedOutput>,
 }
 
@@ -83,6 +80,21 @@ pub struct PublishedOutput {
     pub signatures: BTreeSet<String>,
     /// The Nix ≤ 2.34 realisation (content-addressed steps).
     pub legacy: Option<LegacyRealisation>,
+    /// Set when an entry already published for this output differs from this build (an
+    /// input-addressed build that is not reproducible, or a content-addressed one that gave
+    /// another path): that entry stays what the cache serves, and the fields above are still
+    /// this build's own.
+    pub diverged: Option<Diverged>,
+}
+
+/// What the cache kept for an output that this build produced differently.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diverged {
+    /// The NAR hash the cache serves for the output's path (its kept narinfo, or the bytes the
+    /// content store holds), where that differs from this build's.
+    pub published_nar_hash: Option<build_trace::NarHash>,
+    /// The output path the kept realisation names (content-addressed steps).
+    pub published_path: Option<StorePath>,
 }
 
 /// A realisation in the format of Nix ≤ 2.34: its id and its JSON (with signatures).

@@ -39,6 +39,8 @@ pub fn core_request(
         drv: d.drv,
         outputs: Default::default(),
         ca_rule,
+        // BuildDerivation carries the basic derivation only.
+        derivations: None,
         trusted: true,
     })
 }

@@ -221,7 +221,8 @@ impl From<&core::BuildResult> for BuildResult {
                 status: BuildStatus::Built,
                 error_msg: String::new(),
                 times_built: 1,
-                is_non_deterministic: false,
+                // An output differs from the entry already published for its path.
+                is_non_deterministic: b.published.outputs.values().any(|o| o.diverged.is_some()),
                 start_time: b.start_time,
                 stop_time: b.stop_time,
                 cpu_user: None,

@@ -16,6 +16,8 @@
 //!   side of every open connection is shut down (a session waiting for its client's next
 //!   operation ends; one that is answering finishes its answer first), and the sessions get
 //!   `grace` to end. A second signal stops the wait.
+//! - **Hang-up** ([`watch_hangup`]): a client that goes away while its build runs stops that build
+//!   (its VM is killed; nothing is registered): the session's switch trips.
 //!
 //! Who may connect is decided by the socket's file permissions (and its directory's): anyone who
 //! can connect can upload paths and start builds.
@@ -28,6 +30,7 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -37,6 +40,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use super::action::{error_chain, ActionError, Handler};
 use super::worker::{self, WorkerConfig};
 use super::{ServerError, WireError};
+use crate::build::Cancel;
 use crate::signals::StopSource;
 
 /// How long sessions get to end after a shutdown began, by default.
@@ -81,11 +85,14 @@ pub struct SocketListener {
     path: PathBuf,
     /// Device and inode of the socket file we created.
     file: (u64, u64),
+    /// Whether a stale socket was replaced.
+    replaced_stale: bool,
 }
 
 impl SocketListener {
     /// Bind `path` (see the module docs for live, stale and foreign files).
     pub fn bind(path: &Path) -> Result<SocketListener, ListenError> {
+        let mut replaced_stale = false;
         match std::fs::symlink_metadata(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err("looking at", path)(e)),
@@ -98,6 +105,7 @@ impl SocketListener {
                     tracing::info!(path = %path.display(), "replacing a stale socket (its server is gone)");
                     std::fs::remove_file(path)
                         .map_err(io_err("removing the stale socket", path))?;
+                    replaced_stale = true;
                 }
                 Err(e) => return Err(io_err("probing the existing socket", path)(e)),
             },
@@ -105,12 +113,22 @@ impl SocketListener {
         let listener = UnixListener::bind(path).map_err(io_err("binding", path))?;
         listener.set_nonblocking(true).map_err(io_err("setting up", path))?;
         let m = std::fs::symlink_metadata(path).map_err(io_err("looking at", path))?;
-        Ok(SocketListener { listener, path: path.to_owned(), file: (m.dev(), m.ino()) })
+        Ok(SocketListener {
+            listener,
+            path: path.to_owned(),
+            file: (m.dev(), m.ino()),
+            replaced_stale,
+        })
     }
 
     /// The socket's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether binding replaced a stale socket (its server had died).
+    pub fn replaced_stale(&self) -> bool {
+        self.replaced_stale
     }
 }
 
@@ -128,8 +146,11 @@ impl Drop for SocketListener {
     }
 }
 
-/// Makes the handler of one session; its argument numbers the connection (from 1).
-pub type SessionFactory = dyn Fn(u64) -> Result<Box<dyn Handler + Send>, ActionError> + Send + Sync;
+/// Makes the handler of one session. Its arguments: the connection's number (from 1), and a
+/// switch that trips when the client hangs up ([`watch_hangup`]): the session's builds should
+/// follow it, since nobody waits for their results any more.
+pub type SessionFactory =
+    dyn Fn(u64, &Cancel) -> Result<Box<dyn Handler + Send>, ActionError> + Send + Sync;
 
 /// How [`serve_socket`] runs.
 #[derive(Debug, Clone)]
@@ -257,14 +278,18 @@ fn spawn_session(
     let reader = stream.try_clone()?;
     let writer = stream.try_clone()?;
     let closer = CloseOnDrop(stream.try_clone()?);
+    let hangup = Cancel::default();
+    let session_over = Arc::new(AtomicBool::new(false));
+    watch_hangup(stream.try_clone()?.into(), hangup.clone(), session_over.clone(), n)?;
     let thread = std::thread::Builder::new().name(format!("session-{n}")).spawn(move || {
         // However the session ends, the client sees the connection close (the server keeps a
         // handle of its own to shut it down).
         let _closer = closer;
+        let over = SetOnDrop(session_over);
         let span = tracing::info_span!("session", n, peer = %peer);
         let _entered = span.enter();
         tracing::info!("connected");
-        let mut handler = match new_session(n) {
+        let mut handler = match new_session(n, &hangup) {
             Ok(h) => h,
             Err(e) => {
                 tracing::error!("cannot open a session: {}", error_chain(e.as_ref()));
@@ -273,7 +298,9 @@ fn spawn_session(
         };
         let r = BufReader::with_capacity(1 << 16, reader);
         let w = BufWriter::with_capacity(1 << 16, writer);
-        match worker::serve(r, w, &cfg, handler.as_mut()) {
+        let served = worker::serve(r, w, &cfg, handler.as_mut());
+        drop(over);
+        match served {
             Ok(()) => tracing::info!("session ended"),
             Err(ServerError::Wire(WireError::Eof)) => tracing::info!("the client went away"),
             Err(ServerError::PeerGone(kind)) => {
@@ -286,6 +313,58 @@ fn spawn_session(
         }
     })?;
     Ok(Session { stream, thread })
+}
+
+/// Sets its flag when dropped (however the session thread ends).
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// How long a session may take to end by itself after its client hung up.
+const HANGUP_GRACE: Duration = Duration::from_millis(200);
+
+/// Trip `hangup` when the peer of `conn` hangs up (closes its end, or is killed), until `over`
+/// is set; a thread named after session `n` watches. A Nix client never half-closes a session
+/// it still wants: it waits for every answer, a build's included. So a hang-up while its build
+/// runs means nobody will read the result, and the build's VM is stopped (not left running to
+/// its end for nobody). Works on sockets (`POLLRDHUP`) and pipes (`POLLHUP`), so it serves
+/// `--stdio` (stdin) too.
+pub fn watch_hangup(
+    conn: std::os::fd::OwnedFd,
+    hangup: Cancel,
+    over: Arc<AtomicBool>,
+    n: u64,
+) -> std::io::Result<()> {
+    std::thread::Builder::new().name(format!("hangup-{n}")).spawn(move || {
+        // POLLRDHUP (the peer closed its end) is Linux's; `nix` has no name for it. Only it is
+        // asked for, and POLLHUP/POLLERR/POLLNVAL come unasked: any event means the peer is gone.
+        let rdhup = PollFlags::from_bits_retain(libc::POLLRDHUP);
+        while !over.load(Ordering::SeqCst) {
+            let mut fds = [PollFd::new(conn.as_fd(), rdhup)];
+            match poll(&mut fds, PollTimeout::from(200u16)) {
+                Ok(k) if k > 0 => {
+                    // A session that was only waiting for its client ends by itself now; one
+                    // that is still busy a moment later is working for nobody.
+                    std::thread::sleep(HANGUP_GRACE);
+                    if !over.load(Ordering::SeqCst) {
+                        tracing::info!(session = n, "the client hung up: stopping its builds");
+                        hangup.cancel();
+                    }
+                    return;
+                }
+                Ok(_) | Err(nix::Error::EINTR) => {}
+                Err(e) => {
+                    tracing::warn!(session = n, "watching the client for a hang-up: {e}");
+                    return;
+                }
+            }
+        }
+    })?;
+    Ok(())
 }
 
 #[cfg(test)]

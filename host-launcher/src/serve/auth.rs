@@ -6,8 +6,9 @@
 //! - `upload`: `nix copy --to` (PUT `nar/…` and `….narinfo`);
 //! - `build`: the build API and the web page (submit, list, read, cancel);
 //! - `trusted`: the callers the operator trusts as Nix trusts its `trusted-users`: only they may
-//!   build input-addressed derivations (whose output paths vouch signs as written) and upload
-//!   paths with neither a content address nor a signature by a key the service trusts.
+//!   upload paths with neither a content address nor a signature by a key the service trusts.
+//!   (Input-addressed derivations build for every `build` caller, at the output paths the core
+//!   computes from the derivation graph; one declaring other paths is refused for all.)
 //!
 //! Tokens come from a **tokens file** (`--tokens FILE`), one per line, `#` comments:
 //!

@@ -498,20 +498,29 @@ pub fn state_of(result: &BuildResult) -> BuildState {
 
 /// The outputs of a built step as the build API shows them: path, NAR hash and size, the
 /// narinfo signatures, the signatures over the Nix ≥ 2.35 fingerprint and the Nix ≤ 2.34
-/// realisation — the records the publish step signed.
+/// realisation — the records the publish step signed — and whether the output `diverged` from
+/// the entry already published for it (then `published` says what the cache kept; the other
+/// fields stay this build's own).
 pub fn outputs_json(built: &Built) -> serde_json::Value {
     let outputs = built.published.outputs.iter().map(|(name, o)| {
         let realisation = o.legacy.as_ref().map(|l| {
             serde_json::from_str(&l.json).unwrap_or(serde_json::Value::String(l.json.clone()))
         });
-        let v = serde_json::json!({
+        let mut v = serde_json::json!({
             "path": o.path.to_string(),
             "nar_hash": o.info.nar_hash.to_string(),
             "nar_size": o.info.nar_size,
             "narinfo_signatures": o.narinfo_sigs,
             "signatures": o.signatures,
             "realisation": realisation,
+            "diverged": o.diverged.is_some(),
         });
+        if let Some(d) = &o.diverged {
+            v["published"] = serde_json::json!({
+                "nar_hash": d.published_nar_hash.map(|h| h.to_string()),
+                "path": d.published_path.as_ref().map(ToString::to_string),
+            });
+        }
         (name.clone(), v)
     });
     serde_json::Value::Object(outputs.collect())

@@ -8,6 +8,7 @@ fn request(n: usize) -> BuildRequest {
         outputs: Default::default(),
         limits: Default::default(),
         ca_rule: crate::core::CaRuleChoice::Known(build_trace::CaRule::SelfRefZeroed),
+        derivations: None,
         trusted: false,
     }
 }

@@ -2,16 +2,20 @@
 //! [`BuildRequest`] before anything is queued:
 //!
 //! 1. the derivation is a store path of a `.drv` in the content store, uploaded with its
-//!    content address (so its contents are tied to its path), and resolved (no input
-//!    derivations);
-//! 2. who may build what: input-addressed derivations only for trusted callers, fixed-output
-//!    ones (network access) only for callers with a token;
-//! 3. its input closure is in the content store;
-//! 4. the CA self-reference rule is that of the Nix release the submission names
+//!    content address (so its contents are tied to its path), with its input derivations
+//!    (`nix copy --derivation` uploads the `.drv` closure);
+//! 2. the core establishes what it builds as ([`Derivations::step`]): input-addressed output
+//!    paths computed from the derivation graph, a derivation Nix resolves (floating CA, or
+//!    deferred input-addressed) resolved against the outputs this service accepted. One that
+//!    declares other input-addressed paths is refused (403, naming the computed path) whoever
+//!    the caller: the core's rule (`crate::core::ownership`), answered here with a status;
+//! 3. fixed-output derivations (network access) only for callers with a token;
+//! 4. its input closure is in the content store;
+//! 5. the CA self-reference rule is that of the Nix release the submission names
 //!    (`nix_version`), else the service's `--client-nix-version`, else a guess said in the
 //!    build log;
-//! 5. its limits override the service's defaults where non-zero; the caller's trust goes with
-//!    it.
+//! 6. its limits override the service's defaults where non-zero; the graph and the caller's
+//!    trust go with it, and the engine checks the request again before any VM.
 //!
 //! What is not here: the HTTP request (`super::api`), the queue (`super::builds`).
 
@@ -19,14 +23,15 @@ use std::collections::BTreeSet;
 
 use build_trace::error_chain;
 use build_trace::job::{BasicDerivation, Limits, StepKind};
-use nix_formats::derivation::Derivation;
+use build_trace::ownership::OwnershipError;
 use nix_formats::StorePath;
 
 use super::api::BuildSubmission;
 use super::{auth, store_error, ApiError, Service};
+use crate::core::ownership::accepted_outputs;
 use crate::core::request::ca_rule_for;
-use crate::core::{BuildRequest, CaRuleChoice, NixVersion};
-use crate::store::{drv_contents, StoreError};
+use crate::core::{BuildRequest, CaRuleChoice, Derivations, NixVersion, Refusal};
+use crate::store::StoreError;
 
 /// The rule of the Nix release `declared` (the submission's `nix_version`, else the service's
 /// `--client-nix-version`), else a guess.
@@ -43,10 +48,11 @@ pub fn ca_rule(declared: Option<NixVersion>) -> CaRuleChoice {
 impl Service {
     /// Check a submission and make its build request; nothing is queued on error.
     ///
-    /// Who may build what: an input-addressed derivation names its output paths itself, and
-    /// the service would sign whatever it built under them, so only trusted callers may submit
-    /// one; a fixed-output derivation builds with network access, so it needs a caller who
-    /// presented a token, and none can while the service has none.
+    /// Who may build what: anyone may build a derivation whose output paths the core computes
+    /// (content-addressed ones from their bytes, input-addressed ones from the derivation
+    /// graph); a derivation that declares other input-addressed paths is refused, even for a
+    /// trusted caller; a fixed-output derivation builds with network access, so it needs a
+    /// caller who presented a token, and none can while the service has none.
     pub(super) fn check_submission(
         &self,
         s: &BuildSubmission,
@@ -59,12 +65,11 @@ impl Service {
             return Err(bad(400, format!("\"drv\": {drv_path} is not a derivation (.drv)")));
         }
         let how = format!(
-            "upload it and its inputs first: nix copy --to 'http://HOST:PORT?compression=none' --derivation {drv_path}"
+            "upload it and its inputs first: nix copy --to http://HOST:PORT --derivation {drv_path}"
         );
-        let (info, file) =
-            self.store.open_nar(&drv_path).map_err(store_error)?.ok_or_else(|| {
-                bad(422, format!("{drv_path} is not in vouch's content store: {how}"))
-            })?;
+        let info = self.store.path_info(&drv_path).map_err(store_error)?.ok_or_else(|| {
+            bad(422, format!("{drv_path} is not in vouch's content store: {how}"))
+        })?;
         if !info.info.ca.as_deref().is_some_and(|c| c.starts_with("text:")) {
             return Err(bad(
                 422,
@@ -74,57 +79,31 @@ impl Service {
                 ),
             ));
         }
-        let bytes = drv_contents(file)
-            .map_err(|e| bad(422, format!("{drv_path}: its NAR is not one .drv file: {e}")))?;
-        let drv = Derivation::from_aterm(&bytes)
-            .map_err(|e| bad(422, format!("parsing {drv_path}: {}", error_chain(&e))))?;
-        if let Some(first) = drv.input_drvs.keys().next() {
-            return Err(bad(
-                422,
-                format!(
-                    "{drv_path} is not resolved: it depends on the outputs of {} other \
-                     derivation(s) (e.g. {first}). The build API builds one step whose inputs \
-                     are store paths: send the resolved derivation (input derivations replaced by \
-                     their outputs, as Nix does for content-addressed derivations) or the \
-                     dependencies' builds first, or use vouch nix-builder as Nix's remote builder \
-                     for whole graphs (docs/nix-remote-builder.md)",
-                    drv.input_drvs.len()
-                ),
-            ));
-        }
+        let derivations = Derivations::from_store(&self.store, &drv_path)
+            .map_err(|e| ownership_error(&drv_path, &e, &how))?;
+        let mut accepted = accepted_outputs(&self.cfg.engine.publish.trace_store);
+        let step =
+            derivations.step(&mut accepted).map_err(|e| ownership_error(&drv_path, &e, &how))?;
         let name = drv_path.drv_name().map_err(|e| bad(400, e.to_string()))?.to_owned();
-        let basic = BasicDerivation::from_derivation(&name, &drv)
+        let basic = BasicDerivation::from_derivation(&name, &step.drv)
             .map_err(|e| bad(422, format!("{drv_path}: {}", error_chain(&e))))?;
         let kind = build_trace::job::step_kind(&basic)
             .map_err(|e| bad(422, format!("vouch cannot build {drv_path}: {}", error_chain(&e))))?;
-        match kind {
-            StepKind::InputAddressed if !caller.trusted => {
-                return Err(bad(
-                    403,
-                    format!(
-                        "{drv_path} is input-addressed: its output paths are written in it, and \
-                         this service would sign what it builds under them; only callers with \
-                         the trusted token (--trusted-token-file) may build input-addressed \
-                         derivations"
-                    ),
-                ))
-            }
-            StepKind::FixedOutput if !caller.authenticated => {
-                return Err(bad(
-                    403,
-                    format!(
-                        "{drv_path} is a fixed-output derivation, which builds with network \
-                         access; this service refuses those from callers without a token, and \
-                         it has none configured (--token-file)"
-                    ),
-                ))
-            }
-            _ => {}
+        if kind == StepKind::FixedOutput && !caller.authenticated {
+            return Err(bad(
+                403,
+                format!(
+                    "{drv_path} is a fixed-output derivation, which builds with network \
+                     access; this service refuses those from callers without a token, and \
+                     it has none configured (--token-file)"
+                ),
+            ));
         }
+        let step_path = step.drv_path;
         self.store.closure(&basic.input_srcs).map_err(|e| match e {
             StoreError::Missing { path } => bad(
                 422,
-                format!("input {path} of {drv_path} is not in vouch's content store: {how}"),
+                format!("input {path} of {step_path} is not in vouch's content store: {how}"),
             ),
             other => store_error(other),
         })?;
@@ -136,7 +115,7 @@ impl Service {
             None => self.cfg.declared_nix,
         };
         Ok(BuildRequest {
-            drv_path,
+            drv_path: step_path,
             drv: basic,
             outputs: BTreeSet::new(),
             limits: Limits {
@@ -146,8 +125,32 @@ impl Service {
                 ..Limits::default()
             },
             ca_rule: ca_rule(declared),
+            derivations: Some(derivations),
             trusted: caller.trusted,
         })
+    }
+}
+
+/// A derivation graph that does not give a step: 403 for paths the derivation does not own,
+/// 422 for what is missing or malformed.
+fn ownership_error(drv: &StorePath, r: &Refusal, how: &str) -> ApiError {
+    let Refusal::Graph { source: e, .. } = r else {
+        return ApiError::new(403, error_chain(r));
+    };
+    match &**e {
+        OwnershipError::NotOwned { .. } | OwnershipError::Deferred { .. } => ApiError::new(
+            403,
+            format!(
+                "vouch refuses to build {drv}: {}. Input-addressed output paths are computed \
+                 from the derivation graph (as Nix's checkDerivationOutputs does); a .drv that \
+                 declares others is refused, whoever sends it",
+                error_chain(&**e)
+            ),
+        ),
+        OwnershipError::NeedsDerivation(p) => {
+            ApiError::new(422, format!("{p} is not in vouch's content store as a .drv file: {how}"))
+        }
+        _ => ApiError::new(422, format!("vouch cannot build {drv}: {}", error_chain(&**e))),
     }
 }
 

@@ -212,6 +212,17 @@ pub struct Evicted {
     pub bytes: u64,
 }
 
+/// What [`ContentStore::open`] removed of dead processes (see [`ContentStore::cleaned`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cleanup {
+    /// Pin owners (processes) that are gone, with their pins.
+    pub dead_owners: usize,
+    /// Half-received uploads in `tmp/` of processes that are gone.
+    pub tmp_files: usize,
+    /// NAR files in `nar/` that no row names (a writer died between rename and commit).
+    pub orphaned_nars: usize,
+}
+
 /// An open content store (one per process; it is `Sync`).
 #[derive(Debug)]
 pub struct ContentStore {
@@ -221,6 +232,7 @@ pub struct ContentStore {
     owner: i64,
     cfg: StoreConfig,
     counter: AtomicU64,
+    cleaned: Cleanup,
 }
 
 impl ContentStore {
@@ -238,16 +250,22 @@ impl ContentStore {
         let conn = db::open(&dir.join("index.sqlite")).map_err(dbe("open"))?;
         let me = ProcessId::current();
         let owner = db::add_owner(&conn, &me).map_err(dbe("register owner"))?;
-        let store = ContentStore {
+        let mut store = ContentStore {
             dir: dir.to_path_buf(),
             db: Mutex::new(conn),
             me,
             owner,
             cfg,
             counter: AtomicU64::new(0),
+            cleaned: Cleanup::default(),
         };
-        store.clean_up()?;
+        store.cleaned = store.clean_up()?;
         Ok(store)
+    }
+
+    /// What opening removed of dead processes.
+    pub fn cleaned(&self) -> Cleanup {
+        self.cleaned
     }
 
     /// The store directory.
@@ -269,20 +287,23 @@ impl ContentStore {
     }
 
     /// Remove dead owners, their temporary files, and NAR files no row names.
-    fn clean_up(&self) -> Result<(), StoreError> {
+    fn clean_up(&self) -> Result<Cleanup, StoreError> {
         let mut conn = self.conn();
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(dbe("clean up"))?;
-        db::drop_dead_owners(&tx).map_err(dbe("drop dead owners"))?;
+        let mut cleaned = Cleanup {
+            dead_owners: db::drop_dead_owners(&tx).map_err(dbe("drop dead owners"))?,
+            ..Cleanup::default()
+        };
         let used = db::nar_files(&tx).map_err(dbe("list NAR files"))?;
         let nar_dir = self.dir.join("nar");
         if let Ok(entries) = fs::read_dir(&nar_dir) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if !used.contains(&name) {
-                    tracing::info!(file = %name, "removing an orphaned NAR file (a writer died before committing)");
-                    let _ = fs::remove_file(e.path());
+                if !used.contains(&name) && fs::remove_file(e.path()).is_ok() {
+                    tracing::debug!(file = %name, "removed an orphaned NAR file (a writer died before committing)");
+                    cleaned.orphaned_nars += 1;
                 }
             }
         }
@@ -292,12 +313,15 @@ impl ContentStore {
                 // `<pid>-<start ticks>-<owner>-<n>`
                 let mut parts = name.splitn(3, '-');
                 let tag = format!("{}-{}", parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-                if ProcessId::from_tag(&tag).is_none_or(|p| !p.is_alive()) {
-                    let _ = fs::remove_file(e.path());
+                if ProcessId::from_tag(&tag).is_none_or(|p| !p.is_alive())
+                    && fs::remove_file(e.path()).is_ok()
+                {
+                    cleaned.tmp_files += 1;
                 }
             }
         }
-        tx.commit().map_err(dbe("clean up"))
+        tx.commit().map_err(dbe("clean up"))?;
+        Ok(cleaned)
     }
 
     /// Which of `paths` are valid; with `pin`, those are pinned for this process in the same

@@ -3,7 +3,8 @@
 //! What is here: the three [`Mode`]s (`snp`, `kvm`, `tcg`), what this host can do
 //! ([`HostCaps::probe`]) and the automatic choice ([`choose_mode`]); the QEMU command line as a
 //! pure function of a [`QemuSpec`] ([`qemu_argv`], unit-tested per mode); the process runner
-//! ([`runner`]) and the vsock host side ([`vsock`]).
+//! ([`runner`]), the vsock host side ([`vsock`]), and how both die with the launcher
+//! ([`child`]).
 //!
 //! Rules: KVM only when `/dev/kvm` is writable **and** `/proc/cpuinfo` shows `svm` or `vmx`
 //! (our CI's `/dev/kvm` is a paravirtual nested backend that opens but cannot run a normal
@@ -14,6 +15,7 @@
 //!
 //! What is not here: the channel protocol (see `crate::build`).
 
+pub mod child;
 pub mod egress;
 pub mod network;
 pub mod runner;

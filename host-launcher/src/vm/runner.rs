@@ -68,7 +68,9 @@ impl Vm {
         console_log: &Path,
         echo: bool,
     ) -> std::io::Result<Vm> {
-        let mut child = Command::new(qemu)
+        let mut cmd = Command::new(qemu);
+        // QEMU dies with the launcher, even a `kill -9`ed one (see `super::child`).
+        let mut child = super::child::die_with_launcher(&mut cmd)
             .args(argv)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

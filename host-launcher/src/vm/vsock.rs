@@ -198,7 +198,9 @@ impl Channel {
                 let listener = UnixListener::bind(&listen_path)
                     .map_err(|e| VsockError::Listen(listen_path.display().to_string(), e))?;
                 let control = dir.join("vhost-user.sock");
-                let mut daemon = Command::new(daemon_path)
+                let mut cmd = Command::new(daemon_path);
+                // It ignores SIGTERM: SIGKILL when the launcher dies (see `super::child`).
+                let mut daemon = super::child::die_with_launcher(&mut cmd)
                     .arg("--guest-cid")
                     .arg("3")
                     .arg("--socket")

@@ -52,6 +52,8 @@ struct Shared {
     seen: Seen,
     gate: Arc<Mutex<()>>,
     held: Arc<std::sync::atomic::AtomicBool>,
+    /// Each session's hang-up switch, by connection number.
+    hangups: Arc<Mutex<Vec<(u64, Cancel)>>>,
 }
 
 /// Records `(connection, max_silent_time)` for every `SetOptions`; the session's own options are
@@ -100,7 +102,8 @@ fn cfg(grace: Duration) -> ListenConfig {
 
 fn factory(shared: &Shared) -> Arc<SessionFactory> {
     let shared = shared.clone();
-    Arc::new(move |n| {
+    Arc::new(move |n, hangup| {
+        shared.hangups.lock().unwrap().push((n, hangup.clone()));
         Ok(Box::new(Recorder { n, shared: shared.clone(), options: None })
             as Box<dyn Handler + Send>)
     })
@@ -254,14 +257,9 @@ fn each_connection_is_its_own_session_and_stop_closes_them() {
     assert!(UnixStream::connect(&path).is_err());
 }
 
-#[test]
-fn a_second_stop_cuts_the_grace_period_short() {
-    let d = tempfile::tempdir().unwrap();
-    let path = d.path().join("s.sock");
-    let shared = Shared::default();
-    let (mut poke, _stopped, server) = start(&path, Duration::from_secs(600), &shared);
-    let gate = shared.gate.lock().unwrap();
-    let mut busy = Client::connect(&path);
+/// A client whose query is held in its handler (the test holds `shared.gate`): a long build.
+fn held_session(path: &Path, shared: &Shared) -> Client {
+    let mut busy = Client::connect(path);
     busy.set_options(999);
     busy.send_query();
     let t0 = Instant::now();
@@ -269,6 +267,18 @@ fn a_second_stop_cuts_the_grace_period_short() {
         assert!(t0.elapsed() < Duration::from_secs(20), "the session never got the query");
         std::thread::sleep(Duration::from_millis(10));
     }
+    busy
+}
+
+#[test]
+fn a_second_stop_cuts_the_grace_period_short() {
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("s.sock");
+    let shared = Shared::default();
+    let (mut poke, _stopped, server) = start(&path, Duration::from_secs(600), &shared);
+    let gate = shared.gate.lock().unwrap();
+    let busy = held_session(&path, &shared);
+    let t0 = Instant::now();
     // Two stops: the first starts the shutdown, the second ends the wait for the held session.
     poke.write_all(&[1, 2]).unwrap();
     let summary = server.join().unwrap();
@@ -277,7 +287,44 @@ fn a_second_stop_cuts_the_grace_period_short() {
     assert!(!path.exists());
     // The held session still answers once released, then its connection closes.
     drop(gate);
+    let mut busy = busy;
     assert_eq!(busy.r.read_u64().unwrap(), STDERR_LAST);
     assert_eq!(busy.r.read_u64().unwrap(), 0);
     assert!(busy.at_eof());
+}
+
+#[test]
+fn a_client_that_hangs_up_mid_request_trips_its_sessions_switch_only() {
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("s.sock");
+    let shared = Shared::default();
+    let (mut poke, _stopped, server) = start(&path, Duration::from_secs(20), &shared);
+    let gate = shared.gate.lock().unwrap();
+    let mut idle = Client::connect(&path);
+    idle.set_options(1);
+    // The busy session is "building" (held in its handler) when its client goes away.
+    let busy = held_session(&path, &shared);
+    drop(busy);
+    let tripped =
+        |n: u64| shared.hangups.lock().unwrap().iter().any(|(k, c)| *k == n && c.is_cancelled());
+    let t0 = Instant::now();
+    while !tripped(2) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the hang-up was not noticed: {:?}",
+            shared
+                .hangups
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(k, c)| (*k, c.is_cancelled()))
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!tripped(1), "the other client is still there");
+    assert!(idle.query().is_err(), "and still served");
+    drop(gate);
+    poke.write_all(&[1]).unwrap();
+    assert_eq!(server.join().unwrap().abandoned, 0);
 }

@@ -230,7 +230,7 @@ fn tls_serves_the_cache_over_https() {
         .args(["-sS", "--fail", "--cacert", cert.to_str().unwrap()])
         .arg(format!("https://127.0.0.1:{port}/nix-cache-info"))
         .output()
-        .expect("running curl");
+        .expect("running curl (scripts/setup-host.sh installs it)");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("StoreDir"));
     // Plain HTTP on the TLS port gets no HTTP answer.

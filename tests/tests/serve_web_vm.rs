@@ -13,15 +13,12 @@
 //! the output); `docs/` keeps the ones of a run.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use test_support::nix::text;
-use test_support::vm::{nonce, Scratch, NIX_CONFIG};
-use tests::service::{closure_nix, json, start_trusted, wait};
+use test_support::vm::{nonce, Scratch};
+use tests::service::{closure_nix, json, nix_copy, start_trusted, wait, TRUSTED};
 use tests::webdriver::Browser;
-
-const TRUSTED: &str = "Authorization: Bearer trusted-0123456789abcdef";
 
 fn shots(s: &Scratch) -> PathBuf {
     let dir = std::env::var_os("VOUCH_SCREENSHOT_DIR")
@@ -56,12 +53,7 @@ fn the_page_follows_a_build_live_and_cancels_one() {
     let token = s.dir.path().join("trusted-token");
     std::fs::write(&token, "trusted-0123456789abcdef\n").unwrap();
     let svc = start_trusted(&s.state(), &s.dir.path().join("serve.log"), &token);
-    let up = Command::new("nix")
-        .args(["copy", "--to", &svc.url(), "--derivation", &ticker, &slow])
-        .env("NIX_CONFIG", NIX_CONFIG)
-        .env("XDG_CACHE_HOME", s.dir.path().join("xdg"))
-        .output()
-        .unwrap();
+    let up = nix_copy(&s.dir.path().join("xdg"), &["--to", &svc.url(), "--derivation", &ticker, &slow]);
     assert!(up.status.success(), "upload: {}\n{}", text(&up), svc.log_text());
     let ids: Vec<u64> = [&ticker, &slow]
         .iter()

@@ -245,6 +245,11 @@ impl Builds {
         (inner.queue.len(), inner.running)
     }
 
+    /// Whether [`Builds::stop`] was called: no build starts or is accepted any more.
+    pub fn stopping(&self) -> bool {
+        lock(&self.inner).stopping
+    }
+
     /// Start `n` worker threads.
     pub fn start_workers(self: &Arc<Self>, n: usize) -> Vec<JoinHandle<()>> {
         (0..n.max(1))

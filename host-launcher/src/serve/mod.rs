@@ -263,7 +263,14 @@ impl Service {
     /// Execute one action.
     pub fn handle(&self, action: ApiAction<'_>) -> Result<ApiReply, ApiError> {
         match action {
-            ApiAction::Health => Ok(ApiReply::Json(200, serde_json::json!({"status": "ok"}))),
+            ApiAction::Health => {
+                // 503 while stopping, so a load balancer sends no more builds here.
+                let (queued, running) = self.builds.load();
+                let (code, status) =
+                    if self.builds.stopping() { (503, "stopping") } else { (200, "ok") };
+                let v = serde_json::json!({"status": status, "queued": queued, "running": running});
+                Ok(ApiReply::Json(code, v))
+            }
             ApiAction::CacheInfo => match self.cache_file("nix-cache-info") {
                 Err(e) if e.status == 404 => {
                     Ok(ApiReply::Bytes("text/x-nix-cache-info", CACHE_INFO.into()))

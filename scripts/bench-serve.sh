@@ -27,6 +27,7 @@ CARGO_INCREMENTAL=0 cargo build --release -q -p host-launcher --bin vouch
 VOUCH=$PWD/target/release/vouch
 
 WORK=$(mktemp -d)
+chmod 755 "$WORK" # nginx workers (user nobody) read the cache
 VOUCH_PID=""
 NGINX_PID=""
 cleanup() {
@@ -94,7 +95,7 @@ NGINX_PID=$!
 NGINX_URL=http://127.0.0.1:$NGINX_PORT
 for _ in $(seq 100); do curl -sf "$NGINX_URL/nix-cache-info" >/dev/null && break; sleep 0.1; done
 for u in "$VOUCH_URL" "$NGINX_URL"; do
-  curl -sf "$u/$NARINFO" | cmp -s - "$CACHE/$NARINFO" || { echo "bench-serve: $u serves a wrong narinfo" >&2; exit 1; }
+  curl -sf "$u/$NARINFO" | cmp -s - "$CACHE/$NARINFO" || { echo "bench-serve: $u serves a wrong narinfo:" >&2; curl -si "$u/$NARINFO" | head -3 >&2; exit 1; }
 done
 
 rss() { awk '/VmRSS/ {r=$2} /VmHWM/ {h=$2} END {printf "%d/%d", r/1024, h/1024}' "/proc/$VOUCH_PID/status"; }

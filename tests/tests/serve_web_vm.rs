@@ -45,7 +45,9 @@ fn state_is(state: &str) -> String {
 
 #[test]
 fn the_page_follows_a_build_live_and_cancels_one() {
-    test_support::nix::require_tool("chromedriver", "apt-get install chromium chromium-driver");
+    for tool in ["chromium", "chromedriver"] {
+        test_support::nix::require_tool(tool, "scripts/setup-host.sh installs chromium and chromium-driver");
+    }
     let s = Scratch::new();
     let n = nonce();
     let file = s.write("serve.nix", &closure_nix(&n));

@@ -7,6 +7,9 @@
 //!   response head) and a body limit ([`MAX_BODY`]) on everything but NAR uploads, whose bodies
 //!   are bounded by the content store's size and must not stall longer than [`BODY_IDLE`];
 //!   response compression (gzip, zstd) for what the client accepts, never for NARs.
+//! - The trace store's **narinfos** are read on the async thread that answers them (a small
+//!   file in the page cache, as nginx reads it); everything else that touches files or SQLite
+//!   runs on a blocking thread.
 //! - **Range** on binary-cache files (NARs): one `bytes=` range is answered 206; several, 200
 //!   with the whole file; an unsatisfiable one 416.
 //! - Errors are answered with their status and a message naming what was wrong: plain text on
@@ -172,6 +175,12 @@ async fn handle(
     let peer = conn.as_ref().map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |c| c.peer);
     let head = parts.method == Method::HEAD;
     let uploader = super::upload::Uploader::new(&caller, peer.ip());
+    if let (Route::NarInfo(hash), None) = (&route, parts.headers.get(header::RANGE)) {
+        // The trace store's narinfos, the cache's hot path, are read here (see the module docs).
+        if let Some(r) = signed_narinfo(service, hash, head) {
+            return Ok(r);
+        }
+    }
     let action: Blocking = match route {
         Route::StepEvents(id, step) => {
             return super::web::events(service.clone(), id, step, query, &parts.headers)
@@ -232,6 +241,18 @@ async fn handle(
     .map_err(|e| (ApiError::new(500, format!("the request's task: {e}")), None))?
     .map_err(|e| (e, None))?;
     reply_response(service, reply, range.as_deref(), head).map_err(|e| (e, None))
+}
+
+/// The trace store's narinfo with hash part `hash`, read on this (async) thread: a small file
+/// in the page cache is read faster than a hop to a blocking thread takes. `None` for anything
+/// else (not there, large, an error): the blocking path answers it.
+fn signed_narinfo(service: &Arc<Service>, hash: &str, head: bool) -> Option<Response> {
+    let reply = service.cache_file(&format!("{hash}.narinfo")).ok()?;
+    let reply = match reply {
+        ApiReply::File(_, _, len) if len <= SMALL_FILE => small_file_in_memory(reply, false).ok()?,
+        _ => return None,
+    };
+    reply_response(service, reply, None, head).ok()
 }
 
 /// An action run on a blocking thread.

@@ -16,8 +16,9 @@
 //!   one address cannot lock out the others. Over the limits, a connection is answered 503 and
 //!   closed.
 //! - The service's synchronous core (the engine, content store, SQLite) never runs on the
-//!   executor: requests run it through `spawn_blocking` ([`super::http`]), builds on their own
-//!   worker threads ([`super::builds`]).
+//!   executor: requests run it through `spawn_blocking` ([`super::http`]; only a trace-store
+//!   narinfo, a small file, is read on the executor), builds on their own worker threads
+//!   ([`super::builds`]).
 //! - **Shutdown** ([`serve_http`]): when the stop source fires (SIGINT/SIGTERM), the listener
 //!   closes, queued builds fail without starting, running builds are cancelled (their VMs
 //!   killed), `on_stop` runs, the build workers are joined, and open connections are dropped.

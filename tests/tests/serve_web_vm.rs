@@ -46,7 +46,10 @@ fn state_is(state: &str) -> String {
 #[test]
 fn the_page_follows_a_build_live_and_cancels_one() {
     for tool in ["chromium", "chromedriver"] {
-        test_support::nix::require_tool(tool, "scripts/setup-host.sh installs chromium and chromium-driver");
+        test_support::nix::require_tool(
+            tool,
+            "scripts/setup-host.sh installs chromium and chromium-driver",
+        );
     }
     let s = Scratch::new();
     let n = nonce();
@@ -55,7 +58,8 @@ fn the_page_follows_a_build_live_and_cancels_one() {
     let token = s.dir.path().join("trusted-token");
     std::fs::write(&token, "trusted-0123456789abcdef\n").unwrap();
     let svc = start_trusted(&s.state(), &s.dir.path().join("serve.log"), &token);
-    let up = nix_copy(&s.dir.path().join("xdg"), &["--to", &svc.url(), "--derivation", &ticker, &slow]);
+    let up =
+        nix_copy(&s.dir.path().join("xdg"), &["--to", &svc.url(), "--derivation", &ticker, &slow]);
     assert!(up.status.success(), "upload: {}\n{}", text(&up), svc.log_text());
     let ids: Vec<u64> = [&ticker, &slow]
         .iter()

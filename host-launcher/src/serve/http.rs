@@ -249,7 +249,9 @@ async fn handle(
 fn signed_narinfo(service: &Arc<Service>, hash: &str, head: bool) -> Option<Response> {
     let reply = service.cache_file(&format!("{hash}.narinfo")).ok()?;
     let reply = match reply {
-        ApiReply::File(_, _, len) if len <= SMALL_FILE => small_file_in_memory(reply, false).ok()?,
+        ApiReply::File(_, _, len) if len <= SMALL_FILE => {
+            small_file_in_memory(reply, false).ok()?
+        }
         _ => return None,
     };
     reply_response(service, reply, None, head).ok()

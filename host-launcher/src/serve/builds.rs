@@ -263,11 +263,16 @@ impl Builds {
             .collect()
     }
 
-    fn one_step(id: u64, drv: &StorePath, submitted: i64) -> View {
+    /// A one-step build of `req`: the build names the derivation it builds (the resolved one,
+    /// as Nix names the deriver); its step, the derivation submitted, and the resolved one where
+    /// they differ (so `nix log` finds the step under either name).
+    fn one_step(id: u64, req: &BuildRequest, submitted: i64) -> View {
+        let built = &req.drv_path;
+        let asked = req.derivations.as_ref().map_or(built, |d| d.drv_path());
         View {
             info: BuildInfo {
                 id,
-                drv: drv.clone(),
+                drv: built.clone(),
                 state: BuildState::Queued,
                 submitted,
                 started: None,
@@ -275,8 +280,8 @@ impl Builds {
             },
             steps: vec![StepInfo {
                 index: 0,
-                drv: drv.clone(),
-                resolved: None,
+                drv: asked.clone(),
+                resolved: (asked != built).then(|| built.clone()),
                 state: BuildState::Queued,
                 started: None,
                 finished: None,
@@ -296,7 +301,7 @@ impl Builds {
             return Err(format!("the build queue is full ({MAX_QUEUED} builds waiting)"));
         }
         let id = inner.next;
-        let view = Self::one_step(id, &req.drv_path, 0);
+        let view = Self::one_step(id, &req, 0);
         let t = self
             .records
             .queued(id, &req.drv_path, submission, caller, &view.steps)
@@ -309,7 +314,7 @@ impl Builds {
     }
 
     fn enqueue(&self, inner: &mut Inner, id: u64, req: BuildRequest, submitted: i64) {
-        let view = Self::one_step(id, &req.drv_path, submitted);
+        let view = Self::one_step(id, &req, submitted);
         let build = Arc::new(Build::new(view, Some(req), vec![String::new()]));
         inner.builds.insert(id, build.clone());
         inner.queue.push_back(build);

@@ -100,6 +100,12 @@ fn nix_2_26_reads_the_log_with_nix_log() {
     let ia = c.instantiate("/srv/serve.nix", "ia");
     let svc = service(&c);
     upload_and_build(&c, &svc, &format!("{}?compression=none", svc.url()), &ia);
-    let log = text(&c.output(&["nix", "log", "--store", &svc.url(), &ia]));
-    assert!(log.contains(&format!("ia {n}")), "{log}");
+    // A fresh client: an empty store and its own narinfo cache (the uploader's remembers the
+    // URL it uploaded the .drv under, not the one the service serves it under).
+    let env = [("XDG_CACHE_HOME", "/srv/xdg-log")];
+    let argv = ["nix", "log", "--store", &svc.url(), &ia];
+    let log = text(&c.command_in("nix-log", &env, &argv).output().unwrap());
+    let hash = &ia["/nix/store/".len()..][..32];
+    let info = svc.request("GET", &format!("/{hash}.narinfo"), b"").text();
+    assert!(log.contains(&format!("ia {n}")), "{log}\nthe .drv's narinfo:\n{info}");
 }

@@ -143,15 +143,22 @@ fn serve(t: &Path, log: &str) -> HttpService {
     )
 }
 
+/// A service (log in `log`) holding a new derivation's closure, uploaded by Nix with `query`
+/// (`""` for Nix's default compression); the derivation.
+fn served_upload(t: &Path, log: &str, query: &str) -> (HttpService, String) {
+    nix::require_nix();
+    let s = serve(t, log);
+    let drv = instantiate(t, &nix::nonce());
+    upload(t, &format!("{}{query}", s.url()), &drv);
+    (s, drv)
+}
+
 #[test]
 fn the_build_api_pages_filters_and_answers_as_its_openapi_description_says() {
-    nix::require_nix();
     let spec = spec();
     let t = tempfile::tempdir().unwrap();
-    let s = serve(t.path(), "serve.log");
-    let drv = instantiate(t.path(), &nix::nonce());
     // Nix's default compression.
-    upload(t.path(), &s.url(), &drv);
+    let (s, drv) = served_upload(t.path(), "serve.log", "");
     let post = || {
         let r = s.request_with(
             "POST",
@@ -240,12 +247,8 @@ fn the_build_api_pages_filters_and_answers_as_its_openapi_description_says() {
 
 #[test]
 fn nix_log_reads_a_steps_log_from_the_service() {
-    nix::require_nix();
     let t = tempfile::tempdir().unwrap();
-    let s = serve(t.path(), "serve.log");
-    let drv = instantiate(t.path(), &nix::nonce());
-    let to = format!("{}?compression=zstd", s.url());
-    upload(t.path(), &to, &drv);
+    let (s, drv) = served_upload(t.path(), "serve.log", "?compression=zstd");
     let hash = &drv["/nix/store/".len()..][..32];
     // Before any step built it, the .drv is an uploaded input: its NAR is not served.
     let r = s.request("GET", &format!("/{hash}.narinfo"), b"");
@@ -285,12 +288,8 @@ fn nix_log_reads_a_steps_log_from_the_service() {
 
 #[test]
 fn a_restart_resumes_queued_builds_and_fails_those_that_no_longer_check() {
-    nix::require_nix();
     let t = tempfile::tempdir().unwrap();
-    let s = serve(t.path(), "serve1.log");
-    let drv = instantiate(t.path(), &nix::nonce());
-    let to = format!("{}?compression=none", s.url());
-    upload(t.path(), &to, &drv);
+    let (s, drv) = served_upload(t.path(), "serve1.log", "?compression=none");
     let (st, _) = s.stop("TERM");
     assert!(st.success());
     // Two builds queued when the service went away (as a crash leaves them): one still checks,

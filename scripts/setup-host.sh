@@ -43,6 +43,8 @@ have python3 || need_apt+=(python3)
 have go || need_apt+=(golang-go)
 [ -d /usr/share/gocode/src/golang.org/x/mod/sumdb/tlog ] || need_apt+=(golang-golang-x-mod-dev)
 have debootstrap || need_apt+=(debootstrap)
+# `vouch verify --graph svg` and the diagrams of docs/img/ (tests/tests/verify_graph.rs).
+have dot || need_apt+=(graphviz)
 # A networked (fixed-output) VM's QEMU runs in a network namespace of its own behind nftables
 # rules (host-launcher/src/vm/egress): `ip` and `nft`, which live in /usr/sbin.
 have_sbin() { have "$1" || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }

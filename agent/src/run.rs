@@ -1,5 +1,5 @@
-//! PID 1's main line: mount, read the command line, connect to the host, serve one step, wait
-//! for the host to close the channel, power off — whatever happens (errors are reported to the
+//! PID 1's main line: mount, read the command line, connect to the host, serve one launch and
+//! its one job, wait for the host to close the channel, power off — whatever happens (errors are reported to the
 //! host when the channel is up and always printed on the console; panics power off through the
 //! hook in `crate::pid1`).
 //!

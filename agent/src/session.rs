@@ -1,14 +1,19 @@
 //! One build step, guest side: the agent's whole job between connecting and powering off.
 //!
-//! Order (see `channel::messages` for the frames): send `Hello`; read `Setup` and the job;
-//! choose the attester (SNP hardware if present — its first report gives the HOST_DATA the VM was
-//! launched with, and a job that does not hash to it is refused — else the simulated signer the
-//! host sent, said loudly); receive and check the inputs; recompute claimed content addresses;
-//! run the builder (log streamed); hash the outputs; build the statement; attest its
-//! REPORT_DATA; stream the outputs; send `Outcome`. Any error becomes one `Failure` frame with
-//! its kind and message. `Bye` always ends the session. From `Hello` until just before `Bye` a
-//! heartbeat thread ([`channel::liveness::Heartbeat`]) shares the writer, so the host can tell a
-//! silent builder from a stalled channel; every write is at most [`GUEST_MAX_WRITE`] bytes.
+//! Order (see `channel::messages` for the frames): send `Hello`; read `Setup` and the **launch**;
+//! check the launch ([`accept_launch`]): it must describe this VM ([`VmShape`]: vCPU count,
+//! memory) and, on SNP hardware, hash to the HOST_DATA of the first report (the simulated signer
+//! the host sent takes its hash as HOST_DATA, said loudly); send `Ready`. A pool VM waits here,
+//! silent, until its job comes. Then read **one** job, which the launch must admit
+//! (`Launch::admits`); receive and check the inputs; recompute claimed content addresses; run
+//! the builder (log streamed); hash the outputs; build the statement (launch and job); attest
+//! its REPORT_DATA; stream the outputs; send `Outcome`. Any error becomes one `Failure` frame
+//! with its kind and message. `Bye` always ends the session, and nothing after it is acted on:
+//! the caller waits for the host to close the channel, discarding what comes, and powers off,
+//! so a VM never runs a second job (a second `Job` frame where inputs belong is a protocol
+//! failure). From the job until just before `Bye` a heartbeat thread
+//! ([`channel::liveness::Heartbeat`]) shares the writer, so the host can tell a silent builder
+//! from a stalled channel; every write is at most [`GUEST_MAX_WRITE`] bytes.
 //!
 //! What is not here: mounting, connecting and powering off (`crate::pid1`, `main`).
 
@@ -18,6 +23,7 @@ use std::io::{Read, Write};
 use base64::Engine as _;
 use build_trace::evidence::{SimulatedPlatform, TcbVersion};
 use build_trace::job::{Job, StepKind};
+use build_trace::launch::{Launch, LaunchError};
 use build_trace::statement::{Measurement, Statement};
 
 use crate::attest::{self, Attester, AttesterKind};
@@ -27,7 +33,9 @@ use crate::outputs::{self, OutputError};
 use crate::pid1::{say, uptime};
 use crate::sandbox::{Confinement, SandboxSpec};
 use channel::liveness::{Heartbeat, SharedFrameWriter, HEARTBEAT_INTERVAL};
-use channel::messages::{Failure, FailureKind, Hello, NarBegin, Outcome, Phase, PhaseName, Setup};
+use channel::messages::{
+    Failure, FailureKind, Hello, NarBegin, Outcome, Phase, PhaseName, Ready, Setup,
+};
 use channel::proto::{
     FrameReader, FrameWriter, Kind, ProtoError, GUEST_MAX_WRITE, PROTOCOL_VERSION,
 };
@@ -48,14 +56,17 @@ pub enum StepError {
     /// The job bytes are not a valid canonical job.
     #[error("the job is invalid")]
     Job(#[source] build_trace::job::JobError),
-    /// The job does not hash to the launch's HOST_DATA.
-    #[error("refusing the job: it hashes to HOST_DATA {job}, but this VM was launched with HOST_DATA {launched}")]
+    /// The launch does not hash to the VM's HOST_DATA.
+    #[error("refusing the launch: it hashes to HOST_DATA {launch}, but this VM was launched with HOST_DATA {launched}")]
     HostData {
-        /// SHA-256 of the job received.
-        job: String,
+        /// SHA-256 of the launch received.
+        launch: String,
         /// From the first attestation report.
         launched: String,
     },
+    /// The launch is malformed, does not describe this VM, or does not admit the job.
+    #[error("refusing the launch or the job")]
+    Launch(#[source] LaunchError),
     /// Inputs.
     #[error(transparent)]
     Inputs(#[from] InputError),
@@ -89,6 +100,7 @@ impl StepError {
         match self {
             StepError::Proto(_) | StepError::Job(_) | StepError::Setup(_) => FailureKind::Protocol,
             StepError::HostData { .. } => FailureKind::HostDataMismatch,
+            StepError::Launch(_) => FailureKind::Launch,
             StepError::Inputs(e) if e.is_ca() => FailureKind::InputCa,
             StepError::Inputs(InputError::Proto(_)) => FailureKind::Protocol,
             StepError::Inputs(_) => FailureKind::InputHash,
@@ -104,18 +116,20 @@ impl StepError {
     }
 }
 
-/// Where the guest keeps things (fixed in the VM; tests may point elsewhere).
+/// Where the guest keeps things, and what it is (fixed in the VM; tests may point elsewhere).
 #[derive(Debug, Clone)]
 pub struct GuestPaths {
     /// The store (`/nix/store`).
     pub store: std::path::PathBuf,
     /// The build directory (`/build`).
     pub build: std::path::PathBuf,
+    /// The VM's shape, which a launch must describe.
+    pub shape: VmShape,
 }
 
 impl Default for GuestPaths {
     fn default() -> Self {
-        GuestPaths { store: "/nix/store".into(), build: "/build".into() }
+        GuestPaths { store: "/nix/store".into(), build: "/build".into(), shape: VmShape::probe() }
     }
 }
 
@@ -127,8 +141,52 @@ fn uptime_ms() -> u64 {
     (uptime() * 1000.0) as u64
 }
 
-/// Run the session on a connected channel. Errors of the step are reported to the host;
-/// only channel failures that prevent even that are returned.
+/// What this VM is, as the guest sees it (what a launch document must say).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmShape {
+    /// Online vCPUs.
+    pub cpus: u64,
+    /// `MemTotal` of `/proc/meminfo`, KiB.
+    pub mem_total_kib: u64,
+}
+
+impl VmShape {
+    /// This VM's (or, in tests, this machine's) shape.
+    pub fn probe() -> VmShape {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let mem_total_kib = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0);
+        VmShape { cpus, mem_total_kib }
+    }
+
+    /// Whether `launch` describes this VM: the same vCPU count, and the kernel's `MemTotal`
+    /// (RAM less what firmware and kernel keep) between half the launch's memory and all of it.
+    pub fn check(&self, launch: &Launch) -> Result<(), LaunchError> {
+        let bad = |field, problem: String| LaunchError::Field { field, problem };
+        if launch.vcpus != self.cpus {
+            return Err(bad("vcpus", format!("is {}, this VM has {}", launch.vcpus, self.cpus)));
+        }
+        let kib = launch.memory_mib.saturating_mul(1024);
+        if self.mem_total_kib > kib || self.mem_total_kib < kib / 2 {
+            return Err(bad(
+                "memory_mib",
+                format!(
+                    "is {}, this VM's MemTotal is {} KiB",
+                    launch.memory_mib, self.mem_total_kib
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Run the session on a connected channel: one launch, one job. Errors of the step are
+/// reported to the host; only channel failures that prevent even that are returned. The caller
+/// powers off afterwards, whatever happened.
 pub fn serve<R: Read, W: Write + Send + 'static>(
     rd: R,
     wr: W,
@@ -152,8 +210,9 @@ pub fn serve<R: Read, W: Write + Send + 'static>(
             uptime_ms: uptime_ms(),
         },
     )?;
-    let heartbeat = Heartbeat::start(w.clone(), HEARTBEAT_INTERVAL, uptime_ms);
-    let result = match step(&mut r, &w, hw.take(), paths) {
+    let result = accept_launch(&mut r, &w, hw.take(), &paths.shape)
+        .and_then(|launched| one_job(&mut r, &w, launched, paths));
+    let result = match result {
         Ok(()) => {
             say("step done");
             Ok(())
@@ -164,12 +223,70 @@ pub fn serve<R: Read, W: Write + Send + 'static>(
             w.send_json(Kind::Failure, &Failure { kind: e.kind(), message })
         }
     };
-    // Nothing follows `Bye`, not even a heartbeat.
-    let beats = heartbeat.stop();
-    say(&format!("{beats} heartbeats sent"));
     result?;
     w.send(Kind::Bye, &[])?;
     w.flush()
+}
+
+/// A launch the agent accepted: the attester for it and the measurement of its first report.
+struct Launched {
+    launch: Launch,
+    attester: Box<dyn Attester>,
+    measurement: [u8; 48],
+}
+
+/// Read `Setup` and the launch, check the launch against this VM and its HOST_DATA, get the
+/// attester ready, send `Ready`.
+fn accept_launch<R: Read, W: Write>(
+    r: &mut FrameReader<R>,
+    w: &SharedFrameWriter<W>,
+    hw: Option<attest::SevSnp>,
+    shape: &VmShape,
+) -> Result<Launched, StepError> {
+    let setup: Setup = r.expect(Kind::Setup, "Setup")?.json()?;
+    let bytes = r.expect(Kind::Launch, "the launch")?.payload;
+    let launch = Launch::from_canonical_bytes(&bytes).map_err(StepError::Launch)?;
+    let host_data = build_trace::launch::host_data_of(&bytes);
+    shape.check(&launch).map_err(StepError::Launch)?;
+    let (attester, measurement): (Box<dyn Attester>, [u8; 48]) = match hw {
+        Some(mut snp) => {
+            if setup.simulated.is_some() {
+                say("ignoring the host's simulated key: this VM has SEV-SNP hardware");
+            }
+            let first = snp.report(&[0u8; 64])?;
+            let launched = attest::report_host_data(&first);
+            if launched != host_data {
+                return Err(StepError::HostData {
+                    launch: hex::encode(host_data),
+                    launched: hex::encode(launched),
+                });
+            }
+            (Box::new(snp), attest::report_measurement(&first))
+        }
+        None => {
+            let (sim, m) = simulated_attester(&setup, host_data)?;
+            (Box::new(sim), m)
+        }
+    };
+    say(&format!("launch {} accepted (HOST_DATA {})", launch.nonce, hex::encode(host_data)));
+    w.send_json(Kind::Ready, &Ready { uptime_ms: uptime_ms() })?;
+    Ok(Launched { launch, attester, measurement })
+}
+
+/// Wait (silent: a pool VM may wait long) for the one job, then run it with heartbeats.
+fn one_job<R: Read, W: Write + Send + 'static>(
+    r: &mut FrameReader<R>,
+    w: &SharedFrameWriter<W>,
+    launched: Launched,
+    paths: &GuestPaths,
+) -> Result<(), StepError> {
+    let job_bytes = r.expect(Kind::Job, "the job")?.payload;
+    let heartbeat = Heartbeat::start(w.clone(), HEARTBEAT_INTERVAL, uptime_ms);
+    let result = step(r, w, launched, &job_bytes, paths);
+    // Nothing follows `Bye`, not even a heartbeat.
+    let beats = heartbeat.stop();
+    say(&format!("{beats} heartbeats sent"));
+    result
 }
 
 fn simulated_attester(
@@ -200,41 +317,14 @@ fn simulated_attester(
 fn step<R: Read, W: Write>(
     r: &mut FrameReader<R>,
     w: &SharedFrameWriter<W>,
-    hw: Option<attest::SevSnp>,
+    launched: Launched,
+    job_bytes: &[u8],
     paths: &GuestPaths,
 ) -> Result<(), StepError> {
-    let setup: Setup = r.expect(Kind::Setup, "Setup")?.json()?;
-    let job_bytes = r.expect(Kind::Job, "the job")?.payload;
-    let job = Job::from_canonical_bytes(&job_bytes).map_err(StepError::Job)?;
-    let host_data = job.host_data().map_err(StepError::Job)?;
-
-    // The attester, and the launch measurement from its first report.
-    let (mut attester, measurement): (Box<dyn Attester>, [u8; 48]) = match hw {
-        Some(mut snp) => {
-            if setup.simulated.is_some() {
-                say("ignoring the host's simulated key: this VM has SEV-SNP hardware");
-            }
-            let first = snp.report(&[0u8; 64])?;
-            let launched = attest::report_host_data(&first);
-            if launched != host_data {
-                return Err(StepError::HostData {
-                    job: hex::encode(host_data),
-                    launched: hex::encode(launched),
-                });
-            }
-            (Box::new(snp), attest::report_measurement(&first))
-        }
-        None => {
-            let (sim, m) = simulated_attester(&setup, host_data)?;
-            (Box::new(sim), m)
-        }
-    };
-    say(&format!(
-        "job {} for {} accepted (HOST_DATA {})",
-        job.job_id,
-        job.drv_path,
-        hex::encode(host_data)
-    ));
+    let Launched { launch, mut attester, measurement } = launched;
+    let job = Job::from_canonical_bytes(job_bytes).map_err(StepError::Job)?;
+    launch.admits(&job).map_err(StepError::Launch)?;
+    say(&format!("job {} for {} accepted", job.job_id, job.drv_path));
     phase(w, PhaseName::JobAccepted)?;
 
     let t = std::time::Instant::now();
@@ -282,6 +372,7 @@ fn step<R: Read, W: Write>(
     phase(w, PhaseName::Hashing)?;
     let hashed = outputs::hash_outputs(&job, &scratch, &paths.store)?;
     let statement = Statement::new(
+        launch,
         job,
         input_cas,
         hashed.iter().map(|(n, h)| (n.clone(), h.info.clone())).collect::<BTreeMap<_, _>>(),
@@ -321,3 +412,6 @@ fn step<R: Read, W: Write>(
     w.send_json(Kind::Outcome, &outcome)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

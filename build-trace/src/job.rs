@@ -1,4 +1,4 @@
-//! The job: what the host asks one VM to build, and its HOST_DATA.
+//! The job: what the host asks one VM to build, and its digest.
 //!
 //! # API (for the launcher and the agent)
 //! ```text
@@ -11,8 +11,8 @@
 //! job.direct_inputs() -> &BTreeSet<StorePath>     // = drv.input_srcs
 //! job.canonical_bytes() -> Result<Vec<u8>, JobError>
 //! Job::from_canonical_bytes(&[u8]) -> Result<Job, JobError>   // refuses non-canonical bytes
-//! job.host_data() -> Result<[u8; 32], JobError>   // SHA-256(HOST_DATA_TAG ‖ canonical(job))
-//! host_data_of(&canonical_job_bytes) -> [u8; 32]  // same, from bytes already canonical
+//! job.digest() -> Result<[u8; 32], JobError>      // SHA-256(JOB_DIGEST_TAG ‖ canonical(job))
+//! digest_of(&canonical_job_bytes) -> [u8; 32]     // same, from bytes already canonical
 //! BasicDerivation { name, outputs: BTreeMap<String, DrvOutput>, input_srcs: BTreeSet<StorePath>,
 //!                   system, builder, args, env }
 //! BasicDerivation::from_derivation(name, &nix_formats Derivation) / .to_derivation() / .drv_path()
@@ -31,8 +31,12 @@
 //! for an input-addressed step the basic derivation Nix sent (its `input_srcs` are the whole
 //! input closure, as Nix's build hook sends them) and `drv_path` the unresolved path Nix gave.
 //!
-//! What is not here: what the guest found (that is the statement, [`crate::statement`]), ATerm
-//! and drv-path computation (`nix-formats`), or any trust decision.
+//! The job's **digest** names it: a launch made for one known job carries it
+//! ([`crate::launch`]), and in version-1 statements it was HOST_DATA itself.
+//!
+//! What is not here: the VM it runs in (the launch, [`crate::launch`]), what the guest found
+//! (that is the statement, [`crate::statement`]), ATerm and drv-path computation
+//! (`nix-formats`), or any trust decision.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -50,8 +54,9 @@ use crate::canonical::{self, CanonicalError};
 /// The job format version this code writes and accepts.
 pub const JOB_VERSION: u64 = 1;
 
-/// Domain-separation tag of HOST_DATA: `HOST_DATA = SHA-256(HOST_DATA_TAG ‖ canonical(job))`.
-pub const HOST_DATA_TAG: &[u8] = b"vouch.job.v1\0";
+/// Domain-separation tag of the job digest: `digest = SHA-256(JOB_DIGEST_TAG ‖ canonical(job))`
+/// (HOST_DATA of version-1 statements).
+pub const JOB_DIGEST_TAG: &[u8] = b"vouch.job.v1\0";
 
 /// Why a job is malformed.
 #[derive(Debug, thiserror::Error)]
@@ -314,7 +319,7 @@ pub enum StepKind {
 pub struct Job {
     /// Format version ([`JOB_VERSION`]).
     pub v: u64,
-    /// The host's id for this job (opaque; unique per launch).
+    /// The host's id for this job (opaque; unique per job).
     pub job_id: String,
     /// The store path of the derivation (see the module documentation).
     pub drv_path: StorePath,
@@ -375,9 +380,9 @@ impl Job {
         Ok(job)
     }
 
-    /// `SHA-256(HOST_DATA_TAG ‖ canonical(job))`: the 32 bytes the host fixes at VM launch.
-    pub fn host_data(&self) -> Result<[u8; 32], JobError> {
-        Ok(host_data_of(&self.canonical_bytes()?))
+    /// `SHA-256(JOB_DIGEST_TAG ‖ canonical(job))`: the job's digest.
+    pub fn digest(&self) -> Result<[u8; 32], JobError> {
+        Ok(digest_of(&self.canonical_bytes()?))
     }
 
     /// The step kind, from the derivation's outputs.
@@ -443,10 +448,10 @@ impl Job {
     }
 }
 
-/// HOST_DATA of a job given as canonical bytes (the caller has checked they are canonical).
-pub fn host_data_of(canonical_job: &[u8]) -> [u8; 32] {
+/// The digest of a job given as canonical bytes (the caller has checked they are canonical).
+pub fn digest_of(canonical_job: &[u8]) -> [u8; 32] {
     let mut h = Sha256::new();
-    h.update(HOST_DATA_TAG);
+    h.update(JOB_DIGEST_TAG);
     h.update(canonical_job);
     h.finalize().into()
 }

@@ -1,8 +1,9 @@
 //! Build traces for vouch and everything needed to check them.
 //!
 //! What is here, by cargo feature (`docs/architecture.md`):
-//! - always (the model): the job and statement with their canonical encodings (HOST_DATA and
-//!   REPORT_DATA) and the SNP report layout ([`evidence::report`]);
+//! - always (the model): the launch, the job and the statement with their canonical encodings
+//!   (HOST_DATA, the job digest and REPORT_DATA) and the SNP report layout
+//!   ([`evidence::report`]);
 //! - `verifier`: SNP evidence verification (real AMD reports and certificate chains, and the
 //!   clearly labelled simulated stand-in), the trust policy, the closure verifier, the trace
 //!   store's reader, laut JWS verification, output ownership, in-toto/SLSA export;
@@ -24,6 +25,7 @@ pub mod evidence;
 pub mod job;
 #[cfg(feature = "verifier")]
 pub mod jws;
+pub mod launch;
 #[cfg(feature = "verifier")]
 pub mod ownership;
 #[cfg(feature = "verifier")]
@@ -56,8 +58,9 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 
 pub use job::{
     BasicDerivation, CaRule, DrvOutput, Job, JobError, Limits, NarHash, PathInfo, StepKind,
-    HOST_DATA_TAG, JOB_VERSION,
+    JOB_DIGEST_TAG, JOB_VERSION,
 };
+pub use launch::{Hex32, Launch, LaunchError, LAUNCH_TAG, LAUNCH_VERSION};
 pub use statement::{
     Measurement, OutputInfo, Statement, StatementError, REPORT_DATA_TAG, STATEMENT_VERSION,
 };

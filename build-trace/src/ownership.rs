@@ -294,20 +294,7 @@ pub fn establish(
     }
     match kind {
         DerivationKind::InputAddressed => {
-            let want = static_paths(target, &drv, name, graph)?;
-            for (out, o) in &drv.outputs {
-                let claimed = o.path().cloned().expect("input-addressed outputs have paths");
-                if want.get(out) != Some(&claimed) {
-                    return Err(OwnershipError::NotOwned {
-                        output: out.clone(),
-                        expected: want
-                            .get(out)
-                            .cloned()
-                            .ok_or_else(|| malformed(out, "no path"))?,
-                        claimed,
-                    });
-                }
-            }
+            owned_paths(target, &drv, name, graph)?;
         }
         DerivationKind::Fixed => drv.check_output_paths(name).map_err(drv_err(target))?,
         _ => {}
@@ -362,22 +349,11 @@ fn input_outputs(
             continue;
         }
         let outs = match kind {
-            DerivationKind::InputAddressed => {
-                let want = static_paths(&p, &d, &name, graph)?;
-                for (out, o) in &d.outputs {
-                    if o.path() != want.get(out) {
-                        return Err(mismatch(
-                            &p,
-                            format!(
-                                "output `{out}` is {}, but its derivation gives {}",
-                                o.path().map(ToString::to_string).unwrap_or_default(),
-                                want.get(out).map(ToString::to_string).unwrap_or_default()
-                            ),
-                        ));
-                    }
-                }
-                want.into_iter().map(|(o, p)| (o, Some(p))).collect()
-            }
+            DerivationKind::InputAddressed => owned_paths(&p, &d, &name, graph)
+                .map_err(|e| mismatch(&p, e.to_string()))?
+                .into_iter()
+                .map(|(o, p)| (o, Some(p)))
+                .collect(),
             DerivationKind::Fixed => {
                 d.check_output_paths(&name).map_err(drv_err(&p))?;
                 d.outputs.iter().map(|(o, x)| (o.clone(), x.path().cloned())).collect()
@@ -400,21 +376,34 @@ fn input_outputs(
     Ok(known)
 }
 
-/// The input-addressed output paths of a derivation whose hash modulo is not deferred.
-fn static_paths(
+/// The output paths of input-addressed derivation `d` (at `p`, its inputs in `graph`), checked:
+/// each path it declares must be `makeOutputPath` of its masked hash modulo, as Nix's
+/// `checkDerivationOutputs` requires; one whose hash modulo is deferred (an input is floating
+/// content-addressed) must not declare paths at all (Nix leaves them empty and computes them
+/// after resolution, which [`nix_formats::resolve`] does). The one rule for the host's engine
+/// and the verifier.
+pub fn owned_paths(
     p: &StorePath,
     d: &Derivation,
     name: &str,
     graph: &mut DrvGraph,
 ) -> Result<BTreeMap<String, StorePath>, OwnershipError> {
-    graph.input_addressed_paths(d, name).map_err(drv_err(p))?.ok_or_else(|| {
+    let want = graph.input_addressed_paths(d, name).map_err(drv_err(p))?.ok_or_else(|| {
         let (output, o) = d.outputs.iter().next().expect("a derivation has outputs");
         OwnershipError::Deferred {
             drv: p.clone(),
             output: output.clone(),
-            claimed: o.path().cloned().expect("input-addressed outputs have paths"),
+            claimed: o.path().cloned().unwrap_or_else(|| p.clone()),
         }
-    })
+    })?;
+    for (out, o) in &d.outputs {
+        let claimed = o.path().cloned().ok_or_else(|| malformed(out, "no path"))?;
+        let expected = want.get(out).cloned().ok_or_else(|| malformed(out, "no path"))?;
+        if expected != claimed {
+            return Err(OwnershipError::NotOwned { output: out.clone(), expected, claimed });
+        }
+    }
+    Ok(want)
 }
 
 /// The output `out` of input derivation `input`, as known.

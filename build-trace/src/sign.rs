@@ -315,7 +315,9 @@ mod tests {
             references: BTreeSet::new(),
             ca: Some(ca.to_string()),
         };
+        let launch = crate::Launch::new(job.digest().unwrap(), 1, 2048, job.network);
         Statement::new(
+            launch,
             job,
             BTreeMap::new(),
             [("out".to_string(), output)].into(),

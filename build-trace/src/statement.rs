@@ -1,20 +1,29 @@
-//! The statement: one per step, the job plus what the guest established; its REPORT_DATA.
+//! The statement: one per step, the launch and the job plus what the guest established; its
+//! REPORT_DATA.
 //!
 //! # API (for the agent, the launcher and the verifier)
 //! ```text
-//! Statement { v, job: Job, input_cas: BTreeMap<StorePath, ca>,
+//! Statement { v, launch: Option<Launch>, job: Job, input_cas: BTreeMap<StorePath, ca>,
 //!             outputs: BTreeMap<name, OutputInfo>, measurement: Measurement, agent_version }
-//! Statement::new(job, input_cas, outputs, measurement, agent_version) -> Statement   // v = 1
+//! Statement::new(launch, job, input_cas, outputs, measurement, agent_version) -> Statement // v = 2
 //! OutputInfo { path: StorePath, nar_hash: NarHash, nar_size, references: BTreeSet<StorePath>,
 //!              ca: Option<String> }
 //! Measurement([u8; 48])  — 96 lowercase hex digits on the wire
 //! st.validate() -> Result<(), StatementError>      // self-consistency (see below)
-//! st.verify_against(&job) -> Result<(), StatementError>   // = validate + same job
+//! st.verify_against(&launch, &job) -> Result<(), StatementError>   // = validate + same both
 //! st.canonical_bytes() / Statement::from_canonical_bytes(&[u8])
-//! st.report_data() -> Result<[u8; 64], StatementError>  // SHA-512(REPORT_DATA_TAG ‖ canonical)
-//! st.host_data() -> Result<[u8; 32], StatementError>    // = st.job.host_data()
+//! st.report_data() -> Result<[u8; 64], StatementError>  // SHA-512(tag of v ‖ canonical)
+//! st.host_data() -> Result<[u8; 32], StatementError>    // v2: the launch's; v1: the job digest
+//! st.launch_nonce() -> Option<Hex32>                    // v2: the launch's nonce
 //! report_data_of(&canonical_bytes) / host_data_of(&canonical_bytes)  // from stored bytes
 //! ```
+//! **Versions.** This code writes version 2: the statement carries the **launch**
+//! ([`crate::launch`]), whose hash is HOST_DATA, next to the job; REPORT_DATA's tag is
+//! [`REPORT_DATA_TAG`]. It still reads version 1 (no launch; HOST_DATA was the job's digest, tag
+//! [`REPORT_DATA_TAG_V1`]), so traces made before warm pools keep verifying: a version-1 VM was
+//! launched for its one job by construction. The launch of a version-2 statement must admit its
+//! job (same `network`, the job's digest if the launch names one, memory).
+//!
 //! `input_cas` holds, for each input path whose content address the guest recomputed from its
 //! bytes, that content address (Nix's `ca` string). Every closure path the job claims a `ca`
 //! for must be there with the same value (the agent refuses the job otherwise). `outputs` has
@@ -35,13 +44,20 @@ use sha2::{Digest, Sha512};
 
 use crate::canonical::{self, CanonicalError};
 use crate::job::{Job, JobError, NarHash, StepKind};
+use crate::launch::{Hex32, Launch, LaunchError};
 
-/// The statement format version this code writes and accepts.
-pub const STATEMENT_VERSION: u64 = 1;
+/// The statement format version this code writes.
+pub const STATEMENT_VERSION: u64 = 2;
+
+/// The oldest statement format version this code still reads (and verifies).
+pub const STATEMENT_VERSION_V1: u64 = 1;
 
 /// Domain-separation tag of REPORT_DATA:
 /// `REPORT_DATA = SHA-512(REPORT_DATA_TAG ‖ canonical(statement))`.
-pub const REPORT_DATA_TAG: &[u8] = b"vouch.statement.v1\0";
+pub const REPORT_DATA_TAG: &[u8] = b"vouch.statement.v2\0";
+
+/// The REPORT_DATA tag of version-1 statements.
+pub const REPORT_DATA_TAG_V1: &[u8] = b"vouch.statement.v1\0";
 
 /// Why a statement is malformed or does not belong to a job.
 #[derive(Debug, thiserror::Error)]
@@ -51,18 +67,30 @@ pub enum StatementError {
     Encoding(#[source] CanonicalError),
     /// A version this code does not know.
     #[error(
-        "statement format version {0} is not supported (this build knows {STATEMENT_VERSION})"
+        "statement format version {0} is not supported (this build reads versions {STATEMENT_VERSION_V1} and {STATEMENT_VERSION})"
     )]
     Version(u64),
     /// The embedded job is malformed.
     #[error("the statement's job")]
     Job(#[source] JobError),
+    /// The embedded launch is malformed, missing, present in version 1, or does not admit the
+    /// job.
+    #[error("the statement's launch")]
+    Launch(#[source] LaunchError),
     /// The statement is about another job.
-    #[error("the statement is for job {found} (HOST_DATA), not {expected}")]
+    #[error("the statement is for job {found} (digest), not {expected}")]
     OtherJob {
-        /// HOST_DATA (hex) of the expected job.
+        /// Digest (hex) of the expected job.
         expected: String,
-        /// HOST_DATA (hex) of the statement's job.
+        /// Digest (hex) of the statement's job.
+        found: String,
+    },
+    /// The statement names another launch (another VM).
+    #[error("the statement is from launch {found} (HOST_DATA), not {expected}")]
+    OtherLaunch {
+        /// HOST_DATA (hex) of the expected launch.
+        expected: String,
+        /// HOST_DATA (hex) of the statement's launch, or `none`.
         found: String,
     },
     /// A field has a bad value.
@@ -79,19 +107,29 @@ fn field_err(field: &'static str, problem: impl Into<String>) -> StatementError 
     StatementError::Field { field, problem: problem.into() }
 }
 
+/// Whether canonical statement bytes are of version 1 (their `v` member is `1`).
+fn is_v1(canonical_statement: &[u8]) -> bool {
+    canonical::member(canonical_statement, "v") == Some(b"1")
+}
+
 /// REPORT_DATA of a statement given as canonical bytes (the caller has checked they are
-/// canonical, e.g. with [`Statement::from_canonical_bytes`]).
+/// canonical, e.g. with [`Statement::from_canonical_bytes`]); the tag follows its version.
 pub fn report_data_of(canonical_statement: &[u8]) -> [u8; 64] {
     let mut h = Sha512::new();
-    h.update(REPORT_DATA_TAG);
+    h.update(if is_v1(canonical_statement) { REPORT_DATA_TAG_V1 } else { REPORT_DATA_TAG });
     h.update(canonical_statement);
     h.finalize().into()
 }
 
-/// HOST_DATA of the job inside a statement given as canonical bytes, without re-encoding it
-/// (its canonical bytes are a slice of the statement's).
+/// HOST_DATA of a statement given as canonical bytes, without re-encoding anything (the
+/// launch's, or for version 1 the job's, canonical bytes are a slice of the statement's): the
+/// launch's hash, or for version 1 the job's digest. `None` without that member.
 pub fn host_data_of(canonical_statement: &[u8]) -> Option<[u8; 32]> {
-    canonical::member(canonical_statement, "job").map(crate::job::host_data_of)
+    if is_v1(canonical_statement) {
+        canonical::member(canonical_statement, "job").map(crate::job::digest_of)
+    } else {
+        canonical::member(canonical_statement, "launch").map(crate::launch::host_data_of)
+    }
 }
 
 /// The output paths, by output name, that a statement's bytes claim, read without checking
@@ -159,9 +197,12 @@ pub struct OutputInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Statement {
-    /// Format version ([`STATEMENT_VERSION`]).
+    /// Format version ([`STATEMENT_VERSION`], or [`STATEMENT_VERSION_V1`] when read).
     pub v: u64,
-    /// The job, exactly as received (its hash is HOST_DATA).
+    /// The launch of the VM (its hash is HOST_DATA); absent exactly in version 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launch: Option<Launch>,
+    /// The job, exactly as received.
     pub job: Job,
     /// Content addresses the guest recomputed for input paths, by store path.
     pub input_cas: BTreeMap<StorePath, String>,
@@ -174,8 +215,9 @@ pub struct Statement {
 }
 
 impl Statement {
-    /// A version-1 statement.
+    /// A version-2 statement.
     pub fn new(
+        launch: Launch,
         job: Job,
         input_cas: BTreeMap<StorePath, String>,
         outputs: BTreeMap<String, OutputInfo>,
@@ -184,6 +226,7 @@ impl Statement {
     ) -> Statement {
         Statement {
             v: STATEMENT_VERSION,
+            launch: Some(launch),
             job,
             input_cas,
             outputs,
@@ -204,38 +247,77 @@ impl Statement {
         Ok(st)
     }
 
-    /// `SHA-512(REPORT_DATA_TAG ‖ canonical(statement))`: the 64 bytes the guest puts in its
-    /// attestation report.
+    /// `SHA-512(tag ‖ canonical(statement))`, the tag of its version ([`REPORT_DATA_TAG`]):
+    /// the 64 bytes the guest puts in its attestation report.
     pub fn report_data(&self) -> Result<[u8; 64], StatementError> {
         Ok(report_data_of(&self.canonical_bytes()?))
     }
 
-    /// HOST_DATA of the statement's job.
+    /// HOST_DATA of the VM this statement is from: its launch's hash (version 1: the job's
+    /// digest).
     pub fn host_data(&self) -> Result<[u8; 32], StatementError> {
-        self.job.host_data().map_err(StatementError::Job)
+        match &self.launch {
+            Some(l) => l.host_data().map_err(StatementError::Launch),
+            None if self.v == STATEMENT_VERSION_V1 => {
+                self.job.digest().map_err(StatementError::Job)
+            }
+            None => Err(StatementError::Launch(LaunchError::Field {
+                field: "launch",
+                problem: format!("is missing (statement version {})", self.v),
+            })),
+        }
     }
 
-    /// Check that this statement is about `job` and is self-consistent.
-    pub fn verify_against(&self, job: &Job) -> Result<(), StatementError> {
+    /// The nonce of the launch this statement is from (none in version 1).
+    pub fn launch_nonce(&self) -> Option<Hex32> {
+        self.launch.as_ref().map(|l| l.nonce)
+    }
+
+    /// Check that this statement is from `launch`, about `job`, and self-consistent.
+    pub fn verify_against(&self, launch: &Launch, job: &Job) -> Result<(), StatementError> {
+        if self.launch.as_ref() != Some(launch) {
+            let hd =
+                |l: &Launch| l.host_data().map(hex::encode).unwrap_or_else(|e| format!("<{e}>"));
+            return Err(StatementError::OtherLaunch {
+                expected: hd(launch),
+                found: self.launch.as_ref().map_or_else(|| "none".into(), hd),
+            });
+        }
         if self.job != *job {
-            let hd = |j: &Job| j.host_data().map(hex::encode).unwrap_or_else(|e| format!("<{e}>"));
-            return Err(StatementError::OtherJob { expected: hd(job), found: hd(&self.job) });
+            let d = |j: &Job| j.digest().map(hex::encode).unwrap_or_else(|e| format!("<{e}>"));
+            return Err(StatementError::OtherJob { expected: d(job), found: d(&self.job) });
         }
         self.validate()
     }
 
-    /// Self-consistency: version; a valid job; exactly the wanted outputs, each at a store
+    /// Self-consistency: version; a valid launch (version 2) that admits a valid job; exactly
+    /// the wanted outputs, each at a store
     /// path with the right name (and, for input-addressed and fixed outputs, the path the
     /// derivation fixes; content-addressed outputs carry a `ca`); output references only to the
     /// input closure or the step's own outputs; every content address the job claims for an
     /// input confirmed with the same value, and no content address for a path outside the
     /// closure.
     pub fn validate(&self) -> Result<(), StatementError> {
-        if self.v != STATEMENT_VERSION {
-            return Err(StatementError::Version(self.v));
-        }
         let job = &self.job;
-        job.validate().map_err(StatementError::Job)?;
+        match (self.v, &self.launch) {
+            (STATEMENT_VERSION, Some(launch)) => {
+                launch.validate().map_err(StatementError::Launch)?;
+                job.validate().map_err(StatementError::Job)?;
+                launch.admits(job).map_err(StatementError::Launch)?;
+            }
+            (STATEMENT_VERSION_V1, None) => job.validate().map_err(StatementError::Job)?,
+            (STATEMENT_VERSION | STATEMENT_VERSION_V1, l) => {
+                return Err(StatementError::Launch(LaunchError::Field {
+                    field: "launch",
+                    problem: format!(
+                        "is {} in a version-{} statement",
+                        if l.is_some() { "present" } else { "missing" },
+                        self.v
+                    ),
+                }))
+            }
+            (v, _) => return Err(StatementError::Version(v)),
+        }
         let kind = job.kind().map_err(StatementError::Job)?;
         let wanted: Vec<&String> = job.outputs.iter().collect();
         let have: Vec<&String> = self.outputs.keys().collect();

@@ -181,6 +181,18 @@ pub struct StepRecord<'a> {
 }
 
 #[cfg(feature = "producer")]
+/// What [`TraceStore::put_step_as`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Publication {
+    /// The step and its cache entries: the narinfos and realisations every client of the
+    /// binary cache reads (and that resolve later derivations).
+    Cache,
+    /// The step (statement, evidence, JWS, index markers, log entry) only: its outputs are
+    /// not vouched for to the cache's clients (a build that read a client's private inputs).
+    StepOnly,
+}
+
+#[cfg(feature = "producer")]
 /// Where a step went.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PutResult {
@@ -294,6 +306,18 @@ impl TraceStore {
         step: &StepRecord<'_>,
         key: &SecretKey,
     ) -> Result<PutResult, StoreError> {
+        self.put_step_as(step, key, Publication::Cache)
+    }
+
+    #[cfg(feature = "producer")]
+    /// [`Self::put_step`], or with [`Publication::StepOnly`] everything but the cache entries
+    /// (realisations and narinfos): the records are signed and returned all the same.
+    pub fn put_step_as(
+        &self,
+        step: &StepRecord<'_>,
+        key: &SecretKey,
+        publication: Publication,
+    ) -> Result<PutResult, StoreError> {
         let st = step.statement;
         st.validate().map_err(StoreError::Statement)?;
         let statement_bytes = st.canonical_bytes().map_err(StoreError::Statement)?;
@@ -355,7 +379,8 @@ impl TraceStore {
 
         // 4. Realisations (content-addressed steps), keeping divergent existing ones.
         let mut diverged: BTreeMap<String, Divergence> = BTreeMap::new();
-        for (name, rec) in &records {
+        let cache = publication == Publication::Cache;
+        for (name, rec) in records.iter().filter(|_| cache) {
             let out_base = st.outputs[name].path.base_name();
             let mut files = Vec::new();
             if let Some(b) = &rec.build_trace {
@@ -386,7 +411,7 @@ impl TraceStore {
         }
 
         // 5. narinfos, last.
-        for (name, rec) in &records {
+        for (name, rec) in records.iter().filter(|_| cache) {
             let (file_hash, file_size) = nar_files[name];
             let mut info = rec.narinfo.clone();
             info.url = format!("nar/{}.nar", nix_formats::base32::encode(&file_hash.0));

@@ -73,7 +73,8 @@ fn statement(drv_path: &StorePath, drv: &Derivation, extra: &[&str], nar: &[u8])
         ca: None,
     };
     let outputs = BTreeMap::from([("out".to_string(), out)]);
-    Statement::new(job, BTreeMap::new(), outputs, Measurement([7; 48]), "test")
+    let launch = build_trace::Launch::new(job.digest().unwrap(), 1, 2048, job.network);
+    Statement::new(launch, job, BTreeMap::new(), outputs, Measurement([7; 48]), "test")
 }
 
 /// The job of building `basic` (at `drv_path`), its closure the busybox source and `extra`.
@@ -272,7 +273,8 @@ fn ca_step(nar: &[u8]) -> (StorePath, Derivation, Statement) {
         ca: Some(ca),
     };
     let outputs = BTreeMap::from([("out".to_string(), out)]);
-    (path, d, Statement::new(job, BTreeMap::new(), outputs, Measurement([7; 48]), "test"))
+    let launch = build_trace::Launch::new(job.digest().unwrap(), 1, 2048, job.network);
+    (path, d, Statement::new(launch, job, BTreeMap::new(), outputs, Measurement([7; 48]), "test"))
 }
 
 #[test]

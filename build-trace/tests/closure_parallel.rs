@@ -140,6 +140,9 @@ fn divergent_and_misleading_entries_give_the_sequential_outcome() {
     // are accepted, and step 51's link check takes either.
     let mut other = statement(&s.built.entries[50]);
     other.outputs.get_mut("out").unwrap().nar_size += 1;
+    // A second build is a second VM: its own launch (one nonce for both is one VM that ran two
+    // jobs, which the verifier refuses: `LinkCheck::LaunchReused`).
+    other.launch = Some(build_trace::Launch::new([0xd1; 32], 1, 2048, false));
     let divergent = signed_entry(&other, &s.root, &s.key, "divergent:50".into());
     // Step 60 has an entry claiming another output path, with no valid signer: the look-ahead
     // guesses a second map for it and plans steps that the ordered pass never reaches.

@@ -430,9 +430,9 @@ fn unsigned_reserved_bytes_must_be_zero() {
 fn measurement_host_data_and_report_data_are_checked() {
     let c = case("microsoft-tav");
     let mut p = c.policy.clone();
-    p.measurements = Some(vec![Hex([0u8; 48])]);
+    p.measurements = Some(vec![Hex([0u8; 48])].into());
     fails(verify(&c, &c.bundle, &p), Check::Measurement);
-    p.measurements = Some(vec![]);
+    p.measurements = Some(vec![].into());
     fails(verify(&c, &c.bundle, &p), Check::Measurement);
     let v = Verifier::new();
     let mut want = expected(&c);

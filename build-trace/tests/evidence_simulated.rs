@@ -30,7 +30,7 @@ fn sim() -> Sim {
     let root = SimulatedRoot::generate().unwrap();
     let attester = root.attester(SimulatedLaunch::new(MEASUREMENT, HOST_DATA));
     let mut policy = root.allowed_by(EvidencePolicy::default());
-    policy.measurements = Some(vec![Hex(MEASUREMENT)]);
+    policy.measurements = Some(vec![Hex(MEASUREMENT)].into());
     Sim { root, attester, policy }
 }
 
@@ -388,7 +388,7 @@ fn a_clock_outside_the_certificates_validity_is_refused() {
         let root = SimulatedRoot::generate_valid(platform, from, to).unwrap();
         let attester = root.attester(SimulatedLaunch::new(MEASUREMENT, HOST_DATA));
         let mut policy = root.allowed_by(EvidencePolicy::default());
-        policy.measurements = Some(vec![Hex(MEASUREMENT)]);
+        policy.measurements = Some(vec![Hex(MEASUREMENT)].into());
         let b = root.bundle(attester.report(&REPORT_DATA));
         let e = fails(Verifier::new().verify(&b, &policy, &expected()).map(drop), Check::Validity);
         assert!(matches!(e, EvidenceError::CertificateValidity { .. }), "{e}");

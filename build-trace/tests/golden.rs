@@ -1,13 +1,15 @@
-//! Golden vectors of the job and statement encodings: a fixed job and statement must encode to
-//! the exact bytes checked in under `tests/data/golden/`, and hash to the HOST_DATA and
-//! REPORT_DATA written here. A change to any of these is a format change: bump the version and
-//! the domain-separation tags instead of editing the vectors.
+//! Golden vectors of the launch, job and statement encodings: a fixed launch, job and statement
+//! must encode to the exact bytes checked in under `tests/data/golden/`, and hash to the
+//! HOST_DATA, job digest and REPORT_DATA written here. A change to any of these is a format
+//! change: bump the version and the domain-separation tags instead of editing the vectors.
+//! `statement-v1.json` is a version-1 statement (no launch; HOST_DATA was the job digest), which
+//! this code still reads and verifies.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use build_trace::{
-    BasicDerivation, CaRule, DrvOutput, Job, Limits, Measurement, NarHash, OutputInfo, PathInfo,
-    Statement, StepKind,
+    BasicDerivation, CaRule, DrvOutput, Job, Launch, Limits, Measurement, NarHash, OutputInfo,
+    PathInfo, Statement, StatementError, StepKind,
 };
 use nix_formats::StorePath;
 
@@ -92,7 +94,25 @@ fn golden_job() -> Job {
     )
 }
 
+/// A pool VM's launch: 2 vCPUs, 2304 MiB (the job's 2 GiB limit plus the reserve), no NIC.
+fn golden_launch() -> Launch {
+    Launch::new([0x5a; 32], 2, 2304, false)
+}
+
 fn golden_statement() -> Statement {
+    let v1 = golden_statement_v1();
+    Statement::new(
+        golden_launch(),
+        v1.job,
+        v1.input_cas,
+        v1.outputs,
+        v1.measurement,
+        v1.agent_version,
+    )
+}
+
+/// The same step as a version-1 statement (as agents before warm pools wrote it).
+fn golden_statement_v1() -> Statement {
     let job = golden_job();
     let input_cas =
         job.closure.iter().filter_map(|(p, i)| Some((p.clone(), i.ca.clone()?))).collect();
@@ -106,7 +126,15 @@ fn golden_statement() -> Statement {
             ca: Some("fixed:r:sha256:0q4zb8ln2vlwsvkd7xpd3yxaf7sn9f6ywn8gq5h7bwmp6bifkkd8".into()),
         },
     )]);
-    Statement::new(job, input_cas, outputs, Measurement([0xa5; 48]), "vouch-agent 0.1.0")
+    Statement {
+        v: 1,
+        launch: None,
+        job,
+        input_cas,
+        outputs,
+        measurement: Measurement([0xa5; 48]),
+        agent_version: "vouch-agent 0.1.0".into(),
+    }
 }
 
 fn data(name: &str) -> Vec<u8> {
@@ -122,37 +150,78 @@ fn assert_golden(bytes: &[u8], name: &str) {
 }
 
 #[test]
-fn job_encodes_to_the_golden_bytes_and_host_data() {
+fn job_encodes_to_the_golden_bytes_and_digest() {
     let job = golden_job();
     job.validate().unwrap();
     assert_eq!(job.kind().unwrap(), StepKind::FloatingCa);
     let bytes = job.canonical_bytes().unwrap();
     assert_golden(&bytes, "job-v1.json");
-    assert_eq!(hex::encode(job.host_data().unwrap()), GOLDEN_HOST_DATA);
+    assert_eq!(hex::encode(job.digest().unwrap()), GOLDEN_JOB_DIGEST);
     assert_eq!(Job::from_canonical_bytes(&bytes).unwrap(), job);
+}
+
+#[test]
+fn launch_encodes_to_the_golden_bytes_and_host_data() {
+    let launch = golden_launch();
+    let bytes = launch.canonical_bytes().unwrap();
+    assert_golden(&bytes, "launch-v1.json");
+    assert_eq!(hex::encode(launch.host_data().unwrap()), GOLDEN_HOST_DATA);
+    assert_eq!(Launch::from_canonical_bytes(&bytes).unwrap(), launch);
 }
 
 #[test]
 fn statement_encodes_to_the_golden_bytes_and_report_data() {
     let st = golden_statement();
-    st.verify_against(&golden_job()).unwrap();
+    st.verify_against(&golden_launch(), &golden_job()).unwrap();
     let bytes = st.canonical_bytes().unwrap();
-    assert_golden(&bytes, "statement-v1.json");
+    assert_golden(&bytes, "statement-v2.json");
     assert_eq!(hex::encode(st.report_data().unwrap()), GOLDEN_REPORT_DATA);
+    assert_eq!(hex::encode(st.host_data().unwrap()), GOLDEN_HOST_DATA);
     assert_eq!(Statement::from_canonical_bytes(&bytes).unwrap(), st);
+}
+
+/// Version 1 still reads: same bytes, its own REPORT_DATA tag, HOST_DATA = the job digest.
+#[test]
+fn version_1_statements_still_decode_with_their_own_tag_and_host_data() {
+    let bytes = data("statement-v1.json");
+    let st = Statement::from_canonical_bytes(&bytes).unwrap();
+    assert_eq!(st, golden_statement_v1());
+    assert_eq!(st.canonical_bytes().unwrap(), bytes);
+    assert_eq!(hex::encode(st.report_data().unwrap()), GOLDEN_REPORT_DATA_V1);
+    assert_eq!(hex::encode(st.host_data().unwrap()), GOLDEN_JOB_DIGEST);
+    assert_eq!(st.launch_nonce(), None);
+    // A version 1 statement with a launch, or a version 2 one without, is refused; so is v3.
+    let mut s = golden_statement_v1();
+    s.launch = Some(golden_launch());
+    assert!(build_trace::error_chain(&s.validate().unwrap_err()).contains("present"));
+    let mut s = golden_statement();
+    s.launch = None;
+    assert!(build_trace::error_chain(&s.validate().unwrap_err()).contains("missing"));
+    let v3 = String::from_utf8(data("statement-v2.json")).unwrap().replace("\"v\":2}", "\"v\":3}");
+    let e = Statement::from_canonical_bytes(v3.as_bytes()).unwrap_err();
+    assert!(matches!(e, StatementError::Version(3)), "{e}");
+    assert!(e.to_string().contains("version 3"), "{e}");
 }
 
 #[test]
 fn host_data_is_the_tagged_sha256_of_the_bytes() {
     use sha2::{Digest, Sha256, Sha512};
-    let mut h = Sha256::new();
-    h.update(b"vouch.job.v1\0");
-    h.update(data("job-v1.json"));
-    assert_eq!(hex::encode(h.finalize()), GOLDEN_HOST_DATA);
-    let mut h = Sha512::new();
-    h.update(b"vouch.statement.v1\0");
-    h.update(data("statement-v1.json"));
-    assert_eq!(hex::encode(h.finalize()), GOLDEN_REPORT_DATA);
+    let tagged256 = |tag: &[u8], file| {
+        let mut h = Sha256::new();
+        h.update(tag);
+        h.update(data(file));
+        hex::encode(h.finalize())
+    };
+    let tagged512 = |tag: &[u8], file| {
+        let mut h = Sha512::new();
+        h.update(tag);
+        h.update(data(file));
+        hex::encode(h.finalize())
+    };
+    assert_eq!(tagged256(b"vouch.job.v1\0", "job-v1.json"), GOLDEN_JOB_DIGEST);
+    assert_eq!(tagged256(b"vouch.launch.v1\0", "launch-v1.json"), GOLDEN_HOST_DATA);
+    assert_eq!(tagged512(b"vouch.statement.v2\0", "statement-v2.json"), GOLDEN_REPORT_DATA);
+    assert_eq!(tagged512(b"vouch.statement.v1\0", "statement-v1.json"), GOLDEN_REPORT_DATA_V1);
 }
 
 #[test]
@@ -182,15 +251,30 @@ fn non_canonical_bytes_are_refused() {
 }
 
 #[test]
-fn any_change_changes_host_data_and_report_data() {
-    let base = golden_job().host_data().unwrap();
+fn any_change_changes_the_digests_and_report_data() {
+    let base = golden_job().digest().unwrap();
     let mut j = golden_job();
     j.limits.max_processes += 1;
-    assert_ne!(j.host_data().unwrap(), base);
+    assert_ne!(j.digest().unwrap(), base);
     let mut j = golden_job();
     j.closure.get_mut(&sp(DEP)).unwrap().nar_hash.0[0] ^= 1;
-    assert_ne!(j.host_data().unwrap(), base);
+    assert_ne!(j.digest().unwrap(), base);
+    let hd = golden_launch().host_data().unwrap();
+    for change in [
+        |l: &mut Launch| l.nonce.0[0] ^= 1,
+        |l: &mut Launch| l.vcpus += 1,
+        |l: &mut Launch| l.memory_mib += 1,
+        |l: &mut Launch| l.network = true,
+        |l: &mut Launch| l.job = Some(build_trace::Hex32([0; 32])),
+    ] {
+        let mut l = golden_launch();
+        change(&mut l);
+        assert_ne!(l.host_data().unwrap(), hd);
+    }
     let st = golden_statement().report_data().unwrap();
+    let mut s = golden_statement();
+    s.launch.as_mut().unwrap().nonce.0[31] ^= 1;
+    assert_ne!(s.report_data().unwrap(), st);
     let mut s = golden_statement();
     s.outputs.get_mut("out").unwrap().nar_hash.0[31] ^= 1;
     assert_ne!(s.report_data().unwrap(), st);
@@ -237,9 +321,40 @@ fn malformed_jobs_and_statements_are_refused_with_the_field_named() {
     let mut other = golden_job();
     other.job_id = "job-0002".into();
     assert!(matches!(
-        golden_statement().verify_against(&other),
-        Err(build_trace::StatementError::OtherJob { .. })
+        golden_statement().verify_against(&golden_launch(), &other),
+        Err(StatementError::OtherJob { .. })
     ));
+    let other = Launch::new([0x5b; 32], 2, 2304, false);
+    assert!(matches!(
+        golden_statement().verify_against(&other, &golden_job()),
+        Err(StatementError::OtherLaunch { .. })
+    ));
+}
+
+/// A launch admits only jobs that fit it; a statement whose launch does not admit its job is
+/// refused.
+#[test]
+fn the_launch_must_admit_the_job() {
+    let job = golden_job();
+    golden_launch().admits(&job).unwrap();
+    let bound = golden_launch().for_job(&job).unwrap();
+    bound.admits(&job).unwrap();
+    let mut other = golden_job();
+    other.job_id = "job-0002".into();
+    let refused = |l: &Launch, j: &Job| build_trace::error_chain(&l.admits(j).unwrap_err());
+    assert!(refused(&bound, &other).contains("launched for job"), "{}", refused(&bound, &other));
+    let mut small = golden_launch();
+    small.memory_mib = 1024;
+    assert!(refused(&small, &job).contains("exceeds the VM's 1024 MiB"));
+    let mut nic = golden_launch();
+    nic.network = true;
+    assert!(refused(&nic, &job).contains("network"));
+    let mut s = golden_statement();
+    s.launch = Some(small);
+    assert!(build_trace::error_chain(&s.validate().unwrap_err()).contains("does not fit"));
+    let mut l = golden_launch();
+    l.vcpus = 0;
+    assert!(l.validate().unwrap_err().to_string().contains("vcpus"));
 }
 
 #[test]
@@ -275,18 +390,28 @@ fn malformed_store_paths_are_refused_while_parsing_with_the_member_named() {
     assert!(chain.contains("illegal character '.'"), "{chain}");
 }
 
-const GOLDEN_HOST_DATA: &str = "5bd073af3927aca6555f151db3ebb0619674264ed7924d3e14b8975094b65cdb";
+const GOLDEN_JOB_DIGEST: &str = "5bd073af3927aca6555f151db3ebb0619674264ed7924d3e14b8975094b65cdb";
+const GOLDEN_HOST_DATA: &str = "223f709fa29cbaf32adca78dd4362e3fd11a3486b8fb2d384a35702889761fa6";
 const GOLDEN_REPORT_DATA: &str =
+    "0504bf7cc97577803db89cc8f91f68fd7dfff42acb0d7c68e737722dd170dbd779adbdb53fef6e6d4bade93c9164669dbb5b6afc66e8f0895ef17568848a8505";
+const GOLDEN_REPORT_DATA_V1: &str =
     "829fb39737ed104975cf8dde05c2b12e46cdeeed20f234ac82f7b5e759591be75d52019dfc6272ebef1984b7a7d9cbfe3927011d8bfdf2dba34b03115a990adf";
 
 #[test]
 fn hashes_from_canonical_bytes_equal_the_encoders() {
     let st = golden_statement();
-    let bytes = data("statement-v1.json");
+    let bytes = data("statement-v2.json");
     assert_eq!(build_trace::statement::report_data_of(&bytes), st.report_data().unwrap());
     assert_eq!(
         build_trace::statement::host_data_of(&bytes),
-        Some(golden_job().host_data().unwrap())
+        Some(golden_launch().host_data().unwrap())
     );
     assert_eq!(build_trace::canonical::member(&bytes, "job"), Some(&data("job-v1.json")[..]));
+    assert_eq!(build_trace::canonical::member(&bytes, "launch"), Some(&data("launch-v1.json")[..]));
+    let v1 = data("statement-v1.json");
+    assert_eq!(
+        build_trace::statement::report_data_of(&v1),
+        golden_statement_v1().report_data().unwrap()
+    );
+    assert_eq!(build_trace::statement::host_data_of(&v1), Some(golden_job().digest().unwrap()));
 }

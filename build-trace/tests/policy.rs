@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use build_trace::evidence::Product;
 use build_trace::trust::{Signers, TrustModel, TrustPolicy};
 
 fn doc_examples() -> Vec<String> {
@@ -41,13 +42,67 @@ fn every_documented_example_parses() {
 #[test]
 fn the_documented_default_is_the_default() {
     let doc_default = doc_examples().into_iter().find(|e| e.contains("builder:amd")).unwrap();
-    assert_eq!(TrustPolicy::from_toml(&doc_default).unwrap(), TrustPolicy::default());
+    let manifest = "/var/lib/vouch/image/manifest.json".to_string();
+    let default = TrustPolicy::default_for(std::slice::from_ref(&manifest)).unwrap();
+    assert_eq!(TrustPolicy::from_toml(&doc_default).unwrap(), default);
     // And the default round-trips through its TOML form.
-    assert_eq!(
-        TrustPolicy::from_toml(&TrustPolicy::default().to_toml()).unwrap(),
-        TrustPolicy::default()
-    );
-    assert!(!TrustPolicy::default().trusts_simulated());
+    assert_eq!(TrustPolicy::from_toml(&default.to_toml()).unwrap(), default);
+    assert!(!default.trusts_simulated());
+    // Milan is off, and each product it allows has a minimum TCB.
+    let ev = &default.builders["amd"].evidence;
+    assert_eq!(ev.products, [Product::Genoa, Product::Turin]);
+    for p in &ev.products {
+        assert!(ev.min_tcb.for_product(Some(*p)).is_some(), "{p} has a minimum TCB");
+    }
+}
+
+#[test]
+fn the_default_policy_without_a_manifest_refuses_naming_the_fix() {
+    let e = TrustPolicy::default_for(&[]).unwrap_err().to_string();
+    assert!(e.contains("--image-manifest") && e.contains("measurements = \"any\""), "{e}");
+}
+
+/// Every bulletin value in the minimum-TCB data file names its bulletin.
+#[test]
+fn every_minimum_tcb_cites_an_amd_bulletin() {
+    let text = build_trace::trust::DEFAULT_MIN_TCB;
+    let mut comment = String::new();
+    for line in text.lines() {
+        if let Some(c) = line.strip_prefix('#') {
+            comment.push_str(c);
+            continue;
+        }
+        if let Some((k, v)) = line.split_once('=') {
+            let (k, v) = (k.trim(), v.trim());
+            if v != "0" {
+                assert!(comment.contains("AMD-SB-30"), "`{k} = {v}` cites no AMD bulletin");
+            }
+        }
+        if line.trim().is_empty() || line.starts_with('[') {
+            comment.clear();
+        }
+        if line.contains('=') {
+            comment.clear();
+        }
+    }
+}
+
+/// A builder rule that pins no measurement is refused; `measurements = "any"` is accepted and
+/// marked.
+#[test]
+fn a_builder_rule_must_pin_measurements_or_say_any() {
+    let base = "require = \"builder:r\"\n[builders.r.evidence]\nproducts = [\"Genoa\"]\n";
+    let e = TrustPolicy::from_toml(base).unwrap_err().to_string();
+    assert!(e.contains("pins no launch measurement") && e.contains("\"any\""), "{e}");
+    let any = TrustPolicy::from_toml(&format!("{base}measurements = \"any\"\n")).unwrap();
+    let prepared = any.prepare().unwrap();
+    assert_eq!(prepared.any_guest_rules(), ["r"]);
+    assert!(prepared.any_guest_banner().unwrap().starts_with("ANY GUEST"));
+    assert!(TrustPolicy::from_toml(&format!("{base}measurements = \"some\"\n")).is_err());
+    let pinned =
+        TrustPolicy::from_toml(&format!("{base}measurements = [\"{}\"]\n", "ab".repeat(48)))
+            .unwrap();
+    assert!(pinned.prepare().unwrap().any_guest_banner().is_none());
 }
 
 fn signers(keys: &[&str], chips: &[(&str, &[&str])]) -> Signers {
@@ -59,6 +114,7 @@ fn signers(keys: &[&str], chips: &[(&str, &[&str])]) -> Signers {
                 (r.to_string(), cs.iter().map(|c| c.to_string()).collect::<BTreeSet<_>>())
             })
             .collect::<BTreeMap<_, _>>(),
+        vleks: BTreeSet::new(),
     }
 }
 
@@ -97,7 +153,8 @@ fn one_signer_never_lights_two_leaves_of_a_threshold() {
     assert!(!p.accepts(&signers(&["cache-a-1"], &[])), "one key, two leaves");
     assert!(!p.accepts(&signers(&["cache-a-1", "cache-b-1"], &[])));
 
-    let rules = "[builders.genoa.evidence]\nproducts = [\"Genoa\"]\n[builders.amd.evidence]\n";
+    let rules = "[builders.genoa.evidence]\nproducts = [\"Genoa\"]\nmeasurements = \"any\"\n\
+                 [builders.amd.evidence]\nmeasurements = \"any\"\n";
     let p = TrustPolicy::from_toml(&format!(
         "require = {{ threshold = 2, of = [\"builder:genoa\", \"builder:amd\"] }}\n{rules}"
     ))
@@ -156,22 +213,35 @@ fn inconsistent_policies_are_refused_with_the_reason() {
 fn image_manifests_add_their_measurements() {
     let dir = tempfile::tempdir().unwrap();
     let snp = "11".repeat(48);
+    let snp2 = "44".repeat(48);
     let sim = "22".repeat(48);
+    let shapes = format!(
+        r#"[{{"vcpus":1,"vcpu_type":"EPYC-v4","measurement":"{snp}"}},{{"vcpus":2,"vcpu_type":"EPYC-v4","measurement":"{snp2}"}}]"#
+    );
     std::fs::write(
         dir.path().join("manifest.json"),
-        format!(r#"{{"format":"x","snp":{{"expected_measurement":"{snp}"}},"simulated_measurement":"{sim}"}}"#),
+        format!(r#"{{"format":"x","snp":{{"expected_measurement":"{snp}","measurements":{shapes}}},"simulated_measurement":"{sim}"}}"#),
     )
     .unwrap();
     let text = "require = \"builder:b\"\n[builders.b]\nimage_manifests = [\"manifest.json\"]\n";
     std::fs::write(dir.path().join("policy.toml"), text).unwrap();
     let p = TrustPolicy::load(&dir.path().join("policy.toml")).unwrap().prepare().unwrap();
-    let ms: Vec<String> =
-        p.rules[0].1.measurements.clone().unwrap().iter().map(|m| m.to_string()).collect();
-    assert_eq!(ms, vec![snp.clone()]);
+    let ms: Vec<String> = p.rules[0]
+        .1
+        .measurements
+        .clone()
+        .unwrap()
+        .list()
+        .unwrap()
+        .iter()
+        .map(|m| m.to_string())
+        .collect();
+    // The default launch's and one per measured vCPU count, each once.
+    assert_eq!(ms, vec![snp.clone(), snp2.clone()]);
     let text =
         format!("{text}[builders.b.evidence]\nsimulated_roots = [\"{}\"]\n", "33".repeat(32));
     std::fs::write(dir.path().join("policy.toml"), text).unwrap();
     let p = TrustPolicy::load(&dir.path().join("policy.toml")).unwrap().prepare().unwrap();
-    assert_eq!(p.rules[0].1.measurements.as_ref().unwrap().len(), 2);
+    assert_eq!(p.rules[0].1.measurements.as_ref().unwrap().list().unwrap().len(), 3);
     assert!(matches!(p.policy.require, TrustModel::Leaf(_)));
 }

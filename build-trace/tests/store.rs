@@ -62,7 +62,9 @@ fn statement(job_id: &str, nar: &[u8]) -> Statement {
         references: BTreeSet::new(),
         ca: Some("fixed:r:sha256:1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s".into()),
     };
+    let launch = build_trace::Launch::new(job.digest().unwrap(), 1, 2048, job.network);
     Statement::new(
+        launch,
         job,
         BTreeMap::new(),
         BTreeMap::from([("out".to_string(), out)]),
@@ -169,6 +171,34 @@ fn writes_the_documented_layout_idempotently() {
     assert_eq!(entries[0].parse_statement().unwrap(), st);
     assert_eq!(entries[0].jws.len(), 1);
     assert_eq!(store.entries_for_output(&sp(OUT)).unwrap(), entries);
+}
+
+/// A step published without cache entries (a build that read one client's private inputs):
+/// its step entry and index are there and its records are signed, but no narinfo or
+/// realisation tells the cache's clients, or a later resolution, about its outputs.
+#[test]
+fn a_step_only_publication_writes_no_cache_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = TraceStore::create(&dir.path().join("c")).unwrap();
+    let nar = dir.path().join("out.nar");
+    std::fs::write(&nar, b"nar bytes").unwrap();
+    let st = statement("job-1", b"nar bytes");
+    let rec = StepRecord {
+        statement: &st,
+        evidence: None,
+        evidence_kind: "none",
+        nars: BTreeMap::from([("out".to_string(), nar.clone())]),
+    };
+    let key = SecretKey::from_seed("store-test-1", [5; 32]);
+    let only = store.put_step_as(&rec, &key, build_trace::store::Publication::StepOnly).unwrap();
+    assert!(only.step_dir.join("statement.json").exists());
+    assert!(!only.records["out"].narinfo.sigs.is_empty(), "the records are signed");
+    let layout = files(store.root());
+    assert!(!layout.iter().any(|f| f.ends_with(".narinfo") || f.ends_with(".doi")), "{layout:?}");
+    assert_eq!(store.published_output(&st.job.drv_path, "out"), None);
+    // Published with its cache entries afterwards, the same step gains them.
+    put(&store, &st, &nar).unwrap();
+    assert!(files(store.root()).iter().any(|f| f.ends_with(".narinfo")));
 }
 
 #[test]

@@ -5,7 +5,7 @@
 //!   whole under a lock, so frames from different threads never interleave; a multi-frame
 //!   sequence (a NAR stream) takes the lock per frame, which lets heartbeats slip in between —
 //!   the protocol allows them anywhere.
-//! - [`Heartbeat`]: the guest's heartbeat thread. From right after `Hello` until just before
+//! - [`Heartbeat`]: the guest's heartbeat thread. From the job's arrival until just before
 //!   `Bye` it sends a [`crate::proto::Kind::Heartbeat`] every [`HEARTBEAT_INTERVAL`], in every
 //!   phase and independent of builder output, so a host can tell a silent build from a stalled
 //!   channel.

@@ -5,7 +5,9 @@
 //! guest                                   host
 //!   Hello ─────────────────────────────▶             (agent version, attester kind)
 //!         ◀───────────────────────────── Setup        (simulated key: only in simulated mode)
-//!         ◀───────────────────────────── Job          (canonical job bytes)
+//!         ◀───────────────────────────── Launch       (canonical launch bytes: HOST_DATA)
+//!   Ready ─────────────────────────────▶             (launch checked; a pool VM waits here)
+//!         ◀───────────────────────────── Job          (canonical job bytes: exactly one)
 //!         ◀───────────────────────────── NarBegin/NarChunk…/NarEnd   per closure path
 //!         ◀───────────────────────────── InputsDone
 //!   Phase, Log … ──────────────────────▶
@@ -14,8 +16,9 @@
 //!   or Failure ────────────────────────▶
 //!   Bye ───────────────────────────────▶ then sync + power off
 //! ```
-//! Between `Hello` and `Bye` the guest also sends a `Heartbeat` every few seconds, between any
-//! two frames (`crate::liveness`).
+//! From the `Job` until `Bye` the guest also sends a `Heartbeat` every few seconds, between any
+//! two frames (`crate::liveness`); a pool VM waiting for its job is silent. After `Bye` the guest
+//! powers off: one VM, one job.
 //! What is not here: the framing ([`crate::proto`]).
 
 use serde::{Deserialize, Serialize};
@@ -77,6 +80,15 @@ pub struct Setup {
     pub simulated: Option<SimulatedSetup>,
 }
 
+/// The guest accepted the launch (HOST_DATA and the VM's configuration checked, attester ready)
+/// and waits for its one job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ready {
+    /// Guest uptime, milliseconds.
+    pub uptime_ms: u64,
+}
+
 /// Announces one NAR stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -91,7 +103,7 @@ pub struct NarBegin {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum PhaseName {
-    /// The job was accepted (HOST_DATA checked).
+    /// The job was accepted (it fits the launch).
     JobAccepted,
     /// All inputs are unpacked and checked.
     InputsReady,
@@ -150,8 +162,10 @@ pub struct Outcome {
 pub enum FailureKind {
     /// The channel or the job did not follow the protocol.
     Protocol,
-    /// The job does not hash to the VM's HOST_DATA.
+    /// The launch does not hash to the VM's HOST_DATA.
     HostDataMismatch,
+    /// The launch does not describe this VM, or does not admit the job.
+    Launch,
     /// An input's NAR hash or size differs from the job.
     InputHash,
     /// An input's recomputed content address differs from the job's claim.

@@ -5,7 +5,8 @@
 //! backend turns a half-close into a full reset, so each side knows from the frames alone when
 //! the other is done. Byte streams (NARs) are split into [`Kind::NarChunk`] frames between a
 //! [`Kind::NarBegin`] and an explicit [`Kind::NarEnd`]. Control payloads are JSON (see
-//! `messages`); the job travels as its canonical bytes, because HOST_DATA is their hash.
+//! `messages`); the launch and the job travel as their canonical bytes, because HOST_DATA and
+//! the job digest are their hashes.
 //!
 //! [`Kind::Heartbeat`] frames are link-level: the guest sends one every few seconds from its own
 //! thread, they may come between any two frames (also inside a NAR stream), and a
@@ -25,7 +26,8 @@ pub use crate::liveness::Liveness;
 
 /// Wire protocol version, sent in the guest's hello. 2: the guest heartbeats (a host of version
 /// 2 fails a channel that stays silent, so it must not run an agent that never heartbeats).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: the launch comes before the job (`Launch`, `Ready`), for VMs booted before their job.
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest payload of any frame (control messages and chunks alike).
 pub const MAX_PAYLOAD: u32 = 16 << 20;
 /// Payload size the senders use for NAR chunks.
@@ -54,7 +56,7 @@ pub enum Kind {
     Hello = 0x01,
     /// h→g, JSON `Setup`: what the agent needs besides the job (attestation mode material).
     Setup = 0x02,
-    /// h→g, canonical job bytes (HOST_DATA = SHA-256(tag ‖ these bytes)).
+    /// h→g, canonical job bytes (the job digest = SHA-256(tag ‖ these bytes)); after `Ready`.
     Job = 0x03,
     /// both, JSON `NarBegin`: a NAR stream for one store path follows.
     NarBegin = 0x04,
@@ -77,6 +79,10 @@ pub enum Kind {
     /// g→h, JSON `Heartbeat`: the guest is alive. Link-level: allowed between any two frames and
     /// consumed by [`FrameReader`] itself.
     Heartbeat = 0x0d,
+    /// h→g, canonical launch bytes (HOST_DATA = SHA-256(tag ‖ these bytes)); after `Setup`.
+    Launch = 0x0e,
+    /// g→h, JSON `Ready`: the launch is accepted and the attester ready; send the job.
+    Ready = 0x0f,
 }
 
 impl Kind {
@@ -97,6 +103,8 @@ impl Kind {
             0x0b => Failure,
             0x0c => Bye,
             0x0d => Heartbeat,
+            0x0e => Launch,
+            0x0f => Ready,
             _ => return None,
         })
     }

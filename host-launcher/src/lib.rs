@@ -25,6 +25,7 @@ pub mod build;
 pub mod core;
 pub mod nixbuilder;
 pub mod nixproto;
+pub mod pool;
 pub mod recovery;
 pub mod serve;
 pub mod signals;

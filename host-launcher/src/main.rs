@@ -8,7 +8,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 mod cli;
 
@@ -56,6 +56,12 @@ enum Command {
     /// Show stored build traces.
     #[command(subcommand)]
     Trace(cli::trace::Command),
+    /// Write (`init`) or validate and explain (`check`) a trust policy.
+    #[command(subcommand)]
+    Policy(cli::policy::Command),
+    /// This host's public keys for trust policies (`show`).
+    #[command(subcommand)]
+    Key(cli::key::Command),
     /// Export the in-toto / SLSA provenance of an output path.
     Provenance(cli::provenance::Args),
     /// Benchmarks (`vouch bench vm`: where a build step's time goes). Only in a `vouch` built
@@ -66,7 +72,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    cli::exit::quiet_broken_pipe();
+    let cli = cli::exit::parse_with_state_dir_help::<Cli>(Cli::command());
     cli::init_logging(&cli.global);
     let result = match cli.command {
         Command::Build(args) => cli::build::run(args, &cli.global),
@@ -81,6 +88,8 @@ fn main() -> ExitCode {
         Command::Cache(cmd) => cli::cache::run(cmd, &cli.global),
         Command::Trace(cmd) => cli::trace::run(cmd, &cli.global),
         Command::Log(cmd) => cli::log::run(cmd, &cli.global),
+        Command::Policy(cmd) => cli::policy::run(cmd, &cli.global),
+        Command::Key(cmd) => cli::key::run(cmd, &cli.global),
         Command::Provenance(args) => cli::provenance::run(args, &cli.global),
         #[cfg(feature = "bench")]
         Command::Bench(cmd) => cli::bench::run(cmd, &cli.global),
@@ -89,7 +98,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             cli::print_error_chain(err.as_ref());
-            ExitCode::from(2)
+            ExitCode::from(cli::exit::USAGE)
         }
     }
 }

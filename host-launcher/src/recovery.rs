@@ -96,6 +96,7 @@ impl Report {
         tracing::info!(
             dead_owners = s.dead_owners,
             tmp_files = s.tmp_files,
+            session_overlays = s.session_overlays,
             orphaned_nars = s.orphaned_nars,
             "recovery: content store cleaned of dead processes"
         );

@@ -54,7 +54,9 @@ fn publish(store: &TraceStore, tmp: &Path, (path, drv): &(StorePath, Derivation)
         references: BTreeSet::new(),
         ca: None,
     };
+    let launch = build_trace::Launch::new(job.digest().unwrap(), 1, 2048, job.network);
     let st = Statement::new(
+        launch,
         job,
         BTreeMap::new(),
         BTreeMap::from([("out".into(), out)]),

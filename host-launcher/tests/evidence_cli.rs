@@ -118,7 +118,21 @@ fn check_passes_on_every_real_report_under_its_policy() {
             vouch(&check_args(c, &["--policy", p, "--measurement", c.measurement]), tmp.path());
         assert_eq!(out.code, 0, "{}:\n{}\n{}", c.report, out.stdout, out.stderr);
         assert!(out.stdout.contains("result: PASS: AMD SEV-SNP evidence"), "{}", out.stdout);
-        assert_eq!(out.stdout.matches("[ ok ]").count(), 19, "{}", out.stdout);
+        // Nothing to compare HOST_DATA and REPORT_DATA against: marked unchecked, not ok.
+        let ok = out.stdout.matches("[ ok ]").count();
+        let skipped = out.stdout.matches("[ -- ]").count();
+        assert_eq!(ok + skipped, 19, "{}", out.stdout);
+        assert!(out.stdout.contains("[ -- ] HOST_DATA"), "{}", out.stdout);
+        assert!(out.stdout.contains("[ -- ] REPORT_DATA"), "{}", out.stdout);
+        assert!(out.stdout.contains("[ ok ] MEASUREMENT"), "{}", out.stdout);
+        let milan = out.stdout.contains("ARK-Milan (pinned), signed by");
+        assert_eq!(out.stdout.contains("caveat: Milan caveat"), milan, "{}", out.stdout);
+        assert_eq!(
+            milan,
+            !c.report.contains("genoa") && !c.report.contains("turin"),
+            "{}",
+            out.stdout
+        );
         assert!(out.stdout.contains(&format!("MEASUREMENT: {}", c.measurement)), "{}", out.stdout);
         assert!(out.stdout.contains("REPORT_DATA: "));
         assert!(out.stdout.contains("HOST_DATA:   "));
@@ -289,4 +303,139 @@ fn simulated_evidence_says_simulated_and_needs_its_root_in_the_policy() {
     assert!(out.stdout.contains("[FAIL] root of trust"), "{}", out.stdout);
     let show = vouch(&["evidence", "show", report.to_str().unwrap()], state.path());
     assert!(show.stdout.contains("SIMULATED"), "{}", show.stdout);
+}
+
+/// A trace entry directory holding `evidence.json` (and `statement.json` when given), as the
+/// trace store writes it.
+fn entry(dir: &Path, bundle: &build_trace::evidence::EvidenceBundle, statement: Option<&[u8]>) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("evidence.json"), serde_json::to_vec(bundle).unwrap()).unwrap();
+    if let Some(st) = statement {
+        std::fs::write(dir.join("statement.json"), st).unwrap();
+    }
+}
+
+/// A golden statement of `build-trace/tests/data/golden/` (`statement-v1.json`, `-v2.json`).
+fn golden_statement(version: u8) -> Vec<u8> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../build-trace/tests/data/golden");
+    std::fs::read(format!("{dir}/statement-v{version}.json")).unwrap()
+}
+
+#[test]
+fn check_reads_the_bundle_vouch_stores_and_marks_what_it_did_not_check() {
+    use build_trace::evidence::EvidenceBundle;
+    let tmp = tempfile::tempdir().unwrap();
+    let policy = tmp.path().join("milan.toml");
+    std::fs::write(&policy, "products = [\"Milan\"]\n").unwrap();
+    let p = policy.to_str().unwrap();
+    // A real Milan report with AMD's built-in chain, stored as vouch stores it.
+    let read = |rel: &str| std::fs::read(testdata().join(rel)).unwrap();
+    let bundle = EvidenceBundle::with_builtin_chain(
+        read("trustee/test-report.bin"),
+        read("trustee/test-vcek.der"),
+    )
+    .unwrap();
+    let dir = tmp.path().join("entry");
+    entry(&dir, &bundle, None);
+    let d = dir.to_str().unwrap();
+    let file = dir.join("evidence.json");
+    for target in [d, file.to_str().unwrap()] {
+        let args = ["evidence", "check", "--bundle", target, "--now", "2026-06-01", "--policy", p];
+        let out = vouch(&args, tmp.path());
+        assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+        assert!(out.stdout.contains("result: PASS: AMD SEV-SNP evidence"), "{}", out.stdout);
+        assert!(out.stdout.contains("[ -- ] REPORT_DATA"), "{}", out.stdout);
+        assert!(out.stdout.contains("[ -- ] minimum TCB"), "{}", out.stdout);
+        assert!(out.stdout.contains("caveat: Milan caveat (docs/evidence.md)"), "{}", out.stdout);
+        assert!(out.stdout.contains("arXiv 2605.12990"), "{}", out.stdout);
+    }
+    let json =
+        vouch(&["evidence", "check", "--bundle", d, "--now", "2026-06-01", "--json"], tmp.path());
+    assert_eq!(json.code, 0, "{}", json.stderr);
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(v["result"], "pass");
+    assert_eq!(v["simulated"], false);
+    let status = |name: &str| {
+        v["checks"].as_array().unwrap().iter().find(|c| c["check"] == name).unwrap()["status"]
+            .clone()
+    };
+    assert_eq!(status("report signature"), "ok");
+    assert_eq!(status("REPORT_DATA"), "not-checked");
+    assert_eq!(v["checks"].as_array().unwrap().len(), 19);
+    assert!(v["caveats"][0].as_str().unwrap().contains("Milan"), "{v}");
+
+    // Beside a statement it does not attest: HOST_DATA and REPORT_DATA are now demanded.
+    entry(&dir, &bundle, Some(&golden_statement(2)));
+    let out = vouch(&["evidence", "check", "--bundle", d, "--now", "2026-06-01"], tmp.path());
+    assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("expected from"), "{}", out.stdout);
+    assert!(out.stdout.contains("[FAIL] HOST_DATA"), "{}", out.stdout);
+    assert!(out.stdout.contains("[ -- ] REPORT_DATA              not reached"), "{}", out.stdout);
+    assert!(!out.stdout.contains("caveat"), "{}", out.stdout);
+
+    // Not a bundle, and both forms at once: bad input (2).
+    std::fs::write(dir.join("evidence.json"), "{}").unwrap();
+    let out = vouch(&["evidence", "check", "--bundle", d], tmp.path());
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.contains("not an evidence bundle"), "{}", out.stderr);
+    let out =
+        vouch(&["evidence", "check", "--bundle", d, "--report", "x", "--cert", "y"], tmp.path());
+    assert_eq!(out.code, 2, "{}", out.stderr);
+}
+
+#[test]
+fn a_stored_bundle_is_checked_against_its_statement() {
+    for version in [1, 2] {
+        stored_bundle_against(&golden_statement(version));
+    }
+}
+
+/// A simulated report of `st`'s HOST_DATA and REPORT_DATA passes beside it, and only with them.
+fn stored_bundle_against(st: &[u8]) {
+    use build_trace::evidence::EvidenceBundle;
+    use build_trace::statement::{host_data_of, report_data_of};
+    let state = tempfile::tempdir().unwrap();
+    let out_dir = state.path().join("sim");
+    let o = out_dir.to_str().unwrap();
+    let rd = hex::encode(report_data_of(st));
+    let hd = hex::encode(host_data_of(st).unwrap());
+    let made = vouch(
+        &["evidence", "simulate", "--out", o, "--report-data", &rd, "--host-data", &hd],
+        state.path(),
+    );
+    assert_eq!(made.code, 0, "{}", made.stderr);
+    let read = |n: &str| std::fs::read(out_dir.join(n)).unwrap();
+    let bundle = EvidenceBundle {
+        report: read("report.bin"),
+        vek: read("vcek.der"),
+        ask: None,
+        ark: read("ark.der"),
+        provider: Some("simulated".into()),
+    };
+    let dir = state.path().join("entry");
+    entry(&dir, &bundle, Some(st));
+    let d = dir.to_str().unwrap();
+    let policy = out_dir.join("policy.toml");
+    let args = ["evidence", "check", "--bundle", d, "--policy", policy.to_str().unwrap()];
+    let out = vouch(&args, state.path());
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout.contains(&format!("[ ok ] HOST_DATA                {hd} (as expected)")),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains(&format!("[ ok ] REPORT_DATA              {rd} (as expected)")),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("result: PASS: SIMULATED evidence"), "{}", out.stdout);
+    assert!(!out.stdout.contains("caveat"), "{}", out.stdout);
+    // A REPORT_DATA given on the command line wins over the statement's.
+    let mut wrong = args.to_vec();
+    let other = "00".repeat(64);
+    wrong.extend(["--report-data", &other]);
+    let out = vouch(&wrong, state.path());
+    assert_eq!(out.code, 1, "{}", out.stdout);
+    assert!(out.stdout.contains("[FAIL] REPORT_DATA"), "{}", out.stdout);
 }

@@ -13,8 +13,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use host_launcher::core::ValidPathInfo;
-use host_launcher::nixproto::serve::{SERVE_MAGIC_1, SERVE_MAGIC_2};
+use host_launcher::nixproto::serve::SERVE_MAGIC_1;
 use host_launcher::nixproto::version::{ClientProfile, Protocol, FEATURE_REALISATION_WITH_PATH};
 use host_launcher::nixproto::wire::{FramedWriter, WireRead, WireWrite};
 use host_launcher::nixproto::{types, BuildStatus};
@@ -23,44 +22,8 @@ use peer::*;
 
 const LIMIT: Duration = Duration::from_secs(120);
 
-/// Which of `paths` a fresh builder process reports valid.
-fn valid_in(state: &Path, paths: &[&StorePath]) -> BTreeSet<String> {
-    let mut p = Peer::spawn(state, &["--stdio"], LIMIT);
-    p.worker_handshake(0x122, &[]);
-    p.w().write_u64(31).unwrap();
-    let set: BTreeSet<StorePath> = paths.iter().map(|p| (*p).clone()).collect();
-    types::write_store_path_set(p.w(), &set).unwrap();
-    p.w().write_u64(0).unwrap();
-    p.w().flush().unwrap();
-    p.expect_last();
-    let v = p.from.read_string_set("valid").unwrap();
-    let (st, err) = p.finish();
-    assert!(st.success(), "{err}");
-    v
-}
-
 fn files(state: &Path, sub: &str) -> usize {
     std::fs::read_dir(state.join("store").join(sub)).map(|d| d.count()).unwrap_or(0)
-}
-
-/// Send `AddToStoreNar` (op 39) with a framed NAR, optionally only its first `cut` bytes.
-fn add_to_store_nar(p: &mut Peer, info: &ValidPathInfo, nar: &[u8], cut: Option<usize>) {
-    p.w().write_u64(39).unwrap();
-    types::write_upload_info(p.w(), info).unwrap();
-    p.w().write_u64(0).unwrap(); // repair
-    p.w().write_u64(1).unwrap(); // dontCheckSigs: vouch checks anyway
-    let mut fw = FramedWriter::new(p.w());
-    match cut {
-        Some(n) => {
-            fw.write_all(&nar[..n]).unwrap();
-            fw.flush().unwrap();
-        }
-        None => {
-            fw.write_all(nar).unwrap();
-            fw.finish().unwrap();
-        }
-    }
-    p.w().flush().unwrap();
 }
 
 #[test]
@@ -73,12 +36,15 @@ fn worker_handshake_old_and_new_clients() {
     assert!(ver.starts_with("vouch "), "{ver}");
     assert_eq!((trusted, feats.len()), (None, 0));
     assert!(p.finish().0.success());
-    // Nix 2.20: 1.37, trusted.
+    // Nix 2.20: 1.37, not trusted (2) unless the operator says so (1).
     let mut p = Peer::spawn(&state, &["--stdio"], LIMIT);
+    assert_eq!(p.worker_handshake(0x125, &[]).1, Some(2));
+    p.finish();
+    let mut p = Peer::spawn(&state, &["--trusted", "--stdio"], LIMIT);
     assert_eq!(p.worker_handshake(0x125, &[]).1, Some(1));
     p.finish();
     // Nix ≥ 2.35: 1.38 with features; the intersection is negotiated.
-    let mut p = Peer::spawn(&state, &["--stdio"], LIMIT);
+    let mut p = Peer::spawn(&state, &["--trusted", "--stdio"], LIMIT);
     let (_, trusted, feats) =
         p.worker_handshake(0x127, &[FEATURE_REALISATION_WITH_PATH, "something-else"]);
     assert_eq!(trusted, Some(1));
@@ -121,9 +87,12 @@ fn nix_copy_uploads_are_verified_and_kept_between_processes() {
     require_nix();
     let d = tempfile::tempdir().unwrap();
     let (top, all) = local_closure(d.path(), "a");
+    // Signed by a key the builders trust: certified, so they go to the shared store.
+    sign_locally(d.path(), &all);
+    let key = key_arg();
     for (proto, name) in [("ssh-ng", "ng"), ("ssh", "legacy")] {
         let state = d.path().join(format!("state-{name}"));
-        let w = wrapper(d.path(), name, &state, &[]);
+        let w = wrapper(d.path(), name, &state, &[&key]);
         let url = format!("{proto}://localhost?remote-program={}", w.display());
         // Each `nix` command is a new builder process (a new connection): what the first
         // received, the next serve.
@@ -139,8 +108,9 @@ fn two_processes_upload_at_once() {
     let d = tempfile::tempdir().unwrap();
     let (top_a, all_a) = local_closure(d.path(), "a");
     let (top_b, all_b) = local_closure(d.path(), "b");
+    sign_locally(d.path(), &[all_a.clone(), all_b.clone()].concat());
     let state = d.path().join("state");
-    let w = wrapper(d.path(), "builder", &state, &[]);
+    let w = wrapper(d.path(), "builder", &state, &[&key_arg()]);
     let url = format!("ssh-ng://localhost?remote-program={}", w.display());
     let spawn = |top: &str| {
         Command::new("nix")
@@ -169,17 +139,20 @@ fn hang_up_mid_nar_registers_nothing() {
     let a = fake_path("half", 1);
     let b = fake_path("whole", 2);
     let nar = nar_of(&[42u8; 100_000]);
+    // Signed by a key the builder trusts: paths any client may upload to the shared store.
+    let key = key_arg();
+    let info_for = |p: &StorePath, nar: &[u8], refs: &[&StorePath]| signed(info_for(p, nar, refs));
 
     // AddToStoreNar: the client hangs up after half the NAR.
-    let mut p = Peer::spawn(&state, &["--stdio"], LIMIT);
+    let mut p = Peer::spawn(&state, &["--stdio", &key], LIMIT);
     p.worker_handshake(0x122, &[]);
-    add_to_store_nar(&mut p, &info_for(&a, &nar, &[]), &nar, Some(nar.len() / 2));
+    p.add_to_store_nar(&info_for(&a, &nar, &[]), &nar, Some(nar.len() / 2));
     p.hang_up();
     let (st, err) = p.finish();
     assert!(!st.success() && err.contains("nothing of it was registered"), "{st}: {err}");
 
     // AddMultipleToStore: a complete first path, then the hang-up inside the second NAR.
-    let mut p = Peer::spawn(&state, &["--stdio"], LIMIT);
+    let mut p = Peer::spawn(&state, &["--stdio", &key], LIMIT);
     p.worker_handshake(0x122, &[]);
     p.w().write_u64(44).unwrap();
     p.w().write_u64(0).unwrap();
@@ -198,12 +171,8 @@ fn hang_up_mid_nar_registers_nothing() {
     assert!(!st.success());
 
     // Serve protocol AddToStoreNar (raw NAR): the same.
-    let mut p = Peer::spawn(&state, &["--serve", "--write"], LIMIT);
-    p.w().write_u64(SERVE_MAGIC_1).unwrap();
-    p.w().write_u64(0x207).unwrap();
-    p.w().flush().unwrap();
-    assert_eq!(p.from.read_u64().unwrap(), SERVE_MAGIC_2);
-    p.from.read_u64().unwrap();
+    let mut p = Peer::spawn(&state, &["--serve", "--write", &key], LIMIT);
+    p.serve_handshake(0x207);
     p.w().write_u64(9).unwrap();
     types::write_upload_info(p.w(), &info_for(&a, &nar, &[])).unwrap();
     p.w().write_all(&nar[..5000]).unwrap();
@@ -226,18 +195,22 @@ fn corrupted_uploads_are_rejected_with_clear_errors() {
     let nar = nar_of(b"the real contents");
     let other = nar_of(b"other contents");
     let a = fake_path("corrupt", 1);
+    // Signed by a key the builder trusts (so the content checks are what refuses them).
+    let key = key_arg();
+    let info_for = |p: &StorePath, nar: &[u8], refs: &[&StorePath]| signed(info_for(p, nar, refs));
 
-    let mut p = Peer::spawn(&state, &["--stdio"], LIMIT);
+    let mut p = Peer::spawn(&state, &["--stdio", &key], LIMIT);
     p.worker_handshake(0x122, &[]);
-    // Wrong NAR hash.
+    // Wrong NAR hash (signed as declared).
     let mut wrong = info_for(&a, &nar, &[]);
     wrong.info.nar_hash = info_for(&a, &other, &[]).info.nar_hash;
-    add_to_store_nar(&mut p, &wrong, &nar, None);
+    let wrong = signed(wrong);
+    p.add_to_store_nar(&wrong, &nar, None);
     let err = p.stderr_loop().unwrap_err();
     assert!(err.contains("NAR hash mismatch") && err.contains(&a.to_string()), "{err}");
     // A content address the contents do not reproduce.
     let lie = recursive_ca_info("claims-ca", &other, &nar);
-    add_to_store_nar(&mut p, &lie, &nar, None);
+    p.add_to_store_nar(&lie, &nar, None);
     let err = p.stderr_loop().unwrap_err();
     assert!(
         err.contains("claims content address")
@@ -245,17 +218,17 @@ fn corrupted_uploads_are_rejected_with_clear_errors() {
         "{err}"
     );
     // A reference to a path that is nowhere.
-    add_to_store_nar(&mut p, &info_for(&a, &nar, &[&fake_path("absent", 9)]), &nar, None);
+    p.add_to_store_nar(&info_for(&a, &nar, &[&fake_path("absent", 9)]), &nar, None);
     let err = p.stderr_loop().unwrap_err();
     assert!(err.contains("absent") && err.contains("neither in vouch's content store"), "{err}");
     // More bytes than the declared NAR size: refused before anything is committed.
     let mut longer = nar.clone();
     longer.extend_from_slice(&[0u8; 16]);
-    add_to_store_nar(&mut p, &info_for(&a, &nar, &[]), &longer, None);
+    p.add_to_store_nar(&info_for(&a, &nar, &[]), &longer, None);
     let err = p.stderr_loop().unwrap_err();
     assert!(err.contains("after its last NAR"), "{err}");
     // The session goes on: a good upload after the bad ones works.
-    add_to_store_nar(&mut p, &info_for(&a, &nar, &[]), &nar, None);
+    p.add_to_store_nar(&info_for(&a, &nar, &[]), &nar, None);
     p.expect_last();
     let (st, _) = p.finish();
     assert!(st.success());
@@ -263,14 +236,11 @@ fn corrupted_uploads_are_rejected_with_clear_errors() {
 
     // Serve protocol: no error channel; the message goes to stderr and the process exits.
     let b = fake_path("corrupt-serve", 3);
-    let mut p = Peer::spawn(&state, &["--serve", "--write"], LIMIT);
-    p.w().write_u64(SERVE_MAGIC_1).unwrap();
-    p.w().write_u64(0x207).unwrap();
-    p.w().flush().unwrap();
-    p.from.read_u64().unwrap();
-    p.from.read_u64().unwrap();
+    let mut p = Peer::spawn(&state, &["--serve", "--write", &key], LIMIT);
+    p.serve_handshake(0x207);
     let mut wrong = info_for(&b, &nar, &[]);
     wrong.info.nar_hash.0[0] ^= 0xff;
+    let wrong = signed(wrong);
     p.w().write_u64(9).unwrap();
     types::write_upload_info(p.w(), &wrong).unwrap();
     p.w().write_all(&nar).unwrap();
@@ -324,9 +294,10 @@ fn eviction_never_removes_pinned_paths() {
     let nar = nar_of(&[1u8; 2000]);
     let big = nar_of(&[2u8; 4000]);
     let max = "5000";
-    let args = ["--stdio", "--store-max-size", max];
+    let key = key_arg();
+    let args = ["--stdio", "--store-max-size", max, &key];
     let upload = |p: &mut Peer, path: &StorePath, nar: &[u8]| {
-        add_to_store_nar(p, &info_for(path, nar, &[]), nar, None);
+        p.add_to_store_nar(&signed(info_for(path, nar, &[])), nar, None);
         p.stderr_loop()
     };
     let (pinned, x, y, z) =

@@ -4,7 +4,8 @@
 //! hook's flow (QueryValidPaths, AddMultipleToStore, BuildDerivation, QueryPathInfo,
 //! NarFromPath) for a floating-CA derivation with a self-reference, then checks what that
 //! client would check: the realisation format and its signature, and the output's content
-//! address under the client's self-reference rule (and not under the other rule).
+//! address under the client's self-reference rule (and not under the other rule). The client is
+//! not trusted: content-addressed inputs and builds need no trust.
 //!
 //! Needs the guest image (scripts/build-image.sh; `VOUCH_IMAGE_DIR`) and QEMU; fails clearly
 //! without them.
@@ -94,7 +95,8 @@ fn hook_flow(
         Duration::from_secs(600),
     );
     let (_, trusted, feats) = p.worker_handshake(version, features);
-    assert_eq!(trusted, Some(1));
+    // Not trusted (vouch's default): content-addressed uploads and builds are for anyone.
+    assert_eq!(trusted, Some(2));
     let profile = ClientProfile::new(Protocol::Worker, version, feats.into_iter().collect());
 
     p.w().write_u64(31).unwrap();

@@ -26,7 +26,7 @@ fn start(dir: &Path, name: &str) -> SocketServer {
         Path::new(vouch()),
         &dir.join(format!("state-{name}")),
         &dir.join(format!("{name}.sock")),
-        &[],
+        &[&key_arg()],
         &[],
     )
 }
@@ -90,7 +90,9 @@ fn nix_uses_the_socket_and_each_connection_is_a_session() {
 
     // Uploads over the socket; reading back goes through the unpacked tree (a `unix://` client
     // reads NARs from its file system, `real=`), which Nix re-hashes on import.
+    // (Signed by a key the server trusts: certified, so they go to the shared store.)
     let (top, all) = local_closure(d.path(), "a");
+    sign_locally(d.path(), &all);
     copy_round_trip(&uri, &top, &all, &d.path().join("back"));
     eventually("the unpacked trees removed when their sessions ended", || {
         std::fs::read_dir(&server.real).unwrap().count() == 0

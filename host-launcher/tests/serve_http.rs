@@ -619,3 +619,85 @@ fn the_transparency_log_is_served_as_static_files_and_a_monitor_follows_it() {
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(text.lines().filter(|l| l.starts_with("entry ")).count(), 300, "{text}");
 }
+
+/// Issue 12, item 2, for the CI service. A trusted client (one `--trusted-token-file` each) may
+/// upload a path that vouch cannot certify (no content address, no trusted signature), as Nix's
+/// trusted users may; it goes to that client's overlay, never to the shared content store or
+/// another trusted client's overlay. So when another caller then uploads the genuine path
+/// (signed by a key the operator trusts), its bytes are registered and served, not a trusted
+/// client's. Before this rule the first upload went into the shared store, the later ones were
+/// skipped as already valid, and every build reading that path got the first uploader's bytes.
+#[test]
+fn a_trusted_callers_unsigned_upload_never_becomes_another_callers_input() {
+    let t = tempfile::tempdir().unwrap();
+    let trusted = trusted_token_file(t.path());
+    let second = t.path().join("second-trusted-token");
+    std::fs::write(&second, "second-0123456789abcdef\n").unwrap();
+    let second_header = "Authorization: Bearer second-0123456789abcdef";
+    let key = uploader_key().public_key().to_string();
+    let state = t.path().join("state");
+    let s = HttpService::start(
+        Path::new(env!("CARGO_BIN_EXE_vouch")),
+        &state,
+        &t.path().join("serve.log"),
+        &[
+            "--trusted-token-file",
+            &trusted,
+            "--trusted-token-file",
+            second.to_str().unwrap(),
+            "--trusted-public-key",
+            &key,
+        ],
+    );
+    let path = StorePath::from_parts([5; 20], "tenant-dep").unwrap();
+    let hp = path.hash_part().to_owned();
+    let stage = |data: &[u8], headers: &[&str]| {
+        let nar = nar_of(data);
+        let hash: [u8; 32] = Sha256::digest(&nar).into();
+        let url = format!("nar/{}.nar", nix32(&hash));
+        let r = s.request_with("PUT", &format!("/{url}"), headers, &nar);
+        assert_eq!(r.status, 200, "{}", r.text());
+        (narinfo(&path, &url, "none", &hash, nar.len()), hash)
+    };
+
+    // Each trusted client's unsigned bytes: accepted, privately, each in its own overlay (the
+    // second is not skipped as already there: the first one's upload is not its own).
+    let mut sizes = std::collections::BTreeSet::new();
+    for (data, header) in
+        [(&b"the first trusted client's"[..], TRUSTED), (b"the second's", second_header)]
+    {
+        let (info, _) = stage(data, &[header]);
+        let r = s.request_with("PUT", &format!("/{hp}.narinfo"), &[header], info.as_bytes());
+        assert_eq!(r.status, 200, "{}", r.text());
+        sizes.insert(nar_of(data).len() as u64);
+    }
+    assert_eq!(registered(&state, &path.to_string()), None, "not in the shared store");
+    assert_eq!(s.request("GET", &format!("/{hp}.narinfo"), b"").status, 404);
+    let overlays: Vec<_> = std::fs::read_dir(state.join("store/sessions"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(overlays.len(), 2, "one overlay per trusted client");
+    let held: std::collections::BTreeSet<u64> = overlays
+        .iter()
+        .flat_map(|o| std::fs::read_dir(o).unwrap())
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .collect();
+    assert_eq!(held, sizes, "each overlay holds its own client's NAR");
+
+    // Another caller's genuine bytes, signed by the operator's key: registered and served.
+    let (info, genuine) = stage(b"genuine", &[]);
+    let mut signed = NarInfo::parse(&info).unwrap();
+    signed.sign(&uploader_key()).unwrap();
+    let r = s.request("PUT", &format!("/{hp}.narinfo"), signed.to_text().as_bytes());
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(registered(&state, &path.to_string()).as_deref(), Some("upload"));
+    let r = s.request("GET", &format!("/{hp}.narinfo"), b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains(&format!("NarHash: sha256:{}", nix32(&genuine))), "{}", r.text());
+
+    // The overlay lives as long as the service.
+    let (st, log) = s.stop("TERM");
+    assert!(st.success(), "{st}: {log}");
+    assert_eq!(std::fs::read_dir(state.join("store/sessions")).unwrap().count(), 0);
+}

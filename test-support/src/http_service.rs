@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-/// A running `vouch --state-dir STATE -v serve --listen 127.0.0.1:0 …`, killed on drop.
+/// A running `vouch --state-dir STATE -v serve --listen 127.0.0.1:0 …`, ended on drop
+/// (SIGTERM, then SIGKILL).
 #[derive(Debug)]
 pub struct HttpService {
     child: Child,
@@ -63,8 +64,11 @@ impl HttpService {
         let t0 = Instant::now();
         loop {
             let text = s.log_text();
-            if let Some(rest) = text.split("listening on ").nth(1) {
-                let url = rest.split_whitespace().next().unwrap_or_default();
+            // Only a whole line: stderr is unbuffered, so the address may arrive in pieces.
+            if let Some((url, _)) =
+                text.split("listening on ").nth(1).and_then(|rest| rest.split_once('\n'))
+            {
+                let url = url.trim();
                 let addr = url.trim_start_matches("http://").trim_start_matches("https://");
                 s.addr = addr.to_owned();
                 return s;
@@ -145,7 +149,6 @@ impl HttpService {
 
 impl Drop for HttpService {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        crate::server::end_child(&mut self.child);
     }
 }

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-/// A running `vouch --state-dir STATE -v nix-builder --listen SOCKET …`, killed on drop.
+/// A running `vouch --state-dir STATE -v nix-builder --listen SOCKET …`, ended on drop
+/// (SIGTERM, then SIGKILL).
 #[derive(Debug)]
 pub struct SocketServer {
     child: Child,
@@ -115,10 +116,27 @@ pub fn stop_child(child: &mut Child, signal: &str, what: &str, log: &Path) -> (E
     }
 }
 
+/// End a server that a test did not stop: SIGTERM, so it stops its VMs (the warm pool's too),
+/// then SIGKILL if it has not exited within 20 s. Never panics (it runs in `Drop`).
+pub(crate) fn end_child(child: &mut Child) {
+    if matches!(child.try_wait(), Ok(Some(_))) {
+        return;
+    }
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(20) {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 impl Drop for SocketServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        end_child(&mut self.child);
     }
 }
 

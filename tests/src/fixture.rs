@@ -300,7 +300,10 @@ impl Fixture {
         }
         let input_cas =
             job.closure.iter().filter_map(|(p, i)| Some((p.clone(), i.ca.clone()?))).collect();
+        // A pool VM's launch (no job named), its nonce the job's digest (unique per step).
+        let launch = build_trace::Launch::new(job.digest().unwrap(), 1, 2048, job.network);
         let statement = Statement::new(
+            launch,
             job,
             input_cas,
             outputs,
@@ -323,8 +326,8 @@ impl Fixture {
         self.root.bundle(att.report(&st.report_data().unwrap()))
     }
 
-    /// The simulated evidence an honest guest gives for `st`: its job's HOST_DATA, the fixture's
-    /// measurement.
+    /// The simulated evidence an honest guest gives for `st`: its launch's HOST_DATA, the
+    /// fixture's measurement.
     pub fn attest_honestly(&self, st: &Statement) -> EvidenceBundle {
         self.attest(st, st.host_data().unwrap(), self.measurement)
     }
@@ -334,7 +337,7 @@ impl Fixture {
     pub fn policy(&self, require: TrustModel) -> TrustPolicy {
         let evidence = EvidencePolicy {
             simulated_roots: vec![self.root.key_id()],
-            measurements: Some(vec![build_trace::evidence::Hex(self.measurement)]),
+            measurements: Some(vec![build_trace::evidence::Hex(self.measurement)].into()),
             ..EvidencePolicy::default()
         };
         TrustPolicy {

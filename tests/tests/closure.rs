@@ -12,7 +12,7 @@ use build_trace::statement::{Measurement, Statement};
 use build_trace::store::{MemoryTraces, TraceEntry, TraceSource, TraceStore};
 use build_trace::trust::{TrustModel, TrustPolicy};
 use build_trace::verify::{ClosureVerifier, DrvSet, LinkCheck, Outcome, Request};
-use build_trace::{NarHash, PathInfo};
+use build_trace::{Launch, NarHash, PathInfo};
 use nix_formats::signing::SecretKey;
 use nix_formats::StorePath;
 use test_support::nix;
@@ -169,7 +169,14 @@ fn real_closure_verifies_with_the_outputs_nix_built() {
 #[test]
 fn default_policy_rejects_simulated_evidence() {
     let fx = fixture();
-    let b = broken(verify_with(fx, "c", &TrustPolicy::default(), &store(fx), &[]));
+    // The default policy with a manifest pinning the fixture's own measurement (its SNP one):
+    // simulated evidence is still refused.
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("manifest.json");
+    let m = hex::encode(fx.measurement);
+    std::fs::write(&manifest, format!(r#"{{"snp": {{"expected_measurement": "{m}"}}}}"#)).unwrap();
+    let default = TrustPolicy::default_for(&[manifest.display().to_string()]).unwrap();
+    let b = broken(verify_with(fx, "c", &default, &store(fx), &[]));
     assert_eq!(b.check, LinkCheck::Evidence, "{b}");
     assert_eq!(b.step, fx.drvs["a"].to_string(), "the first step bottom-up is named");
 }
@@ -218,16 +225,102 @@ fn swapped_report_from_another_step_is_refused() {
 fn replayed_report_with_other_host_data_is_refused() {
     let fx = fixture();
     let s = fx.step("c");
-    // The VM was launched for another job; the guest claims this one.
+    // The VM was launched for another job (another launch, so another HOST_DATA); the guest
+    // claims this one.
     let mut other_job = s.statement.job.clone();
     other_job.job_id.push_str("-other");
-    let ev = fx.attest(&s.statement, other_job.host_data().unwrap(), fx.measurement);
+    let other = Launch::new(other_job.digest().unwrap(), 1, 2048, false).for_job(&other_job);
+    let ev = fx.attest(&s.statement, other.unwrap().host_data().unwrap(), fx.measurement);
     let b = broken_replacing(fx, "c", &fx.policy(sim()), "c", entry(s, &s.statement, &ev, &[]));
     assert_eq!(b.check, LinkCheck::Evidence, "{b}");
     assert!(
         b.explanation.contains("HOST_DATA") || b.explanation.to_lowercase().contains("host data"),
         "{b}"
     );
+}
+
+/// A VM launched for job b (its launch names b's digest) cannot present job c: the statement
+/// that carries b's launch with c's job is refused before any evidence is looked at, and one
+/// that carries c's own launch has the wrong HOST_DATA for b's VM.
+#[test]
+fn one_jobs_launch_presented_for_another_job_is_refused() {
+    let fx = fixture();
+    let (b, c) = (fx.step("b"), fx.step("c"));
+    let b_launch = Launch::new([0xb0; 32], 1, 2048, false).for_job(&b.statement.job).unwrap();
+    let b_host_data = b_launch.host_data().unwrap();
+    let mut st = c.statement.clone();
+    st.launch = Some(b_launch);
+    let ev = fx.attest(&st, b_host_data, fx.measurement);
+    let broken = broken_replacing(fx, "c", &fx.policy(sim()), "c", entry(c, &st, &ev, &[]));
+    assert_eq!(broken.check, LinkCheck::Statement, "{broken}");
+    assert!(broken.explanation.contains("launched for job"), "{broken}");
+    let ev = fx.attest(&c.statement, b_host_data, fx.measurement);
+    let broken =
+        broken_replacing(fx, "c", &fx.policy(sim()), "c", entry(c, &c.statement, &ev, &[]));
+    assert_eq!(broken.check, LinkCheck::Evidence, "{broken}");
+}
+
+/// Every step re-made with `launch_of` (an honest guest in that launch), as trace entries.
+fn relaunched(fx: &Fixture, launch_of: &dyn Fn(&Statement) -> Option<Launch>) -> MemoryTraces {
+    let mut m = MemoryTraces::default();
+    for s in &fx.steps {
+        let mut st = s.statement.clone();
+        st.launch = launch_of(&st);
+        if st.launch.is_none() {
+            st.v = 1;
+        }
+        let ev = fx.attest_honestly(&st);
+        m.insert(entry(s, &st, &ev, &[]));
+    }
+    m
+}
+
+/// Pool VMs: launches that name no job. Distinct nonces verify; two steps with the same nonce
+/// (one VM that ran two jobs) are refused, naming the other step.
+#[test]
+fn a_launch_nonce_carried_by_two_steps_is_refused() {
+    let fx = fixture();
+    let pool = |nonce: [u8; 32]| Launch::new(nonce, 1, 2048, false);
+    let fresh = relaunched(fx, &|st| Some(pool(st.job.digest().unwrap())));
+    assert!(matches!(verify_with(fx, "c", &fx.policy(sim()), &fresh, &[]), Outcome::Verified(_)));
+    let reused = relaunched(fx, &|_| Some(pool([0x77; 32])));
+    let b = broken(verify_with(fx, "c", &fx.policy(sim()), &reused, &[]));
+    assert_eq!(b.check, LinkCheck::LaunchReused, "{b}");
+    assert!(b.explanation.contains(&"77".repeat(32)), "{b}");
+    assert!(b.explanation.contains(&fx.drvs["a"].to_string()), "names the first step: {b}");
+    assert_eq!(b.step, fx.drvs["b"].to_string(), "{b}");
+    // The same statement found twice (here: in two trace sources) is one step, not a reuse.
+    let source_twice: [&dyn TraceSource; 2] = [&fresh, &fresh];
+    let prepared = fx.policy(sim()).prepare().unwrap();
+    let ev = EvidenceVerifier::new();
+    let v = ClosureVerifier {
+        policy: &prepared,
+        sources: source_twice.to_vec(),
+        evidence: &ev,
+        now: SystemTime::now(),
+        threads: 2,
+    };
+    let req = Request { target: fx.drvs["c"].clone(), expect: BTreeSet::new() };
+    let drvs = DrvSet::from_store_dir(&fx.store_dir, &fx.drvs["c"]).unwrap();
+    assert!(matches!(v.verify(&drvs, &req).unwrap(), Outcome::Verified(_)));
+}
+
+/// Traces made before warm pools (statement version 1: no launch, HOST_DATA = the job's
+/// digest) still verify; their REPORT_DATA and HOST_DATA are checked the version-1 way.
+#[test]
+fn version_1_statements_still_verify() {
+    let fx = fixture();
+    let v1 = relaunched(fx, &|_| None);
+    let out = verify_with(fx, "c", &fx.policy(sim()), &v1, &[]);
+    assert!(matches!(out, Outcome::Verified(_)), "{out:?}");
+    // A version-1 report whose HOST_DATA is not its job's digest is refused.
+    let s = fx.step("c");
+    let mut st = s.statement.clone();
+    (st.v, st.launch) = (1, None);
+    let ev = fx.attest(&st, [9; 32], fx.measurement);
+    let b = broken_replacing(fx, "c", &fx.policy(sim()), "c", entry(s, &st, &ev, &[]));
+    assert_eq!(b.check, LinkCheck::Evidence, "{b}");
+    assert!(b.explanation.contains("HOST_DATA"), "{b}");
 }
 
 #[test]
@@ -242,15 +335,10 @@ fn wrong_measurement_is_refused() {
     assert_eq!((b.check, b.step.clone()), (LinkCheck::Evidence, fx.drvs["b"].to_string()), "{b}");
     // A statement that claims another measurement than its report shows.
     let mut policy = fx.policy(sim());
-    policy
-        .builders
-        .get_mut("sim")
-        .unwrap()
-        .evidence
-        .measurements
-        .as_mut()
-        .unwrap()
-        .push(build_trace::evidence::Hex([0x43; 48]));
+    policy.builders.get_mut("sim").unwrap().evidence.measurements = Some(
+        vec![build_trace::evidence::Hex(fx.measurement), build_trace::evidence::Hex([0x43; 48])]
+            .into(),
+    );
     let ev = fx.attest(&s.statement, s.statement.host_data().unwrap(), [0x43; 48]);
     let b = broken_replacing(fx, "c", &policy, "b", entry(s, &s.statement, &ev, &[]));
     assert_eq!(b.check, LinkCheck::Measurement, "{b}");

@@ -69,15 +69,32 @@ fn faults_nix(n: &str) -> String {
 }
 
 /// `vouch nix-builder --listen` on `name.sock` with `image` (and `--cache cache`, if given),
-/// started through `program` (the `vouch` binary, or a wrapper that execs it).
+/// started through `program` (the `vouch` binary, or a wrapper that execs it), without a warm
+/// pool: each fault strikes the one VM of its build (the pool's own faults, a crashed or idle
+/// pool VM, are `pool_vm.rs`'s).
 fn server(e: &Env, name: &str, program: &Path, image: &Path, cache: Option<&Path>) -> SocketServer {
-    let cache_args: Vec<&str> =
-        cache.map(|c| vec!["--cache", c.to_str().unwrap()]).unwrap_or_default();
+    server_with_pool(e, name, program, image, cache, 0)
+}
+
+/// [`server`] with a warm pool of `pool` VMs.
+fn server_with_pool(
+    e: &Env,
+    name: &str,
+    program: &Path,
+    image: &Path,
+    cache: Option<&Path>,
+    pool: usize,
+) -> SocketServer {
+    let pool = pool.to_string();
+    let mut args: Vec<&str> = vec!["--pool", &pool];
+    if let Some(c) = cache {
+        args.extend(["--cache", c.to_str().unwrap()]);
+    }
     SocketServer::start(
         program,
         &e.state,
         &e.s.dir.path().join(format!("{name}.sock")),
-        &cache_args,
+        &args,
         &[("VOUCH_IMAGE_DIR", image.as_os_str())],
     )
 }
@@ -149,14 +166,19 @@ fn fails_naming(b: Background, expect: &[&str]) -> String {
 fn launcher_kill_9_mid_build_orphans_nothing_and_the_next_start_recovers() {
     let e = setup();
     let image = image_dir();
-    let s1 = server(&e, "b", &vouch_bin(), &image, None);
+    // With a pool of one: the build's VM and the ready one that replaces it, both started by
+    // the pool's booter thread, must die with the launcher too.
+    let s1 = server_with_pool(&e, "b", &vouch_bin(), &image, None, 1);
     let launcher = s1.pid();
     let b = Background::start(&mut nix_build(&e.file, "slow", &s1));
     b.wait_for(&format!("started {}", e.n));
+    wait_until("the pool booted a replacement", Duration::from_secs(10), || {
+        vm_processes(launcher).len() == 4
+    });
     let procs = vm_processes(launcher);
-    assert_eq!(procs.len(), 2, "QEMU and vhost-device-vsock: {procs:?}");
+    assert_eq!(procs.len(), 4, "QEMU and vhost-device-vsock, twice: {procs:?}");
     let (run_dirs, staged) = (vm_dirs(launcher), staging_dirs(&e.state, launcher));
-    assert_eq!((run_dirs.len(), staged.len()), (1, 1), "{run_dirs:?} {staged:?}");
+    assert_eq!((run_dirs.len(), staged.len()), (2, 1), "{run_dirs:?} {staged:?}");
 
     let (st, _) = s1.stop("KILL");
     assert!(!st.success());
@@ -165,18 +187,18 @@ fn launcher_kill_9_mid_build_orphans_nothing_and_the_next_start_recovers() {
     // Nix names what happened: the builder's connection ended mid-build.
     fails_naming(b, &["unexpected end-of-file", "f-slow.drv' failed"]);
     // Nobody but a successor can remove what a `kill -9`ed process owned.
-    assert!(run_dirs[0].exists() && staged[0].exists());
+    assert!(run_dirs.iter().all(|d| d.exists()) && staged[0].exists());
 
     let s2 = server(&e, "b", &vouch_bin(), &image, None);
     let log = s2.log_text();
     for line in [
-        "VM run directories of dead launchers removed count=1",
+        "VM run directories of dead launchers removed count=2",
         "step staging directories of dead launchers removed count=1",
         "stale sockets replaced count=1",
     ] {
         assert!(log.contains(line), "`{line}` not in the log:\n{log}");
     }
-    assert!(!run_dirs[0].exists() && !staged[0].exists());
+    assert!(run_dirs.iter().all(|d| !d.exists()) && !staged[0].exists());
     serves(&e.file, "quick", &s2);
     nothing_of(&e, &e.state.join("cache"), "slow", launcher);
     let (st, _) = s2.stop("TERM");
@@ -376,6 +398,19 @@ fn worker_client(socket: &Path) -> UnixStream {
 }
 
 /// `AddToStoreNar` of `nar` as `path`, cut after `cut` bytes of the NAR if given.
+/// The content address of `nar` as a recursive fixed output: an upload any client may make.
+fn ca_of(nar: &[u8]) -> String {
+    format!("fixed:r:{}", build_trace::NarHash::of(nar))
+}
+
+/// The content-addressed path named `name` of `nar`.
+fn ca_path(name: &str, nar: &[u8]) -> StorePath {
+    let any = StorePath::from_parts([0; 20], name).unwrap();
+    build_trace::ownership::content_addressed_path(&any, &ca_of(nar), &BTreeSet::new()).unwrap()
+}
+
+/// `AddToStoreNar` of `nar` at its content-addressed `path` (the builder trusts no client here,
+/// so an upload must be certified: issue 12, item 2).
 fn add_to_store_nar(s: &mut UnixStream, path: &StorePath, nar: &[u8], cut: Option<usize>) {
     let info = ValidPathInfo {
         path: path.clone(),
@@ -383,7 +418,7 @@ fn add_to_store_nar(s: &mut UnixStream, path: &StorePath, nar: &[u8], cut: Optio
             nar_hash: build_trace::NarHash::of(nar),
             nar_size: nar.len() as u64,
             references: BTreeSet::new(),
-            ca: None,
+            ca: Some(ca_of(nar)),
         },
         deriver: None,
         registration_time: 0,
@@ -409,8 +444,8 @@ fn a_client_gone_mid_upload_or_a_locked_database_registers_nothing_half() {
     let mut w = nix_formats::nar::NarWriter::new(Vec::new()).unwrap();
     w.regular(false, &[7u8; 200_000]).unwrap();
     let nar = w.into_inner();
-    let half = StorePath::from_parts([1; 20], "f-half-upload").unwrap();
-    let whole = StorePath::from_parts([2; 20], "f-whole-upload").unwrap();
+    let half = ca_path("f-half-upload", &nar);
+    let whole = ca_path("f-whole-upload", &nar);
 
     // Mid-upload: half the NAR, then the connection is gone.
     let mut c = worker_client(&s.socket);

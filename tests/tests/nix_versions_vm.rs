@@ -14,8 +14,10 @@
 //! 2.8), and with `--expect-local` run beside the client's Nix (2.26's `DRV^*`). Over `ssh://`
 //! no `--client-nix-version` is given: vouch works it out from what the client sends.
 //!
-//! Not here yet (`#[ignore]`d, with the issue they wait for): an untrusted builder, to which Nix
-//! ≥ 2.16 sends the `.drv` closure and `BuildPaths` for input-addressed steps (issue 12 item 2).
+//! The client is trusted in these runs (`--trusted-user root` on the socket, `--trusted` in the
+//! ssh command), as Nix's build hook needs for `BuildDerivation` of input-addressed steps. An
+//! untrusted Nix 2.26 builds them through `BuildPaths` of the `.drv` closure instead, at the
+//! paths vouch computes ([`nix_2_26_untrusted_client_builds_input_addressed_steps_by_drv`]).
 //!
 //! The tests take a lock so their VMs do not compete for the CPUs.
 
@@ -155,14 +157,15 @@ fn start_builder(c: &ChrootNix, state: &Path, t: Transport) -> (Builder, String)
                 &vouch_bin(),
                 state,
                 &c.run_dir().join("b.sock"),
-                &[],
+                &["--trusted-user", "root"],
                 &[("VOUCH_IMAGE_DIR", image.as_os_str())],
             );
             let m = format!("unix://{}?real={} {features}", c.inside(&s.socket), c.inside(&s.real));
             (Builder::Socket(s), m)
         }
         Transport::SshNg | Transport::Ssh => {
-            let w = builder_wrapper(c.dir.path(), "builder", state, "");
+            // `--trusted` as the operator's forced command for this client's ssh key.
+            let w = builder_wrapper(c.dir.path(), "builder", state, "--trusted");
             let bridge =
                 StdioBridge::start(&c.run_dir().join("ssh.sock"), &w, &c.dir.path().join("b.log"));
             let program = c.remote_program("vouch-ssh", "ssh.sock");
@@ -290,7 +293,7 @@ fn nix_2_8_over_unix_socket() {
         &vouch_bin(),
         &state,
         &s.dir.path().join("b.sock"),
-        &[],
+        &["--trusted-user", "root"],
         &[("VOUCH_IMAGE_DIR", image.as_os_str())],
     );
     let machine = server.machine("ca-derivations");
@@ -323,20 +326,18 @@ fn nix_2_8_over_unix_socket() {
     }
 }
 
-/// Nix ≥ 2.16 sends an untrusted builder the `.drv` closure and `BuildPaths` (not
-/// `BuildDerivation`) for input-addressed steps. vouch tells every client it is trusted until
-/// issue 12 item 2 gives it a list of trusted clients; then this runs 2.26 as an untrusted
-/// client and expects `ia` built from its `.drv` closure with the path Nix computes.
+/// Nix ≥ 2.16 sends a builder that does not trust it the `.drv` closure and `BuildPaths` (not
+/// `BuildDerivation`) for input-addressed steps: 2.26 as an untrusted client gets `ia` built from
+/// its `.drv` closure, at the path Nix computes (and `fod` by `BuildDerivation`: its output is
+/// content-addressed). 2 VMs.
 #[test]
-#[ignore = "waits for issue 12 item 2: vouch nix-builder has no untrusted clients yet"]
 fn nix_2_26_untrusted_client_builds_input_addressed_steps_by_drv() {
     let _vms = vms();
     let c = ChrootNix::new();
     c.write("closure.nix", &closure_nix(&nonce()), false);
     let state = c.srv().join("state");
-    // Issue 12 item 2 decides how the operator names trusted clients; the client here (uid 0
-    // in the chroot) must not be one of them.
-    let untrusted: &[&str] = &[];
+    // The operator trusts `nobody`'s connections only; the client here is uid 0 in the chroot.
+    let untrusted: &[&str] = &["--trusted-user", "nobody"];
     let image = image_dir();
     let s = SocketServer::start(
         &vouch_bin(),

@@ -158,7 +158,7 @@ fn a_divergent_remote_build_gives_nix_the_published_bytes() {
     let s = Scratch::new();
     let file = s.write("own.nix", &expr(&nonce()));
     let noisy = s.instantiate(&file, "noisy");
-    let w = builder_wrapper(s.dir.path(), "builder", &s.state(), "");
+    let w = builder_wrapper(s.dir.path(), "builder", &s.state(), "--trusted");
     let machines = format!(
         "ssh-ng://localhost?remote-program={} x86_64-linux - 1 1 ca-derivations",
         w.display()

@@ -9,6 +9,28 @@ use test_support::nix::text;
 use test_support::vm::vouch_bin;
 use tests::fixture::Fixture;
 
+/// Change the bytes of the store object at `p` (a file, or the first file in a directory).
+fn substitute(p: &std::path::Path) {
+    let mut file = p.to_path_buf();
+    while file.is_dir() {
+        let mut entries: Vec<_> =
+            std::fs::read_dir(&file).unwrap().map(|e| e.unwrap().path()).collect();
+        entries.sort();
+        file = entries.into_iter().find(|e| !e.is_symlink()).expect("a file in the output");
+    }
+    let mut perms = std::fs::metadata(&file).unwrap().permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    std::fs::set_permissions(&file, perms).unwrap();
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes.extend_from_slice(b"attacker\n");
+    std::fs::write(&file, bytes).unwrap();
+}
+
+fn a_out_of(fx: &Fixture) -> String {
+    fx.outs["a"].to_string()
+}
+
 fn vouch(args: &[&str]) -> Output {
     Command::new(vouch_bin()).args(args).output().unwrap()
 }
@@ -39,20 +61,97 @@ fn verify_trace_and_provenance_commands() {
     assert_eq!(ok.status.code(), Some(0), "{}", text(&ok));
     assert!(text(&ok).contains("VERIFIED") && text(&ok).contains("SIMULATED"), "{}", text(&ok));
 
+    // Paths are not bytes: the NAR hashes of the output in a store directory, and of what a
+    // cache serves, must be the accepted ones.
+    let store_dir = fx.store_dir.display().to_string();
+    let local = verify(&["--check-local", "--store-dir", &store_dir, &drv]);
+    assert_eq!(local.status.code(), Some(0), "{}", text(&local));
+    let cache = format!("file://{traces}");
+    let served = verify(&["--check-cache", &cache, &drv]);
+    assert_eq!(served.status.code(), Some(0), "{}", text(&served));
+    // The attack: other bytes under the right path, in a store and in a cache.
+    let base = fx.outs["c"].base_name().to_string();
+    let fake_store = dir.path().join("store");
+    std::fs::create_dir(&fake_store).unwrap();
+    let fake_out = fake_store.join(&base);
+    let st = Command::new("cp").arg("-a").arg(fx.store_dir.join(&base)).arg(&fake_out).status();
+    assert!(st.unwrap().success());
+    substitute(&fake_out);
+    let fs = fake_store.display().to_string();
+    let swapped = verify(&["--check-local", "--store-dir", &fs, &drv]);
+    assert_eq!(swapped.status.code(), Some(1), "{}", text(&swapped));
+    assert!(text(&swapped).contains("output bytes") && text(&swapped).contains("NAR hash"));
+    let fake_cache = dir.path().join("cache");
+    let st = Command::new("cp").arg("-a").arg(&fx.traces).arg(&fake_cache).status();
+    assert!(st.unwrap().success());
+    let info =
+        std::fs::read_to_string(fake_cache.join(format!("{}.narinfo", fx.outs["c"].hash_part())))
+            .unwrap();
+    let url = info.lines().find_map(|l| l.strip_prefix("URL: ")).unwrap().to_owned();
+    let nar = fake_cache.join(&url);
+    let mut bytes = std::fs::read(&nar).unwrap();
+    let last = bytes.iter().rposition(|b| b.is_ascii_alphanumeric()).unwrap();
+    bytes[last] ^= 0x01;
+    std::fs::write(&nar, bytes).unwrap();
+    let fc = format!("file://{}", fake_cache.display());
+    let served = verify(&["--check-cache", &fc, &drv]);
+    assert_eq!(served.status.code(), Some(1), "{}", text(&served));
+    assert!(text(&served).contains("NAR hash"), "{}", text(&served));
+
     let json = verify(&["--json", &drv]);
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(v["result"], "verified");
     assert_eq!(v["outputs"]["out"], out.as_str());
 
-    let default = vouch(&["verify", "--traces", &traces, "--drv-dir", &drv_dir, &drv]);
+    // The default policy pins the measurement of the manifest it is given (here the
+    // fixture's own, as an SNP measurement): simulated evidence is still refused.
+    let manifest = dir.path().join("manifest.json");
+    let m = hex::encode(fx.measurement);
+    std::fs::write(&manifest, format!(r#"{{"snp": {{"expected_measurement": "{m}"}}}}"#)).unwrap();
+    let mf = manifest.display().to_string();
+    let default = vouch(&[
+        "verify",
+        "--image-manifest",
+        &mf,
+        "--traces",
+        &traces,
+        "--drv-dir",
+        &drv_dir,
+        &drv,
+    ]);
     assert_eq!(default.status.code(), Some(1), "{}", text(&default));
     assert!(
         text(&default).contains("NOT VERIFIED") && text(&default).contains("simulated root"),
         "{}",
         text(&default)
     );
+    // Without any manifest (an empty default image directory) it refuses, naming the fix.
+    let empty = tempfile::tempdir().unwrap();
+    let none = Command::new(vouch_bin())
+        .env("VOUCH_IMAGE_DIR", empty.path())
+        .args(["verify", "--traces", &traces, "--drv-dir", &drv_dir, &drv])
+        .output()
+        .unwrap();
+    assert_eq!(none.status.code(), Some(2), "{}", text(&none));
+    assert!(text(&none).contains("--image-manifest"), "{}", text(&none));
+    // A policy that accepts any guest says so on the first line of every result.
+    let any = dir.path().join("any.toml");
+    let mut any_policy = fx.policy(build_trace::trust::TrustModel::Leaf("builder:sim".into()));
+    any_policy.builders.get_mut("sim").unwrap().evidence.measurements =
+        Some(build_trace::evidence::Measurements::Any);
+    std::fs::write(&any, any_policy.to_toml()).unwrap();
+    let a = any.display().to_string();
+    let a_out = a_out_of(&fx);
+    for args in [&[drv.as_str()][..], &["--expect", a_out.as_str(), drv.as_str()][..]] {
+        let r = vouch(
+            &[&["verify", "--policy", &a, "--traces", &traces, "--drv-dir", &drv_dir][..], args]
+                .concat(),
+        );
+        let first =
+            String::from_utf8_lossy(&r.stdout).lines().next().unwrap_or_default().to_owned();
+        assert!(first.starts_with("ANY GUEST"), "{}", text(&r));
+    }
 
-    let a_out = fx.outs["a"].to_string();
     let wrong = verify(&["--expect", &a_out, &drv]);
     assert_eq!(wrong.status.code(), Some(1), "{}", text(&wrong));
 
@@ -77,7 +176,12 @@ fn verify_trace_and_provenance_commands() {
         text(&show)
     );
 
-    let prov = vouch(&["provenance", "--traces", &traces, out]);
+    // Provenance exports a trace only after it passes a policy: the default one refuses the
+    // simulated evidence, the fixture's exports it.
+    let refused = vouch(&["provenance", "--image-manifest", &mf, "--traces", &traces, out]);
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused));
+    assert!(text(&refused).contains("passes the trust policy"), "{}", text(&refused));
+    let prov = vouch(&["provenance", "--policy", &p, "--traces", &traces, out]);
     assert_eq!(prov.status.code(), Some(0), "{}", text(&prov));
     let st: serde_json::Value = serde_json::from_slice(&prov.stdout).unwrap();
     assert_eq!(st["_type"], "https://in-toto.io/Statement/v1");

@@ -5,7 +5,9 @@
 //! `OVMF.amdsev.fd`, and `manifest.json` ([`Manifest`]): SHA-256 of every file, the fixed
 //! command line, the agent version, the kernel's build key, the simulated measurement and, with
 //! an AmdSev OVMF, the expected SNP launch measurement together with every launch parameter
-//! that changes it. The same inputs always give the same bytes in every file.
+//! that changes it — one measurement per vCPU count and CPU model the launcher may use (a VMSA
+//! per vCPU is measured, so every VM size has its own; [`SnpLaunch::measurement_for`]). The
+//! same inputs always give the same bytes in every file.
 //!
 //! What is not here: building the kernel ([`crate::kernel`]) or launching anything.
 
@@ -98,16 +100,56 @@ impl FileDigest {
     }
 }
 
+/// vCPU counts an image is measured for by default (besides the default launch's).
+pub const DEFAULT_VCPU_COUNTS: &[u32] = &[1, 2, 4, 8];
+
+/// The expected SNP measurement of one VM shape.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SnpShape {
+    /// vCPU count.
+    pub vcpus: u32,
+    /// QEMU CPU model (`-cpu`).
+    pub vcpu_type: String,
+    /// Hex of the 48-byte expected MEASUREMENT.
+    pub measurement: String,
+}
+
 /// The expected SNP launch for an AmdSev OVMF.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SnpLaunch {
     /// The OVMF file (copied into the image directory).
     pub ovmf: FileDigest,
-    /// vCPU count and model, guest features, VMM type.
+    /// The default launch: vCPU count and model, guest features, VMM type.
     #[serde(flatten)]
     pub params: SnpParams,
-    /// Hex of the 48-byte expected MEASUREMENT for bzImage + initrd + cmdline with kernel hashes.
+    /// Hex of the 48-byte expected MEASUREMENT of the default launch, for bzImage + initrd +
+    /// cmdline with kernel hashes.
     pub expected_measurement: String,
+    /// One expected measurement per vCPU count and model the image was measured for (same
+    /// guest features and VMM type), the default launch's among them.
+    #[serde(default)]
+    pub measurements: Vec<SnpShape>,
+}
+
+impl SnpLaunch {
+    /// The expected measurement (hex) of a VM with `vcpus` vCPUs of model `vcpu_type`, if the
+    /// image was measured for that shape.
+    pub fn measurement_for(&self, vcpus: u32, vcpu_type: &str) -> Option<&str> {
+        if vcpus == self.params.vcpus && vcpu_type == self.params.vcpu_type {
+            return Some(&self.expected_measurement);
+        }
+        self.measurements
+            .iter()
+            .find(|s| s.vcpus == vcpus && s.vcpu_type == vcpu_type)
+            .map(|s| s.measurement.as_str())
+    }
+
+    /// The measured shapes, as `N×model` for messages.
+    pub fn shapes(&self) -> String {
+        let v: Vec<String> =
+            self.measurements.iter().map(|s| format!("{}×{}", s.vcpus, s.vcpu_type)).collect();
+        v.join(", ")
+    }
 }
 
 /// `manifest.json` of an image directory.
@@ -181,8 +223,10 @@ pub struct ImageSpec<'a> {
     pub kernel: &'a Kernel,
     /// An AmdSev OVMF to measure against (copied into the image).
     pub ovmf: Option<&'a Path>,
-    /// SNP launch parameters for the measurement.
+    /// SNP launch parameters of the default launch.
     pub snp: SnpParams,
+    /// vCPU counts to measure besides the default launch's (same model, features, VMM).
+    pub vcpu_counts: &'a [u32],
 }
 
 /// The initramfs members: the agent as `/init`, a console node and the mount points it uses.
@@ -250,10 +294,26 @@ pub fn build_image(spec: &ImageSpec<'_>, out: &Path) -> Result<Manifest, ImageEr
                 ovmf_hash: None,
             };
             let m = measure::snp_measurement(&inputs, &spec.snp)?;
+            let mut counts: Vec<u32> =
+                spec.vcpu_counts.iter().copied().chain([spec.snp.vcpus]).collect();
+            counts.sort_unstable();
+            counts.dedup();
+            let measurements = counts
+                .into_iter()
+                .map(|vcpus| {
+                    let params = SnpParams { vcpus, ..spec.snp.clone() };
+                    Ok(SnpShape {
+                        vcpus,
+                        vcpu_type: params.vcpu_type.clone(),
+                        measurement: hex::encode(measure::snp_measurement(&inputs, &params)?),
+                    })
+                })
+                .collect::<Result<_, ImageError>>()?;
             Some(SnpLaunch {
                 ovmf: FileDigest::of(out, files::OVMF)?,
                 params: spec.snp.clone(),
                 expected_measurement: hex::encode(m),
+                measurements,
             })
         }
     };
@@ -322,6 +382,7 @@ mod tests {
             kernel: &kernel,
             ovmf: None,
             snp: SnpParams::default(),
+            vcpu_counts: DEFAULT_VCPU_COUNTS,
         };
         let (a, b) = (t.path().join("a"), t.path().join("b"));
         let ma = build_image(&spec, &a).unwrap();
@@ -357,6 +418,7 @@ mod tests {
             kernel: &kernel,
             ovmf: Some(&ovmf),
             snp: SnpParams::default(),
+            vcpu_counts: &[2, 4],
         };
         let out = t.path().join("img");
         let m = build_image(&spec, &out).unwrap();
@@ -373,6 +435,28 @@ mod tests {
         )
         .unwrap();
         assert_eq!(snp.expected_measurement, hex::encode(again));
+        // One measurement per vCPU count (a VMSA per vCPU is measured): 1 (the default), 2, 4.
+        assert_eq!(snp.measurements.iter().map(|s| s.vcpus).collect::<Vec<_>>(), [1, 2, 4]);
+        assert_eq!(snp.measurement_for(1, "EPYC-v4"), Some(snp.expected_measurement.as_str()));
+        for shape in &snp.measurements {
+            let params = SnpParams { vcpus: shape.vcpus, ..SnpParams::default() };
+            let want = measure::snp_measurement(
+                &SnpInputs {
+                    ovmf: &ovmf,
+                    kernel: Some(&out.join(files::BZIMAGE)),
+                    initrd: Some(&out.join(files::INITRD)),
+                    cmdline: Some(CMDLINE),
+                    ovmf_hash: None,
+                },
+                &params,
+            )
+            .unwrap();
+            assert_eq!(snp.measurement_for(shape.vcpus, "EPYC-v4"), Some(&*hex::encode(want)));
+        }
+        assert_ne!(snp.measurement_for(2, "EPYC-v4"), snp.measurement_for(4, "EPYC-v4"));
+        assert_eq!(snp.measurement_for(8, "EPYC-v4"), None, "not measured");
+        assert_eq!(snp.measurement_for(2, "EPYC-Milan"), None, "another model");
+        assert_eq!(Manifest::load(&out).unwrap(), m);
         m.verify_files(&out).unwrap();
         let json = fs::read_to_string(out.join(files::MANIFEST)).unwrap();
         for field in [

@@ -61,7 +61,8 @@ pub use bundle::{BuiltinChainError, EvidenceBundle};
 pub use error::{CertRole, Check, EvidenceError};
 #[cfg(feature = "verifier")]
 pub use policy::{
-    CheckTime, EvidencePolicy, Expected, GuestPolicyRule, Hex, KeyId, Measurement, MinTcb,
+    CheckTime, EvidencePolicy, Expected, GuestPolicyRule, Hex, KeyId, Measurement, Measurements,
+    MinTcb,
 };
 pub use report::{Product, Report, TcbVersion};
 #[cfg(feature = "producer")]

@@ -57,6 +57,66 @@ impl<'de, const N: usize> Deserialize<'de> for Hex<N> {
     }
 }
 
+/// The launch measurements a policy allows: a list, or `"any"` (any guest at all).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Measurements {
+    /// `measurements = "any"`: every result says ANY GUEST.
+    Any,
+    /// These, and no other.
+    Only(Vec<Measurement>),
+}
+
+impl Measurements {
+    /// Whether `m` is allowed.
+    pub fn allows(&self, m: &Measurement) -> bool {
+        match self {
+            Measurements::Any => true,
+            Measurements::Only(list) => list.contains(m),
+        }
+    }
+
+    /// The list (`None` for `"any"`).
+    pub fn list(&self) -> Option<&[Measurement]> {
+        match self {
+            Measurements::Any => None,
+            Measurements::Only(list) => Some(list),
+        }
+    }
+}
+
+impl From<Vec<Measurement>> for Measurements {
+    fn from(list: Vec<Measurement>) -> Self {
+        Measurements::Only(list)
+    }
+}
+
+impl Serialize for Measurements {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Measurements::Any => s.serialize_str("any"),
+            Measurements::Only(list) => list.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Measurements {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            Word(String),
+            List(Vec<Measurement>),
+        }
+        match Form::deserialize(d)? {
+            Form::Word(w) if w == "any" => Ok(Measurements::Any),
+            Form::Word(w) => Err(serde::de::Error::custom(format!(
+                "measurements = {w:?}: a list of hex measurements, or \"any\""
+            ))),
+            Form::List(l) => Ok(Measurements::Only(l)),
+        }
+    }
+}
+
 /// A point in time for certificate validity checks, written `"2025-06-01T00:00:00Z"` or
 /// `"2025-06-01"` (UTC).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,10 +155,11 @@ pub struct EvidencePolicy {
     pub guest_policy: GuestPolicyRule,
     /// Minimum REPORTED_TCB per product.
     pub min_tcb: MinTcb,
-    /// Allowed MEASUREMENTs. Absent: not checked (authenticity only). Present: the measurement
-    /// must be one of them (an empty list accepts nothing).
+    /// Allowed MEASUREMENTs. Absent: not checked here (authenticity only; a trust policy's
+    /// builder rule refuses that). A list: the measurement must be one of them (an empty list
+    /// accepts nothing). `"any"`: any guest, said on purpose.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub measurements: Option<Vec<Measurement>>,
+    pub measurements: Option<Measurements>,
     /// Check certificate validity at this time instead of the verifier's clock ("archival
     /// time"). See `docs/evidence.md` for the risk.
     #[serde(skip_serializing_if = "Option::is_none")]

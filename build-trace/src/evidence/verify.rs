@@ -13,7 +13,7 @@ use x509_cert::Certificate;
 use super::bundle::EvidenceBundle;
 use super::certs::{self, VekExtensions};
 use super::error::{CertRole, Check, EvidenceError};
-use super::policy::{EvidencePolicy, Expected, Hex, KeyId};
+use super::policy::{EvidencePolicy, Expected, Hex, KeyId, Measurements};
 use super::report::{
     describe_policy, Product, Report, SigningKey, TcbLayout, TcbVersion, SIG_ALGO_ECDSA_P384_SHA384,
 };
@@ -228,12 +228,13 @@ impl Verifier {
 
         let measurement = Hex(report.measurement());
         if let Some(allowed) = &policy.measurements {
-            if !allowed.contains(&measurement) {
+            if !allowed.allows(&measurement) {
                 return Err(EvidenceError::Measurement(measurement.to_string()));
             }
         }
         log.pass(Check::Measurement, || match policy.measurements {
-            Some(_) => format!("{measurement} (allowed)"),
+            Some(Measurements::Only(_)) => format!("{measurement} (allowed)"),
+            Some(Measurements::Any) => format!("{measurement} (ANY GUEST: the policy allows any)"),
             None => format!("{measurement} (not checked: no allowed set)"),
         });
 

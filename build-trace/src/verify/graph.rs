@@ -2,7 +2,7 @@
 //! directory, or from `nix show-derivation -r` JSON, and walked dependencies first.
 //! Not here: whether a derivation matches its path or can be accepted (the verifier checks).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::Path;
 
 use nix_formats::derivation::Derivation;
@@ -74,6 +74,22 @@ impl DrvSet {
     /// Whether empty.
     pub fn is_empty(&self) -> bool {
         self.drvs.is_empty()
+    }
+
+    /// Every input derivation `udrv` depends on, transitively: whose accepted facts its input
+    /// closure may link to.
+    pub(crate) fn dependencies(&self, udrv: &StorePath) -> HashSet<&StorePath> {
+        let mut deps = HashSet::new();
+        let mut todo: Vec<&StorePath> =
+            self.drvs.get(udrv).map(|d| d.input_drvs.keys().collect()).unwrap_or_default();
+        while let Some(p) = todo.pop() {
+            if deps.insert(p) {
+                if let Some(d) = self.drvs.get(p) {
+                    todo.extend(d.input_drvs.keys().filter(|i| !deps.contains(i)));
+                }
+            }
+        }
+        deps
     }
 
     /// The derivations `target` depends on, dependencies first, ending with `target`

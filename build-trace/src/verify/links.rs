@@ -4,7 +4,7 @@
 //! step's direct inputs.
 //! Not here: which outputs were accepted (the parent module builds [`Known`] step by step).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use nix_formats::StorePath;
 
@@ -20,14 +20,53 @@ pub(crate) struct Facts {
     pub references: BTreeSet<StorePath>,
 }
 
-/// Accepted facts per output path (several when accepted builds of one path diverge).
-pub(crate) type Known = HashMap<StorePath, Vec<Facts>>;
+/// Accepted facts per output path, each with the unresolved derivation whose accepted trace
+/// gave it (several when accepted builds of one path diverge, or two derivations produced one
+/// content-addressed path).
+#[derive(Debug, Default)]
+pub(crate) struct Known {
+    by_path: HashMap<StorePath, Vec<(StorePath, Facts)>>,
+}
 
-/// Check the statement's input closure against `direct` inputs and the accepted outputs.
+impl Known {
+    /// Record that `producer`'s accepted trace gives `path` these facts.
+    pub(crate) fn insert(&mut self, path: &StorePath, producer: &StorePath, facts: &Facts) {
+        let list = self.by_path.entry(path.clone()).or_default();
+        if !list.iter().any(|(p, f)| p == producer && f == facts) {
+            list.push((producer.clone(), facts.clone()));
+        }
+    }
+
+    /// What a step whose (transitive) input derivations are `deps` may link to.
+    pub(crate) fn admitted<'a>(&'a self, deps: HashSet<&'a StorePath>) -> Admitted<'a> {
+        Admitted { known: self, deps }
+    }
+}
+
+/// The accepted facts one step may link to: those of its own dependencies only.
+#[derive(Debug)]
+pub(crate) struct Admitted<'a> {
+    known: &'a Known,
+    deps: HashSet<&'a StorePath>,
+}
+
+impl Admitted<'_> {
+    /// The admitted facts of `path` (`None`: no dependency of the step produced it).
+    fn get(&self, path: &StorePath) -> Option<Vec<&Facts>> {
+        let all = self.known.by_path.get(path)?;
+        let mine: Vec<&Facts> =
+            all.iter().filter(|(p, _)| self.deps.contains(p)).map(|(_, f)| f).collect();
+        (!mine.is_empty()).then_some(mine)
+    }
+}
+
+/// Check the statement's input closure against `direct` inputs and the accepted outputs of the
+/// step's dependencies.
 pub(crate) fn check_links(
     st: &Statement,
     direct: &BTreeSet<StorePath>,
-    known: &Known,
+    known: &Admitted<'_>,
+    allow_weak_hashes: bool,
 ) -> Result<(), Box<BrokenLink>> {
     let closure = &st.job.closure;
     let mut reachable: BTreeSet<&StorePath> = BTreeSet::new();
@@ -61,10 +100,10 @@ pub(crate) fn check_links(
             references: info.references.clone(),
         };
         if let Some(accepted) = known.get(p) {
-            if accepted.contains(&facts) {
+            if accepted.contains(&&facts) {
                 continue;
             }
-            let a = &accepted[0];
+            let a = accepted[0];
             let (what, exp, got) = if a.nar_hash != facts.nar_hash {
                 ("NAR hash", a.nar_hash.to_string(), facts.nar_hash.to_string())
             } else if a.nar_size != facts.nar_size {
@@ -86,6 +125,9 @@ pub(crate) fn check_links(
                 ),
             ));
         };
+        if !allow_weak_hashes {
+            refuse_weak(&format!("input {p}"), ca)?;
+        }
         check_source(p, ca, &info.references)?;
     }
     Ok(())
@@ -104,6 +146,26 @@ fn check_source(
     if want != *path {
         return Err(bad(format!("the content address of input {path} does not produce its path"))
             .expected(want, path));
+    }
+    Ok(())
+}
+
+/// A content address by MD5 or SHA-1 names contents a collision can replace: refused unless the
+/// policy allows weak hashes (`fixed_output.allow_weak_hashes`), for inputs as for fixed
+/// outputs.
+pub(crate) fn refuse_weak(what: &str, ca: &str) -> Result<(), Box<BrokenLink>> {
+    let algo = match nix_formats::content_address::ContentAddress::parse(ca) {
+        Ok(nix_formats::content_address::ContentAddress::Fixed { hash, .. }) => hash.algo(),
+        Ok(nix_formats::content_address::ContentAddress::Text { hash }) => hash.algo(),
+        // A malformed address fails the path check that follows, with its reason.
+        Err(_) => return Ok(()),
+    };
+    if matches!(algo, nix_formats::HashAlgo::Md5 | nix_formats::HashAlgo::Sha1) {
+        return Err(BrokenLink::new(
+            LinkCheck::WeakHash,
+            format!("{what} is content-addressed by a {algo} hash, which the policy refuses"),
+        )
+        .expected("sha256 or sha512", algo));
     }
     Ok(())
 }

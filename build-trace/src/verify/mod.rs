@@ -15,17 +15,20 @@
 //!    [`MAX_COMBINATIONS`]), compute the step and its key:
 //!    - floating CA (and deferred input-addressed): resolve it (`nix-formats` resolution); the
 //!      key is the resolved drv path; the statement must carry exactly the resolved derivation;
-//!    - input-addressed: its output paths must be the ones its hash modulo gives; the key is its
+//!    - input-addressed: its output paths must be the ones its hash modulo gives, and a deferred
+//!      one may not declare any (`ownership::owned_paths`, the host's rule too); the key is its
 //!      own drv path; the statement must carry it without input derivations, with input sources
 //!      = sources ∪ input outputs (or, as Nix's build hook sends it, the whole input closure).
 //! 3. Look the key up in every trace source. Each entry is checked in order, the first failure
 //!    ending that entry: the statement parses (canonical bytes only) and is self-consistent; it
 //!    carries the computed derivation; content-addressed outputs' paths follow from their `ca`;
 //!    **signers**: its evidence verifies under a builder rule (AMD or named simulated root,
-//!    measurement, TCB, policy bits, HOST_DATA = hash of the statement's job, REPORT_DATA =
-//!    hash of the statement) with the statement's measurement, and/or a JWS by a policy key
+//!    measurement, TCB, policy bits, HOST_DATA = hash of the statement's launch — of its job for
+//!    version-1 statements —, REPORT_DATA = hash of the statement) with the statement's
+//!    measurement, and/or a JWS by a policy key
 //!    describes it; **links**: every path of its input closure is reachable from the direct
-//!    inputs, and is either an accepted output of the closure so far with the same NAR hash,
+//!    inputs, and is either an accepted output of one of the step's own (transitive) input
+//!    derivations (facts are kept by producing derivation) with the same NAR hash,
 //!    size and references, or content-addressed with a guest-recomputed `ca` that produces
 //!    exactly its path (sources, fixed outputs).
 //! 4. Entries that pass are grouped by output map; the signers of a map are the union over its
@@ -33,6 +36,9 @@
 //!    signers satisfy the policy's trust model.
 //! 5. A derivation with no accepted map is the **first broken link**: the verifier stops and
 //!    names it, the check that failed and what it expected versus found.
+//!
+//! 6. **One launch per step** (`launches`): no two different statements that count towards
+//!    accepted steps may carry the same launch nonce; a repeat is a broken link at the later step.
 //!
 //! At the target, with expected paths, some accepted map must contain every expected path;
 //! otherwise the target's accepted outputs are reported. Work is linear in the closure size
@@ -47,6 +53,7 @@
 
 mod ahead;
 mod graph;
+mod launches;
 mod links;
 mod outcome;
 mod step;
@@ -61,8 +68,10 @@ use nix_formats::{HashAlgo, StorePath};
 
 pub use graph::DrvSet;
 pub use outcome::{AcceptedStep, BrokenLink, LinkCheck, Outcome, VerifiedClosure};
+pub use step::{check_entry_alone, EntryVerdict};
 
-use links::Known;
+use launches::{LaunchSeen, Launches};
+use links::{Admitted, Known};
 use step::{Checker, EntryOk, Expectation, OutputClaim, Prechecked};
 
 use crate::error_chain;
@@ -152,6 +161,8 @@ struct Accepted {
     /// Output name → path, with facts when a trace gave them (not for fixed outputs).
     outputs: BTreeMap<String, (StorePath, Option<links::Facts>)>,
     step: AcceptedStep,
+    /// The launches of the statements that made it (none for fixed outputs, version 1).
+    launches: Vec<LaunchSeen>,
 }
 
 /// What the ordered pass has accepted so far.
@@ -161,6 +172,8 @@ struct Walk {
     graph: Option<DrvGraph>,
     accepted: HashMap<StorePath, Vec<Accepted>>,
     known: Known,
+    /// The launch nonces of the accepted steps (one launch, one step).
+    launches: Launches,
     steps: Vec<AcceptedStep>,
 }
 
@@ -221,10 +234,24 @@ impl ClosureVerifier<'_> {
             b.step = req.target.to_string();
             return Ok(Outcome::NotVerified(*b));
         };
+        let mut nar_hashes: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (path, _) in chosen.outputs.values() {
+            for m in target_maps {
+                for (p, facts) in m.outputs.values() {
+                    if let (true, Some(f)) = (p == path, facts) {
+                        let list = nar_hashes.entry(p.to_string()).or_default();
+                        if !list.contains(&f.nar_hash.to_string()) {
+                            list.push(f.nar_hash.to_string());
+                        }
+                    }
+                }
+            }
+        }
         Ok(Outcome::Verified(VerifiedClosure {
             target: req.target.to_string(),
             outputs: chosen.outputs.iter().map(|(n, (p, _))| (n.clone(), p.to_string())).collect(),
             steps: walk.steps,
+            nar_hashes,
         }))
     }
 
@@ -247,12 +274,16 @@ impl ClosureVerifier<'_> {
             }
         };
         for m in &maps {
+            for seen in &m.launches {
+                if let Err(mut broken) = walk.launches.record(seen, &m.step.drv) {
+                    broken.step = udrv.to_string();
+                    broken.key = Some(m.step.key.clone());
+                    return Ok(Some(broken));
+                }
+            }
             for (path, facts) in m.outputs.values() {
                 if let Some(f) = facts {
-                    let list = walk.known.entry(path.clone()).or_default();
-                    if !list.contains(f) {
-                        list.push(f.clone());
-                    }
+                    walk.known.insert(path, udrv, f);
                 }
             }
             walk.steps.push(m.step.clone());
@@ -308,20 +339,22 @@ impl ClosureVerifier<'_> {
                     }
                     g
                 });
-                let want = graph
-                    .input_addressed_paths(drv, &name)
-                    .map_err(|source| VerifyError::Derivation { drv: udrv.to_string(), source })?;
-                let declared: Option<BTreeMap<String, StorePath>> = drv
-                    .outputs
-                    .iter()
-                    .map(|(o, d)| d.path().map(|p| (o.clone(), p.clone())))
-                    .collect();
-                if want.is_some() && want != declared {
-                    return Ok(Err(BrokenLink::new(
-                        LinkCheck::Derivation,
-                        "the output paths written in the derivation are not the ones its hash modulo gives",
-                    )
-                    .expected(format!("{want:?}"), format!("{declared:?}"))));
+                // Its paths must be the ones its hash modulo gives; a deferred one (an input
+                // is floating CA) must leave them empty and is resolved below.
+                match crate::ownership::owned_paths(udrv, drv, &name, graph) {
+                    Ok(_) => {}
+                    Err(crate::ownership::OwnershipError::Derivation { source, .. }) => {
+                        return Err(VerifyError::Derivation { drv: udrv.to_string(), source })
+                    }
+                    Err(e) => {
+                        return Ok(Err(BrokenLink::new(
+                            LinkCheck::Derivation,
+                            format!(
+                                "the output paths written in the derivation are not the ones it \
+                                 owns: {e}"
+                            ),
+                        )))
+                    }
                 }
             }
             DerivationKind::Floating | DerivationKind::Deferred => {}
@@ -337,7 +370,7 @@ impl ClosureVerifier<'_> {
             Err(b) => return Ok(Err(b)),
         };
         let mut first_failure: Option<Box<BrokenLink>> = None;
-        // Output map → (key, signers, simulated)
+        // Output map → (key, signers, simulated, launches)
         let mut groups: Groups = BTreeMap::new();
         for combo in &combos {
             let computed = ahead.as_deref_mut().and_then(|a| a.computed(udrv, combo));
@@ -364,7 +397,7 @@ impl ClosureVerifier<'_> {
             self.check_entries(
                 &step,
                 &entries,
-                &walk.known,
+                &walk.known.admitted(drvs.dependencies(udrv)),
                 checker,
                 &mut groups,
                 &mut first_failure,
@@ -379,7 +412,7 @@ impl ClosureVerifier<'_> {
         &self,
         step: &ComputedStep,
         entries: &[(Arc<TraceEntry>, Option<Arc<Prechecked>>)],
-        known: &Known,
+        known: &Admitted<'_>,
         checker: &Checker<'_>,
         groups: &mut Groups,
         first_failure: &mut Option<Box<BrokenLink>>,
@@ -398,12 +431,13 @@ impl ClosureVerifier<'_> {
         }
         for (e, pre) in entries {
             match checker.check_entry(&want, e, known, pre.as_deref()) {
-                Ok(EntryOk { outputs, signers, simulated }) => {
+                Ok(EntryOk { outputs, signers, simulated, launch }) => {
                     let g = groups
                         .entry(outputs)
-                        .or_insert_with(|| (key.clone(), Signers::default(), false));
+                        .or_insert_with(|| (key.clone(), Signers::default(), false, Vec::new()));
                     g.1.merge(&signers);
                     g.2 |= simulated;
+                    g.3.extend(launch);
                 }
                 Err(mut b) => {
                     b.key = Some(key.to_string());
@@ -424,7 +458,7 @@ impl ClosureVerifier<'_> {
     ) -> Result<Vec<Accepted>, Box<BrokenLink>> {
         let mut maps = Vec::new();
         let mut unsatisfied = None;
-        for (outputs, (key, signers, simulated)) in groups {
+        for (outputs, (key, signers, simulated, launches)) in groups {
             if !self.policy.accepts(&signers) {
                 unsatisfied.get_or_insert((key, signers));
                 continue;
@@ -446,6 +480,7 @@ impl ClosureVerifier<'_> {
                     accepted_by,
                     simulated,
                 },
+                launches,
             });
         }
         if !maps.is_empty() {
@@ -504,7 +539,7 @@ impl ClosureVerifier<'_> {
             accepted_by: by,
             simulated: false,
         };
-        Ok(vec![Accepted { outputs, step }])
+        Ok(vec![Accepted { outputs, step, launches: Vec::new() }])
     }
 
     /// The key, basic derivation, direct inputs and kind of a step for one input combination.
@@ -548,7 +583,11 @@ impl ClosureVerifier<'_> {
 }
 
 /// Output maps by output name, keyed by the map's own (name, path) pairs.
-type Groups = BTreeMap<BTreeMap<String, OutputClaim>, (StorePath, Signers, bool)>;
+type Groups = BTreeMap<BTreeMap<String, OutputClaim>, Group>;
+
+/// The step key, pooled signers, whether any evidence was simulated, and the launches of the
+/// entries that agree on one output map.
+type Group = (StorePath, Signers, bool, Vec<LaunchSeen>);
 
 /// Every combination of the input derivations' output maps (`maps_of(input)`: each map as
 /// output name → path), at most [`MAX_COMBINATIONS`].

@@ -12,8 +12,10 @@ use serde::Serialize;
 pub enum LinkCheck {
     /// The derivation itself is malformed or of an unsupported kind.
     Derivation,
-    /// A fixed-output derivation declares an md5 or sha1 hash and the policy refuses those.
+    /// A fixed output or a content-addressed input uses md5 or sha1 and the policy refuses those.
     WeakHash,
+    /// Bytes under an accepted output path have another NAR hash than the accepted build.
+    OutputBytes,
     /// The inputs could not be combined into a resolved derivation.
     Resolution,
     /// No trace for the step's key in any source.
@@ -44,6 +46,8 @@ pub enum LinkCheck {
     ExtraInput,
     /// An expected output path is not what the policy accepts.
     Expected,
+    /// Two different steps carry the same launch nonce (one VM ran two jobs).
+    LaunchReused,
 }
 
 impl LinkCheck {
@@ -51,7 +55,8 @@ impl LinkCheck {
     pub fn name(self) -> &'static str {
         match self {
             LinkCheck::Derivation => "derivation",
-            LinkCheck::WeakHash => "fixed-output hash algorithm",
+            LinkCheck::WeakHash => "hash algorithm",
+            LinkCheck::OutputBytes => "output bytes",
             LinkCheck::Resolution => "resolution",
             LinkCheck::NoTrace => "trace lookup",
             LinkCheck::Statement => "statement",
@@ -67,6 +72,7 @@ impl LinkCheck {
             LinkCheck::SourceAddress => "source content address",
             LinkCheck::ExtraInput => "input closure",
             LinkCheck::Expected => "expected output",
+            LinkCheck::LaunchReused => "one launch per step",
         }
     }
 }
@@ -91,6 +97,14 @@ pub struct BrokenLink {
 }
 
 impl BrokenLink {
+    /// The target verified, but bytes the user has under its output paths are not the accepted
+    /// ones (`problem` says which).
+    pub fn bytes(target: &impl fmt::Display, problem: String) -> BrokenLink {
+        let mut b = *BrokenLink::new(LinkCheck::OutputBytes, problem);
+        b.step = target.to_string();
+        b
+    }
+
     pub(crate) fn new(check: LinkCheck, explanation: impl Into<String>) -> Box<BrokenLink> {
         Box::new(BrokenLink {
             step: String::new(),
@@ -159,6 +173,11 @@ pub struct VerifiedClosure {
     pub outputs: BTreeMap<String, String>,
     /// Every accepted step, dependencies first.
     pub steps: Vec<AcceptedStep>,
+    /// For each of `outputs` that a trace described (not fixed outputs: their declared hash
+    /// stands for them), the NAR hashes (`sha256:<nix32>`) the policy accepted for it: what
+    /// bytes under that path must hash to (several when accepted builds diverge).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub nar_hashes: BTreeMap<String, Vec<String>>,
 }
 
 impl VerifiedClosure {

@@ -8,7 +8,8 @@ use std::time::SystemTime;
 
 use nix_formats::StorePath;
 
-use super::links::{check_links, Facts, Known};
+use super::launches::LaunchSeen;
+use super::links::{check_links, Admitted, Facts};
 use super::outcome::{BrokenLink, LinkCheck};
 use crate::error_chain;
 use crate::evidence::{EvidenceBundle, Expected, Verifier};
@@ -44,6 +45,8 @@ pub(crate) struct EntryOk {
     pub outputs: BTreeMap<String, OutputClaim>,
     pub signers: Signers,
     pub simulated: bool,
+    /// The statement's launch (version 2 on).
+    pub launch: Option<LaunchSeen>,
 }
 
 /// Everything the entry checks need besides the entry.
@@ -84,7 +87,7 @@ impl Checker<'_> {
         &self,
         want: &Expectation<'_>,
         entry: &TraceEntry,
-        known: &Known,
+        known: &Admitted<'_>,
         pre: Option<&Prechecked>,
     ) -> Result<EntryOk, Box<BrokenLink>> {
         let located = |mut b: Box<BrokenLink>| {
@@ -112,7 +115,8 @@ impl Checker<'_> {
             None => self.signers(st, entry),
         }
         .map_err(located)?;
-        check_links(st, want.direct, known).map_err(located)?;
+        check_links(st, want.direct, known, self.policy.policy.fixed_output.allow_weak_hashes)
+            .map_err(located)?;
         let outputs = st
             .outputs
             .iter()
@@ -125,7 +129,11 @@ impl Checker<'_> {
                 (n.clone(), OutputClaim { path: o.path.clone(), facts })
             })
             .collect();
-        Ok(EntryOk { outputs, signers, simulated })
+        let launch = st.launch_nonce().map(|nonce| LaunchSeen {
+            nonce,
+            report_data: crate::statement::report_data_of(&entry.statement),
+        });
+        Ok(EntryOk { outputs, signers, simulated, launch })
     }
 
     /// The entry's signers: chips whose evidence passes a builder rule, and policy keys with a
@@ -145,9 +153,10 @@ impl Checker<'_> {
                     format!("the evidence bundle does not parse: {e}"),
                 )
             })?;
-            // The entry's bytes were checked to be canonical when the statement was parsed.
+            // The entry's bytes were checked to be canonical when the statement was parsed;
+            // HOST_DATA is its launch's hash (version 1: its job's digest).
             let host_data = crate::statement::host_data_of(&entry.statement).ok_or_else(|| {
-                BrokenLink::new(LinkCheck::Statement, "the statement has no job member")
+                BrokenLink::new(LinkCheck::Statement, "the statement has no launch member")
             })?;
             let expected = Expected {
                 host_data: Some(host_data),
@@ -166,7 +175,7 @@ impl Checker<'_> {
                     }
                     Ok(v) => {
                         simulated |= v.is_simulated();
-                        signers.chips.entry(rule.clone()).or_default().insert(v.signer.to_string());
+                        signers.add_evidence(rule, &v);
                     }
                     Err(e) => {
                         first_err.get_or_insert(BrokenLink::new(
@@ -288,4 +297,59 @@ fn check_output_addresses(st: &Statement) -> Result<(), Box<BrokenLink>> {
         }
     }
     Ok(())
+}
+
+/// A trace entry verified on its own under a policy, without its closure: what may be exported
+/// and how to label it ([`check_entry_alone`]).
+#[derive(Debug)]
+pub struct EntryVerdict {
+    /// The statement.
+    pub statement: Statement,
+    /// `sev-snp` (evidence verified under an AMD root), `simulated` (under a simulated root the
+    /// policy names) or `unattested` (policy keys only).
+    pub kind: &'static str,
+    /// Who vouched for it, as the closure verifier names them.
+    pub accepted_by: Vec<String>,
+}
+
+/// Check one trace entry under `policy`: its statement parses and is self-consistent, its
+/// content-addressed outputs' paths follow from their `ca`, its evidence and signatures give
+/// signers that satisfy the policy. Not checked (it needs the derivation graph and the traces of
+/// the inputs: `vouch verify`): that the statement's derivation is the one its path names, and
+/// the links of its inputs.
+pub fn check_entry_alone(
+    policy: &PreparedPolicy,
+    evidence: &Verifier,
+    entry: &TraceEntry,
+    now: SystemTime,
+) -> Result<EntryVerdict, Box<BrokenLink>> {
+    let checker = Checker { policy, evidence, now };
+    let located = |mut b: Box<BrokenLink>| {
+        b.entry = Some(entry.location.clone());
+        b.key = Some(entry.drv_path.to_string());
+        b
+    };
+    let statement = entry
+        .parse_statement()
+        .map_err(|e| located(BrokenLink::new(LinkCheck::Statement, error_chain(&e))))?;
+    check_output_addresses(&statement).map_err(located)?;
+    let (signers, simulated) = checker.signers(&statement, entry).map_err(located)?;
+    if !policy.accepts(&signers) {
+        return Err(located(BrokenLink::new(
+            LinkCheck::Policy,
+            "the valid signers of this trace do not satisfy the trust policy",
+        )));
+    }
+    let mut accepted_by: Vec<String> = signers.keys.iter().map(|k| format!("key {k}")).collect();
+    for (rule, chips) in &signers.chips {
+        accepted_by.extend(chips.iter().map(|c| format!("{c} (rule {rule})")));
+    }
+    let kind = if signers.chips.values().all(BTreeSet::is_empty) {
+        "unattested"
+    } else if simulated {
+        "simulated"
+    } else {
+        "sev-snp"
+    };
+    Ok(EntryVerdict { statement, kind, accepted_by })
 }

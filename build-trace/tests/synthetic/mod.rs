@@ -98,16 +98,7 @@ pub fn build(n: usize, root: &SimulatedRoot, key: &SecretKey) -> Built {
             todo.extend(info.references.iter().cloned());
             closure.insert(p, info);
         }
-        let job = Job::new(
-            format!("bench-{i}"),
-            r.drv_path,
-            basic,
-            closure,
-            Limits::default(),
-            CaRule::SelfRefPositions,
-            false,
-            BTreeSet::from(["out".into()]),
-        );
+        let job = job(format!("bench-{i}"), r.drv_path, basic, closure);
         let refs: BTreeSet<StorePath> = if i > 0 && i % 10 != 0 {
             BTreeSet::from([outs[i - 1].0.clone()])
         } else {
@@ -120,22 +111,7 @@ pub fn build(n: usize, root: &SimulatedRoot, key: &SecretKey) -> Built {
             references: refs,
             ca: Some(out_ca.clone()),
         };
-        let input_cas =
-            job.closure.iter().filter_map(|(p, i)| Some((p.clone(), i.ca.clone()?))).collect();
-        let output = OutputInfo {
-            path: out.clone(),
-            nar_hash: out_info.nar_hash,
-            nar_size: out_info.nar_size,
-            references: out_info.references.clone(),
-            ca: Some(out_ca),
-        };
-        let st = Statement::new(
-            job,
-            input_cas,
-            BTreeMap::from([("out".into(), output)]),
-            Measurement(MEASUREMENT),
-            "bench",
-        );
+        let st = statement(job, &out, &out_info);
         let entry = signed_entry(&st, root, key, format!("bench:{i}"));
         traces.insert(entry.clone());
         entries.push(entry);
@@ -147,11 +123,54 @@ pub fn build(n: usize, root: &SimulatedRoot, key: &SecretKey) -> Built {
     Built { drvs, target: drv_paths.last().unwrap().clone(), traces, entries }
 }
 
+/// The job of a step with one output `out`, default limits, not networked.
+pub fn job(
+    id: String,
+    drv_path: StorePath,
+    drv: BasicDerivation,
+    closure: BTreeMap<StorePath, PathInfo>,
+) -> Job {
+    let outputs = BTreeSet::from(["out".into()]);
+    Job::new(
+        id,
+        drv_path,
+        drv,
+        closure,
+        Limits::default(),
+        CaRule::SelfRefPositions,
+        false,
+        outputs,
+    )
+}
+
+/// The statement of `job` with its one output `out` (`path`, with these facts and `ca`), the
+/// closure's content addresses as the guest recomputed them, in the synthetic guest.
+pub fn statement(job: Job, path: &StorePath, out: &PathInfo) -> Statement {
+    let input_cas =
+        job.closure.iter().filter_map(|(p, i)| Some((p.clone(), i.ca.clone()?))).collect();
+    let output = OutputInfo {
+        path: path.clone(),
+        nar_hash: out.nar_hash,
+        nar_size: out.nar_size,
+        references: out.references.clone(),
+        ca: out.ca.clone(),
+    };
+    let launch = build_trace::Launch::new(job.digest().unwrap(), 1, 2048, false);
+    Statement::new(
+        launch,
+        job,
+        input_cas,
+        BTreeMap::from([("out".into(), output)]),
+        Measurement(MEASUREMENT),
+        "bench",
+    )
+}
+
 /// A policy naming the simulated root (rule `sim`) and the key, requiring `require`.
 pub fn policy(root: &SimulatedRoot, key: &SecretKey, require: &str) -> TrustPolicy {
     let evidence = EvidencePolicy {
         simulated_roots: vec![root.key_id()],
-        measurements: Some(vec![Hex(MEASUREMENT)]),
+        measurements: Some(vec![Hex(MEASUREMENT)].into()),
         ..EvidencePolicy::default()
     };
     TrustPolicy {

@@ -28,8 +28,8 @@ fn round_trip_of_every_kind() {
         }
     }
     let got = frames(w.get_mut());
-    // Thirteen kinds; the heartbeat is consumed by the reader.
-    assert_eq!(got.len(), 12);
+    // Fifteen kinds; the heartbeat is consumed by the reader.
+    assert_eq!(got.len(), 14);
     assert!(got.iter().all(|f| f.as_ref().is_ok_and(|f| f.kind != Kind::Heartbeat)));
 }
 

@@ -2,17 +2,18 @@
 //!
 //! Algorithm ([`check_outcome`]), each step its own [`CheckError`]:
 //! 1. The statement bytes decode as a canonical, self-consistent statement
-//!    (`Statement::from_canonical_bytes`) whose job equals the job we launched
-//!    (`verify_against`; so its HOST_DATA is ours); a fixed output's `ca` is exactly its declared
-//!    hash (`super::policy::check_fixed_output_result`).
+//!    (`Statement::from_canonical_bytes`, version 2) whose launch is the one we launched the VM
+//!    with and whose job is the one we sent (`verify_against`; so its HOST_DATA is ours and the
+//!    launch admits the job); a fixed output's `ca` is exactly its declared hash
+//!    (`super::policy::check_fixed_output_result`).
 //! 2. The evidence: SNP mode — the report with this host's VCEK (`read_vcek`: configured, else
 //!    cached for the report's chip and TCB, else from the host's certificate table) and AMD's
 //!    built-in ASK/ARK;
 //!    otherwise — the report under this host's simulated root (and only that root). Verified by
 //!    `build_trace`'s verifier with our own expectations: MEASUREMENT = the image manifest's
-//!    (expected SNP launch digest, or the simulated measurement), HOST_DATA = SHA-256 of our job,
-//!    REPORT_DATA = SHA-512 of the received statement. The statement's own `measurement` must
-//!    be the report's.
+//!    (the expected SNP launch digest for the launch's vCPU count and model, or the simulated
+//!    measurement), HOST_DATA = SHA-256 of our launch document, REPORT_DATA = SHA-512 of the
+//!    received statement. The statement's own `measurement` must be the report's.
 //! 3. The outputs: exactly the statement's output paths arrived; each received NAR has the
 //!    statement's SHA-256 and size; a content-addressed output's `ca`, references and path are
 //!    recomputed from the bytes that arrived (`nix_formats::content_address::verify`, under the
@@ -24,17 +25,18 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use base64::Engine as _;
 use build_trace::evidence::{
-    EvidenceBundle, EvidenceError, EvidencePolicy, Expected, Hex, SimulatedRoot, VerifiedEvidence,
+    EvidenceBundle, EvidenceError, EvidencePolicy, Expected, Hex, VerifiedEvidence,
 };
 use build_trace::job::Job;
-use build_trace::statement::{Statement, StatementError};
+use build_trace::launch::Launch;
+use build_trace::statement::{Statement, StatementError, STATEMENT_VERSION};
 use channel::messages::Outcome;
 use nix_formats::content_address::ContentAddress;
 use nix_formats::nar::NarLimits;
 use nix_formats::StorePath;
-use vm_image::image::Manifest;
 
 use super::host::ReceivedNar;
+use super::launch::BootContext;
 use super::{LauncherConfig, ReceivedOutput};
 use crate::vm::Mode;
 
@@ -44,9 +46,12 @@ pub enum CheckError {
     /// The statement is malformed or inconsistent.
     #[error("the statement is invalid")]
     Statement(#[source] StatementError),
-    /// The statement is about another job.
-    #[error("the statement is not for the job this VM was launched with")]
+    /// The statement is about another job or launch.
+    #[error("the statement is not for the launch and job this VM was given")]
     OtherJob(#[source] StatementError),
+    /// The statement is of an older version than the agents of this launcher write.
+    #[error("the agent wrote a version {0} statement; this launcher's agents write version {STATEMENT_VERSION} (rebuild the image)")]
+    OldStatement(u64),
     /// The report is not base64.
     #[error("the attestation report is not base64")]
     ReportEncoding(#[source] base64::DecodeError),
@@ -56,9 +61,9 @@ pub enum CheckError {
     /// The VCEK does not select a built-in chain.
     #[error("choosing the AMD chain for the VCEK")]
     Chain(#[source] build_trace::evidence::BuiltinChainError),
-    /// The manifest has no measurement for this mode.
-    #[error("the image manifest has no expected {0} measurement")]
-    NoMeasurement(&'static str),
+    /// The manifest has no measurement for this mode or VM shape.
+    #[error("no expected measurement: {0}")]
+    NoMeasurement(String),
     /// The evidence does not verify.
     #[error("the evidence does not verify")]
     Evidence(#[source] EvidenceError),
@@ -172,18 +177,20 @@ fn table_vek(b64: &str) -> Option<Vec<u8>> {
 
 /// Run the checks of the module doc.
 pub fn check_outcome(
+    launch: &Launch,
     job: &Job,
     outcome: &Outcome,
     nars: &BTreeMap<StorePath, ReceivedNar>,
-    mode: Mode,
-    manifest: &Manifest,
-    sim_root: Option<&SimulatedRoot>,
+    ctx: &BootContext,
     cfg: &LauncherConfig,
 ) -> Result<Checked, CheckError> {
     // 1. statement
     let st = Statement::from_canonical_bytes(outcome.statement.as_bytes())
         .map_err(CheckError::Statement)?;
-    st.verify_against(job).map_err(CheckError::OtherJob)?;
+    if st.v != STATEMENT_VERSION {
+        return Err(CheckError::OldStatement(st.v));
+    }
+    st.verify_against(launch, job).map_err(CheckError::OtherJob)?;
     // A fixed output is accepted by its declared hash only (its bytes are checked against that
     // address in step 3).
     super::policy::check_fixed_output_result(job, &st.outputs)?;
@@ -192,30 +199,29 @@ pub fn check_outcome(
     let report = base64::engine::general_purpose::STANDARD
         .decode(&outcome.report)
         .map_err(CheckError::ReportEncoding)?;
-    let (bundle, mut policy, expected_m) = match (mode, sim_root) {
+    let expected_m =
+        ctx.expected_measurement(launch).map_err(|e| CheckError::NoMeasurement(e.to_string()))?;
+    let (bundle, mut policy) = match (ctx.mode, &ctx.sim_root) {
         (Mode::Snp, _) => {
             let vcek = read_vcek(cfg, &report, outcome.certs.as_deref())?;
             let bundle =
                 EvidenceBundle::with_builtin_chain(report, vcek).map_err(CheckError::Chain)?;
-            let m = manifest
-                .snp
-                .as_ref()
-                .ok_or(CheckError::NoMeasurement("SNP"))?
-                .expected_measurement
-                .clone();
-            (bundle, EvidencePolicy::default(), m)
+            (bundle, EvidencePolicy::default())
         }
         (_, Some(root)) => {
             let policy = root
                 .allowed_by(EvidencePolicy { products: Vec::new(), ..EvidencePolicy::default() });
-            (root.bundle(report), policy, manifest.simulated_measurement.clone())
+            (root.bundle(report), policy)
         }
-        (_, None) => return Err(CheckError::NoMeasurement("simulated (no simulated root)")),
+        (_, None) => {
+            return Err(CheckError::NoMeasurement("a simulated VM without a simulated root".into()))
+        }
     };
     let m: Hex<48> =
         expected_m.parse().map_err(|e: String| CheckError::Bad("(manifest)".into(), e))?;
-    policy.measurements = Some(vec![m]);
-    let host_data = job.host_data().map_err(|e| CheckError::Statement(StatementError::Job(e)))?;
+    policy.measurements = Some(vec![m].into());
+    let host_data =
+        launch.host_data().map_err(|e| CheckError::Statement(StatementError::Launch(e)))?;
     let report_data = st.report_data().map_err(CheckError::Statement)?;
     let expected = Expected { host_data: Some(host_data), report_data: Some(report_data) };
     let verified = build_trace::evidence::Verifier::global()

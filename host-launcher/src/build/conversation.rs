@@ -1,11 +1,16 @@
-//! The conversation with one guest over its channel: hello, then setup, job and inputs from a
-//! sender thread while the main thread reads the guest's frames (phases, log, output NARs,
-//! outcome or failure, `Bye`), so an early failure report is read while inputs are still being
-//! sent. Both ends go through the channel watchdog ([`super::watch`]): heartbeats keep a healthy
-//! channel alive, and silence fails the conversation instead of hanging it.
+//! The conversation with one guest over its channel, in two parts:
+//! - [`hello_and_launch`], at boot: the agent's `Hello` (protocol version, attester kind), then
+//!   `Setup` and the launch, until the agent's `Ready` (or its `Failure`). A pool VM then waits,
+//!   silent, for its job.
+//! - [`converse`], for the job: the job and inputs from a sender thread while the main thread
+//!   reads the guest's frames (phases, log, output NARs, outcome or failure, `Bye`), so an early
+//!   failure report is read while inputs are still being sent.
 //!
-//! What is not here: launching and stopping the VM, retries, checks (`super::host`,
-//! `super::check`).
+//! Both go through the channel watchdog ([`super::watch`]): heartbeats keep a healthy channel
+//! alive during a job, and silence fails the conversation instead of hanging it.
+//!
+//! What is not here: launching and stopping the VM, retries, checks (`super::launch`,
+//! `super::host`, `super::check`).
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -14,7 +19,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use build_trace::job::{Job, PathInfo};
-use channel::messages::{AttesterKind, Failure, Hello, NarBegin, Outcome, Phase, PhaseName, Setup};
+use channel::messages::{
+    AttesterKind, Failure, Hello, NarBegin, Outcome, Phase, PhaseName, Ready, Setup,
+};
 use channel::proto::{FrameReader, FrameWriter, Kind, ProtoError, PROTOCOL_VERSION};
 use nix_formats::StorePath;
 use sha2::{Digest, Sha256};
@@ -43,7 +50,6 @@ pub(crate) struct Conversation {
     pub(crate) failure: Option<Failure>,
     pub(crate) nars: BTreeMap<StorePath, ReceivedNar>,
     pub(crate) bye: bool,
-    pub(crate) hello_uptime_ms: u64,
     pub(crate) last_phase: Option<PhaseName>,
     pub(crate) marks: BTreeMap<&'static str, Instant>,
     pub(crate) output_bytes: u64,
@@ -57,6 +63,8 @@ impl Conversation {
     }
 }
 
+/// The phase timings from the host's arrival marks: `hello` and `ready` from the boot,
+/// `job-sent` and the guest's phases from the job's conversation.
 pub(crate) fn timings(
     started: Instant,
     marks: &BTreeMap<&'static str, Instant>,
@@ -67,8 +75,9 @@ pub(crate) fn timings(
         _ => Duration::ZERO,
     };
     Timings {
-        boot: marks.get("hello").map_or(Duration::ZERO, |h| *h - started),
-        job_setup: d("hello", "job-accepted"),
+        boot: marks.get("hello").map_or(Duration::ZERO, |h| h.saturating_duration_since(started)),
+        launch: d("hello", "ready"),
+        job_setup: d("job-sent", "job-accepted"),
         input_transfer: d("job-accepted", "inputs-ready"),
         build: d("building", "built"),
         hashing: d("hashing", "attesting"),
@@ -91,52 +100,35 @@ pub(crate) fn phase_key(p: PhaseName) -> &'static str {
     }
 }
 
-/// Send setup, job and inputs (sender thread).
-fn send_all<W: Write>(
-    mut w: FrameWriter<W>,
-    setup: &Setup,
-    job_bytes: &[u8],
-    closure: &BTreeMap<StorePath, PathInfo>,
-    inputs: &dyn InputSource,
-) -> Result<u64, StepError> {
-    w.send_json(Kind::Setup, setup)?;
-    w.send(Kind::Job, job_bytes)?;
-    let mut total = 0;
-    for (path, info) in closure {
-        let mut nar = inputs.nar(path).map_err(StepError::Inputs)?;
-        let sent =
-            w.send_nar(&NarBegin { path: path.clone(), nar_size: info.nar_size }, &mut nar)?;
-        // A source that changed underneath us: the guest sees a size mismatch and says so.
-        total += sent;
-    }
-    w.send(Kind::InputsDone, &[])?;
-    w.flush()?;
-    Ok(total)
+/// What the agent said when it booted.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Greeting {
+    /// Its attester.
+    pub(crate) attester: AttesterKind,
+    /// Its uptime at `Hello`.
+    pub(crate) hello_uptime_ms: u64,
+    /// When `Hello` arrived.
+    pub(crate) hello_at: Instant,
+    /// When `Ready` arrived.
+    pub(crate) ready_at: Instant,
 }
 
-/// Talk to the guest on `stream` until its `Bye` (or an error); returns the input bytes sent.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn converse(
-    stream: Stream,
+/// At boot: read the agent's `Hello`, send `Setup` and the launch, read its `Ready`. A
+/// `Failure` instead of `Ready` (a launch the agent refuses) is [`StepError::Guest`].
+pub(crate) fn hello_and_launch(
+    stream: &Stream,
     watch: &Arc<ChannelWatch>,
     mode: Mode,
     setup: &Setup,
-    job_bytes: &[u8],
-    job: &Job,
-    inputs: &dyn InputSource,
-    staging: &Path,
-    sink: &mut dyn BuildLog,
-    conv: &mut Conversation,
-) -> Result<u64, StepError> {
+    launch_bytes: &[u8],
+) -> Result<Greeting, StepError> {
     let clone = || stream.try_clone().map_err(|e| StepError::Io("cloning the channel".into(), e));
     let (reader, writer) = watch
         .guard(clone()?, clone()?)
         .map_err(|e| StepError::Io("setting the channel's timeouts".into(), e))?;
-    let closer = stream;
     let mut r = FrameReader::with_liveness(reader, watch.liveness());
     let hello: Hello = r.expect(Kind::Hello, "the agent's Hello")?.json()?;
-    conv.marks.insert("hello", Instant::now());
-    conv.hello_uptime_ms = hello.uptime_ms;
+    let hello_at = Instant::now();
     if hello.protocol != PROTOCOL_VERSION {
         return Err(StepError::Request(format!(
             "the image's agent speaks channel protocol {}, this launcher {PROTOCOL_VERSION}: rebuild the image",
@@ -156,11 +148,74 @@ pub(crate) fn converse(
         }
         _ => {}
     }
-    sink.progress(&Progress::AgentReady { attester: hello.attester });
+    let mut w = FrameWriter::new(writer);
+    w.send_json(Kind::Setup, setup)?;
+    w.send(Kind::Launch, launch_bytes)?;
+    w.flush()?;
+    let f = r.expect_frame("the agent's Ready")?;
+    match f.kind {
+        Kind::Ready => {
+            let _: Ready = f.json()?;
+        }
+        Kind::Failure => {
+            let failure: Failure = f.json()?;
+            return Err(StepError::Guest { kind: failure.kind, message: failure.message });
+        }
+        got => return Err(ProtoError::Unexpected { expected: "Ready or Failure", got }.into()),
+    }
+    Ok(Greeting {
+        attester: hello.attester,
+        hello_uptime_ms: hello.uptime_ms,
+        hello_at,
+        ready_at: Instant::now(),
+    })
+}
+
+/// Send the job and inputs (sender thread).
+fn send_all<W: Write>(
+    mut w: FrameWriter<W>,
+    job_bytes: &[u8],
+    closure: &BTreeMap<StorePath, PathInfo>,
+    inputs: &dyn InputSource,
+) -> Result<u64, StepError> {
+    w.send(Kind::Job, job_bytes)?;
+    let mut total = 0;
+    for (path, info) in closure {
+        let mut nar = inputs.nar(path).map_err(StepError::Inputs)?;
+        let sent =
+            w.send_nar(&NarBegin { path: path.clone(), nar_size: info.nar_size }, &mut nar)?;
+        // A source that changed underneath us: the guest sees a size mismatch and says so.
+        total += sent;
+    }
+    w.send(Kind::InputsDone, &[])?;
+    w.flush()?;
+    Ok(total)
+}
+
+/// Give a ready agent its job, on `stream`, until its `Bye` (or an error); returns the input
+/// bytes sent.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn converse(
+    stream: Stream,
+    watch: &Arc<ChannelWatch>,
+    job_bytes: &[u8],
+    job: &Job,
+    inputs: &dyn InputSource,
+    staging: &Path,
+    sink: &mut dyn BuildLog,
+    conv: &mut Conversation,
+) -> Result<u64, StepError> {
+    let clone = || stream.try_clone().map_err(|e| StepError::Io("cloning the channel".into(), e));
+    let (reader, writer) = watch
+        .guard(clone()?, clone()?)
+        .map_err(|e| StepError::Io("setting the channel's timeouts".into(), e))?;
+    let closer = stream;
+    let mut r = FrameReader::with_liveness(reader, watch.liveness());
     let max_outputs = job.outputs.len();
+    conv.marks.insert("job-sent", Instant::now());
     std::thread::scope(|scope| {
-        let sender = scope
-            .spawn(|| send_all(FrameWriter::new(writer), setup, job_bytes, &job.closure, inputs));
+        let sender =
+            scope.spawn(|| send_all(FrameWriter::new(writer), job_bytes, &job.closure, inputs));
         let received = receive_all(&mut r, conv, staging, max_outputs, sink);
         // Whatever happened, the channel is finished now: unblock the sender.
         closer.shutdown();

@@ -1,20 +1,25 @@
-//! [`run_step`]: launch the VM, talk to the agent, hand the result to [`super::check`] — and
-//! never hang doing it.
+//! [`run_step`]: get a VM for the step — a warm one from the pool ([`crate::pool`]) when the
+//! job fits it, else one booted for this job alone ([`super::launch`]) —, talk to the agent,
+//! hand the result to [`super::check`], and never hang doing it.
 //!
-//! Every wait has a deadline: the vsock daemon's socket (10 s), the agent's connection and its
-//! `Hello` (the boot timeout from QEMU's start), every frame after that (the stall window; the
-//! guest heartbeats every 2 s, see [`super::watch`]), every write to the guest (the same window),
-//! the whole step when it has a builder timeout (builder timeout + allowance), QEMU's power-off
-//! after `Bye` (30 s, then SIGKILL) and QEMU's exit after SIGKILL (10 s). Whatever ends an
-//! attempt, QEMU and the vsock daemon are killed and the staging directory is removed.
+//! Every wait has a deadline: the boot's (see [`super::launch`]), every frame after the job is
+//! sent (the stall window; the guest heartbeats every 2 s during a job, see [`super::watch`]),
+//! every write to the guest (the same window), the whole job when it has a builder timeout
+//! (builder timeout + allowance, from the job's dispatch), QEMU's power-off after `Bye` (30 s,
+//! then SIGKILL) and QEMU's exit after SIGKILL (10 s). Whatever ends an attempt, QEMU and the
+//! vsock daemon are killed and the staging directory is removed; a VM never gets a second job.
+//!
+//! **Which VM.** A pool VM runs non-networked jobs whose memory fits it; a networked
+//! (fixed-output) job or one whose limits need a larger VM boots on demand, with a launch that
+//! names the job's digest (so its HOST_DATA binds that job alone, as before warm pools).
 //!
 //! **One automatic retry, for infrastructure failures only** ([`retryable`]): a stalled channel,
 //! a VM that died or a channel that broke before the agent accepted the job, an agent that never
-//! connected or said hello, a vsock daemon that did not start. The retry is a fresh VM with a
-//! fresh job id (so a fresh HOST_DATA and statement; nothing of the failed attempt is kept or
-//! returned), announced loudly ([`Progress::Retrying`] and a warning). Builder failures,
-//! limits, timeouts, a VM that died after accepting the job (the builder may have caused it)
-//! and rejected results are never retried.
+//! connected or said hello, a vsock daemon that did not start. The retry is another VM (a fresh
+//! launch: its own nonce, so its own HOST_DATA) with a fresh job id (so a fresh statement;
+//! nothing of the failed attempt is kept or returned), announced loudly ([`Progress::Retrying`]
+//! and a warning). Builder failures, limits, timeouts, a VM that died after accepting the job
+//! (the builder may have caused it) and rejected results are never retried.
 //!
 //! Threads of an attempt: the conversation ([`super::conversation`]), QEMU's exit watcher (it
 //! shuts the channel down when QEMU ends), and the watchdog, which kills QEMU past the
@@ -23,29 +28,21 @@
 //! [`StepError::Cancelled`].
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
-use build_trace::evidence::SimulatedRoot;
 use build_trace::job::{Job, Limits, PathInfo};
-use channel::messages::{Setup, SimulatedSetup};
 use channel::proto::ProtoError;
 use nix_formats::StorePath;
-use vm_image::image::{files, Manifest};
 
 use super::conversation::{converse, phase_key, timings, Conversation};
+use super::launch::{boot, new_launch, BootContext, BootedVm, LaunchRequest, Watchdog};
 use super::watch::ChannelWatch;
 use super::{check, staging_dir, InputSource, LauncherConfig, StepError, StepOutcome, StepRequest};
 use crate::core::log::{BuildLog, Progress};
-use crate::vm::egress::{self, Egress};
+use crate::vm::egress;
 use crate::vm::network::NetworkGrant;
-use crate::vm::runner::{describe_exit, Vm};
-use crate::vm::vsock::{detect_backend, Backend, Channel, VsockError};
-use crate::vm::{
-    choose_mode, host_cbitpos, qemu_argv, HostCaps, Mode, QemuSpec, SnpLaunch, SNP_POLICY,
-};
+use crate::vm::runner::describe_exit;
+use crate::vm::vsock::VsockError;
 
 pub use super::conversation::ReceivedNar;
 
@@ -56,31 +53,12 @@ fn random_id() -> String {
     hex::encode(b)
 }
 
-fn simulated_setup(root: &SimulatedRoot, manifest: &Manifest) -> Result<Setup, StepError> {
-    let key = root.vcek_key_pkcs8().map_err(|e| {
-        StepError::Io("simulated VCEK key".into(), std::io::Error::other(e.to_string()))
-    })?;
-    let p = root.platform();
-    Ok(Setup {
-        simulated: Some(SimulatedSetup {
-            vcek_key_pkcs8: base64::engine::general_purpose::STANDARD.encode(key),
-            chip_id: hex::encode(p.chip_id),
-            tcb: [p.tcb.bootloader, p.tcb.tee, p.tcb.snp, p.tcb.microcode],
-            measurement: manifest.simulated_measurement.clone(),
-        }),
-    })
-}
-
 /// What every attempt of one step shares.
 struct Prepared {
-    manifest: Manifest,
-    mode: Mode,
+    ctx: BootContext,
     limits: Limits,
     closure: BTreeMap<StorePath, PathInfo>,
     outputs: BTreeSet<String>,
-    setup: Setup,
-    sim_root: Option<SimulatedRoot>,
-    backend: Backend,
     /// For a networked step: the tools of its filtered namespace (`None`: unfiltered, unsafe).
     egress: Option<egress::Tools>,
 }
@@ -90,25 +68,11 @@ fn prepare(
     inputs: &dyn InputSource,
     cfg: &LauncherConfig,
 ) -> Result<Prepared, StepError> {
-    let manifest =
-        Manifest::load(&cfg.image_dir).map_err(|e| StepError::Image(cfg.image_dir.clone(), e))?;
-    manifest
-        .verify_files(&cfg.image_dir)
-        .map_err(|e| StepError::Image(cfg.image_dir.clone(), e))?;
-    let caps = HostCaps::probe();
-    let mode = choose_mode(cfg.mode, &caps, manifest.snp.is_some())?;
-    if mode == Mode::Snp {
-        // Fail within a second, naming the fix, rather than after a whole build in the VM.
-        let vcek =
-            cfg.snp_vcek.clone().or_else(|| std::env::var_os("VOUCH_SNP_VCEK").map(Into::into));
-        crate::snp::checks::preflight(&crate::snp::checks::ProbeConfig {
-            qemu: &cfg.qemu,
-            image_dir: &cfg.image_dir,
-            state_dir: &cfg.state_dir,
-            vcek: vcek.as_deref(),
-            manifest: Some(&manifest),
-        })?;
-    }
+    // The pool's context when there is a pool (its VMs were booted with it), else a fresh one.
+    let ctx = match &cfg.pool {
+        Some(pool) => pool.context().clone(),
+        None => BootContext::prepare(cfg)?,
+    };
     super::policy::check_fixed_output_request(&req.drv, cfg.allow_weak_fixed_hashes)
         .map_err(|e| StepError::Request(e.to_string()))?;
     let limits = super::policy::effective_limits(req.limits, &cfg.default_limits, cfg.memory_mib);
@@ -118,18 +82,6 @@ fn prepare(
     } else {
         req.outputs.clone()
     };
-    let (setup, sim_root) = if mode == Mode::Snp {
-        (Setup::default(), None)
-    } else {
-        let root = SimulatedRoot::load_or_generate(&cfg.simulated_root_dir()).map_err(|e| {
-            StepError::Io(
-                "simulated SNP root".into(),
-                std::io::Error::other(build_trace::error_chain(&e)),
-            )
-        })?;
-        (simulated_setup(&root, &manifest)?, Some(root))
-    };
-    let backend = detect_backend(caps.vhost_vsock)?;
     let egress = match (req.network, cfg.egress.unfiltered()) {
         (false, _) => None,
         (true, false) => Some(egress::check_host()?),
@@ -142,53 +94,7 @@ fn prepare(
             None
         }
     };
-    Ok(Prepared { manifest, mode, limits, closure, outputs, setup, sim_root, backend, egress })
-}
-
-/// The wall-clock watchdog of one attempt: a thread that SIGKILLs QEMU once `deadline` passes or
-/// the launcher is cancelled, until [`Watchdog::stop`] (or drop) ends it.
-struct Watchdog {
-    done: Arc<AtomicBool>,
-    timed_out: Arc<AtomicBool>,
-}
-
-impl Watchdog {
-    fn start(pid: u32, deadline: Option<Instant>, cancel: super::Cancel) -> Watchdog {
-        let done = Arc::new(AtomicBool::new(false));
-        let timed_out = Arc::new(AtomicBool::new(false));
-        let (d, t) = (done.clone(), timed_out.clone());
-        std::thread::spawn(move || {
-            while !d.load(Ordering::SeqCst) {
-                let late = deadline.is_some_and(|end| Instant::now() >= end);
-                if late || cancel.is_cancelled() {
-                    t.store(late, Ordering::SeqCst);
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid as i32),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        });
-        Watchdog { done, timed_out }
-    }
-
-    /// The conversation is over: the VM is no longer the watchdog's to kill.
-    fn stop(&self) {
-        self.done.store(true, Ordering::SeqCst);
-    }
-
-    /// Whether the deadline (not a cancellation) killed the VM.
-    fn timed_out(&self) -> bool {
-        self.timed_out.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        self.stop();
-    }
+    Ok(Prepared { ctx, limits, closure, outputs, egress })
 }
 
 /// A failed attempt, and whether the agent had accepted its job.
@@ -228,7 +134,7 @@ pub fn retryable(e: &StepError, job_accepted: bool) -> bool {
     }
 }
 
-/// Build one step in a fresh VM (see the module docs of [`super`] and of this module).
+/// Build one step in a VM of its own (see the module docs of [`super`] and of this module).
 pub fn run_step(
     req: StepRequest,
     inputs: &dyn InputSource,
@@ -238,11 +144,12 @@ pub fn run_step(
     if cfg.cancel.is_cancelled() {
         return Err(StepError::Cancelled);
     }
+    let called = Instant::now();
     let p = prepare(&req, inputs, cfg)?;
     let mut job_id = req.job_id.clone().unwrap_or_else(random_id);
     let mut attempt = 1u32;
     loop {
-        match attempt_step(&req, &p, &job_id, inputs, sink, cfg) {
+        match attempt_step(&req, &p, &job_id, inputs, sink, cfg, called) {
             Ok(outcome) => return Ok(outcome),
             // Whatever the attempt died of, a cancelled launcher killed it (or would have).
             Err(_) if cfg.cancel.is_cancelled() => return Err(StepError::Cancelled),
@@ -274,6 +181,33 @@ pub fn run_step(
     }
 }
 
+/// The VM for `job`: a warm pool VM it fits, else one booted for it alone.
+fn vm_for(
+    job: &Job,
+    p: &Prepared,
+    sink: &mut dyn BuildLog,
+    cfg: &LauncherConfig,
+) -> Result<BootedVm, StepError> {
+    let network = NetworkGrant::for_job(job).map_err(|e| StepError::Request(e.to_string()))?;
+    let memory_mib = super::policy::guest_memory_mib(cfg.memory_mib, &p.limits);
+    if let (Some(pool), None) = (&cfg.pool, &network) {
+        if let Some(vm) = pool.take(memory_mib) {
+            sink.progress(&Progress::WarmVm {
+                mode: vm.mode,
+                pid: vm.vm.pid(),
+                ready_for: vm.ready_at().elapsed(),
+            });
+            return Ok(vm);
+        }
+    }
+    let launch = new_launch(cfg.vcpus, memory_mib, network.is_some())
+        .for_job(job)
+        .map_err(|e| StepError::Request(e.to_string()))?;
+    let req = LaunchRequest { launch, network, egress: p.egress.clone(), background: false };
+    let mode = p.ctx.mode;
+    boot(&p.ctx, req, cfg, &mut |pid| sink.progress(&Progress::Booting { mode, pid }))
+}
+
 /// One attempt: one job id, one VM, one channel.
 fn attempt_step(
     req: &StepRequest,
@@ -282,8 +216,8 @@ fn attempt_step(
     inputs: &dyn InputSource,
     sink: &mut dyn BuildLog,
     cfg: &LauncherConfig,
+    called: Instant,
 ) -> Result<StepOutcome, AttemptError> {
-    let (mode, manifest) = (p.mode, &p.manifest);
     let job = Job::new(
         job_id.to_owned(),
         req.drv_path.clone(),
@@ -295,136 +229,64 @@ fn attempt_step(
         p.outputs.clone(),
     );
     job.validate().map_err(|e| StepError::Request(build_trace::error_chain(&e)))?;
-    // The only way to a NIC: a grant, which only a fixed-output job gets.
-    let network = NetworkGrant::for_job(&job).map_err(|e| StepError::Request(e.to_string()))?;
     let job_bytes = job.canonical_bytes().map_err(|e| StepError::Request(e.to_string()))?;
-    let host_data = job.host_data().map_err(|e| StepError::Request(e.to_string()))?;
+    let booted = vm_for(&job, p, sink, cfg)?;
+    sink.progress(&Progress::AgentReady { attester: booted.attester() });
+    run_job(booted, &job, &job_bytes, p, inputs, sink, cfg, called)
+}
 
-    // Unix socket paths must stay short: a private directory under $TMPDIR, named after this
-    // process so that the next launcher removes it if this one is killed (`crate::recovery`).
-    let run_dir = tempfile::Builder::new()
-        .prefix(&crate::vm::child::run_dir_prefix())
-        .tempdir()
-        .map_err(|e| StepError::Io("creating the VM run directory".into(), e))?;
-    let port = channel::config::parse_cmdline(&manifest.cmdline)
-        .map(|c| c.port)
-        .unwrap_or(channel::config::DEFAULT_PORT);
-    let mut chan = Channel::prepare(&p.backend, run_dir.path(), port)?;
-    let img = |f: &str| cfg.image_dir.join(f);
-    let spec = QemuSpec {
-        mode,
-        kernel: if mode == Mode::Snp { img(files::BZIMAGE) } else { img(files::VMLINUX) },
-        initrd: img(files::INITRD),
-        cmdline: manifest.cmdline.clone(),
-        memory_mib: super::policy::guest_memory_mib(cfg.memory_mib, &p.limits),
-        vcpus: manifest
-            .snp
-            .as_ref()
-            .filter(|_| mode == Mode::Snp)
-            .map_or(cfg.vcpus, |s| s.params.vcpus),
-        vsock: chan.device().clone(),
-        snp: (mode == Mode::Snp).then(|| SnpLaunch {
-            ovmf: img(files::OVMF),
-            host_data,
-            policy: SNP_POLICY,
-            cbitpos: host_cbitpos(),
-            reduced_phys_bits: 1,
-            cpu_model: manifest
-                .snp
-                .as_ref()
-                .map_or("EPYC-v4".into(), |s| s.params.vcpu_type.clone()),
-        }),
-        network,
-    };
-    let argv = qemu_argv(&spec).map_err(|e| StepError::Request(e.to_string()))?;
-    // A networked VM's QEMU runs in its own filtered namespace, removed after QEMU is killed
-    // (declared before `vm`, so dropped after it on every path).
-    let egress = match (&spec.network, &p.egress) {
-        (Some(_), Some(tools)) => {
-            Some(Egress::create(tools, &cfg.egress).map_err(StepError::from)?)
-        }
-        _ => None,
-    };
-    let (program, argv) = match &egress {
-        Some(e) => e.command(&cfg.qemu, &argv),
-        None => (cfg.qemu.clone(), argv),
-    };
-    tracing::debug!(?program, ?argv, job = %job_id, "starting QEMU");
-    let console_log = run_dir.path().join("console.log");
-    let vm = Vm::spawn(&program, &argv, &console_log, cfg.echo_console)
-        .map_err(|e| StepError::Qemu(cfg.qemu.display().to_string(), e))?;
-    let started = vm.started();
+/// Give `booted` its one job and check what comes back; the VM is gone when this returns.
+#[allow(clippy::too_many_arguments)]
+fn run_job(
+    booted: BootedVm,
+    job: &Job,
+    job_bytes: &[u8],
+    p: &Prepared,
+    inputs: &dyn InputSource,
+    sink: &mut dyn BuildLog,
+    cfg: &LauncherConfig,
+    called: Instant,
+) -> Result<StepOutcome, AttemptError> {
+    let dispatched = Instant::now();
+    let vm = &booted.vm;
     // From here on the VM is killed past the wall-clock limit or when the launcher is cancelled.
-    let limit = (req.limits.timeout_s > 0)
-        .then(|| Duration::from_secs(req.limits.timeout_s) + cfg.slack + cfg.boot_timeout);
-    let watchdog = Watchdog::start(vm.pid(), limit.map(|l| started + l), cfg.cancel.clone());
-    sink.progress(&Progress::Booting { mode, pid: vm.pid() });
-
-    // Boot watchdog, part one: the connection (part two, the hello, is the channel watch's).
-    let connect_within = cfg.boot_timeout.saturating_sub(started.elapsed());
-    let stream = match chan.accept(connect_within, &|| vm.exited().is_none()) {
-        Ok(s) => s,
-        Err(e) => {
-            let status = vm.exited().or_else(|| vm.kill());
-            // Give the stderr reader a moment to collect QEMU's last words.
-            std::thread::sleep(Duration::from_millis(50));
-            return Err(match e {
-                VsockError::VmGone => StepError::NoAgent {
-                    status: status.as_ref().map_or("ended".into(), describe_exit),
-                    qemu: vm.qemu_stderr(),
-                    console: vm.console_tail(),
-                },
-                VsockError::Timeout(_) => StepError::Vsock(VsockError::Timeout(cfg.boot_timeout)),
-                other => StepError::Vsock(other),
-            }
-            .into());
-        }
-    };
-    // QEMU's exit ends the conversation at once. The agent powers off only after we closed the
-    // channel (having read its `Bye`; `agent::run`'s linger), so an exit before that is a VM that
-    // did not finish: frames of a guest that powered off before our reader caught up were lost
-    // with QEMU (the vsock backend drops what it holds; reproduced with a delayed reader).
-    if let Ok(s2) = stream.try_clone() {
-        vm.on_exit(move || s2.shutdown());
-    }
-
-    let watch = ChannelWatch::new(started, cfg.boot_timeout, cfg.stall_timeout);
-    let staging = staging_dir(&cfg.state_dir, job_id)?;
+    let limit =
+        (job.limits.timeout_s > 0).then(|| Duration::from_secs(job.limits.timeout_s) + cfg.slack);
+    let watchdog = Watchdog::start(vm.pid(), limit.map(|l| dispatched + l), cfg.cancel.clone());
+    let watch = ChannelWatch::for_job(cfg.stall_timeout);
+    let staging = staging_dir(&cfg.state_dir, &job.job_id)?;
     let mut conv = Conversation::default();
-    let result = converse(
-        stream, &watch, mode, &p.setup, &job_bytes, &job, inputs, &staging, sink, &mut conv,
-    );
+    conv.marks.insert("hello", booted.greeting.hello_at);
+    conv.marks.insert("ready", booted.greeting.ready_at);
+    let stream =
+        booted.stream.try_clone().map_err(|e| StepError::Io("cloning the channel".into(), e))?;
+    let result = converse(stream, &watch, job_bytes, job, inputs, &staging, sink, &mut conv);
     watchdog.stop();
     let tripped = watch.tripped();
-    // Did the VM end on its own (killed, crashed)? A broken channel usually means it did: give
-    // QEMU a moment to be reaped before deciding.
-    let ended_by_itself = match &result {
-        Err(StepError::Channel(ProtoError::Io(_) | ProtoError::Closed(_))) if tripped.is_none() => {
-            vm.wait_timeout(Duration::from_secs(3))
-        }
-        _ => vm.exited(),
-    };
-    // After `Bye` the agent powers off by itself; otherwise the VM is stopped now.
-    if conv.bye {
-        if vm.wait_timeout(Duration::from_secs(30)).is_none() {
-            vm.kill();
-        }
-    } else {
-        vm.kill();
-    }
-    let exited_at = vm.exited_at().unwrap_or_else(Instant::now);
-    // The vsock daemon goes with the VM.
-    drop(chan);
-
     let job_accepted = conv.job_accepted();
-    let phase = conv.last_phase.map_or("booted".into(), |p| phase_key(p).to_owned());
+    let phase = conv.last_phase.map_or("ready".into(), |p| phase_key(p).to_owned());
     let fail = |error: StepError| {
         let _ = std::fs::remove_dir_all(&staging);
         Err(AttemptError { error: Box::new(error), job_accepted })
     };
     let input_bytes = match result {
-        Ok(b) => b,
-        Err(e) => {
+        Ok(b) if conv.bye => b,
+        other => {
+            // Did the VM end on its own (killed, crashed)? A broken channel usually means it
+            // did: give QEMU a moment to be reaped before deciding.
+            let ended_by_itself = match &other {
+                Err(StepError::Channel(ProtoError::Io(_) | ProtoError::Closed(_)))
+                    if tripped.is_none() =>
+                {
+                    vm.wait_timeout(Duration::from_secs(3))
+                }
+                _ => vm.exited(),
+            };
+            vm.kill();
+            let e = match other {
+                Err(e) => e,
+                Ok(_) => StepError::Channel(ProtoError::Closed("the agent's Bye")),
+            };
             if watchdog.timed_out() {
                 return fail(StepError::Watchdog(limit.unwrap_or_default()));
             }
@@ -441,30 +303,42 @@ fn attempt_step(
             return fail(e);
         }
     };
-    if let Some(f) = conv.failure {
+    // After `Bye` the agent powers off by itself; the host checks meanwhile, and returns once
+    // QEMU has exited (no VM outlives its step).
+    let finish = |vm: &crate::vm::runner::Vm| {
+        if vm.wait_timeout(Duration::from_secs(30)).is_none() {
+            vm.kill();
+        }
+        vm.exited_at().unwrap_or_else(Instant::now)
+    };
+    if let Some(f) = conv.failure.take() {
+        finish(vm);
         return fail(StepError::Guest { kind: f.kind, message: f.message });
     }
-    let Some(outcome) = conv.outcome else {
+    let Some(outcome) = conv.outcome.take() else {
+        vm.kill();
         return fail(StepError::Channel(ProtoError::Closed("an outcome before Bye")));
     };
     let t_check = Instant::now();
-    let checked = match check::check_outcome(
-        &job,
-        &outcome,
-        &conv.nars,
-        mode,
-        manifest,
-        p.sim_root.as_ref(),
-        cfg,
-    ) {
+    let checked = check::check_outcome(&booted.launch, job, &outcome, &conv.nars, &p.ctx, cfg);
+    let verification = t_check.elapsed();
+    let exited_at = finish(vm);
+    let latency = called.elapsed();
+    let checked = match checked {
         Ok(c) => c,
         Err(e) => return fail(e.into()),
     };
-    let mut timings = timings(started, &conv.marks, exited_at);
-    timings.verification = t_check.elapsed();
+    let mut timings = timings(vm.started(), &conv.marks, exited_at);
+    timings.verification = verification;
     timings.input_bytes = input_bytes;
     timings.output_bytes = conv.output_bytes;
-    timings.guest_ready_uptime = Duration::from_millis(conv.hello_uptime_ms);
+    timings.guest_ready_uptime = Duration::from_millis(booted.greeting.hello_uptime_ms);
+    timings.vm_wait = dispatched.saturating_duration_since(called);
+    timings.warm = booted.launch.job.is_none();
+    timings.latency = latency;
+    timings.power_off = exited_at.saturating_duration_since(t_check + verification);
+    let mode = booted.mode;
+    drop(booted);
     sink.progress(&Progress::Verified);
     Ok(StepOutcome {
         statement: checked.statement,

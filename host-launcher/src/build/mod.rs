@@ -1,4 +1,4 @@
-//! One build step: one resolved derivation, one fresh VM, checked results.
+//! One build step: one resolved derivation, one VM that runs it alone, checked results.
 //!
 //! The engine (`crate::core::Engine`) calls [`run_step`] for every front-end's build; nothing
 //! here sees a front-end, QEMU argv or the channel's framing.
@@ -21,10 +21,15 @@
 //!   `cfg.state_dir/tmp/`, removed when the outcome is dropped unless [`StepOutcome::keep`] moved
 //!   it), the phase timings, and the mode.
 //!
+//! The VM is a warm one from the launcher's pool (`crate::pool`, booted before the job existed)
+//! when the job fits it, else one booted for this job ([`launch`]); either way its agent takes
+//! exactly this one job and powers off.
+//!
 //! What `run_step` guarantees: nothing is returned as a success unless the statement is for
-//! exactly the job we launched (HOST_DATA recomputed), the evidence verifies under the host's own
-//! expectations (its root — AMD or this host's simulated root —, the image's measurement,
-//! HOST_DATA, REPORT_DATA recomputed from the statement), and every output NAR that arrived has
+//! exactly the launch and job we gave the VM (HOST_DATA recomputed from our launch), the
+//! evidence verifies under the host's own expectations (its root — AMD or this host's simulated
+//! root —, the image's measurement for the VM's size, HOST_DATA, REPORT_DATA recomputed from the
+//! statement), and every output NAR that arrived has
 //! the hash, size and (for content-addressed outputs) the content address and path the
 //! statement claims. On any failure (builder error, VM killed, timeout, bad evidence) the
 //! staging directory is removed and nothing is registered anywhere.
@@ -35,6 +40,7 @@
 pub mod check;
 pub mod conversation;
 pub mod host;
+pub mod launch;
 pub mod nix_store;
 pub mod policy;
 pub mod watch;
@@ -119,7 +125,7 @@ pub struct LauncherConfig {
     pub mode: Option<Mode>,
     /// Guest RAM in MiB.
     pub memory_mib: u32,
-    /// vCPUs (snp: the image's measured count is used).
+    /// vCPUs (snp: the image must list a measurement for this count).
     pub vcpus: u32,
     /// State directory (simulated root, staging).
     pub state_dir: PathBuf,
@@ -147,6 +153,8 @@ pub struct LauncherConfig {
     pub egress: crate::vm::egress::EgressPolicy,
     /// Stops the steps of this launcher (a server shutting down); clones share it.
     pub cancel: Cancel,
+    /// Warm VMs for the steps that fit them (`crate::pool`); `None`: every step boots its own.
+    pub pool: Option<std::sync::Arc<crate::pool::Pool>>,
 }
 
 /// A shared stop switch for running steps: once [`Cancel::cancel`] is called, every step whose
@@ -203,6 +211,7 @@ impl LauncherConfig {
             allow_weak_fixed_hashes: false,
             egress: Default::default(),
             cancel: Cancel::default(),
+            pool: None,
         }
     }
 
@@ -217,8 +226,11 @@ impl LauncherConfig {
 pub struct Timings {
     /// QEMU start → agent hello.
     pub boot: Duration,
-    /// Hello → job accepted: the setup and job received, parsed and checked against HOST_DATA,
-    /// the attester ready (for simulated evidence, its key loaded).
+    /// Hello → ready: the setup and launch received, the launch checked against the VM and
+    /// HOST_DATA, the attester ready (for simulated evidence, its key loaded). For a warm VM,
+    /// before the job existed.
+    pub launch: Duration,
+    /// Job sent → job accepted: the job received, parsed, validated and admitted by the launch.
     pub job_setup: Duration,
     /// Job accepted → inputs received, unpacked and checked in the guest.
     pub input_transfer: Duration,
@@ -240,6 +252,15 @@ pub struct Timings {
     pub output_bytes: u64,
     /// Guest uptime when the agent said hello (the guest's own clock: boot to ready).
     pub guest_ready_uptime: Duration,
+    /// The VM was a warm pool VM (booted before the job).
+    pub warm: bool,
+    /// `run_step` called → the job sent to a ready VM (a cold boot, or nearly nothing warm).
+    pub vm_wait: Duration,
+    /// `run_step` called → outcome checked and QEMU gone: the step's latency.
+    pub latency: Duration,
+    /// Host checks done → QEMU exited (the guest's sync and power-off after `Bye`, what of it
+    /// the checks did not hide).
+    pub power_off: Duration,
 }
 
 /// One output as received and checked.

@@ -2,7 +2,9 @@
 //!
 //! The guest sends a heartbeat every couple of seconds (`channel::liveness`), so a healthy channel
 //! never goes quiet, whatever the builder does. [`ChannelWatch`] turns silence into an error:
-//! - **boot**: no frame at all (not even `Hello`) by QEMU start + the boot timeout;
+//! - **boot**: no frame at all (not even `Hello`) by QEMU start + the boot timeout, and, for
+//!   a boot's watch ([`ChannelWatch::for_boot`]), no `Ready` by then either (whatever else
+//!   the guest sends);
 //! - **read stall**: after the first frame, no complete frame (heartbeat or data) for the stall
 //!   window;
 //! - **write stall**: a write to the guest that makes no progress for the stall window (the
@@ -46,6 +48,9 @@ pub enum Trip {
     /// The agent did not say hello in time.
     #[error("the guest agent did not say hello within {} s of QEMU's start (boot watchdog)", Secs(*.0))]
     NoHello(Duration),
+    /// The agent said hello but was not ready (launch accepted) in time.
+    #[error("the guest agent was not ready within {} s of QEMU's start (boot watchdog)", Secs(*.0))]
+    NotReady(Duration),
     /// No frame for the stall window.
     #[error("channel stalled: no frame from the guest for {} s", Secs(*.0))]
     Silent(Duration),
@@ -61,6 +66,8 @@ pub struct ChannelWatch {
     window: Duration,
     hello_by: Instant,
     boot_timeout: Duration,
+    /// A boot's hard deadline: QEMU start + the boot timeout.
+    ready_by: Option<Instant>,
     tripped: Mutex<Option<Trip>>,
 }
 
@@ -73,8 +80,34 @@ impl ChannelWatch {
             window,
             hello_by: started + boot_timeout,
             boot_timeout,
+            ready_by: None,
             tripped: Mutex::new(None),
         })
+    }
+
+    /// A watch for a boot: as [`ChannelWatch::new`], and everything read must be read by
+    /// `started + boot_timeout` (the caller reads up to the agent's `Ready`).
+    pub fn for_boot(
+        started: Instant,
+        boot_timeout: Duration,
+        window: Duration,
+    ) -> Arc<ChannelWatch> {
+        Arc::new(ChannelWatch {
+            liveness: Liveness::new(),
+            window,
+            hello_by: started + boot_timeout,
+            boot_timeout,
+            ready_by: Some(started + boot_timeout),
+            tripped: Mutex::new(None),
+        })
+    }
+
+    /// A watch for the job of a VM whose agent is already ready (it booted earlier, e.g. in a
+    /// warm pool): a frame at least every `window` from now.
+    pub fn for_job(window: Duration) -> Arc<ChannelWatch> {
+        let watch = ChannelWatch::new(Instant::now(), window, window);
+        watch.liveness.beat();
+        watch
     }
 
     /// What the frame reader stamps.
@@ -97,6 +130,8 @@ impl ChannelWatch {
     fn read_overdue(&self) -> Option<Trip> {
         if self.liveness.frames() == 0 {
             (Instant::now() >= self.hello_by).then_some(Trip::NoHello(self.boot_timeout))
+        } else if self.ready_by.is_some_and(|t| Instant::now() >= t) {
+            Some(Trip::NotReady(self.boot_timeout))
         } else {
             (self.liveness.silent_for() >= self.window).then_some(Trip::Silent(self.window))
         }
@@ -138,6 +173,12 @@ impl Read for GuardedReader {
         loop {
             if let Some(t) = self.watch.tripped() {
                 return Err(io::Error::new(io::ErrorKind::TimedOut, t.to_string()));
+            }
+            // A boot's deadline holds even while frames keep coming.
+            if self.watch.ready_by.is_some_and(|t| Instant::now() >= t) {
+                if let Some(t) = self.watch.read_overdue() {
+                    return Err(self.watch.trip(t));
+                }
             }
             match self.stream.read(buf) {
                 Err(e) if is_tick(&e) || e.kind() == io::ErrorKind::Interrupted => {
@@ -251,6 +292,35 @@ mod tests {
         guest2.write_all(b"\x08\0\0\0\x10\0\0\0abc").unwrap();
         assert!(fr.next_frame().is_err());
         assert_eq!(watch.tripped(), Some(Trip::Silent(Duration::from_millis(200))));
+        drop(guest);
+    }
+
+    /// A boot's watch: a guest that says hello and keeps heartbeating but never gets ready
+    /// meets the boot deadline all the same.
+    #[test]
+    fn a_boot_that_never_gets_ready_trips_while_frames_keep_coming() {
+        let boot = Duration::from_millis(500);
+        let watch = ChannelWatch::for_boot(Instant::now(), boot, Duration::from_secs(60));
+        let (r, _w, guest) = pair(&watch);
+        let mut fw = FrameWriter::new(guest.try_clone().unwrap());
+        fw.send(Kind::Hello, b"{}").unwrap();
+        let mut fr = FrameReader::with_liveness(r, watch.liveness());
+        fr.expect(Kind::Hello, "hello").unwrap();
+        let t = Instant::now();
+        let beats = std::thread::spawn(move || {
+            for _ in 0..40 {
+                std::thread::sleep(Duration::from_millis(50));
+                if fw.send(Kind::Heartbeat, b"{}").is_err() {
+                    break;
+                }
+            }
+        });
+        let e = fr.next_frame().unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        assert_eq!(watch.tripped(), Some(Trip::NotReady(boot)));
+        assert!(build_trace::error_chain(&e).contains("was not ready within 0.5 s"), "{e}");
+        assert!(fr.heartbeats() >= 3, "heartbeats kept coming: {}", fr.heartbeats());
+        beats.join().unwrap();
         drop(guest);
     }
 

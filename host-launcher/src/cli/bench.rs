@@ -35,6 +35,12 @@ pub enum Command {
         /// MiB sent through the channel for the throughput and hashing measurements.
         #[arg(long, default_value_t = 32)]
         mib: u64,
+        /// Independent steps in the batch measurement (0: none).
+        #[arg(long, default_value_t = 50)]
+        batch: usize,
+        /// Steps at once in the batch (vouch's pool size and threads; Nix's --max-jobs).
+        #[arg(long, default_value_t = 2)]
+        jobs: usize,
         /// VM mode (default: automatic; snp is measured as kvm).
         #[arg(long, value_enum)]
         mode: Option<Mode>,
@@ -50,8 +56,16 @@ pub enum Command {
 
 /// Run `vouch bench …`.
 pub fn run(cmd: Command, global: &Global) -> CmdResult {
-    let (runs, mib, mode, image, json) = match cmd {
-        Command::Vm { runs, mib, mode, image, json } => (runs, mib, mode, image, json),
+    let (params, mode, image, json) = match cmd {
+        Command::Vm { runs, mib, batch, jobs, mode, image, json } => {
+            let params = host_launcher::bench::BenchParams {
+                runs: runs.max(1),
+                mib: mib.max(1),
+                batch_steps: batch,
+                jobs: jobs.max(1),
+            };
+            (params, mode, image, json)
+        }
         Command::Boot { append, timeout, image } => {
             let cfg = LauncherConfig::new(
                 image.unwrap_or_else(vm_image::default_bench_image_dir),
@@ -74,9 +88,7 @@ pub fn run(cmd: Command, global: &Global) -> CmdResult {
         global.state_dir(),
     );
     cfg.mode = mode;
-    let r = host_launcher::bench::run(&cfg, runs.max(1), mib.max(1), &mut |s| {
-        eprintln!("vouch bench: {s}")
-    })?;
+    let r = host_launcher::bench::run(&cfg, params, &mut |s| eprintln!("vouch bench: {s}"))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(ExitCode::SUCCESS);
@@ -94,16 +106,30 @@ pub fn run(cmd: Command, global: &Global) -> CmdResult {
         r.step_boot_s
     );
     println!(
-        "      job setup {:.3} s, input transfer {:.3} s ({} bytes), build {:.3} s, hashing {:.3} s, attestation {:.3} s, output transfer {:.3} s, host checks {:.3} s, total {:.3} s",
+        "      job setup {:.3} s, input transfer {:.3} s ({} bytes), build {:.3} s, hashing {:.3} s, attestation {:.3} s, output transfer {:.3} s, host checks {:.3} s, total {:.3} s, latency {:.3} s",
         r.step_job_setup_s, r.step_input_transfer_s, r.step_input_bytes, r.step_build_s, r.step_hashing_s, r.step_attestation_s,
-        r.step_output_transfer_s, r.step_verification_s, r.step_total_s
+        r.step_output_transfer_s, r.step_verification_s, r.step_total_s, r.step_latency_s
     );
     println!(
-        "nix-build (sandbox {}): {:.3} s; vouch step / nix-build = {:.1}x",
+        "warm step (pool VM): latency {:.3} s: input closure query + VM taken {:.3} s, job setup {:.3} s, input transfer {:.3} s, build {:.3} s, outputs (hash, attest, send) {:.3} s, host checks {:.3} s, power-off until QEMU exited {:.3} s (launch check {:.3} s before the job)",
+        r.warm_latency_s, r.warm_prepare_s, r.warm_job_setup_s, r.warm_input_transfer_s, r.warm_build_s, r.warm_outputs_s,
+        r.warm_verification_s, r.warm_power_off_s, r.warm_launch_s
+    );
+    println!(
+        "nix-build (sandbox {}): {:.3} s; cold step / nix-build = {:.1}x; warm step / nix-build = {:.1}x; warm / cold = {:.2}x",
         r.nix_sandbox,
         r.nix_build_s,
-        r.step_total_s / r.nix_build_s
+        r.step_latency_s / r.nix_build_s,
+        r.warm_latency_s / r.nix_build_s,
+        r.warm_latency_s / r.step_latency_s
     );
+    if r.batch_steps > 0 {
+        println!(
+            "batch: {} independent steps, {} at once: vouch (warm pool of {}) {:.2} s, nix-build --max-jobs {} {:.2} s; ratio {:.1}x",
+            r.batch_steps, r.batch_jobs, r.batch_jobs, r.batch_vouch_s, r.batch_jobs, r.batch_nix_s,
+            r.batch_vouch_s / r.batch_nix_s
+        );
+    }
     println!(
         "channel: raw {:.1} MiB/s; in-guest SHA-256 {:.1} MiB/s; host SHA-256 {:.1} MiB/s (guest/host {:.3}x)",
         r.raw_channel_mib_s, r.guest_hash_mib_s, r.host_hash_mib_s, r.guest_hash_mib_s / r.host_hash_mib_s

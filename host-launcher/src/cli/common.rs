@@ -13,6 +13,7 @@ use host_launcher::build::LauncherConfig;
 use host_launcher::core::keys::KeyNameError;
 use host_launcher::core::publish::default_trace_store;
 use host_launcher::core::{Engine, KeyNaming, NixVersion, PublishConfig};
+use host_launcher::pool::{self, Pool, PoolConfig, ShutdownOnDrop};
 use host_launcher::store::{StoreConfig, DEFAULT_MAX_BYTES};
 use host_launcher::vm::{egress, Mode};
 
@@ -77,7 +78,8 @@ pub struct VmArgs {
     /// Guest RAM in MiB (raised if --max-memory needs more).
     #[arg(long, default_value_t = 2048, value_name = "MIB")]
     pub memory: u32,
-    /// Guest vCPUs (kvm/tcg; SNP uses the image's measured count).
+    /// Guest vCPUs (SNP: the image must be measured for this count, `vouch image build
+    /// --vcpu-counts`).
     #[arg(long, default_value_t = 1)]
     pub cpus: u32,
     /// The QEMU binary.
@@ -195,6 +197,14 @@ pub struct BuilderArgs {
     /// the self-reference rule of content-addressed output paths.
     #[arg(long, value_name = "X.Y")]
     pub client_nix_version: Option<NixVersion>,
+    /// Keep N VMs booted ahead of jobs (`serve`, `nix-builder --listen`): each takes one job
+    /// that fits it, then powers off; never reused [default: what a quarter of the host's
+    /// available memory holds, at most 4; 0: none].
+    #[arg(long, value_name = "N")]
+    pub pool: Option<usize>,
+    /// Replace a pool VM that waited this many seconds for a job with a fresh one.
+    #[arg(long, default_value_t = 600, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub pool_idle: u64,
     /// Trace store, limits (vouch's defaults where the client sets none: always over
     /// `ssh-ng://`), VM and key.
     #[command(flatten)]
@@ -209,6 +219,34 @@ impl BuilderArgs {
         let engine =
             self.engine.engine(state_dir, &host_launcher::core::request::builder_limits())?;
         Ok((engine, StoreConfig { max_bytes }))
+    }
+}
+
+impl BuilderArgs {
+    /// Start the warm pool that `--pool` asks for (or its default size) for `engine`'s
+    /// launcher, and give it to the launcher. `None` for size 0, or when VMs cannot be
+    /// prepared (no image, no SNP preflight): said loudly, and builds then boot on demand and
+    /// report the error themselves, while the server serves what needs no VM. Dropping the
+    /// handle shuts the pool down (every pool VM killed).
+    pub fn start_pool(&self, engine: &mut Engine) -> Option<ShutdownOnDrop> {
+        let size = self.pool.unwrap_or_else(|| pool::default_size(engine.launcher.memory_mib));
+        if size == 0 {
+            return None;
+        }
+        let cfg = PoolConfig { size, idle: Duration::from_secs(self.pool_idle), boot_parallel: 2 };
+        match Pool::start(&engine.launcher, cfg) {
+            Ok(pool) => {
+                engine.launcher.pool = Some(pool.clone());
+                Some(ShutdownOnDrop(pool))
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "no warm VM pool (builds boot on demand): {}",
+                    build_trace::error_chain(&e)
+                );
+                None
+            }
+        }
     }
 }
 

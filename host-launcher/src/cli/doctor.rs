@@ -1,6 +1,8 @@
 //! `vouch doctor`: what this host can do, one line per check with the fix for each failing one
 //! (`host_launcher::snp::checks`), and the mode `vouch build` would pick; `--json` prints the
-//! same as one JSON object. Exit 0 when builds can run at all (QEMU, a vsock backend and an
+//! same as one JSON object (`checks` with `name`, `status` ok|warn|fail, `detail`, `fix`,
+//! `needed`; `mode` snp|kvm|tcg, `evidence` sev-snp|simulated, `mode_refused`, `can_build`,
+//! `snp_ready`). Exit 0 when builds can run at all (QEMU, a vsock backend and an
 //! image; with `--snp`: every SEV-SNP check too), 1 otherwise.
 
 use std::path::PathBuf;
@@ -110,9 +112,12 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     }
     checks.push(network_check());
     let snp_ok = checks.iter().all(|c| c.status != Status::Fail);
-    let mode = match choose_mode(None, &facts.caps, image_snp).unwrap_or(Mode::Tcg) {
-        // The launcher would refuse SNP while a check fails (its preflight).
-        Mode::Snp if !snp_ok => "snp, refused by the preflight until the failing checks pass",
+    let chosen = choose_mode(None, &facts.caps, image_snp).unwrap_or(Mode::Tcg);
+    // The launcher would refuse SNP while a check fails (its preflight).
+    let refused = chosen == Mode::Snp && !snp_ok;
+    let evidence = if chosen == Mode::Snp { "sev-snp" } else { "simulated" };
+    let mode = match chosen {
+        Mode::Snp if refused => "snp, refused by the preflight until the failing checks pass",
         Mode::Snp => "snp; evidence: sev-snp",
         Mode::Kvm => "kvm; evidence: simulated (no SEV-SNP here)",
         Mode::Tcg => "tcg; evidence: simulated (no SEV-SNP here)",
@@ -122,7 +127,9 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     if args.json {
         let v = serde_json::json!({
             "checks": checks,
-            "mode": mode,
+            "mode": chosen.to_string(),
+            "evidence": evidence,
+            "mode_refused": refused,
             "can_build": can_build,
             "snp_ready": snp_ok,
         });

@@ -20,7 +20,7 @@ use build_trace::evidence::{
     SimulatedRoot, Verifier, SIMULATED_ROOT_DIR,
 };
 
-use super::{CmdResult, Global};
+use super::{evidence_report, exit, CmdResult, Global};
 
 /// Subcommands of `vouch evidence`.
 #[derive(Debug, clap::Subcommand)]
@@ -38,16 +38,24 @@ pub enum Command {
 
 #[derive(Debug, clap::Args)]
 pub struct CheckArgs {
+    /// The evidence bundle vouch stores with a step (`evidence.json`), or the trace entry
+    /// directory holding it; with its `statement.json` beside it, the REPORT_DATA and HOST_DATA
+    /// that statement demands are checked too.
+    #[arg(long, value_name = "FILE|DIR", conflicts_with_all = ["report", "cert", "chain"])]
+    pub bundle: Option<PathBuf>,
     /// The raw 1184-byte report.
-    #[arg(long)]
-    pub report: PathBuf,
+    #[arg(long, required_unless_present = "bundle", requires = "cert")]
+    pub report: Option<PathBuf>,
     /// The VCEK or VLEK (DER or PEM). A PEM may carry the ASK/ASVK and ARK after it.
-    #[arg(long)]
-    pub cert: PathBuf,
+    #[arg(long, requires = "report")]
+    pub cert: Option<PathBuf>,
     /// ASK/ASVK and ARK (PEM bundle in any order, or one DER ARK for a simulated root).
     /// Default: AMD's built-in chain of the product the report and certificate name.
     #[arg(long)]
     pub chain: Option<PathBuf>,
+    /// Print one JSON object (every check with `ok`, `not-checked`, `fail` or `not-reached`).
+    #[arg(long)]
+    pub json: bool,
     /// Check certificate validity at this UTC time (2025-06-01 or 2025-06-01T12:00:00Z)
     /// instead of now; overrides the policy's check_time.
     #[arg(long)]
@@ -123,6 +131,18 @@ pub enum EvidenceCliError {
     Builtin(#[source] build_trace::evidence::BuiltinChainError),
     #[error("simulated root")]
     Simulated(#[source] build_trace::evidence::SimulatedError),
+    #[error("{path}: not an evidence bundle (evidence.json)")]
+    Bundle {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{path}: not a canonical statement")]
+    Statement {
+        path: PathBuf,
+        #[source]
+        source: build_trace::statement::StatementError,
+    },
 }
 
 pub fn run(cmd: Command, global: &Global) -> CmdResult {
@@ -157,8 +177,12 @@ fn opt_hex<const N: usize>(
 }
 
 /// The bundle from `--report`, `--cert` and `--chain` (or AMD's built-in chain).
-fn assemble(args: &CheckArgs, report: Vec<u8>) -> Result<EvidenceBundle, EvidenceCliError> {
-    let mut certs = read_certs(&args.cert)?;
+fn assemble(
+    args: &CheckArgs,
+    cert: &Path,
+    report: Vec<u8>,
+) -> Result<EvidenceBundle, EvidenceCliError> {
+    let mut certs = read_certs(cert)?;
     let vek = certs.remove(0);
     if let Some(chain) = &args.chain {
         certs.extend(read_certs(chain)?);
@@ -205,13 +229,52 @@ const ALL_CHECKS: [Check; 19] = [
     Check::ReservedBytes,
 ];
 
+/// The statement stored beside a bundle, and the HOST_DATA and REPORT_DATA it demands.
+type FromStatement = Option<(PathBuf, Expected)>;
+
+/// The bundle to check and what it is called, and the expectations its statement sets.
+fn evidence_of(
+    args: &CheckArgs,
+) -> Result<(EvidenceBundle, String, FromStatement), EvidenceCliError> {
+    let (Some(path), None) = (&args.bundle, &args.report) else {
+        let (report, cert) = (args.report.as_deref(), args.cert.as_deref());
+        let (report, cert) = report.zip(cert).ok_or(EvidenceCliError::Argument {
+            flag: "report",
+            reason: "give --report and --cert, or --bundle".into(),
+        })?;
+        let bundle = assemble(args, cert, read(report)?)?;
+        return Ok((bundle, report.display().to_string(), None));
+    };
+    let (file, statement) = evidence_report::stored_bundle(path);
+    let bundle = serde_json::from_slice(&read(&file)?)
+        .map_err(|source| EvidenceCliError::Bundle { path: file.clone(), source })?;
+    let expected = match statement {
+        None => None,
+        Some(st) => {
+            let bytes = read(&st)?;
+            build_trace::statement::Statement::from_canonical_bytes(&bytes)
+                .map_err(|source| EvidenceCliError::Statement { path: st.clone(), source })?;
+            let expected = Expected {
+                host_data: build_trace::statement::host_data_of(&bytes),
+                report_data: Some(build_trace::statement::report_data_of(&bytes)),
+            };
+            Some((st, expected))
+        }
+    };
+    Ok((bundle, file.display().to_string(), expected))
+}
+
 fn check(args: CheckArgs) -> CmdResult {
-    let report = read(&args.report)?;
     let mut policy = match &args.policy {
         Some(path) => {
             let text = String::from_utf8_lossy(&read(path)?).into_owned();
-            EvidencePolicy::from_toml(&text)
-                .map_err(|e| EvidenceCliError::Policy { path: path.clone(), source: e.into() })?
+            EvidencePolicy::from_toml(&text).map_err(|e| {
+                let source = match trust_policy_hint(&text) {
+                    Some(hint) => format!("{hint}: {e}").into(),
+                    None => e.into(),
+                };
+                EvidenceCliError::Policy { path: path.clone(), source }
+            })?
         }
         None => EvidencePolicy::default(),
     };
@@ -221,23 +284,21 @@ fn check(args: CheckArgs) -> CmdResult {
         policy.check_time = Some(CheckTime(t));
     }
     if let Some(m) = &args.measurement {
-        policy.measurements = Some(vec![Hex(hex_arg::<48>("measurement", m)?)]);
+        policy.measurements = Some(vec![Hex(hex_arg::<48>("measurement", m)?)].into());
     }
+    let (bundle, name, from_statement) = evidence_of(&args)?;
+    let (statement, from_statement) = match from_statement {
+        Some((p, e)) => (Some(p.display().to_string()), e),
+        None => (None, Expected::default()),
+    };
+    // Values given on the command line win over the statement's.
     let expected = Expected {
-        host_data: opt_hex("host-data", &args.host_data)?,
-        report_data: opt_hex("report-data", &args.report_data)?,
+        host_data: opt_hex("host-data", &args.host_data)?.or(from_statement.host_data),
+        report_data: opt_hex("report-data", &args.report_data)?.or(from_statement.report_data),
     };
-    let bundle = assemble(&args, report)?;
-
-    println!("checking {}", args.report.display());
-    if args.policy.is_none() {
-        println!("(no --policy: authenticity and the default guest policy rules)");
-    }
-    let mut passed = Vec::new();
-    let mut observer = |check: Check, detail: String| {
-        println!("  [ ok ] {:<24} {detail}", check.name());
-        passed.push(check);
-    };
+    let mut lines = Vec::new();
+    let mut observer =
+        |check: Check, detail: String| lines.push(evidence_report::passed(check, detail));
     let result = Verifier::new().inspect(
         &bundle,
         &policy,
@@ -245,35 +306,26 @@ fn check(args: CheckArgs) -> CmdResult {
         SystemTime::now(),
         Some(&mut observer),
     );
-    if let Err(e) = &result {
-        println!("  [FAIL] {:<24} {e}", e.check().name());
-        let failed = e.check();
-        for c in ALL_CHECKS.iter().filter(|c| !passed.contains(c) && **c != failed) {
-            println!("  [ -- ] {:<24} not reached", c.name());
+    let answer =
+        evidence_report::Answer::new(name, statement, lines, &ALL_CHECKS, &bundle, &result);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+    } else {
+        if args.policy.is_none() {
+            println!("(no --policy: authenticity and the default guest policy rules)");
         }
+        answer.print();
     }
-    if let Ok(parsed) = Report::parse(&bundle.report) {
-        println!("MEASUREMENT: {}", hex::encode(parsed.measurement()));
-        println!("HOST_DATA:   {}", hex::encode(parsed.host_data()));
-        println!("REPORT_DATA: {}", hex::encode(parsed.report_data()));
-    }
-    match result {
-        Ok(v) if v.is_simulated() => {
-            println!(
-                "result: PASS: SIMULATED evidence ({}); it proves nothing about hardware",
-                v.root
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        Ok(v) => {
-            println!("result: PASS: AMD SEV-SNP evidence, {}, signed by {}", v.root, v.signer);
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(e) => {
-            println!("result: FAIL ({}): {e}", e.check().name());
-            Ok(ExitCode::from(1))
-        }
-    }
+    Ok(ExitCode::from(if result.is_ok() { exit::OK } else { exit::REJECTED }))
+}
+
+/// The reverse trap: a trust policy (docs/trust-policy.md) where an evidence policy is expected.
+fn trust_policy_hint(text: &str) -> Option<&'static str> {
+    let doc = text.parse::<toml::Table>().ok()?;
+    ["require", "builders", "keys"].iter().any(|k| doc.contains_key(*k)).then_some(
+        "this is a trust policy (docs/trust-policy.md); `vouch evidence check --policy` takes an \
+         evidence policy (docs/evidence.md): the contents of one [builders.NAME.evidence] table",
+    )
 }
 
 fn show(path: &Path) -> CmdResult {
@@ -302,7 +354,7 @@ fn simulate(args: SimulateArgs, global: &Global) -> CmdResult {
     let report_data = opt_hex("report-data", &args.report_data)?.unwrap_or([0; 64]);
     let report = root.attester(launch).report(&report_data);
     let mut policy = root.allowed_by(EvidencePolicy::default());
-    policy.measurements = Some(vec![Hex(launch.measurement)]);
+    policy.measurements = Some(vec![Hex(launch.measurement)].into());
     fs::create_dir_all(&args.out)
         .map_err(|source| EvidenceCliError::Write { path: args.out.clone(), source })?;
     let policy_text = format!(

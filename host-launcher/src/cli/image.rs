@@ -64,6 +64,10 @@ pub enum Command {
         kernel_source: PathBuf,
         #[command(flatten)]
         snp: SnpArgs,
+        /// vCPU counts to record an expected SNP measurement for, besides --vcpus (the launcher
+        /// needs the one of the VM size it launches: each vCPU's VMSA is measured).
+        #[arg(long, value_delimiter = ',', default_values_t = vm_image::image::DEFAULT_VCPU_COUNTS.to_vec())]
+        vcpu_counts: Vec<u32>,
     },
     /// Recompute the expected SNP launch measurement offline.
     Measure {
@@ -88,11 +92,14 @@ pub enum Command {
         #[command(flatten)]
         snp: SnpArgs,
     },
-    /// Print an image's manifest.
+    /// Print an image's manifest (after checking its files against it).
     Show {
         /// Image directory (default: $VOUCH_IMAGE_DIR, else $VOUCH_CACHE/image).
         #[arg(long)]
         image: Option<PathBuf>,
+        /// Print `{"image": DIR, "manifest": {…}}` (the manifest as `manifest.json` has it).
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -115,7 +122,7 @@ fn agent_version(agent: &Path) -> Result<String, Box<dyn std::error::Error + Sen
 /// Run `vouch image …`.
 pub fn run(cmd: Command, _global: &Global) -> CmdResult {
     match cmd {
-        Command::Build { out, agent, ovmf, kernel_source, snp } => {
+        Command::Build { out, agent, ovmf, kernel_source, snp, vcpu_counts } => {
             let out = out.unwrap_or_else(vm_image::default_image_dir);
             let cache = vm_image::cache_dir();
             let version = agent_version(&agent)?;
@@ -128,6 +135,7 @@ pub fn run(cmd: Command, _global: &Global) -> CmdResult {
                 kernel: &kernel,
                 ovmf: ovmf.as_deref(),
                 snp: snp.params(SnpParams::default()),
+                vcpu_counts: &vcpu_counts,
             };
             let m = vm_image::build_image(&spec, &out)?;
             println!("image: {}", out.display());
@@ -176,10 +184,15 @@ pub fn run(cmd: Command, _global: &Global) -> CmdResult {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Show { image } => {
+        Command::Show { image, json } => {
             let dir = image.unwrap_or_else(vm_image::default_image_dir);
             let m = Manifest::load(&dir)?;
             m.verify_files(&dir)?;
+            if json {
+                let v = serde_json::json!({ "image": dir, "files_match": true, "manifest": m });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(ExitCode::SUCCESS);
+            }
             println!("image: {} (files match the manifest)", dir.display());
             print_manifest(&m);
             Ok(ExitCode::SUCCESS)
@@ -196,15 +209,23 @@ fn print_manifest(m: &Manifest) {
     println!("cmdline: {}", m.cmdline);
     println!("simulated measurement: {}", m.simulated_measurement);
     match &m.snp {
-        Some(s) => println!(
-            "SNP measurement: {} (OVMF sha256 {}, {} vCPU {}, guest features {:#x}, {})",
-            s.expected_measurement,
-            s.ovmf.sha256,
-            s.params.vcpus,
-            s.params.vcpu_type,
-            s.params.guest_features,
-            s.params.vmm_type
-        ),
+        Some(s) => {
+            println!(
+                "SNP measurement: {} (OVMF sha256 {}, {} vCPU {}, guest features {:#x}, {})",
+                s.expected_measurement,
+                s.ovmf.sha256,
+                s.params.vcpus,
+                s.params.vcpu_type,
+                s.params.guest_features,
+                s.params.vmm_type
+            );
+            for shape in &s.measurements {
+                println!(
+                    "SNP measurement, {} vCPU {}: {}",
+                    shape.vcpus, shape.vcpu_type, shape.measurement
+                );
+            }
+        }
         None => {
             println!("SNP measurement: none (built without an AmdSev OVMF; snp mode unavailable)")
         }

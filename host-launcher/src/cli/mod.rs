@@ -12,15 +12,22 @@ pub mod cache;
 pub mod common;
 pub mod doctor;
 pub mod evidence;
+mod evidence_report;
+pub mod exit;
 pub mod image;
+pub mod key;
 pub mod log;
 pub mod nix_builder;
+pub mod policy;
+mod policy_explain;
 pub mod provenance;
 pub mod selftest;
 pub mod serve;
 pub mod snp;
 pub mod trace;
 pub mod verify;
+pub mod verify_bytes;
+mod verify_graph;
 
 /// What every subcommand returns: an exit code, or an error whose chain `main` prints.
 pub type CmdResult = Result<ExitCode, CmdError>;
@@ -43,17 +50,20 @@ impl Global {
     /// The state directory: `--state-dir`, `$VOUCH_STATE_DIR`, else `$XDG_DATA_HOME/vouch`
     /// (`~/.local/share/vouch`), else `/var/lib/vouch`.
     pub fn state_dir(&self) -> PathBuf {
-        if let Some(dir) = &self.state_dir {
-            return dir.clone();
-        }
-        if let Some(data) = std::env::var_os("XDG_DATA_HOME") {
-            return PathBuf::from(data).join("vouch");
-        }
-        if let Some(home) = std::env::var_os("HOME") {
-            return PathBuf::from(home).join(".local/share/vouch");
-        }
-        PathBuf::from("/var/lib/vouch")
+        self.state_dir.clone().unwrap_or_else(default_state_dir)
     }
+}
+
+/// The state directory without `--state-dir` or `$VOUCH_STATE_DIR`: `$XDG_DATA_HOME/vouch`,
+/// else `~/.local/share/vouch`, else `/var/lib/vouch`.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(data) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(data).join("vouch");
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        return PathBuf::from(home).join(".local/share/vouch");
+    }
+    PathBuf::from("/var/lib/vouch")
 }
 
 /// Logs go to stderr (stdout carries results, and for `nix-builder` the protocol itself).

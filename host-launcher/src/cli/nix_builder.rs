@@ -7,6 +7,12 @@
 //! own content store in the state directory. On stdin/stdout, stdout carries the protocol only;
 //! logs go to stderr and, for builds, to the client. See `docs/nix-remote-builder.md` for the
 //! Nix side.
+//!
+//! Trust (as Nix's `trusted-users`): no client is trusted unless the operator says so — with
+//! `--trusted-user` for the users (by `SO_PEERCRED`) whose `--listen` connections are trusted,
+//! with `--trusted` for the one client of a `--stdio`/`--serve` process (in the forced command
+//! of the ssh key the operator trusts). `--trusted-public-key` names the keys whose signature
+//! certifies an upload that has no content address (`host_launcher::store::session`).
 
 use std::io::{BufReader, BufWriter};
 use std::os::fd::AsFd;
@@ -16,11 +22,12 @@ use std::sync::Arc;
 
 use host_launcher::nixbuilder::real_store::RealStore;
 use host_launcher::nixbuilder::Session;
-use host_launcher::nixproto::listen::{self, ListenConfig, SessionFactory, SocketListener};
+use host_launcher::nixproto::listen::{self, ListenConfig, Peer, SessionFactory, SocketListener};
 use host_launcher::nixproto::{serve, worker, Handler, ServerError};
 use host_launcher::recovery;
 use host_launcher::signals::Signals;
-use host_launcher::store::ContentStore;
+use host_launcher::store::{ClientTrust, ContentStore, SessionStore};
+use nix_formats::signing::PublicKey;
 
 use super::common::BuilderArgs;
 use super::{CmdResult, Global};
@@ -49,6 +56,23 @@ pub struct Args {
     /// With --serve: allow uploads and builds (Nix always passes it for builders).
     #[arg(long, requires = "serve")]
     pub write: bool,
+    /// With --listen: a user (name or uid) whose connections are trusted, as Nix trusts its
+    /// `trusted-users` (repeatable). The peer's uid comes from the kernel (SO_PEERCRED). Other
+    /// clients are not trusted: they may upload only content-addressed paths or paths signed by
+    /// a --trusted-public-key, and build input-addressed derivations only from their .drv
+    /// closure. Default: nobody.
+    #[arg(long = "trusted-user", value_name = "NAME|UID", requires = "listen")]
+    pub trusted_users: Vec<String>,
+    /// With --stdio or --serve: trust this process's client, as Nix trusts its
+    /// `trusted-users`. Put it in the forced command of the ssh keys you trust
+    /// (`command="vouch nix-builder --trusted --stdio"` in authorized_keys); the client must not
+    /// be able to choose its own command line. Default: not trusted.
+    #[arg(long, conflicts_with = "listen")]
+    pub trusted: bool,
+    /// A Nix public key (`name:base64`) whose signature on an uploaded path certifies it
+    /// without a content address, for any client (repeatable), e.g. `cache.nixos.org-1:…`.
+    #[arg(long = "trusted-public-key", value_name = "NAME:KEY")]
+    pub trusted_public_keys: Vec<String>,
     /// Accepted for compatibility (Nix appends `--store X` for `remote-store=X`); vouch keeps
     /// its own content store in the state directory.
     #[arg(long, value_name = "URI")]
@@ -60,6 +84,13 @@ pub struct Args {
 
 /// Run `vouch nix-builder`.
 pub fn run(args: Args, global: &Global) -> CmdResult {
+    let keys = args
+        .trusted_public_keys
+        .iter()
+        .map(|k| PublicKey::parse(k).map_err(|e| format!("--trusted-public-key {k:?}: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let trusted_uids =
+        args.trusted_users.iter().map(|u| uid_of(u)).collect::<Result<Vec<_>, _>>()?;
     // Before any thread starts: they inherit the mask that routes SIGINT/SIGTERM to a descriptor.
     let signals = args.listen.as_ref().map(|_| Signals::new()).transpose()?;
     // Refuse a live socket before touching anything; on any later error the socket goes again.
@@ -68,7 +99,7 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     if let Some(s) = &args.store {
         tracing::debug!(store = %s, "ignoring --store: vouch keeps its own content store");
     }
-    let (engine, store_cfg) = args.builder.config(&state_dir)?;
+    let (mut engine, store_cfg) = args.builder.config(&state_dir)?;
     let store_dir = state_dir.join("store");
     let store = ContentStore::open(&store_dir, store_cfg)?;
     if let Some(listener) = &listener {
@@ -94,9 +125,14 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
             listener.path().display(),
             real.dir().display()
         );
+        let pool = args.builder.start_pool(&mut engine);
         let cancel = engine.launcher.cancel.clone();
-        let new_session: Arc<SessionFactory> = Arc::new(move |_n, hangup| {
-            let store = ContentStore::open(&store_dir, store_cfg)?;
+        tracing::info!(uids = ?trusted_uids, "trusted users (--trusted-user)");
+        let new_session: Arc<SessionFactory> = Arc::new(move |peer: &Peer, hangup| {
+            let trusted = peer.uid.is_some_and(|u| trusted_uids.contains(&u));
+            tracing::info!(uid = ?peer.uid, trusted, "connected");
+            let trust = ClientTrust { trusted, keys: keys.clone() };
+            let store = SessionStore::new(ContentStore::open(&store_dir, store_cfg)?, trust)?;
             // The session's builds stop at shutdown and when its client hangs up.
             let mut engine = engine.clone();
             engine.launcher.cancel = engine.launcher.cancel.joined(hangup);
@@ -105,10 +141,14 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         });
         let lcfg = ListenConfig { worker: worker_cfg, grace: listen::DEFAULT_GRACE };
         let summary =
-            listen::serve_socket(listener, &mut signals, &lcfg, new_session, &|| cancel.cancel())?;
+            listen::serve_socket(listener, &mut signals, &lcfg, new_session, &|| cancel.cancel());
+        drop(pool);
         tracing::info!(?summary, "stopped");
+        summary?;
         return Ok(ExitCode::SUCCESS);
     }
+    tracing::info!(trusted = args.trusted, "client trust (--trusted)");
+    let trust = ClientTrust { trusted: args.trusted, keys };
     // Nix gone (its ssh connection closed) while a build runs: stop the build.
     let hangup = host_launcher::build::Cancel::default();
     let over = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -116,7 +156,7 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     listen::watch_hangup(stdin, hangup.clone(), over.clone(), 0)?;
     let mut engine = engine;
     engine.launcher.cancel = engine.launcher.cancel.joined(&hangup);
-    let mut session = Session::new(engine, store);
+    let mut session = Session::new(engine, SessionStore::new(store, trust)?);
 
     // The protocol owns stdin/stdout; buffered copies of the descriptors avoid stdout's line
     // buffering on binary data.
@@ -139,5 +179,17 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
             Ok(ExitCode::from(1))
         }
         Err(e) => Err(Box::new(e)),
+    }
+}
+
+/// The uid of `--trusted-user NAME|UID`.
+fn uid_of(user: &str) -> Result<u32, String> {
+    if let Ok(uid) = user.parse::<u32>() {
+        return Ok(uid);
+    }
+    match nix::unistd::User::from_name(user) {
+        Ok(Some(u)) => Ok(u.uid.as_raw()),
+        Ok(None) => Err(format!("--trusted-user {user:?}: no such user (give a name or a uid)")),
+        Err(e) => Err(format!("--trusted-user {user:?}: looking up the user: {e}")),
     }
 }

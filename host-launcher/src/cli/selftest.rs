@@ -32,7 +32,15 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     let cfg = args.vm.launcher(&state_dir, &limits);
     let work = selftest::work_dir(&state_dir)?;
     eprintln!("vouch: selftest: building a tiny derivation in a VM (this boots one VM)");
-    let report = selftest::run(&cfg, work.path())?;
+    let report = match selftest::run(&cfg, work.path()) {
+        Ok(r) => r,
+        // Built, but not verified: a rejection (exit 1), not a usage error.
+        Err(e @ selftest::SelftestError::Verify(_)) => {
+            super::print_error_chain(&e);
+            return Ok(ExitCode::from(super::exit::REJECTED));
+        }
+        Err(e) => return Err(e.into()),
+    };
     let mut text = Vec::new();
     if args.json {
         text = serde_json::to_vec_pretty(&report)?;

@@ -6,9 +6,10 @@
 //! binary cache, uploads of inputs from `nix copy --to http://…` (xz, zstd or no compression)
 //! into the content store, the build API (`/v1/builds`) and its web page (`/`), with `--jobs`
 //! builds at once. Builds use the same limits, VM and key flags as `vouch nix-builder`; builds
-//! are recorded under `<state dir>/serve/` and outlive a restart (queued ones resume). SIGINT or
-//! SIGTERM stop it: queued builds fail, running ones are cancelled (their VMs killed). At start it removes what a crashed
-//! predecessor left (`host_launcher::recovery`).
+//! are recorded under `<state dir>/serve/` and outlive a restart (queued ones resume). A warm
+//! pool of VMs (`--pool`) takes the boot out of a build's latency. SIGINT or SIGTERM stop it:
+//! queued builds fail, running ones are cancelled (their VMs killed), and the pool's VMs are
+//! killed. At start it removes what a crashed predecessor left (`host_launcher::recovery`).
 //!
 //! Access is by scoped tokens (`--tokens FILE`, or the older `--token-file` and
 //! `--trusted-token-file`; `host_launcher::serve::auth`). Without any, anyone who reaches the
@@ -52,12 +53,13 @@ pub struct Args {
     /// `--private-cache`). At least 16 characters.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<std::path::PathBuf>,
-    /// File whose first line is the token of the callers you trust as Nix trusts its
-    /// `trusted-users`: only they may build input-addressed derivations and upload paths that
-    /// have neither a content address nor a signature by a `--trusted-public-key`. Holding it
-    /// also gives access. Without it, nobody may.
-    #[arg(long, value_name = "FILE")]
-    pub trusted_token_file: Option<std::path::PathBuf>,
+    /// File whose first line is the token of a client you trust as Nix trusts its
+    /// `trusted-users` (repeatable: one file per client): only they may upload paths that have
+    /// neither a content address nor a signature by a `--trusted-public-key`, each into an
+    /// overlay of its own that only its builds read. Holding one also gives access. Without
+    /// any, nobody may.
+    #[arg(long = "trusted-token-file", value_name = "FILE")]
+    pub trusted_token_files: Vec<std::path::PathBuf>,
     /// A Nix public key (`name:base64`) whose signature on an uploaded path's narinfo makes the
     /// upload acceptable without a content address (repeatable).
     #[arg(long = "trusted-public-key", value_name = "NAME:KEY")]
@@ -94,7 +96,7 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     let access = Access::configure(
         args.tokens.as_deref(),
         args.token_file.as_deref(),
-        args.trusted_token_file.as_deref(),
+        &args.trusted_token_files,
         args.private_cache,
     )?;
     let tls = match (&args.tls_cert, &args.tls_key) {
@@ -106,10 +108,11 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         .iter()
         .map(|k| PublicKey::parse(k).map_err(|e| format!("--trusted-public-key {k:?}: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
-    let (engine, store_cfg) = args.builder.config(&state_dir)?;
+    let (mut engine, store_cfg) = args.builder.config(&state_dir)?;
     let traces = &engine.publish.trace_store;
     std::fs::create_dir_all(traces)
         .map_err(|e| format!("creating the trace store directory {}: {e}", traces.display()))?;
+    let pool = args.builder.start_pool(&mut engine);
     let cancel = engine.launcher.cancel.clone();
     let cfg = ServiceConfig {
         engine,
@@ -148,8 +151,17 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         per_peer: args.max_connections_per_peer as usize,
         head_timeout: std::time::Duration::from_secs(args.head_timeout),
     };
-    server::serve_http(listener, &mut signals, service, args.jobs as usize, tls, limits, &|| {
-        cancel.cancel()
-    })?;
+    let served = server::serve_http(
+        listener,
+        &mut signals,
+        service,
+        args.jobs as usize,
+        tls,
+        limits,
+        &|| cancel.cancel(),
+    );
+    // SIGINT/SIGTERM cancelled the launcher: the pool's VMs are killed; wait for that.
+    drop(pool);
+    served?;
     Ok(ExitCode::SUCCESS)
 }

@@ -9,7 +9,7 @@ use build_trace::store::{TraceEntry, TraceSource, TraceStore};
 use host_launcher::core::publish::default_trace_store;
 use nix_formats::StorePath;
 
-use super::{CmdResult, Global};
+use super::{exit, CmdResult, Global};
 
 /// Subcommands of `vouch trace`.
 #[derive(Debug, clap::Subcommand)]
@@ -81,14 +81,17 @@ pub fn run(cmd: Command, global: &Global) -> CmdResult {
             args.path,
             dir.display()
         );
-        return Ok(ExitCode::from(1));
+        return Ok(ExitCode::from(exit::REJECTED));
     }
     let mut json = Vec::new();
+    let mut malformed = 0;
     for e in &entries {
         let st = match e.parse_statement() {
             Ok(st) => st,
             Err(err) => {
-                println!("trace {} is malformed: {err}", e.location);
+                // On stderr, so that `--json` stays one JSON document.
+                eprintln!("trace {} is malformed: {err}", e.location);
+                malformed += 1;
                 continue;
             }
         };
@@ -101,8 +104,8 @@ pub fn run(cmd: Command, global: &Global) -> CmdResult {
         println!("step      {}", job.drv_path);
         println!("  trace   {}", e.location);
         println!(
-            "  kind    {:?}{}",
-            job.kind()?,
+            "  kind    {}{}",
+            job_kind_name(job.kind()?),
             if job.network { " (networked fixed output)" } else { "" }
         );
         println!("  job     {} (HOST_DATA {})", job.job_id, hex::encode(st.host_data()?));
@@ -138,5 +141,16 @@ pub fn run(cmd: Command, global: &Global) -> CmdResult {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&json)?);
     }
-    Ok(ExitCode::SUCCESS)
+    // A malformed statement is a rejected trace (exit 1), as `vouch verify` would reject it.
+    Ok(ExitCode::from(if malformed > 0 { exit::REJECTED } else { exit::OK }))
+}
+
+/// A step kind as words.
+pub(crate) fn job_kind_name(kind: build_trace::job::StepKind) -> &'static str {
+    use build_trace::job::StepKind;
+    match kind {
+        StepKind::FloatingCa => "floating content-addressed",
+        StepKind::FixedOutput => "fixed output",
+        StepKind::InputAddressed => "input-addressed",
+    }
 }

@@ -18,7 +18,7 @@ use build_trace::tlog::proof::CheckpointHistory;
 use build_trace::tlog::source::LoggedTraces;
 use build_trace::tlog::{DirTiles, LogView, TlogError, LOG_DIR};
 use build_trace::trust::TrustPolicy;
-use build_trace::verify::{ClosureVerifier, DrvSet, Outcome, Request};
+use build_trace::verify::{BrokenLink, ClosureVerifier, DrvSet, Outcome, Request};
 use host_launcher::core::publish::default_trace_store;
 use nix_formats::StorePath;
 
@@ -30,9 +30,15 @@ pub struct Args {
     /// The target derivation (`/nix/store/…-name.drv`, unresolved).
     pub drv: String,
     /// Trust policy (TOML, see docs/trust-policy.md). Default: genuine AMD SEV-SNP evidence
-    /// only (simulated evidence is rejected).
+    /// of Genoa or Turin at the minimum TCB AMD's bulletins require, launched with a guest
+    /// image of `--image-manifest` (simulated evidence is rejected).
     #[arg(long)]
     pub policy: Option<PathBuf>,
+    /// Image manifest (`manifest.json` of `vouch image build`) whose launch measurements the
+    /// default policy pins (repeatable). Default: the one in the default image directory
+    /// ($VOUCH_IMAGE_DIR, else $VOUCH_CACHE/image); without any, the default policy refuses.
+    #[arg(long = "image-manifest", value_name = "FILE", conflicts_with = "policy")]
+    pub image_manifests: Vec<PathBuf>,
     /// Trace store directory to look traces up in (repeatable). Default: `<state dir>/cache`.
     #[arg(long = "traces", value_name = "DIR")]
     pub traces: Vec<PathBuf>,
@@ -50,6 +56,17 @@ pub struct Args {
     /// for content-addressed outputs, the derivation's own paths otherwise; Nix 2.8 and later).
     #[arg(long, conflicts_with = "expect")]
     pub expect_local: bool,
+    /// Also check the bytes: the NAR hash of each target output in the local store directory
+    /// (`--store-dir`) must be one the policy accepted (implied by --expect-local).
+    #[arg(long)]
+    pub check_local: bool,
+    /// The store directory `--check-local` reads.
+    #[arg(long, value_name = "DIR", default_value = "/nix/store")]
+    pub store_dir: PathBuf,
+    /// Also check the bytes this binary cache (`http(s)://` or `file://`) serves for each target
+    /// output: their NAR hash must be one the policy accepted (repeatable).
+    #[arg(long = "check-cache", value_name = "URL")]
+    pub check_caches: Vec<String>,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
@@ -57,6 +74,13 @@ pub struct Args {
     /// Default: the available parallelism. The verdict does not depend on it.
     #[arg(long, short = 'j', value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub jobs: Option<u16>,
+    /// Write the checked closure as a graph (`dot`, or `svg` through Graphviz): steps, resolved
+    /// derivations, evidence kind, the broken link in red.
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub graph: Option<super::verify_graph::Format>,
+    /// Where to write the graph (default: stdout, in place of the verdict's text).
+    #[arg(long, value_name = "FILE", requires = "graph")]
+    pub graph_out: Option<PathBuf>,
 }
 
 /// Why `vouch verify` could not reach a verdict.
@@ -83,11 +107,17 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         .ok()
         .filter(StorePath::is_derivation)
         .ok_or_else(|| VerifyCmdError::Target(args.drv.clone()))?;
-    let policy = match &args.policy {
-        Some(p) => TrustPolicy::load(p)?,
-        None => TrustPolicy::default(),
-    };
+    let policy = load_policy(args.policy.as_deref(), &args.image_manifests)?;
     let prepared = policy.prepare()?;
+    // A policy that accepts any guest says so before anything else.
+    let banner = prepared.any_guest_banner();
+    if let Some(b) = &banner {
+        if args.json {
+            eprintln!("{b}");
+        } else {
+            println!("{b}");
+        }
+    }
     let drvs = match &args.show_derivation {
         Some(p) => DrvSet::from_show_derivation(&read_input(p)?)?,
         None => DrvSet::from_store_dir(&args.drv_dir, &target)?,
@@ -139,9 +169,31 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
             .map(usize::from)
             .unwrap_or_else(|| std::thread::available_parallelism().map(usize::from).unwrap_or(1)),
     };
-    let outcome = verifier.verify(&drvs, &Request { target, expect })?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&outcome)?);
+    let mut outcome = verifier.verify(&drvs, &Request { target: target.clone(), expect })?;
+    // Paths are not bytes: check what the user has, where asked.
+    if let Outcome::Verified(v) = &outcome {
+        let mut bad = Vec::new();
+        if args.check_local || args.expect_local {
+            bad.extend(super::verify_bytes::check_local(v, &args.store_dir)?);
+        }
+        for cache in &args.check_caches {
+            bad.extend(super::verify_bytes::check_cache(v, cache)?);
+        }
+        if !bad.is_empty() {
+            outcome = Outcome::NotVerified(BrokenLink::bytes(&target, bad.join("; ")));
+        }
+    }
+    if let Some(format) = args.graph {
+        super::verify_graph::write(format, args.graph_out.as_ref(), &drvs, &target, &outcome)?;
+    }
+    if args.graph.is_some() && args.graph_out.is_none() {
+        // The graph took stdout; the verdict is the exit code.
+    } else if args.json {
+        let mut v = serde_json::to_value(&outcome)?;
+        if let (Some(b), Some(map)) = (&banner, v.as_object_mut()) {
+            map.insert("any_guest".into(), serde_json::Value::String(b.clone()));
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         match &outcome {
             Outcome::Verified(v) => print!("{v}"),
@@ -152,6 +204,31 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         Outcome::Verified(_) => ExitCode::SUCCESS,
         Outcome::NotVerified(_) => ExitCode::from(1),
     })
+}
+
+/// The policy of `--policy`, else the default one pinning `manifests` (else the default image
+/// directory's manifest).
+pub(super) fn load_policy(
+    policy: Option<&Path>,
+    manifests: &[PathBuf],
+) -> Result<TrustPolicy, super::CmdError> {
+    match policy {
+        Some(p) => super::policy::load(p),
+        None => Ok(TrustPolicy::default_for(&default_manifests(manifests))?),
+    }
+}
+
+/// The manifests the default policy pins: those given, else the default image directory's.
+fn default_manifests(given: &[PathBuf]) -> Vec<String> {
+    if !given.is_empty() {
+        return given.iter().map(|p| p.display().to_string()).collect();
+    }
+    let default = vm_image::default_image_dir().join("manifest.json");
+    if default.is_file() {
+        vec![default.display().to_string()]
+    } else {
+        Vec::new()
+    }
 }
 
 fn read_input(p: &Path) -> Result<String, VerifyCmdError> {

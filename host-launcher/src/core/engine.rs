@@ -7,7 +7,11 @@
 //!    a graph).
 //! 2. Where the inputs come from ([`Inputs`]): the content store (the long-running builders:
 //!    the client uploaded the input closure first; it is pinned for the session), or the local
-//!    Nix store (`vouch build`).
+//!    Nix store (`vouch build`). A session's view may include its private overlay
+//!    (`crate::store::session`): a build that reads any path of it, or whose view says its
+//!    outputs are private, registers its outputs there, never in the shared store; one that
+//!    reads any path of it is published without cache entries
+//!    ([`super::publish::Publication::StepOnly`]).
 //! 3. Limits: the engine's defaults, with the request's non-zero values in their place.
 //! 4. [`crate::build::run_step`] builds in a fresh VM and returns only a checked outcome.
 //!    Fixed-output derivations go to the networked variant, accepted only by their declared
@@ -32,14 +36,14 @@ use nix_formats::StorePath;
 
 use super::log::{BuildLog, Progress};
 use super::ownership::{self, accepted_outputs};
-use super::publish::{publish, PublishConfig};
+use super::publish::{publish, Publication, PublishConfig};
 use super::request::{with_overrides, BuildRequest, CaRuleChoice};
 use super::result::{BuildResult, Built, FailureStatus};
 use crate::build::nix_store::LocalNixStore;
 use crate::build::{
     run_step, InputSource, InputSourceError, LauncherConfig, StepError, StepRequest,
 };
-use crate::store::ContentStore;
+use crate::store::StoreView;
 
 /// How builds run and where they are published: one per server (cloned into its sessions) or
 /// per `vouch build`.
@@ -57,10 +61,10 @@ pub struct Engine {
 /// Where a build's input closure comes from.
 #[derive(Debug, Clone, Copy)]
 pub enum Inputs<'a> {
-    /// vouch's content store (`vouch nix-builder`, `vouch serve`): the closure must be there
-    /// (clients upload it first); it is pinned for the session that holds the store, and the
-    /// outputs are registered there.
-    ContentStore(&'a ContentStore),
+    /// vouch's content store as a session sees it (`vouch nix-builder`, `vouch serve`): the
+    /// closure must be there (clients upload it first); it is pinned for the session that holds
+    /// the store, and the outputs are registered there (privately, see the module docs).
+    ContentStore(StoreView<'a>),
     /// The local Nix store (`vouch build`); the outputs go to the trace store only.
     NixStore,
 }
@@ -121,13 +125,17 @@ impl Engine {
         if let (CaRuleChoice::Guessed { note, .. }, StepKind::FloatingCa) = (&req.ca_rule, kind) {
             log.progress(&Progress::Note(note.clone()));
         }
-        let content_store = match inputs {
+        let (content_store, read_private) = match inputs {
             Inputs::ContentStore(store) => match pin_closure(store, &req) {
-                Ok(()) => Some(store),
+                Ok(private) => {
+                    (Some(store.with_private_outputs(store.private_outputs() || private)), private)
+                }
                 Err(failure) => return failure,
             },
-            Inputs::NixStore => None,
+            Inputs::NixStore => (None, false),
         };
+        // What one client's private inputs made is published to nobody else (`publish`).
+        let publication = if read_private { Publication::StepOnly } else { Publication::Cache };
         let limits = with_overrides(self.limits, &req.limits);
         let ca_rule = req.ca_rule.rule();
         let trusted = req.trusted;
@@ -143,7 +151,12 @@ impl Engine {
         };
         log.started(&drv_path);
         let result = match content_store {
-            Some(store) => run_step(step, &StoreInputs(store), log, &self.launcher),
+            Some(store) => {
+                if store.private_outputs() {
+                    tracing::info!(drv = %drv_path, "outputs stay in this session's overlay");
+                }
+                run_step(step, &StoreInputs(store), log, &self.launcher)
+            }
             None => run_step(step, &LocalNixStore, log, &self.launcher),
         };
         log.finished();
@@ -151,7 +164,7 @@ impl Engine {
             Ok(o) => o,
             Err(e) => return step_failure(&e),
         };
-        match publish(&outcome, &self.publish, content_store) {
+        match publish(&outcome, &self.publish, content_store, publication) {
             Ok(published) => BuildResult::Built(Box::new(Built {
                 start_time: start,
                 stop_time: now(),
@@ -167,8 +180,9 @@ impl Engine {
     }
 }
 
-/// The request's input closure must be in the content store; pin it for the session.
-fn pin_closure(store: &ContentStore, req: &BuildRequest) -> Result<(), BuildResult> {
+/// The request's input closure must be in the content store; pin it for the session. Whether
+/// any of it is in the session's private overlay.
+fn pin_closure(store: StoreView<'_>, req: &BuildRequest) -> Result<bool, BuildResult> {
     let drv_path = &req.drv_path;
     let closure = store.closure(&req.drv.input_srcs).map_err(|e| {
         fail(
@@ -184,12 +198,13 @@ fn pin_closure(store: &ContentStore, req: &BuildRequest) -> Result<(), BuildResu
             FailureStatus::MiscFailure,
             format!("pinning the inputs of {drv_path}: {}", error_chain(&e)),
         )
-    })
+    })?;
+    Ok(closure.keys().any(|p| store.is_private(p)))
 }
 
 /// The content store as the step's input source.
 #[derive(Debug)]
-struct StoreInputs<'a>(&'a ContentStore);
+struct StoreInputs<'a>(StoreView<'a>);
 
 fn store_err(e: crate::store::StoreError) -> InputSourceError {
     InputSourceError("vouch's content store".into(), Some(Box::new(e)))
@@ -229,7 +244,7 @@ impl InputSource for StoreInputs<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::core::keys::KeyNaming;
     use crate::core::request::{test_derivation, CaRuleChoice};
@@ -255,7 +270,9 @@ mod tests {
         }
     }
 
-    fn engine(dir: &std::path::Path) -> Engine {
+    /// An engine whose state and trace store are under `dir`, without a guest image (every
+    /// build fails at the VM, after the checks before it).
+    pub(crate) fn engine(dir: &std::path::Path) -> Engine {
         Engine {
             launcher: LauncherConfig::new(dir.join("no-image"), dir.join("state")),
             limits: Limits::default(),
@@ -294,7 +311,9 @@ mod tests {
     fn what_cannot_be_built_fails_before_any_vm_and_publishes_nothing() {
         let t = tempfile::tempdir().unwrap();
         let e = engine(t.path());
-        let store = ContentStore::open(&t.path().join("store"), StoreConfig::default()).unwrap();
+        let store =
+            crate::store::ContentStore::open(&t.path().join("store"), StoreConfig::default())
+                .unwrap();
         // Not a derivation vouch can build (no outputs): refused before the log sees a build.
         let mut log = Recorded::default();
         let mut nothing = request("r:sha256", &[]);
@@ -306,7 +325,7 @@ mod tests {
         // An input the client did not upload.
         let missing = StorePath::from_parts([8; 20], "input").unwrap();
         let req = request("r:sha256", &[&missing]);
-        let f = failure(e.build(req, Inputs::ContentStore(&store), &mut log));
+        let f = failure(e.build(req, Inputs::ContentStore((&store).into()), &mut log));
         assert!(f.message.contains("the client uploads inputs before building"), "{}", f.message);
         assert!(f.message.contains(&missing.to_string()), "{}", f.message);
         // An input-addressed derivation from an untrusted caller without its graph: refused

@@ -73,6 +73,15 @@ pub enum Progress {
         /// QEMU's pid.
         pid: u32,
     },
+    /// A pre-booted pool VM takes the job (it runs only this job, then powers off).
+    WarmVm {
+        /// The mode.
+        mode: Mode,
+        /// QEMU's pid.
+        pid: u32,
+        /// How long it had been ready.
+        ready_for: std::time::Duration,
+    },
     /// The agent connected and said hello.
     AgentReady {
         /// What it will attest with.
@@ -112,6 +121,10 @@ impl Progress {
         match self {
             Progress::Note(note) => note.clone(),
             Progress::Booting { mode, pid } => format!("booting a fresh {mode} VM (QEMU pid {pid})"),
+            Progress::WarmVm { mode, pid, ready_for } => format!(
+                "a pre-booted {mode} VM, ready for {:.1} s, takes the job and runs it alone (QEMU pid {pid})",
+                ready_for.as_secs_f64()
+            ),
             Progress::AgentReady { attester: AttesterKind::SevSnp } => {
                 "agent ready; evidence: sev-snp".into()
             }

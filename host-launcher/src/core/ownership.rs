@@ -26,6 +26,7 @@
 //! What is not here: the computation itself (`build_trace::ownership`), what a divergent build
 //! of an owned path publishes (`super::publish`).
 
+use std::collections::BTreeSet;
 use std::path::Path;
 
 use build_trace::job::StepKind;
@@ -35,7 +36,7 @@ use nix_formats::derivation::{Derivation, DrvGraph};
 use nix_formats::StorePath;
 
 use super::request::BuildRequest;
-use crate::store::{drv_contents, ContentStore};
+use crate::store::{drv_contents, StoreView};
 
 /// An unresolved derivation and every input derivation it needs, each checked to hash to its
 /// path.
@@ -63,9 +64,9 @@ impl Derivations {
         Ok(Derivations { drv_path: drv_path.clone(), graph })
     }
 
-    /// `drv_path` and its input derivations from the content store (where clients upload them
-    /// with `nix copy --derivation`).
-    pub fn from_store(store: &ContentStore, drv_path: &StorePath) -> Result<Derivations, Refusal> {
+    /// `drv_path` and its input derivations from a view of the content store (where clients
+    /// upload them with `nix copy --derivation`).
+    pub fn from_store(store: StoreView<'_>, drv_path: &StorePath) -> Result<Derivations, Refusal> {
         Self::load(drv_path, &mut |p| {
             let (_, file) = store.open_nar(p).ok()??;
             Derivation::from_aterm(&drv_contents(file).ok()?).ok()
@@ -75,6 +76,36 @@ impl Derivations {
     /// The unresolved derivation's path.
     pub fn drv_path(&self) -> &StorePath {
         &self.drv_path
+    }
+
+    /// Every derivation of the graph, each after the input derivations it uses (a depth-first
+    /// post-order from the root; iterative, so a deep graph cannot overflow the stack).
+    pub fn post_order(&self) -> Vec<StorePath> {
+        let mut order = Vec::new();
+        let mut seen = BTreeSet::new();
+        let mut stack = vec![(self.drv_path.clone(), false)];
+        while let Some((p, inputs_done)) = stack.pop() {
+            if inputs_done {
+                order.push(p);
+                continue;
+            }
+            if !seen.insert(p.clone()) {
+                continue;
+            }
+            stack.push((p.clone(), true));
+            if let Some(d) = self.graph.get(&p) {
+                let inputs = d.input_drvs.keys().filter(|i| !seen.contains(*i));
+                stack.extend(inputs.map(|i| (i.clone(), false)));
+            }
+        }
+        order
+    }
+
+    /// The same graph, rooted at `drv_path` (one of its derivations, else `None`): what that
+    /// input derivation builds as, computed from the same graph.
+    pub fn rooted_at(&self, drv_path: &StorePath) -> Option<Derivations> {
+        self.graph.get(drv_path)?;
+        Some(Derivations { drv_path: drv_path.clone(), graph: self.graph.clone() })
     }
 
     /// What it builds as, with floating content-addressed inputs resolved to `accepted`.

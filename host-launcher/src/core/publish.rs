@@ -10,9 +10,14 @@
 //! 2. the step goes into the trace store (`build_trace::store`, `docs/trace-store.md`): NARs,
 //!    statement, evidence, a laut JWS, realisations and narinfos, signed with that key, once;
 //!    and into the store's transparency log, whose checkpoints the log key signs
-//!    ([`super::keys::log_key`]);
+//!    ([`super::keys::log_key`]). A build that read a session's private inputs
+//!    ([`Publication::StepOnly`]) gets its step and its signed records, but no narinfo or
+//!    realisation in the cache: those tell every client of the cache (and the resolution of
+//!    later derivations) that these bytes belong under these paths, and only one client's
+//!    unsigned uploads said so (issue 12, item 2);
 //! 3. where the build had a content store (the long-running builders), the outputs are
-//!    registered there (re-verified, with the narinfo signatures of step 2);
+//!    registered there (re-verified, with the narinfo signatures of step 2): in the shared
+//!    store, or in the session's overlay when the engine's view says so;
 //!
 //!    a **divergent** build (an output whose path already has a published entry with other
 //!    bytes: input-addressed builds are not always reproducible) changes neither the trace
@@ -29,6 +34,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+pub use build_trace::store::Publication;
 use build_trace::store::{StepRecord, TraceStore};
 use channel::messages::AttesterKind;
 use nix_formats::signing::Signature;
@@ -37,7 +43,7 @@ use super::keys::{log_key, KeyNameError, KeyNaming};
 use super::path_info::ValidPathInfo;
 use super::result::{Diverged, LegacyRealisation, Published, PublishedOutput};
 use crate::build::StepOutcome;
-use crate::store::{ContentStore, FileUploads, Origin};
+use crate::store::{FileUploads, StoreView};
 
 /// Where steps are published and who signs them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,7 +96,8 @@ fn now() -> u64 {
 pub fn publish(
     outcome: &StepOutcome,
     cfg: &PublishConfig,
-    content_store: Option<&ContentStore>,
+    content_store: Option<StoreView<'_>>,
+    publication: Publication,
 ) -> Result<Published, PublishError> {
     let key_name = cfg
         .key_naming
@@ -110,7 +117,7 @@ pub fn publish(
         evidence_kind: &kind,
         nars: outcome.outputs.iter().map(|(n, o)| (n.clone(), o.nar_file.clone())).collect(),
     };
-    let put = store.put_step(&record, &key).map_err(PublishError::TraceStore)?;
+    let put = store.put_step_as(&record, &key, publication).map_err(PublishError::TraceStore)?;
     tracing::info!(step = %put.step_dir.display(), key = %key_name, "step published");
     for (name, d) in &put.diverged {
         tracing::warn!(
@@ -167,7 +174,7 @@ pub fn publish(
             })
             .collect();
         content
-            .add(&mut FileUploads::new(items), &[st.job.ca_rule.into()], Origin::Build)
+            .register_outputs(&mut FileUploads::new(items), &[st.job.ca_rule.into()])
             .map_err(PublishError::ContentStore)?;
         for o in outputs.values_mut() {
             held_elsewhere(content, o)?;
@@ -178,7 +185,7 @@ pub fn publish(
 
 /// The content store never swaps the bytes it registered: where it already held the output's
 /// path with other bytes, they stay, and the output is reported diverged with their hash.
-fn held_elsewhere(content: &ContentStore, o: &mut PublishedOutput) -> Result<(), PublishError> {
+fn held_elsewhere(content: StoreView<'_>, o: &mut PublishedOutput) -> Result<(), PublishError> {
     let held = content.path_info(&o.path).map_err(PublishError::ContentStore)?;
     let Some(held) = held.filter(|h| h.info.nar_hash != o.info.nar_hash) else {
         return Ok(());

@@ -6,16 +6,23 @@
 //!   apply to the session's later builds; everything else in it is ignored.
 //! - `QueryValidPaths` answers from the content store and **pins** the valid ones for the
 //!   session, so they survive until this session's build uses them.
-//! - Uploads go through the content store's checks; what a session uploaded stays pinned until
-//!   it ends.
+//! - The session reads and writes the content store through its [`SessionStore`]: the shared
+//!   store, plus a private overlay if the operator trusts the client. Uploads go through the
+//!   content store's checks and its trust rule (`crate::store::session`: certified paths are
+//!   shared, a trusted client's other paths stay in its overlay, an untrusted client's are
+//!   refused); what a session uploaded stays pinned until it ends.
 //! - `QueryPathInfo`/`NarFromPath` serve valid paths only (a path asked about is pinned, and for
 //!   a `unix://` client unpacked where it reads it: [`real_store`]).
 //! - `BuildDerivation` becomes the core's request ([`request`]: normal mode only, the CA rule
-//!   from the client profile, the limits the client sent) and the engine builds and publishes
-//!   it; the reply carries the core's result, which the front-end encodes for the client.
+//!   from the client profile, the limits the client sent, the trust rule for input-addressed
+//!   derivations) and the engine builds and publishes it; the reply carries the core's result,
+//!   which the front-end encodes for the client.
+//! - `BuildPaths` of `DRV!OUTPUTS` builds the `.drv` closure in the content store, computing
+//!   every output path ([`build_paths`]); for any client.
 //!
 //! What is not here: wire formats (`crate::nixproto`), builds and publishing (`crate::core`).
 
+pub mod build_paths;
 pub mod real_store;
 pub mod request;
 
@@ -25,21 +32,21 @@ use std::sync::Arc;
 use crate::core::log::BuildLog;
 use crate::core::request::with_overrides;
 use crate::core::{Engine, Inputs};
-use crate::nixproto::{Action, ActionError, ClientOptions, Handler, NarStream, Reply};
-use crate::store::{ContentStore, Origin, UPLOAD_RULES};
+use crate::nixproto::{Action, ActionError, BuildMode, ClientOptions, Handler, NarStream, Reply};
+use crate::store::{SessionStore, UPLOAD_RULES};
 
 /// One session (one client connection).
 #[derive(Debug)]
 pub struct Session {
     engine: Engine,
-    store: ContentStore,
+    store: SessionStore,
     options: Option<ClientOptions>,
     real: Option<real_store::RealStoreSession>,
 }
 
 impl Session {
-    /// A session over an open content store (its own: its pins are the session's).
-    pub fn new(engine: Engine, store: ContentStore) -> Self {
+    /// A session over its own content store (its pins, its overlay).
+    pub fn new(engine: Engine, store: SessionStore) -> Self {
         Session { engine, store, options: None, real: None }
     }
 
@@ -56,6 +63,10 @@ impl Session {
 }
 
 impl Handler for Session {
+    fn trusted(&self) -> bool {
+        self.store.trusted()
+    }
+
     fn handle(&mut self, action: Action<'_>, log: &mut dyn BuildLog) -> Result<Reply, ActionError> {
         match action {
             Action::SetOptions(o) => {
@@ -73,26 +84,27 @@ impl Handler for Session {
                 Ok(Reply::Done)
             }
             Action::QueryValidPaths { paths, .. } => {
-                Ok(Reply::ValidPaths(self.store.query_valid(&paths, true)?))
+                Ok(Reply::ValidPaths(self.store.view().query_valid(&paths, true)?))
             }
             Action::QueryPathInfo(p) => {
-                let info = self.store.path_info(&p)?;
+                let view = self.store.view();
+                let info = view.path_info(&p)?;
                 if info.is_some() {
                     // Pinned: the NAR the client asks for next must not be evicted meanwhile.
-                    self.store.pin(&std::iter::once(p.clone()).collect())?;
+                    view.pin(&std::iter::once(p.clone()).collect())?;
                     if let Some(real) = &mut self.real {
                         // A `unix://` client reads the path from its file system next.
-                        real.provide(&self.store, &p)?;
+                        real.provide(view, &p)?;
                     }
                 }
                 Ok(Reply::PathInfo(info.map(Box::new)))
             }
             Action::AddToStore { uploads, .. } => {
-                let added = self.store.add(uploads, UPLOAD_RULES, Origin::Upload)?;
+                let added = self.store.add(uploads, UPLOAD_RULES)?;
                 tracing::info!(count = added.len(), "upload registered");
                 Ok(Reply::Done)
             }
-            Action::NarFromPath(p) => match self.store.open_nar(&p)? {
+            Action::NarFromPath(p) => match self.store.view().open_nar(&p)? {
                 Some((info, f)) => Ok(Reply::Nar(NarStream {
                     size: info.info.nar_size,
                     reader: Box::new(BufReader::with_capacity(1 << 16, f)),
@@ -100,17 +112,43 @@ impl Handler for Session {
                 None => Err(format!("{p} is not in vouch's content store").into()),
             },
             Action::QueryClosure(roots) => {
-                let closure = self.store.closure(&roots)?;
-                let all = closure.into_keys().collect();
-                self.store.pin(&all)?;
+                let view = self.store.view();
+                let all = view.closure(&roots)?.into_keys().collect();
+                view.pin(&all)?;
                 Ok(Reply::ValidPaths(all))
             }
             Action::BuildDerivation(d) => {
-                let result = match request::core_request(*d, self.options.as_ref(), self.vcpus()) {
-                    Ok(req) => self.engine.build(req, Inputs::ContentStore(&self.store), log),
+                let trusted = self.store.trusted();
+                let admitted =
+                    request::core_request(*d, self.options.as_ref(), self.vcpus(), trusted);
+                let result = match admitted {
+                    Ok(a) => {
+                        let view = self.store.view().with_private_outputs(a.private_outputs);
+                        self.engine.build(a.request, Inputs::ContentStore(view), log)
+                    }
                     Err(refused) => refused,
                 };
                 Ok(Reply::Built(Box::new(result)))
+            }
+            Action::BuildPaths { wanted, mode, client } => {
+                if mode != BuildMode::Normal {
+                    let msg = format!("vouch builds in normal mode only; {mode:?} was asked");
+                    let r = crate::nixproto::BuildResult::failure(
+                        crate::nixproto::BuildStatus::MiscFailure,
+                        msg,
+                    );
+                    return Ok(Reply::BuiltPaths(vec![r; wanted.len()]));
+                }
+                let ca_rule = client.ca_rule().map_err(|e| e.to_string())?;
+                let client = request::client_limits(None, self.options.as_ref(), self.vcpus());
+                let req = build_paths::Request {
+                    engine: &self.engine,
+                    view: self.store.view(),
+                    ca_rule,
+                    limits: client,
+                    trusted: self.store.trusted(),
+                };
+                Ok(Reply::BuiltPaths(build_paths::build_paths(&req, &wanted, log)))
             }
         }
     }

@@ -7,9 +7,12 @@
 //! (a build's outputs, `nix copy --from`) into a directory, and the clients name it:
 //! `unix:///run/vouch/builder.sock?real=/run/vouch/builder.sock.store`.
 //!
-//! What is put there: a valid path of the content store, unpacked from its NAR when a session
-//! asks for its info (`QueryPathInfo`, which Nix does right before reading a path), and removed
-//! when the last session that asked for it ends. A tree is unpacked under a temporary name and
+//! What is put there: a valid path of the session's view of the content store (its overlay
+//! included), unpacked from its NAR when a session asks for its info (`QueryPathInfo`, which
+//! Nix does right before reading a path), and removed when the last session that asked for it
+//! ends. One path name has one tree: a session that needs other contents (another NAR hash)
+//! under a name another session holds is refused, naming the conflict, rather than shown
+//! either session's bytes. A tree is unpacked under a temporary name and
 //! renamed into place, so a client never sees half of one. The client hashes what it reads and
 //! compares it with the NAR hash the session answered, so a tree changed on disk is caught, not
 //! trusted. The directory belongs to one server: [`RealStore::open`] empties it (what a crashed
@@ -26,7 +29,9 @@ use std::sync::{Arc, Mutex};
 use nix_formats::nar::{unpack, UnpackOptions};
 use nix_formats::StorePath;
 
-use crate::store::{ContentStore, StoreError};
+use build_trace::NarHash;
+
+use crate::store::{StoreError, StoreView};
 
 /// Why a path could not be provided.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +50,12 @@ pub enum RealStoreError {
     /// The content store.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Another session holds other contents under the same name.
+    #[error("{path} is unpacked for another session with other contents; try again when it ends")]
+    Conflict {
+        /// The path.
+        path: StorePath,
+    },
     /// Unpacking the NAR.
     #[error("unpacking {path} for the client")]
     Unpack {
@@ -67,8 +78,8 @@ fn io_err<'p>(
 #[derive(Debug)]
 pub struct RealStore {
     dir: PathBuf,
-    /// How many sessions hold each unpacked path.
-    held: Mutex<HashMap<StorePath, usize>>,
+    /// How many sessions hold each unpacked path, and its NAR hash.
+    held: Mutex<HashMap<StorePath, (usize, NarHash)>>,
     counter: AtomicU64,
 }
 
@@ -93,15 +104,18 @@ impl RealStore {
         self.dir.join(path.base_name())
     }
 
-    fn acquire(&self, store: &ContentStore, path: &StorePath) -> Result<(), RealStoreError> {
+    fn acquire(&self, store: StoreView<'_>, path: &StorePath) -> Result<(), RealStoreError> {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = held.get_mut(path) {
+        let Some((info, nar)) = store.open_nar(path)? else {
+            return Err(StoreError::Missing { path: path.clone() }.into());
+        };
+        if let Some((n, hash)) = held.get_mut(path) {
+            if *hash != info.info.nar_hash {
+                return Err(RealStoreError::Conflict { path: path.clone() });
+            }
             *n += 1;
             return Ok(());
         }
-        let Some((_, nar)) = store.open_nar(path)? else {
-            return Err(StoreError::Missing { path: path.clone() }.into());
-        };
         let dest = self.location(path);
         let tmp = self.dir.join(format!(".tmp-{}", self.counter.fetch_add(1, Ordering::Relaxed)));
         let opts = UnpackOptions::default();
@@ -111,14 +125,14 @@ impl RealStore {
             remove_tree(&dest)?; // not ours: nobody holds it
         }
         std::fs::rename(&tmp, &dest).map_err(io_err("moving into place", &dest))?;
-        held.insert(path.clone(), 1);
+        held.insert(path.clone(), (1, info.info.nar_hash));
         tracing::debug!(path = %path, "unpacked for the client");
         Ok(())
     }
 
     fn release(&self, path: &StorePath) {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(n) = held.get_mut(path) else { return };
+        let Some((n, _)) = held.get_mut(path) else { return };
         *n -= 1;
         if *n == 0 {
             held.remove(path);
@@ -162,7 +176,7 @@ impl RealStoreSession {
     /// Make sure `path` (valid in `store`) is unpacked until this session ends.
     pub fn provide(
         &mut self,
-        store: &ContentStore,
+        store: StoreView<'_>,
         path: &StorePath,
     ) -> Result<(), RealStoreError> {
         if !self.held.contains(path) {
@@ -189,7 +203,7 @@ mod tests {
 
     use super::*;
     use crate::core::ValidPathInfo;
-    use crate::store::{FileUploads, Origin, StoreConfig};
+    use crate::store::{ContentStore, FileUploads, Origin, StoreConfig};
 
     /// A content store holding one path: a directory with an executable file and a symlink.
     fn store_with_a_tree(dir: &Path) -> (ContentStore, StorePath, Vec<u8>) {
@@ -236,9 +250,9 @@ mod tests {
 
         let (mut a, mut b) =
             (RealStoreSession::new(real.clone()), RealStoreSession::new(real.clone()));
-        a.provide(&store, &path).unwrap();
-        a.provide(&store, &path).unwrap();
-        b.provide(&store, &path).unwrap();
+        a.provide((&store).into(), &path).unwrap();
+        a.provide((&store).into(), &path).unwrap();
+        b.provide((&store).into(), &path).unwrap();
         let tree = real.location(&path);
         assert_eq!(tree, dir.join(path.base_name()));
         // What the client dumps from there is the path's NAR, byte for byte.
@@ -253,7 +267,7 @@ mod tests {
         assert!(!tree.exists(), "the last session released it");
 
         let missing = StorePath::from_parts([8; 20], "missing").unwrap();
-        let e = RealStoreSession::new(real.clone()).provide(&store, &missing).unwrap_err();
+        let e = RealStoreSession::new(real.clone()).provide((&store).into(), &missing).unwrap_err();
         assert!(e.to_string().contains("missing"), "{e}");
         drop(real);
         assert!(!dir.exists(), "an empty directory goes with the server");

@@ -7,21 +7,52 @@
 //!    where the profile straddles a rule change, a guess the engine says in the build log.
 //! 3. Limits: the client's non-zero values (serve build options, or the session's
 //!    `SetOptions` over a socket: [`SESSION_SETTINGS`]) override the engine's defaults.
-//! 4. A Nix client of `vouch nix-builder` is the operator's: trusted.
+//! 4. Trust ([`Admitted`]): an input-addressed derivation's output paths cannot be checked from
+//!    a `BuildDerivation` (it has no input derivations) unless it has none, so:
+//!    - a client the operator does not trust is refused ([`UNTRUSTED_INPUT_ADDRESSED`]); its
+//!      input-addressed builds come through `BuildPaths` of the `.drv` closure
+//!      (`super::build_paths`), where vouch computes the paths;
+//!    - a trusted client's is built, and its outputs stay in the session's overlay unless
+//!      vouch computed its paths (a derivation without input derivations, whose basic
+//!      derivation is the whole `.drv`: [`leaf_graph`], checked by `crate::core::ownership`
+//!      like any graph, so a leaf declaring other paths is refused from anyone);
+//!    - content-addressed and fixed-output derivations are built for anyone: their output
+//!      paths follow from their contents.
 //!
 //! What is not here: the build itself (`crate::core::engine`).
 
-use build_trace::job::Limits;
+use build_trace::job::{step_kind, BasicDerivation, Limits, StepKind};
+use nix_formats::StorePath;
 
+use crate::core::ownership::Derivations;
 use crate::core::{BuildRequest, BuildResult, FailureStatus};
 use crate::nixproto::{BuildDerivation, BuildMode, BuildOptions, ClientOptions};
 
-/// The core's request for a client's `BuildDerivation`, or the failure it is answered with.
+/// What an untrusted client's input-addressed `BuildDerivation` is answered with (the rule).
+pub const UNTRUSTED_INPUT_ADDRESSED: &str = "vouch builds an input-addressed derivation for a \
+    client it does not trust only from its .drv closure (BuildPaths), where it computes the \
+    output paths itself; BuildDerivation carries output paths that vouch cannot check. Nix ≥ \
+    2.16 does this by itself for a builder that does not trust it; otherwise the operator must \
+    trust this client (vouch nix-builder --trusted-user, or --trusted in an ssh forced command)";
+
+/// A `BuildDerivation` the session may build: the core's request, and whether its outputs must
+/// stay in the session's overlay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admitted {
+    /// The core's request.
+    pub request: BuildRequest,
+    /// The outputs' paths were not computed by vouch: they stay private to the session.
+    pub private_outputs: bool,
+}
+
+/// The core's request for a client's `BuildDerivation` (the client trusted as `trusted` says),
+/// or the failure it is answered with.
 pub fn core_request(
     d: BuildDerivation,
     session: Option<&ClientOptions>,
     vcpus: u64,
-) -> Result<BuildRequest, BuildResult> {
+    trusted: bool,
+) -> Result<Admitted, BuildResult> {
     let refuse = |msg: String| {
         tracing::warn!("build refused: {msg}");
         BuildResult::failed(FailureStatus::MiscFailure, msg)
@@ -33,16 +64,34 @@ pub fn core_request(
         )));
     }
     let ca_rule = d.client.ca_rule().map_err(|e| refuse(e.to_string()))?;
-    Ok(BuildRequest {
+    let input_addressed = step_kind(&d.drv).is_ok_and(|k| k == StepKind::InputAddressed);
+    if input_addressed && !trusted {
+        return Err(refuse(format!("{}: {UNTRUSTED_INPUT_ADDRESSED}", d.drv_path)));
+    }
+    // A leaf derivation's graph is its basic derivation: its paths are computed and checked
+    // by the core like any graph's. Any other input-addressed one is a trusted client's, built
+    // as given, with its outputs kept in the session's overlay.
+    let derivations = leaf_graph(&d.drv_path, &d.drv).filter(|_| input_addressed);
+    let private_outputs = input_addressed && derivations.is_none();
+    let request = BuildRequest {
         limits: client_limits(d.options.as_ref(), session, vcpus),
         drv_path: d.drv_path,
         drv: d.drv,
         outputs: Default::default(),
         ca_rule,
-        // BuildDerivation carries the basic derivation only.
-        derivations: None,
-        trusted: true,
-    })
+        derivations,
+        trusted,
+    };
+    Ok(Admitted { request, private_outputs })
+}
+
+/// The derivation graph of a `BuildDerivation` whose basic derivation is the whole `.drv` at
+/// `drv_path` (it had no input derivations, and its input sources are the `.drv`'s): then
+/// vouch computes its output paths (`crate::core::ownership`), as for any graph. `None` for
+/// any other basic derivation: its input derivations are gone.
+pub fn leaf_graph(drv_path: &StorePath, basic: &BasicDerivation) -> Option<Derivations> {
+    let drv = basic.to_derivation().ok()?;
+    Derivations::load(drv_path, &mut |p| (p == drv_path).then(|| drv.clone())).ok()
 }
 
 /// The settings of a worker-protocol `SetOptions` (what a `unix://` client sends first) that
@@ -156,17 +205,19 @@ mod tests {
         // Serve 2.7 with Nix 2.8–2.12's build options: the rule of Nix ≤ 2.16, known.
         let mut old = ClientProfile::new(Protocol::Serve, 0x207, Default::default());
         old.observed = crate::nixproto::version::serve_build_options_range(0, true);
-        let req = core_request(derivation(BuildMode::Normal, old), None, 1).unwrap();
+        let req = core_request(derivation(BuildMode::Normal, old), None, 1, true).unwrap().request;
         assert_eq!(req.ca_rule, CaRuleChoice::Known(CaRule::SelfRefPositions));
         assert_eq!(req.limits, Limits { timeout_s: 60, ..Limits::default() });
         assert!(req.trusted && req.outputs.is_empty());
         // Plain serve 2.7 straddles the 2.17 change: a guess, with a note that says how to choose.
         let plain = ClientProfile::new(Protocol::Serve, 0x207, Default::default());
-        let req = core_request(derivation(BuildMode::Normal, plain.clone()), None, 1).unwrap();
+        let req = core_request(derivation(BuildMode::Normal, plain.clone()), None, 1, true)
+            .unwrap()
+            .request;
         let CaRuleChoice::Guessed { note, .. } = req.ca_rule else { panic!("{:?}", req.ca_rule) };
         assert!(note.contains("--client-nix-version"), "{note}");
         // Check mode and a declared release the protocol contradicts are refused, as failures.
-        let refused = |d| match core_request(d, None, 1) {
+        let refused = |d| match core_request(d, None, 1, true) {
             Err(BuildResult::Failed(f)) => f,
             other => panic!("{other:?}"),
         };
@@ -176,5 +227,86 @@ mod tests {
         let f = refused(derivation(BuildMode::Normal, lying));
         assert_eq!(f.status, FailureStatus::MiscFailure);
         assert!(f.message.contains("--client-nix-version"), "{}", f.message);
+    }
+}
+
+#[cfg(test)]
+mod trust_tests {
+    use super::*;
+    use crate::nixproto::{ClientProfile, Protocol};
+    use build_trace::job::DrvOutput;
+    use nix_formats::store_path::make_output_path;
+    use nix_formats::Hash;
+
+    /// A leaf input-addressed derivation `leaf` declaring the output path its hash modulo gives,
+    /// and its `.drv` path.
+    fn leaf() -> (StorePath, BasicDerivation) {
+        let mut basic = crate::core::request::test_derivation("leaf");
+        let empty = DrvOutput { path: None, hash_algo: String::new(), hash: String::new() };
+        basic.outputs.insert("out".into(), empty);
+        basic.env.insert("out".into(), String::new());
+        // Nix's way: the paths follow from the derivation with its outputs masked (as empty as
+        // they are here).
+        let unfilled = basic.to_derivation().unwrap();
+        let h = unfilled.hash_modulo("leaf", true, &mut |_| unreachable!()).unwrap();
+        let out = make_output_path("out", &Hash::sha256(*h.get("out").unwrap()), "leaf").unwrap();
+        basic.outputs.get_mut("out").unwrap().path = Some(out.clone());
+        basic.env.insert("out".into(), out.to_string());
+        let drv_path = basic.drv_path().unwrap();
+        (drv_path, basic)
+    }
+
+    fn build(
+        drv_path: StorePath,
+        drv: BasicDerivation,
+        trusted: bool,
+    ) -> Result<Admitted, BuildResult> {
+        let client = ClientProfile::new(Protocol::Worker, 0x125, Default::default());
+        let d = BuildDerivation { drv_path, drv, mode: BuildMode::Normal, options: None, client };
+        core_request(d, None, 1, trusted)
+    }
+
+    #[test]
+    fn input_addressed_builds_follow_the_trust_rule() {
+        let (drv_path, basic) = leaf();
+        assert!(leaf_graph(&drv_path, &basic).is_some());
+        // Untrusted: refused, naming the rule, whatever the paths.
+        let Err(BuildResult::Failed(f)) = build(drv_path.clone(), basic.clone(), false) else {
+            panic!("an untrusted input-addressed BuildDerivation was admitted")
+        };
+        assert!(f.message.contains("only from its .drv closure (BuildPaths)"), "{}", f.message);
+        assert!(f.message.contains(&drv_path.to_string()), "{}", f.message);
+        // Trusted: a leaf whose paths vouch computes may share its outputs, and the core
+        // checks them from its graph…
+        let a = build(drv_path.clone(), basic.clone(), true).unwrap();
+        assert!(!a.private_outputs && a.request.trusted);
+        let kind = StepKind::InputAddressed;
+        assert!(a.request.derivations.is_some());
+        crate::core::ownership::check(&a.request, kind, &mut |_, _| None).unwrap();
+        // …one named by another drv path (a non-leaf, as the build hook sends it) keeps them
+        // private, built as given…
+        let other = StorePath::from_parts([9; 20], "leaf.drv").unwrap();
+        let a = build(other, basic.clone(), true).unwrap();
+        assert!(a.private_outputs && a.request.derivations.is_none());
+        // …and a leaf declaring another output path than its derivation gives is refused by
+        // the core, even from a trusted client (item 1: it names both paths).
+        let mut lying = basic.clone();
+        let wrong = StorePath::from_parts([3; 20], "leaf").unwrap();
+        lying.outputs.get_mut("out").unwrap().path = Some(wrong.clone());
+        let lying_path = lying.drv_path().unwrap();
+        let a = build(lying_path, lying, true).unwrap();
+        let refusal = crate::core::ownership::check(&a.request, kind, &mut |_, _| None);
+        let msg = build_trace::error_chain(&refusal.unwrap_err());
+        assert!(msg.contains(&wrong.to_string()), "{msg}");
+    }
+
+    #[test]
+    fn content_addressed_builds_are_for_anyone() {
+        let mut basic = crate::core::request::test_derivation("ca");
+        let out = DrvOutput { path: None, hash_algo: "r:sha256".into(), hash: String::new() };
+        basic.outputs.insert("out".into(), out);
+        let drv_path = basic.drv_path().unwrap();
+        let a = build(drv_path, basic, false).unwrap();
+        assert!(!a.private_outputs && !a.request.trusted);
     }
 }

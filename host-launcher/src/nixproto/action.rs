@@ -90,6 +90,44 @@ pub struct BuildDerivation {
     pub client: ClientProfile,
 }
 
+/// What a client asks `BuildPaths` for (Nix's `DerivedPath`, as the worker protocol writes it:
+/// `PATH`, or `DRV!OUTPUTS` with `^` accepted for `!`, OUTPUTS being `*` or names joined by
+/// `,`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DerivedPath {
+    /// A store path that must be valid.
+    Opaque(StorePath),
+    /// Outputs of a derivation (`None`: all of them).
+    Built {
+        /// The `.drv`.
+        drv: StorePath,
+        /// The outputs wanted; `None` for `*`.
+        outputs: Option<BTreeSet<String>>,
+    },
+}
+
+impl DerivedPath {
+    /// Parse one derived path; the error says what is wrong.
+    pub fn parse(s: &str) -> Result<DerivedPath, String> {
+        let bad = |e: nix_formats::store_path::StorePathError| format!("`{s}`: {e}");
+        match s.split_once(['!', '^']) {
+            None => StorePath::parse(s).map(DerivedPath::Opaque).map_err(bad),
+            Some((drv, outs)) => {
+                let drv = StorePath::parse(drv).map_err(bad)?;
+                if !drv.name().ends_with(".drv") {
+                    return Err(format!("`{s}`: {drv} is not a derivation"));
+                }
+                let outputs = match outs {
+                    "*" => None,
+                    "" => return Err(format!("`{s}` names no outputs")),
+                    names => Some(names.split(',').map(str::to_owned).collect()),
+                };
+                Ok(DerivedPath::Built { drv, outputs })
+            }
+        }
+    }
+}
+
 /// Nix's `BuildResult::Status` codes (same numbers in both protocols).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 #[repr(u64)]
@@ -302,6 +340,16 @@ pub enum Action<'a> {
     QueryClosure(BTreeSet<StorePath>),
     /// Build one basic derivation (worker 36, serve 8).
     BuildDerivation(Box<BuildDerivation>),
+    /// Make derived paths valid, building derivations from their `.drv` closure in the content
+    /// store (worker 9 and 46): [`Reply::BuiltPaths`] with one result per path, in order.
+    BuildPaths {
+        /// The paths.
+        wanted: Vec<DerivedPath>,
+        /// The build mode.
+        mode: BuildMode,
+        /// What the handshake established about the client.
+        client: ClientProfile,
+    },
 }
 
 impl std::fmt::Debug for Action<'_> {
@@ -320,6 +368,9 @@ impl std::fmt::Debug for Action<'_> {
             Action::NarFromPath(p) => f.debug_tuple("NarFromPath").field(p).finish(),
             Action::QueryClosure(p) => f.debug_tuple("QueryClosure").field(p).finish(),
             Action::BuildDerivation(r) => f.debug_tuple("BuildDerivation").field(r).finish(),
+            Action::BuildPaths { wanted, mode, .. } => {
+                f.debug_struct("BuildPaths").field("wanted", wanted).field("mode", mode).finish()
+            }
         }
     }
 }
@@ -338,6 +389,8 @@ pub enum Reply {
     /// A build result (failures included: they are answers, not errors), encoded by the
     /// front-end for the client's version.
     Built(Box<core::BuildResult>),
+    /// One result per path of [`Action::BuildPaths`], in order.
+    BuiltPaths(Vec<BuildResult>),
 }
 
 /// An error the session reports to the client (the front-end sends the whole chain).
@@ -345,6 +398,9 @@ pub type ActionError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// A session: executes actions.
 pub trait Handler {
+    /// Whether the operator trusts this session's client (the worker handshake tells the client;
+    /// Nix ≥ 2.16 then sends input-addressed builds as `BuildPaths` of the `.drv` closure).
+    fn trusted(&self) -> bool;
     /// Execute one action. Build failures are `Ok(Reply::Built(..))` with a failure status;
     /// `Err` is for requests that cannot be answered (a bad upload, an unknown path).
     fn handle(&mut self, action: Action<'_>, log: &mut dyn BuildLog) -> Result<Reply, ActionError>;

@@ -331,7 +331,7 @@ fn worker_server_handshake_bytes() {
     let cfg = WorkerConfig { version_string: "vouch test".into(), declared_nix: None };
     let client = B::default().n(WORKER_MAGIC_1).n(0x122).n(0).n(0).0;
     let mut out = Vec::new();
-    let p = handshake(&mut &client[..], &mut out, &cfg).unwrap();
+    let p = handshake(&mut &client[..], &mut out, &cfg, true).unwrap();
     assert_eq!(out, B::default().n(WORKER_MAGIC_2).n(0x126).s("vouch test").n(STDERR_LAST).0);
     assert_eq!((p.version, p.features.len()), (0x122, 0));
 
@@ -343,17 +343,21 @@ fn worker_server_handshake_bytes() {
         .n(7) // an obsolete CPU affinity value follows a nonzero flag
         .n(0)
         .0;
-    let mut out = Vec::new();
-    let p = handshake(&mut &client[..], &mut out, &cfg).unwrap();
-    let want = B::default()
-        .n(WORKER_MAGIC_2)
-        .n(0x126)
-        .ss(&[FEATURE_REALISATION_WITH_PATH])
-        .s("vouch test")
-        .n(1) // trusted
-        .n(STDERR_LAST)
-        .0;
-    assert_eq!(out, want);
-    assert!(p.has_feature(FEATURE_REALISATION_WITH_PATH));
-    assert_eq!(p.features.len(), 1);
+    // Nix's `TrustedFlag`: 1 trusted, 2 not trusted (0, "unknown", Nix ≥ 2.16 reads as
+    // trusted, so it is never sent).
+    for (trusted, flag) in [(true, 1), (false, 2)] {
+        let mut out = Vec::new();
+        let p = handshake(&mut &client[..], &mut out, &cfg, trusted).unwrap();
+        let want = B::default()
+            .n(WORKER_MAGIC_2)
+            .n(0x126)
+            .ss(&[FEATURE_REALISATION_WITH_PATH])
+            .s("vouch test")
+            .n(flag)
+            .n(STDERR_LAST)
+            .0;
+        assert_eq!(out, want);
+        assert!(p.has_feature(FEATURE_REALISATION_WITH_PATH));
+        assert_eq!(p.features.len(), 1);
+    }
 }

@@ -19,8 +19,10 @@
 //! - **Hang-up** ([`watch_hangup`]): a client that goes away while its build runs stops that build
 //!   (its VM is killed; nothing is registered): the session's switch trips.
 //!
-//! Who may connect is decided by the socket's file permissions (and its directory's): anyone who
-//! can connect can upload paths and start builds.
+//! Who may connect is decided by the socket's file permissions (and its directory's). Who is
+//! trusted is decided per connection from the peer's credentials (`SO_PEERCRED`: the user id
+//! of the connecting process, which the kernel vouches for): the [`SessionFactory`] gets them
+//! in a [`Peer`] and makes a trusted or an untrusted session.
 //!
 //! What is not here: the protocol ([`super::worker`]), what sessions do (the [`Handler`],
 //! `crate::nixbuilder`), signal handling (`crate::signals`).
@@ -146,11 +148,23 @@ impl Drop for SocketListener {
     }
 }
 
-/// Makes the handler of one session. Its arguments: the connection's number (from 1), and a
-/// switch that trips when the client hangs up ([`watch_hangup`]): the session's builds should
-/// follow it, since nobody waits for their results any more.
+/// Who connected: the connection's number (from 1) and the peer process's credentials as the
+/// kernel gives them (`SO_PEERCRED`; `None` if they could not be read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    /// The connection's number.
+    pub n: u64,
+    /// The peer's user id.
+    pub uid: Option<u32>,
+    /// The peer's process id.
+    pub pid: Option<i32>,
+}
+
+/// Makes the handler of one session. Its arguments: the peer that connected, and a switch that
+/// trips when the client hangs up ([`watch_hangup`]): the session's builds should follow it,
+/// since nobody waits for their results any more.
 pub type SessionFactory =
-    dyn Fn(u64, &Cancel) -> Result<Box<dyn Handler + Send>, ActionError> + Send + Sync;
+    dyn Fn(&Peer, &Cancel) -> Result<Box<dyn Handler + Send>, ActionError> + Send + Sync;
 
 /// How [`serve_socket`] runs.
 #[derive(Debug, Clone)]
@@ -272,9 +286,16 @@ fn spawn_session(
     cfg: WorkerConfig,
     new_session: Arc<SessionFactory>,
 ) -> std::io::Result<Session> {
-    let peer = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
-        .map(|c| format!("pid {} uid {}", c.pid(), c.uid()))
-        .unwrap_or_else(|_| "unknown peer".into());
+    let creds = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials);
+    let peer = Peer {
+        n,
+        uid: creds.as_ref().ok().map(|c| c.uid()),
+        pid: creds.as_ref().ok().map(|c| c.pid()),
+    };
+    let who = match creds {
+        Ok(c) => format!("pid {} uid {}", c.pid(), c.uid()),
+        Err(_) => "unknown peer".into(),
+    };
     let reader = stream.try_clone()?;
     let writer = stream.try_clone()?;
     let closer = CloseOnDrop(stream.try_clone()?);
@@ -286,10 +307,9 @@ fn spawn_session(
         // handle of its own to shut it down).
         let _closer = closer;
         let over = SetOnDrop(session_over);
-        let span = tracing::info_span!("session", n, peer = %peer);
+        let span = tracing::info_span!("session", n, peer = %who);
         let _entered = span.enter();
-        tracing::info!("connected");
-        let mut handler = match new_session(n, &hangup) {
+        let mut handler = match new_session(&peer, &hangup) {
             Ok(h) => h,
             Err(e) => {
                 tracing::error!("cannot open a session: {}", error_chain(e.as_ref()));

@@ -26,7 +26,7 @@ mod golden;
 
 pub use action::{
     Action, ActionError, BuildDerivation, BuildMode, BuildOptions, BuildResult, BuildStatus,
-    BuiltOutput, ClientOptions, Handler, NarStream, Reply,
+    BuiltOutput, ClientOptions, DerivedPath, Handler, NarStream, Reply,
 };
 pub use version::{ClientProfile, Protocol, RealisationFormat};
 pub use wire::WireError;

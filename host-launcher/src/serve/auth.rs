@@ -6,7 +6,8 @@
 //! - `upload`: `nix copy --to` (PUT `nar/…` and `….narinfo`);
 //! - `build`: the build API and the web page (submit, list, read, cancel);
 //! - `trusted`: the callers the operator trusts as Nix trusts its `trusted-users`: only they may
-//!   upload paths with neither a content address nor a signature by a key the service trusts.
+//!   upload paths with neither a content address nor a signature by a key the service trusts,
+//!   each token into an overlay of its own (`super::Service`) that only its builds read.
 //!   (Input-addressed derivations build for every `build` caller, at the output paths the core
 //!   computes from the derivation graph; one declaring other paths is refused for all.)
 //!
@@ -208,7 +209,7 @@ impl Access {
     pub fn configure(
         tokens_file: Option<&Path>,
         token_file: Option<&Path>,
-        trusted_token_file: Option<&Path>,
+        trusted_token_files: &[PathBuf],
         private_cache: bool,
     ) -> Result<Access, TokenError> {
         let mut a = Access::default();
@@ -223,8 +224,9 @@ impl Access {
             a.tokens.push(token_from_file(p, "token", scopes)?);
             anonymous = Some(anonymous.unwrap_or(Scopes::of(&[Scope::Cache])));
         }
-        if let Some(p) = trusted_token_file {
-            a.tokens.push(token_from_file(p, "trusted", Scopes::ALL)?);
+        for (i, p) in trusted_token_files.iter().enumerate() {
+            let name = if i == 0 { "trusted".to_owned() } else { format!("trusted-{}", i + 1) };
+            a.tokens.push(token_from_file(p, &name, Scopes::ALL)?);
         }
         if let Some(anon) = anonymous {
             a.anonymous = anon;
@@ -265,17 +267,34 @@ impl Access {
             Some(i) => {
                 let scopes =
                     Scopes(self.tokens[i].scopes.0 | self.anonymous.without(Scope::Trusted).0);
+                let trusted = scopes.has(Scope::Trusted);
                 Caller {
                     scopes,
                     authenticated: true,
-                    trusted: scopes.has(Scope::Trusted),
+                    trusted,
                     token: Some(i as u16),
+                    client: trusted.then(|| self.client_of(i)),
                 }
             }
-            None => {
-                Caller { scopes: self.anonymous, authenticated: false, trusted: false, token: None }
-            }
+            None => Caller {
+                scopes: self.anonymous,
+                authenticated: false,
+                trusted: false,
+                token: None,
+                client: None,
+            },
         }
+    }
+
+    /// How many tokens have the `trusted` scope: the trusted clients, each with an overlay of
+    /// its own ([`Caller::client`]).
+    pub fn trusted_clients(&self) -> usize {
+        self.tokens.iter().filter(|t| t.scopes.has(Scope::Trusted)).count()
+    }
+
+    /// The client index of token `i`: how many tokens before it have the `trusted` scope.
+    fn client_of(&self, i: usize) -> usize {
+        self.tokens[..i].iter().filter(|t| t.scopes.has(Scope::Trusted)).count()
     }
 
     /// The name of token `i` (of [`Caller::token`]).
@@ -345,6 +364,9 @@ pub struct Caller {
     pub trusted: bool,
     /// Which token it presented (an index into the configuration).
     pub token: Option<u16>,
+    /// Which trusted client it is (its index among the tokens with the `trusted` scope): each
+    /// trusted token is one client, with its own overlay for the uploads vouch cannot certify.
+    pub client: Option<usize>,
 }
 
 impl Caller {
@@ -383,7 +405,7 @@ mod tests {
     fn bearer_and_basic_present_the_token_and_nothing_else_does() {
         let dir = tempfile::tempdir().unwrap();
         let p = file(dir.path(), "t", "s3cr3t-token-0123\n");
-        let a = Access::configure(None, Some(&p), None, false).unwrap();
+        let a = Access::configure(None, Some(&p), &[], false).unwrap();
         let basic = |s: &str| {
             format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(s.as_bytes()))
         };
@@ -421,13 +443,15 @@ mod tests {
         assert!(open.can(Scope::Upload) && open.can(Scope::Build) && !open.trusted);
         assert!(!open.authenticated, "an open service trusts nobody");
         // --trusted-token-file alone leaves the service open, and only its holder trusted.
-        let only_trusted = Access::configure(None, None, Some(&trusted), false).unwrap();
+        let only_trusted =
+            Access::configure(None, None, std::slice::from_ref(&trusted), false).unwrap();
         assert!(only_trusted.caller(None).can(Scope::Upload));
         assert!(!only_trusted.caller(a).trusted);
         let c = only_trusted.caller(t);
         assert!(c.trusted && c.authenticated && c.can(Scope::Build));
         // --token-file closes uploads and builds to anonymous callers; the cache stays public.
-        let both = Access::configure(None, Some(&access), Some(&trusted), false).unwrap();
+        let both =
+            Access::configure(None, Some(&access), std::slice::from_ref(&trusted), false).unwrap();
         let anon = both.caller(None);
         assert!(anon.can(Scope::Cache) && !anon.can(Scope::Upload) && !anon.can(Scope::Build));
         let holder = both.caller(a);
@@ -435,8 +459,16 @@ mod tests {
         assert!(both.caller(t).trusted);
         assert_ne!(both.caller(a).token, both.caller(t).token);
         // --private-cache: anonymous callers may not even read.
-        let private = Access::configure(None, Some(&access), None, true).unwrap();
+        let private = Access::configure(None, Some(&access), &[], true).unwrap();
         assert!(!private.caller(None).can(Scope::Cache) && private.caller(a).can(Scope::Cache));
+        // --trusted-token-file is repeatable: each token is one client, with its own overlay.
+        let second = file(dir.path(), "t2", "trusted-token-4567\n");
+        let t2 = Some("Bearer trusted-token-4567");
+        let two = Access::configure(None, Some(&access), &[trusted, second], false).unwrap();
+        assert_eq!(two.trusted_clients(), 2);
+        assert_eq!((two.caller(t).client, two.caller(t2).client), (Some(0), Some(1)));
+        assert!(two.caller(t2).trusted && two.caller(a).client.is_none());
+        assert_eq!(two.caller(None).client, None);
     }
 
     #[test]
@@ -452,7 +484,7 @@ mod tests {
             )
             .replace("anonymous - -", "anonymous cache -"),
         );
-        let a = Access::configure(Some(&p), None, None, true).unwrap();
+        let a = Access::configure(Some(&p), None, &[], true).unwrap();
         assert_eq!(a.anonymous(), Scopes::NONE, "--private-cache");
         let r = a.caller(Some("Bearer reader-token-01234"));
         assert!(r.can(Scope::Cache) && !r.can(Scope::Upload));
@@ -468,7 +500,7 @@ mod tests {
             ("a cache tok-0123456789abcdef\na build tok-0123456789abcdeg", "used twice"),
         ] {
             let p = file(dir.path(), "bad", text);
-            let e = Access::configure(Some(&p), None, None, false).unwrap_err().to_string();
+            let e = Access::configure(Some(&p), None, &[], false).unwrap_err().to_string();
             assert!(e.contains(says) && e.contains("line"), "{text}: {e}");
         }
     }

@@ -37,7 +37,7 @@ use crate::build::Cancel;
 use crate::core::log::{BuildLog, LineSplitter, Progress};
 use crate::core::{BuildRequest, BuildResult, Built, Engine, Inputs};
 use crate::store::db::now;
-use crate::store::{ContentStore, StoreConfig};
+use crate::store::{ContentStore, SessionStore, StoreConfig, StoreView};
 use nix_formats::StorePath;
 
 /// Most log bytes kept per step (later lines are dropped, with a note).
@@ -70,6 +70,8 @@ pub struct Build {
     request: Mutex<Option<BuildRequest>>,
     cancel: Cancel,
     changed: watch::Sender<u64>,
+    /// The trusted client whose overlay it reads (`Builds::with_trusted_uploads`).
+    client: Option<usize>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -85,6 +87,7 @@ impl Build {
             request: Mutex::new(request),
             cancel: Cancel::default(),
             changed: watch::Sender::new(0),
+            client: None,
         }
     }
 
@@ -211,6 +214,7 @@ pub struct Builds {
     store_cfg: StoreConfig,
     records: Records,
     metrics: Arc<Metrics>,
+    trusted_uploads: Vec<Arc<SessionStore>>,
 }
 
 impl Builds {
@@ -231,7 +235,16 @@ impl Builds {
             store_cfg,
             records,
             metrics,
+            trusted_uploads: Vec::new(),
         }
+    }
+
+    /// This queue, with each trusted client's private uploads (`super::Service`), by client:
+    /// that client's builds read them, and register outputs built from them there too; nobody
+    /// else's build sees them.
+    pub fn with_trusted_uploads(mut self, uploads: Vec<Arc<SessionStore>>) -> Self {
+        self.trusted_uploads = uploads;
+        self
     }
 
     /// The record (for what only it knows: listings, counts, older builds).
@@ -291,8 +304,14 @@ impl Builds {
     }
 
     /// Queue a checked request, recorded with its submission and caller (JSON, for a
-    /// restart); its id.
-    pub fn submit(&self, req: BuildRequest, submission: &str, caller: &str) -> Result<u64, String> {
+    /// restart), of trusted client `client` (its builds read its overlay) if any; its id.
+    pub fn submit(
+        &self,
+        req: BuildRequest,
+        submission: &str,
+        caller: &str,
+        client: Option<usize>,
+    ) -> Result<u64, String> {
         let mut inner = lock(&self.inner);
         if inner.stopping {
             return Err("the service is shutting down".into());
@@ -307,24 +326,38 @@ impl Builds {
             .queued(id, &req.drv_path, submission, caller, &view.steps)
             .map_err(|e| format!("recording the build: {}", error_chain(&e)))?;
         inner.next += 1;
-        self.enqueue(&mut inner, id, req, t);
+        self.enqueue(&mut inner, id, req, t, client);
         drop(inner);
         self.wake.notify_one();
         Ok(id)
     }
 
-    fn enqueue(&self, inner: &mut Inner, id: u64, req: BuildRequest, submitted: i64) {
+    fn enqueue(
+        &self,
+        inner: &mut Inner,
+        id: u64,
+        req: BuildRequest,
+        submitted: i64,
+        client: Option<usize>,
+    ) {
         let view = Self::one_step(id, &req, submitted);
-        let build = Arc::new(Build::new(view, Some(req), vec![String::new()]));
+        let mut build = Build::new(view, Some(req), vec![String::new()]);
+        build.client = client;
+        let build = Arc::new(build);
         inner.builds.insert(id, build.clone());
         inner.queue.push_back(build);
     }
 
     /// Queue again a build recorded as queued before a restart (its submission checked again).
-    pub fn resume(&self, id: u64, req: BuildRequest) -> Result<(), RecordError> {
+    pub fn resume(
+        &self,
+        id: u64,
+        req: BuildRequest,
+        client: Option<usize>,
+    ) -> Result<(), RecordError> {
         let submitted = self.records.load(id)?.map_or_else(now, |(b, _)| b.submitted);
         let mut inner = lock(&self.inner);
-        self.enqueue(&mut inner, id, req, submitted);
+        self.enqueue(&mut inner, id, req, submitted, client);
         drop(inner);
         self.wake.notify_one();
         Ok(())
@@ -481,7 +514,9 @@ impl Builds {
         let mut engine = self.engine.clone();
         engine.launcher.cancel = build.cancel.clone();
         let mut log = LogOf { build, step: 0, lines: LineSplitter::default() };
-        let result = engine.build(req, Inputs::ContentStore(&store), &mut log);
+        let overlay = build.client.and_then(|i| self.trusted_uploads.get(i));
+        let view = StoreView::new(&store, overlay.and_then(|s| s.overlay()));
+        let result = engine.build(req, Inputs::ContentStore(view), &mut log);
         let detail = match &result {
             BuildResult::Built(b) => Some(serde_json::json!({
                 "evidence_root": b.evidence_root,

@@ -20,7 +20,10 @@
 //!   address (which certifies them) and their NAR at `drv/<hash>.nar`.
 //! - **Uploads** ([`upload`]): the requests of `nix copy --to http://…` (xz, zstd or no
 //!   compression); uploaded paths go into the content store, checked, never into the trace
-//!   store.
+//!   store. Into the shared store only what vouch can certify (a content address it recomputes,
+//!   a signature by a `--trusted-public-key`); a trusted client's other uploads go to its
+//!   overlay (`crate::store::session`; one per token with the `trusted` scope), which only its
+//!   builds read, for the service's life; anyone else's are refused (403).
 //! - **narinfo of uploaded paths**: `nix copy --to` asks for `<hash>.narinfo` (GET) to decide
 //!   what to upload, and HEAD again before each upload. So that a second copy skips what is
 //!   already here, a path that is in the content store but not in the trace store is answered
@@ -60,7 +63,10 @@ use nix_formats::signing::PublicKey;
 use nix_formats::StorePath;
 
 use crate::core::{Engine, NixVersion};
-use crate::store::{ContentStore, FileUploads, Origin, StoreConfig, StoreError, UPLOAD_RULES};
+use crate::store::{
+    ClientTrust, ContentStore, FileUploads, Origin, SessionStore, StoreConfig, StoreError,
+    StoreView, UPLOAD_RULES,
+};
 use api::ApiAction;
 use builds::View;
 pub use json::{build_json, rfc3339, step_json};
@@ -124,7 +130,8 @@ pub struct ServiceConfig {
     pub jobs: usize,
     /// The Nix release clients run, where a submission does not say.
     pub declared_nix: Option<NixVersion>,
-    /// Who may do what ([`auth`]).
+    /// Who may do what ([`auth`]); each token with the `trusted` scope is one trusted client
+    /// ([`auth::Caller::client`]).
     pub access: auth::Access,
     /// Keys whose signature makes an upload without a content address acceptable.
     pub trusted_keys: Vec<PublicKey>,
@@ -135,6 +142,8 @@ pub struct ServiceConfig {
 pub struct Service {
     cfg: ServiceConfig,
     store: ContentStore,
+    /// Each trusted client's session store (its overlay), by its token's index.
+    trusted_uploads: Vec<Arc<SessionStore>>,
     index: Mutex<rusqlite::Connection>,
     staging: upload::Staging,
     builds: Arc<builds::Builds>,
@@ -188,15 +197,34 @@ impl Service {
         let key = build_trace::sign::load_or_generate_key(state_dir, &key_name)?;
         let public_key = key.public_key().to_string();
         let metrics = Arc::new(metrics::Metrics::default());
-        let builds = Arc::new(builds::Builds::new(
+        // Each trusted client's uploads that vouch cannot certify: its overlay, for this
+        // process's life (the HTTP API has no sessions; one trusted token is one client).
+        let trusted_uploads = (0..cfg.access.trusted_clients())
+            .map(|_| {
+                let trust = ClientTrust { trusted: true, keys: cfg.trusted_keys.clone() };
+                let shared = ContentStore::open(&cfg.store_dir, cfg.store_cfg)?;
+                Ok(Arc::new(SessionStore::new(shared, trust)?))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let builds = builds::Builds::new(
             cfg.engine.clone(),
             &cfg.store_dir,
             cfg.store_cfg,
             records,
             metrics.clone(),
-        ));
-        let service =
-            Service { cfg, store, index: Mutex::new(index), staging, builds, metrics, public_key };
+        )
+        .with_trusted_uploads(trusted_uploads.clone());
+        let builds = Arc::new(builds);
+        let service = Service {
+            cfg,
+            store,
+            trusted_uploads,
+            index: Mutex::new(index),
+            staging,
+            builds,
+            metrics,
+            public_key,
+        };
         service.resume();
         Ok(service)
     }
@@ -210,7 +238,9 @@ impl Service {
                 .map_err(|e| ApiError::new(500, format!("the recorded submission: {e}")))
                 .and_then(|s| self.check_submission(&s, stored_caller(&p.caller)));
             let outcome = match checked {
-                Ok(req) => self.builds.resume(p.id, req).map_err(|e| error_chain(&e)),
+                // Without a trusted client's overlay: the overlays lived only as long as the
+                // process that had them, and a client index may name another token now.
+                Ok(req) => self.builds.resume(p.id, req, None).map_err(|e| error_chain(&e)),
                 Err(e) => Err(e.msg),
             };
             match outcome {
@@ -227,6 +257,15 @@ impl Service {
                     }
                 }
             }
+        }
+    }
+
+    /// The content store as `caller`'s builds read it: the shared store, and for a trusted
+    /// client its overlay over it.
+    pub(super) fn view_of(&self, caller: auth::Caller) -> StoreView<'_> {
+        match caller.client.and_then(|i| self.trusted_uploads.get(i)) {
+            Some(t) => t.view(),
+            None => (&self.store).into(),
         }
     }
 
@@ -293,7 +332,10 @@ impl Service {
                 let who = serde_json::json!({"authenticated": caller.authenticated,
                                              "trusted": caller.trusted})
                 .to_string();
-                let id = self.builds.submit(req, &sub, &who).map_err(|e| ApiError::new(503, e))?;
+                let id = self
+                    .builds
+                    .submit(req, &sub, &who, caller.client)
+                    .map_err(|e| ApiError::new(503, e))?;
                 tracing::info!(id, drv = %s.drv, "build queued");
                 Ok(ApiReply::Json(
                     202,
@@ -520,13 +562,20 @@ impl Service {
         let pi = taken.path_info();
         let path = pi.path.clone();
         let mut uploads = FileUploads::new(vec![(pi, taken.file.clone())]);
-        let result = self.store.add(&mut uploads, UPLOAD_RULES, Origin::Upload);
+        let result = match caller.client.and_then(|i| self.trusted_uploads.get(i)) {
+            // A trusted caller's: shared if certified, else in its overlay, which only its
+            // builds read (`crate::store::session`).
+            Some(t) => t.add(&mut uploads, UPLOAD_RULES).map(|_| ()),
+            None => self.store.add(&mut uploads, UPLOAD_RULES, Origin::Upload).map(|_| ()),
+        };
         // `add` pins what it registered for this process; once registered an upload is not in
-        // use (a build pins its closure in its own session), so it may be evicted again.
+        // use (a build pins its closure in its own session), so it may be evicted again. (The
+        // trusted callers' store keeps the pins of its overlay's shared references.)
         let _ = self.store.unpin_all();
         drop(taken);
         result.map_err(store_error)?;
-        tracing::info!(%path, "upload registered in the content store");
+        let private = self.view_of(caller).is_private(&path);
+        tracing::info!(%path, private, "upload registered in the content store");
         Ok(ApiReply::Bytes("text/plain", b"registered\n".to_vec()))
     }
 }
@@ -541,5 +590,7 @@ fn stored_caller(json: &str) -> auth::Caller {
         authenticated: flag("authenticated"),
         trusted: flag("trusted"),
         token: None,
+        // The overlay it read is gone with the process that had it.
+        client: None,
     }
 }

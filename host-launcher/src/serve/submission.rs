@@ -67,7 +67,8 @@ impl Service {
         let how = format!(
             "upload it and its inputs first: nix copy --to http://HOST:PORT --derivation {drv_path}"
         );
-        let info = self.store.path_info(&drv_path).map_err(store_error)?.ok_or_else(|| {
+        let view = self.view_of(caller);
+        let info = view.path_info(&drv_path).map_err(store_error)?.ok_or_else(|| {
             bad(422, format!("{drv_path} is not in vouch's content store: {how}"))
         })?;
         if !info.info.ca.as_deref().is_some_and(|c| c.starts_with("text:")) {
@@ -79,7 +80,7 @@ impl Service {
                 ),
             ));
         }
-        let derivations = Derivations::from_store(&self.store, &drv_path)
+        let derivations = Derivations::from_store(view, &drv_path)
             .map_err(|e| ownership_error(&drv_path, &e, &how))?;
         let mut accepted = accepted_outputs(&self.cfg.engine.publish.trace_store);
         let step =
@@ -100,7 +101,7 @@ impl Service {
             ));
         }
         let step_path = step.drv_path;
-        self.store.closure(&basic.input_srcs).map_err(|e| match e {
+        view.closure(&basic.input_srcs).map_err(|e| match e {
             StoreError::Missing { path } => bad(
                 422,
                 format!("input {path} of {step_path} is not in vouch's content store: {how}"),

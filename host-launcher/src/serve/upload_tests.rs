@@ -85,6 +85,7 @@ fn a_staged_nar_is_its_uploaders_alone() {
             authenticated: true,
             trusted: true,
             token: Some(0),
+            client: Some(0),
         },
         "192.0.2.1".parse().unwrap(),
     );

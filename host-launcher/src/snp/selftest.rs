@@ -123,7 +123,7 @@ fn genuine_amd_policy(manifest: &Manifest) -> EvidencePolicy {
         .and_then(|s| s.expected_measurement.parse::<Hex<48>>().ok())
         .map(|m| vec![m])
         .unwrap_or_default();
-    EvidencePolicy { measurements: Some(measurements), ..EvidencePolicy::default() }
+    EvidencePolicy { measurements: Some(measurements.into()), ..EvidencePolicy::default() }
 }
 
 /// Run the self-test (see the module doc) with `cfg`, working in `work`.

@@ -40,6 +40,19 @@ pub struct Staged {
     pub committed: bool,
 }
 
+impl Staged {
+    /// Move the checked NAR to `dest`, its place in a store; from then on it is kept.
+    pub fn commit_to(&mut self, dest: &std::path::Path) -> Result<(), StoreError> {
+        fs::rename(&self.tmp, dest).map_err(|source| StoreError::Io {
+            op: "rename",
+            path: dest.to_path_buf(),
+            source,
+        })?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
 impl Drop for Staged {
     fn drop(&mut self) {
         if !self.committed {

@@ -19,6 +19,11 @@
 //!   session pins what it uploaded, what it answered as valid, a build's input closure and
 //!   outputs), nor one that a remaining path refers to. Pins die with their process ([`owner`]).
 //!   If pinned paths leave no room, the batch is refused with an error saying so.
+//! - **Sessions** ([`session`]): a client session reads and writes the store through a
+//!   [`SessionStore`]: the shared store holds only paths vouch can certify (content-addressed,
+//!   signed by a key the operator trusts, or built by vouch); a trusted client's other paths go
+//!   to its private [`overlay`], under `sessions/`, removed when the session ends ([`view`]
+//!   reads both as one store).
 //!
 //! What is not here: the records it keeps (`crate::core::path_info`), protocols
 //! (`crate::nixproto`, `crate::serve`), builds (`crate::core::engine`).
@@ -26,8 +31,13 @@
 pub mod db;
 pub mod files;
 pub mod ingest;
+pub mod overlay;
 pub mod owner;
+pub mod session;
+pub mod view;
 
+#[cfg(test)]
+mod session_tests;
 #[cfg(test)]
 mod tests;
 
@@ -45,7 +55,10 @@ use rusqlite::{Connection, TransactionBehavior};
 use crate::core::{UploadError, UploadSource, ValidPathInfo};
 pub use files::{drv_contents, FileUploads, MAX_DRV_BYTES};
 use ingest::Staged;
+pub use overlay::Overlay;
 use owner::ProcessId;
+pub use session::{ClientTrust, SessionStore};
+pub use view::StoreView;
 
 /// The self-reference rules an uploaded path's content address may be checked under, the one of
 /// current Nix releases first: an upload may come from any Nix release, and each rule is Nix's
@@ -124,6 +137,19 @@ pub enum UploadProblem {
         /// The reference.
         reference: StorePath,
     },
+    /// Neither content-addressed nor signed by a trusted key, from a client the operator does
+    /// not trust (`session`'s rule).
+    #[error(
+        "it has neither a content address nor a signature by a key this builder trusts \
+         (--trusted-public-key), and this client is not trusted (--trusted-user, --trusted): an \
+         untrusted client may upload only paths whose content address vouch recomputes or that a \
+         trusted key signed, so that no client can place other bytes under a path that another \
+         client's build uses"
+    )]
+    NotTrusted,
+    /// Meant for a session's private overlay, in a session that has none.
+    #[error("it cannot be registered privately: this session has no overlay (its client is not trusted)")]
+    NoPrivateLayer,
 }
 
 /// Why a content store operation failed.
@@ -150,7 +176,7 @@ pub enum StoreError {
         source: std::io::Error,
     },
     /// An upload was refused (nothing of its batch was registered).
-    #[error("upload of {path} refused: {problem}; nothing of this upload was registered")]
+    #[error("upload of {path} refused (nothing of this upload was registered)")]
     Upload {
         /// The path.
         path: StorePath,
@@ -178,6 +204,16 @@ pub enum StoreError {
     Missing {
         /// The path.
         path: StorePath,
+    },
+    /// A session's overlay has no room.
+    #[error("this session's private uploads would exceed {max} bytes ({used} used, {needed} more); nothing was registered")]
+    OverlayFull {
+        /// Bytes wanted.
+        needed: u64,
+        /// Bytes in the overlay.
+        used: u64,
+        /// The bound.
+        max: u64,
     },
 }
 
@@ -219,6 +255,8 @@ pub struct Cleanup {
     pub dead_owners: usize,
     /// Half-received uploads in `tmp/` of processes that are gone.
     pub tmp_files: usize,
+    /// Session overlays in `sessions/` of processes that are gone.
+    pub session_overlays: usize,
     /// NAR files in `nar/` that no row names (a writer died between rename and commit).
     pub orphaned_nars: usize,
 }
@@ -307,21 +345,44 @@ impl ContentStore {
                 }
             }
         }
-        if let Ok(entries) = fs::read_dir(self.dir.join("tmp")) {
+        for sub in ["tmp", "sessions"] {
+            let Ok(entries) = fs::read_dir(self.dir.join(sub)) else { continue };
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 // `<pid>-<start ticks>-<owner>-<n>`
                 let mut parts = name.splitn(3, '-');
                 let tag = format!("{}-{}", parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-                if ProcessId::from_tag(&tag).is_none_or(|p| !p.is_alive())
-                    && fs::remove_file(e.path()).is_ok()
-                {
-                    cleaned.tmp_files += 1;
+                if ProcessId::from_tag(&tag).is_none_or(|p| !p.is_alive()) {
+                    let p = e.path();
+                    let (gone, count) = if sub == "tmp" {
+                        (fs::remove_file(p).is_ok(), &mut cleaned.tmp_files)
+                    } else {
+                        (fs::remove_dir_all(p).is_ok(), &mut cleaned.session_overlays)
+                    };
+                    *count += usize::from(gone);
                 }
             }
         }
         tx.commit().map_err(dbe("clean up"))?;
         Ok(cleaned)
+    }
+
+    /// A new private overlay for a session of this process (`sessions/<owner tag>-<n>`).
+    pub fn new_overlay(&self) -> Result<Overlay, StoreError> {
+        let sessions = self.dir.join("sessions");
+        fs::create_dir_all(&sessions).map_err(|source| StoreError::Io {
+            op: "create",
+            path: sessions.clone(),
+            source,
+        })?;
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let dir = sessions.join(format!("{}-{}-{n}", self.me.tag(), self.owner));
+        Overlay::create(dir, self.cfg.max_bytes)
+    }
+
+    /// Whether `path` is valid.
+    pub fn is_valid(&self, path: &StorePath) -> Result<bool, StoreError> {
+        Ok(db::id_of(&self.conn(), path).map_err(dbe("query"))?.is_some())
     }
 
     /// Which of `paths` are valid; with `pin`, those are pinned for this process in the same
@@ -393,20 +454,7 @@ impl ContentStore {
         &self,
         roots: &BTreeSet<StorePath>,
     ) -> Result<BTreeMap<StorePath, ValidPathInfo>, StoreError> {
-        let conn = self.conn();
-        let mut out = BTreeMap::new();
-        let mut todo: Vec<StorePath> = roots.iter().cloned().collect();
-        while let Some(p) = todo.pop() {
-            if out.contains_key(&p) {
-                continue;
-            }
-            let row = db::get(&conn, &p)
-                .map_err(dbe("closure"))?
-                .ok_or(StoreError::Missing { path: p.clone() })?;
-            todo.extend(row.info.info.references.iter().filter(|r| !out.contains_key(*r)).cloned());
-            out.insert(p, row.info);
-        }
-        Ok(out)
+        StoreView::from(self).closure(roots)
     }
 
     /// NAR bytes of all valid paths.
@@ -419,35 +467,17 @@ impl ContentStore {
         self.dir.join("tmp").join(format!("{}-{}-{n}", self.me.tag(), self.owner))
     }
 
-    /// Receive, check and register a batch (see the module docs). `rules` are the self-reference
-    /// rules a claimed content address may be checked under, preferred first. Returns the paths
-    /// the batch contained (already valid ones included); they are pinned for this process.
+    /// Receive, check and register a batch in this (shared) store (see the module docs).
+    /// `rules` are the self-reference rules a claimed content address may be checked under,
+    /// preferred first. Returns the paths the batch contained (already valid ones included);
+    /// they are pinned for this process. Sessions add through their [`SessionStore`].
     pub fn add(
         &self,
         uploads: &mut dyn UploadSource,
         rules: &[SelfRefRule],
         origin: Origin,
     ) -> Result<Vec<StorePath>, StoreError> {
-        let mut staged: Vec<Staged> = Vec::new();
-        let mut already = Vec::new();
-        while let Some(info) = uploads.next_path().map_err(StoreError::Source)? {
-            let twice =
-                staged.iter().any(|s| s.info.path == info.path) || already.contains(&info.path);
-            if twice || self.pin_if_valid(&info.path)? {
-                // Valid already (or twice in the batch): consume its NAR, register nothing new.
-                tracing::debug!(path = %info.path, "already valid; skipping its NAR");
-                std::io::copy(uploads.nar(), &mut std::io::sink())
-                    .map_err(|e| StoreError::Source(Box::new(e)))?;
-                already.push(info.path);
-                continue;
-            }
-            let tmp = self.tmp_file();
-            staged.push(ingest::receive(info, uploads.nar(), tmp, self.cfg.max_bytes, rules)?);
-        }
-        let mut paths: Vec<StorePath> = staged.iter().map(|s| s.info.path.clone()).collect();
-        self.commit(staged, origin)?;
-        paths.extend(already);
-        Ok(paths)
+        view::add_to_layers(self, None, uploads, rules, origin, &mut |_, _| Ok(view::Layer::Shared))
     }
 
     /// Pin `path` if it is valid (one transaction); whether it was.
@@ -503,12 +533,7 @@ impl ContentStore {
                 let file =
                     format!("{}-{}-{}-{n}.nar", s.info.path.hash_part(), self.me.tag(), self.owner);
                 let dest = self.nar_path(&file);
-                fs::rename(&s.tmp, &dest).map_err(|source| StoreError::Io {
-                    op: "rename",
-                    path: dest.clone(),
-                    source,
-                })?;
-                s.committed = true;
+                s.commit_to(&dest)?;
                 renamed.push(dest);
                 ids.push((
                     db::insert(&tx, &s.info, &file, origin.as_str()).map_err(dbe("insert"))?,

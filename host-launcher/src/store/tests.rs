@@ -13,19 +13,19 @@ use sha2::{Digest, Sha256};
 use super::*;
 use crate::core::{UploadError, UploadSource, ValidPathInfo};
 
-const RULES: &[SelfRefRule] = &[SelfRefRule::ZeroAndPositions, SelfRefRule::ZeroOnly];
+pub(super) const RULES: &[SelfRefRule] = &[SelfRefRule::ZeroAndPositions, SelfRefRule::ZeroOnly];
 
-fn nar_of(contents: &[u8]) -> Vec<u8> {
+pub(super) fn nar_of(contents: &[u8]) -> Vec<u8> {
     let mut w = NarWriter::new(Vec::new()).unwrap();
     w.regular(false, contents).unwrap();
     w.into_inner()
 }
 
-fn path(name: &str, seed: u8) -> StorePath {
+pub(super) fn path(name: &str, seed: u8) -> StorePath {
     StorePath::from_parts([seed; 20], name).unwrap()
 }
 
-fn info(p: &StorePath, nar: &[u8], refs: &[&StorePath]) -> ValidPathInfo {
+pub(super) fn info(p: &StorePath, nar: &[u8], refs: &[&StorePath]) -> ValidPathInfo {
     ValidPathInfo {
         path: p.clone(),
         info: build_trace::PathInfo {
@@ -42,13 +42,13 @@ fn info(p: &StorePath, nar: &[u8], refs: &[&StorePath]) -> ValidPathInfo {
 }
 
 /// An in-memory batch.
-struct Mem {
+pub(super) struct Mem {
     items: Vec<(ValidPathInfo, Vec<u8>)>,
     cur: Option<std::io::Cursor<Vec<u8>>>,
 }
 
 impl Mem {
-    fn new(items: Vec<(ValidPathInfo, Vec<u8>)>) -> Self {
+    pub(super) fn new(items: Vec<(ValidPathInfo, Vec<u8>)>) -> Self {
         let mut items = items;
         items.reverse();
         Mem { items, cur: None }
@@ -67,11 +67,11 @@ impl UploadSource for Mem {
     }
 }
 
-fn open(dir: &std::path::Path, max: u64) -> ContentStore {
+pub(super) fn open(dir: &std::path::Path, max: u64) -> ContentStore {
     ContentStore::open(dir, StoreConfig { max_bytes: max }).unwrap()
 }
 
-fn files_in(dir: &std::path::Path, sub: &str) -> usize {
+pub(super) fn files_in(dir: &std::path::Path, sub: &str) -> usize {
     fs::read_dir(dir.join(sub)).unwrap().count()
 }
 

@@ -13,8 +13,11 @@
 //! and QEMU ([`super::runner::Vm::spawn`]) in `attempt_step` and kills both (and reaps them)
 //! before `attempt_step` returns, on every path including unwinding (their `Drop`s). The thread
 //! is blocked in that call for the VM's whole life, so it cannot end while its VM should live.
-//! (`vouch bench` does the same within one benchmark function.) Do not hand a spawned QEMU or
-//! backend to another thread that may outlive the spawning one.
+//! (`vouch bench` does the same within one benchmark function.) The one hand-over is the warm
+//! pool's ([`crate::pool`]): its booter threads start VMs that steps on other threads take, and
+//! those threads live as long as the pool, which is shut down only when its launcher stops
+//! (its steps cancelled, their VMs killed). Do not hand a spawned QEMU or backend to another
+//! thread that may outlive the spawning one otherwise.
 //!
 //! With a launcher killed by `kill -9`, its VM's run directory (`$TMPDIR/vouch-vm-<owner>-…`)
 //! cannot be removed by anyone but the next launcher: [`crate::recovery`] does that, recognising

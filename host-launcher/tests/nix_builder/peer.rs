@@ -53,6 +53,50 @@ pub fn wrapper(dir: &Path, name: &str, state: &Path, extra: &[&str]) -> PathBuf 
     p
 }
 
+/// The Nix signing key the tests' builders trust (`--trusted-public-key`, [`key_arg`]): paths
+/// it signed are certified, so any client may upload them to the shared store.
+pub fn test_key() -> nix_formats::signing::SecretKey {
+    nix_formats::signing::SecretKey::from_seed("vouch-test-1", [7; 32])
+}
+
+/// `--trusted-public-key=…` of [`test_key`].
+pub fn key_arg() -> String {
+    format!("--trusted-public-key={}", test_key().public_key())
+}
+
+/// `info` with [`test_key`]'s signature over its fingerprint.
+pub fn signed(mut info: ValidPathInfo) -> ValidPathInfo {
+    let fp = nix_formats::narinfo::fingerprint(
+        &info.path,
+        &nix_formats::Hash::sha256(info.info.nar_hash.0),
+        info.info.nar_size,
+        &info.info.references,
+    );
+    info.sigs.insert(test_key().sign(fp.as_bytes()).to_string());
+    info
+}
+
+/// Sign `paths` in the local Nix store with [`test_key`] (`nix store sign`), so that `nix
+/// copy` sends them with its signature.
+pub fn sign_locally(dir: &Path, paths: &[String]) {
+    let key = dir.join("test-key.sec");
+    std::fs::write(&key, test_key().to_file_string()).unwrap();
+    let mut args = vec!["nix", "store", "sign", "--key-file", key.to_str().unwrap()];
+    args.extend(paths.iter().map(String::as_str));
+    let out = nix(&args);
+    assert!(out.status.success(), "nix store sign: {}", text(&out));
+}
+
+/// Which of `paths` a fresh, untrusted builder process on `state` reports valid.
+pub fn valid_in(state: &Path, paths: &[&StorePath]) -> BTreeSet<String> {
+    let mut p = Peer::spawn(state, &["--stdio"], Duration::from_secs(120));
+    p.worker_handshake(0x122, &[]);
+    let v = p.query_valid(paths);
+    let (st, err) = p.finish();
+    assert!(st.success(), "{err}");
+    v
+}
+
 /// A NAR of one regular file.
 pub fn nar_of(contents: &[u8]) -> Vec<u8> {
     let mut w = NarWriter::new(Vec::new()).unwrap();
@@ -202,6 +246,48 @@ impl Peer {
         let trusted = if v >= 35 { Some(self.from.read_u64().unwrap()) } else { None };
         self.expect_last();
         (ver, trusted, feats)
+    }
+
+    /// `QueryValidPaths` (31) on this worker connection.
+    pub fn query_valid(&mut self, paths: &[&StorePath]) -> BTreeSet<String> {
+        self.w().write_u64(31).unwrap();
+        let set: BTreeSet<StorePath> = paths.iter().map(|p| (*p).clone()).collect();
+        host_launcher::nixproto::types::write_store_path_set(self.w(), &set).unwrap();
+        self.w().write_u64(0).unwrap();
+        self.w().flush().unwrap();
+        self.expect_last();
+        self.from.read_string_set("valid").unwrap()
+    }
+
+    /// Send `AddToStoreNar` (39) with a framed NAR, optionally only its first `cut` bytes.
+    pub fn add_to_store_nar(&mut self, info: &ValidPathInfo, nar: &[u8], cut: Option<usize>) {
+        use host_launcher::nixproto::wire::FramedWriter;
+        self.w().write_u64(39).unwrap();
+        host_launcher::nixproto::types::write_upload_info(self.w(), info).unwrap();
+        self.w().write_u64(0).unwrap(); // repair
+        self.w().write_u64(1).unwrap(); // dontCheckSigs: vouch checks anyway
+        let mut fw = FramedWriter::new(self.w());
+        match cut {
+            Some(n) => {
+                fw.write_all(&nar[..n]).unwrap();
+                fw.flush().unwrap();
+            }
+            None => {
+                fw.write_all(nar).unwrap();
+                fw.finish().unwrap();
+            }
+        }
+        self.w().flush().unwrap();
+    }
+
+    /// Serve-protocol handshake as a client of `version` (2.x); returns the server's version.
+    pub fn serve_handshake(&mut self, version: u64) -> u64 {
+        use host_launcher::nixproto::serve::{SERVE_MAGIC_1, SERVE_MAGIC_2};
+        self.w().write_u64(SERVE_MAGIC_1).unwrap();
+        self.w().write_u64(version).unwrap();
+        self.w().flush().unwrap();
+        assert_eq!(self.from.read_u64().unwrap(), SERVE_MAGIC_2);
+        self.from.read_u64().unwrap()
     }
 
     /// Read STDERR messages up to `STDERR_LAST` (log messages skipped) or an error.

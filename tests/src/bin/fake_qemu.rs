@@ -11,14 +11,17 @@
 //! `$VOUCH_FAKE_GUEST` is a comma-separated script, one behaviour per launch (the last repeats):
 //! - `exit`: exit with status 1 before connecting (a VM that dies at boot);
 //! - `no-hello`: connect, then say nothing;
-//! - `stall`: hello, take setup, job and inputs, report `job-accepted`/`inputs-ready`/`building`
-//!   and a log line, heartbeat twice, then go silent with the connection open;
-//! - `no-read`: hello, then heartbeat every 200 ms and never read (the host's writes stall);
+//! - `stall`: hello, take setup and the launch, say ready, take the job and inputs, report
+//!   `job-accepted`/`inputs-ready`/`building` and a log line, heartbeat twice, then go silent
+//!   with the connection open;
+//! - `no-read`: hello, take setup and the launch, say ready, then heartbeat every 200 ms and
+//!   never read again (the host's writes of the job and inputs stall);
 //! - `fail`: like `stall` up to the log line, then a `builder-failed` failure and `Bye`;
 //! - `die-building`: like `stall` up to the log line, then exit with status 1.
 //!
 //! Each launch writes `$VOUCH_FAKE_GUEST_DIR/launch-<n>.json`: its pid, the vhost-user socket
-//! path, and, once received, the job id and HOST_DATA. Test-only: never part of an image.
+//! path, and, once received, the launch's HOST_DATA and nonce and the job id. Test-only: never
+//! part of an image.
 #![forbid(unsafe_code)]
 
 use std::io::Write;
@@ -26,7 +29,9 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use channel::messages::{AttesterKind, Failure, FailureKind, Heartbeat, Hello, Phase, PhaseName};
+use channel::messages::{
+    AttesterKind, Failure, FailureKind, Heartbeat, Hello, Phase, PhaseName, Ready,
+};
 use channel::proto::{FrameReader, FrameWriter, Kind, PROTOCOL_VERSION};
 
 fn arg_after(argv: &[String], flag: &str, prefix: &str) -> Option<String> {
@@ -92,6 +97,13 @@ fn main() {
     let beat = |w: &mut FrameWriter<UnixStream>, seq| {
         w.send_json(Kind::Heartbeat, &Heartbeat { seq, uptime_ms: seq }).is_ok()
     };
+    r.expect(Kind::Setup, "setup").unwrap();
+    let launch = r.expect(Kind::Launch, "launch").unwrap().payload;
+    let parsed = build_trace::Launch::from_canonical_bytes(&launch).expect("a canonical launch");
+    rec["host_data"] = hex(&build_trace::launch::host_data_of(&launch)).into();
+    rec["nonce"] = parsed.nonce.to_string().into();
+    record(&dir, n, &rec);
+    w.send_json(Kind::Ready, &Ready { uptime_ms: 1 }).unwrap();
     if behaviour == "no-read" {
         for seq in 1.. {
             std::thread::sleep(Duration::from_millis(200));
@@ -100,11 +112,9 @@ fn main() {
             }
         }
     }
-    r.expect(Kind::Setup, "setup").unwrap();
     let job = r.expect(Kind::Job, "job").unwrap().payload;
     let job = build_trace::job::Job::from_canonical_bytes(&job).expect("a canonical job");
     rec["job_id"] = job.job_id.clone().into();
-    rec["host_data"] = hex(&job.host_data().unwrap()).into();
     record(&dir, n, &rec);
     loop {
         let f = r.expect_frame("inputs").unwrap();

@@ -65,6 +65,10 @@ struct Recorder {
 }
 
 impl Handler for Recorder {
+    fn trusted(&self) -> bool {
+        false
+    }
+
     fn handle(
         &mut self,
         action: Action<'_>,
@@ -102,9 +106,9 @@ fn cfg(grace: Duration) -> ListenConfig {
 
 fn factory(shared: &Shared) -> Arc<SessionFactory> {
     let shared = shared.clone();
-    Arc::new(move |n, hangup| {
-        shared.hangups.lock().unwrap().push((n, hangup.clone()));
-        Ok(Box::new(Recorder { n, shared: shared.clone(), options: None })
+    Arc::new(move |peer, hangup| {
+        shared.hangups.lock().unwrap().push((peer.n, hangup.clone()));
+        Ok(Box::new(Recorder { n: peer.n, shared: shared.clone(), options: None })
             as Box<dyn Handler + Send>)
     })
 }

@@ -8,7 +8,7 @@
 //! C→S u64 clientVersion                 v = min(client, 1.38)
 //! v ≥ 1.38: C→S strings features; S→C strings ours   (negotiated = intersection)
 //! v ≥ 1.14: C→S u64 cpuAffinity [+ u64]; v ≥ 1.11: C→S u64 reserveSpace
-//! v ≥ 1.33: S→C string version; v ≥ 1.35: S→C u64 trusted (1)
+//! v ≥ 1.33: S→C string version; v ≥ 1.35: S→C u64 trusted (1 trusted, 2 not trusted)
 //! S→C STDERR_LAST
 //! ```
 //!
@@ -29,7 +29,7 @@ use nix_formats::StorePath;
 use crate::core::ValidPathInfo;
 
 use super::action::{
-    error_chain, Action, ActionError, BuildDerivation, BuildResult, BuildStatus, Handler, Reply,
+    error_chain, Action, ActionError, BuildDerivation, DerivedPath, Handler, Reply,
 };
 use super::types::{self, CodecError};
 use super::version::{
@@ -52,6 +52,10 @@ pub const WORKER_MAGIC_2: u64 = 0x6478_696f;
 pub const SERVER_VERSION: ProtoVersion = 0x126;
 /// The oldest client we serve: 1.34 (Nix 2.8).
 pub const MIN_CLIENT_VERSION: ProtoVersion = 0x122;
+/// The handshake's `TrustedFlag` for a trusted client.
+pub const TRUSTED: u64 = 1;
+/// The handshake's `TrustedFlag` for a client that is not trusted.
+pub const NOT_TRUSTED: u64 = 2;
 /// Features we offer.
 pub const SERVER_FEATURES: &[&str] = &[FEATURE_REALISATION_WITH_PATH];
 
@@ -146,7 +150,7 @@ pub fn serve<R: BufRead, W: Write>(
     cfg: &WorkerConfig,
     handler: &mut dyn Handler,
 ) -> Result<(), ServerError> {
-    let profile = handshake(&mut r, &mut w, cfg)?;
+    let profile = handshake(&mut r, &mut w, cfg, handler.trusted())?;
     tracing::info!(
         version = %show(profile.version),
         features = ?profile.features,
@@ -177,11 +181,13 @@ fn first_activity_id() -> u64 {
     (u64::from(std::process::id()) << 32) | (n << 24)
 }
 
-/// The handshake; on success the client has its `STDERR_LAST`.
+/// The handshake; on success the client has its `STDERR_LAST`. `trusted` is what the client is
+/// told about itself (Nix's `TrustedFlag`: never "unknown", which Nix ≥ 2.16 reads as trusted).
 pub fn handshake<R: Read, W: Write>(
     r: &mut R,
     w: &mut W,
     cfg: &WorkerConfig,
+    trusted: bool,
 ) -> Result<ClientProfile, ServerError> {
     let magic = r.read_u64()?;
     if magic != WORKER_MAGIC_1 {
@@ -214,7 +220,9 @@ pub fn handshake<R: Read, W: Write>(
         w.write_str(&cfg.version_string)?;
     }
     if minor(version) >= 35 {
-        w.write_u64(1)?; // trusted: Nix ≥ 2.16 then sends BuildDerivation for every derivation
+        // Trusted: Nix ≥ 2.16 sends BuildDerivation for every derivation; not trusted: for
+        // content-addressed ones, and BuildPaths of the `.drv` closure for the others.
+        w.write_u64(if trusted { TRUSTED } else { NOT_TRUSTED })?;
     }
     if version < MIN_CLIENT_VERSION {
         let msg = format!(
@@ -285,9 +293,12 @@ impl<W: Write> Conn<W> {
                 1 => Parsed::IsValid(types::read_store_path(r, "path")?),
                 9 | 46 => {
                     let wanted = r.read_string_list("derived paths")?;
-                    let _mode =
-                        if minor(version) >= 15 { Some(types::read_build_mode(r)?) } else { None };
-                    Parsed::Ensure { op, wanted }
+                    let mode = if minor(version) >= 15 {
+                        types::read_build_mode(r)?
+                    } else {
+                        super::action::BuildMode::Normal
+                    };
+                    Parsed::Ensure { op, wanted, mode }
                 }
                 11 => Parsed::TempRoot(types::read_store_path(r, "path")?),
                 40 => Parsed::Missing(r.read_string_list("derived paths")?),
@@ -356,7 +367,7 @@ impl<W: Write> Conn<W> {
                     other => Err(unexpected(other)),
                 })
             }
-            Parsed::Ensure { op, wanted } => self.ensure(handler, op, wanted),
+            Parsed::Ensure { op, wanted, mode } => self.build_paths(handler, op, wanted, mode),
             Parsed::Missing(wanted) => {
                 // Nothing is substituted or built here on request: every path that is not valid
                 // is "unknown" (derivation outputs included).
@@ -451,38 +462,34 @@ impl<W: Write> Conn<W> {
         }
     }
 
-    /// `BuildPaths` (9) and `BuildPathsWithResults` (46), as `nix copy --from` sends them to make
-    /// sure the paths exist: already valid opaque paths succeed; vouch builds nothing by path
-    /// (builds arrive as `BuildDerivation` from Nix's build hook).
-    fn ensure(
+    /// `BuildPaths` (9) and `BuildPathsWithResults` (46): the session makes each derived path
+    /// valid (see `crate::nixbuilder`). 46 answers one result per path; 9 answers success, or
+    /// the first failure as an error.
+    fn build_paths(
         &mut self,
         handler: &mut dyn Handler,
         op: u64,
         wanted: Vec<String>,
+        mode: super::action::BuildMode,
     ) -> Result<Flow, ServerError> {
-        let wanted = parse_wanted(wanted);
-        let opaque = wanted.iter().filter_map(|(_, p)| p.clone()).collect();
-        let reply = self.run(handler, Action::QueryValidPaths { paths: opaque, substitute: false });
-        let valid = match reply {
-            Ok(Reply::ValidPaths(v)) => v,
+        let parsed: Result<Vec<DerivedPath>, String> =
+            wanted.iter().map(|w| DerivedPath::parse(w)).collect();
+        let parsed = match parsed {
+            Ok(p) => p,
+            Err(e) => {
+                return self.answer(Err(format!("bad {}: {e}", op_name(op)).into()), |_, _| Ok(()))
+            }
+        };
+        tracing::info!(op = op_name(op), paths = ?wanted, "building derived paths");
+        let client = self.profile.clone();
+        let reply = self.run(handler, Action::BuildPaths { wanted: parsed, mode, client });
+        let results = match reply {
+            Ok(Reply::BuiltPaths(r)) if r.len() == wanted.len() => r,
             Ok(other) => return Err(ServerError::Reply(format!("the session answered {other:?}"))),
             Err(e) => return self.answer(Err(e), |_, _| Ok(())),
         };
-        let result_of = |(w, p): &(String, Option<StorePath>)| {
-            match p {
-            Some(p) if valid.contains(p) => BuildResult::failure(BuildStatus::AlreadyValid, ""),
-            Some(p) => BuildResult::failure(
-                BuildStatus::MiscFailure,
-                format!("{p} is not in vouch's content store, and vouch builds only what Nix's build hook sends (BuildDerivation)"),
-            ),
-            None => BuildResult::failure(
-                BuildStatus::MiscFailure,
-                format!("vouch does not build `{w}` by path; use it as a remote builder (`builders = …`)"),
-            ),
-        }
-        };
         if op == 9 {
-            if let Some(bad) = wanted.iter().map(result_of).find(|r| !r.status.is_success()) {
+            if let Some(bad) = results.into_iter().find(|r| !r.status.is_success()) {
                 return self.answer(Err(bad.error_msg.into()), |_, _| Ok(()));
             }
             return self.answer(Ok(Reply::Done), |w, _| Ok(w.write_u64(1)?));
@@ -490,9 +497,9 @@ impl<W: Write> Conn<W> {
         let profile = self.profile.clone();
         self.answer(Ok(Reply::Done), |w, _| {
             w.write_u64(wanted.len() as u64)?;
-            for item in &wanted {
-                w.write_str(&item.0)?;
-                types::write_build_result(w, &result_of(item), &profile)?;
+            for (path, result) in wanted.iter().zip(&results) {
+                w.write_str(path)?;
+                types::write_build_result(w, result, &profile)?;
             }
             Ok(())
         })
@@ -574,10 +581,11 @@ enum Parsed<'a> {
     Nar(StorePath),
     AddOne(Box<ValidPathInfo>, bool),
     AddMany(bool),
-    /// `BuildPaths`/`BuildPathsWithResults`: only already valid opaque paths succeed.
+    /// `BuildPaths`/`BuildPathsWithResults`.
     Ensure {
         op: u64,
         wanted: Vec<String>,
+        mode: super::action::BuildMode,
     },
     TempRoot(StorePath),
     /// `QueryMissing`: what would have to be built or fetched.
@@ -585,13 +593,16 @@ enum Parsed<'a> {
     Unsupported,
 }
 
-/// Paths a client names (`QueryMissing`, `BuildPaths`): each with its store path when it is
-/// an opaque one (`drv!out` derived paths and malformed ones have none).
+/// Paths a client names (`QueryMissing`): each with its store path when it is an opaque one
+/// (`drv!out` derived paths and malformed ones have none).
 fn parse_wanted(wanted: Vec<String>) -> Vec<(String, Option<StorePath>)> {
     wanted
         .into_iter()
         .map(|w| {
-            let p = StorePath::parse(&w).ok();
+            let p = match DerivedPath::parse(&w) {
+                Ok(DerivedPath::Opaque(p)) => Some(p),
+                _ => None,
+            };
             (w, p)
         })
         .collect()

@@ -27,7 +27,11 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::evidence::{EvidencePolicy, Measurement};
+use crate::evidence::{EvidencePolicy, Measurements};
+
+mod default;
+
+pub use default::{manifest_measurements, DEFAULT_BUILDER, DEFAULT_MIN_TCB, NO_MANIFEST_FIX};
 
 /// Why a policy could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -159,27 +163,6 @@ impl LogPolicy {
     }
 }
 
-/// The name of the builder rule in [`TrustPolicy::default`].
-pub const DEFAULT_BUILDER: &str = "amd";
-
-impl Default for TrustPolicy {
-    /// Real AMD roots only (any product, no VLEK, VMPL 0, no debug, no simulated root), one
-    /// attested chip per step. The launch measurement is not pinned: add `measurements` or
-    /// `image_manifests` to say *which* guest image you trust.
-    fn default() -> TrustPolicy {
-        TrustPolicy {
-            keys: BTreeMap::new(),
-            builders: BTreeMap::from([(
-                DEFAULT_BUILDER.to_string(),
-                BuilderRule { evidence: EvidencePolicy::default(), image_manifests: Vec::new() },
-            )]),
-            require: TrustModel::Leaf(format!("builder:{DEFAULT_BUILDER}")),
-            fixed_output: FixedOutputRule::default(),
-            log: None,
-        }
-    }
-}
-
 /// A policy ready for the verifier: parsed keys, and each builder rule's evidence policy with
 /// the measurements of its image manifests added.
 #[derive(Debug, Clone)]
@@ -195,41 +178,33 @@ pub struct PreparedPolicy {
 }
 
 impl PreparedPolicy {
+    /// The builder rules that accept any launch measurement (`measurements = "any"`): every
+    /// result under such a policy must say ANY GUEST first.
+    pub fn any_guest_rules(&self) -> Vec<&str> {
+        self.rules
+            .iter()
+            .filter(|(_, ev)| ev.measurements == Some(Measurements::Any))
+            .map(|(n, _)| n.as_str())
+            .collect()
+    }
+
+    /// The line every result starts with when [`Self::any_guest_rules`] is not empty.
+    pub fn any_guest_banner(&self) -> Option<String> {
+        let rules = self.any_guest_rules();
+        (!rules.is_empty()).then(|| {
+            format!(
+                "ANY GUEST: builder rule(s) {} accept any launch measurement (measurements = \
+                 \"any\"): a statement they vouch for may come from any SEV-SNP guest, \
+                 including one its host wrote",
+                rules.join(", ")
+            )
+        })
+    }
+
     /// Whether `signers` satisfy the policy's requirement.
     pub fn accepts(&self, signers: &Signers) -> bool {
         self.policy.accepts(signers)
     }
-}
-
-/// The measurements an image manifest (`vouch image build`'s `manifest.json`) allows: its
-/// expected SEV-SNP launch measurement, and its simulated measurement when `simulated`.
-pub fn manifest_measurements(
-    path: &Path,
-    simulated: bool,
-) -> Result<Vec<Measurement>, PolicyError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| PolicyError::Read { path: path.display().to_string(), source })?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| PolicyError::Invalid(format!("image manifest {}: {e}", path.display())))?;
-    let mut out = Vec::new();
-    let mut fields = vec!["/snp/expected_measurement"];
-    if simulated {
-        fields.push("/simulated_measurement");
-    }
-    for f in fields {
-        if let Some(hex) = v.pointer(f).and_then(serde_json::Value::as_str) {
-            out.push(hex.parse().map_err(|e| {
-                PolicyError::Invalid(format!("image manifest {} {f}: {e}", path.display()))
-            })?);
-        }
-    }
-    if out.is_empty() {
-        return Err(PolicyError::Invalid(format!(
-            "image manifest {} names no measurement",
-            path.display()
-        )));
-    }
-    Ok(out)
 }
 
 /// The signers of one output map of one unresolved derivation, after the verifier checked
@@ -240,6 +215,11 @@ pub struct Signers {
     pub keys: BTreeSet<String>,
     /// For each builder rule, the distinct chips (their display names) whose evidence passed it.
     pub chips: BTreeMap<String, BTreeSet<String>>,
+    /// The names in `chips` that stand for VLEK-signed reports. A VLEK identifies no chip (the
+    /// host chooses MASK_CHIP_ID, and one VLEK serves many chips, one chip many VLEKs), so such
+    /// a signer lights at most one builder leaf that needs a single chip, and nothing else
+    /// counting chips may be lit with it.
+    pub vleks: BTreeSet<String>,
 }
 
 impl Signers {
@@ -249,6 +229,20 @@ impl Signers {
         for (rule, chips) in &other.chips {
             self.chips.entry(rule.clone()).or_default().extend(chips.iter().cloned());
         }
+        self.vleks.extend(other.vleks.iter().cloned());
+    }
+
+    /// Count evidence `v` that passed builder rule `rule`: a chip by CHIP_ID, or, signed by a
+    /// VLEK, a signer that identifies no chip (see [`Signers::vleks`]).
+    pub fn add_evidence(&mut self, rule: &str, v: &crate::evidence::VerifiedEvidence) {
+        let mut name = v.signer.to_string();
+        if v.vek_kind == crate::evidence::VekKind::Vlek {
+            if !matches!(v.signer, crate::evidence::Signer::Vlek(_)) {
+                name = format!("{name} (VLEK-signed)");
+            }
+            self.vleks.insert(name.clone());
+        }
+        self.chips.entry(rule.to_owned()).or_default().insert(name);
     }
 
     /// Whether there are no signers at all.
@@ -266,13 +260,16 @@ pub const MAX_COMPETING_LEAVES: usize = 16;
 enum SignerId<'a> {
     Key(&'a str),
     Chip(&'a str),
+    Vlek(&'a str),
 }
 
 /// What one leaf needs: `need` distinct signers out of `candidates`.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Demand<'a> {
     candidates: Vec<SignerId<'a>>,
     need: usize,
+    /// A builder leaf (its signers are chips).
+    builder: bool,
 }
 
 impl TrustModel {
@@ -281,9 +278,45 @@ impl TrustModel {
     /// leaves, or a chip that passed two builder rules, lights only one of them). Laut gets
     /// this by allowing each key in one leaf only; builder rules may overlap, so this is a
     /// small bipartite matching over the leaves that compete for a signer.
+    ///
+    /// A VLEK-signed report identifies no chip: it may light one builder leaf that needs one
+    /// chip, and then no other builder leaf is lit (it could be the same machine); otherwise
+    /// only chips count.
     pub fn satisfied_by(&self, signers: &Signers) -> bool {
         let mut leaves = Vec::new();
         self.demands(signers, &mut leaves);
+        let is_vlek = |c: &SignerId<'_>| matches!(c, SignerId::Vlek(_));
+        let chips_only: Vec<Demand<'_>> = leaves
+            .iter()
+            .map(|l| Demand {
+                candidates: l.candidates.iter().copied().filter(|c| !is_vlek(c)).collect(),
+                ..l.clone()
+            })
+            .collect();
+        if self.satisfiable(&chips_only) {
+            return true;
+        }
+        (0..leaves.len()).filter(|&i| leaves[i].need == 1).any(|i| {
+            let vleks: Vec<SignerId<'_>> =
+                leaves[i].candidates.iter().copied().filter(is_vlek).collect();
+            if vleks.is_empty() {
+                return false;
+            }
+            let alone: Vec<Demand<'_>> = leaves
+                .iter()
+                .enumerate()
+                .map(|(j, l)| match (j == i, l.builder) {
+                    (true, _) => Demand { candidates: vleks.clone(), ..l.clone() },
+                    (false, true) => Demand { candidates: Vec::new(), ..l.clone() },
+                    (false, false) => l.clone(),
+                })
+                .collect();
+            self.satisfiable(&alone)
+        })
+    }
+
+    /// Whether the term holds with some set of leaves lit by pairwise distinct signers.
+    fn satisfiable(&self, leaves: &[Demand<'_>]) -> bool {
         let possible: Vec<bool> = leaves.iter().map(|l| l.candidates.len() >= l.need).collect();
         if !self.holds(&possible, &mut 0) {
             return false;
@@ -314,7 +347,7 @@ impl TrustModel {
             for &i in &competing {
                 lit[i] = chosen.contains(&i);
             }
-            self.holds(&lit, &mut 0) && distinct_signers(&leaves, &chosen)
+            self.holds(&lit, &mut 0) && distinct_signers(leaves, &chosen)
         })
     }
 
@@ -324,24 +357,34 @@ impl TrustModel {
             signers
                 .chips
                 .get(rule)
-                .map(|c| c.iter().map(|c| SignerId::Chip(c.as_str())).collect())
+                .map(|c| {
+                    c.iter()
+                        .map(|c| match signers.vleks.contains(c) {
+                            true => SignerId::Vlek(c.as_str()),
+                            false => SignerId::Chip(c.as_str()),
+                        })
+                        .collect()
+                })
                 .unwrap_or_default()
         };
         match self {
             TrustModel::Leaf(leaf) => {
-                let candidates = match leaf.split_once(':') {
-                    Some(("key", name)) => signers
-                        .keys
-                        .get(name)
-                        .map(|k| vec![SignerId::Key(k.as_str())])
-                        .unwrap_or_default(),
-                    Some(("builder", rule)) => chips(rule),
-                    _ => Vec::new(),
+                let (candidates, builder) = match leaf.split_once(':') {
+                    Some(("key", name)) => (
+                        signers
+                            .keys
+                            .get(name)
+                            .map(|k| vec![SignerId::Key(k.as_str())])
+                            .unwrap_or_default(),
+                        false,
+                    ),
+                    Some(("builder", rule)) => (chips(rule), true),
+                    _ => (Vec::new(), false),
                 };
-                out.push(Demand { candidates, need: 1 });
+                out.push(Demand { candidates, need: 1, builder });
             }
             TrustModel::Builder { builder, at_least } => {
-                out.push(Demand { candidates: chips(builder), need: *at_least });
+                out.push(Demand { candidates: chips(builder), need: *at_least, builder: true });
             }
             TrustModel::Threshold { of, .. } => of.iter().for_each(|m| m.demands(signers, out)),
         }
@@ -481,6 +524,7 @@ impl TrustPolicy {
     /// Check that every leaf names something defined and every key parses as a Nix public key
     /// with the name it is listed under.
     pub fn check(&self) -> Result<(), PolicyError> {
+        let mut seen: BTreeMap<Vec<u8>, &str> = BTreeMap::new();
         for (name, key) in &self.keys {
             let parsed = nix_formats::signing::PublicKey::parse(key)
                 .map_err(|e| PolicyError::Invalid(format!("key `{name}`: {e}")))?;
@@ -488,6 +532,12 @@ impl TrustPolicy {
             if key_name != name {
                 return Err(PolicyError::Invalid(format!(
                     "key listed as `{name}` is named `{key_name}` in its key string"
+                )));
+            }
+            // One signer under two names would count twice.
+            if let Some(other) = seen.insert(parsed.to_bytes().to_vec(), name) {
+                return Err(PolicyError::Invalid(format!(
+                    "keys `{other}` and `{name}` are the same public key (one signer would count twice)"
                 )));
             }
         }
@@ -500,7 +550,26 @@ impl TrustPolicy {
                 "{competing} builder leaves or repeated key leaves; at most {MAX_COMPETING_LEAVES}"
             )));
         }
-        self.require.check(self)
+        self.require.check(self)?;
+        for (name, rule) in &self.builders {
+            match (&rule.evidence.measurements, rule.image_manifests.is_empty()) {
+                (None, true) => {
+                    return Err(PolicyError::Invalid(format!(
+                        "builder rule `{name}` pins no launch measurement, so any guest would \
+                         pass: add `measurements` or `image_manifests`, or say \
+                         `measurements = \"any\"` if that is what you want"
+                    )))
+                }
+                (Some(Measurements::Any), false) => {
+                    return Err(PolicyError::Invalid(format!(
+                        "builder rule `{name}` says `measurements = \"any\"` and names image \
+                         manifests: choose one"
+                    )))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// Resolve image manifests and parse keys, once per verification.
@@ -512,7 +581,14 @@ impl TrustPolicy {
             let simulated = !ev.simulated_roots.is_empty();
             for m in &rule.image_manifests {
                 let ms = manifest_measurements(Path::new(m), simulated)?;
-                ev.measurements.get_or_insert_with(Vec::new).extend(ms);
+                let list = match ev.measurements.take() {
+                    Some(Measurements::Only(mut l)) => {
+                        l.extend(ms);
+                        l
+                    }
+                    _ => ms,
+                };
+                ev.measurements = Some(Measurements::Only(list));
             }
             rules.push((name.clone(), ev));
         }

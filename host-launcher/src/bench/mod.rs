@@ -15,6 +15,8 @@
 //!    backend and discards them (raw throughput), then the same bytes again hashed with the
 //!    agent's SHA-256 code (in-guest hashing rate).
 //! 5. **host hashing**: the same SHA-256 code over the same bytes on the host.
+//! 6. **warm step** and **batch** ([`pool`]): a step given to a pre-booted pool VM, and
+//!    `batch_steps` independent steps at `jobs` at once against `nix-build --max-jobs jobs`.
 //!
 //! The modes of `vouch.bench=` exist only in the bench image's agent (built with its `bench`
 //! feature, `scripts/build-image.sh --bench`); [`run`] refuses any other image.
@@ -29,6 +31,8 @@ use std::time::{Duration, Instant};
 use channel::messages::NarBegin;
 use channel::proto::{FrameReader, FrameWriter, Kind};
 use vm_image::image::{files, Manifest};
+
+mod pool;
 
 use crate::build::nix_store::{load_basic_derivation, LocalNixStore};
 use crate::build::{run_step, LauncherConfig, StepRequest, Timings};
@@ -94,6 +98,34 @@ pub struct BenchReport {
     pub host_hash_mib_s: f64,
     /// Bytes used for the channel and hashing measurements, MiB.
     pub mib: u64,
+    /// Cold step: `run_step` called → outcome checked (boot included).
+    pub step_latency_s: f64,
+    /// Warm step: `run_step` called → outcome checked, the VM taken from a full pool.
+    pub warm_latency_s: f64,
+    /// Warm step: the launch check (hello → ready), done before the job existed.
+    pub warm_launch_s: f64,
+    /// Warm step: `run_step` called → job sent (the input closure queried, the VM taken).
+    pub warm_prepare_s: f64,
+    /// Warm step: job sent → job accepted.
+    pub warm_job_setup_s: f64,
+    /// Warm step: job accepted → inputs unpacked and checked.
+    pub warm_input_transfer_s: f64,
+    /// Warm step: builder run.
+    pub warm_build_s: f64,
+    /// Warm step: output hashing, attestation and output transfer.
+    pub warm_outputs_s: f64,
+    /// Warm step: host checks.
+    pub warm_verification_s: f64,
+    /// Warm step: host checks done → QEMU exited.
+    pub warm_power_off_s: f64,
+    /// Batch: steps, and how many at once.
+    pub batch_steps: usize,
+    /// Batch: steps at once (vouch's pool size and threads; Nix's `--max-jobs`).
+    pub batch_jobs: usize,
+    /// Batch: vouch's wall time (warm pool).
+    pub batch_vouch_s: f64,
+    /// Batch: `nix-build --max-jobs` wall time.
+    pub batch_nix_s: f64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -194,7 +226,9 @@ fn nix_env() -> Vec<(&'static str, String)> {
     vec![("NIX_CONFIG", format!("{}build-users-group =\n", crate::build::nix_store::NIX_CONFIG))]
 }
 
-fn write_bench_nix(dir: &Path, nonce: &str) -> Result<PathBuf, BenchError> {
+/// A Nix file with one trivial floating-CA derivation per nonce (attributes `s0`, `s1`, …),
+/// each writing its nonce: the busybox source path is the only input.
+fn write_bench_nix(dir: &Path, nonces: &[String]) -> Result<PathBuf, BenchError> {
     let bb = dir.join("bb");
     if !bb.exists() {
         std::fs::create_dir(&bb).map_err(e("mkdir"))?;
@@ -202,22 +236,28 @@ fn write_bench_nix(dir: &Path, nonce: &str) -> Result<PathBuf, BenchError> {
             .map_err(e("busybox-static is required (/bin/busybox)"))?;
         std::os::unix::fs::symlink("busybox", bb.join("sh")).map_err(e("symlink"))?;
     }
-    let file = dir.join("bench.nix");
-    std::fs::write(
-        &file,
-        format!(
-            r#"let bb = builtins.path {{ path = ./bb; name = "busybox"; }}; in
-derivation {{ name = "bench-trivial"; system = builtins.currentSystem; builder = "${{bb}}/sh";
-  args = [ "-c" "mkdir $out; echo {nonce} > $out/x" ];
-  __contentAddressed = true; outputHashMode = "recursive"; outputHashAlgo = "sha256"; }}
+    let attrs: String = nonces
+        .iter()
+        .enumerate()
+        .map(|(i, nonce)| {
+            format!(
+                r#"  s{i} = derivation {{ name = "bench-trivial"; system = builtins.currentSystem; builder = "${{bb}}/sh";
+    args = [ "-c" "mkdir $out; echo {nonce} > $out/x" ];
+    __contentAddressed = true; outputHashMode = "recursive"; outputHashAlgo = "sha256"; }};
 "#
-        ),
-    )
-    .map_err(e("write"))?;
+            )
+        })
+        .collect();
+    let file = dir.join(format!("bench-{}.nix", nonces.first().map_or("none", String::as_str)));
+    let text = format!(
+        "let bb = builtins.path {{ path = ./bb; name = \"busybox\"; }}; in {{\n{attrs}}}\n"
+    );
+    std::fs::write(&file, text).map_err(e("write"))?;
     Ok(file)
 }
 
-fn instantiate(file: &Path) -> Result<String, BenchError> {
+/// `nix-instantiate file`: the drv path of every attribute.
+fn instantiate_all(file: &Path) -> Result<Vec<String>, BenchError> {
     let out = Command::new("nix-instantiate")
         .envs(nix_env())
         .arg(file)
@@ -229,7 +269,21 @@ fn instantiate(file: &Path) -> Result<String, BenchError> {
             String::from_utf8_lossy(&out.stderr)
         )));
     }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    Ok(String::from_utf8_lossy(&out.stdout).lines().map(|l| l.trim().to_owned()).collect())
+}
+
+/// The step request of a bench derivation.
+fn request(drv_path: &str) -> Result<StepRequest, BenchError> {
+    let (drv_sp, drv) = load_basic_derivation(drv_path).map_err(e("drv"))?;
+    Ok(StepRequest {
+        drv_path: drv_sp,
+        drv,
+        outputs: BTreeSet::new(),
+        limits: Default::default(),
+        ca_rule: build_trace::job::CaRule::SelfRefPositions,
+        network: false,
+        job_id: None,
+    })
 }
 
 fn nix_build(drv: &str, sandbox: bool) -> Option<f64> {
@@ -242,13 +296,27 @@ fn nix_build(drv: &str, sandbox: bool) -> Option<f64> {
     out.status.success().then(|| t.elapsed().as_secs_f64())
 }
 
+/// What `vouch bench vm` runs: `runs` per measurement, `mib` through the channel, a batch of
+/// `batch_steps` steps at `jobs` at once.
+#[derive(Debug, Clone, Copy)]
+pub struct BenchParams {
+    /// Runs per measurement (medians).
+    pub runs: usize,
+    /// MiB for the channel and hashing measurements.
+    pub mib: u64,
+    /// Steps in the batch (0: no batch).
+    pub batch_steps: usize,
+    /// Steps at once in the batch.
+    pub jobs: usize,
+}
+
 /// Run the whole benchmark.
 pub fn run(
     cfg: &LauncherConfig,
-    runs: usize,
-    mib: u64,
+    params: BenchParams,
     progress: &mut dyn FnMut(&str),
 ) -> Result<BenchReport, BenchError> {
+    let BenchParams { runs, mib, batch_steps, jobs } = params;
     let manifest = Manifest::load(&cfg.image_dir).map_err(e("image"))?;
     if !manifest.agent_version.ends_with(channel::config::BENCH_VERSION_SUFFIX) {
         return Err(BenchError(format!(
@@ -277,28 +345,18 @@ pub fn run(
     rep.bare_boot_to_init_s = median(b_init);
     rep.bare_total_s = median(b_total);
 
-    progress("build steps");
+    progress("build steps (cold: a VM booted for each)");
     let work = tempfile::tempdir().map_err(e("tempdir"))?;
     let mut steps: Vec<Timings> = Vec::new();
     let mut step_cfg = cfg.clone();
     step_cfg.mode = Some(mode);
+    step_cfg.pool = None;
     let mut nix_times = Vec::new();
     let mut sandbox = "true".to_owned();
     for i in 0..runs {
         let nonce = format!("{}-{i}-{:?}", std::process::id(), Instant::now());
-        let file = write_bench_nix(work.path(), &nonce)?;
-        let drv_path = instantiate(&file)?;
-        let (drv_sp, drv) = load_basic_derivation(&drv_path).map_err(e("drv"))?;
-        let req = StepRequest {
-            drv_path: drv_sp,
-            drv,
-            outputs: BTreeSet::new(),
-            limits: Default::default(),
-            ca_rule: build_trace::job::CaRule::SelfRefPositions,
-            network: false,
-            job_id: None,
-        };
-        let outcome = run_step(req, &LocalNixStore, &mut NullLog, &step_cfg)
+        let drv_path = instantiate_all(&write_bench_nix(work.path(), &[nonce])?)?.remove(0);
+        let outcome = run_step(request(&drv_path)?, &LocalNixStore, &mut NullLog, &step_cfg)
             .map_err(|err| BenchError(build_trace::error_chain(&err)))?;
         steps.push(outcome.timings.clone());
         // Nix's own build of the same derivation (it is not built yet in the local store).
@@ -318,7 +376,7 @@ pub fn run(
         |f: fn(&Timings) -> Duration| median(steps.iter().map(|t| f(t).as_secs_f64()).collect());
     rep.step_boot_s = pick(|t| t.boot);
     rep.step_ready_uptime_s = pick(|t| t.guest_ready_uptime);
-    rep.step_job_setup_s = pick(|t| t.job_setup);
+    rep.step_job_setup_s = pick(|t| t.launch + t.job_setup);
     rep.step_input_transfer_s = pick(|t| t.input_transfer);
     rep.step_build_s = pick(|t| t.build);
     rep.step_hashing_s = pick(|t| t.hashing);
@@ -326,9 +384,34 @@ pub fn run(
     rep.step_output_transfer_s = pick(|t| t.output_transfer);
     rep.step_verification_s = pick(|t| t.verification);
     rep.step_total_s = pick(|t| t.total);
+    rep.step_latency_s = pick(|t| t.latency);
     rep.step_input_bytes = steps.first().map_or(0, |t| t.input_bytes);
     rep.nix_build_s = median(nix_times);
     rep.nix_sandbox = sandbox;
+
+    progress("build steps (warm: a pre-booted pool VM for each)");
+    let warm = pool::warm_steps(&step_cfg, runs, work.path())?;
+    let pick =
+        |f: fn(&Timings) -> Duration| median(warm.iter().map(|t| f(t).as_secs_f64()).collect());
+    rep.warm_latency_s = pick(|t| t.latency);
+    rep.warm_launch_s = pick(|t| t.launch);
+    rep.warm_prepare_s = pick(|t| t.vm_wait);
+    rep.warm_job_setup_s = pick(|t| t.job_setup);
+    rep.warm_input_transfer_s = pick(|t| t.input_transfer);
+    rep.warm_build_s = pick(|t| t.build);
+    rep.warm_outputs_s = pick(|t| t.hashing + t.attestation + t.output_transfer);
+    rep.warm_verification_s = pick(|t| t.verification);
+    rep.warm_power_off_s = pick(|t| t.power_off);
+
+    if batch_steps > 0 {
+        progress(&format!(
+            "{batch_steps} independent steps, {jobs} at once: vouch, then nix-build"
+        ));
+        let sandboxed = rep.nix_sandbox == "true";
+        let (v, n) = pool::batch(&step_cfg, batch_steps, jobs.max(1), sandboxed, work.path())?;
+        (rep.batch_steps, rep.batch_jobs, rep.batch_vouch_s, rep.batch_nix_s) =
+            (batch_steps, jobs.max(1), v, n);
+    }
 
     progress("raw channel and hashing");
     let bytes: Vec<u8> = (0..(mib << 20)).map(|i| ((i * 2654435761u64) >> 13) as u8).collect();

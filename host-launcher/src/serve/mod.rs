@@ -142,7 +142,7 @@ pub struct ServiceConfig {
 pub struct Service {
     cfg: ServiceConfig,
     store: ContentStore,
-    /// Each trusted client's session store (its overlay), by its token's index.
+    /// Each trusted client's session store (its overlay), by client ([`auth::Caller::client`]).
     trusted_uploads: Vec<Arc<SessionStore>>,
     index: Mutex<rusqlite::Connection>,
     staging: upload::Staging,

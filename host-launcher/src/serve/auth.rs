@@ -491,6 +491,22 @@ mod tests {
         let ci = a.caller(Some("Bearer uploader-token-0123"));
         assert!(ci.can(Scope::Upload) && ci.can(Scope::Build) && !ci.can(Scope::Cache));
         assert_eq!(a.token_name(ci.token.unwrap()), "ci");
+        // Each token with `trusted` is one trusted client, numbered in order: the tokens
+        // file's, then each --trusted-token-file.
+        let p = file(
+            dir.path(),
+            "trusting",
+            "alice cache,upload,build,trusted alice-token-012345\n\
+             ci upload,build ci-token-0123456789\nbob trusted bob-token-0123456789\n",
+        );
+        let carol = file(dir.path(), "carol", "carol-token-012345\n");
+        let a = Access::configure(Some(&p), None, &[carol], false).unwrap();
+        assert_eq!(a.trusted_clients(), 3);
+        let client = |t: &str| a.caller(Some(&format!("Bearer {t}"))).client;
+        assert_eq!(client("alice-token-012345"), Some(0));
+        assert_eq!(client("ci-token-0123456789"), None);
+        assert_eq!(client("bob-token-0123456789"), Some(1));
+        assert_eq!(client("carol-token-012345"), Some(2));
         for (text, says) in [
             ("x cache", "3 fields"),
             ("x cash tok-0123456789abcdef", "unknown scope"),

@@ -169,8 +169,17 @@ fn sigterm_cancels_the_running_build_and_a_restart_resumes_the_queued_one() {
     let image = image_dir();
     let [flag, file] = trusted_args(&s);
     let cache = s.cache();
-    let args =
-        ["--image", image.to_str().unwrap(), "--cache", cache.to_str().unwrap(), &flag, &file];
+    // A warm pool of one VM (issue 16): after SIGTERM no VM, the pool's included, is left.
+    let args = [
+        "--image",
+        image.to_str().unwrap(),
+        "--cache",
+        cache.to_str().unwrap(),
+        &flag,
+        &file,
+        "--pool",
+        "1",
+    ];
     let svc = HttpService::start(&vouch_bin(), &s.state(), &s.dir.path().join("serve.log"), &args);
     // Nix's default compression (xz).
     let out = nix_copy(&s.dir.path().join("xdg"), &["--to", &svc.url(), "--derivation", &slow]);
@@ -188,8 +197,20 @@ fn sigterm_cancels_the_running_build_and_a_restart_resumes_the_queued_one() {
     assert_eq!(v["state"], "running", "{v}");
     let v = json(&svc.request("GET", &format!("/v1/builds/{}", ids[1]), b""));
     assert_eq!(v["state"], "queued", "--jobs 1: {v}");
+    // The running build's VM and the pool's replacement for the VM it took.
+    let t0 = Instant::now();
+    let vms = loop {
+        let vms = qemu_children(svc.pid());
+        if vms.len() >= 2 {
+            break vms;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "VMs: {vms:?}\n{}", svc.log_text());
+        std::thread::sleep(Duration::from_millis(200));
+    };
     let (st, log) = svc.stop("TERM");
     assert!(st.success(), "{st}: {log}");
+    let alive: Vec<u32> = vms.into_iter().filter(|p| alive(*p)).collect();
+    assert!(alive.is_empty(), "VMs left running after SIGTERM: {alive:?}\n{log}");
     assert!(log.contains("stopping on SIGTERM"), "{log}");
     assert!(log.contains("build failed"), "the running build ends as failed: {log}");
     assert!(log.contains("queued builds stay queued"), "{log}");
@@ -206,6 +227,27 @@ fn sigterm_cancels_the_running_build_and_a_restart_resumes_the_queued_one() {
     assert_eq!(v["state"], "cancelled", "{v}");
     assert!(svc.log_text().contains("running build cancelled"), "{}", svc.log_text());
     s.assert_nothing_registered();
+}
+
+/// The QEMU processes whose parent is `pid`.
+fn qemu_children(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            // `PID (COMM) STATE PPID …`; COMM has no ')' here.
+            let Some((comm, rest)) = stat.split_once(") ") else { return false };
+            comm.contains("qemu") && rest.split(' ').nth(1) == Some(&pid.to_string())
+        })
+        .collect()
+}
+
+/// Whether process `pid` runs (exists and is no zombie).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.split_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false)
 }
 
 /// Wait until build `id`'s log says its builder started.

@@ -12,6 +12,8 @@
 //! - `producer` (default; includes both): the launcher's key on disk (`sign`), the trace store's
 //!   writer and audit, JWS and Nix record signing, generating simulated roots.
 //!
+//! `fuzzing` (hidden) holds the bodies of build-trace's fuzz targets, gated like what they fuzz.
+//!
 //! A verifier-only build (`--no-default-features --features verifier`) has no key generation;
 //! the guest agent builds with `simulated-attester` alone, so it links no verifier
 //! (`scripts/check-features.sh` checks both).
@@ -22,6 +24,8 @@
 
 pub mod canonical;
 pub mod evidence;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod job;
 #[cfg(feature = "verifier")]
 pub mod jws;

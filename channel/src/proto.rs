@@ -362,8 +362,12 @@ impl<R: Read> FrameReader<R> {
         if (kind.must_be_empty() && len != 0) || (kind == Kind::NarChunk && len == 0) {
             return Err(ProtoError::BadLength(kind, len));
         }
-        let mut payload = vec![0u8; len as usize];
-        self.inner.read_exact(&mut payload)?;
+        // Grown as the payload arrives: a header alone must not cost its announced length.
+        let mut payload = Vec::with_capacity((len as usize).min(CHUNK_SIZE));
+        (&mut self.inner).take(u64::from(len)).read_to_end(&mut payload)?;
+        if payload.len() != len as usize {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+        }
         Ok(Some(Frame { kind, payload }))
     }
 
@@ -445,7 +449,8 @@ impl<R: Read> NarStream<'_, R> {
         self.first_error.take()
     }
 
-    /// Bytes delivered so far.
+    /// Bytes of the stream received so far (the chunks it accepted; a chunk that would exceed
+    /// the announced size is refused and not counted).
     pub fn received(&self) -> u64 {
         self.got
     }
@@ -489,13 +494,14 @@ impl<R: Read> NarStream<'_, R> {
             let f = self.reader.expect_frame("NAR chunk or end")?;
             match f.kind {
                 Kind::NarChunk => {
-                    self.got += f.payload.len() as u64;
-                    if self.got > self.size {
+                    let got = self.got + f.payload.len() as u64;
+                    if got > self.size {
                         return Err(ProtoError::NarTooLong {
                             path: self.path.clone(),
                             size: self.size,
                         });
                     }
+                    self.got = got;
                     self.buf = f.payload;
                     self.pos = 0;
                 }

@@ -4,7 +4,8 @@
 //! `FileHash`, `FileSize`, `NarHash`, `NarSize`, `References` (space-separated base names, line
 //! always present), `Deriver` (base name), `System`, `Sig` (one line each), `CA`. Parsing follows
 //! Nix: unknown keys are ignored, `StorePath`, `URL`, `NarHash` and a non-zero `NarSize` are
-//! required; everything else is optional and printed only when present.
+//! required; everything else is optional and printed only when present. Lines may end in CRLF;
+//! any other carriage return is refused (it would not survive printing and parsing again).
 //!
 //! The signed fingerprint of a store path (Nix's `ValidPathInfo::fingerprint`) is
 //! `1;<path>;<narHash as sha256:nix32>;<narSize>;<comma-separated full reference paths>`.
@@ -24,6 +25,12 @@ pub enum NarInfoError {
     /// A line without `": "`.
     #[error("narinfo line {line}: expected `Key: value`")]
     BadLine {
+        /// 1-based line number.
+        line: usize,
+    },
+    /// A carriage return that does not end a line (CRLF line ends are accepted).
+    #[error("narinfo line {line}: a carriage return inside a line")]
+    CarriageReturn {
         /// 1-based line number.
         line: usize,
     },
@@ -132,6 +139,10 @@ impl NarInfo {
         for (i, line) in text.lines().enumerate() {
             if line.is_empty() {
                 continue;
+            }
+            if line.contains('\r') {
+                // `lines()` took one `\r` of a CRLF end; another would not survive printing.
+                return Err(NarInfoError::CarriageReturn { line: i + 1 });
             }
             let (key, value) =
                 line.split_once(": ").ok_or(NarInfoError::BadLine { line: i + 1 })?;
@@ -276,6 +287,21 @@ CA: fixed:r:sha256:1vz8cn0fz489rcfp6njrjhaycap1rmf3ci8yp11fh588af9zbi1h
         assert!(matches!(e, NarInfoError::Duplicate(_)));
         let e = NarInfo::parse("garbage\n").unwrap_err();
         assert!(matches!(e, NarInfoError::BadLine { line: 1 }));
+    }
+
+    /// Found by the `narinfo` fuzz target (`fuzz/seeds/narinfo/regress-bad-cr-in-value`): a value
+    /// ending in `\r` before a CRLF end parsed, but printed as a line whose `\r` the next parse
+    /// took for part of the line end, so the narinfo changed on its way through us.
+    #[test]
+    fn only_crlf_line_ends_carry_a_carriage_return() {
+        let crlf = REAL.replace('\n', "\r\n");
+        assert_eq!(NarInfo::parse(&crlf).unwrap().to_text(), REAL);
+        for bad in ["x.nar\r\r\n", "x.nar\r", "x\r.nar\n"] {
+            let text = REAL
+                .replace("nar/0wrwaly57hw6ya3bqp1fp9pzdxd8glylqaw74xnbdjxwhvkffdy0.nar.xz\n", bad);
+            let e = NarInfo::parse(&text).unwrap_err();
+            assert!(matches!(e, NarInfoError::CarriageReturn { line: 2 }), "{bad:?}: {e}");
+        }
     }
 
     proptest! {

@@ -58,9 +58,7 @@ impl EvidenceBundle {
         report: Vec<u8>,
         vek: Vec<u8>,
     ) -> Result<EvidenceBundle, BuiltinChainError> {
-        use der::Decode;
-        let cert =
-            x509_cert::Certificate::from_der(&vek).map_err(BuiltinChainError::Certificate)?;
+        let cert = certs::from_der(&vek).map_err(BuiltinChainError::Certificate)?;
         let exts = certs::VekExtensions::read(&cert).unwrap_or_default();
         let from_cert = exts.product_name.as_deref().and_then(Product::from_cert_name);
         let hint = Report::parse(&report).map(|r| r.product_hint()).unwrap_or(ProductHint::Masked);

@@ -114,6 +114,15 @@ pub enum CertTableError {
     /// The entries run past the end without a terminator.
     #[error("certificate table of {0} bytes has no terminating all-zero entry")]
     Unterminated(usize),
+    /// Two entries share bytes (each certificate has its own; this also keeps the entries'
+    /// copies within the table's size).
+    #[error("certificate table entries {first} and {second} overlap")]
+    Overlap {
+        /// The entry that starts first.
+        first: usize,
+        /// The entry that starts inside it.
+        second: usize,
+    },
     /// An entry points outside the table.
     #[error("certificate table entry {index} ({kind}) covers bytes {offset}..{end}, past the table's {len} bytes")]
     OutOfBounds {
@@ -131,18 +140,24 @@ pub enum CertTableError {
 }
 
 /// The entries of a table. An empty input, or one that starts with the terminator, is an empty
-/// table (a host that supplies no certificates).
+/// table (a host that supplies no certificates). Entries must not share bytes, so what they
+/// hold is never more than the table (their bytes are copied only once that is checked).
 pub fn parse(table: &[u8]) -> Result<Vec<CertEntry>, CertTableError> {
-    let mut out = Vec::new();
     if table.iter().all(|b| *b == 0) {
-        return Ok(out);
+        return Ok(Vec::new());
     }
+    let mut found: Vec<(CertKind, u64, u64)> = Vec::new();
     for (index, raw) in table.chunks(ENTRY_LEN).enumerate() {
         if raw.len() < ENTRY_LEN {
             break;
         }
         if raw.iter().all(|b| *b == 0) {
-            return Ok(out);
+            disjoint(&found)?;
+            let copy = |&(kind, offset, end): &(CertKind, u64, u64)| CertEntry {
+                kind,
+                data: table[offset as usize..end as usize].to_vec(),
+            };
+            return Ok(found.iter().map(copy).collect());
         }
         let mut guid = [0u8; 16];
         guid.copy_from_slice(&raw[..16]);
@@ -153,9 +168,27 @@ pub fn parse(table: &[u8]) -> Result<Vec<CertEntry>, CertTableError> {
         if end > table.len() as u64 {
             return Err(CertTableError::OutOfBounds { index, kind, offset, end, len: table.len() });
         }
-        out.push(CertEntry { kind, data: table[offset as usize..end as usize].to_vec() });
+        found.push((kind, offset, end));
     }
     Err(CertTableError::Unterminated(table.len()))
+}
+
+/// Whether the entries' non-empty byte ranges are pairwise disjoint.
+fn disjoint(found: &[(CertKind, u64, u64)]) -> Result<(), CertTableError> {
+    let mut ranges: Vec<(u64, u64, usize)> = found
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, start, end))| start < end)
+        .map(|(i, &(_, start, end))| (start, end, i))
+        .collect();
+    ranges.sort_unstable();
+    for pair in ranges.windows(2) {
+        let ((_, end, first), (start, _, second)) = (pair[0], pair[1]);
+        if start < end {
+            return Err(CertTableError::Overlap { first, second });
+        }
+    }
+    Ok(())
 }
 
 /// A table holding `entries` in order (GUIDs in RFC 4122 byte order).
@@ -205,6 +238,29 @@ mod tests {
         assert_eq!(u32::from_le_bytes(t[16..20].try_into().unwrap()), 96);
         assert_eq!(parse(&t).unwrap(), entries());
         assert_eq!(endorsement_key(&parse(&t).unwrap()).unwrap().data, vec![3; 7]);
+    }
+
+    /// Found by the `cert_table` fuzz target: entries could point at the same bytes, so a table
+    /// of n bytes made the parser copy about n²/24 bytes (every entry covering the whole table).
+    #[test]
+    fn overlapping_entries_are_refused() {
+        let mut t = encode(&entries());
+        // The ASK's offset moved into the ARK's bytes.
+        let ark_offset = u32::from_le_bytes(t[16..20].try_into().unwrap());
+        t[ENTRY_LEN + 16..ENTRY_LEN + 20].copy_from_slice(&(ark_offset + 2).to_le_bytes());
+        assert_eq!(parse(&t), Err(CertTableError::Overlap { first: 0, second: 1 }));
+        // Adjacent entries and empty ones are fine.
+        let mut t = encode(&entries());
+        t[ENTRY_LEN + 20..ENTRY_LEN + 24].copy_from_slice(&0u32.to_le_bytes());
+        t[ENTRY_LEN + 16..ENTRY_LEN + 20].copy_from_slice(&(ark_offset + 3).to_le_bytes());
+        assert_eq!(parse(&t).unwrap()[1].data, Vec::<u8>::new());
+        let mut whole = vec![0u8; 4 * ENTRY_LEN];
+        for i in 0..3 {
+            whole[i * ENTRY_LEN..i * ENTRY_LEN + 16].copy_from_slice(&CertKind::Ark.guid());
+            whole[i * ENTRY_LEN + 20..i * ENTRY_LEN + 24]
+                .copy_from_slice(&((4 * ENTRY_LEN) as u32).to_le_bytes());
+        }
+        assert!(matches!(parse(&whole), Err(CertTableError::Overlap { .. })));
     }
 
     #[test]

@@ -96,17 +96,68 @@ fn pem_to_der(pem: &[u8]) -> Vec<u8> {
 /// Certificates from a file's bytes: one DER certificate, or any number of PEM certificates.
 /// Returns DER encodings in file order.
 pub fn load_certificates(bytes: &[u8]) -> Result<Vec<Vec<u8>>, der::Error> {
-    if bytes.trim_ascii_start().starts_with(b"-----BEGIN") {
-        Certificate::load_pem_chain(bytes)?.iter().map(|c| c.to_der()).collect()
-    } else {
-        Certificate::from_der(bytes)?;
-        Ok(vec![bytes.to_vec()])
+    if !bytes.trim_ascii_start().starts_with(b"-----BEGIN") {
+        from_der(bytes)?;
+        return Ok(vec![bytes.to_vec()]);
     }
+    const END: &[u8] = b"-----END CERTIFICATE-----";
+    let mut out = Vec::new();
+    let mut rest = bytes.trim_ascii();
+    while !rest.is_empty() {
+        let end = rest.windows(END.len()).position(|w| w == END).map(|i| i + END.len());
+        let (block, tail) = rest.split_at(end.unwrap_or(rest.len()));
+        let (label, der) = der::pem::decode_vec(block)?;
+        if label != "CERTIFICATE" {
+            return Err(der::pem::Error::Label.into());
+        }
+        from_der(&der)?;
+        out.push(der);
+        rest = tail.trim_ascii();
+    }
+    Ok(out)
+}
+
+/// A certificate from DER, after [`check_der_lengths`].
+pub fn from_der(der_bytes: &[u8]) -> Result<Certificate, der::Error> {
+    check_der_lengths(der_bytes)?;
+    Certificate::from_der(der_bytes)
+}
+
+/// Every TLV of `bytes` (and of the constructed values inside) fits in what holds it. `der`
+/// 0.7 allocates an owned value's declared length before reading it (`Reader::read_vec`), so
+/// without this a 1 KiB certificate could make it allocate up to 256 MiB (the most `der` reads as a length) (found by the
+/// `vek_cert` fuzz target). Call it before decoding untrusted bytes into owned `der` types.
+pub fn check_der_lengths(bytes: &[u8]) -> Result<(), der::Error> {
+    use der::Reader as _;
+    fn walk(mut b: &[u8], mut at: usize, depth: usize) -> Result<(), der::Error> {
+        let pos = |n: usize| der::Length::try_from(n).unwrap_or(der::Length::MAX);
+        while !b.is_empty() {
+            if depth > 32 {
+                return Err(der::Error::new(der::ErrorKind::Overlength, pos(at)));
+            }
+            let mut r = der::SliceReader::new(b)?;
+            let header = der::Header::decode(&mut r)?;
+            let head = usize::try_from(r.position())?;
+            let len = usize::try_from(header.length)?;
+            if len > b.len() - head {
+                let actual_len = pos(b.len() - head);
+                let kind = der::ErrorKind::Incomplete { expected_len: header.length, actual_len };
+                return Err(der::Error::new(kind, pos(at)));
+            }
+            let (content, tail) = b[head..].split_at(len);
+            if header.tag.is_constructed() {
+                walk(content, at + head, depth + 1)?;
+            }
+            (b, at) = (tail, at + head + len);
+        }
+        Ok(())
+    }
+    walk(bytes, 0, 0)
 }
 
 /// A DER certificate whose issuer equals its subject (a root, such as an ARK).
 pub fn is_self_issued(der_bytes: &[u8]) -> bool {
-    Certificate::from_der(der_bytes)
+    from_der(der_bytes)
         .map(|c| c.tbs_certificate.issuer == c.tbs_certificate.subject)
         .unwrap_or(false)
 }
@@ -114,7 +165,7 @@ pub fn is_self_issued(der_bytes: &[u8]) -> bool {
 /// `parent`'s subject is `child`'s issuer (both DER). Picks the intermediate of a leaf from a
 /// bundle holding both an ASK and an ASVK.
 pub fn names_issuer_of(parent: &[u8], child: &[u8]) -> bool {
-    match (Certificate::from_der(parent), Certificate::from_der(child)) {
+    match (from_der(parent), from_der(child)) {
         (Ok(p), Ok(c)) => p.tbs_certificate.subject == c.tbs_certificate.issuer,
         _ => false,
     }
@@ -122,8 +173,7 @@ pub fn names_issuer_of(parent: &[u8], child: &[u8]) -> bool {
 
 /// Parse one DER certificate of the chain.
 pub fn parse(role: CertRole, der_bytes: &[u8]) -> Result<Certificate, EvidenceError> {
-    Certificate::from_der(der_bytes)
-        .map_err(|source| EvidenceError::CertificateParse { role, source })
+    from_der(der_bytes).map_err(|source| EvidenceError::CertificateParse { role, source })
 }
 
 /// SHA-256 of a certificate's SubjectPublicKeyInfo (DER): the key id of roots and VLEKs.
@@ -286,7 +336,9 @@ impl VekExtensions {
                 oid::CSP_ID => {
                     out.csp_id = Some(
                         directory_string(
-                            &der::Any::from_der(value).map_err(|_| bad(oid::CSP_ID, "not DER"))?,
+                            &check_der_lengths(value)
+                                .and_then(|()| der::Any::from_der(value))
+                                .map_err(|_| bad(oid::CSP_ID, "not DER"))?,
                         )
                         .unwrap_or_else(|| hex::encode(value)),
                     )

@@ -168,3 +168,34 @@ fn nar_stream_size_mismatch_and_interruption() {
     let e = into_proto(r.nar_stream("p", 2).read_to_end(&mut Vec::new()).unwrap_err());
     assert!(matches!(e, ProtoError::Closed(_)), "{e}");
 }
+
+/// Found by the `channel` fuzz target: the reader allocated a frame's announced payload (up to
+/// 16 MiB) before any of it arrived, so an 8-byte header cost 16 MiB. It now grows the payload
+/// as the bytes come, and a short payload is still an I/O error.
+#[test]
+fn a_header_alone_does_not_allocate_its_announced_payload() {
+    let mut hdr = vec![Kind::Log as u8, 0, 0, 0];
+    hdr.extend_from_slice(&MAX_PAYLOAD.to_le_bytes());
+    hdr.extend_from_slice(b"only this");
+    let mut r = FrameReader::new(&hdr[..]);
+    let e = r.next_frame().unwrap_err();
+    assert!(matches!(&e, ProtoError::Io(io) if io.kind() == io::ErrorKind::UnexpectedEof), "{e}");
+    let mut w = FrameWriter::new(Vec::new());
+    let big = vec![7u8; CHUNK_SIZE * 3 + 5];
+    w.send(Kind::Log, &big).unwrap();
+    assert_eq!(FrameReader::new(&w.get_mut()[..]).next_frame().unwrap().unwrap().payload, big);
+}
+
+/// Found by the `channel` fuzz target: a NAR stream counted the chunk it refused as too long in
+/// `received()`, which then exceeded both what was delivered and the announced size.
+#[test]
+fn a_refused_chunk_is_not_counted_as_received() {
+    let bytes = nar_frames(&[1u8; 100], 100);
+    let mut r = FrameReader::new(&bytes[..]);
+    r.next_frame().unwrap();
+    let mut s = r.nar_stream("/nix/store/x", 99);
+    let mut got = Vec::new();
+    assert!(s.read_to_end(&mut got).is_err());
+    assert_eq!(s.received(), got.len() as u64);
+    assert!(s.received() <= 99);
+}

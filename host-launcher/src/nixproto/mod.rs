@@ -9,11 +9,15 @@
 //! strings, framed streams), [`types`] (records per protocol version), [`version`] (protocol
 //! version → Nix release range → realisation format and CA self-reference rule).
 //!
+//! `fuzzing` (hidden) holds the bodies of the protocol fuzz targets.
+//!
 //! What is not here: the host's records, the content store, builds, publishing
 //! (`crate::core`, `crate::store`, `crate::nixbuilder`). The wire layouts are written down in
 //! `docs/nix-remote-builder.md` and in each module.
 
 pub mod action;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod listen;
 pub mod serve;
 pub mod types;

@@ -4,13 +4,18 @@
 //! For any input bytes: the parser and the unpacker agree on accepting it; an accepted NAR
 //! unpacks to a tree whose `nix-store --dump` is byte-identical to the input; a refused one leaves
 //! nothing behind; and nothing is ever created outside the destination. What is not here: the
-//! seed corpus (see the tests and `nix-formats/fuzz/`).
+//! seed corpus (see the tests and the repository's `fuzz/`).
 
 use std::path::Path;
 
 use super::dump::dump_path;
 use super::reader::{NarLimits, NarReader};
 use super::unpack::{unpack, UnpackError, UnpackOptions};
+
+/// The heap bound of the `nar_unpack` target: the unpacker's fixed 128 KiB copy buffer, and
+/// tokens no longer than the input.
+pub const BOUND: crate::fuzzing::AllocBound =
+    crate::fuzzing::AllocBound { per_byte: 64, base: 256 << 10 };
 
 /// Limits small enough for fuzzing speed.
 pub fn fuzz_limits() -> NarLimits {

@@ -368,12 +368,12 @@ fn valid_seeds() -> Vec<(&'static str, Vec<u8>)> {
 }
 
 fn corpus_dir() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/nar_unpack")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/nar_unpack")
 }
 
 /// Writes the seed corpus of the `nar_unpack` fuzz target (run with `--ignored`).
 #[test]
-#[ignore = "regenerates nix-formats/fuzz/seeds/nar_unpack"]
+#[ignore = "regenerates fuzz/seeds/nar_unpack"]
 fn write_nar_fuzz_seeds() {
     let dir = corpus_dir();
     std::fs::create_dir_all(&dir).unwrap();

@@ -6,18 +6,20 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use libfuzzer_sys::fuzz_target;
+use nix_formats::nar::fuzzing::BOUND;
 
 fn scratch() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| std::env::temp_dir().join(format!("nar-unpack-fuzz-{}", std::process::id())))
 }
 
-fuzz_target!(|data: &[u8]| {
+fn body(data: &[u8]) {
     let dir = scratch();
     // Recreated every time, so that nothing outside can break the run by removing it.
     std::fs::create_dir_all(dir).expect("scratch directory");
     if let Err(violation) = nix_formats::nar::fuzzing::check_unpack(data, dir) {
         panic!("{violation}");
     }
-});
+}
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| vouch_fuzz::run("nar_unpack", data, BOUND, body));

@@ -38,6 +38,8 @@ have bison || need_apt+=(bison)
 have bc || need_apt+=(bc)
 dpkg -s libelf-dev >/dev/null 2>&1 || need_apt+=(libelf-dev)
 have python3 || need_apt+=(python3)
+# pip for the provenance test's in-toto bindings (below); a pyenv Python brings its own.
+python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 # Go's sumdb tlog/note (x/mod 0.7.0), the independent implementation the transparency log's
 # interoperation test builds offline (build-trace/tests/tlog_go.rs).
 have go || need_apt+=(golang-go)
@@ -70,6 +72,16 @@ if ! qemu-system-x86_64 --version 2>/dev/null | grep -q 'version 10\.'; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
     -t bookworm-backports qemu-system-x86 >/dev/null
+fi
+
+# in-toto's own Python bindings, the independent implementation the provenance test validates
+# vouch's SLSA provenance with (tests/tests/provenance_cli.rs, tests/tests/provenance_slsa.py).
+# The DSSE signature is checked with `cryptography`'s Ed25519.
+if ! python3 -c 'import in_toto_attestation, google.protobuf, cryptography' 2>/dev/null; then
+  log "pip install in-toto-attestation 0.9.3, protobuf, cryptography"
+  pkgs=(in-toto-attestation==0.9.3 protobuf cryptography)
+  python3 -m pip install --quiet --user "${pkgs[@]}" \
+    || python3 -m pip install --quiet --user --break-system-packages "${pkgs[@]}"
 fi
 
 # The userspace vsock backend (no /dev/vhost-vsock on these machines).

@@ -11,6 +11,8 @@
 //! vouch/v1/steps/<drv base>/<entry>/statement.json   canonical statement
 //!                                   evidence.json    evidence bundle (if any)
 //!                                   jws/<thumb>.jws  laut JWS by key (SPKI thumbprint prefix)
+//!                                   times.json       when the launcher ran it (its clock; written
+//!                                                    by the launcher after the step, unsigned)
 //! vouch/v1/by-output/<out hash part>/<drv base>/<entry>   empty marker: output → step
 //! traces/<drv hash part>                          laut's index: {"signatures":[every JWS of the step]}
 //! log/checkpoint, log/tile/…, log/index/<entry>   the transparency log (`crate::tlog`), if attached

@@ -9,7 +9,7 @@ use std::time::SystemTime;
 
 use build_trace::evidence::certs::{builtin_ark, builtin_ask};
 use build_trace::evidence::{EvidenceBundle, Product, Verifier};
-use build_trace::provenance::{classify_evidence, in_toto};
+use build_trace::provenance::{classify_evidence, in_toto, Acceptance};
 use build_trace::store::TraceEntry;
 use build_trace::verify::check_entry_alone;
 use evidence_support::read;
@@ -39,12 +39,12 @@ fn an_all_zero_report_under_amds_real_roots_is_not_exported_as_sev_snp() {
     // The label from the root alone said sev-snp: the attack.
     assert_eq!(classify_evidence(forged.evidence.as_deref().unwrap()), "sev-snp");
     let st = forged.parse_statement().unwrap();
-    let old =
-        in_toto(&st, "out", &forged.statement, forged.evidence.as_deref(), "sev-snp").unwrap();
-    assert!(old["predicate"]["runDetails"]["builder"]["id"]
-        .as_str()
-        .unwrap()
-        .contains("/sev-snp#"));
+    let label = Acceptance { kind: "sev-snp", rules: &["amd".into()], keys: &[] };
+    let old = in_toto(&st, "out", &forged.statement, forged.evidence.as_deref(), &label).unwrap();
+    assert_eq!(
+        old["predicate"]["runDetails"]["builder"]["id"],
+        "urn:vouch:builder:sev-snp:rule:amd"
+    );
 
     // Verified under a policy, it is not exported at all.
     let p = policy(&root, &key, "builder:sim");
@@ -64,4 +64,5 @@ fn an_all_zero_report_under_amds_real_roots_is_not_exported_as_sev_snp() {
     // The honest entry passes and keeps its label.
     let ok = check_entry_alone(&prepared, &ev, &honest, now).unwrap();
     assert_eq!(ok.kind, "simulated");
+    assert_eq!(ok.rules, ["sim"], "the rule that accepted it");
 }

@@ -62,7 +62,8 @@ enum Command {
     /// This host's public keys for trust policies (`show`).
     #[command(subcommand)]
     Key(cli::key::Command),
-    /// Export the in-toto / SLSA provenance of an output path.
+    /// Export the in-toto / SLSA provenance of an output (`--sign`: as DSSE envelopes), or
+    /// check a signed one (`vouch provenance verify`).
     Provenance(cli::provenance::Args),
     /// Benchmarks (`vouch bench vm`: where a build step's time goes). Only in a `vouch` built
     /// with the `bench` feature; needs the bench image.

@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::{Mutex, MutexGuard};
 
 use crate::nix::busybox_dir;
 // The Nix helpers the VM tests import from here.
@@ -100,6 +101,34 @@ pub fn bench_vouch_bin() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// What a VM test starts from: its file's VM lock (tests in one file take turns), a scratch
+/// area with one Nix file written under a fresh nonce, and a builder state directory.
+#[derive(Debug)]
+pub struct VmTest {
+    _vms: MutexGuard<'static, ()>,
+    /// The scratch area.
+    pub s: Scratch,
+    /// The nonce the Nix file was written with.
+    pub n: String,
+    /// The Nix file.
+    pub file: PathBuf,
+    /// The builder's state directory.
+    pub state: PathBuf,
+}
+
+impl VmTest {
+    /// Take `lock` (a poisoned one too: one failed test must not fail the rest), then write
+    /// `name` with `nix(nonce)` in a fresh scratch area.
+    pub fn new(lock: &'static Mutex<()>, name: &str, nix: impl FnOnce(&str) -> String) -> VmTest {
+        let vms = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let s = Scratch::new();
+        let n = nonce();
+        let file = s.write(name, &nix(&n));
+        let state = s.state();
+        VmTest { _vms: vms, s, n, file, state }
+    }
 }
 
 /// A scratch area for one test: Nix expressions, a state directory, a cache.

@@ -334,6 +334,13 @@ impl Fixture {
 
     /// A policy: the fixture's simulated root and measurement as builder rule `sim`, the
     /// fixture's key as `host`, requiring `require`.
+    /// `dir/policy.toml`: the policy accepting the fixture's simulated builder (`builder:sim`).
+    pub fn write_sim_policy(&self, dir: &Path) -> PathBuf {
+        let p = dir.join("policy.toml");
+        std::fs::write(&p, self.policy(TrustModel::Leaf("builder:sim".into())).to_toml()).unwrap();
+        p
+    }
+
     pub fn policy(&self, require: TrustModel) -> TrustPolicy {
         let evidence = EvidencePolicy {
             simulated_roots: vec![self.root.key_id()],

@@ -16,7 +16,7 @@ use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use build_trace::evidence::SimulatedRoot;
@@ -27,26 +27,15 @@ use host_launcher::nixproto::worker::{STDERR_LAST, WORKER_MAGIC_1, WORKER_MAGIC_
 use nix_formats::StorePath;
 use test_support::nix::{text, CA_PRELUDE};
 use test_support::server::SocketServer;
-use test_support::vm::{bench_image_dir, image_dir, nix, nonce, vouch_bin, Scratch, NIX_CONFIG};
+use test_support::vm::{bench_image_dir, image_dir, nix, vouch_bin, VmTest, NIX_CONFIG};
 use tests::faults::*;
 
 static VMS: Mutex<()> = Mutex::new(());
 
-struct Env {
-    _vms: MutexGuard<'static, ()>,
-    s: Scratch,
-    n: String,
-    file: PathBuf,
-    state: PathBuf,
-}
+type Env = VmTest;
 
 fn setup() -> Env {
-    let vms = VMS.lock().unwrap_or_else(|e| e.into_inner());
-    let s = Scratch::new();
-    let n = nonce();
-    let file = s.write("faults.nix", &faults_nix(&n));
-    let state = s.state();
-    Env { _vms: vms, s, n, file, state }
+    VmTest::new(&VMS, "faults.nix", faults_nix)
 }
 
 /// `slow` sleeps (the faults strike while it runs); `quick`, `quick2` and `quick3` are the

@@ -16,34 +16,21 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use build_trace::job::Limits;
 use test_support::nix::{local_build, sha256_hex, text, CA_PRELUDE};
 use test_support::server::SocketServer;
-use test_support::vm::{builder_wrapper, image_dir, nix, nonce, vouch_bin, Scratch, NIX_CONFIG};
+use test_support::vm::{builder_wrapper, image_dir, nix, vouch_bin, Scratch, VmTest, NIX_CONFIG};
 use tests::policy::builder_key;
 
 static VMS: Mutex<()> = Mutex::new(());
 
-/// What every test here starts from: the VM lock, a scratch area with the test closure under a
-/// fresh nonce, and a builder state directory.
-struct Env {
-    _vms: MutexGuard<'static, ()>,
-    s: Scratch,
-    n: String,
-    file: PathBuf,
-    state: PathBuf,
-}
+type Env = VmTest;
 
 fn setup() -> Env {
-    let vms = VMS.lock().unwrap_or_else(|e| e.into_inner());
-    let s = Scratch::new();
-    let n = nonce();
-    let file = s.write("closure.nix", &closure_nix(&n));
-    let state = s.state();
-    Env { _vms: vms, s, n, file, state }
+    VmTest::new(&VMS, "closure.nix", closure_nix)
 }
 
 /// A builder wrapper (`remote-program`): `vouch --state-dir STATE nix-builder EXTRA… "$@"`.

@@ -20,12 +20,7 @@ const RED: &str = "#d0021b";
 fn graphs_of_a_verified_and_a_broken_closure() {
     let fx = Fixture::new(&["c"]);
     let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("policy.toml");
-    std::fs::write(
-        &policy,
-        fx.policy(build_trace::trust::TrustModel::Leaf("builder:sim".into())).to_toml(),
-    )
-    .unwrap();
+    let policy = fx.write_sim_policy(dir.path());
     let traces = fx.traces.display().to_string();
     let drv_dir = fx.store_dir.display().to_string();
     let drv = fx.drvs["c"].to_string();

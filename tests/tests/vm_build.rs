@@ -85,6 +85,13 @@ fn ca_derivation_matches_nix() {
     assert_eq!(st.outputs["out"].path.to_string(), nix_path);
     assert_eq!(st.job.drv_path.to_string(), drv);
     assert!(trace.join("evidence.json").is_file());
+    // When the launcher ran it, by its clock (the provenance's startedOn / finishedOn).
+    let times: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(trace.join("times.json")).unwrap()).unwrap();
+    let (started, finished) =
+        (times["started_unix"].as_u64().unwrap(), times["finished_unix"].as_u64().unwrap());
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    assert!(started <= finished && finished <= now && now - finished < 600, "{times}");
     let narinfo = s.cache().join(format!("{}.narinfo", &nix_path["/nix/store/".len()..][..32]));
     assert!(narinfo.is_file(), "narinfo written");
     // And the step is an entry of the cache's transparency log, signed by the state's log key.

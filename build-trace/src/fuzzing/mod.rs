@@ -6,12 +6,13 @@
 //! - [`canonical`]: bytes the canonical decoder accepts are the canonical encoding of what they
 //!   decode to, and [`crate::canonical::member`] finds exactly each top-level member's bytes;
 //! - [`job`] / [`statement`]: an accepted job or statement re-encodes to the same bytes, its
-//!   HOST_DATA (and REPORT_DATA) computed from the value equals the one computed from the bytes
-//!   (for a statement also from the job member found without decoding), and it validates;
+//!   job digest (a statement's HOST_DATA and REPORT_DATA) computed from the value equals the one
+//!   computed from the bytes (a statement's HOST_DATA from its launch member, or version 1's job
+//!   member, found without decoding), and it is its own launch's and job's;
 //! - [`cert_table`]: an accepted GHCB certificate table re-encodes to a table that parses to the
 //!   same entries, and the entries never hold more bytes than the table;
 //! - with `verifier`: [`evidence`] (the SNP report parser and verifier against real AMD chains,
-//!   the VCEK/VLEK certificate parser, the precomputed-table ECDSA verifier against `p384`'s) and
+//!   the VCEK/VLEK certificate parser, aws-lc-rs's ECDSA verdict against `p384`'s) and
 //!   [`tlog`] (log entries, entry bundles, signed checkpoints, verifier keys) and the trust policy.
 //!
 //! The harness also holds each body to a heap bound ([`BOUND`], [`nix_formats::fuzzing::AllocBound`]).
@@ -23,7 +24,7 @@ use serde_json::Value;
 
 use crate::canonical::{self, member};
 use crate::evidence::cert_table;
-use crate::job::Job;
+use crate::job::{self, Job};
 use crate::statement::{self, Statement};
 
 #[cfg(feature = "verifier")]
@@ -54,9 +55,10 @@ pub fn canonical(data: &[u8]) {
 
 /// Fuzz body: a job's canonical bytes (see the module docs).
 pub fn job(data: &[u8]) {
-    // HOST_DATA is the launch's now (`crate::launch`), not the job's.
+    let _ = job::digest_of(data);
     let Ok(j) = Job::from_canonical_bytes(data) else { return };
     assert_eq!(j.canonical_bytes().expect("an accepted job encodes"), data, "job round trip");
+    assert_eq!(j.digest().expect("encodes"), job::digest_of(data), "digest");
     j.validate().expect("an accepted job validates");
     let _ = j.drv.to_derivation();
     let _ = j.drv.drv_path();
@@ -70,7 +72,11 @@ pub fn statement(data: &[u8]) {
     assert_eq!(bytes, data, "statement round trip");
     assert_eq!(st.report_data().expect("encodes"), statement::report_data_of(data));
     let hd = st.host_data().expect("encodes");
-    assert_eq!(statement::host_data_of(data), Some(hd), "HOST_DATA from the job member");
+    assert_eq!(
+        statement::host_data_of(data),
+        Some(hd),
+        "HOST_DATA from the launch (v1: job) member"
+    );
     match &st.launch {
         Some(l) => st.verify_against(l, &st.job).expect("an accepted statement is its own"),
         None => st.validate().expect("an accepted version-1 statement validates"),

@@ -310,6 +310,10 @@ pub struct EntryVerdict {
     pub kind: &'static str,
     /// Who vouched for it, as the closure verifier names them.
     pub accepted_by: Vec<String>,
+    /// The policy's builder rules whose evidence counted (sorted).
+    pub rules: Vec<String>,
+    /// The policy keys whose signatures counted (sorted).
+    pub keys: Vec<String>,
 }
 
 /// Check one trace entry under `policy`: its statement parses and is self-consistent, its
@@ -351,5 +355,8 @@ pub fn check_entry_alone(
     } else {
         "sev-snp"
     };
-    Ok(EntryVerdict { statement, kind, accepted_by })
+    let rules =
+        signers.chips.iter().filter(|(_, c)| !c.is_empty()).map(|(r, _)| r.clone()).collect();
+    let keys = signers.keys.iter().map(|k| k.to_string()).collect();
+    Ok(EntryVerdict { statement, kind, accepted_by, rules, keys })
 }

@@ -2,27 +2,46 @@
 //! an output from the trace store (`build_trace::provenance`). Each trace is first verified
 //! under a trust policy (`build_trace::verify::check_entry_alone`: statement, output addresses,
 //! evidence and signatures; not its closure, which is `vouch verify`'s work); only traces that
-//! pass are exported, labelled by the root their evidence verified under.
+//! pass are exported, their `builder.id` naming the policy rule that accepted them. With
+//! `--sign`, each as a DSSE envelope signed by the launcher key (`vouch provenance verify`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use std::time::SystemTime;
 
+use super::target::Lookup;
+use super::{CmdResult, Global};
 use build_trace::evidence::Verifier;
-use build_trace::provenance::in_toto;
+use build_trace::provenance::{in_toto, set_times, sign_envelope, Acceptance, TIMES_FILE};
 use build_trace::store::TraceStore;
 use build_trace::verify::check_entry_alone;
 use host_launcher::core::publish::default_trace_store;
-use nix_formats::StorePath;
-
-use super::{CmdResult, Global};
 
 /// Arguments of `vouch provenance`.
 #[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct Args {
-    /// The output path.
-    pub output: String,
+    /// `vouch provenance verify ENVELOPE`.
+    #[command(subcommand)]
+    pub command: Option<super::provenance_verify::Command>,
+    /// An output path, `./result` or any symlink into the store, or a derivation (unresolved
+    /// or resolved: every output it is known to have).
+    #[arg(required = true)]
+    pub output: Option<String>,
+    /// Sign each statement as a DSSE envelope with this host's launcher key (the state
+    /// directory's Nix signing key; `vouch provenance verify` checks it).
+    #[arg(long)]
+    pub sign: bool,
+    /// The key `--sign` uses, by name (default: the state directory's only key).
+    #[arg(long, value_name = "NAME", requires = "sign")]
+    pub key_name: Option<String>,
+    /// Directory holding `.drv` files.
+    #[arg(long, value_name = "DIR", default_value = "/nix/store")]
+    pub drv_dir: PathBuf,
+    /// The Nix store to ask for derivers and realisations (Nix's `--store`; default: Nix's).
+    #[arg(long, value_name = "STORE")]
+    pub nix_store: Option<String>,
     /// Trace store directory (default: `<state dir>/cache`).
     #[arg(long, value_name = "DIR")]
     pub traces: Option<PathBuf>,
@@ -40,9 +59,9 @@ pub struct Args {
 /// Why `vouch provenance` failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ProvenanceError {
-    /// Not an output store path.
-    #[error("`{0}` is not an output store path")]
-    NotAnOutput(String),
+    /// A derivation without known outputs.
+    #[error("no output of {0} is known (build it first, or give an output path)")]
+    NoOutputs(String),
     /// No trace produced it.
     #[error("no trace in {dir} produced {path}")]
     NoTrace {
@@ -62,12 +81,26 @@ pub enum ProvenanceError {
 }
 
 pub fn run(args: Args, global: &Global) -> CmdResult {
-    let path = StorePath::parse(&args.output)
-        .ok()
-        .filter(|p| !p.is_derivation())
-        .ok_or_else(|| ProvenanceError::NotAnOutput(args.output.clone()))?;
+    if let Some(cmd) = args.command {
+        return super::provenance_verify::run(cmd, global);
+    }
+    let arg = args.output.clone().unwrap_or_default();
+    let key = match args.sign {
+        true => Some(super::provenance_verify::launcher_key(global, args.key_name.as_deref())?),
+        false => None,
+    };
     let dir = args.traces.clone().unwrap_or_else(|| default_trace_store(&global.state_dir()));
-    let store = TraceStore::open(&dir)?;
+    let stores = [TraceStore::open(&dir)?];
+    let at =
+        Lookup { drv_dir: &args.drv_dir, nix_store: args.nix_store.as_deref(), traces: &stores };
+    let target = super::target::resolve(&arg, &at)?;
+    if target.outputs.is_empty() {
+        return Err(Box::new(ProvenanceError::NoOutputs(target.path.to_string())));
+    }
+    if let Some(d) = &target.drv {
+        eprintln!("derivation {d} ({})", target.found_by);
+    }
+    let store = &stores[0];
     let policy = super::verify::load_policy(args.policy.as_deref(), &args.image_manifests)?;
     let prepared = policy.prepare()?;
     // The statements are JSON on stdout; a policy that accepts any guest says so first, on
@@ -75,33 +108,44 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     if let Some(b) = prepared.any_guest_banner() {
         eprintln!("{b}");
     }
-    let entries = super::trace::lookup(&store, &path)?;
     let mut statements = Vec::new();
     let mut refused = Vec::new();
-    for e in &entries {
-        let verdict = match check_entry_alone(&prepared, Verifier::global(), e, SystemTime::now()) {
-            Ok(v) => v,
-            Err(b) => {
-                refused.push(format!("{}: {}", e.location, b.explanation));
+    for path in &target.outputs {
+        for e in &super::trace::lookup(store, path)? {
+            let verdict =
+                match check_entry_alone(&prepared, Verifier::global(), e, SystemTime::now()) {
+                    Ok(v) => v,
+                    Err(b) => {
+                        refused.push(format!("{}: {}", e.location, b.explanation));
+                        continue;
+                    }
+                };
+            let st = &verdict.statement;
+            let Some((name, _)) = st.outputs.iter().find(|(_, o)| &o.path == path) else {
                 continue;
+            };
+            let accepted =
+                Acceptance { kind: verdict.kind, rules: &verdict.rules, keys: &verdict.keys };
+            let mut st = in_toto(st, name, &e.statement, e.evidence.as_deref(), &accepted)?;
+            if let Ok(t) = std::fs::read(std::path::Path::new(&e.location).join(TIMES_FILE)) {
+                set_times(&mut st, &t);
             }
-        };
-        let st = &verdict.statement;
-        let Some((name, _)) = st.outputs.iter().find(|(_, o)| o.path == path) else {
-            continue;
-        };
-        statements.push(in_toto(st, name, &e.statement, e.evidence.as_deref(), verdict.kind)?);
+            statements.push(match &key {
+                Some(k) => sign_envelope(&st, k),
+                None => st,
+            });
+        }
     }
     if statements.is_empty() && !refused.is_empty() {
         return Err(Box::new(ProvenanceError::NoneVerified {
-            path: path.to_string(),
+            path: target.path.to_string(),
             reasons: refused.join("; "),
         }));
     }
     if statements.is_empty() {
         return Err(Box::new(ProvenanceError::NoTrace {
             dir: dir.display().to_string(),
-            path: path.to_string(),
+            path: target.path.to_string(),
         }));
     }
     for r in &refused {

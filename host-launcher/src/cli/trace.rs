@@ -9,6 +9,7 @@ use build_trace::store::{TraceEntry, TraceSource, TraceStore};
 use host_launcher::core::publish::default_trace_store;
 use nix_formats::StorePath;
 
+use super::target::Lookup;
 use super::{exit, CmdResult, Global};
 
 /// Subcommands of `vouch trace`.
@@ -33,22 +34,21 @@ pub struct ReindexArgs {
 /// Arguments of `vouch trace show`.
 #[derive(Debug, clap::Args)]
 pub struct ShowArgs {
-    /// A drv path or an output path.
+    /// A derivation (unresolved or resolved), an output path, or `./result` or any symlink
+    /// into the store.
     pub path: String,
     /// Trace store directory (default: `<state dir>/cache`).
     #[arg(long, value_name = "DIR")]
     pub traces: Option<PathBuf>,
+    /// Directory holding `.drv` files (to tell an unresolved derivation from a resolved one).
+    #[arg(long, value_name = "DIR", default_value = "/nix/store")]
+    pub drv_dir: PathBuf,
+    /// The Nix store to ask for derivers and realisations (Nix's `--store`; default: Nix's).
+    #[arg(long, value_name = "STORE")]
+    pub nix_store: Option<String>,
     /// Print the statements as JSON.
     #[arg(long)]
     pub json: bool,
-}
-
-/// Why `vouch trace show` failed.
-#[derive(Debug, thiserror::Error)]
-pub enum TraceCmdError {
-    /// Not a store path.
-    #[error("`{0}` is not a store path")]
-    NotAStorePath(String),
 }
 
 /// Find the entries for a drv path or an output path.
@@ -70,18 +70,35 @@ pub fn run(cmd: Command, global: &Global) -> CmdResult {
         }
     };
     let dir = args.traces.clone().unwrap_or_else(|| default_trace_store(&global.state_dir()));
-    let store = TraceStore::open(&dir)?;
-    let path = StorePath::parse(&args.path)
-        .map_err(|_| TraceCmdError::NotAStorePath(args.path.clone()))?;
-    let entries = lookup(&store, &path)?;
+    let stores = [TraceStore::open(&dir)?];
+    let at =
+        Lookup { drv_dir: &args.drv_dir, nix_store: args.nix_store.as_deref(), traces: &stores };
+    let target = super::target::resolve(&args.path, &at)?;
+    let store = &stores[0];
+    let mut entries = lookup(store, &target.path)?;
+    if entries.is_empty() && !target.is_output() {
+        // An unresolved derivation: its steps, by the outputs it is known to have.
+        for o in &target.outputs {
+            for e in store.entries_for_output(o)? {
+                if !entries.iter().any(|x| x.location == e.location) {
+                    entries.push(e);
+                }
+            }
+        }
+    }
     if entries.is_empty() {
         eprintln!(
-            "no trace of {} in {} (content-addressed steps are stored under their resolved drv \
-             path: give that, or an output path)",
+            "no trace of {} in {} (an unresolved content-addressed derivation is found through \
+             its outputs: build it first, or give its resolved drv or an output path)",
             args.path,
             dir.display()
         );
         return Ok(ExitCode::from(exit::REJECTED));
+    }
+    if !args.json {
+        if let Some(d) = &target.drv {
+            println!("derivation {d} ({})", target.found_by);
+        }
     }
     let mut json = Vec::new();
     let mut malformed = 0;

@@ -9,7 +9,7 @@
 use std::collections::BTreeSet;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::time::SystemTime;
 
 use build_trace::evidence::Verifier as EvidenceVerifier;
@@ -22,13 +22,19 @@ use build_trace::verify::{BrokenLink, ClosureVerifier, DrvSet, Outcome, Request}
 use host_launcher::core::publish::default_trace_store;
 use nix_formats::StorePath;
 
+use super::target::{realisation_info, Lookup};
 use super::{CmdResult, Global};
 
 /// Arguments of `vouch verify`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The target derivation (`/nix/store/…-name.drv`, unresolved).
+    /// What to verify: a derivation (unresolved, or resolved), an output path, or `./result`
+    /// or any symlink into the store (see `docs/cli.md`, "Arguments"). From an output, the
+    /// derivation is a hint that the verification checks: the output must be one it accepts.
     pub drv: String,
+    /// The Nix store to ask for derivers and realisations (Nix's `--store`; default: Nix's).
+    #[arg(long, value_name = "STORE")]
+    pub nix_store: Option<String>,
     /// Trust policy (TOML, see docs/trust-policy.md). Default: genuine AMD SEV-SNP evidence
     /// of Genoa or Turin at the minimum TCB AMD's bulletins require, launched with a guest
     /// image of `--image-manifest` (simulated evidence is rejected).
@@ -86,9 +92,9 @@ pub struct Args {
 /// Why `vouch verify` could not reach a verdict.
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyCmdError {
-    /// The target is not a drv store path.
-    #[error("`{0}` is not a derivation store path")]
-    Target(String),
+    /// No derivation could be found for the output given.
+    #[error("no derivation known for {0}: it is registered in neither the local Nix database nor the trace stores' index (give its .drv)")]
+    NoDerivation(String),
     /// The JSON could not be read.
     #[error("cannot read {0}")]
     Read(String, #[source] std::io::Error),
@@ -103,10 +109,18 @@ pub enum VerifyCmdError {
 }
 
 pub fn run(args: Args, global: &Global) -> CmdResult {
-    let target = StorePath::parse(&args.drv)
-        .ok()
-        .filter(StorePath::is_derivation)
-        .ok_or_else(|| VerifyCmdError::Target(args.drv.clone()))?;
+    let dirs = if args.traces.is_empty() {
+        vec![default_trace_store(&global.state_dir())]
+    } else {
+        args.traces.clone()
+    };
+    let stores = dirs.iter().map(|d| TraceStore::open(d)).collect::<Result<Vec<_>, _>>()?;
+    let lookup =
+        Lookup { drv_dir: &args.drv_dir, nix_store: args.nix_store.as_deref(), traces: &stores };
+    let named = super::target::resolve(&args.drv, &lookup)?;
+    if named.candidates.is_empty() {
+        return Err(VerifyCmdError::NoDerivation(named.path.to_string()).into());
+    }
     let policy = load_policy(args.policy.as_deref(), &args.image_manifests)?;
     let prepared = policy.prepare()?;
     // A policy that accepts any guest says so before anything else.
@@ -118,16 +132,10 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
             println!("{b}");
         }
     }
-    let drvs = match &args.show_derivation {
-        Some(p) => DrvSet::from_show_derivation(&read_input(p)?)?,
-        None => DrvSet::from_store_dir(&args.drv_dir, &target)?,
+    let shown = match &args.show_derivation {
+        Some(p) => Some(DrvSet::from_show_derivation(&read_input(p)?)?),
+        None => None,
     };
-    let dirs = if args.traces.is_empty() {
-        vec![default_trace_store(&global.state_dir())]
-    } else {
-        args.traces.clone()
-    };
-    let stores = dirs.iter().map(|d| TraceStore::open(d)).collect::<Result<Vec<_>, _>>()?;
     // With a `[log]` policy, each store counts only through its transparency log.
     let log_srcs: Vec<DirTiles> = dirs.iter().map(|d| DirTiles::new(&d.join(LOG_DIR))).collect();
     let mut logged = Vec::new();
@@ -150,10 +158,6 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
             logged.push(LoggedTraces::new(store, view));
         }
     }
-    let mut expect: BTreeSet<StorePath> = args.expect.iter().cloned().collect();
-    if args.expect_local {
-        expect = local_outputs(&drvs, &target)?;
-    }
     let evidence = EvidenceVerifier::global();
     let verifier = ClosureVerifier {
         policy: &prepared,
@@ -169,29 +173,52 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
             .map(usize::from)
             .unwrap_or_else(|| std::thread::available_parallelism().map(usize::from).unwrap_or(1)),
     };
-    let mut outcome = verifier.verify(&drvs, &Request { target: target.clone(), expect })?;
-    // Paths are not bytes: check what the user has, where asked.
-    if let Outcome::Verified(v) = &outcome {
-        let mut bad = Vec::new();
-        if args.check_local || args.expect_local {
-            bad.extend(super::verify_bytes::check_local(v, &args.store_dir)?);
+    // Each candidate derivation in turn (one, unless only a trace store's index knew the
+    // output): the first that verifies, else the first verdict.
+    let mut chosen: Option<(StorePath, DrvSet, Outcome)> = None;
+    for cand in &named.candidates {
+        let drvs = match &shown {
+            Some(set) => set.clone(),
+            None => match DrvSet::from_store_dir(&args.drv_dir, cand) {
+                Ok(d) => d,
+                // A same-named candidate whose graph is incomplete here is not the one.
+                Err(e) if named.candidates.len() > 1 => {
+                    tracing::info!(candidate = %cand, "skipped: {}", build_trace::error_chain(&e));
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            },
+        };
+        let outcome = verify_one(&args, &verifier, &drvs, cand, &named)?;
+        let ok = matches!(outcome, Outcome::Verified(_));
+        if ok || chosen.is_none() {
+            chosen = Some((cand.clone(), drvs, outcome));
         }
-        for cache in &args.check_caches {
-            bad.extend(super::verify_bytes::check_cache(v, cache)?);
+        if ok {
+            break;
         }
-        if !bad.is_empty() {
-            outcome = Outcome::NotVerified(BrokenLink::bytes(&target, bad.join("; ")));
-        }
+    }
+    let Some((target, drvs, outcome)) = chosen else {
+        return Err(VerifyCmdError::NoDerivation(named.path.to_string()).into());
+    };
+    let graph_on_stdout = args.graph.is_some() && args.graph_out.is_none();
+    if !args.json && !graph_on_stdout {
+        println!("derivation {target} ({})", named.found_by);
     }
     if let Some(format) = args.graph {
         super::verify_graph::write(format, args.graph_out.as_ref(), &drvs, &target, &outcome)?;
     }
-    if args.graph.is_some() && args.graph_out.is_none() {
+    if graph_on_stdout {
         // The graph took stdout; the verdict is the exit code.
     } else if args.json {
         let mut v = serde_json::to_value(&outcome)?;
-        if let (Some(b), Some(map)) = (&banner, v.as_object_mut()) {
-            map.insert("any_guest".into(), serde_json::Value::String(b.clone()));
+        if let Some(map) = v.as_object_mut() {
+            if let Some(b) = &banner {
+                map.insert("any_guest".into(), serde_json::Value::String(b.clone()));
+            }
+            map.insert("derivation".into(), target.to_string().into());
+            map.insert("found_by".into(), serde_json::to_value(named.found_by)?);
+            map.insert("argument".into(), named.given.clone().into());
         }
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
@@ -204,6 +231,39 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         Outcome::Verified(_) => ExitCode::SUCCESS,
         Outcome::NotVerified(_) => ExitCode::from(1),
     })
+}
+
+/// Verify the closure of candidate derivation `target`, with the expected outputs (and the
+/// output given, which the derivation found for it must have) and the byte checks asked for.
+fn verify_one(
+    args: &Args,
+    verifier: &ClosureVerifier<'_>,
+    drvs: &DrvSet,
+    target: &StorePath,
+    named: &super::target::Target,
+) -> Result<Outcome, super::CmdError> {
+    let mut expect: BTreeSet<StorePath> = args.expect.iter().cloned().collect();
+    if args.expect_local {
+        expect = local_outputs(drvs, target, args.nix_store.as_deref())?;
+    }
+    if named.is_output() {
+        expect.insert(named.path.clone());
+    }
+    let mut outcome = verifier.verify(drvs, &Request { target: target.clone(), expect })?;
+    // Paths are not bytes: check what the user has, where asked.
+    if let Outcome::Verified(v) = &outcome {
+        let mut bad = Vec::new();
+        if args.check_local || args.expect_local {
+            bad.extend(super::verify_bytes::check_local(v, &args.store_dir)?);
+        }
+        for cache in &args.check_caches {
+            bad.extend(super::verify_bytes::check_cache(v, cache)?);
+        }
+        if !bad.is_empty() {
+            outcome = Outcome::NotVerified(BrokenLink::bytes(target, bad.join("; ")));
+        }
+    }
+    Ok(outcome)
 }
 
 /// The policy of `--policy`, else the default one pinning `manifests` (else the default image
@@ -243,7 +303,11 @@ fn read_input(p: &Path) -> Result<String, VerifyCmdError> {
 }
 
 /// The target's outputs as the local Nix store has them.
-fn local_outputs(drvs: &DrvSet, target: &StorePath) -> Result<BTreeSet<StorePath>, VerifyCmdError> {
+fn local_outputs(
+    drvs: &DrvSet,
+    target: &StorePath,
+    nix_store: Option<&str>,
+) -> Result<BTreeSet<StorePath>, VerifyCmdError> {
     let err = |problem: String| VerifyCmdError::Local { drv: target.to_string(), problem };
     let drv = drvs.get(target).ok_or_else(|| err("not in the derivation set".into()))?;
     let mut out = BTreeSet::new();
@@ -259,9 +323,9 @@ fn local_outputs(drvs: &DrvSet, target: &StorePath) -> Result<BTreeSet<StorePath
     if floating {
         // Nix ≤ 2.12 answers for the derivation's outputs; Nix ≥ 2.13 takes a bare drv path as
         // the `.drv` file itself (`{"opaquePath": …}`) and wants `DRV^*` (which 2.8 refuses).
-        let mut v = realisation_info(&target.to_string()).map_err(err)?;
+        let mut v = realisation_info(&target.to_string(), nix_store).map_err(err)?;
         if v.iter().all(|r| r.get("outPath").is_none()) {
-            v = realisation_info(&format!("{target}^*")).map_err(err)?;
+            v = realisation_info(&format!("{target}^*"), nix_store).map_err(err)?;
         }
         for r in v {
             if let Some(p) = r.get("outPath").and_then(|p| p.as_str()) {
@@ -277,21 +341,4 @@ fn local_outputs(drvs: &DrvSet, target: &StorePath) -> Result<BTreeSet<StorePath
         return Err(err("the local store has no outputs for it (build it first)".into()));
     }
     Ok(out)
-}
-
-/// `nix realisation info --json INSTALLABLE`: its records.
-fn realisation_info(installable: &str) -> Result<Vec<serde_json::Value>, String> {
-    let res = Command::new("nix")
-        .args(["--extra-experimental-features", "nix-command ca-derivations"])
-        .args(["realisation", "info", "--json", installable])
-        .output()
-        .map_err(|e| format!("cannot run nix: {e}"))?;
-    if !res.status.success() {
-        return Err(String::from_utf8_lossy(&res.stderr).trim().to_string());
-    }
-    match serde_json::from_slice(&res.stdout) {
-        Ok(serde_json::Value::Array(v)) => Ok(v),
-        Ok(other) => Err(format!("nix printed {other}, not a list of realisations")),
-        Err(e) => Err(format!("nix printed no JSON: {e}")),
-    }
 }

@@ -91,6 +91,23 @@ fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
+/// Write when this host ran the step (its clock: QEMU start to now) beside the entry's
+/// statement, once (the first build of an entry keeps its times); the provenance's
+/// `startedOn`/`finishedOn` (`build_trace::provenance::TIMES_FILE`). Not evidence, so a failure
+/// is only logged.
+fn record_times(entry_dir: &Path, total: std::time::Duration) {
+    let file = entry_dir.join(build_trace::provenance::TIMES_FILE);
+    if file.exists() {
+        return;
+    }
+    let finished = now();
+    let started = finished.saturating_sub(total.as_secs());
+    let body = serde_json::json!({ "started_unix": started, "finished_unix": finished });
+    if let Err(e) = build_trace::store::write_atomic(&file, body.to_string().as_bytes()) {
+        tracing::warn!(file = %file.display(), "cannot record the step's times: {e}");
+    }
+}
+
 /// Publish a checked step (see the module docs): into the trace store, and into
 /// `content_store` when there is one.
 pub fn publish(
@@ -119,6 +136,7 @@ pub fn publish(
     };
     let put = store.put_step_as(&record, &key, publication).map_err(PublishError::TraceStore)?;
     tracing::info!(step = %put.step_dir.display(), key = %key_name, "step published");
+    record_times(&put.step_dir, outcome.timings.total);
     for (name, d) in &put.diverged {
         tracing::warn!(
             output = %name,

@@ -52,6 +52,14 @@ have dot || need_apt+=(graphviz)
 have_sbin() { have "$1" || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
 have_sbin ip || need_apt+=(iproute2)
 have_sbin nft || need_apt+=(nftables)
+# The CI service's web page is tested in a real headless Chromium through WebDriver
+# (tests/tests/serve_web_vm.rs); its TLS test uses curl; its benchmark compares it with nginx
+# under wrk (scripts/bench-serve.sh).
+have chromium || need_apt+=(chromium)
+have chromedriver || need_apt+=(chromium-driver)
+have curl || need_apt+=(curl)
+have_sbin nginx || need_apt+=(nginx-light)
+have wrk || need_apt+=(wrk)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "apt-get install ${need_apt[*]}"

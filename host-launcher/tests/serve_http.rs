@@ -1,8 +1,8 @@
 //! `vouch serve` without VMs: the real binary on a TCP port behind the real Nix 2.8.
 //!
 //! - `nix copy --to 'http://…?compression=none'` uploads a derivation's closure into the content
-//!   store (not the trace store), a second copy uploads nothing, a compressed copy is refused
-//!   naming the fix;
+//!   store (not the trace store), a second copy uploads nothing, and copies with Nix's default
+//!   compression (xz) and with zstd are accepted too;
 //! - hand-made uploads with a wrong hash, a wrong compression or no staged NAR are refused and
 //!   register nothing;
 //! - the binary cache serves the trace store read-only with exact lengths and refuses `..`;
@@ -130,16 +130,19 @@ fn nix_copy_uploads_into_the_content_store_and_a_second_copy_skips() {
     assert!(out.status.success(), "second nix copy: {}", nix::text(&out));
     assert_eq!(puts(&s.log_text()), before, "nothing re-uploaded:\n{}", s.log_text());
 
-    // Nix's default compression is refused, naming the fix.
-    let file = t.path().join("other.txt");
-    std::fs::write(&file, nix::nonce()).unwrap();
-    let add = nix::nix(&["nix-store", "--add", file.to_str().unwrap()]);
-    let other = String::from_utf8(add.stdout).unwrap().trim().to_owned();
-    let out = nix_copy(&t.path().join("xdg3"), &["--to", &s.url(), &other]);
-    assert!(!out.status.success());
-    let err = nix::text(&out);
-    assert!(err.contains("uncompressed NARs only") && err.contains("compression=none"), "{err}");
-    assert_eq!(registered(&state, &other), None);
+    // Nix's default compression (xz) and zstd are accepted: decompressed once the narinfo says
+    // what the NAR must be.
+    for (i, to) in [s.url(), format!("{}?compression=zstd", s.url())].iter().enumerate() {
+        let file = t.path().join(format!("other{i}.txt"));
+        std::fs::write(&file, nix::nonce()).unwrap();
+        let add = nix::nix(&["nix-store", "--add", file.to_str().unwrap()]);
+        let other = String::from_utf8(add.stdout).unwrap().trim().to_owned();
+        let out = nix_copy(&t.path().join(format!("xdg3-{i}")), &["--to", to, &other]);
+        assert!(out.status.success(), "{to}: {}\n{}", nix::text(&out), s.log_text());
+        assert_eq!(registered(&state, &other).as_deref(), Some("upload"), "{to}");
+    }
+    let ext = if s.log_text().contains(".nar.xz") { "xz" } else { "none" };
+    assert_eq!(ext, "xz", "Nix's default is xz:\n{}", s.log_text());
 }
 
 #[test]
@@ -303,8 +306,9 @@ fn bad_uploads_are_refused_and_nothing_is_registered() {
         by_uploader(narinfo(&path, &url, "none", &hash, nar.len())).as_bytes(),
     );
     assert_eq!(r.status, 400, "{}", r.text());
-    let r = s.request("PUT", "/nar/x.nar.zst", &nar);
+    let r = s.request("PUT", "/nar/x.nar.bz2", &nar);
     assert_eq!(r.status, 415, "{}", r.text());
+    assert!(r.text().contains("xz") && r.text().contains("zstd"), "{}", r.text());
     assert_eq!(registered(&state, &path.to_string()), None);
 
     // The right narinfo, but with neither a content address nor a trusted signature: anyone

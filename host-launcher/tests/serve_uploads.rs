@@ -6,65 +6,17 @@
 //!   other client presents the same token from another address or another token from the same
 //!   address (it used to consume any staged NAR).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::os::fd::OwnedFd;
+use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrIn};
 use nix_formats::nar::NarWriter;
 use nix_formats::StorePath;
 use sha2::{Digest, Sha256};
 use test_support::http_service::HttpService;
 
-/// A TCP connection to `to` from the local address `from` (any of 127/8 is this host).
-fn connect_from(from: &str, to: &str) -> TcpStream {
-    let fd: OwnedFd =
-        socket::socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
-            .unwrap();
-    let local: std::net::SocketAddrV4 = format!("{from}:0").parse().unwrap();
-    socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(local)).unwrap();
-    let SocketAddr::V4(remote) = to.parse::<SocketAddr>().unwrap() else { panic!("IPv4") };
-    socket::connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(remote)).unwrap();
-    let s = TcpStream::from(fd);
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    s
-}
-
-/// Send a request head on `c` (`Connection: close`).
-fn head(c: &mut TcpStream, method: &str, path: &str, auth: Option<&str>, len: usize) {
-    let auth = auth.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    write!(c, "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\n{auth}Connection: close\r\n\r\n")
-        .unwrap();
-}
-
-/// The status and body of the response on `c`.
-fn response(c: TcpStream) -> (u16, String) {
-    let mut r = BufReader::new(c);
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    let status = line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let mut rest = String::new();
-    let _ = r.read_to_string(&mut rest);
-    let body = rest.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
-    (status, body)
-}
-
-/// One whole request from `from`.
-fn request(
-    s: &HttpService,
-    from: &str,
-    method: &str,
-    path: &str,
-    auth: Option<&str>,
-    body: &[u8],
-) -> (u16, String) {
-    let mut c = connect_from(from, &s.addr);
-    head(&mut c, method, path, auth, body.len());
-    c.write_all(body).unwrap();
-    response(c)
-}
+mod net;
+use net::{connect_from, head, request, response};
 
 fn nar_of(contents: &[u8]) -> (Vec<u8>, [u8; 32], String) {
     let mut w = NarWriter::new(Vec::new()).unwrap();

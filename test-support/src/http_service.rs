@@ -65,10 +65,12 @@ impl HttpService {
         loop {
             let text = s.log_text();
             // Only a whole line: stderr is unbuffered, so the address may arrive in pieces.
-            if let Some((addr, _)) =
-                text.split("listening on http://").nth(1).and_then(|rest| rest.split_once('\n'))
+            if let Some((url, _)) =
+                text.split("listening on ").nth(1).and_then(|rest| rest.split_once('\n'))
             {
-                s.addr = addr.trim().to_owned();
+                let url = url.trim();
+                let addr = url.trim_start_matches("http://").trim_start_matches("https://");
+                s.addr = addr.to_owned();
                 return s;
             }
             if let Ok(Some(st)) = s.child.try_wait() {
@@ -82,6 +84,11 @@ impl HttpService {
     /// `http://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Its log so far.

@@ -13,8 +13,8 @@
 //! use it live here for the same reason. Also [`netlab`]: network namespaces standing in for the
 //! host's networks and the internet, for the networked-VM tests; [`policy`]: trust policies naming a builder's
 //! simulated root and Nix key, for the remote-builder VM tests; [`service`]: JSON and waiting
-//! for builds of a `vouch serve`; [`faults`]: injecting faults and finding what they leave
-//! behind (`tests/tests/faults.rs`).
+//! for builds of a `vouch serve`; [`webdriver`]: a headless Chromium for its web page;
+//! [`faults`]: injecting faults and finding what they leave behind (`tests/tests/faults.rs`).
 //!
 //! What is not here: the helpers every crate's tests share (running Nix, the AMD vectors, the
 //! guest image, `vouch` processes: the `test-support` crate), or mocks of Nix, QEMU or AMD.
@@ -25,3 +25,4 @@ pub mod fixture;
 pub mod netlab;
 pub mod policy;
 pub mod service;
+pub mod webdriver;

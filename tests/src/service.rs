@@ -6,7 +6,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use test_support::http_service::{HttpResponse, HttpService};
-use test_support::vm::{Scratch, NIX_CONFIG};
+use test_support::vm::{image_dir, vouch_bin, Scratch, NIX_CONFIG};
 
 /// The trusted callers' token of the service tests, as a header.
 pub const TRUSTED: &str = "Authorization: Bearer trusted-0123456789abcdef";
@@ -29,6 +29,16 @@ pub fn nix_copy(xdg: &Path, args: &[&str]) -> Output {
         .expect("running nix copy")
 }
 
+/// A `vouch serve` on the guest image with state `state`, log `log`, one build at a time and
+/// the trusted callers' token in `token`.
+pub fn start_trusted(state: &Path, log: &Path, token: &Path) -> HttpService {
+    let image = image_dir();
+    let args = ["--image", image.to_str().unwrap(), "--jobs", "1", "--trusted-token-file"];
+    let mut args: Vec<&str> = args.to_vec();
+    args.push(token.to_str().unwrap());
+    HttpService::start(&vouch_bin(), state, log, &args)
+}
+
 /// A response's body as JSON (panics with the body if it is not).
 pub fn json(r: &HttpResponse) -> serde_json::Value {
     serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("{e}: {}", r.text()))
@@ -40,7 +50,7 @@ pub fn wait(s: &HttpService, id: u64) -> serde_json::Value {
     loop {
         let v = json(&s.request("GET", &format!("/v1/builds/{id}"), b""));
         match v["state"].as_str() {
-            Some("succeeded" | "failed") => return v,
+            Some("succeeded" | "failed" | "cancelled") => return v,
             Some("queued" | "running") => {}
             other => panic!("unknown state {other:?}: {v}"),
         }
@@ -54,7 +64,8 @@ pub fn wait(s: &HttpService, id: u64) -> serde_json::Value {
 }
 
 /// The derivations the service tests build, new for every nonce `n`: `ia` (input-addressed),
-/// `ca` (floating CA, with a self-reference), `slow` (sleeps).
+/// `ca` (floating CA, with a self-reference), `slow` (sleeps), `ticker` (a line a second for 20
+/// seconds, then done).
 pub fn closure_nix(n: &str) -> String {
     format!(
         r#"let bb = builtins.path {{ path = ./bb; name = "busybox"; }}; in {{
@@ -65,6 +76,8 @@ pub fn closure_nix(n: &str) -> String {
                      __contentAddressed = true; outputHashMode = "recursive"; outputHashAlgo = "sha256"; }};
   slow = derivation {{ name = "serve-slow"; system = builtins.currentSystem; builder = "${{bb}}/sh";
                        args = [ "-c" "echo started {n}; ${{bb}}/busybox sleep 600" ]; }};
+  ticker = derivation {{ name = "serve-ticker"; system = builtins.currentSystem; builder = "${{bb}}/sh";
+                         args = [ "-c" "for i in $(${{bb}}/busybox seq 1 20); do echo tick $i {n}; ${{bb}}/busybox sleep 1; done; ${{bb}}/busybox mkdir $out" ]; }};
 }}
 "#
     )

@@ -127,6 +127,14 @@ fn a_deferred_derivation_builds_under_the_path_nix_gives_after_resolution() {
     assert_eq!(v["state"], "succeeded", "{v}\n{}", svc.log_text());
     let drv = v["drv"].as_str().unwrap();
     assert!(drv != d && drv.ends_with("-own-d.drv"), "the resolved derivation: {v}");
+    // Its step names both; `nix log` finds the step's log under either name.
+    assert_eq!(v["steps"][0]["drv"], d.as_str(), "{v}");
+    assert_eq!(v["steps"][0]["resolved"], drv, "{v}");
+    for name in [d.as_str(), drv] {
+        let r = svc.request("GET", &format!("/log/{}", &name["/nix/store/".len()..]), b"");
+        assert_eq!(r.status, 200, "{name}: {}", r.text());
+        assert!(r.text().contains("vouch: building"), "{name}: {}", r.text());
+    }
     assert_eq!(v["outputs"]["out"]["path"], nix_says[0].as_str(), "{v}");
     assert_eq!(v["outputs"]["out"]["diverged"], false, "{v}");
     let hash = &nix_says[0]["/nix/store/".len()..][..32];

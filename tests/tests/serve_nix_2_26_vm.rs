@@ -6,17 +6,16 @@
 //! fresh 2.26 store substitutes the outputs from the service (`--max-jobs 0`: nothing may be
 //! built locally), the CA one through its signed realisation, with the same paths as 2.26
 //! building them itself.
-//!
-//! Not here yet (`#[ignore]`d, waiting for issue 13): uploads with Nix's default compression (xz;
-//! refused with HTTP 415 today) and `nix log --store http://…`.
+//! Also: 2.26 uploads with its default compression (xz), and `nix log --store http://…` shows
+//! a step's log to 2.26.
 
 use std::sync::Mutex;
 
 use test_support::chroot::ChrootNix;
 use test_support::http_service::HttpService;
 use test_support::nix::text;
-use test_support::vm::{image_dir, nonce, public_key_of, vouch_bin};
-use tests::service::{closure_nix, json, wait};
+use test_support::vm::{nonce, public_key_of};
+use tests::service::{closure_nix, json, start_trusted, wait};
 
 /// The tests take it so their VMs do not compete for the CPUs.
 static VMS: Mutex<()> = Mutex::new(());
@@ -27,20 +26,7 @@ const TOKEN: &str = "trusted-0123456789abcdef";
 /// callers' token.
 fn service(c: &ChrootNix) -> HttpService {
     let token = c.write("token", &format!("{TOKEN}\n"), false);
-    let image = image_dir();
-    HttpService::start(
-        &vouch_bin(),
-        &c.srv().join("state"),
-        &c.dir.path().join("serve.log"),
-        &[
-            "--image",
-            image.to_str().unwrap(),
-            "--jobs",
-            "1",
-            "--trusted-token-file",
-            token.to_str().unwrap(),
-        ],
-    )
+    start_trusted(&c.srv().join("state"), &c.dir.path().join("serve.log"), &token)
 }
 
 /// Nix 2.26 uploads, the service builds, a fresh 2.26 store substitutes.
@@ -93,9 +79,8 @@ fn upload_and_build(c: &ChrootNix, svc: &HttpService, to: &str, drv: &str) {
     assert_eq!(v["state"], "succeeded", "{v}\n{}", svc.log_text());
 }
 
-/// Issue 13: an upload with Nix 2.26's default compression (xz).
+/// An upload with Nix 2.26's default compression (xz).
 #[test]
-#[ignore = "waits for issue 13: compressed uploads (today: HTTP 415 for .nar.xz)"]
 fn nix_2_26_uploads_with_default_compression() {
     let _vms = VMS.lock().unwrap_or_else(|e| e.into_inner());
     let c = ChrootNix::new();
@@ -105,9 +90,8 @@ fn nix_2_26_uploads_with_default_compression() {
     upload_and_build(&c, &svc, &svc.url(), &ia);
 }
 
-/// Issue 13: `nix log --store http://…` shows a step's log to Nix 2.26.
+/// `nix log --store http://…` shows a step's log to Nix 2.26.
 #[test]
-#[ignore = "waits for issue 13: `nix log` from the service"]
 fn nix_2_26_reads_the_log_with_nix_log() {
     let _vms = VMS.lock().unwrap_or_else(|e| e.into_inner());
     let c = ChrootNix::new();
@@ -116,6 +100,12 @@ fn nix_2_26_reads_the_log_with_nix_log() {
     let ia = c.instantiate("/srv/serve.nix", "ia");
     let svc = service(&c);
     upload_and_build(&c, &svc, &format!("{}?compression=none", svc.url()), &ia);
-    let log = text(&c.output(&["nix", "log", "--store", &svc.url(), &ia]));
-    assert!(log.contains(&format!("ia {n}")), "{log}");
+    // A fresh client: an empty store and its own narinfo cache (the uploader's remembers the
+    // URL it uploaded the .drv under, not the one the service serves it under).
+    let env = [("XDG_CACHE_HOME", "/srv/xdg-log")];
+    let argv = ["nix", "log", "--store", &svc.url(), &ia];
+    let log = text(&c.command_in("nix-log", &env, &argv).output().unwrap());
+    let hash = &ia["/nix/store/".len()..][..32];
+    let info = svc.request("GET", &format!("/{hash}.narinfo"), b"").text();
+    assert!(log.contains(&format!("ia {n}")), "{log}\nthe .drv's narinfo:\n{info}");
 }

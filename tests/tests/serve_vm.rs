@@ -157,24 +157,32 @@ fn upload_build_substitute_and_verify_through_the_http_api() {
     assert!(st.success(), "{st}: {log}");
 }
 
-/// SIGTERM while a build runs: the queued build fails without starting, the running one is
-/// cancelled (its VM killed), the service exits 0, and nothing of either is published.
+/// SIGTERM while a build runs: the running one is cancelled (its VM killed) and fails saying
+/// so, the queued one stays queued, the service exits 0, and nothing of either is published.
+/// After a restart the queued build resumes (it runs), and `DELETE` cancels it, killing its VM.
 #[test]
-fn sigterm_cancels_the_running_build_and_publishes_nothing() {
+fn sigterm_cancels_the_running_build_and_a_restart_resumes_the_queued_one() {
     let _vms = VMS.lock().unwrap_or_else(|e| e.into_inner());
     let s = Scratch::new();
     let n = nonce();
     let slow = s.instantiate(&s.write("serve.nix", &closure_nix(&n)), "slow");
     let image = image_dir();
     let [flag, file] = trusted_args(&s);
-    let svc = HttpService::start(
-        &vouch_bin(),
-        &s.state(),
-        &s.dir.path().join("serve.log"),
-        &["--image", image.to_str().unwrap(), "--cache", s.cache().to_str().unwrap(), &flag, &file],
-    );
-    let to = format!("{}?compression=none", svc.url());
-    let out = nix_copy(&s.dir.path().join("xdg"), &["--to", &to, "--derivation", &slow]);
+    let cache = s.cache();
+    // A warm pool of one VM (issue 16): after SIGTERM no VM, the pool's included, is left.
+    let args = [
+        "--image",
+        image.to_str().unwrap(),
+        "--cache",
+        cache.to_str().unwrap(),
+        &flag,
+        &file,
+        "--pool",
+        "1",
+    ];
+    let svc = HttpService::start(&vouch_bin(), &s.state(), &s.dir.path().join("serve.log"), &args);
+    // Nix's default compression (xz).
+    let out = nix_copy(&s.dir.path().join("xdg"), &["--to", &svc.url(), "--derivation", &slow]);
     assert!(out.status.success(), "upload: {}", text(&out));
     let body = format!(r#"{{"drv": "{slow}"}}"#);
     let ids: Vec<u64> = (0..2)
@@ -184,9 +192,68 @@ fn sigterm_cancels_the_running_build_and_publishes_nothing() {
             json(&r)["id"].as_u64().unwrap()
         })
         .collect();
+    wait_started(&svc, ids[0]);
+    let v = json(&svc.request("GET", &format!("/v1/builds/{}", ids[0]), b""));
+    assert_eq!(v["state"], "running", "{v}");
+    let v = json(&svc.request("GET", &format!("/v1/builds/{}", ids[1]), b""));
+    assert_eq!(v["state"], "queued", "--jobs 1: {v}");
+    // The running build's VM and the pool's replacement for the VM it took.
     let t0 = Instant::now();
-    while !svc.request("GET", &format!("/v1/builds/{}/log", ids[0]), b"").text().contains("started")
-    {
+    let vms = loop {
+        let vms = qemu_children(svc.pid());
+        if vms.len() >= 2 {
+            break vms;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "VMs: {vms:?}\n{}", svc.log_text());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let (st, log) = svc.stop("TERM");
+    assert!(st.success(), "{st}: {log}");
+    let alive: Vec<u32> = vms.into_iter().filter(|p| alive(*p)).collect();
+    assert!(alive.is_empty(), "VMs left running after SIGTERM: {alive:?}\n{log}");
+    assert!(log.contains("stopping on SIGTERM"), "{log}");
+    assert!(log.contains("build failed"), "the running build ends as failed: {log}");
+    assert!(log.contains("queued builds stay queued"), "{log}");
+    s.assert_nothing_registered();
+
+    let svc = HttpService::start(&vouch_bin(), &s.state(), &s.dir.path().join("serve2.log"), &args);
+    let v = json(&svc.request("GET", &format!("/v1/builds/{}", ids[0]), b""));
+    assert_eq!(v["state"], "failed", "{v}");
+    assert!(v["error"].as_str().unwrap().contains("stopped while this build ran"), "{v}");
+    wait_started(&svc, ids[1]);
+    let r = svc.request("DELETE", &format!("/v1/builds/{}", ids[1]), b"");
+    assert_eq!(r.status, 202, "{}", r.text());
+    let v = wait(&svc, ids[1]);
+    assert_eq!(v["state"], "cancelled", "{v}");
+    assert!(svc.log_text().contains("running build cancelled"), "{}", svc.log_text());
+    s.assert_nothing_registered();
+}
+
+/// The QEMU processes whose parent is `pid`.
+fn qemu_children(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            // `PID (COMM) STATE PPID …`; COMM has no ')' here.
+            let Some((comm, rest)) = stat.split_once(") ") else { return false };
+            comm.contains("qemu") && rest.split(' ').nth(1) == Some(&pid.to_string())
+        })
+        .collect()
+}
+
+/// Whether process `pid` runs (exists and is no zombie).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.split_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+/// Wait until build `id`'s log says its builder started.
+fn wait_started(svc: &HttpService, id: u64) {
+    let t0 = Instant::now();
+    while !svc.request("GET", &format!("/v1/builds/{id}/log"), b"").text().contains("started") {
         assert!(
             t0.elapsed() < Duration::from_secs(300),
             "the builder never started:\n{}",
@@ -194,13 +261,4 @@ fn sigterm_cancels_the_running_build_and_publishes_nothing() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let v = json(&svc.request("GET", &format!("/v1/builds/{}", ids[0]), b""));
-    assert_eq!(v["state"], "running", "{v}");
-    let v = json(&svc.request("GET", &format!("/v1/builds/{}", ids[1]), b""));
-    assert_eq!(v["state"], "queued", "--jobs 1: {v}");
-    let (st, log) = svc.stop("TERM");
-    assert!(st.success(), "{st}: {log}");
-    assert!(log.contains("stopping on SIGTERM"), "{log}");
-    assert!(log.contains("build failed"), "the running build ends as failed: {log}");
-    s.assert_nothing_registered();
 }

@@ -1,20 +1,20 @@
 //! `vouch serve`: the hosted CI service, an HTTP API and Nix binary cache (`docs/ci-service.md`).
 //!
-//! Serves on `--listen ADDR:PORT` (port 0 picks a free one; the first line on stderr says which:
-//! `vouch serve: listening on http://ADDR:PORT`): the trace store read-only as a binary cache,
-//! uploads of inputs from `nix copy --to 'http://…?compression=none'` into the content store,
-//! and the build API (`POST /v1/builds`), with `--jobs` builds at once. Builds use the same
-//! limits, VM and key flags as `vouch nix-builder`; builds are recorded under
-//! `<state dir>/serve/` and outlive a restart. A warm pool of VMs (`--pool`) takes the boot out
-//! of a build's latency. SIGINT or SIGTERM stop it: queued builds fail, running ones are
-//! cancelled (their VMs killed), and the pool's VMs are killed. At start it removes what a
-//! crashed predecessor left (`host_launcher::recovery`).
+//! Serves on `--listen ADDR:PORT` (port 0 picks a free one; stderr says which:
+//! `vouch serve: listening on http://ADDR:PORT`, after the `trusted-public-keys` line of the
+//! key that signs its cache, created if there is none yet): the trace store read-only as a
+//! binary cache, uploads of inputs from `nix copy --to http://…` (xz, zstd or no compression)
+//! into the content store, the build API (`/v1/builds`) and its web page (`/`), with `--jobs`
+//! builds at once. Builds use the same limits, VM and key flags as `vouch nix-builder`; builds
+//! are recorded under `<state dir>/serve/` and outlive a restart (queued ones resume). A warm
+//! pool of VMs (`--pool`) takes the boot out of a build's latency. SIGINT or SIGTERM stop it:
+//! queued builds fail, running ones are cancelled (their VMs killed), and the pool's VMs are
+//! killed. At start it removes what a crashed predecessor left (`host_launcher::recovery`).
 //!
-//! With `--token-file`, uploads and the build API need that token (`Authorization: Bearer`, or
-//! HTTP Basic with the token as password, as Nix sends it from a netrc entry); the binary cache
-//! stays public. Without it anyone who reaches the port can upload inputs and start builds, and
-//! the service says so when it listens on more than loopback. There is no TLS: put a
-//! TLS-terminating proxy in front when the token crosses a network.
+//! Access is by scoped tokens (`--tokens FILE`, or the older `--token-file` and
+//! `--trusted-token-file`; `host_launcher::serve::auth`). Without any, anyone who reaches the
+//! port can upload inputs and start builds, and the service says so when it listens on more
+//! than loopback. With `--tls-cert` and `--tls-key` it serves HTTPS.
 //!
 //! What is not here: the service itself (`host_launcher::serve`).
 
@@ -23,8 +23,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use host_launcher::recovery;
-use host_launcher::serve::auth::AccessToken;
-use host_launcher::serve::{server, Service, ServiceConfig};
+use host_launcher::serve::auth::Access;
+use host_launcher::serve::server::{self, ConnLimits};
+use host_launcher::serve::{tls, Service, ServiceConfig};
 use host_launcher::signals::Signals;
 use nix_formats::signing::PublicKey;
 
@@ -38,9 +39,18 @@ pub struct Args {
     /// `--token-file`, keep it on localhost or behind an authenticating proxy.
     #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR:PORT")]
     pub listen: String,
-    /// File whose first line is the access token that uploads and the build API require
-    /// (`Authorization: Bearer TOKEN`, or HTTP Basic with TOKEN as password, e.g. from Nix's
-    /// `netrc-file`); at least 16 characters. The binary cache stays public.
+    /// Tokens with scopes, one per line: `NAME SCOPES SECRET` (scopes: cache, upload, build,
+    /// trusted; the secret is the token or `sha256:<hex>` of it; a line `anonymous SCOPES -`
+    /// sets what callers without a token may do, by default `cache`). Tokens travel as
+    /// `Authorization: Bearer TOKEN` or HTTP Basic with TOKEN as password (Nix's `netrc-file`).
+    #[arg(long, value_name = "FILE")]
+    pub tokens: Option<std::path::PathBuf>,
+    /// Reading the binary cache needs a token with the `cache` scope too.
+    #[arg(long)]
+    pub private_cache: bool,
+    /// File whose first line is a token with the cache, upload and build scopes; with it,
+    /// uploads and the build API need a token. The binary cache stays public (unless
+    /// `--private-cache`). At least 16 characters.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<std::path::PathBuf>,
     /// File whose first line is the token of a client you trust as Nix trusts its
@@ -54,6 +64,21 @@ pub struct Args {
     /// upload acceptable without a content address (repeatable).
     #[arg(long = "trusted-public-key", value_name = "NAME:KEY")]
     pub trusted_public_keys: Vec<String>,
+    /// Serve HTTPS with this certificate chain (PEM, leaf first); needs `--tls-key`.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The private key of `--tls-cert` (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Connections at once (a quarter of them reserved for token holders).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(4..=65536))]
+    pub max_connections: u64,
+    /// Connections at once from one IP address.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub max_connections_per_peer: u64,
+    /// Seconds a client has to send a whole request head (and finish a TLS handshake).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub head_timeout: u64,
     /// Builds at once (each in its own VM); more wait in a queue.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
     pub jobs: u64,
@@ -68,12 +93,16 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     // Before any thread starts: they inherit the mask that routes SIGINT/SIGTERM to a descriptor.
     let mut signals = Signals::new()?;
     let state_dir = global.state_dir();
-    let access = args.token_file.as_deref().map(AccessToken::from_file).transpose()?;
-    let trusted = args
-        .trusted_token_files
-        .iter()
-        .map(|f| AccessToken::from_file(f))
-        .collect::<Result<Vec<_>, _>>()?;
+    let access = Access::configure(
+        args.tokens.as_deref(),
+        args.token_file.as_deref(),
+        &args.trusted_token_files,
+        args.private_cache,
+    )?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => Some(tls::server_config(c, k)?),
+        _ => None,
+    };
     let trusted_keys = args
         .trusted_public_keys
         .iter()
@@ -92,7 +121,6 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         jobs: args.jobs as usize,
         declared_nix: args.builder.client_nix_version,
         access,
-        trusted,
         trusted_keys,
     };
     let listener = TcpListener::bind(&args.listen)
@@ -104,20 +132,34 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     drop(store);
     let service = Arc::new(Service::open(cfg)?);
     let addr = listener.local_addr()?;
-    eprintln!("vouch serve: listening on http://{addr}");
-    if args.token_file.is_none() && !addr.ip().is_loopback() {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    eprintln!("vouch serve: trusted-public-keys = {}", service.public_key());
+    eprintln!("vouch serve: listening on {scheme}://{addr}");
+    if !service.access().has_tokens() && !addr.ip().is_loopback() {
         tracing::warn!(
-            "no --token-file: anyone who reaches {addr} can upload inputs and start builds"
+            "no tokens (--tokens, --token-file): anyone who reaches {addr} can upload inputs and \
+             start builds"
         );
     }
     tracing::info!(
         traces = %service.trace_store().display(),
         jobs = args.jobs,
-        "binary cache, uploads (nix copy --to 'http://{addr}?compression=none') and build API"
+        "binary cache, uploads (nix copy --to {scheme}://{addr}), build API and page ({scheme}://{addr}/)"
     );
-    let served = server::serve_http(listener, &mut signals, service, args.jobs as usize, &|| {
-        cancel.cancel()
-    });
+    let limits = ConnLimits {
+        max: args.max_connections as usize,
+        per_peer: args.max_connections_per_peer as usize,
+        head_timeout: std::time::Duration::from_secs(args.head_timeout),
+    };
+    let served = server::serve_http(
+        listener,
+        &mut signals,
+        service,
+        args.jobs as usize,
+        tls,
+        limits,
+        &|| cancel.cancel(),
+    );
     // SIGINT/SIGTERM cancelled the launcher: the pool's VMs are killed; wait for that.
     drop(pool);
     served?;

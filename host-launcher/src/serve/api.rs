@@ -1,21 +1,31 @@
 //! What an HTTP client asks of the CI service, independent of HTTP: the [`Route`] a request
 //! line names (a pure function of method and path, [`route`]) and the [`ApiAction`] the
-//! front-end makes of it once it has read the body. The service core ([`super::Service`])
-//! executes actions; it never sees HTTP.
+//! front-end makes of it once it has read the body and query. The service core
+//! ([`super::Service`]) executes actions; it never sees HTTP. The JSON API is described in
+//! `docs/openapi.yaml`.
 //!
-//! Routes:
+//! Routes (scope: what the caller needs, [`Route::needs`]):
 //!
-//! | method | path | action |
-//! |---|---|---|
-//! | GET | `/healthz` | [`ApiAction::Health`] |
-//! | GET, HEAD | `/nix-cache-info` | [`ApiAction::CacheInfo`] |
-//! | GET, HEAD | `/<hash>.narinfo` | [`ApiAction::NarInfo`] |
-//! | GET, HEAD | `/nar/…`, `/realisations/…`, `/build-trace-v2/…`, `/traces/…`, `/vouch/v1/…` | [`ApiAction::CacheFile`] |
-//! | GET, HEAD | `/log/checkpoint`, `/log/tile/…`, `/log/index/…` (the transparency log) | [`ApiAction::CacheFile`] |
-//! | PUT | `/nar/<nix32 file hash>.nar[.<ext>]` | [`ApiAction::PutNar`] |
-//! | PUT | `/<hash>.narinfo` | [`ApiAction::PutNarInfo`] |
-//! | POST | `/v1/builds` | [`ApiAction::SubmitBuild`] |
-//! | GET | `/v1/builds/<id>`, `/v1/builds/<id>/log` | [`ApiAction::BuildStatus`], [`ApiAction::BuildLog`] |
+//! | method | path | action | scope |
+//! |---|---|---|---|
+//! | GET | `/health`, `/healthz` | [`ApiAction::Health`] | none |
+//! | GET | `/metrics` | [`ApiAction::Metrics`] (Prometheus) | build |
+//! | GET, HEAD | `/nix-cache-info` | [`ApiAction::CacheInfo`] | cache |
+//! | GET, HEAD | `/<hash>.narinfo` | [`ApiAction::NarInfo`] | cache |
+//! | GET, HEAD | `/nar/…`, `/realisations/…`, `/build-trace-v2/…`, `/traces/…`, `/vouch/v1/…` | [`ApiAction::CacheFile`] (Range on NARs) | cache |
+//! | GET, HEAD | `/log/checkpoint`, `/log/tile/…`, `/log/index/…` (the transparency log) | [`ApiAction::CacheFile`] | cache |
+//! | GET, HEAD | `/log/<drv base name>` (what `nix log` fetches) | [`ApiAction::NixLog`] | cache |
+//! | GET, HEAD | `/drv/<hash>.nar` (the `.drv` of a built step) | [`ApiAction::DrvNar`] | cache |
+//! | PUT | `/nar/<nix32 file hash>.nar[.xz\|.zst]` | [`ApiAction::PutNar`] | upload |
+//! | PUT | `/<hash>.narinfo` | [`ApiAction::PutNarInfo`] | upload |
+//! | GET | `/v1/builds?state=&before=&limit=` | [`ApiAction::ListBuilds`] | build |
+//! | POST | `/v1/builds` | [`ApiAction::SubmitBuild`] | build |
+//! | GET, DELETE | `/v1/builds/<id>` | [`ApiAction::BuildStatus`], [`ApiAction::CancelBuild`] | build |
+//! | GET | `/v1/builds/<id>/log` | [`ApiAction::BuildLog`] (all steps) | build |
+//! | GET | `/v1/builds/<id>/steps` | [`ApiAction::BuildSteps`] | build |
+//! | GET | `/v1/builds/<id>/steps/<n>/log?offset=` | [`ApiAction::StepLog`] | build |
+//! | GET | `/v1/builds/<id>/steps/<n>/events?offset=` | server-sent events (the front-end's) | build |
+//! | GET | `/`, `/builds/<id>` | the web page (the front-end's) | build |
 //!
 //! Paths are percent-decoded, then every segment must be a plain name (no `..`, `.`, empty
 //! segments, leading dots, NUL or backslash).
@@ -23,10 +33,11 @@
 use std::io::Read;
 
 use nix_formats::narinfo::NarInfo;
+use nix_formats::StorePath;
 
-use super::auth::Caller;
-use super::http::HttpError;
+use super::auth::{Caller, Scope};
 use super::upload::Uploader;
+use super::ApiError as HttpError;
 
 /// A request line, understood (the body not read yet).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,27 +60,46 @@ pub enum Route {
     BuildStatus(u64),
     /// `GET /v1/builds/<id>/log`.
     BuildLog(u64),
+    /// `GET /metrics`.
+    Metrics,
+    /// `GET /log/<drv base name>`.
+    NixLog(String),
+    /// `GET /drv/<hash>.nar`.
+    DrvNar(String),
+    /// `GET /v1/builds`.
+    ListBuilds,
+    /// `DELETE /v1/builds/<id>`.
+    CancelBuild(u64),
+    /// `GET /v1/builds/<id>/steps`.
+    BuildSteps(u64),
+    /// `GET /v1/builds/<id>/steps/<n>/log`.
+    StepLog(u64, u32),
+    /// `GET /v1/builds/<id>/steps/<n>/events`.
+    StepEvents(u64, u32),
+    /// `GET /`.
+    IndexPage,
+    /// `GET /builds/<id>`.
+    BuildPage(u64),
 }
 
 impl Route {
-    /// Whether the route changes what the service holds or shows what clients submitted
-    /// (uploads, the build API): those need the access token when one is configured. The
-    /// binary cache and `/healthz` are public (a narinfo request without the token is answered
-    /// from the signed cache only, see [`ApiAction::NarInfo`]).
-    pub fn needs_access(&self) -> bool {
+    /// The scope a caller needs for the route (see the module docs); `None`: anyone.
+    pub fn needs(&self) -> Option<Scope> {
         match self {
-            Route::Health | Route::CacheInfo | Route::NarInfo(_) | Route::CacheFile(_) => false,
-            Route::PutNar(_)
-            | Route::PutNarInfo(_)
-            | Route::SubmitBuild
-            | Route::BuildStatus(_)
-            | Route::BuildLog(_) => true,
+            Route::Health => None,
+            Route::CacheInfo
+            | Route::NarInfo(_)
+            | Route::CacheFile(_)
+            | Route::NixLog(_)
+            | Route::DrvNar(_) => Some(Scope::Cache),
+            Route::PutNar(_) | Route::PutNarInfo(_) => Some(Scope::Upload),
+            _ => Some(Scope::Build),
         }
     }
 }
 
 /// What a client sends to start a build (`POST /v1/builds`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BuildSubmission {
     /// The derivation's store path (`/nix/store/…drv`), in the content store.
@@ -113,7 +143,7 @@ pub enum ApiAction<'a> {
         /// Who sends it (its staged NAR is bound to it).
         uploader: Uploader,
         /// The body.
-        body: &'a mut dyn Read,
+        body: &'a mut (dyn Read + Send),
         /// Its length.
         len: u64,
     },
@@ -137,8 +167,36 @@ pub enum ApiAction<'a> {
     },
     /// A build's state.
     BuildStatus(u64),
-    /// A build's log so far.
+    /// A build's log so far (all steps).
     BuildLog(u64),
+    /// Builds, newest first.
+    ListBuilds {
+        /// Only in this state.
+        state: Option<String>,
+        /// Only with ids below this one (the next page).
+        before: Option<u64>,
+        /// At most this many.
+        limit: u32,
+    },
+    /// Cancel a build.
+    CancelBuild(u64),
+    /// A build's steps.
+    BuildSteps(u64),
+    /// A step's log from a byte offset.
+    StepLog {
+        /// The build.
+        id: u64,
+        /// The step.
+        step: u32,
+        /// From this byte.
+        offset: u64,
+    },
+    /// The log of the newest step that built a derivation (`nix log`), by its base name.
+    NixLog(String),
+    /// The NAR of the `.drv` of a built step, by its hash part.
+    DrvNar(String),
+    /// The Prometheus metrics.
+    Metrics,
 }
 
 impl std::fmt::Debug for ApiAction<'_> {
@@ -165,6 +223,23 @@ impl std::fmt::Debug for ApiAction<'_> {
                 .finish(),
             ApiAction::BuildStatus(i) => f.debug_tuple("BuildStatus").field(i).finish(),
             ApiAction::BuildLog(i) => f.debug_tuple("BuildLog").field(i).finish(),
+            ApiAction::ListBuilds { state, before, limit } => f
+                .debug_struct("ListBuilds")
+                .field("state", state)
+                .field("before", before)
+                .field("limit", limit)
+                .finish(),
+            ApiAction::CancelBuild(i) => f.debug_tuple("CancelBuild").field(i).finish(),
+            ApiAction::BuildSteps(i) => f.debug_tuple("BuildSteps").field(i).finish(),
+            ApiAction::StepLog { id, step, offset } => f
+                .debug_struct("StepLog")
+                .field("id", id)
+                .field("step", step)
+                .field("offset", offset)
+                .finish(),
+            ApiAction::NixLog(n) => f.debug_tuple("NixLog").field(n).finish(),
+            ApiAction::DrvNar(h) => f.debug_tuple("DrvNar").field(h).finish(),
+            ApiAction::Metrics => f.write_str("Metrics"),
         }
     }
 }
@@ -234,13 +309,40 @@ fn narinfo_hash(rel: &str) -> Option<&str> {
 
 /// Understand a request line (see the module docs for the table).
 pub fn route(method: &str, raw_path: &str) -> Result<Route, HttpError> {
+    let read = method == "GET" || method == "HEAD";
+    if raw_path == "/" {
+        return if read {
+            Ok(Route::IndexPage)
+        } else {
+            Err(HttpError::new(405, format!("{method} is not allowed on / (allowed: GET, HEAD)")))
+        };
+    }
     let rel = clean_path(raw_path)?;
     let not_allowed = |allowed: &str| {
         HttpError::new(405, format!("{method} is not allowed on /{rel} (allowed: {allowed})"))
     };
-    let read = method == "GET" || method == "HEAD";
-    if rel == "healthz" {
-        return if method == "GET" { Ok(Route::Health) } else { Err(not_allowed("GET")) };
+    let get = |r: Route| if read { Ok(r) } else { Err(not_allowed("GET, HEAD")) };
+    if rel == "healthz" || rel == "health" {
+        return get(Route::Health);
+    }
+    if rel == "metrics" {
+        return get(Route::Metrics);
+    }
+    if let Some(id) = rel.strip_prefix("builds/") {
+        let id = id.parse().map_err(|_| not_found(&rel))?;
+        return get(Route::BuildPage(id));
+    }
+    if let Some(name) = rel.strip_prefix("log/").filter(|n| n.ends_with(".drv")) {
+        if name.contains('/')
+            || StorePath::parse(&format!("{}/{name}", nix_formats::STORE_DIR)).is_err()
+        {
+            return Err(HttpError::new(400, format!("/{rel}: not log/<derivation base name>")));
+        }
+        return get(Route::NixLog(name.to_owned()));
+    }
+    if let Some(hash) = rel.strip_prefix("drv/").and_then(|n| n.strip_suffix(".nar")) {
+        let h = narinfo_hash(&format!("{hash}.narinfo")).ok_or_else(|| not_found(&rel))?.to_owned();
+        return get(Route::DrvNar(h));
     }
     if rel == "nix-cache-info" {
         return if read { Ok(Route::CacheInfo) } else { Err(not_allowed("GET, HEAD")) };
@@ -286,22 +388,49 @@ pub fn route(method: &str, raw_path: &str) -> Result<Route, HttpError> {
         };
     }
     if rel == "v1/builds" {
-        return if method == "POST" { Ok(Route::SubmitBuild) } else { Err(not_allowed("POST")) };
+        return match method {
+            "POST" => Ok(Route::SubmitBuild),
+            "GET" | "HEAD" => Ok(Route::ListBuilds),
+            _ => Err(not_allowed("GET, POST")),
+        };
     }
     if let Some(rest) = rel.strip_prefix("v1/builds/") {
-        let (id, log) = match rest.strip_suffix("/log") {
-            Some(id) => (id, true),
-            None => (rest, false),
-        };
-        let id: u64 = id
-            .parse()
-            .map_err(|_| HttpError::new(404, format!("/{rel}: {id:?} is not a build id")))?;
-        if method != "GET" {
-            return Err(not_allowed("GET"));
-        }
-        return Ok(if log { Route::BuildLog(id) } else { Route::BuildStatus(id) });
+        return build_route(method, &rel, rest);
     }
-    Err(HttpError::new(404, format!("/{rel}: no such endpoint or cache file")))
+    Err(not_found(&rel))
+}
+
+fn not_found(rel: &str) -> HttpError {
+    HttpError::new(404, format!("/{rel}: no such endpoint or cache file"))
+}
+
+/// `/v1/builds/<rest>`.
+fn build_route(method: &str, rel: &str, rest: &str) -> Result<Route, HttpError> {
+    let parts: Vec<&str> = rest.split('/').collect();
+    let id: u64 = parts[0]
+        .parse()
+        .map_err(|_| HttpError::new(404, format!("/{rel}: {:?} is not a build id", parts[0])))?;
+    let step = |s: &str| {
+        s.parse::<u32>()
+            .map_err(|_| HttpError::new(404, format!("/{rel}: {s:?} is not a step number")))
+    };
+    let route = match parts[1..] {
+        [] if method == "DELETE" => return Ok(Route::CancelBuild(id)),
+        [] => Route::BuildStatus(id),
+        ["log"] => Route::BuildLog(id),
+        ["steps"] => Route::BuildSteps(id),
+        ["steps", n, "log"] => Route::StepLog(id, step(n)?),
+        ["steps", n, "events"] => Route::StepEvents(id, step(n)?),
+        _ => return Err(not_found(rel)),
+    };
+    if method != "GET" && method != "HEAD" {
+        let allowed = if parts.len() == 1 { "GET, DELETE" } else { "GET" };
+        return Err(HttpError::new(
+            405,
+            format!("{method} is not allowed on /{rel} (allowed: {allowed})"),
+        ));
+    }
+    Ok(route)
 }
 
 #[cfg(test)]
@@ -329,19 +458,37 @@ mod tests {
         assert_eq!(route("POST", "/v1/builds").unwrap(), Route::SubmitBuild);
         assert_eq!(route("GET", "/v1/builds/7").unwrap(), Route::BuildStatus(7));
         assert_eq!(route("GET", "/v1/builds/7/log").unwrap(), Route::BuildLog(7));
-        // Reading the cache is public; uploads and the build API need the token.
+        assert_eq!(route("GET", "/v1/builds").unwrap(), Route::ListBuilds);
+        assert_eq!(route("DELETE", "/v1/builds/7").unwrap(), Route::CancelBuild(7));
+        assert_eq!(route("GET", "/v1/builds/7/steps").unwrap(), Route::BuildSteps(7));
+        assert_eq!(route("GET", "/v1/builds/7/steps/0/log").unwrap(), Route::StepLog(7, 0));
+        assert_eq!(route("GET", "/v1/builds/7/steps/2/events").unwrap(), Route::StepEvents(7, 2));
+        assert_eq!(route("GET", "/").unwrap(), Route::IndexPage);
+        assert_eq!(route("GET", "/builds/3").unwrap(), Route::BuildPage(3));
+        assert_eq!(route("GET", "/health").unwrap(), Route::Health);
+        assert_eq!(route("GET", "/metrics").unwrap(), Route::Metrics);
+        let drv = format!("{H}-x.drv");
+        assert_eq!(route("GET", &format!("/log/{drv}")).unwrap(), Route::NixLog(drv));
+        assert_eq!(route("GET", &format!("/drv/{H}.nar")).unwrap(), Route::DrvNar(H.into()));
+        // Who may: the cache needs `cache` (public unless private), uploads `upload`, the
+        // build API and the page `build`; health anyone.
+        let (c, u, b) = (Some(Scope::Cache), Some(Scope::Upload), Some(Scope::Build));
         for (method, path, needs) in [
-            ("GET", "/healthz", false),
-            ("GET", "/nix-cache-info", false),
-            ("GET", &format!("/{H}.narinfo"), false),
-            ("GET", "/nar/abc.nar", false),
-            ("PUT", "/nar/abc.nar", true),
-            ("PUT", &format!("/{H}.narinfo"), true),
-            ("POST", "/v1/builds", true),
-            ("GET", "/v1/builds/7", true),
-            ("GET", "/v1/builds/7/log", true),
+            ("GET", "/healthz", None),
+            ("GET", "/nix-cache-info", c),
+            ("GET", &format!("/{H}.narinfo"), c),
+            ("GET", "/nar/abc.nar", c),
+            ("GET", &format!("/log/{H}-x.drv"), c),
+            ("PUT", "/nar/abc.nar", u),
+            ("PUT", &format!("/{H}.narinfo"), u),
+            ("POST", "/v1/builds", b),
+            ("GET", "/v1/builds/7", b),
+            ("DELETE", "/v1/builds/7", b),
+            ("GET", "/v1/builds/7/log", b),
+            ("GET", "/", b),
+            ("GET", "/metrics", b),
         ] {
-            assert_eq!(route(method, path).unwrap().needs_access(), needs, "{method} {path}");
+            assert_eq!(route(method, path).unwrap().needs(), needs, "{method} {path}");
         }
     }
 
@@ -368,6 +515,9 @@ mod tests {
         assert_eq!(route("PUT", "/realisations/x.doi").unwrap_err().status, 403);
         assert_eq!(route("PUT", &format!("/traces/{H}")).unwrap_err().status, 403);
         assert_eq!(route("POST", "/v1/builds/1").unwrap_err().status, 405);
+        assert_eq!(route("DELETE", "/v1/builds/1/log").unwrap_err().status, 405);
+        assert_eq!(route("GET", "/v1/builds/1/steps/x/log").unwrap_err().status, 404);
+        assert_eq!(route("GET", "/log/x.drv").unwrap_err().status, 400);
         // The transparency log is read-only and only its resources are served.
         assert_eq!(
             route("GET", "/log/tile/0/x001/002.p/7").unwrap(),

@@ -2,15 +2,24 @@
 //! with a VM's job, `build_trace::Job`) wait in a FIFO queue; `--jobs N` worker threads each
 //! take one, open their own content store (their own pins) and hand the core's request to the
 //! engine, as every front-end does ([`crate::core::Engine::build`]: a fresh VM, the statement
-//! and evidence checked, the step published before anything is answered). A build's state is
-//! made from the engine's result: the outputs with the records the publish step signed, and
-//! the attester kind of the checked evidence.
+//! and evidence checked, the step published before anything is answered).
 //!
-//! Every build is also written to the service's record ([`super::records`]): ids, outcomes and
-//! logs survive a restart, and older finished builds are read back from it. Logs are kept up to
-//! [`MAX_LOG_KEPT`] bytes per build; at most [`MAX_QUEUED`] builds wait (more are refused with
-//! 503), and the newest [`MAX_FINISHED_KEPT`] finished builds stay in memory, so memory stays
-//! bounded.
+//! A build has **steps** ([`StepInfo`]): each one derivation built in its own VM, with its own
+//! state, log, evidence kind and times. Today a build has one step, the submitted derivation;
+//! whole closures (several steps, in dependency order) fill the same structure.
+//!
+//! - A build's state is made from its steps' results: the outputs with the records the publish
+//!   step signed, and the attester kind of the checked evidence.
+//! - **Cancel** ([`Builds::cancel`]): a queued build leaves the queue; a running one has its
+//!   VM killed through its own launcher switch (`crate::build::Cancel`, one per build); either
+//!   way it ends `cancelled`. Stopping the service kills every running build's VM the same way
+//!   (they fail, saying so) and leaves queued builds queued for the next start.
+//! - **Logs** are kept per step, up to [`MAX_LOG_KEPT`] bytes; readers follow them by byte
+//!   offset and are woken on every change ([`Build::subscribe`]), so a page can stream them.
+//! - Every build is also written to the service's record ([`super::records`]): ids, outcomes,
+//!   times and logs survive a restart, and older finished builds are read back from it. At most
+//!   [`MAX_QUEUED`] builds wait (more are refused with 503), and the newest
+//!   [`MAX_FINISHED_KEPT`] finished builds stay in memory, so memory stays bounded.
 //!
 //! What is not here: checking a submission before it is queued ([`super::submission`]), the
 //! build itself (`crate::core`).
@@ -19,34 +28,50 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use nix_formats::StorePath;
-
 use build_trace::error_chain;
+use tokio::sync::watch;
 
-use super::records::{BuildState, Records};
+use super::metrics::Metrics;
+use super::records::{BuildInfo, BuildState, RecordError, Records, StepInfo};
+use crate::build::Cancel;
 use crate::core::log::{BuildLog, LineSplitter, Progress};
 use crate::core::{BuildRequest, BuildResult, Built, Engine, Inputs};
+use crate::store::db::now;
 use crate::store::{ContentStore, SessionStore, StoreConfig, StoreView};
+use nix_formats::StorePath;
 
-/// Most log bytes kept per build (later lines are dropped, with a note).
+/// Most log bytes kept per step (later lines are dropped, with a note).
 pub const MAX_LOG_KEPT: usize = 8 << 20;
 /// Most builds waiting for a worker.
 pub const MAX_QUEUED: usize = 1024;
 /// Most finished builds kept in memory (with their logs); older ones are read from the record.
 pub const MAX_FINISHED_KEPT: usize = 256;
 
+/// What a build that the service's stop cut off says.
+pub const STOPPED_WHILE_RUNNING: &str =
+    "the service stopped while this build ran; its VM was killed";
+
+/// A build and its steps, as the API shows them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct View {
+    /// The build.
+    pub info: BuildInfo,
+    /// Its steps, in the order they run.
+    pub steps: Vec<StepInfo>,
+}
+
 /// One accepted build.
 #[derive(Debug)]
 pub struct Build {
     /// Its id.
     pub id: u64,
-    /// The derivation.
-    pub drv: StorePath,
+    view: Mutex<View>,
+    logs: Vec<Mutex<String>>,
     request: Mutex<Option<BuildRequest>>,
+    cancel: Cancel,
+    changed: watch::Sender<u64>,
     /// The trusted client whose overlay it reads (`Builds::with_trusted_uploads`).
     client: Option<usize>,
-    state: Mutex<BuildState>,
-    log: Mutex<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -54,47 +79,76 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Build {
+    fn new(view: View, request: Option<BuildRequest>, logs: Vec<String>) -> Build {
+        Build {
+            id: view.info.id,
+            logs: logs.into_iter().map(Mutex::new).collect(),
+            view: Mutex::new(view),
+            request: Mutex::new(request),
+            cancel: Cancel::default(),
+            changed: watch::Sender::new(0),
+            client: None,
+        }
+    }
+
+    /// The build and its steps now.
+    pub fn view(&self) -> View {
+        lock(&self.view).clone()
+    }
+
     /// Its state now.
     pub fn state(&self) -> BuildState {
-        lock(&self.state).clone()
+        lock(&self.view).info.state.clone()
     }
 
-    /// Its log so far.
+    /// Step `step`'s log from byte `offset` (clamped), and the log's length; `None` if there is
+    /// no such step.
+    pub fn log_from(&self, step: u32, offset: u64) -> Option<(Vec<u8>, u64)> {
+        let log = lock(self.logs.get(step as usize)?);
+        let len = log.len() as u64;
+        let from = offset.min(len) as usize;
+        Some((log.as_bytes()[from..].to_vec(), len))
+    }
+
+    /// All steps' logs, one after the other.
     pub fn log(&self) -> String {
-        lock(&self.log).clone()
+        self.logs.iter().map(|l| lock(l).clone()).collect()
     }
 
-    fn set(&self, s: BuildState) {
-        *lock(&self.state) = s;
+    /// A receiver woken whenever a log or the state changes.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
-    fn new(id: u64, drv: StorePath, request: Option<BuildRequest>, state: BuildState) -> Build {
-        Build {
-            id,
-            drv,
-            request: Mutex::new(request),
-            client: None,
-            state: Mutex::new(state),
-            log: Mutex::new(String::new()),
-        }
+    fn bump(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    fn update(&self, f: impl FnOnce(&mut View)) {
+        f(&mut lock(&self.view));
+        self.bump();
     }
 }
 
-/// A build's log, kept line by line.
+/// A step's log, kept line by line.
 struct LogOf<'a> {
     build: &'a Build,
+    step: usize,
     lines: LineSplitter,
 }
 
 impl LogOf<'_> {
     fn line(&mut self, line: &str) {
-        let mut log = lock(&self.build.log);
-        if log.len() + line.len() < MAX_LOG_KEPT {
-            log.push_str(line);
-            log.push('\n');
-        } else if !log.ends_with("[vouch: log truncated]\n") {
-            log.push_str("[vouch: log truncated]\n");
+        {
+            let mut log = lock(&self.build.logs[self.step]);
+            if log.len() + line.len() < MAX_LOG_KEPT {
+                log.push_str(line);
+                log.push('\n');
+            } else if !log.ends_with("[vouch: log truncated]\n") {
+                log.push_str("[vouch: log truncated]\n");
+            }
         }
+        self.build.bump();
     }
 
     fn flush(&mut self) {
@@ -132,7 +186,22 @@ struct Inner {
     queue: VecDeque<Arc<Build>>,
     /// Finished builds, oldest first.
     finished: VecDeque<u64>,
+    running: usize,
     stopping: bool,
+}
+
+/// Why a build could not be cancelled.
+#[derive(Debug, thiserror::Error)]
+pub enum CancelError {
+    /// No such build.
+    #[error("no build with id {0}")]
+    Unknown(u64),
+    /// It already finished.
+    #[error("build {0} already finished ({1})")]
+    Finished(u64, &'static str),
+    /// The record.
+    #[error(transparent)]
+    Record(#[from] RecordError),
 }
 
 /// The queue and its workers.
@@ -144,6 +213,7 @@ pub struct Builds {
     store_dir: std::path::PathBuf,
     store_cfg: StoreConfig,
     records: Records,
+    metrics: Arc<Metrics>,
     trusted_uploads: Vec<Arc<SessionStore>>,
 }
 
@@ -155,6 +225,7 @@ impl Builds {
         store_dir: &std::path::Path,
         store_cfg: StoreConfig,
         records: Records,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Builds {
             inner: Mutex::new(Inner { next: records.next_id(), ..Inner::default() }),
@@ -163,6 +234,7 @@ impl Builds {
             store_dir: store_dir.to_owned(),
             store_cfg,
             records,
+            metrics,
             trusted_uploads: Vec::new(),
         }
     }
@@ -175,17 +247,20 @@ impl Builds {
         self
     }
 
-    /// Record how a build ended; whether that worked. A failure is logged (the build's
-    /// published outputs stand either way) and the caller keeps the build in memory, so its
-    /// outcome is still answered while this process runs.
-    fn record_finished(&self, build: &Build, state: &BuildState) -> bool {
-        match self.records.finished(build.id, state, &build.log()) {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(id = build.id, "{}", error_chain(&e));
-                false
-            }
-        }
+    /// The record (for what only it knows: listings, counts, older builds).
+    pub fn records(&self) -> &Records {
+        &self.records
+    }
+
+    /// Builds waiting, and builds running.
+    pub fn load(&self) -> (usize, usize) {
+        let inner = lock(&self.inner);
+        (inner.queue.len(), inner.running)
+    }
+
+    /// Whether [`Builds::stop`] was called: no build starts or is accepted any more.
+    pub fn stopping(&self) -> bool {
+        lock(&self.inner).stopping
     }
 
     /// Start `n` worker threads.
@@ -201,13 +276,42 @@ impl Builds {
             .collect()
     }
 
-    /// Queue a checked request; its id.
-    pub fn submit(&self, req: BuildRequest) -> Result<u64, String> {
-        self.submit_as(req, None)
+    /// A one-step build of `req`: the build names the derivation it builds (the resolved one,
+    /// as Nix names the deriver); its step, the derivation submitted, and the resolved one where
+    /// they differ (so `nix log` finds the step under either name).
+    fn one_step(id: u64, req: &BuildRequest, submitted: i64) -> View {
+        let built = &req.drv_path;
+        let asked = req.derivations.as_ref().map_or(built, |d| d.drv_path());
+        View {
+            info: BuildInfo {
+                id,
+                drv: built.clone(),
+                state: BuildState::Queued,
+                submitted,
+                started: None,
+                finished: None,
+            },
+            steps: vec![StepInfo {
+                index: 0,
+                drv: asked.clone(),
+                resolved: (asked != built).then(|| built.clone()),
+                state: BuildState::Queued,
+                started: None,
+                finished: None,
+                detail: None,
+            }],
+        }
     }
 
-    /// Queue a checked request of trusted client `client` (its builds read its overlay); its id.
-    pub fn submit_as(&self, req: BuildRequest, client: Option<usize>) -> Result<u64, String> {
+    /// Queue a checked request, recorded with its submission and caller (JSON, for a
+    /// restart), of trusted client `client` (its builds read its overlay) if any; its id.
+    pub fn submit(
+        &self,
+        req: BuildRequest,
+        submission: &str,
+        caller: &str,
+        client: Option<usize>,
+    ) -> Result<u64, String> {
         let mut inner = lock(&self.inner);
         if inner.stopping {
             return Err("the service is shutting down".into());
@@ -216,52 +320,119 @@ impl Builds {
             return Err(format!("the build queue is full ({MAX_QUEUED} builds waiting)"));
         }
         let id = inner.next;
-        self.records
-            .queued(id, &req.drv_path)
+        let view = Self::one_step(id, &req, 0);
+        let t = self
+            .records
+            .queued(id, &req.drv_path, submission, caller, &view.steps)
             .map_err(|e| format!("recording the build: {}", error_chain(&e)))?;
         inner.next += 1;
-        let mut build = Build::new(id, req.drv_path.clone(), Some(req), BuildState::Queued);
-        build.client = client;
-        let build = Arc::new(build);
-        inner.builds.insert(id, build.clone());
-        inner.queue.push_back(build);
+        self.enqueue(&mut inner, id, req, t, client);
         drop(inner);
         self.wake.notify_one();
         Ok(id)
     }
 
+    fn enqueue(
+        &self,
+        inner: &mut Inner,
+        id: u64,
+        req: BuildRequest,
+        submitted: i64,
+        client: Option<usize>,
+    ) {
+        let view = Self::one_step(id, &req, submitted);
+        let mut build = Build::new(view, Some(req), vec![String::new()]);
+        build.client = client;
+        let build = Arc::new(build);
+        inner.builds.insert(id, build.clone());
+        inner.queue.push_back(build);
+    }
+
+    /// Queue again a build recorded as queued before a restart (its submission checked again).
+    pub fn resume(
+        &self,
+        id: u64,
+        req: BuildRequest,
+        client: Option<usize>,
+    ) -> Result<(), RecordError> {
+        let submitted = self.records.load(id)?.map_or_else(now, |(b, _)| b.submitted);
+        let mut inner = lock(&self.inner);
+        self.enqueue(&mut inner, id, req, submitted, client);
+        drop(inner);
+        self.wake.notify_one();
+        Ok(())
+    }
+
     /// A build by id: in memory, else as recorded.
-    pub fn get(&self, id: u64) -> Result<Option<Arc<Build>>, super::records::RecordError> {
+    pub fn get(&self, id: u64) -> Result<Option<Arc<Build>>, RecordError> {
         if let Some(build) = lock(&self.inner).builds.get(&id).cloned() {
             return Ok(Some(build));
         }
-        Ok(self.records.load(id)?.map(|r| {
-            let build = Build::new(id, r.drv, None, r.state);
-            *lock(&build.log) = r.log;
-            Arc::new(build)
-        }))
+        let Some((info, steps)) = self.records.load(id)? else { return Ok(None) };
+        let logs = steps.iter().map(|s| self.records.log(id, s.index)).collect::<Result<_, _>>()?;
+        Ok(Some(Arc::new(Build::new(View { info, steps }, None, logs))))
     }
 
-    /// Stop: queued builds fail without starting, workers end after their current build (the
-    /// caller cancels those through the launcher's `Cancel`).
-    pub fn stop(&self) {
-        let waiting: Vec<Arc<Build>> = {
-            let mut inner = lock(&self.inner);
-            inner.stopping = true;
-            inner.queue.drain(..).collect()
-        };
-        self.wake.notify_all();
-        let state = BuildState::Failed {
-            status: "MiscFailure".into(),
-            error: "the service stopped before this build started".into(),
-        };
-        for build in &waiting {
-            build.set(state.clone());
+    /// Cancel build `id` (see the module docs); its state then.
+    pub fn cancel(&self, id: u64) -> Result<BuildState, CancelError> {
+        let build = self.get(id)?.ok_or(CancelError::Unknown(id))?;
+        let mut inner = lock(&self.inner);
+        let state = build.state();
+        if state.is_finished() {
+            return Err(CancelError::Finished(id, state.name()));
         }
-        // One transaction for all of them (no logs: they never ran), so stopping stays quick.
-        let ids: Vec<u64> = waiting.iter().map(|j| j.id).collect();
-        if let Err(e) = self.records.never_started(&ids, &state) {
-            tracing::warn!("{}", error_chain(&e));
+        build.cancel.cancel();
+        if let Some(pos) = inner.queue.iter().position(|b| b.id == id) {
+            inner.queue.remove(pos);
+            drop(inner);
+            lock(&build.request).take();
+            let t = self.records.never_started(&[id], &BuildState::Cancelled)?;
+            self.finish(&build, BuildState::Cancelled, t);
+            tracing::info!(id, "queued build cancelled");
+            return Ok(BuildState::Cancelled);
+        }
+        tracing::info!(id, "running build cancelled: its VM is being killed");
+        Ok(state)
+    }
+
+    fn finish(&self, build: &Arc<Build>, state: BuildState, t: i64) {
+        build.update(|v| {
+            v.info.state = state.clone();
+            v.info.finished = Some(t);
+            for s in &mut v.steps {
+                if !s.state.is_finished() {
+                    s.state = state.clone();
+                    s.finished = Some(t);
+                }
+            }
+        });
+        let mut inner = lock(&self.inner);
+        inner.finished.push_back(build.id);
+        while inner.finished.len() > MAX_FINISHED_KEPT {
+            if let Some(old) = inner.finished.pop_front() {
+                inner.builds.remove(&old);
+            }
+        }
+    }
+
+    /// Stop: no build starts any more; queued builds stay queued in the record, to resume on
+    /// the next start; running ones are cancelled (their VMs killed) and fail, saying so;
+    /// workers end after their current build.
+    pub fn stop(&self) {
+        let mut inner = lock(&self.inner);
+        inner.stopping = true;
+        // Every build a worker holds: running, or taken from the queue and about to start.
+        let queued: std::collections::HashSet<u64> = inner.queue.iter().map(|b| b.id).collect();
+        for b in inner.builds.values() {
+            if !queued.contains(&b.id) && !b.state().is_finished() {
+                b.cancel.cancel();
+            }
+        }
+        let waiting = inner.queue.len();
+        drop(inner);
+        self.wake.notify_all();
+        if waiting > 0 {
+            tracing::info!(builds = waiting, "queued builds stay queued for the next start");
         }
     }
 
@@ -270,55 +441,91 @@ impl Builds {
             let build = {
                 let mut inner = lock(&self.inner);
                 loop {
-                    if let Some(j) = inner.queue.pop_front() {
-                        break j;
-                    }
                     if inner.stopping {
                         return;
+                    }
+                    if let Some(j) = inner.queue.pop_front() {
+                        inner.running += 1;
+                        break j;
                     }
                     inner = self.wake.wait(inner).unwrap_or_else(|e| e.into_inner());
                 }
             };
-            let Some(req) = lock(&build.request).take() else { continue };
-            build.set(BuildState::Running);
-            if let Err(e) = self.records.running(build.id) {
-                tracing::warn!(id = build.id, "{}", error_chain(&e));
+            if let Some(req) = lock(&build.request).take() {
+                self.run_build(&build, req);
             }
-            tracing::info!(id = build.id, drv = %build.drv, "build started");
-            let state = self.run(&build, req);
-            if let BuildState::Failed { error, .. } = &state {
-                tracing::warn!(id = build.id, drv = %build.drv, "build failed: {error}");
-            } else {
-                tracing::info!(id = build.id, drv = %build.drv, "build succeeded");
-            }
-            let recorded = self.record_finished(&build, &state);
-            build.set(state);
-            let mut inner = lock(&self.inner);
-            if recorded {
-                inner.finished.push_back(build.id);
-            }
-            while inner.finished.len() > MAX_FINISHED_KEPT {
-                if let Some(old) = inner.finished.pop_front() {
-                    inner.builds.remove(&old);
-                }
-            }
+            lock(&self.inner).running -= 1;
         }
     }
 
-    fn run(&self, build: &Build, req: BuildRequest) -> BuildState {
+    fn run_build(&self, build: &Arc<Build>, req: BuildRequest) {
+        let id = build.id;
+        let started = self.records.step_started(id, 0).unwrap_or_else(|e| {
+            tracing::warn!(id, "{}", error_chain(&e));
+            now()
+        });
+        build.update(|v| {
+            v.info.state = BuildState::Running;
+            v.info.started = Some(started);
+            v.steps[0].state = BuildState::Running;
+            v.steps[0].started = Some(started);
+        });
+        tracing::info!(id, drv = %req.drv_path, "build started");
+        self.metrics.vm_boots.inc();
+        let t0 = std::time::Instant::now();
+        let (mut state, detail) = self.run(build, req);
+        self.metrics.step_seconds.observe(t0.elapsed().as_secs_f64());
+        if build.cancel.is_cancelled() && matches!(state, BuildState::Failed { .. }) {
+            state = if lock(&self.inner).stopping {
+                BuildState::Failed {
+                    status: "MiscFailure".into(),
+                    error: STOPPED_WHILE_RUNNING.into(),
+                }
+            } else {
+                BuildState::Cancelled
+            };
+        }
+        match &state {
+            BuildState::Failed { error, .. } => tracing::warn!(id, "build failed: {error}"),
+            other => tracing::info!(id, state = other.name(), "build finished"),
+        }
+        let log = build.logs[0].lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let recorded = self
+            .records
+            .step_finished(id, 0, &state, detail.as_ref(), &log)
+            .and_then(|_| self.records.finished(id, &state));
+        let t = recorded.unwrap_or_else(|e| {
+            // The build's published outputs stand either way; it stays in memory.
+            tracing::warn!(id, "{}", error_chain(&e));
+            now()
+        });
+        build.update(|v| v.steps[0].detail = detail);
+        self.finish(build, state, t);
+    }
+
+    fn run(&self, build: &Build, req: BuildRequest) -> (BuildState, Option<serde_json::Value>) {
         let store = match ContentStore::open(&self.store_dir, self.store_cfg) {
             Ok(s) => s,
             Err(e) => {
-                return BuildState::Failed {
-                    status: "MiscFailure".into(),
-                    error: format!("opening the content store: {}", error_chain(&e)),
-                }
+                let error = format!("opening the content store: {}", error_chain(&e));
+                return (BuildState::Failed { status: "MiscFailure".into(), error }, None);
             }
         };
-        let mut log = LogOf { build, lines: LineSplitter::default() };
+        let mut engine = self.engine.clone();
+        engine.launcher.cancel = build.cancel.clone();
+        let mut log = LogOf { build, step: 0, lines: LineSplitter::default() };
         let overlay = build.client.and_then(|i| self.trusted_uploads.get(i));
         let view = StoreView::new(&store, overlay.and_then(|s| s.overlay()));
-        state_of(&self.engine.build(req, Inputs::ContentStore(view), &mut log))
+        let result = engine.build(req, Inputs::ContentStore(view), &mut log);
+        let detail = match &result {
+            BuildResult::Built(b) => Some(serde_json::json!({
+                "evidence_root": b.evidence_root,
+                "measurement": b.measurement,
+                "mode": format!("{:?}", b.mode),
+            })),
+            BuildResult::Failed(_) => None,
+        };
+        (state_of(&result), detail)
     }
 }
 
@@ -365,81 +572,5 @@ pub fn outputs_json(built: &Built) -> serde_json::Value {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn request(n: usize) -> BuildRequest {
-        let name = format!("b{n}");
-        BuildRequest {
-            drv_path: StorePath::from_parts([7; 20], &format!("{name}.drv")).unwrap(),
-            drv: crate::core::request::test_derivation(&name),
-            outputs: Default::default(),
-            limits: Default::default(),
-            ca_rule: crate::core::CaRuleChoice::Known(build_trace::CaRule::SelfRefZeroed),
-            derivations: None,
-            trusted: false,
-        }
-    }
-
-    fn builds(dir: &std::path::Path) -> Builds {
-        let engine = Engine {
-            launcher: crate::build::LauncherConfig::new(dir.join("image"), dir.join("state")),
-            limits: Default::default(),
-            publish: crate::core::PublishConfig {
-                state_dir: dir.join("state"),
-                trace_store: dir.join("cache"),
-                key_naming: crate::core::KeyNaming::host_default(),
-            },
-        };
-        let records = Records::open(&dir.join("state/serve")).unwrap();
-        Builds::new(engine, &dir.join("store"), StoreConfig { max_bytes: 1 << 30 }, records)
-    }
-
-    fn state(b: &Builds, id: u64) -> BuildState {
-        b.get(id).unwrap().expect("a known build").state()
-    }
-
-    #[test]
-    fn the_queue_is_bounded_and_a_stopped_queue_fails_what_waits() {
-        let t = tempfile::tempdir().unwrap();
-        let b = builds(t.path()); // no workers: everything waits
-        let ids: Vec<u64> = (0..MAX_QUEUED).map(|n| b.submit(request(n)).unwrap()).collect();
-        let e = b.submit(request(MAX_QUEUED)).unwrap_err();
-        assert!(e.contains("queue is full"), "{e}");
-        assert!(matches!(state(&b, ids[0]), BuildState::Queued));
-        b.stop();
-        let BuildState::Failed { error, .. } = state(&b, ids[0]) else { panic!() };
-        assert!(error.contains("stopped before this build started"), "{error}");
-        assert!(b.submit(request(0)).unwrap_err().contains("shutting down"));
-        // A restarted service knows them (failed) and gives new builds new ids.
-        drop(b);
-        let b = builds(t.path());
-        let BuildState::Failed { error, .. } = state(&b, ids[0]) else { panic!() };
-        assert!(error.contains("stopped before this build started"), "{error}");
-        assert_eq!(b.submit(request(0)).unwrap(), ids.last().unwrap() + 1);
-    }
-
-    #[test]
-    fn older_finished_builds_are_read_back_from_the_record() {
-        let t = tempfile::tempdir().unwrap();
-        let b = Arc::new(builds(t.path()));
-        let n = MAX_FINISHED_KEPT + 3;
-        // No VM image: each build fails fast, and is finished.
-        let ids: Vec<u64> = (0..n).map(|i| b.submit(request(i)).unwrap()).collect();
-        let workers = b.start_workers(1);
-        let last = *ids.last().unwrap();
-        let t0 = std::time::Instant::now();
-        while !matches!(state(&b, last), BuildState::Failed { .. }) {
-            assert!(t0.elapsed() < std::time::Duration::from_secs(60), "builds did not finish");
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        b.stop();
-        workers.into_iter().for_each(|w| w.join().unwrap());
-        assert!(!lock(&b.inner).builds.contains_key(&ids[0]), "the oldest left memory");
-        assert!(lock(&b.inner).builds.contains_key(&ids[3]));
-        let old = b.get(ids[0]).unwrap().expect("recorded");
-        let BuildState::Failed { error, .. } = old.state() else { panic!() };
-        assert!(error.contains("no outputs"), "the recorded outcome: {error}");
-        assert!(b.get(last + 1).unwrap().is_none());
-    }
-}
+#[path = "builds_tests.rs"]
+mod tests;

@@ -1,408 +1,445 @@
-//! A minimal HTTP/1.1 server side: request heads with bounded size, bodies framed by
-//! `Content-Length` only, `Expect: 100-continue`, keep-alive, and responses with an exact
-//! `Content-Length` (from memory or streamed from a file).
+//! The HTTP front-end's handlers: an axum [`Router`] whose one handler ([`dispatch`]) parses
+//! each request into an [`ApiAction`] ([`api::route`] for the request line, then the query and
+//! body), checks the caller's scope before it reads a body, runs the action on a blocking
+//! thread (the service, its SQLite and files are synchronous) and makes the reply a response.
 //!
-//! What is here: the byte-level protocol. What is not: routes and their meaning
-//! ([`super::api`]), what the service does ([`super::Service`]).
+//! - **Layers** (tower-http): tracing; a request deadline ([`REQUEST_TIMEOUT`], until the
+//!   response head) and a body limit ([`MAX_BODY`]) on everything but NAR uploads, whose bodies
+//!   are bounded by the content store's size and must not stall longer than [`BODY_IDLE`];
+//!   response compression (gzip, zstd) for what the client accepts, never for NARs.
+//! - The trace store's **narinfos** are read on the async thread that answers them (a small
+//!   file in the page cache, as nginx reads it); everything else that touches files or SQLite
+//!   runs on a blocking thread.
+//! - **Range** on binary-cache files (NARs): one `bytes=` range is answered 206; several, 200
+//!   with the whole file; an unsatisfiable one 416.
+//! - Errors are answered with their status and a message naming what was wrong: plain text on
+//!   the binary cache routes (Nix prints it), `{"error": …}` on `/v1/…`; a 401 says how to
+//!   authenticate (`WWW-Authenticate: Basic`, which is what Nix's netrc and browsers answer).
 //!
-//! Limits: a request head (request line and headers) of at most [`MAX_HEAD`] bytes and
-//! [`MAX_HEADERS`] header lines; `Transfer-Encoding` (chunked uploads) is refused with 411, as Nix
-//! always sends a length. Bodies are bounded by the caller ([`Request::body`]).
+//! What is not here: connections, limits on them and TLS ([`super::server`]), the page and its
+//! live logs ([`super::web`]), what the service does ([`Service`]).
 
-use std::io::{self, BufRead, Read, Write};
+use std::io::{Read, Seek};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
-/// Most bytes of a request head.
-pub const MAX_HEAD: usize = 16 << 10;
-/// Most header lines.
-pub const MAX_HEADERS: usize = 100;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::put;
+use axum::Router;
+use futures_util::StreamExt;
+use tower_http::compression::predicate::{DefaultPredicate, NotForContentType, Predicate};
+use tower_http::compression::CompressionLayer;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
 
-/// A malformed or refused request (answered with `status` and the message, then the connection
-/// closes).
-#[derive(Debug, thiserror::Error)]
-#[error("{msg}")]
-pub struct HttpError {
-    /// The status to answer with.
-    pub status: u16,
-    /// What was wrong.
-    pub msg: String,
+use super::api::{self, ApiAction, Route};
+use super::{ApiError, ApiReply, Service};
+
+/// Most bytes of a request body other than a NAR (a narinfo, a build submission).
+pub const MAX_BODY: usize = 1 << 20;
+/// Most bytes of a build submission.
+pub const MAX_SUBMISSION: usize = 64 << 10;
+/// How long a request other than a NAR upload may take until its response head.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a NAR upload's body may stall.
+pub const BODY_IDLE: Duration = Duration::from_secs(60);
+/// Files up to this size are read whole on the blocking thread; larger ones are streamed.
+const SMALL_FILE: u64 = 64 << 10;
+/// Most bytes of a refused request's body read and dropped, so the client reads why.
+const MAX_DRAIN: usize = 1 << 20;
+
+/// What a connection tells its requests ([`super::server`] sets it).
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// The client.
+    pub peer: SocketAddr,
+    /// Accepted into the capacity reserved for token holders: anonymous requests are refused.
+    pub reserved: bool,
+    /// Over TLS.
+    pub tls: bool,
+    /// Where to say that the peer presented a token.
+    pub holders: Arc<super::server::Holders>,
 }
 
-impl HttpError {
-    /// An error with a status.
-    pub fn new(status: u16, msg: impl Into<String>) -> Self {
-        HttpError { status, msg: msg.into() }
-    }
+/// The router: every request goes to [`dispatch`], NAR uploads without the body limit and
+/// request deadline.
+pub fn router(service: Arc<Service>) -> Router {
+    let compress = DefaultPredicate::new()
+        .and(NotForContentType::const_new("application/x-nix-nar"))
+        .and(NotForContentType::const_new("text/event-stream"));
+    let rest = Router::new()
+        .fallback(dispatch)
+        .layer(CompressionLayer::new().compress_when(compress))
+        .layer(RequestBodyLimitLayer::new(MAX_BODY))
+        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, REQUEST_TIMEOUT));
+    Router::new()
+        .route("/nar/{name}", put(dispatch).fallback(dispatch))
+        .merge(rest)
+        .layer(TraceLayer::new_for_http())
+        .with_state(service)
 }
 
-/// One request head.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Request {
-    /// `GET`, `HEAD`, `PUT`, `POST` …
-    pub method: String,
-    /// The path of the target (query string removed, not percent-decoded).
-    pub path: String,
-    /// The query string, if any (without `?`).
-    pub query: Option<String>,
-    /// Headers, names lower-cased, in order.
-    pub headers: Vec<(String, String)>,
-    /// `Content-Length` (0 when absent).
-    pub content_length: u64,
-    /// Whether the client keeps the connection open after this exchange.
-    pub keep_alive: bool,
-    /// Whether the client waits for `100 Continue` before sending the body.
-    pub expect_continue: bool,
+fn json_route(path: &str) -> bool {
+    path.starts_with("/v1/") || path == "/healthz" || path == "/health"
 }
 
-impl Request {
-    /// A header's value (first occurrence).
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+/// An error response (see the module docs).
+pub fn error_response(path: &str, e: &ApiError) -> Response {
+    let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut r = if json_route(path) {
+        (status, axum::Json(serde_json::json!({ "error": e.msg }))).into_response()
+    } else {
+        let mut r = (status, format!("{}\n", e.msg)).into_response();
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        r
+    };
+    if e.status == 401 {
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"vouch\""));
     }
-
-    /// The body as a reader of exactly `content_length` bytes, refused with 413 above `max`.
-    /// Sends `100 Continue` first when the client asked for it.
-    pub fn body<'a, R: Read>(
-        &self,
-        conn: &'a mut R,
-        out: &mut dyn Write,
-        max: u64,
-    ) -> Result<io::Take<&'a mut R>, HttpError> {
-        if self.content_length > max {
-            return Err(HttpError::new(
-                413,
-                format!(
-                    "the request body ({} bytes) is larger than this endpoint accepts ({max} bytes)",
-                    self.content_length
-                ),
-            ));
-        }
-        if self.expect_continue {
-            out.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-                .and_then(|()| out.flush())
-                .map_err(|e| HttpError::new(500, format!("writing 100 Continue: {e}")))?;
-        }
-        Ok(conn.take(self.content_length))
-    }
+    r
 }
 
-fn read_line(r: &mut impl BufRead, budget: &mut usize) -> Result<Option<String>, HttpError> {
-    let mut buf = Vec::new();
-    let n = r
-        .take(*budget as u64 + 1)
-        .read_until(b'\n', &mut buf)
-        .map_err(|e| HttpError::new(400, format!("reading the request: {e}")))?;
-    if n == 0 {
-        return Ok(None);
-    }
-    if n > *budget {
-        return Err(HttpError::new(
-            431,
-            format!("the request head is larger than {MAX_HEAD} bytes"),
-        ));
-    }
-    *budget -= n;
-    if buf.last() != Some(&b'\n') {
-        return Err(HttpError::new(400, "the request ended in the middle of its head"));
-    }
-    buf.pop();
-    if buf.last() == Some(&b'\r') {
-        buf.pop();
-    }
-    String::from_utf8(buf)
-        .map(Some)
-        .map_err(|_| HttpError::new(400, "the request head is not UTF-8"))
+fn header_str(h: &HeaderMap, name: header::HeaderName) -> Option<&str> {
+    h.get(name).and_then(|v| v.to_str().ok())
 }
 
-/// Read one request head; `None` when the client closed the connection between requests.
-pub fn read_request(r: &mut impl BufRead) -> Result<Option<Request>, HttpError> {
-    let mut budget = MAX_HEAD;
-    let line = loop {
-        match read_line(r, &mut budget)? {
-            None => return Ok(None),
-            // Robustness (RFC 9112 §2.2): empty lines before a request line are ignored.
-            Some(l) if l.is_empty() => continue,
-            Some(l) => break l,
-        }
-    };
-    let mut parts = line.split(' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err(HttpError::new(400, format!("malformed request line {line:?}")));
-    };
-    if !method.bytes().all(|b| b.is_ascii_uppercase()) || method.is_empty() {
-        return Err(HttpError::new(400, format!("malformed method {method:?}")));
-    }
-    let http10 = match version {
-        "HTTP/1.1" => false,
-        "HTTP/1.0" => true,
-        _ => return Err(HttpError::new(505, format!("unsupported HTTP version {version:?}"))),
-    };
-    if !target.starts_with('/') {
-        return Err(HttpError::new(400, format!("the request target {target:?} is not a path")));
-    }
-    let (path, query) = match target.split_once('?') {
-        Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
-        None => (target.to_owned(), None),
-    };
-    let mut headers = Vec::new();
-    loop {
-        let Some(l) = read_line(r, &mut budget)? else {
-            return Err(HttpError::new(400, "the request ended in the middle of its head"));
-        };
-        if l.is_empty() {
-            break;
-        }
-        if headers.len() == MAX_HEADERS {
-            return Err(HttpError::new(431, format!("more than {MAX_HEADERS} header lines")));
-        }
-        let Some((name, value)) = l.split_once(':') else {
-            return Err(HttpError::new(400, format!("malformed header line {l:?}")));
-        };
-        if name.is_empty() || name.bytes().any(|b| b.is_ascii_whitespace()) {
-            return Err(HttpError::new(400, format!("malformed header name {name:?}")));
-        }
-        headers.push((name.to_ascii_lowercase(), value.trim().to_owned()));
-    }
-    let mut req = Request {
-        method: method.to_owned(),
-        path,
-        query,
-        headers,
-        content_length: 0,
-        keep_alive: !http10,
-        expect_continue: false,
-    };
-    if req.header("transfer-encoding").is_some() {
-        return Err(HttpError::new(411, "Transfer-Encoding is not supported: send Content-Length"));
-    }
-    let lengths: Vec<&str> = req
-        .headers
-        .iter()
-        .filter(|(n, _)| n == "content-length")
-        .map(|(_, v)| v.as_str())
-        .collect();
-    match lengths.as_slice() {
-        [] => {}
-        [one] => {
-            // Digits only (`u64::from_str` would also take `+5`, which a proxy in front may
-            // read differently).
-            let malformed = || HttpError::new(400, format!("malformed Content-Length {one:?}"));
-            if one.is_empty() || !one.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(malformed());
+/// Every request (see the module docs).
+pub async fn dispatch(State(service): State<Arc<Service>>, req: Request) -> Response {
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+    let conn = req.extensions().get::<ConnInfo>().cloned();
+    let response = match handle(&service, req, conn).await {
+        Ok(r) => r,
+        Err((e, body)) => {
+            if let Some(body) = body {
+                // Read a small refused body that is on its way, so the client reads why.
+                let _ = axum::body::to_bytes(body, MAX_DRAIN).await;
             }
-            req.content_length = one.parse().map_err(|_| malformed())?;
-        }
-        _ => return Err(HttpError::new(400, "more than one Content-Length header")),
-    }
-    if let Some(c) = req.header("connection") {
-        let c = c.to_ascii_lowercase();
-        if c.split(',').any(|t| t.trim() == "close") {
-            req.keep_alive = false;
-        } else if c.split(',').any(|t| t.trim() == "keep-alive") {
-            req.keep_alive = true;
-        }
-    }
-    req.expect_continue =
-        !http10 && req.header("expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
-    Ok(Some(req))
-}
-
-/// A response body.
-pub enum Body {
-    /// Bytes in memory.
-    Bytes(Vec<u8>),
-    /// `len` bytes streamed from a reader (an open file).
-    Stream(Box<dyn Read + Send>, u64),
-}
-
-impl std::fmt::Debug for Body {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Body::Bytes(b) => f.debug_tuple("Bytes").field(&b.len()).finish(),
-            Body::Stream(_, n) => f.debug_tuple("Stream").field(n).finish(),
-        }
-    }
-}
-
-/// A response.
-#[derive(Debug)]
-pub struct Response {
-    /// Status code.
-    pub status: u16,
-    /// `Content-Type`.
-    pub content_type: &'static str,
-    /// The body.
-    pub body: Body,
-}
-
-impl Response {
-    /// A response with bytes.
-    pub fn bytes(status: u16, content_type: &'static str, body: impl Into<Vec<u8>>) -> Self {
-        Response { status, content_type, body: Body::Bytes(body.into()) }
-    }
-
-    /// A JSON response.
-    pub fn json(status: u16, v: &serde_json::Value) -> Self {
-        let mut b = v.to_string().into_bytes();
-        b.push(b'\n');
-        Response::bytes(status, "application/json", b)
-    }
-
-    /// A plain-text error response.
-    pub fn error(status: u16, msg: &str) -> Self {
-        Response::bytes(status, "text/plain; charset=utf-8", format!("{msg}\n"))
-    }
-
-    fn len(&self) -> u64 {
-        match &self.body {
-            Body::Bytes(b) => b.len() as u64,
-            Body::Stream(_, n) => *n,
-        }
-    }
-}
-
-/// The reason phrase of a status.
-pub fn reason(status: u16) -> &'static str {
-    match status {
-        100 => "Continue",
-        200 => "OK",
-        201 => "Created",
-        202 => "Accepted",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        409 => "Conflict",
-        411 => "Length Required",
-        413 => "Content Too Large",
-        415 => "Unsupported Media Type",
-        422 => "Unprocessable Content",
-        431 => "Request Header Fields Too Large",
-        500 => "Internal Server Error",
-        503 => "Service Unavailable",
-        505 => "HTTP Version Not Supported",
-        507 => "Insufficient Storage",
-        _ => "Unknown",
-    }
-}
-
-/// Write `resp` (headers only for `head`); `keep_alive` says whether the connection stays open.
-pub fn write_response(
-    w: &mut impl Write,
-    resp: Response,
-    head: bool,
-    keep_alive: bool,
-) -> io::Result<()> {
-    let len = resp.len();
-    // A 401 says how to authenticate (`super::auth`).
-    let challenge =
-        if resp.status == 401 { "WWW-Authenticate: Basic realm=\"vouch\"\r\n" } else { "" };
-    write!(
-        w,
-        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {len}\r\n{challenge}Connection: {}\r\n\r\n",
-        resp.status,
-        reason(resp.status),
-        resp.content_type,
-        if keep_alive { "keep-alive" } else { "close" }
-    )?;
-    if !head {
-        match resp.body {
-            Body::Bytes(b) => w.write_all(&b)?,
-            Body::Stream(r, n) => {
-                let copied = io::copy(&mut r.take(n), w)?;
-                if copied != n {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!("the file ended after {copied} of {n} bytes"),
-                    ));
-                }
+            if e.status >= 400 && e.status != 404 {
+                tracing::info!(%method, %path, status = e.status, "refused: {}", e.msg);
             }
+            error_response(&path, &e)
         }
-    }
-    w.flush()
+    };
+    service.metrics().response(response.status().as_u16());
+    response
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+type Refusal = (ApiError, Option<Body>);
 
-    fn parse(s: &str) -> Result<Option<Request>, HttpError> {
-        read_request(&mut io::BufReader::new(s.as_bytes()))
+async fn handle(
+    service: &Arc<Service>,
+    req: Request,
+    conn: Option<ConnInfo>,
+) -> Result<Response, Refusal> {
+    let (parts, body) = req.into_parts();
+    // A body that is small and not waiting for `100 Continue` is drained on refusal.
+    let drain = parts.headers.get(header::EXPECT).is_none()
+        && header_str(&parts.headers, header::CONTENT_LENGTH)
+            .and_then(|l| l.parse::<usize>().ok())
+            .is_some_and(|l| l <= MAX_DRAIN);
+    let mut body = Some(body);
+    let refuse = |e: ApiError, body: &mut Option<Body>| (e, if drain { body.take() } else { None });
+    let route =
+        api::route(parts.method.as_str(), parts.uri.path()).map_err(|e| refuse(e, &mut body))?;
+    let caller = service.caller(header_str(&parts.headers, header::AUTHORIZATION));
+    if let Some(c) = conn.as_ref().filter(|_| caller.authenticated) {
+        c.holders.saw(c.peer.ip());
     }
-
-    #[test]
-    fn parses_a_put_with_expect_and_query() {
-        let r = parse(
-            "PUT /nar/abc.nar?x=1 HTTP/1.1\r\nHost: h\r\nContent-Length: 12\r\n\
-             Expect: 100-continue\r\nContent-Type: application/x-nix-nar\r\n\r\nbody",
-        )
-        .unwrap()
-        .unwrap();
-        assert_eq!((r.method.as_str(), r.path.as_str()), ("PUT", "/nar/abc.nar"));
-        assert_eq!(r.query.as_deref(), Some("x=1"));
-        assert_eq!(r.content_length, 12);
-        assert!(r.expect_continue && r.keep_alive);
-        assert_eq!(r.header("content-type"), Some("application/x-nix-nar"));
-        let mut conn = io::Cursor::new(b"0123456789abcdef".to_vec());
-        let mut out = Vec::new();
-        let mut body = String::new();
-        r.body(&mut conn, &mut out, 100).unwrap().read_to_string(&mut body).unwrap();
-        assert_eq!(body, "0123456789ab");
-        assert_eq!(out, b"HTTP/1.1 100 Continue\r\n\r\n");
-        assert_eq!(r.body(&mut conn, &mut out, 5).unwrap_err().status, 413);
-    }
-
-    #[test]
-    fn refuses_malformed_heads() {
-        assert!(parse("").unwrap().is_none(), "a closed connection is not an error");
-        let status = |s: &str| parse(s).unwrap_err().status;
-        assert_eq!(status("GET /x\r\n\r\n"), 400);
-        assert_eq!(status("GET x HTTP/1.1\r\n\r\n"), 400);
-        assert_eq!(status("GET /x HTTP/2\r\n\r\n"), 505);
-        assert_eq!(status("GET /x HTTP/1.1\r\nbad\r\n\r\n"), 400);
-        assert_eq!(status("GET /x HTTP/1.1\r\nHost: h\r\n"), 400);
-        assert_eq!(status("PUT /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"), 411);
-        for bad in ["-1", "+5", " ", "5 5", "0x5"] {
-            let head = format!("PUT /x HTTP/1.1\r\nContent-Length: {bad}\r\n\r\n");
-            assert_eq!(status(&head), 400, "{bad:?}");
-        }
-        assert_eq!(
-            status("PUT /x HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"),
-            400
+    if conn.as_ref().is_some_and(|c| c.reserved) && !caller.authenticated {
+        let e = ApiError::new(
+            503,
+            "the service is at its connection limit; the capacity left is reserved for token holders",
         );
-        let big = format!("GET /x HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(MAX_HEAD));
-        assert_eq!(status(&big), 431);
-        let many = format!("GET /x HTTP/1.1\r\n{}\r\n", "A: b\r\n".repeat(MAX_HEADERS + 1));
-        assert_eq!(status(&many), 431);
-        let r = parse("GET /x HTTP/1.0\r\n\r\n").unwrap().unwrap();
-        assert!(!r.keep_alive);
-        let r = parse("GET /x HTTP/1.1\r\nConnection: close\r\n\r\n").unwrap().unwrap();
-        assert!(!r.keep_alive);
+        return Err(refuse(e, &mut body));
     }
+    if let Some(scope) = route.needs().filter(|s| !caller.can(*s)) {
+        let msg = format!(
+            "{} {} needs the service's access token with the `{}` scope (Authorization: Bearer \
+             TOKEN, or HTTP Basic with the token as password, e.g. from a netrc entry)",
+            parts.method,
+            parts.uri.path(),
+            scope.name()
+        );
+        return Err(refuse(ApiError::new(401, msg), &mut body));
+    }
+    let body = body.take().unwrap_or_default();
+    let query = parts.uri.query().unwrap_or_default();
+    let peer = conn.as_ref().map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |c| c.peer);
+    let head = parts.method == Method::HEAD;
+    let uploader = super::upload::Uploader::new(&caller, peer.ip());
+    if let (Route::NarInfo(hash), None) = (&route, parts.headers.get(header::RANGE)) {
+        // The trace store's narinfos, the cache's hot path, are read here (see the module docs).
+        if let Some(r) = signed_narinfo(service, hash, head) {
+            return Ok(r);
+        }
+    }
+    let action: Blocking = match route {
+        Route::StepEvents(id, step) => {
+            return super::web::events(service.clone(), id, step, query, &parts.headers)
+                .await
+                .map_err(|e| (e, None))
+        }
+        Route::IndexPage | Route::BuildPage(_) => {
+            let tls = conn.as_ref().is_some_and(|c| c.tls);
+            return super::web::page(service.clone(), route, query, &parts.headers, caller, tls)
+                .await
+                .map_err(|e| (e, None));
+        }
+        Route::PutNar(name) => {
+            let len = header_str(&parts.headers, header::CONTENT_LENGTH)
+                .and_then(|l| l.parse::<u64>().ok())
+                .ok_or_else(|| {
+                    (ApiError::new(411, format!("PUT nar/{name} needs a Content-Length")), None)
+                })?;
+            let reader = body_reader(body);
+            Box::new(move |s: &Service| {
+                let mut reader = reader;
+                s.handle(ApiAction::PutNar { name, uploader, body: &mut reader, len })
+            })
+        }
+        Route::PutNarInfo(hash) => {
+            let text = read_body(body, MAX_BODY).await?;
+            let text = String::from_utf8(text.to_vec())
+                .map_err(|_| (ApiError::new(400, format!("{hash}.narinfo is not UTF-8")), None))?;
+            let info = nix_formats::narinfo::NarInfo::parse(&text).map_err(|e| {
+                let msg = format!("{hash}.narinfo: {}", build_trace::error_chain(&e));
+                (ApiError::new(400, msg), None)
+            })?;
+            let info = Box::new(info);
+            Box::new(move |s: &Service| {
+                s.handle(ApiAction::PutNarInfo { hash, info, caller, uploader })
+            })
+        }
+        Route::SubmitBuild => {
+            let body = read_body(body, MAX_SUBMISSION).await?;
+            let submission = serde_json::from_slice(&body).map_err(|e| {
+                (ApiError::new(400, format!("the build request is not valid JSON of the form {{\"drv\": \"/nix/store/…drv\"}}: {e}")), None)
+            })?;
+            Box::new(move |s: &Service| s.handle(ApiAction::SubmitBuild { submission, caller }))
+        }
+        other => {
+            let action = simple_action(other, query, &caller).map_err(|e| (e, None))?;
+            Box::new(move |s: &Service| s.handle(action))
+        }
+    };
+    let range = header_str(&parts.headers, header::RANGE).map(str::to_owned);
+    let svc = service.clone();
+    let ranged = range.is_some();
+    let reply = tokio::task::spawn_blocking(move || {
+        let reply = action(&svc)?;
+        small_file_in_memory(reply, ranged)
+    })
+    .await
+    .map_err(|e| (ApiError::new(500, format!("the request's task: {e}")), None))?
+    .map_err(|e| (e, None))?;
+    reply_response(service, reply, range.as_deref(), head).map_err(|e| (e, None))
+}
 
-    #[test]
-    fn responses_carry_exact_lengths() {
-        let mut out = Vec::new();
-        write_response(&mut out, Response::error(404, "no such file"), false, true).unwrap();
-        let s = String::from_utf8(out).unwrap();
-        assert!(s.starts_with("HTTP/1.1 404 Not Found\r\n"), "{s}");
-        assert!(s.contains("Content-Length: 13\r\n") && s.ends_with("\r\n\r\nno such file\n"));
-        let mut out = Vec::new();
-        let r = Response {
-            status: 200,
-            content_type: "x",
-            body: Body::Stream(Box::new(&b"abcdef"[..]), 6),
+/// The trace store's narinfo with hash part `hash`, read on this (async) thread: a small file
+/// in the page cache is read faster than a hop to a blocking thread takes. `None` for anything
+/// else (not there, large, an error): the blocking path answers it.
+fn signed_narinfo(service: &Arc<Service>, hash: &str, head: bool) -> Option<Response> {
+    let reply = service.cache_file(&format!("{hash}.narinfo")).ok()?;
+    let reply = match reply {
+        ApiReply::File(_, _, len) if len <= SMALL_FILE => {
+            small_file_in_memory(reply, false).ok()?
+        }
+        _ => return None,
+    };
+    reply_response(service, reply, None, head).ok()
+}
+
+/// An action run on a blocking thread.
+type Blocking = Box<dyn FnOnce(&Service) -> Result<ApiReply, ApiError> + Send>;
+
+/// The action of a route whose request has no body.
+fn simple_action(
+    route: Route,
+    query: &str,
+    caller: &super::auth::Caller,
+) -> Result<ApiAction<'static>, ApiError> {
+    let q = |name: &str| {
+        query.split('&').find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
+    };
+    let num = |name: &str| -> Result<Option<u64>, ApiError> {
+        q(name)
+            .map(|v| {
+                v.parse::<u64>().map_err(|_| {
+                    ApiError::new(400, format!("{name}={v:?}: not a non-negative integer"))
+                })
+            })
+            .transpose()
+    };
+    Ok(match route {
+        Route::Health => ApiAction::Health,
+        Route::Metrics => ApiAction::Metrics,
+        Route::CacheInfo => ApiAction::CacheInfo,
+        // Uploaded paths are visible to token holders with `cache`, or on an open service.
+        Route::NarInfo(hash) => ApiAction::NarInfo {
+            hash,
+            uploads_visible: caller.can(super::auth::Scope::Cache)
+                && (caller.authenticated || caller.can(super::auth::Scope::Upload)),
+        },
+        Route::CacheFile(p) => ApiAction::CacheFile(p),
+        Route::NixLog(base) => ApiAction::NixLog(base),
+        Route::DrvNar(hash) => ApiAction::DrvNar(hash),
+        Route::BuildStatus(id) => ApiAction::BuildStatus(id),
+        Route::BuildLog(id) => ApiAction::BuildLog(id),
+        Route::BuildSteps(id) => ApiAction::BuildSteps(id),
+        Route::CancelBuild(id) => ApiAction::CancelBuild(id),
+        Route::StepLog(id, step) => {
+            ApiAction::StepLog { id, step, offset: num("offset")?.unwrap_or(0) }
+        }
+        Route::ListBuilds => ApiAction::ListBuilds {
+            state: q("state").filter(|s| !s.is_empty()).map(str::to_owned),
+            before: num("before")?,
+            limit: num("limit")?.unwrap_or(50).min(u64::from(u32::MAX)) as u32,
+        },
+        other => return Err(ApiError::new(500, format!("{other:?} has a body or a page"))),
+    })
+}
+
+async fn read_body(body: Body, max: usize) -> Result<Bytes, Refusal> {
+    axum::body::to_bytes(body, max).await.map_err(|e| {
+        // `http_body_util::LengthLimitError`, through axum's error.
+        let too_big = format!("{e} {:?}", std::error::Error::source(&e)).contains("length limit");
+        let status = if too_big { 413 } else { 400 };
+        let msg = if too_big {
+            format!("the request body is larger than this endpoint accepts ({max} bytes)")
+        } else {
+            format!("reading the request body: {e}")
         };
-        write_response(&mut out, r, true, false).unwrap();
-        let s = String::from_utf8(out).unwrap();
-        assert!(s.contains("Content-Length: 6\r\n") && s.ends_with("close\r\n\r\n"), "{s}");
-        let short = Response {
-            status: 200,
-            content_type: "x",
-            body: Body::Stream(Box::new(&b"ab"[..]), 6),
-        };
-        assert!(write_response(&mut Vec::new(), short, false, true).is_err());
+        (ApiError::new(status, msg), None)
+    })
+}
+
+/// A NAR upload's body as a blocking reader; a stall longer than [`BODY_IDLE`] is an error.
+fn body_reader(body: Body) -> impl Read + Send + 'static {
+    let stream = futures_util::stream::unfold(body.into_data_stream(), |mut s| async move {
+        match tokio::time::timeout(BODY_IDLE, s.next()).await {
+            Ok(Some(Ok(b))) => Some((Ok(b), s)),
+            Ok(Some(Err(e))) => Some((Err(std::io::Error::other(e)), s)),
+            Ok(None) => None,
+            Err(_) => Some((
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no body bytes for {} s", BODY_IDLE.as_secs()),
+                )),
+                s,
+            )),
+        }
+    });
+    tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(Box::pin(stream)))
+}
+
+/// A small file is read on the blocking thread (one hop for a narinfo), unless a range is
+/// asked.
+fn small_file_in_memory(reply: ApiReply, ranged: bool) -> Result<ApiReply, ApiError> {
+    match reply {
+        ApiReply::File(ct, mut f, len) if len <= SMALL_FILE && !ranged => {
+            let mut v = Vec::with_capacity(len as usize);
+            (&mut f).take(len).read_to_end(&mut v).map_err(super::internal)?;
+            Ok(ApiReply::Bytes(ct, v))
+        }
+        other => Ok(other),
     }
+}
+
+fn with_type(mut r: Response, ct: &'static str) -> Response {
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+    r
+}
+
+/// The response of a reply.
+fn reply_response(
+    service: &Arc<Service>,
+    reply: ApiReply,
+    range: Option<&str>,
+    head: bool,
+) -> Result<Response, ApiError> {
+    Ok(match reply {
+        ApiReply::Bytes(ct, b) => {
+            service.metrics().bytes_served.inc_by(b.len() as u64);
+            with_type(b.into_response(), ct)
+        }
+        ApiReply::Json(status, v) => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+            (status, axum::Json(v)).into_response()
+        }
+        ApiReply::Log { bytes, next, complete } => {
+            let mut r = with_type(bytes.into_response(), "text/plain; charset=utf-8");
+            let h = r.headers_mut();
+            h.insert("vouch-log-offset", HeaderValue::from(next));
+            h.insert(
+                "vouch-log-complete",
+                HeaderValue::from_static(if complete { "true" } else { "false" }),
+            );
+            r
+        }
+        ApiReply::File(ct, f, len) => file_response(service, ct, f, len, range, head)?,
+    })
+}
+
+/// A file, whole or one range of it, streamed.
+fn file_response(
+    service: &Arc<Service>,
+    ct: &'static str,
+    mut f: std::fs::File,
+    len: u64,
+    range: Option<&str>,
+    head: bool,
+) -> Result<Response, ApiError> {
+    let mut status = StatusCode::OK;
+    let (mut start, mut count) = (0, len);
+    let mut content_range = None;
+    if let Some(r) = range {
+        match http_range_header::parse_range_header(r).and_then(|p| p.validate(len)) {
+            Ok(ranges) if ranges.len() == 1 => {
+                let (a, b) = (*ranges[0].start(), *ranges[0].end());
+                (start, count) = (a, b - a + 1);
+                status = StatusCode::PARTIAL_CONTENT;
+                content_range = Some(format!("bytes {a}-{b}/{len}"));
+            }
+            Ok(_) => {} // several ranges: the whole file
+            Err(_) => {
+                let mut resp = StatusCode::RANGE_NOT_SATISFIABLE.into_response();
+                let v =
+                    HeaderValue::from_str(&format!("bytes */{len}")).map_err(super::internal)?;
+                resp.headers_mut().insert(header::CONTENT_RANGE, v);
+                return Ok(resp);
+            }
+        }
+    }
+    let body = if head || count == 0 {
+        Body::empty()
+    } else {
+        f.seek(std::io::SeekFrom::Start(start)).map_err(super::internal)?;
+        let file = tokio::io::AsyncReadExt::take(tokio::fs::File::from_std(f), count);
+        let svc = service.clone();
+        let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 << 10).map(move |c| {
+            if let Ok(b) = &c {
+                svc.metrics().bytes_served.inc_by(b.len() as u64);
+            }
+            c
+        });
+        Body::from_stream(stream)
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(count));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if let Some(cr) = content_range {
+        h.insert(header::CONTENT_RANGE, HeaderValue::from_str(&cr).map_err(super::internal)?);
+    }
+    Ok(resp)
 }

@@ -1,49 +1,59 @@
-//! The hosted CI service (`vouch serve`): an HTTP API and binary cache over the same content
-//! store, engine and trace store as `vouch nix-builder`, a peer front-end of the host's core.
+//! The hosted CI service (`vouch serve`): an HTTP API, binary cache and web page over the same
+//! content store, engine and trace store as `vouch nix-builder`, a peer front-end of the host's
+//! core.
 //!
-//! Layout (Firecracker style): the front-end ([`server`] on top of [`http`]) parses each request
-//! into an [`api::ApiAction`] ([`api::route`] decides which from the request line); the
-//! [`Service`] executes it; it never sees HTTP. Uploads are checked by the content store exactly
-//! as the Nix protocol's uploads are (`ContentStore::add` with the store's upload rules); a
-//! build submission is parsed into the core's request ([`submission`]) and queued
-//! ([`builds`]), and the engine builds and publishes it (`crate::core::Engine`).
+//! Layout (Firecracker style): the front-end ([`server`]: tokio, hyper and TLS; [`http`]: axum
+//! handlers and tower-http layers; [`web`]: the HTML page and its live logs) parses each
+//! request into an [`api::ApiAction`] ([`api::route`] decides which from the request line);
+//! the [`Service`] executes it on a blocking thread; it never sees HTTP. Uploads are checked
+//! by the content store exactly as the Nix protocol's uploads are (`ContentStore::add` with the
+//! store's upload rules); a build submission is parsed into the core's request ([`submission`])
+//! and queued ([`builds`]), and the engine builds and publishes it (`crate::core::Engine`).
 //!
 //! - **Binary cache, read-only** ([`Service::cache_file`]): `nix-cache-info`, `<hash>.narinfo`,
 //!   `nar/…`, `realisations/…`, `build-trace-v2/…`, `traces/…`, `vouch/v1/…` from the trace store
 //!   directory, which is a Nix binary cache whose narinfos the launcher key signed; and its
 //!   transparency log, `log/checkpoint`, `log/tile/…`, `log/index/…` (C2SP tlog-tiles).
-//! - **Uploads** ([`upload`]): the requests of `nix copy --to 'http://…?compression=none'`;
-//!   uploaded paths go into the content store, checked, never into the trace store. Into the
-//!   shared store only what vouch can certify (a content address it recomputes, a signature by
-//!   a `--trusted-public-key`); a trusted client's other uploads go to its overlay
-//!   (`crate::store::session`; one per `--trusted-token-file`), which only its builds read, for
-//!   the service's life; anyone else's are refused (403).
+//! - **What `nix log` reads**: `log/<drv base name>`, the log of the newest step that built
+//!   that derivation (under the submitted and the resolved name), and the `.drv` files of the
+//!   steps built here, which Nix reads first: an unsigned narinfo with their text content
+//!   address (which certifies them) and their NAR at `drv/<hash>.nar`.
+//! - **Uploads** ([`upload`]): the requests of `nix copy --to http://…` (xz, zstd or no
+//!   compression); uploaded paths go into the content store, checked, never into the trace
+//!   store. Into the shared store only what vouch can certify (a content address it recomputes,
+//!   a signature by a `--trusted-public-key`); a trusted client's other uploads go to its
+//!   overlay (`crate::store::session`; one per token with the `trusted` scope), which only its
+//!   builds read, for the service's life; anyone else's are refused (403).
 //! - **narinfo of uploaded paths**: `nix copy --to` asks for `<hash>.narinfo` (GET) to decide
 //!   what to upload, and HEAD again before each upload. So that a second copy skips what is
 //!   already here, a path that is in the content store but not in the trace store is answered
 //!   with an **unsigned** narinfo (no `Sig`; its NAR is not served). No Nix that requires
 //!   signatures (the default) substitutes it; the signed entries of the trace store always win.
-//!   With an access token configured, only clients presenting it get these narinfos: which
-//!   inputs were uploaded is not public.
+//!   Only callers with the `cache` scope *and* a token, or any caller of a service without
+//!   tokens, get these narinfos: which inputs were uploaded is not public.
 //! - **Builds** ([`submission`], [`builds`]): `POST /v1/builds` checks the submission first (the
 //!   derivation and its input closure in the content store, resolved, buildable, allowed to
-//!   this caller) and only then queues it; its state and log answer from the queue and record.
-//! - **Access** ([`auth`]): with an access token configured, uploads and the build API need it
-//!   (the front-end checks it before it reads a body); the signed binary cache stays public.
+//!   this caller) and only then queues it; its state, steps and logs answer from the queue and
+//!   record; `DELETE` cancels it. A restart resumes queued builds (checked again).
+//! - **Access** ([`auth`]): scoped tokens; the front-end checks the route's scope before it
+//!   reads a body.
+//! - **Metrics** ([`metrics`]): Prometheus text at `/metrics`.
 //!
-//! What is not here: TLS (a TLS-terminating proxy's job, `docs/ci-service.md`), builds and
-//! publishing (`crate::core`).
+//! What is not here: builds and publishing (`crate::core`).
 
 pub mod api;
 pub mod auth;
 pub mod builds;
 pub mod http;
+pub mod json;
+pub mod metrics;
 pub mod records;
 pub mod server;
 pub mod submission;
+pub mod tls;
 pub mod upload;
+pub mod web;
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -58,10 +68,15 @@ use crate::store::{
     StoreView, UPLOAD_RULES,
 };
 use api::ApiAction;
+use builds::View;
+pub use json::{build_json, rfc3339, step_json};
 use records::BuildState;
 
 /// What `nix-cache-info` says when the trace store has none yet.
 pub const CACHE_INFO: &str = "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n";
+/// Most builds a list answers at once.
+pub const MAX_LIST: u32 = 200;
+
 /// A request the service refuses or cannot answer: an HTTP status and a message naming what
 /// was wrong.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +104,16 @@ pub enum ApiReply {
     File(&'static str, std::fs::File, u64),
     /// JSON with a status (200, 202).
     Json(u16, serde_json::Value),
+    /// Part of a step's log: its bytes from the offset asked, the offset after them, and whether
+    /// the step finished (nothing more will come).
+    Log {
+        /// The bytes.
+        bytes: Vec<u8>,
+        /// The offset after them.
+        next: u64,
+        /// Whether the log is complete.
+        complete: bool,
+    },
 }
 
 /// How the service runs.
@@ -105,11 +130,9 @@ pub struct ServiceConfig {
     pub jobs: usize,
     /// The Nix release clients run, where a submission does not say.
     pub declared_nix: Option<NixVersion>,
-    /// The token uploads and the build API require; `None`: anyone who reaches the port.
-    pub access: Option<auth::AccessToken>,
-    /// The tokens of the clients the operator trusts ([`auth::Caller::trusted`]), one per
-    /// client.
-    pub trusted: Vec<auth::AccessToken>,
+    /// Who may do what ([`auth`]); each token with the `trusted` scope is one trusted client
+    /// ([`auth::Caller::client`]).
+    pub access: auth::Access,
     /// Keys whose signature makes an upload without a content address acceptable.
     pub trusted_keys: Vec<PublicKey>,
 }
@@ -119,11 +142,13 @@ pub struct ServiceConfig {
 pub struct Service {
     cfg: ServiceConfig,
     store: ContentStore,
-    /// Each trusted client's session store (its overlay), by its token's index.
+    /// Each trusted client's session store (its overlay), by client ([`auth::Caller::client`]).
     trusted_uploads: Vec<Arc<SessionStore>>,
     index: Mutex<rusqlite::Connection>,
     staging: upload::Staging,
     builds: Arc<builds::Builds>,
+    metrics: Arc<metrics::Metrics>,
+    public_key: String,
 }
 
 fn store_error(e: StoreError) -> ApiError {
@@ -133,6 +158,10 @@ fn store_error(e: StoreError) -> ApiError {
         _ => 500,
     };
     ApiError::new(status, error_chain(&e))
+}
+
+fn internal(e: impl std::error::Error + 'static) -> ApiError {
+    ApiError::new(500, error_chain(&e))
 }
 
 fn content_type(rel: &str) -> &'static str {
@@ -152,8 +181,9 @@ fn content_type(rel: &str) -> &'static str {
 }
 
 impl Service {
-    /// Open the build record (locking the state directory), the content store and the staging
-    /// area (emptied) under the state directory.
+    /// Open the build record (locking the state directory), the content store, the staging
+    /// area (emptied) and the signing key (created if there is none yet) under the state
+    /// directory, and queue again the builds a restart found queued.
     pub fn open(cfg: ServiceConfig) -> Result<Service, Box<dyn std::error::Error + Send + Sync>> {
         // First, so that a second service on this state directory stops before it touches
         // anything (the record holds the directory's lock).
@@ -161,23 +191,73 @@ impl Service {
         let records = records::Records::open(&state_dir.join("serve"))?;
         let store = ContentStore::open(&cfg.store_dir, cfg.store_cfg)?;
         let index = crate::store::db::open(&cfg.store_dir.join("index.sqlite"))?;
-        let staging = upload::Staging::open(&state_dir.join("serve/staging"))?;
+        let staging =
+            upload::Staging::open(&state_dir.join("serve/staging"), cfg.store_cfg.max_bytes)?;
+        let key_name = cfg.engine.publish.key_naming.check_for(&cfg.engine.launcher)?;
+        let key = build_trace::sign::load_or_generate_key(state_dir, &key_name)?;
+        let public_key = key.public_key().to_string();
+        let metrics = Arc::new(metrics::Metrics::default());
         // Each trusted client's uploads that vouch cannot certify: its overlay, for this
         // process's life (the HTTP API has no sessions; one trusted token is one client).
-        let trusted_uploads = cfg
-            .trusted
-            .iter()
+        let trusted_uploads = (0..cfg.access.trusted_clients())
             .map(|_| {
                 let trust = ClientTrust { trusted: true, keys: cfg.trusted_keys.clone() };
                 let shared = ContentStore::open(&cfg.store_dir, cfg.store_cfg)?;
                 Ok(Arc::new(SessionStore::new(shared, trust)?))
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
-        let builds =
-            builds::Builds::new(cfg.engine.clone(), &cfg.store_dir, cfg.store_cfg, records)
-                .with_trusted_uploads(trusted_uploads.clone());
+        let builds = builds::Builds::new(
+            cfg.engine.clone(),
+            &cfg.store_dir,
+            cfg.store_cfg,
+            records,
+            metrics.clone(),
+        )
+        .with_trusted_uploads(trusted_uploads.clone());
         let builds = Arc::new(builds);
-        Ok(Service { cfg, store, trusted_uploads, index: Mutex::new(index), staging, builds })
+        let service = Service {
+            cfg,
+            store,
+            trusted_uploads,
+            index: Mutex::new(index),
+            staging,
+            builds,
+            metrics,
+            public_key,
+        };
+        service.resume();
+        Ok(service)
+    }
+
+    /// Queue again the builds recorded as queued, each checked again as when it was submitted;
+    /// one that no longer passes fails, saying why.
+    fn resume(&self) {
+        let pending = self.builds.records().pending().to_vec();
+        for p in pending {
+            let checked = serde_json::from_str::<api::BuildSubmission>(&p.submission)
+                .map_err(|e| ApiError::new(500, format!("the recorded submission: {e}")))
+                .and_then(|s| self.check_submission(&s, stored_caller(&p.caller)));
+            let outcome = match checked {
+                // Without a trusted client's overlay: the overlays lived only as long as the
+                // process that had them, and a client index may name another token now.
+                Ok(req) => self.builds.resume(p.id, req, None).map_err(|e| error_chain(&e)),
+                Err(e) => Err(e.msg),
+            };
+            match outcome {
+                Ok(()) => tracing::info!(id = p.id, "queued build resumed after the restart"),
+                Err(why) => {
+                    let state = BuildState::Failed {
+                        status: "MiscFailure".into(),
+                        error: format!(
+                            "after a restart, this queued build no longer checks: {why}"
+                        ),
+                    };
+                    if let Err(e) = self.builds.records().never_started(&[p.id], &state) {
+                        tracing::warn!(id = p.id, "{}", error_chain(&e));
+                    }
+                }
+            }
+        }
     }
 
     /// The content store as `caller`'s builds read it: the shared store, and for a trusted
@@ -194,10 +274,24 @@ impl Service {
         &self.builds
     }
 
-    /// Who presents `authorization` ([`auth::Caller`]); a request on a route that
-    /// [`api::Route::needs_access`] proceeds only if the caller has access.
+    /// The metrics.
+    pub fn metrics(&self) -> &metrics::Metrics {
+        &self.metrics
+    }
+
+    /// Who may do what.
+    pub fn access(&self) -> &auth::Access {
+        &self.cfg.access
+    }
+
+    /// Who presents `authorization` ([`auth::Caller`]).
     pub fn caller(&self, authorization: Option<&str>) -> auth::Caller {
-        auth::Caller::of(authorization, self.cfg.access.as_ref(), &self.cfg.trusted)
+        self.cfg.access.caller(authorization)
+    }
+
+    /// The `trusted-public-keys` entry of the key that signs this service's cache.
+    pub fn public_key(&self) -> &str {
+        &self.public_key
     }
 
     /// The trace store directory, served as the binary cache.
@@ -208,7 +302,14 @@ impl Service {
     /// Execute one action.
     pub fn handle(&self, action: ApiAction<'_>) -> Result<ApiReply, ApiError> {
         match action {
-            ApiAction::Health => Ok(ApiReply::Json(200, serde_json::json!({"status": "ok"}))),
+            ApiAction::Health => {
+                // 503 while stopping, so a load balancer sends no more builds here.
+                let (queued, running) = self.builds.load();
+                let (code, status) =
+                    if self.builds.stopping() { (503, "stopping") } else { (200, "ok") };
+                let v = serde_json::json!({"status": status, "queued": queued, "running": running});
+                Ok(ApiReply::Json(code, v))
+            }
             ApiAction::CacheInfo => match self.cache_file("nix-cache-info") {
                 Err(e) if e.status == 404 => {
                     Ok(ApiReply::Bytes("text/x-nix-cache-info", CACHE_INFO.into()))
@@ -227,43 +328,90 @@ impl Service {
             }
             ApiAction::SubmitBuild { submission: s, caller } => {
                 let req = self.check_submission(&s, caller)?;
-                let id =
-                    self.builds.submit_as(req, caller.client).map_err(|e| ApiError::new(503, e))?;
+                let sub = serde_json::to_string(&s).map_err(internal)?;
+                let who = serde_json::json!({"authenticated": caller.authenticated,
+                                             "trusted": caller.trusted})
+                .to_string();
+                let id = self
+                    .builds
+                    .submit(req, &sub, &who, caller.client)
+                    .map_err(|e| ApiError::new(503, e))?;
                 tracing::info!(id, drv = %s.drv, "build queued");
                 Ok(ApiReply::Json(
                     202,
                     serde_json::json!({"id": id, "status": format!("/v1/builds/{id}"),
-                                       "log": format!("/v1/builds/{id}/log")}),
+                                       "log": format!("/v1/builds/{id}/log"),
+                                       "page": format!("/builds/{id}")}),
                 ))
             }
             ApiAction::BuildStatus(id) => {
-                let build = self.build(id)?;
-                let mut v = serde_json::json!({"id": id, "drv": build.drv.to_string()});
-                let (state, extra) = match build.state() {
-                    BuildState::Queued => ("queued", None),
-                    BuildState::Running => ("running", None),
-                    BuildState::Succeeded { outputs, attester } => {
-                        v["evidence"] = attester.to_string().into();
-                        ("succeeded", Some(("outputs", outputs)))
-                    }
-                    BuildState::Failed { status, error } => {
-                        v["status"] = status.into();
-                        ("failed", Some(("error", error.into())))
-                    }
-                };
-                v["state"] = state.into();
-                if let Some((k, val)) = extra {
-                    v[k] = val;
-                }
-                Ok(ApiReply::Json(200, v))
+                Ok(ApiReply::Json(200, build_json(&self.view(id)?, true)))
+            }
+            ApiAction::BuildSteps(id) => {
+                let v = self.view(id)?;
+                let steps: Vec<_> = v.steps.iter().map(|s| step_json(id, s)).collect();
+                Ok(ApiReply::Json(200, serde_json::json!({"id": id, "steps": steps})))
             }
             ApiAction::BuildLog(id) => {
                 Ok(ApiReply::Bytes("text/plain; charset=utf-8", self.build(id)?.log().into_bytes()))
             }
+            ApiAction::StepLog { id, step, offset } => {
+                let build = self.build(id)?;
+                let (bytes, len) = build
+                    .log_from(step, offset)
+                    .ok_or_else(|| ApiError::new(404, format!("build {id} has no step {step}")))?;
+                let complete = build.view().steps[step as usize].state.is_finished();
+                Ok(ApiReply::Log { next: offset.min(len) + bytes.len() as u64, bytes, complete })
+            }
+            ApiAction::ListBuilds { state, before, limit } => self.list(state, before, limit),
+            ApiAction::CancelBuild(id) => {
+                use builds::CancelError;
+                let state = self.builds.cancel(id).map_err(|e| match e {
+                    CancelError::Unknown(_) => ApiError::new(404, e.to_string()),
+                    CancelError::Finished(..) => ApiError::new(409, e.to_string()),
+                    CancelError::Record(e) => internal(e),
+                })?;
+                Ok(ApiReply::Json(202, serde_json::json!({"id": id, "state": state.name()})))
+            }
+            ApiAction::NixLog(base) => self.nix_log(&base),
+            ApiAction::DrvNar(hash) => self.drv_nar(&hash),
+            ApiAction::Metrics => {
+                let (queued, running) = self.builds.load();
+                let counts = self.builds.records().counts().map_err(internal)?;
+                let text = self.metrics.render(queued, running, &counts);
+                Ok(ApiReply::Bytes("text/plain; version=0.0.4; charset=utf-8", text.into_bytes()))
+            }
         }
     }
 
-    fn build(&self, id: u64) -> Result<Arc<builds::Build>, ApiError> {
+    fn list(
+        &self,
+        state: Option<String>,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<ApiReply, ApiError> {
+        if let Some(s) = state.as_deref().filter(|s| !BuildState::NAMES.contains(s)) {
+            return Err(ApiError::new(
+                400,
+                format!("state={s:?}: not one of {}", BuildState::NAMES.join(", ")),
+            ));
+        }
+        let limit = limit.clamp(1, MAX_LIST);
+        let rows = self.builds.records().list(state.as_deref(), before, limit).map_err(internal)?;
+        let next = (rows.len() == limit as usize).then(|| rows.last().map(|b| b.id)).flatten();
+        let builds: Vec<_> = rows
+            .into_iter()
+            .map(|info| build_json(&View { info, steps: Vec::new() }, false))
+            .collect();
+        Ok(ApiReply::Json(200, serde_json::json!({"builds": builds, "next_before": next})))
+    }
+
+    /// A build and its steps now.
+    pub fn view(&self, id: u64) -> Result<View, ApiError> {
+        Ok(self.build(id)?.view())
+    }
+    /// A build by id.
+    pub fn build(&self, id: u64) -> Result<Arc<builds::Build>, ApiError> {
         self.builds
             .get(id)
             .map_err(|e| ApiError::new(500, error_chain(&e)))?
@@ -294,31 +442,21 @@ impl Service {
     fn narinfo(&self, hash: &str, uploads_visible: bool) -> Result<ApiReply, ApiError> {
         let rel = format!("{hash}.narinfo");
         match self.cache_file(&rel) {
-            Err(e) if e.status == 404 && uploads_visible => {}
+            Err(e) if e.status == 404 => {}
             other => return other,
         }
-        let found: Option<String> = {
-            let db = self.index.lock().unwrap_or_else(|e| e.into_inner());
-            let lo = format!("{}/{hash}-", nix_formats::STORE_DIR);
-            let hi = format!("{}/{hash}.", nix_formats::STORE_DIR);
-            rusqlite::OptionalExtension::optional(db.query_row(
-                "SELECT path FROM paths WHERE path > ?1 AND path < ?2 LIMIT 1",
-                [&lo, &hi],
-                |r| r.get(0),
-            ))
-            .map_err(|e| ApiError::new(500, format!("content store index: {e}")))?
-        };
-        let info = match found.as_deref().map(StorePath::parse) {
-            Some(Ok(p)) => self.store.path_info(&p).map_err(store_error)?,
-            _ => None,
-        };
-        let Some(i) = info else {
-            return Err(ApiError::new(404, format!("{rel} is not in this binary cache")));
-        };
+        let missing = || ApiError::new(404, format!("{rel} is not in this binary cache"));
+        let i = self.uploaded(hash)?.ok_or_else(missing)?;
+        let built_drv = self.built_drv(&i)?;
+        if !uploads_visible && !built_drv {
+            return Err(missing());
+        }
         let h = nix_formats::hash::Hash::sha256(i.info.nar_hash.0);
+        let url =
+            if built_drv { format!("drv/{hash}.nar") } else { format!("nar/{}.nar", h.to_nix32()) };
         let text = NarInfo {
             store_path: i.path,
-            url: format!("nar/{}.nar", h.to_nix32()),
+            url,
             compression: Some("none".into()),
             file_hash: Some(h.clone()),
             file_size: Some(i.info.nar_size),
@@ -332,6 +470,60 @@ impl Service {
         }
         .to_text();
         Ok(ApiReply::Bytes("text/x-nix-narinfo", text.into_bytes()))
+    }
+
+    /// The content store's path with hash part `hash`, if any.
+    fn uploaded(&self, hash: &str) -> Result<Option<crate::core::ValidPathInfo>, ApiError> {
+        let found: Option<String> = {
+            let db = self.index.lock().unwrap_or_else(|e| e.into_inner());
+            let lo = format!("{}/{hash}-", nix_formats::STORE_DIR);
+            let hi = format!("{}/{hash}.", nix_formats::STORE_DIR);
+            rusqlite::OptionalExtension::optional(db.query_row(
+                "SELECT path FROM paths WHERE path > ?1 AND path < ?2 LIMIT 1",
+                [&lo, &hi],
+                |r| r.get(0),
+            ))
+            .map_err(|e| ApiError::new(500, format!("content store index: {e}")))?
+        };
+        match found.as_deref().map(StorePath::parse) {
+            Some(Ok(p)) => self.store.path_info(&p).map_err(store_error),
+            _ => Ok(None),
+        }
+    }
+
+    /// Whether `i` is the `.drv` of a step built here, text-addressed (so it certifies itself):
+    /// those are public, for `nix log`.
+    fn built_drv(&self, i: &crate::core::ValidPathInfo) -> Result<bool, ApiError> {
+        if !i.path.is_derivation() || !i.info.ca.as_deref().is_some_and(|c| c.starts_with("text:"))
+        {
+            return Ok(false);
+        }
+        Ok(self.builds.records().step_of(&i.path).map_err(internal)?.is_some())
+    }
+
+    /// The NAR of the `.drv` of a step built here ([`Self::built_drv`]).
+    fn drv_nar(&self, hash: &str) -> Result<ApiReply, ApiError> {
+        let missing =
+            || ApiError::new(404, format!("drv/{hash}.nar is not a derivation built here"));
+        let i = self.uploaded(hash)?.ok_or_else(missing)?;
+        if !self.built_drv(&i)? {
+            return Err(missing());
+        }
+        let (info, file) =
+            self.store.open_nar(&i.path).map_err(store_error)?.ok_or_else(missing)?;
+        Ok(ApiReply::File("application/x-nix-nar", file, info.info.nar_size))
+    }
+
+    /// The log of the newest step that built `base` (`nix log`): the submitted or the
+    /// resolved derivation.
+    fn nix_log(&self, base: &str) -> Result<ApiReply, ApiError> {
+        let missing = || ApiError::new(404, format!("no step built {base} here"));
+        let path = StorePath::parse(&format!("{}/{base}", nix_formats::STORE_DIR))
+            .map_err(|e| ApiError::new(400, e.to_string()))?;
+        let (id, step) =
+            self.builds.records().step_of(&path).map_err(internal)?.ok_or_else(missing)?;
+        let (bytes, _) = self.build(id)?.log_from(step, 0).ok_or_else(missing)?;
+        Ok(ApiReply::Bytes("text/plain; charset=utf-8", bytes))
     }
 
     /// A narinfo upload: its staged NAR goes into the service's content store, checked exactly
@@ -366,13 +558,13 @@ impl Service {
                 ));
             }
         }
-        let (pi, file, owned) =
-            self.staging.take(uploader, hash, info, &self.trace_store().join("nar"))?;
+        let taken = self.staging.take(uploader, hash, info, &self.trace_store().join("nar"))?;
+        let pi = taken.path_info();
         let path = pi.path.clone();
-        let mut uploads = FileUploads::new(vec![(pi, file.clone())]);
+        let mut uploads = FileUploads::new(vec![(pi, taken.file.clone())]);
         let result = match caller.client.and_then(|i| self.trusted_uploads.get(i)) {
-            // A trusted caller's: shared if certified, else in the trusted callers' overlay,
-            // which only their builds read (`crate::store::session`).
+            // A trusted caller's: shared if certified, else in its overlay, which only its
+            // builds read (`crate::store::session`).
             Some(t) => t.add(&mut uploads, UPLOAD_RULES).map(|_| ()),
             None => self.store.add(&mut uploads, UPLOAD_RULES, Origin::Upload).map(|_| ()),
         };
@@ -380,9 +572,7 @@ impl Service {
         // use (a build pins its closure in its own session), so it may be evicted again. (The
         // trusted callers' store keeps the pins of its overlay's shared references.)
         let _ = self.store.unpin_all();
-        if owned {
-            let _ = std::fs::remove_file(&file);
-        }
+        drop(taken);
         result.map_err(store_error)?;
         let private = self.view_of(caller).is_private(&path);
         tracing::info!(%path, private, "upload registered in the content store");
@@ -390,9 +580,17 @@ impl Service {
     }
 }
 
-/// Read at most `max` bytes of `r` (a request body already bounded by its length).
-pub fn read_small(r: &mut dyn Read, max: u64) -> std::io::Result<Vec<u8>> {
-    let mut v = Vec::new();
-    r.take(max).read_to_end(&mut v)?;
-    Ok(v)
+/// The caller recorded with a queued build (`{"authenticated": …, "trusted": …}`), for its
+/// check after a restart.
+fn stored_caller(json: &str) -> auth::Caller {
+    let v: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
+    let flag = |k: &str| v[k].as_bool().unwrap_or(false);
+    auth::Caller {
+        scopes: auth::Scopes::NONE,
+        authenticated: flag("authenticated"),
+        trusted: flag("trusted"),
+        token: None,
+        // The overlay it read is gone with the process that had it.
+        client: None,
+    }
 }

@@ -1,17 +1,22 @@
-//! The CI service's record of its builds, so that ids, outcomes and logs outlive the process:
-//! `<state>/serve/builds.sqlite` (one row per build) and `<state>/serve/logs/<id>.log` (the log
-//! of a finished build, written and synced before its row says it finished).
+//! The CI service's record of its builds and their steps, so that ids, outcomes, timestamps and
+//! logs outlive the process: `<state>/serve/builds.sqlite` (a row per build and per step) and
+//! `<state>/serve/logs/<id>.log` (step 0's log; step `n`'s is `<id>.<n>.log`), each written and
+//! synced before its row says the step finished.
 //!
-//! - A build is recorded when it is accepted (`queued`), when it starts (`running`) and when it
-//!   ends, with its outcome (Nix status and error, or the outputs JSON and attester kind).
-//! - On open, builds still recorded as queued or running were cut off (a crash, or a stop that
-//!   could not record them): they are marked failed ("the service stopped before this build
-//!   finished"). Ids continue after
-//!   the highest recorded one, so an id never names two builds.
+//! - A build is recorded when it is accepted (`queued`, with its submission and who sent it, so
+//!   that a restart can resume it), when it starts (`running`) and when it ends, with its
+//!   outcome (Nix status and error, the outputs JSON and attester kind, or `cancelled`). Each of
+//!   its steps (today one, the submitted derivation) has its own state, evidence kind, start and
+//!   end, and log. Timestamps are Unix seconds.
+//! - On open ([`Records::open`]), builds recorded as running were cut off (a crash, or a stop
+//!   that could not record them): they are marked failed ([`CUT_OFF`]). Queued builds are
+//!   handed back ([`Records::pending`]) for the service to check and queue again. Ids continue
+//!   after the highest recorded one, so an id never names two builds.
 //! - The newest [`MAX_RECORDS`] finished builds are kept; older rows and logs are pruned.
 //! - One service per state directory: the record holds an exclusive lock on `serve/lock`, so a
 //!   second `vouch serve` on the same state directory stops with an error instead of marking
 //!   the first one's builds as cut off.
+//! - A record of the first layout (one row per build, no steps) is migrated on open.
 //!
 //! What is not here: the queue and the builds themselves ([`super::builds`]).
 
@@ -25,10 +30,10 @@ use channel::messages::AttesterKind;
 
 use crate::store::db::now;
 
-/// Where a build is.
-#[derive(Debug, Clone)]
+/// Where a build or a step is.
+#[derive(Debug, Clone, PartialEq)]
 pub enum BuildState {
-    /// Waiting for a worker.
+    /// Waiting for a worker (a step: for its turn).
     Queued,
     /// Building.
     Running,
@@ -46,10 +51,33 @@ pub enum BuildState {
         /// Why.
         error: String,
     },
+    /// Cancelled by a caller (`DELETE /v1/builds/<id>`) before it finished.
+    Cancelled,
+}
+
+impl BuildState {
+    /// Its name in the API and the record.
+    pub fn name(&self) -> &'static str {
+        match self {
+            BuildState::Queued => "queued",
+            BuildState::Running => "running",
+            BuildState::Succeeded { .. } => "succeeded",
+            BuildState::Failed { .. } => "failed",
+            BuildState::Cancelled => "cancelled",
+        }
+    }
+
+    /// Whether it is an outcome.
+    pub fn is_finished(&self) -> bool {
+        !matches!(self, BuildState::Queued | BuildState::Running)
+    }
+
+    /// The state names, for filters.
+    pub const NAMES: [&'static str; 5] = ["queued", "running", "succeeded", "failed", "cancelled"];
 }
 
 /// Most finished builds kept on disk (with their logs, each at most
-/// [`super::builds::MAX_LOG_KEPT`] bytes).
+/// [`super::builds::MAX_LOG_KEPT`] bytes per step).
 pub const MAX_RECORDS: u64 = 2_000;
 
 /// What the service says of a build cut off by a stop or a crash.
@@ -57,16 +85,51 @@ pub const CUT_OFF: &str = "the service stopped before this build finished";
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS builds (
-    id        INTEGER PRIMARY KEY,
-    drv       TEXT NOT NULL,
-    state     TEXT NOT NULL CHECK (state IN ('queued', 'running', 'succeeded', 'failed')),
-    status    TEXT,
-    error     TEXT,
-    outputs   TEXT,
-    evidence  TEXT,
-    submitted INTEGER NOT NULL,
-    finished  INTEGER
-);";
+    id         INTEGER PRIMARY KEY,
+    drv        TEXT NOT NULL,
+    state      TEXT NOT NULL
+               CHECK (state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
+    status     TEXT,
+    error      TEXT,
+    outputs    TEXT,
+    evidence   TEXT,
+    submitted  INTEGER NOT NULL,
+    started    INTEGER,
+    finished   INTEGER,
+    submission TEXT,
+    caller     TEXT
+);
+CREATE INDEX IF NOT EXISTS builds_by_state ON builds (state, id);
+CREATE TABLE IF NOT EXISTS steps (
+    build    INTEGER NOT NULL REFERENCES builds (id) ON DELETE CASCADE,
+    idx      INTEGER NOT NULL,
+    drv      TEXT NOT NULL,
+    resolved TEXT,
+    state    TEXT NOT NULL,
+    status   TEXT,
+    error    TEXT,
+    evidence TEXT,
+    outputs  TEXT,
+    started  INTEGER,
+    finished INTEGER,
+    detail   TEXT,
+    PRIMARY KEY (build, idx)
+);
+CREATE INDEX IF NOT EXISTS steps_by_drv ON steps (drv);
+CREATE INDEX IF NOT EXISTS steps_by_resolved ON steps (resolved);
+PRAGMA user_version = 2;
+";
+
+/// The first layout (one row per build), migrated on open.
+const MIGRATE_V1: &str = "
+ALTER TABLE builds RENAME TO builds_v1;
+{SCHEMA}
+INSERT INTO builds (id, drv, state, status, error, outputs, evidence, submitted, finished)
+    SELECT id, drv, state, status, error, outputs, evidence, submitted, finished FROM builds_v1;
+INSERT INTO steps (build, idx, drv, state, status, error, evidence, outputs, started, finished)
+    SELECT id, 0, drv, state, status, error, evidence, outputs, submitted, finished FROM builds_v1;
+DROP TABLE builds_v1;
+";
 
 /// Why the build record could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -88,15 +151,52 @@ pub enum RecordError {
     Corrupt(u64, String),
 }
 
-/// A finished build read back from the record.
-#[derive(Debug)]
-pub struct Recorded {
-    /// The derivation.
+/// A build, as the API lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BuildInfo {
+    /// Its id.
+    pub id: u64,
+    /// The submitted derivation.
     pub drv: StorePath,
-    /// Its outcome (or `Queued`/`Running` while it is not finished).
+    /// Where it is.
     pub state: BuildState,
-    /// Its log (empty until it finished).
-    pub log: String,
+    /// When it was accepted.
+    pub submitted: i64,
+    /// When its first step started.
+    pub started: Option<i64>,
+    /// When it finished.
+    pub finished: Option<i64>,
+}
+
+/// One step of a build: one derivation built in its own VM.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepInfo {
+    /// Its index in the build (0: the first).
+    pub index: u32,
+    /// The derivation as submitted.
+    pub drv: StorePath,
+    /// The derivation built, where it differs (a content-addressed step, resolved).
+    pub resolved: Option<StorePath>,
+    /// Where it is (its evidence kind once it succeeded).
+    pub state: BuildState,
+    /// When it started.
+    pub started: Option<i64>,
+    /// When it finished.
+    pub finished: Option<i64>,
+    /// How its evidence was checked (JSON: `evidence_root`, `measurement`, `mode`), once it
+    /// succeeded.
+    pub detail: Option<serde_json::Value>,
+}
+
+/// A queued build found on open, for the service to check and queue again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    /// Its id.
+    pub id: u64,
+    /// The submission, as JSON.
+    pub submission: String,
+    /// Who sent it, as JSON.
+    pub caller: String,
 }
 
 /// The record (thread-safe).
@@ -107,47 +207,118 @@ pub struct Records {
     db_path: PathBuf,
     logs: PathBuf,
     next: u64,
+    pending: Vec<Pending>,
+}
+
+fn lock_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, RecordError> {
+    let lock_path = dir.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| RecordError::Lock(lock_path.clone(), e))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+        |(_, errno)| match errno {
+            nix::errno::Errno::EWOULDBLOCK => RecordError::InUse(lock_path.clone()),
+            e => RecordError::Lock(lock_path.clone(), e.into()),
+        },
+    )
+}
+
+fn open_db(db_path: &Path) -> rusqlite::Result<Connection> {
+    let db = crate::store::db::open_with(db_path, "")?;
+    let version: i64 = db.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let v1: bool = db
+        .query_row(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'builds'",
+            [],
+            |_| Ok(true),
+        )
+        .optional()?
+        .is_some();
+    if version < 2 && v1 {
+        let sql = MIGRATE_V1.replace("{SCHEMA}", SCHEMA);
+        db.execute_batch(&format!("BEGIN IMMEDIATE; {sql} COMMIT;"))?;
+        tracing::info!("build record migrated to the layout with steps");
+    } else {
+        db.execute_batch(&format!("BEGIN IMMEDIATE; {SCHEMA} COMMIT;"))?;
+    }
+    Ok(db)
+}
+
+/// The columns of a state: (name, status, error, outputs, evidence).
+fn columns(
+    state: &BuildState,
+) -> (&'static str, Option<&str>, Option<&str>, Option<String>, Option<String>) {
+    match state {
+        BuildState::Succeeded { outputs, attester } => {
+            ("succeeded", None, None, Some(outputs.to_string()), Some(attester.to_string()))
+        }
+        BuildState::Failed { status, error } => {
+            ("failed", Some(status.as_str()), Some(error.as_str()), None, None)
+        }
+        other => (other.name(), None, None, None, None),
+    }
 }
 
 impl Records {
-    /// Open (or create) the record in `dir`, marking cut-off builds failed.
+    /// Open (or create, or migrate) the record in `dir`: running builds are marked failed,
+    /// queued ones kept for [`Records::pending`].
     pub fn open(dir: &Path) -> Result<Records, RecordError> {
         let logs = dir.join("logs");
         std::fs::create_dir_all(&logs).map_err(|e| RecordError::Log(logs.clone(), e))?;
-        let lock_path = dir.join("lock");
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| RecordError::Lock(lock_path.clone(), e))?;
-        let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-            .map_err(|(_, errno)| match errno {
-                nix::errno::Errno::EWOULDBLOCK => RecordError::InUse(lock_path.clone()),
-                e => RecordError::Lock(lock_path.clone(), e.into()),
-            })?;
+        let lock = lock_dir(dir)?;
         let db_path = dir.join("builds.sqlite");
         let err = |e| RecordError::Db(db_path.clone(), e);
-        let db = crate::store::db::open_with(&db_path, SCHEMA).map_err(err)?;
+        let db = open_db(&db_path).map_err(err)?;
+        let t = now();
+        // A queued build without its submission (the first layout) cannot be resumed.
         let cut = db
             .execute(
                 "UPDATE builds SET state = 'failed', status = 'MiscFailure', error = ?1,
-                        finished = ?2 WHERE state IN ('queued', 'running')",
-                params![CUT_OFF, now()],
+                        finished = ?2
+                 WHERE state = 'running' OR (state = 'queued' AND submission IS NULL)",
+                params![CUT_OFF, t],
             )
             .map_err(err)?;
+        db.execute(
+            "UPDATE steps SET state = 'failed', status = 'MiscFailure', error = ?1, finished = ?2
+             WHERE state IN ('queued', 'running')
+               AND build IN (SELECT id FROM builds WHERE state = 'failed')",
+            params![CUT_OFF, t],
+        )
+        .map_err(err)?;
         if cut > 0 {
             tracing::warn!(builds = cut, "builds cut off by the last stop are recorded as failed");
         }
+        let pending = db
+            .prepare("SELECT id, submission, caller FROM builds WHERE state = 'queued' ORDER BY id")
+            .and_then(|mut s| {
+                s.query_map([], |r| {
+                    Ok(Pending {
+                        id: r.get::<_, i64>(0)? as u64,
+                        submission: r.get(1)?,
+                        caller: r.get::<_, Option<String>>(2)?.unwrap_or_default(),
+                    })
+                })?
+                .collect()
+            })
+            .map_err(err)?;
         let max: Option<i64> =
             db.query_row("SELECT MAX(id) FROM builds", [], |r| r.get(0)).map_err(err)?;
         let next = max.map_or(1, |m| m as u64 + 1);
-        Ok(Records { _lock: lock, db: Mutex::new(db), db_path, logs, next })
+        Ok(Records { _lock: lock, db: Mutex::new(db), db_path, logs, next, pending })
     }
 
     /// The first id not yet recorded.
     pub fn next_id(&self) -> u64 {
         self.next
+    }
+
+    /// The builds still queued when the record was opened, oldest first.
+    pub fn pending(&self) -> &[Pending] {
+        &self.pending
     }
 
     fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -158,243 +329,171 @@ impl Records {
         |e| RecordError::Db(self.db_path.clone(), e)
     }
 
-    fn log_path(&self, id: u64) -> PathBuf {
-        self.logs.join(format!("{id}.log"))
+    fn log_path(&self, id: u64, step: u32) -> PathBuf {
+        match step {
+            0 => self.logs.join(format!("{id}.log")),
+            n => self.logs.join(format!("{id}.{n}.log")),
+        }
     }
 
-    /// Record an accepted build.
-    pub fn queued(&self, id: u64, drv: &StorePath) -> Result<(), RecordError> {
-        self.db()
-            .execute(
-                "INSERT INTO builds (id, drv, state, submitted) VALUES (?1, ?2, 'queued', ?3)",
-                params![id as i64, drv.to_string(), now()],
+    /// Record an accepted build, its submission and caller (JSON) and its steps; when.
+    pub fn queued(
+        &self,
+        id: u64,
+        drv: &StorePath,
+        submission: &str,
+        caller: &str,
+        steps: &[StepInfo],
+    ) -> Result<i64, RecordError> {
+        let t = now();
+        let mut db = self.db();
+        let tx = db.transaction().map_err(self.err())?;
+        tx.execute(
+            "INSERT INTO builds (id, drv, state, submitted, submission, caller)
+             VALUES (?1, ?2, 'queued', ?3, ?4, ?5)",
+            params![id as i64, drv.to_string(), t, submission, caller],
+        )
+        .map_err(self.err())?;
+        for s in steps {
+            tx.execute(
+                "INSERT INTO steps (build, idx, drv, resolved, state) VALUES (?1, ?2, ?3, ?4, 'queued')",
+                params![id as i64, s.index, s.drv.to_string(), s.resolved.as_ref().map(|r| r.to_string())],
             )
-            .map(drop)
-            .map_err(self.err())
+            .map_err(self.err())?;
+        }
+        tx.commit().map_err(self.err())?;
+        Ok(t)
     }
 
-    /// Record that a build started.
-    pub fn running(&self, id: u64) -> Result<(), RecordError> {
-        self.db()
-            .execute("UPDATE builds SET state = 'running' WHERE id = ?1", [id as i64])
-            .map(drop)
-            .map_err(self.err())
+    /// Record that a build's step started (and the build, with its first step); when.
+    pub fn step_started(&self, id: u64, step: u32) -> Result<i64, RecordError> {
+        let t = now();
+        let db = self.db();
+        db.execute(
+            "UPDATE builds SET state = 'running', started = COALESCE(started, ?2) WHERE id = ?1",
+            params![id as i64, t],
+        )
+        .map_err(self.err())?;
+        db.execute(
+            "UPDATE steps SET state = 'running', started = ?3 WHERE build = ?1 AND idx = ?2",
+            params![id as i64, step, t],
+        )
+        .map_err(self.err())?;
+        Ok(t)
     }
 
-    /// Record how a build ended: its log first (synced), then its row; then prune.
-    pub fn finished(&self, id: u64, state: &BuildState, log: &str) -> Result<(), RecordError> {
-        let path = self.log_path(id);
+    /// Record how a step ended: its log first (synced), then its row; when.
+    pub fn step_finished(
+        &self,
+        id: u64,
+        step: u32,
+        state: &BuildState,
+        detail: Option<&serde_json::Value>,
+        log: &str,
+    ) -> Result<i64, RecordError> {
+        let path = self.log_path(id, step);
         build_trace::store::write_atomic(&path, log.as_bytes())
             .map_err(|e| RecordError::Log(path.clone(), e))?;
-        let (name, status, error, outputs, evidence) = match state {
-            BuildState::Succeeded { outputs, attester } => {
-                ("succeeded", None, None, Some(outputs.to_string()), Some(attester.to_string()))
-            }
-            BuildState::Failed { status, error } => {
-                ("failed", Some(status.as_str()), Some(error.as_str()), None, None)
-            }
-            BuildState::Queued | BuildState::Running => {
-                return Err(RecordError::Corrupt(id, "finished without an outcome".into()))
-            }
-        };
+        let (name, status, error, outputs, evidence) = columns(state);
+        let t = now();
+        self.db()
+            .execute(
+                "UPDATE steps SET state = ?3, status = ?4, error = ?5, evidence = ?6,
+                        finished = ?7, detail = ?8, outputs = ?9 WHERE build = ?1 AND idx = ?2",
+                params![
+                    id as i64,
+                    step,
+                    name,
+                    status,
+                    error,
+                    evidence,
+                    t,
+                    detail.map(|d| d.to_string()),
+                    outputs
+                ],
+            )
+            .map_err(self.err())?;
+        Ok(t)
+    }
+
+    /// Record how a build ended (its steps recorded first), then prune; when.
+    pub fn finished(&self, id: u64, state: &BuildState) -> Result<i64, RecordError> {
+        if !state.is_finished() {
+            return Err(RecordError::Corrupt(id, "finished without an outcome".into()));
+        }
+        let (name, status, error, outputs, evidence) = columns(state);
+        let t = now();
         let db = self.db();
         db.execute(
             "UPDATE builds SET state = ?2, status = ?3, error = ?4, outputs = ?5, evidence = ?6,
                     finished = ?7 WHERE id = ?1",
-            params![id as i64, name, status, error, outputs, evidence, now()],
+            params![id as i64, name, status, error, outputs, evidence, t],
         )
         .map_err(self.err())?;
-        self.prune(&db, MAX_RECORDS)
+        db.execute(
+            "UPDATE steps SET state = ?2, status = ?3, error = ?4, finished = ?5
+             WHERE build = ?1 AND state IN ('queued', 'running')",
+            params![id as i64, name, status, error, t],
+        )
+        .map_err(self.err())?;
+        self.prune(&db, MAX_RECORDS)?;
+        Ok(t)
     }
 
-    /// Record builds that failed without running (the service stopped first), in one
-    /// transaction and without logs.
-    pub fn never_started(&self, ids: &[u64], state: &BuildState) -> Result<(), RecordError> {
-        let BuildState::Failed { status, error } = state else {
-            return Err(RecordError::Corrupt(
-                ids.first().copied().unwrap_or(0),
-                "not a failure".into(),
-            ));
-        };
+    /// Record builds that ended without running (the service stopped first, a resumed
+    /// submission no longer checks, a cancel), in one transaction and without logs; when.
+    pub fn never_started(&self, ids: &[u64], state: &BuildState) -> Result<i64, RecordError> {
+        let (name, status, error, _, _) = columns(state);
+        let t = now();
         let mut db = self.db();
         let tx = db.transaction().map_err(self.err())?;
         for &id in ids {
-            tx.execute(
-                "UPDATE builds SET state = 'failed', status = ?2, error = ?3, finished = ?4
-                 WHERE id = ?1",
-                params![id as i64, status, error, now()],
-            )
-            .map_err(self.err())?;
+            for table in ["builds", "steps"] {
+                let key = if table == "builds" { "id" } else { "build" };
+                tx.execute(
+                    &format!(
+                        "UPDATE {table} SET state = ?2, status = ?3, error = ?4, finished = ?5
+                         WHERE {key} = ?1"
+                    ),
+                    params![id as i64, name, status, error, t],
+                )
+                .map_err(self.err())?;
+            }
         }
-        tx.commit().map_err(self.err())
+        tx.commit().map_err(self.err())?;
+        Ok(t)
     }
 
     /// Drop the rows and logs of finished builds older than the newest `keep`.
     fn prune(&self, db: &Connection, keep: u64) -> Result<(), RecordError> {
-        let old: Vec<i64> = db
+        let old: Vec<(i64, u32)> = db
             .prepare(
-                "SELECT id FROM builds WHERE state IN ('succeeded', 'failed') ORDER BY id DESC
+                "SELECT b.id, (SELECT COUNT(*) FROM steps s WHERE s.build = b.id) FROM builds b
+                 WHERE b.state IN ('succeeded', 'failed', 'cancelled') ORDER BY b.id DESC
                  LIMIT -1 OFFSET ?1",
             )
-            .and_then(|mut s| s.query_map([keep as i64], |r| r.get(0))?.collect())
+            .and_then(|mut s| s.query_map([keep as i64], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
             .map_err(self.err())?;
-        for id in old {
-            let path = self.log_path(id as u64);
-            match std::fs::remove_file(&path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(RecordError::Log(path, e))
+        for (id, steps) in old {
+            for step in 0..steps.max(1) {
+                let path = self.log_path(id as u64, step);
+                match std::fs::remove_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(RecordError::Log(path, e))
+                    }
+                    _ => {}
                 }
-                _ => {}
             }
+            db.execute("DELETE FROM steps WHERE build = ?1", [id]).map_err(self.err())?;
             db.execute("DELETE FROM builds WHERE id = ?1", [id]).map_err(self.err())?;
         }
         Ok(())
     }
-
-    /// A build as recorded, if it is.
-    pub fn load(&self, id: u64) -> Result<Option<Recorded>, RecordError> {
-        type Row = (String, String, Option<String>, Option<String>, Option<String>, Option<String>);
-        let row: Option<Row> = self
-            .db()
-            .query_row(
-                "SELECT drv, state, status, error, outputs, evidence FROM builds WHERE id = ?1",
-                [id as i64],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
-            )
-            .optional()
-            .map_err(self.err())?;
-        let Some((drv, state, status, error, outputs, evidence)) = row else {
-            return Ok(None);
-        };
-        let corrupt = |what: String| RecordError::Corrupt(id, what);
-        let drv = StorePath::parse(&drv).map_err(|e| corrupt(format!("drv {drv:?}: {e}")))?;
-        let state = match state.as_str() {
-            "queued" => BuildState::Queued,
-            "running" => BuildState::Running,
-            "succeeded" => BuildState::Succeeded {
-                outputs: serde_json::from_str(outputs.as_deref().unwrap_or_default())
-                    .map_err(|e| corrupt(format!("outputs: {e}")))?,
-                // Anything but the hardware label reads as simulated: never upgrade a claim.
-                attester: if evidence.as_deref() == Some("sev-snp") {
-                    AttesterKind::SevSnp
-                } else {
-                    AttesterKind::Simulated
-                },
-            },
-            _ => BuildState::Failed {
-                status: status.unwrap_or_else(|| "MiscFailure".into()),
-                error: error.unwrap_or_default(),
-            },
-        };
-        let path = self.log_path(id);
-        let log = match std::fs::read(&path) {
-            Ok(b) => String::from_utf8_lossy(&b).into_owned(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(RecordError::Log(path, e)),
-        };
-        Ok(Some(Recorded { drv, state, log }))
-    }
 }
+
+#[path = "records_read.rs"]
+mod read;
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn drv(n: u8) -> StorePath {
-        StorePath::from_parts([n; 20], "x.drv").unwrap()
-    }
-
-    #[test]
-    fn outcomes_and_logs_outlive_a_restart_and_cut_off_builds_fail() {
-        let t = tempfile::tempdir().unwrap();
-        let r = Records::open(t.path()).unwrap();
-        assert_eq!(r.next_id(), 1);
-        for id in 1..=4 {
-            r.queued(id, &drv(id as u8)).unwrap();
-        }
-        let outputs = serde_json::json!({"out": {"path": "/nix/store/x"}});
-        r.running(1).unwrap();
-        r.finished(
-            1,
-            &BuildState::Succeeded { outputs: outputs.clone(), attester: AttesterKind::SevSnp },
-            "a\n",
-        )
-        .unwrap();
-        let failed = BuildState::Failed { status: "TimedOut".into(), error: "too slow".into() };
-        r.finished(2, &failed, "b\n").unwrap();
-        r.running(3).unwrap();
-        drop(r);
-
-        let r = Records::open(t.path()).unwrap();
-        assert_eq!(r.next_id(), 5, "ids are never reused");
-        let one = r.load(1).unwrap().unwrap();
-        assert_eq!((one.drv, one.log.as_str()), (drv(1), "a\n"));
-        assert!(
-            matches!(one.state, BuildState::Succeeded { outputs: o, attester: AttesterKind::SevSnp } if o == outputs)
-        );
-        let two = r.load(2).unwrap().unwrap();
-        assert!(
-            matches!(two.state, BuildState::Failed { status, error } if status == "TimedOut" && error == "too slow")
-        );
-        for id in [3, 4] {
-            let BuildState::Failed { error, .. } = r.load(id).unwrap().unwrap().state else {
-                panic!("build {id} was cut off")
-            };
-            assert_eq!(error, CUT_OFF);
-        }
-        assert!(r.load(5).unwrap().is_none());
-        assert!(r.finished(4, &BuildState::Running, "").is_err(), "an outcome is required");
-    }
-
-    #[test]
-    fn one_service_per_state_directory() {
-        let t = tempfile::tempdir().unwrap();
-        let first = Records::open(t.path()).unwrap();
-        first.queued(1, &drv(1)).unwrap();
-        let e = Records::open(t.path()).unwrap_err();
-        assert!(matches!(e, RecordError::InUse(_)), "{e}");
-        assert!(matches!(first.load(1).unwrap().unwrap().state, BuildState::Queued), "untouched");
-        drop(first);
-        Records::open(t.path()).unwrap();
-    }
-
-    #[test]
-    fn only_the_newest_finished_builds_are_kept() {
-        let t = tempfile::tempdir().unwrap();
-        let r = Records::open(t.path()).unwrap();
-        let failed = BuildState::Failed { status: "MiscFailure".into(), error: "no".into() };
-        for id in 1..=5 {
-            r.queued(id, &drv(id as u8)).unwrap();
-            r.finished(id, &failed, "log\n").unwrap();
-        }
-        r.queued(6, &drv(6)).unwrap();
-        r.prune(&r.db(), 2).unwrap();
-        for id in 1..=3 {
-            assert!(r.load(id).unwrap().is_none(), "build {id} pruned");
-            assert!(!r.log_path(id).exists(), "log {id} pruned");
-        }
-        assert!(r.load(4).unwrap().is_some() && r.load(5).unwrap().is_some());
-        assert!(r.load(6).unwrap().is_some(), "an unfinished build is never pruned");
-    }
-
-    #[test]
-    fn an_edited_row_is_reported_not_trusted() {
-        let t = tempfile::tempdir().unwrap();
-        let r = Records::open(t.path()).unwrap();
-        r.queued(1, &drv(1)).unwrap();
-        let ok = BuildState::Succeeded {
-            outputs: serde_json::json!({}),
-            attester: AttesterKind::Simulated,
-        };
-        r.finished(1, &ok, "").unwrap();
-        r.db().execute("UPDATE builds SET evidence = 'SEV-SNP!' WHERE id = 1", []).unwrap();
-        let loaded = r.load(1).unwrap().unwrap();
-        assert!(matches!(
-            loaded.state,
-            BuildState::Succeeded { attester: AttesterKind::Simulated, .. }
-        ));
-        r.db().execute("UPDATE builds SET outputs = 'not json' WHERE id = 1", []).unwrap();
-        let e = r.load(1).unwrap_err();
-        assert!(e.to_string().contains("build 1"), "{e}");
-    }
-}
+#[path = "records_tests.rs"]
+mod tests;

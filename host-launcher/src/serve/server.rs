@@ -1,271 +1,302 @@
-//! The HTTP front-end of the CI service: a TCP listener, one thread per connection (HTTP/1.1
-//! keep-alive), each request parsed into an [`ApiAction`] and answered from the [`Service`].
+//! The CI service's connections: a tokio runtime, a TCP listener, TLS (rustls) when configured,
+//! and hyper's HTTP/1.1 on each connection, serving the axum router of [`super::http`].
 //!
-//! - At most [`MAX_CONNECTIONS`] connections at once (each its thread); more are answered 503.
-//! - Errors are answered with their status and a message naming what was wrong: plain text on
-//!   the binary cache routes (Nix prints it), `{"error": …}` on `/v1/…`. A refused request whose
-//!   body was not read closes the connection.
+//! - **Strict parsing** is hyper's: no bare CR or NUL in a head, header names are tokens, one
+//!   `Content-Length`, heads of at most [`MAX_HEAD`] bytes and [`MAX_HEADERS`] lines.
+//! - **A deadline for the whole request head** ([`ConnLimits::head_timeout`], hyper's header
+//!   read timeout): it runs from when a connection waits for a request (the first, or the next
+//!   on a kept-alive connection) until the head is complete, however the bytes trickle in; the
+//!   TLS handshake has the same deadline. A client that sends one byte a second is closed.
+//! - **Connection limits**: at most [`ConnLimits::per_peer`] connections from one IP address;
+//!   at most [`ConnLimits::max`] in all, of which a quarter is **reserved for token holders**:
+//!   only an address that presented a configured token in the last [`HOLDER_MEMORY`] may open a
+//!   connection in the reserved part ([`Holders`]), and such a connection may only carry
+//!   requests that present a token (others are answered 503 and the connection closed). So
+//!   anonymous clients, however many addresses they use, cannot lock a token holder out, and
+//!   one address cannot lock out the others. Over the limits, a connection is answered 503 and
+//!   closed.
+//! - The service's synchronous core (the engine, content store, SQLite) never runs on the
+//!   executor: requests run it through `spawn_blocking` ([`super::http`]; only a trace-store
+//!   narinfo, a small file, is read on the executor), builds on their own worker threads
+//!   ([`super::builds`]).
 //! - **Shutdown** ([`serve_http`]): when the stop source fires (SIGINT/SIGTERM), the listener
-//!   closes, queued builds fail without starting, `on_stop` runs (the CLI cancels running builds
-//!   through the launcher's `Cancel`, killing their VMs), and the build workers are joined.
-//!   Connections still open are dropped with the process.
+//!   closes, queued builds fail without starting, running builds are cancelled (their VMs
+//!   killed), `on_stop` runs, the build workers are joined, and open connections are dropped.
 //!
-//! What is not here: the byte-level protocol ([`super::http`]), routes ([`super::api`]).
+//! What is not here: routes and handlers ([`super::http`]), TLS configuration ([`super::tls`]).
 
-use std::io::{BufReader, BufWriter, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::api::{self, ApiAction, Route};
-use super::http::{self, HttpError, Request, Response};
-use super::{ApiError, ApiReply, Service};
+use super::http::ConnInfo;
+use super::Service;
 use crate::signals::StopSource;
 
-/// Most bytes of a narinfo upload.
-pub const MAX_NARINFO: u64 = 1 << 20;
-/// Most bytes of a build submission.
-pub const MAX_SUBMISSION: u64 = 64 << 10;
-/// Most connections served at once; more are answered 503 and closed.
-pub const MAX_CONNECTIONS: usize = 256;
-/// Most bytes of a refused request's body read and dropped to keep the connection.
-pub const MAX_DRAIN: u64 = 1 << 20;
-/// How long a connection may be idle (or a body stall) before it is closed.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Most bytes hyper buffers for a request (its head, a piece of its body).
+pub const MAX_HEAD_BUF: usize = 64 << 10;
+/// Most bytes of a request head.
+pub const MAX_HEAD: usize = 16 << 10;
+/// Most header lines.
+pub const MAX_HEADERS: usize = 100;
+/// How long an address that presented a token counts as a token holder's.
+pub const HOLDER_MEMORY: Duration = Duration::from_secs(3600);
+/// Most addresses remembered as token holders' (the oldest are forgotten first).
+pub const MAX_HOLDERS: usize = 4096;
 
-fn api_route(path: &str) -> bool {
-    path.starts_with("/v1/") || path == "/healthz"
-}
+/// The addresses that recently presented a configured token: the only ones admitted into the
+/// reserved capacity.
+#[derive(Debug, Default)]
+pub struct Holders(Mutex<HashMap<IpAddr, Instant>>);
 
-fn error_response(path: &str, status: u16, msg: &str) -> Response {
-    if api_route(path) {
-        Response::json(status, &serde_json::json!({ "error": msg }))
-    } else {
-        Response::error(status, msg)
-    }
-}
-
-fn reply_response(r: ApiReply) -> Response {
-    match r {
-        ApiReply::Bytes(ct, b) => Response::bytes(200, ct, b),
-        ApiReply::File(ct, f, len) => Response {
-            status: 200,
-            content_type: ct,
-            body: http::Body::Stream(Box::new(BufReader::with_capacity(1 << 16, f)), len),
-        },
-        ApiReply::Json(status, v) => Response::json(status, &v),
-    }
-}
-
-fn from_http(e: HttpError) -> ApiError {
-    ApiError::new(e.status, e.msg)
-}
-
-/// One exchange: the response, and how many bytes of the request's body were left unread.
-fn exchange(
-    req: &Request,
-    conn: &mut BufReader<TcpStream>,
-    out: &mut BufWriter<TcpStream>,
-    service: &Service,
-    peer: std::net::IpAddr,
-) -> (Response, u64) {
-    let route = match api::route(&req.method, &req.path) {
-        Ok(r) => r,
-        Err(e) => return (error_response(&req.path, e.status, &e.msg), req.content_length),
-    };
-    let caller = service.caller(req.header("authorization"));
-    if route.needs_access() && !caller.access {
-        let msg = format!(
-            "{} {} needs the service's access token (Authorization: Bearer TOKEN, or HTTP Basic \
-             with the token as password, e.g. from a netrc entry)",
-            req.method, req.path
-        );
-        return (error_response(&req.path, 401, &msg), req.content_length);
-    }
-    let uploader = super::upload::Uploader::new(&caller, peer);
-    let mut remaining = req.content_length;
-    let result = (|| {
-        let action = match route {
-            Route::Health => ApiAction::Health,
-            Route::CacheInfo => ApiAction::CacheInfo,
-            Route::NarInfo(hash) => ApiAction::NarInfo { hash, uploads_visible: caller.access },
-            Route::CacheFile(p) => ApiAction::CacheFile(p),
-            Route::BuildStatus(id) => ApiAction::BuildStatus(id),
-            Route::BuildLog(id) => ApiAction::BuildLog(id),
-            Route::PutNar(name) => {
-                let max = u64::MAX;
-                let mut body = req.body(conn, out, max).map_err(from_http)?;
-                let r = service.handle(ApiAction::PutNar {
-                    name,
-                    uploader,
-                    body: &mut body,
-                    len: req.content_length,
-                });
-                remaining = body.limit();
-                return r;
+impl Holders {
+    /// `ip` presented a configured token now.
+    pub fn saw(&self, ip: IpAddr) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if m.len() >= MAX_HOLDERS && !m.contains_key(&ip) {
+            m.retain(|_, t| now.duration_since(*t) < HOLDER_MEMORY);
+            if m.len() >= MAX_HOLDERS {
+                if let Some(oldest) = m.iter().min_by_key(|(_, t)| **t).map(|(ip, _)| *ip) {
+                    m.remove(&oldest);
+                }
             }
-            Route::PutNarInfo(hash) => {
-                let text = small_body(req, conn, out, MAX_NARINFO, &mut remaining)?;
-                let text = String::from_utf8(text)
-                    .map_err(|_| ApiError::new(400, format!("{hash}.narinfo is not UTF-8")))?;
-                let info = nix_formats::narinfo::NarInfo::parse(&text).map_err(|e| {
-                    ApiError::new(400, format!("{hash}.narinfo: {}", build_trace::error_chain(&e)))
-                })?;
-                ApiAction::PutNarInfo { hash, info: Box::new(info), caller, uploader }
-            }
-            Route::SubmitBuild => {
-                let body = small_body(req, conn, out, MAX_SUBMISSION, &mut remaining)?;
-                let s = serde_json::from_slice(&body).map_err(|e| {
-                    ApiError::new(400, format!("the build request is not valid JSON of the form {{\"drv\": \"/nix/store/…drv\"}}: {e}"))
-                })?;
-                ApiAction::SubmitBuild { submission: s, caller }
-            }
-        };
-        service.handle(action)
-    })();
-    match result {
-        Ok(r) => (reply_response(r), remaining),
-        Err(e) => (error_response(&req.path, e.status, &e.msg), remaining),
+        }
+        m.insert(ip, now);
+    }
+
+    fn holds(&self, ip: IpAddr) -> bool {
+        let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(&ip).is_some_and(|t| t.elapsed() < HOLDER_MEMORY)
     }
 }
 
-fn small_body(
-    req: &Request,
-    conn: &mut BufReader<TcpStream>,
-    out: &mut BufWriter<TcpStream>,
-    max: u64,
-    remaining: &mut u64,
-) -> Result<Vec<u8>, ApiError> {
-    let mut body = req.body(conn, out, max).map_err(from_http)?;
-    let v = super::read_small(&mut body, max)
-        .map_err(|e| ApiError::new(400, format!("reading the request body: {e}")))?;
-    *remaining = body.limit();
-    if *remaining > 0 {
-        return Err(ApiError::new(400, "the request body ended early"));
-    }
-    Ok(v)
+/// Limits on connections (see the module docs).
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    /// Connections at once, in all (a quarter reserved for token holders).
+    pub max: usize,
+    /// Connections at once from one IP address.
+    pub per_peer: usize,
+    /// Deadline for a request head (and the TLS handshake).
+    pub head_timeout: Duration,
 }
 
-/// Serve one connection until the client closes it or an exchange cannot continue.
-pub fn connection(stream: TcpStream, service: &Service) {
-    let peer_addr = stream.peer_addr().ok();
-    let peer_ip = peer_addr.map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |a| a.ip());
-    let peer = peer_addr.map_or_else(|| "?".into(), |a| a.to_string());
-    let _ = stream.set_read_timeout(Some(IDLE_TIMEOUT));
-    let _ = stream.set_write_timeout(Some(IDLE_TIMEOUT));
-    let Ok(read_half) = stream.try_clone() else { return };
-    let mut conn = BufReader::with_capacity(1 << 16, read_half);
-    let mut out = BufWriter::with_capacity(1 << 16, stream);
-    loop {
-        let req = match http::read_request(&mut conn) {
-            Ok(Some(r)) => r,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::debug!(%peer, "bad request: {e}");
-                let _ =
-                    http::write_response(&mut out, Response::error(e.status, &e.msg), false, false);
+impl Default for ConnLimits {
+    fn default() -> Self {
+        ConnLimits { max: 1024, per_peer: 64, head_timeout: Duration::from_secs(20) }
+    }
+}
+
+/// Open connections per address; an entry leaves with its last connection.
+#[derive(Debug, Default)]
+struct Peers(Mutex<HashMap<IpAddr, usize>>);
+
+/// One connection's place in [`Peers`].
+struct PeerSlot(Arc<Peers>, IpAddr);
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut m = self.0 .0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
+
+impl Peers {
+    fn enter(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<PeerSlot> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot(self.clone(), ip))
+    }
+}
+
+/// What accepts connections.
+struct Acceptor {
+    service: Arc<Service>,
+    router: axum::Router,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    limits: ConnLimits,
+    peers: Arc<Peers>,
+    open: Arc<Semaphore>,
+    reserved: Arc<Semaphore>,
+    holders: Arc<Holders>,
+}
+
+impl Acceptor {
+    /// Admit a connection from `peer`, or say why not.
+    fn admit(&self, peer: IpAddr) -> Result<(PeerSlot, OwnedSemaphorePermit, bool), String> {
+        let slot = self.peers.enter(peer, self.limits.per_peer).ok_or_else(|| {
+            format!("more than {} connections from {peer}; try again", self.limits.per_peer)
+        })?;
+        if let Ok(p) = self.open.clone().try_acquire_owned() {
+            return Ok((slot, p, false));
+        }
+        let full = || format!("more than {} connections; try again", self.limits.max);
+        if !self.holders.holds(peer) {
+            return Err(full());
+        }
+        match self.reserved.clone().try_acquire_owned() {
+            Ok(p) => Ok((slot, p, true)),
+            Err(_) => Err(full()),
+        }
+    }
+
+    fn accept(self: &Arc<Self>, tcp: tokio::net::TcpStream, peer: SocketAddr) {
+        let admitted = self.admit(peer.ip());
+        let me = self.clone();
+        tokio::spawn(async move {
+            let (slot, permit, reserved) = match admitted {
+                Ok(a) => a,
+                Err(msg) => {
+                    tracing::info!(%peer, "connection refused: {msg}");
+                    me.service.metrics().response(503);
+                    return refuse(tcp, &msg).await;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            match &me.tls {
+                Some(acceptor) => {
+                    let handshake =
+                        tokio::time::timeout(me.limits.head_timeout, acceptor.accept(tcp)).await;
+                    match handshake {
+                        Ok(Ok(s)) => me.serve(s, me.info(peer, reserved, true)).await,
+                        Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake: {e}"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake: past the head deadline"),
+                    }
+                }
+                None => me.serve(tcp, me.info(peer, reserved, false)).await,
+            }
+            drop((slot, permit));
+        });
+    }
+
+    fn info(&self, peer: SocketAddr, reserved: bool, tls: bool) -> ConnInfo {
+        ConnInfo { peer, reserved, tls, holders: self.holders.clone() }
+    }
+
+    async fn serve<I>(&self, io: I, info: ConnInfo)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let router = self.router.clone();
+        let svc =
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(info.clone());
+                tower::ServiceExt::oneshot(router.clone(), req.map(axum::body::Body::new))
+            });
+        let mut b = hyper::server::conn::http1::Builder::new();
+        b.timer(TokioTimer::new())
+            .header_read_timeout(self.limits.head_timeout)
+            .max_buf_size(MAX_HEAD_BUF)
+            .max_header_size(MAX_HEAD)
+            .max_headers(MAX_HEADERS);
+        if let Err(e) = b.serve_connection(TokioIo::new(io), svc).await {
+            tracing::debug!("connection: {e}");
+        }
+    }
+}
+
+/// Answer 503 on a connection that is not admitted, and close it.
+async fn refuse(mut tcp: tokio::net::TcpStream, msg: &str) {
+    let text = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\nRetry-After: 1\r\n\r\n{msg}\n",
+        msg.len() + 1
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), tcp.write_all(text.as_bytes())).await;
+    let _ = tcp.shutdown().await;
+}
+
+/// A future that resolves when `fd` (the stop source's) becomes readable, watched by a thread
+/// that ends with the future.
+fn stop_waiter(fd: std::os::fd::OwnedFd) -> tokio::sync::oneshot::Receiver<()> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new().name("stop-waiter".into()).spawn(move || loop {
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(200u16)) {
+            Ok(n) if n > 0 => {
+                let _ = tx.send(());
                 return;
             }
-        };
-        let (resp, mut remaining) = exchange(&req, &mut conn, &mut out, service, peer_ip);
-        // A refused request's unread body is read and dropped when it is small and on its way
-        // (closing on unread data would reset the connection before the client reads why).
-        let waiting = req.expect_continue && remaining == req.content_length;
-        if remaining > 0 && remaining <= MAX_DRAIN && !waiting {
-            remaining -=
-                std::io::copy(&mut (&mut conn).take(remaining), &mut std::io::sink()).unwrap_or(0);
+            _ if tx.is_closed() => return,
+            _ => {}
         }
-        let keep = req.keep_alive && remaining == 0;
-        let head = req.method == "HEAD";
-        tracing::debug!(%peer, method = %req.method, path = %req.path, status = resp.status, "request");
-        if resp.status >= 400 && resp.status != 404 {
-            tracing::info!(%peer, method = %req.method, path = %req.path, status = resp.status, "refused");
-        }
-        if let Err(e) = http::write_response(&mut out, resp, head, keep) {
-            tracing::debug!(%peer, "writing the response: {e}");
-            return;
-        }
-        if !keep {
-            let _ = out.flush();
-            return;
-        }
+    });
+    if let Err(e) = spawned {
+        tracing::error!("cannot watch for SIGINT/SIGTERM: {e}");
     }
+    rx
 }
 
-/// Accept connections on `listener` until `stop` fires, then shut down as the module docs say.
+/// Serve on `listener` until `stop` fires, then shut down as the module docs say.
 pub fn serve_http(
-    listener: TcpListener,
+    listener: std::net::TcpListener,
     stop: &mut dyn StopSource,
     service: Arc<Service>,
     jobs: usize,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    limits: ConnLimits,
     on_stop: &dyn Fn(),
 ) -> Result<(), std::io::Error> {
-    listener.set_nonblocking(true)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("http")
+        .max_blocking_threads(64)
+        .enable_all()
+        .build()?;
     let workers = service.builds().start_workers(jobs);
-    let open = Arc::new(AtomicUsize::new(0));
-    let reason = loop {
-        let mut fds = [
-            PollFd::new(listener.as_fd(), PollFlags::POLLIN),
-            PollFd::new(stop.fd(), PollFlags::POLLIN),
-        ];
-        match poll(&mut fds, PollTimeout::NONE) {
-            Ok(_) => {}
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(e.into()),
-        }
-        let stop_ready = fds[1].revents().is_some_and(|r| !r.is_empty());
-        if stop_ready {
-            break stop.take();
-        }
+    let reserved = (limits.max / 4).max(1);
+    let acceptor = Arc::new(Acceptor {
+        router: super::http::router(service.clone()),
+        service: service.clone(),
+        tls: tls.map(tokio_rustls::TlsAcceptor::from),
+        limits,
+        peers: Arc::default(),
+        open: Arc::new(Semaphore::new(limits.max.saturating_sub(reserved).max(1))),
+        reserved: Arc::new(Semaphore::new(reserved)),
+        holders: Arc::default(),
+    });
+    let reason = rt.block_on(async {
+        listener.set_nonblocking(true)?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let mut stopped = stop_waiter(stop.fd().try_clone_to_owned()?);
         loop {
-            match listener.accept() {
-                Ok((mut stream, _)) => {
-                    let _ = stream.set_nonblocking(false);
-                    if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-                        open.fetch_sub(1, Ordering::SeqCst);
-                        let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-                        let msg = format!("more than {MAX_CONNECTIONS} connections; try again");
-                        let _ = http::write_response(
-                            &mut stream,
-                            Response::error(503, &msg),
-                            false,
-                            false,
-                        );
-                        continue;
+            tokio::select! {
+                _ = &mut stopped => break Ok::<String, std::io::Error>(stop.take()),
+                accepted = listener.accept() => match accepted {
+                    Ok((tcp, peer)) => acceptor.accept(tcp, peer),
+                    Err(e) => {
+                        tracing::warn!("accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                     }
-                    let svc = service.clone();
-                    let open = open.clone();
-                    let spawned = std::thread::Builder::new().name("http-connection".into()).spawn(
-                        move || {
-                            connection(stream, &svc);
-                            open.fetch_sub(1, Ordering::SeqCst);
-                        },
-                    );
-                    if let Err(e) = spawned {
-                        tracing::error!("cannot start a connection thread: {e}");
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    tracing::warn!("accept: {e}");
-                    break;
-                }
+                },
             }
         }
-    };
+    })?;
     tracing::info!(
         "stopping on {reason}: no new connections; queued builds fail, running ones are cancelled"
     );
-    drop(listener);
     service.builds().stop();
     on_stop();
     for w in workers {
         let _ = w.join();
     }
+    rt.shutdown_timeout(Duration::from_secs(1));
     tracing::info!("stopped");
     Ok(())
 }

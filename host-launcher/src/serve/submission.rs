@@ -65,7 +65,7 @@ impl Service {
             return Err(bad(400, format!("\"drv\": {drv_path} is not a derivation (.drv)")));
         }
         let how = format!(
-            "upload it and its inputs first: nix copy --to 'http://HOST:PORT?compression=none' --derivation {drv_path}"
+            "upload it and its inputs first: nix copy --to http://HOST:PORT --derivation {drv_path}"
         );
         let view = self.view_of(caller);
         let info = view.path_info(&drv_path).map_err(store_error)?.ok_or_else(|| {

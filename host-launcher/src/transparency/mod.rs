@@ -6,4 +6,5 @@
 //! key and origin (`crate::core::keys`).
 
 pub mod client;
+pub mod http1;
 pub mod witness;

@@ -11,7 +11,7 @@ use build_trace::tlog::witness::{request_body, Witness, SIZE_MEDIA_TYPE};
 use build_trace::tlog::{Checkpoint, DirTiles, LogView, LogWriter, NoteVerifierKey, TlogError};
 
 use super::client::request;
-use crate::serve::http::{read_request, write_response, Response};
+use super::http1::{read_request, write_response, Response};
 
 /// The largest request body a witness reads (a checkpoint with its signatures and 63 proof
 /// lines is a few KiB).

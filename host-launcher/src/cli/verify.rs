@@ -109,9 +109,9 @@ pub enum VerifyCmdError {
 }
 
 pub fn run(args: Args, global: &Global) -> CmdResult {
-    // The policy first: a wrong one is the user's to fix whatever the argument names.
-    let policy = load_policy(args.policy.as_deref(), &args.image_manifests)?;
-    let prepared = policy.prepare()?;
+    // A policy the user gave comes first: a wrong one is theirs to fix whatever the argument
+    // names. The default policy (which needs an image manifest) waits for a valid argument.
+    let given = args.policy.as_deref().map(super::policy::load).transpose()?;
     let dirs = if args.traces.is_empty() {
         vec![default_trace_store(&global.state_dir())]
     } else {
@@ -124,6 +124,11 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     if named.candidates.is_empty() {
         return Err(VerifyCmdError::NoDerivation(named.path.to_string()).into());
     }
+    let policy = match given {
+        Some(p) => p,
+        None => load_policy(None, &args.image_manifests)?,
+    };
+    let prepared = policy.prepare()?;
     // A policy that accepts any guest says so before anything else.
     let banner = prepared.any_guest_banner();
     if let Some(b) = &banner {

@@ -108,6 +108,15 @@ fn record_times(entry_dir: &Path, total: std::time::Duration) {
     }
 }
 
+/// The `trusted-public-keys` entry of the key the publish step signs with under `key_name`,
+/// creating the key now if there is none yet (as the first publication would): what a service
+/// prints at start so that its users can trust its cache before its first build.
+pub fn public_key_line(state_dir: &Path, key_name: &str) -> Result<String, PublishError> {
+    let key =
+        build_trace::sign::load_or_generate_key(state_dir, key_name).map_err(PublishError::Key)?;
+    Ok(key.public_key().to_string())
+}
+
 /// Publish a checked step (see the module docs): into the trace store, and into
 /// `content_store` when there is one.
 pub fn publish(

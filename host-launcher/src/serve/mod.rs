@@ -194,8 +194,7 @@ impl Service {
         let staging =
             upload::Staging::open(&state_dir.join("serve/staging"), cfg.store_cfg.max_bytes)?;
         let key_name = cfg.engine.publish.key_naming.check_for(&cfg.engine.launcher)?;
-        let key = build_trace::sign::load_or_generate_key(state_dir, &key_name)?;
-        let public_key = key.public_key().to_string();
+        let public_key = crate::core::publish::public_key_line(state_dir, &key_name)?;
         let metrics = Arc::new(metrics::Metrics::default());
         // Each trusted client's uploads that vouch cannot certify: its overlay, for this
         // process's life (the HTTP API has no sessions; one trusted token is one client).

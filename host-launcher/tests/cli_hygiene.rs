@@ -10,16 +10,14 @@ use nix_formats::StorePath;
 use sha2::{Digest, Sha256};
 use test_support::snp::testdata;
 
+use test_support::nix::text;
+
 fn vouch(args: &[&str], state: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_vouch"))
         .args(args)
         .env("VOUCH_STATE_DIR", state)
         .output()
         .expect("run vouch")
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
 #[test]

@@ -9,16 +9,14 @@ use std::process::{Command, Output};
 use build_trace::evidence::{EvidenceBundle, Expected, Verifier};
 use build_trace::trust::TrustPolicy;
 
+use test_support::nix::text;
+
 fn vouch(args: &[&str], state: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_vouch"))
         .args(args)
         .env("VOUCH_STATE_DIR", state)
         .output()
         .expect("run vouch")
-}
-
-fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
 const SNP_M: &str = "377d0e1eebe8cf07dbc412054bd98c1022ce1694c2253a5e2c7e1d5180d182ea2019c5e023c469fe4c2544845832dd4c";

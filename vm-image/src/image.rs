@@ -423,34 +423,22 @@ mod tests {
         let out = t.path().join("img");
         let m = build_image(&spec, &out).unwrap();
         let snp = m.snp.clone().unwrap();
-        let again = measure::snp_measurement(
-            &SnpInputs {
-                ovmf: &ovmf,
-                kernel: Some(&out.join(files::BZIMAGE)),
-                initrd: Some(&out.join(files::INITRD)),
-                cmdline: Some(CMDLINE),
-                ovmf_hash: None,
-            },
-            &SnpParams::default(),
-        )
-        .unwrap();
+        let (kernel, initrd) = (out.join(files::BZIMAGE), out.join(files::INITRD));
+        let inputs = SnpInputs {
+            ovmf: &ovmf,
+            kernel: Some(&kernel),
+            initrd: Some(&initrd),
+            cmdline: Some(CMDLINE),
+            ovmf_hash: None,
+        };
+        let again = measure::snp_measurement(&inputs, &SnpParams::default()).unwrap();
         assert_eq!(snp.expected_measurement, hex::encode(again));
         // One measurement per vCPU count (a VMSA per vCPU is measured): 1 (the default), 2, 4.
         assert_eq!(snp.measurements.iter().map(|s| s.vcpus).collect::<Vec<_>>(), [1, 2, 4]);
         assert_eq!(snp.measurement_for(1, "EPYC-v4"), Some(snp.expected_measurement.as_str()));
         for shape in &snp.measurements {
             let params = SnpParams { vcpus: shape.vcpus, ..SnpParams::default() };
-            let want = measure::snp_measurement(
-                &SnpInputs {
-                    ovmf: &ovmf,
-                    kernel: Some(&out.join(files::BZIMAGE)),
-                    initrd: Some(&out.join(files::INITRD)),
-                    cmdline: Some(CMDLINE),
-                    ovmf_hash: None,
-                },
-                &params,
-            )
-            .unwrap();
+            let want = measure::snp_measurement(&inputs, &params).unwrap();
             assert_eq!(snp.measurement_for(shape.vcpus, "EPYC-v4"), Some(&*hex::encode(want)));
         }
         assert_ne!(snp.measurement_for(2, "EPYC-v4"), snp.measurement_for(4, "EPYC-v4"));

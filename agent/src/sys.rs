@@ -3,7 +3,9 @@
 //! ioctls), the only modules of the agent allowed `unsafe` (the crate root denies it elsewhere).
 //!
 //! What is here: bringing the loopback interface up (`SIOCGIFFLAGS`/`SIOCSIFFLAGS`), as Nix's
-//! sandbox does for builders (many test suites need `127.0.0.1`).
+//! sandbox does for builders (many test suites need `127.0.0.1`), and the guest's uptime at
+//! nanosecond resolution ([`boot_time`]; `/proc/uptime` has only 10 ms, too coarse for the
+//! phases of a step).
 //! What is not here: the SEV guest ioctls (`crate::sev_guest`).
 
 use std::io;
@@ -37,4 +39,15 @@ pub fn loopback_up() -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Time since boot (`CLOCK_BOOTTIME`), or `None` if the clock cannot be read.
+pub fn boot_time() -> Option<std::time::Duration> {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime(2) writes one `timespec` into `ts`, which lives for the whole call;
+    // the clock id is a constant the kernel knows.
+    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } != 0 {
+        return None;
+    }
+    Some(std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
 }

@@ -3,7 +3,8 @@
 //! Order (see `channel::messages` for the frames): send `Hello`; read `Setup` and the **launch**;
 //! check the launch ([`accept_launch`]): it must describe this VM ([`VmShape`]: vCPU count,
 //! memory) and, on SNP hardware, hash to the HOST_DATA of the first report (the simulated signer
-//! the host sent takes its hash as HOST_DATA, said loudly); send `Ready`. A pool VM waits here,
+//! the host sent takes its hash as HOST_DATA, said loudly); a launch that names no job (a pool
+//! VM) is followed by a rehearsal over synthetic data (`crate::rehearsal`); send `Ready`. A pool VM waits here,
 //! silent, until its job comes. Then read **one** job, which the launch must admit
 //! (`Launch::admits`); receive and check the inputs; recompute claimed content addresses; run
 //! the builder (log streamed); hash the outputs; build the statement (launch and job); attest
@@ -12,7 +13,7 @@
 //! the caller waits for the host to close the channel, discarding what comes, and powers off,
 //! so a VM never runs a second job (a second `Job` frame where inputs belong is a protocol
 //! failure). From the job until just before `Bye` a heartbeat thread
-//! ([`channel::liveness::Heartbeat`]) shares the writer, so the host can tell a silent builder
+//! ([`channel::liveness::Heartbeat`], spawned at `Hello` and parked until the job) shares the writer, so the host can tell a silent builder
 //! from a stalled channel; every write is at most [`GUEST_MAX_WRITE`] bytes.
 //!
 //! What is not here: mounting, connecting and powering off (`crate::pid1`, `main`).
@@ -125,11 +126,19 @@ pub struct GuestPaths {
     pub build: std::path::PathBuf,
     /// The VM's shape, which a launch must describe.
     pub shape: VmShape,
+    /// Scratch directory of a pool VM's rehearsal (`crate::rehearsal`), outside the store and
+    /// the build directory (`/tmp/vouch-rehearsal`).
+    pub rehearsal: std::path::PathBuf,
 }
 
 impl Default for GuestPaths {
     fn default() -> Self {
-        GuestPaths { store: "/nix/store".into(), build: "/build".into(), shape: VmShape::probe() }
+        GuestPaths {
+            store: "/nix/store".into(),
+            build: "/build".into(),
+            shape: VmShape::probe(),
+            rehearsal: "/tmp/vouch-rehearsal".into(),
+        }
     }
 }
 
@@ -210,8 +219,10 @@ pub fn serve<R: Read, W: Write + Send + 'static>(
             uptime_ms: uptime_ms(),
         },
     )?;
-    let result = accept_launch(&mut r, &w, hw.take(), &paths.shape)
-        .and_then(|launched| one_job(&mut r, &w, launched, paths));
+    // Spawned now, parked until the job: creating a thread is slow under TCG.
+    let heartbeat = Heartbeat::parked(w.clone(), HEARTBEAT_INTERVAL, uptime_ms);
+    let result = accept_launch(&mut r, &w, hw.take(), paths)
+        .and_then(|launched| one_job(&mut r, &w, heartbeat, launched, paths));
     let result = match result {
         Ok(()) => {
             say("step done");
@@ -236,13 +247,15 @@ struct Launched {
 }
 
 /// Read `Setup` and the launch, check the launch against this VM and its HOST_DATA, get the
-/// attester ready, send `Ready`.
+/// attester ready, rehearse a step if the launch names no job (a pool VM: `crate::rehearsal`),
+/// send `Ready`.
 fn accept_launch<R: Read, W: Write>(
     r: &mut FrameReader<R>,
     w: &SharedFrameWriter<W>,
     hw: Option<attest::SevSnp>,
-    shape: &VmShape,
+    paths: &GuestPaths,
 ) -> Result<Launched, StepError> {
+    let shape = &paths.shape;
     let setup: Setup = r.expect(Kind::Setup, "Setup")?.json()?;
     let bytes = r.expect(Kind::Launch, "the launch")?.payload;
     let launch = Launch::from_canonical_bytes(&bytes).map_err(StepError::Launch)?;
@@ -269,19 +282,31 @@ fn accept_launch<R: Read, W: Write>(
         }
     };
     say(&format!("launch {} accepted (HOST_DATA {})", launch.nonce, hex::encode(host_data)));
+    if launch.job.is_none() {
+        let t = std::time::Instant::now();
+        match crate::rehearsal::rehearse(&paths.rehearsal, &launch) {
+            Ok(()) => say(&format!(
+                "pool VM: rehearsed a step over synthetic data in {:.3} s",
+                t.elapsed().as_secs_f64()
+            )),
+            Err(e) => say(&format!("warning: rehearsal failed: {}", build_trace::error_chain(&e))),
+        }
+    }
     w.send_json(Kind::Ready, &Ready { uptime_ms: uptime_ms() })?;
     Ok(Launched { launch, attester, measurement })
 }
 
-/// Wait (silent: a pool VM may wait long) for the one job, then run it with heartbeats.
+/// Wait (silent: a pool VM may wait long) for the one job, then run it with heartbeats (the
+/// parked `heartbeat` starts when the job arrives).
 fn one_job<R: Read, W: Write + Send + 'static>(
     r: &mut FrameReader<R>,
     w: &SharedFrameWriter<W>,
+    heartbeat: Heartbeat,
     launched: Launched,
     paths: &GuestPaths,
 ) -> Result<(), StepError> {
     let job_bytes = r.expect(Kind::Job, "the job")?.payload;
-    let heartbeat = Heartbeat::start(w.clone(), HEARTBEAT_INTERVAL, uptime_ms);
+    heartbeat.go();
     let result = step(r, w, launched, &job_bytes, paths);
     // Nothing follows `Bye`, not even a heartbeat.
     let beats = heartbeat.stop();

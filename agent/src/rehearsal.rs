@@ -16,9 +16,13 @@
 //! 5. build, validate and encode a statement and its REPORT_DATA;
 //! 6. delete the scratch directory.
 //!
-//! What it never touches: the store, the build directory, the builder sandbox, the channel to the
-//! host, and the attester (the simulated key signs the job's statement and nothing else). Nothing
-//! it computes is kept: the job that follows starts from the same state, with warmer caches. Under
+//! Then [`rehearse_builder`] runs one process the way the builder will run, confined (cgroup,
+//! namespaces, root, ids, seccomp: `crate::sandbox`): the agent's own binary, bound read-only
+//! into the builder's root for the occasion, with `--version`; then the binding is removed.
+//!
+//! What it never touches: the store, the build directory's contents, the channel to the host,
+//! and the attester (the simulated key signs the job's statement and nothing else). Nothing it
+//! computes is kept: the job that follows starts from the same state, with warmer caches. Under
 //! KVM or SEV-SNP it costs a few milliseconds of the pool VM's idle time and gains little.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -37,6 +41,7 @@ use nix_formats::content_address::ContentAddress;
 use nix_formats::store_path::{make_fixed_output_path, FileIngestionMethod};
 use nix_formats::{Hash, StorePath};
 
+use crate::sandbox::{Confinement, Groundwork, SandboxError, SandboxSpec};
 use crate::{builder, inputs, outputs};
 
 /// Bytes of the synthetic input file.
@@ -69,6 +74,15 @@ pub enum RehearsalError {
     /// The statement.
     #[error("the synthetic statement")]
     Statement(#[from] StatementError),
+    /// Confining the rehearsal process.
+    #[error("confining the rehearsal process")]
+    Sandbox(#[from] SandboxError),
+    /// Binding the agent's binary into the builder's root.
+    #[error("binding the agent's binary at {0}")]
+    Bind(String, #[source] nix::Error),
+    /// The rehearsal process.
+    #[error("the rehearsal process")]
+    Build(#[from] builder::BuildFailure),
 }
 
 fn io(what: &Path) -> impl FnOnce(std::io::Error) -> RehearsalError + '_ {
@@ -123,6 +137,52 @@ fn rehearse_in(dir: &Path, launch: &Launch) -> Result<(), RehearsalError> {
     statement.canonical_bytes()?;
     statement.report_data()?;
     Ok(())
+}
+
+/// Where the agent's binary is bound in the builder's root during [`rehearse_builder`].
+const REHEARSAL_EXE: &str = "vouch-rehearsal";
+
+/// Run `/proc/self/exe --version` confined as a builder (see the module docs), in the root
+/// that `groundwork` assembled for `store` and `build`.
+pub fn rehearse_builder(
+    groundwork: &Groundwork,
+    store: &Path,
+    build: &Path,
+) -> Result<(), RehearsalError> {
+    use nix::mount::{mount, umount2, MntFlags, MsFlags};
+    let spec = SandboxSpec {
+        store: store.to_owned(),
+        build: build.to_owned(),
+        network: false,
+        memory_bytes: 0,
+        max_processes: 0,
+        tmpfs_bytes: 0,
+    };
+    let confine = Confinement::prepare(&spec, Some(groundwork))?;
+    let exe = Path::new(crate::sandbox::root::SANDBOX_ROOT).join(REHEARSAL_EXE);
+    fs::write(&exe, b"").map_err(io(&exe))?;
+    let bind = |flags, e: &Path| {
+        mount(Some("/proc/self/exe"), e, None::<&str>, flags, None::<&str>)
+            .map_err(|err| RehearsalError::Bind(e.display().to_string(), err))
+    };
+    let bound = bind(MsFlags::MS_BIND, &exe).and_then(|()| {
+        bind(MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID, &exe)
+    });
+    let run = bound.and_then(|()| {
+        let prepared = builder::Prepared {
+            program: format!("/{REHEARSAL_EXE}"),
+            argv0: REHEARSAL_EXE.into(),
+            args: vec!["--version".into()],
+            env: BTreeMap::new(),
+            files: Vec::new(),
+        };
+        let limits = builder::RunLimits { timeout_s: 60, max_silent_s: 0, max_log_bytes: 1 << 16 };
+        builder::run(&prepared, "(rehearsal)", build, limits, &confine, &mut |_| {})
+            .map_err(RehearsalError::from)
+    });
+    let _ = umount2(&exe, MntFlags::MNT_DETACH);
+    let removed = fs::remove_file(&exe).map_err(io(&exe));
+    run.and(removed)
 }
 
 /// A content-addressed input: its path, path info and NAR.

@@ -60,6 +60,7 @@ impl Host {
             build: dir.path().join("build"),
             shape: SHAPE,
             rehearsal: dir.path().join("rehearsal"),
+            sandbox_ahead: false,
         };
         let g2 = guest.try_clone().unwrap();
         let agent = std::thread::spawn(move || serve(guest, g2, &paths));

@@ -13,7 +13,8 @@
 //! 3. compute the builder's environment and files;
 //! 4. hash an output (a small file) with the scratch-path rewriting, and stream its NAR into a
 //!    discarding sink;
-//! 5. build, validate and encode a statement and its REPORT_DATA;
+//! 5. build, validate and encode a statement and its REPORT_DATA, and sign a zero SHA-384 digest
+//!    with a constant, public P-384 key (the simulated attester's ECDSA code, not its key);
 //! 6. delete the scratch directory.
 //!
 //! Then [`rehearse_builder`] runs one process the way the builder will run, confined (cgroup,
@@ -136,7 +137,19 @@ fn rehearse_in(dir: &Path, launch: &Launch) -> Result<(), RehearsalError> {
     statement.validate()?;
     statement.canonical_bytes()?;
     statement.report_data()?;
+    sign_once();
     Ok(())
+}
+
+/// ECDSA P-384 over SHA-384, as the simulated attester signs a report, with a key whose secret
+/// is this public constant: the signature means nothing and is dropped.
+fn sign_once() {
+    use p384::ecdsa::signature::hazmat::PrehashSigner;
+    use sha2::Digest;
+    let digest = sha2::Sha384::digest([0u8; 0x2a0]);
+    if let Ok(key) = p384::ecdsa::SigningKey::from_slice(&[0x42; 48]) {
+        let _: Result<p384::ecdsa::Signature, _> = key.sign_prehash(&digest);
+    }
 }
 
 /// Where the agent's binary is bound in the builder's root during [`rehearse_builder`].

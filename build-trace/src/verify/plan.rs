@@ -120,6 +120,10 @@ pub struct PlannedStep {
     /// Output name → path: accepted (`reuse`, `fixed`, `conditional`) or predicted
     /// (`rebuild`, from its earlier traces; empty where none describes them).
     pub outputs: BTreeMap<String, String>,
+    /// Output name → NAR hash (`sha256:<nix32>`) of [`Self::outputs`], where a trace gave it
+    /// (not for fixed outputs): what a bit-identical rebuild gives.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub nar_hashes: BTreeMap<String, String>,
     /// Who vouched (`reuse`, `fixed`, `conditional`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub accepted_by: Vec<String>,
@@ -139,6 +143,7 @@ impl PlannedStep {
             resolved: None,
             waits_for,
             outputs: BTreeMap::new(),
+            nar_hashes: BTreeMap::new(),
             accepted_by: Vec::new(),
             reason: None,
             build: None,
@@ -371,7 +376,8 @@ impl ClosureVerifier<'_> {
                 (false, _) => Action::Reuse,
             };
             let mut s = PlannedStep::new(udrv, action, waits_for);
-            describe(&mut s, &walk.accepted[udrv][0].step);
+            describe(&mut s, &walk.accepted[udrv][0]);
+            s.accepted_by = walk.accepted[udrv][0].step.accepted_by.clone();
             return Ok(s);
         };
         if refuses_the_derivation(broken.check) {
@@ -383,7 +389,8 @@ impl ClosureVerifier<'_> {
         s.reason = Some(*broken);
         let (maps, build) = self.predict(drvs, walk, udrv)?;
         if let Some(m) = maps.first() {
-            s.outputs = m.step.outputs.clone();
+            describe(&mut s, m);
+            s.resolved = None;
         }
         if !waiting {
             s.resolved = build.as_ref().map(|b| b.drv_path.to_string());
@@ -457,9 +464,14 @@ impl ClosureVerifier<'_> {
     }
 }
 
-/// Fill in what an accepted step says: its resolution, outputs and who vouched.
-fn describe(s: &mut PlannedStep, accepted: &AcceptedStep) {
-    s.resolved = Some(accepted.key.clone());
-    s.outputs = accepted.outputs.clone();
-    s.accepted_by = accepted.accepted_by.clone();
+/// Fill in what an accepted (or predicted) output map says: the resolution, outputs and NAR
+/// hashes.
+fn describe(s: &mut PlannedStep, map: &Accepted) {
+    s.resolved = Some(map.step.key.clone());
+    s.outputs = map.step.outputs.clone();
+    s.nar_hashes = map
+        .outputs
+        .iter()
+        .filter_map(|(n, (_, f))| Some((n.clone(), f.as_ref()?.nar_hash.to_string())))
+        .collect();
 }

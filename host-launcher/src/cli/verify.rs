@@ -87,6 +87,11 @@ pub struct Args {
     /// Where to write the graph (default: stdout, in place of the verdict's text).
     #[arg(long, value_name = "FILE", requires = "graph")]
     pub graph_out: Option<PathBuf>,
+    /// Print, instead of the verdict, the smallest set of steps to rebuild so that the closure
+    /// verifies under the policy (docs/trust-policy.md, "Trust migration"; `vouch rebuild`
+    /// follows it). Exit 0 when a plan was made, 1 when rebuilding cannot make it verify.
+    #[arg(long, conflicts_with_all = ["expect", "expect_local", "check_local", "check_caches", "graph"])]
+    pub plan_rebuild: bool,
 }
 
 /// Why `vouch verify` could not reach a verdict.
@@ -179,6 +184,9 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
             .map(usize::from)
             .unwrap_or_else(|| std::thread::available_parallelism().map(usize::from).unwrap_or(1)),
     };
+    if args.plan_rebuild {
+        return super::rebuild::plan(&args, &verifier, shown.as_ref(), &named, banner.as_deref());
+    }
     // Each candidate derivation in turn (one, unless only a trace store's index knew the
     // output): the first that verifies, else the first verdict.
     let mut chosen: Option<(StorePath, DrvSet, Outcome)> = None;

@@ -12,7 +12,8 @@
 //! every vouch crate dev-depends on and which therefore depends on none of them); the tests that
 //! use it live here for the same reason. Also [`netlab`]: network namespaces standing in for the
 //! host's networks and the internet, for the networked-VM tests; [`policy`]: trust policies naming a builder's
-//! simulated root and Nix key, for the remote-builder VM tests; [`service`]: JSON and waiting
+//! simulated root and Nix key, for the remote-builder VM tests; [`sim_builder`]: simulated builders
+//! whose traces are made without VMs (trust migration); [`service`]: JSON and waiting
 //! for builds of a `vouch serve`; [`webdriver`]: a headless Chromium for its web page;
 //! [`faults`]: injecting faults and finding what they leave behind (`tests/tests/faults.rs`).
 //!
@@ -25,4 +26,5 @@ pub mod fixture;
 pub mod netlab;
 pub mod policy;
 pub mod service;
+pub mod sim_builder;
 pub mod webdriver;

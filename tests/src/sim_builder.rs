@@ -44,7 +44,8 @@ impl SimBuilder {
 
     /// The evidence an honest guest of this builder gives for `st`.
     pub fn attest(&self, st: &Statement) -> EvidenceBundle {
-        let att = self.root.attester(SimulatedLaunch::new(self.measurement, st.host_data().unwrap()));
+        let att =
+            self.root.attester(SimulatedLaunch::new(self.measurement, st.host_data().unwrap()));
         self.root.bundle(att.report(&st.report_data().unwrap()))
     }
 

@@ -111,19 +111,11 @@ pub(super) fn plan(
 ) -> CmdResult {
     let mut loaded = None;
     for cand in &named.candidates {
-        let drvs = match shown {
-            Some(set) => set.clone(),
-            None => match DrvSet::from_store_dir(&args.drv_dir, cand) {
-                Ok(d) => d,
-                Err(e) if named.candidates.len() > 1 => {
-                    tracing::info!(candidate = %cand, "skipped: {}", build_trace::error_chain(&e));
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            },
-        };
-        loaded = Some((cand.clone(), drvs));
-        break;
+        let several = named.candidates.len() > 1;
+        if let Some(drvs) = super::verify::candidate_graph(&args.drv_dir, shown, cand, several)? {
+            loaded = Some((cand.clone(), drvs));
+            break;
+        }
     }
     let Some((target, drvs)) = loaded else {
         return Err(RebuildError::NoDerivation(named.path.to_string()).into());

@@ -2,9 +2,9 @@
 //!
 //! The tests are in `tests/tests/`: the VM tests (the `vouch` binary booting the real guest
 //! image), and the real-Nix closure tests (`closure.rs`: the closure verifier; `verify_cli.rs`:
-//! `vouch verify`, `vouch trace`, `vouch provenance`; `rebuild_cli.rs`: rebuild plans). The programs in `src/bin/` are test
-//! doubles run *by* those tests: a fake QEMU for the channel watchdog and a probe that runs inside
-//! the guest.
+//! `vouch verify`, `vouch trace`, `vouch provenance`; `rebuild_cli.rs`: rebuild plans). The
+//! programs in `src/bin/` are test doubles run *by* those tests: a fake QEMU for the channel
+//! watchdog and a probe that runs inside the guest.
 //!
 //! What is here, in the library: [`fixture`], the real-Nix closure fixture (Nix builds a small
 //! closure; each step gets a statement, simulated evidence and signed records as vouch would

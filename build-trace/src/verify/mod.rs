@@ -56,6 +56,7 @@ mod graph;
 mod launches;
 mod links;
 mod outcome;
+mod plan;
 mod step;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -68,6 +69,7 @@ use nix_formats::{HashAlgo, StorePath};
 
 pub use graph::DrvSet;
 pub use outcome::{AcceptedStep, BrokenLink, LinkCheck, Outcome, VerifiedClosure};
+pub use plan::{Action, Buildable, PlanResult, PlannedStep, RebuildPlan};
 pub use step::{check_entry_alone, EntryVerdict};
 
 use launches::{LaunchSeen, Launches};
@@ -175,6 +177,16 @@ struct Walk {
     /// The launch nonces of the accepted steps (one launch, one step).
     launches: Launches,
     steps: Vec<AcceptedStep>,
+}
+
+impl Walk {
+    /// The accepted output maps of `input` (output name → path).
+    fn output_maps(&self, input: &StorePath) -> Vec<BTreeMap<String, StorePath>> {
+        self.accepted[input]
+            .iter()
+            .map(|m| m.outputs.iter().map(|(o, (p, _))| (o.clone(), p.clone())).collect())
+            .collect()
+    }
 }
 
 /// One input combination of a derivation: (input drv, output name) → the accepted path.
@@ -360,12 +372,7 @@ impl ClosureVerifier<'_> {
             DerivationKind::Floating | DerivationKind::Deferred => {}
         }
 
-        let combos = match combinations(drv, |input| {
-            walk.accepted[input]
-                .iter()
-                .map(|m| m.outputs.iter().map(|(o, (p, _))| (o.clone(), p.clone())).collect())
-                .collect()
-        }) {
+        let combos = match combinations(drv, |input| walk.output_maps(input)) {
             Ok(c) => c,
             Err(b) => return Ok(Err(b)),
         };

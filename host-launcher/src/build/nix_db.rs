@@ -75,9 +75,10 @@ impl NixDb {
     pub fn open_file(file: PathBuf) -> Option<NixDb> {
         let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(&file, flags).ok()?;
-        // Opening is lazy: make SQLite read the header (and the WAL index) now.
-        conn.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(())).ok()?;
         conn.busy_timeout(std::time::Duration::from_secs(10)).ok()?;
+        // Opening is lazy: make SQLite read the header (and the WAL index) now, so a database
+        // this process cannot read falls back here rather than failing the query.
+        conn.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(())).ok()?;
         Some(NixDb { file, conn })
     }
 

@@ -382,6 +382,17 @@ impl Records {
         Ok(t)
     }
 
+    /// Record the derivation a step was resolved to (Nix resolved it while the build ran).
+    pub fn step_resolved(&self, id: u64, step: u32, resolved: &StorePath) -> Result<(), RecordError> {
+        self.db()
+            .execute(
+                "UPDATE steps SET resolved = ?3 WHERE build = ?1 AND idx = ?2",
+                params![id as i64, step, resolved.to_string()],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
     /// Record how a step ended: its log first (synced), then its row; when.
     pub fn step_finished(
         &self,

@@ -1,0 +1,178 @@
+//! Whole-closure builds of the CI service, scheduled by a real Nix.
+//!
+//! # Algorithm
+//!
+//! For a submitted derivation with input derivations (`POST /v1/builds`, its `.drv` closure
+//! uploaded with `nix copy --derivation`):
+//! 1. **Check** before queueing (`super::submission`): every derivation of the graph hashes to
+//!    its path; an input-addressed one declares the paths its hash modulo gives, a deferred one
+//!    none (refused otherwise, whoever asks); a fixed-output one only for a caller with a
+//!    token. The build gets one step per derivation, in dependency order.
+//! 2. **Import** ([`nix::NixDriver::import`]): the `.drv` closure (the `.drv` files and input
+//!    sources, from the content store) goes into the service's private Nix store
+//!    (`local?root=<state dir>/serve/nix`) with `nix-store --import`, so Nix's own checks
+//!    (`checkDerivationOutputs`) see the `.drv` files too.
+//! 3. **Schedule** ([`nix::NixDriver::realise`]): `nix-store --realise` in that store with
+//!    `max-jobs = 0`, `--builders @<state dir>/serve/machines` (this service's own builder,
+//!    [`local`], `--jobs` slots, and the lines of `serve --builders FILE`: other vouch hosts),
+//!    the service's own cache (`file://` of its trace store) as the only substituter with its key
+//!    in `trusted-public-keys`, `keep-going`, and `--log-format internal-json`. Nix resolves
+//!    content-addressed and deferred steps itself, sends each step to a builder, substitutes
+//!    what the cache already has. Nix is the scheduler; this module only reads what it says.
+//! 4. **Follow** ([`events`]): `actBuild` events name each step and its machine, log lines go
+//!    to the step of their activity, resolutions name the resolved derivation, error messages
+//!    name failed steps. Step states change as the events come.
+//! 5. **Traces** ([`traces`]): a step built by this service's own builder was published by the
+//!    engine as every build here is (statement and evidence checked by the launcher). A step
+//!    built elsewhere is fetched from that builder's trace store, verified under the service's
+//!    trust policy, and only then published and signed here (the one publish step).
+//! 6. **Result**: a step not built and not failed was reused (substituted from the cache, or
+//!    already valid); a step not built whose input failed fails, naming the step it waited for.
+//!    The build's state is its root step's.
+//!
+//! What is not here: the queue and the steps' records (`super::builds`), the builders
+//! themselves (`crate::nixbuilder`).
+
+pub mod events;
+pub mod export;
+pub mod local;
+pub mod nix;
+pub mod traces;
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use build_trace::trust::{PreparedPolicy, TrustPolicy};
+use nix_formats::signing::PublicKey;
+use nix_formats::StorePath;
+
+use crate::core::{Derivations, Engine};
+use crate::store::StoreConfig;
+
+pub use traces::{BuilderTraces, TraceLocation};
+
+/// Why whole-closure builds could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ClosureError {
+    /// The service's own builder.
+    #[error("starting the service's builder")]
+    Local(#[source] local::LocalError),
+    /// `--builders FILE`.
+    #[error("reading --builders {0}")]
+    Builders(PathBuf, #[source] std::io::Error),
+    /// The machines file.
+    #[error("writing the machines file {0}")]
+    Machines(PathBuf, #[source] std::io::Error),
+    /// The trust policy.
+    #[error("the trust policy for builders' traces")]
+    Policy(#[source] build_trace::trust::PolicyError),
+}
+
+/// A closure build: the graph, and its derivations in dependency order (one step each).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClosureJob {
+    /// The submitted derivation and its input derivations.
+    pub derivations: Derivations,
+    /// Every derivation of the graph, each after its inputs (the root last).
+    pub order: Vec<StorePath>,
+    /// Nix's `timeout` for each step (0: the builders' default).
+    pub timeout: u64,
+    /// Nix's `max-silent-time` for each step (0: the builders' default).
+    pub max_silent_time: u64,
+}
+
+/// How the service builds closures (the operator's settings).
+#[derive(Debug, Clone, Default)]
+pub struct ClosureConfig {
+    /// Other vouch builders, in Nix's machines format (`serve --builders FILE`).
+    pub builders_file: Option<PathBuf>,
+    /// Where each builder's traces are (`--builder-traces MACHINE=DIR`).
+    pub builder_traces: BuilderTraces,
+    /// The trust policy for their traces (`--policy FILE`); default: the default policy
+    /// pinning the guest image's manifest.
+    pub policy: Option<PathBuf>,
+}
+
+/// The service's closure machinery: its Nix, its own builder, the policy and the builders'
+/// trace locations.
+#[derive(Debug)]
+pub struct Closures {
+    /// How Nix runs.
+    pub driver: nix::NixDriver,
+    /// The machine name of the service's own builder (as Nix's events name it).
+    pub local_machine: String,
+    /// The policy other builders' traces must satisfy.
+    pub policy: PreparedPolicy,
+    /// Where other builders' traces are.
+    pub traces: BuilderTraces,
+    local: Mutex<local::LocalBuilder>,
+}
+
+impl Closures {
+    /// Start the service's builder (`jobs` slots, `engine`, the content store at `store_dir`)
+    /// under `state_dir/serve/`, write the machines file, load the policy.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start(
+        cfg: &ClosureConfig,
+        engine: &Engine,
+        state_dir: &Path,
+        store_dir: &Path,
+        store_cfg: StoreConfig,
+        jobs: usize,
+        public_key: &str,
+        trusted_keys: &[PublicKey],
+    ) -> Result<Closures, ClosureError> {
+        let dir = state_dir.join("serve");
+        let mut keys = trusted_keys.to_vec();
+        keys.extend(PublicKey::parse(public_key).ok());
+        let local = local::LocalBuilder::start(
+            &dir.join("builder.sock"),
+            &dir.join("builder.real"),
+            engine.clone(),
+            store_dir,
+            store_cfg,
+            keys,
+        )
+        .map_err(ClosureError::Local)?;
+        let line = nix::local_machine_line(local.socket(), local.real(), jobs, &[]);
+        let local_machine = line.split(' ').next().unwrap_or_default().to_owned();
+        let others = match &cfg.builders_file {
+            Some(f) => Some(
+                std::fs::read_to_string(f).map_err(|e| ClosureError::Builders(f.clone(), e))?,
+            ),
+            None => None,
+        };
+        let machines = dir.join("machines");
+        nix::write_machines(&machines, &line, others.as_deref())
+            .map_err(|e| ClosureError::Machines(machines.clone(), e))?;
+        let policy = match &cfg.policy {
+            Some(p) => TrustPolicy::load(p),
+            None => {
+                let manifest = engine.launcher.image_dir.join("manifest.json");
+                TrustPolicy::default_for(&[manifest.display().to_string()])
+            }
+        }
+        .and_then(|p| p.prepare())
+        .map_err(ClosureError::Policy)?;
+        let driver = nix::NixDriver {
+            root: dir.join("nix"),
+            machines,
+            cache: engine.publish.trace_store.clone(),
+            public_key: public_key.to_owned(),
+        };
+        tracing::info!(machines = %driver.machines.display(), store = %driver.root.display(),
+                       "closures are scheduled by Nix on the builders of the machines file");
+        Ok(Closures {
+            driver,
+            local_machine,
+            policy,
+            traces: cfg.builder_traces.clone(),
+            local: Mutex::new(local),
+        })
+    }
+
+    /// Stop the service's builder (its running builds cancelled).
+    pub fn stop(&self) {
+        self.local.lock().unwrap_or_else(|e| e.into_inner()).stop();
+    }
+}

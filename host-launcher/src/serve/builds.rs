@@ -392,14 +392,7 @@ impl Builds {
         Ok(id)
     }
 
-    fn enqueue(
-        &self,
-        inner: &mut Inner,
-        id: u64,
-        req: Job,
-        submitted: i64,
-        client: Option<usize>,
-    ) {
+    fn enqueue(&self, inner: &mut Inner, id: u64, req: Job, submitted: i64, client: Option<usize>) {
         let view = req.view(id, submitted);
         let logs = vec![String::new(); view.steps.len()];
         let mut build = Build::new(view, Some(req), logs);
@@ -410,12 +403,7 @@ impl Builds {
     }
 
     /// Queue again a build recorded as queued before a restart (its submission checked again).
-    pub fn resume(
-        &self,
-        id: u64,
-        req: Job,
-        client: Option<usize>,
-    ) -> Result<(), RecordError> {
+    pub fn resume(&self, id: u64, req: Job, client: Option<usize>) -> Result<(), RecordError> {
         let submitted = self.records.load(id)?.map_or_else(now, |(b, _)| b.submitted);
         let mut inner = lock(&self.inner);
         self.enqueue(&mut inner, id, req, submitted, client);

@@ -42,7 +42,15 @@ impl Builds {
         let graph: BTreeMap<&StorePath, Vec<usize>> = job
             .derivations
             .derivations()
-            .map(|(p, d)| (p, d.input_drvs.keys().filter_map(|i| index.get(&i.to_string()).copied()).collect()))
+            .map(|(p, d)| {
+                (
+                    p,
+                    d.input_drvs
+                        .keys()
+                        .filter_map(|i| index.get(&i.to_string()).copied())
+                        .collect(),
+                )
+            })
             .collect();
         let inputs = job.order.iter().map(|p| graph.get(p).cloned().unwrap_or_default()).collect();
         let mut run = Run { builds: self, build, job: &job, closures: &closures, index, inputs };
@@ -100,7 +108,12 @@ impl Run<'_> {
         driver.import(view, &root).map_err(|e| error_chain(&e))?;
         let cancel = self.build.cancel.clone();
         driver
-            .realise(&root, (self.job.timeout, self.job.max_silent_time), &cancel, &mut |tracker, change| self.on_change(tracker, change))
+            .realise(
+                &root,
+                (self.job.timeout, self.job.max_silent_time),
+                &cancel,
+                &mut |tracker, change| self.on_change(tracker, change),
+            )
             .map_err(|e| error_chain(&e))
     }
 
@@ -149,10 +162,17 @@ impl Run<'_> {
         };
         let mut states: Vec<BuildState> = Vec::new();
         for (i, udrv) in self.job.order.iter().enumerate() {
-            let (state, detail) = self.settle_step(i, udrv, &tracker, &states, nix_failed.as_deref());
+            let (state, detail) =
+                self.settle_step(i, udrv, &tracker, &states, nix_failed.as_deref());
             let state = self.builds.cancelled_as(self.build, state);
             let log = lock(&self.build.logs[i]).clone();
-            let recorded = self.builds.records.step_finished(self.build.id, i as u32, &state, detail.as_ref(), &log);
+            let recorded = self.builds.records.step_finished(
+                self.build.id,
+                i as u32,
+                &state,
+                detail.as_ref(),
+                &log,
+            );
             let t = recorded.unwrap_or_else(|e| {
                 tracing::warn!(id = self.build.id, "{}", error_chain(&e));
                 now()
@@ -185,12 +205,15 @@ impl Run<'_> {
         let resolved = tracker.resolved.get(&u);
         let built_as = resolved.unwrap_or(&u);
         let machine = tracker.machines.get(built_as).or_else(|| tracker.machines.get(&u));
-        let failed = |status: &str, error: String| BuildState::Failed { status: status.into(), error };
+        let failed =
+            |status: &str, error: String| BuildState::Failed { status: status.into(), error };
         let detail = |trace: &str| Some(serde_json::json!({"machine": machine, "trace": trace}));
         if let Some(msg) = tracker.failed.get(built_as).or_else(|| tracker.failed.get(&u)) {
             return (failed("PermanentFailure", msg.clone()), detail("none: the build failed"));
         }
-        if let Some(&j) = self.inputs[i].iter().find(|&&j| matches!(states.get(j), Some(BuildState::Failed { .. } | BuildState::Cancelled))) {
+        if let Some(&j) = self.inputs[i].iter().find(|&&j| {
+            matches!(states.get(j), Some(BuildState::Failed { .. } | BuildState::Cancelled))
+        }) {
             let error = format!("waited for step {j} ({}), which failed", self.job.order[j]);
             self.line(i, &format!("vouch: not built: {error}"));
             return (failed("DependencyFailed", error), None);
@@ -205,7 +228,10 @@ impl Run<'_> {
                     builders: &self.closures.traces,
                 };
                 if let Err(e) = importer.import(&self.job.derivations, udrv, &key, m) {
-                    let error = format!("built on {m}, but its trace was not accepted: {}", error_chain(&e));
+                    let error = format!(
+                        "built on {m}, but its trace was not accepted: {}",
+                        error_chain(&e)
+                    );
                     self.line(i, &format!("vouch: {error}"));
                     return (failed("MiscFailure", error), detail("refused"));
                 }

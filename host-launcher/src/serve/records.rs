@@ -383,7 +383,12 @@ impl Records {
     }
 
     /// Record the derivation a step was resolved to (Nix resolved it while the build ran).
-    pub fn step_resolved(&self, id: u64, step: u32, resolved: &StorePath) -> Result<(), RecordError> {
+    pub fn step_resolved(
+        &self,
+        id: u64,
+        step: u32,
+        resolved: &StorePath,
+    ) -> Result<(), RecordError> {
         self.db()
             .execute(
                 "UPDATE steps SET resolved = ?3 WHERE build = ?1 AND idx = ?2",

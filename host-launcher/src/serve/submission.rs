@@ -176,7 +176,9 @@ impl Service {
         self.view_of(caller).closure(&srcs).map_err(|e| match e {
             StoreError::Missing { path } => ApiError::new(
                 422,
-                format!("input {path} of the closure of {root} is not in vouch's content store: {how}"),
+                format!(
+                    "input {path} of the closure of {root} is not in vouch's content store: {how}"
+                ),
             ),
             other => store_error(other),
         })?;

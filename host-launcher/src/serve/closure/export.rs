@@ -1,25 +1,25 @@
 //! A derivation's `.drv` closure (the `.drv` files and their input sources, as the client
-//! uploaded them) from the content store, in the format `nix-store --import` reads (Nix's
-//! `exportPath`): for each path, references first, `1`, its NAR, the magic `0x4558494e`, the
-//! path, its references, its deriver (empty), `0`; then `0`. Numbers are 64-bit little-endian,
-//! strings a length and their bytes padded to 8.
+//! uploaded them) from the content store, as a `file://` binary cache that
+//! `nix copy --no-check-sigs --from file://DIR --to local?root=…` reads: for each path its
+//! narinfo (`StorePath`, `URL`, `Compression: none`, `NarHash`, `NarSize`, `References` and
+//! its content address, `CA`) and its NAR. Nix's `nix-store --import` would drop the content
+//! addresses, and then a builder sent a source by this Nix could no longer tell (or prove in
+//! its statement) that the source is content-addressed.
 //!
-//! Nix registers each path with the NAR's hash as it computes it, and (for `.drv` files)
-//! checks the derivation's output paths as `checkDerivationOutputs` does: a forged
-//! input-addressed `.drv` is refused by the private store too.
+//! Nix registers each path after hashing its NAR, and (for `.drv` files) checks the
+//! derivation's output paths as `checkDerivationOutputs` does: a forged input-addressed `.drv`
+//! is refused by the private store too.
 //!
-//! What is not here: running `nix-store --import` (`super::nix`).
+//! What is not here: running `nix copy` (`super::nix`).
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::io::{self, Write};
+use std::collections::BTreeSet;
+use std::io;
+use std::path::Path;
 
 use nix_formats::StorePath;
 
 use crate::core::path_info::ValidPathInfo;
 use crate::store::{StoreError, StoreView};
-
-/// The export format's magic after each NAR.
-const EXPORT_MAGIC: u64 = 0x4558_494e;
 
 /// Why the closure could not be exported.
 #[derive(Debug, thiserror::Error)]
@@ -30,9 +30,9 @@ pub enum ExportError {
     /// A path of the closure is gone.
     #[error("{0} is no longer in the content store")]
     Missing(StorePath),
-    /// Writing the stream.
-    #[error("writing to nix-store --import")]
-    Write(#[source] io::Error),
+    /// Writing the cache.
+    #[error("writing {0}")]
+    Write(std::path::PathBuf, #[source] io::Error),
 }
 
 /// The closure of `roots` in `view`, references before the paths that refer to them.
@@ -65,60 +65,52 @@ pub fn closure_in_order(
     Ok(order)
 }
 
-fn num(w: &mut dyn Write, n: u64) -> io::Result<()> {
-    w.write_all(&n.to_le_bytes())
+/// The narinfo of `p`, its NAR at `nar/<hash part>.nar`.
+fn narinfo(p: &ValidPathInfo) -> String {
+    let refs: Vec<&str> = p.info.references.iter().map(|r| r.base_name()).collect();
+    let mut t = format!(
+        "StorePath: {}\nURL: nar/{}.nar\nCompression: none\nNarHash: {}\nNarSize: {}\nReferences: {}\n",
+        p.path,
+        p.path.hash_part(),
+        p.info.nar_hash,
+        p.info.nar_size,
+        refs.join(" ")
+    );
+    if let Some(ca) = &p.info.ca {
+        t.push_str(&format!("CA: {ca}\n"));
+    }
+    t
 }
 
-fn string(w: &mut dyn Write, s: &[u8]) -> io::Result<()> {
-    num(w, s.len() as u64)?;
-    w.write_all(s)?;
-    let pad = (8 - s.len() % 8) % 8;
-    w.write_all(&[0u8; 8][..pad])
-}
-
-/// Write `paths` (in order) from `view` as `nix-store --export` would.
-pub fn write_export(
+/// Write `paths` from `view` into the binary cache directory `dir` (what is there already is
+/// kept: a path's files never change).
+pub fn write_cache(
     view: StoreView<'_>,
     paths: &[ValidPathInfo],
-    w: &mut dyn Write,
+    dir: &Path,
 ) -> Result<(), ExportError> {
-    let werr = ExportError::Write;
+    let werr = |p: &Path| {
+        let p = p.to_owned();
+        move |e| ExportError::Write(p, e)
+    };
+    let nar_dir = dir.join("nar");
+    std::fs::create_dir_all(&nar_dir).map_err(werr(&nar_dir))?;
+    let info = dir.join("nix-cache-info");
+    std::fs::write(&info, "StoreDir: /nix/store\n").map_err(werr(&info))?;
     for p in paths {
+        let ni = dir.join(format!("{}.narinfo", p.path.hash_part()));
+        if ni.exists() {
+            continue;
+        }
         let (_, mut nar) = view
             .open_nar(&p.path)
             .map_err(ExportError::Store)?
             .ok_or_else(|| ExportError::Missing(p.path.clone()))?;
-        num(w, 1).map_err(werr)?;
-        io::copy(&mut nar, w).map_err(werr)?;
-        num(w, EXPORT_MAGIC).map_err(werr)?;
-        string(w, p.path.to_string().as_bytes()).map_err(werr)?;
-        let refs: BTreeMap<String, ()> =
-            p.info.references.iter().map(|r| (r.to_string(), ())).collect();
-        num(w, refs.len() as u64).map_err(werr)?;
-        for r in refs.keys() {
-            string(w, r.as_bytes()).map_err(werr)?;
-        }
-        string(w, b"").map_err(werr)?;
-        num(w, 0).map_err(werr)?;
+        let file = nar_dir.join(format!("{}.nar", p.path.hash_part()));
+        let mut out = std::fs::File::create(&file).map_err(werr(&file))?;
+        io::copy(&mut nar, &mut out).map_err(werr(&file))?;
+        out.sync_all().map_err(werr(&file))?;
+        build_trace::store::write_atomic(&ni, narinfo(p).as_bytes()).map_err(werr(&ni))?;
     }
-    num(w, 0).map_err(werr)?;
-    w.flush().map_err(werr)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn strings_are_padded_to_eight_bytes() {
-        let mut v = Vec::new();
-        string(&mut v, b"abc").unwrap();
-        assert_eq!(v.len(), 16);
-        assert_eq!(&v[..8], &3u64.to_le_bytes());
-        assert_eq!(&v[8..11], b"abc");
-        assert_eq!(&v[11..], &[0; 5]);
-        let mut v = Vec::new();
-        string(&mut v, b"12345678").unwrap();
-        assert_eq!(v.len(), 16);
-    }
+    Ok(())
 }

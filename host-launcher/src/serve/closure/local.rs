@@ -105,7 +105,9 @@ impl LocalBuilder {
                     cancel.cancel()
                 }) {
                     Ok(s) => tracing::info!(?s, "the service's builder stopped"),
-                    Err(e) => tracing::warn!("the service's builder: {}", build_trace::error_chain(&e)),
+                    Err(e) => {
+                        tracing::warn!("the service's builder: {}", build_trace::error_chain(&e))
+                    }
                 }
             })
             .map_err(LocalError::Start)?;

@@ -137,9 +137,9 @@ impl Closures {
         let line = nix::local_machine_line(local.socket(), local.real(), jobs, &[]);
         let local_machine = line.split(' ').next().unwrap_or_default().to_owned();
         let others = match &cfg.builders_file {
-            Some(f) => Some(
-                std::fs::read_to_string(f).map_err(|e| ClosureError::Builders(f.clone(), e))?,
-            ),
+            Some(f) => {
+                Some(std::fs::read_to_string(f).map_err(|e| ClosureError::Builders(f.clone(), e))?)
+            }
             None => None,
         };
         let machines = dir.join("machines");

@@ -1,5 +1,5 @@
-//! Running the real Nix that schedules a closure: `nix-store --import` of the uploaded `.drv`
-//! closure into the service's private Nix store, then `nix-store --realise` of the derivation
+//! Running the real Nix that schedules a closure: `nix copy` of the uploaded `.drv` closure
+//! (through a `file://` cache, [`super::export`]) into the service's private Nix store, then `nix-store --realise` of the derivation
 //! there with `max-jobs = 0` (every step goes to a builder of the machines file), the
 //! service's own cache as the only substituter, and `--log-format internal-json`, whose events
 //! are handed on as they come ([`super::events`]).
@@ -23,7 +23,7 @@ use std::time::Duration;
 use nix_formats::StorePath;
 
 use super::events::{parse_line, Change, Tracker};
-use super::export::{closure_in_order, write_export, ExportError};
+use super::export::{closure_in_order, write_cache, ExportError};
 use crate::build::Cancel;
 use crate::store::StoreView;
 
@@ -39,8 +39,8 @@ pub enum NixError {
     /// The export stream.
     #[error("exporting the derivation closure")]
     Export(#[source] ExportError),
-    /// `nix-store --import` failed.
-    #[error("nix-store --import into the private store failed: {0}")]
+    /// `nix copy` into the private store failed.
+    #[error("nix copy of the derivation closure into the private store failed: {0}")]
     Import(String),
     /// Reading Nix's output.
     #[error("reading Nix's output")]
@@ -85,6 +85,13 @@ impl NixDriver {
 
     /// A `nix-store` command with the service's environment and the private store.
     fn nix_store(&self) -> Result<Command, NixError> {
+        let mut cmd = self.nix_command("nix-store")?;
+        cmd.arg("--store").arg(self.store_uri());
+        Ok(cmd)
+    }
+
+    /// `program` (a Nix command) with the service's environment and settings.
+    fn nix_command(&self, program: &str) -> Result<Command, NixError> {
         let conf = self.conf();
         let home = conf.join("home");
         for d in [&self.root, &home] {
@@ -94,16 +101,14 @@ impl NixDriver {
         if !file.exists() {
             std::fs::write(&file, b"").map_err(|e| NixError::Prepare(file.clone(), e))?;
         }
-        let mut cmd = Command::new("nix-store");
+        let mut cmd = Command::new(program);
         for v in ["NIX_CONFIG", "NIX_REMOTE", "NIX_PATH", "NIX_STORE_DIR", "NIX_STATE_DIR"] {
             cmd.env_remove(v);
         }
         cmd.env("NIX_CONF_DIR", &conf)
             .env("NIX_USER_CONF_FILES", &file)
             .env("HOME", &home)
-            .env("XDG_CACHE_HOME", home.join("cache"))
-            .arg("--store")
-            .arg(self.store_uri());
+            .env("XDG_CACHE_HOME", home.join("cache"));
         let options = [
             ("experimental-features", "nix-command ca-derivations"),
             ("build-users-group", ""),
@@ -117,22 +122,24 @@ impl NixDriver {
     }
 
     /// Import the `.drv` closure of `drv` (the `.drv` files and their input sources) from
-    /// `view` into the private store (what is there already is skipped by Nix).
+    /// `view` into the private store, through the `file://` cache `DIR.import/` (what either
+    /// has already is skipped).
     pub fn import(&self, view: StoreView<'_>, drv: &StorePath) -> Result<(), NixError> {
         let paths = closure_in_order(view, &[drv.clone()].into()).map_err(NixError::Export)?;
-        let mut child = self
-            .nix_store()?
-            .arg("--import")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| NixError::Spawn("nix-store --import", e))?;
-        let mut stdin = std::io::BufWriter::new(child.stdin.take().expect("piped"));
-        let written = write_export(view, &paths, &mut stdin);
-        drop(stdin);
-        let out = child.wait_with_output().map_err(NixError::Read)?;
-        written.map_err(NixError::Export)?;
+        let mut dir = self.root.as_os_str().to_owned();
+        dir.push(".import");
+        let dir = PathBuf::from(dir);
+        write_cache(view, &paths, &dir).map_err(NixError::Export)?;
+        let out = self
+            .nix_command("nix")?
+            .args(["copy", "--no-check-sigs", "--derivation", "--from"])
+            .arg(format!("file://{}", dir.display()))
+            .arg("--to")
+            .arg(self.store_uri())
+            .arg(drv.to_string())
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| NixError::Spawn("nix copy", e))?;
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr);
             return Err(NixError::Import(super::events::strip_ansi(err.trim())));

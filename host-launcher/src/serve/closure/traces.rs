@@ -139,7 +139,8 @@ impl Importer<'_> {
         key: &StorePath,
         machine: &str,
     ) -> Result<Statement, TraceError> {
-        let loc = self.builders.of(machine).ok_or_else(|| TraceError::NoLocation(machine.into()))?;
+        let loc =
+            self.builders.of(machine).ok_or_else(|| TraceError::NoLocation(machine.into()))?;
         let theirs = open(loc)?;
         let ours = TraceStore::open(&self.publish.trace_store)
             .map_err(|e| TraceError::Read("this service's cache".into(), e))?;
@@ -166,8 +167,12 @@ impl Importer<'_> {
             .map(|s| s.outputs.clone())
             .unwrap_or_else(|| closure.outputs.clone());
         for entry in fetch_entries(loc, key)? {
-            let Ok(verdict) = check_entry_alone(self.policy, EvidenceVerifier::global(), &entry, SystemTime::now())
-            else {
+            let Ok(verdict) = check_entry_alone(
+                self.policy,
+                EvidenceVerifier::global(),
+                &entry,
+                SystemTime::now(),
+            ) else {
                 continue;
             };
             let st = &verdict.statement;
@@ -198,7 +203,8 @@ impl Importer<'_> {
             "sev-snp" => AttesterKind::SevSnp,
             _ => return Err(TraceError::Unattested(key.clone())),
         };
-        let nars = st.outputs.iter().map(|(n, o)| (n.clone(), nar_file(loc, &o.nar_hash))).collect();
+        let nars =
+            st.outputs.iter().map(|(n, o)| (n.clone(), nar_file(loc, &o.nar_hash))).collect();
         let t = VerifiedTrace { statement: st, evidence: &evidence, attester, nars };
         let published = publish_verified_trace(&t, self.publish).map_err(TraceError::Publish)?;
         tracing::info!(step = %key, from = %entry.location, dir = %published.step_dir.display(),

@@ -35,10 +35,14 @@ fn closure_nix(n: &str) -> String {
     name = "sc-ia"; system = sys; builder = "${{bb}}/sh";
     args = [ "-c" "echo ia {n}; mkdir $out; echo {n} > $out/n" ];
   }};
+  ia2 = derivation {{
+    name = "sc-ia2"; system = sys; builder = "${{bb}}/sh";
+    args = [ "-c" "echo ia2 {n}; mkdir $out; echo ${{ia}} > $out/ia" ];
+  }};
   mid = ca "sc-mid" {{ requiredSystemFeatures = [ "vouch-b" ]; }} "echo mid {n}; mkdir $out; cat ${{ia}}/n > $out/n; echo ${{ia}} > $out/ia";
   top = derivation {{
     name = "sc-top"; system = sys; builder = "${{bb}}/sh";
-    args = [ "-c" "echo top {n}; mkdir $out; echo ${{mid}} > $out/mid" ];
+    args = [ "-c" "echo top {n}; mkdir $out; echo ${{mid}} > $out/mid; echo ${{ia2}} > $out/ia2" ];
   }};
   fails = ca "sc-fails" {{}} "echo about to fail {n}; exit 3";
   after = ca "sc-after" {{}} "echo ${{fails}} ${{ia}}; mkdir $out";
@@ -124,10 +128,14 @@ fn one_post_builds_a_closure_across_two_builders_scheduled_by_nix() {
     let id = json(&r)["id"].as_u64().unwrap();
     let v = wait(&svc, id);
     assert_eq!(v["state"], "succeeded", "{v}\n{}", svc.log_text());
-    assert_eq!(v["steps"].as_array().unwrap().len(), 3, "{v}");
-    for (suffix, line, on_b) in
-        [("-sc-ia.drv", "ia", false), ("-sc-mid.drv", "mid", true), ("-sc-top.drv", "top", false)]
-    {
+    assert_eq!(v["steps"].as_array().unwrap().len(), 4, "{v}");
+    let each = [
+        ("-sc-ia.drv", "ia", false),
+        ("-sc-ia2.drv", "ia2", false),
+        ("-sc-mid.drv", "mid", true),
+        ("-sc-top.drv", "top", false),
+    ];
+    for (suffix, line, on_b) in each {
         let st = step(&v, suffix);
         assert_eq!(st["state"], "succeeded", "{st}");
         assert_eq!(st["evidence"], "simulated", "{st}");
@@ -136,7 +144,7 @@ fn one_post_builds_a_closure_across_two_builders_scheduled_by_nix() {
         assert_eq!(machine.starts_with("unix://"), !on_b, "{suffix} on {machine}");
         let log = step_log(&svc, id, st);
         assert!(log.contains(&format!("{line} {n}")), "{suffix}'s own log: {log}");
-        for other in ["ia", "mid", "top"].into_iter().filter(|o| *o != line) {
+        for other in ["ia", "ia2", "mid", "top"].into_iter().filter(|o| *o != line) {
             assert!(!log.contains(&format!("{other} {n}")), "{suffix}'s log has {other}'s: {log}");
         }
     }
@@ -144,7 +152,7 @@ fn one_post_builds_a_closure_across_two_builders_scheduled_by_nix() {
     assert!(step(&v, "-sc-top.drv")["resolved"].is_string(), "deferred: resolved: {v}");
     // `mid` was built on b (its trace there) and published here after verification.
     assert_eq!(steps_in(&sb.join("cache")).len(), 1, "{:?}", steps_in(&sb.join("cache")));
-    assert_eq!(steps_in(&state.join("cache")).len(), 3, "{:?}", steps_in(&state.join("cache")));
+    assert_eq!(steps_in(&state.join("cache")).len(), 4, "{:?}", steps_in(&state.join("cache")));
     let top_out = v["outputs"]["out"]["path"].as_str().expect("top's output").to_owned();
 
     // A second, empty store substitutes the whole closure from the service's cache alone,
@@ -171,6 +179,8 @@ fn one_post_builds_a_closure_across_two_builders_scheduled_by_nix() {
     let mid_out = mid_out.unwrap().trim().to_owned();
     let n_file = fresh.join(mid_out.trim_start_matches('/')).join("n");
     assert_eq!(std::fs::read_to_string(n_file).unwrap().trim(), n.as_str());
+    let ia2_out = std::fs::read_to_string(fresh.join(top_out.trim_start_matches('/')).join("ia2"));
+    assert!(fresh.join(ia2_out.unwrap().trim().trim_start_matches('/')).join("ia").is_file());
     // Over HTTP, the outputs' closure (top, mid built on b, ia) with the service's signatures.
     let http_root = s.dir.path().join("fresh-http");
     let to = format!("local?root={}", http_root.display());

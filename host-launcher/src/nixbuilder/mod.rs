@@ -123,6 +123,7 @@ impl Handler for Session {
                     request::core_request(*d, self.options.as_ref(), self.vcpus(), trusted);
                 let result = match admitted {
                     Ok(a) => {
+                        let a = request::with_stored_graph(a, self.store.view());
                         let view = self.store.view().with_private_outputs(a.private_outputs);
                         self.engine.build(a.request, Inputs::ContentStore(view), log)
                     }

@@ -53,6 +53,7 @@ impl Builds {
             })
             .collect();
         let inputs = job.order.iter().map(|p| graph.get(p).cloned().unwrap_or_default()).collect();
+        let held = closures.enter();
         let mut run = Run { builds: self, build, job: &job, closures: &closures, index, inputs };
         build.update(|v| {
             v.info.state = BuildState::Running;
@@ -62,6 +63,7 @@ impl Builds {
         let realised = run.drive();
         let state = run.settle(realised);
         let state = self.cancelled_as(build, state);
+        drop(held);
         let t = self.records.finished(id, &state).unwrap_or_else(|e| {
             tracing::warn!(id, "{}", error_chain(&e));
             now()

@@ -106,6 +106,29 @@ pub struct Closures {
     /// Where other builders' traces are.
     pub traces: BuilderTraces,
     local: Mutex<local::LocalBuilder>,
+    /// Closure builds running now; the last one out collects the private store's garbage.
+    running: Mutex<usize>,
+}
+
+/// One closure build's hold on the private store ([`Closures::enter`]).
+#[derive(Debug)]
+pub struct Running<'a>(&'a Closures);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        let mut n = self.0.running.lock().unwrap_or_else(|e| e.into_inner());
+        *n -= 1;
+        if *n == 0 {
+            // Nothing else uses the store while the count is held at zero: everything in it is
+            // either in the service's cache (outputs) or uploaded (`.drv` files, sources).
+            if let Err(e) = self.0.driver.collect_garbage() {
+                tracing::warn!(
+                    "collecting the private Nix store's garbage: {}",
+                    build_trace::error_chain(&e)
+                );
+            }
+        }
+    }
 }
 
 impl Closures {
@@ -168,7 +191,14 @@ impl Closures {
             policy,
             traces: cfg.builder_traces.clone(),
             local: Mutex::new(local),
+            running: Mutex::new(0),
         })
+    }
+
+    /// Hold the private store for one closure build (import, Nix, traces).
+    pub fn enter(&self) -> Running<'_> {
+        *self.running.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        Running(self)
     }
 
     /// Stop the service's builder (its running builds cancelled).

@@ -42,6 +42,9 @@ pub enum NixError {
     /// `nix copy` into the private store failed.
     #[error("nix copy of the derivation closure into the private store failed: {0}")]
     Import(String),
+    /// `nix-store --gc` failed.
+    #[error("nix-store --gc of the private store failed: {0}")]
+    Gc(String),
     /// Reading Nix's output.
     #[error("reading Nix's output")]
     Read(#[source] std::io::Error),
@@ -209,6 +212,24 @@ impl NixDriver {
         let printed = reader.join().unwrap_or_default();
         let outputs = printed.lines().filter_map(|l| StorePath::parse(l.trim()).ok()).collect();
         Ok(Realised { success: status.success(), tracker, outputs })
+    }
+}
+
+impl NixDriver {
+    /// `nix-store --gc` of the private store: what builds copied back and imported `.drv`
+    /// closures go (they are in the service's cache and content store).
+    pub fn collect_garbage(&self) -> Result<(), NixError> {
+        let out = self
+            .nix_store()?
+            .arg("--gc")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| NixError::Spawn("nix-store --gc", e))?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            return Err(NixError::Gc(super::events::strip_ansi(err.trim())));
+        }
+        Ok(())
     }
 }
 

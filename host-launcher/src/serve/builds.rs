@@ -137,7 +137,7 @@ impl Build {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Job {
     /// One derivation without input derivations, built here.
-    Step(BuildRequest),
+    Step(Box<BuildRequest>),
     /// A derivation and its input derivations, scheduled by Nix.
     Closure(ClosureJob),
 }
@@ -501,7 +501,7 @@ impl Builds {
                 }
             };
             match lock(&build.request).take() {
-                Some(Job::Step(req)) => self.run_build(&build, req),
+                Some(Job::Step(req)) => self.run_build(&build, *req),
                 Some(Job::Closure(job)) => self.run_closure(&build, job),
                 None => {}
             }

@@ -224,8 +224,16 @@ impl Run<'_> {
         let trace = match machine {
             Some(m) if *m != self.closures.local_machine => {
                 self.line(i, &format!("vouch: fetching its trace from {m}, verifying it under the service's policy"));
+                let policy = match &self.closures.policy {
+                    Ok(p) => p,
+                    Err(why) => {
+                        let error = format!("built on {m}, but the service has no trust policy for other builders' traces: {why}");
+                        self.line(i, &format!("vouch: {error}"));
+                        return (failed("MiscFailure", error), detail("refused"));
+                    }
+                };
                 let importer = Importer {
-                    policy: &self.closures.policy,
+                    policy,
                     publish: &self.builds.engine.publish,
                     builders: &self.closures.traces,
                 };

@@ -127,7 +127,7 @@ impl Service {
             ),
             None => self.cfg.declared_nix,
         };
-        Ok(Job::Step(BuildRequest {
+        Ok(Job::Step(Box::new(BuildRequest {
             drv_path: step_path,
             drv: basic,
             outputs: BTreeSet::new(),
@@ -140,7 +140,7 @@ impl Service {
             ca_rule: ca_rule(declared),
             derivations: Some(derivations),
             trusted: caller.trusted,
-        }))
+        })))
     }
 
     /// The checks of a closure submission (see the module docs).

@@ -101,13 +101,22 @@ pub struct Closures {
     pub driver: nix::NixDriver,
     /// The machine name of the service's own builder (as Nix's events name it).
     pub local_machine: String,
-    /// The policy other builders' traces must satisfy.
-    pub policy: PreparedPolicy,
+    /// The policy other builders' traces must satisfy (why there is none: the default
+    /// policy needs a guest image manifest with an SEV-SNP measurement).
+    pub policy: Result<PreparedPolicy, String>,
     /// Where other builders' traces are.
     pub traces: BuilderTraces,
     local: Mutex<local::LocalBuilder>,
     /// Closure builds running now; the last one out collects the private store's garbage.
     running: Mutex<usize>,
+}
+
+/// The default policy (`docs/trust-policy.md`), pinning the guest image's manifest.
+fn default_policy(engine: &Engine) -> Result<PreparedPolicy, String> {
+    let manifest = engine.launcher.image_dir.join("manifest.json");
+    TrustPolicy::default_for(&[manifest.display().to_string()])
+        .and_then(|p| p.prepare())
+        .map_err(|e| format!("the default trust policy: {}", build_trace::error_chain(&e)))
 }
 
 /// One closure build's hold on the private store ([`Closures::enter`]).
@@ -169,14 +178,14 @@ impl Closures {
         nix::write_machines(&machines, &line, others.as_deref())
             .map_err(|e| ClosureError::Machines(machines.clone(), e))?;
         let policy = match &cfg.policy {
-            Some(p) => TrustPolicy::load(p),
-            None => {
-                let manifest = engine.launcher.image_dir.join("manifest.json");
-                TrustPolicy::default_for(&[manifest.display().to_string()])
+            Some(p) => {
+                Ok(TrustPolicy::load(p).and_then(|p| p.prepare()).map_err(ClosureError::Policy)?)
             }
+            None => default_policy(engine),
+        };
+        if let (Err(why), Some(_)) = (&policy, &cfg.builders_file) {
+            tracing::warn!("steps built by --builders cannot be accepted: {why}; give --policy");
         }
-        .and_then(|p| p.prepare())
-        .map_err(ClosureError::Policy)?;
         let driver = nix::NixDriver {
             root: dir.join("nix"),
             machines,

@@ -131,7 +131,7 @@ impl Run<'_> {
                     v.steps[i].started = Some(t);
                     v.info.started.get_or_insert(t);
                 });
-                self.line(i, &format!("vouch: Nix sent {drv} to builder {machine}"));
+                self.line(i, &format!("vouch: building {drv} on {machine}, where Nix sent it"));
             }
             Change::Line { drv, line } => {
                 if let Some(i) = self.step_of(&drv) {

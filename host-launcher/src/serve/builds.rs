@@ -133,48 +133,6 @@ impl Build {
     }
 }
 
-/// What a build runs: one step, or a whole closure through Nix.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Job {
-    /// One derivation without input derivations, built here.
-    Step(Box<BuildRequest>),
-    /// A derivation and its input derivations, scheduled by Nix.
-    Closure(ClosureJob),
-}
-
-impl Job {
-    /// The build and its steps, queued at `submitted`.
-    fn view(&self, id: u64, submitted: i64) -> View {
-        match self {
-            Job::Step(req) => Builds::one_step(id, req, submitted),
-            Job::Closure(c) => View {
-                info: BuildInfo {
-                    id,
-                    drv: c.derivations.drv_path().clone(),
-                    state: BuildState::Queued,
-                    submitted,
-                    started: None,
-                    finished: None,
-                },
-                steps: c
-                    .order
-                    .iter()
-                    .enumerate()
-                    .map(|(i, drv)| StepInfo {
-                        index: i as u32,
-                        drv: drv.clone(),
-                        resolved: None,
-                        state: BuildState::Queued,
-                        started: None,
-                        finished: None,
-                        detail: None,
-                    })
-                    .collect(),
-            },
-        }
-    }
-}
-
 /// A step's log, kept line by line.
 struct LogOf<'a> {
     build: &'a Build,
@@ -624,6 +582,7 @@ pub fn outputs_json(built: &Built) -> serde_json::Value {
 
 #[path = "builds_closure.rs"]
 mod closure_run;
+pub use closure_run::Job;
 
 #[cfg(test)]
 #[path = "builds_tests.rs"]

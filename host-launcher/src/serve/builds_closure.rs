@@ -15,6 +15,48 @@ use super::super::closure::traces::{published_statement, Importer};
 use super::*;
 use crate::core::ownership::accepted_outputs;
 
+/// What a build runs: one step, or a whole closure through Nix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Job {
+    /// One derivation without input derivations, built here.
+    Step(Box<BuildRequest>),
+    /// A derivation and its input derivations, scheduled by Nix.
+    Closure(ClosureJob),
+}
+
+impl Job {
+    /// The build and its steps, queued at `submitted`.
+    pub(super) fn view(&self, id: u64, submitted: i64) -> View {
+        match self {
+            Job::Step(req) => Builds::one_step(id, req, submitted),
+            Job::Closure(c) => View {
+                info: BuildInfo {
+                    id,
+                    drv: c.derivations.drv_path().clone(),
+                    state: BuildState::Queued,
+                    submitted,
+                    started: None,
+                    finished: None,
+                },
+                steps: c
+                    .order
+                    .iter()
+                    .enumerate()
+                    .map(|(i, drv)| StepInfo {
+                        index: i as u32,
+                        drv: drv.clone(),
+                        resolved: None,
+                        state: BuildState::Queued,
+                        started: None,
+                        finished: None,
+                        detail: None,
+                    })
+                    .collect(),
+            },
+        }
+    }
+}
+
 /// One closure build while it runs.
 struct Run<'a> {
     builds: &'a Builds,

@@ -114,3 +114,33 @@ pub fn write_cache(
     }
     Ok(())
 }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_narinfo_keeps_the_content_address_and_names_references_by_base_name() {
+        let src = StorePath::parse("/nix/store/6i90bck613i3fcw2fwzgv6w1j9fpm80a-busybox").unwrap();
+        let drv = StorePath::parse("/nix/store/rl1694k7d7d1yp59yl3y2rbf654716n7-x-a.drv").unwrap();
+        let p = ValidPathInfo {
+            path: drv.clone(),
+            info: build_trace::PathInfo {
+                nar_hash: build_trace::job::NarHash([0; 32]),
+                nar_size: 352,
+                references: [src].into(),
+                ca: Some("text:sha256:abc".into()),
+            },
+            deriver: None,
+            registration_time: 0,
+            ultimate: false,
+            sigs: Default::default(),
+        };
+        let t = narinfo(&p);
+        assert!(t.starts_with(&format!("StorePath: {drv}\nURL: nar/{}.nar\n", drv.hash_part())));
+        assert!(t.contains("\nNarSize: 352\n") && t.contains("\nCompression: none\n"), "{t}");
+        assert!(t.contains("\nReferences: 6i90bck613i3fcw2fwzgv6w1j9fpm80a-busybox\n"), "{t}");
+        assert!(t.ends_with("\nCA: text:sha256:abc\n"), "{t}");
+        let parsed = nix_formats::narinfo::NarInfo::parse(&t);
+        assert!(parsed.is_ok(), "Nix's narinfo format: {t}");
+    }
+}

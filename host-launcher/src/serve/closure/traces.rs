@@ -230,3 +230,19 @@ pub fn published_statement(cache: &Path, key: &StorePath) -> Option<(Statement, 
 pub fn describe(e: &TraceError) -> String {
     error_chain(e)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_builder_is_named_as_its_machines_line_names_it() {
+        let arg = "ssh-ng://b?remote-program=/opt/vouch-b=/var/lib/vouch-b/cache";
+        let (m, loc) = BuilderTraces::parse_one(arg).unwrap();
+        assert_eq!(m, "ssh-ng://b?remote-program=/opt/vouch-b");
+        assert_eq!(loc, TraceLocation::Dir("/var/lib/vouch-b/cache".into()));
+        for bad in ["ssh-ng://b", "=/x", "ssh-ng://b=relative/dir"] {
+            assert!(BuilderTraces::parse_one(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -252,6 +252,16 @@ impl Run<'_> {
         let failed =
             |status: &str, error: String| BuildState::Failed { status: status.into(), error };
         let detail = |trace: &str| Some(serde_json::json!({"machine": machine, "trace": trace}));
+        let with_statement = |d: Option<serde_json::Value>, st: &Statement| {
+            d.map(|mut d| {
+                d["measurement"] = serde_json::to_value(&st.measurement).unwrap_or_default();
+                d["evidence_root"] = match trace_root(&d) {
+                    Some(r) => r.into(),
+                    None => serde_json::Value::Null,
+                };
+                d
+            })
+        };
         if let Some(msg) = tracker.failed.get(built_as).or_else(|| tracker.failed.get(&u)) {
             return (failed("PermanentFailure", msg.clone()), detail("none: the build failed"));
         }
@@ -300,7 +310,7 @@ impl Run<'_> {
                     self.line(i, &format!("vouch: reused: the service's cache has {key}"));
                 }
                 let outputs = statement_outputs(&st, cache);
-                (BuildState::Succeeded { outputs, attester }, detail(&trace))
+                (BuildState::Succeeded { outputs, attester }, with_statement(detail(&trace), &st))
             }
             None => {
                 let error = nix_failed.map_or_else(
@@ -326,6 +336,16 @@ impl Run<'_> {
             .and_then(|d| d.step(&mut accepted).ok())
             .map_or_else(|| udrv.clone(), |s| s.drv_path)
     }
+}
+
+/// Which root checked a closure step's evidence, as its trace's origin says.
+fn trace_root(d: &serde_json::Value) -> Option<&'static str> {
+    let trace = d["trace"].as_str()?;
+    Some(if trace.starts_with("verified from") {
+        "the root the service's policy names for that builder"
+    } else {
+        "this service's launcher, when it was built here"
+    })
 }
 
 /// A step's outputs as the API shows them, from its statement and the cache's narinfos.

@@ -111,6 +111,19 @@ pub struct Closures {
     running: Mutex<usize>,
 }
 
+/// The service's builder socket: `DIR/builder.sock`, or where a Unix socket's path fits (108
+/// bytes) when that is too long: the temporary directory, named after `DIR`.
+fn socket_path(dir: &Path) -> PathBuf {
+    let p = dir.join("builder.sock");
+    if p.as_os_str().len() < 100 {
+        return p;
+    }
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(dir.as_os_str().as_encoded_bytes());
+    let tag: String = h[..8].iter().map(|b| format!("{b:02x}")).collect();
+    std::env::temp_dir().join(format!("vouch-serve-{tag}.sock"))
+}
+
 /// The default policy (`docs/trust-policy.md`), pinning the guest image's manifest.
 fn default_policy(engine: &Engine) -> Result<PreparedPolicy, String> {
     let manifest = engine.launcher.image_dir.join("manifest.json");
@@ -158,7 +171,7 @@ impl Closures {
         let mut keys = trusted_keys.to_vec();
         keys.extend(PublicKey::parse(public_key).ok());
         let local = local::LocalBuilder::start(
-            &dir.join("builder.sock"),
+            &socket_path(&dir),
             &dir.join("builder.real"),
             engine.clone(),
             store_dir,

@@ -13,7 +13,9 @@
 //! - `nix-build --max-jobs 0` of `top` succeeds in a second, empty store with the service as
 //!   its only substituter, trusting only the service's key;
 //! - `nix log --store http://…` shows `top`'s log;
-//! - a second POST, of `after`: `ia` is reused, `fails` fails, `after` fails naming `fails`.
+//! - a second POST, of `after`: `ia` is reused, `fails` fails, `after` fails naming `fails`;
+//! - with a policy that does not name b's simulated root, b's step (`mid`) is built but its
+//!   trace refused: nothing of it is published, and `top` fails naming it.
 
 use std::path::Path;
 use std::process::Command;
@@ -73,16 +75,16 @@ fn steps_in(cache: &Path) -> Vec<String> {
     v
 }
 
-#[test]
-fn one_post_builds_a_closure_across_two_builders_scheduled_by_nix() {
-    let e = VmTest::new(&VMS, "closure.nix", closure_nix);
-    let (s, n) = (&e.s, &e.n);
-    let (state, sb) = (e.state.clone(), s.dir.path().join("state-b"));
-    // Builder b: its own state, key name and simulated root; trusted, as Nix 2.8 sends it the
-    // input-addressed `ia` output to build `mid` from.
+/// A service on `e`'s state with a second builder `b` (its own state under the scratch area,
+/// key name and simulated root; trusted, as Nix 2.8 sends it the input-addressed `ia` output to
+/// build `mid` from, and the only machine with `vouch-b`), whose traces are verified under a
+/// policy naming simulated roots (`both_roots`: the service's and b's; else the
+/// service's only). The service and b's state directory.
+fn service_with_builder_b(e: &VmTest, both_roots: bool) -> (HttpService, std::path::PathBuf) {
+    let (s, state, sb) = (&e.s, &e.state, e.s.dir.path().join("state-b"));
     std::fs::create_dir_all(&sb).unwrap();
     std::fs::write(sb.join("key-name"), "builder-b-simulated-1\n").unwrap();
-    for st in [&state, &sb] {
+    for st in [state, &sb] {
         SimulatedRoot::load_or_generate(&st.join("simulated-snp")).unwrap();
     }
     let wb = builder_wrapper(s.dir.path(), "builder-b", &sb, "--trusted");
@@ -91,38 +93,39 @@ fn one_post_builds_a_closure_across_two_builders_scheduled_by_nix() {
         "machines",
         &format!("{machine_b} x86_64-linux - 1 1 ca-derivations,vouch-b vouch-b\n"),
     );
-    let policy = tests::policy::simulated(
-        s.dir.path(),
-        &[&state, &sb],
-        &[],
-        &image_dir().join("manifest.json"),
-    );
+    let roots: Vec<&Path> = if both_roots { vec![state, &sb] } else { vec![state] };
+    let manifest = image_dir().join("manifest.json");
+    let policy = tests::policy::simulated(s.dir.path(), &roots, &[], &manifest);
     let traces_b = format!("{machine_b}={}", sb.join("cache").display());
     let image = image_dir();
-    let svc = HttpService::start(
-        &vouch_bin(),
-        &state,
-        &s.dir.path().join("serve.log"),
-        &[
-            "--image",
-            image.to_str().unwrap(),
-            "--jobs",
-            "1",
-            "--builders",
-            builders.to_str().unwrap(),
-            "--builder-traces",
-            &traces_b,
-            "--policy",
-            policy.to_str().unwrap(),
-        ],
-    );
+    let args = [
+        "--image",
+        image.to_str().unwrap(),
+        "--jobs",
+        "1",
+        "--builders",
+        builders.to_str().unwrap(),
+        "--builder-traces",
+        &traces_b,
+        "--policy",
+        policy.to_str().unwrap(),
+    ];
+    let svc = HttpService::start(&vouch_bin(), state, &s.dir.path().join("serve.log"), &args);
+    (svc, sb)
+}
+
+#[test]
+fn one_post_builds_a_closure_across_two_builders_scheduled_by_nix() {
+    let e = VmTest::new(&VMS, "closure.nix", closure_nix);
+    let (s, n, state) = (&e.s, &e.n, e.state.clone());
+    let (svc, sb) = service_with_builder_b(&e, true);
     let top = s.instantiate(&e.file, "top");
     let after = s.instantiate(&e.file, "after");
     let out =
         nix_copy(&s.dir.path().join("xdg-up"), &["--to", &svc.url(), "--derivation", &top, &after]);
     assert!(out.status.success(), "upload: {}\n{}", text(&out), svc.log_text());
 
-    // One POST: the whole closure, three steps on two builders.
+    // One POST: the whole closure, four steps on two builders.
     let r = svc.request("POST", "/v1/builds", format!(r#"{{"drv": "{top}"}}"#).as_bytes());
     assert_eq!(r.status, 202, "{}", r.text());
     let id = json(&r)["id"].as_u64().unwrap();
@@ -214,4 +217,49 @@ fn one_post_builds_a_closure_across_two_builders_scheduled_by_nix() {
     assert_eq!(dependent["state"], "failed", "{dependent}");
     assert_eq!(dependent["status"], "DependencyFailed", "{dependent}");
     assert!(dependent["error"].as_str().unwrap().contains("-sc-fails.drv"), "{dependent}");
+}
+
+#[test]
+fn a_step_whose_trace_the_policy_refuses_is_not_published_and_its_dependent_fails() {
+    let e = VmTest::new(&VMS, "closure.nix", closure_nix);
+    let (s, state) = (&e.s, e.state.clone());
+    // The policy names the service's simulated root only: b's evidence is not accepted.
+    let (svc, sb) = service_with_builder_b(&e, false);
+    let top = s.instantiate(&e.file, "top");
+    let out = nix_copy(&s.dir.path().join("xdg-up"), &["--to", &svc.url(), "--derivation", &top]);
+    assert!(out.status.success(), "upload: {}\n{}", text(&out), svc.log_text());
+    let r = svc.request("POST", "/v1/builds", format!(r#"{{"drv": "{top}"}}"#).as_bytes());
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = json(&r)["id"].as_u64().unwrap();
+    let v = wait(&svc, id);
+    assert_eq!(v["state"], "failed", "{v}");
+    let mid = step(&v, "-sc-mid.drv");
+    assert_eq!(mid["state"], "failed", "{mid}");
+    let error = mid["error"].as_str().unwrap();
+    assert!(error.contains("was not accepted") && error.contains("policy"), "{mid}");
+    assert!(step_log(&svc, id, mid).contains("was not accepted"), "{mid}");
+    assert_eq!(step(&v, "-sc-top.drv")["status"], "DependencyFailed", "{v}");
+    assert!(step(&v, "-sc-top.drv")["error"].as_str().unwrap().contains("-sc-mid.drv"), "{v}");
+    // b built it and has its trace; the service published nothing of it: no step, no
+    // realisation of it, no narinfo of its output.
+    assert_eq!(steps_in(&sb.join("cache")).len(), 1);
+    let ours = steps_in(&state.join("cache"));
+    assert!(ours.iter().all(|d| !d.ends_with("-sc-mid.drv")), "{ours:?}");
+    let theirs = steps_in(&sb.join("cache")).remove(0);
+    let statement = std::fs::read_dir(sb.join("cache/vouch/v1/steps").join(&theirs))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+        .join("statement.json");
+    let st = build_trace::Statement::from_canonical_bytes(&std::fs::read(statement).unwrap());
+    let mid_out = st.unwrap().outputs["out"].path.clone();
+    let narinfo = state.join("cache").join(format!("{}.narinfo", mid_out.hash_part()));
+    assert!(!narinfo.exists(), "{} is not signed here", mid_out);
+    assert!(!state.join("cache/build-trace-v2").join(&theirs).exists());
+    // Nix built `top` anyway from b's bytes (its trace, published by the service's own
+    // builder, speaks of exactly those inputs); its step says it waited for `mid`.
+    let top_step = step(&v, "-sc-top.drv");
+    assert!(top_step["error"].as_str().unwrap().contains("unverified outputs"), "{top_step}");
 }

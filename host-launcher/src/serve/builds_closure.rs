@@ -254,7 +254,7 @@ impl Run<'_> {
         let detail = |trace: &str| Some(serde_json::json!({"machine": machine, "trace": trace}));
         let with_statement = |d: Option<serde_json::Value>, st: &Statement| {
             d.map(|mut d| {
-                d["measurement"] = serde_json::to_value(&st.measurement).unwrap_or_default();
+                d["measurement"] = serde_json::to_value(st.measurement).unwrap_or_default();
                 d["evidence_root"] = match trace_root(&d) {
                     Some(r) => r.into(),
                     None => serde_json::Value::Null,

@@ -23,9 +23,9 @@ use crate::core::Engine;
 use crate::nixbuilder::real_store::RealStore;
 use crate::nixbuilder::Session;
 use crate::nixproto::listen::{self, ListenConfig, Peer, SessionFactory, SocketListener};
-use crate::nixproto::{worker, Handler};
+use crate::nixproto::worker;
 use crate::signals::StopSource;
-use crate::store::{ClientTrust, ContentStore, SessionStore, StoreConfig};
+use crate::store::{ClientTrust, StoreConfig};
 
 /// Why the builder could not start.
 #[derive(Debug, thiserror::Error)]
@@ -82,13 +82,8 @@ impl LocalBuilder {
         let store_dir = store_dir.to_owned();
         let cancel = engine.launcher.cancel.clone();
         let new_session: Arc<SessionFactory> = Arc::new(move |peer: &Peer, hangup| {
-            let trusted = peer.uid == Some(me);
-            let trust = ClientTrust { trusted, keys: keys.clone() };
-            let store = SessionStore::new(ContentStore::open(&store_dir, store_cfg)?, trust)?;
-            let mut engine = engine.clone();
-            engine.launcher.cancel = engine.launcher.cancel.joined(hangup);
-            let session = Session::new(engine, store).with_real_store(real_store.clone());
-            Ok(Box::new(session) as Box<dyn Handler + Send>)
+            let trust = ClientTrust { trusted: peer.uid == Some(me), keys: keys.clone() };
+            Session::for_socket(&engine, (&store_dir, store_cfg), trust, &real_store, hangup)
         });
         let cfg = ListenConfig {
             worker: worker::WorkerConfig {

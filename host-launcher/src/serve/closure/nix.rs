@@ -133,21 +133,13 @@ impl NixDriver {
         dir.push(".import");
         let dir = PathBuf::from(dir);
         write_cache(view, &paths, &dir).map_err(NixError::Export)?;
-        let out = self
-            .nix_command("nix")?
-            .args(["copy", "--no-check-sigs", "--derivation", "--from"])
+        let mut copy = self.nix_command("nix")?;
+        copy.args(["copy", "--no-check-sigs", "--derivation", "--from"])
             .arg(format!("file://{}", dir.display()))
             .arg("--to")
             .arg(self.store_uri())
-            .arg(drv.to_string())
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| NixError::Spawn("nix copy", e))?;
-        if !out.status.success() {
-            let err = String::from_utf8_lossy(&out.stderr);
-            return Err(NixError::Import(super::events::strip_ansi(err.trim())));
-        }
-        Ok(())
+            .arg(drv.to_string());
+        run(copy, "nix copy").map_err(NixError::Import)
     }
 
     /// `nix-store --realise drv` in the private store, every step on the builders; each change
@@ -219,18 +211,20 @@ impl NixDriver {
     /// `nix-store --gc` of the private store: what builds copied back and imported `.drv`
     /// closures go (they are in the service's cache and content store).
     pub fn collect_garbage(&self) -> Result<(), NixError> {
-        let out = self
-            .nix_store()?
-            .arg("--gc")
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| NixError::Spawn("nix-store --gc", e))?;
-        if !out.status.success() {
-            let err = String::from_utf8_lossy(&out.stderr);
-            return Err(NixError::Gc(super::events::strip_ansi(err.trim())));
-        }
-        Ok(())
+        let mut gc = self.nix_store()?;
+        gc.arg("--gc");
+        run(gc, "nix-store --gc").map_err(NixError::Gc)
     }
+}
+
+/// Run `cmd` (`what`) to its end; its stderr, without colours, if it failed (or could not start).
+fn run(mut cmd: Command, what: &str) -> Result<(), String> {
+    let out = cmd.stdin(Stdio::null()).output().map_err(|e| format!("starting {what}: {e}"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    Err(format!("{}: {}", out.status, super::events::strip_ansi(err.trim())))
 }
 
 /// Kill process group `pgid` once `cancel` fires, until `done`.

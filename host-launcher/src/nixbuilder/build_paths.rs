@@ -457,15 +457,19 @@ mod tests {
         let (top, top_drv) = ia("top", &mut graph, &[&dep]);
         let dep_out = graph.input_addressed_paths(&dep_drv, "dep").unwrap().unwrap()["out"].clone();
         // Without its .drv closure here: built as given, its outputs private to the session.
-        let a =
-            request::with_stored_graph(hook_request(&top, &top_drv, &[dep_out.clone()]), s.view());
+        let a = request::with_stored_graph(
+            hook_request(&top, &top_drv, std::slice::from_ref(&dep_out)),
+            s.view(),
+        );
         assert!(a.private_outputs && a.request.derivations.is_none());
         // With it (uploaded text-addressed, as the CI service's clients do): its graph, its paths
         // computed by vouch, its outputs shared.
         let uploads = vec![drv_upload(&dep, &dep_drv), drv_upload(&top, &top_drv)];
         s.add(&mut Mem(uploads, Default::default()), UPLOAD_RULES).unwrap();
-        let a =
-            request::with_stored_graph(hook_request(&top, &top_drv, &[dep_out.clone()]), s.view());
+        let a = request::with_stored_graph(
+            hook_request(&top, &top_drv, std::slice::from_ref(&dep_out)),
+            s.view(),
+        );
         assert!(!a.private_outputs && a.request.derivations.is_some());
         let kind = build_trace::job::StepKind::InputAddressed;
         crate::core::ownership::check(&a.request, kind, &mut |_, _| None).unwrap();

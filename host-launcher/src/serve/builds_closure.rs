@@ -280,29 +280,9 @@ impl Run<'_> {
         let key = self.key_of(udrv, resolved);
         let trace = match machine {
             Some(m) if *m != self.closures.local_machine => {
-                self.line(i, &format!("vouch: fetching its trace from {m}, verifying it under the service's policy"));
-                let policy = match &self.closures.policy {
-                    Ok(p) => p,
-                    Err(why) => {
-                        let error = format!("built on {m}, but the service has no trust policy for other builders' traces: {why}");
-                        self.line(i, &format!("vouch: {error}"));
-                        return (failed("MiscFailure", error), detail("refused"));
-                    }
-                };
-                let importer = Importer {
-                    policy,
-                    publish: &self.builds.engine.publish,
-                    builders: &self.closures.traces,
-                };
-                if let Err(e) = importer.import(&self.job.derivations, udrv, &key, m) {
-                    let error = format!(
-                        "built on {m}, but its trace was not accepted: {}",
-                        error_chain(&e)
-                    );
-                    self.line(i, &format!("vouch: {error}"));
+                if let Err(error) = self.import_trace(i, udrv, &key, m) {
                     return (failed("MiscFailure", error), detail("refused"));
                 }
-                self.line(i, "vouch: its trace verified and was published in the service's cache");
                 format!("verified from {m}")
             }
             Some(_) => "built by the service's builder".to_owned(),
@@ -325,6 +305,38 @@ impl Run<'_> {
                 (failed("MiscFailure", error), None)
             }
         }
+    }
+
+    /// Verify step `i` (`udrv`, built as `key` on machine `m`) from `m`'s traces and publish
+    /// it here; why not, as the step's error.
+    fn import_trace(
+        &self,
+        i: usize,
+        udrv: &StorePath,
+        key: &StorePath,
+        m: &str,
+    ) -> Result<(), String> {
+        self.line(
+            i,
+            &format!("vouch: fetching its trace from {m}, verifying it under the service's policy"),
+        );
+        let error = |e: String| {
+            self.line(i, &format!("vouch: {e}"));
+            e
+        };
+        let policy = self.closures.policy.as_ref().map_err(|why| {
+            error(format!("built on {m}, but the service has no trust policy for other builders' traces: {why}"))
+        })?;
+        let importer = Importer {
+            policy,
+            publish: &self.builds.engine.publish,
+            builders: &self.closures.traces,
+        };
+        importer.import(&self.job.derivations, udrv, key, m).map_err(|e| {
+            error(format!("built on {m}, but its trace was not accepted: {}", error_chain(&e)))
+        })?;
+        self.line(i, "vouch: its trace verified and was published in the service's cache");
+        Ok(())
     }
 
     /// The step's key in the trace store: the derivation Nix resolved it to, else what the

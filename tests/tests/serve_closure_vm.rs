@@ -14,6 +14,8 @@
 //!   its only substituter, trusting only the service's key;
 //! - `nix log --store http://…` shows `top`'s log;
 //! - a second POST, of `after`: `ia` is reused, `fails` fails, `after` fails naming `fails`;
+//! - `DELETE` of a closure build while a step runs: Nix and the step's VM are killed, the build
+//!   and both steps end cancelled, nothing is published;
 //! - with a policy that does not name b's simulated root, b's step (`mid`) is built but its
 //!   trace refused: nothing of it is published, and `top` fails naming it.
 
@@ -48,6 +50,8 @@ fn closure_nix(n: &str) -> String {
   }};
   fails = ca "sc-fails" {{}} "echo about to fail {n}; exit 3";
   after = ca "sc-after" {{}} "echo ${{fails}} ${{ia}}; mkdir $out";
+  slow = ca "sc-slow" {{}} "echo started {n}; ${{bb}}/busybox sleep 600";
+  later = ca "sc-later" {{}} "echo ${{slow}}; mkdir $out";
 }}
 "#
     )
@@ -262,4 +266,46 @@ fn a_step_whose_trace_the_policy_refuses_is_not_published_and_its_dependent_fail
     // builder, speaks of exactly those inputs); its step says it waited for `mid`.
     let top_step = step(&v, "-sc-top.drv");
     assert!(top_step["error"].as_str().unwrap().contains("unverified outputs"), "{top_step}");
+}
+
+#[test]
+fn cancelling_a_closure_build_kills_nix_and_the_running_step() {
+    let e = VmTest::new(&VMS, "closure.nix", closure_nix);
+    let (s, n, state) = (&e.s, &e.n, e.state.clone());
+    let image = image_dir();
+    let args = ["--image", image.to_str().unwrap(), "--jobs", "1"];
+    let svc = HttpService::start(&vouch_bin(), &state, &s.dir.path().join("serve.log"), &args);
+    let later = s.instantiate(&e.file, "later");
+    let out = nix_copy(&s.dir.path().join("xdg-up"), &["--to", &svc.url(), "--derivation", &later]);
+    assert!(out.status.success(), "upload: {}\n{}", text(&out), svc.log_text());
+    let r = svc.request("POST", "/v1/builds", format!(r#"{{"drv": "{later}"}}"#).as_bytes());
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = json(&r)["id"].as_u64().unwrap();
+    let t0 = std::time::Instant::now();
+    loop {
+        let log = svc.request("GET", &format!("/v1/builds/{id}/steps/0/log"), b"").text();
+        if log.contains(&format!("started {n}")) {
+            break;
+        }
+        assert!(t0.elapsed().as_secs() < 240, "the slow step never started: {log}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(svc.request("DELETE", &format!("/v1/builds/{id}"), b"").status, 202);
+    let v = wait(&svc, id);
+    assert_eq!(v["state"], "cancelled", "{v}");
+    for st in v["steps"].as_array().unwrap() {
+        assert_eq!(st["state"], "cancelled", "{v}");
+    }
+    let t0 = std::time::Instant::now();
+    let pid = svc.pid().to_string();
+    while Command::new("pgrep").args(["-P", &pid, "-x", "nix-store"]).status().unwrap().success() {
+        assert!(t0.elapsed().as_secs() < 30, "Nix still runs");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // The service's builder saw Nix hang up and killed the step's VM.
+    while !svc.log_text().contains("its VM killed; nothing was registered") {
+        assert!(t0.elapsed().as_secs() < 30, "the step's VM: {}", svc.log_text());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(steps_in(&state.join("cache")).is_empty(), "{:?}", steps_in(&state.join("cache")));
 }

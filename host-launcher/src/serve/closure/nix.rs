@@ -8,7 +8,7 @@
 //! empty file, every setting is given on the command line, and `HOME`/`XDG_CACHE_HOME` are the
 //! service's (so no narinfo disk cache of another user answers). Nix and its build hooks run in
 //! their own process group: a cancelled build kills the group, the builders see their clients
-//! hang up and kill their VMs.
+//! hang up and kill their VMs; and Nix dies with the service (`crate::vm::child`).
 //!
 //! What is not here: what the events mean for the steps (`super::run`).
 
@@ -176,6 +176,8 @@ impl NixDriver {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
+        // Nix dies with the service, even one killed by SIGKILL (its hooks then see it gone).
+        crate::vm::child::die_with_launcher(&mut cmd);
         let mut child = cmd.spawn().map_err(|e| NixError::Spawn("nix-store --realise", e))?;
         let pgid = child.id() as i32;
         let done = Arc::new(AtomicBool::new(false));

@@ -87,6 +87,10 @@ fn simple_nix(nonce: &str) -> String {
                     __contentAddressed = true; outputHashMode = "recursive"; outputHashAlgo = "sha256"; }};
   g = derivation {{ name = "serve-g-{nonce}"; system = "x86_64-linux"; builder = "${{bb}}/busybox";
                     args = [ "sh" "-c" "cat ${{b}} > $out" ]; }};
+  h = derivation {{ name = "serve-h-{nonce}"; system = "x86_64-linux"; builder = "${{bb}}/busybox";
+                    args = [ "sh" "-c" "echo h > $out" ]; requiredSystemFeatures = [ "no-such-feature" ]; }};
+  h2 = derivation {{ name = "serve-h2-{nonce}"; system = "x86_64-linux"; builder = "${{bb}}/busybox";
+                     args = [ "sh" "-c" "cat ${{h}} > $out" ]; }};
   f = derivation {{ name = "serve-f-{nonce}"; system = "x86_64-linux"; builder = "${{bb}}/busybox";
                     args = [ "sh" "-c" "echo -n hello > $out" ]; outputHashMode = "flat";
                     outputHashAlgo = "sha256";
@@ -435,6 +439,28 @@ fn the_build_api_refuses_what_it_cannot_build_and_sigterm_stops_it() {
     assert!(first["evidence_check"]["machine"].as_str().unwrap().starts_with("unix://"), "{v}");
     assert_eq!(second["status"], "DependencyFailed", "{v}");
     assert!(second["error"].as_str().unwrap().contains("waited for step 0"), "{v}");
+    // A step no builder has the features for: Nix says why nothing could start, and so does the
+    // build.
+    let drv = instantiate(t.path(), &simple_nix(&nix::nonce()), "h2");
+    let out = nix_copy(&t.path().join("xdg-h"), &["--to", &to, "--derivation", &drv]);
+    assert!(out.status.success(), "nix copy: {}", nix::text(&out));
+    let r = post(&format!(r#"{{"drv": "{drv}"}}"#));
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["id"].as_u64().unwrap();
+    let t0 = std::time::Instant::now();
+    let v = loop {
+        let v: serde_json::Value =
+            serde_json::from_slice(&s.request("GET", &format!("/v1/builds/{id}"), b"").body)
+                .unwrap();
+        if v["state"] == "failed" {
+            break v;
+        }
+        assert!(t0.elapsed().as_secs() < 120, "{v}\n{}", s.log_text());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let error = v["steps"][0]["error"].as_str().unwrap();
+    assert!(error.contains("Failed to find a machine") && error.contains("no-such-feature"), "{v}");
+    assert_eq!(v["steps"][1]["status"], "DependencyFailed", "{v}");
 
     // A (floating-CA) derivation whose text names an input it does not declare as a reference
     // (so the upload itself passes, and the input is not in the content store): its path is

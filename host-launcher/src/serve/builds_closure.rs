@@ -201,9 +201,19 @@ impl Run<'_> {
     /// Settle every step after Nix ended (see the module docs); the root step's state.
     fn settle(&mut self, realised: Result<Realised, String>) -> BuildState {
         let (tracker, nix_failed) = match realised {
-            Ok(r) => (r.tracker, (!r.success).then(|| "Nix could not build it".to_owned())),
+            Ok(r) => {
+                let general = r.tracker.general_errors().join("; ");
+                let why = match general.is_empty() {
+                    true => "Nix could not build it".to_owned(),
+                    false => format!("Nix could not build it: {general}"),
+                };
+                (r.tracker, (!r.success).then_some(why))
+            }
             Err(e) => (Tracker::default(), Some(e)),
         };
+        if let (Some(why), Some(root)) = (&nix_failed, self.job.order.len().checked_sub(1)) {
+            self.line(root, &format!("vouch: {why}"));
+        }
         let mut states: Vec<BuildState> = Vec::new();
         for (i, udrv) in self.job.order.iter().enumerate() {
             let (state, detail) =

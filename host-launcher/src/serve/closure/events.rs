@@ -13,7 +13,10 @@
 //! - `result` of type 101 (`resBuildLogLine`), fields `[line]`: a log line of the activity;
 //! - `stop`: the activity ended (success or failure is not said);
 //! - `msg` at level 0 (errors): `builder for 'D' failed …`, `build of 'D' on 'M' failed: …`,
-//!   `N dependencies of derivation 'D' failed to build`, `cannot build derivation 'D': …`.
+//!   `N dependencies of derivation 'D' failed to build`, `cannot build derivation 'D': …`, and
+//!   errors that name no step (`unable to start any build; remote machines may not have all
+//!   required system features`); at level 1, `Failed to find a machine for remote build!`
+//!   with the step's required system and features and the machines there are.
 //!
 //! [`Tracker`] folds the events into, per derivation path: the machine it was built on, its
 //! log lines, whether it failed; plus which derivations were resolved to which.
@@ -149,7 +152,8 @@ pub struct Tracker {
     pub dependents_failed: BTreeSet<String>,
     /// Store paths substituted from the cache.
     pub substituted: BTreeSet<String>,
-    /// Error messages, in order.
+    /// Error messages, in order (with Nix's "Failed to find a machine" warnings, which say why
+    /// a step could not start).
     pub errors: Vec<String>,
 }
 
@@ -215,6 +219,10 @@ impl Tracker {
                 Change::None
             }
             Event::Msg { level: 0, text } => self.error(text),
+            Event::Msg { level: 1, text } if text.starts_with("Failed to find a machine") => {
+                self.errors.push(text);
+                Change::None
+            }
             Event::Msg { .. } => Change::None,
         }
     }
@@ -239,6 +247,15 @@ impl Tracker {
             }
         }
         Change::None
+    }
+}
+
+impl Tracker {
+    /// Nix's errors that name no step (why nothing could start, …), newest last.
+    pub fn general_errors(&self) -> Vec<&str> {
+        let named =
+            |e: &String| !e.starts_with("Failed to find a machine") && !quoted_drvs(e).is_empty();
+        self.errors.iter().filter(|e| !named(e)).map(String::as_str).collect()
     }
 }
 

@@ -6,6 +6,7 @@ use super::*;
 
 const CHAIN: &str = include_str!("testdata/nix-2.8-chain.jsonl");
 const FAILURE: &str = include_str!("testdata/nix-2.8-failure.jsonl");
+const NO_MACHINE: &str = include_str!("testdata/nix-2.8-no-machine.jsonl");
 const A: &str = "/nix/store/rl1694k7d7d1yp59yl3y2rbf654716n7-x-a.drv";
 const B: &str = "/nix/store/rni3ng2rjgfbq4y6fc1k85z7d3z78qak-x-b.drv";
 const B_RESOLVED: &str = "/nix/store/gp07bjf3432849im7cm0q0nflp8lypfp-x-b.drv";
@@ -60,6 +61,21 @@ fn a_failure_names_the_failed_step_and_the_dependent() {
     assert_eq!(t.dependents_failed.iter().collect::<Vec<_>>(), [g]);
     assert!(changes.contains(&Change::Failed { drv: f.into() }));
     assert!(changes.contains(&Change::Line { drv: f.into(), line: "failing".into() }));
+}
+
+#[test]
+fn why_nothing_could_start_is_kept() {
+    let (t, changes) = track(NO_MACHINE);
+    assert!(changes.is_empty() && t.machines.is_empty() && t.failed.is_empty(), "{changes:?}");
+    let general = t.general_errors();
+    assert_eq!(general.len(), 2, "{general:?}");
+    assert!(
+        general[0].contains("Failed to find a machine") && general[0].contains("ca-derivations")
+    );
+    assert!(general[1].contains("unable to start any build"), "{}", general[1]);
+    assert!(t.general_errors().iter().all(|e| !e.contains('\u{1b}')));
+    let (t, _) = track(FAILURE);
+    assert!(t.general_errors().is_empty(), "{:?}", t.general_errors());
 }
 
 #[test]

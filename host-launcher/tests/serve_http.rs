@@ -582,6 +582,25 @@ fn an_untrusted_caller_cannot_get_another_derivations_output_path_signed() {
     assert!(out.status.success(), "nix copy: {}", nix::text(&out));
     let r = s.request("POST", "/v1/builds", format!(r#"{{"drv": "{deferred}"}}"#).as_bytes());
     assert_eq!(r.status, 202, "{}", r.text());
+    // A trusted caller's closure runs in a private Nix store of its own: its build may read
+    // its overlay's uploads, which no other caller's may see.
+    let body = format!(r#"{{"drv": "{deferred}"}}"#);
+    let r = s.request_with("POST", "/v1/builds", &[TRUSTED], body.as_bytes());
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["id"].as_u64().unwrap();
+    let t0 = std::time::Instant::now();
+    loop {
+        let v: serde_json::Value =
+            serde_json::from_slice(&s.request("GET", &format!("/v1/builds/{id}"), b"").body)
+                .unwrap();
+        if v["state"] == "failed" {
+            break;
+        }
+        assert!(t0.elapsed().as_secs() < 120, "{v}\n{}", s.log_text());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let serve = t.path().join("state/serve");
+    assert!(serve.join("nix/nix/store").is_dir() && serve.join("nix-client-0/nix/store").is_dir());
     // Declaring the victim's path in it (where Nix leaves it empty) is a forgery: refused.
     let mut forged = Derivation::from_aterm(&std::fs::read(&deferred).unwrap()).unwrap();
     let out = nix_formats::derivation::DerivationOutput::InputAddressed(victim_out.clone());

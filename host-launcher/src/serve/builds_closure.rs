@@ -63,6 +63,8 @@ struct Run<'a> {
     build: &'a Arc<Build>,
     job: &'a ClosureJob,
     closures: &'a Closures,
+    /// Its Nix and private store.
+    driver: &'a super::super::closure::nix::NixDriver,
     /// Derivation (as submitted, or resolved) → step index.
     index: BTreeMap<String, usize>,
     /// Step index → the indices of its input derivations' steps.
@@ -95,8 +97,16 @@ impl Builds {
             })
             .collect();
         let inputs = job.order.iter().map(|p| graph.get(p).cloned().unwrap_or_default()).collect();
-        let held = closures.enter();
-        let mut run = Run { builds: self, build, job: &job, closures: &closures, index, inputs };
+        let held = closures.enter(build.client);
+        let mut run = Run {
+            builds: self,
+            build,
+            job: &job,
+            closures: &closures,
+            driver: &held.driver,
+            index,
+            inputs,
+        };
         build.update(|v| {
             v.info.state = BuildState::Running;
             v.info.started = Some(now());
@@ -148,7 +158,7 @@ impl Run<'_> {
         let overlay = self.build.client.and_then(|i| b.trusted_uploads.get(i));
         let view = StoreView::new(&store, overlay.and_then(|s| s.overlay()));
         let root = self.job.derivations.drv_path().clone();
-        let driver = &self.closures.driver;
+        let driver = self.driver;
         driver.import(view, &root).map_err(|e| error_chain(&e))?;
         let cancel = self.build.cancel.clone();
         driver

@@ -229,6 +229,7 @@ impl Service {
             cfg.jobs,
             &public_key,
             &cfg.trusted_keys,
+            cfg.access.trusted_clients(),
         )?;
         let builds = builds.with_closures(Arc::new(closures));
         let builds = Arc::new(builds);

@@ -132,18 +132,22 @@ fn default_policy(engine: &Engine) -> Result<PreparedPolicy, String> {
         .map_err(|e| format!("the default trust policy: {}", build_trace::error_chain(&e)))
 }
 
-/// One closure build's hold on the private store ([`Closures::enter`]).
+/// One closure build's hold on its private store ([`Closures::enter`]).
 #[derive(Debug)]
-pub struct Running<'a>(&'a Closures);
+pub struct Running<'a> {
+    closures: &'a Closures,
+    /// The Nix (and private store) of this build.
+    pub driver: nix::NixDriver,
+}
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
-        let mut n = self.0.running.lock().unwrap_or_else(|e| e.into_inner());
+        let mut n = self.closures.running.lock().unwrap_or_else(|e| e.into_inner());
         *n -= 1;
         if *n == 0 {
             // Nothing else uses the store while the count is held at zero: everything in it is
             // either in the service's cache (outputs) or uploaded (`.drv` files, sources).
-            if let Err(e) = self.0.driver.collect_garbage() {
+            if let Err(e) = self.driver.collect_garbage() {
                 tracing::warn!(
                     "collecting the private Nix store's garbage: {}",
                     build_trace::error_chain(&e)
@@ -166,6 +170,7 @@ impl Closures {
         jobs: usize,
         public_key: &str,
         trusted_keys: &[PublicKey],
+        trusted_clients: usize,
     ) -> Result<Closures, ClosureError> {
         let dir = state_dir.join("serve");
         let mut keys = trusted_keys.to_vec();
@@ -205,6 +210,17 @@ impl Closures {
             cache: engine.publish.trace_store.clone(),
             public_key: public_key.to_owned(),
         };
+        // Trusted clients' stores from a previous run: their overlays are gone, so is what
+        // their builds imported (nothing is rooted there).
+        for n in 0..trusted_clients {
+            let mut d = driver.clone();
+            d.root = d.root.with_file_name(format!("nix-client-{n}"));
+            if d.root.exists() {
+                if let Err(e) = d.collect_garbage() {
+                    tracing::warn!(store = %d.root.display(), "{}", build_trace::error_chain(&e));
+                }
+            }
+        }
         tracing::info!(machines = %driver.machines.display(), store = %driver.root.display(),
                        "closures are scheduled by Nix on the builders of the machines file");
         Ok(Closures {
@@ -217,10 +233,21 @@ impl Closures {
         })
     }
 
-    /// Hold the private store for one closure build (import, Nix, traces).
-    pub fn enter(&self) -> Running<'_> {
+    /// Hold a private store for one closure build (import, Nix, traces): the service's, or for
+    /// a trusted client's build (which may read its overlay's uploads, which no other client's
+    /// build may see, `crate::store::session`) one of that client's own,
+    /// `<state dir>/serve/nix-client-<n>`.
+    pub fn enter(&self, client: Option<usize>) -> Running<'_> {
         *self.running.lock().unwrap_or_else(|e| e.into_inner()) += 1;
-        Running(self)
+        Running { closures: self, driver: self.driver_for(client) }
+    }
+
+    fn driver_for(&self, client: Option<usize>) -> nix::NixDriver {
+        let mut d = self.driver.clone();
+        if let Some(n) = client {
+            d.root = d.root.with_file_name(format!("nix-client-{n}"));
+        }
+        d
     }
 
     /// Stop the service's builder (its running builds cancelled).

@@ -118,6 +118,19 @@ fn service_with_builder_b(e: &VmTest, both_roots: bool) -> (HttpService, std::pa
     (svc, sb)
 }
 
+/// Upload `drvs`' closures with `nix copy --to http://… --derivation` (Nix's default xz), then
+/// `POST /v1/builds` of `drvs[0]`; the build's id.
+fn upload_and_build(e: &VmTest, svc: &HttpService, drvs: &[&str]) -> u64 {
+    let mut args = vec!["--to".to_owned(), svc.url(), "--derivation".to_owned()];
+    args.extend(drvs.iter().map(|d| d.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = nix_copy(&e.s.dir.path().join("xdg-up"), &args);
+    assert!(out.status.success(), "upload: {}\n{}", text(&out), svc.log_text());
+    let r = svc.request("POST", "/v1/builds", format!(r#"{{"drv": "{}"}}"#, drvs[0]).as_bytes());
+    assert_eq!(r.status, 202, "{}", r.text());
+    json(&r)["id"].as_u64().unwrap()
+}
+
 #[test]
 fn one_post_builds_a_closure_across_two_builders_scheduled_by_nix() {
     let e = VmTest::new(&VMS, "closure.nix", closure_nix);
@@ -125,14 +138,8 @@ fn one_post_builds_a_closure_across_two_builders_scheduled_by_nix() {
     let (svc, sb) = service_with_builder_b(&e, true);
     let top = s.instantiate(&e.file, "top");
     let after = s.instantiate(&e.file, "after");
-    let out =
-        nix_copy(&s.dir.path().join("xdg-up"), &["--to", &svc.url(), "--derivation", &top, &after]);
-    assert!(out.status.success(), "upload: {}\n{}", text(&out), svc.log_text());
-
     // One POST: the whole closure, four steps on two builders.
-    let r = svc.request("POST", "/v1/builds", format!(r#"{{"drv": "{top}"}}"#).as_bytes());
-    assert_eq!(r.status, 202, "{}", r.text());
-    let id = json(&r)["id"].as_u64().unwrap();
+    let id = upload_and_build(&e, &svc, &[&top, &after]);
     let v = wait(&svc, id);
     assert_eq!(v["state"], "succeeded", "{v}\n{}", svc.log_text());
     assert_eq!(v["steps"].as_array().unwrap().len(), 4, "{v}");
@@ -230,11 +237,7 @@ fn a_step_whose_trace_the_policy_refuses_is_not_published_and_its_dependent_fail
     // The policy names the service's simulated root only: b's evidence is not accepted.
     let (svc, sb) = service_with_builder_b(&e, false);
     let top = s.instantiate(&e.file, "top");
-    let out = nix_copy(&s.dir.path().join("xdg-up"), &["--to", &svc.url(), "--derivation", &top]);
-    assert!(out.status.success(), "upload: {}\n{}", text(&out), svc.log_text());
-    let r = svc.request("POST", "/v1/builds", format!(r#"{{"drv": "{top}"}}"#).as_bytes());
-    assert_eq!(r.status, 202, "{}", r.text());
-    let id = json(&r)["id"].as_u64().unwrap();
+    let id = upload_and_build(&e, &svc, &[&top]);
     let v = wait(&svc, id);
     assert_eq!(v["state"], "failed", "{v}");
     let mid = step(&v, "-sc-mid.drv");
@@ -276,11 +279,7 @@ fn cancelling_a_closure_build_kills_nix_and_the_running_step() {
     let args = ["--image", image.to_str().unwrap(), "--jobs", "1"];
     let svc = HttpService::start(&vouch_bin(), &state, &s.dir.path().join("serve.log"), &args);
     let later = s.instantiate(&e.file, "later");
-    let out = nix_copy(&s.dir.path().join("xdg-up"), &["--to", &svc.url(), "--derivation", &later]);
-    assert!(out.status.success(), "upload: {}\n{}", text(&out), svc.log_text());
-    let r = svc.request("POST", "/v1/builds", format!(r#"{{"drv": "{later}"}}"#).as_bytes());
-    assert_eq!(r.status, 202, "{}", r.text());
-    let id = json(&r)["id"].as_u64().unwrap();
+    let id = upload_and_build(&e, &svc, &[&later]);
     let t0 = std::time::Instant::now();
     loop {
         let log = svc.request("GET", &format!("/v1/builds/{id}/steps/0/log"), b"").text();

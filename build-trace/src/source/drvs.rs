@@ -125,7 +125,8 @@ fn fetch_all(
         missing = still;
     }
     if let Some((p, by)) = missing.into_iter().next() {
-        let mut searched: Vec<String> = local.map(|d| d.display().to_string()).into_iter().collect();
+        let mut searched: Vec<String> =
+            local.map(|d| d.display().to_string()).into_iter().collect();
         searched.extend(remotes.iter().map(|f| f.base().to_owned()));
         return Err(SourceError::MissingDrv {
             drv: p.to_string(),
@@ -141,17 +142,18 @@ fn through_narinfo(
     f: &Fetcher,
     wanted: &[(StorePath, Option<StorePath>)],
 ) -> Result<Vec<Option<Derivation>>, SourceError> {
-    let rels: Vec<(String, Kind)> =
-        wanted.iter().map(|(p, _)| (format!("{}.narinfo", p.hash_part()), Kind::Immutable)).collect();
+    let rels: Vec<(String, Kind)> = wanted
+        .iter()
+        .map(|(p, _)| (format!("{}.narinfo", p.hash_part()), Kind::Immutable))
+        .collect();
     let mut nars = Vec::new();
     for ((p, _), (rel, a)) in wanted.iter().zip(rels.iter().map(|(r, _)| r).zip(f.get_all(&rels))) {
         let Some(body) = a.map_err(SourceError::Fetch)? else {
             nars.push(None);
             continue;
         };
-        let garbled = |problem: String| {
-            SourceError::Fetch(FetchError::Garbled { url: f.url(rel), problem })
-        };
+        let garbled =
+            |problem: String| SourceError::Fetch(FetchError::Garbled { url: f.url(rel), problem });
         let info = String::from_utf8(body)
             .map_err(|e| e.to_string())
             .and_then(|t| NarInfo::parse(&t).map_err(|e| e.to_string()))
@@ -170,7 +172,8 @@ fn through_narinfo(
         }
         nars.push(Some(info.url));
     }
-    let fetch: Vec<(String, Kind)> = nars.iter().flatten().map(|u| (u.clone(), Kind::Immutable)).collect();
+    let fetch: Vec<(String, Kind)> =
+        nars.iter().flatten().map(|u| (u.clone(), Kind::Immutable)).collect();
     let mut answers = f.get_all(&fetch).into_iter().zip(fetch.iter());
     let mut out = Vec::with_capacity(wanted.len());
     for ((p, _), nar) in wanted.iter().zip(&nars) {
@@ -216,7 +219,11 @@ fn checked(url: &str, p: &StorePath, nar: &[u8]) -> Result<(StorePath, Derivatio
 
 /// The contents of a NAR of one regular file.
 fn single_file(nar: &[u8]) -> Result<Vec<u8>, String> {
-    let limits = NarLimits { max_file_size: MAX_DRV, max_total_size: MAX_DRV + 4096, ..NarLimits::default() };
+    let limits = NarLimits {
+        max_file_size: MAX_DRV,
+        max_total_size: MAX_DRV + 4096,
+        ..NarLimits::default()
+    };
     let mut r = NarReader::new(nar, limits);
     let err = |e: nix_formats::nar::NarError| format!("not a NAR: {}", crate::error_chain(&e));
     let size = match r.next_event().map_err(err)? {

@@ -168,7 +168,8 @@ impl Fetcher {
         let Some((first, rest)) = rels.split_first() else { return Vec::new() };
         let (tx, rx) = mpsc::channel();
         for (i, (rel, kind)) in rest.iter().enumerate() {
-            let (inner, tx, url, kind) = (Arc::clone(&self.inner), tx.clone(), self.url(rel), *kind);
+            let (inner, tx, url, kind) =
+                (Arc::clone(&self.inner), tx.clone(), self.url(rel), *kind);
             self.inner.pool.run(Box::new(move || {
                 let _ = tx.send((i + 1, inner.get(&url, kind)));
             }));
@@ -194,10 +195,7 @@ impl Fetcher {
 
     /// Requests sent to the server, and answers the local cache gave, so far.
     pub fn counts(&self) -> (u64, u64) {
-        (
-            self.inner.requests.load(Ordering::Relaxed),
-            self.inner.cache_hits.load(Ordering::Relaxed),
-        )
+        (self.inner.requests.load(Ordering::Relaxed), self.inner.cache_hits.load(Ordering::Relaxed))
     }
 }
 

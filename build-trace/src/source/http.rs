@@ -94,14 +94,20 @@ impl TraceSource for HttpTraces {
         let files: Vec<(String, Kind)> = dirs
             .iter()
             .flat_map(|d| {
-                [(format!("{d}/statement.json"), Kind::Immutable), (format!("{d}/evidence.json"), Kind::Immutable)]
+                [
+                    (format!("{d}/statement.json"), Kind::Immutable),
+                    (format!("{d}/evidence.json"), Kind::Immutable),
+                ]
             })
             .collect();
         let mut answers = self.fetch.get_all(&files).into_iter();
         let mut out = Vec::with_capacity(dirs.len());
-        for ((dir, jws), (st_rel, _)) in dirs.iter().zip(entries.into_values()).zip(files.iter().step_by(2)) {
+        for ((dir, jws), (st_rel, _)) in
+            dirs.iter().zip(entries.into_values()).zip(files.iter().step_by(2))
+        {
             let (statement, evidence) = (answers.next(), answers.next());
-            let statement = statement.expect("two answers per entry").map_err(StoreError::Remote)?;
+            let statement =
+                statement.expect("two answers per entry").map_err(StoreError::Remote)?;
             let statement = statement.ok_or_else(|| {
                 StoreError::Remote(super::fetch::FetchError::Missing {
                     url: self.fetch.url(st_rel),
@@ -126,7 +132,10 @@ impl TraceSource for HttpTraces {
             return Ok(Vec::new());
         };
         let garbled = |problem: String| {
-            StoreError::Remote(super::fetch::FetchError::Garbled { url: self.fetch.url(&rel), problem })
+            StoreError::Remote(super::fetch::FetchError::Garbled {
+                url: self.fetch.url(&rel),
+                problem,
+            })
         };
         let text = String::from_utf8(body).map_err(|e| garbled(e.to_string()))?;
         let info = NarInfo::parse(&text).map_err(|e| garbled(e.to_string()))?;

@@ -53,7 +53,9 @@ pub enum SourceError {
     #[error("remote trace store")]
     Fetch(#[source] FetchError),
     /// A remote store served a `.drv` other than the one its path names.
-    #[error("{url} served a derivation that is not {drv}: its contents and references hash to {got}")]
+    #[error(
+        "{url} served a derivation that is not {drv}: its contents and references hash to {got}"
+    )]
     Tampered {
         /// What was fetched.
         url: String,
@@ -111,8 +113,7 @@ impl Location {
         for scheme in ["http://", "https://"] {
             if let Some(rest) = s.strip_prefix(scheme) {
                 let host = rest.split('/').next().unwrap_or_default();
-                if host.is_empty() || s.contains(['?', '#']) || s.chars().any(char::is_whitespace)
-                {
+                if host.is_empty() || s.contains(['?', '#']) || s.chars().any(char::is_whitespace) {
                     return Err(bad());
                 }
                 return Ok(Location::Http(s.trim_end_matches('/').to_owned()));
@@ -215,7 +216,9 @@ mod tests {
         let http = |s: &str| Location::Http(s.into());
         assert_eq!(Location::parse("http://h:8080/").unwrap(), http("http://h:8080"));
         assert_eq!(Location::parse("https://h/p/q/").unwrap(), http("https://h/p/q"));
-        for bad in ["", "file://", "s3://bucket", "http://", "http:///x", "http://h/?a=1", "ssh://h"] {
+        for bad in
+            ["", "file://", "s3://bucket", "http://", "http:///x", "http://h/?a=1", "ssh://h"]
+        {
             assert!(
                 matches!(Location::parse(bad), Err(SourceError::Location(_))),
                 "{bad:?} accepted"

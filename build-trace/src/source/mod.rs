@@ -173,6 +173,22 @@ impl Traces {
         }
     }
 
+    /// Another file of `entry`'s directory (e.g. `times.json`), if there is one: optional
+    /// extras, read as they are (a remote error is logged and reads as absent).
+    pub fn entry_file(&self, entry: &TraceEntry, name: &str) -> Option<Vec<u8>> {
+        match self {
+            Traces::Dir(_) => std::fs::read(Path::new(&entry.location).join(name)).ok(),
+            Traces::Http(h) => {
+                let f = h.fetcher();
+                let rel = entry.location.strip_prefix(f.base())?.trim_start_matches('/');
+                f.get(&format!("{rel}/{name}"), Kind::Immutable)
+                    .inspect_err(|e| tracing::warn!("{}", crate::error_chain(e)))
+                    .ok()
+                    .flatten()
+            }
+        }
+    }
+
     /// Its transparency log (`log/`).
     pub fn tiles(&self) -> Box<dyn TileSource> {
         match self {

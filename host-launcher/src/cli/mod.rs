@@ -25,6 +25,7 @@ mod provenance_verify;
 pub mod selftest;
 pub mod serve;
 pub mod snp;
+mod sources;
 pub mod target;
 pub mod trace;
 pub mod verify;

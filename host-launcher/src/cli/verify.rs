@@ -13,13 +13,12 @@ use std::process::ExitCode;
 use std::time::SystemTime;
 
 use build_trace::evidence::Verifier as EvidenceVerifier;
-use build_trace::store::{TraceSource, TraceStore};
+use build_trace::store::TraceSource;
 use build_trace::tlog::proof::CheckpointHistory;
 use build_trace::tlog::source::LoggedTraces;
-use build_trace::tlog::{DirTiles, LogView, TlogError, LOG_DIR};
+use build_trace::tlog::{LogView, TileSource, TlogError};
 use build_trace::trust::TrustPolicy;
 use build_trace::verify::{BrokenLink, ClosureVerifier, DrvSet, Outcome, Request};
-use host_launcher::core::publish::default_trace_store;
 use nix_formats::StorePath;
 
 use super::target::{realisation_info, Lookup};
@@ -45,10 +44,16 @@ pub struct Args {
     /// ($VOUCH_IMAGE_DIR, else $VOUCH_CACHE/image); without any, the default policy refuses.
     #[arg(long = "image-manifest", value_name = "FILE", conflicts_with = "policy")]
     pub image_manifests: Vec<PathBuf>,
-    /// Trace store directory to look traces up in (repeatable). Default: `<state dir>/cache`.
-    #[arg(long = "traces", value_name = "DIR")]
-    pub traces: Vec<PathBuf>,
-    /// Directory holding the `.drv` files of the closure.
+    /// Trace store to look traces up in (repeatable): a directory, `file://DIR`, or
+    /// `http(s)://HOST[:PORT][/prefix]` (`vouch serve`, or any server of a trace store).
+    /// Default: `<state dir>/cache`.
+    #[arg(long = "traces", value_name = "DIR|URL")]
+    pub traces: Vec<String>,
+    /// How remote trace stores are read.
+    #[command(flatten)]
+    pub fetch: super::sources::FetchArgs,
+    /// Directory holding the `.drv` files of the closure (those it lacks are fetched from the
+    /// remote trace stores, each checked against its path).
     #[arg(long, value_name = "DIR", default_value = "/nix/store")]
     pub drv_dir: PathBuf,
     /// Read the derivation graph from `nix show-derivation -r` JSON (a file, or `-` for stdin)
@@ -112,12 +117,7 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     // A policy the user gave comes first: a wrong one is theirs to fix whatever the argument
     // names. The default policy (which needs an image manifest) waits for a valid argument.
     let given = args.policy.as_deref().map(super::policy::load).transpose()?;
-    let dirs = if args.traces.is_empty() {
-        vec![default_trace_store(&global.state_dir())]
-    } else {
-        args.traces.clone()
-    };
-    let stores = dirs.iter().map(|d| TraceStore::open(d)).collect::<Result<Vec<_>, _>>()?;
+    let stores = super::sources::open_all(&args.traces, &args.fetch, global)?;
     let lookup =
         Lookup { drv_dir: &args.drv_dir, nix_store: args.nix_store.as_deref(), traces: &stores };
     let named = super::target::resolve(&args.drv, &lookup)?;
@@ -143,14 +143,14 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         None => None,
     };
     // With a `[log]` policy, each store counts only through its transparency log.
-    let log_srcs: Vec<DirTiles> = dirs.iter().map(|d| DirTiles::new(&d.join(LOG_DIR))).collect();
+    let log_srcs: Vec<Box<dyn TileSource>> = stores.iter().map(|s| s.tiles()).collect();
     let mut logged = Vec::new();
     if let Some(log) = &policy.log {
         let trust = log.trust()?;
         let history = CheckpointHistory::new(&global.state_dir().join("tlog"));
         for (store, src) in stores.iter().zip(&log_srcs) {
-            let checked =
-                LogView::open(src, &trust).and_then(|v| history.accept(&v, &trust).map(|()| v));
+            let checked = LogView::open(src.as_ref(), &trust)
+                .and_then(|v| history.accept(&v, &trust).map(|()| v));
             let view = match checked {
                 Ok(v) => v,
                 Err(e @ (TlogError::Inconsistent { .. } | TlogError::Checkpoint(_))) => {
@@ -185,7 +185,7 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     for cand in &named.candidates {
         let drvs = match &shown {
             Some(set) => set.clone(),
-            None => match DrvSet::from_store_dir(&args.drv_dir, cand) {
+            None => match super::sources::drv_set(cand, &args.drv_dir, &stores) {
                 Ok(d) => d,
                 // A same-named candidate whose graph is incomplete here is not the one.
                 Err(e) if named.candidates.len() > 1 => {

@@ -130,7 +130,7 @@ impl Location {
 #[derive(Debug)]
 pub enum Traces {
     /// A directory.
-    Dir(TraceStore),
+    Dir(Box<TraceStore>),
     /// Over HTTP(S).
     Http(HttpTraces),
 }
@@ -146,7 +146,7 @@ impl Traces {
     pub fn open_at(loc: &Location, opts: &FetchOptions) -> Result<Traces, SourceError> {
         match loc {
             Location::Dir(d) => TraceStore::open(d)
-                .map(Traces::Dir)
+                .map(|s| Traces::Dir(Box::new(s)))
                 .map_err(|e| SourceError::Open(d.display().to_string(), e)),
             Location::Http(base) => {
                 let f = Fetcher::new(base, opts);
@@ -199,7 +199,7 @@ impl Traces {
 
     fn inner(&self) -> &dyn TraceSource {
         match self {
-            Traces::Dir(s) => s,
+            Traces::Dir(s) => s.as_ref(),
             Traces::Http(h) => h,
         }
     }

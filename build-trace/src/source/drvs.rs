@@ -30,7 +30,7 @@ use nix_formats::{Hash, StorePath};
 
 use super::fetch::{FetchError, Fetcher, Kind};
 use super::{SourceError, Traces};
-use crate::verify::DrvSet;
+use crate::verify::{read_drv_file, DrvSet};
 
 /// The largest `.drv` accepted from a remote store.
 const MAX_DRV: u64 = 16 << 20;
@@ -57,7 +57,8 @@ pub fn drv_set(
         let mut missing = Vec::new();
         let mut had: Vec<(StorePath, Derivation)> = Vec::new();
         for (p, by) in round {
-            match local.map(|dir| read_local(dir, &p)).transpose()?.flatten() {
+            let found = local.map(|dir| read_drv_file(dir, &p)).transpose();
+            match found.map_err(SourceError::Local)?.flatten() {
                 Some(d) => had.push((p, d)),
                 None => missing.push((p, by)),
             }
@@ -77,19 +78,6 @@ pub fn drv_set(
         round = next;
     }
     Ok(set)
-}
-
-/// The `.drv` at `<dir>/<base name>`, `None` if there is no such file.
-fn read_local(dir: &Path, p: &StorePath) -> Result<Option<Derivation>, SourceError> {
-    let file = dir.join(p.base_name());
-    let bytes = match std::fs::read(&file) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => return Err(SourceError::Read { path: file.display().to_string(), source }),
-    };
-    Derivation::from_aterm(&bytes)
-        .map(Some)
-        .map_err(|source| SourceError::Derivation { drv: p.to_string(), source })
 }
 
 /// Fetch `missing` from the first remote that has each, checked (step 3).

@@ -74,24 +74,9 @@ pub enum SourceError {
         /// Where it was looked for.
         searched: String,
     },
-    /// A local `.drv` could not be read.
-    #[error("cannot read {path}")]
-    Read {
-        /// The file.
-        path: String,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A local `.drv` does not parse.
-    #[error("derivation {drv}")]
-    Derivation {
-        /// Which.
-        drv: String,
-        /// The cause.
-        #[source]
-        source: nix_formats::derivation::DerivationError,
-    },
+    /// A local `.drv` could not be read, or does not parse.
+    #[error("local derivation")]
+    Local(#[source] crate::verify::VerifyError),
 }
 
 /// Where a trace store is.

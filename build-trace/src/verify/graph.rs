@@ -31,11 +31,10 @@ impl DrvSet {
             if set.drvs.contains_key(&p) {
                 continue;
             }
-            let file = dir.join(p.base_name());
-            let bytes = std::fs::read(&file)
-                .map_err(|source| VerifyError::Read { path: file.display().to_string(), source })?;
-            let drv = Derivation::from_aterm(&bytes)
-                .map_err(|source| VerifyError::Derivation { drv: p.to_string(), source })?;
+            let drv = read_drv_file(dir, &p)?.ok_or_else(|| VerifyError::Read {
+                path: dir.join(p.base_name()).display().to_string(),
+                source: std::io::ErrorKind::NotFound.into(),
+            })?;
             todo.extend(drv.input_drvs.keys().filter(|d| !set.drvs.contains_key(*d)).cloned());
             set.drvs.insert(p, drv);
         }
@@ -131,4 +130,17 @@ impl DrvSet {
         }
         Ok(order)
     }
+}
+
+/// The `.drv` `p` in `dir` (a file by base name), `None` if there is no such file.
+pub(crate) fn read_drv_file(dir: &Path, p: &StorePath) -> Result<Option<Derivation>, VerifyError> {
+    let file = dir.join(p.base_name());
+    let bytes = match std::fs::read(&file) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(VerifyError::Read { path: file.display().to_string(), source }),
+    };
+    Derivation::from_aterm(&bytes)
+        .map(Some)
+        .map_err(|source| VerifyError::Derivation { drv: p.to_string(), source })
 }

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
-use super::cache::BlobCache;
+use super::cache::{BlobCache, CacheWriter};
 
 /// The largest file read (statements, evidence, `.drv` NARs, indexes are far smaller).
 const MAX_BODY: u64 = 64 << 20;
@@ -100,7 +100,7 @@ pub struct Fetcher {
 struct Inner {
     base: String,
     agent: ureq::Agent,
-    cache: Option<BlobCache>,
+    cache: Option<(BlobCache, CacheWriter)>,
     pool: Pool,
     requests: AtomicU64,
     cache_hits: AtomicU64,
@@ -134,7 +134,10 @@ impl Fetcher {
             inner: Arc::new(Inner {
                 base: base.trim_end_matches('/').to_owned(),
                 agent,
-                cache: opts.cache_dir.as_deref().map(BlobCache::new),
+                cache: opts.cache_dir.as_deref().map(|d| {
+                    let c = BlobCache::new(d);
+                    (c.clone(), CacheWriter::new(c))
+                }),
                 pool: Pool::new(jobs),
                 requests: AtomicU64::new(0),
                 cache_hits: AtomicU64::new(0),
@@ -202,7 +205,7 @@ impl Fetcher {
 impl Inner {
     fn get(&self, url: &str, kind: Kind) -> Answer {
         let cache = self.cache.as_ref().filter(|_| kind == Kind::Immutable);
-        if let Some(bytes) = cache.and_then(|c| c.get(url)) {
+        if let Some(bytes) = cache.and_then(|(c, _)| c.get(url)) {
             self.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(Some(bytes));
         }
@@ -226,8 +229,8 @@ impl Inner {
             .limit(MAX_BODY)
             .read_to_vec()
             .map_err(|e| transport(format!("reading the body: {e}")))?;
-        if let Some(c) = cache {
-            c.put(url, &body);
+        if let Some((_, w)) = cache {
+            w.put(url, &body);
         }
         Ok(Some(body))
     }

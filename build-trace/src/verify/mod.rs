@@ -66,6 +66,7 @@ use nix_formats::derivation::{DerivationKind, DerivationOutput, DrvGraph};
 use nix_formats::resolve::resolve_with;
 use nix_formats::{HashAlgo, StorePath};
 
+#[cfg(feature = "remote")]
 pub(crate) use graph::read_drv_file;
 pub use graph::DrvSet;
 pub use outcome::{AcceptedStep, BrokenLink, LinkCheck, Outcome, VerifiedClosure};

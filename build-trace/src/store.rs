@@ -52,8 +52,6 @@ use sha2::{Digest, Sha256};
 #[cfg(feature = "producer")]
 use crate::evidence::EvidenceBundle;
 #[cfg(feature = "producer")]
-use nix_formats::narinfo::NarInfo;
-#[cfg(feature = "producer")]
 use nix_formats::signing::SecretKey;
 
 #[cfg(feature = "producer")]
@@ -66,6 +64,8 @@ use crate::statement::StatementError;
 
 #[cfg(feature = "producer")]
 mod audit;
+#[cfg(feature = "producer")]
+mod entries;
 #[cfg(feature = "producer")]
 mod laut_index;
 #[cfg(feature = "producer")]
@@ -371,69 +371,14 @@ impl TraceStore {
         }
 
         // 3. Index markers (output → step entry) and laut's signature index of the step.
-        let drv_base = st.job.drv_path.base_name();
-        for out in st.outputs.values() {
-            let hash_part = out.path.hash_part();
-            let d = self.root.join(VOUCH_DIR).join("by-output").join(hash_part).join(drv_base);
-            fs::create_dir_all(&d).map_err(io_err("create", &d))?;
-            let marker = d.join(&entry);
-            if !marker.exists() {
-                write_atomic(&marker, b"").map_err(io_err("write", &marker))?;
-            }
-        }
-        laut_index::refresh(&self.root, &step_dir, st.job.drv_path.hash_part())?;
+        self.put_markers(st, &step_dir, &entry)?;
 
-        // 4. Realisations (content-addressed steps), keeping divergent existing ones.
+        // 4. Realisations (content-addressed steps), keeping divergent existing ones; 5. the
+        // narinfos, last.
         let mut diverged: BTreeMap<String, Divergence> = BTreeMap::new();
-        let cache = publication == Publication::Cache;
-        for (name, rec) in records.iter().filter(|_| cache) {
-            let out_base = st.outputs[name].path.base_name();
-            let mut files = Vec::new();
-            if let Some(b) = &rec.build_trace {
-                files.push((self.root.join(b.cache_path()), b.value_json()));
-            }
-            if let Some(l) = &rec.legacy {
-                files.push((
-                    self.root.join("realisations").join(format!("{}.doi", l.id)),
-                    l.to_json(),
-                ));
-            }
-            for (path, body) in files {
-                if let Some(dir) = path.parent() {
-                    fs::create_dir_all(dir).map_err(io_err("create", dir))?;
-                }
-                if write_new(&path, body.as_bytes()).map_err(io_err("write", &path))? {
-                    continue;
-                }
-                let existing = fs::read(&path).map_err(io_err("read", &path))?;
-                let v: serde_json::Value = serde_json::from_slice(&existing).unwrap_or_default();
-                let kept_out = v.get("outPath").and_then(|p| p.as_str());
-                if kept_out != Some(out_base) {
-                    let d = divergence(&mut diverged, name, st.outputs[name].nar_hash);
-                    d.published_path = kept_out.and_then(|b| StorePath::from_base_name(b).ok());
-                    d.kept.push(self.relative(&path));
-                }
-            }
-        }
-
-        // 5. narinfos, last.
-        for (name, rec) in records.iter().filter(|_| cache) {
-            let (file_hash, file_size) = nar_files[name];
-            let mut info = rec.narinfo.clone();
-            info.url = format!("nar/{}.nar", nix_formats::base32::encode(&file_hash.0));
-            info.file_hash = Some(nix_formats::Hash::sha256(file_hash.0));
-            info.file_size = Some(file_size);
-            let path = self.root.join(format!("{}.narinfo", info.store_path.hash_part()));
-            if write_new(&path, info.to_text().as_bytes()).map_err(io_err("write", &path))? {
-                continue;
-            }
-            let existing = fs::read_to_string(&path).map_err(io_err("read", &path))?;
-            let kept_hash = NarInfo::parse(&existing).ok().map(|e| e.nar_hash);
-            if kept_hash.as_ref() != Some(&info.nar_hash) {
-                let d = divergence(&mut diverged, name, st.outputs[name].nar_hash);
-                d.published_nar_hash = kept_hash.and_then(|h| h.sha256_bytes().ok()).map(NarHash);
-                d.kept.push(self.relative(&path));
-            }
+        if publication == Publication::Cache {
+            self.put_realisations(st, &records, &mut diverged)?;
+            self.put_narinfos(st, &records, &nar_files, &mut diverged)?;
         }
         if !diverged.is_empty() {
             let p = final_dir.join("divergent.json");
@@ -578,21 +523,6 @@ impl TraceStore {
         let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
         StorePath::from_base_name(v.get("outPath")?.as_str()?).ok()
     }
-}
-
-#[cfg(feature = "producer")]
-/// The divergence of output `name` (whose own NAR hash is `nar_hash`), made on first use.
-fn divergence<'a>(
-    map: &'a mut BTreeMap<String, Divergence>,
-    name: &str,
-    nar_hash: NarHash,
-) -> &'a mut Divergence {
-    map.entry(name.to_owned()).or_insert_with(|| Divergence {
-        nar_hash,
-        kept: Vec::new(),
-        published_nar_hash: None,
-        published_path: None,
-    })
 }
 
 #[cfg(feature = "producer")]

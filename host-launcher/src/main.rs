@@ -33,6 +33,9 @@ enum Command {
     Serve(cli::serve::Args),
     /// Verify a closure's build traces under a trust policy.
     Verify(cli::verify::Args),
+    /// Rebuild the fewest steps of a closure so that it verifies under a (stricter) trust
+    /// policy, one step at a time in a fresh VM, replanning after each (docs/trust-policy.md).
+    Rebuild(cli::rebuild::Args),
     /// Build or measure the guest image.
     #[command(subcommand)]
     Image(cli::image::Command),
@@ -81,6 +84,7 @@ fn main() -> ExitCode {
         Command::NixBuilder(args) => cli::nix_builder::run(args, &cli.global),
         Command::Serve(args) => cli::serve::run(args, &cli.global),
         Command::Verify(args) => cli::verify::run(args, &cli.global),
+        Command::Rebuild(args) => cli::rebuild::run(args, &cli.global),
         Command::Image(cmd) => cli::image::run(cmd, &cli.global),
         Command::Doctor(args) => cli::doctor::run(args, &cli.global),
         Command::Snp(cmd) => cli::snp::run(cmd, &cli.global),

@@ -87,17 +87,27 @@ pub fn run(cmd: &mut Command) -> String {
     nix::stdout(cmd)
 }
 
-/// Path infos from `nix path-info --json` (optionally `-r`).
+/// `nix ARGS` on the chroot store `store` (`None`: the local Nix store).
+fn nix_in(store: Option<&Path>, args: &[&str]) -> Command {
+    let mut cmd = Command::new("nix");
+    cmd.args(args);
+    if let Some(s) = store {
+        cmd.arg("--store").arg(s);
+    }
+    cmd
+}
+
+/// Path infos from `nix path-info --json` (optionally `-r`) in the chroot store `store`
+/// (`None`: the local Nix store).
 pub fn path_infos(
-    chroot: &Path,
+    store: Option<&Path>,
     paths: &[StorePath],
     recursive: bool,
 ) -> BTreeMap<StorePath, PathInfo> {
     if paths.is_empty() {
         return BTreeMap::new();
     }
-    let mut cmd = Command::new("nix");
-    cmd.args(["path-info", "--store"]).arg(chroot).arg("--json");
+    let mut cmd = nix_in(store, &["path-info", "--json"]);
     if recursive {
         cmd.arg("-r");
     }
@@ -121,7 +131,7 @@ pub fn path_infos(
 
 /// Output paths Nix registered for a derivation (realisations for CA, the drv for others).
 fn nix_outputs(
-    chroot: &Path,
+    store: Option<&Path>,
     drv: &StorePath,
     d: &nix_formats::derivation::Derivation,
 ) -> BTreeMap<String, StorePath> {
@@ -130,10 +140,7 @@ fn nix_outputs(
     {
         return paths;
     }
-    let text = run(Command::new("nix")
-        .args(["realisation", "info", "--json", "--store"])
-        .arg(chroot)
-        .arg(drv.to_string()));
+    let text = run(nix_in(store, &["realisation", "info", "--json"]).arg(drv.to_string()));
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     v.as_array()
         .unwrap()
@@ -194,42 +201,10 @@ impl Fixture {
         let mut done = BTreeSet::new();
         for a in attrs {
             let target = fx.drvs[*a].clone();
-            let set = DrvSet::from_store_dir(&fx.store_dir, &target).unwrap();
-            for udrv in set.post_order(&target).unwrap() {
-                if !done.insert(udrv.clone()) {
-                    continue;
-                }
-                let d = set.get(&udrv).unwrap().clone();
-                let outs = nix_outputs(&fx.chroot, &udrv, &d);
-                for (o, p) in &outs {
-                    chosen.insert((udrv.clone(), o.clone()), p.clone());
-                }
-                let name = udrv.drv_name().unwrap().to_string();
-                match d.kind(&name).unwrap() {
-                    DerivationKind::Fixed => {}
-                    DerivationKind::InputAddressed => {
-                        let mut basic = d.clone();
-                        basic.input_drvs.clear();
-                        basic.input_srcs.extend(d.input_drvs.iter().flat_map(|(i, os)| {
-                            os.iter()
-                                .map(|o| chosen[&(i.clone(), o.clone())].clone())
-                                .collect::<Vec<_>>()
-                        }));
-                        let mut basic = BasicDerivation::from_derivation(&name, &basic).unwrap();
-                        // As Nix's build hook sends it: input sources = the whole input closure.
-                        let direct: Vec<StorePath> = basic.input_srcs.iter().cloned().collect();
-                        basic.input_srcs =
-                            path_infos(&fx.chroot, &direct, true).into_keys().collect();
-                        let step = fx.launch(&udrv, udrv.clone(), basic, &outs);
-                        fx.steps.push(step);
-                    }
-                    _ => {
-                        let r = resolve_with(&d, &name, &chosen).unwrap();
-                        let basic = BasicDerivation::from_derivation(&name, &r.drv).unwrap();
-                        let step = fx.launch(&udrv, r.drv_path, basic, &outs);
-                        fx.steps.push(step);
-                    }
-                }
+            let store = Some(fx.chroot.as_path());
+            for s in built_steps(store, &fx.store_dir, &target, &mut chosen, &mut done) {
+                let step = fx.launch(&s.udrv, s.key, s.drv, &s.outputs);
+                fx.steps.push(step);
             }
         }
         for (attr, d) in &fx.drvs {
@@ -258,61 +233,8 @@ impl Fixture {
         drv: BasicDerivation,
         outs: &BTreeMap<String, StorePath>,
     ) -> Step {
-        let direct: Vec<StorePath> = drv.input_srcs.iter().cloned().collect();
-        let closure = path_infos(&self.chroot, &direct, true);
-        let wanted: BTreeSet<String> = outs.keys().cloned().collect();
-        let job = Job::new(
-            format!("job-{}", udrv.hash_part()),
-            key,
-            drv,
-            closure,
-            Limits::default(),
-            CaRule::SelfRefPositions,
-            false,
-            wanted,
-        );
-        job.validate().unwrap();
-        let out_paths: Vec<StorePath> = outs.values().cloned().collect();
-        let infos = path_infos(&self.chroot, &out_paths, false);
-        let mut outputs = BTreeMap::new();
-        let mut nars = BTreeMap::new();
-        for (o, p) in outs {
-            let i = &infos[p];
-            outputs.insert(
-                o.clone(),
-                OutputInfo {
-                    path: p.clone(),
-                    nar_hash: i.nar_hash,
-                    nar_size: i.nar_size,
-                    references: i.references.clone(),
-                    ca: i.ca.clone(),
-                },
-            );
-            let file = self.dir.path().join(format!("{}.nar", p.hash_part()));
-            let out = nix::run(
-                Command::new("nix")
-                    .args(["store", "dump-path", "--store"])
-                    .arg(&self.chroot)
-                    .arg(p.to_string()),
-            );
-            std::fs::write(&file, out.stdout).unwrap();
-            nars.insert(o.clone(), file);
-        }
-        let input_cas =
-            job.closure.iter().filter_map(|(p, i)| Some((p.clone(), i.ca.clone()?))).collect();
-        // A pool VM's launch (no job named), its nonce the job's digest (unique per step).
-        let launch = build_trace::Launch::new(job.digest().unwrap(), 1, 2048, job.network);
-        let statement = Statement::new(
-            launch,
-            job,
-            input_cas,
-            outputs,
-            Measurement(self.measurement),
-            "vouch-agent test",
-        );
-        statement.validate().unwrap();
-        let evidence = self.attest_honestly(&statement);
-        Step { udrv: udrv.clone(), statement, evidence, nars }
+        let at = StoreAt { store: Some(&self.chroot), work: self.dir.path() };
+        record_step(&at, udrv, key, drv, outs, self.measurement, &|st| self.attest_honestly(st))
     }
 
     /// Simulated evidence for a statement, with the given HOST_DATA and measurement.
@@ -366,4 +288,132 @@ impl Fixture {
         let d = &self.drvs[attr];
         self.steps.iter().find(|s| &s.udrv == d).unwrap_or_else(|| panic!("no step for {attr}"))
     }
+}
+
+/// Where [`record_step`] reads what Nix built: a chroot store (`None`: the local Nix store),
+/// and a work directory for the NAR files.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreAt<'a> {
+    pub store: Option<&'a Path>,
+    pub work: &'a Path,
+}
+
+/// A step as the launcher would build it: the unresolved derivation, its key (resolved drv
+/// path, or itself if input-addressed), the basic derivation and the outputs Nix gave it.
+#[derive(Debug, Clone)]
+pub struct BuiltStep {
+    pub udrv: StorePath,
+    pub key: StorePath,
+    pub drv: BasicDerivation,
+    pub outputs: BTreeMap<String, StorePath>,
+}
+
+/// The steps of `target`'s closure that Nix built in `store` (`None`: the local Nix store),
+/// dependencies first, with `.drv` files read from `drv_dir`; fixed-output derivations and
+/// those in `done` are left out. `chosen` collects (drv, output) → path.
+pub fn built_steps(
+    store: Option<&Path>,
+    drv_dir: &Path,
+    target: &StorePath,
+    chosen: &mut BTreeMap<(StorePath, String), StorePath>,
+    done: &mut BTreeSet<StorePath>,
+) -> Vec<BuiltStep> {
+    let set = DrvSet::from_store_dir(drv_dir, target).unwrap();
+    let mut steps = Vec::new();
+    for udrv in set.post_order(target).unwrap() {
+        if !done.insert(udrv.clone()) {
+            continue;
+        }
+        let d = set.get(&udrv).unwrap().clone();
+        let outputs = nix_outputs(store, &udrv, &d);
+        for (o, p) in &outputs {
+            chosen.insert((udrv.clone(), o.clone()), p.clone());
+        }
+        let name = udrv.drv_name().unwrap().to_string();
+        let (key, drv) = match d.kind(&name).unwrap() {
+            DerivationKind::Fixed => continue,
+            DerivationKind::InputAddressed => {
+                let mut basic = d.clone();
+                basic.input_drvs.clear();
+                basic.input_srcs.extend(d.input_drvs.iter().flat_map(|(i, os)| {
+                    os.iter().map(|o| chosen[&(i.clone(), o.clone())].clone()).collect::<Vec<_>>()
+                }));
+                let mut basic = BasicDerivation::from_derivation(&name, &basic).unwrap();
+                // As Nix's build hook sends it: input sources = the whole input closure.
+                let direct: Vec<StorePath> = basic.input_srcs.iter().cloned().collect();
+                basic.input_srcs = path_infos(store, &direct, true).into_keys().collect();
+                (udrv.clone(), basic)
+            }
+            _ => {
+                let r = resolve_with(&d, &name, chosen).unwrap();
+                (r.drv_path, BasicDerivation::from_derivation(&name, &r.drv).unwrap())
+            }
+        };
+        steps.push(BuiltStep { udrv, key, drv, outputs });
+    }
+    steps
+}
+
+/// What the launcher and an honest agent produce for one step that Nix built at `at`: the job
+/// from the basic derivation and the input closure, the statement from what Nix built (its
+/// launch measurement `measurement`), the evidence `attest` gives for it, the output NARs.
+pub fn record_step(
+    at: &StoreAt<'_>,
+    udrv: &StorePath,
+    key: StorePath,
+    drv: BasicDerivation,
+    outs: &BTreeMap<String, StorePath>,
+    measurement: [u8; 48],
+    attest: &dyn Fn(&Statement) -> EvidenceBundle,
+) -> Step {
+    let direct: Vec<StorePath> = drv.input_srcs.iter().cloned().collect();
+    let closure = path_infos(at.store, &direct, true);
+    let wanted: BTreeSet<String> = outs.keys().cloned().collect();
+    let job = Job::new(
+        format!("job-{}", udrv.hash_part()),
+        key,
+        drv,
+        closure,
+        Limits::default(),
+        CaRule::SelfRefPositions,
+        false,
+        wanted,
+    );
+    job.validate().unwrap();
+    let out_paths: Vec<StorePath> = outs.values().cloned().collect();
+    let infos = path_infos(at.store, &out_paths, false);
+    let mut outputs = BTreeMap::new();
+    let mut nars = BTreeMap::new();
+    for (o, p) in outs {
+        let i = &infos[p];
+        outputs.insert(
+            o.clone(),
+            OutputInfo {
+                path: p.clone(),
+                nar_hash: i.nar_hash,
+                nar_size: i.nar_size,
+                references: i.references.clone(),
+                ca: i.ca.clone(),
+            },
+        );
+        let file = at.work.join(format!("{}.nar", p.hash_part()));
+        let out = nix::run(nix_in(at.store, &["store", "dump-path"]).arg(p.to_string()));
+        std::fs::write(&file, out.stdout).unwrap();
+        nars.insert(o.clone(), file);
+    }
+    let input_cas =
+        job.closure.iter().filter_map(|(p, i)| Some((p.clone(), i.ca.clone()?))).collect();
+    // A pool VM's launch (no job named), its nonce the job's digest (unique per step).
+    let launch = build_trace::Launch::new(job.digest().unwrap(), 1, 2048, job.network);
+    let statement = Statement::new(
+        launch,
+        job,
+        input_cas,
+        outputs,
+        Measurement(measurement),
+        "vouch-agent test",
+    );
+    statement.validate().unwrap();
+    let evidence = attest(&statement);
+    Step { udrv: udrv.clone(), statement, evidence, nars }
 }

@@ -2,9 +2,9 @@
 //!
 //! The tests are in `tests/tests/`: the VM tests (the `vouch` binary booting the real guest
 //! image), and the real-Nix closure tests (`closure.rs`: the closure verifier; `verify_cli.rs`:
-//! `vouch verify`, `vouch trace`, `vouch provenance`). The programs in `src/bin/` are test
-//! doubles run *by* those tests: a fake QEMU for the channel watchdog and a probe that runs inside
-//! the guest.
+//! `vouch verify`, `vouch trace`, `vouch provenance`; `rebuild_cli.rs`: rebuild plans). The
+//! programs in `src/bin/` are test doubles run *by* those tests: a fake QEMU for the channel
+//! watchdog and a probe that runs inside the guest.
 //!
 //! What is here, in the library: [`fixture`], the real-Nix closure fixture (Nix builds a small
 //! closure; each step gets a statement, simulated evidence and signed records as vouch would
@@ -12,7 +12,8 @@
 //! every vouch crate dev-depends on and which therefore depends on none of them); the tests that
 //! use it live here for the same reason. Also [`netlab`]: network namespaces standing in for the
 //! host's networks and the internet, for the networked-VM tests; [`policy`]: trust policies naming a builder's
-//! simulated root and Nix key, for the remote-builder VM tests; [`service`]: JSON and waiting
+//! simulated root and Nix key, for the remote-builder VM tests; [`sim_builder`]: simulated builders
+//! whose traces are made without VMs (trust migration); [`service`]: JSON and waiting
 //! for builds of a `vouch serve`; [`webdriver`]: a headless Chromium for its web page;
 //! [`faults`]: injecting faults and finding what they leave behind (`tests/tests/faults.rs`).
 //!
@@ -25,4 +26,5 @@ pub mod fixture;
 pub mod netlab;
 pub mod policy;
 pub mod service;
+pub mod sim_builder;
 pub mod webdriver;

@@ -96,7 +96,10 @@ impl Verifier {
     }
 
     /// [`Verifier::verify_at`], reporting each passed check to `observer` (the failing check
-    /// is the returned error's [`EvidenceError::check`]).
+    /// is the returned error's [`EvidenceError::check`]). The checks run in the order of the
+    /// algorithm in [`super`]: format, chain, product, validity, signer, TCB and chip binding,
+    /// signature, guest policy, VMPL, minimum TCB, measurement, HOST_DATA, REPORT_DATA,
+    /// reserved bytes.
     pub fn inspect(
         &self,
         bundle: &EvidenceBundle,
@@ -120,74 +123,9 @@ impl Verifier {
             ChainRoot::Amd(product) => Root::Amd { product },
             ChainRoot::SelfSigned(key_id) => Root::Simulated { key_id },
         };
-
-        // Product: the report, the certificate and the root must agree.
-        let layout = match root {
-            Root::Amd { product } => {
-                let hint = report.product_hint();
-                if !hint.admits(product) {
-                    return Err(EvidenceError::product_mismatch(product, "report", hint));
-                }
-                let name = chain.exts.product_name.as_deref().ok_or(
-                    EvidenceError::CertificateExtension {
-                        role: CertRole::Vek,
-                        oid: certs::oid::PRODUCT_NAME,
-                        problem: "missing".into(),
-                    },
-                )?;
-                if Product::from_cert_name(name) != Some(product) {
-                    return Err(EvidenceError::ProductMismatch {
-                        root: product,
-                        source_name: "VCEK/VLEK productName",
-                        found: name.to_string(),
-                    });
-                }
-                log.pass(Check::Product, || {
-                    format!("{product} (report: {hint}, certificate: {name})")
-                });
-                product.tcb_layout()
-            }
-            Root::Simulated { .. } => {
-                log.pass(Check::Product, || "SIMULATED (no AMD product)".into());
-                TcbLayout::MilanGenoa
-            }
-        };
-
-        for (role, not_before, not_after) in &chain.validity {
-            if at < *not_before || at > *not_after {
-                return Err(EvidenceError::CertificateValidity {
-                    role: *role,
-                    at: certs::fmt_time(at),
-                    not_before: certs::fmt_time(*not_before),
-                    not_after: certs::fmt_time(*not_after),
-                });
-            }
-        }
-        log.pass(Check::Validity, || {
-            let vek = chain.validity.last().map(|v| (v.1, v.2));
-            let span = vek.map(|(a, b)| {
-                format!(", VCEK/VLEK {} .. {}", certs::fmt_time(a), certs::fmt_time(b))
-            });
-            format!("all valid at {}{}", certs::fmt_time(at), span.unwrap_or_default())
-        });
-
-        if chain.kind == VekKind::Vlek && !policy.allow_vlek {
-            return Err(EvidenceError::VlekNotAllowed);
-        }
-        if report.mask_chip_key() {
-            return Err(EvidenceError::MaskChipKey);
-        }
-        let expected_key = match chain.kind {
-            VekKind::Vcek => SigningKey::Vcek,
-            VekKind::Vlek => SigningKey::Vlek,
-        };
-        if report.signing_key() != expected_key {
-            return Err(EvidenceError::SigningKeyMismatch {
-                report: report.signing_key(),
-                cert: chain.kind.name(),
-            });
-        }
-        log.pass(Check::SignerKind, || format!("{} (KEY_INFO agrees)", chain.kind.name()));
+        let layout = check_product(root, &report, &chain, &mut log)?;
+        check_validity(at, &chain, &mut log)?;
+        check_signer(&report, &chain, policy, &mut log)?;
 
         let reported_tcb = TcbVersion::decode(report.reported_tcb_raw(), layout);
         check_tcb_binding(&chain.exts, &reported_tcb, layout)?;
@@ -208,63 +146,8 @@ impl Verifier {
         verify_report_signature(&report, &chain.key, chain.kind)?;
         log.pass(Check::ReportSignature, || "ECDSA P-384/SHA-384 over bytes 0x000..0x2A0".into());
 
-        policy.guest_policy.check(report.policy())?;
-        log.pass(Check::GuestPolicy, || describe_policy(report.policy()));
-
-        if report.vmpl() != policy.vmpl {
-            return Err(EvidenceError::Vmpl { got: report.vmpl(), want: policy.vmpl });
-        }
-        log.pass(Check::Vmpl, || report.vmpl().to_string());
-
-        let product = match root {
-            Root::Amd { product } => Some(product),
-            Root::Simulated { .. } => None,
-        };
-        policy.min_tcb.check(product, &reported_tcb)?;
-        log.pass(Check::MinimumTcb, || match policy.min_tcb.for_product(product) {
-            Some(min) => format!("{reported_tcb} >= {min}"),
-            None => "no minimum set for this product".into(),
-        });
-
-        let measurement = Hex(report.measurement());
-        if let Some(allowed) = &policy.measurements {
-            if !allowed.allows(&measurement) {
-                return Err(EvidenceError::Measurement(measurement.to_string()));
-            }
-        }
-        log.pass(Check::Measurement, || match policy.measurements {
-            Some(Measurements::Only(_)) => format!("{measurement} (allowed)"),
-            Some(Measurements::Any) => format!("{measurement} (ANY GUEST: the policy allows any)"),
-            None => format!("{measurement} (not checked: no allowed set)"),
-        });
-
-        let host_data = Hex(report.host_data());
-        if let Some(want) = expected.host_data {
-            if want != host_data.0 {
-                return Err(EvidenceError::HostData {
-                    got: host_data.to_string(),
-                    want: hex::encode(want),
-                });
-            }
-        }
-        log.pass(Check::HostData, || match expected.host_data {
-            Some(_) => format!("{host_data} (as expected)"),
-            None => format!("{host_data} (not checked)"),
-        });
-        let report_data = Hex(report.report_data());
-        if let Some(want) = expected.report_data {
-            if want != report_data.0 {
-                return Err(EvidenceError::ReportData {
-                    got: report_data.to_string(),
-                    want: hex::encode(want),
-                });
-            }
-        }
-        log.pass(Check::ReportData, || match expected.report_data {
-            Some(_) => format!("{report_data} (as expected)"),
-            None => format!("{report_data} (not checked)"),
-        });
-
+        let measurement = check_guest(&report, root, &reported_tcb, policy, &mut log)?;
+        let (host_data, report_data) = check_bound_data(&report, expected, &mut log)?;
         if let Some(offset) = report.first_nonzero_reserved(layout) {
             return Err(EvidenceError::ReservedBytes { offset, value: report.raw()[offset] });
         }
@@ -545,4 +428,165 @@ fn verify_report_signature(
     }
     key.verify_sig(report.signed_bytes(), &sig)
         .map_err(|_| EvidenceError::ReportSignature(kind.name()))
+}
+
+/// The product: the report, the VCEK/VLEK certificate and the root must agree. Returns the
+/// TCB layout the product's reports use (a simulated root uses Milan/Genoa's).
+fn check_product(
+    root: Root,
+    report: &Report,
+    chain: &ChainInfo,
+    log: &mut Log<'_>,
+) -> Result<TcbLayout, EvidenceError> {
+    let Root::Amd { product } = root else {
+        log.pass(Check::Product, || "SIMULATED (no AMD product)".into());
+        return Ok(TcbLayout::MilanGenoa);
+    };
+    let hint = report.product_hint();
+    if !hint.admits(product) {
+        return Err(EvidenceError::product_mismatch(product, "report", hint));
+    }
+    let name = chain.exts.product_name.as_deref().ok_or(EvidenceError::CertificateExtension {
+        role: CertRole::Vek,
+        oid: certs::oid::PRODUCT_NAME,
+        problem: "missing".into(),
+    })?;
+    if Product::from_cert_name(name) != Some(product) {
+        return Err(EvidenceError::ProductMismatch {
+            root: product,
+            source_name: "VCEK/VLEK productName",
+            found: name.to_string(),
+        });
+    }
+    log.pass(Check::Product, || format!("{product} (report: {hint}, certificate: {name})"));
+    Ok(product.tcb_layout())
+}
+
+/// Every certificate of the chain is valid at `at`.
+fn check_validity(
+    at: SystemTime,
+    chain: &ChainInfo,
+    log: &mut Log<'_>,
+) -> Result<(), EvidenceError> {
+    for (role, not_before, not_after) in &chain.validity {
+        if at < *not_before || at > *not_after {
+            return Err(EvidenceError::CertificateValidity {
+                role: *role,
+                at: certs::fmt_time(at),
+                not_before: certs::fmt_time(*not_before),
+                not_after: certs::fmt_time(*not_after),
+            });
+        }
+    }
+    log.pass(Check::Validity, || {
+        let vek = chain.validity.last().map(|v| (v.1, v.2));
+        let span = vek
+            .map(|(a, b)| format!(", VCEK/VLEK {} .. {}", certs::fmt_time(a), certs::fmt_time(b)));
+        format!("all valid at {}{}", certs::fmt_time(at), span.unwrap_or_default())
+    });
+    Ok(())
+}
+
+/// The signer kind: a VLEK only where the policy allows it, never MASK_CHIP_KEY, and the
+/// report's KEY_INFO names the kind of certificate that came with it.
+fn check_signer(
+    report: &Report,
+    chain: &ChainInfo,
+    policy: &EvidencePolicy,
+    log: &mut Log<'_>,
+) -> Result<(), EvidenceError> {
+    if chain.kind == VekKind::Vlek && !policy.allow_vlek {
+        return Err(EvidenceError::VlekNotAllowed);
+    }
+    if report.mask_chip_key() {
+        return Err(EvidenceError::MaskChipKey);
+    }
+    let expected_key = match chain.kind {
+        VekKind::Vcek => SigningKey::Vcek,
+        VekKind::Vlek => SigningKey::Vlek,
+    };
+    if report.signing_key() != expected_key {
+        return Err(EvidenceError::SigningKeyMismatch {
+            report: report.signing_key(),
+            cert: chain.kind.name(),
+        });
+    }
+    log.pass(Check::SignerKind, || format!("{} (KEY_INFO agrees)", chain.kind.name()));
+    Ok(())
+}
+
+/// The guest as the policy wants it: guest policy, VMPL, minimum TCB, measurement. Returns
+/// the measurement.
+fn check_guest(
+    report: &Report,
+    root: Root,
+    reported_tcb: &TcbVersion,
+    policy: &EvidencePolicy,
+    log: &mut Log<'_>,
+) -> Result<Hex<48>, EvidenceError> {
+    policy.guest_policy.check(report.policy())?;
+    log.pass(Check::GuestPolicy, || describe_policy(report.policy()));
+
+    if report.vmpl() != policy.vmpl {
+        return Err(EvidenceError::Vmpl { got: report.vmpl(), want: policy.vmpl });
+    }
+    log.pass(Check::Vmpl, || report.vmpl().to_string());
+
+    let product = match root {
+        Root::Amd { product } => Some(product),
+        Root::Simulated { .. } => None,
+    };
+    policy.min_tcb.check(product, reported_tcb)?;
+    log.pass(Check::MinimumTcb, || match policy.min_tcb.for_product(product) {
+        Some(min) => format!("{reported_tcb} >= {min}"),
+        None => "no minimum set for this product".into(),
+    });
+
+    let measurement = Hex(report.measurement());
+    if let Some(allowed) = &policy.measurements {
+        if !allowed.allows(&measurement) {
+            return Err(EvidenceError::Measurement(measurement.to_string()));
+        }
+    }
+    log.pass(Check::Measurement, || match policy.measurements {
+        Some(Measurements::Only(_)) => format!("{measurement} (allowed)"),
+        Some(Measurements::Any) => format!("{measurement} (ANY GUEST: the policy allows any)"),
+        None => format!("{measurement} (not checked: no allowed set)"),
+    });
+    Ok(measurement)
+}
+
+/// HOST_DATA and REPORT_DATA against what the caller expects (each checked where given).
+fn check_bound_data(
+    report: &Report,
+    expected: &Expected,
+    log: &mut Log<'_>,
+) -> Result<(Hex<32>, Hex<64>), EvidenceError> {
+    let host_data = Hex(report.host_data());
+    if let Some(want) = expected.host_data {
+        if want != host_data.0 {
+            return Err(EvidenceError::HostData {
+                got: host_data.to_string(),
+                want: hex::encode(want),
+            });
+        }
+    }
+    log.pass(Check::HostData, || match expected.host_data {
+        Some(_) => format!("{host_data} (as expected)"),
+        None => format!("{host_data} (not checked)"),
+    });
+    let report_data = Hex(report.report_data());
+    if let Some(want) = expected.report_data {
+        if want != report_data.0 {
+            return Err(EvidenceError::ReportData {
+                got: report_data.to_string(),
+                want: hex::encode(want),
+            });
+        }
+    }
+    log.pass(Check::ReportData, || match expected.report_data {
+        Some(_) => format!("{report_data} (as expected)"),
+        None => format!("{report_data} (not checked)"),
+    });
+    Ok((host_data, report_data))
 }

@@ -52,31 +52,34 @@
 //! evidence checks themselves ([`crate::evidence`]).
 
 mod ahead;
+mod derivation;
 mod graph;
 mod launches;
 mod links;
 mod outcome;
+mod plan;
 mod step;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use nix_formats::derivation::{DerivationKind, DerivationOutput, DrvGraph};
-use nix_formats::resolve::resolve_with;
-use nix_formats::{HashAlgo, StorePath};
+use nix_formats::derivation::DrvGraph;
+use nix_formats::StorePath;
 
 #[cfg(feature = "remote")]
 pub(crate) use graph::read_drv_file;
 pub use graph::DrvSet;
 pub use outcome::{AcceptedStep, BrokenLink, LinkCheck, Outcome, VerifiedClosure};
+pub use plan::{Action, Buildable, PlanResult, PlannedStep, RebuildPlan};
 pub use step::{check_entry_alone, EntryVerdict};
 
+pub(crate) use derivation::combinations;
+use derivation::Checked;
 use launches::{LaunchSeen, Launches};
 use links::{Admitted, Known};
 use step::{Checker, EntryOk, Expectation, OutputClaim, Prechecked};
 
-use crate::error_chain;
 use crate::evidence::Verifier as EvidenceVerifier;
 use crate::job::{BasicDerivation, StepKind};
 use crate::store::{StoreError, TraceEntry, TraceSource};
@@ -177,6 +180,16 @@ struct Walk {
     /// The launch nonces of the accepted steps (one launch, one step).
     launches: Launches,
     steps: Vec<AcceptedStep>,
+}
+
+impl Walk {
+    /// The accepted output maps of `input` (output name → path).
+    fn output_maps(&self, input: &StorePath) -> Vec<BTreeMap<String, StorePath>> {
+        self.accepted[input]
+            .iter()
+            .map(|m| m.outputs.iter().map(|(o, (p, _))| (o.clone(), p.clone())).collect())
+            .collect()
+    }
 }
 
 /// One input combination of a derivation: (input drv, output name) → the accepted path.
@@ -304,70 +317,12 @@ impl ClosureVerifier<'_> {
         mut ahead: Option<&mut ahead::Ahead<'_, '_>>,
     ) -> Result<Result<Vec<Accepted>, Box<BrokenLink>>, VerifyError> {
         let drv = drvs.get(udrv).expect("post_order only yields known derivations");
-        let name = match udrv.drv_name() {
-            Ok(n) => n.to_string(),
-            Err(e) => return Ok(Err(BrokenLink::new(LinkCheck::Derivation, e.to_string()))),
+        let (name, kind) = match self.check_derivation(drvs, walk, udrv, drv)? {
+            Ok(Checked::Step(name, kind)) => (name, kind),
+            Ok(Checked::Fixed(name)) => return Ok(self.accept_fixed(udrv, drv, &name)),
+            Err(b) => return Ok(Err(b)),
         };
-        // The derivation must be the one its path names: a `.drv` path is the hash of its
-        // ATerm, and the graph may come from elsewhere (`--show-derivation`, a copied store).
-        match drv.drv_path(&name) {
-            Ok(p) if p == *udrv => {}
-            Ok(p) => {
-                return Ok(Err(BrokenLink::new(
-                    LinkCheck::Derivation,
-                    "the derivation's contents are not the ones its path names",
-                )
-                .expected(udrv, p)))
-            }
-            Err(e) => return Ok(Err(BrokenLink::new(LinkCheck::Derivation, error_chain(&e)))),
-        }
-        let kind = match drv.kind(&name) {
-            Ok(k) => k,
-            Err(e) => return Ok(Err(BrokenLink::new(LinkCheck::Derivation, error_chain(&e)))),
-        };
-        match kind {
-            DerivationKind::Fixed => return Ok(self.accept_fixed(udrv, drv, &name)),
-            DerivationKind::Impure => {
-                return Ok(Err(BrokenLink::new(
-                    LinkCheck::Derivation,
-                    "impure derivations cannot be verified",
-                )))
-            }
-            DerivationKind::InputAddressed => {
-                let graph = walk.graph.get_or_insert_with(|| {
-                    let mut g = DrvGraph::new();
-                    for (p, d) in drvs.iter() {
-                        g.insert(p.clone(), d.clone());
-                    }
-                    g
-                });
-                // Its paths must be the ones its hash modulo gives; a deferred one (an input
-                // is floating CA) must leave them empty and is resolved below.
-                match crate::ownership::owned_paths(udrv, drv, &name, graph) {
-                    Ok(_) => {}
-                    Err(crate::ownership::OwnershipError::Derivation { source, .. }) => {
-                        return Err(VerifyError::Derivation { drv: udrv.to_string(), source })
-                    }
-                    Err(e) => {
-                        return Ok(Err(BrokenLink::new(
-                            LinkCheck::Derivation,
-                            format!(
-                                "the output paths written in the derivation are not the ones it \
-                                 owns: {e}"
-                            ),
-                        )))
-                    }
-                }
-            }
-            DerivationKind::Floating | DerivationKind::Deferred => {}
-        }
-
-        let combos = match combinations(drv, |input| {
-            walk.accepted[input]
-                .iter()
-                .map(|m| m.outputs.iter().map(|(o, (p, _))| (o.clone(), p.clone())).collect())
-                .collect()
-        }) {
+        let combos = match combinations(drv, |input| walk.output_maps(input)) {
             Ok(c) => c,
             Err(b) => return Ok(Err(b)),
         };
@@ -504,76 +459,6 @@ impl ClosureVerifier<'_> {
         Err(first_failure.unwrap_or_else(|| BrokenLink::new(LinkCheck::NoTrace, "no trace found")))
     }
 
-    /// A fixed-output derivation, by its declared hash.
-    fn accept_fixed(
-        &self,
-        udrv: &StorePath,
-        drv: &nix_formats::derivation::Derivation,
-        name: &str,
-    ) -> Result<Vec<Accepted>, Box<BrokenLink>> {
-        if let Err(e) = drv.check_output_paths(name) {
-            return Err(BrokenLink::new(LinkCheck::Derivation, error_chain(&e)));
-        }
-        let mut outputs = BTreeMap::new();
-        let mut by = Vec::new();
-        for (o, out) in &drv.outputs {
-            if let DerivationOutput::Fixed { method, hash, path } = out {
-                if matches!(hash.algo(), HashAlgo::Md5 | HashAlgo::Sha1)
-                    && !self.policy.policy.fixed_output.allow_weak_hashes
-                {
-                    return Err(BrokenLink::new(
-                        LinkCheck::WeakHash,
-                        format!(
-                            "fixed output `{o}` declares a {} hash, which the policy refuses",
-                            hash.algo()
-                        ),
-                    )
-                    .expected("sha256 or sha512", hash.algo()));
-                }
-                by.push(format!("fixed-output {}{}", method.prefix(), hash));
-                outputs.insert(o.clone(), (path.clone(), None));
-            }
-        }
-        let step = AcceptedStep {
-            drv: udrv.to_string(),
-            key: udrv.to_string(),
-            outputs: outputs.iter().map(|(n, (p, _))| (n.clone(), p.to_string())).collect(),
-            accepted_by: by,
-            simulated: false,
-        };
-        Ok(vec![Accepted { outputs, step, launches: Vec::new() }])
-    }
-
-    /// The key, basic derivation, direct inputs and kind of a step for one input combination.
-    fn compute_step(
-        &self,
-        drv: &nix_formats::derivation::Derivation,
-        name: &str,
-        udrv: &StorePath,
-        kind: DerivationKind,
-        combo: &Combo,
-    ) -> Result<ComputedStep, Box<BrokenLink>> {
-        let res_err =
-            |e: &dyn std::error::Error| BrokenLink::new(LinkCheck::Resolution, e.to_string());
-        let (key, basic_drv, step_kind) = if kind == DerivationKind::InputAddressed {
-            let mut basic = drv.clone();
-            basic.input_drvs.clear();
-            basic.input_srcs.extend(combo.values().cloned());
-            (udrv.clone(), basic, StepKind::InputAddressed)
-        } else {
-            let r = resolve_with(drv, name, combo).map_err(|e| res_err(&e))?;
-            let k = if kind == DerivationKind::Deferred {
-                StepKind::InputAddressed
-            } else {
-                StepKind::FloatingCa
-            };
-            (r.drv_path, r.drv, k)
-        };
-        let basic = BasicDerivation::from_derivation(name, &basic_drv).map_err(|e| res_err(&e))?;
-        let direct = basic.input_srcs.clone();
-        Ok(ComputedStep { key, drv: basic, direct, kind: step_kind })
-    }
-
     fn describe_sources(&self) -> String {
         let names: Vec<String> = self.sources.iter().map(|s| s.describe()).collect();
         if names.is_empty() {
@@ -590,53 +475,3 @@ type Groups = BTreeMap<BTreeMap<String, OutputClaim>, Group>;
 /// The step key, pooled signers, whether any evidence was simulated, and the launches of the
 /// entries that agree on one output map.
 type Group = (StorePath, Signers, bool, Vec<LaunchSeen>);
-
-/// Every combination of the input derivations' output maps (`maps_of(input)`: each map as
-/// output name → path), at most [`MAX_COMBINATIONS`].
-pub(crate) fn combinations(
-    drv: &nix_formats::derivation::Derivation,
-    maps_of: impl Fn(&StorePath) -> Vec<BTreeMap<String, StorePath>>,
-) -> Result<Vec<Combo>, Box<BrokenLink>> {
-    let mut combos: Vec<Combo> = vec![BTreeMap::new()];
-    for (input, outs) in &drv.input_drvs {
-        let mut options: Vec<BTreeMap<&String, StorePath>> = Vec::new();
-        for m in maps_of(input) {
-            let mut choice = BTreeMap::new();
-            for o in outs {
-                match m.get(o) {
-                    Some(p) => {
-                        choice.insert(o, p.clone());
-                    }
-                    None => {
-                        return Err(BrokenLink::new(
-                            LinkCheck::Resolution,
-                            format!("input {input} has no accepted output `{o}`"),
-                        ))
-                    }
-                }
-            }
-            if !options.contains(&choice) {
-                options.push(choice);
-            }
-        }
-        if combos.len() * options.len() > MAX_COMBINATIONS {
-            return Err(BrokenLink::new(
-                LinkCheck::Resolution,
-                format!("more than {MAX_COMBINATIONS} combinations of divergent input outputs"),
-            ));
-        }
-        combos = combos
-            .into_iter()
-            .flat_map(|c| {
-                options.iter().map(move |opt| {
-                    let mut c = c.clone();
-                    for (o, p) in opt {
-                        c.insert((input.clone(), (*o).clone()), p.clone());
-                    }
-                    c
-                })
-            })
-            .collect();
-    }
-    Ok(combos)
-}

@@ -117,18 +117,7 @@ impl Checker<'_> {
         .map_err(located)?;
         check_links(st, want.direct, known, self.policy.policy.fixed_output.allow_weak_hashes)
             .map_err(located)?;
-        let outputs = st
-            .outputs
-            .iter()
-            .map(|(n, o)| {
-                let facts = Facts {
-                    nar_hash: o.nar_hash,
-                    nar_size: o.nar_size,
-                    references: o.references.clone(),
-                };
-                (n.clone(), OutputClaim { path: o.path.clone(), facts })
-            })
-            .collect();
+        let outputs = outputs_of(st);
         let launch = st.launch_nonce().map(|nonce| LaunchSeen {
             nonce,
             report_data: crate::statement::report_data_of(&entry.statement),
@@ -221,6 +210,37 @@ impl Checker<'_> {
         }
         Ok((signers, simulated))
     }
+}
+
+/// What `entry` says the step's outputs are, when it carries exactly the derivation computed for
+/// the step, its output addresses hold and its inputs link to `known`; its signers are not
+/// asked. With the CA rule it was built under: a rebuild's prediction (`super::plan`).
+pub(crate) fn described_outputs(
+    want: &Expectation<'_>,
+    entry: &TraceEntry,
+    known: &Admitted<'_>,
+    allow_weak_hashes: bool,
+) -> Option<(BTreeMap<String, OutputClaim>, crate::job::CaRule)> {
+    let st = entry.parse_statement().ok()?;
+    check_derivation(want, &st).ok()?;
+    check_output_addresses(&st).ok()?;
+    check_links(&st, want.direct, known, allow_weak_hashes).ok()?;
+    Some((outputs_of(&st), st.job.ca_rule))
+}
+
+/// The statement's outputs as claims.
+fn outputs_of(st: &Statement) -> BTreeMap<String, OutputClaim> {
+    st.outputs
+        .iter()
+        .map(|(n, o)| {
+            let facts = Facts {
+                nar_hash: o.nar_hash,
+                nar_size: o.nar_size,
+                references: o.references.clone(),
+            };
+            (n.clone(), OutputClaim { path: o.path.clone(), facts })
+        })
+        .collect()
 }
 
 /// The statement must be about exactly the step the verifier computed.

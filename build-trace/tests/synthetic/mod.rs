@@ -34,7 +34,7 @@ pub struct Built {
     pub entries: Vec<TraceEntry>,
 }
 
-fn ca_path(name: &str, seed: &[u8], refs: &BTreeSet<StorePath>) -> (StorePath, String) {
+pub fn ca_path(name: &str, seed: &[u8], refs: &BTreeSet<StorePath>) -> (StorePath, String) {
     let ca = ContentAddress::Fixed {
         method: FileIngestionMethod::Recursive,
         hash: Hash::sha256(nix_formats::hash::sha256(seed)),

@@ -46,7 +46,7 @@ pub struct Args {
     pub console: bool,
 }
 
-fn parse_rule(s: &str) -> Result<CaRule, String> {
+pub(super) fn parse_rule(s: &str) -> Result<CaRule, String> {
     serde_json::from_value(serde_json::Value::String(s.into()))
         .map_err(|_| format!("{s:?}: expected self-ref-positions or self-ref-zeroed"))
 }
@@ -74,14 +74,18 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     };
     let traces = &engine.publish.trace_store;
     if args.import {
-        import(&args, &built, traces, &state_dir)?;
+        substitute(&[args.drv.as_str()], args.out_link.as_deref(), &built, traces, &state_dir)?;
+        eprintln!("vouch: imported into the local Nix store");
     }
     summary(&args, &built, traces);
     Ok(ExitCode::SUCCESS)
 }
 
-fn import(
-    args: &Args,
+/// Register `what` (a `.drv`: its outputs; or output paths) in the local Nix store by
+/// substituting them from the trace store `traces` that `built` was published to.
+pub(super) fn substitute(
+    what: &[&str],
+    out_link: Option<&Path>,
     built: &Built,
     traces: &Path,
     state_dir: &Path,
@@ -93,10 +97,12 @@ fn import(
     // binary cache.
     let mut cmd = std::process::Command::new("nix-store");
     cmd.env("NIX_CONFIG", NIX_CONFIG)
-        .args(["--realise", &args.drv, "--max-jobs", "0"])
+        .arg("--realise")
+        .args(what)
+        .args(["--max-jobs", "0"])
         .args(["--option", "substituters", &format!("file://{}", traces.display())])
         .args(["--option", "trusted-public-keys", public.trim()]);
-    if let Some(link) = &args.out_link {
+    if let Some(link) = out_link {
         cmd.arg("--add-root").arg(link).arg("--indirect");
     }
     let out = cmd.output()?;
@@ -111,7 +117,6 @@ fn import(
         )
         .into());
     }
-    eprintln!("vouch: imported into the local Nix store");
     Ok(())
 }
 

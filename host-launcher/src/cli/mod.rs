@@ -22,6 +22,7 @@ pub mod policy;
 mod policy_explain;
 pub mod provenance;
 mod provenance_verify;
+pub mod rebuild;
 pub mod selftest;
 pub mod serve;
 pub mod snp;

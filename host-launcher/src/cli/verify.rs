@@ -92,6 +92,11 @@ pub struct Args {
     /// Where to write the graph (default: stdout, in place of the verdict's text).
     #[arg(long, value_name = "FILE", requires = "graph")]
     pub graph_out: Option<PathBuf>,
+    /// Print, instead of the verdict, the smallest set of steps to rebuild so that the closure
+    /// verifies under the policy (docs/trust-policy.md, "Trust migration"; `vouch rebuild`
+    /// follows it). Exit 0 when a plan was made, 1 when rebuilding cannot make it verify.
+    #[arg(long, conflicts_with_all = ["expect", "expect_local", "check_local", "check_caches", "graph"])]
+    pub plan_rebuild: bool,
 }
 
 /// Why `vouch verify` could not reach a verdict.
@@ -179,21 +184,18 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
             .map(usize::from)
             .unwrap_or_else(|| std::thread::available_parallelism().map(usize::from).unwrap_or(1)),
     };
+    if args.plan_rebuild {
+        let shown = shown.as_ref();
+        return super::rebuild::plan(&args, &verifier, &stores, shown, &named, banner.as_deref());
+    }
     // Each candidate derivation in turn (one, unless only a trace store's index knew the
     // output): the first that verifies, else the first verdict.
     let mut chosen: Option<(StorePath, DrvSet, Outcome)> = None;
     for cand in &named.candidates {
-        let drvs = match &shown {
-            Some(set) => set.clone(),
-            None => match super::sources::drv_set(cand, &args.drv_dir, &stores) {
-                Ok(d) => d,
-                // A same-named candidate whose graph is incomplete here is not the one.
-                Err(e) if named.candidates.len() > 1 => {
-                    tracing::info!(candidate = %cand, "skipped: {}", build_trace::error_chain(&e));
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            },
+        let several = named.candidates.len() > 1;
+        let Some(drvs) = candidate_graph(&args.drv_dir, &stores, shown.as_ref(), cand, several)?
+        else {
+            continue;
         };
         let outcome = verify_one(&args, &verifier, &drvs, cand, &named)?;
         let ok = matches!(outcome, Outcome::Verified(_));
@@ -237,6 +239,30 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         Outcome::Verified(_) => ExitCode::SUCCESS,
         Outcome::NotVerified(_) => ExitCode::from(1),
     })
+}
+
+/// The derivation graph of candidate `cand`: `shown`, else read from `drv_dir` (what it lacks
+/// fetched from the remote stores among `stores`, checked). `None` when it does not load and
+/// there are `several` candidates (a same-named candidate whose graph is incomplete here is not
+/// the one).
+pub(super) fn candidate_graph(
+    drv_dir: &Path,
+    stores: &[build_trace::source::Traces],
+    shown: Option<&DrvSet>,
+    cand: &StorePath,
+    several: bool,
+) -> Result<Option<DrvSet>, super::CmdError> {
+    match shown {
+        Some(set) => Ok(Some(set.clone())),
+        None => match super::sources::drv_set(cand, drv_dir, stores) {
+            Ok(d) => Ok(Some(d)),
+            Err(e) if several => {
+                tracing::info!(candidate = %cand, "skipped: {}", build_trace::error_chain(&e));
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        },
+    }
 }
 
 /// Verify the closure of candidate derivation `target`, with the expected outputs (and the

@@ -24,6 +24,7 @@ use super::wire::{MessageBudget, Taken, WireError, WireRead, WireWrite};
 use super::ServerError;
 use crate::core::log::TextLog;
 use crate::core::{NixVersion, UploadError, UploadSource, ValidPathInfo};
+use nix_formats::StorePath;
 
 /// First word a client sends.
 pub const SERVE_MAGIC_1: u64 = 0x390c_9deb;
@@ -68,22 +69,7 @@ pub fn serve<R: BufRead, W: Write>(
     cfg: &ServeConfig,
     handler: &mut dyn Handler,
 ) -> Result<(), ServerError> {
-    let magic = r.read_u64()?;
-    if magic != SERVE_MAGIC_1 {
-        return Err(ServerError::BadMagic { protocol: "serve", got: magic });
-    }
-    w.write_u64(SERVE_MAGIC_2)?;
-    w.write_u64(SERVER_VERSION)?;
-    w.flush().map_err(WireError::from)?;
-    let client_version = r.read_u64()?;
-    let version = client_version.min(SERVER_VERSION);
-    if major(client_version) != 2 || version < MIN_CLIENT_VERSION {
-        return Err(ServerError::Version { protocol: "serve", version: show(client_version) });
-    }
-    let mut profile = ClientProfile::new(Protocol::Serve, version, BTreeSet::new());
-    profile.declared_nix = cfg.declared_nix;
-    tracing::info!(version = %show(version), client = %profile.nix_range(), "serve protocol handshake done");
-
+    let profile = handshake(&mut r, &mut w, cfg)?;
     loop {
         let Some(cmd) = r.read_u64_or_eof()? else {
             tracing::debug!("client closed the connection");
@@ -100,113 +86,170 @@ pub fn serve<R: BufRead, W: Write>(
                 cmd_name(cmd)
             )));
         }
-        let mut sink = TextLog(&mut *log);
-        match cmd {
+        let mut cx = Command { w: &mut w, sink: TextLog(&mut *log), handler, cmd };
+        cx.run(&mut r, &profile)?;
+        w.flush().map_err(WireError::from)?;
+    }
+}
+
+/// The handshake: magic words, then the version both sides speak.
+fn handshake<R: BufRead, W: Write>(
+    r: &mut R,
+    w: &mut W,
+    cfg: &ServeConfig,
+) -> Result<ClientProfile, ServerError> {
+    let magic = r.read_u64()?;
+    if magic != SERVE_MAGIC_1 {
+        return Err(ServerError::BadMagic { protocol: "serve", got: magic });
+    }
+    w.write_u64(SERVE_MAGIC_2)?;
+    w.write_u64(SERVER_VERSION)?;
+    w.flush().map_err(WireError::from)?;
+    let client_version = r.read_u64()?;
+    let version = client_version.min(SERVER_VERSION);
+    if major(client_version) != 2 || version < MIN_CLIENT_VERSION {
+        return Err(ServerError::Version { protocol: "serve", version: show(client_version) });
+    }
+    let mut profile = ClientProfile::new(Protocol::Serve, version, BTreeSet::new());
+    profile.declared_nix = cfg.declared_nix;
+    tracing::info!(version = %show(version), client = %profile.nix_range(), "serve protocol handshake done");
+    Ok(profile)
+}
+
+/// One command being answered.
+struct Command<'a, W: Write> {
+    w: &'a mut W,
+    sink: TextLog<&'a mut dyn Write>,
+    handler: &'a mut dyn Handler,
+    cmd: u64,
+}
+
+impl<W: Write> Command<'_, W> {
+    fn handle(&mut self, action: Action<'_>) -> Result<Reply, ServerError> {
+        ok(self.handler.handle(action, &mut self.sink), self.cmd)
+    }
+
+    /// Read command `cmd`'s arguments from `r` and answer it.
+    fn run<R: BufRead>(&mut self, r: &mut R, profile: &ClientProfile) -> Result<(), ServerError> {
+        match self.cmd {
             1 => {
                 let _lock = r.read_bool()?;
                 let substitute = r.read_bool()?;
-                let paths = codec(types::read_store_path_set(&mut r, "paths"))?;
-                let reply =
-                    handler.handle(Action::QueryValidPaths { paths, substitute }, &mut sink);
-                match ok(reply, cmd)? {
-                    Reply::ValidPaths(v) => codec(types::write_store_path_set(&mut w, &v))?,
-                    other => return Err(unexpected(other)),
+                let paths = codec(types::read_store_path_set(r, "paths"))?;
+                match self.handle(Action::QueryValidPaths { paths, substitute })? {
+                    Reply::ValidPaths(v) => codec(types::write_store_path_set(self.w, &v)),
+                    other => Err(unexpected(other)),
                 }
             }
             2 => {
-                let paths = codec(types::read_store_path_set(&mut r, "paths"))?;
-                for path in paths {
-                    let reply = handler.handle(Action::QueryPathInfo(path.clone()), &mut sink);
-                    match ok(reply, cmd)? {
-                        Reply::PathInfo(None) => {}
-                        Reply::PathInfo(Some(info)) => {
-                            w.write_str(&path.to_string())?;
-                            codec(types::write_serve_path_info(&mut w, &info, version))?;
-                        }
-                        other => return Err(unexpected(other)),
-                    }
-                }
-                w.write_str("")?;
+                let paths = codec(types::read_store_path_set(r, "paths"))?;
+                self.query_path_infos(paths, profile.version)
             }
             7 => {
                 let include_outputs = r.read_bool()?;
-                let paths = codec(types::read_store_path_set(&mut r, "paths"))?;
+                let paths = codec(types::read_store_path_set(r, "paths"))?;
                 if include_outputs {
                     tracing::debug!(
                         "QueryClosure: includeOutputs is ignored (vouch keeps no derivations)"
                     );
                 }
-                match ok(handler.handle(Action::QueryClosure(paths), &mut sink), cmd)? {
-                    Reply::ValidPaths(v) => codec(types::write_store_path_set(&mut w, &v))?,
-                    other => return Err(unexpected(other)),
+                match self.handle(Action::QueryClosure(paths))? {
+                    Reply::ValidPaths(v) => codec(types::write_store_path_set(self.w, &v)),
+                    other => Err(unexpected(other)),
                 }
             }
             3 => {
-                let path = codec(types::read_store_path(&mut r, "path"))?;
-                match ok(handler.handle(Action::NarFromPath(path), &mut sink), cmd)? {
-                    Reply::Nar(mut nar) => {
-                        let n = io::copy(&mut (&mut nar.reader).take(nar.size), &mut w)
-                            .map_err(WireError::from)?;
-                        if n != nar.size {
-                            return Err(ServerError::Reply(format!(
-                                "store file ended after {n} of {} NAR bytes",
-                                nar.size
-                            )));
-                        }
-                    }
-                    other => return Err(unexpected(other)),
-                }
+                let path = codec(types::read_store_path(r, "path"))?;
+                self.dump_store_path(path)
             }
-            8 => {
-                let drv_path = codec(types::read_store_path(&mut r, "drvPath"))?;
-                let drv = codec(types::read_basic_derivation(&mut r, &drv_path))?;
-                let options = codec(types::read_build_options(&mut r, version))?;
-                let mut client = profile.clone();
-                client.observed =
-                    serve_build_options_range(options.nr_repeats, options.enforce_determinism);
-                if client.observed.is_some() {
-                    tracing::info!(client = %client.nix_range(), "build options tell the client's Nix");
-                }
-                let req = BuildDerivation {
-                    drv_path,
-                    drv,
-                    mode: super::action::BuildMode::Normal,
-                    options: Some(options),
-                    client: client.clone(),
-                };
-                match ok(handler.handle(Action::BuildDerivation(Box::new(req)), &mut sink), cmd)? {
-                    Reply::Built(res) => {
-                        codec(types::write_build_result(&mut w, &(&*res).into(), &client))?
-                    }
-                    other => return Err(unexpected(other)),
-                }
-            }
+            8 => self.build_derivation(r, profile),
             9 => {
-                let info = codec(types::read_upload_info(&mut r))?;
-                let mut src = RawUpload { info: Some(info), nar: Taken::new(&mut r, 0) };
-                let reply = handler
-                    .handle(Action::AddToStore { repair: false, uploads: &mut src }, &mut sink);
+                let info = codec(types::read_upload_info(r))?;
+                let mut src = RawUpload { info: Some(info), nar: Taken::new(r, 0) };
+                let reply = self.handle(Action::AddToStore { repair: false, uploads: &mut src });
                 if src.nar.wire_failed.is_some() {
                     return Err(ServerError::PeerGone(io::ErrorKind::UnexpectedEof));
                 }
-                match ok(reply, cmd)? {
-                    Reply::Done => w.write_u64(1)?,
-                    other => return Err(unexpected(other)),
+                match reply? {
+                    Reply::Done => Ok(self.w.write_u64(1)?),
+                    other => Err(unexpected(other)),
                 }
             }
-            _ => {
-                return Err(ServerError::Refused(if cmd_name(cmd) == "unknown" {
-                    format!("unknown serve command {cmd}")
-                } else {
-                    format!(
-                        "vouch nix-builder does not support serve command {cmd} ({}); it serves \
-                         Nix's remote-build hook (build-remote) and `nix copy`",
-                        cmd_name(cmd)
-                    )
-                }));
+            cmd => Err(ServerError::Refused(if cmd_name(cmd) == "unknown" {
+                format!("unknown serve command {cmd}")
+            } else {
+                format!(
+                    "vouch nix-builder does not support serve command {cmd} ({}); it serves \
+                     Nix's remote-build hook (build-remote) and `nix copy`",
+                    cmd_name(cmd)
+                )
+            })),
+        }
+    }
+
+    /// `QueryPathInfos` (2): the infos of the valid ones among `paths`, then an empty name.
+    fn query_path_infos(
+        &mut self,
+        paths: BTreeSet<StorePath>,
+        version: ProtoVersion,
+    ) -> Result<(), ServerError> {
+        for path in paths {
+            match self.handle(Action::QueryPathInfo(path.clone()))? {
+                Reply::PathInfo(None) => {}
+                Reply::PathInfo(Some(info)) => {
+                    self.w.write_str(&path.to_string())?;
+                    codec(types::write_serve_path_info(self.w, &info, version))?;
+                }
+                other => return Err(unexpected(other)),
             }
         }
-        w.flush().map_err(WireError::from)?;
+        Ok(self.w.write_str("")?)
+    }
+
+    /// `DumpStorePath` (3): the NAR, exactly as long as the store says.
+    fn dump_store_path(&mut self, path: StorePath) -> Result<(), ServerError> {
+        match self.handle(Action::NarFromPath(path))? {
+            Reply::Nar(mut nar) => {
+                let n = io::copy(&mut (&mut nar.reader).take(nar.size), self.w)
+                    .map_err(WireError::from)?;
+                if n != nar.size {
+                    return Err(ServerError::Reply(format!(
+                        "store file ended after {n} of {} NAR bytes",
+                        nar.size
+                    )));
+                }
+                Ok(())
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// `BuildDerivation` (8): a basic derivation with the client's build options.
+    fn build_derivation<R: BufRead>(
+        &mut self,
+        r: &mut R,
+        profile: &ClientProfile,
+    ) -> Result<(), ServerError> {
+        let drv_path = codec(types::read_store_path(r, "drvPath"))?;
+        let drv = codec(types::read_basic_derivation(r, &drv_path))?;
+        let options = codec(types::read_build_options(r, profile.version))?;
+        let mut client = profile.clone();
+        client.observed =
+            serve_build_options_range(options.nr_repeats, options.enforce_determinism);
+        if client.observed.is_some() {
+            tracing::info!(client = %client.nix_range(), "build options tell the client's Nix");
+        }
+        let req = BuildDerivation {
+            drv_path,
+            drv,
+            mode: super::action::BuildMode::Normal,
+            options: Some(options),
+            client: client.clone(),
+        };
+        match self.handle(Action::BuildDerivation(Box::new(req)))? {
+            Reply::Built(res) => codec(types::write_build_result(self.w, &(&*res).into(), &client)),
+            other => Err(unexpected(other)),
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 use std::io::Read;
 
+use build_trace::NarHash;
 use nix_formats::ca::SelfRefRule;
 use nix_formats::nar::NarWriter;
 use nix_formats::store_path::{make_fixed_output_path, FileIngestionMethod};

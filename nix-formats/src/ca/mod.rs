@@ -33,7 +33,7 @@ pub use rewrite::{HashModuloSink, RewriteChain, RewriteReader, Rewriter};
 
 use crate::content_address::ContentAddress;
 use crate::hash::{Hash, HashAlgo};
-use crate::nar::{NarError, NarEvent, NarHasher, NarLimits, NarReader};
+use crate::nar::{NarDigest, NarError, NarEvent, NarHasher, NarLimits, NarReader};
 use crate::refs::{hash_part_bytes, RefScanner};
 use crate::store_path::{
     make_fixed_output_path, make_store_path, output_path_name, FileIngestionMethod, StorePath,
@@ -189,30 +189,8 @@ pub fn compute_ca_outputs<R: Read>(
 
     // Pass 1: references of every scratch output (and the NAR checked). With a single output
     // there is no sibling to rewrite first, so its CA hash is computed in the same pass.
-    let single = specs.len() == 1;
-    let mut refs: BTreeMap<String, BTreeSet<StorePath>> = BTreeMap::new();
-    let mut ca_hashes: BTreeMap<String, Hash> = BTreeMap::new();
-    for (name, spec) in &specs {
-        let mut scanner = RefScanner::new(all_candidates.iter().cloned());
-        let mut modulo =
-            single.then(|| HashModuloSink::new(spec.algo, hash_part_bytes(&scratch[name]), rule));
-        let r = open(name).map_err(|source| CaError::Io { output: name.clone(), source })?;
-        let root = match (&mut modulo, spec.method) {
-            (Some(m), FileIngestionMethod::Recursive) => {
-                let mut both = Both(&mut scanner, m);
-                walk_nar(name, Tee { inner: r, sink: &mut both }, limits, |_| {})?
-            }
-            (Some(m), FileIngestionMethod::Flat) => {
-                walk_nar(name, Tee { inner: r, sink: &mut scanner }, limits, |d| m.update(d))?
-            }
-            (None, _) => walk_nar(name, Tee { inner: r, sink: &mut scanner }, limits, |_| {})?,
-        };
-        check_flat(name, spec, &root)?;
-        refs.insert(name.clone(), scanner.references());
-        if let Some(m) = modulo {
-            ca_hashes.insert(name.clone(), m.finish().0);
-        }
-    }
+    let (refs, mut ca_hashes) =
+        scan_outputs(&specs, &scratch, &all_candidates, rule, limits, &mut open)?;
 
     let order = reference_order(&scratch, &refs)?;
 
@@ -229,19 +207,10 @@ pub fn compute_ca_outputs<R: Read>(
         let ca_hash = match ca_hashes.remove(&name) {
             Some(h) => h,
             None => {
-                let mut sink = HashModuloSink::new(spec.algo, own_hash, rule);
+                let sink = HashModuloSink::new(spec.algo, own_hash, rule);
                 let r =
                     open(&name).map_err(|source| CaError::Io { output: name.clone(), source })?;
-                let rewritten = RewriteReader::new(r, &chain);
-                match spec.method {
-                    FileIngestionMethod::Recursive => {
-                        walk_nar(&name, Tee { inner: rewritten, sink: &mut sink }, limits, |_| {})?;
-                    }
-                    FileIngestionMethod::Flat => {
-                        walk_nar(&name, rewritten, limits, |data| sink.update(data))?;
-                    }
-                }
-                sink.finish().0
+                modulo_hash(&name, spec.method, RewriteReader::new(r, &chain), sink, limits)?
             }
         };
 
@@ -273,11 +242,8 @@ pub fn compute_ca_outputs<R: Read>(
         // Pass 3: the final NAR's hash and size.
         let mut out_rewrites = chain;
         out_rewrites.push((own_hash, hash_part_bytes(&path)));
-        let mut hasher = NarHasher::new();
         let r = open(&name).map_err(|source| CaError::Io { output: name.clone(), source })?;
-        let final_nar = RewriteReader::new(r, &out_rewrites);
-        walk_nar(&name, Tee { inner: final_nar, sink: &mut hasher }, limits, |_| {})?;
-        let digest = hasher.finish();
+        let digest = nar_digest(&name, RewriteReader::new(r, &out_rewrites), limits)?;
 
         if self_ref {
             final_refs.insert(path.clone());
@@ -300,6 +266,73 @@ pub fn compute_ca_outputs<R: Read>(
         );
     }
     Ok(results)
+}
+
+/// Each output's references (scratch paths included), by output name.
+type OutputRefs = BTreeMap<String, BTreeSet<StorePath>>;
+
+/// References per scratch output, with the NAR checked; for a single output also its CA hash
+/// (there is no sibling to rewrite first), keyed by output name.
+fn scan_outputs<R: Read>(
+    specs: &BTreeMap<String, &CaOutputSpec>,
+    scratch: &BTreeMap<String, StorePath>,
+    candidates: &BTreeSet<StorePath>,
+    rule: SelfRefRule,
+    limits: &NarLimits,
+    open: &mut impl FnMut(&str) -> io::Result<R>,
+) -> Result<(OutputRefs, BTreeMap<String, Hash>), CaError> {
+    let single = specs.len() == 1;
+    let mut refs = BTreeMap::new();
+    let mut ca_hashes = BTreeMap::new();
+    for (name, spec) in specs {
+        let mut scanner = RefScanner::new(candidates.iter().cloned());
+        let mut modulo =
+            single.then(|| HashModuloSink::new(spec.algo, hash_part_bytes(&scratch[name]), rule));
+        let r = open(name).map_err(|source| CaError::Io { output: name.clone(), source })?;
+        let root = match (&mut modulo, spec.method) {
+            (Some(m), FileIngestionMethod::Recursive) => {
+                let mut both = Both(&mut scanner, m);
+                walk_nar(name, Tee { inner: r, sink: &mut both }, limits, |_| {})?
+            }
+            (Some(m), FileIngestionMethod::Flat) => {
+                walk_nar(name, Tee { inner: r, sink: &mut scanner }, limits, |d| m.update(d))?
+            }
+            (None, _) => walk_nar(name, Tee { inner: r, sink: &mut scanner }, limits, |_| {})?,
+        };
+        check_flat(name, spec, &root)?;
+        refs.insert(name.clone(), scanner.references());
+        if let Some(m) = modulo {
+            ca_hashes.insert(name.clone(), m.finish().0);
+        }
+    }
+    Ok((refs, ca_hashes))
+}
+
+/// The CA hash of output `name` read (already sibling-rewritten) from `nar`: over the NAR for
+/// recursive ingestion, over the file's contents for flat.
+fn modulo_hash(
+    name: &str,
+    method: FileIngestionMethod,
+    nar: impl Read,
+    mut sink: HashModuloSink,
+    limits: &NarLimits,
+) -> Result<Hash, CaError> {
+    match method {
+        FileIngestionMethod::Recursive => {
+            walk_nar(name, Tee { inner: nar, sink: &mut sink }, limits, |_| {})?;
+        }
+        FileIngestionMethod::Flat => {
+            walk_nar(name, nar, limits, |data| sink.update(data))?;
+        }
+    }
+    Ok(sink.finish().0)
+}
+
+/// The SHA-256 and size of the final NAR of output `name`.
+fn nar_digest(name: &str, nar: impl Read, limits: &NarLimits) -> Result<NarDigest, CaError> {
+    let mut hasher = NarHasher::new();
+    walk_nar(name, Tee { inner: nar, sink: &mut hasher }, limits, |_| {})?;
+    Ok(hasher.finish())
 }
 
 /// Nix's `topoSort` of the outputs followed by its reversal: dependencies first.

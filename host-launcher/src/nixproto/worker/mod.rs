@@ -26,11 +26,7 @@ use std::io::{self, BufRead, Read, Write};
 
 use nix_formats::StorePath;
 
-use crate::core::ValidPathInfo;
-
-use super::action::{
-    error_chain, Action, ActionError, BuildDerivation, DerivedPath, Handler, Reply,
-};
+use super::action::{error_chain, Action, ActionError, DerivedPath, Handler, Reply};
 use super::types::{self, CodecError};
 use super::version::{
     minor, show, ClientProfile, ProtoVersion, Protocol, FEATURE_REALISATION_WITH_PATH,
@@ -39,9 +35,11 @@ use super::wire::{FramedReader, MessageBudget, Taken, WireError, WireRead, WireW
 use super::ServerError;
 
 mod log;
+mod request;
 mod uploads;
 
 use log::WorkerLog;
+use request::{parse_wanted, Parsed};
 use uploads::{ManyUploads, OneUpload};
 
 /// First word a client sends.
@@ -287,55 +285,7 @@ impl<W: Write> Conn<W> {
         handler: &mut dyn Handler,
     ) -> Result<Flow, ServerError> {
         let version = self.profile.version;
-        let parsed: Result<Parsed<'static>, CodecError> = (|| {
-            let _budget = MessageBudget::start();
-            Ok(match op {
-                1 => Parsed::IsValid(types::read_store_path(r, "path")?),
-                9 | 46 => {
-                    let wanted = r.read_string_list("derived paths")?;
-                    let mode = if minor(version) >= 15 {
-                        types::read_build_mode(r)?
-                    } else {
-                        super::action::BuildMode::Normal
-                    };
-                    Parsed::Ensure { op, wanted, mode }
-                }
-                11 => Parsed::TempRoot(types::read_store_path(r, "path")?),
-                40 => Parsed::Missing(r.read_string_list("derived paths")?),
-                19 => Parsed::Action(Action::SetOptions(types::read_client_options(r, version)?)),
-                26 => Parsed::PathInfo(types::read_store_path(r, "path")?),
-                31 => {
-                    let paths = types::read_store_path_set(r, "paths")?;
-                    let substitute = minor(version) >= 27 && r.read_bool()?;
-                    Parsed::Action(Action::QueryValidPaths { paths, substitute })
-                }
-                36 => {
-                    let drv_path = types::read_store_path(r, "drvPath")?;
-                    let drv = types::read_basic_derivation(r, &drv_path)?;
-                    let mode = types::read_build_mode(r)?;
-                    Parsed::Action(Action::BuildDerivation(Box::new(BuildDerivation {
-                        drv_path,
-                        drv,
-                        mode,
-                        options: None,
-                        client: self.profile.clone(),
-                    })))
-                }
-                38 => Parsed::Nar(types::read_store_path(r, "path")?),
-                39 => {
-                    let info = types::read_upload_info(r)?;
-                    let repair = r.read_bool()?;
-                    let _dont_check_sigs = r.read_bool()?; // uploads are checked by content
-                    Parsed::AddOne(Box::new(info), repair)
-                }
-                44 => {
-                    let repair = r.read_bool()?;
-                    let _dont_check_sigs = r.read_bool()?;
-                    Parsed::AddMany(repair)
-                }
-                _ => Parsed::Unsupported,
-            })
-        })();
+        let parsed = request::read(op, r, &self.profile);
         let parsed = match parsed {
             Ok(p) => p,
             Err(CodecError::Wire(e)) if !e.is_limit() => return Err(e.into()),
@@ -368,30 +318,7 @@ impl<W: Write> Conn<W> {
                 })
             }
             Parsed::Ensure { op, wanted, mode } => self.build_paths(handler, op, wanted, mode),
-            Parsed::Missing(wanted) => {
-                // Nothing is substituted or built here on request: every path that is not valid
-                // is "unknown" (derivation outputs included).
-                let parsed = parse_wanted(wanted);
-                let opaque = parsed.iter().filter_map(|(_, p)| p.clone()).collect();
-                let reply =
-                    self.run(handler, Action::QueryValidPaths { paths: opaque, substitute: false });
-                self.answer(reply, |w, reply| match reply {
-                    Reply::ValidPaths(valid) => {
-                        let unknown: BTreeSet<&String> = parsed
-                            .iter()
-                            .filter(|(_, p)| p.as_ref().is_none_or(|p| !valid.contains(p)))
-                            .map(|(x, _)| x)
-                            .collect();
-                        w.write_u64(0)?; // willBuild
-                        w.write_u64(0)?; // willSubstitute
-                        w.write_strings(unknown)?;
-                        w.write_u64(0)?; // downloadSize
-                        w.write_u64(0)?; // narSize
-                        Ok(())
-                    }
-                    other => Err(unexpected(other)),
-                })
-            }
+            Parsed::Missing(wanted) => self.query_missing(handler, wanted),
             Parsed::TempRoot(path) => {
                 // A temporary GC root: pin the path for the session.
                 let paths = BTreeSet::from([path]);
@@ -409,26 +336,7 @@ impl<W: Write> Conn<W> {
                     other => Err(unexpected(other)),
                 })
             }
-            Parsed::Nar(path) => {
-                let reply = self.run(handler, Action::NarFromPath(path));
-                self.answer(reply, |w, reply| match reply {
-                    Reply::Nar(mut nar) => {
-                        let n = io::copy(&mut (&mut nar.reader).take(nar.size), w)
-                            .map_err(WireError::from)?;
-                        if n != nar.size {
-                            return Err(CodecError::Field {
-                                what: "NAR",
-                                problem: format!(
-                                    "store file ended after {n} of {} bytes",
-                                    nar.size
-                                ),
-                            });
-                        }
-                        Ok(())
-                    }
-                    other => Err(unexpected(other)),
-                })
-            }
+            Parsed::Nar(path) => self.nar_from_path(handler, path),
             Parsed::AddOne(info, repair) => {
                 let mut framed = FramedReader::new(r);
                 let outcome = {
@@ -460,6 +368,59 @@ impl<W: Write> Conn<W> {
                 })
             }
         }
+    }
+
+    /// `QueryMissing` (40): nothing is substituted or built here on request, so every path
+    /// that is not valid is "unknown" (derivation outputs included).
+    fn query_missing(
+        &mut self,
+        handler: &mut dyn Handler,
+        wanted: Vec<String>,
+    ) -> Result<Flow, ServerError> {
+        // Nothing is substituted or built here on request: every path that is not valid
+        // is "unknown" (derivation outputs included).
+        let parsed = parse_wanted(wanted);
+        let opaque = parsed.iter().filter_map(|(_, p)| p.clone()).collect();
+        let reply = self.run(handler, Action::QueryValidPaths { paths: opaque, substitute: false });
+        self.answer(reply, |w, reply| match reply {
+            Reply::ValidPaths(valid) => {
+                let unknown: BTreeSet<&String> = parsed
+                    .iter()
+                    .filter(|(_, p)| p.as_ref().is_none_or(|p| !valid.contains(p)))
+                    .map(|(x, _)| x)
+                    .collect();
+                w.write_u64(0)?; // willBuild
+                w.write_u64(0)?; // willSubstitute
+                w.write_strings(unknown)?;
+                w.write_u64(0)?; // downloadSize
+                w.write_u64(0)?; // narSize
+                Ok(())
+            }
+            other => Err(unexpected(other)),
+        })
+    }
+
+    /// `NarFromPath` (38): the NAR, exactly as long as the store says.
+    fn nar_from_path(
+        &mut self,
+        handler: &mut dyn Handler,
+        path: StorePath,
+    ) -> Result<Flow, ServerError> {
+        let reply = self.run(handler, Action::NarFromPath(path));
+        self.answer(reply, |w, reply| match reply {
+            Reply::Nar(mut nar) => {
+                let n =
+                    io::copy(&mut (&mut nar.reader).take(nar.size), w).map_err(WireError::from)?;
+                if n != nar.size {
+                    return Err(CodecError::Field {
+                        what: "NAR",
+                        problem: format!("store file ended after {n} of {} bytes", nar.size),
+                    });
+                }
+                Ok(())
+            }
+            other => Err(unexpected(other)),
+        })
     }
 
     /// `BuildPaths` (9) and `BuildPathsWithResults` (46): the session makes each derived path
@@ -572,38 +533,4 @@ impl<W: Write> Conn<W> {
 
 fn unexpected(reply: Reply) -> CodecError {
     CodecError::Field { what: "reply", problem: format!("the session answered {reply:?}") }
-}
-
-enum Parsed<'a> {
-    Action(Action<'a>),
-    IsValid(StorePath),
-    PathInfo(StorePath),
-    Nar(StorePath),
-    AddOne(Box<ValidPathInfo>, bool),
-    AddMany(bool),
-    /// `BuildPaths`/`BuildPathsWithResults`.
-    Ensure {
-        op: u64,
-        wanted: Vec<String>,
-        mode: super::action::BuildMode,
-    },
-    TempRoot(StorePath),
-    /// `QueryMissing`: what would have to be built or fetched.
-    Missing(Vec<String>),
-    Unsupported,
-}
-
-/// Paths a client names (`QueryMissing`): each with its store path when it is an opaque one
-/// (`drv!out` derived paths and malformed ones have none).
-fn parse_wanted(wanted: Vec<String>) -> Vec<(String, Option<StorePath>)> {
-    wanted
-        .into_iter()
-        .map(|w| {
-            let p = match DerivedPath::parse(&w) {
-                Ok(DerivedPath::Opaque(p)) => Some(p),
-                _ => None,
-            };
-            (w, p)
-        })
-        .collect()
 }

@@ -86,6 +86,15 @@ pub fn kid_of(compact: &str) -> Option<String> {
     v.get("kid")?.as_str().map(str::to_string)
 }
 
+/// The SHA-256 of the statement a compact JWS's payload names (`vouch.statement`), without
+/// verifying anything: where to find its entry (whose id is that digest's first 32 hex digits).
+pub fn statement_digest_of(compact: &str) -> Option<[u8; 32]> {
+    let payload = B64URL.decode(compact.split('.').nth(1)?).ok()?;
+    let v: Value = serde_json::from_slice(&payload).ok()?;
+    let r = v.get("vouch")?.get("statement")?.as_str()?.strip_prefix('~')?;
+    B64URL.decode(r).ok()?.try_into().ok()
+}
+
 /// A detached-field reference: `"~" + base64url(sha256(bytes))`.
 pub fn detached_ref(bytes: &[u8]) -> String {
     format!("~{}", B64URL.encode(Sha256::digest(bytes)))

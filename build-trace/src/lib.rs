@@ -9,6 +9,8 @@
 //!   store's reader, laut JWS verification, output ownership, in-toto/SLSA export;
 //! - `simulated-attester`: signing simulated reports with a key the guest is given
 //!   (`evidence::SimulatedAttester`);
+//! - `remote` (default): trace stores read over HTTP(S) ([`source`]: `vouch serve`, or any
+//!   server of a trace store directory), with a bounded fetching pool and a local cache;
 //! - `producer` (default; includes both): the launcher's key on disk (`sign`), the trace store's
 //!   writer and audit, JWS and Nix record signing, generating simulated roots.
 //!
@@ -18,7 +20,8 @@
 //! the guest agent builds with `simulated-attester` alone, so it links no verifier
 //! (`scripts/check-features.sh` checks both).
 //!
-//! What is not here: QEMU, network access, or anything that launches a VM. A verifier links
+//! What is not here: QEMU, network access beyond reading remote trace stores (`remote`), or
+//! anything that launches a VM. A verifier links
 //! this crate and nothing else of vouch's host side.
 #![forbid(unsafe_code)]
 
@@ -37,6 +40,8 @@ pub mod provenance;
 mod serde_str;
 #[cfg(feature = "producer")]
 pub mod sign;
+#[cfg(feature = "remote")]
+pub mod source;
 pub mod statement;
 #[cfg(feature = "verifier")]
 pub mod store;

@@ -77,7 +77,7 @@ pub use reader::{MemoryTraces, TraceEntry, TraceSource};
 
 /// The `nix-cache-info` this store writes.
 pub const NIX_CACHE_INFO: &str = "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n";
-const VOUCH_DIR: &str = "vouch/v1";
+pub(crate) const VOUCH_DIR: &str = "vouch/v1";
 
 /// Why the trace store could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +122,10 @@ pub enum StoreError {
     /// The step could not be appended to the transparency log.
     #[error("appending the step to the transparency log")]
     Log(#[source] crate::tlog::TlogError),
+    /// A remote trace store gave no usable answer.
+    #[cfg(feature = "remote")]
+    #[error("remote trace store")]
+    Remote(#[source] crate::source::FetchError),
 }
 
 pub(crate) fn io_err<'a>(

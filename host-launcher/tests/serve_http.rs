@@ -87,6 +87,10 @@ fn simple_nix(nonce: &str) -> String {
                     __contentAddressed = true; outputHashMode = "recursive"; outputHashAlgo = "sha256"; }};
   g = derivation {{ name = "serve-g-{nonce}"; system = "x86_64-linux"; builder = "${{bb}}/busybox";
                     args = [ "sh" "-c" "cat ${{b}} > $out" ]; }};
+  h = derivation {{ name = "serve-h-{nonce}"; system = "x86_64-linux"; builder = "${{bb}}/busybox";
+                    args = [ "sh" "-c" "echo h > $out" ]; requiredSystemFeatures = [ "no-such-feature" ]; }};
+  h2 = derivation {{ name = "serve-h2-{nonce}"; system = "x86_64-linux"; builder = "${{bb}}/busybox";
+                     args = [ "sh" "-c" "cat ${{h}} > $out" ]; }};
   f = derivation {{ name = "serve-f-{nonce}"; system = "x86_64-linux"; builder = "${{bb}}/busybox";
                     args = [ "sh" "-c" "echo -n hello > $out" ]; outputHashMode = "flat";
                     outputHashAlgo = "sha256";
@@ -385,7 +389,14 @@ fn the_cache_is_served_read_only_with_exact_lengths() {
 fn the_build_api_refuses_what_it_cannot_build_and_sigterm_stops_it() {
     nix::require_nix();
     let t = tempfile::tempdir().unwrap();
-    let s = start(t.path());
+    // No guest image: builds that pass the checks fail at their VM.
+    let no_image = t.path().join("no-image");
+    let s = HttpService::start(
+        Path::new(env!("CARGO_BIN_EXE_vouch")),
+        &t.path().join("state"),
+        &t.path().join("serve.log"),
+        &["--image", no_image.to_str().unwrap()],
+    );
     let post = |body: &str| s.request("POST", "/v1/builds", body.as_bytes());
     let missing = format!("/nix/store/{}-missing.drv", "a".repeat(32));
     let r = post(&format!(r#"{{"drv": "{missing}"}}"#));
@@ -397,18 +408,59 @@ fn the_build_api_refuses_what_it_cannot_build_and_sigterm_stops_it() {
     assert!(r.status == 400 && r.text().contains("timout"), "{}", r.text());
     assert_eq!(post("not json").status, 400);
 
-    // A derivation with input derivations (a CA one, as Nix instantiates it) is resolved by
-    // vouch against its input's output, which must be in the content store (built first).
+    // A derivation with input derivations (a CA one, as Nix instantiates it) builds its whole
+    // closure, one step per derivation, its input first (Nix schedules them).
     let drv = instantiate(t.path(), &simple_nix(&nix::nonce()), "b");
     let to = format!("{}?compression=none", s.url());
     let out = nix_copy(&t.path().join("xdg"), &["--to", &to, "--derivation", &drv]);
     assert!(out.status.success(), "nix copy: {}", nix::text(&out));
     let r = post(&format!(r#"{{"drv": "{drv}"}}"#));
-    assert_eq!(r.status, 422, "{}", r.text());
-    assert!(r.text().contains("-serve-a-") && r.text().contains("is not in vouch's content store"));
-    let r = s.request("GET", "/v1/builds/1", b"");
-    assert_eq!(r.status, 404, "nothing was queued: {}", r.text());
-    assert!(!s.log_text().contains("booting"), "no VM was started");
+    assert_eq!(r.status, 202, "{}", r.text());
+    let v: serde_json::Value =
+        serde_json::from_slice(&s.request("GET", "/v1/builds/1", b"").body).unwrap();
+    let steps: Vec<&str> =
+        v["steps"].as_array().unwrap().iter().map(|s| s["drv"].as_str().unwrap()).collect();
+    assert_eq!(steps.len(), 2, "{v}");
+    assert!(steps[0].contains("-serve-a-") && steps[1] == drv, "{v}");
+    // Without a guest image the input's step fails (on the service's own builder, where Nix
+    // sent it); the dependent fails naming the step it waited for.
+    let t0 = std::time::Instant::now();
+    let v = loop {
+        let v: serde_json::Value =
+            serde_json::from_slice(&s.request("GET", "/v1/builds/1", b"").body).unwrap();
+        if v["state"] == "failed" {
+            break v;
+        }
+        assert!(t0.elapsed().as_secs() < 120, "{v}\n{}", s.log_text());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let (first, second) = (&v["steps"][0], &v["steps"][1]);
+    assert_eq!((&first["state"], &second["state"]), (&"failed".into(), &"failed".into()), "{v}");
+    assert!(first["evidence_check"]["machine"].as_str().unwrap().starts_with("unix://"), "{v}");
+    assert_eq!(second["status"], "DependencyFailed", "{v}");
+    assert!(second["error"].as_str().unwrap().contains("waited for step 0"), "{v}");
+    // A step no builder has the features for: Nix says why nothing could start, and so does the
+    // build.
+    let drv = instantiate(t.path(), &simple_nix(&nix::nonce()), "h2");
+    let out = nix_copy(&t.path().join("xdg-h"), &["--to", &to, "--derivation", &drv]);
+    assert!(out.status.success(), "nix copy: {}", nix::text(&out));
+    let r = post(&format!(r#"{{"drv": "{drv}"}}"#));
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["id"].as_u64().unwrap();
+    let t0 = std::time::Instant::now();
+    let v = loop {
+        let v: serde_json::Value =
+            serde_json::from_slice(&s.request("GET", &format!("/v1/builds/{id}"), b"").body)
+                .unwrap();
+        if v["state"] == "failed" {
+            break v;
+        }
+        assert!(t0.elapsed().as_secs() < 120, "{v}\n{}", s.log_text());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let error = v["steps"][0]["error"].as_str().unwrap();
+    assert!(error.contains("Failed to find a machine") && error.contains("no-such-feature"), "{v}");
+    assert_eq!(v["steps"][1]["status"], "DependencyFailed", "{v}");
 
     // A (floating-CA) derivation whose text names an input it does not declare as a reference
     // (so the upload itself passes, and the input is not in the content store): its path is
@@ -523,13 +575,32 @@ fn an_untrusted_caller_cannot_get_another_derivations_output_path_signed() {
     assert_eq!(r.status, 202, "{}", r.text());
 
     // A deferred derivation (its input is floating CA): its path exists only after resolution,
-    // against an output of the input that vouch accepted. Before the input is built, it waits.
+    // against an output of the input that vouch accepted; its closure builds in one go (Nix
+    // resolves it once its input is built).
     let deferred = instantiate(t.path(), &simple_nix(&nonce), "g");
     let out = nix_copy(&t.path().join("xdg3"), &["--to", &to, "--derivation", &deferred]);
     assert!(out.status.success(), "nix copy: {}", nix::text(&out));
     let r = s.request("POST", "/v1/builds", format!(r#"{{"drv": "{deferred}"}}"#).as_bytes());
-    assert_eq!(r.status, 422, "{}", r.text());
-    assert!(r.text().contains("no build of it was accepted here (build it first)"), "{}", r.text());
+    assert_eq!(r.status, 202, "{}", r.text());
+    // A trusted caller's closure runs in a private Nix store of its own: its build may read
+    // its overlay's uploads, which no other caller's may see.
+    let body = format!(r#"{{"drv": "{deferred}"}}"#);
+    let r = s.request_with("POST", "/v1/builds", &[TRUSTED], body.as_bytes());
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["id"].as_u64().unwrap();
+    let t0 = std::time::Instant::now();
+    loop {
+        let v: serde_json::Value =
+            serde_json::from_slice(&s.request("GET", &format!("/v1/builds/{id}"), b"").body)
+                .unwrap();
+        if v["state"] == "failed" {
+            break;
+        }
+        assert!(t0.elapsed().as_secs() < 120, "{v}\n{}", s.log_text());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let serve = t.path().join("state/serve");
+    assert!(serve.join("nix/nix/store").is_dir() && serve.join("nix-client-0/nix/store").is_dir());
     // Declaring the victim's path in it (where Nix leaves it empty) is a forgery: refused.
     let mut forged = Derivation::from_aterm(&std::fs::read(&deferred).unwrap()).unwrap();
     let out = nix_formats::derivation::DerivationOutput::InputAddressed(victim_out.clone());

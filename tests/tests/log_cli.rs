@@ -10,6 +10,7 @@ use std::process::{Child, Command, Output, Stdio};
 
 use build_trace::tlog::{DirTiles, LogEntry, LogKey, LogView, LogWriter};
 use build_trace::trust::{LogPolicy, TrustModel};
+use test_support::http_service::HttpService;
 use test_support::nix::text;
 use test_support::vm::vouch_bin;
 use tests::fixture::Fixture;
@@ -104,6 +105,16 @@ fn witnessed_log_verify_fork_and_monitor() {
     let v = verify(&quorum1, &traces);
     assert_eq!(v.status.code(), Some(0), "{}", text(&v));
     assert!(text(&v).contains("VERIFIED"), "{}", text(&v));
+    // The same over HTTP: `vouch serve` serves the log at `/log/` beside its cache, and the
+    // verifier reads checkpoint, tiles and index from there (`--traces http://…`).
+    let serve_state = t.path().join("serve-state");
+    std::fs::create_dir(&serve_state).unwrap();
+    copy_dir(&fx.traces, &serve_state.join("cache"));
+    let server = HttpService::start(&vouch_bin(), &serve_state, &t.path().join("serve.log"), &[]);
+    let v = verify(&quorum1, &server.url());
+    assert_eq!(v.status.code(), Some(0), "{}", text(&v));
+    assert!(text(&v).contains("VERIFIED"), "{}", text(&v));
+    drop(server);
 
     // A fork: the same log key signs another history of the same size (leaves reversed).
     let fork = t.path().join("fork");

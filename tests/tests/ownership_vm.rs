@@ -9,8 +9,8 @@
 //! - the same through Nix's build hook: the second build's Nix gets the path with the bytes
 //!   the cache publishes (the first build's), never a mix, and the trace says it diverged;
 //! - a deferred derivation (input-addressed, its input floating CA) from an anonymous caller:
-//!   refused until its input is built, then built under the output path the real Nix gives it
-//!   after resolution.
+//!   its closure builds in one go (Nix builds the input, resolves it, builds the resolution),
+//!   under the output path the real Nix gives it after resolution.
 
 use std::process::Command;
 use std::sync::Mutex;
@@ -112,24 +112,17 @@ fn a_deferred_derivation_builds_under_the_path_nix_gives_after_resolution() {
     let out = nix_copy(&s.dir.path().join("xdg"), &["--to", &to, "--derivation", &d]);
     assert!(out.status.success(), "upload: {}", text(&out));
 
-    // An anonymous caller; d's input has no accepted build yet: nothing to resolve against.
-    let (status, v) = submit(&svc, &[], &d);
-    assert_eq!(status, 422, "{v}");
-    assert!(v.to_string().contains("build it first"), "{v}");
-    let (status, v) = submit(&svc, &[], &c);
-    assert_eq!(status, 202, "{v}");
-    let v = wait(&svc, v["id"].as_u64().unwrap());
-    assert_eq!(v["state"], "succeeded", "{v}\n{}", svc.log_text());
-    // Now d resolves against c's accepted output and builds as the resolved derivation.
+    // An anonymous caller submits d (its input c has no accepted build yet): the closure
+    // builds, c first; Nix resolves d against c's output and builds the resolution.
     let (status, v) = submit(&svc, &[], &d);
     assert_eq!(status, 202, "{v}");
     let v = wait(&svc, v["id"].as_u64().unwrap());
     assert_eq!(v["state"], "succeeded", "{v}\n{}", svc.log_text());
-    let drv = v["drv"].as_str().unwrap();
+    assert_eq!(v["steps"][0]["drv"], c.as_str(), "{v}");
+    // d's step names both; `nix log` finds the step's log under either name.
+    assert_eq!(v["steps"][1]["drv"], d.as_str(), "{v}");
+    let drv = v["steps"][1]["resolved"].as_str().unwrap();
     assert!(drv != d && drv.ends_with("-own-d.drv"), "the resolved derivation: {v}");
-    // Its step names both; `nix log` finds the step's log under either name.
-    assert_eq!(v["steps"][0]["drv"], d.as_str(), "{v}");
-    assert_eq!(v["steps"][0]["resolved"], drv, "{v}");
     for name in [d.as_str(), drv] {
         let r = svc.request("GET", &format!("/log/{}", &name["/nix/store/".len()..]), b"");
         assert_eq!(r.status, 200, "{name}: {}", r.text());

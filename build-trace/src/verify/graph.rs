@@ -2,7 +2,8 @@
 //! directory, or from `nix show-derivation -r` JSON, and walked dependencies first.
 //! Not here: whether a derivation matches its path or can be accepted (the verifier checks).
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::path::Path;
 
 use nix_formats::derivation::Derivation;
@@ -31,11 +32,10 @@ impl DrvSet {
             if set.drvs.contains_key(&p) {
                 continue;
             }
-            let file = dir.join(p.base_name());
-            let bytes = std::fs::read(&file)
-                .map_err(|source| VerifyError::Read { path: file.display().to_string(), source })?;
-            let drv = Derivation::from_aterm(&bytes)
-                .map_err(|source| VerifyError::Derivation { drv: p.to_string(), source })?;
+            let drv = read_drv_file(dir, &p)?.ok_or_else(|| VerifyError::Read {
+                path: dir.join(p.base_name()).display().to_string(),
+                source: std::io::ErrorKind::NotFound.into(),
+            })?;
             todo.extend(drv.input_drvs.keys().filter(|d| !set.drvs.contains_key(*d)).cloned());
             set.drvs.insert(p, drv);
         }
@@ -77,19 +77,14 @@ impl DrvSet {
     }
 
     /// Every input derivation `udrv` depends on, transitively: whose accepted facts its input
-    /// closure may link to.
-    pub(crate) fn dependencies(&self, udrv: &StorePath) -> HashSet<&StorePath> {
-        let mut deps = HashSet::new();
-        let mut todo: Vec<&StorePath> =
+    /// closure may link to. Found on demand (see [`Dependencies`]).
+    pub(crate) fn dependencies(&self, udrv: &StorePath) -> Dependencies<'_> {
+        let first: Vec<&StorePath> =
             self.drvs.get(udrv).map(|d| d.input_drvs.keys().collect()).unwrap_or_default();
-        while let Some(p) = todo.pop() {
-            if deps.insert(p) {
-                if let Some(d) = self.drvs.get(p) {
-                    todo.extend(d.input_drvs.keys().filter(|i| !deps.contains(i)));
-                }
-            }
+        Dependencies {
+            drvs: self,
+            walk: RefCell::new((first.iter().copied().collect(), first.into())),
         }
-        deps
     }
 
     /// The derivations `target` depends on, dependencies first, ending with `target`
@@ -131,4 +126,48 @@ impl DrvSet {
         }
         Ok(order)
     }
+}
+
+/// The transitive input derivations of one derivation, found on demand: a breadth-first walk
+/// through input derivations, taken only as far as the questions asked need. A step's input
+/// closure names outputs of nearby dependencies, so most steps walk a few levels, not the whole
+/// graph below them (which made a chain of n steps cost n² / 2); the answers are the same as
+/// those of the whole set.
+#[derive(Debug)]
+pub(crate) struct Dependencies<'a> {
+    drvs: &'a DrvSet,
+    /// Derivations found so far (all dependencies), and those whose inputs are not yet listed.
+    walk: RefCell<(HashSet<&'a StorePath>, VecDeque<&'a StorePath>)>,
+}
+
+impl Dependencies<'_> {
+    /// Whether `p` is one of them.
+    pub(crate) fn contains(&self, p: &StorePath) -> bool {
+        let mut walk = self.walk.borrow_mut();
+        let (found, todo) = &mut *walk;
+        while !found.contains(p) {
+            let Some(next) = todo.pop_front() else { return false };
+            if let Some(d) = self.drvs.drvs.get(next) {
+                for i in d.input_drvs.keys() {
+                    if found.insert(i) {
+                        todo.push_back(i);
+                    }
+                }
+            }
+        }
+        true
+    }
+}
+
+/// The `.drv` `p` in `dir` (a file by base name), `None` if there is no such file.
+pub(crate) fn read_drv_file(dir: &Path, p: &StorePath) -> Result<Option<Derivation>, VerifyError> {
+    let file = dir.join(p.base_name());
+    let bytes = match std::fs::read(&file) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(VerifyError::Read { path: file.display().to_string(), source }),
+    };
+    Derivation::from_aterm(&bytes)
+        .map(Some)
+        .map_err(|source| VerifyError::Derivation { drv: p.to_string(), source })
 }

@@ -4,7 +4,9 @@
 //! step's direct inputs.
 //! Not here: which outputs were accepted (the parent module builds [`Known`] step by step).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
+
+use super::graph::Dependencies;
 
 use nix_formats::StorePath;
 
@@ -38,7 +40,7 @@ impl Known {
     }
 
     /// What a step whose (transitive) input derivations are `deps` may link to.
-    pub(crate) fn admitted<'a>(&'a self, deps: HashSet<&'a StorePath>) -> Admitted<'a> {
+    pub(crate) fn admitted<'a>(&'a self, deps: Dependencies<'a>) -> Admitted<'a> {
         Admitted { known: self, deps }
     }
 }
@@ -47,7 +49,7 @@ impl Known {
 #[derive(Debug)]
 pub(crate) struct Admitted<'a> {
     known: &'a Known,
-    deps: HashSet<&'a StorePath>,
+    deps: Dependencies<'a>,
 }
 
 impl Admitted<'_> {

@@ -67,6 +67,8 @@ use std::time::SystemTime;
 use nix_formats::derivation::DrvGraph;
 use nix_formats::StorePath;
 
+#[cfg(feature = "remote")]
+pub(crate) use graph::read_drv_file;
 pub use graph::DrvSet;
 pub use outcome::{AcceptedStep, BrokenLink, LinkCheck, Outcome, VerifiedClosure};
 pub use plan::{Action, Buildable, PlanResult, PlannedStep, RebuildPlan};

@@ -26,6 +26,7 @@ pub mod rebuild;
 pub mod selftest;
 pub mod serve;
 pub mod snp;
+mod sources;
 pub mod target;
 pub mod trace;
 pub mod verify;

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use host_launcher::nixbuilder::real_store::RealStore;
 use host_launcher::nixbuilder::Session;
 use host_launcher::nixproto::listen::{self, ListenConfig, Peer, SessionFactory, SocketListener};
-use host_launcher::nixproto::{serve, worker, Handler, ServerError};
+use host_launcher::nixproto::{serve, worker, ServerError};
 use host_launcher::recovery;
 use host_launcher::signals::Signals;
 use host_launcher::store::{ClientTrust, ContentStore, SessionStore};
@@ -132,12 +132,8 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
             let trusted = peer.uid.is_some_and(|u| trusted_uids.contains(&u));
             tracing::info!(uid = ?peer.uid, trusted, "connected");
             let trust = ClientTrust { trusted, keys: keys.clone() };
-            let store = SessionStore::new(ContentStore::open(&store_dir, store_cfg)?, trust)?;
             // The session's builds stop at shutdown and when its client hangs up.
-            let mut engine = engine.clone();
-            engine.launcher.cancel = engine.launcher.cancel.joined(hangup);
-            let session = Session::new(engine, store).with_real_store(real.clone());
-            Ok(Box::new(session) as Box<dyn Handler + Send>)
+            Session::for_socket(&engine, (&store_dir, store_cfg), trust, &real, hangup)
         });
         let lcfg = ListenConfig { worker: worker_cfg, grace: listen::DEFAULT_GRACE };
         let summary =

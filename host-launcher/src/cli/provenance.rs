@@ -14,9 +14,7 @@ use super::target::Lookup;
 use super::{CmdResult, Global};
 use build_trace::evidence::Verifier;
 use build_trace::provenance::{in_toto, set_times, sign_envelope, Acceptance, TIMES_FILE};
-use build_trace::store::TraceStore;
 use build_trace::verify::check_entry_alone;
-use host_launcher::core::publish::default_trace_store;
 
 /// Arguments of `vouch provenance`.
 #[derive(Debug, clap::Args)]
@@ -42,9 +40,13 @@ pub struct Args {
     /// The Nix store to ask for derivers and realisations (Nix's `--store`; default: Nix's).
     #[arg(long, value_name = "STORE")]
     pub nix_store: Option<String>,
-    /// Trace store directory (default: `<state dir>/cache`).
-    #[arg(long, value_name = "DIR")]
-    pub traces: Option<PathBuf>,
+    /// Trace store: a directory, `file://DIR` or `http(s)://HOST[:PORT][/prefix]` (default:
+    /// `<state dir>/cache`).
+    #[arg(long, value_name = "DIR|URL")]
+    pub traces: Option<String>,
+    /// How a remote trace store is read.
+    #[command(flatten)]
+    pub fetch: super::sources::FetchArgs,
     /// Write the statement here instead of stdout.
     #[arg(long, short, value_name = "FILE")]
     pub out: Option<PathBuf>,
@@ -89,8 +91,7 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         true => Some(super::provenance_verify::launcher_key(global, args.key_name.as_deref())?),
         false => None,
     };
-    let dir = args.traces.clone().unwrap_or_else(|| default_trace_store(&global.state_dir()));
-    let stores = [TraceStore::open(&dir)?];
+    let stores = [super::sources::open_one(args.traces.as_deref(), &args.fetch, global)?];
     let at =
         Lookup { drv_dir: &args.drv_dir, nix_store: args.nix_store.as_deref(), traces: &stores };
     let target = super::target::resolve(&arg, &at)?;
@@ -127,7 +128,7 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
             let accepted =
                 Acceptance { kind: verdict.kind, rules: &verdict.rules, keys: &verdict.keys };
             let mut st = in_toto(st, name, &e.statement, e.evidence.as_deref(), &accepted)?;
-            if let Ok(t) = std::fs::read(std::path::Path::new(&e.location).join(TIMES_FILE)) {
+            if let Some(t) = store.entry_file(e, TIMES_FILE) {
                 set_times(&mut st, &t);
             }
             statements.push(match &key {
@@ -144,7 +145,7 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     }
     if statements.is_empty() {
         return Err(Box::new(ProvenanceError::NoTrace {
-            dir: dir.display().to_string(),
+            dir: store.location(),
             path: target.path.to_string(),
         }));
     }

@@ -27,6 +27,7 @@ use std::time::SystemTime;
 
 use build_trace::evidence::Verifier as EvidenceVerifier;
 use build_trace::job::{CaRule, Limits};
+use build_trace::source::Traces;
 use build_trace::store::{TraceSource, TraceStore};
 use build_trace::verify::{
     Buildable, ClosureVerifier, DrvSet, PlanResult, PlannedStep, RebuildPlan,
@@ -105,6 +106,7 @@ struct Rebuilt {
 pub(super) fn plan(
     args: &super::verify::Args,
     verifier: &ClosureVerifier<'_>,
+    stores: &[Traces],
     shown: Option<&DrvSet>,
     named: &Target,
     banner: Option<&str>,
@@ -112,7 +114,8 @@ pub(super) fn plan(
     let mut loaded = None;
     for cand in &named.candidates {
         let several = named.candidates.len() > 1;
-        if let Some(drvs) = super::verify::candidate_graph(&args.drv_dir, shown, cand, several)? {
+        let drvs = super::verify::candidate_graph(&args.drv_dir, stores, shown, cand, several)?;
+        if let Some(drvs) = drvs {
             loaded = Some((cand.clone(), drvs));
             break;
         }
@@ -151,9 +154,9 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     let mut engine = args.engine.engine(&state_dir, &Limits::default())?;
     engine.launcher.echo_console = args.console;
     let publish_to = engine.publish.trace_store.clone();
-    let mut stores = vec![TraceStore::create(&publish_to)?];
+    let mut stores = vec![Traces::Dir(Box::new(TraceStore::create(&publish_to)?))];
     for d in args.read_traces.iter().filter(|d| **d != publish_to) {
-        stores.push(TraceStore::open(d)?);
+        stores.push(Traces::Dir(Box::new(TraceStore::open(d)?)));
     }
     let lookup =
         Lookup { drv_dir: &args.drv_dir, nix_store: args.nix_store.as_deref(), traces: &stores };

@@ -24,6 +24,7 @@ use std::sync::Arc;
 
 use host_launcher::recovery;
 use host_launcher::serve::auth::Access;
+use host_launcher::serve::closure::{BuilderTraces, ClosureConfig};
 use host_launcher::serve::server::{self, ConnLimits};
 use host_launcher::serve::{tls, Service, ServiceConfig};
 use host_launcher::signals::Signals;
@@ -82,6 +83,22 @@ pub struct Args {
     /// Builds at once (each in its own VM); more wait in a queue.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
     pub jobs: u64,
+    /// Other vouch builders for closure builds, in Nix's machines format (one per line: `URI
+    /// SYSTEMS SSH-KEY SLOTS SPEED SUPPORTED-FEATURES MANDATORY-FEATURES`, e.g.
+    /// `ssh-ng://host?remote-program=vouch-builder x86_64-linux - 2 1 ca-derivations`). The
+    /// service's own builder (`--jobs` slots) is always there.
+    #[arg(long, value_name = "FILE")]
+    pub builders: Option<std::path::PathBuf>,
+    /// Where a builder of `--builders` serves its trace store: `MACHINE=DIR`, the machine as
+    /// its line names it (repeatable). A step that builder built is verified from there
+    /// before the service publishes it.
+    #[arg(long = "builder-traces", value_name = "MACHINE=DIR")]
+    pub builder_traces: Vec<String>,
+    /// The trust policy other builders' traces must satisfy before the service publishes them
+    /// (`docs/trust-policy.md`). Default: the default policy, pinning the guest image's
+    /// manifest (simulated evidence is refused by it).
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<std::path::PathBuf>,
     /// Content store, trace store (served read-only as the binary cache), client release,
     /// limits (the defaults where a request sets none), VM and key.
     #[command(flatten)]
@@ -108,6 +125,16 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         .iter()
         .map(|k| PublicKey::parse(k).map_err(|e| format!("--trusted-public-key {k:?}: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
+    let mut builder_traces = BuilderTraces::default();
+    for a in &args.builder_traces {
+        let (machine, loc) = BuilderTraces::parse_one(a)?;
+        builder_traces.0.insert(machine, loc);
+    }
+    let closures = ClosureConfig {
+        builders_file: args.builders.clone(),
+        builder_traces,
+        policy: args.policy.clone(),
+    };
     let (mut engine, store_cfg) = args.builder.config(&state_dir)?;
     let traces = &engine.publish.trace_store;
     std::fs::create_dir_all(traces)
@@ -122,6 +149,7 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         declared_nix: args.builder.client_nix_version,
         access,
         trusted_keys,
+        closures,
     };
     let listener = TcpListener::bind(&args.listen)
         .map_err(|e| format!("listening on {}: {e}", args.listen))?;

@@ -29,7 +29,8 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use build_trace::store::{TraceSource, TraceStore};
+use build_trace::source::Traces;
+use build_trace::store::TraceSource;
 use nix_formats::derivation::{Derivation, DerivationKind};
 use nix_formats::{StorePath, STORE_DIR};
 
@@ -91,7 +92,7 @@ pub struct Lookup<'a> {
     /// The Nix store to ask (`--store` of Nix's commands; `None`: Nix's default).
     pub nix_store: Option<&'a str>,
     /// The trace stores.
-    pub traces: &'a [TraceStore],
+    pub traces: &'a [Traces],
 }
 
 /// Why an argument names nothing.

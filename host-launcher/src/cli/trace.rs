@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use build_trace::provenance::classify_evidence;
+use build_trace::source::Traces;
 use build_trace::store::{TraceEntry, TraceSource, TraceStore};
 use host_launcher::core::publish::default_trace_store;
 use nix_formats::StorePath;
@@ -37,9 +38,13 @@ pub struct ShowArgs {
     /// A derivation (unresolved or resolved), an output path, or `./result` or any symlink
     /// into the store.
     pub path: String,
-    /// Trace store directory (default: `<state dir>/cache`).
-    #[arg(long, value_name = "DIR")]
-    pub traces: Option<PathBuf>,
+    /// Trace store: a directory, `file://DIR` or `http(s)://HOST[:PORT][/prefix]` (default:
+    /// `<state dir>/cache`).
+    #[arg(long, value_name = "DIR|URL")]
+    pub traces: Option<String>,
+    /// How a remote trace store is read.
+    #[command(flatten)]
+    pub fetch: super::sources::FetchArgs,
     /// Directory holding `.drv` files (to tell an unresolved derivation from a resolved one).
     #[arg(long, value_name = "DIR", default_value = "/nix/store")]
     pub drv_dir: PathBuf,
@@ -53,7 +58,7 @@ pub struct ShowArgs {
 
 /// Find the entries for a drv path or an output path.
 pub(crate) fn lookup(
-    store: &TraceStore,
+    store: &Traces,
     p: &StorePath,
 ) -> Result<Vec<TraceEntry>, Box<dyn std::error::Error + Send + Sync>> {
     Ok(if p.is_derivation() { store.entries(p)? } else { store.entries_for_output(p)? })
@@ -69,8 +74,7 @@ pub fn run(cmd: Command, global: &Global) -> CmdResult {
             return Ok(ExitCode::SUCCESS);
         }
     };
-    let dir = args.traces.clone().unwrap_or_else(|| default_trace_store(&global.state_dir()));
-    let stores = [TraceStore::open(&dir)?];
+    let stores = [super::sources::open_one(args.traces.as_deref(), &args.fetch, global)?];
     let at =
         Lookup { drv_dir: &args.drv_dir, nix_store: args.nix_store.as_deref(), traces: &stores };
     let target = super::target::resolve(&args.path, &at)?;
@@ -91,7 +95,7 @@ pub fn run(cmd: Command, global: &Global) -> CmdResult {
             "no trace of {} in {} (an unresolved content-addressed derivation is found through \
              its outputs: build it first, or give its resolved drv or an output path)",
             args.path,
-            dir.display()
+            store.location()
         );
         return Ok(ExitCode::from(exit::REJECTED));
     }

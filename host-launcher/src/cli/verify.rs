@@ -13,13 +13,12 @@ use std::process::ExitCode;
 use std::time::SystemTime;
 
 use build_trace::evidence::Verifier as EvidenceVerifier;
-use build_trace::store::{TraceSource, TraceStore};
+use build_trace::store::TraceSource;
 use build_trace::tlog::proof::CheckpointHistory;
 use build_trace::tlog::source::LoggedTraces;
-use build_trace::tlog::{DirTiles, LogView, TlogError, LOG_DIR};
+use build_trace::tlog::{LogView, TileSource, TlogError};
 use build_trace::trust::TrustPolicy;
 use build_trace::verify::{BrokenLink, ClosureVerifier, DrvSet, Outcome, Request};
-use host_launcher::core::publish::default_trace_store;
 use nix_formats::StorePath;
 
 use super::target::{realisation_info, Lookup};
@@ -45,10 +44,16 @@ pub struct Args {
     /// ($VOUCH_IMAGE_DIR, else $VOUCH_CACHE/image); without any, the default policy refuses.
     #[arg(long = "image-manifest", value_name = "FILE", conflicts_with = "policy")]
     pub image_manifests: Vec<PathBuf>,
-    /// Trace store directory to look traces up in (repeatable). Default: `<state dir>/cache`.
-    #[arg(long = "traces", value_name = "DIR")]
-    pub traces: Vec<PathBuf>,
-    /// Directory holding the `.drv` files of the closure.
+    /// Trace store to look traces up in (repeatable): a directory, `file://DIR`, or
+    /// `http(s)://HOST[:PORT][/prefix]` (`vouch serve`, or any server of a trace store).
+    /// Default: `<state dir>/cache`.
+    #[arg(long = "traces", value_name = "DIR|URL")]
+    pub traces: Vec<String>,
+    /// How remote trace stores are read.
+    #[command(flatten)]
+    pub fetch: super::sources::FetchArgs,
+    /// Directory holding the `.drv` files of the closure (those it lacks are fetched from the
+    /// remote trace stores, each checked against its path).
     #[arg(long, value_name = "DIR", default_value = "/nix/store")]
     pub drv_dir: PathBuf,
     /// Read the derivation graph from `nix show-derivation -r` JSON (a file, or `-` for stdin)
@@ -117,12 +122,7 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     // A policy the user gave comes first: a wrong one is theirs to fix whatever the argument
     // names. The default policy (which needs an image manifest) waits for a valid argument.
     let given = args.policy.as_deref().map(super::policy::load).transpose()?;
-    let dirs = if args.traces.is_empty() {
-        vec![default_trace_store(&global.state_dir())]
-    } else {
-        args.traces.clone()
-    };
-    let stores = dirs.iter().map(|d| TraceStore::open(d)).collect::<Result<Vec<_>, _>>()?;
+    let stores = super::sources::open_all(&args.traces, &args.fetch, global)?;
     let lookup =
         Lookup { drv_dir: &args.drv_dir, nix_store: args.nix_store.as_deref(), traces: &stores };
     let named = super::target::resolve(&args.drv, &lookup)?;
@@ -148,14 +148,14 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         None => None,
     };
     // With a `[log]` policy, each store counts only through its transparency log.
-    let log_srcs: Vec<DirTiles> = dirs.iter().map(|d| DirTiles::new(&d.join(LOG_DIR))).collect();
+    let log_srcs: Vec<Box<dyn TileSource>> = stores.iter().map(|s| s.tiles()).collect();
     let mut logged = Vec::new();
     if let Some(log) = &policy.log {
         let trust = log.trust()?;
         let history = CheckpointHistory::new(&global.state_dir().join("tlog"));
         for (store, src) in stores.iter().zip(&log_srcs) {
-            let checked =
-                LogView::open(src, &trust).and_then(|v| history.accept(&v, &trust).map(|()| v));
+            let checked = LogView::open(src.as_ref(), &trust)
+                .and_then(|v| history.accept(&v, &trust).map(|()| v));
             let view = match checked {
                 Ok(v) => v,
                 Err(e @ (TlogError::Inconsistent { .. } | TlogError::Checkpoint(_))) => {
@@ -185,14 +185,16 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
             .unwrap_or_else(|| std::thread::available_parallelism().map(usize::from).unwrap_or(1)),
     };
     if args.plan_rebuild {
-        return super::rebuild::plan(&args, &verifier, shown.as_ref(), &named, banner.as_deref());
+        let shown = shown.as_ref();
+        return super::rebuild::plan(&args, &verifier, &stores, shown, &named, banner.as_deref());
     }
     // Each candidate derivation in turn (one, unless only a trace store's index knew the
     // output): the first that verifies, else the first verdict.
     let mut chosen: Option<(StorePath, DrvSet, Outcome)> = None;
     for cand in &named.candidates {
         let several = named.candidates.len() > 1;
-        let Some(drvs) = candidate_graph(&args.drv_dir, shown.as_ref(), cand, several)? else {
+        let Some(drvs) = candidate_graph(&args.drv_dir, &stores, shown.as_ref(), cand, several)?
+        else {
             continue;
         };
         let outcome = verify_one(&args, &verifier, &drvs, cand, &named)?;
@@ -239,18 +241,20 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     })
 }
 
-/// The derivation graph of candidate `cand`: `shown`, else read from `drv_dir`. `None` when it
-/// does not load and there are `several` candidates (a same-named candidate whose graph is
-/// incomplete here is not the one).
+/// The derivation graph of candidate `cand`: `shown`, else read from `drv_dir` (what it lacks
+/// fetched from the remote stores among `stores`, checked). `None` when it does not load and
+/// there are `several` candidates (a same-named candidate whose graph is incomplete here is not
+/// the one).
 pub(super) fn candidate_graph(
     drv_dir: &Path,
+    stores: &[build_trace::source::Traces],
     shown: Option<&DrvSet>,
     cand: &StorePath,
     several: bool,
 ) -> Result<Option<DrvSet>, super::CmdError> {
     match shown {
         Some(set) => Ok(Some(set.clone())),
-        None => match DrvSet::from_store_dir(drv_dir, cand) {
+        None => match super::sources::drv_set(cand, drv_dir, stores) {
             Ok(d) => Ok(Some(d)),
             Err(e) if several => {
                 tracing::info!(candidate = %cand, "skipped: {}", build_trace::error_chain(&e));

@@ -32,7 +32,7 @@ use std::path::Path;
 use build_trace::job::StepKind;
 use build_trace::ownership::{self, Accepted, OwnershipError, Step};
 use build_trace::store::TraceStore;
-use nix_formats::derivation::{Derivation, DrvGraph};
+use nix_formats::derivation::{Derivation, DerivationKind, DrvGraph};
 use nix_formats::StorePath;
 
 use super::request::BuildRequest;
@@ -106,6 +106,50 @@ impl Derivations {
     pub fn rooted_at(&self, drv_path: &StorePath) -> Option<Derivations> {
         self.graph.get(drv_path)?;
         Some(Derivations { drv_path: drv_path.clone(), graph: self.graph.clone() })
+    }
+
+    /// Every derivation of the graph (unordered).
+    pub fn derivations(&self) -> impl Iterator<Item = (&StorePath, &Derivation)> {
+        self.graph.iter()
+    }
+
+    /// The kind of every derivation of the graph, in [`Derivations::post_order`], after the
+    /// checks that need no build: an input-addressed derivation must declare the output paths
+    /// its hash modulo gives (as Nix's `checkDerivationOutputs`), and a deferred one none (Nix
+    /// computes them after resolution). Refused otherwise, whoever asks.
+    pub fn kinds(&self) -> Result<Vec<(StorePath, DerivationKind)>, Refusal> {
+        let mut graph = self.graph.clone();
+        let mut out = Vec::new();
+        for p in self.post_order() {
+            let d = self.graph.get(&p).cloned().ok_or_else(|| {
+                refusal(&self.drv_path, OwnershipError::NeedsDerivation(p.clone()))
+            })?;
+            let name = p.drv_name().map_err(|e| {
+                refusal(&p, OwnershipError::Mismatch { drv: p.clone(), problem: e.to_string() })
+            })?;
+            let kind = d.kind(name).map_err(|source| {
+                refusal(&p, OwnershipError::Derivation { drv: p.to_string(), source })
+            })?;
+            match kind {
+                DerivationKind::InputAddressed => {
+                    ownership::owned_paths(&p, &d, name, &mut graph).map_err(|e| refusal(&p, e))?;
+                }
+                DerivationKind::Deferred => {
+                    if let Some((output, o)) = d.outputs.iter().find(|(_, o)| o.path().is_some()) {
+                        let claimed = o.path().cloned().unwrap_or_else(|| p.clone());
+                        let e = OwnershipError::Deferred {
+                            drv: p.clone(),
+                            output: output.clone(),
+                            claimed,
+                        };
+                        return Err(refusal(&p, e));
+                    }
+                }
+                _ => {}
+            }
+            out.push((p, kind));
+        }
+        Ok(out)
     }
 
     /// What it builds as, with floating content-addressed inputs resolved to `accepted`.

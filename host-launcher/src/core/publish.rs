@@ -125,9 +125,93 @@ pub fn publish(
     content_store: Option<StoreView<'_>>,
     publication: Publication,
 ) -> Result<Published, PublishError> {
+    let nars = outcome.outputs.iter().map(|(n, o)| (n.clone(), o.nar_file.clone())).collect();
+    let step = Checked {
+        statement: &outcome.statement,
+        evidence: Some(&outcome.evidence),
+        attester: outcome.attester(),
+        nars,
+    };
+    let (key_name, step_dir, mut outputs) = put(&step, cfg, publication)?;
+    record_times(&step_dir, outcome.timings.total);
+    let st = &outcome.statement;
+    if let Some(content) = content_store {
+        let items = outputs
+            .iter()
+            .map(|(name, o)| {
+                let info = ValidPathInfo {
+                    path: o.path.clone(),
+                    info: o.info.clone(),
+                    deriver: Some(st.job.drv_path.clone()),
+                    registration_time: now(),
+                    ultimate: true,
+                    sigs: o.narinfo_sigs.clone(),
+                };
+                (info, outcome.outputs[name].nar_file.clone())
+            })
+            .collect();
+        content
+            .register_outputs(&mut FileUploads::new(items), &[st.job.ca_rule.into()])
+            .map_err(PublishError::ContentStore)?;
+        for o in outputs.values_mut() {
+            held_elsewhere(content, o)?;
+        }
+    }
+    Ok(Published { key_name, step_dir, outputs })
+}
+
+/// A step whose statement and evidence were checked: by `crate::build::run_step` for a step
+/// built here, or under the service's trust policy for a trace another vouch host built
+/// ([`VerifiedTrace`]).
+struct Checked<'a> {
+    statement: &'a build_trace::Statement,
+    evidence: Option<&'a build_trace::evidence::EvidenceBundle>,
+    attester: AttesterKind,
+    nars: BTreeMap<String, PathBuf>,
+}
+
+/// A trace that another vouch host built and published, fetched from its trace store and
+/// accepted by the closure verifier under this host's trust policy
+/// (`crate::serve::closure::traces` makes one only then): its statement, its evidence, the
+/// attester kind the policy's check found, and its outputs' NAR files.
+#[derive(Debug)]
+pub struct VerifiedTrace<'a> {
+    /// The statement.
+    pub statement: &'a build_trace::Statement,
+    /// Its evidence.
+    pub evidence: &'a build_trace::evidence::EvidenceBundle,
+    /// Who attested, as the policy's evidence check found.
+    pub attester: AttesterKind,
+    /// Each output's NAR file (copied and re-hashed against the statement).
+    pub nars: BTreeMap<String, PathBuf>,
+}
+
+/// Publish a verified trace of another host (see [`VerifiedTrace`]) into this host's trace
+/// store, signed with this host's key: its NARs, statement, evidence, narinfos and
+/// realisations, as for a step built here.
+pub fn publish_verified_trace(
+    t: &VerifiedTrace<'_>,
+    cfg: &PublishConfig,
+) -> Result<Published, PublishError> {
+    let step = Checked {
+        statement: t.statement,
+        evidence: Some(t.evidence),
+        attester: t.attester,
+        nars: t.nars.clone(),
+    };
+    let (key_name, step_dir, outputs) = put(&step, cfg, Publication::Cache)?;
+    Ok(Published { key_name, step_dir, outputs })
+}
+
+/// Step 2 of the module docs: the step into the trace store, signed; what was written.
+fn put(
+    step: &Checked<'_>,
+    cfg: &PublishConfig,
+    publication: Publication,
+) -> Result<(String, PathBuf, BTreeMap<String, PublishedOutput>), PublishError> {
     let key_name = cfg
         .key_naming
-        .name(outcome.attester() == AttesterKind::Simulated)
+        .name(step.attester == AttesterKind::Simulated)
         .map_err(PublishError::KeyName)?;
     let key = build_trace::sign::load_or_generate_key(&cfg.state_dir, &key_name)
         .map_err(PublishError::Key)?;
@@ -135,17 +219,16 @@ pub fn publish(
     let store = TraceStore::create(&cfg.trace_store)
         .and_then(|s| s.with_log(log_key))
         .map_err(PublishError::TraceStore)?;
-    let st = &outcome.statement;
-    let kind = outcome.attester().to_string();
+    let st = step.statement;
+    let kind = step.attester.to_string();
     let record = StepRecord {
         statement: st,
-        evidence: Some(&outcome.evidence),
+        evidence: step.evidence,
         evidence_kind: &kind,
-        nars: outcome.outputs.iter().map(|(n, o)| (n.clone(), o.nar_file.clone())).collect(),
+        nars: step.nars.clone(),
     };
     let put = store.put_step_as(&record, &key, publication).map_err(PublishError::TraceStore)?;
     tracing::info!(step = %put.step_dir.display(), key = %key_name, "step published");
-    record_times(&put.step_dir, outcome.timings.total);
     for (name, d) in &put.diverged {
         tracing::warn!(
             output = %name,
@@ -155,7 +238,6 @@ pub fn publish(
              build, recorded in the step's divergent.json)"
         );
     }
-
     let mut outputs = BTreeMap::new();
     for (name, out) in &st.outputs {
         let rec = put.records.get(name);
@@ -185,29 +267,7 @@ pub fn publish(
         );
     }
 
-    if let Some(content) = content_store {
-        let items = outputs
-            .iter()
-            .map(|(name, o)| {
-                let info = ValidPathInfo {
-                    path: o.path.clone(),
-                    info: o.info.clone(),
-                    deriver: Some(st.job.drv_path.clone()),
-                    registration_time: now(),
-                    ultimate: true,
-                    sigs: o.narinfo_sigs.clone(),
-                };
-                (info, outcome.outputs[name].nar_file.clone())
-            })
-            .collect();
-        content
-            .register_outputs(&mut FileUploads::new(items), &[st.job.ca_rule.into()])
-            .map_err(PublishError::ContentStore)?;
-        for o in outputs.values_mut() {
-            held_elsewhere(content, o)?;
-        }
-    }
-    Ok(Published { key_name, step_dir: put.step_dir, outputs })
+    Ok((key_name, put.step_dir, outputs))
 }
 
 /// The content store never swaps the bytes it registered: where it already held the output's

@@ -232,6 +232,8 @@ mod tests {
 
     use super::*;
     use crate::core::ValidPathInfo;
+    use crate::nixbuilder::request;
+    use crate::nixproto::BuildMode;
     use crate::store::{ClientTrust, ContentStore, SessionStore, StoreConfig, UPLOAD_RULES};
 
     fn nar_of(contents: &[u8]) -> Vec<u8> {
@@ -420,5 +422,68 @@ mod tests {
         let not_drv = "/nix/store/g1w7hy3qg1w7hy3qg1w7hy3qg1w7hy3q-top!out";
         assert!(DerivedPath::parse(not_drv).unwrap_err().contains("not a derivation"));
         assert!(DerivedPath::parse(&format!("{drv}!")).is_err());
+    }
+
+    /// What Nix 2.8's build hook sends a trusted builder for `drv` (`BuildDerivation`: the
+    /// basic derivation, input derivations' outputs as input sources), as admitted.
+    fn hook_request(p: &StorePath, d: &Derivation, outputs: &[StorePath]) -> request::Admitted {
+        let mut flat = d.clone();
+        flat.input_drvs.clear();
+        flat.input_srcs.extend(outputs.iter().cloned());
+        let basic =
+            build_trace::job::BasicDerivation::from_derivation(p.drv_name().unwrap(), &flat);
+        let client = crate::nixproto::ClientProfile::new(
+            crate::nixproto::Protocol::Worker,
+            0x122,
+            Default::default(),
+        );
+        let d = crate::nixproto::BuildDerivation {
+            drv_path: p.clone(),
+            drv: basic.unwrap(),
+            mode: BuildMode::Normal,
+            options: None,
+            client,
+        };
+        request::core_request(d, None, 1, true).unwrap()
+    }
+
+    #[test]
+    fn a_trusted_build_derivation_whose_drv_closure_is_here_is_checked_against_it() {
+        let d = tempfile::tempdir().unwrap();
+        let shared = ContentStore::open(&d.path().join("store"), StoreConfig::default()).unwrap();
+        let s = SessionStore::new(shared, ClientTrust { trusted: true, keys: Vec::new() }).unwrap();
+        let mut graph = DrvGraph::new();
+        let (dep, dep_drv) = ia("dep", &mut graph, &[]);
+        let (top, top_drv) = ia("top", &mut graph, &[&dep]);
+        let dep_out = graph.input_addressed_paths(&dep_drv, "dep").unwrap().unwrap()["out"].clone();
+        // Without its .drv closure here: built as given, its outputs private to the session.
+        let a = request::with_stored_graph(
+            hook_request(&top, &top_drv, std::slice::from_ref(&dep_out)),
+            s.view(),
+        );
+        assert!(a.private_outputs && a.request.derivations.is_none());
+        // With it (uploaded text-addressed, as the CI service's clients do): its graph, its paths
+        // computed by vouch, its outputs shared.
+        let uploads = vec![drv_upload(&dep, &dep_drv), drv_upload(&top, &top_drv)];
+        s.add(&mut Mem(uploads, Default::default()), UPLOAD_RULES).unwrap();
+        let a = request::with_stored_graph(
+            hook_request(&top, &top_drv, std::slice::from_ref(&dep_out)),
+            s.view(),
+        );
+        assert!(!a.private_outputs && a.request.derivations.is_some());
+        let kind = build_trace::job::StepKind::InputAddressed;
+        crate::core::ownership::check(&a.request, kind, &mut |_, _| None).unwrap();
+        // A stored .drv that declares another path than its graph gives: refused by the core.
+        let mut lying = top_drv.clone();
+        let wrong = StorePath::from_parts([3; 20], "top").unwrap();
+        lying.outputs.insert("out".into(), DerivationOutput::InputAddressed(wrong.clone()));
+        lying.env.insert("out".into(), wrong.to_string());
+        let lying_path = lying.drv_path("top").unwrap();
+        s.add(&mut Mem(vec![drv_upload(&lying_path, &lying)], Default::default()), UPLOAD_RULES)
+            .unwrap();
+        let a = request::with_stored_graph(hook_request(&lying_path, &lying, &[dep_out]), s.view());
+        let refused = crate::core::ownership::check(&a.request, kind, &mut |_, _| None);
+        let msg = build_trace::error_chain(&refused.unwrap_err());
+        assert!(msg.contains(&wrong.to_string()), "{msg}");
     }
 }

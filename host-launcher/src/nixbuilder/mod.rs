@@ -57,6 +57,23 @@ impl Session {
         self
     }
 
+    /// The session of one `unix://` connection of a socket server (`vouch nix-builder
+    /// --listen`, and the CI service's own builder): its own content store over `store_dir`
+    /// (its pins, its overlay when `trust` says so), builds that stop when its client hangs up
+    /// (`hangup`), paths unpacked into `real` for its client.
+    pub fn for_socket(
+        engine: &Engine,
+        store: (&std::path::Path, crate::store::StoreConfig),
+        trust: crate::store::ClientTrust,
+        real: &Arc<real_store::RealStore>,
+        hangup: &crate::build::Cancel,
+    ) -> Result<Box<dyn Handler + Send>, ActionError> {
+        let store = SessionStore::new(crate::store::ContentStore::open(store.0, store.1)?, trust)?;
+        let mut engine = engine.clone();
+        engine.launcher.cancel = engine.launcher.cancel.joined(hangup);
+        Ok(Box::new(Session::new(engine, store).with_real_store(real.clone())))
+    }
+
     fn vcpus(&self) -> u64 {
         self.engine.launcher.vcpus.into()
     }
@@ -123,6 +140,7 @@ impl Handler for Session {
                     request::core_request(*d, self.options.as_ref(), self.vcpus(), trusted);
                 let result = match admitted {
                     Ok(a) => {
+                        let a = request::with_stored_graph(a, self.store.view());
                         let view = self.store.view().with_private_outputs(a.private_outputs);
                         self.engine.build(a.request, Inputs::ContentStore(view), log)
                     }

@@ -27,6 +27,7 @@ use nix_formats::StorePath;
 use crate::core::ownership::Derivations;
 use crate::core::{BuildRequest, BuildResult, FailureStatus};
 use crate::nixproto::{BuildDerivation, BuildMode, BuildOptions, ClientOptions};
+use crate::store::StoreView;
 
 /// What an untrusted client's input-addressed `BuildDerivation` is answered with (the rule).
 pub const UNTRUSTED_INPUT_ADDRESSED: &str = "vouch builds an input-addressed derivation for a \
@@ -83,6 +84,33 @@ pub fn core_request(
         trusted,
     };
     Ok(Admitted { request, private_outputs })
+}
+
+/// A trusted client's input-addressed `BuildDerivation` with input derivations, whose `.drv`
+/// closure this builder's store holds (uploaded text-addressed, so each `.drv`'s contents are
+/// tied to its path; the CI service's closures): that closure is its graph, so vouch computes
+/// its output paths (`crate::core::ownership` checks the request against it, as for
+/// `BuildPaths`) and its outputs are shared like any whose paths vouch computed. Otherwise as
+/// admitted.
+pub fn with_stored_graph(mut a: Admitted, view: StoreView<'_>) -> Admitted {
+    if !a.private_outputs {
+        return a;
+    }
+    let drv = &a.request.drv_path;
+    let text_addressed = view
+        .path_info(drv)
+        .ok()
+        .flatten()
+        .is_some_and(|i| i.info.ca.as_deref().is_some_and(|c| c.starts_with("text:")));
+    if !text_addressed {
+        return a;
+    }
+    if let Ok(d) = Derivations::from_store(view, drv) {
+        tracing::info!(drv = %drv, "its .drv closure is here: vouch computes its output paths");
+        a.request.derivations = Some(d);
+        a.private_outputs = false;
+    }
+    a
 }
 
 /// The derivation graph of a `BuildDerivation` whose basic derivation is the whole `.drv` at

@@ -5,8 +5,10 @@
 //! and evidence checked, the step published before anything is answered).
 //!
 //! A build has **steps** ([`StepInfo`]): each one derivation built in its own VM, with its own
-//! state, log, evidence kind and times. Today a build has one step, the submitted derivation;
-//! whole closures (several steps, in dependency order) fill the same structure.
+//! state, log, evidence kind and times. A derivation without input derivations builds as one
+//! step, here; a derivation with input derivations builds its whole closure, one step per
+//! derivation in dependency order, scheduled by a real Nix on the service's builders
+//! ([`super::closure`], run by `builds_closure.rs`).
 //!
 //! - A build's state is made from its steps' results: the outputs with the records the publish
 //!   step signed, and the attester kind of the checked evidence.
@@ -31,6 +33,7 @@ use std::thread::JoinHandle;
 use build_trace::error_chain;
 use tokio::sync::watch;
 
+use super::closure::{ClosureJob, Closures};
 use super::metrics::Metrics;
 use super::records::{BuildInfo, BuildState, RecordError, Records, StepInfo};
 use crate::build::Cancel;
@@ -67,7 +70,7 @@ pub struct Build {
     pub id: u64,
     view: Mutex<View>,
     logs: Vec<Mutex<String>>,
-    request: Mutex<Option<BuildRequest>>,
+    request: Mutex<Option<Job>>,
     cancel: Cancel,
     changed: watch::Sender<u64>,
     /// The trusted client whose overlay it reads (`Builds::with_trusted_uploads`).
@@ -79,7 +82,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Build {
-    fn new(view: View, request: Option<BuildRequest>, logs: Vec<String>) -> Build {
+    fn new(view: View, request: Option<Job>, logs: Vec<String>) -> Build {
         Build {
             id: view.info.id,
             logs: logs.into_iter().map(Mutex::new).collect(),
@@ -215,6 +218,7 @@ pub struct Builds {
     records: Records,
     metrics: Arc<Metrics>,
     trusted_uploads: Vec<Arc<SessionStore>>,
+    closures: Option<Arc<Closures>>,
 }
 
 impl Builds {
@@ -236,6 +240,20 @@ impl Builds {
             records,
             metrics,
             trusted_uploads: Vec::new(),
+            closures: None,
+        }
+    }
+
+    /// This queue, building closures with `closures` (without: closure builds fail, saying so).
+    pub fn with_closures(mut self, closures: Arc<Closures>) -> Self {
+        self.closures = Some(closures);
+        self
+    }
+
+    /// Stop the service's own builder (after the workers ended).
+    pub fn stop_builder(&self) {
+        if let Some(c) = &self.closures {
+            c.stop();
         }
     }
 
@@ -307,7 +325,7 @@ impl Builds {
     /// restart), of trusted client `client` (its builds read its overlay) if any; its id.
     pub fn submit(
         &self,
-        req: BuildRequest,
+        req: Job,
         submission: &str,
         caller: &str,
         client: Option<usize>,
@@ -320,10 +338,10 @@ impl Builds {
             return Err(format!("the build queue is full ({MAX_QUEUED} builds waiting)"));
         }
         let id = inner.next;
-        let view = Self::one_step(id, &req, 0);
+        let view = req.view(id, 0);
         let t = self
             .records
-            .queued(id, &req.drv_path, submission, caller, &view.steps)
+            .queued(id, &view.info.drv, submission, caller, &view.steps)
             .map_err(|e| format!("recording the build: {}", error_chain(&e)))?;
         inner.next += 1;
         self.enqueue(&mut inner, id, req, t, client);
@@ -332,16 +350,10 @@ impl Builds {
         Ok(id)
     }
 
-    fn enqueue(
-        &self,
-        inner: &mut Inner,
-        id: u64,
-        req: BuildRequest,
-        submitted: i64,
-        client: Option<usize>,
-    ) {
-        let view = Self::one_step(id, &req, submitted);
-        let mut build = Build::new(view, Some(req), vec![String::new()]);
+    fn enqueue(&self, inner: &mut Inner, id: u64, req: Job, submitted: i64, client: Option<usize>) {
+        let view = req.view(id, submitted);
+        let logs = vec![String::new(); view.steps.len()];
+        let mut build = Build::new(view, Some(req), logs);
         build.client = client;
         let build = Arc::new(build);
         inner.builds.insert(id, build.clone());
@@ -349,12 +361,7 @@ impl Builds {
     }
 
     /// Queue again a build recorded as queued before a restart (its submission checked again).
-    pub fn resume(
-        &self,
-        id: u64,
-        req: BuildRequest,
-        client: Option<usize>,
-    ) -> Result<(), RecordError> {
+    pub fn resume(&self, id: u64, req: Job, client: Option<usize>) -> Result<(), RecordError> {
         let submitted = self.records.load(id)?.map_or_else(now, |(b, _)| b.submitted);
         let mut inner = lock(&self.inner);
         self.enqueue(&mut inner, id, req, submitted, client);
@@ -451,8 +458,10 @@ impl Builds {
                     inner = self.wake.wait(inner).unwrap_or_else(|e| e.into_inner());
                 }
             };
-            if let Some(req) = lock(&build.request).take() {
-                self.run_build(&build, req);
+            match lock(&build.request).take() {
+                Some(Job::Step(req)) => self.run_build(&build, *req),
+                Some(Job::Closure(job)) => self.run_closure(&build, job),
+                None => {}
             }
             lock(&self.inner).running -= 1;
         }
@@ -570,6 +579,10 @@ pub fn outputs_json(built: &Built) -> serde_json::Value {
     });
     serde_json::Value::Object(outputs.collect())
 }
+
+#[path = "builds_closure.rs"]
+mod closure_run;
+pub use closure_run::Job;
 
 #[cfg(test)]
 #[path = "builds_tests.rs"]

@@ -35,6 +35,10 @@
 //!   derivation and its input closure in the content store, resolved, buildable, allowed to
 //!   this caller) and only then queues it; its state, steps and logs answer from the queue and
 //!   record; `DELETE` cancels it. A restart resumes queued builds (checked again).
+//! - **Closures** ([`closure`]): a derivation with input derivations builds its whole closure,
+//!   each step in its own VM, scheduled by a real Nix on the service's own builder and the
+//!   builders of `--builders FILE`; other builders' traces are verified before they are
+//!   published here.
 //! - **Access** ([`auth`]): scoped tokens; the front-end checks the route's scope before it
 //!   reads a body.
 //! - **Metrics** ([`metrics`]): Prometheus text at `/metrics`.
@@ -44,6 +48,7 @@
 pub mod api;
 pub mod auth;
 pub mod builds;
+pub mod closure;
 pub mod http;
 pub mod json;
 pub mod metrics;
@@ -135,6 +140,8 @@ pub struct ServiceConfig {
     pub access: auth::Access,
     /// Keys whose signature makes an upload without a content address acceptable.
     pub trusted_keys: Vec<PublicKey>,
+    /// How closures are built: other builders, their traces, the policy for those.
+    pub closures: closure::ClosureConfig,
 }
 
 /// The service core.
@@ -213,6 +220,18 @@ impl Service {
             metrics.clone(),
         )
         .with_trusted_uploads(trusted_uploads.clone());
+        let closures = closure::Closures::start(
+            &cfg.closures,
+            &cfg.engine,
+            state_dir,
+            &cfg.store_dir,
+            cfg.store_cfg,
+            cfg.jobs,
+            &public_key,
+            &cfg.trusted_keys,
+            cfg.access.trusted_clients(),
+        )?;
+        let builds = builds.with_closures(Arc::new(closures));
         let builds = Arc::new(builds);
         let service = Service {
             cfg,

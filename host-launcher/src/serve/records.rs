@@ -6,8 +6,8 @@
 //! - A build is recorded when it is accepted (`queued`, with its submission and who sent it, so
 //!   that a restart can resume it), when it starts (`running`) and when it ends, with its
 //!   outcome (Nix status and error, the outputs JSON and attester kind, or `cancelled`). Each of
-//!   its steps (today one, the submitted derivation) has its own state, evidence kind, start and
-//!   end, and log. Timestamps are Unix seconds.
+//!   its steps (one per derivation of a closure build; the submitted one otherwise) has its own
+//!   state, evidence kind, start and end, resolved derivation, and log. Timestamps are Unix seconds.
 //! - On open ([`Records::open`]), builds recorded as running were cut off (a crash, or a stop
 //!   that could not record them): they are marked failed ([`CUT_OFF`]). Queued builds are
 //!   handed back ([`Records::pending`]) for the service to check and queue again. Ids continue
@@ -380,6 +380,22 @@ impl Records {
         )
         .map_err(self.err())?;
         Ok(t)
+    }
+
+    /// Record the derivation a step was resolved to (Nix resolved it while the build ran).
+    pub fn step_resolved(
+        &self,
+        id: u64,
+        step: u32,
+        resolved: &StorePath,
+    ) -> Result<(), RecordError> {
+        self.db()
+            .execute(
+                "UPDATE steps SET resolved = ?3 WHERE build = ?1 AND idx = ?2",
+                params![id as i64, step, resolved.to_string()],
+            )
+            .map_err(self.err())?;
+        Ok(())
     }
 
     /// Record how a step ended: its log first (synced), then its row; when.

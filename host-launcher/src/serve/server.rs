@@ -296,6 +296,7 @@ pub fn serve_http(
     for w in workers {
         let _ = w.join();
     }
+    service.builds().stop_builder();
     rt.shutdown_timeout(Duration::from_secs(1));
     tracing::info!("stopped");
     Ok(())

@@ -17,6 +17,12 @@
 //! 6. its limits override the service's defaults where non-zero; the graph and the caller's
 //!    trust go with it, and the engine checks the request again before any VM.
 //!
+//! A derivation **with input derivations** builds its whole closure ([`super::closure`]):
+//! every derivation of its graph is checked without building anything (input-addressed ones
+//! declare the paths their hash modulo gives, deferred ones none: 403 otherwise; fixed-output
+//! ones only for a caller with a token; impure ones are refused), every input source's closure
+//! must be in the content store, and Nix then schedules the steps.
+//!
 //! What is not here: the HTTP request (`super::api`), the queue (`super::builds`).
 
 use std::collections::BTreeSet;
@@ -24,9 +30,12 @@ use std::collections::BTreeSet;
 use build_trace::error_chain;
 use build_trace::job::{BasicDerivation, Limits, StepKind};
 use build_trace::ownership::OwnershipError;
+use nix_formats::derivation::DerivationKind;
 use nix_formats::StorePath;
 
 use super::api::BuildSubmission;
+use super::builds::Job;
+use super::closure::ClosureJob;
 use super::{auth, store_error, ApiError, Service};
 use crate::core::ownership::accepted_outputs;
 use crate::core::request::ca_rule_for;
@@ -57,7 +66,7 @@ impl Service {
         &self,
         s: &BuildSubmission,
         caller: auth::Caller,
-    ) -> Result<BuildRequest, ApiError> {
+    ) -> Result<Job, ApiError> {
         let bad = |status, msg: String| ApiError::new(status, msg);
         let drv_path = StorePath::parse(&s.drv)
             .map_err(|e| bad(400, format!("\"drv\": {:?} is not a store path: {e}", s.drv)))?;
@@ -82,6 +91,9 @@ impl Service {
         }
         let derivations = Derivations::from_store(view, &drv_path)
             .map_err(|e| ownership_error(&drv_path, &e, &how))?;
+        if derivations.derivations().count() > 1 {
+            return self.check_closure(s, derivations, caller, &how).map(Job::Closure);
+        }
         let mut accepted = accepted_outputs(&self.cfg.engine.publish.trace_store);
         let step =
             derivations.step(&mut accepted).map_err(|e| ownership_error(&drv_path, &e, &how))?;
@@ -115,7 +127,7 @@ impl Service {
             ),
             None => self.cfg.declared_nix,
         };
-        Ok(BuildRequest {
+        Ok(Job::Step(Box::new(BuildRequest {
             drv_path: step_path,
             drv: basic,
             outputs: BTreeSet::new(),
@@ -128,6 +140,53 @@ impl Service {
             ca_rule: ca_rule(declared),
             derivations: Some(derivations),
             trusted: caller.trusted,
+        })))
+    }
+
+    /// The checks of a closure submission (see the module docs).
+    fn check_closure(
+        &self,
+        s: &BuildSubmission,
+        derivations: Derivations,
+        caller: auth::Caller,
+        how: &str,
+    ) -> Result<ClosureJob, ApiError> {
+        let root = derivations.drv_path().clone();
+        let kinds = derivations.kinds().map_err(|e| ownership_error(&root, &e, how))?;
+        for (p, kind) in &kinds {
+            match kind {
+                DerivationKind::Fixed if !caller.authenticated => {
+                    return Err(ApiError::new(
+                        403,
+                        format!(
+                            "{p} (in the closure of {root}) is a fixed-output derivation, which \
+                             builds with network access; this service refuses those from callers \
+                             without a token"
+                        ),
+                    ))
+                }
+                DerivationKind::Impure => {
+                    return Err(ApiError::new(422, format!("vouch cannot build {p}: impure")))
+                }
+                _ => {}
+            }
+        }
+        let srcs: BTreeSet<StorePath> =
+            derivations.derivations().flat_map(|(_, d)| d.input_srcs.iter().cloned()).collect();
+        self.view_of(caller).closure(&srcs).map_err(|e| match e {
+            StoreError::Missing { path } => ApiError::new(
+                422,
+                format!(
+                    "input {path} of the closure of {root} is not in vouch's content store: {how}"
+                ),
+            ),
+            other => store_error(other),
+        })?;
+        Ok(ClosureJob {
+            order: derivations.post_order(),
+            derivations,
+            timeout: s.timeout,
+            max_silent_time: s.max_silent_time,
         })
     }
 }

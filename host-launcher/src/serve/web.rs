@@ -214,6 +214,11 @@ fn statement(step: &StepInfo) -> String {
     }
     h.push_str("</ul>");
     let d = step.detail.clone().unwrap_or_default();
+    if let Some(trace) = d["trace"].as_str() {
+        let on =
+            d["machine"].as_str().map_or(String::new(), |m| format!(" on <code>{}</code>", esc(m)));
+        let _ = write!(h, "<p>Scheduled by Nix{on}; its trace: {}.</p>", esc(trace));
+    }
     let root = esc(d["evidence_root"].as_str().unwrap_or("?"));
     let measurement = esc(d["measurement"].as_str().unwrap_or("?"));
     if attester.to_string() == "sev-snp" {

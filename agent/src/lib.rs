@@ -21,6 +21,7 @@ pub mod builder;
 pub mod inputs;
 pub mod outputs;
 pub mod pid1;
+pub mod rehearsal;
 pub mod run;
 pub mod sandbox;
 pub mod session;

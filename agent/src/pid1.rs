@@ -21,12 +21,9 @@ pub const BUILDER_UID: u32 = 1000;
 /// gid of the builder (`nixbld`).
 pub const BUILDER_GID: u32 = 100;
 
-/// Seconds since boot (from `/proc/uptime`), or 0 before `/proc` is mounted.
+/// Seconds since boot (`CLOCK_BOOTTIME`, nanosecond resolution), or 0 if it cannot be read.
 pub fn uptime() -> f64 {
-    fs::read_to_string("/proc/uptime")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|t| t.parse().ok()))
-        .unwrap_or(0.0)
+    crate::sys::boot_time().map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Print one console line: `[  1.234] vouch-agent: msg`.

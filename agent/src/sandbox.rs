@@ -150,6 +150,17 @@ impl std::fmt::Debug for Sandbox {
     }
 }
 
+/// The job-independent part of the sandbox ([`Confinement::groundwork`]): the guest-wide
+/// sysctls, the builder's root (the store and build directory bound in, `/dev`, `/etc`), and the
+/// build cgroup (no limits yet). A VM makes it after it accepted its launch, before its job
+/// exists: assembling the root is mostly mounts, slow under TCG. Nothing in it depends on the
+/// job; [`Confinement::prepare`] adds what does.
+#[derive(Debug)]
+pub struct Groundwork {
+    store: PathBuf,
+    build: PathBuf,
+}
+
 /// How the builder is confined.
 #[derive(Debug, Clone)]
 pub struct Confinement {
@@ -173,11 +184,37 @@ impl Confinement {
         Confinement { uid, gid, sandbox: None }
     }
 
-    /// Prepare the sandbox for one build in the VM (see the module documentation): sysctls,
-    /// network (or the check that there is none), tmpfs limits, the root, the cgroup.
-    pub fn prepare(spec: &SandboxSpec) -> Result<Confinement, SandboxError> {
-        let (uid, gid) = (crate::pid1::BUILDER_UID, crate::pid1::BUILDER_GID);
+    /// The job-independent part of the sandbox, made before the job exists (see
+    /// [`Groundwork`]).
+    pub fn groundwork(store: &Path, build: &Path) -> Result<Groundwork, SandboxError> {
         root::harden_sysctls()?;
+        root::prepare_root(&root::RootSpec {
+            root: PathBuf::from(root::SANDBOX_ROOT),
+            store: store.to_owned(),
+            build: build.to_owned(),
+            tmpfs_bytes: 0,
+            network: false,
+            uid: crate::pid1::BUILDER_UID,
+            gid: crate::pid1::BUILDER_GID,
+        })?;
+        Cgroup::create(Path::new(cgroup::CGROUP_ROOT), CgroupLimits::default())?;
+        Ok(Groundwork { store: store.to_owned(), build: build.to_owned() })
+    }
+
+    /// Prepare the sandbox for one build in the VM (see the module documentation): sysctls,
+    /// network (or the check that there is none), tmpfs limits, the root, the cgroup. With
+    /// `groundwork` (made for the same store and build directory before the job), only what
+    /// depends on the job is left: the network, the size limits, the root's networked `/etc`,
+    /// the cgroup's limits.
+    pub fn prepare(
+        spec: &SandboxSpec,
+        groundwork: Option<&Groundwork>,
+    ) -> Result<Confinement, SandboxError> {
+        let (uid, gid) = (crate::pid1::BUILDER_UID, crate::pid1::BUILDER_GID);
+        let groundwork = groundwork.filter(|g| g.store == spec.store && g.build == spec.build);
+        if groundwork.is_none() {
+            root::harden_sysctls()?;
+        }
         let nics = root::physical_interfaces(Path::new("/sys/class/net"));
         if spec.network {
             let nic = nics.first().ok_or(SandboxError::NoNic)?;
@@ -193,7 +230,7 @@ impl Confinement {
             root::limit_tmpfs(&spec.build, spec.tmpfs_bytes)?;
             root::limit_tmpfs(&spec.store, spec.tmpfs_bytes)?;
         }
-        root::prepare_root(&root::RootSpec {
+        let root_spec = root::RootSpec {
             root: root_dir.clone(),
             store: spec.store.clone(),
             build: spec.build.clone(),
@@ -201,7 +238,11 @@ impl Confinement {
             network: spec.network,
             uid,
             gid,
-        })?;
+        };
+        match groundwork {
+            Some(_) => root::fit_root(&root_spec)?,
+            None => root::prepare_root(&root_spec)?,
+        }
         let limits =
             CgroupLimits { memory_bytes: spec.memory_bytes, max_processes: spec.max_processes };
         let cgroup = Cgroup::create(Path::new(cgroup::CGROUP_ROOT), limits)?;

@@ -3,8 +3,10 @@
 //! Order (see `channel::messages` for the frames): send `Hello`; read `Setup` and the **launch**;
 //! check the launch ([`accept_launch`]): it must describe this VM ([`VmShape`]: vCPU count,
 //! memory) and, on SNP hardware, hash to the HOST_DATA of the first report (the simulated signer
-//! the host sent takes its hash as HOST_DATA, said loudly); send `Ready`. A pool VM waits here,
-//! silent, until its job comes. Then read **one** job, which the launch must admit
+//! the host sent takes its hash as HOST_DATA, said loudly); lay the sandbox's job-independent
+//! groundwork (`crate::sandbox::Groundwork`); if the launch names no job (a pool VM), rehearse a
+//! step over synthetic data (`crate::rehearsal`); send `Ready`. A pool VM waits here, silent,
+//! until its job comes. Then read **one** job, which the launch must admit
 //! (`Launch::admits`); receive and check the inputs; recompute claimed content addresses; run
 //! the builder (log streamed); hash the outputs; build the statement (launch and job); attest
 //! its REPORT_DATA; stream the outputs; send `Outcome`. Any error becomes one `Failure` frame
@@ -12,7 +14,7 @@
 //! the caller waits for the host to close the channel, discarding what comes, and powers off,
 //! so a VM never runs a second job (a second `Job` frame where inputs belong is a protocol
 //! failure). From the job until just before `Bye` a heartbeat thread
-//! ([`channel::liveness::Heartbeat`]) shares the writer, so the host can tell a silent builder
+//! ([`channel::liveness::Heartbeat`], spawned at `Hello` and parked until the job) shares the writer, so the host can tell a silent builder
 //! from a stalled channel; every write is at most [`GUEST_MAX_WRITE`] bytes.
 //!
 //! What is not here: mounting, connecting and powering off (`crate::pid1`, `main`).
@@ -31,7 +33,7 @@ use crate::builder::{self, RunLimits};
 use crate::inputs::{self, InputError};
 use crate::outputs::{self, OutputError};
 use crate::pid1::{say, uptime};
-use crate::sandbox::{Confinement, SandboxSpec};
+use crate::sandbox::{Confinement, Groundwork, SandboxSpec};
 use channel::liveness::{Heartbeat, SharedFrameWriter, HEARTBEAT_INTERVAL};
 use channel::messages::{
     Failure, FailureKind, Hello, NarBegin, Outcome, Phase, PhaseName, Ready, Setup,
@@ -125,11 +127,24 @@ pub struct GuestPaths {
     pub build: std::path::PathBuf,
     /// The VM's shape, which a launch must describe.
     pub shape: VmShape,
+    /// Scratch directory of a pool VM's rehearsal (`crate::rehearsal`), outside the store and
+    /// the build directory (`/tmp/vouch-rehearsal`).
+    pub rehearsal: std::path::PathBuf,
+    /// Whether to lay the sandbox's groundwork ([`crate::sandbox::Groundwork`]) once the launch
+    /// is accepted (in the VM; host-side tests of the session never reach the builder and must
+    /// not touch the host's sysctls and mounts).
+    pub sandbox_ahead: bool,
 }
 
 impl Default for GuestPaths {
     fn default() -> Self {
-        GuestPaths { store: "/nix/store".into(), build: "/build".into(), shape: VmShape::probe() }
+        GuestPaths {
+            store: "/nix/store".into(),
+            build: "/build".into(),
+            shape: VmShape::probe(),
+            rehearsal: "/tmp/vouch-rehearsal".into(),
+            sandbox_ahead: true,
+        }
     }
 }
 
@@ -210,8 +225,10 @@ pub fn serve<R: Read, W: Write + Send + 'static>(
             uptime_ms: uptime_ms(),
         },
     )?;
-    let result = accept_launch(&mut r, &w, hw.take(), &paths.shape)
-        .and_then(|launched| one_job(&mut r, &w, launched, paths));
+    // Spawned now, parked until the job: creating a thread is slow under TCG.
+    let heartbeat = Heartbeat::parked(w.clone(), HEARTBEAT_INTERVAL, uptime_ms);
+    let result = accept_launch(&mut r, &w, hw.take(), paths)
+        .and_then(|launched| one_job(&mut r, &w, heartbeat, launched, paths));
     let result = match result {
         Ok(()) => {
             say("step done");
@@ -228,21 +245,25 @@ pub fn serve<R: Read, W: Write + Send + 'static>(
     w.flush()
 }
 
-/// A launch the agent accepted: the attester for it and the measurement of its first report.
+/// A launch the agent accepted: the attester for it, the measurement of its first report, and
+/// the sandbox's groundwork (or why it failed: the job fails with it).
 struct Launched {
     launch: Launch,
     attester: Box<dyn Attester>,
     measurement: [u8; 48],
+    groundwork: Option<Result<Groundwork, crate::sandbox::SandboxError>>,
 }
 
 /// Read `Setup` and the launch, check the launch against this VM and its HOST_DATA, get the
-/// attester ready, send `Ready`.
+/// attester ready, rehearse a step if the launch names no job (a pool VM: `crate::rehearsal`),
+/// send `Ready`.
 fn accept_launch<R: Read, W: Write>(
     r: &mut FrameReader<R>,
     w: &SharedFrameWriter<W>,
     hw: Option<attest::SevSnp>,
-    shape: &VmShape,
+    paths: &GuestPaths,
 ) -> Result<Launched, StepError> {
+    let shape = &paths.shape;
     let setup: Setup = r.expect(Kind::Setup, "Setup")?.json()?;
     let bytes = r.expect(Kind::Launch, "the launch")?.payload;
     let launch = Launch::from_canonical_bytes(&bytes).map_err(StepError::Launch)?;
@@ -269,19 +290,49 @@ fn accept_launch<R: Read, W: Write>(
         }
     };
     say(&format!("launch {} accepted (HOST_DATA {})", launch.nonce, hex::encode(host_data)));
+    // Job-independent work, done before the job exists (a pool VM does it while it waits).
+    let groundwork =
+        paths.sandbox_ahead.then(|| Confinement::groundwork(&paths.store, &paths.build));
+    if launch.job.is_none() {
+        rehearse(&launch, groundwork.as_ref(), paths);
+    }
     w.send_json(Kind::Ready, &Ready { uptime_ms: uptime_ms() })?;
-    Ok(Launched { launch, attester, measurement })
+    Ok(Launched { launch, attester, measurement, groundwork })
 }
 
-/// Wait (silent: a pool VM may wait long) for the one job, then run it with heartbeats.
+/// A pool VM's rehearsal (`crate::rehearsal`): a step over synthetic data, then a confined
+/// process in the sandbox's groundwork. A failure is only said: it warms caches, nothing more.
+fn rehearse(
+    launch: &Launch,
+    groundwork: Option<&Result<Groundwork, crate::sandbox::SandboxError>>,
+    paths: &GuestPaths,
+) {
+    use crate::rehearsal::{rehearse, rehearse_builder};
+    let t = std::time::Instant::now();
+    let result = rehearse(&paths.rehearsal, launch).and_then(|()| match groundwork {
+        Some(Ok(g)) => rehearse_builder(g, &paths.store, &paths.build),
+        _ => Ok(()),
+    });
+    match result {
+        Ok(()) => say(&format!(
+            "pool VM: rehearsed a step over synthetic data in {:.3} s (nothing of it is kept)",
+            t.elapsed().as_secs_f64()
+        )),
+        Err(e) => say(&format!("warning: rehearsal failed: {}", build_trace::error_chain(&e))),
+    }
+}
+
+/// Wait (silent: a pool VM may wait long) for the one job, then run it with heartbeats (the
+/// parked `heartbeat` starts when the job arrives).
 fn one_job<R: Read, W: Write + Send + 'static>(
     r: &mut FrameReader<R>,
     w: &SharedFrameWriter<W>,
+    heartbeat: Heartbeat,
     launched: Launched,
     paths: &GuestPaths,
 ) -> Result<(), StepError> {
     let job_bytes = r.expect(Kind::Job, "the job")?.payload;
-    let heartbeat = Heartbeat::start(w.clone(), HEARTBEAT_INTERVAL, uptime_ms);
+    heartbeat.go();
     let result = step(r, w, launched, &job_bytes, paths);
     // Nothing follows `Bye`, not even a heartbeat.
     let beats = heartbeat.stop();
@@ -321,7 +372,7 @@ fn step<R: Read, W: Write>(
     job_bytes: &[u8],
     paths: &GuestPaths,
 ) -> Result<(), StepError> {
-    let Launched { launch, mut attester, measurement } = launched;
+    let Launched { launch, mut attester, measurement, groundwork } = launched;
     let job = Job::from_canonical_bytes(job_bytes).map_err(StepError::Job)?;
     launch.admits(&job).map_err(StepError::Launch)?;
     say(&format!("job {} for {} accepted", job.job_id, job.drv_path));
@@ -347,7 +398,9 @@ fn step<R: Read, W: Write>(
     };
     let build_dir = paths.build.to_string_lossy().into_owned();
     let prepared = builder::prepare(&job.drv, &rewrites, &job.closure, fixed, cores, &build_dir)?;
-    let confine = Confinement::prepare(&SandboxSpec::for_job(&job, &paths.store, &paths.build))?;
+    let groundwork = groundwork.transpose()?;
+    let spec = SandboxSpec::for_job(&job, &paths.store, &paths.build);
+    let confine = Confinement::prepare(&spec, groundwork.as_ref())?;
     builder::write_files(&paths.build, &prepared.files, &confine)?;
     let limits = RunLimits {
         timeout_s: job.limits.timeout_s,

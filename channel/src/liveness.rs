@@ -5,8 +5,8 @@
 //!   whole under a lock, so frames from different threads never interleave; a multi-frame
 //!   sequence (a NAR stream) takes the lock per frame, which lets heartbeats slip in between —
 //!   the protocol allows them anywhere.
-//! - [`Heartbeat`]: the guest's heartbeat thread. From the job's arrival until just before
-//!   `Bye` it sends a [`crate::proto::Kind::Heartbeat`] every [`HEARTBEAT_INTERVAL`], in every
+//! - [`Heartbeat`]: the guest's heartbeat thread (spawned ahead, parked, by a VM that waits
+//!   for its job). From the job's arrival until just before `Bye` it sends a [`crate::proto::Kind::Heartbeat`] every [`HEARTBEAT_INTERVAL`], in every
 //!   phase and independent of builder output, so a host can tell a silent build from a stalled
 //!   channel.
 //! - [`Liveness`]: when the last complete frame (heartbeat or data) arrived; a
@@ -132,13 +132,30 @@ impl Heartbeat {
         interval: Duration,
         uptime_ms: fn() -> u64,
     ) -> Heartbeat {
+        let h = Heartbeat::parked(w, interval, uptime_ms);
+        h.go();
+        h
+    }
+
+    /// Spawn the heartbeat thread now but send nothing until [`Heartbeat::go`] (a pool VM
+    /// spawns it before its job exists and starts it when the job arrives: creating a thread is
+    /// slow under TCG). Stopping or dropping a parked heartbeat ends the thread silently.
+    pub fn parked<W: Write + Send + 'static>(
+        w: SharedFrameWriter<W>,
+        interval: Duration,
+        uptime_ms: fn() -> u64,
+    ) -> Heartbeat {
         let (stop, rx) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new().name("heartbeat".into()).spawn(move || {
+            // Parked until `go` (one message) or stopped (the sender dropped).
+            if rx.recv().is_err() {
+                return 0;
+            }
             let mut seq = 0u64;
             loop {
                 match rx.recv_timeout(interval) {
                     Err(RecvTimeoutError::Timeout) => {}
-                    // Stopped (the sender was dropped) or told to stop.
+                    // Stopped (the sender was dropped).
                     _ => return seq,
                 }
                 seq += 1;
@@ -152,6 +169,14 @@ impl Heartbeat {
             Ok(t) => Heartbeat { stop: Some(stop), thread: Some(t) },
             // No thread: the host's watchdog will see a silent guest and say so.
             Err(_) => Heartbeat { stop: None, thread: None },
+        }
+    }
+
+    /// Start a parked heartbeat (the first beat comes one interval later). Once only: a second
+    /// call stops it.
+    pub fn go(&self) {
+        if let Some(s) = &self.stop {
+            let _ = s.send(());
         }
     }
 
@@ -267,6 +292,29 @@ mod tests {
         let t = Instant::now();
         Heartbeat::start(w, Duration::from_secs(3600), || 0).stop();
         assert!(t.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_parked_heartbeat_is_silent_until_go() {
+        let calls = Calls::default();
+        let w = SharedFrameWriter::new(FrameWriter::new(calls.clone()));
+        let hb = Heartbeat::parked(w.clone(), Duration::from_millis(1), || 7);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(calls.0.lock().unwrap().is_empty(), "parked: no beat");
+        hb.go();
+        while calls.0.lock().unwrap().is_empty() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(hb.stop() >= 1);
+        // Stopped while parked: the thread ends without a beat.
+        let quiet = Calls::default();
+        let hb = Heartbeat::parked(
+            SharedFrameWriter::new(FrameWriter::new(quiet.clone())),
+            Duration::from_millis(1),
+            || 0,
+        );
+        assert_eq!(hb.stop(), 0);
+        assert!(quiet.0.lock().unwrap().is_empty());
     }
 
     #[test]

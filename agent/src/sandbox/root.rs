@@ -219,6 +219,24 @@ pub fn prepare_root(s: &RootSpec) -> Result<(), RootError> {
     Ok(())
 }
 
+/// Fit a root that [`prepare_root`] assembled without a size limit and without network to
+/// `s`: the root tmpfs's size limit (a remount; it holds only the skeleton), and
+/// `/etc/resolv.conf` for a networked build.
+pub fn fit_root(s: &RootSpec) -> Result<(), RootError> {
+    if s.tmpfs_bytes > 0 {
+        let flags = MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID;
+        let data = format!("mode=0755{}", size_opt(s.tmpfs_bytes));
+        mnt("a size limit", None, &s.root, None, flags, Some(&data))?;
+    }
+    for (name, text) in etc_files(s.uid, s.gid, s.network) {
+        let p = s.root.join("etc").join(name);
+        if s.network && !p.exists() {
+            write(&p, &text)?;
+        }
+    }
+    Ok(())
+}
+
 /// Limit the tmpfs mounted at `path` to what it holds now plus `extra_bytes`, keeping its mount
 /// flags. Returns the new size.
 pub fn limit_tmpfs(path: &Path, extra_bytes: u64) -> Result<u64, RootError> {

@@ -59,6 +59,8 @@ impl Host {
             store: dir.path().join("store"),
             build: dir.path().join("build"),
             shape: SHAPE,
+            rehearsal: dir.path().join("rehearsal"),
+            sandbox_ahead: false,
         };
         let g2 = guest.try_clone().unwrap();
         let agent = std::thread::spawn(move || serve(guest, g2, &paths));

@@ -41,6 +41,7 @@ pub mod check;
 pub mod conversation;
 pub mod host;
 pub mod launch;
+pub mod nix_db;
 pub mod nix_store;
 pub mod policy;
 pub mod watch;

@@ -1,7 +1,8 @@
 //! The local Nix store as an [`InputSource`], and reading `.drv` files for `vouch build`.
 //!
-//! Path infos come from `nix path-info --json --recursive` (one process for the whole closure;
-//! the store's own database stays untouched), NARs from our NAR writer over `/nix/store/…`
+//! Path infos come from the store's SQLite database, read-only (`super::nix_db`), or, where that
+//! is not possible, from `nix path-info --json --recursive` (one process for the whole closure);
+//! NARs from our NAR writer over `/nix/store/…`
 //! (what `nix-store --dump` prints, without a process). A path whose bytes were changed after
 //! registration yields a NAR whose hash differs from its path info: the guest refuses it.
 //!
@@ -46,7 +47,7 @@ fn err(msg: impl Into<String>) -> InputSourceError {
     InputSourceError(msg.into(), None)
 }
 
-fn parse_nar_hash(path: &StorePath, s: &str) -> Result<NarHash, InputSourceError> {
+pub(super) fn parse_nar_hash(path: &StorePath, s: &str) -> Result<NarHash, InputSourceError> {
     let h = Hash::parse_any(s, Some(HashAlgo::Sha256))
         .map_err(|e| err(format!("{path}: NAR hash {s:?}: {e}")))?;
     let mut out = [0u8; 32];
@@ -58,8 +59,24 @@ fn parse_nar_hash(path: &StorePath, s: &str) -> Result<NarHash, InputSourceError
 }
 
 impl LocalNixStore {
-    /// Run `nix path-info --json [--recursive] paths…`.
+    /// The path infos of `paths` (and of their closure with `recursive`): from the Nix
+    /// database if it can be read (`super::nix_db`), else from `nix path-info`.
     pub fn query(
+        &self,
+        paths: &BTreeSet<StorePath>,
+        recursive: bool,
+    ) -> Result<BTreeMap<StorePath, PathInfo>, InputSourceError> {
+        if paths.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        match super::nix_db::NixDb::open() {
+            Some(mut db) => Ok(db.query(paths, recursive)?),
+            None => self.query_process(paths, recursive),
+        }
+    }
+
+    /// Run `nix path-info --json [--recursive] paths…`.
+    pub fn query_process(
         &self,
         paths: &BTreeSet<StorePath>,
         recursive: bool,

@@ -51,20 +51,24 @@ pub enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Echo the console of every step's VM to stderr (the agent's lines carry the guest's
+        /// uptime: where a step's guest time goes).
+        #[arg(long)]
+        console: bool,
     },
 }
 
 /// Run `vouch bench …`.
 pub fn run(cmd: Command, global: &Global) -> CmdResult {
-    let (params, mode, image, json) = match cmd {
-        Command::Vm { runs, mib, batch, jobs, mode, image, json } => {
+    let (params, mode, image, json, console) = match cmd {
+        Command::Vm { runs, mib, batch, jobs, mode, image, json, console } => {
             let params = host_launcher::bench::BenchParams {
                 runs: runs.max(1),
                 mib: mib.max(1),
                 batch_steps: batch,
                 jobs: jobs.max(1),
             };
-            (params, mode, image, json)
+            (params, mode, image, json, console)
         }
         Command::Boot { append, timeout, image } => {
             let cfg = LauncherConfig::new(
@@ -88,6 +92,7 @@ pub fn run(cmd: Command, global: &Global) -> CmdResult {
         global.state_dir(),
     );
     cfg.mode = mode;
+    cfg.echo_console = console;
     let r = host_launcher::bench::run(&cfg, params, &mut |s| eprintln!("vouch bench: {s}"))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);

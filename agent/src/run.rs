@@ -29,9 +29,6 @@ fn connect(port: u32) -> std::io::Result<vsock::VsockStream> {
     Err(last.unwrap_or_else(|| std::io::Error::other("no attempt")))
 }
 
-/// The channel's receive buffer: 8 MiB.
-const RECEIVE_BUFFER: u64 = 8 << 20;
-
 /// How long the agent waits for the host to close the channel before it powers off anyway.
 const LINGER: Duration = Duration::from_secs(30);
 
@@ -86,12 +83,6 @@ pub fn pid1_main() -> ! {
         }
     };
     say(&format!("connected to the host on vsock port {}", cfg.port));
-    // The inputs arrive without the host waiting for credit every 256 KiB (a round trip through
-    // the vsock backend, slow under TCG).
-    if let Err(e) = crate::sys::set_vsock_buffer(std::os::fd::AsFd::as_fd(&stream), RECEIVE_BUFFER)
-    {
-        say(&format!("warning: vsock receive buffer stays at the default: {e}"));
-    }
     let lingering = stream.try_clone();
     let result = match stream.try_clone() {
         #[cfg(feature = "bench")]

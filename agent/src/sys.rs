@@ -5,7 +5,7 @@
 //! What is here: bringing the loopback interface up (`SIOCGIFFLAGS`/`SIOCSIFFLAGS`), as Nix's
 //! sandbox does for builders (many test suites need `127.0.0.1`), and the guest's uptime at
 //! nanosecond resolution ([`boot_time`]; `/proc/uptime` has only 10 ms, too coarse for the
-//! phases of a step), and the receive buffer of the host channel ([`set_vsock_buffer`]).
+//! phases of a step).
 //! What is not here: the SEV guest ioctls (`crate::sev_guest`).
 
 use std::io;
@@ -50,31 +50,4 @@ pub fn boot_time() -> Option<std::time::Duration> {
         return None;
     }
     Some(std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
-}
-
-/// `SO_VM_SOCKETS_BUFFER_SIZE` and `SO_VM_SOCKETS_BUFFER_MAX_SIZE` (`<linux/vm_sockets.h>`; the
-/// level is `AF_VSOCK`).
-const SO_VM_SOCKETS_BUFFER_SIZE: libc::c_int = 0;
-const SO_VM_SOCKETS_BUFFER_MAX_SIZE: libc::c_int = 2;
-
-/// Let the vsock stream `fd` buffer up to `bytes` received bytes: the credit the host's backend
-/// may send ahead without waiting for the guest to read (the kernel's default is 256 KiB).
-pub fn set_vsock_buffer(fd: std::os::fd::BorrowedFd<'_>, bytes: u64) -> io::Result<()> {
-    for opt in [SO_VM_SOCKETS_BUFFER_MAX_SIZE, SO_VM_SOCKETS_BUFFER_SIZE] {
-        // SAFETY: setsockopt(2) reads one `u64` (the option's type, `unsigned long long`) from a
-        // local that lives for the whole call; the descriptor is borrowed, so it is open.
-        let r = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::AF_VSOCK,
-                opt,
-                (&bytes as *const u64).cast(),
-                std::mem::size_of::<u64>() as libc::socklen_t,
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
 }

@@ -141,7 +141,8 @@ impl Traces {
                 .map(|s| Traces::Dir(Box::new(s)))
                 .map_err(|e| SourceError::Open(d.display().to_string(), e)),
             Location::Http(base) => {
-                let f = Fetcher::new(base, opts).map_err(|e| SourceError::TlsCa(base.clone(), e))?;
+                let f =
+                    Fetcher::new(base, opts).map_err(|e| SourceError::TlsCa(base.clone(), e))?;
                 f.need("nix-cache-info", Kind::Fresh, "a binary cache's nix-cache-info")
                     .map_err(SourceError::Fetch)?;
                 Ok(Traces::Http(HttpTraces::new(f)))

@@ -90,7 +90,8 @@ impl TlsRoots {
 }
 
 fn load_file(path: &Path, given_by: &str) -> Result<Vec<CertificateDer<'static>>, CaFileError> {
-    let read = |source| CaFileError::Read { path: path.to_owned(), given_by: given_by.into(), source };
+    let read =
+        |source| CaFileError::Read { path: path.to_owned(), given_by: given_by.into(), source };
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
         .map_err(read)?
         .collect::<Result<_, _>>()
@@ -120,7 +121,9 @@ pub(crate) fn describe_tls(e: &ureq::Error, custom_roots: bool) -> Option<String
             format!("TLS: the server's certificate is not trusted ({c:?}: it chains to none of {roots})")
         }
         C::NotValidForName | C::NotValidForNameContext { .. } => {
-            format!("TLS: the server's certificate is not valid for this host name or address ({c})")
+            format!(
+                "TLS: the server's certificate is not valid for this host name or address ({c})"
+            )
         }
         other => format!("TLS: the server's certificate is not trusted ({other})"),
     })

@@ -128,3 +128,44 @@ pub(crate) fn describe_tls(e: &ureq::Error, custom_roots: bool) -> Option<String
         other => format!("TLS: the server's certificate is not trusted ({other})"),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn given_files_win_over_ssl_cert_file_which_wins_over_the_built_in_roots() {
+        let env = Some(PathBuf::from("/env.pem"));
+        let given = TlsRoots::choose_with(vec!["/a.pem".into()], "--tls-ca", env.clone());
+        assert_eq!(
+            given,
+            TlsRoots::Files { paths: vec!["/a.pem".into()], given_by: "--tls-ca".into() }
+        );
+        let from_env = TlsRoots::choose_with(vec![], "--tls-ca", env);
+        assert_eq!(
+            from_env,
+            TlsRoots::Files { paths: vec!["/env.pem".into()], given_by: SSL_CERT_FILE.into() }
+        );
+        assert_eq!(TlsRoots::choose_with(vec![], "--tls-ca", None), TlsRoots::BuiltIn);
+        assert_eq!(TlsRoots::BuiltIn.load().unwrap(), None);
+    }
+
+    #[test]
+    fn bad_ca_files_are_named_with_what_is_wrong() {
+        let d = tempfile::tempdir().unwrap();
+        let (garbled, empty) = (d.path().join("garbled.pem"), d.path().join("empty.pem"));
+        std::fs::write(&garbled, "-----BEGIN CERTIFICATE-----\n!!\n-----END CERTIFICATE-----\n")
+            .unwrap();
+        std::fs::write(&empty, "no PEM here\n").unwrap();
+        let load = |p: &Path| {
+            let roots = TlsRoots::Files { paths: vec![p.to_owned()], given_by: "--tls-ca".into() };
+            crate::error_chain(&roots.load().unwrap_err())
+        };
+        let e = load(&garbled);
+        assert!(e.contains("garbled.pem") && e.contains("not a readable PEM"), "{e}");
+        let e = load(&empty);
+        assert!(e.contains("empty.pem") && e.contains("holds no certificate"), "{e}");
+        let e = load(&d.path().join("absent.pem"));
+        assert!(e.contains("absent.pem") && e.contains("--tls-ca"), "{e}");
+    }
+}

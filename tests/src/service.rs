@@ -65,10 +65,12 @@ pub fn wait(s: &HttpService, id: u64) -> serde_json::Value {
 
 /// The derivations the service tests build, new for every nonce `n`: `ia` (input-addressed),
 /// `ca` (floating CA, with a self-reference), `slow` (sleeps), `ticker` (a line a second for 20
-/// seconds, then done).
+/// seconds, then done), `fod` (fixed-output: flat SHA-256 of `fixed-<n>`) and `usesfod`
+/// (input-addressed, copies `fod`'s output).
 pub fn closure_nix(n: &str) -> String {
+    let fod_hash = test_support::nix::sha256_hex(format!("fixed-{n}").as_bytes());
     format!(
-        r#"let bb = builtins.path {{ path = ./bb; name = "busybox"; }}; in {{
+        r#"let bb = builtins.path {{ path = ./bb; name = "busybox"; }}; in rec {{
   ia = derivation {{ name = "serve-ia"; system = builtins.currentSystem; builder = "${{bb}}/sh";
                      args = [ "-c" "echo ia {n}; mkdir $out; echo {n} > $out/n" ]; }};
   ca = derivation {{ name = "serve-ca"; system = builtins.currentSystem; builder = "${{bb}}/sh";
@@ -76,6 +78,11 @@ pub fn closure_nix(n: &str) -> String {
                      __contentAddressed = true; outputHashMode = "recursive"; outputHashAlgo = "sha256"; }};
   slow = derivation {{ name = "serve-slow"; system = builtins.currentSystem; builder = "${{bb}}/sh";
                        args = [ "-c" "echo started {n}; ${{bb}}/busybox sleep 600" ]; }};
+  fod = derivation {{ name = "serve-fod"; system = builtins.currentSystem; builder = "${{bb}}/sh";
+                    args = [ "-c" "echo fetching {n}; printf fixed-{n} > $out" ];
+                    outputHashMode = "flat"; outputHashAlgo = "sha256"; outputHash = "{fod_hash}"; }};
+  usesfod = derivation {{ name = "serve-usesfod"; system = builtins.currentSystem; builder = "${{bb}}/sh";
+                          args = [ "-c" "echo usesfod {n}; ${{bb}}/busybox mkdir $out; ${{bb}}/busybox cat ${{fod}} > $out/f" ]; }};
   ticker = derivation {{ name = "serve-ticker"; system = builtins.currentSystem; builder = "${{bb}}/sh";
                          args = [ "-c" "for i in $(${{bb}}/busybox seq 1 20); do echo tick $i {n}; ${{bb}}/busybox sleep 1; done; ${{bb}}/busybox mkdir $out" ]; }};
 }}

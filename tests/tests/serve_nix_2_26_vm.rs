@@ -6,8 +6,10 @@
 //! fresh 2.26 store substitutes the outputs from the service (`--max-jobs 0`: nothing may be
 //! built locally), the CA one through its signed realisation, with the same paths as 2.26
 //! building them itself.
-//! Also: 2.26 uploads with its default compression (xz), and `nix log --store http://…` shows
-//! a step's log to 2.26.
+//! Also: 2.26 uploads with its default compression (xz) a closure with a fixed-output step,
+//! which one POST builds in a networked VM before its dependent; and `nix log --store http://…`
+//! shows a step's log to 2.26. (A whole built closure, CA and deferred steps, substituted by
+//! 2.26 over `http://`: `serve_closure_vm`.)
 
 use std::sync::Mutex;
 
@@ -66,9 +68,9 @@ fn nix_2_26_uploads_and_substitutes() {
     assert!(st.success(), "{st}: {log}");
 }
 
-/// Upload `drv`'s closure from 2.26 to `to` and build it through the API (`--derivation`
-/// closures with input derivations wait for issue 13: `drv` is a leaf).
-fn upload_and_build(c: &ChrootNix, svc: &HttpService, to: &str, drv: &str) {
+/// Upload `drv`'s closure from 2.26 to `to` and build it through the API; the build's final
+/// status.
+fn upload_and_build(c: &ChrootNix, svc: &HttpService, to: &str, drv: &str) -> serde_json::Value {
     let up = c.output(&["nix", "copy", "--to", to, "--derivation", drv]);
     assert!(up.status.success(), "upload: {}\n{}", text(&up), svc.log_text());
     let body = format!(r#"{{"drv": "{drv}", "nix_version": "2.26"}}"#);
@@ -77,17 +79,40 @@ fn upload_and_build(c: &ChrootNix, svc: &HttpService, to: &str, drv: &str) {
     assert_eq!(r.status, 202, "{}", r.text());
     let v = wait(svc, json(&r)["id"].as_u64().expect("an id"));
     assert_eq!(v["state"], "succeeded", "{v}\n{}", svc.log_text());
+    v
 }
 
-/// An upload with Nix 2.26's default compression (xz).
+/// An upload with Nix 2.26's default compression (xz), of a closure with a fixed-output step:
+/// one POST of `usesfod` builds `fod` (fixed-output, so in the networked variant, for a caller
+/// with a token) and then `usesfod` from its output.
 #[test]
-fn nix_2_26_uploads_with_default_compression() {
+fn nix_2_26_uploads_with_default_compression_a_closure_with_a_fixed_output_step() {
     let _vms = VMS.lock().unwrap_or_else(|e| e.into_inner());
     let c = ChrootNix::new();
-    c.write("serve.nix", &closure_nix(&nonce()), false);
-    let ia = c.instantiate("/srv/serve.nix", "ia");
+    let n = nonce();
+    c.write("serve.nix", &closure_nix(&n), false);
+    let usesfod = c.instantiate("/srv/serve.nix", "usesfod");
     let svc = service(&c);
-    upload_and_build(&c, &svc, &svc.url(), &ia);
+    let v = upload_and_build(&c, &svc, &svc.url(), &usesfod);
+    let steps = v["steps"].as_array().expect("steps");
+    assert_eq!(steps.len(), 2, "{v}");
+    // Each step succeeded with its own log; the fixed-output one in a networked VM (its
+    // statement's job says so), its dependent without a network.
+    for (st, line, network) in [(&steps[0], "fetching", true), (&steps[1], "usesfod", false)] {
+        assert_eq!(st["state"], "succeeded", "{st}");
+        let log = svc.request("GET", st["log"].as_str().unwrap(), b"").text();
+        assert!(log.contains(&format!("{line} {n}")), "{st}: {log}");
+        let base = st["drv"].as_str().unwrap().trim_start_matches("/nix/store/").to_owned();
+        let dir = c.srv().join("state/cache/vouch/v1/steps").join(&base);
+        let entry = std::fs::read_dir(&dir).unwrap().next().unwrap().unwrap().path();
+        let bytes = std::fs::read(entry.join("statement.json")).unwrap();
+        let statement = build_trace::Statement::from_canonical_bytes(&bytes).unwrap();
+        assert_eq!(statement.job.network, network, "{base}");
+    }
+    assert!(steps[0]["drv"].as_str().unwrap().ends_with("-serve-fod.drv"), "{v}");
+    let out = v["outputs"]["out"]["path"].as_str().expect("usesfod's output");
+    let got = svc.request("GET", &format!("/{}.narinfo", &out["/nix/store/".len()..][..32]), b"");
+    assert_eq!(got.status, 200, "{v}");
 }
 
 /// `nix log --store http://…` shows a step's log to Nix 2.26.

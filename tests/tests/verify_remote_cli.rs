@@ -5,7 +5,10 @@
 //! never a local "No such file or directory"; a second run takes the statements and evidence
 //! from the local cache (`<state dir>/trace-cache`), which the server's own response counter
 //! shows. The attacks on the fetching itself (a `.drv` that does not hash to its path, a forged
-//! statement, withheld traces, 500s) are `build-trace/tests/remote.rs`.
+//! statement, withheld traces, 500s) are `build-trace/tests/remote.rs`. Over HTTPS (a real
+//! `vouch serve --tls-cert/--tls-key` with a certificate made here by openssl): not trusted
+//! without its CA (exit 2, the URL), verified with `--tls-ca` or `SSL_CERT_FILE`, a certificate
+//! for another name refused, bad CA files named.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -108,4 +111,138 @@ fn verify_over_http_from_vouch_serve_and_over_file_urls() {
     let odd = verify("s3://bucket", &[&drv]);
     assert_eq!(odd.status.code(), Some(2), "{}", text(&odd));
     assert!(text(&odd).contains("names no trace store"), "{}", text(&odd));
+}
+
+/// A self-signed certificate (P-256) for `san` (e.g. `IP:127.0.0.1`) in `dir`: (cert, key).
+fn self_signed(dir: &Path, name: &str, san: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (cert, key) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+    let made = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"])
+        .args(["-subj", &format!("/CN={name}"), "-addext", &format!("subjectAltName={san}")])
+        // A CA certificate is refused as a server's own (webpki): a self-signed leaf.
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .args(["-days", "1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("running openssl (scripts/setup-host.sh installs it)");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    (cert, key)
+}
+
+/// `vouch verify --traces https://…` against a real `vouch serve --tls-cert/--tls-key` with a
+/// self-signed certificate: refused (exit 2, the URL, "not trusted") with Mozilla's roots only,
+/// verified with `--tls-ca` or `SSL_CERT_FILE`; a certificate for another name is refused even
+/// with its CA trusted; a CA file that is not PEM, or holds no certificate, is named.
+#[test]
+fn verify_over_https_trusts_only_the_ca_given() {
+    let fx = Fixture::new(&["c"]);
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("serve-state");
+    std::fs::create_dir_all(&state).unwrap();
+    let st = Command::new("cp").arg("-a").arg(&fx.traces).arg(state.join("cache")).status();
+    assert!(st.unwrap().success());
+    let (cert, key) = self_signed(dir.path(), "loopback", "IP:127.0.0.1");
+    let (other, other_key) = self_signed(dir.path(), "elsewhere", "DNS:elsewhere.invalid");
+    let (cert_s, other_s) = (cert.display().to_string(), other.display().to_string());
+    let serve = |state: &Path, log: &str, c: &Path, k: &Path| {
+        let (c, k) = (c.to_str().unwrap(), k.to_str().unwrap());
+        HttpService::start(
+            &vouch_bin(),
+            state,
+            &dir.path().join(log),
+            &["--tls-cert", c, "--tls-key", k],
+        )
+    };
+    let server = serve(&state, "serve.log", &cert, &key);
+    assert!(server.log_text().contains("listening on https://"), "{}", server.log_text());
+    let url = format!("https://{}", server.addr);
+    let me = dir.path().join("verifier-state");
+    let policy = fx.write_sim_policy(dir.path()).display().to_string();
+    let drv_dir = fx.store_dir.display().to_string();
+    let (drv, out) = (fx.drvs["c"].to_string(), fx.outs["c"].to_string());
+    let verify = |url: &str, extra: &[&str], env: Option<&Path>| {
+        let mut c = Command::new(vouch_bin());
+        c.arg("--state-dir").arg(&me).args(["verify", "--policy", &policy, "--traces", url]);
+        c.args(["--drv-dir", &drv_dir, "--no-fetch-cache"])
+            .args(extra)
+            .args(["--expect", &out, &drv]);
+        match env {
+            Some(f) => c.env("SSL_CERT_FILE", f),
+            None => c.env_remove("SSL_CERT_FILE"),
+        };
+        c.output().unwrap()
+    };
+
+    // Attack first: Mozilla's roots only, a self-signed server is not trusted.
+    let refused = verify(&url, &[], None);
+    let t = text(&refused);
+    assert_eq!(refused.status.code(), Some(2), "{t}");
+    assert!(t.contains(&format!("{url}/nix-cache-info")) && t.contains("not trusted"), "{t}");
+    assert!(t.contains("--tls-ca"), "{t}");
+    assert!(!t.contains("VERIFIED"), "{t}");
+    // Another CA given (instead of the built-in roots): still not trusted.
+    let wrong_ca = verify(&url, &["--tls-ca", &other_s], None);
+    let t = text(&wrong_ca);
+    assert_eq!(wrong_ca.status.code(), Some(2), "{t}");
+    assert!(t.contains(&url) && t.contains("not trusted"), "{t}");
+
+    // Its CA given: verified, by --tls-ca (also among several) and by SSL_CERT_FILE.
+    for (extra, env) in [
+        (vec!["--tls-ca", &cert_s], None),
+        (vec!["--tls-ca", &other_s, "--tls-ca", &cert_s], None),
+        (vec![], Some(cert.as_path())),
+        // --tls-ca wins over SSL_CERT_FILE.
+        (vec!["--tls-ca", &cert_s], Some(other.as_path())),
+    ] {
+        let ok = verify(&url, &extra, env);
+        assert_eq!(ok.status.code(), Some(0), "{extra:?} {env:?}: {}", text(&ok));
+        assert!(text(&ok).contains("VERIFIED"), "{}", text(&ok));
+    }
+    // A bundle of both certificates in one file.
+    let bundle = dir.path().join("bundle.pem");
+    let both = [std::fs::read(&other).unwrap(), std::fs::read(&cert).unwrap()].concat();
+    std::fs::write(&bundle, both).unwrap();
+    let ok = verify(&url, &["--tls-ca", bundle.to_str().unwrap()], None);
+    assert_eq!(ok.status.code(), Some(0), "{}", text(&ok));
+
+    // A server whose certificate names another host: refused even with that CA trusted.
+    let state2 = dir.path().join("serve-state-2");
+    std::fs::create_dir_all(&state2).unwrap();
+    let st = Command::new("cp").arg("-a").arg(&fx.traces).arg(state2.join("cache")).status();
+    assert!(st.unwrap().success());
+    let misnamed = serve(&state2, "serve2.log", &other, &other_key);
+    let url2 = format!("https://{}", misnamed.addr);
+    let r = verify(&url2, &["--tls-ca", &other_s], None);
+    let t = text(&r);
+    assert_eq!(r.status.code(), Some(2), "{t}");
+    assert!(t.contains(&url2) && t.contains("not valid for this host"), "{t}");
+
+    // Bad CA files: named, with what is wrong; only read for https:// stores.
+    let not_pem = dir.path().join("not-pem.pem");
+    std::fs::write(&not_pem, "-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n")
+        .unwrap();
+    let no_cert = dir.path().join("key-only.pem");
+    std::fs::copy(&key, &no_cert).unwrap();
+    let missing = dir.path().join("absent.pem");
+    for (f, what) in [
+        (&not_pem, "not a readable PEM"),
+        (&no_cert, "holds no certificate"),
+        (&missing, "not a readable PEM"),
+    ] {
+        let fs = f.display().to_string();
+        let r = verify(&url, &["--tls-ca", &fs], None);
+        let t = text(&r);
+        assert_eq!(r.status.code(), Some(2), "{t}");
+        assert!(t.contains(&fs) && t.contains(what) && t.contains("--tls-ca"), "{t}");
+        let r = verify(&url, &[], Some(f));
+        let t = text(&r);
+        assert_eq!(r.status.code(), Some(2), "{t}");
+        assert!(t.contains(&fs) && t.contains("SSL_CERT_FILE"), "{t}");
+    }
+    // A plain directory store does not read SSL_CERT_FILE.
+    let traces = fx.traces.display().to_string();
+    let local = verify(&traces, &[], Some(&missing));
+    assert_eq!(local.status.code(), Some(0), "{}", text(&local));
 }

@@ -1,5 +1,5 @@
 //! Fetching files of a remote trace store: one HTTP(S) agent (ureq on rustls with aws-lc-rs,
-//! Mozilla's roots, kept-alive connections), a bounded pool of fetching threads, and the local
+//! Mozilla's roots or the CA files given ([`super::TlsRoots`]), kept-alive connections), a bounded pool of fetching threads, and the local
 //! cache by content hash ([`super::cache`]) for files whose URL always names the same bytes.
 //!
 //! Answers: 200 is the file; 404 is "absent" (`None`), which the caller turns into an error
@@ -68,6 +68,8 @@ pub struct FetchOptions {
     pub connect_timeout: Duration,
     /// Time for one whole request.
     pub timeout: Duration,
+    /// The roots an `https://` store's certificate must chain to.
+    pub tls_roots: super::TlsRoots,
 }
 
 impl Default for FetchOptions {
@@ -77,6 +79,7 @@ impl Default for FetchOptions {
             cache_dir: None,
             connect_timeout: Duration::from_secs(10),
             timeout: Duration::from_secs(60),
+            tls_roots: super::TlsRoots::BuiltIn,
         }
     }
 }
@@ -100,6 +103,7 @@ pub struct Fetcher {
 struct Inner {
     base: String,
     agent: ureq::Agent,
+    custom_roots: bool,
     cache: Option<(BlobCache, CacheWriter)>,
     pool: Pool,
     requests: AtomicU64,
@@ -111,13 +115,23 @@ pub type Answer = Result<Option<Vec<u8>>, FetchError>;
 
 impl Fetcher {
     /// A client for the store at `base` (`http(s)://HOST[:PORT][/prefix]`, no trailing `/`).
-    pub fn new(base: &str, opts: &FetchOptions) -> Fetcher {
-        let tls = ureq::tls::TlsConfig::builder()
+    /// The CA files of [`FetchOptions::tls_roots`] are read here, for an `https://` base only.
+    pub fn new(base: &str, opts: &FetchOptions) -> Result<Fetcher, super::CaFileError> {
+        let roots = if base.starts_with("https://") { opts.tls_roots.load()? } else { None };
+        let custom_roots = roots.is_some();
+        let mut tls = ureq::tls::TlsConfig::builder()
             .provider(ureq::tls::TlsProvider::Rustls)
             .unversioned_rustls_crypto_provider(Arc::new(
                 rustls::crypto::aws_lc_rs::default_provider(),
-            ))
-            .build();
+            ));
+        if let Some(certs) = roots {
+            let certs: Vec<ureq::tls::Certificate<'static>> = certs
+                .iter()
+                .map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned())
+                .collect();
+            tls = tls.root_certs(ureq::tls::RootCerts::Specific(Arc::new(certs)));
+        }
+        let tls = tls.build();
         let jobs = opts.jobs.max(1);
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .tls_config(tls)
@@ -130,10 +144,11 @@ impl Fetcher {
             .user_agent(concat!("vouch/", env!("CARGO_PKG_VERSION")))
             .build()
             .into();
-        Fetcher {
+        Ok(Fetcher {
             inner: Arc::new(Inner {
                 base: base.trim_end_matches('/').to_owned(),
                 agent,
+                custom_roots,
                 cache: opts.cache_dir.as_deref().map(|d| {
                     let c = BlobCache::new(d);
                     (c.clone(), CacheWriter::new(c))
@@ -142,7 +157,7 @@ impl Fetcher {
                 requests: AtomicU64::new(0),
                 cache_hits: AtomicU64::new(0),
             }),
-        }
+        })
     }
 
     /// The store's base URL.
@@ -211,7 +226,9 @@ impl Inner {
         }
         self.requests.fetch_add(1, Ordering::Relaxed);
         let transport = |problem: String| FetchError::Transport { url: url.to_owned(), problem };
-        let mut resp = self.agent.get(url).call().map_err(|e| transport(e.to_string()))?;
+        let mut resp = self.agent.get(url).call().map_err(|e| {
+            transport(super::tls::describe_tls(&e, self.custom_roots).unwrap_or(e.to_string()))
+        })?;
         match resp.status().as_u16() {
             200 => {}
             404 => return Ok(None),

@@ -19,6 +19,8 @@
 //! ([`FetchOptions::cache_dir`]). A remote store is trusted for nothing: what it serves is
 //! judged like a directory's entries, and a `.drv` must hash to its path. A bad or missing
 //! answer is an error naming the URL ([`FetchError`]); 404 for an optional file is "absent".
+//! An `https://` store's certificate must chain to Mozilla's roots, or to the CA files given
+//! instead ([`TlsRoots`]: `--tls-ca`, else `SSL_CERT_FILE`); a TLS failure is named as one.
 //!
 //! What is not here: the verification ([`crate::verify`]), the directory's own reader and
 //! writer ([`crate::store`]).
@@ -27,6 +29,7 @@ mod cache;
 mod drvs;
 mod fetch;
 mod http;
+mod tls;
 
 use std::path::{Path, PathBuf};
 
@@ -36,6 +39,7 @@ pub use cache::BlobCache;
 pub use drvs::drv_set;
 pub use fetch::{FetchError, FetchOptions, Fetcher, Kind};
 pub use http::{HttpTiles, HttpTraces};
+pub use tls::{CaFileError, TlsRoots, SSL_CERT_FILE};
 
 use crate::store::{StoreError, TraceEntry, TraceSource, TraceStore};
 use crate::tlog::{DirTiles, TileSource};
@@ -52,6 +56,9 @@ pub enum SourceError {
     /// A remote store gave no usable answer.
     #[error("remote trace store")]
     Fetch(#[source] FetchError),
+    /// A CA file for `https://` stores cannot be used.
+    #[error("trusting a CA for {0}")]
+    TlsCa(String, #[source] CaFileError),
     /// A remote store served a `.drv` other than the one its path names.
     #[error(
         "{url} served a derivation that is not {drv}: its contents and references hash to {got}"
@@ -134,7 +141,8 @@ impl Traces {
                 .map(|s| Traces::Dir(Box::new(s)))
                 .map_err(|e| SourceError::Open(d.display().to_string(), e)),
             Location::Http(base) => {
-                let f = Fetcher::new(base, opts);
+                let f =
+                    Fetcher::new(base, opts).map_err(|e| SourceError::TlsCa(base.clone(), e))?;
                 f.need("nix-cache-info", Kind::Fresh, "a binary cache's nix-cache-info")
                     .map_err(SourceError::Fetch)?;
                 Ok(Traces::Http(HttpTraces::new(f)))

@@ -2,14 +2,15 @@
 //! store directory, `file://DIR`, or `http(s)://HOST[:PORT][/prefix]` (`vouch serve`, or any
 //! server of a trace store directory), opened through `build_trace::source`. Remote files are
 //! fetched `--fetch-jobs` at once and kept in `<state dir>/trace-cache` by content hash
-//! (`--no-fetch-cache` skips it). The `.drv` files a verification needs come from the drv
+//! (`--no-fetch-cache` skips it). An `https://` store's certificate must chain to Mozilla's
+//! roots, or to the CAs of `--tls-ca FILE` (else of `SSL_CERT_FILE`) instead. The `.drv` files a verification needs come from the drv
 //! directory, and where it lacks one, from the remote stores, each checked against its path.
 //!
 //! What is not here: verifying anything (the commands), the fetching itself (build-trace).
 
 use std::path::Path;
 
-use build_trace::source::{FetchOptions, Traces};
+use build_trace::source::{FetchOptions, TlsRoots, Traces};
 use build_trace::verify::DrvSet;
 use host_launcher::core::publish::default_trace_store;
 use nix_formats::StorePath;
@@ -27,6 +28,11 @@ pub struct FetchArgs {
     /// whose URL always names the same bytes: statements, evidence, `.drv` files).
     #[arg(long)]
     pub no_fetch_cache: bool,
+    /// Trust only the certificate authorities in FILE (PEM: one certificate or a bundle;
+    /// repeatable) for `--traces https://…`, instead of Mozilla's built-in roots. Without it,
+    /// `SSL_CERT_FILE` (as OpenSSL, curl and Nix read it) is used the same way when set.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Vec<std::path::PathBuf>,
 }
 
 impl FetchArgs {
@@ -34,6 +40,7 @@ impl FetchArgs {
         FetchOptions {
             jobs: usize::from(self.fetch_jobs),
             cache_dir: (!self.no_fetch_cache).then(|| global.state_dir().join("trace-cache")),
+            tls_roots: TlsRoots::choose(self.tls_ca.clone(), "--tls-ca"),
             ..FetchOptions::default()
         }
     }

@@ -32,15 +32,21 @@ fn responses_2xx(s: &HttpService) -> u64 {
         .unwrap_or(0)
 }
 
+/// A service state directory in `dir` whose trace store (`<state>/cache`) is a copy of the
+/// fixture's.
+fn serve_state(fx: &Fixture, dir: &std::path::Path) -> std::path::PathBuf {
+    let state = dir.join("serve-state");
+    std::fs::create_dir_all(&state).unwrap();
+    let st = Command::new("cp").arg("-a").arg(&fx.traces).arg(state.join("cache")).status();
+    assert!(st.unwrap().success());
+    state
+}
+
 #[test]
 fn verify_over_http_from_vouch_serve_and_over_file_urls() {
     let fx = Fixture::new(&["c"]);
     let dir = tempfile::tempdir().unwrap();
-    // The service serves the fixture's trace store as its own (`<state>/cache`).
-    let state = dir.path().join("serve-state");
-    std::fs::create_dir_all(&state).unwrap();
-    let st = Command::new("cp").arg("-a").arg(&fx.traces).arg(state.join("cache")).status();
-    assert!(st.unwrap().success());
+    let state = serve_state(&fx, dir.path());
     let server = HttpService::start(&vouch_bin(), &state, &dir.path().join("serve.log"), &[]);
     let url = server.url();
     let me = dir.path().join("verifier-state");
@@ -139,10 +145,7 @@ fn self_signed(dir: &Path, name: &str, san: &str) -> (std::path::PathBuf, std::p
 fn verify_over_https_trusts_only_the_ca_given() {
     let fx = Fixture::new(&["c"]);
     let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("serve-state");
-    std::fs::create_dir_all(&state).unwrap();
-    let st = Command::new("cp").arg("-a").arg(&fx.traces).arg(state.join("cache")).status();
-    assert!(st.unwrap().success());
+    let state = serve_state(&fx, dir.path());
     let (cert, key) = self_signed(dir.path(), "loopback", "IP:127.0.0.1");
     let (other, other_key) = self_signed(dir.path(), "elsewhere", "DNS:elsewhere.invalid");
     let (cert_s, other_s) = (cert.display().to_string(), other.display().to_string());

@@ -114,7 +114,12 @@ fn tlog_seeds() {
 
 #[test]
 fn trust_policy_seeds() {
-    replay::replay("trust_policy", 3, |n| BOUND.limit(n), fuzzing::tlog::trust_policy);
+    replay::replay(
+        "trust_policy",
+        3,
+        |n| fuzzing::TOML_BOUND.limit(n),
+        fuzzing::tlog::trust_policy,
+    );
 }
 
 fn seed_dir(target: &str) -> PathBuf {

@@ -2,11 +2,11 @@
 #![no_main]
 
 use build_trace::fuzzing::tlog::trust_policy;
-use build_trace::fuzzing::BOUND;
+use build_trace::fuzzing::TOML_BOUND;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| vouch_fuzz::run(
     "trust_policy",
     data,
-    BOUND,
+    TOML_BOUND,
     trust_policy
 ));

@@ -38,6 +38,13 @@ pub mod tlog;
 /// text; decoding a job re-encodes it once more.
 pub const BOUND: AllocBound = AllocBound { per_byte: 64, base: 256 << 10 };
 
+/// The heap bound of the trust policy body: the `toml` parser keeps up to about 530 bytes per
+/// input byte on malformed documents, linearly (measured at 652–5 041 bytes: 343 KB–2.7 MB;
+/// found by the `trust_policy` target against [`BOUND`]). A policy is the operator's own file
+/// and [`crate::trust::MAX_POLICY_BYTES`] caps what one may cost; the bound still catches
+/// anything worse than linear.
+pub const TOML_BOUND: AllocBound = AllocBound { per_byte: 1024, base: 256 << 10 };
+
 /// Fuzz body: canonical JSON (see the module docs).
 pub fn canonical(data: &[u8]) {
     let _ = member(data, "job");

@@ -439,8 +439,12 @@ pub fn add_signatures(note: &[u8], lines: &str) -> Result<Vec<u8>, TlogError> {
             continue;
         }
         let s = Signature::from_bytes(line.as_bytes()).map_err(bad)?;
-        sigs.retain(|o| (o.name(), o.id()) != (s.name(), s.id()));
-        sigs.push(s);
+        // The first signature of a key is the one a verifier reads (later ones of the same key
+        // are skipped), so it is the one kept: replacing it with a later line could turn a
+        // note that verifies into one that does not (found by the `tlog` fuzz target).
+        if !sigs.iter().any(|o| (o.name(), o.id()) == (s.name(), s.id())) {
+            sigs.push(s);
+        }
     }
     Ok(Note::new(parsed.text(), &sigs).map_err(bad)?.to_bytes())
 }
@@ -455,6 +459,27 @@ mod tests {
             CosignerKey::from_seed("w1.example", [2; 32]).unwrap(),
             CosignerKey::from_seed("w2.example", [3; 32]).unwrap(),
         )
+    }
+
+    #[test]
+    fn a_later_signature_of_the_same_key_does_not_replace_the_first() {
+        let (log, w1, w2) = keys();
+        let logk = [NoteVerifierKey::parse(log.vkey()).unwrap()];
+        let ws = [
+            NoteVerifierKey::parse(&w1.vkey()).unwrap(),
+            NoteVerifierKey::parse(&w2.vkey()).unwrap(),
+        ];
+        let note = log.sign_checkpoint(5, &Hash([9; 32])).unwrap();
+        // The log key's line again, with its signature bytes changed (key id kept).
+        let text = std::str::from_utf8(&note).unwrap();
+        let line = text.lines().find(|l| l.starts_with('\u{2014}')).unwrap();
+        let (head, b64) = line.rsplit_once(' ').unwrap();
+        let mut raw = BASE64_STANDARD.decode(b64).unwrap();
+        *raw.last_mut().unwrap() ^= 1;
+        let forged = format!("{head} {}\n", BASE64_STANDARD.encode(raw));
+        let both = add_signatures(&note, &forged).unwrap();
+        assert_eq!(both, note, "the first line of a key is kept");
+        Checkpoint::verify(&both, &logk, &ws, 0).unwrap();
     }
 
     #[test]

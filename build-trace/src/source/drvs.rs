@@ -244,6 +244,10 @@ pub(crate) fn single_file(nar: &[u8]) -> Result<Vec<u8>, String> {
         Some(NarEvent::Regular { size, .. }) => size,
         other => return Err(format!("not a NAR of one regular file (starts with {other:?})")),
     };
+    // The file is inside `nar`: a larger size is a lie, refused before it is allocated.
+    if size > nar.len() as u64 {
+        return Err(format!("not a NAR: its file claims {size} bytes, the NAR has {}", nar.len()));
+    }
     let mut out = vec![0u8; usize::try_from(size).map_err(|e| e.to_string())?];
     let mut at = 0;
     while at < out.len() {
@@ -269,6 +273,21 @@ mod tests {
         w.symlink(b"/etc").unwrap();
         assert!(single_file(&w.into_inner()).unwrap_err().contains("one regular file"));
         assert!(single_file(b"garbage").unwrap_err().contains("not a NAR"));
+    }
+
+    /// Found by the `trace_source` fuzz target (`fuzz/seeds/trace_source/regress-nar-size-alloc`):
+    /// the buffer for the `.drv` was allocated at the size the NAR claimed (up to 16 MiB) before
+    /// any of it was read: a 448-byte answer cost 512 KiB.
+    #[test]
+    fn a_file_size_past_the_nar_allocates_nothing() {
+        let mut w = nix_formats::nar::NarWriter::new(Vec::new()).unwrap();
+        w.regular(false, b"Derive([])").unwrap();
+        let mut nar = w.into_inner();
+        let at = nar.windows(8).position(|w| w == b"contents").unwrap() + 8;
+        nar[at..at + 8].copy_from_slice(&(8u64 << 20).to_le_bytes());
+        let e = single_file(&nar).unwrap_err();
+        assert!(e.contains("claims 8388608 bytes"), "{e}");
+        // (The seed's replay in `tests/fuzz_seeds.rs` measures the heap under the target's bound.)
     }
 
     /// Found by the `trace_source` fuzz target's URL oracle (`fuzz/seeds/trace_source/regress-*`):

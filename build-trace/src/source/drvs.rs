@@ -290,9 +290,10 @@ mod tests {
         // (The seed's replay in `tests/fuzz_seeds.rs` measures the heap under the target's bound.)
     }
 
-    /// Found by the `trace_source` fuzz target's URL oracle (`fuzz/seeds/trace_source/regress-*`):
-    /// `%2e%2e` segments passed the old rule (no `..`, `/` or `://`) and resolve out of the
-    /// store's prefix; a control character was sent as other bytes than the narinfo named.
+    /// The old rule (not absolute, no `..`, no `://`) let through a control character (found by
+    /// the `trace_source` target's URL oracle: `regress-narinfo-url-control-char`) and `%2e%2e`
+    /// segments, which resolve out of the store's prefix (found in review; the oracle fails on
+    /// `regress-narinfo-url-encoded-dot-dot` against it).
     #[test]
     fn a_narinfo_url_is_a_plain_path_in_the_cache() {
         for ok in ["nar/0a1b.nar", "drv/x.nar", "x", "a..b/c~d+e=f_g-h.nar"] {

@@ -233,6 +233,43 @@ fn a_closure_verifies_over_http_and_file_urls_and_the_cache_answers_the_second_r
     assert_eq!(h.fetcher().counts(), (n as u64 + 1, 3 * n as u64));
 }
 
+/// A step whose name holds `?` (legal in Nix store path names) is found over HTTP: the name is
+/// sent as one path segment (`%3F`), not cut into a path and a query (found by review while
+/// writing the `trace_source` fuzz target; before, its statement answered 404).
+#[test]
+fn a_step_named_with_a_question_mark_is_found_over_http() {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use base64::Engine;
+    use build_trace::store::TraceSource;
+    use sha2::{Digest, Sha256};
+    let dir = tempfile::tempdir().unwrap();
+    let step = nix_formats::StorePath::parse(
+        "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-what?version=2.drv",
+    )
+    .unwrap();
+    // The entry as a directory store holds it (the bytes are judged by the verifier, not here).
+    let statement = b"{\"a statement\":1}";
+    let digest = Sha256::digest(statement);
+    let entry =
+        dir.path().join("vouch/v1/steps").join(step.base_name()).join(hex::encode(&digest[..16]));
+    std::fs::create_dir_all(&entry).unwrap();
+    std::fs::write(entry.join("statement.json"), statement).unwrap();
+    let payload =
+        serde_json::json!({ "vouch": { "statement": format!("~{}", B64.encode(digest)) } });
+    let jws = format!("e30.{}.c2ln", B64.encode(payload.to_string()));
+    std::fs::create_dir_all(dir.path().join("traces")).unwrap();
+    let index = serde_json::json!({ "signatures": [jws] }).to_string();
+    std::fs::write(dir.path().join("traces").join(step.hash_part()), index).unwrap();
+    std::fs::write(dir.path().join("nix-cache-info"), build_trace::store::NIX_CACHE_INFO).unwrap();
+    let server = DirServer::start(dir.path());
+    let http = Traces::open(&server.url, &opts(None)).unwrap();
+    let entries = http.entries(&step).unwrap_or_else(|e| panic!("{}", chain(&e)));
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].statement, statement);
+    assert_eq!((entries[0].evidence.as_ref(), &entries[0].jws), (None, &vec![jws]));
+    assert!(entries[0].location.contains("-what%3Fversion=2.drv/"), "{}", entries[0].location);
+}
+
 /// Writes the seeds of the `trace_source` fuzz target (`fuzz/seeds/trace_source/`, see
 /// docs/fuzzing.md) from a synthetic store as `write_store` lays it out: laut indexes (one
 /// entry; two entries, a repeated JWS and one that is not vouch's), a `.drv`'s NAR, the narinfos

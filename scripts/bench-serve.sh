@@ -5,7 +5,7 @@
 #   scripts/bench-serve.sh            # release build of vouch, then the runs
 #
 # - narinfo requests/s: wrk, 64 connections, 2 threads, VOUCH_BENCH_SECS (10) seconds, on one
-#   narinfo of a cache of 2 000;
+#   narinfo of a cache of 2 000, and on all 2 000 in random order;
 # - NAR MiB/s: a 256 MiB NAR fetched whole with curl, VOUCH_BENCH_NAR_RUNS (5) times each,
 #   interleaved, best kept;
 # - memory: vouch's RSS before, after the narinfo load and after the NAR runs (VmRSS, VmHWM).
@@ -57,12 +57,15 @@ for i in range(2000):
             f"Sig: bench-1:{'A' * 86}==\n")
     open(os.path.join(cache, p + ".narinfo"), "w").write(text)
 print(h(0), file=open(os.path.join(cache, "..", "first"), "w"))
+with open(os.path.join(cache, "..", "all.lua"), "w") as f:
+    f.write("local paths = {" + ",".join(f'"/{h(i)}.narinfo"' for i in range(2000)) + "}\n")
+    f.write("request = function() return wrk.format(nil, paths[math.random(#paths)]) end\n")
 PY
 head -c $((256 << 20)) /dev/urandom > "$CACHE/nar/big.nar"
 NARINFO=$(cat "$WORK/state/first").narinfo
 
-# vouch serve on the cache (no VM is involved).
-"$VOUCH" --state-dir "$WORK/state" serve --listen 127.0.0.1:0 --max-connections-per-peer 1024 \
+# vouch serve on the cache: no warm pool, so no VM is involved.
+"$VOUCH" --state-dir "$WORK/state" serve --listen 127.0.0.1:0 --max-connections-per-peer 1024 --pool 0 \
   2> "$WORK/vouch.log" &
 VOUCH_PID=$!
 for _ in $(seq 100); do grep -q "listening on" "$WORK/vouch.log" && break; sleep 0.1; done
@@ -100,11 +103,21 @@ done
 
 rss() { awk '/VmRSS/ {r=$2} /VmHWM/ {h=$2} END {printf "%d/%d", r/1024, h/1024}' "/proc/$VOUCH_PID/status"; }
 RSS0=$(rss)
-narinfo_rps() { wrk -t2 -c64 -d"${SECS}s" "$1/$NARINFO" | awk '/Requests\/sec/ {print $2}'; }
+# Requests/s of one wrk run (ARGS…); a run with errors or non-2xx answers stops the benchmark.
+wrk_rps() {
+  local out
+  out=$(wrk -t2 -c64 -d"${SECS}s" "$@")
+  if grep -q "Non-2xx\|Socket errors" <<<"$out"; then echo "bench-serve: wrk $*: $out" >&2; exit 1; fi
+  awk '/Requests\/sec/ {print $2}' <<<"$out"
+}
+narinfo_rps() { wrk_rps "$1/$NARINFO"; }
+all_rps() { wrk_rps -s "$WORK/state/all.lua" "$1"; }
 # Warm both, then measure, interleaved.
 wrk -t2 -c64 -d2s "$VOUCH_URL/$NARINFO" >/dev/null; wrk -t2 -c64 -d2s "$NGINX_URL/$NARINFO" >/dev/null
 V_RPS=$(narinfo_rps "$VOUCH_URL"); N_RPS=$(narinfo_rps "$NGINX_URL")
 V_RPS2=$(narinfo_rps "$VOUCH_URL"); N_RPS2=$(narinfo_rps "$NGINX_URL")
+V_ALL=$(all_rps "$VOUCH_URL"); N_ALL=$(all_rps "$NGINX_URL")
+V_ALL2=$(all_rps "$VOUCH_URL"); N_ALL2=$(all_rps "$NGINX_URL")
 RSS1=$(rss)
 
 nar_mibs() { curl -s -o /dev/null -w '%{speed_download}' "$1/nar/big.nar" | awk '{printf "%.0f", $1 / 1048576}'; }
@@ -118,10 +131,12 @@ RSS2=$(rss)
 
 best() { python3 -c "print(max(float('$1'), float('$2')))"; }
 V_RPS=$(best "$V_RPS" "$V_RPS2"); N_RPS=$(best "$N_RPS" "$N_RPS2")
+V_ALL=$(best "$V_ALL" "$V_ALL2"); N_ALL=$(best "$N_ALL" "$N_ALL2")
 ratio() { python3 -c "print(f'{float(\"$1\") / float(\"$2\"):.2f}')"; }
 echo
 echo "machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg); nginx $("$NGINX" -v 2>&1 | cut -d/ -f2); $(wrk --version 2>&1 | head -1 | cut -d' ' -f1-2)"
 printf '| measure | vouch serve | nginx | vouch / nginx |\n|---|---|---|---|\n'
 printf '| narinfo requests/s (64 connections, best of 2 × %ss) | %.0f | %.0f | **%s×** |\n' "$SECS" "$V_RPS" "$N_RPS" "$(ratio "$V_RPS" "$N_RPS")"
+printf '| narinfo requests/s, all 2 000 in random order (64 connections, best of 2 × %ss) | %.0f | %.0f | **%s×** |\n' "$SECS" "$V_ALL" "$N_ALL" "$(ratio "$V_ALL" "$N_ALL")"
 printf '| 256 MiB NAR, MiB/s (one client, best of %s) | %s | %s | **%s×** |\n' "$RUNS" "$V_NAR" "$N_NAR" "$(ratio "$V_NAR" "$N_NAR")"
 echo "vouch RSS/peak MiB: idle $RSS0, after the narinfo load $RSS1, after the NAR runs $RSS2"

@@ -36,12 +36,12 @@ use nix_formats::StorePath;
 
 use super::conversation::{converse, phase_key, timings, Conversation};
 use super::launch::{boot, new_launch, BootContext, BootedVm, LaunchRequest, Watchdog};
-use super::watch::ChannelWatch;
+use super::watch::{ChannelWatch, Trip};
 use super::{check, staging_dir, InputSource, LauncherConfig, StepError, StepOutcome, StepRequest};
 use crate::core::log::{BuildLog, Progress};
 use crate::vm::egress;
 use crate::vm::network::NetworkGrant;
-use crate::vm::runner::describe_exit;
+use crate::vm::runner::{describe_exit, Vm};
 use crate::vm::vsock::VsockError;
 
 pub use super::conversation::ReceivedNar;
@@ -271,37 +271,7 @@ fn run_job(
     };
     let input_bytes = match result {
         Ok(b) if conv.bye => b,
-        other => {
-            // Did the VM end on its own (killed, crashed)? A broken channel usually means it
-            // did: give QEMU a moment to be reaped before deciding.
-            let ended_by_itself = match &other {
-                Err(StepError::Channel(ProtoError::Io(_) | ProtoError::Closed(_)))
-                    if tripped.is_none() =>
-                {
-                    vm.wait_timeout(Duration::from_secs(3))
-                }
-                _ => vm.exited(),
-            };
-            vm.kill();
-            let e = match other {
-                Err(e) => e,
-                Ok(_) => StepError::Channel(ProtoError::Closed("the agent's Bye")),
-            };
-            if watchdog.timed_out() {
-                return fail(StepError::Watchdog(limit.unwrap_or_default()));
-            }
-            if let Some(trip) = tripped {
-                return fail(StepError::Stalled { trip, phase, console: vm.console_tail() });
-            }
-            if let Some(st) = ended_by_itself {
-                return fail(StepError::VmDied {
-                    status: describe_exit(&st),
-                    phase,
-                    console: vm.console_tail(),
-                });
-            }
-            return fail(e);
-        }
+        other => return fail(unfinished(vm, other, tripped, &watchdog, limit, phase)),
     };
     // After `Bye` nothing the guest does matters any more (nothing after it is read, and the
     // VM never gets another job): the host ends QEMU instead of waiting for the guest kernel's
@@ -352,10 +322,45 @@ fn run_job(
     })
 }
 
+/// Why a conversation that did not end with the agent's `Bye` (`result`) failed, once QEMU is
+/// stopped: the wall-clock limit, a stall the watch saw, a VM that ended by itself, else the
+/// conversation's own error.
+fn unfinished(
+    vm: &Vm,
+    result: Result<u64, StepError>,
+    tripped: Option<Trip>,
+    watchdog: &Watchdog,
+    limit: Option<Duration>,
+    phase: String,
+) -> StepError {
+    // Did the VM end on its own (killed, crashed)? A broken channel usually means it did: give
+    // QEMU a moment to be reaped before deciding.
+    let ended_by_itself = match &result {
+        Err(StepError::Channel(ProtoError::Io(_) | ProtoError::Closed(_))) if tripped.is_none() => {
+            vm.wait_timeout(Duration::from_secs(3))
+        }
+        _ => vm.exited(),
+    };
+    vm.kill();
+    let e = match result {
+        Err(e) => e,
+        Ok(_) => StepError::Channel(ProtoError::Closed("the agent's Bye")),
+    };
+    if watchdog.timed_out() {
+        return StepError::Watchdog(limit.unwrap_or_default());
+    }
+    if let Some(trip) = tripped {
+        return StepError::Stalled { trip, phase, console: vm.console_tail() };
+    }
+    if let Some(st) = ended_by_itself {
+        return StepError::VmDied { status: describe_exit(&st), phase, console: vm.console_tail() };
+    }
+    e
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::build::watch::Trip;
     use channel::messages::FailureKind;
 
     #[test]

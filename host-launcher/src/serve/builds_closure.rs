@@ -351,6 +351,7 @@ impl Run<'_> {
             policy,
             publish: &self.builds.engine.publish,
             builders: &self.closures.traces,
+            downloads: &self.closures.downloads,
         };
         importer.import(&self.job.derivations, udrv, key, m).map_err(|e| {
             error(format!("built on {m}, but its trace was not accepted: {}", error_chain(&e)))

@@ -86,7 +86,8 @@ pub struct ClosureJob {
 pub struct ClosureConfig {
     /// Other vouch builders, in Nix's machines format (`serve --builders FILE`).
     pub builders_file: Option<PathBuf>,
-    /// Where each builder's traces are (`--builder-traces MACHINE=DIR`).
+    /// Where each builder's traces are (`--builder-traces MACHINE=LOCATION`), and the CA roots
+    /// for `https://` ones.
     pub builder_traces: BuilderTraces,
     /// The trust policy for their traces (`--policy FILE`); default: the default policy
     /// pinning the guest image's manifest.
@@ -104,8 +105,12 @@ pub struct Closures {
     /// The policy other builders' traces must satisfy (why there is none: the default
     /// policy needs a guest image manifest with an SEV-SNP measurement).
     pub policy: Result<PreparedPolicy, String>,
-    /// Where other builders' traces are.
+    /// Where other builders' traces are (remote files cached in
+    /// `<state dir>/serve/trace-cache`, by content hash).
     pub traces: BuilderTraces,
+    /// Where NARs downloaded from remote builders wait for the publish step
+    /// (`<state dir>/serve/trace-downloads`, emptied at start).
+    pub downloads: PathBuf,
     local: Mutex<local::LocalBuilder>,
     /// Closure builds running now; the last one out collects the private store's garbage.
     running: Mutex<usize>,
@@ -221,13 +226,24 @@ impl Closures {
                 }
             }
         }
+        let mut traces = cfg.builder_traces.clone();
+        traces.fetch.cache_dir = Some(dir.join("trace-cache"));
+        // Only the holder of the state directory's lock starts closures: what is there is a
+        // predecessor's.
+        let downloads = dir.join("trace-downloads");
+        if let Err(e) = std::fs::remove_dir_all(&downloads) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(dir = %downloads.display(), "emptying the NAR downloads: {e}");
+            }
+        }
         tracing::info!(machines = %driver.machines.display(), store = %driver.root.display(),
                        "closures are scheduled by Nix on the builders of the machines file");
         Ok(Closures {
             driver,
             local_machine,
             policy,
-            traces: cfg.builder_traces.clone(),
+            traces,
+            downloads,
             local: Mutex::new(local),
             running: Mutex::new(0),
         })

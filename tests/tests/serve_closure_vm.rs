@@ -8,8 +8,10 @@
 //! - one `POST /v1/builds` of `top` builds the whole closure across two vouch builders: the
 //!   service's own (`ia`, `top`) and a second `vouch nix-builder` with its own state directory
 //!   and key name (`mid`, the only machine with `vouch-b`), reached over `ssh-ng://localhost`;
-//!   the API shows each step with its own state, log and machine; `mid`'s trace was verified
-//!   from the second builder's trace store under the service's policy and published here;
+//!   the API shows each step with its own state, log and machine; `mid`'s trace was fetched
+//!   over HTTP from a second `vouch serve` on loopback serving the second builder's state
+//!   directory (its trace store, read-only: `--builder-traces MACHINE=http://…`), verified
+//!   under the service's policy and published here;
 //! - `nix-build --max-jobs 0` of `top` succeeds in a second, empty store with the service as
 //!   its only substituter, trusting only the service's key: Nix 2.26 (Debian trixie's, in the
 //!   chroot) with the service over `http://`, and Nix 2.8 with the service's cache directory
@@ -19,7 +21,11 @@
 //! - `DELETE` of a closure build while a step runs: Nix and the step's VM are killed, the build
 //!   and both steps end cancelled, nothing is published;
 //! - with a policy that does not name b's simulated root, b's step (`mid`) is built but its
-//!   trace refused: nothing of it is published, and `top` fails naming it.
+//!   trace (read from b's trace store directory, `MACHINE=file://DIR`) refused: nothing of it
+//!   is published, and `top` fails naming it.
+//!
+//! The attacks on the HTTP trace source itself (tampered, long or missing NARs, forged traces,
+//! 500s, no server) are `serve_builder_traces` (no VM).
 
 use std::path::Path;
 use std::process::Command;
@@ -86,8 +92,14 @@ fn steps_in(cache: &Path) -> Vec<String> {
 /// key name and simulated root; trusted, as Nix 2.8 sends it the input-addressed `ia` output to
 /// build `mid` from, and the only machine with `vouch-b`), whose traces are verified under a
 /// policy naming simulated roots (`both_roots`: the service's and b's; else the
-/// service's only). The service and b's state directory.
-fn service_with_builder_b(e: &VmTest, both_roots: bool) -> (HttpService, std::path::PathBuf) {
+/// service's only). b's traces are read over HTTP from a second `vouch serve` of b's state
+/// directory (`over_http`), else from b's trace store directory as `file://`. The service, b's
+/// state directory, and b's `vouch serve`.
+fn service_with_builder_b(
+    e: &VmTest,
+    both_roots: bool,
+    over_http: bool,
+) -> (HttpService, std::path::PathBuf, Option<HttpService>) {
     let (s, state, sb) = (&e.s, &e.state, e.s.dir.path().join("state-b"));
     std::fs::create_dir_all(&sb).unwrap();
     std::fs::write(sb.join("key-name"), "builder-b-simulated-1\n").unwrap();
@@ -103,8 +115,17 @@ fn service_with_builder_b(e: &VmTest, both_roots: bool) -> (HttpService, std::pa
     let roots: Vec<&Path> = if both_roots { vec![state, &sb] } else { vec![state] };
     let manifest = image_dir().join("manifest.json");
     let policy = tests::policy::simulated(s.dir.path(), &roots, &[], &manifest);
-    let traces_b = format!("{machine_b}={}", sb.join("cache").display());
     let image = image_dir();
+    // Every vouch host serves its trace store read-only: b's state directory served by a
+    // `vouch serve` of its own (on loopback; anonymous callers may read its cache only).
+    let serve_b = over_http.then(|| {
+        let log = s.dir.path().join("serve-b.log");
+        HttpService::start(&vouch_bin(), &sb, &log, &["--image", image.to_str().unwrap()])
+    });
+    let traces_b = match &serve_b {
+        Some(b) => format!("{machine_b}={}", b.url()),
+        None => format!("{machine_b}=file://{}", sb.join("cache").display()),
+    };
     let args = [
         "--image",
         image.to_str().unwrap(),
@@ -118,7 +139,7 @@ fn service_with_builder_b(e: &VmTest, both_roots: bool) -> (HttpService, std::pa
         policy.to_str().unwrap(),
     ];
     let svc = HttpService::start(&vouch_bin(), state, &s.dir.path().join("serve.log"), &args);
-    (svc, sb)
+    (svc, sb, serve_b)
 }
 
 /// Upload `drvs`' closures with `nix copy --to http://… --derivation` (Nix's default xz), then
@@ -138,7 +159,7 @@ fn upload_and_build(e: &VmTest, svc: &HttpService, drvs: &[&str]) -> u64 {
 fn one_post_builds_a_closure_across_two_builders_scheduled_by_nix() {
     let e = VmTest::new(&VMS, "closure.nix", closure_nix);
     let (s, n, state) = (&e.s, &e.n, e.state.clone());
-    let (svc, sb) = service_with_builder_b(&e, true);
+    let (svc, sb, serve_b) = service_with_builder_b(&e, true, true);
     let top = s.instantiate(&e.file, "top");
     let after = s.instantiate(&e.file, "after");
     // One POST: the whole closure, four steps on two builders.
@@ -167,8 +188,15 @@ fn one_post_builds_a_closure_across_two_builders_scheduled_by_nix() {
     }
     assert!(step(&v, "-sc-mid.drv")["resolved"].is_string(), "{v}");
     assert!(step(&v, "-sc-top.drv")["resolved"].is_string(), "deferred: resolved: {v}");
-    // `mid` was built on b (its trace there) and published here after verification.
+    // `mid` was built on b (its trace there), fetched from b's `vouch serve` (its statement and
+    // evidence are in the service's fetch cache; b's server answered) and published here after
+    // verification.
     assert_eq!(steps_in(&sb.join("cache")).len(), 1, "{:?}", steps_in(&sb.join("cache")));
+    let serve_b = serve_b.expect("b's traces over HTTP");
+    let mid_log = step_log(&svc, id, step(&v, "-sc-mid.drv"));
+    assert!(mid_log.contains(&serve_b.url()), "{mid_log}");
+    let fetched = state.join("serve/trace-cache/sha256").read_dir().map_or(0, |d| d.count());
+    assert!(fetched >= 2, "{fetched} files fetched\n{}", serve_b.log_text());
     assert_eq!(steps_in(&state.join("cache")).len(), 4, "{:?}", steps_in(&state.join("cache")));
     let top_out = v["outputs"]["out"]["path"].as_str().expect("top's output").to_owned();
 
@@ -263,7 +291,7 @@ fn a_step_whose_trace_the_policy_refuses_is_not_published_and_its_dependent_fail
     let e = VmTest::new(&VMS, "closure.nix", closure_nix);
     let (s, state) = (&e.s, e.state.clone());
     // The policy names the service's simulated root only: b's evidence is not accepted.
-    let (svc, sb) = service_with_builder_b(&e, false);
+    let (svc, sb, _) = service_with_builder_b(&e, false, false);
     let top = s.instantiate(&e.file, "top");
     let id = upload_and_build(&e, &svc, &[&top]);
     let v = wait(&svc, id);

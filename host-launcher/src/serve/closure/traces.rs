@@ -163,6 +163,14 @@ impl BuilderTraces {
     }
 }
 
+/// Where `loc` is, for logs: the directory, or the base URL.
+pub fn location_text(loc: &TraceLocation) -> String {
+    match loc {
+        TraceLocation::Dir(d) => d.display().to_string(),
+        TraceLocation::Http(u) => u.clone(),
+    }
+}
+
 /// A writer that hashes what it writes.
 struct Hashing<W> {
     inner: W,

@@ -7,9 +7,9 @@
 //!
 //! Attacks first, each against a fresh service cache, each refused with an error naming the
 //! URL and the cause, and nothing of the step published (no step directory, no narinfo, no
-//! NAR): a NAR with other bytes than its statement names, a NAR the builder does not have
-//! (404), evidence of another step (a forged trace), a server answering 500, no server at
-//! all. Then the ordinary use: the step verifies over HTTP, is published and signed here with
+//! NAR): a NAR with other bytes than its statement names (or one byte more), a NAR the builder
+//! does not have (404), evidence of another step (a forged trace), a withheld trace, a server
+//! answering 500, no server at all. Then the ordinary use: the step verifies over HTTP, is published and signed here with
 //! its NAR re-hashed, and the fetched statements and evidence are in the fetch cache.
 
 use std::collections::BTreeMap;
@@ -208,6 +208,15 @@ fn a_builders_trace_is_fetched_over_http_verified_and_only_then_published() {
     let (got, state) = s.import("forged", &srv.url());
     refused(&got, "a forged trace", &["does not verify under the service's policy"]);
     s.nothing_published(&state, "a forged trace");
+    drop(srv);
+
+    // No trace of the step there (laut's index of it withheld): not verified, named.
+    let b = builder_state(&s.fx, s.dir.path(), "b-no-trace");
+    std::fs::remove_file(b.join("cache/traces").join(s.key.hash_part())).unwrap();
+    let srv = s.serve(&b);
+    let (got, state) = s.import("no-trace", &srv.url());
+    refused(&got, "no trace", &["does not verify under the service's policy", "NOT VERIFIED"]);
+    s.nothing_published(&state, "no trace");
     drop(srv);
 
     // A server that answers 500, and no server at all.

@@ -191,7 +191,14 @@ impl Service {
     /// Open the build record (locking the state directory), the content store, the staging
     /// area (emptied) and the signing key (created if there is none yet) under the state
     /// directory, and queue again the builds a restart found queued.
-    pub fn open(cfg: ServiceConfig) -> Result<Service, Box<dyn std::error::Error + Send + Sync>> {
+    pub fn open(
+        mut cfg: ServiceConfig,
+    ) -> Result<Service, Box<dyn std::error::Error + Send + Sync>> {
+        // `--jobs` VMs at once, whoever asks: the workers' one-step builds and the steps the
+        // service's own builder takes from every closure build's Nix (`crate::build::slots`).
+        if cfg.engine.launcher.slots.is_none() {
+            cfg.engine.launcher.slots = Some(crate::build::slots::Slots::new(cfg.jobs));
+        }
         // First, so that a second service on this state directory stops before it touches
         // anything (the record holds the directory's lock).
         let state_dir = &cfg.engine.publish.state_dir;

@@ -137,6 +137,30 @@ fn default_policy(engine: &Engine) -> Result<PreparedPolicy, String> {
         .map_err(|e| format!("the default trust policy: {}", build_trace::error_chain(&e)))
 }
 
+/// The machines of a machines file's `lines` (each line's first field; `#` comments skipped).
+fn machine_names(lines: &str) -> Vec<&str> {
+    lines
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or_default())
+        .filter_map(|l| l.split_whitespace().next())
+        .collect()
+}
+
+/// Say which builders of `--builders` have no trace location (their steps cannot be accepted)
+/// and which trace locations name no builder (a typo: never used).
+fn warn_unmatched(others: &str, traces: &BuilderTraces) {
+    let names = machine_names(others);
+    for m in names.iter().filter(|m| traces.of(m).is_none()) {
+        tracing::warn!(
+            machine = m,
+            "no --builder-traces for this builder: steps it builds will fail"
+        );
+    }
+    for m in traces.machines.keys().filter(|m| !names.contains(&m.as_str())) {
+        tracing::warn!(machine = %m, "--builder-traces names a machine no line of --builders names");
+    }
+}
+
 /// One closure build's hold on its private store ([`Closures::enter`]).
 #[derive(Debug)]
 pub struct Running<'a> {
@@ -197,6 +221,7 @@ impl Closures {
             }
             None => None,
         };
+        warn_unmatched(others.as_deref().unwrap_or_default(), &cfg.builder_traces);
         let machines = dir.join("machines");
         nix::write_machines(&machines, &line, others.as_deref())
             .map_err(|e| ClosureError::Machines(machines.clone(), e))?;

@@ -19,7 +19,8 @@
 //! - `nix log --store http://…` shows `top`'s log;
 //! - a second POST, of `after`: `ia` is reused, `fails` fails, `after` fails naming `fails`;
 //! - `DELETE` of a closure build while a step runs: Nix and the step's VM are killed, the build
-//!   and both steps end cancelled, nothing is published;
+//!   and both steps end cancelled, nothing is published; the step held the one VM slot of
+//!   `--jobs 1` (`/metrics`), and gave it back;
 //! - with a policy that does not name b's simulated root, b's step (`mid`) is built but its
 //!   trace (read from b's trace store directory, `MACHINE=file://DIR`) refused: nothing of it
 //!   is published, and `top` fails naming it.
@@ -345,6 +346,16 @@ fn cancelling_a_closure_build_kills_nix_and_the_running_step() {
         assert!(t0.elapsed().as_secs() < 240, "the slow step never started: {log}");
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+    // The step holds the one VM slot of `--jobs 1`, which the service's builder shares with
+    // the workers (`build::slots`); it gives it back when cancelled.
+    let slots = |svc: &HttpService| {
+        let m = svc.request("GET", "/metrics", b"").text();
+        let g = |name: &str| {
+            m.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).map(str::to_owned)
+        };
+        (g("vouch_vm_slots_busy "), g("vouch_vm_slots_waiting "))
+    };
+    assert_eq!(slots(&svc), (Some("1".into()), Some("0".into())));
     assert_eq!(svc.request("DELETE", &format!("/v1/builds/{id}"), b"").status, 202);
     let v = wait(&svc, id);
     assert_eq!(v["state"], "cancelled", "{v}");
@@ -363,4 +374,5 @@ fn cancelling_a_closure_build_kills_nix_and_the_running_step() {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     assert!(steps_in(&state.join("cache")).is_empty(), "{:?}", steps_in(&state.join("cache")));
+    assert_eq!(slots(&svc), (Some("0".into()), Some("0".into())), "the slot given back");
 }

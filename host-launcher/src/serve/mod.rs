@@ -403,6 +403,10 @@ impl Service {
             ApiAction::Metrics => {
                 let (queued, running) = self.builds.load();
                 let counts = self.builds.records().counts().map_err(internal)?;
+                if let Some(slots) = &self.cfg.engine.launcher.slots {
+                    self.metrics.vm_slots_busy.set(slots.busy() as i64);
+                    self.metrics.vm_slots_waiting.set(slots.waiting() as i64);
+                }
                 let text = self.metrics.render(queued, running, &counts);
                 Ok(ApiReply::Bytes("text/plain; version=0.0.4; charset=utf-8", text.into_bytes()))
             }

@@ -17,7 +17,9 @@
 //!   chroot) with the service over `http://`, and Nix 2.8 with the service's cache directory
 //!   (`file://`; 2.8's own race over HTTP, docs/ci-service.md); outputs equal to the service's;
 //! - `nix log --store http://…` shows `top`'s log;
-//! - a second POST, of `after`: `ia` is reused, `fails` fails, `after` fails naming `fails`;
+//! - a POST of `after` naming `"nix_version": "2.26"` is refused (422): its floating-CA steps
+//!   follow the service's Nix 2.8's self-reference rule; a second POST, of `after` naming 2.8:
+//!   `ia` is reused, `fails` fails, `after` fails naming `fails`;
 //! - `DELETE` of a closure build while a step runs: Nix and the step's VM are killed, the build
 //!   and both steps end cancelled, nothing is published; the step held the one VM slot of
 //!   `--jobs 1` (`/metrics`), and gave it back;
@@ -270,8 +272,16 @@ fn one_post_builds_a_closure_across_two_builders_scheduled_by_nix() {
         .unwrap();
     assert!(text(&out).contains(&format!("top {n}")), "nix log: {}", text(&out));
 
-    // A failing step: its dependent fails naming it; `ia` is reused.
-    let r = svc.request("POST", "/v1/builds", format!(r#"{{"drv": "{after}"}}"#).as_bytes());
+    // A closure's floating-CA steps follow the self-reference rule of the service's own Nix
+    // (2.8): naming a Nix with another rule is refused before anything is queued.
+    let body = format!(r#"{{"drv": "{after}", "nix_version": "2.26"}}"#);
+    let r = svc.request("POST", "/v1/builds", body.as_bytes());
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert!(r.text().contains("Nix 2.8") && r.text().contains("-sc-"), "{}", r.text());
+
+    // A failing step: its dependent fails naming it; `ia` is reused (Nix 2.8 named: its rule).
+    let body = format!(r#"{{"drv": "{after}", "nix_version": "2.8"}}"#);
+    let r = svc.request("POST", "/v1/builds", body.as_bytes());
     assert_eq!(r.status, 202, "{}", r.text());
     let id = json(&r)["id"].as_u64().unwrap();
     let v = wait(&svc, id);

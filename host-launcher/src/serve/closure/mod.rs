@@ -102,6 +102,9 @@ pub struct Closures {
     pub driver: nix::NixDriver,
     /// The machine name of the service's own builder (as Nix's events name it).
     pub local_machine: String,
+    /// The release of the Nix that resolves and builds closures (why it is not known): its
+    /// self-reference rule is that of every floating-CA step of a closure build.
+    pub nix_version: Result<crate::core::NixVersion, String>,
     /// The policy other builders' traces must satisfy (why there is none: the default
     /// policy needs a guest image manifest with an SEV-SNP measurement).
     pub policy: Result<PreparedPolicy, String>,
@@ -261,11 +264,16 @@ impl Closures {
                 tracing::warn!(dir = %downloads.display(), "emptying the NAR downloads: {e}");
             }
         }
+        let nix_version = driver.version();
+        if let Err(why) = &nix_version {
+            tracing::warn!("closure builds that name a \"nix_version\" will be refused: {why}");
+        }
         tracing::info!(machines = %driver.machines.display(), store = %driver.root.display(),
                        "closures are scheduled by Nix on the builders of the machines file");
         Ok(Closures {
             driver,
             local_machine,
+            nix_version,
             policy,
             traces,
             downloads,

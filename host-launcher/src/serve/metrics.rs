@@ -52,7 +52,7 @@ pub struct Metrics {
     pub step_seconds: Histogram,
     /// VMs started.
     pub vm_boots: Counter,
-    /// VM slots taken (set by the caller before [`Metrics::render`]).
+    /// VM slots taken (set by [`Metrics::slots`] before [`Metrics::render`]).
     pub vm_slots_busy: Gauge,
     /// Steps waiting for a VM slot (likewise).
     pub vm_slots_waiting: Gauge,
@@ -121,6 +121,13 @@ impl Metrics {
     pub fn response(&self, status: u16) {
         let class = format!("{}xx", status / 100);
         self.responses.get_or_create(&ClassLabel { class }).inc();
+    }
+
+    /// Set the VM slot gauges from `slots`.
+    pub fn slots(&self, slots: Option<&crate::build::slots::Slots>) {
+        let (busy, waiting) = slots.map_or((0, 0), |s| (s.busy(), s.waiting()));
+        self.vm_slots_busy.set(busy as i64);
+        self.vm_slots_waiting.set(waiting as i64);
     }
 
     /// The text exposition, with the gauges set from `queued`, `running` and `counts` (state,

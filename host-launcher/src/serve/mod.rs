@@ -191,14 +191,10 @@ impl Service {
     /// Open the build record (locking the state directory), the content store, the staging
     /// area (emptied) and the signing key (created if there is none yet) under the state
     /// directory, and queue again the builds a restart found queued.
-    pub fn open(
-        mut cfg: ServiceConfig,
-    ) -> Result<Service, Box<dyn std::error::Error + Send + Sync>> {
-        // `--jobs` VMs at once, whoever asks: the workers' one-step builds and the steps the
-        // service's own builder takes from every closure build's Nix (`crate::build::slots`).
-        if cfg.engine.launcher.slots.is_none() {
-            cfg.engine.launcher.slots = Some(crate::build::slots::Slots::new(cfg.jobs));
-        }
+    pub fn open(cfg: ServiceConfig) -> Result<Service, Box<dyn std::error::Error + Send + Sync>> {
+        let mut cfg = cfg;
+        // `--jobs` VMs at once, whoever asks (`crate::build::slots`).
+        cfg.engine.launcher.slots.get_or_insert_with(|| crate::build::slots::Slots::new(cfg.jobs));
         // First, so that a second service on this state directory stops before it touches
         // anything (the record holds the directory's lock).
         let state_dir = &cfg.engine.publish.state_dir;
@@ -403,10 +399,7 @@ impl Service {
             ApiAction::Metrics => {
                 let (queued, running) = self.builds.load();
                 let counts = self.builds.records().counts().map_err(internal)?;
-                if let Some(slots) = &self.cfg.engine.launcher.slots {
-                    self.metrics.vm_slots_busy.set(slots.busy() as i64);
-                    self.metrics.vm_slots_waiting.set(slots.waiting() as i64);
-                }
+                self.metrics.slots(self.cfg.engine.launcher.slots.as_deref());
                 let text = self.metrics.render(queued, running, &counts);
                 Ok(ApiReply::Bytes("text/plain; version=0.0.4; charset=utf-8", text.into_bytes()))
             }

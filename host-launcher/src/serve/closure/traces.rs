@@ -61,7 +61,7 @@ pub enum TraceError {
     /// The builder's trace store cannot be opened (a directory that is not one; a server that
     /// does not answer, or not as a binary cache).
     #[error("opening the traces of builder {0}")]
-    Open(String, #[source] SourceError),
+    Open(String, #[source] Box<SourceError>),
     /// Reading a trace store.
     #[error("reading the traces of {0}")]
     Read(String, #[source] build_trace::store::StoreError),
@@ -128,8 +128,7 @@ impl BuilderTraces {
         let at = arg
             .match_indices('=')
             .map(|(i, _)| i)
-            .filter(|&i| starts.iter().any(|s| arg[i + 1..].starts_with(s)))
-            .next_back()
+            .rfind(|&i| starts.iter().any(|s| arg[i + 1..].starts_with(s)))
             .ok_or_else(|| {
                 bad("expected MACHINE=LOCATION, LOCATION an absolute DIR, file://DIR or \
                      http(s)://HOST[:PORT][/prefix]")
@@ -278,7 +277,7 @@ impl Importer<'_> {
         let loc =
             self.builders.of(machine).ok_or_else(|| TraceError::NoLocation(machine.into()))?;
         let theirs = Traces::open_at(loc, &self.builders.fetch)
-            .map_err(|e| TraceError::Open(machine.into(), e))?;
+            .map_err(|e| TraceError::Open(machine.into(), Box::new(e)))?;
         let ours = TraceStore::open(&self.publish.trace_store)
             .map_err(|e| TraceError::Read("this service's cache".into(), e))?;
         let mut drvs = DrvSet::new();

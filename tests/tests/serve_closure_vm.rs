@@ -120,10 +120,15 @@ fn service_with_builder_b(
     let policy = tests::policy::simulated(s.dir.path(), &roots, &[], &manifest);
     let image = image_dir();
     // Every vouch host serves its trace store read-only: b's state directory served by a
-    // `vouch serve` of its own (on loopback; anonymous callers may read its cache only).
+    // `vouch serve` of its own, whose tokens file gives nobody more than reading its cache.
     let serve_b = over_http.then(|| {
         let log = s.dir.path().join("serve-b.log");
-        HttpService::start(&vouch_bin(), &sb, &log, &["--image", image.to_str().unwrap()])
+        let tokens = s.write("tokens-b", "anonymous cache -\n");
+        let args = ["--image", image.to_str().unwrap(), "--tokens", tokens.to_str().unwrap()];
+        let b = HttpService::start(&vouch_bin(), &sb, &log, &args);
+        let r = b.request("POST", "/v1/builds", br#"{"drv": "/nix/store/x.drv"}"#);
+        assert_eq!(r.status, 401, "b's server builds nothing: {}", r.text());
+        b
     });
     let traces_b = match &serve_b {
         Some(b) => format!("{machine_b}={}", b.url()),

@@ -18,7 +18,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use build_trace::source::{FetchOptions, Location};
+use build_trace::source::{FetchOptions, Location, TlsRoots};
 use build_trace::trust::TrustModel;
 use host_launcher::core::{Derivations, KeyNaming, PublishConfig};
 use host_launcher::serve::closure::traces::{BuilderTraces, Importer};
@@ -27,6 +27,7 @@ use nix_formats::StorePath;
 use test_support::http_service::HttpService;
 use test_support::vm::vouch_bin;
 use tests::fixture::Fixture;
+use tests::service::self_signed;
 
 const MACHINE: &str = "ssh-ng://builder-b?remote-program=/opt/vouch";
 
@@ -98,6 +99,16 @@ impl Setup {
     /// Import step `c` from `location` into a fresh service cache `svc-<name>`: the outcome,
     /// and the service's state directory.
     fn import(&self, name: &str, location: &str) -> (Result<(), String>, PathBuf) {
+        self.import_with(name, location, TlsRoots::BuiltIn)
+    }
+
+    /// [`Setup::import`], trusting `roots` for `https://`.
+    fn import_with(
+        &self,
+        name: &str,
+        location: &str,
+        roots: TlsRoots,
+    ) -> (Result<(), String>, PathBuf) {
         let state = self.dir.path().join(format!("svc-{name}"));
         let publish = PublishConfig {
             state_dir: state.clone(),
@@ -110,7 +121,8 @@ impl Setup {
             machines: BTreeMap::from([(MACHINE.to_owned(), loc)]),
             fetch: FetchOptions {
                 cache_dir: Some(state.join("serve/trace-cache")),
-                ..FetchOptions::default()
+                tls_roots: roots,
+                ..BuilderTraces::default().fetch
             },
         };
         let policy = self.fx.policy(TrustModel::Leaf("builder:sim".into())).prepare().unwrap();
@@ -258,4 +270,48 @@ fn a_builders_trace_is_fetched_over_http_verified_and_only_then_published() {
         let nar_here = state.join("cache/nar").join(&nar);
         assert!(nar_here.is_file(), "{loc}");
     }
+}
+
+/// `--builder-traces MACHINE=https://…`: a builder's `vouch serve --tls-cert/--tls-key` with a
+/// self-signed certificate is not trusted on Mozilla's roots (the step refused, naming the URL
+/// and `--builder-tls-ca`, nothing published), and is with its CA given (as
+/// `--builder-tls-ca` gives it); a CA file that cannot be used stops `vouch serve` at start,
+/// naming it.
+#[test]
+fn an_https_builder_is_trusted_on_the_ca_given_only() {
+    let s = Setup::new();
+    let (cert, key) = self_signed(s.dir.path(), "loopback", "IP:127.0.0.1");
+    let b = builder_state(&s.fx, s.dir.path(), "b-https");
+    let (c, k) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let log = s.dir.path().join("b-https.log");
+    let srv = HttpService::start(&vouch_bin(), &b, &log, &["--tls-cert", c, "--tls-key", k]);
+    let url = format!("https://{}", srv.addr);
+
+    let (got, state) = s.import("https-untrusted", &url);
+    let how = "trust another CA with --builder-tls-ca FILE or SSL_CERT_FILE";
+    refused(&got, "an untrusted certificate", &[&url, "not trusted", how]);
+    s.nothing_published(&state, "an untrusted certificate");
+
+    let roots = TlsRoots::Files { paths: vec![cert.clone()], given_by: "--builder-tls-ca".into() };
+    let (got, state) = s.import_with("https-trusted", &url, roots);
+    assert_eq!(got, Ok(()), "{}", srv.log_text());
+    assert!(state.join("cache/vouch/v1/steps").join(s.key.base_name()).is_dir());
+
+    // The service itself: a CA file that is not PEM stops it before it listens.
+    let not_pem = s.dir.path().join("not-pem.pem");
+    std::fs::write(&not_pem, "-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n")
+        .unwrap();
+    let out = Command::new(vouch_bin())
+        .arg("--state-dir")
+        .arg(s.dir.path().join("svc-bad-ca"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--builder-traces"])
+        .arg(format!("{MACHINE}={url}"))
+        .arg("--builder-tls-ca")
+        .arg(&not_pem)
+        .output()
+        .unwrap();
+    let t = test_support::nix::text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(t.contains(not_pem.to_str().unwrap()) && t.contains("--builder-tls-ca"), "{t}");
+    assert!(!t.contains("listening on"), "{t}");
 }

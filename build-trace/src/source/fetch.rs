@@ -70,6 +70,9 @@ pub struct FetchOptions {
     pub timeout: Duration,
     /// The roots an `https://` store's certificate must chain to.
     pub tls_roots: super::TlsRoots,
+    /// The option that gives CA files, for errors (`--tls-ca`; `vouch serve`'s is
+    /// `--builder-tls-ca`).
+    pub ca_option: &'static str,
 }
 
 impl Default for FetchOptions {
@@ -80,6 +83,7 @@ impl Default for FetchOptions {
             connect_timeout: Duration::from_secs(10),
             timeout: Duration::from_secs(60),
             tls_roots: super::TlsRoots::BuiltIn,
+            ca_option: "--tls-ca",
         }
     }
 }
@@ -103,7 +107,8 @@ pub struct Fetcher {
 struct Inner {
     base: String,
     agent: ureq::Agent,
-    custom_roots: bool,
+    /// What a certificate must chain to, for errors.
+    roots: String,
     cache: Option<(BlobCache, CacheWriter)>,
     pool: Pool,
     requests: AtomicU64,
@@ -120,7 +125,10 @@ impl Fetcher {
     /// The CA files of [`FetchOptions::tls_roots`] are read here, for an `https://` base only.
     pub fn new(base: &str, opts: &FetchOptions) -> Result<Fetcher, super::CaFileError> {
         let roots = if base.starts_with("https://") { opts.tls_roots.load()? } else { None };
-        let custom_roots = roots.is_some();
+        let roots_text = super::tls::roots_text(
+            if roots.is_some() { &opts.tls_roots } else { &super::TlsRoots::BuiltIn },
+            opts.ca_option,
+        );
         let mut tls = ureq::tls::TlsConfig::builder()
             .provider(ureq::tls::TlsProvider::Rustls)
             .unversioned_rustls_crypto_provider(Arc::new(
@@ -150,7 +158,7 @@ impl Fetcher {
             inner: Arc::new(Inner {
                 base: base.trim_end_matches('/').to_owned(),
                 agent,
-                custom_roots,
+                roots: roots_text,
                 cache: opts.cache_dir.as_deref().map(|d| {
                     let c = BlobCache::new(d);
                     (c.clone(), CacheWriter::new(c))
@@ -248,7 +256,7 @@ impl Inner {
             Some(t) => req.config().timeout_global(None).timeout_per_read(Some(t)).build().call(),
         };
         let resp = sent.map_err(|e| {
-            transport(super::tls::describe_tls(&e, self.custom_roots).unwrap_or(e.to_string()))
+            transport(super::tls::describe_tls(&e, &self.roots).unwrap_or(e.to_string()))
         })?;
         match resp.status().as_u16() {
             200 => Ok(Some(resp)),

@@ -108,13 +108,20 @@ pub enum TraceError {
 
 /// Each builder's trace location, by its name in the machines file, and how remote ones are
 /// read.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct BuilderTraces {
     /// Machine name → where its trace store is.
     pub machines: BTreeMap<String, TraceLocation>,
     /// How `http(s)://` locations are read: the CA roots (`--builder-tls-ca`, else
     /// `SSL_CERT_FILE`); the fetch cache is set by `super::Closures::start`.
     pub fetch: FetchOptions,
+}
+
+impl Default for BuilderTraces {
+    fn default() -> Self {
+        let fetch = FetchOptions { ca_option: "--builder-tls-ca", ..FetchOptions::default() };
+        BuilderTraces { machines: BTreeMap::new(), fetch }
+    }
 }
 
 impl BuilderTraces {

@@ -266,7 +266,10 @@ impl Closures {
         }
         let nix_version = driver.version();
         if let Err(why) = &nix_version {
-            tracing::warn!("closure builds that name a \"nix_version\" will be refused: {why}");
+            tracing::warn!(
+                "closure builds with floating-CA steps that name a \"nix_version\" will be \
+                 refused: {why}"
+            );
         }
         tracing::info!(machines = %driver.machines.display(), store = %driver.root.display(),
                        "closures are scheduled by Nix on the builders of the machines file");

@@ -203,8 +203,10 @@ fn download_nar(
     o: &OutputInfo,
     dir: &Path,
 ) -> Result<PathBuf, TraceError> {
-    let rel = format!("nar/{}.nar", nix_formats::base32::encode(&o.nar_hash.0));
-    let (url, file) = (f.url(&rel), dir.join(format!("{name}.nar")));
+    let base = format!("{}.nar", nix_formats::base32::encode(&o.nar_hash.0));
+    let rel = format!("nar/{base}");
+    // Named by its hash, never by the output's name.
+    let (url, file) = (f.url(&rel), dir.join(&base));
     let out = std::fs::File::create(&file).map_err(|e| TraceError::NarFile(file.clone(), e))?;
     let mut w = Hashing { inner: std::io::BufWriter::new(out), sha: sha2::Sha256::new() };
     let got =

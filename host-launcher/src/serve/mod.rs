@@ -49,6 +49,7 @@ pub mod api;
 pub mod auth;
 pub mod builds;
 pub mod closure;
+pub mod hot;
 pub mod http;
 pub mod json;
 pub mod metrics;

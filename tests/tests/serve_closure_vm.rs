@@ -20,9 +20,12 @@
 //! - a POST of `after` naming `"nix_version": "2.26"` is refused (422): its floating-CA steps
 //!   follow the service's Nix 2.8's self-reference rule; a second POST, of `after` naming 2.8:
 //!   `ia` is reused, `fails` fails, `after` fails naming `fails`;
-//! - `DELETE` of a closure build while a step runs: Nix and the step's VM are killed, the build
-//!   and both steps end cancelled, nothing is published; the step held the one VM slot of
-//!   `--jobs 1` (`/metrics`), and gave it back;
+//! - `--jobs 2` bounds the VMs of every Nix together: a closure with two slow steps takes
+//!   both VM slots (`/metrics`), and a trusted client's closure build, in its own
+//!   private Nix store whose Nix sees the builder's slots free, waits for a slot instead of
+//!   booting a third VM; cancelled while waiting, it leaves the line; `DELETE` of the first
+//!   build kills Nix and both steps' VMs, the build and its steps end cancelled, nothing is
+//!   published, both slots are given back;
 //! - with a policy that does not name b's simulated root, b's step (`mid`) is built but its
 //!   trace (read from b's trace store directory, `MACHINE=file://DIR`) refused: nothing of it
 //!   is published, and `top` fails naming it.
@@ -39,7 +42,7 @@ use test_support::chroot::ChrootNix;
 use test_support::http_service::HttpService;
 use test_support::nix::{text, CA_PRELUDE};
 use test_support::vm::{builder_wrapper, image_dir, public_key_of, vouch_bin, VmTest, NIX_CONFIG};
-use tests::service::{json, nix_copy, wait};
+use tests::service::{json, nix_copy, trusted_args, wait, TRUSTED};
 
 static VMS: Mutex<()> = Mutex::new(());
 
@@ -64,6 +67,8 @@ fn closure_nix(n: &str) -> String {
   after = ca "sc-after" {{}} "echo ${{fails}} ${{ia}}; mkdir $out";
   slow = ca "sc-slow" {{}} "echo started {n}; ${{bb}}/busybox sleep 600";
   later = ca "sc-later" {{}} "echo ${{slow}}; mkdir $out";
+  slow2 = ca "sc-slow2" {{}} "echo started2 {n}; ${{bb}}/busybox sleep 600";
+  both = ca "sc-both" {{}} "echo ${{slow}} ${{slow2}}; mkdir $out";
 }}
 "#
     )
@@ -343,34 +348,57 @@ fn a_step_whose_trace_the_policy_refuses_is_not_published_and_its_dependent_fail
     assert!(top_step["error"].as_str().unwrap().contains("unverified outputs"), "{top_step}");
 }
 
-#[test]
-fn cancelling_a_closure_build_kills_nix_and_the_running_step() {
-    let e = VmTest::new(&VMS, "closure.nix", closure_nix);
-    let (s, n, state) = (&e.s, &e.n, e.state.clone());
-    let image = image_dir();
-    let args = ["--image", image.to_str().unwrap(), "--jobs", "1"];
-    let svc = HttpService::start(&vouch_bin(), &state, &s.dir.path().join("serve.log"), &args);
-    let later = s.instantiate(&e.file, "later");
-    let id = upload_and_build(&e, &svc, &[&later]);
+/// `(vouch_vm_slots_busy, vouch_vm_slots_waiting)` from the service's `/metrics`.
+fn slots(svc: &HttpService) -> (u64, u64) {
+    let m = svc.request("GET", "/metrics", b"").text();
+    let g = |name: &str| {
+        m.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{m}"))
+    };
+    (g("vouch_vm_slots_busy "), g("vouch_vm_slots_waiting "))
+}
+
+/// Wait (up to `secs`) until the service's slots are `want`.
+fn wait_slots(svc: &HttpService, want: (u64, u64), secs: u64, what: &str) {
     let t0 = std::time::Instant::now();
-    loop {
-        let log = svc.request("GET", &format!("/v1/builds/{id}/steps/0/log"), b"").text();
-        if log.contains(&format!("started {n}")) {
-            break;
-        }
-        assert!(t0.elapsed().as_secs() < 240, "the slow step never started: {log}");
+    while slots(svc) != want {
+        assert!(t0.elapsed().as_secs() < secs, "{what}: {:?}\n{}", slots(svc), svc.log_text());
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
-    // The step holds the one VM slot of `--jobs 1`, which the service's builder shares with
-    // the workers (`build::slots`); it gives it back when cancelled.
-    let slots = |svc: &HttpService| {
-        let m = svc.request("GET", "/metrics", b"").text();
-        let g = |name: &str| {
-            m.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).map(str::to_owned)
-        };
-        (g("vouch_vm_slots_busy "), g("vouch_vm_slots_waiting "))
-    };
-    assert_eq!(slots(&svc), (Some("1".into()), Some("0".into())));
+}
+
+#[test]
+fn cancelling_closure_builds_kills_nix_and_their_steps_and_jobs_bounds_the_vms() {
+    let e = VmTest::new(&VMS, "closure.nix", closure_nix);
+    let (s, state) = (&e.s, e.state.clone());
+    let image = image_dir();
+    let trusted = trusted_args(s);
+    let mut args = vec!["--image", image.to_str().unwrap(), "--jobs", "2"];
+    args.extend(trusted.iter().map(String::as_str));
+    let svc = HttpService::start(&vouch_bin(), &state, &s.dir.path().join("serve.log"), &args);
+    let (both, later) = (s.instantiate(&e.file, "both"), s.instantiate(&e.file, "later"));
+    // `both` needs two slow steps: the service's Nix sends both to its builder, whose two
+    // slots (`--jobs 2`) they take.
+    let id = upload_and_build(&e, &svc, &[&both, &later]);
+    wait_slots(&svc, (2, 0), 240, "both slow steps hold the two slots");
+    // A trusted client's closure build runs in its own private Nix store, whose Nix also sees
+    // the builder's two slots free: its step waits for one instead of booting a third VM.
+    let body = format!(r#"{{"drv": "{later}"}}"#);
+    let r = svc.request_with("POST", "/v1/builds", &[TRUSTED], body.as_bytes());
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id2 = json(&r)["id"].as_u64().unwrap();
+    wait_slots(&svc, (2, 1), 120, "the trusted client's step waits");
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(slots(&svc), (2, 1), "still waiting, no third VM");
+    // Cancelled while it waits: its Nix hangs up, the step leaves the line, nothing booted.
+    let r = svc.request_with("DELETE", &format!("/v1/builds/{id2}"), &[TRUSTED], b"");
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(wait(&svc, id2)["state"], "cancelled");
+    wait_slots(&svc, (2, 0), 30, "the cancelled waiter left the line");
+
+    // Cancelling the first: Nix and both running steps' VMs killed, both slots given back.
     assert_eq!(svc.request("DELETE", &format!("/v1/builds/{id}"), b"").status, 202);
     let v = wait(&svc, id);
     assert_eq!(v["state"], "cancelled", "{v}");
@@ -383,11 +411,11 @@ fn cancelling_a_closure_build_kills_nix_and_the_running_step() {
         assert!(t0.elapsed().as_secs() < 30, "Nix still runs");
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
-    // The service's builder saw Nix hang up and killed the step's VM.
+    // The service's builder saw Nix hang up and killed the steps' VMs.
     while !svc.log_text().contains("its VM killed; nothing was registered") {
-        assert!(t0.elapsed().as_secs() < 30, "the step's VM: {}", svc.log_text());
+        assert!(t0.elapsed().as_secs() < 30, "the steps' VMs: {}", svc.log_text());
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     assert!(steps_in(&state.join("cache")).is_empty(), "{:?}", steps_in(&state.join("cache")));
-    assert_eq!(slots(&svc), (Some("0".into()), Some("0".into())), "the slot given back");
+    wait_slots(&svc, (0, 0), 30, "the slots given back");
 }

@@ -17,6 +17,7 @@ use test_support::http_service::HttpService;
 use test_support::nix::text;
 use test_support::vm::vouch_bin;
 use tests::fixture::Fixture;
+use tests::service::self_signed;
 
 fn vouch(state: &Path, args: &[&str]) -> Output {
     Command::new(vouch_bin()).arg("--state-dir").arg(state).args(args).output().unwrap()
@@ -117,24 +118,6 @@ fn verify_over_http_from_vouch_serve_and_over_file_urls() {
     let odd = verify("s3://bucket", &[&drv]);
     assert_eq!(odd.status.code(), Some(2), "{}", text(&odd));
     assert!(text(&odd).contains("names no trace store"), "{}", text(&odd));
-}
-
-/// A self-signed certificate (P-256) for `san` (e.g. `IP:127.0.0.1`) in `dir`: (cert, key).
-fn self_signed(dir: &Path, name: &str, san: &str) -> (std::path::PathBuf, std::path::PathBuf) {
-    let (cert, key) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
-    let made = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"])
-        .args(["-subj", &format!("/CN={name}"), "-addext", &format!("subjectAltName={san}")])
-        // A CA certificate is refused as a server's own (webpki): a self-signed leaf.
-        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
-        .args(["-days", "1", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("running openssl (scripts/setup-host.sh installs it)");
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
-    (cert, key)
 }
 
 /// `vouch verify --traces https://…` against a real `vouch serve --tls-cert/--tls-key` with a

@@ -145,6 +145,19 @@ pub fn run_step(
         return Err(StepError::Cancelled);
     }
     let called = Instant::now();
+    // One of the launcher's slots before anything else (inputs staged, a VM booted or taken).
+    let _slot = match &cfg.slots {
+        Some(slots) => Some(
+            slots
+                .acquire(&cfg.cancel, |n| {
+                    sink.progress(&Progress::Note(format!(
+                        "waiting for a VM slot: all {n} of this host's slots (--jobs) are busy"
+                    )))
+                })
+                .map_err(|_| StepError::Cancelled)?,
+        ),
+        None => None,
+    };
     let p = prepare(&req, inputs, cfg)?;
     let mut job_id = req.job_id.clone().unwrap_or_else(random_id);
     let mut attempt = 1u32;
@@ -362,6 +375,70 @@ fn unfinished(
 mod tests {
     use super::*;
     use channel::messages::FailureKind;
+
+    /// The notes of a build's log.
+    #[derive(Default)]
+    struct Notes(Vec<String>);
+
+    impl BuildLog for Notes {
+        fn output(&mut self, _: &[u8]) {}
+        fn progress(&mut self, e: &Progress) {
+            self.0.push(e.text());
+        }
+    }
+
+    #[test]
+    fn a_step_takes_a_slot_before_it_prepares_anything_and_gives_it_back() {
+        use crate::build::slots::Slots;
+        use crate::build::Cancel;
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = LauncherConfig::new(dir.path().join("no-image"), dir.path().join("state"));
+        let slots = Slots::new(1);
+        cfg.slots = Some(slots.clone());
+        let req = || StepRequest {
+            drv_path: StorePath::parse("/nix/store/00000000000000000000000000000000-x.drv")
+                .unwrap(),
+            drv: crate::core::request::test_derivation("x"),
+            outputs: BTreeSet::new(),
+            limits: Limits::default(),
+            ca_rule: build_trace::CaRule::SelfRefZeroed,
+            network: false,
+            job_id: None,
+        };
+        let run = |cfg: &LauncherConfig| {
+            let mut log = Notes::default();
+            let r = run_step(req(), &crate::build::nix_store::LocalNixStore, &mut log, cfg);
+            (r.map(drop), log.0)
+        };
+        let held = slots.acquire(&Cancel::default(), |_| panic!("a free slot")).unwrap();
+        std::thread::scope(|t| {
+            // All slots busy: the step waits (without an image it would fail at once), says so,
+            // and goes on when the slot is given back, to fail where it prepares.
+            let waiting = t.spawn(|| run(&cfg));
+            while slots.waiting() == 0 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            assert!(!waiting.is_finished(), "it did not wait for the slot");
+            drop(held);
+            let (r, notes) = waiting.join().unwrap();
+            assert!(matches!(&r, Err(e) if !matches!(e, StepError::Cancelled)), "{r:?}");
+            assert!(notes.iter().any(|n| n.contains("waiting for a VM slot: all 1")), "{notes:?}");
+        });
+        assert_eq!((slots.busy(), slots.peak()), (0, 1), "given back after the failure");
+        // A step waiting when its launcher is cancelled: cancelled, no slot taken.
+        let held = slots.acquire(&Cancel::default(), |_| panic!("a free slot")).unwrap();
+        std::thread::scope(|t| {
+            let waiting = t.spawn(|| run(&cfg));
+            while slots.waiting() == 0 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            cfg.cancel.cancel();
+            assert!(matches!(waiting.join().unwrap().0, Err(StepError::Cancelled)));
+        });
+        drop(held);
+        assert_eq!((slots.busy(), slots.waiting()), (0, 0));
+    }
 
     #[test]
     fn only_infrastructure_failures_are_retried() {

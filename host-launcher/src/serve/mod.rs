@@ -177,6 +177,9 @@ impl Service {
     /// area (emptied) and the signing key (created if there is none yet) under the state
     /// directory, and queue again the builds a restart found queued.
     pub fn open(cfg: ServiceConfig) -> Result<Service, Box<dyn std::error::Error + Send + Sync>> {
+        let mut cfg = cfg;
+        // `--jobs` VMs at once, whoever asks (`crate::build::slots`).
+        cfg.engine.launcher.slots.get_or_insert_with(|| crate::build::slots::Slots::new(cfg.jobs));
         // First, so that a second service on this state directory stops before it touches
         // anything (the record holds the directory's lock).
         let state_dir = &cfg.engine.publish.state_dir;
@@ -376,6 +379,7 @@ impl Service {
             ApiAction::Metrics => {
                 let (queued, running) = self.builds.load();
                 let counts = self.builds.records().counts().map_err(internal)?;
+                self.metrics.slots(self.cfg.engine.launcher.slots.as_deref());
                 let text = self.metrics.render(queued, running, &counts);
                 Ok(ApiReply::Bytes("text/plain; version=0.0.4; charset=utf-8", text.into_bytes()))
             }

@@ -5,7 +5,10 @@
 #   scripts/bench-serve.sh            # release build of vouch, then the runs
 #
 # - narinfo requests/s: wrk, 64 connections, 2 threads, VOUCH_BENCH_SECS (10) seconds, on one
-#   narinfo of a cache of 2 000;
+#   narinfo of a cache of 2 000, and on all 2 000 in random order, VOUCH_BENCH_NARINFO_RUNS (3)
+#   times each, interleaved, best kept; and the servers' own CPU time per request over all
+#   runs (user + system of every thread, from /proc), which other work on the machine moves
+#   far less than it moves requests/s;
 # - NAR MiB/s: a 256 MiB NAR fetched whole with curl, VOUCH_BENCH_NAR_RUNS (5) times each,
 #   interleaved, best kept;
 # - memory: vouch's RSS before, after the narinfo load and after the NAR runs (VmRSS, VmHWM).
@@ -18,6 +21,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${VOUCH_BENCH_SECS:-10}
 RUNS=${VOUCH_BENCH_NAR_RUNS:-5}
+NARINFO_RUNS=${VOUCH_BENCH_NARINFO_RUNS:-3}
 for t in wrk nginx curl; do
   command -v "$t" >/dev/null || [ -x "/usr/sbin/$t" ] || { echo "bench-serve: $t missing (scripts/setup-host.sh)" >&2; exit 1; }
 done
@@ -57,12 +61,15 @@ for i in range(2000):
             f"Sig: bench-1:{'A' * 86}==\n")
     open(os.path.join(cache, p + ".narinfo"), "w").write(text)
 print(h(0), file=open(os.path.join(cache, "..", "first"), "w"))
+with open(os.path.join(cache, "..", "all.lua"), "w") as f:
+    f.write("local paths = {" + ",".join(f'"/{h(i)}.narinfo"' for i in range(2000)) + "}\n")
+    f.write("request = function() return wrk.format(nil, paths[math.random(#paths)]) end\n")
 PY
 head -c $((256 << 20)) /dev/urandom > "$CACHE/nar/big.nar"
 NARINFO=$(cat "$WORK/state/first").narinfo
 
-# vouch serve on the cache (no VM is involved).
-"$VOUCH" --state-dir "$WORK/state" serve --listen 127.0.0.1:0 --max-connections-per-peer 1024 \
+# vouch serve on the cache: no warm pool, so no VM is involved.
+"$VOUCH" --state-dir "$WORK/state" serve --listen 127.0.0.1:0 --max-connections-per-peer 1024 --pool 0 \
   2> "$WORK/vouch.log" &
 VOUCH_PID=$!
 for _ in $(seq 100); do grep -q "listening on" "$WORK/vouch.log" && break; sleep 0.1; done
@@ -100,11 +107,29 @@ done
 
 rss() { awk '/VmRSS/ {r=$2} /VmHWM/ {h=$2} END {printf "%d/%d", r/1024, h/1024}' "/proc/$VOUCH_PID/status"; }
 RSS0=$(rss)
-narinfo_rps() { wrk -t2 -c64 -d"${SECS}s" "$1/$NARINFO" | awk '/Requests\/sec/ {print $2}'; }
+NGINX_WORKERS=$(pgrep -P "$NGINX_PID" | tr '\n' ' ')
+# CPU time (clock ticks, user + system) of every thread of the processes PIDS….
+ticks() {
+  local s=0 f
+  for f in $(for p in "$@"; do echo "/proc/$p/task/"*/stat; done); do s=$((s + $(awk '{print $14 + $15}' "$f"))); done
+  echo "$s"
+}
+# One wrk run (WRK-ARGS…) against the server whose processes are PIDS (one word), appended to
+# the runs file as "WORKLOAD SERVER requests/s requests ticks"; errors or non-2xx answers stop it.
+measure() {
+  local workload=$1 server=$2 pids=$3 t0 out t1
+  shift 3
+  t0=$(ticks $pids); out=$(wrk -t2 -c64 -d"${SECS}s" "$@"); t1=$(ticks $pids)
+  if grep -q "Non-2xx\|Socket errors" <<<"$out"; then echo "bench-serve: wrk $*: $out" >&2; exit 1; fi
+  echo "$workload $server $(awk '/Requests\/sec/ {print $2}' <<<"$out") $(awk '/requests in/ {print $1}' <<<"$out") $((t1 - t0))" >> "$WORK/runs"
+}
 # Warm both, then measure, interleaved.
 wrk -t2 -c64 -d2s "$VOUCH_URL/$NARINFO" >/dev/null; wrk -t2 -c64 -d2s "$NGINX_URL/$NARINFO" >/dev/null
-V_RPS=$(narinfo_rps "$VOUCH_URL"); N_RPS=$(narinfo_rps "$NGINX_URL")
-V_RPS2=$(narinfo_rps "$VOUCH_URL"); N_RPS2=$(narinfo_rps "$NGINX_URL")
+for _ in $(seq "$NARINFO_RUNS"); do
+  measure one vouch "$VOUCH_PID" "$VOUCH_URL/$NARINFO"; measure one nginx "$NGINX_WORKERS" "$NGINX_URL/$NARINFO"
+  measure all vouch "$VOUCH_PID" -s "$WORK/state/all.lua" "$VOUCH_URL"
+  measure all nginx "$NGINX_WORKERS" -s "$WORK/state/all.lua" "$NGINX_URL"
+done
 RSS1=$(rss)
 
 nar_mibs() { curl -s -o /dev/null -w '%{speed_download}' "$1/nar/big.nar" | awk '{printf "%.0f", $1 / 1048576}'; }
@@ -116,12 +141,26 @@ for _ in $(seq "$RUNS"); do
 done
 RSS2=$(rss)
 
-best() { python3 -c "print(max(float('$1'), float('$2')))"; }
-V_RPS=$(best "$V_RPS" "$V_RPS2"); N_RPS=$(best "$N_RPS" "$N_RPS2")
 ratio() { python3 -c "print(f'{float(\"$1\") / float(\"$2\"):.2f}')"; }
 echo
 echo "machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg); nginx $("$NGINX" -v 2>&1 | cut -d/ -f2); $(wrk --version 2>&1 | head -1 | cut -d' ' -f1-2)"
 printf '| measure | vouch serve | nginx | vouch / nginx |\n|---|---|---|---|\n'
-printf '| narinfo requests/s (64 connections, best of 2 × %ss) | %.0f | %.0f | **%s×** |\n' "$SECS" "$V_RPS" "$N_RPS" "$(ratio "$V_RPS" "$N_RPS")"
+python3 - "$WORK/runs" "$SECS" "$(getconf CLK_TCK)" <<'PY'
+import sys
+runs, secs, hz = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rows = {}
+for line in open(runs):
+    w, srv, rps, n, t = line.split()
+    r = rows.setdefault((w, srv), [0.0, 0, 0, 0])
+    r[0] = max(r[0], float(rps)); r[1] += int(n); r[2] += int(t); r[3] += 1
+name = {"one": "one narinfo", "all": "all 2 000 narinfos in random order"}
+for w in ("one", "all"):
+    v, n = rows[(w, "vouch")], rows[(w, "nginx")]
+    print(f"| narinfo requests/s, {name[w]} (64 connections, best of {v[3]} × {secs}s) "
+          f"| {v[0]:.0f} | {n[0]:.0f} | **{v[0] / n[0]:.2f}×** |")
+    us = lambda r: r[2] * 1e6 / hz / r[1]
+    print(f"| server CPU µs per narinfo request, {name[w]} (all runs) "
+          f"| {us(v):.1f} | {us(n):.1f} | **{us(n) / us(v):.2f}×** less |")
+PY
 printf '| 256 MiB NAR, MiB/s (one client, best of %s) | %s | %s | **%s×** |\n' "$RUNS" "$V_NAR" "$N_NAR" "$(ratio "$V_NAR" "$N_NAR")"
 echo "vouch RSS/peak MiB: idle $RSS0, after the narinfo load $RSS1, after the NAR runs $RSS2"

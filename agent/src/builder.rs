@@ -268,18 +268,7 @@ pub fn prepare(
     env.insert("NIX_BUILD_CORES".into(), cores.to_string());
     let structured = drv.env.get("__json");
     if structured.is_none() {
-        let pass_as_file: BTreeSet<&str> =
-            drv.env.get("passAsFile").map(|s| s.split_whitespace().collect()).unwrap_or_default();
-        for (k, v) in &drv.env {
-            if pass_as_file.contains(k.as_str()) {
-                let fname =
-                    format!(".attr-{}", nix_formats::base32::encode(&Sha256::digest(k.as_bytes())));
-                files.push((fname.clone(), rewrite(v, rewrites).into_bytes()));
-                env.insert(format!("{k}Path"), format!("{build_dir}/{fname}"));
-            } else {
-                env.insert(k.clone(), v.clone());
-            }
-        }
+        derivation_env(drv, rewrites, build_dir, &mut env, &mut files);
     }
     for k in ["NIX_BUILD_TOP", "TMPDIR", "TEMPDIR", "TMP", "TEMP", "PWD"] {
         env.insert(k.into(), build_dir.into());
@@ -291,44 +280,7 @@ pub fn prepare(
     env.insert("TERM".into(), "xterm-256color".into());
 
     if let Some(json) = structured {
-        let mut obj: serde_json::Map<String, serde_json::Value> = match serde_json::from_str(json) {
-            Ok(serde_json::Value::Object(o)) => o,
-            _ => return Err(PrepareError::StructuredAttrs),
-        };
-        let outputs: serde_json::Map<String, serde_json::Value> = drv
-            .outputs
-            .keys()
-            .map(|o| {
-                (o.clone(), serde_json::Value::String(rewrite(&hash_placeholder(o), rewrites)))
-            })
-            .collect();
-        obj.insert("outputs".into(), serde_json::Value::Object(outputs));
-        if let Some(serde_json::Value::Object(graphs)) = obj.get("exportReferencesGraph").cloned() {
-            for (key, roots) in graphs {
-                let roots: Vec<String> = roots
-                    .as_array()
-                    .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
-                    .unwrap_or_default();
-                let paths = closure_of(&roots, closure)?;
-                let infos: Vec<serde_json::Value> = paths
-                    .iter()
-                    .map(|p| {
-                        let i = &closure[p];
-                        serde_json::json!({
-                            "path": p,
-                            "narHash": i.nar_hash.to_string(),
-                            "narSize": i.nar_size,
-                            "references": i.references,
-                        })
-                    })
-                    .collect();
-                obj.insert(key, serde_json::Value::Array(infos));
-            }
-        }
-        let sh = structured_attrs_shell(&obj);
-        let dumped = serde_json::to_string(&obj).map_err(|_| PrepareError::StructuredAttrs)?;
-        files.push((".attrs.sh".into(), rewrite(&sh, rewrites).into_bytes()));
-        files.push((".attrs.json".into(), rewrite(&dumped, rewrites).into_bytes()));
+        files.extend(structured_attrs_files(json, drv, rewrites, closure)?);
         env.insert("NIX_ATTRS_SH_FILE".into(), format!("{build_dir}/.attrs.sh"));
         env.insert("NIX_ATTRS_JSON_FILE".into(), format!("{build_dir}/.attrs.json"));
     } else if let Some(spec) = drv.env.get("exportReferencesGraph") {
@@ -356,6 +308,77 @@ pub fn prepare(
         env,
         files,
     })
+}
+
+/// Without structured attributes: the derivation's environment, each variable named in
+/// `passAsFile` written to a build-directory file instead (`<name>Path` names it).
+fn derivation_env(
+    drv: &BasicDerivation,
+    rewrites: &[(String, String)],
+    build_dir: &str,
+    env: &mut BTreeMap<String, String>,
+    files: &mut Vec<(String, Vec<u8>)>,
+) {
+    let pass_as_file: BTreeSet<&str> =
+        drv.env.get("passAsFile").map(|s| s.split_whitespace().collect()).unwrap_or_default();
+    for (k, v) in &drv.env {
+        if pass_as_file.contains(k.as_str()) {
+            let fname =
+                format!(".attr-{}", nix_formats::base32::encode(&Sha256::digest(k.as_bytes())));
+            files.push((fname.clone(), rewrite(v, rewrites).into_bytes()));
+            env.insert(format!("{k}Path"), format!("{build_dir}/{fname}"));
+        } else {
+            env.insert(k.clone(), v.clone());
+        }
+    }
+}
+
+/// With structured attributes (`json`, the `__json` variable): `.attrs.sh` and `.attrs.json`,
+/// with the outputs' placeholders and each `exportReferencesGraph` entry's closure filled in.
+fn structured_attrs_files(
+    json: &str,
+    drv: &BasicDerivation,
+    rewrites: &[(String, String)],
+    closure: &BTreeMap<StorePath, PathInfo>,
+) -> Result<[(String, Vec<u8>); 2], PrepareError> {
+    let mut obj: serde_json::Map<String, serde_json::Value> = match serde_json::from_str(json) {
+        Ok(serde_json::Value::Object(o)) => o,
+        _ => return Err(PrepareError::StructuredAttrs),
+    };
+    let outputs: serde_json::Map<String, serde_json::Value> = drv
+        .outputs
+        .keys()
+        .map(|o| (o.clone(), serde_json::Value::String(rewrite(&hash_placeholder(o), rewrites))))
+        .collect();
+    obj.insert("outputs".into(), serde_json::Value::Object(outputs));
+    if let Some(serde_json::Value::Object(graphs)) = obj.get("exportReferencesGraph").cloned() {
+        for (key, roots) in graphs {
+            let roots: Vec<String> = roots
+                .as_array()
+                .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+                .unwrap_or_default();
+            let paths = closure_of(&roots, closure)?;
+            let infos: Vec<serde_json::Value> = paths
+                .iter()
+                .map(|p| {
+                    let i = &closure[p];
+                    serde_json::json!({
+                        "path": p,
+                        "narHash": i.nar_hash.to_string(),
+                        "narSize": i.nar_size,
+                        "references": i.references,
+                    })
+                })
+                .collect();
+            obj.insert(key, serde_json::Value::Array(infos));
+        }
+    }
+    let sh = structured_attrs_shell(&obj);
+    let dumped = serde_json::to_string(&obj).map_err(|_| PrepareError::StructuredAttrs)?;
+    Ok([
+        (".attrs.sh".into(), rewrite(&sh, rewrites).into_bytes()),
+        (".attrs.json".into(), rewrite(&dumped, rewrites).into_bytes()),
+    ])
 }
 
 /// Limits enforced while the builder runs (0 = none).
@@ -396,6 +419,43 @@ pub fn run(
     confine: &Confinement,
     log: &mut dyn FnMut(&[u8]),
 ) -> Result<(), BuildFailure> {
+    let (mut child, mut pipe) = spawn(p, build_dir, confine)?;
+    let pid = child.id();
+    let drv = drv_path.to_owned();
+    let st = match watch(&mut child, &mut pipe, &drv, limits, confine, log) {
+        Ok(st) => st,
+        Err(e) => {
+            confine.kill_all(pid);
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
+    };
+    // Nothing of the builder's tree may outlive it (it could change outputs after hashing).
+    confine.kill_all(pid);
+    drain_nonblocking(&mut pipe, &mut |d| log(d));
+    if let Some(hit) = confine.limit_hit(!st.success()) {
+        return Err(BuildFailure::Limit { drv, hit });
+    }
+    if st.success() {
+        return Ok(());
+    }
+    use std::os::unix::process::ExitStatusExt;
+    let how = match (st.code(), st.signal()) {
+        (Some(c), _) => format!("failed with exit code {c}"),
+        (None, Some(s)) => format!("was killed by signal {s}"),
+        _ => "failed".to_owned(),
+    };
+    Err(BuildFailure::Failed { drv, how })
+}
+
+/// Start the confined builder in `build_dir`, its stdout and stderr on one pipe: the child and
+/// the pipe's read end.
+fn spawn(
+    p: &Prepared,
+    build_dir: &Path,
+    confine: &Confinement,
+) -> Result<(std::process::Child, std::fs::File), BuildFailure> {
     use std::os::unix::process::CommandExt;
     let (rd, wr): (OwnedFd, OwnedFd) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| BuildFailure::Spawn(p.program.clone(), e.into()))?;
@@ -410,34 +470,38 @@ pub fn run(
         .stdout(Stdio::from(wr))
         .stderr(Stdio::from(wr2));
     confine.apply(&mut cmd);
-    let mut child = cmd.spawn().map_err(|e| BuildFailure::Spawn(p.program.clone(), e))?;
+    let child = cmd.spawn().map_err(|e| BuildFailure::Spawn(p.program.clone(), e))?;
     drop(cmd); // closes our copies of the write end
-    let pid = child.id();
-    let mut pipe = std::fs::File::from(rd);
+    Ok((child, std::fs::File::from(rd)))
+}
+
+/// Pass the builder's output to `log` until the builder exits: its exit status. Any limit
+/// crossed (time, silence, log size, memory or processes) or a failed read is an error, and
+/// the caller kills the builder's tree.
+fn watch(
+    child: &mut std::process::Child,
+    pipe: &mut std::fs::File,
+    drv: &str,
+    limits: RunLimits,
+    confine: &Confinement,
+    log: &mut dyn FnMut(&[u8]),
+) -> Result<std::process::ExitStatus, BuildFailure> {
     let started = Instant::now();
     let mut last_output = started;
     let mut logged = 0u64;
     let mut buf = vec![0u8; 64 << 10];
-    let drv = drv_path.to_owned();
-    let kill = |child: &mut std::process::Child| {
-        confine.kill_all(pid);
-        let _ = child.kill();
-        let _ = child.wait();
-    };
     let mut eof = false;
-    let status = loop {
+    loop {
         let now = Instant::now();
         if limits.timeout_s > 0
             && now.duration_since(started) >= Duration::from_secs(limits.timeout_s)
         {
-            kill(&mut child);
-            return Err(BuildFailure::Timeout { drv, secs: limits.timeout_s });
+            return Err(BuildFailure::Timeout { drv: drv.to_owned(), secs: limits.timeout_s });
         }
         if limits.max_silent_s > 0
             && now.duration_since(last_output) >= Duration::from_secs(limits.max_silent_s)
         {
-            kill(&mut child);
-            return Err(BuildFailure::MaxSilent { drv, secs: limits.max_silent_s });
+            return Err(BuildFailure::MaxSilent { drv: drv.to_owned(), secs: limits.max_silent_s });
         }
         let readable = !eof && {
             use nix::poll::{poll, PollFd, PollFlags};
@@ -451,16 +515,15 @@ pub fn run(
                     last_output = Instant::now();
                     logged += n as u64;
                     if limits.max_log_bytes > 0 && logged > limits.max_log_bytes {
-                        kill(&mut child);
-                        return Err(BuildFailure::LogLimit { drv, bytes: limits.max_log_bytes });
+                        return Err(BuildFailure::LogLimit {
+                            drv: drv.to_owned(),
+                            bytes: limits.max_log_bytes,
+                        });
                     }
                     log(&buf[..n]);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    kill(&mut child);
-                    return Err(BuildFailure::Log(e));
-                }
+                Err(e) => return Err(BuildFailure::Log(e)),
             }
         }
         if eof {
@@ -468,37 +531,16 @@ pub fn run(
         }
         // A memory or process limit hit fails the build at once (a fork bomb never exits).
         if let Some(hit) = confine.limit_hit(false) {
-            kill(&mut child);
-            return Err(BuildFailure::Limit { drv, hit });
+            return Err(BuildFailure::Limit { drv: drv.to_owned(), hit });
         }
         // The builder may exit while something it started still holds the log pipe, or close
         // the pipe and keep running: its own exit decides.
         match child.try_wait() {
-            Ok(Some(st)) => break st,
+            Ok(Some(st)) => return Ok(st),
             Ok(None) => {}
-            Err(e) => {
-                kill(&mut child);
-                return Err(BuildFailure::Log(e));
-            }
+            Err(e) => return Err(BuildFailure::Log(e)),
         }
-    };
-    // Nothing of the builder's tree may outlive it (it could change outputs after hashing).
-    confine.kill_all(pid);
-    drain_nonblocking(&mut pipe, &mut |d| log(d));
-    let st = status;
-    if let Some(hit) = confine.limit_hit(!st.success()) {
-        return Err(BuildFailure::Limit { drv, hit });
     }
-    if st.success() {
-        return Ok(());
-    }
-    use std::os::unix::process::ExitStatusExt;
-    let how = match (st.code(), st.signal()) {
-        (Some(c), _) => format!("failed with exit code {c}"),
-        (None, Some(s)) => format!("was killed by signal {s}"),
-        _ => "failed".to_owned(),
-    };
-    Err(BuildFailure::Failed { drv, how })
 }
 
 fn drain_nonblocking(pipe: &mut std::fs::File, log: &mut dyn FnMut(&[u8])) {

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use build_trace::job::{Job, NarHash};
+use build_trace::job::{Job, NarHash, PathInfo};
 use nix_formats::content_address::ContentAddress;
 use nix_formats::nar::{NarDump, NarHasher, NarLimits, UnpackOptions};
 use nix_formats::refs::RefScanner;
@@ -139,67 +139,9 @@ pub fn receive<R: Read>(
             return Err(InputError::Twice(begin.path));
         }
         let dest = store_dir.join(begin.path.base_name());
-        let mut hasher = NarHasher::new();
-        let mut own = RefScanner::new([begin.path.clone()]);
-        {
-            let mut stream = rd.nar_stream(&begin.path.to_string(), begin.nar_size);
-            let unpacked = nix_formats::nar::unpack(
-                Tee { inner: &mut stream, hasher: &mut hasher, own: &mut own },
-                &dest,
-                &opts,
-            );
-            if let Err(e) = unpacked {
-                // A channel-level problem (e.g. fewer or more bytes than announced) explains
-                // the failure better than "invalid NAR".
-                return Err(match stream.take_error() {
-                    Some(ProtoError::NarTooShort { got, .. }) => InputError::SizeMismatch {
-                        path: begin.path,
-                        expected: info.nar_size,
-                        actual: got.to_string(),
-                    },
-                    Some(ProtoError::NarTooLong { .. }) => InputError::SizeMismatch {
-                        path: begin.path,
-                        expected: info.nar_size,
-                        actual: format!("more than {}", begin.nar_size),
-                    },
-                    Some(pe) => InputError::Proto(pe),
-                    None => InputError::Unpack(begin.path, e),
-                });
-            }
-            let before = hasher.size();
-            let mut rest = Vec::new();
-            let trailing = Tee { inner: &mut stream, hasher: &mut hasher, own: &mut own }
-                .read_to_end(&mut rest);
-            if trailing.is_err() || hasher.size() != before {
-                return Err(match stream.take_error() {
-                    Some(ProtoError::NarTooShort { got, .. }) => InputError::SizeMismatch {
-                        path: begin.path,
-                        expected: info.nar_size,
-                        actual: got.to_string(),
-                    },
-                    Some(pe) => InputError::Proto(pe),
-                    None => InputError::Trailing(begin.path),
-                });
-            }
-        }
-        let digest = hasher.finish();
-        let actual = NarHash(digest.sha256);
-        if digest.size != info.nar_size {
-            return Err(InputError::SizeMismatch {
-                path: begin.path,
-                expected: info.nar_size,
-                actual: digest.size.to_string(),
-            });
-        }
-        if actual != info.nar_hash {
-            return Err(InputError::HashMismatch {
-                path: begin.path,
-                expected: info.nar_hash.to_string(),
-                actual: actual.to_string(),
-            });
-        }
+        let self_referencing = receive_nar(rd, &begin, info, &dest, &opts)?;
         progress(&begin.path);
-        if !own.references().is_empty() {
+        if self_referencing {
             out.self_referencing.insert(begin.path.clone());
         }
         out.order.push(begin.path);
@@ -208,6 +150,77 @@ pub fn receive<R: Read>(
         return Err(InputError::Missing(missing.clone()));
     }
     Ok(out)
+}
+
+/// One input's NAR after its `NarBegin` (`begin`): unpacked at `dest` while hashed, then checked
+/// against the closure's `info` (size and hash). Whether it refers to itself.
+fn receive_nar<R: Read>(
+    rd: &mut FrameReader<R>,
+    begin: &NarBegin,
+    info: &PathInfo,
+    dest: &Path,
+    opts: &UnpackOptions,
+) -> Result<bool, InputError> {
+    let mut hasher = NarHasher::new();
+    let mut own = RefScanner::new([begin.path.clone()]);
+    {
+        let mut stream = rd.nar_stream(&begin.path.to_string(), begin.nar_size);
+        let unpacked = nix_formats::nar::unpack(
+            Tee { inner: &mut stream, hasher: &mut hasher, own: &mut own },
+            dest,
+            opts,
+        );
+        if let Err(e) = unpacked {
+            // A channel-level problem (e.g. fewer or more bytes than announced) explains
+            // the failure better than "invalid NAR".
+            return Err(match stream.take_error() {
+                Some(ProtoError::NarTooShort { got, .. }) => InputError::SizeMismatch {
+                    path: begin.path.clone(),
+                    expected: info.nar_size,
+                    actual: got.to_string(),
+                },
+                Some(ProtoError::NarTooLong { .. }) => InputError::SizeMismatch {
+                    path: begin.path.clone(),
+                    expected: info.nar_size,
+                    actual: format!("more than {}", begin.nar_size),
+                },
+                Some(pe) => InputError::Proto(pe),
+                None => InputError::Unpack(begin.path.clone(), e),
+            });
+        }
+        let before = hasher.size();
+        let mut rest = Vec::new();
+        let trailing =
+            Tee { inner: &mut stream, hasher: &mut hasher, own: &mut own }.read_to_end(&mut rest);
+        if trailing.is_err() || hasher.size() != before {
+            return Err(match stream.take_error() {
+                Some(ProtoError::NarTooShort { got, .. }) => InputError::SizeMismatch {
+                    path: begin.path.clone(),
+                    expected: info.nar_size,
+                    actual: got.to_string(),
+                },
+                Some(pe) => InputError::Proto(pe),
+                None => InputError::Trailing(begin.path.clone()),
+            });
+        }
+    }
+    let digest = hasher.finish();
+    let actual = NarHash(digest.sha256);
+    if digest.size != info.nar_size {
+        return Err(InputError::SizeMismatch {
+            path: begin.path.clone(),
+            expected: info.nar_size,
+            actual: digest.size.to_string(),
+        });
+    }
+    if actual != info.nar_hash {
+        return Err(InputError::HashMismatch {
+            path: begin.path.clone(),
+            expected: info.nar_hash.to_string(),
+            actual: actual.to_string(),
+        });
+    }
+    Ok(!own.references().is_empty())
 }
 
 /// Recompute the content address of every closure path that claims one; returns

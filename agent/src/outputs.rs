@@ -21,7 +21,7 @@ use build_trace::statement::OutputInfo;
 use nix_formats::ca::{compute_ca_outputs, CaOutputSpec, RewriteReader};
 use nix_formats::content_address::{content_hash, ContentAddress, ContentAddressMethod};
 use nix_formats::derivation::CaMethod;
-use nix_formats::nar::{NarDump, NarHasher, NarLimits};
+use nix_formats::nar::{NarDigest, NarDump, NarHasher, NarLimits};
 use nix_formats::refs::RefScanner;
 use nix_formats::store_path::FileIngestionMethod;
 use nix_formats::{Hash, StorePath};
@@ -137,116 +137,149 @@ pub fn hash_outputs(
     }
     let closure: BTreeSet<StorePath> = job.closure.keys().cloned().collect();
     let kind = job.kind().map_err(|e| OutputError::Declaration("(drv)".into(), e.to_string()))?;
-    let limits = NarLimits::default();
-    let mut out = BTreeMap::new();
     match kind {
-        StepKind::FloatingCa => {
-            let specs = job
-                .drv
-                .outputs
-                .iter()
-                .map(|(name, o)| {
-                    let (method, algo) = parse_algo(name, &o.hash_algo)?;
-                    Ok(CaOutputSpec { name: name.clone(), method, algo })
-                })
-                .collect::<Result<Vec<_>, OutputError>>()?;
-            let results = compute_ca_outputs(
-                &job.drv_path,
-                &specs,
-                &closure,
-                job.ca_rule.into(),
-                &limits,
-                |o| Ok(NarDump::new(on_disk(store_dir, &scratch[o]))),
-            )?;
-            for (name, r) in results {
-                if !job.outputs.contains(&name) {
-                    continue;
-                }
-                let info = OutputInfo {
-                    path: r.path.clone(),
-                    nar_hash: NarHash(sha256_of(&r.nar_hash)),
-                    nar_size: r.nar_size,
-                    references: r.references.clone(),
-                    ca: Some(r.ca.to_string()),
-                };
-                out.insert(
-                    name,
-                    HashedOutput {
-                        info,
-                        on_disk: on_disk(store_dir, &r.scratch_path),
-                        rewrites: r.rewrites,
-                    },
-                );
-            }
-        }
+        StepKind::FloatingCa => hash_floating_ca(job, scratch, store_dir, &closure),
         StepKind::InputAddressed | StepKind::FixedOutput => {
-            let mut candidates = closure.clone();
-            candidates.extend(scratch.values().cloned());
-            // Every output is hashed (Nix registers them all); only wanted ones are returned.
-            let mut refs_by_output = BTreeMap::new();
-            for name in job.drv.outputs.keys() {
-                let p = &scratch[name];
-                let disk = on_disk(store_dir, p);
-                let mut scanner = RefScanner::new(candidates.iter().cloned());
-                let mut hasher = NarHasher::new();
-                let mut dump = NarDump::new(disk.clone());
-                let mut buf = vec![0u8; 256 << 10];
-                loop {
-                    let n = dump.read(&mut buf).map_err(|e| OutputError::Io(name.clone(), e))?;
-                    if n == 0 {
-                        break;
-                    }
-                    scanner.feed(&buf[..n]);
-                    hasher.update(&buf[..n]);
-                }
-                let refs = scanner.references();
-                let digest = hasher.finish();
-                let mut ca = None;
-                if kind == StepKind::FixedOutput {
-                    if !refs.is_empty() {
-                        return Err(OutputError::FixedRefs(job.drv_path.clone()));
-                    }
-                    let o = &job.drv.outputs[name];
-                    let (method, algo) = parse_algo(name, &o.hash_algo)?;
-                    let want = Hash::parse_digest(algo, &o.hash)
-                        .map_err(|e| OutputError::Declaration(name.clone(), e.to_string()))?;
-                    let got = content_hash(
-                        ContentAddressMethod::Fixed(method),
-                        algo,
-                        NarDump::new(disk.clone()),
-                        None,
-                        job.ca_rule.into(),
-                        &limits,
-                    )
-                    .map_err(|e| OutputError::FixedCheck(job.drv_path.to_string(), e))?;
-                    if got != want {
-                        return Err(OutputError::FixedMismatch {
-                            drv: job.drv_path.clone(),
-                            specified: want.to_sri(),
-                            got: got.to_sri(),
-                        });
-                    }
-                    ca = Some(ContentAddress::Fixed { method, hash: got }.to_string());
-                }
-                let info = OutputInfo {
-                    path: p.clone(),
-                    nar_hash: NarHash(digest.sha256),
-                    nar_size: digest.size,
-                    references: refs.clone(),
-                    ca,
-                };
-                refs_by_output.insert(name.clone(), refs.clone());
-                if job.outputs.contains(name) {
-                    out.insert(
-                        name.clone(),
-                        HashedOutput { info, on_disk: disk, rewrites: Vec::new() },
-                    );
-                }
-            }
-            check_output_cycles(scratch, &refs_by_output)?;
+            hash_in_place(job, kind, scratch, store_dir, closure)
         }
     }
+}
+
+/// Floating CA: the final paths and NARs from the scratch outputs (see the module docs).
+fn hash_floating_ca(
+    job: &Job,
+    scratch: &BTreeMap<String, StorePath>,
+    store_dir: &Path,
+    closure: &BTreeSet<StorePath>,
+) -> Result<BTreeMap<String, HashedOutput>, OutputError> {
+    let specs = job
+        .drv
+        .outputs
+        .iter()
+        .map(|(name, o)| {
+            let (method, algo) = parse_algo(name, &o.hash_algo)?;
+            Ok(CaOutputSpec { name: name.clone(), method, algo })
+        })
+        .collect::<Result<Vec<_>, OutputError>>()?;
+    let results = compute_ca_outputs(
+        &job.drv_path,
+        &specs,
+        closure,
+        job.ca_rule.into(),
+        &NarLimits::default(),
+        |o| Ok(NarDump::new(on_disk(store_dir, &scratch[o]))),
+    )?;
+    let mut out = BTreeMap::new();
+    for (name, r) in results {
+        if !job.outputs.contains(&name) {
+            continue;
+        }
+        let info = OutputInfo {
+            path: r.path.clone(),
+            nar_hash: NarHash(sha256_of(&r.nar_hash)),
+            nar_size: r.nar_size,
+            references: r.references.clone(),
+            ca: Some(r.ca.to_string()),
+        };
+        out.insert(
+            name,
+            HashedOutput {
+                info,
+                on_disk: on_disk(store_dir, &r.scratch_path),
+                rewrites: r.rewrites,
+            },
+        );
+    }
     Ok(out)
+}
+
+/// Input-addressed and fixed outputs, each at its final path: one pass for NAR hash, size and
+/// references (candidates: the closure and the step's own outputs); a fixed output's declared
+/// hash is checked as well. Every output is hashed (Nix registers them all); only wanted ones
+/// are returned.
+fn hash_in_place(
+    job: &Job,
+    kind: StepKind,
+    scratch: &BTreeMap<String, StorePath>,
+    store_dir: &Path,
+    mut candidates: BTreeSet<StorePath>,
+) -> Result<BTreeMap<String, HashedOutput>, OutputError> {
+    candidates.extend(scratch.values().cloned());
+    let mut out = BTreeMap::new();
+    let mut refs_by_output = BTreeMap::new();
+    for name in job.drv.outputs.keys() {
+        let p = &scratch[name];
+        let disk = on_disk(store_dir, p);
+        let (refs, digest) = scan_nar(name, &disk, &candidates)?;
+        let ca = if kind == StepKind::FixedOutput {
+            if !refs.is_empty() {
+                return Err(OutputError::FixedRefs(job.drv_path.clone()));
+            }
+            Some(check_fixed(job, name, &disk)?)
+        } else {
+            None
+        };
+        let info = OutputInfo {
+            path: p.clone(),
+            nar_hash: NarHash(digest.sha256),
+            nar_size: digest.size,
+            references: refs.clone(),
+            ca,
+        };
+        refs_by_output.insert(name.clone(), refs);
+        if job.outputs.contains(name) {
+            out.insert(name.clone(), HashedOutput { info, on_disk: disk, rewrites: Vec::new() });
+        }
+    }
+    check_output_cycles(scratch, &refs_by_output)?;
+    Ok(out)
+}
+
+/// The references among `candidates` and the NAR digest of output `name` at `disk`, in one pass.
+fn scan_nar(
+    name: &str,
+    disk: &Path,
+    candidates: &BTreeSet<StorePath>,
+) -> Result<(BTreeSet<StorePath>, NarDigest), OutputError> {
+    let mut scanner = RefScanner::new(candidates.iter().cloned());
+    let mut hasher = NarHasher::new();
+    let mut dump = NarDump::new(disk.to_path_buf());
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let n = dump.read(&mut buf).map_err(|e| OutputError::Io(name.to_owned(), e))?;
+        if n == 0 {
+            break;
+        }
+        scanner.feed(&buf[..n]);
+        hasher.update(&buf[..n]);
+    }
+    Ok((scanner.references(), hasher.finish()))
+}
+
+/// The content address of fixed output `name` at `disk`, once its contents are found to have
+/// the declared hash.
+fn check_fixed(job: &Job, name: &str, disk: &Path) -> Result<String, OutputError> {
+    let o = &job.drv.outputs[name];
+    let (method, algo) = parse_algo(name, &o.hash_algo)?;
+    let want = Hash::parse_digest(algo, &o.hash)
+        .map_err(|e| OutputError::Declaration(name.to_owned(), e.to_string()))?;
+    let got = content_hash(
+        ContentAddressMethod::Fixed(method),
+        algo,
+        NarDump::new(disk.to_path_buf()),
+        None,
+        job.ca_rule.into(),
+        &NarLimits::default(),
+    )
+    .map_err(|e| OutputError::FixedCheck(job.drv_path.to_string(), e))?;
+    if got != want {
+        return Err(OutputError::FixedMismatch {
+            drv: job.drv_path.clone(),
+            specified: want.to_sri(),
+            got: got.to_sri(),
+        });
+    }
+    Ok(ContentAddress::Fixed { method, hash: got }.to_string())
 }
 
 /// Nix refuses outputs that refer to each other in a cycle (`registerOutputs`' topological

@@ -87,6 +87,20 @@ type Measure<'a> = (String, Box<dyn FnMut() + 'a>);
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let cases = real_cases();
+    let mut measures = measures(&cases);
+    if !full {
+        for (name, f) in measures.iter_mut() {
+            f();
+            println!("{name:<56} ok (smoke run; `cargo bench` measures)");
+        }
+        return;
+    }
+    compare_with_openssl(&mut measures);
+}
+
+/// Our measurements on the real `cases` (Milan's and Turin's evidence), each checked once
+/// before it is measured.
+fn measures(cases: &[RealCase]) -> Vec<Measure<'_>> {
     let turin = cases.iter().find(|c| c.name.contains("Turin")).expect("Turin case");
     let milan = cases.iter().find(|c| c.name.starts_with("virtee")).expect("Milan case");
     let expected =
@@ -157,13 +171,12 @@ fn main() {
         }),
     ));
 
-    if !full {
-        for (name, f) in measures.iter_mut() {
-            f();
-            println!("{name:<56} ok (smoke run; `cargo bench` measures)");
-        }
-        return;
-    }
+    measures
+}
+
+/// The OpenSSL baseline and `measures`, alternately for a few rounds; the summary is the
+/// median ratio over the rounds.
+fn compare_with_openssl(measures: &mut [Measure<'_>]) {
     // Rounds alternate the OpenSSL baseline and our measurements, so that a change in machine
     // load affects both; the summary is the median ratio over the rounds.
     const ROUNDS: usize = 3;

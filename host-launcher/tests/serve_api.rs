@@ -14,14 +14,18 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use test_support::http_service::HttpService;
 use test_support::nix;
 
-const TRUSTED: &str = "Authorization: Bearer trusted-0123456789abcdef";
+mod serve_common;
+use serve_common::{copy_derivation, trusted_token_file, wait_failed, TRUSTED};
+
+/// How long a build without a guest image may take to fail.
+const WITHIN: Duration = Duration::from_secs(60);
 
 fn spec() -> Value {
     let text =
@@ -108,38 +112,14 @@ fn instantiate(dir: &Path, nonce: &str) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
-/// `nix copy --to TO --derivation DRV` with its own narinfo cache.
-fn upload(t: &Path, to: &str, drv: &str) {
-    let out = nix::output(
-        Command::new("nix")
-            .args(["copy", "--to", to, "--derivation", drv])
-            .env("XDG_CACHE_HOME", t.join("xdg")),
-    );
-    assert!(out.status.success(), "nix copy: {}", nix::text(&out));
-}
-
-fn wait_failed(s: &HttpService, id: u64) -> Value {
-    let t0 = Instant::now();
-    loop {
-        let r = s.request_with("GET", &format!("/v1/builds/{id}"), &[TRUSTED], b"");
-        let v: Value = serde_json::from_slice(&r.body).unwrap();
-        if v["state"] == "failed" {
-            return v;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(60), "build {id} did not fail: {v}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn serve(t: &Path, log: &str) -> HttpService {
-    let token = t.join("trusted-token");
-    std::fs::write(&token, "trusted-0123456789abcdef\n").unwrap();
+    let token = trusted_token_file(t);
     let no_image = t.join("no-image");
     HttpService::start(
         Path::new(env!("CARGO_BIN_EXE_vouch")),
         &t.join("state"),
         &t.join(log),
-        &["--image", no_image.to_str().unwrap(), "--trusted-token-file", token.to_str().unwrap()],
+        &["--image", no_image.to_str().unwrap(), "--trusted-token-file", &token],
     )
 }
 
@@ -149,7 +129,7 @@ fn served_upload(t: &Path, log: &str, query: &str) -> (HttpService, String) {
     nix::require_nix();
     let s = serve(t, log);
     let drv = instantiate(t, &nix::nonce());
-    upload(t, &format!("{}{query}", s.url()), &drv);
+    copy_derivation(&t.join("xdg"), &format!("{}{query}", s.url()), &drv);
     (s, drv)
 }
 
@@ -172,7 +152,7 @@ fn the_build_api_pages_filters_and_answers_as_its_openapi_description_says() {
     let ids: Vec<u64> = (0..3).map(|_| post()).collect();
     assert_eq!(ids, [1, 2, 3]);
     for id in &ids {
-        wait_failed(&s, *id);
+        wait_failed(&s, *id, &[TRUSTED], WITHIN);
     }
     let get = |path: &str| s.request_with("GET", path, &[TRUSTED], b"");
 
@@ -261,7 +241,7 @@ fn nix_log_reads_a_steps_log_from_the_service() {
         format!(r#"{{"drv": "{drv}"}}"#).as_bytes(),
     );
     assert_eq!(r.status, 202, "{}", r.text());
-    wait_failed(&s, 1);
+    wait_failed(&s, 1, &[TRUSTED], WITHIN);
     // Now its narinfo (unsigned, text-addressed) and NAR are, for anyone.
     let r = s.request("GET", &format!("/{hash}.narinfo"), b"");
     assert_eq!(r.status, 200, "{}", r.text());
@@ -311,9 +291,9 @@ fn a_restart_resumes_queued_builds_and_fails_those_that_no_longer_check() {
     }
     drop(db);
     let s = serve(t.path(), "serve2.log");
-    let one = wait_failed(&s, 1);
+    let one = wait_failed(&s, 1, &[TRUSTED], WITHIN);
     assert!(one["error"].as_str().unwrap().contains("no-image"), "it ran: {one}");
-    let two = wait_failed(&s, 2);
+    let two = wait_failed(&s, 2, &[TRUSTED], WITHIN);
     let e = two["error"].as_str().unwrap();
     assert!(e.contains("no longer checks") && e.contains("gone.drv"), "{two}");
     assert!(s.log_text().contains("queued build resumed"), "{}", s.log_text());

@@ -1,23 +1,23 @@
-//! `vouch serve` without VMs: the real binary on a TCP port behind the real Nix 2.8.
+//! `vouch serve` without VMs, uploads and the binary cache: the real binary on a TCP port
+//! behind the real Nix 2.8.
 //!
 //! - `nix copy --to 'http://…?compression=none'` uploads a derivation's closure into the content
 //!   store (not the trace store), a second copy uploads nothing, and copies with Nix's default
 //!   compression (xz) and with zstd are accepted too;
 //! - hand-made uploads with a wrong hash, a wrong compression or no staged NAR are refused and
 //!   register nothing;
-//! - the binary cache serves the trace store read-only with exact lengths and refuses `..`;
-//! - the build API refuses what it cannot build before queueing anything; SIGTERM stops it;
-//!   build ids, outcomes and logs survive a restart;
+//! - a trusted caller's unsigned upload stays in its own overlay, never another caller's input;
+//! - the binary cache serves the trace store read-only with exact lengths and refuses `..`, and
+//!   its transparency log as static files;
 //! - with `--token-file`, uploads, the build API and uploaded paths' narinfos need the token
 //!   (Nix sends it from a netrc entry) while the signed binary cache stays public.
 //!
-//! The real-VM build through the API is in `tests/tests/serve_vm.rs`.
+//! The build API is in `serve_builds.rs`; the real-VM build through the API in
+//! `tests/tests/serve_vm.rs`.
 
 use std::path::Path;
 use std::process::Command;
 
-use nix_formats::derivation::Derivation;
-use nix_formats::nar::NarWriter;
 use nix_formats::narinfo::NarInfo;
 use nix_formats::signing::SecretKey;
 use nix_formats::StorePath;
@@ -25,79 +25,8 @@ use sha2::{Digest, Sha256};
 use test_support::http_service::HttpService;
 use test_support::nix;
 
-fn start(dir: &Path) -> HttpService {
-    HttpService::start(
-        Path::new(env!("CARGO_BIN_EXE_vouch")),
-        &dir.join("state"),
-        &dir.join("serve.log"),
-        &[],
-    )
-}
-
-/// The origin (`upload`, `build`) of `path` in the content store of `state`, if valid there.
-fn registered(state: &Path, path: &str) -> Option<String> {
-    let db = rusqlite::Connection::open(state.join("store/index.sqlite")).unwrap();
-    db.query_row("SELECT origin FROM paths WHERE path = ?1", [path], |r| r.get(0)).ok()
-}
-
-/// `nix copy --to URL ARGS…` with its own narinfo disk cache (`xdg`), so it asks the server.
-fn nix_copy(xdg: &Path, args: &[&str]) -> std::process::Output {
-    nix::output(Command::new("nix").arg("copy").args(args).env("XDG_CACHE_HOME", xdg))
-}
-
-/// Uploads the server accepted (NARs staged, narinfos registered), from its log.
-fn puts(log: &str) -> usize {
-    log.lines().filter(|l| l.contains("NAR staged") || l.contains("upload registered in")).count()
-}
-
-fn nar_of(contents: &[u8]) -> Vec<u8> {
-    let mut w = NarWriter::new(Vec::new()).unwrap();
-    w.regular(false, contents).unwrap();
-    w.into_inner()
-}
-
-fn nix32(digest: &[u8]) -> String {
-    nix_formats::base32::encode(digest)
-}
-
-fn narinfo(path: &StorePath, url: &str, compression: &str, nar_hash: &[u8], size: usize) -> String {
-    format!(
-        "StorePath: {path}\nURL: {url}\nCompression: {compression}\nNarHash: sha256:{}\nNarSize: {size}\nReferences: \n",
-        nix32(nar_hash)
-    )
-}
-
-/// A derivation whose closure is itself and the busybox directory, instantiated by the real Nix.
-fn instantiate(dir: &Path, body: &str, attr: &str) -> String {
-    nix::busybox_dir(&dir.join("bb"));
-    let file = dir.join("drv.nix");
-    std::fs::write(&file, body).unwrap();
-    let out = nix::nix(&["nix-instantiate", file.to_str().unwrap(), "-A", attr]);
-    assert!(out.status.success(), "nix-instantiate: {}", nix::text(&out));
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
-fn simple_nix(nonce: &str) -> String {
-    format!(
-        r#"let bb = builtins.path {{ path = ./bb; name = "busybox"; }}; in rec {{
-  a = derivation {{ name = "serve-a-{nonce}"; system = "x86_64-linux"; builder = "${{bb}}/busybox";
-                    args = [ "sh" "-c" "echo a > $out" ]; }};
-  b = derivation {{ name = "serve-b-{nonce}"; system = "x86_64-linux"; builder = "${{bb}}/busybox";
-                    args = [ "sh" "-c" "cat ${{a}} > $out" ];
-                    __contentAddressed = true; outputHashMode = "recursive"; outputHashAlgo = "sha256"; }};
-  g = derivation {{ name = "serve-g-{nonce}"; system = "x86_64-linux"; builder = "${{bb}}/busybox";
-                    args = [ "sh" "-c" "cat ${{b}} > $out" ]; }};
-  h = derivation {{ name = "serve-h-{nonce}"; system = "x86_64-linux"; builder = "${{bb}}/busybox";
-                    args = [ "sh" "-c" "echo h > $out" ]; requiredSystemFeatures = [ "no-such-feature" ]; }};
-  h2 = derivation {{ name = "serve-h2-{nonce}"; system = "x86_64-linux"; builder = "${{bb}}/busybox";
-                     args = [ "sh" "-c" "cat ${{h}} > $out" ]; }};
-  f = derivation {{ name = "serve-f-{nonce}"; system = "x86_64-linux"; builder = "${{bb}}/busybox";
-                    args = [ "sh" "-c" "echo -n hello > $out" ]; outputHashMode = "flat";
-                    outputHashAlgo = "sha256";
-                    outputHash = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"; }};
-}}"#
-    )
-}
+mod serve_common;
+use serve_common::*;
 
 #[test]
 fn nix_copy_uploads_into_the_content_store_and_a_second_copy_skips() {
@@ -204,55 +133,6 @@ fn with_a_token_uploads_and_builds_need_it_and_the_cache_stays_public() {
     let out = nix_copy(&t.path().join("xdg3"), &args);
     assert!(out.status.success(), "second nix copy: {}", nix::text(&out));
     assert_eq!(puts(&s.log_text()), before, "nothing re-uploaded:\n{}", s.log_text());
-}
-
-#[test]
-fn build_ids_outcomes_and_logs_survive_a_restart() {
-    nix::require_nix();
-    let t = tempfile::tempdir().unwrap();
-    let no_image = t.path().join("no-image");
-    let trusted = trusted_token_file(t.path());
-    let args = ["--image", no_image.to_str().unwrap(), "--trusted-token-file", &trusted];
-    let (state, vouch) = (t.path().join("state"), Path::new(env!("CARGO_BIN_EXE_vouch")));
-    let s = HttpService::start(vouch, &state, &t.path().join("serve1.log"), &args);
-    let post =
-        |s: &HttpService, body: &[u8]| s.request_with("POST", "/v1/builds", &[TRUSTED], body);
-    let drv = instantiate(t.path(), &simple_nix(&nix::nonce()), "a");
-    let to = format!("{}?compression=none", s.url());
-    let out = nix_copy(&t.path().join("xdg"), &["--to", &to, "--derivation", &drv]);
-    assert!(out.status.success(), "nix copy: {}", nix::text(&out));
-    let submit = format!(r#"{{"drv": "{drv}"}}"#);
-    let r = post(&s, submit.as_bytes());
-    assert_eq!(r.status, 202, "{}", r.text());
-    // Without a guest image the build fails at once, naming the image.
-    let t0 = std::time::Instant::now();
-    let status = loop {
-        let r = s.request("GET", "/v1/builds/1", b"");
-        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
-        if v["state"] == "failed" {
-            break v;
-        }
-        assert!(t0.elapsed().as_secs() < 60, "the build did not fail: {v}");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
-    assert!(status["error"].to_string().contains("no-image"), "{status}");
-    let log = s.request("GET", "/v1/builds/1/log", b"").text();
-    let (st, _) = s.stop("TERM");
-    assert!(st.success());
-
-    let s = HttpService::start(vouch, &state, &t.path().join("serve2.log"), &args);
-    let r = s.request("GET", "/v1/builds/1", b"");
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(serde_json::from_slice::<serde_json::Value>(&r.body).unwrap(), status);
-    assert_eq!(s.request("GET", "/v1/builds/1/log", b"").text(), log);
-    let r = post(&s, submit.as_bytes());
-    assert_eq!(r.status, 202, "{}", r.text());
-    assert!(r.text().contains(r#""id":2"#), "a new id after the restart: {}", r.text());
-}
-
-/// The key of an uploader the service trusts (`--trusted-public-key`).
-fn uploader_key() -> SecretKey {
-    SecretKey::from_seed("uploader-1", [1; 32])
 }
 
 #[test]
@@ -383,251 +263,6 @@ fn the_cache_is_served_read_only_with_exact_lengths() {
     assert_eq!(s.request("PUT", laut, br#"{"signatures":["a.b.c"]}"#).status, 403);
     assert_eq!(s.request("DELETE", "/nar/abc.nar", b"").status, 405);
     assert_eq!(s.request("GET", "/healthz", b"").status, 200);
-}
-
-#[test]
-fn the_build_api_refuses_what_it_cannot_build_and_sigterm_stops_it() {
-    nix::require_nix();
-    let t = tempfile::tempdir().unwrap();
-    // No guest image: builds that pass the checks fail at their VM.
-    let no_image = t.path().join("no-image");
-    let s = HttpService::start(
-        Path::new(env!("CARGO_BIN_EXE_vouch")),
-        &t.path().join("state"),
-        &t.path().join("serve.log"),
-        &["--image", no_image.to_str().unwrap()],
-    );
-    let post = |body: &str| s.request("POST", "/v1/builds", body.as_bytes());
-    let missing = format!("/nix/store/{}-missing.drv", "a".repeat(32));
-    let r = post(&format!(r#"{{"drv": "{missing}"}}"#));
-    assert_eq!(r.status, 422, "{}", r.text());
-    assert!(r.text().contains(&missing) && r.text().contains("nix copy"), "{}", r.text());
-    let r = post(r#"{"drv": "/nix/store/x"}"#);
-    assert_eq!(r.status, 400, "{}", r.text());
-    let r = post(r#"{"drv": "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-x.drv", "timout": 1}"#);
-    assert!(r.status == 400 && r.text().contains("timout"), "{}", r.text());
-    assert_eq!(post("not json").status, 400);
-
-    // A derivation with input derivations (a CA one, as Nix instantiates it) builds its whole
-    // closure, one step per derivation, its input first (Nix schedules them).
-    let drv = instantiate(t.path(), &simple_nix(&nix::nonce()), "b");
-    let to = format!("{}?compression=none", s.url());
-    let out = nix_copy(&t.path().join("xdg"), &["--to", &to, "--derivation", &drv]);
-    assert!(out.status.success(), "nix copy: {}", nix::text(&out));
-    let r = post(&format!(r#"{{"drv": "{drv}"}}"#));
-    assert_eq!(r.status, 202, "{}", r.text());
-    let v: serde_json::Value =
-        serde_json::from_slice(&s.request("GET", "/v1/builds/1", b"").body).unwrap();
-    let steps: Vec<&str> =
-        v["steps"].as_array().unwrap().iter().map(|s| s["drv"].as_str().unwrap()).collect();
-    assert_eq!(steps.len(), 2, "{v}");
-    assert!(steps[0].contains("-serve-a-") && steps[1] == drv, "{v}");
-    // Without a guest image the input's step fails (on the service's own builder, where Nix
-    // sent it); the dependent fails naming the step it waited for.
-    let t0 = std::time::Instant::now();
-    let v = loop {
-        let v: serde_json::Value =
-            serde_json::from_slice(&s.request("GET", "/v1/builds/1", b"").body).unwrap();
-        if v["state"] == "failed" {
-            break v;
-        }
-        assert!(t0.elapsed().as_secs() < 120, "{v}\n{}", s.log_text());
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    };
-    let (first, second) = (&v["steps"][0], &v["steps"][1]);
-    assert_eq!((&first["state"], &second["state"]), (&"failed".into(), &"failed".into()), "{v}");
-    assert!(first["evidence_check"]["machine"].as_str().unwrap().starts_with("unix://"), "{v}");
-    assert_eq!(second["status"], "DependencyFailed", "{v}");
-    assert!(second["error"].as_str().unwrap().contains("waited for step 0"), "{v}");
-    // A step no builder has the features for: Nix says why nothing could start, and so does the
-    // build.
-    let drv = instantiate(t.path(), &simple_nix(&nix::nonce()), "h2");
-    let out = nix_copy(&t.path().join("xdg-h"), &["--to", &to, "--derivation", &drv]);
-    assert!(out.status.success(), "nix copy: {}", nix::text(&out));
-    let r = post(&format!(r#"{{"drv": "{drv}"}}"#));
-    assert_eq!(r.status, 202, "{}", r.text());
-    let id = serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["id"].as_u64().unwrap();
-    let t0 = std::time::Instant::now();
-    let v = loop {
-        let v: serde_json::Value =
-            serde_json::from_slice(&s.request("GET", &format!("/v1/builds/{id}"), b"").body)
-                .unwrap();
-        if v["state"] == "failed" {
-            break v;
-        }
-        assert!(t0.elapsed().as_secs() < 120, "{v}\n{}", s.log_text());
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    };
-    let error = v["steps"][0]["error"].as_str().unwrap();
-    assert!(error.contains("Failed to find a machine") && error.contains("no-such-feature"), "{v}");
-    assert_eq!(v["steps"][1]["status"], "DependencyFailed", "{v}");
-
-    // A (floating-CA) derivation whose text names an input it does not declare as a reference
-    // (so the upload itself passes, and the input is not in the content store): its path is
-    // not the one its contents give, as Nix computes a .drv's path, so it is refused naming
-    // that path.
-    let input = format!("/nix/store/{}-serve-input", "b".repeat(32));
-    let out = "/1rz4g4znpzjwh1xymhjpm42vipw92pr73vdgl6xs1hycac8kf2n9";
-    let aterm = format!(
-        "Derive([(\"out\",\"\",\"r:sha256\",\"\")],[],[\"{input}\"],\"x86_64-linux\",\"{input}/sh\",[],[(\"out\",\"{out}\")])"
-    );
-    let nar = nar_of(aterm.as_bytes());
-    let nar_hash: [u8; 32] = Sha256::digest(&nar).into();
-    let text_hash = nix_formats::hash::Hash::sha256(Sha256::digest(aterm.as_bytes()).into());
-    let drv =
-        nix_formats::store_path::make_text_path("serve-x.drv", &text_hash, &Default::default())
-            .unwrap();
-    let url = format!("nar/{}.nar", nix32(&nar_hash));
-    assert_eq!(s.request("PUT", &format!("/{url}"), &nar).status, 200);
-    let info =
-        format!("{}CA: text:{}\n", narinfo(&drv, &url, "none", &nar_hash, nar.len()), text_hash);
-    let r = s.request("PUT", &format!("/{}.narinfo", drv.hash_part()), info.as_bytes());
-    assert_eq!(r.status, 200, "{}", r.text());
-    let r = post(&format!(r#"{{"drv": "{drv}"}}"#));
-    assert_eq!(r.status, 422, "{}", r.text());
-    assert!(r.text().contains("its contents hash to"), "{}", r.text());
-
-    let (status, log) = s.stop("TERM");
-    assert!(status.success(), "{status}: {log}");
-    assert!(log.contains("stopping on SIGTERM"), "{log}");
-}
-
-/// The trusted callers' token, as a header, and a file holding it.
-const TRUSTED: &str = "Authorization: Bearer trusted-0123456789abcdef";
-fn trusted_token_file(dir: &Path) -> String {
-    let p = dir.join("trusted-token");
-    std::fs::write(&p, "trusted-0123456789abcdef\n").unwrap();
-    p.to_str().unwrap().to_owned()
-}
-
-/// Upload `drv` (a derivation, as its ATerm) by hand, as a client that is not Nix would: its
-/// NAR, then a narinfo with its text content address. The drv path.
-fn upload_drv(s: &HttpService, name: &str, drv: &Derivation) -> StorePath {
-    let aterm = drv.to_aterm();
-    let nar = nar_of(&aterm);
-    let nar_hash: [u8; 32] = Sha256::digest(&nar).into();
-    let text_hash = nix_formats::hash::Hash::sha256(Sha256::digest(&aterm).into());
-    let path =
-        nix_formats::store_path::make_text_path(name, &text_hash, &drv.references()).unwrap();
-    let url = format!("nar/{}.nar", nix32(&nar_hash));
-    assert_eq!(s.request("PUT", &format!("/{url}"), &nar).status, 200);
-    let refs: Vec<String> = drv.references().iter().map(|r| r.base_name().to_string()).collect();
-    let info = narinfo(&path, &url, "none", &nar_hash, nar.len()).replace(
-        "References: \n",
-        &format!("References: {}\nCA: text:{text_hash}\n", refs.join(" ")),
-    );
-    let r = s.request("PUT", &format!("/{}.narinfo", path.hash_part()), info.as_bytes());
-    assert_eq!(r.status, 200, "{}", r.text());
-    path
-}
-
-/// The attack: a client uploads an input-addressed derivation whose declared output path is
-/// another derivation's (the victim's), with its own builder script, and asks for a build. vouch
-/// computes input-addressed output paths from the derivation graph, as Nix does: the forgery is
-/// refused, naming the computed path, from anyone — the trusted caller too —, while any caller
-/// may build the genuine derivation. A deferred derivation (its input is floating CA) that
-/// declares a path is refused likewise; an honest one waits for its input's build.
-#[test]
-fn an_untrusted_caller_cannot_get_another_derivations_output_path_signed() {
-    nix::require_nix();
-    let t = tempfile::tempdir().unwrap();
-    let trusted = trusted_token_file(t.path());
-    let no_image = t.path().join("no-image");
-    let s = HttpService::start(
-        Path::new(env!("CARGO_BIN_EXE_vouch")),
-        &t.path().join("state"),
-        &t.path().join("serve.log"),
-        &["--trusted-token-file", &trusted, "--image", no_image.to_str().unwrap()],
-    );
-    let nonce = nix::nonce();
-    let victim = instantiate(t.path(), &simple_nix(&nonce), "a");
-    let to = format!("{}?compression=none", s.url());
-    let out = nix_copy(&t.path().join("xdg"), &["--to", &to, "--derivation", &victim]);
-    assert!(out.status.success(), "nix copy: {}", nix::text(&out));
-    // The forged derivation: the victim's output path, the attacker's builder script.
-    let genuine = Derivation::from_aterm(&std::fs::read(&victim).unwrap()).unwrap();
-    let victim_out = genuine.outputs["out"].path().unwrap().clone();
-    let mut forged = genuine.clone();
-    forged.args = vec!["sh".into(), "-c".into(), "echo evil > $out".into()];
-    let name = StorePath::parse(&victim).unwrap().name().to_owned();
-    let forged_path = upload_drv(&s, &name, &forged);
-    assert_ne!(forged_path.to_string(), victim);
-    let computed = nix_formats::derivation::DrvGraph::new()
-        .input_addressed_paths(&forged, forged_path.drv_name().unwrap())
-        .unwrap()
-        .unwrap()["out"]
-        .clone();
-
-    let submit = format!(r#"{{"drv": "{forged_path}"}}"#);
-    for (who, headers) in [("an anonymous caller", &[][..]), ("the trusted caller", &[TRUSTED][..])]
-    {
-        let r = s.request_with("POST", "/v1/builds", headers, submit.as_bytes());
-        assert_eq!(r.status, 403, "{who}: {}", r.text());
-        assert!(
-            r.text().contains(&computed.to_string()) && r.text().contains(&victim_out.to_string()),
-            "{who}: the message names the computed and the claimed path: {}",
-            r.text()
-        );
-    }
-    assert_eq!(s.request("GET", "/v1/builds/1", b"").status, 404, "nothing was queued");
-    // Any caller may build the genuine derivation: its paths are the ones vouch computes.
-    let r = s.request("POST", "/v1/builds", format!(r#"{{"drv": "{victim}"}}"#).as_bytes());
-    assert_eq!(r.status, 202, "{}", r.text());
-
-    // A deferred derivation (its input is floating CA): its path exists only after resolution,
-    // against an output of the input that vouch accepted; its closure builds in one go (Nix
-    // resolves it once its input is built).
-    let deferred = instantiate(t.path(), &simple_nix(&nonce), "g");
-    let out = nix_copy(&t.path().join("xdg3"), &["--to", &to, "--derivation", &deferred]);
-    assert!(out.status.success(), "nix copy: {}", nix::text(&out));
-    let r = s.request("POST", "/v1/builds", format!(r#"{{"drv": "{deferred}"}}"#).as_bytes());
-    assert_eq!(r.status, 202, "{}", r.text());
-    // A trusted caller's closure runs in a private Nix store of its own: its build may read
-    // its overlay's uploads, which no other caller's may see.
-    let body = format!(r#"{{"drv": "{deferred}"}}"#);
-    let r = s.request_with("POST", "/v1/builds", &[TRUSTED], body.as_bytes());
-    assert_eq!(r.status, 202, "{}", r.text());
-    let id = serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["id"].as_u64().unwrap();
-    let t0 = std::time::Instant::now();
-    loop {
-        let v: serde_json::Value =
-            serde_json::from_slice(&s.request("GET", &format!("/v1/builds/{id}"), b"").body)
-                .unwrap();
-        if v["state"] == "failed" {
-            break;
-        }
-        assert!(t0.elapsed().as_secs() < 120, "{v}\n{}", s.log_text());
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
-    let serve = t.path().join("state/serve");
-    assert!(serve.join("nix/nix/store").is_dir() && serve.join("nix-client-0/nix/store").is_dir());
-    // Declaring the victim's path in it (where Nix leaves it empty) is a forgery: refused.
-    let mut forged = Derivation::from_aterm(&std::fs::read(&deferred).unwrap()).unwrap();
-    let out = nix_formats::derivation::DerivationOutput::InputAddressed(victim_out.clone());
-    forged.outputs.insert("out".into(), out);
-    forged.env.insert("out".into(), victim_out.to_string());
-    let name = StorePath::parse(&deferred).unwrap().name().to_owned();
-    let forged_path = upload_drv(&s, &name, &forged);
-    let submit = format!(r#"{{"drv": "{forged_path}"}}"#);
-    let r = s.request_with("POST", "/v1/builds", &[TRUSTED], submit.as_bytes());
-    assert_eq!(r.status, 403, "{}", r.text());
-    assert!(r.text().contains("known only after resolution"), "{}", r.text());
-
-    // A fixed-output derivation builds with network access: refused without a token, even for
-    // content the client cannot choose.
-    let fod = instantiate(t.path(), &simple_nix(&nonce), "f");
-    let out = nix_copy(&t.path().join("xdg2"), &["--to", &to, "--derivation", &fod]);
-    assert!(out.status.success(), "nix copy: {}", nix::text(&out));
-    let r = s.request("POST", "/v1/builds", format!(r#"{{"drv": "{fod}"}}"#).as_bytes());
-    assert_eq!(r.status, 403, "{}", r.text());
-    assert!(r.text().contains("fixed-output") && r.text().contains("--token-file"), "{}", r.text());
-    let r = s.request_with(
-        "POST",
-        "/v1/builds",
-        &[TRUSTED],
-        format!(r#"{{"drv": "{fod}"}}"#).as_bytes(),
-    );
-    assert_eq!(r.status, 202, "a token holder may: {}", r.text());
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! Talking to a `vouch serve` in the VM tests: the derivations its tests upload, uploading
-//! them with `nix copy`, the trusted callers' token, JSON bodies, and waiting for a build's end.
+//! them with `nix copy`, the trusted callers' token, JSON bodies, waiting for a build's end, and
+//! a self-signed certificate for serving HTTPS (made by openssl).
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -88,4 +89,22 @@ pub fn closure_nix(n: &str) -> String {
 }}
 "#
     )
+}
+
+/// A self-signed certificate (P-256) for `san` (e.g. `IP:127.0.0.1`) in `dir`: (cert, key).
+pub fn self_signed(dir: &Path, name: &str, san: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (cert, key) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+    let made = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"])
+        .args(["-subj", &format!("/CN={name}"), "-addext", &format!("subjectAltName={san}")])
+        // A CA certificate is refused as a server's own (webpki): a self-signed leaf.
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .args(["-days", "1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("running openssl (scripts/setup-host.sh installs it)");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    (cert, key)
 }

@@ -8,18 +8,30 @@
 //! - one `POST /v1/builds` of `top` builds the whole closure across two vouch builders: the
 //!   service's own (`ia`, `top`) and a second `vouch nix-builder` with its own state directory
 //!   and key name (`mid`, the only machine with `vouch-b`), reached over `ssh-ng://localhost`;
-//!   the API shows each step with its own state, log and machine; `mid`'s trace was verified
-//!   from the second builder's trace store under the service's policy and published here;
+//!   the API shows each step with its own state, log and machine; `mid`'s trace was fetched
+//!   over HTTP from a second `vouch serve` on loopback serving the second builder's state
+//!   directory (its trace store, read-only: `--builder-traces MACHINE=http://…`), verified
+//!   under the service's policy and published here;
 //! - `nix-build --max-jobs 0` of `top` succeeds in a second, empty store with the service as
 //!   its only substituter, trusting only the service's key: Nix 2.26 (Debian trixie's, in the
 //!   chroot) with the service over `http://`, and Nix 2.8 with the service's cache directory
 //!   (`file://`; 2.8's own race over HTTP, docs/ci-service.md); outputs equal to the service's;
 //! - `nix log --store http://…` shows `top`'s log;
-//! - a second POST, of `after`: `ia` is reused, `fails` fails, `after` fails naming `fails`;
-//! - `DELETE` of a closure build while a step runs: Nix and the step's VM are killed, the build
-//!   and both steps end cancelled, nothing is published;
+//! - a POST of `after` naming `"nix_version": "2.26"` is refused (422): its floating-CA steps
+//!   follow the service's Nix 2.8's self-reference rule; a second POST, of `after` naming 2.8:
+//!   `ia` is reused, `fails` fails, `after` fails naming `fails`;
+//! - `--jobs 2` bounds the VMs of every Nix together: a closure with two slow steps takes
+//!   both VM slots (`/metrics`), and a trusted client's closure build, in its own
+//!   private Nix store whose Nix sees the builder's slots free, waits for a slot instead of
+//!   booting a third VM; cancelled while waiting, it leaves the line; `DELETE` of the first
+//!   build kills Nix and both steps' VMs, the build and its steps end cancelled, nothing is
+//!   published, both slots are given back;
 //! - with a policy that does not name b's simulated root, b's step (`mid`) is built but its
-//!   trace refused: nothing of it is published, and `top` fails naming it.
+//!   trace (read from b's trace store directory, `MACHINE=file://DIR`) refused: nothing of it
+//!   is published, and `top` fails naming it.
+//!
+//! The attacks on the HTTP trace source itself (tampered, long or missing NARs, forged traces,
+//! 500s, no server) are `serve_builder_traces` (no VM).
 
 use std::path::Path;
 use std::process::Command;
@@ -30,7 +42,7 @@ use test_support::chroot::ChrootNix;
 use test_support::http_service::HttpService;
 use test_support::nix::{text, CA_PRELUDE};
 use test_support::vm::{builder_wrapper, image_dir, public_key_of, vouch_bin, VmTest, NIX_CONFIG};
-use tests::service::{json, nix_copy, wait};
+use tests::service::{json, nix_copy, trusted_args, wait, TRUSTED};
 
 static VMS: Mutex<()> = Mutex::new(());
 
@@ -55,6 +67,8 @@ fn closure_nix(n: &str) -> String {
   after = ca "sc-after" {{}} "echo ${{fails}} ${{ia}}; mkdir $out";
   slow = ca "sc-slow" {{}} "echo started {n}; ${{bb}}/busybox sleep 600";
   later = ca "sc-later" {{}} "echo ${{slow}}; mkdir $out";
+  slow2 = ca "sc-slow2" {{}} "echo started2 {n}; ${{bb}}/busybox sleep 600";
+  both = ca "sc-both" {{}} "echo ${{slow}} ${{slow2}}; mkdir $out";
 }}
 "#
     )
@@ -86,8 +100,14 @@ fn steps_in(cache: &Path) -> Vec<String> {
 /// key name and simulated root; trusted, as Nix 2.8 sends it the input-addressed `ia` output to
 /// build `mid` from, and the only machine with `vouch-b`), whose traces are verified under a
 /// policy naming simulated roots (`both_roots`: the service's and b's; else the
-/// service's only). The service and b's state directory.
-fn service_with_builder_b(e: &VmTest, both_roots: bool) -> (HttpService, std::path::PathBuf) {
+/// service's only). b's traces are read over HTTP from a second `vouch serve` of b's state
+/// directory (`over_http`), else from b's trace store directory as `file://`. The service, b's
+/// state directory, and b's `vouch serve`.
+fn service_with_builder_b(
+    e: &VmTest,
+    both_roots: bool,
+    over_http: bool,
+) -> (HttpService, std::path::PathBuf, Option<HttpService>) {
     let (s, state, sb) = (&e.s, &e.state, e.s.dir.path().join("state-b"));
     std::fs::create_dir_all(&sb).unwrap();
     std::fs::write(sb.join("key-name"), "builder-b-simulated-1\n").unwrap();
@@ -103,8 +123,22 @@ fn service_with_builder_b(e: &VmTest, both_roots: bool) -> (HttpService, std::pa
     let roots: Vec<&Path> = if both_roots { vec![state, &sb] } else { vec![state] };
     let manifest = image_dir().join("manifest.json");
     let policy = tests::policy::simulated(s.dir.path(), &roots, &[], &manifest);
-    let traces_b = format!("{machine_b}={}", sb.join("cache").display());
     let image = image_dir();
+    // Every vouch host serves its trace store read-only: b's state directory served by a
+    // `vouch serve` of its own, whose tokens file gives nobody more than reading its cache.
+    let serve_b = over_http.then(|| {
+        let log = s.dir.path().join("serve-b.log");
+        let tokens = s.write("tokens-b", "anonymous cache -\n");
+        let args = ["--image", image.to_str().unwrap(), "--tokens", tokens.to_str().unwrap()];
+        let b = HttpService::start(&vouch_bin(), &sb, &log, &args);
+        let r = b.request("POST", "/v1/builds", br#"{"drv": "/nix/store/x.drv"}"#);
+        assert_eq!(r.status, 401, "b's server builds nothing: {}", r.text());
+        b
+    });
+    let traces_b = match &serve_b {
+        Some(b) => format!("{machine_b}={}", b.url()),
+        None => format!("{machine_b}=file://{}", sb.join("cache").display()),
+    };
     let args = [
         "--image",
         image.to_str().unwrap(),
@@ -118,7 +152,7 @@ fn service_with_builder_b(e: &VmTest, both_roots: bool) -> (HttpService, std::pa
         policy.to_str().unwrap(),
     ];
     let svc = HttpService::start(&vouch_bin(), state, &s.dir.path().join("serve.log"), &args);
-    (svc, sb)
+    (svc, sb, serve_b)
 }
 
 /// Upload `drvs`' closures with `nix copy --to http://… --derivation` (Nix's default xz), then
@@ -138,7 +172,7 @@ fn upload_and_build(e: &VmTest, svc: &HttpService, drvs: &[&str]) -> u64 {
 fn one_post_builds_a_closure_across_two_builders_scheduled_by_nix() {
     let e = VmTest::new(&VMS, "closure.nix", closure_nix);
     let (s, n, state) = (&e.s, &e.n, e.state.clone());
-    let (svc, sb) = service_with_builder_b(&e, true);
+    let (svc, sb, serve_b) = service_with_builder_b(&e, true, true);
     let top = s.instantiate(&e.file, "top");
     let after = s.instantiate(&e.file, "after");
     // One POST: the whole closure, four steps on two builders.
@@ -167,8 +201,15 @@ fn one_post_builds_a_closure_across_two_builders_scheduled_by_nix() {
     }
     assert!(step(&v, "-sc-mid.drv")["resolved"].is_string(), "{v}");
     assert!(step(&v, "-sc-top.drv")["resolved"].is_string(), "deferred: resolved: {v}");
-    // `mid` was built on b (its trace there) and published here after verification.
+    // `mid` was built on b (its trace there), fetched from b's `vouch serve` (its statement and
+    // evidence are in the service's fetch cache; b's server answered) and published here after
+    // verification.
     assert_eq!(steps_in(&sb.join("cache")).len(), 1, "{:?}", steps_in(&sb.join("cache")));
+    let serve_b = serve_b.expect("b's traces over HTTP");
+    let mid_log = step_log(&svc, id, step(&v, "-sc-mid.drv"));
+    assert!(mid_log.contains(&serve_b.url()), "{mid_log}");
+    let fetched = state.join("serve/trace-cache/sha256").read_dir().map_or(0, |d| d.count());
+    assert!(fetched >= 2, "{fetched} files fetched\n{}", serve_b.log_text());
     assert_eq!(steps_in(&state.join("cache")).len(), 4, "{:?}", steps_in(&state.join("cache")));
     let top_out = v["outputs"]["out"]["path"].as_str().expect("top's output").to_owned();
 
@@ -241,8 +282,16 @@ fn one_post_builds_a_closure_across_two_builders_scheduled_by_nix() {
         .unwrap();
     assert!(text(&out).contains(&format!("top {n}")), "nix log: {}", text(&out));
 
-    // A failing step: its dependent fails naming it; `ia` is reused.
-    let r = svc.request("POST", "/v1/builds", format!(r#"{{"drv": "{after}"}}"#).as_bytes());
+    // A closure's floating-CA steps follow the self-reference rule of the service's own Nix
+    // (2.8): naming a Nix with another rule is refused before anything is queued.
+    let body = format!(r#"{{"drv": "{after}", "nix_version": "2.26"}}"#);
+    let r = svc.request("POST", "/v1/builds", body.as_bytes());
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert!(r.text().contains("Nix 2.8") && r.text().contains("-sc-"), "{}", r.text());
+
+    // A failing step: its dependent fails naming it; `ia` is reused (Nix 2.8 named: its rule).
+    let body = format!(r#"{{"drv": "{after}", "nix_version": "2.8"}}"#);
+    let r = svc.request("POST", "/v1/builds", body.as_bytes());
     assert_eq!(r.status, 202, "{}", r.text());
     let id = json(&r)["id"].as_u64().unwrap();
     let v = wait(&svc, id);
@@ -263,7 +312,7 @@ fn a_step_whose_trace_the_policy_refuses_is_not_published_and_its_dependent_fail
     let e = VmTest::new(&VMS, "closure.nix", closure_nix);
     let (s, state) = (&e.s, e.state.clone());
     // The policy names the service's simulated root only: b's evidence is not accepted.
-    let (svc, sb) = service_with_builder_b(&e, false);
+    let (svc, sb, _) = service_with_builder_b(&e, false, false);
     let top = s.instantiate(&e.file, "top");
     let id = upload_and_build(&e, &svc, &[&top]);
     let v = wait(&svc, id);
@@ -299,24 +348,57 @@ fn a_step_whose_trace_the_policy_refuses_is_not_published_and_its_dependent_fail
     assert!(top_step["error"].as_str().unwrap().contains("unverified outputs"), "{top_step}");
 }
 
-#[test]
-fn cancelling_a_closure_build_kills_nix_and_the_running_step() {
-    let e = VmTest::new(&VMS, "closure.nix", closure_nix);
-    let (s, n, state) = (&e.s, &e.n, e.state.clone());
-    let image = image_dir();
-    let args = ["--image", image.to_str().unwrap(), "--jobs", "1"];
-    let svc = HttpService::start(&vouch_bin(), &state, &s.dir.path().join("serve.log"), &args);
-    let later = s.instantiate(&e.file, "later");
-    let id = upload_and_build(&e, &svc, &[&later]);
+/// `(vouch_vm_slots_busy, vouch_vm_slots_waiting)` from the service's `/metrics`.
+fn slots(svc: &HttpService) -> (u64, u64) {
+    let m = svc.request("GET", "/metrics", b"").text();
+    let g = |name: &str| {
+        m.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{m}"))
+    };
+    (g("vouch_vm_slots_busy "), g("vouch_vm_slots_waiting "))
+}
+
+/// Wait (up to `secs`) until the service's slots are `want`.
+fn wait_slots(svc: &HttpService, want: (u64, u64), secs: u64, what: &str) {
     let t0 = std::time::Instant::now();
-    loop {
-        let log = svc.request("GET", &format!("/v1/builds/{id}/steps/0/log"), b"").text();
-        if log.contains(&format!("started {n}")) {
-            break;
-        }
-        assert!(t0.elapsed().as_secs() < 240, "the slow step never started: {log}");
+    while slots(svc) != want {
+        assert!(t0.elapsed().as_secs() < secs, "{what}: {:?}\n{}", slots(svc), svc.log_text());
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+}
+
+#[test]
+fn cancelling_closure_builds_kills_nix_and_their_steps_and_jobs_bounds_the_vms() {
+    let e = VmTest::new(&VMS, "closure.nix", closure_nix);
+    let (s, state) = (&e.s, e.state.clone());
+    let image = image_dir();
+    let trusted = trusted_args(s);
+    let mut args = vec!["--image", image.to_str().unwrap(), "--jobs", "2"];
+    args.extend(trusted.iter().map(String::as_str));
+    let svc = HttpService::start(&vouch_bin(), &state, &s.dir.path().join("serve.log"), &args);
+    let (both, later) = (s.instantiate(&e.file, "both"), s.instantiate(&e.file, "later"));
+    // `both` needs two slow steps: the service's Nix sends both to its builder, whose two
+    // slots (`--jobs 2`) they take.
+    let id = upload_and_build(&e, &svc, &[&both, &later]);
+    wait_slots(&svc, (2, 0), 240, "both slow steps hold the two slots");
+    // A trusted client's closure build runs in its own private Nix store, whose Nix also sees
+    // the builder's two slots free: its step waits for one instead of booting a third VM.
+    let body = format!(r#"{{"drv": "{later}"}}"#);
+    let r = svc.request_with("POST", "/v1/builds", &[TRUSTED], body.as_bytes());
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id2 = json(&r)["id"].as_u64().unwrap();
+    wait_slots(&svc, (2, 1), 120, "the trusted client's step waits");
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(slots(&svc), (2, 1), "still waiting, no third VM");
+    // Cancelled while it waits: its Nix hangs up, the step leaves the line, nothing booted.
+    let r = svc.request_with("DELETE", &format!("/v1/builds/{id2}"), &[TRUSTED], b"");
+    assert_eq!(r.status, 202, "{}", r.text());
+    assert_eq!(wait(&svc, id2)["state"], "cancelled");
+    wait_slots(&svc, (2, 0), 30, "the cancelled waiter left the line");
+
+    // Cancelling the first: Nix and both running steps' VMs killed, both slots given back.
     assert_eq!(svc.request("DELETE", &format!("/v1/builds/{id}"), b"").status, 202);
     let v = wait(&svc, id);
     assert_eq!(v["state"], "cancelled", "{v}");
@@ -329,10 +411,11 @@ fn cancelling_a_closure_build_kills_nix_and_the_running_step() {
         assert!(t0.elapsed().as_secs() < 30, "Nix still runs");
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
-    // The service's builder saw Nix hang up and killed the step's VM.
+    // The service's builder saw Nix hang up and killed the steps' VMs.
     while !svc.log_text().contains("its VM killed; nothing was registered") {
-        assert!(t0.elapsed().as_secs() < 30, "the step's VM: {}", svc.log_text());
+        assert!(t0.elapsed().as_secs() < 30, "the steps' VMs: {}", svc.log_text());
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     assert!(steps_in(&state.join("cache")).is_empty(), "{:?}", steps_in(&state.join("cache")));
+    wait_slots(&svc, (0, 0), 30, "the slots given back");
 }

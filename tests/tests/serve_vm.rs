@@ -88,20 +88,7 @@ fn upload_build_substitute_and_verify_through_the_http_api() {
 
     // Substitute the outputs into a fresh store, trusting only the service's key.
     let key = public_key_of(&state);
-    // laut's verifier finds each step's signed trace under traces/<drv hash> (neither step has
-    // input derivations, so each is its own resolved derivation).
-    let public = nix_formats::signing::PublicKey::parse(&key).unwrap();
-    for (drv, (path, _)) in [&ia, &ca].into_iter().zip(&outs) {
-        let hash = &drv["/nix/store/".len()..][..32];
-        let r = svc.request("GET", &format!("/traces/{hash}"), b"");
-        assert_eq!(r.status, 200, "{}", r.text());
-        let sigs = json(&r)["signatures"].as_array().cloned().unwrap_or_default();
-        assert_eq!(sigs.len(), 1, "{}", r.text());
-        let v = build_trace::jws::verify(sigs[0].as_str().unwrap(), std::slice::from_ref(&public))
-            .unwrap();
-        assert_eq!(v.payload["in"]["rdrv_aterm_ca"], hash, "{}", v.payload);
-        assert_eq!(v.payload["out"]["nix"]["out"]["path"], path.as_str(), "{}", v.payload);
-    }
+    laut_index_verifies(&svc, &key, [&ia, &ca], &outs);
     let root = s.dir.path().join("fresh");
     let url = svc.url();
     let from = |xdg: &str, keys: &str, paths: &[&str]| {
@@ -126,9 +113,39 @@ fn upload_build_substitute_and_verify_through_the_http_api() {
     // Its narinfo is unsigned and its NAR is not served.
     assert!(text(&out).contains("does not exist in binary cache"), "{}", text(&out));
 
-    // Both closures verify from the service's trace store under a policy naming its root.
-    let p = policy(s.dir.path(), &state, &key);
-    for drv in [&ia, &ca] {
+    closures_verify(s.dir.path(), &state, &key, [&ia, &ca]);
+    let (st, log) = svc.stop("INT");
+    assert!(st.success(), "{st}: {log}");
+}
+
+/// laut's verifier finds each step's signed trace under `traces/<drv hash>`, signed with `key`
+/// (neither step of `drvs` has input derivations, so each is its own resolved derivation), naming
+/// its output in `outs`.
+fn laut_index_verifies(
+    svc: &HttpService,
+    key: &str,
+    drvs: [&String; 2],
+    outs: &[(String, serde_json::Value)],
+) {
+    let public = nix_formats::signing::PublicKey::parse(key).unwrap();
+    for (drv, (path, _)) in drvs.into_iter().zip(outs) {
+        let hash = &drv["/nix/store/".len()..][..32];
+        let r = svc.request("GET", &format!("/traces/{hash}"), b"");
+        assert_eq!(r.status, 200, "{}", r.text());
+        let sigs = json(&r)["signatures"].as_array().cloned().unwrap_or_default();
+        assert_eq!(sigs.len(), 1, "{}", r.text());
+        let v = build_trace::jws::verify(sigs[0].as_str().unwrap(), std::slice::from_ref(&public))
+            .unwrap();
+        assert_eq!(v.payload["in"]["rdrv_aterm_ca"], hash, "{}", v.payload);
+        assert_eq!(v.payload["out"]["nix"]["out"]["path"], path.as_str(), "{}", v.payload);
+    }
+}
+
+/// Both closures (`drvs`) verify from the service's trace store (in `state`) under a policy
+/// (written in `dir`) naming its root and its key; the default policy refuses them.
+fn closures_verify(dir: &Path, state: &Path, key: &str, drvs: [&String; 2]) {
+    let p = policy(dir, state, key);
+    for drv in drvs {
         let v = Command::new(vouch_bin())
             .arg("verify")
             .arg("--policy")
@@ -144,7 +161,7 @@ fn upload_build_substitute_and_verify_through_the_http_api() {
         .arg("verify")
         .arg("--traces")
         .arg(state.join("cache"))
-        .arg(&ia)
+        .arg(drvs[0])
         .output()
         .unwrap();
     // The default policy: refused, either because the image has no SEV-SNP measurement to pin
@@ -153,8 +170,6 @@ fn upload_build_substitute_and_verify_through_the_http_api() {
     let refused = (v.status.code() == Some(2) && t.contains("--image-manifest"))
         || (v.status.code() == Some(1) && t.to_lowercase().contains("simulated"));
     assert!(refused, "default policy: {t}");
-    let (st, log) = svc.stop("INT");
-    assert!(st.success(), "{st}: {log}");
 }
 
 /// SIGTERM while a build runs: the running one is cancelled (its VM killed) and fails saying

@@ -17,6 +17,7 @@ use test_support::http_service::HttpService;
 use test_support::nix::text;
 use test_support::vm::vouch_bin;
 use tests::fixture::Fixture;
+use tests::service::self_signed;
 
 fn vouch(state: &Path, args: &[&str]) -> Output {
     Command::new(vouch_bin()).arg("--state-dir").arg(state).args(args).output().unwrap()
@@ -119,24 +120,6 @@ fn verify_over_http_from_vouch_serve_and_over_file_urls() {
     assert!(text(&odd).contains("names no trace store"), "{}", text(&odd));
 }
 
-/// A self-signed certificate (P-256) for `san` (e.g. `IP:127.0.0.1`) in `dir`: (cert, key).
-fn self_signed(dir: &Path, name: &str, san: &str) -> (std::path::PathBuf, std::path::PathBuf) {
-    let (cert, key) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
-    let made = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"])
-        .args(["-subj", &format!("/CN={name}"), "-addext", &format!("subjectAltName={san}")])
-        // A CA certificate is refused as a server's own (webpki): a self-signed leaf.
-        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
-        .args(["-days", "1", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("running openssl (scripts/setup-host.sh installs it)");
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
-    (cert, key)
-}
-
 /// `vouch verify --traces https://…` against a real `vouch serve --tls-cert/--tls-key` with a
 /// self-signed certificate: refused (exit 2, the URL, "not trusted") with Mozilla's roots only,
 /// verified with `--tls-ca` or `SSL_CERT_FILE`; a certificate for another name is refused even
@@ -222,30 +205,39 @@ fn verify_over_https_trusts_only_the_ca_given() {
     assert_eq!(r.status.code(), Some(2), "{t}");
     assert!(t.contains(&url2) && t.contains("not valid for this host"), "{t}");
 
-    // Bad CA files: named, with what is wrong; only read for https:// stores.
-    let not_pem = dir.path().join("not-pem.pem");
+    bad_ca_files_are_named(dir.path(), &key, &url, &fx.traces, &verify);
+}
+
+/// `verify` as the test runs it: the store URL, extra arguments, `SSL_CERT_FILE` if any.
+type Verify<'a> = dyn Fn(&str, &[&str], Option<&Path>) -> Output + 'a;
+
+/// Bad CA files (`--tls-ca` or `SSL_CERT_FILE`, made under `dir`; `key`, the server's key, is
+/// PEM without a certificate) are named, with what is wrong, for the store at `url`; they are
+/// only read for https:// stores, so the directory `traces` still verifies.
+fn bad_ca_files_are_named(dir: &Path, key: &Path, url: &str, traces: &Path, verify: &Verify<'_>) {
+    let not_pem = dir.join("not-pem.pem");
     std::fs::write(&not_pem, "-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n")
         .unwrap();
-    let no_cert = dir.path().join("key-only.pem");
-    std::fs::copy(&key, &no_cert).unwrap();
-    let missing = dir.path().join("absent.pem");
+    let no_cert = dir.join("key-only.pem");
+    std::fs::copy(key, &no_cert).unwrap();
+    let missing = dir.join("absent.pem");
     for (f, what) in [
         (&not_pem, "not a readable PEM"),
         (&no_cert, "holds no certificate"),
         (&missing, "not a readable PEM"),
     ] {
         let fs = f.display().to_string();
-        let r = verify(&url, &["--tls-ca", &fs], None);
+        let r = verify(url, &["--tls-ca", &fs], None);
         let t = text(&r);
         assert_eq!(r.status.code(), Some(2), "{t}");
         assert!(t.contains(&fs) && t.contains(what) && t.contains("--tls-ca"), "{t}");
-        let r = verify(&url, &[], Some(f));
+        let r = verify(url, &[], Some(f));
         let t = text(&r);
         assert_eq!(r.status.code(), Some(2), "{t}");
         assert!(t.contains(&fs) && t.contains("SSL_CERT_FILE"), "{t}");
     }
     // A plain directory store does not read SSL_CERT_FILE.
-    let traces = fx.traces.display().to_string();
+    let traces = traces.display().to_string();
     let local = verify(&traces, &[], Some(&missing));
     assert_eq!(local.status.code(), Some(0), "{}", text(&local));
 }

@@ -70,6 +70,9 @@ pub struct FetchOptions {
     pub timeout: Duration,
     /// The roots an `https://` store's certificate must chain to.
     pub tls_roots: super::TlsRoots,
+    /// The option that gives CA files, for errors (`--tls-ca`; `vouch serve`'s is
+    /// `--builder-tls-ca`).
+    pub ca_option: &'static str,
 }
 
 impl Default for FetchOptions {
@@ -80,6 +83,7 @@ impl Default for FetchOptions {
             connect_timeout: Duration::from_secs(10),
             timeout: Duration::from_secs(60),
             tls_roots: super::TlsRoots::BuiltIn,
+            ca_option: "--tls-ca",
         }
     }
 }
@@ -103,11 +107,14 @@ pub struct Fetcher {
 struct Inner {
     base: String,
     agent: ureq::Agent,
-    custom_roots: bool,
+    /// What a certificate must chain to, for errors.
+    roots: String,
     cache: Option<(BlobCache, CacheWriter)>,
     pool: Pool,
     requests: AtomicU64,
     cache_hits: AtomicU64,
+    /// A download's time limit per read.
+    per_read: Duration,
 }
 
 /// One answer: the body, or `None` for 404.
@@ -118,7 +125,10 @@ impl Fetcher {
     /// The CA files of [`FetchOptions::tls_roots`] are read here, for an `https://` base only.
     pub fn new(base: &str, opts: &FetchOptions) -> Result<Fetcher, super::CaFileError> {
         let roots = if base.starts_with("https://") { opts.tls_roots.load()? } else { None };
-        let custom_roots = roots.is_some();
+        let roots_text = super::tls::roots_text(
+            if roots.is_some() { &opts.tls_roots } else { &super::TlsRoots::BuiltIn },
+            opts.ca_option,
+        );
         let mut tls = ureq::tls::TlsConfig::builder()
             .provider(ureq::tls::TlsProvider::Rustls)
             .unversioned_rustls_crypto_provider(Arc::new(
@@ -148,7 +158,7 @@ impl Fetcher {
             inner: Arc::new(Inner {
                 base: base.trim_end_matches('/').to_owned(),
                 agent,
-                custom_roots,
+                roots: roots_text,
                 cache: opts.cache_dir.as_deref().map(|d| {
                     let c = BlobCache::new(d);
                     (c.clone(), CacheWriter::new(c))
@@ -156,6 +166,7 @@ impl Fetcher {
                 pool: Pool::new(jobs),
                 requests: AtomicU64::new(0),
                 cache_hits: AtomicU64::new(0),
+                per_read: opts.timeout,
             }),
         })
     }
@@ -211,6 +222,18 @@ impl Fetcher {
             .collect()
     }
 
+    /// Stream `rel` into `to`, at most `max` bytes (more is an error), without the local cache
+    /// and without [`MAX_BODY`]: for large files (NARs). The time limit is per read (the
+    /// fetch options' `timeout`), not for the whole body. The bytes written, `None` for 404.
+    pub fn download(
+        &self,
+        rel: &str,
+        to: &mut dyn std::io::Write,
+        max: u64,
+    ) -> Result<Option<u64>, FetchError> {
+        self.inner.download(&self.url(rel), to, max)
+    }
+
     /// Requests sent to the server, and answers the local cache gave, so far.
     pub fn counts(&self) -> (u64, u64) {
         (self.inner.requests.load(Ordering::Relaxed), self.inner.cache_hits.load(Ordering::Relaxed))
@@ -218,28 +241,63 @@ impl Fetcher {
 }
 
 impl Inner {
+    /// Send a GET of `url` (with `per_read`, a time limit per read instead of one for the whole
+    /// request): the response if 200, `None` if 404.
+    fn call(
+        &self,
+        url: &str,
+        per_read: Option<Duration>,
+    ) -> Result<Option<ureq::http::Response<ureq::Body>>, FetchError> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let transport = |problem: String| FetchError::Transport { url: url.to_owned(), problem };
+        let req = self.agent.get(url);
+        let sent = match per_read {
+            None => req.call(),
+            Some(t) => req.config().timeout_global(None).timeout_per_read(Some(t)).build().call(),
+        };
+        let resp = sent.map_err(|e| {
+            transport(super::tls::describe_tls(&e, &self.roots).unwrap_or(e.to_string()))
+        })?;
+        match resp.status().as_u16() {
+            200 => Ok(Some(resp)),
+            404 => Ok(None),
+            status => Err(FetchError::Status {
+                url: url.to_owned(),
+                status,
+                expected: "200 (the file) or 404 (absent)".into(),
+            }),
+        }
+    }
+
+    fn download(
+        &self,
+        url: &str,
+        to: &mut dyn std::io::Write,
+        max: u64,
+    ) -> Result<Option<u64>, FetchError> {
+        let Some(mut resp) = self.call(url, Some(self.per_read))? else { return Ok(None) };
+        let transport = |problem: String| FetchError::Transport { url: url.to_owned(), problem };
+        // Not limited by ureq (its reader is unbounded): by `take`, one byte past `max`.
+        let mut body = std::io::Read::take(resp.body_mut().as_reader(), max.saturating_add(1));
+        let n = std::io::copy(&mut body, to)
+            .map_err(|e| transport(format!("receiving the body: {e}")))?;
+        if n > max {
+            return Err(FetchError::Garbled {
+                url: url.to_owned(),
+                problem: format!("more than the {max} bytes expected"),
+            });
+        }
+        Ok(Some(n))
+    }
+
     fn get(&self, url: &str, kind: Kind) -> Answer {
         let cache = self.cache.as_ref().filter(|_| kind == Kind::Immutable);
         if let Some(bytes) = cache.and_then(|(c, _)| c.get(url)) {
             self.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(Some(bytes));
         }
-        self.requests.fetch_add(1, Ordering::Relaxed);
         let transport = |problem: String| FetchError::Transport { url: url.to_owned(), problem };
-        let mut resp = self.agent.get(url).call().map_err(|e| {
-            transport(super::tls::describe_tls(&e, self.custom_roots).unwrap_or(e.to_string()))
-        })?;
-        match resp.status().as_u16() {
-            200 => {}
-            404 => return Ok(None),
-            status => {
-                return Err(FetchError::Status {
-                    url: url.to_owned(),
-                    status,
-                    expected: "200 (the file) or 404 (absent)".into(),
-                })
-            }
-        }
+        let Some(mut resp) = self.call(url, None)? else { return Ok(None) };
         let body = resp
             .body_mut()
             .with_config()

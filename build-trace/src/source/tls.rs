@@ -102,19 +102,26 @@ fn load_file(path: &Path, given_by: &str) -> Result<Vec<CertificateDer<'static>>
     Ok(certs)
 }
 
-/// A TLS failure of a fetch, named for a verifier (`None`: not a certificate problem).
-pub(crate) fn describe_tls(e: &ureq::Error, custom_roots: bool) -> Option<String> {
+/// What a certificate must chain to, for errors: `roots`' files (who gave them), or the
+/// built-in roots and how to trust another CA (`ca_option`, the flag that gives CA files).
+pub(crate) fn roots_text(roots: &TlsRoots, ca_option: &str) -> String {
+    match roots {
+        TlsRoots::Files { given_by, .. } => format!("the CA files given by {given_by}"),
+        TlsRoots::BuiltIn => format!(
+            "Mozilla's built-in roots; trust another CA with {ca_option} FILE or {SSL_CERT_FILE}"
+        ),
+    }
+}
+
+/// A TLS failure of a fetch, named for a verifier (`None`: not a certificate problem); `roots`
+/// says what the certificate must chain to ([`roots_text`]).
+pub(crate) fn describe_tls(e: &ureq::Error, roots: &str) -> Option<String> {
     let rustls_err = match e {
         ureq::Error::Rustls(r) => r,
         ureq::Error::Io(io) => io.get_ref()?.downcast_ref::<rustls::Error>()?,
         _ => return None,
     };
     let rustls::Error::InvalidCertificate(c) = rustls_err else { return None };
-    let roots = if custom_roots {
-        "the CA files given (--tls-ca or SSL_CERT_FILE)"
-    } else {
-        "Mozilla's built-in roots; trust another CA with --tls-ca FILE or SSL_CERT_FILE"
-    };
     use rustls::CertificateError as C;
     Some(match c {
         C::UnknownIssuer | C::BadSignature | C::UnhandledCriticalExtension => {

@@ -326,12 +326,51 @@ pub fn run(
             manifest.agent_version
         )));
     }
-    let mode =
-        choose_mode(cfg.mode, &HostCaps::probe(), manifest.snp.is_some()).map_err(e("mode"))?;
-    let mode = if mode == Mode::Snp { Mode::Kvm } else { mode };
+    let mode = vm_mode(cfg, &manifest)?;
     let mut rep = BenchReport { mode: mode.to_string(), runs, mib, ..BenchReport::default() };
 
     progress("bare VM boots");
+    bare_boots(cfg, mode, runs, &mut rep)?;
+
+    progress("build steps (cold: a VM booted for each)");
+    let work = tempfile::tempdir().map_err(e("tempdir"))?;
+    let mut step_cfg = cfg.clone();
+    step_cfg.mode = Some(mode);
+    step_cfg.pool = None;
+    cold_steps(&step_cfg, runs, work.path(), &mut rep)?;
+
+    progress("build steps (warm: a pre-booted pool VM for each)");
+    warm_steps(&step_cfg, runs, work.path(), &mut rep)?;
+
+    if batch_steps > 0 {
+        progress(&format!(
+            "{batch_steps} independent steps, {jobs} at once: vouch, then nix-build"
+        ));
+        let sandboxed = rep.nix_sandbox == "true";
+        let (v, n) = pool::batch(&step_cfg, batch_steps, jobs.max(1), sandboxed, work.path())?;
+        (rep.batch_steps, rep.batch_jobs, rep.batch_vouch_s, rep.batch_nix_s) =
+            (batch_steps, jobs.max(1), v, n);
+    }
+
+    progress("raw channel and hashing");
+    channel_and_hashing(cfg, mode, runs, mib, &mut rep)?;
+    Ok(rep)
+}
+
+/// The mode the bench's VMs run in: the launcher's choice, with KVM where that is SNP.
+fn vm_mode(cfg: &LauncherConfig, manifest: &Manifest) -> Result<Mode, BenchError> {
+    let mode =
+        choose_mode(cfg.mode, &HostCaps::probe(), manifest.snp.is_some()).map_err(e("mode"))?;
+    Ok(if mode == Mode::Snp { Mode::Kvm } else { mode })
+}
+
+/// `runs` bare boots: the medians of init's uptime, boot to init, and the total.
+fn bare_boots(
+    cfg: &LauncherConfig,
+    mode: Mode,
+    runs: usize,
+    rep: &mut BenchReport,
+) -> Result<(), BenchError> {
     let mut b_up = Vec::new();
     let mut b_init = Vec::new();
     let mut b_total = Vec::new();
@@ -344,19 +383,24 @@ pub fn run(
     rep.bare_init_uptime_s = median(b_up);
     rep.bare_boot_to_init_s = median(b_init);
     rep.bare_total_s = median(b_total);
+    Ok(())
+}
 
-    progress("build steps (cold: a VM booted for each)");
-    let work = tempfile::tempdir().map_err(e("tempdir"))?;
+/// `runs` steps, a VM booted for each, and Nix's own build of each (sandboxed where the host
+/// allows): the medians of each phase.
+fn cold_steps(
+    step_cfg: &LauncherConfig,
+    runs: usize,
+    work: &Path,
+    rep: &mut BenchReport,
+) -> Result<(), BenchError> {
     let mut steps: Vec<Timings> = Vec::new();
-    let mut step_cfg = cfg.clone();
-    step_cfg.mode = Some(mode);
-    step_cfg.pool = None;
     let mut nix_times = Vec::new();
     let mut sandbox = "true".to_owned();
     for i in 0..runs {
         let nonce = format!("{}-{i}-{:?}", std::process::id(), Instant::now());
-        let drv_path = instantiate_all(&write_bench_nix(work.path(), &[nonce])?)?.remove(0);
-        let outcome = run_step(request(&drv_path)?, &LocalNixStore, &mut NullLog, &step_cfg)
+        let drv_path = instantiate_all(&write_bench_nix(work, &[nonce])?)?.remove(0);
+        let outcome = run_step(request(&drv_path)?, &LocalNixStore, &mut NullLog, step_cfg)
             .map_err(|err| BenchError(build_trace::error_chain(&err)))?;
         steps.push(outcome.timings.clone());
         // Nix's own build of the same derivation (it is not built yet in the local store).
@@ -388,9 +432,17 @@ pub fn run(
     rep.step_input_bytes = steps.first().map_or(0, |t| t.input_bytes);
     rep.nix_build_s = median(nix_times);
     rep.nix_sandbox = sandbox;
+    Ok(())
+}
 
-    progress("build steps (warm: a pre-booted pool VM for each)");
-    let warm = pool::warm_steps(&step_cfg, runs, work.path())?;
+/// `runs` steps, each on a pre-booted pool VM: the medians of each phase.
+fn warm_steps(
+    step_cfg: &LauncherConfig,
+    runs: usize,
+    work: &Path,
+    rep: &mut BenchReport,
+) -> Result<(), BenchError> {
+    let warm = pool::warm_steps(step_cfg, runs, work)?;
     let pick =
         |f: fn(&Timings) -> Duration| median(warm.iter().map(|t| f(t).as_secs_f64()).collect());
     rep.warm_latency_s = pick(|t| t.latency);
@@ -402,18 +454,18 @@ pub fn run(
     rep.warm_outputs_s = pick(|t| t.hashing + t.attestation + t.output_transfer);
     rep.warm_verification_s = pick(|t| t.verification);
     rep.warm_power_off_s = pick(|t| t.power_off);
+    Ok(())
+}
 
-    if batch_steps > 0 {
-        progress(&format!(
-            "{batch_steps} independent steps, {jobs} at once: vouch, then nix-build"
-        ));
-        let sandboxed = rep.nix_sandbox == "true";
-        let (v, n) = pool::batch(&step_cfg, batch_steps, jobs.max(1), sandboxed, work.path())?;
-        (rep.batch_steps, rep.batch_jobs, rep.batch_vouch_s, rep.batch_nix_s) =
-            (batch_steps, jobs.max(1), v, n);
-    }
-
-    progress("raw channel and hashing");
+/// `mib` MiB through the raw channel into the guest, which hashes them, and the same hashing
+/// on the host, `runs` times each: the medians in MiB/s.
+fn channel_and_hashing(
+    cfg: &LauncherConfig,
+    mode: Mode,
+    runs: usize,
+    mib: u64,
+    rep: &mut BenchReport,
+) -> Result<(), BenchError> {
     let bytes: Vec<u8> = (0..(mib << 20)).map(|i| ((i * 2654435761u64) >> 13) as u8).collect();
     let mut raw = Vec::new();
     let mut guest = Vec::new();
@@ -435,7 +487,7 @@ pub fn run(
         host.push(mib as f64 / t.elapsed().as_secs_f64());
     }
     rep.host_hash_mib_s = median(host);
-    Ok(rep)
+    Ok(())
 }
 
 /// What [`boot`] saw.
@@ -460,9 +512,7 @@ pub fn boot(
     timeout: Duration,
 ) -> Result<BootReport, BenchError> {
     let manifest = Manifest::load(&cfg.image_dir).map_err(e("image"))?;
-    let mode =
-        choose_mode(cfg.mode, &HostCaps::probe(), manifest.snp.is_some()).map_err(e("mode"))?;
-    let mode = if mode == Mode::Snp { Mode::Kvm } else { mode };
+    let mode = vm_mode(cfg, &manifest)?;
     let dir = tempfile::Builder::new().prefix("vouch-bench-").tempdir().map_err(e("tempdir"))?;
     let (vm, _chan) = launch(cfg, mode, append, dir.path())?;
     let ended = vm.wait_timeout(timeout);

@@ -36,12 +36,12 @@ use nix_formats::StorePath;
 
 use super::conversation::{converse, phase_key, timings, Conversation};
 use super::launch::{boot, new_launch, BootContext, BootedVm, LaunchRequest, Watchdog};
-use super::watch::ChannelWatch;
+use super::watch::{ChannelWatch, Trip};
 use super::{check, staging_dir, InputSource, LauncherConfig, StepError, StepOutcome, StepRequest};
 use crate::core::log::{BuildLog, Progress};
 use crate::vm::egress;
 use crate::vm::network::NetworkGrant;
-use crate::vm::runner::describe_exit;
+use crate::vm::runner::{describe_exit, Vm};
 use crate::vm::vsock::VsockError;
 
 pub use super::conversation::ReceivedNar;
@@ -145,6 +145,19 @@ pub fn run_step(
         return Err(StepError::Cancelled);
     }
     let called = Instant::now();
+    // One of the launcher's slots before anything else (inputs staged, a VM booted or taken).
+    let _slot = match &cfg.slots {
+        Some(slots) => Some(
+            slots
+                .acquire(&cfg.cancel, |n| {
+                    sink.progress(&Progress::Note(format!(
+                        "waiting for a VM slot: all {n} of this host's slots (--jobs) are busy"
+                    )))
+                })
+                .map_err(|_| StepError::Cancelled)?,
+        ),
+        None => None,
+    };
     let p = prepare(&req, inputs, cfg)?;
     let mut job_id = req.job_id.clone().unwrap_or_else(random_id);
     let mut attempt = 1u32;
@@ -271,37 +284,7 @@ fn run_job(
     };
     let input_bytes = match result {
         Ok(b) if conv.bye => b,
-        other => {
-            // Did the VM end on its own (killed, crashed)? A broken channel usually means it
-            // did: give QEMU a moment to be reaped before deciding.
-            let ended_by_itself = match &other {
-                Err(StepError::Channel(ProtoError::Io(_) | ProtoError::Closed(_)))
-                    if tripped.is_none() =>
-                {
-                    vm.wait_timeout(Duration::from_secs(3))
-                }
-                _ => vm.exited(),
-            };
-            vm.kill();
-            let e = match other {
-                Err(e) => e,
-                Ok(_) => StepError::Channel(ProtoError::Closed("the agent's Bye")),
-            };
-            if watchdog.timed_out() {
-                return fail(StepError::Watchdog(limit.unwrap_or_default()));
-            }
-            if let Some(trip) = tripped {
-                return fail(StepError::Stalled { trip, phase, console: vm.console_tail() });
-            }
-            if let Some(st) = ended_by_itself {
-                return fail(StepError::VmDied {
-                    status: describe_exit(&st),
-                    phase,
-                    console: vm.console_tail(),
-                });
-            }
-            return fail(e);
-        }
+        other => return fail(unfinished(vm, other, tripped, &watchdog, limit, phase)),
     };
     // After `Bye` nothing the guest does matters any more (nothing after it is read, and the
     // VM never gets another job): the host ends QEMU instead of waiting for the guest kernel's
@@ -352,11 +335,110 @@ fn run_job(
     })
 }
 
+/// Why a conversation that did not end with the agent's `Bye` (`result`) failed, once QEMU is
+/// stopped: the wall-clock limit, a stall the watch saw, a VM that ended by itself, else the
+/// conversation's own error.
+fn unfinished(
+    vm: &Vm,
+    result: Result<u64, StepError>,
+    tripped: Option<Trip>,
+    watchdog: &Watchdog,
+    limit: Option<Duration>,
+    phase: String,
+) -> StepError {
+    // Did the VM end on its own (killed, crashed)? A broken channel usually means it did: give
+    // QEMU a moment to be reaped before deciding.
+    let ended_by_itself = match &result {
+        Err(StepError::Channel(ProtoError::Io(_) | ProtoError::Closed(_))) if tripped.is_none() => {
+            vm.wait_timeout(Duration::from_secs(3))
+        }
+        _ => vm.exited(),
+    };
+    vm.kill();
+    let e = match result {
+        Err(e) => e,
+        Ok(_) => StepError::Channel(ProtoError::Closed("the agent's Bye")),
+    };
+    if watchdog.timed_out() {
+        return StepError::Watchdog(limit.unwrap_or_default());
+    }
+    if let Some(trip) = tripped {
+        return StepError::Stalled { trip, phase, console: vm.console_tail() };
+    }
+    if let Some(st) = ended_by_itself {
+        return StepError::VmDied { status: describe_exit(&st), phase, console: vm.console_tail() };
+    }
+    e
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::build::watch::Trip;
     use channel::messages::FailureKind;
+
+    /// The notes of a build's log.
+    #[derive(Default)]
+    struct Notes(Vec<String>);
+
+    impl BuildLog for Notes {
+        fn output(&mut self, _: &[u8]) {}
+        fn progress(&mut self, e: &Progress) {
+            self.0.push(e.text());
+        }
+    }
+
+    #[test]
+    fn a_step_takes_a_slot_before_it_prepares_anything_and_gives_it_back() {
+        use crate::build::slots::Slots;
+        use crate::build::Cancel;
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = LauncherConfig::new(dir.path().join("no-image"), dir.path().join("state"));
+        let slots = Slots::new(1);
+        cfg.slots = Some(slots.clone());
+        let req = || StepRequest {
+            drv_path: StorePath::parse("/nix/store/00000000000000000000000000000000-x.drv")
+                .unwrap(),
+            drv: crate::core::request::test_derivation("x"),
+            outputs: BTreeSet::new(),
+            limits: Limits::default(),
+            ca_rule: build_trace::CaRule::SelfRefZeroed,
+            network: false,
+            job_id: None,
+        };
+        let run = |cfg: &LauncherConfig| {
+            let mut log = Notes::default();
+            let r = run_step(req(), &crate::build::nix_store::LocalNixStore, &mut log, cfg);
+            (r.map(drop), log.0)
+        };
+        let held = slots.acquire(&Cancel::default(), |_| panic!("a free slot")).unwrap();
+        std::thread::scope(|t| {
+            // All slots busy: the step waits (without an image it would fail at once), says so,
+            // and goes on when the slot is given back, to fail where it prepares.
+            let waiting = t.spawn(|| run(&cfg));
+            while slots.waiting() == 0 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            assert!(!waiting.is_finished(), "it did not wait for the slot");
+            drop(held);
+            let (r, notes) = waiting.join().unwrap();
+            assert!(matches!(&r, Err(e) if !matches!(e, StepError::Cancelled)), "{r:?}");
+            assert!(notes.iter().any(|n| n.contains("waiting for a VM slot: all 1")), "{notes:?}");
+        });
+        assert_eq!((slots.busy(), slots.peak()), (0, 1), "given back after the failure");
+        // A step waiting when its launcher is cancelled: cancelled, no slot taken.
+        let held = slots.acquire(&Cancel::default(), |_| panic!("a free slot")).unwrap();
+        std::thread::scope(|t| {
+            let waiting = t.spawn(|| run(&cfg));
+            while slots.waiting() == 0 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            cfg.cancel.cancel();
+            assert!(matches!(waiting.join().unwrap().0, Err(StepError::Cancelled)));
+        });
+        drop(held);
+        assert_eq!((slots.busy(), slots.waiting()), (0, 0));
+    }
 
     #[test]
     fn only_infrastructure_failures_are_retried() {

@@ -16,6 +16,7 @@
 //!
 //! What is not here: the job, retries and checks (`super::host`, `super::check`).
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,8 +34,8 @@ use crate::vm::egress::{self, Egress};
 use crate::vm::network::NetworkGrant;
 use crate::vm::runner::{describe_exit, Vm};
 use crate::vm::vsock::{detect_backend, Backend, Channel, Stream, VsockError};
-use crate::vm::SNP_POLICY;
 use crate::vm::{choose_mode, host_cbitpos, qemu_argv, HostCaps, Mode, QemuSpec, SnpLaunch};
+use crate::vm::{VsockDevice, SNP_POLICY};
 
 /// What every boot of one launcher shares.
 #[derive(Debug, Clone)]
@@ -269,7 +270,6 @@ pub fn boot(
     let mode = ctx.mode;
     let launch_bytes =
         req.launch.canonical_bytes().map_err(|e| StepError::Request(e.to_string()))?;
-    let host_data = build_trace::launch::host_data_of(&launch_bytes);
     // Unix socket paths must stay short: a private directory under $TMPDIR, named after this
     // process so that the next launcher removes it if this one is killed (`crate::recovery`).
     let run_dir = tempfile::Builder::new()
@@ -285,31 +285,11 @@ pub fn boot(
         .map(|c| c.port)
         .unwrap_or(channel::config::DEFAULT_PORT);
     let mut chan = Channel::prepare(&ctx.backend, run_dir.path(), port)?;
-    let img = |f: &str| cfg.image_dir.join(f);
     if mode == Mode::Snp {
         ctx.expected_measurement(&req.launch)?;
     }
-    let spec = QemuSpec {
-        mode,
-        kernel: if mode == Mode::Snp { img(files::BZIMAGE) } else { img(files::VMLINUX) },
-        initrd: img(files::INITRD),
-        cmdline: manifest.cmdline.clone(),
-        memory_mib: u32::try_from(req.launch.memory_mib).unwrap_or(u32::MAX),
-        vcpus: u32::try_from(req.launch.vcpus).unwrap_or(u32::MAX),
-        vsock: chan.device().clone(),
-        snp: (mode == Mode::Snp).then(|| SnpLaunch {
-            ovmf: img(files::OVMF),
-            host_data,
-            policy: SNP_POLICY,
-            cbitpos: host_cbitpos(),
-            reduced_phys_bits: 1,
-            cpu_model: manifest
-                .snp
-                .as_ref()
-                .map_or("EPYC-v4".into(), |s| s.params.vcpu_type.clone()),
-        }),
-        network: req.network,
-    };
+    let host_data = build_trace::launch::host_data_of(&launch_bytes);
+    let spec = qemu_spec(ctx, cfg, &req.launch, req.network, chan.device().clone(), host_data);
     let argv = qemu_argv(&spec).map_err(|e| StepError::Request(e.to_string()))?;
     // A networked VM's QEMU runs in its own filtered namespace, removed after QEMU is killed.
     let egress = match (&spec.network, &req.egress) {
@@ -323,14 +303,7 @@ pub fn boot(
         None => (cfg.qemu.clone(), argv),
     };
     let background = req.background && nix::unistd::geteuid().is_root();
-    let (program, argv) = if background {
-        let mut a = vec!["-n".to_owned(), BACKGROUND_NICE.to_string()];
-        a.push(program.to_string_lossy().into_owned());
-        a.extend(argv);
-        ("nice".into(), a)
-    } else {
-        (program, argv)
-    };
+    let (program, argv) = if background { niced(&program, argv) } else { (program, argv) };
     tracing::debug!(?program, ?argv, nonce = %req.launch.nonce, "starting QEMU");
     let console_log = run_dir.path().join("console.log");
     let vm = Vm::spawn(&program, &argv, &console_log, cfg.echo_console)
@@ -342,23 +315,9 @@ pub fn boot(
 
     // Boot watchdog, part one: the connection (part two, the hello, is the channel watch's).
     let connect_within = cfg.boot_timeout.saturating_sub(started.elapsed());
-    let stream = match chan.accept(connect_within, &|| vm.exited().is_none()) {
-        Ok(s) => s,
-        Err(e) => {
-            let status = vm.exited().or_else(|| vm.kill());
-            // Give the stderr reader a moment to collect QEMU's last words.
-            std::thread::sleep(Duration::from_millis(50));
-            return Err(match e {
-                VsockError::VmGone => StepError::NoAgent {
-                    status: status.as_ref().map_or("ended".into(), describe_exit),
-                    qemu: vm.qemu_stderr(),
-                    console: vm.console_tail(),
-                },
-                VsockError::Timeout(_) => StepError::Vsock(VsockError::Timeout(cfg.boot_timeout)),
-                other => StepError::Vsock(other),
-            });
-        }
-    };
+    let stream = chan
+        .accept(connect_within, &|| vm.exited().is_none())
+        .map_err(|e| not_connected(&vm, e, cfg.boot_timeout))?;
     // QEMU's exit ends the conversation at once. The agent powers off only after we closed the
     // channel (having read its `Bye`; `agent::run`'s linger), so an exit before that is a VM that
     // did not finish: frames of a guest that powered off before our reader caught up were lost
@@ -369,24 +328,7 @@ pub fn boot(
     let watch = ChannelWatch::for_boot(started, cfg.boot_timeout, cfg.stall_timeout);
     let greeted = hello_and_launch(&stream, &watch, mode, &ctx.setup, &launch_bytes);
     watchdog.stop();
-    let greeting = match greeted {
-        Ok(g) => g,
-        Err(e) => {
-            let ended = vm.exited().or_else(|| vm.wait_timeout(Duration::from_millis(200)));
-            vm.kill();
-            return Err(match (watch.tripped(), ended) {
-                (Some(trip), _) => {
-                    StepError::Stalled { trip, phase: "booted".into(), console: vm.console_tail() }
-                }
-                (None, Some(st)) if !matches!(e, StepError::Guest { .. }) => StepError::NoAgent {
-                    status: describe_exit(&st),
-                    qemu: vm.qemu_stderr(),
-                    console: vm.console_tail(),
-                },
-                _ => e,
-            });
-        }
-    };
+    let greeting = greeted.map_err(|e| not_greeted(&vm, &watch, e))?;
     if background {
         if let Err(e) = renice(vm.pid(), 0) {
             // A VM that would run its job at low priority is no use: stop it.
@@ -404,4 +346,82 @@ pub fn boot(
         greeting,
         mode,
     })
+}
+
+/// What QEMU boots for `launch`: the image's kernel (SNP: with OVMF and `host_data`), its initrd
+/// and command line, the launch's size, the channel's device and the NIC grant, if any.
+fn qemu_spec(
+    ctx: &BootContext,
+    cfg: &LauncherConfig,
+    launch: &Launch,
+    network: Option<NetworkGrant>,
+    vsock: VsockDevice,
+    host_data: [u8; 32],
+) -> QemuSpec {
+    let mode = ctx.mode;
+    let img = |f: &str| cfg.image_dir.join(f);
+    QemuSpec {
+        mode,
+        kernel: if mode == Mode::Snp { img(files::BZIMAGE) } else { img(files::VMLINUX) },
+        initrd: img(files::INITRD),
+        cmdline: ctx.manifest.cmdline.clone(),
+        memory_mib: u32::try_from(launch.memory_mib).unwrap_or(u32::MAX),
+        vcpus: u32::try_from(launch.vcpus).unwrap_or(u32::MAX),
+        vsock,
+        snp: (mode == Mode::Snp).then(|| SnpLaunch {
+            ovmf: img(files::OVMF),
+            host_data,
+            policy: SNP_POLICY,
+            cbitpos: host_cbitpos(),
+            reduced_phys_bits: 1,
+            cpu_model: ctx
+                .manifest
+                .snp
+                .as_ref()
+                .map_or("EPYC-v4".into(), |s| s.params.vcpu_type.clone()),
+        }),
+        network,
+    }
+}
+
+/// `program argv…` run at the background boot's nice value.
+fn niced(program: &Path, argv: Vec<String>) -> (PathBuf, Vec<String>) {
+    let mut a = vec!["-n".to_owned(), BACKGROUND_NICE.to_string()];
+    a.push(program.to_string_lossy().into_owned());
+    a.extend(argv);
+    ("nice".into(), a)
+}
+
+/// The error of a boot whose agent never connected (`e`), after QEMU is stopped.
+fn not_connected(vm: &Vm, e: VsockError, boot_timeout: Duration) -> StepError {
+    let status = vm.exited().or_else(|| vm.kill());
+    // Give the stderr reader a moment to collect QEMU's last words.
+    std::thread::sleep(Duration::from_millis(50));
+    match e {
+        VsockError::VmGone => StepError::NoAgent {
+            status: status.as_ref().map_or("ended".into(), describe_exit),
+            qemu: vm.qemu_stderr(),
+            console: vm.console_tail(),
+        },
+        VsockError::Timeout(_) => StepError::Vsock(VsockError::Timeout(boot_timeout)),
+        other => StepError::Vsock(other),
+    }
+}
+
+/// The error of a boot whose hello or launch failed (`e`), after QEMU is stopped: a stall the
+/// watch saw, a VM that ended (unless the guest itself said what went wrong), else `e`.
+fn not_greeted(vm: &Vm, watch: &ChannelWatch, e: StepError) -> StepError {
+    let ended = vm.exited().or_else(|| vm.wait_timeout(Duration::from_millis(200)));
+    vm.kill();
+    match (watch.tripped(), ended) {
+        (Some(trip), _) => {
+            StepError::Stalled { trip, phase: "booted".into(), console: vm.console_tail() }
+        }
+        (None, Some(st)) if !matches!(e, StepError::Guest { .. }) => StepError::NoAgent {
+            status: describe_exit(&st),
+            qemu: vm.qemu_stderr(),
+            console: vm.console_tail(),
+        },
+        _ => e,
+    }
 }

@@ -44,6 +44,7 @@ pub mod launch;
 pub mod nix_db;
 pub mod nix_store;
 pub mod policy;
+pub mod slots;
 pub mod watch;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -156,6 +157,9 @@ pub struct LauncherConfig {
     pub cancel: Cancel,
     /// Warm VMs for the steps that fit them (`crate::pool`); `None`: every step boots its own.
     pub pool: Option<std::sync::Arc<crate::pool::Pool>>,
+    /// Steps at once across every clone ([`slots`]: `vouch serve --jobs`); `None`: no bound
+    /// here (one step per process or per connection).
+    pub slots: Option<std::sync::Arc<slots::Slots>>,
 }
 
 /// A shared stop switch for running steps: once [`Cancel::cancel`] is called, every step whose
@@ -213,6 +217,7 @@ impl LauncherConfig {
             egress: Default::default(),
             cancel: Cancel::default(),
             pool: None,
+            slots: None,
         }
     }
 

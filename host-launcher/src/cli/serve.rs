@@ -22,6 +22,7 @@ use std::net::TcpListener;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use build_trace::source::{Location, TlsRoots};
 use host_launcher::recovery;
 use host_launcher::serve::auth::Access;
 use host_launcher::serve::closure::{BuilderTraces, ClosureConfig};
@@ -89,11 +90,18 @@ pub struct Args {
     /// service's own builder (`--jobs` slots) is always there.
     #[arg(long, value_name = "FILE")]
     pub builders: Option<std::path::PathBuf>,
-    /// Where a builder of `--builders` serves its trace store: `MACHINE=DIR`, the machine as
-    /// its line names it (repeatable). A step that builder built is verified from there
-    /// before the service publishes it.
-    #[arg(long = "builder-traces", value_name = "MACHINE=DIR")]
+    /// Where a builder of `--builders` serves its trace store: `MACHINE=LOCATION`, the machine
+    /// as its line names it, LOCATION an absolute directory, `file://DIR`, or
+    /// `http(s)://HOST[:PORT][/prefix]` (that host's `vouch serve`, or any server of its trace
+    /// store directory) (repeatable). A step that builder built is verified from there before
+    /// the service publishes it; fetched files are kept in `<state dir>/serve/trace-cache`.
+    #[arg(long = "builder-traces", value_name = "MACHINE=LOCATION")]
     pub builder_traces: Vec<String>,
+    /// Trust only the certificate authorities in FILE (PEM; repeatable) for `--builder-traces`
+    /// locations `https://…`, instead of Mozilla's built-in roots; without it, `SSL_CERT_FILE`
+    /// when set (as `vouch verify --tls-ca`).
+    #[arg(long, value_name = "FILE")]
+    pub builder_tls_ca: Vec<std::path::PathBuf>,
     /// The trust policy other builders' traces must satisfy before the service publishes them
     /// (`docs/trust-policy.md`). Default: the default policy, pinning the guest image's
     /// manifest (simulated evidence is refused by it).
@@ -127,8 +135,17 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         .collect::<Result<Vec<_>, _>>()?;
     let mut builder_traces = BuilderTraces::default();
     for a in &args.builder_traces {
-        let (machine, loc) = BuilderTraces::parse_one(a)?;
-        builder_traces.0.insert(machine, loc);
+        builder_traces.add(a)?;
+    }
+    builder_traces.fetch.tls_roots =
+        TlsRoots::choose(args.builder_tls_ca.clone(), "--builder-tls-ca");
+    if builder_traces
+        .machines
+        .values()
+        .any(|l| matches!(l, Location::Http(u) if u.starts_with("https://")))
+    {
+        // Unusable CA files stop the start, not every step later.
+        builder_traces.fetch.tls_roots.load()?;
     }
     let closures = ClosureConfig {
         builders_file: args.builders.clone(),

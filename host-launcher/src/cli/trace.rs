@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use build_trace::provenance::classify_evidence;
 use build_trace::source::Traces;
 use build_trace::store::{TraceEntry, TraceSource, TraceStore};
+use build_trace::Statement;
 use host_launcher::core::publish::default_trace_store;
 use nix_formats::StorePath;
 
@@ -120,50 +121,56 @@ pub fn run(cmd: Command, global: &Global) -> CmdResult {
             json.push(serde_json::to_value(&st)?);
             continue;
         }
-        let job = &st.job;
-        let kind = e.evidence.as_deref().map(classify_evidence).unwrap_or("none");
-        println!("step      {}", job.drv_path);
-        println!("  trace   {}", e.location);
-        println!(
-            "  kind    {}{}",
-            job_kind_name(job.kind()?),
-            if job.network { " (networked fixed output)" } else { "" }
-        );
-        println!("  job     {} (HOST_DATA {})", job.job_id, hex::encode(st.host_data()?));
-        for (name, o) in &st.outputs {
-            println!("  output  {name}: {}", o.path);
-            println!(
-                "            NAR {} ({} bytes){}",
-                o.nar_hash,
-                o.nar_size,
-                o.ca.as_ref().map(|c| format!(", ca {c}")).unwrap_or_default()
-            );
-            for r in &o.references {
-                println!("            references {r}");
-            }
-        }
-        println!(
-            "  inputs  {} direct, {} in the closure, {} content-addressed (recomputed in the guest)",
-            job.direct_inputs().len(),
-            job.closure.len(),
-            st.input_cas.len()
-        );
-        println!("  guest   measurement {}, {}", st.measurement, st.agent_version);
-        match kind {
-            "simulated" => println!("  evidence SIMULATED (no SEV-SNP hardware; proves nothing about hardware) — not verified here"),
-            "none" => println!("  evidence none"),
-            k => println!("  evidence {k} — not verified here (use `vouch verify`)"),
-        }
-        for j in &e.jws {
-            let kid = build_trace::jws::kid_of(j).unwrap_or_else(|| "<malformed>".into());
-            println!("  signed  JWS by {kid}");
-        }
+        print_entry(e, &st)?;
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&json)?);
     }
     // A malformed statement is a rejected trace (exit 1), as `vouch verify` would reject it.
     Ok(ExitCode::from(if malformed > 0 { exit::REJECTED } else { exit::OK }))
+}
+
+/// One trace entry `e`, its statement `st`, as text.
+fn print_entry(e: &TraceEntry, st: &Statement) -> Result<(), super::CmdError> {
+    let job = &st.job;
+    let kind = e.evidence.as_deref().map(classify_evidence).unwrap_or("none");
+    println!("step      {}", job.drv_path);
+    println!("  trace   {}", e.location);
+    println!(
+        "  kind    {}{}",
+        job_kind_name(job.kind()?),
+        if job.network { " (networked fixed output)" } else { "" }
+    );
+    println!("  job     {} (HOST_DATA {})", job.job_id, hex::encode(st.host_data()?));
+    for (name, o) in &st.outputs {
+        println!("  output  {name}: {}", o.path);
+        println!(
+            "            NAR {} ({} bytes){}",
+            o.nar_hash,
+            o.nar_size,
+            o.ca.as_ref().map(|c| format!(", ca {c}")).unwrap_or_default()
+        );
+        for r in &o.references {
+            println!("            references {r}");
+        }
+    }
+    println!(
+        "  inputs  {} direct, {} in the closure, {} content-addressed (recomputed in the guest)",
+        job.direct_inputs().len(),
+        job.closure.len(),
+        st.input_cas.len()
+    );
+    println!("  guest   measurement {}, {}", st.measurement, st.agent_version);
+    match kind {
+        "simulated" => println!("  evidence SIMULATED (no SEV-SNP hardware; proves nothing about hardware) — not verified here"),
+        "none" => println!("  evidence none"),
+        k => println!("  evidence {k} — not verified here (use `vouch verify`)"),
+    }
+    for j in &e.jws {
+        let kid = build_trace::jws::kid_of(j).unwrap_or_else(|| "<malformed>".into());
+        println!("  signed  JWS by {kid}");
+    }
+    Ok(())
 }
 
 /// A step kind as words.

@@ -17,7 +17,7 @@ use build_trace::store::TraceSource;
 use build_trace::tlog::proof::CheckpointHistory;
 use build_trace::tlog::source::LoggedTraces;
 use build_trace::tlog::{LogView, TileSource, TlogError};
-use build_trace::trust::TrustPolicy;
+use build_trace::trust::{LogPolicy, TrustPolicy};
 use build_trace::verify::{BrokenLink, ClosureVerifier, DrvSet, Outcome, Request};
 use nix_formats::StorePath;
 
@@ -149,33 +149,19 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
     };
     // With a `[log]` policy, each store counts only through its transparency log.
     let log_srcs: Vec<Box<dyn TileSource>> = stores.iter().map(|s| s.tiles()).collect();
-    let mut logged = Vec::new();
-    if let Some(log) = &policy.log {
-        let trust = log.trust()?;
-        let history = CheckpointHistory::new(&global.state_dir().join("tlog"));
-        for (store, src) in stores.iter().zip(&log_srcs) {
-            let checked = LogView::open(src.as_ref(), &trust)
-                .and_then(|v| history.accept(&v, &trust).map(|()| v));
-            let view = match checked {
-                Ok(v) => v,
-                Err(e @ (TlogError::Inconsistent { .. } | TlogError::Checkpoint(_))) => {
-                    println!("not verified: {}", build_trace::error_chain(&e));
-                    return Ok(ExitCode::from(1));
-                }
-                Err(e) => return Err(e.into()),
-            };
-            let cp = view.checkpoint();
-            tracing::info!(origin = %cp.origin, size = cp.size, witnesses = ?cp.cosigned_by.keys(), "log checkpoint");
-            logged.push(LoggedTraces::new(store, view));
-        }
-    }
+    let logged = match &policy.log {
+        Some(log) => match logged_sources(log, &stores, &log_srcs, global)? {
+            Some(logged) => Some(logged),
+            None => return Ok(ExitCode::from(1)),
+        },
+        None => None,
+    };
     let evidence = EvidenceVerifier::global();
     let verifier = ClosureVerifier {
         policy: &prepared,
-        sources: if policy.log.is_some() {
-            logged.iter().map(|s| s as &dyn TraceSource).collect()
-        } else {
-            stores.iter().map(|s| s as &dyn TraceSource).collect()
+        sources: match &logged {
+            Some(logged) => logged.iter().map(|s| s as &dyn TraceSource).collect(),
+            None => stores.iter().map(|s| s as &dyn TraceSource).collect(),
         },
         evidence,
         now: SystemTime::now(),
@@ -188,16 +174,60 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         let shown = shown.as_ref();
         return super::rebuild::plan(&args, &verifier, &stores, shown, &named, banner.as_deref());
     }
-    // Each candidate derivation in turn (one, unless only a trace store's index knew the
-    // output): the first that verifies, else the first verdict.
+    let (target, drvs, outcome) = choose(&args, &verifier, &stores, shown.as_ref(), &named)?;
+    print_verdict(&args, &named, banner.as_deref(), &target, &drvs, &outcome)?;
+    Ok(match outcome {
+        Outcome::Verified(_) => ExitCode::SUCCESS,
+        Outcome::NotVerified(_) => ExitCode::from(1),
+    })
+}
+
+/// Each of `stores` through its transparency log, under `log`: its checkpoint checked with the
+/// witness quorum and against those seen before (`<state dir>/tlog/`). `None` when one is
+/// inconsistent or unacceptable, which is printed as the verdict ("not verified").
+fn logged_sources<'a>(
+    log: &LogPolicy,
+    stores: &'a [build_trace::source::Traces],
+    log_srcs: &'a [Box<dyn TileSource>],
+    global: &Global,
+) -> Result<Option<Vec<LoggedTraces<'a>>>, super::CmdError> {
+    let trust = log.trust()?;
+    let history = CheckpointHistory::new(&global.state_dir().join("tlog"));
+    let mut logged = Vec::new();
+    for (store, src) in stores.iter().zip(log_srcs) {
+        let checked = LogView::open(src.as_ref(), &trust)
+            .and_then(|v| history.accept(&v, &trust).map(|()| v));
+        let view = match checked {
+            Ok(v) => v,
+            Err(e @ (TlogError::Inconsistent { .. } | TlogError::Checkpoint(_))) => {
+                println!("not verified: {}", build_trace::error_chain(&e));
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let cp = view.checkpoint();
+        tracing::info!(origin = %cp.origin, size = cp.size, witnesses = ?cp.cosigned_by.keys(), "log checkpoint");
+        logged.push(LoggedTraces::new(store, view));
+    }
+    Ok(Some(logged))
+}
+
+/// Each candidate derivation in turn (one, unless only a trace store's index knew the output):
+/// the first that verifies, else the first verdict; its graph with it.
+fn choose(
+    args: &Args,
+    verifier: &ClosureVerifier<'_>,
+    stores: &[build_trace::source::Traces],
+    shown: Option<&DrvSet>,
+    named: &super::target::Target,
+) -> Result<(StorePath, DrvSet, Outcome), super::CmdError> {
     let mut chosen: Option<(StorePath, DrvSet, Outcome)> = None;
     for cand in &named.candidates {
         let several = named.candidates.len() > 1;
-        let Some(drvs) = candidate_graph(&args.drv_dir, &stores, shown.as_ref(), cand, several)?
-        else {
+        let Some(drvs) = candidate_graph(&args.drv_dir, stores, shown, cand, several)? else {
             continue;
         };
-        let outcome = verify_one(&args, &verifier, &drvs, cand, &named)?;
+        let outcome = verify_one(args, verifier, &drvs, cand, named)?;
         let ok = matches!(outcome, Outcome::Verified(_));
         if ok || chosen.is_none() {
             chosen = Some((cand.clone(), drvs, outcome));
@@ -206,23 +236,33 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
             break;
         }
     }
-    let Some((target, drvs, outcome)) = chosen else {
-        return Err(VerifyCmdError::NoDerivation(named.path.to_string()).into());
-    };
+    chosen.ok_or_else(|| VerifyCmdError::NoDerivation(named.path.to_string()).into())
+}
+
+/// The verdict on stdout (text or JSON), and the graph where one was asked for (on stdout, it
+/// replaces the verdict, which is then only the exit code).
+fn print_verdict(
+    args: &Args,
+    named: &super::target::Target,
+    banner: Option<&str>,
+    target: &StorePath,
+    drvs: &DrvSet,
+    outcome: &Outcome,
+) -> Result<(), super::CmdError> {
     let graph_on_stdout = args.graph.is_some() && args.graph_out.is_none();
     if !args.json && !graph_on_stdout {
         println!("derivation {target} ({})", named.found_by);
     }
     if let Some(format) = args.graph {
-        super::verify_graph::write(format, args.graph_out.as_ref(), &drvs, &target, &outcome)?;
+        super::verify_graph::write(format, args.graph_out.as_ref(), drvs, target, outcome)?;
     }
     if graph_on_stdout {
         // The graph took stdout; the verdict is the exit code.
     } else if args.json {
-        let mut v = serde_json::to_value(&outcome)?;
+        let mut v = serde_json::to_value(outcome)?;
         if let Some(map) = v.as_object_mut() {
-            if let Some(b) = &banner {
-                map.insert("any_guest".into(), serde_json::Value::String(b.clone()));
+            if let Some(b) = banner {
+                map.insert("any_guest".into(), serde_json::Value::String(b.to_owned()));
             }
             map.insert("derivation".into(), target.to_string().into());
             map.insert("found_by".into(), serde_json::to_value(named.found_by)?);
@@ -230,15 +270,12 @@ pub fn run(args: Args, global: &Global) -> CmdResult {
         }
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        match &outcome {
+        match outcome {
             Outcome::Verified(v) => print!("{v}"),
             Outcome::NotVerified(b) => print!("{b}"),
         }
     }
-    Ok(match outcome {
-        Outcome::Verified(_) => ExitCode::SUCCESS,
-        Outcome::NotVerified(_) => ExitCode::from(1),
-    })
+    Ok(())
 }
 
 /// The derivation graph of candidate `cand`: `shown`, else read from `drv_dir` (what it lacks

@@ -250,6 +250,11 @@ impl Builds {
         self
     }
 
+    /// The closure machinery, if closures are built.
+    pub fn closures(&self) -> Option<&Arc<Closures>> {
+        self.closures.as_ref()
+    }
+
     /// Stop the service's own builder (after the workers ended).
     pub fn stop_builder(&self) {
         if let Some(c) = &self.closures {

@@ -11,7 +11,7 @@ use build_trace::Statement;
 
 use super::super::closure::events::{Change, Tracker};
 use super::super::closure::nix::Realised;
-use super::super::closure::traces::{published_statement, Importer};
+use super::super::closure::traces::{location_text, published_statement, Importer};
 use super::*;
 use crate::core::ownership::accepted_outputs;
 
@@ -336,9 +336,13 @@ impl Run<'_> {
         key: &StorePath,
         m: &str,
     ) -> Result<(), String> {
+        let at = self.closures.traces.of(m).map(|l| format!(" at {}", location_text(l)));
         self.line(
             i,
-            &format!("vouch: fetching its trace from {m}, verifying it under the service's policy"),
+            &format!(
+                "vouch: fetching its trace from {m}{}, verifying it under the service's policy",
+                at.unwrap_or_default()
+            ),
         );
         let error = |e: String| {
             self.line(i, &format!("vouch: {e}"));
@@ -351,6 +355,7 @@ impl Run<'_> {
             policy,
             publish: &self.builds.engine.publish,
             builders: &self.closures.traces,
+            downloads: &self.closures.downloads,
         };
         importer.import(&self.job.derivations, udrv, key, m).map_err(|e| {
             error(format!("built on {m}, but its trace was not accepted: {}", error_chain(&e)))

@@ -38,6 +38,7 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use super::api::{self, ApiAction, Route};
+use super::hot::HotNarinfos;
 use super::{ApiError, ApiReply, Service};
 
 /// Most bytes of a request body other than a NAR (a narinfo, a build submission).
@@ -147,29 +148,9 @@ async fn handle(
             .is_some_and(|l| l <= MAX_DRAIN);
     let mut body = Some(body);
     let refuse = |e: ApiError, body: &mut Option<Body>| (e, if drain { body.take() } else { None });
-    let route =
-        api::route(parts.method.as_str(), parts.uri.path()).map_err(|e| refuse(e, &mut body))?;
-    let caller = service.caller(header_str(&parts.headers, header::AUTHORIZATION));
-    if let Some(c) = conn.as_ref().filter(|_| caller.authenticated) {
-        c.holders.saw(c.peer.ip());
-    }
-    if conn.as_ref().is_some_and(|c| c.reserved) && !caller.authenticated {
-        let e = ApiError::new(
-            503,
-            "the service is at its connection limit; the capacity left is reserved for token holders",
-        );
-        return Err(refuse(e, &mut body));
-    }
-    if let Some(scope) = route.needs().filter(|s| !caller.can(*s)) {
-        let msg = format!(
-            "{} {} needs the service's access token with the `{}` scope (Authorization: Bearer \
-             TOKEN, or HTTP Basic with the token as password, e.g. from a netrc entry)",
-            parts.method,
-            parts.uri.path(),
-            scope.name()
-        );
-        return Err(refuse(ApiError::new(401, msg), &mut body));
-    }
+    let (route, caller) =
+        admit(service, &parts.method, parts.uri.path(), &parts.headers, conn.as_ref())
+            .map_err(|e| refuse(e, &mut body))?;
     let body = body.take().unwrap_or_default();
     let query = parts.uri.query().unwrap_or_default();
     let peer = conn.as_ref().map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |c| c.peer);
@@ -241,6 +222,75 @@ async fn handle(
     .map_err(|e| (ApiError::new(500, format!("the request's task: {e}")), None))?
     .map_err(|e| (e, None))?;
     reply_response(service, reply, range.as_deref(), head).map_err(|e| (e, None))
+}
+
+/// The route of a request and its caller, once the caller may ask for it: the capacity
+/// reserved for token holders and the route's scope are checked here.
+fn admit(
+    service: &Service,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    conn: Option<&ConnInfo>,
+) -> Result<(Route, super::auth::Caller), ApiError> {
+    let route = api::route(method.as_str(), path)?;
+    let caller = service.caller(header_str(headers, header::AUTHORIZATION));
+    if let Some(c) = conn.filter(|_| caller.authenticated) {
+        c.holders.saw(c.peer.ip());
+    }
+    if conn.is_some_and(|c| c.reserved) && !caller.authenticated {
+        return Err(ApiError::new(
+            503,
+            "the service is at its connection limit; the capacity left is reserved for token holders",
+        ));
+    }
+    if let Some(scope) = route.needs().filter(|s| !caller.can(*s)) {
+        let msg = format!(
+            "{method} {path} needs the service's access token with the `{}` scope (Authorization: \
+             Bearer TOKEN, or HTTP Basic with the token as password, e.g. from a netrc entry)",
+            scope.name()
+        );
+        return Err(ApiError::new(401, msg));
+    }
+    Ok((route, caller))
+}
+
+/// The answer to a request for a trace-store narinfo from [`HotNarinfos`], before the router
+/// and its layers: a GET or HEAD of `/<hash>.narinfo` with no body, no `Range` and no
+/// `Accept-Encoding` (what Nix sends), from a caller [`admit`] lets through; it is answered as
+/// the router would answer it, without the layers' per-request work (trace span, deadline,
+/// compression predicate) and without reading the file while it is fresh in memory. `None` for
+/// anything else, which the router answers (errors included).
+pub fn hot_narinfo<B>(
+    service: &Service,
+    hot: &HotNarinfos,
+    req: &axum::http::Request<B>,
+    conn: &ConnInfo,
+) -> Option<Response> {
+    let path = req.uri().path();
+    let h = req.headers();
+    if !(req.method() == Method::GET || req.method() == Method::HEAD)
+        || path.len() != 1 + 32 + ".narinfo".len()
+        || !path.ends_with(".narinfo")
+        || h.contains_key(header::RANGE)
+        || h.contains_key(header::ACCEPT_ENCODING)
+        || h.get(header::CONTENT_LENGTH).is_some_and(|l| l != "0")
+        || h.contains_key(header::TRANSFER_ENCODING)
+    {
+        return None;
+    }
+    let Ok((Route::NarInfo(hash), _)) = admit(service, req.method(), path, h, Some(conn)) else {
+        return None;
+    };
+    let text = hot.get(&hash, || {
+        match small_file_in_memory(service.cache_file(&format!("{hash}.narinfo")).ok()?, false) {
+            Ok(ApiReply::Bytes(_, v)) => Some(Bytes::from(v)),
+            _ => None,
+        }
+    })?;
+    service.metrics().bytes_served.inc_by(text.len() as u64);
+    service.metrics().response(200);
+    Some(with_type(text.into_response(), "text/x-nix-narinfo"))
 }
 
 /// The trace store's narinfo with hash part `hash`, read on this (async) thread: a small file

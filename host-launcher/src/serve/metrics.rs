@@ -8,6 +8,8 @@
 //! | `vouch_builds{state}` | gauge | recorded builds in each state |
 //! | `vouch_step_duration_seconds` | histogram | how long steps took (boot to published or failed) |
 //! | `vouch_vm_boots_total` | counter | VMs started for steps |
+//! | `vouch_vm_slots_busy` | gauge | steps holding one of the `--jobs` VM slots (`crate::build::slots`) |
+//! | `vouch_vm_slots_waiting` | gauge | steps waiting for a VM slot |
 //! | `vouch_http_bytes_served_total` | counter | body bytes of binary-cache files served |
 //! | `vouch_http_responses_total{class}` | counter | responses by status class (`2xx` …) |
 //!
@@ -50,6 +52,10 @@ pub struct Metrics {
     pub step_seconds: Histogram,
     /// VMs started.
     pub vm_boots: Counter,
+    /// VM slots taken (set by [`Metrics::slots`] before [`Metrics::render`]).
+    pub vm_slots_busy: Gauge,
+    /// Steps waiting for a VM slot (likewise).
+    pub vm_slots_waiting: Gauge,
     /// Binary-cache body bytes served.
     pub bytes_served: Counter,
     /// Responses by status class.
@@ -72,6 +78,8 @@ impl Default for Metrics {
             // 1 s … ~4.5 h.
             step_seconds: Histogram::new(exponential_buckets(1.0, 2.0, 15)),
             vm_boots: Counter::default(),
+            vm_slots_busy: Gauge::default(),
+            vm_slots_waiting: Gauge::default(),
             bytes_served: Counter::default(),
             responses: Family::default(),
         };
@@ -88,6 +96,16 @@ impl Default for Metrics {
             );
             v.register("vm_boots", "VMs started for build steps", m.vm_boots.clone());
             v.register(
+                "vm_slots_busy",
+                "Build steps holding one of the --jobs VM slots",
+                m.vm_slots_busy.clone(),
+            );
+            v.register(
+                "vm_slots_waiting",
+                "Build steps waiting for a VM slot",
+                m.vm_slots_waiting.clone(),
+            );
+            v.register(
                 "http_bytes_served",
                 "Body bytes of binary cache files served",
                 m.bytes_served.clone(),
@@ -103,6 +121,13 @@ impl Metrics {
     pub fn response(&self, status: u16) {
         let class = format!("{}xx", status / 100);
         self.responses.get_or_create(&ClassLabel { class }).inc();
+    }
+
+    /// Set the VM slot gauges from `slots`.
+    pub fn slots(&self, slots: Option<&crate::build::slots::Slots>) {
+        let (busy, waiting) = slots.map_or((0, 0), |s| (s.busy(), s.waiting()));
+        self.vm_slots_busy.set(busy as i64);
+        self.vm_slots_waiting.set(waiting as i64);
     }
 
     /// The text exposition, with the gauges set from `queued`, `running` and `counts` (state,
@@ -133,6 +158,7 @@ mod tests {
         m.step_seconds.observe(3.0);
         m.bytes_served.inc_by(1234);
         m.response(404);
+        m.vm_slots_waiting.set(3);
         let text = m.render(2, 1, &[("failed".into(), 5)]);
         for want in [
             "vouch_build_queue_length 2",
@@ -140,6 +166,8 @@ mod tests {
             "vouch_builds{state=\"failed\"} 5",
             "vouch_builds{state=\"succeeded\"} 0",
             "vouch_vm_boots_total 1",
+            "vouch_vm_slots_busy 0",
+            "vouch_vm_slots_waiting 3",
             "vouch_step_duration_seconds_count 1",
             "vouch_http_bytes_served_total 1234",
             "vouch_http_responses_total{class=\"4xx\"} 1",

@@ -10,7 +10,7 @@
 //! store's upload rules); a build submission is parsed into the core's request ([`submission`])
 //! and queued ([`builds`]), and the engine builds and publishes it (`crate::core::Engine`).
 //!
-//! - **Binary cache, read-only** ([`Service::cache_file`]): `nix-cache-info`, `<hash>.narinfo`,
+//! - **Binary cache, read-only** ([`cache`]): `nix-cache-info`, `<hash>.narinfo`,
 //!   `nar/…`, `realisations/…`, `build-trace-v2/…`, `traces/…`, `vouch/v1/…` from the trace store
 //!   directory, which is a Nix binary cache whose narinfos the launcher key signed; and its
 //!   transparency log, `log/checkpoint`, `log/tile/…`, `log/index/…` (C2SP tlog-tiles).
@@ -48,7 +48,9 @@
 pub mod api;
 pub mod auth;
 pub mod builds;
+pub mod cache;
 pub mod closure;
+pub mod hot;
 pub mod http;
 pub mod json;
 pub mod metrics;
@@ -65,7 +67,6 @@ use std::sync::{Arc, Mutex};
 use build_trace::error_chain;
 use nix_formats::narinfo::NarInfo;
 use nix_formats::signing::PublicKey;
-use nix_formats::StorePath;
 
 use crate::core::{Engine, NixVersion};
 use crate::store::{
@@ -171,27 +172,14 @@ fn internal(e: impl std::error::Error + 'static) -> ApiError {
     ApiError::new(500, error_chain(&e))
 }
 
-fn content_type(rel: &str) -> &'static str {
-    if rel.starts_with("traces/") {
-        return "application/json";
-    }
-    if rel == "log/checkpoint" || rel.starts_with("log/index/") {
-        return "text/plain; charset=utf-8";
-    }
-    match rel.rsplit('.').next() {
-        Some("narinfo") => "text/x-nix-narinfo",
-        Some("nar") => "application/x-nix-nar",
-        Some("doi" | "json") => "application/json",
-        Some("jws") => "application/jose",
-        _ => "application/octet-stream",
-    }
-}
-
 impl Service {
     /// Open the build record (locking the state directory), the content store, the staging
     /// area (emptied) and the signing key (created if there is none yet) under the state
     /// directory, and queue again the builds a restart found queued.
     pub fn open(cfg: ServiceConfig) -> Result<Service, Box<dyn std::error::Error + Send + Sync>> {
+        let mut cfg = cfg;
+        // `--jobs` VMs at once, whoever asks (`crate::build::slots`).
+        cfg.engine.launcher.slots.get_or_insert_with(|| crate::build::slots::Slots::new(cfg.jobs));
         // First, so that a second service on this state directory stops before it touches
         // anything (the record holds the directory's lock).
         let state_dir = &cfg.engine.publish.state_dir;
@@ -328,12 +316,7 @@ impl Service {
                 let v = serde_json::json!({"status": status, "queued": queued, "running": running});
                 Ok(ApiReply::Json(code, v))
             }
-            ApiAction::CacheInfo => match self.cache_file("nix-cache-info") {
-                Err(e) if e.status == 404 => {
-                    Ok(ApiReply::Bytes("text/x-nix-cache-info", CACHE_INFO.into()))
-                }
-                other => other,
-            },
+            ApiAction::CacheInfo => self.cache_info(),
             ApiAction::NarInfo { hash, uploads_visible } => self.narinfo(&hash, uploads_visible),
             ApiAction::CacheFile(rel) => self.cache_file(&rel),
             ApiAction::PutNar { name, uploader, body, len } => {
@@ -396,6 +379,7 @@ impl Service {
             ApiAction::Metrics => {
                 let (queued, running) = self.builds.load();
                 let counts = self.builds.records().counts().map_err(internal)?;
+                self.metrics.slots(self.cfg.engine.launcher.slots.as_deref());
                 let text = self.metrics.render(queued, running, &counts);
                 Ok(ApiReply::Bytes("text/plain; version=0.0.4; charset=utf-8", text.into_bytes()))
             }
@@ -434,114 +418,6 @@ impl Service {
             .get(id)
             .map_err(|e| ApiError::new(500, error_chain(&e)))?
             .ok_or_else(|| ApiError::new(404, format!("no build with id {id}")))
-    }
-
-    /// A read-only file of the trace store directory (`rel` is already checked by the router).
-    pub fn cache_file(&self, rel: &str) -> Result<ApiReply, ApiError> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let p = self.trace_store().join(rel);
-        let missing = || ApiError::new(404, format!("{rel} is not in this binary cache"));
-        // Open first, then ask the open file: a file renamed over this name meanwhile (the
-        // `traces/` index is rewritten that way) is served whole, with its own length. No
-        // symlinks: the cache holds none, so one is not ours to follow.
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&p)
-            .map_err(|_| missing())?;
-        match f.metadata() {
-            Ok(m) if m.is_file() => Ok(ApiReply::File(content_type(rel), f, m.len())),
-            _ => Err(missing()),
-        }
-    }
-
-    /// The signed narinfo of the trace store, else (for a client that may see uploads) an
-    /// unsigned one for a content-store path (see the module docs), else 404.
-    fn narinfo(&self, hash: &str, uploads_visible: bool) -> Result<ApiReply, ApiError> {
-        let rel = format!("{hash}.narinfo");
-        match self.cache_file(&rel) {
-            Err(e) if e.status == 404 => {}
-            other => return other,
-        }
-        let missing = || ApiError::new(404, format!("{rel} is not in this binary cache"));
-        let i = self.uploaded(hash)?.ok_or_else(missing)?;
-        let built_drv = self.built_drv(&i)?;
-        if !uploads_visible && !built_drv {
-            return Err(missing());
-        }
-        let h = nix_formats::hash::Hash::sha256(i.info.nar_hash.0);
-        let url =
-            if built_drv { format!("drv/{hash}.nar") } else { format!("nar/{}.nar", h.to_nix32()) };
-        let text = NarInfo {
-            store_path: i.path,
-            url,
-            compression: Some("none".into()),
-            file_hash: Some(h.clone()),
-            file_size: Some(i.info.nar_size),
-            nar_hash: h,
-            nar_size: i.info.nar_size,
-            references: i.info.references,
-            deriver: i.deriver,
-            system: None,
-            sigs: Vec::new(),
-            ca: i.info.ca,
-        }
-        .to_text();
-        Ok(ApiReply::Bytes("text/x-nix-narinfo", text.into_bytes()))
-    }
-
-    /// The content store's path with hash part `hash`, if any.
-    fn uploaded(&self, hash: &str) -> Result<Option<crate::core::ValidPathInfo>, ApiError> {
-        let found: Option<String> = {
-            let db = self.index.lock().unwrap_or_else(|e| e.into_inner());
-            let lo = format!("{}/{hash}-", nix_formats::STORE_DIR);
-            let hi = format!("{}/{hash}.", nix_formats::STORE_DIR);
-            rusqlite::OptionalExtension::optional(db.query_row(
-                "SELECT path FROM paths WHERE path > ?1 AND path < ?2 LIMIT 1",
-                [&lo, &hi],
-                |r| r.get(0),
-            ))
-            .map_err(|e| ApiError::new(500, format!("content store index: {e}")))?
-        };
-        match found.as_deref().map(StorePath::parse) {
-            Some(Ok(p)) => self.store.path_info(&p).map_err(store_error),
-            _ => Ok(None),
-        }
-    }
-
-    /// Whether `i` is the `.drv` of a step built here, text-addressed (so it certifies itself):
-    /// those are public, for `nix log`.
-    fn built_drv(&self, i: &crate::core::ValidPathInfo) -> Result<bool, ApiError> {
-        if !i.path.is_derivation() || !i.info.ca.as_deref().is_some_and(|c| c.starts_with("text:"))
-        {
-            return Ok(false);
-        }
-        Ok(self.builds.records().step_of(&i.path).map_err(internal)?.is_some())
-    }
-
-    /// The NAR of the `.drv` of a step built here ([`Self::built_drv`]).
-    fn drv_nar(&self, hash: &str) -> Result<ApiReply, ApiError> {
-        let missing =
-            || ApiError::new(404, format!("drv/{hash}.nar is not a derivation built here"));
-        let i = self.uploaded(hash)?.ok_or_else(missing)?;
-        if !self.built_drv(&i)? {
-            return Err(missing());
-        }
-        let (info, file) =
-            self.store.open_nar(&i.path).map_err(store_error)?.ok_or_else(missing)?;
-        Ok(ApiReply::File("application/x-nix-nar", file, info.info.nar_size))
-    }
-
-    /// The log of the newest step that built `base` (`nix log`): the submitted or the
-    /// resolved derivation.
-    fn nix_log(&self, base: &str) -> Result<ApiReply, ApiError> {
-        let missing = || ApiError::new(404, format!("no step built {base} here"));
-        let path = StorePath::parse(&format!("{}/{base}", nix_formats::STORE_DIR))
-            .map_err(|e| ApiError::new(400, e.to_string()))?;
-        let (id, step) =
-            self.builds.records().step_of(&path).map_err(internal)?.ok_or_else(missing)?;
-        let (bytes, _) = self.build(id)?.log_from(step, 0).ok_or_else(missing)?;
-        Ok(ApiReply::Bytes("text/plain; charset=utf-8", bytes))
     }
 
     /// A narinfo upload: its staged NAR goes into the service's content store, checked exactly

@@ -34,6 +34,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::hot::HotNarinfos;
 use super::http::ConnInfo;
 use super::Service;
 use crate::signals::StopSource;
@@ -134,6 +135,7 @@ struct Acceptor {
     open: Arc<Semaphore>,
     reserved: Arc<Semaphore>,
     holders: Arc<Holders>,
+    hot: Arc<HotNarinfos>,
 }
 
 impl Acceptor {
@@ -193,10 +195,18 @@ impl Acceptor {
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let router = self.router.clone();
+        let (service, hot) = (self.service.clone(), self.hot.clone());
         let svc =
             hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                use futures_util::future::{ready, Either};
+                if let Some(r) = super::http::hot_narinfo(&service, &hot, &req, &info) {
+                    return Either::Left(ready(Ok(r)));
+                }
                 req.extensions_mut().insert(info.clone());
-                tower::ServiceExt::oneshot(router.clone(), req.map(axum::body::Body::new))
+                Either::Right(tower::ServiceExt::oneshot(
+                    router.clone(),
+                    req.map(axum::body::Body::new),
+                ))
             });
         let mut b = hyper::server::conn::http1::Builder::new();
         b.timer(TokioTimer::new())
@@ -270,6 +280,7 @@ pub fn serve_http(
         open: Arc::new(Semaphore::new(limits.max.saturating_sub(reserved).max(1))),
         reserved: Arc::new(Semaphore::new(reserved)),
         holders: Arc::default(),
+        hot: Arc::default(),
     });
     let reason = rt.block_on(async {
         listener.set_nonblocking(true)?;

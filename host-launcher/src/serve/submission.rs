@@ -28,7 +28,7 @@
 use std::collections::BTreeSet;
 
 use build_trace::error_chain;
-use build_trace::job::{BasicDerivation, Limits, StepKind};
+use build_trace::job::{BasicDerivation, CaRule, Limits, StepKind};
 use build_trace::ownership::OwnershipError;
 use nix_formats::derivation::DerivationKind;
 use nix_formats::StorePath;
@@ -171,6 +171,13 @@ impl Service {
                 _ => {}
             }
         }
+        let floating = kinds.iter().find(|(_, k)| *k == DerivationKind::Floating).map(|(p, _)| p);
+        let service_nix = match self.builds.closures() {
+            Some(c) => c.nix_version.clone(),
+            None => Err("this service builds no closures".into()),
+        };
+        closure_nix_version(s.nix_version.as_deref(), &root, floating, service_nix)
+            .map_err(|(status, msg)| ApiError::new(status, msg))?;
         let srcs: BTreeSet<StorePath> =
             derivations.derivations().flat_map(|(_, d)| d.input_srcs.iter().cloned()).collect();
         self.view_of(caller).closure(&srcs).map_err(|e| match e {
@@ -188,6 +195,52 @@ impl Service {
             timeout: s.timeout,
             max_silent_time: s.max_silent_time,
         })
+    }
+}
+
+/// A closure build's `nix_version` (`declared`): its floating-CA steps (`floating`: one of
+/// them) are resolved and built by the service's own Nix (`service`), so their output paths
+/// follow that release's self-reference rule whatever the submission says. A release with the
+/// same rule, or a closure without floating-CA steps (the rule decides nothing), is accepted;
+/// a release with another rule is refused (422) rather than built under a rule the client's
+/// Nix does not use; a version that does not parse is 400.
+fn closure_nix_version(
+    declared: Option<&str>,
+    root: &StorePath,
+    floating: Option<&StorePath>,
+    service: Result<NixVersion, String>,
+) -> Result<(), (u16, String)> {
+    let Some(v) = declared else { return Ok(()) };
+    let declared: NixVersion =
+        v.parse().map_err(|e| (400, format!("\"nix_version\": {v:?}: {e}")))?;
+    let Some(step) = floating else { return Ok(()) };
+    let rule = |n: NixVersion| match ca_rule_for(n) {
+        CaRule::SelfRefPositions => "self-reference positions hashed",
+        CaRule::SelfRefZeroed => "self-references zeroed, positions not hashed",
+    };
+    match service {
+        Ok(n) if ca_rule_for(n) == ca_rule_for(declared) => Ok(()),
+        Ok(n) => Err((
+            422,
+            format!(
+                "\"nix_version\": \"{v}\": the closure of {root} has floating content-addressed \
+                 steps (e.g. {step}), which the service's own Nix {n} resolves and builds, so \
+                 their output paths follow Nix {n}'s self-reference rule ({}), not Nix \
+                 {declared}'s ({}); a self-referencing output would get a path your Nix does not \
+                 compute. Omit \"nix_version\" (or name a release with Nix {n}'s rule) to build \
+                 it under Nix {n}'s rule",
+                rule(n),
+                rule(declared)
+            ),
+        )),
+        Err(why) => Err((
+            422,
+            format!(
+                "\"nix_version\": \"{v}\": the closure of {root} has floating content-addressed \
+                 steps (e.g. {step}), whose rule is that of the service's own Nix, whose release \
+                 is not known ({why}); omit \"nix_version\""
+            ),
+        )),
     }
 }
 
@@ -227,5 +280,33 @@ mod tests {
         let CaRuleChoice::Guessed { rule, note } = ca_rule(None) else { panic!() };
         assert_eq!(rule, crate::core::request::DEFAULT_CA_RULE);
         assert!(note.contains("nix_version"), "{note}");
+    }
+
+    #[test]
+    fn a_closure_builds_under_its_services_nix_and_a_nix_version_with_another_rule_is_refused() {
+        let root = StorePath::parse("/nix/store/00000000000000000000000000000000-top.drv").unwrap();
+        let ca = StorePath::parse("/nix/store/11111111111111111111111111111111-mid.drv").unwrap();
+        let nix = |a, b| Ok(NixVersion(a, b));
+        let check =
+            |declared, floating, service| closure_nix_version(declared, &root, floating, service);
+        // No nix_version, or one with the service Nix's rule: built.
+        assert_eq!(check(None, Some(&ca), nix(2, 8)), Ok(()));
+        assert_eq!(check(Some("2.8"), Some(&ca), nix(2, 8)), Ok(()));
+        assert_eq!(check(Some("2.16.1"), Some(&ca), nix(2, 8)), Ok(()));
+        assert_eq!(check(Some("2.26"), Some(&ca), nix(2, 24)), Ok(()));
+        // No floating-CA step: the rule decides nothing.
+        assert_eq!(check(Some("2.26"), None, nix(2, 8)), Ok(()));
+        assert_eq!(check(Some("2.26"), None, Err("gone".into())), Ok(()));
+        // Another rule: refused, naming both releases, both rules and a floating-CA step.
+        let (status, msg) = check(Some("2.26"), Some(&ca), nix(2, 8)).unwrap_err();
+        assert_eq!(status, 422);
+        for want in ["Nix 2.8", "Nix 2.26", "-mid.drv", "-top.drv", "positions hashed", "Omit"] {
+            assert!(msg.contains(want), "{want} in {msg}");
+        }
+        let (status, msg) = check(Some("2.26"), Some(&ca), Err("no nix-store".into())).unwrap_err();
+        assert_eq!(status, 422);
+        assert!(msg.contains("no nix-store"), "{msg}");
+        // Not a version: 400, whatever the closure.
+        assert_eq!(check(Some("two"), None, nix(2, 8)).unwrap_err().0, 400);
     }
 }

@@ -214,28 +214,9 @@ pub fn compute_ca_outputs<R: Read>(
             }
         };
 
-        // References mapped to final paths; the self-reference becomes a flag.
-        let mut self_ref = false;
-        let mut final_refs = BTreeSet::new();
-        for r in &refs[&name] {
-            if r == own {
-                self_ref = true;
-            } else if let Some((sib, _)) = scratch.iter().find(|(_, p)| *p == r) {
-                final_refs.insert(finals[sib].clone());
-            } else {
-                final_refs.insert(r.clone());
-            }
-        }
+        let (mut final_refs, self_ref) =
+            final_references(spec, own, &refs[&name], &scratch, &finals)?;
         let path_name = output_path_name(drv_name, &name);
-        let recursive_sha256 =
-            spec.method == FileIngestionMethod::Recursive && spec.algo == HashAlgo::Sha256;
-        if !recursive_sha256 && (self_ref || !final_refs.is_empty()) {
-            let mut references: Vec<String> = final_refs.iter().map(|p| p.to_string()).collect();
-            if self_ref {
-                references.push("itself".into());
-            }
-            return Err(CaError::ReferencesNotAllowed { output: name, references });
-        }
         let path =
             make_fixed_output_path(&path_name, spec.method, &ca_hash, &final_refs, self_ref)?;
 
@@ -266,6 +247,39 @@ pub fn compute_ca_outputs<R: Read>(
         );
     }
     Ok(results)
+}
+
+/// The references of output `spec` (at scratch path `own`) mapped to final paths: a sibling's
+/// scratch path to the sibling's final path (`finals`, already computed in reference order), the
+/// self-reference to a flag. Only recursive SHA-256 outputs may refer to anything.
+fn final_references(
+    spec: &CaOutputSpec,
+    own: &StorePath,
+    refs: &BTreeSet<StorePath>,
+    scratch: &BTreeMap<String, StorePath>,
+    finals: &BTreeMap<String, StorePath>,
+) -> Result<(BTreeSet<StorePath>, bool), CaError> {
+    let mut self_ref = false;
+    let mut final_refs = BTreeSet::new();
+    for r in refs {
+        if r == own {
+            self_ref = true;
+        } else if let Some((sib, _)) = scratch.iter().find(|(_, p)| *p == r) {
+            final_refs.insert(finals[sib].clone());
+        } else {
+            final_refs.insert(r.clone());
+        }
+    }
+    let recursive_sha256 =
+        spec.method == FileIngestionMethod::Recursive && spec.algo == HashAlgo::Sha256;
+    if !recursive_sha256 && (self_ref || !final_refs.is_empty()) {
+        let mut references: Vec<String> = final_refs.iter().map(|p| p.to_string()).collect();
+        if self_ref {
+            references.push("itself".into());
+        }
+        return Err(CaError::ReferencesNotAllowed { output: spec.name.clone(), references });
+    }
+    Ok((final_refs, self_ref))
 }
 
 /// Each output's references (scratch paths included), by output name.

@@ -53,19 +53,40 @@ fn forever() -> ! {
     }
 }
 
-fn main() {
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let script = std::env::var("VOUCH_FAKE_GUEST").unwrap_or_else(|_| "stall".into());
-    let dir =
-        PathBuf::from(std::env::var_os("VOUCH_FAKE_GUEST_DIR").expect("VOUCH_FAKE_GUEST_DIR"));
-    let n = std::fs::read_dir(&dir)
+/// This launch's number: one more than the launches recorded in `dir`.
+fn launch_number(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
         .map(|d| {
             d.filter_map(Result::ok)
                 .filter(|e| e.file_name().to_string_lossy().starts_with("launch-"))
                 .count()
         })
         .unwrap_or(0)
-        + 1;
+        + 1
+}
+
+/// Read the input NARs up to `InputsDone`, discarding them.
+fn take_inputs(r: &mut FrameReader<UnixStream>) {
+    loop {
+        let f = r.expect_frame("inputs").unwrap();
+        match f.kind {
+            Kind::InputsDone => break,
+            Kind::NarBegin => {
+                let begin: channel::messages::NarBegin = f.json().unwrap();
+                let mut s = r.nar_stream(&begin.path.to_string(), begin.nar_size);
+                std::io::copy(&mut s, &mut std::io::sink()).unwrap();
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+fn main() {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let script = std::env::var("VOUCH_FAKE_GUEST").unwrap_or_else(|_| "stall".into());
+    let dir =
+        PathBuf::from(std::env::var_os("VOUCH_FAKE_GUEST_DIR").expect("VOUCH_FAKE_GUEST_DIR"));
+    let n = launch_number(&dir);
     let steps: Vec<&str> = script.split(',').collect();
     let behaviour = steps[(n - 1).min(steps.len() - 1)].to_owned();
     let control =
@@ -116,18 +137,7 @@ fn main() {
     let job = build_trace::job::Job::from_canonical_bytes(&job).expect("a canonical job");
     rec["job_id"] = job.job_id.clone().into();
     record(&dir, n, &rec);
-    loop {
-        let f = r.expect_frame("inputs").unwrap();
-        match f.kind {
-            Kind::InputsDone => break,
-            Kind::NarBegin => {
-                let begin: channel::messages::NarBegin = f.json().unwrap();
-                let mut s = r.nar_stream(&begin.path.to_string(), begin.nar_size);
-                std::io::copy(&mut s, &mut std::io::sink()).unwrap();
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
+    take_inputs(&mut r);
     for phase in [PhaseName::JobAccepted, PhaseName::InputsReady, PhaseName::Building] {
         w.send_json(Kind::Phase, &Phase { phase, uptime_ms: 2 }).unwrap();
     }

@@ -86,7 +86,8 @@ pub struct ClosureJob {
 pub struct ClosureConfig {
     /// Other vouch builders, in Nix's machines format (`serve --builders FILE`).
     pub builders_file: Option<PathBuf>,
-    /// Where each builder's traces are (`--builder-traces MACHINE=DIR`).
+    /// Where each builder's traces are (`--builder-traces MACHINE=LOCATION`), and the CA roots
+    /// for `https://` ones.
     pub builder_traces: BuilderTraces,
     /// The trust policy for their traces (`--policy FILE`); default: the default policy
     /// pinning the guest image's manifest.
@@ -101,11 +102,18 @@ pub struct Closures {
     pub driver: nix::NixDriver,
     /// The machine name of the service's own builder (as Nix's events name it).
     pub local_machine: String,
+    /// The release of the Nix that resolves and builds closures (why it is not known): its
+    /// self-reference rule is that of every floating-CA step of a closure build.
+    pub nix_version: Result<crate::core::NixVersion, String>,
     /// The policy other builders' traces must satisfy (why there is none: the default
     /// policy needs a guest image manifest with an SEV-SNP measurement).
     pub policy: Result<PreparedPolicy, String>,
-    /// Where other builders' traces are.
+    /// Where other builders' traces are (remote files cached in
+    /// `<state dir>/serve/trace-cache`, by content hash).
     pub traces: BuilderTraces,
+    /// Where NARs downloaded from remote builders wait for the publish step
+    /// (`<state dir>/serve/trace-downloads`, emptied at start).
+    pub downloads: PathBuf,
     local: Mutex<local::LocalBuilder>,
     /// Closure builds running now; the last one out collects the private store's garbage.
     running: Mutex<usize>,
@@ -130,6 +138,30 @@ fn default_policy(engine: &Engine) -> Result<PreparedPolicy, String> {
     TrustPolicy::default_for(&[manifest.display().to_string()])
         .and_then(|p| p.prepare())
         .map_err(|e| format!("the default trust policy: {}", build_trace::error_chain(&e)))
+}
+
+/// The machines of a machines file's `lines` (each line's first field; `#` comments skipped).
+fn machine_names(lines: &str) -> Vec<&str> {
+    lines
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or_default())
+        .filter_map(|l| l.split_whitespace().next())
+        .collect()
+}
+
+/// Say which builders of `--builders` have no trace location (their steps cannot be accepted)
+/// and which trace locations name no builder (a typo: never used).
+fn warn_unmatched(others: &str, traces: &BuilderTraces) {
+    let names = machine_names(others);
+    for m in names.iter().filter(|m| traces.of(m).is_none()) {
+        tracing::warn!(
+            machine = m,
+            "no --builder-traces for this builder: steps it builds will fail"
+        );
+    }
+    for m in traces.machines.keys().filter(|m| !names.contains(&m.as_str())) {
+        tracing::warn!(machine = %m, "--builder-traces names a machine no line of --builders names");
+    }
 }
 
 /// One closure build's hold on its private store ([`Closures::enter`]).
@@ -192,6 +224,7 @@ impl Closures {
             }
             None => None,
         };
+        warn_unmatched(others.as_deref().unwrap_or_default(), &cfg.builder_traces);
         let machines = dir.join("machines");
         nix::write_machines(&machines, &line, others.as_deref())
             .map_err(|e| ClosureError::Machines(machines.clone(), e))?;
@@ -221,13 +254,32 @@ impl Closures {
                 }
             }
         }
+        let mut traces = cfg.builder_traces.clone();
+        traces.fetch.cache_dir = Some(dir.join("trace-cache"));
+        // Only the holder of the state directory's lock starts closures: what is there is a
+        // predecessor's.
+        let downloads = dir.join("trace-downloads");
+        if let Err(e) = std::fs::remove_dir_all(&downloads) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(dir = %downloads.display(), "emptying the NAR downloads: {e}");
+            }
+        }
+        let nix_version = driver.version();
+        if let Err(why) = &nix_version {
+            tracing::warn!(
+                "closure builds with floating-CA steps that name a \"nix_version\" will be \
+                 refused: {why}"
+            );
+        }
         tracing::info!(machines = %driver.machines.display(), store = %driver.root.display(),
                        "closures are scheduled by Nix on the builders of the machines file");
         Ok(Closures {
             driver,
             local_machine,
+            nix_version,
             policy,
-            traces: cfg.builder_traces.clone(),
+            traces,
+            downloads,
             local: Mutex::new(local),
             running: Mutex::new(0),
         })

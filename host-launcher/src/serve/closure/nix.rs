@@ -124,6 +124,18 @@ impl NixDriver {
         Ok(cmd)
     }
 
+    /// The release of the Nix that drives closures (`nix-store --version`).
+    pub fn version(&self) -> Result<crate::core::NixVersion, String> {
+        let out = Command::new("nix-store")
+            .arg("--version")
+            .output()
+            .map_err(|e| format!("running nix-store --version: {e}"))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        // `nix-store (Nix) 2.8.0`
+        let last = text.split_whitespace().last().unwrap_or_default();
+        last.parse().map_err(|e| format!("nix-store --version said {:?}: {e}", text.trim()))
+    }
+
     /// Import the `.drv` closure of `drv` (the `.drv` files and their input sources) from
     /// `view` into the private store, through the `file://` cache `DIR.import/` (what either
     /// has already is skipped).

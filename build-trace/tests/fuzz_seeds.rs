@@ -196,3 +196,9 @@ fn write_generated_seeds() {
         write("job", &format!("of-{name}"), job);
     }
 }
+
+#[test]
+fn trace_source_seeds() {
+    let n = replay::replay("trace_source", 7, |n| BOUND.limit(n), fuzzing::source::trace_source);
+    assert!(n >= 10, "{n} seeds");
+}

@@ -232,3 +232,96 @@ fn a_closure_verifies_over_http_and_file_urls_and_the_cache_answers_the_second_r
     let Traces::Http(h) = &again else { unreachable!() };
     assert_eq!(h.fetcher().counts(), (n as u64 + 1, 3 * n as u64));
 }
+
+/// A step whose name holds `?` (legal in Nix store path names) is found over HTTP: the name is
+/// sent as one path segment (`%3F`), not cut into a path and a query (found by review while
+/// writing the `trace_source` fuzz target; before, its statement answered 404).
+#[test]
+fn a_step_named_with_a_question_mark_is_found_over_http() {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use base64::Engine;
+    use build_trace::store::TraceSource;
+    use sha2::{Digest, Sha256};
+    let dir = tempfile::tempdir().unwrap();
+    let step = nix_formats::StorePath::parse(
+        "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-what?version=2.drv",
+    )
+    .unwrap();
+    // The entry as a directory store holds it (the bytes are judged by the verifier, not here).
+    let statement = b"{\"a statement\":1}";
+    let digest = Sha256::digest(statement);
+    let entry =
+        dir.path().join("vouch/v1/steps").join(step.base_name()).join(hex::encode(&digest[..16]));
+    std::fs::create_dir_all(&entry).unwrap();
+    std::fs::write(entry.join("statement.json"), statement).unwrap();
+    let payload =
+        serde_json::json!({ "vouch": { "statement": format!("~{}", B64.encode(digest)) } });
+    let jws = format!("e30.{}.c2ln", B64.encode(payload.to_string()));
+    std::fs::create_dir_all(dir.path().join("traces")).unwrap();
+    let index = serde_json::json!({ "signatures": [jws] }).to_string();
+    std::fs::write(dir.path().join("traces").join(step.hash_part()), index).unwrap();
+    std::fs::write(dir.path().join("nix-cache-info"), build_trace::store::NIX_CACHE_INFO).unwrap();
+    let server = DirServer::start(dir.path());
+    let http = Traces::open(&server.url, &opts(None)).unwrap();
+    let entries = http.entries(&step).unwrap_or_else(|e| panic!("{}", chain(&e)));
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].statement, statement);
+    assert_eq!((entries[0].evidence.as_ref(), &entries[0].jws), (None, &vec![jws]));
+    assert!(entries[0].location.contains("-what%3Fversion=2.drv/"), "{}", entries[0].location);
+}
+
+/// Writes the seeds of the `trace_source` fuzz target (`fuzz/seeds/trace_source/`, see
+/// docs/fuzzing.md) from a synthetic store as `write_store` lays it out: laut indexes (one
+/// entry; two entries, a repeated JWS and one that is not vouch's), a `.drv`'s NAR, the narinfos
+/// of a `.drv` and of an output; with the NARs of the real Nix 2.8 `.drv` files of the `aterm`
+/// seeds, the real Nix 2.8 narinfos of the `narinfo` seeds, and a cache URL index link.
+#[test]
+#[ignore = "regenerates fuzz/seeds/trace_source"]
+fn write_trace_source_seeds() {
+    let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds");
+    let out = seeds.join("trace_source");
+    std::fs::create_dir_all(&out).unwrap();
+    let write = |name: &str, bytes: &[u8]| std::fs::write(out.join(name), bytes).unwrap();
+    let s = setup(3);
+    let [e0, e1, e2] = [0, 1, 2].map(|i| &s.b.entries[i]);
+    let index = std::fs::read(s.dir.path().join("traces").join(e2.drv_path.hash_part())).unwrap();
+    write("index-one-entry.json", &index);
+    let mut sigs: Vec<String> = [e0, e1].iter().flat_map(|e| e.jws.clone()).collect();
+    sigs.push(sigs[0].clone());
+    sigs.push("eyJhbGciOiJFZERTQSJ9.eyJpbiI6e319.c2ln".into()); // a JWS naming no statement
+    write(
+        "index-two-entries.json",
+        serde_json::json!({ "signatures": sigs }).to_string().as_bytes(),
+    );
+    write("index-empty.json", br#"{"signatures":[]}"#);
+    let drv = s.b.drvs.iter().map(|(p, _)| p).find(|p| p.name() == "step-2.drv").unwrap();
+    write("drv-step.nar", &std::fs::read(drv_nar_file(s.dir.path(), drv)).unwrap());
+    let hash = format!("sha256:{}", nix_formats::base32::encode(&[0; 32]));
+    write(
+        "drv.narinfo",
+        format!(
+            "StorePath: {drv}\nURL: drv/{}.nar\nCompression: none\nNarHash: {hash}\nNarSize: 1\n",
+            drv.hash_part()
+        )
+        .as_bytes(),
+    );
+    let st = e2.parse_statement().unwrap();
+    let out_path = &st.outputs.values().next().unwrap().path;
+    write(
+        "output.narinfo",
+        format!(
+            "StorePath: {out_path}\nURL: nar/x.nar\nCompression: none\nNarHash: {hash}\n\
+             NarSize: 1\nReferences: \nDeriver: {}\n",
+            e2.drv_path.base_name()
+        )
+        .as_bytes(),
+    );
+    for f in ["ca-top.drv", "fod-flat.drv", "ia-multi.drv"] {
+        write(&format!("{f}.nar"), &nar_of(&std::fs::read(seeds.join("aterm").join(f)).unwrap()));
+    }
+    for f in ["ca-refs.narinfo", "ia-three-sigs.narinfo"] {
+        std::fs::copy(seeds.join("narinfo").join(f), out.join(format!("nix-{f}"))).unwrap();
+    }
+    let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"a cached file"));
+    write("cache-link", format!("../sha256/{digest}").as_bytes());
+}

@@ -13,7 +13,9 @@
 //!   same entries, and the entries never hold more bytes than the table;
 //! - with `verifier`: [`evidence`] (the SNP report parser and verifier against real AMD chains,
 //!   the VCEK/VLEK certificate parser, aws-lc-rs's ECDSA verdict against `p384`'s) and
-//!   [`tlog`] (log entries, entry bundles, signed checkpoints, verifier keys) and the trust policy.
+//!   [`tlog`] (log entries, entry bundles, signed checkpoints, verifier keys) and the trust policy;
+//! - with `remote`: [`source`] (what a remote trace store answers: laut's index, narinfos, a
+//!   `.drv`'s NAR, the URLs made of them, the local cache's URL index).
 //!
 //! The harness also holds each body to a heap bound ([`BOUND`], [`nix_formats::fuzzing::AllocBound`]).
 //! Not here: libFuzzer glue, the allocator that measures (test-support's `fuzz`), the real AMD
@@ -31,6 +33,8 @@ use crate::statement::{self, Statement};
 pub mod evidence;
 #[cfg(feature = "verifier")]
 pub mod samples;
+#[cfg(feature = "remote")]
+pub mod source;
 #[cfg(feature = "verifier")]
 pub mod tlog;
 

@@ -55,10 +55,7 @@ impl BlobCache {
     /// What `url` answered before, if the index names a blob that still hashes to its name.
     pub fn get(&self, url: &str) -> Option<Vec<u8>> {
         let target = fs::read_link(self.url_path(url)).ok()?;
-        let digest = target.file_name()?.to_str()?;
-        if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return None;
-        }
+        let digest = digest_of_link(&target)?;
         let bytes = fs::read(self.blob_path(digest)).ok()?;
         (hex::encode(Sha256::digest(&bytes)) == digest).then_some(bytes)
     }
@@ -74,6 +71,13 @@ impl BlobCache {
             tracing::warn!("trace cache {}: cannot keep {url}: {e}", self.dir.display());
         }
     }
+}
+
+/// The digest a URL index link names: its last component, if that is 64 hex digits (so the
+/// blob read is always `sha256/<digest>` in this cache, wherever the link points).
+pub(crate) fn digest_of_link(target: &Path) -> Option<&str> {
+    let digest = target.file_name()?.to_str()?;
+    (digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit())).then_some(digest)
 }
 
 /// Write `bytes` to `path` through a temporary name in its directory (made if missing).

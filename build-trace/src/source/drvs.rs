@@ -13,7 +13,9 @@
 //!    `.drv` is text-addressed, so `makeTextPath("<name>.drv", SHA-256(B), references)` — the
 //!    references being the input derivations and sources `B` declares — must be the path asked
 //!    for, else the answer is refused ([`SourceError::Tampered`]). The narinfo (unsigned, chosen
-//!    by the server) only says where the NAR is;
+//!    by the server) only says where the NAR is, and only as a plain path under the store's base
+//!    URL (letters, digits, `-._~+=` in non-empty segments other than `.` and `..`): nothing a
+//!    server, a proxy or a URL parser could decode or resolve out of the store's prefix;
 //! 4. every derivation's input derivations are the next round.
 //!
 //! A derivation neither has is [`SourceError::MissingDrv`], naming where it was looked for. The
@@ -33,7 +35,7 @@ use super::{SourceError, Traces};
 use crate::verify::{read_drv_file, DrvSet};
 
 /// The largest `.drv` accepted from a remote store.
-const MAX_DRV: u64 = 16 << 20;
+pub(crate) const MAX_DRV: u64 = 16 << 20;
 
 /// `target`'s derivation graph: from `local` where it has the `.drv` files, else from the
 /// remote stores among `sources` (see the module's algorithm).
@@ -140,25 +142,7 @@ fn through_narinfo(
             nars.push(None);
             continue;
         };
-        let garbled =
-            |problem: String| SourceError::Fetch(FetchError::Garbled { url: f.url(rel), problem });
-        let info = String::from_utf8(body)
-            .map_err(|e| e.to_string())
-            .and_then(|t| NarInfo::parse(&t).map_err(|e| e.to_string()))
-            .map_err(garbled)?;
-        if info.store_path != *p {
-            return Err(garbled(format!("describes {}, not {p}", info.store_path)));
-        }
-        if !matches!(info.compression.as_deref(), None | Some("none")) {
-            return Err(garbled(format!(
-                "the .drv's NAR is compressed ({}); only uncompressed NARs are read",
-                info.compression.unwrap_or_default()
-            )));
-        }
-        if info.url.starts_with('/') || info.url.contains("..") || info.url.contains("://") {
-            return Err(garbled(format!("URL `{}` is not a path in this cache", info.url)));
-        }
-        nars.push(Some(info.url));
+        nars.push(Some(nar_in_narinfo(&f.url(rel), &body, p)?));
     }
     let fetch: Vec<(String, Kind)> =
         nars.iter().flatten().map(|u| (u.clone(), Kind::Immutable)).collect();
@@ -181,8 +165,50 @@ fn through_narinfo(
     Ok(out)
 }
 
+/// Where the `.drv` `p`'s NAR is, by its narinfo `body` (from `url`): the narinfo's `URL`, a
+/// path relative to the cache (step 2). It must describe `p`, uncompressed, and its `URL` must be
+/// [a plain path in the cache](is_cache_path).
+pub(crate) fn nar_in_narinfo(url: &str, body: &[u8], p: &StorePath) -> Result<String, SourceError> {
+    let garbled =
+        |problem: String| SourceError::Fetch(FetchError::Garbled { url: url.to_owned(), problem });
+    let info = std::str::from_utf8(body)
+        .map_err(|e| e.to_string())
+        .and_then(|t| NarInfo::parse(t).map_err(|e| e.to_string()))
+        .map_err(garbled)?;
+    if info.store_path != *p {
+        return Err(garbled(format!("describes {}, not {p}", info.store_path)));
+    }
+    if !matches!(info.compression.as_deref(), None | Some("none")) {
+        return Err(garbled(format!(
+            "the .drv's NAR is compressed ({}); only uncompressed NARs are read",
+            info.compression.unwrap_or_default()
+        )));
+    }
+    if !is_cache_path(&info.url) {
+        return Err(garbled(format!("URL `{}` is not a path in this cache", info.url)));
+    }
+    Ok(info.url)
+}
+
+/// Whether a narinfo's `URL` is a plain path inside the cache, whatever a server or a proxy in
+/// front of it makes of it: `/`-separated segments of ASCII letters, digits and `-._~+=`, none
+/// empty, `.` or `..` (what Nix writes: `nar/<hash>.nar`). Nothing is left to decode or resolve:
+/// no `%` (`%2e%2e` and `..%2f` resolve out of the prefix in URL parsers and servers that
+/// decode), no `\` (a `/` to WHATWG parsers), no query, fragment, scheme, space or control
+/// character (sent as other bytes, or not at all).
+fn is_cache_path(rel: &str) -> bool {
+    rel.split('/').all(|seg| {
+        !matches!(seg, "" | "." | "..")
+            && seg.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~+=".contains(&b))
+    })
+}
+
 /// The derivation in `nar` (from `url`), which must be exactly the `.drv` at path `p`.
-fn checked(url: &str, p: &StorePath, nar: &[u8]) -> Result<(StorePath, Derivation), SourceError> {
+pub(crate) fn checked(
+    url: &str,
+    p: &StorePath,
+    nar: &[u8],
+) -> Result<(StorePath, Derivation), SourceError> {
     let garbled =
         |problem: String| SourceError::Fetch(FetchError::Garbled { url: url.to_owned(), problem });
     let bytes = single_file(nar).map_err(garbled)?;
@@ -206,7 +232,7 @@ fn checked(url: &str, p: &StorePath, nar: &[u8]) -> Result<(StorePath, Derivatio
 }
 
 /// The contents of a NAR of one regular file.
-fn single_file(nar: &[u8]) -> Result<Vec<u8>, String> {
+pub(crate) fn single_file(nar: &[u8]) -> Result<Vec<u8>, String> {
     let limits = NarLimits {
         max_file_size: MAX_DRV,
         max_total_size: MAX_DRV + 4096,
@@ -218,6 +244,10 @@ fn single_file(nar: &[u8]) -> Result<Vec<u8>, String> {
         Some(NarEvent::Regular { size, .. }) => size,
         other => return Err(format!("not a NAR of one regular file (starts with {other:?})")),
     };
+    // The file is inside `nar`: a larger size is a lie, refused before it is allocated.
+    if size > nar.len() as u64 {
+        return Err(format!("not a NAR: its file claims {size} bytes, the NAR has {}", nar.len()));
+    }
     let mut out = vec![0u8; usize::try_from(size).map_err(|e| e.to_string())?];
     let mut at = 0;
     while at < out.len() {
@@ -243,5 +273,50 @@ mod tests {
         w.symlink(b"/etc").unwrap();
         assert!(single_file(&w.into_inner()).unwrap_err().contains("one regular file"));
         assert!(single_file(b"garbage").unwrap_err().contains("not a NAR"));
+    }
+
+    /// Found by the `trace_source` fuzz target (`fuzz/seeds/trace_source/regress-nar-size-alloc`):
+    /// the buffer for the `.drv` was allocated at the size the NAR claimed (up to 16 MiB) before
+    /// any of it was read: a 448-byte answer cost 512 KiB.
+    #[test]
+    fn a_file_size_past_the_nar_allocates_nothing() {
+        let mut w = nix_formats::nar::NarWriter::new(Vec::new()).unwrap();
+        w.regular(false, b"Derive([])").unwrap();
+        let mut nar = w.into_inner();
+        let at = nar.windows(8).position(|w| w == b"contents").unwrap() + 8;
+        nar[at..at + 8].copy_from_slice(&(8u64 << 20).to_le_bytes());
+        let e = single_file(&nar).unwrap_err();
+        assert!(e.contains("claims 8388608 bytes"), "{e}");
+        // (The seed's replay in `tests/fuzz_seeds.rs` measures the heap under the target's bound.)
+    }
+
+    /// The old rule (not absolute, no `..`, no `://`) let through a control character (found by
+    /// the `trace_source` target's URL oracle: `regress-narinfo-url-control-char`) and `%2e%2e`
+    /// segments, which resolve out of the store's prefix (found in review; the oracle fails on
+    /// `regress-narinfo-url-encoded-dot-dot` against it).
+    #[test]
+    fn a_narinfo_url_is_a_plain_path_in_the_cache() {
+        for ok in ["nar/0a1b.nar", "drv/x.nar", "x", "a..b/c~d+e=f_g-h.nar"] {
+            assert!(is_cache_path(ok), "{ok:?} refused");
+        }
+        for bad in [
+            "",
+            "/nar/x.nar",
+            "../x",
+            "nar/../../x",
+            "nar/%2e%2e/%2e%2e/x",
+            "nar/..%2fx",
+            "nar\\..\\x",
+            "nar/x?y",
+            "nar/x#y",
+            "http://h/x.nar",
+            "nar//x",
+            "nar/./x",
+            "nar/x\u{10}",
+            "nar/ x",
+            "nar/x/",
+        ] {
+            assert!(!is_cache_path(bad), "{bad:?} accepted");
+        }
     }
 }

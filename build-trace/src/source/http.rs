@@ -10,7 +10,8 @@
 //!    verifying anything); the entry id is its first 32 hex digits. JWS naming the same statement
 //!    belong to one entry; a JWS naming none (not vouch's) is skipped.
 //! 3. For every entry at once (the bounded pool): `GET vouch/v1/steps/<drv>/<entry>/statement.json`
-//!    (required) and `…/evidence.json` (404: none). Both are immutable, so the local cache may
+//!    (required) and `…/evidence.json` (404: none), `<drv>` the drv path's base name with a `?`
+//!    (legal in store path names) sent as `%3F`. Both are immutable, so the local cache may
 //!    answer.
 //!
 //! Nothing here is trusted: the verifier judges each entry exactly as one read from a directory
@@ -57,17 +58,18 @@ impl HttpTraces {
     }
 }
 
-/// The entries laut's index `body` lists: entry id → its JWS, in index order.
-fn entries_in_index(url: &str, body: &[u8]) -> Result<BTreeMap<String, Vec<String>>, StoreError> {
+/// The entries laut's index `body` (from `url`) lists: entry id (32 lowercase hex digits, the
+/// first half of the statement digest its JWS name) → its JWS, in index order, without repeats.
+pub(crate) fn entries_in_index(
+    url: &str,
+    body: &[u8],
+) -> Result<BTreeMap<String, Vec<String>>, StoreError> {
     #[derive(serde::Deserialize)]
     struct Index {
         signatures: Vec<String>,
     }
     let index: Index = serde_json::from_slice(body).map_err(|e| {
-        StoreError::Remote(super::fetch::FetchError::Garbled {
-            url: url.to_owned(),
-            problem: format!("not laut's signature index {{\"signatures\": [JWS, …]}}: {e}"),
-        })
+        garbled(url, format!("not laut's signature index {{\"signatures\": [JWS, …]}}: {e}"))
     })?;
     let mut by_entry: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for jws in index.signatures {
@@ -80,6 +82,31 @@ fn entries_in_index(url: &str, body: &[u8]) -> Result<BTreeMap<String, Vec<Strin
     Ok(by_entry)
 }
 
+/// The directory of entry `entry` of step `drv_path`, relative to the store's base URL:
+/// `vouch/v1/steps/<base name>/<entry>`, the base name as one URL path segment: a store path
+/// name may hold `?` (Nix allows it), which would start a query, so it is sent as `%3F`.
+pub(crate) fn entry_dir(drv_path: &StorePath, entry: &str) -> String {
+    let base = drv_path.base_name().replace('?', "%3F");
+    format!("{}/steps/{base}/{entry}", crate::store::VOUCH_DIR)
+}
+
+/// The deriver an output's narinfo `body` (from `url`) names, if it describes `out_path` (a
+/// narinfo describing another path names no deriver of it). The deriver is unsigned and chosen
+/// by the server: a hint.
+pub(crate) fn deriver_hint(
+    url: &str,
+    body: &[u8],
+    out_path: &StorePath,
+) -> Result<Option<StorePath>, StoreError> {
+    let text = std::str::from_utf8(body).map_err(|e| garbled(url, e.to_string()))?;
+    let info = NarInfo::parse(text).map_err(|e| garbled(url, e.to_string()))?;
+    Ok(info.deriver.filter(|_| info.store_path == *out_path))
+}
+
+fn garbled(url: &str, problem: String) -> StoreError {
+    StoreError::Remote(super::fetch::FetchError::Garbled { url: url.to_owned(), problem })
+}
+
 impl TraceSource for HttpTraces {
     fn entries(&self, drv_path: &StorePath) -> Result<Vec<TraceEntry>, StoreError> {
         let rel = format!("{}/{}", LAUT_INDEX, drv_path.hash_part());
@@ -87,10 +114,7 @@ impl TraceSource for HttpTraces {
             return Ok(Vec::new());
         };
         let entries = entries_in_index(&self.fetch.url(&rel), &body)?;
-        let dirs: Vec<String> = entries
-            .keys()
-            .map(|e| format!("{}/steps/{}/{e}", crate::store::VOUCH_DIR, drv_path.base_name()))
-            .collect();
+        let dirs: Vec<String> = entries.keys().map(|e| entry_dir(drv_path, e)).collect();
         let files: Vec<(String, Kind)> = dirs
             .iter()
             .flat_map(|d| {
@@ -131,15 +155,7 @@ impl TraceSource for HttpTraces {
         let Some(body) = self.fetch.get(&rel, Kind::Immutable).map_err(StoreError::Remote)? else {
             return Ok(Vec::new());
         };
-        let garbled = |problem: String| {
-            StoreError::Remote(super::fetch::FetchError::Garbled {
-                url: self.fetch.url(&rel),
-                problem,
-            })
-        };
-        let text = String::from_utf8(body).map_err(|e| garbled(e.to_string()))?;
-        let info = NarInfo::parse(&text).map_err(|e| garbled(e.to_string()))?;
-        let Some(deriver) = info.deriver.filter(|_| info.store_path == *out_path) else {
+        let Some(deriver) = deriver_hint(&self.fetch.url(&rel), &body, out_path)? else {
             return Ok(Vec::new());
         };
         // The deriver is a hint: keep the entries whose statements really produced the path.
@@ -178,5 +194,22 @@ impl TileSource for HttpTiles {
 
     fn describe(&self) -> String {
         self.fetch.url(crate::tlog::LOG_DIR)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the `trace_source` fuzz target (`fuzz/seeds/trace_source/regress-deriver-question-mark`):
+    /// a `?` in a step's name (legal in Nix) started a query, so the server was asked for
+    /// another path than the entry's.
+    #[test]
+    fn a_question_mark_in_a_step_name_is_sent_encoded() {
+        let p = StorePath::parse("/nix/store/0123456789abcdfghijklmnpqrsvwxyz-a?b=c.drv").unwrap();
+        assert_eq!(
+            entry_dir(&p, "00ff"),
+            "vouch/v1/steps/0123456789abcdfghijklmnpqrsvwxyz-a%3Fb=c.drv/00ff"
+        );
     }
 }

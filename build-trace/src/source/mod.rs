@@ -42,6 +42,14 @@ pub use http::{HttpTiles, HttpTraces};
 pub use tls::{CaFileError, TlsRoots, SSL_CERT_FILE};
 
 use crate::store::{StoreError, TraceEntry, TraceSource, TraceStore};
+
+/// The pure readers of a remote store's answers, for the `trace_source` fuzz target
+/// ([`crate::fuzzing::source`]).
+pub(crate) mod parse {
+    pub(crate) use super::cache::digest_of_link;
+    pub(crate) use super::drvs::{checked, nar_in_narinfo, single_file, MAX_DRV};
+    pub(crate) use super::http::{deriver_hint, entries_in_index, entry_dir};
+}
 use crate::tlog::{DirTiles, TileSource};
 
 /// Why traces could not be read.

@@ -138,7 +138,10 @@ impl Drop for DirServer {
 }
 
 async fn serve_file(State(s): State<Arc<Shared>>, uri: Uri) -> Response {
-    let rel = uri.path().trim_start_matches('/').to_owned();
+    // Percent-decoded, as file servers (and `vouch serve`) read a request's path.
+    let Some(rel) = percent_decode(uri.path().trim_start_matches('/')) else {
+        return (StatusCode::BAD_REQUEST, "bad percent-encoding\n").into_response();
+    };
     *s.seen.lock().unwrap().entry(rel.clone()).or_default() += 1;
     let fault = s.faults.lock().unwrap().iter().find(|(p, _)| rel.starts_with(p)).map(|f| f.1);
     if let Some(status) = fault {
@@ -151,4 +154,22 @@ async fn serve_file(State(s): State<Arc<Shared>>, uri: Uri) -> Response {
         Ok(b) => b.into_response(),
         Err(_) => (StatusCode::NOT_FOUND, "not found\n").into_response(),
     }
+}
+
+/// `%XX` decoded; `None` for a malformed escape or a result that is not UTF-8.
+fn percent_decode(path: &str) -> Option<String> {
+    let b = path.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }

@@ -171,14 +171,48 @@ fn upload_and_build(e: &VmTest, svc: &HttpService, drvs: &[&str]) -> u64 {
 #[test]
 fn one_post_builds_a_closure_across_two_builders_scheduled_by_nix() {
     let e = VmTest::new(&VMS, "closure.nix", closure_nix);
-    let (s, n, state) = (&e.s, &e.n, e.state.clone());
     let (svc, sb, serve_b) = service_with_builder_b(&e, true, true);
-    let top = s.instantiate(&e.file, "top");
-    let after = s.instantiate(&e.file, "after");
+    let top = e.s.instantiate(&e.file, "top");
+    let after = e.s.instantiate(&e.file, "after");
     // One POST: the whole closure, four steps on two builders.
     let id = upload_and_build(&e, &svc, &[&top, &after]);
     let v = wait(&svc, id);
     assert_eq!(v["state"], "succeeded", "{v}\n{}", svc.log_text());
+    each_step_on_its_builder_with_its_own_log(&e, &svc, id, &v);
+    // `mid` was built on b (its trace there), fetched from b's `vouch serve` (its statement and
+    // evidence are in the service's fetch cache; b's server answered) and published here after
+    // verification.
+    assert_eq!(steps_in(&sb.join("cache")).len(), 1, "{:?}", steps_in(&sb.join("cache")));
+    let serve_b = serve_b.expect("b's traces over HTTP");
+    let mid_log = step_log(&svc, id, step(&v, "-sc-mid.drv"));
+    assert!(mid_log.contains(&serve_b.url()), "{mid_log}");
+    let fetched = e.state.join("serve/trace-cache/sha256").read_dir().map_or(0, |d| d.count());
+    assert!(fetched >= 2, "{fetched} files fetched\n{}", serve_b.log_text());
+    let published = steps_in(&e.state.join("cache"));
+    assert_eq!(published.len(), 4, "{published:?}");
+    let top_out = v["outputs"]["out"]["path"].as_str().expect("top's output").to_owned();
+    let mid_out = a_fresh_nix_2_8_store_substitutes_the_closure(&e, &svc, &top_out);
+    a_fresh_nix_2_26_store_substitutes_it_over_http(&e, &svc, &top_out, &mid_out);
+    // `nix log` of the submitted derivation, from the service.
+    let out = Command::new("nix")
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .env("XDG_CACHE_HOME", e.s.dir.path().join("xdg-log"))
+        .args(["log", "--store", &svc.url(), &top])
+        .output()
+        .unwrap();
+    assert!(text(&out).contains(&format!("top {}", e.n)), "nix log: {}", text(&out));
+    a_failing_step_fails_its_dependent(&e, &svc, &after);
+}
+
+/// Each of the closure's four steps succeeded on the builder it belongs to, with simulated
+/// evidence and a log of its own.
+fn each_step_on_its_builder_with_its_own_log(
+    e: &VmTest,
+    svc: &HttpService,
+    id: u64,
+    v: &serde_json::Value,
+) {
+    let n = &e.n;
     assert_eq!(v["steps"].as_array().unwrap().len(), 4, "{v}");
     let each = [
         ("-sc-ia.drv", "ia", false),
@@ -187,42 +221,38 @@ fn one_post_builds_a_closure_across_two_builders_scheduled_by_nix() {
         ("-sc-top.drv", "top", false),
     ];
     for (suffix, line, on_b) in each {
-        let st = step(&v, suffix);
+        let st = step(v, suffix);
         assert_eq!(st["state"], "succeeded", "{st}");
         assert_eq!(st["evidence"], "simulated", "{st}");
         let machine = st["evidence_check"]["machine"].as_str().unwrap_or_default();
         assert_eq!(machine.contains("remote-program="), on_b, "{suffix} on {machine}");
         assert_eq!(machine.starts_with("unix://"), !on_b, "{suffix} on {machine}");
-        let log = step_log(&svc, id, st);
+        let log = step_log(svc, id, st);
         assert!(log.contains(&format!("{line} {n}")), "{suffix}'s own log: {log}");
         for other in ["ia", "ia2", "mid", "top"].into_iter().filter(|o| *o != line) {
             assert!(!log.contains(&format!("{other} {n}")), "{suffix}'s log has {other}'s: {log}");
         }
     }
-    assert!(step(&v, "-sc-mid.drv")["resolved"].is_string(), "{v}");
-    assert!(step(&v, "-sc-top.drv")["resolved"].is_string(), "deferred: resolved: {v}");
-    // `mid` was built on b (its trace there), fetched from b's `vouch serve` (its statement and
-    // evidence are in the service's fetch cache; b's server answered) and published here after
-    // verification.
-    assert_eq!(steps_in(&sb.join("cache")).len(), 1, "{:?}", steps_in(&sb.join("cache")));
-    let serve_b = serve_b.expect("b's traces over HTTP");
-    let mid_log = step_log(&svc, id, step(&v, "-sc-mid.drv"));
-    assert!(mid_log.contains(&serve_b.url()), "{mid_log}");
-    let fetched = state.join("serve/trace-cache/sha256").read_dir().map_or(0, |d| d.count());
-    assert!(fetched >= 2, "{fetched} files fetched\n{}", serve_b.log_text());
-    assert_eq!(steps_in(&state.join("cache")).len(), 4, "{:?}", steps_in(&state.join("cache")));
-    let top_out = v["outputs"]["out"]["path"].as_str().expect("top's output").to_owned();
+    assert!(step(v, "-sc-mid.drv")["resolved"].is_string(), "{v}");
+    assert!(step(v, "-sc-top.drv")["resolved"].is_string(), "deferred: resolved: {v}");
+}
 
-    // A second, empty store substitutes the whole closure from the service's cache alone,
-    // trusting only its key: `nix-build --max-jobs 0` (nothing may be built). Nix 2.8 reads the
-    // cache directory the service serves (`file://`): over `http://`, 2.8's realisation query
-    // (`DrvOutputSubstitutionGoal::tryNext`) hands the download thread a callback that captures
-    // its stack frame by reference, so it sometimes crashes (SIGSEGV or `free(): invalid
-    // pointer`), also with Python's `http.server` serving the same directory
-    // (docs/ci-service.md). Over `http://` Nix 2.26 shows it below.
-    let key = public_key_of(&state);
+/// A second, empty store substitutes the whole closure from the service's cache alone,
+/// trusting only its key: `nix-build --max-jobs 0` (nothing may be built). Nix 2.8 reads the
+/// cache directory the service serves (`file://`): over `http://`, 2.8's realisation query
+/// (`DrvOutputSubstitutionGoal::tryNext`) hands the download thread a callback that captures
+/// its stack frame by reference, so it sometimes crashes (SIGSEGV or `free(): invalid
+/// pointer`), also with Python's `http.server` serving the same directory
+/// (docs/ci-service.md); `nix copy --from http://…` works. `mid`'s output path.
+fn a_fresh_nix_2_8_store_substitutes_the_closure(
+    e: &VmTest,
+    svc: &HttpService,
+    top_out: &str,
+) -> String {
+    let (s, n) = (&e.s, &e.n);
+    let key = public_key_of(&e.state);
     let fresh = s.dir.path().join("fresh");
-    let cache_url = format!("file://{}", state.join("cache").display());
+    let cache_url = format!("file://{}", e.state.join("cache").display());
     let out = Command::new("nix-build")
         .env("NIX_CONFIG", NIX_CONFIG)
         .env("XDG_CACHE_HOME", s.dir.path().join("xdg-fresh"))
@@ -245,16 +275,26 @@ fn one_post_builds_a_closure_across_two_builders_scheduled_by_nix() {
     let http_root = s.dir.path().join("fresh-http");
     let to = format!("local?root={}", http_root.display());
     let url = svc.url();
-    let args = ["--from", &url, "--to", &to, "--option", "trusted-public-keys", &key, &top_out];
+    let args = ["--from", &url, "--to", &to, "--option", "trusted-public-keys", &key, top_out];
     let out = nix_copy(&s.dir.path().join("xdg-http"), &args);
     assert!(out.status.success(), "nix copy --from http: {}\n{}", text(&out), svc.log_text());
     assert!(http_root.join(mid_out.trim_start_matches('/')).join("n").is_file());
+    mid_out
+}
 
-    // Nix 2.26 (Debian trixie's, in the chroot; it reaches the service on 127.0.0.1):
-    // `nix-build --max-jobs 0` of the same expression's `top` in a second, empty store with the
-    // service over `http://` as its only substituter, trusting only its key: the whole closure
-    // comes from the service (`top`'s and `mid`'s signed realisations, the NARs), nothing is
-    // built, and the outputs are the service's.
+/// Nix 2.26 (Debian trixie's, in the chroot; it reaches the service on 127.0.0.1):
+/// `nix-build --max-jobs 0` of the same expression's `top` in a second, empty store with the
+/// service over `http://` as its only substituter, trusting only its key: the whole closure
+/// comes from the service (`top`'s and `mid`'s signed realisations, the NARs), nothing is
+/// built, and the outputs are the service's.
+fn a_fresh_nix_2_26_store_substitutes_it_over_http(
+    e: &VmTest,
+    svc: &HttpService,
+    top_out: &str,
+    mid_out: &str,
+) {
+    let n = &e.n;
+    let key = public_key_of(&e.state);
     let c = ChrootNix::new();
     c.write("closure.nix", &closure_nix(n), false);
     let conf = format!(
@@ -267,40 +307,34 @@ fn one_post_builds_a_closure_across_two_builders_scheduled_by_nix() {
     assert!(got.status.success(), "2.26 over http: {}\n{}", text(&got), svc.log_text());
     assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), top_out, "{}", text(&got));
     let sub = |p: &str| c.dir.path().join("nix-sub").join(p.trim().trim_start_matches("/nix/"));
-    let mid_226 = std::fs::read_to_string(sub(&top_out).join("mid")).unwrap();
+    let mid_226 = std::fs::read_to_string(sub(top_out).join("mid")).unwrap();
     assert_eq!(mid_226.trim(), mid_out);
-    assert_eq!(std::fs::read_to_string(sub(&mid_out).join("n")).unwrap().trim(), n.as_str());
-    let ia2_226 = std::fs::read_to_string(sub(&top_out).join("ia2")).unwrap();
+    assert_eq!(std::fs::read_to_string(sub(mid_out).join("n")).unwrap().trim(), n.as_str());
+    let ia2_226 = std::fs::read_to_string(sub(top_out).join("ia2")).unwrap();
     assert!(sub(&ia2_226).join("ia").is_file(), "{ia2_226}");
+}
 
-    // `nix log` of the submitted derivation, from the service.
-    let out = Command::new("nix")
-        .env("NIX_CONFIG", NIX_CONFIG)
-        .env("XDG_CACHE_HOME", s.dir.path().join("xdg-log"))
-        .args(["log", "--store", &svc.url(), &top])
-        .output()
-        .unwrap();
-    assert!(text(&out).contains(&format!("top {n}")), "nix log: {}", text(&out));
-
+/// `after` depends on a step that fails: refused with a Nix of another self-reference rule,
+/// then built, its dependent failing and naming the failed step; `ia` is reused.
+fn a_failing_step_fails_its_dependent(e: &VmTest, svc: &HttpService, after: &str) {
+    let n = &e.n;
     // A closure's floating-CA steps follow the self-reference rule of the service's own Nix
     // (2.8): naming a Nix with another rule is refused before anything is queued.
     let body = format!(r#"{{"drv": "{after}", "nix_version": "2.26"}}"#);
     let r = svc.request("POST", "/v1/builds", body.as_bytes());
     assert_eq!(r.status, 422, "{}", r.text());
     assert!(r.text().contains("Nix 2.8") && r.text().contains("-sc-"), "{}", r.text());
-
-    // A failing step: its dependent fails naming it; `ia` is reused (Nix 2.8 named: its rule).
     let body = format!(r#"{{"drv": "{after}", "nix_version": "2.8"}}"#);
     let r = svc.request("POST", "/v1/builds", body.as_bytes());
     assert_eq!(r.status, 202, "{}", r.text());
     let id = json(&r)["id"].as_u64().unwrap();
-    let v = wait(&svc, id);
+    let v = wait(svc, id);
     assert_eq!(v["state"], "failed", "{v}");
     assert_eq!(step(&v, "-sc-ia.drv")["state"], "succeeded", "{v}");
-    assert!(step_log(&svc, id, step(&v, "-sc-ia.drv")).contains("reused"), "{v}");
+    assert!(step_log(svc, id, step(&v, "-sc-ia.drv")).contains("reused"), "{v}");
     let fails = step(&v, "-sc-fails.drv");
     assert_eq!(fails["state"], "failed", "{fails}");
-    assert!(step_log(&svc, id, fails).contains(&format!("about to fail {n}")), "{fails}");
+    assert!(step_log(svc, id, fails).contains(&format!("about to fail {n}")), "{fails}");
     let dependent = step(&v, "-sc-after.drv");
     assert_eq!(dependent["state"], "failed", "{dependent}");
     assert_eq!(dependent["status"], "DependencyFailed", "{dependent}");

@@ -19,7 +19,7 @@
 //! What is not here: connections, limits on them and TLS ([`super::server`]), the page and its
 //! live logs ([`super::web`]), what the service does ([`Service`]).
 
-use std::io::{Read, Seek};
+use std::io::Read;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -442,7 +442,7 @@ fn reply_response(
 fn file_response(
     service: &Arc<Service>,
     ct: &'static str,
-    mut f: std::fs::File,
+    f: std::fs::File,
     len: u64,
     range: Option<&str>,
     head: bool,
@@ -471,10 +471,8 @@ fn file_response(
     let body = if head || count == 0 {
         Body::empty()
     } else {
-        f.seek(std::io::SeekFrom::Start(start)).map_err(super::internal)?;
-        let file = tokio::io::AsyncReadExt::take(tokio::fs::File::from_std(f), count);
         let svc = service.clone();
-        let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 << 10).map(move |c| {
+        let stream = super::file_stream::chunks(f, start, count).map(move |c| {
             if let Ok(b) = &c {
                 svc.metrics().bytes_served.inc_by(b.len() as u64);
             }

@@ -50,6 +50,7 @@ pub mod auth;
 pub mod builds;
 pub mod cache;
 pub mod closure;
+pub mod file_stream;
 pub mod hot;
 pub mod http;
 pub mod json;

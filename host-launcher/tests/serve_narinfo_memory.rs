@@ -62,7 +62,7 @@ fn narinfos_from_memory_are_the_files_and_follow_withdrawal() {
     // back (the publish step never does this) is not read yet...
     std::fs::write(&file, narinfo(22)).unwrap();
     assert_eq!(get(&s, "GET", &[]).text(), narinfo(1), "answered from memory");
-    // ...while a request the hot path leaves to the router reads the file, compressed.
+    // ...and a request the path before the router leaves to the router is answered too, compressed.
     let r = get(&s, "GET", &["Accept-Encoding: gzip"]);
     assert_eq!((r.status, r.header("content-encoding")), (200, Some("gzip")));
     // Past it, the file is read again.

@@ -7,6 +7,9 @@
 //! through the API ([`super::builds`]), and which caller may see what ([`super::api::route`]
 //! decides `uploads_visible`).
 
+use std::io::Read;
+
+use axum::body::Bytes;
 use nix_formats::narinfo::NarInfo;
 use nix_formats::StorePath;
 
@@ -40,6 +43,22 @@ impl Service {
             Ok(m) if m.is_file() => Ok(ApiReply::File(content_type(rel), f, m.len())),
             _ => Err(missing()),
         }
+    }
+
+    /// The trace store's signed narinfo with hash part `hash`, through the narinfo memory
+    /// ([`super::hot`]): `None` when there is none, or it is larger than [`super::hot::MAX_ENTRY`]
+    /// or unreadable (the file path answers those).
+    pub fn trace_narinfo(&self, hash: &str) -> Option<Bytes> {
+        self.hot.get(hash, || {
+            let ApiReply::File(_, f, len) = self.cache_file(&format!("{hash}.narinfo")).ok()?
+            else {
+                return None;
+            };
+            let max = super::hot::MAX_ENTRY as u64;
+            let mut text = Vec::with_capacity(len.min(max) as usize);
+            f.take(max + 1).read_to_end(&mut text).ok()?;
+            (text.len() as u64 <= max).then(|| Bytes::from(text))
+        })
     }
 
     /// The signed narinfo of the trace store, else (for a client that may see uploads) an

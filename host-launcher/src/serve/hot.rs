@@ -2,8 +2,9 @@
 //! binary cache's hot path (a Nix client asks for a narinfo for every store path it considers,
 //! most of them many times).
 //!
-//! - **What is kept**: the bytes of trace-store narinfos, as [`Service::cache_file`] reads them,
-//!   keyed by hash part. Never an uploaded path's unsigned narinfo (its visibility depends on
+//! - **What is kept**: the bytes of trace-store narinfos, keyed by hash part. Every answer with
+//!   a whole trace-store narinfo reads through here ([`Service::trace_narinfo`]): the path before
+//!   the router and the router's own. Never an uploaded path's unsigned narinfo (its visibility depends on
 //!   the caller), never a miss: a path published a moment ago is served at once.
 //! - **Freshness**: an entry is used for at most [`FRESH`] after it was read, then read again.
 //!   The publish step writes a narinfo once and never rewrites it, but `vouch store audit
@@ -14,8 +15,8 @@
 //!   first drops every entry that is no longer fresh, then, if that is not enough, all of them.
 //!   Narinfos larger than [`MAX_ENTRY`] are not kept.
 //!
-//! What is not here: which requests take this path and the caller's checks
-//! ([`super::http::hot_narinfo`]), reading the file ([`Service::cache_file`]).
+//! What is not here: which requests are answered before the router, and the caller's checks
+//! ([`super::http::hot_narinfo`]); reading the file ([`Service::trace_narinfo`]).
 
 use std::collections::HashMap;
 use std::sync::Mutex;

@@ -38,7 +38,6 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use super::api::{self, ApiAction, Route};
-use super::hot::HotNarinfos;
 use super::{ApiError, ApiReply, Service};
 
 /// Most bytes of a request body other than a NAR (a narinfo, a build submission).
@@ -158,7 +157,7 @@ async fn handle(
     let uploader = super::upload::Uploader::new(&caller, peer.ip());
     if let (Route::NarInfo(hash), None) = (&route, parts.headers.get(header::RANGE)) {
         // The trace store's narinfos, the cache's hot path, are read here (see the module docs).
-        if let Some(r) = signed_narinfo(service, hash, head) {
+        if let Some(r) = signed_narinfo(service, hash) {
             return Ok(r);
         }
     }
@@ -255,15 +254,13 @@ fn admit(
     Ok((route, caller))
 }
 
-/// The answer to a request for a trace-store narinfo from [`HotNarinfos`], before the router
-/// and its layers: a GET or HEAD of `/<hash>.narinfo` with no body, no `Range` and no
+/// The answer to a request for a trace-store narinfo, before the router and its layers: a GET or HEAD of `/<hash>.narinfo` with no body, no `Range` and no
 /// `Accept-Encoding` (what Nix sends), from a caller [`admit`] lets through; it is answered as
 /// the router would answer it, without the layers' per-request work (trace span, deadline,
 /// compression predicate) and without reading the file while it is fresh in memory. `None` for
 /// anything else, which the router answers (errors included).
 pub fn hot_narinfo<B>(
     service: &Service,
-    hot: &HotNarinfos,
     req: &axum::http::Request<B>,
     conn: &ConnInfo,
 ) -> Option<Response> {
@@ -282,29 +279,19 @@ pub fn hot_narinfo<B>(
     let Ok((Route::NarInfo(hash), _)) = admit(service, req.method(), path, h, Some(conn)) else {
         return None;
     };
-    let text = hot.get(&hash, || {
-        match small_file_in_memory(service.cache_file(&format!("{hash}.narinfo")).ok()?, false) {
-            Ok(ApiReply::Bytes(_, v)) => Some(Bytes::from(v)),
-            _ => None,
-        }
-    })?;
-    service.metrics().bytes_served.inc_by(text.len() as u64);
+    let r = signed_narinfo(service, &hash)?;
     service.metrics().response(200);
-    Some(with_type(text.into_response(), "text/x-nix-narinfo"))
+    Some(r)
 }
 
-/// The trace store's narinfo with hash part `hash`, read on this (async) thread: a small file
-/// in the page cache is read faster than a hop to a blocking thread takes. `None` for anything
-/// else (not there, large, an error): the blocking path answers it.
-fn signed_narinfo(service: &Arc<Service>, hash: &str, head: bool) -> Option<Response> {
-    let reply = service.cache_file(&format!("{hash}.narinfo")).ok()?;
-    let reply = match reply {
-        ApiReply::File(_, _, len) if len <= SMALL_FILE => {
-            small_file_in_memory(reply, false).ok()?
-        }
-        _ => return None,
-    };
-    reply_response(service, reply, None, head).ok()
+/// The trace store's narinfo with hash part `hash` ([`Service::trace_narinfo`]), answered on
+/// this (async) thread: from memory, or a small file in the page cache, is faster than a hop to
+/// a blocking thread. `None` for anything else (not there, large, an error): the blocking path
+/// answers it. (A HEAD's body is dropped by hyper.)
+fn signed_narinfo(service: &Service, hash: &str) -> Option<Response> {
+    let text = service.trace_narinfo(hash)?;
+    service.metrics().bytes_served.inc_by(text.len() as u64);
+    Some(with_type(text.into_response(), "text/x-nix-narinfo"))
 }
 
 /// An action run on a blocking thread.

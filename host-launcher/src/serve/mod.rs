@@ -158,6 +158,8 @@ pub struct Service {
     builds: Arc<builds::Builds>,
     metrics: Arc<metrics::Metrics>,
     public_key: String,
+    /// The trace store's narinfos lately read ([`Service::trace_narinfo`]).
+    hot: hot::HotNarinfos,
 }
 
 fn store_error(e: StoreError) -> ApiError {
@@ -231,6 +233,7 @@ impl Service {
             builds,
             metrics,
             public_key,
+            hot: hot::HotNarinfos::default(),
         };
         service.resume();
         Ok(service)

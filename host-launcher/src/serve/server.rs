@@ -34,7 +34,6 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::hot::HotNarinfos;
 use super::http::ConnInfo;
 use super::Service;
 use crate::signals::StopSource;
@@ -135,7 +134,6 @@ struct Acceptor {
     open: Arc<Semaphore>,
     reserved: Arc<Semaphore>,
     holders: Arc<Holders>,
-    hot: Arc<HotNarinfos>,
 }
 
 impl Acceptor {
@@ -195,11 +193,11 @@ impl Acceptor {
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let router = self.router.clone();
-        let (service, hot) = (self.service.clone(), self.hot.clone());
+        let service = self.service.clone();
         let svc =
             hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                 use futures_util::future::{ready, Either};
-                if let Some(r) = super::http::hot_narinfo(&service, &hot, &req, &info) {
+                if let Some(r) = super::http::hot_narinfo(&service, &req, &info) {
                     return Either::Left(ready(Ok(r)));
                 }
                 req.extensions_mut().insert(info.clone());
@@ -280,7 +278,6 @@ pub fn serve_http(
         open: Arc::new(Semaphore::new(limits.max.saturating_sub(reserved).max(1))),
         reserved: Arc::new(Semaphore::new(reserved)),
         holders: Arc::default(),
-        hot: Arc::default(),
     });
     let reason = rt.block_on(async {
         listener.set_nonblocking(true)?;
